@@ -1,0 +1,37 @@
+"""Small building blocks shared by the models, kept PyTorch/timm compatible."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+def same_padding(kernel_size: int, dilation: int = 1) -> tuple[tuple[int, int], tuple[int, int]]:
+  """PyTorch's symmetric `padding=k//2`; JAX 'SAME' pads (0, 1) on even sizes with stride 2."""
+  pad = dilation * (kernel_size - 1) // 2
+  return ((pad, pad), (pad, pad))
+
+
+def batch_norm(train: bool, name: str, eps: float = 1e-5, momentum: float = 0.9, zero_init: bool = False):
+  return nn.BatchNorm(
+      use_running_average=not train, momentum=momentum, epsilon=eps, name=name,
+      scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones)
+
+
+def conv(features: int, kernel_size: int, strides: int = 1, groups: int = 1, use_bias: bool = False,
+         name: str | None = None, dilation: int = 1):
+  return nn.Conv(
+      features, (kernel_size, kernel_size), strides=(strides, strides),
+      padding=same_padding(kernel_size, dilation), kernel_dilation=(dilation, dilation),
+      feature_group_count=groups, use_bias=use_bias, name=name,
+      kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
+
+
+def max_pool_3x3_s2(x):
+  """timm/torchvision stem pool: kernel 3, stride 2, padding 1 (pads with -inf)."""
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+global_avg_pool = functools.partial(jnp.mean, axis=(1, 2))
