@@ -1,0 +1,52 @@
+"""Fashion-MNIST from the four standard IDX files (`*-ubyte.gz`), no download.
+
+Debian's `dataset-fashion-mnist` installs them at /usr/share/datasets/fashion-mnist.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+
+import numpy as np
+
+DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
+NUM_CLASSES = 10
+_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+# Per-pixel statistics of the training split, in [0, 1] units.
+MEAN, STD = 0.2860, 0.3530
+
+
+def _read_idx(path: str) -> np.ndarray:
+  with gzip.open(path, "rb") as f:
+    data = f.read()
+  magic = int.from_bytes(data[0:4], "big")
+  if magic >> 8 != 0x08:  # 0x08 = unsigned byte payload
+    raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {magic:#x})")
+  ndim = magic & 0xFF
+  shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+  array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+  if array.size != int(np.prod(shape)):
+    raise ValueError(f"{path}: header says {shape} but holds {array.size} bytes (truncated?)")
+  return array.reshape(shape)
+
+
+def load(split: str, data_dir: str = DEFAULT_DIR) -> tuple[np.ndarray, np.ndarray]:
+  """Returns (images uint8 [N, 28, 28], labels int32 [N]) for split 'train' or 'test'."""
+  if split not in _FILES:
+    raise ValueError(f"Fashion-MNIST has splits {sorted(_FILES)}, not {split!r}")
+  paths = [os.path.join(data_dir, name) for name in _FILES[split]]
+  missing = [p for p in paths if not os.path.exists(p)]
+  if missing:
+    raise FileNotFoundError(
+        f"Fashion-MNIST files not found: {', '.join(missing)}. Looked in {data_dir!r}. "
+        "Install them with `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu; puts them "
+        f"in {DEFAULT_DIR}), or set --config.data.data_dir to a folder holding the four "
+        "standard *-ubyte.gz files.")
+  images, labels = (_read_idx(p) for p in paths)
+  if images.shape[0] != labels.shape[0]:
+    raise ValueError(f"{split}: {images.shape[0]} images but {labels.shape[0]} labels")
+  return images, labels.astype(np.int32)

@@ -1,0 +1,163 @@
+"""Datasets and deterministic, resumable batch streams.
+
+A `Dataset` gives random access to examples. `train_batches` yields the batch of global step s
+from (seed, s) alone, so a resumed run sees exactly the batches an uninterrupted run would.
+Batch assembly runs in grain's thread pool (decoding and resizing release the GIL).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Iterator
+
+import grain
+import numpy as np
+
+from flexiq_jax.data import fashion_mnist
+from flexiq_jax.data import preprocess
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class Dataset:
+  """An image-classification split: `load(indices, rng)` -> {'image': f32 NHWC, 'label': i32 N}."""
+
+  name: str
+  split: str
+  num_examples: int
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  load: Any  # Callable[[np.ndarray, np.random.Generator | None], Batch]; rng None = eval transform
+
+
+def fashion_mnist_dataset(split: str, data_dir: str = fashion_mnist.DEFAULT_DIR, image_size: int = 28,
+                          channels: int = 1, augment: bool = False,
+                          normalization: str = "fashion_mnist") -> Dataset:
+  """Real Fashion-MNIST held in memory; optional resize and channel replication for
+  ImageNet-shaped models; training augmentation = random flip + 2-pixel shift."""
+  images, labels = fashion_mnist.load(split, data_dir)
+  transform = preprocess.get_eval_transform(normalization)
+  if image_size != images.shape[1]:
+    images = np.stack([preprocess._resize(im[..., None], image_size, image_size, transform.interpolation)[..., 0]
+                       for im in images])
+
+  def load(indices, rng=None):
+    batch = images[indices]
+    if rng is not None and augment:
+      flip = rng.random(len(batch)) < 0.5
+      batch = np.where(flip[:, None, None], batch[:, :, ::-1], batch)
+      pad = np.pad(batch, ((0, 0), (2, 2), (2, 2)))
+      dy, dx = rng.integers(0, 5, size=2)
+      batch = pad[:, dy:dy + image_size, dx:dx + image_size]
+    x = preprocess.normalize(batch[..., None], transform.mean, transform.std)
+    if channels != 1:
+      x = np.repeat(x, channels, axis=-1)
+    return {"image": x, "label": labels[indices]}
+
+  return Dataset("fashion_mnist", split, len(labels), fashion_mnist.NUM_CLASSES,
+                 (image_size, image_size, channels), load)
+
+
+def tfds_dataset(name: str, split: str, *, data_dir: str | None = None, image_size: int = 224,
+                 channels: int = 3, eval_transform: str = "resnet50", image_key: str = "image",
+                 label_key: str = "label") -> Dataset:
+  """Any TFDS image-classification dataset read with `tfds.data_source` (array_record, no TF)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # tfds raises DatasetNotFoundError / various registry errors
+    raise ValueError(f"TFDS has no dataset {name!r}: {e}") from e
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_dir)
+  except Exception as e:
+    looked = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+    raise FileNotFoundError(
+        f"TFDS dataset {name!r} split {split!r} is not prepared in {looked!r} ({type(e).__name__}: {e}). "
+        f"Prepare it once with TensorFlow installed: `tfds build {name} --file_format=array_record "
+        f"--data_dir={looked}` (ImageNet needs the manual download; see README, 'ImageNet'), or set "
+        "--config.data.data_dir.") from e
+  info = getattr(source, "dataset_info", None) or builder.info
+  num_classes = info.features[label_key].num_classes
+  transform = preprocess.get_eval_transform(eval_transform)
+
+  def load(indices, rng=None):
+    images, labels = [], []
+    for i in indices:
+      example = source[int(i)]
+      image = np.asarray(example[image_key])
+      if rng is None:
+        images.append(preprocess.eval_image(image, image_size, transform, channels))
+      else:
+        images.append(preprocess.train_image(image, image_size, transform, rng, channels))
+      labels.append(example[label_key])
+    return {"image": np.stack(images), "label": np.asarray(labels, np.int32)}
+
+  # With mock data `info.splits` is empty, so the length comes from the source itself.
+  return Dataset(name, split, len(source), num_classes, (image_size, image_size, channels), load)
+
+
+def get_dataset(data_config, split: str, *, train: bool = False) -> Dataset:
+  """Builds a split from a config's `data` section (see configs/quickstart.py)."""
+  if data_config.name == "fashion_mnist":
+    return fashion_mnist_dataset(
+        split, data_dir=data_config.get("data_dir") or fashion_mnist.DEFAULT_DIR,
+        image_size=data_config.image_size, channels=data_config.channels,
+        augment=train and data_config.get("augment", False),
+        normalization=data_config.get("eval_transform", "fashion_mnist"))
+  return tfds_dataset(
+      data_config.name, split, data_dir=data_config.get("data_dir") or None,
+      image_size=data_config.image_size, channels=data_config.channels,
+      eval_transform=data_config.eval_transform)
+
+
+def _read_options(num_threads: int):
+  return grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * max(num_threads, 1))
+
+
+def train_batches(dataset: Dataset, batch_size: int, *, seed: int, start_step: int = 0,
+                  num_steps: int, num_threads: int = 4) -> Iterator[Batch]:
+  """Batches for global steps [start_step, num_steps): reshuffled every epoch, batches may
+  straddle epochs; step s depends only on (seed, s)."""
+  if num_steps <= start_step:
+    return iter(())
+  epochs = -(-num_steps * batch_size // dataset.num_examples)
+  indices = grain.MapDataset.range(dataset.num_examples).shuffle(seed=seed).repeat(epochs)
+  indices = indices.batch(batch_size, drop_remainder=True)
+
+  def make(step, idx):
+    return dataset.load(np.asarray(idx), np.random.default_rng([seed, step]))
+
+  stream = indices.map_with_index(make).slice(slice(start_step, num_steps))
+  return iter(stream.to_iter_dataset(_read_options(num_threads)))
+
+
+def eval_batches(dataset: Dataset, batch_size: int, *, num_examples: int | None = None,
+                 num_threads: int = 4) -> Iterator[Batch]:
+  """Every example once, in order; the last batch is padded and carries `mask` = 0 on padding,
+  so all batches have one shape (one compilation)."""
+  n = dataset.num_examples if num_examples is None else min(num_examples, dataset.num_examples)
+  num_batches = -(-n // batch_size)
+
+  def make(b):
+    idx = np.arange(b * batch_size, min((b + 1) * batch_size, n))
+    batch = dataset.load(idx, None)
+    pad = batch_size - len(idx)
+    mask = np.concatenate([np.ones(len(idx), np.float32), np.zeros(pad, np.float32)])
+    batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+    return {**batch, "mask": mask}
+
+  stream = grain.MapDataset.range(num_batches).map(make)
+  return iter(stream.to_iter_dataset(_read_options(num_threads)))
+
+
+def calibration_images(dataset: Dataset, num_images: int, *, seed: int, batch_size: int) -> list[np.ndarray]:
+  """`num_images` unlabelled images drawn without replacement from `dataset` (seeded), in batches,
+  preprocessed with the eval transform (as at deployment)."""
+  if num_images > dataset.num_examples:
+    raise ValueError(f"asked for {num_images} calibration images but {dataset.name}/{dataset.split} "
+                     f"has only {dataset.num_examples}")
+  idx = np.sort(np.random.default_rng(seed).choice(dataset.num_examples, num_images, replace=False))
+  return [dataset.load(idx[i:i + batch_size], None)["image"] for i in range(0, num_images, batch_size)]

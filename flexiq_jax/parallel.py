@@ -1,0 +1,53 @@
+"""Data parallelism on `jax.sharding`: a 1-D mesh over all devices with axis 'data'.
+
+The batch is sharded along 'data', parameters and optimizer state are replicated; XLA inserts
+the gradient all-reduce (and computes BatchNorm statistics over the global batch).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def maybe_initialize_distributed(enabled: bool) -> None:
+  """Multi-host: one process per host; coordinates come from the cluster environment
+  (TPU pods, SLURM, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)."""
+  if enabled:
+    jax.distributed.initialize()
+
+
+def make_mesh() -> Mesh:
+  return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P("data"))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
+  if batch_size % mesh.size:
+    raise ValueError(f"{what}={batch_size} is not divisible by the {mesh.size} devices of the mesh; "
+                     f"use a multiple of {mesh.size}.")
+
+
+def local_batch_slice(batch_size: int) -> slice:
+  """This process's share of a global batch (all of it on one host)."""
+  per_process = batch_size // jax.process_count()
+  start = jax.process_index() * per_process
+  return slice(start, start + per_process)
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+  """Host-local numpy batch -> global jax.Arrays sharded along 'data'."""
+  sharding = batch_sharded(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def replicate(tree, mesh: Mesh):
+  return jax.device_put(tree, replicated(mesh))

@@ -1,0 +1,82 @@
+"""Run metadata and result files: every results file says which command, commit, device and
+date produced it."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import jax
+
+
+def git_commit() -> str:
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    return commit + ("-dirty" if dirty else "")
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+def device_description() -> str:
+  devices = jax.devices()
+  return f"{len(devices)}x {devices[0].device_kind} ({jax.default_backend()}), {jax.process_count()} process(es)"
+
+
+def run_info(argv=None) -> dict:
+  argv = sys.argv if argv is None else argv
+  return {
+      "command": " ".join(shlex.quote(a) for a in ["python"] + list(argv)),
+      "commit": git_commit(),
+      "device": device_description(),
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "jax_version": jax.__version__,
+  }
+
+
+def write_json_atomic(path: str, data) -> None:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(data, f, indent=2, sort_keys=False, default=str)
+  os.replace(tmp, path)
+
+
+def read_json(path: str, default=None):
+  if not os.path.exists(path):
+    return default
+  with open(path) as f:
+    return json.load(f)
+
+
+def update_results(workdir: str, config, section: str, metrics, argv=None) -> dict:
+  """Merges `metrics` under results['metrics'][section] in <workdir>/results.json, refreshing
+  the run metadata (command, commit, device, date) and the resolved config."""
+  path = os.path.join(workdir, "results.json")
+  results = read_json(path, {}) or {}
+  results.update(run_info(argv))
+  results["config"] = config.to_dict() if hasattr(config, "to_dict") else config
+  results.setdefault("metrics", {})[section] = metrics
+  write_json_atomic(path, results)
+  return results
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+  def fmt(v):
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+  lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+  lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+  return "\n".join(lines) + "\n"
+
+
+def provenance_header(info: dict) -> str:
+  return (f"Command: `{info['command']}`  \nCommit: `{info['commit']}`  \nDevice: {info['device']}  \n"
+          f"Date: {info['date']}\n\n")

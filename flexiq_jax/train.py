@@ -1,0 +1,207 @@
+"""Float training and evaluation: a pure, jit-compiled train step and a resumable loop.
+
+The loop is generic over the step function so quantization-aware finetuning reuses it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from flexiq_jax import checkpoint
+from flexiq_jax import parallel
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+  def variables(self) -> dict:
+    out = {"params": self.params}
+    if self.batch_stats:
+      out["batch_stats"] = self.batch_stats
+    return out
+
+
+def make_schedule(cfg, total_steps: int) -> optax.Schedule:
+  warmup = int(cfg.get("warmup_steps", 0))
+  if cfg.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, max(warmup, 1) if warmup else 0,
+                                              max(total_steps, warmup + 1), end_value=0.0)
+  if cfg.schedule == "constant":
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup),
+                                 optax.constant_schedule(cfg.learning_rate)], [warmup])
+  raise ValueError(f"unknown schedule {cfg.schedule!r}; use 'cosine' or 'constant'")
+
+
+def _decay_mask(params):
+  # Decay conv/dense kernels and embeddings only, as is standard (no BN/LN scales or biases).
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: getattr(path[-1], "key", "") not in ("bias", "scale") and x.ndim > 1, params)
+
+
+def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+  """cfg: optimizer name ('sgd' | 'adamw'), learning_rate, schedule, warmup_steps, weight_decay,
+  momentum, nesterov, grad_clip_norm."""
+  schedule = make_schedule(cfg, total_steps)
+  if cfg.optimizer == "sgd":
+    tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay, _decay_mask),
+                     optax.sgd(schedule, momentum=cfg.momentum, nesterov=cfg.get("nesterov", True)))
+  elif cfg.optimizer == "adamw":
+    tx = optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=_decay_mask)
+  else:
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use 'sgd' or 'adamw'")
+  if cfg.get("grad_clip_norm"):
+    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
+  return tx
+
+
+def cross_entropy(logits, labels, label_smoothing: float = 0.0, mask=None):
+  num_classes = logits.shape[-1]
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+  losses = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+  if mask is None:
+    return losses.mean()
+  return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def train_step(state: TrainState, batch, *, apply_fn: Callable, tx: optax.GradientTransformation,
+               label_smoothing: float = 0.0):
+  """One SGD step of the float model; pure: (state, batch) -> (state, metrics)."""
+
+  def loss_fn(params):
+    variables = {"params": params}
+    if state.batch_stats:
+      variables["batch_stats"] = state.batch_stats
+      logits, updates = apply_fn(variables, batch["image"], train=True, mutable=["batch_stats"])
+      new_stats = updates["batch_stats"]
+    else:
+      logits, new_stats = apply_fn(variables, batch["image"], train=True), state.batch_stats
+    loss = cross_entropy(logits, batch["label"], label_smoothing)
+    return loss, (logits, new_stats)
+
+  (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state)
+  return new_state, {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
+
+
+def eval_sums(logits, batch) -> dict:
+  """Masked sums (top-1, top-5 hits, loss) so padded eval batches count correctly."""
+  mask = batch.get("mask", jnp.ones(logits.shape[0], jnp.float32))
+  labels = batch["label"]
+  top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  return {
+      "top1": jnp.sum((top5[:, 0] == labels) * mask),
+      "top5": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask),
+      "loss": jnp.sum(losses * mask),
+      "count": jnp.sum(mask),
+  }
+
+
+def evaluate(predict_fn: Callable, batches: Iterable[dict], mesh=None, desc: str = "eval") -> dict:
+  """predict_fn(images) -> logits (already jitted or jittable); returns top1/top5 (%) and loss."""
+  mesh = mesh or parallel.make_mesh()
+  step = jax.jit(lambda b: eval_sums(predict_fn(b["image"]), b))
+  totals = None
+  for batch in tqdm(batches, desc=desc, leave=False, disable=_quiet()):
+    sums = step(parallel.shard_batch(batch, mesh))
+    totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+  if totals is None:
+    raise ValueError("evaluation received no batches")
+  totals = jax.device_get(totals)
+  count = float(totals["count"])
+  return {"top1": 100.0 * float(totals["top1"]) / count, "top5": 100.0 * float(totals["top5"]) / count,
+          "loss": float(totals["loss"]) / count, "num_examples": int(count)}
+
+
+def _quiet() -> bool:
+  return os.environ.get("FLEXIQ_NO_PROGRESS", "") not in ("", "0")
+
+
+class JsonlWriter:
+  """Appends one JSON object per line (big_vision style); readable while the run is going."""
+
+  def __init__(self, path: str):
+    self.path = path
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+
+  def write(self, **record):
+    with open(self.path, "a") as f:
+      f.write(json.dumps({k: _to_py(v) for k, v in record.items()}) + "\n")
+
+
+def _to_py(value):
+  if isinstance(value, (np.ndarray, jax.Array)):
+    return value.item() if np.ndim(value) == 0 else np.asarray(value).tolist()
+  if isinstance(value, np.generic):
+    return value.item()
+  return value
+
+
+def run_loop(state, step_fn: Callable, batches: Iterator[dict], *, total_steps: int, ckpt_dir: str,
+             checkpoint_every: int, metrics_path: str, log_every: int = 50, mesh=None,
+             batch_size: int | None = None, desc: str = "train",
+             on_step: Callable[[int], None] | None = None):
+  """Runs `state, metrics = step_fn(state, batch)` up to `total_steps`, checkpointing every
+  `checkpoint_every` steps and at the end. `batches` must start at `int(state.step)`.
+
+  `on_step(step)` is called after each step's checkpoint decision (tests use it to simulate
+  a crash); returns the final state.
+  """
+  mesh = mesh or parallel.make_mesh()
+  mngr = checkpoint.manager(ckpt_dir)
+  writer = JsonlWriter(metrics_path)
+  start = int(jax.device_get(state.step))
+  jitted = jax.jit(step_fn, donate_argnums=0)
+  progress = tqdm(total=total_steps, initial=start, desc=desc, unit="step", disable=_quiet())
+  window_start, window_images, pending = time.perf_counter(), 0, []
+  try:
+    for step in range(start, total_steps):
+      batch = next(batches)
+      state, metrics = jitted(state, parallel.shard_batch(batch, mesh))
+      window_images += len(batch["label"]) * jax.process_count()
+      pending.append(metrics)
+      done = step + 1
+      if done % log_every == 0 or done == total_steps:
+        means = jax.tree_util.tree_map(lambda *x: float(np.mean(x)), *jax.device_get(pending))
+        elapsed = time.perf_counter() - window_start
+        images_per_s = window_images / max(elapsed, 1e-9)
+        writer.write(step=done, images_per_s=images_per_s, **means)
+        progress.set_postfix(loss=f"{means['loss']:.3f}", img_s=f"{images_per_s:.0f}")
+        window_start, window_images, pending = time.perf_counter(), 0, []
+      progress.update(1)
+      if done % checkpoint_every == 0 or done == total_steps:
+        checkpoint.save(mngr, done, state)
+      if on_step is not None:
+        on_step(done)
+  finally:
+    mngr.wait_until_finished()
+    mngr.close()
+    progress.close()
+  return state
+
+
+def create_train_state(model, rng, image_shape, tx, init_variables=None) -> TrainState:
+  if init_variables is None:
+    init_variables = jax.jit(functools.partial(model.init, train=False))(
+        rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32))
+  params = init_variables["params"]
+  batch_stats = init_variables.get("batch_stats", {})
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                    opt_state=tx.init(params))

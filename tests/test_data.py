@@ -1,0 +1,134 @@
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from flexiq_jax import data
+from flexiq_jax.data import fashion_mnist, preprocess
+
+REAL_FMNIST = fashion_mnist.DEFAULT_DIR
+
+
+def test_idx_reader_roundtrip(tiny_fmnist):
+  images, labels = fashion_mnist.load("train", tiny_fmnist)
+  assert images.shape == (256, 28, 28) and images.dtype == np.uint8
+  assert labels.shape == (256,) and labels.dtype == np.int32 and labels.max() < 10
+  # The fixture paints a bright band at rows 2+2k for class k.
+  assert np.all(images[np.arange(256), 2 + 2 * labels, 0] == 250)
+
+
+@pytest.mark.skipif(not os.path.isdir(REAL_FMNIST), reason="dataset-fashion-mnist not installed")
+def test_real_fashion_mnist_is_complete():
+  train_x, train_y = fashion_mnist.load("train")
+  test_x, test_y = fashion_mnist.load("test")
+  assert train_x.shape == (60000, 28, 28) and test_x.shape == (10000, 28, 28)
+  assert np.bincount(train_y).tolist() == [6000] * 10
+  assert np.bincount(test_y).tolist() == [1000] * 10
+  # Normalisation constants match the data.
+  assert abs(train_x.mean() / 255 - fashion_mnist.MEAN) < 1e-3
+  assert abs(train_x.std() / 255 - fashion_mnist.STD) < 1e-3
+
+
+def test_missing_dataset_says_where_and_how(tmp_path):
+  with pytest.raises(FileNotFoundError) as e:
+    fashion_mnist.load("train", str(tmp_path))
+  assert str(tmp_path) in str(e.value) and "apt-get install dataset-fashion-mnist" in str(e.value)
+  with pytest.raises(ValueError, match="splits"):
+    fashion_mnist.load("validation", str(tmp_path))
+
+
+def test_resize_and_three_channels(tiny_fmnist):
+  ds = data.fashion_mnist_dataset("test", tiny_fmnist, image_size=32, channels=3)
+  batch = ds.load(np.arange(4), None)
+  assert batch["image"].shape == (4, 32, 32, 3) and ds.image_shape == (32, 32, 3)
+  np.testing.assert_array_equal(batch["image"][..., 0], batch["image"][..., 2])
+
+
+def test_train_batches_deterministic_and_resumable(tiny_fmnist):
+  ds = data.fashion_mnist_dataset("train", tiny_fmnist, augment=True)
+  run1 = list(data.train_batches(ds, 32, seed=3, num_steps=12, num_threads=2))
+  run2 = list(data.train_batches(ds, 32, seed=3, num_steps=12, num_threads=1))
+  resumed = list(data.train_batches(ds, 32, seed=3, start_step=7, num_steps=12))
+  other_seed = list(data.train_batches(ds, 32, seed=4, num_steps=12))
+  assert len(run1) == 12
+  for a, b in zip(run1, run2):
+    np.testing.assert_array_equal(a["image"], b["image"])
+  for a, b in zip(run1[7:], resumed):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+  assert not np.array_equal(run1[0]["label"], other_seed[0]["label"])
+  # Each epoch (8 batches of 32 = 256) visits every example exactly once.
+  no_aug = data.fashion_mnist_dataset("train", tiny_fmnist)
+  labels = np.concatenate([b["label"] for b in data.train_batches(no_aug, 32, seed=3, num_steps=8)])
+  assert sorted(labels.tolist()) == sorted(fashion_mnist.load("train", tiny_fmnist)[1].tolist())
+  # Consecutive epochs are shuffled differently.
+  epoch2 = np.concatenate([b["label"] for b in data.train_batches(no_aug, 32, seed=3, start_step=8,
+                                                                    num_steps=16)])
+  assert not np.array_equal(labels, epoch2)
+
+
+def test_eval_batches_pad_and_mask(tiny_fmnist):
+  ds = data.fashion_mnist_dataset("test", tiny_fmnist)
+  batches = list(data.eval_batches(ds, 50))
+  assert [b["image"].shape[0] for b in batches] == [50, 50, 50]
+  assert batches[-1]["mask"].sum() == 128 - 100 and batches[0]["mask"].sum() == 50
+  labels = np.concatenate([b["label"][b["mask"] > 0] for b in batches])
+  np.testing.assert_array_equal(labels, fashion_mnist.load("test", tiny_fmnist)[1])
+
+
+def test_calibration_images_seeded_unlabelled(tiny_fmnist):
+  ds = data.fashion_mnist_dataset("train", tiny_fmnist)
+  a = data.calibration_images(ds, 70, seed=1, batch_size=32)
+  b = data.calibration_images(ds, 70, seed=1, batch_size=32)
+  c = data.calibration_images(ds, 70, seed=2, batch_size=32)
+  assert [x.shape[0] for x in a] == [32, 32, 6]
+  assert all(isinstance(x, np.ndarray) for x in a)  # images only, no labels
+  np.testing.assert_array_equal(np.concatenate(a), np.concatenate(b))
+  assert not np.array_equal(np.concatenate(a), np.concatenate(c))
+  # Without replacement: 70 distinct images.
+  flat = np.concatenate(a).reshape(70, -1)
+  assert len(np.unique(flat, axis=0)) == 70
+  with pytest.raises(ValueError, match="only 256"):
+    data.calibration_images(ds, 1000, seed=0, batch_size=32)
+
+
+def test_eval_transform_geometry():
+  image = np.random.default_rng(0).integers(0, 255, size=(300, 400, 3), dtype=np.uint8)
+  t = preprocess.get_eval_transform("resnet50")  # crop_pct 0.95
+  out = preprocess.eval_image(image, 224, t)
+  assert out.shape == (224, 224, 3) and out.dtype == np.float32
+  # mean/std normalisation: a uniform grey image maps to (v/255 - mean)/std.
+  grey = np.full((256, 256, 3), 128, np.uint8)
+  vit = preprocess.eval_image(grey, 224, preprocess.get_eval_transform("vit_base_patch16_224"))
+  np.testing.assert_allclose(vit, (128 / 255 - 0.5) / 0.5, atol=1e-6)
+  with pytest.raises(ValueError, match="known"):
+    preprocess.get_eval_transform("no_such_model")
+
+
+def test_train_transform_shapes_and_determinism():
+  image = np.random.default_rng(0).integers(0, 255, size=(60, 90, 3), dtype=np.uint8)
+  t = preprocess.get_eval_transform("resnet50")
+  a = preprocess.train_image(image, 32, t, np.random.default_rng(5))
+  b = preprocess.train_image(image, 32, t, np.random.default_rng(5))
+  assert a.shape == (32, 32, 3)
+  np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name,split", [("cifar10", "train"), ("imagenet2012", "validation")])
+def test_tfds_mock_data(name, split):
+  with tfds.testing.mock_data(num_examples=12):
+    ds = data.tfds_dataset(name, split, image_size=32, eval_transform="deit_small_patch16_224")
+    assert ds.num_examples == 12
+    assert ds.num_classes == {"cifar10": 10, "imagenet2012": 1000}[name]
+    train = list(data.train_batches(ds, 4, seed=0, num_steps=3, num_threads=1))
+    assert train[0]["image"].shape == (4, 32, 32, 3) and train[0]["label"].dtype == np.int32
+    evals = list(data.eval_batches(ds, 5))
+    assert len(evals) == 3 and evals[-1]["mask"].tolist() == [1, 1, 0, 0, 0]
+    assert np.isfinite(evals[0]["image"]).all()
+
+
+def test_tfds_unprepared_dataset_error(tmp_path):
+  with pytest.raises(FileNotFoundError) as e:
+    data.tfds_dataset("cifar10", "train", data_dir=str(tmp_path))
+  assert str(tmp_path) in str(e.value) and "tfds build cifar10" in str(e.value)
