@@ -1,0 +1,62 @@
+"""Cost accounting, the one place MACs and BOPs are computed (selection, the layer-wise
+mixed-precision algorithm, reports and the latency model all call this module).
+
+MACs are counted for every quantizable layer (`Dense`, `DenseGeneral`, `Conv`, found by
+`inspect_model.trace_layers`) per example, including the token/pixel count: a ViT's `fc1` costs
+tokens x C x O. BOPs = MACs x weight bits x activation bits. A channel-wise configuration lowers
+`count` of a layer's C feature channels to 4x4 bits; each feature channel carries MACs/C.
+
+Not counted: attention's q·kᵀ and attn·v matmuls (kept 8-bit and not intercepted), element-wise
+ops, pooling and normalisation. AIMET's count differs: it counts only Conv/Linear modules and
+ignores the token count of Linear layers in transformers.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from flexiq_jax.inspect_model import LayerInfo
+
+
+def total_macs(layers: Mapping[str, LayerInfo]) -> int:
+  return int(sum(info.macs for info in layers.values()))
+
+
+def layerwise_bops(layers: Mapping[str, LayerInfo], bits: Mapping[str, tuple[int, int]],
+                   default: tuple[int, int] = (8, 8)) -> float:
+  """bits: {path: (weight_bits, activation_bits)}; layers not listed use `default`;
+  a layer at (32, 32) stands for float."""
+  return float(sum(info.macs * np.prod(bits.get(path, default)) for path, info in layers.items()))
+
+
+def channelwise_bops(layers: Mapping[str, LayerInfo], lowered: Mapping[str, float],
+                     high: int = 8, low: int = 4) -> float:
+  """lowered: {path: number of feature channels at low x low bits} (others high x high)."""
+  total = 0.0
+  for path, info in layers.items():
+    n = float(lowered.get(path, 0))
+    if not 0 <= n <= info.in_channels:
+      raise ValueError(f"{path}: {n} lowered channels out of {info.in_channels}")
+    total += info.macs_per_channel * (n * low * low + (info.in_channels - n) * high * high)
+  return total
+
+
+def relative_bops(layers: Mapping[str, LayerInfo], lowered: Mapping[str, float], high: int = 8,
+                  low: int = 4) -> float:
+  """Channel-wise BOPs relative to the same model with every layer at high x high bits."""
+  return channelwise_bops(layers, lowered, high, low) / channelwise_bops(layers, {}, high, low)
+
+
+def low_bit_mac_share(layers: Mapping[str, LayerInfo], lowered: Mapping[str, float]) -> float:
+  """Share of low-bit MACs among all quantized MACs."""
+  low = sum(info.macs_per_channel * float(lowered.get(path, 0)) for path, info in layers.items())
+  return low / total_macs(layers)
+
+
+def macs_table(layers: Mapping[str, LayerInfo]) -> list[dict]:
+  """Per-layer rows for reports: path, kind, C, O, groups, MACs, share of the model."""
+  total = total_macs(layers)
+  return [{"path": p, "kind": i.kind, "in_channels": i.in_channels, "out_channels": i.out_channels,
+           "groups": i.groups, "macs": i.macs, "share": i.macs / total} for p, i in layers.items()]
