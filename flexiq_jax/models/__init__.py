@@ -51,3 +51,7 @@ def create(name: str, num_classes: int = 1000, **kwargs) -> nn.Module:
 
 # Importing the model files fills the registry.
 from flexiq_jax.models import resnet  # noqa: E402,F401
+from flexiq_jax.models import efficientnet  # noqa: E402,F401
+from flexiq_jax.models import regnet  # noqa: E402,F401
+from flexiq_jax.models import swin  # noqa: E402,F401
+from flexiq_jax.models import vit  # noqa: E402,F401

@@ -35,3 +35,40 @@ def max_pool_3x3_s2(x):
 
 
 global_avg_pool = functools.partial(jnp.mean, axis=(1, 2))
+
+
+def make_divisible(v: float, divisor: int = 8, min_value: int | None = None, round_limit: float = 0.9) -> int:
+  """timm's channel rounding: nearest multiple of `divisor`, never more than 10% below `v`."""
+  min_value = min_value or divisor
+  new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+  if new_v < round_limit * v:
+    new_v += divisor
+  return new_v
+
+
+def layer_norm(eps: float, name: str | None = None):
+  # Two-pass variance (mean of squared deviations) as PyTorch computes it; flax's default
+  # E[x^2] - E[x]^2 loses precision on activations with a large mean.
+  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, name=name)
+
+
+def dense(features: int, name: str | None = None, use_bias: bool = True):
+  """Linear layer initialised as timm's transformers (truncated normal, std 0.02; zero bias)."""
+  return nn.Dense(features, use_bias=use_bias, name=name,
+                  kernel_init=nn.initializers.truncated_normal(0.02), bias_init=nn.initializers.zeros)
+
+
+def gelu(x):
+  return nn.gelu(x, approximate=False)  # torch.nn.GELU default: the exact erf form
+
+
+class Mlp(nn.Module):
+  """timm's transformer MLP: fc1 -> GELU -> fc2 (dropout is identity at eval and omitted)."""
+
+  hidden_features: int
+
+  @nn.compact
+  def __call__(self, x):
+    out_features = x.shape[-1]
+    x = gelu(dense(self.hidden_features, name="fc1")(x))
+    return dense(out_features, name="fc2")(x)
