@@ -85,12 +85,12 @@ class ResNet(nn.Module):
 
 @register("resnet18", aliases=("r18",))
 def resnet18(num_classes=1000, **kw):
-  return ResNet(depths=(2, 2, 2, 2), num_classes=num_classes, **kw)
+  return ResNet(num_classes=num_classes, **{"depths": (2, 2, 2, 2), **kw})
 
 
 @register("resnet50", aliases=("r50",))
 def resnet50(num_classes=1000, **kw):
-  return ResNet(depths=(3, 4, 6, 3), block="bottleneck", num_classes=num_classes, **kw)
+  return ResNet(num_classes=num_classes, **{"depths": (3, 4, 6, 3), "block": "bottleneck", **kw})
 
 
 @register("resnet_small")
