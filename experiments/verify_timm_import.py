@@ -1,0 +1,100 @@
+r"""Full-size check of the timm weight import for every model of the zoo, at 224x224.
+
+  PYTHONPATH=. python experiments/verify_timm_import.py
+
+For each model: timm's model with random weights (norm parameters and BN statistics made non-trivial),
+saved as .safetensors, imported with `flexiq_jax.models.load_timm`, and both run in float32 eval
+mode on the same random batch. Pass: max|logit difference| <= 1e-4 * max|timm logit|.
+Writes experiments/results/timm_import.json and .md (override with --out). Needs torch and timm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _REPO)
+
+MODELS = ("resnet18", "resnet50", "mobilenetv2_100", "efficientnet_b0", "regnetx_006",
+          "vit_small_patch16_224", "vit_base_patch16_224", "deit_tiny_patch16_224",
+          "deit_small_patch16_224", "deit_base_patch16_224", "swin_tiny_patch4_window7_224")
+
+
+def _git(*args) -> str:
+  try:
+    return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                          cwd=_REPO).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--models", nargs="*", default=list(MODELS))
+  parser.add_argument("--batch-size", type=int, default=2)
+  parser.add_argument("--out", default=os.path.join("experiments", "results", "timm_import"),
+                      help="output path without extension; .json and .md are written")
+  args = parser.parse_args(argv)
+
+  import jax
+  import torch
+
+  from flexiq_jax.models import timm_reference
+
+  timm = timm_reference.import_timm()
+  torch.set_num_threads(os.cpu_count() or 1)
+  dev = jax.devices()[0]
+  # The files this check depends on; uncommitted edits there would make the commit hash misleading.
+  relevant = ["flexiq_jax/models", "experiments/verify_timm_import.py"]
+  meta = dict(
+      command="PYTHONPATH=. python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv or sys.argv[1:])),
+      git_commit=_git("rev-parse", "HEAD"),
+      uncommitted_changes_in_checked_files=_git("status", "--porcelain", "--", *relevant).splitlines(),
+      date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      jax_device=f"{dev.platform}: {dev.device_kind}",
+      host=f"{platform.machine()}, {os.cpu_count()} CPUs",
+      versions=dict(python=platform.python_version(), jax=jax.__version__, torch=torch.__version__,
+                    timm=timm.__version__),
+      tolerance="max|dlogit| <= 1e-4 * max|logit|",
+      input=f"{args.batch_size} random N(0,1) images, 224x224x3, float32; 1000 classes",
+  )
+  results = []
+  for name in args.models:
+    t0 = time.time()
+    r = timm_reference.compare(name, timm_reference.full_case(name), num_classes=1000,
+                               batch_size=args.batch_size)
+    r["seconds"] = round(time.time() - t0, 1)
+    results.append(r)
+    print(f"{name:32s} max|d|={r['max_abs_diff']:.3e} rel={r['rel_diff']:.3e} "
+          f"{'PASS' if r['passed'] else 'FAIL'} ({r['seconds']} s)", flush=True)
+
+  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+  with open(args.out + ".json", "w") as f:
+    json.dump(dict(meta, results=results), f, indent=2, default=str)
+  lines = ["# timm weight import: Flax vs timm logits, full-size models", "",
+           "Written by `experiments/verify_timm_import.py`; do not edit by hand.", ""]
+  lines += [f"- {k.replace('_', ' ')}: `{v}`" for k, v in meta.items() if k != "versions"]
+  lines += [f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}", "",
+            "| model | params | max abs logit | max abs diff | relative diff | result | seconds |",
+            "|---|---:|---:|---:|---:|---|---:|"]
+  for r in results:
+    lines.append(f"| {r['model']} | {r['num_params']:,} | {r['max_abs_logit']:.4g} | {r['max_abs_diff']:.3e} | "
+                 f"{r['rel_diff']:.3e} | {'pass' if r['passed'] else 'FAIL'} | {r['seconds']} |")
+  passed = sum(r["passed"] for r in results)
+  lines += ["", f"{passed} of {len(results)} models pass."]
+  with open(args.out + ".md", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print(f"wrote {args.out}.json and {args.out}.md: {passed}/{len(results)} pass")
+  return 0 if passed == len(results) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
