@@ -114,13 +114,18 @@ def eval_sums(logits, batch) -> dict:
   }
 
 
-def evaluate(predict_fn: Callable, batches: Iterable[dict], mesh=None, desc: str = "eval") -> dict:
-  """predict_fn(images) -> logits (already jitted or jittable); returns top1/top5 (%) and loss."""
+def evaluate(predict_fn: Callable, batches: Iterable[dict], mesh=None, desc: str = "eval",
+             args: tuple = ()) -> dict:
+  """predict_fn(images, *args) -> logits; returns top1/top5 (%), loss and the example count.
+
+  The jitted step is cached per `predict_fn`, so evaluating the same function with new `args`
+  (e.g. another 4-bit ratio) reuses the compilation.
+  """
   mesh = mesh or parallel.make_mesh()
-  step = jax.jit(lambda b: eval_sums(predict_fn(b["image"]), b))
+  step = _eval_step(predict_fn)
   totals = None
   for batch in tqdm(batches, desc=desc, leave=False, disable=_quiet()):
-    sums = step(parallel.shard_batch(batch, mesh))
+    sums = step(parallel.shard_batch(batch, mesh), *args)
     totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
   if totals is None:
     raise ValueError("evaluation received no batches")
@@ -128,6 +133,11 @@ def evaluate(predict_fn: Callable, batches: Iterable[dict], mesh=None, desc: str
   count = float(totals["count"])
   return {"top1": 100.0 * float(totals["top1"]) / count, "top5": 100.0 * float(totals["top5"]) / count,
           "loss": float(totals["loss"]) / count, "num_examples": int(count)}
+
+
+@functools.lru_cache(maxsize=64)
+def _eval_step(predict_fn: Callable):
+  return jax.jit(lambda batch, *args: eval_sums(predict_fn(batch["image"], *args), batch))
 
 
 def _quiet() -> bool:

@@ -1,0 +1,166 @@
+"""The quantize transform: (linen model, variables, calibration, selection) -> quantized variables
+and an apply function `apply(qvars, x, ratio)` whose 4-bit ratio is a traced argument.
+
+Quantized variables (a pytree; jits, shards and checkpoints like params):
+  'params'       BN-folded float weights in the model's own structure (QAT trains these)
+  'batch_stats'  statistics of BatchNorms that were not folded (if any)
+  'quant'        per quantized layer, nested by module path: 'act_scale' (), 'act_e' (C,),
+                 'weight_e' (C,); for lowerable layers also 'rank' (C,) (position of each channel
+                 in the lowering order) and 'counts' (K,) (channels lowered at each ratio level)
+  'levels'       (K,) the ratio levels the counts were selected for
+
+At ratio r, layer l lowers its first n_l(r) channels, n_l interpolated linearly between levels
+(implicit level 0 -> 0 channels) and floored, so selections stay nested for every r. The ratio
+is data, not a constant: changing it never recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flexiq_jax import cost
+from flexiq_jax.inspect_model import get_path, set_path
+from flexiq_jax.quantize import layer_ops
+from flexiq_jax.quantize.plan import QuantPlan, apply_with_layers
+
+
+def interpolate_count(counts, levels, ratio):
+  """Channels lowered at `ratio`: linear between levels (0 at ratio 0), floored."""
+  xs = jnp.concatenate([jnp.zeros((1,), jnp.float32), jnp.asarray(levels, jnp.float32)])
+  ys = jnp.concatenate([jnp.zeros((1,), jnp.float32), jnp.asarray(counts, jnp.float32)])
+  return jnp.floor(jnp.interp(jnp.asarray(ratio, jnp.float32), xs, ys) + 1e-4)
+
+
+def build_qvars(plan: QuantPlan, folded_variables, calib: dict, orders: dict, counts: dict, levels) -> dict:
+  """orders: {path: (C,) channel order, lowered first}; counts: {path: (K,) ints per level}."""
+  quant_tree: dict = {}
+  for path in plan.quantized:
+    c = calib[path]
+    entry = {"act_scale": jnp.asarray(c["act_scale"], jnp.float32),
+             "act_e": jnp.asarray(c["act_e"], jnp.int32),
+             "weight_e": jnp.asarray(c["weight_e"], jnp.int32)}
+    if path in plan.eligible:
+      order = np.asarray(orders[path])
+      rank = np.empty_like(order)
+      rank[order] = np.arange(len(order))
+      entry["rank"] = jnp.asarray(rank, jnp.int32)
+      entry["counts"] = jnp.asarray(counts[path], jnp.int32)
+    quant_tree = _set_nested(quant_tree, path, entry)
+  out = {"params": folded_variables["params"], "quant": quant_tree,
+         "levels": jnp.asarray(levels, jnp.float32)}
+  stats = _unfolded_stats(folded_variables.get("batch_stats", {}), plan)
+  if stats:
+    out["batch_stats"] = stats
+  return out
+
+
+def _set_nested(tree: dict, path: str, value) -> dict:
+  key, _, rest = path.partition("/")
+  new = dict(tree)
+  new[key] = _set_nested(tree.get(key, {}), rest, value) if rest else value
+  return new
+
+
+def _unfolded_stats(stats, plan: QuantPlan):
+  flat = flatten_paths(stats)
+  keep = {p: v for p, v in flat.items() if not any(p.startswith(bn + "/") for bn in plan.folded_bn)}
+  tree: dict = {}
+  for p, v in keep.items():
+    tree = _set_nested(tree, p, v)
+  return tree
+
+
+def flatten_paths(tree, prefix="") -> dict:
+  out = {}
+  for k, v in tree.items():
+    p = f"{prefix}/{k}" if prefix else k
+    if isinstance(v, dict):
+      out.update(flatten_paths(v, p))
+    else:
+      out[p] = v
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedModel:
+  """mode 'int': int8 codes, int32 accumulation (evaluation, serving); 'fake': the same values
+  in float with straight-through gradients (QAT). lsq: learnable activation scales (LSQ)."""
+
+  model: nn.Module
+  plan: QuantPlan
+  mode: str = "int"
+  lsq: bool = False
+  conv_accumulator: str = "int32"  # GPUs: int8 convs only run with float32 accumulation
+
+  def layer_counts(self, qvars, ratio) -> dict:
+    """{eligible path: channels lowered at ratio}, traced."""
+    ratio = jnp.clip(jnp.asarray(ratio, jnp.float32), 0.0, 1.0)
+    return {p: interpolate_count(get_path(qvars["quant"], p)["counts"], qvars["levels"], ratio)
+            for p in self.plan.eligible}
+
+  def apply_counts(self, qvars, x, counts: dict):
+    """Logits with layer p lowering its first counts[p] channels (others: none lowered)."""
+    acc = jnp.int32 if self.conv_accumulator == "int32" else jnp.float32
+
+    def layer_fn(info, module, h, kernel, bias):
+      lq = get_path(qvars["quant"], info.path)
+      if info.path in counts:
+        lowered = lq["rank"] < counts[info.path]
+      else:
+        lowered = jnp.zeros((info.in_channels,), bool)
+      return layer_ops.quantized_forward(info, module, h, kernel, bias, lq, lowered,
+                                         signed=self.plan.signed[info.path], mode=self.mode, lsq=self.lsq,
+                                         conv_accumulator=acc)
+
+    variables = {k: v for k, v in qvars.items() if k in ("params", "batch_stats")}
+    return apply_with_layers(self.model, self.plan, variables, x, layer_fn)
+
+  def apply(self, qvars, x, ratio):
+    """Logits at a 4-bit ratio in [0, 1] (a traced scalar: no recompilation when it changes)."""
+    return self.apply_counts(qvars, x, self.layer_counts(qvars, ratio))
+
+  def with_mode(self, mode: str) -> "QuantizedModel":
+    return dataclasses.replace(self, mode=mode)
+
+
+def check_ratio(ratio) -> float:
+  """Host-side validation for user-facing entry points (inside jit the ratio is clipped)."""
+  try:
+    r = float(ratio)
+  except (TypeError, jax.errors.ConcretizationTypeError) as e:
+    raise TypeError(f"ratio must be a number in [0, 1], got {ratio!r}") from e
+  if not 0.0 <= r <= 1.0 or np.isnan(r):
+    raise ValueError(f"ratio must be in [0, 1] (the share of 4-bit MACs), got {r}")
+  return r
+
+
+def make_predict(qmodel: QuantizedModel, qvars):
+  """predict(images, ratio) for serving: validates the ratio, one compiled function for all ratios."""
+  jitted = jax.jit(qmodel.apply)
+
+  def predict(images, ratio):
+    return jitted(qvars, images, jnp.float32(check_ratio(ratio)))
+
+  predict.jitted = jitted
+  return predict
+
+
+def lowered_channels(qmodel: QuantizedModel, qvars, ratio) -> dict:
+  """{eligible path: lowered channel count} at a host ratio (for cost reports)."""
+  counts = jax.device_get(qmodel.layer_counts(qvars, check_ratio(ratio)))
+  return {p: float(v) for p, v in counts.items()}
+
+
+def relative_bops_at(qmodel: QuantizedModel, qvars, ratio) -> float:
+  layers = {p: qmodel.plan.layers[p] for p in qmodel.plan.quantized}
+  return cost.relative_bops(layers, lowered_channels(qmodel, qvars, ratio))
+
+
+def low_bit_share_at(qmodel: QuantizedModel, qvars, ratio) -> float:
+  layers = {p: qmodel.plan.layers[p] for p in qmodel.plan.quantized}
+  return cost.low_bit_mac_share(layers, lowered_channels(qmodel, qvars, ratio))
