@@ -56,3 +56,4 @@ from flexiq_jax.models import regnet  # noqa: E402,F401
 from flexiq_jax.models import swin  # noqa: E402,F401
 from flexiq_jax.models import vit  # noqa: E402,F401
 from flexiq_jax.models.timm_import import load_timm  # noqa: E402,F401
+from flexiq_jax.models.variants import small_kwargs  # noqa: E402,F401

@@ -192,6 +192,7 @@ def convert_state_dict(model, state_dict: Mapping[str, np.ndarray], name: str, *
   filled: dict[tuple[str, ...], np.ndarray] = {}
   unexpected, misshaped = [], []
   head_misshaped = False
+  wrong_shape = set()  # target paths reported as mis-shaped, not again as missing
   for key, value in state_dict.items():
     parts = key.split(".")
     if parts[-1] in _DROPPED_LEAVES:
@@ -219,12 +220,13 @@ def convert_state_dict(model, state_dict: Mapping[str, np.ndarray], name: str, *
       else:
         misshaped.append(f"{key}: checkpoint {tuple(value.shape)} -> {array.shape}, model expects {shape}")
         head_misshaped |= module == head_module
+        wrong_shape.add(path)
         continue
     filled[path] = array.astype(np.float32)
 
   expected = {path: shape for path, shape in index.values()}
   missing = [f"{'/'.join(p)} {s}" for p, s in expected.items()
-             if p not in filled and not (replace_head and _norm(p[1:-1]) == head_module)]
+             if p not in filled and p not in wrong_shape and not (replace_head and _norm(p[1:-1]) == head_module)]
   if missing or unexpected or misshaped:
     lines = [f"timm checkpoint does not fit model {canonical!r}:"]
     for title, items in (("missing in checkpoint", missing), ("unexpected in checkpoint", unexpected),

@@ -1,0 +1,39 @@
+"""Reduced variants of each family for small images (Fashion-MNIST's 28x28, CIFAR's 32x32).
+
+`models.create(name, num_classes=10, **small_kwargs(name, 28))` builds a model of the same family,
+with the same block types and module names, narrow and shallow enough to train on 2 CPU cores.
+The CNNs keep their full-resolution early layers (stride-1 stem) since 28 px leaves no room for a
+4x stem; they are not shape-compatible with ImageNet checkpoints (use the default kwargs for those).
+"""
+
+from __future__ import annotations
+
+from flexiq_jax import models as models_lib
+
+_CNN = {
+    "resnet18": dict(depths=(1, 1, 1, 1), widths=(16, 32, 64, 128), stem="small", stem_width=16),
+    "resnet50": dict(depths=(1, 1, 1, 1), widths=(8, 16, 32, 64), stem="small", stem_width=16),
+    "mobilenetv2_100": dict(channel_multiplier=0.5, depth_multiplier=0.35, stem_stride=1),
+    "efficientnet_b0": dict(channel_multiplier=0.5, depth_multiplier=0.35, stem_stride=1),
+    "regnetx_006": dict(depths=(1, 1, 2, 1), widths=(16, 32, 64, 128), group_widths=(8, 8, 8, 8),
+                        stem_width=16, stem_stride=1),
+}
+
+_VIT = dict(patch_size=4, embed_dim=96, depth=4, num_heads=3)
+_SWIN = dict(patch_size=2, window_size=7, embed_dim=32, depths=(2, 2, 2), num_heads=(2, 4, 8))
+
+
+def small_kwargs(name: str, image_size: int = 28) -> dict:
+  """Constructor kwargs of a reduced variant of model `name` (or alias) for `image_size` inputs."""
+  canonical = models_lib.canonical_name(name)
+  if canonical in _CNN:
+    return dict(_CNN[canonical])
+  if canonical.startswith(("vit_", "deit_")):
+    if image_size % _VIT["patch_size"]:
+      raise ValueError(f"image_size {image_size} is not a multiple of patch size {_VIT['patch_size']}")
+    return dict(_VIT, image_size=image_size)
+  if canonical.startswith("swin_"):
+    return dict(_SWIN, image_size=image_size)
+  if canonical == "resnet_small":
+    return {}
+  raise ValueError(f"no reduced variant defined for {canonical!r}")
