@@ -1,0 +1,351 @@
+"""Channel selection: orders, budget repair, selectors (nested, on budget), the evolutionary
+search (finds a known optimum, never re-evaluates, skips fixed levels) and count interpolation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flexiq_jax import select as S
+
+LEVELS = (0.25, 0.5, 0.75, 1.0)
+
+
+def assert_nested_on_budget(counts, levels, channels, macs):
+  counts = np.asarray(counts)
+  channels = np.asarray(channels)
+  assert counts.shape == (len(levels), len(channels)) and counts.dtype == np.int32
+  assert np.all(counts >= 0) and np.all(counts <= channels)
+  assert np.all(np.diff(counts, axis=0) >= 0), "not nested"
+  tol = S.budget_tolerance(channels, macs)
+  ratios = S.mac_ratio(counts, channels, macs)
+  for r, got, row in zip(levels, ratios, counts):
+    assert abs(got - r) <= tol * (1 + 1e-9), (r, got, tol)
+    if r == 1.0:
+      np.testing.assert_array_equal(row, channels)
+    if r == 0.0:
+      assert not row.any()
+
+
+# A separable fitness with a known optimum: layers 0-1 are free to lower, 2-3 cost 1 per lowered
+# MAC, 4-5 cost 5. Each pair holds a quarter, a quarter and a half of the MACs, so the optimum
+# at 0.25 lowers layers 0-1 fully and at 0.5 layers 0-3; uniform pays for every layer.
+TIER_C = np.array([16, 32, 8, 64, 16, 24])
+TIER_M = np.array([2000, 4000, 3000, 3000, 4000, 8000], float)
+TIER_COST = np.array([0, 0, 1, 1, 5, 5], float)
+
+
+def tier_fitness(counts):
+  return float(np.sum(TIER_COST * counts * TIER_M / TIER_C) / TIER_M.sum())
+
+
+def tier_optimum(r):
+  """Fractional-knapsack value: fill the cheapest MACs first (a lower bound on any count)."""
+  left, value = r * TIER_M.sum(), 0.0
+  for l in np.argsort(TIER_COST, kind="stable"):
+    take = min(TIER_M[l], left)
+    value, left = value + TIER_COST[l] * take, left - take
+  return value / TIER_M.sum()
+
+
+# -- ordering ------------------------------------------------------------------------------------
+
+def test_channel_order_sorts_by_range_then_error_then_index():
+  ranges = np.array([3.0, 1.0, 2.0, 1.0, 1.0, 0.5])
+  error = np.array([0.0, 0.3, 0.0, 0.1, 0.3, 9.0])
+  # 0.5 first despite its large error (range decides); the three 1.0s by error, then index.
+  np.testing.assert_array_equal(S.channel_order(ranges, error), [5, 3, 1, 4, 2, 0])
+  np.testing.assert_array_equal(S.channel_order(ranges), [5, 1, 3, 4, 2, 0])
+  assert S.channel_order(ranges).dtype == np.int32
+
+
+def test_channel_order_near_ties_use_error_only_within_rtol():
+  ranges = np.array([1.0, 1.0 + 1e-7, 1.5])
+  error = np.array([2.0, 1.0, 0.0])
+  np.testing.assert_array_equal(S.channel_order(ranges, error), [1, 0, 2])  # near-tie: error
+  np.testing.assert_array_equal(S.channel_order(ranges, error, rtol=0), [0, 1, 2])  # exact only
+  np.testing.assert_array_equal(S.channel_order([0.0, 0.0, 1.0], [5.0, 1.0, 0.0]), [1, 0, 2])
+  with pytest.raises(ValueError):
+    S.channel_order([1.0, -1.0])
+  with pytest.raises(ValueError):
+    S.channel_order([1.0, 2.0], [1.0])
+
+
+def test_rank_inverts_order_and_random_order_is_seeded():
+  order = S.channel_order(np.random.default_rng(0).random(50))
+  rank = S.order_to_rank(order)
+  np.testing.assert_array_equal(rank[order], np.arange(50))
+  np.testing.assert_array_equal(order[rank], np.arange(50))
+  for n in range(51):  # the transform's mask rank < n selects exactly the first n of the order
+    assert set(np.flatnonzero(rank < n)) == set(order[:n])
+  with pytest.raises(ValueError):
+    S.order_to_rank([0, 0, 1])
+  a, b = S.random_order(40, seed=1), S.random_order(40, seed=1)
+  np.testing.assert_array_equal(a, b)
+  assert sorted(a) == list(range(40)) and a.dtype == np.int32
+  assert not np.array_equal(a, S.random_order(40, seed=2))
+
+
+# -- budget --------------------------------------------------------------------------------------
+
+def test_mac_ratio_and_tolerance_by_hand():
+  channels, macs = [4, 10], [400.0, 600.0]  # 100 and 60 MACs per channel
+  assert S.mac_ratio([2, 5], channels, macs) == pytest.approx((200 + 300) / 1000)
+  np.testing.assert_allclose(S.mac_ratio([[0, 0], [4, 10]], channels, macs), [0.0, 1.0])
+  assert S.budget_tolerance(channels, macs) == pytest.approx(0.1)
+
+
+def test_uniform_ratio_counts_are_floor_or_ceil_and_on_budget():
+  channels, macs = np.array([10, 7, 3, 64]), np.array([5e4, 2e3, 9e5, 1e4])
+  for r in np.linspace(0, 1, 23):
+    counts = S.counts_for_uniform_ratio(r, channels, macs)
+    assert np.all(counts >= np.floor(r * channels - 1e-9))
+    assert np.all(counts <= np.ceil(r * channels + 1e-9))
+    assert abs(S.mac_ratio(counts, channels, macs) - r) <= S.budget_tolerance(channels, macs) / 2
+  np.testing.assert_array_equal(S.counts_for_uniform_ratio(0.3, [10, 20]), [3, 6])
+
+
+problems = st.integers(1, 6).flatmap(lambda n: st.tuples(
+    st.lists(st.integers(1, 64), min_size=n, max_size=n),
+    st.lists(st.integers(1, 10**6), min_size=n, max_size=n)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems, st.data())
+def test_repair_respects_bounds_and_budget(problem, data):
+  channels, macs = np.array(problem[0]), np.array(problem[1], float)
+  n = len(channels)
+  a = np.array(data.draw(st.lists(st.integers(0, 64), min_size=n, max_size=n))) % (channels + 1)
+  b = np.array(data.draw(st.lists(st.integers(0, 64), min_size=n, max_size=n))) % (channels + 1)
+  lower, upper = np.minimum(a, b), np.maximum(a, b)
+  lo_r, hi_r = S.mac_ratio(lower, channels, macs), S.mac_ratio(upper, channels, macs)
+  r = lo_r + data.draw(st.floats(0, 1)) * (hi_r - lo_r)
+  start = np.array(data.draw(st.lists(st.integers(-5, 70), min_size=n, max_size=n)))
+  seed = data.draw(st.integers(0, 3))
+  out = S.repair_to_budget(start, r, channels, macs, lower, upper, rng=seed)
+  assert np.all(out >= lower) and np.all(out <= upper)
+  tol = S.budget_tolerance(channels, macs)
+  assert abs(S.mac_ratio(out, channels, macs) - r) <= tol / 2 + 1e-12
+  np.testing.assert_array_equal(out, S.repair_to_budget(start, r, channels, macs, lower, upper,
+                                                        rng=seed))
+  # Already as close as one channel allows -> untouched.
+  np.testing.assert_array_equal(out, S.repair_to_budget(out, S.mac_ratio(out, channels, macs),
+                                                        channels, macs, lower, upper))
+
+
+def test_repair_raises_when_budget_unreachable():
+  channels, macs = np.array([10, 10]), np.array([100.0, 100.0])
+  with pytest.raises(ValueError, match="unreachable"):
+    S.repair_to_budget([0, 0], 0.9, channels, macs, upper=[10, 2])  # at most 0.6
+  with pytest.raises(ValueError, match="bounds"):
+    S.repair_to_budget([0, 0], 0.5, channels, macs, lower=[5, 0], upper=[4, 10])
+
+
+# -- selectors -----------------------------------------------------------------------------------
+
+level_sets = st.lists(st.sampled_from([0.0, 0.05, 0.1, 0.25, 0.3, 0.5, 0.6, 0.75, 0.9, 0.97, 1.0]),
+                      min_size=1, max_size=5, unique=True).map(sorted)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems, level_sets, st.integers(0, 2**16))
+def test_every_selector_is_nested_and_on_budget(problem, levels, seed):
+  channels, macs = np.array(problem[0]), np.array(problem[1], float)
+  rng = np.random.default_rng(seed)
+  ranges = [rng.random(c) * rng.uniform(0.1, 10) for c in channels]
+  errors = [rng.random(c) for c in channels]
+  cost = rng.random(len(channels))
+  calls = []
+
+  def fitness(counts):
+    calls.append(tuple(counts))
+    return float(cost @ counts)
+
+  results = {
+      "uniform": S.select_uniform(levels, channels, macs),
+      "greedy": S.select_greedy_by_range(levels, channels, macs, ranges, lowering_error=errors),
+      "random": S.select_random(levels, channels, macs, seed),
+      "evolutionary": S.evolutionary_search(levels, channels, macs, fitness, population=4,
+                                            generations=3, ranges=ranges, seed=seed).counts,
+  }
+  for name, counts in results.items():
+    assert_nested_on_budget(counts, levels, channels, macs), name
+  assert len(calls) == len(set(calls))
+
+
+def test_greedy_lowers_globally_smallest_normalised_range_first():
+  # Normalised by each layer's max, layer 0's small channels (0.01..0.03) go before all of
+  # layer 1 (flat, 1.0); at equal scores the earlier layer goes first.
+  ranges = [np.array([10.0, 0.1, 0.2, 0.3]), np.array([1.0, 1.0, 1.0, 1.0])]
+  channels, macs = np.array([4, 4]), np.array([400.0, 400.0])
+  counts = S.select_greedy_by_range((0.375, 1.0), channels, macs, ranges)
+  np.testing.assert_array_equal(counts, [[3, 0], [4, 4]])
+  layer, member = S.global_channel_sequence(channels, ranges)
+  np.testing.assert_array_equal(member[layer == 0], S.channel_order(ranges[0]))
+  np.testing.assert_array_equal(member[layer == 1], S.channel_order(ranges[1]))
+  # Layer scales differ by 100x: raw ranges lower all of the small layer first; 'max' interleaves.
+  ranges = [np.linspace(0.01, 0.02, 4), np.linspace(1, 2, 4)]
+  raw = S.select_greedy_by_range((0.5,), channels, macs, ranges, normalize="none")
+  np.testing.assert_array_equal(raw, [[4, 0]])
+  np.testing.assert_array_equal(S.select_greedy_by_range((0.5,), channels, macs, ranges), [[2, 2]])
+  with pytest.raises(ValueError, match="normalize"):
+    S.select_greedy_by_range((0.5,), channels, macs, ranges, normalize="median-ish")
+
+
+def test_selectors_reject_bad_levels():
+  for levels in [(0.5, 0.25), (0.5, 0.5), (1.5,), ()]:
+    with pytest.raises(ValueError):
+      S.select_uniform(levels, [4], [10.0])
+
+
+# -- evolutionary search -------------------------------------------------------------------------
+
+def test_search_finds_the_known_optimum_and_beats_uniform():
+  levels = (0.25, 0.5, 0.75, 1.0)
+  res = S.evolutionary_search(levels, TIER_C, TIER_M, tier_fitness, population=16,
+                              generations=20, seed=0)
+  uniform = S.select_uniform(levels, TIER_C, TIER_M)
+  np.testing.assert_array_equal(res.counts[1], [16, 32, 8, 64, 0, 0])  # the exact optimum
+  for k, r in enumerate(levels[:-1]):
+    best, uni, opt = res.best_fitness[k], tier_fitness(uniform[k]), tier_optimum(r)
+    assert best == pytest.approx(tier_fitness(res.counts[k]))
+    assert best < uni
+    assert best - opt <= 0.05 * (uni - opt), (r, best, opt, uni)  # closes >= 95% of the gap
+  assert np.isnan(res.best_fitness[-1])
+  assert_nested_on_budget(res.counts, levels, TIER_C, TIER_M)
+  assert all(np.all(np.diff(h["best"]) <= 0) for h in res.history)  # elitism: never worse
+
+
+def test_search_counts_evaluations_never_repeats_and_skips_fixed_levels():
+  seen = []
+
+  def fitness(counts):
+    assert counts.dtype == np.int32 and counts.shape == (6,)
+    assert 0 < S.mac_ratio(counts, TIER_C, TIER_M) < 1, "fixed levels must not be evaluated"
+    seen.append(tuple(counts.tolist()))
+    return tier_fitness(counts)
+
+  infos = []
+  res = S.evolutionary_search((0.0, 0.4, 1.0), TIER_C, TIER_M, fitness, population=8,
+                              generations=6, seed=3, callback=infos.append)
+  assert len(seen) == len(set(seen)) == res.evaluations
+  assert res.evaluations_per_level.tolist() == [0, res.evaluations, 0]
+  assert res.evaluations <= 8 * 6
+  assert res.history[0] == {"best": [], "mean": []} and res.history[2] == {"best": [], "mean": []}
+  assert len(infos) == len(res.history[1]["best"]) >= 2
+  assert infos[-1]["best"] == res.best_fitness[1] and infos[-1]["evaluations"] == len(seen)
+  np.testing.assert_array_equal(res.counts[0], 0)
+  np.testing.assert_array_equal(res.counts[2], TIER_C)
+  # Only fixed levels: nothing to evaluate.
+  none = S.evolutionary_search((0.0, 1.0), TIER_C, TIER_M, lambda c: pytest.fail("called"))
+  assert none.evaluations == 0
+
+
+def test_search_is_deterministic_for_a_seed():
+  kw = dict(population=8, generations=5)
+  a = S.evolutionary_search(LEVELS, TIER_C, TIER_M, tier_fitness, seed=7, **kw)
+  b = S.evolutionary_search(LEVELS, TIER_C, TIER_M, tier_fitness, seed=7, **kw)
+  np.testing.assert_array_equal(a.counts, b.counts)
+  assert a.history == b.history and a.evaluations == b.evaluations
+  c = S.evolutionary_search(LEVELS, TIER_C, TIER_M, tier_fitness, seed=8, **kw)
+  assert c.history != a.history
+
+
+def test_search_is_seeded_with_uniform_greedy_and_init():
+  first = []
+
+  def fitness(counts):
+    first.append(counts.copy())
+    return tier_fitness(counts)
+
+  ranges = [np.full(c, float(cost) + 1.0) for c, cost in zip(TIER_C, TIER_COST)]
+  greedy = S.select_greedy_by_range((0.5,), TIER_C, TIER_M, ranges, normalize="none")
+  S.evolutionary_search((0.5,), TIER_C, TIER_M, fitness, population=4, generations=1,
+                        ranges=ranges, normalize="none", init=[[1, 2, 3, 4, 5, 6]])
+  np.testing.assert_array_equal(first[0], S.select_uniform((0.5,), TIER_C, TIER_M)[0])
+  np.testing.assert_array_equal(first[1], greedy[0])
+  assert tier_fitness(greedy[0]) == tier_optimum(0.5)  # ranges here track the cost
+  assert S.mac_ratio(first[2], TIER_C, TIER_M) == pytest.approx(0.5, abs=0.01)  # init, repaired
+  assert len(first) == 4
+
+
+def test_search_result_dict_and_plot(tmp_path):
+  res = S.evolutionary_search(LEVELS, TIER_C, TIER_M, tier_fitness, population=4, generations=3)
+  d = res.as_dict()
+  assert d["counts"] == res.counts.tolist() and len(d["history"]) == len(LEVELS)
+  path = S.plot_search_history(res, str(tmp_path / "plots" / "search.png"))
+  with open(path, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  S.plot_search_history(d, str(tmp_path / "from_dict.png"))
+
+
+# -- registry ------------------------------------------------------------------------------------
+
+def test_registry_and_unknown_name_error():
+  assert set(S.SELECTORS) == {"evolutionary", "uniform", "greedy", "random"}
+  assert S.get_selector("uniform") is S.select_uniform
+  with pytest.raises(ValueError) as err:
+    S.get_selector("genetic")
+  for name in S.SELECTORS:
+    assert name in str(err.value)
+  counts, info = S.select("random", LEVELS, TIER_C, TIER_M, seed=1)
+  np.testing.assert_array_equal(counts, S.select_random(LEVELS, TIER_C, TIER_M, seed=1))
+  assert info is None
+  counts, info = S.select("evolutionary", LEVELS, TIER_C, TIER_M, fitness_fn=tier_fitness,
+                          population=4, generations=2)
+  np.testing.assert_array_equal(counts, info.counts)
+  with pytest.raises(ValueError, match="ranges"):
+    S.select("greedy", LEVELS, TIER_C, TIER_M)
+
+
+# -- interpolation -------------------------------------------------------------------------------
+
+COUNTS = np.array([[1, 0, 5], [4, 0, 7], [10, 3, 7]], np.int32)
+COUNT_LEVELS = np.array([0.25, 0.5, 1.0], np.float32)
+
+
+def test_interpolate_exact_at_levels_and_floored_between():
+  for k, r in enumerate(COUNT_LEVELS):
+    np.testing.assert_array_equal(S.interpolate_counts(COUNTS, COUNT_LEVELS, float(r)), COUNTS[k])
+    np.testing.assert_array_equal(S.interpolate_counts_np(COUNTS, COUNT_LEVELS, r), COUNTS[k])
+  np.testing.assert_array_equal(S.interpolate_counts(COUNTS, COUNT_LEVELS, 0.0), [0, 0, 0])
+  np.testing.assert_array_equal(S.interpolate_counts(COUNTS, COUNT_LEVELS, -1.0), [0, 0, 0])
+  np.testing.assert_array_equal(S.interpolate_counts(COUNTS, COUNT_LEVELS, 0.125), [0, 0, 2])
+  np.testing.assert_array_equal(S.interpolate_counts(COUNTS, COUNT_LEVELS, 0.375), [2, 0, 6])
+  np.testing.assert_array_equal(S.interpolate_counts(COUNTS, COUNT_LEVELS, 0.75), [7, 1, 7])
+  np.testing.assert_array_equal(S.interpolate_counts(COUNTS, COUNT_LEVELS, 2.0), COUNTS[-1])
+  # A given level 0 is used as is (no implicit zero row before it).
+  with_zero = np.array([[0, 2], [4, 4]])
+  np.testing.assert_array_equal(S.interpolate_counts(with_zero, [0.0, 1.0], 0.0), [0, 2])
+  np.testing.assert_array_equal(S.interpolate_counts(with_zero, [0.0, 1.0], 0.5), [2, 3])
+
+
+def test_interpolate_is_monotone_in_ratio_and_matches_numpy_twin():
+  rng = np.random.default_rng(0)
+  levels = np.array([0.1, 0.3, 0.55, 0.8, 1.0], np.float32)
+  counts = np.cumsum(rng.integers(0, 40, (5, 12)), axis=0).astype(np.int32)
+  ratios = np.concatenate([np.linspace(-0.1, 1.1, 2001, dtype=np.float32), levels,
+                           np.nextafter(levels, np.float32(0)), np.nextafter(levels, np.float32(2))])
+  ratios = np.sort(ratios)
+  got = jax.vmap(lambda r: S.interpolate_counts(counts, levels, r))(jnp.asarray(ratios))
+  assert np.all(np.diff(np.asarray(got), axis=0) >= 0)
+  twin = np.stack([S.interpolate_counts_np(counts, levels, r) for r in ratios[::17]])
+  np.testing.assert_array_equal(np.asarray(got)[::17], twin)
+
+
+def test_interpolate_under_jit_never_recompiles_for_a_new_ratio():
+  traces = []
+
+  @jax.jit
+  def lowered(counts, levels, ratio):
+    traces.append(1)  # runs only while tracing
+    return S.interpolate_counts(counts, levels, ratio)
+
+  outs = [lowered(COUNTS, COUNT_LEVELS, jnp.float32(r)) for r in (0.1, 0.25, 0.6, 0.99, 1.0)]
+  assert len(traces) == 1
+  if hasattr(lowered, "_cache_size"):
+    assert lowered._cache_size() == 1
+  np.testing.assert_array_equal(outs[1], COUNTS[0])
+  np.testing.assert_array_equal(outs[-1], COUNTS[-1])
