@@ -85,10 +85,10 @@ def main(argv=None):
            "Written by `experiments/verify_timm_import.py`; do not edit by hand.", ""]
   lines += [f"- {k.replace('_', ' ')}: `{v}`" for k, v in meta.items() if k != "versions"]
   lines += [f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}", "",
-            "| model | params | max abs logit | max abs diff | relative diff | result | seconds |",
-            "|---|---:|---:|---:|---:|---|---:|"]
+            "| model | params | seed | max abs logit | max abs diff | relative diff | result | seconds |",
+            "|---|---:|---:|---:|---:|---:|---|---:|"]
   for r in results:
-    lines.append(f"| {r['model']} | {r['num_params']:,} | {r['max_abs_logit']:.4g} | {r['max_abs_diff']:.3e} | "
+    lines.append(f"| {r['model']} | {r['num_params']:,} | {r['seed']} | {r['max_abs_logit']:.4g} | {r['max_abs_diff']:.3e} | "
                  f"{r['rel_diff']:.3e} | {'pass' if r['passed'] else 'FAIL'} | {r['seconds']} |")
   passed = sum(r["passed"] for r in results)
   lines += ["", f"{passed} of {len(results)} models pass."]

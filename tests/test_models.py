@@ -307,3 +307,20 @@ def test_load_timm_pth_without_torch_says_so(tmp_path, monkeypatch):
 def test_load_timm_missing_file(tmp_path):
   with pytest.raises(FileNotFoundError):
     models.load_timm("r18", str(tmp_path / "nope.safetensors"))
+
+
+def test_read_state_dict_widens_bfloat16(tmp_path):
+  """bfloat16 checkpoints (numpy has no such dtype) are read as float32."""
+  import json
+
+  values = np.array([1.0, -2.5, 0.15625, 3.0e-3], np.float32)
+  bf16 = (values.view(np.uint32) >> 16).astype("<u2")  # truncation: exact for the first three
+  header = json.dumps({"w": {"dtype": "BF16", "shape": [2, 2], "data_offsets": [0, 8]},
+                       "n": {"dtype": "I64", "shape": [], "data_offsets": [8, 16]}}).encode()
+  path = tmp_path / "bf16.safetensors"
+  path.write_bytes(len(header).to_bytes(8, "little") + header + bf16.tobytes() + np.int64(7).tobytes())
+  expected = (bf16.astype(np.uint32) << 16).view(np.float32).reshape(2, 2)
+  for sd in (timm_import.read_state_dict(str(path)), timm_import._read_safetensors_widening_bf16(str(path))):
+    assert sd["w"].dtype == np.float32 and sd["n"] == 7
+    np.testing.assert_array_equal(sd["w"], expected)
+    np.testing.assert_array_equal(sd["w"].ravel()[:3], values[:3])
