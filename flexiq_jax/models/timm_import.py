@@ -188,12 +188,12 @@ def _flax_leaf(module: str, leaf: str, index) -> str | None:
 
 
 def _convert_array(leaf: str, value: np.ndarray) -> np.ndarray:
-  if leaf == "kernel":
-    if value.ndim == 4:
-      return value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-    if value.ndim == 2:
-      return value.T
-    raise ValueError(f"cannot convert a {value.ndim}-d weight to a kernel")
+  """torch layout -> Flax layout. Kernels of another rank are left as they are and so fail the
+  shape check with the others."""
+  if leaf == "kernel" and value.ndim == 4:
+    return value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+  if leaf == "kernel" and value.ndim == 2:
+    return value.T
   return value
 
 
@@ -236,7 +236,8 @@ def convert_state_dict(model, state_dict: Mapping[str, np.ndarray], name: str, *
       unexpected.append(f"{key} {tuple(value.shape)}")
       continue
     path, shape = index[(module, flax_leaf)]
-    array = _convert_array(flax_leaf, np.asarray(value))
+    value = np.asarray(value)
+    array = _convert_array(flax_leaf, value)
     if array.shape != shape:
       if flax_leaf == "pos_embed" and array.ndim == 3 and array.shape[2] == shape[2]:
         array = resize_pos_embed(array, shape[1])
