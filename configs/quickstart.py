@@ -49,10 +49,59 @@ def get_config(arg=None):
   config.train.log_every_steps = 50
   config.eval_batch_size = 500
 
+  # FlexiQ (design notes, section 2). Every choice is a named option.
+  config.calib = ml_collections.ConfigDict()
+  config.calib.num_images = 512  # unlabelled, from the training split
+  config.calib.batch_size = 128
+
+  config.quant = ml_collections.ConfigDict()
+  config.quant.skip = ()  # regexes on module paths: layers left in float
+  config.quant.keep_8bit = ("first", "last")  # quantized, never lowered ('first'/'last' or regexes)
+  config.quant.fold_bn = True
+  config.quant.act_calibration = "minmax"  # 'minmax' | 'percentile' | 'mse'
+  config.quant.percentile = 99.99
+  config.quant.extraction = "fitted"  # 'fitted' (per-channel error-minimising) | 'naive' (drop 4 low bits)
+
+  config.select = ml_collections.ConfigDict()
+  config.select.levels = (0.25, 0.5, 0.75, 1.0)  # ratio levels, nested selections
+  config.select.selector = "evolutionary"  # 'evolutionary' | 'greedy' | 'uniform' | 'random'
+  config.select.channel_order = "range"  # 'range' (small first) | 'random' (ablation)
+  config.select.population = 12
+  config.select.generations = 6
+  config.select.fitness_batches = 2  # calibration batches scored per candidate (KL to float)
+
+  config.finetune = ml_collections.ConfigDict()
+  config.finetune.num_epochs = 0.5
+  config.finetune.batch_size = 128
+  config.finetune.optimizer = "sgd"
+  config.finetune.learning_rate = 0.005
+  config.finetune.momentum = 0.9
+  config.finetune.nesterov = True
+  config.finetune.weight_decay = 0.0
+  config.finetune.schedule = "cosine"
+  config.finetune.warmup_steps = 0
+  config.finetune.label_smoothing = 0.0
+  config.finetune.grad_clip_norm = 0.0
+  config.finetune.lsq = False  # learnable activation scales
+  config.finetune.distill_weight = 0.5  # weight of KL(float || quantized) in the loss
+  config.finetune.levels = ()  # ratio levels sampled per step; () = select.levels
+  config.finetune.level_probs = ()  # () = uniform
+  config.finetune.checkpoint_every_steps = 100
+
+  config.sweep = ml_collections.ConfigDict()
+  config.sweep.ratios = (0.0, 0.25, 0.5, 0.75, 1.0)
+
   if args["smoke"]:
     config.train.num_epochs = 0.02
     config.train.checkpoint_every_steps = 5
     config.train.log_every_steps = 5
     config.train.warmup_steps = 2
     config.data.eval_examples = 500
+    config.calib.num_images = 64
+    config.calib.batch_size = 32
+    config.select.population = 4
+    config.select.generations = 2
+    config.select.fitness_batches = 1
+    config.finetune.num_epochs = 0.01
+    config.finetune.checkpoint_every_steps = 2
   return config

@@ -188,58 +188,50 @@ def select_stage(config, workdir, model, variables, plan, folded, calib):
   if config.select.channel_order == "range":
     orders = [select_lib.channel_order(r, e) for r, e in zip(ranges, errors)]
   elif config.select.channel_order == "random":
-    orders = [select_lib.random_order(len(r), config.seed + i) for i, r in enumerate(ranges)]
+    orders = [select_lib.random_order(len(r), [config.seed, i]) for i, r in enumerate(ranges)]
   else:
     raise ValueError(f"unknown select.channel_order {config.select.channel_order!r}; use 'range' or 'random'")
   orders = dict(zip(plan.eligible, orders))
-  history = None
   name = config.select.selector
+  fitness = None
+  options = {}
   if name == "evolutionary":
-    qmodel = quantize.QuantizedModel(model, plan, mode="int")
-    dummy = {p: np.zeros(len(levels), np.int32) for p in plan.eligible}
-    qvars = quantize.build_qvars(plan, folded, calib, orders, dummy, levels)
-    images = jax.numpy.concatenate(calibration_batches(config)[:config.select.fitness_batches])
-    teacher = model.apply(variables, images, train=False)
-
-    @jax.jit
-    def fitness(counts_vector):
-      counts = {p: counts_vector[i] for i, p in enumerate(plan.eligible)}
-      from flexiq_jax.finetune import kl_divergence
-      return kl_divergence(teacher, qmodel.apply_counts(qvars, images, counts))
-
-    result = select_lib.evolutionary_search(
-        levels, channels, macs, lambda c: float(fitness(jax.numpy.asarray(c, jax.numpy.int32))),
-        population=config.select.population, generations=config.select.generations,
-        seed=config.seed, ranges=ranges)
-    counts = np.asarray(result["counts"])
-    history = result
-    select_lib.plot_search_history(result, os.path.join(stage, "search_history.png"))
-  elif name == "greedy":
-    counts = np.asarray(select_lib.select_greedy_by_range(levels, channels, macs, ranges))
-  elif name == "uniform":
-    counts = np.asarray(select_lib.select_uniform(levels, channels, macs))
-  elif name == "random":
-    counts = np.asarray(select_lib.select_random(levels, channels, macs, config.seed))
-  else:
-    select_lib.get_selector(name)  # raises, listing the valid names
+    fitness = _kl_fitness(config, model, variables, plan, folded, calib, orders, levels)
+    options = {"population": config.select.population, "generations": config.select.generations}
+  counts, history = select_lib.select(name, levels, channels, macs, ranges=ranges, lowering_error=errors,
+                                      fitness_fn=fitness, seed=config.seed, **options)
+  counts = np.asarray(counts)
+  if history is not None:
+    select_lib.plot_search_history(history, os.path.join(stage, "search_history.png"))
   counts_by_layer = {p: counts[:, i] for i, p in enumerate(plan.eligible)}
   reporting.write_json_atomic(os.path.join(stage, "selection.json"), {
       "selector": name, "levels": levels,
       "orders": {p: np.asarray(o).tolist() for p, o in orders.items()},
       "counts": {p: c.tolist() for p, c in counts_by_layer.items()},
       "mac_ratio_per_level": [float(select_lib.mac_ratio(counts[k], channels, macs)) for k in range(len(levels))],
-      "search": _history_json(history)})
+      "search": history.as_dict() if history is not None else None})
   _mark_done(stage, fp)
   print(f"select ({name}): per-level MAC ratios "
         + ", ".join(f"{select_lib.mac_ratio(counts[k], channels, macs):.3f}" for k in range(len(levels))))
   return orders, counts_by_layer, levels
 
 
-def _history_json(history):
-  if history is None:
-    return None
-  return {k: (np.asarray(v).tolist() if isinstance(v, (np.ndarray, list, tuple)) else v)
-          for k, v in history.items() if k != "counts"}
+def _kl_fitness(config, model, variables, plan, folded, calib, orders, levels):
+  """fitness(counts (L,)) = KL(float || quantized) on calibration images; one compilation."""
+  from flexiq_jax import finetune
+  from flexiq_jax import quantize
+  qmodel = quantize.QuantizedModel(model, plan, mode="int", conv_accumulator=_conv_accumulator())
+  dummy = {p: np.zeros(len(levels), np.int32) for p in plan.eligible}
+  qvars = quantize.build_qvars(plan, folded, calib, orders, dummy, levels)
+  images = jax.numpy.concatenate(calibration_batches(config)[:config.select.fitness_batches])
+  teacher = model.apply(variables, images, train=False)
+
+  @jax.jit
+  def kl(counts_vector):
+    counts = {p: counts_vector[i] for i, p in enumerate(plan.eligible)}
+    return finetune.kl_divergence(teacher, qmodel.apply_counts(qvars, images, counts))
+
+  return lambda counts: float(kl(jax.numpy.asarray(counts, jax.numpy.int32)))
 
 
 def quantize_stage(config, workdir, model, plan, folded, calib, orders, counts, levels):
@@ -321,3 +313,8 @@ def sweep(config, qmodel, qvars, mesh=None, desc="sweep") -> list[dict]:
                  "low_bit_mac_share": quantize.low_bit_share_at(qmodel, qvars, ratio)})
     print(f"{desc}: ratio {ratio:.2f}  top-1 {metrics['top1']:.2f}%  relative BOPs {rows[-1]['relative_bops']:.3f}")
   return rows
+
+
+def save_finetuned(workdir, qvars):
+  """The finetuned quantized variables, for serving (`run.py` sweeps reload them)."""
+  checkpoint.save_tree(os.path.join(workdir, "finetune", "qvars"), qvars)

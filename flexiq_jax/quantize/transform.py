@@ -10,7 +10,8 @@ Quantized variables (a pytree; jits, shards and checkpoints like params):
   'levels'       (K,) the ratio levels the counts were selected for
 
 At ratio r, layer l lowers its first n_l(r) channels, n_l interpolated linearly between levels
-(implicit level 0 -> 0 channels) and floored, so selections stay nested for every r. The ratio
+(implicit level 0 -> 0 channels) and floored (`select.interpolate_counts`), so selections stay
+nested for every r. The ratio
 is data, not a constant: changing it never recompiles.
 """
 
@@ -24,16 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexiq_jax import cost
+from flexiq_jax import select
 from flexiq_jax.inspect_model import get_path, set_path
 from flexiq_jax.quantize import layer_ops
 from flexiq_jax.quantize.plan import QuantPlan, apply_with_layers
-
-
-def interpolate_count(counts, levels, ratio):
-  """Channels lowered at `ratio`: linear between levels (0 at ratio 0), floored."""
-  xs = jnp.concatenate([jnp.zeros((1,), jnp.float32), jnp.asarray(levels, jnp.float32)])
-  ys = jnp.concatenate([jnp.zeros((1,), jnp.float32), jnp.asarray(counts, jnp.float32)])
-  return jnp.floor(jnp.interp(jnp.asarray(ratio, jnp.float32), xs, ys) + 1e-4)
 
 
 def build_qvars(plan: QuantPlan, folded_variables, calib: dict, orders: dict, counts: dict, levels) -> dict:
@@ -99,9 +94,12 @@ class QuantizedModel:
 
   def layer_counts(self, qvars, ratio) -> dict:
     """{eligible path: channels lowered at ratio}, traced."""
+    if not self.plan.eligible:
+      return {}
     ratio = jnp.clip(jnp.asarray(ratio, jnp.float32), 0.0, 1.0)
-    return {p: interpolate_count(get_path(qvars["quant"], p)["counts"], qvars["levels"], ratio)
-            for p in self.plan.eligible}
+    counts = jnp.stack([get_path(qvars["quant"], p)["counts"] for p in self.plan.eligible], axis=1)
+    at_ratio = select.interpolate_counts(counts, qvars["levels"], ratio)
+    return {p: at_ratio[i] for i, p in enumerate(self.plan.eligible)}
 
   def apply_counts(self, qvars, x, counts: dict):
     """Logits with layer p lowering its first counts[p] channels (others: none lowered)."""
