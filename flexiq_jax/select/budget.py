@@ -157,5 +157,6 @@ def counts_for_uniform_ratio(r, channels, macs=None, lower=None) -> np.ndarray:
   try:
     return repair_to_budget(start, r, channels, macs, np.maximum(lo, lower), np.maximum(hi, lower))
   except ValueError:
-    # The floor/ceil band can be unreachable once `lower` sticks out of it; widen to [lower, C].
+    # Defensive: the floor/ceil band could be unreachable once `lower` sticks out of it (not
+    # seen in 3000 random problems); then widen to [lower, C].
     return repair_to_budget(start, r, channels, macs, lower, channels)
