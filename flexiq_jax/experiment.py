@@ -40,7 +40,8 @@ def _float_fingerprint(config) -> str:
 def _init_variables(config, model, image_shape, num_classes):
   if config.init_weights:
     return models.load_timm(config.model.name, config.init_weights, num_classes=num_classes,
-                            image_size=image_shape[0])
+                            image_size=image_shape[0], in_chans=image_shape[2],
+                            **config.model.kwargs.to_dict())
   return None
 
 
@@ -73,7 +74,8 @@ def train_float(config, workdir: str, mesh=None, on_step=None):
   state = parallel.replicate(state, mesh)
   if latest is not None:
     state = checkpoint.restore(checkpoint.manager(ckpt_dir), state, latest)
-    print(f"float model: resuming from step {latest}/{total_steps} in {ckpt_dir}")
+    if latest < total_steps:
+      print(f"float model: resuming from step {latest}/{total_steps} in {ckpt_dir}")
   if int(state.step) < total_steps:
     host_batch = config.train.batch_size // jax.process_count()
     batches = data.train_batches(train_ds, host_batch, seed=config.seed, start_step=int(state.step),
@@ -274,7 +276,8 @@ def finetune_stage(config, workdir, model, variables, qmodel, qvars, mesh=None, 
   mngr.close()
   if latest is not None:
     state = checkpoint.restore(checkpoint.manager(ckpt_dir), state, latest)
-    print(f"finetune: resuming from step {latest}/{total_steps}")
+    if latest < total_steps:
+      print(f"finetune: resuming from step {latest}/{total_steps}")
   if int(state.step) < total_steps:
     levels = list(cfg.levels) if cfg.levels else list(config.select.levels)
     probs = list(cfg.level_probs) if cfg.level_probs else [1.0 / len(levels)] * len(levels)

@@ -48,6 +48,8 @@ def merge_qvars(trainable, frozen):
 
 
 def create_state(qvars, tx, lsq: bool) -> QATState:
+  # Copies: the training loop donates its state, which must not delete the caller's qvars.
+  qvars = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), qvars)
   trainable, frozen = split_qvars(qvars, lsq)
   return QATState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
                   opt_state=tx.init(trainable))

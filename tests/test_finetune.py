@@ -1,0 +1,73 @@
+"""Multi-ratio QAT: the step trains, samples configured levels, LSQ scales learn, resume is exact."""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from flexiq_jax import experiment, finetune, inspect_model, quantize
+from tests.test_flexiq import setup  # noqa: F401  (module-scoped fixture)
+
+
+def _batch(images):
+  labels = jnp.asarray(np.arange(images.shape[0]) % 5, jnp.int32)
+  return {"image": images, "label": labels}
+
+
+@pytest.mark.parametrize("lsq", [False, True])
+def test_qat_step_reduces_loss_and_samples_levels(setup, lsq):  # noqa: F811
+  model, variables, plan, folded, calib, qvars, images = setup
+  fake = quantize.QuantizedModel(model, plan, mode="fake", lsq=lsq)
+  tx = optax.adam(3e-3)
+  state = finetune.create_state(qvars, tx, lsq)
+  teacher = lambda x: model.apply(variables, x, train=False)
+  step = jax.jit(functools.partial(finetune.qat_step, qmodel=fake, tx=tx, levels=[0.5, 1.0],
+                                   level_probs=[0.0, 1.0], rng_key=jax.random.PRNGKey(0), teacher_fn=teacher,
+                                   distill_weight=0.3))
+  batch = _batch(images)
+  first = None
+  for _ in range(25):
+    state, metrics = step(state, batch)
+    first = first if first is not None else float(metrics["loss"])
+    assert float(metrics["ratio"]) == 1.0  # probability 1 on level 1.0
+  assert float(metrics["loss"]) < first
+  merged = finetune.merge_qvars(state.trainable, state.frozen)
+  old = inspect_model.get_path(qvars["quant"], "conv")["act_scale"]
+  new = inspect_model.get_path(merged["quant"], "conv")["act_scale"]
+  assert (float(new) != float(old)) == lsq  # scales learn only under LSQ
+  np.testing.assert_array_equal(inspect_model.get_path(merged["quant"], "conv")["rank"],
+                                inspect_model.get_path(qvars["quant"], "conv")["rank"])
+
+
+class Crash(Exception):
+  pass
+
+
+def test_killed_finetune_resumes_to_identical_weights(smoke_config, tmp_path):
+  smoke_config.finetune.num_epochs = 0.75  # 6 steps of 32 on the tiny 256-image set
+  smoke_config.finetune.batch_size = 32
+  smoke_config.finetune.checkpoint_every_steps = 2
+  smoke_config.select.selector = "greedy"
+  results = []
+  for name, crash_at in (("full", None), ("crash", 3)):
+    workdir = str(tmp_path / name)
+    model, variables = experiment.train_float(smoke_config, workdir)
+    plan, folded, calib = experiment.calibrate_stage(smoke_config, workdir, model, variables)
+    orders, counts, levels = experiment.select_stage(smoke_config, workdir, model, variables, plan, folded, calib)
+    qmodel, qvars = experiment.quantize_stage(smoke_config, workdir, model, plan, folded, calib, orders, counts,
+                                              levels)
+
+    def on_step(step, crash_at=crash_at):
+      if step == crash_at:
+        raise Crash()
+
+    if crash_at:
+      with pytest.raises(Crash):
+        experiment.finetune_stage(smoke_config, workdir, model, variables, qmodel, qvars, on_step=on_step)
+      assert max(int(d) for d in os.listdir(os.path.join(workdir, "finetune", "checkpoints")) if d.isdigit()) == 2
+    results.append(experiment.finetune_stage(smoke_config, workdir, model, variables, qmodel, qvars))
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), *results)
