@@ -1,0 +1,227 @@
+r"""Shared body of the per-model configs (`configs/<model>.py`); not a config itself.
+
+Every per-model config is `common.model_config(<canonical name>, **parse_arg(arg, ...))` and has
+exactly the fields of `configs/quickstart.py` (tests/test_configs.py checks names and types). Three
+settings:
+
+* default: ImageNet (TFDS `imagenet2012`, 224 px, the model's timm eval preprocessing), timm's
+  pretrained weights converted to `weights/<timm tag>.safetensors`, no float training
+  (`train.num_epochs = 0`), FlexiQ calibration on 1024 training images, evolutionary selection
+  at ratio levels (0.25, 0.5, 0.75, 1.0), a few epochs of multi-ratio QAT, sweep of five ratios.
+* `:fmnist`: the same family at reduced width/depth (`models.variants.small_kwargs`) trained from
+  scratch on real Fashion-MNIST (28x28, 1 channel), then the same FlexiQ pipeline.
+* `:smoke`: a few steps of everything (combinable: `:fmnist,smoke`).
+
+Producing the weights file (once, on a machine with timm and internet access):
+
+  mkdir -p weights && python -c "import timm, safetensors.torch as st; \
+m = timm.create_model('resnet18.a1_in1k', pretrained=True); \
+st.save_file({k: v.contiguous() for k, v in m.state_dict().items()}, 'weights/resnet18.a1_in1k.safetensors')"
+
+(with the model's tag from `TIMM_TAGS` below; in this repository import timm through
+`flexiq_jax.models.timm_reference.import_timm()`). `models.load_timm` checks every key and shape.
+
+Hyper-parameter sources (see the comments where they are set):
+* eval preprocessing: timm's pretrained configs (`flexiq_jax/data/preprocess.py`, design notes §7).
+* QAT finetuning: NVIDIA pytorch-quantization's QAT guidance ("about 10% of the original schedule,
+  starting at 1% of the initial training learning rate, cosine annealing") and MQBench's QAT
+  recipe (SGD, weight decay 0, the float model's final learning rate, ~6 epochs). CNNs: 1% of the
+  standard ImageNet SGD rate 0.1 per 256 images (Goyal et al. 2017) = 5e-4 at batch 128. ViT/DeiT/
+  Swin: AdamW at 1% of DeiT's peak rate 5e-4 per 512 images (Touvron et al. 2021) = 1.25e-6 at
+  batch 128. Epochs: 3, far below "10% of the schedule" (9 CNN / 30 DeiT epochs), as a one-GPU
+  budget; raise `finetune.num_epochs` for the paper's numbers.
+* Learning rates are computed for the batch sizes set here; an override of a batch size on the
+  command line does not rescale them (override `learning_rate` too).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from flexiq_jax import models
+
+# Canonical model name -> the timm tag whose pretrained weights the config expects. The eval
+# transform table in flexiq_jax/data/preprocess.py is keyed by the same canonical names.
+TIMM_TAGS = {
+    "resnet18": "resnet18.a1_in1k",
+    "resnet50": "resnet50.a1_in1k",
+    "mobilenetv2_100": "mobilenetv2_100.ra_in1k",
+    "efficientnet_b0": "efficientnet_b0.ra_in1k",
+    "regnetx_006": "regnetx_006.pycls_in1k",
+    "vit_small_patch16_224": "vit_small_patch16_224.augreg_in21k_ft_in1k",
+    "vit_base_patch16_224": "vit_base_patch16_224.augreg_in21k_ft_in1k",
+    "deit_tiny_patch16_224": "deit_tiny_patch16_224.fb_in1k",
+    "deit_small_patch16_224": "deit_small_patch16_224.fb_in1k",
+    "deit_base_patch16_224": "deit_base_patch16_224.fb_in1k",
+    "swin_tiny_patch4_window7_224": "swin_tiny_patch4_window7_224.ms_in1k",
+}
+
+IMAGENET_TRAIN_EXAMPLES = 1_281_167
+
+
+def is_transformer(name: str) -> bool:
+  return name.startswith(("vit_", "deit_", "swin_"))
+
+
+def weights_path(name: str) -> str:
+  return f"weights/{TIMM_TAGS[name]}.safetensors"
+
+
+def _float_recipe(transformer: bool, fmnist: bool, batch_size: int) -> dict:
+  """train.* values other than batch size and logging."""
+  if fmnist and transformer:  # from scratch: AdamW with warmup, as ViTs are trained (DeiT: wd 0.05)
+    return dict(num_epochs=5.0, optimizer="adamw", learning_rate=1e-3, weight_decay=0.05,
+                warmup_steps=200, label_smoothing=0.0, grad_clip_norm=1.0)
+  if fmnist:  # from scratch: the quickstart's SGD recipe
+    return dict(num_epochs=2.0, optimizer="sgd", learning_rate=0.1, weight_decay=5e-4, warmup_steps=100,
+                label_smoothing=0.0, grad_clip_norm=0.0)
+  # Pretrained weights: no float training (num_epochs 0). The rest is used only if num_epochs is
+  # raised (e.g. to continue training the imported model): CNNs Goyal et al.'s SGD (0.1 per 256
+  # images, wd 1e-4), transformers DeiT's AdamW (5e-4 per 512 images, wd 0.05); 5 warmup epochs.
+  warmup = 5 * IMAGENET_TRAIN_EXAMPLES // batch_size
+  if transformer:
+    return dict(num_epochs=0.0, optimizer="adamw", learning_rate=5e-4 * batch_size / 512, weight_decay=0.05,
+                warmup_steps=warmup, label_smoothing=0.1, grad_clip_norm=0.0)
+  return dict(num_epochs=0.0, optimizer="sgd", learning_rate=0.1 * batch_size / 256, weight_decay=1e-4,
+              warmup_steps=warmup, label_smoothing=0.1, grad_clip_norm=0.0)
+
+
+def _finetune_recipe(transformer: bool, fmnist: bool, batch_size: int, train_lr: float) -> dict:
+  """Multi-ratio QAT: 1% of the float training rate (NVIDIA's QAT guidance, module docstring),
+  cosine to 0, no weight decay (MQBench)."""
+  if fmnist:
+    return dict(num_epochs=0.5, optimizer="adamw" if transformer else "sgd", learning_rate=0.01 * train_lr,
+                warmup_steps=0)
+  if transformer:  # 1% of DeiT's 5e-4 per 512 images: 1.25e-6 at batch 128
+    return dict(num_epochs=3.0, optimizer="adamw", learning_rate=0.01 * 5e-4 * batch_size / 512,
+                warmup_steps=500)
+  # 1% of SGD's 0.1 per 256 images: 5e-4 at batch 128
+  return dict(num_epochs=3.0, optimizer="sgd", learning_rate=0.01 * 0.1 * batch_size / 256, warmup_steps=0)
+
+
+def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_collections.ConfigDict:
+  """The full config of canonical model `name` (a key of TIMM_TAGS)."""
+  if name not in TIMM_TAGS:
+    raise ValueError(f"no per-model config for {name!r}; known: {', '.join(sorted(TIMM_TAGS))}")
+  transformer = is_transformer(name)
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.distributed = False  # True: jax.distributed.initialize() for multi-host runs
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = name
+  # Constructor kwargs; {} = the architecture of the timm weights. `:fmnist` = reduced width/depth.
+  config.model.kwargs = ml_collections.ConfigDict()
+  # A timm checkpoint (.safetensors/.pth); "" = train from scratch. How to produce it from timm:
+  # the module docstring.
+  config.init_weights = "" if fmnist else weights_path(name)
+
+  config.data = ml_collections.ConfigDict()
+  if fmnist:
+    config.data.name = "fashion_mnist"
+    config.data.data_dir = "/usr/share/datasets/fashion-mnist"
+    config.data.train_split = "train"
+    config.data.eval_split = "test"
+    config.data.image_size = ml_collections.FieldReference(28)
+    config.data.channels = 1
+    config.data.eval_transform = "fashion_mnist"  # normalisation only (no crop)
+    config.data.augment = False
+    config.data.num_threads = 2
+  else:
+    config.data.name = "imagenet2012"
+    config.data.data_dir = ""  # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets (README, "ImageNet")
+    config.data.train_split = "train"
+    config.data.eval_split = "validation"
+    config.data.image_size = ml_collections.FieldReference(224)
+    config.data.channels = 3
+    config.data.eval_transform = name  # timm's eval preprocessing of these weights
+    config.data.augment = True  # random-resized-crop + flip (the TFDS path always applies them)
+    config.data.num_threads = 16  # JPEG decoding and resizing run in grain threads
+  config.data.eval_examples = -1  # -1: the whole eval split
+
+  if fmnist:
+    config.model.kwargs.update({k: v for k, v in models.small_kwargs(name, 28).items() if k != "image_size"})
+  if transformer:
+    # Position embeddings / Swin windows are built for this size; follows --config.data.image_size.
+    config.model.kwargs.image_size = config.data.get_ref("image_size")
+
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 128
+  recipe = _float_recipe(transformer, fmnist, config.train.batch_size)
+  config.train.num_epochs = recipe["num_epochs"]
+  config.train.optimizer = recipe["optimizer"]  # 'sgd' | 'adamw'
+  config.train.learning_rate = recipe["learning_rate"]
+  config.train.momentum = 0.9  # sgd only
+  config.train.nesterov = True  # sgd only
+  config.train.weight_decay = recipe["weight_decay"]
+  config.train.schedule = "cosine"
+  config.train.warmup_steps = recipe["warmup_steps"]
+  config.train.label_smoothing = recipe["label_smoothing"]
+  config.train.grad_clip_norm = recipe["grad_clip_norm"]
+  config.train.checkpoint_every_steps = 500 if fmnist else 5000
+  config.train.log_every_steps = 50 if fmnist else 200
+  config.eval_batch_size = 500 if fmnist else 250  # divides the 10k / 50k eval splits
+
+  # FlexiQ (design notes, section 2). Every choice is a named option.
+  config.calib = ml_collections.ConfigDict()
+  config.calib.num_images = 512 if fmnist else 1024  # unlabelled, from the training split
+  config.calib.batch_size = 128 if fmnist else 64
+
+  config.quant = ml_collections.ConfigDict()
+  config.quant.skip = ()  # regexes on module paths: layers left in float
+  config.quant.keep_8bit = ("first", "last")  # stem/patch embedding and classifier: quantized, never lowered
+  config.quant.fold_bn = True
+  config.quant.act_calibration = "minmax"  # 'minmax' | 'percentile' | 'mse'
+  config.quant.percentile = 99.99
+  config.quant.extraction = "fitted"  # 'fitted' (per-channel error-minimising) | 'naive' (drop 4 low bits)
+
+  config.select = ml_collections.ConfigDict()
+  config.select.levels = (0.25, 0.5, 0.75, 1.0)  # ratio levels, nested selections
+  config.select.selector = "evolutionary"  # 'evolutionary' | 'greedy' | 'uniform' | 'random'
+  config.select.channel_order = "range"  # 'range' (small first) | 'random' (ablation)
+  # ImageNet: flexiq_jax.select.evolutionary's defaults (16 x 10); Fashion-MNIST: the quickstart's.
+  config.select.population = 12 if fmnist else 16
+  config.select.generations = 6 if fmnist else 10
+  config.select.fitness_batches = 2  # calibration batches scored per candidate (KL to float)
+
+  config.finetune = ml_collections.ConfigDict()
+  config.finetune.batch_size = 128
+  recipe = _finetune_recipe(transformer, fmnist, config.finetune.batch_size, config.train.learning_rate)
+  config.finetune.num_epochs = recipe["num_epochs"]
+  config.finetune.optimizer = recipe["optimizer"]
+  config.finetune.learning_rate = recipe["learning_rate"]
+  config.finetune.momentum = 0.9  # sgd only
+  config.finetune.nesterov = True  # sgd only
+  config.finetune.weight_decay = 0.0
+  config.finetune.schedule = "cosine"
+  config.finetune.warmup_steps = recipe["warmup_steps"]
+  config.finetune.label_smoothing = 0.0
+  config.finetune.grad_clip_norm = 0.0
+  config.finetune.lsq = False  # learnable activation scales
+  config.finetune.distill_weight = 0.5  # weight of KL(float || quantized) in the loss
+  config.finetune.levels = ()  # ratio levels sampled per step; () = select.levels
+  config.finetune.level_probs = ()  # () = uniform
+  config.finetune.checkpoint_every_steps = 200 if fmnist else 2000
+
+  config.sweep = ml_collections.ConfigDict()
+  config.sweep.ratios = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+  if smoke:
+    # A few steps of every stage (tests, and a first check that a setup works).
+    if fmnist:
+      config.train.num_epochs = 0.02  # 10 steps
+      config.finetune.num_epochs = 0.01  # 5 steps
+    else:
+      config.finetune.num_epochs = 0.001  # 11 steps on ImageNet
+    config.train.checkpoint_every_steps = 5
+    config.train.log_every_steps = 5
+    config.train.warmup_steps = 2
+    config.data.eval_examples = 500
+    config.calib.num_images = 64
+    config.calib.batch_size = 32
+    config.select.population = 4
+    config.select.generations = 2
+    config.select.fitness_batches = 1
+    config.finetune.warmup_steps = 0
+    config.finetune.checkpoint_every_steps = 2
+  return config
