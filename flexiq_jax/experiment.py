@@ -228,12 +228,13 @@ def _kl_fitness(config, model, variables, plan, folded, calib, orders, levels):
   images = jax.numpy.concatenate(calibration_batches(config)[:config.select.fitness_batches])
   teacher = model.apply(variables, images, train=False)
 
+  # Data are arguments, not closed-over constants: XLA would otherwise constant-fold the convs.
   @jax.jit
-  def kl(counts_vector):
+  def kl(qvars, images, teacher, counts_vector):
     counts = {p: counts_vector[i] for i, p in enumerate(plan.eligible)}
     return finetune.kl_divergence(teacher, qmodel.apply_counts(qvars, images, counts))
 
-  return lambda counts: float(kl(jax.numpy.asarray(counts, jax.numpy.int32)))
+  return lambda counts: float(kl(qvars, images, teacher, jax.numpy.asarray(counts, jax.numpy.int32)))
 
 
 def quantize_stage(config, workdir, model, plan, folded, calib, orders, counts, levels):

@@ -52,22 +52,25 @@ def test_killed_finetune_resumes_to_identical_weights(smoke_config, tmp_path):
   smoke_config.finetune.batch_size = 32
   smoke_config.finetune.checkpoint_every_steps = 2
   smoke_config.select.selector = "greedy"
-  results = []
-  for name, crash_at in (("full", None), ("crash", 3)):
-    workdir = str(tmp_path / name)
-    model, variables = experiment.train_float(smoke_config, workdir)
-    plan, folded, calib = experiment.calibrate_stage(smoke_config, workdir, model, variables)
-    orders, counts, levels = experiment.select_stage(smoke_config, workdir, model, variables, plan, folded, calib)
-    qmodel, qvars = experiment.quantize_stage(smoke_config, workdir, model, plan, folded, calib, orders, counts,
-                                              levels)
+  workdir = str(tmp_path / "pipeline")
+  model, variables = experiment.train_float(smoke_config, workdir)
+  plan, folded, calib = experiment.calibrate_stage(smoke_config, workdir, model, variables)
+  orders, counts, levels = experiment.select_stage(smoke_config, workdir, model, variables, plan, folded, calib)
+  qmodel, qvars = experiment.quantize_stage(smoke_config, workdir, model, plan, folded, calib, orders, counts,
+                                            levels)
+  full = experiment.finetune_stage(smoke_config, str(tmp_path / "full"), model, variables, qmodel, qvars)
 
-    def on_step(step, crash_at=crash_at):
-      if step == crash_at:
-        raise Crash()
+  def crash_at_3(step):
+    if step == 3:
+      raise Crash()
 
-    if crash_at:
-      with pytest.raises(Crash):
-        experiment.finetune_stage(smoke_config, workdir, model, variables, qmodel, qvars, on_step=on_step)
-      assert max(int(d) for d in os.listdir(os.path.join(workdir, "finetune", "checkpoints")) if d.isdigit()) == 2
-    results.append(experiment.finetune_stage(smoke_config, workdir, model, variables, qmodel, qvars))
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), *results)
+  crash_dir = str(tmp_path / "crash")
+  with pytest.raises(Crash):
+    experiment.finetune_stage(smoke_config, crash_dir, model, variables, qmodel, qvars, on_step=crash_at_3)
+  saved = [int(d) for d in os.listdir(os.path.join(crash_dir, "finetune", "checkpoints")) if d.isdigit()]
+  assert max(saved) == 2
+  resumed = experiment.finetune_stage(smoke_config, crash_dir, model, variables, qmodel, qvars)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), full, resumed)
+  # Finetuning changed the weights but not the selection.
+  assert not np.allclose(full["params"]["layer1_0"]["conv1"]["kernel"], qvars["params"]["layer1_0"]["conv1"]["kernel"])
+  np.testing.assert_array_equal(full["quant"]["layer1_0"]["conv1"]["counts"], qvars["quant"]["layer1_0"]["conv1"]["counts"])
