@@ -103,9 +103,9 @@ def test_fit_never_worse_than_naive_or_any_fixed_e(seed, signed):
   np.testing.assert_array_equal(fitted, ref_err.min(axis=0))
 
 
-@SETTINGS
+@settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), signed=st.booleans(), weighted=st.booleans(),
-       candidates=st.sampled_from([CANDIDATES, (4, 0, 2), (1, 3), (2,)]))
+       candidates=st.sampled_from([CANDIDATES, (4, 0, 2), (2,)]))
 def test_histogram_fit_equals_direct_fit(seed, signed, weighted, candidates):
   q = _codes(seed, signed)
   # Integer weights per element keep every sum exact, so the two fits must agree bit for bit.
