@@ -60,3 +60,27 @@ def macs_table(layers: Mapping[str, LayerInfo]) -> list[dict]:
   total = total_macs(layers)
   return [{"path": p, "kind": i.kind, "in_channels": i.in_channels, "out_channels": i.out_channels,
            "groups": i.groups, "macs": i.macs, "share": i.macs / total} for p, i in layers.items()]
+
+
+def layer_bops(info: LayerInfo, weight_bits: int, act_bits: int) -> float:
+  """One layer's BOPs at (weight bits, activation bits); pass 32 for a float operand."""
+  return float(info.macs) * weight_bits * act_bits
+
+
+def layerwise_bops_table(layers: Mapping[str, LayerInfo], bits: list[tuple[int, int]]) -> np.ndarray:
+  """(L, K) BOPs of each layer (in `layers` order) at each (weight bits, activation bits) in
+  `bits`: the per-group cost table of the layer-wise mixed-precision search."""
+  return np.array([[layer_bops(info, w, a) for (w, a) in bits] for info in layers.values()], np.float64)
+
+
+def channelwise_bops_table(layers: Mapping[str, LayerInfo], ratios: list[float], high: int = 8,
+                           low: int = 4) -> np.ndarray:
+  """(L, K) BOPs of each layer with floor(ratio x C) of its feature channels at low x low bits
+  (FlexiQ's per-layer ratio candidates)."""
+  return np.array([[channelwise_bops({p: info}, {p: lowered_count(info, r)}, high, low) for r in ratios]
+                   for p, info in layers.items()], np.float64)
+
+
+def lowered_count(info: LayerInfo, ratio: float) -> int:
+  """Feature channels lowered at a per-layer ratio: floor(ratio x C) (ratio 1 = all)."""
+  return int(np.floor(ratio * info.in_channels + 1e-9))

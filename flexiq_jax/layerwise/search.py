@@ -1,0 +1,120 @@
+"""The three phases of the practical mixed-precision algorithm (Pandey et al. 2023; AIMET AMP),
+generic over what a group and a candidate are (layer bit widths, or FlexiQ per-layer ratios).
+
+A configuration is an int array `assignment` (G,): the candidate index of each group.
+
+Phase 1 (`sensitivity_list`): score every (group, candidate != baseline) with that group alone
+  changed (`score_fn(g, k)`, e.g. SQNR of the output against float); sort least sensitive first
+  (higher score first; ties: cheaper-but-less-reduced first, then call order — AIMET's order).
+Phase 2 (`pareto_list`): from all groups at the baseline, apply the sorted entries one at a time.
+  An entry that would not lower its group's cost (the group already sits at a cheaper
+  candidate) is skipped — so the list is strictly decreasing in cost (AIMET applies it anyway,
+  which can raise the cost). Point 0 is the baseline itself.
+Phase 3 (`search`): the cheapest point whose score is >= target, by binary search (assumes the
+  score falls along the list), interpolation search (same assumption, probes where a linear
+  fit between the bracketing scores predicts the target), or brute force (scores every point,
+  no assumption). Scores come from a callback, so evaluations can be lazy and cached.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+def sensitivity_list(num_groups: int, candidates: Sequence, baseline: int, group_cost: np.ndarray,
+                     score_fn: Callable[[int, int], float], allowed=None) -> list[dict]:
+  """Returns [{'group', 'candidate', 'score', 'cost_reduction'}] sorted least sensitive first.
+
+  group_cost (G, K): cost of group g at candidate k. allowed (G, K) bool: candidates a group
+  supports (default all). Candidates no cheaper than the baseline are not listed.
+  """
+  group_cost = np.asarray(group_cost, np.float64)
+  entries = []
+  for g in range(num_groups):
+    for k in range(len(candidates)):
+      if k == baseline or (allowed is not None and not allowed[g][k]):
+        continue
+      if group_cost[g, k] >= group_cost[g, baseline]:
+        continue
+      entries.append({"group": g, "candidate": k, "score": float(score_fn(g, k)),
+                      "cost_reduction": float(group_cost[g, baseline] - group_cost[g, k])})
+  return sort_sensitivity(entries, group_cost)
+
+
+def sort_sensitivity(entries: list[dict], group_cost) -> list[dict]:
+  group_cost = np.asarray(group_cost, np.float64)
+  return sorted(entries, key=lambda e: (-e["score"], -group_cost[e["group"], e["candidate"]],
+                                        -e["cost_reduction"], e["group"]))
+
+
+def pareto_list(sorted_entries: list[dict], num_groups: int, baseline: int, group_cost) -> list[dict]:
+  """[{'assignment': [..], 'cost', 'relative_cost', 'group', 'candidate'}], point 0 = baseline,
+  strictly decreasing cost."""
+  group_cost = np.asarray(group_cost, np.float64)
+  assignment = np.full(num_groups, baseline, np.int64)
+  base_cost = float(group_cost[:, baseline].sum())
+  points = [{"assignment": assignment.tolist(), "cost": base_cost, "relative_cost": 1.0,
+             "group": None, "candidate": None}]
+  for e in sorted_entries:
+    g, k = e["group"], e["candidate"]
+    if group_cost[g, k] >= group_cost[g, assignment[g]]:
+      continue
+    assignment = assignment.copy()
+    assignment[g] = k
+    cost = float(group_cost[np.arange(num_groups), assignment].sum())
+    points.append({"assignment": assignment.tolist(), "cost": cost, "relative_cost": cost / base_cost,
+                   "group": g, "candidate": k})
+  return points
+
+
+def binary_search(score: Callable[[int], float], n: int, target: float) -> int:
+  """Largest i in [0, n) with score(i) >= target, for scores non-increasing in i; 0 if none
+  (the caller checks score(0) to see whether even the baseline meets the target)."""
+  if score(n - 1) >= target:
+    return n - 1
+  lo, hi = 0, n - 1  # invariant (for lo > 0): score(lo) >= target > score(hi)
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    if score(mid) >= target:
+      lo = mid
+    else:
+      hi = mid
+  return lo
+
+
+def interpolation_search(score: Callable[[int], float], n: int, target: float) -> int:
+  """As binary_search, probing where the line through the bracket's scores crosses the target."""
+  if score(n - 1) >= target:
+    return n - 1
+  lo, hi = 0, n - 1
+  if score(lo) < target:
+    return 0
+  while hi - lo > 1:
+    s_lo, s_hi = score(lo), score(hi)
+    if s_lo > s_hi:
+      mid = lo + int(round((s_lo - target) / (s_lo - s_hi) * (hi - lo)))
+    else:
+      mid = (lo + hi) // 2
+    mid = min(max(mid, lo + 1), hi - 1)
+    if score(mid) >= target:
+      lo = mid
+    else:
+      hi = mid
+  return lo
+
+
+def brute_force_search(score: Callable[[int], float], n: int, target: float) -> int:
+  """The cheapest (largest) index whose score meets the target, scoring every point; 0 if none."""
+  ok = [i for i in range(n) if score(i) >= target]
+  return max(ok) if ok else 0
+
+
+SEARCHES = {"binary": binary_search, "interpolation": interpolation_search, "brute_force": brute_force_search}
+
+
+def search(name: str, score: Callable[[int], float], n: int, target: float) -> int:
+  if name not in SEARCHES:
+    raise ValueError(f"unknown phase-3 search {name!r}; valid: {sorted(SEARCHES)}")
+  return SEARCHES[name](score, n, target)
