@@ -51,6 +51,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   base, workdir = _CONFIG.value, _WORKDIR.value
+  info = reporting.run_info()  # the code that runs is the code at start
   model, variables = experiment.train_float(base, workdir)
   float_metrics = experiment.evaluate_float(base, workdir, model, variables)
   rows = {}
@@ -64,7 +65,6 @@ def main(argv):
     qmodel, qvars = experiment.quantize_stage(config, sub, model, plan, folded, calib, orders, counts, levels)
     rows[name] = {"changes": changes, "sweep": experiment.sweep(base, qmodel, qvars, desc=name)}
 
-  info = reporting.run_info()
   ratios = [r["ratio"] for r in rows["reference"]["sweep"]]
   headers = ["variant", "changes"] + [f"top-1 @ {100 * r:.0f}%" for r in ratios]
   table = [[name, ", ".join(f"{k}={v}" for k, v in row["changes"].items()) or "(config as given)"]

@@ -3,6 +3,7 @@ existing output made from the same config, so reruns and later modes redo no fin
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -10,12 +11,16 @@ import os
 import jax
 import numpy as np
 
+from flexiq_jax import calibrate as calibrate_lib
 from flexiq_jax import checkpoint
 from flexiq_jax import config_utils
 from flexiq_jax import data
+from flexiq_jax import finetune
 from flexiq_jax import models
 from flexiq_jax import parallel
+from flexiq_jax import quantize
 from flexiq_jax import reporting
+from flexiq_jax import select as select_lib
 from flexiq_jax import train as train_lib
 
 
@@ -128,7 +133,7 @@ def _mark_done(stage_dir: str, fingerprint: str, **extra):
   reporting.write_json_atomic(os.path.join(stage_dir, "done.json"), {"fingerprint": fingerprint, **extra})
 
 
-def calibration_batches(config, mesh=None):
+def calibration_batches(config):
   train_ds = data.get_dataset(config.data, config.data.train_split)
   return [jax.numpy.asarray(b) for b in data.calibration_images(
       train_ds, config.calib.num_images, seed=config.seed, batch_size=config.calib.batch_size)]
@@ -136,8 +141,6 @@ def calibration_batches(config, mesh=None):
 
 def calibrate_stage(config, workdir, model, variables):
   """Plan (which layers, BN folding) + calibration statistics; saved and reused."""
-  from flexiq_jax import calibrate as calibrate_lib
-  from flexiq_jax import quantize
   stage = _stage_dir(workdir, "calibrate")
   fp = config_utils.fingerprint(_float_fingerprint(config), config.quant, config.calib)
   image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
@@ -174,8 +177,6 @@ def _eligible_arrays(plan, calib):
 
 def select_stage(config, workdir, model, variables, plan, folded, calib):
   """Channel orders (small range first) and per-level counts from the configured selector."""
-  from flexiq_jax import quantize
-  from flexiq_jax import select as select_lib
   stage = _stage_dir(workdir, "select")
   fp = config_utils.fingerprint(_float_fingerprint(config), config.quant, config.calib, config.select)
   if _reusable(stage, fp):
@@ -195,12 +196,17 @@ def select_stage(config, workdir, model, variables, plan, folded, calib):
     raise ValueError(f"unknown select.channel_order {config.select.channel_order!r}; use 'range' or 'random'")
   orders = dict(zip(plan.eligible, orders))
   name = config.select.selector
+  by_range = config.select.channel_order == "range"
+  if name == "greedy" and not by_range:
+    raise ValueError("select.selector='greedy' lowers channels by range, so it needs select.channel_order='range'")
   fitness = None
   options = {}
   if name == "evolutionary":
     fitness = _kl_fitness(config, model, variables, plan, folded, calib, orders, levels)
     options = {"population": config.select.population, "generations": config.select.generations}
-  counts, history = select_lib.select(name, levels, channels, macs, ranges=ranges, lowering_error=errors,
+  # The greedy seed of the search follows the range order; with a random order it would not match.
+  counts, history = select_lib.select(name, levels, channels, macs, ranges=ranges if by_range else None,
+                                      lowering_error=errors,
                                       fitness_fn=fitness, seed=config.seed, **options)
   counts = np.asarray(counts)
   if history is not None:
@@ -220,8 +226,6 @@ def select_stage(config, workdir, model, variables, plan, folded, calib):
 
 def _kl_fitness(config, model, variables, plan, folded, calib, orders, levels):
   """fitness(counts (L,)) = KL(float || quantized) on calibration images; one compilation."""
-  from flexiq_jax import finetune
-  from flexiq_jax import quantize
   qmodel = quantize.QuantizedModel(model, plan, mode="int", conv_accumulator=_conv_accumulator())
   dummy = {p: np.zeros(len(levels), np.int32) for p in plan.eligible}
   qvars = quantize.build_qvars(plan, folded, calib, orders, dummy, levels)
@@ -239,7 +243,6 @@ def _kl_fitness(config, model, variables, plan, folded, calib, orders, levels):
 
 def quantize_stage(config, workdir, model, plan, folded, calib, orders, counts, levels):
   """Builds and saves the quantized variables; returns (QuantizedModel, qvars)."""
-  from flexiq_jax import quantize
   stage = _stage_dir(workdir, "quantized")
   qvars = quantize.build_qvars(plan, folded, calib, orders, counts, levels)
   checkpoint.save_tree(os.path.join(stage, "qvars"), qvars)
@@ -254,7 +257,6 @@ def _conv_accumulator() -> str:
 
 def finetune_stage(config, workdir, model, variables, qmodel, qvars, mesh=None, on_step=None):
   """Multi-ratio QAT; resumes after a kill; returns the finetuned qvars."""
-  from flexiq_jax import finetune
   mesh = mesh or parallel.make_mesh()
   cfg = config.finetune
   stage = _stage_dir(workdir, "finetune")
@@ -263,7 +265,6 @@ def finetune_stage(config, workdir, model, variables, qmodel, qvars, mesh=None, 
   tx = train_lib.make_optimizer(cfg, total_steps)
   fake = qmodel.with_mode("fake")
   if cfg.lsq:
-    import dataclasses
     fake = dataclasses.replace(fake, lsq=True)
   state = parallel.replicate(finetune.create_state(qvars, tx, cfg.lsq), mesh)
   ckpt_dir = os.path.join(stage, "checkpoints")
@@ -304,7 +305,6 @@ def finetune_stage(config, workdir, model, variables, qmodel, qvars, mesh=None, 
 
 def sweep(config, qmodel, qvars, mesh=None, desc="sweep") -> list[dict]:
   """Top-1/top-5 at each ratio in config.sweep.ratios, with relative BOPs and 4-bit MAC share."""
-  from flexiq_jax import quantize
   eval_ds = data.get_dataset(config.data, config.data.eval_split)
   predict = lambda images, qv, r: qmodel.apply(qv, images, r)  # one compilation serves every ratio
   rows = []
