@@ -22,7 +22,7 @@ from flexiq_jax import reporting
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
 STAGES = ("train", "eval", "calibrate", "select", "quantize", "finetune")
-_MODE = flags.DEFINE_enum("mode", "all", STAGES + ("sweep", "all"), "Pipeline stage(s) to run.")
+_MODE = flags.DEFINE_enum("mode", "all", STAGES + ("sweep", "all", "compare"), "Pipeline stage(s) to run.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -34,6 +34,9 @@ def main(argv):
   config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
   parallel.maybe_initialize_distributed(config.distributed)
   mesh = parallel.make_mesh()
+  if mode == "compare":  # every method x ratio/BOPs point (flexiq_jax.compare)
+    from flexiq_jax import compare
+    return compare.main(config, workdir, mesh)
   last = len(STAGES) if mode in ("all", "sweep") else STAGES.index(mode) + 1
   finetuned = mode == "all" or (mode == "sweep" and os.path.isdir(os.path.join(workdir, "finetune", "checkpoints")))
 

@@ -91,6 +91,30 @@ def get_config(arg=None):
   config.sweep = ml_collections.ConfigDict()
   config.sweep.ratios = (0.0, 0.25, 0.5, 0.75, 1.0)
 
+  # Layer-wise mixed precision (design notes, section 3; flexiq_jax.layerwise).
+  config.layerwise = ml_collections.ConfigDict()
+  config.layerwise.candidates = ("W8A8", "W4A8", "W4A4")  # 'W<w>A<a>' or 'FP'
+  config.layerwise.baseline = "W8A8"  # every group starts here (phase 2)
+  config.layerwise.act_range = "minmax"  # activation ranges: 'minmax' | 'mse' (fitted per bit width)
+  config.layerwise.weight_range = "minmax"  # per-output-channel weight ranges: 'minmax' | 'mse'
+  config.layerwise.sensitivity_images = 256  # phase 1: unlabelled calibration images, SQNR vs float
+  config.layerwise.score_split = "train"  # phases 2/3: labelled images scored (test split kept for reports)
+  config.layerwise.score_examples = 2000
+  config.layerwise.allowed_drop = 1.0  # top-1 points below the float model on the score images
+  config.layerwise.search = "binary"  # phase 3: 'binary' | 'interpolation' | 'brute_force'
+  config.layerwise.phase2_full = True  # score every Pareto point (for the plot), not only the probed ones
+  config.layerwise.flexiq_ratios = (0.0, 0.25, 0.5, 0.75, 1.0)  # candidates of the FlexiQ variant
+
+  # run.py --mode=compare (flexiq_jax.compare).
+  config.compare = ml_collections.ConfigDict()
+  config.compare.methods = ("flexiq", "flexiq_naive", "flexiq_random", "flexiq_amp", "layerwise_amp",
+                            "ptq_minmax", "ptq_mse", "lsq_qat")
+  config.compare.allowed_drops = (0.25, 1.0, 3.0)  # one layer-wise AMP point each
+  config.compare.finetune = True  # FlexiQ's multi-ratio finetuning (and LSQ QAT gets the same budget)
+  config.compare.keep_ends = True  # uniform baselines keep the first/last layer W8A8, as FlexiQ does
+  config.compare.lsq_init = "mse"  # LSQ scales start from 'minmax' | 'mse' PTQ ranges
+  config.compare.results_prefix = ""  # also write <prefix>.json/.md/.png (e.g. experiments/results/compare_x)
+
   if args["smoke"]:
     config.train.num_epochs = 0.02
     config.train.checkpoint_every_steps = 5
@@ -104,4 +128,7 @@ def get_config(arg=None):
     config.select.fitness_batches = 1
     config.finetune.num_epochs = 0.01
     config.finetune.checkpoint_every_steps = 2
+    config.layerwise.sensitivity_images = 32
+    config.layerwise.score_examples = 128
+    config.compare.allowed_drops = (1.0,)
   return config

@@ -40,10 +40,14 @@ def score_batches(config):
                                 num_threads=config.data.num_threads))
 
 
+PHASE3_KEYS = ("allowed_drop", "search", "phase2_full")  # change the choice, not the cached phases
+
+
 def _fingerprint(config, plan, *extra) -> str:
   from flexiq_jax import experiment
+  lw = {k: v for k, v in config.layerwise.to_dict().items() if k not in PHASE3_KEYS}
   return config_utils.fingerprint(experiment._float_fingerprint(config), config.quant, config.calib,
-                                  config.layerwise, plan.quantized, *extra)
+                                  config.data.train_split, lw, plan.quantized, *extra)
 
 
 class LayerwiseEvaluator:
