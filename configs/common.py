@@ -22,7 +22,13 @@ st.save_file({k: v.contiguous() for k, v in m.state_dict().items()}, 'weights/re
 `flexiq_jax.models.timm_reference.import_timm()`). `models.load_timm` checks every key and shape.
 
 Hyper-parameter sources (see the comments where they are set):
-* eval preprocessing: timm's pretrained configs (`flexiq_jax/data/preprocess.py`, design notes §7).
+* eval preprocessing: timm's pretrained configs (`flexiq_jax/data/preprocess.py`, design notes §7;
+  tests/test_configs.py compares them with timm's metadata).
+* `:fmnist` float training (from scratch, 28 px): CNNs the quickstart's SGD recipe (lr 0.1, wd 5e-4,
+  2 epochs); transformers AdamW lr 1e-3, wd 0.05 (DeiT's), 200 warmup steps, gradient clipping 1.0,
+  5 epochs (ViTs learn more slowly from scratch). Not tuned.
+* calibration and selection: 1024 ImageNet images (a small unlabelled set, design notes §2-3); the
+  evolutionary search at flexiq_jax.select.evolutionary's defaults (population 16, 10 generations).
 * QAT finetuning: NVIDIA pytorch-quantization's QAT guidance ("about 10% of the original schedule,
   starting at 1% of the initial training learning rate, cosine annealing") and MQBench's QAT
   recipe (SGD, weight decay 0, the float model's final learning rate, ~6 epochs). CNNs: 1% of the
@@ -132,7 +138,7 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
     config.data.data_dir = ""  # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets (README, "ImageNet")
     config.data.train_split = "train"
     config.data.eval_split = "validation"
-    config.data.image_size = ml_collections.FieldReference(224)
+    config.data.image_size = 224
     config.data.channels = 3
     config.data.eval_transform = name  # timm's eval preprocessing of these weights
     config.data.augment = True  # random-resized-crop + flip (the TFDS path always applies them)
@@ -141,9 +147,11 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
 
   if fmnist:
     config.model.kwargs.update({k: v for k, v in models.small_kwargs(name, 28).items() if k != "image_size"})
-  if transformer:
-    # Position embeddings / Swin windows are built for this size; follows --config.data.image_size.
-    config.model.kwargs.image_size = config.data.get_ref("image_size")
+    if transformer:
+      # Position embeddings / Swin windows are built for this size; follows --config.data.image_size.
+      config.model.kwargs.image_size = config.data.get_ref("image_size")
+  # ImageNet transformers keep the default 224: experiment._init_variables passes image_size to
+  # models.load_timm besides model.kwargs, so an image_size in kwargs would be given twice.
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 128
@@ -160,7 +168,7 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   config.train.grad_clip_norm = recipe["grad_clip_norm"]
   config.train.checkpoint_every_steps = 500 if fmnist else 5000
   config.train.log_every_steps = 50 if fmnist else 200
-  config.eval_batch_size = 500 if fmnist else 250  # divides the 10k / 50k eval splits
+  config.eval_batch_size = 512 if fmnist else 256  # multiples of 8 devices; the last batch is padded
 
   # FlexiQ (design notes, section 2). Every choice is a named option.
   config.calib = ml_collections.ConfigDict()
@@ -206,6 +214,30 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   config.sweep = ml_collections.ConfigDict()
   config.sweep.ratios = (0.0, 0.25, 0.5, 0.75, 1.0)
 
+  # Layer-wise mixed precision (design notes, section 3; flexiq_jax.layerwise), as the quickstart.
+  config.layerwise = ml_collections.ConfigDict()
+  config.layerwise.candidates = ("W8A8", "W4A8", "W4A4")  # 'W<w>A<a>' or 'FP'
+  config.layerwise.baseline = "W8A8"  # every group starts here (phase 2)
+  config.layerwise.act_range = "minmax"  # activation ranges: 'minmax' | 'mse' (fitted per bit width)
+  config.layerwise.weight_range = "minmax"  # per-output-channel weight ranges: 'minmax' | 'mse'
+  config.layerwise.sensitivity_images = 256  # phase 1: unlabelled calibration images, SQNR vs float
+  config.layerwise.score_split = "train"  # phases 2/3: labelled images scored (eval split kept for reports)
+  config.layerwise.score_examples = 2000
+  config.layerwise.allowed_drop = 1.0  # top-1 points below the float model on the score images
+  config.layerwise.search = "binary"  # phase 3: 'binary' | 'interpolation' | 'brute_force'
+  config.layerwise.phase2_full = True  # score every Pareto point (for the plot), not only the probed ones
+  config.layerwise.flexiq_ratios = (0.0, 0.25, 0.5, 0.75, 1.0)  # candidates of the FlexiQ variant
+
+  # run.py --mode=compare (flexiq_jax.compare).
+  config.compare = ml_collections.ConfigDict()
+  config.compare.methods = ("flexiq", "flexiq_naive", "flexiq_random", "flexiq_amp", "layerwise_amp",
+                            "ptq_minmax", "ptq_mse", "lsq_qat")
+  config.compare.allowed_drops = (0.25, 1.0, 3.0)  # one layer-wise AMP point each
+  config.compare.finetune = True  # FlexiQ's multi-ratio finetuning (and LSQ QAT gets the same budget)
+  config.compare.keep_ends = True  # uniform baselines keep the first/last layer W8A8, as FlexiQ does
+  config.compare.lsq_init = "mse"  # LSQ scales start from 'minmax' | 'mse' PTQ ranges
+  config.compare.results_prefix = ""  # also write <prefix>.json/.md/.png (e.g. experiments/results/compare_x)
+
   if smoke:
     # A few steps of every stage (tests, and a first check that a setup works).
     if fmnist:
@@ -224,4 +256,7 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
     config.select.fitness_batches = 1
     config.finetune.warmup_steps = 0
     config.finetune.checkpoint_every_steps = 2
+    config.layerwise.sensitivity_images = 32
+    config.layerwise.score_examples = 128
+    config.compare.allowed_drops = (1.0,)
   return config

@@ -8,10 +8,11 @@ converted once to `weights/efficientnet_b0.ra_in1k.safetensors` (the command is 
 configs/common.py).
 
 No float training (`train.num_epochs=0`). It evaluates the imported model (top-1 should match timm's
-published number for `efficientnet_b0.ra_in1k`), calibrates on 1024 training images, selects 4-bit
-channels at ratio levels 0.25/0.5/0.75/1.0 (evolutionary search), finetunes for 3 epochs of multi-
-ratio QAT with SGD (lr 5e-4), and writes <workdir>/results.json, ratio_table.md and ratio_plot.png:
-top-1 before and after finetuning at 4-bit ratios 0/25/50/75/100% with relative BOPs.
+ImageNet validation result for `efficientnet_b0.ra_in1k` at 224 px), calibrates on 1024 training
+images, selects 4-bit channels at ratio levels 0.25/0.5/0.75/1.0 (evolutionary search), finetunes
+for 3 epochs of multi-ratio QAT with SGD (lr 5e-4), and writes <workdir>/results.json,
+ratio_table.md and ratio_plot.png: top-1 before and after finetuning at 4-bit ratios 0/25/50/75/100%
+with relative BOPs.
 
 Arguments: `:fmnist` = the same family reduced (`models.variants.small_kwargs`), trained from
 scratch on real Fashion-MNIST (28x28x1), then the same FlexiQ pipeline; `:smoke` = a few steps of

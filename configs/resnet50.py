@@ -7,10 +7,11 @@ Needs ImageNet prepared for TFDS (README, "ImageNet") and timm's `resnet50.a1_in
 converted once to `weights/resnet50.a1_in1k.safetensors` (the command is in configs/common.py).
 
 No float training (`train.num_epochs=0`). It evaluates the imported model (top-1 should match timm's
-published number for `resnet50.a1_in1k`), calibrates on 1024 training images, selects 4-bit channels
-at ratio levels 0.25/0.5/0.75/1.0 (evolutionary search), finetunes for 3 epochs of multi-ratio QAT
-with SGD (lr 5e-4), and writes <workdir>/results.json, ratio_table.md and ratio_plot.png: top-1
-before and after finetuning at 4-bit ratios 0/25/50/75/100% with relative BOPs.
+ImageNet validation result for `resnet50.a1_in1k` at 224 px; timm's headline number, at 288 px and
+crop 1.0, is higher), calibrates on 1024 training images, selects 4-bit channels at ratio levels
+0.25/0.5/0.75/1.0 (evolutionary search), finetunes for 3 epochs of multi-ratio QAT with SGD (lr
+5e-4), and writes <workdir>/results.json, ratio_table.md and ratio_plot.png: top-1 before and after
+finetuning at 4-bit ratios 0/25/50/75/100% with relative BOPs.
 
 Arguments: `:fmnist` = the same family reduced (`models.variants.small_kwargs`), trained from
 scratch on real Fashion-MNIST (28x28x1), then the same FlexiQ pipeline; `:smoke` = a few steps of
