@@ -205,3 +205,22 @@ def test_percentile_and_mse_clip_tighter_than_minmax(setup, method):
   other = calibrate.calibrate(model, plan, folded, [images], method=method, percentile=99.0)
   for p in plan.quantized:
     assert 0 < other[p]["act_scale"] <= calib[p]["act_scale"] * (1 + 1e-6)
+
+
+def test_quantized_variables_tree_shapes(setup):
+  model, variables, plan, folded, calib, qvars, images = setup
+  shapes = jax.eval_shape(lambda q: q, qvars)
+  assert set(shapes) == {"params", "quant", "levels"}  # both BatchNorms folded: no batch_stats left
+  assert shapes["levels"].shape == (2,)
+  for path in plan.quantized:
+    entry = inspect_model.get_path(shapes["quant"], path)
+    c = plan.layers[path].in_channels
+    assert entry["act_scale"].shape == () and entry["act_scale"].dtype == jnp.float32
+    assert entry["act_e"].shape == (c,) and entry["weight_e"].dtype == jnp.int32
+    if path in plan.eligible:
+      assert entry["rank"].shape == (c,) and entry["counts"].shape == (2,) and entry["counts"].dtype == jnp.int32
+    else:
+      assert "rank" not in entry and "counts" not in entry
+  # The params keep the model's own structure (plus folded biases), so QAT trains them directly.
+  assert set(shapes["params"]) == set(variables["params"])
+  assert "bias" in shapes["params"]["stem"] and "bias" not in variables["params"]["stem"]
