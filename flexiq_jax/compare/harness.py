@@ -42,6 +42,14 @@ ALL_METHODS = ("flexiq", "flexiq_naive", "flexiq_random", "flexiq_amp", "layerwi
                "lsq_qat")
 
 
+def _as_list(values) -> list:
+  """A config tuple; tolerates 'a,b' strings (what a --config.x=a,b override can leave)."""
+  if isinstance(values, str):
+    values = (values,)
+  return [v.strip() if isinstance(v, str) else v for item in values
+          for v in (item.split(",") if isinstance(item, str) else [item])]
+
+
 def _row(method, setting, top1, rel_bops, **extra):
   return {"method": method, "setting": setting, "top1": float(top1), "relative_bops": float(rel_bops), **extra}
 
@@ -71,7 +79,7 @@ def _flexiq_variant(config, workdir, model, variables, mesh, name, **overrides):
 
 def run_compare(config, workdir, model, variables, mesh=None, float_metrics=None) -> dict:
   cc = config.compare
-  methods = list(cc.methods)
+  methods = _as_list(cc.methods)
   unknown = [m for m in methods if m not in ALL_METHODS]
   if unknown:
     raise ValueError(f"unknown compare.methods {unknown}; valid: {list(ALL_METHODS)}")
@@ -126,7 +134,7 @@ def run_compare(config, workdir, model, variables, mesh=None, float_metrics=None
   def m_layerwise_amp():
     rows = []
     score_data = driver.score_batches(config)
-    for drop in cc.allowed_drops:
+    for drop in _as_list(cc.allowed_drops):
       res = driver.layerwise_search(config, workdir, model, variables, plan, folded, calib, calib_batches, mesh,
                                     allowed_drop=float(drop), score_data=score_data)
       wb, ab = res["bits_of"](res["chosen"]["assignment"])
