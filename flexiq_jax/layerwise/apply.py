@@ -114,8 +114,8 @@ def build_tables(model, plan: QuantPlan, folded, calib: dict, *, act_method: str
         act_clip[b] = float(quant.mse_range_from_histogram(np.asarray(hists[p], np.float64), edges,
                                                            fit_bits, True, False)[1])
       if weight_method == "mse":
-        _, hi = quant.mse_range(jnp.asarray(w2), b, symmetric=True, signed=True, axis=-1)
-        w_clip[b] = np.asarray(hi)
+        lo, hi = quant.mse_range(jnp.asarray(w2), b, symmetric=True, signed=True, axis=-1)
+        w_clip[b] = np.maximum(np.abs(np.asarray(lo)), np.abs(np.asarray(hi)))  # symmetric extent
     tables[p] = {"act_clip": jnp.asarray(act_clip), "weight_clip": jnp.asarray(w_clip)}
   return tables
 
