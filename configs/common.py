@@ -182,6 +182,7 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   config.quant.act_calibration = "minmax"  # 'minmax' | 'percentile' | 'mse'
   config.quant.percentile = 99.99
   config.quant.extraction = "fitted"  # 'fitted' (per-channel error-minimising) | 'naive' (drop 4 low bits)
+  config.quant.bias_correction = True  # remove the mean output shift of lowered channels (calibrated)
 
   config.select = ml_collections.ConfigDict()
   config.select.levels = (0.25, 0.5, 0.75, 1.0)  # ratio levels, nested selections

@@ -32,6 +32,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 VARIANTS = {
     "reference": {},
     "naive_extraction": {"quant.extraction": "naive"},
+    "no_bias_correction": {"quant.bias_correction": False},
+    "naive_no_bias_correction": {"quant.extraction": "naive", "quant.bias_correction": False},
     "selector_uniform": {"select.selector": "uniform"},
     "selector_greedy": {"select.selector": "greedy"},
     "selector_random": {"select.selector": "random"},

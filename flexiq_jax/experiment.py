@@ -228,7 +228,8 @@ def _kl_fitness(config, model, variables, plan, folded, calib, orders, levels):
   """fitness(counts (L,)) = KL(float || quantized) on calibration images; one compilation."""
   qmodel = quantize.QuantizedModel(model, plan, mode="int", conv_accumulator=_conv_accumulator())
   dummy = {p: np.zeros(len(levels), np.int32) for p in plan.eligible}
-  qvars = quantize.build_qvars(plan, folded, calib, orders, dummy, levels)
+  qvars = quantize.build_qvars(plan, folded, calib, orders, dummy, levels,
+                               bias_correction=config.quant.bias_correction)
   images = jax.numpy.concatenate(calibration_batches(config)[:config.select.fitness_batches])
   teacher = model.apply(variables, images, train=False)
 
@@ -244,7 +245,8 @@ def _kl_fitness(config, model, variables, plan, folded, calib, orders, levels):
 def quantize_stage(config, workdir, model, plan, folded, calib, orders, counts, levels):
   """Builds and saves the quantized variables; returns (QuantizedModel, qvars)."""
   stage = _stage_dir(workdir, "quantized")
-  qvars = quantize.build_qvars(plan, folded, calib, orders, counts, levels)
+  qvars = quantize.build_qvars(plan, folded, calib, orders, counts, levels,
+                               bias_correction=config.quant.bias_correction)
   checkpoint.save_tree(os.path.join(stage, "qvars"), qvars)
   reporting.write_json_atomic(os.path.join(stage, "plan.json"), plan.to_json())
   return quantize.QuantizedModel(model, plan, mode="int", conv_accumulator=_conv_accumulator()), qvars

@@ -117,8 +117,42 @@ def test_dense_layer_against_numpy_reference(setup):
   qw = np.clip(np.round(w / s_w), -127, 127)
   f = np.asarray(lq["weight_e"])[:, None]
   qw = np.where(lowered[:, None], np.clip(np.floor(qw / 2.0 ** f + 0.5), -8, 7) * 2.0 ** f, qw)
-  ref = (qx.astype(np.int64) @ qw.astype(np.int64)) * s_x * s_w + np.asarray(p["bias"])
+  qw8 = np.clip(np.round(w / s_w), -127, 127)
+  # Bias correction: the calibrated mean output each lowered channel loses.
+  lost = lowered[:, None] * (np.asarray(lq["mean_code"])[:, None] * qw8 - np.asarray(lq["mean_lowered"])[:, None] * qw)
+  ref = (qx.astype(np.int64) @ qw.astype(np.int64)) * s_x * s_w + np.asarray(p["bias"]) + lost.sum(0) * s_x * s_w
   np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def _layer_inputs(model, plan, folded, images, path):
+  seen = {}
+
+  def layer_fn(info, module, x, kernel, bias):
+    if info.path == path:
+      seen["x"] = x
+    return layer_ops.float_forward(info, module, x, kernel, bias)
+
+  quantize.apply_with_layers(model, plan, folded, images, layer_fn)
+  return seen["x"]
+
+
+def test_bias_correction_keeps_the_mean_output_on_calibration_data(setup):
+  """On the data it was calibrated on, a fully lowered Dense layer with bias correction has the
+  8-bit layer's mean output (exactly, up to float roundoff); without it the mean shifts."""
+  model, variables, plan, folded, calib, qvars, images = setup
+  info = plan.layers["fc1"]
+  lq = inspect_model.get_path(qvars["quant"], "fc1")
+  p = folded["params"]["fc1"]
+  x = _layer_inputs(model, plan, folded, images, "fc1")
+  run = lambda lq, lowered: layer_ops.quantized_forward(
+      info, None, x, p["kernel"], p["bias"], lq, jnp.full((info.in_channels,), lowered), signed=plan.signed["fc1"],
+      mode="int").mean(0)
+  base = run(lq, False)
+  corrected = run(lq, True)
+  uncorrected = run({k: v for k, v in lq.items() if k not in ("mean_code", "mean_lowered")}, True)
+  scale = float(jnp.abs(base).max())
+  np.testing.assert_allclose(corrected, base, atol=1e-4 * scale)
+  assert float(jnp.abs(uncorrected - base).max()) > 1e-3 * scale
 
 
 def test_fake_quant_gradients_flow(setup):

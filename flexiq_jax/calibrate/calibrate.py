@@ -100,7 +100,8 @@ def calibrate(model, plan: QuantPlan, variables, batches: Sequence[np.ndarray], 
 
   Per layer: 'ch_min', 'ch_max' (C,); 'act_scale' (); 'act_e', 'weight_e' (C,) int32;
   'act_lowering_error' (C,) mean squared error per value (real units) at act_e;
-  'weight_lowering_error' (C,) summed squared error of the channel's weights at weight_e.
+  'weight_lowering_error' (C,) summed squared error of the channel's weights at weight_e;
+  'act_mean_code', 'act_mean_lowered' (C,) mean 8-bit code and mean lowered code (code units).
   `variables` must be BN-folded when the plan folds (see plan.fold_batchnorm).
   """
   if method not in ("minmax", "percentile", "mse"):
@@ -147,6 +148,10 @@ def calibrate(model, plan: QuantPlan, variables, batches: Sequence[np.ndarray], 
                                            act_e[:, None], signed=plan.signed[p]))
     counts = np.maximum(hist.sum(1), 1.0)
     act_err = (hist * (code_values[None, :] - lowered) ** 2).sum(1) / counts * scales[p] ** 2
+    # Mean code before and after lowering: the expected shift a lowered channel adds to the
+    # layer output, which bias correction removes (quantize.layer_ops).
+    mean_code = (hist * code_values[None, :]).sum(1) / counts
+    mean_lowered = (hist * lowered).sum(1) / counts
 
     kernel = get_path(variables["params"], p)["kernel"]
     if extraction == "fitted":
@@ -158,5 +163,6 @@ def calibrate(model, plan: QuantPlan, variables, batches: Sequence[np.ndarray], 
         "act_scale": np.float32(scales[p]), "act_e": act_e.astype(np.int32),
         "weight_e": np.asarray(w_e, np.int32), "act_lowering_error": act_err.astype(np.float32),
         "weight_lowering_error": np.asarray(w_err, np.float32),
+        "act_mean_code": mean_code.astype(np.float32), "act_mean_lowered": mean_lowered.astype(np.float32),
     }
   return out

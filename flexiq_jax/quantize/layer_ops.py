@@ -109,8 +109,16 @@ def float_forward(info: LayerInfo, module, x, kernel, bias):
 
 def quantize_codes(info: LayerInfo, x, kernel, lq: dict, lowered, *, signed: bool, ste: bool,
                    lsq: bool = False):
-  """Returns (activation codes, weight codes, activation scale, weight scale), with the
-  `lowered` (C,) channels of both replaced by their 4-bit extraction."""
+  """Returns (activation codes, weight codes, activation scale, weight scale, bias shift), with
+  the `lowered` (C,) channels of both replaced by their 4-bit extraction.
+
+  The bias shift (O,), in real units, is zero unless `lq` holds the calibrated mean codes
+  ('mean_code', 'mean_lowered'): then it is the expected output lost by lowering,
+  Σ_{c lowered} (E[q_c] w8[c, o] - E[lower(q_c)] w4[c, o]) s_x s_w[o], summed over the kernel
+  elements that read channel c. Lowering (clipping especially) shifts each channel's mean, and
+  the shifts of many channels add up through the network; this first-order correction (as in
+  data-free quantization's bias correction) removes them, for any set of lowered channels.
+  """
   s_x = lq["act_scale"]
   qmin, qmax = quant.int_range(8, signed)
   if lsq:
@@ -127,8 +135,14 @@ def quantize_codes(info: LayerInfo, x, kernel, lq: dict, lowered, *, signed: boo
   s_w = weight_scale(info, kernel)
   wq = jnp.clip((quant.round_ste if ste else jnp.round)(w / s_w), -WEIGHT_QMAX, WEIGHT_QMAX)
   w_low = lower(wq, gather_channel(lq["weight_e"], info), signed=True)
-  wq = jnp.where(gather_channel(lowered, info), w_low, wq)
-  return xq, wq, s_x, s_w
+  lowered_k = gather_channel(lowered, info)
+  bias_shift = jnp.zeros(s_w.shape, jnp.float32)
+  if "mean_lowered" in lq:
+    lost = gather_channel(lq["mean_code"], info) * wq - gather_channel(lq["mean_lowered"], info) * w_low
+    lost = jax.lax.stop_gradient(jnp.where(lowered_k, lost, 0.0))
+    bias_shift = jnp.sum(lost, axis=tuple(range(lost.ndim - 1))) * s_x * s_w
+  wq = jnp.where(lowered_k, w_low, wq)
+  return xq, wq, s_x, s_w, bias_shift
 
 
 def quantized_forward(info: LayerInfo, module, x, kernel, bias, lq: dict, lowered, *, signed: bool,
@@ -139,15 +153,15 @@ def quantized_forward(info: LayerInfo, module, x, kernel, bias, lq: dict, lowere
   back 128 * Σ w per output (exact); a conv then pads explicitly with the shifted zero.
   """
   x = as_matrix_input(info, x)
-  xq, wq, s_x, s_w = quantize_codes(info, x, kernel, lq, lowered, signed=signed, ste=mode == "fake",
-                                    lsq=lsq)
+  xq, wq, s_x, s_w, bias_shift = quantize_codes(info, x, kernel, lq, lowered, signed=signed,
+                                                ste=mode == "fake", lsq=lsq)
   if mode == "fake":
     xd, wd = xq * s_x, wq * s_w
     if info.kind == "dense":
       y = xd @ wd
     else:
       y = _conv(module, xd, wd, _conv_padding(module, x.shape, kernel.shape))
-    return _finish(info, module, y, bias)
+    return _finish(info, module, y + bias_shift, bias)
   if mode != "int":
     raise ValueError(f"mode must be 'fake' or 'int', not {mode!r}")
   shift = 0 if signed else 128
@@ -166,4 +180,4 @@ def quantized_forward(info: LayerInfo, module, x, kernel, bias, lq: dict, lowere
     if shift:
       acc = acc + shift * jnp.sum(wi.astype(acc.dtype), axis=(0, 1, 2))
   y = acc.astype(jnp.float32) * (s_x * s_w)
-  return _finish(info, module, y, bias)
+  return _finish(info, module, y + bias_shift, bias)

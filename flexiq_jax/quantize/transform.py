@@ -31,8 +31,13 @@ from flexiq_jax.quantize import layer_ops
 from flexiq_jax.quantize.plan import QuantPlan, apply_with_layers
 
 
-def build_qvars(plan: QuantPlan, folded_variables, calib: dict, orders: dict, counts: dict, levels) -> dict:
-  """orders: {path: (C,) channel order, lowered first}; counts: {path: (K,) ints per level}."""
+def build_qvars(plan: QuantPlan, folded_variables, calib: dict, orders: dict, counts: dict, levels, *,
+                bias_correction: bool = True) -> dict:
+  """orders: {path: (C,) channel order, lowered first}; counts: {path: (K,) ints per level}.
+
+  bias_correction: keep each lowerable layer's mean activation codes before/after lowering, so
+  the apply removes the mean output shift of whichever channels are lowered (layer_ops).
+  """
   quant_tree: dict = {}
   for path in plan.quantized:
     c = calib[path]
@@ -45,6 +50,9 @@ def build_qvars(plan: QuantPlan, folded_variables, calib: dict, orders: dict, co
       rank[order] = np.arange(len(order))
       entry["rank"] = jnp.asarray(rank, jnp.int32)
       entry["counts"] = jnp.asarray(counts[path], jnp.int32)
+      if bias_correction:
+        entry["mean_code"] = jnp.asarray(c["act_mean_code"], jnp.float32)
+        entry["mean_lowered"] = jnp.asarray(c["act_mean_lowered"], jnp.float32)
     quant_tree = _set_nested(quant_tree, path, entry)
   out = {"params": folded_variables["params"], "quant": quant_tree,
          "levels": jnp.asarray(levels, jnp.float32)}
