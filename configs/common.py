@@ -138,20 +138,19 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
     config.data.data_dir = ""  # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets (README, "ImageNet")
     config.data.train_split = "train"
     config.data.eval_split = "validation"
-    config.data.image_size = 224
+    config.data.image_size = ml_collections.FieldReference(224)
     config.data.channels = 3
     config.data.eval_transform = name  # timm's eval preprocessing of these weights
-    config.data.augment = True  # random-resized-crop + flip (the TFDS path always applies them)
+    config.data.augment = True  # training augmentation: random-resized-crop + flip
     config.data.num_threads = 16  # JPEG decoding and resizing run in grain threads
   config.data.eval_examples = -1  # -1: the whole eval split
 
   if fmnist:
     config.model.kwargs.update({k: v for k, v in models.small_kwargs(name, 28).items() if k != "image_size"})
-    if transformer:
-      # Position embeddings / Swin windows are built for this size; follows --config.data.image_size.
-      config.model.kwargs.image_size = config.data.get_ref("image_size")
-  # ImageNet transformers keep the default 224: experiment._init_variables passes image_size to
-  # models.load_timm besides model.kwargs, so an image_size in kwargs would be given twice.
+  if transformer:
+    # Position embeddings / Swin windows are built for this size; follows --config.data.image_size
+    # (timm weights trained at 224 get their position embeddings resized on import).
+    config.model.kwargs.image_size = config.data.get_ref("image_size")
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 128

@@ -44,9 +44,10 @@ def _float_fingerprint(config) -> str:
 
 def _init_variables(config, model, image_shape, num_classes):
   if config.init_weights:
+    kwargs = config.model.kwargs.to_dict()
+    image_size = kwargs.pop("image_size", image_shape[0])  # transformers carry it in model.kwargs
     return models.load_timm(config.model.name, config.init_weights, num_classes=num_classes,
-                            image_size=image_shape[0], in_chans=image_shape[2],
-                            **config.model.kwargs.to_dict())
+                            image_size=image_size, in_chans=image_shape[2], **kwargs)
   return None
 
 
@@ -92,6 +93,9 @@ def train_float(config, workdir: str, mesh=None, on_step=None):
         checkpoint_every=config.train.checkpoint_every_steps,
         metrics_path=os.path.join(float_dir, "metrics.jsonl"), log_every=config.train.log_every_steps,
         mesh=mesh, desc="float train", on_step=on_step)
+  elif latest is None:
+    print("float model: no training steps configured (train.num_epochs=0); using the initial weights"
+          + (f" from {config.init_weights}" if config.init_weights else ""))
   else:
     print(f"float model: reusing the finished checkpoint at step {latest} in {ckpt_dir}")
   return model, state.variables()

@@ -94,7 +94,9 @@ def test_config_loads_and_matches_quickstart_fields(file, variant):
     assert config.train.num_epochs == 0.0  # pretrained: no float training
     assert config.init_weights.startswith("weights/" + MODEL_CONFIGS[file] + ".")
     assert config.init_weights.endswith(".safetensors")
-    assert config.model.kwargs.to_dict() == {}  # the architecture of the timm weights
+    # The architecture of the timm weights; transformers carry the input size (pos-embed resize).
+    kwargs = config.model.kwargs.to_dict()
+    assert kwargs == ({"image_size": 224} if kwargs else {})
   assert tuple(config.select.levels) == (0.25, 0.5, 0.75, 1.0)
   assert config.sweep.ratios[0] == 0.0 and config.sweep.ratios[-1] == 1.0
   for batch in ("train.batch_size", "finetune.batch_size", "eval_batch_size", "calib.batch_size"):

@@ -128,6 +128,17 @@ def test_tfds_mock_data(name, split):
     assert np.isfinite(evals[0]["image"]).all()
 
 
+def test_tfds_augment_switch():
+  """augment=False: training batches get the eval preprocessing; True: random crops/flips."""
+  with tfds.testing.mock_data(num_examples=8):
+    plain = data.tfds_dataset("cifar10", "train", image_size=32, eval_transform="resnet50", augment=False)
+    augmented = data.tfds_dataset("cifar10", "train", image_size=32, eval_transform="resnet50", augment=True)
+    idx = np.arange(4)
+    np.testing.assert_array_equal(plain.load(idx, np.random.default_rng(0))["image"], plain.load(idx, None)["image"])
+    assert not np.array_equal(augmented.load(idx, np.random.default_rng(0))["image"],
+                              augmented.load(idx, None)["image"])
+
+
 def test_tfds_unprepared_dataset_error(tmp_path):
   with pytest.raises(FileNotFoundError) as e:
     data.tfds_dataset("cifar10", "train", data_dir=str(tmp_path))

@@ -155,9 +155,6 @@ def test_run_py_sweep_from_timm_weights_on_mock_imagenet(file, selector, tmp_pat
 
 
 @pytest.mark.skipif(not TIMM, reason="needs torch and timm (requirements-test.txt)")
-@pytest.mark.xfail(raises=TypeError, strict=False,
-                   reason="experiment._init_variables passes image_size to models.load_timm besides "
-                          "model.kwargs, which must hold image_size for a ViT at another size")
 def test_vit_at_another_size_from_timm_weights(tmp_path, monkeypatch):
   """A ViT config at 32 px (model.kwargs.image_size=32, as build_model needs) from timm weights."""
   timm_kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)

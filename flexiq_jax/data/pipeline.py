@@ -61,9 +61,12 @@ def fashion_mnist_dataset(split: str, data_dir: str = fashion_mnist.DEFAULT_DIR,
 
 
 def tfds_dataset(name: str, split: str, *, data_dir: str | None = None, image_size: int = 224,
-                 channels: int = 3, eval_transform: str = "resnet50", image_key: str = "image",
-                 label_key: str = "label") -> Dataset:
-  """Any TFDS image-classification dataset read with `tfds.data_source` (array_record, no TF)."""
+                 channels: int = 3, eval_transform: str = "resnet50", augment: bool = True,
+                 image_key: str = "image", label_key: str = "label") -> Dataset:
+  """Any TFDS image-classification dataset read with `tfds.data_source` (array_record, no TF).
+
+  Training batches (loaded with an rng) get random-resized-crop + flip when `augment`, else the
+  eval preprocessing."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   try:
@@ -88,7 +91,7 @@ def tfds_dataset(name: str, split: str, *, data_dir: str | None = None, image_si
     for i in indices:
       example = source[int(i)]
       image = np.asarray(example[image_key])
-      if rng is None:
+      if rng is None or not augment:
         images.append(preprocess.eval_image(image, image_size, transform, channels))
       else:
         images.append(preprocess.train_image(image, image_size, transform, rng, channels))
@@ -110,7 +113,7 @@ def get_dataset(data_config, split: str, *, train: bool = False) -> Dataset:
   return tfds_dataset(
       data_config.name, split, data_dir=data_config.get("data_dir") or None,
       image_size=data_config.image_size, channels=data_config.channels,
-      eval_transform=data_config.eval_transform)
+      eval_transform=data_config.eval_transform, augment=data_config.get("augment", True))
 
 
 def _read_options(num_threads: int):
