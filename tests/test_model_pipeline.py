@@ -5,7 +5,7 @@
 * run.py end to end (`--mode=sweep`: float eval -> calibrate -> select -> quantize -> ratio sweep,
   no finetuning) from the ImageNet configs of a CNN and a transformer, with `init_weights` a
   converted random timm model and TFDS's mock ImageNet; narrow and shallow (the same reduced
-  architecture built in timm and in Flax), the CNN also at 32 px, so that it is fast.
+  architecture built in timm and in Flax), all at 32 px, so that they are fast; a ViT from 224-px weights at 32 px.
 
 Runtime on 2 CPU cores (shared, load ~6) is mostly XLA compilation: with an empty XLA cache the
 eleven training tests take ~6 min (EfficientNet, Swin, MobileNetV2 the slowest; the five ViT/DeiT
@@ -60,14 +60,13 @@ def test_fmnist_variant_trains_on_real_fashion_mnist(file, tmp_path):
 
 TIMM = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("timm") is not None
 
-# Reduced architectures built the same way in timm and Flax: (timm kwargs, Flax kwargs, image size).
-# The CNN is timm_reference's reduced ResNet at 32 px. The transformer stays at 224 px (patch 16,
-# narrow and shallow): a ViT at another size needs image_size in model.kwargs, which
-# experiment._init_variables cannot take yet (test_vit_at_another_size_from_timm_weights).
+# Reduced architectures built the same way in timm and Flax: (timm kwargs, Flax kwargs, image size),
+# all at 32 px so that they are fast (the transformer with 8-pixel patches).
 E2E_CASES = {
     "resnet18": (dict(layers=(1, 2, 1, 1), channels=(8, 16, 24, 32)),
                  dict(depths=(1, 2, 1, 1), widths=(8, 16, 24, 32)), 32),
-    "deit_t": (dict(embed_dim=48, depth=2, num_heads=3), dict(embed_dim=48, depth=2, num_heads=3), 224),
+    "deit_t": (dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3),
+               dict(patch_size=8, embed_dim=48, depth=2, num_heads=3), 32),
 }
 
 
@@ -136,7 +135,9 @@ def test_run_py_sweep_from_timm_weights_on_mock_imagenet(file, selector, tmp_pat
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(variables), jax.device_get(imported))
 
   results = json.load(open(os.path.join(workdir, "results.json")))
-  assert results["config"]["model"]["kwargs"] == json.loads(json.dumps(flax_kwargs))
+  # Transformer configs carry the input size in model.kwargs (it follows data.image_size).
+  expected_kwargs = {**flax_kwargs, **({"image_size": image_size} if file == "deit_t" else {})}
+  assert results["config"]["model"]["kwargs"] == json.loads(json.dumps(expected_kwargs))
   assert 0 <= results["metrics"]["float"]["top1"] <= 100
   assert results["metrics"]["float"]["num_examples"] == 16
   rows = results["metrics"]["ratio_sweep"]
@@ -155,13 +156,19 @@ def test_run_py_sweep_from_timm_weights_on_mock_imagenet(file, selector, tmp_pat
 
 
 @pytest.mark.skipif(not TIMM, reason="needs torch and timm (requirements-test.txt)")
-def test_vit_at_another_size_from_timm_weights(tmp_path, monkeypatch):
-  """A ViT config at 32 px (model.kwargs.image_size=32, as build_model needs) from timm weights."""
-  timm_kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
+def test_vit_at_another_size_from_224_px_timm_weights(tmp_path, monkeypatch):
+  """Weights trained at 224 px run a ViT config at 32 px: --config.data.image_size=32 reaches
+  model.kwargs, and the import resizes the position embeddings (14x14 -> 2x2 patches)."""
+  import tensorflow_datasets as tfds
+
+  timm_kwargs = dict(embed_dim=48, depth=2, num_heads=3)  # img_size 224, patch 16
   ckpt = str(tmp_path / "weights.safetensors")
   _random_timm_checkpoint("vit_small_patch16_224", ckpt, timm_kwargs)
-  flax_kwargs = dict(image_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
   workdir = str(tmp_path / "workdir")
-  _run_py(_sweep_argv("vit_s", workdir, ckpt, 32, "greedy"), monkeypatch, flax_kwargs)
+  config = _run_py(_sweep_argv("vit_s", workdir, ckpt, 32, "greedy"), monkeypatch, timm_kwargs)
+  assert config.model.kwargs.image_size == 32
+  with tfds.testing.mock_data(num_examples=24):
+    _, variables = experiment.train_float(config, workdir)
+  assert variables["params"]["pos_embed"].shape[1] == 1 + 2 * 2  # class token + 2x2 patches
   rows = json.load(open(os.path.join(workdir, "results.json")))["metrics"]["ratio_sweep"]
   assert [r["ratio"] for r in rows] == [0.0, 0.5, 1.0]
