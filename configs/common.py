@@ -236,6 +236,9 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   config.compare.finetune = True  # FlexiQ's multi-ratio finetuning (and LSQ QAT gets the same budget)
   config.compare.keep_ends = True  # uniform baselines keep the first/last layer W8A8, as FlexiQ does
   config.compare.lsq_init = "mse"  # LSQ scales start from 'minmax' | 'mse' PTQ ranges
+  # LSQ QAT gets FlexiQ's finetuning budget and recipe except the learning rate: at FlexiQ's
+  # (mostly 8-bit) rate, uniform W4A4 QAT ends below its own PTQ starting point; <= 0: same rate.
+  config.compare.lsq_learning_rate = 0.001
   config.compare.results_prefix = ""  # also write <prefix>.json/.md/.png (e.g. experiments/results/compare_x)
 
   if smoke:

@@ -41,9 +41,13 @@ def relative_bops(plan, bits: dict) -> float:
 def lsq_qat(config, model, variables, plan, folded, tables, bits: dict, eval_batches, mesh=None, log=print) -> dict:
   """Uniform QAT with LSQ (Esser et al. 2020): learnable per-tensor activation scales and
   per-output-channel weight scales, initialised from the PTQ ranges in `tables`, trained with the
-  finetuning budget and recipe of config.finetune (epochs, batch size, optimizer, distillation).
+  finetuning budget and recipe of config.finetune (epochs, batch size, optimizer, distillation),
+  with config.compare.lsq_learning_rate when set.
   Returns {'top1', 'steps'} on `eval_batches`."""
-  cfg = config.finetune
+  cfg = config.finetune.copy_and_resolve_references()
+  lsq_lr = config.get("compare", {}).get("lsq_learning_rate", 0.0)
+  if lsq_lr > 0:
+    cfg.learning_rate = lsq_lr
   train_ds = data.get_dataset(config.data, config.data.train_split, train=True)
   total_steps = int(math.ceil(cfg.num_epochs * train_ds.num_examples / cfg.batch_size))
   scales = {}
@@ -103,4 +107,4 @@ def lsq_qat(config, model, variables, plan, folded, tables, bits: dict, eval_bat
       losses = []
   predict = lambda images, tr: forward(tr, images)
   top1 = train_lib.evaluate(predict, iter(eval_batches), mesh, desc="LSQ eval", args=(trainable,))["top1"]
-  return {"top1": top1, "steps": total_steps}
+  return {"top1": top1, "steps": total_steps, "learning_rate": float(cfg.learning_rate)}

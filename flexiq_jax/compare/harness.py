@@ -163,7 +163,7 @@ def run_compare(config, workdir, model, variables, mesh=None, float_metrics=None
                                     bits=(4, 8), batches=calib_batches)
     bits = baselines.uniform_bits(plan, (4, 4), cc.keep_ends)
     out = baselines.lsq_qat(config, model, variables, plan, folded, tables, bits, eval_data, mesh)
-    return [_row("lsq_qat", "W4A4" + (" (ends W8A8)" if cc.keep_ends else "") + f", {out['steps']} steps",
+    return [_row("lsq_qat", "W4A4" + (" (ends W8A8)" if cc.keep_ends else "") + f", {out['steps']} steps, lr {out['learning_rate']:g}",
                  out["top1"], baselines.relative_bops(plan, bits))]
 
   fns = {"flexiq": m_flexiq, "flexiq_naive": m_flexiq_naive, "flexiq_random": m_flexiq_random,
