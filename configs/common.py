@@ -190,7 +190,8 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   # ImageNet: flexiq_jax.select.evolutionary's defaults (16 x 10); Fashion-MNIST: the quickstart's.
   config.select.population = 12 if fmnist else 16
   config.select.generations = 6 if fmnist else 10
-  config.select.fitness_batches = 2  # calibration batches scored per candidate (KL to float)
+  config.select.fitness_batches = 2  # calibration batches scored per candidate
+  config.select.fitness = "kl"  # 'kl' (to the float model) | 'ce' (to its predicted labels)
 
   config.finetune = ml_collections.ConfigDict()
   config.finetune.batch_size = 128

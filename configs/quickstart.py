@@ -69,7 +69,8 @@ def get_config(arg=None):
   config.select.channel_order = "range"  # 'range' (small first) | 'random' (ablation)
   config.select.population = 12
   config.select.generations = 6
-  config.select.fitness_batches = 2  # calibration batches scored per candidate (KL to float)
+  config.select.fitness_batches = 2  # calibration batches scored per candidate
+  config.select.fitness = "kl"  # 'kl' (to the float model) | 'ce' (to its predicted labels)
 
   config.finetune = ml_collections.ConfigDict()
   config.finetune.num_epochs = 0.5

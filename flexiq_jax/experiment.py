@@ -206,7 +206,7 @@ def select_stage(config, workdir, model, variables, plan, folded, calib):
   fitness = None
   options = {}
   if name == "evolutionary":
-    fitness = _kl_fitness(config, model, variables, plan, folded, calib, orders, levels)
+    fitness = _fitness(config, model, variables, plan, folded, calib, orders, levels)
     options = {"population": config.select.population, "generations": config.select.generations}
   # The greedy seed of the search follows the range order; with a random order it would not match.
   counts, history = select_lib.select(name, levels, channels, macs, ranges=ranges if by_range else None,
@@ -228,8 +228,14 @@ def select_stage(config, workdir, model, variables, plan, folded, calib):
   return orders, counts_by_layer, levels
 
 
-def _kl_fitness(config, model, variables, plan, folded, calib, orders, levels):
-  """fitness(counts (L,)) = KL(float || quantized) on calibration images; one compilation."""
+def _fitness(config, model, variables, plan, folded, calib, orders, levels):
+  """fitness(counts (L,)) on calibration images (lower is better); one compilation.
+
+  select.fitness: 'kl' = KL(float || quantized); 'ce' = cross-entropy of the quantized model
+  against the float model's predicted labels (the calibration images are unlabelled)."""
+  kind = config.select.get("fitness", "kl")
+  if kind not in ("kl", "ce"):
+    raise ValueError(f"unknown select.fitness {kind!r}; use 'kl' or 'ce'")
   qmodel = quantize.QuantizedModel(model, plan, mode="int", conv_accumulator=_conv_accumulator())
   dummy = {p: np.zeros(len(levels), np.int32) for p in plan.eligible}
   qvars = quantize.build_qvars(plan, folded, calib, orders, dummy, levels,
@@ -239,11 +245,14 @@ def _kl_fitness(config, model, variables, plan, folded, calib, orders, levels):
 
   # Data are arguments, not closed-over constants: XLA would otherwise constant-fold the convs.
   @jax.jit
-  def kl(qvars, images, teacher, counts_vector):
+  def score(qvars, images, teacher, counts_vector):
     counts = {p: counts_vector[i] for i, p in enumerate(plan.eligible)}
-    return finetune.kl_divergence(teacher, qmodel.apply_counts(qvars, images, counts))
+    logits = qmodel.apply_counts(qvars, images, counts)
+    if kind == "ce":
+      return train_lib.cross_entropy(logits, jax.numpy.argmax(teacher, -1))
+    return finetune.kl_divergence(teacher, logits)
 
-  return lambda counts: float(kl(qvars, images, teacher, jax.numpy.asarray(counts, jax.numpy.int32)))
+  return lambda counts: float(score(qvars, images, teacher, jax.numpy.asarray(counts, jax.numpy.int32)))
 
 
 def quantize_stage(config, workdir, model, plan, folded, calib, orders, counts, levels):
