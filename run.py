@@ -32,6 +32,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
+  reporting.git_commit()  # pin the provenance to the code at start
   parallel.maybe_initialize_distributed(config.distributed)
   mesh = parallel.make_mesh()
   if mode == "compare":  # every method x ratio/BOPs point (flexiq_jax.compare)

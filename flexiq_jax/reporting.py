@@ -4,6 +4,7 @@ date produced it."""
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import shlex
@@ -13,7 +14,10 @@ import sys
 import jax
 
 
+@functools.lru_cache(maxsize=None)
 def git_commit() -> str:
+  """The checkout's commit (+ '-dirty'), read once per process: results written later in a long
+  run still name the code that started it, whatever was committed or edited meanwhile."""
   here = os.path.dirname(os.path.abspath(__file__))
   try:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
