@@ -84,3 +84,30 @@ def channelwise_bops_table(layers: Mapping[str, LayerInfo], ratios: list[float],
 def lowered_count(info: LayerInfo, ratio: float) -> int:
   """Feature channels lowered at a per-layer ratio: floor(ratio x C) (ratio 1 = all)."""
   return int(np.floor(ratio * info.in_channels + 1e-9))
+
+
+class BopsLatencyModel:
+  """Modelled time of one batch at a 4-bit ratio, for a target whose quantized layers run in
+  time proportional to their BOPs (4-bit x 4-bit MACs at a quarter of the 8 x 8 cost):
+
+      t(r) = t_fixed + t_8bit * relative_bops(r)
+
+  `t_8bit` is the measured (or assumed) time of the quantized layers at ratio 0 and `t_fixed` the
+  time that lowering does not change (data movement, unquantized ops). On machines without 4-bit
+  arithmetic (CPUs, Hopper GPUs) lowered channels run inside the int8 GEMM and measured time does
+  not fall with the ratio: there this model, not a stopwatch, says what the ratio buys.
+  `relative_bops` maps a ratio to BOPs relative to ratio 0 (e.g. quantize.relative_bops_at).
+  """
+
+  def __init__(self, t_8bit: float, relative_bops, t_fixed: float = 0.0, grid_size: int = 101):
+    if t_8bit <= 0 or t_fixed < 0:
+      raise ValueError(f"need t_8bit > 0 and t_fixed >= 0, got {t_8bit}, {t_fixed}")
+    self.t_8bit, self.t_fixed = float(t_8bit), float(t_fixed)
+    # Tabulated once: relative_bops may be a host round trip per call.
+    self.ratios = np.linspace(0.0, 1.0, grid_size)
+    self.bops = np.array([relative_bops(float(r)) for r in self.ratios])
+    if np.any(np.diff(self.bops) > 1e-9):
+      raise ValueError("relative BOPs must not grow with the ratio")
+
+  def __call__(self, ratio: float) -> float:
+    return self.t_fixed + self.t_8bit * float(np.interp(ratio, self.ratios, self.bops))
