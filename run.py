@@ -57,6 +57,7 @@ def main(argv):
   if last >= 6 and (mode != "sweep" or finetuned):
     qvars = experiment.finetune_stage(config, workdir, model, variables, qmodel, qvars, mesh)
     experiment.save_finetuned(workdir, qvars)
+    experiment.save_serving(workdir, qmodel, qvars)
   if mode in ("sweep", "all"):
     after = experiment.sweep(config, qmodel, qvars, mesh, desc="after finetuning") if finetuned else None
     rows = evaluate.ratio_rows(before, after)

@@ -334,6 +334,14 @@ def sweep(config, qmodel, qvars, mesh=None, desc="sweep") -> list[dict]:
   return rows
 
 
+def save_serving(workdir, qmodel, qvars) -> str:
+  """The int8 serving export (no float kernels, see quantize.export_int8) and its plan."""
+  stage = _stage_dir(workdir, "serving")
+  checkpoint.save_tree(os.path.join(stage, "qvars_int8"), quantize.export_int8(qmodel, qvars))
+  reporting.write_json_atomic(os.path.join(stage, "plan.json"), qmodel.plan.to_json())
+  return stage
+
+
 def save_finetuned(workdir, qvars):
   """The finetuned quantized variables, for serving (`run.py` sweeps reload them)."""
   checkpoint.save_tree(os.path.join(workdir, "finetune", "qvars"), qvars)

@@ -258,3 +258,26 @@ def test_quantized_variables_tree_shapes(setup):
   # The params keep the model's own structure (plus folded biases), so QAT trains them directly.
   assert set(shapes["params"]) == set(variables["params"])
   assert "bias" in shapes["params"]["stem"] and "bias" not in variables["params"]["stem"]
+
+
+def test_int8_export_drops_float_kernels_and_is_bit_identical(setup, tmp_path):
+  from flexiq_jax import checkpoint
+
+  model, variables, plan, folded, calib, qvars, images = setup
+  qm = quantize.QuantizedModel(model, plan, mode="int")
+  served = quantize.export_int8(qm, qvars)
+  for path in plan.quantized:
+    assert inspect_model.get_path(served["params"], path)["kernel"].dtype == jnp.int8, path
+  nbytes = lambda tree: sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))
+  kernels = lambda v: [inspect_model.get_path(v["params"], p)["kernel"] for p in plan.quantized]
+  assert nbytes(kernels(served)) * 4 == nbytes(kernels(qvars))
+  checkpoint.save_tree(str(tmp_path / "served"), served)  # what a server loads
+  served = checkpoint.load_tree(str(tmp_path / "served"), served)
+  predict = quantize.make_predict(qm, served)
+  for ratio in (0.0, 0.3, 1.0):
+    np.testing.assert_array_equal(predict(images, ratio), qm.apply(qvars, images, ratio))
+  assert predict.jitted._cache_size() == 1
+  with pytest.raises(ValueError, match="already an int8 export"):
+    quantize.export_int8(qm, served)
+  with pytest.raises(ValueError, match="mode='int'"):
+    quantize.export_int8(qm.with_mode("fake"), qvars)

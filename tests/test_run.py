@@ -47,6 +47,13 @@ def test_all_mode_writes_ratio_table_and_provenance(finished_run):
   assert selection["selector"] == "evolutionary" and selection["search"]["evaluations"] > 0
   assert os.path.exists(os.path.join(workdir, "select", "search_history.png"))
   assert "ratio 0.50" in stdout
+  # The serving export: int8 kernels for every quantized layer, float weights not shipped.
+  from flexiq_jax import checkpoint
+  from flexiq_jax.inspect_model import get_path
+  plan = json.load(open(os.path.join(workdir, "serving", "plan.json")))
+  served = checkpoint.load_tree(os.path.join(workdir, "serving", "qvars_int8"))
+  assert plan["quantized"] and all(
+      str(get_path(served["params"], p)["kernel"].dtype) == "int8" for p in plan["quantized"])
 
 
 def test_rerun_reuses_every_stage(finished_run, tiny_fmnist):

@@ -131,9 +131,13 @@ def quantize_codes(info: LayerInfo, x, kernel, lq: dict, lowered, *, signed: boo
   x_low = lower(xq, lq["act_e"], signed=signed)
   xq = jnp.where(lowered, x_low, xq)
 
-  w = kernel_matrix(info, kernel)
-  s_w = weight_scale(info, kernel)
-  wq = jnp.clip((quant.round_ste if ste else jnp.round)(w / s_w), -WEIGHT_QMAX, WEIGHT_QMAX)
+  if "weight_scale" in lq:  # a serving export: the kernel holds the int8 codes themselves
+    wq = kernel_matrix(info, kernel).astype(jnp.float32)
+    s_w = lq["weight_scale"]
+  else:
+    w = kernel_matrix(info, kernel)
+    s_w = weight_scale(info, kernel)
+    wq = jnp.clip((quant.round_ste if ste else jnp.round)(w / s_w), -WEIGHT_QMAX, WEIGHT_QMAX)
   w_low = lower(wq, gather_channel(lq["weight_e"], info), signed=True)
   lowered_k = gather_channel(lowered, info)
   bias_shift = jnp.zeros(s_w.shape, jnp.float32)
@@ -143,6 +147,14 @@ def quantize_codes(info: LayerInfo, x, kernel, lq: dict, lowered, *, signed: boo
     bias_shift = jnp.sum(lost, axis=tuple(range(lost.ndim - 1))) * s_x * s_w
   wq = jnp.where(lowered_k, w_low, wq)
   return xq, wq, s_x, s_w, bias_shift
+
+
+def weight_codes(info: LayerInfo, kernel):
+  """(int8 codes in the kernel's shape, per-output-channel scale (O,)) of a float kernel, as the
+  integer path computes them: what a serving export stores instead of the float kernel."""
+  s_w = weight_scale(info, kernel)
+  q = jnp.clip(jnp.round(kernel_matrix(info, kernel) / s_w), -WEIGHT_QMAX, WEIGHT_QMAX)
+  return q.astype(jnp.int8).reshape(kernel.shape), s_w
 
 
 def quantized_forward(info: LayerInfo, module, x, kernel, bias, lq: dict, lowered, *, signed: bool,

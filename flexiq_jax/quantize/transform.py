@@ -134,6 +134,25 @@ class QuantizedModel:
     return dataclasses.replace(self, mode=mode)
 
 
+def export_int8(qmodel: QuantizedModel, qvars) -> dict:
+  """The quantized variables for serving: each quantized layer's float kernel replaced by its
+  int8 codes (per-output-channel scale in qvars['quant'][...]['weight_scale']), so the float
+  weights are not shipped. `qmodel.apply` (mode 'int') gives bit-identical logits from it at every
+  ratio. Layers the plan leaves in float, biases and norms stay float."""
+  if qmodel.mode != "int":
+    raise ValueError("export_int8 serves the integer path: use a QuantizedModel with mode='int'")
+  params, quant_tree = qvars["params"], qvars["quant"]
+  for path in qmodel.plan.quantized:
+    info = qmodel.plan.layers[path]
+    layer = get_path(params, path)
+    if layer["kernel"].dtype == jnp.int8:
+      raise ValueError(f"{path}: these variables are already an int8 export")
+    codes, scale = layer_ops.weight_codes(info, layer["kernel"])
+    params = _set_nested(params, path, {**layer, "kernel": codes})
+    quant_tree = _set_nested(quant_tree, path, {**get_path(quant_tree, path), "weight_scale": scale})
+  return {**qvars, "params": params, "quant": quant_tree}
+
+
 def check_ratio(ratio) -> float:
   """Host-side validation for user-facing entry points (inside jit the ratio is clipped)."""
   try:
