@@ -178,7 +178,7 @@ def run_aimet(tmodel, calib, xs, ys, xte, yte):
 def main():
   import torch
   torch.manual_seed(0)
-  from flexiq_jax import reporting
+  from flexiq_jax import records
   xtr, ytr, xte, yte = load_data()
   rng = np.random.default_rng(0)
   calib = xtr[np.sort(rng.choice(len(xtr), NUM_CALIB, replace=False))]
@@ -189,15 +189,15 @@ def main():
     float_test = top1_np(tmodel(torch.from_numpy(xte.transpose(0, 3, 1, 2).copy())).numpy(), yte)
   model, variables = flax_twin(tmodel)
   twin_test = top1_np(model.apply(variables, xte), yte)
-  out = {**reporting.run_info(), "float_test_top1_torch": float_test, "float_test_top1_flax": twin_test,
+  out = {**records.run_info(), "float_test_top1_torch": float_test, "float_test_top1_flax": twin_test,
          "candidates": CANDIDATES, "allowed_drop": ALLOWED_DROP, "num_calib": NUM_CALIB, "num_score": NUM_SCORE}
   out["flexiq_jax"] = run_ours(model, variables, calib, xs, ys, xte, yte)
   try:
     out["aimet"] = run_aimet(tmodel, calib, xs, ys, xte, yte)
   except Exception as e:  # record exactly why aimet could not run
     out["aimet_error"] = "".join(traceback.format_exception(e))[-4000:]
-  reporting.write_json_atomic(OUT + ".json", out)
-  lines = [f"# AIMET AMP vs flexiq_jax.layerwise side by side\n", reporting.provenance_header(out),
+  records.write_json_atomic(OUT + ".json", out)
+  lines = [f"# AIMET AMP vs flexiq_jax.layerwise side by side\n", records.provenance_header(out),
            f"Small CNN (3 convs + linear) trained in torch on Fashion-MNIST, converted to Flax: float test top-1 "
            f"{float_test:.2f}% (torch) / {twin_test:.2f}% (flax). Candidates {', '.join(CANDIDATES)}, allowed drop "
            f"{ALLOWED_DROP} top-1 points on {NUM_SCORE} held-out training images; phase 1 on 128 of {NUM_CALIB} "

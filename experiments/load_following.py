@@ -30,9 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from flexiq_jax import cost  # noqa: E402
 from flexiq_jax import data  # noqa: E402
-from flexiq_jax import experiment  # noqa: E402
+from flexiq_jax import pipeline  # noqa: E402
 from flexiq_jax import quantize  # noqa: E402
-from flexiq_jax import reporting  # noqa: E402
+from flexiq_jax import records  # noqa: E402
 from flexiq_jax import serve  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=False)
@@ -59,12 +59,12 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   config, workdir, batch = _CONFIG.value, _WORKDIR.value, _BATCH.value
-  info = reporting.run_info()
-  model, variables = experiment.train_float(config, workdir)
-  plan, folded, calib = experiment.calibrate_stage(config, workdir, model, variables)
-  orders, counts, levels = experiment.select_stage(config, workdir, model, variables, plan, folded, calib)
-  qmodel, qvars = experiment.quantize_stage(config, workdir, model, plan, folded, calib, orders, counts, levels)
-  qvars = experiment.finetune_stage(config, workdir, model, variables, qmodel, qvars)
+  info = records.run_info()
+  model, variables = pipeline.train_float(config, workdir)
+  plan, folded, calib = pipeline.calibrate_stage(config, workdir, model, variables)
+  orders, counts, levels = pipeline.select_stage(config, workdir, model, variables, plan, folded, calib)
+  qmodel, qvars = pipeline.quantize_stage(config, workdir, model, plan, folded, calib, orders, counts, levels)
+  qvars = pipeline.finetune_stage(config, workdir, model, variables, qmodel, qvars)
 
   predict = quantize.make_predict(qmodel, qvars)
   test = data.get_dataset(config.data, config.data.eval_split)
@@ -110,7 +110,7 @@ def main(argv):
                   1e3 * float(np.percentile(s["wait"], 50)), 1e3 * float(np.percentile(s["wait"], 99)),
                   1e3 * float(s["wait"].max()), 100.0 * float(np.mean(s["wait"] > target))])
   text = (f"# Following a fluctuating load: {config.model.name} on {config.data.name}\n\n"
-          + reporting.provenance_header(info)
+          + records.provenance_header(info)
           + f"Batch {batch}; 8-bit batch time t8 = {1e3 * t8:.2f} ms measured here (at ratio 1: "
             f"{1e3 * t4_measured:.2f} ms measured, {1e3 * latency(1.0):.2f} ms modelled: batch times in the "
             f"simulation are modelled as t8 x relative BOPs, for a target with 4-bit arithmetic). Arrivals: Poisson, "
@@ -118,7 +118,7 @@ def main(argv):
             f"{_TARGET.value:g} x t8 = {1e3 * target:.1f} ms (arrival to answer). "
             f"The same {len(arrivals)} requests ({_PERIODS.value:g} periods) for every policy; request i is "
             f"{config.data.eval_split} image i (mod the split size). Compilations of the quantized apply over all runs: {compilations}.\n\n"
-          + reporting.markdown_table(headers, table))
+          + records.markdown_table(headers, table))
   print(text)
   os.makedirs(_OUT.value, exist_ok=True)
   stem = os.path.join(_OUT.value, f"load_following_{config.model.name}")

@@ -1,8 +1,18 @@
 """flexiq_jax: adaptive mixed-precision (8/4-bit, channel-wise) quantization of vision models.
 
-Pipeline, one subpackage per stage:
-  models -> calibrate -> select -> quantize -> finetune -> evaluate
-with `data` feeding every stage, `train` for the float model and `cost` for MACs/BOPs.
+Notebook API:
+  quantize_model(model, variables, calib_images, levels=..., selector=...) -> (qmodel, qvars)
+  make_predict(qmodel, qvars) -> predict(images, ratio)   (one compilation for every ratio)
+  load_quantized(workdir) -> LoadedRun (config, float model, quantized model, serving variables)
+
+Pipeline, one subpackage per stage (docs/DESIGN.md):
+  models -> calibrate -> select -> quantize -> finetune -> evaluate / serve
+with `data` feeding every stage, `train` for the float model, `cost` for MACs/BOPs, `numerics`
+for the Flax-free quantization maths and `interception` between models and quantization.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+from flexiq_jax.api import LoadedRun, load_quantized, make_predict, quantize_model  # noqa: E402
+
+__all__ = ["LoadedRun", "load_quantized", "make_predict", "quantize_model", "__version__"]

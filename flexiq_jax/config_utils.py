@@ -1,9 +1,6 @@
-"""Helpers for `configs/*.py`: the `get_config(arg)` argument parser and config fingerprints."""
+"""Helpers for `configs/*.py`: the `get_config(arg)` argument parser."""
 
 from __future__ import annotations
-
-import hashlib
-import json
 
 
 def parse_arg(arg: str | None, **defaults) -> dict:
@@ -26,15 +23,3 @@ def parse_arg(arg: str | None, **defaults) -> dict:
       default = defaults[key]
       out[key] = type(default)(value) if default is not None and not isinstance(default, bool) else value
   return out
-
-
-def fingerprint(*sections) -> str:
-  """Stable hash of config sections (ConfigDicts or dicts), to know when a stage's output can be reused."""
-  blob = json.dumps([_plain(s) for s in sections], sort_keys=True, default=str)
-  return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _plain(section):
-  if hasattr(section, "to_dict"):
-    return section.to_dict()
-  return section

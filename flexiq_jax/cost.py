@@ -2,7 +2,7 @@
 mixed-precision algorithm, reports and the latency model all call this module).
 
 MACs are counted for every quantizable layer (`Dense`, `DenseGeneral`, `Conv`, found by
-`inspect_model.trace_layers`) per example, including the token/pixel count: a ViT's `fc1` costs
+`interception.trace`) per example, including the token/pixel count: a ViT's `fc1` costs
 tokens x C x O. BOPs = MACs x weight bits x activation bits. A channel-wise configuration lowers
 `count` of a layer's C feature channels to 4x4 bits; each feature channel carries MACs/C.
 
@@ -17,7 +17,7 @@ from typing import Mapping
 
 import numpy as np
 
-from flexiq_jax.inspect_model import LayerInfo
+from flexiq_jax.interception import LayerInfo
 
 
 def total_macs(layers: Mapping[str, LayerInfo]) -> int:
@@ -49,17 +49,25 @@ def relative_bops(layers: Mapping[str, LayerInfo], lowered: Mapping[str, float],
   return channelwise_bops(layers, lowered, high, low) / channelwise_bops(layers, {}, high, low)
 
 
+def macs_per_channel(channels, macs) -> np.ndarray:
+  """MACs carried by one feature channel of each layer: M_l / C_l, (L,) float64."""
+  return np.asarray(macs, np.float64) / np.asarray(channels, np.float64)
+
+
+def lowered_mac_share(counts, channels, macs):
+  """Share of 4-bit MACs among the MACs of the given layers, with counts[l] of layer l's C_l
+  channels lowered: Σ counts_l M_l / C_l / Σ M_l. counts (L,) -> float, (K, L) -> (K,).
+  Over the lowerable layers this is FlexiQ's ratio; over all quantized layers, the 4-bit share."""
+  counts = np.asarray(counts, np.float64)
+  share = counts @ macs_per_channel(channels, macs) / np.sum(np.asarray(macs, np.float64))
+  return float(share) if np.ndim(share) == 0 else share
+
+
 def low_bit_mac_share(layers: Mapping[str, LayerInfo], lowered: Mapping[str, float]) -> float:
-  """Share of low-bit MACs among all quantized MACs."""
-  low = sum(info.macs_per_channel * float(lowered.get(path, 0)) for path, info in layers.items())
-  return low / total_macs(layers)
-
-
-def macs_table(layers: Mapping[str, LayerInfo]) -> list[dict]:
-  """Per-layer rows for reports: path, kind, C, O, groups, MACs, share of the model."""
-  total = total_macs(layers)
-  return [{"path": p, "kind": i.kind, "in_channels": i.in_channels, "out_channels": i.out_channels,
-           "groups": i.groups, "macs": i.macs, "share": i.macs / total} for p, i in layers.items()]
+  """Share of low-bit MACs among the MACs of `layers`; lowered: {path: lowered channel count}."""
+  infos = list(layers.items())
+  return lowered_mac_share([float(lowered.get(p, 0)) for p, _ in infos], [i.in_channels for _, i in infos],
+                           [i.macs for _, i in infos])
 
 
 def layer_bops(info: LayerInfo, weight_bits: int, act_bits: int) -> float:

@@ -36,13 +36,6 @@ def check_batch_size(batch_size: int, mesh: Mesh, what: str = "batch_size") -> N
                      f"use a multiple of {mesh.size}.")
 
 
-def local_batch_slice(batch_size: int) -> slice:
-  """This process's share of a global batch (all of it on one host)."""
-  per_process = batch_size // jax.process_count()
-  start = jax.process_index() * per_process
-  return slice(start, start + per_process)
-
-
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
   """Host-local numpy batch -> global jax.Arrays sharded along 'data'."""
   sharding = batch_sharded(mesh)

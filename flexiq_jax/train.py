@@ -215,3 +215,18 @@ def create_train_state(model, rng, image_shape, tx, init_variables=None) -> Trai
   batch_stats = init_variables.get("batch_stats", {})
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                     opt_state=tx.init(params))
+
+
+def restore_latest(ckpt_dir: str, state, log=print):
+  """`state` restored from the newest checkpoint in `ckpt_dir` (unchanged if there is none)."""
+  mngr = checkpoint.manager(ckpt_dir)
+  latest = mngr.latest_step()
+  mngr.close()
+  if latest is None:
+    return state
+  return checkpoint.restore(checkpoint.manager(ckpt_dir), state, latest)
+
+
+def float_logits(model, variables, images):
+  """The float model's eval-mode logits (the distillation teacher)."""
+  return model.apply(variables, images, train=False)

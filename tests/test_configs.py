@@ -148,7 +148,7 @@ def test_command_line_overrides_on_the_locked_config(monkeypatch):
       "--config.init_weights=/tmp/w.safetensors"])
   assert config.model.kwargs.image_size == 32 and config.data.image_size == 32
   assert config.train.num_epochs == 0.5 and tuple(config.sweep.ratios) == (0.0, 0.5)
-  assert config.to_dict()["model"]["kwargs"]["image_size"] == 32  # what experiment.build_model reads
+  assert config.to_dict()["model"]["kwargs"]["image_size"] == 32  # what pipeline.build_model reads
   assert config.init_weights == "/tmp/w.safetensors" and config.select.selector == "greedy"
   config = _parse(monkeypatch, ["run.py", f"--config={ROOT}/configs/resnet18.py",
                                 "--config.finetune.num_epochs=1"])

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from flexiq_jax import experiment, finetune, inspect_model, quantize
+from flexiq_jax import pipeline, finetune, inspect_model, quantize
 from tests.test_flexiq import setup  # noqa: F401  (module-scoped fixture)
 
 
@@ -53,12 +53,12 @@ def test_killed_finetune_resumes_to_identical_weights(smoke_config, tmp_path):
   smoke_config.finetune.checkpoint_every_steps = 2
   smoke_config.select.selector = "greedy"
   workdir = str(tmp_path / "pipeline")
-  model, variables = experiment.train_float(smoke_config, workdir)
-  plan, folded, calib = experiment.calibrate_stage(smoke_config, workdir, model, variables)
-  orders, counts, levels = experiment.select_stage(smoke_config, workdir, model, variables, plan, folded, calib)
-  qmodel, qvars = experiment.quantize_stage(smoke_config, workdir, model, plan, folded, calib, orders, counts,
+  model, variables = pipeline.train_float(smoke_config, workdir)
+  plan, folded, calib = pipeline.calibrate_stage(smoke_config, workdir, model, variables)
+  orders, counts, levels = pipeline.select_stage(smoke_config, workdir, model, variables, plan, folded, calib)
+  qmodel, qvars = pipeline.quantize_stage(smoke_config, workdir, model, plan, folded, calib, orders, counts,
                                             levels)
-  full = experiment.finetune_stage(smoke_config, str(tmp_path / "full"), model, variables, qmodel, qvars)
+  full = pipeline.finetune_stage(smoke_config, str(tmp_path / "full"), model, variables, qmodel, qvars)
 
   def crash_at_3(step):
     if step == 3:
@@ -66,10 +66,10 @@ def test_killed_finetune_resumes_to_identical_weights(smoke_config, tmp_path):
 
   crash_dir = str(tmp_path / "crash")
   with pytest.raises(Crash):
-    experiment.finetune_stage(smoke_config, crash_dir, model, variables, qmodel, qvars, on_step=crash_at_3)
+    pipeline.finetune_stage(smoke_config, crash_dir, model, variables, qmodel, qvars, on_step=crash_at_3)
   saved = [int(d) for d in os.listdir(os.path.join(crash_dir, "finetune", "checkpoints")) if d.isdigit()]
   assert max(saved) == 2
-  resumed = experiment.finetune_stage(smoke_config, crash_dir, model, variables, qmodel, qvars)
+  resumed = pipeline.finetune_stage(smoke_config, crash_dir, model, variables, qmodel, qvars)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), full, resumed)
   # Finetuning changed the weights but not the selection.
   assert not np.allclose(full["params"]["layer1_0"]["conv1"]["kernel"], qvars["params"]["layer1_0"]["conv1"]["kernel"])

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import pytest
 
-from flexiq_jax import experiment
+from flexiq_jax import pipeline
 from flexiq_jax import models
 from flexiq_jax.data import fashion_mnist
 
@@ -45,8 +45,8 @@ def test_fmnist_variant_trains_on_real_fashion_mnist(file, tmp_path):
   config.train.log_every_steps = 1
   config.train.checkpoint_every_steps = 100
   config.data.num_threads = 1
-  assert experiment.total_train_steps(config, 60_000) == 3
-  model, variables = experiment.train_float(config, str(tmp_path))
+  assert pipeline.total_train_steps(config, 60_000) == 3
+  model, variables = pipeline.train_float(config, str(tmp_path))
   records = [json.loads(line) for line in open(tmp_path / "float" / "metrics.jsonl")]
   assert [r["step"] for r in records] == [1, 2, 3]
   assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records), records
@@ -130,7 +130,7 @@ def test_run_py_sweep_from_timm_weights_on_mock_imagenet(file, selector, tmp_pat
 
   # num_epochs=0: the float model is the imported checkpoint, unchanged.
   with tfds.testing.mock_data(num_examples=24):
-    _, variables = experiment.train_float(config, workdir)
+    _, variables = pipeline.train_float(config, workdir)
   imported = models.load_timm(name, ckpt, num_classes=1000, image_size=image_size, **flax_kwargs)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(variables), jax.device_get(imported))
 
@@ -168,7 +168,7 @@ def test_vit_at_another_size_from_224_px_timm_weights(tmp_path, monkeypatch):
   config = _run_py(_sweep_argv("vit_s", workdir, ckpt, 32, "greedy"), monkeypatch, timm_kwargs)
   assert config.model.kwargs.image_size == 32
   with tfds.testing.mock_data(num_examples=24):
-    _, variables = experiment.train_float(config, workdir)
+    _, variables = pipeline.train_float(config, workdir)
   assert variables["params"]["pos_embed"].shape[1] == 1 + 2 * 2  # class token + 2x2 patches
   rows = json.load(open(os.path.join(workdir, "results.json")))["metrics"]["ratio_sweep"]
   assert [r["ratio"] for r in rows] == [0.0, 0.5, 1.0]

@@ -1,4 +1,4 @@
-"""Property tests for flexiq_jax.quant.quantizers: grids, (fake) quantization, STE, LSQ, scales."""
+"""Property tests for flexiq_jax.numerics.quantizers: grids, (fake) quantization, STE, LSQ, scales."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flexiq_jax import quant
+from flexiq_jax import numerics
 
 SETTINGS = settings(max_examples=30, deadline=None)
 SHAPE = (3, 5, 4)  # fixed shapes keep XLA compilations (and test time) down
@@ -30,22 +30,22 @@ def _data(seed, symmetric, signed, constant_channels=False):
 
 
 def test_int_range():
-  assert quant.int_range(8, True) == (-128, 127)
-  assert quant.int_range(8, True, narrow=True) == (-127, 127)
-  assert quant.int_range(8, False) == (0, 255)
-  assert quant.int_range(8, False, narrow=True) == (0, 255)
-  assert quant.int_range(4, True) == (-8, 7)
-  assert quant.int_range(4, False) == (0, 15)
-  assert quant.int_range(1, False) == (0, 1)
+  assert numerics.int_range(8, True) == (-128, 127)
+  assert numerics.int_range(8, True, narrow=True) == (-127, 127)
+  assert numerics.int_range(8, False) == (0, 255)
+  assert numerics.int_range(8, False, narrow=True) == (0, 255)
+  assert numerics.int_range(4, True) == (-8, 7)
+  assert numerics.int_range(4, False) == (0, 15)
+  assert numerics.int_range(1, False) == (0, 1)
   with pytest.raises(ValueError):
-    quant.int_range(0, True)
+    numerics.int_range(0, True)
 
 
 def test_round_ste_half_to_even_and_identity_grad():
   x = jnp.array([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 0.49, 0.51])
-  np.testing.assert_array_equal(quant.round_ste(x), [-2, -2, -0, 0, 2, 2, 0, 1])
-  np.testing.assert_array_equal(jax.grad(lambda v: quant.round_ste(v).sum())(x), np.ones(8))
-  np.testing.assert_array_equal(jax.jit(quant.round_ste)(x), jnp.round(x))
+  np.testing.assert_array_equal(numerics.round_ste(x), [-2, -2, -0, 0, 2, 2, 0, 1])
+  np.testing.assert_array_equal(jax.grad(lambda v: numerics.round_ste(v).sum())(x), np.ones(8))
+  np.testing.assert_array_equal(jax.jit(numerics.round_ste)(x), jnp.round(x))
 
 
 @SETTINGS
@@ -55,17 +55,17 @@ def test_roundtrip_error_at_most_half_step(seed, mode, bits, per_channel, narrow
   symmetric, signed = mode
   x = _data(seed, symmetric, signed)
   axis = 1 if per_channel else None
-  lo, hi = quant.minmax_range(x, axis)
-  scale, zp = quant.scale_from_range(lo, hi, bits, symmetric, signed, narrow)
-  qmin, qmax = quant.int_range(bits, signed, narrow)
-  codes = quant.quantize(x, scale, zp, qmin, qmax, axis=axis)
+  lo, hi = numerics.minmax_range(x, axis)
+  scale, zp = numerics.scale_from_range(lo, hi, bits, symmetric, signed, narrow)
+  qmin, qmax = numerics.int_range(bits, signed, narrow)
+  codes = numerics.quantize(x, scale, zp, qmin, qmax, axis=axis)
   assert np.all(codes == np.round(codes)) and codes.min() >= qmin and codes.max() <= qmax
-  back = quant.dequantize(codes, scale, zp, axis=axis)
-  step = np.asarray(quant.expand_to_axis(scale, x.ndim, axis))
+  back = numerics.dequantize(codes, scale, zp, axis=axis)
+  step = np.asarray(numerics.expand_to_axis(scale, x.ndim, axis))
   err = np.abs(np.asarray(back) - x)
   assert np.all(err <= 0.5 * step * (1 + 1e-5) + 1e-6 * np.abs(x)), err.max()
   # fake_quant is the same forward pass.
-  np.testing.assert_array_equal(quant.fake_quant(x, scale, zp, qmin, qmax, axis=axis), back)
+  np.testing.assert_array_equal(numerics.fake_quant(x, scale, zp, qmin, qmax, axis=axis), back)
 
 
 @SETTINGS
@@ -74,17 +74,17 @@ def test_roundtrip_error_at_most_half_step(seed, mode, bits, per_channel, narrow
 def test_fake_quant_idempotent(seed, bits, signed, log_scale, zp_frac, per_channel):
   rng = np.random.default_rng(seed)
   x = (rng.normal(size=SHAPE) * 10.0 ** rng.uniform(-6, 4)).astype(np.float32)  # clipping included
-  qmin, qmax = quant.int_range(bits, signed)
+  qmin, qmax = numerics.int_range(bits, signed)
   if per_channel:
     scale = (10.0 ** (log_scale + rng.uniform(-1, 1, size=SHAPE[-1]))).astype(np.float32)
     zp = rng.integers(qmin, qmax + 1, size=SHAPE[-1]).astype(np.float32)
   else:
     scale = np.float32(10.0 ** log_scale)
     zp = np.float32(np.round(qmin + zp_frac * (qmax - qmin)))
-  once = quant.fake_quant(x, scale, zp, qmin, qmax)
-  np.testing.assert_array_equal(quant.fake_quant(once, scale, zp, qmin, qmax), once)
-  lsq_once = quant.lsq_fake_quant(x, scale, qmin, qmax)
-  np.testing.assert_array_equal(quant.lsq_fake_quant(lsq_once, scale, qmin, qmax), lsq_once)
+  once = numerics.fake_quant(x, scale, zp, qmin, qmax)
+  np.testing.assert_array_equal(numerics.fake_quant(once, scale, zp, qmin, qmax), once)
+  lsq_once = numerics.lsq_fake_quant(x, scale, qmin, qmax)
+  np.testing.assert_array_equal(numerics.lsq_fake_quant(lsq_once, scale, qmin, qmax), lsq_once)
 
 
 @SETTINGS
@@ -102,13 +102,13 @@ def test_zero_and_constant_tensors(seed, mode, bits, per_channel, value):
     x[:, 2, :] = value
   else:
     x = np.full(SHAPE, value, np.float32)
-  qmin, qmax = quant.int_range(bits, signed)
-  lo, hi = quant.minmax_range(x, axis)
-  scale, zp = quant.scale_from_range(lo, hi, bits, symmetric, signed)
+  qmin, qmax = numerics.int_range(bits, signed)
+  lo, hi = numerics.minmax_range(x, axis)
+  scale, zp = numerics.scale_from_range(lo, hi, bits, symmetric, signed)
   assert np.all(np.isfinite(scale)) and np.all(np.asarray(scale) > 0) and np.all(np.isfinite(zp))
-  back = np.asarray(quant.fake_quant(x, scale, zp, qmin, qmax, axis=axis))
+  back = np.asarray(numerics.fake_quant(x, scale, zp, qmin, qmax, axis=axis))
   assert np.all(np.isfinite(back))
-  step = np.asarray(quant.expand_to_axis(scale, x.ndim, axis))
+  step = np.asarray(numerics.expand_to_axis(scale, x.ndim, axis))
   assert np.all(np.abs(back - x) <= 0.5 * step * (1 + 1e-5) + 1e-6 * np.abs(x))
   const = x[:, 2, :] if per_channel else x
   np.testing.assert_allclose(back[:, 2, :] if per_channel else back, const, rtol=1e-5, atol=1e-12)
@@ -117,21 +117,21 @@ def test_zero_and_constant_tensors(seed, mode, bits, per_channel, value):
 
 
 def test_scale_from_range_formulas():
-  s, z = quant.scale_from_range(-3.0, 5.0, 8, symmetric=True, signed=True)
+  s, z = numerics.scale_from_range(-3.0, 5.0, 8, symmetric=True, signed=True)
   assert np.isclose(s, 5.0 / 127) and z == 0
-  s, z = quant.scale_from_range(-3.0, 5.0, 8, symmetric=True, signed=True, narrow=True)
+  s, z = numerics.scale_from_range(-3.0, 5.0, 8, symmetric=True, signed=True, narrow=True)
   assert np.isclose(s, 5.0 / 127) and z == 0
-  s, z = quant.scale_from_range(0.0, 6.0, 8, symmetric=True, signed=False)
+  s, z = numerics.scale_from_range(0.0, 6.0, 8, symmetric=True, signed=False)
   assert np.isclose(s, 6.0 / 255) and z == 0
-  s, z = quant.scale_from_range(-1.0, 3.0, 8, symmetric=False, signed=False)
+  s, z = numerics.scale_from_range(-1.0, 3.0, 8, symmetric=False, signed=False)
   assert np.isclose(s, 4.0 / 255) and z == np.round(0 + 1.0 / (4.0 / 255))
-  s, z = quant.scale_from_range(-1.0, 3.0, 8, symmetric=False, signed=True)
+  s, z = numerics.scale_from_range(-1.0, 3.0, 8, symmetric=False, signed=True)
   assert np.isclose(s, 4.0 / 255) and z == np.round(-128 + 1.0 / (4.0 / 255))
   # A range away from zero is widened to contain it (zero point stays on the grid).
-  s, z = quant.scale_from_range(2.0, 3.0, 4, symmetric=False, signed=True)
+  s, z = numerics.scale_from_range(2.0, 3.0, 4, symmetric=False, signed=True)
   assert np.isclose(s, 3.0 / 15) and z == -8
   # Per-channel vectors broadcast.
-  s, z = quant.scale_from_range(jnp.array([-1.0, 0.0]), jnp.array([1.0, 0.0]), 8, True, True)
+  s, z = numerics.scale_from_range(jnp.array([-1.0, 0.0]), jnp.array([1.0, 0.0]), 8, True, True)
   assert s.shape == (2,) and np.isclose(s[0], 1 / 127) and 0 < s[1] < 1e-9
 
 
@@ -140,7 +140,7 @@ def test_scale_from_range_formulas():
        per_channel=st.booleans())
 def test_fake_quant_clipped_ste_gradient(seed, bits, signed, per_channel):
   rng = np.random.default_rng(seed)
-  qmin, qmax = quant.int_range(bits, signed)
+  qmin, qmax = numerics.int_range(bits, signed)
   scale = (np.exp(rng.uniform(-3, 1, size=SHAPE[-1])) if per_channel else np.exp(rng.uniform(-3, 1)))
   scale = np.asarray(scale, np.float32)
   zp = np.float32(rng.integers(qmin, qmax + 1)) if not signed else np.float32(0)
@@ -149,7 +149,7 @@ def test_fake_quant_clipped_ste_gradient(seed, bits, signed, per_channel):
   v = np.where(np.abs(v - qmax) < 1e-2, v + 0.5, v)
   x = ((v - zp) * scale).astype(np.float32)
   inside = (v >= qmin) & (v <= qmax)
-  grad = jax.jit(jax.grad(lambda x: quant.fake_quant(x, scale, zp, qmin, qmax).sum()))(x)
+  grad = jax.jit(jax.grad(lambda x: numerics.fake_quant(x, scale, zp, qmin, qmax).sum()))(x)
   np.testing.assert_allclose(grad, inside.astype(np.float32), rtol=1e-6, atol=0)
 
 
@@ -164,7 +164,7 @@ def _lsq_reference_scale_grad(x, s, qmin, qmax, g, upstream):
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_lsq_gradients_match_formula(signed, per_channel):
   rng = np.random.default_rng(7)
-  qmin, qmax = quant.int_range(4, signed)
+  qmin, qmax = numerics.int_range(4, signed)
   x = rng.normal(size=(6, 3)).astype(np.float32) * 2.0
   if not signed:
     x = np.abs(x) - 0.3  # some negatives clip to 0
@@ -172,7 +172,7 @@ def test_lsq_gradients_match_formula(signed, per_channel):
   s = np.array([0.31, 0.17, 0.45], np.float32) if per_channel else np.float32(0.23)
 
   def loss(x, s, g=None):
-    return (quant.lsq_fake_quant(x, s, qmin, qmax, g) * upstream).sum()
+    return (numerics.lsq_fake_quant(x, s, qmin, qmax, g) * upstream).sum()
 
   gx, gs = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, s)
   num_scales = np.size(s)
@@ -187,16 +187,16 @@ def test_lsq_gradients_match_formula(signed, per_channel):
   np.testing.assert_allclose(gs2, ref / g_default * 0.5, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(gx2, gx, rtol=1e-6)
   # Forward equals symmetric fake_quant.
-  np.testing.assert_array_equal(quant.lsq_fake_quant(x, s, qmin, qmax), quant.fake_quant(x, s, 0.0, qmin, qmax))
+  np.testing.assert_array_equal(numerics.lsq_fake_quant(x, s, qmin, qmax), numerics.fake_quant(x, s, 0.0, qmin, qmax))
 
 
 def test_lsq_hand_example():
   """x/s = -6..6 on a [-4, 3] grid: inside, round(v) - v = 0; outside, -4 -4 and 3 3 3."""
   x = jnp.linspace(-3.0, 3.0, 13)
-  gs = jax.grad(lambda s: quant.lsq_fake_quant(x, s, -4, 3, grad_scale=1.0).sum())(0.5)
+  gs = jax.grad(lambda s: numerics.lsq_fake_quant(x, s, -4, 3, grad_scale=1.0).sum())(0.5)
   assert np.isclose(gs, -8.0 + 9.0)
   x = jnp.array([0.26, 0.6, 2.0])  # v = 0.52, 1.2, 4 (clipped to 3); g = 1
-  gs = jax.grad(lambda s: quant.lsq_fake_quant(x, s, -4, 3, grad_scale=1.0).sum())(0.5)
+  gs = jax.grad(lambda s: numerics.lsq_fake_quant(x, s, -4, 3, grad_scale=1.0).sum())(0.5)
   assert np.isclose(gs, (1 - 0.52) + (1 - 1.2) + 3.0, atol=1e-6)
 
 
@@ -205,15 +205,15 @@ def test_quantizers_jit_and_axis_argument():
   x = rng.normal(size=(2, 3, 4)).astype(np.float32)
   s = np.array([0.1, 0.2, 0.3], np.float32)
   z = np.array([0.0, 3.0, -2.0], np.float32)
-  qmin, qmax = quant.int_range(8, True)
-  codes = jax.jit(quant.quantize, static_argnames="axis")(x, s, z, qmin, qmax, axis=1)
-  np.testing.assert_array_equal(codes, quant.quantize(x, s[:, None], z[:, None], qmin, qmax))
-  back = jax.jit(quant.dequantize, static_argnames="axis")(codes, s, z, axis=1)
-  np.testing.assert_array_equal(back, quant.dequantize(codes, s[:, None], z[:, None]))
-  fq = jax.jit(quant.fake_quant, static_argnames="axis")(x, s, z, qmin, qmax, axis=-2)
+  qmin, qmax = numerics.int_range(8, True)
+  codes = jax.jit(numerics.quantize, static_argnames="axis")(x, s, z, qmin, qmax, axis=1)
+  np.testing.assert_array_equal(codes, numerics.quantize(x, s[:, None], z[:, None], qmin, qmax))
+  back = jax.jit(numerics.dequantize, static_argnames="axis")(codes, s, z, axis=1)
+  np.testing.assert_array_equal(back, numerics.dequantize(codes, s[:, None], z[:, None]))
+  fq = jax.jit(numerics.fake_quant, static_argnames="axis")(x, s, z, qmin, qmax, axis=-2)
   np.testing.assert_array_equal(fq, back)
-  lsq = jax.jit(quant.lsq_fake_quant, static_argnames="axis")(x, s, qmin, qmax, axis=1)
-  np.testing.assert_array_equal(lsq, quant.fake_quant(x, s, 0.0, qmin, qmax, axis=1))
-  sc, zp = jax.jit(quant.scale_from_range, static_argnums=(2, 3, 4))(-1.0, 2.0, 8, False, True)
+  lsq = jax.jit(numerics.lsq_fake_quant, static_argnames="axis")(x, s, qmin, qmax, axis=1)
+  np.testing.assert_array_equal(lsq, numerics.fake_quant(x, s, 0.0, qmin, qmax, axis=1))
+  sc, zp = jax.jit(numerics.scale_from_range, static_argnums=(2, 3, 4))(-1.0, 2.0, 8, False, True)
   np.testing.assert_allclose(sc, 3.0 / 255)
   assert zp == np.round(-128 + 1.0 / (3.0 / 255))

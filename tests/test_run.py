@@ -82,25 +82,25 @@ def test_select_fitness_kl_and_ce(finished_run, tiny_fmnist):
   import numpy as np
 
   from configs import quickstart
-  from flexiq_jax import experiment, quantize, train
+  from flexiq_jax import pipeline, quantize, train
 
   workdir, _ = finished_run
   config = quickstart.get_config("smoke")
   config.data.data_dir = tiny_fmnist
   config.train.batch_size = 32
-  model, variables = experiment.train_float(config, workdir)  # reused, not retrained
-  plan, folded, calib = experiment.calibrate_stage(config, workdir, model, variables)
+  model, variables = pipeline.train_float(config, workdir)  # reused, not retrained
+  plan, folded, calib = pipeline.calibrate_stage(config, workdir, model, variables)
   orders = {p: np.arange(plan.layers[p].in_channels) for p in plan.eligible}
   none = np.zeros(len(plan.eligible), np.int32)
   every = np.array([plan.layers[p].in_channels for p in plan.eligible], np.int32)
   scores = {}
   for kind in ("kl", "ce"):
     config.select.fitness = kind
-    fitness = experiment._fitness(config, model, variables, plan, folded, calib, orders, [1.0])
+    fitness = pipeline._fitness(config, model, variables, plan, folded, calib, orders, [1.0])
     scores[kind] = (fitness(none), fitness(every))
   assert 0 <= scores["kl"][0] < scores["kl"][1]
   # 'ce' against the float model's labels, by hand, with every channel lowered.
-  images = jax.numpy.concatenate(experiment.calibration_batches(config)[:config.select.fitness_batches])
+  images = jax.numpy.concatenate(pipeline.calibration_batches(config)[:config.select.fitness_batches])
   labels = np.argmax(model.apply(variables, images, train=False), -1)
   qmodel = quantize.QuantizedModel(model, plan, mode="int")
   qvars = quantize.build_qvars(plan, folded, calib, orders, {p: np.zeros(1, np.int32) for p in plan.eligible}, [1.0])
@@ -108,4 +108,4 @@ def test_select_fitness_kl_and_ce(finished_run, tiny_fmnist):
   assert scores["ce"][1] == pytest.approx(float(train.cross_entropy(logits, labels)), rel=1e-4)
   config.select.fitness = "mse"
   with pytest.raises(ValueError, match="select.fitness"):
-    experiment._fitness(config, model, variables, plan, folded, calib, orders, [1.0])
+    pipeline._fitness(config, model, variables, plan, folded, calib, orders, [1.0])

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from flexiq_jax import experiment
+from flexiq_jax import pipeline
 from flexiq_jax import models
 from flexiq_jax import train as train_lib
 
@@ -74,18 +74,18 @@ class Crash(Exception):
 
 def test_killed_run_resumes_to_identical_params(smoke_config, tmp_path):
   full_dir, crash_dir = str(tmp_path / "full"), str(tmp_path / "crash")
-  _, full_vars = experiment.train_float(smoke_config, full_dir)
+  _, full_vars = pipeline.train_float(smoke_config, full_dir)
 
   def crash_at_5(step):
     if step == 5:
       raise Crash()
 
   with pytest.raises(Crash):
-    experiment.train_float(smoke_config, crash_dir, on_step=crash_at_5)
+    pipeline.train_float(smoke_config, crash_dir, on_step=crash_at_5)
   steps_done = sorted(int(d) for d in os.listdir(os.path.join(crash_dir, "float", "checkpoints"))
                       if d.isdigit())
   assert steps_done[-1] == 3  # checkpoints every 3 steps; step 5 was never saved
-  _, resumed_vars = experiment.train_float(smoke_config, crash_dir)
+  _, resumed_vars = pipeline.train_float(smoke_config, crash_dir)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                          full_vars, resumed_vars)
   lines = [json.loads(l) for l in open(os.path.join(full_dir, "float", "metrics.jsonl"))]
@@ -94,12 +94,12 @@ def test_killed_run_resumes_to_identical_params(smoke_config, tmp_path):
 
 def test_finished_float_model_is_reused_not_retrained(smoke_config, tmp_path):
   workdir = str(tmp_path / "w")
-  _, first = experiment.train_float(smoke_config, workdir)
+  _, first = pipeline.train_float(smoke_config, workdir)
   calls = []
-  _, second = experiment.train_float(smoke_config, workdir, on_step=calls.append)
+  _, second = pipeline.train_float(smoke_config, workdir, on_step=calls.append)
   assert calls == []  # no training step ran
   jax.tree_util.tree_map(np.testing.assert_array_equal, first, second)
   changed = smoke_config.copy_and_resolve_references()
   changed.train.learning_rate = 0.5
   with pytest.raises(ValueError, match="different model/data/train config"):
-    experiment.train_float(changed, workdir)
+    pipeline.train_float(changed, workdir)

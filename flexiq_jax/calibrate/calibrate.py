@@ -14,40 +14,80 @@ Activation quantization is symmetric per tensor: unsigned [0, 255] where the cal
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import dataclasses
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexiq_jax import quant
-from flexiq_jax.inspect_model import get_path
+from flexiq_jax import interception
+from flexiq_jax import numerics
+from flexiq_jax.interception import LayerCall, get_path
 from flexiq_jax.quantize import layer_ops
-from flexiq_jax.quantize.plan import QuantPlan, apply_with_layers
+from flexiq_jax.quantize.plan import QuantPlan
 
-NUM_HIST_BINS = 2048
 EXTRACTION_CANDIDATES = (0, 1, 2, 3, 4)
 NAIVE_EXTRACTION = 4  # drop the 4 low bits
 
 
-def _flat(info, x):
-  x = layer_ops.as_matrix_input(info, x)
-  return x.reshape(-1, x.shape[-1])
+class ChannelRanges:
+  """Per-input-channel min and max."""
+
+  merge = {"min": np.minimum, "max": np.maximum}
+
+  def statistics(self, path, x):
+    return {"min": x.min(0), "max": x.max(0)}
 
 
-def _collect(model, plan: QuantPlan, variables, batches, stat_fn: Callable, combine: dict) -> dict:
-  """Runs `stat_fn(path, x2d) -> {name: array}` on each quantized layer's input (N, C) for every
-  batch, merging batches with `combine[name](acc, new)`. One compilation per batch shape."""
+@dataclasses.dataclass(frozen=True)
+class AbsHistograms:
+  """A histogram of |x| over [0, absmax[path]] per layer (percentile and MSE ranges)."""
+
+  absmax: dict
+  num_bins: int = numerics.DEFAULT_NUM_BINS
+  merge = {"hist": np.add}
+
+  def statistics(self, path, x):
+    counts = jnp.zeros((self.num_bins,), jnp.int32)
+    return {"hist": numerics.histogram_update(counts, jnp.abs(x).reshape(-1), 0.0, self.absmax[path])}
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeHistograms:
+  """Per-channel histograms of the 8-bit codes at the calibrated scales (extraction fits)."""
+
+  scales: dict
+  signed: dict
+  merge = {"codes": np.add}
+
+  def statistics(self, path, x):
+    qmin, qmax = numerics.int_range(8, self.signed[path])
+    q = jnp.clip(jnp.round(x / self.scales[path]), qmin, qmax)
+    return {"codes": numerics.code_histogram(q, axis=-1, signed=self.signed[path])}
+
+
+class _Recording:
+  """The provider that computes each layer in float and records `statistics.statistics(path,
+  x (N, C))` of its input."""
+
+  def __init__(self, statistics):
+    self.statistics, self.recorded = statistics, {}
+
+  def layer(self, call: LayerCall, x):
+    self.recorded[call.path] = self.statistics.statistics(call.path, interception.flat_features(call.info, x))
+    return call.float_forward(x)
+
+
+def collect(model, plan: QuantPlan, variables, batches, statistics) -> dict:
+  """Runs `statistics` (ChannelRanges, AbsHistograms, CodeHistograms: a `statistics(path, x)`
+  method and a `merge` {name: fn} of batches) over every batch: {path: {name: numpy array}}.
+  One compilation per batch shape."""
 
   def run(v, images):
-    stats = {}
-
-    def layer_fn(info, module, x, kernel, bias):
-      stats[info.path] = stat_fn(info.path, _flat(info, x))
-      return layer_ops.float_forward(info, module, x, kernel, bias)
-
-    apply_with_layers(model, plan, v, images, layer_fn)
-    return stats
+    recording = _Recording(statistics)
+    interception.run_with_provider(model, plan, v, images, recording)
+    return recording.recorded
 
   run = jax.jit(run)
   acc = None
@@ -56,38 +96,38 @@ def _collect(model, plan: QuantPlan, variables, batches, stat_fn: Callable, comb
     if acc is None:
       acc = new
     else:
-      acc = {p: {k: combine[k](acc[p][k], v) for k, v in d.items()} for p, d in new.items()}
+      acc = {p: {k: statistics.merge[k](acc[p][k], v) for k, v in d.items()} for p, d in new.items()}
   if acc is None:
     raise ValueError("calibration received no batches")
   return acc
 
 
 def _act_scale(method, absmax, signed, hist=None, percentile=99.99):
-  qmin, qmax = quant.int_range(8, signed)
+  qmin, qmax = numerics.int_range(8, signed)
   if method == "minmax" or absmax <= 0:
     clip = absmax
   else:
-    edges = np.linspace(0.0, absmax, NUM_HIST_BINS + 1)
+    edges = np.linspace(0.0, absmax, len(hist) + 1)
     if method == "percentile":
-      clip = float(quant.percentile_range_from_histogram(hist, edges, percentile)[1])
+      clip = float(numerics.percentile_range_from_histogram(hist, edges, percentile)[1])
     else:
       # |x| histogram: an unsigned grid over [0, clip] has the same step as the signed grid's
       # positive half when signed, so fit with the matching level count.
-      clip = float(quant.mse_range_from_histogram(hist, edges, 8 if not signed else 7, True, False)[1])
-  return max(float(clip), 1e-8) / qmax
+      clip = float(numerics.mse_range_from_histogram(hist, edges, 8 if not signed else 7, True, False)[1])
+  return max(float(clip), numerics.MIN_RANGE) / qmax
 
 
 def weight_extraction(info, kernel, candidates=EXTRACTION_CANDIDATES):
   """Per feature channel c, the f in `candidates` minimising Σ_o s_w[o]² (q - lower(q, f))² over
   the kernel elements that multiply channel c; returns (f (C,), error (C,) in real units)."""
-  w = layer_ops.kernel_matrix(info, kernel)
-  s_w = layer_ops.weight_scale(info, kernel)
+  w = interception.kernel_matrix(info, kernel)
+  s_w = numerics.per_channel_weight_scale(w)
   q = jnp.clip(jnp.round(w / s_w), -layer_ops.WEIGHT_QMAX, layer_ops.WEIGHT_QMAX)
   index = layer_ops.weight_channel_index(info)
   index = jnp.broadcast_to(index, q.shape)
   errors = []
   for f in candidates:
-    err = (q - quant.lower_codes(q, f, signed=True)) ** 2 * s_w ** 2
+    err = (q - numerics.lower_codes(q, f, signed=True)) ** 2 * s_w ** 2
     errors.append(jax.ops.segment_sum(err.reshape(-1), index.reshape(-1), num_segments=info.in_channels))
   errors = jnp.stack(errors)  # (len(candidates), C)
   best = jnp.argmin(errors, axis=0)
@@ -96,7 +136,7 @@ def weight_extraction(info, kernel, candidates=EXTRACTION_CANDIDATES):
 
 def calibrate(model, plan: QuantPlan, variables, batches: Sequence[np.ndarray], *, method: str = "minmax",
               percentile: float = 99.99, extraction: str = "fitted") -> dict:
-  """Returns {path: {name: numpy array}} and fills `plan.signed`.
+  """Returns {path: {name: numpy array}} (`plan.with_signedness` reads the input signs from it).
 
   Per layer: 'ch_min', 'ch_max' (C,); 'act_scale' (); 'act_e', 'weight_e' (C,) int32;
   'act_lowering_error' (C,) mean squared error per value (real units) at act_e;
@@ -109,43 +149,29 @@ def calibrate(model, plan: QuantPlan, variables, batches: Sequence[np.ndarray], 
   if extraction not in ("fitted", "naive"):
     raise ValueError(f"unknown extraction {extraction!r}; use 'fitted' or 'naive'")
   batches = list(batches)
-  ranges = _collect(model, plan, variables, batches, lambda p, x: {"min": x.min(0), "max": x.max(0)},
-                    {"min": np.minimum, "max": np.maximum})
+  ranges = collect(model, plan, variables, batches, ChannelRanges())
   absmax = {p: float(max(-r["min"].min(), r["max"].max())) for p, r in ranges.items()}
-  plan.signed = {p: bool(r["min"].min() < 0) for p, r in ranges.items()}
-
+  signed = {p: bool(r["min"].min() < 0) for p, r in ranges.items()}
   hists = {}
   if method != "minmax":
-    edges_max = {p: max(a, 1e-8) for p, a in absmax.items()}
-
-    def abs_hist(p, x):
-      idx = jnp.clip((jnp.abs(x) / edges_max[p] * NUM_HIST_BINS).astype(jnp.int32), 0, NUM_HIST_BINS - 1)
-      return {"hist": jnp.bincount(idx.reshape(-1), length=NUM_HIST_BINS)}
-
-    hists = _collect(model, plan, variables, batches, abs_hist, {"hist": np.add})
-  scales = {p: _act_scale(method, absmax[p], plan.signed[p], hists.get(p, {}).get("hist"), percentile)
+    hists = collect(model, plan, variables, batches, AbsHistograms(absmax))
+  scales = {p: _act_scale(method, absmax[p], signed[p], hists.get(p, {}).get("hist"), percentile)
             for p in plan.quantized}
-
-  def code_hist(p, x):
-    qmin, qmax = quant.int_range(8, plan.signed[p])
-    q = jnp.clip(jnp.round(x / scales[p]), qmin, qmax)
-    return {"codes": quant.code_histogram(q, axis=-1, signed=plan.signed[p])}
-
-  codes = _collect(model, plan, variables, batches, code_hist, {"codes": np.add})
+  codes = collect(model, plan, variables, batches, CodeHistograms(scales, signed))
 
   out = {}
   for p in plan.quantized:
     info = plan.layers[p]
     hist = np.asarray(codes[p]["codes"], np.float64)
     if extraction == "fitted":
-      act_e = np.asarray(quant.fit_extraction_from_histogram(hist, signed=plan.signed[p],
+      act_e = np.asarray(numerics.fit_extraction_from_histogram(hist, signed=signed[p],
                                                              candidates=EXTRACTION_CANDIDATES))
     else:
       act_e = np.full(info.in_channels, NAIVE_EXTRACTION)
-    qmin, _ = quant.int_range(8, plan.signed[p])
+    qmin, _ = numerics.int_range(8, signed[p])
     code_values = np.arange(hist.shape[1]) + qmin
-    lowered = np.asarray(quant.lower_codes(code_values[None, :].astype(np.float32),
-                                           act_e[:, None], signed=plan.signed[p]))
+    lowered = np.asarray(numerics.lower_codes(code_values[None, :].astype(np.float32),
+                                           act_e[:, None], signed=signed[p]))
     counts = np.maximum(hist.sum(1), 1.0)
     act_err = (hist * (code_values[None, :] - lowered) ** 2).sum(1) / counts * scales[p] ** 2
     # Mean code before and after lowering: the expected shift a lowered channel adds to the

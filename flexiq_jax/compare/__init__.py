@@ -1,16 +1,18 @@
-"""The comparison harness (`run.py --mode=compare`) and its uniform baselines."""
+"""The method comparison (`run.py --mode=compare`): a registry of methods with one signature,
+the uniform baselines, and the reports."""
 
-from flexiq_jax.compare.harness import ALL_METHODS, run_compare, write_reports
+from flexiq_jax.compare.harness import ALL_METHODS, METHODS, CompareContext, Row, run_compare, write_reports
 
-__all__ = ["ALL_METHODS", "run_compare", "write_reports"]
+__all__ = ["ALL_METHODS", "METHODS", "CompareContext", "Row", "main", "run_compare", "write_reports"]
 
 
-def main(config, workdir, mesh=None) -> None:
+def main(run) -> dict:
   """`run.py --mode=compare`: float model (trained or reused), its top-1, then every method."""
-  from flexiq_jax import experiment
-  from flexiq_jax import reporting
-  model, variables = experiment.train_float(config, workdir, mesh)
-  float_metrics = experiment.evaluate_float(config, workdir, model, variables, mesh)
-  results = run_compare(config, workdir, model, variables, mesh, float_metrics)
-  reporting.update_results(workdir, config, "compare", results["rows"])
-  print(open(f"{workdir}/compare/compare_table.md").read())
+  from flexiq_jax import pipeline
+  from flexiq_jax import records
+  result = pipeline.run_until(run, "eval")
+  results = run_compare(run, result.float_model, result.float_metrics)
+  records.update_results(run.workdir, run.config, "compare", results["rows"])
+  with open(f"{run.workdir}/compare/compare_table.md") as f:
+    print(f.read())
+  return results

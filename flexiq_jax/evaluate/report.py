@@ -10,33 +10,34 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from flexiq_jax import reporting  # noqa: E402
+from flexiq_jax import records  # noqa: E402
 
 
-def ratio_rows(before: list[dict], after: list[dict] | None) -> list[dict]:
-  after_by_ratio = {r["ratio"]: r for r in after or []}
+def ratio_rows(before, after=None) -> list[dict]:
+  """One row per ratio of `before` (pipeline.RatioPoint list), with `after` beside it."""
+  after_by_ratio = {r.ratio: r for r in after or []}
   rows = []
   for b in before:
-    a = after_by_ratio.get(b["ratio"])
-    rows.append({"ratio": b["ratio"], "top1_before": b["top1"], "top1_after": a["top1"] if a else None,
-                 "top5_before": b["top5"], "top5_after": a["top5"] if a else None,
-                 "relative_bops": b["relative_bops"], "low_bit_mac_share": b["low_bit_mac_share"]})
+    a = after_by_ratio.get(b.ratio)
+    rows.append({"ratio": b.ratio, "top1_before": b.top1, "top1_after": a.top1 if a else None,
+                 "top5_before": b.top5, "top5_after": a.top5 if a else None,
+                 "relative_bops": b.relative_bops, "low_bit_mac_share": b.low_bit_mac_share})
   return rows
 
 
 def write_ratio_report(workdir: str, rows: list[dict], float_metrics: dict | None, title: str) -> str:
-  info = reporting.run_info()
+  info = records.run_info()
   headers = ["4-bit ratio", "top-1 before FT (%)", "top-1 after FT (%)", "relative BOPs", "4-bit MAC share"]
   table = [[f"{100 * r['ratio']:.0f}%", r["top1_before"],
             "-" if r["top1_after"] is None else r["top1_after"], f"{r['relative_bops']:.3f}",
             f"{r['low_bit_mac_share']:.3f}"] for r in rows]
-  text = f"# {title}\n\n" + reporting.provenance_header(info)
+  text = f"# {title}\n\n" + records.provenance_header(info)
   if float_metrics:
     text += f"Float model top-1: {float_metrics['top1']:.2f}%\n\n"
   text += ("Relative BOPs: against the same model with every quantized layer at W8A8. The 4-bit ratio "
            "is the share of 4-bit MACs among the lowerable layers' MACs; the 4-bit MAC share column "
            "counts all quantized layers (first and last stay 8-bit).\n\n")
-  text += reporting.markdown_table(headers, table)
+  text += records.markdown_table(headers, table)
   md_path = os.path.join(workdir, "ratio_table.md")
   with open(md_path, "w") as f:
     f.write(text)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from flexiq_jax import numerics
 from flexiq_jax import train as train_lib
 from flexiq_jax.quantize.transform import QuantizedModel
 
@@ -48,9 +49,12 @@ def merge_qvars(trainable, frozen):
 
 
 def create_state(qvars, tx, lsq: bool) -> QATState:
-  # Copies: the training loop donates its state, which must not delete the caller's qvars.
-  qvars = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), qvars)
-  trainable, frozen = split_qvars(qvars, lsq)
+  return state_from_parts(*split_qvars(qvars, lsq), tx)
+
+
+def state_from_parts(trainable, frozen, tx) -> QATState:
+  # Copies: the training loop donates its state, which must not delete the caller's arrays.
+  trainable, frozen = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), (trainable, frozen))
   return QATState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
                   opt_state=tx.init(trainable))
 
@@ -62,19 +66,19 @@ def kl_divergence(teacher_logits, student_logits):
   return jnp.mean(jnp.sum(jnp.exp(p) * (p - q), axis=-1))
 
 
-def qat_step(state: QATState, batch, *, qmodel: QuantizedModel, tx: optax.GradientTransformation,
-             levels, level_probs, rng_key, teacher_fn: Callable | None = None, distill_weight: float = 0.0,
-             label_smoothing: float = 0.0):
-  """One QAT step at a randomly sampled ratio level; pure: (state, batch) -> (state, metrics)."""
-  rng = jax.random.fold_in(rng_key, state.step)
-  levels = jnp.asarray(levels, jnp.float32)
-  ratio = levels[jax.random.choice(rng, len(levels), p=jnp.asarray(level_probs, jnp.float32))]
+def distill_step(state: QATState, batch, *, logits_fn: Callable, tx: optax.GradientTransformation,
+                 teacher_fn: Callable | None = None, distill_weight: float = 0.0, label_smoothing: float = 0.0,
+                 extra_metrics: dict | None = None):
+  """One step of quantization-aware training, shared by FlexiQ and the QAT baselines; pure:
+  (state, batch) -> (state, metrics). `logits_fn(trainable, frozen, images)` is the quantized
+  forward pass. Loss: cross-entropy, mixed with KL to `teacher_fn` when distilling. Every
+  trainable entry besides 'params' is a quantization scale and is kept positive."""
   teacher = None
   if teacher_fn is not None and distill_weight > 0:
     teacher = jax.lax.stop_gradient(teacher_fn(batch["image"]))
 
   def loss_fn(trainable):
-    logits = qmodel.apply(merge_qvars(trainable, state.frozen), batch["image"], ratio)
+    logits = logits_fn(trainable, state.frozen, batch["image"])
     ce = train_lib.cross_entropy(logits, batch["label"], label_smoothing)
     loss = ce
     if teacher is not None:
@@ -84,8 +88,24 @@ def qat_step(state: QATState, batch, *, qmodel: QuantizedModel, tx: optax.Gradie
   (loss, (logits, ce)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
   updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
   trainable = optax.apply_updates(state.trainable, updates)
-  if "act_scale" in trainable:  # keep learnt scales positive
-    trainable["act_scale"] = jax.tree_util.tree_map(lambda s: jnp.maximum(s, 1e-8), trainable["act_scale"])
-  metrics = {"loss": loss, "ce": ce, "ratio": ratio,
-             "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+  trainable = {k: v if k == "params" else jax.tree_util.tree_map(lambda s: jnp.maximum(s, numerics.MIN_RANGE), v)
+               for k, v in trainable.items()}
+  metrics = {"loss": loss, "ce": ce, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+             "grad_norm": optax.tree.norm(grads), **(extra_metrics or {})}
   return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+
+
+def qat_step(state: QATState, batch, *, qmodel: QuantizedModel, tx: optax.GradientTransformation,
+             levels, level_probs, rng_key, teacher_fn: Callable | None = None, distill_weight: float = 0.0,
+             label_smoothing: float = 0.0):
+  """One multi-ratio QAT step at a randomly sampled ratio level (the ratio is data: one compilation)."""
+  rng = jax.random.fold_in(rng_key, state.step)
+  levels = jnp.asarray(levels, jnp.float32)
+  ratio = levels[jax.random.choice(rng, len(levels), p=jnp.asarray(level_probs, jnp.float32))]
+
+  def logits_fn(trainable, frozen, images):
+    return qmodel.apply(merge_qvars(trainable, frozen), images, ratio)
+
+  return distill_step(state, batch, logits_fn=logits_fn, tx=tx, teacher_fn=teacher_fn,
+                      distill_weight=distill_weight, label_smoothing=label_smoothing,
+                      extra_metrics={"ratio": ratio})

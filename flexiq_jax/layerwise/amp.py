@@ -20,28 +20,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from flexiq_jax import config_utils
-from flexiq_jax import reporting
+from flexiq_jax import records
+from flexiq_jax import stage_cache
+from flexiq_jax.stage_cache import JsonCache
 from flexiq_jax.layerwise import search as phases
-
-
-class JsonCache:
-  """A dict persisted to `path`, valid only for `fingerprint`."""
-
-  def __init__(self, path: str, fingerprint: str):
-    self.path, self.fingerprint = path, fingerprint
-    saved = reporting.read_json(path)
-    self.data = saved["data"] if saved and saved.get("fingerprint") == fingerprint else {}
-
-  def get(self, key, compute: Callable):
-    key = str(key)
-    if key not in self.data:
-      self.data[key] = compute()
-      self.save()
-    return self.data[key]
-
-  def save(self):
-    reporting.write_json_atomic(self.path, {"fingerprint": self.fingerprint, "data": self.data})
 
 
 @dataclasses.dataclass
@@ -65,7 +47,7 @@ def run(problem: AmpProblem, stage_dir: str, fingerprint: str, *, allowed_drop: 
   point (for the Pareto plot) rather than only those phase 3 probes.
   """
   os.makedirs(stage_dir, exist_ok=True)
-  p1_fp = config_utils.fingerprint(fingerprint, "phase1")
+  p1_fp = stage_cache.fingerprint([fingerprint, "phase1"])
   cache1 = JsonCache(os.path.join(stage_dir, "phase1.json"), p1_fp)
   t0 = time.perf_counter()
   sens = phases.sensitivity_list(
@@ -73,13 +55,13 @@ def run(problem: AmpProblem, stage_dir: str, fingerprint: str, *, allowed_drop: 
       lambda g, k: cache1.get(f"{g}:{k}", lambda: problem.sensitivity_fn(g, k)), problem.allowed)
   t1 = time.perf_counter()
   pareto = phases.pareto_list(sens, len(problem.groups), problem.baseline, problem.group_cost)
-  reporting.write_json_atomic(os.path.join(stage_dir, "phase2.json"), {
+  records.write_json_atomic(os.path.join(stage_dir, "phase2.json"), {
       "fingerprint": p1_fp, "groups": problem.groups, "candidates": problem.candidates,
       "baseline": problem.candidates[problem.baseline],
       "sensitivity": [dict(e, group_name=problem.groups[e["group"]],
                            candidate_name=problem.candidates[e["candidate"]]) for e in sens],
       "pareto": pareto})
-  scores = JsonCache(os.path.join(stage_dir, "scores.json"), config_utils.fingerprint(fingerprint, "scores"))
+  scores = JsonCache(os.path.join(stage_dir, "scores.json"), stage_cache.fingerprint([fingerprint, "scores"]))
   evaluations = {"count": 0}
 
   def score(i: int) -> float:
@@ -114,7 +96,7 @@ def run(problem: AmpProblem, stage_dir: str, fingerprint: str, *, allowed_drop: 
                            candidate_name=problem.candidates[e["candidate"]]) for e in sens],
       "pareto": pareto,
   }
-  reporting.write_json_atomic(os.path.join(stage_dir, f"result_{search}_drop{allowed_drop:g}.json"), result)
+  records.write_json_atomic(os.path.join(stage_dir, f"result_{search}_drop{allowed_drop:g}.json"), result)
   log(f"mixed precision ({os.path.basename(stage_dir)}): {n} Pareto points, chose #{chosen} "
       f"(relative BOPs {pareto[chosen]['relative_cost']:.3f}, score {score(chosen):.2f}, target {target:.2f}), "
       f"{evaluations['count']} new evaluations")

@@ -6,78 +6,25 @@ Fake quantization in float: symmetric per-output-channel weights on the narrow g
 calibrated input is non-negative (plan.signed False), signed [-2^(b-1), 2^(b-1)-1] otherwise.
 Clipping ranges come from tables indexed by the traced bit width (0..16): min-max (the same for
 every width) or MSE-fitted per width (activations from an |x| histogram of the calibration
-images, weights per output channel with `quant.mse_range`). Bits 0 = float (the layer's input or
+images, weights per output channel with `numerics.mse_range`). Bits 0 = float (the layer's input or
 weight passes through unchanged).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexiq_jax import quant
-from flexiq_jax.inspect_model import get_path
-from flexiq_jax.quantize import layer_ops
-from flexiq_jax.quantize.plan import QuantPlan, apply_with_layers
+from flexiq_jax import calibrate
+from flexiq_jax import interception
+from flexiq_jax import numerics
+from flexiq_jax.interception import LayerCall, get_path
+from flexiq_jax.quantize.plan import QuantPlan
 
 MAX_BITS = 16
-NUM_HIST_BINS = 2048
-
-
-def _pow2(bits):
-  return jnp.exp2(jnp.maximum(bits, 2).astype(jnp.float32))
-
-
-def act_qrange(bits, signed: bool):
-  """(qmin, qmax) of a traced activation bit width."""
-  if signed:
-    half = _pow2(bits) / 2
-    return -half, half - 1
-  return jnp.float32(0.0), _pow2(bits) - 1
-
-
-def weight_qmax(bits):
-  return _pow2(bits) / 2 - 1
-
-
-def fake_quant_act(x, clip, bits, signed: bool):
-  qmin, qmax = act_qrange(bits, signed)
-  # The unsigned grid spans [0, clip] with qmax steps; the signed one [-clip, clip] with qmax steps.
-  scale = jnp.maximum(clip, 1e-8) / qmax
-  return jnp.clip(jnp.round(x / scale), qmin, qmax) * scale
-
-
-def fake_quant_weight(w, clip, bits):
-  """w (..., O), clip (O,): symmetric per output channel."""
-  qmax = weight_qmax(bits)
-  scale = jnp.maximum(clip, 1e-8) / qmax
-  return jnp.clip(jnp.round(w / scale), -qmax, qmax) * scale
-
-
-def _act_histograms(model, plan: QuantPlan, folded, batches, absmax: dict) -> dict:
-  """|x| histograms of every quantized layer's input over [0, absmax], summed over batches."""
-
-  def run(v, images):
-    hists = {}
-
-    def layer_fn(info, module, x, kernel, bias):
-      a = max(absmax[info.path], 1e-8)
-      idx = jnp.clip((jnp.abs(x) / a * NUM_HIST_BINS).astype(jnp.int32), 0, NUM_HIST_BINS - 1)
-      hists[info.path] = jnp.bincount(idx.reshape(-1), length=NUM_HIST_BINS)
-      return layer_ops.float_forward(info, module, x, kernel, bias)
-
-    apply_with_layers(model, plan, v, images, layer_fn)
-    return hists
-
-  run = jax.jit(run)
-  total = None
-  for images in batches:
-    h = jax.device_get(run(folded, images))
-    total = h if total is None else {p: total[p] + h[p] for p in h}
-  return total
 
 
 def build_tables(model, plan: QuantPlan, folded, calib: dict, *, act_method: str = "minmax",
@@ -96,28 +43,52 @@ def build_tables(model, plan: QuantPlan, folded, calib: dict, *, act_method: str
   if act_method == "mse":
     if batches is None:
       raise ValueError("MSE activation ranges need calibration batches")
-    hists = _act_histograms(model, plan, folded, batches, absmax)
+    hists = calibrate.collect(model, plan, folded, batches, calibrate.AbsHistograms(absmax))
   tables = {}
   for p in plan.quantized:
     info = plan.layers[p]
     act_clip = np.full(MAX_BITS + 1, absmax[p], np.float32)
-    w = np.asarray(layer_ops.kernel_matrix(info, get_path(folded["params"], p)["kernel"]))
+    w = np.asarray(interception.kernel_matrix(info, get_path(folded["params"], p)["kernel"]))
     w2 = w.reshape(-1, w.shape[-1])
     w_absmax = np.abs(w2).max(0)
     w_clip = np.tile(w_absmax[None], (MAX_BITS + 1, 1)).astype(np.float32)
     for b in bits:
       if hists is not None and absmax[p] > 0:
-        edges = np.linspace(0.0, absmax[p], NUM_HIST_BINS + 1)
+        hist = np.asarray(hists[p]["hist"], np.float64)
+        edges = np.linspace(0.0, absmax[p], len(hist) + 1)
         # An unsigned b-bit grid over [0, clip] has the step of the signed grid's positive half
         # at b+1 bits, so a signed input is fitted as unsigned with one bit less.
         fit_bits = b if not plan.signed[p] else b - 1
-        act_clip[b] = float(quant.mse_range_from_histogram(np.asarray(hists[p], np.float64), edges,
+        act_clip[b] = float(numerics.mse_range_from_histogram(hist, edges,
                                                            fit_bits, True, False)[1])
       if weight_method == "mse":
-        lo, hi = quant.mse_range(jnp.asarray(w2), b, symmetric=True, signed=True, axis=-1)
+        lo, hi = numerics.mse_range(jnp.asarray(w2), b, symmetric=True, signed=True, axis=-1)
         w_clip[b] = np.maximum(np.abs(np.asarray(lo)), np.abs(np.asarray(hi)))  # symmetric extent
     tables[p] = {"act_clip": jnp.asarray(act_clip), "weight_clip": jnp.asarray(w_clip)}
   return tables
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerwiseBits:
+  """The provider of layer-wise fake quantization: layer i of plan.quantized at weight_bits[i] x
+  act_bits[i] (traced; 0 = float) with the clipping ranges of `tables` at that width."""
+
+  tables: dict
+  weight_bits: jnp.ndarray  # (L,) int32
+  act_bits: jnp.ndarray  # (L,) int32
+  index: dict  # {path: i}
+  signed: dict  # {path: bool}
+
+  def layer(self, call: LayerCall, x):
+    i = self.index[call.path]
+    wb, ab = self.weight_bits[i], self.act_bits[i]
+    t = self.tables[call.path]
+    xq = numerics.fake_quant_traced_bits(x, t["act_clip"][ab], ab, self.signed[call.path])
+    x = jnp.where(ab > 0, xq, x)
+    wm = interception.kernel_matrix(call.info, call.kernel)
+    wq = numerics.fake_quant_weight_traced_bits(wm, t["weight_clip"][wb], wb)
+    wm = jnp.where(wb > 0, wq, wm)
+    return call.float_forward(x, wm.reshape(call.kernel.shape))
 
 
 def make_apply(model, plan: QuantPlan):
@@ -127,18 +98,8 @@ def make_apply(model, plan: QuantPlan):
   index = {p: i for i, p in enumerate(plan.quantized)}
 
   def apply(variables, tables, weight_bits, act_bits, x):
-    def layer_fn(info, module, h, kernel, bias):
-      i = index[info.path]
-      wb, ab = weight_bits[i], act_bits[i]
-      t = tables[info.path]
-      hq = fake_quant_act(h, t["act_clip"][ab], ab, plan.signed[info.path])
-      h = jnp.where(ab > 0, hq, h)
-      wm = layer_ops.kernel_matrix(info, kernel)
-      wq = fake_quant_weight(wm, t["weight_clip"][wb], wb)
-      wm = jnp.where(wb > 0, wq, wm)
-      return layer_ops.float_forward(info, module, h, wm.reshape(kernel.shape), bias)
-
-    return apply_with_layers(model, plan, variables, x, layer_fn)
+    provider = LayerwiseBits(tables, weight_bits, act_bits, index, plan.signed)
+    return interception.run_with_provider(model, plan, variables, x, provider)
 
   return apply
 

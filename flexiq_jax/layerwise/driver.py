@@ -10,21 +10,23 @@ Data (config.layerwise):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexiq_jax import config_utils
 from flexiq_jax import cost
 from flexiq_jax import data
-from flexiq_jax import reporting
+from flexiq_jax import records
+from flexiq_jax import stage_cache
 from flexiq_jax import train as train_lib
 from flexiq_jax.layerwise import amp
 from flexiq_jax.layerwise import apply as apply_lib
 from flexiq_jax.layerwise import plots
 from flexiq_jax.layerwise.candidates import parse_candidate, parse_candidates
+from flexiq_jax.stage_results import Calibration, FloatModel, Quantized
 
 
 def sensitivity_images(config, calib_batches):
@@ -44,10 +46,8 @@ PHASE3_KEYS = ("allowed_drop", "search", "phase2_full")  # change the choice, no
 
 
 def _fingerprint(config, plan, *extra) -> str:
-  from flexiq_jax import experiment
   lw = {k: v for k, v in config.layerwise.to_dict().items() if k not in PHASE3_KEYS}
-  return config_utils.fingerprint(experiment._float_fingerprint(config), config.quant, config.calib,
-                                  config.data.train_split, lw, plan.quantized, *extra)
+  return stage_cache.fingerprint([stage_cache.stage_fields(config, "calibrate"), lw, plan.quantized, *map(str, extra)])
 
 
 class LayerwiseEvaluator:
@@ -64,10 +64,22 @@ class LayerwiseEvaluator:
     return train_lib.evaluate(self.predict, iter(batches), self.mesh, desc="layerwise eval", args=(wb, ab))["top1"]
 
 
-def layerwise_search(config, workdir, model, variables, plan, folded, calib, calib_batches, mesh=None,
-                     *, allowed_drop=None, search=None, stage_name="layerwise", score_data=None) -> dict:
-  """Phases 1-3 over layer bit widths; cached under <workdir>/<stage_name>/. Returns the summary
-  of amp.run plus the candidates and per-layer bits of the chosen point."""
+@dataclasses.dataclass(frozen=True)
+class LayerwiseSearch:
+  """The layer-wise search's outcome: amp.run's JSON summary, the clipping tables it used and the
+  chosen per-layer bits (over plan.quantized) — data only, evaluated with LayerwiseEvaluator."""
+
+  summary: dict
+  tables: dict
+  weight_bits: np.ndarray
+  act_bits: np.ndarray
+
+
+def layerwise_search(config, workdir, float_model: FloatModel, calibration: Calibration, calib_batches, mesh=None,
+                     *, allowed_drop=None, search=None, stage_name="layerwise", score_data=None) -> LayerwiseSearch:
+  """Phases 1-3 over layer bit widths; cached under <workdir>/<stage_name>/."""
+  model, variables = float_model.model, float_model.variables
+  plan, folded, calib = calibration.plan, calibration.folded, calibration.stats
   lw = config.layerwise
   cands = parse_candidates(lw.candidates)
   baseline = cands.index(parse_candidate(lw.baseline))
@@ -79,8 +91,7 @@ def layerwise_search(config, workdir, model, variables, plan, folded, calib, cal
   images = sensitivity_images(config, calib_batches)
   ref = model.apply(variables, images, train=False)
   groups = list(plan.quantized)
-  layers = {p: plan.layers[p] for p in groups}
-  group_cost = cost.layerwise_bops_table(layers, [c.cost_bits for c in cands])
+  group_cost = cost.layerwise_bops_table(plan.layer_infos(), [c.cost_bits for c in cands])
 
   def bits_of(assignment):
     return apply_lib.bits_arrays(plan, {p: cands[k] for p, k in zip(groups, assignment)})
@@ -104,24 +115,25 @@ def layerwise_search(config, workdir, model, variables, plan, folded, calib, cal
                    search=search or lw.search, phase2_full=lw.phase2_full)
   plots.plot_sensitivity(result, os.path.join(stage, "sensitivity.png"), "Layer-wise sensitivity (SQNR, dB)")
   plots.plot_pareto(result, os.path.join(stage, "pareto.png"), "Layer-wise Pareto front")
-  result["evaluator"] = ev
-  result["bits_of"] = bits_of
-  return result
+  wb, ab = bits_of(result["chosen"]["assignment"])
+  return LayerwiseSearch(result, tables, np.asarray(wb), np.asarray(ab))
 
 
-def flexiq_search(config, workdir, model, variables, plan, folded, calib, calib_batches, qmodel, qvars, mesh=None,
-                  *, score_data=None) -> dict:
+def flexiq_search(config, workdir, float_model: FloatModel, calibration: Calibration, calib_batches,
+                  quantized: Quantized, mesh=None, *, score_data=None) -> dict:
   """Phases 1-2 over FlexiQ per-layer 4-bit ratios (config.layerwise.flexiq_ratios), on the
   quantized model's stored channel orders; groups = the lowerable layers. Phase 1 leaves every
   other layer at 8 bits (ratio 0): the FlexiQ model has no float option. Returns the amp summary
   with 'counts_at_level' {level: {path: count}}: for each select.levels value, the first
   Pareto point whose 4-bit MAC share (of the lowerable layers) reaches it."""
+  model, variables, plan = float_model.model, float_model.variables, calibration.plan
+  qmodel, qvars = quantized.qmodel, quantized.qvars
   lw = config.layerwise
   ratios = [float(r) for r in lw.flexiq_ratios]
   if ratios[0] != 0.0:
     raise ValueError(f"layerwise.flexiq_ratios must start at 0 (the 8-bit baseline), got {ratios}")
-  groups = list(plan.eligible)
-  layers = {p: plan.layers[p] for p in groups}
+  groups = list(plan.lowerable)
+  layers = plan.layer_infos(groups)
   group_cost = cost.channelwise_bops_table(layers, ratios)
   images = sensitivity_images(config, calib_batches)
   ref = model.apply(variables, images, train=False)
@@ -154,16 +166,16 @@ def flexiq_search(config, workdir, model, variables, plan, folded, calib, calib_
   plots.plot_sensitivity(result, os.path.join(stage, "sensitivity.png"), "FlexiQ per-layer ratio sensitivity (SQNR, dB)")
   plots.plot_pareto(result, os.path.join(stage, "pareto.png"), "FlexiQ per-layer-ratio Pareto front")
   macs = np.array([layers[p].macs for p in groups], np.float64)
-  channels = np.array([layers[p].in_channels for p in groups], np.float64)
+  channels = np.array([layers[p].in_channels for p in groups], np.int64)
   at_level = {}
   for level in config.select.levels:
     for point in result["pareto"]:
       counts = np.array([cost.lowered_count(layers[p], ratios[k]) for p, k in zip(groups, point["assignment"])])
-      share = float(counts @ (macs / channels) / macs.sum())
+      share = cost.lowered_mac_share(counts, channels, macs)
       if share >= float(level) - 1e-9:
         at_level[float(level)] = {"counts": dict(zip(groups, counts.tolist())), "share": share,
                                   "relative_cost": point["relative_cost"]}
         break
   result["counts_at_level"] = at_level
-  reporting.write_json_atomic(os.path.join(stage, "counts_at_level.json"), at_level)
+  records.write_json_atomic(os.path.join(stage, "counts_at_level.json"), at_level)
   return result

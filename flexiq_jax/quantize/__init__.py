@@ -1,6 +1,7 @@
-"""Quantize stage: the plan (which layers, BN folding), layer ops and the run-time-ratio transform."""
+"""Quantize stage: the plan (which layers, BN folding), FlexiQ's layer arithmetic and the
+run-time-ratio transform."""
 
-from flexiq_jax.quantize.plan import QuantPlan, apply_with_layers, bn_epsilons, build_plan, fold_batchnorm
-from flexiq_jax.quantize.transform import (QuantizedModel, build_qvars, check_ratio, export_int8,
-                                           low_bit_share_at, lowered_channels, make_predict,
-                                           relative_bops_at)
+from flexiq_jax.quantize.plan import QuantPlan, build_plan, fold_batchnorm, unfolded_batch_stats
+from flexiq_jax.quantize.transform import (FlexiQLayers, QuantizedModel, build_qvars, check_ratio,
+                                           default_conv_accumulator, export_int8, low_bit_share_at,
+                                           lowered_channels, make_predict, relative_bops_at)

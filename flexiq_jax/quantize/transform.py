@@ -25,10 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexiq_jax import cost
+from flexiq_jax import interception
 from flexiq_jax import select
-from flexiq_jax.inspect_model import get_path, set_path
+from flexiq_jax.interception import LayerCall, get_path, set_path
 from flexiq_jax.quantize import layer_ops
-from flexiq_jax.quantize.plan import QuantPlan, apply_with_layers
+from flexiq_jax.quantize.plan import QuantPlan, unfolded_batch_stats
 
 
 def build_qvars(plan: QuantPlan, folded_variables, calib: dict, orders: dict, counts: dict, levels, *,
@@ -44,7 +45,7 @@ def build_qvars(plan: QuantPlan, folded_variables, calib: dict, orders: dict, co
     entry = {"act_scale": jnp.asarray(c["act_scale"], jnp.float32),
              "act_e": jnp.asarray(c["act_e"], jnp.int32),
              "weight_e": jnp.asarray(c["weight_e"], jnp.int32)}
-    if path in plan.eligible:
+    if path in plan.lowerable:
       order = np.asarray(orders[path])
       rank = np.empty_like(order)
       rank[order] = np.arange(len(order))
@@ -53,78 +54,70 @@ def build_qvars(plan: QuantPlan, folded_variables, calib: dict, orders: dict, co
       if bias_correction:
         entry["mean_code"] = jnp.asarray(c["act_mean_code"], jnp.float32)
         entry["mean_lowered"] = jnp.asarray(c["act_mean_lowered"], jnp.float32)
-    quant_tree = _set_nested(quant_tree, path, entry)
+    quant_tree = set_path(quant_tree, path, entry)
   out = {"params": folded_variables["params"], "quant": quant_tree,
          "levels": jnp.asarray(levels, jnp.float32)}
-  stats = _unfolded_stats(folded_variables.get("batch_stats", {}), plan)
+  stats = unfolded_batch_stats(folded_variables, plan)
   if stats:
     out["batch_stats"] = stats
   return out
 
 
-def _set_nested(tree: dict, path: str, value) -> dict:
-  key, _, rest = path.partition("/")
-  new = dict(tree)
-  new[key] = _set_nested(tree.get(key, {}), rest, value) if rest else value
-  return new
+def default_conv_accumulator() -> str:
+  """XLA:GPU runs int8 convolutions only with float32 output (exact up to 2^24 per output)."""
+  return "float32" if jax.default_backend() == "gpu" else "int32"
 
 
-def _unfolded_stats(stats, plan: QuantPlan):
-  flat = flatten_paths(stats)
-  keep = {p: v for p, v in flat.items() if not any(p.startswith(bn + "/") for bn in plan.folded_bn)}
-  tree: dict = {}
-  for p, v in keep.items():
-    tree = _set_nested(tree, p, v)
-  return tree
+@dataclasses.dataclass(frozen=True)
+class FlexiQLayers:
+  """The provider of FlexiQ's quantized layers: layer p lowers the channels whose rank is below
+  counts[p] (layers without a count lower none)."""
 
+  quant: dict  # qvars['quant']
+  counts: dict  # {lowerable path: traced count}
+  signed: dict  # {path: bool}
+  mode: str
+  lsq: bool
+  conv_accumulator: str
 
-def flatten_paths(tree, prefix="") -> dict:
-  out = {}
-  for k, v in tree.items():
-    p = f"{prefix}/{k}" if prefix else k
-    if isinstance(v, dict):
-      out.update(flatten_paths(v, p))
+  def layer(self, call: LayerCall, x):
+    lq = get_path(self.quant, call.path)
+    if call.path in self.counts:
+      lowered = lq["rank"] < self.counts[call.path]
     else:
-      out[p] = v
-  return out
+      lowered = jnp.zeros((call.info.in_channels,), bool)
+    acc = jnp.int32 if self.conv_accumulator == "int32" else jnp.float32
+    return layer_ops.quantized_forward(call, x, lq, lowered, signed=self.signed[call.path], mode=self.mode,
+                                       lsq=self.lsq, conv_accumulator=acc)
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantizedModel:
   """mode 'int': int8 codes, int32 accumulation (evaluation, serving); 'fake': the same values
-  in float with straight-through gradients (QAT). lsq: learnable activation scales (LSQ)."""
+  in float with straight-through gradients (QAT). lsq: learnable activation scales (LSQ).
+  conv_accumulator: 'int32' or 'float32' (None: chosen from the backend; GPUs need float32)."""
 
   model: nn.Module
   plan: QuantPlan
   mode: str = "int"
   lsq: bool = False
-  conv_accumulator: str = "int32"  # GPUs: int8 convs only run with float32 accumulation
+  conv_accumulator: str | None = None
 
   def layer_counts(self, qvars, ratio) -> dict:
-    """{eligible path: channels lowered at ratio}, traced."""
-    if not self.plan.eligible:
+    """{lowerable path: channels lowered at ratio}, traced."""
+    if not self.plan.lowerable:
       return {}
     ratio = jnp.clip(jnp.asarray(ratio, jnp.float32), 0.0, 1.0)
-    counts = jnp.stack([get_path(qvars["quant"], p)["counts"] for p in self.plan.eligible], axis=1)
+    counts = jnp.stack([get_path(qvars["quant"], p)["counts"] for p in self.plan.lowerable], axis=1)
     at_ratio = select.interpolate_counts(counts, qvars["levels"], ratio)
-    return {p: at_ratio[i] for i, p in enumerate(self.plan.eligible)}
+    return {p: at_ratio[i] for i, p in enumerate(self.plan.lowerable)}
 
   def apply_counts(self, qvars, x, counts: dict):
     """Logits with layer p lowering its first counts[p] channels (others: none lowered)."""
-    acc = jnp.int32 if self.conv_accumulator == "int32" else jnp.float32
-
-    def layer_fn(info, module, h, kernel, bias):
-      lq = get_path(qvars["quant"], info.path)
-      if info.path in counts:
-        lowered = lq["rank"] < counts[info.path]
-      else:
-        lowered = jnp.zeros((info.in_channels,), bool)
-      return layer_ops.quantized_forward(info, module, h, kernel, bias, lq, lowered,
-                                         signed=self.plan.signed[info.path], mode=self.mode, lsq=self.lsq,
-                                         conv_accumulator=acc)
-
+    provider = FlexiQLayers(qvars["quant"], counts, self.plan.signed, self.mode, self.lsq,
+                            self.conv_accumulator or default_conv_accumulator())
     variables = {k: v for k, v in qvars.items() if k in ("params", "batch_stats")}
-    return apply_with_layers(self.model, self.plan, variables, x, layer_fn)
+    return interception.run_with_provider(self.model, self.plan, variables, x, provider)
 
   def apply(self, qvars, x, ratio):
     """Logits at a 4-bit ratio in [0, 1] (a traced scalar: no recompilation when it changes)."""
@@ -148,8 +141,8 @@ def export_int8(qmodel: QuantizedModel, qvars) -> dict:
     if layer["kernel"].dtype == jnp.int8:
       raise ValueError(f"{path}: these variables are already an int8 export")
     codes, scale = layer_ops.weight_codes(info, layer["kernel"])
-    params = _set_nested(params, path, {**layer, "kernel": codes})
-    quant_tree = _set_nested(quant_tree, path, {**get_path(quant_tree, path), "weight_scale": scale})
+    params = set_path(params, path, {**layer, "kernel": codes})
+    quant_tree = set_path(quant_tree, path, {**get_path(quant_tree, path), "weight_scale": scale})
   return {**qvars, "params": params, "quant": quant_tree}
 
 
@@ -176,16 +169,14 @@ def make_predict(qmodel: QuantizedModel, qvars):
 
 
 def lowered_channels(qmodel: QuantizedModel, qvars, ratio) -> dict:
-  """{eligible path: lowered channel count} at a host ratio (for cost reports)."""
+  """{lowerable path: lowered channel count} at a host ratio (for cost reports)."""
   counts = jax.device_get(qmodel.layer_counts(qvars, check_ratio(ratio)))
   return {p: float(v) for p, v in counts.items()}
 
 
 def relative_bops_at(qmodel: QuantizedModel, qvars, ratio) -> float:
-  layers = {p: qmodel.plan.layers[p] for p in qmodel.plan.quantized}
-  return cost.relative_bops(layers, lowered_channels(qmodel, qvars, ratio))
+  return cost.relative_bops(qmodel.plan.layer_infos(), lowered_channels(qmodel, qvars, ratio))
 
 
 def low_bit_share_at(qmodel: QuantizedModel, qvars, ratio) -> float:
-  layers = {p: qmodel.plan.layers[p] for p in qmodel.plan.quantized}
-  return cost.low_bit_mac_share(layers, lowered_channels(qmodel, qvars, ratio))
+  return cost.low_bit_mac_share(qmodel.plan.layer_infos(), lowered_channels(qmodel, qvars, ratio))

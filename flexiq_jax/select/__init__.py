@@ -1,14 +1,17 @@
 """Channel selection: which feature channels each layer lowers to 4 bits at each ratio level.
 
 Model-agnostic host-side numpy (jax.numpy only for `interpolate_counts`, which runs inside the
-quantized apply). A layer l of the L eligible layers stores one channel `order` (lowered
+quantized apply). A layer l of the L lowerable layers stores one channel `order` (lowered
 first; `ordering`) and one count per ratio level; selectors return counts (K, L) int32, nested
 across levels and on the MAC budget at each (conventions and the tolerance in `budget`).
+`fitness` (the evolutionary search's score, which runs the quantized model) is imported from its
+module: it depends on the quantize package, which itself uses `interpolate_counts`.
 """
 
 from flexiq_jax.select.budget import (budget_tolerance, check_problem, counts_for_uniform_ratio,
-                                      mac_ratio, macs_per_channel, repair_to_budget)
+                                      repair_to_budget)
 from flexiq_jax.select.evolutionary import SearchResult, evolutionary_search
+from flexiq_jax.select.lowerable import LowerableLayers, channel_orders
 from flexiq_jax.select.interpolate import interpolate_counts, interpolate_counts_np
 from flexiq_jax.select.ordering import (DEFAULT_RTOL, channel_order, order_to_rank, random_order,
                                         range_bins)
@@ -18,9 +21,9 @@ from flexiq_jax.select.selectors import (global_channel_sequence, select_greedy_
                                          select_random, select_uniform)
 
 __all__ = [
-    "DEFAULT_RTOL", "SELECTORS", "SearchResult", "budget_tolerance", "channel_order",
+    "DEFAULT_RTOL", "LowerableLayers", "channel_orders", "SELECTORS", "SearchResult", "budget_tolerance", "channel_order",
     "check_problem", "counts_for_uniform_ratio", "evolutionary_search", "get_selector",
-    "global_channel_sequence", "interpolate_counts", "interpolate_counts_np", "mac_ratio",
-    "macs_per_channel", "order_to_rank", "plot_search_history", "random_order", "range_bins",
+    "global_channel_sequence", "interpolate_counts", "interpolate_counts_np",
+    "order_to_rank", "plot_search_history", "random_order", "range_bins",
     "repair_to_budget", "select", "select_greedy_by_range", "select_random", "select_uniform",
 ]

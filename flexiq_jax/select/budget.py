@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from flexiq_jax import cost
+
 # Relative slack for float comparisons of MAC sums.
 _EPS = 1e-9
 
@@ -44,22 +46,9 @@ def check_problem(levels, channels, macs):
   return levels, channels, macs
 
 
-def macs_per_channel(channels, macs) -> np.ndarray:
-  """w_l = M_l / C_l, (L,) float64."""
-  return np.asarray(macs, np.float64) / np.asarray(channels, np.float64)
-
-
 def budget_tolerance(channels, macs) -> float:
   """max_l w_l / sum_l M_l: the ratio step of one channel of the coarsest layer."""
-  return float(np.max(macs_per_channel(channels, macs)) / np.sum(np.asarray(macs, np.float64)))
-
-
-def mac_ratio(counts, channels, macs):
-  """Share of 4-bit MACs; counts (L,) -> float, (K, L) -> (K,) float64."""
-  counts = np.asarray(counts, np.float64)
-  w = macs_per_channel(channels, macs)
-  ratio = counts @ w / np.sum(np.asarray(macs, np.float64))
-  return float(ratio) if np.ndim(ratio) == 0 else ratio
+  return float(np.max(cost.macs_per_channel(channels, macs)) / np.sum(np.asarray(macs, np.float64)))
 
 
 def _fill(room, w, amount, order):
@@ -96,7 +85,7 @@ def repair_to_budget(counts, r, channels, macs, lower=None, upper=None, rng=None
 
   The result lies in [lower, upper] elementwise (defaults 0 and C; `counts` is clipped there
   first) and |ratio - r| <= tol (module docstring): within half a channel of the finest movable
-  layer whenever mac_ratio(lower) <= r <= mac_ratio(upper). Channels are added (or removed)
+  layer whenever cost.lowered_mac_share(lower) <= r <= cost.lowered_mac_share(upper). Channels are added (or removed)
   in proportion to each layer's room towards upper (or lower), then the remainder one whole
   channel at a time: layers by decreasing w_l (fewest channels moved) without `rng`, in a
   random order drawn from `rng` (a numpy Generator or seed) with it. Deterministic given rng.
@@ -110,11 +99,11 @@ def repair_to_budget(counts, r, channels, macs, lower=None, upper=None, rng=None
   upper = channels.copy() if upper is None else np.asarray(upper, np.int64)
   if np.any(lower < 0) or np.any(upper > channels) or np.any(lower > upper):
     raise ValueError("bounds must satisfy 0 <= lower <= upper <= C")
-  w = macs_per_channel(channels, macs)
-  return _repair(counts, r, w, float(np.sum(macs)), lower, upper, rng)
+  w = cost.macs_per_channel(channels, macs)
+  return repair_validated(counts, r, w, float(np.sum(macs)), lower, upper, rng)
 
 
-def _repair(counts, r, w, total, lower, upper, rng) -> np.ndarray:
+def repair_validated(counts, r, w, total, lower, upper, rng) -> np.ndarray:
   """`repair_to_budget` without input validation, for callers that repair in a loop."""
   counts = np.clip(np.round(np.asarray(counts, np.float64)).astype(np.int64), lower, upper)
   if rng is None:

@@ -27,6 +27,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from flexiq_jax import cost
+
 from flexiq_jax.select import budget
 from flexiq_jax.select.ordering import DEFAULT_RTOL
 from flexiq_jax.select.selectors import select_greedy_by_range, trivial_counts
@@ -96,7 +98,7 @@ def evolutionary_search(levels, channels, macs, fitness_fn: Callable[[np.ndarray
     raise ValueError("mutation_rate and crossover_rate must be in [0, 1], mutation_scale > 0")
   rng = np.random.default_rng(seed)
   num_layers = channels.size
-  w = budget.macs_per_channel(channels, macs)
+  w = cost.macs_per_channel(channels, macs)
   total = float(np.sum(macs))
   seeds = _init_rows(init, levels.size, num_layers)
   if ranges is not None:
@@ -147,7 +149,7 @@ def evolutionary_search(levels, channels, macs, fitness_fn: Callable[[np.ndarray
     evals_before = len(cache)
 
     def repair(g):
-      return budget._repair(g, r, w, total, lower, upper, rng)  # inputs validated above
+      return budget.repair_validated(g, r, w, total, lower, upper, rng)  # inputs validated above
 
     # Generation 0: uniform, greedy, init rows, then random genomes.
     candidates = [budget.counts_for_uniform_ratio(r, channels, macs, lower=lower)]

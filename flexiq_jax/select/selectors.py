@@ -2,7 +2,7 @@
 
 Every selector takes (levels (K,), channels (L,), macs (L,), ...) (conventions in `budget`) and
 returns counts (K, L) int32 that are nested (counts[k] <= counts[k + 1] elementwise), on budget
-at every level (|mac_ratio(counts[k]) - levels[k]| <= budget_tolerance), all zeros at level 0
+at every level (|cost.lowered_mac_share(counts[k]) - levels[k]| <= budget_tolerance), all zeros at level 0
 and all channels (C) at level 1.
 """
 
@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import numpy as np
+
+from flexiq_jax import cost
 
 from flexiq_jax.select import budget
 from flexiq_jax.select.ordering import DEFAULT_RTOL, channel_order
@@ -91,7 +93,7 @@ def select_greedy_by_range(levels, channels, macs, ranges: Sequence, *, lowering
   levels, channels, macs = budget.check_problem(levels, channels, macs)
   layer_seq, _ = global_channel_sequence(channels, ranges, lowering_error, normalize=normalize,
                                          rtol=rtol)
-  w = budget.macs_per_channel(channels, macs)
+  w = cost.macs_per_channel(channels, macs)
   cum = np.concatenate([[0.0], np.cumsum(w[layer_seq])]) / np.sum(macs)
   out = np.zeros((levels.size, channels.size), np.int64)
   n_prev = 0

@@ -1,6 +1,6 @@
 """Axis helpers shared by the quantizers, the calibrators and the extraction code.
 
-Convention everywhere in `flexiq_jax.quant`: `axis` names the *channel axis that is kept*
+Convention everywhere in `flexiq_jax.numerics`: `axis` names the *channel axis that is kept*
 (per-channel statistics have one entry per index along it); `axis=None` means per-tensor.
 Per-channel parameters are 1-D arrays of length C, reshaped here to broadcast against the data.
 """

@@ -21,8 +21,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from flexiq_jax.quant.quantizers import MIN_RANGE, fake_quant, int_range, scale_from_range
-from flexiq_jax.quant.shapes import channels_first, normalize_axis
+from flexiq_jax.numerics.quantizers import MIN_RANGE, fake_quant, int_range, scale_from_range
+from flexiq_jax.numerics.shapes import channels_first, normalize_axis
 
 DEFAULT_NUM_BINS = 2048
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from flexiq_jax.quant.shapes import expand_to_axis
+from flexiq_jax.numerics.shapes import expand_to_axis
 
 # Floor on a calibrated range so that an all-zero or constant tensor never yields scale 0 / NaN.
 MIN_RANGE = 1e-8
@@ -182,3 +182,43 @@ def scale_from_range(lo, hi, bits: int, symmetric: bool, signed: bool, narrow: b
   scale = jnp.maximum(hi - lo, MIN_RANGE) / (qmax - qmin)
   zero_point = jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax)
   return scale, zero_point
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-output-channel weights and bit widths held as traced data.
+
+WEIGHT_QMAX_8BIT = 127  # symmetric narrow int8 weights: [-127, 127]
+
+
+def per_channel_weight_scale(w, qmax=WEIGHT_QMAX_8BIT):
+  """Symmetric scale per output channel (the last axis) from the current weights; no gradient
+  flows through it (the weights' straight-through estimator carries the gradient)."""
+  absmax = jnp.max(jnp.abs(jax.lax.stop_gradient(w)), axis=tuple(range(w.ndim - 1)))
+  return jnp.maximum(absmax, MIN_RANGE) / qmax
+
+
+def _pow2(bits):
+  return jnp.exp2(jnp.maximum(bits, 2).astype(jnp.float32))
+
+
+def traced_int_range(bits, signed: bool):
+  """`int_range` for a traced bit width (as float32 bounds; widths below 2 act as 2)."""
+  if signed:
+    half = _pow2(bits) / 2
+    return -half, half - 1
+  return jnp.float32(0.0), _pow2(bits) - 1
+
+
+def fake_quant_traced_bits(x, clip, bits, signed: bool):
+  """Symmetric per-tensor fake quant over [-clip, clip] (signed) or [0, clip] (unsigned) with a
+  traced bit width: one compilation serves every width."""
+  qmin, qmax = traced_int_range(bits, signed)
+  scale = jnp.maximum(clip, MIN_RANGE) / qmax
+  return jnp.clip(jnp.round(x / scale), qmin, qmax) * scale
+
+
+def fake_quant_weight_traced_bits(w, clip, bits):
+  """Symmetric narrow-grid fake quant per output channel: w (..., O), clip (O,), traced bits."""
+  qmax = _pow2(bits) / 2 - 1
+  scale = jnp.maximum(clip, MIN_RANGE) / qmax
+  return jnp.clip(jnp.round(w / scale), -qmax, qmax) * scale

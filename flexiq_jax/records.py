@@ -72,6 +72,14 @@ def update_results(workdir: str, config, section: str, metrics, argv=None) -> di
   return results
 
 
+def write_run_config(workdir: str, config) -> str:
+  """<workdir>/config.json: the resolved config of this invocation (written at start, in every
+  mode; `flexiq_jax.load_quantized` rebuilds the model from it)."""
+  path = os.path.join(workdir, "config.json")
+  write_json_atomic(path, config.to_dict() if hasattr(config, "to_dict") else config)
+  return path
+
+
 def markdown_table(headers: list[str], rows: list[list]) -> str:
   def fmt(v):
     return f"{v:.2f}" if isinstance(v, float) else str(v)

@@ -37,8 +37,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from flexiq_jax.quant.quantizers import int_range
-from flexiq_jax.quant.shapes import channels_first, expand_to_axis
+from flexiq_jax.numerics.quantizers import int_range
+from flexiq_jax.numerics.shapes import channels_first, expand_to_axis
 
 DEFAULT_CANDIDATES = (0, 1, 2, 3, 4)
 

@@ -1,0 +1,58 @@
+"""Command-line conveniences shared by run.py and experiments/: `--config=vit_b.py` finds
+configs/vit_b.py, and the default workdir is named after the config."""
+
+from __future__ import annotations
+
+import os
+import re
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def config_dirs() -> list[str]:
+  """Where bare config names are looked up: ./configs, then the repository's configs/."""
+  dirs = [os.path.join(os.getcwd(), "configs"), os.path.join(_REPO_ROOT, "configs")]
+  return list(dict.fromkeys(d for d in dirs if os.path.isdir(d)))
+
+
+def available_configs() -> list[str]:
+  names = set()
+  for d in config_dirs():
+    names.update(f for f in os.listdir(d) if f.endswith(".py") and f not in ("__init__.py", "common.py"))
+  return sorted(names)
+
+
+def resolve_config(value: str) -> str:
+  """'vit_b.py:fmnist' or 'vit_b:fmnist' -> 'configs/vit_b.py:fmnist' when the path as given does
+  not exist; an unknown name is an error listing the configs."""
+  path, sep, arg = value.partition(":")
+  if os.path.exists(path):
+    return value
+  name = os.path.basename(path)
+  name = name if name.endswith(".py") else name + ".py"
+  for d in config_dirs():
+    candidate = os.path.join(d, name)
+    if os.path.exists(candidate):
+      return os.path.relpath(candidate) + sep + arg
+  raise SystemExit(f"error: config {path!r} not found (looked for it as given and in "
+                   f"{', '.join(config_dirs()) or 'configs/'}). Known configs: {', '.join(available_configs())}")
+
+
+def resolve_config_argv(argv: list[str]) -> list[str]:
+  """argv with the value of --config resolved (see resolve_config); other arguments untouched."""
+  out = list(argv)
+  for i, a in enumerate(out):
+    if a.startswith("--config="):
+      out[i] = "--config=" + resolve_config(a[len("--config="):])
+    elif a == "--config" and i + 1 < len(out):
+      out[i + 1] = resolve_config(out[i + 1])
+  return out
+
+
+def default_workdir(config_value: str) -> str:
+  """workdirs/<config name>[_<args>]: 'configs/vit_b.py:fmnist,smoke' -> 'workdirs/vit_b_fmnist_smoke'."""
+  path, _, arg = config_value.partition(":")
+  name = os.path.splitext(os.path.basename(path))[0]
+  if arg:
+    name += "_" + re.sub(r"[^A-Za-z0-9.=-]+", "_", arg)
+  return os.path.join("workdirs", name)

@@ -1,0 +1,305 @@
+"""The one interception point between linen models and quantization.
+
+Models are plain Flax modules that know nothing of quantization. This module
+  * traces a model once (`trace`, under `jax.eval_shape`: no FLOPs) to find every `Dense`,
+    `DenseGeneral` and `Conv` call (`LayerInfo`: module path, shapes, MACs) and every BatchNorm
+    that directly consumes a conv's output (foldable), with its epsilon; and
+  * runs a model with chosen layers computed by a *provider* (`run_with_provider`): an object
+    whose `layer(call, x)` returns the layer's output. Calibration, the FlexiQ apply, the
+    layer-wise apply and the baselines are each a provider; none touches `intercept_methods`.
+
+It also holds the geometry of an intercepted layer that every provider shares (`kernel_matrix`,
+`as_matrix_input`, `float_forward`, the conv call), so a provider is only its own arithmetic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+QUANTIZABLE = (nn.Dense, nn.DenseGeneral, nn.Conv)
+
+
+def path_str(module: nn.Module) -> str:
+  return "/".join(module.path)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+  """One quantizable call. Feature (input) channels C, output channels O.
+
+  For a grouped conv each output channel reads C/groups input channels; for a depthwise conv
+  (groups == C) the feature channel a filter reads is also its output channel.
+  """
+
+  path: str
+  kind: str  # 'dense' | 'conv'
+  order: int  # call order in the forward pass
+  in_channels: int
+  out_channels: int
+  groups: int
+  kernel_shape: tuple[int, ...]
+  input_shape: tuple[int, ...]
+  output_shape: tuple[int, ...]
+  contracted_axes: int  # trailing input axes contracted (DenseGeneral may contract several)
+
+  @property
+  def positions(self) -> int:
+    """Output positions per example (tokens for dense layers, pixels for convs)."""
+    feature_dims = 1 if self.kind == "conv" else len(self.output_shape) - (len(self.input_shape) - self.contracted_axes)
+    return int(np.prod(self.output_shape[1:len(self.output_shape) - feature_dims]))
+
+  @property
+  def macs(self) -> int:
+    """Multiply-accumulates per example."""
+    per_position = self.in_channels * self.out_channels // self.groups
+    if self.kind == "conv":
+      per_position *= int(np.prod(self.kernel_shape[:-2]))
+    return self.positions * per_position
+
+  @property
+  def macs_per_channel(self) -> float:
+    return self.macs / self.in_channels
+
+
+@dataclasses.dataclass(frozen=True)
+class Trace:
+  """What one traced forward pass found."""
+
+  layers: dict[str, LayerInfo]  # quantizable layers, in call order
+  foldable_bn: dict[str, str]  # BatchNorm path -> the conv path whose output it normalises
+  bn_epsilon: dict[str, float]  # every BatchNorm's epsilon (models differ: 1e-5, 1e-3, ...)
+
+
+def _dense_axes(module) -> int:
+  if isinstance(module, nn.Dense):
+    return 1
+  axis = module.axis
+  if getattr(module, "batch_dims", ()):
+    raise NotImplementedError(f"{path_str(module)}: DenseGeneral with batch_dims is not supported")
+  axes = (axis,) if isinstance(axis, int) else tuple(axis)
+  return len(axes)
+
+
+def sample_input(image_shape, batch: int = 1) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct((batch,) + tuple(image_shape), jnp.float32)
+
+
+def trace(model: nn.Module, variables, image_shape) -> Trace:
+  """Traces `model.apply(variables, images, train=False)` on an abstract batch of one image.
+
+  A layer called more than once (weight sharing) is an error: per-call statistics would differ.
+  """
+  layers: dict[str, LayerInfo] = {}
+  conv_outputs: dict[int, str] = {}
+  foldable: dict[str, str] = {}
+  eps: dict[str, float] = {}
+  keep_alive = []  # ids are only unique while the objects live
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    out = next_fun(*args, **kwargs)
+    path = path_str(module)
+    if isinstance(module, QUANTIZABLE):
+      if path in layers:
+        raise NotImplementedError(f"layer {path} is called twice; shared layers cannot be quantized per call")
+      x = args[0]
+      kernel = module.get_variable("params", "kernel")
+      if isinstance(module, nn.Conv):
+        if x.ndim != 4:
+          raise NotImplementedError(f"{path}: only 2-D convolutions on NHWC inputs are supported")
+        info = LayerInfo(path, "conv", len(layers), x.shape[-1], kernel.shape[-1], module.feature_group_count,
+                         tuple(kernel.shape), tuple(x.shape), tuple(out.shape), 1)
+        conv_outputs[id(out)] = path
+        keep_alive.append(out)
+      else:
+        n = _dense_axes(module)
+        c = int(np.prod(x.shape[x.ndim - n:]))
+        o = int(np.prod(kernel.shape[n:]))
+        info = LayerInfo(path, "dense", len(layers), c, o, 1, tuple(kernel.shape), tuple(x.shape),
+                         tuple(out.shape), n)
+      layers[path] = info
+    elif isinstance(module, nn.BatchNorm):
+      eps[path] = module.epsilon
+      if id(args[0]) in conv_outputs:
+        foldable[path] = conv_outputs[id(args[0])]
+    return out
+
+  def run(v, x):
+    with nn.intercept_methods(interceptor):
+      return model.apply(v, x, train=False)
+
+  jax.eval_shape(run, variables, sample_input(image_shape))
+  return Trace(layers, foldable, eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Geometry of an intercepted layer, shared by every provider.
+
+
+def as_matrix_input(info: LayerInfo, x):
+  """Dense layers: flatten the contracted trailing axes into one feature axis C."""
+  if info.kind == "dense" and info.contracted_axes > 1:
+    return x.reshape(x.shape[:x.ndim - info.contracted_axes] + (info.in_channels,))
+  return x
+
+
+def flat_features(info: LayerInfo, x):
+  """The layer input as (N, C): one row per position, one column per feature channel."""
+  x = as_matrix_input(info, x)
+  return x.reshape(-1, x.shape[-1])
+
+
+def kernel_matrix(info: LayerInfo, kernel):
+  """Dense kernel as (C, O); conv kernels stay HWIO."""
+  if info.kind == "dense":
+    return kernel.reshape(info.in_channels, -1)
+  return kernel
+
+
+def conv_padding(module: nn.Conv, x_shape, kernel_shape):
+  """The module's padding as explicit (lo, hi) pairs (symmetric as PyTorch where it says so)."""
+  padding = module.padding
+  if isinstance(padding, str):
+    if padding.upper() == "CIRCULAR":
+      raise NotImplementedError(f"{'/'.join(module.path)}: circular padding is not supported")
+    strides = module.strides or 1
+    strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
+    dil = module.kernel_dilation or 1
+    dil = (dil,) * 2 if isinstance(dil, int) else tuple(dil)
+    eff = [(k - 1) * d + 1 for k, d in zip(kernel_shape[:2], dil)]
+    return lax.padtype_to_pads(x_shape[1:3], eff, strides, padding.upper())
+  if isinstance(padding, int):
+    return [(padding, padding)] * 2
+  return [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+
+
+def conv(module: nn.Conv, x, kernel, padding, preferred=None):
+  """The module's convolution (strides, dilations, groups) on explicit operands."""
+  def pair(v):
+    v = 1 if v is None else v
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+  return lax.conv_general_dilated(
+      x, kernel, window_strides=pair(module.strides), padding=padding,
+      lhs_dilation=pair(module.input_dilation), rhs_dilation=pair(module.kernel_dilation),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=module.feature_group_count,
+      preferred_element_type=preferred)
+
+
+def finish(info: LayerInfo, y, bias):
+  """Adds the bias and restores a DenseGeneral's output feature shape."""
+  if bias is not None:
+    y = y + bias.reshape(-1)
+  if info.kind == "dense":
+    y = y.reshape(y.shape[:-1] + tuple(info.kernel_shape[info.contracted_axes:]))
+  return y
+
+
+def linear(info: LayerInfo, module, x, kernel_mat, bias):
+  """The layer's linear map on an (already matrix-shaped) input and kernel, in float."""
+  if info.kind == "dense":
+    y = x @ kernel_mat
+  else:
+    y = conv(module, x, kernel_mat, conv_padding(module, x.shape, kernel_mat.shape))
+  return finish(info, y, bias)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCall:
+  """One intercepted call, as a provider sees it: the layer's description, its module (for conv
+  strides/padding/groups) and its current (BN-folded) kernel and bias."""
+
+  info: LayerInfo
+  module: nn.Module
+  kernel: jax.Array
+  bias: jax.Array | None
+
+  @property
+  def path(self) -> str:
+    return self.info.path
+
+  def float_forward(self, x, kernel=None):
+    """The layer in float (optionally with another kernel of the same shape), folded bias included."""
+    kernel = self.kernel if kernel is None else kernel
+    return linear(self.info, self.module, as_matrix_input(self.info, x), kernel_matrix(self.info, kernel), self.bias)
+
+
+class LayerProvider(Protocol):
+  """Computes intercepted layers: `layer(call, x)` returns what the layer outputs."""
+
+  def layer(self, call: LayerCall, x: jax.Array) -> jax.Array:
+    ...
+
+
+class FloatLayers:
+  """The provider that leaves every layer in float (BN-folded)."""
+
+  def layer(self, call: LayerCall, x):
+    return call.float_forward(x)
+
+
+def run_with_provider(model: nn.Module, plan, variables, x, provider: LayerProvider, *,
+                      paths: Sequence[str] | None = None):
+  """Runs the model (eval mode) with each layer in `paths` (default: plan.quantized) computed by
+  `provider.layer` and the BatchNorms folded by the plan bypassed. Variables must be folded (see
+  quantize.fold_batchnorm) if the plan folds any. `plan` needs `layers`, `quantized`, `folded_bn`."""
+  targets = set(plan.quantized if paths is None else paths)
+  folded_bn = set(plan.folded_bn)
+  folded_convs = set(plan.folded_bn.values())
+  params = variables["params"]
+
+  def interceptor(next_fun, args, kwargs, context):
+    if context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    module = context.module
+    path = path_str(module)
+    if path in folded_bn and isinstance(module, nn.BatchNorm):
+      return args[0]
+    if isinstance(module, QUANTIZABLE) and (path in targets or path in folded_convs):
+      p = get_path(params, path)
+      call = LayerCall(plan.layers[path], module, p["kernel"], p.get("bias"))
+      # A folded conv that is not a target still needs its folded bias.
+      return provider.layer(call, args[0]) if path in targets else call.float_forward(args[0])
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    return model.apply(variables, x, train=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Nested dicts addressed by module path ('block1/conv2').
+
+
+def get_path(tree, path: str):
+  for key in path.split("/"):
+    tree = tree[key]
+  return tree
+
+
+def set_path(tree: dict, path: str, value) -> dict:
+  """Functional update of a nested dict at 'a/b/c' (missing levels are created)."""
+  key, _, rest = path.partition("/")
+  new = dict(tree)
+  new[key] = set_path(tree.get(key, {}), rest, value) if rest else value
+  return new
+
+
+def flatten_paths(tree, prefix="") -> dict:
+  """{'a/b/c': leaf} of a nested dict."""
+  out = {}
+  for k, v in tree.items():
+    p = f"{prefix}/{k}" if prefix else k
+    if isinstance(v, dict):
+      out.update(flatten_paths(v, p))
+    else:
+      out[p] = v
+  return out

@@ -1,0 +1,358 @@
+"""The FlexiQ pipeline, one stage after another, for run.py, compare and experiments/:
+
+  train_float -> evaluate_float -> calibrate -> select -> quantize -> finetune -> sweep
+
+Each stage takes the typed results of the stages before it and returns its own (a frozen
+dataclass). Each stage keeps its output in a directory of the workdir under one cache protocol
+(`stage_cache`): reruns reuse finished stages, a killed training stage resumes, and a changed
+config field is named. `run_until` chains the stages up to a named one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flexiq_jax import calibrate as calibrate_lib
+from flexiq_jax import checkpoint
+from flexiq_jax import cost
+from flexiq_jax import data
+from flexiq_jax import finetune as finetune_lib
+from flexiq_jax import models
+from flexiq_jax import parallel
+from flexiq_jax import quantize as quantize_lib
+from flexiq_jax import records
+from flexiq_jax import select as select_lib
+from flexiq_jax import stage_cache
+from flexiq_jax.select.fitness import SelectionFitness
+from flexiq_jax import train as train_lib
+from flexiq_jax.stage_results import Calibration, FloatModel, Quantized, RatioPoint, Selection
+
+STAGES = ("train", "eval", "calibrate", "select", "quantize", "finetune")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """Where a pipeline runs: the config, the workdir and the device mesh."""
+
+  config: object
+  workdir: str
+  mesh: object = None
+
+  def __post_init__(self):
+    if self.mesh is None:
+      object.__setattr__(self, "mesh", parallel.make_mesh())
+
+  def stage(self, name: str, directory: str | None = None, *extra_fields: str) -> stage_cache.Stage:
+    return stage_cache.Stage(self.workdir, directory or name,
+                             stage_cache.stage_fields(self.config, name, *extra_fields))
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineResult:
+  """What `run_until` ran (None for stages it did not reach)."""
+
+  float_model: FloatModel
+  float_metrics: dict | None = None
+  calibration: Calibration | None = None
+  selection: Selection | None = None
+  quantized: Quantized | None = None
+  finetuned: Quantized | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Float model.
+
+
+def build_model(config, num_classes: int):
+  return models.create(config.model.name, num_classes=num_classes, **config.model.kwargs.to_dict())
+
+
+def image_shape(config) -> tuple[int, int, int]:
+  return (config.data.image_size, config.data.image_size, config.data.channels)
+
+
+def _steps(num_epochs: float, num_examples: int, batch_size: int) -> int:
+  return int(math.ceil(num_epochs * num_examples / batch_size))
+
+
+def _init_variables(config, shape, num_classes):
+  if config.init_weights:
+    kwargs = config.model.kwargs.to_dict()
+    image_size = kwargs.pop("image_size", shape[0])  # transformers carry it in model.kwargs
+    return models.load_timm(config.model.name, config.init_weights, num_classes=num_classes,
+                            image_size=image_size, in_chans=shape[2], **kwargs)
+  return None
+
+
+def train_float(run: Run, on_step=None) -> FloatModel:
+  """Trains (or resumes, or reuses) the float model in <workdir>/float."""
+  config = run.config
+  parallel.check_batch_size(config.train.batch_size, run.mesh)
+  train_ds = data.get_dataset(config.data, config.data.train_split, train=True)
+  model = build_model(config, train_ds.num_classes)
+  total_steps = _steps(config.train.num_epochs, train_ds.num_examples, config.train.batch_size)
+  tx = train_lib.make_optimizer(config.train, total_steps)
+  init_vars = _init_variables(config, train_ds.image_shape, train_ds.num_classes)
+  state = train_lib.create_train_state(model, jax.random.PRNGKey(config.seed), train_ds.image_shape, tx,
+                                       init_vars)
+  stage = run.stage("float")
+  stage.begin(resumable=True)
+  ckpt_dir = stage.file("checkpoints")
+  state = train_lib.restore_latest(ckpt_dir, parallel.replicate(state, run.mesh))
+  start = int(state.step)
+  if start < total_steps:
+    if start:
+      print(f"float model: resuming from step {start}/{total_steps} in {ckpt_dir}")
+    host_batch = config.train.batch_size // jax.process_count()
+    batches = data.train_batches(train_ds, host_batch, seed=config.seed, start_step=start,
+                                 num_steps=total_steps, num_threads=config.data.num_threads)
+    step_fn = functools.partial(train_lib.train_step, apply_fn=model.apply, tx=tx,
+                                label_smoothing=config.train.label_smoothing)
+    state = train_lib.run_loop(
+        state, step_fn, batches, total_steps=total_steps, ckpt_dir=ckpt_dir,
+        checkpoint_every=config.train.checkpoint_every_steps, metrics_path=stage.file("metrics.jsonl"),
+        log_every=config.train.log_every_steps, mesh=run.mesh, desc="float train", on_step=on_step)
+  elif total_steps == 0:
+    print("float model: no training steps configured (train.num_epochs=0); using the initial weights"
+          + (f" from {config.init_weights}" if config.init_weights else ""))
+  else:
+    print(f"float model: reusing the finished checkpoint at step {start} in {ckpt_dir}")
+  stage.mark_done(total_steps=total_steps, num_classes=train_ds.num_classes)
+  return FloatModel(model, state.variables())
+
+
+def eval_batches(config, split: str | None = None):
+  eval_ds = data.get_dataset(config.data, split or config.data.eval_split)
+  n = config.data.get("eval_examples", -1)
+  return data.eval_batches(eval_ds, config.eval_batch_size, num_examples=None if n < 0 else n,
+                           num_threads=config.data.num_threads)
+
+
+def evaluate_float(run: Run, float_model: FloatModel) -> dict:
+  config = run.config
+  parallel.check_batch_size(config.eval_batch_size, run.mesh, "eval_batch_size")
+  predict = lambda images, variables: train_lib.float_logits(float_model.model, variables, images)
+  metrics = train_lib.evaluate(predict, eval_batches(config), run.mesh, desc="float eval",
+                               args=(float_model.variables,))
+  print(f"float model on {config.data.name}/{config.data.eval_split}: top-1 {metrics['top1']:.2f}%  "
+        f"top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}")
+  return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# FlexiQ stages.
+
+
+def calibration_batches(config):
+  train_ds = data.get_dataset(config.data, config.data.train_split)
+  return [jnp.asarray(b) for b in data.calibration_images(
+      train_ds, config.calib.num_images, seed=config.seed, batch_size=config.calib.batch_size)]
+
+
+def calibrate(run: Run, float_model: FloatModel, batches=None) -> Calibration:
+  """Plan (which layers, BN folding) + calibration statistics, in <workdir>/calibrate."""
+  config = run.config
+  stage = run.stage("calibrate")
+  plan = quantize_lib.build_plan(float_model.model, float_model.variables, image_shape(config),
+                                 skip=tuple(config.quant.skip), keep_8bit=tuple(config.quant.keep_8bit),
+                                 fold_bn=config.quant.fold_bn)
+  for rule in plan.unmatched_rules:
+    print(f"warning: quantization rule {rule!r} matched no layer")
+  folded = quantize_lib.fold_batchnorm(float_model.variables, plan)
+  if stage.is_done():
+    print(f"calibrate: reusing {stage.path}")
+    return Calibration(quantize_lib.QuantPlan.from_json(records.read_json(stage.file("plan.json"))), folded,
+                       checkpoint.load_tree(stage.file("stats")))
+  stage.begin(resumable=False)
+  stats = calibrate_lib.calibrate(float_model.model, plan, folded,
+                                  calibration_batches(config) if batches is None else batches,
+                                  method=config.quant.act_calibration, percentile=config.quant.percentile,
+                                  extraction=config.quant.extraction)
+  plan = plan.with_signedness(stats)
+  checkpoint.save_tree(stage.file("stats"), stats)
+  records.write_json_atomic(stage.file("plan.json"), plan.to_json())
+  stage.mark_done()
+  print(f"calibrate: {len(plan.quantized)} quantized layers ({len(plan.lowerable)} lowerable), "
+        f"{len(plan.folded_bn)} BatchNorms folded, {config.calib.num_images} images")
+  return Calibration(plan, folded, stats)
+
+
+def select(run: Run, float_model: FloatModel, calibration: Calibration) -> Selection:
+  """Channel orders (small range first) and per-level counts from the configured selector, in
+  <workdir>/select."""
+  config = run.config
+  stage = run.stage("select")
+  if stage.is_done():
+    saved = records.read_json(stage.file("selection.json"))
+    print(f"select: reusing {stage.path}")
+    return Selection({p: np.asarray(o) for p, o in saved["orders"].items()},
+                     {p: np.asarray(c) for p, c in saved["counts"].items()}, tuple(saved["levels"]),
+                     saved["selector"])
+  levels = [float(l) for l in config.select.levels]
+  if sorted(levels) != levels or not all(0 < l <= 1 for l in levels):
+    raise ValueError(f"select.levels must be increasing values in (0, 1], got {levels}")
+  name = config.select.selector
+  by_range = config.select.channel_order == "range"
+  if name == "greedy" and not by_range:
+    raise ValueError("select.selector='greedy' lowers channels by range, so it needs select.channel_order='range'")
+  stage.begin(resumable=False)
+  layers = select_lib.LowerableLayers.of(calibration.plan, calibration.stats)
+  orders = select_lib.channel_orders(config.select.channel_order, layers, config.seed)
+  fitness, options = None, {}
+  if name == "evolutionary":
+    images = jnp.concatenate(calibration_batches(config)[:config.select.fitness_batches])
+    fitness = SelectionFitness.build(float_model, calibration, orders, levels, images,
+                                                kind=config.select.get("fitness", "kl"),
+                                                bias_correction=config.quant.bias_correction)
+    options = {"population": config.select.population, "generations": config.select.generations}
+  # The greedy seed of the search follows the range order; with a random order it would not match.
+  counts, history = select_lib.select(name, levels, layers.channels, layers.macs,
+                                      ranges=layers.ranges if by_range else None, lowering_error=layers.errors,
+                                      fitness_fn=fitness, seed=config.seed, **options)
+  counts = np.asarray(counts)
+  if history is not None:
+    select_lib.plot_search_history(history, stage.file("search_history.png"))
+  shares = cost.lowered_mac_share(counts, layers.channels, layers.macs)
+  records.write_json_atomic(stage.file("selection.json"), {
+      "selector": name, "levels": levels,
+      "orders": {p: np.asarray(o).tolist() for p, o in orders.items()},
+      "counts": {p: counts[:, i].tolist() for i, p in enumerate(layers.paths)},
+      "mac_ratio_per_level": [float(s) for s in np.atleast_1d(shares)],
+      "search": history.as_dict() if history is not None else None})
+  stage.mark_done()
+  print(f"select ({name}): per-level MAC ratios " + ", ".join(f"{s:.3f}" for s in np.atleast_1d(shares)))
+  return Selection(orders, {p: counts[:, i] for i, p in enumerate(layers.paths)}, tuple(levels), name)
+
+
+def quantize(run: Run, float_model: FloatModel, calibration: Calibration, selection: Selection) -> Quantized:
+  """The quantized variables (integer path), saved in <workdir>/quantized and reused from there."""
+  config = run.config
+  qmodel = quantize_lib.QuantizedModel(float_model.model, calibration.plan, mode="int")
+  qvars = quantize_lib.build_qvars(calibration.plan, calibration.folded, calibration.stats, selection.orders,
+                                   selection.counts, selection.levels,
+                                   bias_correction=config.quant.bias_correction)
+  stage = run.stage("quantize", "quantized")
+  if stage.is_done():
+    return Quantized(qmodel, checkpoint.load_tree(stage.file("qvars"), qvars))
+  stage.begin(resumable=False)
+  checkpoint.save_tree(stage.file("qvars"), qvars)
+  records.write_json_atomic(stage.file("plan.json"), calibration.plan.to_json())
+  stage.mark_done()
+  return Quantized(qmodel, qvars)
+
+
+def finetune(run: Run, float_model: FloatModel, quantized: Quantized, on_step=None) -> Quantized:
+  """Multi-ratio QAT in <workdir>/finetune (resumes after a kill); also writes the int8 serving
+  export to <workdir>/serving."""
+  config = run.config
+  cfg = config.finetune
+  stage = run.stage("finetune")
+  train_ds = data.get_dataset(config.data, config.data.train_split, train=True)
+  total_steps = _steps(cfg.num_epochs, train_ds.num_examples, cfg.batch_size)
+  tx = train_lib.make_optimizer(cfg, total_steps)
+  fake = dataclasses.replace(quantized.qmodel.with_mode("fake"), lsq=bool(cfg.lsq))
+  stage.begin(resumable=True)
+  if stage.is_done():
+    print(f"finetune: reusing the finished run in {stage.path}")
+    return Quantized(quantized.qmodel, checkpoint.load_tree(stage.file("qvars"), quantized.qvars), finetuned=True)
+  state = parallel.replicate(finetune_lib.create_state(quantized.qvars, tx, cfg.lsq), run.mesh)
+  ckpt_dir = stage.file("checkpoints")
+  state = train_lib.restore_latest(ckpt_dir, state)
+  if 0 < int(state.step) < total_steps:
+    print(f"finetune: resuming from step {int(state.step)}/{total_steps}")
+  if int(state.step) < total_steps:
+    levels = list(cfg.levels) if cfg.levels else list(config.select.levels)
+    probs = list(cfg.level_probs) if cfg.level_probs else [1.0 / len(levels)] * len(levels)
+    if len(probs) != len(levels) or abs(sum(probs) - 1) > 1e-6:
+      raise ValueError(f"finetune.level_probs {probs} must have one probability per level {levels} summing to 1")
+    teacher = float_model.logits if cfg.distill_weight > 0 else None
+    step_fn = functools.partial(
+        finetune_lib.qat_step, qmodel=fake, tx=tx, levels=levels, level_probs=probs,
+        rng_key=jax.random.PRNGKey(config.seed + 1), teacher_fn=teacher, distill_weight=cfg.distill_weight,
+        label_smoothing=cfg.label_smoothing)
+    batches = data.train_batches(train_ds, cfg.batch_size // jax.process_count(), seed=config.seed + 1,
+                                 start_step=int(state.step), num_steps=total_steps,
+                                 num_threads=config.data.num_threads)
+    state = train_lib.run_loop(state, step_fn, batches, total_steps=total_steps, ckpt_dir=ckpt_dir,
+                               checkpoint_every=cfg.checkpoint_every_steps, metrics_path=stage.file("metrics.jsonl"),
+                               log_every=config.train.log_every_steps, mesh=run.mesh, desc="QAT finetune",
+                               on_step=on_step)
+  tuned = Quantized(quantized.qmodel, finetune_lib.merge_qvars(state.trainable, state.frozen), finetuned=True)
+  checkpoint.save_tree(stage.file("qvars"), tuned.qvars)
+  export_serving(run.workdir, tuned)
+  stage.mark_done(total_steps=total_steps)
+  return tuned
+
+
+def export_serving(workdir: str, quantized: Quantized) -> str:
+  """<workdir>/serving: the int8 export (no float kernels, see quantize.export_int8) and its plan;
+  `flexiq_jax.load_quantized(workdir)` reads it back."""
+  path = os.path.join(workdir, "serving")
+  checkpoint.save_tree(os.path.join(path, "qvars_int8"), quantize_lib.export_int8(quantized.qmodel, quantized.qvars))
+  records.write_json_atomic(os.path.join(path, "plan.json"), quantized.qmodel.plan.to_json())
+  return path
+
+
+def sweep(run: Run, quantized: Quantized, desc: str = "sweep", ratios=None) -> list[RatioPoint]:
+  """Top-1/top-5 at each ratio (default config.sweep.ratios), with relative BOPs and the 4-bit
+  share of all quantized MACs; one compilation serves every ratio."""
+  qmodel, qvars = quantized.qmodel, quantized.qvars
+  predict = lambda images, qv, r: qmodel.apply(qv, images, r)  # one compilation serves every ratio
+  points = []
+  for ratio in (run.config.sweep.ratios if ratios is None else ratios):
+    r = jnp.float32(quantize_lib.check_ratio(ratio))
+    metrics = train_lib.evaluate(predict, eval_batches(run.config), run.mesh,
+                                 desc=f"{desc} r={ratio}", args=(qvars, r))
+    points.append(RatioPoint(float(ratio), metrics["top1"], metrics["top5"],
+                             quantize_lib.relative_bops_at(qmodel, qvars, ratio),
+                             quantize_lib.low_bit_share_at(qmodel, qvars, ratio)))
+    print(f"{desc}: ratio {ratio:.2f}  top-1 {metrics['top1']:.2f}%  relative BOPs {points[-1].relative_bops:.3f}")
+  return points
+
+
+# ----------------------------------------------------------------------------------------------
+# Chaining.
+
+
+def run_until(run: Run, until: str, *, float_model: FloatModel | None = None, evaluate: bool = True,
+              calibration: Calibration | None = None) -> PipelineResult:
+  """Runs (or reuses) every stage up to `until` (one of STAGES). A given `float_model` (or
+  `calibration`) is used instead of the workdir's, e.g. for ablation variants that share one float
+  model; `evaluate=False` skips the float evaluation."""
+  if until not in STAGES:
+    raise ValueError(f"unknown stage {until!r}; stages: {', '.join(STAGES)}")
+  last = STAGES.index(until)
+  fm = float_model or train_float(run)
+  result = PipelineResult(fm)
+  if last >= STAGES.index("eval") and evaluate:
+    result = dataclasses.replace(result, float_metrics=evaluate_float(run, fm))
+  if last < STAGES.index("calibrate"):
+    return result
+  calib = calibration or calibrate(run, fm)
+  result = dataclasses.replace(result, calibration=calib)
+  if last < STAGES.index("select"):
+    return result
+  selection = select(run, fm, calib)
+  result = dataclasses.replace(result, selection=selection)
+  if last < STAGES.index("quantize"):
+    return result
+  quantized = quantize(run, fm, calib, selection)
+  result = dataclasses.replace(result, quantized=quantized)
+  if last < STAGES.index("finetune"):
+    return result
+  return dataclasses.replace(result, finetuned=finetune(run, fm, quantized))
+
+
+def finetuned_if_done(run: Run, float_model: FloatModel, quantized: Quantized) -> Quantized | None:
+  """The finished finetuned model of this config in the workdir, or None (without training)."""
+  stage = run.stage("finetune")
+  if not stage.is_done():
+    return None
+  return finetune(run, float_model, quantized)

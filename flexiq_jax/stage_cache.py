@@ -1,0 +1,141 @@
+"""One cache protocol for every stage that writes into a workdir.
+
+A stage directory holds the stage's output beside `fingerprint.json`: the config fields the
+stage's result depends on (exactly those, by dotted name) and their hash. `done.json` marks a
+finished stage with the same hash. So a rerun reuses what is done, a killed training stage
+resumes, and a changed field is named when a stage refuses to mix two configs.
+
+Stages that can be recomputed cheaply (calibrate, select, quantize) are redone when their
+fields change; training stages (float, finetune) refuse, because their checkpoints would mix
+two runs. `JsonCache` keeps keyed JSON results (the layer-wise search's phases, the comparison's
+rows) under the same fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Callable
+
+from flexiq_jax import records
+
+# The config fields each stage's result depends on (a section name takes the whole section).
+# Logging, checkpoint frequency, eval size and thread counts change no result and are left out.
+_FLOAT = ("model", "init_weights", "seed", "data.name", "data.data_dir", "data.train_split", "data.image_size",
+          "data.channels", "data.eval_transform", "data.augment", "train.batch_size", "train.num_epochs",
+          "train.optimizer", "train.learning_rate", "train.momentum", "train.nesterov", "train.weight_decay",
+          "train.schedule", "train.warmup_steps", "train.label_smoothing", "train.grad_clip_norm")
+_CALIBRATE = _FLOAT + ("calib", "quant")
+_SELECT = _CALIBRATE + ("select",)
+_FINETUNE = _SELECT + ("finetune.num_epochs", "finetune.batch_size", "finetune.optimizer",
+                       "finetune.learning_rate", "finetune.momentum", "finetune.nesterov", "finetune.weight_decay",
+                       "finetune.schedule", "finetune.warmup_steps", "finetune.label_smoothing",
+                       "finetune.grad_clip_norm", "finetune.lsq", "finetune.distill_weight", "finetune.levels",
+                       "finetune.level_probs")
+STAGE_FIELDS = {"float": _FLOAT, "calibrate": _CALIBRATE, "select": _SELECT, "quantize": _SELECT,
+                "finetune": _FINETUNE}
+
+
+def _plain(value):
+  if hasattr(value, "to_dict"):
+    return value.to_dict()
+  if isinstance(value, tuple):
+    return list(value)
+  return value
+
+
+def config_fields(config, names) -> dict:
+  """{dotted name: plain value} of `names` in `config` (absent fields read as None)."""
+  out = {}
+  for name in names:
+    value = config
+    for key in name.split("."):
+      value = value.get(key) if hasattr(value, "get") else None
+    out[name] = _plain(value)
+  return out
+
+
+def stage_fields(config, stage: str, *extra: str) -> dict:
+  """The fields stage `stage` depends on, plus `extra` dotted names."""
+  return config_fields(config, STAGE_FIELDS[stage] + tuple(extra))
+
+
+def fingerprint(fields) -> str:
+  blob = json.dumps(fields, sort_keys=True, default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class StageConfigChanged(ValueError):
+  """A training stage holds a run made with other config values."""
+
+
+def _changed(old: dict, new: dict) -> list[str]:
+  return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+class Stage:
+  """A stage directory `<workdir>/<name>` keyed by the config fields it depends on."""
+
+  def __init__(self, workdir: str, name: str, fields: dict):
+    self.path = os.path.join(workdir, name)
+    self.name, self.fields, self.fingerprint = name, fields, fingerprint(fields)
+
+  def file(self, *parts) -> str:
+    return os.path.join(self.path, *parts)
+
+  def _saved(self, filename):
+    return records.read_json(self.file(filename))
+
+  def is_done(self) -> bool:
+    done = self._saved("done.json")
+    return done is not None and done.get("fingerprint") == self.fingerprint
+
+  def changed_fields(self) -> list[str]:
+    """Fields whose saved value differs from now ([] for a new or matching stage)."""
+    saved = self._saved("fingerprint.json")
+    if saved is None or saved.get("fingerprint") == self.fingerprint:
+      return []
+    return _changed(saved.get("fields", {}), self.fields) or ["(fields of an older format)"]
+
+  def begin(self, *, resumable: bool) -> None:
+    """Claims the directory for this config. A resumable (training) stage whose saved run used
+    other values refuses, naming them; any other stage starts afresh."""
+    changed = self.changed_fields()
+    if changed and resumable:
+      shown = ", ".join(f"{k}: {self._saved('fingerprint.json')['fields'].get(k)!r} -> {self.fields.get(k)!r}"
+                        if k in self._saved("fingerprint.json").get("fields", {}) else k for k in changed)
+      raise StageConfigChanged(
+          f"{self.path} holds a {self.name} run made with other values of {shown}. Use a new --workdir, "
+          f"or delete {self.path} to redo this stage (and the stages after it).")
+    if changed and os.path.isdir(self.path):
+      shutil.rmtree(self.path)
+    os.makedirs(self.path, exist_ok=True)
+    records.write_json_atomic(self.file("fingerprint.json"), {"fingerprint": self.fingerprint, "fields": self.fields})
+
+  def mark_done(self, **info) -> None:
+    records.write_json_atomic(self.file("done.json"), {"fingerprint": self.fingerprint, **info})
+
+  def cache(self, filename: str, *salt) -> "JsonCache":
+    return JsonCache(self.file(filename), fingerprint([self.fingerprint, *map(str, salt)]))
+
+
+class JsonCache:
+  """Keyed JSON results persisted to `path`, valid only for `fingerprint` (a mismatch discards
+  them). Each computed entry is saved at once, so a killed run keeps what it finished."""
+
+  def __init__(self, path: str, fingerprint_: str):
+    self.path, self.fingerprint = path, fingerprint_
+    saved = records.read_json(path)
+    self.data = saved["data"] if saved and saved.get("fingerprint") == fingerprint_ else {}
+
+  def get(self, key, compute: Callable):
+    key = str(key)
+    if key not in self.data:
+      self.data[key] = compute()
+      self.save()
+    return self.data[key]
+
+  def save(self):
+    records.write_json_atomic(self.path, {"fingerprint": self.fingerprint, "data": self.data})
