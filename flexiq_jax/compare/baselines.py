@@ -2,7 +2,7 @@
 per-output-channel weights, per-tensor activations) and uniform 4-bit QAT with LSQ.
 
 Uniform means every quantized layer at the same candidate, except that with `keep_ends` the
-first and last quantized layers (plan.quantized minus plan.eligible: FlexiQ's keep_8bit rule)
+first and last quantized layers (plan.quantized minus plan.lowerable: FlexiQ's keep_8bit rule)
 stay W8A8 — as FlexiQ keeps them, and as the LSQ paper does — so the baselines and FlexiQ's
 ratio-1 point cost the same BOPs.
 """

@@ -40,7 +40,7 @@ def fashion_mnist_dataset(split: str, data_dir: str = fashion_mnist.DEFAULT_DIR,
   images, labels = fashion_mnist.load(split, data_dir)
   transform = preprocess.get_eval_transform(normalization)
   if image_size != images.shape[1]:
-    images = np.stack([preprocess._resize(im[..., None], image_size, image_size, transform.interpolation)[..., 0]
+    images = np.stack([preprocess.resize(im[..., None], image_size, image_size, transform.interpolation)[..., 0]
                        for im in images])
 
   def load(indices, rng=None):

@@ -53,7 +53,7 @@ def get_eval_transform(name: str) -> EvalTransform:
   return EVAL_TRANSFORMS[name]
 
 
-def _resize(image: np.ndarray, height: int, width: int, interpolation: str) -> np.ndarray:
+def resize(image: np.ndarray, height: int, width: int, interpolation: str) -> np.ndarray:
   if image.shape[0] == height and image.shape[1] == width:
     return image
   squeeze = image.ndim == 3 and image.shape[-1] == 1
@@ -87,7 +87,7 @@ def eval_image(image: np.ndarray, size: int, transform: EvalTransform, channels:
     new_h, new_w = short, max(short, round(w * short / h))
   else:
     new_h, new_w = max(short, round(h * short / w)), short
-  image = _resize(image, new_h, new_w, transform.interpolation)
+  image = resize(image, new_h, new_w, transform.interpolation)
   top, left = (new_h - size) // 2, (new_w - size) // 2
   image = image[top:top + size, left:left + size]
   return normalize(image, transform.mean, transform.std)
@@ -115,7 +115,7 @@ def train_image(image: np.ndarray, size: int, transform: EvalTransform, rng: np.
     else:
       cw, ch = w, h
     top, left = (h - ch) // 2, (w - cw) // 2
-  image = _resize(image[top:top + ch, left:left + cw], size, size, transform.interpolation)
+  image = resize(image[top:top + ch, left:left + cw], size, size, transform.interpolation)
   if flip and rng.random() < 0.5:
     image = image[:, ::-1]
   return normalize(image, transform.mean, transform.std)

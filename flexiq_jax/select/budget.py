@@ -1,12 +1,12 @@
 """The 4-bit MAC budget: measuring it and projecting count vectors onto it.
 
 Conventions shared by every selector:
-  channels (L,)  C_l >= 1 feature (input) channels of eligible layer l;
+  channels (L,)  C_l >= 1 feature (input) channels of lowerable layer l;
   macs     (L,)  M_l > 0 its MACs (per example, as `flexiq_jax.cost` counts them); every feature
                  channel of layer l carries w_l = M_l / C_l MACs;
   counts   (L,)  or (K, L) integers in [0, C_l]: channels lowered to 4 bits;
   levels   (K,)  ratio levels, strictly increasing, in [0, 1].
-  ratio(counts) = sum_l counts_l * w_l / sum_l M_l, the share of 4-bit MACs among the eligible
+  ratio(counts) = sum_l counts_l * w_l / sum_l M_l, the share of 4-bit MACs among the lowerable
   layers' MACs (`cost.low_bit_mac_share` over the same layers).
 
 Budget tolerance: tol = max_l w_l / sum_l M_l, the ratio step of one channel of the coarsest
