@@ -85,30 +85,22 @@ class VisionTransformer(nn.Module):
     return nn.Dense(self.num_classes, name="head", kernel_init=nn.initializers.truncated_normal(0.02))(x[:, 0])
 
 
-def _vit(num_classes, defaults, kw):
-  return VisionTransformer(num_classes=num_classes, **{**defaults, **kw})
+# name -> (alias, embed_dim, num_heads); all are patch 16, depth 12 (timm's configs).
+_VARIANTS = {
+    "vit_small_patch16_224": ("vit_s", 384, 6),
+    "vit_base_patch16_224": ("vit_b", 768, 12),
+    "deit_tiny_patch16_224": ("deit_t", 192, 3),
+    "deit_small_patch16_224": ("deit_s", 384, 6),
+    "deit_base_patch16_224": ("deit_b", 768, 12),
+}
 
 
-@register("vit_small_patch16_224", aliases=("vit_s",))
-def vit_small_patch16_224(num_classes=1000, **kw):
-  return _vit(num_classes, dict(patch_size=16, embed_dim=384, depth=12, num_heads=6), kw)
+def _constructor(embed_dim: int, num_heads: int):
+  def create(num_classes=1000, **kw):
+    defaults = dict(patch_size=16, embed_dim=embed_dim, depth=12, num_heads=num_heads)
+    return VisionTransformer(num_classes=num_classes, **{**defaults, **kw})
+  return create
 
 
-@register("vit_base_patch16_224", aliases=("vit_b",))
-def vit_base_patch16_224(num_classes=1000, **kw):
-  return _vit(num_classes, dict(patch_size=16, embed_dim=768, depth=12, num_heads=12), kw)
-
-
-@register("deit_tiny_patch16_224", aliases=("deit_t",))
-def deit_tiny_patch16_224(num_classes=1000, **kw):
-  return _vit(num_classes, dict(patch_size=16, embed_dim=192, depth=12, num_heads=3), kw)
-
-
-@register("deit_small_patch16_224", aliases=("deit_s",))
-def deit_small_patch16_224(num_classes=1000, **kw):
-  return _vit(num_classes, dict(patch_size=16, embed_dim=384, depth=12, num_heads=6), kw)
-
-
-@register("deit_base_patch16_224", aliases=("deit_b",))
-def deit_base_patch16_224(num_classes=1000, **kw):
-  return _vit(num_classes, dict(patch_size=16, embed_dim=768, depth=12, num_heads=12), kw)
+for _name, (_alias, _dim, _heads) in _VARIANTS.items():
+  register(_name, aliases=(_alias,))(_constructor(_dim, _heads))
