@@ -19,7 +19,8 @@ m = timm.create_model('resnet18.a1_in1k', pretrained=True); \
 st.save_file({k: v.contiguous() for k, v in m.state_dict().items()}, 'weights/resnet18.a1_in1k.safetensors')"
 
 (with the model's tag from `TIMM_TAGS` below; in this repository import timm through
-`flexiq_jax.models.timm_reference.import_timm()`). `models.load_timm` checks every key and shape.
+`tests/timm_reference.py`'s `import_timm()`: `from tests import timm_reference` from the repository
+root). `models.load_timm` checks every key and shape.
 
 Hyper-parameter sources (see the comments where they are set):
 * eval preprocessing: timm's pretrained configs (`flexiq_jax/data/preprocess.py`, design notes §7;

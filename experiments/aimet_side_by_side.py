@@ -9,13 +9,15 @@ aimet_torch imports torchvision at import time (datasets/transforms, and two op 
 name table), so this script installs a minimal pure-Python `torchvision` stand-in before importing
 aimet (nothing here uses torchvision).
 
-  PYTHONPATH=/tmp/aimet_site:. python experiments/aimet_side_by_side.py
+  PYTHONPATH=/tmp/aimet_site python -m experiments.aimet_side_by_side [--out=PATH] [--data_dir=DIR]
 
-Writes experiments/results/aimet_side_by_side.{json,md}: both chosen configurations, accuracies
-and wall times, or the exact error if aimet cannot run.
+(from the repository root). Writes experiments/results/aimet_side_by_side.{json,md} (--out: the
+path without extension): both chosen configurations, accuracies and wall times, or the exact error
+if aimet cannot run. The flexiq_jax side is `flexiq_jax.layerwise.driver.layerwise_search` on the
+Flax twin's typed float model and calibration, in a fresh temporary directory.
 """
 
-import json
+import argparse
 import os
 import sys
 import time
@@ -24,9 +26,8 @@ import types
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-OUT = os.path.join(ROOT, "experiments", "results", "aimet_side_by_side")
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "aimet_side_by_side")
+DATA_DIR = "/usr/share/datasets/fashion-mnist"
 CANDIDATES = ("W8A8", "W4A8", "W4A4")
 ALLOWED_DROP = 1.0  # top-1 points below float on the scoring images
 NUM_CALIB, NUM_SCORE, NUM_TEST = 256, 1000, 10000
@@ -43,9 +44,8 @@ def stub_torchvision():
   sys.modules["torchvision"] = tv
 
 
-def load_data():
+def load_data(d=DATA_DIR):
   from flexiq_jax.data import fashion_mnist
-  d = "/usr/share/datasets/fashion-mnist"
   (xtr, ytr), (xte, yte) = fashion_mnist.load("train", d), fashion_mnist.load("test", d)
   norm = lambda x: ((x.astype(np.float32) / 255.0 - 0.2860) / 0.3530)[..., None]  # NHWC
   return norm(xtr), ytr.astype(np.int64), norm(xte), yte.astype(np.int64)
@@ -96,41 +96,43 @@ def top1_np(logits, y):
   return float(100.0 * np.mean(np.argmax(np.asarray(logits), -1) == y))
 
 
+def layerwise_config():
+  """The settings of the search, as the config section `driver.layerwise_search` reads (phase 1:
+  SQNR on 128 calibration images; phases 2/3: top-1 on the scoring images, binary search, only the
+  Pareto points phase 3 probes are scored)."""
+  import ml_collections
+  config = ml_collections.ConfigDict()
+  config.layerwise = ml_collections.ConfigDict({
+      "candidates": CANDIDATES, "baseline": "W8A8", "act_range": "minmax", "weight_range": "minmax",
+      "sensitivity_images": 128, "score_split": "train", "score_examples": NUM_SCORE,
+      "allowed_drop": ALLOWED_DROP, "search": "binary", "phase2_full": False, "flexiq_ratios": (0.0,)})
+  return config
+
+
 def run_ours(model, variables, calib, xs, ys, xte, yte):
+  import tempfile
+
   import jax
   from flexiq_jax import calibrate as calibrate_lib
-  from flexiq_jax import cost
   from flexiq_jax import quantize
-  from flexiq_jax.layerwise import amp
   from flexiq_jax.layerwise import apply as apply_lib
-  from flexiq_jax.layerwise import candidates as cand_lib
+  from flexiq_jax.layerwise import driver
+  from flexiq_jax.stage_results import Calibration, FloatModel
   t0 = time.perf_counter()
-  plan = quantize.build_plan(model, variables, (28, 28, 1), keep_8bit=())
+  float_model = FloatModel(model, variables)
+  plan = quantize.build_plan(model, variables, (28, 28, 1), keep_8bit=())  # no BatchNorm: nothing folds
   stats = calibrate_lib.calibrate(model, plan, variables, [calib])
-  tables = apply_lib.build_tables(model, plan, variables, stats)
-  logits = jax.jit(apply_lib.make_apply(model, plan))
-  cands = cand_lib.parse_candidates(CANDIDATES)
-  groups = list(plan.quantized)
-  ref = model.apply(variables, calib[:128])
-
-  def bits(assignment):
-    return apply_lib.bits_arrays(plan, {p: cands[k] for p, k in zip(groups, assignment)})
-
-  def sens(g, k):
-    return apply_lib.sqnr_db(ref, logits(variables, tables, *apply_lib.bits_arrays(plan, {groups[g]: cands[k]}),
-                                         calib[:128]))
-
-  problem = amp.AmpProblem(groups, [c.name for c in cands], 0,
-                           cost.layerwise_bops_table({p: plan.layers[p] for p in groups}, [c.cost_bits for c in cands]),
-                           sens, lambda a: top1_np(logits(variables, tables, *bits(a), xs), ys),
-                           lambda: top1_np(model.apply(variables, xs), ys))
-  import tempfile
-  res = amp.run(problem, tempfile.mkdtemp(), "side-by-side", allowed_drop=ALLOWED_DROP, phase2_full=False)
+  calibration = Calibration(plan.with_signedness(stats), variables, stats)
+  score_data = [{"image": xs, "label": ys.astype(np.int32)}]
+  res = driver.layerwise_search(layerwise_config(), tempfile.mkdtemp(), float_model, calibration, [calib],
+                                score_data=score_data)
   seconds = time.perf_counter() - t0
-  test = top1_np(logits(variables, tables, *bits(res["chosen"]["assignment"]), xte), yte)
-  return {"chosen": res["chosen_candidates"], "relative_bops": res["chosen"]["relative_cost"],
-          "score_top1": res["chosen"]["score"], "test_top1": test, "seconds": seconds,
-          "pareto_evaluations": res["new_evaluations"], "sensitivity": res["sensitivity"]}
+  logits = jax.jit(apply_lib.make_apply(model, calibration.plan))
+  test = top1_np(logits(variables, res.tables, res.weight_bits, res.act_bits, xte), yte)
+  s = res.summary
+  return {"chosen": s["chosen_candidates"], "relative_bops": s["chosen"]["relative_cost"],
+          "score_top1": s["chosen"]["score"], "test_top1": test, "seconds": seconds,
+          "pareto_evaluations": s["new_evaluations"], "sensitivity": s["sensitivity"]}
 
 
 def run_aimet(tmodel, calib, xs, ys, xte, yte):
@@ -175,11 +177,18 @@ def run_aimet(tmodel, calib, xs, ys, xte, yte):
           "pareto": [[float(p[0]), float(p[1]), str(p[2]), str(p[3])] for p in (pareto or [])]}
 
 
-def main():
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--out", default=OUT, help="output path without extension; .json and .md are written")
+  parser.add_argument("--data_dir", default=DATA_DIR, help="the Fashion-MNIST IDX files")
+  parser.add_argument("--helpfull", action="help", help=argparse.SUPPRESS)  # as the absl scripts
+  args = parser.parse_args(argv)
   import torch
   torch.manual_seed(0)
   from flexiq_jax import records
-  xtr, ytr, xte, yte = load_data()
+  command = ["-m", __spec__.name] if __spec__ is not None else sys.argv[:1]  # as typed, not the file path
+  info = records.run_info(command + (sys.argv[1:] if argv is None else list(argv)))
+  xtr, ytr, xte, yte = load_data(args.data_dir)
   rng = np.random.default_rng(0)
   calib = xtr[np.sort(rng.choice(len(xtr), NUM_CALIB, replace=False))]
   xs, ys = xtr[-NUM_SCORE:], ytr[-NUM_SCORE:]
@@ -189,14 +198,14 @@ def main():
     float_test = top1_np(tmodel(torch.from_numpy(xte.transpose(0, 3, 1, 2).copy())).numpy(), yte)
   model, variables = flax_twin(tmodel)
   twin_test = top1_np(model.apply(variables, xte), yte)
-  out = {**records.run_info(), "float_test_top1_torch": float_test, "float_test_top1_flax": twin_test,
+  out = {**info, "float_test_top1_torch": float_test, "float_test_top1_flax": twin_test,
          "candidates": CANDIDATES, "allowed_drop": ALLOWED_DROP, "num_calib": NUM_CALIB, "num_score": NUM_SCORE}
   out["flexiq_jax"] = run_ours(model, variables, calib, xs, ys, xte, yte)
   try:
     out["aimet"] = run_aimet(tmodel, calib, xs, ys, xte, yte)
   except Exception as e:  # record exactly why aimet could not run
     out["aimet_error"] = "".join(traceback.format_exception(e))[-4000:]
-  records.write_json_atomic(OUT + ".json", out)
+  records.write_json_atomic(args.out + ".json", out)
   lines = [f"# AIMET AMP vs flexiq_jax.layerwise side by side\n", records.provenance_header(out),
            f"Small CNN (3 convs + linear) trained in torch on Fashion-MNIST, converted to Flax: float test top-1 "
            f"{float_test:.2f}% (torch) / {twin_test:.2f}% (flax). Candidates {', '.join(CANDIDATES)}, allowed drop "
@@ -211,7 +220,7 @@ def main():
                  f"{a['seconds']:.1f} s\n")
   else:
     lines.append("## AIMET AMP: could not run here\n\n```\n" + out["aimet_error"] + "\n```\n")
-  with open(OUT + ".md", "w") as f:
+  with open(args.out + ".md", "w") as f:
     f.write("\n".join(lines))
   print("\n".join(lines))
 

@@ -1,15 +1,17 @@
 r"""FlexiQ ablations before finetuning: extraction (fitted vs naive) and channel selectors.
 
-  python experiments/flexiq_ablations.py --config=configs/quickstart.py --workdir=workdirs/quickstart
+  python -m experiments.flexiq_ablations --config=configs/quickstart.py [--workdir=workdirs/quickstart]
 
-Reuses (or trains) the float model in --workdir, then for each variant calibrates, selects,
-quantizes and sweeps the 4-bit ratios in its own sub-workdir (<workdir>/ablations/<variant>).
+Run from the repository root. Reuses (or trains) the float model in --workdir (default
+workdirs/<config name>[_<args>], as run.py), then for each variant calibrates, selects, quantizes
+and sweeps the 4-bit ratios in its own sub-workdir (<workdir>/ablations/<variant>); every variant
+is given the one float model (`pipeline.run_until(..., float_model=...)`), none retrains it.
 Writes experiments/results/flexiq_ablations_<model>.md and .json (command, commit, device, date).
 """
 
+import dataclasses
 import json
 import os
-import shutil
 import sys
 
 from absl import app
@@ -17,16 +19,17 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from flexiq_jax import cli
+from flexiq_jax import pipeline
+from flexiq_jax import records
 
-from flexiq_jax import pipeline  # noqa: E402
-from flexiq_jax import records  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir holding (or to hold) the float model.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/<name>.py[:args]).",
+                                          lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir holding (or to hold) the float model "
+                               "(default: workdirs/<config name>[_<args>]).")
 _OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                            "Folder for the results files.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
 
 # name -> (config field, value) overrides; 'reference' is the config as given.
 VARIANTS = {
@@ -49,23 +52,32 @@ def _override(config, changes):
   return config
 
 
+def _command_argv():
+  """The command as typed: `python -m experiments.<name> ...` (sys.argv[0] is the file path)."""
+  return ["-m", __spec__.name] + sys.argv[1:] if __spec__ is not None else sys.argv
+
+
 def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  base, workdir = _CONFIG.value, _WORKDIR.value
-  info = records.run_info()  # the code that runs is the code at start
-  model, variables = pipeline.train_float(base, workdir)
-  float_metrics = pipeline.evaluate_float(base, workdir, model, variables)
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+  base = _CONFIG.value
+  workdir = _WORKDIR.value or cli.default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
+  print(f"workdir: {workdir}")
+  info = records.run_info(_command_argv())  # the code that runs is the code at start
+  run = pipeline.Run(base, workdir)
+  records.write_run_config(workdir, base)
+  result = pipeline.run_until(run, "eval")
+  float_model, float_metrics = result.float_model, result.float_metrics
   rows = {}
   for name, changes in VARIANTS.items():
     config = _override(base, changes)
-    sub = os.path.join(workdir, "ablations", name)
-    if not os.path.isdir(os.path.join(sub, "float")):  # share the float model, not retrain it
-      shutil.copytree(os.path.join(workdir, "float"), os.path.join(sub, "float"))
-    plan, folded, calib = pipeline.calibrate_stage(config, sub, model, variables)
-    orders, counts, levels = pipeline.select_stage(config, sub, model, variables, plan, folded, calib)
-    qmodel, qvars = pipeline.quantize_stage(config, sub, model, plan, folded, calib, orders, counts, levels)
-    rows[name] = {"changes": changes, "sweep": pipeline.sweep(base, qmodel, qvars, desc=name)}
+    variant = pipeline.Run(config, os.path.join(workdir, "ablations", name), run.mesh)
+    records.write_run_config(variant.workdir, config)
+    quantized = pipeline.run_until(variant, "quantize", float_model=float_model, evaluate=False).quantized
+    points = pipeline.sweep(variant, quantized, desc=name)
+    rows[name] = {"changes": changes, "sweep": [dataclasses.asdict(p) for p in points]}
 
   ratios = [r["ratio"] for r in rows["reference"]["sweep"]]
   headers = ["variant", "changes"] + [f"top-1 @ {100 * r:.0f}%" for r in ratios]
@@ -85,4 +97,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  sys.argv = cli.resolve_config_argv(sys.argv)
   app.run(main)

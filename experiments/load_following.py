@@ -1,8 +1,9 @@
 r"""The quantized model following a fluctuating load: the ratio chosen per batch at run time.
 
-  python experiments/load_following.py --config=configs/quickstart.py --workdir=workdirs/quickstart
+  python -m experiments.load_following --config=configs/quickstart.py [--workdir=workdirs/quickstart]
 
-Reuses (or runs) the pipeline in --workdir up to the finetuned quantized model, then simulates a
+Run from the repository root. Reuses (or runs) the pipeline in --workdir (default
+workdirs/<config name>[_<args>], as run.py) up to the finetuned quantized model, then simulates a
 server with Poisson arrivals whose rate swings between 0.25x and 2.25x what the 8-bit model can
 serve. Three policies serve the same arrivals: the controller (flexiq_jax.serve.RatioController,
 latency target = `--target_batches` 8-bit batch times), always 8-bit (ratio 0) and always the
@@ -26,23 +27,24 @@ from ml_collections import config_flags
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from flexiq_jax import cli
+from flexiq_jax import cost
+from flexiq_jax import data
+from flexiq_jax import pipeline
+from flexiq_jax import quantize
+from flexiq_jax import records
+from flexiq_jax import serve
 
-from flexiq_jax import cost  # noqa: E402
-from flexiq_jax import data  # noqa: E402
-from flexiq_jax import pipeline  # noqa: E402
-from flexiq_jax import quantize  # noqa: E402
-from flexiq_jax import records  # noqa: E402
-from flexiq_jax import serve  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of the pipeline (reused, or filled).")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/<name>.py[:args]).",
+                                          lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of the pipeline, reused or filled "
+                               "(default: workdirs/<config name>[_<args>]).")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Requests per served batch.")
 _PERIODS = flags.DEFINE_float("periods", 1.0, "Simulated time, in periods of the load.")
 _TARGET = flags.DEFINE_float("target_batches", 4.0, "Latency target, in 8-bit batch times.")
 _OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                            "Folder for the results files.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
 
 
 def _median_time(fn, repeats=20):
@@ -55,16 +57,24 @@ def _median_time(fn, repeats=20):
   return float(np.median(times))
 
 
+def _command_argv():
+  """The command as typed: `python -m experiments.<name> ...` (sys.argv[0] is the file path)."""
+  return ["-m", __spec__.name] + sys.argv[1:] if __spec__ is not None else sys.argv
+
+
 def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  config, workdir, batch = _CONFIG.value, _WORKDIR.value, _BATCH.value
-  info = records.run_info()
-  model, variables = pipeline.train_float(config, workdir)
-  plan, folded, calib = pipeline.calibrate_stage(config, workdir, model, variables)
-  orders, counts, levels = pipeline.select_stage(config, workdir, model, variables, plan, folded, calib)
-  qmodel, qvars = pipeline.quantize_stage(config, workdir, model, plan, folded, calib, orders, counts, levels)
-  qvars = pipeline.finetune_stage(config, workdir, model, variables, qmodel, qvars)
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+  config, batch = _CONFIG.value, _BATCH.value
+  workdir = _WORKDIR.value or cli.default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
+  print(f"workdir: {workdir}")
+  info = records.run_info(_command_argv())  # the code that runs is the code at start
+  run = pipeline.Run(config, workdir)
+  records.write_run_config(workdir, config)
+  tuned = pipeline.run_until(run, "finetune", evaluate=False).finetuned
+  qmodel, qvars = tuned.qmodel, tuned.qvars
 
   predict = quantize.make_predict(qmodel, qvars)
   test = data.get_dataset(config.data, config.data.eval_split)
@@ -158,4 +168,5 @@ def _plot(runs, rate, target, path):
 
 
 if __name__ == "__main__":
+  sys.argv = cli.resolve_config_argv(sys.argv)
   app.run(main)

@@ -1,6 +1,8 @@
 r"""Full-size check of the timm weight import for every model of the zoo, at 224x224.
 
-  PYTHONPATH=. python experiments/verify_timm_import.py
+  python -m experiments.verify_timm_import [--models resnet18 ...] [--out PATH]
+
+(from the repository root: the comparison helpers are tests/timm_reference.py, shared with the tests).
 
 For each model: timm's model with random weights (norm parameters and BN statistics made non-trivial),
 saved as .safetensors, imported with `flexiq_jax.models.load_timm`, and both run in float32 eval
@@ -21,7 +23,6 @@ import sys
 import time
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, _REPO)
 
 MODELS = ("resnet18", "resnet50", "mobilenetv2_100", "efficientnet_b0", "regnetx_006",
           "vit_small_patch16_224", "vit_base_patch16_224", "deit_tiny_patch16_224",
@@ -42,20 +43,21 @@ def main(argv=None):
   parser.add_argument("--batch-size", type=int, default=2)
   parser.add_argument("--out", default=os.path.join("experiments", "results", "timm_import"),
                       help="output path without extension; .json and .md are written")
+  parser.add_argument("--helpfull", action="help", help=argparse.SUPPRESS)  # as the absl scripts
   args = parser.parse_args(argv)
 
   import jax
   import torch
 
-  from flexiq_jax.models import timm_reference
+  from tests import timm_reference
 
   timm = timm_reference.import_timm()
   torch.set_num_threads(os.cpu_count() or 1)
   dev = jax.devices()[0]
   # The files this check depends on; uncommitted edits there would make the commit hash misleading.
-  relevant = ["flexiq_jax/models", "experiments/verify_timm_import.py"]
+  relevant = ["flexiq_jax/models", "tests/timm_reference.py", "experiments/verify_timm_import.py"]
   meta = dict(
-      command="PYTHONPATH=. python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv or sys.argv[1:])),
+      command=" ".join(shlex.quote(a) for a in ["python", "-m", "experiments.verify_timm_import"] + (argv or sys.argv[1:])),
       git_commit=_git("rev-parse", "HEAD"),
       uncommitted_changes_in_checked_files=_git("status", "--porcelain", "--", *relevant).splitlines(),
       date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
