@@ -1,11 +1,17 @@
+"""flexiq_jax.cost: MACs, BOPs (layer-wise and channel-wise), MAC shares and the BOPs latency
+model, checked against counts done by hand. (How `interception.trace` fills LayerInfo is tested
+in test_interception.py.)"""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from flexiq_jax import cost
-from flexiq_jax import inspect_model
+from flexiq_jax import interception
 from flexiq_jax import models
+from flexiq_jax.interception import LayerInfo
 
 
 class Tiny(nn.Module):
@@ -23,41 +29,97 @@ class Tiny(nn.Module):
     return nn.Dense(10, name="head")(x.mean(1))                               # 5*10
 
 
-def test_macs_against_hand_count():
-  model = Tiny()
-  v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
-  layers, bn_pairs = inspect_model.trace_layers(model, v, inspect_model.sample_input((8, 8, 3)))
-  expected = {"conv": 64 * 3 * 8 * 9, "dw": 16 * 8 * 9, "grouped": 16 * 8 * 4 // 2,
-              "qkv_like": 16 * 4 * 6, "proj": 16 * 6 * 5, "head": 5 * 10}
-  assert {p: i.macs for p, i in layers.items()} == expected
-  assert list(layers) == list(expected)  # call order
-  assert layers["dw"].groups == 8 and layers["dw"].in_channels == 8
-  assert layers["proj"].in_channels == 6 and layers["qkv_like"].out_channels == 6
-  assert bn_pairs == {"bn": "conv"}
-  assert cost.total_macs(layers) == sum(expected.values())
+# MACs per example of Tiny's layers, counted by hand.
+TINY_MACS = {"conv": 64 * 3 * 8 * 9, "dw": 16 * 8 * 9, "grouped": 16 * 8 * 4 // 2,
+             "qkv_like": 16 * 4 * 6, "proj": 16 * 6 * 5, "head": 5 * 10}
+TINY_TOTAL = 13824 + 1152 + 256 + 384 + 480 + 50  # = 16146
 
 
-def test_bops_and_relative_bops():
+@pytest.fixture(scope="module")
+def tiny_layers():
   model = Tiny()
   v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
-  layers, _ = inspect_model.trace_layers(model, v, inspect_model.sample_input((8, 8, 3)))
+  traced = interception.trace(model, v, (8, 8, 3))
+  assert traced.foldable_bn == {"bn": "conv"}
+  return traced.layers
+
+
+def test_total_macs_against_hand_count(tiny_layers):
+  assert {p: i.macs for p, i in tiny_layers.items()} == TINY_MACS
+  assert list(tiny_layers) == list(TINY_MACS)  # call order
+  assert cost.total_macs(tiny_layers) == sum(TINY_MACS.values()) == TINY_TOTAL
+
+
+def test_bops_and_relative_bops(tiny_layers):
+  layers = tiny_layers
   total = cost.total_macs(layers)
   assert cost.layerwise_bops(layers, {}) == 64 * total
   assert cost.layerwise_bops(layers, {"conv": (4, 4)}) == 64 * total - 48 * layers["conv"].macs
+  assert cost.layerwise_bops(layers, {"head": (32, 32)}, default=(4, 8)) == 32 * (total - 50) + 1024 * 50
   all_low = {p: i.in_channels for p, i in layers.items()}
   assert cost.relative_bops(layers, all_low) == pytest.approx(0.25)
-  assert cost.relative_bops(layers, {}) == 1.0
+  assert cost.relative_bops(layers, all_low, high=8, low=2) == pytest.approx(4 / 64)
+  # Nothing lowered: every MAC at 8 x 8 bits.
+  assert cost.channelwise_bops(layers, {}) == 64 * TINY_TOTAL
+  # One of conv's 3 input channels (4608 of its 13824 MACs) and all 6 of proj's (480 MACs) at 4 x 4:
+  # (4608 * 16 + 480 * 16 + (16146 - 4608 - 480) * 64) / (16146 * 64), by hand.
+  lowered = {"conv": 1, "proj": 6}
+  assert cost.channelwise_bops(layers, lowered) == 4608 * 16 + 480 * 16 + (16146 - 4608 - 480) * 64
+  assert cost.relative_bops(layers, lowered) == pytest.approx(789120 / 1033344)
   half_conv = {"conv": 1.5}  # half of 3 channels
   assert cost.low_bit_mac_share(layers, half_conv) == pytest.approx(0.5 * layers["conv"].macs / total)
+  assert cost.low_bit_mac_share(layers, lowered) == pytest.approx((4608 + 480) / 16146)
   with pytest.raises(ValueError, match="out of 3"):
     cost.channelwise_bops(layers, {"conv": 4})
+  with pytest.raises(ValueError, match="out of 3"):
+    cost.channelwise_bops(layers, {"conv": -1})
+
+
+def test_lowered_mac_share_and_macs_per_channel_by_hand():
+  channels, macs = [4, 10], [400.0, 600.0]  # 100 and 60 MACs per channel
+  np.testing.assert_array_equal(cost.macs_per_channel(channels, macs), [100.0, 60.0])
+  assert cost.macs_per_channel(channels, macs).dtype == np.float64
+  assert cost.lowered_mac_share([2, 5], channels, macs) == pytest.approx((200 + 300) / 1000)
+  assert isinstance(cost.lowered_mac_share([2, 5], channels, macs), float)
+  np.testing.assert_allclose(cost.lowered_mac_share([[0, 0], [4, 10], [1, 0]], channels, macs), [0.0, 1.0, 0.1])
+
+
+def _dense(path, c, o, tokens=None):
+  in_shape = (1, c) if tokens is None else (1, tokens, c)
+  out_shape = (1, o) if tokens is None else (1, tokens, o)
+  return LayerInfo(path, "dense", 0, c, o, 1, (c, o), in_shape, out_shape, 1)
+
+
+def test_tables_and_lowered_count():
+  layers = {"a": _dense("a", 4, 3), "b": _dense("b", 10, 2, tokens=5)}  # 12 and 100 MACs
+  assert layers["b"].macs == 100 and cost.layer_bops(layers["b"], 4, 8) == 3200.0
+  np.testing.assert_array_equal(cost.layerwise_bops_table(layers, [(8, 8), (4, 8), (32, 32)]),
+                                [[768, 384, 12288], [6400, 3200, 102400]])
+  assert [cost.lowered_count(layers["b"], r) for r in (0.0, 0.15, 0.3, 0.99, 1.0)] == [0, 1, 3, 9, 10]
+  # floor(r x C) channels at 4 x 4: a at 0.5 lowers 2 of 4 channels (6 of 12 MACs).
+  np.testing.assert_allclose(cost.channelwise_bops_table(layers, [0.0, 0.5, 1.0]),
+                             [[768, 6 * 16 + 6 * 64, 192], [6400, 50 * 16 + 50 * 64, 1600]])
+
+
+def test_bops_latency_model():
+  layers = {"a": _dense("a", 4, 3), "b": _dense("b", 10, 2, tokens=5)}
+  rel = lambda r: cost.relative_bops(layers, {p: cost.lowered_count(i, r) for p, i in layers.items()})
+  model = cost.BopsLatencyModel(2.0, rel, t_fixed=0.5)
+  assert model(0.0) == pytest.approx(2.5)
+  assert model(1.0) == pytest.approx(0.5 + 2.0 * 0.25)
+  assert model(0.0) > model(0.5) > model(1.0)
+  with pytest.raises(ValueError, match="t_8bit > 0"):
+    cost.BopsLatencyModel(0.0, rel)
+  with pytest.raises(ValueError, match="must not grow"):
+    cost.BopsLatencyModel(1.0, lambda r: r)
 
 
 def test_resnet18_macs_match_the_known_count():
   model = models.create("resnet18", num_classes=1000)
-  shape = inspect_model.sample_input((224, 224, 3))
+  shape = interception.sample_input((224, 224, 3))
   v = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape.shape)))
-  layers, bn_pairs = inspect_model.trace_layers(model, v, shape)
+  traced = interception.trace(model, v, (224, 224, 3))
   # ResNet-18 at 224: 1.814 GMACs (conv + fc), the figure every paper quotes as 1.8 GFLOPs.
-  assert cost.total_macs(layers) == pytest.approx(1.814e9, rel=2e-3)
-  assert len(layers) == 21 and len(bn_pairs) == 20  # every conv but none of fc is followed by BN
+  assert cost.total_macs(traced.layers) == pytest.approx(1.814e9, rel=2e-3)
+  # every conv but none of fc is followed by BN
+  assert len(traced.layers) == 21 and len(traced.foldable_bn) == 20

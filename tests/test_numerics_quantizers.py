@@ -217,3 +217,58 @@ def test_quantizers_jit_and_axis_argument():
   sc, zp = jax.jit(numerics.scale_from_range, static_argnums=(2, 3, 4))(-1.0, 2.0, 8, False, True)
   np.testing.assert_allclose(sc, 3.0 / 255)
   assert zp == np.round(-128 + 1.0 / (3.0 / 255))
+
+
+# -- per-output-channel weight scales and traced bit widths (moved here from quantize/layerwise) --
+
+def test_per_channel_weight_scale_is_absmax_over_all_but_last_axis_without_gradient():
+  w = np.array([[[1.0, -0.2], [-3.0, 0.1]], [[0.5, 0.0], [2.0, 0.0]]], np.float32)  # (2, 2, O=2)
+  np.testing.assert_allclose(numerics.per_channel_weight_scale(w), [3.0 / 127, 0.2 / 127], rtol=1e-6)
+  np.testing.assert_allclose(numerics.per_channel_weight_scale(w, qmax=7), [3.0 / 7, 0.2 / 7], rtol=1e-6)
+  # An all-zero output channel gets the floor scale, not 0 (no division by zero downstream).
+  zero = numerics.per_channel_weight_scale(np.zeros((3, 2), np.float32))
+  np.testing.assert_allclose(zero, numerics.MIN_RANGE / numerics.WEIGHT_QMAX_8BIT)
+  assert numerics.WEIGHT_QMAX_8BIT == 127
+  grad = jax.grad(lambda v: numerics.per_channel_weight_scale(v).sum())(jnp.asarray(w))
+  np.testing.assert_array_equal(grad, np.zeros_like(w))
+
+
+def test_traced_int_range_matches_int_range_and_floors_at_two_bits():
+  for bits in (2, 3, 4, 8, 16):
+    for signed in (True, False):
+      lo, hi = numerics.traced_int_range(jnp.int32(bits), signed)
+      assert (float(lo), float(hi)) == numerics.int_range(bits, signed), (bits, signed)
+  for bits in (0, 1):  # widths below 2 act as 2
+    assert tuple(map(float, numerics.traced_int_range(jnp.int32(bits), True))) == (-2.0, 1.0)
+    assert tuple(map(float, numerics.traced_int_range(jnp.int32(bits), False))) == (0.0, 3.0)
+
+
+def test_fake_quant_traced_bits_equals_static_fake_quant_with_one_compilation():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(4, 6)).astype(np.float32) * 2
+  w = rng.normal(size=(5, 3)).astype(np.float32)
+  w_clip = np.abs(w).max(0)
+  traces = []
+
+  @jax.jit
+  def act(x, bits):
+    traces.append(1)
+    return numerics.fake_quant_traced_bits(x, 2.5, bits, True)
+
+  for bits in (2, 4, 8):
+    qmin, qmax = numerics.int_range(bits, True)
+    ref = numerics.fake_quant(x, 2.5 / qmax, 0.0, qmin, qmax)
+    np.testing.assert_allclose(act(x, jnp.int32(bits)), ref, rtol=1e-6, atol=1e-7)
+    # Unsigned: [0, clip] on 2^b - 1 steps.
+    _, uq = numerics.int_range(bits, False)
+    np.testing.assert_allclose(numerics.fake_quant_traced_bits(np.abs(x), 2.5, jnp.int32(bits), False),
+                               numerics.fake_quant(np.abs(x), 2.5 / uq, 0.0, 0, uq), rtol=1e-6, atol=1e-7)
+    # Weights: narrow symmetric grid per output channel (the last axis).
+    nq = 2 ** (bits - 1) - 1
+    got = numerics.fake_quant_weight_traced_bits(w, w_clip, jnp.int32(bits))
+    np.testing.assert_allclose(got, numerics.fake_quant(w, w_clip / nq, 0.0, -nq, nq, axis=1), rtol=1e-6,
+                               atol=1e-7)
+  assert len(traces) == 1
+  # At 2 bits the narrow weight grid is {-1, 0, 1} x clip.
+  w2 = np.asarray(numerics.fake_quant_weight_traced_bits(w, w_clip, jnp.int32(2)))
+  assert set(np.unique(np.round(w2 / w_clip, 6))) <= {-1.0, 0.0, 1.0}

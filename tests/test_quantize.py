@@ -1,4 +1,8 @@
-"""FlexiQ core: folding, the integer path against fake quant, run-time ratio, no recompilation."""
+"""flexiq_jax.quantize: the plan (rules, BN folding, signedness, JSON), FlexiQ's layer arithmetic
+(integer path against fake quant and a numpy reference, bias correction), the FlexiQLayers
+provider, the run-time ratio (no recompilation) and the int8 serving export."""
+
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -6,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flexiq_jax import calibrate, inspect_model, quantize
+from flexiq_jax import calibrate, interception, quantize
+from flexiq_jax.interception import FloatLayers, LayerCall, get_path
 from flexiq_jax.quantize import layer_ops
 
 
@@ -39,22 +44,29 @@ def setup():
            for name, s in variables["batch_stats"].items()}
   variables = {"params": variables["params"], "batch_stats": stats}
   plan = quantize.build_plan(model, variables, (10, 10, 3))
-  folded = quantize.fold_batchnorm(variables, plan, quantize.bn_epsilons(model, variables, plan, (10, 10, 3)).get)
+  folded = quantize.fold_batchnorm(variables, plan)
   calib = calibrate.calibrate(model, plan, folded, [images[:16], images[16:]])
+  plan = plan.with_signedness(calib)
   orders = {p: np.argsort(np.maximum(-calib[p]["ch_min"], calib[p]["ch_max"]), kind="stable")
-            for p in plan.eligible}
+            for p in plan.lowerable}
   levels = [0.5, 1.0]
-  counts = {p: np.array([plan.layers[p].in_channels // 2, plan.layers[p].in_channels]) for p in plan.eligible}
+  counts = {p: np.array([plan.layers[p].in_channels // 2, plan.layers[p].in_channels]) for p in plan.lowerable}
   qvars = quantize.build_qvars(plan, folded, calib, orders, counts, levels)
   return model, variables, plan, folded, calib, qvars, images
 
 
+# -- plan ------------------------------------------------------------------------------------------
+
 def test_plan_keeps_first_and_last_8bit_and_folds_bn(setup):
   model, variables, plan, folded, calib, qvars, images = setup
   assert plan.quantized == ["stem", "dw", "grouped", "conv", "fc1", "head"]
-  assert plan.eligible == ["dw", "grouped", "conv", "fc1"]
+  assert plan.lowerable == ["dw", "grouped", "conv", "fc1"]
   assert plan.folded_bn == {"stem_bn": "stem", "grouped_bn": "grouped"}
+  assert plan.bn_epsilon == {"stem_bn": pytest.approx(1e-5), "grouped_bn": pytest.approx(1e-5)}
   assert plan.signed["stem"] and not plan.signed["grouped"]  # raw input vs after ReLU
+  assert set(plan.signed) == set(plan.quantized)
+  assert list(plan.layer_infos()) == plan.quantized
+  assert list(plan.layer_infos(["fc1"])) == ["fc1"]
 
 
 def test_unmatched_rule_is_reported(setup):
@@ -63,27 +75,90 @@ def test_unmatched_rule_is_reported(setup):
   assert plan.unmatched_rules == ["no_such_layer"]
 
 
+def test_plan_rules_skip_and_regex(setup):
+  model, variables, *_ = setup
+  plan = quantize.build_plan(model, variables, (10, 10, 3), skip=("last",), keep_8bit=("first", "^conv$"))
+  assert plan.quantized == ["stem", "dw", "grouped", "conv", "fc1"]
+  assert plan.lowerable == ["dw", "grouped", "fc1"]
+  assert plan.unmatched_rules == []
+  assert list(plan.layers) == ["stem", "dw", "grouped", "conv", "fc1", "head"]  # every layer is traced
+
+
+def test_plan_is_frozen_and_signedness_makes_a_new_plan(setup):
+  model, variables, plan, folded, calib, qvars, images = setup
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    plan.lowerable = []
+  fresh = quantize.build_plan(model, variables, (10, 10, 3))
+  assert fresh.signed == {}
+  signed = fresh.with_signedness(calib)
+  assert fresh.signed == {} and signed.signed == plan.signed
+  assert signed.quantized == fresh.quantized and signed.folded_bn == fresh.folded_bn
+
+
+def test_plan_json_roundtrip(setup):
+  import json
+
+  plan = setup[2]
+  back = quantize.QuantPlan.from_json(json.loads(json.dumps(plan.to_json())))
+  assert back == plan
+
+
 def test_folded_model_equals_original(setup):
   model, variables, plan, folded, calib, qvars, images = setup
   ref = model.apply(variables, images, train=False)
   assert float(jnp.std(ref)) > 1e-3  # a live network, not one whose ReLUs are all off
-  out = quantize.apply_with_layers(model, plan, folded, images, layer_ops.float_forward)
+  out = interception.run_with_provider(model, plan, folded, images, FloatLayers())
   np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+  # Folding adds a bias to the conv that had none and leaves the BatchNorm parameters unused.
+  assert "bias" in folded["params"]["stem"] and "bias" not in variables["params"]["stem"]
+  assert quantize.unfolded_batch_stats(folded, plan) == {}
 
+
+def test_without_folding_the_batchnorms_run_at_apply_time(setup):
+  model, variables, *_ = setup
+  images = setup[-1][:4]
+  plan = quantize.build_plan(model, variables, (10, 10, 3), fold_bn=False)
+  assert plan.folded_bn == {} and plan.bn_epsilon == {}
+  assert quantize.fold_batchnorm(variables, plan) == variables
+  assert jax.tree_util.tree_structure(quantize.unfolded_batch_stats(variables, plan)) == \
+      jax.tree_util.tree_structure(variables["batch_stats"])
+  out = interception.run_with_provider(model, plan, variables, images, FloatLayers())
+  np.testing.assert_allclose(out, model.apply(variables, images, train=False), rtol=1e-5, atol=1e-6)
+
+
+# -- layer arithmetic (layer_ops) ------------------------------------------------------------------
 
 def test_int8_path_matches_fake_quant_and_is_really_int8(setup):
   model, variables, plan, folded, calib, qvars, images = setup
   int_model = quantize.QuantizedModel(model, plan, mode="int")
   fake_model = int_model.with_mode("fake")
+  int_apply, fake_apply = jax.jit(int_model.apply), jax.jit(fake_model.apply)
   for ratio in (0.0, 0.5, 1.0):
-    a = int_model.apply(qvars, images, ratio)
-    b = fake_model.apply(qvars, images, ratio)
+    a = int_apply(qvars, images, ratio)
+    b = fake_apply(qvars, images, ratio)
     np.testing.assert_allclose(a, b, atol=2e-3 * float(jnp.abs(b).max()))
   closed = jax.make_jaxpr(lambda q, x: int_model.apply(q, x, 0.5))(qvars, images[:2])
   ops = [(e.primitive.name, [str(v.aval.dtype) for v in e.invars], str(e.outvars[0].aval.dtype))
          for e in _equations(closed.jaxpr) if e.primitive.name in ("dot_general", "conv_general_dilated")]
   assert len(ops) == len(plan.quantized), ops
-  assert all(ins == ["int8", "int8"] and out == "int32" for _, ins, out in ops), ops
+  conv_out = quantize.default_conv_accumulator()  # int32 on CPU; XLA:GPU convs need float32
+  assert all(ins == ["int8", "int8"] and out == ("int32" if name == "dot_general" else conv_out)
+             for name, ins, out in ops), ops
+
+
+def test_float32_conv_accumulator_is_exact_here(setup):
+  """A float32 accumulator (what GPUs need) gives the int32 result while sums stay below 2^24."""
+  model, variables, plan, folded, calib, qvars, images = setup
+  a = jax.jit(quantize.QuantizedModel(model, plan, conv_accumulator="int32").apply)(qvars, images[:4], 0.5)
+  b = jax.jit(quantize.QuantizedModel(model, plan, conv_accumulator="float32").apply)(qvars, images[:4], 0.5)
+  np.testing.assert_array_equal(a, b)
+  assert quantize.default_conv_accumulator() == ("float32" if jax.default_backend() == "gpu" else "int32")
+
+
+def test_unknown_mode_is_an_error(setup):
+  model, variables, plan, folded, calib, qvars, images = setup
+  with pytest.raises(ValueError, match="'fake' or 'int'"):
+    jax.eval_shape(quantize.QuantizedModel(model, plan, mode="int4").apply, qvars, images[:2], 0.5)
 
 
 def _equations(jaxpr):
@@ -95,16 +170,21 @@ def _equations(jaxpr):
         yield from _equations(inner)
 
 
+def _call(plan, folded, path):
+  p = get_path(folded["params"], path)
+  return LayerCall(plan.layers[path], None, p["kernel"], p["bias"])  # dense layers need no module
+
+
 def test_dense_layer_against_numpy_reference(setup):
   """One Dense layer: codes, 4-bit extraction of the lowered channels, int32 GEMM, rescale."""
   model, variables, plan, folded, calib, qvars, images = setup
   info = plan.layers["fc1"]
-  lq = inspect_model.get_path(qvars["quant"], "fc1")
+  lq = get_path(qvars["quant"], "fc1")
   p = folded["params"]["fc1"]
   rng = np.random.default_rng(1)
   x = rng.normal(size=(4, info.in_channels)).astype(np.float32) * 2
   lowered = np.arange(info.in_channels) % 3 == 0
-  y = layer_ops.quantized_forward(info, None, jnp.asarray(x), p["kernel"], p["bias"], lq, jnp.asarray(lowered),
+  y = layer_ops.quantized_forward(_call(plan, folded, "fc1"), jnp.asarray(x), lq, jnp.asarray(lowered),
                                   signed=plan.signed["fc1"], mode="int")
   s_x = float(lq["act_scale"])
   lo, hi = (-128, 127) if plan.signed["fc1"] else (0, 255)
@@ -122,18 +202,42 @@ def test_dense_layer_against_numpy_reference(setup):
   lost = lowered[:, None] * (np.asarray(lq["mean_code"])[:, None] * qw8 - np.asarray(lq["mean_lowered"])[:, None] * qw)
   ref = (qx.astype(np.int64) @ qw.astype(np.int64)) * s_x * s_w + np.asarray(p["bias"]) + lost.sum(0) * s_x * s_w
   np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+  # The integer codes stored by a serving export are the same qw8 (and scale s_w).
+  codes, scale = layer_ops.weight_codes(info, p["kernel"])
+  assert codes.dtype == jnp.int8
+  np.testing.assert_array_equal(codes, qw8)
+  np.testing.assert_allclose(scale, s_w, rtol=1e-6)
+
+
+def test_grouped_and_depthwise_weight_channel_index(setup):
+  plan = setup[2]
+  dw, grouped, fc1 = plan.layers["dw"], plan.layers["grouped"], plan.layers["fc1"]
+  # Depthwise (8 groups of 1): output channel o reads feature channel o.
+  np.testing.assert_array_equal(layer_ops.weight_channel_index(dw), np.arange(8)[None, :])
+  # Grouped 8 -> 16 in 2 groups: outputs 0-7 read channels 0-3, outputs 8-15 read 4-7.
+  idx = layer_ops.weight_channel_index(grouped)
+  assert idx.shape == (4, 16)
+  np.testing.assert_array_equal(idx[:, 0], [0, 1, 2, 3])
+  np.testing.assert_array_equal(idx[:, 15], [4, 5, 6, 7])
+  np.testing.assert_array_equal(layer_ops.weight_channel_index(fc1), np.repeat(np.arange(16)[:, None], 12, 1))
+
+
+class _Recorder:
+  """Float provider that keeps the input of one layer."""
+
+  def __init__(self, path):
+    self.path, self.x = path, None
+
+  def layer(self, call, x):
+    if call.path == self.path:
+      self.x = x
+    return call.float_forward(x)
 
 
 def _layer_inputs(model, plan, folded, images, path):
-  seen = {}
-
-  def layer_fn(info, module, x, kernel, bias):
-    if info.path == path:
-      seen["x"] = x
-    return layer_ops.float_forward(info, module, x, kernel, bias)
-
-  quantize.apply_with_layers(model, plan, folded, images, layer_fn)
-  return seen["x"]
+  recorder = _Recorder(path)
+  interception.run_with_provider(model, plan, folded, images, recorder)
+  return recorder.x
 
 
 def test_bias_correction_keeps_the_mean_output_on_calibration_data(setup):
@@ -141,12 +245,11 @@ def test_bias_correction_keeps_the_mean_output_on_calibration_data(setup):
   8-bit layer's mean output (exactly, up to float roundoff); without it the mean shifts."""
   model, variables, plan, folded, calib, qvars, images = setup
   info = plan.layers["fc1"]
-  lq = inspect_model.get_path(qvars["quant"], "fc1")
-  p = folded["params"]["fc1"]
+  lq = get_path(qvars["quant"], "fc1")
+  call = _call(plan, folded, "fc1")
   x = _layer_inputs(model, plan, folded, images, "fc1")
   run = lambda lq, lowered: layer_ops.quantized_forward(
-      info, None, x, p["kernel"], p["bias"], lq, jnp.full((info.in_channels,), lowered), signed=plan.signed["fc1"],
-      mode="int").mean(0)
+      call, x, lq, jnp.full((info.in_channels,), lowered), signed=plan.signed["fc1"], mode="int").mean(0)
   base = run(lq, False)
   corrected = run(lq, True)
   uncorrected = run({k: v for k, v in lq.items() if k not in ("mean_code", "mean_lowered")}, True)
@@ -158,11 +261,37 @@ def test_bias_correction_keeps_the_mean_output_on_calibration_data(setup):
 def test_fake_quant_gradients_flow(setup):
   model, variables, plan, folded, calib, qvars, images = setup
   fake = quantize.QuantizedModel(model, plan, mode="fake")
-  grads = jax.grad(lambda params: jnp.sum(fake.apply({**qvars, "params": params}, images, 0.5) ** 2))(
+  grads = jax.jit(jax.grad(lambda params: jnp.sum(fake.apply({**qvars, "params": params}, images, 0.5) ** 2)))(
       qvars["params"])
   for path in plan.quantized:
-    g = inspect_model.get_path(grads, path)["kernel"]
+    g = get_path(grads, path)["kernel"]
     assert np.isfinite(g).all() and np.abs(g).sum() > 0, path
+
+
+# -- FlexiQLayers and the run-time ratio -----------------------------------------------------------
+
+def test_flexiq_layers_provider_is_what_the_quantized_model_runs(setup):
+  model, variables, plan, folded, calib, qvars, images = setup
+  qm = quantize.QuantizedModel(model, plan, mode="int", conv_accumulator="int32")
+  counts = {"dw": 3, "conv": 16}  # fc1 and grouped: no count, nothing lowered
+  provider = quantize.FlexiQLayers(qvars["quant"], counts, plan.signed, "int", False, "int32")
+  out = jax.jit(lambda v, x: interception.run_with_provider(model, plan, v, x, provider))(
+      {"params": qvars["params"]}, images)
+  np.testing.assert_array_equal(out, jax.jit(qm.apply_counts)(qvars, images, counts))
+  # The provider lowers exactly the channels ranked below the count: on dw, lowering its first 3
+  # channels by rank is the same as passing that mask to quantized_forward directly.
+  x = _layer_inputs(model, plan, folded, images, "dw")
+  p = get_path(qvars["params"], "dw")
+  module = nn.Conv(8, (3, 3), strides=2, padding=((1, 1), (1, 1)), feature_group_count=8)
+  call = LayerCall(plan.layers["dw"], module, p["kernel"], p["bias"])
+  lq = get_path(qvars["quant"], "dw")
+  mask = np.isin(np.arange(8), np.asarray(np.argsort(lq["rank"]))[:3])
+  direct = layer_ops.quantized_forward(call, x, lq, jnp.asarray(mask), signed=plan.signed["dw"], mode="int")
+  np.testing.assert_array_equal(provider.layer(call, x), direct)
+  none = quantize.FlexiQLayers(qvars["quant"], {}, plan.signed, "int", False, "int32").layer(call, x)
+  np.testing.assert_array_equal(none, layer_ops.quantized_forward(
+      call, x, lq, jnp.zeros(8, bool), signed=plan.signed["dw"], mode="int"))
+  assert not np.array_equal(none, direct)
 
 
 def test_ratio_zero_is_plain_8bit_and_one_lowers_everything(setup):
@@ -171,19 +300,40 @@ def test_ratio_zero_is_plain_8bit_and_one_lowers_everything(setup):
   counts0 = qm.layer_counts(qvars, 0.0)
   counts1 = qm.layer_counts(qvars, 1.0)
   assert all(float(c) == 0 for c in counts0.values())
-  assert {p: float(c) for p, c in counts1.items()} == {p: plan.layers[p].in_channels for p in plan.eligible}
-  no_lowering = qm.apply_counts(qvars, images, {})  # the plain 8-bit model
-  np.testing.assert_array_equal(qm.apply(qvars, images, 0.0), no_lowering)
-  assert not np.allclose(qm.apply(qvars, images, 1.0), no_lowering)
+  assert {p: float(c) for p, c in counts1.items()} == {p: plan.layers[p].in_channels for p in plan.lowerable}
+  no_lowering = jax.jit(qm.apply_counts)(qvars, images, {})  # the plain 8-bit model
+  apply = jax.jit(qm.apply)
+  np.testing.assert_array_equal(apply(qvars, images, 0.0), no_lowering)
+  assert not np.allclose(apply(qvars, images, 1.0), no_lowering)
   assert quantize.relative_bops_at(qm, qvars, 0.0) == 1.0
   assert quantize.relative_bops_at(qm, qvars, 1.0) < 1.0
+
+
+def test_counts_between_levels_and_cost_reports(setup):
+  model, variables, plan, folded, calib, qvars, images = setup
+  qm = quantize.QuantizedModel(model, plan, mode="int")
+  # levels (0.5, 1.0) with counts C/2 and C: at 0.25 half of C/2, at 0.75 three quarters of C (floored).
+  assert quantize.lowered_channels(qm, qvars, 0.25) == {p: float(plan.layers[p].in_channels // 4)
+                                                        for p in plan.lowerable}
+  assert quantize.lowered_channels(qm, qvars, 0.75) == {p: float(3 * plan.layers[p].in_channels // 4)
+                                                        for p in plan.lowerable}
+  # Out-of-range ratios are clipped inside the traced apply.
+  assert {p: float(c) for p, c in qm.layer_counts(qvars, 1.5).items()} == \
+      {p: float(c) for p, c in qm.layer_counts(qvars, 1.0).items()}
+  # At ratio 1 every lowerable channel is 4-bit; the 8-bit stem and head keep the share below 1.
+  infos = plan.layer_infos()
+  lowerable_macs = sum(infos[p].macs for p in plan.lowerable)
+  assert quantize.low_bit_share_at(qm, qvars, 1.0) == pytest.approx(lowerable_macs / sum(i.macs for i in infos.values()))
+  assert quantize.low_bit_share_at(qm, qvars, 0.0) == 0.0
+  assert quantize.relative_bops_at(qm, qvars, 1.0) == pytest.approx(1 - 0.75 * quantize.low_bit_share_at(qm, qvars, 1.0))
 
 
 def test_error_grows_with_ratio(setup):
   model, variables, plan, folded, calib, qvars, images = setup
   qm = quantize.QuantizedModel(model, plan, mode="int")
   ref = model.apply(variables, images, train=False)
-  errors = [float(jnp.mean((qm.apply(qvars, images, r) - ref) ** 2)) for r in (0.0, 0.5, 1.0)]
+  apply = jax.jit(qm.apply)
+  errors = [float(jnp.mean((apply(qvars, images, r) - ref) ** 2)) for r in (0.0, 0.5, 1.0)]
   assert errors[0] < errors[1] < errors[2], errors
 
 
@@ -214,32 +364,15 @@ def test_ratio_outside_unit_interval_is_an_error(setup, bad):
     predict(images, bad)
 
 
-def test_fitted_extraction_beats_naive_on_calibration_data(setup):
-  model, variables, plan, folded, calib, qvars, images = setup
-  naive = calibrate.calibrate(model, plan, folded, [images[:16], images[16:]], extraction="naive")
-  for p in plan.quantized:
-    assert np.all(naive[p]["act_e"] == 4)
-    assert np.all(calib[p]["act_lowering_error"] <= naive[p]["act_lowering_error"] * (1 + 1e-5) + 1e-12)
-    assert np.all(calib[p]["weight_lowering_error"] <= naive[p]["weight_lowering_error"] * (1 + 1e-5) + 1e-12)
-  assert sum(calib[p]["act_lowering_error"].sum() for p in plan.quantized) < \
-      sum(naive[p]["act_lowering_error"].sum() for p in plan.quantized)
+def test_check_ratio():
+  assert quantize.check_ratio(0) == 0.0 and quantize.check_ratio(np.float32(0.5)) == 0.5
+  with pytest.raises(TypeError, match="must be a number"):
+    quantize.check_ratio([0.1, 0.2])
+  with pytest.raises(TypeError, match="must be a number"):
+    quantize.check_ratio(None)
 
 
-def test_unknown_calibration_options_are_errors(setup):
-  model, variables, plan, folded, *_ = setup
-  with pytest.raises(ValueError, match="'minmax', 'percentile' or 'mse'"):
-    calibrate.calibrate(model, plan, folded, [], method="kl")
-  with pytest.raises(ValueError, match="'fitted' or 'naive'"):
-    calibrate.calibrate(model, plan, folded, [], extraction="best")
-
-
-@pytest.mark.parametrize("method", ["percentile", "mse"])
-def test_percentile_and_mse_clip_tighter_than_minmax(setup, method):
-  model, variables, plan, folded, calib, qvars, images = setup
-  other = calibrate.calibrate(model, plan, folded, [images], method=method, percentile=99.0)
-  for p in plan.quantized:
-    assert 0 < other[p]["act_scale"] <= calib[p]["act_scale"] * (1 + 1e-6)
-
+# -- quantized variables and the int8 export -------------------------------------------------------
 
 def test_quantized_variables_tree_shapes(setup):
   model, variables, plan, folded, calib, qvars, images = setup
@@ -247,17 +380,32 @@ def test_quantized_variables_tree_shapes(setup):
   assert set(shapes) == {"params", "quant", "levels"}  # both BatchNorms folded: no batch_stats left
   assert shapes["levels"].shape == (2,)
   for path in plan.quantized:
-    entry = inspect_model.get_path(shapes["quant"], path)
+    entry = get_path(shapes["quant"], path)
     c = plan.layers[path].in_channels
     assert entry["act_scale"].shape == () and entry["act_scale"].dtype == jnp.float32
     assert entry["act_e"].shape == (c,) and entry["weight_e"].dtype == jnp.int32
-    if path in plan.eligible:
+    if path in plan.lowerable:
       assert entry["rank"].shape == (c,) and entry["counts"].shape == (2,) and entry["counts"].dtype == jnp.int32
+      assert entry["mean_code"].shape == (c,) and entry["mean_lowered"].shape == (c,)
     else:
       assert "rank" not in entry and "counts" not in entry
   # The params keep the model's own structure (plus folded biases), so QAT trains them directly.
   assert set(shapes["params"]) == set(variables["params"])
   assert "bias" in shapes["params"]["stem"] and "bias" not in variables["params"]["stem"]
+  # rank inverts the order: the channel ordered first has rank 0.
+  for path in plan.lowerable:
+    rank = np.asarray(get_path(qvars["quant"], path)["rank"])
+    order = np.argsort(np.maximum(-calib[path]["ch_min"], calib[path]["ch_max"]), kind="stable")
+    np.testing.assert_array_equal(rank[order], np.arange(len(order)))
+
+
+def test_qvars_without_bias_correction(setup):
+  model, variables, plan, folded, calib, qvars, images = setup
+  orders = {p: np.arange(plan.layers[p].in_channels) for p in plan.lowerable}
+  counts = {p: np.array([1, 2]) for p in plan.lowerable}
+  plain = quantize.build_qvars(plan, folded, calib, orders, counts, [0.5, 1.0], bias_correction=False)
+  for path in plan.lowerable:
+    assert "mean_code" not in get_path(plain["quant"], path)
 
 
 def test_int8_export_drops_float_kernels_and_is_bit_identical(setup, tmp_path):
@@ -267,9 +415,9 @@ def test_int8_export_drops_float_kernels_and_is_bit_identical(setup, tmp_path):
   qm = quantize.QuantizedModel(model, plan, mode="int")
   served = quantize.export_int8(qm, qvars)
   for path in plan.quantized:
-    assert inspect_model.get_path(served["params"], path)["kernel"].dtype == jnp.int8, path
+    assert get_path(served["params"], path)["kernel"].dtype == jnp.int8, path
   nbytes = lambda tree: sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))
-  kernels = lambda v: [inspect_model.get_path(v["params"], p)["kernel"] for p in plan.quantized]
+  kernels = lambda v: [get_path(v["params"], p)["kernel"] for p in plan.quantized]
   assert nbytes(kernels(served)) * 4 == nbytes(kernels(qvars))
   checkpoint.save_tree(str(tmp_path / "served"), served)  # what a server loads
   served = checkpoint.load_tree(str(tmp_path / "served"), served)

@@ -1,5 +1,7 @@
 """Channel selection: orders, budget repair, selectors (nested, on budget), the evolutionary
-search (finds a known optimum, never re-evaluates, skips fixed levels) and count interpolation."""
+search (finds a known optimum, never re-evaluates, skips fixed levels), count interpolation, the
+lowerable-layer view of a calibration with its channel orders, and the search's fitness.
+(The MAC share a count vector buys, `cost.lowered_mac_share`, is tested in test_cost.py.)"""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from flexiq_jax import cost
 from flexiq_jax import select as S
+
+mac_ratio = cost.lowered_mac_share  # ratio(counts): the share of 4-bit MACs (select.budget docstring)
 
 LEVELS = (0.25, 0.5, 0.75, 1.0)
 
@@ -20,7 +25,7 @@ def assert_nested_on_budget(counts, levels, channels, macs):
   assert np.all(counts >= 0) and np.all(counts <= channels)
   assert np.all(np.diff(counts, axis=0) >= 0), "not nested"
   tol = S.budget_tolerance(channels, macs)
-  ratios = S.mac_ratio(counts, channels, macs)
+  ratios = mac_ratio(counts, channels, macs)
   for r, got, row in zip(levels, ratios, counts):
     assert abs(got - r) <= tol * (1 + 1e-9), (r, got, tol)
     if r == 1.0:
@@ -92,9 +97,22 @@ def test_rank_inverts_order_and_random_order_is_seeded():
 
 def test_mac_ratio_and_tolerance_by_hand():
   channels, macs = [4, 10], [400.0, 600.0]  # 100 and 60 MACs per channel
-  assert S.mac_ratio([2, 5], channels, macs) == pytest.approx((200 + 300) / 1000)
-  np.testing.assert_allclose(S.mac_ratio([[0, 0], [4, 10]], channels, macs), [0.0, 1.0])
+  assert mac_ratio([2, 5], channels, macs) == pytest.approx((200 + 300) / 1000)
+  np.testing.assert_allclose(mac_ratio([[0, 0], [4, 10]], channels, macs), [0.0, 1.0])
   assert S.budget_tolerance(channels, macs) == pytest.approx(0.1)
+  assert S.budget_tolerance([4, 10], [400.0, 1600.0]) == pytest.approx(160 / 2000)  # the coarser layer
+
+
+def test_repair_validated_is_repair_to_budget_without_checks():
+  from flexiq_jax.select import budget
+
+  channels, macs = np.array([4, 10, 7]), np.array([400.0, 600.0, 70.0])
+  w = cost.macs_per_channel(channels, macs)
+  for r, start in ((0.3, [0, 0, 0]), (0.7, [4, 10, 7]), (0.5, [9, -3, 2])):
+    a = S.repair_to_budget(start, r, channels, macs)
+    b = budget.repair_validated(start, r, w, float(macs.sum()), np.zeros(3, np.int64), channels, None)
+    np.testing.assert_array_equal(a, b)
+    assert abs(mac_ratio(b, channels, macs) - r) <= S.budget_tolerance(channels, macs) / 2 + 1e-12
 
 
 def test_uniform_ratio_counts_are_floor_or_ceil_and_on_budget():
@@ -103,7 +121,7 @@ def test_uniform_ratio_counts_are_floor_or_ceil_and_on_budget():
     counts = S.counts_for_uniform_ratio(r, channels, macs)
     assert np.all(counts >= np.floor(r * channels - 1e-9))
     assert np.all(counts <= np.ceil(r * channels + 1e-9))
-    assert abs(S.mac_ratio(counts, channels, macs) - r) <= S.budget_tolerance(channels, macs) / 2
+    assert abs(mac_ratio(counts, channels, macs) - r) <= S.budget_tolerance(channels, macs) / 2
   np.testing.assert_array_equal(S.counts_for_uniform_ratio(0.3, [10, 20]), [3, 6])
 
 
@@ -120,18 +138,18 @@ def test_repair_respects_bounds_and_budget(problem, data):
   a = np.array(data.draw(st.lists(st.integers(0, 64), min_size=n, max_size=n))) % (channels + 1)
   b = np.array(data.draw(st.lists(st.integers(0, 64), min_size=n, max_size=n))) % (channels + 1)
   lower, upper = np.minimum(a, b), np.maximum(a, b)
-  lo_r, hi_r = S.mac_ratio(lower, channels, macs), S.mac_ratio(upper, channels, macs)
+  lo_r, hi_r = mac_ratio(lower, channels, macs), mac_ratio(upper, channels, macs)
   r = lo_r + data.draw(st.floats(0, 1)) * (hi_r - lo_r)
   start = np.array(data.draw(st.lists(st.integers(-5, 70), min_size=n, max_size=n)))
   seed = data.draw(st.integers(0, 3))
   out = S.repair_to_budget(start, r, channels, macs, lower, upper, rng=seed)
   assert np.all(out >= lower) and np.all(out <= upper)
   tol = S.budget_tolerance(channels, macs)
-  assert abs(S.mac_ratio(out, channels, macs) - r) <= tol / 2 + 1e-12
+  assert abs(mac_ratio(out, channels, macs) - r) <= tol / 2 + 1e-12
   np.testing.assert_array_equal(out, S.repair_to_budget(start, r, channels, macs, lower, upper,
                                                         rng=seed))
   # Already as close as one channel allows -> untouched.
-  np.testing.assert_array_equal(out, S.repair_to_budget(out, S.mac_ratio(out, channels, macs),
+  np.testing.assert_array_equal(out, S.repair_to_budget(out, mac_ratio(out, channels, macs),
                                                         channels, macs, lower, upper))
 
 
@@ -223,7 +241,7 @@ def test_search_counts_evaluations_never_repeats_and_skips_fixed_levels():
 
   def fitness(counts):
     assert counts.dtype == np.int32 and counts.shape == (6,)
-    assert 0 < S.mac_ratio(counts, TIER_C, TIER_M) < 1, "fixed levels must not be evaluated"
+    assert 0 < mac_ratio(counts, TIER_C, TIER_M) < 1, "fixed levels must not be evaluated"
     seen.append(tuple(counts.tolist()))
     return tier_fitness(counts)
 
@@ -267,7 +285,7 @@ def test_search_is_seeded_with_uniform_greedy_and_init():
   np.testing.assert_array_equal(first[0], S.select_uniform((0.5,), TIER_C, TIER_M)[0])
   np.testing.assert_array_equal(first[1], greedy[0])
   assert tier_fitness(greedy[0]) == tier_optimum(0.5)  # ranges here track the cost
-  assert S.mac_ratio(first[2], TIER_C, TIER_M) == pytest.approx(0.5, abs=0.01)  # init, repaired
+  assert mac_ratio(first[2], TIER_C, TIER_M) == pytest.approx(0.5, abs=0.01)  # init, repaired
   assert len(first) == 4
 
 
@@ -349,3 +367,102 @@ def test_interpolate_under_jit_never_recompiles_for_a_new_ratio():
     assert lowered._cache_size() == 1
   np.testing.assert_array_equal(outs[1], COUNTS[0])
   np.testing.assert_array_equal(outs[-1], COUNTS[-1])
+
+
+# -- lowerable layers and channel orders ------------------------------------------------------------
+
+class _Plan:
+  """The part of a QuantPlan that LowerableLayers reads."""
+
+  def __init__(self, layers, lowerable):
+    self.layers, self.lowerable = layers, lowerable
+
+
+def _dense_info(path, c, o):
+  from flexiq_jax.interception import LayerInfo
+
+  return LayerInfo(path, "dense", 0, c, o, 1, (c, o), (1, c), (1, o), 1)
+
+
+def test_lowerable_layers_of_a_calibration_and_their_orders():
+  layers = {"first": _dense_info("first", 2, 3), "a": _dense_info("a", 3, 5), "b": _dense_info("b", 4, 2)}
+  stats = {
+      "first": {"ch_min": np.zeros(2), "ch_max": np.ones(2),
+                "act_lowering_error": np.zeros(2), "weight_lowering_error": np.zeros(2)},
+      "a": {"ch_min": np.array([-3.0, -0.5, 0.0]), "ch_max": np.array([1.0, 2.0, 0.5]),
+            "act_lowering_error": np.array([0.1, 0.0, 0.3]), "weight_lowering_error": np.array([0.0, 0.2, 0.0])},
+      "b": {"ch_min": np.array([0.0, 0.0, 0.0, 0.0]), "ch_max": np.array([1.0, 1.0, 1.0, 0.25]),
+            "act_lowering_error": np.array([0.5, 0.1, 0.3, 9.0]), "weight_lowering_error": np.zeros(4)},
+  }
+  view = S.LowerableLayers.of(_Plan(layers, ["a", "b"]), stats)
+  assert view.paths == ["a", "b"]  # only the lowerable layers, in plan order
+  np.testing.assert_array_equal(view.channels, [3, 4])
+  np.testing.assert_array_equal(view.macs, [15.0, 8.0])
+  np.testing.assert_array_equal(view.ranges[0], [3.0, 2.0, 0.5])  # |x| max per channel
+  np.testing.assert_allclose(view.errors[0], [0.1, 0.2, 0.3])  # activation + weight error
+  orders = S.channel_orders("range", view)
+  # Smallest range first; equal ranges by lowering error (then index).
+  np.testing.assert_array_equal(orders["a"], [2, 1, 0])
+  np.testing.assert_array_equal(orders["b"], [3, 1, 2, 0])
+  random = S.channel_orders("random", view, seed=4)
+  assert sorted(random["b"].tolist()) == [0, 1, 2, 3]
+  np.testing.assert_array_equal(random["b"], S.channel_orders("random", view, seed=4)["b"])
+  np.testing.assert_array_equal(random["a"], S.random_order(3, [4, 0]))
+  with pytest.raises(ValueError, match="'range' or 'random'"):
+    S.channel_orders("magnitude", view)
+
+
+# -- the evolutionary search's fitness -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fitness_setup():
+  import flax.linen as nn
+
+  from flexiq_jax import calibrate, quantize, stage_results
+
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      x = x.reshape(x.shape[0], -1)
+      for i in range(3):
+        x = nn.relu(nn.Dense(8, name=f"fc{i}")(x))
+      return nn.Dense(4, name="head")(x)
+
+  model = MLP()
+  images = jax.random.normal(jax.random.PRNGKey(1), (16, 3, 3, 1))
+  variables = model.init(jax.random.PRNGKey(0), images[:1])
+  plan = quantize.build_plan(model, variables, (3, 3, 1))
+  stats = calibrate.calibrate(model, plan, variables, [images])
+  calibration = stage_results.Calibration(plan.with_signedness(stats), variables, stats)
+  float_model = stage_results.FloatModel(model, variables)
+  orders = S.channel_orders("range", S.LowerableLayers.of(calibration.plan, stats))
+  return float_model, calibration, orders, images
+
+
+def test_selection_fitness_scores_counts_against_the_float_model(fitness_setup):
+  from flexiq_jax import quantize, train
+  from flexiq_jax.finetune import kl_divergence
+  from flexiq_jax.select.fitness import SelectionFitness
+
+  float_model, calibration, orders, images = fitness_setup
+  plan = calibration.plan
+  assert plan.lowerable == ["fc1", "fc2"]
+  fitness = SelectionFitness.build(float_model, calibration, orders, [0.5, 1.0], images)
+  none, every = np.zeros(2, np.int32), np.array([8, 8], np.int32)
+  assert 0 <= fitness(none) < fitness(every)
+  # By hand: the integer model with those counts (bias-corrected qvars), KL to the float logits.
+  qmodel = quantize.QuantizedModel(float_model.model, plan, mode="int")
+  zero = {p: np.zeros(2, np.int32) for p in plan.lowerable}
+  qvars = quantize.build_qvars(plan, calibration.folded, calibration.stats, orders, zero, [0.5, 1.0])
+  teacher = float_model.logits(images)
+  logits = jax.jit(qmodel.apply_counts)(qvars, images, {"fc1": 3, "fc2": 5})
+  assert fitness([3, 5]) == pytest.approx(float(kl_divergence(teacher, logits)), rel=1e-5, abs=1e-7)
+  assert fitness.score._cache_size() == 1  # one compilation for every candidate
+  ce = SelectionFitness.build(float_model, calibration, orders, [0.5, 1.0], images, kind="ce")
+  assert ce([3, 5]) == pytest.approx(float(train.cross_entropy(logits, jnp.argmax(teacher, -1))), rel=1e-5)
+  # Without bias correction the qvars carry no mean codes, and the score changes when lowering.
+  plain = SelectionFitness.build(float_model, calibration, orders, [0.5, 1.0], images, bias_correction=False)
+  assert "mean_code" not in plain.qvars["quant"]["fc1"]
+  assert plain(none) == pytest.approx(fitness(none))
+  with pytest.raises(ValueError, match="select.fitness"):
+    SelectionFitness.build(float_model, calibration, orders, [0.5, 1.0], images, kind="mse")

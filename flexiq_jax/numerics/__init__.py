@@ -16,7 +16,7 @@ from flexiq_jax.numerics.ranges import (DEFAULT_NUM_BINS, histogram, histogram_e
 from flexiq_jax.numerics.extraction import (DEFAULT_CANDIDATES, code_histogram, extraction_errors,
                                          extraction_errors_from_histogram, fit_extraction,
                                          fit_extraction_from_histogram, lower_codes, lower_codes_ste,
-                                         lowering_error, lowering_error_from_histogram, naive_extraction)
+                                         lowering_error)
 from flexiq_jax.numerics.quantizers import (MIN_RANGE, WEIGHT_QMAX_8BIT, dequantize, fake_quant,
                                             fake_quant_traced_bits, fake_quant_weight_traced_bits, int_range,
                                             lsq_default_grad_scale, lsq_fake_quant, per_channel_weight_scale,
@@ -28,8 +28,8 @@ __all__ = [
     "expand_to_axis", "extraction_errors", "extraction_errors_from_histogram", "fake_quant",
     "fake_quant_traced_bits", "fake_quant_weight_traced_bits", "fit_extraction",
     "fit_extraction_from_histogram", "histogram", "histogram_edges", "histogram_update", "int_range",
-    "lower_codes", "lower_codes_ste", "lowering_error", "lowering_error_from_histogram",
+    "lower_codes", "lower_codes_ste", "lowering_error",
     "lsq_default_grad_scale", "lsq_fake_quant", "minmax_range", "mse_range", "mse_range_from_histogram",
-    "naive_extraction", "occupied_range", "per_channel_weight_scale", "percentile_range", "percentile_range_from_histogram", "quantize",
+    "occupied_range", "per_channel_weight_scale", "percentile_range", "percentile_range_from_histogram", "quantize",
     "round_ste", "scale_from_range", "shrink_factors", "traced_int_range",
 ]

@@ -176,19 +176,6 @@ def lowering_error(q, e, axis: int | None, signed: bool, weights=None, low_bits:
   return channels_first(jnp.broadcast_to(err, q.shape), axis).sum(axis=1)
 
 
-def lowering_error_from_histogram(hist, e, signed: bool, weights=None, low_bits: int = 4):
-  """Per-channel Σ_code count * (code - lower(code, e))^2 for a code histogram (..., 2^bits) and
-  positions `e` of shape (...) (or a scalar). float32, shape hist.shape[:-1]."""
-  hist = jnp.asarray(hist)
-  bits = _bits_of_histogram(hist)
-  counts = hist.astype(jnp.float32)
-  if weights is not None:
-    counts = counts * jnp.asarray(weights, jnp.float32)
-  codes = _code_values(bits, signed)
-  e = jnp.asarray(e, jnp.int32)[..., None]
-  return (counts * (codes - lower_codes(codes, e, signed, low_bits)) ** 2).sum(-1)
-
-
 def extraction_errors(q, axis: int | None, signed: bool, candidates: Sequence[int] = DEFAULT_CANDIDATES,
                       weights=None, low_bits: int = 4):
   """`lowering_error` for each candidate e (all channels at the same e): float32 (K, C)."""
@@ -208,8 +195,3 @@ def fit_extraction(q, axis: int | None, signed: bool, candidates: Sequence[int] 
   cands = _check_candidates(candidates, bits, low_bits)
   errors = extraction_errors(q, axis, signed, cands, weights, low_bits)
   return jnp.asarray(cands, jnp.int32)[jnp.argmin(errors, axis=0)]
-
-
-def naive_extraction(num_channels: int, low_bits: int = 4, bits: int = 8):
-  """The "drop the low bits" ablation: e = bits - low_bits (4) for every channel, int32 (C,)."""
-  return jnp.full((num_channels,), bits - low_bits, jnp.int32)

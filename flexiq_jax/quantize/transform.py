@@ -150,7 +150,7 @@ def check_ratio(ratio) -> float:
   """Host-side validation for user-facing entry points (inside jit the ratio is clipped)."""
   try:
     r = float(ratio)
-  except (TypeError, jax.errors.ConcretizationTypeError) as e:
+  except (TypeError, ValueError, jax.errors.ConcretizationTypeError) as e:
     raise TypeError(f"ratio must be a number in [0, 1], got {ratio!r}") from e
   if not 0.0 <= r <= 1.0 or np.isnan(r):
     raise ValueError(f"ratio must be in [0, 1] (the share of 4-bit MACs), got {r}")

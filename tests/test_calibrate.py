@@ -1,0 +1,168 @@
+"""flexiq_jax.calibrate: the streamed statistics of every quantized layer's input (ranges, scales,
+code histograms), the fitted 4-bit extraction positions against naive extraction, and the
+percentile / MSE activation ranges."""
+
+import importlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flexiq_jax import calibrate, interception, numerics, quantize
+from flexiq_jax.interception import get_path
+from flexiq_jax.quantize import layer_ops
+
+# The package re-exports the function `calibrate`, which hides the module of the same name.
+calibrate_module = importlib.import_module("flexiq_jax.calibrate.calibrate")
+CANDIDATES = calibrate_module.EXTRACTION_CANDIDATES
+
+
+class SmallNet(nn.Module):
+  """Signed and unsigned inputs, a strided depthwise conv, a grouped conv and dense layers."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, name="stem")(x)  # signed input
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, name="stem_bn")(x))
+    x = nn.Conv(8, (3, 3), strides=2, padding=((1, 1), (1, 1)), feature_group_count=8, name="dw")(x)
+    x = nn.relu(x)
+    x = nn.Conv(16, (1, 1), feature_group_count=2, name="grouped")(x)  # unsigned input (after ReLU)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, name="grouped_bn")(x))
+    x = nn.Conv(16, (3, 3), padding="SAME", name="conv")(x)
+    x = x.mean(axis=(1, 2))
+    x = nn.Dense(12, name="fc1")(x)
+    return nn.Dense(5, name="head")(nn.gelu(x))
+
+
+@pytest.fixture(scope="module")
+def setup():
+  model = SmallNet()
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(32, 10, 10, 3)), jnp.float32)
+  variables = model.init(jax.random.PRNGKey(0), images[:1])
+  stats = {name: {"mean": jnp.asarray(rng.normal(0, 0.05, s["mean"].shape), jnp.float32),
+                  "var": jnp.asarray(rng.uniform(0.5, 1.5, s["var"].shape), jnp.float32)}
+           for name, s in variables["batch_stats"].items()}
+  variables = {"params": variables["params"], "batch_stats": stats}
+  plan = quantize.build_plan(model, variables, (10, 10, 3))
+  folded = quantize.fold_batchnorm(variables, plan)
+  calib = calibrate.calibrate(model, plan, folded, [images[:16], images[16:]])
+  return model, variables, plan, folded, calib, images
+
+
+class _Inputs:
+  """Float provider keeping every quantized layer's input as (N, C)."""
+
+  def __init__(self):
+    self.x = {}
+
+  def layer(self, call, x):
+    self.x[call.path] = interception.flat_features(call.info, x)
+    return call.float_forward(x)
+
+
+def _layer_inputs(model, plan, folded, images):
+  provider = _Inputs()
+  interception.run_with_provider(model, plan, folded, images, provider)
+  return {p: np.asarray(x) for p, x in provider.x.items()}
+
+
+def test_calibration_statistics_match_the_layer_inputs(setup):
+  """Ranges merged over two batches are those of all the images; min-max scales are |x|max/qmax;
+  mean codes are those of the 8-bit codes at that scale."""
+  model, variables, plan, folded, calib, images = setup
+  inputs = _layer_inputs(model, plan, folded, images)
+  assert set(calib) == set(plan.quantized)
+  for p in plan.quantized:
+    x, c, s = inputs[p], calib[p], plan.layers[p].in_channels
+    assert x.shape[1] == s
+    np.testing.assert_allclose(c["ch_min"], x.min(0), rtol=1e-5, atol=1e-6, err_msg=p)
+    np.testing.assert_allclose(c["ch_max"], x.max(0), rtol=1e-5, atol=1e-6, err_msg=p)
+    signed = bool(x.min() < 0)
+    qmin, qmax = numerics.int_range(8, signed)
+    assert c["act_scale"] == pytest.approx(np.abs(x).max() / qmax, rel=1e-5), p
+    codes = np.clip(np.round(x / c["act_scale"]), qmin, qmax)
+    np.testing.assert_allclose(c["act_mean_code"], codes.mean(0), rtol=1e-4, atol=1e-3, err_msg=p)
+    low = np.asarray(numerics.lower_codes(codes, c["act_e"], signed=signed))
+    np.testing.assert_allclose(c["act_mean_lowered"], low.mean(0), rtol=1e-4, atol=1e-3, err_msg=p)
+    err = ((codes - low) ** 2).mean(0) * c["act_scale"] ** 2
+    np.testing.assert_allclose(c["act_lowering_error"], err, rtol=1e-4, atol=1e-9, err_msg=p)
+    for name in ("act_e", "weight_e"):
+      assert c[name].shape == (s,) and c[name].dtype == np.int32
+      assert set(np.unique(c[name])) <= set(CANDIDATES)
+  signed_plan = plan.with_signedness(calib)
+  assert signed_plan.signed["stem"] and not signed_plan.signed["grouped"]  # raw input vs after ReLU
+
+
+def test_weight_extraction_is_the_per_channel_argmin(setup):
+  """Brute force over the candidates on the weight codes of a dense and a grouped conv layer."""
+  model, variables, plan, folded, calib, images = setup
+  for p in ("fc1", "grouped"):
+    info = plan.layers[p]
+    kernel = get_path(folded["params"], p)["kernel"]
+    w = np.asarray(interception.kernel_matrix(info, kernel))
+    s_w = np.abs(w.reshape(-1, w.shape[-1])).max(0) / 127
+    q = np.clip(np.round(w / s_w), -127, 127)
+    index = np.broadcast_to(layer_ops.weight_channel_index(info), q.shape)
+    errors = np.zeros((len(CANDIDATES), info.in_channels))
+    for k, f in enumerate(CANDIDATES):
+      per_elem = (q - np.asarray(numerics.lower_codes(q, f, signed=True))) ** 2 * s_w ** 2
+      np.add.at(errors[k], index.reshape(-1), per_elem.reshape(-1))
+    f, err = calibrate.weight_extraction(info, kernel)
+    np.testing.assert_allclose(err, errors.min(0), rtol=1e-5, atol=1e-12, err_msg=p)
+    np.testing.assert_allclose(errors[np.asarray(f), np.arange(info.in_channels)], errors.min(0),  # candidates are 0..4
+                               rtol=1e-5, atol=1e-12, err_msg=p)
+    np.testing.assert_array_equal(calib[p]["weight_e"], f)
+    np.testing.assert_allclose(calib[p]["weight_lowering_error"], err, rtol=1e-6)
+
+
+def test_fitted_extraction_beats_naive_on_calibration_data(setup):
+  model, variables, plan, folded, calib, images = setup
+  naive = calibrate.calibrate(model, plan, folded, [images[:16], images[16:]], extraction="naive")
+  for p in plan.quantized:
+    assert np.all(naive[p]["act_e"] == 4)
+    assert np.all(naive[p]["weight_e"] == 4)
+    assert np.all(calib[p]["act_lowering_error"] <= naive[p]["act_lowering_error"] * (1 + 1e-5) + 1e-12)
+    assert np.all(calib[p]["weight_lowering_error"] <= naive[p]["weight_lowering_error"] * (1 + 1e-5) + 1e-12)
+  assert sum(calib[p]["act_lowering_error"].sum() for p in plan.quantized) < \
+      sum(naive[p]["act_lowering_error"].sum() for p in plan.quantized)
+
+
+def test_unknown_calibration_options_are_errors(setup):
+  model, variables, plan, folded, *_ = setup
+  with pytest.raises(ValueError, match="'minmax', 'percentile' or 'mse'"):
+    calibrate.calibrate(model, plan, folded, [], method="kl")
+  with pytest.raises(ValueError, match="'fitted' or 'naive'"):
+    calibrate.calibrate(model, plan, folded, [], extraction="best")
+  with pytest.raises(ValueError, match="no batches"):
+    calibrate.calibrate(model, plan, folded, [])
+
+
+@pytest.mark.parametrize("method", ["percentile", "mse"])
+def test_percentile_and_mse_clip_tighter_than_minmax(setup, method):
+  model, variables, plan, folded, calib, images = setup
+  other = calibrate.calibrate(model, plan, folded, [images], method=method, percentile=99.0)
+  for p in plan.quantized:
+    assert 0 < other[p]["act_scale"] <= calib[p]["act_scale"] * (1 + 1e-6)
+  if method == "percentile":
+    # The 99th percentile of |x| clips below the maximum wherever the input is not constant.
+    assert any(other[p]["act_scale"] < calib[p]["act_scale"] * (1 - 1e-3) for p in plan.quantized)
+    # Ranges (and so signedness) do not depend on the method.
+    for p in plan.quantized:
+      np.testing.assert_array_equal(other[p]["ch_min"], calib[p]["ch_min"])
+
+
+def test_collect_merges_batches(setup):
+  """Histograms add over batches: the code histogram of two halves is that of the whole."""
+  model, variables, plan, folded, calib, images = setup
+  scales = {p: float(calib[p]["act_scale"]) for p in plan.quantized}
+  signed = plan.with_signedness(calib).signed
+  stats = calibrate.CodeHistograms(scales, signed)
+  halves = calibrate.collect(model, plan, folded, [images[:16], images[16:]], stats)
+  whole = calibrate.collect(model, plan, folded, [images], stats)
+  for p in plan.quantized:
+    np.testing.assert_array_equal(halves[p]["codes"], whole[p]["codes"])
+    counts = np.asarray(whole[p]["codes"]).sum(1)
+    assert np.all(counts == counts[0])  # every channel sees every position
