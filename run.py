@@ -42,10 +42,10 @@ def main(argv):
   records.git_commit()  # pin the provenance to the code at start
   parallel.maybe_initialize_distributed(config.distributed)
   run = pipeline.Run(config, workdir)
-  records.write_run_config(workdir, config)
   if mode == "compare":  # every method x ratio/BOPs point (flexiq_jax.compare)
     from flexiq_jax import compare
-    return compare.main(run)
+    compare.main(run)  # returns the results dict: not an exit status for app.run
+    return
 
   until = "finetune" if mode in ("all", "sweep") else mode
   if mode == "sweep":  # evaluate what exists; never train a finetune that is not there

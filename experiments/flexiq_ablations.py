@@ -67,7 +67,6 @@ def main(argv):
   print(f"workdir: {workdir}")
   info = records.run_info(_command_argv())  # the code that runs is the code at start
   run = pipeline.Run(base, workdir)
-  records.write_run_config(workdir, base)
   result = pipeline.run_until(run, "eval")
   float_model, float_metrics = result.float_model, result.float_metrics
   rows = {}

@@ -72,7 +72,6 @@ def main(argv):
   print(f"workdir: {workdir}")
   info = records.run_info(_command_argv())  # the code that runs is the code at start
   run = pipeline.Run(config, workdir)
-  records.write_run_config(workdir, config)
   tuned = pipeline.run_until(run, "finetune", evaluate=False).finetuned
   qmodel, qvars = tuned.qmodel, tuned.qvars
 

@@ -103,7 +103,8 @@ def train_float(run: Run, on_step=None) -> FloatModel:
   state = train_lib.create_train_state(model, jax.random.PRNGKey(config.seed), train_ds.image_shape, tx,
                                        init_vars)
   stage = run.stage("float")
-  stage.begin(resumable=True)
+  stage.begin(resumable=True)  # refuses a changed config before anything is written
+  records.write_run_config(run.workdir, config)
   ckpt_dir = stage.file("checkpoints")
   state = train_lib.restore_latest(ckpt_dir, parallel.replicate(state, run.mesh))
   start = int(state.step)

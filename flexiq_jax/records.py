@@ -73,8 +73,8 @@ def update_results(workdir: str, config, section: str, metrics, argv=None) -> di
 
 
 def write_run_config(workdir: str, config) -> str:
-  """<workdir>/config.json: the resolved config of this invocation (written at start, in every
-  mode; `flexiq_jax.load_quantized` rebuilds the model from it)."""
+  """<workdir>/config.json: the resolved config of the run (written by the float stage once it has
+  accepted the config, in every mode; `flexiq_jax.load_quantized` rebuilds the model from it)."""
   path = os.path.join(workdir, "config.json")
   write_json_atomic(path, config.to_dict() if hasattr(config, "to_dict") else config)
   return path

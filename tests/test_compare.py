@@ -1,32 +1,35 @@
-"""run.py --mode=compare on the tiny dataset (two fast methods), and the report writer."""
+"""flexiq_jax.compare: run.py --mode=compare on the tiny dataset (two fast methods), the method
+registry and its per-method row cache, FlexiQ through the registry, the resumable LSQ baseline,
+and the report writer."""
 
+import dataclasses
 import json
 import os
-import subprocess
-import sys
 
+import numpy as np
+import pytest
+
+from conftest import run_py, smoke_args
 from flexiq_jax import compare
+from flexiq_jax import pipeline
+from flexiq_jax import train
+from flexiq_jax.compare import harness
+from flexiq_jax.stage_results import Calibration
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _run(workdir, data_dir, *extra):
-  cmd = [sys.executable, "run.py", "--config=configs/quickstart.py:smoke", f"--workdir={workdir}",
-         f"--config.data.data_dir={data_dir}", "--config.train.batch_size=32", "--config.eval_batch_size=64",
-         "--config.compare.methods=layerwise_amp,ptq_minmax", "--mode=compare", *extra]
-  env = dict(os.environ, FLEXIQ_NO_PROGRESS="1", PYTHONPATH=ROOT)
-  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-  return out.stdout
+def _run_compare_py(workdir, data_dir, *extra):
+  return run_py(*smoke_args(workdir, data_dir, "--config.compare.methods=layerwise_amp,ptq_minmax", "--mode=compare",
+                            *extra)).check().stdout
 
 
 def test_compare_mode_smoke_and_phase_reuse(tiny_fmnist, tmp_path):
   workdir = str(tmp_path / "wd")
   prefix = str(tmp_path / "results" / "compare_tiny")
-  _run(workdir, tiny_fmnist, f"--config.compare.results_prefix={prefix}")
+  _run_compare_py(workdir, tiny_fmnist, f"--config.compare.results_prefix={prefix}")
   results = json.load(open(prefix + ".json"))
   for key in ("command", "commit", "device", "date", "rows", "float_top1"):
     assert key in results
+  assert results["eval_examples"] == 128
   methods = {r["method"] for r in results["rows"]}
   assert methods == {"layerwise_amp", "ptq_minmax"}
   ptq = {r["setting"]: r for r in results["rows"] if r["method"] == "ptq_minmax"}
@@ -37,8 +40,124 @@ def test_compare_mode_smoke_and_phase_reuse(tiny_fmnist, tmp_path):
   for name in ("sensitivity.png", "pareto.png", "phase1.json", "phase2.json", "scores.json"):
     assert os.path.exists(os.path.join(workdir, "layerwise", name))
   # Another allowed drop: the layer-wise phases come from the cache, nothing is re-evaluated.
-  stdout = _run(workdir, tiny_fmnist, "--config.compare.allowed_drops=0.1,5")
+  stdout = _run_compare_py(workdir, tiny_fmnist, "--config.compare.allowed_drops=0.1,5")
   assert stdout.count(", 0 new evaluations") == 2, stdout[-3000:]
+  rows = json.load(open(os.path.join(workdir, "compare", "compare.json")))["rows"]
+  assert sorted(r["setting"] for r in rows if r["method"] == "layerwise_amp") == [
+      "allowed drop 0.1", "allowed drop 5"]
+
+
+# --------------------------------------------------------------------------------------------
+# In process: the registry, FlexiQ and LSQ on the untrained float model (train.num_epochs=0).
+
+
+@pytest.fixture(scope="module")
+def context(make_smoke_config, tmp_path_factory) -> harness.CompareContext:
+  """A CompareContext of the smoke config: float model at its initial weights, calibrated."""
+  config = make_smoke_config()
+  config.train.num_epochs = 0.0
+  config.select.selector = "greedy"
+  config.sweep.ratios = (0.0, 1.0)
+  config.compare.finetune = False
+  config.finetune.num_epochs = 0.5  # 4 steps of 32 on the 256 tiny images
+  config.finetune.checkpoint_every_steps = 2
+  run = pipeline.Run(config, str(tmp_path_factory.mktemp("compare") / "wd"))
+  float_model = pipeline.train_float(run)
+  return harness.CompareContext(run, float_model, pipeline.calibrate(run, float_model),
+                                pipeline.calibration_batches(config), list(pipeline.eval_batches(config)))
+
+
+def _in(ctx, workdir, **changes) -> harness.CompareContext:
+  """`ctx` in another workdir, with config `changes` ('section.key': value)."""
+  config = ctx.config.copy_and_resolve_references()
+  for dotted, value in changes.items():
+    section, key = dotted.split(".")
+    config[section][key] = value
+  return dataclasses.replace(ctx, run=pipeline.Run(config, str(workdir), ctx.run.mesh))
+
+
+def test_registry_runs_methods_with_one_signature_and_caches_their_rows(context, tmp_path, monkeypatch):
+  assert list(compare.METHODS) == list(compare.ALL_METHODS) == list(context.config.compare.methods)
+  seen = []
+
+  def fake(ctx: harness.CompareContext):
+    seen.append(ctx)
+    return [harness.Row("fake", "setting A", 42.0, 0.5, {"note": "x"})]
+
+  monkeypatch.setitem(harness.METHODS, "fake", fake)
+  ctx = _in(context, tmp_path / "wd", **{"compare.methods": ("fake", "flexiq")})
+  results = harness.run_compare(ctx.run, ctx.float_model, {"top1": 12.5})
+  assert len(seen) == 1
+  got = seen[0]
+  assert got.config is ctx.run.config and isinstance(got.calibration, Calibration)
+  assert sum(len(b) for b in got.calib_batches) == ctx.config.calib.num_images
+  assert sum(float(np.sum(b["mask"])) for b in got.eval_data) == 128 == results["eval_examples"]
+  rows = results["rows"]
+  assert rows[0] == {"method": "fake", "setting": "setting A", "top1": 42.0, "relative_bops": 0.5, "note": "x"}
+  flexiq = [r for r in rows if r["method"] == "flexiq"]
+  assert [r["setting"] for r in flexiq] == ["ratio 0", "ratio 1"] and not any(r["finetuned"] for r in flexiq)
+  assert flexiq[0]["relative_bops"] == pytest.approx(1.0) and flexiq[1]["relative_bops"] < 0.3
+  # The flexiq method ran the pipeline's stages in the run's own workdir.
+  assert json.load(open(tmp_path / "wd" / "select" / "selection.json"))["selector"] == "greedy"
+  assert results["float_top1"] == 12.5
+  assert json.load(open(tmp_path / "wd" / "compare" / "compare.json"))["rows"] == rows
+  # A rerun takes every method's rows from compare/rows.json, also with another list of methods
+  # or another results prefix (neither changes a method's rows) ...
+  monkeypatch.setitem(harness.METHODS, "flexiq", lambda ctx: pytest.fail("flexiq rows were not reused"))
+  assert harness.run_compare(ctx.run, ctx.float_model)["rows"] == rows and len(seen) == 1
+  fewer = _in(ctx, tmp_path / "wd", **{"compare.methods": ("flexiq",),
+                                       "compare.results_prefix": str(tmp_path / "elsewhere")})
+  assert harness.run_compare(fewer.run, fewer.float_model)["rows"] == flexiq
+  assert os.path.exists(tmp_path / "elsewhere.json")
+  assert harness.run_compare(ctx.run, ctx.float_model)["rows"] == rows and len(seen) == 1
+  # ... until a field they depend on changes.
+  changed = _in(ctx, tmp_path / "wd", **{"compare.methods": ("fake",), "compare.keep_ends": False})
+  harness.run_compare(changed.run, changed.float_model)
+  assert len(seen) == 2
+
+
+def test_unknown_method_lists_the_registry(context, tmp_path):
+  ctx = _in(context, tmp_path, **{"compare.methods": ("flexiq", "qat_magic")})
+  with pytest.raises(ValueError, match=r"unknown compare.methods \['qat_magic'\]; valid: \['flexiq'"):
+    harness.run_compare(ctx.run, ctx.float_model)
+  assert harness.as_list("flexiq, ptq_mse") == ["flexiq", "ptq_mse"]
+  assert harness.as_list(("flexiq,ptq_mse", "lsq_qat")) == ["flexiq", "ptq_mse", "lsq_qat"]
+
+
+def test_lsq_baseline_resumes_after_a_kill(context, tmp_path, monkeypatch):
+  """LSQ QAT trains through train.run_loop with checkpoints in <workdir>/compare/lsq_qat: a run
+  killed after step 3 (checkpoints every 2) resumes to the uninterrupted run's numbers."""
+  full_ctx = _in(context, tmp_path / "full")
+  [row] = harness.lsq_qat(full_ctx)
+  assert row.method == "lsq_qat" and row.setting == "W4A4 (ends W8A8), 4 steps, lr 0.001"
+  assert 0 < row.relative_bops < 0.3 and 0 <= row.top1 <= 100
+  lsq_dir = tmp_path / "full" / "compare" / "lsq_qat"
+  full_log = [json.loads(line) for line in open(lsq_dir / "metrics.jsonl")]
+  assert [r["step"] for r in full_log] == [2, 4]
+
+  real_loop = train.run_loop
+
+  def crash_at_3(*args, **kwargs):
+    def on_step(step):
+      if step == 3:
+        raise KeyboardInterrupt
+    return real_loop(*args, **{**kwargs, "on_step": on_step})
+
+  crash_ctx = _in(context, tmp_path / "crash")
+  monkeypatch.setattr(train, "run_loop", crash_at_3)
+  with pytest.raises(KeyboardInterrupt):
+    harness.lsq_qat(crash_ctx)
+  monkeypatch.setattr(train, "run_loop", real_loop)
+  crash_dir = tmp_path / "crash" / "compare" / "lsq_qat"
+  assert max(int(d) for d in os.listdir(crash_dir / "checkpoints") if d.isdigit()) == 2
+  [resumed] = harness.lsq_qat(crash_ctx)
+  crash_log = [json.loads(line) for line in open(crash_dir / "metrics.jsonl")]
+  assert [r["step"] for r in crash_log] == [2, 4]
+  assert crash_log[1]["loss"] == pytest.approx(full_log[1]["loss"], rel=1e-5)
+  assert resumed.top1 == pytest.approx(row.top1)
+  # Finished: a rerun evaluates the saved weights without training.
+  monkeypatch.setattr(train, "run_loop", lambda *a, **k: pytest.fail("a finished LSQ run was retrained"))
+  assert harness.lsq_qat(full_ctx)[0].top1 == pytest.approx(row.top1)
 
 
 def test_write_reports_same_ratio_table(tmp_path):
@@ -49,6 +168,15 @@ def test_write_reports_same_ratio_table(tmp_path):
   results = {"command": "python run.py", "commit": "abc", "device": "cpu", "date": "today", "model": "m",
              "dataset": "d", "float_top1": 82.0, "eval_examples": 10, "rows": rows}
   os.makedirs(tmp_path / "compare")
-  text = compare.write_reports(results, str(tmp_path))
+  text = compare.write_reports(results, str(tmp_path), str(tmp_path / "out" / "x"))
   assert "| 0.5 | 80.00 | 0.630 | 81.00 | 0.600 |" in text
   assert os.path.getsize(tmp_path / "compare" / "compare_pareto.png") > 1000
+  assert open(tmp_path / "out" / "x.md").read() == text
+  assert json.load(open(tmp_path / "out" / "x.json")) == results
+  assert os.path.getsize(tmp_path / "out" / "x.png") > 1000
+
+
+def test_rows_round_trip_through_json():
+  row = harness.Row("ptq_mse", "W4A4", np.float32(70.5), 0.25, {"ratio": 1.0})
+  assert harness.Row.from_json(json.loads(json.dumps(row.to_json()))) == harness.Row("ptq_mse", "W4A4", 70.5, 0.25,
+                                                                                     {"ratio": 1.0})

@@ -1,6 +1,7 @@
 """The per-model configs (`configs/<model>.py`): they load in every variant, name a registered model
 and a known eval transform, have exactly quickstart's fields (names and types), and survive
-run.py's locked command-line overrides. No training here (tests/test_model_pipeline.py)."""
+run.py's locked command-line overrides. No training here (tests/test_models_fmnist.py trains each
+`:fmnist` variant)."""
 
 import importlib.util
 import math
@@ -161,7 +162,7 @@ def test_eval_transform_and_tag_match_timm_pretrained_cfg():
   import importlib.util as util
   if util.find_spec("torch") is None or util.find_spec("timm") is None:
     pytest.skip("needs torch and timm (requirements-test.txt)")
-  from flexiq_jax.models import timm_reference
+  import timm_reference
   timm = timm_reference.import_timm()
   for file, name in MODEL_CONFIGS.items():
     config = load_config(file)

@@ -1,76 +1,151 @@
-"""Multi-ratio QAT: the step trains, samples configured levels, LSQ scales learn, resume is exact."""
+"""flexiq_jax.finetune: the multi-ratio QAT step trains and samples the configured levels, LSQ scales
+learn, and `distill_step` (shared with the LSQ baseline) mixes CE and KL and keeps scales positive.
+The resumable finetune stage is tested in test_pipeline.py."""
 
+import dataclasses
 import functools
-import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from flexiq_jax import pipeline, finetune, inspect_model, quantize
-from tests.test_flexiq import setup  # noqa: F401  (module-scoped fixture)
+import flexiq_jax
+from flexiq_jax import finetune
+from flexiq_jax import numerics
+from flexiq_jax import quantize
+from flexiq_jax.interception import get_path
 
 
-def _batch(images):
-  labels = jnp.asarray(np.arange(images.shape[0]) % 5, jnp.int32)
-  return {"image": images, "label": labels}
+class TinyCNN(nn.Module):
+  """stem (8-bit, with a folded BN) -> conv (lowerable) -> head (8-bit)."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.Conv(8, (3, 3), use_bias=False, name="stem")(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, name="stem_bn")(x))
+    x = nn.relu(nn.Conv(16, (3, 3), strides=2, name="conv")(x))
+    return nn.Dense(5, name="head")(x.mean(axis=(1, 2)))
+
+
+@dataclasses.dataclass(frozen=True)
+class QatSetup:
+  model: nn.Module
+  variables: dict
+  qmodel: quantize.QuantizedModel
+  qvars: dict
+  images: jax.Array
+
+  def batch(self):
+    return {"image": self.images, "label": jnp.asarray(np.arange(self.images.shape[0]) % 5, jnp.int32)}
+
+  def teacher(self, x):
+    return self.model.apply(self.variables, x, train=False)
+
+
+@pytest.fixture(scope="module")
+def setup() -> QatSetup:
+  model = TinyCNN()
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(32, 10, 10, 3)), jnp.float32)
+  variables = model.init(jax.random.PRNGKey(0), images[:1])
+  qmodel, qvars = flexiq_jax.quantize_model(model, variables, images, levels=(0.5, 1.0), selector="greedy")
+  assert qmodel.plan.lowerable == ["conv"]
+  return QatSetup(model, variables, qmodel, qvars, images)
 
 
 @pytest.mark.parametrize("lsq", [False, True])
-def test_qat_step_reduces_loss_and_samples_levels(setup, lsq):  # noqa: F811
-  model, variables, plan, folded, calib, qvars, images = setup
-  fake = quantize.QuantizedModel(model, plan, mode="fake", lsq=lsq)
+def test_qat_step_reduces_loss_at_the_sampled_level(setup, lsq):
+  fake = dataclasses.replace(setup.qmodel.with_mode("fake"), lsq=lsq)
   tx = optax.adam(3e-3)
-  state = finetune.create_state(qvars, tx, lsq)
-  teacher = lambda x: model.apply(variables, x, train=False)
+  state = finetune.create_state(setup.qvars, tx, lsq)
+  assert set(state.trainable) == ({"params", "act_scale"} if lsq else {"params"})
   step = jax.jit(functools.partial(finetune.qat_step, qmodel=fake, tx=tx, levels=[0.5, 1.0],
-                                   level_probs=[0.0, 1.0], rng_key=jax.random.PRNGKey(0), teacher_fn=teacher,
+                                   level_probs=[0.0, 1.0], rng_key=jax.random.PRNGKey(0), teacher_fn=setup.teacher,
                                    distill_weight=0.3))
-  batch = _batch(images)
+  batch = setup.batch()
   first = None
   for _ in range(25):
     state, metrics = step(state, batch)
     first = first if first is not None else float(metrics["loss"])
     assert float(metrics["ratio"]) == 1.0  # probability 1 on level 1.0
-  assert float(metrics["loss"]) < first
+  assert int(state.step) == 25 and float(metrics["loss"]) < first
   merged = finetune.merge_qvars(state.trainable, state.frozen)
-  old = inspect_model.get_path(qvars["quant"], "conv")["act_scale"]
-  new = inspect_model.get_path(merged["quant"], "conv")["act_scale"]
+  old = get_path(setup.qvars["quant"], "conv")["act_scale"]
+  new = get_path(merged["quant"], "conv")["act_scale"]
   assert (float(new) != float(old)) == lsq  # scales learn only under LSQ
-  np.testing.assert_array_equal(inspect_model.get_path(merged["quant"], "conv")["rank"],
-                                inspect_model.get_path(qvars["quant"], "conv")["rank"])
+  np.testing.assert_array_equal(get_path(merged["quant"], "conv")["rank"], get_path(setup.qvars["quant"], "conv")["rank"])
 
 
-class Crash(Exception):
-  pass
+def test_qat_step_samples_every_level_reproducibly(setup):
+  fake = setup.qmodel.with_mode("fake")
+  tx = optax.sgd(0.0)
+  step = jax.jit(functools.partial(finetune.qat_step, qmodel=fake, tx=tx, levels=[0.5, 1.0], level_probs=[0.5, 0.5],
+                                   rng_key=jax.random.PRNGKey(3)))
+
+  def ratios():
+    state, out = finetune.create_state(setup.qvars, tx, False), []
+    for _ in range(12):
+      state, metrics = step(state, setup.batch())
+      out.append(float(metrics["ratio"]))
+    return out
+
+  first = ratios()
+  assert set(first) == {0.5, 1.0}
+  assert ratios() == first  # the level follows (rng_key, step): a resumed run samples the same
 
 
-def test_killed_finetune_resumes_to_identical_weights(smoke_config, tmp_path):
-  smoke_config.finetune.num_epochs = 0.75  # 6 steps of 32 on the tiny 256-image set
-  smoke_config.finetune.batch_size = 32
-  smoke_config.finetune.checkpoint_every_steps = 2
-  smoke_config.select.selector = "greedy"
-  workdir = str(tmp_path / "pipeline")
-  model, variables = pipeline.train_float(smoke_config, workdir)
-  plan, folded, calib = pipeline.calibrate_stage(smoke_config, workdir, model, variables)
-  orders, counts, levels = pipeline.select_stage(smoke_config, workdir, model, variables, plan, folded, calib)
-  qmodel, qvars = pipeline.quantize_stage(smoke_config, workdir, model, plan, folded, calib, orders, counts,
-                                            levels)
-  full = pipeline.finetune_stage(smoke_config, str(tmp_path / "full"), model, variables, qmodel, qvars)
+@pytest.mark.parametrize("lsq", [False, True])
+def test_split_and_merge_qvars_round_trip(setup, lsq):
+  trainable, frozen = finetune.split_qvars(setup.qvars, lsq)
+  assert "params" not in frozen and ("act_scale" in trainable) == lsq
+  merged = finetune.merge_qvars(trainable, frozen)
+  assert jax.tree.structure(merged) == jax.tree.structure(setup.qvars)
+  jax.tree.map(np.testing.assert_array_equal, merged, setup.qvars)
 
-  def crash_at_3(step):
-    if step == 3:
-      raise Crash()
 
-  crash_dir = str(tmp_path / "crash")
-  with pytest.raises(Crash):
-    pipeline.finetune_stage(smoke_config, crash_dir, model, variables, qmodel, qvars, on_step=crash_at_3)
-  saved = [int(d) for d in os.listdir(os.path.join(crash_dir, "finetune", "checkpoints")) if d.isdigit()]
-  assert max(saved) == 2
-  resumed = pipeline.finetune_stage(smoke_config, crash_dir, model, variables, qmodel, qvars)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), full, resumed)
-  # Finetuning changed the weights but not the selection.
-  assert not np.allclose(full["params"]["layer1_0"]["conv1"]["kernel"], qvars["params"]["layer1_0"]["conv1"]["kernel"])
-  np.testing.assert_array_equal(full["quant"]["layer1_0"]["conv1"]["counts"], qvars["quant"]["layer1_0"]["conv1"]["counts"])
+def test_kl_divergence():
+  a = jnp.array([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+  b = jnp.array([[0.0, 1.0, 0.0], [3.0, 0.5, 0.5]])
+  assert float(finetune.kl_divergence(a, a)) == pytest.approx(0.0, abs=1e-6)
+  assert float(finetune.kl_divergence(a, a + 7.0)) == pytest.approx(0.0, abs=1e-6)  # softmax is shift-invariant
+  p, q = jax.nn.softmax(a), jax.nn.softmax(b)
+  want = float(jnp.mean(jnp.sum(p * (jnp.log(p) - jnp.log(q)), -1)))
+  assert float(finetune.kl_divergence(a, b)) == pytest.approx(want, rel=1e-5) and want > 0
+
+
+def test_distill_step_with_any_forward_keeps_scales_positive():
+  """distill_step on a hand-written forward (as the LSQ baseline uses it): the loss mixes
+  cross-entropy and KL to the teacher by distill_weight, and every trainable entry besides
+  'params' (a quantization scale) is kept >= numerics.MIN_RANGE."""
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(16, 6)), jnp.float32)
+  batch = {"image": images, "label": jnp.asarray(rng.integers(0, 3, 16), jnp.int32)}
+  w = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
+  teacher_w = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
+  forward = lambda trainable, frozen, x: (x @ trainable["params"]["w"]) * trainable["scales"]["s"] + frozen["b"]
+  teacher = lambda x: x @ teacher_w
+  trainable = {"params": {"w": w}, "scales": {"s": jnp.float32(0.5)}}
+  frozen = {"b": jnp.zeros(3)}
+  logits = forward(trainable, frozen, images)
+  ce = float(optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean())
+  kl = float(finetune.kl_divergence(teacher(images), logits))
+  loss_of_scale = lambda s: 0.75 * optax.softmax_cross_entropy_with_integer_labels(
+      (images @ w) * s, batch["label"]).mean() + 0.25 * finetune.kl_divergence(teacher(images), (images @ w) * s)
+  grad_s = float(jax.grad(loss_of_scale)(0.5))
+  assert grad_s != 0
+  tx = optax.sgd(10.0 / grad_s)  # the plain update would take the scale to 0.5 - 10 < 0
+  state = finetune.state_from_parts(trainable, frozen, tx)
+  step = functools.partial(finetune.distill_step, logits_fn=forward, tx=tx, teacher_fn=teacher, distill_weight=0.25,
+                           extra_metrics={"tag": jnp.float32(7)})
+  new, metrics = jax.jit(step)(state, batch)
+  assert float(metrics["ce"]) == pytest.approx(ce, rel=1e-5)
+  assert float(metrics["loss"]) == pytest.approx(0.75 * ce + 0.25 * kl, rel=1e-5)
+  assert float(metrics["tag"]) == 7.0 and int(new.step) == 1
+  assert float(new.trainable["scales"]["s"]) == pytest.approx(numerics.MIN_RANGE)  # it is clamped
+  assert not np.allclose(new.trainable["params"]["w"], w)  # params are not clamped, they move
+  np.testing.assert_array_equal(state.trainable["params"]["w"], w)  # pure: the given state is unchanged
+  # Without a teacher (or weight 0) the loss is the cross-entropy alone.
+  _, plain = finetune.distill_step(state, batch, logits_fn=forward, tx=tx)
+  assert float(plain["loss"]) == pytest.approx(ce, rel=1e-5)

@@ -1,18 +1,23 @@
-"""Layer-wise mixed precision: phase-1 ordering, Pareto monotonicity, phase-3 searches, caching."""
+"""Layer-wise mixed precision: phase-1 ordering, Pareto monotonicity, phase-3 searches, caching, and
+the driver (layer-wise bits; FlexiQ per-layer ratios) wired to a model."""
+
+import dataclasses
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import flexiq_jax
 from flexiq_jax import calibrate as calibrate_lib
 from flexiq_jax import cost
 from flexiq_jax import quantize
 from flexiq_jax.layerwise import amp
 from flexiq_jax.layerwise import apply as apply_lib
 from flexiq_jax.layerwise import candidates as cand_lib
+from flexiq_jax.layerwise import driver
 from flexiq_jax.layerwise import search as search_lib
+from flexiq_jax.stage_results import Calibration, FloatModel, Quantized
 
 
 class MLP(nn.Module):
@@ -25,8 +30,17 @@ class MLP(nn.Module):
     return nn.Dense(4, name="head")(x)
 
 
+@dataclasses.dataclass(frozen=True)
+class Mlp:
+  model: nn.Module
+  variables: dict
+  plan: quantize.QuantPlan
+  calib: dict
+  x: jax.Array
+
+
 @pytest.fixture(scope="module")
-def mlp():
+def mlp() -> Mlp:
   """fc1 gets one huge weight per output channel, on an input channel that is always 0 (fc0's
   unit 0 is dead): the output does not change, but at 4 bits fc1's other weights round to zero,
   so fc1 is by construction the most sensitive layer."""
@@ -40,11 +54,11 @@ def mlp():
   variables = {"params": params}
   plan = quantize.build_plan(model, variables, (4, 4, 1), keep_8bit=())
   calib = calibrate_lib.calibrate(model, plan, variables, [x])
-  return model, variables, plan, calib, x
+  return Mlp(model, variables, plan.with_signedness(calib), calib, x)
 
 
 def _layer_problem(mlp, cands, counter):
-  model, variables, plan, calib, x = mlp
+  model, variables, plan, calib, x = mlp.model, mlp.variables, mlp.plan, mlp.calib, mlp.x
   tables = apply_lib.build_tables(model, plan, variables, calib)
   logits = jax.jit(apply_lib.make_apply(model, plan))
   ref = model.apply(variables, x)
@@ -75,7 +89,7 @@ def test_candidates_parse_and_cost():
 
 
 def test_apply_float_exact_and_w8a8_close_one_compilation(mlp):
-  model, variables, plan, calib, x = mlp
+  model, variables, plan, calib, x = mlp.model, mlp.variables, mlp.plan, mlp.calib, mlp.x
   tables = apply_lib.build_tables(model, plan, variables, calib)
   logits = jax.jit(apply_lib.make_apply(model, plan))
   ref = model.apply(variables, x)
@@ -88,7 +102,7 @@ def test_apply_float_exact_and_w8a8_close_one_compilation(mlp):
 
 
 def test_mse_ranges_clip_4bit_only(mlp):
-  model, variables, plan, calib, x = mlp
+  model, variables, plan, calib, x = mlp.model, mlp.variables, mlp.plan, mlp.calib, mlp.x
   t = apply_lib.build_tables(model, plan, variables, calib, act_method="mse", weight_method="mse",
                              bits=(4,), batches=[x])
   mm = apply_lib.build_tables(model, plan, variables, calib)
@@ -172,3 +186,75 @@ def test_cache_reuse_counts_no_new_evaluations(mlp, tmp_path):
   assert counter == {"phase1": 8, "eval": n}
   amp.run(problem, str(tmp_path), "other-fingerprint", allowed_drop=1.0, log=quiet)
   assert counter["phase1"] == 16  # a new fingerprint recomputes
+
+
+# --------------------------------------------------------------------------------------------
+# The driver, on the MLP: labels are the float model's predictions (float top-1 = 100%).
+
+
+def _driver_config(**layerwise):
+  from configs import quickstart
+  config = quickstart.get_config("smoke")
+  config.layerwise.update(layerwise)
+  return config
+
+
+def _score_data(mlp):
+  labels = np.argmax(np.asarray(mlp.model.apply(mlp.variables, mlp.x)), -1).astype(np.int32)
+  return [{"image": mlp.x[:32], "label": labels[:32]}, {"image": mlp.x[32:], "label": labels[32:]}]
+
+
+def test_layerwise_search_returns_the_chosen_bits(mlp, tmp_path):
+  config = _driver_config(allowed_drop=10.0, phase2_full=False)
+  float_model = FloatModel(mlp.model, mlp.variables)
+  calibration = Calibration(mlp.plan, mlp.variables, mlp.calib)
+  score_data = _score_data(mlp)
+  res = driver.layerwise_search(config, str(tmp_path), float_model, calibration, [mlp.x], score_data=score_data)
+  assert isinstance(res, driver.LayerwiseSearch)
+  s = res.summary
+  assert s["reference_score"] == 100.0 and s["target"] == 90.0 and s["target_met"]
+  assert s["chosen"]["relative_cost"] < 1.0  # something was lowered within a 10-point drop
+  assert res.weight_bits.shape == res.act_bits.shape == (len(mlp.plan.quantized),)
+  cands = cand_lib.parse_candidates(config.layerwise.candidates)
+  by_name = {c.name: c for c in cands}
+  assert res.weight_bits.tolist() == [by_name[s["chosen_candidates"][p]].weight_bits for p in mlp.plan.quantized]
+  assert res.act_bits.tolist() == [by_name[s["chosen_candidates"][p]].act_bits for p in mlp.plan.quantized]
+  # The bits evaluate to the chosen point's score.
+  ev = driver.LayerwiseEvaluator(mlp.model, mlp.plan, mlp.variables, res.tables)
+  assert ev.top1(score_data, res.weight_bits, res.act_bits) == pytest.approx(s["chosen"]["score"])
+  for name in ("phase1.json", "phase2.json", "scores.json", "sensitivity.png", "pareto.png"):
+    assert (tmp_path / "layerwise" / name).exists(), name
+  # Another allowed drop reuses phases 1-2 (nothing new evaluated). No drop at all is out of
+  # reach even for the all-W8A8 baseline: it is chosen, and the target is reported missed.
+  strict = driver.layerwise_search(config, str(tmp_path), float_model, calibration, [mlp.x], allowed_drop=0.0,
+                                   score_data=score_data)
+  assert strict.summary["new_evaluations"] == 0 and strict.summary["sensitivity"] == s["sensitivity"]
+  assert strict.summary["chosen_index"] == 0 and not strict.summary["target_met"]
+  assert strict.summary["chosen"]["score"] < 100.0 and strict.summary["chosen"]["relative_cost"] == 1.0
+  assert strict.weight_bits.tolist() == strict.act_bits.tolist() == [8] * len(mlp.plan.quantized)
+
+
+def test_flexiq_search_counts_reach_each_level(mlp, tmp_path):
+  config = _driver_config(allowed_drop=100.0, flexiq_ratios=(0.0, 0.5, 1.0))
+  config.select.levels = (0.5, 1.0)
+  qmodel, qvars = flexiq_jax.quantize_model(mlp.model, mlp.variables, np.asarray(mlp.x), levels=(0.5, 1.0),
+                                            selector="greedy", keep_8bit=())
+  float_model = FloatModel(mlp.model, mlp.variables)
+  calibration = Calibration(qmodel.plan, mlp.variables, mlp.calib)
+  res = driver.flexiq_search(config, str(tmp_path), float_model, calibration, [mlp.x], Quantized(qmodel, qvars),
+                             score_data=_score_data(mlp))
+  levels = res["counts_at_level"]
+  assert sorted(levels) == [0.5, 1.0]
+  layers = mlp.plan.layer_infos(mlp.plan.lowerable)
+  for level, sel in levels.items():
+    counts = np.array([sel["counts"][p] for p in mlp.plan.lowerable])
+    channels = np.array([layers[p].in_channels for p in mlp.plan.lowerable])
+    macs = np.array([layers[p].macs for p in mlp.plan.lowerable], np.float64)
+    assert np.all(counts <= channels) and sel["share"] >= level - 1e-9
+    assert sel["share"] == pytest.approx(float((counts / channels * macs).sum() / macs.sum()))
+  assert levels[1.0]["counts"] == {p: layers[p].in_channels for p in mlp.plan.lowerable}  # all lowered
+  assert levels[0.5]["relative_cost"] > levels[1.0]["relative_cost"]
+  assert (tmp_path / "layerwise_flexiq" / "counts_at_level.json").exists()
+  with pytest.raises(ValueError, match="must start at 0"):
+    driver.flexiq_search(_driver_config(flexiq_ratios=(0.5, 1.0)), str(tmp_path), float_model, calibration, [mlp.x],
+                         Quantized(qmodel, qvars), score_data=_score_data(mlp))

@@ -17,7 +17,7 @@ if importlib.util.find_spec("timm") is None:
   pytest.skip("timm is not installed", allow_module_level=True)
 
 from flexiq_jax import models  # noqa: E402
-from flexiq_jax.models import timm_reference  # noqa: E402
+import timm_reference  # noqa: E402  (tests/timm_reference.py)
 
 timm = timm_reference.import_timm()
 

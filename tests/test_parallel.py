@@ -7,16 +7,19 @@ import sys
 
 import pytest
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 SCRIPT = r"""
 import functools, json, sys
-import jax, jax.numpy as jnp, numpy as np
+import jax, jax.numpy as jnp, ml_collections, numpy as np
 from flexiq_jax import models, parallel
 from flexiq_jax import train as train_lib
-from tests.test_train import _opt_config
 
 mesh = parallel.make_mesh()
 model = models.create("resnet_small", num_classes=10)
-tx = train_lib.make_optimizer(_opt_config(), total_steps=4)
+tx = train_lib.make_optimizer(ml_collections.ConfigDict(dict(
+    optimizer="sgd", learning_rate=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4, schedule="cosine",
+    warmup_steps=0, grad_clip_norm=0.0)), total_steps=4)
 state = parallel.replicate(train_lib.create_train_state(model, jax.random.PRNGKey(0), (12, 12, 1), tx), mesh)
 step = jax.jit(functools.partial(train_lib.train_step, apply_fn=model.apply, tx=tx))
 rng = np.random.default_rng(0)
@@ -35,9 +38,8 @@ print(json.dumps({"devices": mesh.size, "losses": losses,
 
 def _run(num_devices: int) -> dict:
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
-             JAX_PLATFORMS="cpu", PYTHONPATH=os.getcwd())
-  out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
-                       timeout=300, cwd=os.getcwd())
+             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
 

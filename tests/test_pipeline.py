@@ -1,174 +1,227 @@
-"""The per-model configs run:
+"""The pipeline's stages (flexiq_jax.pipeline) on the tiny dataset: typed results handed from stage
+to stage, finished stages reused, killed training stages resumed to identical weights, a changed
+config refused (training stages) or recomputed (the others), and `run_until`/`sweep`."""
 
-* every `:fmnist` variant trains a few steps on the real Fashion-MNIST (skipped where it is not
-  installed) with a finite loss;
-* run.py end to end (`--mode=sweep`: float eval -> calibrate -> select -> quantize -> ratio sweep,
-  no finetuning) from the ImageNet configs of a CNN and a transformer, with `init_weights` a
-  converted random timm model and TFDS's mock ImageNet; narrow and shallow (the same reduced
-  architecture built in timm and in Flax), all at 32 px, so that they are fast; a ViT from 224-px weights at 32 px.
-
-Runtime on 2 CPU cores (shared, load ~6) is mostly XLA compilation: with an empty XLA cache the
-eleven training tests take ~6 min (EfficientNet, Swin, MobileNetV2 the slowest; the five ViT/DeiT
-variants share one architecture) and the two run.py tests ~1.5 min; with conftest's persistent
-XLA cache warm, ~1.5 min and ~30 s.
-"""
-
-import importlib.util
+import dataclasses
 import json
-import math
 import os
-import sys
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
 from flexiq_jax import pipeline
-from flexiq_jax import models
-from flexiq_jax.data import fashion_mnist
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_configs import MODEL_CONFIGS, load_config  # noqa: E402
-
-REAL_FMNIST = os.path.exists(os.path.join(fashion_mnist.DEFAULT_DIR, "train-images-idx3-ubyte.gz"))
+from flexiq_jax import quantize
+from flexiq_jax import stage_cache
+from flexiq_jax import train
+from flexiq_jax.select.fitness import SelectionFitness
+from flexiq_jax.stage_results import Calibration, FloatModel, Quantized, RatioPoint, Selection
 
 
-@pytest.mark.skipif(not REAL_FMNIST, reason=f"Fashion-MNIST is not installed in {fashion_mnist.DEFAULT_DIR}")
-@pytest.mark.parametrize("file", sorted(MODEL_CONFIGS))
-def test_fmnist_variant_trains_on_real_fashion_mnist(file, tmp_path):
-  config = load_config(file, "fmnist,smoke")
-  assert config.data.data_dir == fashion_mnist.DEFAULT_DIR
-  config.train.batch_size = 16
-  config.train.num_epochs = 2.5 * 16 / 60_000  # ceil -> 3 steps
-  config.train.warmup_steps = 1
-  config.train.log_every_steps = 1
-  config.train.checkpoint_every_steps = 100
-  config.data.num_threads = 1
-  assert pipeline.total_train_steps(config, 60_000) == 3
-  model, variables = pipeline.train_float(config, str(tmp_path))
-  records = [json.loads(line) for line in open(tmp_path / "float" / "metrics.jsonl")]
-  assert [r["step"] for r in records] == [1, 2, 3]
-  assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records), records
-  assert records[0]["loss"] > 0
-  logits = model.apply(variables, np.zeros((2, 28, 28, 1), np.float32), train=False)
-  assert logits.shape == (2, 10) and np.isfinite(np.asarray(logits)).all()
+@dataclasses.dataclass(frozen=True)
+class Staged:
+  """A workdir with every stage up to `quantize` done (greedy selector), and their results."""
+
+  run: pipeline.Run
+  result: pipeline.PipelineResult
+
+  def copy_to(self, workdir, **changes) -> pipeline.Run:
+    """A copy of the workdir (for tests that change it), with config `changes` ('a.b': value)."""
+    shutil.copytree(self.run.workdir, workdir)
+    config = self.run.config.copy_and_resolve_references()
+    for dotted, value in changes.items():
+      section, key = dotted.split(".")
+      config[section][key] = value
+    return pipeline.Run(config, str(workdir), self.run.mesh)
 
 
-# --------------------------------------------------------------------------------------------
-# run.py --mode=sweep from timm weights on mock ImageNet.
-
-TIMM = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("timm") is not None
-
-# Reduced architectures built the same way in timm and Flax: (timm kwargs, Flax kwargs, image size),
-# all at 32 px so that they are fast (the transformer with 8-pixel patches).
-E2E_CASES = {
-    "resnet18": (dict(layers=(1, 2, 1, 1), channels=(8, 16, 24, 32)),
-                 dict(depths=(1, 2, 1, 1), widths=(8, 16, 24, 32)), 32),
-    "deit_t": (dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3),
-               dict(patch_size=8, embed_dim=48, depth=2, num_heads=3), 32),
-}
+@pytest.fixture(scope="module")
+def staged(make_smoke_config, tmp_path_factory) -> Staged:
+  config = make_smoke_config()
+  config.select.selector = "greedy"
+  run = pipeline.Run(config, str(tmp_path_factory.mktemp("pipeline") / "wd"))
+  return Staged(run, pipeline.run_until(run, "quantize"))
 
 
-def _random_timm_checkpoint(name, path, timm_kwargs):
-  """timm's `name` with random weights (norm parameters and BN statistics made non-trivial), saved
-  as .safetensors; 1000 classes as mock imagenet2012, so the checkpoint's head is used."""
-  from safetensors.torch import save_file
-
-  from flexiq_jax.models import timm_reference
-
-  timm = timm_reference.import_timm()
-  tmodel = timm.create_model(name, pretrained=False, num_classes=1000, **timm_kwargs)
-  save_file(timm_reference.perturb_state_dict(tmodel.state_dict(), seed=0), path)
+def _assert_trees_equal(a, b, **tol):
+  check = (lambda x, y: np.testing.assert_allclose(x, y, **tol)) if tol else np.testing.assert_array_equal
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  jax.tree.map(check, jax.device_get(a), jax.device_get(b))
 
 
-def _run_py(argv, monkeypatch, model_kwargs, num_examples=24):
-  """run.py's main in this process (so TFDS's mock data applies), flags parsed from argv; the
-  locked config's model.kwargs (empty for the full-size models, so not overridable from the
-  command line) set to `model_kwargs`. Returns the parsed config."""
-  import tensorflow_datasets as tfds
-  from absl import flags
-
-  import run
-
-  monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides from sys.argv
-  try:
-    flags.FLAGS(argv)
-    config = flags.FLAGS.config
-    with config.unlocked():
-      config.model.kwargs.update(model_kwargs)
-    with tfds.testing.mock_data(num_examples=num_examples):
-      run.main(["run.py"])
-    return config
-  finally:
-    flags.FLAGS.unparse_flags()
-    for flag in [f for f in flags.FLAGS if f.startswith("config.")]:  # config_flags adds one per override
-      delattr(flags.FLAGS, flag)
+class Crash(Exception):
+  pass
 
 
-def _sweep_argv(file, workdir, ckpt, image_size, selector):
-  return ["run.py", f"--config={ROOT}/configs/{file}.py:smoke", f"--workdir={workdir}", "--mode=sweep",
-          f"--config.init_weights={ckpt}", f"--config.data.image_size={image_size}",
-          "--config.calib.num_images=16", "--config.calib.batch_size=8",
-          f"--config.select.selector={selector}", "--config.select.population=3",
-          "--config.select.generations=1", "--config.sweep.ratios=(0.0,0.5,1.0)",
-          "--config.data.eval_examples=16", "--config.eval_batch_size=8", "--config.data.num_threads=1"]
+def _crash_at(n):
+  def on_step(step):
+    if step == n:
+      raise Crash()
+  return on_step
 
 
-@pytest.mark.skipif(not TIMM, reason="needs torch and timm (requirements-test.txt)")
-@pytest.mark.parametrize("file,selector", [("resnet18", "greedy"), ("deit_t", "evolutionary")])
-def test_run_py_sweep_from_timm_weights_on_mock_imagenet(file, selector, tmp_path, monkeypatch):
-  import tensorflow_datasets as tfds
-
-  name = MODEL_CONFIGS[file]
-  timm_kwargs, flax_kwargs, image_size = E2E_CASES[file]
-  ckpt = str(tmp_path / "weights.safetensors")
-  _random_timm_checkpoint(name, ckpt, timm_kwargs)
-  workdir = str(tmp_path / "workdir")
-  config = _run_py(_sweep_argv(file, workdir, ckpt, image_size, selector), monkeypatch, flax_kwargs)
-  assert config.data.name == "imagenet2012" and config.train.num_epochs == 0
-
-  # num_epochs=0: the float model is the imported checkpoint, unchanged.
-  with tfds.testing.mock_data(num_examples=24):
-    _, variables = pipeline.train_float(config, workdir)
-  imported = models.load_timm(name, ckpt, num_classes=1000, image_size=image_size, **flax_kwargs)
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(variables), jax.device_get(imported))
-
-  results = json.load(open(os.path.join(workdir, "results.json")))
-  # Transformer configs carry the input size in model.kwargs (it follows data.image_size).
-  expected_kwargs = {**flax_kwargs, **({"image_size": image_size} if file == "deit_t" else {})}
-  assert results["config"]["model"]["kwargs"] == json.loads(json.dumps(expected_kwargs))
-  assert 0 <= results["metrics"]["float"]["top1"] <= 100
-  assert results["metrics"]["float"]["num_examples"] == 16
-  rows = results["metrics"]["ratio_sweep"]
-  assert [r["ratio"] for r in rows] == [0.0, 0.5, 1.0]
-  bops = [r["relative_bops"] for r in rows]
-  assert bops[0] == pytest.approx(1.0) and all(a > b for a, b in zip(bops, bops[1:])), bops
-  for r in rows:
-    assert 0 <= r["top1_before"] <= 100 and 0 <= r["top5_before"] <= 100
-    assert r["top1_after"] is None  # --mode=sweep without a finetuned model: no finetuning
-  assert not os.path.exists(os.path.join(workdir, "finetune"))
-  selection = json.load(open(os.path.join(workdir, "select", "selection.json")))
-  assert selection["selector"] == selector
-  ratios = selection["mac_ratio_per_level"]
-  assert all(a < b for a, b in zip(ratios, ratios[1:])), ratios
-  assert os.path.exists(os.path.join(workdir, "ratio_table.md"))
+def test_run_until_hands_typed_results_from_stage_to_stage(staged):
+  r = staged.result
+  assert isinstance(r.float_model, FloatModel) and isinstance(r.calibration, Calibration)
+  assert isinstance(r.selection, Selection) and isinstance(r.quantized, Quantized)
+  assert r.finetuned is None and not r.quantized.finetuned  # not reached
+  assert r.float_metrics["num_examples"] == 128 and 0 <= r.float_metrics["top1"] <= 100
+  assert r.selection.selector == "greedy" and r.selection.levels == (0.25, 0.5, 0.75, 1.0)
+  plan = r.calibration.plan
+  assert plan.lowerable and set(r.selection.orders) == set(plan.lowerable) == set(r.selection.counts)
+  for p in plan.lowerable:
+    counts = np.asarray(r.selection.counts[p])
+    assert counts.shape == (4,) and np.all(np.diff(counts) >= 0)  # nested across levels
+    assert sorted(np.asarray(r.selection.orders[p]).tolist()) == list(range(plan.layers[p].in_channels))
+  assert r.quantized.qmodel.plan == plan and r.quantized.qmodel.mode == "int"
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    r.quantized.finetuned = True  # stage results are frozen
+  # Stopping earlier: the stages after `until` are not run; a bad name lists the stages.
+  early = pipeline.run_until(staged.run, "calibrate", evaluate=False)
+  assert early.float_metrics is None and early.selection is None and early.quantized is None
+  np.testing.assert_array_equal(early.calibration.stats[plan.lowerable[0]]["ch_max"],
+                                r.calibration.stats[plan.lowerable[0]]["ch_max"])
+  with pytest.raises(ValueError, match="unknown stage 'quantise'; stages: train, eval, calibrate"):
+    pipeline.run_until(staged.run, "quantise")
 
 
-@pytest.mark.skipif(not TIMM, reason="needs torch and timm (requirements-test.txt)")
-def test_vit_at_another_size_from_224_px_timm_weights(tmp_path, monkeypatch):
-  """Weights trained at 224 px run a ViT config at 32 px: --config.data.image_size=32 reaches
-  model.kwargs, and the import resizes the position embeddings (14x14 -> 2x2 patches)."""
-  import tensorflow_datasets as tfds
+def test_float_eval_uses_eval_examples(staged):
+  run = pipeline.Run(staged.run.config.copy_and_resolve_references(), staged.run.workdir, staged.run.mesh)
+  run.config.data.eval_examples = 64
+  metrics = pipeline.evaluate_float(run, staged.result.float_model)
+  assert metrics["num_examples"] == 64
 
-  timm_kwargs = dict(embed_dim=48, depth=2, num_heads=3)  # img_size 224, patch 16
-  ckpt = str(tmp_path / "weights.safetensors")
-  _random_timm_checkpoint("vit_small_patch16_224", ckpt, timm_kwargs)
-  workdir = str(tmp_path / "workdir")
-  config = _run_py(_sweep_argv("vit_s", workdir, ckpt, 32, "greedy"), monkeypatch, timm_kwargs)
-  assert config.model.kwargs.image_size == 32
-  with tfds.testing.mock_data(num_examples=24):
-    _, variables = pipeline.train_float(config, workdir)
-  assert variables["params"]["pos_embed"].shape[1] == 1 + 2 * 2  # class token + 2x2 patches
-  rows = json.load(open(os.path.join(workdir, "results.json")))["metrics"]["ratio_sweep"]
-  assert [r["ratio"] for r in rows] == [0.0, 0.5, 1.0]
+
+def test_killed_float_training_resumes_to_identical_params(staged, tmp_path):
+  run = pipeline.Run(staged.run.config, str(tmp_path / "crash"), staged.run.mesh)
+  with pytest.raises(Crash):
+    pipeline.train_float(run, on_step=_crash_at(5))
+  ckpts = os.path.join(run.workdir, "float", "checkpoints")
+  assert sorted(int(d) for d in os.listdir(ckpts) if d.isdigit())[-1] == 3  # every 3 steps; 5 never saved
+  assert not os.path.exists(os.path.join(run.workdir, "float", "done.json"))
+  resumed = pipeline.train_float(run)
+  _assert_trees_equal(staged.result.float_model.variables, resumed.variables, rtol=1e-6, atol=1e-7)
+  lines = [json.loads(line) for line in open(os.path.join(staged.run.workdir, "float", "metrics.jsonl"))]
+  assert lines[-1]["step"] == 8 and lines[-1]["images_per_s"] > 0
+
+
+def test_finished_float_model_is_reused_and_a_changed_config_refused(staged):
+  calls = []
+  config = staged.run.config.copy_and_resolve_references()
+  config.train.log_every_steps = 1  # not a field of the float stage
+  config.data.eval_examples = 32
+  again = pipeline.train_float(pipeline.Run(config, staged.run.workdir, staged.run.mesh), on_step=calls.append)
+  assert calls == []  # no training step ran
+  _assert_trees_equal(staged.result.float_model.variables, again.variables)
+  config.train.learning_rate = 0.5
+  with pytest.raises(stage_cache.StageConfigChanged, match=r"train\.learning_rate: 0\.1 -> 0\.5"):
+    pipeline.train_float(pipeline.Run(config, staged.run.workdir, staged.run.mesh))
+
+
+def test_recomputable_stages_are_reused_or_redone_on_a_change(staged, tmp_path, capsys):
+  fm, calibration = staged.result.float_model, staged.result.calibration
+  capsys.readouterr()
+  again = pipeline.calibrate(staged.run, fm)
+  assert "calibrate: reusing" in capsys.readouterr().out
+  assert again.plan == calibration.plan
+  _assert_trees_equal(again.stats, calibration.stats)
+  selection = pipeline.select(staged.run, fm, calibration)
+  assert "select: reusing" in capsys.readouterr().out
+  _assert_trees_equal(selection.counts, staged.result.selection.counts)
+  quantized = pipeline.quantize(staged.run, fm, calibration, selection)
+  _assert_trees_equal(quantized.qvars, staged.result.quantized.qvars)  # read back from quantized/
+
+  # Other select.levels: calibration is still reused; selection and quantized variables redone.
+  run = staged.copy_to(tmp_path / "wd", **{"select.levels": (0.5, 1.0)})
+  assert pipeline.calibrate(run, fm).plan == calibration.plan
+  assert "calibrate: reusing" in capsys.readouterr().out
+  changed = pipeline.select(run, fm, calibration)
+  assert "select: reusing" not in capsys.readouterr().out
+  assert changed.levels == (0.5, 1.0) and all(len(c) == 2 for c in changed.counts.values())
+  assert json.load(open(os.path.join(run.workdir, "select", "selection.json")))["levels"] == [0.5, 1.0]
+  qvars = pipeline.quantize(run, fm, calibration, changed).qvars
+  np.testing.assert_array_equal(qvars["levels"], [0.5, 1.0])
+  # A select stage of an earlier config is not done for this one.
+  assert not pipeline.Run(staged.run.config, run.workdir, run.mesh).stage("select").is_done()
+
+
+def test_select_fitness_kl_and_ce(staged):
+  """select.fitness: KL to the float model, or cross-entropy to its predicted labels."""
+  config, fm, calibration = staged.run.config, staged.result.float_model, staged.result.calibration
+  plan = calibration.plan
+  orders = {p: np.arange(plan.layers[p].in_channels) for p in plan.lowerable}
+  none = np.zeros(len(plan.lowerable), np.int32)
+  every = np.array([plan.layers[p].in_channels for p in plan.lowerable], np.int32)
+  images = jax.numpy.concatenate(pipeline.calibration_batches(config)[:config.select.fitness_batches])
+  scores = {}
+  for kind in ("kl", "ce"):
+    fitness = SelectionFitness.build(fm, calibration, orders, [1.0], images, kind=kind)
+    scores[kind] = (fitness(none), fitness(every))
+  assert 0 <= scores["kl"][0] < scores["kl"][1]
+  # 'ce' against the float model's labels, by hand, with every channel lowered.
+  labels = np.argmax(fm.logits(images), -1)
+  qmodel = quantize.QuantizedModel(fm.model, plan, mode="int")
+  qvars = quantize.build_qvars(plan, calibration.folded, calibration.stats, orders,
+                               {p: np.zeros(1, np.int32) for p in plan.lowerable}, [1.0])
+  logits = qmodel.apply_counts(qvars, images, {p: int(c) for p, c in zip(plan.lowerable, every)})
+  assert scores["ce"][1] == pytest.approx(float(train.cross_entropy(logits, labels)), rel=1e-4)
+  with pytest.raises(ValueError, match="select.fitness"):
+    SelectionFitness.build(fm, calibration, orders, [1.0], images, kind="mse")
+
+
+def test_sweep_gives_a_point_per_ratio(staged):
+  points = pipeline.sweep(staged.run, staged.result.quantized, ratios=(0.0, 0.5, 1.0))
+  assert all(isinstance(p, RatioPoint) for p in points) and [p.ratio for p in points] == [0.0, 0.5, 1.0]
+  assert points[0].relative_bops == pytest.approx(1.0) and points[0].low_bit_mac_share == 0.0
+  assert points[0].relative_bops > points[1].relative_bops > points[2].relative_bops
+  assert points[0].low_bit_mac_share < points[1].low_bit_mac_share < points[2].low_bit_mac_share < 1.0
+  assert all(0 <= p.top1 <= p.top5 <= 100 for p in points)
+  # The ratio-0 point is the quantized model at ratio 0, evaluated by hand.
+  q = staged.result.quantized
+  by_hand = train.evaluate(lambda x, qv: q.qmodel.apply(qv, x, 0.0), pipeline.eval_batches(staged.run.config),
+                           args=(q.qvars,))
+  assert points[0].top1 == pytest.approx(by_hand["top1"])
+  with pytest.raises(ValueError, match="ratio must be in"):
+    pipeline.sweep(staged.run, q, ratios=(1.5,))
+
+
+def test_killed_finetune_resumes_to_identical_weights(staged, tmp_path):
+  config = staged.run.config.copy_and_resolve_references()
+  config.finetune.num_epochs = 0.75  # 6 steps of 32 on the tiny 256-image set
+  config.finetune.checkpoint_every_steps = 2
+  fm, quantized = staged.result.float_model, staged.result.quantized
+  full_run = pipeline.Run(config, str(tmp_path / "full"), staged.run.mesh)
+  assert pipeline.finetuned_if_done(full_run, fm, quantized) is None  # nothing trained yet
+  full = pipeline.finetune(full_run, fm, quantized)
+  assert full.finetuned and full.qmodel == quantized.qmodel
+  assert json.load(open(tmp_path / "full" / "finetune" / "done.json"))["total_steps"] == 6
+
+  crash_run = pipeline.Run(config, str(tmp_path / "crash"), staged.run.mesh)
+  with pytest.raises(Crash):
+    pipeline.finetune(crash_run, fm, quantized, on_step=_crash_at(3))
+  saved = [int(d) for d in os.listdir(tmp_path / "crash" / "finetune" / "checkpoints") if d.isdigit()]
+  assert max(saved) == 2
+  assert pipeline.finetuned_if_done(crash_run, fm, quantized) is None  # not finished
+  resumed = pipeline.finetune(crash_run, fm, quantized)
+  _assert_trees_equal(full.qvars, resumed.qvars, rtol=1e-6, atol=1e-7)
+  # Finetuning changed the weights but not the selection.
+  assert not np.allclose(full.qvars["params"]["layer1_0"]["conv1"]["kernel"],
+                         quantized.qvars["params"]["layer1_0"]["conv1"]["kernel"])
+  np.testing.assert_array_equal(full.qvars["quant"]["layer1_0"]["conv1"]["counts"],
+                                quantized.qvars["quant"]["layer1_0"]["conv1"]["counts"])
+  # Done: reloaded without training, with the serving export beside it.
+  calls = []
+  done = pipeline.finetuned_if_done(full_run, fm, quantized)
+  assert done.finetuned
+  _assert_trees_equal(done.qvars, full.qvars)
+  again = pipeline.finetune(full_run, fm, quantized, on_step=calls.append)
+  assert calls == []
+  _assert_trees_equal(again.qvars, full.qvars)
+  exported = quantize.export_int8(full.qmodel, full.qvars)
+  from flexiq_jax import checkpoint
+  _assert_trees_equal(checkpoint.load_tree(str(tmp_path / "full" / "serving" / "qvars_int8")), exported)
+  # Another finetuning recipe in the same workdir is refused, naming the field.
+  config.finetune.learning_rate = 0.05
+  with pytest.raises(stage_cache.StageConfigChanged, match="finetune.learning_rate"):
+    pipeline.finetune(pipeline.Run(config, full_run.workdir, full_run.mesh), fm, quantized)

@@ -8,7 +8,6 @@ import ml_collections
 import numpy as np
 import pytest
 
-from flexiq_jax import pipeline
 from flexiq_jax import models
 from flexiq_jax import train as train_lib
 
@@ -72,34 +71,42 @@ class Crash(Exception):
   pass
 
 
-def test_killed_run_resumes_to_identical_params(smoke_config, tmp_path):
-  full_dir, crash_dir = str(tmp_path / "full"), str(tmp_path / "crash")
-  _, full_vars = pipeline.train_float(smoke_config, full_dir)
+def _loop_setup(tmp_path, name):
+  model = models.create("resnet_small", num_classes=4)
+  tx = train_lib.make_optimizer(_opt_config(), total_steps=8)
+  state = train_lib.create_train_state(model, jax.random.PRNGKey(0), (12, 12, 1), tx)
+  step_fn = functools.partial(train_lib.train_step, apply_fn=model.apply, tx=tx)
+  rng = np.random.default_rng(0)
+  batches = [{"image": rng.normal(size=(8, 12, 12, 1)).astype(np.float32),
+              "label": rng.integers(0, 4, 8).astype(np.int32)} for _ in range(8)]
+  ckpt_dir, metrics = str(tmp_path / name / "checkpoints"), str(tmp_path / name / "metrics.jsonl")
+  return state, step_fn, batches, ckpt_dir, metrics
+
+
+def test_run_loop_checkpoints_logs_and_resumes_exactly(tmp_path):
+  """A loop killed after step 5 (checkpoints every 3) resumes from step 3 to the same weights."""
+  state, step_fn, batches, ckpt_dir, metrics = _loop_setup(tmp_path, "full")
+  loop = functools.partial(train_lib.run_loop, step_fn=step_fn, total_steps=8, checkpoint_every=3, log_every=2)
+  full = loop(state, batches=iter(batches), ckpt_dir=ckpt_dir, metrics_path=metrics)
+  assert int(full.step) == 8
+  lines = [json.loads(l) for l in open(metrics)]
+  assert [l["step"] for l in lines] == [2, 4, 6, 8] and all(l["images_per_s"] > 0 for l in lines)
+  assert {"loss", "accuracy", "grad_norm"} <= set(lines[0])
+
+  state, step_fn, batches, ckpt_dir, metrics = _loop_setup(tmp_path, "crash")
 
   def crash_at_5(step):
     if step == 5:
       raise Crash()
 
   with pytest.raises(Crash):
-    pipeline.train_float(smoke_config, crash_dir, on_step=crash_at_5)
-  steps_done = sorted(int(d) for d in os.listdir(os.path.join(crash_dir, "float", "checkpoints"))
-                      if d.isdigit())
-  assert steps_done[-1] == 3  # checkpoints every 3 steps; step 5 was never saved
-  _, resumed_vars = pipeline.train_float(smoke_config, crash_dir)
+    loop(state, batches=iter(batches), ckpt_dir=ckpt_dir, metrics_path=metrics, on_step=crash_at_5)
+  assert sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())[-1] == 3  # step 5 was never saved
+  fresh = _loop_setup(tmp_path, "crash")[0]  # the loop donated `state`
+  restored = train_lib.restore_latest(ckpt_dir, fresh, log=lambda *a: None)
+  assert int(restored.step) == 3
+  resumed = loop(restored, batches=iter(batches[3:]), ckpt_dir=ckpt_dir, metrics_path=metrics)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-                         full_vars, resumed_vars)
-  lines = [json.loads(l) for l in open(os.path.join(full_dir, "float", "metrics.jsonl"))]
-  assert lines[-1]["step"] == 8 and lines[-1]["images_per_s"] > 0
-
-
-def test_finished_float_model_is_reused_not_retrained(smoke_config, tmp_path):
-  workdir = str(tmp_path / "w")
-  _, first = pipeline.train_float(smoke_config, workdir)
-  calls = []
-  _, second = pipeline.train_float(smoke_config, workdir, on_step=calls.append)
-  assert calls == []  # no training step ran
-  jax.tree_util.tree_map(np.testing.assert_array_equal, first, second)
-  changed = smoke_config.copy_and_resolve_references()
-  changed.train.learning_rate = 0.5
-  with pytest.raises(ValueError, match="different model/data/train config"):
-    pipeline.train_float(changed, workdir)
+                         jax.device_get(full.variables()), jax.device_get(resumed.variables()))
+  # Nothing to restore: the state is returned as given.
+  assert train_lib.restore_latest(str(tmp_path / "empty"), fresh) is fresh

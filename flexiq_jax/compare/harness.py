@@ -218,7 +218,9 @@ def run_compare(run: pipeline.Run, float_model: FloatModel, float_metrics=None) 
     raise ValueError(f"unknown compare.methods {unknown}; valid: {list(METHODS)}")
   ctx = CompareContext(run, float_model, pipeline.calibrate(run, float_model), pipeline.calibration_batches(config),
                        list(pipeline.eval_batches(config)))
-  fields = stage_cache.stage_fields(config, "finetune", "layerwise", "sweep", "compare", "data.eval_examples")
+  # Which methods run and where the reports go change no method's rows.
+  compare_fields = [f"compare.{k}" for k in cc.keys() if k not in ("methods", "results_prefix")]
+  fields = stage_cache.stage_fields(config, "finetune", "layerwise", "sweep", *compare_fields, "data.eval_examples")
   cache = stage_cache.JsonCache(os.path.join(run.workdir, "compare", "rows.json"), stage_cache.fingerprint(fields))
   seconds, rows = {}, []
   for m in methods:

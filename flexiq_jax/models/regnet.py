@@ -6,7 +6,7 @@ Module names follow timm's state dict (`stem_conv`, `stem_bn`, `s1_b1/conv1_conv
 The stage widths, depths and group widths are given explicitly: timm derives them from the
 (w0, wa, wm, depth, group_size) parameters; for RegNetX-600MF (w0=48, wa=36.97, wm=2.24, depth=16,
 group size 24) that gives widths (48, 96, 240, 528) and depths (1, 3, 5, 7), which
-`tests/test_timm_import.py` checks against timm's model.
+`tests/test_models_timm_import.py` checks against timm's model.
 """
 
 from __future__ import annotations
