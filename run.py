@@ -14,7 +14,6 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from flexiq_jax import cli
@@ -32,13 +31,8 @@ flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   config, mode = _CONFIG.value, _MODE.value
-  workdir = _WORKDIR.value or cli.default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
-  print(f"workdir: {workdir}")
+  workdir = cli.start(argv, _WORKDIR.value)
   records.git_commit()  # pin the provenance to the code at start
   parallel.maybe_initialize_distributed(config.distributed)
   run = pipeline.Run(config, workdir)

@@ -16,7 +16,6 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from flexiq_jax import cli
@@ -52,20 +51,10 @@ def _override(config, changes):
   return config
 
 
-def _command_argv():
-  """The command as typed: `python -m experiments.<name> ...` (sys.argv[0] is the file path)."""
-  return ["-m", __spec__.name] + sys.argv[1:] if __spec__ is not None else sys.argv
-
-
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   base = _CONFIG.value
-  workdir = _WORKDIR.value or cli.default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
-  print(f"workdir: {workdir}")
-  info = records.run_info(_command_argv())  # the code that runs is the code at start
+  workdir = cli.start(argv, _WORKDIR.value)
+  info = records.run_info(cli.command_argv(__spec__))  # the code that runs is the code at start
   run = pipeline.Run(base, workdir)
   result = pipeline.run_until(run, "eval")
   float_model, float_metrics = result.float_model, result.float_metrics

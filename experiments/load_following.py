@@ -22,7 +22,6 @@ import time
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 import jax
 import numpy as np
@@ -57,20 +56,10 @@ def _median_time(fn, repeats=20):
   return float(np.median(times))
 
 
-def _command_argv():
-  """The command as typed: `python -m experiments.<name> ...` (sys.argv[0] is the file path)."""
-  return ["-m", __spec__.name] + sys.argv[1:] if __spec__ is not None else sys.argv
-
-
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   config, batch = _CONFIG.value, _BATCH.value
-  workdir = _WORKDIR.value or cli.default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
-  print(f"workdir: {workdir}")
-  info = records.run_info(_command_argv())  # the code that runs is the code at start
+  workdir = cli.start(argv, _WORKDIR.value)
+  info = records.run_info(cli.command_argv(__spec__))  # the code that runs is the code at start
   run = pipeline.Run(config, workdir)
   tuned = pipeline.run_until(run, "finetune", evaluate=False).finetuned
   qmodel, qvars = tuned.qmodel, tuned.qvars

@@ -56,3 +56,25 @@ def default_workdir(config_value: str) -> str:
   if arg:
     name += "_" + re.sub(r"[^A-Za-z0-9.=-]+", "_", arg)
   return os.path.join("workdirs", name)
+
+
+def start(argv: list[str], workdir: str | None) -> str:
+  """The common start of an absl entry point (run.py, experiments/): no stray arguments, Orbax's
+  per-file INFO logs off unless --verbosity is given, and the workdir (default from --config),
+  printed."""
+  from absl import app, flags, logging
+  from ml_collections import config_flags
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  workdir = workdir or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
+  print(f"workdir: {workdir}")
+  return workdir
+
+
+def command_argv(spec) -> list[str]:
+  """The command as typed for provenance: `python -m experiments.<name> ...` when run as a module
+  (pass the script's `__spec__`; sys.argv[0] is then the file path), else sys.argv."""
+  import sys
+  return ["-m", spec.name] + sys.argv[1:] if spec is not None else sys.argv

@@ -4,52 +4,23 @@ percentile / MSE activation ranges."""
 
 import importlib
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flexiq_jax import calibrate, interception, numerics, quantize
+from flexiq_jax import calibrate, interception, numerics
 from flexiq_jax.interception import get_path
 from flexiq_jax.quantize import layer_ops
+
+import smallnet
 
 # The package re-exports the function `calibrate`, which hides the module of the same name.
 calibrate_module = importlib.import_module("flexiq_jax.calibrate.calibrate")
 CANDIDATES = calibrate_module.EXTRACTION_CANDIDATES
 
 
-class SmallNet(nn.Module):
-  """Signed and unsigned inputs, a strided depthwise conv, a grouped conv and dense layers."""
-
-  @nn.compact
-  def __call__(self, x, train=False):
-    x = nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, name="stem")(x)  # signed input
-    x = nn.relu(nn.BatchNorm(use_running_average=not train, name="stem_bn")(x))
-    x = nn.Conv(8, (3, 3), strides=2, padding=((1, 1), (1, 1)), feature_group_count=8, name="dw")(x)
-    x = nn.relu(x)
-    x = nn.Conv(16, (1, 1), feature_group_count=2, name="grouped")(x)  # unsigned input (after ReLU)
-    x = nn.relu(nn.BatchNorm(use_running_average=not train, name="grouped_bn")(x))
-    x = nn.Conv(16, (3, 3), padding="SAME", name="conv")(x)
-    x = x.mean(axis=(1, 2))
-    x = nn.Dense(12, name="fc1")(x)
-    return nn.Dense(5, name="head")(nn.gelu(x))
-
-
 @pytest.fixture(scope="module")
 def setup():
-  model = SmallNet()
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.normal(size=(32, 10, 10, 3)), jnp.float32)
-  variables = model.init(jax.random.PRNGKey(0), images[:1])
-  stats = {name: {"mean": jnp.asarray(rng.normal(0, 0.05, s["mean"].shape), jnp.float32),
-                  "var": jnp.asarray(rng.uniform(0.5, 1.5, s["var"].shape), jnp.float32)}
-           for name, s in variables["batch_stats"].items()}
-  variables = {"params": variables["params"], "batch_stats": stats}
-  plan = quantize.build_plan(model, variables, (10, 10, 3))
-  folded = quantize.fold_batchnorm(variables, plan)
-  calib = calibrate.calibrate(model, plan, folded, [images[:16], images[16:]])
-  return model, variables, plan, folded, calib, images
+  return smallnet.make_setup()
 
 
 class _Inputs:
@@ -72,7 +43,7 @@ def _layer_inputs(model, plan, folded, images):
 def test_calibration_statistics_match_the_layer_inputs(setup):
   """Ranges merged over two batches are those of all the images; min-max scales are |x|max/qmax;
   mean codes are those of the 8-bit codes at that scale."""
-  model, variables, plan, folded, calib, images = setup
+  model, plan, folded, calib, images = setup.model, setup.plan, setup.folded, setup.calib, setup.images
   inputs = _layer_inputs(model, plan, folded, images)
   assert set(calib) == set(plan.quantized)
   for p in plan.quantized:
@@ -98,7 +69,7 @@ def test_calibration_statistics_match_the_layer_inputs(setup):
 
 def test_weight_extraction_is_the_per_channel_argmin(setup):
   """Brute force over the candidates on the weight codes of a dense and a grouped conv layer."""
-  model, variables, plan, folded, calib, images = setup
+  plan, folded, calib = setup.plan, setup.folded, setup.calib
   for p in ("fc1", "grouped"):
     info = plan.layers[p]
     kernel = get_path(folded["params"], p)["kernel"]
@@ -119,7 +90,7 @@ def test_weight_extraction_is_the_per_channel_argmin(setup):
 
 
 def test_fitted_extraction_beats_naive_on_calibration_data(setup):
-  model, variables, plan, folded, calib, images = setup
+  model, plan, folded, calib, images = setup.model, setup.plan, setup.folded, setup.calib, setup.images
   naive = calibrate.calibrate(model, plan, folded, [images[:16], images[16:]], extraction="naive")
   for p in plan.quantized:
     assert np.all(naive[p]["act_e"] == 4)
@@ -131,7 +102,7 @@ def test_fitted_extraction_beats_naive_on_calibration_data(setup):
 
 
 def test_unknown_calibration_options_are_errors(setup):
-  model, variables, plan, folded, *_ = setup
+  model, plan, folded = setup.model, setup.plan, setup.folded
   with pytest.raises(ValueError, match="'minmax', 'percentile' or 'mse'"):
     calibrate.calibrate(model, plan, folded, [], method="kl")
   with pytest.raises(ValueError, match="'fitted' or 'naive'"):
@@ -142,7 +113,7 @@ def test_unknown_calibration_options_are_errors(setup):
 
 @pytest.mark.parametrize("method", ["percentile", "mse"])
 def test_percentile_and_mse_clip_tighter_than_minmax(setup, method):
-  model, variables, plan, folded, calib, images = setup
+  model, plan, folded, calib, images = setup.model, setup.plan, setup.folded, setup.calib, setup.images
   other = calibrate.calibrate(model, plan, folded, [images], method=method, percentile=99.0)
   for p in plan.quantized:
     assert 0 < other[p]["act_scale"] <= calib[p]["act_scale"] * (1 + 1e-6)
@@ -156,7 +127,7 @@ def test_percentile_and_mse_clip_tighter_than_minmax(setup, method):
 
 def test_collect_merges_batches(setup):
   """Histograms add over batches: the code histogram of two halves is that of the whole."""
-  model, variables, plan, folded, calib, images = setup
+  model, plan, folded, calib, images = setup.model, setup.plan, setup.folded, setup.calib, setup.images
   scales = {p: float(calib[p]["act_scale"]) for p in plan.quantized}
   signed = plan.with_signedness(calib).signed
   stats = calibrate.CodeHistograms(scales, signed)

@@ -10,55 +10,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flexiq_jax import calibrate, interception, quantize
+from flexiq_jax import interception, quantize
 from flexiq_jax.interception import FloatLayers, LayerCall, get_path
 from flexiq_jax.quantize import layer_ops
 
-
-class SmallNet(nn.Module):
-  """Covers signed and unsigned inputs, 3x3/stride-2 padding, depthwise, grouped and dense layers."""
-
-  @nn.compact
-  def __call__(self, x, train=False):
-    x = nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, name="stem")(x)  # signed input
-    x = nn.relu(nn.BatchNorm(use_running_average=not train, name="stem_bn")(x))
-    x = nn.Conv(8, (3, 3), strides=2, padding=((1, 1), (1, 1)), feature_group_count=8, name="dw")(x)
-    x = nn.relu(x)
-    x = nn.Conv(16, (1, 1), feature_group_count=2, name="grouped")(x)  # unsigned input (after ReLU)
-    x = nn.relu(nn.BatchNorm(use_running_average=not train, name="grouped_bn")(x))
-    x = nn.Conv(16, (3, 3), padding="SAME", name="conv")(x)
-    x = x.mean(axis=(1, 2))
-    x = nn.Dense(12, name="fc1")(x)
-    return nn.Dense(5, name="head")(nn.gelu(x))
+import smallnet
 
 
 @pytest.fixture(scope="module")
 def setup():
-  model = SmallNet()
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.normal(size=(32, 10, 10, 3)), jnp.float32)
-  variables = model.init(jax.random.PRNGKey(0), images[:1])
-  # Non-trivial BatchNorm statistics so folding is really tested.
-  stats = {name: {"mean": jnp.asarray(rng.normal(0, 0.05, s["mean"].shape), jnp.float32),
-                  "var": jnp.asarray(rng.uniform(0.5, 1.5, s["var"].shape), jnp.float32)}
-           for name, s in variables["batch_stats"].items()}
-  variables = {"params": variables["params"], "batch_stats": stats}
-  plan = quantize.build_plan(model, variables, (10, 10, 3))
-  folded = quantize.fold_batchnorm(variables, plan)
-  calib = calibrate.calibrate(model, plan, folded, [images[:16], images[16:]])
-  plan = plan.with_signedness(calib)
-  orders = {p: np.argsort(np.maximum(-calib[p]["ch_min"], calib[p]["ch_max"]), kind="stable")
-            for p in plan.lowerable}
-  levels = [0.5, 1.0]
-  counts = {p: np.array([plan.layers[p].in_channels // 2, plan.layers[p].in_channels]) for p in plan.lowerable}
-  qvars = quantize.build_qvars(plan, folded, calib, orders, counts, levels)
-  return model, variables, plan, folded, calib, qvars, images
+  return smallnet.make_setup()
 
 
 # -- plan ------------------------------------------------------------------------------------------
 
 def test_plan_keeps_first_and_last_8bit_and_folds_bn(setup):
-  model, variables, plan, folded, calib, qvars, images = setup
+  plan = setup.plan
   assert plan.quantized == ["stem", "dw", "grouped", "conv", "fc1", "head"]
   assert plan.lowerable == ["dw", "grouped", "conv", "fc1"]
   assert plan.folded_bn == {"stem_bn": "stem", "grouped_bn": "grouped"}
@@ -70,13 +37,13 @@ def test_plan_keeps_first_and_last_8bit_and_folds_bn(setup):
 
 
 def test_unmatched_rule_is_reported(setup):
-  model, variables, *_ = setup
+  model, variables = setup.model, setup.variables
   plan = quantize.build_plan(model, variables, (10, 10, 3), keep_8bit=("first", "no_such_layer"))
   assert plan.unmatched_rules == ["no_such_layer"]
 
 
 def test_plan_rules_skip_and_regex(setup):
-  model, variables, *_ = setup
+  model, variables = setup.model, setup.variables
   plan = quantize.build_plan(model, variables, (10, 10, 3), skip=("last",), keep_8bit=("first", "^conv$"))
   assert plan.quantized == ["stem", "dw", "grouped", "conv", "fc1"]
   assert plan.lowerable == ["dw", "grouped", "fc1"]
@@ -85,7 +52,7 @@ def test_plan_rules_skip_and_regex(setup):
 
 
 def test_plan_is_frozen_and_signedness_makes_a_new_plan(setup):
-  model, variables, plan, folded, calib, qvars, images = setup
+  model, variables, plan, calib = setup.model, setup.variables, setup.plan, setup.calib
   with pytest.raises(dataclasses.FrozenInstanceError):
     plan.lowerable = []
   fresh = quantize.build_plan(model, variables, (10, 10, 3))
@@ -98,13 +65,13 @@ def test_plan_is_frozen_and_signedness_makes_a_new_plan(setup):
 def test_plan_json_roundtrip(setup):
   import json
 
-  plan = setup[2]
+  plan = setup.plan
   back = quantize.QuantPlan.from_json(json.loads(json.dumps(plan.to_json())))
   assert back == plan
 
 
 def test_folded_model_equals_original(setup):
-  model, variables, plan, folded, calib, qvars, images = setup
+  model, variables, plan, folded, images = setup.model, setup.variables, setup.plan, setup.folded, setup.images
   ref = model.apply(variables, images, train=False)
   assert float(jnp.std(ref)) > 1e-3  # a live network, not one whose ReLUs are all off
   out = interception.run_with_provider(model, plan, folded, images, FloatLayers())
@@ -115,8 +82,8 @@ def test_folded_model_equals_original(setup):
 
 
 def test_without_folding_the_batchnorms_run_at_apply_time(setup):
-  model, variables, *_ = setup
-  images = setup[-1][:4]
+  model, variables = setup.model, setup.variables
+  images = setup.images[:4]
   plan = quantize.build_plan(model, variables, (10, 10, 3), fold_bn=False)
   assert plan.folded_bn == {} and plan.bn_epsilon == {}
   assert quantize.fold_batchnorm(variables, plan) == variables
@@ -129,7 +96,7 @@ def test_without_folding_the_batchnorms_run_at_apply_time(setup):
 # -- layer arithmetic (layer_ops) ------------------------------------------------------------------
 
 def test_int8_path_matches_fake_quant_and_is_really_int8(setup):
-  model, variables, plan, folded, calib, qvars, images = setup
+  model, plan, qvars, images = setup.model, setup.plan, setup.qvars, setup.images
   int_model = quantize.QuantizedModel(model, plan, mode="int")
   fake_model = int_model.with_mode("fake")
   int_apply, fake_apply = jax.jit(int_model.apply), jax.jit(fake_model.apply)
@@ -148,7 +115,7 @@ def test_int8_path_matches_fake_quant_and_is_really_int8(setup):
 
 def test_float32_conv_accumulator_is_exact_here(setup):
   """A float32 accumulator (what GPUs need) gives the int32 result while sums stay below 2^24."""
-  model, variables, plan, folded, calib, qvars, images = setup
+  model, plan, qvars, images = setup.model, setup.plan, setup.qvars, setup.images
   a = jax.jit(quantize.QuantizedModel(model, plan, conv_accumulator="int32").apply)(qvars, images[:4], 0.5)
   b = jax.jit(quantize.QuantizedModel(model, plan, conv_accumulator="float32").apply)(qvars, images[:4], 0.5)
   np.testing.assert_array_equal(a, b)
@@ -156,7 +123,7 @@ def test_float32_conv_accumulator_is_exact_here(setup):
 
 
 def test_unknown_mode_is_an_error(setup):
-  model, variables, plan, folded, calib, qvars, images = setup
+  model, plan, qvars, images = setup.model, setup.plan, setup.qvars, setup.images
   with pytest.raises(ValueError, match="'fake' or 'int'"):
     jax.eval_shape(quantize.QuantizedModel(model, plan, mode="int4").apply, qvars, images[:2], 0.5)
 
@@ -177,7 +144,7 @@ def _call(plan, folded, path):
 
 def test_dense_layer_against_numpy_reference(setup):
   """One Dense layer: codes, 4-bit extraction of the lowered channels, int32 GEMM, rescale."""
-  model, variables, plan, folded, calib, qvars, images = setup
+  plan, folded, qvars = setup.plan, setup.folded, setup.qvars
   info = plan.layers["fc1"]
   lq = get_path(qvars["quant"], "fc1")
   p = folded["params"]["fc1"]
@@ -210,7 +177,7 @@ def test_dense_layer_against_numpy_reference(setup):
 
 
 def test_grouped_and_depthwise_weight_channel_index(setup):
-  plan = setup[2]
+  plan = setup.plan
   dw, grouped, fc1 = plan.layers["dw"], plan.layers["grouped"], plan.layers["fc1"]
   # Depthwise (8 groups of 1): output channel o reads feature channel o.
   np.testing.assert_array_equal(layer_ops.weight_channel_index(dw), np.arange(8)[None, :])
@@ -243,7 +210,7 @@ def _layer_inputs(model, plan, folded, images, path):
 def test_bias_correction_keeps_the_mean_output_on_calibration_data(setup):
   """On the data it was calibrated on, a fully lowered Dense layer with bias correction has the
   8-bit layer's mean output (exactly, up to float roundoff); without it the mean shifts."""
-  model, variables, plan, folded, calib, qvars, images = setup
+  model, plan, folded, qvars, images = setup.model, setup.plan, setup.folded, setup.qvars, setup.images
   info = plan.layers["fc1"]
   lq = get_path(qvars["quant"], "fc1")
   call = _call(plan, folded, "fc1")
@@ -259,7 +226,7 @@ def test_bias_correction_keeps_the_mean_output_on_calibration_data(setup):
 
 
 def test_fake_quant_gradients_flow(setup):
-  model, variables, plan, folded, calib, qvars, images = setup
+  model, plan, qvars, images = setup.model, setup.plan, setup.qvars, setup.images
   fake = quantize.QuantizedModel(model, plan, mode="fake")
   grads = jax.jit(jax.grad(lambda params: jnp.sum(fake.apply({**qvars, "params": params}, images, 0.5) ** 2)))(
       qvars["params"])
@@ -271,7 +238,7 @@ def test_fake_quant_gradients_flow(setup):
 # -- FlexiQLayers and the run-time ratio -----------------------------------------------------------
 
 def test_flexiq_layers_provider_is_what_the_quantized_model_runs(setup):
-  model, variables, plan, folded, calib, qvars, images = setup
+  model, plan, folded, qvars, images = setup.model, setup.plan, setup.folded, setup.qvars, setup.images
   qm = quantize.QuantizedModel(model, plan, mode="int", conv_accumulator="int32")
   counts = {"dw": 3, "conv": 16}  # fc1 and grouped: no count, nothing lowered
   provider = quantize.FlexiQLayers(qvars["quant"], counts, plan.signed, "int", False, "int32")
@@ -295,7 +262,7 @@ def test_flexiq_layers_provider_is_what_the_quantized_model_runs(setup):
 
 
 def test_ratio_zero_is_plain_8bit_and_one_lowers_everything(setup):
-  model, variables, plan, folded, calib, qvars, images = setup
+  model, plan, qvars, images = setup.model, setup.plan, setup.qvars, setup.images
   qm = quantize.QuantizedModel(model, plan, mode="int")
   counts0 = qm.layer_counts(qvars, 0.0)
   counts1 = qm.layer_counts(qvars, 1.0)
@@ -310,7 +277,7 @@ def test_ratio_zero_is_plain_8bit_and_one_lowers_everything(setup):
 
 
 def test_counts_between_levels_and_cost_reports(setup):
-  model, variables, plan, folded, calib, qvars, images = setup
+  model, plan, qvars = setup.model, setup.plan, setup.qvars
   qm = quantize.QuantizedModel(model, plan, mode="int")
   # levels (0.5, 1.0) with counts C/2 and C: at 0.25 half of C/2, at 0.75 three quarters of C (floored).
   assert quantize.lowered_channels(qm, qvars, 0.25) == {p: float(plan.layers[p].in_channels // 4)
@@ -329,7 +296,7 @@ def test_counts_between_levels_and_cost_reports(setup):
 
 
 def test_error_grows_with_ratio(setup):
-  model, variables, plan, folded, calib, qvars, images = setup
+  model, variables, plan, qvars, images = setup.model, setup.variables, setup.plan, setup.qvars, setup.images
   qm = quantize.QuantizedModel(model, plan, mode="int")
   ref = model.apply(variables, images, train=False)
   apply = jax.jit(qm.apply)
@@ -338,7 +305,7 @@ def test_error_grows_with_ratio(setup):
 
 
 def test_changing_ratio_does_not_recompile(setup):
-  model, variables, plan, folded, calib, qvars, images = setup
+  model, plan, qvars, images = setup.model, setup.plan, setup.qvars, setup.images
   qm = quantize.QuantizedModel(model, plan, mode="int")
   traces = []
 
@@ -358,7 +325,7 @@ def test_changing_ratio_does_not_recompile(setup):
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
 def test_ratio_outside_unit_interval_is_an_error(setup, bad):
-  model, variables, plan, folded, calib, qvars, images = setup
+  model, plan, qvars, images = setup.model, setup.plan, setup.qvars, setup.images
   predict = quantize.make_predict(quantize.QuantizedModel(model, plan), qvars)
   with pytest.raises(ValueError, match=r"ratio must be in \[0, 1\]"):
     predict(images, bad)
@@ -375,7 +342,7 @@ def test_check_ratio():
 # -- quantized variables and the int8 export -------------------------------------------------------
 
 def test_quantized_variables_tree_shapes(setup):
-  model, variables, plan, folded, calib, qvars, images = setup
+  variables, plan, calib, qvars = setup.variables, setup.plan, setup.calib, setup.qvars
   shapes = jax.eval_shape(lambda q: q, qvars)
   assert set(shapes) == {"params", "quant", "levels"}  # both BatchNorms folded: no batch_stats left
   assert shapes["levels"].shape == (2,)
@@ -400,7 +367,7 @@ def test_quantized_variables_tree_shapes(setup):
 
 
 def test_qvars_without_bias_correction(setup):
-  model, variables, plan, folded, calib, qvars, images = setup
+  plan, folded, calib = setup.plan, setup.folded, setup.calib
   orders = {p: np.arange(plan.layers[p].in_channels) for p in plan.lowerable}
   counts = {p: np.array([1, 2]) for p in plan.lowerable}
   plain = quantize.build_qvars(plan, folded, calib, orders, counts, [0.5, 1.0], bias_correction=False)
@@ -411,7 +378,7 @@ def test_qvars_without_bias_correction(setup):
 def test_int8_export_drops_float_kernels_and_is_bit_identical(setup, tmp_path):
   from flexiq_jax import checkpoint
 
-  model, variables, plan, folded, calib, qvars, images = setup
+  model, plan, qvars, images = setup.model, setup.plan, setup.qvars, setup.images
   qm = quantize.QuantizedModel(model, plan, mode="int")
   served = quantize.export_int8(qm, qvars)
   for path in plan.quantized:
