@@ -7,7 +7,8 @@ settings:
 * default: ImageNet (TFDS `imagenet2012`, 224 px, the model's timm eval preprocessing), timm's
   pretrained weights converted to `weights/<timm tag>.safetensors`, no float training
   (`train.num_epochs = 0`), FlexiQ calibration on 1024 training images, evolutionary selection
-  at ratio levels (0.25, 0.5, 0.75, 1.0), a few epochs of multi-ratio QAT, sweep of five ratios.
+  at ratio levels (0.25, 0.5, 0.75, 1.0), a few epochs of multi-ratio QAT, a sweep of nine ratios
+  (the levels, 0, and four ratios between levels).
 * `:fmnist`: the same family at reduced width/depth (`models.variants.small_kwargs`) trained from
   scratch on real Fashion-MNIST (28x28, 1 channel), then the same FlexiQ pipeline.
 * `:smoke`: a few steps of everything (combinable: `:fmnist,smoke`).
@@ -208,13 +209,15 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   config.finetune.label_smoothing = 0.0
   config.finetune.grad_clip_norm = 0.0
   config.finetune.lsq = False  # learnable activation scales
+  config.finetune.lsq_weights = False  # learnable per-output-channel weight scales (LSQ)
   config.finetune.distill_weight = 0.5  # weight of KL(float || quantized) in the loss
-  config.finetune.levels = ()  # ratio levels sampled per step; () = select.levels
+  config.finetune.levels = ()  # ratio levels sampled per step; () = 0 and select.levels
+  config.finetune.uniform_prob = 0.5  # share of steps at a ratio uniform in [0, 1] (between levels)
   config.finetune.level_probs = ()  # () = uniform
   config.finetune.checkpoint_every_steps = 200 if fmnist else 2000
 
   config.sweep = ml_collections.ConfigDict()
-  config.sweep.ratios = (0.0, 0.25, 0.5, 0.75, 1.0)
+  config.sweep.ratios = (0.0, 0.1, 0.25, 0.37, 0.5, 0.62, 0.75, 0.9, 1.0)  # levels and ratios between them
 
   # Layer-wise mixed precision (design notes, section 3; flexiq_jax.layerwise), as the quickstart.
   config.layerwise = ml_collections.ConfigDict()

@@ -85,13 +85,15 @@ def get_config(arg=None):
   config.finetune.label_smoothing = 0.0
   config.finetune.grad_clip_norm = 0.0
   config.finetune.lsq = False  # learnable activation scales
+  config.finetune.lsq_weights = False  # learnable per-output-channel weight scales (LSQ)
   config.finetune.distill_weight = 0.5  # weight of KL(float || quantized) in the loss
-  config.finetune.levels = ()  # ratio levels sampled per step; () = select.levels
+  config.finetune.levels = ()  # ratio levels sampled per step; () = 0 and select.levels
+  config.finetune.uniform_prob = 0.5  # share of steps at a ratio uniform in [0, 1] (between levels)
   config.finetune.level_probs = ()  # () = uniform
   config.finetune.checkpoint_every_steps = 100
 
   config.sweep = ml_collections.ConfigDict()
-  config.sweep.ratios = (0.0, 0.25, 0.5, 0.75, 1.0)
+  config.sweep.ratios = (0.0, 0.1, 0.25, 0.37, 0.5, 0.62, 0.75, 0.9, 1.0)  # levels and ratios between them
 
   # Layer-wise mixed precision (design notes, section 3; flexiq_jax.layerwise).
   config.layerwise = ml_collections.ConfigDict()

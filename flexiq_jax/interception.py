@@ -2,11 +2,14 @@
 
 Models are plain Flax modules that know nothing of quantization. This module
   * traces a model once (`trace`, under `jax.eval_shape`: no FLOPs) to find every `Dense`,
-    `DenseGeneral` and `Conv` call (`LayerInfo`: module path, shapes, MACs) and every BatchNorm
-    that directly consumes a conv's output (foldable), with its epsilon; and
+    `DenseGeneral` and `Conv` call (`LayerInfo`: module path, shapes, MACs), every
+    `models.layers.AttentionMatmul` call (`MatmulInfo`: an activation x activation einsum such
+    as attention's q·kᵀ and attn·v, kept apart from the kernel layers) and every BatchNorm that
+    directly consumes a conv's output (foldable), with its epsilon; and
   * runs a model with chosen layers computed by a *provider* (`run_with_provider`): an object
-    whose `layer(call, x)` returns the layer's output. Calibration, the FlexiQ apply, the
-    layer-wise apply and the baselines are each a provider; none touches `intercept_methods`.
+    whose `layer(call, x)` returns the layer's output and whose `matmul(call, a, b)` returns the
+    matmul's. Calibration, the FlexiQ apply, the layer-wise apply and the baselines are each a
+    provider; none touches `intercept_methods`.
 
 It also holds the geometry of an intercepted layer that every provider shares (`kernel_matrix`,
 `as_matrix_input`, `float_forward`, the conv call), so a provider is only its own arithmetic.
@@ -22,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from flexiq_jax.models.layers import AttentionMatmul
 
 QUANTIZABLE = (nn.Dense, nn.DenseGeneral, nn.Conv)
 
@@ -51,9 +56,13 @@ class LayerInfo:
 
   @property
   def positions(self) -> int:
-    """Output positions per example (tokens for dense layers, pixels for convs)."""
+    """Output positions per example (tokens for dense layers, pixels for convs).
+
+    The shapes are those of the traced batch of one image, so every leading axis counts: a Swin
+    window attention's Dense layers see (windows, tokens, C), and each image has all the windows.
+    """
     feature_dims = 1 if self.kind == "conv" else len(self.output_shape) - (len(self.input_shape) - self.contracted_axes)
-    return int(np.prod(self.output_shape[1:len(self.output_shape) - feature_dims]))
+    return int(np.prod(self.output_shape[:len(self.output_shape) - feature_dims]))
 
   @property
   def macs(self) -> int:
@@ -68,6 +77,42 @@ class LayerInfo:
     return self.macs / self.in_channels
 
 
+def einsum_summed_size(equation: str, a_shape, b_shape) -> int:
+  """Products summed into each output element of `jnp.einsum(equation, a, b)`: the product of the
+  sizes of the indices absent from the output (q·kᵀ: head_dim; attn·v: the key tokens)."""
+  inputs, output = equation.replace(" ", "").split("->")
+  a_idx, b_idx = inputs.split(",")
+  if "." in equation or len(a_idx) != len(a_shape) or len(b_idx) != len(b_shape):
+    raise NotImplementedError(f"einsum {equation!r} on shapes {a_shape}, {b_shape}: only explicit "
+                              "two-operand equations without ellipses are supported")
+  sizes = dict(zip(a_idx, a_shape))
+  sizes.update(zip(b_idx, b_shape))
+  return int(np.prod([sizes[i] for i in sizes if i not in output]))
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulInfo:
+  """One `AttentionMatmul` call: `jnp.einsum(equation, a, b)` on two activations (no kernel).
+
+  Shapes are those of the traced batch of one image (a Swin window attention's leading axis is
+  the image's windows), so `macs` is per example: output elements x summed size. For ViT's
+  q·kᵀ (`bqhd,bkhd->bhqk`) that is heads·N·N·head_dim, and the same for attn·v.
+  """
+
+  path: str
+  equation: str
+  order: int  # call order among the matmuls
+  a_shape: tuple[int, ...]
+  b_shape: tuple[int, ...]
+  output_shape: tuple[int, ...]
+  summed_size: int  # products accumulated into each output element (einsum_summed_size)
+
+  @property
+  def macs(self) -> int:
+    """Multiply-accumulates per example."""
+    return int(np.prod(self.output_shape)) * self.summed_size
+
+
 @dataclasses.dataclass(frozen=True)
 class Trace:
   """What one traced forward pass found."""
@@ -75,6 +120,7 @@ class Trace:
   layers: dict[str, LayerInfo]  # quantizable layers, in call order
   foldable_bn: dict[str, str]  # BatchNorm path -> the conv path whose output it normalises
   bn_epsilon: dict[str, float]  # every BatchNorm's epsilon (models differ: 1e-5, 1e-3, ...)
+  matmuls: dict[str, MatmulInfo] = dataclasses.field(default_factory=dict)  # AttentionMatmul calls, in call order
 
 
 def _dense_axes(module) -> int:
@@ -94,9 +140,10 @@ def sample_input(image_shape, batch: int = 1) -> jax.ShapeDtypeStruct:
 def trace(model: nn.Module, variables, image_shape) -> Trace:
   """Traces `model.apply(variables, images, train=False)` on an abstract batch of one image.
 
-  A layer called more than once (weight sharing) is an error: per-call statistics would differ.
+  A layer (or matmul) called more than once is an error: per-call statistics would differ.
   """
   layers: dict[str, LayerInfo] = {}
+  matmuls: dict[str, MatmulInfo] = {}
   conv_outputs: dict[int, str] = {}
   foldable: dict[str, str] = {}
   eps: dict[str, float] = {}
@@ -127,6 +174,12 @@ def trace(model: nn.Module, variables, image_shape) -> Trace:
         info = LayerInfo(path, "dense", len(layers), c, o, 1, tuple(kernel.shape), tuple(x.shape),
                          tuple(out.shape), n)
       layers[path] = info
+    elif isinstance(module, AttentionMatmul):
+      if path in matmuls:
+        raise NotImplementedError(f"matmul {path} is called twice; shared modules cannot be quantized per call")
+      a, b = args[:2]
+      matmuls[path] = MatmulInfo(path, module.equation, len(matmuls), tuple(a.shape), tuple(b.shape),
+                                 tuple(out.shape), einsum_summed_size(module.equation, a.shape, b.shape))
     elif isinstance(module, nn.BatchNorm):
       eps[path] = module.epsilon
       if id(args[0]) in conv_outputs:
@@ -138,7 +191,7 @@ def trace(model: nn.Module, variables, image_shape) -> Trace:
       return model.apply(v, x, train=False)
 
   jax.eval_shape(run, variables, sample_input(image_shape))
-  return Trace(layers, foldable, eps)
+  return Trace(layers, foldable, eps, matmuls)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,26 +286,52 @@ class LayerCall:
     return linear(self.info, self.module, as_matrix_input(self.info, x), kernel_matrix(self.info, kernel), self.bias)
 
 
+@dataclasses.dataclass(frozen=True)
+class MatmulCall:
+  """One intercepted `AttentionMatmul` call, as a provider sees it: its description and module."""
+
+  info: MatmulInfo
+  module: nn.Module
+
+  @property
+  def path(self) -> str:
+    return self.info.path
+
+  def float_forward(self, a, b):
+    """The matmul in float: exactly what the model computes without interception."""
+    return jnp.einsum(self.info.equation, a, b)
+
+
 class LayerProvider(Protocol):
-  """Computes intercepted layers: `layer(call, x)` returns what the layer outputs."""
+  """Computes intercepted layers: `layer(call, x)` returns what the layer outputs and
+  `matmul(call, a, b)` what an intercepted activation x activation matmul outputs."""
 
   def layer(self, call: LayerCall, x: jax.Array) -> jax.Array:
     ...
 
+  def matmul(self, call: MatmulCall, a: jax.Array, b: jax.Array) -> jax.Array:
+    ...
+
 
 class FloatLayers:
-  """The provider that leaves every layer in float (BN-folded)."""
+  """The provider that leaves every layer (BN-folded) and every matmul in float."""
 
   def layer(self, call: LayerCall, x):
     return call.float_forward(x)
 
+  def matmul(self, call: MatmulCall, a, b):
+    return call.float_forward(a, b)
+
 
 def run_with_provider(model: nn.Module, plan, variables, x, provider: LayerProvider, *,
-                      paths: Sequence[str] | None = None):
+                      paths: Sequence[str] | None = None, matmul_paths: Sequence[str] | None = None):
   """Runs the model (eval mode) with each layer in `paths` (default: plan.quantized) computed by
-  `provider.layer` and the BatchNorms folded by the plan bypassed. Variables must be folded (see
-  quantize.fold_batchnorm) if the plan folds any. `plan` needs `layers`, `quantized`, `folded_bn`."""
+  `provider.layer`, each `AttentionMatmul` in `matmul_paths` (default: plan.quantized_matmuls)
+  by `provider.matmul`, and the BatchNorms folded by the plan bypassed. Variables must be folded
+  (see quantize.fold_batchnorm) if the plan folds any. `plan` needs `layers`, `quantized`,
+  `folded_bn`, and `matmuls` / `quantized_matmuls` where it has matmuls."""
   targets = set(plan.quantized if paths is None else paths)
+  matmul_targets = set(getattr(plan, "quantized_matmuls", ()) if matmul_paths is None else matmul_paths)
   folded_bn = set(plan.folded_bn)
   folded_convs = set(plan.folded_bn.values())
   params = variables["params"]
@@ -269,6 +348,8 @@ def run_with_provider(model: nn.Module, plan, variables, x, provider: LayerProvi
       call = LayerCall(plan.layers[path], module, p["kernel"], p.get("bias"))
       # A folded conv that is not a target still needs its folded bias.
       return provider.layer(call, args[0]) if path in targets else call.float_forward(args[0])
+    if path in matmul_targets and isinstance(module, AttentionMatmul):
+      return provider.matmul(MatmulCall(plan.matmuls[path], module), *args[:2])
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(interceptor):

@@ -250,34 +250,33 @@ def quantize(run: Run, float_model: FloatModel, calibration: Calibration, select
 
 
 def finetune(run: Run, float_model: FloatModel, quantized: Quantized, on_step=None) -> Quantized:
-  """Multi-ratio QAT in <workdir>/finetune (resumes after a kill); also writes the int8 serving
-  export to <workdir>/serving."""
+  """Multi-ratio QAT in <workdir>/finetune (resumes after a kill), then the refresh of the state
+  that depends on the weights (calibrate.refresh_after_finetuning; before/after in refresh.json);
+  also writes the int8 serving export to <workdir>/serving."""
   config = run.config
   cfg = config.finetune
   stage = run.stage("finetune")
   train_ds = data.get_dataset(config.data, config.data.train_split, train=True)
   total_steps = _steps(cfg.num_epochs, train_ds.num_examples, cfg.batch_size)
   tx = train_lib.make_optimizer(cfg, total_steps)
+  sampler = finetune_lib.RatioSampler.from_config(cfg, config.select.levels)  # validated before any work
   fake = dataclasses.replace(quantized.qmodel.with_mode("fake"), lsq=bool(cfg.lsq))
+  lsq_weights = bool(cfg.get("lsq_weights", False))
+  start = quantize_lib.add_lsq_weight_scales(quantized.qmodel.plan, quantized.qvars) if lsq_weights else quantized.qvars
   stage.begin(resumable=True)
   if stage.is_done():
     print(f"finetune: reusing the finished run in {stage.path}")
-    return Quantized(quantized.qmodel, checkpoint.load_tree(stage.file("qvars"), quantized.qvars), finetuned=True)
-  state = parallel.replicate(finetune_lib.create_state(quantized.qvars, tx, cfg.lsq), run.mesh)
+    return Quantized(quantized.qmodel, checkpoint.load_tree(stage.file("qvars"), start), finetuned=True)
+  state = parallel.replicate(finetune_lib.create_state(start, tx, cfg.lsq, lsq_weights), run.mesh)
   ckpt_dir = stage.file("checkpoints")
   state = train_lib.restore_latest(ckpt_dir, state)
   if 0 < int(state.step) < total_steps:
     print(f"finetune: resuming from step {int(state.step)}/{total_steps}")
   if int(state.step) < total_steps:
-    levels = list(cfg.levels) if cfg.levels else list(config.select.levels)
-    probs = list(cfg.level_probs) if cfg.level_probs else [1.0 / len(levels)] * len(levels)
-    if len(probs) != len(levels) or abs(sum(probs) - 1) > 1e-6:
-      raise ValueError(f"finetune.level_probs {probs} must have one probability per level {levels} summing to 1")
     teacher = float_model.logits if cfg.distill_weight > 0 else None
     step_fn = functools.partial(
-        finetune_lib.qat_step, qmodel=fake, tx=tx, levels=levels, level_probs=probs,
-        rng_key=jax.random.PRNGKey(config.seed + 1), teacher_fn=teacher, distill_weight=cfg.distill_weight,
-        label_smoothing=cfg.label_smoothing)
+        finetune_lib.qat_step, qmodel=fake, tx=tx, sampler=sampler, rng_key=jax.random.PRNGKey(config.seed + 1),
+        teacher_fn=teacher, distill_weight=cfg.distill_weight, label_smoothing=cfg.label_smoothing)
     batches = data.train_batches(train_ds, cfg.batch_size // jax.process_count(), seed=config.seed + 1,
                                  start_step=int(state.step), num_steps=total_steps,
                                  num_threads=config.data.num_threads)
@@ -285,11 +284,37 @@ def finetune(run: Run, float_model: FloatModel, quantized: Quantized, on_step=No
                                checkpoint_every=cfg.checkpoint_every_steps, metrics_path=stage.file("metrics.jsonl"),
                                log_every=config.train.log_every_steps, mesh=run.mesh, desc="QAT finetune",
                                on_step=on_step)
-  tuned = Quantized(quantized.qmodel, finetune_lib.merge_qvars(state.trainable, state.frozen), finetuned=True)
+  trained = Quantized(quantized.qmodel, finetune_lib.merge_qvars(state.trainable, state.frozen), finetuned=True)
+  tuned = refresh(run, float_model, trained)
   checkpoint.save_tree(stage.file("qvars"), tuned.qvars)
   export_serving(run.workdir, tuned)
   stage.mark_done(total_steps=total_steps)
   return tuned
+
+
+REFRESH_REPORT_RATIOS = (0.0, 0.5, 1.0)
+
+
+def refresh(run: Run, float_model: FloatModel, trained: Quantized) -> Quantized:
+  """Re-estimates the weight extraction positions and bias-correction means of a finetuned model
+  on the calibration images, and records KL(float || quantized) on those images at a few ratios
+  before and after in <workdir>/finetune/refresh.json."""
+  config = run.config
+  batches = calibration_batches(config)
+  qmodel = trained.qmodel
+  refreshed = dataclasses.replace(trained, qvars=calibrate_lib.refresh_after_finetuning(
+      float_model.model, qmodel.plan, trained.qvars, batches, extraction=config.quant.extraction))
+  images = jnp.concatenate(batches[:config.select.fitness_batches])
+  teacher = float_model.logits(images)
+  kl = jax.jit(lambda qvars, r: finetune_lib.kl_divergence(teacher, qmodel.apply(qvars, images, r)))
+  report = {"images": int(images.shape[0]), "metric": "KL(float || quantized) on calibration images",
+            "before_refresh": {f"{r:g}": float(kl(trained.qvars, jnp.float32(r))) for r in REFRESH_REPORT_RATIOS},
+            "after_refresh": {f"{r:g}": float(kl(refreshed.qvars, jnp.float32(r))) for r in REFRESH_REPORT_RATIOS}}
+  records.write_json_atomic(os.path.join(run.workdir, "finetune", "refresh.json"), report)
+  print("finetune: refreshed weight extraction positions and bias-correction means; KL to float at ratios "
+        + ", ".join(f"{r}: {report['before_refresh'][r]:.4f} -> {report['after_refresh'][r]:.4f}"
+                    for r in report["before_refresh"]))
+  return refreshed
 
 
 def export_serving(workdir: str, quantized: Quantized) -> str:

@@ -61,9 +61,9 @@ def test_qat_step_reduces_loss_at_the_sampled_level(setup, lsq):
   tx = optax.adam(3e-3)
   state = finetune.create_state(setup.qvars, tx, lsq)
   assert set(state.trainable) == ({"params", "act_scale"} if lsq else {"params"})
-  step = jax.jit(functools.partial(finetune.qat_step, qmodel=fake, tx=tx, levels=[0.5, 1.0],
-                                   level_probs=[0.0, 1.0], rng_key=jax.random.PRNGKey(0), teacher_fn=setup.teacher,
-                                   distill_weight=0.3))
+  sampler = finetune.RatioSampler((0.5, 1.0), (0.0, 1.0))
+  step = jax.jit(functools.partial(finetune.qat_step, qmodel=fake, tx=tx, sampler=sampler,
+                                   rng_key=jax.random.PRNGKey(0), teacher_fn=setup.teacher, distill_weight=0.3))
   batch = setup.batch()
   first = None
   for _ in range(25):
@@ -78,22 +78,95 @@ def test_qat_step_reduces_loss_at_the_sampled_level(setup, lsq):
   np.testing.assert_array_equal(get_path(merged["quant"], "conv")["rank"], get_path(setup.qvars["quant"], "conv")["rank"])
 
 
-def test_qat_step_samples_every_level_reproducibly(setup):
+def test_qat_step_samples_ratios_reproducibly(setup):
   fake = setup.qmodel.with_mode("fake")
   tx = optax.sgd(0.0)
-  step = jax.jit(functools.partial(finetune.qat_step, qmodel=fake, tx=tx, levels=[0.5, 1.0], level_probs=[0.5, 0.5],
+  sampler = finetune.RatioSampler((0.0, 0.5, 1.0), (0.2, 0.3, 0.5), uniform_prob=0.25)
+  step = jax.jit(functools.partial(finetune.qat_step, qmodel=fake, tx=tx, sampler=sampler,
                                    rng_key=jax.random.PRNGKey(3)))
 
   def ratios():
     state, out = finetune.create_state(setup.qvars, tx, False), []
-    for _ in range(12):
+    for _ in range(8):
       state, metrics = step(state, setup.batch())
       out.append(float(metrics["ratio"]))
     return out
 
   first = ratios()
-  assert set(first) == {0.5, 1.0}
-  assert ratios() == first  # the level follows (rng_key, step): a resumed run samples the same
+  assert ratios() == first  # the ratio follows (rng_key, step): a resumed run samples the same
+  assert all(0.0 <= r <= 1.0 for r in first)
+
+
+def test_ratio_sampler_distribution():
+  """Levels with their probabilities, 0 included, and continuous ratios between levels."""
+  sampler = finetune.RatioSampler((0.0, 0.5, 1.0), (0.2, 0.3, 0.5), uniform_prob=0.4)
+  draws = np.asarray(jax.vmap(sampler)(jax.random.split(jax.random.PRNGKey(0), 20000)))
+  at_level = {lvl: np.mean(draws == lvl) for lvl in (0.0, 0.5, 1.0)}
+  n = len(draws)
+  for lvl, p in zip((0.0, 0.5, 1.0), (0.2, 0.3, 0.5)):
+    want = 0.6 * p  # continuous draws hit a level with probability 0
+    assert abs(at_level[lvl] - want) < 4 * np.sqrt(want * (1 - want) / n), (lvl, at_level[lvl], want)
+  between = draws[(draws != 0.0) & (draws != 0.5) & (draws != 1.0)]
+  assert abs(len(between) / n - 0.4) < 4 * np.sqrt(0.24 / n)
+  assert between.min() >= 0 and between.max() <= 1 and abs(between.mean() - 0.5) < 0.02  # uniform on [0, 1]
+  assert np.mean(between < 0.25) == pytest.approx(0.25, abs=0.03)
+
+
+def test_ratio_sampler_from_config_and_errors():
+  import ml_collections
+  cfg = ml_collections.ConfigDict({"levels": (), "level_probs": (), "uniform_prob": 0.5})
+  sampler = finetune.RatioSampler.from_config(cfg, (0.25, 1.0))
+  assert sampler.levels == (0.0, 0.25, 1.0) and sampler.level_probs == pytest.approx((1 / 3,) * 3)
+  assert sampler.uniform_prob == 0.5
+  with pytest.raises(ValueError, match="level_probs"):
+    finetune.RatioSampler((0.5, 1.0), (0.5,))
+  with pytest.raises(ValueError, match="level_probs"):
+    finetune.RatioSampler((0.5, 1.0), (0.5, 0.6))
+  with pytest.raises(ValueError, match="uniform_prob"):
+    finetune.RatioSampler((0.5,), (1.0,), uniform_prob=1.5)
+
+
+def test_lsq_weight_scales_are_learnt_and_exported(setup):
+  from flexiq_jax import quantize
+  qvars = quantize.add_lsq_weight_scales(setup.qmodel.plan, setup.qvars)
+  start = get_path(qvars["quant"], "conv")["lsq_weight_scale"]
+  # At initialisation the learnable scale equals the max-abs scale: the same logits.
+  np.testing.assert_allclose(setup.qmodel.apply(qvars, setup.images[:4], 0.5),
+                             setup.qmodel.apply(setup.qvars, setup.images[:4], 0.5), rtol=1e-6, atol=1e-6)
+  fake = setup.qmodel.with_mode("fake")
+  tx = optax.adam(3e-3)
+  state = finetune.create_state(qvars, tx, False, lsq_weights=True)
+  assert set(state.trainable) == {"params", "lsq_weight_scale"}
+  step = jax.jit(functools.partial(finetune.qat_step, qmodel=fake, tx=tx,
+                                   sampler=finetune.RatioSampler((1.0,), (1.0,)), rng_key=jax.random.PRNGKey(0)))
+  for _ in range(5):
+    state, _ = step(state, setup.batch())
+  merged = finetune.merge_qvars(state.trainable, state.frozen)
+  learnt = get_path(merged["quant"], "conv")["lsq_weight_scale"]
+  assert not np.allclose(learnt, start)
+  exported = quantize.export_int8(setup.qmodel, merged)
+  np.testing.assert_array_equal(get_path(exported["quant"], "conv")["weight_scale"], learnt)
+  np.testing.assert_array_equal(setup.qmodel.apply(exported, setup.images[:4], 0.7),
+                                setup.qmodel.apply(merged, setup.images[:4], 0.7))
+
+
+def test_refresh_after_finetuning_reestimates_weight_state(setup):
+  from flexiq_jax import calibrate
+  plan = setup.qmodel.plan
+  params = jax.tree.map(lambda w: w * 1.7 if w.ndim > 1 else w, setup.qvars["params"])  # "finetuned" weights
+  changed = {**setup.qvars, "params": params}
+  refreshed = calibrate.refresh_after_finetuning(setup.model, plan, changed, [setup.images])
+  entry, old = get_path(refreshed["quant"], "conv"), get_path(setup.qvars["quant"], "conv")
+  # Weight extraction positions follow the new weights, as a fresh fit on them gives.
+  want_e, _ = calibrate.weight_extraction(plan.layers["conv"], get_path(params, "conv")["kernel"])
+  np.testing.assert_array_equal(entry["weight_e"], want_e)
+  # The mean codes are those of the new layer inputs at the unchanged scale (the input of 'conv'
+  # scales with the stem's weights, so its mean code moves).
+  assert float(entry["act_scale"]) == float(old["act_scale"])
+  assert not np.allclose(entry["mean_code"], old["mean_code"])
+  np.testing.assert_array_equal(entry["rank"], old["rank"])
+  with pytest.raises(ValueError, match="extraction"):
+    calibrate.refresh_after_finetuning(setup.model, plan, changed, [setup.images], extraction="bad")
 
 
 @pytest.mark.parametrize("lsq", [False, True])

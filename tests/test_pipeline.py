@@ -196,6 +196,9 @@ def test_killed_finetune_resumes_to_identical_weights(staged, tmp_path):
   full = pipeline.finetune(full_run, fm, quantized)
   assert full.finetuned and full.qmodel == quantized.qmodel
   assert json.load(open(tmp_path / "full" / "finetune" / "done.json"))["total_steps"] == 6
+  refresh = json.load(open(tmp_path / "full" / "finetune" / "refresh.json"))  # state refreshed after QAT
+  assert set(refresh["before_refresh"]) == set(refresh["after_refresh"]) == {"0", "0.5", "1"}
+  assert all(v >= 0 for v in refresh["after_refresh"].values())
 
   crash_run = pipeline.Run(config, str(tmp_path / "crash"), staged.run.mesh)
   with pytest.raises(Crash):

@@ -10,6 +10,13 @@ Streaming passes over the calibration batches, so no activations are kept:
 Weight extraction positions f_c are fitted on the (BN-folded) weight codes directly.
 Activation quantization is symmetric per tensor: unsigned [0, 255] where the calibrated minimum is
 >= 0 (e.g. after ReLU), signed [-128, 127] otherwise.
+
+The quantized activation x activation matmuls (`plan.quantized_matmuls`: attention's q·kᵀ and
+attn·v) get one more pass: the per-tensor min/max of both operands (`OperandRanges`), hence each
+operand's signedness (softmax probabilities are >= 0: unsigned [0, 255]) and its 8-bit scale,
+always min-max (absmax / qmax) whatever `method` says: the rare large values of these operands
+(a peaked attention row, outlier q/k entries) are the ones that matter, and a histogram fit would
+clip them. They are never lowered, so they need no code histograms.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import numpy as np
 
 from flexiq_jax import interception
 from flexiq_jax import numerics
-from flexiq_jax.interception import LayerCall, get_path
+from flexiq_jax.interception import LayerCall, MatmulCall, get_path
 from flexiq_jax.quantize import layer_ops
 from flexiq_jax.quantize.plan import QuantPlan
 
@@ -67,22 +74,38 @@ class CodeHistograms:
     return {"codes": numerics.code_histogram(q, axis=-1, signed=self.signed[path])}
 
 
+class OperandRanges:
+  """Per-tensor min and max of both operands of each quantized matmul."""
+
+  merge = {"a_min": np.minimum, "a_max": np.maximum, "b_min": np.minimum, "b_max": np.maximum}
+
+  def matmul_statistics(self, path, a, b):
+    return {"a_min": a.min(), "a_max": a.max(), "b_min": b.min(), "b_max": b.max()}
+
+
 class _Recording:
-  """The provider that computes each layer in float and records `statistics.statistics(path,
-  x (N, C))` of its input."""
+  """The provider that computes each layer and matmul in float and records, where `statistics`
+  has the method, `statistics.statistics(path, x (N, C))` of each layer's input and
+  `statistics.matmul_statistics(path, a, b)` of each matmul's operands."""
 
   def __init__(self, statistics):
     self.statistics, self.recorded = statistics, {}
 
   def layer(self, call: LayerCall, x):
-    self.recorded[call.path] = self.statistics.statistics(call.path, interception.flat_features(call.info, x))
+    if hasattr(self.statistics, "statistics"):
+      self.recorded[call.path] = self.statistics.statistics(call.path, interception.flat_features(call.info, x))
     return call.float_forward(x)
+
+  def matmul(self, call: MatmulCall, a, b):
+    if hasattr(self.statistics, "matmul_statistics"):
+      self.recorded[call.path] = self.statistics.matmul_statistics(call.path, a, b)
+    return call.float_forward(a, b)
 
 
 def collect(model, plan: QuantPlan, variables, batches, statistics) -> dict:
   """Runs `statistics` (ChannelRanges, AbsHistograms, CodeHistograms: a `statistics(path, x)`
-  method and a `merge` {name: fn} of batches) over every batch: {path: {name: numpy array}}.
-  One compilation per batch shape."""
+  method, or OperandRanges: a `matmul_statistics(path, a, b)` method; and a `merge` {name: fn} of
+  batches) over every batch: {path: {name: numpy array}}. One compilation per batch shape."""
 
   def run(v, images):
     recording = _Recording(statistics)
@@ -117,6 +140,21 @@ def _act_scale(method, absmax, signed, hist=None, percentile=99.99):
   return max(float(clip), numerics.MIN_RANGE) / qmax
 
 
+def code_moments(hist, act_e, signed: bool):
+  """From per-channel 8-bit code histograms (C, 256) and extraction positions (C,): the mean
+  squared lowering error (code units), and the mean code before and after lowering — the
+  expected shift a lowered channel adds to the layer output, which bias correction removes
+  (quantize.layer_ops)."""
+  hist = np.asarray(hist, np.float64)
+  qmin, _ = numerics.int_range(8, signed)
+  code_values = np.arange(hist.shape[1]) + qmin
+  lowered = np.asarray(numerics.lower_codes(code_values[None, :].astype(np.float32),
+                                            np.asarray(act_e)[:, None], signed=signed))
+  counts = np.maximum(hist.sum(1), 1.0)
+  sq_err = (hist * (code_values[None, :] - lowered) ** 2).sum(1) / counts
+  return sq_err, (hist * code_values[None, :]).sum(1) / counts, (hist * lowered).sum(1) / counts
+
+
 def weight_extraction(info, kernel, candidates=EXTRACTION_CANDIDATES):
   """Per feature channel c, the f in `candidates` minimising Σ_o s_w[o]² (q - lower(q, f))² over
   the kernel elements that multiply channel c; returns (f (C,), error (C,) in real units)."""
@@ -142,6 +180,8 @@ def calibrate(model, plan: QuantPlan, variables, batches: Sequence[np.ndarray], 
   'act_lowering_error' (C,) mean squared error per value (real units) at act_e;
   'weight_lowering_error' (C,) summed squared error of the channel's weights at weight_e;
   'act_mean_code', 'act_mean_lowered' (C,) mean 8-bit code and mean lowered code (code units).
+  Per quantized matmul: 'a_min', 'a_max', 'b_min', 'b_max' () per-tensor operand ranges and
+  'a_scale', 'b_scale' () min-max 8-bit scales (signed where the minimum is negative).
   `variables` must be BN-folded when the plan folds (see plan.fold_batchnorm).
   """
   if method not in ("minmax", "percentile", "mse"):
@@ -168,16 +208,8 @@ def calibrate(model, plan: QuantPlan, variables, batches: Sequence[np.ndarray], 
                                                              candidates=EXTRACTION_CANDIDATES))
     else:
       act_e = np.full(info.in_channels, NAIVE_EXTRACTION)
-    qmin, _ = numerics.int_range(8, signed[p])
-    code_values = np.arange(hist.shape[1]) + qmin
-    lowered = np.asarray(numerics.lower_codes(code_values[None, :].astype(np.float32),
-                                           act_e[:, None], signed=signed[p]))
-    counts = np.maximum(hist.sum(1), 1.0)
-    act_err = (hist * (code_values[None, :] - lowered) ** 2).sum(1) / counts * scales[p] ** 2
-    # Mean code before and after lowering: the expected shift a lowered channel adds to the
-    # layer output, which bias correction removes (quantize.layer_ops).
-    mean_code = (hist * code_values[None, :]).sum(1) / counts
-    mean_lowered = (hist * lowered).sum(1) / counts
+    sq_err, mean_code, mean_lowered = code_moments(hist, act_e, signed[p])
+    act_err = sq_err * scales[p] ** 2
 
     kernel = get_path(variables["params"], p)["kernel"]
     if extraction == "fitted":
@@ -191,4 +223,47 @@ def calibrate(model, plan: QuantPlan, variables, batches: Sequence[np.ndarray], 
         "weight_lowering_error": np.asarray(w_err, np.float32),
         "act_mean_code": mean_code.astype(np.float32), "act_mean_lowered": mean_lowered.astype(np.float32),
     }
+  out.update(matmul_calibration(model, plan, variables, batches))
   return out
+
+
+def matmul_calibration(model, plan: QuantPlan, variables, batches) -> dict:
+  """{matmul path: 'a_min', 'a_max', 'b_min', 'b_max', 'a_scale', 'b_scale'} (float32 scalars) of
+  every quantized matmul: per-tensor min-max ranges of both operands and their 8-bit scales,
+  unsigned [0, 255] where an operand's minimum is >= 0, signed [-128, 127] otherwise."""
+  if not getattr(plan, "quantized_matmuls", ()):
+    return {}
+  ranges = collect(model, plan, variables, list(batches), OperandRanges())
+  out = {}
+  for p in plan.quantized_matmuls:
+    r = {k: float(v) for k, v in ranges[p].items()}
+    entry = {k: np.float32(v) for k, v in r.items()}
+    for op in ("a", "b"):
+      lo, hi = r[f"{op}_min"], r[f"{op}_max"]
+      entry[f"{op}_scale"] = np.float32(_act_scale("minmax", max(-lo, hi, 0.0), lo < 0))
+    out[p] = entry
+  return out
+
+
+def refresh_after_finetuning(model, plan: QuantPlan, qvars, batches, *, extraction: str = "fitted") -> dict:
+  """Re-estimates the state that depends on the weights after quantization-aware finetuning:
+  each layer's weight extraction positions (a function of the new weights) and the bias
+  correction's mean codes (of the new model's layer inputs on `batches`, at the layer's current
+  activation scale and extraction positions). Scales, channel orders and counts stay."""
+  if extraction not in ("fitted", "naive"):
+    raise ValueError(f"unknown extraction {extraction!r}; use 'fitted' or 'naive'")
+  quant = qvars["quant"]
+  scales = {p: float(get_path(quant, p)["act_scale"]) for p in plan.quantized}
+  variables = {k: v for k, v in qvars.items() if k in ("params", "batch_stats")}
+  codes = collect(model, plan, variables, list(batches), CodeHistograms(scales, plan.signed))
+  for p in plan.quantized:
+    entry = dict(get_path(quant, p))
+    kernel = get_path(qvars["params"], p)["kernel"]
+    if extraction == "fitted":
+      entry["weight_e"] = jnp.asarray(weight_extraction(plan.layers[p], kernel)[0], jnp.int32)
+    if "mean_code" in entry:
+      _, mean_code, mean_lowered = code_moments(codes[p]["codes"], entry["act_e"], plan.signed[p])
+      entry["mean_code"] = jnp.asarray(mean_code, jnp.float32)
+      entry["mean_lowered"] = jnp.asarray(mean_lowered, jnp.float32)
+    quant = interception.set_path(quant, p, entry)
+  return {**qvars, "quant": quant}

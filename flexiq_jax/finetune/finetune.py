@@ -1,13 +1,17 @@
-"""Multi-ratio quantization-aware finetuning: one set of weights for every ratio level.
+"""Multi-ratio quantization-aware finetuning: one set of weights for every ratio the run-time
+controller may pick.
 
-Each step samples a ratio level (configurable levels and probabilities) and trains the BN-folded
-weights through the fake-quant model (straight-through estimator), optionally with learnable
-activation scales (LSQ) and distillation from the float model (KL on logits). The step is pure
-and jit-compiled once: the sampled ratio is data.
+Each step samples a ratio (`RatioSampler`: a level — 0 and the selected levels by default — or,
+with probability `uniform_prob`, a continuous ratio uniform in [0, 1], so ratio 0 and the ratios
+between levels are trained too) and trains the BN-folded weights through the fake-quant model
+(straight-through estimator), optionally with learnable activation scales and per-output-channel
+weight scales (LSQ) and distillation from the float model (KL on logits). The step is pure and
+jit-compiled once: the sampled ratio is data.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax
@@ -22,34 +26,38 @@ from flexiq_jax.quantize.transform import QuantizedModel
 
 class QATState(flax.struct.PyTreeNode):
   step: jax.Array
-  trainable: Any  # {'params': ..., 'act_scale': {path: ()}} (the latter only with LSQ)
+  trainable: Any  # {'params', and with LSQ 'act_scale' / 'lsq_weight_scale': {path: array}}
   frozen: Any  # the rest of the quantized variables (orders, counts, extraction positions)
   opt_state: Any
 
 
-def split_qvars(qvars, lsq: bool):
-  """Trainable part (weights, and activation scales under LSQ) and frozen part."""
+def _is_layer_entry(d) -> bool:
+  return isinstance(d, dict) and "act_scale" in d
+
+
+def split_qvars(qvars, lsq: bool, lsq_weights: bool = False):
+  """Trainable part (weights; activation scales under `lsq`; per-output-channel weight scales
+  under `lsq_weights`, which qvars must hold: quantize.add_lsq_weight_scales) and frozen part."""
   trainable = {"params": qvars["params"]}
   frozen = {k: v for k, v in qvars.items() if k != "params"}
-  if lsq:
-    trainable["act_scale"] = jax.tree_util.tree_map(
-        lambda d: d["act_scale"], frozen["quant"], is_leaf=lambda d: isinstance(d, dict) and "act_scale" in d)
+  keys = (["act_scale"] if lsq else []) + (["lsq_weight_scale"] if lsq_weights else [])
+  for key in keys:
+    trainable[key] = jax.tree_util.tree_map(lambda d: d[key], frozen["quant"], is_leaf=_is_layer_entry)
   return trainable, frozen
 
 
 def merge_qvars(trainable, frozen):
   qvars = dict(frozen)
   qvars["params"] = trainable["params"]
-  if "act_scale" in trainable:
-    def put(d, s):
-      return {**d, "act_scale": s}
-    qvars["quant"] = jax.tree_util.tree_map(put, frozen["quant"], trainable["act_scale"],
-                                            is_leaf=lambda d: isinstance(d, dict) and "act_scale" in d)
+  for key in ("act_scale", "lsq_weight_scale"):
+    if key in trainable:
+      qvars["quant"] = jax.tree_util.tree_map(lambda d, s: {**d, key: s}, qvars["quant"], trainable[key],
+                                              is_leaf=_is_layer_entry)
   return qvars
 
 
-def create_state(qvars, tx, lsq: bool) -> QATState:
-  return state_from_parts(*split_qvars(qvars, lsq), tx)
+def create_state(qvars, tx, lsq: bool, lsq_weights: bool = False) -> QATState:
+  return state_from_parts(*split_qvars(qvars, lsq, lsq_weights), tx)
 
 
 def state_from_parts(trainable, frozen, tx) -> QATState:
@@ -95,13 +103,45 @@ def distill_step(state: QATState, batch, *, logits_fn: Callable, tx: optax.Gradi
   return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
 
 
+@dataclasses.dataclass(frozen=True)
+class RatioSampler:
+  """The ratio of one QAT step: with probability `uniform_prob` a continuous ratio uniform in
+  [0, 1]; otherwise one of `levels` drawn with `level_probs`."""
+
+  levels: tuple[float, ...]
+  level_probs: tuple[float, ...]
+  uniform_prob: float = 0.0
+
+  def __post_init__(self):
+    if len(self.levels) != len(self.level_probs) or abs(sum(self.level_probs) - 1) > 1e-6:
+      raise ValueError(f"finetune.level_probs {list(self.level_probs)} must have one probability per level "
+                       f"{list(self.levels)} summing to 1")
+    if not all(0 <= l <= 1 for l in self.levels) or not 0 <= self.uniform_prob <= 1:
+      raise ValueError(f"finetune.levels must lie in [0, 1] and finetune.uniform_prob in [0, 1], got "
+                       f"{list(self.levels)} and {self.uniform_prob}")
+
+  @classmethod
+  def from_config(cls, finetune_cfg, select_levels) -> "RatioSampler":
+    """finetune.levels (default: 0 and the selected levels), finetune.level_probs (default
+    uniform), finetune.uniform_prob."""
+    levels = tuple(float(l) for l in finetune_cfg.levels) or (0.0,) + tuple(float(l) for l in select_levels)
+    probs = tuple(float(p) for p in finetune_cfg.level_probs) or (1.0 / len(levels),) * len(levels)
+    return cls(levels, probs, float(finetune_cfg.get("uniform_prob", 0.0)))
+
+  def __call__(self, rng):
+    pick, cont = jax.random.split(rng)
+    levels = jnp.asarray(self.levels, jnp.float32)
+    level = levels[jax.random.choice(pick, len(self.levels), p=jnp.asarray(self.level_probs, jnp.float32))]
+    continuous = jax.random.uniform(cont, (), jnp.float32)
+    use_continuous = jax.random.uniform(jax.random.fold_in(cont, 1), ()) < self.uniform_prob
+    return jnp.where(use_continuous, continuous, level)
+
+
 def qat_step(state: QATState, batch, *, qmodel: QuantizedModel, tx: optax.GradientTransformation,
-             levels, level_probs, rng_key, teacher_fn: Callable | None = None, distill_weight: float = 0.0,
+             sampler: RatioSampler, rng_key, teacher_fn: Callable | None = None, distill_weight: float = 0.0,
              label_smoothing: float = 0.0):
-  """One multi-ratio QAT step at a randomly sampled ratio level (the ratio is data: one compilation)."""
-  rng = jax.random.fold_in(rng_key, state.step)
-  levels = jnp.asarray(levels, jnp.float32)
-  ratio = levels[jax.random.choice(rng, len(levels), p=jnp.asarray(level_probs, jnp.float32))]
+  """One multi-ratio QAT step at a randomly sampled ratio (the ratio is data: one compilation)."""
+  ratio = sampler(jax.random.fold_in(rng_key, state.step))
 
   def logits_fn(trainable, frozen, images):
     return qmodel.apply(merge_qvars(trainable, frozen), images, ratio)

@@ -58,6 +58,21 @@ def dense(features: int, name: str | None = None, use_bias: bool = True):
                   kernel_init=nn.initializers.truncated_normal(0.02), bias_init=nn.initializers.zeros)
 
 
+class AttentionMatmul(nn.Module):
+  """An activation x activation matmul (attention's q·kᵀ and attn·v): `jnp.einsum(equation, a, b)`.
+
+  It has no parameters (timm weight import is unaffected); it exists so that quantization can
+  find and replace the call by interception (`interception.trace` records it as a `MatmulInfo`),
+  as it does for `Dense` and `Conv`. A model written with plain einsums still runs, with those
+  matmuls in float (`quantize.float_ops_in_int_path` lists them).
+  """
+
+  equation: str
+
+  def __call__(self, a, b):
+    return jnp.einsum(self.equation, a, b)
+
+
 def gelu(x):
   return nn.gelu(x, approximate=False)  # torch.nn.GELU default: the exact erf form
 

@@ -6,6 +6,9 @@ Module names follow timm's state dict (`patch_embed_proj`, `patch_embed_norm`,
 maps keys one to one. The relative-position index and the shifted-window attention mask are
 recomputed from the shapes (numpy constants at trace time), never stored, as in timm.
 
+The window attention's two matmuls (q·kᵀ, attn·v) are parameter-free `AttentionMatmul` modules
+(`.../attn/qk`, `.../attn/av`), which quantization intercepts like the Dense layers.
+
 Like timm, a stage whose feature map is no larger than the window uses one window of the map's
 size and no shift; maps not divisible by the window are zero-padded at the bottom/right.
 """
@@ -20,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexiq_jax.models import register
-from flexiq_jax.models.layers import Mlp, dense, layer_norm
+from flexiq_jax.models.layers import AttentionMatmul, Mlp, dense, layer_norm
 
 
 def window_partition(x, window):
@@ -78,13 +81,13 @@ class WindowAttention(nn.Module):
 
     qkv = dense(3 * c, name="qkv")(x).reshape(bw, n, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    attn = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k) + bias[None]
+    attn = AttentionMatmul("bqhd,bkhd->bhqk", name="qk")(q * head_dim**-0.5, k) + bias[None]
     if mask is not None:  # windows are ordered (batch, window): the mask repeats per image
       nw = mask.shape[0]
       attn = attn.reshape(bw // nw, nw, self.num_heads, n, n) + mask[None, :, None]
       attn = attn.reshape(bw, self.num_heads, n, n)
     attn = jax.nn.softmax(attn, axis=-1)
-    x = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(bw, n, c)
+    x = AttentionMatmul("bhqk,bkhd->bqhd", name="av")(attn, v).reshape(bw, n, c)
     return dense(c, name="proj")(x)
 
 

@@ -6,7 +6,7 @@ Module names follow timm's state dict (`patch_embed_proj`, `blocks_3/attn/qkv`, 
 Quantizable layers are plain `nn.Conv`/`nn.Dense` submodules: the patch embedding, every block's
 `attn/qkv` (one Dense of width 3*D whose output is laid out (3, heads, head_dim) like timm's),
 `attn/proj`, `mlp/fc1`, `mlp/fc2` and the `head`. The two attention matmuls (q.k^T, attn.v) are
-plain einsums.
+parameter-free `AttentionMatmul` modules (`attn/qk`, `attn/av`), which quantization intercepts too.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from flexiq_jax.models import register
-from flexiq_jax.models.layers import Mlp, dense, layer_norm
+from flexiq_jax.models.layers import AttentionMatmul, Mlp, dense, layer_norm
 
 
 class Attention(nn.Module):
@@ -31,9 +31,9 @@ class Attention(nn.Module):
     # timm: qkv(x).reshape(B, N, 3, heads, head_dim); the same order here.
     qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, heads, head_dim)
-    attn = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k)
+    attn = AttentionMatmul("bqhd,bkhd->bhqk", name="qk")(q * head_dim**-0.5, k)
     attn = jax.nn.softmax(attn, axis=-1)
-    x = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, d)
+    x = AttentionMatmul("bhqk,bkhd->bqhd", name="av")(attn, v).reshape(b, n, d)
     return dense(d, name="proj")(x)
 
 

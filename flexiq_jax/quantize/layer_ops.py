@@ -65,6 +65,13 @@ def quantize_codes(info: LayerInfo, x, kernel, lq: dict, lowered, *, signed: boo
   if "weight_scale" in lq:  # a serving export: the kernel holds the int8 codes themselves
     wq = kernel_matrix(info, kernel).astype(jnp.float32)
     s_w = lq["weight_scale"]
+  elif "lsq_weight_scale" in lq:  # a learnt per-output-channel scale (LSQ finetuning)
+    w = kernel_matrix(info, kernel)
+    s_w = lq["lsq_weight_scale"]
+    if ste:
+      wq = numerics.lsq_fake_quant(w, s_w, -WEIGHT_QMAX, WEIGHT_QMAX) / s_w
+    else:
+      wq = jnp.clip(jnp.round(w / s_w), -WEIGHT_QMAX, WEIGHT_QMAX)
   else:
     w = kernel_matrix(info, kernel)
     s_w = numerics.per_channel_weight_scale(w)
@@ -80,11 +87,12 @@ def quantize_codes(info: LayerInfo, x, kernel, lq: dict, lowered, *, signed: boo
   return xq, wq, s_x, s_w, bias_shift
 
 
-def weight_codes(info: LayerInfo, kernel):
+def weight_codes(info: LayerInfo, kernel, scale=None):
   """(int8 codes in the kernel's shape, per-output-channel scale (O,)) of a float kernel, as the
-  integer path computes them: what a serving export stores instead of the float kernel."""
+  integer path computes them (with `scale`, a learnt LSQ scale, instead of max |w| / 127): what a
+  serving export stores instead of the float kernel."""
   w = kernel_matrix(info, kernel)
-  s_w = numerics.per_channel_weight_scale(w)
+  s_w = numerics.per_channel_weight_scale(w) if scale is None else scale
   q = jnp.clip(jnp.round(w / s_w), -WEIGHT_QMAX, WEIGHT_QMAX)
   return q.astype(jnp.int8).reshape(kernel.shape), s_w
 

@@ -1,6 +1,7 @@
 """The quantization plan: which layers are quantized, which are *lowerable* (their feature
-channels may go to 4 bits), which BatchNorms fold into which convs, and each layer's input
-signedness — decided by regex rules on module paths, first match wins.
+channels may go to 4 bits), which BatchNorms fold into which convs, which activation x
+activation matmuls (`AttentionMatmul`: attention's q·kᵀ and attn·v) run in 8 bits, and each
+layer's input and each matmul's operand signedness — decided by regex rules on module paths.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexiq_jax import interception
-from flexiq_jax.interception import LayerInfo, get_path
+from flexiq_jax.interception import LayerInfo, MatmulInfo, get_path
+
+ATTENTION_MODES = ("int8", "float")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,27 +30,43 @@ class QuantPlan:
   bn_epsilon: dict[str, float] = dataclasses.field(default_factory=dict)  # of the folded BatchNorms
   signed: dict[str, bool] = dataclasses.field(default_factory=dict)  # set from calibration
   unmatched_rules: list[str] = dataclasses.field(default_factory=list)
+  matmuls: dict[str, MatmulInfo] = dataclasses.field(default_factory=dict)  # every traced AttentionMatmul
+  quantized_matmuls: list[str] = dataclasses.field(default_factory=list)  # those run in 8 bits (never lowered)
+  matmul_signed: dict[str, tuple[bool, bool]] = dataclasses.field(default_factory=dict)  # (a, b), from calibration
 
   def with_signedness(self, stats: dict) -> "QuantPlan":
     """Signed input grid where the calibrated minimum of a layer's input is negative."""
-    return dataclasses.replace(self, signed={p: bool(np.min(stats[p]["ch_min"]) < 0) for p in self.quantized})
+    plan = dataclasses.replace(self, signed={p: bool(np.min(stats[p]["ch_min"]) < 0) for p in self.quantized})
+    # Each matmul operand likewise (softmax probabilities are >= 0: unsigned).
+    return dataclasses.replace(plan, matmul_signed={
+        p: (bool(stats[p]["a_min"] < 0), bool(stats[p]["b_min"] < 0)) for p in self.quantized_matmuls})
 
   def layer_infos(self, paths: Sequence[str] | None = None) -> dict[str, LayerInfo]:
     """{path: LayerInfo} of `paths` (default: the quantized layers), for cost accounting."""
     return {p: self.layers[p] for p in (self.quantized if paths is None else paths)}
 
+  def matmul_infos(self) -> dict[str, MatmulInfo]:
+    """{path: MatmulInfo} of the quantized (8-bit) matmuls, for cost accounting."""
+    return {p: self.matmuls[p] for p in self.quantized_matmuls}
+
   def to_json(self) -> dict:
     return {"quantized": self.quantized, "lowerable": self.lowerable, "folded_bn": self.folded_bn,
             "bn_epsilon": self.bn_epsilon, "signed": self.signed, "unmatched_rules": self.unmatched_rules,
-            "layers": {p: dataclasses.asdict(i) for p, i in self.layers.items()}}
+            "layers": {p: dataclasses.asdict(i) for p, i in self.layers.items()},
+            "matmuls": {p: dataclasses.asdict(i) for p, i in self.matmuls.items()},
+            "quantized_matmuls": self.quantized_matmuls,
+            "matmul_signed": {p: list(s) for p, s in self.matmul_signed.items()}}
 
   @classmethod
   def from_json(cls, d: dict) -> "QuantPlan":
     layers = {p: LayerInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in i.items()})
               for p, i in d["layers"].items()}
+    matmuls = {p: MatmulInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in i.items()})
+               for p, i in d.get("matmuls", {}).items()}  # plans written before matmuls were traced have none
     return cls(layers, list(d["quantized"]), list(d["lowerable"]), dict(d["folded_bn"]),
                {k: float(v) for k, v in d.get("bn_epsilon", {}).items()}, dict(d.get("signed", {})),
-               list(d.get("unmatched_rules", [])))
+               list(d.get("unmatched_rules", [])), matmuls, list(d.get("quantized_matmuls", [])),
+               {p: (bool(s[0]), bool(s[1])) for p, s in d.get("matmul_signed", {}).items()})
 
 
 def _resolve(rules: Sequence[str], paths: list[str], used: set) -> set[str]:
@@ -68,20 +87,29 @@ def _resolve(rules: Sequence[str], paths: list[str], used: set) -> set[str]:
 
 
 def build_plan(model: nn.Module, variables, image_shape, *, skip: Sequence[str] = (),
-               keep_8bit: Sequence[str] = ("first", "last"), fold_bn: bool = True) -> QuantPlan:
-  """skip: layers left in float. keep_8bit: quantized but never lowered (default: the first
-  layer — stem conv or patch embedding — and the classifier)."""
+               keep_8bit: Sequence[str] = ("first", "last"), fold_bn: bool = True,
+               attention: str = "int8") -> QuantPlan:
+  """skip: layers left in float (its regexes also leave the matmuls they match in float; 'first'
+  and 'last' name layers only). keep_8bit: quantized but never lowered (default: the first
+  layer — stem conv or patch embedding — and the classifier). attention: 'int8' quantizes every
+  `AttentionMatmul` (q·kᵀ, attn·v) to 8 bits at every ratio; 'float' leaves them all in float."""
+  if attention not in ATTENTION_MODES:
+    raise ValueError(f"unknown quant.attention {attention!r}; use 'int8' or 'float'")
   traced = interception.trace(model, variables, image_shape)
   paths = list(traced.layers)
   used: set[str] = set()
   skipped = _resolve(skip, paths, used)
+  quantized_matmuls = []
+  if attention == "int8":
+    skipped_matmuls = _resolve([r for r in skip if r not in ("first", "last")], list(traced.matmuls), used)
+    quantized_matmuls = [p for p in traced.matmuls if p not in skipped_matmuls]
   quantized = [p for p in paths if p not in skipped]
   kept = _resolve(keep_8bit, quantized, used)
   lowerable = [p for p in quantized if p not in kept]
   folded = dict(traced.foldable_bn) if fold_bn else {}
   unmatched = [r for r in list(skip) + list(keep_8bit) if r not in used]
   return QuantPlan(traced.layers, quantized, lowerable, folded, {bn: traced.bn_epsilon[bn] for bn in folded},
-                   {}, unmatched)
+                   {}, unmatched, traced.matmuls, quantized_matmuls)
 
 
 def fold_batchnorm(variables, plan: QuantPlan):

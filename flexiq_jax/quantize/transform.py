@@ -26,6 +26,7 @@ import numpy as np
 
 from flexiq_jax import cost
 from flexiq_jax import interception
+from flexiq_jax import numerics
 from flexiq_jax import select
 from flexiq_jax.interception import LayerCall, get_path, set_path
 from flexiq_jax.quantize import layer_ops
@@ -140,7 +141,7 @@ def export_int8(qmodel: QuantizedModel, qvars) -> dict:
     layer = get_path(params, path)
     if layer["kernel"].dtype == jnp.int8:
       raise ValueError(f"{path}: these variables are already an int8 export")
-    codes, scale = layer_ops.weight_codes(info, layer["kernel"])
+    codes, scale = layer_ops.weight_codes(info, layer["kernel"], get_path(quant_tree, path).get("lsq_weight_scale"))
     params = set_path(params, path, {**layer, "kernel": codes})
     quant_tree = set_path(quant_tree, path, {**get_path(quant_tree, path), "weight_scale": scale})
   return {**qvars, "params": params, "quant": quant_tree}
@@ -180,3 +181,15 @@ def relative_bops_at(qmodel: QuantizedModel, qvars, ratio) -> float:
 
 def low_bit_share_at(qmodel: QuantizedModel, qvars, ratio) -> float:
   return cost.low_bit_mac_share(qmodel.plan.layer_infos(), lowered_channels(qmodel, qvars, ratio))
+
+
+def add_lsq_weight_scales(plan: QuantPlan, qvars) -> dict:
+  """qvars with a learnable per-output-channel weight scale 'lsq_weight_scale' per quantized layer,
+  initialised from the current weights (max |w| / 127), for LSQ finetuning of the weight scales."""
+  quant = qvars["quant"]
+  for path in plan.quantized:
+    info = plan.layers[path]
+    kernel = get_path(qvars["params"], path)["kernel"]
+    scale = numerics.per_channel_weight_scale(interception.kernel_matrix(info, kernel))
+    quant = set_path(quant, path, {**get_path(quant, path), "lsq_weight_scale": scale})
+  return {**qvars, "quant": quant}
