@@ -184,6 +184,7 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   config.quant.percentile = 99.99
   config.quant.extraction = "fitted"  # 'fitted' (per-channel error-minimising) | 'naive' (drop 4 low bits)
   config.quant.bias_correction = True  # remove the mean output shift of lowered channels (calibrated)
+  config.quant.attention = "int8"  # attention's q·kᵀ and attn·v: 'int8' (8-bit at every ratio) | 'float'
 
   config.select = ml_collections.ConfigDict()
   config.select.levels = (0.25, 0.5, 0.75, 1.0)  # ratio levels, nested selections

@@ -34,7 +34,7 @@ def quantize_model(model, variables, calib_images, *, levels: Sequence[float] = 
                    selector: str = "evolutionary", channel_order: str = "range", act_calibration: str = "minmax",
                    extraction: str = "fitted", bias_correction: bool = True,
                    keep_8bit: Sequence[str] = ("first", "last"), skip: Sequence[str] = (), fold_bn: bool = True,
-                   calib_batch_size: int = 128, fitness: str = "kl", fitness_images: int = 256,
+                   attention: str = "int8", calib_batch_size: int = 128, fitness: str = "kl", fitness_images: int = 256,
                    population: int = 12, generations: int = 6, seed: int = 0):
   """FlexiQ on a linen model, in memory: calibrate on `calib_images` (N, H, W, C, unlabelled),
   select the 4-bit channels at each ratio level, and return `(qmodel, qvars)`: a
@@ -50,7 +50,7 @@ def quantize_model(model, variables, calib_images, *, levels: Sequence[float] = 
     raise ValueError(f"levels must be increasing values in (0, 1], got {levels}")
   float_model = FloatModel(model, variables)
   plan = quantize_lib.build_plan(model, variables, calib_images.shape[1:], skip=tuple(skip),
-                                 keep_8bit=tuple(keep_8bit), fold_bn=fold_bn)
+                                 keep_8bit=tuple(keep_8bit), fold_bn=fold_bn, attention=attention)
   folded = quantize_lib.fold_batchnorm(variables, plan)
   batches = [jnp.asarray(calib_images[i:i + calib_batch_size]) for i in range(0, len(calib_images), calib_batch_size)]
   stats = calibrate_lib.calibrate(model, plan, folded, batches, method=act_calibration, extraction=extraction)
@@ -107,5 +107,7 @@ def load_quantized(workdir: str) -> LoadedRun:
   abstract = jax.eval_shape(lambda: train_lib.create_train_state(model, jax.random.PRNGKey(0), shape, tx))
   state = checkpoint.restore(checkpoint.manager(os.path.join(workdir, "float", "checkpoints")), abstract)
   qvars = checkpoint.load_tree(os.path.join(workdir, "serving", "qvars_int8"))
+  if "fill" not in qvars:  # an export written before the fill table existed
+    qvars = quantize_lib.add_fill_table(plan, qvars)
   return LoadedRun(config, FloatModel(model, state.variables()), quantize_lib.QuantizedModel(model, plan, mode="int"),
                    qvars)

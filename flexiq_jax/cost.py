@@ -3,12 +3,19 @@ mixed-precision algorithm, reports and the latency model all call this module).
 
 MACs are counted for every quantizable layer (`Dense`, `DenseGeneral`, `Conv`, found by
 `interception.trace`) per example, including the token/pixel count: a ViT's `fc1` costs
-tokens x C x O. BOPs = MACs x weight bits x activation bits. A channel-wise configuration lowers
-`count` of a layer's C feature channels to 4x4 bits; each feature channel carries MACs/C.
+tokens x C x O (a Swin window attention's layers: windows x tokens x C x O). BOPs = MACs x weight
+bits x activation bits. A channel-wise configuration lowers `count` of a layer's C feature
+channels to 4x4 bits; each feature channel carries MACs/C.
 
-Not counted: attention's q·kᵀ and attn·v matmuls (kept 8-bit and not intercepted), element-wise
-ops, pooling and normalisation. AIMET's count differs: it counts only Conv/Linear modules and
-ignores the token count of Linear layers in transformers.
+The activation x activation matmuls (`interception.MatmulInfo`: attention's q·kᵀ and attn·v,
+heads x N x N x head_dim MACs each per ViT block) are counted where a function takes `matmuls`:
+they run at 8 x 8 bits at every ratio, so they are in the denominator of relative BOPs and of the
+4-bit share of all quantized MACs (and in the numerator at 8 x 8), but never in the lowerable
+MACs that define FlexiQ's ratio (`lowered_mac_share` over the lowerable layers).
+
+Not counted: element-wise ops (softmax, GELU, residual adds), pooling and normalisation. AIMET's
+count differs: it counts only Conv/Linear modules and ignores the token count of Linear layers in
+transformers.
 """
 
 from __future__ import annotations
@@ -17,24 +24,38 @@ from typing import Mapping
 
 import numpy as np
 
-from flexiq_jax.interception import LayerInfo
+from flexiq_jax.interception import LayerInfo, MatmulInfo
+
+MATMUL_BITS = 8  # both operands of a quantized matmul, at every ratio
 
 
 def total_macs(layers: Mapping[str, LayerInfo]) -> int:
   return int(sum(info.macs for info in layers.values()))
 
 
+def matmul_macs(matmuls: Mapping[str, MatmulInfo] | None) -> int:
+  """MACs per example of the activation x activation matmuls (output elements x summed size)."""
+  return int(sum(info.macs for info in (matmuls or {}).values()))
+
+
+def matmul_bops(matmuls: Mapping[str, MatmulInfo] | None, bits: int = MATMUL_BITS) -> float:
+  """BOPs of the matmuls with both operands at `bits` (8: FlexiQ's integer path)."""
+  return float(matmul_macs(matmuls)) * bits * bits
+
+
 def layerwise_bops(layers: Mapping[str, LayerInfo], bits: Mapping[str, tuple[int, int]],
-                   default: tuple[int, int] = (8, 8)) -> float:
+                   default: tuple[int, int] = (8, 8), matmuls: Mapping[str, MatmulInfo] | None = None) -> float:
   """bits: {path: (weight_bits, activation_bits)}; layers not listed use `default`;
-  a layer at (32, 32) stands for float."""
-  return float(sum(info.macs * np.prod(bits.get(path, default)) for path, info in layers.items()))
+  a layer at (32, 32) stands for float. `matmuls` are added at 8 x 8 bits."""
+  return float(sum(info.macs * np.prod(bits.get(path, default)) for path, info in layers.items())) + \
+      matmul_bops(matmuls)
 
 
 def channelwise_bops(layers: Mapping[str, LayerInfo], lowered: Mapping[str, float],
-                     high: int = 8, low: int = 4) -> float:
-  """lowered: {path: number of feature channels at low x low bits} (others high x high)."""
-  total = 0.0
+                     high: int = 8, low: int = 4, matmuls: Mapping[str, MatmulInfo] | None = None) -> float:
+  """lowered: {path: number of feature channels at low x low bits} (others high x high);
+  `matmuls` are added at 8 x 8 bits (never lowered)."""
+  total = matmul_bops(matmuls)
   for path, info in layers.items():
     n = float(lowered.get(path, 0))
     if not 0 <= n <= info.in_channels:
@@ -44,9 +65,11 @@ def channelwise_bops(layers: Mapping[str, LayerInfo], lowered: Mapping[str, floa
 
 
 def relative_bops(layers: Mapping[str, LayerInfo], lowered: Mapping[str, float], high: int = 8,
-                  low: int = 4) -> float:
-  """Channel-wise BOPs relative to the same model with every layer at high x high bits."""
-  return channelwise_bops(layers, lowered, high, low) / channelwise_bops(layers, {}, high, low)
+                  low: int = 4, matmuls: Mapping[str, MatmulInfo] | None = None) -> float:
+  """Channel-wise BOPs relative to the same model with every layer at high x high bits; the
+  8-bit `matmuls` count in both."""
+  return (channelwise_bops(layers, lowered, high, low, matmuls)
+          / channelwise_bops(layers, {}, high, low, matmuls))
 
 
 def macs_per_channel(channels, macs) -> np.ndarray:
@@ -63,11 +86,14 @@ def lowered_mac_share(counts, channels, macs):
   return float(share) if np.ndim(share) == 0 else share
 
 
-def low_bit_mac_share(layers: Mapping[str, LayerInfo], lowered: Mapping[str, float]) -> float:
-  """Share of low-bit MACs among the MACs of `layers`; lowered: {path: lowered channel count}."""
+def low_bit_mac_share(layers: Mapping[str, LayerInfo], lowered: Mapping[str, float],
+                      matmuls: Mapping[str, MatmulInfo] | None = None) -> float:
+  """Share of low-bit MACs among the MACs of `layers` and `matmuls` (which are never lowered);
+  lowered: {path: lowered channel count}."""
   infos = list(layers.items())
-  return lowered_mac_share([float(lowered.get(p, 0)) for p, _ in infos], [i.in_channels for _, i in infos],
-                           [i.macs for _, i in infos])
+  counts = [float(lowered.get(p, 0)) for p, _ in infos]
+  low = float(np.dot(counts, macs_per_channel([i.in_channels for _, i in infos], [i.macs for _, i in infos])))
+  return low / (float(total_macs(layers)) + matmul_macs(matmuls))
 
 
 def layer_bops(info: LayerInfo, weight_bits: int, act_bits: int) -> float:

@@ -235,15 +235,17 @@ def conv_padding(module: nn.Conv, x_shape, kernel_shape):
   return [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
 
 
-def conv(module: nn.Conv, x, kernel, padding, preferred=None):
-  """The module's convolution (strides, dilations, groups) on explicit operands."""
+def conv(module: nn.Conv, x, kernel, padding, preferred=None, input_dilation=None):
+  """The module's convolution (strides, dilations, groups) on explicit operands; `input_dilation`
+  overrides the module's (e.g. 1 for an input the caller has already dilated)."""
   def pair(v):
     v = 1 if v is None else v
     return (v, v) if isinstance(v, int) else tuple(v)
 
+  lhs_dilation = module.input_dilation if input_dilation is None else input_dilation
   return lax.conv_general_dilated(
       x, kernel, window_strides=pair(module.strides), padding=padding,
-      lhs_dilation=pair(module.input_dilation), rhs_dilation=pair(module.kernel_dilation),
+      lhs_dilation=pair(lhs_dilation), rhs_dilation=pair(module.kernel_dilation),
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=module.feature_group_count,
       preferred_element_type=preferred)
 

@@ -163,7 +163,7 @@ def calibrate(run: Run, float_model: FloatModel, batches=None) -> Calibration:
   stage = run.stage("calibrate")
   plan = quantize_lib.build_plan(float_model.model, float_model.variables, image_shape(config),
                                  skip=tuple(config.quant.skip), keep_8bit=tuple(config.quant.keep_8bit),
-                                 fold_bn=config.quant.fold_bn)
+                                 fold_bn=config.quant.fold_bn, attention=config.quant.get("attention", "int8"))
   for rule in plan.unmatched_rules:
     print(f"warning: quantization rule {rule!r} matched no layer")
   folded = quantize_lib.fold_batchnorm(float_model.variables, plan)
@@ -172,16 +172,23 @@ def calibrate(run: Run, float_model: FloatModel, batches=None) -> Calibration:
     return Calibration(quantize_lib.QuantPlan.from_json(records.read_json(stage.file("plan.json"))), folded,
                        checkpoint.load_tree(stage.file("stats")))
   stage.begin(resumable=False)
-  stats = calibrate_lib.calibrate(float_model.model, plan, folded,
-                                  calibration_batches(config) if batches is None else batches,
+  batches = calibration_batches(config) if batches is None else batches
+  stats = calibrate_lib.calibrate(float_model.model, plan, folded, batches,
                                   method=config.quant.act_calibration, percentile=config.quant.percentile,
                                   extraction=config.quant.extraction)
   plan = plan.with_signedness(stats)
+  # What stays float in the integer path (plain einsums a model computes outside the
+  # intercepted modules, or matmuls the plan leaves float), so that "8-bit" is never assumed.
+  float_ops = quantize_lib.float_ops_of_plan(float_model.model, plan, folded, stats, batches[0][:1])
   checkpoint.save_tree(stage.file("stats"), stats)
   records.write_json_atomic(stage.file("plan.json"), plan.to_json())
+  records.write_json_atomic(stage.file("float_ops.json"), [str(op) for op in float_ops])
   stage.mark_done()
   print(f"calibrate: {len(plan.quantized)} quantized layers ({len(plan.lowerable)} lowerable), "
-        f"{len(plan.folded_bn)} BatchNorms folded, {config.calib.num_images} images")
+        f"{len(plan.quantized_matmuls)} attention matmuls in 8 bits, {len(plan.folded_bn)} BatchNorms folded, "
+        f"{config.calib.num_images} images")
+  print(f"calibrate: {plan.signedness_summary()}")
+  print(f"calibrate: {quantize_lib.format_float_ops(float_ops)}")
   return Calibration(plan, folded, stats)
 
 

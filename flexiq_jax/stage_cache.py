@@ -57,9 +57,17 @@ def config_fields(config, names) -> dict:
   return out
 
 
+# Bumped when the saved quantized variables change structure (2: the exact-ratio fill table),
+# so that an older workdir's quantize stage is redone and its finetune stage refused by name.
+QVARS_FORMAT = 2
+
+
 def stage_fields(config, stage: str, *extra: str) -> dict:
   """The fields stage `stage` depends on, plus `extra` dotted names."""
-  return config_fields(config, STAGE_FIELDS[stage] + tuple(extra))
+  fields = config_fields(config, STAGE_FIELDS[stage] + tuple(extra))
+  if stage in ("quantize", "finetune"):
+    fields["qvars_format"] = QVARS_FORMAT
+  return fields
 
 
 def fingerprint(fields) -> str:

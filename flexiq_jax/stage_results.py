@@ -43,7 +43,7 @@ class Quantized:
 @dataclasses.dataclass(frozen=True)
 class RatioPoint:
   """One evaluated 4-bit ratio. `ratio` is the share of 4-bit MACs among the lowerable layers;
-  `low_bit_mac_share` the share among all quantized layers."""
+  `low_bit_mac_share` the share among all quantized layers and 8-bit attention matmuls."""
 
   ratio: float
   top1: float

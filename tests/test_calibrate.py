@@ -67,6 +67,31 @@ def test_calibration_statistics_match_the_layer_inputs(setup):
   assert signed_plan.signed["stem"] and not signed_plan.signed["grouped"]  # raw input vs after ReLU
 
 
+def test_negative_inputs_are_counted_and_decide_signedness(setup):
+  """Calibration counts each layer input's negative values; a layer that saw any is signed, and
+  the plan records the count and fraction (plan.json 'input_negatives') and says how many are
+  unsigned."""
+  model, plan, folded, calib, images = setup.model, setup.plan, setup.folded, setup.calib, setup.images
+  inputs = _layer_inputs(model, plan, folded, images)
+  for p in plan.quantized:
+    x = inputs[p]
+    np.testing.assert_array_equal(calib[p]["negative_count"], (x < 0).sum(0), err_msg=p)
+    assert calib[p]["negative_count"].dtype == np.int32 and int(calib[p]["input_rows"]) == x.shape[0]
+    evidence = plan.input_negatives[p]
+    assert evidence["negative_count"] == int((x < 0).sum()) and evidence["values"] == x.size
+    assert evidence["negative_fraction"] == pytest.approx((x < 0).mean())
+    assert plan.signed[p] == (evidence["negative_count"] > 0), p
+  # The raw image input of the stem has negatives (about half); after ReLU there are none.
+  assert plan.signed["stem"] and 0.3 < plan.input_negatives["stem"]["negative_fraction"] < 0.7
+  assert not plan.signed["grouped"] and plan.input_negatives["grouped"]["negative_count"] == 0
+  unsigned = sum(not plan.signed[p] for p in plan.quantized)
+  assert plan.signedness_summary().startswith(f"{unsigned} of {len(plan.quantized)} quantized layers have unsigned inputs")
+  # Statistics without counts (written before they existed): the minimum decides alone.
+  old = {p: {k: v for k, v in calib[p].items() if k not in ("negative_count", "input_rows")} for p in plan.quantized}
+  old_plan = plan.with_signedness(old)
+  assert old_plan.signed == plan.signed and old_plan.input_negatives == {}
+
+
 def test_weight_extraction_is_the_per_channel_argmin(setup):
   """Brute force over the candidates on the weight codes of a dense and a grouped conv layer."""
   plan, folded, calib = setup.plan, setup.folded, setup.calib

@@ -1,5 +1,5 @@
-"""flexiq_jax.cost: MACs, BOPs (layer-wise and channel-wise), MAC shares and the BOPs latency
-model, checked against counts done by hand. (How `interception.trace` fills LayerInfo is tested
+"""flexiq_jax.cost: MACs, BOPs (layer-wise and channel-wise, attention matmuls at 8 bits), MAC
+shares and the BOPs latency model, checked against counts done by hand. (How `interception.trace` fills LayerInfo is tested
 in test_interception.py.)"""
 
 import flax.linen as nn
@@ -11,7 +11,7 @@ import pytest
 from flexiq_jax import cost
 from flexiq_jax import interception
 from flexiq_jax import models
-from flexiq_jax.interception import LayerInfo
+from flexiq_jax.interception import LayerInfo, MatmulInfo
 
 
 class Tiny(nn.Module):
@@ -88,6 +88,24 @@ def _dense(path, c, o, tokens=None):
   in_shape = (1, c) if tokens is None else (1, tokens, c)
   out_shape = (1, o) if tokens is None else (1, tokens, o)
   return LayerInfo(path, "dense", 0, c, o, 1, (c, o), in_shape, out_shape, 1)
+
+
+def test_matmuls_count_at_8_bits_in_bops_and_share_by_hand(tiny_layers):
+  """Two attention matmuls of heads·N·N·head_dim = 2·16·16·2 = 1024 MACs each (never lowered)."""
+  layers = tiny_layers
+  mm = {p: MatmulInfo(p, eq, i, (1, 16, 2, 2), (1, 16, 2, 2), out, k)
+        for i, (p, eq, out, k) in enumerate((("qk", "bqhd,bkhd->bhqk", (1, 2, 16, 16), 2),
+                                             ("av", "bhqk,bkhd->bqhd", (1, 16, 2, 2), 16)))}
+  assert mm["qk"].macs == 2 * 16 * 16 * 2 == 1024 and mm["av"].macs == 16 * 2 * 2 * 16 == 1024
+  assert cost.matmul_macs(mm) == 2048 and cost.matmul_macs(None) == 0
+  assert cost.matmul_bops(mm) == 2048 * 64
+  lowered = {"conv": 1, "proj": 6}  # 4608 + 480 MACs at 4 x 4 (test_bops_and_relative_bops)
+  assert cost.channelwise_bops(layers, lowered, matmuls=mm) == cost.channelwise_bops(layers, lowered) + 2048 * 64
+  assert cost.relative_bops(layers, lowered, matmuls=mm) == pytest.approx(
+      (789120 + 2048 * 64) / ((16146 + 2048) * 64))
+  assert cost.low_bit_mac_share(layers, lowered, mm) == pytest.approx((4608 + 480) / (16146 + 2048))
+  assert cost.layerwise_bops(layers, {"conv": (4, 4)}, matmuls=mm) == 64 * (16146 + 2048) - 48 * 13824
+  assert cost.relative_bops(layers, {}, matmuls=mm) == 1.0
 
 
 def test_tables_and_lowered_count():

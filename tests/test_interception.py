@@ -1,5 +1,6 @@
-"""flexiq_jax.interception: tracing (LayerInfo, foldable BatchNorms, epsilons), the geometry every
-provider shares (LayerCall.float_forward), run_with_provider and the nested-dict path helpers."""
+"""flexiq_jax.interception: tracing (LayerInfo, MatmulInfo, foldable BatchNorms, epsilons), the
+geometry every provider shares (LayerCall.float_forward), run_with_provider (layers and matmuls)
+and the nested-dict path helpers."""
 
 import flax.linen as nn
 import jax
@@ -9,6 +10,7 @@ import pytest
 
 from flexiq_jax import interception, quantize
 from flexiq_jax.interception import FloatLayers, LayerCall
+from flexiq_jax.models.layers import AttentionMatmul
 
 
 class Tiny(nn.Module):
@@ -93,6 +95,74 @@ def test_trace_rejects_a_layer_called_twice():
   model = Shared()
   with pytest.raises(NotImplementedError, match="called twice"):
     interception.trace(model, _init(model, (4,)), (4,))
+
+
+class Attn(nn.Module):
+  """Tokens -> Dense -> one attention-like matmul pair (AttentionMatmul) -> Dense head."""
+
+  shared: bool = False
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.Dense(6, name="qkv")(x).reshape(x.shape[0], x.shape[1], 2, 3)  # (B, N=5, heads=2, 3)
+    qk = AttentionMatmul("bqhd,bkhd->bhqk", name="qk")
+    attn = jax.nn.softmax(qk(x, x), axis=-1)  # (B, 2, 5, 5)
+    if self.shared:
+      attn = qk(x, x)
+    y = AttentionMatmul("bhqk,bkhd->bqhd", name="av")(attn, x)  # (B, 5, 2, 3)
+    return nn.Dense(4, name="head")(y.reshape(y.shape[0], -1))
+
+
+def test_trace_records_matmuls_apart_from_layers():
+  model = Attn()
+  traced = interception.trace(model, _init(model, (5, 4)), (5, 4))
+  assert list(traced.layers) == ["qkv", "head"]
+  assert list(traced.matmuls) == ["qk", "av"]
+  qk, av = traced.matmuls["qk"], traced.matmuls["av"]
+  assert (qk.a_shape, qk.b_shape, qk.output_shape) == ((1, 5, 2, 3), (1, 5, 2, 3), (1, 2, 5, 5))
+  assert (av.a_shape, av.output_shape, av.order) == ((1, 2, 5, 5), (1, 5, 2, 3), 1)
+  # Output elements per example x summed size: heads·N·N x head_dim, and heads·N·head_dim x N.
+  assert (qk.summed_size, qk.macs) == (3, 2 * 5 * 5 * 3)
+  assert (av.summed_size, av.macs) == (5, 2 * 5 * 3 * 5)
+  assert interception.einsum_summed_size("ij,jk->ik", (2, 7), (7, 3)) == 7
+  with pytest.raises(NotImplementedError, match="ellipses"):
+    interception.einsum_summed_size("...j,jk->...k", (2, 7), (7, 3))
+  with pytest.raises(NotImplementedError, match="called twice"):
+    interception.trace(Attn(shared=True), _init(Attn(shared=True), (5, 4)), (5, 4))
+
+
+def test_run_with_provider_hands_planned_matmuls_to_the_provider():
+  model = Attn()
+  variables = _init(model, (5, 4))
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 4))
+  plan = quantize.build_plan(model, variables, (5, 4))
+  assert plan.quantized_matmuls == ["qk", "av"]
+
+  class Doubling:
+    def __init__(self):
+      self.calls = []
+
+    def layer(self, call, x):
+      return call.float_forward(x)
+
+    def matmul(self, call, a, b):
+      self.calls.append((call.path, call.info.equation, a.shape, b.shape))
+      return 2 * call.float_forward(a, b)
+
+  ref = model.apply(variables, x)
+  np.testing.assert_array_equal(interception.run_with_provider(model, plan, variables, x, FloatLayers()), ref)
+  doubling = Doubling()
+  out = interception.run_with_provider(model, plan, variables, x, doubling)
+  assert [c[0] for c in doubling.calls] == ["qk", "av"] and doubling.calls[1][2] == (2, 2, 5, 5)
+  assert not np.allclose(out, ref)
+  # Only the matmuls in matmul_paths (default plan.quantized_matmuls) reach the provider.
+  doubling = Doubling()
+  interception.run_with_provider(model, plan, variables, x, doubling, matmul_paths=["av"])
+  assert [c[0] for c in doubling.calls] == ["av"]
+  float_plan = quantize.build_plan(model, variables, (5, 4), attention="float")
+  doubling = Doubling()
+  np.testing.assert_array_equal(interception.run_with_provider(model, float_plan, variables, x, doubling), ref)
+  assert doubling.calls == []
 
 
 def test_sample_input_is_abstract():

@@ -3,6 +3,7 @@
 provider, the run-time ratio (no recompilation) and the int8 serving export."""
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -176,6 +177,34 @@ def test_dense_layer_against_numpy_reference(setup):
   np.testing.assert_allclose(scale, s_w, rtol=1e-6)
 
 
+@pytest.mark.parametrize("padding", [((1, 2), (2, 1)), ((0, -1), (1, 0))])
+def test_input_dilated_conv_with_unsigned_input_matches_fake_quant(padding):
+  """A transposed-conv-like layer (nn.Conv with input_dilation=2) on an unsigned input: the
+  integer path inserts the shifted zero (-128) between the inputs as well as at the borders
+  (negative borders crop), so it equals the fake path up to float rounding, as a signed input does."""
+
+  class Up(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      return nn.Conv(6, (3, 3), input_dilation=2, padding=padding, name="up")(x)
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(np.maximum(rng.normal(size=(2, 5, 5, 4)), 0.0), jnp.float32)  # after a ReLU: unsigned
+  model = Up()
+  variables = model.init(jax.random.PRNGKey(0), x)
+  info = interception.trace(model, variables, (5, 5, 4)).layers["up"]
+  p = variables["params"]["up"]
+  call = LayerCall(info, nn.Conv(6, (3, 3), input_dilation=2, padding=padding), p["kernel"], p["bias"])
+  for signed in (False, True):
+    lq = {"act_scale": jnp.float32(float(x.max()) / (127 if signed else 255)),
+          "act_e": jnp.asarray([0, 1, 2, 4], jnp.int32), "weight_e": jnp.asarray([1, 0, 3, 2], jnp.int32)}
+    for lowered in ([False] * 4, [True, False, True, False]):
+      run = lambda mode: layer_ops.quantized_forward(call, x, lq, jnp.asarray(lowered), signed=signed, mode=mode)
+      fake, integer = run("fake"), run("int")
+      assert integer.shape == model.apply(variables, x).shape
+      np.testing.assert_allclose(integer, fake, rtol=1e-5, atol=1e-5 * float(jnp.abs(fake).max()))
+
+
 def test_grouped_and_depthwise_weight_channel_index(setup):
   plan = setup.plan
   dw, grouped, fc1 = plan.layers["dw"], plan.layers["grouped"], plan.layers["fc1"]
@@ -279,20 +308,67 @@ def test_ratio_zero_is_plain_8bit_and_one_lowers_everything(setup):
 def test_counts_between_levels_and_cost_reports(setup):
   model, plan, qvars = setup.model, setup.plan, setup.qvars
   qm = quantize.QuantizedModel(model, plan, mode="int")
-  # levels (0.5, 1.0) with counts C/2 and C: at 0.25 half of C/2, at 0.75 three quarters of C (floored).
+  # levels (0.5, 1.0) with counts C/2 and C (every C is a multiple of 4): every layer holds half
+  # of its MACs at 0.5, so the channels filled in between levels give each layer a quarter (three
+  # quarters) of its channels at 0.25 (0.75).
   assert quantize.lowered_channels(qm, qvars, 0.25) == {p: float(plan.layers[p].in_channels // 4)
                                                         for p in plan.lowerable}
   assert quantize.lowered_channels(qm, qvars, 0.75) == {p: float(3 * plan.layers[p].in_channels // 4)
                                                         for p in plan.lowerable}
-  # Out-of-range ratios are clipped inside the traced apply.
+  # layer_counts: above the last level its counts, below 0 or NaN none (apply makes those NaN).
   assert {p: float(c) for p, c in qm.layer_counts(qvars, 1.5).items()} == \
       {p: float(c) for p, c in qm.layer_counts(qvars, 1.0).items()}
+  assert all(float(c) == 0 for c in qm.layer_counts(qvars, float("nan")).values())
   # At ratio 1 every lowerable channel is 4-bit; the 8-bit stem and head keep the share below 1.
   infos = plan.layer_infos()
   lowerable_macs = sum(infos[p].macs for p in plan.lowerable)
   assert quantize.low_bit_share_at(qm, qvars, 1.0) == pytest.approx(lowerable_macs / sum(i.macs for i in infos.values()))
   assert quantize.low_bit_share_at(qm, qvars, 0.0) == 0.0
   assert quantize.relative_bops_at(qm, qvars, 1.0) == pytest.approx(1 - 0.75 * quantize.low_bit_share_at(qm, qvars, 1.0))
+
+
+def test_every_ratio_is_met_within_one_channel_nested_and_compiled_once(setup):
+  """101 ratios 0, 0.01, ..., 1 on per-level counts from the random selector (nested, on budget,
+  different per layer): the 4-bit share of the lowerable MACs is within one channel's MACs
+  (tol = max_l (M_l / C_l) / sum_l M_l) of every ratio. At the levels themselves the counts are
+  the selected ones, which the selector puts within that same tol of the level (its budget
+  tolerance), not exactly on it. The counts never decrease with the ratio (nested), the host twin
+  `lowered_channels` agrees, and one compilation serves all 101 ratios."""
+  from flexiq_jax import cost, select
+
+  model, plan, folded, calib, images = setup.model, setup.plan, setup.folded, setup.calib, setup.images[:2]
+  infos = [plan.layers[p] for p in plan.lowerable]
+  channels = np.array([i.in_channels for i in infos])
+  macs = np.array([i.macs for i in infos], np.float64)
+  assert len(set(macs)) == len(macs)  # layers of different sizes
+  levels = [0.25, 0.5, 0.75, 1.0]
+  per_level = select.select_random(levels, channels, macs, seed=0)
+  assert len({round(f, 6) for f in per_level[0] / channels}) > 1  # not the same fraction in every layer
+  orders = {p: np.argsort(np.asarray(get_path(setup.qvars["quant"], p)["rank"])) for p in plan.lowerable}
+  qvars = quantize.build_qvars(plan, folded, calib, orders, {p: per_level[:, i] for i, p in enumerate(plan.lowerable)},
+                               levels)
+  qm = quantize.QuantizedModel(model, plan)
+  traces = []
+
+  def fn(q, x, r):
+    traces.append(1)  # runs only while tracing
+    return qm.apply(q, x, r), qm.layer_counts(q, r)
+
+  jitted = jax.jit(fn)
+  tol = select.budget_tolerance(channels, macs)
+  previous = np.zeros_like(channels)
+  for r in np.arange(101) / 100:
+    logits, counts = jitted(qvars, images, jnp.float32(r))
+    n = np.array([int(counts[p]) for p in plan.lowerable])
+    assert np.all(n >= previous), r  # nested
+    previous = n
+    assert abs(cost.lowered_mac_share(n, channels, macs) - r) <= tol * (1 + 1e-6), r
+    assert quantize.lowered_channels(qm, qvars, r) == {p: float(c) for p, c in zip(plan.lowerable, n)}
+    if r in levels:
+      np.testing.assert_array_equal(n, per_level[levels.index(r)])
+    assert np.isfinite(np.asarray(logits)).all()
+  assert len(traces) == 1
+  np.testing.assert_array_equal(previous, channels)
 
 
 def test_error_grows_with_ratio(setup):
@@ -331,6 +407,27 @@ def test_ratio_outside_unit_interval_is_an_error(setup, bad):
     predict(images, bad)
 
 
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
+def test_ratio_outside_unit_interval_gives_nan_logits_under_jit(setup, bad):
+  """On the traced path (a user's own jax.jit) an invalid ratio is not clipped: every logit is NaN;
+  with checked=True, checkify raises."""
+  from jax.experimental import checkify
+
+  model, plan, qvars, images = setup.model, setup.plan, setup.qvars, setup.images[:4]
+  qm = quantize.QuantizedModel(model, plan)
+  apply = jax.jit(qm.apply)
+  assert np.isnan(np.asarray(apply(qvars, images, jnp.float32(bad)))).all()
+  for good in (0.0, 0.5, 1.0):
+    assert np.isfinite(np.asarray(apply(qvars, images, jnp.float32(good)))).all()
+  checked = checkify.checkify(jax.jit(functools.partial(qm.apply, checked=True)))
+  err, _ = checked(qvars, images, jnp.float32(bad))
+  with pytest.raises(checkify.JaxRuntimeError, match=r"ratio must be in \[0, 1\]"):
+    err.throw()
+  err, out = checked(qvars, images, jnp.float32(0.5))
+  err.throw()  # no error
+  np.testing.assert_array_equal(out, apply(qvars, images, jnp.float32(0.5)))
+
+
 def test_check_ratio():
   assert quantize.check_ratio(0) == 0.0 and quantize.check_ratio(np.float32(0.5)) == 0.5
   with pytest.raises(TypeError, match="must be a number"):
@@ -344,8 +441,12 @@ def test_check_ratio():
 def test_quantized_variables_tree_shapes(setup):
   variables, plan, calib, qvars = setup.variables, setup.plan, setup.calib, setup.qvars
   shapes = jax.eval_shape(lambda q: q, qvars)
-  assert set(shapes) == {"params", "quant", "levels"}  # both BatchNorms folded: no batch_stats left
+  assert set(shapes) == {"params", "quant", "levels", "fill"}  # both BatchNorms folded: no batch_stats left
   assert shapes["levels"].shape == (2,)
+  # The fill table: one entry per channel lowered at the last level (here all lowerable channels).
+  n = sum(plan.layers[p].in_channels for p in plan.lowerable)
+  assert shapes["fill"]["layer"].shape == (n,) and shapes["fill"]["layer"].dtype == jnp.int32
+  assert shapes["fill"]["threshold"].shape == (n,) and shapes["fill"]["threshold"].dtype == jnp.float32
   for path in plan.quantized:
     entry = get_path(shapes["quant"], path)
     c = plan.layers[path].in_channels
@@ -364,6 +465,23 @@ def test_quantized_variables_tree_shapes(setup):
     rank = np.asarray(get_path(qvars["quant"], path)["rank"])
     order = np.argsort(np.maximum(-calib[path]["ch_min"], calib[path]["ch_max"]), kind="stable")
     np.testing.assert_array_equal(rank[order], np.arange(len(order)))
+
+
+def test_fill_table_is_state_and_can_be_added_to_older_qvars(setup):
+  """qvars saved without the fill table fail with a clear error; add_fill_table rebuilds the same
+  table from their per-level counts and levels."""
+  model, plan, qvars = setup.model, setup.plan, setup.qvars
+  qm = quantize.QuantizedModel(model, plan)
+  old = {k: v for k, v in qvars.items() if k != "fill"}
+  with pytest.raises(KeyError, match="add_fill_table"):
+    qm.layer_counts(old, 0.5)
+  again = quantize.add_fill_table(plan, old)
+  for name in ("layer", "threshold"):
+    np.testing.assert_array_equal(again["fill"][name], qvars["fill"][name])
+  counts = {p: np.array([2, 1]) for p in plan.lowerable}  # not nested
+  orders = {p: np.arange(plan.layers[p].in_channels) for p in plan.lowerable}
+  with pytest.raises(ValueError, match="nested"):
+    quantize.build_qvars(plan, setup.folded, setup.calib, orders, counts, [0.5, 1.0])
 
 
 def test_qvars_without_bias_correction(setup):

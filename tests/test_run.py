@@ -34,7 +34,7 @@ def test_all_mode_writes_ratio_table_and_provenance(finished_run):
   # config.json: the resolved config, written at start (load_quantized rebuilds the model from it).
   assert json.load(open(os.path.join(workdir, "config.json"))) == results["config"]
   rows = results["metrics"]["ratio_sweep"]
-  assert [r["ratio"] for r in rows] == [0.0, 0.25, 0.5, 0.75, 1.0]
+  assert [r["ratio"] for r in rows] == [0.0, 0.1, 0.25, 0.37, 0.5, 0.62, 0.75, 0.9, 1.0]
   assert all(r["top1_after"] is not None for r in rows)
   bops = [r["relative_bops"] for r in rows]
   assert bops[0] == 1.0 and all(a > b for a, b in zip(bops, bops[1:]))

@@ -1,6 +1,7 @@
 """Channel selection: orders, budget repair, selectors (nested, on budget), the evolutionary
-search (finds a known optimum, never re-evaluates, skips fixed levels), count interpolation, the
-lowerable-layer view of a calibration with its channel orders, and the search's fitness.
+search (finds a known optimum, never re-evaluates, skips fixed levels), the counts at any ratio
+(fill table), the lowerable-layer view of a calibration with its channel orders, and the search's
+fitness.
 (The MAC share a count vector buys, `cost.lowered_mac_share`, is tested in test_cost.py.)"""
 
 import jax
@@ -318,55 +319,94 @@ def test_registry_and_unknown_name_error():
     S.select("greedy", LEVELS, TIER_C, TIER_M)
 
 
-# -- interpolation -------------------------------------------------------------------------------
+# -- counts at any ratio: the fill table ----------------------------------------------------------
 
-COUNTS = np.array([[1, 0, 5], [4, 0, 7], [10, 3, 7]], np.int32)
-COUNT_LEVELS = np.array([0.25, 0.5, 1.0], np.float32)
+# Eight layers of different sizes and MACs, with per-level counts from the random selector:
+# nested, on budget, and not the same fraction in every layer.
+FILL_C = np.array([16, 64, 24, 128, 32, 8, 256, 48])
+FILL_M = FILL_C * np.array([900, 150, 2400, 75, 600, 3000, 40, 300], np.float64)
 
 
-def test_interpolate_exact_at_levels_and_floored_between():
-  for k, r in enumerate(COUNT_LEVELS):
-    np.testing.assert_array_equal(S.interpolate_counts(COUNTS, COUNT_LEVELS, float(r)), COUNTS[k])
-    np.testing.assert_array_equal(S.interpolate_counts_np(COUNTS, COUNT_LEVELS, r), COUNTS[k])
-  np.testing.assert_array_equal(S.interpolate_counts(COUNTS, COUNT_LEVELS, 0.0), [0, 0, 0])
-  np.testing.assert_array_equal(S.interpolate_counts(COUNTS, COUNT_LEVELS, -1.0), [0, 0, 0])
-  np.testing.assert_array_equal(S.interpolate_counts(COUNTS, COUNT_LEVELS, 0.125), [0, 0, 2])
-  np.testing.assert_array_equal(S.interpolate_counts(COUNTS, COUNT_LEVELS, 0.375), [2, 0, 6])
-  np.testing.assert_array_equal(S.interpolate_counts(COUNTS, COUNT_LEVELS, 0.75), [7, 1, 7])
-  np.testing.assert_array_equal(S.interpolate_counts(COUNTS, COUNT_LEVELS, 2.0), COUNTS[-1])
-  # A given level 0 is used as is (no implicit zero row before it).
+def _fill_problem():
+  counts = S.select_random(LEVELS, FILL_C, FILL_M, seed=3)
+  assert len({round(f, 6) for f in counts[0] / FILL_C}) > 1
+  return counts, S.fill_table(counts, LEVELS, FILL_C, FILL_M)
+
+
+def test_fill_meets_every_ratio_within_one_channel_nested_and_exact_at_levels():
+  """At 101 ratios the delivered 4-bit share of the lowerable MACs is within one channel's MACs
+  (tol) of the ratio; away from the levels within half of one. At the levels the counts are the
+  selected ones, whose share the selector puts within tol of the level (not exactly on it)."""
+  counts, (layer, threshold) = _fill_problem()
+  tol = S.budget_tolerance(FILL_C, FILL_M)
+  previous = np.zeros(FILL_C.size, np.int32)
+  errors = []
+  for r in np.arange(101) / 100:
+    n = S.counts_at_ratio_np(layer, threshold, FILL_C.size, r)
+    assert np.all(n >= previous) and np.all(n <= FILL_C), r  # nested
+    previous = n
+    errors.append(abs(mac_ratio(n, FILL_C, FILL_M) - r))
+    assert errors[-1] <= tol * (1 + 1e-6), (r, errors[-1], tol)
+    if r in LEVELS:
+      np.testing.assert_array_equal(n, counts[LEVELS.index(r)])
+  assert np.median(errors) <= tol / 2
+  # Where linear interpolation with a floor per layer fell short by several channels (e.g. 0.081
+  # for 0.1 on a real model), the share now lands on the ratio.
+  assert mac_ratio(S.counts_at_ratio_np(layer, threshold, FILL_C.size, 0.1), FILL_C, FILL_M) == \
+      pytest.approx(0.1, abs=tol / 2)
+
+
+def test_fill_table_order_and_bounds():
+  counts, (layer, threshold) = _fill_problem()
+  assert layer.dtype == np.int32 and threshold.dtype == np.float32
+  np.testing.assert_array_equal(np.bincount(layer, minlength=FILL_C.size), counts[-1])  # one entry per channel
+  assert np.all(np.diff(threshold) >= 0)
+  assert threshold[0] > 0 and threshold[-1] <= np.float32(LEVELS[-1])
+  # Nothing below 0 (or at NaN), everything at and above the last level.
+  np.testing.assert_array_equal(S.counts_at_ratio_np(layer, threshold, FILL_C.size, -0.5), 0)
+  np.testing.assert_array_equal(S.counts_at_ratio_np(layer, threshold, FILL_C.size, np.nan), 0)
+  np.testing.assert_array_equal(S.counts_at_ratio_np(layer, threshold, FILL_C.size, 2.0), counts[-1])
+  # A last level below 1 keeps its counts up to ratio 1.
+  layer2, threshold2 = S.fill_table(counts[:2], LEVELS[:2], FILL_C, FILL_M)
+  np.testing.assert_array_equal(S.counts_at_ratio_np(layer2, threshold2, FILL_C.size, 0.9), counts[1])
+
+
+def test_fill_table_edge_cases_and_validation():
+  # A given level 0 is used as is at ratio 0 (no implicit zero row before it).
   with_zero = np.array([[0, 2], [4, 4]])
-  np.testing.assert_array_equal(S.interpolate_counts(with_zero, [0.0, 1.0], 0.0), [0, 2])
-  np.testing.assert_array_equal(S.interpolate_counts(with_zero, [0.0, 1.0], 0.5), [2, 3])
+  layer, threshold = S.fill_table(with_zero, [0.0, 1.0], [4, 4], [40.0, 40.0])
+  np.testing.assert_array_equal(S.counts_at_ratio_np(layer, threshold, 2, 0.0), [0, 2])
+  np.testing.assert_array_equal(S.counts_at_ratio_np(layer, threshold, 2, 0.5), [1, 3])  # share 0.25 + 2 / 8
+  # Channels of a layer spread over the segment in proportion: 4 and 2 channels of equal MACs.
+  layer, _ = S.fill_table([[4, 2]], [1.0], [4, 2], [40.0, 20.0])
+  np.testing.assert_array_equal(layer, [0, 1, 0, 0, 1, 0])
+  # No channel lowered at any level: one sentinel entry that is never lowered.
+  layer, threshold = S.fill_table(np.zeros((2, 3), int), [0.5, 1.0], [4, 4, 4], [1.0, 2.0, 3.0])
+  assert layer.shape == threshold.shape == (1,) and np.isinf(threshold[0])
+  np.testing.assert_array_equal(S.counts_at_ratio_np(layer, threshold, 3, 1.0), [0, 0, 0])
+  with pytest.raises(ValueError, match="nested"):
+    S.fill_table([[2, 2], [1, 4]], [0.5, 1.0], [4, 4], [1.0, 1.0])
+  with pytest.raises(ValueError, match=r"\[0, C\]"):
+    S.fill_table([[5, 2]], [1.0], [4, 4], [1.0, 1.0])
+  with pytest.raises(ValueError, match="counts must be"):
+    S.fill_table([[1, 2, 3]], [1.0], [4, 4], [1.0, 1.0])
 
 
-def test_interpolate_is_monotone_in_ratio_and_matches_numpy_twin():
-  rng = np.random.default_rng(0)
-  levels = np.array([0.1, 0.3, 0.55, 0.8, 1.0], np.float32)
-  counts = np.cumsum(rng.integers(0, 40, (5, 12)), axis=0).astype(np.int32)
-  ratios = np.concatenate([np.linspace(-0.1, 1.1, 2001, dtype=np.float32), levels,
-                           np.nextafter(levels, np.float32(0)), np.nextafter(levels, np.float32(2))])
-  ratios = np.sort(ratios)
-  got = jax.vmap(lambda r: S.interpolate_counts(counts, levels, r))(jnp.asarray(ratios))
-  assert np.all(np.diff(np.asarray(got), axis=0) >= 0)
-  twin = np.stack([S.interpolate_counts_np(counts, levels, r) for r in ratios[::17]])
-  np.testing.assert_array_equal(np.asarray(got)[::17], twin)
-
-
-def test_interpolate_under_jit_never_recompiles_for_a_new_ratio():
+def test_counts_at_ratio_matches_host_twin_and_never_recompiles():
+  _, (layer, threshold) = _fill_problem()
   traces = []
 
   @jax.jit
-  def lowered(counts, levels, ratio):
+  def lowered(layer, threshold, ratio):
     traces.append(1)  # runs only while tracing
-    return S.interpolate_counts(counts, levels, ratio)
+    return S.counts_at_ratio(layer, threshold, FILL_C.size, ratio)
 
-  outs = [lowered(COUNTS, COUNT_LEVELS, jnp.float32(r)) for r in (0.1, 0.25, 0.6, 0.99, 1.0)]
+  ratios = np.concatenate([np.arange(101) / 100, np.nextafter(np.float32(LEVELS), np.float32(0)),
+                           np.nextafter(np.float32(LEVELS), np.float32(2)), [-0.1, 1.1, np.nan]])
+  for r in ratios:
+    np.testing.assert_array_equal(lowered(layer, threshold, jnp.float32(r)),
+                                  S.counts_at_ratio_np(layer, threshold, FILL_C.size, r))
   assert len(traces) == 1
-  if hasattr(lowered, "_cache_size"):
-    assert lowered._cache_size() == 1
-  np.testing.assert_array_equal(outs[1], COUNTS[0])
-  np.testing.assert_array_equal(outs[-1], COUNTS[-1])
 
 
 # -- lowerable layers and channel orders ------------------------------------------------------------

@@ -3,13 +3,15 @@ interception (no model code touched), and the 8-bit scales and 4-bit extraction 
 from them.
 
 Streaming passes over the calibration batches, so no activations are kept:
-  1. per-input-channel min/max (-> signedness, per-tensor range);
+  1. per-input-channel min/max and count of negative values (-> signedness, per-tensor range);
   2. (percentile / MSE only) a histogram of |x| over [0, absmax] -> the activation scale;
   3. per-channel histograms of the 8-bit codes -> the extraction position e_c minimising each
      channel's squared lowering error (exact given the histogram).
 Weight extraction positions f_c are fitted on the (BN-folded) weight codes directly.
-Activation quantization is symmetric per tensor: unsigned [0, 255] where the calibrated minimum is
->= 0 (e.g. after ReLU), signed [-128, 127] otherwise.
+Activation quantization is symmetric per tensor: unsigned [0, 255] where no calibration input
+value is negative (e.g. after ReLU), signed [-128, 127] otherwise. The first pass counts the
+negative values per channel, and the plan records them (`QuantPlan.input_negatives`): the sign is
+empirical, not proven from the graph.
 
 The quantized activation x activation matmuls (`plan.quantized_matmuls`: attention's q·kᵀ and
 attn·v) get one more pass: the per-tensor min/max of both operands (`OperandRanges`), hence each
@@ -38,13 +40,19 @@ EXTRACTION_CANDIDATES = (0, 1, 2, 3, 4)
 NAIVE_EXTRACTION = 4  # drop the 4 low bits
 
 
-class ChannelRanges:
-  """Per-input-channel min and max."""
+def _add64(a, b):
+  return np.add(a, b, dtype=np.int64)
 
-  merge = {"min": np.minimum, "max": np.maximum}
+
+class ChannelRanges:
+  """Per-input-channel min, max and number of negative values, and the number of input rows
+  (values per channel); the negative counts decide each layer's signedness."""
+
+  merge = {"min": np.minimum, "max": np.maximum, "negatives": _add64, "rows": _add64}
 
   def statistics(self, path, x):
-    return {"min": x.min(0), "max": x.max(0)}
+    return {"min": x.min(0), "max": x.max(0), "negatives": jnp.sum(x < 0, axis=0, dtype=jnp.int32),
+            "rows": jnp.asarray(x.shape[0], jnp.int32)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +133,11 @@ def collect(model, plan: QuantPlan, variables, batches, statistics) -> dict:
   return acc
 
 
+def _int32(count):
+  """A count accumulated in int64, as int32 (saturating) for the statistics tree."""
+  return np.minimum(np.asarray(count, np.int64), np.iinfo(np.int32).max).astype(np.int32)
+
+
 def _act_scale(method, absmax, signed, hist=None, percentile=99.99):
   qmin, qmax = numerics.int_range(8, signed)
   if method == "minmax" or absmax <= 0:
@@ -179,7 +192,9 @@ def calibrate(model, plan: QuantPlan, variables, batches: Sequence[np.ndarray], 
   Per layer: 'ch_min', 'ch_max' (C,); 'act_scale' (); 'act_e', 'weight_e' (C,) int32;
   'act_lowering_error' (C,) mean squared error per value (real units) at act_e;
   'weight_lowering_error' (C,) summed squared error of the channel's weights at weight_e;
-  'act_mean_code', 'act_mean_lowered' (C,) mean 8-bit code and mean lowered code (code units).
+  'act_mean_code', 'act_mean_lowered' (C,) mean 8-bit code and mean lowered code (code units);
+  'negative_count' (C,) int32 negative input values per channel and 'input_rows' () int32 the
+  values per channel seen (a layer is signed iff it saw a negative value; plan.input_negatives).
   Per quantized matmul: 'a_min', 'a_max', 'b_min', 'b_max' () per-tensor operand ranges and
   'a_scale', 'b_scale' () min-max 8-bit scales (signed where the minimum is negative).
   `variables` must be BN-folded when the plan folds (see plan.fold_batchnorm).
@@ -191,7 +206,7 @@ def calibrate(model, plan: QuantPlan, variables, batches: Sequence[np.ndarray], 
   batches = list(batches)
   ranges = collect(model, plan, variables, batches, ChannelRanges())
   absmax = {p: float(max(-r["min"].min(), r["max"].max())) for p, r in ranges.items()}
-  signed = {p: bool(r["min"].min() < 0) for p, r in ranges.items()}
+  signed = {p: bool(np.sum(r["negatives"]) > 0) for p, r in ranges.items()}  # empirical (module docstring)
   hists = {}
   if method != "minmax":
     hists = collect(model, plan, variables, batches, AbsHistograms(absmax))
@@ -222,6 +237,7 @@ def calibrate(model, plan: QuantPlan, variables, batches: Sequence[np.ndarray], 
         "weight_e": np.asarray(w_e, np.int32), "act_lowering_error": act_err.astype(np.float32),
         "weight_lowering_error": np.asarray(w_err, np.float32),
         "act_mean_code": mean_code.astype(np.float32), "act_mean_lowered": mean_lowered.astype(np.float32),
+        "negative_count": _int32(ranges[p]["negatives"]), "input_rows": _int32(ranges[p]["rows"]),
     }
   out.update(matmul_calibration(model, plan, variables, batches))
   return out

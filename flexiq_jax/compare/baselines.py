@@ -5,6 +5,11 @@ Uniform means every quantized layer at the same candidate, except that with `kee
 first and last quantized layers (plan.quantized minus plan.lowerable: FlexiQ's keep_8bit rule)
 stay W8A8 — as FlexiQ keeps them, and as the LSQ paper does — so the baselines and FlexiQ's
 ratio-1 point cost the same BOPs.
+
+The activation x activation matmuls (attention's q·kᵀ and attn·v) run in float in these
+baselines (`LsqLayers.matmul`, layerwise.LayerwiseBits.matmul), while FlexiQ runs them at 8 bits.
+Their BOPs are counted at 8 x 8 bits for every method (`relative_bops`), so all rows share one
+BOPs axis; the baselines' accuracy is measured with those matmuls unquantized.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from flexiq_jax import interception
 from flexiq_jax import numerics
 from flexiq_jax import parallel
 from flexiq_jax import train as train_lib
-from flexiq_jax.interception import LayerCall
+from flexiq_jax.interception import LayerCall, MatmulCall
 
 
 def uniform_bits(plan, bits: tuple[int, int], keep_ends: bool) -> dict:
@@ -32,9 +37,10 @@ def uniform_bits(plan, bits: tuple[int, int], keep_ends: bool) -> dict:
 
 
 def relative_bops(plan, bits: dict) -> float:
-  """Layer-wise BOPs relative to every quantized layer at W8A8."""
-  layers = plan.layer_infos()
-  return cost.layerwise_bops(layers, bits) / cost.layerwise_bops(layers, {}, (8, 8))
+  """Layer-wise BOPs relative to every quantized layer at W8A8, with the plan's quantized matmuls
+  at 8 x 8 bits in both (as FlexiQ's relative BOPs)."""
+  layers, matmuls = plan.layer_infos(), plan.matmul_infos()
+  return cost.layerwise_bops(layers, bits, matmuls=matmuls) / cost.layerwise_bops(layers, {}, (8, 8), matmuls)
 
 
 def _key(path: str) -> str:
@@ -44,7 +50,8 @@ def _key(path: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class LsqLayers:
   """The provider of LSQ fake quantization (Esser et al. 2020): per-tensor activation scales and
-  per-output-channel weight scales, both learnable, at fixed bits per layer."""
+  per-output-channel weight scales, both learnable, at fixed bits per layer. Matmuls (q·kᵀ,
+  attn·v) stay float."""
 
   scales: dict  # {flat key: {'act': (), 'weight': (O,)}}
   bits: dict  # {path: (weight bits, act bits)}
@@ -59,6 +66,9 @@ class LsqLayers:
     wm = interception.kernel_matrix(call.info, call.kernel)
     wm = numerics.lsq_fake_quant(wm, s["weight"], -w_qmax, w_qmax)
     return call.float_forward(x, wm.reshape(call.kernel.shape))
+
+  def matmul(self, call: MatmulCall, a, b):
+    return call.float_forward(a, b)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,9 +34,10 @@ def write_ratio_report(workdir: str, rows: list[dict], float_metrics: dict | Non
   text = f"# {title}\n\n" + records.provenance_header(info)
   if float_metrics:
     text += f"Float model top-1: {float_metrics['top1']:.2f}%\n\n"
-  text += ("Relative BOPs: against the same model with every quantized layer at W8A8. The 4-bit ratio "
-           "is the share of 4-bit MACs among the lowerable layers' MACs; the 4-bit MAC share column "
-           "counts all quantized layers (first and last stay 8-bit).\n\n")
+  text += ("Relative BOPs: against the same model with every quantized layer and attention matmul at W8A8. "
+           "The 4-bit ratio is the share of 4-bit MACs among the lowerable layers' MACs; the 4-bit MAC "
+           "share column counts all quantized layers and attention matmuls (first and last layers and the "
+           "matmuls stay 8-bit).\n\n")
   text += records.markdown_table(headers, table)
   md_path = os.path.join(workdir, "ratio_table.md")
   with open(md_path, "w") as f:

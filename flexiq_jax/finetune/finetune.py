@@ -32,7 +32,8 @@ class QATState(flax.struct.PyTreeNode):
 
 
 def _is_layer_entry(d) -> bool:
-  return isinstance(d, dict) and "act_scale" in d
+  """A quantized layer's or attention matmul's entry in qvars['quant'] (a leaf for tree_map)."""
+  return isinstance(d, dict) and ("act_scale" in d or "a_scale" in d)
 
 
 def split_qvars(qvars, lsq: bool, lsq_weights: bool = False):
@@ -41,8 +42,8 @@ def split_qvars(qvars, lsq: bool, lsq_weights: bool = False):
   trainable = {"params": qvars["params"]}
   frozen = {k: v for k, v in qvars.items() if k != "params"}
   keys = (["act_scale"] if lsq else []) + (["lsq_weight_scale"] if lsq_weights else [])
-  for key in keys:
-    trainable[key] = jax.tree_util.tree_map(lambda d: d[key], frozen["quant"], is_leaf=_is_layer_entry)
+  for key in keys:  # attention matmuls have no such entry: None (their scales stay as calibrated)
+    trainable[key] = jax.tree_util.tree_map(lambda d: d.get(key), frozen["quant"], is_leaf=_is_layer_entry)
   return trainable, frozen
 
 
@@ -51,8 +52,8 @@ def merge_qvars(trainable, frozen):
   qvars["params"] = trainable["params"]
   for key in ("act_scale", "lsq_weight_scale"):
     if key in trainable:
-      qvars["quant"] = jax.tree_util.tree_map(lambda d, s: {**d, key: s}, qvars["quant"], trainable[key],
-                                              is_leaf=_is_layer_entry)
+      qvars["quant"] = jax.tree_util.tree_map(lambda d, s: d if s is None else {**d, key: s}, qvars["quant"],
+                                              trainable[key], is_leaf=_is_layer_entry)
   return qvars
 
 

@@ -8,6 +8,10 @@ Clipping ranges come from tables indexed by the traced bit width (0..16): min-ma
 every width) or MSE-fitted per width (activations from an |x| histogram of the calibration
 images, weights per output channel with `numerics.mse_range`). Bits 0 = float (the layer's input or
 weight passes through unchanged).
+
+The activation x activation matmuls (attention's q·kᵀ and attn·v, `plan.quantized_matmuls`) are
+not a group of this search and run in float here (`LayerwiseBits.matmul`); the comparison counts
+them at 8 x 8 bits in every method's BOPs (compare.baselines.relative_bops).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import numpy as np
 from flexiq_jax import calibrate
 from flexiq_jax import interception
 from flexiq_jax import numerics
-from flexiq_jax.interception import LayerCall, get_path
+from flexiq_jax.interception import LayerCall, MatmulCall, get_path
 from flexiq_jax.quantize.plan import QuantPlan
 
 MAX_BITS = 16
@@ -71,7 +75,8 @@ def build_tables(model, plan: QuantPlan, folded, calib: dict, *, act_method: str
 @dataclasses.dataclass(frozen=True)
 class LayerwiseBits:
   """The provider of layer-wise fake quantization: layer i of plan.quantized at weight_bits[i] x
-  act_bits[i] (traced; 0 = float) with the clipping ranges of `tables` at that width."""
+  act_bits[i] (traced; 0 = float) with the clipping ranges of `tables` at that width. Matmuls
+  (q·kᵀ, attn·v) stay float."""
 
   tables: dict
   weight_bits: jnp.ndarray  # (L,) int32
@@ -89,6 +94,9 @@ class LayerwiseBits:
     wq = numerics.fake_quant_weight_traced_bits(wm, t["weight_clip"][wb], wb)
     wm = jnp.where(wb > 0, wq, wm)
     return call.float_forward(x, wm.reshape(call.kernel.shape))
+
+  def matmul(self, call: MatmulCall, a, b):
+    return call.float_forward(a, b)
 
 
 def make_apply(model, plan: QuantPlan):

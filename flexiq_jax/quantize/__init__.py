@@ -1,7 +1,10 @@
-"""Quantize stage: the plan (which layers, BN folding), FlexiQ's layer arithmetic and the
-run-time-ratio transform."""
+"""Quantize stage: the plan (which layers and matmuls, BN folding), FlexiQ's layer arithmetic,
+the run-time-ratio transform and the report of what stays float in the integer path."""
 
-from flexiq_jax.quantize.plan import QuantPlan, build_plan, fold_batchnorm, unfolded_batch_stats
-from flexiq_jax.quantize.transform import (FlexiQLayers, add_lsq_weight_scales, QuantizedModel, build_qvars, check_ratio,
+from flexiq_jax.quantize.plan import ATTENTION_MODES, QuantPlan, build_plan, fold_batchnorm, unfolded_batch_stats
+from flexiq_jax.quantize.report import (FloatOp, float_dot_ops, float_ops_in_int_path, float_ops_of_plan,
+                                        format_float_ops)
+from flexiq_jax.quantize.transform import (FlexiQLayers, add_fill_table, add_lsq_weight_scales, QuantizedModel,
+                                           build_qvars, check_ratio,
                                            default_conv_accumulator, export_int8, low_bit_share_at,
                                            lowered_channels, make_predict, relative_bops_at)

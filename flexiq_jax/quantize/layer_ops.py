@@ -4,6 +4,10 @@ with any subset of feature channels lowered to 4 bits by bit extraction.
 
 A lowered value is still an 8-bit code (a 4-bit value times 2^e), so a mixed layer is one int8
 GEMM/conv: this is how the 4-bit channels run on hardware without 4-bit instructions.
+
+`quantized_matmul` does the same for an intercepted `AttentionMatmul` (q·kᵀ, attn·v): both
+operands per-tensor 8-bit, never lowered (the paper lowers feature channels of linear and conv
+layers only), so it is 8-bit at every ratio.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import numpy as np
 from jax import lax
 
 from flexiq_jax import numerics
-from flexiq_jax.interception import LayerCall, LayerInfo, as_matrix_input, conv, conv_padding, finish, kernel_matrix
+from flexiq_jax.interception import (LayerCall, LayerInfo, MatmulCall, as_matrix_input, conv, conv_padding,
+                                     einsum_summed_size, finish, kernel_matrix)
 
 WEIGHT_QMAX = float(numerics.WEIGHT_QMAX_8BIT)
 
@@ -102,7 +107,8 @@ def quantized_forward(call: LayerCall, x, lq: dict, lowered, *, signed: bool, mo
   """mode 'fake': dequantized codes in float (differentiable, STE); 'int': int8 x int8 -> int32.
 
   Unsigned activations ([0, 255]) do not fit int8, so the integer path shifts them by -128 and adds
-  back 128 * Σ w per output (exact); a conv then pads explicitly with the shifted zero.
+  back 128 * Σ w per output (exact); a conv then pads explicitly with the shifted zero, and an
+  input-dilated conv also inserts the shifted zero between inputs before an undilated conv.
   """
   info, module, kernel, bias = call.info, call.module, call.kernel, call.bias
   x = as_matrix_input(info, x)
@@ -126,11 +132,57 @@ def quantized_forward(call: LayerCall, x, lq: dict, lowered, *, signed: bool, mo
       acc = acc + shift * jnp.sum(wi.astype(jnp.int32), axis=0)
   else:
     padding = conv_padding(module, x.shape, kernel.shape)
+    dilation = None
     if shift:
-      xi = jnp.pad(xi, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)), constant_values=-shift)
-      padding = [(0, 0), (0, 0)]
-    acc = conv(module, xi, wi, padding, preferred=conv_accumulator)
+      # Border padding and, for an input-dilated (transposed) conv, the zeros inserted between
+      # inputs are real zeros: code -shift once shifted. lax.pad writes both (interior padding =
+      # dilation - 1; negative borders crop as in the conv), then the conv runs undilated.
+      d = module.input_dilation or 1
+      d = (d, d) if isinstance(d, int) else tuple(d)
+      pads = [(0, 0, 0), (*padding[0], d[0] - 1), (*padding[1], d[1] - 1), (0, 0, 0)]
+      xi = lax.pad(xi, jnp.int8(-shift), pads)
+      padding, dilation = [(0, 0), (0, 0)], 1
+    acc = conv(module, xi, wi, padding, preferred=conv_accumulator, input_dilation=dilation)
     if shift:
       acc = acc + shift * jnp.sum(wi.astype(acc.dtype), axis=(0, 1, 2))
   y = acc.astype(jnp.float32) * (s_x * s_w)
   return finish(info, y + bias_shift, bias)
+
+
+def operand_codes(x, scale, *, signed: bool, ste: bool):
+  """8-bit codes of a matmul operand at its per-tensor scale: [-128, 127] or unsigned [0, 255]."""
+  qmin, qmax = numerics.int_range(8, signed)
+  return jnp.clip((numerics.round_ste if ste else jnp.round)(x / scale), qmin, qmax)
+
+
+def quantized_matmul(call: MatmulCall, a, b, mq: dict, *, signed: tuple[bool, bool], mode: str = "fake"):
+  """`einsum(equation, a, b)` with both operands 8-bit (scales mq['a_scale'], mq['b_scale']).
+
+  mode 'fake': the dequantized codes in float (round_ste: straight-through gradients to the
+  operands, zero outside the grid; none to the scales, which stay as calibrated); 'int': int8 x
+  int8 -> int32 einsum, times s_a·s_b. An unsigned operand ([0, 255])
+  is shifted by -128 into int8 and the shift is corrected exactly in int32:
+    Σ qa·qb = Σ (qa−α)(qb−β) + α·Σ (qb−β) + β·Σ (qa−α) + α·β·K      (α, β ∈ {0, 128})
+  where the two sums are einsums with a ones operand (int8 as well) and K the summed size.
+  """
+  eq = call.info.equation
+  # The scales are calibrated, never learnt (FlexiQ's LSQ option learns only the layers' scales).
+  s_a, s_b = lax.stop_gradient(mq["a_scale"]), lax.stop_gradient(mq["b_scale"])
+  ste = mode == "fake"
+  qa = operand_codes(a, s_a, signed=signed[0], ste=ste)
+  qb = operand_codes(b, s_b, signed=signed[1], ste=ste)
+  if mode == "fake":
+    return jnp.einsum(eq, qa * s_a, qb * s_b)
+  if mode != "int":
+    raise ValueError(f"mode must be 'fake' or 'int', not {mode!r}")
+  alpha, beta = (0 if signed[0] else 128), (0 if signed[1] else 128)
+  ai, bi = (qa - alpha).astype(jnp.int8), (qb - beta).astype(jnp.int8)
+  dot = lambda x, y: jnp.einsum(eq, x, y, preferred_element_type=jnp.int32)
+  acc = dot(ai, bi)
+  if alpha:
+    acc = acc + alpha * dot(jnp.ones_like(ai), bi)
+  if beta:
+    acc = acc + beta * dot(ai, jnp.ones_like(bi))
+  if alpha and beta:
+    acc = acc + alpha * beta * einsum_summed_size(eq, a.shape, b.shape)
+  return acc.astype(jnp.float32) * (s_a * s_b)

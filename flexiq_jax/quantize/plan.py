@@ -33,13 +33,41 @@ class QuantPlan:
   matmuls: dict[str, MatmulInfo] = dataclasses.field(default_factory=dict)  # every traced AttentionMatmul
   quantized_matmuls: list[str] = dataclasses.field(default_factory=list)  # those run in 8 bits (never lowered)
   matmul_signed: dict[str, tuple[bool, bool]] = dataclasses.field(default_factory=dict)  # (a, b), from calibration
+  # Why each layer's input is signed: {path: {'negative_count', 'values', 'negative_fraction', 'min'}}
+  # of its calibration input (with_signedness; empty for plans from statistics without counts).
+  input_negatives: dict[str, dict] = dataclasses.field(default_factory=dict)
 
   def with_signedness(self, stats: dict) -> "QuantPlan":
-    """Signed input grid where the calibrated minimum of a layer's input is negative."""
-    plan = dataclasses.replace(self, signed={p: bool(np.min(stats[p]["ch_min"]) < 0) for p in self.quantized})
+    """Signed input grid where calibration saw a negative value in a layer's input (its calibrated
+    minimum is negative), unsigned otherwise. This is empirical, not proven from the graph: a
+    negative input at test time clips to 0. `input_negatives` records the evidence per layer
+    (statistics from `calibrate.calibrate` count the negative values; older ones only hold the
+    minimum, which decides alone)."""
+    evidence = {}
+    for p in self.quantized:
+      entry = {"min": float(np.min(stats[p]["ch_min"]))}
+      if "negative_count" in stats[p]:
+        count = int(np.sum(np.asarray(stats[p]["negative_count"], np.int64)))
+        values = int(np.asarray(stats[p]["input_rows"], np.int64)) * int(np.size(stats[p]["negative_count"]))
+        entry.update(negative_count=count, values=values, negative_fraction=count / max(values, 1))
+      evidence[p] = entry
+    signed = {p: bool(e["negative_count"] > 0 if "negative_count" in e else e["min"] < 0) for p, e in evidence.items()}
+    plan = dataclasses.replace(self, signed=signed,
+                               input_negatives={p: e for p, e in evidence.items() if "negative_count" in e})
     # Each matmul operand likewise (softmax probabilities are >= 0: unsigned).
     return dataclasses.replace(plan, matmul_signed={
         p: (bool(stats[p]["a_min"] < 0), bool(stats[p]["b_min"] < 0)) for p in self.quantized_matmuls})
+
+  def signedness_summary(self) -> str:
+    """One line for logs: how many quantized layers get the unsigned input grid, and why."""
+    unsigned = [p for p in self.quantized if not self.signed.get(p, True)]
+    line = f"{len(unsigned)} of {len(self.quantized)} quantized layers have unsigned inputs"
+    if self.input_negatives:
+      signed = [e["negative_fraction"] for p, e in self.input_negatives.items() if self.signed.get(p)]
+      line += " (no negative value in calibration)"
+      if signed:
+        line += f"; the signed ones saw {min(signed):.2g} to {max(signed):.2g} of their inputs negative"
+    return line
 
   def layer_infos(self, paths: Sequence[str] | None = None) -> dict[str, LayerInfo]:
     """{path: LayerInfo} of `paths` (default: the quantized layers), for cost accounting."""
@@ -55,7 +83,8 @@ class QuantPlan:
             "layers": {p: dataclasses.asdict(i) for p, i in self.layers.items()},
             "matmuls": {p: dataclasses.asdict(i) for p, i in self.matmuls.items()},
             "quantized_matmuls": self.quantized_matmuls,
-            "matmul_signed": {p: list(s) for p, s in self.matmul_signed.items()}}
+            "matmul_signed": {p: list(s) for p, s in self.matmul_signed.items()},
+            "input_negatives": self.input_negatives}
 
   @classmethod
   def from_json(cls, d: dict) -> "QuantPlan":
@@ -66,7 +95,8 @@ class QuantPlan:
     return cls(layers, list(d["quantized"]), list(d["lowerable"]), dict(d["folded_bn"]),
                {k: float(v) for k, v in d.get("bn_epsilon", {}).items()}, dict(d.get("signed", {})),
                list(d.get("unmatched_rules", [])), matmuls, list(d.get("quantized_matmuls", [])),
-               {p: (bool(s[0]), bool(s[1])) for p, s in d.get("matmul_signed", {}).items()})
+               {p: (bool(s[0]), bool(s[1])) for p, s in d.get("matmul_signed", {}).items()},
+               {p: dict(e) for p, e in d.get("input_negatives", {}).items()})
 
 
 def _resolve(rules: Sequence[str], paths: list[str], used: set) -> set[str]:

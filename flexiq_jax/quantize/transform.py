@@ -8,11 +8,16 @@ Quantized variables (a pytree; jits, shards and checkpoints like params):
                  'weight_e' (C,); for lowerable layers also 'rank' (C,) (position of each channel
                  in the lowering order) and 'counts' (K,) (channels lowered at each ratio level)
   'levels'       (K,) the ratio levels the counts were selected for
+  'fill'         the fill table of the lowerable layers (plan.lowerable order) built from the
+                 counts and levels (`select.fill_table`): 'layer' (N,) int32 and 'threshold' (N,)
+                 float32, one entry per channel lowered at the last level
 
-At ratio r, layer l lowers its first n_l(r) channels, n_l interpolated linearly between levels
-(implicit level 0 -> 0 channels) and floored (`select.interpolate_counts`), so selections stay
-nested for every r. The ratio
-is data, not a constant: changing it never recompiles.
+At ratio r, layer l lowers its first n_l(r) channels, n_l(r) = the number of its fill-table
+entries with threshold <= r (`select.counts_at_ratio`): the selected counts at each level and,
+between levels, channels added across the layers in proportion until the 4-bit share of the
+lowerable MACs is the nearest to r (within one channel's MACs), so selections stay nested for
+every r. The ratio is data, not a constant: changing it never recompiles. A ratio outside
+[0, 1] (or NaN) gives NaN logits (`QuantizedModel.apply`); `check_ratio` rejects it on the host.
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from flexiq_jax import cost
 from flexiq_jax import interception
 from flexiq_jax import numerics
 from flexiq_jax import select
-from flexiq_jax.interception import LayerCall, get_path, set_path
+from flexiq_jax.interception import LayerCall, MatmulCall, get_path, set_path
 from flexiq_jax.quantize import layer_ops
 from flexiq_jax.quantize.plan import QuantPlan, unfolded_batch_stats
 
@@ -56,12 +62,36 @@ def build_qvars(plan: QuantPlan, folded_variables, calib: dict, orders: dict, co
         entry["mean_code"] = jnp.asarray(c["act_mean_code"], jnp.float32)
         entry["mean_lowered"] = jnp.asarray(c["act_mean_lowered"], jnp.float32)
     quant_tree = set_path(quant_tree, path, entry)
+  for path in plan.quantized_matmuls:  # 8-bit activation x activation matmuls: two per-tensor scales
+    quant_tree = set_path(quant_tree, path, {"a_scale": jnp.asarray(calib[path]["a_scale"], jnp.float32),
+                                             "b_scale": jnp.asarray(calib[path]["b_scale"], jnp.float32)})
   out = {"params": folded_variables["params"], "quant": quant_tree,
          "levels": jnp.asarray(levels, jnp.float32)}
   stats = unfolded_batch_stats(folded_variables, plan)
   if stats:
     out["batch_stats"] = stats
-  return out
+  return add_fill_table(plan, out)
+
+
+def add_fill_table(plan: QuantPlan, qvars) -> dict:
+  """qvars with 'fill', the table `QuantizedModel.layer_counts` reads the counts at any ratio
+  from, built on the host from qvars' per-level 'counts' and 'levels' and the plan's MACs
+  (`select.fill_table`). build_qvars adds it; call this for quantized variables saved without it.
+  Raises ValueError unless the counts are nested integers in [0, C]."""
+  if not plan.lowerable:
+    return dict(qvars)
+  per_level = np.stack([np.asarray(get_path(qvars["quant"], p)["counts"]) for p in plan.lowerable], axis=1)
+  infos = [plan.layers[p] for p in plan.lowerable]
+  layer, threshold = select.fill_table(per_level, np.asarray(qvars["levels"]), [i.in_channels for i in infos],
+                                       [i.macs for i in infos])
+  return {**qvars, "fill": {"layer": jnp.asarray(layer, jnp.int32), "threshold": jnp.asarray(threshold, jnp.float32)}}
+
+
+def _fill(qvars) -> dict:
+  if "fill" not in qvars:
+    raise KeyError("qvars have no 'fill' table (saved by an older version?): add it with "
+                   "quantize.add_fill_table(plan, qvars)")
+  return qvars["fill"]
 
 
 def default_conv_accumulator() -> str:
@@ -72,7 +102,8 @@ def default_conv_accumulator() -> str:
 @dataclasses.dataclass(frozen=True)
 class FlexiQLayers:
   """The provider of FlexiQ's quantized layers: layer p lowers the channels whose rank is below
-  counts[p] (layers without a count lower none)."""
+  counts[p] (layers without a count lower none). Quantized matmuls (q·kᵀ, attn·v) are 8-bit at
+  every ratio, with the calibrated scales (LSQ does not learn them)."""
 
   quant: dict  # qvars['quant']
   counts: dict  # {lowerable path: traced count}
@@ -80,6 +111,11 @@ class FlexiQLayers:
   mode: str
   lsq: bool
   conv_accumulator: str
+  matmul_signed: dict = dataclasses.field(default_factory=dict)  # {matmul path: (a signed, b signed)}
+
+  def matmul(self, call: MatmulCall, a, b):
+    return layer_ops.quantized_matmul(call, a, b, get_path(self.quant, call.path),
+                                      signed=self.matmul_signed[call.path], mode=self.mode)
 
   def layer(self, call: LayerCall, x):
     lq = get_path(self.quant, call.path)
@@ -105,24 +141,39 @@ class QuantizedModel:
   conv_accumulator: str | None = None
 
   def layer_counts(self, qvars, ratio) -> dict:
-    """{lowerable path: channels lowered at ratio}, traced."""
+    """{lowerable path: channels lowered at ratio}, traced: from qvars['fill'] (module docstring),
+    so the 4-bit share of the lowerable MACs is within one channel's MACs of the ratio and the
+    counts are the selected ones at the levels. Above the last level: its counts; below 0 or NaN:
+    none (apply turns such ratios into NaN logits)."""
     if not self.plan.lowerable:
       return {}
-    ratio = jnp.clip(jnp.asarray(ratio, jnp.float32), 0.0, 1.0)
-    counts = jnp.stack([get_path(qvars["quant"], p)["counts"] for p in self.plan.lowerable], axis=1)
-    at_ratio = select.interpolate_counts(counts, qvars["levels"], ratio)
+    fill = _fill(qvars)
+    at_ratio = select.counts_at_ratio(fill["layer"], fill["threshold"], len(self.plan.lowerable), ratio)
     return {p: at_ratio[i] for i, p in enumerate(self.plan.lowerable)}
 
   def apply_counts(self, qvars, x, counts: dict):
     """Logits with layer p lowering its first counts[p] channels (others: none lowered)."""
     provider = FlexiQLayers(qvars["quant"], counts, self.plan.signed, self.mode, self.lsq,
-                            self.conv_accumulator or default_conv_accumulator())
+                            self.conv_accumulator or default_conv_accumulator(), self.plan.matmul_signed)
     variables = {k: v for k, v in qvars.items() if k in ("params", "batch_stats")}
     return interception.run_with_provider(self.model, self.plan, variables, x, provider)
 
-  def apply(self, qvars, x, ratio):
-    """Logits at a 4-bit ratio in [0, 1] (a traced scalar: no recompilation when it changes)."""
-    return self.apply_counts(qvars, x, self.layer_counts(qvars, ratio))
+  def apply(self, qvars, x, ratio, *, checked: bool = False):
+    """Logits at a 4-bit ratio in [0, 1] (a traced scalar: no recompilation when it changes).
+
+    The traced path validates the ratio too, at the cost of one select: for a ratio outside
+    [0, 1] or NaN every logit is NaN (never silently clipped). `make_predict` and the pipeline
+    reject such a ratio on the host before (ValueError, `check_ratio`). checked=True also adds a
+    `jax.experimental.checkify` check, which raises once the caller functionalizes it:
+    `err, y = checkify.checkify(jax.jit(partial(qmodel.apply, checked=True)))(qvars, x, r); err.throw()`
+    (under a plain jax.jit, without checkify, tracing a checked apply is an error).
+    """
+    r = jnp.asarray(ratio, jnp.float32)
+    valid = (r >= 0) & (r <= 1)  # False for NaN
+    if checked:
+      checkify.check(valid, "ratio must be in [0, 1] (the share of 4-bit MACs), got {r}", r=r)
+    logits = self.apply_counts(qvars, x, self.layer_counts(qvars, r))
+    return jax.tree_util.tree_map(lambda y: jnp.where(valid, y, jnp.nan), logits)
 
   def with_mode(self, mode: str) -> "QuantizedModel":
     return dataclasses.replace(self, mode=mode)
@@ -148,7 +199,8 @@ def export_int8(qmodel: QuantizedModel, qvars) -> dict:
 
 
 def check_ratio(ratio) -> float:
-  """Host-side validation for user-facing entry points (inside jit the ratio is clipped)."""
+  """Host-side validation for user-facing entry points: a ValueError for a ratio outside [0, 1]
+  or NaN (on the traced path, `QuantizedModel.apply` returns NaN logits for such a ratio)."""
   try:
     r = float(ratio)
   except (TypeError, ValueError, jax.errors.ConcretizationTypeError) as e:
@@ -170,17 +222,27 @@ def make_predict(qmodel: QuantizedModel, qvars):
 
 
 def lowered_channels(qmodel: QuantizedModel, qvars, ratio) -> dict:
-  """{lowerable path: lowered channel count} at a host ratio (for cost reports)."""
-  counts = jax.device_get(qmodel.layer_counts(qvars, check_ratio(ratio)))
-  return {p: float(v) for p, v in counts.items()}
+  """{lowerable path: lowered channel count} at a host ratio (for cost reports): the host twin of
+  `QuantizedModel.layer_counts` (select.counts_at_ratio_np on the same table: the same counts)."""
+  r = check_ratio(ratio)
+  paths = qmodel.plan.lowerable
+  if not paths:
+    return {}
+  fill = jax.device_get(_fill(qvars))
+  counts = select.counts_at_ratio_np(fill["layer"], fill["threshold"], len(paths), r)
+  return {p: float(counts[i]) for i, p in enumerate(paths)}
 
 
 def relative_bops_at(qmodel: QuantizedModel, qvars, ratio) -> float:
-  return cost.relative_bops(qmodel.plan.layer_infos(), lowered_channels(qmodel, qvars, ratio))
+  """BOPs at `ratio` relative to ratio 0; the 8-bit matmuls count in both (cost.relative_bops)."""
+  return cost.relative_bops(qmodel.plan.layer_infos(), lowered_channels(qmodel, qvars, ratio),
+                            matmuls=qmodel.plan.matmul_infos())
 
 
 def low_bit_share_at(qmodel: QuantizedModel, qvars, ratio) -> float:
-  return cost.low_bit_mac_share(qmodel.plan.layer_infos(), lowered_channels(qmodel, qvars, ratio))
+  """Share of 4-bit MACs among all quantized MACs, the 8-bit matmuls' included."""
+  return cost.low_bit_mac_share(qmodel.plan.layer_infos(), lowered_channels(qmodel, qvars, ratio),
+                                matmuls=qmodel.plan.matmul_infos())
 
 
 def add_lsq_weight_scales(plan: QuantPlan, qvars) -> dict:

@@ -1,46 +1,94 @@
-"""Per-layer counts at any ratio, from the counts selected at the ratio levels.
+"""Per-layer counts at any ratio, exact in MACs: the fill table between the selected levels.
 
-counts (K, L) (nested, selected at `levels` (K,), strictly increasing in [0, 1]); an implicit
-level 0 with counts 0 is prepended (if levels[0] == 0 too, that zero-width segment is never
-used). For levels[i] <= ratio <= levels[i+1] each layer's count is the linear interpolation
-of counts[i] and counts[i+1], floored; below 0 it is 0, at or above the last level it is the
-last level's counts.
+counts (K, L) are selected at `levels` (K,) (strictly increasing in [0, 1]) and nested
+(counts[k-1] <= counts[k]); an implicit level 0 with counts 0 is prepended (if levels[0] == 0
+too, that zero-width segment lowers levels[0]'s counts at ratio 0). The ratio is the share of
+4-bit MACs among the lowerable layers' MACs (`cost.lowered_mac_share`): one channel of layer l
+adds s_l = w_l / sum(M) to it, w_l = M_l / C_l (budget module docstring).
 
-Exact at the levels and monotone in ratio: the segment is picked by searchsorted and the value
-computed as c_lo + t * (c_hi - c_lo) with t = clip((ratio - lo) / (hi - lo), 0, 1), which is
-monotone under float rounding and equals c_lo at t = 0 and c_hi at t = 1 exactly (small
-integers are exact in float32), so no epsilon is needed before the floor. Nested counts thus
-stay nested for every ratio, with a fixed channel order per layer.
+Segment k (levels[k-1] -> levels[k]) adds d_l = counts[k, l] - counts[k-1, l] channels of each
+layer l, the next ones in the layer's fixed order. They form one sequence that interleaves the
+layers in proportion: channel j of layer l sits at position (j + 0.5) / d_l, ties by layer
+index. Channel i of the sequence (of layer l_i) gets the threshold
+
+    t_i = share(counts[k-1]) + S_i - s_{l_i} / 2,        S_i = s_{l_1} + ... + s_{l_i},
+
+the ratio from which the prefix that includes it is nearer r than the prefix without it (the
+*nearest* rule, not "largest prefix <= r"), clipped into the segment in float32:
+T_i = min(max(t_i, nextafter(levels[k-1])), levels[k]). A channel is lowered at ratio r iff
+T_i <= r, so n_l(r) = #{i : l_i = l, T_i <= r}: no search at run time, just a compare and a
+segment sum (`counts_at_ratio`, jit-compatible with a traced ratio, so a new ratio never
+recompiles; `counts_at_ratio_np` is its exact host twin, same float32 comparison).
+
+Guarantees (tol = max_l s_l, the step of one channel of the coarsest layer):
+  * nested for every r: each channel has one threshold, so what is lowered at r1 is lowered at
+    every r2 > r1;
+  * exact at the levels as selected: at r = levels[k] the lowered channels are those of
+    counts[k] (the clip keeps the next segment's channels strictly above levels[k]);
+  * between levels the delivered share is the nearest prefix share: within s/2 of r (s: the
+    boundary channel's step, <= tol / 2), except next to a level whose selected counts are off
+    their level, where it is within |share(counts[k]) - levels[k]| (<= tol for selectors, which
+    are on budget);
+  * above the last level: the last level's counts; below 0 (and for NaN): no channel.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def _interpolate(xp, counts, levels, ratio, dtype):
-  counts = xp.asarray(counts, dtype)
-  levels = xp.asarray(levels, dtype)
-  if counts.ndim != 2 or levels.shape != counts.shape[:1]:
-    raise ValueError(f"counts must be (K, L) and levels (K,), got {counts.shape}, {levels.shape}")
-  xs = xp.concatenate([xp.zeros((1,), dtype), levels])
-  ys = xp.concatenate([xp.zeros((1, counts.shape[1]), dtype), counts])
-  ratio = xp.asarray(ratio, dtype)
-  # Segment [xs[i], xs[i+1]] with xs[i] <= ratio < xs[i+1]; clipped at both ends.
-  i = xp.clip(xp.searchsorted(xs, ratio, side="right") - 1, 0, levels.shape[0] - 1)
-  lo, hi = xs[i], xs[i + 1]
-  width = xp.where(hi > lo, hi - lo, xp.ones_like(hi))  # zero width only for a given level 0
-  t = xp.clip((ratio - lo) / width, 0, 1)
-  return xp.floor(ys[i] + t * (ys[i + 1] - ys[i]))
+from flexiq_jax import cost
+from flexiq_jax.select.budget import check_problem
 
 
-def interpolate_counts(counts, levels, ratio):
-  """Counts (L,) int32 at `ratio`, in jax.numpy: jit-compatible with a traced ratio (and traced
-  counts/levels), so a new ratio never recompiles."""
-  return _interpolate(jnp, counts, levels, ratio, jnp.float32).astype(jnp.int32)
+def fill_table(counts, levels, channels, macs) -> tuple[np.ndarray, np.ndarray]:
+  """(layer (N,) int32, threshold (N,) float32) of the N = sum_l counts[-1, l] channels lowered at
+  the last level, in the order they are lowered (thresholds non-decreasing; module docstring).
+
+  With no channel lowered at any level, one sentinel (layer 0, threshold +inf) keeps the arrays
+  non-empty. Raises ValueError for counts that are not (K, L) integers in [0, C], nested.
+  """
+  levels, channels, macs = check_problem(levels, channels, macs)
+  counts = np.asarray(counts)
+  if counts.shape != (levels.size, channels.size):
+    raise ValueError(f"counts must be (K, L) = {(levels.size, channels.size)}, got {counts.shape}")
+  if not np.all(counts == np.round(counts)):
+    raise ValueError("counts must be integers")
+  counts = counts.astype(np.int64)
+  if np.any(counts < 0) or np.any(counts > channels):
+    raise ValueError("counts must lie in [0, C] per layer")
+  if np.any(np.diff(counts, axis=0) < 0):
+    raise ValueError("counts must be nested: counts[k-1] <= counts[k] for every layer")
+  step = cost.lowered_mac_share(np.eye(channels.size), channels, macs)  # (L,) share of one channel
+  bounds = np.concatenate([[0.0], levels]).astype(np.float32)
+  rows = np.concatenate([np.zeros((1, channels.size), np.int64), counts])
+  layers, thresholds = [], []
+  for k in range(1, rows.shape[0]):
+    d = rows[k] - rows[k - 1]
+    layer = np.repeat(np.arange(channels.size), d)
+    j = np.concatenate([np.arange(n) for n in d]) if d.sum() else np.zeros(0, np.int64)
+    seq = np.lexsort((layer, (j + 0.5) / np.maximum(d[layer], 1)))
+    layer = layer[seq]
+    t = cost.lowered_mac_share(rows[k - 1], channels, macs) + np.cumsum(step[layer]) - step[layer] / 2
+    lo = np.nextafter(bounds[k - 1], np.float32(np.inf))
+    t = np.minimum(np.maximum(t.astype(np.float32), lo), bounds[k])
+    layers.append(layer)
+    thresholds.append(t)
+  layer = np.concatenate(layers).astype(np.int32)
+  threshold = np.concatenate(thresholds).astype(np.float32)
+  if layer.size == 0:
+    return np.zeros(1, np.int32), np.full(1, np.inf, np.float32)
+  return layer, threshold
 
 
-def interpolate_counts_np(counts, levels, ratio) -> np.ndarray:
-  """NumPy twin of `interpolate_counts` (float32 arithmetic too, so both agree exactly)."""
-  return _interpolate(np, counts, levels, ratio, np.float32).astype(np.int32)
+def counts_at_ratio(layer, threshold, num_layers: int, ratio):
+  """Counts (num_layers,) int32 lowered at `ratio`, in jax.numpy (traced ratio and tables)."""
+  lowered = threshold <= jnp.asarray(ratio, jnp.float32)
+  return jax.ops.segment_sum(lowered.astype(jnp.int32), layer, num_segments=num_layers)
+
+
+def counts_at_ratio_np(layer, threshold, num_layers: int, ratio) -> np.ndarray:
+  """NumPy twin of `counts_at_ratio` (the same float32 comparison, so both agree exactly)."""
+  lowered = np.asarray(threshold, np.float32) <= np.float32(ratio)
+  return np.bincount(np.asarray(layer)[lowered], minlength=num_layers).astype(np.int32)
