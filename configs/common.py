@@ -214,6 +214,7 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   config.finetune.distill_weight = 0.5  # weight of KL(float || quantized) in the loss
   config.finetune.levels = ()  # ratio levels sampled per step; () = 0 and select.levels
   config.finetune.uniform_prob = 0.5  # share of steps at a ratio uniform in [0, 1] (between levels)
+  config.finetune.refresh = "auto"  # re-estimate weight_e and bias-correction means after QAT: auto|always|never
   config.finetune.level_probs = ()  # () = uniform
   config.finetune.checkpoint_every_steps = 200 if fmnist else 2000
 

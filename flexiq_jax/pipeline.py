@@ -258,7 +258,7 @@ def quantize(run: Run, float_model: FloatModel, calibration: Calibration, select
 
 def finetune(run: Run, float_model: FloatModel, quantized: Quantized, on_step=None) -> Quantized:
   """Multi-ratio QAT in <workdir>/finetune (resumes after a kill), then the refresh of the state
-  that depends on the weights (calibrate.refresh_after_finetuning; before/after in refresh.json);
+  that depends on the weights (`refresh`; before/after in refresh.json);
   also writes the int8 serving export to <workdir>/serving."""
   config = run.config
   cfg = config.finetune
@@ -304,9 +304,20 @@ REFRESH_REPORT_RATIOS = (0.0, 0.5, 1.0)
 
 def refresh(run: Run, float_model: FloatModel, trained: Quantized) -> Quantized:
   """Re-estimates the weight extraction positions and bias-correction means of a finetuned model
-  on the calibration images, and records KL(float || quantized) on those images at a few ratios
-  before and after in <workdir>/finetune/refresh.json."""
+  on the calibration images (calibrate.refresh_after_finetuning) and records KL(float ||
+  quantized) on those images at a few ratios before and after in <workdir>/finetune/refresh.json.
+
+  finetune.refresh: 'always', 'never', or 'auto' (default): keep the refreshed state only if it
+  does not raise the mean KL over those ratios. QAT trains the weights against the calibrated
+  state (the bias shift and the weight extraction positions are in its forward pass), so
+  re-estimating it can undo what the weights adapted to; 'auto' measures which is closer to the
+  float model on unlabelled images and says which it kept."""
   config = run.config
+  mode = config.finetune.get("refresh", "auto")
+  if mode not in ("auto", "always", "never"):
+    raise ValueError(f"unknown finetune.refresh {mode!r}; use 'auto', 'always' or 'never'")
+  if mode == "never":
+    return trained
   batches = calibration_batches(config)
   qmodel = trained.qmodel
   refreshed = dataclasses.replace(trained, qvars=calibrate_lib.refresh_after_finetuning(
@@ -314,14 +325,17 @@ def refresh(run: Run, float_model: FloatModel, trained: Quantized) -> Quantized:
   images = jnp.concatenate(batches[:config.select.fitness_batches])
   teacher = float_model.logits(images)
   kl = jax.jit(lambda qvars, r: finetune_lib.kl_divergence(teacher, qmodel.apply(qvars, images, r)))
+  before = {f"{r:g}": float(kl(trained.qvars, jnp.float32(r))) for r in REFRESH_REPORT_RATIOS}
+  after = {f"{r:g}": float(kl(refreshed.qvars, jnp.float32(r))) for r in REFRESH_REPORT_RATIOS}
+  keep = mode == "always" or np.mean(list(after.values())) <= np.mean(list(before.values()))
   report = {"images": int(images.shape[0]), "metric": "KL(float || quantized) on calibration images",
-            "before_refresh": {f"{r:g}": float(kl(trained.qvars, jnp.float32(r))) for r in REFRESH_REPORT_RATIOS},
-            "after_refresh": {f"{r:g}": float(kl(refreshed.qvars, jnp.float32(r))) for r in REFRESH_REPORT_RATIOS}}
+            "mode": mode, "before_refresh": before, "after_refresh": after,
+            "kept": "refreshed" if keep else "as trained"}
   records.write_json_atomic(os.path.join(run.workdir, "finetune", "refresh.json"), report)
-  print("finetune: refreshed weight extraction positions and bias-correction means; KL to float at ratios "
-        + ", ".join(f"{r}: {report['before_refresh'][r]:.4f} -> {report['after_refresh'][r]:.4f}"
-                    for r in report["before_refresh"]))
-  return refreshed
+  print("finetune: refresh of weight extraction positions and bias-correction means, KL to float at ratios "
+        + ", ".join(f"{r}: {before[r]:.4f} -> {after[r]:.4f}" for r in before)
+        + f"; kept the {report['kept']} state (finetune.refresh={mode})")
+  return refreshed if keep else trained
 
 
 def export_serving(workdir: str, quantized: Quantized) -> str:

@@ -33,7 +33,7 @@ _FINETUNE = _SELECT + ("finetune.num_epochs", "finetune.batch_size", "finetune.o
                        "finetune.learning_rate", "finetune.momentum", "finetune.nesterov", "finetune.weight_decay",
                        "finetune.schedule", "finetune.warmup_steps", "finetune.label_smoothing",
                        "finetune.grad_clip_norm", "finetune.lsq", "finetune.lsq_weights", "finetune.distill_weight",
-                       "finetune.levels", "finetune.level_probs", "finetune.uniform_prob")
+                       "finetune.levels", "finetune.level_probs", "finetune.uniform_prob", "finetune.refresh")
 STAGE_FIELDS = {"float": _FLOAT, "calibrate": _CALIBRATE, "select": _SELECT, "quantize": _SELECT,
                 "finetune": _FINETUNE}
 

@@ -199,6 +199,10 @@ def test_killed_finetune_resumes_to_identical_weights(staged, tmp_path):
   refresh = json.load(open(tmp_path / "full" / "finetune" / "refresh.json"))  # state refreshed after QAT
   assert set(refresh["before_refresh"]) == set(refresh["after_refresh"]) == {"0", "0.5", "1"}
   assert all(v >= 0 for v in refresh["after_refresh"].values())
+  mean = lambda d: sum(d.values()) / len(d)
+  # 'auto' keeps the refreshed state exactly when it is no farther from the float model.
+  assert refresh["kept"] == ("refreshed" if mean(refresh["after_refresh"]) <= mean(refresh["before_refresh"])
+                             else "as trained")
 
   crash_run = pipeline.Run(config, str(tmp_path / "crash"), staged.run.mesh)
   with pytest.raises(Crash):
@@ -228,3 +232,16 @@ def test_killed_finetune_resumes_to_identical_weights(staged, tmp_path):
   config.finetune.learning_rate = 0.05
   with pytest.raises(stage_cache.StageConfigChanged, match="finetune.learning_rate"):
     pipeline.finetune(pipeline.Run(config, full_run.workdir, full_run.mesh), fm, quantized)
+
+
+def test_refresh_modes(staged, tmp_path):
+  fm, quantized = staged.result.float_model, staged.result.quantized
+  never = staged.copy_to(tmp_path / "never", **{"finetune.refresh": "never"})
+  assert pipeline.refresh(never, fm, quantized) is quantized
+  always = staged.copy_to(tmp_path / "always", **{"finetune.refresh": "always"})
+  refreshed = pipeline.refresh(always, fm, quantized)
+  assert json.load(open(tmp_path / "always" / "finetune" / "refresh.json"))["kept"] == "refreshed"
+  assert refreshed is not quantized and refreshed.qmodel == quantized.qmodel
+  bad = staged.copy_to(tmp_path / "bad", **{"finetune.refresh": "sometimes"})
+  with pytest.raises(ValueError, match="finetune.refresh"):
+    pipeline.refresh(bad, fm, quantized)
