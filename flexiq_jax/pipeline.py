@@ -328,7 +328,8 @@ def refresh(run: Run, float_model: FloatModel, trained: Quantized) -> Quantized:
   before = {f"{r:g}": float(kl(trained.qvars, jnp.float32(r))) for r in REFRESH_REPORT_RATIOS}
   after = {f"{r:g}": float(kl(refreshed.qvars, jnp.float32(r))) for r in REFRESH_REPORT_RATIOS}
   keep = mode == "always" or np.mean(list(after.values())) <= np.mean(list(before.values()))
-  report = {"images": int(images.shape[0]), "metric": "KL(float || quantized) on calibration images",
+  report = {**records.run_info(), "images": int(images.shape[0]),
+            "metric": "KL(float || quantized) on calibration images",
             "mode": mode, "before_refresh": before, "after_refresh": after,
             "kept": "refreshed" if keep else "as trained"}
   records.write_json_atomic(os.path.join(run.workdir, "finetune", "refresh.json"), report)
