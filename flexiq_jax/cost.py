@@ -83,6 +83,8 @@ def lowered_mac_share(counts, channels, macs):
   Over the lowerable layers this is FlexiQ's ratio; over all quantized layers, the 4-bit share."""
   counts = np.asarray(counts, np.float64)
   share = counts @ macs_per_channel(channels, macs) / np.sum(np.asarray(macs, np.float64))
+  # With every channel lowered the sum can round to 1 + 1e-16; a share is never above 1.
+  share = np.where(np.all(counts <= np.asarray(channels), axis=-1), np.minimum(share, 1.0), share)
   return float(share) if np.ndim(share) == 0 else share
 
 
