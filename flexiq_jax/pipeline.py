@@ -129,8 +129,8 @@ def train_float(run: Run, on_step=None) -> FloatModel:
   return FloatModel(model, state.variables())
 
 
-def eval_batches(config, split: str | None = None):
-  eval_ds = data.get_dataset(config.data, split or config.data.eval_split)
+def eval_batches(config):
+  eval_ds = data.get_dataset(config.data, config.data.eval_split)
   n = config.data.get("eval_examples", -1)
   return data.eval_batches(eval_ds, config.eval_batch_size, num_examples=None if n < 0 else n,
                            num_threads=config.data.num_threads)

@@ -112,8 +112,8 @@ class Stage:
     other values refuses, naming them; any other stage starts afresh."""
     changed = self.changed_fields()
     if changed and resumable:
-      shown = ", ".join(f"{k}: {self._saved('fingerprint.json')['fields'].get(k)!r} -> {self.fields.get(k)!r}"
-                        if k in self._saved("fingerprint.json").get("fields", {}) else k for k in changed)
+      saved = self._saved("fingerprint.json").get("fields", {})
+      shown = ", ".join(f"{k}: {saved[k]!r} -> {self.fields.get(k)!r}" if k in saved else k for k in changed)
       raise StageConfigChanged(
           f"{self.path} holds a {self.name} run made with other values of {shown}. Use a new --workdir, "
           f"or delete {self.path} to redo this stage (and the stages after it).")

@@ -217,7 +217,7 @@ def create_train_state(model, rng, image_shape, tx, init_variables=None) -> Trai
                     opt_state=tx.init(params))
 
 
-def restore_latest(ckpt_dir: str, state, log=print):
+def restore_latest(ckpt_dir: str, state):
   """`state` restored from the newest checkpoint in `ckpt_dir` (unchanged if there is none)."""
   mngr = checkpoint.manager(ckpt_dir)
   latest = mngr.latest_step()

@@ -103,7 +103,7 @@ def test_run_loop_checkpoints_logs_and_resumes_exactly(tmp_path):
     loop(state, batches=iter(batches), ckpt_dir=ckpt_dir, metrics_path=metrics, on_step=crash_at_5)
   assert sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())[-1] == 3  # step 5 was never saved
   fresh = _loop_setup(tmp_path, "crash")[0]  # the loop donated `state`
-  restored = train_lib.restore_latest(ckpt_dir, fresh, log=lambda *a: None)
+  restored = train_lib.restore_latest(ckpt_dir, fresh)
   assert int(restored.step) == 3
   resumed = loop(restored, batches=iter(batches[3:]), ckpt_dir=ckpt_dir, metrics_path=metrics)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
