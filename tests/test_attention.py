@@ -219,9 +219,13 @@ def test_integer_path_has_no_float_matmul(tiny, name):
   t = tiny(name)
   assert quantize.float_ops_in_int_path(t.qmodel, t.qvars, t.images[:1], 0.5) == []
   assert quantize.float_ops_of_plan(t.model, t.plan, t.variables, t.stats, t.images[:1]) == []  # before selection
-  closed = jax.make_jaxpr(lambda q, x: t.qmodel.apply(q, x, 0.5))(t.qvars, t.images[:1])
+  plain = dataclasses.replace(t.qmodel, conv_layout="plain")
+  closed = jax.make_jaxpr(lambda q, x: plain.apply(q, x, 0.5))(t.qvars, t.images[:1])
   dots = _all_dots(closed.jaxpr)
-  assert all(dtypes == ("int8", "int8") for _, dtypes in dots), dots
+  assert all(dtypes in (("int8", "int8"), ("uint8", "int8")) for _, dtypes in dots), dots
+  # 'auto' (on CPU) runs the 3-channel patch embedding conv on its codes in float32 (exact), no other.
+  auto = _all_dots(jax.make_jaxpr(lambda q, x: t.qmodel.apply(q, x, 0.5))(t.qvars, t.images[:1]).jaxpr)
+  assert sum(d == ("float32", "float32") for _, d in auto) == (jax.default_backend() == "cpu"), auto
   # One int8 dot per layer and matmul, plus the unsigned-shift corrections of the matmuls.
   assert len(dots) >= len(t.plan.quantized) + len(t.plan.quantized_matmuls)
   # The fake path and the float model have every one of them in float.

@@ -13,7 +13,7 @@ import pytest
 
 from flexiq_jax import interception, quantize
 from flexiq_jax.interception import FloatLayers, LayerCall, get_path
-from flexiq_jax.quantize import layer_ops
+from flexiq_jax.quantize import integer, layer_ops
 
 import smallnet
 
@@ -105,13 +105,26 @@ def test_int8_path_matches_fake_quant_and_is_really_int8(setup):
     a = int_apply(qvars, images, ratio)
     b = fake_apply(qvars, images, ratio)
     np.testing.assert_allclose(a, b, atol=2e-3 * float(jnp.abs(b).max()))
-  closed = jax.make_jaxpr(lambda q, x: int_model.apply(q, x, 0.5))(qvars, images[:2])
-  ops = [(e.primitive.name, [str(v.aval.dtype) for v in e.invars], str(e.outvars[0].aval.dtype))
-         for e in _equations(closed.jaxpr) if e.primitive.name in ("dot_general", "conv_general_dilated")]
-  assert len(ops) == len(plan.quantized), ops
+  def layer_ops(qmodel):
+    closed = jax.make_jaxpr(lambda q, x: qmodel.apply(q, x, 0.5))(qvars, images[:2])
+    ops = [(e.primitive.name, [str(v.aval.dtype) for v in e.invars], str(e.outvars[0].aval.dtype))
+           for e in _equations(closed.jaxpr) if e.primitive.name in ("dot_general", "conv_general_dilated")]
+    # The unsigned-input border correction is a small int32 einsum over the kernel, not a layer.
+    return [op for op in ops if op[1] != ["int32", "int32"]]
+
   conv_out = quantize.default_conv_accumulator()  # int32 on CPU; XLA:GPU convs need float32
-  assert all(ins == ["int8", "int8"] and out == ("int32" if name == "dot_general" else conv_out)
-             for name, ins, out in ops), ops
+  plain = layer_ops(dataclasses.replace(int_model, conv_layout="plain"))
+  assert len(plain) == len(plan.quantized), plain
+  assert all(ins[1] == "int8" and ins[0] in ("int8", "uint8") and out == ("int32" if name == "dot_general" else conv_out)
+             for name, ins, out in plain), plain
+  # 'auto' on CPU: the stem (3 input channels) and the grouped/depthwise convs run on the codes in
+  # float32 (exact: integer sums below 2^24), every other layer in int8.
+  auto = layer_ops(int_model)
+  assert len(auto) == len(plan.quantized), auto
+  expect_float = [integer.default_float_codes_conv(plan.layers[p]) for p in plan.quantized]
+  assert [ins == ["float32", "float32"] for _, ins, _ in auto] == expect_float, auto
+  if jax.default_backend() == "cpu":
+    assert expect_float == [p in ("stem", "dw", "grouped") for p in plan.quantized]
 
 
 def test_float32_conv_accumulator_is_exact_here(setup):
@@ -125,8 +138,10 @@ def test_float32_conv_accumulator_is_exact_here(setup):
 
 def test_unknown_mode_is_an_error(setup):
   model, plan, qvars, images = setup.model, setup.plan, setup.qvars, setup.images
-  with pytest.raises(ValueError, match="'fake' or 'int'"):
-    jax.eval_shape(quantize.QuantizedModel(model, plan, mode="int4").apply, qvars, images[:2], 0.5)
+  with pytest.raises(ValueError, match="unknown mode 'int4'"):
+    quantize.QuantizedModel(model, plan, mode="int4")
+  with pytest.raises(ValueError, match="unknown mode 'float'"):
+    quantize.QuantizedModel(model, plan).with_mode("float")
 
 
 def _equations(jaxpr):

@@ -82,14 +82,31 @@ def quantize_codes(info: LayerInfo, x, kernel, lq: dict, lowered, *, signed: boo
     s_w = numerics.per_channel_weight_scale(w)
     wq = jnp.clip((numerics.round_ste if ste else jnp.round)(w / s_w), -WEIGHT_QMAX, WEIGHT_QMAX)
   w_low = lower(wq, gather_channel(lq["weight_e"], info), signed=True)
-  lowered_k = gather_channel(lowered, info)
   bias_shift = jnp.zeros(s_w.shape, jnp.float32)
   if "mean_lowered" in lq:
-    lost = gather_channel(lq["mean_code"], info) * wq - gather_channel(lq["mean_lowered"], info) * w_low
-    lost = jax.lax.stop_gradient(jnp.where(lowered_k, lost, 0.0))
-    bias_shift = jnp.sum(lost, axis=tuple(range(lost.ndim - 1))) * s_x * s_w
-  wq = jnp.where(lowered_k, w_low, wq)
+    table = lost_output_table(info, jax.lax.stop_gradient(wq), jax.lax.stop_gradient(w_low), lq)
+    bias_shift = masked_channel_sum(info, lowered, table) * s_x * s_w
+  wq = jnp.where(gather_channel(lowered, info), w_low, wq)
   return xq, wq, s_x, s_w, bias_shift
+
+
+def per_channel_sum(info: LayerInfo, values):
+  """A kernel-shaped array summed over the spatial taps: conv (kh, kw, I, O) -> (I, O); dense as is."""
+  return values if info.kind == "dense" else values.sum(axis=(0, 1))
+
+
+def lost_output_table(info: LayerInfo, wq, w_low, lq: dict):
+  """(I, O): per kernel row, the calibrated mean output (in code units) lost when its feature
+  channel c is lowered, Σ_taps E[q_c] w8 - E[lower(q_c)] w_low (see quantize_codes)."""
+  return per_channel_sum(info, gather_channel(lq["mean_code"], info) * wq
+                         - gather_channel(lq["mean_lowered"], info) * w_low)
+
+
+def masked_channel_sum(info: LayerInfo, lowered, table):
+  """Σ_i table[i, o] over the kernel rows i whose feature channel is lowered: (I, O) -> (O,)."""
+  if info.kind == "dense" or info.groups == 1:
+    return jnp.sum(jnp.where(lowered[:, None], table, 0), axis=0)
+  return jnp.sum(jnp.where(gather_channel(lowered, info), table, 0), axis=0)
 
 
 def weight_codes(info: LayerInfo, kernel, scale=None):

@@ -35,6 +35,7 @@ from flexiq_jax import interception
 from flexiq_jax import numerics
 from flexiq_jax import select
 from flexiq_jax.interception import LayerCall, MatmulCall, get_path, set_path
+from flexiq_jax.quantize import integer
 from flexiq_jax.quantize import layer_ops
 from flexiq_jax.quantize.plan import QuantPlan, unfolded_batch_stats
 
@@ -128,17 +129,37 @@ class FlexiQLayers:
                                        lsq=self.lsq, conv_accumulator=acc)
 
 
+MODES = ("int", "int_reference", "fake")
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantizedModel:
-  """mode 'int': int8 codes, int32 accumulation (evaluation, serving); 'fake': the same values
-  in float with straight-through gradients (QAT). lsq: learnable activation scales (LSQ).
-  conv_accumulator: 'int32' or 'float32' (None: chosen from the backend; GPUs need float32)."""
+  """mode 'int': int8 codes, int32 accumulation, on the serving form (`quantize.integer`: weights
+  and tables precomputed by `prepare`; evaluation and serving); 'int_reference': the same integer
+  arithmetic written plainly per call (`layer_ops.quantized_forward`, the reference the tests hold
+  'int' to); 'fake': the same values in float with straight-through gradients (QAT).
+  lsq: learnable activation scales (LSQ). conv_accumulator: 'int32' or 'float32' (None: chosen
+  from the backend; GPUs need float32). conv_layout: 'auto' lets the serving form pick, per conv,
+  the layout XLA runs fastest on this backend (`integer`: zero-padded input channels, float32
+  convs on the codes where exact; the same integers); 'plain': every conv as one int8 conv."""
 
   model: nn.Module
   plan: QuantPlan
   mode: str = "int"
   lsq: bool = False
   conv_accumulator: str | None = None
+  conv_layout: str = "auto"
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f"unknown mode {self.mode!r}; use one of {MODES}")
+    if self.conv_layout not in integer.CONV_LAYOUTS:
+      raise ValueError(f"unknown conv_layout {self.conv_layout!r}; use one of {integer.CONV_LAYOUTS}")
+
+  def prepare(self, qvars) -> dict:
+    """The serving variables of `qvars` for mode 'int' (`integer.prepare`): pass them to `apply`
+    instead of qvars so the weights are not re-quantized on every call. Jit it for speed."""
+    return integer.prepare(self.plan, qvars, conv_layout=self.conv_layout)
 
   def layer_counts(self, qvars, ratio) -> dict:
     """{lowerable path: channels lowered at ratio}, traced: from qvars['fill'] (module docstring),
@@ -152,9 +173,16 @@ class QuantizedModel:
     return {p: at_ratio[i] for i, p in enumerate(self.plan.lowerable)}
 
   def apply_counts(self, qvars, x, counts: dict):
-    """Logits with layer p lowering its first counts[p] channels (others: none lowered)."""
-    provider = FlexiQLayers(qvars["quant"], counts, self.plan.signed, self.mode, self.lsq,
-                            self.conv_accumulator or default_conv_accumulator(), self.plan.matmul_signed)
+    """Logits with layer p lowering its first counts[p] channels (others: none lowered).
+    Mode 'int' takes quantized or prepared (`prepare`) variables."""
+    accumulator = self.conv_accumulator or default_conv_accumulator()
+    if self.mode == "int":
+      qvars = self.prepare(qvars)
+      provider = integer.IntegerLayers(qvars[integer.SERVING_KEY], qvars["quant"], counts, self.plan.signed,
+                                       self.plan.matmul_signed, accumulator, self.conv_layout)
+    else:
+      provider = FlexiQLayers(qvars["quant"], counts, self.plan.signed, "int" if self.mode == "int_reference" else "fake",
+                              self.lsq, accumulator, self.plan.matmul_signed)
     variables = {k: v for k, v in qvars.items() if k in ("params", "batch_stats")}
     return interception.run_with_provider(self.model, self.plan, variables, x, provider)
 
@@ -184,7 +212,7 @@ def export_int8(qmodel: QuantizedModel, qvars) -> dict:
   int8 codes (per-output-channel scale in qvars['quant'][...]['weight_scale']), so the float
   weights are not shipped. `qmodel.apply` (mode 'int') gives bit-identical logits from it at every
   ratio. Layers the plan leaves in float, biases and norms stay float."""
-  if qmodel.mode != "int":
+  if qmodel.mode == "fake":
     raise ValueError("export_int8 serves the integer path: use a QuantizedModel with mode='int'")
   params, quant_tree = qvars["params"], qvars["quant"]
   for path in qmodel.plan.quantized:
@@ -211,13 +239,17 @@ def check_ratio(ratio) -> float:
 
 
 def make_predict(qmodel: QuantizedModel, qvars):
-  """predict(images, ratio) for serving: validates the ratio, one compiled function for all ratios."""
+  """predict(images, ratio) for serving: validates the ratio, one compiled function for all
+  ratios. In mode 'int' the serving form is prepared once here (`QuantizedModel.prepare`)."""
+  if qmodel.mode == "int":
+    qvars = jax.jit(qmodel.prepare)(qvars)
   jitted = jax.jit(qmodel.apply)
 
   def predict(images, ratio):
     return jitted(qvars, images, jnp.float32(check_ratio(ratio)))
 
   predict.jitted = jitted
+  predict.variables = qvars
   return predict
 
 
