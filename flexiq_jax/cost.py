@@ -20,6 +20,7 @@ transformers.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping
 
 import numpy as np
@@ -147,3 +148,55 @@ class BopsLatencyModel:
 
   def __call__(self, ratio: float) -> float:
     return self.t_fixed + self.t_8bit * float(np.interp(ratio, self.ratios, self.bops))
+
+
+# ----------------------------------------------------------------------------------------------
+# Time: a roofline-style latency model of the integer path, fitted on measured layer times.
+
+def integer_layer_bytes(info: LayerInfo, batch: int, lowered: float = 0.0, low_bytes: float = 1.0) -> float:
+  """Bytes one integer layer moves for `batch` examples: its float input read once by the quantize
+  pass (4 B), the activation codes written and read (2 x 1 B), the int8 weights (1 B), the int32
+  accumulators written and read (2 x 4 B) and the float output (4 B). With `lowered` of the C
+  feature channels lowered, their codes and weight rows take `low_bytes` (0.5: packed 4-bit)."""
+  inputs = float(np.prod(info.input_shape)) * batch
+  outputs = float(np.prod(info.output_shape)) * batch
+  weights = float(np.prod(info.kernel_shape))
+  narrow = 1.0 - (1.0 - low_bytes) * float(lowered) / info.in_channels
+  return inputs * (4 + 2 * narrow) + weights * narrow + outputs * 12
+
+
+@dataclasses.dataclass(frozen=True)
+class RooflineModel:
+  """Time of one integer layer: overhead_s + MACs / macs_per_s + bytes / bytes_per_s (an additive
+  roofline: compute and data movement of XLA's separate fusions do not overlap much), fitted by
+  non-negative least squares on measured layer times (`fit`). A 4-bit-capable target runs the
+  lowered MACs `low_bits_speedup` times faster and moves their codes and weights at half a byte."""
+
+  overhead_s: float
+  macs_per_s: float
+  bytes_per_s: float
+  r2: float = float("nan")  # of the fit, on the layers it was fitted to
+
+  @classmethod
+  def fit(cls, macs, bytes_, seconds) -> "RooflineModel":
+    import scipy.optimize
+    a = np.stack([np.ones(len(macs)), np.asarray(macs, np.float64), np.asarray(bytes_, np.float64)], axis=1)
+    t = np.asarray(seconds, np.float64)
+    scale = a.max(axis=0)  # conditioning: MACs and bytes are ~1e9, the overhead ~1
+    coef, _ = scipy.optimize.nnls(a / scale, t)
+    coef = coef / scale
+    residual = t - a @ coef
+    r2 = 1.0 - float(residual @ residual) / float(((t - t.mean()) ** 2).sum()) if len(t) > 1 else float("nan")
+    inv = lambda c: float("inf") if c <= 0 else 1.0 / float(c)
+    return cls(float(coef[0]), inv(coef[1]), inv(coef[2]), r2)
+
+  def layer_time(self, info: LayerInfo, batch: int, lowered: float = 0.0, low_bits_speedup: float = 1.0) -> float:
+    share = float(lowered) / info.in_channels
+    macs = float(info.macs) * batch * (1.0 - share + share / low_bits_speedup)
+    low_bytes = 0.5 if low_bits_speedup > 1.0 else 1.0
+    return self.overhead_s + macs / self.macs_per_s + integer_layer_bytes(info, batch, lowered, low_bytes) / self.bytes_per_s
+
+  def model_time(self, layers: Mapping[str, LayerInfo], batch: int, lowered: Mapping[str, float],
+                 low_bits_speedup: float = 1.0) -> float:
+    """Σ of `layer_time` over the quantized layers, with lowered[path] channels lowered."""
+    return float(sum(self.layer_time(info, batch, lowered.get(p, 0.0), low_bits_speedup) for p, info in layers.items()))

@@ -219,7 +219,7 @@ def test_integer_path_has_no_float_matmul(tiny, name):
   t = tiny(name)
   assert quantize.float_ops_in_int_path(t.qmodel, t.qvars, t.images[:1], 0.5) == []
   assert quantize.float_ops_of_plan(t.model, t.plan, t.variables, t.stats, t.images[:1]) == []  # before selection
-  plain = dataclasses.replace(t.qmodel, conv_layout="plain")
+  plain = dataclasses.replace(t.qmodel, conv_impls="int8")
   closed = jax.make_jaxpr(lambda q, x: plain.apply(q, x, 0.5))(t.qvars, t.images[:1])
   dots = _all_dots(closed.jaxpr)
   assert all(dtypes in (("int8", "int8"), ("uint8", "int8")) for _, dtypes in dots), dots

@@ -113,18 +113,19 @@ def test_int8_path_matches_fake_quant_and_is_really_int8(setup):
     return [op for op in ops if op[1] != ["int32", "int32"]]
 
   conv_out = quantize.default_conv_accumulator()  # int32 on CPU; XLA:GPU convs need float32
-  plain = layer_ops(dataclasses.replace(int_model, conv_layout="plain"))
+  plain = layer_ops(dataclasses.replace(int_model, conv_impls="int8"))
   assert len(plain) == len(plan.quantized), plain
   assert all(ins[1] == "int8" and ins[0] in ("int8", "uint8") and out == ("int32" if name == "dot_general" else conv_out)
              for name, ins, out in plain), plain
-  # 'auto' on CPU: the stem (3 input channels) and the grouped/depthwise convs run on the codes in
-  # float32 (exact: integer sums below 2^24), every other layer in int8.
+  # 'auto' on CPU: the convs with fewer than 32 input channels run on the codes in float32 (exact:
+  # integer sums below 2^24), grouped/depthwise ones as int8, the rest as int8 too.
   auto = layer_ops(int_model)
   assert len(auto) == len(plan.quantized), auto
-  expect_float = [integer.default_float_codes_conv(plan.layers[p]) for p in plan.quantized]
+  expect_float = [integer.default_conv_impl(plan.layers[p]) == "float32" for p in plan.quantized]
   assert [ins == ["float32", "float32"] for _, ins, _ in auto] == expect_float, auto
   if jax.default_backend() == "cpu":
-    assert expect_float == [p in ("stem", "dw", "grouped") for p in plan.quantized]
+    assert [integer.default_conv_impl(plan.layers[p]) for p in plan.quantized] == \
+        ["float32", "int8_pad", "int8_pad", "float32", "int8", "int8"]
 
 
 def test_float32_conv_accumulator_is_exact_here(setup):

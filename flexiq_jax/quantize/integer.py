@@ -3,32 +3,36 @@
 `prepare(plan, qvars)` turns quantized variables (float kernels, an LSQ scale, or an int8 export)
 into serving variables holding, per quantized layer:
 
-  params/<path>/kernel  the int8 weight codes (input channels zero-padded for small convs, below)
+  params/<path>/kernel  the int8 weight codes (no float kernel is kept)
   integer/<path>:
-    w_low        int8 codes of every weight element lowered as its feature channel would be
-    scale        (O,) s_x * s_w, the epilogue's per-output scale
-    step         (C,) 2^e of each feature channel (activation extraction position)
-    colsum       (O,) Σ of the int8 codes per output; colsum_delta (I, O) the change of that sum
-                 when the channel read at (i, o) is lowered (unsigned inputs: the exact -128 shift)
-    lost         (I, O) Σ over the kernel's spatial taps of E[q_c] w8 - E[lower(q_c)] w_low: the
-                 calibrated mean output lost by lowering channel c (bias correction), in codes
+    w_low         int8 codes of every weight element lowered as its feature channel would be
+    act_scale, weight_scale, scale = act_scale * weight_scale (the epilogue's per-output scale)
+    step          (C,) 2^e of each feature channel (the activation's extraction position)
+    rank          (C,) position of each channel in the lowering order
+    lost          (I, O) Σ over the kernel's spatial taps of E[q_c] w8 - E[lower(q_c)] w_low: the
+                  calibrated mean output lost by lowering channel c (bias correction), in codes
 
 so that a call at any ratio does only: one elementwise pass that quantizes and lowers the
-activation and writes int8 codes; one int8 GEMM/conv with int32 accumulation; one epilogue
-`acc * scale + offset` where the ratio enters through masked sums over (I, O) tables (never a
-pass over the kernel or the activations); and a select between `kernel` and `w_low` rows. XLA
-fuses the epilogue with what follows it up to the next layer's quantize pass (ReLU, folded
-residual adds), so between layers the activation is written once, as int8 codes.
+activation (per-channel step and bounds chosen by the lowered mask); a select between `kernel`
+and `w_low` rows (kernel-sized, not activation-sized); one int8 GEMM/conv with int32
+accumulation; one epilogue `acc * scale + bias + correction`, the correction a masked sum over
+an (I, O) table. XLA fuses the epilogue with what follows it up to the next layer's quantize pass
+(ReLU, residual adds), so between layers the activation is written once (as int8 codes where the
+next layer is the only reader).
+
+Unsigned codes ([0, 255]): a dense layer takes them as uint8 (XLA's dot accepts uint8 x int8); a
+conv takes q - 128 in int8 and adds back 128 x the kernel taps inside the image per output
+position (`unsigned_shift_correction`, from static shapes), so the conv keeps its own padding.
+
+Each conv has interchangeable implementations (`CONV_IMPLS`, the same integer accumulators):
+'int8', 'int8_pad' (explicit padding with the shifted zero), and 'float32' (the conv on the codes
+in float32, exact while every sum stays below 2^24: `exact_in_float32`). XLA:CPU's int8 kernels
+are much faster than float32 for some shapes and much slower for others (few channels, depthwise),
+so `default_conv_impl` picks per backend and `tuning.tune_conv_impls` per layer by measurement.
 
 The arithmetic is that of `layer_ops.quantized_forward(mode='int')` (the plain reference): the
-int32 accumulators are identical; the logits agree up to float rounding of the bias correction
-term, summed here per channel rather than per kernel element.
-
-Small convolutions: XLA:CPU's int8 convolution is several times slower than float32 when both
-channel counts are small (16 -> 16 channels, 3x3: about 8x slower on a 2-core AVX-512 VNNI
-machine; 32 -> 16: 2x faster than float32). `min_conv_channels` zero-pads the input channels of
-such convs (the activation codes get zero channels in the same fused pass) up to that count;
-benchmarks/integer_path.py measures it both ways.
+int32 accumulators are identical and so are the logits when compiled alike (separate
+compilations may contract the epilogue's multiply-add into an FMA differently: the last bit).
 """
 
 from __future__ import annotations
@@ -47,29 +51,13 @@ from flexiq_jax.quantize import layer_ops
 from flexiq_jax.quantize.plan import QuantPlan
 
 SERVING_KEY = "integer"
-CONV_LAYOUTS = ("auto", "plain")
-
-
-def default_min_conv_channels() -> int:
-  """32 on CPU, where XLA's int8 convolutions with fewer input channels are slow; 1 elsewhere."""
-  return 32 if jax.default_backend() == "cpu" else 1
 
 
 def is_prepared(qvars) -> bool:
   return SERVING_KEY in qvars
 
 
-def _padded_in_channels(info: LayerInfo, min_conv_channels: int) -> int:
-  """Input channels of the int8 conv: an ungrouped conv with 8 to min_conv_channels - 1 input
-  channels is padded with zero channels up to min_conv_channels (a stem with 1-3 channels is not:
-  padding would multiply its input many times; grouped convs keep theirs: it would change groups)."""
-  if info.kind == "conv" and info.groups == 1 and 8 <= info.in_channels < min_conv_channels:
-    return min_conv_channels
-  return info.in_channels
-
-
-def prepare_layer(info: LayerInfo, layer_params: dict, lq: dict, *, lowerable: bool,
-                  min_conv_channels: int) -> tuple[dict, dict]:
+def prepare_layer(info: LayerInfo, layer_params: dict, lq: dict, *, lowerable: bool) -> tuple[dict, dict]:
   """(params entry with the int8 kernel, integer entry) of one quantized layer (module docstring)."""
   if layer_params["kernel"].dtype == jnp.int8:  # an int8 export: the codes and their scale
     w8 = kernel_matrix(info, layer_params["kernel"]).astype(jnp.float32)
@@ -85,28 +73,23 @@ def prepare_layer(info: LayerInfo, layer_params: dict, lq: dict, *, lowerable: b
     entry["rank"] = lq["rank"]
     if "mean_lowered" in lq:
       entry["lost"] = layer_ops.lost_output_table(info, w8, w_low, lq)
-  pad = _padded_in_channels(info, min_conv_channels) - info.in_channels
-  pad_rows = (lambda w: jnp.pad(w, ((0, 0), (0, 0), (0, pad), (0, 0)))) if pad else (lambda w: w)
   if lowerable:
-    entry["w_low"] = pad_rows(w_low).astype(jnp.int8)
-  params = {"kernel": pad_rows(w8).astype(jnp.int8)}
+    entry["w_low"] = w_low.astype(jnp.int8)
+  params = {"kernel": w8.astype(jnp.int8)}
   if layer_params.get("bias") is not None:
     params["bias"] = layer_params["bias"]
   return params, entry
 
 
-def prepare(plan: QuantPlan, qvars, *, conv_layout: str = "auto") -> dict:
+def prepare(plan: QuantPlan, qvars) -> dict:
   """Serving variables from quantized variables (module docstring); jit-compatible, and done once
-  outside the serving function by `quantize.make_predict`. Idempotent on prepared variables.
-  conv_layout 'auto' pads small convs' input channels (`default_min_conv_channels`), 'plain' none."""
+  outside the serving function by `quantize.make_predict`. Idempotent on prepared variables."""
   if is_prepared(qvars):
     return qvars
-  min_conv_channels = default_min_conv_channels() if conv_layout == "auto" else 1
   params, integer = qvars["params"], {}
   for path in plan.quantized:
     layer_params, entry = prepare_layer(plan.layers[path], get_path(params, path), get_path(qvars["quant"], path),
-                                        lowerable=path in plan.lowerable,
-                                        min_conv_channels=min_conv_channels)
+                                        lowerable=path in plan.lowerable)
     params = set_path(params, path, layer_params)
     integer = set_path(integer, path, entry)
   matmuls = {}
@@ -116,12 +99,12 @@ def prepare(plan: QuantPlan, qvars, *, conv_layout: str = "auto") -> dict:
   return {**out, "params": params, SERVING_KEY: integer, "quant": matmuls}
 
 
-def _row_mask(info: LayerInfo, lowered, padded_in: int):
+def _row_mask(info: LayerInfo, lowered):
   """The lowered mask broadcast over the kernel: (C,) -> (I, O) or (1, 1, I, O)-broadcastable."""
   if info.kind == "dense":
     return lowered[:, None]
   if info.groups == 1:
-    return jnp.pad(lowered, (0, padded_in - info.in_channels))[None, None, :, None]
+    return lowered[None, None, :, None]
   return layer_ops.gather_channel(lowered, info)[None, None]
 
 
@@ -174,42 +157,59 @@ def exact_in_float32(info: LayerInfo, signed: bool) -> bool:
   return taps * (128 if signed else 255) * layer_ops.WEIGHT_QMAX <= 2 ** 24
 
 
-def default_float_codes_conv(info: LayerInfo) -> bool:
-  """On CPU, convs that XLA's int8 kernels serve poorly (a stem with fewer than 8 input channels,
-  which XLA widens to int32; grouped and depthwise convs) run on the codes in float32 where that
-  is exact (`exact_in_float32`)."""
-  return jax.default_backend() == "cpu" and info.kind == "conv" and (info.in_channels < 8 or info.groups > 1)
+CONV_IMPLS = ("int8", "int8_pad", "float32")
+FLOAT_CODES_BELOW_CHANNELS = 32
+
+
+def default_conv_impl(info: LayerInfo) -> str:
+  """Without tuning (`tune_conv_impls`): on CPU, convs with fewer than 32 input channels run on the
+  codes in float32 (measured on a 2-core AVX-512 VNNI machine, batch 512: XLA's int8 16 -> 16 3x3
+  conv is several times slower than its float32 one, 32 -> 16 twice as fast; a 1-3 channel stem is
+  widened to int32 by XLA), depthwise and grouped convs as int8 on explicitly padded codes; every
+  other conv, and everything on other backends, as 'int8'."""
+  if jax.default_backend() != "cpu" or info.kind != "conv":
+    return "int8"
+  if info.groups > 1:
+    return "int8_pad"
+  return "float32" if info.in_channels < FLOAT_CODES_BELOW_CHANNELS else "int8"
+
+
+def conv_impl_for(info: LayerInfo, signed: bool, requested: str | None) -> str:
+  """The conv implementation a layer runs: `requested` (None: `default_conv_impl`), with 'float32'
+  falling back to 'int8' where float32 sums would not be exact."""
+  impl = default_conv_impl(info) if requested is None else requested
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"unknown conv implementation {impl!r}; use one of {CONV_IMPLS}")
+  return "int8" if impl == "float32" and not exact_in_float32(info, signed) else impl
 
 
 def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, conv_accumulator=jnp.int32,
-                    float_codes_conv: bool | None = None):
+                    conv_impl: str | None = None):
   """One quantized layer on serving variables: `lowered` (C,) bool, or None for a layer that is
-  never lowered. call.kernel holds the (padded) int8 codes. float_codes_conv: run a conv on the
-  codes in float32 where that is exact (None: `default_float_codes_conv`); the accumulators are
-  the same integers either way."""
+  never lowered; call.kernel holds the int8 codes. conv_impl (CONV_IMPLS; None: the default for
+  the backend): 'int8' one int8 conv with the layer's own padding (unsigned codes shifted by -128,
+  the border corrected exactly: `unsigned_shift_correction`); 'int8_pad' the shifted codes padded
+  explicitly with the shifted zero, then an unpadded int8 conv; 'float32' the conv on the codes in
+  float32 (where exact). The accumulators are the same integers whichever runs."""
   info, module, kernel = call.info, call.module, call.kernel
   x = as_matrix_input(info, x)
   q = activation_codes(x, entry, lowered, signed=signed)
   wi = kernel
   if lowered is not None:
-    wi = jnp.where(_row_mask(info, lowered, kernel.shape[-2] if info.kind == "conv" else 0), entry["w_low"], kernel)
+    wi = jnp.where(_row_mask(info, lowered), entry["w_low"], kernel)
   if info.kind == "dense":
     # XLA's dot takes uint8 x int8 directly: unsigned codes need no shift.
     xi = q.astype(jnp.int8 if signed else jnp.uint8)
     acc = lax.dot_general(xi, wi, (((xi.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-  elif ((default_float_codes_conv(info) if float_codes_conv is None else float_codes_conv)
-        and exact_in_float32(info, signed) and kernel.shape[-2] == info.in_channels // info.groups):
-    # The codes in float32: every partial sum is an integer below 2^24, so the accumulators are
-    # exactly the int8 conv's; padding with 0 is the real zero, so no shift is needed.
+  elif (impl := conv_impl_for(info, signed, conv_impl)) == "float32":
+    # Every partial sum is an integer below 2^24: exact; padding with 0 is the real zero, no shift.
     acc = conv(module, q, wi.astype(jnp.float32), conv_padding(module, x.shape, info.kernel_shape))
   else:
     shift = 0 if signed else 128
     xi = (q - shift).astype(jnp.int8)
-    if info.groups == 1 and kernel.shape[-2] > info.in_channels:  # zero channels for a small conv
-      xi = jnp.pad(xi, [(0, 0)] * 3 + [(0, kernel.shape[-2] - info.in_channels)])
     padding = conv_padding(module, x.shape, info.kernel_shape)
-    if shift and _pair(module.input_dilation) != (1, 1):
-      # A transposed conv's inserted zeros are real zeros too (code -128): pad them explicitly.
+    if shift and (impl == "int8_pad" or _pair(module.input_dilation) != (1, 1)):
+      # Border padding (and a transposed conv's inserted zeros) are real zeros: code -128 shifted.
       d = _pair(module.input_dilation)
       xi = lax.pad(xi, jnp.int8(-shift), [(0, 0, 0), (*padding[0], d[0] - 1), (*padding[1], d[1] - 1), (0, 0, 0)])
       acc = conv(module, xi, wi, [(0, 0), (0, 0)], preferred=conv_accumulator, input_dilation=1)
@@ -235,14 +235,14 @@ class IntegerLayers:
   signed: dict  # {path: bool}
   matmul_signed: dict  # {matmul path: (a signed, b signed)}
   conv_accumulator: str = "int32"
-  conv_layout: str = "auto"  # 'plain': no float32 convs on codes (see integer_forward)
+  conv_impls: dict = dataclasses.field(default_factory=dict)  # {path: CONV_IMPLS entry}; others: default
 
   def layer(self, call: LayerCall, x):
     entry = get_path(self.integer, call.path)
     lowered = entry["rank"] < self.counts[call.path] if call.path in self.counts else None
     acc = jnp.int32 if self.conv_accumulator == "int32" else jnp.float32
     return integer_forward(call, x, entry, lowered, signed=self.signed[call.path], conv_accumulator=acc,
-                           float_codes_conv=None if self.conv_layout == "auto" else False)
+                           conv_impl=self.conv_impls.get(call.path))
 
   def matmul(self, call: MatmulCall, a, b):
     return layer_ops.quantized_matmul(call, a, b, get_path(self.matmul_quant, call.path),

@@ -6,9 +6,9 @@ matmul or a convolution (a plain `jnp.einsum`, a layer the plan skips, attention
 `quant.attention='float'`) still runs, in float, and is listed here. Element-wise float work
 (softmax, norms, GELU, residual adds, the dequantize multiplies) is not a dot and is not listed.
 
-The report traces the 'plain' conv layout (every quantized layer one int8 GEMM/conv): the 'auto'
-layout's float32 convs on integer codes (`integer.default_float_codes_conv`, exact sums below
-2^24) compute the same integers and are an execution choice, not a layer left in float.
+The report traces every conv as an int8 conv (`conv_impls='int8'`): the float32 convs on integer
+codes that the serving form may run instead (`integer.integer_forward`, exact sums below 2^24)
+compute the same integers and are an execution choice, not a layer left in float.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def float_ops_in_int_path(qmodel, qvars, sample_images, ratio: float = 0.0) -> l
   """The float matmuls and convolutions left in `qmodel`'s integer-mode apply (traced, not run:
   `sample_images` may be a jax.ShapeDtypeStruct). Empty when every dot and convolution of the
   model has int8 operands."""
-  int_model = dataclasses.replace(qmodel, mode="int", conv_layout="plain")
+  int_model = dataclasses.replace(qmodel, mode="int", conv_impls="int8")
   closed = jax.make_jaxpr(lambda q, x, r: int_model.apply(q, x, r))(qvars, sample_images, jnp.float32(ratio))
   return float_dot_ops(closed)
 
@@ -88,7 +88,7 @@ def float_ops_of_plan(model, plan, folded_variables, stats: dict, sample_images)
   batch_stats = unfolded_batch_stats(folded_variables, plan)
   if batch_stats:
     qvars["batch_stats"] = batch_stats
-  int_model = QuantizedModel(model, plan, mode="int", conv_layout="plain")
+  int_model = QuantizedModel(model, plan, mode="int", conv_impls="int8")
   closed = jax.make_jaxpr(lambda q, x: int_model.apply_counts(q, x, {}))(qvars, sample_images)
   return float_dot_ops(closed)
 

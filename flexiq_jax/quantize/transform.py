@@ -139,27 +139,36 @@ class QuantizedModel:
   arithmetic written plainly per call (`layer_ops.quantized_forward`, the reference the tests hold
   'int' to); 'fake': the same values in float with straight-through gradients (QAT).
   lsq: learnable activation scales (LSQ). conv_accumulator: 'int32' or 'float32' (None: chosen
-  from the backend; GPUs need float32). conv_layout: 'auto' lets the serving form pick, per conv,
-  the layout XLA runs fastest on this backend (`integer`: zero-padded input channels, float32
-  convs on the codes where exact; the same integers); 'plain': every conv as one int8 conv."""
+  from the backend; GPUs need float32). conv_impls: how each conv of the serving form runs
+  (`integer.integer_forward`; the same integers whichever): 'auto' the backend's defaults
+  (`integer.default_conv_impl`), 'int8' every conv as one int8 conv, or ((path, impl), ...) pairs
+  as `integer.tune_conv_impls` measures them (layers not listed: the default)."""
 
   model: nn.Module
   plan: QuantPlan
   mode: str = "int"
   lsq: bool = False
   conv_accumulator: str | None = None
-  conv_layout: str = "auto"
+  conv_impls: str | tuple = "auto"
 
   def __post_init__(self):
     if self.mode not in MODES:
       raise ValueError(f"unknown mode {self.mode!r}; use one of {MODES}")
-    if self.conv_layout not in integer.CONV_LAYOUTS:
-      raise ValueError(f"unknown conv_layout {self.conv_layout!r}; use one of {integer.CONV_LAYOUTS}")
+    if isinstance(self.conv_impls, str) and self.conv_impls not in ("auto", "int8"):
+      raise ValueError(f"conv_impls must be 'auto', 'int8' or ((path, impl), ...) pairs, got {self.conv_impls!r}")
+
+  def conv_impl_map(self) -> dict:
+    """{conv path: implementation} for the serving form (layers not listed: the default)."""
+    if self.conv_impls == "auto":
+      return {}
+    if self.conv_impls == "int8":
+      return {p: "int8" for p in self.plan.quantized if self.plan.layers[p].kind == "conv"}
+    return dict(self.conv_impls)
 
   def prepare(self, qvars) -> dict:
     """The serving variables of `qvars` for mode 'int' (`integer.prepare`): pass them to `apply`
     instead of qvars so the weights are not re-quantized on every call. Jit it for speed."""
-    return integer.prepare(self.plan, qvars, conv_layout=self.conv_layout)
+    return integer.prepare(self.plan, qvars)
 
   def layer_counts(self, qvars, ratio) -> dict:
     """{lowerable path: channels lowered at ratio}, traced: from qvars['fill'] (module docstring),
@@ -179,7 +188,7 @@ class QuantizedModel:
     if self.mode == "int":
       qvars = self.prepare(qvars)
       provider = integer.IntegerLayers(qvars[integer.SERVING_KEY], qvars["quant"], counts, self.plan.signed,
-                                       self.plan.matmul_signed, accumulator, self.conv_layout)
+                                       self.plan.matmul_signed, accumulator, self.conv_impl_map())
     else:
       provider = FlexiQLayers(qvars["quant"], counts, self.plan.signed, "int" if self.mode == "int_reference" else "fake",
                               self.lsq, accumulator, self.plan.matmul_signed)

@@ -1,0 +1,355 @@
+r"""Speed of the quantized model: float32, bfloat16, fake-quant and the integer path side by side.
+
+  python -m benchmarks.integer_path                      # CPU: quickstart + the eleven :fmnist variants
+  python -m benchmarks.integer_path --models=quickstart --batches=1,32,512 --repeats=10
+
+Run from the repository root. One process, one run: every model is built from its config with
+random weights and calibrated on random images (speed does not depend on the values; the
+selection uses the greedy selector to save time), then each alternative is timed in interleaved
+rounds (every round calls every alternative once, in rotating order, so drifting machine load
+hits all alike); the table reports medians. On a GPU (`--device` auto) the eleven full-size
+models (224 px) are added.
+
+Also reported: compilations across ratio switches (must be 0) and the time of a call at a new
+ratio; the QAT step against the float training step (quickstart model); per-layer integer times
+and the cost model fitted to them (`cost.RooflineModel`): its prediction of the whole integer
+path per model and the modelled speed-up of a 4-bit-capable target per ratio; packed 4-bit
+weights unpacked by XLA against int8 weights on ViT-B's layer shapes at batch 1.
+
+Writes benchmarks/results/integer_path_<backend>.{json,md} and a time-vs-ratio plot (.png), with
+command, commit, device, versions and date.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import platform
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flexiq_jax import api
+from flexiq_jax import cost
+from flexiq_jax import finetune
+from flexiq_jax import interception
+from flexiq_jax import models
+from flexiq_jax import numerics
+from flexiq_jax import quantize
+from flexiq_jax import records
+from flexiq_jax import train as train_lib
+from flexiq_jax.quantize import integer
+from flexiq_jax.quantize import tuning
+from flexiq_jax.serve import count_compilations
+
+ELEVEN = ("resnet18", "resnet50", "mobilenetv2", "efficientnet_b0", "regnetx_600mf", "vit_s", "vit_b",
+          "deit_t", "deit_s", "deit_b", "swin_t")
+RATIOS = (0.0, 0.5, 1.0)
+
+_MODELS = flags.DEFINE_list("models", None, "Model configs: 'quickstart', config names (configs/<name>.py, "
+                            "reduced :fmnist variants), 'fmnist' (all eleven), 'full' (the eleven at 224 px). "
+                            "Default: quickstart,fmnist (+ full on a GPU).")
+_BATCHES = flags.DEFINE_list("batches", None, "Batch sizes (default 1,32,512 on CPU; 1,32,256 on GPU).")
+_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed rounds per batch size (every alternative once per round).")
+_DEVICE = flags.DEFINE_enum("device", "auto", ["auto", "cpu", "gpu", "tpu"], "Backend; auto = JAX's default.")
+_OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                           "Folder for the results files.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Subject:
+  """One model to time: its name, a linen module, float variables and an image shape."""
+
+  name: str
+  model: object
+  variables: dict
+  image_shape: tuple[int, int, int]
+
+
+def build_subject(spec: str, full: bool) -> Subject:
+  """`quickstart` or a config name; full=True: the architecture of the timm weights at its size."""
+  if spec == "quickstart":
+    model = models.create("resnet_small", num_classes=10)
+    shape, name = (28, 28, 1), "quickstart (resnet_small)"
+  else:
+    config = importlib.import_module(f"configs.{spec}").get_config("" if full else "fmnist")
+    kwargs = config.model.kwargs.to_dict()
+    model = models.create(config.model.name, num_classes=1000 if full else 10, **kwargs)
+    shape = (config.data.image_size, config.data.image_size, config.data.channels)
+    name = f"{spec}{'' if full else ':fmnist'}"
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + shape), train=False)
+  return Subject(name, model, dict(variables), shape)
+
+
+def median_times(fns: dict, args: dict, repeats: int) -> dict:
+  """{name: median seconds} over `repeats` interleaved rounds (after two warm-up calls each)."""
+  for name, fn in fns.items():
+    for _ in range(2):
+      jax.block_until_ready(fn(*args[name]))
+  times = {name: [] for name in fns}
+  names = list(fns)
+  for i in range(repeats):
+    for name in names[i % len(names):] + names[:i % len(names)]:
+      t0 = time.perf_counter()
+      jax.block_until_ready(fns[name](*args[name]))
+      times[name].append(time.perf_counter() - t0)
+  return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def alternatives(subject: Subject, qmodel, qvars, images):
+  """{name: (jitted fn, args builder(images))} of everything timed per batch size; the integer
+  path with every conv as int8 ('int8'), the backend's default per conv ('default') and the
+  implementations `quantize.tune_conv_impls` measured fastest at this batch ('tuned')."""
+  model, variables = subject.model, subject.variables
+  float_fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  bf16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a, variables)
+  fake = jax.jit(qmodel.with_mode("fake").apply)
+  reference = jax.jit(dataclasses.replace(qmodel, mode="int_reference").apply)
+  out = {"float32": (float_fn, lambda x: (variables, x)),
+         "bfloat16": (float_fn, lambda x: (bf16, x.astype(jnp.bfloat16))),
+         "fake-quant r=0.5": (fake, lambda x: (qvars, x, jnp.float32(0.5))),
+         "int reference r=0.5": (reference, lambda x: (qvars, x, jnp.float32(0.5)))}
+  tuned, _ = quantize.tune_conv_impls(qmodel, qvars, images)
+  variants = {"int8": dataclasses.replace(qmodel, conv_impls="int8"), "default": qmodel, "tuned": tuned}
+  for label, qm in variants.items():
+    svars = jax.jit(qm.prepare)(qvars)
+    fn = jax.jit(qm.apply)
+    for r in RATIOS:
+      out[f"int {label} r={r:g}"] = (fn, lambda x, svars=svars, r=r: (svars, x, jnp.float32(r)))
+  return out, tuned
+
+
+def ratio_switch(qmodel, qvars, images) -> dict:
+  """Compilations while switching over many ratios (must be 0) and the time of a call at a new
+  ratio against a call at the same ratio."""
+  predict = quantize.make_predict(qmodel, qvars)
+  jax.block_until_ready(predict(images, 0.0))
+  same, new = [], []
+  with count_compilations() as compiled:
+    for r in np.linspace(0.05, 0.95, 10):
+      t0 = time.perf_counter()
+      jax.block_until_ready(predict(images, float(r)))
+      new.append(time.perf_counter() - t0)
+      t0 = time.perf_counter()
+      jax.block_until_ready(predict(images, float(r)))
+      same.append(time.perf_counter() - t0)
+  return {"compilations": compiled.count, "switches": 10, "new_ratio_s": float(np.median(new)),
+          "same_ratio_s": float(np.median(same))}
+
+
+def layer_times(subject: Subject, qmodel, qvars, batch: int, repeats: int) -> list[dict]:
+  """Per quantized layer at `batch`: the integer layer alone (its input captured from the serving
+  form) at ratio 0 with its tuned implementation, with MACs and bytes for the cost model."""
+  plan, impls = qmodel.plan, qmodel.conv_impl_map()
+  svars = jax.jit(qmodel.prepare)(qvars)
+  images = jnp.asarray(np.random.default_rng(1).normal(size=(batch,) + subject.image_shape), jnp.float32)
+  rows = []
+  for path, (call, x) in tuning.capture_layer_inputs(qmodel, svars, images).items():
+    info, entry = plan.layers[path], interception.get_path(svars[integer.SERVING_KEY], path)
+    impl = integer.conv_impl_for(info, plan.signed[path], impls.get(path)) if info.kind == "conv" else "int8"
+    fn = jax.jit(lambda x, e, k, b, call=call, s=plan.signed[path], impl=impl: integer.integer_forward(
+        dataclasses.replace(call, kernel=k, bias=b), x, e, None, signed=s, conv_impl=impl))
+    t = tuning.time_call(fn, (x, entry, call.kernel, call.bias), repeats)
+    rows.append({"path": path, "impl": impl, "seconds": t, "macs": info.macs * batch,
+                 "bytes": cost.integer_layer_bytes(info, batch)})
+  return rows
+
+
+def qat_vs_float_step(subject: Subject, qmodel, qvars, batch: int, repeats: int) -> dict:
+  """Seconds per step: float training step vs FlexiQ's QAT step (fake-quant, sampled ratio)."""
+  import optax
+  tx = optax.sgd(0.01, momentum=0.9)
+  state = train_lib.create_train_state(subject.model, jax.random.PRNGKey(0), subject.image_shape, tx)
+  rng = np.random.default_rng(0)
+  data = {"image": jnp.asarray(rng.normal(size=(batch,) + subject.image_shape), jnp.float32),
+          "label": jnp.asarray(rng.integers(0, 10, batch), jnp.int32)}
+  float_step = jax.jit(lambda s, b: train_lib.train_step(s, b, apply_fn=subject.model.apply, tx=tx))
+  qstate = finetune.create_state(qvars, tx, lsq=False)
+  sampler = finetune.RatioSampler((0.0, 0.5, 1.0), (1 / 3, 1 / 3, 1 / 3))
+  qat = jax.jit(lambda s, b: finetune.qat_step(s, b, qmodel=qmodel.with_mode("fake"), tx=tx, sampler=sampler,
+                                               rng_key=jax.random.PRNGKey(0)))
+  t = median_times({"float": float_step, "qat": qat}, {"float": (state, data), "qat": (qstate, data)}, repeats)
+  return {"batch": batch, "float_step_s": t["float"], "qat_step_s": t["qat"], "qat_over_float": t["qat"] / t["float"]}
+
+
+def packed_weights_check(batch: int, repeats: int) -> list[dict]:
+  """ViT-B's dense shapes at `batch`: the int8 GEMM from int8 weights vs from 4-bit weights packed
+  two per byte and unpacked by XLA before the GEMM (what a run-time ratio allows without a fused
+  kernel). Does unpacking pay where weight bytes dominate?"""
+  rows = []
+  rng = np.random.default_rng(0)
+  for c, o in ((768, 2304), (768, 3072), (3072, 768)):
+    x = jnp.asarray(rng.integers(-128, 128, (batch, c)), jnp.int8)
+    w = jnp.asarray(rng.integers(-8, 8, (c, o)), jnp.int8)
+    packed = numerics.pack_int4(w)
+    dot = lambda x, w: jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    fns = {"int8 weights": jax.jit(dot), "packed int4, XLA unpack": jax.jit(lambda x, p: dot(x, numerics.unpack_int4(p)))}
+    t = median_times(fns, {"int8 weights": (x, w), "packed int4, XLA unpack": (x, packed)}, repeats)
+    rows.append({"shape": f"{batch}x{c} @ {c}x{o}", **t})
+  return rows
+
+
+def specs(batches_default) -> tuple[list[tuple[str, bool]], list[int]]:
+  backend = jax.default_backend()
+  names = _MODELS.value or (["quickstart", "fmnist"] + (["full"] if backend == "gpu" else []))
+  out = []
+  for n in names:
+    if n == "fmnist":
+      out += [(m, False) for m in ELEVEN]
+    elif n == "full":
+      out += [(m, True) for m in ELEVEN]
+    else:
+      out.append((n, False))
+  batches = [int(b) for b in (_BATCHES.value or batches_default)]
+  return out, batches
+
+
+def main(argv):
+  del argv
+  if _DEVICE.value != "auto":
+    jax.config.update("jax_platforms", _DEVICE.value)
+  backend = jax.default_backend()
+  model_specs, batches = specs(["1", "32", "512"] if backend == "cpu" else ["1", "32", "256"])
+  info = records.run_info(["-m", "benchmarks.integer_path"] + sys.argv[1:])
+  info.update(backend=backend, python=platform.python_version(), flax=importlib.import_module("flax").__version__,
+              cpu=platform.processor() or platform.machine(), cores=os.cpu_count())
+  results = {"info": info, "models": [], "notes": []}
+  repeats = _REPEATS.value
+  for spec, full in model_specs:
+    subject = build_subject(spec, full)
+    print(f"== {subject.name}", flush=True)
+    calib = np.random.default_rng(0).normal(size=(64,) + subject.image_shape).astype(np.float32)
+    qmodel, qvars = api.quantize_model(subject.model, subject.variables, calib, selector="greedy",
+                                       calib_batch_size=32)
+    entry = {"name": subject.name, "image_shape": list(subject.image_shape), "times": {}}
+    for batch in batches:
+      images = jnp.asarray(np.random.default_rng(1).normal(size=(batch,) + subject.image_shape), jnp.float32)
+      alts, tuned = alternatives(subject, qmodel, qvars, images)
+      t = median_times({k: f for k, (f, _) in alts.items()}, {k: a(images) for k, (_, a) in alts.items()}, repeats)
+      entry["times"][str(batch)] = t
+      base = t["float32"]
+      print(f"  batch {batch}: " + ", ".join(f"{k} {v * 1e3:.2f} ms ({base / v:.2f}x)" for k, v in t.items()),
+            flush=True)
+      entry.setdefault("tuned_conv_impls", {})[str(batch)] = dict(tuned.conv_impl_map())
+    big = max(batches)
+    images = jnp.asarray(np.random.default_rng(2).normal(size=(big,) + subject.image_shape), jnp.float32)
+    entry["ratio_switch"] = ratio_switch(tuned, qvars, images)
+    layers = layer_times(subject, tuned, qvars, big, max(3, repeats // 2))
+    entry["layers"] = layers
+    entry["lowered"] = {f"{r:g}": quantize.lowered_channels(qmodel, qvars, r) for r in (0.0, 0.25, 0.5, 0.75, 1.0)}
+    entry["plan_layers"] = {p: dataclasses.asdict(qmodel.plan.layers[p]) for p in qmodel.plan.quantized}
+    if spec == "quickstart":
+      entry["qat_vs_float_step"] = qat_vs_float_step(subject, qmodel, qvars, 128, repeats)
+    results["models"].append(entry)
+  results["packed_weights"] = packed_weights_check(1, repeats)
+  results["cost_model"] = fit_cost_model(results["models"], max(batches))
+  path = write_results(results, _OUT.value, max(batches))
+  print(f"wrote {path}.md/.json/.png")
+
+
+def fit_cost_model(entries: list[dict], batch: int) -> dict:
+  """Fits cost.RooflineModel on every measured integer layer (all models), then predicts each
+  model's integer path at ratio 0 (sum of its layers) and the modelled 4-bit target per ratio."""
+  rows = [l for e in entries for l in e["layers"] if l["impl"] == "int8"]  # the int8 kernels' own speed
+  roofline = cost.RooflineModel.fit([l["macs"] for l in rows], [l["bytes"] for l in rows],
+                                    [l["seconds"] for l in rows])
+  per_model = []
+  for e in entries:
+    infos = {p: interception.LayerInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+             for p, d in e["plan_layers"].items()}
+    int8 = [l for l in e["layers"] if l["impl"] == "int8"]
+    measured_layers = sum(l["seconds"] for l in int8)
+    predicted = sum(roofline.layer_time(infos[l["path"]], batch) for l in int8)
+    t_int = e["times"][str(batch)]["int tuned r=0"]
+    modelled = {r: roofline.model_time(infos, batch, lowered, low_bits_speedup=2.0) for r, lowered in e["lowered"].items()}
+    t0, t1 = modelled["0"], modelled["1"]
+    per_model.append({"name": e["name"], "int8_layers": len(int8), "measured_layers_s": measured_layers,
+                      "predicted_layers_s": predicted,
+                      "measured_int_path_s": t_int, "modelled_4bit_target_s": modelled,
+                      "share_of_full_speedup_at_0.5": (t0 - modelled["0.5"]) / (t0 - t1) if t0 > t1 else None})
+  return {"roofline": dataclasses.asdict(roofline), "r2": roofline.r2, "layers_fitted": len(rows),
+          "models": per_model}
+
+
+def write_results(results: dict, out_dir: str, batch: int) -> str:
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f"integer_path_{results['info']['backend']}")
+  records.write_json_atomic(path + ".json", results)
+  lines = ["# Integer path speed\n", records.provenance_header(results["info"]),
+           f"Python {results['info']['python']}, jax {results['info']['jax_version']}, flax {results['info']['flax']}, "
+           f"{results['info']['cores']} cores ({results['info']['cpu']}). Random weights, random calibration images "
+           "(speed only). Median of interleaved rounds; speed-up = float32 time / time.\n"]
+  for b in sorted({int(b) for e in results["models"] for b in e["times"]}):
+    names = list(results["models"][0]["times"][str(b)])
+    rows = [[e["name"]] + [f"{e['times'][str(b)][n] * 1e3:.2f} ({e['times'][str(b)]['float32'] / e['times'][str(b)][n]:.2f}x)"
+                            for n in names] for e in results["models"] if str(b) in e["times"]]
+    lines += [f"\n## Batch {b}: ms (speed-up vs float32)\n", records.markdown_table(["model"] + names, rows)]
+  lines.append("\n## Ratio switches\n")
+  lines.append(records.markdown_table(
+      ["model", "compilations over 10 switches", "call at a new ratio (ms)", "call at the same ratio (ms)"],
+      [[e["name"], e["ratio_switch"]["compilations"], f"{e['ratio_switch']['new_ratio_s'] * 1e3:.2f}",
+        f"{e['ratio_switch']['same_ratio_s'] * 1e3:.2f}"] for e in results["models"]]))
+  for e in results["models"]:
+    if "qat_vs_float_step" in e:
+      q = e["qat_vs_float_step"]
+      lines.append(f"\n## QAT step vs float training step ({e['name']}, batch {q['batch']})\n\n"
+                   f"float {q['float_step_s'] * 1e3:.1f} ms, QAT {q['qat_step_s'] * 1e3:.1f} ms: "
+                   f"**{q['qat_over_float']:.2f}x** the float step.\n")
+  cm = results["cost_model"]
+  r = cm["roofline"]
+  lines.append(f"\n## Cost model vs measurement (batch {batch})\n\n`cost.RooflineModel` fitted on {cm['layers_fitted']} "
+               f"measured integer layers: {r['overhead_s'] * 1e6:.1f} us per layer + MACs / {r['macs_per_s'] / 1e9:.1f} G/s "
+               f"+ bytes / {r['bytes_per_s'] / 1e9:.2f} GB/s (R² {cm['r2']:.3f}). The modelled 4-bit target runs "
+               "lowered MACs at twice the int8 rate and moves their bytes at half the size.\n")
+  lines.append(records.markdown_table(
+      ["model", "int8 layers", "their time measured (ms)", "predicted (ms)", "whole int path measured (ms)",
+       "4-bit target: speed-up at 50% / 100%", "share of the 100% speed-up at 50%"],
+      [[m["name"], m["int8_layers"], f"{m['measured_layers_s'] * 1e3:.2f}", f"{m['predicted_layers_s'] * 1e3:.2f}",
+        f"{m['measured_int_path_s'] * 1e3:.2f}",
+        f"{m['modelled_4bit_target_s']['0'] / m['modelled_4bit_target_s']['0.5']:.2f}x / "
+        f"{m['modelled_4bit_target_s']['0'] / m['modelled_4bit_target_s']['1']:.2f}x",
+        "-" if m["share_of_full_speedup_at_0.5"] is None else f"{100 * m['share_of_full_speedup_at_0.5']:.0f}%"]
+       for m in cm["models"]]))
+  lines.append("\n## Packed 4-bit weights without a fused kernel (batch 1)\n")
+  lines.append(records.markdown_table(["GEMM", "int8 weights (ms)", "packed int4 + XLA unpack (ms)"],
+                                      [[p["shape"], f"{p['int8 weights'] * 1e3:.3f}",
+                                        f"{p['packed int4, XLA unpack'] * 1e3:.3f}"] for p in results["packed_weights"]]))
+  for note in results["notes"]:
+    lines.append(f"\n{note}\n")
+  with open(path + ".md", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  plot_time_vs_ratio(results, path + ".png", batch)
+  return path
+
+
+def plot_time_vs_ratio(results: dict, path: str, batch: int) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for e in results["models"]:
+    t = e["times"][str(batch)]
+    base = t["float32"]
+    line, = ax.plot(RATIOS, [base / t[f"int tuned r={r:g}"] for r in RATIOS], marker="o", label=e["name"])
+    m = next(m for m in results["cost_model"]["models"] if m["name"] == e["name"])
+    mod = m["modelled_4bit_target_s"]
+    ax.plot([float(r) for r in mod], [mod["0"] / v * base / t["int tuned r=0"] for v in mod.values()],
+            ls=":", color=line.get_color())
+  ax.axhline(1.0, color="grey", lw=0.8)
+  ax.set_xlabel("4-bit ratio")
+  ax.set_ylabel("speed-up vs float32 (measured: solid; modelled 4-bit target: dotted)")
+  ax.set_title(f"Integer path, batch {batch}, {results['info']['device']}", fontsize=9)
+  ax.legend(fontsize=6, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+if __name__ == "__main__":
+  app.run(main)

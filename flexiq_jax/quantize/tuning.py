@@ -1,0 +1,78 @@
+"""Per-layer choice of how the serving form runs each conv, by measurement (as cuDNN autotunes).
+
+The implementations (`integer.CONV_IMPLS`) compute the same integer accumulators, so the choice
+changes only the speed: `tune_conv_impls` times each conv under each implementation at the
+serving shape, on this backend, and returns the model with the fastest per layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flexiq_jax import interception
+from flexiq_jax.interception import get_path
+from flexiq_jax.quantize import integer
+
+
+def capture_layer_inputs(qmodel, svars, images, ratio: float = 0.0) -> dict:
+  """{quantized layer path: (LayerCall, its input)} of the serving form on `images` at `ratio`."""
+  counts = qmodel.layer_counts(svars, jnp.float32(ratio))
+  inner = integer.IntegerLayers(svars[integer.SERVING_KEY], svars["quant"], counts, qmodel.plan.signed,
+                                qmodel.plan.matmul_signed, qmodel.conv_accumulator or "int32", qmodel.conv_impl_map())
+  captured = {}
+
+  class Capture:
+    def layer(self, call, x):
+      captured[call.path] = (call, x)
+      return inner.layer(call, x)
+
+    def matmul(self, call, a, b):
+      return inner.matmul(call, a, b)
+
+  variables = {k: v for k, v in svars.items() if k in ("params", "batch_stats")}
+  interception.run_with_provider(qmodel.model, qmodel.plan, variables, images, Capture())
+  return captured
+
+
+def time_call(fn, args, repeats: int) -> float:
+  """Median seconds of `fn(*args)` after one warm-up call."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def conv_impl_times(qmodel, svars, images, repeats: int = 3) -> dict:
+  """{conv path: {impl: seconds}} of each quantized conv alone (at ratio 0) on its captured input."""
+  plan = qmodel.plan
+  out = {}
+  for path, (call, x) in capture_layer_inputs(qmodel, svars, images).items():
+    info = plan.layers[path]
+    if info.kind != "conv":
+      continue
+    entry = get_path(svars[integer.SERVING_KEY], path)
+    out[path] = {}
+    for impl in integer.CONV_IMPLS:
+      if integer.conv_impl_for(info, plan.signed[path], impl) != impl:
+        continue  # not exact in float32 here
+      fn = jax.jit(lambda x, e, k, b, call=call, impl=impl, signed=plan.signed[path]: integer.integer_forward(
+          dataclasses.replace(call, kernel=k, bias=b), x, e, None, signed=signed, conv_impl=impl))
+      out[path][impl] = time_call(fn, (x, entry, call.kernel, call.bias), repeats)
+  return out
+
+
+def tune_conv_impls(qmodel, qvars, images, repeats: int = 3):
+  """`qmodel` with conv_impls set to the fastest implementation of each conv at the shape of
+  `images` (e.g. a serving batch), and the measured {path: {impl: seconds}}."""
+  svars = jax.jit(qmodel.prepare)(qvars)
+  times = conv_impl_times(qmodel, svars, images, repeats)
+  best = tuple((p, min(t, key=t.get)) for p, t in times.items())
+  return dataclasses.replace(qmodel, conv_impls=best), times
