@@ -58,6 +58,7 @@ _MODELS = flags.DEFINE_list("models", None, "Model configs: 'quickstart', config
 _BATCHES = flags.DEFINE_list("batches", None, "Batch sizes (default 1,32,512 on CPU; 1,32,256 on GPU).")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed rounds per batch size (every alternative once per round).")
 _DEVICE = flags.DEFINE_enum("device", "auto", ["auto", "cpu", "gpu", "tpu"], "Backend; auto = JAX's default.")
+_RESUME = flags.DEFINE_bool("resume", False, "Keep the models already in the results file and measure the rest.")
 _OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                            "Folder for the results files.")
 
@@ -219,10 +220,18 @@ def main(argv):
   info = records.run_info(["-m", "benchmarks.integer_path"] + sys.argv[1:])
   info.update(backend=backend, python=platform.python_version(), flax=importlib.import_module("flax").__version__,
               cpu=platform.processor() or platform.machine(), cores=os.cpu_count())
+  out_path = os.path.join(_OUT.value, f"integer_path_{backend}")
   results = {"info": info, "models": [], "notes": []}
+  if _RESUME.value and os.path.exists(out_path + ".json"):
+    previous = records.read_json(out_path + ".json")
+    results["models"] = previous["models"]
+    results["info"]["resumed_from"] = previous["info"]
   repeats = _REPEATS.value
   for spec, full in model_specs:
     subject = build_subject(spec, full)
+    if any(e["name"] == subject.name for e in results["models"]):
+      print(f"== {subject.name}: measured already (--resume)", flush=True)
+      continue
     print(f"== {subject.name}", flush=True)
     calib = np.random.default_rng(0).normal(size=(64,) + subject.image_shape).astype(np.float32)
     qmodel, qvars = api.quantize_model(subject.model, subject.variables, calib, selector="greedy",
@@ -247,10 +256,12 @@ def main(argv):
     if spec == "quickstart":
       entry["qat_vs_float_step"] = qat_vs_float_step(subject, qmodel, qvars, 128, repeats)
     results["models"].append(entry)
+    results["cost_model"] = fit_cost_model(results["models"], max(batches))
+    write_results(results, _OUT.value, max(batches))  # after every model: a killed run keeps them
+    print(f"wrote {out_path}.md/.json/.png", flush=True)
   results["packed_weights"] = packed_weights_check(1, repeats)
-  results["cost_model"] = fit_cost_model(results["models"], max(batches))
-  path = write_results(results, _OUT.value, max(batches))
-  print(f"wrote {path}.md/.json/.png")
+  write_results(results, _OUT.value, max(batches))
+  print(f"wrote {out_path}.md/.json/.png")
 
 
 def fit_cost_model(entries: list[dict], batch: int) -> dict:
@@ -316,10 +327,11 @@ def write_results(results: dict, out_dir: str, batch: int) -> str:
         f"{m['modelled_4bit_target_s']['0'] / m['modelled_4bit_target_s']['1']:.2f}x",
         "-" if m["share_of_full_speedup_at_0.5"] is None else f"{100 * m['share_of_full_speedup_at_0.5']:.0f}%"]
        for m in cm["models"]]))
-  lines.append("\n## Packed 4-bit weights without a fused kernel (batch 1)\n")
-  lines.append(records.markdown_table(["GEMM", "int8 weights (ms)", "packed int4 + XLA unpack (ms)"],
-                                      [[p["shape"], f"{p['int8 weights'] * 1e3:.3f}",
-                                        f"{p['packed int4, XLA unpack'] * 1e3:.3f}"] for p in results["packed_weights"]]))
+  if "packed_weights" in results:
+    lines.append("\n## Packed 4-bit weights without a fused kernel (batch 1)\n")
+    lines.append(records.markdown_table(["GEMM", "int8 weights (ms)", "packed int4 + XLA unpack (ms)"],
+                                        [[p["shape"], f"{p['int8 weights'] * 1e3:.3f}",
+                                          f"{p['packed int4, XLA unpack'] * 1e3:.3f}"] for p in results["packed_weights"]]))
   for note in results["notes"]:
     lines.append(f"\n{note}\n")
   with open(path + ".md", "w") as f:
