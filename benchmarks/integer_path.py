@@ -236,7 +236,8 @@ def main(argv):
     calib = np.random.default_rng(0).normal(size=(64,) + subject.image_shape).astype(np.float32)
     qmodel, qvars = api.quantize_model(subject.model, subject.variables, calib, selector="greedy",
                                        calib_batch_size=32)
-    entry = {"name": subject.name, "image_shape": list(subject.image_shape), "times": {}}
+    entry = {"name": subject.name, "image_shape": list(subject.image_shape), "times": {},
+             "load_average_before": os.getloadavg()[0]}  # other jobs on the machine skew times
     for batch in batches:
       images = jnp.asarray(np.random.default_rng(1).normal(size=(batch,) + subject.image_shape), jnp.float32)
       alts, tuned = alternatives(subject, qmodel, qvars, images)
@@ -255,6 +256,7 @@ def main(argv):
     entry["plan_layers"] = {p: dataclasses.asdict(qmodel.plan.layers[p]) for p in qmodel.plan.quantized}
     if spec == "quickstart":
       entry["qat_vs_float_step"] = qat_vs_float_step(subject, qmodel, qvars, 128, repeats)
+    entry["load_average_after"] = os.getloadavg()[0]
     results["models"].append(entry)
     results["cost_model"] = fit_cost_model(results["models"], max(batches))
     write_results(results, _OUT.value, max(batches))  # after every model: a killed run keeps them
@@ -301,6 +303,9 @@ def write_results(results: dict, out_dir: str, batch: int) -> str:
     rows = [[e["name"]] + [f"{e['times'][str(b)][n] * 1e3:.2f} ({e['times'][str(b)]['float32'] / e['times'][str(b)][n]:.2f}x)"
                             for n in names] for e in results["models"] if str(b) in e["times"]]
     lines += [f"\n## Batch {b}: ms (speed-up vs float32)\n", records.markdown_table(["model"] + names, rows)]
+  lines.append("\nLoad average (1 min) while each model was measured: " + ", ".join(
+      f"{e['name']} {e.get('load_average_before', float('nan')):.1f}→{e.get('load_average_after', float('nan')):.1f}"
+      for e in results["models"]) + f" ({results['info']['cores']} cores).\n")
   lines.append("\n## Ratio switches\n")
   lines.append(records.markdown_table(
       ["model", "compilations over 10 switches", "call at a new ratio (ms)", "call at the same ratio (ms)"],
