@@ -105,7 +105,10 @@ def test_matmuls_count_at_8_bits_in_bops_and_share_by_hand(tiny_layers):
       (789120 + 2048 * 64) / ((16146 + 2048) * 64))
   assert cost.low_bit_mac_share(layers, lowered, mm) == pytest.approx((4608 + 480) / (16146 + 2048))
   assert cost.layerwise_bops(layers, {"conv": (4, 4)}, matmuls=mm) == 64 * (16146 + 2048) - 48 * 13824
-  assert cost.relative_bops(layers, {}, matmuls=mm) == 1.0
+  # Every channel lowered: the layers' MACs at 4 x 4 bits, the matmuls' still at 8 x 8.
+  all_low = {p: i.in_channels for p, i in layers.items()}
+  assert cost.relative_bops(layers, all_low, matmuls=mm) == pytest.approx(
+      (16146 * 16 + 2048 * 64) / ((16146 + 2048) * 64))
 
 
 def test_tables_and_lowered_count():
@@ -117,6 +120,15 @@ def test_tables_and_lowered_count():
   # floor(r x C) channels at 4 x 4: a at 0.5 lowers 2 of 4 channels (6 of 12 MACs).
   np.testing.assert_allclose(cost.channelwise_bops_table(layers, [0.0, 0.5, 1.0]),
                              [[768, 6 * 16 + 6 * 64, 192], [6400, 50 * 16 + 50 * 64, 1600]])
+  # Rows follow the layers' order; other bit widths (8 -> 2); floor(0.3 x 4) = 1 of a's 4
+  # channels (3 of 12 MACs) and floor(0.3 x 10) = 3 of b's 10 (30 of 100 MACs).
+  np.testing.assert_allclose(cost.channelwise_bops_table({"b": layers["b"], "a": layers["a"]}, [0.3], low=2),
+                             [[30 * 4 + 70 * 64], [3 * 4 + 9 * 64]])
+  # ratio x C that float arithmetic puts just below an integer still lowers that many channels
+  # (0.29 x 100 = 28.999999999999996, 0.57 x 100 = 56.99999999999999).
+  hundred = _dense("c", 100, 1)
+  assert [cost.lowered_count(hundred, r) for r in (0.29, 0.57, 0.999, 0.001)] == [29, 57, 99, 0]
+  assert sum(cost.lowered_count(hundred, k / 100) == k for k in range(101)) == 101
 
 
 def test_bops_latency_model():

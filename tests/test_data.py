@@ -38,6 +38,52 @@ def test_missing_dataset_says_where_and_how(tmp_path):
     fashion_mnist.load("validation", str(tmp_path))
 
 
+def test_idx_reader_error_paths(tmp_path):
+  """A missing file is named (only that one), and a wrong magic, a truncated payload or a count
+  mismatch between images and labels are errors, not silently wrong arrays."""
+  import gzip
+  import shutil
+
+  from conftest import make_fmnist_dir, write_idx
+
+  good = make_fmnist_dir(str(tmp_path / "good"), num_train=8, num_test=4)
+  images_name, labels_name = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
+
+  def broken(name):
+    d = tmp_path / name
+    shutil.copytree(good, d)
+    return d
+
+  d = broken("missing")
+  os.remove(d / labels_name)
+  with pytest.raises(FileNotFoundError) as e:
+    fashion_mnist.load("train", str(d))
+  assert labels_name in str(e.value) and images_name not in str(e.value)
+  fashion_mnist.load("test", str(d))  # the other split is still readable
+
+  d = broken("magic")  # 0x0D = float32 payload, not unsigned bytes
+  raw = gzip.open(d / images_name).read()
+  with gzip.open(d / images_name, "wb") as f:
+    f.write(bytes([0, 0, 0x0D]) + raw[3:])
+  with pytest.raises(ValueError, match="not an unsigned-byte IDX file"):
+    fashion_mnist.load("train", str(d))
+
+  d = broken("truncated")  # the header says 8 x 28 x 28, the payload stops 100 bytes short
+  with gzip.open(d / images_name, "wb") as f:
+    f.write(raw[:-100])
+  with pytest.raises(ValueError, match="truncated"):
+    fashion_mnist.load("train", str(d))
+  with gzip.open(d / images_name, "wb") as f:  # ... or has bytes beyond what the header says
+    f.write(raw + b"\0" * 28)
+  with pytest.raises(ValueError, match="truncated"):
+    fashion_mnist.load("train", str(d))
+
+  d = broken("counts")  # 8 images but 7 labels
+  write_idx(d / labels_name, np.zeros(7, np.uint8))
+  with pytest.raises(ValueError, match="8 images but 7 labels"):
+    fashion_mnist.load("train", str(d))
+
+
 def test_resize_and_three_channels(tiny_fmnist):
   ds = data.fashion_mnist_dataset("test", tiny_fmnist, image_size=32, channels=3)
   batch = ds.load(np.arange(4), None)
@@ -94,10 +140,25 @@ def test_calibration_images_seeded_unlabelled(tiny_fmnist):
 
 
 def test_eval_transform_geometry():
+  from PIL import Image
+
   image = np.random.default_rng(0).integers(0, 255, size=(300, 400, 3), dtype=np.uint8)
   t = preprocess.get_eval_transform("resnet50")  # crop_pct 0.95
   out = preprocess.eval_image(image, 224, t)
   assert out.shape == (224, 224, 3) and out.dtype == np.float32
+  # By hand: short side 300 -> floor(224 / 0.95) = 235, long side 400 * 235 / 300 = 313.3 -> 313
+  # (bicubic), then the centre 224 x 224: rows (235 - 224) // 2 = 5.., columns (313 - 224) // 2 = 44..
+  resized = np.asarray(Image.fromarray(image).resize((313, 235), Image.BICUBIC))
+  np.testing.assert_allclose(out, preprocess.normalize(resized[5:229, 44:268], t.mean, t.std), atol=1e-6)
+  # No resize (crop_pct 1, short side already the size): exactly the centre window of the image,
+  # for a wide image (columns 6..33 of 40) and a tall one (rows 11..38 of 50).
+  fm = preprocess.get_eval_transform("fashion_mnist")
+  wide = np.random.default_rng(1).integers(0, 255, size=(28, 40), dtype=np.uint8)
+  tall = np.random.default_rng(2).integers(0, 255, size=(50, 28), dtype=np.uint8)
+  np.testing.assert_allclose(preprocess.eval_image(wide, 28, fm, channels=1)[..., 0],
+                             (wide[:, 6:34] / 255 - 0.2860) / 0.3530, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(preprocess.eval_image(tall, 28, fm, channels=1)[..., 0],
+                             (tall[11:39, :] / 255 - 0.2860) / 0.3530, rtol=1e-5, atol=1e-5)
   # mean/std normalisation: a uniform grey image maps to (v/255 - mean)/std.
   grey = np.full((256, 256, 3), 128, np.uint8)
   vit = preprocess.eval_image(grey, 224, preprocess.get_eval_transform("vit_base_patch16_224"))

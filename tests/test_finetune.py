@@ -97,6 +97,48 @@ def test_qat_step_samples_ratios_reproducibly(setup):
   assert all(0.0 <= r <= 1.0 for r in first)
 
 
+def _chi_square(counts, probs) -> float:
+  counts, probs = np.asarray(counts, np.float64), np.asarray(probs, np.float64)
+  expected = counts.sum() * probs
+  return float(((counts - expected) ** 2 / expected).sum())
+
+
+# Chi-square critical value at p = 0.001 with 2 degrees of freedom (3 levels): a correct sampler
+# exceeds it once in a thousand seeds; the seed below is fixed, so the test is deterministic.
+CHI2_2DOF_P001 = 13.82
+
+
+def test_qat_steps_draw_several_levels_with_their_probabilities(setup):
+  """Over 400 QAT steps the per-step ratio takes each of 3 levels with its set probability (a
+  chi-square bound), so every level is trained, in the proportions configured; and each step's
+  loss is the model's at the ratio it drew."""
+  fake = setup.qmodel.with_mode("fake")
+  tx = optax.sgd(0.0)
+  levels, probs = (0.0, 0.5, 1.0), (0.2, 0.3, 0.5)
+  step = jax.jit(functools.partial(finetune.qat_step, qmodel=fake, tx=tx,
+                                   sampler=finetune.RatioSampler(levels, probs),
+                                   rng_key=jax.random.PRNGKey(5)))
+  batch = {k: v[:2] for k, v in setup.batch().items()}
+  state, ratios, ces = finetune.create_state(setup.qvars, tx, False), [], []
+  for _ in range(400):
+    state, metrics = step(state, batch)
+    ratios.append(float(metrics["ratio"]))
+    ces.append(float(metrics["ce"]))
+  ratios, ces = np.asarray(ratios), np.asarray(ces)
+  assert set(ratios.tolist()) == set(levels)  # only the levels, each of them drawn
+  counts = [np.sum(ratios == l) for l in levels]
+  assert _chi_square(counts, probs) < CHI2_2DOF_P001, counts
+  # The same counts are far from other proportions (the test has the power to tell them apart).
+  assert _chi_square(counts, (1 / 3, 1 / 3, 1 / 3)) > CHI2_2DOF_P001, counts
+  assert _chi_square(counts, (0.5, 0.3, 0.2)) > CHI2_2DOF_P001, counts
+  # Learning rate 0: the weights never change, so a step at level l has the loss at ratio l.
+  by_hand = {l: float(optax.softmax_cross_entropy_with_integer_labels(
+      fake.apply(setup.qvars, batch["image"], l), batch["label"]).mean()) for l in levels}
+  assert min(abs(by_hand[a] - by_hand[b]) for a, b in ((0.0, 0.5), (0.5, 1.0), (0.0, 1.0))) > 1e-4, by_hand
+  for l in levels:
+    np.testing.assert_allclose(ces[ratios == l], by_hand[l], rtol=1e-5, err_msg=f"level {l}")
+
+
 def test_ratio_sampler_distribution():
   """Levels with their probabilities, 0 included, and continuous ratios between levels."""
   sampler = finetune.RatioSampler((0.0, 0.5, 1.0), (0.2, 0.3, 0.5), uniform_prob=0.4)

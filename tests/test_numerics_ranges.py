@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -151,6 +152,19 @@ def test_mse_from_histogram_per_channel_jit():
   lo, hi = numerics.mse_range(x, 4, True, True, axis=1)
   width = np.asarray(edges[:, 1] - edges[:, 0])
   assert np.all(np.abs(hhi - hi) <= width) and np.all(np.abs(hlo - lo) <= width)
+
+
+def test_mse_range_ties_go_to_the_largest_shrink_factor():
+  """A (nearly) dead channel, range below MIN_RANGE: every candidate floors to the same scale, so
+  all errors tie, and the tie rule keeps the unshrunk range (factor 1), not the smallest (0.01)."""
+  x = jnp.array([0.0, 1e-10, 5e-11, 2e-11])
+  lo, hi = numerics.mse_range(x, 8, True, False)
+  assert float(lo) == 0.0 and float(hi) == pytest.approx(1e-10, rel=1e-6)
+  lo, hi = numerics.mse_range(x - 3e-11, 8, False, True)
+  assert (float(lo), float(hi)) == pytest.approx((-3e-11, 7e-11), rel=1e-5)
+  # The histogram search, same rule: the occupied range [0, 3e-10] (upper edge of bin 2).
+  lo, hi = numerics.mse_range_from_histogram(jnp.array([3.0, 0, 1, 0]), jnp.linspace(0.0, 4e-10, 5), 8, True, False)
+  assert float(lo) == 0.0 and float(hi) == pytest.approx(3e-10, rel=1e-6)
 
 
 def test_constant_and_empty_inputs_are_finite():

@@ -167,6 +167,24 @@ def _float_variables(config, workdir):
     return pipeline.train_float(pipeline.Run(config, workdir)).variables
 
 
+def _float_metrics_by_hand(config, variables) -> dict:
+  """top1/top5 (%) and mean loss of the float model on the run's (mock) eval examples, in numpy."""
+  import tensorflow_datasets as tfds
+
+  with tfds.testing.mock_data(num_examples=24):
+    batches = list(pipeline.eval_batches(config))
+  keep = np.concatenate([b["mask"] for b in batches]) > 0
+  labels = np.concatenate([b["label"] for b in batches])[keep]
+  model = pipeline.build_model(config, 1000)
+  logits = np.concatenate([np.asarray(jax.jit(lambda x: model.apply(variables, x, train=False))(b["image"]))
+                           for b in batches])[keep].astype(np.float64)
+  logp = logits - logits.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  top5 = np.argsort(-logits, -1)[:, :5]
+  return {"top1": 100 * np.mean(top5[:, 0] == labels), "top5": 100 * np.mean((top5 == labels[:, None]).any(-1)),
+          "loss": -np.mean(logp[np.arange(len(labels)), labels]), "num_examples": len(labels)}
+
+
 @pytest.mark.skipif(not TIMM, reason="needs torch and timm (requirements-test.txt)")
 @pytest.mark.parametrize("file,selector", [("resnet18", "greedy"), ("deit_t", "evolutionary")])
 def test_run_py_sweep_from_timm_weights_on_mock_imagenet(file, selector, tmp_path, monkeypatch):
@@ -187,14 +205,17 @@ def test_run_py_sweep_from_timm_weights_on_mock_imagenet(file, selector, tmp_pat
   # Transformer configs carry the input size in model.kwargs (it follows data.image_size).
   expected_kwargs = {**flax_kwargs, **({"image_size": image_size} if file == "deit_t" else {})}
   assert results["config"]["model"]["kwargs"] == json.loads(json.dumps(expected_kwargs))
-  assert 0 <= results["metrics"]["float"]["top1"] <= 100
+  # The float metrics are the imported model's on the 16 mock eval examples, counted by hand.
+  assert results["metrics"]["float"] == pytest.approx(_float_metrics_by_hand(config, variables), rel=1e-4)
   assert results["metrics"]["float"]["num_examples"] == 16
   rows = results["metrics"]["ratio_sweep"]
   assert [r["ratio"] for r in rows] == [0.0, 0.5, 1.0]
   bops = [r["relative_bops"] for r in rows]
   assert bops[0] == pytest.approx(1.0) and all(a > b for a, b in zip(bops, bops[1:])), bops
   for r in rows:
-    assert 0 <= r["top1_before"] <= 100 and 0 <= r["top5_before"] <= 100
+    assert r["top1_before"] <= r["top5_before"]  # a top-1 hit is a top-5 hit
+    for key in ("top1_before", "top5_before"):  # hits counted over the 16 examples
+      assert r[key] * 16 / 100 == pytest.approx(round(r[key] * 16 / 100)), (key, r)
     assert r["top1_after"] is None  # --mode=sweep without a finetuned model: no finetuning
   assert not os.path.exists(os.path.join(workdir, "finetune"))
   selection = json.load(open(os.path.join(workdir, "select", "selection.json")))

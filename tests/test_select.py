@@ -204,6 +204,16 @@ def test_greedy_lowers_globally_smallest_normalised_range_first():
   layer, member = S.global_channel_sequence(channels, ranges)
   np.testing.assert_array_equal(member[layer == 0], S.channel_order(ranges[0]))
   np.testing.assert_array_equal(member[layer == 1], S.channel_order(ranges[1]))
+  # Layer 0's channel of range 10 (its max: score 1.0) ties layer 1's channels under 'max' and goes
+  # first (earlier layer); normalised by layer 0's mean (2.65) it scores 3.8 and goes after them.
+  np.testing.assert_array_equal(S.select_greedy_by_range((0.625,), channels, macs, ranges), [[4, 1]])
+  np.testing.assert_array_equal(S.select_greedy_by_range((0.625,), channels, macs, ranges, normalize="mean"),
+                                [[3, 2]])
+  # A level takes the prefix of the sequence whose MAC share is closest to it, below or above:
+  # with 100 MACs per channel in layer 0 and 1000 in layer 1 the prefixes of 4 and 5 channels
+  # hold 400/4400 = 0.091 and 1400/4400 = 0.318 of the MACs, so 0.2 takes 4 and 0.3 takes 5.
+  np.testing.assert_array_equal(S.select_greedy_by_range((0.2, 0.3), channels, np.array([400.0, 4000.0]), ranges),
+                                [[4, 0], [4, 1]])
   # Layer scales differ by 100x: raw ranges lower all of the small layer first; 'max' interleaves.
   ranges = [np.linspace(0.01, 0.02, 4), np.linspace(1, 2, 4)]
   raw = S.select_greedy_by_range((0.5,), channels, macs, ranges, normalize="none")

@@ -60,6 +60,72 @@ def test_train_step_is_pure_and_learns(optimizer):
   assert float(m["loss"]) < 0.5 * float(m0["loss"])  # memorises a single batch
 
 
+def _updates_of_sgd(cfg, grads, params, steps):
+  """The optimizer's update at each of `steps` consecutive steps for fixed gradients."""
+  tx = train_lib.make_optimizer(cfg, total_steps=20)
+  state, out = tx.init(params), []
+  for _ in range(steps):
+    updates, state = tx.update(grads, state, params)
+    out.append(updates)
+  return out
+
+
+def test_learning_rate_schedule_at_chosen_steps():
+  """Linear warmup from 0 over 4 steps, then cosine from the peak to 0 at step 20, by hand."""
+  lr = 0.1
+  cosine = lambda s: lr * 0.5 * (1 + np.cos(np.pi * (s - 4) / 16))
+  schedule = train_lib.make_schedule(_opt_config(learning_rate=lr, warmup_steps=4), total_steps=20)
+  want = {0: 0.0, 1: 0.025, 2: 0.05, 4: 0.1, 8: cosine(8), 12: 0.05, 16: cosine(16), 19: cosine(19), 20: 0.0}
+  assert cosine(8) == pytest.approx(0.0853553, abs=1e-7) and cosine(16) == pytest.approx(0.0146447, abs=1e-7)
+  for step, value in want.items():
+    assert float(schedule(step)) == pytest.approx(value, abs=1e-7), step
+  # Without warmup the cosine starts at the peak; 'constant' warms up, then stays at the peak.
+  no_warmup = train_lib.make_schedule(_opt_config(learning_rate=lr), total_steps=20)
+  assert [float(no_warmup(s)) for s in (0, 10, 20)] == pytest.approx([0.1, 0.05, 0.0], abs=1e-7)
+  constant = train_lib.make_schedule(_opt_config(learning_rate=lr, warmup_steps=4, schedule="constant"), 20)
+  assert [float(constant(s)) for s in (0, 2, 4, 12, 20)] == pytest.approx([0.0, 0.05, 0.1, 0.1, 0.1], abs=1e-7)
+  # The optimizer follows the schedule: plain SGD (no momentum, no decay) on a unit gradient
+  # moves each parameter by -lr(step).
+  params = {"w": jnp.ones((2, 2))}
+  cfg = _opt_config(learning_rate=lr, warmup_steps=4, momentum=0.0, nesterov=False, weight_decay=0.0)
+  updates = _updates_of_sgd(cfg, {"w": jnp.ones((2, 2))}, params, 13)
+  for step in (0, 2, 4, 8, 12):
+    np.testing.assert_allclose(updates[step]["w"], -want[step], atol=1e-7, err_msg=f"step {step}")
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_weight_decay_reaches_kernels_and_embeddings_only(optimizer):
+  """Decayed: conv/dense kernels and other >= 2-D weights (embeddings); not decayed: biases and
+  norm scales. With zero gradients the update is -lr * weight_decay * w exactly where decayed."""
+  model = models.create("resnet_small", num_classes=4)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 12, 12, 1)))["params"]
+  # A ViT's embeddings and a DenseGeneral with a 2-D bias (heads x head_dim), as in attention.
+  params = {**params, "pos_embed": jnp.ones((1, 5, 8)), "cls_token": jnp.ones((1, 1, 8)),
+            "qkv": {"kernel": jnp.ones((8, 3, 4)), "bias": jnp.ones((3, 4))}}
+  mask = train_lib._decay_mask(params)
+  flat_mask = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_leaves_with_path(mask)}
+  assert flat_mask["['conv1']['kernel']"] and flat_mask["['fc']['kernel']"] and flat_mask["['pos_embed']"]
+  assert flat_mask["['qkv']['kernel']"] and flat_mask["['layer2_0']['downsample_conv']['kernel']"]
+  assert not flat_mask["['bn1']['scale']"] and not flat_mask["['bn1']['bias']"]
+  assert not flat_mask["['fc']['bias']"] and not flat_mask["['qkv']['bias']"]
+  assert sum(flat_mask.values()) < len(flat_mask)
+  cfg = _opt_config(optimizer=optimizer, learning_rate=0.1, schedule="constant", weight_decay=0.01,
+                    momentum=0.0, nesterov=False)
+  updates = _updates_of_sgd(cfg, jax.tree.map(jnp.zeros_like, params), params, 1)[0]
+  for path, w in jax.tree_util.tree_leaves_with_path(params):
+    u = _at(updates, path)
+    decayed = flat_mask[jax.tree_util.keystr(path)]
+    assert decayed == (w.ndim > 1 and path[-1].key not in ("bias", "scale")), jax.tree_util.keystr(path)
+    np.testing.assert_allclose(u, -0.1 * 0.01 * w if decayed else 0.0, rtol=1e-5, atol=1e-9,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def _at(tree, path):
+  for key in path:
+    tree = tree[key.key]
+  return tree
+
+
 def test_unknown_optimizer_and_schedule_errors():
   with pytest.raises(ValueError, match="'sgd' or 'adamw'"):
     train_lib.make_optimizer(_opt_config(optimizer="lion"), 10)
