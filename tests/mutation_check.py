@@ -198,6 +198,20 @@ MUTANTS = (
            "budget.counts_for_uniform_ratio(r, channels, macs, lower=prev)",
            "budget.counts_for_uniform_ratio(r, channels, macs)",
            ("tests/test_select.py",), "uniform selections of successive levels need not be nested"),
+    # -- the serving form of the integer path ---------------------------------------------------
+    Mutant("serving_border_inside_strict", "flexiq_jax/quantize/integer.py",
+           "return (pos >= 0) & (pos < size)", "return (pos > 0) & (pos < size)",
+           ("tests/test_integer.py",), "unsigned-shift border correction counts the first row/column as padding"),
+    Mutant("serving_lowering_floor", "flexiq_jax/quantize/integer.py",
+           "jnp.floor(q * (1.0 / step) + 0.5)", "jnp.floor(q * (1.0 / step))",
+           ("tests/test_integer.py",), "activation lowering rounds down instead of half up"),
+    Mutant("serving_float_codes_unbounded", "flexiq_jax/quantize/integer.py",
+           "return taps * (128 if signed else 255) * layer_ops.WEIGHT_QMAX <= 2 ** 24",
+           "return True", ("tests/test_integer.py",), "float32 convs on codes even where the sums are inexact"),
+    Mutant("serving_correction_unmasked", "flexiq_jax/quantize/integer.py",
+           "y = y + layer_ops.masked_channel_sum(info, lowered, entry[\"lost\"])",
+           "y = y + layer_ops.masked_channel_sum(info, jnp.ones_like(lowered), entry[\"lost\"])",
+           ("tests/test_integer.py",), "bias correction of every channel, lowered or not"),
 )
 
 
