@@ -82,8 +82,10 @@ class LoadedRun:
   qmodel: quantize_lib.QuantizedModel
   qvars: dict
 
-  def predict(self):
-    return make_predict(self.qmodel, self.qvars)
+  def predict(self, tune_images=None):
+    """`quantize.make_predict` on the serving variables (`tune_images`: choose each conv's
+    implementation by measurement at that batch shape first)."""
+    return make_predict(self.qmodel, self.qvars, tune_images=tune_images)
 
 
 def _require(path: str, what: str) -> str:

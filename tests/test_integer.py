@@ -128,6 +128,15 @@ def test_tuning_picks_a_valid_impl_per_conv_and_keeps_the_logits(setup):
   np.testing.assert_array_equal(jax.jit(tuned.apply)(qvars, images, 0.5), jax.jit(qmodel.apply)(qvars, images, 0.5))
 
 
+def test_make_predict_can_tune_and_keeps_the_logits(setup):
+  model, plan, qvars, images = setup.model, setup.plan, setup.qvars, setup.images
+  qmodel = quantize.QuantizedModel(model, plan)
+  tuned = quantize.make_predict(qmodel, qvars, tune_images=images[:8])
+  assert isinstance(tuned.qmodel.conv_impls, tuple)
+  assert sorted(p for p, _ in tuned.qmodel.conv_impls) == sorted(p for p in plan.quantized if plan.layers[p].kind == "conv")
+  np.testing.assert_allclose(tuned(images[:8], 0.5), quantize.make_predict(qmodel, qvars)(images[:8], 0.5), rtol=1e-6, atol=0)
+
+
 def test_unknown_conv_impls_setting_is_an_error(setup):
   with pytest.raises(ValueError, match="conv_impls must be"):
     quantize.QuantizedModel(setup.model, setup.plan, conv_impls="fast")

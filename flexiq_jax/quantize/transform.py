@@ -37,6 +37,7 @@ from flexiq_jax import select
 from flexiq_jax.interception import LayerCall, MatmulCall, get_path, set_path
 from flexiq_jax.quantize import integer
 from flexiq_jax.quantize import layer_ops
+from flexiq_jax.quantize import tuning
 from flexiq_jax.quantize.plan import QuantPlan, unfolded_batch_stats
 
 
@@ -247,9 +248,14 @@ def check_ratio(ratio) -> float:
   return r
 
 
-def make_predict(qmodel: QuantizedModel, qvars):
+def make_predict(qmodel: QuantizedModel, qvars, *, tune_images=None):
   """predict(images, ratio) for serving: validates the ratio, one compiled function for all
-  ratios. In mode 'int' the serving form is prepared once here (`QuantizedModel.prepare`)."""
+  ratios. In mode 'int' the serving form is prepared once here (`QuantizedModel.prepare`); with
+  `tune_images` (a batch of the serving shape) each conv's implementation is first chosen by
+  measurement (`tuning.tune_conv_impls`: the same logits, often several times faster on CPU).
+  `predict.qmodel` is the model that runs."""
+  if qmodel.mode == "int" and tune_images is not None:
+    qmodel, _ = tuning.tune_conv_impls(qmodel, qvars, tune_images)
   if qmodel.mode == "int":
     qvars = jax.jit(qmodel.prepare)(qvars)
   jitted = jax.jit(qmodel.apply)
@@ -259,6 +265,7 @@ def make_predict(qmodel: QuantizedModel, qvars):
 
   predict.jitted = jitted
   predict.variables = qvars
+  predict.qmodel = qmodel
   return predict
 
 
