@@ -162,16 +162,15 @@ FLOAT_CODES_BELOW_CHANNELS = 32
 
 
 def default_conv_impl(info: LayerInfo) -> str:
-  """Without tuning (`tune_conv_impls`): on CPU, convs with fewer than 32 input channels run on the
-  codes in float32 (measured on a 2-core AVX-512 VNNI machine, batch 512: XLA's int8 16 -> 16 3x3
-  conv is several times slower than its float32 one, 32 -> 16 twice as fast; a 1-3 channel stem is
-  widened to int32 by XLA), depthwise and grouped convs as int8 on explicitly padded codes; every
-  other conv, and everything on other backends, as 'int8'."""
+  """Without tuning (`tune_conv_impls`): on CPU, convs with fewer than 32 input channels and
+  depthwise/grouped convs run on the codes in float32 (falling back to int8 where that would not
+  be exact); every other conv, and everything on other backends, as 'int8'. Measured on a 2-core
+  AVX-512 VNNI machine (benchmarks/integer_path.py): XLA's int8 16 -> 16 3x3 conv is several times
+  slower than its float32 one and 32 -> 16 twice as fast; a 1-3 channel stem is widened to int32;
+  EfficientNet-B0's 5x5 depthwise convs run about 6x slower in int8 than on float32 codes."""
   if jax.default_backend() != "cpu" or info.kind != "conv":
     return "int8"
-  if info.groups > 1:
-    return "int8_pad"
-  return "float32" if info.in_channels < FLOAT_CODES_BELOW_CHANNELS else "int8"
+  return "float32" if info.groups > 1 or info.in_channels < FLOAT_CODES_BELOW_CHANNELS else "int8"
 
 
 def conv_impl_for(info: LayerInfo, signed: bool, requested: str | None) -> str:
