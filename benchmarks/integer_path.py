@@ -262,6 +262,7 @@ def main(argv):
     write_results(results, _OUT.value, max(batches))  # after every model: a killed run keeps them
     print(f"wrote {out_path}.md/.json/.png", flush=True)
   results["packed_weights"] = packed_weights_check(1, repeats)
+  results["cost_model"] = fit_cost_model(results["models"], max(batches))
   write_results(results, _OUT.value, max(batches))
   print(f"wrote {out_path}.md/.json/.png")
 
