@@ -225,7 +225,7 @@ def main(argv):
   if _RESUME.value and os.path.exists(out_path + ".json"):
     previous = records.read_json(out_path + ".json")
     results["models"] = previous["models"]
-    results["info"]["resumed_from"] = previous["info"]
+    results["info"]["resumed_from"] = previous["info"].get("resumed_from", previous["info"])  # the first run
   repeats = _REPEATS.value
   for spec, full in model_specs:
     subject = build_subject(spec, full)
@@ -295,7 +295,13 @@ def write_results(results: dict, out_dir: str, batch: int) -> str:
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, f"integer_path_{results['info']['backend']}")
   records.write_json_atomic(path + ".json", results)
-  lines = ["# Integer path speed\n", records.provenance_header(results["info"]),
+  lines = ["# Integer path speed\n", records.provenance_header(results["info"])]
+  if "resumed_from" in results["info"]:
+    first = results["info"]["resumed_from"]
+    lines.append(f"Resumed: the models already in the file were measured by `{first['command']}` at commit "
+                 f"`{first['commit']}` on {first['date']}; this run measured the rest and the sections after the "
+                 "model tables.\n")
+  lines += [
            f"Python {results['info']['python']}, jax {results['info']['jax_version']}, flax {results['info']['flax']}, "
            f"{results['info']['cores']} cores ({results['info']['cpu']}). Random weights, random calibration images "
            "(speed only). Median of interleaved rounds; speed-up = float32 time / time.\n"]
