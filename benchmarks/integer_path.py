@@ -225,7 +225,10 @@ def main(argv):
   if _RESUME.value and os.path.exists(out_path + ".json"):
     previous = records.read_json(out_path + ".json")
     results["models"] = previous["models"]
-    results["info"]["resumed_from"] = previous["info"].get("resumed_from", previous["info"])  # the first run
+    first = previous["info"]
+    while "resumed_from" in first:  # the run that measured the first models
+      first = first["resumed_from"]
+    results["info"]["resumed_from"] = first
   repeats = _REPEATS.value
   for spec, full in model_specs:
     subject = build_subject(spec, full)
