@@ -218,18 +218,20 @@ def kernel_matrix(info: LayerInfo, kernel):
   return kernel
 
 
+def spatial_pair(v) -> tuple[int, int]:
+  """A conv's stride or dilation setting (None, an int or a pair) as a (height, width) pair."""
+  v = 1 if v is None else v
+  return (v, v) if isinstance(v, int) else tuple(v)
+
+
 def conv_padding(module: nn.Conv, x_shape, kernel_shape):
   """The module's padding as explicit (lo, hi) pairs (symmetric as PyTorch where it says so)."""
   padding = module.padding
   if isinstance(padding, str):
     if padding.upper() == "CIRCULAR":
       raise NotImplementedError(f"{'/'.join(module.path)}: circular padding is not supported")
-    strides = module.strides or 1
-    strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
-    dil = module.kernel_dilation or 1
-    dil = (dil,) * 2 if isinstance(dil, int) else tuple(dil)
-    eff = [(k - 1) * d + 1 for k, d in zip(kernel_shape[:2], dil)]
-    return lax.padtype_to_pads(x_shape[1:3], eff, strides, padding.upper())
+    eff = [(k - 1) * d + 1 for k, d in zip(kernel_shape[:2], spatial_pair(module.kernel_dilation))]
+    return lax.padtype_to_pads(x_shape[1:3], eff, spatial_pair(module.strides), padding.upper())
   if isinstance(padding, int):
     return [(padding, padding)] * 2
   return [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
@@ -238,14 +240,10 @@ def conv_padding(module: nn.Conv, x_shape, kernel_shape):
 def conv(module: nn.Conv, x, kernel, padding, preferred=None, input_dilation=None):
   """The module's convolution (strides, dilations, groups) on explicit operands; `input_dilation`
   overrides the module's (e.g. 1 for an input the caller has already dilated)."""
-  def pair(v):
-    v = 1 if v is None else v
-    return (v, v) if isinstance(v, int) else tuple(v)
-
   lhs_dilation = module.input_dilation if input_dilation is None else input_dilation
   return lax.conv_general_dilated(
-      x, kernel, window_strides=pair(module.strides), padding=padding,
-      lhs_dilation=pair(lhs_dilation), rhs_dilation=pair(module.kernel_dilation),
+      x, kernel, window_strides=spatial_pair(module.strides), padding=padding,
+      lhs_dilation=spatial_pair(lhs_dilation), rhs_dilation=spatial_pair(module.kernel_dilation),
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=module.feature_group_count,
       preferred_element_type=preferred)
 

@@ -46,7 +46,7 @@ from jax import lax
 
 from flexiq_jax import numerics
 from flexiq_jax.interception import (LayerCall, LayerInfo, MatmulCall, as_matrix_input, conv, conv_padding, finish,
-                                     get_path, kernel_matrix, set_path)
+                                     get_path, kernel_matrix, set_path, spatial_pair)
 from flexiq_jax.quantize import layer_ops
 from flexiq_jax.quantize.plan import QuantPlan
 
@@ -67,14 +67,12 @@ def prepare_layer(info: LayerInfo, layer_params: dict, lq: dict, *, lowerable: b
     w8 = kernel_matrix(info, codes).astype(jnp.float32)
   s_x = lq["act_scale"]
   entry = {"act_scale": s_x, "weight_scale": s_w, "scale": s_x * s_w, "step": jnp.exp2(lq["act_e"].astype(jnp.float32))}
-  w_low = numerics.lower_codes(w8, layer_ops.gather_channel(lq["weight_e"], info), signed=True)
-  lowerable = lowerable and "rank" in lq  # no rank: no selection yet (report.float_ops_of_plan)
-  if lowerable:
+  if lowerable and "rank" in lq:  # no rank: no selection yet (report.float_ops_of_plan)
+    w_low = numerics.lower_codes(w8, layer_ops.gather_channel(lq["weight_e"], info), signed=True)
     entry["rank"] = lq["rank"]
+    entry["w_low"] = w_low.astype(jnp.int8)
     if "mean_lowered" in lq:
       entry["lost"] = layer_ops.lost_output_table(info, w8, w_low, lq)
-  if lowerable:
-    entry["w_low"] = w_low.astype(jnp.int8)
   params = {"kernel": w8.astype(jnp.int8)}
   if layer_params.get("bias") is not None:
     params["bias"] = layer_params["bias"]
@@ -123,11 +121,6 @@ def activation_codes(x, entry: dict, lowered, *, signed: bool):
   return jnp.clip(jnp.floor(q * (1.0 / step) + 0.5), lo, hi) * step
 
 
-def _pair(v) -> tuple[int, int]:
-  v = 1 if v is None else v
-  return (v, v) if isinstance(v, int) else tuple(v)
-
-
 def _taps_inside(size: int, out_size: int, taps: int, stride: int, dilation: int, pad_lo: int) -> np.ndarray:
   """(out_size, taps) bool: whether tap a of output position r reads inside the input (not padding)."""
   pos = np.arange(out_size)[:, None] * stride + np.arange(taps)[None, :] * dilation - pad_lo
@@ -142,7 +135,7 @@ def unsigned_shift_correction(module, x_shape, padding, kernel, out_hw) -> jax.A
   static shapes (numpy) and the per-tap column sums of the kernel at this ratio: no extra pass over
   the activations, and the conv keeps its own padding (XLA:CPU's int8 conv on an explicitly padded
   input runs several times slower)."""
-  (kh, kw), strides, dil = kernel.shape[:2], _pair(module.strides), _pair(module.kernel_dilation)
+  (kh, kw), strides, dil = kernel.shape[:2], spatial_pair(module.strides), spatial_pair(module.kernel_dilation)
   rows = _taps_inside(x_shape[1], out_hw[0], kh, strides[0], dil[0], padding[0][0])
   cols = _taps_inside(x_shape[2], out_hw[1], kw, strides[1], dil[1], padding[1][0])
   inside = (rows[:, None, :, None] & cols[None, :, None, :]).astype(np.int32)  # (H', W', kh, kw)
@@ -207,9 +200,9 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
     shift = 0 if signed else 128
     xi = (q - shift).astype(jnp.int8)
     padding = conv_padding(module, x.shape, info.kernel_shape)
-    if shift and (impl == "int8_pad" or _pair(module.input_dilation) != (1, 1)):
+    if shift and (impl == "int8_pad" or spatial_pair(module.input_dilation) != (1, 1)):
       # Border padding (and a transposed conv's inserted zeros) are real zeros: code -128 shifted.
-      d = _pair(module.input_dilation)
+      d = spatial_pair(module.input_dilation)
       xi = lax.pad(xi, jnp.int8(-shift), [(0, 0, 0), (*padding[0], d[0] - 1), (*padding[1], d[1] - 1), (0, 0, 0)])
       acc = conv(module, xi, wi, [(0, 0), (0, 0)], preferred=conv_accumulator, input_dilation=1)
       acc = acc + (shift * jnp.sum(wi, axis=(0, 1, 2), dtype=jnp.int32)).astype(acc.dtype)

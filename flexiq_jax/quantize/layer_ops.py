@@ -19,7 +19,7 @@ from jax import lax
 
 from flexiq_jax import numerics
 from flexiq_jax.interception import (LayerCall, LayerInfo, MatmulCall, as_matrix_input, conv, conv_padding,
-                                     einsum_summed_size, finish, kernel_matrix)
+                                     einsum_summed_size, finish, kernel_matrix, spatial_pair)
 
 WEIGHT_QMAX = float(numerics.WEIGHT_QMAX_8BIT)
 
@@ -154,8 +154,7 @@ def quantized_forward(call: LayerCall, x, lq: dict, lowered, *, signed: bool, mo
       # Border padding and, for an input-dilated (transposed) conv, the zeros inserted between
       # inputs are real zeros: code -shift once shifted. lax.pad writes both (interior padding =
       # dilation - 1; negative borders crop as in the conv), then the conv runs undilated.
-      d = module.input_dilation or 1
-      d = (d, d) if isinstance(d, int) else tuple(d)
+      d = spatial_pair(module.input_dilation)
       pads = [(0, 0, 0), (*padding[0], d[0] - 1), (*padding[1], d[1] - 1), (0, 0, 0)]
       xi = lax.pad(xi, jnp.int8(-shift), pads)
       padding, dilation = [(0, 0), (0, 0)], 1
