@@ -51,8 +51,8 @@ def main(argv):
   if result.float_metrics is not None:
     records.update_results(workdir, config, "float", result.float_metrics)
   if mode in ("sweep", "all"):
-    before = pipeline.sweep(run, result.quantized, desc="before finetuning")
-    after = pipeline.sweep(run, tuned, desc="after finetuning") if tuned else None
+    before = pipeline.sweep(run, result.quantized, desc="before finetuning", float_logits=result.float_logits)
+    after = pipeline.sweep(run, tuned, desc="after finetuning", float_logits=result.float_logits) if tuned else None
     rows = evaluate.ratio_rows(before, after)
     records.update_results(workdir, config, "ratio_sweep", rows)
     print(evaluate.write_ratio_report(workdir, rows, result.float_metrics,

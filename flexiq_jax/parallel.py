@@ -42,5 +42,14 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
+def host_local(array) -> np.ndarray:
+  """This process's rows of a batch-sharded (or replicated) global array, in order."""
+  shards = {}
+  for shard in array.addressable_shards:
+    start = shard.index[0].start or 0 if shard.index else 0
+    shards.setdefault(start, shard.data)
+  return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+
+
 def replicate(tree, mesh: Mesh):
   return jax.device_put(tree, replicated(mesh))

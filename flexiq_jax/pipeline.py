@@ -60,6 +60,9 @@ class PipelineResult:
 
   float_model: FloatModel
   float_metrics: dict | None = None
+  # The float model's logits on the eval batches, one array per batch (from the float
+  # evaluation's pass): the reference of the sweep's agreement / KL / SQNR columns.
+  float_logits: tuple | None = None
   calibration: Calibration | None = None
   selection: Selection | None = None
   quantized: Quantized | None = None
@@ -136,12 +139,14 @@ def eval_batches(config):
                            num_threads=config.data.num_threads)
 
 
-def evaluate_float(run: Run, float_model: FloatModel) -> dict:
+def evaluate_float(run: Run, float_model: FloatModel, logits_out: list | None = None) -> dict:
+  """Top-1/top-5 of the float model on the eval split; `logits_out` receives its logits per batch
+  (the reference of `sweep`'s agreement / KL / SQNR)."""
   config = run.config
   parallel.check_batch_size(config.eval_batch_size, run.mesh, "eval_batch_size")
   predict = lambda images, variables: train_lib.float_logits(float_model.model, variables, images)
   metrics = train_lib.evaluate(predict, eval_batches(config), run.mesh, desc="float eval",
-                               args=(float_model.variables,))
+                               args=(float_model.variables,), logits_out=logits_out)
   print(f"float model on {config.data.name}/{config.data.eval_split}: top-1 {metrics['top1']:.2f}%  "
         f"top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}")
   return metrics
@@ -348,20 +353,26 @@ def export_serving(workdir: str, quantized: Quantized) -> str:
   return path
 
 
-def sweep(run: Run, quantized: Quantized, desc: str = "sweep", ratios=None) -> list[RatioPoint]:
+def sweep(run: Run, quantized: Quantized, desc: str = "sweep", ratios=None,
+          float_logits=None) -> list[RatioPoint]:
   """Top-1/top-5 at each ratio (default config.sweep.ratios), with relative BOPs and the 4-bit
-  share of all quantized MACs; one compilation serves every ratio."""
+  share of all quantized MACs; with `float_logits` (PipelineResult.float_logits) also agreement,
+  KL and SQNR against the float model, in the same pass. One compilation serves every ratio; the
+  serving form is prepared once, outside it."""
   qmodel, qvars = quantized.qmodel, quantized.qvars
-  predict = lambda images, qv, r: qmodel.apply(qv, images, r)  # one compilation serves every ratio
+  svars = qmodel.prepare(qvars) if qmodel.mode == "int" else qvars
+  predict = lambda images, sv, r: qmodel.apply(sv, images, r)  # one compilation serves every ratio
   points = []
   for ratio in (run.config.sweep.ratios if ratios is None else ratios):
     r = jnp.float32(quantize_lib.check_ratio(ratio))
-    metrics = train_lib.evaluate(predict, eval_batches(run.config), run.mesh,
-                                 desc=f"{desc} r={ratio}", args=(qvars, r))
-    points.append(RatioPoint(float(ratio), metrics["top1"], metrics["top5"],
-                             quantize_lib.relative_bops_at(qmodel, qvars, ratio),
-                             quantize_lib.low_bit_share_at(qmodel, qvars, ratio)))
-    print(f"{desc}: ratio {ratio:.2f}  top-1 {metrics['top1']:.2f}%  relative BOPs {points[-1].relative_bops:.3f}")
+    m = train_lib.evaluate(predict, eval_batches(run.config), run.mesh, desc=f"{desc} r={ratio}",
+                           args=(svars, r), reference_logits=float_logits)
+    points.append(RatioPoint(float(ratio), m["top1"], m["top5"], quantize_lib.relative_bops_at(qmodel, qvars, ratio),
+                             quantize_lib.low_bit_share_at(qmodel, qvars, ratio),
+                             m.get("agreement"), m.get("kl"), m.get("sqnr_db")))
+    fidelity = (f"  agreement {m['agreement']:.2f}%  KL {m['kl']:.4f}  SQNR {m['sqnr_db']:.1f} dB"
+                if "kl" in m else "")
+    print(f"{desc}: ratio {ratio:.2f}  top-1 {m['top1']:.2f}%  relative BOPs {points[-1].relative_bops:.3f}{fidelity}")
   return points
 
 
@@ -380,7 +391,9 @@ def run_until(run: Run, until: str, *, float_model: FloatModel | None = None, ev
   fm = float_model or train_float(run)
   result = PipelineResult(fm)
   if last >= STAGES.index("eval") and evaluate:
-    result = dataclasses.replace(result, float_metrics=evaluate_float(run, fm))
+    logits = []
+    result = dataclasses.replace(result, float_metrics=evaluate_float(run, fm, logits_out=logits),
+                                 float_logits=tuple(logits))
   if last < STAGES.index("calibrate"):
     return result
   calib = calibration or calibrate(run, fm)

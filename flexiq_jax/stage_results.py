@@ -43,10 +43,15 @@ class Quantized:
 @dataclasses.dataclass(frozen=True)
 class RatioPoint:
   """One evaluated 4-bit ratio. `ratio` is the share of 4-bit MACs among the lowerable layers;
-  `low_bit_mac_share` the share among all quantized layers and 8-bit attention matmuls."""
+  `low_bit_mac_share` the share among all quantized layers and 8-bit attention matmuls. Against
+  the float model on the same images (None when its logits were not given): top-1 `agreement`
+  (%), mean `kl` = KL(float || quantized) of the softmax outputs, output `sqnr_db`."""
 
   ratio: float
   top1: float
   top5: float
   relative_bops: float
   low_bit_mac_share: float
+  agreement: float | None = None
+  kl: float | None = None
+  sqnr_db: float | None = None

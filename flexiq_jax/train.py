@@ -101,43 +101,87 @@ def train_step(state: TrainState, batch, *, apply_fn: Callable, tx: optax.Gradie
 
 
 def eval_sums(logits, batch) -> dict:
-  """Masked sums (top-1, top-5 hits, loss) so padded eval batches count correctly."""
+  """Masked sums (top-1, top-5 hits, loss) so padded eval batches count correctly; with the
+  float model's logits in batch['reference_logits'], also the sums of the fidelity measures
+  (`fidelity_sums`)."""
   mask = batch.get("mask", jnp.ones(logits.shape[0], jnp.float32))
   labels = batch["label"]
   top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
   losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-  return {
+  sums = {
       "top1": jnp.sum((top5[:, 0] == labels) * mask),
       "top5": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask),
       "loss": jnp.sum(losses * mask),
       "count": jnp.sum(mask),
   }
+  if "reference_logits" in batch:
+    sums.update(fidelity_sums(logits, batch["reference_logits"], mask))
+  return sums
+
+
+def fidelity_sums(logits, reference_logits, mask) -> dict:
+  """How far `logits` are from the reference (float) model's on the same images, as masked sums:
+  top-1 agreement, KL(reference || model) of the softmax outputs, and the squared reference and
+  squared error for the output SQNR (the layer-wise search's sensitivity measure,
+  layerwise.apply.sqnr_db: 10 log10(sum ref^2 / sum (ref - out)^2) over the whole output)."""
+  out = logits.astype(jnp.float32)
+  ref = reference_logits.astype(jnp.float32)
+  ref_logp = jax.nn.log_softmax(ref)
+  kl = jnp.sum(jnp.exp(ref_logp) * (ref_logp - jax.nn.log_softmax(out)), axis=-1)
+  return {
+      "agree": jnp.sum((jnp.argmax(out, -1) == jnp.argmax(ref, -1)) * mask),
+      "kl": jnp.sum(kl * mask),
+      "ref_energy": jnp.sum(jnp.sum(ref ** 2, axis=-1) * mask),
+      "error_energy": jnp.sum(jnp.sum((ref - out) ** 2, axis=-1) * mask),
+  }
 
 
 def evaluate(predict_fn: Callable, batches: Iterable[dict], mesh=None, desc: str = "eval",
-             args: tuple = ()) -> dict:
+             args: tuple = (), reference_logits=None, logits_out: list | None = None) -> dict:
   """predict_fn(images, *args) -> logits; returns top1/top5 (%), loss and the example count.
+
+  reference_logits: the float model's logits for the same batches, in order (one host-local
+  array per batch, as `logits_out` collects them): adds top-1 agreement with it (%), the mean
+  KL(reference || model) and the output SQNR in dB, computed in the same pass.
+  logits_out: a list that receives each batch's logits (host-local, padded rows included).
 
   The jitted step is cached per `predict_fn`, so evaluating the same function with new `args`
   (e.g. another 4-bit ratio) reuses the compilation.
   """
   mesh = mesh or parallel.make_mesh()
   step = _eval_step(predict_fn)
+  references = iter(reference_logits) if reference_logits is not None else None
   totals = None
   for batch in tqdm(batches, desc=desc, leave=False, disable=_quiet()):
-    sums = step(parallel.shard_batch(batch, mesh), *args)
+    if references is not None:
+      reference = next(references, None)
+      if reference is None or len(reference) != len(batch["label"]):
+        raise ValueError("reference_logits do not match the eval batches (fewer batches or another batch size); "
+                         "compute them with logits_out= on the same batches")
+      batch = {**batch, "reference_logits": np.asarray(reference)}
+    sums, logits = step(parallel.shard_batch(batch, mesh), *args)
+    if logits_out is not None:
+      logits_out.append(parallel.host_local(logits))
     totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
   if totals is None:
     raise ValueError("evaluation received no batches")
   totals = jax.device_get(totals)
   count = float(totals["count"])
-  return {"top1": 100.0 * float(totals["top1"]) / count, "top5": 100.0 * float(totals["top5"]) / count,
-          "loss": float(totals["loss"]) / count, "num_examples": int(count)}
+  metrics = {"top1": 100.0 * float(totals["top1"]) / count, "top5": 100.0 * float(totals["top5"]) / count,
+             "loss": float(totals["loss"]) / count, "num_examples": int(count)}
+  if "agree" in totals:
+    error = float(totals["error_energy"])
+    metrics.update(agreement=100.0 * float(totals["agree"]) / count, kl=float(totals["kl"]) / count,
+                   sqnr_db=float(10 * np.log10(float(totals["ref_energy"]) / max(error, 1e-30))))
+  return metrics
 
 
 @functools.lru_cache(maxsize=64)
 def _eval_step(predict_fn: Callable):
-  return jax.jit(lambda batch, *args: eval_sums(predict_fn(batch["image"], *args), batch))
+  def step(batch, *args):
+    logits = predict_fn(batch["image"], *args)
+    return eval_sums(logits, batch), logits
+  return jax.jit(step)
 
 
 def _quiet() -> bool:

@@ -38,8 +38,13 @@ def test_all_mode_writes_ratio_table_and_provenance(finished_run):
   assert all(r["top1_after"] is not None for r in rows)
   bops = [r["relative_bops"] for r in rows]
   assert bops[0] == 1.0 and all(a > b for a, b in zip(bops, bops[1:]))
+  # Distance to the float model at every ratio, before and after finetuning.
+  for r in rows:
+    for when in ("before", "after"):
+      assert 0 <= r[f"agreement_{when}"] <= 100 and r[f"kl_{when}"] >= 0 and np.isfinite(r[f"sqnr_db_{when}"])
+  assert rows[-1]["sqnr_db_before"] < rows[0]["sqnr_db_before"]  # 4 bits everywhere is further from float
   table = open(os.path.join(workdir, "ratio_table.md")).read()
-  assert "| 50% |" in table and "Commit:" in table
+  assert "| 50% |" in table and "Commit:" in table and "KL before / after" in table
   assert os.path.getsize(os.path.join(workdir, "ratio_plot.png")) > 1000
   selection = json.load(open(os.path.join(workdir, "select", "selection.json")))
   assert selection["selector"] == "evolutionary" and selection["search"]["evaluations"] > 0

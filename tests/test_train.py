@@ -21,6 +21,50 @@ def test_eval_sums_top1_top5_and_mask():
   assert float(sums["count"]) == 2
 
 
+def test_fidelity_sums_against_reference_by_hand():
+  ref = np.array([[2., 0., -1.], [0., 3., 1.], [5., 5., 0.]], np.float32)
+  out = np.array([[1., 0., 0.], [2., 0., 1.], [0., 0., 9.]], np.float32)
+  mask = np.array([1., 1., 0.], np.float32)  # the padded third row must not count
+  sums = train_lib.fidelity_sums(jnp.asarray(out), jnp.asarray(ref), jnp.asarray(mask))
+  assert float(sums["agree"]) == 1  # row 0 agrees (class 0), row 1 does not (1 vs 0)
+  log_softmax = lambda z: z - np.log(np.sum(np.exp(z), -1, keepdims=True))
+  p = np.exp(log_softmax(ref))
+  kl = np.sum(p * (log_softmax(ref) - log_softmax(out)), -1)
+  assert float(sums["kl"]) == pytest.approx(kl[0] + kl[1], rel=1e-5)
+  assert float(sums["ref_energy"]) == pytest.approx(np.sum(ref[:2] ** 2))
+  assert float(sums["error_energy"]) == pytest.approx(np.sum((ref[:2] - out[:2]) ** 2))
+  same = train_lib.fidelity_sums(jnp.asarray(ref), jnp.asarray(ref), jnp.asarray(mask))
+  assert float(same["kl"]) == pytest.approx(0.0, abs=1e-6) and float(same["agree"]) == 2
+
+
+def test_evaluate_reports_agreement_kl_and_the_layerwise_sqnr():
+  """Reference logits collected by one pass (logits_out) give agreement/KL/SQNR in the next, and
+  the SQNR is the layer-wise search's measure over the whole output."""
+  from flexiq_jax.layerwise.apply import sqnr_db
+  rng = np.random.default_rng(0)
+  weights = jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)
+  batches = [{"image": rng.normal(size=(8, 4)).astype(np.float32), "label": rng.integers(0, 5, 8).astype(np.int32)}
+             for _ in range(3)]
+  batches[-1]["mask"] = np.array([1.] * 5 + [0.] * 3, np.float32)  # a padded last batch
+  predict = lambda images, w: images @ w
+  reference = []
+  float_metrics = train_lib.evaluate(predict, batches, args=(weights,), logits_out=reference)
+  assert "kl" not in float_metrics and len(reference) == 3 and reference[0].shape == (8, 5)
+  noisy = weights + 0.3 * jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)
+  m = train_lib.evaluate(predict, batches, args=(noisy,), reference_logits=reference)
+  keep = np.concatenate([b.get("mask", np.ones(8)) for b in batches]) > 0
+  ref = np.concatenate(reference)[keep]
+  out = np.concatenate([b["image"] @ np.asarray(noisy) for b in batches])[keep]
+  assert m["num_examples"] == 21
+  assert m["agreement"] == pytest.approx(100 * np.mean(ref.argmax(-1) == out.argmax(-1)))
+  assert m["sqnr_db"] == pytest.approx(sqnr_db(ref, out), rel=1e-4)
+  assert 0 < m["kl"] and m["agreement"] < 100  # the noise is large enough to flip some classes
+  same = train_lib.evaluate(predict, batches, args=(weights,), reference_logits=reference)
+  assert same["agreement"] == 100 and same["kl"] == pytest.approx(0, abs=1e-6) and same["sqnr_db"] > 100
+  with pytest.raises(ValueError, match="reference_logits do not match"):
+    train_lib.evaluate(predict, batches, args=(weights,), reference_logits=reference[:2])
+
+
 def test_cross_entropy_label_smoothing():
   logits = jnp.array([[10.0, 0.0]])
   plain = train_lib.cross_entropy(logits, jnp.array([0]))

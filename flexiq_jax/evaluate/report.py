@@ -13,24 +13,44 @@ import matplotlib.pyplot as plt  # noqa: E402
 from flexiq_jax import records  # noqa: E402
 
 
+FIDELITY = ("agreement", "kl", "sqnr_db")  # against the float model (stage_results.RatioPoint)
+
+
 def ratio_rows(before, after=None) -> list[dict]:
   """One row per ratio of `before` (pipeline.RatioPoint list), with `after` beside it."""
   after_by_ratio = {r.ratio: r for r in after or []}
   rows = []
   for b in before:
     a = after_by_ratio.get(b.ratio)
-    rows.append({"ratio": b.ratio, "top1_before": b.top1, "top1_after": a.top1 if a else None,
-                 "top5_before": b.top5, "top5_after": a.top5 if a else None,
-                 "relative_bops": b.relative_bops, "low_bit_mac_share": b.low_bit_mac_share})
+    row = {"ratio": b.ratio, "top1_before": b.top1, "top1_after": a.top1 if a else None,
+           "top5_before": b.top5, "top5_after": a.top5 if a else None,
+           "relative_bops": b.relative_bops, "low_bit_mac_share": b.low_bit_mac_share}
+    for name in FIDELITY:
+      row[f"{name}_before"] = getattr(b, name)
+      row[f"{name}_after"] = getattr(a, name) if a else None
+    rows.append(row)
   return rows
+
+
+def _fmt(value, spec: str) -> str:
+  return "-" if value is None else format(value, spec)
 
 
 def write_ratio_report(workdir: str, rows: list[dict], float_metrics: dict | None, title: str) -> str:
   info = records.run_info()
-  headers = ["4-bit ratio", "top-1 before FT (%)", "top-1 after FT (%)", "relative BOPs", "4-bit MAC share"]
-  table = [[f"{100 * r['ratio']:.0f}%", r["top1_before"],
-            "-" if r["top1_after"] is None else r["top1_after"], f"{r['relative_bops']:.3f}",
-            f"{r['low_bit_mac_share']:.3f}"] for r in rows]
+  fidelity = any(r.get("kl_before") is not None for r in rows)
+  headers = ["4-bit ratio", "top-1 before FT (%)", "top-1 after FT (%)"]
+  if fidelity:
+    headers += ["agreement before / after (%)", "KL before / after", "SQNR before / after (dB)"]
+  headers += ["relative BOPs", "4-bit MAC share"]
+  table = []
+  for r in rows:
+    line = [f"{100 * r['ratio']:.0f}%", r["top1_before"], "-" if r["top1_after"] is None else r["top1_after"]]
+    if fidelity:
+      line += [f"{_fmt(r['agreement_before'], '.2f')} / {_fmt(r['agreement_after'], '.2f')}",
+               f"{_fmt(r['kl_before'], '.4f')} / {_fmt(r['kl_after'], '.4f')}",
+               f"{_fmt(r['sqnr_db_before'], '.1f')} / {_fmt(r['sqnr_db_after'], '.1f')}"]
+    table.append(line + [f"{r['relative_bops']:.3f}", f"{r['low_bit_mac_share']:.3f}"])
   text = f"# {title}\n\n" + records.provenance_header(info)
   if float_metrics:
     text += f"Float model top-1: {float_metrics['top1']:.2f}%\n\n"
@@ -38,6 +58,11 @@ def write_ratio_report(workdir: str, rows: list[dict], float_metrics: dict | Non
            "The 4-bit ratio is the share of 4-bit MACs among the lowerable layers' MACs; the 4-bit MAC "
            "share column counts all quantized layers and attention matmuls (first and last layers and the "
            "matmuls stay 8-bit).\n\n")
+  if fidelity:
+    text += ("Against the float model on the same eval images, in the same pass: agreement = share of "
+             "images whose top-1 class equals the float model's; KL = mean KL(float || quantized) of the "
+             "softmax outputs (nats); SQNR = 10 log10(sum logits_float^2 / sum (logits_float - "
+             "logits_quantized)^2) over all eval logits, the layer-wise search's sensitivity measure.\n\n")
   text += records.markdown_table(headers, table)
   md_path = os.path.join(workdir, "ratio_table.md")
   with open(md_path, "w") as f:
