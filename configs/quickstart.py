@@ -113,11 +113,16 @@ def get_config(arg=None):
 
   # run.py --mode=compare (flexiq_jax.compare).
   config.compare = ml_collections.ConfigDict()
-  config.compare.methods = ("flexiq", "flexiq_naive", "flexiq_random", "flexiq_amp", "layerwise_amp",
-                            "ptq_minmax", "ptq_mse", "lsq_qat")
+  config.compare.methods = ("flexiq", "flexiq_naive", "flexiq_random", "flexiq_uniform", "flexiq_greedy",
+                            "flexiq_no_bias_correction", "flexiq_amp", "layerwise_amp",
+                            "ptq_minmax", "ptq_mse", "adaround", "lsq_qat")
   config.compare.allowed_drops = (0.25, 1.0, 3.0)  # one layer-wise AMP point each
   config.compare.finetune = True  # FlexiQ's multi-ratio finetuning (and LSQ QAT gets the same budget)
   config.compare.keep_ends = True  # uniform baselines keep the first/last layer W8A8, as FlexiQ does
+  # AdaRound (compare.adaround): the paper's 10k iterations of batch 32 at Adam 1e-3 per layer,
+  # scaled to 500 at 1e-2 for the CPU budget; calibration images it reconstructs on.
+  config.compare.adaround_iterations = 500
+  config.compare.adaround_images = 256
   config.compare.lsq_init = "mse"  # LSQ scales start from 'minmax' | 'mse' PTQ ranges
   # LSQ QAT gets FlexiQ's finetuning budget and recipe except the learning rate: at FlexiQ's
   # (mostly 8-bit) rate, uniform W4A4 QAT ends below its own PTQ starting point; <= 0: same rate.
@@ -140,4 +145,5 @@ def get_config(arg=None):
     config.layerwise.sensitivity_images = 32
     config.layerwise.score_examples = 128
     config.compare.allowed_drops = (1.0,)
+    config.compare.adaround_iterations = 20
   return config

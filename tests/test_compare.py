@@ -63,8 +63,7 @@ def context(make_smoke_config, tmp_path_factory) -> harness.CompareContext:
   config.finetune.checkpoint_every_steps = 2
   run = pipeline.Run(config, str(tmp_path_factory.mktemp("compare") / "wd"))
   float_model = pipeline.train_float(run)
-  return harness.CompareContext(run, float_model, pipeline.calibrate(run, float_model),
-                                pipeline.calibration_batches(config), list(pipeline.eval_batches(config)))
+  return harness.CompareContext.build(run, float_model)
 
 
 def _in(ctx, workdir, **changes) -> harness.CompareContext:
@@ -97,6 +96,11 @@ def test_registry_runs_methods_with_one_signature_and_caches_their_rows(context,
   flexiq = [r for r in rows if r["method"] == "flexiq"]
   assert [r["setting"] for r in flexiq] == ["ratio 0", "ratio 1"] and not any(r["finetuned"] for r in flexiq)
   assert flexiq[0]["relative_bops"] == pytest.approx(1.0) and flexiq[1]["relative_bops"] < 0.3
+  # Distance to the float model, from the context's float logits, in every evaluated row.
+  for r in flexiq:
+    assert 0 <= r["agreement"] <= 100 and r["kl"] >= 0 and np.isfinite(r["sqnr_db"])
+  assert flexiq[1]["sqnr_db"] < flexiq[0]["sqnr_db"] and flexiq[1]["kl"] > flexiq[0]["kl"]
+  assert len(got.float_logits) == len(got.eval_data) and got.float_logits[0].shape == (len(got.eval_data[0]["label"]), 10)
   # The flexiq method ran the pipeline's stages in the run's own workdir.
   assert json.load(open(tmp_path / "wd" / "select" / "selection.json"))["selector"] == "greedy"
   assert results["float_top1"] == 12.5
@@ -130,7 +134,9 @@ def test_lsq_baseline_resumes_after_a_kill(context, tmp_path, monkeypatch):
   full_ctx = _in(context, tmp_path / "full")
   [row] = harness.lsq_qat(full_ctx)
   assert row.method == "lsq_qat" and row.setting == "W4A4 (ends W8A8), 4 steps, lr 0.001"
-  assert 0 < row.relative_bops < 0.3 and 0 <= row.top1 <= 100
+  assert 0 < row.relative_bops < 0.3
+  assert row.top1 * 128 / 100 == pytest.approx(round(row.top1 * 128 / 100))  # hits counted over 128 images
+  assert 0 <= row.extra["agreement"] <= 100 and row.extra["kl"] > 0 and np.isfinite(row.extra["sqnr_db"])
   lsq_dir = tmp_path / "full" / "compare" / "lsq_qat"
   full_log = [json.loads(line) for line in open(lsq_dir / "metrics.jsonl")]
   assert [r["step"] for r in full_log] == [2, 4]
@@ -158,6 +164,27 @@ def test_lsq_baseline_resumes_after_a_kill(context, tmp_path, monkeypatch):
   # Finished: a rerun evaluates the saved weights without training.
   monkeypatch.setattr(train, "run_loop", lambda *a, **k: pytest.fail("a finished LSQ run was retrained"))
   assert harness.lsq_qat(full_ctx)[0].top1 == pytest.approx(row.top1)
+
+
+def test_selector_and_bias_correction_variants_run_in_their_own_workdirs(context, tmp_path):
+  ctx = _in(context, tmp_path / "wd")
+  uniform = harness.flexiq_uniform(ctx)
+  no_bias = harness.flexiq_no_bias_correction(ctx)
+  assert [r.setting for r in uniform] == ["ratio 0", "ratio 1"] and uniform[0].method == "flexiq_uniform"
+  selection = json.load(open(tmp_path / "wd" / "compare" / "flexiq_uniform" / "select" / "selection.json"))
+  assert selection["selector"] == "uniform"
+  fields = json.load(open(tmp_path / "wd" / "compare" / "flexiq_no_bias_correction" / "quantized" / "fingerprint.json"))
+  assert fields["fields"]["quant"]["bias_correction"] is False
+  assert all("kl" in r.extra for r in uniform + no_bias)
+
+
+def test_adaround_baseline_rounds_the_4bit_layers_onto_their_grid(context, tmp_path):
+  ctx = _in(context, tmp_path / "wd")
+  [row] = harness.adaround(ctx)
+  assert row.method == "adaround" and row.setting == "W4A4 (ends W8A8), 20 iterations/layer"
+  assert row.relative_bops == pytest.approx(harness.ptq_mse(ctx)[1].relative_bops)  # the same W4A4 BOPs
+  assert 0 < row.extra["flipped_share"] < 0.5 and row.extra["images"] == 64
+  assert 0 <= row.extra["agreement"] <= 100 and row.extra["kl"] > 0
 
 
 def test_write_reports_same_ratio_table(tmp_path):

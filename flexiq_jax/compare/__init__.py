@@ -11,7 +11,7 @@ def main(run) -> dict:
   from flexiq_jax import pipeline
   from flexiq_jax import records
   result = pipeline.run_until(run, "eval")
-  results = run_compare(run, result.float_model, result.float_metrics)
+  results = run_compare(run, result.float_model, result.float_metrics, float_logits=result.float_logits)
   records.update_results(run.workdir, run.config, "compare", results["rows"])
   with open(f"{run.workdir}/compare/compare_table.md") as f:
     print(f.read())

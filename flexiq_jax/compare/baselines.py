@@ -98,11 +98,12 @@ def lsq_initial_scales(plan, tables, bits: dict) -> dict:
 
 
 def lsq_qat(config, workdir: str, model, variables, plan, folded, tables, bits: dict, eval_batches,
-            mesh=None) -> dict:
+            mesh=None, reference_logits=None) -> dict:
   """Uniform QAT with LSQ, initialised from the PTQ ranges in `tables`, trained with the budget
   and recipe of config.finetune (epochs, batch size, optimizer, distillation) through the same
   resumable loop and step as FlexiQ's finetuning, at config.compare.lsq_learning_rate when set.
-  Checkpoints go to <workdir>/checkpoints. Returns {'top1', 'steps', 'learning_rate'}."""
+  Checkpoints go to <workdir>/checkpoints. Returns train.evaluate's metrics on `eval_batches`
+  (agreement / KL / SQNR too with the float `reference_logits`) with 'steps' and 'learning_rate'."""
   mesh = mesh or parallel.make_mesh()
   cfg = config.finetune.copy_and_resolve_references()
   lsq_lr = config.get("compare", {}).get("lsq_learning_rate", 0.0)
@@ -128,6 +129,6 @@ def lsq_qat(config, workdir: str, model, variables, plan, folded, tables, bits: 
                                metrics_path=os.path.join(workdir, "metrics.jsonl"),
                                log_every=config.train.log_every_steps, mesh=mesh, desc="LSQ QAT")
   predict = lambda images, trainable, frozen: forward(trainable, frozen, images)
-  top1 = train_lib.evaluate(predict, iter(eval_batches), mesh, desc="LSQ eval",
-                            args=(state.trainable, state.frozen))["top1"]
-  return {"top1": top1, "steps": total_steps, "learning_rate": float(cfg.learning_rate)}
+  metrics = train_lib.evaluate(predict, iter(eval_batches), mesh, desc="LSQ eval", args=(state.trainable, state.frozen),
+                               reference_logits=reference_logits)
+  return {**metrics, "steps": total_steps, "learning_rate": float(cfg.learning_rate)}

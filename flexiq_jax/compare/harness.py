@@ -8,14 +8,19 @@ Methods (config.compare.methods):
                   compare.finetune, after its multi-ratio finetuning)
   flexiq_naive    the same with config.quant.extraction='naive' (sub-workdir compare/flexiq_naive)
   flexiq_random   the same with config.select.channel_order='random' (compare/flexiq_random)
+  flexiq_uniform, flexiq_greedy   the same with select.selector='uniform' / 'greedy' per-layer counts
+  flexiq_no_bias_correction       the same with quant.bias_correction=False
   flexiq_amp      FlexiQ with per-layer ratios chosen by the mixed-precision search, at each of
                   config.select.levels, beside the evolutionary search's selection at that level
   layerwise_amp   the layer-wise mixed-precision search (layerwise package), one point per
                   compare.allowed_drops
   ptq_minmax, ptq_mse   uniform W8A8 and W4A4 post-training quantization
+  adaround        uniform W4A4 post-training quantization with AdaRound weight rounding
+                  (compare.adaround: Nagel et al. 2020, MSE ranges)
   lsq_qat         uniform W4A4 QAT with LSQ, same budget and recipe as config.finetune
 The ablation sub-workdirs are evaluated before finetuning only (their finetuning would cost as
-much again as FlexiQ's). Each method's rows are cached in compare/rows.json by a fingerprint of
+much again as FlexiQ's). Every row also carries agreement with the float model's predictions,
+KL(float || quantized) and the output SQNR, measured in the same evaluation pass. Each method's rows are cached in compare/rows.json by a fingerprint of
 the config, so a rerun only computes methods that changed.
 """
 
@@ -35,6 +40,7 @@ from flexiq_jax import pipeline
 from flexiq_jax import records
 from flexiq_jax import stage_cache
 from flexiq_jax import train as train_lib
+from flexiq_jax.compare import adaround as adaround_lib
 from flexiq_jax.compare import baselines
 from flexiq_jax.layerwise import apply as apply_lib
 from flexiq_jax.layerwise import driver
@@ -73,10 +79,24 @@ class CompareContext:
   calibration: Calibration
   calib_batches: list
   eval_data: list
+  float_logits: tuple  # the float model's logits on eval_data: every row's agreement / KL / SQNR
 
   @property
   def config(self):
     return self.run.config
+
+  @classmethod
+  def build(cls, run: pipeline.Run, float_model: FloatModel, float_logits=None) -> "CompareContext":
+    """Calibration (cached), the calibration and eval data, and the float model's logits on the
+    eval data (one pass, unless `float_logits` from the float evaluation are given)."""
+    eval_data = list(pipeline.eval_batches(run.config))
+    if float_logits is None:
+      logits = []
+      train_lib.evaluate(lambda images, v: train_lib.float_logits(float_model.model, v, images), iter(eval_data),
+                         run.mesh, desc="float reference", args=(float_model.variables,), logits_out=logits)
+      float_logits = tuple(logits)
+    return cls(run, float_model, pipeline.calibrate(run, float_model), pipeline.calibration_batches(run.config),
+               eval_data, float_logits)
 
 
 def as_list(values) -> list:
@@ -87,11 +107,20 @@ def as_list(values) -> list:
           for v in (item.split(",") if isinstance(item, str) else [item])]
 
 
-def _sweep_rows(method, run, quantized) -> list[Row]:
+FIDELITY = ("agreement", "kl", "sqnr_db")
+
+
+def fidelity(metrics: dict) -> dict:
+  """The distance-to-float fields of train.evaluate's metrics (present when it had the reference)."""
+  return {k: metrics[k] for k in FIDELITY if k in metrics}
+
+
+def _sweep_rows(method, ctx: "CompareContext", run, quantized) -> list[Row]:
   return [Row(method, f"ratio {p.ratio:g}" + (" (finetuned)" if quantized.finetuned else ""), p.top1,
               p.relative_bops, {"ratio": p.ratio, "low_bit_mac_share": p.low_bit_mac_share,
-                                "finetuned": quantized.finetuned})
-          for p in pipeline.sweep(run, quantized, desc=method)]
+                                "finetuned": quantized.finetuned, "agreement": p.agreement, "kl": p.kl,
+                                "sqnr_db": p.sqnr_db})
+          for p in pipeline.sweep(run, quantized, desc=method, float_logits=ctx.float_logits)]
 
 
 def _flexiq_quantized(ctx: CompareContext):
@@ -102,9 +131,9 @@ def _flexiq_quantized(ctx: CompareContext):
 def flexiq(ctx: CompareContext) -> list[Row]:
   """The configured FlexiQ pipeline, swept before and (compare.finetune) after finetuning."""
   quantized = _flexiq_quantized(ctx)
-  rows = _sweep_rows("flexiq", ctx.run, quantized)
+  rows = _sweep_rows("flexiq", ctx, ctx.run, quantized)
   if ctx.config.compare.finetune:
-    rows += _sweep_rows("flexiq", ctx.run, pipeline.finetune(ctx.run, ctx.float_model, quantized))
+    rows += _sweep_rows("flexiq", ctx, ctx.run, pipeline.finetune(ctx.run, ctx.float_model, quantized))
   return rows
 
 
@@ -117,7 +146,7 @@ def _flexiq_variant(ctx: CompareContext, name: str, overrides: dict) -> list[Row
       cfg[section][key] = value
   run = pipeline.Run(cfg, os.path.join(ctx.run.workdir, "compare", name), ctx.run.mesh)
   quantized = pipeline.run_until(run, "quantize", float_model=ctx.float_model, evaluate=False).quantized
-  return _sweep_rows(name, run, quantized)
+  return _sweep_rows(name, ctx, run, quantized)
 
 
 def flexiq_naive(ctx: CompareContext) -> list[Row]:
@@ -126,6 +155,18 @@ def flexiq_naive(ctx: CompareContext) -> list[Row]:
 
 def flexiq_random(ctx: CompareContext) -> list[Row]:
   return _flexiq_variant(ctx, "flexiq_random", {"select.channel_order": "random"})
+
+
+def flexiq_uniform(ctx: CompareContext) -> list[Row]:
+  return _flexiq_variant(ctx, "flexiq_uniform", {"select.selector": "uniform"})
+
+
+def flexiq_greedy(ctx: CompareContext) -> list[Row]:
+  return _flexiq_variant(ctx, "flexiq_greedy", {"select.selector": "greedy"})
+
+
+def flexiq_no_bias_correction(ctx: CompareContext) -> list[Row]:
+  return _flexiq_variant(ctx, "flexiq_no_bias_correction", {"quant.bias_correction": False})
 
 
 def flexiq_amp(ctx: CompareContext) -> list[Row]:
@@ -139,12 +180,12 @@ def flexiq_amp(ctx: CompareContext) -> list[Row]:
   rows = []
   for level, sel in res["counts_at_level"].items():
     counts = {p: jnp.int32(c) for p, c in sel["counts"].items()}
-    top1 = train_lib.evaluate(predict, iter(ctx.eval_data), ctx.run.mesh, desc="flexiq_amp",
-                              args=(quantized.qvars, counts))["top1"]
-    rows.append(Row("flexiq_amp", f"ratio {level:g} (AMP per-layer ratios)", top1,
+    m = train_lib.evaluate(predict, iter(ctx.eval_data), ctx.run.mesh, desc="flexiq_amp",
+                           args=(quantized.qvars, counts), reference_logits=ctx.float_logits)
+    rows.append(Row("flexiq_amp", f"ratio {level:g} (AMP per-layer ratios)", m["top1"],
                     cost.relative_bops(layers, sel["counts"], matmuls=matmuls),
                     {"ratio": level, "low_bit_mac_share": cost.low_bit_mac_share(layers, sel["counts"], matmuls),
-                     "lowerable_share": sel["share"]}))
+                     "lowerable_share": sel["share"], **fidelity(m)}))
   return rows
 
 
@@ -157,17 +198,17 @@ def layerwise_amp(ctx: CompareContext) -> list[Row]:
                                   ctx.run.mesh, allowed_drop=float(drop), score_data=score_data)
     ev = driver.LayerwiseEvaluator(ctx.float_model.model, ctx.calibration.plan, ctx.calibration.folded, res.tables,
                                    ctx.run.mesh)
-    top1 = ev.top1(ctx.eval_data, jnp.asarray(res.weight_bits), jnp.asarray(res.act_bits))
+    m = ev.metrics(ctx.eval_data, jnp.asarray(res.weight_bits), jnp.asarray(res.act_bits), ctx.float_logits)
     s = res.summary
     # The search's cost is relative to its baseline candidate over the layers; the row's is
     # relative to W8A8 with the matmuls at 8 x 8 bits, as every other row's.
     bits = {p: (int(w) or FLOAT_BITS, int(a) or FLOAT_BITS)
             for p, w, a in zip(ctx.calibration.plan.quantized, res.weight_bits, res.act_bits)}
-    rows.append(Row("layerwise_amp", f"allowed drop {float(drop):g}", top1,
+    rows.append(Row("layerwise_amp", f"allowed drop {float(drop):g}", m["top1"],
                     baselines.relative_bops(ctx.calibration.plan, bits),
                     {"candidates": s["chosen_candidates"], "score_data_top1": s["chosen"]["score"],
                      "search_relative_cost": s["chosen"]["relative_cost"],
-                     "target": s["target"], "target_met": s["target_met"]}))
+                     "target": s["target"], "target_met": s["target_met"], **fidelity(m)}))
   return rows
 
 
@@ -182,9 +223,31 @@ def _ptq(ctx: CompareContext, method: str) -> list[Row]:
     assignment = baselines.uniform_bits(plan, bits, keep_ends)
     wb, ab = apply_lib.bits_arrays(plan, assignment)
     ends = " (ends W8A8)" if keep_ends and bits != (8, 8) else ""
-    rows.append(Row(f"ptq_{method}", f"W{bits[0]}A{bits[1]}{ends}", ev.top1(ctx.eval_data, wb, ab),
-                    baselines.relative_bops(plan, assignment)))
+    m = ev.metrics(ctx.eval_data, wb, ab, ctx.float_logits)
+    rows.append(Row(f"ptq_{method}", f"W{bits[0]}A{bits[1]}{ends}", m["top1"],
+                    baselines.relative_bops(plan, assignment), fidelity(m)))
   return rows
+
+
+def adaround(ctx: CompareContext) -> list[Row]:
+  """Uniform W4A4 PTQ with AdaRound weight rounding (compare.adaround) on MSE ranges."""
+  cc, plan, model = ctx.config.compare, ctx.calibration.plan, ctx.float_model.model
+  tables = apply_lib.build_tables(model, plan, ctx.calibration.folded, ctx.calibration.stats, act_method="mse",
+                                  weight_method="mse", bits=(4, 8), batches=ctx.calib_batches)
+  bits = baselines.uniform_bits(plan, (4, 4), cc.keep_ends)
+  images = jnp.concatenate(ctx.calib_batches)[:cc.adaround_images]
+  settings = adaround_lib.AdaRoundSettings(iterations=cc.adaround_iterations)
+  variables, report = adaround_lib.adaround_weights(model, plan, ctx.calibration.folded, tables, bits, images,
+                                                    settings, seed=ctx.config.seed)
+  ev = driver.LayerwiseEvaluator(model, plan, variables, tables, ctx.run.mesh)
+  m = ev.metrics(ctx.eval_data, *apply_lib.bits_arrays(plan, bits), ctx.float_logits)
+  ends = " (ends W8A8)" if cc.keep_ends else ""
+  mse_ratio = [r["mse_adaround"] / max(r["mse_nearest"], 1e-30) for r in report.values()]
+  return [Row("adaround", f"W4A4{ends}, {settings.iterations} iterations/layer", m["top1"],
+              baselines.relative_bops(plan, bits),
+              {**fidelity(m), "images": int(images.shape[0]),
+               "flipped_share": float(np.mean([r["flipped_share"] for r in report.values()])),
+               "reconstruction_mse_vs_nearest": float(np.mean(mse_ratio))})]
 
 
 def ptq_minmax(ctx: CompareContext) -> list[Row]:
@@ -204,29 +267,32 @@ def lsq_qat(ctx: CompareContext) -> list[Row]:
   bits = baselines.uniform_bits(plan, (4, 4), cc.keep_ends)
   out = baselines.lsq_qat(ctx.config, os.path.join(ctx.run.workdir, "compare", "lsq_qat"), ctx.float_model.model,
                           ctx.float_model.variables, plan, ctx.calibration.folded, tables, bits, ctx.eval_data,
-                          ctx.run.mesh)
+                          ctx.run.mesh, reference_logits=ctx.float_logits)
   ends = " (ends W8A8)" if cc.keep_ends else ""
   return [Row("lsq_qat", f"W4A4{ends}, {out['steps']} steps, lr {out['learning_rate']:g}", out["top1"],
-              baselines.relative_bops(plan, bits))]
+              baselines.relative_bops(plan, bits), fidelity(out))]
 
 
 METHODS: dict[str, Callable[[CompareContext], list[Row]]] = {
-    "flexiq": flexiq, "flexiq_naive": flexiq_naive, "flexiq_random": flexiq_random, "flexiq_amp": flexiq_amp,
-    "layerwise_amp": layerwise_amp, "ptq_minmax": ptq_minmax, "ptq_mse": ptq_mse, "lsq_qat": lsq_qat,
+    "flexiq": flexiq, "flexiq_naive": flexiq_naive, "flexiq_random": flexiq_random, "flexiq_uniform": flexiq_uniform,
+    "flexiq_greedy": flexiq_greedy, "flexiq_no_bias_correction": flexiq_no_bias_correction, "flexiq_amp": flexiq_amp,
+    "layerwise_amp": layerwise_amp, "ptq_minmax": ptq_minmax, "ptq_mse": ptq_mse, "adaround": adaround,
+    "lsq_qat": lsq_qat,
 }
 ALL_METHODS = tuple(METHODS)
 
 
-def run_compare(run: pipeline.Run, float_model: FloatModel, float_metrics=None) -> dict:
-  """Every method of config.compare.methods; rows cached per method in <workdir>/compare/rows.json."""
+def run_compare(run: pipeline.Run, float_model: FloatModel, float_metrics=None, float_logits=None) -> dict:
+  """Every method of config.compare.methods; rows cached per method in <workdir>/compare/rows.json.
+  `float_logits`: the float model's logits on the eval batches (PipelineResult.float_logits);
+  computed here in one pass when not given."""
   config = run.config
   cc = config.compare
   methods = as_list(cc.methods)
   unknown = [m for m in methods if m not in METHODS]
   if unknown:
     raise ValueError(f"unknown compare.methods {unknown}; valid: {list(METHODS)}")
-  ctx = CompareContext(run, float_model, pipeline.calibrate(run, float_model), pipeline.calibration_batches(config),
-                       list(pipeline.eval_batches(config)))
+  ctx = CompareContext.build(run, float_model, float_logits)
   # Which methods run and where the reports go change no method's rows.
   compare_fields = [f"compare.{k}" for k in cc.keys() if k not in ("methods", "results_prefix")]
   fields = stage_cache.stage_fields(config, "finetune", "layerwise", "sweep", *compare_fields, "data.eval_examples")
@@ -255,8 +321,13 @@ def write_reports(results: dict, workdir: str, prefix: str = "") -> str:
     text += f"Float model top-1: {results['float_top1']:.2f}% ({results['eval_examples']} eval images)\n\n"
   text += ("Relative BOPs: MACs x weight bits x activation bits of the quantized layers, against all of "
            "them at W8A8 (float = 32 x 32 bits would be 16.0). Top-1 on the eval split.\n\n")
-  table = [[r["method"], r["setting"], r["top1"], f"{r['relative_bops']:.3f}"] for r in results["rows"]]
-  text += records.markdown_table(["method", "setting", "top-1 (%)", "relative BOPs"], table)
+  text += ("Against the float model on the same images: agreement = share of images with the float model's "
+           "top-1 class (%), KL = mean KL(float || quantized) of the softmax outputs, SQNR = output SQNR (dB) of "
+           "the logits (the layer-wise search's sensitivity measure).\n\n")
+  table = [[r["method"], r["setting"], r["top1"], _opt(r.get("agreement"), ".2f"), _opt(r.get("kl"), ".4f"),
+            _opt(r.get("sqnr_db"), ".1f"), f"{r['relative_bops']:.3f}"] for r in results["rows"]]
+  text += records.markdown_table(["method", "setting", "top-1 (%)", "agreement (%)", "KL", "SQNR (dB)",
+                                  "relative BOPs"], table)
   amp_rows = {r["ratio"]: r for r in results["rows"] if r["method"] == "flexiq_amp"}
   evo = {r["ratio"]: r for r in results["rows"] if r["method"] == "flexiq" and not r.get("finetuned")}
   both = [lvl for lvl in amp_rows if lvl in evo]
@@ -279,23 +350,36 @@ def write_reports(results: dict, workdir: str, prefix: str = "") -> str:
   return text
 
 
-def plot_pareto(results: dict, path: str, title: str) -> None:
+def _opt(value, spec: str) -> str:
+  return "-" if value is None else format(value, spec)
+
+
+def plot_pareto(results: dict, path: str, title: str, metric: str = "top1") -> None:
+  """Every method's points: `metric` ('top1', 'agreement', 'kl' or 'sqnr_db') vs relative BOPs."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6.5, 4.5))
   groups: dict = {}
+  labels = {"top1": "top-1 (%)", "agreement": "agreement with float (%)", "kl": "KL(float || quantized)",
+            "sqnr_db": "output SQNR (dB)"}
+  if metric not in labels:
+    raise ValueError(f"unknown Pareto metric {metric!r}; use one of {list(labels)}")
   for r in results["rows"]:
+    if r.get(metric) is None:
+      continue
     label = r["method"] + (" (finetuned)" if r.get("finetuned") else "")
     groups.setdefault(label, []).append(r)
   for label, rows in groups.items():
     rows = sorted(rows, key=lambda r: r["relative_bops"])
     style = "o-" if len(rows) > 1 else "s"
-    ax.plot([r["relative_bops"] for r in rows], [r["top1"] for r in rows], style, ms=4, label=label)
-  if results.get("float_top1") is not None:
+    ax.plot([r["relative_bops"] for r in rows], [r[metric] for r in rows], style, ms=4, label=label)
+  if metric == "top1" and results.get("float_top1") is not None:
     ax.axhline(results["float_top1"], color="gray", ls="--", label="float")
+  if metric == "kl":
+    ax.set_yscale("log")
   ax.set_xlabel("relative BOPs (W8A8 = 1)")
-  ax.set_ylabel("top-1 (%)")
+  ax.set_ylabel(labels[metric])
   ax.set_title(title, fontsize=9)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)

@@ -61,7 +61,12 @@ class LayerwiseEvaluator:
     self.predict = lambda images, wb, ab: apply(folded, tables, wb, ab, images)
 
   def top1(self, batches, wb, ab) -> float:
-    return train_lib.evaluate(self.predict, iter(batches), self.mesh, desc="layerwise eval", args=(wb, ab))["top1"]
+    return self.metrics(batches, wb, ab)["top1"]
+
+  def metrics(self, batches, wb, ab, reference_logits=None) -> dict:
+    """train.evaluate's metrics (with agreement / KL / SQNR against `reference_logits` if given)."""
+    return train_lib.evaluate(self.predict, iter(batches), self.mesh, desc="layerwise eval", args=(wb, ab),
+                              reference_logits=reference_logits)
 
 
 @dataclasses.dataclass(frozen=True)

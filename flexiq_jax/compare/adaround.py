@@ -1,0 +1,153 @@
+"""AdaRound (Nagel et al., "Up or Down? Adaptive Rounding for Post-Training Quantization", ICML
+2020) as a uniform W4A4 post-training baseline on the layer-wise apply.
+
+Each 4-bit layer's weights are rounded up or down per element by a learned soft mask instead of
+to nearest: w_q = s * clip(floor(w / s) + h(V), -qmax, qmax) with the rectified sigmoid
+h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1), trained to reconstruct the float layer's
+output, min ||W x - W_q x_q||^2 + lambda sum(1 - |2h - 1|^beta), with beta annealed from 20 to 2
+after a warm-up without the regulariser, then h rounded to {0, 1}. The layers go in model order and
+each sees the input the quantized model gives it (earlier layers already rounded, its input
+quantized to 4 bits: the paper's asymmetric reconstruction), against the float model's output of
+that layer on the float input. Scales (s) are the MSE-fitted 4-bit weight ranges, activations use
+MSE-fitted per-tensor ranges (the ptq_mse baseline), and the first and last layers stay W8A8 with
+nearest rounding, as in every uniform baseline here.
+
+Budget: the paper uses 10k iterations of batch 32 per layer with Adam at 1e-3 and lambda 0.01;
+`AdaRoundSettings` defaults to 500 iterations at 1e-2 (a twentieth of the iterations at ten times
+the rate), which keeps eleven small models within the sweep's CPU budget. The reconstruction
+error is the mean over every output element, as in AIMET's implementation (the regulariser's
+weight is relative to it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from flexiq_jax import interception
+from flexiq_jax import numerics
+from flexiq_jax.interception import get_path
+from flexiq_jax.layerwise import apply as apply_lib
+
+ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (paper, section 4.2)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaRoundSettings:
+  iterations: int = 500
+  batch_size: int = 32
+  learning_rate: float = 1e-2
+  reg_weight: float = 0.01  # lambda
+  warmup: float = 0.2  # share of iterations without the rounding regulariser
+  beta: tuple[float, float] = (20.0, 2.0)  # annealed from the first to the second
+
+
+def rectified_sigmoid(v):
+  return jnp.clip(jax.nn.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def initial_logits(rest):
+  """V with h(V) = rest (the fractional part of w / s): AdaRound starts at the float weights."""
+  rest = jnp.clip(rest, 1e-4, 1 - 1e-4)
+  return -jnp.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0)
+
+
+def beta_at(step, settings: AdaRoundSettings):
+  start = settings.warmup * settings.iterations
+  t = jnp.clip((step - start) / max(settings.iterations - start, 1), 0.0, 1.0)
+  hi, lo = settings.beta
+  return hi + (lo - hi) * t
+
+
+def round_layer(call, inputs, targets, weight_matrix, scale, qmax, settings: AdaRoundSettings, seed: int = 0):
+  """The learned integer codes (K, O) of one layer: `inputs` are its (quantized) inputs, `targets`
+  the float layer's outputs for the same images, `scale` (O,) the per-output-channel step."""
+  floor = jnp.floor(weight_matrix / scale)
+  shape = call.kernel.shape
+
+  def codes(v, hard: bool):
+    h = (v >= 0).astype(v.dtype) if hard else rectified_sigmoid(v)
+    return jnp.clip(floor + h, -qmax, qmax)
+
+  def loss_fn(v, x, y, step):
+    out = call.float_forward(x, (codes(v, False) * scale).reshape(shape))
+    reconstruction = jnp.mean((out - y) ** 2)  # over every element, as AIMET's implementation
+    h = rectified_sigmoid(v)
+    regulariser = jnp.sum(1.0 - jnp.abs(2.0 * h - 1.0) ** beta_at(step, settings))
+    use_reg = step >= settings.warmup * settings.iterations
+    return reconstruction + jnp.where(use_reg, settings.reg_weight * regulariser, 0.0)
+
+  tx = optax.adam(settings.learning_rate)
+
+  @jax.jit
+  def step_fn(v, opt_state, x, y, step):
+    grads = jax.grad(loss_fn)(v, x, y, step)
+    updates, opt_state = tx.update(grads, opt_state, v)
+    return optax.apply_updates(v, updates), opt_state
+
+  v = initial_logits(weight_matrix / scale - floor)
+  opt_state = tx.init(v)
+  rng = np.random.default_rng(seed)
+  n = inputs.shape[0]
+  for step in range(settings.iterations):
+    idx = rng.choice(n, size=min(settings.batch_size, n), replace=False)
+    v, opt_state = step_fn(v, opt_state, inputs[idx], targets[idx], jnp.float32(step))
+  return codes(v, True)
+
+
+class _Capture:
+  """A provider that runs `inner` and keeps the input of one layer."""
+
+  def __init__(self, inner, path):
+    self.inner, self.path, self.captured = inner, path, None
+
+  def layer(self, call, x):
+    if call.path == self.path:
+      self.captured = (call, x)
+    return self.inner.layer(call, x)
+
+  def matmul(self, call, a, b):
+    return self.inner.matmul(call, a, b)
+
+
+def _layer_input(model, plan, variables, tables, weight_bits, act_bits, images, path):
+  index = {p: i for i, p in enumerate(plan.quantized)}
+  provider = _Capture(apply_lib.LayerwiseBits(tables, weight_bits, act_bits, index, plan.signed), path)
+  interception.run_with_provider(model, plan, variables, images, provider)
+  return provider.captured
+
+
+def adaround_weights(model, plan, folded, tables, bits: dict, images, settings: AdaRoundSettings = AdaRoundSettings(),
+                     seed: int = 0) -> tuple[dict, dict]:
+  """Folded variables whose 4-bit layers' kernels lie on their 4-bit grid, rounded by AdaRound;
+  `bits` {path: (w, a)} as compare.baselines.uniform_bits. Returns (variables, per-layer report:
+  share of elements rounded away from nearest, reconstruction MSE nearest vs AdaRound)."""
+  variables = jax.tree_util.tree_map(lambda a: a, folded)
+  wb, ab = apply_lib.bits_arrays(plan, bits)
+  float_bits = jnp.zeros_like(wb)
+  report = {}
+  for i, path in enumerate(plan.quantized):
+    w_bits, a_bits = bits[path]
+    if w_bits != 4:
+      continue
+    # Targets: the float model's layer on its float input; inputs: what the partly rounded
+    # quantized model feeds the layer, quantized at the layer's activation width.
+    call, x_float = _layer_input(model, plan, folded, tables, float_bits, float_bits, images, path)
+    targets = call.float_forward(x_float)
+    qcall, x = _layer_input(model, plan, variables, tables, wb, ab, images, path)
+    t = tables[path]
+    x = numerics.fake_quant_traced_bits(x, t["act_clip"][a_bits], jnp.int32(a_bits), plan.signed[path])
+    qmax = 2 ** (w_bits - 1) - 1
+    scale = jnp.maximum(t["weight_clip"][w_bits], numerics.MIN_RANGE) / qmax
+    weight_matrix = interception.kernel_matrix(call.info, qcall.kernel)
+    codes = round_layer(qcall, x, targets, weight_matrix, scale, qmax, settings, seed=seed + i)
+    nearest = jnp.clip(jnp.round(weight_matrix / scale), -qmax, qmax)
+    mse = lambda c: float(jnp.mean((qcall.float_forward(x, (c * scale).reshape(qcall.kernel.shape)) - targets) ** 2))
+    report[path] = {"flipped_share": float(jnp.mean(codes != nearest)), "mse_nearest": mse(nearest),
+                    "mse_adaround": mse(codes)}
+    get_path(variables["params"], path)["kernel"] = (codes * scale).reshape(qcall.kernel.shape)
+  return variables, report
