@@ -30,6 +30,7 @@ from flexiq_jax import quantize as quantize_lib
 from flexiq_jax import records
 from flexiq_jax import select as select_lib
 from flexiq_jax import stage_cache
+from flexiq_jax import summary
 from flexiq_jax.select.fitness import SelectionFitness
 from flexiq_jax import train as train_lib
 from flexiq_jax.stage_results import Calibration, FloatModel, Quantized, RatioPoint, Selection
@@ -136,12 +137,18 @@ def eval_batches(config):
                            num_threads=config.data.num_threads)
 
 
+def eval_images(config) -> int:
+  """How many images `eval_batches` yields (the progress bars' total)."""
+  n, size = config.data.get("eval_examples", -1), data.get_dataset(config.data, config.data.eval_split).num_examples
+  return size if n < 0 else min(n, size)
+
+
 def evaluate_float(run: Run, float_model: FloatModel) -> dict:
   config = run.config
   parallel.check_batch_size(config.eval_batch_size, run.mesh, "eval_batch_size")
   predict = lambda images, variables: train_lib.float_logits(float_model.model, variables, images)
   metrics = train_lib.evaluate(predict, eval_batches(config), run.mesh, desc="float eval",
-                               args=(float_model.variables,))
+                               args=(float_model.variables,), total_images=eval_images(config))
   print(f"float model on {config.data.name}/{config.data.eval_split}: top-1 {metrics['top1']:.2f}%  "
         f"top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}")
   return metrics
@@ -227,6 +234,9 @@ def select(run: Run, float_model: FloatModel, calibration: Calibration) -> Selec
   counts = np.asarray(counts)
   if history is not None:
     select_lib.plot_search_history(history, stage.file("search_history.png"))
+    summary.write_scalars(stage.path, [(g, {f"fitness_best/level_{r:g}": b, f"fitness_mean/level_{r:g}": m})
+                                       for r, h in zip(levels, history.history)
+                                       for g, (b, m) in enumerate(zip(h["best"], h["mean"]))])
   shares = cost.lowered_mac_share(counts, layers.channels, layers.macs)
   records.write_json_atomic(stage.file("selection.json"), {
       "selector": name, "levels": levels,
@@ -357,11 +367,15 @@ def sweep(run: Run, quantized: Quantized, desc: str = "sweep", ratios=None) -> l
   for ratio in (run.config.sweep.ratios if ratios is None else ratios):
     r = jnp.float32(quantize_lib.check_ratio(ratio))
     metrics = train_lib.evaluate(predict, eval_batches(run.config), run.mesh,
-                                 desc=f"{desc} r={ratio}", args=(qvars, r))
+                                 desc=f"{desc} r={ratio}", args=(qvars, r), total_images=eval_images(run.config))
     points.append(RatioPoint(float(ratio), metrics["top1"], metrics["top5"],
                              quantize_lib.relative_bops_at(qmodel, qvars, ratio),
                              quantize_lib.low_bit_share_at(qmodel, qvars, ratio)))
     print(f"{desc}: ratio {ratio:.2f}  top-1 {metrics['top1']:.2f}%  relative BOPs {points[-1].relative_bops:.3f}")
+  # TensorBoard: accuracy against the ratio in percent (the step axis), one tag per sweep.
+  summary.write_scalars(os.path.join(run.workdir, "sweep"), [
+      (round(100 * p.ratio), {"top1": p.top1, "top5": p.top5, "relative_bops": p.relative_bops}) for p in points],
+      prefix=desc.replace(" ", "_") + "/")
   return points
 
 

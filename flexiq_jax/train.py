@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
-
 from flexiq_jax import checkpoint
 from flexiq_jax import parallel
+from flexiq_jax import progress as progress_lib
+from flexiq_jax import summary
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -115,16 +115,16 @@ def eval_sums(logits, batch) -> dict:
 
 
 def evaluate(predict_fn: Callable, batches: Iterable[dict], mesh=None, desc: str = "eval",
-             args: tuple = ()) -> dict:
+             args: tuple = (), total_images: int | None = None) -> dict:
   """predict_fn(images, *args) -> logits; returns top1/top5 (%), loss and the example count.
 
   The jitted step is cached per `predict_fn`, so evaluating the same function with new `args`
-  (e.g. another 4-bit ratio) reuses the compilation.
+  (e.g. another 4-bit ratio) reuses the compilation. `total_images` gives the progress bar its ETA.
   """
   mesh = mesh or parallel.make_mesh()
   step = _eval_step(predict_fn)
   totals = None
-  for batch in tqdm(batches, desc=desc, leave=False, disable=_quiet()):
+  for batch in progress_lib.image_batches(batches, desc=desc, total_images=total_images):
     sums = step(parallel.shard_batch(batch, mesh), *args)
     totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
   if totals is None:
@@ -140,20 +140,24 @@ def _eval_step(predict_fn: Callable):
   return jax.jit(lambda batch, *args: eval_sums(predict_fn(batch["image"], *args), batch))
 
 
-def _quiet() -> bool:
-  return os.environ.get("FLEXIQ_NO_PROGRESS", "") not in ("", "0")
-
-
 class JsonlWriter:
-  """Appends one JSON object per line (big_vision style); readable while the run is going."""
+  """Appends one JSON object per line (big_vision style); readable while the run is going. Records
+  with a `step` also go to TensorBoard event files in the same directory (`summary`)."""
 
   def __init__(self, path: str):
     self.path = path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    self.tensorboard = summary.ScalarWriter(os.path.dirname(path) or ".")
 
   def write(self, **record):
+    record = {k: _to_py(v) for k, v in record.items()}
     with open(self.path, "a") as f:
-      f.write(json.dumps({k: _to_py(v) for k, v in record.items()}) + "\n")
+      f.write(json.dumps(record) + "\n")
+    if "step" in record:
+      self.tensorboard.write(record["step"], {k: v for k, v in record.items() if k != "step"})
+
+  def close(self):
+    self.tensorboard.close()
 
 
 def _to_py(value):
@@ -179,7 +183,7 @@ def run_loop(state, step_fn: Callable, batches: Iterator[dict], *, total_steps: 
   writer = JsonlWriter(metrics_path)
   start = int(jax.device_get(state.step))
   jitted = jax.jit(step_fn, donate_argnums=0)
-  progress = tqdm(total=total_steps, initial=start, desc=desc, unit="step", disable=_quiet())
+  progress = progress_lib.bar(desc=desc, total=total_steps, initial=start, unit="step")
   window_start, window_images, pending = time.perf_counter(), 0, []
   try:
     for step in range(start, total_steps):
@@ -204,6 +208,7 @@ def run_loop(state, step_fn: Callable, batches: Iterator[dict], *, total_steps: 
     mngr.wait_until_finished()
     mngr.close()
     progress.close()
+    writer.close()
   return state
 
 
