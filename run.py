@@ -5,8 +5,9 @@ r"""flexiq_jax entry point.
 
 Modes run the pipeline up to a stage: train -> eval -> calibrate -> select -> quantize -> finetune,
 and `sweep` (evaluate config.sweep.ratios before and, if finetuned, after finetuning). `all` runs
-every stage and the sweep; `compare` runs the method comparison. Each stage reuses the saved
-output of the stages before it. --workdir defaults to workdirs/<config name>[_<args>].
+every stage and the sweep; `compare` runs the method comparison; `export` runs up to finetune and
+writes the portable export (jax.export module, weights, encodings) to <workdir>/export. Each stage
+reuses the saved output of the stages before it. --workdir defaults to workdirs/<config name>[_<args>].
 """
 
 import os
@@ -16,6 +17,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from flexiq_jax import api
 from flexiq_jax import cli
 from flexiq_jax import evaluate
 from flexiq_jax import parallel
@@ -26,7 +28,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go "
                                "(default: workdirs/<config name>[_<args>]).")
-_MODE = flags.DEFINE_enum("mode", "all", pipeline.STAGES + ("sweep", "all", "compare"), "Pipeline stage(s) to run.")
+_MODE = flags.DEFINE_enum("mode", "all", pipeline.STAGES + ("sweep", "all", "compare", "export"), "Pipeline stage(s) to run.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -39,6 +41,10 @@ def main(argv):
   if mode == "compare":  # every method x ratio/BOPs point (flexiq_jax.compare)
     from flexiq_jax import compare
     compare.main(run)  # returns the results dict: not an exit status for app.run
+    return
+  if mode == "export":  # the finetuned model as a portable jax.export artifact (flexiq_jax.export_run)
+    pipeline.run_until(run, "finetune", evaluate=False)
+    print(f"export: {api.export_run(workdir).directory}")
     return
 
   until = "finetune" if mode in ("all", "sweep") else mode

@@ -4,6 +4,8 @@ Notebook API:
   quantize_model(model, variables, calib_images, levels=..., selector=...) -> (qmodel, qvars)
   make_predict(qmodel, qvars) -> predict(images, ratio)   (one compilation for every ratio)
   load_quantized(workdir) -> LoadedRun (config, float model, quantized model, serving variables)
+  export_portable(qmodel, qvars, directory, image_shape), export_run(workdir) -> PortableExport
+    (a jax.export module of the integer path, ratio as an input; weights; encodings JSON)
 
 Pipeline, one subpackage per stage (docs/DESIGN.md):
   models -> calibrate -> select -> quantize -> finetune -> evaluate / serve
@@ -13,6 +15,8 @@ for the Flax-free quantization maths and `interception` between models and quant
 
 __version__ = "0.2.0"
 
-from flexiq_jax.api import LoadedRun, load_quantized, make_predict, quantize_model  # noqa: E402
+from flexiq_jax.api import (LoadedRun, PortableExport, export_portable, export_run, load_portable,  # noqa: E402
+                            load_quantized, make_predict, quantize_model)
 
-__all__ = ["LoadedRun", "load_quantized", "make_predict", "quantize_model", "__version__"]
+__all__ = ["LoadedRun", "PortableExport", "export_portable", "export_run", "load_portable", "load_quantized",
+           "make_predict", "quantize_model", "__version__"]

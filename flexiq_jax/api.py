@@ -5,6 +5,7 @@
   logits = predict(images, 0.5)   # half of the lowerable MACs in 4 bits; any ratio, one compilation
 
   run = flexiq_jax.load_quantized("workdirs/quickstart")   # float + quantized model of a finished run
+  flexiq_jax.export_run("workdirs/quickstart")             # portable jax.export artifact in <workdir>/export
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from flexiq_jax import records
 from flexiq_jax import select as select_lib
 from flexiq_jax import train as train_lib
 from flexiq_jax.quantize import make_predict  # noqa: F401  (re-exported)
+from flexiq_jax.quantize.export import PortableExport, export_portable, load_portable  # noqa: F401  (re-exported)
 from flexiq_jax.select.fitness import SelectionFitness
 from flexiq_jax.stage_results import Calibration, FloatModel
 
@@ -113,3 +115,16 @@ def load_quantized(workdir: str) -> LoadedRun:
     qvars = quantize_lib.add_fill_table(plan, qvars)
   return LoadedRun(config, FloatModel(model, state.variables()), quantize_lib.QuantizedModel(model, plan, mode="int"),
                    qvars)
+
+
+EXPORT_DIR = "export"
+
+
+def export_run(workdir: str, directory: str | None = None, *, platforms=None) -> PortableExport:
+  """The portable export (`quantize.export.export_portable`: a `jax.export` module of the integer
+  path with the ratio as an input, the serving weights as safetensors, the encodings JSON) of the
+  finished run in `workdir`, to `directory` (default <workdir>/export)."""
+  run = load_quantized(workdir)
+  shape = (run.config.data.image_size, run.config.data.image_size, run.config.data.channels)
+  return export_portable(run.qmodel, run.qvars, directory or os.path.join(workdir, EXPORT_DIR), shape,
+                         platforms=platforms)

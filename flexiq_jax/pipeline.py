@@ -30,6 +30,7 @@ from flexiq_jax import quantize as quantize_lib
 from flexiq_jax import records
 from flexiq_jax import select as select_lib
 from flexiq_jax import stage_cache
+from flexiq_jax import summary
 from flexiq_jax.select.fitness import SelectionFitness
 from flexiq_jax import train as train_lib
 from flexiq_jax.stage_results import Calibration, FloatModel, Quantized, RatioPoint, Selection
@@ -139,6 +140,12 @@ def eval_batches(config):
                            num_threads=config.data.num_threads)
 
 
+def eval_images(config) -> int:
+  """How many images `eval_batches` yields (the progress bars' total)."""
+  n, size = config.data.get("eval_examples", -1), data.get_dataset(config.data, config.data.eval_split).num_examples
+  return size if n < 0 else min(n, size)
+
+
 def evaluate_float(run: Run, float_model: FloatModel, logits_out: list | None = None) -> dict:
   """Top-1/top-5 of the float model on the eval split; `logits_out` receives its logits per batch
   (the reference of `sweep`'s agreement / KL / SQNR)."""
@@ -146,7 +153,8 @@ def evaluate_float(run: Run, float_model: FloatModel, logits_out: list | None = 
   parallel.check_batch_size(config.eval_batch_size, run.mesh, "eval_batch_size")
   predict = lambda images, variables: train_lib.float_logits(float_model.model, variables, images)
   metrics = train_lib.evaluate(predict, eval_batches(config), run.mesh, desc="float eval",
-                               args=(float_model.variables,), logits_out=logits_out)
+                               args=(float_model.variables,), logits_out=logits_out,
+                               total_images=eval_images(config))
   print(f"float model on {config.data.name}/{config.data.eval_split}: top-1 {metrics['top1']:.2f}%  "
         f"top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}")
   return metrics
@@ -232,6 +240,9 @@ def select(run: Run, float_model: FloatModel, calibration: Calibration) -> Selec
   counts = np.asarray(counts)
   if history is not None:
     select_lib.plot_search_history(history, stage.file("search_history.png"))
+    summary.write_scalars(stage.path, [(g, {f"fitness_best/level_{r:g}": b, f"fitness_mean/level_{r:g}": m})
+                                       for r, h in zip(levels, history.history)
+                                       for g, (b, m) in enumerate(zip(h["best"], h["mean"]))])
   shares = cost.lowered_mac_share(counts, layers.channels, layers.macs)
   records.write_json_atomic(stage.file("selection.json"), {
       "selector": name, "levels": levels,
@@ -366,13 +377,19 @@ def sweep(run: Run, quantized: Quantized, desc: str = "sweep", ratios=None,
   for ratio in (run.config.sweep.ratios if ratios is None else ratios):
     r = jnp.float32(quantize_lib.check_ratio(ratio))
     m = train_lib.evaluate(predict, eval_batches(run.config), run.mesh, desc=f"{desc} r={ratio}",
-                           args=(svars, r), reference_logits=float_logits)
+                           args=(svars, r), reference_logits=float_logits, total_images=eval_images(run.config))
     points.append(RatioPoint(float(ratio), m["top1"], m["top5"], quantize_lib.relative_bops_at(qmodel, qvars, ratio),
                              quantize_lib.low_bit_share_at(qmodel, qvars, ratio),
                              m.get("agreement"), m.get("kl"), m.get("sqnr_db")))
     fidelity = (f"  agreement {m['agreement']:.2f}%  KL {m['kl']:.4f}  SQNR {m['sqnr_db']:.1f} dB"
                 if "kl" in m else "")
     print(f"{desc}: ratio {ratio:.2f}  top-1 {m['top1']:.2f}%  relative BOPs {points[-1].relative_bops:.3f}{fidelity}")
+  # TensorBoard: accuracy against the ratio in percent (the step axis), one tag per sweep.
+  summary.write_scalars(os.path.join(run.workdir, "sweep"), [
+      (round(100 * p.ratio), {"top1": p.top1, "top5": p.top5, "relative_bops": p.relative_bops,
+                              **({"kl": p.kl, "agreement": p.agreement, "sqnr_db": p.sqnr_db} if p.kl is not None else {})})
+       for p in points],
+      prefix=desc.replace(" ", "_") + "/")
   return points
 
 

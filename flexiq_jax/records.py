@@ -34,6 +34,24 @@ def device_description() -> str:
   return f"{len(devices)}x {devices[0].device_kind} ({jax.default_backend()}), {jax.process_count()} process(es)"
 
 
+# The packages whose versions change results or file formats (distribution names).
+PACKAGES_OF_NOTE = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "ml_collections",
+                    "tensorflow-datasets", "safetensors", "tensorboardX", "flatbuffers", "absl-py", "torch", "timm")
+
+
+@functools.lru_cache(maxsize=None)
+def package_versions() -> dict:
+  """{distribution: version} of PACKAGES_OF_NOTE that are installed, and the Python version."""
+  from importlib import metadata
+  versions = {"python": sys.version.split()[0]}
+  for name in PACKAGES_OF_NOTE:
+    try:
+      versions[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      pass
+  return versions
+
+
 def run_info(argv=None) -> dict:
   argv = sys.argv if argv is None else argv
   return {
@@ -42,6 +60,7 @@ def run_info(argv=None) -> dict:
       "device": device_description(),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "jax_version": jax.__version__,
+      "versions": package_versions(),
   }
 
 

@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
-
 from flexiq_jax import checkpoint
 from flexiq_jax import parallel
+from flexiq_jax import progress as progress_lib
+from flexiq_jax import summary
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -137,7 +137,8 @@ def fidelity_sums(logits, reference_logits, mask) -> dict:
 
 
 def evaluate(predict_fn: Callable, batches: Iterable[dict], mesh=None, desc: str = "eval",
-             args: tuple = (), reference_logits=None, logits_out: list | None = None) -> dict:
+             args: tuple = (), reference_logits=None, logits_out: list | None = None,
+             total_images: int | None = None) -> dict:
   """predict_fn(images, *args) -> logits; returns top1/top5 (%), loss and the example count.
 
   reference_logits: the float model's logits for the same batches, in order (one host-local
@@ -146,13 +147,13 @@ def evaluate(predict_fn: Callable, batches: Iterable[dict], mesh=None, desc: str
   logits_out: a list that receives each batch's logits (host-local, padded rows included).
 
   The jitted step is cached per `predict_fn`, so evaluating the same function with new `args`
-  (e.g. another 4-bit ratio) reuses the compilation.
+  (e.g. another 4-bit ratio) reuses the compilation. `total_images` gives the progress bar its ETA.
   """
   mesh = mesh or parallel.make_mesh()
   step = _eval_step(predict_fn)
   references = iter(reference_logits) if reference_logits is not None else None
   totals = None
-  for batch in tqdm(batches, desc=desc, leave=False, disable=_quiet()):
+  for batch in progress_lib.image_batches(batches, desc=desc, total_images=total_images):
     if references is not None:
       reference = next(references, None)
       if reference is None or len(reference) != len(batch["label"]):
@@ -184,20 +185,24 @@ def _eval_step(predict_fn: Callable):
   return jax.jit(step)
 
 
-def _quiet() -> bool:
-  return os.environ.get("FLEXIQ_NO_PROGRESS", "") not in ("", "0")
-
-
 class JsonlWriter:
-  """Appends one JSON object per line (big_vision style); readable while the run is going."""
+  """Appends one JSON object per line (big_vision style); readable while the run is going. Records
+  with a `step` also go to TensorBoard event files in the same directory (`summary`)."""
 
   def __init__(self, path: str):
     self.path = path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    self.tensorboard = summary.ScalarWriter(os.path.dirname(path) or ".")
 
   def write(self, **record):
+    record = {k: _to_py(v) for k, v in record.items()}
     with open(self.path, "a") as f:
-      f.write(json.dumps({k: _to_py(v) for k, v in record.items()}) + "\n")
+      f.write(json.dumps(record) + "\n")
+    if "step" in record:
+      self.tensorboard.write(record["step"], {k: v for k, v in record.items() if k != "step"})
+
+  def close(self):
+    self.tensorboard.close()
 
 
 def _to_py(value):
@@ -223,7 +228,7 @@ def run_loop(state, step_fn: Callable, batches: Iterator[dict], *, total_steps: 
   writer = JsonlWriter(metrics_path)
   start = int(jax.device_get(state.step))
   jitted = jax.jit(step_fn, donate_argnums=0)
-  progress = tqdm(total=total_steps, initial=start, desc=desc, unit="step", disable=_quiet())
+  progress = progress_lib.bar(desc=desc, total=total_steps, initial=start, unit="step")
   window_start, window_images, pending = time.perf_counter(), 0, []
   try:
     for step in range(start, total_steps):
@@ -248,6 +253,7 @@ def run_loop(state, step_fn: Callable, batches: Iterator[dict], *, total_steps: 
     mngr.wait_until_finished()
     mngr.close()
     progress.close()
+    writer.close()
   return state
 
 

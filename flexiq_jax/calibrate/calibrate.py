@@ -32,6 +32,7 @@ import numpy as np
 
 from flexiq_jax import interception
 from flexiq_jax import numerics
+from flexiq_jax import progress
 from flexiq_jax.interception import LayerCall, MatmulCall, get_path
 from flexiq_jax.quantize import layer_ops
 from flexiq_jax.quantize.plan import QuantPlan
@@ -122,7 +123,8 @@ def collect(model, plan: QuantPlan, variables, batches, statistics) -> dict:
 
   run = jax.jit(run)
   acc = None
-  for images in batches:
+  total = sum(len(b) for b in batches) if isinstance(batches, (list, tuple)) else None
+  for images in progress.image_batches(batches, desc=f"calibrate ({type(statistics).__name__})", total_images=total):
     new = jax.device_get(run(variables, images))
     if acc is None:
       acc = new

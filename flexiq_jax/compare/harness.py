@@ -37,6 +37,7 @@ import numpy as np
 
 from flexiq_jax import cost
 from flexiq_jax import pipeline
+from flexiq_jax import progress
 from flexiq_jax import records
 from flexiq_jax import stage_cache
 from flexiq_jax import train as train_lib
@@ -298,11 +299,15 @@ def run_compare(run: pipeline.Run, float_model: FloatModel, float_metrics=None, 
   fields = stage_cache.stage_fields(config, "finetune", "layerwise", "sweep", *compare_fields, "data.eval_examples")
   cache = stage_cache.JsonCache(os.path.join(run.workdir, "compare", "rows.json"), stage_cache.fingerprint(fields))
   seconds, rows = {}, []
+  bar = progress.bar(desc="compare", total=len(methods), unit="method")  # the inner stages show their own bars
   for m in methods:
+    bar.set_postfix(method=m)
     t0 = time.perf_counter()
     rows += [Row.from_json(r) for r in cache.get(m, lambda m=m: [r.to_json() for r in METHODS[m](ctx)])]
     seconds[m] = time.perf_counter() - t0
     print(f"compare: {m} done ({seconds[m]:.0f} s)")
+    bar.update(1)
+  bar.close()
   results = {**records.run_info(), "model": config.model.name, "dataset": config.data.name,
              "eval_examples": len(ctx.eval_data) and int(sum(float(np.sum(b.get("mask", np.ones(len(b["label"])))))
                                                              for b in ctx.eval_data)),

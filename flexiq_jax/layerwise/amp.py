@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from flexiq_jax import progress
 from flexiq_jax import records
 from flexiq_jax import stage_cache
 from flexiq_jax.stage_cache import JsonCache
@@ -38,6 +39,11 @@ class AmpProblem:
   allowed: np.ndarray | None = None  # (G, K) bool
 
 
+def _tick(bar, value):
+  bar.update(1)
+  return value
+
+
 def run(problem: AmpProblem, stage_dir: str, fingerprint: str, *, allowed_drop: float,
         search: str = "binary", phase2_full: bool = True, log=print) -> dict:
   """Runs phases 1-3 (reusing cached results); returns a JSON-able summary.
@@ -50,9 +56,13 @@ def run(problem: AmpProblem, stage_dir: str, fingerprint: str, *, allowed_drop: 
   p1_fp = stage_cache.fingerprint([fingerprint, "phase1"])
   cache1 = JsonCache(os.path.join(stage_dir, "phase1.json"), p1_fp)
   t0 = time.perf_counter()
-  sens = phases.sensitivity_list(
-      len(problem.groups), problem.candidates, problem.baseline, problem.group_cost,
-      lambda g, k: cache1.get(f"{g}:{k}", lambda: problem.sensitivity_fn(g, k)), problem.allowed)
+  cost = np.asarray(problem.group_cost, np.float64)
+  cheaper = cost < cost[:, problem.baseline:problem.baseline + 1]
+  num_entries = int(np.sum(cheaper & (np.asarray(problem.allowed, bool) if problem.allowed is not None else True)))
+  with progress.bar(desc="layer-wise phase 1 (sensitivity)", total=num_entries, unit="eval") as bar:
+    sens = phases.sensitivity_list(
+        len(problem.groups), problem.candidates, problem.baseline, problem.group_cost,
+        lambda g, k: _tick(bar, cache1.get(f"{g}:{k}", lambda: problem.sensitivity_fn(g, k))), problem.allowed)
   t1 = time.perf_counter()
   pareto = phases.pareto_list(sens, len(problem.groups), problem.baseline, problem.group_cost)
   records.write_json_atomic(os.path.join(stage_dir, "phase2.json"), {
@@ -71,7 +81,7 @@ def run(problem: AmpProblem, stage_dir: str, fingerprint: str, *, allowed_drop: 
     return scores.get(i, compute)
 
   if phase2_full:
-    for i in range(len(pareto)):
+    for i in progress.bar(range(len(pareto)), desc="layer-wise phase 2 (Pareto points)", unit="point"):
       score(i)
   t2 = time.perf_counter()
   reference = (scores.get("float", problem.float_eval_fn) if problem.float_eval_fn is not None else score(0))
@@ -80,7 +90,8 @@ def run(problem: AmpProblem, stage_dir: str, fingerprint: str, *, allowed_drop: 
   if score(0) < target:
     chosen, met = 0, False  # even the baseline misses the target (AIMET falls back to it too)
   else:
-    chosen = phases.search(search, score, n, target)
+    with progress.bar(desc=f"layer-wise phase 3 ({search} search)", unit="eval") as bar:
+      chosen = phases.search(search, lambda i: _tick(bar, score(i)), n, target)
     met = True
   t3 = time.perf_counter()
   for i, p in enumerate(pareto):

@@ -68,11 +68,10 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
   if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint {path!r} does not exist")
   if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    try:
-      raw = load_file(path)
-    except TypeError:  # bfloat16 tensors, which numpy cannot hold
-      raw = _read_safetensors_widening_bf16(path)
+    # The flax reader, since safetensors' numpy reader cannot return bfloat16; jax's bfloat16
+    # arrays convert to ml_dtypes' bfloat16 numpy arrays, widened to float32 below.
+    from safetensors.flax import load_file
+    raw = {k: np.asarray(v) for k, v in load_file(path).items()}
   else:
     try:
       import torch
@@ -94,30 +93,6 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     # Integers (num_batches_tracked, index buffers) stay; floats of any width (incl. ml_dtypes'
     # bfloat16, which numpy does not count as floating) become float32.
     out[k] = v if (np.issubdtype(v.dtype, np.integer) or v.dtype == bool) else v.astype(np.float32)
-  return out
-
-
-def _read_safetensors_widening_bf16(path: str) -> dict[str, np.ndarray]:
-  """Reads a .safetensors file directly (8-byte header length, JSON header, raw little-endian data),
-  widening bfloat16 to float32 by shifting its 16 bits into the high half of a float32."""
-  import json
-  with open(path, "rb") as f:
-    n = int.from_bytes(f.read(8), "little")
-    header = json.loads(f.read(n))
-    data = f.read()
-  dtypes = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
-            "I8": "i1", "U8": "u1", "BOOL": "?", "BF16": "<u2"}
-  out = {}
-  for key, info in header.items():
-    if key == "__metadata__":
-      continue
-    if info["dtype"] not in dtypes:
-      raise ValueError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
-    start, end = info["data_offsets"]
-    a = np.frombuffer(data[start:end], dtype=dtypes[info["dtype"]]).reshape(info["shape"])
-    if info["dtype"] == "BF16":
-      a = (a.astype(np.uint32) << 16).view(np.float32)
-    out[key] = a
   return out
 
 

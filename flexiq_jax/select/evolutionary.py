@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from flexiq_jax import cost
+from flexiq_jax import progress
 
 from flexiq_jax.select import budget
 from flexiq_jax.select.ordering import DEFAULT_RTOL
@@ -138,6 +139,8 @@ def evolutionary_search(levels, channels, macs, fitness_fn: Callable[[np.ndarray
   best_fitness = np.full(levels.size, np.nan)
   history, evals_per_level = [], np.zeros(levels.size, np.int64)
   prev = np.zeros_like(channels)
+  searched = sum(trivial_counts(r, channels) is None for r in levels)
+  bar = progress.bar(desc="select (evolutionary)", total=searched * generations, unit="gen")
   for k, r in enumerate(levels):
     hist = {"best": [], "mean": []}
     history.append(hist)
@@ -177,6 +180,7 @@ def evolutionary_search(levels, channels, macs, fitness_fn: Callable[[np.ndarray
           if child not in cache and child not in children:
             children[child] = None
         if not children:
+          bar.update(generations - gen)  # the level's remaining generations are skipped
           break  # converged: proposals only revisit known genomes
         child_fits = [evaluate(g) for g in children]
         # Elites stay; children replace the rest; the best of the old rest fill any gap.
@@ -186,6 +190,8 @@ def evolutionary_search(levels, channels, macs, fitness_fn: Callable[[np.ndarray
       pop, fits = [pop[i] for i in rank], [fits[i] for i in rank]
       hist["best"].append(fits[0])
       hist["mean"].append(float(np.mean(fits)))
+      bar.set_postfix(level=f"{r:g}", generation=gen, best=f"{fits[0]:.4g}", evaluations=len(cache))
+      bar.update(1)
       if callback is not None:
         callback({"level": k, "ratio": float(r), "generation": gen, "best": fits[0],
                   "mean": float(np.mean(fits)), "best_counts": np.asarray(pop[0], np.int32),
@@ -193,5 +199,6 @@ def evolutionary_search(levels, channels, macs, fitness_fn: Callable[[np.ndarray
     out[k] = prev = np.asarray(pop[0], np.int64)
     best_fitness[k] = fits[0]
     evals_per_level[k] = len(cache) - evals_before
+  bar.close()
   return SearchResult(levels=levels, counts=out.astype(np.int32), best_fitness=best_fitness,
                       history=history, evaluations=len(cache), evaluations_per_level=evals_per_level)
