@@ -100,11 +100,20 @@ def get_config(arg=None):
   # Layer-wise mixed precision (design notes, section 3; flexiq_jax.layerwise).
   config.layerwise = ml_collections.ConfigDict()
   config.layerwise.candidates = ("W8A8", "W4A8", "W4A4")  # 'W<w>A<a>' or 'FP'
-  config.layerwise.baseline = "W8A8"  # every group starts here (phase 2)
+  # Phase 2 starts every group here; 'auto' (as AIMET): the best-scoring uniform candidate.
+  config.layerwise.baseline = "auto"
+  # Quantizer groups: 'shared_input' (as AIMET: the layers reading one tensor share a candidate)
+  # or 'per_layer' (each layer's weight and input alone).
+  config.layerwise.grouping = "shared_input"
+  # Recompute the min-max activation ranges for each candidate, as AIMET recomputes encodings
+  # (uniform candidates; once per candidate in phase 1; the baseline's for the Pareto points).
+  config.layerwise.recalibrate = True
   config.layerwise.act_range = "minmax"  # activation ranges: 'minmax' | 'mse' (fitted per bit width)
   config.layerwise.weight_range = "minmax"  # per-output-channel weight ranges: 'minmax' | 'mse'
   config.layerwise.sensitivity_images = 256  # phase 1: unlabelled calibration images, SQNR vs float
-  config.layerwise.score_split = "train"  # phases 2/3: labelled images scored (test split kept for reports)
+  # Phases 2/3 score the last score_examples images of this split (a validation slice of train,
+  # distinct from the test split the reports measure the drop on).
+  config.layerwise.score_split = "train"
   config.layerwise.score_examples = 2000
   config.layerwise.allowed_drop = 1.0  # top-1 points below the float model on the score images
   config.layerwise.search = "binary"  # phase 3: 'binary' | 'interpolation' | 'brute_force'

@@ -1,47 +1,81 @@
-r"""AIMET's Automatic Mixed Precision (aimet-torch, CPU) and flexiq_jax.layerwise side by side on the
-same small float CNN, calibration images and scoring images (real Fashion-MNIST).
+r"""AIMET's Automatic Mixed Precision (aimet-torch 2.42, CPU) and flexiq_jax.layerwise side by side:
+the same float weights, calibration images, phase-1 images and scoring images, at several allowed
+drops, on a small CNN and a small residual CNN (Fashion-MNIST).
 
-aimet-torch is not a project requirement. It was installed outside the venv, without letting pip
-touch torch (torch 2.13 CPU stays):
-  pip install --no-deps --target /tmp/aimet_site aimet-torch==2.42.0 <its missing deps, see the .md>
-The venv's torchvision (a CUDA-linked PyPI wheel) cannot load its C ops under CPU torch, and
-aimet_torch imports torchvision at import time (datasets/transforms, and two op types in an ONNX
-name table), so this script installs a minimal pure-Python `torchvision` stand-in before importing
-aimet (nothing here uses torchvision).
+    python -m experiments.aimet_side_by_side [--out=PATH] [--data_dir=DIR] [--drops=2,1,0.5,0.2]
 
-  PYTHONPATH=/tmp/aimet_site python -m experiments.aimet_side_by_side [--out=PATH] [--data_dir=DIR]
+(from the repository root; aimet-torch is a test requirement). Writes
+experiments/results/aimet_side_by_side.{json,md} (--out: the path without extension).
 
-(from the repository root). Writes experiments/results/aimet_side_by_side.{json,md} (--out: the
-path without extension): both chosen configurations, accuracies and wall times, or the exact error
-if aimet cannot run. The flexiq_jax side is `flexiq_jax.layerwise.driver.layerwise_search` on the
-Flax twin's typed float model and calibration, in a fresh temporary directory.
+Both models are trained here in torch on the training split minus its last NUM_SCORE images (the
+scoring slice), BatchNorm folded into the convs, and converted to Flax with the same weights. Each
+side then runs its whole algorithm at each allowed drop from a clean start (a fresh sim for AIMET, a
+fresh stage directory for flexiq_jax): the float score and every uniform candidate (AIMET's
+baseline step), then phases 1-3 unless an early exit applies. Quantization is set up alike where
+both can express it (`AIMET_CONFIG`, `EQUAL_SETUP`); the residual differences are listed in the
+output (`DIFFERENCES`).
 """
 
 import argparse
+import json
 import os
 import sys
+import tempfile
 import time
-import traceback
-import types
 
 import numpy as np
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "aimet_side_by_side")
 DATA_DIR = "/usr/share/datasets/fashion-mnist"
 CANDIDATES = ("W8A8", "W4A8", "W4A4")
-ALLOWED_DROP = 1.0  # top-1 points below float on the scoring images
-NUM_CALIB, NUM_SCORE, NUM_TEST = 256, 1000, 10000
+DROPS = (2.0, 1.0, 0.5, 0.2)  # top-1 points below float on the scoring images
+NUM_CALIB, CALIB_BATCH, NUM_PHASE1, PHASE1_BATCH = 256, 64, 128, 64
+NUM_SCORE, SCORE_BATCH, NUM_TEST = 1000, 250, 10000
+TRAIN_STEPS = 600
 
-
-def stub_torchvision():
-  tv = types.ModuleType("torchvision")
-  for name in ("datasets", "transforms", "ops"):
-    sub = types.ModuleType(f"torchvision.{name}")
-    setattr(tv, name, sub)
-    sys.modules[f"torchvision.{name}"] = sub
-  tv.transforms.Resize = type("Resize", (), {})
-  tv.ops.RoIPool = type("RoIPool", (), {})
-  sys.modules["torchvision"] = tv
+# AIMET quantsim config: per-channel symmetric weights, asymmetric min-max activations (on a
+# non-negative tensor that is flexiq_jax's unsigned grid [0, max]; quantsim v2 has no unsigned
+# symmetric mode), biases float, the model input quantized (the logits'
+# output quantizer is disabled after the sim is built: FLOAT_OUTPUTS).
+AIMET_CONFIG = {
+    "defaults": {"ops": {"is_output_quantized": "True", "is_symmetric": "False"},
+                 "params": {"is_quantized": "True", "is_symmetric": "True"},
+                 "strict_symmetric": "False", "per_channel_quantization": "True"},
+    "params": {"bias": {"is_quantized": "False"}},
+    "op_type": {},
+    "supergroups": [{"op_list": ["Conv", "Relu"]}, {"op_list": ["Gemm", "Relu"]}, {"op_list": ["Add", "Relu"]}],
+    "model_input": {"is_input_quantized": "True"},
+    "model_output": {},
+}
+EQUAL_SETUP = [
+    "same float weights (torch, BatchNorm folded) and the same images on both sides",
+    "min-max ranges; weights symmetric per output channel; activations per tensor, on [0, max] with "
+    "2^b-1 steps where non-negative (every ReLU and pooling output)",
+    "quantized activations: exactly the inputs of the convs and linear layers (AIMET's output quantizers "
+    "on conv outputs that feed a residual add, and on the logits, are disabled: FlexiQ's integer path "
+    "keeps those tensors float)",
+    "groups: the layers reading one tensor share a candidate (AIMET's grouping; flexiq_jax "
+    "layerwise.grouping='shared_input')",
+    "ranges recomputed as AIMET does (flexiq_jax layerwise.recalibrate=True): per uniform candidate, once "
+    "per candidate in phase 1 (weights float), the baseline's for every Pareto point",
+    "automatic baseline and early exits as AIMET; binary search; phase 1 on 128 calibration images, "
+    "phases 2/3 on the scoring slice",
+]
+DIFFERENCES = [
+    "the model input (the only signed quantized tensor): AIMET asymmetric over [min, max], flexiq_jax "
+    "symmetric over [-max|x|, max|x|]",
+    "phase-1 SQNR: AIMET averages E[ref²]/(E[noise²]+1e-4) over batches of 64 and takes dB; flexiq_jax "
+    "takes 10·log10(Σref²/Σnoise²) over all 128 images (the rankings can differ where scores are close)",
+    "phase 2: AIMET applies every sorted entry, also one that raises a group back to a costlier candidate "
+    "than it already has; flexiq_jax skips those, so its Pareto list strictly falls in cost and its indices "
+    "differ",
+    "weights: AIMET's signed grid is [-2^(b-1), 2^(b-1)-1], flexiq_jax's the narrow [-(2^(b-1)-1), "
+    "2^(b-1)-1]; with min-max scales (max|w| on the positive end) no weight reaches the extra code",
+    "rounding: torch rounds half to even as jnp.round; float summation order differs (torch vs XLA), so "
+    "scores can differ by an image where a logit is near a tie",
+    "time: AIMET runs eager PyTorch (no compilation); flexiq_jax compiles once (reported apart) and then "
+    "evaluates every configuration with the same compiled function",
+]
 
 
 def load_data(d=DATA_DIR):
@@ -51,18 +85,62 @@ def load_data(d=DATA_DIR):
   return norm(xtr), ytr.astype(np.int64), norm(xte), yte.astype(np.int64)
 
 
-def torch_model():
+# ------------------------------------------------------------------------------------------------
+# The two models, in torch (module names = the Flax layer names).
+
+
+def torch_models():
   import torch.nn as tnn
-  return tnn.Sequential(tnn.Conv2d(1, 16, 3, 2, 1), tnn.ReLU(), tnn.Conv2d(16, 32, 3, 2, 1), tnn.ReLU(),
-                        tnn.Conv2d(32, 32, 3, 1, 1), tnn.ReLU(), tnn.Flatten(), tnn.Linear(32 * 7 * 7, 10))
+
+  class SmallCNN(tnn.Module):
+    def __init__(self):
+      super().__init__()
+      self.c0, self.c1, self.c2 = tnn.Conv2d(1, 16, 3, 2, 1), tnn.Conv2d(16, 32, 3, 2, 1), tnn.Conv2d(32, 32, 3, 1, 1)
+      self.r0, self.r1, self.r2 = tnn.ReLU(), tnn.ReLU(), tnn.ReLU()
+      self.fc = tnn.Linear(32 * 7 * 7, 10)
+
+    def forward(self, x):  # a functional flatten: no quantizer of its own in AIMET
+      x = self.r2(self.c2(self.r1(self.c1(self.r0(self.c0(x))))))
+      return self.fc(x.flatten(1))
+
+  class ResNetSmall(tnn.Module):
+    """stem, one identity block (16) and one downsampling block (32, 1x1 stride-2 shortcut)."""
+
+    def __init__(self, bn=True):
+      super().__init__()
+      conv = lambda i, o, k, s: tnn.Conv2d(i, o, k, s, k // 2, bias=not bn)
+      norm = lambda c: tnn.BatchNorm2d(c) if bn else tnn.Identity()
+      self.stem, self.stem_bn = conv(1, 16, 3, 1), norm(16)
+      self.b1_conv1, self.b1_bn1, self.b1_conv2, self.b1_bn2 = conv(16, 16, 3, 1), norm(16), conv(16, 16, 3, 1), norm(16)
+      self.b2_conv1, self.b2_bn1, self.b2_conv2, self.b2_bn2 = conv(16, 32, 3, 2), norm(32), conv(32, 32, 3, 1), norm(32)
+      self.b2_down, self.b2_down_bn = conv(16, 32, 1, 2), norm(32)
+      self.r0, self.r1, self.r2, self.r3, self.r4 = (tnn.ReLU() for _ in range(5))
+      self.pool = tnn.AdaptiveAvgPool2d(1)
+      self.fc = tnn.Linear(32, 10)
+
+    def forward(self, x):
+      x = self.r0(self.stem_bn(self.stem(x)))
+      h = self.r1(self.b1_bn1(self.b1_conv1(x)))
+      x = self.r2(self.b1_bn2(self.b1_conv2(h)) + x)
+      h = self.r3(self.b2_bn1(self.b2_conv1(x)))
+      x = self.r4(self.b2_bn2(self.b2_conv2(h)) + self.b2_down_bn(self.b2_down(x)))
+      return self.fc(self.pool(x).flatten(1))
+
+  return SmallCNN, ResNetSmall
 
 
-def train_torch(model, x, y, steps=600, batch=128):
+# Output quantizers AIMET would put on tensors FlexiQ's integer path keeps float: the logits, conv
+# outputs that feed a residual add, and the last ReLU (only the pooling reads it; the pooled
+# vector, the classifier's input, is quantized).
+FLOAT_OUTPUTS = {"small_cnn": ("fc",), "resnet_small": ("b1_conv2", "b2_conv2", "b2_down", "r4", "fc")}
+
+
+def train_torch(model, x, y, steps=TRAIN_STEPS, batch=128):
   import torch
   opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
   rng = np.random.default_rng(0)
-  xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
-  yt = torch.from_numpy(y)
+  xt, yt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(y)
+  model.train()
   for _ in range(steps):
     idx = torch.from_numpy(rng.integers(0, len(x), batch))
     loss = torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx])
@@ -72,157 +150,358 @@ def train_torch(model, x, y, steps=600, batch=128):
   return model.eval()
 
 
-def flax_twin(tmodel):
-  """The same network in Flax (NHWC; the flatten is done in NCHW order to match torch)."""
+def fold_resnet(trained, ResNetSmall):
+  """The trained residual CNN with every BatchNorm folded into its conv (conv bias added)."""
+  import torch
+  folded = ResNetSmall(bn=False).eval()
+  sd = trained.state_dict()
+  out = {}
+  for name in ("stem", "b1_conv1", "b1_conv2", "b2_conv1", "b2_conv2", "b2_down"):
+    bn = {"stem": "stem_bn", "b2_down": "b2_down_bn"}.get(name, name.replace("conv", "bn"))
+    g, b, m, v = (sd[f"{bn}.{k}"] for k in ("weight", "bias", "running_mean", "running_var"))
+    s = g / torch.sqrt(v + trained.get_submodule(bn).eps)
+    out[f"{name}.weight"] = sd[f"{name}.weight"] * s[:, None, None, None]
+    out[f"{name}.bias"] = b - m * s
+  out["fc.weight"], out["fc.bias"] = sd["fc.weight"], sd["fc.bias"]
+  folded.load_state_dict(out)
+  return folded
+
+
+def flax_twin(name, tmodel):
+  """The same network in Flax (NHWC; the small CNN flattens in NCHW order, as torch)."""
   import flax.linen as nn
   import jax.numpy as jnp
+  pad = lambda k: ((k // 2, k // 2), (k // 2, k // 2))
 
-  class Twin(nn.Module):
+  class SmallCNN(nn.Module):
     @nn.compact
     def __call__(self, x, train=False):
-      x = nn.relu(nn.Conv(16, (3, 3), 2, padding=((1, 1), (1, 1)), name="c0")(x))
-      x = nn.relu(nn.Conv(32, (3, 3), 2, padding=((1, 1), (1, 1)), name="c1")(x))
-      x = nn.relu(nn.Conv(32, (3, 3), 1, padding=((1, 1), (1, 1)), name="c2")(x))
+      x = nn.relu(nn.Conv(16, (3, 3), 2, padding=pad(3), name="c0")(x))
+      x = nn.relu(nn.Conv(32, (3, 3), 2, padding=pad(3), name="c1")(x))
+      x = nn.relu(nn.Conv(32, (3, 3), 1, padding=pad(3), name="c2")(x))
       x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
       return nn.Dense(10, name="fc")(x)
 
+  class ResNetSmall(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      conv = lambda o, k, s, n: nn.Conv(o, (k, k), s, padding=pad(k), name=n)
+      x = nn.relu(conv(16, 3, 1, "stem")(x))
+      h = nn.relu(conv(16, 3, 1, "b1_conv1")(x))
+      x = nn.relu(conv(16, 3, 1, "b1_conv2")(h) + x)
+      h = nn.relu(conv(32, 3, 2, "b2_conv1")(x))
+      x = nn.relu(conv(32, 3, 1, "b2_conv2")(h) + conv(32, 1, 2, "b2_down")(x))
+      return nn.Dense(10, name="fc")(x.mean(axis=(1, 2)))
+
   sd = {k: v.detach().numpy() for k, v in tmodel.state_dict().items()}
-  conv = lambda i: {"kernel": sd[f"{i}.weight"].transpose(2, 3, 1, 0), "bias": sd[f"{i}.bias"]}
-  params = {"c0": conv(0), "c1": conv(2), "c2": conv(4), "fc": {"kernel": sd["7.weight"].T, "bias": sd["7.bias"]}}
-  return Twin(), {"params": params}
+  params = {}
+  for key in {k.rsplit(".", 1)[0] for k in sd}:
+    w = sd[f"{key}.weight"]
+    params[key] = {"kernel": w.transpose(2, 3, 1, 0) if w.ndim == 4 else w.T, "bias": sd[f"{key}.bias"]}
+  return (SmallCNN() if name == "small_cnn" else ResNetSmall()), {"params": params}
 
 
 def top1_np(logits, y):
   return float(100.0 * np.mean(np.argmax(np.asarray(logits), -1) == y))
 
 
-def layerwise_config():
-  """The settings of the search, as the config section `driver.layerwise_search` reads (phase 1:
-  SQNR on 128 calibration images; phases 2/3: top-1 on the scoring images, binary search, only the
-  Pareto points phase 3 probes are scored)."""
+def bops_table(plan):
+  """{layer: MACs}; relative BOPs of a {layer: (w, a)} choice against all layers at W8A8."""
+  from flexiq_jax import cost
+  infos = plan.layer_infos()
+  base = sum(cost.layer_bops(i, 8, 8) for i in infos.values())
+  return lambda bits: sum(cost.layer_bops(infos[p], *bits[p]) for p in infos) / base
+
+
+def parse(name):
+  from flexiq_jax.layerwise.candidates import parse_candidate
+  c = parse_candidate(name)
+  return c.weight_bits, c.act_bits
+
+
+# ------------------------------------------------------------------------------------------------
+# flexiq_jax.
+
+
+def layerwise_config(drop):
   import ml_collections
   config = ml_collections.ConfigDict()
   config.layerwise = ml_collections.ConfigDict({
-      "candidates": CANDIDATES, "baseline": "W8A8", "act_range": "minmax", "weight_range": "minmax",
-      "sensitivity_images": 128, "score_split": "train", "score_examples": NUM_SCORE,
-      "allowed_drop": ALLOWED_DROP, "search": "binary", "phase2_full": False, "flexiq_ratios": (0.0,)})
+      "candidates": CANDIDATES, "baseline": "auto", "grouping": "shared_input", "recalibrate": True,
+      "act_range": "minmax", "weight_range": "minmax", "sensitivity_images": NUM_PHASE1, "score_split": "train",
+      "score_examples": NUM_SCORE, "allowed_drop": drop, "search": "binary", "phase2_full": False,
+      "flexiq_ratios": (0.0,)})
   return config
 
 
-def run_ours(model, variables, calib, xs, ys, xte, yte):
-  import tempfile
-
-  import jax
+def run_ours(model, variables, calib_batches, score, test, drop, recalibrate=True):
+  import jax.numpy as jnp
   from flexiq_jax import calibrate as calibrate_lib
   from flexiq_jax import quantize
-  from flexiq_jax.layerwise import apply as apply_lib
   from flexiq_jax.layerwise import driver
   from flexiq_jax.stage_results import Calibration, FloatModel
-  t0 = time.perf_counter()
-  float_model = FloatModel(model, variables)
-  plan = quantize.build_plan(model, variables, (28, 28, 1), keep_8bit=())  # no BatchNorm: nothing folds
-  stats = calibrate_lib.calibrate(model, plan, variables, [calib])
+  plan = quantize.build_plan(model, variables, calib_batches[0].shape[1:], keep_8bit=())  # no BatchNorm left
+  stats = calibrate_lib.calibrate(model, plan, variables, calib_batches)
   calibration = Calibration(plan.with_signedness(stats), variables, stats)
-  score_data = [{"image": xs, "label": ys.astype(np.int32)}]
-  res = driver.layerwise_search(layerwise_config(), tempfile.mkdtemp(), float_model, calibration, [calib],
-                                score_data=score_data)
-  seconds = time.perf_counter() - t0
-  logits = jax.jit(apply_lib.make_apply(model, calibration.plan))
-  test = top1_np(logits(variables, res.tables, res.weight_bits, res.act_bits, xte), yte)
+  config = layerwise_config(drop)
+  config.layerwise.recalibrate = recalibrate
+  score_data = [{"image": score[0][i:i + SCORE_BATCH], "label": score[1][i:i + SCORE_BATCH].astype(np.int32)}
+                for i in range(0, len(score[0]), SCORE_BATCH)]
+  with tempfile.TemporaryDirectory() as workdir:
+    res = driver.layerwise_search(config, workdir, FloatModel(model, variables), calibration, calib_batches,
+                                  score_data=score_data)
+  ev = driver.LayerwiseEvaluator(model, calibration.plan, variables, res.tables)
+  test_data = [{"image": test[0][i:i + 1000], "label": test[1][i:i + 1000].astype(np.int32)}
+               for i in range(0, len(test[0]), 1000)]
   s = res.summary
-  return {"chosen": s["chosen_candidates"], "relative_bops": s["chosen"]["relative_cost"],
-          "score_top1": s["chosen"]["score"], "test_top1": test, "seconds": seconds,
-          "pareto_evaluations": s["new_evaluations"], "sensitivity": s["sensitivity"]}
+  bits = {p: (int(w), int(a)) for p, w, a in zip(calibration.plan.quantized, res.weight_bits, res.act_bits)}
+  return {"early_exit": s["early_exit"], "phases_run": s["phases_run"], "baseline": s["baseline"],
+          "uniform_scores": s["uniform_scores"], "float_score": s["reference_score"], "target": s["target"],
+          "target_met": s["target_met"], "chosen": s["chosen_candidates"], "score_top1": s["chosen"]["score"],
+          "test_top1": ev.top1(test_data, jnp.asarray(res.weight_bits), jnp.asarray(res.act_bits)),
+          "relative_bops": bops_table(calibration.plan)(bits), "groups": s["members"],
+          "sensitivity": [[e["group_name"], e["candidate_name"], e["score"]] for e in s["sensitivity"]],
+          "pareto_points": s["num_points"], "evaluations": s["new_evaluations"], "seconds": s["seconds"],
+          "recalibrated": s["recalibrated"]}, calibration.plan
 
 
-def run_aimet(tmodel, calib, xs, ys, xte, yte):
+# ------------------------------------------------------------------------------------------------
+# AIMET.
+
+
+def import_aimet():
+  """aimet_torch imports torchvision; PyPI's torchvision (CUDA-linked) fails to register two ops
+  beside CPU torch, so their schemas are declared first (see tests/timm_reference.import_timm)."""
   import torch
-  stub_torchvision()
-  from aimet_torch.common.defs import CallbackFunc, QuantizationDataType
-  from aimet_torch.mixed_precision import choose_mixed_precision
+  try:
+    import torchvision  # noqa: F401
+  except RuntimeError as e:
+    if "torchvision::" not in str(e):
+      raise
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+      del sys.modules[name]
+    lib = torch.library.Library("torchvision", "DEF")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    globals()["_TORCHVISION_SCHEMA_LIB"] = lib  # dropping it undefines the ops
+    import torchvision  # noqa: F401
+  import aimet_torch
+  return aimet_torch
+
+
+def run_aimet(tmodel, calib_batches, phase1_images, score, test, drop, float_outputs=()):
+  """AIMET's GreedyMixedPrecisionAlgo, called as aimet_torch.mixed_precision.choose_mixed_precision
+  calls it (inside its v1-quantizer shim), with its baseline step timed apart from its phases."""
+  import torch
+  from torch.utils.data import DataLoader, TensorDataset
+  import_aimet()
+  from aimet_torch._base.amp.mixed_precision_algo import EvalCallbackFactory, GreedyMixedPrecisionAlgo
+  from aimet_torch.amp.utils import _mock_v1_quantizers
+  from aimet_torch.common.amp.utils import AMPSearchAlgo
+  from aimet_torch.common.defs import CallbackFunc, QuantizationDataType, QuantScheme
+  from aimet_torch.model_preparer import prepare_model
   from aimet_torch.quantsim import QuantizationSimModel
-  from aimet_torch.amp.mixed_precision_algo import EvalCallbackFactory
+  nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
+  calib = [nchw(b) for b in calib_batches]
+  xs, ys = nchw(score[0]), score[1]
   t0 = time.perf_counter()
-  nchw = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).copy())
-  c, s = nchw(calib), nchw(xs)
-  dummy = c[:1]
-  sim = QuantizationSimModel(tmodel, dummy, default_param_bw=8,
-                             default_output_bw=8)
-  fwd = lambda m, _=None: m(c)
-  sim.compute_encodings(fwd, None)
-  int_ = QuantizationDataType.int
-  cand = {"W8A8": ((8, int_), (8, int_)), "W4A8": ((8, int_), (4, int_)), "W4A4": ((4, int_), (4, int_))}
-  loader = [(c[i:i + 64],) for i in range(0, 128, 64)]
-  phase1 = EvalCallbackFactory(loader, forward_fn=lambda m, b: m(b[0])).sqnr()
+  with tempfile.TemporaryDirectory() as tmp:
+    cfg = os.path.join(tmp, "quantsim_config.json")
+    with open(cfg, "w") as f:
+      json.dump(AIMET_CONFIG, f)
+    sim = QuantizationSimModel(prepare_model(tmodel), calib[0][:1], quant_scheme=QuantScheme.min_max,
+                               default_output_bw=8, default_param_bw=8, config_file=cfg)
+    for name in float_outputs:
+      sim.model.get_submodule(name).output_quantizers[0] = None
 
-  def phase2(m, _=None):
+    def forward_pass(model, _=None):
+      with torch.no_grad():
+        for b in calib:
+          model(b)
+
+    sim.compute_encodings(forward_pass)
+    phase1 = EvalCallbackFactory(DataLoader(TensorDataset(nchw(phase1_images)), batch_size=PHASE1_BATCH),
+                                 forward_fn=lambda m, b: m(b[0])).sqnr(NUM_PHASE1)
+
+    def phase2(model, _=None):
+      with torch.no_grad():
+        logits = torch.cat([model(xs[i:i + SCORE_BATCH]) for i in range(0, len(xs), SCORE_BATCH)])
+      return top1_np(logits.numpy(), ys)
+
+    q = QuantizationDataType.int
+    cands = [((parse(c)[1], q), (parse(c)[0], q)) for c in CANDIDATES]  # ((act bits, int), (param bits, int))
+    with _mock_v1_quantizers(sim):
+      algo = GreedyMixedPrecisionAlgo(sim, calib[0][:1], cands, phase1, CallbackFunc(phase2, None),
+                                      os.path.join(tmp, "amp"), True, CallbackFunc(forward_pass, None),
+                                      use_all_amp_candidates=True, phase1_optimize=True)
+      t1 = time.perf_counter()
+      algo.set_baseline()
+      t2 = time.perf_counter()
+      algo.run(drop, AMPSearchAlgo.Binary)
+      t3 = time.perf_counter()
+      chosen = {}
+      for group in algo.quantizer_groups:
+        (a, _), *param = group.get_candidate(algo._module_name_dict)
+        layers = sorted(set(group.parameter_quantizers)) or list(group.input_quantizers + group.output_quantizers)
+        chosen["+".join(layers)] = f"W{param[0][0]}A{a}" if param else f"A{a}"
     with torch.no_grad():
-      return top1_np(m(s).numpy(), ys)
+      xt = nchw(test[0])
+      test_top1 = top1_np(torch.cat([sim.model(xt[i:i + 1000]) for i in range(0, len(xt), 1000)]).numpy(), test[1])
+  ran = algo.accuracy_list is not None
+  p1 = 60 * (algo.time_taken_phase1 or 0.0) if ran else 0.0
+  p2 = 60 * (algo.time_taken_phase2 or 0.0) if ran else 0.0
+  best = max(s for s, _ in algo._eval_scores)
+  exit_ = None if ran else ("baseline_misses_target" if algo.fp32_accuracy - best > drop else "lowest_within_drop")
+  name = lambda c: f"W{c[1][0]}A{c[0][0]}"
+  return {"early_exit": exit_, "phases_run": [1, 2] if ran else [], "baseline": name(algo.baseline_candidate),
+          "uniform_scores": {name(c): s for s, c in algo._eval_scores}, "float_score": algo.fp32_accuracy,
+          "target": algo.fp32_accuracy - drop, "chosen": chosen, "score_top1": algo._final_eval_score,
+          "test_top1": test_top1,
+          "sensitivity": [[str(g.to_list()), name(c), float(s)] for g, c, s, _ in (algo.accuracy_list or [])],
+          "pareto": [[float(b), float(s), str(g.to_list()), name(c)] for b, s, g, c in (algo.pareto_list or [])],
+          "seconds": {"setup": t1 - t0, "baseline": t2 - t1, "phase1": p1, "phase2": p2,
+                      "early_exit_and_other": (t3 - t2) - p1 - p2}}
 
-  results_dir = os.path.join("/tmp", "aimet_amp_results")
-  wrap = lambda f: f if isinstance(f, CallbackFunc) else CallbackFunc(f, None)
-  pareto = choose_mixed_precision(sim, dummy, [cand[k] for k in CANDIDATES], wrap(phase1), wrap(phase2),
-                                  ALLOWED_DROP, results_dir, True, wrap(fwd))
-  seconds = time.perf_counter() - t0
-  chosen = {}
-  for name, module in sim.model.named_modules():
-    if hasattr(module, "param_quantizers") and "weight" in getattr(module, "param_quantizers", {}):
-      wq = module.param_quantizers["weight"]
-      iq = module.input_quantizers[0] if getattr(module, "input_quantizers", None) else None
-      chosen[name] = {"weight_bits": getattr(wq, "bitwidth", None),
-                      "input_bits": getattr(iq, "bitwidth", None) if iq is not None else None}
-  with torch.no_grad():
-    test = top1_np(sim.model(nchw(xte)).numpy(), yte)
-  return {"chosen": chosen, "test_top1": test, "seconds": seconds,
-          "pareto": [[float(p[0]), float(p[1]), str(p[2]), str(p[3])] for p in (pareto or [])]}
+
+# ------------------------------------------------------------------------------------------------
+
+
+def layer_bits(chosen: dict, layers) -> dict:
+  """{group name 'a+b': 'W4A8'} -> {layer: (w, a)} over `layers`."""
+  out = {}
+  for group, cand in chosen.items():
+    for layer in group.split("+"):
+      if layer in layers:
+        out[layer] = parse(cand)
+  return out
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", default=OUT, help="output path without extension; .json and .md are written")
   parser.add_argument("--data_dir", default=DATA_DIR, help="the Fashion-MNIST IDX files")
-  parser.add_argument("--helpfull", action="help", help=argparse.SUPPRESS)  # as the absl scripts
+  parser.add_argument("--drops", default=",".join(f"{d:g}" for d in DROPS), help="allowed drops, comma-separated")
+  parser.add_argument("--models", default="small_cnn,resnet_small")
   args = parser.parse_args(argv)
   import torch
   torch.manual_seed(0)
+  import jax.numpy as jnp
   from flexiq_jax import records
   command = ["-m", __spec__.name] if __spec__ is not None else sys.argv[:1]  # as typed, not the file path
   info = records.run_info(command + (sys.argv[1:] if argv is None else list(argv)))
+  drops = [float(d) for d in args.drops.split(",")]
   xtr, ytr, xte, yte = load_data(args.data_dir)
   rng = np.random.default_rng(0)
-  calib = xtr[np.sort(rng.choice(len(xtr), NUM_CALIB, replace=False))]
-  xs, ys = xtr[-NUM_SCORE:], ytr[-NUM_SCORE:]
-  xte, yte = xte[:NUM_TEST], yte[:NUM_TEST]
-  tmodel = train_torch(torch_model(), xtr[:-NUM_SCORE], ytr[:-NUM_SCORE])
-  with torch.no_grad():
-    float_test = top1_np(tmodel(torch.from_numpy(xte.transpose(0, 3, 1, 2).copy())).numpy(), yte)
-  model, variables = flax_twin(tmodel)
-  twin_test = top1_np(model.apply(variables, xte), yte)
-  out = {**info, "float_test_top1_torch": float_test, "float_test_top1_flax": twin_test,
-         "candidates": CANDIDATES, "allowed_drop": ALLOWED_DROP, "num_calib": NUM_CALIB, "num_score": NUM_SCORE}
-  out["flexiq_jax"] = run_ours(model, variables, calib, xs, ys, xte, yte)
-  try:
-    out["aimet"] = run_aimet(tmodel, calib, xs, ys, xte, yte)
-  except Exception as e:  # record exactly why aimet could not run
-    out["aimet_error"] = "".join(traceback.format_exception(e))[-4000:]
+  x_fit, y_fit = xtr[:-NUM_SCORE], ytr[:-NUM_SCORE]
+  calib = x_fit[np.sort(rng.choice(len(x_fit), NUM_CALIB, replace=False))]
+  calib_batches = [calib[i:i + CALIB_BATCH] for i in range(0, NUM_CALIB, CALIB_BATCH)]
+  score, test = (xtr[-NUM_SCORE:], ytr[-NUM_SCORE:]), (xte[:NUM_TEST], yte[:NUM_TEST])
+  SmallCNN, ResNetSmall = torch_models()
+  out = {**info, "candidates": CANDIDATES, "allowed_drops": drops, "num_calib": NUM_CALIB, "num_phase1": NUM_PHASE1,
+         "num_score": NUM_SCORE, "num_test": NUM_TEST, "equal_setup": EQUAL_SETUP, "differences": DIFFERENCES,
+         "torch_threads": torch.get_num_threads(), "models": {}}
+  for mname in args.models.split(","):
+    torch.manual_seed(0)
+    if mname == "small_cnn":
+      tmodel = train_torch(SmallCNN(), x_fit, y_fit)
+    else:
+      tmodel = fold_resnet(train_torch(ResNetSmall(), x_fit, y_fit), ResNetSmall)
+    model, variables = flax_twin(mname, tmodel)
+    with torch.no_grad():
+      float_torch = top1_np(tmodel(torch.from_numpy(np.ascontiguousarray(test[0].transpose(0, 3, 1, 2)))).numpy(),
+                            test[1])
+    float_flax = top1_np(model.apply(variables, jnp.asarray(test[0])), test[1])
+    entry = {"float_test_top1_torch": float_torch, "float_test_top1_flax": float_flax, "drops": {}}
+    for drop in drops:
+      print(f"{mname}: allowed drop {drop:g}", flush=True)
+      ours, plan = run_ours(model, variables, calib_batches, score, test, drop)
+      aimet = run_aimet(tmodel, calib_batches, calib[:NUM_PHASE1], score, test, drop, FLOAT_OUTPUTS[mname])
+      aimet["relative_bops"] = bops_table(plan)(layer_bits(aimet["chosen"], plan.quantized))
+      same = layer_bits(ours["chosen"], plan.quantized) == layer_bits(aimet["chosen"], plan.quantized)
+      entry["drops"][f"{drop:g}"] = {"flexiq_jax": ours, "aimet": aimet, "same_choice": same,
+                                     "float_test_top1": float_flax}
+    # The cost of re-calibration: flexiq_jax without it, at the first drop.
+    no_recal, _ = run_ours(model, variables, calib_batches, score, test, drops[0], recalibrate=False)
+    entry["flexiq_jax_without_recalibration"] = {"allowed_drop": drops[0], "seconds": no_recal["seconds"],
+                                                 "chosen": no_recal["chosen"], "test_top1": no_recal["test_top1"]}
+    out["models"][mname] = entry
   records.write_json_atomic(args.out + ".json", out)
-  lines = [f"# AIMET AMP vs flexiq_jax.layerwise side by side\n", records.provenance_header(out),
-           f"Small CNN (3 convs + linear) trained in torch on Fashion-MNIST, converted to Flax: float test top-1 "
-           f"{float_test:.2f}% (torch) / {twin_test:.2f}% (flax). Candidates {', '.join(CANDIDATES)}, allowed drop "
-           f"{ALLOWED_DROP} top-1 points on {NUM_SCORE} held-out training images; phase 1 on 128 of {NUM_CALIB} "
-           f"calibration images (SQNR).\n"]
-  ours = out["flexiq_jax"]
-  lines.append(f"## flexiq_jax.layerwise\n\nchosen: `{ours['chosen']}`  \nrelative BOPs {ours['relative_bops']:.3f}, "
-               f"test top-1 {ours['test_top1']:.2f}%, wall time {ours['seconds']:.1f} s\n")
-  if "aimet" in out:
-    a = out["aimet"]
-    lines.append(f"## AIMET AMP\n\nchosen: `{a['chosen']}`  \ntest top-1 {a['test_top1']:.2f}%, wall time "
-                 f"{a['seconds']:.1f} s\n")
-  else:
-    lines.append("## AIMET AMP: could not run here\n\n```\n" + out["aimet_error"] + "\n```\n")
+  text = report(out)
   with open(args.out + ".md", "w") as f:
-    f.write("\n".join(lines))
-  print("\n".join(lines))
+    f.write(text)
+  print(text)
+
+
+def report(out) -> str:
+  lines = ["# AIMET AMP vs flexiq_jax.layerwise side by side\n", records_header(out),
+           f"Fashion-MNIST. Both models trained in torch on the training split minus its last {out['num_score']} "
+           f"images (the scoring slice), BatchNorm folded, converted to Flax. Candidates "
+           f"{', '.join(out['candidates'])}; the allowed drop is in top-1 points below float on the scoring slice; "
+           f"phase 1 on {out['num_phase1']} of {out['num_calib']} calibration images; test top-1 on "
+           f"{out['num_test']} test images. Each side runs from a clean start at every drop.\n",
+           "Set up alike:\n", *[f"- {s}" for s in out["equal_setup"]], "",
+           "Residual differences:\n", *[f"- {s}" for s in out["differences"]], ""]
+  for mname, entry in out["models"].items():
+    lines.append(f"## {mname}\n\nFloat test top-1: {entry['float_test_top1_torch']:.2f}% (torch), "
+                 f"{entry['float_test_top1_flax']:.2f}% (flax).\n")
+    rows = []
+    for drop, d in entry["drops"].items():
+      for side in ("flexiq_jax", "aimet"):
+        r = d[side]
+        s = r["seconds"]
+        phases = s["phase1"] + s["phase2"] + s.get("phase3", 0.0)
+        ran = "phases " + "-".join(map(str, (1, 3) if side == "flexiq_jax" else (1, 2))) if r["phases_run"] else \
+            f"early exit ({r['early_exit']})"
+        rows.append([drop, side, ran, r["baseline"], f"{r['score_top1']:.2f}",
+                     f"{r['float_score'] - r['score_top1']:.2f}", f"{r['test_top1']:.2f}",
+                     f"{entry['float_test_top1_flax'] - r['test_top1']:.2f}", f"{r['relative_bops']:.3f}",
+                     f"{s.get('compile', 0.0):.1f}", f"{s['baseline']:.1f}", f"{phases:.1f}",
+                     " ".join(f"{g}:{c}" for g, c in r["chosen"].items())])
+    lines.append(records_table(["drop", "side", "ran", "baseline", "score top-1", "score drop", "test top-1",
+                                "test drop", "rel. BOPs", "compile s", "baseline s", "phases s", "chosen"], rows))
+    lines.append("")
+    for drop, d in entry["drops"].items():
+      o, a = d["flexiq_jax"], d["aimet"]
+      if d["same_choice"]:
+        lines.append(f"- drop {drop}: same choice.")
+      else:
+        lines.append(f"- drop {drop}: different choices; " + explain(o, a))
+    nr = entry["flexiq_jax_without_recalibration"]
+    s = nr["seconds"]
+    lines.append(f"\nflexiq_jax without re-calibration (drop {nr['allowed_drop']:g}): baseline {s['baseline']:.1f} s, "
+                 f"phases {s['phase1'] + s['phase2'] + s['phase3']:.1f} s, test top-1 {nr['test_top1']:.2f}%, chosen "
+                 f"{' '.join(f'{g}:{c}' for g, c in nr['chosen'].items())}.\n")
+  return "\n".join(lines)
+
+
+def explain(o, a) -> str:
+  """Names where the runs parted: the baseline step, the early exits, the phase-1 order."""
+  if o["early_exit"] != a["early_exit"]:
+    return (f"flexiq_jax {'exited early (' + o['early_exit'] + ')' if o['early_exit'] else 'ran the phases'}, AIMET "
+            f"{'exited early (' + a['early_exit'] + ')' if a['early_exit'] else 'ran the phases'}: uniform scores "
+            f"{fmt(o['uniform_scores'])} vs {fmt(a['uniform_scores'])}, float {o['float_score']:.2f} vs "
+            f"{a['float_score']:.2f}.")
+  if o["baseline"] != a["baseline"]:
+    return f"different automatic baselines ({o['baseline']} vs {a['baseline']}; uniform scores " \
+           f"{fmt(o['uniform_scores'])} vs {fmt(a['uniform_scores'])})."
+  first = lambda r: [f"{g}:{c}" for g, c, _ in r["sensitivity"][:4]]
+  return (f"phase-1 order begins {first(o)} (flexiq_jax) vs AIMET's {[x[1] for x in a['sensitivity'][:4]]}; "
+          f"scores on the scoring slice {o['score_top1']:.2f} vs {a['score_top1']:.2f} (target "
+          f"{o['target']:.2f} vs {a['target']:.2f}).")
+
+
+def fmt(d) -> str:
+  return "{" + ", ".join(f"{k}: {v:.2f}" for k, v in d.items()) + "}"
+
+
+def records_header(out) -> str:
+  from flexiq_jax import records
+  return records.provenance_header(out)
+
+
+def records_table(headers, rows) -> str:
+  from flexiq_jax import records
+  return records.markdown_table(headers, rows)
 
 
 if __name__ == "__main__":

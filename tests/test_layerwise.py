@@ -5,12 +5,14 @@ import dataclasses
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import flexiq_jax
 from flexiq_jax import calibrate as calibrate_lib
 from flexiq_jax import cost
+from flexiq_jax import numerics
 from flexiq_jax import quantize
 from flexiq_jax.layerwise import amp
 from flexiq_jax.layerwise import apply as apply_lib
@@ -57,27 +59,37 @@ def mlp() -> Mlp:
   return Mlp(model, variables, plan.with_signedness(calib), calib, x)
 
 
-def _layer_problem(mlp, cands, counter):
-  model, variables, plan, calib, x = mlp.model, mlp.variables, mlp.plan, mlp.calib, mlp.x
-  tables = apply_lib.build_tables(model, plan, variables, calib)
-  logits = jax.jit(apply_lib.make_apply(model, plan))
-  ref = model.apply(variables, x)
-  groups = cand_lib.quantizer_groups(plan)
+def _driver_config(**layerwise):
+  from configs import quickstart
+  config = quickstart.get_config("smoke")
+  config.layerwise.update(layerwise)
+  return config
+
+
+def _score_data(mlp):
+  """Labels are the float model's predictions (float top-1 = 100%)."""
+  labels = np.argmax(np.asarray(mlp.model.apply(mlp.variables, mlp.x)), -1).astype(np.int32)
+  return [{"image": mlp.x[:32], "label": labels[:32]}, {"image": mlp.x[32:], "label": labels[32:]}]
+
+
+def _layer_problem(mlp, counter, **layerwise):
+  """The driver's problem on the MLP, its callbacks counted."""
+  config = _driver_config(sensitivity_images=64, **layerwise)
+  lp = driver.layerwise_problem(config, FloatModel(mlp.model, mlp.variables),
+                                Calibration(mlp.plan, mlp.variables, mlp.calib), [mlp.x], score_data=_score_data(mlp))
+  problem = lp.problem
+  sens, ev = problem.sensitivity_fn, problem.eval_fn
 
   def sensitivity(g, k):
     counter["phase1"] += 1
-    wb, ab = apply_lib.bits_arrays(plan, {groups[g]: cands[k]})
-    return apply_lib.sqnr_db(ref, logits(variables, tables, wb, ab, x))
+    return sens(g, k)
 
-  def score(assignment):  # a stand-in for accuracy: SQNR of the whole configuration
+  def evaluate(a, baseline):
     counter["eval"] += 1
-    wb, ab = apply_lib.bits_arrays(plan, {p: cands[k] for p, k in zip(groups, assignment)})
-    return apply_lib.sqnr_db(ref, logits(variables, tables, wb, ab, x))
+    return ev(a, baseline)
 
-  group_cost = cost.layerwise_bops_table({p: plan.layers[p] for p in groups}, [c.cost_bits for c in cands])
-  problem = amp.AmpProblem(groups, [c.name for c in cands], 0, group_cost, sensitivity, score,
-                           lambda: 60.0)
-  return problem, logits, tables
+  problem.sensitivity_fn, problem.eval_fn = sensitivity, evaluate
+  return problem, lp
 
 
 def test_candidates_parse_and_cost():
@@ -120,16 +132,38 @@ def test_mse_ranges_clip_4bit_only(mlp):
 
 
 def test_phase1_ranks_the_outlier_layer_most_sensitive(mlp, tmp_path):
-  cands = cand_lib.parse_candidates(["W8A8", "W4A8", "W4A4"])
   counter = {"phase1": 0, "eval": 0}
-  problem, _, _ = _layer_problem(mlp, cands, counter)
+  problem, _ = _layer_problem(mlp, counter)
   result = amp.run(problem, str(tmp_path), "fp", allowed_drop=10.0, log=lambda *a: None)
+  assert result["phases_run"] == [1, 2, 3] and result["early_exit"] is None
   sens = result["sensitivity"]
   assert len(sens) == 2 * 4 and counter["phase1"] == 8
   assert [e["score"] for e in sens] == sorted((e["score"] for e in sens), reverse=True)
   w4a8 = [e for e in sens if e["candidate_name"] == "W4A8"]
   assert w4a8[-1]["group_name"] == "fc1"  # most sensitive W4A8 entry
   assert sens[-1]["group_name"] == "fc1"
+
+
+def test_driver_phase1_scores_one_group_against_float_the_others_float(mlp):
+  """The driver's phase-1 function: group g alone at candidate k (every other group float),
+  SQNR of the logits against the float model, with the ranges recalibrated for candidate k."""
+  problem, lp = _layer_problem(mlp, {"phase1": 0, "eval": 0})
+  logits = jax.jit(apply_lib.make_apply(mlp.model, mlp.plan))
+  ref = mlp.model.apply(mlp.variables, mlp.x)
+  k = problem.candidates.index("W4A4")
+  for g, members in enumerate(lp.members):
+    alone = apply_lib.bits_arrays(mlp.plan, {p: (4, 4) for p in members})
+    want = apply_lib.sqnr_db(ref, logits(mlp.variables, lp.tables_for("phase1", k), *alone, mlp.x))
+    assert problem.sensitivity_fn(g, k) == pytest.approx(want, rel=1e-6)
+  everything = apply_lib.bits_arrays(mlp.plan, {}, default=(4, 4))
+  all_quantized = apply_lib.sqnr_db(ref, logits(mlp.variables, lp.tables_for("phase1", k), *everything, mlp.x))
+  assert min(problem.sensitivity_fn(g, k) for g in range(len(lp.members))) > all_quantized
+  # Float ranges unchanged by a recalibration with every layer float.
+  flat = apply_lib.bits_arrays(mlp.plan, {})
+  recal = apply_lib.make_recalibrate(mlp.model, mlp.plan)(mlp.variables, lp.tables_for("uniform", 0), *flat, mlp.x)
+  for i, p in enumerate(mlp.plan.quantized):
+    want = max(-float(np.min(mlp.calib[p]["ch_min"])), float(np.max(mlp.calib[p]["ch_max"])), 0.0)
+    assert float(recal[i]) == pytest.approx(want, rel=1e-6)
 
 
 def test_pareto_list_strictly_decreasing_in_cost():
@@ -165,43 +199,89 @@ def test_phase3_search_matches_brute_force(name):
       if scores[0] < target:
         want = 0
       assert got == want, (name, scores, target)
-      assert len(set(calls)) <= max(2, int(np.ceil(np.log2(max(n, 2)))) + 2) or name == "interpolation"
+      if name == "binary":
+        assert len(set(calls)) <= max(2, int(np.ceil(np.log2(max(n, 2)))) + 2)
+      else:
+        assert len(set(calls)) <= n
+  if name == "interpolation":  # scores linear in the index: the first interpolated probe lands
+    scores = np.linspace(90, 50, 33)
+    calls = []
+    assert search_lib.search(name, lambda i: (calls.append(i), scores[i])[1], 33, 70.2) == 15
+    assert len(set(calls)) <= 4
 
 
 def test_cache_reuse_counts_no_new_evaluations(mlp, tmp_path):
-  cands = cand_lib.parse_candidates(["W8A8", "W4A8", "W4A4"])
   counter = {"phase1": 0, "eval": 0}
-  problem, _, _ = _layer_problem(mlp, cands, counter)
+  problem, _ = _layer_problem(mlp, counter)
   quiet = lambda *a: None
   first = amp.run(problem, str(tmp_path), "fp", allowed_drop=5.0, phase2_full=False, log=quiet)
+  assert first["phases_run"] == [1, 2, 3]
   n = first["num_points"]
-  assert counter["phase1"] == 8 and 0 < counter["eval"] < n + 1
+  uniform = len(problem.candidates)  # the baseline step scores every uniform candidate
+  assert counter["phase1"] == 8 and uniform < counter["eval"] < uniform + n
   probed = counter["eval"]
   again = amp.run(problem, str(tmp_path), "fp", allowed_drop=5.0, phase2_full=False, log=quiet)
   assert counter == {"phase1": 8, "eval": probed} and again["chosen_index"] == first["chosen_index"]
   other = amp.run(problem, str(tmp_path), "fp", allowed_drop=20.0, search="brute_force", log=quiet)
-  assert counter["phase1"] == 8 and counter["eval"] == n  # only the points not yet scored
+  assert counter["phase1"] == 8 and counter["eval"] == uniform + n - 1  # point 0 is the uniform baseline
   assert other["chosen_index"] >= first["chosen_index"]
   amp.run(problem, str(tmp_path), "fp", allowed_drop=1.0, search="interpolation", log=quiet)
-  assert counter == {"phase1": 8, "eval": n}
-  amp.run(problem, str(tmp_path), "other-fingerprint", allowed_drop=1.0, log=quiet)
+  assert counter == {"phase1": 8, "eval": uniform + n - 1}
+  amp.run(problem, str(tmp_path), "other-fingerprint", allowed_drop=5.0, log=quiet)
   assert counter["phase1"] == 16  # a new fingerprint recomputes
+
+
+def test_early_exits_and_automatic_baseline(mlp, tmp_path):
+  """As AIMET: the baseline is the best uniform candidate; if it misses the target the search
+  stops there (target missed); if the cheapest uniform candidate is within the drop, it is chosen."""
+  counter = {"phase1": 0, "eval": 0}
+  problem, _ = _layer_problem(mlp, counter)
+  quiet = lambda *a: None
+  strict = amp.run(problem, str(tmp_path), "fp", allowed_drop=0.0, log=quiet)
+  uniform = strict["uniform_scores"]
+  assert strict["baseline"] == max(uniform, key=uniform.get)
+  if uniform[strict["baseline"]] < 100.0:
+    assert strict["early_exit"] == "baseline_misses_target" and not strict["target_met"]
+    assert strict["chosen_candidates"] == {g: strict["baseline"] for g in problem.groups}
+  loose = amp.run(problem, str(tmp_path), "fp", allowed_drop=100.0, log=quiet)
+  assert loose["early_exit"] == "lowest_within_drop" and loose["target_met"] and loose["phases_run"] == []
+  assert loose["lowest"] == "W4A4" and set(loose["chosen_candidates"].values()) == {"W4A4"}
+  assert loose["chosen"]["relative_cost"] < 1.0 and counter["phase1"] == 0
+
+
+def test_shared_input_groups_tie_the_readers_of_one_tensor(tmp_path):
+  class Fork(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      x = x.reshape(x.shape[0], -1)
+      h = nn.relu(nn.Dense(8, name="stem")(x))
+      a, b = nn.Dense(8, name="left")(h), nn.Dense(8, name="right")(h)
+      return nn.Dense(3, name="head")(nn.relu(a + b))
+
+  model = Fork()
+  x = jax.random.normal(jax.random.PRNGKey(0), (16, 2, 2, 1))
+  variables = model.init(jax.random.PRNGKey(1), x)
+  plan = quantize.build_plan(model, variables, (2, 2, 1), keep_8bit=())
+  groups = cand_lib.quantizer_groups(plan, "shared_input", model, variables, (2, 2, 1))
+  assert [g.layers for g in groups] == [("stem",), ("left", "right"), ("head",)]
+  assert [g.layers for g in cand_lib.quantizer_groups(plan, "per_layer")] == [(p,) for p in plan.quantized]
+  with pytest.raises(ValueError, match="unknown layerwise.grouping"):
+    cand_lib.quantizer_groups(plan, "per_tensor")
+
+
+def test_phase1_tie_break_is_aimets():
+  """Equal scores: the larger bit-width sum first, then the larger cost reduction, then the
+  earlier group."""
+  group_cost = np.array([[64.0, 32.0, 16.0], [64.0, 32.0, 16.0], [128.0, 64.0, 32.0]])
+  entries = [{"group": g, "candidate": k, "score": 1.0, "cost_reduction": float(group_cost[g, 0] - group_cost[g, k])}
+             for g in range(3) for k in (1, 2)]
+  tie_rank = [16, 12, 8]  # W8A8, W4A8, W4A4
+  order = [(e["group"], e["candidate"]) for e in search_lib.sort_sensitivity(entries, group_cost, tie_rank)]
+  assert order == [(2, 1), (0, 1), (1, 1), (2, 2), (0, 2), (1, 2)]
 
 
 # --------------------------------------------------------------------------------------------
 # The driver, on the MLP: labels are the float model's predictions (float top-1 = 100%).
-
-
-def _driver_config(**layerwise):
-  from configs import quickstart
-  config = quickstart.get_config("smoke")
-  config.layerwise.update(layerwise)
-  return config
-
-
-def _score_data(mlp):
-  labels = np.argmax(np.asarray(mlp.model.apply(mlp.variables, mlp.x)), -1).astype(np.int32)
-  return [{"image": mlp.x[:32], "label": labels[:32]}, {"image": mlp.x[32:], "label": labels[32:]}]
 
 
 def test_layerwise_search_returns_the_chosen_bits(mlp, tmp_path):
@@ -224,14 +304,43 @@ def test_layerwise_search_returns_the_chosen_bits(mlp, tmp_path):
   assert ev.top1(score_data, res.weight_bits, res.act_bits) == pytest.approx(s["chosen"]["score"])
   for name in ("phase1.json", "phase2.json", "scores.json", "sensitivity.png", "pareto.png"):
     assert (tmp_path / "layerwise" / name).exists(), name
-  # Another allowed drop reuses phases 1-2 (nothing new evaluated). No drop at all is out of
-  # reach even for the all-W8A8 baseline: it is chosen, and the target is reported missed.
+  # Another allowed drop reuses every score (nothing new evaluated). No drop at all is out of
+  # reach even for the best uniform candidate (W8A8): the search stops there, chooses it and
+  # reports the target missed.
   strict = driver.layerwise_search(config, str(tmp_path), float_model, calibration, [mlp.x], allowed_drop=0.0,
                                    score_data=score_data)
-  assert strict.summary["new_evaluations"] == 0 and strict.summary["sensitivity"] == s["sensitivity"]
-  assert strict.summary["chosen_index"] == 0 and not strict.summary["target_met"]
-  assert strict.summary["chosen"]["score"] < 100.0 and strict.summary["chosen"]["relative_cost"] == 1.0
+  ss = strict.summary
+  assert ss["new_evaluations"] == 0 and ss["early_exit"] == "baseline_misses_target" and ss["phases_run"] == []
+  assert ss["baseline"] == "W8A8" and not ss["target_met"]
+  assert ss["chosen"]["score"] < 100.0 and ss["chosen"]["relative_cost"] == 1.0
   assert strict.weight_bits.tolist() == strict.act_bits.tolist() == [8] * len(mlp.plan.quantized)
+  assert ev.top1(score_data, strict.weight_bits, strict.act_bits, strict.tables) == pytest.approx(ss["chosen"]["score"])
+  assert set(s["seconds"]) == {"setup", "compile", "baseline", "phase1", "phase2", "phase3"}
+
+
+def test_float_candidate_with_mse_ranges_runs(mlp, tmp_path):
+  """An 'FP' candidate with MSE ranges (the width set once kept 0 and asked for a -1-bit fit)."""
+  config = _driver_config(candidates=("W8A8", "W4A4", "FP"), act_range="mse", weight_range="mse",
+                          allowed_drop=10.0, phase2_full=False)
+  res = driver.layerwise_search(config, str(tmp_path), FloatModel(mlp.model, mlp.variables),
+                                Calibration(mlp.plan, mlp.variables, mlp.calib), [mlp.x], score_data=_score_data(mlp))
+  uniform = res.summary["uniform_scores"]
+  assert uniform["FP"] == 100.0 and res.summary["baseline"] == max(uniform, key=uniform.get)  # the first best
+  assert {e["candidate_name"] for e in res.summary["sensitivity"]} == {"W8A8", "W4A4"}  # cheaper than FP
+  assert not res.summary["recalibrated"]  # MSE tables are not recomputed
+
+
+def test_mse_weight_clip_is_fitted_on_the_narrow_grid():
+  w = jax.random.normal(jax.random.PRNGKey(3), (64, 5)) ** 3
+  clip = np.asarray(apply_lib.narrow_mse_clip(w, 4))
+  absmax = np.abs(np.asarray(w)).max(0)
+
+  def err(c):
+    return np.asarray(jnp.sum((numerics.fake_quant_weight_traced_bits(w, jnp.asarray(c), 4) - w) ** 2, 0))
+
+  brute = np.stack([err(a * absmax) for a in np.linspace(0.01, 1.0, 100)])  # (K, O)
+  np.testing.assert_allclose(err(clip), brute.min(0), rtol=1e-5)
+  assert np.all(clip < absmax)  # heavy tails: 4 bits clip
 
 
 def test_flexiq_search_counts_reach_each_level(mlp, tmp_path):

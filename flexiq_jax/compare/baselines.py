@@ -61,7 +61,9 @@ class LsqLayers:
     wb, ab = self.bits[call.path]
     s = self.scales[_key(call.path)]
     a_qmin, a_qmax = numerics.int_range(ab, self.signed[call.path])
-    x = numerics.lsq_fake_quant(x, s["act"], a_qmin, a_qmax)
+    # LSQ's activation gradient scale counts the features of one example, not the batch.
+    g = numerics.lsq_default_grad_scale(x.size // x.shape[0], 1, a_qmax)
+    x = numerics.lsq_fake_quant(x, s["act"], a_qmin, a_qmax, g)
     w_qmax = 2 ** (wb - 1) - 1
     wm = interception.kernel_matrix(call.info, call.kernel)
     wm = numerics.lsq_fake_quant(wm, s["weight"], -w_qmax, w_qmax)

@@ -6,8 +6,9 @@ Fake quantization in float: symmetric per-output-channel weights on the narrow g
 calibrated input is non-negative (plan.signed False), signed [-2^(b-1), 2^(b-1)-1] otherwise.
 Clipping ranges come from tables indexed by the traced bit width (0..16): min-max (the same for
 every width) or MSE-fitted per width (activations from an |x| histogram of the calibration
-images, weights per output channel with `numerics.mse_range`). Bits 0 = float (the layer's input or
-weight passes through unchanged).
+images, weights per output channel on the narrow grid they are applied on). Bits 0 = float (the
+layer's input or weight passes through unchanged). `make_recalibrate` recomputes the min-max
+activation ranges with the model quantized at given bits, as AIMET recomputes its encodings.
 
 The activation x activation matmuls (attention's q·kᵀ and attn·v, `plan.quantized_matmuls`) are
 not a group of this search and run in float here (`LayerwiseBits.matmul`); the comparison counts
@@ -19,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -66,10 +68,22 @@ def build_tables(model, plan: QuantPlan, folded, calib: dict, *, act_method: str
         act_clip[b] = float(numerics.mse_range_from_histogram(hist, edges,
                                                            fit_bits, True, False)[1])
       if weight_method == "mse":
-        lo, hi = numerics.mse_range(jnp.asarray(w2), b, symmetric=True, signed=True, axis=-1)
-        w_clip[b] = np.maximum(np.abs(np.asarray(lo)), np.abs(np.asarray(hi)))  # symmetric extent
+        w_clip[b] = np.asarray(narrow_mse_clip(jnp.asarray(w2), b))
     tables[p] = {"act_clip": jnp.asarray(act_clip), "weight_clip": jnp.asarray(w_clip)}
   return tables
+
+
+def narrow_mse_clip(w, bits: int, num_candidates: int = 100):
+  """Per output channel of w (..., O): the clip alpha * max|w| minimising the squared error of
+  `fake_quant_weight_traced_bits` (the narrow grid [-(2^(b-1)-1), 2^(b-1)-1] it is applied
+  on); ties go to the largest alpha."""
+  w = w.reshape(-1, w.shape[-1])
+  absmax = jnp.abs(w).max(0)
+  alphas = numerics.shrink_factors(num_candidates)
+  errors = jax.lax.map(lambda a: jnp.sum((numerics.fake_quant_weight_traced_bits(w, a * absmax, bits) - w) ** 2, 0),
+                       alphas)  # (K, O)
+  best = num_candidates - 1 - jnp.argmin(errors[::-1], axis=0)
+  return alphas[best] * absmax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +124,40 @@ def make_apply(model, plan: QuantPlan):
     return interception.run_with_provider(model, plan, variables, x, provider)
 
   return apply
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicRanges(LayerwiseBits):
+  """LayerwiseBits with each layer input quantized over its own batch |x| max (AIMET's
+  compute_encodings quantizes with the batch's statistics) and that max recorded in `seen`."""
+
+  seen: dict = dataclasses.field(default_factory=dict)
+
+  def layer(self, call: LayerCall, x):
+    amax = jnp.maximum(jnp.maximum(-jnp.min(x), jnp.max(x)), 0.0)
+    self.seen[call.path] = amax
+    table = dict(self.tables[call.path], act_clip=jnp.full(MAX_BITS + 1, amax))
+    return LayerwiseBits({call.path: table}, self.weight_bits, self.act_bits, self.index, self.signed).layer(call, x)
+
+
+def make_recalibrate(model, plan: QuantPlan):
+  """recalibrate(folded_variables, tables, weight_bits, act_bits, x) -> (L,) |x| max of each
+  layer input (over plan.quantized) with the model quantized at those bits; take the max over
+  the calibration batches for the new min-max activation ranges (`with_act_ranges`)."""
+  index = {p: i for i, p in enumerate(plan.quantized)}
+
+  def recalibrate(variables, tables, weight_bits, act_bits, x):
+    provider = DynamicRanges(tables, weight_bits, act_bits, index, plan.signed, {})
+    interception.run_with_provider(model, plan, variables, x, provider)
+    return jnp.stack([provider.seen[p] for p in plan.quantized])
+
+  return recalibrate
+
+
+def with_act_ranges(tables: dict, plan: QuantPlan, absmax) -> dict:
+  """The tables with every activation width's clip set to the recalibrated |x| max (min-max)."""
+  return {p: dict(tables[p], act_clip=jnp.full(MAX_BITS + 1, absmax[i], jnp.float32))
+          for i, p in enumerate(plan.quantized)}
 
 
 def bits_arrays(plan: QuantPlan, assignment: dict, default=(0, 0)):

@@ -4,18 +4,24 @@ A candidate is written 'W<w>A<a>' (weight bits, input-activation bits), e.g. 'W8
 'W4A4', 'W8A16'; 'FP' (or 'float') means the group is not quantized. Internally bits 0 = float;
 the cost model counts float as 32 x 32 bits (cost.layerwise_bops' convention).
 
-Quantizer groups: one per quantized layer (its weight quantizer and its input-activation
-quantizer share the candidate). Residual adds: this framework intercepts only Dense/Conv/
-DenseGeneral calls, so the only activation quantizers are the inputs of those layers; the
-outputs of a residual add are never quantized here (they stay float until the next layer's
-input quantizer), so AIMET's "inputs of an add share a group" rule has nothing to tie. A layer
-whose input is a residual sum simply quantizes that sum at its own activation bits.
+Quantizer groups (`quantizer_groups`), in call order of their first layer:
+  'shared_input' (default, as AIMET): the layers that read one tensor form one group, so the
+    tensor gets one activation bit width and all its consumers' weights share the candidate
+    (a ResNet block input feeding conv1 and the downsample conv is one group). AIMET also has
+    activation-only groups for tensors no weighted layer reads (a residual add's inputs, a
+    concat, the logits); FlexiQ's integer path keeps those tensors float (only the inputs of
+    Dense/Conv/DenseGeneral are quantized), so there is no such group here.
+  'per_layer': one group per quantized layer (its weight and its input activation).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+
+import jax
+
+from flexiq_jax import interception
 
 FLOAT_BITS = 32  # what a float operand costs in BOPs
 
@@ -65,7 +71,48 @@ def parse_candidates(texts) -> list[Candidate]:
   return out
 
 
-def quantizer_groups(plan) -> list[str]:
-  """One group per quantized layer (weight + input activation), in call order. See the module
-  docstring for residual adds."""
-  return list(plan.quantized)
+GROUPINGS = ("shared_input", "per_layer")
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """Layers (paths of plan.quantized) that take one candidate together."""
+
+  layers: tuple[str, ...]
+
+  @property
+  def name(self) -> str:
+    return "+".join(self.layers)
+
+
+def shared_inputs(model, plan, variables, image_shape) -> list[tuple[str, ...]]:
+  """The quantized layers grouped by the tensor they read (shape-only trace, no FLOPs), in call
+  order of each tensor's first reader."""
+  readers: dict[int, list[str]] = {}
+  seen = []  # keeps every input alive during the trace, so that no id is reused
+
+  class Record:
+    def layer(self, call, x):
+      seen.append(x)
+      readers.setdefault(id(x), []).append(call.path)
+      return call.float_forward(x)
+
+    def matmul(self, call, a, b):
+      return call.float_forward(a, b)
+
+  x = jax.ShapeDtypeStruct((1, *image_shape), jax.numpy.float32)
+  jax.eval_shape(lambda v, x: interception.run_with_provider(model, plan, v, x, Record()), variables, x)
+  order = {p: i for i, p in enumerate(plan.quantized)}
+  return sorted((tuple(sorted(g, key=order.get)) for g in readers.values()), key=lambda g: order[g[0]])
+
+
+def quantizer_groups(plan, grouping: str = "per_layer", model=None, variables=None, image_shape=None) -> list[Group]:
+  """The groups of the search (see the module docstring); 'shared_input' needs the model, its
+  (folded) variables and the image shape to see which layers read the same tensor."""
+  if grouping == "per_layer":
+    return [Group((p,)) for p in plan.quantized]
+  if grouping == "shared_input":
+    if model is None:
+      raise ValueError("grouping 'shared_input' needs the model, its variables and the image shape")
+    return [Group(g) for g in shared_inputs(model, plan, variables, image_shape)]
+  raise ValueError(f"unknown layerwise.grouping {grouping!r}; valid: {GROUPINGS}")

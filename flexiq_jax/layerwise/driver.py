@@ -4,14 +4,17 @@ FlexiQ per-layer 4-bit ratios (the same procedure as a FlexiQ selector).
 Data (config.layerwise):
   phase 1: the first `sensitivity_images` calibration images (unlabelled), SQNR (dB) of the
            logits against the float model's.
-  phases 2/3: top-1 on the first `score_examples` labelled images of `score_split` (default the
-           training split, so that the test split stays for the final report).
+  baseline, phases 2/3: top-1 on the last `score_examples` labelled images of `score_split` (a
+           validation slice of the training split by default), so that the allowed drop is
+           honoured on data distinct from the reported test split; reports show both the drop
+           on the score images and the measured drop on the test split.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +28,7 @@ from flexiq_jax import train as train_lib
 from flexiq_jax.layerwise import amp
 from flexiq_jax.layerwise import apply as apply_lib
 from flexiq_jax.layerwise import plots
-from flexiq_jax.layerwise.candidates import parse_candidate, parse_candidates
+from flexiq_jax.layerwise.candidates import parse_candidate, parse_candidates, quantizer_groups
 from flexiq_jax.stage_results import Calibration, FloatModel, Quantized
 
 
@@ -36,10 +39,21 @@ def sensitivity_images(config, calib_batches):
 
 
 def score_batches(config):
+  """The last `score_examples` images of `score_split`, in eval batches (the last one padded,
+  with `mask` 0 on the padding)."""
   lw = config.layerwise
   ds = data.get_dataset(config.data, lw.score_split)
-  return list(data.eval_batches(ds, config.eval_batch_size, num_examples=lw.score_examples,
-                                num_threads=config.data.num_threads))
+  n = min(lw.score_examples, ds.num_examples)
+  idx = np.arange(ds.num_examples - n, ds.num_examples)
+  bs = config.eval_batch_size
+  batches = []
+  for i in range(0, n, bs):
+    part = idx[i:i + bs]
+    batch = ds.load(part, None)
+    pad = bs - len(part)
+    batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+    batches.append({**batch, "mask": np.concatenate([np.ones(len(part), np.float32), np.zeros(pad, np.float32)])})
+  return batches
 
 
 PHASE3_KEYS = ("allowed_drop", "search", "phase2_full")  # change the choice, not the cached phases
@@ -51,28 +65,30 @@ def _fingerprint(config, plan, *extra) -> str:
 
 
 class LayerwiseEvaluator:
-  """One jitted layer-wise apply, evaluated at any (weight bits, act bits) arrays."""
+  """One jitted layer-wise apply, evaluated at any (weight bits, act bits) arrays and tables."""
 
   def __init__(self, model, plan, folded, tables, mesh=None):
     self.plan, self.folded, self.tables, self.mesh = plan, folded, tables, mesh
     apply = apply_lib.make_apply(model, plan)
     self.logits = jax.jit(apply)
     # A stable predict function: train.evaluate caches its compiled step per function.
-    self.predict = lambda images, wb, ab: apply(folded, tables, wb, ab, images)
+    self.predict = lambda images, tables, wb, ab: apply(folded, tables, wb, ab, images)
 
-  def top1(self, batches, wb, ab) -> float:
-    return self.metrics(batches, wb, ab)["top1"]
+  def top1(self, batches, wb, ab, tables=None) -> float:
+    return self.metrics(batches, wb, ab, tables=tables)["top1"]
 
-  def metrics(self, batches, wb, ab, reference_logits=None) -> dict:
+  def metrics(self, batches, wb, ab, reference_logits=None, tables=None) -> dict:
     """train.evaluate's metrics (with agreement / KL / SQNR against `reference_logits` if given)."""
-    return train_lib.evaluate(self.predict, iter(batches), self.mesh, desc="layerwise eval", args=(wb, ab),
+    return train_lib.evaluate(self.predict, iter(batches), self.mesh, desc="layerwise eval",
+                              args=(self.tables if tables is None else tables, wb, ab),
                               reference_logits=reference_logits)
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerwiseSearch:
-  """The layer-wise search's outcome: amp.run's JSON summary, the clipping tables it used and the
-  chosen per-layer bits (over plan.quantized) — data only, evaluated with LayerwiseEvaluator."""
+  """The layer-wise search's outcome: amp.run's JSON summary, the clipping tables of the chosen
+  configuration (recalibrated where config.layerwise.recalibrate) and the chosen per-layer bits
+  (over plan.quantized) — data only, evaluated with LayerwiseEvaluator."""
 
   summary: dict
   tables: dict
@@ -80,47 +96,122 @@ class LayerwiseSearch:
   act_bits: np.ndarray
 
 
-def layerwise_search(config, workdir, float_model: FloatModel, calibration: Calibration, calib_batches, mesh=None,
-                     *, allowed_drop=None, search=None, stage_name="layerwise", score_data=None) -> LayerwiseSearch:
-  """Phases 1-3 over layer bit widths; cached under <workdir>/<stage_name>/."""
+@dataclasses.dataclass(frozen=True)
+class LayerwiseProblem:
+  """The search wired to a model, before it runs: `problem` for amp.run, the groups' layers,
+  the candidates, and `tables_for(kind, k)` (the clipping tables each evaluation uses)."""
+
+  problem: amp.AmpProblem
+  members: list  # [tuple of layer paths] per group
+  candidates: list
+  tables_for: object  # (kind 'uniform' | 'phase1', candidate index) -> tables
+  bits_of: object  # assignment (G,) -> (weight_bits, act_bits) over plan.quantized
+  warmup: object  # () -> None: compiles every function the phases call (timed apart)
+
+
+def layerwise_problem(config, float_model: FloatModel, calibration: Calibration, calib_batches, mesh=None,
+                      *, score_data=None) -> LayerwiseProblem:
+  """Groups, candidates, cost table and the phase callbacks of the layer-wise search.
+
+  Phase 1 (`sensitivity_fn(g, k)`): group g at candidate k, every other group float, SQNR (dB)
+  of the logits against the float model on the sensitivity images. With `recalibrate` the
+  activation ranges are recomputed once per candidate with every activation at that candidate
+  and the weights float (AIMET's phase 1); uniform candidates get ranges recomputed at that
+  candidate, and every Pareto point the ranges of its baseline (AIMET keeps its encodings
+  across the Pareto points). Recalibration recomputes min-max ranges only: with
+  act_range='mse' the tables stay the calibrated ones.
+  """
   model, variables = float_model.model, float_model.variables
   plan, folded, calib = calibration.plan, calibration.folded, calibration.stats
   lw = config.layerwise
   cands = parse_candidates(lw.candidates)
-  baseline = cands.index(parse_candidate(lw.baseline))
-  tables = apply_lib.build_tables(model, plan, folded, calib, act_method=lw.act_range,
-                                  weight_method=lw.weight_range,
-                                  bits=sorted({c.act_bits for c in cands} | {c.weight_bits for c in cands} - {0}),
-                                  batches=calib_batches)
+  widths = sorted(({c.act_bits for c in cands} | {c.weight_bits for c in cands}) - {0})
+  tables = apply_lib.build_tables(model, plan, folded, calib, act_method=lw.act_range, weight_method=lw.weight_range,
+                                  bits=widths, batches=calib_batches)
   ev = LayerwiseEvaluator(model, plan, folded, tables, mesh)
   images = sensitivity_images(config, calib_batches)
   ref = model.apply(variables, images, train=False)
-  groups = list(plan.quantized)
-  group_cost = cost.layerwise_bops_table(plan.layer_infos(), [c.cost_bits for c in cands])
+  image_shape = tuple(np.asarray(calib_batches[0]).shape[1:])
+  groups = quantizer_groups(plan, lw.get("grouping", "shared_input"), model, folded, image_shape)
+  members = [g.layers for g in groups]
+  layer_cost = cost.layerwise_bops_table(plan.layer_infos(), [c.cost_bits for c in cands])
+  row = {p: i for i, p in enumerate(plan.quantized)}
+  group_cost = np.stack([layer_cost[[row[p] for p in m]].sum(0) for m in members])
+  recalibrate = bool(lw.get("recalibrate", True)) and lw.act_range == "minmax"
+  recal = jax.jit(apply_lib.make_recalibrate(model, plan))
+  recalibrated = {}
+
+  def bits_for(assignment: dict):
+    return apply_lib.bits_arrays(plan, assignment)
 
   def bits_of(assignment):
-    return apply_lib.bits_arrays(plan, {p: cands[k] for p, k in zip(groups, assignment)})
+    return bits_for({p: cands[k] for m, k in zip(members, assignment) for p in m})
+
+  def tables_for(kind, k):
+    if not recalibrate:
+      return tables
+    if (kind, k) not in recalibrated:
+      c = cands[k]
+      wb, ab = bits_for({p: (c.weight_bits if kind == "uniform" else 0, c.act_bits) for p in plan.quantized})
+      absmax = np.max([np.asarray(recal(folded, tables, wb, ab, jnp.asarray(b))) for b in calib_batches], axis=0)
+      recalibrated[(kind, k)] = apply_lib.with_act_ranges(tables, plan, absmax)
+    return recalibrated[(kind, k)]
 
   def sensitivity(g, k):
-    assignment = {groups[g]: cands[k]}  # every other group float, as AIMET
-    wb, ab = apply_lib.bits_arrays(plan, assignment)
-    return apply_lib.sqnr_db(ref, ev.logits(folded, tables, wb, ab, images))
+    wb, ab = bits_for({p: cands[k] for p in members[g]})  # every other group float, as AIMET
+    return apply_lib.sqnr_db(ref, ev.logits(folded, tables_for("phase1", k), wb, ab, images))
 
   score_data = score_batches(config) if score_data is None else score_data
+  float_predict = lambda im, v: model.apply(v, im, train=False)
 
   def float_score():
-    return train_lib.evaluate(lambda im, v: model.apply(v, im, train=False), iter(score_data), mesh,
-                              desc="float score", args=(variables,))["top1"]
+    return train_lib.evaluate(float_predict, iter(score_data), mesh, desc="float score", args=(variables,))["top1"]
 
-  problem = amp.AmpProblem(groups, [c.name for c in cands], baseline, group_cost, sensitivity,
-                           lambda a: ev.top1(score_data, *bits_of(a)), float_score)
+  def evaluate(assignment, baseline):
+    uniform = len(set(int(a) for a in assignment)) == 1
+    t = tables_for("uniform", int(assignment[0]) if uniform else baseline)
+    return ev.top1(score_data, *bits_of(assignment), tables=t)
+
+  def warmup():
+    wb, ab = bits_of(np.zeros(len(members), np.int64))
+    jax.block_until_ready(ev.logits(folded, tables, wb, ab, images))
+    jax.block_until_ready(recal(folded, tables, wb, ab, jnp.asarray(calib_batches[0])))
+    ev.top1(score_data[:1], wb, ab)
+    train_lib.evaluate(float_predict, iter(score_data[:1]), mesh, desc="warm-up", args=(variables,))
+
+  baseline = None if lw.baseline == "auto" else cands.index(parse_candidate(lw.baseline))
+  tie_rank = [sum(c.cost_bits) for c in cands]  # AIMET: the larger bit-width sum first
+  problem = amp.AmpProblem(["+".join(m) for m in members], [c.name for c in cands], group_cost, sensitivity,
+                           evaluate, float_score, baseline=baseline, tie_rank=tie_rank)
+  return LayerwiseProblem(problem, members, cands, tables_for, bits_of, warmup)
+
+
+def layerwise_search(config, workdir, float_model: FloatModel, calibration: Calibration, calib_batches, mesh=None,
+                     *, allowed_drop=None, search=None, stage_name="layerwise", score_data=None) -> LayerwiseSearch:
+  """The baseline step and phases 1-3 over group bit widths; cached under <workdir>/<stage_name>/.
+  The summary's 'seconds' has 'compile' (the warm-up that compiles every function the phases
+  call) apart from the phases."""
+  lw = config.layerwise
+  t0 = time.perf_counter()
+  lp = layerwise_problem(config, float_model, calibration, calib_batches, mesh, score_data=score_data)
+  t1 = time.perf_counter()
+  lp.warmup()
+  t2 = time.perf_counter()
   stage = os.path.join(workdir, stage_name)
-  result = amp.run(problem, stage, _fingerprint(config, plan, "layerwise"),
+  result = amp.run(lp.problem, stage, _fingerprint(config, calibration.plan, "layerwise"),
                    allowed_drop=lw.allowed_drop if allowed_drop is None else allowed_drop,
                    search=search or lw.search, phase2_full=lw.phase2_full)
-  plots.plot_sensitivity(result, os.path.join(stage, "sensitivity.png"), "Layer-wise sensitivity (SQNR, dB)")
-  plots.plot_pareto(result, os.path.join(stage, "pareto.png"), "Layer-wise Pareto front")
-  wb, ab = bits_of(result["chosen"]["assignment"])
+  result["seconds"] = {"setup": t1 - t0, "compile": t2 - t1, **result["seconds"]}
+  result["members"] = {"+".join(m): list(m) for m in lp.members}
+  result["recalibrated"] = bool(lw.get("recalibrate", True)) and lw.act_range == "minmax"
+  if result["phases_run"]:
+    plots.plot_sensitivity(result, os.path.join(stage, "sensitivity.png"), "Layer-wise sensitivity (SQNR, dB)")
+    plots.plot_pareto(result, os.path.join(stage, "pareto.png"), "Layer-wise Pareto front")
+  assignment = result["chosen"]["assignment"]
+  uniform = len(set(assignment)) == 1
+  baseline = lp.candidates.index(parse_candidate(result["baseline"]))
+  tables = lp.tables_for("uniform", assignment[0] if uniform else baseline)
+  wb, ab = lp.bits_of(assignment)
   return LayerwiseSearch(result, tables, np.asarray(wb), np.asarray(ab))
 
 
@@ -164,10 +255,14 @@ def flexiq_search(config, workdir, float_model: FloatModel, calibration: Calibra
                               desc="float score", args=(variables,))["top1"]
 
   names = [f"r={r:g}" for r in ratios]
-  problem = amp.AmpProblem(groups, names, 0, group_cost, sensitivity, top1, float_score)
+  # The FlexiQ model has one set of weights and ranges: the baseline is fixed at ratio 0 and the
+  # whole Pareto list is needed for the levels, so there is no early exit.
+  problem = amp.AmpProblem(groups, names, group_cost, sensitivity, lambda a, _: top1(a), float_score, baseline=0,
+                           tie_rank=[-r for r in ratios])
   stage = os.path.join(workdir, "layerwise_flexiq")
   fp = _fingerprint(config, plan, "flexiq", config.select)
-  result = amp.run(problem, stage, fp, allowed_drop=lw.allowed_drop, search=lw.search, phase2_full=lw.phase2_full)
+  result = amp.run(problem, stage, fp, allowed_drop=lw.allowed_drop, search=lw.search, phase2_full=lw.phase2_full,
+                   early_exit=False)
   plots.plot_sensitivity(result, os.path.join(stage, "sensitivity.png"), "FlexiQ per-layer ratio sensitivity (SQNR, dB)")
   plots.plot_pareto(result, os.path.join(stage, "pareto.png"), "FlexiQ per-layer-ratio Pareto front")
   macs = np.array([layers[p].macs for p in groups], np.float64)

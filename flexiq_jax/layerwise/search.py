@@ -4,8 +4,10 @@ generic over what a group and a candidate are (layer bit widths, or FlexiQ per-l
 A configuration is an int array `assignment` (G,): the candidate index of each group.
 
 Phase 1 (`sensitivity_list`): score every (group, candidate != baseline) with that group alone
-  changed (`score_fn(g, k)`, e.g. SQNR of the output against float); sort least sensitive first
-  (higher score first; ties: cheaper-but-less-reduced first, then call order — AIMET's order).
+  changed (`score_fn(g, k)`, e.g. SQNR of the output against float); sort least sensitive first.
+  Ties are broken as AIMET breaks them: the candidate of higher `tie_rank` first (AIMET: the
+  larger sum of weight and activation bits), then the larger cost reduction, then the earlier
+  group in call order.
 Phase 2 (`pareto_list`): from all groups at the baseline, apply the sorted entries one at a time.
   An entry that would not lower its group's cost (the group already sits at a cheaper
   candidate) is skipped — so the list is strictly decreasing in cost (AIMET applies it anyway,
@@ -24,11 +26,12 @@ import numpy as np
 
 
 def sensitivity_list(num_groups: int, candidates: Sequence, baseline: int, group_cost: np.ndarray,
-                     score_fn: Callable[[int, int], float], allowed=None) -> list[dict]:
+                     score_fn: Callable[[int, int], float], allowed=None, tie_rank=None) -> list[dict]:
   """Returns [{'group', 'candidate', 'score', 'cost_reduction'}] sorted least sensitive first.
 
   group_cost (G, K): cost of group g at candidate k. allowed (G, K) bool: candidates a group
-  supports (default all). Candidates no cheaper than the baseline are not listed.
+  supports (default all). Candidates no cheaper than the baseline are not listed. tie_rank (K,):
+  see the module docstring (default: the candidate's cost summed over the groups).
   """
   group_cost = np.asarray(group_cost, np.float64)
   entries = []
@@ -40,13 +43,13 @@ def sensitivity_list(num_groups: int, candidates: Sequence, baseline: int, group
         continue
       entries.append({"group": g, "candidate": k, "score": float(score_fn(g, k)),
                       "cost_reduction": float(group_cost[g, baseline] - group_cost[g, k])})
-  return sort_sensitivity(entries, group_cost)
+  return sort_sensitivity(entries, group_cost, tie_rank)
 
 
-def sort_sensitivity(entries: list[dict], group_cost) -> list[dict]:
-  group_cost = np.asarray(group_cost, np.float64)
-  return sorted(entries, key=lambda e: (-e["score"], -group_cost[e["group"], e["candidate"]],
-                                        -e["cost_reduction"], e["group"]))
+def sort_sensitivity(entries: list[dict], group_cost, tie_rank=None) -> list[dict]:
+  rank = np.asarray(group_cost, np.float64).sum(0) if tie_rank is None else np.asarray(tie_rank, np.float64)
+  return sorted(entries, key=lambda e: (e["score"], rank[e["candidate"]], e["cost_reduction"], -e["group"]),
+                reverse=True)
 
 
 def pareto_list(sorted_entries: list[dict], num_groups: int, baseline: int, group_cost) -> list[dict]:

@@ -58,7 +58,9 @@ def quantize_codes(info: LayerInfo, x, kernel, lq: dict, lowered, *, signed: boo
   s_x = lq["act_scale"]
   qmin, qmax = numerics.int_range(8, signed)
   if lsq:
-    xq = numerics.lsq_fake_quant(x, s_x, qmin, qmax) / s_x
+    # LSQ's activation gradient scale counts the features of one example, not the batch.
+    g = numerics.lsq_default_grad_scale(x.size // x.shape[0], 1, qmax)
+    xq = numerics.lsq_fake_quant(x, s_x, qmin, qmax, g) / s_x
   elif ste:
     xq = jnp.clip(numerics.round_ste(x / s_x), qmin, qmax)
   else:

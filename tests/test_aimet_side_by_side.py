@@ -1,0 +1,28 @@
+"""The side-by-side's AIMET path on a tiny model: a changed aimet-torch call fails here."""
+
+import numpy as np
+
+from experiments import aimet_side_by_side as sbs
+
+
+def test_aimet_path_runs_on_a_tiny_model():
+  import torch
+  torch.manual_seed(0)
+  SmallCNN, _ = sbs.torch_models()
+  model = SmallCNN().eval()
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(48, 28, 28, 1)).astype(np.float32)
+  with torch.no_grad():  # labels: the float model's own predictions (float top-1 = 100%)
+    y = model(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).argmax(-1).numpy()
+  calib = [x[:16], x[16:32]]
+  score = test = (x[32:], y[32:])
+  # A drop no uniform candidate meets alone keeps AIMET in its phases; 100 points: its early exit.
+  for drop, ran in ((100.0, False), (None, True)):
+    r = sbs.run_aimet(model, calib, x[:16], score, test, drop if drop is not None else 0.0, ("fc",))
+    assert r["float_score"] == 100.0 and set(r["uniform_scores"]) == {"W8A8", "W4A8", "W4A4"}
+    assert set(r["chosen"]) == {"c0", "c1", "c2", "fc"}  # one group per layer: one reader per tensor
+    if ran:
+      assert r["phases_run"] == [] and r["early_exit"] == "baseline_misses_target" or r["phases_run"] == [1, 2]
+    else:
+      assert r["early_exit"] == "lowest_within_drop" and set(r["chosen"].values()) == {"W4A4"}
+    assert 0.0 <= r["test_top1"] <= 100.0 and r["seconds"]["baseline"] > 0
