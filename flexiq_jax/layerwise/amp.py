@@ -118,7 +118,8 @@ def run(problem: AmpProblem, stage_dir: str, fingerprint: str, *, allowed_drop: 
                   seconds={"baseline": t_base - t0, "phase1": 0.0, "phase2": 0.0, "phase3": 0.0})
     records.write_json_atomic(os.path.join(stage_dir, f"result_{search}_drop{allowed_drop:g}.json"), result)
     log(f"mixed precision ({os.path.basename(stage_dir)}): early exit ({early}), chose uniform "
-        f"{problem.candidates[chosen['assignment'][0]]} (score {chosen['score']:.2f}, target {target:.2f})")
+        f"{problem.candidates[chosen['assignment'][0]]} (score {chosen['score']:.2f}, target {target:.2f}), "
+        f"{evaluations['count']} new evaluations")
     return result
 
   p1_fp = stage_cache.fingerprint([fingerprint, "phase1"])
