@@ -28,7 +28,8 @@ Hyper-parameter sources (see the comments where they are set):
   tests/test_configs.py compares them with timm's metadata).
 * `:fmnist` float training (from scratch, 28 px): CNNs the quickstart's SGD recipe (lr 0.1, wd 5e-4,
   2 epochs); transformers AdamW lr 1e-3, wd 0.05 (DeiT's), 200 warmup steps, gradient clipping 1.0,
-  5 epochs (ViTs learn more slowly from scratch). Not tuned.
+  5 epochs (ViTs learn more slowly from scratch), DeiT with label smoothing 0.1 (its paper's recipe;
+  ViT and DeiT are one architecture at one size, `models.variants`). Not tuned.
 * calibration and selection: 1024 ImageNet images (a small unlabelled set, design notes §2-3); the
   evolutionary search at flexiq_jax.select.evolutionary's defaults (population 16, 10 generations).
 * QAT finetuning: NVIDIA pytorch-quantization's QAT guidance ("about 10% of the original schedule,
@@ -75,11 +76,13 @@ def weights_path(name: str) -> str:
   return f"weights/{TIMM_TAGS[name]}.safetensors"
 
 
-def _float_recipe(transformer: bool, fmnist: bool, batch_size: int) -> dict:
+def _float_recipe(transformer: bool, fmnist: bool, batch_size: int, deit: bool = False) -> dict:
   """train.* values other than batch size and logging."""
   if fmnist and transformer:  # from scratch: AdamW with warmup, as ViTs are trained (DeiT: wd 0.05)
+    # DeiT's recipe adds label smoothing 0.1 (Touvron et al. 2021); at one size ViT and DeiT
+    # are one architecture, so the recipe is what tells them apart here.
     return dict(num_epochs=5.0, optimizer="adamw", learning_rate=1e-3, weight_decay=0.05,
-                warmup_steps=200, label_smoothing=0.0, grad_clip_norm=1.0)
+                warmup_steps=200, label_smoothing=0.1 if deit else 0.0, grad_clip_norm=1.0)
   if fmnist:  # from scratch: the quickstart's SGD recipe
     return dict(num_epochs=2.0, optimizer="sgd", learning_rate=0.1, weight_decay=5e-4, warmup_steps=100,
                 label_smoothing=0.0, grad_clip_norm=0.0)
@@ -156,7 +159,7 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 128
-  recipe = _float_recipe(transformer, fmnist, config.train.batch_size)
+  recipe = _float_recipe(transformer, fmnist, config.train.batch_size, deit=name.startswith("deit_"))
   config.train.num_epochs = recipe["num_epochs"]
   config.train.optimizer = recipe["optimizer"]  # 'sgd' | 'adamw'
   config.train.learning_rate = recipe["learning_rate"]
@@ -251,6 +254,7 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
                             "ptq_minmax", "ptq_mse", "adaround", "lsq_qat")
   config.compare.allowed_drops = (0.25, 1.0, 3.0)  # one layer-wise AMP point each
   config.compare.finetune = True  # FlexiQ's multi-ratio finetuning (and LSQ QAT gets the same budget)
+  config.compare.ablation_ratios = ()  # ratios the flexiq_* ablation variants are swept at; () = sweep.ratios
   config.compare.keep_ends = True  # uniform baselines keep the first/last layer W8A8, as FlexiQ does
   # AdaRound (compare.adaround): the paper's 10k iterations of batch 32 at Adam 1e-3 per layer,
   # scaled to 500 at 1e-2 for the CPU budget; calibration images it reconstructs on.

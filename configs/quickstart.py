@@ -127,6 +127,7 @@ def get_config(arg=None):
                             "ptq_minmax", "ptq_mse", "adaround", "lsq_qat")
   config.compare.allowed_drops = (0.25, 1.0, 3.0)  # one layer-wise AMP point each
   config.compare.finetune = True  # FlexiQ's multi-ratio finetuning (and LSQ QAT gets the same budget)
+  config.compare.ablation_ratios = ()  # ratios the flexiq_* ablation variants are swept at; () = sweep.ratios
   config.compare.keep_ends = True  # uniform baselines keep the first/last layer W8A8, as FlexiQ does
   # AdaRound (compare.adaround): the paper's 10k iterations of batch 32 at Adam 1e-3 per layer,
   # scaled to 500 at 1e-2 for the CPU budget; calibration images it reconstructs on.

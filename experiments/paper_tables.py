@@ -41,6 +41,10 @@ from absl import logging
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 ELEVEN = ("resnet18", "resnet50", "mobilenetv2", "efficientnet_b0", "regnetx_600mf", "vit_s", "vit_b", "deit_t",
           "deit_s", "deit_b", "swin_t")
+# The default order: the quickstart (the seed reference), then the eleven from the cheapest to the
+# costliest on a CPU (depthwise convolutions are slow there), so an interrupted sweep has the most.
+SWEEP_ORDER = ("quickstart", "resnet18", "resnet50", "regnetx_600mf", "vit_s", "deit_t", "deit_s", "vit_b", "deit_b",
+               "swin_t", "mobilenetv2", "efficientnet_b0")
 METHODS = ("flexiq", "flexiq_naive", "flexiq_random", "flexiq_uniform", "flexiq_greedy", "flexiq_no_bias_correction",
            "ptq_minmax", "ptq_mse", "adaround", "lsq_qat", "layerwise_amp")
 # The 4-bit baselines of T1 (method, the setting prefix of its 4-bit row).
@@ -48,7 +52,7 @@ T1_BASELINES = (("ptq_minmax", "W4A4"), ("ptq_mse", "W4A4"), ("adaround", "W4A4"
                 ("layerwise_amp", None))
 FIDELITY = ("agreement", "kl", "sqnr_db")
 
-_MODELS = flags.DEFINE_list("models", list(ELEVEN), "Config names (configs/<name>.py), run one after another.")
+_MODELS = flags.DEFINE_list("models", list(SWEEP_ORDER), "Config names (configs/<name>.py), run one after another.")
 _METHODS = flags.DEFINE_list("methods", list(METHODS), "compare methods (flexiq_jax.compare.METHODS).")
 _RATIOS = flags.DEFINE_list("ratios", [], "4-bit ratios of the sweep (default: each config's sweep.ratios).")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds of the whole pipeline for every model.")
@@ -77,6 +81,7 @@ def model_config(name: str, seed: int, methods, ratios, smoke: bool):
   config = module.get_config(",".join(args + (["smoke"] if smoke else [])))
   config.seed = seed
   config.compare.methods = tuple(methods)
+  config.compare.ablation_ratios = (0.5, 1.0)  # T3's ratios: the ablation variants need no full sweep
   if ratios:
     config.sweep.ratios = tuple(float(r) for r in ratios)
   return config

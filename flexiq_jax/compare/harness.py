@@ -141,6 +141,9 @@ def flexiq(ctx: CompareContext) -> list[Row]:
 def _flexiq_variant(ctx: CompareContext, name: str, overrides: dict) -> list[Row]:
   """FlexiQ with config changes, in its own sub-workdir (its stage fingerprints differ)."""
   cfg = copy.deepcopy(ctx.config)
+  ablation_ratios = ctx.config.compare.get("ablation_ratios", ())
+  if ablation_ratios:  # the variants are compared at a few ratios; every ratio costs a pass over the eval split
+    overrides = {"sweep.ratios": tuple(float(r) for r in ablation_ratios), **overrides}
   with cfg.unlocked():
     for dotted, value in overrides.items():
       section, key = dotted.split(".")

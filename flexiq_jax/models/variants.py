@@ -19,7 +19,13 @@ _CNN = {
                         stem_width=16, stem_stride=1),
 }
 
-_VIT = dict(patch_size=4, embed_dim=96, depth=4, num_heads=3)
+# ViT/DeiT keep timm's size ladder (tiny < small < base, head width 32, depth 4 in place of 12):
+# the :fmnist variants of vit_b and vit_s (or deit_t and deit_s) are then different networks.
+# Within one size ViT and DeiT are one architecture, as in timm; their configs differ in the
+# float training recipe (configs/common.py).
+_VIT = dict(patch_size=4, depth=4)
+_VIT_SIZES = {"tiny": dict(embed_dim=64, num_heads=2), "small": dict(embed_dim=96, num_heads=3),
+              "base": dict(embed_dim=128, num_heads=4)}
 _SWIN = dict(patch_size=2, window_size=7, embed_dim=32, depths=(2, 2, 2), num_heads=(2, 4, 8))
 
 
@@ -31,7 +37,8 @@ def small_kwargs(name: str, image_size: int = 28) -> dict:
   if canonical.startswith(("vit_", "deit_")):
     if image_size % _VIT["patch_size"]:
       raise ValueError(f"image_size {image_size} is not a multiple of patch size {_VIT['patch_size']}")
-    return dict(_VIT, image_size=image_size)
+    size = canonical.split("_")[1]  # vit_small_patch16_224 -> small
+    return dict(_VIT, **_VIT_SIZES[size], image_size=image_size)
   if canonical.startswith("swin_"):
     return dict(_SWIN, image_size=image_size)
   if canonical == "resnet_small":
