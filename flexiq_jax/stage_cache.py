@@ -88,6 +88,18 @@ class StageConfigChanged(ValueError):
   """A training stage holds a run made with other config values."""
 
 
+def _flat(fields: dict) -> dict:
+  """{dotted name: value} with sections expanded and values as saved in JSON (tuples as lists),
+  so that a change is named by its field and a tuple never differs from its saved list."""
+  out = {}
+  for key, value in json.loads(json.dumps(fields, default=str)).items():
+    if isinstance(value, dict) and value:
+      out.update({f"{key}.{k}": v for k, v in _flat(value).items()})
+    else:
+      out[key] = value
+  return out
+
+
 def _changed(old: dict, new: dict) -> list[str]:
   return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
@@ -115,7 +127,7 @@ class Stage:
     saved = self._saved("fingerprint.json")
     if saved is None or saved.get("fingerprint") == self.fingerprint:
       return []
-    return _changed(saved.get("fields", {}), self.fields) or ["(fields of an older format)"]
+    return _changed(_flat(saved.get("fields", {})), _flat(self.fields)) or ["(fields of an older format)"]
 
   def refusal(self) -> "StageConfigChanged | None":
     """The error a resumable (training) stage raises for a saved run made with other values
@@ -123,8 +135,8 @@ class Stage:
     changed = self.changed_fields()
     if not changed:
       return None
-    saved = self._saved("fingerprint.json").get("fields", {})
-    shown = ", ".join(f"{k}: {saved[k]!r} -> {self.fields.get(k)!r}" if k in saved else k for k in changed)
+    saved, now = _flat(self._saved("fingerprint.json").get("fields", {})), _flat(self.fields)
+    shown = ", ".join(f"{k}: {saved[k]!r} -> {now.get(k)!r}" if k in saved else k for k in changed)
     return StageConfigChanged(
         f"{self.path} holds a {self.name} run made with other values of {shown}. Use a new --workdir, or "
         f"pass --force_from={FORCE_FROM.get(self.name, self.name)} to redo this stage and the ones after it "
