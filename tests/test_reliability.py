@@ -339,3 +339,12 @@ def test_a_file_that_is_not_a_config_is_one_clear_error(monkeypatch):
   monkeypatch.chdir(ROOT)
   with pytest.raises(SystemExit, match=r"'README.md' is not a config file"):
     cli.resolve_config_argv(["run.py", "--config=README.md"])
+
+
+# 8. (Multi-host runs: test_multihost.py.) Remote workdirs reach Orbax as given.
+
+
+def test_checkpoint_paths_keep_remote_workdirs_remote(tmp_path, monkeypatch):
+  assert str(checkpoint._path("gs://bucket/wd/float/checkpoints")) == "gs://bucket/wd/float/checkpoints"
+  monkeypatch.chdir(tmp_path)
+  assert str(checkpoint._path("wd/stats")) == str(tmp_path / "wd" / "stats")  # local: absolute
