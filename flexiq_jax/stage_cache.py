@@ -16,8 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from typing import Callable
+
+from etils import epath
 
 from flexiq_jax import parallel
 from flexiq_jax import records
@@ -152,10 +153,10 @@ class Stage:
         raise error
     else:
       self._final_path, self.path = self.path, self.path + ".partial"
-      if _process_zero() and os.path.isdir(self.path):
-        shutil.rmtree(self.path)
+      if _process_zero() and epath.Path(self.path).is_dir():
+        epath.Path(self.path).rmtree()
     if _process_zero():
-      os.makedirs(self.path, exist_ok=True)
+      epath.Path(self.path).mkdir(parents=True, exist_ok=True)
     records.write_json_atomic(self.file("fingerprint.json"), {"fingerprint": self.fingerprint, "fields": self.fields})
     parallel.sync(f"begin {self.path}")  # the other processes write into it only after this
 
@@ -166,14 +167,15 @@ class Stage:
     if final is None:
       return
     parallel.sync(f"done {self.path}")  # every process has finished writing into it
-    if _process_zero():
-      old = final + ".old"
-      if os.path.isdir(old):
-        shutil.rmtree(old)
-      if os.path.isdir(final):
-        os.replace(final, old)
-      os.replace(self.path, final)
-      shutil.rmtree(old, ignore_errors=True)
+    if _process_zero():  # etils.epath: local and gs:// workdirs alike
+      old, new, final_path = epath.Path(final + ".old"), epath.Path(self.path), epath.Path(final)
+      if old.is_dir():
+        old.rmtree()
+      if final_path.is_dir():
+        final_path.rename(old)
+      new.rename(final_path)
+      if old.is_dir():
+        old.rmtree()
     parallel.sync(f"swapped {final}")
     self.path, self._final_path = final, None
 

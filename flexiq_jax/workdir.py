@@ -119,15 +119,15 @@ def derive_results(workdir: str) -> dict | None:
   finished run that produced it with the stage fingerprints the workdir holds now. The run
   metadata and config at the top are the newest contributing run's; `sources` names the run
   record of each section."""
-  runs_dir = os.path.join(workdir, "runs")
-  if not os.path.isdir(runs_dir):
+  runs_dir = epath.Path(workdir) / "runs"
+  if not runs_dir.is_dir():
     return None
   now = stage_fingerprints(workdir)
   sections, sources, newest = {}, {}, None
-  for name in sorted(os.listdir(runs_dir)):
+  for name in sorted(p.name for p in runs_dir.iterdir()):
     if not name.endswith(".json"):
       continue
-    run = records.read_json(os.path.join(runs_dir, name))
+    run = records.read_json(runs_dir / name)
     if not run or run.get("status") != "finished":
       continue
     for section, metrics in run.get("metrics", {}).items():
@@ -145,8 +145,3 @@ def derive_results(workdir: str) -> dict | None:
 def process_zero() -> bool:
   """Files are written by process 0 only (every process computes the same values)."""
   return jax.process_index() == 0
-
-
-def path(p) -> epath.Path:
-  """A workdir path as an etils path (local and gs:// alike)."""
-  return epath.Path(p)
