@@ -405,6 +405,14 @@ def check_config(config) -> None:
   levels = [float(l) for l in config.select.levels]
   if sorted(levels) != levels or not all(0 < l <= 1 for l in levels):
     raise ValueError(f"select.levels must be increasing values in (0, 1], got {levels}")
+  for name, value, known in (
+      ("quant.act_calibration", config.quant.act_calibration, ("minmax", "percentile", "mse")),
+      ("quant.extraction", config.quant.extraction, ("fitted", "naive")),
+      ("quant.attention", config.quant.get("attention", "int8"), ("int8", "float")),
+      ("select.selector", config.select.selector, tuple(select_lib.SELECTORS)),
+      ("select.channel_order", config.select.channel_order, ("range", "random"))):
+    if value not in known:
+      raise ValueError(f"unknown {name} {value!r}; use one of {', '.join(map(repr, known))}")
   if config.select.selector == "greedy" and config.select.channel_order != "range":
     raise ValueError("select.selector='greedy' lowers channels by range, so it needs select.channel_order='range'")
   if config.finetune.get("refresh", "auto") not in ("auto", "always", "never"):

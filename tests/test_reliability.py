@@ -111,6 +111,13 @@ def test_a_bad_sweep_ratio_is_refused_before_any_stage(smoke_config, tmp_path):
   assert not os.path.exists(tmp_path / "float")
 
 
+def test_an_unknown_option_is_refused_before_any_stage(smoke_config, tmp_path):
+  smoke_config.quant.act_calibration = "minmx"
+  with pytest.raises(ValueError, match=r"unknown quant\.act_calibration 'minmx'; use one of 'minmax'"):
+    pipeline.run_until(pipeline.Run(smoke_config, str(tmp_path)), "calibrate")
+  assert not os.path.exists(tmp_path / "float")
+
+
 def test_a_non_finite_override_is_a_clear_error():
   with pytest.raises(SystemExit, match=r"--config.sweep.ratios=\(nan,\): NaN and Inf are not valid"):
     cli.resolve_config_argv(["run.py", "--config=configs/quickstart.py", "--config.sweep.ratios=(nan,)"])
