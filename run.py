@@ -23,12 +23,16 @@ from flexiq_jax import evaluate
 from flexiq_jax import parallel
 from flexiq_jax import pipeline
 from flexiq_jax import records
+from flexiq_jax import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/<name>.py[:args]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go "
                                "(default: workdirs/<config name>[_<args>]).")
 _MODE = flags.DEFINE_enum("mode", "all", pipeline.STAGES + ("sweep", "all", "compare", "export"), "Pipeline stage(s) to run.")
+_FORCE_FROM = flags.DEFINE_enum("force_from", None, ["train", "calibrate", "select", "quantize", "finetune"],
+                                "Redo this stage and the ones after it (their old outputs are moved to "
+                                "<workdir>/replaced/).")
 flags.mark_flags_as_required(["config"])
 
 
@@ -38,6 +42,17 @@ def main(argv):
   records.git_commit()  # pin the provenance to the code at start
   parallel.maybe_initialize_distributed(config.distributed)
   run = pipeline.Run(config, workdir)
+  # One run at a time per workdir; runs/<timestamp>.json records this one, and results.json is
+  # derived from the finished runs only when it ends (a failed run leaves it untouched).
+  with workdir_lib.locked(workdir), workdir_lib.RunRecord(workdir, config):
+    if _FORCE_FROM.value:
+      pipeline.replace_stages(workdir, _FORCE_FROM.value)
+    _run(run, mode)
+  print(f"results: {os.path.join(workdir, 'results.json')}")
+
+
+def _run(run, mode):
+  config, workdir = run.config, run.workdir
   if mode == "compare":  # every method x ratio/BOPs point (flexiq_jax.compare)
     from flexiq_jax import compare
     compare.main(run)  # returns the results dict: not an exit status for app.run
@@ -61,9 +76,9 @@ def main(argv):
     after = pipeline.sweep(run, tuned, desc="after finetuning", float_logits=result.float_logits) if tuned else None
     rows = evaluate.ratio_rows(before, after)
     records.update_results(workdir, config, "ratio_sweep", rows)
-    print(evaluate.write_ratio_report(workdir, rows, result.float_metrics,
-                                      f"FlexiQ ratio sweep: {config.model.name} on {config.data.name}"))
-  print(f"results: {os.path.join(workdir, 'results.json')}")
+    if workdir_lib.process_zero():
+      print(evaluate.write_ratio_report(workdir, rows, result.float_metrics,
+                                        f"FlexiQ ratio sweep: {config.model.name} on {config.data.name}"))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Orbax checkpoints. Orbax writes each step to a temporary directory and renames it when
-complete, so a run killed mid-save never leaves a half-written checkpoint behind."""
+complete, so a run killed mid-save never leaves a half-written checkpoint behind; a step damaged
+afterwards (a truncated or deleted file) is skipped for the newest intact one, with a warning."""
 
 from __future__ import annotations
 
@@ -7,12 +8,28 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+
+class CorruptCheckpoint(RuntimeError):
+  """A checkpoint cannot be read back."""
+
+
+def _path(directory) -> epath.Path:
+  # Orbax wants absolute paths; gs:// and other remote paths are absolute already.
+  directory = str(directory)
+  return epath.Path(directory if "://" in directory else os.path.abspath(directory))
+
+
+def _reason(error: Exception) -> str:
+  """The first line of an (often very long) Orbax/TensorStore error."""
+  lines = str(error).strip().splitlines() or [type(error).__name__]
+  return f"{type(error).__name__}: {lines[0][:300]}"
 
 
 def manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      os.path.abspath(directory),
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+      _path(directory), options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, tree, *, wait: bool = False) -> None:
@@ -30,15 +47,46 @@ def restore(mngr: ocp.CheckpointManager, target, step: int | None = None):
   return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
+def restore_newest_intact(mngr: ocp.CheckpointManager, target):
+  """(step, restored) of the newest step that reads back, or (None, target) when there is no
+  checkpoint. A damaged step is skipped with a warning naming it, and removed once an older
+  step has read back (so that the resumed run can save that step again)."""
+  steps = sorted(mngr.all_steps(), reverse=True)
+  damaged = []
+  for step in steps:
+    try:
+      restored = restore(mngr, target, step)
+    except Exception as e:  # noqa: BLE001 (any damage: truncated arrays, missing metadata, ...)
+      print(f"warning: checkpoint step {step} in {mngr.directory} is damaged ({_reason(e)}); "
+            f"trying the previous step")
+      damaged.append(step)
+      continue
+    for bad in damaged:
+      mngr.delete(bad)
+    if damaged:
+      print(f"warning: resuming from step {step}; removed the damaged step(s) {damaged}")
+    return step, restored
+  if steps:
+    raise CorruptCheckpoint(f"every checkpoint in {mngr.directory} (steps {steps}) is damaged; delete that "
+                            f"directory to start the stage again")
+  return None, target
+
+
 def save_tree(directory: str, tree) -> None:
   """One-off pytree (e.g. calibration statistics, quantized params), written atomically."""
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.abspath(directory), tree, force=True)
+    ckptr.save(_path(directory), tree, force=True)
 
 
 def load_tree(directory: str, target=None):
-  with ocp.StandardCheckpointer() as ckptr:
-    if target is None:
-      return ckptr.restore(os.path.abspath(directory))
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
-    return ckptr.restore(os.path.abspath(directory), abstract)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      if target is None:
+        return ckptr.restore(_path(directory))
+      abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+      return ckptr.restore(_path(directory), abstract)
+  except Exception as e:  # noqa: BLE001
+    raise CorruptCheckpoint(
+        f"cannot read the saved arrays in {directory} ({_reason(e)}); the files are damaged or from another "
+        f"version. Delete the stage directory that holds them (or pass run.py --force_from=<that stage>) "
+        f"to recompute it.") from e

@@ -27,20 +27,43 @@ def resolve_config(value: str) -> str:
   not exist; an unknown name is an error listing the configs."""
   path, sep, arg = value.partition(":")
   if os.path.exists(path):
+    _check_config_file(path)
     return value
   name = os.path.basename(path)
   name = name if name.endswith(".py") else name + ".py"
   for d in config_dirs():
     candidate = os.path.join(d, name)
     if os.path.exists(candidate):
+      _check_config_file(candidate)
       return os.path.relpath(candidate) + sep + arg
   raise SystemExit(f"error: config {path!r} not found (looked for it as given and in "
                    f"{', '.join(config_dirs()) or 'configs/'}). Known configs: {', '.join(available_configs())}")
 
 
+def _check_config_file(path: str) -> None:
+  """A config is a Python file; anything else (a README, a checkpoint) is one clear error, not
+  the chained tracebacks of importing it."""
+  if not path.endswith(".py"):
+    raise SystemExit(f"error: {path!r} is not a config file (a .py file defining get_config(arg)). "
+                     f"Known configs: {', '.join(available_configs())}")
+
+
+def _check_override(arg: str) -> None:
+  """--config.x.y=(nan,) would fail in the flag parser with "could not convert string to float":
+  no config field accepts NaN or Inf, so say so."""
+  name, _, value = arg.partition("=")
+  tokens = re.split(r"[\s,()\[\]]+", value.lower())
+  if name.startswith("--config.") and any(t.lstrip("+-") in ("nan", "inf", "infinity") for t in tokens):
+    raise SystemExit(f"error: {arg}: NaN and Inf are not valid config values; give finite numbers "
+                     "(e.g. sweep ratios in [0, 1]).")
+
+
 def resolve_config_argv(argv: list[str]) -> list[str]:
-  """argv with the value of --config resolved (see resolve_config); other arguments untouched."""
+  """argv with the value of --config resolved (see resolve_config) and overrides checked for
+  NaN/Inf; other arguments untouched."""
   out = list(argv)
+  for a in out:
+    _check_override(a)
   for i, a in enumerate(out):
     if a.startswith("--config="):
       out[i] = "--config=" + resolve_config(a[len("--config="):])

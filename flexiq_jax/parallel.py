@@ -18,6 +18,13 @@ def maybe_initialize_distributed(enabled: bool) -> None:
     jax.distributed.initialize()
 
 
+def sync(name: str) -> None:
+  """A barrier across the processes of a multi-host run (nothing with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 def make_mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), ("data",))
 

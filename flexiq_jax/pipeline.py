@@ -115,8 +115,7 @@ def train_float(run: Run, on_step=None) -> FloatModel:
   if start < total_steps:
     if start:
       print(f"float model: resuming from step {start}/{total_steps} in {ckpt_dir}")
-    host_batch = config.train.batch_size // jax.process_count()
-    batches = data.train_batches(train_ds, host_batch, seed=config.seed, start_step=start,
+    batches = data.train_batches(train_ds, config.train.batch_size, seed=config.seed, start_step=start,
                                  num_steps=total_steps, num_threads=config.data.num_threads)
     step_fn = functools.partial(train_lib.train_step, apply_fn=model.apply, tx=tx,
                                 label_smoothing=config.train.label_smoothing)
@@ -300,7 +299,7 @@ def finetune(run: Run, float_model: FloatModel, quantized: Quantized, on_step=No
     step_fn = functools.partial(
         finetune_lib.qat_step, qmodel=fake, tx=tx, sampler=sampler, rng_key=jax.random.PRNGKey(config.seed + 1),
         teacher_fn=teacher, distill_weight=cfg.distill_weight, label_smoothing=cfg.label_smoothing)
-    batches = data.train_batches(train_ds, cfg.batch_size // jax.process_count(), seed=config.seed + 1,
+    batches = data.train_batches(train_ds, cfg.batch_size, seed=config.seed + 1,
                                  start_step=int(state.step), num_steps=total_steps,
                                  num_threads=config.data.num_threads)
     state = train_lib.run_loop(state, step_fn, batches, total_steps=total_steps, ckpt_dir=ckpt_dir,
@@ -404,6 +403,7 @@ def run_until(run: Run, until: str, *, float_model: FloatModel | None = None, ev
   model; `evaluate=False` skips the float evaluation."""
   if until not in STAGES:
     raise ValueError(f"unknown stage {until!r}; stages: {', '.join(STAGES)}")
+  check_before_work(run, until, check_float=float_model is None)
   last = STAGES.index(until)
   fm = float_model or train_float(run)
   result = PipelineResult(fm)
@@ -426,6 +426,66 @@ def run_until(run: Run, until: str, *, float_model: FloatModel | None = None, ev
   if last < STAGES.index("finetune"):
     return result
   return dataclasses.replace(result, finetuned=finetune(run, fm, quantized))
+
+
+def check_config(config) -> None:
+  """Every config value a stage would reject later, checked before any stage runs."""
+  for ratio in config.sweep.ratios:
+    quantize_lib.check_ratio(ratio)
+  levels = [float(l) for l in config.select.levels]
+  if sorted(levels) != levels or not all(0 < l <= 1 for l in levels):
+    raise ValueError(f"select.levels must be increasing values in (0, 1], got {levels}")
+  for name, value, known in (
+      ("quant.act_calibration", config.quant.act_calibration, ("minmax", "percentile", "mse")),
+      ("quant.extraction", config.quant.extraction, ("fitted", "naive")),
+      ("quant.attention", config.quant.get("attention", "int8"), ("int8", "float")),
+      ("select.selector", config.select.selector, tuple(select_lib.SELECTORS)),
+      ("select.channel_order", config.select.channel_order, ("range", "random"))):
+    if value not in known:
+      raise ValueError(f"unknown {name} {value!r}; use one of {', '.join(map(repr, known))}")
+  if config.select.selector == "greedy" and config.select.channel_order != "range":
+    raise ValueError("select.selector='greedy' lowers channels by range, so it needs select.channel_order='range'")
+  if config.finetune.get("refresh", "auto") not in ("auto", "always", "never"):
+    raise ValueError(f"unknown finetune.refresh {config.finetune.refresh!r}; use 'auto', 'always' or 'never'")
+  finetune_lib.RatioSampler.from_config(config.finetune, config.select.levels)
+  train_lib.make_optimizer(config.train, 1)
+  train_lib.make_optimizer(config.finetune, 1)
+
+
+def check_before_work(run: Run, until: str, *, check_float: bool = True) -> None:
+  """Validates the config and refuses a training stage (float, finetune) whose saved run used
+  other values, before any stage runs: a refusal never comes after hours of other work."""
+  check_config(run.config)
+  parallel.check_batch_size(run.config.train.batch_size, run.mesh)
+  parallel.check_batch_size(run.config.eval_batch_size, run.mesh, "eval_batch_size")
+  last = STAGES.index(until)
+  resumable = (["float"] if check_float else []) + (["finetune"] if last >= STAGES.index("finetune") else [])
+  for name in resumable:
+    error = run.stage(name).refusal()
+    if error is not None:
+      raise error
+
+
+def replace_stages(workdir: str, first: str) -> list[str]:
+  """`run.py --force_from=<stage>`: moves the outputs of `first` and every stage after it to
+  <workdir>/replaced/<timestamp>/ (kept, not deleted), so that those stages are redone."""
+  dirs = {"train": "float", "calibrate": "calibrate", "select": "select", "quantize": "quantized",
+          "finetune": "finetune"}
+  if first not in dirs:
+    raise ValueError(f"--force_from={first!r} is not a stage; use one of {', '.join(dirs)}")
+  order = list(dirs)
+  moved = [dirs[s] for s in order[order.index(first):]] + ["serving"]
+  stamp = records.run_info()["date"].replace(":", "")
+  target = os.path.join(workdir, "replaced", stamp)
+  out = []
+  for name in moved:
+    if os.path.isdir(os.path.join(workdir, name)):
+      os.makedirs(target, exist_ok=True)
+      os.replace(os.path.join(workdir, name), os.path.join(target, name))
+      out.append(name)
+  if out:
+    print(f"--force_from={first}: moved {', '.join(out)} to {target}")
+  return out
 
 
 def finetuned_if_done(run: Run, float_model: FloatModel, quantized: Quantized) -> Quantized | None:

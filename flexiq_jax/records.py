@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import jax
+from etils import epath
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,23 +66,34 @@ def run_info(argv=None) -> dict:
 
 
 def write_json_atomic(path: str, data) -> None:
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=2, sort_keys=False, default=str)
-  os.replace(tmp, path)
+  """Writes through etils.epath (local and gs:// alike), from process 0 only: every process of a
+  multi-host run holds the same values, and one writer keeps the file whole."""
+  if jax.process_index() != 0:
+    return
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / f"{path.name}.tmp.{os.getpid()}"
+  tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str))
+  tmp.replace(path)
 
 
 def read_json(path: str, default=None):
-  if not os.path.exists(path):
+  path = epath.Path(path)
+  if not path.exists():
     return default
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
 def update_results(workdir: str, config, section: str, metrics, argv=None) -> dict:
   """Merges `metrics` under results['metrics'][section] in <workdir>/results.json, refreshing
-  the run metadata (command, commit, device, date) and the resolved config."""
+  the run metadata (command, commit, device, date) and the resolved config. Inside a run.py
+  invocation (`workdir.RunRecord`), the metrics go to its run record instead, and results.json
+  is derived from the finished runs when it ends."""
+  from flexiq_jax import workdir as workdir_lib
+  record = workdir_lib.current()
+  if record is not None and record.workdir == workdir:
+    record.add(section, metrics)
+    return {"metrics": {section: metrics}}
   path = os.path.join(workdir, "results.json")
   results = read_json(path, {}) or {}
   results.update(run_info(argv))

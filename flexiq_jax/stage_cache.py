@@ -16,10 +16,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from typing import Callable
 
+from etils import epath
+
+from flexiq_jax import parallel
 from flexiq_jax import records
+
+
+def _process_zero() -> bool:
+  import jax
+  return jax.process_index() == 0
 
 # The config fields each stage's result depends on (a section name takes the whole section).
 # Logging, checkpoint frequency, eval size and thread counts change no result and are left out.
@@ -34,6 +41,9 @@ _FINETUNE = _SELECT + ("finetune.num_epochs", "finetune.batch_size", "finetune.o
                        "finetune.schedule", "finetune.warmup_steps", "finetune.label_smoothing",
                        "finetune.grad_clip_norm", "finetune.lsq", "finetune.lsq_weights", "finetune.distill_weight",
                        "finetune.levels", "finetune.level_probs", "finetune.uniform_prob", "finetune.refresh")
+# The run.py stage that redoes a stage directory (`--force_from`).
+FORCE_FROM = {"float": "train", "calibrate": "calibrate", "select": "select", "quantized": "quantize",
+              "finetune": "finetune"}
 STAGE_FIELDS = {"float": _FLOAT, "calibrate": _CALIBRATE, "select": _SELECT, "quantize": _SELECT,
                 "finetune": _FINETUNE}
 
@@ -79,6 +89,18 @@ class StageConfigChanged(ValueError):
   """A training stage holds a run made with other config values."""
 
 
+def _flat(fields: dict) -> dict:
+  """{dotted name: value} with sections expanded and values as saved in JSON (tuples as lists),
+  so that a change is named by its field and a tuple never differs from its saved list."""
+  out = {}
+  for key, value in json.loads(json.dumps(fields, default=str)).items():
+    if isinstance(value, dict) and value:
+      out.update({f"{key}.{k}": v for k, v in _flat(value).items()})
+    else:
+      out[key] = value
+  return out
+
+
 def _changed(old: dict, new: dict) -> list[str]:
   return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
@@ -89,6 +111,7 @@ class Stage:
   def __init__(self, workdir: str, name: str, fields: dict):
     self.path = os.path.join(workdir, name)
     self.name, self.fields, self.fingerprint = name, fields, fingerprint(fields)
+    self._final_path = None  # set while a fresh output is built beside the old one
 
   def file(self, *parts) -> str:
     return os.path.join(self.path, *parts)
@@ -105,25 +128,56 @@ class Stage:
     saved = self._saved("fingerprint.json")
     if saved is None or saved.get("fingerprint") == self.fingerprint:
       return []
-    return _changed(saved.get("fields", {}), self.fields) or ["(fields of an older format)"]
+    return _changed(_flat(saved.get("fields", {})), _flat(self.fields)) or ["(fields of an older format)"]
+
+  def refusal(self) -> "StageConfigChanged | None":
+    """The error a resumable (training) stage raises for a saved run made with other values
+    (None if there is none): it names each changed field and what to do."""
+    changed = self.changed_fields()
+    if not changed:
+      return None
+    saved, now = _flat(self._saved("fingerprint.json").get("fields", {})), _flat(self.fields)
+    shown = ", ".join(f"{k}: {saved[k]!r} -> {now.get(k)!r}" if k in saved else k for k in changed)
+    return StageConfigChanged(
+        f"{self.path} holds a {self.name} run made with other values of {shown}. Use a new --workdir, or "
+        f"pass --force_from={FORCE_FROM.get(self.name, self.name)} to redo this stage and the ones after it "
+        f"(the old outputs are moved to <workdir>/replaced/).")
 
   def begin(self, *, resumable: bool) -> None:
     """Claims the directory for this config. A resumable (training) stage whose saved run used
-    other values refuses, naming them; any other stage starts afresh."""
-    changed = self.changed_fields()
-    if changed and resumable:
-      saved = self._saved("fingerprint.json").get("fields", {})
-      shown = ", ".join(f"{k}: {saved[k]!r} -> {self.fields.get(k)!r}" if k in saved else k for k in changed)
-      raise StageConfigChanged(
-          f"{self.path} holds a {self.name} run made with other values of {shown}. Use a new --workdir, "
-          f"or delete {self.path} to redo this stage (and the stages after it).")
-    if changed and os.path.isdir(self.path):
-      shutil.rmtree(self.path)
-    os.makedirs(self.path, exist_ok=True)
+    other values refuses, naming them. Any other stage starts afresh in `<name>.partial` beside
+    the old output, which `mark_done` swaps in: a failed run leaves the old output whole."""
+    if resumable:
+      error = self.refusal()
+      if error is not None:
+        raise error
+    else:
+      self._final_path, self.path = self.path, self.path + ".partial"
+      if _process_zero() and epath.Path(self.path).is_dir():
+        epath.Path(self.path).rmtree()
+    if _process_zero():
+      epath.Path(self.path).mkdir(parents=True, exist_ok=True)
     records.write_json_atomic(self.file("fingerprint.json"), {"fingerprint": self.fingerprint, "fields": self.fields})
+    parallel.sync(f"begin {self.path}")  # the other processes write into it only after this
 
   def mark_done(self, **info) -> None:
+    """Marks the stage done once its outputs are complete (and swaps a fresh output in)."""
     records.write_json_atomic(self.file("done.json"), {"fingerprint": self.fingerprint, **info})
+    final = self._final_path
+    if final is None:
+      return
+    parallel.sync(f"done {self.path}")  # every process has finished writing into it
+    if _process_zero():  # etils.epath: local and gs:// workdirs alike
+      old, new, final_path = epath.Path(final + ".old"), epath.Path(self.path), epath.Path(final)
+      if old.is_dir():
+        old.rmtree()
+      if final_path.is_dir():
+        final_path.rename(old)
+      new.rename(final_path)
+      if old.is_dir():
+        old.rmtree()
+    parallel.sync(f"swapped {final}")
+    self.path, self._final_path = final, None
 
   def cache(self, filename: str, *salt) -> "JsonCache":
     return JsonCache(self.file(filename), fingerprint([self.fingerprint, *map(str, salt)]))

@@ -194,7 +194,20 @@ class JsonlWriter:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     self.tensorboard = summary.ScalarWriter(os.path.dirname(path) or ".")
 
+  def drop_after(self, step: int) -> None:
+    """Drops the records of steps after `step` (those a resumed run replays from its checkpoint)."""
+    if jax.process_index() != 0 or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= step]
+    tmp = f"{self.path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+      f.writelines(lines)
+    os.replace(tmp, self.path)
+
   def write(self, **record):
+    if jax.process_index() != 0:  # one writer per multi-host run (every process logs the same means)
+      return
     record = {k: _to_py(v) for k, v in record.items()}
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
@@ -211,6 +224,22 @@ def _to_py(value):
   if isinstance(value, np.generic):
     return value.item()
   return value
+
+
+class NonFiniteError(FloatingPointError):
+  """Training produced a NaN or Inf loss or gradient."""
+
+
+def check_finite(metrics: list[dict], first_step: int, desc: str = "train") -> None:
+  """Raises at the first step (numbered from 1, `first_step` steps done before `metrics[0]`)
+  whose loss or gradient norm is NaN or Inf."""
+  for i, m in enumerate(jax.device_get(metrics)):
+    bad = [k for k in ("loss", "grad_norm") if k in m and not np.isfinite(m[k])]
+    if bad:
+      raise NonFiniteError(
+          f"{desc}: non-finite {' and '.join(bad)} ({', '.join(f'{k}={m[k]}' for k in bad)}) at step "
+          f"{first_step + i + 1}; training stopped and nothing from that step on was saved. Lower the "
+          f"learning rate, set grad_clip_norm, or check the data for NaN/Inf values.")
 
 
 def run_loop(state, step_fn: Callable, batches: Iterator[dict], *, total_steps: int, ckpt_dir: str,
@@ -230,13 +259,19 @@ def run_loop(state, step_fn: Callable, batches: Iterator[dict], *, total_steps: 
   jitted = jax.jit(step_fn, donate_argnums=0)
   progress = progress_lib.bar(desc=desc, total=total_steps, initial=start, unit="step")
   window_start, window_images, pending = time.perf_counter(), 0, []
+  unchecked = []  # step metrics not yet checked for NaN/Inf (checked in batches: no sync per step)
+  writer.drop_after(start)  # a resumed run replays the steps after its checkpoint
   try:
     for step in range(start, total_steps):
       batch = next(batches)
       state, metrics = jitted(state, parallel.shard_batch(batch, mesh))
       window_images += len(batch["label"]) * jax.process_count()
       pending.append(metrics)
+      unchecked.append(metrics)
       done = step + 1
+      if done % log_every == 0 or done % checkpoint_every == 0 or done == total_steps:
+        check_finite(unchecked, done - len(unchecked), desc)  # before anything is logged or saved
+        unchecked = []
       if done % log_every == 0 or done == total_steps:
         means = jax.tree_util.tree_map(lambda *x: float(np.mean(x)), *jax.device_get(pending))
         elapsed = time.perf_counter() - window_start
@@ -268,13 +303,13 @@ def create_train_state(model, rng, image_shape, tx, init_variables=None) -> Trai
 
 
 def restore_latest(ckpt_dir: str, state):
-  """`state` restored from the newest checkpoint in `ckpt_dir` (unchanged if there is none)."""
+  """`state` restored from the newest intact checkpoint in `ckpt_dir` (unchanged if there is
+  none; a damaged newer step is skipped with a warning)."""
   mngr = checkpoint.manager(ckpt_dir)
-  latest = mngr.latest_step()
-  mngr.close()
-  if latest is None:
-    return state
-  return checkpoint.restore(checkpoint.manager(ckpt_dir), state, latest)
+  try:
+    return checkpoint.restore_newest_intact(mngr, state)[1]
+  finally:
+    mngr.close()
 
 
 def float_logits(model, variables, images):

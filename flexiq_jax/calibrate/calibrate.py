@@ -124,8 +124,10 @@ def collect(model, plan: QuantPlan, variables, batches, statistics) -> dict:
   run = jax.jit(run)
   acc = None
   total = sum(len(b) for b in batches) if isinstance(batches, (list, tuple)) else None
-  for images in progress.image_batches(batches, desc=f"calibrate ({type(statistics).__name__})", total_images=total):
+  for index, images in enumerate(progress.image_batches(batches, desc=f"calibrate ({type(statistics).__name__})",
+                                                        total_images=total)):
     new = jax.device_get(run(variables, images))
+    _check_finite(new, index)
     if acc is None:
       acc = new
     else:
@@ -133,6 +135,19 @@ def collect(model, plan: QuantPlan, variables, batches, statistics) -> dict:
   if acc is None:
     raise ValueError("calibration received no batches")
   return acc
+
+
+def _check_finite(recorded: dict, batch_index: int) -> None:
+  """Calibration statistics from a NaN/Inf activation would give an infinite or NaN scale (and a
+  silently broken model), so they are refused, naming the layers."""
+  bad = [path for path, stats in recorded.items()
+         if any(np.issubdtype(np.asarray(v).dtype, np.floating) and not np.all(np.isfinite(v))
+                for v in stats.values())]
+  if bad:
+    raise FloatingPointError(
+        f"calibration: non-finite activations at the input of layer(s) {', '.join(map(repr, bad))} in "
+        f"calibration batch {batch_index}; check the calibration images (data.*) for NaN/Inf pixels and "
+        f"the float model's weights. Nothing was saved.")
 
 
 def _int32(count):

@@ -12,6 +12,7 @@ import os
 from typing import Any, Iterator
 
 import grain
+import jax
 import numpy as np
 
 from flexiq_jax.data import fashion_mnist
@@ -72,7 +73,10 @@ def tfds_dataset(name: str, split: str, *, data_dir: str | None = None, image_si
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # tfds raises DatasetNotFoundError / various registry errors
-    raise ValueError(f"TFDS has no dataset {name!r}: {e}") from e
+    # TFDS's own message lists every registered dataset (hundreds of lines): keep its first line.
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    raise ValueError(f"TFDS has no dataset {name!r} ({first}). Check --config.data.name; "
+                     "'fashion_mnist' reads the local IDX files.") from None
   try:
     source = tfds.data_source(name, split=split, data_dir=data_dir)
   except Exception as e:
@@ -120,34 +124,54 @@ def _read_options(num_threads: int):
   return grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * max(num_threads, 1))
 
 
+def _process_slice(batch_size: int, process_index: int | None, process_count: int | None):
+  """(this process's index, rows per process) of a global batch: in a multi-host run each process
+  reads only its slice; `parallel.shard_batch` assembles the global batch."""
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if batch_size % count:
+    raise ValueError(f"batch size {batch_size} is not divisible by the {count} processes; use a multiple of {count}")
+  return index, batch_size // count
+
+
 def train_batches(dataset: Dataset, batch_size: int, *, seed: int, start_step: int = 0,
-                  num_steps: int, num_threads: int = 4) -> Iterator[Batch]:
-  """Batches for global steps [start_step, num_steps): reshuffled every epoch, batches may
-  straddle epochs; step s depends only on (seed, s)."""
+                  num_steps: int, num_threads: int = 4, process_index: int | None = None,
+                  process_count: int | None = None) -> Iterator[Batch]:
+  """This process's slice of the global batches (of `batch_size`) for global steps
+  [start_step, num_steps): reshuffled every epoch, batches may straddle epochs; step s depends
+  only on (seed, s), and the global batch not on the number of processes (augmentation draws do)."""
   if num_steps <= start_step:
     return iter(())
+  index, rows = _process_slice(batch_size, process_index, process_count)
   epochs = -(-num_steps * batch_size // dataset.num_examples)
   indices = grain.MapDataset.range(dataset.num_examples).shuffle(seed=seed).repeat(epochs)
   indices = indices.batch(batch_size, drop_remainder=True)
+  rng_key = [] if rows == batch_size else [index]  # one process: the seeds of earlier versions
 
   def make(step, idx):
-    return dataset.load(np.asarray(idx), np.random.default_rng([seed, step]))
+    idx = np.asarray(idx)[index * rows:(index + 1) * rows]
+    return dataset.load(idx, np.random.default_rng([seed, step, *rng_key]))
 
   stream = indices.map_with_index(make).slice(slice(start_step, num_steps))
   return iter(stream.to_iter_dataset(_read_options(num_threads)))
 
 
 def eval_batches(dataset: Dataset, batch_size: int, *, num_examples: int | None = None,
-                 num_threads: int = 4) -> Iterator[Batch]:
-  """Every example once, in order; the last batch is padded and carries `mask` = 0 on padding,
-  so all batches have one shape (one compilation)."""
+                 num_threads: int = 4, process_index: int | None = None,
+                 process_count: int | None = None) -> Iterator[Batch]:
+  """Every example once, in order, as this process's slice of global batches of `batch_size`;
+  the last batch is padded and carries `mask` = 0 on padding, so all batches have one shape (one
+  compilation) and the masked sums over the global batch count every example once."""
   n = dataset.num_examples if num_examples is None else min(num_examples, dataset.num_examples)
   num_batches = -(-n // batch_size)
+  index, rows = _process_slice(batch_size, process_index, process_count)
 
   def make(b):
-    idx = np.arange(b * batch_size, min((b + 1) * batch_size, n))
-    batch = dataset.load(idx, None)
-    pad = batch_size - len(idx)
+    start = b * batch_size + index * rows
+    idx = np.arange(start, max(start, min(start + rows, n)))
+    # A slice that is all padding still loads one example for the shapes, then drops it.
+    batch = {k: v[:len(idx)] for k, v in dataset.load(idx if len(idx) else np.arange(1), None).items()}
+    pad = rows - len(idx)
     mask = np.concatenate([np.ones(len(idx), np.float32), np.zeros(pad, np.float32)])
     batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
     return {**batch, "mask": mask}

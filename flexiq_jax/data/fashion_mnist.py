@@ -21,8 +21,12 @@ MEAN, STD = 0.2860, 0.3530
 
 
 def _read_idx(path: str) -> np.ndarray:
-  with gzip.open(path, "rb") as f:
-    data = f.read()
+  try:
+    with gzip.open(path, "rb") as f:
+      data = f.read()
+  except (EOFError, OSError, gzip.BadGzipFile) as e:
+    raise ValueError(f"{path} is damaged ({type(e).__name__}: {e or 'the gzip stream ends early'}); "
+                     "replace it with an intact copy of the Fashion-MNIST file") from e
   magic = int.from_bytes(data[0:4], "big")
   if magic >> 8 != 0x08:  # 0x08 = unsigned byte payload
     raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {magic:#x})")

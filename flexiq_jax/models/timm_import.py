@@ -71,7 +71,10 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     # The flax reader, since safetensors' numpy reader cannot return bfloat16; jax's bfloat16
     # arrays convert to ml_dtypes' bfloat16 numpy arrays, widened to float32 below.
     from safetensors.flax import load_file
-    raw = {k: np.asarray(v) for k, v in load_file(path).items()}
+    try:
+      raw = {k: np.asarray(v) for k, v in load_file(path).items()}
+    except Exception as e:  # noqa: BLE001 (safetensors' errors do not name the file)
+      raise ValueError(f"cannot read {path} as a .safetensors file ({type(e).__name__}: {e})") from e
   else:
     try:
       import torch
@@ -80,7 +83,13 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
           f"reading {path} (a PyTorch pickle) needs torch, which is not installed. Install torch, or "
           "convert the checkpoint to .safetensors (safetensors.torch.save_file(model.state_dict(), "
           "'model.safetensors')) on a machine that has it.") from e
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+      obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (a text file gives KeyError, a truncated one EOFError, ...)
+      raise ValueError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {e}); is it a "
+                       ".pth/.pt/.bin state dict saved with torch.save?") from e
+    if not isinstance(obj, Mapping):
+      raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):  # timm/DeiT training checkpoints
       if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
         obj = obj[key]
@@ -93,6 +102,10 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     # Integers (num_batches_tracked, index buffers) stay; floats of any width (incl. ml_dtypes'
     # bfloat16, which numpy does not count as floating) become float32.
     out[k] = v if (np.issubdtype(v.dtype, np.integer) or v.dtype == bool) else v.astype(np.float32)
+  broken = [k for k, v in out.items() if v.dtype == np.float32 and not np.all(np.isfinite(v))]
+  if broken:
+    raise ValueError(f"{path}: {len(broken)} tensor(s) hold NaN or Inf values ({', '.join(broken[:10])}"
+                     f"{', ...' if len(broken) > 10 else ''}); the checkpoint is damaged or from a diverged run")
   return out
 
 
@@ -277,7 +290,11 @@ def load_timm(name: str, path: str, num_classes: int | None = None, image_size: 
   model_kwargs: the same reduced-size arguments given to `models.create`.
   """
   state_dict = read_state_dict(path)
-  ckpt_classes = checkpoint_num_classes(state_dict, name)
+  head = _family(models_lib.canonical_name(name)).head
+  if num_classes is not None and head + ".bias" not in state_dict and head + ".weight" not in state_dict:
+    ckpt_classes = None  # no classifier (or not a timm checkpoint: convert_state_dict lists the keys)
+  else:
+    ckpt_classes = checkpoint_num_classes(state_dict, name)
   num_classes = ckpt_classes if num_classes is None else num_classes
   model = models_lib.create(name, num_classes=num_classes, **model_kwargs)
   if image_size is not None and hasattr(model, "image_size"):

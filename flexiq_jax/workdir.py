@@ -1,0 +1,147 @@
+"""What one invocation does to a workdir: an exclusive lock while it runs, a run record
+(`runs/<timestamp>.json`: command, resolved config, commit, status and the metrics it produced),
+and results.json derived from the finished runs whose stages are still the workdir's.
+
+A failed or refused run leaves results.json as it was: it only records its failure in its own
+run record. results.json is rebuilt when a run finishes, from the newest finished run of each
+section whose stage fingerprints match the stages now in the workdir, and names that run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import os
+
+import jax
+from etils import epath
+
+from flexiq_jax import records
+
+# The stage directories each results section depends on (sections not listed: all of them).
+STAGE_DIRS = ("float", "calibrate", "select", "quantized", "finetune")
+SECTION_STAGES = {"float": ("float",), "compare": ("float",), "ratio_sweep": STAGE_DIRS}
+
+
+class WorkdirLocked(RuntimeError):
+  """Another run holds the workdir."""
+
+
+def is_local(path: str) -> bool:
+  return "://" not in str(path)
+
+
+@contextlib.contextmanager
+def locked(workdir: str):
+  """An exclusive fcntl lock on <workdir>/.lock for the duration (process 0 of a multi-host run
+  only; remote workdirs such as gs:// cannot be locked and are not)."""
+  if jax.process_index() != 0 or not is_local(workdir):
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, ".lock")
+  with open(path, "a+") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or "unknown"
+      raise WorkdirLocked(
+          f"workdir {workdir} is in use by another run (pid {holder}, lock file {path}). Wait for it to "
+          f"finish, or use another --workdir.") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def stage_fingerprints(workdir: str) -> dict:
+  """{stage directory: fingerprint of its done marker, or None} as the workdir holds them now."""
+  out = {}
+  for name in STAGE_DIRS:
+    done = records.read_json(os.path.join(workdir, name, "done.json"))
+    out[name] = done.get("fingerprint") if done else None
+  return out
+
+
+_CURRENT = []  # the active RunRecord of this process (records.update_results reports to it)
+
+
+def current():
+  return _CURRENT[-1] if _CURRENT else None
+
+
+class RunRecord:
+  """runs/<timestamp>.json of one invocation; use as a context manager around the run."""
+
+  def __init__(self, workdir: str, config, argv=None):
+    self.workdir, self.config = workdir, config
+    self.info = records.run_info(argv)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    self.name = f"runs/{stamp}.json"
+    self.metrics, self.status, self.error = {}, "running", None
+
+  def add(self, section: str, metrics) -> None:
+    self.metrics[section] = metrics
+
+  def _write(self) -> None:
+    records.write_json_atomic(os.path.join(self.workdir, self.name), {
+        **self.info, "status": self.status, "error": self.error,
+        "config": self.config.to_dict() if hasattr(self.config, "to_dict") else self.config,
+        "stages": stage_fingerprints(self.workdir) if self.status == "finished" else None,
+        "metrics": self.metrics})
+
+  def __enter__(self):
+    self._write()
+    _CURRENT.append(self)
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    _CURRENT.remove(self)
+    if exc_type is None or issubclass(exc_type, SystemExit) and not exc.code:
+      self.status = "finished"
+      self._write()
+      derive_results(self.workdir)
+    else:
+      self.status = "failed"
+      self.error = f"{exc_type.__name__}: {exc}"
+      self._write()
+    return False
+
+
+def derive_results(workdir: str) -> dict | None:
+  """Rebuilds <workdir>/results.json from the finished run records: each section from the newest
+  finished run that produced it with the stage fingerprints the workdir holds now. The run
+  metadata and config at the top are the newest contributing run's; `sources` names the run
+  record of each section."""
+  runs_dir = epath.Path(workdir) / "runs"
+  if not runs_dir.is_dir():
+    return None
+  now = stage_fingerprints(workdir)
+  sections, sources, newest = {}, {}, None
+  for name in sorted(p.name for p in runs_dir.iterdir()):
+    if not name.endswith(".json"):
+      continue
+    run = records.read_json(runs_dir / name)
+    if not run or run.get("status") != "finished":
+      continue
+    for section, metrics in run.get("metrics", {}).items():
+      deps = SECTION_STAGES.get(section, STAGE_DIRS)
+      if all((run.get("stages") or {}).get(d) == now[d] for d in deps):
+        sections[section], sources[section], newest = metrics, f"runs/{name}", run
+  if newest is None:
+    return None
+  results = {k: newest[k] for k in ("command", "commit", "device", "date", "jax_version")}
+  results.update(config=newest["config"], metrics=sections, sources=sources)
+  records.write_json_atomic(os.path.join(workdir, "results.json"), results)
+  return results
+
+
+def process_zero() -> bool:
+  """Files are written by process 0 only (every process computes the same values)."""
+  return jax.process_index() == 0
