@@ -61,6 +61,8 @@ _SEED_MODELS = flags.DEFINE_list("seed_models", ["quickstart", "resnet18", "deit
 _WORKROOT = flags.DEFINE_string("workroot", "workdirs/paper", "Parent of the per-model workdirs.")
 _OUT = flags.DEFINE_string("out", RESULTS, "Folder for the sweep files (paper_sweep/) and the tables.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "The configs' :smoke variants (a few steps of everything; tests).")
+_IMAGENET = flags.DEFINE_bool("imagenet", False, "The configs' ImageNet settings (TFDS imagenet2012 and timm's "
+                              "weights in weights/, see configs/common.py) in place of :fmnist.")
 _TABLES_ONLY = flags.DEFINE_bool("tables_only", False, "Only regenerate the tables from <out>/paper_sweep/.")
 _PARETO_METRIC = flags.DEFINE_enum("pareto_metric", "top1", ("top1", "kl", "sqnr_db", "agreement"),
                                    "The y axis of F1.")
@@ -72,12 +74,13 @@ _BENCHMARK = flags.DEFINE_string("benchmark", "benchmarks/results/integer_path_c
 # The sweep.
 
 
-def model_config(name: str, seed: int, methods, ratios, smoke: bool):
-  """configs/<name>.py at its Fashion-MNIST setting, with the seed and the methods of this sweep."""
+def model_config(name: str, seed: int, methods, ratios, smoke: bool, imagenet: bool = False):
+  """configs/<name>.py at its Fashion-MNIST (or ImageNet) setting, with the seed and the methods of
+  this sweep."""
   from flexiq_jax import cli
   cli.resolve_config(name)  # an unknown name is an error listing the configs
   module = importlib.import_module(f"configs.{name}")
-  args = [] if name == "quickstart" else ["fmnist"]
+  args = [] if name == "quickstart" or imagenet else ["fmnist"]
   config = module.get_config(",".join(args + (["smoke"] if smoke else [])))
   config.seed = seed
   config.compare.methods = tuple(methods)
@@ -87,12 +90,13 @@ def model_config(name: str, seed: int, methods, ratios, smoke: bool):
   return config
 
 
-def run_one(name: str, seed: int, methods, ratios, workroot: str, out: str, smoke: bool, argv) -> dict:
+def run_one(name: str, seed: int, methods, ratios, workroot: str, out: str, smoke: bool, argv,
+            imagenet: bool = False) -> dict:
   """The whole pipeline and every method for one model and seed; returns the sweep record."""
   from flexiq_jax import compare
   from flexiq_jax import pipeline
   from flexiq_jax import records
-  config = model_config(name, seed, methods, ratios, smoke)
+  config = model_config(name, seed, methods, ratios, smoke, imagenet)
   workdir = os.path.join(workroot, name + (f"_seed{seed}" if seed else ""))
   run = pipeline.Run(config, workdir)
   t0 = time.perf_counter()
@@ -530,7 +534,8 @@ def main(argv):
     for k, (name, seed) in enumerate(todo, 1):
       t0 = time.perf_counter()
       print(f"[{k}/{len(todo)}] {name} seed {seed}: starting", flush=True)
-      record = run_one(name, seed, _METHODS.value, _RATIOS.value, _WORKROOT.value, out, _SMOKE.value, argv_record)
+      record = run_one(name, seed, _METHODS.value, _RATIOS.value, _WORKROOT.value, out, _SMOKE.value, argv_record,
+                       _IMAGENET.value)
       spent.append(time.perf_counter() - t0)
       eta = np.mean(spent) * (len(todo) - k)
       flexiq = find_row(record, "flexiq", ratio=1.0, finetuned=True)

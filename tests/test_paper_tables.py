@@ -1,0 +1,96 @@
+"""experiments/paper_tables.py: one (model, seed) through the pipeline and compare into a sweep
+record, and the tables derived from sweep records (margins, losses, ablations, claims), which a
+rerun reproduces byte for byte."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import shrink_to_smoke
+from experiments import paper_tables
+
+
+def _flexiq_rows(top1_by_ratio, finetuned, kl=0.01):
+  return [{"method": "flexiq", "setting": f"ratio {r:g}", "top1": t, "relative_bops": 1 - 0.74 * r, "ratio": r,
+           "finetuned": finetuned, "agreement": 99.0, "kl": kl * (1 + r), "sqnr_db": 20 - 5 * r}
+          for r, t in top1_by_ratio.items()]
+
+
+def _record(model, seed, float_top1, flexiq_after, ptq_w4, lsq, naive_100, fitted_100):
+  rows = _flexiq_rows({0.0: 88.0, 0.5: 87.5, 1.0: fitted_100}, False)
+  rows += _flexiq_rows({0.0: flexiq_after[0], 0.5: flexiq_after[1], 1.0: flexiq_after[2]}, True)
+  rows += [{"method": "flexiq_naive", "setting": f"ratio {r:g}", "top1": t, "relative_bops": 1 - 0.74 * r, "ratio": r,
+            "finetuned": False, "kl": 0.1} for r, t in ((0.5, 86.0), (1.0, naive_100))]
+  rows += [{"method": "ptq_mse", "setting": "W8A8", "top1": 88.0, "relative_bops": 1.0},
+           {"method": "ptq_mse", "setting": "W4A4 (ends W8A8)", "top1": ptq_w4, "relative_bops": 0.26, "kl": 0.2},
+           {"method": "lsq_qat", "setting": "W4A4 (ends W8A8), 4 steps", "top1": lsq, "relative_bops": 0.26},
+           {"method": "layerwise_amp", "setting": "allowed drop 1", "top1": 87.0, "relative_bops": 0.5},
+           {"method": "layerwise_amp", "setting": "allowed drop 3", "top1": 84.0, "relative_bops": 0.24}]
+  return {"command": "python -m experiments.paper_tables", "commit": "abc123", "device": "cpu", "date": f"2026-11-30T0{seed}",
+          "model": model, "seed": seed, "float": {"top1": float_top1}, "rows": rows}
+
+
+def _write_sweep(out, records):
+  os.makedirs(os.path.join(out, "paper_sweep"), exist_ok=True)
+  for r in records:
+    with open(os.path.join(out, "paper_sweep", f"{r['model']}_seed{r['seed']}.json"), "w") as f:
+      json.dump(r, f)
+
+
+def test_tables_from_sweep_records_and_byte_identical_regeneration(tmp_path):
+  out = str(tmp_path)
+  _write_sweep(out, [
+      _record("resnet18", 0, 89.0, (88.5, 88.0, 87.0), ptq_w4=80.0, lsq=85.0, naive_100=84.0, fitted_100=86.0),
+      _record("resnet18", 1, 89.2, (88.7, 88.2, 87.4), ptq_w4=81.0, lsq=85.4, naive_100=84.0, fitted_100=86.0),
+      _record("deit_s", 0, 86.0, (85.0, 84.0, 83.0), ptq_w4=70.0, lsq=84.0, naive_100=83.0, fitted_100=82.0)])
+  tables = paper_tables.write_tables(out, benchmark=str(tmp_path / "no_benchmark.json"))
+  t1 = {r["model"]: r for r in tables["t1"]["rows"]}
+  assert t1["resnet18"]["seeds"] == 2 and t1["resnet18"]["flexiq_100"]["mean"] == pytest.approx(87.2)
+  assert t1["resnet18"]["flexiq_100"]["std"] == pytest.approx(np.std([87.0, 87.4], ddof=1))
+  assert t1["deit_s"]["flexiq_100"]["std"] is None  # one seed: no spread
+  # Margins over each baseline, averaged over models: ptq_mse (87.2 - 80.5 + 83 - 70) / 2.
+  assert tables["t1"]["margin_over"]["ptq_mse"]["mean"] == pytest.approx((87.2 - 80.5 + 83.0 - 70.0) / 2)
+  assert tables["t1"]["margin_over"]["lsq_qat"]["mean"] == pytest.approx((87.2 - 85.2 + 83.0 - 84.0) / 2)
+  # Layer-wise AMP at FlexiQ's BOPs (0.26): its point at 0.24 BOPs, not the one at 0.5.
+  assert t1["resnet18"]["baselines"]["layerwise_amp"]["top1"]["mean"] == 84.0
+  # Best baseline per model: resnet18 lsq 85.2, deit_s lsq 84.0.
+  assert tables["t1"]["margin_over_best"]["mean"] == pytest.approx((87.2 - 85.2 + 83.0 - 84.0) / 2)
+  t2 = {r["model"]: r for r in tables["t2"]["rows"]}
+  assert t2["resnet18"]["loss_at_50_vs_8bit_after"] == pytest.approx(88.6 - 88.1)
+  assert tables["t2"]["average_loss_at_50_vs_8bit_after"] == pytest.approx((0.5 + 1.0) / 2)
+  claims = {c["claim"].split(" ")[0] + str(i): c for i, c in enumerate(tables["claims"])}
+  extraction = [c for c in tables["claims"] if c["claim"].startswith("bit extraction")][0]
+  assert extraction["measured"].endswith("on 1 of 2 models") and extraction["reading"] == "partly"
+  loss = [c for c in tables["claims"] if "0.6 points" in c["claim"]][0]
+  assert loss["reading"] == "not confirmed"  # 0.75 > 0.6
+  assert claims and tables["f2"] is None  # no benchmark file: no F2, and no claim made from it
+  files = sorted(f for f in os.listdir(out) if f.startswith("paper_"))
+  assert {"paper_t1_4bit.md", "paper_t2_ratios.json", "paper_t3_ablations.md", "paper_claims.md",
+          "paper_f1_pareto.png"} <= set(files)
+  before = {f: open(os.path.join(out, f), "rb").read() for f in files if not os.path.isdir(os.path.join(out, f))}
+  paper_tables.write_tables(out, benchmark=str(tmp_path / "no_benchmark.json"))
+  after = {f: open(os.path.join(out, f), "rb").read() for f in before}
+  assert before == after
+  md = before["paper_t1_4bit.md"].decode()
+  assert "87.20 ± 0.28" in md and "abc123" in md
+
+
+def test_missing_sweep_says_how_to_make_it(tmp_path):
+  with pytest.raises(FileNotFoundError, match="python -m experiments.paper_tables"):
+    paper_tables.write_tables(str(tmp_path))
+
+
+def test_one_model_runs_the_pipeline_and_writes_its_record(tiny_fmnist, tmp_path, monkeypatch):
+  original = paper_tables.model_config
+  monkeypatch.setattr(paper_tables, "model_config", lambda *a, **k: shrink_to_smoke(original(*a, **k), tiny_fmnist))
+  record = paper_tables.run_one("quickstart", 1, ["flexiq", "ptq_minmax"], ["0", "1"], str(tmp_path / "work"),
+                                str(tmp_path / "out"), True, ["-m", "experiments.paper_tables"])
+  assert record["seed"] == 1 and record["workdir"].endswith("quickstart_seed1")
+  saved = json.load(open(tmp_path / "out" / "paper_sweep" / "quickstart_seed1.json"))
+  assert saved["rows"] == record["rows"] and saved["command"] == "python -m experiments.paper_tables"
+  flexiq = [r for r in record["rows"] if r["method"] == "flexiq"]
+  assert sorted((r["ratio"], r["finetuned"]) for r in flexiq) == [(0.0, False), (0.0, True), (1.0, False), (1.0, True)]
+  assert all("kl" in r and "sqnr_db" in r for r in record["rows"])
+  assert {r["setting"] for r in record["rows"] if r["method"] == "ptq_minmax"} == {"W8A8", "W4A4 (ends W8A8)"}
