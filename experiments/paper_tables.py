@@ -96,12 +96,14 @@ def run_one(name: str, seed: int, methods, ratios, workroot: str, out: str, smok
   from flexiq_jax import compare
   from flexiq_jax import pipeline
   from flexiq_jax import records
+  from flexiq_jax import workdir as workdir_lib
   config = model_config(name, seed, methods, ratios, smoke, imagenet)
   workdir = os.path.join(workroot, name + (f"_seed{seed}" if seed else ""))
   run = pipeline.Run(config, workdir)
   t0 = time.perf_counter()
-  result = pipeline.run_until(run, "eval")
-  compared = compare.run_compare(run, result.float_model, result.float_metrics, float_logits=result.float_logits)
+  with workdir_lib.locked(workdir):  # one sweep (or run.py) per workdir at a time
+    result = pipeline.run_until(run, "eval")
+    compared = compare.run_compare(run, result.float_model, result.float_metrics, float_logits=result.float_logits)
   float_done = records.read_json(os.path.join(workdir, "float", "done.json"), {})
   record = {**records.run_info(argv), "model": name, "model_name": config.model.name, "seed": seed,
             "workdir": workdir, "dataset": config.data.name, "float": result.float_metrics,
