@@ -351,21 +351,10 @@ def weight_grid_check(model, variables, calib_batches, score, bits=4):
 
 
 def import_aimet():
-  """aimet_torch imports torchvision; PyPI's torchvision (CUDA-linked) fails to register two ops
-  beside CPU torch, so their schemas are declared first (see tests/timm_reference.import_timm)."""
-  import torch
-  try:
-    import torchvision  # noqa: F401
-  except RuntimeError as e:
-    if "torchvision::" not in str(e):
-      raise
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-      del sys.modules[name]
-    lib = torch.library.Library("torchvision", "DEF")
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    globals()["_TORCHVISION_SCHEMA_LIB"] = lib  # dropping it undefines the ops
-    import torchvision  # noqa: F401
+  """aimet_torch imports torchvision, which needs the CPU-torch workaround of
+  tests/timm_reference.import_torchvision."""
+  from tests import timm_reference
+  timm_reference.import_torchvision()
   import aimet_torch
   return aimet_torch
 

@@ -17,14 +17,14 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 
-def import_timm():
-  """Imports timm. PyPI's torchvision wheels are linked against CUDA torch; beside a CPU-only torch
-  their C++ ops fail to load, which torchvision tolerates except for two fake-kernel registrations
-  (`nms`, `qnms`) that then raise at import. timm uses no torchvision op (it imports torchvision
-  for its transforms and FrozenBatchNorm2d), so the two op schemas are declared and the import retried."""
+def import_torchvision():
+  """Imports torchvision beside a CPU-only torch. PyPI's torchvision wheels are linked against CUDA
+  torch; beside a CPU-only torch their C++ ops fail to load, which torchvision tolerates except for
+  two fake-kernel registrations (`nms`, `qnms`) that then raise at import. Neither timm nor
+  aimet_torch uses a torchvision op, so the two op schemas are declared and the import retried."""
   import torch
   try:
-    import torchvision  # noqa: F401
+    import torchvision
   except RuntimeError as e:
     if "torchvision::" not in str(e):
       raise
@@ -34,7 +34,13 @@ def import_timm():
     lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     globals()["_TORCHVISION_SCHEMA_LIB"] = lib
-    import torchvision  # noqa: F401
+    import torchvision
+  return torchvision
+
+
+def import_timm():
+  """Imports timm (which imports torchvision for its transforms and FrozenBatchNorm2d)."""
+  import_torchvision()
   import timm
   return timm
 
