@@ -222,12 +222,12 @@ def test_integer_path_has_no_float_matmul(tiny, name):
   plain = dataclasses.replace(t.qmodel, conv_impls="int8")
   closed = jax.make_jaxpr(lambda q, x: plain.apply(q, x, 0.5))(t.qvars, t.images[:1])
   dots = _all_dots(closed.jaxpr)
-  assert all(dtypes in (("int8", "int8"), ("uint8", "int8")) for _, dtypes in dots), dots
+  assert all(set(dtypes) <= {"int8", "uint8"} for _, dtypes in dots), dots
   # 'auto' (on CPU) runs the 3-channel patch embedding conv on its codes in float32 (exact), no other.
   auto = _all_dots(jax.make_jaxpr(lambda q, x: t.qmodel.apply(q, x, 0.5))(t.qvars, t.images[:1]).jaxpr)
   assert sum(d == ("float32", "float32") for _, d in auto) == (jax.default_backend() == "cpu"), auto
-  # One int8 dot per layer and matmul, plus the unsigned-shift corrections of the matmuls.
-  assert len(dots) >= len(t.plan.quantized) + len(t.plan.quantized_matmuls)
+  # Exactly one 8-bit dot per layer and matmul: unsigned operands go in as uint8, no corrections.
+  assert len(dots) == len(t.plan.quantized) + len(t.plan.quantized_matmuls)
   # The fake path and the float model have every one of them in float.
   fake = quantize.float_dot_ops(jax.make_jaxpr(lambda q, x: t.qmodel.with_mode("fake").apply(q, x, 0.5))(
       t.qvars, t.images[:1]))
@@ -379,6 +379,11 @@ def test_matmul_int_equals_fake_and_numpy(which, signed):
   closed = jax.make_jaxpr(lambda a, b: layer_ops.quantized_matmul(call, a, b, mq, signed=signed, mode="int"))(a, b)
   dots = _all_dots(closed.jaxpr)
   assert len(dots) == 1 + (not signed[0]) + (not signed[1]) and all(d == ("int8", "int8") for _, d in dots)
+  # The serving form's direct form: unsigned codes as uint8, one einsum, the same accumulator.
+  direct = lambda a, b: layer_ops.quantized_matmul(call, a, b, mq, signed=signed, mode="int", unsigned_direct=True)
+  np.testing.assert_array_equal(direct(jnp.asarray(a), jnp.asarray(b)), y_int)
+  [(_, types)] = _all_dots(jax.make_jaxpr(direct)(a, b).jaxpr)
+  assert sorted(types) == sorted("int8" if s else "uint8" for s in signed)  # einsum may swap the operands
   with pytest.raises(ValueError, match="'fake' or 'int'"):
     layer_ops.quantized_matmul(call, a, b, mq, signed=signed, mode="int4")
 

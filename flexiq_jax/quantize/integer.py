@@ -238,4 +238,4 @@ class IntegerLayers:
 
   def matmul(self, call: MatmulCall, a, b):
     return layer_ops.quantized_matmul(call, a, b, get_path(self.matmul_quant, call.path),
-                                      signed=self.matmul_signed[call.path], mode="int")
+                                      signed=self.matmul_signed[call.path], mode="int", unsigned_direct=True)

@@ -173,7 +173,8 @@ def operand_codes(x, scale, *, signed: bool, ste: bool):
   return jnp.clip((numerics.round_ste if ste else jnp.round)(x / scale), qmin, qmax)
 
 
-def quantized_matmul(call: MatmulCall, a, b, mq: dict, *, signed: tuple[bool, bool], mode: str = "fake"):
+def quantized_matmul(call: MatmulCall, a, b, mq: dict, *, signed: tuple[bool, bool], mode: str = "fake",
+                     unsigned_direct: bool = False):
   """`einsum(equation, a, b)` with both operands 8-bit (scales mq['a_scale'], mq['b_scale']).
 
   mode 'fake': the dequantized codes in float (round_ste: straight-through gradients to the
@@ -182,6 +183,9 @@ def quantized_matmul(call: MatmulCall, a, b, mq: dict, *, signed: tuple[bool, bo
   is shifted by -128 into int8 and the shift is corrected exactly in int32:
     Σ qa·qb = Σ (qa−α)(qb−β) + α·Σ (qb−β) + β·Σ (qa−α) + α·β·K      (α, β ∈ {0, 128})
   where the two sums are einsums with a ones operand (int8 as well) and K the summed size.
+  unsigned_direct (the serving form): an unsigned operand enters the einsum as uint8 instead
+  (XLA's dot takes uint8 x int8 and uint8 x uint8 into int32), so one einsum with the same
+  accumulator replaces the shift and its corrections.
   """
   eq = call.info.equation
   # The scales are calibrated, never learnt (FlexiQ's LSQ option learns only the layers' scales).
@@ -193,9 +197,13 @@ def quantized_matmul(call: MatmulCall, a, b, mq: dict, *, signed: tuple[bool, bo
     return jnp.einsum(eq, qa * s_a, qb * s_b)
   if mode != "int":
     raise ValueError(f"mode must be 'fake' or 'int', not {mode!r}")
+  dot = lambda x, y: jnp.einsum(eq, x, y, preferred_element_type=jnp.int32)
+  if unsigned_direct:
+    code_type = lambda sg: jnp.int8 if sg else jnp.uint8
+    acc = dot(qa.astype(code_type(signed[0])), qb.astype(code_type(signed[1])))
+    return acc.astype(jnp.float32) * (s_a * s_b)
   alpha, beta = (0 if signed[0] else 128), (0 if signed[1] else 128)
   ai, bi = (qa - alpha).astype(jnp.int8), (qb - beta).astype(jnp.int8)
-  dot = lambda x, y: jnp.einsum(eq, x, y, preferred_element_type=jnp.int32)
   acc = dot(ai, bi)
   if alpha:
     acc = acc + alpha * dot(jnp.ones_like(ai), bi)
