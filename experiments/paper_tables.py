@@ -311,10 +311,13 @@ def speed_figure(benchmark_path: str) -> dict | None:
     measured = {r: times.get(f"int tuned r={r}") for r in ("0", "0.5", "1")}
     target = modelled.get(m["name"], {}).get("modelled_4bit_target_s", {})
     share = None
-    if measured["0"] and measured["1"] and measured["0"] != measured["1"]:
+    # The share is defined only where 100% is measurably faster than 0% (5% of t0, above the
+    # timing noise); elsewhere it divides noise by noise.
+    if measured["0"] and measured["1"] and measured["0"] - measured["1"] > 0.05 * measured["0"]:
       share = (measured["0"] - measured["0.5"]) / (measured["0"] - measured["1"])
     rows.append({"model": m["name"].split(" ")[0].split(":")[0], "batch": int(batch), "float32_s": times.get("float32"),
                  "int_tuned_s": measured, "measured_share_of_speedup_at_0.5": share,
+                 "measured_time_100_over_0": measured["1"] / measured["0"] if measured["0"] and measured["1"] else None,
                  "modelled_4bit_target_s": target,
                  "modelled_share_of_speedup_at_0.5": modelled.get(m["name"], {}).get("share_of_full_speedup_at_0.5"),
                  "compilations_across_ratio_switches": m.get("ratio_switch", {}).get("compilations")})
@@ -338,11 +341,14 @@ def claims(t1: dict, t2: dict, t3: dict, f2: dict | None, models: int) -> list[d
               "measured": None if loss is None else f"{loss:.2f} points (ratio 0 minus ratio 0.5, after finetuning, mean over models)",
               "reading": "not measured" if loss is None else ("confirmed (loss at most 0.6)" if loss <= 0.6 else "not confirmed")})
   if f2 and f2["rows"]:
-    measured = [r["measured_share_of_speedup_at_0.5"] for r in f2["rows"] if r["measured_share_of_speedup_at_0.5"] is not None]
+    ratio = [r["measured_time_100_over_0"] for r in f2["rows"] if r["measured_time_100_over_0"] is not None]
     modelled = [r["modelled_share_of_speedup_at_0.5"] for r in f2["rows"] if r["modelled_share_of_speedup_at_0.5"] is not None]
     out.append({"claim": "at 50% FlexiQ gets 40% of the 100%-4-bit speed-up",
                 "measured": (f"modelled 4-bit target: {np.mean(modelled):.0%} (mean of {len(modelled)} models); "
-                             f"measured on {f2['benchmark_device']}: {np.mean(measured):.0%}" if modelled else "-"),
+                             f"measured on {f2['benchmark_device']}: time at 100% / time at 0% = "
+                             f"{np.mean(ratio):.2f} (mean of {len(ratio)} models; the lowered channels run as int8 codes, so "
+                             "these differences come from the per-layer conv choice and timing noise)"
+                             if modelled else "-"),
                 "reading": "not measurable here: the benchmark's hardware has no 4-bit arithmetic (lowered channels "
                            "run as int8 codes), so only the modelled target speaks to the claim"})
   wins, total = 0, 0
@@ -427,7 +433,8 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
     text = header("F2: integer-path time vs 4-bit ratio", prov)
     text += (f"From {f2['benchmark']} (commit {f2['benchmark_commit']}, {f2['benchmark_device']}): measured time "
              "of the integer path with per-layer tuned convolutions, and the time the fitted cost model gives for a "
-             "target with 4-bit arithmetic. Share of the 100% speed-up reached at 50% = (t0 - t50) / (t0 - t100).\n\n")
+             "target with 4-bit arithmetic. Share of the 100% speed-up reached at 50% = (t0 - t50) / (t0 - t100), shown only where t100 is at "
+             "least 5% below t0.\n\n")
     text += records.markdown_table(
         ["model", "batch", "float32 (ms)", "int r=0 (ms)", "int r=0.5 (ms)", "int r=1 (ms)", "measured share at 50%",
          "modelled share at 50%"],
