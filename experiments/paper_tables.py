@@ -463,6 +463,7 @@ def _write(out: str, stem: str, data: dict, text: str) -> None:
 
 
 def plot_pareto(sweep: dict, path: str, metric: str) -> None:
+  from flexiq_jax.compare import harness
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -471,20 +472,8 @@ def plot_pareto(sweep: dict, path: str, metric: str) -> None:
   fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4 * cols, 3.2 * ((n + cols - 1) // cols)),
                            squeeze=False)
   for ax, (model, recs) in zip(axes.flat, sweep.items()):
-    groups: dict = {}
-    for row in recs[0]["rows"]:
-      if row.get(metric) is None:
-        continue
-      label = row["method"] + (" (FT)" if row.get("finetuned") else "")
-      groups.setdefault(label, []).append(row)
-    for label, rows in groups.items():
-      rows = sorted(rows, key=lambda r: r["relative_bops"])
-      ax.plot([r["relative_bops"] for r in rows], [r[metric] for r in rows], "o-" if len(rows) > 1 else "s",
-              ms=3, lw=1, label=label)
-    if metric == "top1":
-      ax.axhline(recs[0]["float"]["top1"], color="gray", ls="--", lw=0.8)
-    if metric == "kl":
-      ax.set_yscale("log")
+    harness.draw_pareto(ax, recs[0]["rows"], metric, recs[0]["float"]["top1"], finetuned_suffix=" (FT)", ms=3, lw=1,
+                        float_label=None)
     ax.set_title(model, fontsize=9)
     ax.set_xlabel("relative BOPs (W8A8 = 1)", fontsize=8)
     ax.set_ylabel(metric, fontsize=8)

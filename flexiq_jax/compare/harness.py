@@ -86,6 +86,11 @@ class CompareContext:
   def config(self):
     return self.run.config
 
+  def float_top1(self) -> float:
+    """The float model's top-1 (%) on eval_data, from its stored logits (no pass over the data)."""
+    sums = [train_lib.eval_sums(jnp.asarray(logits), batch) for logits, batch in zip(self.float_logits, self.eval_data)]
+    return 100.0 * float(sum(s["top1"] for s in sums)) / float(sum(s["count"] for s in sums))
+
   @classmethod
   def build(cls, run: pipeline.Run, float_model: FloatModel, float_logits=None) -> "CompareContext":
     """Calibration (cached), the calibration and eval data, and the float model's logits on the
@@ -199,9 +204,8 @@ def layerwise_amp(ctx: CompareContext) -> list[Row]:
   measured on the eval split against the float model."""
   rows = []
   score_data = driver.score_batches(ctx.config)
-  model, variables = ctx.float_model.model, ctx.float_model.variables
-  float_eval = train_lib.evaluate(lambda im, v: model.apply(v, im, train=False), iter(ctx.eval_data), ctx.run.mesh,
-                                  desc="float", args=(variables,))["top1"]
+  model = ctx.float_model.model
+  float_eval = ctx.float_top1()
   for drop in as_list(ctx.config.compare.allowed_drops):
     res = driver.layerwise_search(ctx.config, ctx.run.workdir, ctx.float_model, ctx.calibration, ctx.calib_batches,
                                   ctx.run.mesh, allowed_drop=float(drop), score_data=score_data)
@@ -379,32 +383,41 @@ def _opt(value, spec: str) -> str:
   return "-" if value is None else format(value, spec)
 
 
+PARETO_METRICS = {"top1": "top-1 (%)", "agreement": "agreement with float (%)", "kl": "KL(float || quantized)",
+                  "sqnr_db": "output SQNR (dB)"}
+
+
+def draw_pareto(ax, rows, metric: str = "top1", float_top1=None, *, finetuned_suffix: str = " (finetuned)",
+                ms: float = 4, lw=None, float_label="float") -> None:
+  """One line per method (finetuned rows apart) on `ax`: `metric` vs relative BOPs, the float
+  model's top-1 as a dashed line (metric 'top1'), KL on a log scale."""
+  if metric not in PARETO_METRICS:
+    raise ValueError(f"unknown Pareto metric {metric!r}; use one of {list(PARETO_METRICS)}")
+  groups: dict = {}
+  for r in rows:
+    if r.get(metric) is None:
+      continue
+    groups.setdefault(r["method"] + (finetuned_suffix if r.get("finetuned") else ""), []).append(r)
+  line = {} if lw is None else {"lw": lw}
+  for label, group in groups.items():
+    group = sorted(group, key=lambda r: r["relative_bops"])
+    ax.plot([r["relative_bops"] for r in group], [r[metric] for r in group], "o-" if len(group) > 1 else "s", ms=ms,
+            label=label, **line)
+  if metric == "top1" and float_top1 is not None:
+    ax.axhline(float_top1, color="gray", ls="--", label=float_label, **({} if lw is None else {"lw": 0.8}))
+  if metric == "kl":
+    ax.set_yscale("log")
+
+
 def plot_pareto(results: dict, path: str, title: str, metric: str = "top1") -> None:
   """Every method's points: `metric` ('top1', 'agreement', 'kl' or 'sqnr_db') vs relative BOPs."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6.5, 4.5))
-  groups: dict = {}
-  labels = {"top1": "top-1 (%)", "agreement": "agreement with float (%)", "kl": "KL(float || quantized)",
-            "sqnr_db": "output SQNR (dB)"}
-  if metric not in labels:
-    raise ValueError(f"unknown Pareto metric {metric!r}; use one of {list(labels)}")
-  for r in results["rows"]:
-    if r.get(metric) is None:
-      continue
-    label = r["method"] + (" (finetuned)" if r.get("finetuned") else "")
-    groups.setdefault(label, []).append(r)
-  for label, rows in groups.items():
-    rows = sorted(rows, key=lambda r: r["relative_bops"])
-    style = "o-" if len(rows) > 1 else "s"
-    ax.plot([r["relative_bops"] for r in rows], [r[metric] for r in rows], style, ms=4, label=label)
-  if metric == "top1" and results.get("float_top1") is not None:
-    ax.axhline(results["float_top1"], color="gray", ls="--", label="float")
-  if metric == "kl":
-    ax.set_yscale("log")
+  draw_pareto(ax, results["rows"], metric, results.get("float_top1"))
   ax.set_xlabel("relative BOPs (W8A8 = 1)")
-  ax.set_ylabel(labels[metric])
+  ax.set_ylabel(PARETO_METRICS[metric])
   ax.set_title(title, fontsize=9)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
