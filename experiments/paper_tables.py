@@ -50,7 +50,7 @@ METHODS = ("flexiq", "flexiq_naive", "flexiq_random", "flexiq_uniform", "flexiq_
 # The 4-bit baselines of T1 (method, the setting prefix of its 4-bit row).
 T1_BASELINES = (("ptq_minmax", "W4A4"), ("ptq_mse", "W4A4"), ("adaround", "W4A4"), ("lsq_qat", "W4A4"),
                 ("layerwise_amp", None))
-FIDELITY = ("agreement", "kl", "sqnr_db")
+FIDELITY = ("agreement", "kl", "sqnr_db")  # = flexiq_jax.train.FIDELITY_METRICS (imported lazily, as all of flexiq_jax here)
 
 _MODELS = flags.DEFINE_list("models", list(SWEEP_ORDER), "Config names (configs/<name>.py), run one after another.")
 _METHODS = flags.DEFINE_list("methods", list(METHODS), "compare methods (flexiq_jax.compare.METHODS).")

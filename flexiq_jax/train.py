@@ -119,6 +119,9 @@ def eval_sums(logits, batch) -> dict:
   return sums
 
 
+FIDELITY_METRICS = ("agreement", "kl", "sqnr_db")  # what `evaluate` adds given reference logits
+
+
 def fidelity_sums(logits, reference_logits, mask) -> dict:
   """How far `logits` are from the reference (float) model's on the same images, as masked sums:
   top-1 agreement, KL(reference || model) of the softmax outputs, and the squared reference and

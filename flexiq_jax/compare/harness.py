@@ -113,7 +113,7 @@ def as_list(values) -> list:
           for v in (item.split(",") if isinstance(item, str) else [item])]
 
 
-FIDELITY = ("agreement", "kl", "sqnr_db")
+FIDELITY = train_lib.FIDELITY_METRICS
 
 
 def fidelity(metrics: dict) -> dict:

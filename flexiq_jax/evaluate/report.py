@@ -11,9 +11,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from flexiq_jax import records  # noqa: E402
+from flexiq_jax import train as train_lib  # noqa: E402
 
 
-FIDELITY = ("agreement", "kl", "sqnr_db")  # against the float model (stage_results.RatioPoint)
+FIDELITY = train_lib.FIDELITY_METRICS  # against the float model (stage_results.RatioPoint)
 
 
 def ratio_rows(before, after=None) -> list[dict]:
