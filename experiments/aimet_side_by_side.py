@@ -19,7 +19,6 @@ output (`DIFFERENCES`).
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
@@ -468,8 +467,7 @@ def main(argv=None):
   torch.manual_seed(0)
   import jax.numpy as jnp
   from flexiq_jax import records
-  command = ["-m", __spec__.name] if __spec__ is not None else sys.argv[:1]  # as typed, not the file path
-  info = records.run_info(command + (sys.argv[1:] if argv is None else list(argv)))
+  info = records.run_info(records.command_argv() if argv is None else ["-m", "experiments.aimet_side_by_side"] + list(argv))
   drops = [float(d) for d in args.drops.split(",")]
   xtr, ytr, xte, yte = load_data(args.data_dir)
   rng = np.random.default_rng(0)

@@ -54,7 +54,7 @@ def _override(config, changes):
 def main(argv):
   base = _CONFIG.value
   workdir = cli.start(argv, _WORKDIR.value)
-  info = records.run_info(cli.command_argv(__spec__))  # the code that runs is the code at start
+  info = records.run_info(records.command_argv())  # the code that runs is the code at start
   run = pipeline.Run(base, workdir)
   result = pipeline.run_until(run, "eval")
   float_model, float_metrics = result.float_model, result.float_metrics

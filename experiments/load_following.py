@@ -100,7 +100,7 @@ def _row(trace, policy, s):
 def main(argv):
   config, batch = _CONFIG.value, _BATCH.value
   workdir = cli.start(argv, _WORKDIR.value)
-  info = records.run_info(cli.command_argv(__spec__))  # the code that runs is the code at start
+  info = records.run_info(records.command_argv())  # the code that runs is the code at start
   started = time.time()
   run = pipeline.Run(config, workdir)
   tuned = pipeline.run_until(run, "finetune", evaluate=False).finetuned

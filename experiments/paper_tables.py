@@ -30,7 +30,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -531,7 +530,7 @@ def main(argv):
       if not 0 <= float(r) <= 1:
         raise app.UsageError(f"--ratios must lie in [0, 1], got {r}")
     todo = jobs(_MODELS.value, _SEEDS.value, _EXTRA_SEEDS.value, _SEED_MODELS.value)
-    argv_record = cli.command_argv(__spec__)
+    argv_record = records.command_argv()
     records.git_commit()  # the code that runs is the code at start
     t_start, spent = time.perf_counter(), []
     for k, (name, seed) in enumerate(todo, 1):

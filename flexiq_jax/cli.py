@@ -3,6 +3,7 @@ configs/vit_b.py, and the default workdir is named after the config."""
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 
@@ -46,6 +47,13 @@ def _check_config_file(path: str) -> None:
   if not path.endswith(".py"):
     raise SystemExit(f"error: {path!r} is not a config file (a .py file defining get_config(arg)). "
                      f"Known configs: {', '.join(available_configs())}")
+  try:  # parsed, not imported: a config's imports and side effects wait for ml_collections
+    tree = ast.parse(open(path).read(), path)
+  except SyntaxError as e:
+    raise SystemExit(f"error: config {path!r} is not valid Python (line {e.lineno}: {e.msg})") from None
+  if not any(isinstance(node, ast.FunctionDef) and node.name == "get_config" for node in tree.body):
+    raise SystemExit(f"error: config {path!r} defines no get_config(arg) function at its top level; a config "
+                     f"file returns its ml_collections.ConfigDict from get_config (see configs/quickstart.py)")
 
 
 def _check_override(arg: str) -> None:
@@ -96,8 +104,3 @@ def start(argv: list[str], workdir: str | None) -> str:
   return workdir
 
 
-def command_argv(spec) -> list[str]:
-  """The command as typed for provenance: `python -m experiments.<name> ...` when run as a module
-  (pass the script's `__spec__`; sys.argv[0] is then the file path), else sys.argv."""
-  import sys
-  return ["-m", spec.name] + sys.argv[1:] if spec is not None else sys.argv

@@ -53,8 +53,18 @@ def package_versions() -> dict:
   return versions
 
 
+def command_argv() -> list[str]:
+  """The command as typed, for provenance: `-m <module> ...` when run with `python -m` (sys.argv[0]
+  is then the file path, which names neither the module nor the checkout portably), else sys.argv."""
+  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  if spec is None:
+    return list(sys.argv)
+  module = spec.name[:-len(".__main__")] if spec.name.endswith(".__main__") else spec.name
+  return ["-m", module] + sys.argv[1:]
+
+
 def run_info(argv=None) -> dict:
-  argv = sys.argv if argv is None else argv
+  argv = command_argv() if argv is None else argv
   return {
       "command": " ".join(shlex.quote(a) for a in ["python"] + list(argv)),
       "commit": git_commit(),

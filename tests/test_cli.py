@@ -3,6 +3,8 @@ default workdir named after the config; run.py without --workdir from another di
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -32,8 +34,8 @@ def test_resolve_config_from_another_directory(tmp_path, monkeypatch):
   path, _, arg = cli.resolve_config("quickstart.py:smoke").partition(":")
   assert arg == "smoke" and os.path.samefile(path, os.path.join(ROOT, "configs", "quickstart.py"))
   (tmp_path / "configs").mkdir()
-  (tmp_path / "configs" / "mine.py").write_text("")
-  (tmp_path / "configs" / "quickstart.py").write_text("")
+  (tmp_path / "configs" / "mine.py").write_text("def get_config(arg=None):\n  return {}\n")
+  (tmp_path / "configs" / "quickstart.py").write_text("def get_config(arg=None):\n  return {}\n")
   assert cli.resolve_config("mine:x") == os.path.join("configs", "mine.py") + ":x"
   assert cli.resolve_config("quickstart") == os.path.join("configs", "quickstart.py")
   assert "mine.py" in cli.available_configs() and "vit_b.py" in cli.available_configs()
@@ -77,3 +79,18 @@ def test_run_py_without_workdir_writes_under_workdirs(tiny_fmnist, tmp_path):
   assert config["train"]["batch_size"] == 32
   assert json.load(open(workdir / "float" / "done.json"))["total_steps"] == 1  # smoke: 0.02 epochs of 256
   assert not (workdir / "calibrate").exists()  # --mode=train stops after the float model
+
+
+def test_recorded_command_names_the_module_when_run_with_dash_m(tmp_path):
+  """`python -m pkg.mod args` is recorded as typed; sys.argv[0] would be the file's path."""
+  package = tmp_path / "probe_pkg"
+  package.mkdir()
+  (package / "__init__.py").write_text("")
+  (package / "show.py").write_text("from flexiq_jax import records\nprint(' '.join(records.command_argv()))\n")
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  shown = subprocess.run([sys.executable, "-m", "probe_pkg.show", "--flag=1"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, check=True).stdout.split("\n")[-2]
+  assert shown == "-m probe_pkg.show --flag=1"
+  direct = subprocess.run([sys.executable, str(package / "show.py"), "--flag=1"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, check=True).stdout.split("\n")[-2]
+  assert direct == f"{package / 'show.py'} --flag=1"

@@ -348,6 +348,15 @@ def test_a_file_that_is_not_a_config_is_one_clear_error(monkeypatch):
     cli.resolve_config_argv(["run.py", "--config=README.md"])
 
 
+def test_a_python_file_without_get_config_is_one_clear_error(tmp_path):
+  (tmp_path / "no_get.py").write_text("config = {'seed': 0}\n")
+  with pytest.raises(SystemExit, match=r"defines no get_config\(arg\) function"):
+    cli.resolve_config_argv(["run.py", f"--config={tmp_path / 'no_get.py'}:smoke"])
+  (tmp_path / "broken.py").write_text("def get_config(:\n")
+  with pytest.raises(SystemExit, match=r"is not valid Python \(line 1"):
+    cli.resolve_config(str(tmp_path / "broken.py"))
+
+
 # 8. (Multi-host runs: test_multihost.py.) Remote workdirs reach Orbax as given.
 
 
