@@ -2,20 +2,17 @@
 code histograms), the fitted 4-bit extraction positions against naive extraction, and the
 percentile / MSE activation ranges."""
 
-import importlib
-
 import numpy as np
 import pytest
 
 from flexiq_jax import calibrate, interception, numerics
+from flexiq_jax.calibrate import statistics
 from flexiq_jax.interception import get_path
 from flexiq_jax.quantize import layer_ops
 
 import smallnet
 
-# The package re-exports the function `calibrate`, which hides the module of the same name.
-calibrate_module = importlib.import_module("flexiq_jax.calibrate.calibrate")
-CANDIDATES = calibrate_module.EXTRACTION_CANDIDATES
+CANDIDATES = statistics.EXTRACTION_CANDIDATES
 
 
 @pytest.fixture(scope="module")
