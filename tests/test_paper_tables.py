@@ -75,6 +75,12 @@ def test_tables_from_sweep_records_and_byte_identical_regeneration(tmp_path):
   assert before == after
   md = before["paper_t1_4bit.md"].decode()
   assert "87.20 ± 0.28" in md and "abc123" in md
+  # The 4-bit points' distance to float: FlexiQ's agreement 99 / KL 0.02 / SQNR 15 dB on both seeds;
+  # ptq_mse's KL at W4A4 (0.2) and no agreement recorded for it.
+  assert t1["resnet18"]["flexiq_100_fidelity"]["kl"]["mean"] == pytest.approx(0.02)
+  assert t1["resnet18"]["baselines"]["ptq_mse"]["fidelity"]["kl"]["mean"] == pytest.approx(0.2)
+  assert t1["resnet18"]["baselines"]["ptq_mse"]["fidelity"]["agreement"] is None
+  assert "| resnet18 | 99.00 ± 0.00 / 0.0200 ± 0.0000 / 15.0 ± 0.0 | - | - / 0.2000 ± 0.0000 / - | - |" in md
 
 
 def test_missing_sweep_says_how_to_make_it(tmp_path):
