@@ -106,7 +106,8 @@ def median_times(fns: dict, args: dict, repeats: int) -> dict:
 def alternatives(subject: Subject, qmodel, qvars, images):
   """{name: (jitted fn, args builder(images))} of everything timed per batch size; the integer
   path with every conv as int8 ('int8'), the backend's default per conv ('default') and the
-  implementations `quantize.tune_conv_impls` measured fastest at this batch ('tuned')."""
+  implementations `quantize.tune_conv_impls` measured fastest at this batch ('tuned'); on a GPU also
+  'tuned' with every dense layer in the fused Pallas kernel ('pallas dense')."""
   model, variables = subject.model, subject.variables
   float_fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
   bf16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a, variables)
@@ -118,6 +119,10 @@ def alternatives(subject: Subject, qmodel, qvars, images):
          "int reference r=0.5": (reference, lambda x: (qvars, x, jnp.float32(0.5)))}
   tuned, _ = quantize.tune_conv_impls(qmodel, qvars, images)
   variants = {"int8": dataclasses.replace(qmodel, conv_impls="int8"), "default": qmodel, "tuned": tuned}
+  if jax.default_backend() == "gpu" and any(qmodel.plan.layers[p].kind == "dense" for p in qmodel.plan.quantized):
+    # The fused Pallas kernel for every dense layer (quantize/pallas_dense.py); off a GPU it runs
+    # only in interpret mode, which checks it but says nothing of its speed.
+    variants["pallas dense"] = dataclasses.replace(tuned, dense_impl="pallas")
   for label, qm in variants.items():
     svars = jax.jit(qm.prepare)(qvars)
     fn = jax.jit(qm.apply)

@@ -158,3 +158,37 @@ def test_kernels_lower_to_triton_for_cuda(signed):
     pytest.skip(f"no Pallas Triton lowering here: {e}")
   for text in texts:
     assert "__gpu$xla.gpu.triton" in text or "triton_kernel_call" in text
+
+
+def test_a_transformer_serves_through_the_fused_kernel_with_the_same_logits(monkeypatch):
+  """QuantizedModel(dense_impl='pallas'): every dense layer of a tiny ViT (qkv, proj, fc1, fc2,
+  head) runs through `fused_dense` inside the serving form; the logits match the XLA serving
+  form's at ratios 0, 0.5 and 1 (interpret mode here; separate compilations may round the
+  epilogue's last bit differently, so to a few ulps), and the predictions are the same."""
+  from flexiq_jax import calibrate, models, quantize
+  model = models.create("vit_s", num_classes=10, image_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(4, 16, 16, 3)), jnp.float32)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), images[:1])
+  plan = quantize.build_plan(model, variables, (16, 16, 3))
+  stats = calibrate.calibrate(model, plan, variables, [images])
+  plan = plan.with_signedness(stats)
+  orders = {p: np.arange(plan.layers[p].in_channels) for p in plan.lowerable}
+  counts = {p: np.array([plan.layers[p].in_channels // 2, plan.layers[p].in_channels]) for p in plan.lowerable}
+  qvars = quantize.build_qvars(plan, variables, stats, orders, counts, [0.5, 1.0])
+  assert sum(plan.layers[p].kind == "dense" for p in plan.lowerable) >= 4
+  xla = quantize.QuantizedModel(model, plan, mode="int")
+  fused = quantize.QuantizedModel(model, plan, mode="int", dense_impl="pallas")
+  svars = jax.jit(xla.prepare)(qvars)
+  traced = []  # the layers whose fused kernel was traced: every dense layer, none of the others
+  original = pallas_dense.fused_dense
+  monkeypatch.setattr(pallas_dense, "fused_dense", lambda x, entry, kernel, *a, **k: traced.append(kernel.shape)
+                      or original(x, entry, kernel, *a, **k))
+  for ratio in (0.0, 0.5, 1.0):
+    want = np.asarray(jax.jit(xla.apply)(svars, images, jnp.float32(ratio)))
+    got = np.asarray(jax.jit(fused.apply)(svars, images, jnp.float32(ratio)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+  dense = [plan.layers[p] for p in plan.quantized if plan.layers[p].kind == "dense"]
+  assert sorted(traced) == sorted(3 * [(i.in_channels, i.out_channels) for i in dense])
+  with pytest.raises(ValueError, match="unknown dense_impl 'triton'"):
+    quantize.QuantizedModel(model, plan, dense_impl="triton")

@@ -175,16 +175,29 @@ def conv_impl_for(info: LayerInfo, signed: bool, requested: str | None) -> str:
   return "int8" if impl == "float32" and not exact_in_float32(info, signed) else impl
 
 
+DENSE_IMPLS = ("xla", "pallas")
+
+
 def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, conv_accumulator=jnp.int32,
-                    conv_impl: str | None = None):
+                    conv_impl: str | None = None, dense_impl: str = "xla"):
   """One quantized layer on serving variables: `lowered` (C,) bool, or None for a layer that is
   never lowered; call.kernel holds the int8 codes. conv_impl (CONV_IMPLS; None: the default for
   the backend): 'int8' one int8 conv with the layer's own padding (unsigned codes shifted by -128,
   the border corrected exactly: `unsigned_shift_correction`); 'int8_pad' the shifted codes padded
   explicitly with the shifted zero, then an unpadded int8 conv; 'float32' the conv on the codes in
-  float32 (where exact). The accumulators are the same integers whichever runs."""
+  float32 (where exact). The accumulators are the same integers whichever runs. dense_impl
+  (DENSE_IMPLS): 'xla' the steps below; 'pallas' quantize, lower, GEMM and epilogue in one fused
+  kernel (`pallas_dense.fused_dense`, the same outputs; Pallas interpret mode off a GPU, where it
+  is only a check, never fast)."""
   info, module, kernel = call.info, call.module, call.kernel
   x = as_matrix_input(info, x)
+  if info.kind == "dense" and dense_impl == "pallas":
+    from flexiq_jax.quantize import pallas_dense  # imports Pallas only where it runs
+    y = pallas_dense.fused_dense(x, entry, kernel, None, lowered, signed=signed,
+                                 interpret=jax.default_backend() != "gpu")
+    return finish(info, y, call.bias)  # the bias added as integer_forward adds it: the same roundings
+  if dense_impl not in DENSE_IMPLS:
+    raise ValueError(f"unknown dense implementation {dense_impl!r}; use one of {DENSE_IMPLS}")
   q = activation_codes(x, entry, lowered, signed=signed)
   wi = kernel
   if lowered is not None:
@@ -228,13 +241,14 @@ class IntegerLayers:
   matmul_signed: dict  # {matmul path: (a signed, b signed)}
   conv_accumulator: str = "int32"
   conv_impls: dict = dataclasses.field(default_factory=dict)  # {path: CONV_IMPLS entry}; others: default
+  dense_impl: str = "xla"  # DENSE_IMPLS entry, for every dense layer
 
   def layer(self, call: LayerCall, x):
     entry = get_path(self.integer, call.path)
     lowered = entry["rank"] < self.counts[call.path] if call.path in self.counts else None
     acc = jnp.int32 if self.conv_accumulator == "int32" else jnp.float32
     return integer_forward(call, x, entry, lowered, signed=self.signed[call.path], conv_accumulator=acc,
-                           conv_impl=self.conv_impls.get(call.path))
+                           conv_impl=self.conv_impls.get(call.path), dense_impl=self.dense_impl)
 
   def matmul(self, call: MatmulCall, a, b):
     return layer_ops.quantized_matmul(call, a, b, get_path(self.matmul_quant, call.path),

@@ -143,7 +143,9 @@ class QuantizedModel:
   from the backend; GPUs need float32). conv_impls: how each conv of the serving form runs
   (`integer.integer_forward`; the same integers whichever): 'auto' the backend's defaults
   (`integer.default_conv_impl`), 'int8' every conv as one int8 conv, or ((path, impl), ...) pairs
-  as `integer.tune_conv_impls` measures them (layers not listed: the default)."""
+  as `integer.tune_conv_impls` measures them (layers not listed: the default). dense_impl: how
+  the serving form's dense layers run (`integer.DENSE_IMPLS`): 'xla', or 'pallas' (one fused
+  kernel per layer, `quantize.pallas_dense`; for GPUs, interpret mode elsewhere)."""
 
   model: nn.Module
   plan: QuantPlan
@@ -151,12 +153,15 @@ class QuantizedModel:
   lsq: bool = False
   conv_accumulator: str | None = None
   conv_impls: str | tuple = "auto"
+  dense_impl: str = "xla"
 
   def __post_init__(self):
     if self.mode not in MODES:
       raise ValueError(f"unknown mode {self.mode!r}; use one of {MODES}")
     if isinstance(self.conv_impls, str) and self.conv_impls not in ("auto", "int8"):
       raise ValueError(f"conv_impls must be 'auto', 'int8' or ((path, impl), ...) pairs, got {self.conv_impls!r}")
+    if self.dense_impl not in integer.DENSE_IMPLS:
+      raise ValueError(f"unknown dense_impl {self.dense_impl!r}; use one of {integer.DENSE_IMPLS}")
 
   def conv_impl_map(self) -> dict:
     """{conv path: implementation} for the serving form (layers not listed: the default)."""
@@ -189,7 +194,7 @@ class QuantizedModel:
     if self.mode == "int":
       qvars = self.prepare(qvars)
       provider = integer.IntegerLayers(qvars[integer.SERVING_KEY], qvars["quant"], counts, self.plan.signed,
-                                       self.plan.matmul_signed, accumulator, self.conv_impl_map())
+                                       self.plan.matmul_signed, accumulator, self.conv_impl_map(), self.dense_impl)
     else:
       provider = FlexiQLayers(qvars["quant"], counts, self.plan.signed, "int" if self.mode == "int_reference" else "fake",
                               self.lsq, accumulator, self.plan.matmul_signed)
