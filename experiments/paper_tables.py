@@ -298,15 +298,45 @@ def table3(sweep: dict, ratios=(0.5, 1.0)) -> dict:
   return {"ratios": list(ratios), "rows": rows}
 
 
+def _layer_macs(layers) -> int:
+  """Σ over a plan's layers (LayerInfo fields as dicts) of output positions x kernel size: MACs
+  per image, which change with a layer's width and with the resolution it runs at."""
+  return sum(int(np.prod(l["output_shape"][1:-1])) * int(np.prod(l["kernel_shape"])) for l in layers)
+
+
+def macs_now(model: str) -> int:
+  """`_layer_macs` of the model the sweep runs (configs/<model>.py at :fmnist; the quickstart's
+  own config): a benchmark entry of another variant of the model gives another figure."""
+  import dataclasses
+  import importlib
+  import jax
+  import jax.numpy as jnp
+  from flexiq_jax import pipeline
+  from flexiq_jax import quantize
+  config = importlib.import_module(f"configs.{model}").get_config(None if model == "quickstart" else "fmnist")
+  net = pipeline.build_model(config, 10)
+  shape = pipeline.image_shape(config)
+  variables = jax.jit(lambda: net.init(jax.random.PRNGKey(0), jnp.zeros((1,) + shape), train=False))()
+  plan = quantize.build_plan(net, variables, shape)
+  return _layer_macs(dataclasses.asdict(plan.layers[p]) for p in plan.quantized)
+
+
 def speed_figure(benchmark_path: str) -> dict | None:
-  """Measured integer-path time per ratio and the modelled 4-bit target, per benchmarked model."""
+  """Measured integer-path time per ratio and the modelled 4-bit target, per benchmarked model.
+  An entry measured on an earlier variant of a model (other layer MACs than the model the sweep
+  runs now) is listed apart, as stale, and used for nothing."""
   if not os.path.exists(benchmark_path):
     return None
   with open(benchmark_path) as f:
     bench = json.load(f)
   modelled = {m["name"]: m for m in bench.get("cost_model", {}).get("models", [])}
-  rows = []
+  rows, stale = [], []
   for m in bench["models"]:
+    model = m["name"].split(" ")[0].split(":")[0]
+    measured_macs, current_macs = _layer_macs(m.get("plan_layers", {}).values()), macs_now(model)
+    if measured_macs != current_macs:
+      stale.append({"model": model, "benchmark_macs_per_image": measured_macs, "current_macs_per_image": current_macs})
+      continue
     times = m["times"].get("512") or m["times"][max(m["times"], key=int)]
     batch = "512" if "512" in m["times"] else max(m["times"], key=int)
     measured = {r: times.get(f"int tuned r={r}") for r in ("0", "0.5", "1")}
@@ -316,14 +346,14 @@ def speed_figure(benchmark_path: str) -> dict | None:
     # timing noise); elsewhere it divides noise by noise.
     if measured["0"] and measured["1"] and measured["0"] - measured["1"] > 0.05 * measured["0"]:
       share = (measured["0"] - measured["0.5"]) / (measured["0"] - measured["1"])
-    rows.append({"model": m["name"].split(" ")[0].split(":")[0], "batch": int(batch), "float32_s": times.get("float32"),
+    rows.append({"model": model, "batch": int(batch), "float32_s": times.get("float32"),
                  "int_tuned_s": measured, "measured_share_of_speedup_at_0.5": share,
                  "measured_time_100_over_0": measured["1"] / measured["0"] if measured["0"] and measured["1"] else None,
                  "modelled_4bit_target_s": target,
                  "modelled_share_of_speedup_at_0.5": modelled.get(m["name"], {}).get("share_of_full_speedup_at_0.5"),
                  "compilations_across_ratio_switches": m.get("ratio_switch", {}).get("compilations")})
   return {"benchmark": benchmark_path, "benchmark_commit": bench.get("info", {}).get("commit"),
-          "benchmark_device": bench.get("info", {}).get("device"), "rows": rows}
+          "benchmark_device": bench.get("info", {}).get("device"), "rows": rows, "stale": stale}
 
 
 def claims(t1: dict, t2: dict, t3: dict, f2: dict | None, models: int) -> list[dict]:
@@ -450,7 +480,11 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
           "-" if r["measured_share_of_speedup_at_0.5"] is None else f"{r['measured_share_of_speedup_at_0.5']:.2f}",
           "-" if r["modelled_share_of_speedup_at_0.5"] is None else f"{r['modelled_share_of_speedup_at_0.5']:.2f}"]
          for r in f2["rows"]])
-    missing = [m for m in sweep if m not in {r["model"] for r in f2["rows"]}]
+    if f2["stale"]:
+      text += ("\nMeasured on an earlier variant of the model (other layer sizes than the sweep's), so left out: "
+               + ", ".join(f"{r['model']} ({r['benchmark_macs_per_image']} MACs per image, now "
+                           f"{r['current_macs_per_image']})" for r in f2["stale"]) + "\n")
+    missing = [m for m in sweep if m not in {r["model"] for r in f2["rows"]} | {r["model"] for r in f2["stale"]}]
     if missing:
       text += f"\nNot in the benchmark file (not measured): {', '.join(missing)}\n"
     _write(out, "paper_f2_speed", {**prov, **f2}, text)

@@ -100,3 +100,29 @@ def test_one_model_runs_the_pipeline_and_writes_its_record(tiny_fmnist, tmp_path
   assert sorted((r["ratio"], r["finetuned"]) for r in flexiq) == [(0.0, False), (0.0, True), (1.0, False), (1.0, True)]
   assert all("kl" in r and "sqnr_db" in r for r in record["rows"])
   assert {r["setting"] for r in record["rows"] if r["method"] == "ptq_minmax"} == {"W8A8", "W4A4 (ends W8A8)"}
+
+
+def test_speed_figure_leaves_out_a_benchmark_entry_of_an_earlier_variant(tmp_path):
+  """F2 uses a benchmark entry only if its layers have the MACs of the model the sweep runs now: an
+  entry measured when the model ran at another resolution (here: every layer at twice the output
+  positions) is listed as stale and used for nothing."""
+  import dataclasses
+  import jax
+  import jax.numpy as jnp
+  from flexiq_jax import models, quantize
+  net = models.create("resnet_small", num_classes=10)
+  variables = jax.jit(lambda: net.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), train=False))()
+  plan = quantize.build_plan(net, variables, (28, 28, 1))
+  layers = {p: dataclasses.asdict(plan.layers[p]) for p in plan.quantized}
+  earlier = {p: {**l, "output_shape": [1, 2 * l["output_shape"][1]] + list(l["output_shape"][2:])}
+             for p, l in layers.items()}
+  times = {"512": {"float32": 0.2, **{f"int tuned r={r}": t for r, t in (("0", 0.2), ("0.5", 0.15), ("1", 0.1))}}}
+  entry = lambda name, plan_layers: {"name": name, "times": times, "plan_layers": plan_layers,
+                                     "ratio_switch": {"compilations": 0}}
+  path = tmp_path / "bench.json"
+  path.write_text(json.dumps({"info": {"commit": "c0ffee", "device": "cpu"}, "models": [
+      entry("quickstart (resnet_small)", layers), entry("quickstart (resnet_small)", earlier)]}))
+  f2 = paper_tables.speed_figure(str(path))
+  assert [r["model"] for r in f2["rows"]] == ["quickstart"] and len(f2["stale"]) == 1
+  assert f2["rows"][0]["measured_share_of_speedup_at_0.5"] == pytest.approx(0.5)
+  assert f2["stale"][0]["benchmark_macs_per_image"] > f2["stale"][0]["current_macs_per_image"]
