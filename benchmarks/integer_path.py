@@ -26,7 +26,6 @@ import dataclasses
 import importlib
 import os
 import platform
-import sys
 import time
 
 from absl import app
@@ -58,7 +57,8 @@ _MODELS = flags.DEFINE_list("models", None, "Model configs: 'quickstart', config
 _BATCHES = flags.DEFINE_list("batches", None, "Batch sizes (default 1,32,512 on CPU; 1,32,256 on GPU).")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed rounds per batch size (every alternative once per round).")
 _DEVICE = flags.DEFINE_enum("device", "auto", ["auto", "cpu", "gpu", "tpu"], "Backend; auto = JAX's default.")
-_RESUME = flags.DEFINE_bool("resume", False, "Keep the models already in the results file and measure the rest.")
+_RESUME = flags.DEFINE_bool("resume", False, "Keep the models already in the results file (unless measured on an "
+                             "earlier variant: other layer MACs) and measure the rest.")
 _OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                            "Folder for the results files.")
 
@@ -222,7 +222,7 @@ def main(argv):
     jax.config.update("jax_platforms", _DEVICE.value)
   backend = jax.default_backend()
   model_specs, batches = specs(["1", "32", "512"] if backend == "cpu" else ["1", "32", "256"])
-  info = records.run_info(["-m", "benchmarks.integer_path"] + sys.argv[1:])
+  info = records.run_info()
   info.update(backend=backend, python=platform.python_version(), flax=importlib.import_module("flax").__version__,
               cpu=platform.processor() or platform.machine(), cores=os.cpu_count())
   out_path = os.path.join(_OUT.value, f"integer_path_{backend}")
@@ -237,9 +237,16 @@ def main(argv):
   repeats = _REPEATS.value
   for spec, full in model_specs:
     subject = build_subject(spec, full)
-    if any(e["name"] == subject.name for e in results["models"]):
-      print(f"== {subject.name}: measured already (--resume)", flush=True)
-      continue
+    measured = [e for e in results["models"] if e["name"] == subject.name]
+    if measured:
+      plan = quantize.build_plan(subject.model, subject.variables, subject.image_shape)
+      if sum(interception.LayerInfo(**layer).macs for layer in measured[0].get("plan_layers", {}).values()) == \
+          sum(plan.layers[p].macs for p in plan.quantized):
+        print(f"== {subject.name}: measured already (--resume)", flush=True)
+        continue
+      print(f"== {subject.name}: the file's entry is of an earlier variant (other layer MACs): measuring again",
+            flush=True)
+      results["models"] = [e for e in results["models"] if e["name"] != subject.name]
     print(f"== {subject.name}", flush=True)
     calib = np.random.default_rng(0).normal(size=(64,) + subject.image_shape).astype(np.float32)
     qmodel, qvars = api.quantize_model(subject.model, subject.variables, calib, selector="greedy",

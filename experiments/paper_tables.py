@@ -299,15 +299,15 @@ def table3(sweep: dict, ratios=(0.5, 1.0)) -> dict:
 
 
 def _layer_macs(layers) -> int:
-  """Σ over a plan's layers (LayerInfo fields as dicts) of output positions x kernel size: MACs
-  per image, which change with a layer's width and with the resolution it runs at."""
-  return sum(int(np.prod(l["output_shape"][1:-1])) * int(np.prod(l["kernel_shape"])) for l in layers)
+  """MACs per image of a plan's layers given as dicts (a benchmark entry's `plan_layers`): they
+  change with a layer's width and with the resolution it runs at."""
+  from flexiq_jax.interception import LayerInfo
+  return sum(LayerInfo(**layer).macs for layer in layers)
 
 
 def macs_now(model: str) -> int:
   """`_layer_macs` of the model the sweep runs (configs/<model>.py at :fmnist; the quickstart's
   own config): a benchmark entry of another variant of the model gives another figure."""
-  import dataclasses
   import importlib
   import jax
   import jax.numpy as jnp
@@ -318,7 +318,7 @@ def macs_now(model: str) -> int:
   shape = pipeline.image_shape(config)
   variables = jax.jit(lambda: net.init(jax.random.PRNGKey(0), jnp.zeros((1,) + shape), train=False))()
   plan = quantize.build_plan(net, variables, shape)
-  return _layer_macs(dataclasses.asdict(plan.layers[p]) for p in plan.quantized)
+  return sum(plan.layers[p].macs for p in plan.quantized)
 
 
 def speed_figure(benchmark_path: str) -> dict | None:
