@@ -429,6 +429,14 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
       f"over {k} {v['mean']:+.2f} ({v['models']} models)" for k, v in t1["margin_over"].items() if v)
   if t1["margin_over_best"]:
     text += f"; over the best baseline per model {t1['margin_over_best']['mean']:+.2f}"
+  settings = {}
+  for r in t1["rows"]:
+    for m in methods_t1:
+      if r["baselines"][m]["setting"]:
+        settings.setdefault(m, {}).setdefault(r["baselines"][m]["setting"], []).append(r["model"])
+  text += "\n\nThe baselines' settings as run (from the records): " + "; ".join(
+      f"{m}: " + ", ".join(f"'{k}' ({', '.join(v)})" for k, v in by.items()) for m, by in settings.items()
+      if m != "layerwise_amp") + "."
   text += ("\n\nThe same 4-bit points measured against the float model, where top-1 saturates: agreement with its "
            "predictions (%) / KL(float || quantized) / output SQNR (dB), mean over seeds.\n\n")
   fidelity = lambda f: " / ".join(fmt(f[k], d) for k, d in zip(FIDELITY, (2, 4, 1))) if any(f.values()) else "-"
