@@ -240,8 +240,8 @@ def main(argv):
     measured = [e for e in results["models"] if e["name"] == subject.name]
     if measured:
       plan = quantize.build_plan(subject.model, subject.variables, subject.image_shape)
-      if sum(interception.LayerInfo(**layer).macs for layer in measured[0].get("plan_layers", {}).values()) == \
-          sum(plan.layers[p].macs for p in plan.quantized):
+      earlier = {p: interception.LayerInfo(**layer) for p, layer in measured[0].get("plan_layers", {}).items()}
+      if cost.total_macs(earlier) == cost.total_macs(plan.layer_infos()):
         print(f"== {subject.name}: measured already (--resume)", flush=True)
         continue
       print(f"== {subject.name}: the file's entry is of an earlier variant (other layer MACs): measuring again",

@@ -298,27 +298,27 @@ def table3(sweep: dict, ratios=(0.5, 1.0)) -> dict:
   return {"ratios": list(ratios), "rows": rows}
 
 
-def _layer_macs(layers) -> int:
-  """MACs per image of a plan's layers given as dicts (a benchmark entry's `plan_layers`): they
-  change with a layer's width and with the resolution it runs at."""
+def _entry_macs(plan_layers: dict) -> int:
+  """MACs per image of a benchmark entry's `plan_layers` (LayerInfo fields as dicts): they change
+  with a layer's width and with the resolution it runs at."""
+  from flexiq_jax import cost
   from flexiq_jax.interception import LayerInfo
-  return sum(LayerInfo(**layer).macs for layer in layers)
+  return cost.total_macs({path: LayerInfo(**layer) for path, layer in plan_layers.items()})
 
 
 def macs_now(model: str) -> int:
-  """`_layer_macs` of the model the sweep runs (configs/<model>.py at :fmnist; the quickstart's
-  own config): a benchmark entry of another variant of the model gives another figure."""
-  import importlib
+  """MACs per image of the quantized layers of the model the sweep runs (configs/<model>.py at
+  :fmnist; the quickstart's own config): a benchmark entry of another variant gives another figure."""
   import jax
   import jax.numpy as jnp
+  from flexiq_jax import cost
   from flexiq_jax import pipeline
   from flexiq_jax import quantize
   config = importlib.import_module(f"configs.{model}").get_config(None if model == "quickstart" else "fmnist")
   net = pipeline.build_model(config, 10)
   shape = pipeline.image_shape(config)
   variables = jax.jit(lambda: net.init(jax.random.PRNGKey(0), jnp.zeros((1,) + shape), train=False))()
-  plan = quantize.build_plan(net, variables, shape)
-  return sum(plan.layers[p].macs for p in plan.quantized)
+  return cost.total_macs(quantize.build_plan(net, variables, shape).layer_infos())
 
 
 def speed_figure(benchmark_path: str) -> dict | None:
@@ -333,7 +333,7 @@ def speed_figure(benchmark_path: str) -> dict | None:
   rows, stale = [], []
   for m in bench["models"]:
     model = m["name"].split(" ")[0].split(":")[0]
-    measured_macs, current_macs = _layer_macs(m.get("plan_layers", {}).values()), macs_now(model)
+    measured_macs, current_macs = _entry_macs(m.get("plan_layers", {})), macs_now(model)
     if measured_macs != current_macs:
       stale.append({"model": model, "benchmark_macs_per_image": measured_macs, "current_macs_per_image": current_macs})
       continue
