@@ -4,8 +4,8 @@
 with the same block types and module names, narrow and shallow enough to train on 2 CPU cores.
 ResNet and RegNet keep their full-resolution early layers (stride-1 stem) since 28 px leaves no
 room for a 4x stem; MobileNetV2 and EfficientNet keep their own stride-2 stem (a 2x stem leaves
-14 px), because their depthwise convs at 28 px made each of them cost 3-4.5x as much per step on
-XLA:CPU as with it, and the eleven-model sweep has to fit about three hours on 2 cores. The
+14 px), because their depthwise convs at 28 px made each of them several times slower per step on
+XLA:CPU, and the eleven-model sweep has to fit about three hours on 2 cores. The
 variants are not shape-compatible with ImageNet checkpoints (use the default kwargs for those).
 """
 
