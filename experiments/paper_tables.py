@@ -220,7 +220,6 @@ def table1(sweep: dict) -> dict:
     budget = [flexiq(r)["relative_bops"] for r in recs if flexiq(r)]
     row = {"model": model, "seeds": len(recs), "float": stat([r["float"]["top1"] for r in recs]),
            "flexiq_100": per_seed(recs, flexiq),
-           "flexiq_100_kl": per_seed(recs, flexiq, "kl"),
            "flexiq_100_fidelity": {k: per_seed(recs, flexiq, k) for k in FIDELITY},
            "flexiq_100_relative_bops": budget[0] if budget else None, "baselines": {}}
     for method, prefix in T1_BASELINES:
@@ -229,7 +228,7 @@ def table1(sweep: dict) -> dict:
       else:
         pick = lambda r, m=method, p=prefix: find_row(r, m, setting_prefix=p)
       found = [pick(r) for r in recs]
-      row["baselines"][method] = {"top1": per_seed(recs, pick), "kl": per_seed(recs, pick, "kl"),
+      row["baselines"][method] = {"top1": per_seed(recs, pick),
                                   "fidelity": {k: per_seed(recs, pick, k) for k in FIDELITY},
                                   "relative_bops": found[0]["relative_bops"] if found[0] else None,
                                   "setting": found[0]["setting"] if found[0] else None}
@@ -421,7 +420,7 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
            "W4A4 with the first and last layers at W8A8 as FlexiQ keeps them; layer-wise AMP: its point with the "
            "largest BOPs not above FlexiQ's. Top-1 (%), mean ± sd over seeds where several ran.\n\n")
   headers = ["model", "seeds", "float", "FlexiQ 100% (FT)", "KL"] + methods_t1
-  table = [[r["model"], r["seeds"], fmt(r["float"]), fmt(r["flexiq_100"]), fmt(r["flexiq_100_kl"], 4)]
+  table = [[r["model"], r["seeds"], fmt(r["float"]), fmt(r["flexiq_100"]), fmt(r["flexiq_100_fidelity"]["kl"], 4)]
            + [fmt(r["baselines"][m]["top1"]) for m in methods_t1] for r in t1["rows"]]
   table.append(["average", "", "", fmt(t1["average"]["flexiq_100"])] + [""] + [fmt(t1["average"][m]) for m in methods_t1])
   text += records.markdown_table(headers, table)

@@ -48,7 +48,8 @@ def _check_config_file(path: str) -> None:
     raise SystemExit(f"error: {path!r} is not a config file (a .py file defining get_config(arg)). "
                      f"Known configs: {', '.join(available_configs())}")
   try:  # parsed, not imported: a config's imports and side effects wait for ml_collections
-    tree = ast.parse(open(path).read(), path)
+    with open(path) as f:
+      tree = ast.parse(f.read(), path)
   except SyntaxError as e:
     raise SystemExit(f"error: config {path!r} is not valid Python (line {e.lineno}: {e.msg})") from None
   if not any(isinstance(node, ast.FunctionDef) and node.name == "get_config" for node in tree.body):
