@@ -28,7 +28,7 @@ def _all_convs(plan, impl):
   return tuple((p, impl) for p in plan.quantized if plan.layers[p].kind == "conv")
 
 
-@pytest.mark.parametrize("impls", ["auto", "int8", "int8_pad", "float32"])
+@pytest.mark.parametrize("impls", ["auto", "int8", "int8_pad", "int8_widened", "float32"])
 def test_serving_form_is_bit_identical_to_the_reference(setup, impls):
   model, plan, qvars, images = setup.model, setup.plan, setup.qvars, setup.images
   reference = jax.jit(quantize.QuantizedModel(model, plan, mode="int_reference").apply)
@@ -164,3 +164,17 @@ def test_roofline_fit_recovers_a_known_model():
   assert full - half == pytest.approx(0.5 * (8 * 64 * 2 + 64 * 32))  # codes written+read and weights, halved
   # a 4-bit target: lowered MACs at twice the rate, so all-lowered is faster than none
   assert model.layer_time(info, 8, lowered=64, low_bits_speedup=2.0) < model.layer_time(info, 8)
+
+
+def test_widened_conv_runs_on_32_input_channels_and_only_where_it_can():
+  rng = np.random.default_rng(0)
+  call, x, entry, *_ = _conv_case(rng, c=6, o=4, kernel=(3, 3), strides=1, padding="SAME", signed=False)
+  jaxpr = jax.make_jaxpr(lambda x: integer.integer_forward(call, x, entry, None, signed=False,
+                                                           conv_impl="int8_widened"))(x)
+  convs = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+  assert [(e.invars[0].aval.shape[-1], e.invars[0].aval.dtype) for e in convs] == [(32, jnp.int8)]
+  wide = dataclasses.replace(call.info, in_channels=32, kernel_shape=(3, 3, 32, 4))
+  grouped = dataclasses.replace(call.info, groups=2, kernel_shape=(3, 3, 3, 4))
+  assert integer.conv_impl_for(call.info, False, "int8_widened") == "int8_widened"
+  assert integer.conv_impl_for(wide, False, "int8_widened") == "int8"
+  assert integer.conv_impl_for(grouped, False, "int8_widened") == "int8"

@@ -25,8 +25,9 @@ conv takes q - 128 in int8 and adds back 128 x the kernel taps inside the image 
 position (`unsigned_shift_correction`, from static shapes), so the conv keeps its own padding.
 
 Each conv has interchangeable implementations (`CONV_IMPLS`, the same integer accumulators):
-'int8', 'int8_pad' (explicit padding with the shifted zero), and 'float32' (the conv on the codes
-in float32, exact while every sum stays below 2^24: `exact_in_float32`). XLA:CPU's int8 kernels
+'int8', 'int8_pad' (explicit padding with the shifted zero), 'int8_widened' (input channels
+padded with zero weights up to 32, where XLA:CPU's int8 conv is fast) and 'float32' (the conv on
+the codes in float32, exact while every sum stays below 2^24: `exact_in_float32`). XLA:CPU's int8 kernels
 are much faster than float32 for some shapes and much slower for others (few channels, depthwise),
 so `default_conv_impl` picks per backend and `tuning.tune_conv_impls` per layer by measurement.
 
@@ -150,28 +151,35 @@ def exact_in_float32(info: LayerInfo, signed: bool) -> bool:
   return taps * (128 if signed else 255) * layer_ops.WEIGHT_QMAX <= 2 ** 24
 
 
-CONV_IMPLS = ("int8", "int8_pad", "float32")
-FLOAT_CODES_BELOW_CHANNELS = 32
+CONV_IMPLS = ("int8", "int8_pad", "int8_widened", "float32")
+CPU_INT8_MIN_CHANNELS = 32  # XLA:CPU's int8 conv is fast from here; 'int8_widened' pads up to it
+WIDEN_FROM_CHANNELS = 16  # below: widening multiplies the MACs too much (a 1-channel stem: 32x)
 
 
 def default_conv_impl(info: LayerInfo) -> str:
-  """Without tuning (`tune_conv_impls`): on CPU, convs with fewer than 32 input channels and
-  depthwise/grouped convs run on the codes in float32 (falling back to int8 where that would not
-  be exact); every other conv, and everything on other backends, as 'int8'. Measured on a 2-core
-  AVX-512 VNNI machine (benchmarks/integer_path.py): XLA's int8 16 -> 16 3x3 conv is several times
-  slower than its float32 one and 32 -> 16 twice as fast; a 1-3 channel stem is widened to int32;
+  """Without tuning (`tune_conv_impls`): on CPU, dense convs with 16-31 input channels run
+  'int8_widened', depthwise/grouped convs and those with fewer than 16 input channels run on the
+  codes in float32 (falling back to int8 where that would not be exact); every other conv, and
+  everything on other backends, as 'int8'. Measured on a 2-core AVX-512 VNNI machine: XLA's int8
+  16 -> 16 3x3 conv at 28 px is ~7x slower than its float32 one, but widened to 32 input channels
+  (zero weights) it is ~2.5x faster than float32; a 1-channel stem is fastest in float32;
   EfficientNet-B0's 5x5 depthwise convs run about 6x slower in int8 than on float32 codes."""
-  if jax.default_backend() != "cpu" or info.kind != "conv":
+  if jax.default_backend() != "cpu" or info.kind != "conv" or info.in_channels >= CPU_INT8_MIN_CHANNELS:
     return "int8"
-  return "float32" if info.groups > 1 or info.in_channels < FLOAT_CODES_BELOW_CHANNELS else "int8"
+  if info.groups == 1 and info.in_channels >= WIDEN_FROM_CHANNELS:
+    return "int8_widened"
+  return "float32"
 
 
 def conv_impl_for(info: LayerInfo, signed: bool, requested: str | None) -> str:
   """The conv implementation a layer runs: `requested` (None: `default_conv_impl`), with 'float32'
-  falling back to 'int8' where float32 sums would not be exact."""
+  falling back to 'int8' where float32 sums would not be exact, and 'int8_widened' to 'int8' where
+  there is nothing to widen (32+ input channels) or it would change the groups (grouped convs)."""
   impl = default_conv_impl(info) if requested is None else requested
   if impl not in CONV_IMPLS:
     raise ValueError(f"unknown conv implementation {impl!r}; use one of {CONV_IMPLS}")
+  if impl == "int8_widened" and (info.groups > 1 or info.in_channels >= CPU_INT8_MIN_CHANNELS):
+    return "int8"
   return "int8" if impl == "float32" and not exact_in_float32(info, signed) else impl
 
 
@@ -184,8 +192,8 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
   never lowered; call.kernel holds the int8 codes. conv_impl (CONV_IMPLS; None: the default for
   the backend): 'int8' one int8 conv with the layer's own padding (unsigned codes shifted by -128,
   the border corrected exactly: `unsigned_shift_correction`); 'int8_pad' the shifted codes padded
-  explicitly with the shifted zero, then an unpadded int8 conv; 'float32' the conv on the codes in
-  float32 (where exact). The accumulators are the same integers whichever runs. dense_impl
+  explicitly with the shifted zero, then an unpadded int8 conv; 'int8_widened' 'int8' on input
+  channels padded with zero weights to 32; 'float32' the conv on the codes in float32 (where exact). The accumulators are the same integers whichever runs. dense_impl
   (DENSE_IMPLS): 'xla' the steps below; 'pallas' quantize, lower, GEMM and epilogue in one fused
   kernel (`pallas_dense.fused_dense`, the same outputs; Pallas interpret mode off a GPU, where it
   is only a check, never fast)."""
@@ -213,14 +221,21 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
     shift = 0 if signed else 128
     xi = (q - shift).astype(jnp.int8)
     padding = conv_padding(module, x.shape, info.kernel_shape)
+    w_conv = wi  # the kernel the conv runs; the shift corrections below sum the layer's own `wi`
+    if impl == "int8_widened":
+      # Extra input channels with zero weights add nothing to any sum, but move XLA:CPU onto its
+      # fast int8 conv kernel (`default_conv_impl`).
+      extra = CPU_INT8_MIN_CHANNELS - xi.shape[-1]
+      xi = jnp.pad(xi, [(0, 0)] * (xi.ndim - 1) + [(0, extra)])
+      w_conv = jnp.pad(wi, [(0, 0), (0, 0), (0, extra), (0, 0)])
     if shift and (impl == "int8_pad" or spatial_pair(module.input_dilation) != (1, 1)):
       # Border padding (and a transposed conv's inserted zeros) are real zeros: code -128 shifted.
       d = spatial_pair(module.input_dilation)
       xi = lax.pad(xi, jnp.int8(-shift), [(0, 0, 0), (*padding[0], d[0] - 1), (*padding[1], d[1] - 1), (0, 0, 0)])
-      acc = conv(module, xi, wi, [(0, 0), (0, 0)], preferred=conv_accumulator, input_dilation=1)
+      acc = conv(module, xi, w_conv, [(0, 0), (0, 0)], preferred=conv_accumulator, input_dilation=1)
       acc = acc + (shift * jnp.sum(wi, axis=(0, 1, 2), dtype=jnp.int32)).astype(acc.dtype)
     else:
-      acc = conv(module, xi, wi, padding, preferred=conv_accumulator)
+      acc = conv(module, xi, w_conv, padding, preferred=conv_accumulator)
       if shift:
         acc = acc + (shift * unsigned_shift_correction(module, x.shape, padding, wi, acc.shape[1:3])).astype(acc.dtype)
   y = acc.astype(jnp.float32) * entry["scale"]
