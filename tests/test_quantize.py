@@ -117,16 +117,15 @@ def test_int8_path_matches_fake_quant_and_is_really_int8(setup):
   assert len(plain) == len(plan.quantized), plain
   assert all(ins[1] == "int8" and ins[0] in ("int8", "uint8") and out == ("int32" if name == "dot_general" else conv_out)
              for name, ins, out in plain), plain
-  # 'auto' on CPU: grouped/depthwise convs and those with fewer than 16 input channels run on the
-  # codes in float32 (exact: integer sums below 2^24), dense convs with 16-31 input channels as
-  # int8 widened to 32, the rest as int8.
+  # 'auto' on CPU: the convs with fewer than 32 input channels and the grouped/depthwise ones run on
+  # the codes in float32 (exact: integer sums below 2^24), the rest as int8.
   auto = layer_ops(int_model)
   assert len(auto) == len(plan.quantized), auto
   expect_float = [integer.default_conv_impl(plan.layers[p]) == "float32" for p in plan.quantized]
   assert [ins == ["float32", "float32"] for _, ins, _ in auto] == expect_float, auto
   if jax.default_backend() == "cpu":
     assert [integer.default_conv_impl(plan.layers[p]) for p in plan.quantized] == \
-        ["float32", "float32", "float32", "int8_widened", "int8", "int8"]
+        ["float32", "float32", "float32", "float32", "int8", "int8"]
 
 
 def test_float32_conv_accumulator_is_exact_here(setup):

@@ -153,22 +153,21 @@ def exact_in_float32(info: LayerInfo, signed: bool) -> bool:
 
 CONV_IMPLS = ("int8", "int8_pad", "int8_widened", "float32")
 CPU_INT8_MIN_CHANNELS = 32  # XLA:CPU's int8 conv is fast from here; 'int8_widened' pads up to it
-WIDEN_FROM_CHANNELS = 16  # below: widening multiplies the MACs too much (a 1-channel stem: 32x)
 
 
 def default_conv_impl(info: LayerInfo) -> str:
-  """Without tuning (`tune_conv_impls`): on CPU, dense convs with 16-31 input channels run
-  'int8_widened', depthwise/grouped convs and those with fewer than 16 input channels run on the
-  codes in float32 (falling back to int8 where that would not be exact); every other conv, and
-  everything on other backends, as 'int8'. Measured on a 2-core AVX-512 VNNI machine: XLA's int8
-  16 -> 16 3x3 conv at 28 px is ~7x slower than its float32 one, but widened to 32 input channels
-  (zero weights) it is ~2.5x faster than float32; a 1-channel stem is fastest in float32;
-  EfficientNet-B0's 5x5 depthwise convs run about 6x slower in int8 than on float32 codes."""
-  if jax.default_backend() != "cpu" or info.kind != "conv" or info.in_channels >= CPU_INT8_MIN_CHANNELS:
+  """Without tuning (`tune_conv_impls`): on CPU, convs with fewer than 32 input channels and
+  depthwise/grouped convs run on the codes in float32 (falling back to int8 where that would not
+  be exact); every other conv, and everything on other backends, as 'int8'. Measured on a 2-core
+  AVX-512 VNNI machine (benchmarks/integer_path.py): XLA's int8 16 -> 16 3x3 conv is several times
+  slower than its float32 one and 32 -> 16 twice as fast; a 1-3 channel stem is widened to int32;
+  EfficientNet-B0's 5x5 depthwise convs run about 6x slower in int8 than on float32 codes.
+  'int8_widened' is left to the tuner: on int8 codes alone the widened 16 -> 16 conv ran ~2.5x
+  faster than float32, but within the layer (the quantize pass, the channel padding and the
+  unsigned-shift correction included) it was no faster than float32 on the quickstart's convs."""
+  if jax.default_backend() != "cpu" or info.kind != "conv":
     return "int8"
-  if info.groups == 1 and info.in_channels >= WIDEN_FROM_CHANNELS:
-    return "int8_widened"
-  return "float32"
+  return "float32" if info.groups > 1 or info.in_channels < CPU_INT8_MIN_CHANNELS else "int8"
 
 
 def conv_impl_for(info: LayerInfo, signed: bool, requested: str | None) -> str:
