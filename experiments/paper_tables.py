@@ -56,7 +56,10 @@ _METHODS = flags.DEFINE_list("methods", list(METHODS), "compare methods (flexiq_
 _RATIOS = flags.DEFINE_list("ratios", [], "4-bit ratios of the sweep (default: each config's sweep.ratios).")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds of the whole pipeline for every model.")
 _EXTRA_SEEDS = flags.DEFINE_list("extra_seeds", ["1", "2"], "More seeds, for --seed_models only (run-to-run noise).")
-_SEED_MODELS = flags.DEFINE_list("seed_models", ["quickstart", "resnet18", "deit_s"], "Models that get --extra_seeds.")
+_SEED_MODELS = flags.DEFINE_list("seed_models", ["quickstart", "resnet18", "resnet50"], "Models that get --extra_seeds.")
+_SEED_METHODS = flags.DEFINE_list("seed_methods", ["flexiq", "ptq_mse", "adaround", "lsq_qat"],
+                                  "The --methods the extra seeds run (T1's and T2's spread; the ablations run "
+                                  "on the first seed); empty: all of --methods.")
 _WORKROOT = flags.DEFINE_string("workroot", "workdirs/paper", "Parent of the per-model workdirs.")
 _OUT = flags.DEFINE_string("out", RESULTS, "Folder for the sweep files (paper_sweep/) and the tables.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "The configs' :smoke variants (a few steps of everything; tests).")
@@ -114,9 +117,13 @@ def run_one(name: str, seed: int, methods, ratios, workroot: str, out: str, smok
   return record
 
 
-def jobs(models, seeds, extra_seeds, seed_models) -> list[tuple[str, int]]:
-  out = [(m, int(s)) for m in models for s in seeds]
-  out += [(m, int(s)) for m in models if m in seed_models for s in extra_seeds if (m, int(s)) not in out]
+def jobs(models, seeds, extra_seeds, seed_models, methods, seed_methods) -> list[tuple[str, int, list[str]]]:
+  """(model, seed, methods) in run order: every model at `seeds` with every method, then the
+  extra seeds of `seed_models` with the methods of `seed_methods` among `methods` (all if empty)."""
+  out = [(m, int(s), list(methods)) for m in models for s in seeds]
+  extra = [m for m in methods if not seed_methods or m in seed_methods]
+  out += [(m, int(s), extra) for m in models if m in seed_models for s in extra_seeds if str(int(s)) not in
+          [str(int(t)) for t in seeds]]
   return out
 
 
@@ -571,22 +578,23 @@ def main(argv):
   from flexiq_jax import records
   out = _OUT.value
   if not _TABLES_ONLY.value:
-    unknown = [m for m in _METHODS.value if m not in compare.METHODS]
+    unknown = [m for m in _METHODS.value + _SEED_METHODS.value if m not in compare.METHODS]
     if unknown:
-      raise app.UsageError(f"unknown --methods {unknown}; known: {', '.join(compare.METHODS)}")
+      raise app.UsageError(f"unknown --methods or --seed_methods {unknown}; known: {', '.join(compare.METHODS)}")
     for name in _MODELS.value:
       cli.resolve_config(name)  # every name checked before the first model starts
     for r in _RATIOS.value:
       if not 0 <= float(r) <= 1:
         raise app.UsageError(f"--ratios must lie in [0, 1], got {r}")
-    todo = jobs(_MODELS.value, _SEEDS.value, _EXTRA_SEEDS.value, _SEED_MODELS.value)
+    todo = jobs(_MODELS.value, _SEEDS.value, _EXTRA_SEEDS.value, _SEED_MODELS.value, _METHODS.value,
+                _SEED_METHODS.value)
     argv_record = records.command_argv()
     records.git_commit()  # the code that runs is the code at start
     t_start, spent = time.perf_counter(), []
-    for k, (name, seed) in enumerate(todo, 1):
+    for k, (name, seed, methods) in enumerate(todo, 1):
       t0 = time.perf_counter()
       print(f"[{k}/{len(todo)}] {name} seed {seed}: starting", flush=True)
-      record = run_one(name, seed, _METHODS.value, _RATIOS.value, _WORKROOT.value, out, _SMOKE.value, argv_record,
+      record = run_one(name, seed, methods, _RATIOS.value, _WORKROOT.value, out, _SMOKE.value, argv_record,
                        _IMAGENET.value)
       spent.append(time.perf_counter() - t0)
       eta = np.mean(spent) * (len(todo) - k)

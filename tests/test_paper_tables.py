@@ -126,3 +126,12 @@ def test_speed_figure_leaves_out_a_benchmark_entry_of_an_earlier_variant(tmp_pat
   assert [r["model"] for r in f2["rows"]] == ["quickstart"] and len(f2["stale"]) == 1
   assert f2["rows"][0]["measured_share_of_speedup_at_0.5"] == pytest.approx(0.5)
   assert f2["stale"][0]["benchmark_macs_per_image"] > f2["stale"][0]["current_macs_per_image"]
+
+
+def test_jobs_run_every_method_on_the_first_seed_and_the_seed_methods_on_the_extra_seeds():
+  todo = paper_tables.jobs(["quickstart", "vit_s"], ["0"], ["1", "2"], ["quickstart"],
+                           ["flexiq", "flexiq_naive", "ptq_mse"], ["flexiq", "ptq_mse", "lsq_qat"])
+  assert todo == [("quickstart", 0, ["flexiq", "flexiq_naive", "ptq_mse"]), ("vit_s", 0, ["flexiq", "flexiq_naive", "ptq_mse"]),
+                  ("quickstart", 1, ["flexiq", "ptq_mse"]), ("quickstart", 2, ["flexiq", "ptq_mse"])]
+  assert paper_tables.jobs(["quickstart"], ["0", "1"], ["1"], ["quickstart"], ["flexiq", "ptq_mse"], []) == [
+      ("quickstart", 0, ["flexiq", "ptq_mse"]), ("quickstart", 1, ["flexiq", "ptq_mse"])]
