@@ -240,7 +240,8 @@ def main(argv):
     measured = [e for e in results["models"] if e["name"] == subject.name]
     if measured:
       plan = quantize.build_plan(subject.model, subject.variables, subject.image_shape)
-      if measured_on_this_variant(measured[0], plan):
+      recorded = measured[0].get("plan_layers", {})
+      if recorded and cost.recorded_macs(recorded) == cost.total_macs(plan.layer_infos()):
         print(f"== {subject.name}: measured already (--resume)", flush=True)
         continue
       print(f"== {subject.name}: the file's entry is of an earlier variant (other layer MACs): measuring again",
@@ -279,14 +280,6 @@ def main(argv):
   results["cost_model"] = fit_cost_model(results["models"], max(batches))
   write_results(results, _OUT.value, max(batches))
   print(f"wrote {out_path}.md/.json/.png")
-
-
-def measured_on_this_variant(entry: dict, plan) -> bool:
-  """Whether a results-file entry was measured on the model `plan` describes: same total layer
-  MACs (a changed stem stride or resolution changes them; the name alone does not)."""
-  earlier = {p: interception.LayerInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in layer.items()})
-             for p, layer in entry.get("plan_layers", {}).items()}
-  return bool(earlier) and cost.total_macs(earlier) == cost.total_macs(plan.layer_infos())
 
 
 def fit_cost_model(entries: list[dict], batch: int) -> dict:

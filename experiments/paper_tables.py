@@ -304,14 +304,6 @@ def table3(sweep: dict, ratios=(0.5, 1.0)) -> dict:
   return {"ratios": list(ratios), "rows": rows}
 
 
-def _entry_macs(plan_layers: dict) -> int:
-  """MACs per image of a benchmark entry's `plan_layers` (LayerInfo fields as dicts): they change
-  with a layer's width and with the resolution it runs at."""
-  from flexiq_jax import cost
-  from flexiq_jax.interception import LayerInfo
-  return cost.total_macs({path: LayerInfo(**layer) for path, layer in plan_layers.items()})
-
-
 def macs_now(model: str) -> int:
   """MACs per image of the quantized layers of the model the sweep runs (configs/<model>.py at
   :fmnist; the quickstart's own config): a benchmark entry of another variant gives another figure."""
@@ -339,7 +331,8 @@ def speed_figure(benchmark_path: str) -> dict | None:
   rows, stale = [], []
   for m in bench["models"]:
     model = m["name"].split(" ")[0].split(":")[0]
-    measured_macs, current_macs = _entry_macs(m.get("plan_layers", {})), macs_now(model)
+    from flexiq_jax import cost
+    measured_macs, current_macs = cost.recorded_macs(m.get("plan_layers", {})), macs_now(model)
     if measured_macs != current_macs:
       stale.append({"model": model, "benchmark_macs_per_image": measured_macs, "current_macs_per_image": current_macs})
       continue

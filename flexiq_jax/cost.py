@@ -34,6 +34,14 @@ def total_macs(layers: Mapping[str, LayerInfo]) -> int:
   return int(sum(info.macs for info in layers.values()))
 
 
+def recorded_macs(plan_layers: Mapping[str, dict]) -> int:
+  """MACs per image of layers as a results file records them (LayerInfo fields as dicts, lists for
+  tuples): they change with a layer's width and the resolution it runs at, so a benchmark entry
+  whose figure differs from `total_macs` of the model built now was measured on another variant."""
+  return total_macs({path: LayerInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in layer.items()})
+                     for path, layer in plan_layers.items()})
+
+
 def matmul_macs(matmuls: Mapping[str, MatmulInfo] | None) -> int:
   """MACs per example of the activation x activation matmuls (output elements x summed size)."""
   return int(sum(info.macs for info in (matmuls or {}).values()))

@@ -48,6 +48,22 @@ def tiny_fmnist(tmp_path_factory):
   return make_fmnist_dir(tmp_path_factory.mktemp("fmnist"))
 
 
+def quickstart_plan_layers():
+  """The quickstart model's quantization plan, its layers as a results file records them
+  (`plan_layers`), and the same layers as an earlier variant at twice the output positions (other
+  MACs), for the checks that tell a stale benchmark entry from a current one."""
+  import jax
+  import jax.numpy as jnp
+  from flexiq_jax import models, quantize
+  net = models.create("resnet_small", num_classes=10)
+  variables = jax.jit(lambda: net.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), train=False))()
+  plan = quantize.build_plan(net, variables, (28, 28, 1))
+  layers = {p: dataclasses.asdict(plan.layers[p]) for p in plan.quantized}
+  earlier = {p: {**l, "output_shape": [1, 2 * l["output_shape"][1]] + list(l["output_shape"][2:])}
+             for p, l in layers.items()}
+  return plan, layers, earlier
+
+
 def shrink_to_smoke(config, data_dir):
   """The quickstart smoke config on the tiny dataset: 8 float steps of 32 on 256 images."""
   config.data.data_dir = data_dir

@@ -153,3 +153,14 @@ def test_resnet18_macs_match_the_known_count():
   assert cost.total_macs(traced.layers) == pytest.approx(1.814e9, rel=2e-3)
   # every conv but none of fc is followed by BN
   assert len(traced.layers) == 21 and len(traced.foldable_bn) == 20
+
+
+def test_recorded_macs_tell_a_stale_benchmark_entry_from_a_current_one():
+  """Layers as a results file records them (JSON: lists for tuples) give the plan's MACs; the same
+  layers at twice the output positions (an earlier variant, e.g. a stride-1 stem) do not."""
+  import json
+  from conftest import quickstart_plan_layers
+  plan, layers, earlier = quickstart_plan_layers()
+  assert cost.recorded_macs(json.loads(json.dumps(layers))) == cost.total_macs(plan.layer_infos()) > 0
+  assert cost.recorded_macs(json.loads(json.dumps(earlier))) > 1.9 * cost.total_macs(plan.layer_infos())
+  assert cost.recorded_macs({}) == 0

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+from conftest import quickstart_plan_layers
 from conftest import shrink_to_smoke
 from experiments import paper_tables
 
@@ -106,16 +107,7 @@ def test_speed_figure_leaves_out_a_benchmark_entry_of_an_earlier_variant(tmp_pat
   """F2 uses a benchmark entry only if its layers have the MACs of the model the sweep runs now: an
   entry measured when the model ran at another resolution (here: every layer at twice the output
   positions) is listed as stale and used for nothing."""
-  import dataclasses
-  import jax
-  import jax.numpy as jnp
-  from flexiq_jax import models, quantize
-  net = models.create("resnet_small", num_classes=10)
-  variables = jax.jit(lambda: net.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), train=False))()
-  plan = quantize.build_plan(net, variables, (28, 28, 1))
-  layers = {p: dataclasses.asdict(plan.layers[p]) for p in plan.quantized}
-  earlier = {p: {**l, "output_shape": [1, 2 * l["output_shape"][1]] + list(l["output_shape"][2:])}
-             for p, l in layers.items()}
+  _, layers, earlier = quickstart_plan_layers()
   times = {"512": {"float32": 0.2, **{f"int tuned r={r}": t for r, t in (("0", 0.2), ("0.5", 0.15), ("1", 0.1))}}}
   entry = lambda name, plan_layers: {"name": name, "times": times, "plan_layers": plan_layers,
                                      "ratio_switch": {"compilations": 0}}
