@@ -47,6 +47,8 @@ from flexiq_jax.quantize import integer
 from flexiq_jax.quantize import tuning
 from flexiq_jax.serve import count_compilations
 
+from benchmarks import targets
+
 ELEVEN = ("resnet18", "resnet50", "mobilenetv2", "efficientnet_b0", "regnetx_600mf", "vit_s", "vit_b",
           "deit_t", "deit_s", "deit_b", "swin_t")
 RATIOS = (0.0, 0.5, 1.0)
@@ -88,8 +90,9 @@ def build_subject(spec: str, full: bool) -> Subject:
   return Subject(name, model, dict(variables), shape)
 
 
-def median_times(fns: dict, args: dict, repeats: int) -> dict:
-  """{name: median seconds} over `repeats` interleaved rounds (after two warm-up calls each)."""
+def median_times(fns: dict, args: dict, repeats: int, spread: dict | None = None) -> dict:
+  """{name: median seconds} over `repeats` interleaved rounds (after two warm-up calls each);
+  `spread`, if given, receives {name: interquartile range of the rounds, seconds}."""
   for name, fn in fns.items():
     for _ in range(2):
       jax.block_until_ready(fn(*args[name]))
@@ -100,6 +103,8 @@ def median_times(fns: dict, args: dict, repeats: int) -> dict:
       t0 = time.perf_counter()
       jax.block_until_ready(fns[name](*args[name]))
       times[name].append(time.perf_counter() - t0)
+  if spread is not None:
+    spread.update({name: float(np.subtract(*np.percentile(t, [75, 25]))) for name, t in times.items()})
   return {name: float(np.median(t)) for name, t in times.items()}
 
 
@@ -107,7 +112,8 @@ def alternatives(subject: Subject, qmodel, qvars, images):
   """{name: (jitted fn, args builder(images))} of everything timed per batch size; the integer
   path with every conv as int8 ('int8'), the backend's default per conv ('default') and the
   implementations `quantize.tune_conv_impls` measured fastest at this batch ('tuned'); on a GPU also
-  'tuned' with every dense layer in the fused Pallas kernel ('pallas dense')."""
+  'tuned' with every dense layer in the fused Pallas kernel ('pallas dense'). Also returns the tuned
+  model and the tuner's {conv path: {impl: seconds}}."""
   model, variables = subject.model, subject.variables
   float_fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
   bf16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a, variables)
@@ -117,7 +123,7 @@ def alternatives(subject: Subject, qmodel, qvars, images):
          "bfloat16": (float_fn, lambda x: (bf16, x.astype(jnp.bfloat16))),
          "fake-quant r=0.5": (fake, lambda x: (qvars, x, jnp.float32(0.5))),
          "int reference r=0.5": (reference, lambda x: (qvars, x, jnp.float32(0.5)))}
-  tuned, _ = quantize.tune_conv_impls(qmodel, qvars, images)
+  tuned, impl_times = quantize.tune_conv_impls(qmodel, qvars, images)
   variants = {"int8": dataclasses.replace(qmodel, conv_impls="int8"), "default": qmodel, "tuned": tuned}
   if jax.default_backend() == "gpu" and any(qmodel.plan.layers[p].kind == "dense" for p in qmodel.plan.quantized):
     # The fused Pallas kernel for every dense layer (quantize/pallas_dense.py); off a GPU it runs
@@ -128,7 +134,7 @@ def alternatives(subject: Subject, qmodel, qvars, images):
     fn = jax.jit(qm.apply)
     for r in RATIOS:
       out[f"int {label} r={r:g}"] = (fn, lambda x, svars=svars, r=r: (svars, x, jnp.float32(r)))
-  return out, tuned
+  return out, tuned, impl_times
 
 
 def ratio_switch(qmodel, qvars, images) -> dict:
@@ -149,9 +155,10 @@ def ratio_switch(qmodel, qvars, images) -> dict:
           "same_ratio_s": float(np.median(same))}
 
 
-def layer_times(subject: Subject, qmodel, qvars, batch: int, repeats: int) -> list[dict]:
+def layer_times(subject: Subject, qmodel, qvars, batch: int, repeats: int, impl_times: dict) -> list[dict]:
   """Per quantized layer at `batch`: the integer layer alone (its input captured from the serving
-  form) at ratio 0 with its tuned implementation, with MACs and bytes for the cost model."""
+  form) at ratio 0 with its tuned implementation and the float32 layer on an input of that shape,
+  with MACs and bytes for the cost model; for convs the tuner's int8 / float32-on-codes time ratio."""
   plan, impls = qmodel.plan, qmodel.conv_impl_map()
   svars = jax.jit(qmodel.prepare)(qvars)
   images = jnp.asarray(np.random.default_rng(1).normal(size=(batch,) + subject.image_shape), jnp.float32)
@@ -162,8 +169,16 @@ def layer_times(subject: Subject, qmodel, qvars, batch: int, repeats: int) -> li
     fn = jax.jit(lambda x, e, k, b, call=call, s=plan.signed[path], impl=impl: integer.integer_forward(
         dataclasses.replace(call, kernel=k, bias=b), x, e, None, signed=s, conv_impl=impl))
     t = tuning.time_call(fn, (x, entry, call.kernel, call.bias), repeats)
-    rows.append({"path": path, "impl": impl, "seconds": t, "macs": info.macs * batch,
-                 "bytes": cost.integer_layer_bytes(info, batch)})
+    # The serving form holds codes; a float32 kernel of the same shape times the float layer.
+    float_fn = jax.jit(lambda x, k, b, call=call: dataclasses.replace(call, kernel=k, bias=b).float_forward(x))
+    as_f32 = lambda a: None if a is None else a.astype(jnp.float32)
+    t_float = tuning.time_call(float_fn, (as_f32(x), as_f32(call.kernel), as_f32(call.bias)), repeats)
+    row = {"path": path, "impl": impl, "seconds": t, "float32_seconds": t_float, "macs": info.macs * batch,
+           "bytes": cost.integer_layer_bytes(info, batch)}
+    tried = impl_times.get(path, {})
+    if "int8" in tried and "float32" in tried:
+      row["int8_over_float32"] = tried["int8"] / tried["float32"]
+    rows.append(row)
   return rows
 
 
@@ -212,7 +227,7 @@ def specs(batches_default) -> tuple[list[tuple[str, bool]], list[int]]:
       out += [(m, True) for m in ELEVEN]
     else:
       out.append((n, False))
-  batches = [int(b) for b in (_BATCHES.value or batches_default)]
+  batches = sorted(int(b) for b in (_BATCHES.value or batches_default))  # the last one tunes the layer times
   return out, batches
 
 
@@ -251,21 +266,26 @@ def main(argv):
     calib = np.random.default_rng(0).normal(size=(64,) + subject.image_shape).astype(np.float32)
     qmodel, qvars = api.quantize_model(subject.model, subject.variables, calib, selector="greedy",
                                        calib_batch_size=32)
-    entry = {"name": subject.name, "image_shape": list(subject.image_shape), "times": {},
+    entry = {"name": subject.name, "image_shape": list(subject.image_shape),
+             "measured_by": {k: info[k] for k in ("command", "commit", "date")}, "times": {}, "times_iqr": {},
              "load_average_before": os.getloadavg()[0]}  # other jobs on the machine skew times
     for batch in batches:
       images = jnp.asarray(np.random.default_rng(1).normal(size=(batch,) + subject.image_shape), jnp.float32)
-      alts, tuned = alternatives(subject, qmodel, qvars, images)
-      t = median_times({k: f for k, (f, _) in alts.items()}, {k: a(images) for k, (_, a) in alts.items()}, repeats)
+      alts, tuned, impl_times = alternatives(subject, qmodel, qvars, images)
+      spread = {}
+      t = median_times({k: f for k, (f, _) in alts.items()}, {k: a(images) for k, (_, a) in alts.items()}, repeats,
+                       spread)
       entry["times"][str(batch)] = t
+      entry["times_iqr"][str(batch)] = spread
       base = t["float32"]
       print(f"  batch {batch}: " + ", ".join(f"{k} {v * 1e3:.2f} ms ({base / v:.2f}x)" for k, v in t.items()),
             flush=True)
       entry.setdefault("tuned_conv_impls", {})[str(batch)] = dict(tuned.conv_impl_map())
+      entry.setdefault("conv_impl_times", {})[str(batch)] = impl_times
     big = max(batches)
     images = jnp.asarray(np.random.default_rng(2).normal(size=(big,) + subject.image_shape), jnp.float32)
     entry["ratio_switch"] = ratio_switch(tuned, qvars, images)
-    layers = layer_times(subject, tuned, qvars, big, max(3, repeats // 2))
+    layers = layer_times(subject, tuned, qvars, big, max(3, repeats // 2), impl_times)
     entry["layers"] = layers
     entry["lowered"] = {f"{r:g}": quantize.lowered_channels(qmodel, qvars, r) for r in (0.0, 0.25, 0.5, 0.75, 1.0)}
     entry["plan_layers"] = {p: dataclasses.asdict(qmodel.plan.layers[p]) for p in qmodel.plan.quantized}
@@ -325,9 +345,14 @@ def write_results(results: dict, out_dir: str, batch: int) -> str:
     rows = [[e["name"]] + [f"{e['times'][str(b)][n] * 1e3:.2f} ({e['times'][str(b)]['float32'] / e['times'][str(b)][n]:.2f}x)"
                             for n in names] for e in results["models"] if str(b) in e["times"]]
     lines += [f"\n## Batch {b}: ms (speed-up vs float32)\n", records.markdown_table(["model"] + names, rows)]
+  lines.append("\nMeasured by: " + "; ".join(
+      f"{e['name']} at `{e['measured_by']['commit'][:7]}` ({e['measured_by']['date']})" if "measured_by" in e
+      else f"{e['name']} by the run named under 'Resumed'" for e in results["models"]) + ".\n")
   lines.append("\nLoad average (1 min) while each model was measured: " + ", ".join(
       f"{e['name']} {e.get('load_average_before', float('nan')):.1f}→{e.get('load_average_after', float('nan')):.1f}"
       for e in results["models"]) + f" ({results['info']['cores']} cores).\n")
+  lines.append(f"\n## Targets (batch {batch})\n")
+  lines.append(targets.markdown(targets.targets(results, batch)))
   lines.append("\n## Ratio switches\n")
   lines.append(records.markdown_table(
       ["model", "compilations over 10 switches", "call at a new ratio (ms)", "call at the same ratio (ms)"],
