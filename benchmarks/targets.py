@@ -23,8 +23,9 @@ def _int_time(times: dict, ratio: str) -> float:
 
 def speed_reason(entry: dict, batch: int) -> str:
   """Why the integer path is not faster, from the layer times measured alone: the quantized layers'
-  float32 time against their integer time, the layers where integer is slowest against float, and
-  the time outside the quantized layers."""
+  integer time against their float32 time, the layers that gain least, and (where the layers
+  alone add up to less than the whole float model) the time outside them and the speed-up bound
+  of today's kernels."""
   t = entry["times"][str(batch)]
   layers = [l for l in entry.get("layers", []) if "float32_seconds" in l]
   if not layers:
@@ -34,28 +35,28 @@ def speed_reason(entry: dict, batch: int) -> str:
   worst = sorted(layers, key=lambda l: l["seconds"] - l["float32_seconds"], reverse=True)[:3]
   worst_text = ", ".join(f"{l['path']} (integer, {l['impl']} kernel: {l['seconds'] * 1e3:.1f} ms; float layer "
                          f"{l['float32_seconds'] * 1e3:.1f} ms)" for l in worst)
+  text = (f"timed alone, its {len(layers)} quantized layers take {int_sum * 1e3:.1f} ms in the integer path and "
+          f"{float_sum * 1e3:.1f} ms as float32 layers ({int_sum / float_sum:.2f}x); the layers that gain least: "
+          f"{worst_text}")
   rest_float = t["float32"] - float_sum
-  if rest_float < 0:  # per-call overhead of layers timed alone, at small batches
-    return (f"alone, its {len(layers)} quantized layers take {int_sum * 1e3:.1f} ms in the integer path and "
-            f"{float_sum * 1e3:.1f} ms in float32, more than the whole float32 model ({t['float32'] * 1e3:.1f} ms): "
-            "at this batch per-call overhead dominates the layer times, so they do not split the gap; "
-            f"the layers that gain least: {worst_text}")
-  text = (f"alone, its {len(layers)} quantized layers take {int_sum * 1e3:.1f} ms in the integer path and "
-          f"{float_sum * 1e3:.1f} ms in float32; the layers that gain least: {worst_text}; the whole float32 "
-          f"model takes {t['float32'] * 1e3:.1f} ms, so about {rest_float * 1e3:.1f} ms is outside the "
-          "quantized layers (norms, pooling, activations, residual adds) and cannot speed up")
-  bound = t["float32"] / (rest_float + sum(min(l["seconds"], l["float32_seconds"]) for l in layers))
-  text += (f"; were every quantized layer at the faster of its two times, the model would reach about {bound:.2f}x "
-           "(the bound of today's kernels)")
+  if rest_float >= 0:
+    bound = t["float32"] / (rest_float + sum(min(l["seconds"], l["float32_seconds"]) for l in layers))
+    text += (f"; the whole float32 model takes {t['float32'] * 1e3:.1f} ms, so about {rest_float * 1e3:.1f} ms is "
+             "outside the quantized layers (norms, activations, adds, pooling); were every quantized layer at the "
+             f"faster of its two times, the model would reach about {bound:.2f}x (the bound of today's kernels)")
+  else:
+    text += (f"; alone they add up to more than the whole float32 model ({t['float32'] * 1e3:.1f} ms: within it "
+             "XLA fuses their neighbours and reuses buffers), so they compare the layers, not split the model's time")
   on_float = [l for l in layers if l.get("int8_over_float32") and l["impl"] == "float32"]
   if on_float:
     ratios = sorted(l["int8_over_float32"] for l in on_float)
     text += (f"; {len(on_float)} conv(s) run as float32 on the integer codes because XLA:CPU's int8 conv is "
-             f"{ratios[0]:.1f}-{ratios[-1]:.1f}x slower than float32 at their shapes: an int8 conv kernel that is "
-             "fast at those shapes (im2col into the int8 GEMM, or a Pallas CPU kernel) would close it")
+             f"{ratios[0]:.1f}-{ratios[-1]:.1f}x slower than float32 at their shapes, so they pay the quantize and "
+             "epilogue passes (which XLA cannot fuse into the library conv) without a faster conv: an int8 conv "
+             "kernel that is fast at those shapes and quantizes its input as it loads it would close it")
   elif any(l["seconds"] > l["float32_seconds"] for l in worst):
-    text += ("; a faster int8 kernel at the shapes of the layers that gain least (their quantize and epilogue "
-             "passes fused into the GEMM) would close it")
+    text += ("; a faster int8 kernel at the shapes of the layers that gain least, with their quantize and "
+             "epilogue passes fused into it, would close it")
   return text
 
 

@@ -316,6 +316,11 @@ def test_layerwise_search_returns_the_chosen_bits(mlp, tmp_path):
   assert strict.weight_bits.tolist() == strict.act_bits.tolist() == [8] * len(mlp.plan.quantized)
   assert ev.top1(score_data, strict.weight_bits, strict.act_bits, strict.tables) == pytest.approx(ss["chosen"]["score"])
   assert set(s["seconds"]) == {"setup", "compile", "baseline", "phase1", "phase2", "phase3"}
+  # early_exit=False runs the phases even where the baseline misses the target (the benchmark
+  # times them so).
+  forced = driver.layerwise_search(config, str(tmp_path), float_model, calibration, [mlp.x], allowed_drop=0.0,
+                                   score_data=score_data, early_exit=False).summary
+  assert forced["early_exit"] is None and forced["phases_run"] == [1, 2, 3]
 
 
 def test_float_candidate_with_mse_ranges_runs(mlp, tmp_path):

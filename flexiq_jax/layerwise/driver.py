@@ -187,10 +187,12 @@ def layerwise_problem(config, float_model: FloatModel, calibration: Calibration,
 
 
 def layerwise_search(config, workdir, float_model: FloatModel, calibration: Calibration, calib_batches, mesh=None,
-                     *, allowed_drop=None, search=None, stage_name="layerwise", score_data=None) -> LayerwiseSearch:
+                     *, allowed_drop=None, search=None, stage_name="layerwise", score_data=None,
+                     early_exit: bool = True) -> LayerwiseSearch:
   """The baseline step and phases 1-3 over group bit widths; cached under <workdir>/<stage_name>/.
   The summary's 'seconds' has 'compile' (the warm-up that compiles every function the phases
-  call) apart from the phases."""
+  call) apart from the phases. early_exit=False runs phases 1-3 even where the baseline step
+  would end the search (amp.run)."""
   lw = config.layerwise
   t0 = time.perf_counter()
   lp = layerwise_problem(config, float_model, calibration, calib_batches, mesh, score_data=score_data)
@@ -200,7 +202,7 @@ def layerwise_search(config, workdir, float_model: FloatModel, calibration: Cali
   stage = os.path.join(workdir, stage_name)
   result = amp.run(lp.problem, stage, _fingerprint(config, calibration.plan, "layerwise"),
                    allowed_drop=lw.allowed_drop if allowed_drop is None else allowed_drop,
-                   search=search or lw.search, phase2_full=lw.phase2_full)
+                   search=search or lw.search, phase2_full=lw.phase2_full, early_exit=early_exit)
   result["seconds"] = {"setup": t1 - t0, "compile": t2 - t1, **result["seconds"]}
   result["members"] = {"+".join(m): list(m) for m in lp.members}
   result["recalibrated"] = bool(lw.get("recalibrate", True)) and lw.act_range == "minmax"
