@@ -396,6 +396,11 @@ def write_results(results: dict, out_dir: str, batch: int) -> str:
     rows = [[e["name"]] + [f"{e['times'][str(b)][n] * 1e3:.2f} ({e['times'][str(b)]['float32'] / e['times'][str(b)][n]:.2f}x)"
                             for n in names] for e in results["models"] if str(b) in e["times"]]
     lines += [f"\n## Batch {b}: ms (speed-up vs float32)\n", records.markdown_table(["model"] + names, rows)]
+    spread = [e["times_iqr"][str(b)][n] / e["times"][str(b)][n] for e in results["models"]
+              if str(b) in e.get("times_iqr", {}) for n in e["times_iqr"][str(b)]]
+    if spread:  # differences below this are run-to-run spread, not the alternatives
+      lines.append(f"\nInterquartile range of the timed rounds, relative to the median: median "
+                   f"{100 * float(np.median(spread)):.1f} %, largest {100 * max(spread):.1f} % over the cells above.\n")
   lines.append("\nMeasured by: " + "; ".join(
       f"{e['name']} at `{e['measured_by']['commit'][:7]}` ({e['measured_by']['date']})" if "measured_by" in e
       else f"{e['name']} by the run named under 'Resumed'" for e in results["models"]) + ".\n")
