@@ -54,7 +54,8 @@ ELEVEN = ("resnet18", "resnet50", "mobilenetv2", "efficientnet_b0", "regnetx_600
 RATIOS = (0.0, 0.5, 1.0)
 
 _MODELS = flags.DEFINE_list("models", None, "Model configs: 'quickstart', config names (configs/<name>.py, "
-                            "reduced :fmnist variants), 'fmnist' (all eleven), 'full' (the eleven at 224 px). "
+                            "reduced :fmnist variants; '<name>:full' at 224 px), 'fmnist' (all eleven), 'full' "
+                            "(the eleven at 224 px). "
                             "Default: quickstart,fmnist (+ full on a GPU).")
 _BATCHES = flags.DEFINE_list("batches", None, "Batch sizes (default 1,32,512 on CPU; 1,32,256 on GPU).")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed rounds per batch size (every alternative once per round).")
@@ -263,7 +264,11 @@ def specs(batches_default) -> tuple[list[tuple[str, bool]], list[int]]:
     elif n == "full":
       out += [(m, True) for m in ELEVEN]
     else:
-      out.append((n, False))
+      base, _, size = n.partition(":")
+      if base not in ("quickstart",) + ELEVEN or size not in ("", "fmnist", "full") or (base == "quickstart" and size):
+        raise app.UsageError(f"unknown model {n!r} in --models; known: quickstart, fmnist (the eleven reduced), full "
+                             f"(the eleven at 224 px), or one of {', '.join(ELEVEN)} with ':full' for its full size")
+      out.append((base, size == "full"))
   batches = sorted(int(b) for b in (_BATCHES.value or batches_default))  # the last one tunes the layer times
   return out, batches
 

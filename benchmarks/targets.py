@@ -89,7 +89,9 @@ def targets(results: dict, batch: int) -> list[dict]:
       reason = (f"ratio 0.5 takes {diff * 1e3:+.1f} ms and ratio 1 {(_int_time(t, '1') - _int_time(t, '0')) * 1e3:+.1f} "
                 "ms against ratio 0, in one compiled function whose work does not depend on the ratio (it only "
                 "changes which channels' codes are lowered)")
-      if "int tuned r=0" in iqr and "int tuned r=0.5" in iqr:
+      if "int tuned r=0" in iqr and "int tuned r=0.5" in iqr and iqr["int tuned r=0"] == iqr["int tuned r=0.5"] == 0:
+        reason += "; the rounds' spread is unknown (a single timed round: raise --repeats)"
+      elif "int tuned r=0" in iqr and "int tuned r=0.5" in iqr:
         spread = max(iqr["int tuned r=0"], iqr["int tuned r=0.5"])
         reason += (f"; the interquartile range of the timed rounds is {spread * 1e3:.1f} ms, so the difference is "
                    + ("within" if abs(diff) <= spread else "beyond") + " run-to-run spread")

@@ -55,6 +55,9 @@ def test_mixed_ratio_overhead_reports_spread():
   entry["times_iqr"]["512"] = {"int tuned r=0": 0.001, "int tuned r=0.5": 0.001}
   mixed = [r for r in targets.targets(_results([entry]), 512) if "ratio 0.5" in r["target"]][0]
   assert "beyond run-to-run spread" in mixed["reason"]
+  entry["times_iqr"]["512"] = {"int tuned r=0": 0.0, "int tuned r=0.5": 0.0}  # one round: no spread
+  mixed = [r for r in targets.targets(_results([entry]), 512) if "ratio 0.5" in r["target"]][0]
+  assert "spread is unknown" in mixed["reason"] and "run-to-run" not in mixed["reason"]
 
 
 def test_recompilation_and_qat_targets():
