@@ -235,11 +235,10 @@ def layerwise_phase_times(subject: Subject) -> dict:
   calib = [rng.normal(size=(config.calib.batch_size,) + subject.image_shape).astype(np.float32)
            for _ in range(config.calib.num_images // config.calib.batch_size)]
   images = rng.normal(size=(lw.score_examples,) + subject.image_shape).astype(np.float32)
-  labels = np.concatenate([np.argmax(np.asarray(float_model.logits(images[i:i + config.eval_batch_size])), -1)
-                           for i in range(0, len(images), config.eval_batch_size)]).astype(np.int32)
-  score = [{"image": images[i:i + config.eval_batch_size], "label": labels[i:i + config.eval_batch_size],
-            "mask": np.ones(len(labels[i:i + config.eval_batch_size]), np.float32)}
-           for i in range(0, len(images), config.eval_batch_size)]
+  score = []
+  for batch in np.array_split(images, range(config.eval_batch_size, len(images), config.eval_batch_size)):
+    label = np.argmax(np.asarray(float_model.logits(batch)), -1).astype(np.int32)
+    score.append({"image": batch, "label": label, "mask": np.ones(len(batch), np.float32)})
   with tempfile.TemporaryDirectory() as workdir:
     run = pipeline.Run(config, workdir)
     t0 = time.perf_counter()
@@ -269,7 +268,7 @@ def specs(batches_default) -> tuple[list[tuple[str, bool]], list[int]]:
         raise app.UsageError(f"unknown model {n!r} in --models; known: quickstart, fmnist (the eleven reduced), full "
                              f"(the eleven at 224 px), or one of {', '.join(ELEVEN)} with ':full' for its full size")
       out.append((base, size == "full"))
-  batches = sorted(int(b) for b in (_BATCHES.value or batches_default))  # the last one tunes the layer times
+  batches = sorted(int(b) for b in (_BATCHES.value or batches_default))  # the last one's tuned model is kept
   return out, batches
 
 
@@ -335,7 +334,7 @@ def main(argv):
     big = max(batches)
     images = jnp.asarray(np.random.default_rng(2).normal(size=(big,) + subject.image_shape), jnp.float32)
     entry["ratio_switch"] = ratio_switch(tuned, qvars, images)
-    layers = layer_times(subject, tuned, qvars, big, max(3, repeats // 2), impl_times)
+    layers = layer_times(subject, tuned, qvars, big, max(3, repeats // 2), entry["conv_impl_times"][str(big)])
     entry["layers"] = layers
     entry["lowered"] = {f"{r:g}": quantize.lowered_channels(qmodel, qvars, r) for r in (0.0, 0.25, 0.5, 0.75, 1.0)}
     entry["plan_layers"] = {p: dataclasses.asdict(qmodel.plan.layers[p]) for p in qmodel.plan.quantized}

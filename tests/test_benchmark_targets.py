@@ -67,3 +67,11 @@ def test_recompilation_and_qat_targets():
   assert not rows["0 compilations across ratio switches"]["met"]
   assert not rows["QAT step at most 1.2x the float step"]["met"]
   assert "**no**" in targets.markdown(list(rows.values()))
+
+
+def test_gpu_target_only_for_the_full_size_models():
+  t = dict(_times(0.2, 0.1, 0.1, 0.1), bfloat16=0.2)
+  results = {"info": {"backend": "gpu"},
+             "models": [{"name": n, "times": {"256": t}} for n in ("resnet50", "resnet50:fmnist", "vit_b:fmnist")]}
+  gpu = [r for r in targets.targets(results, 256) if "bfloat16" in r["target"]]
+  assert [r["model"] for r in gpu] == ["resnet50"] and gpu[0]["met"] and gpu[0]["measured"] == "2.00x"
