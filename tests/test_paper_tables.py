@@ -127,3 +127,21 @@ def test_jobs_run_every_method_on_the_first_seed_and_the_seed_methods_on_the_ext
                   ("quickstart", 1, ["flexiq", "ptq_mse"]), ("quickstart", 2, ["flexiq", "ptq_mse"])]
   assert paper_tables.jobs(["quickstart"], ["0", "1"], ["1"], ["quickstart"], ["flexiq", "ptq_mse"], []) == [
       ("quickstart", 0, ["flexiq", "ptq_mse"]), ("quickstart", 1, ["flexiq", "ptq_mse"])]
+
+
+def test_tables_state_the_sweep_time_and_which_runs_were_resumed(tmp_path):
+  """The sweep's time comes from the records' own timers; a resumed run is named, as its timer
+  missed the work done before the restart."""
+  out = str(tmp_path)
+  first = _record("resnet18", 0, 89.0, (88.5, 88.0, 87.0), ptq_w4=80.0, lsq=85.0, naive_100=84.0, fitted_100=86.0)
+  second = _record("deit_s", 0, 86.0, (85.0, 84.0, 83.0), ptq_w4=70.0, lsq=84.0, naive_100=83.0, fitted_100=82.0)
+  first.update(seconds_this_run=600.0, resumed=False)
+  second.update(seconds_this_run=1290.0, resumed=True)
+  _write_sweep(out, [first, second])
+  paper_tables.write_tables(out, benchmark=str(tmp_path / "no_benchmark.json"))
+  t1 = json.load(open(tmp_path / "paper_t1_4bit.json"))
+  assert t1["sweep_minutes"] == {"total": 31.5, "per_run": {"resnet18_seed0": 10.0, "deit_s_seed0": 21.5},
+                                 "resumed": ["deit_s_seed0"]}
+  md = open(tmp_path / "paper_claims.md").read()
+  assert "32 min in all (resnet18_seed0 10, deit_s_seed0 21.5)" in md
+  assert "counted only from the restart: deit_s_seed0" in md
