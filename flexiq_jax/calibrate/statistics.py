@@ -52,7 +52,10 @@ class ChannelRanges:
   merge = {"min": np.minimum, "max": np.maximum, "negatives": _add64, "rows": _add64}
 
   def statistics(self, path, x):
-    return {"min": x.min(0), "max": x.max(0), "negatives": jnp.sum(x < 0, axis=0, dtype=jnp.int32),
+    # After a ReLU XLA proves `x < 0` false and constant-folds the count of a (rows, C) array of
+    # zeros, which takes seconds per layer on CPU; the barrier hides where x came from.
+    negative = jax.lax.optimization_barrier(x) < 0
+    return {"min": x.min(0), "max": x.max(0), "negatives": jnp.sum(negative, axis=0, dtype=jnp.int32),
             "rows": jnp.asarray(x.shape[0], jnp.int32)}
 
 
