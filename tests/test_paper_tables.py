@@ -145,3 +145,40 @@ def test_tables_state_the_sweep_time_and_which_runs_were_resumed(tmp_path):
   md = open(tmp_path / "paper_claims.md").read()
   assert "32 min in all (resnet18_seed0 10, deit_s_seed0 21.5)" in md
   assert "counted only from the restart: deit_s_seed0" in md
+
+
+def _job_in_a_process(name, seed, methods):
+  """A stand-in for run_one in the worker test: the job and the process that ran it."""
+  if name == "broken":
+    raise RuntimeError("job failed")
+  return {"model": name, "seed": seed, "methods": methods, "pid": os.getpid()}
+
+
+def test_jobs_run_side_by_side_in_worker_processes():
+  todo = [("resnet18", 0, ["flexiq"]), ("vit_s", 0, ["flexiq"]), ("resnet18", 1, ["ptq_mse"])]
+  done = list(paper_tables.run_jobs(todo, _job_in_a_process, workers=2))
+  assert sorted(job for job, _ in done) == sorted(todo)
+  for job, record in done:
+    assert (record["model"], record["seed"], record["methods"]) == job
+  pids = {record["pid"] for _, record in done}
+  assert os.getpid() not in pids and 1 <= len(pids) <= 2  # spawned workers, two at most
+  inline = list(paper_tables.run_jobs(todo, _job_in_a_process, workers=1))
+  assert [job for job, _ in inline] == todo and {r["pid"] for _, r in inline} == {os.getpid()}
+  with pytest.raises(RuntimeError, match="job failed"):
+    list(paper_tables.run_jobs([("broken", 0, [])] + todo[:1], _job_in_a_process, workers=2))
+
+
+def test_the_sweep_runs_wall_clock_is_logged_and_stated(tmp_path):
+  out = str(tmp_path)
+  _write_sweep(out, [_record("resnet18", 0, 89.0, (88.5, 88.0, 87.0), ptq_w4=80.0, lsq=85.0, naive_100=84.0,
+                             fitted_100=86.0)])
+  for minutes in (150.25, 3.0):
+    paper_tables.log_sweep_run(out, {"command": "python -m experiments.paper_tables --workers=2", "commit": "abc1234def",
+                                     "device": "cpu", "started": "2026-12-01T05:00:00+00:00",
+                                     "wall_minutes": minutes, "workers": 2, "jobs": ["resnet18_seed0"]})
+  paper_tables.write_tables(out, benchmark=str(tmp_path / "no_benchmark.json"))
+  runs = json.load(open(tmp_path / "paper_t2_ratios.json"))["sweep_runs"]
+  assert [r["wall_minutes"] for r in runs] == [150.25, 3.0]
+  md = open(tmp_path / "paper_t1_4bit.md").read()
+  assert ("Sweep run `python -m experiments.paper_tables --workers=2` at abc1234, started 2026-12-01T05:00:00+00:00: "
+          "150.25 min wall clock, 2 process(es) side by side, 1 jobs") in md
