@@ -121,7 +121,8 @@ def run_one(name: str, seed: int, methods, ratios, workroot: str, out: str, smok
             "workdir": workdir, "dataset": config.data.name, "float": result.float_metrics,
             "float_train": {"epochs": config.train.num_epochs, "steps": float_done.get("total_steps"),
                             "optimizer": config.train.optimizer, "learning_rate": config.train.learning_rate},
-            "finetune_epochs": config.finetune.num_epochs, "methods": list(methods),
+            "finetune_epochs": config.finetune.num_epochs, "eval_examples": compared.get("eval_examples"),
+            "methods": list(methods),
             "rows": compared["rows"], "seconds_this_run": time.perf_counter() - t0, "resumed": resumed}
   records.write_json_atomic(os.path.join(out, "paper_sweep", f"{name}_seed{seed}.json"), record)
   return record
@@ -480,7 +481,9 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
   claim_rows = claims(t1, t2, t3, f2, len(sweep))
   methods_t1 = [m for m, _ in T1_BASELINES]
 
-  text = header("T1: 4-bit accuracy per model (Fashion-MNIST, test split)", prov)
+  sizes = sorted({r.get("eval_examples") for rs in sweep.values() for r in rs if r.get("eval_examples")})
+  text = header("T1: 4-bit accuracy per model (Fashion-MNIST, test split"
+                + (f", {' / '.join(str(n) for n in sizes)} images" if sizes else "") + ")", prov)
   text += ("FlexiQ: every lowerable channel in 4 bits (ratio 100%) after multi-ratio finetuning. Baselines at "
            "W4A4 with the first and last layers at W8A8 as FlexiQ keeps them; layer-wise AMP: its point with the "
            "largest BOPs not above FlexiQ's. Top-1 (%), mean ± sd over seeds where several ran.\n\n")
