@@ -165,12 +165,13 @@ def run_jobs(todo, run, workers: int):
 
 
 def log_sweep_run(out: str, entry: dict) -> None:
-  """Appends one run of the sweep command (its wall clock, workers and jobs) to
+  """Records one run of the sweep command (its workers, jobs and wall clock) in
   <out>/paper_sweep_runs.json: with several workers the records' own timers overlap, so the
-  wall clock of the command is the sweep's time."""
+  wall clock of the command is the sweep's time. Called at the start (wall_minutes None: a run
+  killed before its end stays so) and again at the end, which updates the entry of the same start."""
   from flexiq_jax import records
   path = os.path.join(out, "paper_sweep_runs.json")
-  runs = records.read_json(path, [])
+  runs = [r for r in records.read_json(path, []) if r["started"] != entry["started"]]
   records.write_json_atomic(path, runs + [entry])
 
 
@@ -276,8 +277,10 @@ def header(title: str, prov: dict) -> str:
              + (f"; resumed from a killed run, so counted only from the restart: {', '.join(spent['resumed'])}"
                 if spent["resumed"] else "") + "\n")
   for run in prov["sweep_runs"]:
-    text += (f"- Sweep run `{run['command']}` at {run['commit'][:7]}, started {run['started']}: {run['wall_minutes']:g} "
-             f"min wall clock, {run['workers']} process(es) side by side, {len(run['jobs'])} jobs\n")
+    wall = ("did not finish (killed, or still running when the tables were made)" if run["wall_minutes"] is None
+            else f"{run['wall_minutes']:g} min wall clock")
+    text += (f"- Sweep run `{run['command']}` at {run['commit'][:7]}, started {run['started']}: {wall}, "
+             f"{run['workers']} process(es) side by side, {len(run['jobs'])} jobs\n")
   if prov["missing_models"]:
     text += (f"- **Incomplete sweep**: {len(prov['models'])} of {len(SWEEP_ORDER)} models so far; not yet run: "
              f"{', '.join(prov['missing_models'])}. Averages and claims are over the models present.\n")
@@ -658,6 +661,10 @@ def main(argv):
     workers = max(1, min(_WORKERS.value, len(todo)))
     print(f"{len(todo)} jobs ({', '.join(f'{n} seed {s}' for n, s, _ in todo)}), {workers} at a time", flush=True)
     t_start = time.perf_counter()
+    run_entry = {"command": info["command"], "commit": info["commit"], "device": info["device"],
+                 "started": info["date"], "wall_minutes": None, "workers": workers,
+                 "jobs": [f"{n}_seed{s}" for n, s, _ in todo]}
+    log_sweep_run(out, run_entry)
     for k, ((name, seed, _), record) in enumerate(run_jobs(todo, run, workers), 1):
       elapsed = time.perf_counter() - t_start
       eta = elapsed / k * (len(todo) - k)  # the mean pace so far, workers included
@@ -666,9 +673,7 @@ def main(argv):
             f"process); float top-1 {record['float']['top1']:.2f}%"
             + (f", FlexiQ 100% after finetuning {flexiq['top1']:.2f}%" if flexiq else "")
             + f"; elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.0f} min", flush=True)
-    log_sweep_run(out, {"command": info["command"], "commit": info["commit"], "device": info["device"],
-                        "started": info["date"], "wall_minutes": round((time.perf_counter() - t_start) / 60, 1),
-                        "workers": workers, "jobs": [f"{n}_seed{s}" for n, s, _ in todo]})
+    log_sweep_run(out, {**run_entry, "wall_minutes": round((time.perf_counter() - t_start) / 60, 1)})
   write_tables(out, _PARETO_METRIC.value, _BENCHMARK.value)
   print(f"tables: {os.path.join(out, 'paper_*.md')}")
 

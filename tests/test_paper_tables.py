@@ -172,13 +172,16 @@ def test_the_sweep_runs_wall_clock_is_logged_and_stated(tmp_path):
   out = str(tmp_path)
   _write_sweep(out, [_record("resnet18", 0, 89.0, (88.5, 88.0, 87.0), ptq_w4=80.0, lsq=85.0, naive_100=84.0,
                              fitted_100=86.0)])
-  for minutes in (150.25, 3.0):
+  # A run logs itself at its start and again at its end (same start: one entry); a killed run
+  # keeps its start entry.
+  for started, minutes in (("05:00", None), ("05:00", 150.25), ("08:00", None)):
     paper_tables.log_sweep_run(out, {"command": "python -m experiments.paper_tables --workers=2", "commit": "abc1234def",
-                                     "device": "cpu", "started": "2026-12-01T05:00:00+00:00",
+                                     "device": "cpu", "started": f"2026-12-01T{started}:00+00:00",
                                      "wall_minutes": minutes, "workers": 2, "jobs": ["resnet18_seed0"]})
   paper_tables.write_tables(out, benchmark=str(tmp_path / "no_benchmark.json"))
   runs = json.load(open(tmp_path / "paper_t2_ratios.json"))["sweep_runs"]
-  assert [r["wall_minutes"] for r in runs] == [150.25, 3.0]
+  assert [r["wall_minutes"] for r in runs] == [150.25, None]
   md = open(tmp_path / "paper_t1_4bit.md").read()
   assert ("Sweep run `python -m experiments.paper_tables --workers=2` at abc1234, started 2026-12-01T05:00:00+00:00: "
           "150.25 min wall clock, 2 process(es) side by side, 1 jobs") in md
+  assert "started 2026-12-01T08:00:00+00:00: did not finish (killed, or still running" in md
