@@ -476,9 +476,8 @@ def _reading(value, target, models, caveat) -> str:
 
 def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHMARK.default) -> dict:
   from flexiq_jax import records
-  from flexiq_jax import records as records_lib
   sweep = load_sweep(out)
-  prov = provenance(sweep, records_lib.read_json(os.path.join(out, "paper_sweep_runs.json"), []))
+  prov = provenance(sweep, records.read_json(os.path.join(out, "paper_sweep_runs.json"), []))
   t1, t2, t3 = table1(sweep), table2(sweep), table3(sweep)
   f2 = speed_figure(benchmark)
   claim_rows = claims(t1, t2, t3, f2, len(sweep))
