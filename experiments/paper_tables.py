@@ -148,14 +148,16 @@ def _quiet_worker() -> None:
 
 def run_jobs(todo, run, workers: int):
   """Yields (job, record) for each (model, seed, methods) job as it finishes: in order in this
-  process when `workers` is 1, else from `workers` spawned processes (a failed job stops the
-  sweep once the running ones end; finished ones keep their records and workdirs)."""
+  process when `workers` is 1, else from `workers` spawned processes, a fresh one per job (a
+  process that ran several models kept their compiled executables and once ran out of memory in
+  LLVM); a failed job stops the sweep once the running ones end; finished ones keep their
+  records and workdirs."""
   if workers <= 1:
     for job in todo:
       yield job, run(*job)
     return
   pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=_quiet_worker)
+                                                initializer=_quiet_worker, max_tasks_per_child=1)
   try:
     futures = {pool.submit(run, *job): job for job in todo}
     for future in concurrent.futures.as_completed(futures):
