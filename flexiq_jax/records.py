@@ -7,6 +7,7 @@ import datetime
 import functools
 import json
 import os
+import platform
 import shlex
 import subprocess
 import sys
@@ -33,6 +34,19 @@ def git_commit() -> str:
 def device_description() -> str:
   devices = jax.devices()
   return f"{len(devices)}x {devices[0].device_kind} ({jax.default_backend()}), {jax.process_count()} process(es)"
+
+
+def host_description() -> str:
+  """The host CPU and its usable cores: XLA:CPU compiles for the CPU it finds, so the same code
+  and seed can round differently on another CPU model (float training is not bitwise portable)."""
+  model = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+  except OSError:
+    pass
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return f"{model}, {cores} cores"
 
 
 # The packages whose versions change results or file formats (distribution names).
@@ -69,6 +83,7 @@ def run_info(argv=None) -> dict:
       "command": " ".join(shlex.quote(a) for a in ["python"] + list(argv)),
       "commit": git_commit(),
       "device": device_description(),
+      "host": host_description(),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "jax_version": jax.__version__,
       "versions": package_versions(),

@@ -97,6 +97,7 @@ def test_one_model_runs_the_pipeline_and_writes_its_record(tiny_fmnist, tmp_path
   assert record["seed"] == 1 and record["workdir"].endswith("quickstart_seed1")
   saved = json.load(open(tmp_path / "out" / "paper_sweep" / "quickstart_seed1.json"))
   assert saved["rows"] == record["rows"] and saved["command"] == "python -m experiments.paper_tables"
+  assert saved["host"].endswith(f"{len(os.sched_getaffinity(0))} cores")  # the CPU that compiled it
   flexiq = [r for r in record["rows"] if r["method"] == "flexiq"]
   assert sorted((r["ratio"], r["finetuned"]) for r in flexiq) == [(0.0, False), (0.0, True), (1.0, False), (1.0, True)]
   assert all("kl" in r and "sqnr_db" in r for r in record["rows"])
