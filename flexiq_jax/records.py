@@ -16,16 +16,23 @@ import jax
 from etils import epath
 
 
+# Folders of committed outputs: a run writing its results there does not make the code dirty.
+RESULTS_FOLDERS = ("experiments/results", "benchmarks/results")
+
+
 @functools.lru_cache(maxsize=None)
-def git_commit() -> str:
-  """The checkout's commit (+ '-dirty'), read once per process: results written later in a long
-  run still name the code that started it, whatever was committed or edited meanwhile."""
-  here = os.path.dirname(os.path.abspath(__file__))
+def git_commit(checkout: str | None = None) -> str:
+  """The checkout's commit, + '-dirty' if a tracked file outside RESULTS_FOLDERS differs from it
+  (a sweep's workers start after earlier jobs wrote their records there; that is not a code
+  change). Read once per process: results written later in a long run still name the code that
+  started it, whatever was committed or edited meanwhile."""
+  here = checkout or os.path.dirname(os.path.abspath(__file__))
+  outputs = [f":(top,exclude){folder}" for folder in RESULTS_FOLDERS]
   try:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
                             check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                           capture_output=True, text=True, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/"] + outputs,
+                           cwd=here, capture_output=True, text=True, check=True).stdout.strip()
     return commit + ("-dirty" if dirty else "")
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
