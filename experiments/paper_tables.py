@@ -328,6 +328,10 @@ def table1(sweep: dict) -> dict:
           "margin_over_best": {"mean": float(np.mean(best)), "models": len(best)} if best else None}
 
 
+# A drop of the 8-bit point by multi-ratio finetuning larger than this is named in T2 and the claims.
+FINETUNING_HARM_POINTS = 1.0
+
+
 def table2(sweep: dict) -> dict:
   rows = []
   for model, recs in sweep.items():
@@ -343,13 +347,24 @@ def table2(sweep: dict) -> dict:
       point["relative_bops"] = first["relative_bops"] if first else None
       points.append(point)
     at = {p["ratio"]: p for p in points}
-    loss = None
+    loss = loss_vs_ptq = finetuning_change_at_8bit = None
     if 0.0 in at and 0.5 in at and at[0.0]["top1_after"] and at[0.5]["top1_after"]:
       loss = at[0.0]["top1_after"]["mean"] - at[0.5]["top1_after"]["mean"]
+      # Multi-ratio finetuning can also move the 8-bit point; against the 8-bit model as
+      # calibrated (before finetuning) a finetuning that lowers 8-bit does not pass for a gain.
+      if at[0.0]["top1_before"]:
+        loss_vs_ptq = at[0.0]["top1_before"]["mean"] - at[0.5]["top1_after"]["mean"]
+        finetuning_change_at_8bit = at[0.0]["top1_after"]["mean"] - at[0.0]["top1_before"]["mean"]
     rows.append({"model": model, "seeds": len(recs), "float": stat([r["float"]["top1"] for r in recs]),
-                 "points": points, "loss_at_50_vs_8bit_after": loss})
-  losses = [r["loss_at_50_vs_8bit_after"] for r in rows if r["loss_at_50_vs_8bit_after"] is not None]
-  return {"rows": rows, "average_loss_at_50_vs_8bit_after": float(np.mean(losses)) if losses else None}
+                 "points": points, "loss_at_50_vs_8bit_after": loss,
+                 "loss_at_50_after_vs_8bit_before": loss_vs_ptq,
+                 "finetuning_change_at_8bit": finetuning_change_at_8bit})
+  mean_of = lambda key: (lambda v: float(np.mean(v)) if v else None)([r[key] for r in rows if r[key] is not None])
+  return {"rows": rows, "average_loss_at_50_vs_8bit_after": mean_of("loss_at_50_vs_8bit_after"),
+          "average_loss_at_50_after_vs_8bit_before": mean_of("loss_at_50_after_vs_8bit_before"),
+          "finetuning_lowered_8bit": {r["model"]: r["finetuning_change_at_8bit"] for r in rows
+                                      if r["finetuning_change_at_8bit"] is not None
+                                      and r["finetuning_change_at_8bit"] < -FINETUNING_HARM_POINTS}}
 
 
 ABLATIONS = (  # (label, method, what changes against 'flexiq' before finetuning)
@@ -436,10 +451,22 @@ def claims(t1: dict, t2: dict, t3: dict, f2: dict | None, models: int) -> list[d
               + (f"; {t1['margin_over_best']['mean']:+.2f} over the best baseline per model" if t1["margin_over_best"] else ""),
               "reading": _reading(avg, 6.6, models, "Fashion-MNIST from scratch, not ImageNet: the baselines lose "
                                   "less here, so a smaller margin is expected")})
-  loss = t2["average_loss_at_50_vs_8bit_after"]
-  out.append({"claim": "the 50%-4-bit model loses 0.6 points against 8-bit",
-              "measured": None if loss is None else f"{loss:.2f} points (ratio 0 minus ratio 0.5, after finetuning, mean over models)",
-              "reading": "not measured" if loss is None else ("confirmed (loss at most 0.6)" if loss <= 0.6 else "not confirmed")})
+  loss, loss_vs_ptq = t2["average_loss_at_50_vs_8bit_after"], t2["average_loss_at_50_after_vs_8bit_before"]
+  measured = None
+  if loss is not None:
+    measured = f"{loss:.2f} points (ratio 0 minus ratio 0.5, after finetuning, mean over models)"
+    if loss_vs_ptq is not None:
+      measured += f"; {loss_vs_ptq:.2f} against the 8-bit model before finetuning"
+    if t2["finetuning_lowered_8bit"]:
+      measured += ("; finetuning lowered the 8-bit point by more than "
+                   f"{FINETUNING_HARM_POINTS:g} point on " + ", ".join(f"{k} ({v:+.2f})" for k, v in t2["finetuning_lowered_8bit"].items()))
+  held = [x <= 0.6 for x in (loss, loss_vs_ptq) if x is not None]
+  reading = ("not measured" if not held else
+             "confirmed on average, not on the models whose 8-bit point finetuning lowered"
+             if all(held) and t2["finetuning_lowered_8bit"] else "confirmed (loss at most 0.6)" if all(held) else
+             "not confirmed" if not any(held) else
+             "partly: within 0.6 against one 8-bit reference only")
+  out.append({"claim": "the 50%-4-bit model loses 0.6 points against 8-bit", "measured": measured, "reading": reading})
   if f2 and f2["rows"]:
     ratio = [r["measured_time_100_over_0"] for r in f2["rows"] if r["measured_time_100_over_0"] is not None]
     modelled = [r["modelled_share_of_speedup_at_0.5"] for r in f2["rows"] if r["modelled_share_of_speedup_at_0.5"] is not None]
@@ -529,9 +556,16 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
           fmt(p["sqnr_db_after"], 1)] for p in row["points"]])
     if row["loss_at_50_vs_8bit_after"] is not None:
       text += f"\nLoss at 50% against 8-bit (after finetuning): {row['loss_at_50_vs_8bit_after']:.2f} points\n"
+    if row["loss_at_50_after_vs_8bit_before"] is not None:
+      text += (f"Loss at 50% after finetuning against the 8-bit model before finetuning: "
+               f"{row['loss_at_50_after_vs_8bit_before']:.2f} points (finetuning moved 8-bit by "
+               f"{row['finetuning_change_at_8bit']:+.2f})\n")
     text += "\n"
   if t2["average_loss_at_50_vs_8bit_after"] is not None:
     text += f"Average loss at 50% against 8-bit: {t2['average_loss_at_50_vs_8bit_after']:.2f} points\n"
+  if t2["average_loss_at_50_after_vs_8bit_before"] is not None:
+    text += (f"Average loss at 50% after finetuning against the 8-bit model before finetuning: "
+             f"{t2['average_loss_at_50_after_vs_8bit_before']:.2f} points\n")
   _write(out, "paper_t2_ratios", {**prov, **t2}, text)
 
   text = header("T3: ablations before finetuning", prov)

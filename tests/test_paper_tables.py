@@ -61,11 +61,17 @@ def test_tables_from_sweep_records_and_byte_identical_regeneration(tmp_path):
   t2 = {r["model"]: r for r in tables["t2"]["rows"]}
   assert t2["resnet18"]["loss_at_50_vs_8bit_after"] == pytest.approx(88.6 - 88.1)
   assert tables["t2"]["average_loss_at_50_vs_8bit_after"] == pytest.approx((0.5 + 1.0) / 2)
+  # Against the 8-bit model before finetuning (88.0): resnet18 88.0 - 88.1, deit_s 88.0 - 84.0;
+  # deit_s's finetuning lowered its 8-bit point (88.0 -> 85.0), and the claim names it.
+  assert t2["deit_s"]["loss_at_50_after_vs_8bit_before"] == pytest.approx(4.0)
+  assert tables["t2"]["average_loss_at_50_after_vs_8bit_before"] == pytest.approx((-0.1 + 4.0) / 2)
+  assert tables["t2"]["finetuning_lowered_8bit"] == {"deit_s": pytest.approx(-3.0)}
   claims = {c["claim"].split(" ")[0] + str(i): c for i, c in enumerate(tables["claims"])}
   extraction = [c for c in tables["claims"] if c["claim"].startswith("bit extraction")][0]
   assert extraction["measured"].endswith("on 1 of 2 models") and extraction["reading"] == "partly"
   loss = [c for c in tables["claims"] if "0.6 points" in c["claim"]][0]
-  assert loss["reading"] == "not confirmed"  # 0.75 > 0.6
+  assert loss["reading"] == "not confirmed"  # 0.75 and 1.95 > 0.6
+  assert "1.95 against the 8-bit model before finetuning" in loss["measured"] and "deit_s (-3.00)" in loss["measured"]
   assert claims and tables["f2"] is None  # no benchmark file: no F2, and no claim made from it
   files = sorted(f for f in os.listdir(out) if f.startswith("paper_"))
   assert {"paper_t1_4bit.md", "paper_t2_ratios.json", "paper_t3_ablations.md", "paper_claims.md",
