@@ -359,9 +359,11 @@ def table2(sweep: dict) -> dict:
                  "points": points, "loss_at_50_vs_8bit_after": loss,
                  "loss_at_50_after_vs_8bit_before": loss_vs_ptq,
                  "finetuning_change_at_8bit": finetuning_change_at_8bit})
-  mean_of = lambda key: (lambda v: float(np.mean(v)) if v else None)([r[key] for r in rows if r[key] is not None])
-  return {"rows": rows, "average_loss_at_50_vs_8bit_after": mean_of("loss_at_50_vs_8bit_after"),
-          "average_loss_at_50_after_vs_8bit_before": mean_of("loss_at_50_after_vs_8bit_before"),
+  def mean_over_models(key):
+    over = stat([r[key] for r in rows])
+    return over and over["mean"]
+  return {"rows": rows, "average_loss_at_50_vs_8bit_after": mean_over_models("loss_at_50_vs_8bit_after"),
+          "average_loss_at_50_after_vs_8bit_before": mean_over_models("loss_at_50_after_vs_8bit_before"),
           "finetuning_lowered_8bit": {r["model"]: r["finetuning_change_at_8bit"] for r in rows
                                       if r["finetuning_change_at_8bit"] is not None
                                       and r["finetuning_change_at_8bit"] < -FINETUNING_HARM_POINTS}}
@@ -461,11 +463,16 @@ def claims(t1: dict, t2: dict, t3: dict, f2: dict | None, models: int) -> list[d
       measured += ("; finetuning lowered the 8-bit point by more than "
                    f"{FINETUNING_HARM_POINTS:g} point on " + ", ".join(f"{k} ({v:+.2f})" for k, v in t2["finetuning_lowered_8bit"].items()))
   held = [x <= 0.6 for x in (loss, loss_vs_ptq) if x is not None]
-  reading = ("not measured" if not held else
-             "confirmed on average, not on the models whose 8-bit point finetuning lowered"
-             if all(held) and t2["finetuning_lowered_8bit"] else "confirmed (loss at most 0.6)" if all(held) else
-             "not confirmed" if not any(held) else
-             "partly: within 0.6 against one 8-bit reference only")
+  if not held:
+    reading = "not measured"
+  elif not any(held):
+    reading = "not confirmed"
+  elif not all(held):
+    reading = "partly: within 0.6 against one 8-bit reference only"
+  elif t2["finetuning_lowered_8bit"]:
+    reading = "confirmed on average, not on the models whose 8-bit point finetuning lowered"
+  else:
+    reading = "confirmed (loss at most 0.6)"
   out.append({"claim": "the 50%-4-bit model loses 0.6 points against 8-bit", "measured": measured, "reading": reading})
   if f2 and f2["rows"]:
     ratio = [r["measured_time_100_over_0"] for r in f2["rows"] if r["measured_time_100_over_0"] is not None]
