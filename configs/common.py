@@ -228,6 +228,8 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   config.finetune.uniform_prob = 0.5  # share of steps at a ratio uniform in [0, 1] (between levels)
   config.finetune.refresh = "auto"  # re-estimate weight_e and bias-correction means after QAT: auto|always|never
   config.finetune.level_probs = ()  # () = uniform
+  # Ratios trained at every step besides the sampled one (loss averaged over them), e.g. (0.0, 1.0)
+  config.finetune.every_step_ratios = ()
   config.finetune.checkpoint_every_steps = 200 if fmnist else 2000
 
   config.sweep = ml_collections.ConfigDict()

@@ -74,6 +74,10 @@ _IMAGENET = flags.DEFINE_bool("imagenet", False, "The configs' ImageNet settings
 _WORKERS = flags.DEFINE_integer(
     "workers", 1, "Models run side by side in this many processes (each its own workdir). One process leaves "
     "part of a 2-core CPU idle (compilation and the host loop are single-threaded); 2 use it fully.")
+_RECOMPUTE = flags.DEFINE_list(
+    "recompute", [], "Methods whose rows cached in the workdirs are computed again when another commit made them "
+    "(after a code change the cache cannot see: its key is the config); 'flexiq' redoes its finetuning too. The "
+    "records name the commit that made each method's rows.")
 _TABLES_ONLY = flags.DEFINE_bool("tables_only", False, "Only regenerate the tables from <out>/paper_sweep/.")
 _PARETO_METRIC = flags.DEFINE_enum("pareto_metric", "top1", ("top1", "kl", "sqnr_db", "agreement"),
                                    "The y axis of F1.")
@@ -102,7 +106,7 @@ def model_config(name: str, seed: int, methods, ratios, smoke: bool, imagenet: b
 
 
 def run_one(name: str, seed: int, methods, ratios, workroot: str, out: str, smoke: bool, argv,
-            imagenet: bool = False) -> dict:
+            imagenet: bool = False, recompute=()) -> dict:
   """The whole pipeline and every method for one model and seed; returns the sweep record."""
   from flexiq_jax import compare
   from flexiq_jax import pipeline
@@ -115,7 +119,8 @@ def run_one(name: str, seed: int, methods, ratios, workroot: str, out: str, smok
   t0 = time.perf_counter()
   with workdir_lib.locked(workdir):  # one sweep (or run.py) per workdir at a time
     result = pipeline.run_until(run, "eval")
-    compared = compare.run_compare(run, result.float_model, result.float_metrics, float_logits=result.float_logits)
+    compared = compare.run_compare(run, result.float_model, result.float_metrics, float_logits=result.float_logits,
+                                   recompute=[m for m in recompute if m in methods])
   float_done = records.read_json(os.path.join(workdir, "float", "done.json"), {})
   record = {**records.run_info(argv), "model": name, "model_name": config.model.name, "seed": seed,
             "workdir": workdir, "dataset": config.data.name, "float": result.float_metrics,
@@ -123,7 +128,8 @@ def run_one(name: str, seed: int, methods, ratios, workroot: str, out: str, smok
                             "optimizer": config.train.optimizer, "learning_rate": config.train.learning_rate},
             "finetune_epochs": config.finetune.num_epochs, "eval_examples": compared.get("eval_examples"),
             "methods": list(methods),
-            "rows": compared["rows"], "seconds_this_run": time.perf_counter() - t0, "resumed": resumed}
+            "rows": compared["rows"], "methods_made_by": compared["methods_made_by"],
+            "seconds_this_run": time.perf_counter() - t0, "resumed": resumed}
   records.write_json_atomic(os.path.join(out, "paper_sweep", f"{name}_seed{seed}.json"), record)
   return record
 
@@ -255,10 +261,22 @@ def provenance(sweep: dict, runs=()) -> dict:
   recs = [r for rs in sweep.values() for r in rs]
   missing = [m for m in SWEEP_ORDER if m not in sweep]
   # The sweep's time as the records measured it (float training + every method of one model and
-  # seed); a model resumed from a killed run counts only its last run, and says so.
+  # seed); a model with earlier work in its workdir (a killed run, or rows reused from the cache)
+  # counts only its last run, and says so.
   minutes = {f"{r['model']}_seed{r['seed']}": round(r["seconds_this_run"] / 60, 1) for r in recs
              if "seconds_this_run" in r}
-  return {"models": list(sweep), "missing_models": missing, "sweep_commands": sorted({r["command"] for r in recs}), "sweep_commits": sorted({r["commit"] for r in recs}),
+  # Rows a record took from its workdir's cache, made by an earlier run: {(commit, methods): [runs]}.
+  reused: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+  for r in recs:
+    by_commit: dict[str, list[str]] = {}
+    for method, made in r.get("methods_made_by", {}).items():
+      if not made["this_run"]:
+        by_commit.setdefault(made["commit"][:7] if made["commit"] else "unrecorded", []).append(method)
+    for commit, methods in by_commit.items():
+      reused.setdefault((commit, tuple(methods)), []).append(f"{r['model']}_seed{r['seed']}")
+  return {"models": list(sweep), "missing_models": missing,
+          "reused_rows": [{"commit": c, "methods": list(m), "runs": runs} for (c, m), runs in sorted(reused.items())],
+          "sweep_commands": sorted({r["command"] for r in recs}), "sweep_commits": sorted({r["commit"] for r in recs}),
           "devices": sorted({r["device"] for r in recs}),
           "dates": [min(r["date"] for r in recs), max(r["date"] for r in recs)],
           "sweep_minutes": {"total": round(sum(minutes.values()), 1), "per_run": minutes,
@@ -276,13 +294,18 @@ def header(title: str, prov: dict) -> str:
     text += (f"- Time per model and seed (the records' own timers: float training and every method, each in its "
              f"process; several processes side by side overlap, so the runs' wall clock below is the sweep's time): "
              f"{spent['total']:.0f} min in all ({', '.join(f'{k} {v:g}' for k, v in spent['per_run'].items())})"
-             + (f"; resumed from a killed run, so counted only from the restart: {', '.join(spent['resumed'])}"
-                if spent["resumed"] else "") + "\n")
+             + (f"; with earlier work in their workdirs, so counted only from their last run: "
+                f"{', '.join(spent['resumed'])}" if spent["resumed"] else "") + "\n")
+  for group in prov.get("reused_rows", []):
+    text += (f"- Rows reused from the workdirs' cache, made by an earlier run at {group['commit']}"
+             + (" (made before rows recorded their commit)" if group["commit"] == "unrecorded" else "")
+             + f": {', '.join(group['methods'])} of {', '.join(group['runs'])}\n")
   for run in prov["sweep_runs"]:
     wall = ("did not finish (killed, or still running when the tables were made)" if run["wall_minutes"] is None
             else f"{run['wall_minutes']:g} min wall clock")
     text += (f"- Sweep run `{run['command']}` at {run['commit'][:7]}, started {run['started']}: {wall}, "
-             f"{run['workers']} process(es) side by side, {len(run['jobs'])} jobs\n")
+             f"{run['workers']} process(es) side by side, {len(run['jobs'])} jobs"
+             + (f", recomputing {', '.join(run['recompute'])}" if run.get("recompute") else "") + "\n")
   if prov["missing_models"]:
     text += (f"- **Incomplete sweep**: {len(prov['models'])} of {len(SWEEP_ORDER)} models so far; not yet run: "
              f"{', '.join(prov['missing_models'])}. Averages and claims are over the models present.\n")
@@ -698,14 +721,17 @@ def main(argv):
                 _SEED_METHODS.value)
     argv_record = records.command_argv()
     info = records.run_info(argv_record)  # the code that runs is the code at start
+    unknown = [m for m in _RECOMPUTE.value if m not in compare.METHODS]
+    if unknown:
+      raise app.UsageError(f"unknown --recompute {unknown}; known: {', '.join(compare.METHODS)}")
     run = functools.partial(run_one, ratios=_RATIOS.value, workroot=_WORKROOT.value, out=out, smoke=_SMOKE.value,
-                            argv=argv_record, imagenet=_IMAGENET.value)
+                            argv=argv_record, imagenet=_IMAGENET.value, recompute=tuple(_RECOMPUTE.value))
     workers = max(1, min(_WORKERS.value, len(todo)))
     print(f"{len(todo)} jobs ({', '.join(f'{n} seed {s}' for n, s, _ in todo)}), {workers} at a time", flush=True)
     t_start = time.perf_counter()
     run_entry = {"command": info["command"], "commit": info["commit"], "device": info["device"],
                  "started": info["date"], "wall_minutes": None, "workers": workers,
-                 "jobs": [f"{n}_seed{s}" for n, s, _ in todo]}
+                 "jobs": [f"{n}_seed{s}" for n, s, _ in todo], "recompute": list(_RECOMPUTE.value)}
     log_sweep_run(out, run_entry)
     for k, ((name, seed, _), record) in enumerate(run_jobs(todo, run, workers), 1):
       elapsed = time.perf_counter() - t_start

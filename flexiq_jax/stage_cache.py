@@ -40,7 +40,11 @@ _FINETUNE = _SELECT + ("finetune.num_epochs", "finetune.batch_size", "finetune.o
                        "finetune.learning_rate", "finetune.momentum", "finetune.nesterov", "finetune.weight_decay",
                        "finetune.schedule", "finetune.warmup_steps", "finetune.label_smoothing",
                        "finetune.grad_clip_norm", "finetune.lsq", "finetune.lsq_weights", "finetune.distill_weight",
-                       "finetune.levels", "finetune.level_probs", "finetune.uniform_prob", "finetune.refresh")
+                       "finetune.levels", "finetune.level_probs", "finetune.uniform_prob", "finetune.refresh",
+                       "finetune.every_step_ratios")
+# Fields added after workdirs were made, with the value that reproduces the older behaviour: at
+# that value the field is left out of the fingerprint, so those workdirs stay valid.
+_ADDED_LATER = {"finetune.every_step_ratios": (None, [])}
 # The run.py stage that redoes a stage directory (`--force_from`).
 FORCE_FROM = {"float": "train", "calibrate": "calibrate", "select": "select", "quantized": "quantize",
               "finetune": "finetune"}
@@ -75,6 +79,9 @@ QVARS_FORMAT = 2
 def stage_fields(config, stage: str, *extra: str) -> dict:
   """The fields stage `stage` depends on, plus `extra` dotted names."""
   fields = config_fields(config, STAGE_FIELDS[stage] + tuple(extra))
+  for name, old_behaviour in _ADDED_LATER.items():
+    if name in fields and _plain(fields[name]) in old_behaviour:
+      del fields[name]
   if stage in ("quantize", "finetune"):
     fields["qvars_format"] = QVARS_FORMAT
   return fields
@@ -185,19 +192,44 @@ class Stage:
 
 class JsonCache:
   """Keyed JSON results persisted to `path`, valid only for `fingerprint` (a mismatch discards
-  them). Each computed entry is saved at once, so a killed run keeps what it finished."""
+  them). Each computed entry is saved at once, so a killed run keeps what it finished, with the
+  commit and date that computed it (`made_by`): the fingerprint holds config fields, not code, so
+  a result reused after a code change says which code made it."""
 
   def __init__(self, path: str, fingerprint_: str):
     self.path, self.fingerprint = path, fingerprint_
     saved = records.read_json(path)
-    self.data = saved["data"] if saved and saved.get("fingerprint") == fingerprint_ else {}
+    valid = saved and saved.get("fingerprint") == fingerprint_
+    self.data = saved["data"] if valid else {}
+    self.made = saved.get("made_by", {}) if valid else {}
+    self.computed_now: set[str] = set()
 
   def get(self, key, compute: Callable):
     key = str(key)
     if key not in self.data:
       self.data[key] = compute()
+      info = records.run_info()
+      self.made[key] = {"commit": info["commit"], "date": info["date"]}
+      self.computed_now.add(key)
       self.save()
     return self.data[key]
 
+  def made_by(self, key) -> dict:
+    """{'commit', 'date'} of the run that computed `key` (None for entries saved before this was
+    recorded), and 'this_run': whether this process computed it."""
+    key = str(key)
+    made = self.made.get(key, {"commit": None, "date": None})
+    return {**made, "this_run": key in self.computed_now}
+
+  def drop(self, keys) -> list[str]:
+    """Forgets the entries `keys` (they are recomputed on the next `get`); returns those present."""
+    present = [str(k) for k in keys if str(k) in self.data]
+    for key in present:
+      del self.data[key]
+      self.made.pop(key, None)
+    if present:
+      self.save()
+    return present
+
   def save(self):
-    records.write_json_atomic(self.path, {"fingerprint": self.fingerprint, "data": self.data})
+    records.write_json_atomic(self.path, {"fingerprint": self.fingerprint, "data": self.data, "made_by": self.made})

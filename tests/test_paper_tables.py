@@ -108,6 +108,23 @@ def test_one_model_runs_the_pipeline_and_writes_its_record(tiny_fmnist, tmp_path
   assert sorted((r["ratio"], r["finetuned"]) for r in flexiq) == [(0.0, False), (0.0, True), (1.0, False), (1.0, True)]
   assert all("kl" in r and "sqnr_db" in r for r in record["rows"])
   assert {r["setting"] for r in record["rows"] if r["method"] == "ptq_minmax"} == {"W8A8", "W4A4 (ends W8A8)"}
+  made = record["methods_made_by"]
+  assert made["flexiq"]["this_run"] and made["flexiq"]["commit"] == saved["commit"]
+  # Rows cached by another commit: --recompute=flexiq redoes FlexiQ (its finetuning too) and
+  # keeps the other method's cached rows, naming the commit that made them.
+  rows_path = tmp_path / "work" / "quickstart_seed1" / "compare" / "rows.json"
+  cache = json.load(open(rows_path))
+  cache["made_by"] = {m: {"commit": "0ldc0de", "date": "2026-11-01"} for m in cache["made_by"]}
+  rows_path.write_text(json.dumps(cache))
+  again = paper_tables.run_one("quickstart", 1, ["flexiq", "ptq_minmax"], ["0", "1"], str(tmp_path / "work"),
+                               str(tmp_path / "out"), True, ["-m", "experiments.paper_tables"], recompute=("flexiq",))
+  assert again["methods_made_by"]["flexiq"]["this_run"]
+  assert again["methods_made_by"]["ptq_minmax"] == {"commit": "0ldc0de", "date": "2026-11-01", "this_run": False}
+  assert again["resumed"] and os.listdir(tmp_path / "work" / "quickstart_seed1" / "replaced")  # old finetune kept
+  # A rerun at the same commit (a killed sweep resumed) keeps what it recomputed.
+  third = paper_tables.run_one("quickstart", 1, ["flexiq", "ptq_minmax"], ["0", "1"], str(tmp_path / "work"),
+                               str(tmp_path / "out"), True, ["-m", "experiments.paper_tables"], recompute=("flexiq",))
+  assert not third["methods_made_by"]["flexiq"]["this_run"] and third["rows"] == again["rows"]
 
 
 def test_speed_figure_leaves_out_a_benchmark_entry_of_an_earlier_variant(tmp_path):
@@ -143,7 +160,10 @@ def test_tables_state_the_sweep_time_and_which_runs_were_resumed(tmp_path):
   first = _record("resnet18", 0, 89.0, (88.5, 88.0, 87.0), ptq_w4=80.0, lsq=85.0, naive_100=84.0, fitted_100=86.0)
   second = _record("deit_s", 0, 86.0, (85.0, 84.0, 83.0), ptq_w4=70.0, lsq=84.0, naive_100=83.0, fitted_100=82.0)
   first.update(seconds_this_run=600.0, resumed=False)
-  second.update(seconds_this_run=1290.0, resumed=True)
+  second.update(seconds_this_run=1290.0, resumed=True,
+                methods_made_by={"flexiq": {"commit": "abc123", "date": "d", "this_run": True},
+                                 "ptq_mse": {"commit": "0ldc0de99", "date": "d", "this_run": False},
+                                 "lsq_qat": {"commit": None, "date": None, "this_run": False}})
   _write_sweep(out, [first, second])
   paper_tables.write_tables(out, benchmark=str(tmp_path / "no_benchmark.json"))
   t1 = json.load(open(tmp_path / "paper_t1_4bit.json"))
@@ -151,7 +171,10 @@ def test_tables_state_the_sweep_time_and_which_runs_were_resumed(tmp_path):
                                  "resumed": ["deit_s_seed0"]}
   md = open(tmp_path / "paper_claims.md").read()
   assert "32 min in all (resnet18_seed0 10, deit_s_seed0 21.5)" in md
-  assert "counted only from the restart: deit_s_seed0" in md
+  assert "counted only from their last run: deit_s_seed0" in md
+  assert "Rows reused from the workdirs' cache, made by an earlier run at 0ldc0de: ptq_mse of deit_s_seed0" in md
+  assert ("made by an earlier run at unrecorded (made before rows recorded their commit): lsq_qat of "
+          "deit_s_seed0") in md
 
 
 def _job_in_a_process(name, seed, methods):

@@ -135,6 +135,11 @@ def test_json_cache_keeps_entries_under_one_fingerprint(tmp_path):
   assert other.data == {} and other.get("a", compute(4)) == {"value": 4}
   assert calls == [1, 3, 4]
   assert JsonCache(path, "fp1").data == {}  # ... and overwritten on save
+  # Each entry names the commit that computed it; a reload knows it was not this instance.
+  assert other.made_by("a")["this_run"] and other.made_by("a")["commit"]
+  reloaded = JsonCache(path, "fp2")
+  assert reloaded.made_by("a") == {**other.made_by("a"), "this_run": False}
+  assert reloaded.drop(["a", "absent"]) == ["a"] and JsonCache(path, "fp2").data == {}
   # A stage's caches are keyed by its fingerprint and a salt.
   stage = Stage(str(tmp_path), "layerwise", {"seed": 0})
   assert stage.cache("x.json", "a").fingerprint != stage.cache("x.json", "b").fingerprint

@@ -299,21 +299,34 @@ METHODS: dict[str, Callable[[CompareContext], list[Row]]] = {
 ALL_METHODS = tuple(METHODS)
 
 
-def run_compare(run: pipeline.Run, float_model: FloatModel, float_metrics=None, float_logits=None) -> dict:
+def run_compare(run: pipeline.Run, float_model: FloatModel, float_metrics=None, float_logits=None,
+                recompute=()) -> dict:
   """Every method of config.compare.methods; rows cached per method in <workdir>/compare/rows.json.
   `float_logits`: the float model's logits on the eval batches (PipelineResult.float_logits);
-  computed here in one pass when not given."""
+  computed here in one pass when not given. `recompute`: methods whose cached rows, if another
+  commit made them, are dropped and computed again (after a code change, which the cache's
+  fingerprint does not see; a killed rerun at the same commit keeps what it redid); for 'flexiq'
+  the finetune stage is redone too (moved to <workdir>/replaced/ first). The results name, per
+  method, the commit and date that computed its rows ('methods_made_by')."""
   config = run.config
   cc = config.compare
   methods = as_list(cc.methods)
   unknown = [m for m in methods if m not in METHODS]
   if unknown:
     raise ValueError(f"unknown compare.methods {unknown}; valid: {list(METHODS)}")
-  ctx = CompareContext.build(run, float_model, float_logits)
   # Which methods run and where the reports go change no method's rows.
   compare_fields = [f"compare.{k}" for k in cc.keys() if k not in ("methods", "results_prefix")]
   fields = stage_cache.stage_fields(config, "finetune", "layerwise", "sweep", *compare_fields, "data.eval_examples")
   cache = stage_cache.JsonCache(os.path.join(run.workdir, "compare", "rows.json"), stage_cache.fingerprint(fields))
+  unknown = [m for m in recompute if m not in METHODS]
+  if unknown:
+    raise ValueError(f"unknown methods to recompute {unknown}; valid: {list(METHODS)}")
+  now = records.git_commit()
+  stale = [m for m in recompute if m in cache.data and cache.made_by(m)["commit"] != now]
+  if "flexiq" in stale:  # before the row is dropped: a kill in between leaves the row to drop again
+    pipeline.replace_stages(run.workdir, "finetune")
+  cache.drop(stale)
+  ctx = CompareContext.build(run, float_model, float_logits)
   seconds, rows = {}, []
   bar = progress.bar(desc="compare", total=len(methods), unit="method")  # the inner stages show their own bars
   for m in methods:
@@ -328,7 +341,7 @@ def run_compare(run: pipeline.Run, float_model: FloatModel, float_metrics=None, 
              "eval_examples": len(ctx.eval_data) and int(sum(float(np.sum(b.get("mask", np.ones(len(b["label"])))))
                                                              for b in ctx.eval_data)),
              "float_top1": float_metrics["top1"] if float_metrics else None, "rows": [r.to_json() for r in rows],
-             "seconds_this_run": seconds}
+             "seconds_this_run": seconds, "methods_made_by": {m: cache.made_by(m) for m in methods}}
   write_reports(results, run.workdir, cc.results_prefix)
   return results
 
