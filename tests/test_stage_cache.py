@@ -46,9 +46,20 @@ ALL = {"float", "calibrate", "select", "quantize", "finetune"}
     ("select.levels", (0.5, 1.0), {"select", "quantize", "finetune"}),
     ("finetune.learning_rate", 0.1, {"finetune"}),
     ("finetune.level_probs", (0.5, 0.5), {"finetune"}),
+    ("finetune.every_step_ratios", (0.0, 1.0), {"finetune"}),
 ])
 def test_fingerprint_follows_exactly_the_listed_fields(field, value, stages):
   assert _changed(field, value) == stages
+
+
+def test_a_field_added_later_keeps_older_workdirs_valid_at_its_old_behaviour():
+  """finetune.every_step_ratios = () trains as before the field existed: the fingerprint is the
+  one of a config without the field, so older finetune stages and compare caches are reused."""
+  config = quickstart.get_config("smoke")
+  assert config.finetune.every_step_ratios == ()
+  now = stage_cache.stage_fields(config, "finetune")
+  del config.finetune["every_step_ratios"]
+  assert stage_cache.stage_fields(config, "finetune") == now and "finetune.every_step_ratios" not in now
 
 
 def test_config_fields_are_plain_and_absent_ones_none():
