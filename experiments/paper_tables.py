@@ -297,9 +297,9 @@ def header(title: str, prov: dict) -> str:
              + (f"; with earlier work in their workdirs, so counted only from their last run: "
                 f"{', '.join(spent['resumed'])}" if spent["resumed"] else "") + "\n")
   for group in prov.get("reused_rows", []):
-    text += (f"- Rows reused from the workdirs' cache, made by an earlier run at {group['commit']}"
-             + (" (made before rows recorded their commit)" if group["commit"] == "unrecorded" else "")
-             + f": {', '.join(group['methods'])} of {', '.join(group['runs'])}\n")
+    made = ("an earlier run whose commit was not recorded (made before cached rows recorded it)"
+            if group["commit"] == "unrecorded" else f"an earlier run at {group['commit']}")
+    text += f"- Rows reused from the workdirs' cache, made by {made}: {', '.join(group['methods'])} of {', '.join(group['runs'])}\n"
   for run in prov["sweep_runs"]:
     wall = ("did not finish (killed, or still running when the tables were made)" if run["wall_minutes"] is None
             else f"{run['wall_minutes']:g} min wall clock")

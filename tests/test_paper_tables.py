@@ -173,7 +173,7 @@ def test_tables_state_the_sweep_time_and_which_runs_were_resumed(tmp_path):
   assert "32 min in all (resnet18_seed0 10, deit_s_seed0 21.5)" in md
   assert "counted only from their last run: deit_s_seed0" in md
   assert "Rows reused from the workdirs' cache, made by an earlier run at 0ldc0de: ptq_mse of deit_s_seed0" in md
-  assert ("made by an earlier run at unrecorded (made before rows recorded their commit): lsq_qat of "
+  assert ("made by an earlier run whose commit was not recorded (made before cached rows recorded it): lsq_qat of "
           "deit_s_seed0") in md
 
 
