@@ -129,15 +129,17 @@ def test_unknown_method_lists_the_registry(context, tmp_path):
 
 
 def test_lsq_baseline_resumes_after_a_kill(context, tmp_path, monkeypatch):
-  """LSQ QAT trains through train.run_loop with checkpoints in <workdir>/compare/lsq_qat: a run
-  killed after step 3 (checkpoints every 2) resumes to the uninterrupted run's numbers."""
+  """LSQ QAT trains through train.run_loop with checkpoints in <workdir>/compare/lsq_qat/<fingerprint>:
+  a run killed after step 3 (checkpoints every 2) resumes to the uninterrupted run's numbers, and
+  a finished run is never restored for another recipe."""
   full_ctx = _in(context, tmp_path / "full")
   [row] = harness.lsq_qat(full_ctx)
   assert row.method == "lsq_qat" and row.setting == "W4A4 (ends W8A8), 4 steps, lr 0.001"
   assert 0 < row.relative_bops < 0.3
   assert row.top1 * 128 / 100 == pytest.approx(round(row.top1 * 128 / 100))  # hits counted over 128 images
   assert 0 <= row.extra["agreement"] <= 100 and row.extra["kl"] > 0 and np.isfinite(row.extra["sqnr_db"])
-  lsq_dir = tmp_path / "full" / "compare" / "lsq_qat"
+  [fingerprint] = os.listdir(tmp_path / "full" / "compare" / "lsq_qat")
+  lsq_dir = tmp_path / "full" / "compare" / "lsq_qat" / fingerprint
   full_log = [json.loads(line) for line in open(lsq_dir / "metrics.jsonl")]
   assert [r["step"] for r in full_log] == [2, 4]
 
@@ -154,7 +156,7 @@ def test_lsq_baseline_resumes_after_a_kill(context, tmp_path, monkeypatch):
   with pytest.raises(KeyboardInterrupt):
     harness.lsq_qat(crash_ctx)
   monkeypatch.setattr(train, "run_loop", real_loop)
-  crash_dir = tmp_path / "crash" / "compare" / "lsq_qat"
+  crash_dir = tmp_path / "crash" / "compare" / "lsq_qat" / fingerprint
   assert max(int(d) for d in os.listdir(crash_dir / "checkpoints") if d.isdigit()) == 2
   [resumed] = harness.lsq_qat(crash_ctx)
   crash_log = [json.loads(line) for line in open(crash_dir / "metrics.jsonl")]
@@ -164,6 +166,12 @@ def test_lsq_baseline_resumes_after_a_kill(context, tmp_path, monkeypatch):
   # Finished: a rerun evaluates the saved weights without training.
   monkeypatch.setattr(train, "run_loop", lambda *a, **k: pytest.fail("a finished LSQ run was retrained"))
   assert harness.lsq_qat(full_ctx)[0].top1 == pytest.approx(row.top1)
+  # Another learning rate trains afresh beside the finished run (which stays for its recipe).
+  trained = []
+  monkeypatch.setattr(train, "run_loop", lambda state, *a, **k: trained.append(1) or state)
+  other = _in(context, tmp_path / "full", **{"compare.lsq_learning_rate": 0.01})
+  assert harness.lsq_qat(other)[0].setting.endswith("lr 0.01") and trained == [1]
+  assert len(os.listdir(tmp_path / "full" / "compare" / "lsq_qat")) == 2
 
 
 def test_selector_and_bias_correction_variants_run_in_their_own_workdirs(context, tmp_path):

@@ -18,6 +18,7 @@ Methods (config.compare.methods):
   adaround        uniform W4A4 post-training quantization with AdaRound weight rounding
                   (compare.adaround: Nagel et al. 2020, MSE ranges)
   lsq_qat         uniform W4A4 QAT with LSQ, same budget and recipe as config.finetune
+                  (checkpoints in compare/lsq_qat/<fingerprint of its config fields>)
 The ablation sub-workdirs are evaluated before finetuning only (their finetuning would cost as
 much again as FlexiQ's). Every row also carries agreement with the float model's predictions,
 KL(float || quantized) and the output SQNR, measured in the same evaluation pass. Each method's rows are cached in compare/rows.json by a fingerprint of
@@ -282,7 +283,12 @@ def lsq_qat(ctx: CompareContext) -> list[Row]:
                                   act_method=cc.lsq_init, weight_method=cc.lsq_init, bits=(4, 8),
                                   batches=ctx.calib_batches)
   bits = baselines.uniform_bits(plan, (4, 4), cc.keep_ends)
-  out = baselines.lsq_qat(ctx.config, os.path.join(ctx.run.workdir, "compare", "lsq_qat"), ctx.float_model.model,
+  # Its checkpoints sit under a fingerprint of what they depend on: a finished run of another
+  # recipe (or calibration) must not be restored and evaluated as if it were this one.
+  fields = stage_cache.stage_fields(ctx.config, "finetune", "compare.lsq_init", "compare.keep_ends",
+                                    "compare.lsq_learning_rate")
+  workdir = os.path.join(ctx.run.workdir, "compare", "lsq_qat", stage_cache.fingerprint(fields))
+  out = baselines.lsq_qat(ctx.config, workdir, ctx.float_model.model,
                           ctx.float_model.variables, plan, ctx.calibration.folded, tables, bits, ctx.eval_data,
                           ctx.run.mesh, reference_logits=ctx.float_logits)
   ends = " (ends W8A8)" if cc.keep_ends else ""
