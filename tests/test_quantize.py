@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flexiq_jax import interception, quantize
+from flexiq_jax import interception, quantize, serve
 from flexiq_jax.interception import FloatLayers, LayerCall, get_path
 from flexiq_jax.quantize import integer, layer_ops
 
@@ -410,9 +410,10 @@ def test_changing_ratio_does_not_recompile(setup):
   outs = [jitted(qvars, images, jnp.float32(r)) for r in (0.0, 0.3, 0.5, 0.9, 1.0)]
   assert len(traces) == 1
   assert not np.allclose(outs[0], outs[-1])
-  for r in (0.1, 0.7):
-    predict(images, r)
-  assert predict.jitted._cache_size() == 1
+  predict(images, 0.1)
+  with serve.count_compilations() as compiled:  # lowerings: every compilation lowers first
+    predict(images, 0.7), predict(images, 0.2)
+  assert compiled.count == 0
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
@@ -525,7 +526,9 @@ def test_int8_export_drops_float_kernels_and_is_bit_identical(setup, tmp_path):
   predict = quantize.make_predict(qm, served)
   for ratio in (0.0, 0.3, 1.0):
     np.testing.assert_array_equal(predict(images, ratio), qm.apply(qvars, images, ratio))
-  assert predict.jitted._cache_size() == 1
+  with serve.count_compilations() as compiled:
+    predict(images, 0.6)
+  assert compiled.count == 0
   with pytest.raises(ValueError, match="already an int8 export"):
     quantize.export_int8(qm, served)
   with pytest.raises(ValueError, match="mode='int'"):
