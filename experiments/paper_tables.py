@@ -120,7 +120,7 @@ def run_one(name: str, seed: int, methods, ratios, workroot: str, out: str, smok
   with workdir_lib.locked(workdir):  # one sweep (or run.py) per workdir at a time
     result = pipeline.run_until(run, "eval")
     compared = compare.run_compare(run, result.float_model, result.float_metrics, float_logits=result.float_logits,
-                                   recompute=[m for m in recompute if m in methods])
+                                   recompute=recompute)
   float_done = records.read_json(os.path.join(workdir, "float", "done.json"), {})
   record = {**records.run_info(argv), "model": name, "model_name": config.model.name, "seed": seed,
             "workdir": workdir, "dataset": config.data.name, "float": result.float_metrics,
@@ -707,9 +707,10 @@ def main(argv):
   from flexiq_jax import records
   out = _OUT.value
   if not _TABLES_ONLY.value:
-    unknown = [m for m in _METHODS.value + _SEED_METHODS.value if m not in compare.METHODS]
+    unknown = [m for m in _METHODS.value + _SEED_METHODS.value + _RECOMPUTE.value if m not in compare.METHODS]
     if unknown:
-      raise app.UsageError(f"unknown --methods or --seed_methods {unknown}; known: {', '.join(compare.METHODS)}")
+      raise app.UsageError(f"unknown --methods, --seed_methods or --recompute {unknown}; known: "
+                           f"{', '.join(compare.METHODS)}")
     for name in _MODELS.value:
       cli.resolve_config(name)  # every name checked before the first model starts
     if _WORKERS.value < 1:
@@ -721,9 +722,6 @@ def main(argv):
                 _SEED_METHODS.value)
     argv_record = records.command_argv()
     info = records.run_info(argv_record)  # the code that runs is the code at start
-    unknown = [m for m in _RECOMPUTE.value if m not in compare.METHODS]
-    if unknown:
-      raise app.UsageError(f"unknown --recompute {unknown}; known: {', '.join(compare.METHODS)}")
     run = functools.partial(run_one, ratios=_RATIOS.value, workroot=_WORKROOT.value, out=out, smoke=_SMOKE.value,
                             argv=argv_record, imagenet=_IMAGENET.value, recompute=tuple(_RECOMPUTE.value))
     workers = max(1, min(_WORKERS.value, len(todo)))

@@ -309,10 +309,10 @@ def run_compare(run: pipeline.Run, float_model: FloatModel, float_metrics=None, 
                 recompute=()) -> dict:
   """Every method of config.compare.methods; rows cached per method in <workdir>/compare/rows.json.
   `float_logits`: the float model's logits on the eval batches (PipelineResult.float_logits);
-  computed here in one pass when not given. `recompute`: methods whose cached rows, if another
-  commit made them, are dropped and computed again (after a code change, which the cache's
-  fingerprint does not see; a killed rerun at the same commit keeps what it redid); for 'flexiq'
-  the finetune stage is redone too (moved to <workdir>/replaced/ first). The results name, per
+  computed here in one pass when not given. `recompute`: methods (those of them that run) whose
+  cached rows, if another commit made them, are dropped and computed again (after a code change,
+  which the cache's fingerprint does not see; a killed rerun at the same commit keeps what it
+  redid); for 'flexiq' the finetune stage is redone too (moved to <workdir>/replaced/ first). The results name, per
   method, the commit and date that computed its rows ('methods_made_by')."""
   config = run.config
   cc = config.compare
@@ -328,7 +328,7 @@ def run_compare(run: pipeline.Run, float_model: FloatModel, float_metrics=None, 
   if unknown:
     raise ValueError(f"unknown methods to recompute {unknown}; valid: {list(METHODS)}")
   now = records.git_commit()
-  stale = [m for m in recompute if m in cache.data and cache.made_by(m)["commit"] != now]
+  stale = [m for m in recompute if m in methods and m in cache.data and cache.made_by(m)["commit"] != now]
   if "flexiq" in stale:  # before the row is dropped: a kill in between leaves the row to drop again
     pipeline.replace_stages(run.workdir, "finetune")
   cache.drop(stale)
