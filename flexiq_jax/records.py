@@ -84,6 +84,11 @@ def command_argv() -> list[str]:
   return ["-m", module] + sys.argv[1:]
 
 
+def utc_now() -> str:
+  """The date and time results files carry (UTC, to the second)."""
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def run_info(argv=None) -> dict:
   argv = command_argv() if argv is None else argv
   return {
@@ -91,7 +96,7 @@ def run_info(argv=None) -> dict:
       "commit": git_commit(),
       "device": device_description(),
       "host": host_description(),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "date": utc_now(),
       "jax_version": jax.__version__,
       "versions": package_versions(),
   }

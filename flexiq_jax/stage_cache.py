@@ -208,8 +208,8 @@ class JsonCache:
     key = str(key)
     if key not in self.data:
       self.data[key] = compute()
-      info = records.run_info()
-      self.made[key] = {"commit": info["commit"], "date": info["date"]}
+      # Not run_info(): it also reads device and package versions, for every cached entry.
+      self.made[key] = {"commit": records.git_commit(), "date": records.utc_now()}
       self.computed_now.add(key)
       self.save()
     return self.data[key]
