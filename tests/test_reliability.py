@@ -94,6 +94,7 @@ def test_refused_run_leaves_results_and_every_stage_untouched(finished_run, tmp_
                           "--config.select.population=6"))
   assert run.returncode != 0
   assert "select.population: 4 -> 6" in run.stderr and "--force_from=finetune" in run.stderr
+  assert run.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in run.stderr
   after = _tree_of_files(workdir)
   runs = [p for p in after if p.startswith("runs/") and p not in before]
   assert len(runs) == 1 and json.loads(after[runs[0]])["status"] == "failed"
@@ -458,7 +459,8 @@ def test_a_worse_finetune_is_refused_and_the_serving_model_and_export_stay(workd
   assert _tree_of_files(os.path.join(workdir, "export")) == export_before
   assert not os.path.exists(os.path.join(workdir, "finetune"))
   kept = [os.path.join(d, "judge.json") for d, _, fs in os.walk(os.path.join(workdir, "replaced")) if "judge.json" in fs]
-  assert len(kept) == 1 and not json.load(open(kept[0]))["accepted"]
+  # The finetune --force_from moved aside (accepted) and the refused one, both kept.
+  assert sorted(json.load(open(k))["accepted"] for k in kept) == [False, True]
 
 
 # 10. Derived artefacts are invalidated with their source.
