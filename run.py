@@ -32,10 +32,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and 
 _MODE = flags.DEFINE_enum("mode", "all", pipeline.STAGES + ("sweep", "all", "compare", "export"), "Pipeline stage(s) to run.")
 _FORCE_FROM = flags.DEFINE_enum("force_from", None, ["train", "calibrate", "select", "quantize", "finetune"],
                                 "Redo this stage and the ones after it (their old outputs are moved to "
-                                "<workdir>/replaced/).")
+                                "<workdir>/replaced/; serving/ and export/ only once a new finetune is accepted).")
 flags.mark_flags_as_required(["config"])
 
 
+@cli.guarded
 def main(argv):
   config, mode = _CONFIG.value, _MODE.value
   workdir = cli.start(argv, _WORKDIR.value)
@@ -82,5 +83,6 @@ def _run(run, mode):
 
 
 if __name__ == "__main__":
+  cli.print_help_and_exit(sys.argv, __doc__)
   sys.argv = cli.resolve_config_argv(sys.argv)
   app.run(main)

@@ -45,6 +45,8 @@ def get_config(arg=None):
   config.train.warmup_steps = 100
   config.train.label_smoothing = 0.0
   config.train.grad_clip_norm = 0.0
+  # A loss above this factor x max(its first step's, 1) stops training (diverged without NaN); 0: off.
+  config.train.divergence_factor = 10.0
   config.train.checkpoint_every_steps = 200
   config.train.log_every_steps = 50
   config.eval_batch_size = 500
@@ -85,6 +87,13 @@ def get_config(arg=None):
   config.finetune.warmup_steps = 0
   config.finetune.label_smoothing = 0.0
   config.finetune.grad_clip_norm = 0.0
+  config.finetune.divergence_factor = 10.0  # as train.divergence_factor
+  # The finetuned model replaces serving/ only if, on judge_images held-out images (training images
+  # it never saw, else the eval split), at ratios 0 and 1, its top-1 is at most judge_top1_drop
+  # points below and its KL to float at most judge_kl_rise above the model it started from.
+  config.finetune.judge_images = 1000  # 0: accept without judging
+  config.finetune.judge_top1_drop = 2.0
+  config.finetune.judge_kl_rise = 0.1
   config.finetune.lsq = False  # learnable activation scales
   config.finetune.lsq_weights = False  # learnable per-output-channel weight scales (LSQ)
   config.finetune.distill_weight = 0.5  # weight of KL(float || quantized) in the loss
@@ -154,6 +163,7 @@ def get_config(arg=None):
     config.select.fitness_batches = 1
     config.finetune.num_epochs = 0.01
     config.finetune.checkpoint_every_steps = 2
+    config.finetune.judge_images = 256
     config.layerwise.sensitivity_images = 32
     config.layerwise.score_examples = 128
     config.compare.allowed_drops = (1.0,)

@@ -19,8 +19,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from flexiq_jax import artifacts
 from flexiq_jax import calibrate as calibrate_lib
 from flexiq_jax import checkpoint
+from flexiq_jax import contract
 from flexiq_jax import models
 from flexiq_jax import quantize as quantize_lib
 from flexiq_jax import records
@@ -83,11 +85,18 @@ class LoadedRun:
   float_model: FloatModel
   qmodel: quantize_lib.QuantizedModel
   qvars: dict
+  serving_fingerprint: str | None = None  # of serving/ (artifacts.tree_fingerprint); None: written before manifests
+
+  @property
+  def input_spec(self) -> contract.InputSpec:
+    """The serving contract's input spec (shape, dtype, normalisation; docs/serving.md)."""
+    return contract.InputSpec.from_config(self.config)
 
   def predict(self, tune_images=None):
-    """`quantize.make_predict` on the serving variables (`tune_images`: choose each conv's
-    implementation by measurement at that batch shape first)."""
-    return make_predict(self.qmodel, self.qvars, tune_images=tune_images)
+    """`quantize.make_predict` on the serving variables, checking its inputs against
+    `input_spec` (`predict(images, ratio, preprocess=True)` takes raw uint8 images);
+    `tune_images`: choose each conv's implementation by measurement at that batch shape first."""
+    return make_predict(self.qmodel, self.qvars, tune_images=tune_images, input_spec=self.input_spec)
 
 
 def _require(path: str, what: str) -> str:
@@ -109,12 +118,29 @@ def load_quantized(workdir: str) -> LoadedRun:
   shape = (config.data.image_size, config.data.image_size, config.data.channels)
   tx = train_lib.make_optimizer(config.train, 1)
   abstract = jax.eval_shape(lambda: train_lib.create_train_state(model, jax.random.PRNGKey(0), shape, tx))
-  state = checkpoint.restore(checkpoint.manager(os.path.join(workdir, "float", "checkpoints")), abstract)
+  state = _restore_float(os.path.join(workdir, "float", "checkpoints"), abstract, float_done.get("total_steps"))
   qvars = checkpoint.load_tree(os.path.join(workdir, "serving", "qvars_int8"))
+  fingerprint = artifacts.check_serving(workdir, qvars, records.read_json(os.path.join(workdir, "serving", "plan.json")))
   if "fill" not in qvars:  # an export written before the fill table existed
     qvars = quantize_lib.add_fill_table(plan, qvars)
   return LoadedRun(config, FloatModel(model, state.variables()), quantize_lib.QuantizedModel(model, plan, mode="int"),
-                   qvars)
+                   qvars, fingerprint)
+
+
+def _restore_float(ckpt_dir: str, abstract, final_step: int | None):
+  """The float model from the newest intact checkpoint of `ckpt_dir` (a damaged newer step is
+  skipped with a warning, as run.py does; the workdir is only read)."""
+  mngr = checkpoint.manager(ckpt_dir)
+  try:
+    step, state = checkpoint.restore_newest_intact(mngr, abstract, remove_damaged=False)
+  finally:
+    mngr.close()
+  if step is None:
+    raise FileNotFoundError(f"{ckpt_dir} holds no float checkpoint: the float model was never trained here")
+  if final_step is not None and step != final_step:
+    print(f"warning: the float model loaded is step {step}, not the final step {final_step} (damaged); it is only "
+          f"the float reference: the serving model does not depend on it")
+  return state
 
 
 EXPORT_DIR = "export"
@@ -127,4 +153,5 @@ def export_run(workdir: str, directory: str | None = None, *, platforms=None) ->
   run = load_quantized(workdir)
   shape = (run.config.data.image_size, run.config.data.image_size, run.config.data.channels)
   return export_portable(run.qmodel, run.qvars, directory or os.path.join(workdir, EXPORT_DIR), shape,
-                         platforms=platforms)
+                         platforms=platforms, input_spec=run.input_spec.to_json(),
+                         serving_fingerprint=run.serving_fingerprint)

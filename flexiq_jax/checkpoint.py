@@ -47,10 +47,10 @@ def restore(mngr: ocp.CheckpointManager, target, step: int | None = None):
   return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
-def restore_newest_intact(mngr: ocp.CheckpointManager, target):
+def restore_newest_intact(mngr: ocp.CheckpointManager, target, *, remove_damaged: bool = True):
   """(step, restored) of the newest step that reads back, or (None, target) when there is no
-  checkpoint. A damaged step is skipped with a warning naming it, and removed once an older
-  step has read back (so that the resumed run can save that step again)."""
+  checkpoint. A damaged step is skipped with a warning naming it, and (remove_damaged) removed
+  once an older step has read back (so that the resumed run can save that step again)."""
   steps = sorted(mngr.all_steps(), reverse=True)
   damaged = []
   for step in steps:
@@ -61,10 +61,12 @@ def restore_newest_intact(mngr: ocp.CheckpointManager, target):
             f"trying the previous step")
       damaged.append(step)
       continue
-    for bad in damaged:
-      mngr.delete(bad)
-    if damaged:
+    if damaged and remove_damaged:
+      for bad in damaged:
+        mngr.delete(bad)
       print(f"warning: resuming from step {step}; removed the damaged step(s) {damaged}")
+    elif damaged:
+      print(f"warning: using step {step}; the damaged step(s) {damaged} were left as they are")
     return step, restored
   if steps:
     raise CorruptCheckpoint(f"every checkpoint in {mngr.directory} (steps {steps}) is damaged; delete that "

@@ -105,3 +105,55 @@ def start(argv: list[str], workdir: str | None) -> str:
   return workdir
 
 
+
+
+def user_errors() -> tuple:
+  """The exceptions that are a user's to fix (a config value, a missing input, a locked or
+  changed workdir, a diverged or refused training): entry points print them as one `error:`
+  line, without a traceback."""
+  from flexiq_jax import artifacts, checkpoint, judge, preflight, stage_cache, train, workdir  # pylint: disable=g-import-not-at-top
+  return (preflight.ConfigError, preflight.MissingInput, workdir.WorkdirLocked, stage_cache.StageConfigChanged,
+          judge.FinetuneRefused, train.NonFiniteError, checkpoint.CorruptCheckpoint, artifacts.StaleArtifact)
+
+
+def one_line(error: BaseException) -> str:
+  return " ".join(str(error).split()) or type(error).__name__
+
+
+def guarded(main):
+  """`main(argv)` for absl's app.run with user errors as one `error:` line and exit status 1, and
+  an interrupt (Ctrl-C, SIGTERM, SIGHUP; `signals.graceful`) as one line and exit status 130,
+  after the training loop has checkpointed."""
+  import functools  # pylint: disable=g-import-not-at-top
+  from flexiq_jax import signals  # pylint: disable=g-import-not-at-top
+
+  @functools.wraps(main)
+  def wrapped(argv):
+    try:
+      with signals.graceful():
+        return main(argv)
+    except user_errors() as e:
+      raise SystemExit(f"error: {one_line(e)}") from None
+    except KeyboardInterrupt as e:
+      import sys  # pylint: disable=g-import-not-at-top
+      print(f"interrupted: {one_line(e) if str(e) else 'stopped'}; rerun the same command to resume", file=sys.stderr)
+      raise SystemExit(130) from None
+
+  return wrapped
+
+
+HELP_FLAGS = ("-h", "--help", "--helpshort", "--helpfull", "-?")
+
+
+def print_help_and_exit(argv: list[str], doc: str) -> None:
+  """`--help` (and -h, --helpshort, --helpfull): the entry point's docstring and its flags, exit
+  status 0 (absl exits 1 after its help, and insists on the required flags first)."""
+  import sys  # pylint: disable=g-import-not-at-top
+  if not any(a in HELP_FLAGS for a in argv[1:]):
+    return
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  print(doc.strip() + "\n")
+  main_module = sys.argv[0]
+  text = flags.FLAGS.module_help(main_module) if "--helpfull" not in argv else flags.FLAGS.get_help()
+  print(text or flags.FLAGS.main_module_help())
+  raise SystemExit(0)

@@ -19,13 +19,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flexiq_jax import artifacts
 from flexiq_jax import calibrate as calibrate_lib
 from flexiq_jax import checkpoint
+from flexiq_jax import contract
 from flexiq_jax import cost
 from flexiq_jax import data
 from flexiq_jax import finetune as finetune_lib
+from flexiq_jax import judge as judge_lib
 from flexiq_jax import models
 from flexiq_jax import parallel
+from flexiq_jax import preflight
 from flexiq_jax import quantize as quantize_lib
 from flexiq_jax import records
 from flexiq_jax import select as select_lib
@@ -121,8 +125,9 @@ def train_float(run: Run, on_step=None) -> FloatModel:
                                 label_smoothing=config.train.label_smoothing)
     state = train_lib.run_loop(
         state, step_fn, batches, total_steps=total_steps, ckpt_dir=ckpt_dir,
-        checkpoint_every=config.train.checkpoint_every_steps, metrics_path=stage.file("metrics.jsonl"),
-        log_every=config.train.log_every_steps, mesh=run.mesh, desc="float train", on_step=on_step)
+        checkpoint_every=train_lib.checkpoint_interval(config.train.checkpoint_every_steps, total_steps),
+        metrics_path=stage.file("metrics.jsonl"), log_every=config.train.log_every_steps, mesh=run.mesh,
+        desc="float train", on_step=on_step, divergence_factor=config.train.get("divergence_factor", 0.0))
   elif total_steps == 0:
     print("float model: no training steps configured (train.num_epochs=0); using the initial weights"
           + (f" from {config.init_weights}" if config.init_weights else ""))
@@ -303,12 +308,15 @@ def finetune(run: Run, float_model: FloatModel, quantized: Quantized, on_step=No
                                  start_step=int(state.step), num_steps=total_steps,
                                  num_threads=config.data.num_threads)
     state = train_lib.run_loop(state, step_fn, batches, total_steps=total_steps, ckpt_dir=ckpt_dir,
-                               checkpoint_every=cfg.checkpoint_every_steps, metrics_path=stage.file("metrics.jsonl"),
-                               log_every=config.train.log_every_steps, mesh=run.mesh, desc="QAT finetune",
-                               on_step=on_step)
+                               checkpoint_every=train_lib.checkpoint_interval(cfg.checkpoint_every_steps, total_steps),
+                               metrics_path=stage.file("metrics.jsonl"), log_every=config.train.log_every_steps,
+                               mesh=run.mesh, desc="QAT finetune", on_step=on_step,
+                               divergence_factor=cfg.get("divergence_factor", 0.0))
   trained = Quantized(quantized.qmodel, finetune_lib.merge_qvars(state.trainable, state.frozen), finetuned=True)
   tuned = refresh(run, float_model, trained)
   checkpoint.save_tree(stage.file("qvars"), tuned.qvars)
+  judge_lib.accept_or_refuse(run, float_model.logits, quantized, tuned, stage, total_steps=total_steps,
+                             train_seed=config.seed + 1)
   export_serving(run.workdir, tuned)
   stage.mark_done(total_steps=total_steps)
   return tuned
@@ -357,10 +365,16 @@ def refresh(run: Run, float_model: FloatModel, trained: Quantized) -> Quantized:
 def export_serving(workdir: str, quantized: Quantized) -> str:
   """<workdir>/serving: the int8 export (no float kernels, see quantize.export_int8) and its plan;
   `flexiq_jax.load_quantized(workdir)` reads it back."""
-  path = os.path.join(workdir, "serving")
-  checkpoint.save_tree(os.path.join(path, "qvars_int8"), quantize_lib.export_int8(quantized.qmodel, quantized.qvars))
-  records.write_json_atomic(os.path.join(path, "plan.json"), quantized.qmodel.plan.to_json())
-  return path
+  return artifacts.write_serving(workdir, quantized.qmodel, quantize_lib.export_int8(quantized.qmodel, quantized.qvars),
+                                 input_spec=_input_spec_json(workdir))
+
+
+def _input_spec_json(workdir: str) -> dict | None:
+  config = records.read_json(os.path.join(workdir, "config.json"))
+  if config is None:
+    return None
+  import ml_collections
+  return contract.InputSpec.from_config(ml_collections.ConfigDict(config)).to_json()
 
 
 def sweep(run: Run, quantized: Quantized, desc: str = "sweep", ratios=None,
@@ -455,9 +469,16 @@ def check_config(config) -> None:
 def check_before_work(run: Run, until: str, *, check_float: bool = True) -> None:
   """Validates the config and refuses a training stage (float, finetune) whose saved run used
   other values, before any stage runs: a refusal never comes after hours of other work."""
-  check_config(run.config)
-  parallel.check_batch_size(run.config.train.batch_size, run.mesh)
-  parallel.check_batch_size(run.config.eval_batch_size, run.mesh, "eval_batch_size")
+  try:
+    preflight.check_numbers(run.config)
+    check_config(run.config)
+    parallel.check_batch_size(run.config.train.batch_size, run.mesh)
+    parallel.check_batch_size(run.config.eval_batch_size, run.mesh, "eval_batch_size")
+  except preflight.ConfigError:
+    raise
+  except ValueError as e:  # every config value a stage would reject: one kind of user error
+    raise preflight.ConfigError(str(e)) from None
+  preflight.check_inputs(run.config, weights=check_float and not run.stage("float").is_done())
   last = STAGES.index(until)
   resumable = (["float"] if check_float else []) + (["finetune"] if last >= STAGES.index("finetune") else [])
   for name in resumable:
@@ -468,13 +489,15 @@ def check_before_work(run: Run, until: str, *, check_float: bool = True) -> None
 
 def replace_stages(workdir: str, first: str) -> list[str]:
   """`run.py --force_from=<stage>`: moves the outputs of `first` and every stage after it to
-  <workdir>/replaced/<timestamp>/ (kept, not deleted), so that those stages are redone."""
+  <workdir>/replaced/<timestamp>/ (kept, not deleted), so that those stages are redone. serving/
+  and export/ stay until a new finetune is accepted (`artifacts.write_serving` then retires both):
+  a redo that fails or is refused leaves the previous serving model in place."""
   dirs = {"train": "float", "calibrate": "calibrate", "select": "select", "quantize": "quantized",
           "finetune": "finetune"}
   if first not in dirs:
     raise ValueError(f"--force_from={first!r} is not a stage; use one of {', '.join(dirs)}")
   order = list(dirs)
-  moved = [dirs[s] for s in order[order.index(first):]] + ["serving"]
+  moved = [dirs[s] for s in order[order.index(first):]]
   stamp = records.run_info()["date"].replace(":", "")
   target = os.path.join(workdir, "replaced", stamp)
   out = []

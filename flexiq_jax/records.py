@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import math
 import os
 import platform
 import shlex
@@ -102,15 +103,45 @@ def run_info(argv=None) -> dict:
   }
 
 
+def _non_finite_name(value: float) -> str:
+  return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
+def finite_json(data):
+  """`data` with every NaN/Inf float replaced by None, so that it is valid JSON (which has no
+  NaN or Infinity): in a dict, key `k` also gets `k_non_finite` naming the value ('NaN',
+  'Infinity', '-Infinity'); in a list, the reason goes to the enclosing dict's `non_finite`
+  list as '<key>[<index>]: <value>'."""
+  def clean(value, notes, where):
+    if isinstance(value, float) and not math.isfinite(value):
+      notes.append(f"{where}: {_non_finite_name(value)}")
+      return None
+    if isinstance(value, dict):
+      out = {}
+      for k, v in value.items():
+        inner = []
+        out[k] = clean(v, inner, k)
+        if isinstance(v, float) and inner:
+          out[f"{k}_non_finite"] = _non_finite_name(v)
+        elif inner:
+          out.setdefault("non_finite", []).extend(inner)
+      return out
+    if isinstance(value, (list, tuple)):
+      return [clean(v, notes, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+  return clean(json.loads(json.dumps(data, default=str)), [], "")
+
+
 def write_json_atomic(path: str, data) -> None:
   """Writes through etils.epath (local and gs:// alike), from process 0 only: every process of a
-  multi-host run holds the same values, and one writer keeps the file whole."""
+  multi-host run holds the same values, and one writer keeps the file whole. NaN and Inf are
+  written as null with the value named beside it (`finite_json`): the file is always valid JSON."""
   if jax.process_index() != 0:
     return
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / f"{path.name}.tmp.{os.getpid()}"
-  tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str))
+  tmp.write_text(json.dumps(finite_json(data), indent=2, sort_keys=False, allow_nan=False))
   tmp.replace(path)
 
 

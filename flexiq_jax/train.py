@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import time
 from typing import Any, Callable, Iterable, Iterator
@@ -19,6 +20,7 @@ import optax
 from flexiq_jax import checkpoint
 from flexiq_jax import parallel
 from flexiq_jax import progress as progress_lib
+from flexiq_jax import signals
 from flexiq_jax import summary
 
 
@@ -245,15 +247,48 @@ def check_finite(metrics: list[dict], first_step: int, desc: str = "train") -> N
           f"learning rate, set grad_clip_norm, or check the data for NaN/Inf values.")
 
 
+
+class DivergedError(NonFiniteError):
+  """Training's loss rose far above where it started (finite, but the model is lost)."""
+
+
+def check_diverged(metrics: list[dict], first_step: int, start_loss: float | None, factor: float,
+                   desc: str = "train") -> None:
+  """Raises DivergedError at the first step whose loss exceeds `factor` x max(start_loss, 1)
+  (`start_loss`: the loss of the run's first step; factor <= 0 turns the check off). A loss
+  that big without being NaN is a diverged run: a learning rate far too high, say."""
+  if start_loss is None or not factor or factor <= 0:
+    return
+  limit = factor * max(start_loss, 1.0)
+  for i, m in enumerate(jax.device_get(metrics)):
+    if "loss" in m and float(m["loss"]) > limit:
+      raise DivergedError(
+          f"{desc}: the loss diverged to {float(m['loss']):.4g} (started at {start_loss:.4g}; the limit is "
+          f"divergence_factor {factor:g} x max(start, 1) = {limit:.4g}) at step {first_step + i + 1}; training "
+          f"stopped and nothing from that step on was saved. Lower the learning rate or set grad_clip_norm.")
+
+
+def checkpoint_interval(configured: int, total_steps: int) -> int:
+  """The checkpoint interval a stage of `total_steps` steps uses: `configured`, but a quarter of
+  the stage when `configured` is as long as the stage (an interrupt then keeps work too)."""
+  configured = int(configured)
+  if configured < total_steps or total_steps <= 0:
+    return max(configured, 1)
+  return max(1, math.ceil(total_steps / 4))
+
+
 def run_loop(state, step_fn: Callable, batches: Iterator[dict], *, total_steps: int, ckpt_dir: str,
              checkpoint_every: int, metrics_path: str, log_every: int = 50, mesh=None,
              batch_size: int | None = None, desc: str = "train",
-             on_step: Callable[[int], None] | None = None):
+             on_step: Callable[[int], None] | None = None, divergence_factor: float = 0.0):
   """Runs `state, metrics = step_fn(state, batch)` up to `total_steps`, checkpointing every
   `checkpoint_every` steps and at the end. `batches` must start at `int(state.step)`.
 
   `on_step(step)` is called after each step's checkpoint decision (tests use it to simulate
-  a crash); returns the final state.
+  a crash); returns the final state. NaN/Inf losses (`check_finite`) and, with
+  `divergence_factor` > 0, a loss above that factor x its first step's (`check_diverged`) stop
+  the run before anything of theirs is saved. A signal caught by `signals.graceful()` stops it
+  after the current step, with a checkpoint there (`signals.Interrupted`).
   """
   mesh = mesh or parallel.make_mesh()
   mngr = checkpoint.manager(ckpt_dir)
@@ -263,6 +298,7 @@ def run_loop(state, step_fn: Callable, batches: Iterator[dict], *, total_steps: 
   progress = progress_lib.bar(desc=desc, total=total_steps, initial=start, unit="step")
   window_start, window_images, pending = time.perf_counter(), 0, []
   unchecked = []  # step metrics not yet checked for NaN/Inf (checked in batches: no sync per step)
+  start_loss = None  # the loss of this run's first step (the divergence reference)
   writer.drop_after(start)  # a resumed run replays the steps after its checkpoint
   try:
     for step in range(start, total_steps):
@@ -272,8 +308,12 @@ def run_loop(state, step_fn: Callable, batches: Iterator[dict], *, total_steps: 
       pending.append(metrics)
       unchecked.append(metrics)
       done = step + 1
-      if done % log_every == 0 or done % checkpoint_every == 0 or done == total_steps:
+      interrupted = signals.requested() is not None
+      if start_loss is None and divergence_factor:
+        start_loss = float(jax.device_get(metrics["loss"]))
+      if done % log_every == 0 or done % checkpoint_every == 0 or done == total_steps or interrupted:
         check_finite(unchecked, done - len(unchecked), desc)  # before anything is logged or saved
+        check_diverged(unchecked, done - len(unchecked), start_loss, divergence_factor, desc)
         unchecked = []
       if done % log_every == 0 or done == total_steps:
         means = jax.tree_util.tree_map(lambda *x: float(np.mean(x)), *jax.device_get(pending))
@@ -283,8 +323,12 @@ def run_loop(state, step_fn: Callable, batches: Iterator[dict], *, total_steps: 
         progress.set_postfix(loss=f"{means['loss']:.3f}", img_s=f"{images_per_s:.0f}")
         window_start, window_images, pending = time.perf_counter(), 0, []
       progress.update(1)
-      if done % checkpoint_every == 0 or done == total_steps:
+      if done % checkpoint_every == 0 or done == total_steps or interrupted:
         checkpoint.save(mngr, done, state)
+      if interrupted:
+        mngr.wait_until_finished()
+        signals.raise_if_requested(f"{desc} at step {done}/{total_steps}, checkpointed in {ckpt_dir}; rerun the same "
+                                   f"command to resume")
       if on_step is not None:
         on_step(done)
   finally:

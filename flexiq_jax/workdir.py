@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import fcntl
 import os
+import socket
 
 import jax
 from etils import epath
@@ -41,7 +42,14 @@ def locked(workdir: str):
     return
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, ".lock")
-  with open(path, "a+") as f:
+  try:
+    f = open(path, "a+")
+  except OSError as e:  # a read-only workdir: nothing can change it, so there is nothing to lock
+    print(f"note: {workdir} is read-only ({e.strerror}): running without the workdir lock; a mode that "
+          f"writes will fail at its first write")
+    yield
+    return
+  with f:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -85,18 +93,30 @@ class RunRecord:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     self.name = f"runs/{stamp}.json"
     self.metrics, self.status, self.error = {}, "running", None
+    self.read_only = False
 
   def add(self, section: str, metrics) -> None:
     self.metrics[section] = metrics
 
   def _write(self) -> None:
+    if self.read_only:
+      return
+    try:
+      self._write_record()
+    except OSError as e:  # a read-only workdir: the run goes on without its record
+      self.read_only = True
+      print(f"note: cannot write the run record {self.name} in {self.workdir} ({e.strerror}); not recorded")
+
+  def _write_record(self) -> None:
     records.write_json_atomic(os.path.join(self.workdir, self.name), {
-        **self.info, "status": self.status, "error": self.error,
+        **self.info, "status": self.status, "error": self.error, "pid": os.getpid(), "hostname": socket.gethostname(),
         "config": self.config.to_dict() if hasattr(self.config, "to_dict") else self.config,
         "stages": stage_fingerprints(self.workdir) if self.status == "finished" else None,
         "metrics": self.metrics})
 
   def __enter__(self):
+    if os.access(self.workdir, os.W_OK) or not is_local(self.workdir):
+      mark_dead_runs(self.workdir)
     self._write()
     _CURRENT.append(self)
     return self
@@ -106,12 +126,48 @@ class RunRecord:
     if exc_type is None or issubclass(exc_type, SystemExit) and not exc.code:
       self.status = "finished"
       self._write()
-      derive_results(self.workdir)
+      if not self.read_only:
+        derive_results(self.workdir)
     else:
-      self.status = "failed"
+      # Ctrl-C, SIGTERM, SIGHUP (signals.Interrupted is a KeyboardInterrupt): the work is
+      # checkpointed, and rerunning the command resumes it.
+      self.status = "interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed"
       self.error = f"{exc_type.__name__}: {exc}"
       self._write()
     return False
+
+
+def _alive(pid) -> bool:
+  try:
+    os.kill(int(pid), 0)
+  except ProcessLookupError:
+    return False
+  except (PermissionError, TypeError, ValueError, OverflowError):
+    return True  # exists under another user (or no usable pid): not known to be dead
+  return True
+
+
+def mark_dead_runs(workdir: str) -> list[str]:
+  """Marks the run records left `running` by a process that is gone (killed by SIGKILL, or its
+  machine stopped) as `died`, and returns their names. Called by a run that holds the workdir
+  lock: a record of this host whose pid no longer exists cannot be running."""
+  runs_dir = epath.Path(workdir) / "runs"
+  if not process_zero() or not runs_dir.is_dir():
+    return []
+  dead = []
+  for path in sorted(runs_dir.glob("*.json")):
+    run = records.read_json(path)
+    if not run or run.get("status") != "running":
+      continue
+    same_host = run.get("hostname") in (None, socket.gethostname())
+    if same_host and (run.get("pid") is None or not _alive(run["pid"])):
+      run.update(status="died", error=f"process {run.get('pid', '(not recorded)')} ended without finishing "
+                                      f"(killed, or its machine stopped); found by the next run")
+      records.write_json_atomic(str(path), run)
+      dead.append(path.name)
+  if dead:
+    print(f"note: marked {len(dead)} earlier run record(s) whose process is gone as died: {', '.join(dead)}")
+  return dead
 
 
 def derive_results(workdir: str) -> dict | None:

@@ -94,6 +94,7 @@ def test_refused_run_leaves_results_and_every_stage_untouched(finished_run, tmp_
                           "--config.select.population=6"))
   assert run.returncode != 0
   assert "select.population: 4 -> 6" in run.stderr and "--force_from=finetune" in run.stderr
+  assert run.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in run.stderr
   after = _tree_of_files(workdir)
   runs = [p for p in after if p.startswith("runs/") and p not in before]
   assert len(runs) == 1 and json.loads(after[runs[0]])["status"] == "failed"
@@ -254,8 +255,9 @@ def test_force_from_moves_the_stage_and_later_ones_aside(tmp_path):
     os.makedirs(tmp_path / name)
     open(tmp_path / name / "x", "w").write(name)
   moved = pipeline.replace_stages(str(tmp_path), "select")
-  assert moved == ["select", "quantized", "finetune", "serving"]
-  assert sorted(os.listdir(tmp_path)) == ["calibrate", "float", "replaced"]
+  # serving/ (and export/) stay until a new finetune is accepted (artifacts.write_serving).
+  assert moved == ["select", "quantized", "finetune"]
+  assert sorted(os.listdir(tmp_path)) == ["calibrate", "float", "replaced", "serving"]
   (stamp,) = os.listdir(tmp_path / "replaced")
   assert open(tmp_path / "replaced" / stamp / "select" / "x").read() == "select"  # kept, not deleted
 
@@ -364,3 +366,288 @@ def test_checkpoint_paths_keep_remote_workdirs_remote(tmp_path, monkeypatch):
   assert str(checkpoint._path("gs://bucket/wd/float/checkpoints")) == "gs://bucket/wd/float/checkpoints"
   monkeypatch.chdir(tmp_path)
   assert str(checkpoint._path("wd/stats")) == str(tmp_path / "wd" / "stats")  # local: absolute
+
+
+# 9. A run that goes wrong never replaces a good model.
+
+
+def test_non_finite_figures_are_written_as_valid_json_with_the_reason(tmp_path):
+  from flexiq_jax import records
+  path = str(tmp_path / "r.json")
+  records.write_json_atomic(path, {"rows": [{"kl": float("inf"), "sqnr_db": float("-inf"), "top1": 10.0}],
+                                   "curve": [1.0, float("nan")]})
+  doc = json.loads(open(path).read(), parse_constant=lambda c: pytest.fail(f"invalid JSON token {c}"))
+  assert doc["rows"][0] == {"kl": None, "kl_non_finite": "Infinity", "sqnr_db": None,
+                            "sqnr_db_non_finite": "-Infinity", "top1": 10.0}
+  assert doc["curve"] == [1.0, None] and doc["non_finite"] == ["curve[1]: NaN"]
+
+
+def _growing_step(state, batch):
+  """A finite loss that grows 100x per step (a diverging run that never reaches NaN)."""
+  loss = 2.0 * 100.0 ** state.step.astype(jnp.float32) + jnp.sum(batch["image"]) * 0
+  return state.replace(step=state.step + 1), {"loss": loss, "grad_norm": jnp.float32(1.0)}
+
+
+def test_a_loss_far_above_its_start_stops_training_without_saving_it(tmp_path):
+  ckpt = str(tmp_path / "ckpt")
+  with pytest.raises(train.DivergedError, match=r"the loss diverged to 200 \(started at 2.*at step 2; training stopped"):
+    train.run_loop(_toy_state(), _growing_step, _toy_batches(0, 6), total_steps=6, ckpt_dir=ckpt,
+                   checkpoint_every=1, metrics_path=str(tmp_path / "m.jsonl"), log_every=1, divergence_factor=10.0)
+  mngr = checkpoint.manager(ckpt)
+  assert mngr.all_steps() == [1]  # the diverged step was not saved
+  mngr.close()
+  assert issubclass(train.DivergedError, train.NonFiniteError)  # run.py prints it as one error line
+
+
+def test_held_out_images_are_training_images_the_finetune_never_saw():
+  from flexiq_jax import judge
+  ds = data.Dataset("toy", "train", 100, 10, (1, 1, 1),
+                    lambda idx, rng: {"image": np.zeros((len(idx), 1, 1, 1), np.float32), "label": np.asarray(idx)})
+  seen = {int(i) for b in data.train_batches(ds, 8, seed=3, num_steps=9, num_threads=1) for i in b["label"]}
+  held = judge.unseen_train_indices(100, 8, 9, seed=3, limit=1000)
+  assert len(held) == 100 - 72 and not seen & set(held.tolist()) and seen | set(held.tolist()) == set(range(100))
+  assert len(judge.unseen_train_indices(100, 8, 13, seed=3, limit=1000)) == 0  # every image seen
+
+
+def test_the_judge_refuses_worse_figures_and_any_non_finite_one():
+  from flexiq_jax import judge
+  before = {"0": {"top1": 88.0, "kl": 0.001}, "1": {"top1": 87.0, "kl": 0.02}}
+  assert judge.failures(before, {"0": {"top1": 86.5, "kl": 0.05}, "1": {"top1": 88.0, "kl": 0.01}}, 2.0, 0.1) == []
+  assert judge.failures(before, {"0": {"top1": 85.0, "kl": 0.001}, "1": {"top1": 87.0, "kl": 0.5}}, 2.0, 0.1) == [
+      "ratio 0 top-1", "ratio 1 KL"]
+  assert judge.failures(before, {"0": {"top1": 88.0, "kl": float("inf")}, "1": before["1"]}, 2.0, 0.1) == [
+      "ratio 0 top-1", "ratio 0 KL"]
+
+
+def test_finished_run_records_an_accepted_judgement_on_held_out_training_images(finished_run):
+  report = json.load(open(os.path.join(finished_run.workdir, "finetune", "judge.json")))
+  assert report["accepted"] and "training images the finetune never saw" in report["images"]
+  assert set(report["before_finetuning"]) == {"0", "1"} and report["num_images"] == 192  # 256 - 2 steps x 32
+  manifest = json.load(open(os.path.join(finished_run.workdir, "serving", "manifest.json")))
+  assert manifest["fingerprint"] and manifest["input"]["normalization"]["mean"] == [0.286]
+
+
+@pytest.fixture
+def workdir_copy(finished_run, tmp_path):
+  """A copy of the finished smoke run and its resolved config (as config.json holds it)."""
+  import ml_collections
+  from flexiq_jax import records
+  workdir = str(tmp_path / "wd")
+  shutil.copytree(finished_run.workdir, workdir)
+  return workdir, ml_collections.ConfigDict(records.read_json(os.path.join(workdir, "config.json")))
+
+
+def test_a_worse_finetune_is_refused_and_the_serving_model_and_export_stay(workdir_copy, capsys):
+  workdir, config = workdir_copy
+  os.makedirs(os.path.join(workdir, "export"))
+  open(os.path.join(workdir, "export", "manifest.json"), "w").write("{}")
+  serving_before, export_before = _tree_of_files(os.path.join(workdir, "serving")), _tree_of_files(os.path.join(workdir, "export"))
+  pipeline.replace_stages(workdir, "finetune")
+  # A huge step with clipped gradients: the weights are wrecked but every figure stays finite, so
+  # neither the NaN guard nor the divergence stop catches it; the judge must.
+  config.finetune.learning_rate = 500.0
+  config.finetune.grad_clip_norm = 1.0
+  config.finetune.divergence_factor = 0.0
+  with pytest.raises(Exception) as e:
+    pipeline.run_until(pipeline.Run(config, workdir), "finetune", evaluate=False)
+  from flexiq_jax import judge
+  assert isinstance(e.value, judge.FinetuneRefused), e.value
+  message = str(e.value)
+  assert len(message.splitlines()) == 1
+  assert "ratio 0: top-1" in message and "finetune.learning_rate" in message and "finetune.judge_top1_drop" in message
+  assert _tree_of_files(os.path.join(workdir, "serving")) == serving_before
+  assert _tree_of_files(os.path.join(workdir, "export")) == export_before
+  assert not os.path.exists(os.path.join(workdir, "finetune"))
+  kept = [os.path.join(d, "judge.json") for d, _, fs in os.walk(os.path.join(workdir, "replaced")) if "judge.json" in fs]
+  # The finetune --force_from moved aside (accepted) and the refused one, both kept.
+  assert sorted(json.load(open(k))["accepted"] for k in kept) == [False, True]
+
+
+# 10. Derived artefacts are invalidated with their source.
+
+
+def test_an_accepted_finetune_retires_the_old_serving_model_and_its_export(workdir_copy):
+  from flexiq_jax import artifacts
+  workdir, _ = workdir_copy
+  loaded = flexiq_jax_load(workdir)
+  os.makedirs(os.path.join(workdir, "export"))
+  open(os.path.join(workdir, "export", "model.stablehlo"), "w").write("old")
+  artifacts.write_serving(workdir, loaded.qmodel, loaded.qvars)
+  assert not os.path.exists(os.path.join(workdir, "export"))  # stale with the old serving model: moved away
+  (stamp,) = os.listdir(os.path.join(workdir, "replaced"))
+  assert sorted(os.listdir(os.path.join(workdir, "replaced", stamp))) == ["export", "serving"]
+
+
+def flexiq_jax_load(workdir):
+  import flexiq_jax
+  return flexiq_jax.load_quantized(workdir)
+
+
+def test_loaders_refuse_serving_variables_or_an_export_that_do_not_match(workdir_copy):
+  import flexiq_jax
+  from flexiq_jax import artifacts, records
+  workdir, _ = workdir_copy
+  flexiq_jax.export_run(workdir)
+  flexiq_jax.load_portable(os.path.join(workdir, "export"))  # matches
+  manifest_path = os.path.join(workdir, "serving", "manifest.json")
+  manifest = records.read_json(manifest_path)
+  records.write_json_atomic(manifest_path, {**manifest, "fingerprint": "0123456789abcdef"})
+  with pytest.raises(artifacts.StaleArtifact, match=r"other than those its manifest.json records"):
+    flexiq_jax.load_quantized(workdir)
+  with pytest.raises(artifacts.StaleArtifact, match=r"was exported from serving variables with fingerprint .* the "
+                     r"export is stale"):
+    flexiq_jax.load_portable(os.path.join(workdir, "export"))
+  records.write_json_atomic(manifest_path, manifest)
+  with open(os.path.join(workdir, "export", "model.stablehlo"), "ab") as f:
+    f.write(b"\0")
+  with pytest.raises(artifacts.StaleArtifact, match=r"model.stablehlo does not match the SHA-256"):
+    flexiq_jax.load_portable(os.path.join(workdir, "export"))
+
+
+# 11. Interrupts keep work.
+
+
+def test_a_signal_stops_training_at_the_next_step_with_a_checkpoint_there(tmp_path):
+  import signal
+  from flexiq_jax import signals
+  ckpt = str(tmp_path / "ckpt")
+  before = signal.getsignal(signal.SIGTERM)
+
+  def send(step):
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  with signals.graceful():
+    with pytest.raises(signals.Interrupted, match=r"SIGTERM received; stopped train at step 3/50, checkpointed"):
+      train.run_loop(_toy_state(), _toy_step(), _toy_batches(0, 50), total_steps=50, ckpt_dir=ckpt,
+                     checkpoint_every=100, metrics_path=str(tmp_path / "m.jsonl"), log_every=100, on_step=send)
+  mngr = checkpoint.manager(ckpt)
+  assert mngr.all_steps() == [3]
+  mngr.close()
+  assert signal.getsignal(signal.SIGTERM) == before  # handlers restored
+
+
+def test_an_interrupted_run_is_recorded_as_such_and_a_dead_one_found(tmp_path, smoke_config):
+  from flexiq_jax import signals
+  wd = str(tmp_path)
+  with pytest.raises(signals.Interrupted):
+    with workdir_lib.RunRecord(wd, smoke_config, ["run.py"]):
+      raise signals.Interrupted("SIGINT received")
+  (first,) = os.listdir(tmp_path / "runs")
+  assert json.load(open(tmp_path / "runs" / first))["status"] == "interrupted"
+  # A run killed with SIGKILL (or SIGHUP before this code) left `running` behind: its pid is gone.
+  gone = subprocess.Popen([sys.executable, "-c", "pass"])
+  gone.wait()
+  record = {"status": "running", "pid": gone.pid, "hostname": __import__("socket").gethostname()}
+  open(tmp_path / "runs" / "20000101T000000.000000Z.json", "w").write(json.dumps(record))
+  with workdir_lib.RunRecord(wd, smoke_config, ["run.py"]):
+    pass
+  dead = json.load(open(tmp_path / "runs" / "20000101T000000.000000Z.json"))
+  assert dead["status"] == "died" and f"process {gone.pid} ended without finishing" in dead["error"]
+
+
+def test_the_checkpoint_interval_never_exceeds_the_stage(smoke_config, tmp_path):
+  assert train.checkpoint_interval(500, 469) < 469 and train.checkpoint_interval(200, 469) == 200
+  smoke_config.train.checkpoint_every_steps = 1000  # longer than the 8-step stage
+  pipeline.train_float(pipeline.Run(smoke_config, str(tmp_path)))
+  mngr = checkpoint.manager(str(tmp_path / "float" / "checkpoints"))
+  assert min(mngr.all_steps()) < 8  # a checkpoint inside the stage, not only at its end
+  mngr.close()
+
+
+def test_the_entry_point_turns_an_interrupt_into_one_line_and_status_130(capsys):
+  from flexiq_jax import signals
+
+  @cli.guarded
+  def main(argv):
+    raise signals.Interrupted("SIGINT received; stopped float train at step 3/8, checkpointed in x")
+
+  with pytest.raises(SystemExit) as e:
+    main(["run.py"])
+  assert e.value.code == 130
+  assert capsys.readouterr().err.strip().startswith("interrupted: SIGINT received")
+
+
+# 12. load_quantized falls back to the newest intact float checkpoint.
+
+
+def test_load_quantized_falls_back_to_the_newest_intact_float_checkpoint(workdir_copy, capsys):
+  import flexiq_jax
+  workdir, _ = workdir_copy
+  ckpt = os.path.join(workdir, "float", "checkpoints")
+  (last,) = [int(s) for s in os.listdir(ckpt) if s.isdigit()]  # the smoke run trains 1 step
+  shutil.copytree(os.path.join(ckpt, str(last)), os.path.join(ckpt, str(last + 1)))  # a newer step ...
+  for d, _, fs in os.walk(os.path.join(ckpt, str(last + 1))):  # ... damaged
+    for f in fs:
+      if os.sep + "d" + os.sep in os.path.join(d, f):
+        open(os.path.join(d, f), "r+b").truncate(3)
+  loaded = flexiq_jax.load_quantized(workdir)
+  out = capsys.readouterr().out
+  assert f"checkpoint step {last + 1}" in out and "damaged" in out and f"using step {last}" in out
+  assert loaded.qvars and sorted(int(s) for s in os.listdir(ckpt) if s.isdigit()) == [last, last + 1]  # only read
+
+
+# 13. Clear, early errors.
+
+
+def test_a_missing_imagenet_is_reported_before_any_work_with_the_commands(tmp_path, monkeypatch):
+  from configs import vit_b
+  from flexiq_jax import preflight
+  config = vit_b.get_config(None)
+  config.data.data_dir = str(tmp_path / "tfds")
+  with pytest.raises(preflight.MissingInput) as e:
+    pipeline.run_until(pipeline.Run(config, str(tmp_path / "wd")), "finetune")
+  message = str(e.value)
+  assert "not prepared in" in message and "tfds build imagenet2012 --file_format=array_record" in message
+  assert "--manual_dir=" in message and not os.path.exists(tmp_path / "wd")
+  # The weights are checked in the same pass (not after the data), from $TFDS_DATA_DIR too.
+  config.data.data_dir = ""
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+  config.init_weights = str(tmp_path / "weights" / "vit_base_patch16_224.augreg_in21k_ft_in1k.safetensors")
+  with pytest.raises(preflight.MissingInput) as e:
+    pipeline.run_until(pipeline.Run(config, str(tmp_path / "wd")), "finetune")
+  assert f"not prepared in {tmp_path / 'tfds'}" in str(e.value) and "Also: the pretrained weights" in str(e.value)
+  assert "timm.create_model('vit_base_patch16_224.augreg_in21k_ft_in1k', pretrained=True)" in str(e.value)
+
+
+def test_missing_weights_name_the_command_that_writes_them(tmp_path):
+  from flexiq_jax import preflight
+  path = str(tmp_path / "weights" / "resnet18.a1_in1k.safetensors")
+  with pytest.raises(preflight.MissingInput, match=r"timm.create_model\('resnet18.a1_in1k', pretrained=True\)"):
+    preflight.check_weights(path)
+
+
+def test_a_tfds_name_with_the_fashion_mnist_folder_is_not_told_to_build_there(smoke_config, tiny_fmnist):
+  from flexiq_jax import preflight
+  smoke_config.data.name = "cifar10"
+  with pytest.raises(preflight.MissingInput) as e:
+    preflight.check_data(smoke_config.data)
+  message = str(e.value)
+  assert "holds Fashion-MNIST IDX files, not TFDS datasets" in message
+  assert f"--data_dir={tiny_fmnist}" not in message.replace(f"--config.data.data_dir={tiny_fmnist}", "")
+
+
+@pytest.mark.parametrize("field,value", [("train.batch_size", 0), ("eval_batch_size", -8),
+                                         ("finetune.checkpoint_every_steps", 0)])
+def test_sizes_that_must_be_positive_are_config_errors(smoke_config, tmp_path, field, value):
+  from flexiq_jax import preflight
+  section, _, name = field.rpartition(".")
+  (smoke_config[section] if section else smoke_config)[name] = value
+  with pytest.raises(preflight.ConfigError, match=rf"{field} must be a positive number, got {value}"):
+    pipeline.run_until(pipeline.Run(smoke_config, str(tmp_path)), "train")
+
+
+def test_user_errors_of_run_py_are_one_error_line_and_help_exits_0(tiny_fmnist, tmp_path):
+  helped = run_py("--help")
+  assert helped.returncode == 0 and "--mode" in helped.stdout
+  zero = run_py(*smoke_args(str(tmp_path / "a"), tiny_fmnist, "--config.train.batch_size=0"))
+  assert zero.returncode == 1 and zero.stderr.strip().splitlines()[-1] == (
+      "error: train.batch_size must be a positive number, got 0") and "Traceback" not in zero.stderr
+  imagenet = run_py("--config=vit_b.py", f"--workdir={tmp_path / 'b'}", f"--config.data.data_dir={tmp_path / 'tfds'}")
+  lines = imagenet.stderr.strip().splitlines()
+  assert imagenet.returncode == 1 and lines[-1].startswith("error: the TFDS dataset 'imagenet2012' is not prepared")
+  assert "Traceback" not in imagenet.stderr and "Downloading" not in imagenet.stdout + imagenet.stderr
+  with workdir_lib.locked(str(tmp_path / "c")):  # this process holds the lock
+    locked = run_py(*smoke_args(str(tmp_path / "c"), tiny_fmnist))
+  assert locked.returncode == 1 and locked.stderr.strip().splitlines()[-1].startswith(
+      f"error: workdir {tmp_path / 'c'} is in use by another run") and "Traceback" not in locked.stderr

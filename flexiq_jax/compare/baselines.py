@@ -25,6 +25,7 @@ from flexiq_jax import cost
 from flexiq_jax import data
 from flexiq_jax import finetune
 from flexiq_jax import interception
+from flexiq_jax import judge
 from flexiq_jax import numerics
 from flexiq_jax import parallel
 from flexiq_jax import train as train_lib
@@ -127,10 +128,20 @@ def lsq_qat(config, workdir: str, model, variables, plan, folded, tables, bits: 
     batches = data.train_batches(train_ds, cfg.batch_size, seed=config.seed + 2, start_step=int(state.step),
                                  num_steps=total_steps, num_threads=config.data.num_threads)
     state = train_lib.run_loop(state, step_fn, batches, total_steps=total_steps, ckpt_dir=ckpt_dir,
-                               checkpoint_every=cfg.checkpoint_every_steps,
+                               checkpoint_every=train_lib.checkpoint_interval(cfg.checkpoint_every_steps, total_steps),
                                metrics_path=os.path.join(workdir, "metrics.jsonl"),
-                               log_every=config.train.log_every_steps, mesh=mesh, desc="LSQ QAT")
+                               log_every=config.train.log_every_steps, mesh=mesh, desc="LSQ QAT",
+                               divergence_factor=cfg.get("divergence_factor", 0.0))
   predict = lambda images, trainable, frozen: forward(trainable, frozen, images)
   metrics = train_lib.evaluate(predict, iter(eval_batches), mesh, desc="LSQ eval", args=(state.trainable, state.frozen),
                                reference_logits=reference_logits)
-  return {**metrics, "steps": total_steps, "learning_rate": float(cfg.learning_rate)}
+  frozen_now = state.frozen
+  verdict = judge.judge_uniform_qat(config, functools.partial(train_lib.float_logits, model, variables),
+                                    lambda t, x: forward(t, frozen_now, x), trainable, state.trainable,
+                                    total_steps=total_steps, train_seed=config.seed + 2)
+  if not verdict["accepted"]:
+    print(f"warning: LSQ QAT ended worse than its PTQ start ({', '.join(verdict['failed'])}) on {verdict['images']}: "
+          f"top-1 {verdict['before_qat']['top1']:.2f}% -> {verdict['after_qat']['top1']:.2f}%, KL "
+          f"{verdict['before_qat']['kl']:.4g} -> {verdict['after_qat']['kl']:.4g}; its row is marked refused. Lower "
+          f"compare.lsq_learning_rate or set finetune.grad_clip_norm.")
+  return {**metrics, "steps": total_steps, "learning_rate": float(cfg.learning_rate), "judge": verdict}

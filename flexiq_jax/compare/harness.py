@@ -292,8 +292,9 @@ def lsq_qat(ctx: CompareContext) -> list[Row]:
                           ctx.float_model.variables, plan, ctx.calibration.folded, tables, bits, ctx.eval_data,
                           ctx.run.mesh, reference_logits=ctx.float_logits)
   ends = " (ends W8A8)" if cc.keep_ends else ""
-  return [Row("lsq_qat", f"W4A4{ends}, {out['steps']} steps, lr {out['learning_rate']:g}", out["top1"],
-              baselines.relative_bops(plan, bits), fidelity(out))]
+  refused = "" if out["judge"]["accepted"] else " (refused: worse than its PTQ start on held-out images)"
+  return [Row("lsq_qat", f"W4A4{ends}, {out['steps']} steps, lr {out['learning_rate']:g}{refused}", out["top1"],
+              baselines.relative_bops(plan, bits), {**fidelity(out), "judge": out["judge"]})]
 
 
 METHODS: dict[str, Callable[[CompareContext], list[Row]]] = {

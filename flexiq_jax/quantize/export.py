@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flexiq_jax import artifacts
 from flexiq_jax import numerics
 from flexiq_jax import records
 from flexiq_jax.interception import get_path
@@ -143,11 +144,16 @@ def encodings(qmodel: QuantizedModel, qvars, svars) -> dict:
 
 
 def export_portable(qmodel: QuantizedModel, qvars, directory: str, image_shape, *,
-                    platforms: tuple[str, ...] | None = None, provenance: dict | None = None) -> PortableExport:
+                    platforms: tuple[str, ...] | None = None, provenance: dict | None = None,
+                    input_spec: dict | None = None, serving_fingerprint: str | None = None) -> PortableExport:
   """Writes the portable export (module docstring) of `qmodel` (any mode: the integer path is
   exported) with quantized variables `qvars` (as built, finetuned or an `export_int8` export) to
   `directory`. image_shape: (H, W, C) of one image. platforms: where the module may run (default:
-  this backend; e.g. ('cpu', 'cuda')). Each file is written beside and renamed into place."""
+  this backend; e.g. ('cpu', 'cuda')). input_spec: the serving contract's input spec
+  (`contract.InputSpec.to_json`), recorded in manifest.json and encodings.json.
+  serving_fingerprint: the fingerprint of the serving variables exported (`artifacts`), recorded
+  so that `load_portable` refuses an export its workdir's serving model no longer matches. Each
+  file is written beside and renamed into place; the manifest records each file's SHA-256."""
   image_shape = tuple(int(d) for d in image_shape)
   if len(image_shape) != 3:
     raise ValueError(f"image_shape must be (H, W, C), got {image_shape}")
@@ -162,10 +168,13 @@ def export_portable(qmodel: QuantizedModel, qvars, directory: str, image_shape, 
     os.remove(manifest_path)
   _write_atomic(os.path.join(directory, MODULE_FILE), serialize_module(qmodel, svars, image_shape, platforms))
   _write_atomic(os.path.join(directory, WEIGHTS_FILE), weights_bytes(svars))
-  records.write_json_atomic(os.path.join(directory, ENCODINGS_FILE), encodings(qmodel, qvars, svars))
+  records.write_json_atomic(os.path.join(directory, ENCODINGS_FILE),
+                            {**encodings(qmodel, qvars, svars), "input": input_spec})
   files = (MODULE_FILE, WEIGHTS_FILE, ENCODINGS_FILE, MANIFEST_FILE)
   records.write_json_atomic(manifest_path, {
       "format": FORMAT, "version": FORMAT_VERSION, "files": list(files), "platforms": list(platforms),
+      "sha256": {f: artifacts.file_sha256(os.path.join(directory, f)) for f in files if f != MANIFEST_FILE},
+      "serving_fingerprint": serving_fingerprint, "input": input_spec,
       "inputs": [{"name": "images", "shape": ["batch", *image_shape], "dtype": "float32"},
                  {"name": "ratio", "shape": [], "dtype": "float32",
                   "range": [0.0, 1.0], "note": "outside [0, 1] or NaN: NaN logits"}],
@@ -178,10 +187,13 @@ def export_portable(qmodel: QuantizedModel, qvars, directory: str, image_shape, 
 
 def load_portable(directory: str):
   """The exported module of `directory` (`jax.export.Exported`; `.call(images, ratio)`), checked
-  against its manifest. Plain `jax.export.deserialize` on model.stablehlo does the same."""
+  against its manifest: each file's SHA-256, and, in a workdir, the fingerprint of the serving
+  model it was made from (`artifacts.check_export`; a mismatch raises `artifacts.StaleArtifact`).
+  Plain `jax.export.deserialize` on model.stablehlo loads it without these checks."""
   manifest = records.read_json(os.path.join(directory, MANIFEST_FILE))
   if manifest is None or manifest.get("format") != FORMAT:
     raise FileNotFoundError(f"{directory} holds no complete portable export (no {MANIFEST_FILE} of format "
                             f"{FORMAT!r}); write one with flexiq_jax.export_run or run.py --mode=export")
+  artifacts.check_export(directory, manifest)  # files as written; made from the workdir's serving model
   with open(os.path.join(directory, MODULE_FILE), "rb") as f:
     return jax.export.deserialize(bytearray(f.read()))

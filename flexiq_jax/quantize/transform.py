@@ -253,24 +253,44 @@ def check_ratio(ratio) -> float:
   return r
 
 
-def make_predict(qmodel: QuantizedModel, qvars, *, tune_images=None):
-  """predict(images, ratio) for serving: validates the ratio, one compiled function for all
-  ratios. In mode 'int' the serving form is prepared once here (`QuantizedModel.prepare`); with
-  `tune_images` (a batch of the serving shape) each conv's implementation is first chosen by
-  measurement (`tuning.tune_conv_impls`: the same logits, often several times faster on CPU).
-  `predict.qmodel` is the model that runs."""
+def make_predict(qmodel: QuantizedModel, qvars, *, tune_images=None, input_spec=None):
+  """predict(images, ratio, preprocess=False) for serving: one compiled function for all ratios,
+  behind the serving contract (`flexiq_jax.contract`, docs/serving.md): the images' rank, shape
+  and dtype are checked against `input_spec` (a `contract.InputSpec`; None: rank 4, float and
+  the first layer's channel count only), NaN/Inf pixels and values outside the normalised range
+  are refused, and the ratio must be a number in [0, 1]: one ValueError naming what was given.
+  preprocess=True takes raw uint8 images (N, H, W[, C]) and applies the model's eval transform
+  (`contract.preprocess`). In mode 'int' the serving form is prepared once here
+  (`QuantizedModel.prepare`); with `tune_images` (a batch of the serving shape) each conv's
+  implementation is first chosen by measurement (`tuning.tune_conv_impls`: the same logits,
+  often several times faster on CPU). `predict.qmodel` is the model that runs."""
+  from flexiq_jax import contract  # pylint: disable=g-import-not-at-top
+  if input_spec is None:
+    first = qmodel.plan.layers[qmodel.plan.quantized[0]] if qmodel.plan.quantized else None
+    input_spec = contract.InputSpec(None, channels=int(first.in_channels) if first is not None and
+                                    first.kind == "conv" else None)
   if qmodel.mode == "int" and tune_images is not None:
     qmodel, _ = tuning.tune_conv_impls(qmodel, qvars, tune_images)
   if qmodel.mode == "int":
     qvars = jax.jit(qmodel.prepare)(qvars)
   jitted = jax.jit(qmodel.apply)
+  # The pixel checks (NaN/Inf, range) run on the device, in a call of their own: the model's
+  # program stays the one `export_portable` serializes (the same logits, bit for bit).
+  stats_fn = jax.jit(contract.value_stats)
 
-  def predict(images, ratio):
-    return jitted(qvars, images, jnp.float32(check_ratio(ratio)))
+  def predict(images, ratio, preprocess: bool = False):
+    if preprocess:
+      images = contract.preprocess(images, input_spec)
+    contract.check_images(images, input_spec, values=False)
+    r = jnp.float32(contract.check_ratio(ratio))
+    images = jnp.asarray(images, jnp.float32)
+    contract.check_values(images, input_spec, stats_fn(images))
+    return jitted(qvars, images, r)
 
   predict.jitted = jitted
   predict.variables = qvars
   predict.qmodel = qmodel
+  predict.input_spec = input_spec
   return predict
 
 

@@ -1,0 +1,249 @@
+"""A finetuned model is judged before it replaces anything.
+
+`judge_finetune` measures the finetuned model and the model it started from on the same
+held-out images, at ratios 0 and 1 (the two ends the run-time controller may pick): top-1 and
+KL(float || quantized). A finetune that lowers top-1 by more than `finetune.judge_top1_drop`
+points or raises the KL by more than `finetune.judge_kl_rise` nats at either end is refused
+(`FinetuneRefused`): the caller keeps it for inspection and leaves the serving model as it was.
+
+Held-out images: training images the finetune never saw (`unseen_train_indices`: the batches of
+its steps are known from the seed, `data.train_batches`), preprocessed with the eval transform.
+When the finetune saw (nearly) every training image, the first images of the eval split are used
+instead, and the report says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flexiq_jax import data
+from flexiq_jax import records
+
+JUDGE_RATIOS = (0.0, 1.0)
+# Fewer held-out training images than this (or than judge_images, if smaller): the eval split.
+MIN_HELD_OUT = 128
+
+
+class FinetuneRefused(RuntimeError):
+  """A finetuned model measured worse than the model it started from by more than the margins."""
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeImages:
+  images: np.ndarray
+  labels: np.ndarray
+  source: str  # what the images are, for the report
+
+
+def unseen_train_indices(num_examples: int, batch_size: int, total_steps: int, seed: int, limit: int) -> np.ndarray:
+  """Up to `limit` indices of training examples that `data.train_batches(..., seed=seed,
+  num_steps=total_steps)` never yields (the same shuffled order: a step's batch is the next
+  `batch_size` indices of it), sorted.
+
+  Args:
+    num_examples: size of the training split.
+    batch_size: the finetune's global batch size.
+    total_steps: the finetune's steps.
+    seed: the seed given to `train_batches`.
+    limit: the most indices returned.
+
+  Returns:
+    int64 array (possibly empty: every example was seen).
+  """
+  seen = total_steps * batch_size
+  if seen >= num_examples or limit <= 0:
+    return np.zeros((0,), np.int64)
+  order = grain.MapDataset.range(num_examples).shuffle(seed=seed)
+  return np.sort(np.asarray([order[i] for i in range(seen, min(num_examples, seen + limit))], np.int64))
+
+
+def judge_images(config, total_steps: int, train_seed: int) -> JudgeImages:
+  """The held-out images of a finetune of `total_steps` steps (module docstring)."""
+  n = int(config.finetune.get("judge_images", 1000))
+  train_ds = data.get_dataset(config.data, config.data.train_split)
+  idx = unseen_train_indices(train_ds.num_examples, config.finetune.batch_size, total_steps, train_seed, n)
+  if len(idx) >= min(n, MIN_HELD_OUT):
+    batch = train_ds.load(idx, None)
+    return JudgeImages(batch["image"], batch["label"],
+                       f"{len(idx)} training images the finetune never saw ({config.data.train_split} split)")
+  eval_ds = data.get_dataset(config.data, config.data.eval_split)
+  idx = np.arange(min(n, eval_ds.num_examples))
+  batch = eval_ds.load(idx, None)
+  return JudgeImages(batch["image"], batch["label"],
+                     f"the first {len(idx)} images of the {config.data.eval_split} split (the finetune saw "
+                     f"all but {train_ds.num_examples - min(train_ds.num_examples, total_steps * config.finetune.batch_size)}"
+                     f" training images)")
+
+
+def measure(qmodel, qvars, float_logits_fn, images: np.ndarray, labels: np.ndarray, ratios=JUDGE_RATIOS,
+            batch_size: int = 256) -> dict:
+  """{f'{ratio:g}': {'top1': %, 'kl': mean KL(float || quantized)}} of the integer path.
+
+  Args:
+    qmodel: a `quantize.QuantizedModel` (its integer path is measured).
+    qvars: its quantized variables.
+    float_logits_fn: images -> the float model's logits.
+    images: normalised images (N, H, W, C).
+    labels: (N,) labels.
+    ratios: the ratios measured.
+    batch_size: images per forward pass.
+  """
+  qmodel = qmodel.with_mode("int")
+  svars = jax.jit(qmodel.prepare)(qvars)
+
+  @jax.jit
+  def sums(svars, x, y, r):
+    ref = jax.nn.log_softmax(float_logits_fn(x).astype(jnp.float32))
+    out = qmodel.apply(svars, x, r).astype(jnp.float32)
+    kl = jnp.sum(jnp.exp(ref) * (ref - jax.nn.log_softmax(out)), axis=-1)
+    return jnp.sum(jnp.argmax(out, -1) == y), jnp.sum(kl)
+
+  out = {}
+  for ratio in ratios:
+    hits = kl = 0.0
+    for i in range(0, len(images), batch_size):
+      h, k = sums(svars, jnp.asarray(images[i:i + batch_size]), jnp.asarray(labels[i:i + batch_size]),
+                  jnp.float32(ratio))
+      hits, kl = hits + float(h), kl + float(k)
+    out[f"{ratio:g}"] = {"top1": 100.0 * hits / len(images), "kl": kl / len(images)}
+  return out
+
+
+def failures(before: dict, after: dict, top1_drop: float, kl_rise: float) -> list[str]:
+  """What makes `after` worse than `before` beyond the margins (empty: accepted). A non-finite
+  figure after finetuning is a failure whatever the margins."""
+  out = []
+  for ratio, b in before.items():
+    a = after[ratio]
+    if not math.isfinite(a["kl"]) or a["top1"] < b["top1"] - top1_drop:
+      out.append(f"ratio {ratio} top-1")
+    if not math.isfinite(a["kl"]) or a["kl"] > b["kl"] + kl_rise:
+      out.append(f"ratio {ratio} KL")
+  return out
+
+
+def summary_line(before: dict, after: dict) -> str:
+  return "; ".join(f"ratio {r}: top-1 {before[r]['top1']:.2f}% -> {after[r]['top1']:.2f}%, KL {before[r]['kl']:.4g} "
+                   f"-> {after[r]['kl']:.4g}" for r in before)
+
+
+def judge_finetune(config, float_logits_fn, start, tuned, *, total_steps: int, train_seed: int) -> dict:
+  """Measures `tuned` (the finetuned `stage_results.Quantized`) against `start` (the model it
+  started from) on held-out images and returns the report (written by the caller to
+  finetune/judge.json); report['accepted'] says whether it passes the margins
+  finetune.judge_top1_drop (points) and finetune.judge_kl_rise (nats). finetune.judge_images=0
+  skips the judgement (accepted, with the reason).
+
+  Args:
+    config: the run config.
+    float_logits_fn: images -> float logits.
+    start: the quantized model before finetuning.
+    tuned: the finetuned model.
+    total_steps: the finetune's steps (which training images it saw).
+    train_seed: the seed of its batches.
+  """
+  cfg = config.finetune
+  top1_drop, kl_rise = float(cfg.get("judge_top1_drop", 2.0)), float(cfg.get("judge_kl_rise", 0.1))
+  margins = {"judge_top1_drop": top1_drop, "judge_kl_rise": kl_rise}
+  if int(cfg.get("judge_images", 1000)) <= 0:
+    return {"accepted": True, "reason": "finetune.judge_images=0: not judged", "margins": margins}
+  held = judge_images(config, total_steps, train_seed)
+  bs = int(config.eval_batch_size)
+  before = measure(start.qmodel, start.qvars, float_logits_fn, held.images, held.labels, batch_size=bs)
+  after = measure(tuned.qmodel, tuned.qvars, float_logits_fn, held.images, held.labels, batch_size=bs)
+  failed = failures(before, after, top1_drop, kl_rise)
+  return {"accepted": not failed, "failed": failed, "images": held.source, "num_images": int(len(held.labels)),
+          "metric": "top-1 (%) and mean KL(float || quantized) of the integer path",
+          "before_finetuning": before, "after_finetuning": after, "margins": margins,
+          "summary": summary_line(before, after)}
+
+
+def refusal_message(report: dict, kept_at: str) -> str:
+  """The one-line message of a refused finetune: the figures, where it is kept, the knobs."""
+  return (f"the finetuned model is worse than the model it started from ({', '.join(report['failed'])}) on "
+          f"{report['images']}: {report['summary']} (allowed: top-1 drop <= {report['margins']['judge_top1_drop']} "
+          f"points, KL rise <= {report['margins']['judge_kl_rise']}). It was not installed: serving/ and export/ "
+          f"still hold the previous model, and the refused finetune is kept in {kept_at} for inspection. Lower "
+          f"finetune.learning_rate, set finetune.grad_clip_norm or change finetune.num_epochs, then rerun with "
+          f"--force_from=finetune; or widen finetune.judge_top1_drop / finetune.judge_kl_rise to accept it.")
+
+
+def accept_or_refuse(run, float_logits_fn, start, tuned, stage, *, total_steps: int, train_seed: int) -> dict:
+  """Judges a finished finetune (`judge_finetune`), writes the report to <stage>/judge.json and
+  prints its summary. A refused finetune's stage directory is moved to
+  <workdir>/replaced/<timestamp>/ and `FinetuneRefused` raised (one line: figures and knobs);
+  nothing else in the workdir changes.
+
+  Args:
+    run: the pipeline.Run (config, workdir).
+    float_logits_fn: images -> float logits.
+    start: the quantized model before finetuning.
+    tuned: the finetuned model.
+    stage: the finetune's stage_cache.Stage.
+    total_steps: the finetune's steps.
+    train_seed: the seed of its batches.
+
+  Returns:
+    The report of an accepted finetune.
+  """
+  report = judge_finetune(run.config, float_logits_fn, start, tuned, total_steps=total_steps,
+                          train_seed=train_seed)
+  report = {**records.run_info(), **report}
+  records.write_json_atomic(stage.file("judge.json"), report)
+  if report["accepted"]:
+    if "summary" in report:
+      print(f"finetune accepted (against the model it started from, on {report['images']}): {report['summary']}")
+    return report
+  target = os.path.join(run.workdir, "replaced", records.utc_now().replace(":", ""))
+  if jax.process_index() == 0:
+    os.makedirs(target, exist_ok=True)
+    os.replace(stage.path, os.path.join(target, os.path.basename(stage.path)))
+  raise FinetuneRefused(refusal_message(report, os.path.join(target, os.path.basename(stage.path))))
+
+
+def judge_uniform_qat(config, float_logits_fn, logits_fn, start, end, *, total_steps: int, train_seed: int) -> dict:
+  """The judgement of a uniform QAT baseline (one bit width, no ratio): `logits_fn(params,
+  images)` at its starting parameters `start` (its PTQ initialisation) and at the trained `end`,
+  on the held-out images (`judge_images`), with the finetune's margins. A comparison reports
+  the trained figures either way; report['accepted'] says whether they pass.
+
+  Args:
+    config: the run config (finetune.judge_* margins).
+    float_logits_fn: images -> float logits.
+    logits_fn: (params, images) -> the baseline's logits.
+    start: its parameters before QAT.
+    end: after QAT.
+    total_steps: its QAT steps.
+    train_seed: the seed of its batches.
+  """
+  cfg = config.finetune
+  top1_drop, kl_rise = float(cfg.get("judge_top1_drop", 2.0)), float(cfg.get("judge_kl_rise", 0.1))
+  if int(cfg.get("judge_images", 1000)) <= 0:
+    return {"accepted": True, "reason": "finetune.judge_images=0: not judged"}
+  held = judge_images(config, total_steps, train_seed)
+  bs = int(config.eval_batch_size)
+
+  @jax.jit
+  def sums(params, x, y):
+    ref = jax.nn.log_softmax(float_logits_fn(x).astype(jnp.float32))
+    out = logits_fn(params, x).astype(jnp.float32)
+    return jnp.sum(jnp.argmax(out, -1) == y), jnp.sum(jnp.sum(jnp.exp(ref) * (ref - jax.nn.log_softmax(out)), -1))
+
+  def figures(params):
+    hits = kl = 0.0
+    for i in range(0, len(held.images), bs):
+      h, k = sums(params, jnp.asarray(held.images[i:i + bs]), jnp.asarray(held.labels[i:i + bs]))
+      hits, kl = hits + float(h), kl + float(k)
+    return {"uniform": {"top1": 100.0 * hits / len(held.images), "kl": kl / len(held.images)}}
+
+  before, after = figures(start), figures(end)
+  failed = [f.replace("ratio uniform", "W4A4") for f in failures(before, after, top1_drop, kl_rise)]
+  return {"accepted": not failed, "failed": failed, "images": held.source, "before_qat": before["uniform"],
+          "after_qat": after["uniform"], "margins": {"judge_top1_drop": top1_drop, "judge_kl_rise": kl_rise}}

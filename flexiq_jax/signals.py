@@ -1,0 +1,71 @@
+"""Interrupts that keep work: SIGINT, SIGTERM and SIGHUP during a run ask the training loop to
+stop at the end of its current step, after saving a checkpoint there (`train.run_loop` polls
+`requested()`), instead of raising KeyboardInterrupt wherever Python happens to be (inside
+XLA's garbage-collection callback, the first Ctrl-C was swallowed). A second signal of the same
+run interrupts at once.
+
+  with signals.graceful():
+    ...  # train.run_loop raises Interrupted after checkpointing at the next step
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+
+HANDLED = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None),
+                            getattr(signal, "SIGHUP", None)) if s is not None)
+
+_requested: list[int] = []
+
+
+class Interrupted(KeyboardInterrupt):
+  """The run stopped on a signal, after checkpointing (a KeyboardInterrupt, so that code that
+  stops on Ctrl-C stops on it too)."""
+
+
+def requested() -> int | None:
+  """The signal number received since `graceful()` began, or None."""
+  return _requested[0] if _requested else None
+
+
+def name(signum: int) -> str:
+  try:
+    return signal.Signals(signum).name
+  except ValueError:
+    return str(signum)
+
+
+def _handler(signum, frame):
+  del frame
+  if _requested:  # the second signal: stop now
+    raise Interrupted(f"{name(signum)} received twice; stopped at once (the last checkpoint is kept)")
+  _requested.append(signum)
+  print(f"\n{name(signum)} received: stopping after the current step, with a checkpoint there "
+        f"(send it again to stop at once)", flush=True)
+
+
+@contextlib.contextmanager
+def graceful():
+  """Installs the handlers for the duration (main thread only; elsewhere a no-op)."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  previous = {s: signal.getsignal(s) for s in HANDLED}
+  _requested.clear()
+  for s in HANDLED:
+    signal.signal(s, _handler)
+  try:
+    yield
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+    _requested.clear()
+
+
+def raise_if_requested(where: str) -> None:
+  """Raises Interrupted if a signal arrived (call it where stopping keeps the work done)."""
+  signum = requested()
+  if signum is not None:
+    raise Interrupted(f"{name(signum)} received; stopped {where}")
