@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -142,7 +143,7 @@ def encodings(qmodel: QuantizedModel, qvars, svars) -> dict:
           "layers": layers, "matmuls": matmuls}
 
 
-def export_portable(qmodel: QuantizedModel, qvars, directory: str, image_shape, *,
+def export_portable(qmodel: QuantizedModel, qvars: dict, directory: str, image_shape: Sequence[int], *,
                     platforms: tuple[str, ...] | None = None, provenance: dict | None = None) -> PortableExport:
   """Writes the portable export (module docstring) of `qmodel` (any mode: the integer path is
   exported) with quantized variables `qvars` (as built, finetuned or an `export_int8` export) to
@@ -176,7 +177,7 @@ def export_portable(qmodel: QuantizedModel, qvars, directory: str, image_shape, 
   return PortableExport(directory, files, platforms, image_shape)
 
 
-def load_portable(directory: str):
+def load_portable(directory: str) -> jax.export.Exported:
   """The exported module of `directory` (`jax.export.Exported`; `.call(images, ratio)`), checked
   against its manifest. Plain `jax.export.deserialize` on model.stablehlo does the same."""
   manifest = records.read_json(os.path.join(directory, MANIFEST_FILE))

@@ -23,6 +23,7 @@ every r. The ratio is data, not a constant: changing it never recompiles. A rati
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -253,7 +254,8 @@ def check_ratio(ratio) -> float:
   return r
 
 
-def make_predict(qmodel: QuantizedModel, qvars, *, tune_images=None):
+def make_predict(qmodel: QuantizedModel, qvars: dict, *,
+                 tune_images: jax.typing.ArrayLike | None = None) -> Callable[[jax.typing.ArrayLike, float], jax.Array]:
   """predict(images, ratio) for serving: validates the ratio, one compiled function for all
   ratios. In mode 'int' the serving form is prepared once here (`QuantizedModel.prepare`); with
   `tune_images` (a batch of the serving shape) each conv's implementation is first chosen by
