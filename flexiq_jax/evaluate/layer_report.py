@@ -153,7 +153,7 @@ def build(plan, qvars: dict, *, report_ratio: float = 0.5, ratios: Sequence[floa
           "extraction_positions": "histogram over e (activations) and f (weights) in 0..4: a lowered code keeps "
                                   "the 4 bits starting at bit e (docs/DESIGN.md §3.2); '_lowered' counts only "
                                   "the channels lowered at the report ratio",
-          "sensitivity": "the evolutionary search scores whole selections and records no per-layer sensitivity "
+          "sensitivity": "The evolutionary search scores whole selections and records no per-layer sensitivity "
                          "(selection.json 'search': best/mean fitness per generation and level); "
                          "'lowering_error_*' is the calibrated per-channel lowering error (activation + weight "
                          "squared code error over the calibration data) the channel order and the selectors' "
@@ -270,7 +270,7 @@ def read_run(workdir: str) -> tuple[Any, dict, dict | None, dict | None, str]:
   return plan, qvars, stats, selection, f"{workdir}/{stage}"
 
 
-def report(run_or_workdir, *, report_ratio: float = 0.5, ratios: Sequence[float] = DEFAULT_RATIOS,
+def report(run_or_workdir: str | os.PathLike | Any, *, report_ratio: float = 0.5, ratios: Sequence[float] = DEFAULT_RATIOS,
            directory: str | None = None) -> LayerReport:
   """The per-layer report of a finished run (module docstring).
 
