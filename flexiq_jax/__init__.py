@@ -2,6 +2,8 @@
 
 Notebook API:
   quantize_model(model, variables, calib_images, levels=..., selector=...) -> (qmodel, qvars)
+  quantize_model(nnx_model, calib_images, ...)   a Flax NNX module (interception_nnx); apply_fn=
+                                                 for any other call signature (adapt)
   make_predict(qmodel, qvars) -> predict(images, ratio)   (one compilation for every ratio)
   load_quantized(workdir) -> LoadedRun (config, float model, quantized model, serving variables)
   report(workdir or (qmodel, qvars), report_ratio=0.5) -> LayerReport (per-layer Markdown/JSON/plot)

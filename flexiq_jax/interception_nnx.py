@@ -1,9 +1,9 @@
 """Flax NNX models through the same interception point as linen ones.
 
 `to_linen(nnx_model)` returns a linen module (`NNXModule`) and its variables. Calling the linen
-module runs the NNX model, with each call of an `nnx.Linear`, `nnx.Conv`, `nnx.BatchNorm` and
-`models.layers.NNXAttentionMatmul` computed by the linen module of the same arithmetic
-(`nn.Dense`, `nn.Conv`, `nn.BatchNorm`, `AttentionMatmul`) named after the layer's graph path
+module runs the NNX model, with each call of an `nnx.Linear`, `nnx.LinearGeneral`, `nnx.Conv`, `nnx.BatchNorm`
+and `models.layers.NNXAttentionMatmul` computed by the linen module of the same arithmetic
+(`nn.Dense`, `nn.DenseGeneral`, `nn.Conv`, `nn.BatchNorm`, `AttentionMatmul`) named after the layer's graph path
 (`nnx.iter_graph`: `blocks.0.attn.qkv`). So `interception.trace` and `run_with_provider`, and
 with them calibration, selection, the quantized apply (fake and integer), finetuning and
 serving, see an NNX model's layers exactly as they see a linen model's; nothing downstream knows
@@ -19,7 +19,8 @@ classes' `__call__` is patched to dispatch to the linen layers (the patch is act
 the call, and a layer not of this module runs unchanged).
 
 Not intercepted (they run in float, and `quantize.float_ops_in_int_path` lists them):
-`nnx.LinearGeneral`, `nnx.Einsum` and plain einsums (e.g. inside `nnx.MultiHeadAttention`).
+`nnx.Einsum` and plain einsums (e.g. the attention matmuls inside `nnx.MultiHeadAttention`,
+whose projections, `nnx.LinearGeneral`, are intercepted).
 Evaluation only: `train=True` is refused (train an NNX model with NNX, then quantize it).
 """
 
@@ -37,7 +38,7 @@ from flexiq_jax.models.layers import AttentionMatmul
 from flexiq_jax.models.layers import NNXAttentionMatmul
 
 REST = "nnx"  # params key of the NNX parameters outside the intercepted layers
-INTERCEPTED = (nnx.Linear, nnx.Conv, nnx.BatchNorm, NNXAttentionMatmul)
+INTERCEPTED = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.BatchNorm, NNXAttentionMatmul)
 
 
 def layer_name(path: tuple) -> str:
@@ -56,6 +57,11 @@ def _linen_layer(layer: nnx.Module, name: str) -> nn.Module:
   if isinstance(layer, nnx.Linear):
     return nn.Dense(layer.out_features, use_bias=layer.use_bias, dtype=layer.dtype, param_dtype=layer.param_dtype,
                     precision=layer.precision, name=name)
+  if isinstance(layer, nnx.LinearGeneral):
+    if layer.batch_axis:
+      raise NotImplementedError(f"{name}: nnx.LinearGeneral with batch_axis cannot be quantized")
+    return nn.DenseGeneral(tuple(layer.out_features), axis=layer.axis, use_bias=layer.use_bias, dtype=layer.dtype,
+                           param_dtype=layer.param_dtype, precision=layer.precision, name=name)
   if isinstance(layer, nnx.Conv):
     if layer.mask is not None:
       raise NotImplementedError(f"{name}: a masked nnx.Conv cannot be quantized")
@@ -85,8 +91,9 @@ def _dispatch(layers: dict[int, Callable]):
       run = layers.get(id(self))
       if run is None:
         return original(self, *args, **kwargs)
-      if kwargs:
-        raise NotImplementedError(f"{type(self).__name__} called with keyword arguments {sorted(kwargs)}")
+      given = sorted(k for k, v in kwargs.items() if v is not None)  # e.g. out_sharding=None: the default
+      if given:
+        raise NotImplementedError(f"{type(self).__name__} called with keyword arguments {given}")
       return run(*args)
     return call
 

@@ -228,3 +228,31 @@ def test_nnx_call_fn_and_linen_models_without_train_keyword():
     flexiq_jax.quantize_model(model, {"params": {}}, images)
   with pytest.raises(TypeError, match="needs its variables"):
     flexiq_jax.quantize_model(net, images)
+
+
+def test_nnx_multi_head_attention_projections_are_quantized_and_its_einsums_reported():
+  """nnx.MultiHeadAttention's nnx.LinearGeneral projections go through the interception as
+  linen DenseGeneral layers; its two attention einsums are plain jnp code and stay float, listed."""
+
+  class Tiny(nnx.Module):
+    def __init__(self, rngs):
+      self.patch = nnx.Conv(1, 16, (4, 4), strides=4, padding="VALID", rngs=rngs)
+      self.norm = nnx.LayerNorm(16, rngs=rngs)
+      self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=16, decode=False, rngs=rngs)
+      self.head = nnx.Linear(16, 10, rngs=rngs)
+
+    def __call__(self, x):
+      x = self.patch(x)
+      x = x.reshape(x.shape[0], -1, x.shape[-1])
+      return self.head((x + self.attn(self.norm(x))).mean(1))
+
+  model = Tiny(nnx.Rngs(0))
+  images = _images(32, 16)
+  qmodel, qvars = flexiq_jax.quantize_model(model, images, levels=(1.0,), selector="greedy")
+  assert qmodel.plan.lowerable == ["attn.query", "attn.key", "attn.value", "attn.out"]
+  assert qmodel.plan.layers["attn.out"].contracted_axes == 2  # heads x head_dim -> features
+  float_ops = quantize.float_ops_in_int_path(qmodel, qvars, images[:2])
+  assert len(float_ops) == 2  # q·kᵀ and attn·v inside nnx.dot_product_attention
+  model.eval()
+  ref = np.asarray(model(images[:4]))
+  np.testing.assert_allclose(qmodel.apply(qvars, images[:4], 0.0), ref, atol=0.1 * np.abs(ref).max())

@@ -129,7 +129,8 @@ def lsq_qat(config, workdir: str, model, variables, plan, folded, tables, bits: 
     state = train_lib.run_loop(state, step_fn, batches, total_steps=total_steps, ckpt_dir=ckpt_dir,
                                checkpoint_every=cfg.checkpoint_every_steps,
                                metrics_path=os.path.join(workdir, "metrics.jsonl"),
-                               log_every=config.train.log_every_steps, mesh=mesh, desc="LSQ QAT")
+                               log_every=config.train.log_every_steps, mesh=mesh, desc="LSQ QAT",
+                               learning_rate=train_lib.make_schedule(cfg, total_steps))
   predict = lambda images, trainable, frozen: forward(trainable, frozen, images)
   metrics = train_lib.evaluate(predict, iter(eval_batches), mesh, desc="LSQ eval", args=(state.trainable, state.frozen),
                                reference_logits=reference_logits)
