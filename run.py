@@ -2,11 +2,13 @@ r"""flexiq_jax entry point.
 
   python run.py --config=configs/quickstart.py [--workdir=workdirs/quickstart] [--mode=all]
   python run.py --config=vit_b.py:fmnist,smoke     # a bare name is looked up in configs/
+  python run.py --version                           # the flexiq_jax release
 
 Modes run the pipeline up to a stage: train -> eval -> calibrate -> select -> quantize -> finetune,
 and `sweep` (evaluate config.sweep.ratios before and, if finetuned, after finetuning). `all` runs
 every stage and the sweep; `compare` runs the method comparison; `export` runs up to finetune and
-writes the portable export (jax.export module, weights, encodings) to <workdir>/export. Each stage
+writes the portable export (jax.export module, weights, encodings) to <workdir>/export; `report`
+writes the per-layer report of the finished run (--report_ratio=0.5) to <workdir>/report. Each stage
 reuses the saved output of the stages before it. --workdir defaults to workdirs/<config name>[_<args>].
 """
 
@@ -17,6 +19,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+import flexiq_jax
 from flexiq_jax import api
 from flexiq_jax import cli
 from flexiq_jax import evaluate
@@ -29,7 +32,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go "
                                "(default: workdirs/<config name>[_<args>]).")
-_MODE = flags.DEFINE_enum("mode", "all", pipeline.STAGES + ("sweep", "all", "compare", "export"), "Pipeline stage(s) to run.")
+_MODE = flags.DEFINE_enum("mode", "all", pipeline.STAGES + ("sweep", "all", "compare", "export", "report"),
+                          "Pipeline stage(s) to run; 'report' writes the per-layer report of the finished run.")
+_REPORT_RATIO = flags.DEFINE_float("report_ratio", 0.5, "--mode=report: the 4-bit ratio in [0, 1] the per-layer "
+                                   "columns are given at.")
 _FORCE_FROM = flags.DEFINE_enum("force_from", None, ["train", "calibrate", "select", "quantize", "finetune"],
                                 "Redo this stage and the ones after it (their old outputs are moved to "
                                 "<workdir>/replaced/; serving/ and export/ only once a new finetune is accepted).")
@@ -58,6 +64,13 @@ def _run(run, mode):
     from flexiq_jax import compare
     compare.main(run)  # returns the results dict: not an exit status for app.run
     return
+  if mode == "report":  # per-layer Markdown/JSON/plot of what the workdir holds (flexiq_jax.report)
+    try:
+      written = api.report(workdir, report_ratio=_REPORT_RATIO.value)
+    except (FileNotFoundError, ValueError, TypeError) as e:
+      raise SystemExit(f"error: {e}") from None
+    print(f"report: {written.markdown_path}")
+    return
   if mode == "export":  # the finetuned model as a portable jax.export artifact (flexiq_jax.export_run)
     pipeline.run_until(run, "finetune", evaluate=False)
     print(f"export: {api.export_run(workdir).directory}")
@@ -83,6 +96,9 @@ def _run(run, mode):
 
 
 if __name__ == "__main__":
+  if "--version" in sys.argv[1:]:  # before flag parsing: --config is not needed to ask the version
+    print(f"flexiq_jax {flexiq_jax.__version__}")
+    sys.exit(0)
   cli.print_help_and_exit(sys.argv, __doc__)
   sys.argv = cli.resolve_config_argv(sys.argv)
   app.run(main)

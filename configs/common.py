@@ -183,6 +183,9 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   config.train.divergence_factor = 10.0
   config.train.checkpoint_every_steps = 500 if fmnist else 5000
   config.train.log_every_steps = 50 if fmnist else 200
+  # Periodic evaluation during training (eval.jsonl, TensorBoard eval/); 0: only after training,
+  # as the time-budgeted sweeps need. Changes no result (not in the stage fingerprint).
+  config.train.eval_every_steps = 0
   config.eval_batch_size = 512 if fmnist else 256  # multiples of 8 devices; the last batch is padded
 
   # FlexiQ (design notes, section 2). Every choice is a named option.
@@ -240,6 +243,7 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   # Ratios trained at every step besides the sampled one (loss averaged over them), e.g. (0.0, 1.0)
   config.finetune.every_step_ratios = ()
   config.finetune.checkpoint_every_steps = 200 if fmnist else 2000
+  config.finetune.eval_every_steps = 0  # as train.eval_every_steps (QAT: ratios 0, 0.5, 1, KL to float)
 
   config.sweep = ml_collections.ConfigDict()
   config.sweep.ratios = (0.0, 0.1, 0.25, 0.37, 0.5, 0.62, 0.75, 0.9, 1.0)  # levels and ratios between them

@@ -49,6 +49,9 @@ def get_config(arg=None):
   config.train.divergence_factor = 10.0
   config.train.checkpoint_every_steps = 200
   config.train.log_every_steps = 50
+  # Top-1/top-5/loss on the eval split every this many steps and at the end (eval.jsonl and
+  # TensorBoard eval/); 0: never. Changes no result (not in the stage fingerprint).
+  config.train.eval_every_steps = 200
   config.eval_batch_size = 500
 
   # FlexiQ (design notes, section 2). Every choice is a named option.
@@ -104,6 +107,9 @@ def get_config(arg=None):
   # Ratios trained at every step besides the sampled one (loss averaged over them), e.g. (0.0, 1.0)
   config.finetune.every_step_ratios = ()
   config.finetune.checkpoint_every_steps = 100
+  # As train.eval_every_steps, for the fake-quant model at ratios 0, 0.5 and 1, with KL and
+  # agreement to the float model; 0: never.
+  config.finetune.eval_every_steps = 100
 
   config.sweep = ml_collections.ConfigDict()
   config.sweep.ratios = (0.0, 0.1, 0.25, 0.37, 0.5, 0.62, 0.75, 0.9, 1.0)  # levels and ratios between them
@@ -164,6 +170,8 @@ def get_config(arg=None):
     config.finetune.num_epochs = 0.01
     config.finetune.checkpoint_every_steps = 2
     config.finetune.judge_images = 256
+    config.train.eval_every_steps = 0
+    config.finetune.eval_every_steps = 0
     config.layerwise.sensitivity_images = 32
     config.layerwise.score_examples = 128
     config.compare.allowed_drops = (1.0,)

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.typing import ArrayLike
 
 from flexiq_jax import artifacts
+from flexiq_jax import adapt as adapt_lib
 from flexiq_jax import calibrate as calibrate_lib
 from flexiq_jax import checkpoint
 from flexiq_jax import contract
@@ -29,23 +31,39 @@ from flexiq_jax import records
 from flexiq_jax import select as select_lib
 from flexiq_jax import train as train_lib
 from flexiq_jax.quantize import make_predict  # noqa: F401  (re-exported)
+from flexiq_jax.evaluate.layer_report import LayerReport, report  # noqa: F401  (re-exported)
 from flexiq_jax.quantize.export import PortableExport, export_portable, load_portable  # noqa: F401  (re-exported)
 from flexiq_jax.select.fitness import SelectionFitness
 from flexiq_jax.stage_results import Calibration, FloatModel
 
 
-def quantize_model(model, variables, calib_images, *, levels: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
+def quantize_model(model: Any, variables: Any = None, calib_images: ArrayLike | None = None, *,
+                   apply_fn: Callable | None = None, levels: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
                    selector: str = "evolutionary", channel_order: str = "range", act_calibration: str = "minmax",
                    extraction: str = "fitted", bias_correction: bool = True,
                    keep_8bit: Sequence[str] = ("first", "last"), skip: Sequence[str] = (), fold_bn: bool = True,
                    attention: str = "int8", calib_batch_size: int = 128, fitness: str = "kl", fitness_images: int = 256,
-                   population: int = 12, generations: int = 6, seed: int = 0):
-  """FlexiQ on a linen model, in memory: calibrate on `calib_images` (N, H, W, C, unlabelled),
-  select the 4-bit channels at each ratio level, and return `(qmodel, qvars)`: a
+                   population: int = 12, generations: int = 6,
+                   seed: int = 0) -> tuple[quantize_lib.QuantizedModel, dict]:
+  """FlexiQ on a model, in memory: calibrate on `calib_images` (N, H, W, C, unlabelled), select
+  the 4-bit channels at each ratio level, and return `(qmodel, qvars)`: a
   `quantize.QuantizedModel` (integer path) and its variables. `qmodel.apply(qvars, images, ratio)`
-  takes the ratio as a traced argument. The model is called as `model.apply(variables, images,
-  train=False)`; the options mirror the config fields of `run.py` (configs/quickstart.py).
+  takes the ratio as a traced argument. The options mirror the config fields of `run.py`
+  (configs/quickstart.py).
+
+  Args:
+    model: a Flax linen module, called as `model.apply(variables, images, train=False)` (`train`
+      only where its `__call__` takes it), or a Flax NNX module (`quantize_model(nnx_model,
+      calib_images)`; its layers are intercepted as linen ones, `flexiq_jax.interception_nnx`).
+    variables: the linen model's variables (an NNX module holds its own).
+    calib_images: (N, H, W, C) calibration images.
+    apply_fn: the call to make instead of the default: `(variables, images) -> logits` for a linen
+      model, `(module, images) -> logits` for an NNX module.
+
+  Returns:
+    (qmodel, qvars).
   """
+  model, variables, calib_images = adapt_lib.adapt(model, variables, calib_images, apply_fn=apply_fn)
   calib_images = np.asarray(calib_images, np.float32)
   if calib_images.ndim != 4:
     raise ValueError(f"calib_images must be (N, H, W, C), got shape {calib_images.shape}")
@@ -92,10 +110,17 @@ class LoadedRun:
     """The serving contract's input spec (shape, dtype, normalisation; docs/serving.md)."""
     return contract.InputSpec.from_config(self.config)
 
-  def predict(self, tune_images=None):
+  def predict(self, tune_images: ArrayLike | None = None) -> Callable[..., jax.Array]:
     """`quantize.make_predict` on the serving variables, checking its inputs against
-    `input_spec` (`predict(images, ratio, preprocess=True)` takes raw uint8 images);
-    `tune_images`: choose each conv's implementation by measurement at that batch shape first."""
+    `input_spec` (`predict(images, ratio, preprocess=True)` takes raw uint8 images).
+
+    Args:
+      tune_images: if given, each conv's implementation is chosen by measurement at that batch
+        shape first.
+
+    Returns:
+      `predict(images, ratio, preprocess=False) -> logits`.
+    """
     return make_predict(self.qmodel, self.qvars, tune_images=tune_images, input_spec=self.input_spec)
 
 
@@ -146,7 +171,8 @@ def _restore_float(ckpt_dir: str, abstract, final_step: int | None):
 EXPORT_DIR = "export"
 
 
-def export_run(workdir: str, directory: str | None = None, *, platforms=None) -> PortableExport:
+def export_run(workdir: str, directory: str | None = None, *,
+               platforms: Sequence[str] | None = None) -> PortableExport:
   """The portable export (`quantize.export.export_portable`: a `jax.export` module of the integer
   path with the ratio as an input, the serving weights as safetensors, the encodings JSON) of the
   finished run in `workdir`, to `directory` (default <workdir>/export)."""

@@ -64,13 +64,17 @@ def channelwise_bops(layers: Mapping[str, LayerInfo], lowered: Mapping[str, floa
                      high: int = 8, low: int = 4, matmuls: Mapping[str, MatmulInfo] | None = None) -> float:
   """lowered: {path: number of feature channels at low x low bits} (others high x high);
   `matmuls` are added at 8 x 8 bits (never lowered)."""
-  total = matmul_bops(matmuls)
-  for path, info in layers.items():
-    n = float(lowered.get(path, 0))
-    if not 0 <= n <= info.in_channels:
-      raise ValueError(f"{path}: {n} lowered channels out of {info.in_channels}")
-    total += info.macs_per_channel * (n * low * low + (info.in_channels - n) * high * high)
-  return total
+  return matmul_bops(matmuls) + sum(channelwise_layer_bops(info, lowered.get(path, 0), high, low)
+                                    for path, info in layers.items())
+
+
+def channelwise_layer_bops(info: LayerInfo, lowered: float, high: int = 8, low: int = 4) -> float:
+  """One layer's BOPs per example with `lowered` of its feature channels at low x low bits and the
+  others at high x high."""
+  n = float(lowered)
+  if not 0 <= n <= info.in_channels:
+    raise ValueError(f"{info.path}: {n} lowered channels out of {info.in_channels}")
+  return info.macs_per_channel * (n * low * low + (info.in_channels - n) * high * high)
 
 
 def relative_bops(layers: Mapping[str, LayerInfo], lowered: Mapping[str, float], high: int = 8,

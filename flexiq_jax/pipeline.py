@@ -127,7 +127,11 @@ def train_float(run: Run, on_step=None) -> FloatModel:
         state, step_fn, batches, total_steps=total_steps, ckpt_dir=ckpt_dir,
         checkpoint_every=train_lib.checkpoint_interval(config.train.checkpoint_every_steps, total_steps),
         metrics_path=stage.file("metrics.jsonl"), log_every=config.train.log_every_steps, mesh=run.mesh,
-        desc="float train", on_step=on_step, divergence_factor=config.train.get("divergence_factor", 0.0))
+        desc="float train", on_step=on_step, divergence_factor=config.train.get("divergence_factor", 0.0),
+        learning_rate=train_lib.make_schedule(config.train, total_steps),
+        eval_fn=periodic_eval(run, lambda images, v: train_lib.float_logits(model, v, images),
+                              lambda state: state.variables()),
+        eval_every=config.train.get("eval_every_steps", 0))
   elif total_steps == 0:
     print("float model: no training steps configured (train.num_epochs=0); using the initial weights"
           + (f" from {config.init_weights}" if config.init_weights else ""))
@@ -307,11 +311,21 @@ def finetune(run: Run, float_model: FloatModel, quantized: Quantized, on_step=No
     batches = data.train_batches(train_ds, cfg.batch_size, seed=config.seed + 1,
                                  start_step=int(state.step), num_steps=total_steps,
                                  num_threads=config.data.num_threads)
+    eval_every = cfg.get("eval_every_steps", 0)
+    reference = []  # the float model's eval logits: KL and agreement of the periodic evaluation
+    if eval_every > 0:
+      evaluate_float(run, float_model, logits_out=reference)
     state = train_lib.run_loop(state, step_fn, batches, total_steps=total_steps, ckpt_dir=ckpt_dir,
                                checkpoint_every=train_lib.checkpoint_interval(cfg.checkpoint_every_steps, total_steps),
                                metrics_path=stage.file("metrics.jsonl"), log_every=config.train.log_every_steps,
                                mesh=run.mesh, desc="QAT finetune", on_step=on_step,
-                               divergence_factor=cfg.get("divergence_factor", 0.0))
+                               divergence_factor=cfg.get("divergence_factor", 0.0),
+                               learning_rate=train_lib.make_schedule(cfg, total_steps),
+                               eval_fn=periodic_eval(run, lambda images, qv, r: fake.apply(qv, images, r),
+                                                     lambda state: finetune_lib.merge_qvars(state.trainable,
+                                                                                            state.frozen),
+                                                     ratios=EVAL_RATIOS, reference_logits=reference),
+                               eval_every=eval_every)
   trained = Quantized(quantized.qmodel, finetune_lib.merge_qvars(state.trainable, state.frozen), finetuned=True)
   tuned = refresh(run, float_model, trained)
   checkpoint.save_tree(stage.file("qvars"), tuned.qvars)
@@ -323,6 +337,25 @@ def finetune(run: Run, float_model: FloatModel, quantized: Quantized, on_step=No
 
 
 REFRESH_REPORT_RATIOS = (0.0, 0.5, 1.0)
+EVAL_RATIOS = (0.0, 0.5, 1.0)  # the ratios of QAT's periodic evaluation (finetune.eval_every_steps)
+
+
+def periodic_eval(run: Run, predict, variables_of, ratios=None, reference_logits=None):
+  """`eval_fn(state)` for `train.run_loop`: top-1/top-5/loss on the eval split of
+  `predict(images, variables_of(state)[, ratio])`, at each of `ratios` if given ('top1/r0.5', ...),
+  with KL and agreement to the float model where its logits (`reference_logits`) are given. One
+  compilation serves every evaluation (`train.evaluate` caches the step per `predict`)."""
+  def eval_fn(state):
+    variables = variables_of(state)
+    out = {}
+    for ratio in (ratios if ratios is not None else (None,)):
+      args = (variables,) if ratio is None else (variables, jnp.float32(ratio))
+      m = train_lib.evaluate(predict, eval_batches(run.config), run.mesh, desc="periodic eval", args=args,
+                             reference_logits=reference_logits or None, total_images=eval_images(run.config))
+      suffix = "" if ratio is None else f"/r{ratio:g}"
+      out.update({f"{k}{suffix}": m[k] for k in ("top1", "top5", "loss", "kl", "agreement") if k in m})
+    return out
+  return eval_fn
 
 
 def refresh(run: Run, float_model: FloatModel, trained: Quantized) -> Quantized:

@@ -16,6 +16,8 @@ import sys
 import jax
 from etils import epath
 
+from flexiq_jax.version import __version__
+
 
 # Folders of committed outputs: a run writing its results there does not make the code dirty.
 RESULTS_FOLDERS = ("experiments/results", "benchmarks/results")
@@ -91,9 +93,12 @@ def utc_now() -> str:
 
 
 def run_info(argv=None) -> dict:
+  """Provenance of a results file: the command, the flexiq_jax release version, the commit, the
+  device and host, the date, and the versions of the packages of note."""
   argv = command_argv() if argv is None else argv
   return {
       "command": " ".join(shlex.quote(a) for a in ["python"] + list(argv)),
+      "flexiq_jax_version": __version__,
       "commit": git_commit(),
       "device": device_description(),
       "host": host_description(),

@@ -196,28 +196,38 @@ class JsonlWriter:
 
   def __init__(self, path: str):
     self.path = path
+    # Periodic evaluations go beside the training records (eval.jsonl), and to TensorBoard as eval/<name>.
+    self.eval_path = os.path.join(os.path.dirname(path), "eval.jsonl")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     self.tensorboard = summary.ScalarWriter(os.path.dirname(path) or ".")
 
   def drop_after(self, step: int) -> None:
     """Drops the records of steps after `step` (those a resumed run replays from its checkpoint)."""
-    if jax.process_index() != 0 or not os.path.exists(self.path):
-      return
-    with open(self.path) as f:
-      lines = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= step]
-    tmp = f"{self.path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-      f.writelines(lines)
-    os.replace(tmp, self.path)
+    for path in (self.path, self.eval_path):
+      if jax.process_index() != 0 or not os.path.exists(path):
+        continue
+      with open(path) as f:
+        lines = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= step]
+      tmp = f"{path}.tmp.{os.getpid()}"
+      with open(tmp, "w") as f:
+        f.writelines(lines)
+      os.replace(tmp, path)
 
   def write(self, **record):
+    self._append(self.path, record)
+
+  def write_eval(self, step: int, metrics: dict) -> None:
+    """One periodic evaluation: a record in eval.jsonl, and the scalars under eval/ in TensorBoard."""
+    self._append(self.eval_path, {"step": step, **metrics}, prefix="eval/")
+
+  def _append(self, path: str, record: dict, prefix: str = "") -> None:
     if jax.process_index() != 0:  # one writer per multi-host run (every process logs the same means)
       return
     record = {k: _to_py(v) for k, v in record.items()}
-    with open(self.path, "a") as f:
+    with open(path, "a") as f:
       f.write(json.dumps(record) + "\n")
     if "step" in record:
-      self.tensorboard.write(record["step"], {k: v for k, v in record.items() if k != "step"})
+      self.tensorboard.write(record["step"], {k: v for k, v in record.items() if k != "step"}, prefix)
 
   def close(self):
     self.tensorboard.close()
@@ -280,15 +290,21 @@ def checkpoint_interval(configured: int, total_steps: int) -> int:
 def run_loop(state, step_fn: Callable, batches: Iterator[dict], *, total_steps: int, ckpt_dir: str,
              checkpoint_every: int, metrics_path: str, log_every: int = 50, mesh=None,
              batch_size: int | None = None, desc: str = "train",
-             on_step: Callable[[int], None] | None = None, divergence_factor: float = 0.0):
+             on_step: Callable[[int], None] | None = None, divergence_factor: float = 0.0,
+             learning_rate: Callable | None = None, eval_fn: Callable[[Any], dict] | None = None,
+             eval_every: int = 0):
   """Runs `state, metrics = step_fn(state, batch)` up to `total_steps`, checkpointing every
   `checkpoint_every` steps and at the end. `batches` must start at `int(state.step)`.
 
-  `on_step(step)` is called after each step's checkpoint decision (tests use it to simulate
-  a crash); returns the final state. NaN/Inf losses (`check_finite`) and, with
-  `divergence_factor` > 0, a loss above that factor x its first step's (`check_diverged`) stop
-  the run before anything of theirs is saved. A signal caught by `signals.graceful()` stops it
-  after the current step, with a checkpoint there (`signals.Interrupted`).
+  `learning_rate`: the optimizer's schedule (an optax schedule of the update count); each logged
+  record then carries `learning_rate`, the rate of its last step's update. `eval_fn(state) ->
+  {name: value}` runs every `eval_every` steps and at the end (0: never), logged to eval.jsonl
+  beside `metrics_path` and to TensorBoard under eval/. `on_step(step)` is called after each
+  step's checkpoint decision (tests use it to simulate a crash); returns the final state.
+  NaN/Inf losses (`check_finite`) and, with `divergence_factor` > 0, a loss above that factor x
+  its first step's (`check_diverged`) stop the run before anything of theirs is saved. A signal
+  caught by `signals.graceful()` stops it after the current step, with a checkpoint there
+  (`signals.Interrupted`).
   """
   mesh = mesh or parallel.make_mesh()
   mngr = checkpoint.manager(ckpt_dir)
@@ -319,6 +335,8 @@ def run_loop(state, step_fn: Callable, batches: Iterator[dict], *, total_steps: 
         means = jax.tree_util.tree_map(lambda *x: float(np.mean(x)), *jax.device_get(pending))
         elapsed = time.perf_counter() - window_start
         images_per_s = window_images / max(elapsed, 1e-9)
+        if learning_rate is not None:  # update number `done` used the schedule at count done - 1
+          means["learning_rate"] = float(learning_rate(done - 1))
         writer.write(step=done, images_per_s=images_per_s, **means)
         progress.set_postfix(loss=f"{means['loss']:.3f}", img_s=f"{images_per_s:.0f}")
         window_start, window_images, pending = time.perf_counter(), 0, []
@@ -329,6 +347,8 @@ def run_loop(state, step_fn: Callable, batches: Iterator[dict], *, total_steps: 
         mngr.wait_until_finished()
         signals.raise_if_requested(f"{desc} at step {done}/{total_steps}, checkpointed in {ckpt_dir}; rerun the same "
                                    f"command to resume")
+      if eval_fn is not None and eval_every > 0 and (done % eval_every == 0 or done == total_steps):
+        writer.write_eval(done, eval_fn(state))
       if on_step is not None:
         on_step(done)
   finally:

@@ -192,7 +192,8 @@ def derive_results(workdir: str) -> dict | None:
         sections[section], sources[section], newest = metrics, f"runs/{name}", run
   if newest is None:
     return None
-  results = {k: newest[k] for k in ("command", "commit", "device", "date", "jax_version")}
+  results = {k: newest[k] for k in ("command", "flexiq_jax_version", "commit", "device", "date", "jax_version")
+             if k in newest}  # runs recorded before the version was recorded lack it
   results.update(config=newest["config"], metrics=sections, sources=sources)
   records.write_json_atomic(os.path.join(workdir, "results.json"), results)
   return results

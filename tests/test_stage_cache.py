@@ -35,6 +35,8 @@ ALL = {"float", "calibrate", "select", "quantize", "finetune"}
     ("train.log_every_steps", 1, set()),
     ("train.checkpoint_every_steps", 1, set()),
     ("finetune.checkpoint_every_steps", 1, set()),
+    ("train.eval_every_steps", 7, set()),
+    ("finetune.eval_every_steps", 7, set()),
     ("data.num_threads", 1, set()),
     ("sweep.ratios", (0.0, 1.0), set()),
     # A field invalidates its stage and every stage after it.

@@ -131,7 +131,8 @@ def lsq_qat(config, workdir: str, model, variables, plan, folded, tables, bits: 
                                checkpoint_every=train_lib.checkpoint_interval(cfg.checkpoint_every_steps, total_steps),
                                metrics_path=os.path.join(workdir, "metrics.jsonl"),
                                log_every=config.train.log_every_steps, mesh=mesh, desc="LSQ QAT",
-                               divergence_factor=cfg.get("divergence_factor", 0.0))
+                               divergence_factor=cfg.get("divergence_factor", 0.0),
+                               learning_rate=train_lib.make_schedule(cfg, total_steps))
   predict = lambda images, trainable, frozen: forward(trainable, frozen, images)
   metrics = train_lib.evaluate(predict, iter(eval_batches), mesh, desc="LSQ eval", args=(state.trainable, state.frozen),
                                reference_logits=reference_logits)

@@ -182,19 +182,22 @@ def qat_step(state: QATState, batch, *, qmodel: QuantizedModel, tx: optax.Gradie
                            label_smoothing=label_smoothing)
     (loss, (logits, ce)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    return (loss, ce, accuracy), grads
+    kl = kl_divergence(teacher, logits) if teacher is not None else jnp.float32(0)
+    return (loss, ce, accuracy, kl), grads
 
   def accumulate(total, ratio):
     values, grads = loss_and_grads_at(ratio)
     return jax.tree_util.tree_map(jnp.add, total, grads), values
 
   if not sampler.every_step:
-    (loss, ce, accuracy), grads = loss_and_grads_at(sampled)
+    (loss, ce, accuracy, kl), grads = loss_and_grads_at(sampled)
   else:
     ratios = jnp.concatenate([jnp.asarray(sampler.every_step, jnp.float32), sampled[None]])
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state.trainable)
-    grads, (losses, ces, accuracies) = jax.lax.scan(accumulate, zeros, ratios)
+    grads, (losses, ces, accuracies, kls) = jax.lax.scan(accumulate, zeros, ratios)
     grads = jax.tree_util.tree_map(lambda g: g / len(ratios), grads)
-    loss, ce, accuracy = losses.mean(), ces.mean(), accuracies.mean()
+    loss, ce, accuracy, kl = losses.mean(), ces.mean(), accuracies.mean(), kls.mean()
   metrics = {"loss": loss, "ce": ce, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads), "ratio": sampled}
+  if teacher is not None:  # KL(float || quantized) on the training batch, at the step's ratios
+    metrics["kl_to_float"] = kl
   return apply_gradients(state, grads, tx), metrics

@@ -73,6 +73,25 @@ class AttentionMatmul(nn.Module):
     return jnp.einsum(self.equation, a, b)
 
 
+try:  # Flax NNX (every Flax this project supports has it; the guard keeps linen-only use working)
+  from flax import nnx as _nnx
+except ImportError:  # pragma: no cover
+  _nnx = None
+
+if _nnx is not None:
+
+  class NNXAttentionMatmul(_nnx.Module):
+    """The NNX form of `AttentionMatmul`: `jnp.einsum(equation, a, b)` with no parameters, for NNX
+    models whose attention matmuls quantization should find (`interception_nnx` runs it as the
+    linen `AttentionMatmul`)."""
+
+    def __init__(self, equation: str):
+      self.equation = equation
+
+    def __call__(self, a, b):
+      return jnp.einsum(self.equation, a, b)
+
+
 def gelu(x):
   return nn.gelu(x, approximate=False)  # torch.nn.GELU default: the exact erf form
 

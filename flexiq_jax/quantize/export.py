@@ -9,8 +9,9 @@
                        [0, 1] or NaN gives NaN logits (as `QuantizedModel.apply`).
   weights.safetensors  every serving variable by its '/'-joined path: the int8 kernels, lowered
                        int8 rows, every scale, steps, ranks, bias-correction tables, the fill table
-  encodings.json       per layer (AIMET-style): activation scale and sign, extraction positions,
-                       weight scales, channel rank, per-level counts, bit widths (docs/DESIGN.md §4.1)
+  encodings.json       AIMET encodings (schema 0.6.1) of every quantized tensor, keyed by tensor name,
+                       and the FlexiQ extension section: channel ranks, extraction positions, counts
+                       per level, bias-correction means, the fill table (docs/DESIGN.md §4.1)
   manifest.json        inputs, outputs, platforms, files, provenance and package versions (written
                        last: a directory with a manifest is a complete export)
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +37,7 @@ from flexiq_jax.interception import get_path
 from flexiq_jax.quantize import integer
 from flexiq_jax.quantize import layer_ops
 from flexiq_jax.quantize.transform import QuantizedModel
+from flexiq_jax.version import __version__
 
 FORMAT = "flexiq_jax.portable_export"
 FORMAT_VERSION = 1
@@ -99,51 +102,116 @@ def weights_bytes(svars) -> bytes:
                                 "(params, integer, quant, fill, levels, batch_stats)"})
 
 
-def _grid(bits: int, signed: bool) -> dict:
-  qmin, qmax = numerics.int_range(bits, signed)
-  return {"bitwidth": bits, "dtype": "int", "is_symmetric": True, "signed": bool(signed), "qmin": int(qmin),
-          "qmax": int(qmax)}
+# AIMET's encodings file format followed here: the 0.6.1 schema (activation_encodings and
+# param_encodings keyed by tensor name, a list of one encoding per tensor or per channel, each
+# {bitwidth, dtype, is_symmetric, scale, offset, min, max}), as aimet-torch 2.42.0 writes it
+# (`AffineEncoding._to_legacy_format`; `AIMET_ENCODING_VERSION=0.6.1`). Its offset is that of the
+# unsigned grid: real = (q_u + offset) * scale with q_u in [0, 2^bitwidth - 1], so a signed code q
+# is q_u + offset: offset -128 for a signed 8-bit grid, 0 for an unsigned one.
+AIMET_ENCODING_VERSION = "0.6.1"
+AIMET_PACKAGE = "aimet-torch 2.42.0"
+ENCODINGS_VERSION = 2  # of the FlexiQ extension section
 
 
-def encodings(qmodel: QuantizedModel, qvars, svars) -> dict:
-  """The encodings document (docs/DESIGN.md §4.1): per quantized layer and attention matmul."""
+def _aimet_encoding(scale: float, bits: int, signed: bool) -> dict:
+  """One AIMET 0.6.1 encoding of a symmetric grid with step `scale`: signed [-2^(b-1), 2^(b-1)-1]
+  (offset -2^(b-1)) or unsigned [0, 2^b - 1] (offset 0)."""
+  offset = -(1 << (bits - 1)) if signed else 0
+  return {"bitwidth": bits, "dtype": "int", "is_symmetric": "True", "scale": float(scale), "offset": int(offset),
+          "min": float(offset * scale), "max": float((offset + (1 << bits) - 1) * scale)}
+
+
+def activation_tensor(path: str, operand: str = "input") -> str:
+  """The name encodings.json gives a layer's input (a matmul's operands: 'a', 'b')."""
+  return f"{path}/{operand}"
+
+
+def weight_tensor(path: str) -> str:
+  """The name of a quantized layer's int8 kernel in weights.safetensors (and encodings.json)."""
+  return f"params/{path}/kernel"
+
+
+def _list(x, dtype=None) -> list:
+  return np.asarray(jax.device_get(x), dtype).reshape(-1).tolist()
+
+
+def encodings(qmodel: QuantizedModel, qvars: dict, svars: dict) -> dict:
+  """The encodings document (docs/DESIGN.md §4.1): AIMET's 0.6.1 encodings of every quantized
+  layer's input and weight and of every attention matmul's operands, keyed by tensor name, and
+  the FlexiQ extension ('flexiq': per layer the channel ranks, extraction positions, per-level
+  counts and bias-correction means; the fill table) from which a layer's arithmetic at any ratio
+  is rebuilt.
+
+  Args:
+    qmodel: the quantized model (its plan).
+    qvars: its quantized variables (as built, finetuned or an int8 export).
+    svars: the serving variables (`qmodel.prepare(qvars)`), whose scales are exported.
+
+  Returns:
+    The JSON-serialisable document.
+  """
   plan, quant = qmodel.plan, qvars["quant"]
-  levels = [float(l) for l in np.asarray(qvars["levels"])] if "levels" in qvars else []
-  layers = {}
+  levels = _list(qvars["levels"], np.float64) if "levels" in qvars else []
+  activation, params, layers = {}, {}, {}
   for path in plan.quantized:
     info, lq = plan.layers[path], jax.device_get(get_path(quant, path))
     entry = jax.device_get(get_path(svars[integer.SERVING_KEY], path))
     signed = bool(plan.signed[path])
     act_scale = float(entry["act_scale"])
+    weight_scale = np.asarray(entry["weight_scale"], np.float64).reshape(-1)
+    activation[activation_tensor(path)] = [_aimet_encoding(act_scale, 8, signed)]
+    # The weight grid holds the 4-bit rows too: lower(q, 4) can be -128 (docs/DESIGN.md §3.2).
+    params[weight_tensor(path)] = [_aimet_encoding(s, 8, True) for s in weight_scale]
     qmin, qmax = numerics.int_range(8, signed)
     layer = {
         "kind": info.kind, "in_channels": int(info.in_channels), "out_channels": int(info.out_channels),
-        "groups": int(info.groups), "lowerable": path in plan.lowerable,
-        "activation": {**_grid(8, signed), "scale": act_scale, "min": float(qmin * act_scale),
-                       "max": float(qmax * act_scale), "lowered_bitwidth": 4,
-                       "extraction_positions": np.asarray(lq["act_e"]).tolist()},
-        "weight": {"bitwidth": 8, "dtype": "int", "is_symmetric": True, "signed": True,
-                   "qmin": -layer_ops.WEIGHT_QMAX, "qmax": layer_ops.WEIGHT_QMAX, "per_channel_axis": "output",
-                   "scale": np.asarray(entry["weight_scale"], np.float64).reshape(-1).tolist(),
-                   "lowered_bitwidth": 4, "extraction_positions": np.asarray(lq["weight_e"]).tolist()},
+        "groups": int(info.groups), "kernel_shape": list(info.kernel_shape), "lowerable": path in plan.lowerable,
+        "activation_tensor": activation_tensor(path), "weight_tensor": weight_tensor(path),
+        "bias_tensor": f"params/{path}/bias" if "bias" in get_path(svars["params"], path) else None,
+        "activation": {"signed": signed, "qmin": int(qmin), "qmax": int(qmax), "scale": act_scale,
+                       "extraction_positions": _list(lq["act_e"], np.int64)},
+        "weight": {"qmin": -int(layer_ops.WEIGHT_QMAX), "qmax": int(layer_ops.WEIGHT_QMAX),
+                   "per_channel_axis": "output", "scale": weight_scale.tolist(),
+                   "extraction_positions": _list(lq["weight_e"], np.int64)},
+        "lowered_bitwidth": 4,
     }
     if "rank" in lq:
-      layer["channel_rank"] = np.asarray(lq["rank"]).tolist()
-      layer["counts_per_level"] = np.asarray(lq["counts"]).tolist()
-      layer["bias_correction"] = "mean_lowered" in lq
+      layer["channel_rank"] = _list(lq["rank"], np.int64)
+      layer["counts_per_level"] = _list(lq["counts"], np.int64)
+      layer["bias_correction"] = ({"mean_code": _list(lq["mean_code"], np.float64),
+                                   "mean_lowered": _list(lq["mean_lowered"], np.float64)}
+                                  if "mean_lowered" in lq else None)
     layers[path] = layer
   matmuls = {}
   for path in plan.quantized_matmuls:
     mq = jax.device_get(get_path(quant, path))
     a_signed, b_signed = plan.matmul_signed[path]
-    matmuls[path] = {"a": {**_grid(8, a_signed), "scale": float(mq["a_scale"])},
-                     "b": {**_grid(8, b_signed), "scale": float(mq["b_scale"])}}
-  return {"format": FORMAT + ".encodings", "version": FORMAT_VERSION, "levels": levels,
+    activation[activation_tensor(path, "a")] = [_aimet_encoding(float(mq["a_scale"]), 8, a_signed)]
+    activation[activation_tensor(path, "b")] = [_aimet_encoding(float(mq["b_scale"]), 8, b_signed)]
+    matmuls[path] = {"equation": plan.matmuls[path].equation, "a_tensor": activation_tensor(path, "a"),
+                     "b_tensor": activation_tensor(path, "b"), "a_signed": bool(a_signed), "b_signed": bool(b_signed)}
+  fill = jax.device_get(qvars.get("fill", {}))
+  return {
+      "version": AIMET_ENCODING_VERSION,
+      "producer": {"package": "flexiq_jax", "version": __version__, "aimet_schema": AIMET_PACKAGE},
+      "activation_encodings": activation,
+      "param_encodings": params,
+      "excluded_layers": [p for p in plan.layers if p not in plan.quantized],
+      "quantizer_args": {"activation_bitwidth": 8, "param_bitwidth": 8, "per_channel_quantization": True,
+                         "dtype": "int", "is_symmetric": True},
+      "flexiq": {
+          "format": FORMAT + ".encodings", "version": ENCODINGS_VERSION,
           "ratio": "share of the lowerable layers' MACs in 4 bits, in [0, 1]",
-          "layers": layers, "matmuls": matmuls}
+          "levels": levels,
+          "lowerable": list(plan.lowerable),
+          "fill": {"layer": _list(fill["layer"], np.int64), "threshold": _list(fill["threshold"], np.float32)}
+                  if fill else None,
+          "layers": layers, "matmuls": matmuls,
+      },
+  }
 
 
-def export_portable(qmodel: QuantizedModel, qvars, directory: str, image_shape, *,
+def export_portable(qmodel: QuantizedModel, qvars: dict, directory: str, image_shape: Sequence[int], *,
                     platforms: tuple[str, ...] | None = None, provenance: dict | None = None,
                     input_spec: dict | None = None, serving_fingerprint: str | None = None) -> PortableExport:
   """Writes the portable export (module docstring) of `qmodel` (any mode: the integer path is
@@ -185,7 +253,7 @@ def export_portable(qmodel: QuantizedModel, qvars, directory: str, image_shape, 
   return PortableExport(directory, files, platforms, image_shape)
 
 
-def load_portable(directory: str):
+def load_portable(directory: str) -> jax.export.Exported:
   """The exported module of `directory` (`jax.export.Exported`; `.call(images, ratio)`), checked
   against its manifest: each file's SHA-256, and, in a workdir, the fingerprint of the serving
   model it was made from (`artifacts.check_export`; a mismatch raises `artifacts.StaleArtifact`).

@@ -23,6 +23,7 @@ every r. The ratio is data, not a constant: changing it never recompiles. A rati
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -253,7 +254,8 @@ def check_ratio(ratio) -> float:
   return r
 
 
-def make_predict(qmodel: QuantizedModel, qvars, *, tune_images=None, input_spec=None):
+def make_predict(qmodel: QuantizedModel, qvars: dict, *, tune_images: jax.typing.ArrayLike | None = None,
+                 input_spec=None) -> Callable[..., jax.Array]:
   """predict(images, ratio, preprocess=False) for serving: one compiled function for all ratios,
   behind the serving contract (`flexiq_jax.contract`, docs/serving.md): the images' rank, shape
   and dtype are checked against `input_spec` (a `contract.InputSpec`; None: rank 4, float and
