@@ -39,7 +39,7 @@ from flexiq_jax import records
 from flexiq_jax.interception import LayerCall, MatmulCall, get_path
 from flexiq_jax.quantize import layer_ops
 
-from experiments import flexiq_fixes
+from experiments import fixes_variants
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/<name>.py[:args]).",
                                           lock_config=False)
@@ -177,17 +177,17 @@ def main(argv):
   workdir = cli.start(argv, _WORKDIR.value)
   info = records.run_info(records.command_argv())
   variant = _VARIANT.value
-  if variant is not None and variant not in flexiq_fixes.VARIANTS:
-    raise app.UsageError(f"unknown variant {variant!r}; known: {', '.join(flexiq_fixes.VARIANTS)}")
+  if variant is not None and variant not in fixes_variants.VARIANTS:
+    raise app.UsageError(f"unknown variant {variant!r}; known: {', '.join(fixes_variants.VARIANTS)}")
   run = pipeline.Run(base, workdir)
   float_model = pipeline.run_until(run, "train").float_model
-  config = flexiq_fixes.override(base, flexiq_fixes.VARIANTS[variant]) if variant else base
+  config = fixes_variants.override(base, fixes_variants.VARIANTS[variant]) if variant else base
   subdir = "fixes_shared" if _SHARED.value else "fixes"
   stages = pipeline.Run(config, os.path.join(workdir, subdir, variant) if variant else workdir, run.mesh)
   if _SHARED.value:
     if not variant:
       raise app.UsageError("--shared_selection needs --variant")
-    res = flexiq_fixes.run_with_reference_selection(stages, float_model, os.path.join(workdir, subdir, "reference"),
+    res = fixes_variants.run_with_reference_selection(stages, float_model, os.path.join(workdir, subdir, "reference"),
                                                     base)
   else:
     res = pipeline.run_until(stages, "finetune", float_model=float_model, evaluate=False)
@@ -203,7 +203,7 @@ def main(argv):
              "after finetuning": diagnose(float_model.model, plan, res.finetuned.qvars, images, teacher)}
   name = base.model.name + (f"_{variant}" if variant else "") + ("_shared_selection" if _SHARED.value else "")
   title = (f"Per-layer diagnosis at ratio 1: {base.model.name} on {base.data.name}"
-           + (f", variant {variant} ({', '.join(f'{k}={v}' for k, v in flexiq_fixes.VARIANTS[variant].items())})"
+           + (f", variant {variant} ({', '.join(f'{k}={v}' for k, v in fixes_variants.VARIANTS[variant].items())})"
               if variant else ""))
   os.makedirs(_OUT.value, exist_ok=True)
   stem = os.path.join(_OUT.value, f"layer_diagnosis_{name}")

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from flexiq_jax import interception, quantize
-from experiments import flexiq_fixes, layer_diagnosis
+from experiments import fixes_variants
+from experiments import layer_diagnosis
 
 import smallnet
 
@@ -45,7 +46,7 @@ def test_layer_kinds(setup):
 def test_fixes_variants_override_only_their_fields():
   from configs import quickstart
   base = quickstart.get_config("smoke")
-  config = flexiq_fixes.override(base, flexiq_fixes.VARIANTS["joint_sandwich_lsq"])
+  config = fixes_variants.override(base, fixes_variants.VARIANTS["joint_sandwich_lsq"])
   assert config.quant.weight_scale == "joint" and tuple(config.finetune.every_step_ratios) == (0.0, 1.0)
   assert config.finetune.lsq and config.finetune.lsq_grad_scale == "effective"
   assert config.finetune.lsq_learning_rate == base.compare.lsq_learning_rate
