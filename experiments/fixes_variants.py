@@ -50,8 +50,9 @@ def seed_shared_stages(run: pipeline.Run, siblings: list[str]) -> None:
         break
 
 
-def run_with_reference_selection(variant: pipeline.Run, float_model, reference_dir: str, base):
-  """calibrate -> (the reference variant's selection) -> quantize -> finetune in the variant's
+def run_with_reference_selection(variant: pipeline.Run, float_model, reference_dir: str, base,
+                                 finetune: bool = True):
+  """calibrate -> (the reference variant's selection) -> quantize [-> finetune] in the variant's
   workdir; the reference variant must have run first (it runs its own selection)."""
   calib = pipeline.calibrate(variant, float_model)
   reference = pipeline.Run(base, reference_dir, variant.mesh)
@@ -64,7 +65,7 @@ def run_with_reference_selection(variant: pipeline.Run, float_model, reference_d
     records.write_json_atomic(os.path.join(variant.workdir, "selection_from.json"),
                               {"selection": os.path.join(reference_dir, "select")})
   quantized = pipeline.quantize(variant, float_model, calib, selection)
-  finetuned = pipeline.finetune(variant, float_model, quantized)
+  finetuned = pipeline.finetune(variant, float_model, quantized) if finetune else None
   return pipeline.PipelineResult(float_model, calibration=calib, selection=selection, quantized=quantized,
                                  finetuned=finetuned)
 

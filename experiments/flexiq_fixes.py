@@ -52,6 +52,9 @@ _SHARE = flags.DEFINE_bool("share_selection", False, "Every variant lowers the c
                             "selected (its orders and per-level counts), instead of running its own selection: the "
                             "grid or training changes alone, and one evolutionary search per model instead of one "
                             "per grid. Variant workdirs then go under <workdir>/fixes_shared/.")
+_UNTIL = flags.DEFINE_enum("until", "finetune", ["quantize", "finetune"], "'quantize': post-training only (the "
+                           "'before finetuning' columns), e.g. for a quick look at the weight grids.")
+_TAG = flags.DEFINE_string("tag", "", "Appended to the results file names (e.g. for a run with config overrides).")
 _OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                            "Folder for the results files.")
 flags.mark_flags_as_required(["config"])
@@ -162,6 +165,10 @@ def main(argv):
   subdir = "fixes_shared" if _SHARE.value else "fixes"
   if _SHARE.value:
     stem += "_shared_selection"
+  if _UNTIL.value == "quantize":
+    stem += "_ptq"
+  if _TAG.value:
+    stem += f"_{_TAG.value}"
   if os.path.exists(stem + ".json"):  # a resumed run keeps the variants already measured
     saved = json.load(open(stem + ".json"))
     rows = {k: v for k, v in saved.get("variants", {}).items() if k not in names}
@@ -172,17 +179,20 @@ def main(argv):
     os.makedirs(variant.workdir, exist_ok=True)
     seed_shared_stages(variant, [os.path.join(workdir, subdir, n) for n in VARIANTS if n != name])
     records.write_run_config(variant.workdir, config)
+    ptq = _UNTIL.value == "quantize"
     if _SHARE.value:
-      res = run_with_reference_selection(variant, float_model, os.path.join(workdir, subdir, "reference"), base)
+      res = run_with_reference_selection(variant, float_model, os.path.join(workdir, subdir, "reference"), base,
+                                         finetune=not ptq)
     else:
-      res = pipeline.run_until(variant, "finetune", float_model=float_model, evaluate=False)
+      res = pipeline.run_until(variant, _UNTIL.value, float_model=float_model, evaluate=False)
     before = pipeline.sweep(variant, res.quantized, desc=f"{name} before", ratios=ratios, float_logits=float_logits)
-    after = pipeline.sweep(variant, res.finetuned, desc=f"{name} after", ratios=ratios, float_logits=float_logits)
-    kept = records.read_json(os.path.join(variant.workdir, "finetune", "refresh.json"), {}).get("kept")
     rows[name] = {"overrides": {k: (list(v) if isinstance(v, tuple) else v) for k, v in changes.items()},
-                  "before": points_dict(before), "after": points_dict(after),
-                  "grad_norm": grad_norms(variant.workdir), "refresh_kept": kept,
-                  "refresh": refresh_both_ways(variant, float_model, res.quantized)}
+                  "before": points_dict(before)}
+    if not ptq:
+      after = pipeline.sweep(variant, res.finetuned, desc=f"{name} after", ratios=ratios, float_logits=float_logits)
+      kept = records.read_json(os.path.join(variant.workdir, "finetune", "refresh.json"), {}).get("kept")
+      rows[name].update({"after": points_dict(after), "grad_norm": grad_norms(variant.workdir), "refresh_kept": kept,
+                         "refresh": refresh_both_ways(variant, float_model, res.quantized)})
     with open(stem + ".json", "w") as f:
       json.dump({**info, "float": float_metrics, "ratios": ratios, "variants": rows}, f, indent=2)
     with open(stem + ".md", "w") as f:
