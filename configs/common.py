@@ -202,6 +202,9 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   config.quant.extraction = "fitted"  # 'fitted' (per-channel error-minimising) | 'naive' (drop 4 low bits)
   config.quant.bias_correction = True  # remove the mean output shift of lowered channels (calibrated)
   config.quant.attention = "int8"  # attention's q·kᵀ and attn·v: 'int8' (8-bit at every ratio) | 'float'
+  # Lowerable layers' 8-bit weight scale max|w|/d per output channel (numerics.weight_grid):
+  # 'max127' (d = 127) | 'max112' (d = 112, the 4-bit top at shift 4) | 'joint' (d fitted per channel)
+  config.quant.weight_scale = "max127"
 
   config.select = ml_collections.ConfigDict()
   config.select.levels = (0.25, 0.5, 0.75, 1.0)  # ratio levels, nested selections
@@ -235,10 +238,17 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   config.finetune.judge_kl_rise = 0.1
   config.finetune.lsq = False  # learnable activation scales
   config.finetune.lsq_weights = False  # learnable per-output-channel weight scales (LSQ)
+  # LSQ's activation-scale gradient scale: 'qmax8' (1/sqrt(N·255), every channel as 8-bit) |
+  # 'effective' (lowered channels counted on their 4-bit grid, 2^e coarser: finetune.lsq_scale_gradient)
+  config.finetune.lsq_grad_scale = "qmax8"
+  config.finetune.lsq_learning_rate = 0.0  # learning rate of the learnt scales; 0 = finetune.learning_rate
   config.finetune.distill_weight = 0.5  # weight of KL(float || quantized) in the loss
   config.finetune.levels = ()  # ratio levels sampled per step; () = 0 and select.levels
   config.finetune.uniform_prob = 0.5  # share of steps at a ratio uniform in [0, 1] (between levels)
   config.finetune.refresh = "auto"  # re-estimate weight_e and bias-correction means after QAT: auto|always|never
+  # Layer inputs the refresh's bias-correction means come from: 'float' (the float forward of the
+  # finetuned weights) | 'quantized' (the quantized model's own inputs, at ratios 0.5 and 1)
+  config.finetune.refresh_source = "float"
   config.finetune.level_probs = ()  # () = uniform
   # Ratios trained at every step besides the sampled one (loss averaged over them), e.g. (0.0, 1.0)
   config.finetune.every_step_ratios = ()

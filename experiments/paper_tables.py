@@ -217,12 +217,28 @@ def find_row(record, method, *, ratio=None, finetuned=None, setting_prefix=None)
 
 
 def matched_layerwise_row(record, budget: float):
-  """The layer-wise search's point with the largest BOPs not above `budget` (else the cheapest)."""
+  """The layer-wise search's point with the largest BOPs not above `budget`; None when it has no
+  point that cheap (T1 then says it could not match: `cheapest_layerwise_bops`), never a costlier
+  point in its place."""
   rows = [r for r in record["rows"] if r["method"] == "layerwise_amp"]
-  if not rows:
-    return None
   within = [r for r in rows if r["relative_bops"] <= budget + 1e-9]
-  return max(within, key=lambda r: r["relative_bops"]) if within else min(rows, key=lambda r: r["relative_bops"])
+  return max(within, key=lambda r: r["relative_bops"]) if within else None
+
+
+def cheapest_layerwise_bops(record) -> float | None:
+  """The relative BOPs of the layer-wise search's cheapest point (None: no layer-wise rows)."""
+  bops = [r["relative_bops"] for r in record["rows"] if r["method"] == "layerwise_amp"]
+  return min(bops) if bops else None
+
+
+def baseline_cell(entry: dict) -> str:
+  """A T1 baseline cell: its top-1, or for a layer-wise AMP search with no point within FlexiQ's
+  BOPs, "could not match" with its cheapest point's and FlexiQ's relative BOPs."""
+  if entry.get("unmatched"):
+    u = entry["unmatched"]
+    return (f"could not match (cheapest {u['cheapest_relative_bops']:.3f} BOPs"
+            + (f" > {u['budget']:.3f}" if u["budget"] is not None else "") + ")")
+  return fmt(entry["top1"])
 
 
 def stat(values) -> dict | None:
@@ -332,6 +348,10 @@ def table1(sweep: dict) -> dict:
                                   "fidelity": {k: per_seed(recs, pick, k) for k in FIDELITY},
                                   "relative_bops": found[0]["relative_bops"] if found[0] else None,
                                   "setting": found[0]["setting"] if found[0] else None}
+      if method == "layerwise_amp" and not found[0] and cheapest_layerwise_bops(recs[0]) is not None:
+        # No point within FlexiQ's BOPs: the cell says so (no costlier point is compared instead).
+        row["baselines"][method]["unmatched"] = {"cheapest_relative_bops": cheapest_layerwise_bops(recs[0]),
+                                                 "budget": budget[0] if budget else None}
     rows.append(row)
   # Margins as the paper states them: FlexiQ minus each baseline, averaged over the models that
   # have both; and minus the best baseline of each model.
@@ -547,10 +567,12 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
                 + (f", {' / '.join(str(n) for n in sizes)} images" if sizes else "") + ")", prov)
   text += ("FlexiQ: every lowerable channel in 4 bits (ratio 100%) after multi-ratio finetuning. Baselines at "
            "W4A4 with the first and last layers at W8A8 as FlexiQ keeps them; layer-wise AMP: its point with the "
-           "largest BOPs not above FlexiQ's. Top-1 (%), mean ± sd over seeds where several ran.\n\n")
+           "largest BOPs not above FlexiQ's, or \"could not match\" with its cheapest point's BOPs where it has "
+           "none that cheap (left out of the averages and margins). Top-1 (%), mean ± sd over seeds where several "
+           "ran.\n\n")
   headers = ["model", "seeds", "float", "FlexiQ 100% (FT)", "KL"] + methods_t1
   table = [[r["model"], r["seeds"], fmt(r["float"]), fmt(r["flexiq_100"]), fmt(r["flexiq_100_fidelity"]["kl"], 4)]
-           + [fmt(r["baselines"][m]["top1"]) for m in methods_t1] for r in t1["rows"]]
+           + [baseline_cell(r["baselines"][m]) for m in methods_t1] for r in t1["rows"]]
   table.append(["average", "", "", fmt(t1["average"]["flexiq_100"])] + [""] + [fmt(t1["average"][m]) for m in methods_t1])
   text += records.markdown_table(headers, table)
   text += "\nFlexiQ's margin (points, mean over models): " + ", ".join(

@@ -196,7 +196,8 @@ def calibrate(run: Run, float_model: FloatModel, batches=None) -> Calibration:
   batches = calibration_batches(config) if batches is None else batches
   stats = calibrate_lib.calibrate(float_model.model, plan, folded, batches,
                                   method=config.quant.act_calibration, percentile=config.quant.percentile,
-                                  extraction=config.quant.extraction)
+                                  extraction=config.quant.extraction,
+                                  weight_scale=config.quant.get("weight_scale", "max127"))
   plan = plan.with_signedness(stats)
   # What stays float in the integer path (plain einsums a model computes outside the
   # intercepted modules, or matmuls the plan leaves float), so that "8-bit" is never assumed.
@@ -289,9 +290,10 @@ def finetune(run: Run, float_model: FloatModel, quantized: Quantized, on_step=No
   stage = run.stage("finetune")
   train_ds = data.get_dataset(config.data, config.data.train_split, train=True)
   total_steps = _steps(cfg.num_epochs, train_ds.num_examples, cfg.batch_size)
-  tx = train_lib.make_optimizer(cfg, total_steps)
+  tx = finetune_lib.make_optimizer(cfg, total_steps)
   sampler = finetune_lib.RatioSampler.from_config(cfg, config.select.levels)  # validated before any work
-  fake = dataclasses.replace(quantized.qmodel.with_mode("fake"), lsq=bool(cfg.lsq))
+  fake = dataclasses.replace(quantized.qmodel.with_mode("fake"), lsq=bool(cfg.lsq),
+                             lsq_grad_scale=cfg.get("lsq_grad_scale", "qmax8"))
   lsq_weights = bool(cfg.get("lsq_weights", False))
   start = quantize_lib.add_lsq_weight_scales(quantized.qmodel.plan, quantized.qvars) if lsq_weights else quantized.qvars
   stage.begin(resumable=True)
@@ -377,7 +379,8 @@ def refresh(run: Run, float_model: FloatModel, trained: Quantized) -> Quantized:
   batches = calibration_batches(config)
   qmodel = trained.qmodel
   refreshed = dataclasses.replace(trained, qvars=calibrate_lib.refresh_after_finetuning(
-      float_model.model, qmodel.plan, trained.qvars, batches, extraction=config.quant.extraction))
+      float_model.model, qmodel.plan, trained.qvars, batches, extraction=config.quant.extraction,
+      source=config.finetune.get("refresh_source", "float")))
   images = jnp.concatenate(batches[:config.select.fitness_batches])
   teacher = float_model.logits(images)
   kl = jax.jit(lambda qvars, r: finetune_lib.kl_divergence(teacher, qmodel.apply(qvars, images, r)))
@@ -386,7 +389,8 @@ def refresh(run: Run, float_model: FloatModel, trained: Quantized) -> Quantized:
   keep = mode == "always" or np.mean(list(after.values())) <= np.mean(list(before.values()))
   report = {**records.run_info(), "images": int(images.shape[0]),
             "metric": "KL(float || quantized) on calibration images",
-            "mode": mode, "before_refresh": before, "after_refresh": after,
+            "mode": mode, "source": config.finetune.get("refresh_source", "float"),
+            "before_refresh": before, "after_refresh": after,
             "kept": "refreshed" if keep else "as trained"}
   records.write_json_atomic(os.path.join(run.workdir, "finetune", "refresh.json"), report)
   print("finetune: refresh of weight extraction positions and bias-correction means, KL to float at ratios "
@@ -486,6 +490,9 @@ def check_config(config) -> None:
       ("quant.act_calibration", config.quant.act_calibration, ("minmax", "percentile", "mse")),
       ("quant.extraction", config.quant.extraction, ("fitted", "naive")),
       ("quant.attention", config.quant.get("attention", "int8"), ("int8", "float")),
+      ("quant.weight_scale", config.quant.get("weight_scale", "max127"), ("max127", "max112", "joint")),
+      ("finetune.lsq_grad_scale", config.finetune.get("lsq_grad_scale", "qmax8"), ("qmax8", "effective")),
+      ("finetune.refresh_source", config.finetune.get("refresh_source", "float"), ("float", "quantized")),
       ("select.selector", config.select.selector, tuple(select_lib.SELECTORS)),
       ("select.channel_order", config.select.channel_order, ("range", "random"))):
     if value not in known:
@@ -496,7 +503,7 @@ def check_config(config) -> None:
     raise ValueError(f"unknown finetune.refresh {config.finetune.refresh!r}; use 'auto', 'always' or 'never'")
   finetune_lib.RatioSampler.from_config(config.finetune, config.select.levels)
   train_lib.make_optimizer(config.train, 1)
-  train_lib.make_optimizer(config.finetune, 1)
+  finetune_lib.make_optimizer(config.finetune, 1)
 
 
 def check_before_work(run: Run, until: str, *, check_float: bool = True) -> None:

@@ -41,10 +41,13 @@ _FINETUNE = _SELECT + ("finetune.num_epochs", "finetune.batch_size", "finetune.o
                        "finetune.schedule", "finetune.warmup_steps", "finetune.label_smoothing",
                        "finetune.grad_clip_norm", "finetune.lsq", "finetune.lsq_weights", "finetune.distill_weight",
                        "finetune.levels", "finetune.level_probs", "finetune.uniform_prob", "finetune.refresh",
-                       "finetune.every_step_ratios")
+                       "finetune.every_step_ratios", "finetune.lsq_grad_scale", "finetune.lsq_learning_rate",
+                       "finetune.refresh_source")
 # Fields added after workdirs were made, with the value that reproduces the older behaviour: at
 # that value the field is left out of the fingerprint, so those workdirs stay valid.
-_ADDED_LATER = {"finetune.every_step_ratios": (None, [])}
+_ADDED_LATER = {"finetune.every_step_ratios": (None, []), "quant.weight_scale": (None, "max127"),
+                "finetune.lsq_grad_scale": (None, "qmax8"), "finetune.lsq_learning_rate": (None, 0.0),
+                "finetune.refresh_source": (None, "float")}
 # The run.py stage that redoes a stage directory (`--force_from`).
 FORCE_FROM = {"float": "train", "calibrate": "calibrate", "select": "select", "quantized": "quantize",
               "finetune": "finetune"}
@@ -82,6 +85,10 @@ def stage_fields(config, stage: str, *extra: str) -> dict:
   for name, old_behaviour in _ADDED_LATER.items():
     if name in fields and _plain(fields[name]) in old_behaviour:
       del fields[name]
+    section, _, key = name.partition(".")  # a field inside a section the stage takes whole
+    if isinstance(fields.get(section), dict) and key in fields[section] \
+        and _plain(fields[section][key]) in old_behaviour:
+      fields[section] = {k: v for k, v in fields[section].items() if k != key}
   if stage in ("quantize", "finetune"):
     fields["qvars_format"] = QVARS_FORMAT
   return fields

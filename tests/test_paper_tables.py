@@ -215,3 +215,23 @@ def test_the_sweep_runs_wall_clock_is_logged_and_stated(tmp_path):
   assert ("Sweep run `python -m experiments.paper_tables --workers=2` at abc1234, started 2026-12-01T05:00:00+00:00: "
           "150.25 min wall clock, 2 process(es) side by side, 1 jobs") in md
   assert "started 2026-12-01T08:00:00+00:00: did not finish (killed, or still running" in md
+
+
+def test_layerwise_amp_without_a_point_within_flexiqs_bops_is_marked_not_compared(tmp_path):
+  """No silent fallback to a costlier AMP point: the cell says it could not match, and the
+  averages and margins leave that model's AMP out."""
+  out = str(tmp_path)
+  record = _record("mobilenetv2", 0, 83.0, (82.5, 82.0, 80.0), ptq_w4=60.0, lsq=76.0, naive_100=70.0,
+                   fitted_100=75.0)
+  record["rows"] = [r for r in record["rows"] if not (r["method"] == "layerwise_amp" and r["relative_bops"] < 0.3)]
+  matched = _record("resnet18", 0, 89.0, (88.5, 88.0, 87.0), ptq_w4=80.0, lsq=85.0, naive_100=84.0, fitted_100=86.0)
+  _write_sweep(out, [record, matched])
+  assert paper_tables.matched_layerwise_row(record, 0.26) is None
+  tables = paper_tables.write_tables(out, benchmark=str(tmp_path / "no_benchmark.json"))
+  t1 = {r["model"]: r for r in tables["t1"]["rows"]}
+  amp = t1["mobilenetv2"]["baselines"]["layerwise_amp"]
+  assert amp["top1"] is None and amp["unmatched"] == {"cheapest_relative_bops": 0.5, "budget": pytest.approx(0.26)}
+  assert "unmatched" not in t1["resnet18"]["baselines"]["layerwise_amp"]
+  assert tables["t1"]["margin_over"]["layerwise_amp"] == {"mean": pytest.approx(87.0 - 84.0), "models": 1}
+  md = open(os.path.join(out, "paper_t1_4bit.md")).read()
+  assert "could not match (cheapest 0.500 BOPs > 0.260)" in md

@@ -49,6 +49,10 @@ ALL = {"float", "calibrate", "select", "quantize", "finetune"}
     ("finetune.learning_rate", 0.1, {"finetune"}),
     ("finetune.level_probs", (0.5, 0.5), {"finetune"}),
     ("finetune.every_step_ratios", (0.0, 1.0), {"finetune"}),
+    ("quant.weight_scale", "joint", ALL - {"float"}),
+    ("finetune.lsq_grad_scale", "effective", {"finetune"}),
+    ("finetune.lsq_learning_rate", 1e-3, {"finetune"}),
+    ("finetune.refresh_source", "quantized", {"finetune"}),
 ])
 def test_fingerprint_follows_exactly_the_listed_fields(field, value, stages):
   assert _changed(field, value) == stages
@@ -62,6 +66,18 @@ def test_a_field_added_later_keeps_older_workdirs_valid_at_its_old_behaviour():
   now = stage_cache.stage_fields(config, "finetune")
   del config.finetune["every_step_ratios"]
   assert stage_cache.stage_fields(config, "finetune") == now and "finetune.every_step_ratios" not in now
+
+
+@pytest.mark.parametrize("field", ["quant.weight_scale", "finetune.lsq_grad_scale", "finetune.lsq_learning_rate",
+                                   "finetune.refresh_source"])
+def test_option_fields_at_their_default_keep_older_fingerprints(field):
+  """The options added with their old behaviour as default leave every stage's fingerprint as
+  it was without the field (a field inside a section the stage takes whole, 'quant', too)."""
+  config = quickstart.get_config("smoke")
+  now = _fingerprints(config)
+  section, key = field.split(".")
+  del config[section][key]
+  assert _fingerprints(config) == now
 
 
 def test_config_fields_are_plain_and_absent_ones_none():

@@ -1,4 +1,5 @@
 """Calibration stage: per-layer activation statistics, 8-bit scales and 4-bit extraction positions."""
 
 from flexiq_jax.calibrate.statistics import (AbsHistograms, ChannelRanges, CodeHistograms, calibrate, code_moments,
-                                             collect, refresh_after_finetuning, weight_extraction)
+                                             collect, collect_quantized, refresh_after_finetuning,
+                                             weight_extraction)

@@ -33,6 +33,7 @@ import numpy as np
 from flexiq_jax import interception
 from flexiq_jax import numerics
 from flexiq_jax import progress
+from flexiq_jax.numerics import weight_grid
 from flexiq_jax.interception import LayerCall, MatmulCall, get_path
 from flexiq_jax.quantize import layer_ops
 from flexiq_jax.quantize.plan import QuantPlan
@@ -188,25 +189,17 @@ def code_moments(hist, act_e, signed: bool):
   return sq_err, (hist * code_values[None, :]).sum(1) / counts, (hist * lowered).sum(1) / counts
 
 
-def weight_extraction(info, kernel, candidates=EXTRACTION_CANDIDATES):
+def weight_extraction(info, kernel, candidates=EXTRACTION_CANDIDATES, qmax=layer_ops.WEIGHT_QMAX):
   """Per feature channel c, the f in `candidates` minimising Σ_o s_w[o]² (q - lower(q, f))² over
-  the kernel elements that multiply channel c; returns (f (C,), error (C,) in real units)."""
+  the kernel elements that multiply channel c, with s_w = max |w| / qmax per output channel
+  (qmax: a scalar or (O,), `layer_ops.weight_qmax`); returns (f (C,), error (C,) in real units)."""
   w = interception.kernel_matrix(info, kernel)
-  s_w = numerics.per_channel_weight_scale(w)
-  q = jnp.clip(jnp.round(w / s_w), -layer_ops.WEIGHT_QMAX, layer_ops.WEIGHT_QMAX)
-  index = layer_ops.weight_channel_index(info)
-  index = jnp.broadcast_to(index, q.shape)
-  errors = []
-  for f in candidates:
-    err = (q - numerics.lower_codes(q, f, signed=True)) ** 2 * s_w ** 2
-    errors.append(jax.ops.segment_sum(err.reshape(-1), index.reshape(-1), num_segments=info.in_channels))
-  errors = jnp.stack(errors)  # (len(candidates), C)
-  best = jnp.argmin(errors, axis=0)
-  return jnp.asarray(candidates)[best], jnp.min(errors, axis=0)
+  s_w, q = weight_grid.codes_at(w, qmax)
+  return weight_grid.fit_weight_shift(q, s_w, layer_ops.weight_channel_index(info), info.in_channels, candidates)
 
 
 def calibrate(model, plan: QuantPlan, variables, batches: Sequence[np.ndarray], *, method: str = "minmax",
-              percentile: float = 99.99, extraction: str = "fitted") -> dict:
+              percentile: float = 99.99, extraction: str = "fitted", weight_scale: str = "max127") -> dict:
   """Returns {path: {name: numpy array}} (`plan.with_signedness` reads the input signs from it).
 
   Per layer: 'ch_min', 'ch_max' (C,); 'act_scale' (); 'act_e', 'weight_e' (C,) int32;
@@ -217,12 +210,17 @@ def calibrate(model, plan: QuantPlan, variables, batches: Sequence[np.ndarray], 
   values per channel seen (a layer is signed iff it saw a negative value; plan.input_negatives).
   Per quantized matmul: 'a_min', 'a_max', 'b_min', 'b_max' () per-tensor operand ranges and
   'a_scale', 'b_scale' () min-max 8-bit scales (signed where the minimum is negative).
+  With `weight_scale` other than 'max127' (`numerics.weight_grid`), also 'weight_qmax' (O,)
+  float32: the code each output channel's max |w| lands on (the weight scale is max |w| / it);
+  'weight_e' and 'weight_lowering_error' are fitted on that grid.
   `variables` must be BN-folded when the plan folds (see plan.fold_batchnorm).
   """
   if method not in ("minmax", "percentile", "mse"):
     raise ValueError(f"unknown activation calibration {method!r}; use 'minmax', 'percentile' or 'mse'")
   if extraction not in ("fitted", "naive"):
     raise ValueError(f"unknown extraction {extraction!r}; use 'fitted' or 'naive'")
+  if weight_scale not in weight_grid.WEIGHT_SCALE_MODES:
+    raise ValueError(f"unknown weight_scale {weight_scale!r}; use one of {', '.join(weight_grid.WEIGHT_SCALE_MODES)}")
   batches = list(batches)
   ranges = collect(model, plan, variables, batches, ChannelRanges())
   absmax = {p: float(max(-r["min"].min(), r["max"].max())) for p, r in ranges.items()}
@@ -247,10 +245,10 @@ def calibrate(model, plan: QuantPlan, variables, batches: Sequence[np.ndarray], 
     act_err = sq_err * scales[p] ** 2
 
     kernel = get_path(variables["params"], p)["kernel"]
-    if extraction == "fitted":
-      w_e, w_err = weight_extraction(info, kernel)
-    else:
-      w_e, w_err = weight_extraction(info, kernel, (NAIVE_EXTRACTION,))
+    qmax_w = weight_grid.weight_qmax(weight_scale, interception.kernel_matrix(info, kernel),
+                                     layer_ops.weight_channel_index(info), info.in_channels, p in plan.lowerable)
+    w_e, w_err = weight_extraction(info, kernel, EXTRACTION_CANDIDATES if extraction == "fitted"
+                                   else (NAIVE_EXTRACTION,), qmax_w)
     out[p] = {
         "ch_min": np.asarray(ranges[p]["min"], np.float32), "ch_max": np.asarray(ranges[p]["max"], np.float32),
         "act_scale": np.float32(scales[p]), "act_e": act_e.astype(np.int32),
@@ -259,6 +257,8 @@ def calibrate(model, plan: QuantPlan, variables, batches: Sequence[np.ndarray], 
         "act_mean_code": mean_code.astype(np.float32), "act_mean_lowered": mean_lowered.astype(np.float32),
         "negative_count": _int32(ranges[p]["negatives"]), "input_rows": _int32(ranges[p]["rows"]),
     }
+    if weight_scale != "max127":
+      out[p]["weight_qmax"] = np.asarray(qmax_w, np.float32)
   out.update(matmul_calibration(model, plan, variables, batches))
   return out
 
@@ -281,22 +281,80 @@ def matmul_calibration(model, plan: QuantPlan, variables, batches) -> dict:
   return out
 
 
-def refresh_after_finetuning(model, plan: QuantPlan, qvars, batches, *, extraction: str = "fitted") -> dict:
+class _RecordingQuantized:
+  """The provider that runs `inner` (the quantized layers) and records `statistics.statistics`
+  of each quantized layer's input: the inputs the quantized model itself produces."""
+
+  def __init__(self, statistics, inner):
+    self.statistics, self.inner, self.recorded = statistics, inner, {}
+
+  def layer(self, call: LayerCall, x):
+    self.recorded[call.path] = self.statistics.statistics(call.path, interception.flat_features(call.info, x))
+    return self.inner.layer(call, x)
+
+  def matmul(self, call: MatmulCall, a, b):
+    return self.inner.matmul(call, a, b)
+
+
+REFRESH_QUANTIZED_RATIOS = (0.5, 1.0)
+
+
+def collect_quantized(model, plan: QuantPlan, qvars, batches, statistics, ratios=REFRESH_QUANTIZED_RATIOS) -> dict:
+  """`collect` on the layer inputs of the quantized model (fake-quant arithmetic: the integer
+  path's values) at each of `ratios`, merged over ratios and batches."""
+  from flexiq_jax.quantize import transform  # quantize imports calibrate's users, not the reverse
+
+  qmodel = transform.QuantizedModel(model, plan, mode="fake")
+
+  def run(qv, images, ratio):
+    inner = transform.FlexiQLayers(qv["quant"], qmodel.layer_counts(qv, ratio), plan.signed, "fake", False,
+                                   "int32", plan.matmul_signed)
+    recording = _RecordingQuantized(statistics, inner)
+    variables = {k: v for k, v in qv.items() if k in ("params", "batch_stats")}
+    interception.run_with_provider(model, plan, variables, images, recording)
+    return recording.recorded
+
+  run = jax.jit(run)
+  acc = None
+  for ratio in ratios:
+    for index, images in enumerate(batches):
+      new = jax.device_get(run(qvars, images, jnp.float32(ratio)))
+      _check_finite(new, index)
+      acc = new if acc is None else {p: {k: statistics.merge[k](acc[p][k], v) for k, v in d.items()}
+                                     for p, d in new.items()}
+  if acc is None:
+    raise ValueError("calibration received no batches")
+  return acc
+
+
+def refresh_after_finetuning(model, plan: QuantPlan, qvars, batches, *, extraction: str = "fitted",
+                             source: str = "float") -> dict:
   """Re-estimates the state that depends on the weights after quantization-aware finetuning:
   each layer's weight extraction positions (a function of the new weights) and the bias
   correction's mean codes (of the new model's layer inputs on `batches`, at the layer's current
-  activation scale and extraction positions). Scales, channel orders and counts stay."""
+  activation scale and extraction positions). Scales, channel orders and counts stay.
+
+  source: where the layer inputs come from: 'float' the float forward of the finetuned weights
+  (the weights were trained through the quantized model, so their float forward can be far from
+  what the quantized layers see); 'quantized' the quantized model's own inputs, at ratios
+  `REFRESH_QUANTIZED_RATIOS` (the bias correction acts on lowered channels only), merged."""
   if extraction not in ("fitted", "naive"):
     raise ValueError(f"unknown extraction {extraction!r}; use 'fitted' or 'naive'")
+  if source not in ("float", "quantized"):
+    raise ValueError(f"unknown refresh source {source!r}; use 'float' or 'quantized'")
   quant = qvars["quant"]
   scales = {p: float(get_path(quant, p)["act_scale"]) for p in plan.quantized}
   variables = {k: v for k, v in qvars.items() if k in ("params", "batch_stats")}
-  codes = collect(model, plan, variables, list(batches), CodeHistograms(scales, plan.signed))
+  if source == "float":
+    codes = collect(model, plan, variables, list(batches), CodeHistograms(scales, plan.signed))
+  else:
+    codes = collect_quantized(model, plan, qvars, list(batches), CodeHistograms(scales, plan.signed))
   for p in plan.quantized:
     entry = dict(get_path(quant, p))
     kernel = get_path(qvars["params"], p)["kernel"]
     if extraction == "fitted":
-      entry["weight_e"] = jnp.asarray(weight_extraction(plan.layers[p], kernel)[0], jnp.int32)
+      entry["weight_e"] = jnp.asarray(weight_extraction(plan.layers[p], kernel,
+                                                        qmax=layer_ops.weight_qmax(entry))[0], jnp.int32)
     if "mean_code" in entry:
       _, mean_code, mean_lowered = code_moments(codes[p]["codes"], entry["act_e"], plan.signed[p])
       entry["mean_code"] = jnp.asarray(mean_code, jnp.float32)

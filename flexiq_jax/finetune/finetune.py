@@ -18,6 +18,7 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from flexiq_jax import numerics
@@ -100,6 +101,31 @@ def apply_gradients(state: QATState, grads, tx: optax.GradientTransformation) ->
   trainable = {k: v if k == "params" else jax.tree_util.tree_map(lambda s: jnp.maximum(s, numerics.MIN_RANGE), v)
                for k, v in trainable.items()}
   return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
+
+
+def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+  """The QAT optimizer (`train.make_optimizer` on `cfg`); with `cfg.lsq_learning_rate` > 0 the
+  learnt quantization scales (every trainable entry besides 'params') get the same recipe at
+  that learning rate instead.
+
+  Args:
+    cfg: the finetune config section.
+    total_steps: the schedule's length.
+  Returns:
+    An optax transformation over the trainable tree {'params', and 'act_scale' /
+    'lsq_weight_scale' where learnt}.
+  """
+  tx = train_lib.make_optimizer(cfg, total_steps)
+  scale_lr = float(cfg.get("lsq_learning_rate", 0.0) or 0.0)
+  if scale_lr < 0:
+    raise ValueError(f"finetune.lsq_learning_rate must be >= 0 (0: finetune.learning_rate), got {scale_lr}")
+  if scale_lr == 0:
+    return tx
+  scale_cfg = ml_collections.ConfigDict(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
+  scale_cfg.learning_rate = scale_lr
+  scale_tx = train_lib.make_optimizer(scale_cfg, total_steps)
+  return optax.multi_transform({"params": tx, "scales": scale_tx},
+                               lambda trainable: {k: "params" if k == "params" else "scales" for k in trainable})
 
 
 def _teacher_logits(teacher_fn, distill_weight, images):

@@ -64,7 +64,8 @@ def prepare_layer(info: LayerInfo, layer_params: dict, lq: dict, *, lowerable: b
     w8 = kernel_matrix(info, layer_params["kernel"]).astype(jnp.float32)
     s_w = lq["weight_scale"]
   else:
-    codes, s_w = layer_ops.weight_codes(info, layer_params["kernel"], lq.get("lsq_weight_scale"))
+    codes, s_w = layer_ops.weight_codes(info, layer_params["kernel"], lq.get("lsq_weight_scale"),
+                                         layer_ops.weight_qmax(lq))
     w8 = kernel_matrix(info, codes).astype(jnp.float32)
   s_x = lq["act_scale"]
   entry = {"act_scale": s_x, "weight_scale": s_w, "scale": s_x * s_w, "step": jnp.exp2(lq["act_e"].astype(jnp.float32))}

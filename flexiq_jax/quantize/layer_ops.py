@@ -18,6 +18,7 @@ import numpy as np
 from jax import lax
 
 from flexiq_jax import numerics
+from flexiq_jax.numerics import lsq_extraction
 from flexiq_jax.interception import (LayerCall, LayerInfo, MatmulCall, as_matrix_input, conv, conv_padding,
                                      einsum_summed_size, finish, kernel_matrix, spatial_pair)
 
@@ -44,7 +45,7 @@ def gather_channel(values, info: LayerInfo):
 
 
 def quantize_codes(info: LayerInfo, x, kernel, lq: dict, lowered, *, signed: bool, ste: bool,
-                   lsq: bool = False):
+                   lsq: bool = False, lsq_grad_scale: str = "qmax8"):
   """Returns (activation codes, weight codes, activation scale, weight scale, bias shift), with
   the `lowered` (C,) channels of both replaced by their 4-bit extraction.
 
@@ -54,20 +55,34 @@ def quantize_codes(info: LayerInfo, x, kernel, lq: dict, lowered, *, signed: boo
   elements that read channel c. Lowering (clipping especially) shifts each channel's mean, and
   the shifts of many channels add up through the network; this first-order correction (as in
   data-free quantization's bias correction) removes them, for any set of lowered channels.
+
+  lsq_grad_scale (with `lsq` and `ste`): 'qmax8' LSQ through the 8-bit quantizer, its gradient
+  scale from 255 (127) levels for every channel; 'effective' each lowered channel's gradient
+  counted on its own 4-bit grid (`numerics.lsq_extraction`; the returned activation scale then
+  carries no gradient, the codes carry it all).
   """
   s_x = lq["act_scale"]
   qmin, qmax = numerics.int_range(8, signed)
-  if lsq:
+  lower = numerics.lower_codes_ste if ste else numerics.lower_codes
+  if lsq and ste and lsq_grad_scale == "effective":
+    xq = lsq_extraction.lsq_quantize_lower(x, s_x, lq["act_e"], lowered, signed=signed,
+                                           features=x.size // x.shape[0])
+    s_x = jax.lax.stop_gradient(s_x)
+  elif lsq_grad_scale not in ("qmax8", "effective"):
+    raise ValueError(f"unknown lsq_grad_scale {lsq_grad_scale!r}; use 'qmax8' or 'effective'")
+  elif lsq:
     # LSQ's activation gradient scale counts the features of one example, not the batch.
     g = numerics.lsq_default_grad_scale(x.size // x.shape[0], 1, qmax)
     xq = numerics.lsq_fake_quant(x, s_x, qmin, qmax, g) / s_x
+    # codes·s/s is an integer only up to roundoff, which can flip the extraction's rounding at a
+    # half step: the value is rounded back to the exact code, the gradients are kept.
+    xq = jax.lax.stop_gradient(jnp.round(xq)) + (xq - jax.lax.stop_gradient(xq))
   elif ste:
     xq = jnp.clip(numerics.round_ste(x / s_x), qmin, qmax)
   else:
     xq = jnp.clip(jnp.round(x / s_x), qmin, qmax)
-  lower = numerics.lower_codes_ste if ste else numerics.lower_codes
-  x_low = lower(xq, lq["act_e"], signed=signed)
-  xq = jnp.where(lowered, x_low, xq)
+  if not (lsq and ste and lsq_grad_scale == "effective"):  # there the codes come lowered
+    xq = jnp.where(lowered, lower(xq, lq["act_e"], signed=signed), xq)
 
   if "weight_scale" in lq:  # a serving export: the kernel holds the int8 codes themselves
     wq = kernel_matrix(info, kernel).astype(jnp.float32)
@@ -81,7 +96,7 @@ def quantize_codes(info: LayerInfo, x, kernel, lq: dict, lowered, *, signed: boo
       wq = jnp.clip(jnp.round(w / s_w), -WEIGHT_QMAX, WEIGHT_QMAX)
   else:
     w = kernel_matrix(info, kernel)
-    s_w = numerics.per_channel_weight_scale(w)
+    s_w = numerics.per_channel_weight_scale(w, weight_qmax(lq))
     wq = jnp.clip((numerics.round_ste if ste else jnp.round)(w / s_w), -WEIGHT_QMAX, WEIGHT_QMAX)
   w_low = lower(wq, gather_channel(lq["weight_e"], info), signed=True)
   bias_shift = jnp.zeros(s_w.shape, jnp.float32)
@@ -111,18 +126,34 @@ def masked_channel_sum(info: LayerInfo, lowered, table):
   return jnp.sum(jnp.where(gather_channel(lowered, info), table, 0), axis=0)
 
 
-def weight_codes(info: LayerInfo, kernel, scale=None):
+def weight_qmax(lq: dict):
+  """The code max |w| of each output channel lands on: qvars' 'weight_qmax' (O,) where
+  `quant.weight_scale` chose one (`numerics.weight_grid`), else 127."""
+  return lq.get("weight_qmax", WEIGHT_QMAX)
+
+
+def weight_codes(info: LayerInfo, kernel, scale=None, qmax=WEIGHT_QMAX):
   """(int8 codes in the kernel's shape, per-output-channel scale (O,)) of a float kernel, as the
-  integer path computes them (with `scale`, a learnt LSQ scale, instead of max |w| / 127): what a
-  serving export stores instead of the float kernel."""
+  integer path computes them: scale max |w| / qmax (qmax: a scalar or (O,), `weight_qmax`), or
+  `scale` (a learnt LSQ scale) where given. What a serving export stores instead of the float
+  kernel.
+
+  Args:
+    info: the layer.
+    kernel: its float kernel.
+    scale: a learnt per-output-channel scale, or None.
+    qmax: the code of each output channel's max |w| when `scale` is None.
+  Returns:
+    (int8 codes, scale (O,)).
+  """
   w = kernel_matrix(info, kernel)
-  s_w = numerics.per_channel_weight_scale(w) if scale is None else scale
+  s_w = numerics.per_channel_weight_scale(w, qmax) if scale is None else scale
   q = jnp.clip(jnp.round(w / s_w), -WEIGHT_QMAX, WEIGHT_QMAX)
   return q.astype(jnp.int8).reshape(kernel.shape), s_w
 
 
 def quantized_forward(call: LayerCall, x, lq: dict, lowered, *, signed: bool, mode: str = "fake",
-                      lsq: bool = False, conv_accumulator=jnp.int32):
+                      lsq: bool = False, conv_accumulator=jnp.int32, lsq_grad_scale: str = "qmax8"):
   """mode 'fake': dequantized codes in float (differentiable, STE); 'int': int8 x int8 -> int32.
 
   Unsigned activations ([0, 255]) do not fit int8, so the integer path shifts them by -128 and adds
@@ -132,7 +163,7 @@ def quantized_forward(call: LayerCall, x, lq: dict, lowered, *, signed: bool, mo
   info, module, kernel, bias = call.info, call.module, call.kernel, call.bias
   x = as_matrix_input(info, x)
   xq, wq, s_x, s_w, bias_shift = quantize_codes(info, x, kernel, lq, lowered, signed=signed,
-                                                ste=mode == "fake", lsq=lsq)
+                                                ste=mode == "fake", lsq=lsq, lsq_grad_scale=lsq_grad_scale)
   if mode == "fake":
     xd, wd = xq * s_x, wq * s_w
     if info.kind == "dense":

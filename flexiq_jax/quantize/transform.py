@@ -55,6 +55,8 @@ def build_qvars(plan: QuantPlan, folded_variables, calib: dict, orders: dict, co
     entry = {"act_scale": jnp.asarray(c["act_scale"], jnp.float32),
              "act_e": jnp.asarray(c["act_e"], jnp.int32),
              "weight_e": jnp.asarray(c["weight_e"], jnp.int32)}
+    if "weight_qmax" in c:  # quant.weight_scale other than 'max127' (numerics.weight_grid)
+      entry["weight_qmax"] = jnp.asarray(c["weight_qmax"], jnp.float32)
     if path in plan.lowerable:
       order = np.asarray(orders[path])
       rank = np.empty_like(order)
@@ -115,6 +117,7 @@ class FlexiQLayers:
   lsq: bool
   conv_accumulator: str
   matmul_signed: dict = dataclasses.field(default_factory=dict)  # {matmul path: (a signed, b signed)}
+  lsq_grad_scale: str = "qmax8"  # layer_ops.quantize_codes
 
   def matmul(self, call: MatmulCall, a, b):
     return layer_ops.quantized_matmul(call, a, b, get_path(self.quant, call.path),
@@ -128,7 +131,7 @@ class FlexiQLayers:
       lowered = jnp.zeros((call.info.in_channels,), bool)
     acc = jnp.int32 if self.conv_accumulator == "int32" else jnp.float32
     return layer_ops.quantized_forward(call, x, lq, lowered, signed=self.signed[call.path], mode=self.mode,
-                                       lsq=self.lsq, conv_accumulator=acc)
+                                       lsq=self.lsq, conv_accumulator=acc, lsq_grad_scale=self.lsq_grad_scale)
 
 
 MODES = ("int", "int_reference", "fake")
@@ -155,6 +158,9 @@ class QuantizedModel:
   conv_accumulator: str | None = None
   conv_impls: str | tuple = "auto"
   dense_impl: str = "xla"
+  # With lsq: 'qmax8' | 'effective' (lowered channels' scale gradient on their 4-bit grid,
+  # numerics.lsq_extraction).
+  lsq_grad_scale: str = "qmax8"
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -198,7 +204,7 @@ class QuantizedModel:
                                        self.plan.matmul_signed, accumulator, self.conv_impl_map(), self.dense_impl)
     else:
       provider = FlexiQLayers(qvars["quant"], counts, self.plan.signed, "int" if self.mode == "int_reference" else "fake",
-                              self.lsq, accumulator, self.plan.matmul_signed)
+                              self.lsq, accumulator, self.plan.matmul_signed, self.lsq_grad_scale)
     variables = {k: v for k, v in qvars.items() if k in ("params", "batch_stats")}
     return interception.run_with_provider(self.model, self.plan, variables, x, provider)
 
@@ -236,7 +242,8 @@ def export_int8(qmodel: QuantizedModel, qvars) -> dict:
     layer = get_path(params, path)
     if layer["kernel"].dtype == jnp.int8:
       raise ValueError(f"{path}: these variables are already an int8 export")
-    codes, scale = layer_ops.weight_codes(info, layer["kernel"], get_path(quant_tree, path).get("lsq_weight_scale"))
+    lq = get_path(quant_tree, path)
+    codes, scale = layer_ops.weight_codes(info, layer["kernel"], lq.get("lsq_weight_scale"), layer_ops.weight_qmax(lq))
     params = set_path(params, path, {**layer, "kernel": codes})
     quant_tree = set_path(quant_tree, path, {**get_path(quant_tree, path), "weight_scale": scale})
   return {**qvars, "params": params, "quant": quant_tree}
@@ -322,11 +329,13 @@ def low_bit_share_at(qmodel: QuantizedModel, qvars, ratio) -> float:
 
 def add_lsq_weight_scales(plan: QuantPlan, qvars) -> dict:
   """qvars with a learnable per-output-channel weight scale 'lsq_weight_scale' per quantized layer,
-  initialised from the current weights (max |w| / 127), for LSQ finetuning of the weight scales."""
+  initialised from the current weights (max |w| / 127, or / the layer's 'weight_qmax'), for LSQ
+  finetuning of the weight scales."""
   quant = qvars["quant"]
   for path in plan.quantized:
     info = plan.layers[path]
     kernel = get_path(qvars["params"], path)["kernel"]
-    scale = numerics.per_channel_weight_scale(interception.kernel_matrix(info, kernel))
+    scale = numerics.per_channel_weight_scale(interception.kernel_matrix(info, kernel),
+                                              layer_ops.weight_qmax(get_path(quant, path)))
     quant = set_path(quant, path, {**get_path(quant, path), "lsq_weight_scale": scale})
   return {**qvars, "quant": quant}

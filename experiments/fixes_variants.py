@@ -1,0 +1,72 @@
+"""The variants of experiments/flexiq_fixes.py and the helpers it shares with
+experiments/layer_diagnosis.py (no flags here, so both scripts can import it)."""
+
+import os
+import shutil
+
+from absl import app
+
+from flexiq_jax import pipeline
+from flexiq_jax import records
+
+_LSQ = {"finetune.lsq": True, "finetune.lsq_grad_scale": "effective", "finetune.lsq_learning_rate": "compare"}
+# name -> config overrides ("compare" as a value: the LSQ baseline's compare.lsq_learning_rate).
+VARIANTS = {
+    "reference": {},
+    "joint": {"quant.weight_scale": "joint"},
+    "joint_sandwich": {"quant.weight_scale": "joint", "finetune.every_step_ratios": (0.0, 1.0)},
+    "joint_sandwich_lsq": {"quant.weight_scale": "joint", "finetune.every_step_ratios": (0.0, 1.0), **_LSQ},
+    "max112": {"quant.weight_scale": "max112"},
+    "sandwich": {"finetune.every_step_ratios": (0.0, 1.0)},
+    "joint_lsq_qmax8": {"quant.weight_scale": "joint", "finetune.lsq": True, "finetune.lsq_grad_scale": "qmax8",
+                        "finetune.lsq_learning_rate": "compare"},
+    "joint_lsq": {"quant.weight_scale": "joint", **_LSQ},
+}
+SHARED_STAGES = ("calibrate", "select", "quantized")
+
+
+def override(config, changes: dict):
+  """A copy of `config` with the dotted `changes` applied."""
+  config = config.copy_and_resolve_references()
+  for dotted, value in changes.items():
+    section, field = dotted.split(".")
+    if value == "compare":
+      value = float(config.compare.lsq_learning_rate)
+    config[section][field] = value
+  return config
+
+
+def seed_shared_stages(run: pipeline.Run, siblings: list[str]) -> None:
+  """Copies the finished calibrate/select/quantized stage of a sibling variant whose fingerprint
+  equals this variant's into its workdir, where it has none."""
+  for stage, directory in zip(("calibrate", "select", "quantize"), SHARED_STAGES):
+    if os.path.exists(os.path.join(run.workdir, directory)):
+      continue
+    want = run.stage(stage, directory)
+    for sib in siblings:
+      done = records.read_json(os.path.join(sib, directory, "done.json"))
+      if done is not None and done.get("fingerprint") == want.fingerprint:
+        shutil.copytree(os.path.join(sib, directory), os.path.join(run.workdir, directory))
+        break
+
+
+def run_with_reference_selection(variant: pipeline.Run, float_model, reference_dir: str, base,
+                                 finetune: bool = True):
+  """calibrate -> (the reference variant's selection) -> quantize [-> finetune] in the variant's
+  workdir; the reference variant must have run first (it runs its own selection)."""
+  calib = pipeline.calibrate(variant, float_model)
+  reference = pipeline.Run(base, reference_dir, variant.mesh)
+  if variant.workdir == reference_dir:
+    selection = pipeline.select(variant, float_model, calib)
+  else:
+    if not os.path.exists(os.path.join(reference_dir, "select", "done.json")):
+      raise app.UsageError("--share_selection: run the 'reference' variant first (it makes the selection)")
+    selection = pipeline.select(reference, float_model, pipeline.calibrate(reference, float_model))
+    records.write_json_atomic(os.path.join(variant.workdir, "selection_from.json"),
+                              {"selection": os.path.join(reference_dir, "select")})
+  quantized = pipeline.quantize(variant, float_model, calib, selection)
+  finetuned = pipeline.finetune(variant, float_model, quantized) if finetune else None
+  return pipeline.PipelineResult(float_model, calibration=calib, selection=selection, quantized=quantized,
+                                 finetuned=finetuned)
+
+

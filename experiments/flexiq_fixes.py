@@ -1,0 +1,205 @@
+r"""FlexiQ at 4 bits: the fixes to the 8-bit weight grid, the QAT budget at the ends of the ratio
+range, LSQ on the lowered grid and the refresh, each measured as an ablation on one float model.
+
+  python -m experiments.flexiq_fixes --config=configs/mobilenetv2.py:fmnist --workdir=WORKDIR \
+      [--variants=reference,joint,...] [--ratios=0,0.5,1]
+
+Run from the repository root. Reuses (or trains) the float model in --workdir, then for each
+variant (`VARIANTS`, config overrides) runs calibrate -> select -> quantize -> multi-ratio
+finetune -> refresh in its own sub-workdir <workdir>/fixes/<variant>, and sweeps --ratios before
+and after finetuning against the float model (top-1, KL(float || quantized), agreement) on the
+config's eval images. Variants that differ only in finetune fields share the calibrate, select
+and quantize stages (copied from the first finished sibling with the same fingerprints; the
+stage cache redoes a copied stage whose fingerprint does not match). For every variant it also
+measures the refresh both ways on the finetuned weights as trained (the last QAT checkpoint):
+KL on the calibration images at ratios 0 / 0.5 / 1 after a refresh from the float forward and
+after one from the quantized model. Nothing is tuned on the test split: every hyperparameter
+is a config default or an option's documented value (the LSQ scale rate is the LSQ baseline's
+`compare.lsq_learning_rate`).
+
+Writes experiments/results/flexiq_fixes_<model>.md and .json (command, commit, device, date),
+after every variant (so a killed run leaves the variants done so far).
+"""
+
+import dataclasses
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+
+from flexiq_jax import calibrate as calibrate_lib
+from flexiq_jax import cli
+from flexiq_jax import finetune as finetune_lib
+from flexiq_jax import pipeline
+from flexiq_jax import quantize as quantize_lib
+from flexiq_jax import records
+from flexiq_jax import train as train_lib
+
+from experiments.fixes_variants import VARIANTS, override, run_with_reference_selection, seed_shared_stages
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/<name>.py[:args]).",
+                                          lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir holding (or to hold) the float model.")
+_VARIANTS = flags.DEFINE_list("variants", None, "Variants to run, in order (default: all of VARIANTS).")
+_RATIOS = flags.DEFINE_list("ratios", ["0", "0.5", "1"], "4-bit ratios swept before and after finetuning.")
+_SHARE = flags.DEFINE_bool("share_selection", False, "Every variant lowers the channels the reference variant "
+                            "selected (its orders and per-level counts), instead of running its own selection: the "
+                            "grid or training changes alone, and one evolutionary search per model instead of one "
+                            "per grid. Variant workdirs then go under <workdir>/fixes_shared/.")
+_UNTIL = flags.DEFINE_enum("until", "finetune", ["quantize", "finetune"], "'quantize': post-training only (the "
+                           "'before finetuning' columns), e.g. for a quick look at the weight grids.")
+_TAG = flags.DEFINE_string("tag", "", "Appended to the results file names (e.g. for a run with config overrides).")
+_OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                           "Folder for the results files.")
+flags.mark_flags_as_required(["config"])
+
+def points_dict(points) -> list[dict]:
+  return [dataclasses.asdict(p) for p in points]
+
+
+def as_trained(run: pipeline.Run, quantized: pipeline.Quantized):
+  """The finetuned qvars before the refresh: the last QAT checkpoint of the variant."""
+  cfg = run.config.finetune
+  lsq_weights = bool(cfg.get("lsq_weights", False))
+  start = (quantize_lib.add_lsq_weight_scales(quantized.qmodel.plan, quantized.qvars) if lsq_weights
+           else quantized.qvars)
+  tx = finetune_lib.make_optimizer(cfg, 1)
+  state = finetune_lib.create_state(start, tx, cfg.lsq, lsq_weights)
+  state = train_lib.restore_latest(os.path.join(run.workdir, "finetune", "checkpoints"), state)
+  return finetune_lib.merge_qvars(state.trainable, state.frozen), int(state.step)
+
+
+def refresh_both_ways(run: pipeline.Run, float_model, quantized: pipeline.Quantized) -> dict:
+  """KL(float || quantized) on calibration images at ratios 0 / 0.5 / 1: as trained, after the
+  refresh from the float forward and after the refresh from the quantized model."""
+  trained, step = as_trained(run, quantized)
+  batches = pipeline.calibration_batches(run.config)
+  images = jnp.concatenate(batches[:run.config.select.fitness_batches])
+  teacher = float_model.logits(images)
+  qmodel = quantized.qmodel
+  kl = jax.jit(lambda qv, r: finetune_lib.kl_divergence(teacher, qmodel.apply(qv, images, r)))
+  out = {"qat_step": step, "images": int(images.shape[0])}
+  states = {"as_trained": trained}
+  for source in ("float", "quantized"):
+    states[f"refresh_{source}"] = calibrate_lib.refresh_after_finetuning(
+        float_model.model, qmodel.plan, trained, batches, extraction=run.config.quant.extraction, source=source)
+  for name, qv in states.items():
+    out[name] = {f"{r:g}": float(kl(qv, jnp.float32(r))) for r in pipeline.REFRESH_REPORT_RATIOS}
+  return out
+
+
+def grad_norms(workdir: str) -> dict | None:
+  """Median and max QAT gradient norm from the variant's finetune/metrics.jsonl."""
+  path = os.path.join(workdir, "finetune", "metrics.jsonl")
+  if not os.path.exists(path):
+    return None
+  values = [json.loads(l).get("grad_norm") for l in open(path) if l.strip()]
+  values = [v for v in values if v is not None]
+  return {"median": float(np.median(values)), "max": float(np.max(values)), "logged": len(values)} if values else None
+
+
+def _fmt(v, digits=2):
+  return "-" if v is None else f"{v:.{digits}f}"
+
+
+def render(base, info, float_metrics, rows: dict, ratios) -> str:
+  name = base.model.name
+  text = (f"# FlexiQ fixes as ablations: {name} on {base.data.name}\n\n" + records.provenance_header(info)
+          + ("Every variant lowers the channels the reference variant's evolutionary search selected "
+             "(`--share_selection`): only the grid or the training differs.\n\n" if _SHARE.value else "")
+          + f"Float top-1 {float_metrics['top1']:.2f}% on the first {float_metrics.get('num_examples', '?')} "
+            f"images of the {base.data.eval_split} split (the sweep's images). Each variant: the config plus the "
+            "overrides listed, on the same float model; top-1 (%) / KL(float || quantized) at each 4-bit ratio, "
+            "before (PTQ) and after multi-ratio finetuning (FT). No hyperparameter was tuned.\n\n")
+  headers = ["variant", "overrides"] + [f"{w} {100 * r:g}%" for w in ("PTQ", "FT") for r in ratios] + [
+      "FT 0.5 vs 0", "FT 0 vs PTQ 0", "QAT grad norm (median / max)"]
+  table = []
+  for vname, row in rows.items():
+    before, after = row.get("before", []), row.get("after", [])
+    cells = [f"{_fmt(p['top1'])} / {_fmt(p['kl'], 4)}" for p in before] + ["-"] * (len(ratios) - len(before))
+    cells += [f"{_fmt(p['top1'])} / {_fmt(p['kl'], 4)}" for p in after] + ["-"] * (len(ratios) - len(after))
+    at = lambda pts, r: next((p["top1"] for p in pts if abs(p["ratio"] - r) < 1e-9), None)
+    gap = (at(after, 0.5) - at(after, 0.0)) if at(after, 0.5) is not None and at(after, 0.0) is not None else None
+    drift = (at(after, 0.0) - at(before, 0.0)) if at(after, 0.0) is not None and at(before, 0.0) is not None else None
+    g = row.get("grad_norm")
+    table.append([vname, ", ".join(f"{k}={v}" for k, v in row["overrides"].items()) or "(config as given)"] + cells
+                 + [_fmt(gap), _fmt(drift), f"{_fmt(g['median'])} / {_fmt(g['max'])}" if g else "-"])
+  text += records.markdown_table(headers, table)
+  text += ("\n\nRefresh after finetuning, both ways, on the finetuned weights as trained (the last QAT checkpoint): "
+           "KL(float || quantized) on the calibration images at ratios 0 / 0.5 / 1. 'float': bias-correction means "
+           "from the float forward of the finetuned weights (the behaviour before `finetune.refresh_source`); "
+           "'quantized': from the quantized model's own layer inputs at ratios 0.5 and 1.\n\n")
+  rtable = []
+  for vname, row in rows.items():
+    rb = row.get("refresh")
+    if rb:
+      f = lambda d: " / ".join(_fmt(d[k], 4) for k in ("0", "0.5", "1"))
+      rtable.append([vname, f(rb["as_trained"]), f(rb["refresh_float"]), f(rb["refresh_quantized"]),
+                     row.get("refresh_kept", "-")])
+  text += records.markdown_table(["variant", "as trained", "refresh from float", "refresh from quantized",
+                                  "the pipeline kept (finetune.refresh=auto)"], rtable)
+  return text + "\n"
+
+
+def main(argv):
+  base = _CONFIG.value
+  workdir = cli.start(argv, _WORKDIR.value)
+  info = records.run_info(records.command_argv())
+  ratios = [float(r) for r in _RATIOS.value]
+  names = _VARIANTS.value or list(VARIANTS)
+  unknown = [n for n in names if n not in VARIANTS]
+  if unknown:
+    raise app.UsageError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+  run = pipeline.Run(base, workdir)
+  result = pipeline.run_until(run, "eval")
+  float_model, float_metrics, float_logits = result.float_model, result.float_metrics, result.float_logits
+  os.makedirs(_OUT.value, exist_ok=True)
+  stem = os.path.join(_OUT.value, f"flexiq_fixes_{base.model.name}")
+  rows = {}
+  subdir = "fixes_shared" if _SHARE.value else "fixes"
+  if _SHARE.value:
+    stem += "_shared_selection"
+  if _UNTIL.value == "quantize":
+    stem += "_ptq"
+  if _TAG.value:
+    stem += f"_{_TAG.value}"
+  if os.path.exists(stem + ".json"):  # a resumed run keeps the variants already measured
+    saved = json.load(open(stem + ".json"))
+    rows = {k: v for k, v in saved.get("variants", {}).items() if k not in names}
+  for name in names:
+    changes = VARIANTS[name]
+    config = override(base, changes)
+    variant = pipeline.Run(config, os.path.join(workdir, subdir, name), run.mesh)
+    os.makedirs(variant.workdir, exist_ok=True)
+    seed_shared_stages(variant, [os.path.join(workdir, subdir, n) for n in VARIANTS if n != name])
+    records.write_run_config(variant.workdir, config)
+    ptq = _UNTIL.value == "quantize"
+    if _SHARE.value:
+      res = run_with_reference_selection(variant, float_model, os.path.join(workdir, subdir, "reference"), base,
+                                         finetune=not ptq)
+    else:
+      res = pipeline.run_until(variant, _UNTIL.value, float_model=float_model, evaluate=False)
+    before = pipeline.sweep(variant, res.quantized, desc=f"{name} before", ratios=ratios, float_logits=float_logits)
+    rows[name] = {"overrides": {k: (list(v) if isinstance(v, tuple) else v) for k, v in changes.items()},
+                  "before": points_dict(before)}
+    if not ptq:
+      after = pipeline.sweep(variant, res.finetuned, desc=f"{name} after", ratios=ratios, float_logits=float_logits)
+      kept = records.read_json(os.path.join(variant.workdir, "finetune", "refresh.json"), {}).get("kept")
+      rows[name].update({"after": points_dict(after), "grad_norm": grad_norms(variant.workdir), "refresh_kept": kept,
+                         "refresh": refresh_both_ways(variant, float_model, res.quantized)})
+    with open(stem + ".json", "w") as f:
+      json.dump({**info, "float": float_metrics, "ratios": ratios, "variants": rows}, f, indent=2)
+    with open(stem + ".md", "w") as f:
+      f.write(render(base, info, float_metrics, rows, ratios))
+    print(f"flexiq_fixes: {name} done; {stem}.md")
+
+
+if __name__ == "__main__":
+  sys.argv = cli.resolve_config_argv(sys.argv)
+  app.run(main)
