@@ -62,6 +62,7 @@ TIMM_TAGS = {
     "resnet50": "resnet50.a1_in1k",
     "mobilenetv2_100": "mobilenetv2_100.ra_in1k",
     "efficientnet_b0": "efficientnet_b0.ra_in1k",
+    "tf_efficientnet_lite0": "tf_efficientnet_lite0",  # weights: python -m flexiq_jax.models.lite_import
     "regnetx_006": "regnetx_006.pycls_in1k",
     "vit_small_patch16_224": "vit_small_patch16_224.augreg_in21k_ft_in1k",
     "vit_base_patch16_224": "vit_base_patch16_224.augreg_in21k_ft_in1k",

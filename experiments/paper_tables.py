@@ -42,7 +42,7 @@ from absl import logging
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 ELEVEN = ("resnet18", "resnet50", "mobilenetv2", "efficientnet_b0", "regnetx_600mf", "vit_s", "vit_b", "deit_t",
-          "deit_s", "deit_b", "swin_t")
+          "deit_s", "deit_b", "swin_t", "efficientnet_lite0")
 # The default order: the eleven from the cheapest to the costliest on a CPU (depthwise
 # convolutions are slow there), so an interrupted sweep has the most. The quickstart
 # (`--models=quickstart,...`) is its own reference, reported in README's quickstart section.

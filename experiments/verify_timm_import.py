@@ -26,7 +26,8 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MODELS = ("resnet18", "resnet50", "mobilenetv2_100", "efficientnet_b0", "regnetx_006",
           "vit_small_patch16_224", "vit_base_patch16_224", "deit_tiny_patch16_224",
-          "deit_small_patch16_224", "deit_base_patch16_224", "swin_tiny_patch4_window7_224")
+          "deit_small_patch16_224", "deit_base_patch16_224", "swin_tiny_patch4_window7_224",
+          "tf_efficientnet_lite0")
 
 
 def _git(*args) -> str:

@@ -31,6 +31,7 @@ MODEL_CONFIGS = {
     "deit_s": "deit_small_patch16_224",
     "deit_b": "deit_base_patch16_224",
     "swin_t": "swin_tiny_patch4_window7_224",
+    "efficientnet_lite0": "tf_efficientnet_lite0",
 }
 VARIANTS = ("", "smoke", "fmnist", "fmnist,smoke")
 
@@ -175,3 +176,20 @@ def test_eval_transform_and_tag_match_timm_pretrained_cfg():
     assert (ours.crop_pct, ours.interpolation, ours.mean, ours.std) == (
         cfg.crop_pct, cfg.interpolation, tuple(cfg.mean), tuple(cfg.std)), tag
     assert tuple(cfg.input_size) == (3, config.data.image_size, config.data.image_size), tag
+
+
+def test_lite0_transfer_config():
+  """`efficientnet_lite0.py:fmnist_pretrained`: the ImageNet checkpoint's architecture and
+  normalisation on Fashion-MNIST resized and replicated to RGB, a 10-class head; quickstart's fields."""
+  config = load_config("efficientnet_lite0", "fmnist_pretrained,size=72")
+  ours = flat(config)
+  assert sorted(ours) == sorted(_quickstart())
+  assert config.init_weights == "weights/tf_efficientnet_lite0.safetensors" and config.train.num_epochs > 0
+  assert (config.data.name, config.data.image_size, config.data.channels) == ("fashion_mnist", 72, 3)
+  assert config.data.eval_transform == "tf_efficientnet_lite0" and config.model.kwargs.to_dict() == {}
+  model = models.create(config.model.name, num_classes=10, **config.model.kwargs.to_dict())
+  out = jax.eval_shape(lambda: model.init_with_output(jax.random.PRNGKey(0), jnp.zeros((1, 72, 72, 3)))[0])
+  assert out.shape == (1, 10)
+  assert load_config("efficientnet_lite0", "fmnist_pretrained,smoke").train.num_epochs <= 0.02
+  with pytest.raises(ValueError, match="choose one"):
+    load_config("efficientnet_lite0", "fmnist,fmnist_pretrained")

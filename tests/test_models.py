@@ -18,7 +18,8 @@ from flexiq_jax.models import timm_import
 
 ELEVEN = ("resnet18", "resnet50", "mobilenetv2_100", "efficientnet_b0", "regnetx_006",
           "vit_small_patch16_224", "vit_base_patch16_224", "deit_tiny_patch16_224",
-          "deit_small_patch16_224", "deit_base_patch16_224", "swin_tiny_patch4_window7_224")
+          "deit_small_patch16_224", "deit_base_patch16_224", "swin_tiny_patch4_window7_224",
+          "tf_efficientnet_lite0")
 
 # timm's parameter counts of the ImageNet models (`sum(p.numel() for p in model.parameters())`).
 TIMM_NUM_PARAMS = {
@@ -26,7 +27,7 @@ TIMM_NUM_PARAMS = {
     "efficientnet_b0": 5_288_548, "regnetx_006": 6_196_040, "vit_small_patch16_224": 22_050_664,
     "vit_base_patch16_224": 86_567_656, "deit_tiny_patch16_224": 5_717_416,
     "deit_small_patch16_224": 22_050_664, "deit_base_patch16_224": 86_567_656,
-    "swin_tiny_patch4_window7_224": 28_288_354,
+    "swin_tiny_patch4_window7_224": 28_288_354, "tf_efficientnet_lite0": 4_652_008,
 }
 
 
@@ -324,3 +325,31 @@ def test_read_state_dict_widens_bfloat16(tmp_path):
     assert sd["w"].dtype == np.float32 and sd["n"] == 7
     np.testing.assert_array_equal(sd["w"], expected)
     np.testing.assert_array_equal(sd["w"].ravel()[:3], values[:3])
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, "SAME"), (3, 2, "SAME"), (5, 2, "SAME"),
+                                                   (3, 2, ((1, 1), (1, 1))), (5, 1, ((2, 2), (2, 2)))])
+def test_depthwise_conv_as_taps_equals_lax(kernel, stride, padding):
+  """layers.depthwise_conv_general_dilated (the models' depthwise convs) = lax's grouped conv,
+  value and gradients, on even and odd sizes."""
+  from jax import lax
+  from flexiq_jax.models import layers
+
+  rng = np.random.default_rng(kernel * 10 + stride)
+  for size in (10, 9):
+    x = jnp.asarray(rng.standard_normal((2, size, size + 1, 6)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((kernel, kernel, 1, 6)), jnp.float32)
+    ref = lambda a, b: lax.conv_general_dilated(a, b, (stride, stride), padding, dimension_numbers=layers._NHWC,
+                                                feature_group_count=6)
+    ours = lambda a, b: layers.depthwise_conv_general_dilated(a, b, (stride, stride), padding,
+                                                              dimension_numbers=layers._NHWC, feature_group_count=6)
+    np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+    loss = lambda f: (lambda a, b: jnp.sum(jnp.sin(f(a, b))))
+    for g_ours, g_ref in zip(jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w)):
+      np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-4)
+  # A conv that is not depthwise goes to lax unchanged.
+  w = jnp.asarray(rng.standard_normal((3, 3, 3, 6)), jnp.float32)
+  np.testing.assert_array_equal(
+      layers.depthwise_conv_general_dilated(x, w, (1, 1), "SAME", feature_group_count=2,
+                                            dimension_numbers=layers._NHWC),
+      lax.conv_general_dilated(x, w, (1, 1), "SAME", feature_group_count=2, dimension_numbers=layers._NHWC))

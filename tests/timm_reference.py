@@ -84,8 +84,10 @@ def _resnet_small(name):
 def _effnet_small(name, gen):
   def build(timm, num_classes):
     from timm.models import efficientnet
+    # timm's `tf_` entry points add TF's BN eps and 'SAME' padding before calling the generator.
+    tf = dict(bn_eps=efficientnet.BN_EPS_TF_DEFAULT, pad_type="same") if name.startswith("tf_") else {}
     return getattr(efficientnet, gen)(name, channel_multiplier=0.25, depth_multiplier=0.35,
-                                      num_classes=num_classes)
+                                      num_classes=num_classes, **tf)
   return Case(build, lambda m: dict(channel_multiplier=0.25, depth_multiplier=0.35), 32)
 
 
@@ -121,6 +123,7 @@ SMALL_CASES: dict[str, Case] = {
     "resnet50": _resnet_small("resnet50"),
     "mobilenetv2_100": _effnet_small("mobilenetv2_100", "_gen_mobilenet_v2"),
     "efficientnet_b0": _effnet_small("efficientnet_b0", "_gen_efficientnet"),
+    "tf_efficientnet_lite0": _effnet_small("tf_efficientnet_lite0", "_gen_efficientnet_lite"),
     "regnetx_006": _regnet_small(),
     "vit_small_patch16_224": _vit_small("vit_small_patch16_224"),
     "vit_base_patch16_224": _vit_small("vit_base_patch16_224"),

@@ -52,8 +52,10 @@ def fashion_mnist_dataset(split: str, data_dir: str = fashion_mnist.DEFAULT_DIR,
       pad = np.pad(batch, ((0, 0), (2, 2), (2, 2)))
       dy, dx = rng.integers(0, 5, size=2)
       batch = pad[:, dy:dy + image_size, dx:dx + image_size]
+    # Grey replicated to `channels`; per-channel statistics (e.g. ImageNet's) already broadcast
+    # the one grey channel to three.
     x = preprocess.normalize(batch[..., None], transform.mean, transform.std)
-    if channels != 1:
+    if x.shape[-1] != channels:
       x = np.repeat(x, channels, axis=-1)
     return {"image": x, "label": labels[indices]}
 

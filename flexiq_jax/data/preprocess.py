@@ -33,6 +33,8 @@ EVAL_TRANSFORMS: dict[str, EvalTransform] = {
     "mobilenetv2_100": EvalTransform(0.875, "bicubic", IMAGENET_MEAN, IMAGENET_STD),  # ra_in1k
     "efficientnet_b0": EvalTransform(0.875, "bicubic", IMAGENET_MEAN, IMAGENET_STD),  # ra_in1k
     "regnetx_006": EvalTransform(0.875, "bicubic", IMAGENET_MEAN, IMAGENET_STD),  # pycls_in1k
+    # The TF EfficientNet-Lite0 checkpoint's port: (x - 127.5) / 127.5 (timm `tf_efficientnet_lite0.in1k`).
+    "tf_efficientnet_lite0": EvalTransform(0.875, "bicubic", INCEPTION_MEAN, INCEPTION_STD),
     "vit_small_patch16_224": EvalTransform(0.9, "bicubic", INCEPTION_MEAN, INCEPTION_STD),  # augreg
     "vit_base_patch16_224": EvalTransform(0.9, "bicubic", INCEPTION_MEAN, INCEPTION_STD),  # augreg
     "deit_tiny_patch16_224": EvalTransform(0.9, "bicubic", IMAGENET_MEAN, IMAGENET_STD),  # fb_in1k

@@ -1,12 +1,18 @@
-"""MobileNetV2 (Sandler et al. 2018) and EfficientNet-B0 (Tan & Le 2019) as timm's `EfficientNet`
-class builds them (`mobilenetv2_100`, `efficientnet_b0`; not the `tf_` ports, which pad like TF).
+"""MobileNetV2 (Sandler et al. 2018), EfficientNet-B0 (Tan & Le 2019) and EfficientNet-Lite0 as timm's
+`EfficientNet` class builds them (`mobilenetv2_100`, `efficientnet_b0`, `tf_efficientnet_lite0`).
 
 Module names follow timm's state dict (`conv_stem`, `bn1`, `blocks_1_0/conv_pw`, `blocks_1_0/conv_dw`,
 `blocks_1_0/se/conv_reduce`, `blocks_1_0/conv_pwl`, `conv_head`, `bn2`, `classifier`).
 
 Depthwise convs are `nn.Conv(feature_group_count=C)`: each of the C input ("feature") channels is
-read by its own filter, which produces output channel C as well. BatchNorm eps is 1e-5 for both
-models: timm builds these two with torch's default BatchNorm2d (the `tf_` variants use 1e-3).
+read by its own filter, which produces output channel C as well. BatchNorm eps is 1e-5 for the
+first two: timm builds them with torch's default BatchNorm2d.
+
+`tf_efficientnet_lite0` is the port of TensorFlow's EfficientNet-Lite0 checkpoint, in timm's `tf_`
+convention: TF 'SAME' padding (the extra pixel after: (0, 1) for a 3x3 stride-2 conv on an even
+size, (1, 2) for a 5x5 one, where PyTorch pads (1, 1) and (2, 2)) and BatchNorm eps 1e-3 (TF's).
+Lite is EfficientNet-B0's block list without squeeze-and-excitation, with ReLU6, and with the stem
+(32) and head (1280) widths and the first and last stages' repeats not scaled by the multipliers.
 
 `channel_multiplier` and `depth_multiplier` scale widths and repeats with timm's rounding rules, so
 a reduced model is the one timm builds with the same multipliers.
@@ -55,6 +61,17 @@ MOBILENETV2_ARCH = (
     StageDef("ir", 1, 3, 1, 6, 320),
 )
 
+# EfficientNet-Lite: B0's stages without SE (timm `_gen_efficientnet_lite`, TF `efficientnet_lite_builder`).
+EFFICIENTNET_LITE_ARCH = (
+    StageDef("ds", 1, 3, 1, 1, 16),
+    StageDef("ir", 2, 3, 2, 6, 24),
+    StageDef("ir", 2, 5, 2, 6, 40),
+    StageDef("ir", 3, 3, 2, 6, 80),
+    StageDef("ir", 3, 5, 1, 6, 112),
+    StageDef("ir", 4, 5, 2, 6, 192),
+    StageDef("ir", 1, 3, 1, 6, 320),
+)
+
 EFFICIENTNET_B0_ARCH = (
     StageDef("ds", 1, 3, 1, 1, 16, 0.25),
     StageDef("ir", 2, 3, 2, 6, 24, 0.25),
@@ -72,11 +89,23 @@ def round_channels(channels: int, multiplier: float = 1.0, divisor: int = 8) -> 
   return make_divisible(channels * multiplier, divisor) if multiplier else channels
 
 
-def decode_arch(arch: Sequence[StageDef], channel_multiplier: float, depth_multiplier: float):
-  """Per-stage block lists, with timm's 'ceil' depth scaling and channel rounding."""
+def decode_arch(arch: Sequence[StageDef], channel_multiplier: float, depth_multiplier: float,
+                fix_first_last: bool = False):
+  """Per-stage block lists, with timm's 'ceil' depth scaling and channel rounding.
+
+  Args:
+    arch: the stage definitions.
+    channel_multiplier: width scaling (rounded to multiples of 8).
+    depth_multiplier: repeat scaling (rounded up).
+    fix_first_last: keep the first and last stages' repeats unscaled (EfficientNet-Lite).
+
+  Returns:
+    A tuple of stages, each a tuple of `BlockDef`.
+  """
   stages = []
-  for s in arch:
-    repeats = int(math.ceil(s.repeats * depth_multiplier))
+  for i, s in enumerate(arch):
+    fixed = fix_first_last and i in (0, len(arch) - 1)
+    repeats = s.repeats if fixed else int(math.ceil(s.repeats * depth_multiplier))
     out_chs = round_channels(s.out_chs, channel_multiplier)
     blocks = [BlockDef(s.block, s.kernel, s.stride if i == 0 else 1, s.exp_ratio, out_chs, s.se_ratio)
               for i in range(repeats)]
@@ -103,17 +132,19 @@ class DepthwiseSeparable(nn.Module):
 
   spec: BlockDef
   act: str
+  padding: str = "symmetric"
+  bn_eps: float = 1e-5
 
   @nn.compact
   def __call__(self, x, train: bool):
     s, in_chs = self.spec, x.shape[-1]
     act = _ACTS[self.act]
-    y = conv(in_chs, s.kernel, s.stride, groups=in_chs, name="conv_dw")(x)
-    y = act(batch_norm(train, "bn1")(y))
+    y = conv(in_chs, s.kernel, s.stride, groups=in_chs, name="conv_dw", padding=self.padding)(x)
+    y = act(batch_norm(train, "bn1", self.bn_eps)(y))
     if s.se_ratio:
       y = SqueezeExcite(round(in_chs * (s.se_ratio / s.exp_ratio)), self.act, name="se")(y)
     y = conv(s.out_chs, 1, name="conv_pw")(y)
-    y = batch_norm(train, "bn2")(y)
+    y = batch_norm(train, "bn2", self.bn_eps)(y)
     return y + x if (s.stride == 1 and in_chs == s.out_chs) else y
 
 
@@ -122,18 +153,21 @@ class InvertedResidual(nn.Module):
 
   spec: BlockDef
   act: str
+  padding: str = "symmetric"
+  bn_eps: float = 1e-5
 
   @nn.compact
   def __call__(self, x, train: bool):
     s, in_chs = self.spec, x.shape[-1]
     act = _ACTS[self.act]
     mid = make_divisible(in_chs * s.exp_ratio)
-    y = act(batch_norm(train, "bn1")(conv(mid, 1, name="conv_pw")(x)))
-    y = act(batch_norm(train, "bn2")(conv(mid, s.kernel, s.stride, groups=mid, name="conv_dw")(y)))
+    y = act(batch_norm(train, "bn1", self.bn_eps)(conv(mid, 1, name="conv_pw")(x)))
+    y = conv(mid, s.kernel, s.stride, groups=mid, name="conv_dw", padding=self.padding)(y)
+    y = act(batch_norm(train, "bn2", self.bn_eps)(y))
     if s.se_ratio:
       # timm sizes the SE from the block's input width: round(mid * se_ratio / exp_ratio).
       y = SqueezeExcite(round(mid * (s.se_ratio / s.exp_ratio)), self.act, name="se")(y)
-    y = batch_norm(train, "bn3")(conv(s.out_chs, 1, name="conv_pwl")(y))
+    y = batch_norm(train, "bn3", self.bn_eps)(conv(s.out_chs, 1, name="conv_pwl")(y))
     return y + x if (s.stride == 1 and in_chs == s.out_chs) else y
 
 
@@ -146,17 +180,19 @@ class EfficientNet(nn.Module):
   act: str = "swish"
   stem_stride: int = 2
   num_classes: int = 1000
+  padding: str = "symmetric"  # 'symmetric' (PyTorch) | 'tf' (TF 'SAME', the `tf_` ports): layers.conv
+  bn_eps: float = 1e-5
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     act = _ACTS[self.act]
-    x = conv(self.stem_size, 3, self.stem_stride, name="conv_stem")(x)
-    x = act(batch_norm(train, "bn1")(x))
+    x = conv(self.stem_size, 3, self.stem_stride, name="conv_stem", padding=self.padding)(x)
+    x = act(batch_norm(train, "bn1", self.bn_eps)(x))
     for i, stage in enumerate(self.stages):
       for j, spec in enumerate(stage):
         block = DepthwiseSeparable if spec.block == "ds" else InvertedResidual
-        x = block(spec, self.act, name=f"blocks_{i}_{j}")(x, train)
-    x = act(batch_norm(train, "bn2")(conv(self.num_features, 1, name="conv_head")(x)))
+        x = block(spec, self.act, self.padding, self.bn_eps, name=f"blocks_{i}_{j}")(x, train)
+    x = act(batch_norm(train, "bn2", self.bn_eps)(conv(self.num_features, 1, name="conv_head")(x)))
     return nn.Dense(self.num_classes, name="classifier")(global_avg_pool(x))
 
 
@@ -178,3 +214,14 @@ def efficientnet_b0(num_classes=1000, channel_multiplier=1.0, depth_multiplier=1
       stem_size=round_channels(32, channel_multiplier),
       num_features=round_channels(1280, channel_multiplier),
       act="swish", num_classes=num_classes, **kw)
+
+
+@register("tf_efficientnet_lite0", aliases=("efficientnet_lite0_tf",))
+def tf_efficientnet_lite0(num_classes=1000, channel_multiplier=1.0, depth_multiplier=1.0, **kw):
+  """timm `_gen_efficientnet_lite` as `tf_efficientnet_lite0` (the TF checkpoint's port): ReLU6, no
+  SE, stem 32 and head 1280 fixed, first/last stage repeats fixed, TF 'SAME' padding, BN eps 1e-3.
+  Lite0 is width 1.0, depth 1.0; other multipliers give reduced variants of the same family."""
+  return EfficientNet(
+      stages=decode_arch(EFFICIENTNET_LITE_ARCH, channel_multiplier, depth_multiplier, fix_first_last=True),
+      stem_size=32, num_features=1280, act="relu6", num_classes=num_classes,
+      **{"padding": "tf", "bn_eps": 1e-3, **kw})

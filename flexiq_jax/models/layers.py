@@ -6,6 +6,7 @@ import functools
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
 
 
 def same_padding(kernel_size: int, dilation: int = 1) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -20,12 +21,64 @@ def batch_norm(train: bool, name: str, eps: float = 1e-5, momentum: float = 0.9,
       scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones)
 
 
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def depthwise_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                                   dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+  """`lax.conv_general_dilated` for `nn.Conv`, computing a depthwise NHWC conv as the sum of its
+  k*k taps (strided slices of the padded input times one weight per channel).
+
+  The same sums as the conv (to float rounding), several times faster than XLA:CPU's grouped
+  convolution, forward and (more so) backward. Any other conv goes to `lax.conv_general_dilated`.
+
+  Args:
+    lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+    feature_group_count, precision: as `lax.conv_general_dilated` (flax passes NHWC/HWIO).
+    **kwargs: passed on to `lax.conv_general_dilated` in the general case.
+
+  Returns:
+    The conv output.
+  """
+  channels = lhs.shape[-1] if lhs.ndim == 4 else None
+  dims = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC) if lhs.ndim == 4 else None
+  ones = lambda d: d is None or all(v == 1 for v in d)
+  if not (channels and feature_group_count == channels == rhs.shape[3] and rhs.shape[2] == 1 and not kwargs
+          and ones(lhs_dilation) and ones(rhs_dilation) and dimension_numbers in (dims, _NHWC)):
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                                    rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                                    feature_group_count=feature_group_count, precision=precision, **kwargs)
+  (kh, kw), (sh, sw) = rhs.shape[:2], tuple(window_strides)
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), (sh, sw), padding)
+  x = jnp.pad(lhs, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  oh, ow = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+  out = None
+  for i in range(kh):
+    for j in range(kw):
+      tap = lax.slice(x, (0, i, j, 0), (x.shape[0], i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, channels),
+                      (1, sh, sw, 1)) * rhs[i, j, 0]
+      out = tap if out is None else out + tap
+  return out
+
+
 def conv(features: int, kernel_size: int, strides: int = 1, groups: int = 1, use_bias: bool = False,
-         name: str | None = None, dilation: int = 1):
+         name: str | None = None, dilation: int = 1, padding: str = "symmetric"):
+  """A bias-free conv initialised as timm's CNNs.
+
+  Args:
+    padding: 'symmetric' (PyTorch's `k//2` on both sides) or 'tf' (TensorFlow's 'SAME': the total
+      padding split with the extra pixel after, e.g. (0, 1) for a 3x3 stride-2 conv on an even size;
+      the ports of TF checkpoints, timm's `tf_` models, need it).
+  """
+  if padding not in ("symmetric", "tf"):
+    raise ValueError(f"padding must be 'symmetric' or 'tf', not {padding!r}")
   return nn.Conv(
       features, (kernel_size, kernel_size), strides=(strides, strides),
-      padding=same_padding(kernel_size, dilation), kernel_dilation=(dilation, dilation),
+      padding=same_padding(kernel_size, dilation) if padding == "symmetric" else "SAME",
+      kernel_dilation=(dilation, dilation),
       feature_group_count=groups, use_bias=use_bias, name=name,
+      conv_general_dilated=depthwise_conv_general_dilated if groups > 1 and groups == features else None,
       kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
 
 

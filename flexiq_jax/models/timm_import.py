@@ -53,6 +53,7 @@ _FAMILIES = {
 
 def _family(canonical: str) -> _Family:
   for prefix, fam in (("resnet", "resnet"), ("mobilenetv2", "efficientnet"), ("efficientnet", "efficientnet"),
+                      ("tf_efficientnet", "efficientnet"),
                       ("regnet", "regnet"), ("vit_", "vit"), ("deit_", "vit"), ("swin_", "swin")):
     if canonical.startswith(prefix):
       return _FAMILIES[fam]

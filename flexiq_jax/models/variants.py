@@ -18,6 +18,7 @@ _CNN = {
     "resnet50": dict(depths=(1, 1, 1, 1), widths=(8, 16, 32, 64), stem="small", stem_width=16),
     "mobilenetv2_100": dict(channel_multiplier=0.5, depth_multiplier=0.35, stem_stride=2),
     "efficientnet_b0": dict(channel_multiplier=0.5, depth_multiplier=0.35, stem_stride=2),
+    "tf_efficientnet_lite0": dict(channel_multiplier=0.5, depth_multiplier=0.35, stem_stride=2),
     "regnetx_006": dict(depths=(1, 1, 2, 1), widths=(16, 32, 64, 128), group_widths=(8, 8, 8, 8),
                         stem_width=16, stem_stride=1),
 }
