@@ -511,6 +511,7 @@ def check_before_work(run: Run, until: str, *, check_float: bool = True) -> None
   other values, before any stage runs: a refusal never comes after hours of other work."""
   try:
     preflight.check_numbers(run.config)
+    preflight.check_model(run.config)
     check_config(run.config)
     parallel.check_batch_size(run.config.train.batch_size, run.mesh)
     parallel.check_batch_size(run.config.eval_batch_size, run.mesh, "eval_batch_size")

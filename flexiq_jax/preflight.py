@@ -79,6 +79,11 @@ def check_data(data_config) -> None:
                        f"the local IDX files.") from None
   if os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
     return
+  try:  # not where TFDS keeps it by default: open it as the loader will, never downloading
+    tfds.data_source(name, split=data_config.get("train_split", "train"), data_dir=data_dir or None, download=False)
+    return
+  except Exception:  # noqa: BLE001  (TFDS's errors for an unprepared dataset vary and mislead)
+    pass
   where = f" --data_dir={root}"
   if name.startswith("imagenet2012"):
     steps = (f"download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (register at "
@@ -89,6 +94,15 @@ def check_data(data_config) -> None:
   pass_dir = "" if data_dir else f" (or prepare it elsewhere and pass --config.data.data_dir=<that folder>)"
   raise MissingInput(f"the TFDS dataset {name!r} is not prepared in {root} (no {builder.data_dir}). To prepare it: "
                      f"{steps}{pass_dir}. Nothing is downloaded automatically.")
+
+
+def check_model(config) -> None:
+  """Raises ConfigError for a model name the registry does not know (naming those it does)."""
+  from flexiq_jax import models  # pylint: disable=g-import-not-at-top
+  try:
+    models.canonical_name(config.model.name)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def check_numbers(config) -> None:

@@ -1,8 +1,8 @@
 """Interrupts that keep work: SIGINT, SIGTERM and SIGHUP during a run ask the training loop to
 stop at the end of its current step, after saving a checkpoint there (`train.run_loop` polls
-`requested()`), instead of raising KeyboardInterrupt wherever Python happens to be (inside
-XLA's garbage-collection callback, the first Ctrl-C was swallowed). A second signal of the same
-run interrupts at once.
+`requested()` inside `polled()`), instead of raising KeyboardInterrupt wherever Python happens
+to be (inside XLA's garbage-collection callback, the first Ctrl-C was swallowed). Outside a
+training loop, and for a second signal, the run stops at once.
 
   with signals.graceful():
     ...  # train.run_loop raises Interrupted after checkpointing at the next step
@@ -37,10 +37,26 @@ def name(signum: int) -> str:
     return str(signum)
 
 
+_training = [0]  # depth of training loops that poll `requested()` (train.run_loop)
+
+
+@contextlib.contextmanager
+def polled():
+  """Marks a loop that polls `requested()` after each step (train.run_loop): a signal during it
+  waits for the step to end. Outside such a loop (calibration, evaluation) a signal stops at
+  once: there is no step to finish and nothing to checkpoint."""
+  _training[0] += 1
+  try:
+    yield
+  finally:
+    _training[0] -= 1
+
+
 def _handler(signum, frame):
   del frame
-  if _requested:  # the second signal: stop now
-    raise Interrupted(f"{name(signum)} received twice; stopped at once (the last checkpoint is kept)")
+  if _requested or not _training[0]:  # a second signal, or no training step to finish: stop now
+    _requested.append(signum)
+    raise Interrupted(f"{name(signum)} received; stopped at once (the last checkpoint is kept)")
   _requested.append(signum)
   print(f"\n{name(signum)} received: stopping after the current step, with a checkpoint there "
         f"(send it again to stop at once)", flush=True)

@@ -316,6 +316,8 @@ def run_loop(state, step_fn: Callable, batches: Iterator[dict], *, total_steps: 
   unchecked = []  # step metrics not yet checked for NaN/Inf (checked in batches: no sync per step)
   start_loss = None  # the loss of this run's first step (the divergence reference)
   writer.drop_after(start)  # a resumed run replays the steps after its checkpoint
+  polled = signals.polled()
+  polled.__enter__()  # a signal now waits for the current step (and its checkpoint)
   try:
     for step in range(start, total_steps):
       batch = next(batches)
@@ -352,6 +354,7 @@ def run_loop(state, step_fn: Callable, batches: Iterator[dict], *, total_steps: 
       if on_step is not None:
         on_step(done)
   finally:
+    polled.__exit__(None, None, None)
     mngr.wait_until_finished()
     mngr.close()
     progress.close()

@@ -651,3 +651,13 @@ def test_user_errors_of_run_py_are_one_error_line_and_help_exits_0(tiny_fmnist, 
     locked = run_py(*smoke_args(str(tmp_path / "c"), tiny_fmnist))
   assert locked.returncode == 1 and locked.stderr.strip().splitlines()[-1].startswith(
       f"error: workdir {tmp_path / 'c'} is in use by another run") and "Traceback" not in locked.stderr
+
+
+def test_a_signal_outside_a_training_loop_stops_at_once():
+  import signal
+  import time
+  from flexiq_jax import signals
+  with signals.graceful():
+    with pytest.raises(signals.Interrupted, match=r"SIGINT received; stopped at once"):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(5)  # calibration or evaluation: no step to finish

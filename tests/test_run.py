@@ -83,7 +83,9 @@ def test_changed_training_config_is_refused_naming_the_field(finished_run, tmp_p
   run = _copy(finished_run, tmp_path)
   out = run_py(*run.args("--mode=train", "--config.train.learning_rate=0.5"))
   assert out.returncode != 0
-  assert "StageConfigChanged" in out.stderr and "train.learning_rate: 0.1 -> 0.5" in out.stderr, out.stderr[-3000:]
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and "train.learning_rate: 0.1 -> 0.5" in last, out.stderr[-3000:]
+  assert "Traceback" not in out.stderr
   assert "Use a new --workdir" in out.stderr
 
 

@@ -80,7 +80,7 @@ def tfds_dataset(name: str, split: str, *, data_dir: str | None = None, image_si
     raise ValueError(f"TFDS has no dataset {name!r} ({first}). Check --config.data.name; "
                      "'fashion_mnist' reads the local IDX files.") from None
   try:
-    source = tfds.data_source(name, split=split, data_dir=data_dir)
+    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)  # never a surprise download
   except Exception as e:
     looked = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
     raise FileNotFoundError(
