@@ -27,7 +27,6 @@ Evaluation only: `train=True` is refused (train an NNX model with NNX, then quan
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -152,10 +151,9 @@ class NNXModule(nn.Module):
     variables = self.variables
     params, stats = variables.get("params", {}), variables.get("batch_stats", {})
     names = {p: layer_name(p) for p in self.layer_paths}
-    prefixes = names
     flat = []
     for path, var in self.template.values["flat"]:
-      layer = next((p for p in prefixes if path[:len(p)] == p and len(path) == len(p) + 1), None)
+      layer = next((p for p in names if path[:len(p)] == p and len(path) == len(p) + 1), None)
       # A layer's own variables come from the linen variables; a BatchNorm folded into its conv
       # has none there (the interception bypasses it), so the NNX state keeps its split value.
       value = var.get_value() if hasattr(var, "get_value") else var.value
@@ -210,15 +208,3 @@ def to_linen(module: nnx.Module, call_fn: Callable | None = None) -> tuple[NNXMo
   if stats:
     variables["batch_stats"] = stats
   return NNXModule(graphdef, template, tuple(layers), call_fn), variables
-
-
-@dataclasses.dataclass(frozen=True)
-class NNXInfo:
-  """What `describe` found: the intercepted layers by linen name and their NNX class."""
-
-  layers: dict[str, str]
-
-
-def describe(module: nnx.Module) -> NNXInfo:
-  """The NNX layers `to_linen` intercepts, {linen name: NNX class name}."""
-  return NNXInfo({layer_name(p): type(l).__name__ for p, l in intercepted_layers(module).items()})
