@@ -103,8 +103,8 @@ def decode_arch(arch: Sequence[StageDef], channel_multiplier: float, depth_multi
     A tuple of stages, each a tuple of `BlockDef`.
   """
   stages = []
-  for i, s in enumerate(arch):
-    fixed = fix_first_last and i in (0, len(arch) - 1)
+  for stage_index, s in enumerate(arch):
+    fixed = fix_first_last and stage_index in (0, len(arch) - 1)
     repeats = s.repeats if fixed else int(math.ceil(s.repeats * depth_multiplier))
     out_chs = round_channels(s.out_chs, channel_multiplier)
     blocks = [BlockDef(s.block, s.kernel, s.stride if i == 0 else 1, s.exp_ratio, out_chs, s.se_ratio)
