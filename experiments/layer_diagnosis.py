@@ -115,12 +115,13 @@ def diagnose(model, plan, qvars, images, teacher_logits) -> dict:
   paths = list(plan.lowerable)
   variables = {k: v for k, v in qvars.items() if k in ("params", "batch_stats")}
 
-  def kl(act_low, w_low):
-    provider = DiagnosisLayers(qvars["quant"], plan.signed, act_low, w_low, plan.matmul_signed)
-    logits = interception.run_with_provider(model, plan, variables, images, provider)
-    return finetune_lib.kl_divergence(teacher_logits, logits)
+  def kl_of(qv, x, teacher, act_low, w_low):
+    provider = DiagnosisLayers(qv["quant"], plan.signed, act_low, w_low, plan.matmul_signed)
+    logits = interception.run_with_provider(model, plan, {k: qv[k] for k in variables}, x, provider)
+    return finetune_lib.kl_divergence(teacher, logits)
 
-  kl = jax.jit(kl)
+  kl_of = jax.jit(kl_of)  # the variables as arguments: XLA would constant-fold closed-over weights
+  kl = lambda act_low, w_low: kl_of(qvars, images, teacher_logits, act_low, w_low)
   ones = {p: jnp.bool_(True) for p in paths}
   base = float(kl(ones, ones))
   total_macs = sum(plan.layers[p].macs for p in paths)
