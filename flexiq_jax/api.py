@@ -28,7 +28,7 @@ from flexiq_jax import select as select_lib
 from flexiq_jax import train as train_lib
 from flexiq_jax.quantize import make_predict  # noqa: F401  (re-exported)
 from flexiq_jax.quantize.export import PortableExport, export_portable, load_portable  # noqa: F401  (re-exported)
-from flexiq_jax.select.fitness import SelectionFitness
+from flexiq_jax.fitness import SelectionFitness
 from flexiq_jax.stage_results import Calibration, FloatModel
 
 

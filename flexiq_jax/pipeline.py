@@ -31,7 +31,7 @@ from flexiq_jax import records
 from flexiq_jax import select as select_lib
 from flexiq_jax import stage_cache
 from flexiq_jax import summary
-from flexiq_jax.select.fitness import SelectionFitness
+from flexiq_jax.fitness import SelectionFitness
 from flexiq_jax import train as train_lib
 from flexiq_jax.stage_results import Calibration, FloatModel, Quantized, RatioPoint, Selection
 

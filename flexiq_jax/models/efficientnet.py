@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flexiq_jax.models import register
+from flexiq_jax.models.registry import register
 from flexiq_jax.models.layers import batch_norm, conv, global_avg_pool, make_divisible
 
 

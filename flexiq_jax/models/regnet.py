@@ -15,7 +15,7 @@ from typing import Sequence
 
 import flax.linen as nn
 
-from flexiq_jax.models import register
+from flexiq_jax.models.registry import register
 from flexiq_jax.models.layers import batch_norm, conv, global_avg_pool
 
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexiq_jax.models import register
+from flexiq_jax.models.registry import register
 from flexiq_jax.models.layers import AttentionMatmul, Mlp, dense, layer_norm
 
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexiq_jax import models as models_lib
+from flexiq_jax.models import registry as models_lib
 
 # Keys the Flax models recompute or never use.
 _DROPPED_LEAVES = ("num_batches_tracked", "relative_position_index", "attn_mask")

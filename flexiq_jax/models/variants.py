@@ -11,7 +11,7 @@ variants are not shape-compatible with ImageNet checkpoints (use the default kwa
 
 from __future__ import annotations
 
-from flexiq_jax import models as models_lib
+from flexiq_jax.models import registry as models_lib
 
 _CNN = {
     "resnet18": dict(depths=(1, 1, 1, 1), widths=(16, 32, 64, 128), stem="small", stem_width=16),

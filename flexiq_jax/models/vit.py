@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flexiq_jax.models import register
+from flexiq_jax.models.registry import register
 from flexiq_jax.models.layers import AttentionMatmul, Mlp, dense, layer_norm
 
 
