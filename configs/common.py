@@ -279,25 +279,38 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   config.compare.results_prefix = ""  # also write <prefix>.json/.md/.png (e.g. experiments/results/compare_x)
 
   if smoke:
-    # A few steps of every stage (tests, and a first check that a setup works).
-    if fmnist:
-      config.train.num_epochs = 0.02  # 10 steps
-      config.finetune.num_epochs = 0.01  # 5 steps
-    else:
-      config.finetune.num_epochs = 0.001  # 11 steps on ImageNet
-    config.train.checkpoint_every_steps = 5
-    config.train.log_every_steps = 5
-    config.train.warmup_steps = 2
-    config.data.eval_examples = 500
-    config.calib.num_images = 64
-    config.calib.batch_size = 32
-    config.select.population = 4
-    config.select.generations = 2
-    config.select.fitness_batches = 1
-    config.finetune.warmup_steps = 0
-    config.finetune.checkpoint_every_steps = 2
-    config.layerwise.sensitivity_images = 32
-    config.layerwise.score_examples = 128
-    config.compare.allowed_drops = (1.0,)
-    config.compare.adaround_iterations = 20
+    shrink_to_smoke(config, fmnist=fmnist)
+  return config
+
+
+def shrink_to_smoke(config: ml_collections.ConfigDict, *, fmnist: bool) -> ml_collections.ConfigDict:
+  """`:smoke`: a few steps of every stage (tests, and a first check that a setup works).
+
+  Args:
+    config: a full config (changed in place).
+    fmnist: whether it trains on Fashion-MNIST (else ImageNet: only a few finetuning steps).
+
+  Returns:
+    `config`.
+  """
+  if fmnist:
+    config.train.num_epochs = 0.02  # 10 steps
+    config.finetune.num_epochs = 0.01  # 5 steps
+  else:
+    config.finetune.num_epochs = 0.001  # 11 steps on ImageNet
+  config.train.checkpoint_every_steps = 5
+  config.train.log_every_steps = 5
+  config.train.warmup_steps = 2
+  config.data.eval_examples = 500
+  config.calib.num_images = 64
+  config.calib.batch_size = 32
+  config.select.population = 4
+  config.select.generations = 2
+  config.select.fitness_batches = 1
+  config.finetune.warmup_steps = 0
+  config.finetune.checkpoint_every_steps = 2
+  config.layerwise.sensitivity_images = 32
+  config.layerwise.score_examples = 128
+  config.compare.allowed_drops = (1.0,)
+  config.compare.adaround_iterations = 20
   return config
