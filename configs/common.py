@@ -146,7 +146,7 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
     config.data.num_threads = 2
   else:
     config.data.name = "imagenet2012"
-    config.data.data_dir = ""  # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets (README, "ImageNet")
+    config.data.data_dir = ""  # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets (docs/configs.md, "ImageNet")
     config.data.train_split = "train"
     config.data.eval_split = "validation"
     config.data.image_size = ml_collections.FieldReference(224)
