@@ -45,7 +45,7 @@ ELEVEN = ("resnet18", "resnet50", "mobilenetv2", "efficientnet_b0", "regnetx_600
           "deit_s", "deit_b", "swin_t")
 # The default order: the eleven from the cheapest to the costliest on a CPU (depthwise
 # convolutions are slow there), so an interrupted sweep has the most. The quickstart
-# (`--models=quickstart,...`) is its own reference, reported in README's quickstart section.
+# (`--models=quickstart,...`) is its own reference, reported in experiments/results/README.md.
 SWEEP_ORDER = ("resnet18", "resnet50", "regnetx_600mf", "vit_s", "deit_t", "deit_s", "vit_b", "deit_b", "swin_t",
                "mobilenetv2", "efficientnet_b0")
 METHODS = ("flexiq", "flexiq_naive", "flexiq_random", "flexiq_uniform", "flexiq_greedy", "flexiq_no_bias_correction",
