@@ -55,27 +55,15 @@ import ml_collections
 
 from flexiq_jax import models
 
-# Canonical model name -> the timm tag whose pretrained weights the config expects. The eval
-# transform table in flexiq_jax/data/preprocess.py is keyed by the same canonical names.
-TIMM_TAGS = {
-    "resnet18": "resnet18.a1_in1k",
-    "resnet50": "resnet50.a1_in1k",
-    "mobilenetv2_100": "mobilenetv2_100.ra_in1k",
-    "efficientnet_b0": "efficientnet_b0.ra_in1k",
-    "regnetx_006": "regnetx_006.pycls_in1k",
-    "vit_small_patch16_224": "vit_small_patch16_224.augreg_in21k_ft_in1k",
-    "vit_base_patch16_224": "vit_base_patch16_224.augreg_in21k_ft_in1k",
-    "deit_tiny_patch16_224": "deit_tiny_patch16_224.fb_in1k",
-    "deit_small_patch16_224": "deit_small_patch16_224.fb_in1k",
-    "deit_base_patch16_224": "deit_base_patch16_224.fb_in1k",
-    "swin_tiny_patch4_window7_224": "swin_tiny_patch4_window7_224.ms_in1k",
-}
+# Canonical model name -> the timm tag whose pretrained weights the config expects (from each
+# architecture's `models.ModelSpec`, as every model list is).
+TIMM_TAGS = {spec.name: spec.timm_tag for spec in models.specs()}
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 
 
 def is_transformer(name: str) -> bool:
-  return name.startswith(("vit_", "deit_", "swin_"))
+  return models.spec(name).transformer
 
 
 def weights_path(name: str) -> str:
@@ -168,7 +156,7 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 128
-  recipe = _float_recipe(transformer, fmnist, config.train.batch_size, deit=name.startswith("deit_"))
+  recipe = _float_recipe(transformer, fmnist, config.train.batch_size, deit=models.spec(name).deit)
   config.train.num_epochs = recipe["num_epochs"]
   config.train.optimizer = recipe["optimizer"]  # 'sgd' | 'adamw'
   config.train.learning_rate = recipe["learning_rate"]

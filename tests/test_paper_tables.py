@@ -215,3 +215,9 @@ def test_the_sweep_runs_wall_clock_is_logged_and_stated(tmp_path):
   assert ("Sweep run `python -m experiments.paper_tables --workers=2` at abc1234, started 2026-12-01T05:00:00+00:00: "
           "150.25 min wall clock, 2 process(es) side by side, 1 jobs") in md
   assert "started 2026-12-01T08:00:00+00:00: did not finish (killed, or still running" in md
+
+
+def test_the_model_lists_are_the_registrys():
+  from flexiq_jax import models
+  assert paper_tables.ELEVEN == tuple(s.config for s in models.specs())
+  assert sorted(paper_tables.SWEEP_ORDER) == sorted(paper_tables.ELEVEN)

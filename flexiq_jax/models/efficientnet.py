@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flexiq_jax.models.registry import register
+from flexiq_jax.models.registry import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, register, register_spec
 from flexiq_jax.models.layers import batch_norm, conv, global_avg_pool, make_divisible
 
 
@@ -178,3 +178,12 @@ def efficientnet_b0(num_classes=1000, channel_multiplier=1.0, depth_multiplier=1
       stem_size=round_channels(32, channel_multiplier),
       num_features=round_channels(1280, channel_multiplier),
       act="swish", num_classes=num_classes, **kw)
+
+
+# Reduced variants keep their own stride-2 stem (a 2x stem leaves 14 px): their depthwise convs
+# at 28 px made each several times slower per step on XLA:CPU.
+_SMALL = lambda image_size: dict(channel_multiplier=0.5, depth_multiplier=0.35, stem_stride=2)
+register_spec(ModelSpec("mobilenetv2_100", "mobilenetv2", "mobilenetv2_100.ra_in1k", "efficientnet",
+                        (0.875, "bicubic", IMAGENET_MEAN, IMAGENET_STD), _SMALL))
+register_spec(ModelSpec("efficientnet_b0", "efficientnet_b0", "efficientnet_b0.ra_in1k", "efficientnet",
+                        (0.875, "bicubic", IMAGENET_MEAN, IMAGENET_STD), _SMALL))

@@ -52,11 +52,10 @@ _FAMILIES = {
 
 
 def _family(canonical: str) -> _Family:
-  for prefix, fam in (("resnet", "resnet"), ("mobilenetv2", "efficientnet"), ("efficientnet", "efficientnet"),
-                      ("regnet", "regnet"), ("vit_", "vit"), ("deit_", "vit"), ("swin_", "swin")):
-    if canonical.startswith(prefix):
-      return _FAMILIES[fam]
-  raise ValueError(f"no timm key mapping for model {canonical!r}")
+  try:
+    return _FAMILIES[models_lib.spec(canonical).timm_family]
+  except ValueError:
+    raise ValueError(f"no timm key mapping for model {canonical!r}") from None
 
 
 # --------------------------------------------------------------------------------------------
