@@ -51,18 +51,18 @@ def main(argv):
   run = pipeline.Run(config, workdir)
   # One run at a time per workdir; runs/<timestamp>.json records this one, and results.json is
   # derived from the finished runs only when it ends (a failed run leaves it untouched).
-  with workdir_lib.locked(workdir), workdir_lib.RunRecord(workdir, config):
+  with workdir_lib.locked(workdir), workdir_lib.RunRecord(workdir, config) as record:
     if _FORCE_FROM.value:
       pipeline.replace_stages(workdir, _FORCE_FROM.value)
-    _run(run, mode)
+    _run(run, mode, record)
   print(f"results: {os.path.join(workdir, 'results.json')}")
 
 
-def _run(run, mode):
+def _run(run, mode, record):
   config, workdir = run.config, run.workdir
   if mode == "compare":  # every method x ratio/BOPs point (flexiq_jax.compare)
     from flexiq_jax import compare
-    compare.main(run)  # returns the results dict: not an exit status for app.run
+    compare.main(run, record)  # returns the results dict: not an exit status for app.run
     return
   if mode == "report":  # per-layer Markdown/JSON/plot of what the workdir holds (flexiq_jax.report)
     try:
@@ -84,12 +84,12 @@ def _run(run, mode):
     result = pipeline.run_until(run, until)
     tuned = result.finetuned
   if result.float_metrics is not None:
-    records.update_results(workdir, config, "float", result.float_metrics)
+    records.update_results(workdir, config, "float", result.float_metrics, record=record)
   if mode in ("sweep", "all"):
     before = pipeline.sweep(run, result.quantized, desc="before finetuning", float_logits=result.float_logits)
     after = pipeline.sweep(run, tuned, desc="after finetuning", float_logits=result.float_logits) if tuned else None
     rows = evaluate.ratio_rows(before, after)
-    records.update_results(workdir, config, "ratio_sweep", rows)
+    records.update_results(workdir, config, "ratio_sweep", rows, record=record)
     if workdir_lib.process_zero():
       print(evaluate.write_ratio_report(workdir, rows, result.float_metrics,
                                         f"FlexiQ ratio sweep: {config.model.name} on {config.data.name}"))

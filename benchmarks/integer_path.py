@@ -49,8 +49,7 @@ from flexiq_jax.serve import count_compilations
 
 from benchmarks import targets
 
-ELEVEN = ("resnet18", "resnet50", "mobilenetv2", "efficientnet_b0", "regnetx_600mf", "vit_s", "vit_b",
-          "deit_t", "deit_s", "deit_b", "swin_t", "efficientnet_lite0")
+ELEVEN = tuple(spec.config for spec in models.specs())  # config names of the ImageNet architectures
 RATIOS = (0.0, 0.5, 1.0)
 
 _MODELS = flags.DEFINE_list("models", None, "Model configs: 'quickstart', config names (configs/<name>.py, "

@@ -55,28 +55,15 @@ import ml_collections
 
 from flexiq_jax import models
 
-# Canonical model name -> the timm tag whose pretrained weights the config expects. The eval
-# transform table in flexiq_jax/data/preprocess.py is keyed by the same canonical names.
-TIMM_TAGS = {
-    "resnet18": "resnet18.a1_in1k",
-    "resnet50": "resnet50.a1_in1k",
-    "mobilenetv2_100": "mobilenetv2_100.ra_in1k",
-    "efficientnet_b0": "efficientnet_b0.ra_in1k",
-    "tf_efficientnet_lite0": "tf_efficientnet_lite0",  # weights: python -m flexiq_jax.models.lite_import
-    "regnetx_006": "regnetx_006.pycls_in1k",
-    "vit_small_patch16_224": "vit_small_patch16_224.augreg_in21k_ft_in1k",
-    "vit_base_patch16_224": "vit_base_patch16_224.augreg_in21k_ft_in1k",
-    "deit_tiny_patch16_224": "deit_tiny_patch16_224.fb_in1k",
-    "deit_small_patch16_224": "deit_small_patch16_224.fb_in1k",
-    "deit_base_patch16_224": "deit_base_patch16_224.fb_in1k",
-    "swin_tiny_patch4_window7_224": "swin_tiny_patch4_window7_224.ms_in1k",
-}
+# Canonical model name -> the timm tag whose pretrained weights the config expects (from each
+# architecture's `models.ModelSpec`, as every model list is).
+TIMM_TAGS = {spec.name: spec.timm_tag for spec in models.specs()}
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 
 
 def is_transformer(name: str) -> bool:
-  return name.startswith(("vit_", "deit_", "swin_"))
+  return models.spec(name).transformer
 
 
 def weights_path(name: str) -> str:
@@ -147,7 +134,7 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
     config.data.num_threads = 2
   else:
     config.data.name = "imagenet2012"
-    config.data.data_dir = ""  # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets (README, "ImageNet")
+    config.data.data_dir = ""  # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets (docs/configs.md, "ImageNet")
     config.data.train_split = "train"
     config.data.eval_split = "validation"
     config.data.image_size = ml_collections.FieldReference(224)
@@ -169,7 +156,7 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 128
-  recipe = _float_recipe(transformer, fmnist, config.train.batch_size, deit=name.startswith("deit_"))
+  recipe = _float_recipe(transformer, fmnist, config.train.batch_size, deit=models.spec(name).deit)
   config.train.num_epochs = recipe["num_epochs"]
   config.train.optimizer = recipe["optimizer"]  # 'sgd' | 'adamw'
   config.train.learning_rate = recipe["learning_rate"]
@@ -303,26 +290,41 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   config.compare.results_prefix = ""  # also write <prefix>.json/.md/.png (e.g. experiments/results/compare_x)
 
   if smoke:
-    # A few steps of every stage (tests, and a first check that a setup works).
-    if fmnist:
-      config.train.num_epochs = 0.02  # 10 steps
-      config.finetune.num_epochs = 0.01  # 5 steps
-    else:
-      config.finetune.num_epochs = 0.001  # 11 steps on ImageNet
-    config.train.checkpoint_every_steps = 5
-    config.train.log_every_steps = 5
-    config.train.warmup_steps = 2
-    config.data.eval_examples = 500
-    config.calib.num_images = 64
-    config.calib.batch_size = 32
-    config.select.population = 4
-    config.select.generations = 2
-    config.select.fitness_batches = 1
-    config.finetune.warmup_steps = 0
-    config.finetune.checkpoint_every_steps = 2
-    config.finetune.judge_images = 256
-    config.layerwise.sensitivity_images = 32
-    config.layerwise.score_examples = 128
-    config.compare.allowed_drops = (1.0,)
-    config.compare.adaround_iterations = 20
+    shrink_to_smoke(config, fmnist=fmnist)
+  return config
+
+
+def shrink_to_smoke(config: ml_collections.ConfigDict, *, fmnist: bool) -> ml_collections.ConfigDict:
+  """`:smoke`: a few steps of every stage (tests, and a first check that a setup works).
+
+  Args:
+    config: a full config (changed in place).
+    fmnist: whether it trains on Fashion-MNIST (else ImageNet: only a few finetuning steps).
+
+  Returns:
+    `config`.
+  """
+  if fmnist:
+    config.train.num_epochs = 0.02  # 10 steps
+    config.finetune.num_epochs = 0.01  # 5 steps
+  else:
+    config.finetune.num_epochs = 0.001  # 11 steps on ImageNet
+  config.train.checkpoint_every_steps = 5
+  config.train.log_every_steps = 5
+  config.train.warmup_steps = 2
+  config.data.eval_examples = 500
+  config.calib.num_images = 64
+  config.calib.batch_size = 32
+  config.select.population = 4
+  config.select.generations = 2
+  config.select.fitness_batches = 1
+  config.finetune.warmup_steps = 0
+  config.finetune.checkpoint_every_steps = 2
+  config.finetune.judge_images = 256
+  config.train.eval_every_steps = 0
+  config.finetune.eval_every_steps = 0
+  config.layerwise.sensitivity_images = 32
+  config.layerwise.score_examples = 128
+  config.compare.allowed_drops = (1.0,)
+  config.compare.adaround_iterations = 20
   return config

@@ -3,7 +3,7 @@ r"""DeiT-B/16 (`deit_base_patch16_224`) with FlexiQ on ImageNet, from timm's pre
   python run.py --config=configs/deit_b.py --workdir=workdirs/deit_b
   python run.py --config=configs/deit_b.py:fmnist --workdir=workdirs/deit_b_fmnist
 
-Needs ImageNet prepared for TFDS (README, "ImageNet") and timm's `deit_base_patch16_224.fb_in1k`
+Needs ImageNet prepared for TFDS (docs/configs.md, "ImageNet") and timm's `deit_base_patch16_224.fb_in1k`
 weights converted once to `weights/deit_base_patch16_224.fb_in1k.safetensors` (the command is in
 configs/common.py).
 

@@ -3,7 +3,7 @@ r"""DeiT-S/16 (`deit_small_patch16_224`) with FlexiQ on ImageNet, from timm's pr
   python run.py --config=configs/deit_s.py --workdir=workdirs/deit_s
   python run.py --config=configs/deit_s.py:fmnist --workdir=workdirs/deit_s_fmnist
 
-Needs ImageNet prepared for TFDS (README, "ImageNet") and timm's `deit_small_patch16_224.fb_in1k`
+Needs ImageNet prepared for TFDS (docs/configs.md, "ImageNet") and timm's `deit_small_patch16_224.fb_in1k`
 weights converted once to `weights/deit_small_patch16_224.fb_in1k.safetensors` (the command is in
 configs/common.py).
 

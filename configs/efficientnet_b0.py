@@ -3,7 +3,7 @@ r"""EfficientNet-B0 (`efficientnet_b0`) with FlexiQ on ImageNet, from timm's pre
   python run.py --config=configs/efficientnet_b0.py --workdir=workdirs/efficientnet_b0
   python run.py --config=configs/efficientnet_b0.py:fmnist --workdir=workdirs/efficientnet_b0_fmnist
 
-Needs ImageNet prepared for TFDS (README, "ImageNet") and timm's `efficientnet_b0.ra_in1k` weights
+Needs ImageNet prepared for TFDS (docs/configs.md, "ImageNet") and timm's `efficientnet_b0.ra_in1k` weights
 converted once to `weights/efficientnet_b0.ra_in1k.safetensors` (the command is in
 configs/common.py).
 

@@ -3,7 +3,7 @@ r"""MobileNetV2-1.0 (`mobilenetv2_100`) with FlexiQ on ImageNet, from timm's pre
   python run.py --config=configs/mobilenetv2.py --workdir=workdirs/mobilenetv2
   python run.py --config=configs/mobilenetv2.py:fmnist --workdir=workdirs/mobilenetv2_fmnist
 
-Needs ImageNet prepared for TFDS (README, "ImageNet") and timm's `mobilenetv2_100.ra_in1k` weights
+Needs ImageNet prepared for TFDS (docs/configs.md, "ImageNet") and timm's `mobilenetv2_100.ra_in1k` weights
 converted once to `weights/mobilenetv2_100.ra_in1k.safetensors` (the command is in
 configs/common.py).
 

@@ -3,7 +3,7 @@ r"""RegNetX-600MF (`regnetx_006`) with FlexiQ on ImageNet, from timm's pretraine
   python run.py --config=configs/regnetx_600mf.py --workdir=workdirs/regnetx_600mf
   python run.py --config=configs/regnetx_600mf.py:fmnist --workdir=workdirs/regnetx_600mf_fmnist
 
-Needs ImageNet prepared for TFDS (README, "ImageNet") and timm's `regnetx_006.pycls_in1k` weights
+Needs ImageNet prepared for TFDS (docs/configs.md, "ImageNet") and timm's `regnetx_006.pycls_in1k` weights
 converted once to `weights/regnetx_006.pycls_in1k.safetensors` (the command is in
 configs/common.py).
 

@@ -3,7 +3,7 @@ r"""ResNet-18 (`resnet18`) with FlexiQ on ImageNet, from timm's pretrained weigh
   python run.py --config=configs/resnet18.py --workdir=workdirs/resnet18
   python run.py --config=configs/resnet18.py:fmnist --workdir=workdirs/resnet18_fmnist
 
-Needs ImageNet prepared for TFDS (README, "ImageNet") and timm's `resnet18.a1_in1k` weights
+Needs ImageNet prepared for TFDS (docs/configs.md, "ImageNet") and timm's `resnet18.a1_in1k` weights
 converted once to `weights/resnet18.a1_in1k.safetensors` (the command is in configs/common.py).
 
 No float training (`train.num_epochs=0`). It evaluates the imported model (top-1 should match timm's

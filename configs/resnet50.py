@@ -3,7 +3,7 @@ r"""ResNet-50 (`resnet50`) with FlexiQ on ImageNet, from timm's pretrained weigh
   python run.py --config=configs/resnet50.py --workdir=workdirs/resnet50
   python run.py --config=configs/resnet50.py:fmnist --workdir=workdirs/resnet50_fmnist
 
-Needs ImageNet prepared for TFDS (README, "ImageNet") and timm's `resnet50.a1_in1k` weights
+Needs ImageNet prepared for TFDS (docs/configs.md, "ImageNet") and timm's `resnet50.a1_in1k` weights
 converted once to `weights/resnet50.a1_in1k.safetensors` (the command is in configs/common.py).
 
 No float training (`train.num_epochs=0`). It evaluates the imported model (top-1 should match timm's

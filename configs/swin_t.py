@@ -3,7 +3,7 @@ r"""Swin-T (`swin_tiny_patch4_window7_224`) with FlexiQ on ImageNet, from timm's
   python run.py --config=configs/swin_t.py --workdir=workdirs/swin_t
   python run.py --config=configs/swin_t.py:fmnist --workdir=workdirs/swin_t_fmnist
 
-Needs ImageNet prepared for TFDS (README, "ImageNet") and timm's
+Needs ImageNet prepared for TFDS (docs/configs.md, "ImageNet") and timm's
 `swin_tiny_patch4_window7_224.ms_in1k` weights converted once to
 `weights/swin_tiny_patch4_window7_224.ms_in1k.safetensors` (the command is in configs/common.py).
 

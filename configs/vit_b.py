@@ -3,7 +3,7 @@ r"""ViT-B/16 (`vit_base_patch16_224`) with FlexiQ on ImageNet, from timm's pretr
   python run.py --config=configs/vit_b.py --workdir=workdirs/vit_b
   python run.py --config=configs/vit_b.py:fmnist --workdir=workdirs/vit_b_fmnist
 
-Needs ImageNet prepared for TFDS (README, "ImageNet") and timm's
+Needs ImageNet prepared for TFDS (docs/configs.md, "ImageNet") and timm's
 `vit_base_patch16_224.augreg_in21k_ft_in1k` weights converted once to
 `weights/vit_base_patch16_224.augreg_in21k_ft_in1k.safetensors` (the command is in
 configs/common.py).

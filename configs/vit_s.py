@@ -3,7 +3,7 @@ r"""ViT-S/16 (`vit_small_patch16_224`) with FlexiQ on ImageNet, from timm's pret
   python run.py --config=configs/vit_s.py --workdir=workdirs/vit_s
   python run.py --config=configs/vit_s.py:fmnist --workdir=workdirs/vit_s_fmnist
 
-Needs ImageNet prepared for TFDS (README, "ImageNet") and timm's
+Needs ImageNet prepared for TFDS (docs/configs.md, "ImageNet") and timm's
 `vit_small_patch16_224.augreg_in21k_ft_in1k` weights converted once to
 `weights/vit_small_patch16_224.augreg_in21k_ft_in1k.safetensors` (the command is in
 configs/common.py).

@@ -24,10 +24,10 @@ import time
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-MODELS = ("resnet18", "resnet50", "mobilenetv2_100", "efficientnet_b0", "regnetx_006",
-          "vit_small_patch16_224", "vit_base_patch16_224", "deit_tiny_patch16_224",
-          "deit_small_patch16_224", "deit_base_patch16_224", "swin_tiny_patch4_window7_224",
-          "tf_efficientnet_lite0")
+def default_models() -> list[str]:
+  """Every registered ImageNet architecture (`flexiq_jax.models.specs()`)."""
+  from flexiq_jax import models
+  return [spec.name for spec in models.specs()]
 
 
 def _git(*args) -> str:
@@ -40,12 +40,13 @@ def _git(*args) -> str:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--models", nargs="*", default=list(MODELS))
+  parser.add_argument("--models", nargs="*", default=None, help="default: every registered architecture")
   parser.add_argument("--batch-size", type=int, default=2)
   parser.add_argument("--out", default=os.path.join("experiments", "results", "timm_import"),
                       help="output path without extension; .json and .md are written")
   parser.add_argument("--helpfull", action="help", help=argparse.SUPPRESS)  # as the absl scripts
   args = parser.parse_args(argv)
+  args.models = default_models() if args.models is None else args.models
 
   import jax
   import torch

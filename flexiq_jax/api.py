@@ -22,76 +22,77 @@ from jax.typing import ArrayLike
 
 from flexiq_jax import artifacts
 from flexiq_jax import adapt as adapt_lib
-from flexiq_jax import calibrate as calibrate_lib
 from flexiq_jax import checkpoint
 from flexiq_jax import contract
 from flexiq_jax import models
 from flexiq_jax import quantize as quantize_lib
 from flexiq_jax import records
-from flexiq_jax import select as select_lib
+from flexiq_jax import stage_options
+from flexiq_jax import stages
 from flexiq_jax import train as train_lib
 from flexiq_jax.quantize import make_predict  # noqa: F401  (re-exported)
 from flexiq_jax.evaluate.layer_report import LayerReport, report  # noqa: F401  (re-exported)
 from flexiq_jax.quantize.export import PortableExport, export_portable, load_portable  # noqa: F401  (re-exported)
-from flexiq_jax.select.fitness import SelectionFitness
+from flexiq_jax.fitness import SelectionFitness
 from flexiq_jax.stage_results import Calibration, FloatModel
 
 
 def quantize_model(model: Any, variables: Any = None, calib_images: ArrayLike | None = None, *,
-                   apply_fn: Callable | None = None, levels: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
-                   selector: str = "evolutionary", channel_order: str = "range", act_calibration: str = "minmax",
-                   extraction: str = "fitted", bias_correction: bool = True,
-                   keep_8bit: Sequence[str] = ("first", "last"), skip: Sequence[str] = (), fold_bn: bool = True,
-                   attention: str = "int8", calib_batch_size: int = 128, fitness: str = "kl", fitness_images: int = 256,
-                   population: int = 12, generations: int = 6,
-                   seed: int = 0) -> tuple[quantize_lib.QuantizedModel, dict]:
-  """FlexiQ on a model, in memory: calibrate on `calib_images` (N, H, W, C, unlabelled), select
-  the 4-bit channels at each ratio level, and return `(qmodel, qvars)`: a
-  `quantize.QuantizedModel` (integer path) and its variables. `qmodel.apply(qvars, images, ratio)`
-  takes the ratio as a traced argument. The options mirror the config fields of `run.py`
-  (configs/quickstart.py).
+                   apply_fn: Callable | None = None, calibrate: stage_options.CalibrateOptions | None = None,
+                   select: stage_options.SelectOptions | None = None,
+                   quantize: stage_options.QuantizeOptions | None = None, fitness_images: int = 256,
+                   **options: Any) -> tuple[quantize_lib.QuantizedModel, dict]:
+  """FlexiQ on a model, in memory: the pipeline's calibrate, select and quantize stages
+  (`flexiq_jax.stages`), chained without a workdir.
+
+  `qmodel.apply(qvars, images, ratio)` takes the ratio as a traced argument.
 
   Args:
     model: a Flax linen module, called as `model.apply(variables, images, train=False)` (`train`
       only where its `__call__` takes it), or a Flax NNX module (`quantize_model(nnx_model,
       calib_images)`; its layers are intercepted as linen ones, `flexiq_jax.interception_nnx`).
-    variables: the linen model's variables (an NNX module holds its own).
-    calib_images: (N, H, W, C) calibration images.
+    variables: the linen model's variables ({'params', 'batch_stats'?}); an NNX module holds its own.
+    calib_images: (N, H, W, C) unlabelled calibration images.
     apply_fn: the call to make instead of the default: `(variables, images) -> logits` for a linen
       model, `(module, images) -> logits` for an NNX module.
+    calibrate: CalibrateOptions (default: its defaults; `batch_size` splits `calib_images`).
+    select: SelectOptions (default: its defaults: evolutionary search at levels 0.25..1).
+    quantize: QuantizeOptions.
+    fitness_images: how many of `calib_images` the evolutionary search scores candidates on.
+    **options: keyword convenience: any field of the three options classes by name (`levels`,
+      `selector`, `population`, `act_calibration`, `bias_correction`, `keep_8bit`, ...; the
+      calibration batch size as `calib_batch_size`), replacing the field in every class that
+      has it.
 
   Returns:
-    (qmodel, qvars).
+    (qmodel, qvars): a `quantize.QuantizedModel` (integer path) and its variables.
   """
   model, variables, calib_images = adapt_lib.adapt(model, variables, calib_images, apply_fn=apply_fn)
   calib_images = np.asarray(calib_images, np.float32)
   if calib_images.ndim != 4:
     raise ValueError(f"calib_images must be (N, H, W, C), got shape {calib_images.shape}")
-  levels = [float(l) for l in levels]
-  if sorted(levels) != levels or not all(0 < l <= 1 for l in levels):
-    raise ValueError(f"levels must be increasing values in (0, 1], got {levels}")
+  if "calib_batch_size" in options:
+    options["batch_size"] = options.pop("calib_batch_size")
+  classes = ((stage_options.CalibrateOptions, calibrate), (stage_options.SelectOptions, select),
+             (stage_options.QuantizeOptions, quantize))
+  known = {f.name for cls, _ in classes for f in dataclasses.fields(cls)}
+  unknown = sorted(set(options) - known)
+  if unknown:
+    raise TypeError(f"quantize_model() got unknown option(s) {', '.join(unknown)}")
+  calibrate, select, quantize = (_with(cls, given, options) for cls, given in classes)
   float_model = FloatModel(model, variables)
-  plan = quantize_lib.build_plan(model, variables, calib_images.shape[1:], skip=tuple(skip),
-                                 keep_8bit=tuple(keep_8bit), fold_bn=fold_bn, attention=attention)
-  folded = quantize_lib.fold_batchnorm(variables, plan)
-  batches = [jnp.asarray(calib_images[i:i + calib_batch_size]) for i in range(0, len(calib_images), calib_batch_size)]
-  stats = calibrate_lib.calibrate(model, plan, folded, batches, method=act_calibration, extraction=extraction)
-  calibration = Calibration(plan.with_signedness(stats), folded, stats)
-  layers = select_lib.LowerableLayers.of(calibration.plan, stats)
-  orders = select_lib.channel_orders(channel_order, layers, seed)
-  fitness_fn, options = None, {}
-  if selector == "evolutionary":
-    fitness_fn = SelectionFitness.build(float_model, calibration, orders, levels,
-                                        jnp.asarray(calib_images[:fitness_images]), kind=fitness,
-                                        bias_correction=bias_correction)
-    options = {"population": population, "generations": generations}
-  counts, _ = select_lib.select(selector, levels, layers.channels, layers.macs,
-                                ranges=layers.ranges if channel_order == "range" else None,
-                                lowering_error=layers.errors, fitness_fn=fitness_fn, seed=seed, **options)
-  counts = {p: np.asarray(counts)[:, i] for i, p in enumerate(layers.paths)}
-  qvars = quantize_lib.build_qvars(calibration.plan, folded, stats, orders, counts, levels,
-                                   bias_correction=bias_correction)
-  return quantize_lib.QuantizedModel(model, calibration.plan, mode="int"), qvars
+  size = calibrate.batch_size
+  batches = [jnp.asarray(calib_images[i:i + size]) for i in range(0, len(calib_images), size)]
+  calibration = stages.calibrate(float_model, batches, calibrate)
+  selection = stages.select(float_model, calibration, calib_images[:fitness_images], select).selection
+  quantized = stages.quantize(float_model, calibration, selection, quantize)
+  return quantized.qmodel, quantized.qvars
+
+
+def _with(cls, given, options: dict):
+  """`given` (or the defaults of `cls`) with those keyword `options` that are fields of `cls`."""
+  names = {f.name for f in dataclasses.fields(cls)}
+  return dataclasses.replace(given or cls(), **{k: v for k, v in options.items() if k in names})
 
 
 @dataclasses.dataclass(frozen=True)

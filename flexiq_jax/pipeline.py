@@ -2,10 +2,12 @@
 
   train_float -> evaluate_float -> calibrate -> select -> quantize -> finetune -> sweep
 
-Each stage takes the typed results of the stages before it and returns its own (a frozen
-dataclass). Each stage keeps its output in a directory of the workdir under one cache protocol
-(`stage_cache`): reruns reuse finished stages, a killed training stage resumes, and a changed
-config field is named. `run_until` chains the stages up to a named one.
+A cached driver: each stage's options come from the config (`stage_options`), its work is a
+pure function (`stages`; float training and QAT, which checkpoint as they go, are here), and its
+output is kept in a directory of the workdir under one cache protocol (`stage_cache`), keyed by
+a fingerprint derived from its options and the stages before it: reruns reuse finished stages,
+a killed training stage resumes, and a changed config field is named. `run_until` chains the
+stages up to a named one.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexiq_jax import artifacts
-from flexiq_jax import calibrate as calibrate_lib
 from flexiq_jax import checkpoint
 from flexiq_jax import contract
 from flexiq_jax import cost
@@ -34,8 +35,9 @@ from flexiq_jax import quantize as quantize_lib
 from flexiq_jax import records
 from flexiq_jax import select as select_lib
 from flexiq_jax import stage_cache
+from flexiq_jax import stage_options
+from flexiq_jax import stages
 from flexiq_jax import summary
-from flexiq_jax.select.fitness import SelectionFitness
 from flexiq_jax import train as train_lib
 from flexiq_jax.stage_results import Calibration, FloatModel, Quantized, RatioPoint, Selection
 
@@ -54,9 +56,14 @@ class Run:
     if self.mesh is None:
       object.__setattr__(self, "mesh", parallel.make_mesh())
 
+  def options(self, stage: str):
+    """The options of cached stage `stage` (`stage_options.STAGES`) that the config sets."""
+    return stage_options.stage_options(self.config, stage)
+
   def stage(self, name: str, directory: str | None = None, *extra_fields: str) -> stage_cache.Stage:
+    """The cache directory of stage `name`, keyed by its fingerprint fields (and `extra_fields`)."""
     return stage_cache.Stage(self.workdir, directory or name,
-                             stage_cache.stage_fields(self.config, name, *extra_fields))
+                             stage_options.fingerprint_fields(self.config, name, *extra_fields))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,10 +86,12 @@ class PipelineResult:
 
 
 def build_model(config, num_classes: int):
+  """The float model of `config` (its `model` section) for `num_classes` classes."""
   return models.create(config.model.name, num_classes=num_classes, **config.model.kwargs.to_dict())
 
 
 def image_shape(config) -> tuple[int, int, int]:
+  """(H, W, C) of the config's images."""
   return (config.data.image_size, config.data.image_size, config.data.channels)
 
 
@@ -90,51 +99,58 @@ def _steps(num_epochs: float, num_examples: int, batch_size: int) -> int:
   return int(math.ceil(num_epochs * num_examples / batch_size))
 
 
-def _init_variables(config, shape, num_classes):
-  if config.init_weights:
-    kwargs = config.model.kwargs.to_dict()
+def _init_variables(options: stage_options.FloatOptions, shape, num_classes):
+  if options.init_weights:
+    kwargs = dict(options.model_kwargs)
     image_size = kwargs.pop("image_size", shape[0])  # transformers carry it in model.kwargs
-    return models.load_timm(config.model.name, config.init_weights, num_classes=num_classes,
+    return models.load_timm(options.model_name, options.init_weights, num_classes=num_classes,
                             image_size=image_size, in_chans=shape[2], **kwargs)
   return None
 
 
 def train_float(run: Run, on_step=None) -> FloatModel:
-  """Trains (or resumes, or reuses) the float model in <workdir>/float."""
-  config = run.config
-  parallel.check_batch_size(config.train.batch_size, run.mesh)
-  train_ds = data.get_dataset(config.data, config.data.train_split, train=True)
-  model = build_model(config, train_ds.num_classes)
-  total_steps = _steps(config.train.num_epochs, train_ds.num_examples, config.train.batch_size)
-  tx = train_lib.make_optimizer(config.train, total_steps)
-  init_vars = _init_variables(config, train_ds.image_shape, train_ds.num_classes)
-  state = train_lib.create_train_state(model, jax.random.PRNGKey(config.seed), train_ds.image_shape, tx,
-                                       init_vars)
+  """Trains (or resumes, or reuses) the float model in <workdir>/float.
+
+  Args:
+    run: the pipeline run (its config's `FloatOptions`).
+    on_step: called with each finished step number (tests interrupt training with it).
+
+  Returns:
+    The FloatModel.
+  """
+  opts: stage_options.FloatOptions = run.options("float")
+  parallel.check_batch_size(opts.batch_size, run.mesh)
+  train_ds = data.get_dataset(opts.data, opts.data.train_split, train=True)
+  model = models.create(opts.model_name, num_classes=train_ds.num_classes, **opts.model_kwargs)
+  total_steps = _steps(opts.num_epochs, train_ds.num_examples, opts.batch_size)
+  tx = train_lib.make_optimizer(opts, total_steps)
+  init_vars = _init_variables(opts, train_ds.image_shape, train_ds.num_classes)
+  state = train_lib.create_train_state(model, jax.random.PRNGKey(opts.seed), train_ds.image_shape, tx, init_vars)
   stage = run.stage("float")
   stage.begin(resumable=True)  # refuses a changed config before anything is written
-  records.write_run_config(run.workdir, config)
+  records.write_run_config(run.workdir, run.config)
   ckpt_dir = stage.file("checkpoints")
   state = train_lib.restore_latest(ckpt_dir, parallel.replicate(state, run.mesh))
   start = int(state.step)
   if start < total_steps:
     if start:
       print(f"float model: resuming from step {start}/{total_steps} in {ckpt_dir}")
-    batches = data.train_batches(train_ds, config.train.batch_size, seed=config.seed, start_step=start,
-                                 num_steps=total_steps, num_threads=config.data.num_threads)
+    batches = data.train_batches(train_ds, opts.batch_size, seed=opts.seed, start_step=start,
+                                 num_steps=total_steps, num_threads=opts.data.num_threads)
     step_fn = functools.partial(train_lib.train_step, apply_fn=model.apply, tx=tx,
-                                label_smoothing=config.train.label_smoothing)
+                                label_smoothing=opts.label_smoothing)
     state = train_lib.run_loop(
         state, step_fn, batches, total_steps=total_steps, ckpt_dir=ckpt_dir,
-        checkpoint_every=train_lib.checkpoint_interval(config.train.checkpoint_every_steps, total_steps),
-        metrics_path=stage.file("metrics.jsonl"), log_every=config.train.log_every_steps, mesh=run.mesh,
-        desc="float train", on_step=on_step, divergence_factor=config.train.get("divergence_factor", 0.0),
-        learning_rate=train_lib.make_schedule(config.train, total_steps),
+        checkpoint_every=train_lib.checkpoint_interval(opts.checkpoint_every_steps, total_steps),
+        metrics_path=stage.file("metrics.jsonl"), log_every=opts.log_every_steps, mesh=run.mesh,
+        desc="float train", on_step=on_step, divergence_factor=opts.divergence_factor,
+        learning_rate=train_lib.make_schedule(opts, total_steps),
         eval_fn=periodic_eval(run, lambda images, v: train_lib.float_logits(model, v, images),
                               lambda state: state.variables()),
-        eval_every=config.train.get("eval_every_steps", 0))
+        eval_every=opts.eval_every_steps)
   elif total_steps == 0:
     print("float model: no training steps configured (train.num_epochs=0); using the initial weights"
-          + (f" from {config.init_weights}" if config.init_weights else ""))
+          + (f" from {opts.init_weights}" if opts.init_weights else ""))
   else:
     print(f"float model: reusing the finished checkpoint at step {start} in {ckpt_dir}")
   stage.mark_done(total_steps=total_steps, num_classes=train_ds.num_classes)
@@ -173,32 +189,38 @@ def evaluate_float(run: Run, float_model: FloatModel, logits_out: list | None = 
 
 
 def calibration_batches(config):
-  train_ds = data.get_dataset(config.data, config.data.train_split)
+  """The unlabelled calibration image batches of `config` (`CalibrateOptions`)."""
+  opts: stage_options.CalibrateOptions = stage_options.stage_options(config, "calibrate")
+  train_ds = data.get_dataset(opts.data, opts.data.train_split)
   return [jnp.asarray(b) for b in data.calibration_images(
-      train_ds, config.calib.num_images, seed=config.seed, batch_size=config.calib.batch_size)]
+      train_ds, opts.num_images, seed=opts.seed, batch_size=opts.batch_size)]
 
 
 def calibrate(run: Run, float_model: FloatModel, batches=None) -> Calibration:
-  """Plan (which layers, BN folding) + calibration statistics, in <workdir>/calibrate."""
-  config = run.config
+  """Plan (which layers, BN folding) + calibration statistics (`stages.calibrate`), cached in
+  <workdir>/calibrate.
+
+  Args:
+    run: the pipeline run.
+    float_model: the float model.
+    batches: calibration batches to use instead of the config's.
+
+  Returns:
+    The Calibration.
+  """
+  opts = run.options("calibrate")
   stage = run.stage("calibrate")
-  plan = quantize_lib.build_plan(float_model.model, float_model.variables, image_shape(config),
-                                 skip=tuple(config.quant.skip), keep_8bit=tuple(config.quant.keep_8bit),
-                                 fold_bn=config.quant.fold_bn, attention=config.quant.get("attention", "int8"))
+  plan, folded = stages.plan(float_model, image_shape(run.config), opts)
   for rule in plan.unmatched_rules:
     print(f"warning: quantization rule {rule!r} matched no layer")
-  folded = quantize_lib.fold_batchnorm(float_model.variables, plan)
   if stage.is_done():
     print(f"calibrate: reusing {stage.path}")
     return Calibration(quantize_lib.QuantPlan.from_json(records.read_json(stage.file("plan.json"))), folded,
                        checkpoint.load_tree(stage.file("stats")))
   stage.begin(resumable=False)
-  batches = calibration_batches(config) if batches is None else batches
-  stats = calibrate_lib.calibrate(float_model.model, plan, folded, batches,
-                                  method=config.quant.act_calibration, percentile=config.quant.percentile,
-                                  extraction=config.quant.extraction,
-                                  weight_scale=config.quant.get("weight_scale", "max127"))
-  plan = plan.with_signedness(stats)
+  batches = calibration_batches(run.config) if batches is None else batches
+  calibration = stages.calibrate(float_model, batches, opts, planned=(plan, folded))
+  plan, stats = calibration.plan, calibration.stats
   # What stays float in the integer path (plain einsums a model computes outside the
   # intercepted modules, or matmuls the plan leaves float), so that "8-bit" is never assumed.
   float_ops = quantize_lib.float_ops_of_plan(float_model.model, plan, folded, stats, batches[0][:1])
@@ -208,16 +230,25 @@ def calibrate(run: Run, float_model: FloatModel, batches=None) -> Calibration:
   stage.mark_done()
   print(f"calibrate: {len(plan.quantized)} quantized layers ({len(plan.lowerable)} lowerable), "
         f"{len(plan.quantized_matmuls)} attention matmuls in 8 bits, {len(plan.folded_bn)} BatchNorms folded, "
-        f"{config.calib.num_images} images")
+        f"{opts.num_images} images")
   print(f"calibrate: {plan.signedness_summary()}")
   print(f"calibrate: {quantize_lib.format_float_ops(float_ops)}")
-  return Calibration(plan, folded, stats)
+  return calibration
 
 
 def select(run: Run, float_model: FloatModel, calibration: Calibration) -> Selection:
-  """Channel orders (small range first) and per-level counts from the configured selector, in
-  <workdir>/select."""
-  config = run.config
+  """Channel orders (small range first) and per-level counts from the configured selector
+  (`stages.select`), cached in <workdir>/select.
+
+  Args:
+    run: the pipeline run.
+    float_model: the float model (the search's fitness reference).
+    calibration: the calibration result.
+
+  Returns:
+    The Selection.
+  """
+  opts: stage_options.SelectOptions = run.options("select")
   stage = run.stage("select")
   if stage.is_done():
     saved = records.read_json(stage.file("selection.json"))
@@ -225,28 +256,12 @@ def select(run: Run, float_model: FloatModel, calibration: Calibration) -> Selec
     return Selection({p: np.asarray(o) for p, o in saved["orders"].items()},
                      {p: np.asarray(c) for p, c in saved["counts"].items()}, tuple(saved["levels"]),
                      saved["selector"])
-  levels = [float(l) for l in config.select.levels]
-  if sorted(levels) != levels or not all(0 < l <= 1 for l in levels):
-    raise ValueError(f"select.levels must be increasing values in (0, 1], got {levels}")
-  name = config.select.selector
-  by_range = config.select.channel_order == "range"
-  if name == "greedy" and not by_range:
-    raise ValueError("select.selector='greedy' lowers channels by range, so it needs select.channel_order='range'")
   stage.begin(resumable=False)
-  layers = select_lib.LowerableLayers.of(calibration.plan, calibration.stats)
-  orders = select_lib.channel_orders(config.select.channel_order, layers, config.seed)
-  fitness, options = None, {}
-  if name == "evolutionary":
-    images = jnp.concatenate(calibration_batches(config)[:config.select.fitness_batches])
-    fitness = SelectionFitness.build(float_model, calibration, orders, levels, images,
-                                                kind=config.select.get("fitness", "kl"),
-                                                bias_correction=config.quant.bias_correction)
-    options = {"population": config.select.population, "generations": config.select.generations}
-  # The greedy seed of the search follows the range order; with a random order it would not match.
-  counts, history = select_lib.select(name, levels, layers.channels, layers.macs,
-                                      ranges=layers.ranges if by_range else None, lowering_error=layers.errors,
-                                      fitness_fn=fitness, seed=config.seed, **options)
-  counts = np.asarray(counts)
+  fitness_images = lambda: jnp.concatenate(calibration_batches(run.config)[:opts.fitness_batches])
+  out = stages.select(float_model, calibration, fitness_images, opts)
+  selection, layers, history = out.selection, out.layers, out.history
+  levels = list(selection.levels)
+  counts = np.stack([selection.counts[p] for p in layers.paths], axis=1)
   if history is not None:
     select_lib.plot_search_history(history, stage.file("search_history.png"))
     summary.write_scalars(stage.path, [(g, {f"fitness_best/level_{r:g}": b, f"fitness_mean/level_{r:g}": m})
@@ -254,75 +269,90 @@ def select(run: Run, float_model: FloatModel, calibration: Calibration) -> Selec
                                        for g, (b, m) in enumerate(zip(h["best"], h["mean"]))])
   shares = cost.lowered_mac_share(counts, layers.channels, layers.macs)
   records.write_json_atomic(stage.file("selection.json"), {
-      "selector": name, "levels": levels,
-      "orders": {p: np.asarray(o).tolist() for p, o in orders.items()},
+      "selector": selection.selector, "levels": levels,
+      "orders": {p: np.asarray(o).tolist() for p, o in selection.orders.items()},
       "counts": {p: counts[:, i].tolist() for i, p in enumerate(layers.paths)},
       "mac_ratio_per_level": [float(s) for s in np.atleast_1d(shares)],
       "search": history.as_dict() if history is not None else None})
   stage.mark_done()
-  print(f"select ({name}): per-level MAC ratios " + ", ".join(f"{s:.3f}" for s in np.atleast_1d(shares)))
-  return Selection(orders, {p: counts[:, i] for i, p in enumerate(layers.paths)}, tuple(levels), name)
+  print(f"select ({selection.selector}): per-level MAC ratios " + ", ".join(f"{s:.3f}" for s in np.atleast_1d(shares)))
+  return selection
 
 
 def quantize(run: Run, float_model: FloatModel, calibration: Calibration, selection: Selection) -> Quantized:
-  """The quantized variables (integer path), saved in <workdir>/quantized and reused from there."""
-  config = run.config
-  qmodel = quantize_lib.QuantizedModel(float_model.model, calibration.plan, mode="int")
-  qvars = quantize_lib.build_qvars(calibration.plan, calibration.folded, calibration.stats, selection.orders,
-                                   selection.counts, selection.levels,
-                                   bias_correction=config.quant.bias_correction)
+  """The quantized variables of the integer path (`stages.quantize`), cached in <workdir>/quantized.
+
+  Args:
+    run: the pipeline run.
+    float_model: the float model.
+    calibration: the calibration result.
+    selection: the selection result.
+
+  Returns:
+    The Quantized model (not finetuned).
+  """
+  quantized = stages.quantize(float_model, calibration, selection, run.options("quantize"))
   stage = run.stage("quantize", "quantized")
   if stage.is_done():
-    return Quantized(qmodel, checkpoint.load_tree(stage.file("qvars"), qvars))
+    return Quantized(quantized.qmodel, checkpoint.load_tree(stage.file("qvars"), quantized.qvars))
   stage.begin(resumable=False)
-  checkpoint.save_tree(stage.file("qvars"), qvars)
+  checkpoint.save_tree(stage.file("qvars"), quantized.qvars)
   records.write_json_atomic(stage.file("plan.json"), calibration.plan.to_json())
   stage.mark_done()
-  return Quantized(qmodel, qvars)
+  return quantized
 
 
 def finetune(run: Run, float_model: FloatModel, quantized: Quantized, on_step=None) -> Quantized:
   """Multi-ratio QAT in <workdir>/finetune (resumes after a kill), then the refresh of the state
-  that depends on the weights (`refresh`; before/after in refresh.json);
-  also writes the int8 serving export to <workdir>/serving."""
-  config = run.config
-  cfg = config.finetune
+  that depends on the weights (`refresh`; before/after in refresh.json); also writes the int8
+  serving export to <workdir>/serving.
+
+  Args:
+    run: the pipeline run (its config's `FinetuneOptions`).
+    float_model: the float model (the distillation teacher).
+    quantized: the quantized model to train.
+    on_step: called with each finished step number.
+
+  Returns:
+    The finetuned Quantized model.
+  """
+  opts: stage_options.FinetuneOptions = run.options("finetune")
   stage = run.stage("finetune")
-  train_ds = data.get_dataset(config.data, config.data.train_split, train=True)
-  total_steps = _steps(cfg.num_epochs, train_ds.num_examples, cfg.batch_size)
-  tx = finetune_lib.make_optimizer(cfg, total_steps)
-  sampler = finetune_lib.RatioSampler.from_config(cfg, config.select.levels)  # validated before any work
-  fake = dataclasses.replace(quantized.qmodel.with_mode("fake"), lsq=bool(cfg.lsq),
-                             lsq_grad_scale=cfg.get("lsq_grad_scale", "qmax8"))
-  lsq_weights = bool(cfg.get("lsq_weights", False))
+  train_ds = data.get_dataset(opts.data, opts.data.train_split, train=True)
+  total_steps = _steps(opts.num_epochs, train_ds.num_examples, opts.batch_size)
+  tx = finetune_lib.make_optimizer(opts, total_steps)
+  sampler = opts.sampler()
+  fake = dataclasses.replace(quantized.qmodel.with_mode("fake"), lsq=bool(opts.lsq),
+                             lsq_grad_scale=opts.lsq_grad_scale)
+  lsq_weights = bool(opts.lsq_weights)
   start = quantize_lib.add_lsq_weight_scales(quantized.qmodel.plan, quantized.qvars) if lsq_weights else quantized.qvars
   stage.begin(resumable=True)
   if stage.is_done():
     print(f"finetune: reusing the finished run in {stage.path}")
     return Quantized(quantized.qmodel, checkpoint.load_tree(stage.file("qvars"), start), finetuned=True)
-  state = parallel.replicate(finetune_lib.create_state(start, tx, cfg.lsq, lsq_weights), run.mesh)
+  state = parallel.replicate(finetune_lib.create_state(start, tx, opts.lsq, lsq_weights), run.mesh)
   ckpt_dir = stage.file("checkpoints")
   state = train_lib.restore_latest(ckpt_dir, state)
   if 0 < int(state.step) < total_steps:
     print(f"finetune: resuming from step {int(state.step)}/{total_steps}")
   if int(state.step) < total_steps:
-    teacher = float_model.logits if cfg.distill_weight > 0 else None
+    teacher = float_model.logits if opts.distill_weight > 0 else None
     step_fn = functools.partial(
-        finetune_lib.qat_step, qmodel=fake, tx=tx, sampler=sampler, rng_key=jax.random.PRNGKey(config.seed + 1),
-        teacher_fn=teacher, distill_weight=cfg.distill_weight, label_smoothing=cfg.label_smoothing)
-    batches = data.train_batches(train_ds, cfg.batch_size, seed=config.seed + 1,
+        finetune_lib.qat_step, qmodel=fake, tx=tx, sampler=sampler, rng_key=jax.random.PRNGKey(opts.seed + 1),
+        teacher_fn=teacher, distill_weight=opts.distill_weight, label_smoothing=opts.label_smoothing)
+    batches = data.train_batches(train_ds, opts.batch_size, seed=opts.seed + 1,
                                  start_step=int(state.step), num_steps=total_steps,
-                                 num_threads=config.data.num_threads)
-    eval_every = cfg.get("eval_every_steps", 0)
+                                 num_threads=opts.data.num_threads)
+    eval_every = opts.eval_every_steps
     reference = []  # the float model's eval logits: KL and agreement of the periodic evaluation
     if eval_every > 0:
       evaluate_float(run, float_model, logits_out=reference)
     state = train_lib.run_loop(state, step_fn, batches, total_steps=total_steps, ckpt_dir=ckpt_dir,
-                               checkpoint_every=train_lib.checkpoint_interval(cfg.checkpoint_every_steps, total_steps),
-                               metrics_path=stage.file("metrics.jsonl"), log_every=config.train.log_every_steps,
+                               checkpoint_every=train_lib.checkpoint_interval(opts.checkpoint_every_steps, total_steps),
+                               metrics_path=stage.file("metrics.jsonl"), log_every=opts.log_every_steps,
                                mesh=run.mesh, desc="QAT finetune", on_step=on_step,
-                               divergence_factor=cfg.get("divergence_factor", 0.0),
-                               learning_rate=train_lib.make_schedule(cfg, total_steps),
+                               divergence_factor=opts.divergence_factor,
+                               learning_rate=train_lib.make_schedule(opts, total_steps),
                                eval_fn=periodic_eval(run, lambda images, qv, r: fake.apply(qv, images, r),
                                                      lambda state: finetune_lib.merge_qvars(state.trainable,
                                                                                             state.frozen),
@@ -338,7 +368,7 @@ def finetune(run: Run, float_model: FloatModel, quantized: Quantized, on_step=No
   return tuned
 
 
-REFRESH_REPORT_RATIOS = (0.0, 0.5, 1.0)
+REFRESH_REPORT_RATIOS = stages.REFRESH_REPORT_RATIOS
 EVAL_RATIOS = (0.0, 0.5, 1.0)  # the ratios of QAT's periodic evaluation (finetune.eval_every_steps)
 
 
@@ -361,42 +391,28 @@ def periodic_eval(run: Run, predict, variables_of, ratios=None, reference_logits
 
 
 def refresh(run: Run, float_model: FloatModel, trained: Quantized) -> Quantized:
-  """Re-estimates the weight extraction positions and bias-correction means of a finetuned model
-  on the calibration images (calibrate.refresh_after_finetuning) and records KL(float ||
-  quantized) on those images at a few ratios before and after in <workdir>/finetune/refresh.json.
+  """`stages.refresh` on the config's calibration images (finetune.refresh: 'auto' | 'always' |
+  'never'), its report in <workdir>/finetune/refresh.json.
 
-  finetune.refresh: 'always', 'never', or 'auto' (default): keep the refreshed state only if it
-  does not raise the mean KL over those ratios. QAT trains the weights against the calibrated
-  state (the bias shift and the weight extraction positions are in its forward pass), so
-  re-estimating it can undo what the weights adapted to; 'auto' measures which is closer to the
-  float model on unlabelled images and says which it kept."""
-  config = run.config
-  mode = config.finetune.get("refresh", "auto")
-  if mode not in ("auto", "always", "never"):
-    raise ValueError(f"unknown finetune.refresh {mode!r}; use 'auto', 'always' or 'never'")
-  if mode == "never":
+  Args:
+    run: the pipeline run.
+    float_model: the float model.
+    trained: the finetuned model.
+
+  Returns:
+    The model kept (refreshed or as trained).
+  """
+  opts: stage_options.FinetuneOptions = run.options("finetune")
+  if opts.refresh == "never":
     return trained
-  batches = calibration_batches(config)
-  qmodel = trained.qmodel
-  refreshed = dataclasses.replace(trained, qvars=calibrate_lib.refresh_after_finetuning(
-      float_model.model, qmodel.plan, trained.qvars, batches, extraction=config.quant.extraction,
-      source=config.finetune.get("refresh_source", "float")))
-  images = jnp.concatenate(batches[:config.select.fitness_batches])
-  teacher = float_model.logits(images)
-  kl = jax.jit(lambda qvars, r: finetune_lib.kl_divergence(teacher, qmodel.apply(qvars, images, r)))
-  before = {f"{r:g}": float(kl(trained.qvars, jnp.float32(r))) for r in REFRESH_REPORT_RATIOS}
-  after = {f"{r:g}": float(kl(refreshed.qvars, jnp.float32(r))) for r in REFRESH_REPORT_RATIOS}
-  keep = mode == "always" or np.mean(list(after.values())) <= np.mean(list(before.values()))
-  report = {**records.run_info(), "images": int(images.shape[0]),
-            "metric": "KL(float || quantized) on calibration images",
-            "mode": mode, "source": config.finetune.get("refresh_source", "float"),
-            "before_refresh": before, "after_refresh": after,
-            "kept": "refreshed" if keep else "as trained"}
+  kept, report = stages.refresh(float_model, trained, calibration_batches(run.config), opts)
+  report = {**records.run_info(), **report}
   records.write_json_atomic(os.path.join(run.workdir, "finetune", "refresh.json"), report)
+  before, after = report["before_refresh"], report["after_refresh"]
   print("finetune: refresh of weight extraction positions and bias-correction means, KL to float at ratios "
         + ", ".join(f"{r}: {before[r]:.4f} -> {after[r]:.4f}" for r in before)
-        + f"; kept the {report['kept']} state (finetune.refresh={mode})")
-  return refreshed if keep else trained
+        + f"; kept the {report['kept']} state (finetune.refresh={opts.refresh})")
+  return kept
 
 
 def export_serving(workdir: str, quantized: Quantized) -> str:
@@ -480,30 +496,17 @@ def run_until(run: Run, until: str, *, float_model: FloatModel | None = None, ev
 
 
 def check_config(config) -> None:
-  """Every config value a stage would reject later, checked before any stage runs."""
+  """Every config value a stage would reject later, checked before any stage runs.
+
+  Args:
+    config: a run.py config.
+
+  Raises:
+    ValueError: naming the field.
+  """
   for ratio in config.sweep.ratios:
     quantize_lib.check_ratio(ratio)
-  levels = [float(l) for l in config.select.levels]
-  if sorted(levels) != levels or not all(0 < l <= 1 for l in levels):
-    raise ValueError(f"select.levels must be increasing values in (0, 1], got {levels}")
-  for name, value, known in (
-      ("quant.act_calibration", config.quant.act_calibration, ("minmax", "percentile", "mse")),
-      ("quant.extraction", config.quant.extraction, ("fitted", "naive")),
-      ("quant.attention", config.quant.get("attention", "int8"), ("int8", "float")),
-      ("quant.weight_scale", config.quant.get("weight_scale", "max127"), ("max127", "max112", "joint")),
-      ("finetune.lsq_grad_scale", config.finetune.get("lsq_grad_scale", "qmax8"), ("qmax8", "effective")),
-      ("finetune.refresh_source", config.finetune.get("refresh_source", "float"), ("float", "quantized")),
-      ("select.selector", config.select.selector, tuple(select_lib.SELECTORS)),
-      ("select.channel_order", config.select.channel_order, ("range", "random"))):
-    if value not in known:
-      raise ValueError(f"unknown {name} {value!r}; use one of {', '.join(map(repr, known))}")
-  if config.select.selector == "greedy" and config.select.channel_order != "range":
-    raise ValueError("select.selector='greedy' lowers channels by range, so it needs select.channel_order='range'")
-  if config.finetune.get("refresh", "auto") not in ("auto", "always", "never"):
-    raise ValueError(f"unknown finetune.refresh {config.finetune.refresh!r}; use 'auto', 'always' or 'never'")
-  finetune_lib.RatioSampler.from_config(config.finetune, config.select.levels)
-  train_lib.make_optimizer(config.train, 1)
-  finetune_lib.make_optimizer(config.finetune, 1)
+  stage_options.check_config(config)
 
 
 def check_before_work(run: Run, until: str, *, check_float: bool = True) -> None:

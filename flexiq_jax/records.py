@@ -157,14 +157,22 @@ def read_json(path: str, default=None):
   return json.loads(path.read_text())
 
 
-def update_results(workdir: str, config, section: str, metrics, argv=None) -> dict:
-  """Merges `metrics` under results['metrics'][section] in <workdir>/results.json, refreshing
-  the run metadata (command, commit, device, date) and the resolved config. Inside a run.py
-  invocation (`workdir.RunRecord`), the metrics go to its run record instead, and results.json
-  is derived from the finished runs when it ends."""
-  from flexiq_jax import workdir as workdir_lib
-  record = workdir_lib.current()
-  if record is not None and record.workdir == workdir:
+def update_results(workdir: str, config, section: str, metrics, argv=None, record=None) -> dict:
+  """Records `metrics` as results section `section`.
+
+  Args:
+    workdir: the run's workdir.
+    config: the resolved config (written beside the metrics in results.json).
+    section: the results section, e.g. 'float' or 'ratio_sweep'.
+    metrics: a JSON-serialisable value.
+    argv: the command line recorded with the metrics (default: this process's).
+    record: the `workdir.RunRecord` of the run.py invocation, if any: the metrics go to it, and
+      results.json is derived from the finished runs when it ends.
+
+  Returns:
+    The results dict as written (with a record: just {'metrics': {section: metrics}}).
+  """
+  if record is not None:
     record.add(section, metrics)
     return {"metrics": {section: metrics}}
   path = os.path.join(workdir, "results.json")

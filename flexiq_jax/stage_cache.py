@@ -1,7 +1,8 @@
 """One cache protocol for every stage that writes into a workdir.
 
 A stage directory holds the stage's output beside `fingerprint.json`: the config fields the
-stage's result depends on (exactly those, by dotted name) and their hash. `done.json` marks a
+stage's result depends on (exactly those, derived from the stage's options by
+`stage_options.stage_fields`) and their hash. `done.json` marks a
 finished stage with the same hash. So a rerun reuses what is done, a killed training stage
 resumes, and a changed field is named when a stage refuses to mix two configs.
 
@@ -28,31 +29,9 @@ def _process_zero() -> bool:
   import jax
   return jax.process_index() == 0
 
-# The config fields each stage's result depends on (a section name takes the whole section).
-# Logging, checkpoint frequency, eval size and thread counts change no result and are left out.
-_FLOAT = ("model", "init_weights", "seed", "data.name", "data.data_dir", "data.train_split", "data.image_size",
-          "data.channels", "data.eval_transform", "data.augment", "train.batch_size", "train.num_epochs",
-          "train.optimizer", "train.learning_rate", "train.momentum", "train.nesterov", "train.weight_decay",
-          "train.schedule", "train.warmup_steps", "train.label_smoothing", "train.grad_clip_norm")
-_CALIBRATE = _FLOAT + ("calib", "quant")
-_SELECT = _CALIBRATE + ("select",)
-_FINETUNE = _SELECT + ("finetune.num_epochs", "finetune.batch_size", "finetune.optimizer",
-                       "finetune.learning_rate", "finetune.momentum", "finetune.nesterov", "finetune.weight_decay",
-                       "finetune.schedule", "finetune.warmup_steps", "finetune.label_smoothing",
-                       "finetune.grad_clip_norm", "finetune.lsq", "finetune.lsq_weights", "finetune.distill_weight",
-                       "finetune.levels", "finetune.level_probs", "finetune.uniform_prob", "finetune.refresh",
-                       "finetune.every_step_ratios", "finetune.lsq_grad_scale", "finetune.lsq_learning_rate",
-                       "finetune.refresh_source")
-# Fields added after workdirs were made, with the value that reproduces the older behaviour: at
-# that value the field is left out of the fingerprint, so those workdirs stay valid.
-_ADDED_LATER = {"finetune.every_step_ratios": (None, []), "quant.weight_scale": (None, "max127"),
-                "finetune.lsq_grad_scale": (None, "qmax8"), "finetune.lsq_learning_rate": (None, 0.0),
-                "finetune.refresh_source": (None, "float")}
 # The run.py stage that redoes a stage directory (`--force_from`).
 FORCE_FROM = {"float": "train", "calibrate": "calibrate", "select": "select", "quantized": "quantize",
               "finetune": "finetune"}
-STAGE_FIELDS = {"float": _FLOAT, "calibrate": _CALIBRATE, "select": _SELECT, "quantize": _SELECT,
-                "finetune": _FINETUNE}
 
 
 def _plain(value):
@@ -74,27 +53,8 @@ def config_fields(config, names) -> dict:
   return out
 
 
-# Bumped when the saved quantized variables change structure (2: the exact-ratio fill table),
-# so that an older workdir's quantize stage is redone and its finetune stage refused by name.
-QVARS_FORMAT = 2
-
-
-def stage_fields(config, stage: str, *extra: str) -> dict:
-  """The fields stage `stage` depends on, plus `extra` dotted names."""
-  fields = config_fields(config, STAGE_FIELDS[stage] + tuple(extra))
-  for name, old_behaviour in _ADDED_LATER.items():
-    if name in fields and _plain(fields[name]) in old_behaviour:
-      del fields[name]
-    section, _, key = name.partition(".")  # a field inside a section the stage takes whole
-    if isinstance(fields.get(section), dict) and key in fields[section] \
-        and _plain(fields[section][key]) in old_behaviour:
-      fields[section] = {k: v for k, v in fields[section].items() if k != key}
-  if stage in ("quantize", "finetune"):
-    fields["qvars_format"] = QVARS_FORMAT
-  return fields
-
-
 def fingerprint(fields) -> str:
+  """A short hash of JSON-serialisable `fields` (key order does not matter)."""
   blob = json.dumps(fields, sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -240,3 +200,34 @@ class JsonCache:
 
   def save(self):
     records.write_json_atomic(self.path, {"fingerprint": self.fingerprint, "data": self.data, "made_by": self.made})
+
+
+class KeyedJsonCache(JsonCache):
+  """A JsonCache whose entries each have their own fingerprint (`fingerprints`: {key: hash}),
+  so that a change that concerns one key recomputes that key only.
+
+  A saved entry is reused while its fingerprint equals the key's now; entries of keys not in
+  `fingerprints` are kept as saved. A file in the one-fingerprint form of JsonCache is adopted
+  whole if its fingerprint is `legacy_fingerprint` (the same values, hashed the older way)."""
+
+  def __init__(self, path: str, fingerprints: dict, legacy_fingerprint: str | None = None):
+    self.path, self.fingerprints = path, {str(k): v for k, v in fingerprints.items()}
+    self.fingerprint = None
+    saved = records.read_json(path) or {}
+    if "fingerprints" in saved:
+      saved_fps = saved["fingerprints"]
+    elif legacy_fingerprint is not None and saved.get("fingerprint") == legacy_fingerprint:
+      saved_fps = {k: self.fingerprints.get(k) for k in saved.get("data", {})}
+    else:
+      saved_fps = {}
+    keep = [k for k in saved_fps if k in saved.get("data", {})
+            and (k not in self.fingerprints or saved_fps[k] == self.fingerprints[k])]
+    self.saved_fingerprints = {k: saved_fps[k] for k in keep}
+    self.data = {k: saved["data"][k] for k in keep}
+    self.made = {k: saved.get("made_by", {})[k] for k in keep if k in saved.get("made_by", {})}
+    self.computed_now: set[str] = set()
+
+  def save(self):
+    fps = {k: self.fingerprints.get(k, self.saved_fingerprints.get(k)) for k in self.data}
+    records.write_json_atomic(self.path, {"fingerprints": fps, "data": self.data, "made_by": self.made})
+

@@ -77,13 +77,6 @@ def stage_fingerprints(workdir: str) -> dict:
   return out
 
 
-_CURRENT = []  # the active RunRecord of this process (records.update_results reports to it)
-
-
-def current():
-  return _CURRENT[-1] if _CURRENT else None
-
-
 class RunRecord:
   """runs/<timestamp>.json of one invocation; use as a context manager around the run."""
 
@@ -118,11 +111,9 @@ class RunRecord:
     if os.access(self.workdir, os.W_OK) or not is_local(self.workdir):
       mark_dead_runs(self.workdir)
     self._write()
-    _CURRENT.append(self)
     return self
 
   def __exit__(self, exc_type, exc, tb):
-    _CURRENT.remove(self)
     if exc_type is None or issubclass(exc_type, SystemExit) and not exc.code:
       self.status = "finished"
       self._write()

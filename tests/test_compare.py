@@ -215,3 +215,53 @@ def test_rows_round_trip_through_json():
   row = harness.Row("ptq_mse", "W4A4", np.float32(70.5), 0.25, {"ratio": 1.0})
   assert harness.Row.from_json(json.loads(json.dumps(row.to_json()))) == harness.Row("ptq_mse", "W4A4", 70.5, 0.25,
                                                                                      {"ratio": 1.0})
+
+
+def _method_fingerprints(config) -> dict:
+  from flexiq_jax import stage_cache
+  return {m: stage_cache.fingerprint(harness.method_fields(config, m)) for m in harness.METHODS}
+
+
+@pytest.mark.parametrize("field,value,methods", [
+    ("compare.adaround_iterations", 7, {"adaround"}),
+    ("compare.lsq_learning_rate", 0.5, {"lsq_qat"}),
+    ("compare.allowed_drops", (2.0,), {"layerwise_amp"}),
+    ("compare.ablation_ratios", (0.0, 1.0), set(harness.METHODS) - {"flexiq", "flexiq_amp", "layerwise_amp",
+                                                                    "ptq_minmax", "ptq_mse", "adaround", "lsq_qat"}),
+    # A FlexiQ-only finetuning knob: FlexiQ's rows only (LSQ QAT shares the recipe, not the sampler).
+    ("finetune.uniform_prob", 0.1, {"flexiq"}),
+    ("finetune.learning_rate", 0.1, {"flexiq", "lsq_qat"}),
+    ("select.population", 3, {"flexiq", "flexiq_naive", "flexiq_random", "flexiq_uniform", "flexiq_greedy",
+                              "flexiq_no_bias_correction", "flexiq_amp"}),
+    ("quant.extraction", "naive", set(harness.METHODS)),
+    ("data.eval_examples", 10, set(harness.METHODS)),
+    ("compare.methods", ("flexiq",), set()),
+])
+def test_a_methods_knob_changes_only_its_rows_fingerprint(field, value, methods):
+  from configs import quickstart
+  config = quickstart.get_config("smoke")
+  before = _method_fingerprints(config)
+  section, key = field.split(".")
+  config[section][key] = value
+  after = _method_fingerprints(config)
+  assert {m for m in before if before[m] != after[m]} == methods
+  assert set(harness.METHOD_DEPENDS) == set(harness.METHODS)  # every method declares what it reads
+
+
+def test_rows_cache_keeps_each_methods_rows_under_its_own_fingerprint(tmp_path):
+  from flexiq_jax import stage_cache
+  path = str(tmp_path / "rows.json")
+  cache = stage_cache.KeyedJsonCache(path, {"a": "fa", "b": "fb"})
+  cache.get("a", lambda: [1])
+  cache.get("b", lambda: [2])
+  again = stage_cache.KeyedJsonCache(path, {"a": "fa", "b": "fb2"})  # b's inputs changed
+  assert again.data == {"a": [1]} and again.get("b", lambda: [3]) == [3]
+  only_a = stage_cache.KeyedJsonCache(path, {"a": "fa"})  # b not run now: kept as saved
+  assert only_a.data == {"a": [1], "b": [3]}
+  only_a.get("a", lambda: pytest.fail("recomputed"))
+  assert stage_cache.KeyedJsonCache(path, {"b": "fb2"}).data["b"] == [3]
+  # A cache saved under one fingerprint for every key is adopted when that fingerprint is the
+  # one the same values gave then, and dropped otherwise.
+  stage_cache.JsonCache(str(tmp_path / "old.json"), "legacy").get("a", lambda: [9])
+  assert stage_cache.KeyedJsonCache(str(tmp_path / "old.json"), {"a": "fa"}, "legacy").data == {"a": [9]}
+  assert stage_cache.KeyedJsonCache(str(tmp_path / "old.json"), {"a": "fa"}, "other").data == {}

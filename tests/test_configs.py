@@ -19,20 +19,7 @@ from flexiq_jax.data import preprocess
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # config file -> the canonical model name it runs.
-MODEL_CONFIGS = {
-    "resnet18": "resnet18",
-    "resnet50": "resnet50",
-    "mobilenetv2": "mobilenetv2_100",
-    "efficientnet_b0": "efficientnet_b0",
-    "regnetx_600mf": "regnetx_006",
-    "vit_s": "vit_small_patch16_224",
-    "vit_b": "vit_base_patch16_224",
-    "deit_t": "deit_tiny_patch16_224",
-    "deit_s": "deit_small_patch16_224",
-    "deit_b": "deit_base_patch16_224",
-    "swin_t": "swin_tiny_patch4_window7_224",
-    "efficientnet_lite0": "tf_efficientnet_lite0",
-}
+MODEL_CONFIGS = {spec.config: spec.name for spec in models.specs()}
 VARIANTS = ("", "smoke", "fmnist", "fmnist,smoke")
 
 

@@ -3,6 +3,7 @@
 Needs no torch: timm-format state dicts are written here with numpy and safetensors.
 """
 
+import os
 import re
 import sys
 
@@ -16,10 +17,7 @@ from safetensors.numpy import save_file
 from flexiq_jax import models
 from flexiq_jax.models import timm_import
 
-ELEVEN = ("resnet18", "resnet50", "mobilenetv2_100", "efficientnet_b0", "regnetx_006",
-          "vit_small_patch16_224", "vit_base_patch16_224", "deit_tiny_patch16_224",
-          "deit_small_patch16_224", "deit_base_patch16_224", "swin_tiny_patch4_window7_224",
-          "tf_efficientnet_lite0")
+ELEVEN = tuple(spec.name for spec in models.specs())
 
 # timm's parameter counts of the ImageNet models (`sum(p.numel() for p in model.parameters())`).
 TIMM_NUM_PARAMS = {
@@ -353,3 +351,17 @@ def test_depthwise_conv_as_taps_equals_lax(kernel, stride, padding):
       layers.depthwise_conv_general_dilated(x, w, (1, 1), "SAME", feature_group_count=2,
                                             dimension_numbers=layers._NHWC),
       lax.conv_general_dilated(x, w, (1, 1), "SAME", feature_group_count=2, dimension_numbers=layers._NHWC))
+
+
+def test_every_architecture_has_a_spec_a_config_and_a_timm_mapping():
+  """Adding an architecture = its module (constructor + ModelSpec) and its config: every list of
+  models derives from the specs."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  assert {s.name for s in models.specs()} == set(models.available()) - {"resnet_small"}
+  assert len(models.specs()) >= 11
+  for s in models.specs():
+    assert os.path.exists(os.path.join(root, "configs", f"{s.config}.py")), s
+    assert s.timm_family in timm_import._FAMILIES and (s.timm_tag == s.name or s.timm_tag.startswith(s.name + ".")), s
+    assert models.spec(s.name) is s
+  with pytest.raises(ValueError, match="has no ModelSpec"):
+    models.spec("resnet_small")

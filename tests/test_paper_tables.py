@@ -235,3 +235,9 @@ def test_layerwise_amp_without_a_point_within_flexiqs_bops_is_marked_not_compare
   assert tables["t1"]["margin_over"]["layerwise_amp"] == {"mean": pytest.approx(87.0 - 84.0), "models": 1}
   md = open(os.path.join(out, "paper_t1_4bit.md")).read()
   assert "could not match (cheapest 0.500 BOPs > 0.260)" in md
+
+
+def test_the_model_lists_are_the_registrys():
+  from flexiq_jax import models
+  assert paper_tables.ELEVEN == tuple(s.config for s in models.specs())
+  assert sorted(paper_tables.SWEEP_ORDER) == sorted(paper_tables.ELEVEN)

@@ -15,7 +15,7 @@ from flexiq_jax import pipeline
 from flexiq_jax import quantize
 from flexiq_jax import stage_cache
 from flexiq_jax import train
-from flexiq_jax.select.fitness import SelectionFitness
+from flexiq_jax.fitness import SelectionFitness
 from flexiq_jax.stage_results import Calibration, FloatModel, Quantized, RatioPoint, Selection
 
 

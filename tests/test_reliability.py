@@ -21,6 +21,7 @@ from flexiq_jax import data
 from flexiq_jax import models
 from flexiq_jax import pipeline
 from flexiq_jax import stage_cache
+from flexiq_jax import stage_options
 from flexiq_jax import train
 from flexiq_jax import workdir as workdir_lib
 from flexiq_jax.stage_cache import Stage, StageConfigChanged
@@ -128,7 +129,7 @@ def test_a_non_finite_override_is_a_clear_error():
 
 def test_a_changed_finetune_is_refused_before_any_stage_runs(smoke_config, tmp_path):
   old = smoke_config.copy_and_resolve_references()
-  Stage(str(tmp_path), "finetune", stage_cache.stage_fields(old, "finetune")).begin(resumable=True)
+  Stage(str(tmp_path), "finetune", stage_options.fingerprint_fields(old, "finetune")).begin(resumable=True)
   smoke_config.select.population = 6
   with pytest.raises(StageConfigChanged, match=r"select\.population: 4 -> 6.*--force_from=finetune"):
     pipeline.run_until(pipeline.Run(smoke_config, str(tmp_path)), "finetune")

@@ -492,7 +492,7 @@ def fitness_setup():
 def test_selection_fitness_scores_counts_against_the_float_model(fitness_setup):
   from flexiq_jax import quantize, train
   from flexiq_jax.finetune import kl_divergence
-  from flexiq_jax.select.fitness import SelectionFitness
+  from flexiq_jax.fitness import SelectionFitness
 
   float_model, calibration, orders, images = fitness_setup
   plan = calibration.plan

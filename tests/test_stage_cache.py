@@ -9,11 +9,12 @@ import pytest
 
 from configs import quickstart
 from flexiq_jax import stage_cache
+from flexiq_jax import stage_options
 from flexiq_jax.stage_cache import JsonCache, Stage, StageConfigChanged
 
 
 def _fingerprints(config) -> dict:
-  return {s: stage_cache.fingerprint(stage_cache.stage_fields(config, s)) for s in stage_cache.STAGE_FIELDS}
+  return {s: stage_cache.fingerprint(stage_options.stage_fields(config, s)) for s in stage_options.STAGES}
 
 
 def _changed(field, value) -> set:
@@ -47,14 +48,14 @@ ALL = {"float", "calibrate", "select", "quantize", "finetune"}
     ("quant.extraction", "naive", ALL - {"float"}),
     ("select.levels", (0.5, 1.0), {"select", "quantize", "finetune"}),
     ("finetune.learning_rate", 0.1, {"finetune"}),
-    ("finetune.level_probs", (0.5, 0.5), {"finetune"}),
+    ("finetune.level_probs", (0.4, 0.3, 0.1, 0.1, 0.1), {"finetune"}),
     ("finetune.every_step_ratios", (0.0, 1.0), {"finetune"}),
     ("quant.weight_scale", "joint", ALL - {"float"}),
     ("finetune.lsq_grad_scale", "effective", {"finetune"}),
     ("finetune.lsq_learning_rate", 1e-3, {"finetune"}),
     ("finetune.refresh_source", "quantized", {"finetune"}),
 ])
-def test_fingerprint_follows_exactly_the_listed_fields(field, value, stages):
+def test_fingerprint_follows_exactly_the_fields_a_stage_reads(field, value, stages):
   assert _changed(field, value) == stages
 
 
@@ -63,9 +64,9 @@ def test_a_field_added_later_keeps_older_workdirs_valid_at_its_old_behaviour():
   one of a config without the field, so older finetune stages and compare caches are reused."""
   config = quickstart.get_config("smoke")
   assert config.finetune.every_step_ratios == ()
-  now = stage_cache.stage_fields(config, "finetune")
+  now = stage_options.stage_fields(config, "finetune")
   del config.finetune["every_step_ratios"]
-  assert stage_cache.stage_fields(config, "finetune") == now and "finetune.every_step_ratios" not in now
+  assert stage_options.stage_fields(config, "finetune") == now and "finetune.every_step_ratios" not in now
 
 
 @pytest.mark.parametrize("field", ["quant.weight_scale", "finetune.lsq_grad_scale", "finetune.lsq_learning_rate",
@@ -89,8 +90,8 @@ def test_config_fields_are_plain_and_absent_ones_none():
   # The same values as a JSON round trip (config.json) give the same fingerprint.
   assert stage_cache.fingerprint(json.loads(json.dumps(fields))) == stage_cache.fingerprint(fields)
   assert stage_cache.fingerprint({"a": 1, "b": 2}) == stage_cache.fingerprint({"b": 2, "a": 1})
-  with_extra = stage_cache.stage_fields(config, "float", "layerwise")
-  assert "layerwise" in with_extra and "layerwise" not in stage_cache.stage_fields(config, "float")
+  with_extra = stage_options.fingerprint_fields(config, "float", "layerwise")
+  assert "layerwise" in with_extra and "layerwise" not in stage_options.fingerprint_fields(config, "float")
 
 
 def test_resumable_stage_refuses_a_changed_field_naming_it(tmp_path):

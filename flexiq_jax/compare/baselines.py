@@ -100,6 +100,13 @@ def lsq_initial_scales(plan, tables, bits: dict) -> dict:
   return scales
 
 
+# The finetune fields LSQ QAT trains with (FlexiQ's budget and recipe; not its ratio sampling,
+# refresh or learnable scales, which are FlexiQ's own).
+LSQ_FINETUNE_FIELDS = ("num_epochs", "batch_size", "optimizer", "learning_rate", "momentum", "nesterov",
+                       "weight_decay", "schedule", "warmup_steps", "label_smoothing", "grad_clip_norm",
+                       "distill_weight")
+
+
 def lsq_qat(config, workdir: str, model, variables, plan, folded, tables, bits: dict, eval_batches,
             mesh=None, reference_logits=None) -> dict:
   """Uniform QAT with LSQ, initialised from the PTQ ranges in `tables`, trained with the budget

@@ -21,8 +21,9 @@ Methods (config.compare.methods):
                   (checkpoints in compare/lsq_qat/<fingerprint of its config fields>)
 The ablation sub-workdirs are evaluated before finetuning only (their finetuning would cost as
 much again as FlexiQ's). Every row also carries agreement with the float model's predictions,
-KL(float || quantized) and the output SQNR, measured in the same evaluation pass. Each method's rows are cached in compare/rows.json by a fingerprint of
-the config, so a rerun only computes methods that changed.
+KL(float || quantized) and the output SQNR, measured in the same evaluation pass. Each method's
+rows are cached in compare/rows.json under a fingerprint of what that method reads
+(`METHOD_DEPENDS`), so a rerun only computes methods whose inputs changed.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from flexiq_jax import pipeline
 from flexiq_jax import progress
 from flexiq_jax import records
 from flexiq_jax import stage_cache
+from flexiq_jax import stage_options
 from flexiq_jax import train as train_lib
 from flexiq_jax.compare import adaround as adaround_lib
 from flexiq_jax.compare import baselines
@@ -285,9 +287,12 @@ def lsq_qat(ctx: CompareContext) -> list[Row]:
   bits = baselines.uniform_bits(plan, (4, 4), cc.keep_ends)
   # Its checkpoints sit under a fingerprint of what they depend on: a finished run of another
   # recipe (or calibration) must not be restored and evaluated as if it were this one.
-  fields = stage_cache.stage_fields(ctx.config, "finetune", "compare.lsq_init", "compare.keep_ends",
-                                    "compare.lsq_learning_rate")
-  workdir = os.path.join(ctx.run.workdir, "compare", "lsq_qat", stage_cache.fingerprint(fields))
+  workdir = os.path.join(ctx.run.workdir, "compare", "lsq_qat",
+                         stage_cache.fingerprint(method_fields(ctx.config, "lsq_qat")))
+  legacy = os.path.join(ctx.run.workdir, "compare", "lsq_qat", stage_cache.fingerprint(stage_options.fingerprint_fields(
+      ctx.config, "finetune", "compare.lsq_init", "compare.keep_ends", "compare.lsq_learning_rate")))
+  if not os.path.exists(workdir) and os.path.exists(legacy):  # the same values, keyed the older way
+    workdir = legacy
   out = baselines.lsq_qat(ctx.config, workdir, ctx.float_model.model,
                           ctx.float_model.variables, plan, ctx.calibration.folded, tables, bits, ctx.eval_data,
                           ctx.run.mesh, reference_logits=ctx.float_logits)
@@ -303,6 +308,43 @@ METHODS: dict[str, Callable[[CompareContext], list[Row]]] = {
     "layerwise_amp": layerwise_amp, "ptq_minmax": ptq_minmax, "ptq_mse": ptq_mse, "adaround": adaround,
     "lsq_qat": lsq_qat,
 }
+# What each method's rows depend on: the cached stage it builds on (its fingerprint fields,
+# and so those of every stage before it) and config fields of its own. Besides: the eval split.
+# Changing one method's knob recomputes only that method's rows.
+EVAL_FIELDS = ("data.eval_split", "data.eval_examples")
+_ABLATION = ("quantize", ("sweep", "compare.ablation_ratios"))
+METHOD_DEPENDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "flexiq": ("finetune", ("sweep", "compare.finetune")),
+    "flexiq_naive": _ABLATION, "flexiq_random": _ABLATION, "flexiq_uniform": _ABLATION,
+    "flexiq_greedy": _ABLATION, "flexiq_no_bias_correction": _ABLATION,
+    "flexiq_amp": ("quantize", ("layerwise",)),
+    "layerwise_amp": ("calibrate", ("layerwise", "compare.allowed_drops", "compare.keep_ends")),
+    "ptq_minmax": ("calibrate", ("compare.keep_ends",)),
+    "ptq_mse": ("calibrate", ("compare.keep_ends",)),
+    "adaround": ("calibrate", ("compare.keep_ends", "compare.adaround_iterations", "compare.adaround_images")),
+    "lsq_qat": ("calibrate", tuple(f"finetune.{k}" for k in baselines.LSQ_FINETUNE_FIELDS)
+                + ("seed", "compare.lsq_init", "compare.keep_ends", "compare.lsq_learning_rate")),
+}
+
+
+def method_fields(config, method: str) -> dict:
+  """The fingerprint fields of `method`'s rows (a method without a declaration, e.g. one a test
+  registers, depends on the finetune stage and every compare field)."""
+  stage, own = METHOD_DEPENDS.get(method, ("finetune", ("layerwise", "sweep", *_compare_fields(config))))
+  return stage_options.fingerprint_fields(config, stage, *own, *EVAL_FIELDS)
+
+
+def _compare_fields(config) -> list[str]:
+  """Every compare field except which methods run and where the reports go."""
+  return [f"compare.{k}" for k in config.compare.keys() if k not in ("methods", "results_prefix")]
+
+
+def _legacy_rows_fingerprint(config) -> str:
+  """The one fingerprint the rows cache had for every method (the same values: its rows stay valid)."""
+  return stage_cache.fingerprint(stage_options.fingerprint_fields(
+      config, "finetune", "layerwise", "sweep", *_compare_fields(config), "data.eval_examples"))
+
+
 ALL_METHODS = tuple(METHODS)
 
 
@@ -321,10 +363,10 @@ def run_compare(run: pipeline.Run, float_model: FloatModel, float_metrics=None, 
   unknown = [m for m in methods if m not in METHODS]
   if unknown:
     raise ValueError(f"unknown compare.methods {unknown}; valid: {list(METHODS)}")
-  # Which methods run and where the reports go change no method's rows.
-  compare_fields = [f"compare.{k}" for k in cc.keys() if k not in ("methods", "results_prefix")]
-  fields = stage_cache.stage_fields(config, "finetune", "layerwise", "sweep", *compare_fields, "data.eval_examples")
-  cache = stage_cache.JsonCache(os.path.join(run.workdir, "compare", "rows.json"), stage_cache.fingerprint(fields))
+  # Each method's rows under their own fingerprint: a change to one method's knob recomputes its rows only.
+  cache = stage_cache.KeyedJsonCache(os.path.join(run.workdir, "compare", "rows.json"),
+                                     {m: stage_cache.fingerprint(method_fields(config, m)) for m in methods},
+                                     legacy_fingerprint=_legacy_rows_fingerprint(config))
   unknown = [m for m in recompute if m not in METHODS]
   if unknown:
     raise ValueError(f"unknown methods to recompute {unknown}; valid: {list(METHODS)}")

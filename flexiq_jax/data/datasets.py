@@ -86,7 +86,7 @@ def tfds_dataset(name: str, split: str, *, data_dir: str | None = None, image_si
     raise FileNotFoundError(
         f"TFDS dataset {name!r} split {split!r} is not prepared in {looked!r} ({type(e).__name__}: {e}). "
         f"Prepare it once with TensorFlow installed: `tfds build {name} --file_format=array_record "
-        f"--data_dir={looked}` (ImageNet needs the manual download; see README, 'ImageNet'), or set "
+        f"--data_dir={looked}` (ImageNet needs the manual download; see docs/configs.md, 'ImageNet'), or set "
         "--config.data.data_dir.") from e
   info = getattr(source, "dataset_info", None) or builder.info
   num_classes = info.features[label_key].num_classes

@@ -13,10 +13,8 @@ import math
 import numpy as np
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)
-
+from flexiq_jax import models
+from flexiq_jax.models.registry import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD  # noqa: F401
 
 @dataclasses.dataclass(frozen=True)
 class EvalTransform:
@@ -26,21 +24,10 @@ class EvalTransform:
   std: tuple[float, ...]
 
 
-# timm's pretrained configs (see the design notes, section 7); keyed by canonical model name.
+# Each ImageNet architecture's eval transform: timm's pretrained configs (see the design notes,
+# section 7), declared in its `models.ModelSpec`; keyed by canonical model name.
 EVAL_TRANSFORMS: dict[str, EvalTransform] = {
-    "resnet18": EvalTransform(0.95, "bicubic", IMAGENET_MEAN, IMAGENET_STD),  # a1_in1k
-    "resnet50": EvalTransform(0.95, "bicubic", IMAGENET_MEAN, IMAGENET_STD),  # a1_in1k
-    "mobilenetv2_100": EvalTransform(0.875, "bicubic", IMAGENET_MEAN, IMAGENET_STD),  # ra_in1k
-    "efficientnet_b0": EvalTransform(0.875, "bicubic", IMAGENET_MEAN, IMAGENET_STD),  # ra_in1k
-    "regnetx_006": EvalTransform(0.875, "bicubic", IMAGENET_MEAN, IMAGENET_STD),  # pycls_in1k
-    # The TF EfficientNet-Lite0 checkpoint's port: (x - 127.5) / 127.5 (timm `tf_efficientnet_lite0.in1k`).
-    "tf_efficientnet_lite0": EvalTransform(0.875, "bicubic", INCEPTION_MEAN, INCEPTION_STD),
-    "vit_small_patch16_224": EvalTransform(0.9, "bicubic", INCEPTION_MEAN, INCEPTION_STD),  # augreg
-    "vit_base_patch16_224": EvalTransform(0.9, "bicubic", INCEPTION_MEAN, INCEPTION_STD),  # augreg
-    "deit_tiny_patch16_224": EvalTransform(0.9, "bicubic", IMAGENET_MEAN, IMAGENET_STD),  # fb_in1k
-    "deit_small_patch16_224": EvalTransform(0.9, "bicubic", IMAGENET_MEAN, IMAGENET_STD),
-    "deit_base_patch16_224": EvalTransform(0.9, "bicubic", IMAGENET_MEAN, IMAGENET_STD),
-    "swin_tiny_patch4_window7_224": EvalTransform(0.9, "bicubic", IMAGENET_MEAN, IMAGENET_STD),
+    **{spec.name: EvalTransform(*spec.eval_transform) for spec in models.specs()},
     "torchvision_v1": EvalTransform(224 / 256, "bilinear", IMAGENET_MEAN, IMAGENET_STD),
     # Small images (Fashion-MNIST, CIFAR): no crop, single-channel statistics broadcast.
     "fashion_mnist": EvalTransform(1.0, "bilinear", (0.2860,), (0.3530,)),

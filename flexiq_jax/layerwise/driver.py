@@ -24,6 +24,7 @@ from flexiq_jax import cost
 from flexiq_jax import data
 from flexiq_jax import records
 from flexiq_jax import stage_cache
+from flexiq_jax import stage_options
 from flexiq_jax import train as train_lib
 from flexiq_jax.layerwise import amp
 from flexiq_jax.layerwise import apply as apply_lib
@@ -61,7 +62,7 @@ PHASE3_KEYS = ("allowed_drop", "search", "phase2_full")  # change the choice, no
 
 def _fingerprint(config, plan, *extra) -> str:
   lw = {k: v for k, v in config.layerwise.to_dict().items() if k not in PHASE3_KEYS}
-  return stage_cache.fingerprint([stage_cache.stage_fields(config, "calibrate"), lw, plan.quantized, *map(str, extra)])
+  return stage_cache.fingerprint([stage_options.fingerprint_fields(config, "calibrate"), lw, plan.quantized, *map(str, extra)])
 
 
 class LayerwiseEvaluator:

@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flexiq_jax.models import register
+from flexiq_jax.models.registry import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, ModelSpec, register, register_spec
 from flexiq_jax.models.layers import batch_norm, conv, global_avg_pool, make_divisible
 
 
@@ -225,3 +225,14 @@ def tf_efficientnet_lite0(num_classes=1000, channel_multiplier=1.0, depth_multip
       stages=decode_arch(EFFICIENTNET_LITE_ARCH, channel_multiplier, depth_multiplier, fix_first_last=True),
       stem_size=32, num_features=1280, act="relu6", num_classes=num_classes,
       **{"padding": "tf", "bn_eps": 1e-3, **kw})
+
+
+# Reduced variants keep their own stride-2 stem (a 2x stem leaves 14 px): their depthwise convs
+# at 28 px made each several times slower per step on XLA:CPU.
+_SMALL = lambda image_size: dict(channel_multiplier=0.5, depth_multiplier=0.35, stem_stride=2)
+register_spec(ModelSpec("mobilenetv2_100", "mobilenetv2", "mobilenetv2_100.ra_in1k", "efficientnet",
+                        (0.875, "bicubic", IMAGENET_MEAN, IMAGENET_STD), _SMALL))
+register_spec(ModelSpec("efficientnet_b0", "efficientnet_b0", "efficientnet_b0.ra_in1k", "efficientnet",
+                        (0.875, "bicubic", IMAGENET_MEAN, IMAGENET_STD), _SMALL))
+register_spec(ModelSpec("tf_efficientnet_lite0", "efficientnet_lite0", "tf_efficientnet_lite0", "efficientnet",
+                        (0.875, "bicubic", INCEPTION_MEAN, INCEPTION_STD), _SMALL))

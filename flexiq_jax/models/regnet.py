@@ -15,7 +15,7 @@ from typing import Sequence
 
 import flax.linen as nn
 
-from flexiq_jax.models import register
+from flexiq_jax.models.registry import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, register, register_spec
 from flexiq_jax.models.layers import batch_norm, conv, global_avg_pool
 
 
@@ -63,3 +63,9 @@ class RegNet(nn.Module):
 @register("regnetx_006", aliases=("regnetx_600mf",))
 def regnetx_006(num_classes=1000, **kw):
   return RegNet(num_classes=num_classes, **kw)
+
+
+register_spec(ModelSpec("regnetx_006", "regnetx_600mf", "regnetx_006.pycls_in1k", "regnet",
+                        (0.875, "bicubic", IMAGENET_MEAN, IMAGENET_STD),
+                        lambda image_size: dict(depths=(1, 1, 2, 1), widths=(16, 32, 64, 128),
+                                                group_widths=(8, 8, 8, 8), stem_width=16, stem_stride=1)))

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import flax.linen as nn
 
-from flexiq_jax.models import register
+from flexiq_jax.models.registry import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, register, register_spec
 from flexiq_jax.models.layers import batch_norm, conv, global_avg_pool, max_pool_3x3_s2
 
 
@@ -98,3 +98,17 @@ def resnet_small(num_classes=10, **kw):
   """The quickstart model: a CIFAR-style ResNet-8 for 28x28 inputs (~0.08M params)."""
   kw = {"depths": (1, 1, 1), "widths": (16, 32, 64), "stem": "small", "stem_width": 16, **kw}
   return ResNet(num_classes=num_classes, **kw)
+
+
+def _small(depths_widths):
+  return lambda image_size: dict(depths_widths, stem="small", stem_width=16)
+
+
+# Reduced variants keep the full-resolution early layers (stride-1 stem): 28 px leaves no room
+# for a 4x stem.
+register_spec(ModelSpec("resnet18", "resnet18", "resnet18.a1_in1k", "resnet",
+                        (0.95, "bicubic", IMAGENET_MEAN, IMAGENET_STD),
+                        _small(dict(depths=(1, 1, 1, 1), widths=(16, 32, 64, 128)))))
+register_spec(ModelSpec("resnet50", "resnet50", "resnet50.a1_in1k", "resnet",
+                        (0.95, "bicubic", IMAGENET_MEAN, IMAGENET_STD),
+                        _small(dict(depths=(1, 1, 1, 1), widths=(8, 16, 32, 64)))))

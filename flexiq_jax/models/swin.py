@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexiq_jax.models import register
+from flexiq_jax.models.registry import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, register, register_spec
 from flexiq_jax.models.layers import AttentionMatmul, Mlp, dense, layer_norm
 
 
@@ -189,3 +189,10 @@ def swin_tiny_patch4_window7_224(num_classes=1000, **kw):
   kw = {"patch_size": 4, "window_size": 7, "embed_dim": 96, "depths": (2, 2, 6, 2),
         "num_heads": (3, 6, 12, 24), **kw}
   return SwinTransformer(num_classes=num_classes, **kw)
+
+
+register_spec(ModelSpec("swin_tiny_patch4_window7_224", "swin_t", "swin_tiny_patch4_window7_224.ms_in1k", "swin",
+                        (0.9, "bicubic", IMAGENET_MEAN, IMAGENET_STD),
+                        lambda image_size: dict(patch_size=2, window_size=7, embed_dim=32, depths=(2, 2, 2),
+                                                num_heads=(2, 4, 8), image_size=image_size),
+                        transformer=True))

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexiq_jax import models as models_lib
+from flexiq_jax.models import registry as models_lib
 
 # Keys the Flax models recompute or never use.
 _DROPPED_LEAVES = ("num_batches_tracked", "relative_position_index", "attn_mask")
@@ -52,12 +52,10 @@ _FAMILIES = {
 
 
 def _family(canonical: str) -> _Family:
-  for prefix, fam in (("resnet", "resnet"), ("mobilenetv2", "efficientnet"), ("efficientnet", "efficientnet"),
-                      ("tf_efficientnet", "efficientnet"),
-                      ("regnet", "regnet"), ("vit_", "vit"), ("deit_", "vit"), ("swin_", "swin")):
-    if canonical.startswith(prefix):
-      return _FAMILIES[fam]
-  raise ValueError(f"no timm key mapping for model {canonical!r}")
+  try:
+    return _FAMILIES[models_lib.spec(canonical).timm_family]
+  except ValueError:
+    raise ValueError(f"no timm key mapping for model {canonical!r}") from None
 
 
 # --------------------------------------------------------------------------------------------

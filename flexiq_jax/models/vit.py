@@ -15,7 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flexiq_jax.models import register
+from flexiq_jax.models.registry import (IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, ModelSpec,
+                                        register, register_spec)
 from flexiq_jax.models.layers import AttentionMatmul, Mlp, dense, layer_norm
 
 
@@ -104,3 +105,32 @@ def _constructor(embed_dim: int, num_heads: int):
 
 for _name, (_alias, _dim, _heads) in _VARIANTS.items():
   register(_name, aliases=(_alias,))(_constructor(_dim, _heads))
+
+
+# Reduced variants keep timm's size ladder (tiny < small < base, head width 32, depth 4 in place
+# of 12): the :fmnist variants of vit_b and vit_s (or deit_t and deit_s) are different networks.
+# Within one size ViT and DeiT are one architecture, as in timm; their configs differ in the
+# float training recipe (configs/common.py).
+_SMALL = dict(patch_size=4, depth=4)
+_SMALL_SIZES = {"tiny": dict(embed_dim=64, num_heads=2), "small": dict(embed_dim=96, num_heads=3),
+                "base": dict(embed_dim=128, num_heads=4)}
+
+
+def _small(size: str):
+  def kwargs(image_size: int) -> dict:
+    if image_size % _SMALL["patch_size"]:
+      raise ValueError(f"image_size {image_size} is not a multiple of patch size {_SMALL['patch_size']}")
+    return dict(_SMALL, **_SMALL_SIZES[size], image_size=image_size)
+  return kwargs
+
+
+_AUGREG = (0.9, "bicubic", INCEPTION_MEAN, INCEPTION_STD)
+_DEIT = (0.9, "bicubic", IMAGENET_MEAN, IMAGENET_STD)
+for _name, _config, _tag, _transform, _size in (
+    ("vit_small_patch16_224", "vit_s", "vit_small_patch16_224.augreg_in21k_ft_in1k", _AUGREG, "small"),
+    ("vit_base_patch16_224", "vit_b", "vit_base_patch16_224.augreg_in21k_ft_in1k", _AUGREG, "base"),
+    ("deit_tiny_patch16_224", "deit_t", "deit_tiny_patch16_224.fb_in1k", _DEIT, "tiny"),
+    ("deit_small_patch16_224", "deit_s", "deit_small_patch16_224.fb_in1k", _DEIT, "small"),
+    ("deit_base_patch16_224", "deit_b", "deit_base_patch16_224.fb_in1k", _DEIT, "base")):
+  register_spec(ModelSpec(_name, _config, _tag, "vit", _transform, _small(_size), transformer=True,
+                          deit=_name.startswith("deit_")))

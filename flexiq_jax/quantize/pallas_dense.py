@@ -1,4 +1,4 @@
-"""Fused Pallas kernels for a quantized dense layer at a run-time ratio (issue 11, items 3 and 4).
+"""Fused Pallas kernels for a quantized dense layer at a run-time ratio.
 
 `fused_dense` computes, in one kernel, what `integer.integer_forward` computes for a dense layer
 (serving form, `integer.prepare_layer`): quantize the float activation to 8-bit codes, lower the

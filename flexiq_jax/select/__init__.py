@@ -5,8 +5,8 @@ quantized apply on the table `fill_table` builds). A layer l of the L lowerable 
 channel `order` (lowered first; `ordering`) and one count per ratio level; selectors return
 counts (K, L) int32, nested across levels and on the MAC budget at each (conventions and the
 tolerance in `budget`); between levels `interpolate` fills in channels exactly in MACs.
-`fitness` (the evolutionary search's score, which runs the quantized model) is imported from its
-module: it depends on the quantize package, which itself uses `fill_table` and `counts_at_ratio`.
+The evolutionary search's score runs the quantized model, so it lives above this package
+(`flexiq_jax.fitness`): the quantize package uses `fill_table` and `counts_at_ratio` from here.
 """
 
 from flexiq_jax.select.budget import (budget_tolerance, check_problem, counts_for_uniform_ratio,

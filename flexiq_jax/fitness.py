@@ -1,6 +1,8 @@
 """The evolutionary search's fitness: how far the quantized model at a per-layer count vector is
-from the float model on calibration images. It runs the integer-path quantized apply, so this is
-the one part of selection that depends on the quantize package."""
+from the float model on calibration images.
+
+It runs the integer-path quantized apply, so it sits above the quantize and finetune packages
+and is handed to the (quantization-free) selectors of `select` as a plain callable."""
 
 from __future__ import annotations
 
