@@ -362,7 +362,7 @@ def finetune(run: Run, float_model: FloatModel, quantized: Quantized, on_step=No
   tuned = refresh(run, float_model, trained)
   checkpoint.save_tree(stage.file("qvars"), tuned.qvars)
   judge_lib.accept_or_refuse(run, float_model.logits, quantized, tuned, stage, total_steps=total_steps,
-                             train_seed=config.seed + 1)
+                             train_seed=opts.seed + 1)
   export_serving(run.workdir, tuned)
   stage.mark_done(total_steps=total_steps)
   return tuned

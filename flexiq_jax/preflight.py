@@ -91,7 +91,7 @@ def check_data(data_config) -> None:
              f"installed: `tfds build {name} --file_format=array_record{where} --manual_dir=<tars>`")
   else:
     steps = f"run once, with TensorFlow installed: `tfds build {name} --file_format=array_record{where}`"
-  pass_dir = "" if data_dir else f" (or prepare it elsewhere and pass --config.data.data_dir=<that folder>)"
+  pass_dir = "" if data_dir else " (or prepare it elsewhere and pass --config.data.data_dir=<that folder>)"
   raise MissingInput(f"the TFDS dataset {name!r} is not prepared in {root} (no {builder.data_dir}). To prepare it: "
                      f"{steps}{pass_dir}. Nothing is downloaded automatically.")
 
