@@ -43,8 +43,8 @@ from absl import logging
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # The config names of the ImageNet architectures in the tables' order (= `flexiq_jax.models.specs()`,
 # imported lazily like all of flexiq_jax here; tests/test_paper_tables.py checks the two agree).
-ELEVEN = ("resnet18", "resnet50", "mobilenetv2", "efficientnet_b0", "regnetx_600mf", "vit_s", "vit_b", "deit_t",
-          "deit_s", "deit_b", "swin_t", "efficientnet_lite0")
+ELEVEN = ("resnet18", "resnet50", "mobilenetv2", "efficientnet_b0", "efficientnet_lite0", "regnetx_600mf", "vit_s",
+          "vit_b", "deit_t", "deit_s", "deit_b", "swin_t")
 # The default order: the eleven from the cheapest to the costliest on a CPU (depthwise
 # convolutions are slow there), so an interrupted sweep has the most. The quickstart
 # (`--models=quickstart,...`) is its own reference, reported in experiments/results/README.md.

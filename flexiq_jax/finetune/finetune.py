@@ -121,8 +121,11 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
     raise ValueError(f"finetune.lsq_learning_rate must be >= 0 (0: finetune.learning_rate), got {scale_lr}")
   if scale_lr == 0:
     return tx
-  scale_cfg = ml_collections.ConfigDict(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
-  scale_cfg.learning_rate = scale_lr
+  if dataclasses.is_dataclass(cfg):  # stage options (frozen): the same recipe at the scales' rate
+    scale_cfg = dataclasses.replace(cfg, learning_rate=scale_lr, lsq_learning_rate=0.0)
+  else:
+    scale_cfg = ml_collections.ConfigDict(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
+    scale_cfg.learning_rate = scale_lr
   scale_tx = train_lib.make_optimizer(scale_cfg, total_steps)
   return optax.multi_transform({"params": tx, "scales": scale_tx},
                                lambda trainable: {k: "params" if k == "params" else "scales" for k in trainable})

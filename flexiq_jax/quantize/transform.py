@@ -23,7 +23,7 @@ every r. The ratio is data, not a constant: changing it never recompiles. A rati
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import flax.linen as nn
 import jax
@@ -40,6 +40,9 @@ from flexiq_jax.quantize import integer
 from flexiq_jax.quantize import layer_ops
 from flexiq_jax.quantize import tuning
 from flexiq_jax.quantize.plan import QuantPlan, unfolded_batch_stats
+
+if TYPE_CHECKING:
+  from flexiq_jax import contract
 
 
 def build_qvars(plan: QuantPlan, folded_variables, calib: dict, orders: dict, counts: dict, levels, *,
@@ -262,7 +265,7 @@ def check_ratio(ratio) -> float:
 
 
 def make_predict(qmodel: QuantizedModel, qvars: dict, *, tune_images: jax.typing.ArrayLike | None = None,
-                 input_spec=None) -> Callable[..., jax.Array]:
+                 input_spec: contract.InputSpec | None = None) -> Callable[..., jax.Array]:
   """predict(images, ratio, preprocess=False) for serving: one compiled function for all ratios,
   behind the serving contract (`flexiq_jax.contract`, docs/serving.md): the images' rank, shape
   and dtype are checked against `input_spec` (a `contract.InputSpec`; None: rank 4, float and
