@@ -121,6 +121,16 @@ def main(argv=None) -> int:
         round(r["summary"]["q10_median"], 3), round(r["summary"]["q50_median"], 3),
         round(r["summary"]["below_1_16_median"], 3), round(r["summary"]["dead_mean"], 3)]
        for label, r in results.items()]))
+  lines.append("\nBy module name (the last part of the layer path; median A/median(a_c) over those layers, their count):\n\n")
+  by_name = {label: {} for label in results}
+  for label, r in results.items():
+    for x in r["layers"][1:]:
+      by_name[label].setdefault(x["layer"].split("/")[-1], []).append(x["max_over_median"])
+  names = sorted({n for v in by_name.values() for n in v})
+  lines.append(records.markdown_table(
+      ["module"] + list(results),
+      [[n] + [f"{np.median(by_name[label][n]):.2f} ({len(by_name[label][n])})" if n in by_name[label] else "-"
+              for label in results] for n in names]))
   for label, r in results.items():
     lines.append(f"\n## {label} ({r['model']}, {r['image_size']} px)\n\n")
     lines.append(records.markdown_table(

@@ -91,6 +91,20 @@ def test_resize_and_three_channels(tiny_fmnist):
   np.testing.assert_array_equal(batch["image"][..., 0], batch["image"][..., 2])
 
 
+def test_three_channels_with_per_channel_statistics(tiny_fmnist):
+  """Grey replicated to RGB and normalised with ImageNet's per-channel mean/std: three channels
+  (not nine), each (g/255 - mean_c) / std_c of the same grey value."""
+  from flexiq_jax.data import preprocess
+
+  ds = data.fashion_mnist_dataset("test", tiny_fmnist, image_size=32, channels=3, normalization="resnet18")
+  image = ds.load(np.arange(2), None)["image"]
+  assert image.shape == (2, 32, 32, 3)
+  grey = image[..., 0] * preprocess.IMAGENET_STD[0] + preprocess.IMAGENET_MEAN[0]
+  for c in range(3):
+    np.testing.assert_allclose(image[..., c], (grey - preprocess.IMAGENET_MEAN[c]) / preprocess.IMAGENET_STD[c],
+                               atol=1e-5)
+
+
 def test_train_batches_deterministic_and_resumable(tiny_fmnist):
   ds = data.fashion_mnist_dataset("train", tiny_fmnist, augment=True)
   run1 = list(data.train_batches(ds, 32, seed=3, num_steps=12, num_threads=2))
