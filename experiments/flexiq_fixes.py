@@ -55,6 +55,7 @@ _SHARE = flags.DEFINE_bool("share_selection", False, "Every variant lowers the c
 _UNTIL = flags.DEFINE_enum("until", "finetune", ["quantize", "finetune"], "'quantize': post-training only (the "
                            "'before finetuning' columns), e.g. for a quick look at the weight grids.")
 _TAG = flags.DEFINE_string("tag", "", "Appended to the results file names (e.g. for a run with config overrides).")
+_RENDER_ONLY = flags.DEFINE_bool("render_only", False, "Only rewrite the .md from the saved .json (same flags).")
 _OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                            "Folder for the results files.")
 flags.mark_flags_as_required(["config"])
@@ -108,11 +109,12 @@ def _fmt(v, digits=2):
   return "-" if v is None else f"{v:.{digits}f}"
 
 
-def render(base, info, float_metrics, rows: dict, ratios) -> str:
+def render(base, info, float_metrics, rows: dict, ratios, shared_selection: bool = False) -> str:
   name = base.model.name
   text = (f"# FlexiQ fixes as ablations: {name} on {base.data.name}\n\n" + records.provenance_header(info)
-          + ("Every variant lowers the channels the reference variant's evolutionary search selected "
-             "(`--share_selection`): only the grid or the training differs.\n\n" if _SHARE.value else "")
+          + (f"Every variant lowers the channels the reference variant's selection (select.selector="
+             f"'{base.select.selector}') chose (`--share_selection`): only the grid or the training differs.\n\n"
+             if shared_selection else "")
           + f"Float top-1 {float_metrics['top1']:.2f}% on the first {float_metrics.get('num_examples', '?')} "
             f"images of the {base.data.eval_split} split (the sweep's images). Each variant: the config plus the "
             "overrides listed, on the same float model; top-1 (%) / KL(float || quantized) at each 4-bit ratio, "
@@ -135,6 +137,8 @@ def render(base, info, float_metrics, rows: dict, ratios) -> str:
            "KL(float || quantized) on the calibration images at ratios 0 / 0.5 / 1. 'float': bias-correction means "
            "from the float forward of the finetuned weights (the behaviour before `finetune.refresh_source`); "
            "'quantized': from the quantized model's own layer inputs at ratios 0.5 and 1.\n\n")
+  if not any(row.get("refresh") for row in rows.values()):  # post-training only (--until=quantize)
+    return text.split("\n\nRefresh after finetuning")[0] + "\n"
   rtable = []
   for vname, row in rows.items():
     rb = row.get("refresh")
@@ -147,28 +151,38 @@ def render(base, info, float_metrics, rows: dict, ratios) -> str:
   return text + "\n"
 
 
+def _stem(base) -> str:
+  """The results files' path without extension, from the flags."""
+  stem = os.path.join(_OUT.value, f"flexiq_fixes_{base.model.name}")
+  stem += "_shared_selection" if _SHARE.value else ""
+  stem += "_ptq" if _UNTIL.value == "quantize" else ""
+  return stem + (f"_{_TAG.value}" if _TAG.value else "")
+
+
 def main(argv):
   base = _CONFIG.value
-  workdir = cli.start(argv, _WORKDIR.value)
   info = records.run_info(records.command_argv())
   ratios = [float(r) for r in _RATIOS.value]
   names = _VARIANTS.value or list(VARIANTS)
   unknown = [n for n in names if n not in VARIANTS]
   if unknown:
     raise app.UsageError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+  if _RENDER_ONLY.value:  # the tables again from the saved results (their own command, commit, date)
+    stem = _stem(base)
+    saved = json.load(open(stem + ".json"))
+    with open(stem + ".md", "w") as f:
+      f.write(render(base, saved, saved["float"], saved["variants"], saved["ratios"], _SHARE.value)
+              + f"\nThis file re-rendered from {os.path.basename(stem)}.json (the numbers' command, commit and date "
+                f"above) by `{info['command']}` at {info['commit'][:7]}, {info['date']}.\n")
+    return
+  workdir = cli.start(argv, _WORKDIR.value)
   run = pipeline.Run(base, workdir)
   result = pipeline.run_until(run, "eval")
   float_model, float_metrics, float_logits = result.float_model, result.float_metrics, result.float_logits
   os.makedirs(_OUT.value, exist_ok=True)
-  stem = os.path.join(_OUT.value, f"flexiq_fixes_{base.model.name}")
+  stem = _stem(base)
   rows = {}
   subdir = "fixes_shared" if _SHARE.value else "fixes"
-  if _SHARE.value:
-    stem += "_shared_selection"
-  if _UNTIL.value == "quantize":
-    stem += "_ptq"
-  if _TAG.value:
-    stem += f"_{_TAG.value}"
   if os.path.exists(stem + ".json"):  # a resumed run keeps the variants already measured
     saved = json.load(open(stem + ".json"))
     rows = {k: v for k, v in saved.get("variants", {}).items() if k not in names}
@@ -196,7 +210,7 @@ def main(argv):
     with open(stem + ".json", "w") as f:
       json.dump({**info, "float": float_metrics, "ratios": ratios, "variants": rows}, f, indent=2)
     with open(stem + ".md", "w") as f:
-      f.write(render(base, info, float_metrics, rows, ratios))
+      f.write(render(base, info, float_metrics, rows, ratios, _SHARE.value))
     print(f"flexiq_fixes: {name} done; {stem}.md")
 
 
