@@ -56,7 +56,7 @@ _UNTIL = flags.DEFINE_enum("until", "finetune", ["quantize", "finetune"], "'quan
                            "'before finetuning' columns), e.g. for a quick look at the weight grids.")
 _TAG = flags.DEFINE_string("tag", "", "Appended to the results file names (e.g. for a run with config overrides).")
 _RENDER_ONLY = flags.DEFINE_bool("render_only", False, "Only rewrite the .md from the saved .json (same flags).")
-_OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+_OUT = flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                            "Folder for the results files.")
 flags.mark_flags_as_required(["config"])
 

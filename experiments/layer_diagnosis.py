@@ -49,7 +49,7 @@ _VARIANT = flags.DEFINE_string("variant", None, "A variant of experiments.flexiq
 _SHARED = flags.DEFINE_bool("shared_selection", False, "The variant ran with experiments.flexiq_fixes "
                              "--share_selection (its workdir is <workdir>/fixes_shared/<variant>).")
 _IMAGES = flags.DEFINE_integer("images", 1000, "Eval images the KL is measured on (the first ones).")
-_OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+_OUT = flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                            "Folder for the results files.")
 flags.mark_flags_as_required(["config"])
 
