@@ -87,7 +87,7 @@ MUTANTS = (
            "passed = jnp.where(inside, q, jax.lax.stop_gradient(q))", "passed = q",
            ("tests/test_numerics_extraction.py",), "QAT gradient passes through the 4-bit clip (drifts past it)"),
     Mutant("lsq_checkpoints_not_keyed", "flexiq_jax/compare/harness.py",
-           'workdir = os.path.join(ctx.run.workdir, "compare", "lsq_qat", stage_cache.fingerprint(fields))',
+           'workdir = os.path.join(ctx.run.workdir, "compare", "lsq_qat", key)',
            'workdir = os.path.join(ctx.run.workdir, "compare", "lsq_qat")',
            ("tests/test_compare.py", "-k", "lsq"), "a finished LSQ run of another recipe is restored and reported"),
     Mutant("serve_ignores_oldest_wait", "flexiq_jax/serve/controller.py",

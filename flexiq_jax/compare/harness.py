@@ -287,8 +287,8 @@ def lsq_qat(ctx: CompareContext) -> list[Row]:
   bits = baselines.uniform_bits(plan, (4, 4), cc.keep_ends)
   # Its checkpoints sit under a fingerprint of what they depend on: a finished run of another
   # recipe (or calibration) must not be restored and evaluated as if it were this one.
-  workdir = os.path.join(ctx.run.workdir, "compare", "lsq_qat",
-                         stage_cache.fingerprint(method_fields(ctx.config, "lsq_qat")))
+  key = stage_cache.fingerprint(method_fields(ctx.config, "lsq_qat"))
+  workdir = os.path.join(ctx.run.workdir, "compare", "lsq_qat", key)
   legacy = os.path.join(ctx.run.workdir, "compare", "lsq_qat", stage_cache.fingerprint(stage_options.fingerprint_fields(
       ctx.config, "finetune", "compare.lsq_init", "compare.keep_ends", "compare.lsq_learning_rate")))
   if not os.path.exists(workdir) and os.path.exists(legacy):  # the same values, keyed the older way
