@@ -41,17 +41,20 @@ from flexiq_jax.quantize import layer_ops
 
 from experiments import fixes_variants
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/<name>.py[:args]).",
-                                          lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir holding the float model (and the FlexiQ stages).")
-_VARIANT = flags.DEFINE_string("variant", None, "A variant of experiments.flexiq_fixes (its sub-workdir and "
-                               "overrides); default: the workdir's own stages.")
-_SHARED = flags.DEFINE_bool("shared_selection", False, "The variant ran with experiments.flexiq_fixes "
-                             "--share_selection (its workdir is <workdir>/fixes_shared/<variant>).")
-_IMAGES = flags.DEFINE_integer("images", 1000, "Eval images the KL is measured on (the first ones).")
-_OUT = flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
-                           "Folder for the results files.")
-flags.mark_flags_as_required(["config"])
+# The flags exist only when this file runs as a script: the tests import its classes in the
+# same process as run.py, whose --config would otherwise be defined twice.
+if __name__ == "__main__":
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/<name>.py[:args]).",
+                                            lock_config=False)
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir holding the float model (and the FlexiQ stages).")
+  _VARIANT = flags.DEFINE_string("variant", None, "A variant of experiments.flexiq_fixes (its sub-workdir and "
+                                 "overrides); default: the workdir's own stages.")
+  _SHARED = flags.DEFINE_bool("shared_selection", False, "The variant ran with experiments.flexiq_fixes "
+                               "--share_selection (its workdir is <workdir>/fixes_shared/<variant>).")
+  _IMAGES = flags.DEFINE_integer("images", 1000, "Eval images the KL is measured on (the first ones).")
+  _OUT = flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                             "Folder for the results files.")
+  flags.mark_flags_as_required(["config"])
 
 
 def layer_kind(path: str, info) -> str:
