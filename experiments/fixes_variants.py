@@ -18,6 +18,8 @@ VARIANTS = {
     "joint_sandwich_lsq": {"quant.weight_scale": "joint", "finetune.every_step_ratios": (0.0, 1.0), **_LSQ},
     "max112": {"quant.weight_scale": "max112"},
     "sandwich": {"finetune.every_step_ratios": (0.0, 1.0)},
+    "max112_sandwich": {"quant.weight_scale": "max112", "finetune.every_step_ratios": (0.0, 1.0)},
+    "max112_sandwich_lsq": {"quant.weight_scale": "max112", "finetune.every_step_ratios": (0.0, 1.0), **_LSQ},
     "joint_lsq_qmax8": {"quant.weight_scale": "joint", "finetune.lsq": True, "finetune.lsq_grad_scale": "qmax8",
                         "finetune.lsq_learning_rate": "compare"},
     "joint_lsq": {"quant.weight_scale": "joint", **_LSQ},

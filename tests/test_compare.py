@@ -11,6 +11,7 @@ import pytest
 
 from conftest import run_py, smoke_args
 from flexiq_jax import compare
+from flexiq_jax import finetune
 from flexiq_jax import pipeline
 from flexiq_jax import train
 from flexiq_jax.compare import harness
@@ -265,3 +266,35 @@ def test_rows_cache_keeps_each_methods_rows_under_its_own_fingerprint(tmp_path):
   stage_cache.JsonCache(str(tmp_path / "old.json"), "legacy").get("a", lambda: [9])
   assert stage_cache.KeyedJsonCache(str(tmp_path / "old.json"), {"a": "fa"}, "legacy").data == {"a": [9]}
   assert stage_cache.KeyedJsonCache(str(tmp_path / "old.json"), {"a": "fa"}, "other").data == {}
+
+
+def test_qat_baselines_get_flexiq_s_forward_backward_passes(context, tmp_path, monkeypatch):
+  """With the sandwich rule FlexiQ makes 1 + len(every_step_ratios) passes per step; LSQ then runs
+  that many times more steps, the switchable network (two passes per step) half of LSQ's."""
+  cfg = context.config.finetune
+  assert finetune.passes_per_step(cfg) == 1 and finetune.pass_matched_steps(cfg, 256) == 4
+  sandwich = _in(context, tmp_path / "sandwich", **{"finetune.every_step_ratios": (0.0, 1.0)})
+  assert finetune.passes_per_step(sandwich.config.finetune) == 3
+  assert finetune.pass_matched_steps(sandwich.config.finetune, 256, passes=2) == 6
+  monkeypatch.setattr(train, "run_loop", lambda state, *a, **k: state)  # the budget only, no training
+  assert harness.lsq_qat(sandwich)[0].setting.startswith("W4A4 (ends W8A8), 12 steps")
+  assert harness.method_fields(sandwich.config, "lsq_qat") != harness.method_fields(context.config, "lsq_qat")
+
+
+def test_switchable_baseline_trains_one_network_for_both_precisions(context, tmp_path):
+  """One set of weights, two sets of LSQ scales: a W8A8 row at full BOPs and a W4A4 row at
+  LSQ's BOPs, from the same checkpoint, with half of LSQ's steps; each step logs both accuracies."""
+  ctx = _in(context, tmp_path / "sw")
+  rows = harness.switchable_qat(ctx)
+  assert [r.method for r in rows] == ["switchable_qat"] * 2
+  assert rows[0].setting.startswith("W8A8 (ends W8A8), switchable, 2 steps")
+  assert rows[1].setting.startswith("W4A4 (ends W8A8), switchable, 2 steps")
+  assert rows[0].relative_bops == pytest.approx(1.0)
+  assert rows[1].relative_bops == pytest.approx(harness.lsq_qat(_in(context, tmp_path / "lsq"))[0].relative_bops)
+  for row in rows:
+    assert 0 <= row.top1 <= 100 and row.extra["kl"] >= 0 and "accepted" in row.extra["judge"]
+  # The 8-bit network agrees with float more closely than the 4-bit one.
+  assert rows[0].extra["kl"] < rows[1].extra["kl"]
+  [fingerprint] = os.listdir(tmp_path / "sw" / "compare" / "switchable_qat")
+  log = [json.loads(line) for line in open(tmp_path / "sw" / "compare" / "switchable_qat" / fingerprint / "metrics.jsonl")]
+  assert log[-1]["step"] == 2 and {"accuracy_w8a8", "accuracy_w4a4"} <= set(log[-1])

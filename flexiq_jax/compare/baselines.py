@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 
+import jax
 import jax.numpy as jnp
+import optax
 
 from flexiq_jax import cost
 from flexiq_jax import data
@@ -110,7 +111,8 @@ LSQ_FINETUNE_FIELDS = ("num_epochs", "batch_size", "optimizer", "learning_rate",
 def lsq_qat(config, workdir: str, model, variables, plan, folded, tables, bits: dict, eval_batches,
             mesh=None, reference_logits=None) -> dict:
   """Uniform QAT with LSQ, initialised from the PTQ ranges in `tables`, trained with the budget
-  and recipe of config.finetune (epochs, batch size, optimizer, distillation) through the same
+  and recipe of config.finetune (as many forward+backward passes as FlexiQ's finetuning,
+  `finetune.pass_matched_steps`; batch size, optimizer, distillation) through the same
   resumable loop and step as FlexiQ's finetuning, at config.compare.lsq_learning_rate when set.
   Checkpoints go to <workdir>/checkpoints. Returns train.evaluate's metrics on `eval_batches`
   (agreement / KL / SQNR too with the float `reference_logits`) with 'steps' and 'learning_rate'."""
@@ -120,7 +122,7 @@ def lsq_qat(config, workdir: str, model, variables, plan, folded, tables, bits: 
   if lsq_lr > 0:
     cfg.learning_rate = lsq_lr
   train_ds = data.get_dataset(config.data, config.data.train_split, train=True)
-  total_steps = int(math.ceil(cfg.num_epochs * train_ds.num_examples / cfg.batch_size))
+  total_steps = finetune.pass_matched_steps(cfg, train_ds.num_examples)
   tx = train_lib.make_optimizer(cfg, total_steps)
   trainable = {"params": folded["params"], "scales": lsq_initial_scales(plan, tables, bits)}
   frozen = {"batch_stats": folded["batch_stats"]} if "batch_stats" in folded else {}
@@ -153,3 +155,116 @@ def lsq_qat(config, workdir: str, model, variables, plan, folded, tables, bits: 
           f"{verdict['before_qat']['kl']:.4g} -> {verdict['after_qat']['kl']:.4g}; its row is marked refused. Lower "
           f"compare.lsq_learning_rate or set finetune.grad_clip_norm.")
   return {**metrics, "steps": total_steps, "learning_rate": float(cfg.learning_rate), "judge": verdict}
+
+
+# The two precisions of the switchable-precision baseline, highest first.
+SWITCHABLE_BITS = ((8, 8), (4, 4))
+
+
+def switchable_step(state: finetune.QATState, batch, *, forwards: tuple, tx: optax.GradientTransformation,
+                    teacher_fn=None, distill_weight: float = 0.0, label_smoothing: float = 0.0):
+  """One step of switchable-precision QAT (Any-Precision DNN, Yu et al. 2021): the loss is the mean
+  of the losses of one set of weights at every precision, each with its own learnt LSQ scales
+  (switchable clipping, as AdaBits). Pure: (state, batch) -> (state, metrics).
+
+  Args:
+    state: trainable {'params', 'scales': ({...} per precision)} and the frozen variables.
+    batch: {'image', 'label'}.
+    forwards: one `LsqForward` per precision, in the order of state.trainable['scales'].
+    tx: the optimizer.
+    teacher_fn: float logits for distillation, or None.
+    distill_weight: weight of KL(teacher || student) in the loss.
+    label_smoothing: of the cross-entropy.
+
+  Returns:
+    The new state and {'loss', 'ce', 'accuracy', 'grad_norm', 'accuracy_<w>w<a>a' per precision}.
+  """
+  teacher = (teacher_fn(batch["image"]) if teacher_fn is not None and distill_weight > 0 else None)
+
+  def loss_fn(trainable):
+    losses, ces, accs = [], [], []
+    for forward, scales in zip(forwards, trainable["scales"]):
+      one = finetune.make_loss_fn(batch, logits_fn=forward, teacher_logits=teacher, frozen=state.frozen,
+                                  distill_weight=distill_weight, label_smoothing=label_smoothing)
+      loss, (logits, ce) = one({"params": trainable["params"], "scales": scales})
+      losses.append(loss)
+      ces.append(ce)
+      accs.append(jnp.mean(jnp.argmax(logits, -1) == batch["label"]))
+    return sum(losses) / len(losses), (sum(ces) / len(ces), accs)
+
+  (loss, (ce, accs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+  metrics = {"loss": loss, "ce": ce, "accuracy": sum(accs) / len(accs), "grad_norm": optax.tree.norm(grads)}
+  for (w, a), acc in zip(SWITCHABLE_BITS, accs):
+    metrics[f"accuracy_w{w}a{a}"] = acc
+  return finetune.apply_gradients(state, grads, tx), metrics
+
+
+def switchable_qat(config, workdir: str, model, variables, plan, folded, tables: dict, keep_ends: bool, eval_batches,
+                   mesh=None, reference_logits=None) -> list[dict]:
+  """Switchable-precision QAT: one set of BN-folded weights trained jointly at W8A8 and W4A4
+  (every quantized layer; with `keep_ends` the first and last stay W8A8 in both, as FlexiQ keeps
+  them), each precision with its own LSQ scales initialised from the PTQ ranges in `tables`, and
+  switched at run time by choosing the scales. Same recipe as `lsq_qat` (config.finetune at
+  config.compare.lsq_learning_rate when set) and the same number of forward+backward passes as
+  FlexiQ's finetuning: a step makes one pass per precision, so it runs half the steps of LSQ.
+  BN is folded before training, so there is no switchable BN (the paper's per-precision BN).
+
+  Args:
+    config: the run config.
+    workdir: where its checkpoints and metrics go.
+    model, variables: the float model.
+    plan, folded: the calibration's plan and BN-folded variables.
+    tables: PTQ clipping tables with entries for 4 and 8 bits.
+    keep_ends: keep the non-lowerable layers at W8A8.
+    eval_batches: the evaluation batches (a list: it is iterated once per precision).
+    mesh: the device mesh.
+    reference_logits: float logits of eval_batches, for agreement / KL / SQNR.
+
+  Returns:
+    One metrics dict per precision of SWITCHABLE_BITS (train.evaluate's, with 'bits', 'steps',
+    'learning_rate', 'relative_bops' and the judge's verdict of that precision).
+  """
+  mesh = mesh or parallel.make_mesh()
+  cfg = config.finetune.copy_and_resolve_references()
+  lsq_lr = config.get("compare", {}).get("lsq_learning_rate", 0.0)
+  if lsq_lr > 0:
+    cfg.learning_rate = lsq_lr
+  train_ds = data.get_dataset(config.data, config.data.train_split, train=True)
+  total_steps = finetune.pass_matched_steps(cfg, train_ds.num_examples, passes=len(SWITCHABLE_BITS))
+  tx = train_lib.make_optimizer(cfg, total_steps)
+  bits = [uniform_bits(plan, b, keep_ends) for b in SWITCHABLE_BITS]
+  forwards = tuple(LsqForward(model, plan, b) for b in bits)
+  start = {"params": folded["params"], "scales": tuple(lsq_initial_scales(plan, tables, b) for b in bits)}
+  frozen = {"batch_stats": folded["batch_stats"]} if "batch_stats" in folded else {}
+  state = parallel.replicate(finetune.state_from_parts(start, frozen, tx), mesh)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  state = train_lib.restore_latest(ckpt_dir, state)
+  if int(state.step) < total_steps:
+    teacher = (functools.partial(train_lib.float_logits, model, variables) if cfg.distill_weight > 0 else None)
+    step_fn = functools.partial(switchable_step, forwards=forwards, tx=tx, teacher_fn=teacher,
+                                distill_weight=cfg.distill_weight, label_smoothing=cfg.label_smoothing)
+    batches = data.train_batches(train_ds, cfg.batch_size, seed=config.seed + 2, start_step=int(state.step),
+                                 num_steps=total_steps, num_threads=config.data.num_threads)
+    state = train_lib.run_loop(state, step_fn, batches, total_steps=total_steps, ckpt_dir=ckpt_dir,
+                               checkpoint_every=train_lib.checkpoint_interval(cfg.checkpoint_every_steps, total_steps),
+                               metrics_path=os.path.join(workdir, "metrics.jsonl"),
+                               log_every=config.train.log_every_steps, mesh=mesh, desc="switchable QAT",
+                               divergence_factor=cfg.get("divergence_factor", 0.0),
+                               learning_rate=train_lib.make_schedule(cfg, total_steps))
+  out = []
+  float_fn = functools.partial(train_lib.float_logits, model, variables)
+  for i, (b, forward) in enumerate(zip(SWITCHABLE_BITS, forwards)):
+    pick = lambda t, i=i: {"params": t["params"], "scales": t["scales"][i]}
+    predict = lambda images, trainable, frozen, forward=forward, pick=pick: forward(pick(trainable), frozen, images)
+    metrics = train_lib.evaluate(predict, iter(eval_batches), mesh, desc=f"switchable W{b[0]}A{b[1]} eval",
+                                 args=(state.trainable, state.frozen), reference_logits=reference_logits)
+    frozen_now = state.frozen
+    verdict = judge.judge_uniform_qat(config, float_fn, lambda t, x, forward=forward: forward(t, frozen_now, x),
+                                      pick(start), pick(state.trainable), total_steps=total_steps,
+                                      train_seed=config.seed + 2)
+    if not verdict["accepted"]:
+      print(f"warning: switchable QAT at W{b[0]}A{b[1]} ended worse than its PTQ start ({', '.join(verdict['failed'])})"
+            f"; its row is marked refused.")
+    out.append({**metrics, "bits": b, "steps": total_steps, "learning_rate": float(cfg.learning_rate),
+                "relative_bops": relative_bops(plan, bits[i]), "judge": verdict})
+  return out

@@ -302,17 +302,44 @@ def lsq_qat(ctx: CompareContext) -> list[Row]:
               baselines.relative_bops(plan, bits), {**fidelity(out), "judge": out["judge"]})]
 
 
+def switchable_qat(ctx: CompareContext) -> list[Row]:
+  """One network trained jointly at W8A8 and W4A4, switched at run time (Any-Precision DNN with
+  LSQ scales per precision), with as many forward+backward passes as FlexiQ's finetuning."""
+  cc, plan = ctx.config.compare, ctx.calibration.plan
+  tables = apply_lib.build_tables(ctx.float_model.model, plan, ctx.calibration.folded, ctx.calibration.stats,
+                                  act_method=cc.lsq_init, weight_method=cc.lsq_init, bits=(4, 8),
+                                  batches=ctx.calib_batches)
+  key = stage_cache.fingerprint(method_fields(ctx.config, "switchable_qat"))
+  workdir = os.path.join(ctx.run.workdir, "compare", "switchable_qat", key)
+  outs = baselines.switchable_qat(ctx.config, workdir, ctx.float_model.model, ctx.float_model.variables, plan,
+                                  ctx.calibration.folded, tables, cc.keep_ends, ctx.eval_data, ctx.run.mesh,
+                                  reference_logits=ctx.float_logits)
+  ends = " (ends W8A8)" if cc.keep_ends else ""
+  rows = []
+  for out in outs:
+    w, a = out["bits"]
+    refused = "" if out["judge"]["accepted"] else " (refused: worse than its PTQ start on held-out images)"
+    rows.append(Row("switchable_qat", f"W{w}A{a}{ends}, switchable, {out['steps']} steps, lr "
+                    f"{out['learning_rate']:g}{refused}", out["top1"], out["relative_bops"],
+                    {**fidelity(out), "bits": [w, a], "judge": out["judge"]}))
+  return rows
+
+
 METHODS: dict[str, Callable[[CompareContext], list[Row]]] = {
     "flexiq": flexiq, "flexiq_naive": flexiq_naive, "flexiq_random": flexiq_random, "flexiq_uniform": flexiq_uniform,
     "flexiq_greedy": flexiq_greedy, "flexiq_no_bias_correction": flexiq_no_bias_correction, "flexiq_amp": flexiq_amp,
     "layerwise_amp": layerwise_amp, "ptq_minmax": ptq_minmax, "ptq_mse": ptq_mse, "adaround": adaround,
-    "lsq_qat": lsq_qat,
+    "lsq_qat": lsq_qat, "switchable_qat": switchable_qat,
 }
 # What each method's rows depend on: the cached stage it builds on (its fingerprint fields,
 # and so those of every stage before it) and config fields of its own. Besides: the eval split.
 # Changing one method's knob recomputes only that method's rows.
 EVAL_FIELDS = ("data.eval_split", "data.eval_examples")
 _ABLATION = ("quantize", ("sweep", "compare.ablation_ratios"))
+# A QAT baseline's rows: FlexiQ's recipe and pass budget (every_step_ratios sets the passes per step).
+_QAT_BASELINE = (tuple(f"finetune.{k}" for k in baselines.LSQ_FINETUNE_FIELDS)
+                 + ("finetune.every_step_ratios", "seed", "compare.lsq_init", "compare.keep_ends",
+                    "compare.lsq_learning_rate"))
 METHOD_DEPENDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "flexiq": ("finetune", ("sweep", "compare.finetune")),
     "flexiq_naive": _ABLATION, "flexiq_random": _ABLATION, "flexiq_uniform": _ABLATION,
@@ -322,8 +349,8 @@ METHOD_DEPENDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "ptq_minmax": ("calibrate", ("compare.keep_ends",)),
     "ptq_mse": ("calibrate", ("compare.keep_ends",)),
     "adaround": ("calibrate", ("compare.keep_ends", "compare.adaround_iterations", "compare.adaround_images")),
-    "lsq_qat": ("calibrate", tuple(f"finetune.{k}" for k in baselines.LSQ_FINETUNE_FIELDS)
-                + ("seed", "compare.lsq_init", "compare.keep_ends", "compare.lsq_learning_rate")),
+    "lsq_qat": ("calibrate", _QAT_BASELINE),
+    "switchable_qat": ("calibrate", _QAT_BASELINE),
 }
 
 

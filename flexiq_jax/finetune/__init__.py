@@ -1,4 +1,6 @@
 """Finetune stage: multi-ratio quantization-aware training (and the QAT step the baselines share)."""
 
-from flexiq_jax.finetune.finetune import (QATState, RatioSampler, create_state, distill_step, kl_divergence, make_optimizer,
-                                          merge_qvars, qat_step, split_qvars, state_from_parts)
+from flexiq_jax.finetune.finetune import (QATState, RatioSampler, apply_gradients, create_state, distill_step,
+                                          kl_divergence, make_loss_fn, make_optimizer, merge_qvars,
+                                          pass_matched_steps, passes_per_step, qat_step, split_qvars,
+                                          state_from_parts)

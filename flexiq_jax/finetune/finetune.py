@@ -13,6 +13,7 @@ jit-compiled once: the ratios are data.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import flax
@@ -189,6 +190,29 @@ class RatioSampler:
     continuous = jax.random.uniform(cont, (), jnp.float32)
     use_continuous = jax.random.uniform(jax.random.fold_in(cont, 1), ()) < self.uniform_prob
     return jnp.where(use_continuous, continuous, level)
+
+
+def passes_per_step(finetune_cfg) -> int:
+  """Forward+backward passes of one multi-ratio QAT step: the sampled ratio and each of
+  finetune.every_step_ratios."""
+  return 1 + len(tuple(finetune_cfg.get("every_step_ratios", ()) or ()))
+
+
+def pass_matched_steps(finetune_cfg, num_examples: int, passes: int = 1) -> int:
+  """Steps of a QAT method that makes `passes` forward+backward passes per step, so that it makes
+  as many passes as FlexiQ's finetuning (finetune.num_epochs of `num_examples` at
+  finetune.batch_size, `passes_per_step` each). The budget every QAT baseline gets.
+
+  Args:
+    finetune_cfg: the config's finetune section.
+    num_examples: size of the training split.
+    passes: passes per step of the method being budgeted.
+
+  Returns:
+    The number of steps (at least 1 when FlexiQ trains at all).
+  """
+  flexiq_steps = int(math.ceil(finetune_cfg.num_epochs * num_examples / finetune_cfg.batch_size))
+  return int(math.ceil(flexiq_steps * passes_per_step(finetune_cfg) / passes))
 
 
 def qat_step(state: QATState, batch, *, qmodel: QuantizedModel, tx: optax.GradientTransformation,
