@@ -51,10 +51,13 @@ ELEVEN = ("resnet18", "resnet50", "mobilenetv2", "efficientnet_b0", "efficientne
 SWEEP_ORDER = ("resnet18", "resnet50", "regnetx_600mf", "vit_s", "deit_t", "deit_s", "vit_b", "deit_b", "swin_t",
                "mobilenetv2", "efficientnet_b0", "efficientnet_lite0")
 METHODS = ("flexiq", "flexiq_naive", "flexiq_random", "flexiq_uniform", "flexiq_greedy", "flexiq_no_bias_correction",
-           "ptq_minmax", "ptq_mse", "adaround", "lsq_qat", "layerwise_amp")
+           "ptq_minmax", "ptq_mse", "adaround", "lsq_qat", "layerwise_amp", "switchable_qat")
 # The 4-bit baselines of T1 (method, the setting prefix of its 4-bit row).
 T1_BASELINES = (("ptq_minmax", "W4A4"), ("ptq_mse", "W4A4"), ("adaround", "W4A4"), ("lsq_qat", "W4A4"),
                 ("layerwise_amp", None))
+# Methods of FlexiQ's own kind (one network, switched at run time): their 4-bit point, in T1 beside
+# the single-point baselines but not among them (FlexiQ's margin over them is its own line).
+T1_SWITCHABLE = (("switchable_qat", "W4A4"),)
 FIDELITY = ("agreement", "kl", "sqnr_db")  # = flexiq_jax.train.FIDELITY_METRICS (imported lazily, as all of flexiq_jax here)
 
 _MODELS = flags.DEFINE_list("models", list(SWEEP_ORDER), "Config names (configs/<name>.py), run one after another.")
@@ -354,6 +357,13 @@ def table1(sweep: dict) -> dict:
         # No point within FlexiQ's BOPs: the cell says so (no costlier point is compared instead).
         row["baselines"][method]["unmatched"] = {"cheapest_relative_bops": cheapest_layerwise_bops(recs[0]),
                                                  "budget": budget[0] if budget else None}
+    for method, prefix in T1_SWITCHABLE:
+      pick = lambda r, m=method, p=prefix: find_row(r, m, setting_prefix=p)
+      found = pick(recs[0])
+      row.setdefault("switchable", {})[method] = {"top1": per_seed(recs, pick),
+                                                   "fidelity": {k: per_seed(recs, pick, k) for k in FIDELITY},
+                                                   "relative_bops": found["relative_bops"] if found else None,
+                                                   "setting": found["setting"] if found else None}
     rows.append(row)
   # Margins as the paper states them: FlexiQ minus each baseline, averaged over the models that
   # have both; and minus the best baseline of each model.
@@ -366,7 +376,13 @@ def table1(sweep: dict) -> dict:
     tops = [b["top1"]["mean"] for b in r["baselines"].values() if b["top1"]]
     if r["flexiq_100"] and tops:
       best.append(r["flexiq_100"]["mean"] - max(tops))
+  for method, _ in T1_SWITCHABLE:
+    diffs = [r["flexiq_100"]["mean"] - r["switchable"][method]["top1"]["mean"] for r in rows
+             if r["flexiq_100"] and r["switchable"][method]["top1"]]
+    margins[method] = {"mean": float(np.mean(diffs)), "models": len(diffs)} if diffs else None
   average = {"flexiq_100": stat([r["flexiq_100"]["mean"] for r in rows if r["flexiq_100"]]),
+             **{m: stat([r["switchable"][m]["top1"]["mean"] for r in rows if r["switchable"][m]["top1"]])
+                for m, _ in T1_SWITCHABLE},
              **{m: stat([r["baselines"][m]["top1"]["mean"] for r in rows if r["baselines"][m]["top1"]])
                 for m, _ in T1_BASELINES}}
   return {"rows": rows, "average": average, "margin_over": margins,
@@ -563,6 +579,7 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
   f2 = speed_figure(benchmark)
   claim_rows = claims(t1, t2, t3, f2, len(sweep))
   methods_t1 = [m for m, _ in T1_BASELINES]
+  switchable_t1 = [m for m, _ in T1_SWITCHABLE]
 
   sizes = sorted({r.get("eval_examples") for rs in sweep.values() for r in rs if r.get("eval_examples")})
   text = header("T1: 4-bit accuracy per model (Fashion-MNIST, test split"
@@ -572,11 +589,16 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
            "largest BOPs not above FlexiQ's, or \"could not match\" with its cheapest point's BOPs where it has "
            "none that cheap (left out of the averages and margins). Top-1 (%), mean ± sd over seeds where several "
            "ran.\n\n")
-  headers = ["model", "seeds", "float", "FlexiQ 100% (FT)", "KL"] + methods_t1
+  headers = ["model", "seeds", "float", "FlexiQ 100% (FT)", "KL"] + methods_t1 + [f"{m} W4A4" for m in switchable_t1]
   table = [[r["model"], r["seeds"], fmt(r["float"]), fmt(r["flexiq_100"]), fmt(r["flexiq_100_fidelity"]["kl"], 4)]
-           + [baseline_cell(r["baselines"][m]) for m in methods_t1] for r in t1["rows"]]
-  table.append(["average", "", "", fmt(t1["average"]["flexiq_100"])] + [""] + [fmt(t1["average"][m]) for m in methods_t1])
+           + [baseline_cell(r["baselines"][m]) for m in methods_t1]
+           + [fmt(r.get("switchable", {}).get(m, {}).get("top1")) for m in switchable_t1] for r in t1["rows"]]
+  table.append(["average", "", "", fmt(t1["average"]["flexiq_100"])] + [""] + [fmt(t1["average"][m]) for m in methods_t1]
+               + [fmt(t1["average"].get(m)) for m in switchable_t1])
   text += records.markdown_table(headers, table)
+  text += ("\nThe switchable column (" + ", ".join(switchable_t1) + ") is one network trained at W8A8 and W4A4 and "
+           "switched at run time, FlexiQ's own kind; it is not among the single-point baselines of the best-baseline "
+           "margin.\n")
   text += "\nFlexiQ's margin (points, mean over models): " + ", ".join(
       f"over {k} {v['mean']:+.2f} ({v['models']} models)" for k, v in t1["margin_over"].items() if v)
   if t1["margin_over_best"]:
