@@ -47,7 +47,7 @@ class Mutant:
 
 
 MUTANTS = (
-    # -- the breakages issue 17 lists -----------------------------------------------------------
+    # -- training, data and serving breakages ---------------------------------------------------
     Mutant("crop_top_left", "flexiq_jax/data/preprocess.py",
            "top, left = (new_h - size) // 2, (new_w - size) // 2", "top, left = 0, 0",
            ("tests/test_data.py",), "eval crop at the top-left corner, not the centre"),
