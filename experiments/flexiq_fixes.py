@@ -105,6 +105,16 @@ def grad_norms(workdir: str) -> dict | None:
   return {"median": float(np.median(values)), "max": float(np.max(values)), "logged": len(values)} if values else None
 
 
+def held_out(workdir: str) -> dict | None:
+  """The finetune judge's measurements of the variant (finetune/judge.json): top-1 and KL at ratios
+  0 and 1 before and after finetuning, on training images the finetune never saw. Variants are
+  compared (and defaults chosen) on these, not on the test split."""
+  report = records.read_json(os.path.join(workdir, "finetune", "judge.json"))
+  if not report or "after_finetuning" not in report:
+    return None
+  return {"images": report.get("images"), "before": report["before_finetuning"], "after": report["after_finetuning"]}
+
+
 def _fmt(v, digits=2):
   return "-" if v is None else f"{v:.{digits}f}"
 
@@ -133,6 +143,17 @@ def render(base, info, float_metrics, rows: dict, ratios, shared_selection: bool
     table.append([vname, ", ".join(f"{k}={v}" for k, v in row["overrides"].items()) or "(config as given)"] + cells
                  + [_fmt(gap), _fmt(drift), f"{_fmt(g['median'])} / {_fmt(g['max'])}" if g else "-"])
   text += records.markdown_table(headers, table)
+  held = {k: r["heldout"] for k, r in rows.items() if r.get("heldout")}
+  if held:
+    images = next(iter(held.values()))["images"]
+    text += (f"\n\nThe same variants on {images} (the finetune judge's images; the variants are compared "
+             "on these, the test split above only reports): top-1 (%) / KL at ratios 0 and 1, before and after "
+             "finetuning.\n\n")
+    cell = lambda d: f"{_fmt(d['top1'])} / {_fmt(d['kl'], 4)}"
+    text += records.markdown_table(
+        ["variant", "PTQ 0%", "PTQ 100%", "FT 0%", "FT 100%", "FT mean of 0% and 100%"],
+        [[k, cell(h["before"]["0"]), cell(h["before"]["1"]), cell(h["after"]["0"]), cell(h["after"]["1"]),
+          _fmt((h["after"]["0"]["top1"] + h["after"]["1"]["top1"]) / 2)] for k, h in held.items()])
   text += ("\n\nRefresh after finetuning, both ways, on the finetuned weights as trained (the last QAT checkpoint): "
            "KL(float || quantized) on the calibration images at ratios 0 / 0.5 / 1. 'float': bias-correction means "
            "from the float forward of the finetuned weights (the behaviour before `finetune.refresh_source`); "
@@ -170,6 +191,10 @@ def main(argv):
   if _RENDER_ONLY.value:  # the tables again from the saved results (their own command, commit, date)
     stem = _stem(base)
     saved = json.load(open(stem + ".json"))
+    if _WORKDIR.value:  # the held-out measurements of variants measured before the script read them
+      subdir = "fixes_shared" if _SHARE.value else "fixes"
+      for vname, row in saved["variants"].items():
+        row.setdefault("heldout", held_out(os.path.join(_WORKDIR.value, subdir, vname)))
     with open(stem + ".md", "w") as f:
       f.write(render(base, saved, saved["float"], saved["variants"], saved["ratios"], _SHARE.value)
               + f"\nThis file re-rendered from {os.path.basename(stem)}.json (the numbers' command, commit and date "
@@ -206,6 +231,7 @@ def main(argv):
       after = pipeline.sweep(variant, res.finetuned, desc=f"{name} after", ratios=ratios, float_logits=float_logits)
       kept = records.read_json(os.path.join(variant.workdir, "finetune", "refresh.json"), {}).get("kept")
       rows[name].update({"after": points_dict(after), "grad_norm": grad_norms(variant.workdir), "refresh_kept": kept,
+                         "heldout": held_out(variant.workdir),
                          "refresh": refresh_both_ways(variant, float_model, res.quantized)})
     with open(stem + ".json", "w") as f:
       json.dump({**info, "float": float_metrics, "ratios": ratios, "variants": rows}, f, indent=2)

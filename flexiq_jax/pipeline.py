@@ -95,10 +95,6 @@ def image_shape(config) -> tuple[int, int, int]:
   return (config.data.image_size, config.data.image_size, config.data.channels)
 
 
-def _steps(num_epochs: float, num_examples: int, batch_size: int) -> int:
-  return int(math.ceil(num_epochs * num_examples / batch_size))
-
-
 def _init_variables(options: stage_options.FloatOptions, shape, num_classes):
   if options.init_weights:
     kwargs = dict(options.model_kwargs)
@@ -122,37 +118,23 @@ def train_float(run: Run, on_step=None) -> FloatModel:
   parallel.check_batch_size(opts.batch_size, run.mesh)
   train_ds = data.get_dataset(opts.data, opts.data.train_split, train=True)
   model = models.create(opts.model_name, num_classes=train_ds.num_classes, **opts.model_kwargs)
-  total_steps = _steps(opts.num_epochs, train_ds.num_examples, opts.batch_size)
+  total_steps = train_lib.total_steps_of(opts.num_epochs, train_ds.num_examples, opts.batch_size)
   tx = train_lib.make_optimizer(opts, total_steps)
   init_vars = _init_variables(opts, train_ds.image_shape, train_ds.num_classes)
   state = train_lib.create_train_state(model, jax.random.PRNGKey(opts.seed), train_ds.image_shape, tx, init_vars)
   stage = run.stage("float")
   stage.begin(resumable=True)  # refuses a changed config before anything is written
   records.write_run_config(run.workdir, run.config)
-  ckpt_dir = stage.file("checkpoints")
-  state = train_lib.restore_latest(ckpt_dir, parallel.replicate(state, run.mesh))
-  start = int(state.step)
-  if start < total_steps:
-    if start:
-      print(f"float model: resuming from step {start}/{total_steps} in {ckpt_dir}")
-    batches = data.train_batches(train_ds, opts.batch_size, seed=opts.seed, start_step=start,
-                                 num_steps=total_steps, num_threads=opts.data.num_threads)
-    step_fn = functools.partial(train_lib.train_step, apply_fn=model.apply, tx=tx,
-                                label_smoothing=opts.label_smoothing)
-    state = train_lib.run_loop(
-        state, step_fn, batches, total_steps=total_steps, ckpt_dir=ckpt_dir,
-        checkpoint_every=train_lib.checkpoint_interval(opts.checkpoint_every_steps, total_steps),
-        metrics_path=stage.file("metrics.jsonl"), log_every=opts.log_every_steps, mesh=run.mesh,
-        desc="float train", on_step=on_step, divergence_factor=opts.divergence_factor,
-        learning_rate=train_lib.make_schedule(opts, total_steps),
-        eval_fn=periodic_eval(run, lambda images, v: train_lib.float_logits(model, v, images),
-                              lambda state: state.variables()),
-        eval_every=opts.eval_every_steps)
-  elif total_steps == 0:
+  step_fn = functools.partial(train_lib.train_step, apply_fn=model.apply, tx=tx, label_smoothing=opts.label_smoothing)
+  state = train_lib.fit(parallel.replicate(state, run.mesh), step_fn, train_ds, opts, total_steps=total_steps,
+                        seed=opts.seed, workdir=stage.path, desc="float train", log_every=opts.log_every_steps,
+                        mesh=run.mesh, num_threads=opts.data.num_threads, on_step=on_step,
+                        eval_fn=periodic_eval(run, lambda images, v: train_lib.float_logits(model, v, images),
+                                              lambda state: state.variables()),
+                        eval_every=opts.eval_every_steps)
+  if total_steps == 0:
     print("float model: no training steps configured (train.num_epochs=0); using the initial weights"
           + (f" from {opts.init_weights}" if opts.init_weights else ""))
-  else:
-    print(f"float model: reusing the finished checkpoint at step {start} in {ckpt_dir}")
   stage.mark_done(total_steps=total_steps, num_classes=train_ds.num_classes)
   return FloatModel(model, state.variables())
 
@@ -319,7 +301,7 @@ def finetune(run: Run, float_model: FloatModel, quantized: Quantized, on_step=No
   opts: stage_options.FinetuneOptions = run.options("finetune")
   stage = run.stage("finetune")
   train_ds = data.get_dataset(opts.data, opts.data.train_split, train=True)
-  total_steps = _steps(opts.num_epochs, train_ds.num_examples, opts.batch_size)
+  total_steps = train_lib.total_steps_of(opts.num_epochs, train_ds.num_examples, opts.batch_size)
   tx = finetune_lib.make_optimizer(opts, total_steps)
   sampler = opts.sampler()
   fake = dataclasses.replace(quantized.qmodel.with_mode("fake"), lsq=bool(opts.lsq),
@@ -331,33 +313,24 @@ def finetune(run: Run, float_model: FloatModel, quantized: Quantized, on_step=No
     print(f"finetune: reusing the finished run in {stage.path}")
     return Quantized(quantized.qmodel, checkpoint.load_tree(stage.file("qvars"), start), finetuned=True)
   state = parallel.replicate(finetune_lib.create_state(start, tx, opts.lsq, lsq_weights), run.mesh)
-  ckpt_dir = stage.file("checkpoints")
-  state = train_lib.restore_latest(ckpt_dir, state)
-  if 0 < int(state.step) < total_steps:
-    print(f"finetune: resuming from step {int(state.step)}/{total_steps}")
-  if int(state.step) < total_steps:
-    teacher = float_model.logits if opts.distill_weight > 0 else None
-    step_fn = functools.partial(
-        finetune_lib.qat_step, qmodel=fake, tx=tx, sampler=sampler, rng_key=jax.random.PRNGKey(opts.seed + 1),
-        teacher_fn=teacher, distill_weight=opts.distill_weight, label_smoothing=opts.label_smoothing)
-    batches = data.train_batches(train_ds, opts.batch_size, seed=opts.seed + 1,
-                                 start_step=int(state.step), num_steps=total_steps,
-                                 num_threads=opts.data.num_threads)
-    eval_every = opts.eval_every_steps
-    reference = []  # the float model's eval logits: KL and agreement of the periodic evaluation
-    if eval_every > 0:
+  teacher = float_model.logits if opts.distill_weight > 0 else None
+  step_fn = functools.partial(
+      finetune_lib.qat_step, qmodel=fake, tx=tx, sampler=sampler, rng_key=jax.random.PRNGKey(opts.seed + 1),
+      teacher_fn=teacher, distill_weight=opts.distill_weight, label_smoothing=opts.label_smoothing)
+  reference = []  # the float model's eval logits (KL and agreement of the periodic evaluation), made on first use
+  qat_eval = periodic_eval(run, lambda images, qv, r: fake.apply(qv, images, r),
+                           lambda state: finetune_lib.merge_qvars(state.trainable, state.frozen),
+                           ratios=EVAL_RATIOS, reference_logits=reference)
+
+  def eval_fn(state):
+    if not reference:
       evaluate_float(run, float_model, logits_out=reference)
-    state = train_lib.run_loop(state, step_fn, batches, total_steps=total_steps, ckpt_dir=ckpt_dir,
-                               checkpoint_every=train_lib.checkpoint_interval(opts.checkpoint_every_steps, total_steps),
-                               metrics_path=stage.file("metrics.jsonl"), log_every=opts.log_every_steps,
-                               mesh=run.mesh, desc="QAT finetune", on_step=on_step,
-                               divergence_factor=opts.divergence_factor,
-                               learning_rate=train_lib.make_schedule(opts, total_steps),
-                               eval_fn=periodic_eval(run, lambda images, qv, r: fake.apply(qv, images, r),
-                                                     lambda state: finetune_lib.merge_qvars(state.trainable,
-                                                                                            state.frozen),
-                                                     ratios=EVAL_RATIOS, reference_logits=reference),
-                               eval_every=eval_every)
+    return qat_eval(state)
+
+  state = train_lib.fit(state, step_fn, train_ds, opts, total_steps=total_steps, seed=opts.seed + 1,
+                        workdir=stage.path, desc="QAT finetune", log_every=opts.log_every_steps, mesh=run.mesh,
+                        num_threads=opts.data.num_threads, on_step=on_step, eval_fn=eval_fn,
+                        eval_every=opts.eval_every_steps)
   trained = Quantized(quantized.qmodel, finetune_lib.merge_qvars(state.trainable, state.frozen), finetuned=True)
   tuned = refresh(run, float_model, trained)
   checkpoint.save_tree(stage.file("qvars"), tuned.qvars)

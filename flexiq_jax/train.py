@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flexiq_jax import checkpoint
+from flexiq_jax import data
 from flexiq_jax import parallel
 from flexiq_jax import progress as progress_lib
 from flexiq_jax import signals
@@ -370,6 +371,55 @@ def create_train_state(model, rng, image_shape, tx, init_variables=None) -> Trai
   batch_stats = init_variables.get("batch_stats", {})
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                     opt_state=tx.init(params))
+
+
+def total_steps_of(num_epochs: float, num_examples: int, batch_size: int) -> int:
+  """Steps of `num_epochs` epochs of `num_examples` examples at `batch_size` (the last one partial)."""
+  return int(math.ceil(num_epochs * num_examples / batch_size))
+
+
+def fit(state, step_fn: Callable, train_ds, recipe, *, total_steps: int, seed: int, workdir: str, desc: str,
+        log_every: int, mesh=None, num_threads: int = 2, on_step: Callable[[int], None] | None = None,
+        eval_fn: Callable[[Any], dict] | None = None, eval_every: int = 0):
+  """The training wiring every stage and QAT baseline shares: `state` restored from the newest
+  intact checkpoint in <workdir>/checkpoints, then `run_loop` over the deterministic batches of
+  `train_ds` from its step on to `total_steps`, with the recipe's checkpoint interval, divergence
+  guard and learning-rate schedule; metrics to <workdir>/metrics.jsonl.
+
+  Args:
+    state: the initial state (replicated on `mesh`), with a `step`.
+    step_fn: `(state, batch) -> (state, metrics)`, pure.
+    train_ds: a `data.Dataset`.
+    recipe: the training fields (`batch_size`, `checkpoint_every_steps`, `divergence_factor` and
+      the schedule's fields, as `make_schedule` reads them).
+    total_steps: the run's length (the optimizer's schedule was built for it).
+    seed: the batches' seed.
+    workdir: the folder of the checkpoints and metrics.
+    desc: the progress bar's and the messages' name.
+    log_every: steps per logged record.
+    mesh: the device mesh.
+    num_threads: data loading threads.
+    on_step, eval_fn, eval_every: as `run_loop`.
+
+  Returns:
+    The state at `total_steps` (restored, not retrained, when a finished run is there).
+  """
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  state = restore_latest(ckpt_dir, state)
+  start = int(state.step)
+  if start >= total_steps:
+    if total_steps > 0:
+      print(f"{desc}: reusing the finished checkpoint at step {start} in {ckpt_dir}")
+    return state
+  if start:
+    print(f"{desc}: resuming from step {start}/{total_steps} in {ckpt_dir}")
+  batches = data.train_batches(train_ds, recipe.batch_size, seed=seed, start_step=start, num_steps=total_steps,
+                               num_threads=num_threads)
+  return run_loop(state, step_fn, batches, total_steps=total_steps, ckpt_dir=ckpt_dir,
+                  checkpoint_every=checkpoint_interval(recipe.checkpoint_every_steps, total_steps),
+                  metrics_path=os.path.join(workdir, "metrics.jsonl"), log_every=log_every, mesh=mesh, desc=desc,
+                  on_step=on_step, divergence_factor=float(recipe.get("divergence_factor", 0.0) or 0.0),
+                  learning_rate=make_schedule(recipe, total_steps), eval_fn=eval_fn, eval_every=eval_every)
 
 
 def restore_latest(ckpt_dir: str, state):

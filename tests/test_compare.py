@@ -225,13 +225,16 @@ def _method_fingerprints(config) -> dict:
 
 @pytest.mark.parametrize("field,value,methods", [
     ("compare.adaround_iterations", 7, {"adaround"}),
-    ("compare.lsq_learning_rate", 0.5, {"lsq_qat"}),
+    ("compare.lsq_learning_rate", 0.5, {"lsq_qat", "switchable_qat"}),
     ("compare.allowed_drops", (2.0,), {"layerwise_amp"}),
     ("compare.ablation_ratios", (0.0, 1.0), set(harness.METHODS) - {"flexiq", "flexiq_amp", "layerwise_amp",
-                                                                    "ptq_minmax", "ptq_mse", "adaround", "lsq_qat"}),
+                                                                    "ptq_minmax", "ptq_mse", "adaround", "lsq_qat",
+                                                                    "switchable_qat"}),
     # A FlexiQ-only finetuning knob: FlexiQ's rows only (LSQ QAT shares the recipe, not the sampler).
     ("finetune.uniform_prob", 0.1, {"flexiq"}),
-    ("finetune.learning_rate", 0.1, {"flexiq", "lsq_qat"}),
+    ("finetune.learning_rate", 0.1, {"flexiq", "lsq_qat", "switchable_qat"}),
+    # Sandwich passes: FlexiQ's training and the QAT baselines' pass-matched budget.
+    ("finetune.every_step_ratios", (0.0, 1.0), {"flexiq", "lsq_qat", "switchable_qat"}),
     ("select.population", 3, {"flexiq", "flexiq_naive", "flexiq_random", "flexiq_uniform", "flexiq_greedy",
                               "flexiq_no_bias_correction", "flexiq_amp"}),
     ("quant.extraction", "naive", set(harness.METHODS)),

@@ -127,21 +127,13 @@ def lsq_qat(config, workdir: str, model, variables, plan, folded, tables, bits: 
   trainable = {"params": folded["params"], "scales": lsq_initial_scales(plan, tables, bits)}
   frozen = {"batch_stats": folded["batch_stats"]} if "batch_stats" in folded else {}
   state = parallel.replicate(finetune.state_from_parts(trainable, frozen, tx), mesh)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  state = train_lib.restore_latest(ckpt_dir, state)
   forward = LsqForward(model, plan, bits)
-  if int(state.step) < total_steps:
-    teacher = (functools.partial(train_lib.float_logits, model, variables) if cfg.distill_weight > 0 else None)
-    step_fn = functools.partial(finetune.distill_step, logits_fn=forward, tx=tx, teacher_fn=teacher,
-                                distill_weight=cfg.distill_weight, label_smoothing=cfg.label_smoothing)
-    batches = data.train_batches(train_ds, cfg.batch_size, seed=config.seed + 2, start_step=int(state.step),
-                                 num_steps=total_steps, num_threads=config.data.num_threads)
-    state = train_lib.run_loop(state, step_fn, batches, total_steps=total_steps, ckpt_dir=ckpt_dir,
-                               checkpoint_every=train_lib.checkpoint_interval(cfg.checkpoint_every_steps, total_steps),
-                               metrics_path=os.path.join(workdir, "metrics.jsonl"),
-                               log_every=config.train.log_every_steps, mesh=mesh, desc="LSQ QAT",
-                               divergence_factor=cfg.get("divergence_factor", 0.0),
-                               learning_rate=train_lib.make_schedule(cfg, total_steps))
+  teacher = (functools.partial(train_lib.float_logits, model, variables) if cfg.distill_weight > 0 else None)
+  step_fn = functools.partial(finetune.distill_step, logits_fn=forward, tx=tx, teacher_fn=teacher,
+                              distill_weight=cfg.distill_weight, label_smoothing=cfg.label_smoothing)
+  state = train_lib.fit(state, step_fn, train_ds, cfg, total_steps=total_steps, seed=config.seed + 2, workdir=workdir,
+                        desc="LSQ QAT", log_every=config.train.log_every_steps, mesh=mesh,
+                        num_threads=config.data.num_threads)
   predict = lambda images, trainable, frozen: forward(trainable, frozen, images)
   metrics = train_lib.evaluate(predict, iter(eval_batches), mesh, desc="LSQ eval", args=(state.trainable, state.frozen),
                                reference_logits=reference_logits)
@@ -237,20 +229,12 @@ def switchable_qat(config, workdir: str, model, variables, plan, folded, tables:
   start = {"params": folded["params"], "scales": tuple(lsq_initial_scales(plan, tables, b) for b in bits)}
   frozen = {"batch_stats": folded["batch_stats"]} if "batch_stats" in folded else {}
   state = parallel.replicate(finetune.state_from_parts(start, frozen, tx), mesh)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  state = train_lib.restore_latest(ckpt_dir, state)
-  if int(state.step) < total_steps:
-    teacher = (functools.partial(train_lib.float_logits, model, variables) if cfg.distill_weight > 0 else None)
-    step_fn = functools.partial(switchable_step, forwards=forwards, tx=tx, teacher_fn=teacher,
-                                distill_weight=cfg.distill_weight, label_smoothing=cfg.label_smoothing)
-    batches = data.train_batches(train_ds, cfg.batch_size, seed=config.seed + 2, start_step=int(state.step),
-                                 num_steps=total_steps, num_threads=config.data.num_threads)
-    state = train_lib.run_loop(state, step_fn, batches, total_steps=total_steps, ckpt_dir=ckpt_dir,
-                               checkpoint_every=train_lib.checkpoint_interval(cfg.checkpoint_every_steps, total_steps),
-                               metrics_path=os.path.join(workdir, "metrics.jsonl"),
-                               log_every=config.train.log_every_steps, mesh=mesh, desc="switchable QAT",
-                               divergence_factor=cfg.get("divergence_factor", 0.0),
-                               learning_rate=train_lib.make_schedule(cfg, total_steps))
+  teacher = (functools.partial(train_lib.float_logits, model, variables) if cfg.distill_weight > 0 else None)
+  step_fn = functools.partial(switchable_step, forwards=forwards, tx=tx, teacher_fn=teacher,
+                              distill_weight=cfg.distill_weight, label_smoothing=cfg.label_smoothing)
+  state = train_lib.fit(state, step_fn, train_ds, cfg, total_steps=total_steps, seed=config.seed + 2, workdir=workdir,
+                        desc="switchable QAT", log_every=config.train.log_every_steps, mesh=mesh,
+                        num_threads=config.data.num_threads)
   out = []
   float_fn = functools.partial(train_lib.float_logits, model, variables)
   for i, (b, forward) in enumerate(zip(SWITCHABLE_BITS, forwards)):

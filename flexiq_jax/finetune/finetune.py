@@ -211,7 +211,7 @@ def pass_matched_steps(finetune_cfg, num_examples: int, passes: int = 1) -> int:
   Returns:
     The number of steps (at least 1 when FlexiQ trains at all).
   """
-  flexiq_steps = int(math.ceil(finetune_cfg.num_epochs * num_examples / finetune_cfg.batch_size))
+  flexiq_steps = train_lib.total_steps_of(finetune_cfg.num_epochs, num_examples, finetune_cfg.batch_size)
   return int(math.ceil(flexiq_steps * passes_per_step(finetune_cfg) / passes))
 
 
