@@ -19,6 +19,9 @@ VARIANTS = {
     "max112": {"quant.weight_scale": "max112"},
     "sandwich": {"finetune.every_step_ratios": (0.0, 1.0)},
     "max112_sandwich": {"quant.weight_scale": "max112", "finetune.every_step_ratios": (0.0, 1.0)},
+    # FlexiQ finetuned for 100 % only (LSQ's setting): one network for one point, for the fair fight.
+    "max112_only100": {"quant.weight_scale": "max112", "finetune.levels": (1.0,), "finetune.level_probs": (1.0,),
+                       "finetune.uniform_prob": 0.0},
     "max112_sandwich_lsq": {"quant.weight_scale": "max112", "finetune.every_step_ratios": (0.0, 1.0), **_LSQ},
     "joint_lsq_qmax8": {"quant.weight_scale": "joint", "finetune.lsq": True, "finetune.lsq_grad_scale": "qmax8",
                         "finetune.lsq_learning_rate": "compare"},
