@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-from flexiq_jax import calibrate as calibrate_lib
 from flexiq_jax import cli
 from flexiq_jax import finetune as finetune_lib
 from flexiq_jax import pipeline
@@ -88,7 +87,7 @@ def refresh_both_ways(run: pipeline.Run, float_model, quantized: pipeline.Quanti
   out = {"qat_step": step, "images": int(images.shape[0])}
   states = {"as_trained": trained}
   for source in ("float", "quantized"):
-    states[f"refresh_{source}"] = calibrate_lib.refresh_after_finetuning(
+    states[f"refresh_{source}"] = finetune_lib.refresh_after_finetuning(
         float_model.model, qmodel.plan, trained, batches, extraction=run.config.quant.extraction, source=source)
   for name, qv in states.items():
     out[name] = {f"{r:g}": float(kl(qv, jnp.float32(r))) for r in pipeline.REFRESH_REPORT_RATIOS}

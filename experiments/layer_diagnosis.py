@@ -37,7 +37,7 @@ from flexiq_jax import numerics
 from flexiq_jax import pipeline
 from flexiq_jax import records
 from flexiq_jax.interception import LayerCall, MatmulCall, get_path
-from flexiq_jax.quantize import layer_ops
+from flexiq_jax import layer_ops
 
 from experiments import fixes_variants
 

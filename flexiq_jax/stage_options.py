@@ -23,7 +23,7 @@ from flexiq_jax import finetune as finetune_lib
 from flexiq_jax import stage_cache
 from flexiq_jax import select as select_lib
 from flexiq_jax import train as train_lib
-from flexiq_jax.quantize.plan import ATTENTION_MODES
+from flexiq_jax.plan import ATTENTION_MODES
 
 # Config sections a fingerprint holds as one nested value (the rest by dotted name).
 WHOLE_SECTIONS = ("model", "calib", "quant", "select")

@@ -148,7 +148,7 @@ def refresh(float_model: FloatModel, trained: Quantized, batches, options: Finet
   if options.refresh == "never":
     return trained, None
   qmodel = trained.qmodel
-  refreshed = dataclasses.replace(trained, qvars=calibrate_lib.refresh_after_finetuning(
+  refreshed = dataclasses.replace(trained, qvars=finetune_lib.refresh_after_finetuning(
       float_model.model, qmodel.plan, trained.qvars, batches, extraction=options.extraction,
       source=options.refresh_source))
   images = jnp.concatenate(batches[:options.fitness_batches])

@@ -117,7 +117,7 @@ MUTANTS = (
            ("tests/test_reliability.py::test_training_stops_at_the_first_non_finite_step_and_saves_nothing_from_it",),
            "training runs on through NaN losses"),
     Mutant("calibration_nonfinite_accepted", "flexiq_jax/calibrate/statistics.py",
-           "    _check_finite(new, index)\n", "",
+           "    check_finite(new, index)\n", "",
            ("tests/test_reliability.py::test_calibration_rejects_non_finite_activations_naming_layer_and_batch",),
            "an Inf pixel calibrates an infinite scale"),
     Mutant("damaged_checkpoint_not_skipped", "flexiq_jax/checkpoint.py",

@@ -16,7 +16,7 @@ import pytest
 from flexiq_jax import calibrate, cost, interception, models, quantize
 from flexiq_jax.interception import FloatLayers, LayerCall, MatmulCall, MatmulInfo, get_path
 from flexiq_jax.models.layers import AttentionMatmul
-from flexiq_jax.quantize import layer_ops
+from flexiq_jax import layer_ops
 
 IMAGE = 16
 # Tiny members of each transformer family at 16 px (the :fmnist variants' block types and names).

@@ -8,7 +8,7 @@ import pytest
 from flexiq_jax import calibrate, interception, numerics
 from flexiq_jax.calibrate import statistics
 from flexiq_jax.interception import get_path
-from flexiq_jax.quantize import layer_ops
+from flexiq_jax import layer_ops
 
 import smallnet
 

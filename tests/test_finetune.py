@@ -233,7 +233,7 @@ def test_refresh_after_finetuning_reestimates_weight_state(setup):
   plan = setup.qmodel.plan
   params = jax.tree.map(lambda w: w * 1.7 if w.ndim > 1 else w, setup.qvars["params"])  # "finetuned" weights
   changed = {**setup.qvars, "params": params}
-  refreshed = calibrate.refresh_after_finetuning(setup.model, plan, changed, [setup.images])
+  refreshed = finetune.refresh_after_finetuning(setup.model, plan, changed, [setup.images])
   entry, old = get_path(refreshed["quant"], "conv"), get_path(setup.qvars["quant"], "conv")
   # Weight extraction positions follow the new weights, as a fresh fit on them gives.
   want_e, _ = calibrate.weight_extraction(plan.layers["conv"], get_path(params, "conv")["kernel"])
@@ -244,7 +244,7 @@ def test_refresh_after_finetuning_reestimates_weight_state(setup):
   assert not np.allclose(entry["mean_code"], old["mean_code"])
   np.testing.assert_array_equal(entry["rank"], old["rank"])
   with pytest.raises(ValueError, match="extraction"):
-    calibrate.refresh_after_finetuning(setup.model, plan, changed, [setup.images], extraction="bad")
+    finetune.refresh_after_finetuning(setup.model, plan, changed, [setup.images], extraction="bad")
 
 
 @pytest.mark.parametrize("lsq", [False, True])

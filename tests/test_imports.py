@@ -125,3 +125,16 @@ def test_models_never_import_quantization_code():
   for module, targets in graph.items():
     if module.startswith("flexiq_jax.models"):
       assert all(t.startswith(("flexiq_jax.models", "flexiq_jax.interception")) for t in targets), (module, targets)
+
+
+# The stage packages in pipeline order: each may import the ones before it, never one after it.
+STAGE_ORDER = ("flexiq_jax.calibrate", "flexiq_jax.select", "flexiq_jax.quantize", "flexiq_jax.finetune")
+
+
+def test_no_stage_package_imports_a_later_stage():
+  """calibrate imports none of select/quantize/finetune, select none of quantize/finetune, quantize
+  not finetune: the quantized-model core (plan, layer arithmetic) sits below all of them."""
+  graph = subpackage_graph(import_graph())
+  for i, stage in enumerate(STAGE_ORDER):
+    later = set(STAGE_ORDER[i + 1:])
+    assert not graph.get(stage, set()) & later, f"{stage} imports a later stage: {graph[stage] & later}"

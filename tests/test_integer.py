@@ -12,7 +12,8 @@ import pytest
 
 from flexiq_jax import cost, numerics, quantize
 from flexiq_jax.interception import LayerCall, LayerInfo
-from flexiq_jax.quantize import integer, layer_ops
+from flexiq_jax import layer_ops
+from flexiq_jax.quantize import integer
 
 import smallnet
 

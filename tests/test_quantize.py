@@ -13,7 +13,8 @@ import pytest
 
 from flexiq_jax import interception, quantize, serve
 from flexiq_jax.interception import FloatLayers, LayerCall, get_path
-from flexiq_jax.quantize import integer, layer_ops
+from flexiq_jax import layer_ops
+from flexiq_jax.quantize import integer
 
 import smallnet
 

@@ -14,7 +14,7 @@ import pytest
 from flexiq_jax import calibrate, finetune, numerics, quantize
 from flexiq_jax.interception import get_path
 from flexiq_jax.numerics import lsq_extraction, weight_grid
-from flexiq_jax.quantize import layer_ops
+from flexiq_jax import layer_ops
 
 import smallnet
 
@@ -205,11 +205,11 @@ def test_refresh_from_the_quantized_model_reads_its_own_layer_inputs(setup):
   plan = setup.plan
   params = jax.tree.map(lambda w: w * 1.3 if w.ndim > 1 else w, setup.qvars["params"])
   changed = {**setup.qvars, "params": params}
-  from_float = calibrate.refresh_after_finetuning(setup.model, plan, changed, [setup.images])
-  from_quant = calibrate.refresh_after_finetuning(setup.model, plan, changed, [setup.images], source="quantized")
+  from_float = finetune.refresh_after_finetuning(setup.model, plan, changed, [setup.images])
+  from_quant = finetune.refresh_after_finetuning(setup.model, plan, changed, [setup.images], source="quantized")
   # The stem reads the image in both; the layers after it read quantized (and at ratio 0.5 and 1
   # lowered) activations, so at least one lowerable layer's means differ.
-  recorded = calibrate.collect_quantized(setup.model, plan, changed, [setup.images], calibrate.ChannelRanges())
+  recorded = finetune.collect_quantized(setup.model, plan, changed, [setup.images], calibrate.ChannelRanges())
   variables = {k: v for k, v in changed.items() if k in ("params", "batch_stats")}
   images_ranges = calibrate.collect(setup.model, plan, variables, [setup.images], calibrate.ChannelRanges())
   np.testing.assert_allclose(recorded["stem"]["max"], images_ranges["stem"]["max"], rtol=1e-6)
@@ -218,4 +218,4 @@ def test_refresh_from_the_quantized_model_reads_its_own_layer_inputs(setup):
   for p in plan.lowerable:
     np.testing.assert_array_equal(get_path(from_float["quant"], p)["weight_e"], get_path(from_quant["quant"], p)["weight_e"])
   with pytest.raises(ValueError, match="source"):
-    calibrate.refresh_after_finetuning(setup.model, plan, changed, [setup.images], source="bad")
+    finetune.refresh_after_finetuning(setup.model, plan, changed, [setup.images], source="bad")

@@ -1,5 +1,4 @@
 """Calibration stage: per-layer activation statistics, 8-bit scales and 4-bit extraction positions."""
 
-from flexiq_jax.calibrate.statistics import (AbsHistograms, ChannelRanges, CodeHistograms, calibrate, code_moments,
-                                             collect, collect_quantized, refresh_after_finetuning,
-                                             weight_extraction)
+from flexiq_jax.calibrate.statistics import (AbsHistograms, ChannelRanges, CodeHistograms, calibrate, check_finite,
+                                             code_moments, collect, weight_extraction)

@@ -35,8 +35,8 @@ from flexiq_jax import numerics
 from flexiq_jax import progress
 from flexiq_jax.numerics import weight_grid
 from flexiq_jax.interception import LayerCall, MatmulCall, get_path
-from flexiq_jax.quantize import layer_ops
-from flexiq_jax.quantize.plan import QuantPlan
+from flexiq_jax import layer_ops
+from flexiq_jax.plan import QuantPlan
 
 EXTRACTION_CANDIDATES = (0, 1, 2, 3, 4)
 NAIVE_EXTRACTION = 4  # drop the 4 low bits
@@ -131,7 +131,7 @@ def collect(model, plan: QuantPlan, variables, batches, statistics) -> dict:
   for index, images in enumerate(progress.image_batches(batches, desc=f"calibrate ({type(statistics).__name__})",
                                                         total_images=total)):
     new = jax.device_get(run(variables, images))
-    _check_finite(new, index)
+    check_finite(new, index)
     if acc is None:
       acc = new
     else:
@@ -141,7 +141,7 @@ def collect(model, plan: QuantPlan, variables, batches, statistics) -> dict:
   return acc
 
 
-def _check_finite(recorded: dict, batch_index: int) -> None:
+def check_finite(recorded: dict, batch_index: int) -> None:
   """Calibration statistics from a NaN/Inf activation would give an infinite or NaN scale (and a
   silently broken model), so they are refused, naming the layers."""
   bad = [path for path, stats in recorded.items()
@@ -178,7 +178,7 @@ def code_moments(hist, act_e, signed: bool):
   """From per-channel 8-bit code histograms (C, 256) and extraction positions (C,): the mean
   squared lowering error (code units), and the mean code before and after lowering — the
   expected shift a lowered channel adds to the layer output, which bias correction removes
-  (quantize.layer_ops)."""
+  (layer_ops)."""
   hist = np.asarray(hist, np.float64)
   qmin, _ = numerics.int_range(8, signed)
   code_values = np.arange(hist.shape[1]) + qmin
@@ -279,85 +279,3 @@ def matmul_calibration(model, plan: QuantPlan, variables, batches) -> dict:
       entry[f"{op}_scale"] = np.float32(_act_scale("minmax", max(-lo, hi, 0.0), lo < 0))
     out[p] = entry
   return out
-
-
-class _RecordingQuantized:
-  """The provider that runs `inner` (the quantized layers) and records `statistics.statistics`
-  of each quantized layer's input: the inputs the quantized model itself produces."""
-
-  def __init__(self, statistics, inner):
-    self.statistics, self.inner, self.recorded = statistics, inner, {}
-
-  def layer(self, call: LayerCall, x):
-    self.recorded[call.path] = self.statistics.statistics(call.path, interception.flat_features(call.info, x))
-    return self.inner.layer(call, x)
-
-  def matmul(self, call: MatmulCall, a, b):
-    return self.inner.matmul(call, a, b)
-
-
-REFRESH_QUANTIZED_RATIOS = (0.5, 1.0)
-
-
-def collect_quantized(model, plan: QuantPlan, qvars, batches, statistics, ratios=REFRESH_QUANTIZED_RATIOS) -> dict:
-  """`collect` on the layer inputs of the quantized model (fake-quant arithmetic: the integer
-  path's values) at each of `ratios`, merged over ratios and batches."""
-  from flexiq_jax.quantize import transform  # quantize imports calibrate's users, not the reverse
-
-  qmodel = transform.QuantizedModel(model, plan, mode="fake")
-
-  def run(qv, images, ratio):
-    inner = transform.FlexiQLayers(qv["quant"], qmodel.layer_counts(qv, ratio), plan.signed, "fake", False,
-                                   "int32", plan.matmul_signed)
-    recording = _RecordingQuantized(statistics, inner)
-    variables = {k: v for k, v in qv.items() if k in ("params", "batch_stats")}
-    interception.run_with_provider(model, plan, variables, images, recording)
-    return recording.recorded
-
-  run = jax.jit(run)
-  acc = None
-  for ratio in ratios:
-    for index, images in enumerate(batches):
-      new = jax.device_get(run(qvars, images, jnp.float32(ratio)))
-      _check_finite(new, index)
-      acc = new if acc is None else {p: {k: statistics.merge[k](acc[p][k], v) for k, v in d.items()}
-                                     for p, d in new.items()}
-  if acc is None:
-    raise ValueError("calibration received no batches")
-  return acc
-
-
-def refresh_after_finetuning(model, plan: QuantPlan, qvars, batches, *, extraction: str = "fitted",
-                             source: str = "float") -> dict:
-  """Re-estimates the state that depends on the weights after quantization-aware finetuning:
-  each layer's weight extraction positions (a function of the new weights) and the bias
-  correction's mean codes (of the new model's layer inputs on `batches`, at the layer's current
-  activation scale and extraction positions). Scales, channel orders and counts stay.
-
-  source: where the layer inputs come from: 'float' the float forward of the finetuned weights
-  (the weights were trained through the quantized model, so their float forward can be far from
-  what the quantized layers see); 'quantized' the quantized model's own inputs, at ratios
-  `REFRESH_QUANTIZED_RATIOS` (the bias correction acts on lowered channels only), merged."""
-  if extraction not in ("fitted", "naive"):
-    raise ValueError(f"unknown extraction {extraction!r}; use 'fitted' or 'naive'")
-  if source not in ("float", "quantized"):
-    raise ValueError(f"unknown refresh source {source!r}; use 'float' or 'quantized'")
-  quant = qvars["quant"]
-  scales = {p: float(get_path(quant, p)["act_scale"]) for p in plan.quantized}
-  variables = {k: v for k, v in qvars.items() if k in ("params", "batch_stats")}
-  if source == "float":
-    codes = collect(model, plan, variables, list(batches), CodeHistograms(scales, plan.signed))
-  else:
-    codes = collect_quantized(model, plan, qvars, list(batches), CodeHistograms(scales, plan.signed))
-  for p in plan.quantized:
-    entry = dict(get_path(quant, p))
-    kernel = get_path(qvars["params"], p)["kernel"]
-    if extraction == "fitted":
-      entry["weight_e"] = jnp.asarray(weight_extraction(plan.layers[p], kernel,
-                                                        qmax=layer_ops.weight_qmax(entry))[0], jnp.int32)
-    if "mean_code" in entry:
-      _, mean_code, mean_lowered = code_moments(codes[p]["codes"], entry["act_e"], plan.signed[p])
-      entry["mean_code"] = jnp.asarray(mean_code, jnp.float32)
-      entry["mean_lowered"] = jnp.asarray(mean_lowered, jnp.float32)
-    quant = interception.set_path(quant, p, entry)
-  return {**qvars, "quant": quant}

@@ -252,7 +252,7 @@ def read_run(workdir: str) -> tuple[Any, dict, dict | None, dict | None, str]:
   serving export if the run finished finetuning, else the quantized stage. Raises
   FileNotFoundError with what is missing."""
   from flexiq_jax import checkpoint
-  from flexiq_jax.quantize.plan import QuantPlan
+  from flexiq_jax.plan import QuantPlan
   for stage, qvars_dir in (("serving", "qvars_int8"), ("quantized", "qvars")):
     plan_path = os.path.join(workdir, stage, "plan.json")
     if os.path.exists(plan_path) and os.path.isdir(os.path.join(workdir, stage, qvars_dir)):

@@ -28,7 +28,7 @@ from flexiq_jax import calibrate
 from flexiq_jax import interception
 from flexiq_jax import numerics
 from flexiq_jax.interception import LayerCall, MatmulCall, get_path
-from flexiq_jax.quantize.plan import QuantPlan
+from flexiq_jax.plan import QuantPlan
 
 MAX_BITS = 16
 

@@ -2,7 +2,7 @@
 the run-time-ratio transform, its serving form (`integer`, weights prepared once; per-conv
 implementations tuned by `tuning`) and the report of what stays float in the integer path."""
 
-from flexiq_jax.quantize.plan import ATTENTION_MODES, QuantPlan, build_plan, fold_batchnorm, unfolded_batch_stats
+from flexiq_jax.plan import ATTENTION_MODES, QuantPlan, build_plan, fold_batchnorm, unfolded_batch_stats
 from flexiq_jax.quantize.report import (FloatOp, float_dot_ops, float_ops_in_int_path, float_ops_of_plan,
                                         format_float_ops)
 from flexiq_jax.quantize.transform import (FlexiQLayers, add_fill_table, add_lsq_weight_scales, QuantizedModel,

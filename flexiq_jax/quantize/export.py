@@ -35,7 +35,7 @@ from flexiq_jax import numerics
 from flexiq_jax import records
 from flexiq_jax.interception import get_path
 from flexiq_jax.quantize import integer
-from flexiq_jax.quantize import layer_ops
+from flexiq_jax import layer_ops
 from flexiq_jax.quantize.transform import QuantizedModel
 from flexiq_jax.version import __version__
 

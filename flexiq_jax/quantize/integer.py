@@ -48,8 +48,8 @@ from jax import lax
 from flexiq_jax import numerics
 from flexiq_jax.interception import (LayerCall, LayerInfo, MatmulCall, as_matrix_input, conv, conv_padding, finish,
                                      get_path, kernel_matrix, set_path, spatial_pair)
-from flexiq_jax.quantize import layer_ops
-from flexiq_jax.quantize.plan import QuantPlan
+from flexiq_jax import layer_ops
+from flexiq_jax.plan import QuantPlan
 
 SERVING_KEY = "integer"
 

@@ -83,7 +83,7 @@ from jax.experimental import pallas as pl
 
 from flexiq_jax import numerics
 from flexiq_jax.interception import LayerInfo
-from flexiq_jax.quantize import layer_ops
+from flexiq_jax import layer_ops
 
 DEFAULT_BLOCK_M = 64
 DEFAULT_BLOCK_N = 128

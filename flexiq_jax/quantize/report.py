@@ -76,7 +76,7 @@ def float_ops_of_plan(model, plan, folded_variables, stats: dict, sample_images)
   list holds at every ratio. `folded_variables` as calibrate got them; `stats` from
   calibrate.calibrate, `plan` with its signedness."""
   from flexiq_jax.interception import set_path
-  from flexiq_jax.quantize.plan import unfolded_batch_stats
+  from flexiq_jax.plan import unfolded_batch_stats
   from flexiq_jax.quantize.transform import QuantizedModel
 
   quant: dict = {}

@@ -37,9 +37,9 @@ from flexiq_jax import numerics
 from flexiq_jax import select
 from flexiq_jax.interception import LayerCall, MatmulCall, get_path, set_path
 from flexiq_jax.quantize import integer
-from flexiq_jax.quantize import layer_ops
+from flexiq_jax import layer_ops
 from flexiq_jax.quantize import tuning
-from flexiq_jax.quantize.plan import QuantPlan, unfolded_batch_stats
+from flexiq_jax.plan import QuantPlan, unfolded_batch_stats
 
 if TYPE_CHECKING:
   from flexiq_jax import contract
