@@ -108,6 +108,22 @@ LSQ_FINETUNE_FIELDS = ("num_epochs", "batch_size", "optimizer", "learning_rate",
                        "distill_weight")
 
 
+def qat_baseline_recipe(config, passes: int):
+  """The recipe of a QAT baseline: config.finetune at config.compare.lsq_learning_rate when set,
+  for as many forward+backward passes as FlexiQ's finetuning at `passes` per step.
+
+  Returns:
+    (the finetune recipe, the training dataset, the number of steps, the optimizer).
+  """
+  cfg = config.finetune.copy_and_resolve_references()
+  lsq_lr = config.get("compare", {}).get("lsq_learning_rate", 0.0)
+  if lsq_lr > 0:
+    cfg.learning_rate = lsq_lr
+  train_ds = data.get_dataset(config.data, config.data.train_split, train=True)
+  total_steps = finetune.pass_matched_steps(cfg, train_ds.num_examples, passes=passes)
+  return cfg, train_ds, total_steps, train_lib.make_optimizer(cfg, total_steps)
+
+
 def lsq_qat(config, workdir: str, model, variables, plan, folded, tables, bits: dict, eval_batches,
             mesh=None, reference_logits=None) -> dict:
   """Uniform QAT with LSQ, initialised from the PTQ ranges in `tables`, trained with the budget
@@ -117,13 +133,7 @@ def lsq_qat(config, workdir: str, model, variables, plan, folded, tables, bits: 
   Checkpoints go to <workdir>/checkpoints. Returns train.evaluate's metrics on `eval_batches`
   (agreement / KL / SQNR too with the float `reference_logits`) with 'steps' and 'learning_rate'."""
   mesh = mesh or parallel.make_mesh()
-  cfg = config.finetune.copy_and_resolve_references()
-  lsq_lr = config.get("compare", {}).get("lsq_learning_rate", 0.0)
-  if lsq_lr > 0:
-    cfg.learning_rate = lsq_lr
-  train_ds = data.get_dataset(config.data, config.data.train_split, train=True)
-  total_steps = finetune.pass_matched_steps(cfg, train_ds.num_examples)
-  tx = train_lib.make_optimizer(cfg, total_steps)
+  cfg, train_ds, total_steps, tx = qat_baseline_recipe(config, passes=1)
   trainable = {"params": folded["params"], "scales": lsq_initial_scales(plan, tables, bits)}
   frozen = {"batch_stats": folded["batch_stats"]} if "batch_stats" in folded else {}
   state = parallel.replicate(finetune.state_from_parts(trainable, frozen, tx), mesh)
@@ -217,13 +227,7 @@ def switchable_qat(config, workdir: str, model, variables, plan, folded, tables:
     'learning_rate', 'relative_bops' and the judge's verdict of that precision).
   """
   mesh = mesh or parallel.make_mesh()
-  cfg = config.finetune.copy_and_resolve_references()
-  lsq_lr = config.get("compare", {}).get("lsq_learning_rate", 0.0)
-  if lsq_lr > 0:
-    cfg.learning_rate = lsq_lr
-  train_ds = data.get_dataset(config.data, config.data.train_split, train=True)
-  total_steps = finetune.pass_matched_steps(cfg, train_ds.num_examples, passes=len(SWITCHABLE_BITS))
-  tx = train_lib.make_optimizer(cfg, total_steps)
+  cfg, train_ds, total_steps, tx = qat_baseline_recipe(config, passes=len(SWITCHABLE_BITS))
   bits = [uniform_bits(plan, b, keep_ends) for b in SWITCHABLE_BITS]
   forwards = tuple(LsqForward(model, plan, b) for b in bits)
   start = {"params": folded["params"], "scales": tuple(lsq_initial_scales(plan, tables, b) for b in bits)}
