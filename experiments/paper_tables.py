@@ -40,16 +40,15 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from flexiq_jax import models
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-# The config names of the ImageNet architectures in the tables' order (= `flexiq_jax.models.specs()`,
-# imported lazily like all of flexiq_jax here; tests/test_paper_tables.py checks the two agree).
-ELEVEN = ("resnet18", "resnet50", "mobilenetv2", "efficientnet_b0", "efficientnet_lite0", "regnetx_600mf", "vit_s",
-          "vit_b", "deit_t", "deit_s", "deit_b", "swin_t")
-# The default order: the eleven from the cheapest to the costliest on a CPU (depthwise
-# convolutions are slow there), so an interrupted sweep has the most. The quickstart
-# (`--models=quickstart,...`) is its own reference, reported in experiments/results/README.md.
-SWEEP_ORDER = ("resnet18", "resnet50", "regnetx_600mf", "vit_s", "deit_t", "deit_s", "vit_b", "deit_b", "swin_t",
-               "mobilenetv2", "efficientnet_b0", "efficientnet_lite0")
+# The config names of the ImageNet architectures in the tables' order (the registry's), and the
+# sweep's default order: the depthwise models, the slowest on a CPU, last, so an interrupted sweep
+# has the most. The quickstart (`--models=quickstart,...`) is its own reference, reported in
+# experiments/results/README.md.
+ELEVEN = tuple(spec.config for spec in models.specs())
+SWEEP_ORDER = tuple(spec.config for spec in sorted(models.specs(), key=lambda spec: spec.depthwise))
 METHODS = ("flexiq", "flexiq_naive", "flexiq_random", "flexiq_uniform", "flexiq_greedy", "flexiq_no_bias_correction",
            "ptq_minmax", "ptq_mse", "adaround", "lsq_qat", "layerwise_amp", "switchable_qat")
 # The 4-bit baselines of T1 (method, the setting prefix of its 4-bit row).

@@ -231,8 +231,8 @@ def tf_efficientnet_lite0(num_classes=1000, channel_multiplier=1.0, depth_multip
 # at 28 px made each several times slower per step on XLA:CPU.
 _SMALL = lambda image_size: dict(channel_multiplier=0.5, depth_multiplier=0.35, stem_stride=2)
 register_spec(ModelSpec("mobilenetv2_100", "mobilenetv2", "mobilenetv2_100.ra_in1k", "efficientnet",
-                        (0.875, "bicubic", IMAGENET_MEAN, IMAGENET_STD), _SMALL))
+                        (0.875, "bicubic", IMAGENET_MEAN, IMAGENET_STD), _SMALL, depthwise=True))
 register_spec(ModelSpec("efficientnet_b0", "efficientnet_b0", "efficientnet_b0.ra_in1k", "efficientnet",
-                        (0.875, "bicubic", IMAGENET_MEAN, IMAGENET_STD), _SMALL))
+                        (0.875, "bicubic", IMAGENET_MEAN, IMAGENET_STD), _SMALL, depthwise=True))
 register_spec(ModelSpec("tf_efficientnet_lite0", "efficientnet_lite0", "tf_efficientnet_lite0", "efficientnet",
-                        (0.875, "bicubic", INCEPTION_MEAN, INCEPTION_STD), _SMALL))
+                        (0.875, "bicubic", INCEPTION_MEAN, INCEPTION_STD), _SMALL, depthwise=True))

@@ -67,6 +67,8 @@ class ModelSpec:
     small_kwargs: image_size -> constructor kwargs of the reduced variant (`:fmnist`).
     transformer: ViT/DeiT/Swin (attention; image size in the kwargs; AdamW recipes).
     deit: a DeiT (its float recipe adds label smoothing).
+    depthwise: built of depthwise convolutions (MobileNetV2, EfficientNet): the slowest family on
+      XLA:CPU, so the sweep runs these last.
   """
 
   name: str
@@ -77,6 +79,7 @@ class ModelSpec:
   small_kwargs: Callable[[int], dict]
   transformer: bool = False
   deit: bool = False
+  depthwise: bool = False
 
 
 _SPECS: dict[str, ModelSpec] = {}
