@@ -104,6 +104,12 @@ def grad_norms(workdir: str) -> dict | None:
   return {"median": float(np.median(values)), "max": float(np.max(values)), "logged": len(values)} if values else None
 
 
+def made_by(workdir: str) -> dict | None:
+  """The command, commit and date of the run that finetuned the variant (its finetune/judge.json)."""
+  report = records.read_json(os.path.join(workdir, "finetune", "judge.json"))
+  return {k: report[k] for k in ("command", "commit", "date") if k in report} if report else None
+
+
 def held_out(workdir: str) -> dict | None:
   """The finetune judge's measurements of the variant (finetune/judge.json): top-1 and KL at ratios
   0 and 1 before and after finetuning, on training images the finetune never saw. Variants are
@@ -128,6 +134,16 @@ def render(base, info, float_metrics, rows: dict, ratios, shared_selection: bool
             f"images of the {base.data.eval_split} split (the sweep's images). Each variant: the config plus the "
             "overrides listed, on the same float model; top-1 (%) / KL(float || quantized) at each 4-bit ratio, "
             "before (PTQ) and after multi-ratio finetuning (FT). No hyperparameter was tuned.\n\n")
+  runs = {}
+  for vname, row in rows.items():
+    by = row.get("made_by")
+    if by:
+      runs.setdefault((by.get("command"), by.get("commit"), by.get("date", "")[:10]), []).append(vname)
+  if runs:
+    text += "The variants as measured (each variant's own run: command, commit, date):\n\n" + "".join(
+        f"- {', '.join(names)}: `{cmd}` at {str(commit)[:7]}{' (uncommitted changes)' if str(commit).endswith('-dirty') else ''}"
+        f", {date}\n" for (cmd, commit, date), names in runs.items()
+    ) + "\n"
   headers = ["variant", "overrides"] + [f"{w} {100 * r:g}%" for w in ("PTQ", "FT") for r in ratios] + [
       "FT 0.5 vs 0", "FT 0 vs PTQ 0", "QAT grad norm (median / max)"]
   table = []
@@ -194,6 +210,7 @@ def main(argv):
       subdir = "fixes_shared" if _SHARE.value else "fixes"
       for vname, row in saved["variants"].items():
         row.setdefault("heldout", held_out(os.path.join(_WORKDIR.value, subdir, vname)))
+        row.setdefault("made_by", made_by(os.path.join(_WORKDIR.value, subdir, vname)))
     with open(stem + ".md", "w") as f:
       f.write(render(base, saved, saved["float"], saved["variants"], saved["ratios"], _SHARE.value)
               + f"\nThis file re-rendered from {os.path.basename(stem)}.json (the numbers' command, commit and date "
@@ -230,7 +247,7 @@ def main(argv):
       after = pipeline.sweep(variant, res.finetuned, desc=f"{name} after", ratios=ratios, float_logits=float_logits)
       kept = records.read_json(os.path.join(variant.workdir, "finetune", "refresh.json"), {}).get("kept")
       rows[name].update({"after": points_dict(after), "grad_norm": grad_norms(variant.workdir), "refresh_kept": kept,
-                         "heldout": held_out(variant.workdir),
+                         "heldout": held_out(variant.workdir), "made_by": made_by(variant.workdir),
                          "refresh": refresh_both_ways(variant, float_model, res.quantized)})
     with open(stem + ".json", "w") as f:
       json.dump({**info, "float": float_metrics, "ratios": ratios, "variants": rows}, f, indent=2)
