@@ -240,6 +240,9 @@ def accept_or_refuse(run, float_logits_fn, start, tuned, stage, *, total_steps: 
 
   Returns:
     The report of an accepted finetune.
+
+  Raises:
+    FinetuneRefused: If the finetune fails the judge's margins.
   """
   report = judge_finetune(run.config, float_logits_fn, start, tuned, total_steps=total_steps,
                           train_seed=train_seed)

@@ -141,6 +141,10 @@ def qat_baseline_recipe(config, passes: int):
   """The recipe of a QAT baseline: config.finetune at config.compare.lsq_learning_rate when set,
   for as many forward+backward passes as FlexiQ's finetuning at `passes` per step.
 
+  Args:
+    config: The run config (reads config.finetune, config.compare and config.data).
+    passes: Forward+backward passes one step of the baseline makes.
+
   Returns:
     (the finetune recipe, the training dataset, the number of steps, the optimizer).
   """

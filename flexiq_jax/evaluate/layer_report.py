@@ -320,6 +320,10 @@ def report(run_or_workdir: str | os.PathLike | Any, *, report_ratio: float = 0.5
 
   Returns:
     The `LayerReport` (its `data` is report.json's content).
+
+  Raises:
+    ValueError: If an in-memory model is given without `directory`, or a ratio is not in [0, 1].
+    FileNotFoundError: If the workdir holds no quantized model (`read_run`).
   """
   stats = selection = None
   source, run_commit = None, None
