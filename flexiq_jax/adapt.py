@@ -21,7 +21,16 @@ import flax.linen as nn
 
 
 def takes_keyword(fn: Callable, name: str) -> bool:
-  """Whether `fn` accepts the keyword argument `name` (by name or through **kwargs)."""
+  """Whether `fn` accepts the keyword argument `name` (by name or through **kwargs).
+
+  Args:
+    fn: Any callable.
+    name: The keyword argument's name.
+
+  Returns:
+    True if the signature has a parameter `name` or **kwargs; False otherwise or when the
+    signature cannot be read.
+  """
   try:
     params = inspect.signature(fn).parameters
   except (TypeError, ValueError):
@@ -62,7 +71,14 @@ class CallAdapter:
 
 
 def is_nnx(model: Any) -> bool:
-  """Whether `model` is a Flax NNX module."""
+  """Whether `model` is a Flax NNX module.
+
+  Args:
+    model: Any object.
+
+  Returns:
+    True for an instance of flax.nnx.Module; False otherwise, or when Flax has no NNX.
+  """
   try:
     from flax import nnx
   except ImportError:  # a Flax without NNX
@@ -84,6 +100,10 @@ def adapt(model: Any, variables: Any = None, images: Any = None, *,
 
   Returns:
     (model, variables, images): a model with `apply(variables, images, train=False)`.
+
+  Raises:
+    TypeError: If an NNX module is given variables and images, `model` is neither a linen nor an
+      NNX module, or a linen model lacks its variables or images.
   """
   if is_nnx(model):
     from flexiq_jax import interception_nnx

@@ -66,6 +66,11 @@ def quantize_model(model: Any, variables: Any = None, calib_images: ArrayLike | 
 
   Returns:
     (qmodel, qvars): a `quantize.QuantizedModel` (integer path) and its variables.
+
+  Raises:
+    ValueError: If `calib_images` is not 4-D.
+    TypeError: If `options` names an unknown field, or `model` / `variables` / `calib_images` do
+      not fit the model kind (`adapt.adapt`).
   """
   model, variables, calib_images = adapt_lib.adapt(model, variables, calib_images, apply_fn=apply_fn)
   calib_images = np.asarray(calib_images, np.float32)
@@ -133,7 +138,20 @@ def _require(path: str, what: str) -> str:
 
 def load_quantized(workdir: str) -> LoadedRun:
   """Reads <workdir>/config.json, the float checkpoint in float/ and the serving export in
-  serving/ (written when a run's finetuning finishes) back into models and variables."""
+  serving/ (written when a run's finetuning finishes) back into models and variables.
+
+  Args:
+    workdir: The --workdir of a run.py run whose finetuning finished.
+
+  Returns:
+    The LoadedRun: config, float model, integer-path QuantizedModel, int8 serving variables (with
+    their fill table) and the serving fingerprint (None for a serving/ without manifest).
+
+  Raises:
+    FileNotFoundError: If config.json, serving/plan.json, float/done.json or an intact float
+      checkpoint is missing.
+    artifacts.StaleArtifact: If serving/ does not match its manifest.
+  """
   config = ml_collections.ConfigDict(records.read_json(_require(
       os.path.join(workdir, "config.json"), "is this the --workdir of a run.py run?")))
   plan = quantize_lib.QuantPlan.from_json(records.read_json(_require(
@@ -176,7 +194,20 @@ def export_run(workdir: str, directory: str | None = None, *,
                platforms: Sequence[str] | None = None) -> PortableExport:
   """The portable export (`quantize.export.export_portable`: a `jax.export` module of the integer
   path with the ratio as an input, the serving weights as safetensors, the encodings JSON) of the
-  finished run in `workdir`, to `directory` (default <workdir>/export)."""
+  finished run in `workdir`, to `directory` (default <workdir>/export).
+
+  Args:
+    workdir: The --workdir of a finished run.py run.
+    directory: Output directory; default <workdir>/export.
+    platforms: Optional jax.export platforms to lower for (export_portable's default otherwise).
+
+  Returns:
+    The PortableExport written.
+
+  Raises:
+    FileNotFoundError: If the run cannot be loaded (`load_quantized`).
+    artifacts.StaleArtifact: If serving/ does not match its manifest.
+  """
   run = load_quantized(workdir)
   shape = (run.config.data.image_size, run.config.data.image_size, run.config.data.channels)
   return export_portable(run.qmodel, run.qvars, directory or os.path.join(workdir, EXPORT_DIR), shape,

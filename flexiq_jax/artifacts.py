@@ -32,7 +32,15 @@ class StaleArtifact(ValueError):
 
 def tree_fingerprint(tree, *extra) -> str:
   """SHA-256 (16 hex digits) of every leaf of `tree` (path, dtype, shape, bytes) and `extra`
-  JSON-able values: equal for the same arrays however they were saved and loaded."""
+  JSON-able values: equal for the same arrays however they were saved and loaded.
+
+  Args:
+    tree: A pytree of arrays (fetched to the host).
+    *extra: JSON-able values hashed after the leaves (non-JSON values through str).
+
+  Returns:
+    The fingerprint, 16 hex digits.
+  """
   h = hashlib.sha256()
   for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]:
     array = np.ascontiguousarray(np.asarray(leaf))
@@ -45,6 +53,14 @@ def tree_fingerprint(tree, *extra) -> str:
 
 
 def file_sha256(path: str) -> str:
+  """The SHA-256 of a file's bytes, read in 1 MiB blocks.
+
+  Args:
+    path: The file.
+
+  Returns:
+    The hex digest (64 digits).
+  """
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
@@ -53,13 +69,32 @@ def file_sha256(path: str) -> str:
 
 
 def float_fingerprint(workdir: str) -> str | None:
+  """The fingerprint recorded in <workdir>/float/done.json.
+
+  Args:
+    workdir: A run.py working directory.
+
+  Returns:
+    The float stage's fingerprint, or None when done.json is missing or has none.
+  """
   done = records.read_json(os.path.join(workdir, "float", "done.json"))
   return done.get("fingerprint") if done else None
 
 
 def retire(workdir: str, names=(SERVING_DIR, EXPORT_DIR), why: str = "") -> list[str]:
   """Moves the existing `names` of `workdir` to <workdir>/replaced/<timestamp>/ (kept, not
-  deleted); returns the names moved."""
+  deleted); returns the names moved.
+
+  On processes other than 0 nothing is moved, and the names present are returned as well.
+
+  Args:
+    workdir: A run.py working directory.
+    names: Directory names in `workdir` to retire.
+    why: Optional reason, printed with the move.
+
+  Returns:
+    The names of the directories that were present.
+  """
   present = [n for n in names if os.path.isdir(os.path.join(workdir, n))]
   if not present or jax.process_index() != 0:
     return present
@@ -75,6 +110,14 @@ def retire(workdir: str, names=(SERVING_DIR, EXPORT_DIR), why: str = "") -> list
 
 
 def serving_manifest(workdir: str) -> dict | None:
+  """The content of <workdir>/serving/manifest.json.
+
+  Args:
+    workdir: A run.py working directory.
+
+  Returns:
+    The manifest dict, or None when it is missing.
+  """
   return records.read_json(os.path.join(workdir, SERVING_DIR, SERVING_MANIFEST))
 
 
@@ -82,7 +125,19 @@ def check_serving(workdir: str, qvars_int8, plan_json: dict) -> str | None:
   """The serving fingerprint of the loaded `qvars_int8`; raises StaleArtifact when
   serving/manifest.json records another (None when serving/ predates manifests). A float stage
   redone since serving/ was written is a warning: the serving model is whole, only the float
-  reference beside it is another."""
+  reference beside it is another.
+
+  Args:
+    workdir: The run's working directory.
+    qvars_int8: The loaded int8 serving variables.
+    plan_json: The loaded plan's JSON, hashed with the variables.
+
+  Returns:
+    The serving fingerprint, or None without a manifest.
+
+  Raises:
+    StaleArtifact: If the manifest records another fingerprint.
+  """
   manifest = serving_manifest(workdir)
   if manifest is None:
     return None
@@ -102,7 +157,16 @@ def check_serving(workdir: str, qvars_int8, plan_json: dict) -> str | None:
 
 def check_export(directory: str, manifest: dict) -> None:
   """Raises StaleArtifact when the export's files differ from the SHA-256 its manifest records,
-  or when it sits in a workdir whose serving/ holds another model than the one it was made from."""
+  or when it sits in a workdir whose serving/ holds another model than the one it was made from.
+
+  Args:
+    directory: The export directory (its parent is taken as the workdir).
+    manifest: The export's manifest.json content ('sha256', 'serving_fingerprint').
+
+  Raises:
+    StaleArtifact: If a listed file is missing or differs from its SHA-256, or the workdir's
+      serving manifest records another fingerprint than the export's source.
+  """
   for name, digest in (manifest.get("sha256") or {}).items():
     path = os.path.join(directory, name)
     if not os.path.exists(path) or file_sha256(path) != digest:
@@ -120,7 +184,17 @@ def check_export(directory: str, manifest: dict) -> None:
 def write_serving(workdir: str, qmodel, qvars_int8, input_spec: dict | None = None) -> str:
   """<workdir>/serving from an accepted model: the int8 serving variables (`qvars_int8`, see
   quantize.export_int8), the plan and manifest.json, built in serving.partial and swapped in; the
-  previous serving/ and the export/ derived from it are retired to replaced/ first."""
+  previous serving/ and the export/ derived from it are retired to replaced/ first.
+
+  Args:
+    workdir: The run's working directory.
+    qmodel: The quantized model (its plan is written).
+    qvars_int8: The int8 serving variables.
+    input_spec: Optional description of the model input, stored in the manifest.
+
+  Returns:
+    The path of <workdir>/serving.
+  """
   from flexiq_jax import checkpoint
   path = os.path.join(workdir, SERVING_DIR)
   partial = path + ".partial"

@@ -87,6 +87,10 @@ def check_images(images, spec: InputSpec | None, *, values: bool = True) -> None
     spec: the model's input spec; None checks rank, dtype and finiteness only.
     values: also check the values on the host (NaN/Inf, range); False leaves them to
       `check_values` on statistics computed with the model (`make_predict` does so).
+
+  Raises:
+    ValueError: If `images` is not 4-D, not floating point, has another shape or channel count
+      than `spec`, or (with `values`) holds NaN/Inf or values outside the spec's range.
   """
   shape = tuple(np.shape(images))
   dtype = np.dtype(getattr(images, "dtype", np.asarray(images).dtype))
@@ -110,7 +114,14 @@ def check_images(images, spec: InputSpec | None, *, values: bool = True) -> None
 
 
 def value_stats(images):
-  """(all finite, min, max) of a batch, traced: computed on the device in the serving call."""
+  """(all finite, min, max) of a batch, traced: computed on the device in the serving call.
+
+  Args:
+    images: A batch of images, any shape (jax or numpy).
+
+  Returns:
+    A (3,) float32 jax array: 1.0 if every value is finite else 0.0, the minimum and the maximum.
+  """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   x = images.astype(jnp.float32)
   return jnp.stack([jnp.all(jnp.isfinite(x)).astype(jnp.float32), jnp.min(x), jnp.max(x)])
@@ -118,7 +129,18 @@ def value_stats(images):
 
 def check_values(images, spec: InputSpec | None, stats) -> None:
   """Raises one ValueError for NaN/Inf pixels or values outside the spec's normalised range,
-  from `stats` = (all finite, min, max) of `images` (`value_stats`)."""
+  from `stats` = (all finite, min, max) of `images` (`value_stats`).
+
+  Args:
+    images: The batch the statistics were computed on (read again on the host only to locate
+      NaN/Inf pixels).
+    spec: The model's input spec; None checks finiteness only.
+    stats: (all finite, min, max) of `images`, as `value_stats` returns them.
+
+  Raises:
+    ValueError: If `images` holds NaN/Inf, or its values leave the spec's normalised range by more
+      than RANGE_TOLERANCE.
+  """
   finite, lo, hi = (float(v) for v in np.asarray(stats, np.float64))
   shape = tuple(np.shape(images))
   hint = " For raw uint8 images pass preprocess=True." if spec and spec.mean is not None else ""
@@ -143,6 +165,10 @@ def check_ratio(ratio) -> float:
 
   Returns:
     The ratio as a Python float.
+
+  Raises:
+    ValueError: If `ratio` is not a single real number (or is a bool) or lies outside [0, 1]
+      (NaN included).
   """
   value = ratio
   if hasattr(value, "shape") and hasattr(value, "dtype"):  # numpy / jax arrays
@@ -170,6 +196,10 @@ def preprocess(images, spec: InputSpec) -> np.ndarray:
 
   Returns:
     float32 (N, *spec.shape).
+
+  Raises:
+    ValueError: If `spec` lacks its normalisation or shape, or `images` is not uint8, not 3-D or
+      4-D, or has a channel count other than 1 or the spec's.
   """
   images = np.asarray(images)
   if spec.mean is None or not spec.shape:

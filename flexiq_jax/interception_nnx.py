@@ -41,12 +41,27 @@ INTERCEPTED = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.BatchNorm, NNXAttent
 
 
 def layer_name(path: tuple) -> str:
-  """The linen name of the NNX layer at graph path `path`: its keys joined by '.'."""
+  """The linen name of the NNX layer at graph path `path`: its keys joined by '.'.
+
+  Args:
+    path: Graph path, a tuple of keys (strings or ints).
+
+  Returns:
+    The name, e.g. 'blocks.0.attn.qkv'.
+  """
   return ".".join(str(k) for k in path)
 
 
 def intercepted_layers(module: nnx.Module) -> dict[tuple, nnx.Module]:
-  """{graph path: layer} of the NNX layers this module intercepts, in graph order."""
+  """{graph path: layer} of the NNX layers this module intercepts, in graph order.
+
+  Args:
+    module: An NNX module.
+
+  Returns:
+    A dict {graph path tuple: layer} of its Linear, LinearGeneral, Conv, BatchNorm and
+    NNXAttentionMatmul layers (the root module itself excluded).
+  """
   return {tuple(path): node for path, node in nnx.iter_graph(module)
           if isinstance(node, INTERCEPTED) and path}
 

@@ -65,7 +65,19 @@ def unseen_train_indices(num_examples: int, batch_size: int, total_steps: int, s
 
 
 def judge_images(config, total_steps: int, train_seed: int) -> JudgeImages:
-  """The held-out images of a finetune of `total_steps` steps (module docstring)."""
+  """The held-out images of a finetune of `total_steps` steps (module docstring).
+
+  Args:
+    config: The run config (reads config.data and finetune.judge_images, default 1000, and
+      finetune.batch_size).
+    total_steps: The finetune's steps.
+    train_seed: The seed of its training batches.
+
+  Returns:
+    The JudgeImages: up to finetune.judge_images unseen training images, or, when fewer than
+    min(judge_images, MIN_HELD_OUT) are unseen, the first images of the eval split; with a
+    description of the source.
+  """
   n = int(config.finetune.get("judge_images", 1000))
   train_ds = data.get_dataset(config.data, config.data.train_split)
   idx = unseen_train_indices(train_ds.num_examples, config.finetune.batch_size, total_steps, train_seed, n)
@@ -94,6 +106,9 @@ def measure(qmodel, qvars, float_logits_fn, images: np.ndarray, labels: np.ndarr
     labels: (N,) labels.
     ratios: the ratios measured.
     batch_size: images per forward pass.
+
+  Returns:
+    A dict keyed by the formatted ratio, each {'top1': float %, 'kl': float}.
   """
   qmodel = qmodel.with_mode("int")
   svars = jax.jit(qmodel.prepare)(qvars)
@@ -118,7 +133,18 @@ def measure(qmodel, qvars, float_logits_fn, images: np.ndarray, labels: np.ndarr
 
 def failures(before: dict, after: dict, top1_drop: float, kl_rise: float) -> list[str]:
   """What makes `after` worse than `before` beyond the margins (empty: accepted). A non-finite
-  figure after finetuning is a failure whatever the margins."""
+  figure after finetuning is a failure whatever the margins.
+
+  Args:
+    before: {ratio key: {'top1', 'kl'}} of the starting model.
+    after: The same keys for the trained model.
+    top1_drop: Allowed top-1 drop in points.
+    kl_rise: Allowed KL rise in nats.
+
+  Returns:
+    A list of failure labels 'ratio <r> top-1' / 'ratio <r> KL'; a non-finite KL after training
+    adds both labels of that ratio.
+  """
   out = []
   for ratio, b in before.items():
     a = after[ratio]
@@ -130,6 +156,15 @@ def failures(before: dict, after: dict, top1_drop: float, kl_rise: float) -> lis
 
 
 def summary_line(before: dict, after: dict) -> str:
+  """One line of the before -> after top-1 and KL at every ratio.
+
+  Args:
+    before: {ratio key: {'top1', 'kl'}} of the starting model.
+    after: The same keys for the trained model.
+
+  Returns:
+    The summary string, ratios separated by '; '.
+  """
   return "; ".join(f"ratio {r}: top-1 {before[r]['top1']:.2f}% -> {after[r]['top1']:.2f}%, KL {before[r]['kl']:.4g} "
                    f"-> {after[r]['kl']:.4g}" for r in before)
 
@@ -148,6 +183,11 @@ def judge_finetune(config, float_logits_fn, start, tuned, *, total_steps: int, t
     tuned: the finetuned model.
     total_steps: the finetune's steps (which training images it saw).
     train_seed: the seed of its batches.
+
+  Returns:
+    The report dict: 'accepted', 'failed', 'images', 'num_images', 'metric',
+    'before_finetuning', 'after_finetuning', 'margins' and 'summary' (only 'accepted', 'reason'
+    and 'margins' when not judged).
   """
   cfg = config.finetune
   top1_drop, kl_rise = float(cfg.get("judge_top1_drop", 2.0)), float(cfg.get("judge_kl_rise", 0.1))
@@ -166,7 +206,15 @@ def judge_finetune(config, float_logits_fn, start, tuned, *, total_steps: int, t
 
 
 def refusal_message(report: dict, kept_at: str) -> str:
-  """The one-line message of a refused finetune: the figures, where it is kept, the knobs."""
+  """The one-line message of a refused finetune: the figures, where it is kept, the knobs.
+
+  Args:
+    report: A refused report of `judge_finetune` (reads 'failed', 'images', 'summary', 'margins').
+    kept_at: Where the refused finetune was moved.
+
+  Returns:
+    The message string.
+  """
   return (f"the finetuned model is worse than the model it started from ({', '.join(report['failed'])}) on "
           f"{report['images']}: {report['summary']} (allowed: top-1 drop <= {report['margins']['judge_top1_drop']} "
           f"points, KL rise <= {report['margins']['judge_kl_rise']}). It was not installed: serving/ and export/ "
@@ -192,6 +240,9 @@ def accept_or_refuse(run, float_logits_fn, start, tuned, stage, *, total_steps: 
 
   Returns:
     The report of an accepted finetune.
+
+  Raises:
+    FinetuneRefused: If the finetune fails the judge's margins.
   """
   report = judge_finetune(run.config, float_logits_fn, start, tuned, total_steps=total_steps,
                           train_seed=train_seed)
@@ -222,6 +273,10 @@ def judge_uniform_qat(config, float_logits_fn, logits_fn, start, end, *, total_s
     end: after QAT.
     total_steps: its QAT steps.
     train_seed: the seed of its batches.
+
+  Returns:
+    The report dict: 'accepted', 'failed', 'images', 'before_qat', 'after_qat' ({'top1', 'kl'}
+    each) and 'margins' (only 'accepted' and 'reason' when not judged).
   """
   cfg = config.finetune
   top1_drop, kl_rise = float(cfg.get("judge_top1_drop", 2.0)), float(cfg.get("judge_kl_rise", 0.1))

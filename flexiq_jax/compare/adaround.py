@@ -47,16 +47,41 @@ class AdaRoundSettings:
 
 
 def rectified_sigmoid(v):
+  """The rectified sigmoid h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1).
+
+  Args:
+    v: Rounding logits V, any shape.
+
+  Returns:
+    h(V), the soft rounding offset in [0, 1], the shape of `v`.
+  """
   return jnp.clip(jax.nn.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
 
 def initial_logits(rest):
-  """V with h(V) = rest (the fractional part of w / s): AdaRound starts at the float weights."""
+  """V with h(V) = rest (the fractional part of w / s): AdaRound starts at the float weights.
+
+  Args:
+    rest: Fractional part of w / s, any shape; clipped to [1e-4, 1 - 1e-4].
+
+  Returns:
+    The logits V, the shape of `rest`.
+  """
   rest = jnp.clip(rest, 1e-4, 1 - 1e-4)
   return -jnp.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0)
 
 
 def beta_at(step, settings: AdaRoundSettings):
+  """The regulariser's exponent beta at `step`: settings.beta[0] until the warm-up ends, then
+  annealed linearly to settings.beta[1] at the last iteration.
+
+  Args:
+    step: Optimisation step (may be traced).
+    settings: The AdaRound settings (iterations, warmup, beta).
+
+  Returns:
+    beta as a scalar jax array.
+  """
   start = settings.warmup * settings.iterations
   t = jnp.clip((step - start) / max(settings.iterations - start, 1), 0.0, 1.0)
   hi, lo = settings.beta
@@ -65,7 +90,21 @@ def beta_at(step, settings: AdaRoundSettings):
 
 def round_layer(call, inputs, targets, weight_matrix, scale, qmax, settings: AdaRoundSettings, seed: int = 0):
   """The learned integer codes (K, O) of one layer: `inputs` are its (quantized) inputs, `targets`
-  the float layer's outputs for the same images, `scale` (O,) the per-output-channel step."""
+  the float layer's outputs for the same images, `scale` (O,) the per-output-channel step.
+
+  Args:
+    call: The layer's LayerCall (its kernel shape and float forward).
+    inputs: (N, ...) quantized inputs of the layer.
+    targets: (N, ...) float outputs of the layer.
+    weight_matrix: The kernel as a (K, O) matrix.
+    scale: (O,) per-output-channel quantization step.
+    qmax: Largest code magnitude; codes are clipped to [-qmax, qmax].
+    settings: Iterations, batch size, learning rate and regulariser schedule.
+    seed: Seed of the minibatch sampling.
+
+  Returns:
+    The hard-rounded integer codes (K, O), as floats.
+  """
   floor = jnp.floor(weight_matrix / scale)
   shape = call.kernel.shape
 
@@ -125,7 +164,23 @@ def adaround_weights(model, plan, folded, tables, bits: dict, images, settings: 
                      seed: int = 0) -> tuple[dict, dict]:
   """Folded variables whose 4-bit layers' kernels lie on their 4-bit grid, rounded by AdaRound;
   `bits` {path: (w, a)} as compare.baselines.uniform_bits. Returns (variables, per-layer report:
-  share of elements rounded away from nearest, reconstruction MSE nearest vs AdaRound)."""
+  share of elements rounded away from nearest, reconstruction MSE nearest vs AdaRound).
+
+  Args:
+    model: The float Flax model.
+    plan: The QuantPlan.
+    folded: BN-folded variables; not modified.
+    tables: Clipping tables (`layerwise.apply.build_tables`) with entries at the used widths.
+    bits: {path: (weight bits, act bits)} for every quantized layer; layers at 4 weight bits are
+      rounded by AdaRound, the others are left as they are.
+    images: Calibration images the reconstruction is trained on.
+    settings: AdaRound's optimisation settings.
+    seed: Base seed; layer i uses seed + i.
+
+  Returns:
+    Tuple (variables, report): a copy of `folded` with the rounded kernels, and {path:
+    {'flipped_share', 'mse_nearest', 'mse_adaround'}} for each rounded layer.
+  """
   variables = jax.tree_util.tree_map(lambda a: a, folded)
   wb, ab = apply_lib.bits_arrays(plan, bits)
   float_bits = jnp.zeros_like(wb)

@@ -34,13 +34,30 @@ from flexiq_jax.interception import LayerCall, MatmulCall
 
 
 def uniform_bits(plan, bits: tuple[int, int], keep_ends: bool) -> dict:
-  """{path: (w, a)}: every quantized layer at `bits`; the non-lowerable ones at W8A8 if keep_ends."""
+  """{path: (w, a)}: every quantized layer at `bits`; the non-lowerable ones at W8A8 if keep_ends.
+
+  Args:
+    plan: The QuantPlan.
+    bits: (weight bits, act bits) of the uniform candidate.
+    keep_ends: Whether the non-lowerable layers stay at W8A8.
+
+  Returns:
+    A dict {path: (weight bits, act bits)} over plan.quantized.
+  """
   return {p: ((8, 8) if keep_ends and p not in plan.lowerable else tuple(bits)) for p in plan.quantized}
 
 
 def relative_bops(plan, bits: dict) -> float:
   """Layer-wise BOPs relative to every quantized layer at W8A8, with the plan's quantized matmuls
-  at 8 x 8 bits in both (as FlexiQ's relative BOPs)."""
+  at 8 x 8 bits in both (as FlexiQ's relative BOPs).
+
+  Args:
+    plan: The QuantPlan (its layer and matmul infos).
+    bits: {path: (weight bits, act bits)}; layers not listed count at cost.layerwise_bops' default.
+
+  Returns:
+    The relative BOPs as a float.
+  """
   layers, matmuls = plan.layer_infos(), plan.matmul_infos()
   return cost.layerwise_bops(layers, bits, matmuls=matmuls) / cost.layerwise_bops(layers, {}, (8, 8), matmuls)
 
@@ -90,7 +107,19 @@ class LsqForward:
 
 
 def lsq_initial_scales(plan, tables, bits: dict) -> dict:
-  """LSQ scales initialised from the post-training clipping ranges in `tables`."""
+  """LSQ scales initialised from the post-training clipping ranges in `tables`.
+
+  Each scale is the clip at the layer's bit width (floored at numerics.MIN_RANGE) over the largest
+  code: the activation's per-tensor scale and the weight's per-output-channel scales.
+
+  Args:
+    plan: The QuantPlan (quantized layers and their signedness).
+    tables: Clipping tables {path: {'act_clip', 'weight_clip'}} indexed by bit width.
+    bits: {path: (weight bits, act bits)} for every quantized layer.
+
+  Returns:
+    A dict {flat key: {'act': scalar, 'weight': (O,)}}, the key being the path with '/' -> '.'.
+  """
   scales = {}
   for p in plan.quantized:
     wb, ab = bits[p]
@@ -112,6 +141,10 @@ def qat_baseline_recipe(config, passes: int):
   """The recipe of a QAT baseline: config.finetune at config.compare.lsq_learning_rate when set,
   for as many forward+backward passes as FlexiQ's finetuning at `passes` per step.
 
+  Args:
+    config: The run config (reads config.finetune, config.compare and config.data).
+    passes: Forward+backward passes one step of the baseline makes.
+
   Returns:
     (the finetune recipe, the training dataset, the number of steps, the optimizer).
   """
@@ -131,7 +164,25 @@ def lsq_qat(config, workdir: str, model, variables, plan, folded, tables, bits: 
   `finetune.pass_matched_steps`; batch size, optimizer, distillation) through the same
   resumable loop and step as FlexiQ's finetuning, at config.compare.lsq_learning_rate when set.
   Checkpoints go to <workdir>/checkpoints. Returns train.evaluate's metrics on `eval_batches`
-  (agreement / KL / SQNR too with the float `reference_logits`) with 'steps' and 'learning_rate'."""
+  (agreement / KL / SQNR too with the float `reference_logits`) with 'steps' and 'learning_rate'.
+
+  Args:
+    config: The run config.
+    workdir: Directory of the checkpoints.
+    model: The float Flax model.
+    variables: The float model's variables (the distillation teacher and the judge's reference).
+    plan: The calibration's QuantPlan.
+    folded: BN-folded variables, the starting weights.
+    tables: PTQ clipping tables the LSQ scales start from.
+    bits: {path: (weight bits, act bits)} for every quantized layer.
+    eval_batches: Evaluation batches.
+    mesh: Device mesh; default `parallel.make_mesh()`.
+    reference_logits: Optional float logits of eval_batches.
+
+  Returns:
+    The metrics dict with 'steps', 'learning_rate' and 'judge' (the verdict of
+    judge.judge_uniform_qat; a warning is printed when it refuses).
+  """
   mesh = mesh or parallel.make_mesh()
   cfg, train_ds, total_steps, tx = qat_baseline_recipe(config, passes=1)
   trainable = {"params": folded["params"], "scales": lsq_initial_scales(plan, tables, bits)}

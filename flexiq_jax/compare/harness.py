@@ -109,7 +109,14 @@ class CompareContext:
 
 
 def as_list(values) -> list:
-  """A config tuple; tolerates 'a,b' strings (what a --config.x=a,b override can leave)."""
+  """A config tuple; tolerates 'a,b' strings (what a --config.x=a,b override can leave).
+
+  Args:
+    values: A string, or a sequence whose strings may hold comma-separated items.
+
+  Returns:
+    A flat list; string items are split on ',' and stripped, other items kept as they are.
+  """
   if isinstance(values, str):
     values = (values,)
   return [v.strip() if isinstance(v, str) else v for item in values
@@ -120,7 +127,14 @@ FIDELITY = train_lib.FIDELITY_METRICS
 
 
 def fidelity(metrics: dict) -> dict:
-  """The distance-to-float fields of train.evaluate's metrics (present when it had the reference)."""
+  """The distance-to-float fields of train.evaluate's metrics (present when it had the reference).
+
+  Args:
+    metrics: train.evaluate's metrics dict.
+
+  Returns:
+    A dict with those of FIDELITY's keys (agreement, KL, SQNR) that `metrics` has.
+  """
   return {k: metrics[k] for k in FIDELITY if k in metrics}
 
 
@@ -138,7 +152,14 @@ def _flexiq_quantized(ctx: CompareContext):
 
 
 def flexiq(ctx: CompareContext) -> list[Row]:
-  """The configured FlexiQ pipeline, swept before and (compare.finetune) after finetuning."""
+  """The configured FlexiQ pipeline, swept before and (compare.finetune) after finetuning.
+
+  Args:
+    ctx: The comparison context.
+
+  Returns:
+    One Row per sweep ratio, before finetuning and (with compare.finetune) after it.
+  """
   quantized = _flexiq_quantized(ctx)
   rows = _sweep_rows("flexiq", ctx, ctx.run, quantized)
   if ctx.config.compare.finetune:
@@ -162,27 +183,75 @@ def _flexiq_variant(ctx: CompareContext, name: str, overrides: dict) -> list[Row
 
 
 def flexiq_naive(ctx: CompareContext) -> list[Row]:
+  """FlexiQ with naive bit extraction (quant.extraction='naive'), in compare/flexiq_naive.
+
+  Args:
+    ctx: The comparison context.
+
+  Returns:
+    One Row per sweep ratio (compare.ablation_ratios when set), before finetuning.
+  """
   return _flexiq_variant(ctx, "flexiq_naive", {"quant.extraction": "naive"})
 
 
 def flexiq_random(ctx: CompareContext) -> list[Row]:
+  """FlexiQ with random channel orders (select.channel_order='random'), in compare/flexiq_random.
+
+  Args:
+    ctx: The comparison context.
+
+  Returns:
+    One Row per sweep ratio (compare.ablation_ratios when set), before finetuning.
+  """
   return _flexiq_variant(ctx, "flexiq_random", {"select.channel_order": "random"})
 
 
 def flexiq_uniform(ctx: CompareContext) -> list[Row]:
+  """FlexiQ with the uniform selector (select.selector='uniform'), in compare/flexiq_uniform.
+
+  Args:
+    ctx: The comparison context.
+
+  Returns:
+    One Row per sweep ratio (compare.ablation_ratios when set), before finetuning.
+  """
   return _flexiq_variant(ctx, "flexiq_uniform", {"select.selector": "uniform"})
 
 
 def flexiq_greedy(ctx: CompareContext) -> list[Row]:
+  """FlexiQ with the greedy-by-range selector (select.selector='greedy'), in compare/flexiq_greedy.
+
+  Args:
+    ctx: The comparison context.
+
+  Returns:
+    One Row per sweep ratio (compare.ablation_ratios when set), before finetuning.
+  """
   return _flexiq_variant(ctx, "flexiq_greedy", {"select.selector": "greedy"})
 
 
 def flexiq_no_bias_correction(ctx: CompareContext) -> list[Row]:
+  """FlexiQ without bias correction (quant.bias_correction=False), in compare/flexiq_no_bias_correction.
+
+  Args:
+    ctx: The comparison context.
+
+  Returns:
+    One Row per sweep ratio (compare.ablation_ratios when set), before finetuning.
+  """
   return _flexiq_variant(ctx, "flexiq_no_bias_correction", {"quant.bias_correction": False})
 
 
 def flexiq_amp(ctx: CompareContext) -> list[Row]:
-  """FlexiQ with per-layer ratios from the mixed-precision search, at each select.levels value."""
+  """FlexiQ with per-layer ratios from the mixed-precision search, at each select.levels value.
+
+  Args:
+    ctx: The comparison context.
+
+  Returns:
+    One Row per level the search's Pareto list reaches, with the level, the 4-bit MAC shares and
+    the fidelity fields.
+  """
   quantized = _flexiq_quantized(ctx)
   res = driver.flexiq_search(ctx.config, ctx.run.workdir, ctx.float_model, ctx.calibration, ctx.calib_batches,
                              quantized, ctx.run.mesh)
@@ -204,7 +273,15 @@ def flexiq_amp(ctx: CompareContext) -> list[Row]:
 def layerwise_amp(ctx: CompareContext) -> list[Row]:
   """The layer-wise mixed-precision search, one point per compare.allowed_drops. The drop is
   allowed on the score images (a validation slice of train); each row also reports the drop
-  measured on the eval split against the float model."""
+  measured on the eval split against the float model.
+
+  Args:
+    ctx: The comparison context (reads compare.allowed_drops).
+
+  Returns:
+    One Row per allowed drop, with the chosen candidates, the score-split and eval-split drops and
+    the search's outcome in `extra`.
+  """
   rows = []
   score_data = driver.score_batches(ctx.config)
   model = ctx.float_model.model
@@ -250,7 +327,15 @@ def _ptq(ctx: CompareContext, method: str) -> list[Row]:
 
 
 def adaround(ctx: CompareContext) -> list[Row]:
-  """Uniform W4A4 PTQ with AdaRound weight rounding (compare.adaround) on MSE ranges."""
+  """Uniform W4A4 PTQ with AdaRound weight rounding (compare.adaround) on MSE ranges.
+
+  Args:
+    ctx: The comparison context (reads compare.keep_ends, adaround_images, adaround_iterations).
+
+  Returns:
+    A one-Row list, with the mean flipped share and the mean AdaRound / nearest reconstruction MSE
+    ratio in `extra`.
+  """
   cc, plan, model = ctx.config.compare, ctx.calibration.plan, ctx.float_model.model
   tables = apply_lib.build_tables(model, plan, ctx.calibration.folded, ctx.calibration.stats, act_method="mse",
                                   weight_method="mse", bits=(4, 8), batches=ctx.calib_batches)
@@ -271,15 +356,41 @@ def adaround(ctx: CompareContext) -> list[Row]:
 
 
 def ptq_minmax(ctx: CompareContext) -> list[Row]:
+  """Uniform W8A8 and W4A4 post-training quantization with min-max ranges.
+
+  Args:
+    ctx: The comparison context.
+
+  Returns:
+    Two Rows, W8A8 and W4A4.
+  """
   return _ptq(ctx, "minmax")
 
 
 def ptq_mse(ctx: CompareContext) -> list[Row]:
+  """Uniform W8A8 and W4A4 post-training quantization with MSE-fitted ranges.
+
+  Args:
+    ctx: The comparison context.
+
+  Returns:
+    Two Rows, W8A8 and W4A4.
+  """
   return _ptq(ctx, "mse")
 
 
 def lsq_qat(ctx: CompareContext) -> list[Row]:
-  """Uniform W4A4 QAT with LSQ, with FlexiQ's finetuning budget."""
+  """Uniform W4A4 QAT with LSQ, with FlexiQ's finetuning budget.
+
+  Checkpoints go to compare/lsq_qat/<fingerprint of method_fields>, or to the directory of the
+  older fingerprint of the same values when only that exists.
+
+  Args:
+    ctx: The comparison context (reads compare.lsq_init and compare.keep_ends).
+
+  Returns:
+    A one-Row list; the setting says when the judge refused the result.
+  """
   cc, plan = ctx.config.compare, ctx.calibration.plan
   tables = apply_lib.build_tables(ctx.float_model.model, plan, ctx.calibration.folded, ctx.calibration.stats,
                                   act_method=cc.lsq_init, weight_method=cc.lsq_init, bits=(4, 8),
@@ -304,7 +415,14 @@ def lsq_qat(ctx: CompareContext) -> list[Row]:
 
 def switchable_qat(ctx: CompareContext) -> list[Row]:
   """One network trained jointly at W8A8 and W4A4, switched at run time (Any-Precision DNN with
-  LSQ scales per precision), with as many forward+backward passes as FlexiQ's finetuning."""
+  LSQ scales per precision), with as many forward+backward passes as FlexiQ's finetuning.
+
+  Args:
+    ctx: The comparison context (reads compare.lsq_init and compare.keep_ends).
+
+  Returns:
+    One Row per precision of baselines.SWITCHABLE_BITS.
+  """
   cc, plan = ctx.config.compare, ctx.calibration.plan
   tables = apply_lib.build_tables(ctx.float_model.model, plan, ctx.calibration.folded, ctx.calibration.stats,
                                   act_method=cc.lsq_init, weight_method=cc.lsq_init, bits=(4, 8),
@@ -356,7 +474,16 @@ METHOD_DEPENDS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 def method_fields(config, method: str) -> dict:
   """The fingerprint fields of `method`'s rows (a method without a declaration, e.g. one a test
-  registers, depends on the finetune stage and every compare field)."""
+  registers, depends on the finetune stage and every compare field).
+
+  Args:
+    config: The run config.
+    method: A method name.
+
+  Returns:
+    The fingerprint fields dict (stage_options.fingerprint_fields) of the method's stage, its own
+    fields and the eval split fields.
+  """
   stage, own = METHOD_DEPENDS.get(method, ("finetune", ("layerwise", "sweep", *_compare_fields(config))))
   return stage_options.fingerprint_fields(config, stage, *own, *EVAL_FIELDS)
 
@@ -383,7 +510,22 @@ def run_compare(run: pipeline.Run, float_model: FloatModel, float_metrics=None, 
   cached rows, if another commit made them, are dropped and computed again (after a code change,
   which the cache's fingerprint does not see; a killed rerun at the same commit keeps what it
   redid); for 'flexiq' the finetune stage is redone too (moved to <workdir>/replaced/ first). The results name, per
-  method, the commit and date that computed its rows ('methods_made_by')."""
+  method, the commit and date that computed its rows ('methods_made_by').
+
+  Args:
+    run: The pipeline run (config, workdir, mesh).
+    float_model: The float model and its variables.
+    float_metrics: Optional float metrics; their 'top1' goes into the results.
+    float_logits: Optional float logits on the eval batches.
+    recompute: Method names whose rows made by another commit are recomputed.
+
+  Returns:
+    The results dict (run info, model, dataset, eval_examples, float_top1, rows,
+    seconds_this_run, methods_made_by), also written by `write_reports`.
+
+  Raises:
+    ValueError: If compare.methods or `recompute` names an unknown method.
+  """
   config = run.config
   cc = config.compare
   methods = as_list(cc.methods)
@@ -424,7 +566,16 @@ def run_compare(run: pipeline.Run, float_model: FloatModel, float_metrics=None, 
 
 def write_reports(results: dict, workdir: str, prefix: str = "") -> str:
   """compare.json, compare_table.md, compare_pareto.png in <workdir>/compare/ (and at `prefix`
-  + '.json'/'.md'/'.png' if given)."""
+  + '.json'/'.md'/'.png' if given).
+
+  Args:
+    results: The results dict of `run_compare`.
+    workdir: The run's working directory.
+    prefix: Optional extra path prefix for a second copy of the files.
+
+  Returns:
+    The Markdown text.
+  """
   title = f"Method comparison: {results['model']} on {results['dataset']}"
   text = f"# {title}\n\n" + records.provenance_header(results)
   if results.get("float_top1") is not None:
@@ -479,7 +630,21 @@ PARETO_METRICS = {"top1": "top-1 (%)", "agreement": "agreement with float (%)", 
 def draw_pareto(ax, rows, metric: str = "top1", float_top1=None, *, finetuned_suffix: str = " (finetuned)",
                 ms: float = 4, lw=None, float_label="float") -> None:
   """One line per method (finetuned rows apart) on `ax`: `metric` vs relative BOPs, the float
-  model's top-1 as a dashed line (metric 'top1'), KL on a log scale."""
+  model's top-1 as a dashed line (metric 'top1'), KL on a log scale.
+
+  Args:
+    ax: A matplotlib Axes.
+    rows: Row dicts (Row.to_json); rows without `metric` are skipped.
+    metric: 'top1', 'agreement', 'kl' or 'sqnr_db'.
+    float_top1: Optional float top-1 drawn as a dashed line (metric 'top1' only).
+    finetuned_suffix: Suffix of the labels of finetuned rows.
+    ms: Marker size.
+    lw: Optional line width (also thins the float line).
+    float_label: Legend label of the float line.
+
+  Raises:
+    ValueError: If `metric` is not a key of PARETO_METRICS.
+  """
   if metric not in PARETO_METRICS:
     raise ValueError(f"unknown Pareto metric {metric!r}; use one of {list(PARETO_METRICS)}")
   groups: dict = {}
@@ -499,7 +664,17 @@ def draw_pareto(ax, rows, metric: str = "top1", float_top1=None, *, finetuned_su
 
 
 def plot_pareto(results: dict, path: str, title: str, metric: str = "top1") -> None:
-  """Every method's points: `metric` ('top1', 'agreement', 'kl' or 'sqnr_db') vs relative BOPs."""
+  """Every method's points: `metric` ('top1', 'agreement', 'kl' or 'sqnr_db') vs relative BOPs.
+
+  Args:
+    results: The results dict (reads 'rows' and 'float_top1').
+    path: Output PNG path.
+    title: Plot title.
+    metric: The y-axis metric.
+
+  Raises:
+    ValueError: If `metric` is not a key of PARETO_METRICS.
+  """
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt

@@ -168,7 +168,15 @@ def _hist_str(hist: Sequence[int]) -> str:
 
 
 def markdown(doc: dict, title: str = "FlexiQ per-layer quantization report") -> str:
-  """The report document as Markdown: provenance, totals and one table row per layer."""
+  """The report document as Markdown: provenance, totals and one table row per layer.
+
+  Args:
+    doc: The report document (`build`, optionally with 'provenance', 'source' and 'run_commit').
+    title: The document's heading.
+
+  Returns:
+    The Markdown text.
+  """
   t, r = doc["totals"], doc["report_ratio"]
   out = [f"# {title}\n\n"]
   if "provenance" in doc:
@@ -212,7 +220,15 @@ def markdown(doc: dict, title: str = "FlexiQ per-layer quantization report") -> 
 
 def plot(doc: dict, path: str) -> str:
   """Each lowerable layer's 4-bit share of its feature channels across the ratios, as a heatmap
-  (layers down, ratios across), with the model's ratio marked; written to `path`."""
+  (layers down, ratios across), with the model's ratio marked; written to `path`.
+
+  Args:
+    doc: The report document (`build`).
+    path: Output PNG path; its directory is created if missing.
+
+  Returns:
+    `path`.
+  """
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -235,7 +251,15 @@ def plot(doc: dict, path: str) -> str:
 
 
 def write(doc: dict, directory: str) -> LayerReport:
-  """report.json, report.md and lowbit_share.png in `directory`."""
+  """report.json, report.md and lowbit_share.png in `directory`.
+
+  Args:
+    doc: The report document.
+    directory: Output directory, created if missing.
+
+  Returns:
+    A LayerReport for `directory`, `doc` and the three file names.
+  """
   os.makedirs(directory, exist_ok=True)
   records.write_json_atomic(os.path.join(directory, "report.json"), doc)
   md = os.path.join(directory, "report.md")
@@ -250,7 +274,19 @@ def write(doc: dict, directory: str) -> LayerReport:
 def read_run(workdir: str) -> tuple[Any, dict, dict | None, dict | None, str]:
   """(plan, qvars, stats or None, selection or None, source) of a run's workdir: the finetuned
   serving export if the run finished finetuning, else the quantized stage. Raises
-  FileNotFoundError with what is missing."""
+  FileNotFoundError with what is missing.
+
+  Args:
+    workdir: A run.py working directory.
+
+  Returns:
+    Tuple (plan, qvars, stats, selection, source): the QuantPlan, the quantized variables, the
+    calibration statistics (None without calibrate/stats), select/selection.json's content (None
+    if absent) and the source as '<workdir>/<stage>'.
+
+  Raises:
+    FileNotFoundError: If the workdir has neither serving/ nor a finished quantized/ stage.
+  """
   from flexiq_jax import checkpoint
   from flexiq_jax.plan import QuantPlan
   for stage, qvars_dir in (("serving", "qvars_int8"), ("quantized", "qvars")):
@@ -284,6 +320,10 @@ def report(run_or_workdir: str | os.PathLike | Any, *, report_ratio: float = 0.5
 
   Returns:
     The `LayerReport` (its `data` is report.json's content).
+
+  Raises:
+    ValueError: If an in-memory model is given without `directory`, or a ratio is not in [0, 1].
+    FileNotFoundError: If the workdir holds no quantized model (`read_run`).
   """
   stats = selection = None
   source, run_commit = None, None

@@ -18,7 +18,17 @@ FIDELITY = train_lib.FIDELITY_METRICS  # against the float model (stage_results.
 
 
 def ratio_rows(before, after=None) -> list[dict]:
-  """One row per ratio of `before` (pipeline.RatioPoint list), with `after` beside it."""
+  """One row per ratio of `before` (pipeline.RatioPoint list), with `after` beside it.
+
+  Args:
+    before: RatioPoint list measured before finetuning.
+    after: Optional RatioPoint list measured after finetuning, matched to `before` by ratio.
+
+  Returns:
+    A list of dicts, one per ratio of `before`, with 'ratio', 'top1_before', 'top1_after',
+    'top5_before', 'top5_after', 'relative_bops', 'low_bit_mac_share' and '<metric>_before' /
+    '<metric>_after' for each fidelity metric (the '_after' values None without a match).
+  """
   after_by_ratio = {r.ratio: r for r in after or []}
   rows = []
   for b in before:
@@ -38,6 +48,19 @@ def _fmt(value, spec: str) -> str:
 
 
 def write_ratio_report(workdir: str, rows: list[dict], float_metrics: dict | None, title: str) -> str:
+  """Writes the ratio table as `ratio_table.md` and its plot as `ratio_plot.png` in `workdir`.
+
+  The table has the fidelity columns (agreement, KL, SQNR) when any row carries them.
+
+  Args:
+    workdir: Directory the two files go to.
+    rows: Rows from `ratio_rows`.
+    float_metrics: Optional metrics of the float model; its 'top1' is shown in the text and plot.
+    title: Title of the Markdown document and of the plot.
+
+  Returns:
+    The Markdown text written to ratio_table.md.
+  """
   info = records.run_info()
   fidelity = any(r.get("kl_before") is not None for r in rows)
   headers = ["4-bit ratio", "top-1 before FT (%)", "top-1 after FT (%)"]

@@ -69,6 +69,25 @@ def run(problem: AmpProblem, stage_dir: str, fingerprint: str, *, allowed_drop: 
   reference; without float_eval_fn the baseline's score). phase2_full: score every Pareto point
   (for the Pareto plot) rather than only those phase 3 probes. early_exit: False always runs
   phases 1-3 (a selector that needs the whole Pareto list).
+
+  Args:
+    problem: The groups, candidates, cost table and scoring callbacks.
+    stage_dir: Directory of the cached phase files, created if missing.
+    fingerprint: Fingerprint of the inputs; cached files with another one are discarded.
+    allowed_drop: Allowed score drop below the reference.
+    search: Phase-3 search name ('binary', 'interpolation' or 'brute_force').
+    phase2_full: Whether to score every Pareto point.
+    early_exit: Whether the baseline step may end the search.
+    log: Function that prints the one-line outcome.
+
+  Returns:
+    The summary dict (also written to result_<search>_drop<d>.json): the reference score, target,
+    baseline, uniform scores, early exit reason, phases run, whether the target was met, the
+    chosen point and its candidates, the sensitivity and Pareto lists, the number of new
+    evaluations and the seconds per phase.
+
+  Raises:
+    ValueError: If `search` is not a known phase-3 search (checked when phase 3 runs).
   """
   os.makedirs(stage_dir, exist_ok=True)
   G, K = len(problem.groups), len(problem.candidates)

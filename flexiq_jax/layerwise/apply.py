@@ -40,6 +40,23 @@ def build_tables(model, plan: QuantPlan, folded, calib: dict, *, act_method: str
   Min-max entries are the calibrated |x| max (from calib ch_min/ch_max) and the per-output-channel
   |w| max; 'mse' fits the ranges for each width in `bits` (other widths keep min-max). Activation
   MSE needs the calibration `batches`.
+
+  Args:
+    model: The float Flax model.
+    plan: The QuantPlan; its `quantized` layers get tables.
+    folded: The model's folded variables (weights read from folded['params']).
+    calib: Calibration statistics {path: {'ch_min', 'ch_max', ...}}.
+    act_method: 'minmax' or 'mse' for the activation ranges.
+    weight_method: 'minmax' or 'mse' for the weight ranges.
+    bits: Bit widths that 'mse' fits.
+    batches: Calibration image batches; required when act_method is 'mse'.
+
+  Returns:
+    A dict {path: {'act_clip': (MAX_BITS + 1,) float32, 'weight_clip': (MAX_BITS + 1, O) float32}}
+    of jax arrays.
+
+  Raises:
+    ValueError: If a range method is unknown, or act_method is 'mse' without `batches`.
   """
   for m in (act_method, weight_method):
     if m not in ("minmax", "mse"):
@@ -76,7 +93,16 @@ def build_tables(model, plan: QuantPlan, folded, calib: dict, *, act_method: str
 def narrow_mse_clip(w, bits: int, num_candidates: int = 100):
   """Per output channel of w (..., O): the clip alpha * max|w| minimising the squared error of
   `fake_quant_weight_traced_bits` (the narrow grid [-(2^(b-1)-1), 2^(b-1)-1] it is applied
-  on); ties go to the largest alpha."""
+  on); ties go to the largest alpha.
+
+  Args:
+    w: Weight array (..., O); flattened to (N, O).
+    bits: Weight bit width (may be traced).
+    num_candidates: Number of shrink factors alpha tried (`numerics.shrink_factors`).
+
+  Returns:
+    The clip per output channel, an (O,) jax array.
+  """
   w = w.reshape(-1, w.shape[-1])
   absmax = jnp.abs(w).max(0)
   alphas = numerics.shrink_factors(num_candidates)
@@ -116,7 +142,15 @@ class LayerwiseBits:
 def make_apply(model, plan: QuantPlan):
   """apply(folded_variables, tables, weight_bits (L,), act_bits (L,), x) -> logits, where L
   runs over plan.quantized; bits are int32 arrays (0 = float), traced: jit once, evaluate any
-  configuration."""
+  configuration.
+
+  Args:
+    model: The float Flax model.
+    plan: The QuantPlan whose `quantized` layers the bit arrays index.
+
+  Returns:
+    The apply function described above.
+  """
   index = {p: i for i, p in enumerate(plan.quantized)}
 
   def apply(variables, tables, weight_bits, act_bits, x):
@@ -143,7 +177,15 @@ class DynamicRanges(LayerwiseBits):
 def make_recalibrate(model, plan: QuantPlan):
   """recalibrate(folded_variables, tables, weight_bits, act_bits, x) -> (L,) |x| max of each
   layer input (over plan.quantized) with the model quantized at those bits; take the max over
-  the calibration batches for the new min-max activation ranges (`with_act_ranges`)."""
+  the calibration batches for the new min-max activation ranges (`with_act_ranges`).
+
+  Args:
+    model: The float Flax model.
+    plan: The QuantPlan whose `quantized` layers the bit arrays index.
+
+  Returns:
+    The recalibrate function described above.
+  """
   index = {p: i for i, p in enumerate(plan.quantized)}
 
   def recalibrate(variables, tables, weight_bits, act_bits, x):
@@ -155,13 +197,31 @@ def make_recalibrate(model, plan: QuantPlan):
 
 
 def with_act_ranges(tables: dict, plan: QuantPlan, absmax) -> dict:
-  """The tables with every activation width's clip set to the recalibrated |x| max (min-max)."""
+  """The tables with every activation width's clip set to the recalibrated |x| max (min-max).
+
+  Args:
+    tables: Clipping tables {path: {'act_clip', 'weight_clip'}} (`build_tables`).
+    plan: The QuantPlan; absmax is indexed in plan.quantized order.
+    absmax: (L,) recalibrated |x| max per quantized layer.
+
+  Returns:
+    A new tables dict; the weight clips are unchanged.
+  """
   return {p: dict(tables[p], act_clip=jnp.full(MAX_BITS + 1, absmax[i], jnp.float32))
           for i, p in enumerate(plan.quantized)}
 
 
 def bits_arrays(plan: QuantPlan, assignment: dict, default=(0, 0)):
-  """{path: Candidate or (w, a)} -> (weight_bits, act_bits) int32 arrays over plan.quantized."""
+  """{path: Candidate or (w, a)} -> (weight_bits, act_bits) int32 arrays over plan.quantized.
+
+  Args:
+    plan: The QuantPlan whose `quantized` layers give the order.
+    assignment: {path: Candidate or (weight_bits, act_bits)}; missing layers take `default`.
+    default: (weight_bits, act_bits) of the layers not in `assignment`; (0, 0) is float.
+
+  Returns:
+    Tuple (weight_bits, act_bits) of (L,) int32 jax arrays.
+  """
   w, a = [], []
   for p in plan.quantized:
     c = assignment.get(p, default)
@@ -172,7 +232,15 @@ def bits_arrays(plan: QuantPlan, assignment: dict, default=(0, 0)):
 
 
 def sqnr_db(reference, test) -> float:
-  """10 log10(Σ ref² / Σ (ref - test)²) over the whole output."""
+  """10 log10(Σ ref² / Σ (ref - test)²) over the whole output.
+
+  Args:
+    reference: Reference output (e.g. float logits), any shape.
+    test: Output to compare, the same shape.
+
+  Returns:
+    The SQNR in dB as a float (the error is floored at 1e-30).
+  """
   ref = np.asarray(reference, np.float64)
   err = np.sum((ref - np.asarray(test, np.float64)) ** 2)
   return float(10 * np.log10(np.sum(ref ** 2) / max(err, 1e-30)))

@@ -50,7 +50,18 @@ class Candidate:
 
 
 def parse_candidate(text: str) -> Candidate:
-  """'W8A8' -> Candidate(8, 8); 'FP'/'float' -> Candidate(0, 0); 'WFPA8' -> float weights."""
+  """'W8A8' -> Candidate(8, 8); 'FP'/'float' -> Candidate(0, 0); 'WFPA8' -> float weights.
+
+  Args:
+    text: Candidate name, case-insensitive: 'W<w>A<a>' with w, a in [2, 16] or 'FP', or 'FP' /
+      'float' / 'FP32'.
+
+  Returns:
+    The Candidate (bits 0 = float).
+
+  Raises:
+    ValueError: If the text is not a candidate or a bit width is outside [2, 16].
+  """
   t = text.strip().upper()
   if t in ("FP", "FLOAT", "FP32"):
     return Candidate(0, 0)
@@ -65,6 +76,17 @@ def parse_candidate(text: str) -> Candidate:
 
 
 def parse_candidates(texts) -> list[Candidate]:
+  """Parses a list of candidate names (`parse_candidate`).
+
+  Args:
+    texts: Iterable of candidate names.
+
+  Returns:
+    The Candidates, in the given order.
+
+  Raises:
+    ValueError: If a name is invalid or two names denote the same candidate.
+  """
   out = [parse_candidate(t) for t in texts]
   if len(set(out)) != len(out):
     raise ValueError(f"duplicate candidates in {list(texts)}")
@@ -87,7 +109,17 @@ class Group:
 
 def shared_inputs(model, plan, variables, image_shape) -> list[tuple[str, ...]]:
   """The quantized layers grouped by the tensor they read (shape-only trace, no FLOPs), in call
-  order of each tensor's first reader."""
+  order of each tensor's first reader.
+
+  Args:
+    model: The float Flax model.
+    plan: The QuantPlan; only its `quantized` layers are recorded.
+    variables: The model's (folded) variables.
+    image_shape: Shape of one input image, without the batch axis.
+
+  Returns:
+    A list of tuples of layer paths, each sorted in plan.quantized order.
+  """
   readers: dict[int, list[str]] = {}
   seen = []  # keeps every input alive during the trace, so that no id is reused
 
@@ -108,7 +140,21 @@ def shared_inputs(model, plan, variables, image_shape) -> list[tuple[str, ...]]:
 
 def quantizer_groups(plan, grouping: str = "per_layer", model=None, variables=None, image_shape=None) -> list[Group]:
   """The groups of the search (see the module docstring); 'shared_input' needs the model, its
-  (folded) variables and the image shape to see which layers read the same tensor."""
+  (folded) variables and the image shape to see which layers read the same tensor.
+
+  Args:
+    plan: The QuantPlan.
+    grouping: 'per_layer' or 'shared_input'.
+    model: The float Flax model ('shared_input' only).
+    variables: The model's (folded) variables ('shared_input' only).
+    image_shape: Shape of one input image ('shared_input' only).
+
+  Returns:
+    A list of Groups in call order.
+
+  Raises:
+    ValueError: If `grouping` is unknown, or 'shared_input' is given without a model.
+  """
   if grouping == "per_layer":
     return [Group((p,)) for p in plan.quantized]
   if grouping == "shared_input":

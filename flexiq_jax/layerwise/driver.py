@@ -34,6 +34,15 @@ from flexiq_jax.stage_results import Calibration, FloatModel, Quantized
 
 
 def sensitivity_images(config, calib_batches):
+  """The first `config.layerwise.sensitivity_images` calibration images, the phase-1 data.
+
+  Args:
+    config: The run config (reads config.layerwise.sensitivity_images).
+    calib_batches: Sequence of calibration image batches.
+
+  Returns:
+    A jax array of the images, concatenated along the batch axis.
+  """
   n = config.layerwise.sensitivity_images
   images = jnp.concatenate(list(calib_batches))
   return images[:n]
@@ -41,7 +50,16 @@ def sensitivity_images(config, calib_batches):
 
 def score_batches(config):
   """The last `score_examples` images of `score_split`, in eval batches (the last one padded,
-  with `mask` 0 on the padding)."""
+  with `mask` 0 on the padding).
+
+  Args:
+    config: The run config (reads config.layerwise.score_split and score_examples, config.data and
+      config.eval_batch_size).
+
+  Returns:
+    A list of batch dicts of numpy arrays (the dataset's fields plus 'mask'), each of
+    config.eval_batch_size examples.
+  """
   lw = config.layerwise
   ds = data.get_dataset(config.data, lw.score_split)
   n = min(lw.score_examples, ds.num_examples)
@@ -121,6 +139,20 @@ def layerwise_problem(config, float_model: FloatModel, calibration: Calibration,
   candidate, and every Pareto point the ranges of its baseline (AIMET keeps its encodings
   across the Pareto points). Recalibration recomputes min-max ranges only: with
   act_range='mse' the tables stay the calibrated ones.
+
+  Args:
+    config: The run config (reads config.layerwise).
+    float_model: The float model and its variables.
+    calibration: The calibration stage result (plan, folded variables, statistics).
+    calib_batches: Calibration image batches.
+    mesh: Optional device mesh for evaluation.
+    score_data: Scoring batches; default `score_batches(config)`.
+
+  Returns:
+    The LayerwiseProblem.
+
+  Raises:
+    ValueError: If a candidate or the grouping in config.layerwise is invalid.
   """
   model, variables = float_model.model, float_model.variables
   plan, folded, calib = calibration.plan, calibration.folded, calibration.stats
@@ -193,7 +225,25 @@ def layerwise_search(config, workdir, float_model: FloatModel, calibration: Cali
   """The baseline step and phases 1-3 over group bit widths; cached under <workdir>/<stage_name>/.
   The summary's 'seconds' has 'compile' (the warm-up that compiles every function the phases
   call) apart from the phases. early_exit=False runs phases 1-3 even where the baseline step
-  would end the search (amp.run)."""
+  would end the search (amp.run).
+
+  Args:
+    config: The run config (reads config.layerwise).
+    workdir: The run's working directory.
+    float_model: The float model and its variables.
+    calibration: The calibration stage result.
+    calib_batches: Calibration image batches.
+    mesh: Optional device mesh for evaluation.
+    allowed_drop: Allowed top-1 drop; default config.layerwise.allowed_drop.
+    search: Phase-3 search name; default config.layerwise.search.
+    stage_name: Subdirectory of `workdir` for the cached phases and plots.
+    score_data: Scoring batches; default `score_batches(config)`.
+    early_exit: Whether the baseline step may end the search early.
+
+  Returns:
+    A LayerwiseSearch with the summary (plus 'members' and 'recalibrated'), the chosen
+    configuration's tables and its weight and activation bits.
+  """
   lw = config.layerwise
   t0 = time.perf_counter()
   lp = layerwise_problem(config, float_model, calibration, calib_batches, mesh, score_data=score_data)
@@ -224,7 +274,24 @@ def flexiq_search(config, workdir, float_model: FloatModel, calibration: Calibra
   quantized model's stored channel orders; groups = the lowerable layers. Phase 1 leaves every
   other layer at 8 bits (ratio 0): the FlexiQ model has no float option. Returns the amp summary
   with 'counts_at_level' {level: {path: count}}: for each select.levels value, the first
-  Pareto point whose 4-bit MAC share (of the lowerable layers) reaches it."""
+  Pareto point whose 4-bit MAC share (of the lowerable layers) reaches it.
+
+  Args:
+    config: The run config (reads config.layerwise and config.select.levels).
+    workdir: The run's working directory; results go to <workdir>/layerwise_flexiq/.
+    float_model: The float model and its variables.
+    calibration: The calibration stage result.
+    calib_batches: Calibration image batches (the sensitivity images).
+    quantized: The quantized stage result (qmodel and qvars).
+    mesh: Optional device mesh for evaluation.
+    score_data: Scoring batches; default `score_batches(config)`.
+
+  Returns:
+    The amp.run summary dict with 'counts_at_level': {level: {'counts', 'share', 'relative_cost'}}.
+
+  Raises:
+    ValueError: If config.layerwise.flexiq_ratios does not start at 0.
+  """
   model, variables, plan = float_model.model, float_model.variables, calibration.plan
   qmodel, qvars = quantized.qmodel, quantized.qvars
   lw = config.layerwise

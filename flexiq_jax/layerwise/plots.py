@@ -9,7 +9,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_sensitivity(result: dict, path: str, title: str) -> None:
-  """One bar per (group, candidate), least sensitive (highest SQNR) first."""
+  """One bar per (group, candidate), least sensitive (highest SQNR) first.
+
+  Args:
+    result: amp.run's summary (reads 'sensitivity' with 'score', 'group_name', 'candidate_name').
+    path: Output PNG path.
+    title: Plot title.
+  """
   entries = result["sensitivity"]
   fig, ax = plt.subplots(figsize=(max(5.0, 0.28 * len(entries) + 2), 4))
   ax.bar(range(len(entries)), [e["score"] for e in entries], color="tab:blue")
@@ -24,7 +30,13 @@ def plot_sensitivity(result: dict, path: str, title: str) -> None:
 
 
 def plot_pareto(result: dict, path: str, title: str) -> None:
-  """Score vs relative BOPs of every scored Pareto point; the chosen point and target marked."""
+  """Score vs relative BOPs of every scored Pareto point; the chosen point and target marked.
+
+  Args:
+    result: amp.run's summary (reads 'pareto', 'chosen', 'target', 'allowed_drop').
+    path: Output PNG path.
+    title: Plot title.
+  """
   pts = [p for p in result["pareto"] if p.get("score") is not None]
   fig, ax = plt.subplots(figsize=(5.5, 4))
   ax.plot([p["relative_cost"] for p in pts], [p["score"] for p in pts], "o-", ms=3, label="Pareto list")

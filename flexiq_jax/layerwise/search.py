@@ -32,6 +32,18 @@ def sensitivity_list(num_groups: int, candidates: Sequence, baseline: int, group
   group_cost (G, K): cost of group g at candidate k. allowed (G, K) bool: candidates a group
   supports (default all). Candidates no cheaper than the baseline are not listed. tie_rank (K,):
   see the module docstring (default: the candidate's cost summed over the groups).
+
+  Args:
+    num_groups: Number of groups G.
+    candidates: The K candidates (only their count is used).
+    baseline: Index of the baseline candidate.
+    group_cost: (G, K) cost table.
+    score_fn: Phase-1 score of (group, candidate), higher is less sensitive.
+    allowed: Optional (G, K) bool mask of the candidates each group supports.
+    tie_rank: Optional (K,) tie-break rank, higher first.
+
+  Returns:
+    The sorted list of entry dicts.
   """
   group_cost = np.asarray(group_cost, np.float64)
   entries = []
@@ -47,6 +59,17 @@ def sensitivity_list(num_groups: int, candidates: Sequence, baseline: int, group
 
 
 def sort_sensitivity(entries: list[dict], group_cost, tie_rank=None) -> list[dict]:
+  """Sorts phase-1 entries least sensitive first, with the module docstring's tie-breaking.
+
+  Args:
+    entries: Dicts with 'group', 'candidate', 'score' and 'cost_reduction'.
+    group_cost: (G, K) cost table; its column sums are the default tie rank.
+    tie_rank: Optional (K,) tie-break rank per candidate, higher first.
+
+  Returns:
+    A new list: by score descending, then tie rank descending, then cost reduction descending,
+    then group ascending.
+  """
   rank = np.asarray(group_cost, np.float64).sum(0) if tie_rank is None else np.asarray(tie_rank, np.float64)
   return sorted(entries, key=lambda e: (e["score"], rank[e["candidate"]], e["cost_reduction"], -e["group"]),
                 reverse=True)
@@ -54,7 +77,17 @@ def sort_sensitivity(entries: list[dict], group_cost, tie_rank=None) -> list[dic
 
 def pareto_list(sorted_entries: list[dict], num_groups: int, baseline: int, group_cost) -> list[dict]:
   """[{'assignment': [..], 'cost', 'relative_cost', 'group', 'candidate'}], point 0 = baseline,
-  strictly decreasing cost."""
+  strictly decreasing cost.
+
+  Args:
+    sorted_entries: Phase-1 entries, least sensitive first (`sensitivity_list`).
+    num_groups: Number of groups G.
+    baseline: Index of the baseline candidate.
+    group_cost: (G, K) cost table.
+
+  Returns:
+    The list of Pareto point dicts; 'group' and 'candidate' name the entry applied at that point.
+  """
   group_cost = np.asarray(group_cost, np.float64)
   assignment = np.full(num_groups, baseline, np.int64)
   base_cost = float(group_cost[:, baseline].sum())
@@ -74,7 +107,16 @@ def pareto_list(sorted_entries: list[dict], num_groups: int, baseline: int, grou
 
 def binary_search(score: Callable[[int], float], n: int, target: float) -> int:
   """Largest i in [0, n) with score(i) >= target, for scores non-increasing in i; 0 if none
-  (the caller checks score(0) to see whether even the baseline meets the target)."""
+  (the caller checks score(0) to see whether even the baseline meets the target).
+
+  Args:
+    score: Score of the point at an index (may evaluate lazily).
+    n: Number of points, >= 1.
+    target: Score to meet.
+
+  Returns:
+    The chosen index.
+  """
   if score(n - 1) >= target:
     return n - 1
   lo, hi = 0, n - 1  # invariant (for lo > 0): score(lo) >= target > score(hi)
@@ -88,7 +130,16 @@ def binary_search(score: Callable[[int], float], n: int, target: float) -> int:
 
 
 def interpolation_search(score: Callable[[int], float], n: int, target: float) -> int:
-  """As binary_search, probing where the line through the bracket's scores crosses the target."""
+  """As binary_search, probing where the line through the bracket's scores crosses the target.
+
+  Args:
+    score: Score of the point at an index (may evaluate lazily).
+    n: Number of points, >= 1.
+    target: Score to meet.
+
+  Returns:
+    The chosen index; 0 if even score(0) misses the target.
+  """
   if score(n - 1) >= target:
     return n - 1
   lo, hi = 0, n - 1
@@ -109,7 +160,16 @@ def interpolation_search(score: Callable[[int], float], n: int, target: float) -
 
 
 def brute_force_search(score: Callable[[int], float], n: int, target: float) -> int:
-  """The cheapest (largest) index whose score meets the target, scoring every point; 0 if none."""
+  """The cheapest (largest) index whose score meets the target, scoring every point; 0 if none.
+
+  Args:
+    score: Score of the point at an index.
+    n: Number of points.
+    target: Score to meet.
+
+  Returns:
+    The chosen index.
+  """
   ok = [i for i in range(n) if score(i) >= target]
   return max(ok) if ok else 0
 
@@ -118,6 +178,20 @@ SEARCHES = {"binary": binary_search, "interpolation": interpolation_search, "bru
 
 
 def search(name: str, score: Callable[[int], float], n: int, target: float) -> int:
+  """Runs the phase-3 search registered as `name` in SEARCHES.
+
+  Args:
+    name: 'binary', 'interpolation' or 'brute_force'.
+    score: Score of the point at an index.
+    n: Number of points.
+    target: Score to meet.
+
+  Returns:
+    The chosen index.
+
+  Raises:
+    ValueError: If `name` is not a known search.
+  """
   if name not in SEARCHES:
     raise ValueError(f"unknown phase-3 search {name!r}; valid: {sorted(SEARCHES)}")
   return SEARCHES[name](score, n, target)

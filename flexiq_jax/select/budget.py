@@ -26,7 +26,22 @@ _EPS = 1e-9
 
 
 def check_problem(levels, channels, macs):
-  """Validated (levels float64 (K,), channels int64 (L,), macs float64 (L,))."""
+  """Validated (levels float64 (K,), channels int64 (L,), macs float64 (L,)).
+
+  Args:
+    levels: Ratio levels (K,), strictly increasing in [0, 1], or None to skip their check.
+    channels: Feature channels per lowerable layer (L,), integers >= 1.
+    macs: MACs per lowerable layer (L,), finite and > 0.
+
+  Returns:
+    Tuple (levels, channels, macs): levels as a float64 (K,) array (None if None was given),
+    channels as int64 (L,), macs as float64 (L,).
+
+  Raises:
+    ValueError: If channels and macs are empty or differ in shape, channels are not integers >= 1,
+      macs are not finite and positive, or levels are empty, outside [0, 1] or not strictly
+      increasing.
+  """
   channels = np.asarray(channels)
   macs = np.asarray(macs, np.float64)
   if channels.ndim != 1 or channels.size == 0 or macs.shape != channels.shape:
@@ -47,7 +62,15 @@ def check_problem(levels, channels, macs):
 
 
 def budget_tolerance(channels, macs) -> float:
-  """max_l w_l / sum_l M_l: the ratio step of one channel of the coarsest layer."""
+  """max_l w_l / sum_l M_l: the ratio step of one channel of the coarsest layer.
+
+  Args:
+    channels: Feature channels per lowerable layer (L,).
+    macs: MACs per lowerable layer (L,).
+
+  Returns:
+    The budget tolerance as a float (a fraction of the total lowerable MACs).
+  """
   return float(np.max(cost.macs_per_channel(channels, macs)) / np.sum(np.asarray(macs, np.float64)))
 
 
@@ -91,6 +114,23 @@ def repair_to_budget(counts, r, channels, macs, lower=None, upper=None, rng=None
   random order drawn from `rng` (a numpy Generator or seed) with it. Deterministic given rng.
   A vector that no single one-channel move towards r brings closer is returned unchanged.
   Raises ValueError when no vector in the bounds is within tol of r.
+
+  Args:
+    counts: Initial count vector (L,); rounded to integers and clipped into [lower, upper].
+    r: Target ratio in [0, 1].
+    channels: Feature channels per lowerable layer (L,).
+    macs: MACs per lowerable layer (L,).
+    lower: Per-layer lower bounds (L,) on the counts; default 0.
+    upper: Per-layer upper bounds (L,) on the counts; default `channels`.
+    rng: None for the deterministic order (decreasing w_l), else a numpy Generator or seed that
+      draws the order in which layers take the remainder.
+
+  Returns:
+    The repaired count vector, (L,) int64.
+
+  Raises:
+    ValueError: If channels/macs are invalid (`check_problem`), r is outside [0, 1], the bounds do
+      not satisfy 0 <= lower <= upper <= C, or no vector in the bounds is within tol of r.
   """
   _, channels, macs = check_problem(None, channels, macs)
   if not 0 <= r <= 1:
@@ -104,7 +144,24 @@ def repair_to_budget(counts, r, channels, macs, lower=None, upper=None, rng=None
 
 
 def repair_validated(counts, r, w, total, lower, upper, rng) -> np.ndarray:
-  """`repair_to_budget` without input validation, for callers that repair in a loop."""
+  """`repair_to_budget` without input validation, for callers that repair in a loop.
+
+  Args:
+    counts: Initial count vector (L,); rounded to integers and clipped into [lower, upper].
+    r: Target ratio in [0, 1].
+    w: MACs per feature channel of each layer (L,), w_l = M_l / C_l.
+    total: Sum of the lowerable layers' MACs.
+    lower: Per-layer lower bounds (L,) int64.
+    upper: Per-layer upper bounds (L,) int64.
+    rng: None for the deterministic order (decreasing w), else a numpy Generator or seed.
+
+  Returns:
+    The repaired count vector, (L,) int64.
+
+  Raises:
+    ValueError: If the result is still farther than tol from r (the budget is unreachable within
+      the bounds).
+  """
   counts = np.clip(np.round(np.asarray(counts, np.float64)).astype(np.int64), lower, upper)
   if rng is None:
     order = np.argsort(-w, kind="stable")
@@ -128,6 +185,18 @@ def counts_for_uniform_ratio(r, channels, macs=None, lower=None) -> np.ndarray:
   Without `macs`: round(r * C_l) per layer. With `macs`: each layer gets floor or ceil of
   r * C_l, chosen so the global MAC ratio is as close to r as the repair gets (within tol / 2).
   `lower` (e.g. the previous level's counts, for nesting) raises the floor where needed.
+
+  Args:
+    r: Target ratio in [0, 1].
+    channels: Feature channels per lowerable layer (L,).
+    macs: MACs per lowerable layer (L,), or None for plain per-layer rounding.
+    lower: Optional per-layer minimum counts (L,).
+
+  Returns:
+    The count vector, (L,) int64.
+
+  Raises:
+    ValueError: If r is outside [0, 1], or (with `macs`) the budget cannot be reached.
   """
   channels = np.asarray(channels, np.int64)
   if not 0 <= r <= 1:

@@ -90,6 +90,35 @@ def evolutionary_search(levels, channels, macs, fitness_fn: Callable[[np.ndarray
   mean, best_counts, evaluations. A generation makes at most max_attempts_factor * population
   child proposals (a converged population mostly proposes known genomes, which are skipped);
   a generation with no new genome at all ends the level's search early (shorter history).
+
+  Args:
+    levels: Ratio levels (K,), strictly increasing in [0, 1].
+    channels: Feature channels per lowerable layer (L,).
+    macs: MACs per lowerable layer (L,).
+    fitness_fn: Maps a count vector (L,) int32 to a float, lower is better; NaN counts as +inf.
+    population: Genomes per generation, >= 2.
+    generations: Generations per level, >= 1.
+    mutation_rate: Expected fraction of layers a mutation moves budget into, in [0, 1].
+    crossover_rate: Probability of uniform crossover per child, in [0, 1].
+    elite: Best genomes kept unchanged per generation, in [0, population).
+    tournament: Tournament size, >= 1.
+    mutation_scale: Largest move as a fraction of the receiving layer's channels, > 0.
+    ranges: Optional per-layer channel ranges (L arrays of (C_l,)) that seed the greedy solution.
+    lowering_error: Optional per-layer channel lowering errors for the greedy solution.
+    normalize: Range normalisation of the greedy solution ('max', 'mean', 'none' or a callable).
+    rtol: Range tie tolerance of the greedy solution.
+    seed: Seed of the search's numpy Generator.
+    init: None, a (K, L) count array or a stack of them, added to every level's initial population.
+    callback: Optional function called with an info dict after every generation.
+    max_attempts_factor: Child proposals per generation are capped at this times `population`.
+
+  Returns:
+    A SearchResult with the best nested counts (K, L) int32, their fitness, the per-generation
+    history and the evaluation counts.
+
+  Raises:
+    ValueError: If the search parameters are out of range, `init` has the wrong shape, or levels,
+      channels or macs are invalid (`budget.check_problem`).
   """
   levels, channels, macs = budget.check_problem(levels, channels, macs)
   if population < 2 or generations < 1 or not 0 <= elite < population or tournament < 1:

@@ -48,6 +48,20 @@ def fill_table(counts, levels, channels, macs) -> tuple[np.ndarray, np.ndarray]:
 
   With no channel lowered at any level, one sentinel (layer 0, threshold +inf) keeps the arrays
   non-empty. Raises ValueError for counts that are not (K, L) integers in [0, C], nested.
+
+  Args:
+    counts: Selected counts (K, L), integers in [0, C_l], nested along K.
+    levels: Ratio levels (K,), strictly increasing in [0, 1].
+    channels: Feature channels per lowerable layer (L,).
+    macs: MACs per lowerable layer (L,).
+
+  Returns:
+    Tuple (layer, threshold): layer (N,) int32, the layer index of each lowered channel, and
+    threshold (N,) float32, the ratio from which that channel is lowered.
+
+  Raises:
+    ValueError: If counts are not (K, L) integers in [0, C] that are nested, or levels, channels
+      or macs are invalid (`check_problem`).
   """
   levels, channels, macs = check_problem(levels, channels, macs)
   counts = np.asarray(counts)
@@ -83,12 +97,32 @@ def fill_table(counts, levels, channels, macs) -> tuple[np.ndarray, np.ndarray]:
 
 
 def counts_at_ratio(layer, threshold, num_layers: int, ratio):
-  """Counts (num_layers,) int32 lowered at `ratio`, in jax.numpy (traced ratio and tables)."""
+  """Counts (num_layers,) int32 lowered at `ratio`, in jax.numpy (traced ratio and tables).
+
+  Args:
+    layer: (N,) int32 layer index per table entry, from `fill_table`.
+    threshold: (N,) float32 threshold per table entry, from `fill_table`.
+    num_layers: Number of lowerable layers L.
+    ratio: Scalar ratio (may be traced).
+
+  Returns:
+    A (num_layers,) int32 jax array: the number of channels of each layer lowered at `ratio`.
+  """
   lowered = threshold <= jnp.asarray(ratio, jnp.float32)
   return jax.ops.segment_sum(lowered.astype(jnp.int32), layer, num_segments=num_layers)
 
 
 def counts_at_ratio_np(layer, threshold, num_layers: int, ratio) -> np.ndarray:
-  """NumPy twin of `counts_at_ratio` (the same float32 comparison, so both agree exactly)."""
+  """NumPy twin of `counts_at_ratio` (the same float32 comparison, so both agree exactly).
+
+  Args:
+    layer: (N,) int layer index per table entry, from `fill_table`.
+    threshold: (N,) float threshold per table entry, from `fill_table`.
+    num_layers: Number of lowerable layers L.
+    ratio: Scalar ratio.
+
+  Returns:
+    A (num_layers,) int32 numpy array of counts lowered at `ratio`.
+  """
   lowered = np.asarray(threshold, np.float32) <= np.float32(ratio)
   return np.bincount(np.asarray(layer)[lowered], minlength=num_layers).astype(np.int32)

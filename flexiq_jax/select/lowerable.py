@@ -32,7 +32,19 @@ class LowerableLayers:
 
 def channel_orders(kind: str, layers: LowerableLayers, seed: int = 0) -> dict:
   """{path: channel order, lowered first}: 'range' (small calibrated range first, lowering error
-  breaks ties) or 'random' (the ablation)."""
+  breaks ties) or 'random' (the ablation).
+
+  Args:
+    kind: 'range' or 'random'.
+    layers: The lowerable layers with their calibrated ranges and lowering errors.
+    seed: Seed of the random orders (layer i uses the seed [seed, i]).
+
+  Returns:
+    A dict mapping each lowerable layer path to its (C,) int32 channel order.
+
+  Raises:
+    ValueError: If `kind` is neither 'range' nor 'random'.
+  """
   if kind == "range":
     orders = [channel_order(r, e) for r, e in zip(layers.ranges, layers.errors)]
   elif kind == "random":

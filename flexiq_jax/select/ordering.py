@@ -20,6 +20,16 @@ def range_bins(ranges, rtol: float = DEFAULT_RTOL) -> np.ndarray:
   (bin = floor(log(range) / log1p(rtol))); zero ranges (dead channels) share the lowest bin.
   rtol = 0 keys by the exact range. Binning is transitive and deterministic; the price is that
   two ranges closer than rtol can still straddle a bin edge and then are not tied.
+
+  Args:
+    ranges: Per-channel ranges (C,), >= 0.
+    rtol: Relative bin width; 0 keys by the exact range.
+
+  Returns:
+    A float64 (C,) array of bin keys (-inf for zero ranges; the ranges themselves when rtol == 0).
+
+  Raises:
+    ValueError: If rtol is negative.
   """
   ranges = np.asarray(ranges, np.float64)
   if rtol < 0:
@@ -38,6 +48,18 @@ def channel_order(ranges, lowering_error=None, *, rtol: float = DEFAULT_RTOL) ->
   noise does not override a measured difference) are broken by `lowering_error` ascending, then
   by channel index, so the order is deterministic. ranges, lowering_error: (C,), finite, >= 0
   for ranges.
+
+  Args:
+    ranges: Calibrated value range per channel (C,), finite and >= 0.
+    lowering_error: Optional lowering error per channel (C,), finite; None counts as all zero.
+    rtol: Relative bin width under which ranges count as tied.
+
+  Returns:
+    The channel order, a (C,) int32 permutation, lowered first.
+
+  Raises:
+    ValueError: If ranges are empty, not 1-D, not finite or negative, or lowering_error has
+      another shape or is not finite.
   """
   ranges = np.asarray(ranges, np.float64)
   if ranges.ndim != 1 or ranges.size == 0:
@@ -58,7 +80,17 @@ def channel_order(ranges, lowering_error=None, *, rtol: float = DEFAULT_RTOL) ->
 
 
 def order_to_rank(order) -> np.ndarray:
-  """Inverse permutation: rank[c] = position of channel c in `order`, (C,) int32."""
+  """Inverse permutation: rank[c] = position of channel c in `order`, (C,) int32.
+
+  Args:
+    order: A permutation of 0..C-1, (C,).
+
+  Returns:
+    The rank array, (C,) int32.
+
+  Raises:
+    ValueError: If `order` is not a 1-D permutation of 0..C-1.
+  """
   order = np.asarray(order)
   c = order.size
   if order.ndim != 1 or not np.array_equal(np.sort(order), np.arange(c)):
@@ -69,7 +101,18 @@ def order_to_rank(order) -> np.ndarray:
 
 
 def random_order(num_channels: int, seed) -> np.ndarray:
-  """A random lowering order (the random-channel ablation), (C,) int32; same seed, same order."""
+  """A random lowering order (the random-channel ablation), (C,) int32; same seed, same order.
+
+  Args:
+    num_channels: Number of channels C, >= 1.
+    seed: Any seed numpy's default_rng accepts.
+
+  Returns:
+    A (C,) int32 random permutation.
+
+  Raises:
+    ValueError: If num_channels < 1.
+  """
   if num_channels < 1:
     raise ValueError(f"num_channels must be >= 1, got {num_channels}")
   return np.random.default_rng(seed).permutation(num_channels).astype(np.int32)

@@ -10,6 +10,13 @@ def plot_search_history(result, path: str) -> str:
 
   Uses the Agg canvas directly (no pyplot), so it works headless and leaves matplotlib's
   global backend alone. Fixed levels (0 and 1, no history) get no panel.
+
+  Args:
+    result: A SearchResult or the dict of its as_dict().
+    path: Output PNG path; its directory is created if missing.
+
+  Returns:
+    `path`.
   """
   # Imported here so `import flexiq_jax.select` does not pay for matplotlib.
   from matplotlib.backends.backend_agg import FigureCanvasAgg

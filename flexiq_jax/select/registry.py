@@ -18,7 +18,17 @@ SELECTORS: dict[str, Callable] = {
 
 
 def get_selector(name: str) -> Callable:
-  """The selector function registered as `name`; the error lists the valid names."""
+  """The selector function registered as `name`; the error lists the valid names.
+
+  Args:
+    name: A key of SELECTORS: 'evolutionary', 'uniform', 'greedy' or 'random'.
+
+  Returns:
+    The selector callable.
+
+  Raises:
+    ValueError: If `name` is not registered.
+  """
   if name not in SELECTORS:
     raise ValueError(f"unknown selector {name!r}; valid names: {sorted(SELECTORS)}")
   return SELECTORS[name]
@@ -28,7 +38,25 @@ def select(name: str, levels, channels, macs, *, ranges=None, lowering_error=Non
            fitness_fn=None, seed=0, **options) -> tuple[np.ndarray, SearchResult | None]:
   """Runs selector `name` with the inputs it needs; returns (counts (K, L) int32, the
   SearchResult for 'evolutionary' else None). `options` go to the selector as keywords
-  ('greedy': normalize, rtol; 'evolutionary': population, generations, ...)."""
+  ('greedy': normalize, rtol; 'evolutionary': population, generations, ...).
+
+  Args:
+    name: Selector name (see `get_selector`).
+    levels: Ratio levels (K,), strictly increasing in [0, 1].
+    channels: Feature channels per lowerable layer (L,).
+    macs: MACs per lowerable layer (L,).
+    ranges: Per-layer channel ranges; required by 'greedy', seeds 'evolutionary'.
+    lowering_error: Per-layer channel lowering errors ('greedy' and 'evolutionary').
+    fitness_fn: Fitness of a count vector, lower is better; required by 'evolutionary'.
+    seed: Seed for 'random' and 'evolutionary'.
+    **options: Further keywords for the selector.
+
+  Returns:
+    Tuple (counts (K, L) int32, SearchResult or None).
+
+  Raises:
+    ValueError: If `name` is unknown, 'evolutionary' lacks fitness_fn or 'greedy' lacks ranges.
+  """
   fn = get_selector(name)
   if name == "evolutionary":
     if fitness_fn is None:

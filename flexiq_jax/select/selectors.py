@@ -19,7 +19,15 @@ from flexiq_jax.select.ordering import DEFAULT_RTOL, channel_order
 
 
 def trivial_counts(r: float, channels) -> np.ndarray | None:
-  """Counts for the levels that need no choice: 0 -> none lowered, 1 -> all; else None."""
+  """Counts for the levels that need no choice: 0 -> none lowered, 1 -> all; else None.
+
+  Args:
+    r: Ratio level.
+    channels: Feature channels per lowerable layer (L,).
+
+  Returns:
+    Zeros like `channels` for r <= 0, a copy of `channels` for r >= 1, else None.
+  """
   if r <= 0:
     return np.zeros_like(channels)
   if r >= 1:
@@ -28,7 +36,19 @@ def trivial_counts(r: float, channels) -> np.ndarray | None:
 
 
 def select_uniform(levels, channels, macs) -> np.ndarray:
-  """The same ratio in every layer: floor or ceil of r * C_l, chosen for the global budget."""
+  """The same ratio in every layer: floor or ceil of r * C_l, chosen for the global budget.
+
+  Args:
+    levels: Ratio levels (K,), strictly increasing in [0, 1].
+    channels: Feature channels per lowerable layer (L,).
+    macs: MACs per lowerable layer (L,).
+
+  Returns:
+    Nested counts (K, L) int32, on budget at every level.
+
+  Raises:
+    ValueError: If levels, channels or macs are invalid (`budget.check_problem`).
+  """
   levels, channels, macs = budget.check_problem(levels, channels, macs)
   out = np.zeros((levels.size, channels.size), np.int64)
   prev = np.zeros_like(channels)
@@ -59,6 +79,20 @@ def global_channel_sequence(channels, ranges: Sequence, lowering_error: Sequence
   projections) compete on their relative spread; 'mean'; 'none': raw ranges; or a callable).
   Within a layer the sequence follows `channel_order` (same tie-breaking), so a layer count n
   always means that layer's first n channels; ties across layers go to the earlier layer.
+
+  Args:
+    channels: Feature channels per lowerable layer (L,).
+    ranges: One (C_l,) range array per layer.
+    lowering_error: Optional one (C_l,) lowering-error array per layer (tie-breaking).
+    normalize: 'max', 'mean', 'none' or a callable mapping a layer's ranges to its scale.
+    rtol: Relative tolerance under which ranges count as tied (`channel_order`).
+
+  Returns:
+    Tuple (layer, channel) of (N,) arrays, N = sum C_l, in global lowering order.
+
+  Raises:
+    ValueError: If `ranges` or `lowering_error` do not have one entry per layer, a layer's ranges
+      do not have shape (C_l,), or `normalize` is an unknown name.
   """
   channels = np.asarray(channels, np.int64)
   if len(ranges) != channels.size:
@@ -89,7 +123,23 @@ def select_greedy_by_range(levels, channels, macs, ranges: Sequence, *, lowering
                            normalize="max", rtol: float = DEFAULT_RTOL) -> np.ndarray:
   """Lowers channels in one global order of normalised range (see `global_channel_sequence`)
   until each level's budget is met: level r takes the prefix whose MAC share is closest to r.
-  Prefixes of one sequence are nested by construction."""
+  Prefixes of one sequence are nested by construction.
+
+  Args:
+    levels: Ratio levels (K,), strictly increasing in [0, 1].
+    channels: Feature channels per lowerable layer (L,).
+    macs: MACs per lowerable layer (L,).
+    ranges: One (C_l,) channel range array per layer.
+    lowering_error: Optional one (C_l,) lowering-error array per layer (tie-breaking).
+    normalize: Range normalisation per layer (see `global_channel_sequence`).
+    rtol: Relative tolerance under which ranges count as tied.
+
+  Returns:
+    Nested counts (K, L) int32.
+
+  Raises:
+    ValueError: If the inputs are invalid (`budget.check_problem`, `global_channel_sequence`).
+  """
   levels, channels, macs = budget.check_problem(levels, channels, macs)
   layer_seq, _ = global_channel_sequence(channels, ranges, lowering_error, normalize=normalize,
                                          rtol=rtol)
@@ -109,7 +159,20 @@ def select_greedy_by_range(levels, channels, macs, ranges: Sequence, *, lowering
 
 def select_random(levels, channels, macs, seed=0) -> np.ndarray:
   """Random per-layer counts on budget and nested: level k draws each layer's count uniformly
-  between the previous level's count and C, then repairs the draw onto the budget."""
+  between the previous level's count and C, then repairs the draw onto the budget.
+
+  Args:
+    levels: Ratio levels (K,), strictly increasing in [0, 1].
+    channels: Feature channels per lowerable layer (L,).
+    macs: MACs per lowerable layer (L,).
+    seed: Seed of the numpy Generator (draws and repair order).
+
+  Returns:
+    Nested counts (K, L) int32, on budget at every level.
+
+  Raises:
+    ValueError: If levels, channels or macs are invalid (`budget.check_problem`).
+  """
   levels, channels, macs = budget.check_problem(levels, channels, macs)
   rng = np.random.default_rng(seed)
   out = np.zeros((levels.size, channels.size), np.int64)

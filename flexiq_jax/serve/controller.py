@@ -203,7 +203,20 @@ def simulate_load(policy: Callable[[int, float], float], latency_model: Callable
   real model at that ratio for its accuracy) and `observe(ratio, service time)` if given (e.g.
   RatioController.observe). Returns per-batch arrays 'time' (end of the batch), 'ratio', 'queued'
   (left waiting), 'served', 'oldest_wait', 'service', and per-request 'wait' (arrival to end of
-  its batch)."""
+  its batch).
+
+  Args:
+    policy: Maps (queue length, wait of the oldest request in s) to the batch's ratio.
+    latency_model: Maps a ratio to the batch's service time in seconds (may be random).
+    arrivals: Sorted request arrival times in seconds, (n,).
+    batch_size: Largest batch.
+    serve: Optional callback (ratio, request indices) run for every batch.
+    observe: Optional callback (ratio, service time) run for every batch.
+
+  Returns:
+    A dict of numpy arrays: per batch 'time', 'ratio', 'queued', 'served', 'oldest_wait',
+    'service'; per request 'wait' (n,).
+  """
   arrivals = np.asarray(arrivals, np.float64)
   wait = np.zeros(len(arrivals))
   out = {k: [] for k in ("time", "ratio", "queued", "served", "oldest_wait", "service")}

@@ -31,7 +31,12 @@ class CompilationCounter:
 @contextlib.contextmanager
 def count_compilations():
   """`with count_compilations() as c: ...`; c.count = lowerings of jitted functions in the block
-  (every compilation, persistent-cache hit or not, lowers first)."""
+  (every compilation, persistent-cache hit or not, lowers first).
+
+  Returns:
+    A context manager whose value is a CompilationCounter; its `count` grows by one per lowering
+    inside the block.
+  """
   counter = CompilationCounter()
 
   def listener(name, *args, **kwargs):
@@ -54,7 +59,24 @@ def serve_realtime(run_batch: Callable[[float, np.ndarray], None], policy: Calla
   observe(ratio, measured service time) if given. Returns per-request 'arrival', 'done', 'wait'
   (done - arrival, s) and 'batch' (index of its batch); per-batch 'start', 'time' (end), 'ratio',
   'served', 'queued' (when decided), 'oldest_wait' (when decided), 'service' (measured s); and
-  'elapsed' (s from the start to the last answer)."""
+  'elapsed' (s from the start to the last answer).
+
+  Args:
+    run_batch: Called as run_batch(ratio, request ids (m,) int); must block until the results are
+      on the host.
+    policy: Maps (queue length, wait of the oldest request in s) to the batch's ratio.
+    arrivals: Sorted request arrival times in seconds after the start, >= 0, (n,).
+    batch_size: Largest batch.
+    observe: Optional callback (ratio, measured service time in s) after every batch.
+    clock: Time source in seconds.
+    sleep: Sleep function, called with seconds until the next arrival.
+
+  Returns:
+    A dict with the per-request and per-batch numpy arrays listed above and the float 'elapsed'.
+
+  Raises:
+    ValueError: If `arrivals` is not sorted or starts before 0.
+  """
   arrivals = np.asarray(arrivals, np.float64)
   if np.any(np.diff(arrivals) < 0) or (arrivals.size and arrivals[0] < 0):
     raise ValueError("arrivals must be sorted times >= 0")
