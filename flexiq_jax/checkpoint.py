@@ -28,18 +28,47 @@ def _reason(error: Exception) -> str:
 
 
 def manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
+  """An Orbax checkpoint manager for `directory`, which it creates if needed.
+
+  Args:
+    directory: the checkpoint directory (relative local paths are made absolute; gs:// works).
+    max_to_keep: how many of the newest steps are kept; older ones are deleted on save.
+
+  Returns:
+    The `ocp.CheckpointManager`; close it when done.
+  """
   return ocp.CheckpointManager(
       _path(directory), options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, tree, *, wait: bool = False) -> None:
+  """Saves `tree` as step `step` (asynchronously unless `wait`), replacing an existing save of that step.
+
+  Args:
+    mngr: the checkpoint manager.
+    step: the step number.
+    tree: the pytree to save (e.g. a `TrainState`).
+    wait: whether to block until the save is finished.
+  """
   mngr.save(step, args=ocp.args.StandardSave(tree), force=True)
   if wait:
     mngr.wait_until_finished()
 
 
 def restore(mngr: ocp.CheckpointManager, target, step: int | None = None):
-  """Restores into the structure, dtypes and shardings of `target` (arrays or ShapeDtypeStructs)."""
+  """Restores into the structure, dtypes and shardings of `target` (arrays or ShapeDtypeStructs).
+
+  Args:
+    mngr: the checkpoint manager.
+    target: a pytree like the saved one, giving the structure, dtypes and shardings.
+    step: the step to restore (default: the newest).
+
+  Returns:
+    The restored pytree.
+
+  Raises:
+    FileNotFoundError: there is no checkpoint.
+  """
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
@@ -50,7 +79,19 @@ def restore(mngr: ocp.CheckpointManager, target, step: int | None = None):
 def restore_newest_intact(mngr: ocp.CheckpointManager, target, *, remove_damaged: bool = True):
   """(step, restored) of the newest step that reads back, or (None, target) when there is no
   checkpoint. A damaged step is skipped with a warning naming it, and (remove_damaged) removed
-  once an older step has read back (so that the resumed run can save that step again)."""
+  once an older step has read back (so that the resumed run can save that step again).
+
+  Args:
+    mngr: the checkpoint manager.
+    target: a pytree like the saved one, giving the structure, dtypes and shardings.
+    remove_damaged: whether to delete the damaged newer steps once an older step has read back.
+
+  Returns:
+    A tuple (step, restored pytree), or (None, target) when there is no checkpoint.
+
+  Raises:
+    CorruptCheckpoint: every checkpoint step is damaged.
+  """
   steps = sorted(mngr.all_steps(), reverse=True)
   damaged = []
   for step in steps:
@@ -75,12 +116,29 @@ def restore_newest_intact(mngr: ocp.CheckpointManager, target, *, remove_damaged
 
 
 def save_tree(directory: str, tree) -> None:
-  """One-off pytree (e.g. calibration statistics, quantized params), written atomically."""
+  """One-off pytree (e.g. calibration statistics, quantized params), written atomically.
+
+  Args:
+    directory: the directory to write (replaced if it exists; relative local paths are made absolute).
+    tree: the pytree of arrays.
+  """
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(_path(directory), tree, force=True)
 
 
 def load_tree(directory: str, target=None):
+  """Reads back a pytree written by `save_tree`.
+
+  Args:
+    directory: the directory `save_tree` wrote.
+    target: optional pytree giving the structure, dtypes and shardings to restore into (None: as saved).
+
+  Returns:
+    The restored pytree.
+
+  Raises:
+    CorruptCheckpoint: the arrays cannot be read (damaged files, another version, or no such directory).
+  """
   try:
     with ocp.StandardCheckpointer() as ckptr:
       if target is None:

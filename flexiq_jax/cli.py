@@ -11,12 +11,22 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def config_dirs() -> list[str]:
-  """Where bare config names are looked up: ./configs, then the repository's configs/."""
+  """Where bare config names are looked up: ./configs, then the repository's configs/.
+
+  Returns:
+    The directories that exist, without duplicates, in that order.
+  """
   dirs = [os.path.join(os.getcwd(), "configs"), os.path.join(_REPO_ROOT, "configs")]
   return list(dict.fromkeys(d for d in dirs if os.path.isdir(d)))
 
 
 def available_configs() -> list[str]:
+  """The config files that bare names can refer to.
+
+  Returns:
+    The sorted file names ('vit_b.py', ...) of the .py files in `config_dirs()`, without
+    __init__.py and common.py.
+  """
   names = set()
   for d in config_dirs():
     names.update(f for f in os.listdir(d) if f.endswith(".py") and f not in ("__init__.py", "common.py"))
@@ -25,7 +35,19 @@ def available_configs() -> list[str]:
 
 def resolve_config(value: str) -> str:
   """'vit_b.py:fmnist' or 'vit_b:fmnist' -> 'configs/vit_b.py:fmnist' when the path as given does
-  not exist; an unknown name is an error listing the configs."""
+  not exist; an unknown name is an error listing the configs.
+
+  Args:
+    value: the --config value: a path or bare name, optionally followed by ':<arg>'.
+
+  Returns:
+    `value` unchanged when its path exists, else the found config's path (relative to the working
+    directory) with the same ':<arg>' suffix.
+
+  Raises:
+    SystemExit: no such config, or the file is not a .py file, is not valid Python or defines no
+      top-level get_config.
+  """
   path, sep, arg = value.partition(":")
   if os.path.exists(path):
     _check_config_file(path)
@@ -69,7 +91,18 @@ def _check_override(arg: str) -> None:
 
 def resolve_config_argv(argv: list[str]) -> list[str]:
   """argv with the value of --config resolved (see resolve_config) and overrides checked for
-  NaN/Inf; other arguments untouched."""
+  NaN/Inf; other arguments untouched.
+
+  Args:
+    argv: the command line (both '--config=X' and '--config X' are recognised).
+
+  Returns:
+    A new list; `argv` is not changed.
+
+  Raises:
+    SystemExit: a --config.* override with a NaN or Inf value, or a config that cannot be found
+      or is not a config file.
+  """
   out = list(argv)
   for a in out:
     _check_override(a)
@@ -82,7 +115,15 @@ def resolve_config_argv(argv: list[str]) -> list[str]:
 
 
 def default_workdir(config_value: str) -> str:
-  """workdirs/<config name>[_<args>]: 'configs/vit_b.py:fmnist,smoke' -> 'workdirs/vit_b_fmnist_smoke'."""
+  """workdirs/<config name>[_<args>]: 'configs/vit_b.py:fmnist,smoke' -> 'workdirs/vit_b_fmnist_smoke'.
+
+  Args:
+    config_value: the --config value, a path with an optional ':<arg>' suffix.
+
+  Returns:
+    The relative workdir path; runs of characters other than letters, digits, '.', '=' and '-' in
+    the argument become '_'.
+  """
   path, _, arg = config_value.partition(":")
   name = os.path.splitext(os.path.basename(path))[0]
   if arg:
@@ -93,7 +134,18 @@ def default_workdir(config_value: str) -> str:
 def start(argv: list[str], workdir: str | None) -> str:
   """The common start of an absl entry point (run.py, experiments/): no stray arguments, Orbax's
   per-file INFO logs off unless --verbosity is given, and the workdir (default from --config),
-  printed."""
+  printed.
+
+  Args:
+    argv: the arguments absl passes to main (argv[0] is the program).
+    workdir: the --workdir flag's value (None or empty: `default_workdir` of --config).
+
+  Returns:
+    The workdir.
+
+  Raises:
+    absl.app.UsageError: there are positional arguments after the program name.
+  """
   from absl import app, flags, logging
   from ml_collections import config_flags
   if len(argv) > 1:
@@ -110,20 +162,41 @@ def start(argv: list[str], workdir: str | None) -> str:
 def user_errors() -> tuple:
   """The exceptions that are a user's to fix (a config value, a missing input, a locked or
   changed workdir, a diverged or refused training): entry points print them as one `error:`
-  line, without a traceback."""
+  line, without a traceback.
+
+  Returns:
+    A tuple of exception classes, for an `except` clause.
+  """
   from flexiq_jax import artifacts, checkpoint, judge, preflight, stage_cache, train, workdir  # pylint: disable=g-import-not-at-top
   return (preflight.ConfigError, preflight.MissingInput, workdir.WorkdirLocked, stage_cache.StageConfigChanged,
           judge.FinetuneRefused, train.NonFiniteError, checkpoint.CorruptCheckpoint, artifacts.StaleArtifact)
 
 
 def one_line(error: BaseException) -> str:
+  """An error's message on one line, for the `error:` line of an entry point.
+
+  Args:
+    error: the exception.
+
+  Returns:
+    Its message with runs of whitespace (newlines included) collapsed to single spaces, or the
+    exception's class name when the message is empty.
+  """
   return " ".join(str(error).split()) or type(error).__name__
 
 
 def guarded(main):
   """`main(argv)` for absl's app.run with user errors as one `error:` line and exit status 1, and
   an interrupt (Ctrl-C, SIGTERM, SIGHUP; `signals.graceful`) as one line and exit status 130,
-  after the training loop has checkpointed."""
+  after the training loop has checkpointed.
+
+  Args:
+    main: the entry point's `main(argv)`.
+
+  Returns:
+    The wrapped `main`, run inside `signals.graceful()`; it raises SystemExit for `user_errors()`
+    and interrupts.
+  """
   import functools  # pylint: disable=g-import-not-at-top
   from flexiq_jax import signals  # pylint: disable=g-import-not-at-top
 
@@ -147,7 +220,16 @@ HELP_FLAGS = ("-h", "--help", "--helpshort", "--helpfull", "-?")
 
 def print_help_and_exit(argv: list[str], doc: str) -> None:
   """`--help` (and -h, --helpshort, --helpfull): the entry point's docstring and its flags, exit
-  status 0 (absl exits 1 after its help, and insists on the required flags first)."""
+  status 0 (absl exits 1 after its help, and insists on the required flags first). Without a help
+  flag it returns and does nothing.
+
+  Args:
+    argv: the command line (argv[0] is the program).
+    doc: the entry point's docstring, printed first.
+
+  Raises:
+    SystemExit: with status 0, after printing the help.
+  """
   import sys  # pylint: disable=g-import-not-at-top
   if not any(a in HELP_FLAGS for a in argv[1:]):
     return

@@ -8,6 +8,19 @@ def parse_arg(arg: str | None, **defaults) -> dict:
 
   `--config=configs/vit_b.py:fmnist,smoke` passes 'fmnist,smoke' to get_config. Unknown keys are
   an error listing the known ones, so a typo never silently runs the wrong experiment.
+
+  Args:
+    arg: the get_config argument: comma-separated `key` (set to True) or `key=value` items
+      (None or empty: the defaults).
+    **defaults: the known keys and their default values; a value given as `key=value` is converted
+      to the type of its default, except where the default is None or a bool (then it stays a string).
+
+  Returns:
+    A new dict of every key of `defaults`, with the given values over the defaults.
+
+  Raises:
+    ValueError: a key that is not in `defaults`, or a value that cannot be converted to its
+      default's type.
   """
   out = dict(defaults)
   if not arg:

@@ -86,12 +86,27 @@ class PipelineResult:
 
 
 def build_model(config, num_classes: int):
-  """The float model of `config` (its `model` section) for `num_classes` classes."""
+  """The float model of `config` (its `model` section) for `num_classes` classes.
+
+  Args:
+    config: a run.py config (`model.name` and `model.kwargs` are read).
+    num_classes: the classifier's output size.
+
+  Returns:
+    The Flax module from the model registry (`models.create`).
+  """
   return models.create(config.model.name, num_classes=num_classes, **config.model.kwargs.to_dict())
 
 
 def image_shape(config) -> tuple[int, int, int]:
-  """(H, W, C) of the config's images."""
+  """(H, W, C) of the config's images.
+
+  Args:
+    config: a run.py config (`data.image_size` and `data.channels` are read).
+
+  Returns:
+    The (height, width, channels) tuple; images are square.
+  """
   return (config.data.image_size, config.data.image_size, config.data.channels)
 
 
@@ -140,6 +155,15 @@ def train_float(run: Run, on_step=None) -> FloatModel:
 
 
 def eval_batches(config):
+  """The eval batches of `config`: its `data.eval_split`, at `eval_batch_size`, padded and masked.
+
+  Args:
+    config: a run.py config; `data.eval_examples` >= 0 limits the number of images (-1 or absent:
+      the whole split).
+
+  Returns:
+    An iterator of batch dicts ('image', 'label', 'mask'), as `data.eval_batches` yields them.
+  """
   eval_ds = data.get_dataset(config.data, config.data.eval_split)
   n = config.data.get("eval_examples", -1)
   return data.eval_batches(eval_ds, config.eval_batch_size, num_examples=None if n < 0 else n,
@@ -147,14 +171,33 @@ def eval_batches(config):
 
 
 def eval_images(config) -> int:
-  """How many images `eval_batches` yields (the progress bars' total)."""
+  """How many images `eval_batches` yields (the progress bars' total).
+
+  Args:
+    config: a run.py config.
+
+  Returns:
+    The eval split's size, or `data.eval_examples` where that is smaller and not negative.
+  """
   n, size = config.data.get("eval_examples", -1), data.get_dataset(config.data, config.data.eval_split).num_examples
   return size if n < 0 else min(n, size)
 
 
 def evaluate_float(run: Run, float_model: FloatModel, logits_out: list | None = None) -> dict:
   """Top-1/top-5 of the float model on the eval split; `logits_out` receives its logits per batch
-  (the reference of `sweep`'s agreement / KL / SQNR)."""
+  (the reference of `sweep`'s agreement / KL / SQNR).
+
+  Args:
+    run: the pipeline run.
+    float_model: the float model and its variables.
+    logits_out: a list that receives each eval batch's logits (host-local), in order.
+
+  Returns:
+    The metrics of `train.evaluate`: 'top1', 'top5' (%), 'loss' and 'num_examples'.
+
+  Raises:
+    ValueError: `eval_batch_size` does not divide over the mesh's devices.
+  """
   config = run.config
   parallel.check_batch_size(config.eval_batch_size, run.mesh, "eval_batch_size")
   predict = lambda images, variables: train_lib.float_logits(float_model.model, variables, images)
@@ -171,7 +214,15 @@ def evaluate_float(run: Run, float_model: FloatModel, logits_out: list | None = 
 
 
 def calibration_batches(config):
-  """The unlabelled calibration image batches of `config` (`CalibrateOptions`)."""
+  """The unlabelled calibration image batches of `config` (`CalibrateOptions`).
+
+  Args:
+    config: a run.py config.
+
+  Returns:
+    A list of [batch, H, W, C] image arrays from the training split, chosen by the calibration
+    seed.
+  """
   opts: stage_options.CalibrateOptions = stage_options.stage_options(config, "calibrate")
   train_ds = data.get_dataset(opts.data, opts.data.train_split)
   return [jnp.asarray(b) for b in data.calibration_images(
@@ -349,7 +400,19 @@ def periodic_eval(run: Run, predict, variables_of, ratios=None, reference_logits
   """`eval_fn(state)` for `train.run_loop`: top-1/top-5/loss on the eval split of
   `predict(images, variables_of(state)[, ratio])`, at each of `ratios` if given ('top1/r0.5', ...),
   with KL and agreement to the float model where its logits (`reference_logits`) are given. One
-  compilation serves every evaluation (`train.evaluate` caches the step per `predict`)."""
+  compilation serves every evaluation (`train.evaluate` caches the step per `predict`).
+
+  Args:
+    run: the pipeline run (its config's eval split and mesh).
+    predict: `(images, variables[, ratio]) -> logits`.
+    variables_of: `state -> variables`, the variables `predict` takes.
+    ratios: the 4-bit ratios to evaluate at (None: `predict` takes no ratio).
+    reference_logits: the float model's logits per eval batch (None or empty: no KL/agreement).
+
+  Returns:
+    The function `eval_fn(state) -> {name: value}`, with 'top1', 'top5', 'loss' (and 'kl',
+    'agreement') suffixed '/r<ratio>' when `ratios` is given.
+  """
   def eval_fn(state):
     variables = variables_of(state)
     out = {}
@@ -390,7 +453,15 @@ def refresh(run: Run, float_model: FloatModel, trained: Quantized) -> Quantized:
 
 def export_serving(workdir: str, quantized: Quantized) -> str:
   """<workdir>/serving: the int8 export (no float kernels, see quantize.export_int8) and its plan;
-  `flexiq_jax.load_quantized(workdir)` reads it back."""
+  `flexiq_jax.load_quantized(workdir)` reads it back.
+
+  Args:
+    workdir: the run's workdir (its config.json, if there, gives the export's input spec).
+    quantized: the quantized model and variables to export.
+
+  Returns:
+    What `artifacts.write_serving` returns: the path of the serving directory.
+  """
   return artifacts.write_serving(workdir, quantized.qmodel, quantize_lib.export_int8(quantized.qmodel, quantized.qvars),
                                  input_spec=_input_spec_json(workdir))
 
@@ -408,7 +479,22 @@ def sweep(run: Run, quantized: Quantized, desc: str = "sweep", ratios=None,
   """Top-1/top-5 at each ratio (default config.sweep.ratios), with relative BOPs and the 4-bit
   share of all quantized MACs; with `float_logits` (PipelineResult.float_logits) also agreement,
   KL and SQNR against the float model, in the same pass. One compilation serves every ratio; the
-  serving form is prepared once, outside it."""
+  serving form is prepared once, outside it. The points also go to TensorBoard in <workdir>/sweep,
+  with the ratio in percent as the step.
+
+  Args:
+    run: the pipeline run.
+    quantized: the quantized model and variables.
+    desc: the progress bars' and printed lines' name, and the TensorBoard tag prefix.
+    ratios: the 4-bit ratios to evaluate (None: config.sweep.ratios).
+    float_logits: the float model's logits per eval batch (None: no fidelity measures).
+
+  Returns:
+    One `RatioPoint` per ratio, in order.
+
+  Raises:
+    ValueError: a ratio that is not a number in [0, 1] (`contract.check_ratio`).
+  """
   qmodel, qvars = quantized.qmodel, quantized.qvars
   svars = qmodel.prepare(qvars) if qmodel.mode == "int" else qvars
   predict = lambda images, sv, r: qmodel.apply(sv, images, r)  # one compilation serves every ratio
@@ -440,7 +526,23 @@ def run_until(run: Run, until: str, *, float_model: FloatModel | None = None, ev
               calibration: Calibration | None = None) -> PipelineResult:
   """Runs (or reuses) every stage up to `until` (one of STAGES). A given `float_model` (or
   `calibration`) is used instead of the workdir's, e.g. for ablation variants that share one float
-  model; `evaluate=False` skips the float evaluation."""
+  model; `evaluate=False` skips the float evaluation. The config and inputs are checked first
+  (`check_before_work`).
+
+  Args:
+    run: the pipeline run.
+    until: the last stage to run, one of STAGES.
+    float_model: a float model to use instead of training (or reusing) the workdir's.
+    evaluate: whether to evaluate the float model (and collect its logits) when `until` reaches 'eval'.
+    calibration: a calibration to use instead of the workdir's.
+
+  Returns:
+    The `PipelineResult`, with None for the stages not reached.
+
+  Raises:
+    ValueError: `until` is not one of STAGES.
+    preflight.ConfigError: the config or its inputs are invalid.
+  """
   if until not in STAGES:
     raise ValueError(f"unknown stage {until!r}; stages: {', '.join(STAGES)}")
   check_before_work(run, until, check_float=float_model is None)
@@ -484,7 +586,17 @@ def check_config(config) -> None:
 
 def check_before_work(run: Run, until: str, *, check_float: bool = True) -> None:
   """Validates the config and refuses a training stage (float, finetune) whose saved run used
-  other values, before any stage runs: a refusal never comes after hours of other work."""
+  other values, before any stage runs: a refusal never comes after hours of other work.
+
+  Args:
+    run: the pipeline run.
+    until: the last stage that will run (finetune's saved run is checked only when it is reached).
+    check_float: whether the float stage (and its initial weights) will be used from the workdir.
+
+  Raises:
+    preflight.ConfigError: a config value a stage would reject, or missing inputs.
+    stage_cache.StageConfigChanged: a resumable stage's saved run used other values.
+  """
   try:
     preflight.check_numbers(run.config)
     preflight.check_model(run.config)
@@ -508,7 +620,18 @@ def replace_stages(workdir: str, first: str) -> list[str]:
   """`run.py --force_from=<stage>`: moves the outputs of `first` and every stage after it to
   <workdir>/replaced/<timestamp>/ (kept, not deleted), so that those stages are redone. serving/
   and export/ stay until a new finetune is accepted (`artifacts.write_serving` then retires both):
-  a redo that fails or is refused leaves the previous serving model in place."""
+  a redo that fails or is refused leaves the previous serving model in place.
+
+  Args:
+    workdir: the run's workdir.
+    first: the first stage to redo: 'train', 'calibrate', 'select', 'quantize' or 'finetune'.
+
+  Returns:
+    The names of the stage directories that were moved (those that existed).
+
+  Raises:
+    ValueError: `first` is not one of those stages.
+  """
   dirs = {"train": "float", "calibrate": "calibrate", "select": "select", "quantize": "quantized",
           "finetune": "finetune"}
   if first not in dirs:
@@ -529,7 +652,17 @@ def replace_stages(workdir: str, first: str) -> list[str]:
 
 
 def finetuned_if_done(run: Run, float_model: FloatModel, quantized: Quantized) -> Quantized | None:
-  """The finished finetuned model of this config in the workdir, or None (without training)."""
+  """The finished finetuned model of this config in the workdir, or None (without training).
+
+  Args:
+    run: the pipeline run.
+    float_model: the float model.
+    quantized: the quantized model the finetuning started from.
+
+  Returns:
+    The finetuned (and refreshed, as configured) `Quantized`, or None when the finetune stage is
+    not done.
+  """
   stage = run.stage("finetune")
   if not stage.is_done():
     return None

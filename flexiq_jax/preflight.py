@@ -28,7 +28,14 @@ WEIGHTS_COMMAND = (
 def check_weights(path: str) -> None:
   """Raises MissingInput naming the command that writes `path` (a timm checkpoint) when it is
   absent. A name `<dir>/<timm tag>.safetensors` (the per-model configs' `weights_path`) gives the
-  exact command; other names the general one."""
+  exact command; other names the general one.
+
+  Args:
+    path: the config's `init_weights` path (empty: training from scratch, nothing to check).
+
+  Raises:
+    MissingInput: `path` is given and does not exist.
+  """
   if not path or os.path.exists(path):
     return
   base = os.path.basename(path)
@@ -46,7 +53,15 @@ def _tfds_root(data_dir: str | None) -> str:
 def check_data(data_config) -> None:
   """Raises MissingInput when the config's dataset is not where the run will read it: the four
   Fashion-MNIST IDX files, or a prepared TFDS dataset (`tfds build`), with the commands that
-  prepare it."""
+  prepare it. Nothing is downloaded.
+
+  Args:
+    data_config: the config's `data` section (`name`, and the optional `data_dir` and `train_split`).
+
+  Raises:
+    MissingInput: the dataset files are missing, TFDS is not installed or does not know the name,
+      or `data_dir` holds Fashion-MNIST files while `name` is another dataset.
+  """
   name, data_dir = data_config.name, data_config.get("data_dir") or ""
   if name == "fashion_mnist":
     directory = data_dir or fashion_mnist.DEFAULT_DIR
@@ -97,7 +112,14 @@ def check_data(data_config) -> None:
 
 
 def check_model(config) -> None:
-  """Raises ConfigError for a model name the registry does not know (naming those it does)."""
+  """Raises ConfigError for a model name the registry does not know (naming those it does).
+
+  Args:
+    config: a run.py config (its `model.name` is checked).
+
+  Raises:
+    ConfigError: the model name is not registered.
+  """
   from flexiq_jax import models  # pylint: disable=g-import-not-at-top
   try:
     models.canonical_name(config.model.name)
@@ -107,7 +129,15 @@ def check_model(config) -> None:
 
 def check_numbers(config) -> None:
   """Raises ConfigError for sizes and intervals that must be positive (batch sizes, checkpoint and
-  log intervals, image counts) and epochs that must not be negative."""
+  log intervals, image counts) and epochs that must not be negative. Fields the config does not
+  have are skipped.
+
+  Args:
+    config: a run.py config.
+
+  Raises:
+    ConfigError: a checked field is not a number (booleans included) or is out of range.
+  """
   positive = ["train.batch_size", "eval_batch_size", "finetune.batch_size", "calib.batch_size", "calib.num_images",
               "train.checkpoint_every_steps", "train.log_every_steps", "finetune.checkpoint_every_steps",
               "data.image_size", "data.channels"]
@@ -126,7 +156,15 @@ def check_numbers(config) -> None:
 
 def check_inputs(config, *, weights: bool = True) -> None:
   """`check_data` and (`weights`: the float model is still to be made) `check_weights`, both
-  before either fails: one MissingInput naming everything missing."""
+  before either fails: one MissingInput naming everything missing.
+
+  Args:
+    config: a run.py config (its `data` section and `init_weights`).
+    weights: whether to check the pretrained weights too.
+
+  Raises:
+    MissingInput: the dataset or the weights are missing (the messages of both joined).
+  """
   problems = []
   for check, arg in ((check_data, config.data), (check_weights, config.get("init_weights", "") if weights else "")):
     try:

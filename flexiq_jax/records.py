@@ -28,7 +28,15 @@ def git_commit(checkout: str | None = None) -> str:
   """The checkout's commit, + '-dirty' if a tracked file outside RESULTS_FOLDERS differs from it
   (a sweep's workers start after earlier jobs wrote their records there; that is not a code
   change). Read once per process: results written later in a long run still name the code that
-  started it, whatever was committed or edited meanwhile."""
+  started it, whatever was committed or edited meanwhile.
+
+  Args:
+    checkout: a directory inside the git checkout (default: this package's directory).
+
+  Returns:
+    The commit hash, with '-dirty' appended for uncommitted changes, or 'unknown' when git is not
+    available or the directory is not a checkout.
+  """
   here = checkout or os.path.dirname(os.path.abspath(__file__))
   outputs = [f":(top,exclude){folder}" for folder in RESULTS_FOLDERS]
   try:
@@ -42,13 +50,24 @@ def git_commit(checkout: str | None = None) -> str:
 
 
 def device_description() -> str:
+  """The JAX devices this process sees, for provenance.
+
+  Returns:
+    A string such as '8x TPU v4 (tpu), 2 process(es)': the device count, the first device's kind,
+    the backend and the process count.
+  """
   devices = jax.devices()
   return f"{len(devices)}x {devices[0].device_kind} ({jax.default_backend()}), {jax.process_count()} process(es)"
 
 
 def host_description() -> str:
   """The host CPU and its usable cores: XLA:CPU compiles for the CPU it finds, so the same code
-  and seed can round differently on another CPU model (float training is not bitwise portable)."""
+  and seed can round differently on another CPU model (float training is not bitwise portable).
+
+  Returns:
+    '<CPU model name>, <n> cores' (the model from /proc/cpuinfo where readable; the cores this
+    process may run on).
+  """
   model = platform.processor() or platform.machine()
   try:
     with open("/proc/cpuinfo") as f:
@@ -66,7 +85,11 @@ PACKAGES_OF_NOTE = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain
 
 @functools.lru_cache(maxsize=None)
 def package_versions() -> dict:
-  """{distribution: version} of PACKAGES_OF_NOTE that are installed, and the Python version."""
+  """{distribution: version} of PACKAGES_OF_NOTE that are installed, and the Python version.
+
+  Returns:
+    A dict with 'python' and one entry per installed package of PACKAGES_OF_NOTE (cached per process).
+  """
   from importlib import metadata
   versions = {"python": sys.version.split()[0]}
   for name in PACKAGES_OF_NOTE:
@@ -79,7 +102,11 @@ def package_versions() -> dict:
 
 def command_argv() -> list[str]:
   """The command as typed, for provenance: `-m <module> ...` when run with `python -m` (sys.argv[0]
-  is then the file path, which names neither the module nor the checkout portably), else sys.argv."""
+  is then the file path, which names neither the module nor the checkout portably), else sys.argv.
+
+  Returns:
+    The argument list, without the interpreter.
+  """
   spec = getattr(sys.modules.get("__main__"), "__spec__", None)
   if spec is None:
     return list(sys.argv)
@@ -88,13 +115,26 @@ def command_argv() -> list[str]:
 
 
 def utc_now() -> str:
-  """The date and time results files carry (UTC, to the second)."""
+  """The date and time results files carry (UTC, to the second).
+
+  Returns:
+    The ISO 8601 string, e.g. '2024-01-31T12:00:00+00:00'.
+  """
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def run_info(argv=None) -> dict:
   """Provenance of a results file: the command, the flexiq_jax release version, the commit, the
-  device and host, the date, and the versions of the packages of note."""
+  device and host, the date, and the versions of the packages of note.
+
+  Args:
+    argv: the command's arguments (default: `command_argv()`); recorded as 'python <argv...>',
+      shell-quoted.
+
+  Returns:
+    A dict with 'command', 'flexiq_jax_version', 'commit', 'device', 'host', 'date',
+    'jax_version' and 'versions'.
+  """
   argv = command_argv() if argv is None else argv
   return {
       "command": " ".join(shlex.quote(a) for a in ["python"] + list(argv)),
@@ -116,7 +156,15 @@ def finite_json(data):
   """`data` with every NaN/Inf float replaced by None, so that it is valid JSON (which has no
   NaN or Infinity): in a dict, key `k` also gets `k_non_finite` naming the value ('NaN',
   'Infinity', '-Infinity'); in a list, the reason goes to the enclosing dict's `non_finite`
-  list as '<key>[<index>]: <value>'."""
+  list as '<key>[<index>]: <value>'.
+
+  Args:
+    data: a JSON-like value (dicts, lists, tuples, numbers, strings); values that JSON cannot
+      encode are converted with `str`.
+
+  Returns:
+    A new JSON-compatible value (tuples become lists); `data` is not changed.
+  """
   def clean(value, notes, where):
     if isinstance(value, float) and not math.isfinite(value):
       notes.append(f"{where}: {_non_finite_name(value)}")
@@ -140,7 +188,14 @@ def finite_json(data):
 def write_json_atomic(path: str, data) -> None:
   """Writes through etils.epath (local and gs:// alike), from process 0 only: every process of a
   multi-host run holds the same values, and one writer keeps the file whole. NaN and Inf are
-  written as null with the value named beside it (`finite_json`): the file is always valid JSON."""
+  written as null with the value named beside it (`finite_json`): the file is always valid JSON.
+  The file is written to a temporary name and then renamed over `path`; parent directories are
+  created.
+
+  Args:
+    path: the JSON file's path (local or gs://).
+    data: the JSON-like value to write (indented by 2).
+  """
   if jax.process_index() != 0:
     return
   path = epath.Path(path)
@@ -151,6 +206,15 @@ def write_json_atomic(path: str, data) -> None:
 
 
 def read_json(path: str, default=None):
+  """Reads a JSON file (local or gs://, through etils.epath).
+
+  Args:
+    path: the file's path.
+    default: what to return when the file does not exist.
+
+  Returns:
+    The parsed value, or `default` when there is no file.
+  """
   path = epath.Path(path)
   if not path.exists():
     return default
@@ -186,13 +250,30 @@ def update_results(workdir: str, config, section: str, metrics, argv=None, recor
 
 def write_run_config(workdir: str, config) -> str:
   """<workdir>/config.json: the resolved config of the run (written by the float stage once it has
-  accepted the config, in every mode; `flexiq_jax.load_quantized` rebuilds the model from it)."""
+  accepted the config, in every mode; `flexiq_jax.load_quantized` rebuilds the model from it).
+
+  Args:
+    workdir: the run's workdir.
+    config: the resolved config (a ConfigDict, or a plain dict).
+
+  Returns:
+    The path of config.json.
+  """
   path = os.path.join(workdir, "config.json")
   write_json_atomic(path, config.to_dict() if hasattr(config, "to_dict") else config)
   return path
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:
+  """A Markdown table of `rows` under `headers`; floats are shown with 2 decimals.
+
+  Args:
+    headers: the column names.
+    rows: the rows, each a list of cell values (one per header).
+
+  Returns:
+    The table, one line per row, ending in a newline.
+  """
   def fmt(v):
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
@@ -202,5 +283,13 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 
 
 def provenance_header(info: dict) -> str:
+  """The Markdown lines that head a results report: its command, commit, device and date.
+
+  Args:
+    info: a `run_info()` dict (its 'command', 'commit', 'device' and 'date' are used).
+
+  Returns:
+    The header text, ending in a blank line.
+  """
   return (f"Command: `{info['command']}`  \nCommit: `{info['commit']}`  \nDevice: {info['device']}  \n"
           f"Date: {info['date']}\n\n")

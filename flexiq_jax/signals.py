@@ -26,11 +26,23 @@ class Interrupted(KeyboardInterrupt):
 
 
 def requested() -> int | None:
-  """The signal number received since `graceful()` began, or None."""
+  """The signal number received since `graceful()` began, or None.
+
+  Returns:
+    The first signal's number, or None when none has arrived.
+  """
   return _requested[0] if _requested else None
 
 
 def name(signum: int) -> str:
+  """A signal's name, for messages.
+
+  Args:
+    signum: the signal number.
+
+  Returns:
+    The name, e.g. 'SIGTERM', or the number as a string when it names no known signal.
+  """
   try:
     return signal.Signals(signum).name
   except ValueError:
@@ -44,7 +56,11 @@ _training = [0]  # depth of training loops that poll `requested()` (train.run_lo
 def polled():
   """Marks a loop that polls `requested()` after each step (train.run_loop): a signal during it
   waits for the step to end. Outside such a loop (calibration, evaluation) a signal stops at
-  once: there is no step to finish and nothing to checkpoint."""
+  once: there is no step to finish and nothing to checkpoint.
+
+  Returns:
+    A context manager; such loops may nest.
+  """
   _training[0] += 1
   try:
     yield
@@ -64,7 +80,12 @@ def _handler(signum, frame):
 
 @contextlib.contextmanager
 def graceful():
-  """Installs the handlers for the duration (main thread only; elsewhere a no-op)."""
+  """Installs the handlers for the duration (main thread only; elsewhere a no-op). The previous
+  handlers are put back afterwards, and the received signals are forgotten on entry and exit.
+
+  Returns:
+    A context manager handling SIGINT, SIGTERM and SIGHUP while its block runs.
+  """
   if threading.current_thread() is not threading.main_thread():
     yield
     return
@@ -81,7 +102,14 @@ def graceful():
 
 
 def raise_if_requested(where: str) -> None:
-  """Raises Interrupted if a signal arrived (call it where stopping keeps the work done)."""
+  """Raises Interrupted if a signal arrived (call it where stopping keeps the work done).
+
+  Args:
+    where: where the run stopped, completing the message 'stopped <where>'.
+
+  Raises:
+    Interrupted: a signal was received since `graceful()` began.
+  """
   signum = requested()
   if signum is not None:
     raise Interrupted(f"{name(signum)} received; stopped {where}")

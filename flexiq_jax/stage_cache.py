@@ -43,7 +43,15 @@ def _plain(value):
 
 
 def config_fields(config, names) -> dict:
-  """{dotted name: plain value} of `names` in `config` (absent fields read as None)."""
+  """{dotted name: plain value} of `names` in `config` (absent fields read as None).
+
+  Args:
+    config: a ConfigDict or nested dicts.
+    names: dotted field names, e.g. 'train.learning_rate'.
+
+  Returns:
+    A dict of each name's value, with ConfigDicts as dicts and tuples as lists.
+  """
   out = {}
   for name in names:
     value = config
@@ -54,7 +62,14 @@ def config_fields(config, names) -> dict:
 
 
 def fingerprint(fields) -> str:
-  """A short hash of JSON-serialisable `fields` (key order does not matter)."""
+  """A short hash of JSON-serialisable `fields` (key order does not matter).
+
+  Args:
+    fields: a JSON-serialisable value (values JSON cannot encode are hashed as their `str`).
+
+  Returns:
+    The first 16 hex digits of the SHA-256 of its sorted-key JSON.
+  """
   blob = json.dumps(fields, sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

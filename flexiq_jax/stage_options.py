@@ -80,7 +80,18 @@ def _set(out: dict, dotted: str, value) -> None:
 
 
 def merge_fields(*dicts: dict) -> dict:
-  """The union of fingerprint dicts (nested sections merged); a field twice must agree."""
+  """The union of fingerprint dicts (nested sections merged); a field twice must agree.
+
+  Args:
+    *dicts: fingerprint dicts, as `Options.fingerprint_fields` returns them (WHOLE_SECTIONS
+      nested, other fields by dotted name).
+
+  Returns:
+    A new dict with every field of `dicts`.
+
+  Raises:
+    ValueError: a field has two different values.
+  """
   out: dict = {}
   for d in dicts:
     for key, value in d.items():
@@ -241,7 +252,17 @@ class CalibrateOptions(Options):
 
 
 def check_levels(levels) -> tuple[float, ...]:
-  """Ratio levels as floats, refused unless increasing values in (0, 1]."""
+  """Ratio levels as floats, refused unless increasing values in (0, 1].
+
+  Args:
+    levels: the selection's ratio levels (any sequence of numbers).
+
+  Returns:
+    The levels as a tuple of floats.
+
+  Raises:
+    ValueError: the levels are not sorted ascending or one is outside (0, 1].
+  """
   levels = tuple(float(l) for l in levels)
   if list(levels) != sorted(levels) or not all(0 < l <= 1 for l in levels):
     raise ValueError(f"select.levels must be increasing values in (0, 1], got {list(levels)}")
@@ -367,19 +388,48 @@ NOT_STAGE_FIELDS = ("distributed", "eval_batch_size", "data.eval_split", "data.e
 
 
 def stage_options(config, stage: str) -> Options:
-  """The options of cached stage `stage` that `config` sets."""
+  """The options of cached stage `stage` that `config` sets.
+
+  Args:
+    config: a run.py config.
+    stage: a key of STAGES ('float', 'calibrate', 'select', 'quantize' or 'finetune').
+
+  Returns:
+    The stage's `Options` instance, validated.
+
+  Raises:
+    KeyError: `stage` is not a key of STAGES.
+    ValueError: a config value the stage's options reject.
+  """
   return STAGES[stage][0].from_config(config)
 
 
 def stage_fields(config, stage: str) -> dict:
-  """The fingerprint fields of `stage`: its options' and those of every stage before it."""
+  """The fingerprint fields of `stage`: its options' and those of every stage before it.
+
+  Args:
+    config: a run.py config.
+    stage: a key of STAGES.
+
+  Returns:
+    The merged fingerprint dict (`merge_fields`).
+  """
   cls, upstream = STAGES[stage]
   own = cls.from_config(config).fingerprint_fields()
   return merge_fields(stage_fields(config, upstream), own) if upstream else own
 
 
 def config_leaves(config, prefix: str = "") -> list[str]:
-  """Every leaf field of a config as a dotted name (a section's dict values are leaves)."""
+  """Every leaf field of a config as a dotted name (a section's dict values are leaves).
+  `model.kwargs` is one leaf, whatever it holds.
+
+  Args:
+    config: a ConfigDict or nested dict-like object (anything with `keys()`).
+    prefix: prepended to every name (used for the recursion into sections).
+
+  Returns:
+    The dotted names, in the config's key order.
+  """
   out = []
   for key in config.keys():
     value = config[key]
@@ -393,7 +443,14 @@ def config_leaves(config, prefix: str = "") -> list[str]:
 
 def unmapped_config_fields(config) -> list[str]:
   """Config fields that no stage's options read and that are not declared stage-free: a new
-  field that the stages (and so the fingerprints) would silently ignore."""
+  field that the stages (and so the fingerprints) would silently ignore.
+
+  Args:
+    config: a run.py config.
+
+  Returns:
+    The dotted names of those fields (empty when every field has a home).
+  """
   mapped = set()
   for cls, _ in STAGES.values():
     mapped |= set(cls.config_names())
@@ -421,5 +478,14 @@ def check_config(config) -> None:
 
 def fingerprint_fields(config, stage: str, *extra: str) -> dict:
   """`stage_fields(config, stage)` plus the config fields `extra` (dotted names, absent as None):
-  the fingerprint of a cache that depends on a stage and on fields of its own."""
+  the fingerprint of a cache that depends on a stage and on fields of its own.
+
+  Args:
+    config: a run.py config.
+    stage: a key of STAGES.
+    *extra: further dotted config field names.
+
+  Returns:
+    The fingerprint fields dict.
+  """
   return {**stage_fields(config, stage), **stage_cache.config_fields(config, extra)}

@@ -37,7 +37,13 @@ class ScalarWriter:
 
 
 def write_scalars(logdir: str, rows: list[tuple[int, dict]], prefix: str = "") -> None:
-  """(step, {name: value}) rows to one event file in `logdir`, closed after."""
+  """(step, {name: value}) rows to one event file in `logdir`, closed after.
+
+  Args:
+    logdir: the TensorBoard log directory.
+    rows: (step, scalars) pairs; non-numeric values (and booleans) are skipped.
+    prefix: prepended to every scalar's name (e.g. 'eval/').
+  """
   writer = ScalarWriter(logdir)
   try:
     for step, scalars in rows:

@@ -39,6 +39,19 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def make_schedule(cfg, total_steps: int) -> optax.Schedule:
+  """The learning-rate schedule of `cfg`: linear warmup, then cosine decay to 0 or a constant rate.
+
+  Args:
+    cfg: the training config (a ConfigDict): `schedule` ('cosine' | 'constant'), `learning_rate`
+      and the optional `warmup_steps` (default 0).
+    total_steps: the run's length in optimizer steps (the cosine decay ends there).
+
+  Returns:
+    An optax schedule of the update count.
+
+  Raises:
+    ValueError: `cfg.schedule` is neither 'cosine' nor 'constant'.
+  """
   warmup = int(cfg.get("warmup_steps", 0))
   if cfg.schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, max(warmup, 1) if warmup else 0,
@@ -56,8 +69,20 @@ def _decay_mask(params):
 
 
 def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
-  """cfg: optimizer name ('sgd' | 'adamw'), learning_rate, schedule, warmup_steps, weight_decay,
-  momentum, nesterov, grad_clip_norm."""
+  """The optimizer of `cfg`, with weight decay on kernels and embeddings only (no biases or norm scales).
+
+  Args:
+    cfg: the training config (a ConfigDict): `optimizer` ('sgd' | 'adamw'), `learning_rate`,
+      `schedule`, `warmup_steps`, `weight_decay`, `momentum` and the optional `nesterov` (default
+      True, SGD only) and `grad_clip_norm` (clips the global gradient norm when set).
+    total_steps: the run's length in optimizer steps (for `make_schedule`).
+
+  Returns:
+    The optax gradient transformation.
+
+  Raises:
+    ValueError: `cfg.optimizer` is neither 'sgd' nor 'adamw', or the schedule is unknown.
+  """
   schedule = make_schedule(cfg, total_steps)
   if cfg.optimizer == "sgd":
     tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay, _decay_mask),
@@ -72,6 +97,18 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
 
 
 def cross_entropy(logits, labels, label_smoothing: float = 0.0, mask=None):
+  """The mean softmax cross-entropy of `logits` against integer `labels`, in float32.
+
+  Args:
+    logits: [batch, num_classes] logits.
+    labels: [batch] integer class labels.
+    label_smoothing: the label smoothing factor (0: one-hot targets).
+    mask: optional [batch] weights (1 for real examples, 0 for padding); the mean is then over the
+      masked examples (divided by max(sum(mask), 1)).
+
+  Returns:
+    The scalar mean loss.
+  """
   num_classes = logits.shape[-1]
   targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
   losses = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
@@ -82,7 +119,20 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0, mask=None):
 
 def train_step(state: TrainState, batch, *, apply_fn: Callable, tx: optax.GradientTransformation,
                label_smoothing: float = 0.0):
-  """One SGD step of the float model; pure: (state, batch) -> (state, metrics)."""
+  """One SGD step of the float model; pure: (state, batch) -> (state, metrics).
+
+  Args:
+    state: the `TrainState` before the step.
+    batch: a dict with 'image' ([batch, H, W, C]) and 'label' ([batch] integers).
+    apply_fn: the model's `apply` (called with `train=True`; batch statistics are updated when the
+      state has them).
+    tx: the optimizer.
+    label_smoothing: the cross-entropy's label smoothing.
+
+  Returns:
+    `(new_state, metrics)`: the state with its step advanced by one, and the step's 'loss',
+    'accuracy' (top-1 on the batch, a fraction) and 'grad_norm' (global gradient norm).
+  """
 
   def loss_fn(params):
     variables = {"params": params}
@@ -106,7 +156,17 @@ def train_step(state: TrainState, batch, *, apply_fn: Callable, tx: optax.Gradie
 def eval_sums(logits, batch) -> dict:
   """Masked sums (top-1, top-5 hits, loss) so padded eval batches count correctly; with the
   float model's logits in batch['reference_logits'], also the sums of the fidelity measures
-  (`fidelity_sums`)."""
+  (`fidelity_sums`).
+
+  Args:
+    logits: [batch, num_classes] logits of the evaluated model.
+    batch: a dict with 'label' ([batch] integers), the optional 'mask' ([batch], 1 for real
+      examples; all ones when absent) and the optional 'reference_logits'.
+
+  Returns:
+    A dict of scalar sums: 'top1', 'top5', 'loss', 'count' (the masked example count) and, with
+    reference logits, 'agree', 'kl', 'ref_energy' and 'error_energy'.
+  """
   mask = batch.get("mask", jnp.ones(logits.shape[0], jnp.float32))
   labels = batch["label"]
   top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
@@ -129,7 +189,17 @@ def fidelity_sums(logits, reference_logits, mask) -> dict:
   """How far `logits` are from the reference (float) model's on the same images, as masked sums:
   top-1 agreement, KL(reference || model) of the softmax outputs, and the squared reference and
   squared error for the output SQNR (the layer-wise search's sensitivity measure,
-  layerwise.apply.sqnr_db: 10 log10(sum ref^2 / sum (ref - out)^2) over the whole output)."""
+  layerwise.apply.sqnr_db: 10 log10(sum ref^2 / sum (ref - out)^2) over the whole output).
+
+  Args:
+    logits: [batch, num_classes] logits of the evaluated model.
+    reference_logits: [batch, num_classes] logits of the reference model on the same images.
+    mask: [batch] weights (1 for real examples, 0 for padding).
+
+  Returns:
+    A dict of scalar sums: 'agree' (top-1 matches), 'kl', 'ref_energy' (sum of ref^2) and
+    'error_energy' (sum of (ref - out)^2).
+  """
   out = logits.astype(jnp.float32)
   ref = reference_logits.astype(jnp.float32)
   ref_logp = jax.nn.log_softmax(ref)
@@ -147,13 +217,28 @@ def evaluate(predict_fn: Callable, batches: Iterable[dict], mesh=None, desc: str
              total_images: int | None = None) -> dict:
   """predict_fn(images, *args) -> logits; returns top1/top5 (%), loss and the example count.
 
-  reference_logits: the float model's logits for the same batches, in order (one host-local
-  array per batch, as `logits_out` collects them): adds top-1 agreement with it (%), the mean
-  KL(reference || model) and the output SQNR in dB, computed in the same pass.
-  logits_out: a list that receives each batch's logits (host-local, padded rows included).
-
   The jitted step is cached per `predict_fn`, so evaluating the same function with new `args`
-  (e.g. another 4-bit ratio) reuses the compilation. `total_images` gives the progress bar its ETA.
+  (e.g. another 4-bit ratio) reuses the compilation.
+
+  Args:
+    predict_fn: `(images, *args) -> logits`, traced under `jax.jit`.
+    batches: the eval batches (dicts with 'image', 'label' and optionally 'mask').
+    mesh: the device mesh the batches are sharded over (default `parallel.make_mesh()`).
+    desc: the progress bar's name.
+    args: extra arguments passed to `predict_fn` after the images.
+    reference_logits: the float model's logits for the same batches, in order (one host-local
+      array per batch, as `logits_out` collects them): adds top-1 agreement with it (%), the mean
+      KL(reference || model) and the output SQNR in dB, computed in the same pass.
+    logits_out: a list that receives each batch's logits (host-local, padded rows included).
+    total_images: the number of images, which gives the progress bar its ETA.
+
+  Returns:
+    A dict with 'top1' and 'top5' (%), 'loss' (mean), 'num_examples' and, with
+    `reference_logits`, 'agreement' (%), 'kl' (mean) and 'sqnr_db'.
+
+  Raises:
+    ValueError: `batches` is empty, or `reference_logits` has fewer batches or other batch sizes
+      than `batches`.
   """
   mesh = mesh or parallel.make_mesh()
   step = _eval_step(predict_fn)
@@ -248,7 +333,17 @@ class NonFiniteError(FloatingPointError):
 
 def check_finite(metrics: list[dict], first_step: int, desc: str = "train") -> None:
   """Raises at the first step (numbered from 1, `first_step` steps done before `metrics[0]`)
-  whose loss or gradient norm is NaN or Inf."""
+  whose loss or gradient norm is NaN or Inf.
+
+  Args:
+    metrics: the per-step metrics dicts (device or host values), in step order; their 'loss' and
+      'grad_norm' entries are checked where present.
+    first_step: how many steps were done before `metrics[0]`.
+    desc: the name the error message starts with.
+
+  Raises:
+    NonFiniteError: a step's loss or gradient norm is NaN or Inf.
+  """
   for i, m in enumerate(jax.device_get(metrics)):
     bad = [k for k in ("loss", "grad_norm") if k in m and not np.isfinite(m[k])]
     if bad:
@@ -267,7 +362,18 @@ def check_diverged(metrics: list[dict], first_step: int, start_loss: float | Non
                    desc: str = "train") -> None:
   """Raises DivergedError at the first step whose loss exceeds `factor` x max(start_loss, 1)
   (`start_loss`: the loss of the run's first step; factor <= 0 turns the check off). A loss
-  that big without being NaN is a diverged run: a learning rate far too high, say."""
+  that big without being NaN is a diverged run: a learning rate far too high, say.
+
+  Args:
+    metrics: the per-step metrics dicts, in step order; their 'loss' entries are checked.
+    first_step: how many steps were done before `metrics[0]`.
+    start_loss: the loss of the run's first step (None: no check).
+    factor: the divergence factor (0 or less: no check).
+    desc: the name the error message starts with.
+
+  Raises:
+    DivergedError: a step's loss is above the limit.
+  """
   if start_loss is None or not factor or factor <= 0:
     return
   limit = factor * max(start_loss, 1.0)
@@ -281,7 +387,15 @@ def check_diverged(metrics: list[dict], first_step: int, start_loss: float | Non
 
 def checkpoint_interval(configured: int, total_steps: int) -> int:
   """The checkpoint interval a stage of `total_steps` steps uses: `configured`, but a quarter of
-  the stage when `configured` is as long as the stage (an interrupt then keeps work too)."""
+  the stage when `configured` is as long as the stage (an interrupt then keeps work too).
+
+  Args:
+    configured: the configured checkpoint interval in steps.
+    total_steps: the stage's length in steps.
+
+  Returns:
+    The interval in steps, at least 1.
+  """
   configured = int(configured)
   if configured < total_steps or total_steps <= 0:
     return max(configured, 1)
@@ -297,15 +411,40 @@ def run_loop(state, step_fn: Callable, batches: Iterator[dict], *, total_steps: 
   """Runs `state, metrics = step_fn(state, batch)` up to `total_steps`, checkpointing every
   `checkpoint_every` steps and at the end. `batches` must start at `int(state.step)`.
 
-  `learning_rate`: the optimizer's schedule (an optax schedule of the update count); each logged
-  record then carries `learning_rate`, the rate of its last step's update. `eval_fn(state) ->
-  {name: value}` runs every `eval_every` steps and at the end (0: never), logged to eval.jsonl
-  beside `metrics_path` and to TensorBoard under eval/. `on_step(step)` is called after each
-  step's checkpoint decision (tests use it to simulate a crash); returns the final state.
   NaN/Inf losses (`check_finite`) and, with `divergence_factor` > 0, a loss above that factor x
   its first step's (`check_diverged`) stop the run before anything of theirs is saved. A signal
   caught by `signals.graceful()` stops it after the current step, with a checkpoint there
   (`signals.Interrupted`).
+
+  Args:
+    state: the state to train from (a pytree with a `step`); it is donated to the jitted step.
+    step_fn: `(state, batch) -> (state, metrics)`, pure; metrics must include 'loss'.
+    batches: an iterator of training batches starting at `int(state.step)`.
+    total_steps: the step to stop at.
+    ckpt_dir: the Orbax checkpoint directory.
+    checkpoint_every: steps between checkpoints.
+    metrics_path: the JSON-lines file of the logged records (eval.jsonl and TensorBoard events go
+      beside it).
+    log_every: steps per logged record (the means of the metrics over those steps, with images/s).
+    mesh: the device mesh (default `parallel.make_mesh()`).
+    batch_size: unused by the loop itself (the image count comes from each batch).
+    desc: the progress bar's and the messages' name.
+    on_step: `on_step(step)`, called after each step's checkpoint decision (tests use it to
+      simulate a crash).
+    divergence_factor: the `check_diverged` factor (0: no divergence check).
+    learning_rate: the optimizer's schedule (an optax schedule of the update count); each logged
+      record then carries `learning_rate`, the rate of its last step's update.
+    eval_fn: `eval_fn(state) -> {name: value}`, logged to eval.jsonl beside `metrics_path` and to
+      TensorBoard under eval/.
+    eval_every: steps between `eval_fn` calls, which also runs at the end (0: never).
+
+  Returns:
+    The final state.
+
+  Raises:
+    NonFiniteError: a loss or gradient norm became NaN or Inf.
+    DivergedError: the loss diverged (with `divergence_factor` > 0).
+    signals.Interrupted: a signal stopped the run (after checkpointing the current step).
   """
   mesh = mesh or parallel.make_mesh()
   mngr = checkpoint.manager(ckpt_dir)
@@ -364,6 +503,19 @@ def run_loop(state, step_fn: Callable, batches: Iterator[dict], *, total_steps: 
 
 
 def create_train_state(model, rng, image_shape, tx, init_variables=None) -> TrainState:
+  """A fresh `TrainState` at step 0 of `model`, with the optimizer state of `tx`.
+
+  Args:
+    model: the Flax module.
+    rng: the PRNG key of the initialization (unused with `init_variables`).
+    image_shape: (H, W, C) of one image (the model is initialized on a single zero image).
+    tx: the optimizer.
+    init_variables: optional variables to start from instead of a fresh initialization (a dict
+      with 'params' and optionally 'batch_stats').
+
+  Returns:
+    The `TrainState` (empty `batch_stats` for models without batch normalization).
+  """
   if init_variables is None:
     init_variables = jax.jit(functools.partial(model.init, train=False))(
         rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32))
@@ -374,7 +526,16 @@ def create_train_state(model, rng, image_shape, tx, init_variables=None) -> Trai
 
 
 def total_steps_of(num_epochs: float, num_examples: int, batch_size: int) -> int:
-  """Steps of `num_epochs` epochs of `num_examples` examples at `batch_size` (the last one partial)."""
+  """Steps of `num_epochs` epochs of `num_examples` examples at `batch_size` (the last one partial).
+
+  Args:
+    num_epochs: the number of epochs (may be fractional).
+    num_examples: the examples per epoch.
+    batch_size: the global batch size.
+
+  Returns:
+    The number of steps, rounded up.
+  """
   return int(math.ceil(num_epochs * num_examples / batch_size))
 
 
@@ -424,7 +585,15 @@ def fit(state, step_fn: Callable, train_ds, recipe, *, total_steps: int, seed: i
 
 def restore_latest(ckpt_dir: str, state):
   """`state` restored from the newest intact checkpoint in `ckpt_dir` (unchanged if there is
-  none; a damaged newer step is skipped with a warning)."""
+  none; a damaged newer step is skipped with a warning).
+
+  Args:
+    ckpt_dir: the Orbax checkpoint directory.
+    state: the target state, giving the structure, shapes and shardings to restore into.
+
+  Returns:
+    The restored state, or `state` itself when there is no intact checkpoint.
+  """
   mngr = checkpoint.manager(ckpt_dir)
   try:
     return checkpoint.restore_newest_intact(mngr, state)[1]
@@ -433,5 +602,14 @@ def restore_latest(ckpt_dir: str, state):
 
 
 def float_logits(model, variables, images):
-  """The float model's eval-mode logits (the distillation teacher)."""
+  """The float model's eval-mode logits (the distillation teacher).
+
+  Args:
+    model: the Flax module.
+    variables: its variables ('params' and, where it has them, 'batch_stats').
+    images: [batch, H, W, C] images.
+
+  Returns:
+    The [batch, num_classes] logits.
+  """
   return model.apply(variables, images, train=False)

@@ -30,13 +30,32 @@ class WorkdirLocked(RuntimeError):
 
 
 def is_local(path: str) -> bool:
+  """Whether `path` is on the local file system (it has no scheme such as gs://).
+
+  Args:
+    path: a path or URL.
+
+  Returns:
+    True unless `path` contains '://'.
+  """
   return "://" not in str(path)
 
 
 @contextlib.contextmanager
 def locked(workdir: str):
   """An exclusive fcntl lock on <workdir>/.lock for the duration (process 0 of a multi-host run
-  only; remote workdirs such as gs:// cannot be locked and are not)."""
+  only; remote workdirs such as gs:// cannot be locked and are not). The lock file holds the pid
+  of the process that holds it; a read-only workdir runs without the lock, with a note.
+
+  Args:
+    workdir: the workdir (created if it does not exist).
+
+  Returns:
+    A context manager holding the lock while its block runs.
+
+  Raises:
+    WorkdirLocked: another process holds the lock.
+  """
   if jax.process_index() != 0 or not is_local(workdir):
     yield
     return
@@ -69,7 +88,15 @@ def locked(workdir: str):
 
 
 def stage_fingerprints(workdir: str) -> dict:
-  """{stage directory: fingerprint of its done marker, or None} as the workdir holds them now."""
+  """{stage directory: fingerprint of its done marker, or None} as the workdir holds them now.
+
+  Args:
+    workdir: the workdir.
+
+  Returns:
+    A dict with one entry per STAGE_DIRS name: the 'fingerprint' of its done.json, or None when
+    the stage is not done.
+  """
   out = {}
   for name in STAGE_DIRS:
     done = records.read_json(os.path.join(workdir, name, "done.json"))
@@ -141,7 +168,14 @@ def _alive(pid) -> bool:
 def mark_dead_runs(workdir: str) -> list[str]:
   """Marks the run records left `running` by a process that is gone (killed by SIGKILL, or its
   machine stopped) as `died`, and returns their names. Called by a run that holds the workdir
-  lock: a record of this host whose pid no longer exists cannot be running."""
+  lock: a record of this host whose pid no longer exists cannot be running. Only process 0 does it.
+
+  Args:
+    workdir: the workdir (its runs/ folder is read).
+
+  Returns:
+    The file names of the records marked `died` (empty on other processes or without runs/).
+  """
   runs_dir = epath.Path(workdir) / "runs"
   if not process_zero() or not runs_dir.is_dir():
     return []
@@ -165,7 +199,15 @@ def derive_results(workdir: str) -> dict | None:
   """Rebuilds <workdir>/results.json from the finished run records: each section from the newest
   finished run that produced it with the stage fingerprints the workdir holds now. The run
   metadata and config at the top are the newest contributing run's; `sources` names the run
-  record of each section."""
+  record of each section.
+
+  Args:
+    workdir: the workdir.
+
+  Returns:
+    The results dict as written, or None (and results.json untouched) when there is no runs/
+    folder or no finished run matches the stages now in the workdir.
+  """
   runs_dir = epath.Path(workdir) / "runs"
   if not runs_dir.is_dir():
     return None
@@ -191,5 +233,9 @@ def derive_results(workdir: str) -> dict | None:
 
 
 def process_zero() -> bool:
-  """Files are written by process 0 only (every process computes the same values)."""
+  """Files are written by process 0 only (every process computes the same values).
+
+  Returns:
+    True in process 0 of a (multi-host) run.
+  """
   return jax.process_index() == 0

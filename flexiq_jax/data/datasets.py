@@ -37,7 +37,25 @@ def fashion_mnist_dataset(split: str, data_dir: str = fashion_mnist.DEFAULT_DIR,
                           channels: int = 1, augment: bool = False,
                           normalization: str = "fashion_mnist") -> Dataset:
   """Real Fashion-MNIST held in memory; optional resize and channel replication for
-  ImageNet-shaped models; training augmentation = random flip + 2-pixel shift."""
+  ImageNet-shaped models; training augmentation = random flip + 2-pixel shift (the flip drawn per
+  image, the shift once per batch).
+
+  Args:
+    split: 'train' or 'test'.
+    data_dir: the folder of the IDX files.
+    image_size: the square image size (the 28x28 images are resized once, at load, if different).
+    channels: the output channels (the grey channel is replicated).
+    augment: whether batches loaded with an rng are augmented.
+    normalization: the name of the eval transform whose mean/std (and interpolation) are used
+      (`preprocess.EVAL_TRANSFORMS`).
+
+  Returns:
+    The `Dataset` (10 classes).
+
+  Raises:
+    ValueError: an unknown `normalization` or split, or a damaged file.
+    FileNotFoundError: the files are missing.
+  """
   images, labels = fashion_mnist.load(split, data_dir)
   transform = preprocess.get_eval_transform(normalization)
   if image_size != images.shape[1]:
@@ -69,7 +87,27 @@ def tfds_dataset(name: str, split: str, *, data_dir: str | None = None, image_si
   """Any TFDS image-classification dataset read with `tfds.data_source` (array_record, no TF).
 
   Training batches (loaded with an rng) get random-resized-crop + flip when `augment`, else the
-  eval preprocessing."""
+  eval preprocessing. Nothing is downloaded.
+
+  Args:
+    name: the TFDS dataset name, e.g. 'imagenet2012'.
+    split: the TFDS split, e.g. 'train' or 'validation'.
+    data_dir: the TFDS data directory (None: TFDS's default).
+    image_size: the square output size.
+    channels: the output channels (grey images are replicated).
+    eval_transform: the name of the eval preprocessing (`preprocess.EVAL_TRANSFORMS`), whose
+      interpolation and mean/std the training preprocessing uses too.
+    augment: whether batches loaded with an rng are augmented.
+    image_key: the feature holding the image.
+    label_key: the feature holding the class label.
+
+  Returns:
+    The `Dataset`; its size comes from the data source.
+
+  Raises:
+    ValueError: TFDS does not know `name`, or `eval_transform` is unknown.
+    FileNotFoundError: the split is not prepared in the data directory.
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   try:
@@ -109,7 +147,18 @@ def tfds_dataset(name: str, split: str, *, data_dir: str | None = None, image_si
 
 
 def get_dataset(data_config, split: str, *, train: bool = False) -> Dataset:
-  """Builds a split from a config's `data` section (see configs/quickstart.py)."""
+  """Builds a split from a config's `data` section (see configs/quickstart.py).
+
+  Args:
+    data_config: the config's `data` section (`name`, `image_size`, `channels` and the optional
+      `data_dir`, `augment` and `eval_transform`).
+    split: the split's name.
+    train: for Fashion-MNIST, whether the split is augmented (with `data.augment`); TFDS datasets
+      follow `data.augment` (default True) whatever `train` says.
+
+  Returns:
+    The `Dataset`.
+  """
   if data_config.name == "fashion_mnist":
     return fashion_mnist_dataset(
         split, data_dir=data_config.get("data_dir") or fashion_mnist.DEFAULT_DIR,
@@ -141,7 +190,25 @@ def train_batches(dataset: Dataset, batch_size: int, *, seed: int, start_step: i
                   process_count: int | None = None) -> Iterator[Batch]:
   """This process's slice of the global batches (of `batch_size`) for global steps
   [start_step, num_steps): reshuffled every epoch, batches may straddle epochs; step s depends
-  only on (seed, s), and the global batch not on the number of processes (augmentation draws do)."""
+  only on (seed, s), and the global batch not on the number of processes (augmentation draws do).
+
+  Args:
+    dataset: the training split.
+    batch_size: the global batch size.
+    seed: the shuffling and augmentation seed.
+    start_step: the first step to yield (a resumed run's step).
+    num_steps: the step to stop before.
+    num_threads: grain's reading threads.
+    process_index: this process's index (default `jax.process_index()`).
+    process_count: the number of processes (default `jax.process_count()`).
+
+  Returns:
+    An iterator of batch dicts ('image', 'label') of batch_size / process_count rows; empty when
+    `num_steps <= start_step`.
+
+  Raises:
+    ValueError: `batch_size` is not divisible by the process count.
+  """
   if num_steps <= start_step:
     return iter(())
   index, rows = _process_slice(batch_size, process_index, process_count)
@@ -163,7 +230,22 @@ def eval_batches(dataset: Dataset, batch_size: int, *, num_examples: int | None 
                  process_count: int | None = None) -> Iterator[Batch]:
   """Every example once, in order, as this process's slice of global batches of `batch_size`;
   the last batch is padded and carries `mask` = 0 on padding, so all batches have one shape (one
-  compilation) and the masked sums over the global batch count every example once."""
+  compilation) and the masked sums over the global batch count every example once.
+
+  Args:
+    dataset: the eval split.
+    batch_size: the global batch size.
+    num_examples: how many examples from the start of the split (None: all of them).
+    num_threads: grain's reading threads.
+    process_index: this process's index (default `jax.process_index()`).
+    process_count: the number of processes (default `jax.process_count()`).
+
+  Returns:
+    An iterator of batch dicts ('image', 'label', 'mask' float32) of batch_size / process_count rows.
+
+  Raises:
+    ValueError: `batch_size` is not divisible by the process count.
+  """
   n = dataset.num_examples if num_examples is None else min(num_examples, dataset.num_examples)
   num_batches = -(-n // batch_size)
   index, rows = _process_slice(batch_size, process_index, process_count)
@@ -184,7 +266,20 @@ def eval_batches(dataset: Dataset, batch_size: int, *, num_examples: int | None 
 
 def calibration_images(dataset: Dataset, num_images: int, *, seed: int, batch_size: int) -> list[np.ndarray]:
   """`num_images` unlabelled images drawn without replacement from `dataset` (seeded), in batches,
-  preprocessed with the eval transform (as at deployment)."""
+  preprocessed with the eval transform (as at deployment).
+
+  Args:
+    dataset: the split to draw from (usually the training split).
+    num_images: how many images.
+    seed: the seed of the draw.
+    batch_size: the images per batch (the last batch may be smaller).
+
+  Returns:
+    A list of float32 [batch, H, W, C] image arrays, in index order.
+
+  Raises:
+    ValueError: `num_images` exceeds the split's size.
+  """
   if num_images > dataset.num_examples:
     raise ValueError(f"asked for {num_images} calibration images but {dataset.name}/{dataset.split} "
                      f"has only {dataset.num_examples}")

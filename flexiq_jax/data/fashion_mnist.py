@@ -39,7 +39,19 @@ def _read_idx(path: str) -> np.ndarray:
 
 
 def load(split: str, data_dir: str = DEFAULT_DIR) -> tuple[np.ndarray, np.ndarray]:
-  """Returns (images uint8 [N, 28, 28], labels int32 [N]) for split 'train' or 'test'."""
+  """Returns (images uint8 [N, 28, 28], labels int32 [N]) for split 'train' or 'test'.
+
+  Args:
+    split: 'train' or 'test'.
+    data_dir: the folder holding the four standard *-ubyte.gz files.
+
+  Returns:
+    The tuple (images, labels), read from the IDX files (nothing is downloaded).
+
+  Raises:
+    ValueError: an unknown split, a damaged or truncated file, or image and label counts that differ.
+    FileNotFoundError: a file of the split is missing.
+  """
   if split not in _FILES:
     raise ValueError(f"Fashion-MNIST has splits {sorted(_FILES)}, not {split!r}")
   paths = [os.path.join(data_dir, name) for name in _FILES[split]]

@@ -37,12 +37,34 @@ _PIL_INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": 
 
 
 def get_eval_transform(name: str) -> EvalTransform:
+  """The eval transform of a model family or dataset.
+
+  Args:
+    name: a key of EVAL_TRANSFORMS: a canonical model name, 'torchvision_v1' or 'fashion_mnist'.
+
+  Returns:
+    The `EvalTransform`.
+
+  Raises:
+    ValueError: an unknown name (the message lists the known ones).
+  """
   if name not in EVAL_TRANSFORMS:
     raise ValueError(f"no eval preprocessing named {name!r}; known: {', '.join(sorted(EVAL_TRANSFORMS))}")
   return EVAL_TRANSFORMS[name]
 
 
 def resize(image: np.ndarray, height: int, width: int, interpolation: str) -> np.ndarray:
+  """Resizes one image with PIL (unchanged if it already has the size).
+
+  Args:
+    image: a uint8 HW or HWC image (HW1 is handled as grey).
+    height: the output height.
+    width: the output width.
+    interpolation: 'bicubic', 'bilinear' or 'nearest'.
+
+  Returns:
+    The resized image, with the input's layout.
+  """
   if image.shape[0] == height and image.shape[1] == width:
     return image
   squeeze = image.ndim == 3 and image.shape[-1] == 1
@@ -62,13 +84,35 @@ def _to_channels(image: np.ndarray, channels: int) -> np.ndarray:
 
 
 def normalize(image: np.ndarray, mean, std) -> np.ndarray:
-  """uint8 HWC (or NHWC) -> float32, (x/255 - mean) / std; 1-value stats broadcast to all channels."""
+  """uint8 HWC (or NHWC) -> float32, (x/255 - mean) / std; 1-value stats broadcast to all channels.
+
+  Args:
+    image: uint8 pixels, channels last.
+    mean: the per-channel means in [0, 1] units (one value or one per channel).
+    std: the per-channel standard deviations, likewise.
+
+  Returns:
+    The float32 normalized array, the same shape.
+  """
   x = image.astype(np.float32) / 255.0
   return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
 def eval_image(image: np.ndarray, size: int, transform: EvalTransform, channels: int = 3) -> np.ndarray:
-  """Resize short side to floor(size / crop_pct), centre-crop size x size, normalise."""
+  """Resize short side to floor(size / crop_pct), centre-crop size x size, normalise.
+
+  Args:
+    image: a uint8 HW or HWC image.
+    size: the output's side.
+    transform: the eval transform (crop_pct, interpolation, mean, std).
+    channels: the output channels (a grey image is replicated).
+
+  Returns:
+    The float32 [size, size, channels] image.
+
+  Raises:
+    ValueError: the image has neither 1 nor `channels` channels.
+  """
   image = _to_channels(image, channels)
   h, w = image.shape[:2]
   short = math.floor(size / transform.crop_pct)
@@ -84,7 +128,25 @@ def eval_image(image: np.ndarray, size: int, transform: EvalTransform, channels:
 
 def train_image(image: np.ndarray, size: int, transform: EvalTransform, rng: np.random.Generator,
                 channels: int = 3, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True) -> np.ndarray:
-  """Inception-style random-resized-crop + horizontal flip (torchvision's sampling rule)."""
+  """Inception-style random-resized-crop + horizontal flip (torchvision's sampling rule): up to 10
+  tries at a crop of random area and aspect, else a centre crop with the aspect clamped.
+
+  Args:
+    image: a uint8 HW or HWC image.
+    size: the output's side.
+    transform: the eval transform whose interpolation and mean/std are used.
+    rng: the random generator of the crop and flip.
+    channels: the output channels (a grey image is replicated).
+    scale: the range of the crop's area, as fractions of the image's.
+    ratio: the range of the crop's aspect (width / height).
+    flip: whether to flip horizontally with probability 0.5.
+
+  Returns:
+    The float32 [size, size, channels] image.
+
+  Raises:
+    ValueError: the image has neither 1 nor `channels` channels.
+  """
   image = _to_channels(image, channels)
   h, w = image.shape[:2]
   area = h * w

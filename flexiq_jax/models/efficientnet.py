@@ -86,6 +86,16 @@ _ACTS = {"relu6": jax.nn.relu6, "swish": jax.nn.silu, "relu": jax.nn.relu}
 
 
 def round_channels(channels: int, multiplier: float = 1.0, divisor: int = 8) -> int:
+  """A channel count scaled by the width multiplier and rounded as timm does (`make_divisible`).
+
+  Args:
+    channels: the unscaled channel count.
+    multiplier: the width multiplier (0: `channels` unchanged, unrounded).
+    divisor: the multiple to round to.
+
+  Returns:
+    The scaled, rounded channel count.
+  """
   return make_divisible(channels * multiplier, divisor) if multiplier else channels
 
 
@@ -198,7 +208,17 @@ class EfficientNet(nn.Module):
 
 @register("mobilenetv2_100", aliases=("mbv2",))
 def mobilenetv2_100(num_classes=1000, channel_multiplier=1.0, depth_multiplier=1.0, **kw):
-  """timm `_gen_mobilenet_v2`: ReLU6, no SE, head width max(1280, rounded 1280)."""
+  """timm `_gen_mobilenet_v2`: ReLU6, no SE, head width max(1280, rounded 1280).
+
+  Args:
+    num_classes: the classifier's output size.
+    channel_multiplier: width scaling (1.0: MobileNetV2-1.0).
+    depth_multiplier: repeat scaling.
+    **kw: further `EfficientNet` fields (e.g. `stem_stride`, `padding`, `bn_eps`).
+
+  Returns:
+    The `EfficientNet` module.
+  """
   return EfficientNet(
       stages=decode_arch(MOBILENETV2_ARCH, channel_multiplier, depth_multiplier),
       stem_size=round_channels(32, channel_multiplier),
@@ -208,7 +228,17 @@ def mobilenetv2_100(num_classes=1000, channel_multiplier=1.0, depth_multiplier=1
 
 @register("efficientnet_b0", aliases=("effnet_b0",))
 def efficientnet_b0(num_classes=1000, channel_multiplier=1.0, depth_multiplier=1.0, **kw):
-  """timm `_gen_efficientnet`: SiLU ('swish'), SE ratio 0.25 of the block input width."""
+  """timm `_gen_efficientnet`: SiLU ('swish'), SE ratio 0.25 of the block input width.
+
+  Args:
+    num_classes: the classifier's output size.
+    channel_multiplier: width scaling (1.0: B0).
+    depth_multiplier: repeat scaling (1.0: B0).
+    **kw: further `EfficientNet` fields (e.g. `stem_stride`, `padding`, `bn_eps`).
+
+  Returns:
+    The `EfficientNet` module.
+  """
   return EfficientNet(
       stages=decode_arch(EFFICIENTNET_B0_ARCH, channel_multiplier, depth_multiplier),
       stem_size=round_channels(32, channel_multiplier),
@@ -220,7 +250,17 @@ def efficientnet_b0(num_classes=1000, channel_multiplier=1.0, depth_multiplier=1
 def tf_efficientnet_lite0(num_classes=1000, channel_multiplier=1.0, depth_multiplier=1.0, **kw):
   """timm `_gen_efficientnet_lite` as `tf_efficientnet_lite0` (the TF checkpoint's port): ReLU6, no
   SE, stem 32 and head 1280 fixed, first/last stage repeats fixed, TF 'SAME' padding, BN eps 1e-3.
-  Lite0 is width 1.0, depth 1.0; other multipliers give reduced variants of the same family."""
+  Lite0 is width 1.0, depth 1.0; other multipliers give reduced variants of the same family.
+
+  Args:
+    num_classes: the classifier's output size.
+    channel_multiplier: width scaling of the blocks.
+    depth_multiplier: repeat scaling of the middle stages.
+    **kw: further `EfficientNet` fields; `padding` and `bn_eps` given here override 'tf' and 1e-3.
+
+  Returns:
+    The `EfficientNet` module.
+  """
   return EfficientNet(
       stages=decode_arch(EFFICIENTNET_LITE_ARCH, channel_multiplier, depth_multiplier, fix_first_last=True),
       stem_size=32, num_features=1280, act="relu6", num_classes=num_classes,

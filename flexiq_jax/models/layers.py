@@ -10,12 +10,33 @@ from jax import lax
 
 
 def same_padding(kernel_size: int, dilation: int = 1) -> tuple[tuple[int, int], tuple[int, int]]:
-  """PyTorch's symmetric `padding=k//2`; JAX 'SAME' pads (0, 1) on even sizes with stride 2."""
+  """PyTorch's symmetric `padding=k//2`; JAX 'SAME' pads (0, 1) on even sizes with stride 2.
+
+  Args:
+    kernel_size: the (square) kernel's size.
+    dilation: the kernel's dilation.
+
+  Returns:
+    ((pad, pad), (pad, pad)) for the height and width axes, pad = dilation * (kernel_size - 1) // 2.
+  """
   pad = dilation * (kernel_size - 1) // 2
   return ((pad, pad), (pad, pad))
 
 
 def batch_norm(train: bool, name: str, eps: float = 1e-5, momentum: float = 0.9, zero_init: bool = False):
+  """A BatchNorm layer as timm's CNNs use it (PyTorch's momentum 0.1 is flax's 0.9).
+
+  Args:
+    train: whether batch statistics are used and the running averages updated (False: the
+      running averages are used).
+    name: the layer's name.
+    eps: the variance epsilon.
+    momentum: the running averages' decay.
+    zero_init: whether the scale starts at zero (a residual block's last norm) instead of one.
+
+  Returns:
+    The `nn.BatchNorm` module.
+  """
   return nn.BatchNorm(
       use_running_average=not train, momentum=momentum, epsilon=eps, name=name,
       scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones)
@@ -64,12 +85,26 @@ def depthwise_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilati
 
 def conv(features: int, kernel_size: int, strides: int = 1, groups: int = 1, use_bias: bool = False,
          name: str | None = None, dilation: int = 1, padding: str = "symmetric"):
-  """A bias-free conv initialised as timm's CNNs.
+  """A bias-free conv initialised as timm's CNNs (He normal, fan-out); a depthwise conv (groups ==
+  features) computes with `depthwise_conv_general_dilated`.
 
   Args:
+    features: the output channels.
+    kernel_size: the (square) kernel's size.
+    strides: the stride on both spatial axes.
+    groups: the feature groups (== features, with as many input channels: depthwise).
+    use_bias: whether the conv has a bias.
+    name: the layer's name.
+    dilation: the kernel's dilation.
     padding: 'symmetric' (PyTorch's `k//2` on both sides) or 'tf' (TensorFlow's 'SAME': the total
       padding split with the extra pixel after, e.g. (0, 1) for a 3x3 stride-2 conv on an even size;
       the ports of TF checkpoints, timm's `tf_` models, need it).
+
+  Returns:
+    The `nn.Conv` module.
+
+  Raises:
+    ValueError: `padding` is neither 'symmetric' nor 'tf'.
   """
   if padding not in ("symmetric", "tf"):
     raise ValueError(f"padding must be 'symmetric' or 'tf', not {padding!r}")
@@ -83,7 +118,14 @@ def conv(features: int, kernel_size: int, strides: int = 1, groups: int = 1, use
 
 
 def max_pool_3x3_s2(x):
-  """timm/torchvision stem pool: kernel 3, stride 2, padding 1 (pads with -inf)."""
+  """timm/torchvision stem pool: kernel 3, stride 2, padding 1 (pads with -inf).
+
+  Args:
+    x: [batch, H, W, C] activations.
+
+  Returns:
+    The pooled [batch, ceil(H / 2), ceil(W / 2), C] activations.
+  """
   return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
@@ -91,7 +133,17 @@ global_avg_pool = functools.partial(jnp.mean, axis=(1, 2))
 
 
 def make_divisible(v: float, divisor: int = 8, min_value: int | None = None, round_limit: float = 0.9) -> int:
-  """timm's channel rounding: nearest multiple of `divisor`, never more than 10% below `v`."""
+  """timm's channel rounding: nearest multiple of `divisor`, never more than 10% below `v`.
+
+  Args:
+    v: the unrounded channel count.
+    divisor: the multiple to round to.
+    min_value: the smallest result (default `divisor`).
+    round_limit: a result below `round_limit * v` is raised by one `divisor`.
+
+  Returns:
+    The rounded channel count.
+  """
   min_value = min_value or divisor
   new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
   if new_v < round_limit * v:
@@ -100,13 +152,31 @@ def make_divisible(v: float, divisor: int = 8, min_value: int | None = None, rou
 
 
 def layer_norm(eps: float, name: str | None = None):
+  """A LayerNorm with PyTorch's two-pass variance.
+
+  Args:
+    eps: the variance epsilon.
+    name: the layer's name.
+
+  Returns:
+    The `nn.LayerNorm` module.
+  """
   # Two-pass variance (mean of squared deviations) as PyTorch computes it; flax's default
   # E[x^2] - E[x]^2 loses precision on activations with a large mean.
   return nn.LayerNorm(epsilon=eps, use_fast_variance=False, name=name)
 
 
 def dense(features: int, name: str | None = None, use_bias: bool = True):
-  """Linear layer initialised as timm's transformers (truncated normal, std 0.02; zero bias)."""
+  """Linear layer initialised as timm's transformers (truncated normal, std 0.02; zero bias).
+
+  Args:
+    features: the output size.
+    name: the layer's name.
+    use_bias: whether the layer has a bias.
+
+  Returns:
+    The `nn.Dense` module.
+  """
   return nn.Dense(features, use_bias=use_bias, name=name,
                   kernel_init=nn.initializers.truncated_normal(0.02), bias_init=nn.initializers.zeros)
 
@@ -146,6 +216,14 @@ if _nnx is not None:
 
 
 def gelu(x):
+  """The exact (erf) GELU, as torch.nn.GELU computes it by default.
+
+  Args:
+    x: an array.
+
+  Returns:
+    GELU(x), elementwise.
+  """
   return nn.gelu(x, approximate=False)  # torch.nn.GELU default: the exact erf form
 
 

@@ -143,7 +143,15 @@ def convert(pth: str, out: str, **model_kwargs) -> dict[str, np.ndarray]:
 
 
 def main(argv=None) -> int:
-  """`python -m flexiq_jax.models.lite_import [--pth=...] [--out=...]`; returns the exit status."""
+  """`python -m flexiq_jax.models.lite_import [--pth=...] [--out=...]`; returns the exit status.
+
+  Args:
+    argv: the command-line arguments after the program name (None: sys.argv[1:]).
+
+  Returns:
+    0 on success; 1 when the checkpoint cannot be found, read or converted (the error is printed
+    to stderr).
+  """
   import argparse
 
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

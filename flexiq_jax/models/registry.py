@@ -12,7 +12,18 @@ _ALIASES: dict[str, str] = {}
 
 
 def register(name: str, aliases: tuple[str, ...] = ()):
-  """Decorator registering a constructor `fn(num_classes=..., **kw) -> nn.Module`."""
+  """Decorator registering a constructor `fn(num_classes=..., **kw) -> nn.Module`.
+
+  Args:
+    name: the canonical model name.
+    aliases: other names that resolve to it.
+
+  Returns:
+    The decorator; it returns the constructor unchanged.
+
+  Raises:
+    ValueError: `name` is already registered (raised when the decorator is applied).
+  """
 
   def wrap(fn):
     if name in _REGISTRY:
@@ -26,11 +37,26 @@ def register(name: str, aliases: tuple[str, ...] = ()):
 
 
 def available() -> list[str]:
-  """Canonical names of all registered models."""
+  """Canonical names of all registered models.
+
+  Returns:
+    The names, sorted.
+  """
   return sorted(_REGISTRY)
 
 
 def canonical_name(name: str) -> str:
+  """The canonical name of a registered model or alias.
+
+  Args:
+    name: a canonical model name or an alias.
+
+  Returns:
+    The canonical name.
+
+  Raises:
+    ValueError: the name is unknown (the message lists the models and aliases).
+  """
   if name in _REGISTRY:
     return name
   if name in _ALIASES:
@@ -42,7 +68,19 @@ def canonical_name(name: str) -> str:
 
 
 def create(name: str, num_classes: int = 1000, **kwargs) -> nn.Module:
-  """Builds the registered model `name` (or an alias of it)."""
+  """Builds the registered model `name` (or an alias of it).
+
+  Args:
+    name: a canonical model name or an alias.
+    num_classes: the classifier's output size.
+    **kwargs: passed on to the model's constructor.
+
+  Returns:
+    The Flax module.
+
+  Raises:
+    ValueError: the name is unknown.
+  """
   return _REGISTRY[canonical_name(name)](num_classes=num_classes, **kwargs)
 
 
@@ -86,7 +124,17 @@ _SPECS: dict[str, ModelSpec] = {}
 
 
 def register_spec(spec: ModelSpec) -> ModelSpec:
-  """Registers the spec of a registered model (beside its constructor)."""
+  """Registers the spec of a registered model (beside its constructor).
+
+  Args:
+    spec: the `ModelSpec`; its `name` must already have a constructor.
+
+  Returns:
+    `spec`, unchanged.
+
+  Raises:
+    ValueError: the model has no constructor, or already has a spec.
+  """
   if spec.name not in _REGISTRY:
     raise ValueError(f"model {spec.name!r} has a spec but no constructor")
   if spec.name in _SPECS:
@@ -96,12 +144,26 @@ def register_spec(spec: ModelSpec) -> ModelSpec:
 
 
 def specs() -> list[ModelSpec]:
-  """The specs of every ImageNet architecture, in registration order."""
+  """The specs of every ImageNet architecture, in registration order.
+
+  Returns:
+    A new list of the `ModelSpec`s.
+  """
   return list(_SPECS.values())
 
 
 def spec(name: str) -> ModelSpec:
-  """The spec of model `name` (or an alias)."""
+  """The spec of model `name` (or an alias).
+
+  Args:
+    name: a canonical model name or an alias.
+
+  Returns:
+    Its `ModelSpec`.
+
+  Raises:
+    ValueError: the name is unknown, or the model has no spec.
+  """
   canonical = canonical_name(name)
   if canonical not in _SPECS:
     raise ValueError(f"model {canonical!r} has no ModelSpec; specs: {', '.join(_SPECS)}")

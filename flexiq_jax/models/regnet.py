@@ -62,6 +62,16 @@ class RegNet(nn.Module):
 
 @register("regnetx_006", aliases=("regnetx_600mf",))
 def regnetx_006(num_classes=1000, **kw):
+  """RegNetX-600MF (timm `regnetx_006`) with the `RegNet` defaults.
+
+  Args:
+    num_classes: the classifier's output size.
+    **kw: further `RegNet` fields (`depths`, `widths`, `group_widths`, `stem_width`, ...), e.g. for
+      the reduced variants.
+
+  Returns:
+    The `RegNet` module.
+  """
   return RegNet(num_classes=num_classes, **kw)
 
 

@@ -85,17 +85,43 @@ class ResNet(nn.Module):
 
 @register("resnet18", aliases=("r18",))
 def resnet18(num_classes=1000, **kw):
+  """ResNet-18 (timm `resnet18`): basic blocks, depths (2, 2, 2, 2).
+
+  Args:
+    num_classes: the classifier's output size.
+    **kw: further `ResNet` fields, overriding those defaults (e.g. `depths`, `widths`, `stem`).
+
+  Returns:
+    The `ResNet` module.
+  """
   return ResNet(num_classes=num_classes, **{"depths": (2, 2, 2, 2), **kw})
 
 
 @register("resnet50", aliases=("r50",))
 def resnet50(num_classes=1000, **kw):
+  """ResNet-50 (timm `resnet50`): bottleneck blocks, depths (3, 4, 6, 3).
+
+  Args:
+    num_classes: the classifier's output size.
+    **kw: further `ResNet` fields, overriding those defaults (e.g. `depths`, `widths`, `stem`).
+
+  Returns:
+    The `ResNet` module.
+  """
   return ResNet(num_classes=num_classes, **{"depths": (3, 4, 6, 3), "block": "bottleneck", **kw})
 
 
 @register("resnet_small")
 def resnet_small(num_classes=10, **kw):
-  """The quickstart model: a CIFAR-style ResNet-8 for 28x28 inputs (~0.08M params)."""
+  """The quickstart model: a CIFAR-style ResNet-8 for 28x28 inputs (~0.08M params).
+
+  Args:
+    num_classes: the classifier's output size.
+    **kw: further `ResNet` fields, overriding the quickstart's.
+
+  Returns:
+    The `ResNet` module.
+  """
   kw = {"depths": (1, 1, 1), "widths": (16, 32, 64), "stem": "small", "stem_width": 16, **kw}
   return ResNet(num_classes=num_classes, **kw)
 

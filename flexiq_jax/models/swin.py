@@ -27,7 +27,15 @@ from flexiq_jax.models.layers import AttentionMatmul, Mlp, dense, layer_norm
 
 
 def window_partition(x, window):
-  """(B, H, W, C) -> (B * num_windows, wh * ww, C), windows in row-major order."""
+  """(B, H, W, C) -> (B * num_windows, wh * ww, C), windows in row-major order.
+
+  Args:
+    x: [B, H, W, C] feature map; H and W must be multiples of the window's sides.
+    window: the window size (wh, ww).
+
+  Returns:
+    The [B * num_windows, wh * ww, C] windows.
+  """
   b, h, w, c = x.shape
   wh, ww = window
   x = x.reshape(b, h // wh, wh, w // ww, ww, c).transpose(0, 1, 3, 2, 4, 5)
@@ -35,6 +43,18 @@ def window_partition(x, window):
 
 
 def window_reverse(windows, window, h, w):
+  """The inverse of `window_partition`: (B * num_windows, wh * ww, C) -> (B, H, W, C).
+
+  Args:
+    windows: the windows, [B * num_windows, wh * ww, C] (any shape with wh * ww * C trailing
+      elements per window).
+    window: the window size (wh, ww).
+    h: the feature map's height.
+    w: the feature map's width.
+
+  Returns:
+    The [B, h, w, C] feature map.
+  """
   wh, ww = window
   c = windows.shape[-1]
   x = windows.reshape(-1, h // wh, w // ww, wh, ww, c).transpose(0, 1, 3, 2, 4, 5)
@@ -42,7 +62,14 @@ def window_reverse(windows, window, h, w):
 
 
 def relative_position_index(window) -> np.ndarray:
-  """(wh*ww, wh*ww) index into the ((2wh-1)*(2ww-1), heads) bias table, as timm computes it."""
+  """(wh*ww, wh*ww) index into the ((2wh-1)*(2ww-1), heads) bias table, as timm computes it.
+
+  Args:
+    window: the window size (wh, ww).
+
+  Returns:
+    The integer index array.
+  """
   wh, ww = window
   coords = np.stack(np.meshgrid(np.arange(wh), np.arange(ww), indexing="ij")).reshape(2, -1)
   rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0)
@@ -54,7 +81,17 @@ def relative_position_index(window) -> np.ndarray:
 
 def shifted_window_mask(h, w, window, shift) -> np.ndarray:
   """(num_windows, N, N) additive mask: -100 between tokens that the cyclic shift brought together
-  from different image regions (timm's value), 0 elsewhere. h, w are the padded map sizes."""
+  from different image regions (timm's value), 0 elsewhere. h, w are the padded map sizes.
+
+  Args:
+    h: the padded feature map's height.
+    w: the padded feature map's width.
+    window: the window size (wh, ww).
+    shift: the cyclic shift (sh, sw), each > 0.
+
+  Returns:
+    The float32 mask, N = wh * ww.
+  """
   img = np.zeros((1, h, w, 1), np.float32)
   cnt = 0
   for hs in (slice(0, -window[0]), slice(-window[0], -shift[0]), slice(-shift[0], None)):
@@ -186,6 +223,17 @@ class SwinTransformer(nn.Module):
 
 @register("swin_tiny_patch4_window7_224", aliases=("swin_t",))
 def swin_tiny_patch4_window7_224(num_classes=1000, **kw):
+  """Swin-T (timm `swin_tiny_patch4_window7_224`): patch 4, window 7, embedding 96, depths
+  (2, 2, 6, 2), heads (3, 6, 12, 24).
+
+  Args:
+    num_classes: the classifier's output size.
+    **kw: further `SwinTransformer` fields, overriding those defaults (the reduced variants set
+      `image_size`, `patch_size`, `embed_dim`, `depths` and `num_heads`).
+
+  Returns:
+    The `SwinTransformer` module.
+  """
   kw = {"patch_size": 4, "window_size": 7, "embed_dim": 96, "depths": (2, 2, 6, 2),
         "num_heads": (3, 6, 12, 24), **kw}
   return SwinTransformer(num_classes=num_classes, **kw)

@@ -63,7 +63,23 @@ def _family(canonical: str) -> _Family:
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """A timm state dict as float32 numpy arrays, from .safetensors (no torch needed) or .pth/.pt/.bin."""
+  """A timm state dict as float32 numpy arrays, from .safetensors (no torch needed) or .pth/.pt/.bin.
+
+  Training checkpoints that nest the weights under 'state_dict_ema', 'model_ema', 'state_dict' or
+  'model' are unwrapped, and a 'module.' prefix is dropped. Integer and bool tensors keep their dtype.
+
+  Args:
+    path: the checkpoint file.
+
+  Returns:
+    {timm key: array}.
+
+  Raises:
+    FileNotFoundError: `path` does not exist.
+    ImportError: a PyTorch pickle and torch is not installed.
+    ValueError: the file cannot be read as such a checkpoint, holds no state dict, or holds NaN/Inf
+      values.
+  """
   if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint {path!r} does not exist")
   if path.endswith(".safetensors"):
@@ -113,7 +129,19 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 
 
 def resize_pos_embed(pos_embed: np.ndarray, num_tokens: int, num_prefix_tokens: int = 1) -> np.ndarray:
-  """(1, prefix + g*g, D) -> (1, num_tokens, D): bicubic resize of the square patch grid, class token kept."""
+  """(1, prefix + g*g, D) -> (1, num_tokens, D): bicubic resize of the square patch grid, class token kept.
+
+  Args:
+    pos_embed: the checkpoint's position embedding, [1, num_prefix_tokens + g*g, D].
+    num_tokens: the model's token count, prefix tokens included.
+    num_prefix_tokens: the leading (class/distillation) tokens, copied unchanged.
+
+  Returns:
+    The [1, num_tokens, D] embedding.
+
+  Raises:
+    ValueError: the old or new patch grid is not square.
+  """
   prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
   old, new = int(round(np.sqrt(grid.shape[1]))), int(round(np.sqrt(num_tokens - num_prefix_tokens)))
   if old * old != grid.shape[1] or new * new != num_tokens - num_prefix_tokens:
@@ -126,7 +154,18 @@ def resize_pos_embed(pos_embed: np.ndarray, num_tokens: int, num_prefix_tokens: 
 
 
 def resize_rel_pos_table(table: np.ndarray, num_rows: int) -> np.ndarray:
-  """((2w-1)^2, heads) -> (num_rows, heads): bicubic resize of the square relative-offset grid."""
+  """((2w-1)^2, heads) -> (num_rows, heads): bicubic resize of the square relative-offset grid.
+
+  Args:
+    table: the checkpoint's relative-position bias table, [(2w-1)^2, heads].
+    num_rows: the model's row count, (2w'-1)^2 for its window size w'.
+
+  Returns:
+    The [num_rows, heads] table.
+
+  Raises:
+    ValueError: the old or new table is not a square grid.
+  """
   old, new = int(round(np.sqrt(table.shape[0]))), int(round(np.sqrt(num_rows)))
   if old * old != table.shape[0] or new * new != num_rows:
     raise ValueError(f"relative-position table resize needs square tables: {table.shape[0]} -> {num_rows}")
@@ -136,7 +175,15 @@ def resize_rel_pos_table(table: np.ndarray, num_rows: int) -> np.ndarray:
 
 def adapt_input_conv(kernel: np.ndarray, in_chans: int) -> np.ndarray:
   """HWIO stem kernel for a different number of image channels, timm's rule: sum the RGB filters
-  for 1 channel; otherwise tile them and rescale by 3 / in_chans."""
+  for 1 channel; otherwise tile them and rescale by 3 / in_chans.
+
+  Args:
+    kernel: the checkpoint's stem kernel, [kh, kw, in, out] (in: usually 3).
+    in_chans: the model's image channels.
+
+  Returns:
+    The [kh, kw, in_chans, out] kernel.
+  """
   src = kernel.shape[2]
   if in_chans == 1:
     return kernel.sum(axis=2, keepdims=True)
@@ -188,9 +235,24 @@ def convert_state_dict(model, state_dict: Mapping[str, np.ndarray], name: str, *
                        replace_head: bool = False, rng=None):
   """Converts `state_dict` (timm names) for the Flax `model` (created as `name`). Returns variables.
 
-  `image_shape` (H, W, C) is the input used to trace the model's variable shapes (default: the
-  model's `image_size`, or 224, and 3 channels). `replace_head`: skip the checkpoint's classifier and
-  use a fresh initialisation (from `rng`) for it.
+  A position embedding, a Swin relative-position table or a stem kernel of another size than the
+  model's is resized or adapted (`resize_pos_embed`, `resize_rel_pos_table`, `adapt_input_conv`).
+
+  Args:
+    model: the Flax module to fill.
+    state_dict: {timm key: array}, as `read_state_dict` returns it.
+    name: the model's registered name (or alias), which picks the key mapping.
+    image_shape: (H, W, C), the input used to trace the model's variable shapes (default: the
+      model's `image_size`, or 224, and 3 channels).
+    replace_head: skip the checkpoint's classifier and use a fresh initialisation (from `rng`) for it.
+    rng: the PRNG key of the classifier's initialisation (default PRNGKey(0)).
+
+  Returns:
+    The Flax variables {'params': ..., 'batch_stats': ...} (the collections the model has), float32.
+
+  Raises:
+    ValueError: the model has no timm key mapping, or the checkpoint does not fit it (the message
+      lists the missing, unexpected and mis-shaped keys).
   """
   canonical = models_lib.canonical_name(name)
   fam = _family(canonical)
@@ -266,6 +328,18 @@ def convert_state_dict(model, state_dict: Mapping[str, np.ndarray], name: str, *
 
 
 def checkpoint_num_classes(state_dict: Mapping[str, np.ndarray], name: str) -> int:
+  """The number of classes of a checkpoint's classifier.
+
+  Args:
+    state_dict: {timm key: array}.
+    name: the model's registered name (or alias), which names its classifier module.
+
+  Returns:
+    The classifier's output size (from its bias, else its weight).
+
+  Raises:
+    ValueError: the checkpoint has no classifier, or the model has no timm key mapping.
+  """
   fam = _family(models_lib.canonical_name(name))
   key = fam.head + ".bias"
   if key not in state_dict:
@@ -280,13 +354,24 @@ def load_timm(name: str, path: str, num_classes: int | None = None, image_size: 
   """Flax variables `{'params', 'batch_stats'?}` for `models.create(name, num_classes, **model_kwargs)`
   from the timm checkpoint at `path` (.safetensors, or .pth/.bin with torch installed).
 
-  num_classes: None keeps the checkpoint's classifier; another value replaces it by a freshly
-    initialised one (from `rng`).
-  image_size: for ViT/DeiT (and Swin) a size other than the checkpoint's resizes the position
-    embedding (bicubic on the patch grid; the class token's entry is kept) and, where Swin's windows
-    shrink, the relative-position tables. Ignored by the convolutional models, which take any size.
-  in_chans: image channels (e.g. 1 for Fashion-MNIST); the stem filters are adapted as timm does.
-  model_kwargs: the same reduced-size arguments given to `models.create`.
+  Args:
+    name: the model's registered name (or alias).
+    path: the checkpoint file.
+    num_classes: None keeps the checkpoint's classifier; another value replaces it by a freshly
+      initialised one (from `rng`).
+    image_size: for ViT/DeiT (and Swin) a size other than the checkpoint's resizes the position
+      embedding (bicubic on the patch grid; the class token's entry is kept) and, where Swin's windows
+      shrink, the relative-position tables. Ignored by the convolutional models, which take any size.
+    in_chans: image channels (e.g. 1 for Fashion-MNIST); the stem filters are adapted as timm does.
+    rng: the PRNG key of a replaced classifier's initialisation.
+    **model_kwargs: the same reduced-size arguments given to `models.create`.
+
+  Returns:
+    The variables, as `convert_state_dict` returns them.
+
+  Raises:
+    FileNotFoundError: `path` does not exist.
+    ValueError: the checkpoint cannot be read or does not fit the model.
   """
   state_dict = read_state_dict(path)
   head = _family(models_lib.canonical_name(name)).head
