@@ -31,46 +31,112 @@ MATMUL_BITS = 8  # both operands of a quantized matmul, at every ratio
 
 
 def total_macs(layers: Mapping[str, LayerInfo]) -> int:
+  """MACs per example of all the given quantizable layers.
+
+  Args:
+    layers: {path: LayerInfo} of the layers to count (e.g. `Trace.layers`).
+
+  Returns:
+    Σ of `LayerInfo.macs` over `layers`, as an int.
+  """
   return int(sum(info.macs for info in layers.values()))
 
 
 def recorded_macs(plan_layers: Mapping[str, dict]) -> int:
   """MACs per image of layers as a results file records them (LayerInfo fields as dicts, lists for
   tuples): they change with a layer's width and the resolution it runs at, so a benchmark entry
-  whose figure differs from `total_macs` of the model built now was measured on another variant."""
+  whose figure differs from `total_macs` of the model built now was measured on another variant.
+
+  Args:
+    plan_layers: {path: dict of LayerInfo fields}, as read back from JSON (tuple fields as lists).
+
+  Returns:
+    `total_macs` of the layers rebuilt as `LayerInfo`, as an int.
+  """
   return total_macs({path: LayerInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in layer.items()})
                      for path, layer in plan_layers.items()})
 
 
 def matmul_macs(matmuls: Mapping[str, MatmulInfo] | None) -> int:
-  """MACs per example of the activation x activation matmuls (output elements x summed size)."""
+  """MACs per example of the activation x activation matmuls (output elements x summed size).
+
+  Args:
+    matmuls: {path: MatmulInfo}, or None for a model without intercepted matmuls.
+
+  Returns:
+    Σ of `MatmulInfo.macs` (0 for None or an empty mapping), as an int.
+  """
   return int(sum(info.macs for info in (matmuls or {}).values()))
 
 
 def matmul_bops(matmuls: Mapping[str, MatmulInfo] | None, bits: int = MATMUL_BITS) -> float:
-  """BOPs of the matmuls with both operands at `bits` (8: FlexiQ's integer path)."""
+  """BOPs of the matmuls with both operands at `bits` (8: FlexiQ's integer path).
+
+  Args:
+    matmuls: {path: MatmulInfo}, or None.
+    bits: bit width of both operands.
+
+  Returns:
+    `matmul_macs(matmuls) x bits x bits`, as a float.
+  """
   return float(matmul_macs(matmuls)) * bits * bits
 
 
 def layerwise_bops(layers: Mapping[str, LayerInfo], bits: Mapping[str, tuple[int, int]],
                    default: tuple[int, int] = (8, 8), matmuls: Mapping[str, MatmulInfo] | None = None) -> float:
-  """bits: {path: (weight_bits, activation_bits)}; layers not listed use `default`;
-  a layer at (32, 32) stands for float. `matmuls` are added at 8 x 8 bits."""
+  """BOPs per example of a layer-wise bit configuration; a layer at (32, 32) stands for float.
+
+  Args:
+    layers: {path: LayerInfo} of the quantizable layers.
+    bits: {path: (weight_bits, activation_bits)}; layers not listed use `default`.
+    default: (weight_bits, activation_bits) of the layers not in `bits`.
+    matmuls: {path: MatmulInfo} added at 8 x 8 bits, or None.
+
+  Returns:
+    Σ MACs x weight bits x activation bits over `layers`, plus the matmuls' BOPs, as a float.
+  """
   return float(sum(info.macs * np.prod(bits.get(path, default)) for path, info in layers.items())) + \
       matmul_bops(matmuls)
 
 
 def channelwise_bops(layers: Mapping[str, LayerInfo], lowered: Mapping[str, float],
                      high: int = 8, low: int = 4, matmuls: Mapping[str, MatmulInfo] | None = None) -> float:
-  """lowered: {path: number of feature channels at low x low bits} (others high x high);
-  `matmuls` are added at 8 x 8 bits (never lowered)."""
+  """BOPs per example of a channel-wise configuration: `lowered[path]` feature channels of each layer at
+  low x low bits, the others at high x high.
+
+  Args:
+    layers: {path: LayerInfo} of the quantizable layers.
+    lowered: {path: number of feature channels at low x low bits}; layers not listed lower none.
+    high: bit width of weights and activations of the channels that are not lowered.
+    low: bit width of weights and activations of the lowered channels.
+    matmuls: {path: MatmulInfo} added at 8 x 8 bits (never lowered), or None.
+
+  Returns:
+    Σ of `channelwise_layer_bops` over `layers` plus the matmuls' BOPs, as a float.
+
+  Raises:
+    ValueError: a lowered count is negative or above the layer's feature channels.
+  """
   return matmul_bops(matmuls) + sum(channelwise_layer_bops(info, lowered.get(path, 0), high, low)
                                     for path, info in layers.items())
 
 
 def channelwise_layer_bops(info: LayerInfo, lowered: float, high: int = 8, low: int = 4) -> float:
   """One layer's BOPs per example with `lowered` of its feature channels at low x low bits and the
-  others at high x high."""
+  others at high x high.
+
+  Args:
+    info: the layer.
+    lowered: number of its feature channels at low x low bits (may be fractional, e.g. an expectation).
+    high: bit width of the channels that are not lowered.
+    low: bit width of the lowered channels.
+
+  Returns:
+    MACs/C x (lowered x low² + (C - lowered) x high²), as a float.
+
+  Raises:
+    ValueError: `lowered` is outside [0, C].
+  """
   n = float(lowered)
   if not 0 <= n <= info.in_channels:
     raise ValueError(f"{info.path}: {n} lowered channels out of {info.in_channels}")
@@ -80,20 +146,52 @@ def channelwise_layer_bops(info: LayerInfo, lowered: float, high: int = 8, low: 
 def relative_bops(layers: Mapping[str, LayerInfo], lowered: Mapping[str, float], high: int = 8,
                   low: int = 4, matmuls: Mapping[str, MatmulInfo] | None = None) -> float:
   """Channel-wise BOPs relative to the same model with every layer at high x high bits; the
-  8-bit `matmuls` count in both."""
+  8-bit `matmuls` count in both.
+
+  Args:
+    layers: {path: LayerInfo} of the quantizable layers.
+    lowered: {path: number of lowered feature channels}.
+    high: bit width of the channels that are not lowered.
+    low: bit width of the lowered channels.
+    matmuls: {path: MatmulInfo} at 8 x 8 bits, or None.
+
+  Returns:
+    `channelwise_bops(lowered) / channelwise_bops({})`, a float in (0, 1] when low <= high.
+
+  Raises:
+    ValueError: a lowered count is outside [0, C].
+  """
   return (channelwise_bops(layers, lowered, high, low, matmuls)
           / channelwise_bops(layers, {}, high, low, matmuls))
 
 
 def macs_per_channel(channels, macs) -> np.ndarray:
-  """MACs carried by one feature channel of each layer: M_l / C_l, (L,) float64."""
+  """MACs carried by one feature channel of each layer: M_l / C_l, (L,) float64.
+
+  Args:
+    channels: (L,) feature channel counts C_l.
+    macs: (L,) MACs per example M_l.
+
+  Returns:
+    (L,) float64 array of M_l / C_l.
+  """
   return np.asarray(macs, np.float64) / np.asarray(channels, np.float64)
 
 
 def lowered_mac_share(counts, channels, macs):
   """Share of 4-bit MACs among the MACs of the given layers, with counts[l] of layer l's C_l
   channels lowered: Σ counts_l M_l / C_l / Σ M_l. counts (L,) -> float, (K, L) -> (K,).
-  Over the lowerable layers this is FlexiQ's ratio; over all quantized layers, the 4-bit share."""
+  Over the lowerable layers this is FlexiQ's ratio; over all quantized layers, the 4-bit share.
+
+  Args:
+    counts: (L,) or (K, L) lowered channel counts, one column per layer.
+    channels: (L,) feature channel counts C_l.
+    macs: (L,) MACs per example M_l.
+
+  Returns:
+    A float for (L,) counts, a (K,) float64 array for (K, L) counts; clipped to at most 1 where no
+    count exceeds its layer's channels.
+  """
   counts = np.asarray(counts, np.float64)
   share = counts @ macs_per_channel(channels, macs) / np.sum(np.asarray(macs, np.float64))
   # With every channel lowered the sum can round to 1 + 1e-16; a share is never above 1.
@@ -103,8 +201,16 @@ def lowered_mac_share(counts, channels, macs):
 
 def low_bit_mac_share(layers: Mapping[str, LayerInfo], lowered: Mapping[str, float],
                       matmuls: Mapping[str, MatmulInfo] | None = None) -> float:
-  """Share of low-bit MACs among the MACs of `layers` and `matmuls` (which are never lowered);
-  lowered: {path: lowered channel count}."""
+  """Share of low-bit MACs among the MACs of `layers` and `matmuls` (which are never lowered).
+
+  Args:
+    layers: {path: LayerInfo} of the quantized layers.
+    lowered: {path: lowered channel count}; layers not listed lower none.
+    matmuls: {path: MatmulInfo} counted in the denominator only, or None.
+
+  Returns:
+    Σ lowered_l M_l / C_l / (Σ M_l + matmul MACs), as a float.
+  """
   infos = list(layers.items())
   counts = [float(lowered.get(p, 0)) for p, _ in infos]
   low = float(np.dot(counts, macs_per_channel([i.in_channels for _, i in infos], [i.macs for _, i in infos])))
@@ -112,26 +218,61 @@ def low_bit_mac_share(layers: Mapping[str, LayerInfo], lowered: Mapping[str, flo
 
 
 def layer_bops(info: LayerInfo, weight_bits: int, act_bits: int) -> float:
-  """One layer's BOPs at (weight bits, activation bits); pass 32 for a float operand."""
+  """One layer's BOPs at (weight bits, activation bits); pass 32 for a float operand.
+
+  Args:
+    info: the layer.
+    weight_bits: bit width of its weights.
+    act_bits: bit width of its input activations.
+
+  Returns:
+    MACs x weight_bits x act_bits, as a float.
+  """
   return float(info.macs) * weight_bits * act_bits
 
 
 def layerwise_bops_table(layers: Mapping[str, LayerInfo], bits: list[tuple[int, int]]) -> np.ndarray:
   """(L, K) BOPs of each layer (in `layers` order) at each (weight bits, activation bits) in
-  `bits`: the per-group cost table of the layer-wise mixed-precision search."""
+  `bits`: the per-group cost table of the layer-wise mixed-precision search.
+
+  Args:
+    layers: {path: LayerInfo}; rows follow its order.
+    bits: K candidate (weight_bits, activation_bits) pairs; columns follow its order.
+
+  Returns:
+    (L, K) float64 array of `layer_bops`.
+  """
   return np.array([[layer_bops(info, w, a) for (w, a) in bits] for info in layers.values()], np.float64)
 
 
 def channelwise_bops_table(layers: Mapping[str, LayerInfo], ratios: list[float], high: int = 8,
                            low: int = 4) -> np.ndarray:
   """(L, K) BOPs of each layer with floor(ratio x C) of its feature channels at low x low bits
-  (FlexiQ's per-layer ratio candidates)."""
+  (FlexiQ's per-layer ratio candidates).
+
+  Args:
+    layers: {path: LayerInfo}; rows follow its order.
+    ratios: K per-layer ratios in [0, 1]; columns follow its order.
+    high: bit width of the channels that are not lowered.
+    low: bit width of the lowered channels.
+
+  Returns:
+    (L, K) float64 array of each layer's channel-wise BOPs (matmuls not included).
+  """
   return np.array([[channelwise_bops({p: info}, {p: lowered_count(info, r)}, high, low) for r in ratios]
                    for p, info in layers.items()], np.float64)
 
 
 def lowered_count(info: LayerInfo, ratio: float) -> int:
-  """Feature channels lowered at a per-layer ratio: floor(ratio x C) (ratio 1 = all)."""
+  """Feature channels lowered at a per-layer ratio: floor(ratio x C) (ratio 1 = all).
+
+  Args:
+    info: the layer (its `in_channels` is C).
+    ratio: per-layer share of feature channels to lower, in [0, 1].
+
+  Returns:
+    floor(ratio x C + 1e-9) as an int (the 1e-9 absorbs float rounding of ratio x C just below an integer).
+  """
   return int(np.floor(ratio * info.in_channels + 1e-9))
 
 
@@ -169,7 +310,17 @@ def integer_layer_bytes(info: LayerInfo, batch: int, lowered: float = 0.0, low_b
   """Bytes one integer layer moves for `batch` examples: its float input read once by the quantize
   pass (4 B), the activation codes written and read (2 x 1 B), the int8 weights (1 B), the int32
   accumulators written and read (2 x 4 B) and the float output (4 B). With `lowered` of the C
-  feature channels lowered, their codes and weight rows take `low_bytes` (0.5: packed 4-bit)."""
+  feature channels lowered, their codes and weight rows take `low_bytes` (0.5: packed 4-bit).
+
+  Args:
+    info: the layer (input, output and kernel shapes are those of one example).
+    batch: examples per call.
+    lowered: number of lowered feature channels.
+    low_bytes: bytes per lowered code or weight (1.0: stored as int8; 0.5: packed int4).
+
+  Returns:
+    Modelled bytes moved, as a float.
+  """
   inputs = float(np.prod(info.input_shape)) * batch
   outputs = float(np.prod(info.output_shape)) * batch
   weights = float(np.prod(info.kernel_shape))

@@ -32,6 +32,14 @@ QUANTIZABLE = (nn.Dense, nn.DenseGeneral, nn.Conv)
 
 
 def path_str(module: nn.Module) -> str:
+  """The module's path as a '/'-joined string ('block1/conv2').
+
+  Args:
+    module: a bound linen module.
+
+  Returns:
+    '/'.join(module.path), the key used for the module throughout (plans, parameters, statistics).
+  """
   return "/".join(module.path)
 
 
@@ -79,7 +87,19 @@ class LayerInfo:
 
 def einsum_summed_size(equation: str, a_shape, b_shape) -> int:
   """Products summed into each output element of `jnp.einsum(equation, a, b)`: the product of the
-  sizes of the indices absent from the output (q·kᵀ: head_dim; attn·v: the key tokens)."""
+  sizes of the indices absent from the output (q·kᵀ: head_dim; attn·v: the key tokens).
+
+  Args:
+    equation: an explicit two-operand einsum equation ('bqhd,bkhd->bhqk').
+    a_shape: shape of the first operand.
+    b_shape: shape of the second operand.
+
+  Returns:
+    The product of the sizes of the contracted indices, as an int (1 if none).
+
+  Raises:
+    NotImplementedError: the equation uses an ellipsis or its index counts do not match the shapes.
+  """
   inputs, output = equation.replace(" ", "").split("->")
   a_idx, b_idx = inputs.split(",")
   if "." in equation or len(a_idx) != len(a_shape) or len(b_idx) != len(b_shape):
@@ -134,6 +154,15 @@ def _dense_axes(module) -> int:
 
 
 def sample_input(image_shape, batch: int = 1) -> jax.ShapeDtypeStruct:
+  """An abstract float32 batch of images, for tracing without FLOPs.
+
+  Args:
+    image_shape: shape of one image (H, W, C).
+    batch: leading batch size.
+
+  Returns:
+    `jax.ShapeDtypeStruct` of shape (batch, *image_shape), float32.
+  """
   return jax.ShapeDtypeStruct((batch,) + tuple(image_shape), jnp.float32)
 
 
@@ -141,6 +170,19 @@ def trace(model: nn.Module, variables, image_shape) -> Trace:
   """Traces `model.apply(variables, images, train=False)` on an abstract batch of one image.
 
   A layer (or matmul) called more than once is an error: per-call statistics would differ.
+
+  Args:
+    model: the linen model.
+    variables: its variables ({'params': ..., 'batch_stats': ...}); only shapes are used.
+    image_shape: shape of one input image (H, W, C).
+
+  Returns:
+    A `Trace`: the quantizable layers and the `AttentionMatmul` calls in call order (shapes for a batch
+    of one), the BatchNorms that directly consume a conv's output (foldable) and every BatchNorm's epsilon.
+
+  Raises:
+    NotImplementedError: a quantizable layer or matmul is called twice, a conv is not 2-D on NHWC
+      input, or a DenseGeneral has batch_dims.
   """
   layers: dict[str, LayerInfo] = {}
   matmuls: dict[str, MatmulInfo] = {}
@@ -199,33 +241,77 @@ def trace(model: nn.Module, variables, image_shape) -> Trace:
 
 
 def as_matrix_input(info: LayerInfo, x):
-  """Dense layers: flatten the contracted trailing axes into one feature axis C."""
+  """Dense layers: flatten the contracted trailing axes into one feature axis C.
+
+  Args:
+    info: the layer.
+    x: its input, (..., *contracted dims) for dense layers, NHWC for convs.
+
+  Returns:
+    (..., C) for a DenseGeneral contracting several axes; `x` unchanged otherwise.
+  """
   if info.kind == "dense" and info.contracted_axes > 1:
     return x.reshape(x.shape[:x.ndim - info.contracted_axes] + (info.in_channels,))
   return x
 
 
 def flat_features(info: LayerInfo, x):
-  """The layer input as (N, C): one row per position, one column per feature channel."""
+  """The layer input as (N, C): one row per position, one column per feature channel.
+
+  Args:
+    info: the layer.
+    x: its input (any leading axes; NHWC for convs).
+
+  Returns:
+    The input reshaped to (N, C), N the number of positions in the batch.
+  """
   x = as_matrix_input(info, x)
   return x.reshape(-1, x.shape[-1])
 
 
 def kernel_matrix(info: LayerInfo, kernel):
-  """Dense kernel as (C, O); conv kernels stay HWIO."""
+  """Dense kernel as (C, O); conv kernels stay HWIO.
+
+  Args:
+    info: the layer.
+    kernel: its kernel in the module's shape.
+
+  Returns:
+    (C, O) for dense layers (DenseGeneral output dims flattened into O); the HWIO kernel for convs.
+  """
   if info.kind == "dense":
     return kernel.reshape(info.in_channels, -1)
   return kernel
 
 
 def spatial_pair(v) -> tuple[int, int]:
-  """A conv's stride or dilation setting (None, an int or a pair) as a (height, width) pair."""
+  """A conv's stride or dilation setting (None, an int or a pair) as a (height, width) pair.
+
+  Args:
+    v: None (meaning 1), an int, or a sequence of two ints.
+
+  Returns:
+    A (height, width) tuple of ints.
+  """
   v = 1 if v is None else v
   return (v, v) if isinstance(v, int) else tuple(v)
 
 
 def conv_padding(module: nn.Conv, x_shape, kernel_shape):
-  """The module's padding as explicit (lo, hi) pairs (symmetric as PyTorch where it says so)."""
+  """The module's padding as explicit (lo, hi) pairs (symmetric as PyTorch where it says so).
+
+  Args:
+    module: the `nn.Conv`.
+    x_shape: NHWC input shape.
+    kernel_shape: HWIO kernel shape.
+
+  Returns:
+    Two (lo, hi) pairs, for height and width; string paddings ('SAME', 'VALID', ...) are resolved for
+    the input size, strides and kernel dilation.
+
+  Raises:
+    NotImplementedError: the padding is 'CIRCULAR'.
+  """
   padding = module.padding
   if isinstance(padding, str):
     if padding.upper() == "CIRCULAR":
@@ -239,7 +325,20 @@ def conv_padding(module: nn.Conv, x_shape, kernel_shape):
 
 def conv(module: nn.Conv, x, kernel, padding, preferred=None, input_dilation=None):
   """The module's convolution (strides, dilations, groups) on explicit operands; `input_dilation`
-  overrides the module's (e.g. 1 for an input the caller has already dilated)."""
+  overrides the module's (e.g. 1 for an input the caller has already dilated).
+
+  Args:
+    module: the `nn.Conv` whose strides, dilations and feature groups are used.
+    x: NHWC input.
+    kernel: HWIO kernel.
+    padding: explicit (lo, hi) pairs, as from `conv_padding`.
+    preferred: `preferred_element_type` of the convolution (e.g. jnp.int32 for integer operands), or
+      None for the default.
+    input_dilation: lhs dilation to use instead of the module's, or None.
+
+  Returns:
+    The NHWC convolution output, without bias.
+  """
   lhs_dilation = module.input_dilation if input_dilation is None else input_dilation
   return lax.conv_general_dilated(
       x, kernel, window_strides=spatial_pair(module.strides), padding=padding,
@@ -249,7 +348,16 @@ def conv(module: nn.Conv, x, kernel, padding, preferred=None, input_dilation=Non
 
 
 def finish(info: LayerInfo, y, bias):
-  """Adds the bias and restores a DenseGeneral's output feature shape."""
+  """Adds the bias and restores a DenseGeneral's output feature shape.
+
+  Args:
+    info: the layer.
+    y: the linear map's output with one flat output feature axis O last.
+    bias: the (possibly BN-folded) bias, or None.
+
+  Returns:
+    `y` + bias, with the trailing axis reshaped to the kernel's output dims for dense layers.
+  """
   if bias is not None:
     y = y + bias.reshape(-1)
   if info.kind == "dense":
@@ -258,7 +366,18 @@ def finish(info: LayerInfo, y, bias):
 
 
 def linear(info: LayerInfo, module, x, kernel_mat, bias):
-  """The layer's linear map on an (already matrix-shaped) input and kernel, in float."""
+  """The layer's linear map on an (already matrix-shaped) input and kernel, in float.
+
+  Args:
+    info: the layer.
+    module: its module (conv strides, padding and groups).
+    x: the input, as from `as_matrix_input`.
+    kernel_mat: the kernel, as from `kernel_matrix` ((C, O) or HWIO).
+    bias: the bias, or None.
+
+  Returns:
+    The layer's output in the module's output shape, bias included.
+  """
   if info.kind == "dense":
     y = x @ kernel_mat
   else:
@@ -329,7 +448,22 @@ def run_with_provider(model: nn.Module, plan, variables, x, provider: LayerProvi
   `provider.layer`, each `AttentionMatmul` in `matmul_paths` (default: plan.quantized_matmuls)
   by `provider.matmul`, and the BatchNorms folded by the plan bypassed. Variables must be folded
   (see quantize.fold_batchnorm) if the plan folds any. `plan` needs `layers`, `quantized`,
-  `folded_bn`, and `matmuls` / `quantized_matmuls` where it has matmuls."""
+  `folded_bn`, and `matmuls` / `quantized_matmuls` where it has matmuls.
+
+  A folded conv that is not in `paths` runs in float with its folded kernel and bias.
+
+  Args:
+    model: the linen model.
+    plan: the plan (`plan.Plan` or anything with the fields above).
+    variables: the model's (BN-folded) variables.
+    x: the input batch.
+    provider: a `LayerProvider`.
+    paths: layer paths to route to `provider.layer`, or None for `plan.quantized`.
+    matmul_paths: matmul paths to route to `provider.matmul`, or None for `plan.quantized_matmuls`.
+
+  Returns:
+    The model's output.
+  """
   targets = set(plan.quantized if paths is None else paths)
   matmul_targets = set(getattr(plan, "quantized_matmuls", ()) if matmul_paths is None else matmul_paths)
   folded_bn = set(plan.folded_bn)
@@ -361,13 +495,34 @@ def run_with_provider(model: nn.Module, plan, variables, x, provider: LayerProvi
 
 
 def get_path(tree, path: str):
+  """The value of a nested dict at a module path.
+
+  Args:
+    tree: nested dicts (e.g. params).
+    path: '/'-separated keys ('block1/conv2').
+
+  Returns:
+    tree[k1][k2]...
+
+  Raises:
+    KeyError: a key along the path is missing.
+  """
   for key in path.split("/"):
     tree = tree[key]
   return tree
 
 
 def set_path(tree: dict, path: str, value) -> dict:
-  """Functional update of a nested dict at 'a/b/c' (missing levels are created)."""
+  """Functional update of a nested dict at 'a/b/c' (missing levels are created).
+
+  Args:
+    tree: nested dicts; not modified.
+    path: '/'-separated keys.
+    value: the new leaf (or subtree).
+
+  Returns:
+    A new nested dict (the dicts along the path copied, the rest shared) with `value` at `path`.
+  """
   key, _, rest = path.partition("/")
   new = dict(tree)
   new[key] = set_path(tree.get(key, {}), rest, value) if rest else value
@@ -375,7 +530,15 @@ def set_path(tree: dict, path: str, value) -> dict:
 
 
 def flatten_paths(tree, prefix="") -> dict:
-  """{'a/b/c': leaf} of a nested dict."""
+  """{'a/b/c': leaf} of a nested dict.
+
+  Args:
+    tree: nested dicts; any non-dict value is a leaf.
+    prefix: path prepended to every key (used by the recursion).
+
+  Returns:
+    A flat dict from '/'-joined paths to leaves.
+  """
   out = {}
   for k, v in tree.items():
     p = f"{prefix}/{k}" if prefix else k

@@ -30,6 +30,12 @@ def weight_channel_index(info: LayerInfo) -> np.ndarray:
 
   Dense: row c is channel c. Grouped conv: output o of group g reads channels g*I .. g*I+I-1.
   Depthwise (groups == C): the filter of output channel c reads feature channel c.
+
+  Args:
+    info: the layer.
+
+  Returns:
+    (I, O) int array of feature channel indices in [0, C).
   """
   if info.kind == "dense":
     return np.broadcast_to(np.arange(info.in_channels)[:, None], (info.in_channels, info.out_channels))
@@ -40,7 +46,15 @@ def weight_channel_index(info: LayerInfo) -> np.ndarray:
 
 
 def gather_channel(values, info: LayerInfo):
-  """Per-feature-channel values (C,) -> per-kernel-element (I, O) (broadcast over spatial dims)."""
+  """Per-feature-channel values (C,) -> per-kernel-element (I, O) (broadcast over spatial dims).
+
+  Args:
+    values: (C,) array, one value per feature channel.
+    info: the layer.
+
+  Returns:
+    (I, O) array: values[weight_channel_index(info)].
+  """
   return jnp.asarray(values)[weight_channel_index(info)]
 
 
@@ -60,6 +74,30 @@ def quantize_codes(info: LayerInfo, x, kernel, lq: dict, lowered, *, signed: boo
   scale from 255 (127) levels for every channel; 'effective' each lowered channel's gradient
   counted on its own 4-bit grid (`numerics.lsq_extraction`; the returned activation scale then
   carries no gradient, the codes carry it all).
+
+  The weight codes come from, in this order of precedence: lq['weight_scale'] (a serving export whose
+  kernel already holds the int8 codes), lq['lsq_weight_scale'] (a learnt per-output-channel scale), or
+  max |w| / `weight_qmax(lq)` per output channel.
+
+  Args:
+    info: the layer.
+    x: its input, matrix-shaped (`as_matrix_input`); feature channels on the last axis.
+    kernel: its (BN-folded) kernel, or its int8 codes in a serving export.
+    lq: the layer's quantization variables: 'act_scale', 'act_e' (C,), 'weight_e' (C,), and optionally
+      'weight_scale', 'lsq_weight_scale', 'weight_qmax', 'mean_code' and 'mean_lowered'.
+    lowered: (C,) bool mask of the feature channels to lower.
+    signed: activation codes in [-128, 127] if True, [0, 255] if False.
+    ste: straight-through rounding (for fake-quant training); plain rounding otherwise.
+    lsq: quantize activations with LSQ's fake-quant (gradients to the activation scale).
+    lsq_grad_scale: 'qmax8' or 'effective', as above.
+
+  Returns:
+    (xq, wq, s_x, s_w, bias_shift): float activation codes shaped as `x`, float weight codes (C, O)
+    or HWIO, the activation scale, the per-output-channel weight scale (O,), and the bias shift (O,)
+    in real units.
+
+  Raises:
+    ValueError: `lsq_grad_scale` is neither 'qmax8' nor 'effective'.
   """
   s_x = lq["act_scale"]
   qmin, qmax = numerics.int_range(8, signed)
@@ -108,19 +146,46 @@ def quantize_codes(info: LayerInfo, x, kernel, lq: dict, lowered, *, signed: boo
 
 
 def per_channel_sum(info: LayerInfo, values):
-  """A kernel-shaped array summed over the spatial taps: conv (kh, kw, I, O) -> (I, O); dense as is."""
+  """A kernel-shaped array summed over the spatial taps: conv (kh, kw, I, O) -> (I, O); dense as is.
+
+  Args:
+    info: the layer.
+    values: (I, O) for dense layers, (kh, kw, I, O) for convs.
+
+  Returns:
+    (I, O) array.
+  """
   return values if info.kind == "dense" else values.sum(axis=(0, 1))
 
 
 def lost_output_table(info: LayerInfo, wq, w_low, lq: dict):
   """(I, O): per kernel row, the calibrated mean output (in code units) lost when its feature
-  channel c is lowered, Σ_taps E[q_c] w8 - E[lower(q_c)] w_low (see quantize_codes)."""
+  channel c is lowered, Σ_taps E[q_c] w8 - E[lower(q_c)] w_low (see quantize_codes).
+
+  Args:
+    info: the layer.
+    wq: 8-bit weight codes, (C, O) or HWIO.
+    w_low: the same codes lowered by extraction, same shape.
+    lq: the layer's quantization variables with 'mean_code' and 'mean_lowered' (C,).
+
+  Returns:
+    (I, O) float array.
+  """
   return per_channel_sum(info, gather_channel(lq["mean_code"], info) * wq
                          - gather_channel(lq["mean_lowered"], info) * w_low)
 
 
 def masked_channel_sum(info: LayerInfo, lowered, table):
-  """Σ_i table[i, o] over the kernel rows i whose feature channel is lowered: (I, O) -> (O,)."""
+  """Σ_i table[i, o] over the kernel rows i whose feature channel is lowered: (I, O) -> (O,).
+
+  Args:
+    info: the layer.
+    lowered: (C,) bool mask of lowered feature channels.
+    table: (I, O) per-row values, e.g. `lost_output_table`.
+
+  Returns:
+    (O,) array.
+  """
   if info.kind == "dense" or info.groups == 1:
     return jnp.sum(jnp.where(lowered[:, None], table, 0), axis=0)
   return jnp.sum(jnp.where(gather_channel(lowered, info), table, 0), axis=0)
@@ -128,7 +193,14 @@ def masked_channel_sum(info: LayerInfo, lowered, table):
 
 def weight_qmax(lq: dict):
   """The code max |w| of each output channel lands on: qvars' 'weight_qmax' (O,) where
-  `quant.weight_scale` chose one (`numerics.weight_grid`), else 127."""
+  `quant.weight_scale` chose one (`numerics.weight_grid`), else 127.
+
+  Args:
+    lq: the layer's quantization variables.
+
+  Returns:
+    lq['weight_qmax'] ((O,) array) if present, else the float 127.0.
+  """
   return lq.get("weight_qmax", WEIGHT_QMAX)
 
 
@@ -159,6 +231,23 @@ def quantized_forward(call: LayerCall, x, lq: dict, lowered, *, signed: bool, mo
   Unsigned activations ([0, 255]) do not fit int8, so the integer path shifts them by -128 and adds
   back 128 * Σ w per output (exact); a conv then pads explicitly with the shifted zero, and an
   input-dilated conv also inserts the shifted zero between inputs before an undilated conv.
+
+  Args:
+    call: the intercepted layer call (info, module, kernel, bias).
+    x: the layer's float input.
+    lq: the layer's quantization variables (see `quantize_codes`).
+    lowered: (C,) bool mask of the feature channels at 4 bits.
+    signed: whether the activation codes are signed ([-128, 127]) or unsigned ([0, 255]).
+    mode: 'fake' or 'int'.
+    lsq: LSQ fake-quant of the activations (see `quantize_codes`).
+    conv_accumulator: accumulator dtype of the integer conv (`preferred_element_type`), e.g. jnp.int32.
+    lsq_grad_scale: 'qmax8' or 'effective' (see `quantize_codes`).
+
+  Returns:
+    The layer's float output in the module's output shape, bias and bias shift included.
+
+  Raises:
+    ValueError: `mode` is neither 'fake' nor 'int', or `lsq_grad_scale` is unknown.
   """
   info, module, kernel, bias = call.info, call.module, call.kernel, call.bias
   x = as_matrix_input(info, x)
@@ -199,7 +288,17 @@ def quantized_forward(call: LayerCall, x, lq: dict, lowered, *, signed: bool, mo
 
 
 def operand_codes(x, scale, *, signed: bool, ste: bool):
-  """8-bit codes of a matmul operand at its per-tensor scale: [-128, 127] or unsigned [0, 255]."""
+  """8-bit codes of a matmul operand at its per-tensor scale: [-128, 127] or unsigned [0, 255].
+
+  Args:
+    x: the operand (float).
+    scale: its per-tensor scale.
+    signed: signed or unsigned code range.
+    ste: straight-through rounding (fake-quant) instead of plain rounding.
+
+  Returns:
+    Float codes, clip(round(x / scale)), shaped as `x`.
+  """
   qmin, qmax = numerics.int_range(8, signed)
   return jnp.clip((numerics.round_ste if ste else jnp.round)(x / scale), qmin, qmax)
 
@@ -217,6 +316,21 @@ def quantized_matmul(call: MatmulCall, a, b, mq: dict, *, signed: tuple[bool, bo
   unsigned_direct (the serving form): an unsigned operand enters the einsum as uint8 instead
   (XLA's dot takes uint8 x int8 and uint8 x uint8 into int32), so one einsum with the same
   accumulator replaces the shift and its corrections.
+
+  Args:
+    call: the intercepted matmul call (its equation).
+    a: first float operand.
+    b: second float operand.
+    mq: the matmul's quantization variables, 'a_scale' and 'b_scale'.
+    signed: (a signed, b signed).
+    mode: 'fake' or 'int'.
+    unsigned_direct: in 'int' mode, feed unsigned operands as uint8 instead of shifting them.
+
+  Returns:
+    The float einsum output.
+
+  Raises:
+    ValueError: `mode` is neither 'fake' nor 'int'.
   """
   eq = call.info.equation
   # The scales are calibrated, never learnt (FlexiQ's LSQ option learns only the layers' scales).

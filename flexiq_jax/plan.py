@@ -119,10 +119,32 @@ def _resolve(rules: Sequence[str], paths: list[str], used: set) -> set[str]:
 def build_plan(model: nn.Module, variables, image_shape, *, skip: Sequence[str] = (),
                keep_8bit: Sequence[str] = ("first", "last"), fold_bn: bool = True,
                attention: str = "int8") -> QuantPlan:
-  """skip: layers left in float (its regexes also leave the matmuls they match in float; 'first'
+  """Traces the model and decides which layers are quantized, which are lowerable, which BatchNorms
+  fold, and which matmuls run in 8 bits.
+
+  skip: layers left in float (its regexes also leave the matmuls they match in float; 'first'
   and 'last' name layers only). keep_8bit: quantized but never lowered (default: the first
   layer — stem conv or patch embedding — and the classifier). attention: 'int8' quantizes every
-  `AttentionMatmul` (q·kᵀ, attn·v) to 8 bits at every ratio; 'float' leaves them all in float."""
+  `AttentionMatmul` (q·kᵀ, attn·v) to 8 bits at every ratio; 'float' leaves them all in float.
+  A rule is 'first', 'last' (the first / last quantizable layer in call order) or a regex searched
+  (re.search) in the module path; rules that match nothing are listed in `unmatched_rules`.
+
+  Args:
+    model: the linen model.
+    variables: its variables (only shapes are used).
+    image_shape: (H, W, C) of one image.
+    skip: rules for the layers (and matmuls) left in float.
+    keep_8bit: rules for the quantized layers that are never lowered (matched among the quantized).
+    fold_bn: fold each BatchNorm that directly consumes a conv's output into that conv.
+    attention: 'int8' or 'float'.
+
+  Returns:
+    A `QuantPlan` without signedness (set it with `QuantPlan.with_signedness` after calibration).
+
+  Raises:
+    ValueError: `attention` is not in ATTENTION_MODES.
+    NotImplementedError: from `interception.trace`, for a model it cannot trace.
+  """
   if attention not in ATTENTION_MODES:
     raise ValueError(f"unknown quant.attention {attention!r}; use 'int8' or 'float'")
   traced = interception.trace(model, variables, image_shape)
@@ -147,6 +169,16 @@ def fold_batchnorm(variables, plan: QuantPlan):
 
   Returns variables whose conv kernels are folded and whose convs carry a 'bias' (added even when
   the module has none; the interceptor reads it). Folded BatchNorms are bypassed at apply time.
+  σ = sqrt(var + ε) with the BatchNorm's own epsilon (`plan.bn_epsilon`); a BatchNorm without scale
+  or bias uses γ = 1, β = 0.
+
+  Args:
+    variables: the float model's variables ({'params', 'batch_stats'}); not modified.
+    plan: the plan naming the BatchNorms to fold and their convs.
+
+  Returns:
+    A shallow copy of `variables` with new 'params' (the folded convs' kernels and biases replaced);
+    'batch_stats' is left as it was.
   """
   params = variables["params"]
   stats = variables.get("batch_stats", {})
@@ -164,7 +196,15 @@ def fold_batchnorm(variables, plan: QuantPlan):
 
 
 def unfolded_batch_stats(variables, plan: QuantPlan) -> dict:
-  """The batch statistics of BatchNorms the plan does not fold (they still run at apply time)."""
+  """The batch statistics of BatchNorms the plan does not fold (they still run at apply time).
+
+  Args:
+    variables: the model's variables; only 'batch_stats' is read.
+    plan: the plan whose `folded_bn` names the folded BatchNorms.
+
+  Returns:
+    A nested dict of the 'batch_stats' entries not under a folded BatchNorm's path (empty if none).
+  """
   flat = interception.flatten_paths(variables.get("batch_stats", {}))
   tree: dict = {}
   for p, v in flat.items():

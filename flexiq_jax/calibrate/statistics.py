@@ -118,7 +118,24 @@ class _Recording:
 def collect(model, plan: QuantPlan, variables, batches, statistics) -> dict:
   """Runs `statistics` (ChannelRanges, AbsHistograms, CodeHistograms: a `statistics(path, x)`
   method, or OperandRanges: a `matmul_statistics(path, a, b)` method; and a `merge` {name: fn} of
-  batches) over every batch: {path: {name: numpy array}}. One compilation per batch shape."""
+  batches) over every batch: {path: {name: numpy array}}. One compilation per batch shape.
+
+  Each layer and matmul runs in float (BN-folded), so every layer sees the float model's input.
+
+  Args:
+    model: the float linen model.
+    plan: the plan (its quantized layers and matmuls are recorded).
+    variables: the (BN-folded, where the plan folds) float variables.
+    batches: an iterable of image batches.
+    statistics: the statistics object, as above.
+
+  Returns:
+    {path: {name: numpy array}}, merged over all batches.
+
+  Raises:
+    ValueError: `batches` is empty.
+    FloatingPointError: a batch gives non-finite statistics (`check_finite`).
+  """
 
   def run(v, images):
     recording = _Recording(statistics)
@@ -143,7 +160,15 @@ def collect(model, plan: QuantPlan, variables, batches, statistics) -> dict:
 
 def check_finite(recorded: dict, batch_index: int) -> None:
   """Calibration statistics from a NaN/Inf activation would give an infinite or NaN scale (and a
-  silently broken model), so they are refused, naming the layers."""
+  silently broken model), so they are refused, naming the layers.
+
+  Args:
+    recorded: one batch's statistics, {path: {name: array}}; only floating-point arrays are checked.
+    batch_index: the batch's index, for the message.
+
+  Raises:
+    FloatingPointError: a floating-point statistic holds NaN or Inf.
+  """
   bad = [path for path, stats in recorded.items()
          if any(np.issubdtype(np.asarray(v).dtype, np.floating) and not np.all(np.isfinite(v))
                 for v in stats.values())]
@@ -178,7 +203,16 @@ def code_moments(hist, act_e, signed: bool):
   """From per-channel 8-bit code histograms (C, 256) and extraction positions (C,): the mean
   squared lowering error (code units), and the mean code before and after lowering — the
   expected shift a lowered channel adds to the layer output, which bias correction removes
-  (layer_ops)."""
+  (layer_ops). An empty channel gives zeros.
+
+  Args:
+    hist: (C, 256) per-channel code histogram (bin k is code qmin + k).
+    act_e: (C,) activation extraction positions.
+    signed: whether the codes are signed.
+
+  Returns:
+    (sq_err, mean_code, mean_lowered): three float64 (C,) numpy arrays, in code units.
+  """
   hist = np.asarray(hist, np.float64)
   qmin, _ = numerics.int_range(8, signed)
   code_values = np.arange(hist.shape[1]) + qmin
@@ -192,7 +226,17 @@ def code_moments(hist, act_e, signed: bool):
 def weight_extraction(info, kernel, candidates=EXTRACTION_CANDIDATES, qmax=layer_ops.WEIGHT_QMAX):
   """Per feature channel c, the f in `candidates` minimising Σ_o s_w[o]² (q - lower(q, f))² over
   the kernel elements that multiply channel c, with s_w = max |w| / qmax per output channel
-  (qmax: a scalar or (O,), `layer_ops.weight_qmax`); returns (f (C,), error (C,) in real units)."""
+  (qmax: a scalar or (O,), `layer_ops.weight_qmax`).
+
+  Args:
+    info: the layer.
+    kernel: its (BN-folded) float kernel.
+    candidates: weight extraction positions to try, ascending (ties go to the first).
+    qmax: the code each output channel's max |w| lands on, scalar or (O,).
+
+  Returns:
+    (f, error): int32 (C,) positions and float32 (C,) summed squared errors in real units.
+  """
   w = interception.kernel_matrix(info, kernel)
   s_w, q = weight_grid.codes_at(w, qmax)
   return weight_grid.fit_weight_shift(q, s_w, layer_ops.weight_channel_index(info), info.in_channels, candidates)
@@ -214,6 +258,24 @@ def calibrate(model, plan: QuantPlan, variables, batches: Sequence[np.ndarray], 
   float32: the code each output channel's max |w| lands on (the weight scale is max |w| / it);
   'weight_e' and 'weight_lowering_error' are fitted on that grid.
   `variables` must be BN-folded when the plan folds (see plan.fold_batchnorm).
+
+  Args:
+    model: the float linen model.
+    plan: the quantization plan (signedness not needed).
+    variables: the BN-folded float variables.
+    batches: unlabelled image batches; passed over two to four times (three for the layers, one
+      more with 'percentile'/'mse', one more for the matmuls).
+    method: activation range method, 'minmax', 'percentile' or 'mse'.
+    percentile: the percentile of |x| for method 'percentile'.
+    extraction: 'fitted' (positions minimising the lowering error) or 'naive' (e = 4 everywhere).
+    weight_scale: one of `weight_grid.WEIGHT_SCALE_MODES`.
+
+  Returns:
+    {path: {name: numpy array}} for every quantized layer and matmul, as listed above.
+
+  Raises:
+    ValueError: an unknown `method`, `extraction` or `weight_scale`, or no batches.
+    FloatingPointError: non-finite activations in a calibration batch.
   """
   if method not in ("minmax", "percentile", "mse"):
     raise ValueError(f"unknown activation calibration {method!r}; use 'minmax', 'percentile' or 'mse'")
@@ -266,7 +328,21 @@ def calibrate(model, plan: QuantPlan, variables, batches: Sequence[np.ndarray], 
 def matmul_calibration(model, plan: QuantPlan, variables, batches) -> dict:
   """{matmul path: 'a_min', 'a_max', 'b_min', 'b_max', 'a_scale', 'b_scale'} (float32 scalars) of
   every quantized matmul: per-tensor min-max ranges of both operands and their 8-bit scales,
-  unsigned [0, 255] where an operand's minimum is >= 0, signed [-128, 127] otherwise."""
+  unsigned [0, 255] where an operand's minimum is >= 0, signed [-128, 127] otherwise.
+
+  Args:
+    model: the float linen model.
+    plan: the quantization plan.
+    variables: the BN-folded float variables.
+    batches: unlabelled image batches.
+
+  Returns:
+    {matmul path: {name: float32 scalar}}; empty if the plan quantizes no matmul.
+
+  Raises:
+    ValueError: `batches` is empty (with quantized matmuls).
+    FloatingPointError: non-finite operands in a calibration batch.
+  """
   if not getattr(plan, "quantized_matmuls", ()):
     return {}
   ranges = collect(model, plan, variables, list(batches), OperandRanges())

@@ -41,7 +41,18 @@ def _is_layer_entry(d) -> bool:
 
 def split_qvars(qvars, lsq: bool, lsq_weights: bool = False):
   """Trainable part (weights; activation scales under `lsq`; per-output-channel weight scales
-  under `lsq_weights`, which qvars must hold: quantize.add_lsq_weight_scales) and frozen part."""
+  under `lsq_weights`, which qvars must hold: quantize.add_lsq_weight_scales) and frozen part.
+
+  Args:
+    qvars: the quantized variables.
+    lsq: make the activation scales trainable.
+    lsq_weights: make the 'lsq_weight_scale' entries trainable.
+
+  Returns:
+    (trainable, frozen): trainable {'params', and 'act_scale' / 'lsq_weight_scale' trees shaped as
+    qvars['quant'], None at the attention matmuls' entries}; frozen, every entry of `qvars` but
+    'params' (the scales stay in it too and are overridden by `merge_qvars`).
+  """
   trainable = {"params": qvars["params"]}
   frozen = {k: v for k, v in qvars.items() if k != "params"}
   keys = (["act_scale"] if lsq else []) + (["lsq_weight_scale"] if lsq_weights else [])
@@ -51,6 +62,17 @@ def split_qvars(qvars, lsq: bool, lsq_weights: bool = False):
 
 
 def merge_qvars(trainable, frozen):
+  """The quantized variables from the parts of `split_qvars`: the trainable weights and scales put
+  back into the frozen part.
+
+  Args:
+    trainable: {'params', and optionally 'act_scale' / 'lsq_weight_scale'} as from `split_qvars`.
+    frozen: the frozen part.
+
+  Returns:
+    The quantized variables, each layer's entry in 'quant' holding the trainable scale where it is
+    not None.
+  """
   qvars = dict(frozen)
   qvars["params"] = trainable["params"]
   for key in ("act_scale", "lsq_weight_scale"):
@@ -61,10 +83,33 @@ def merge_qvars(trainable, frozen):
 
 
 def create_state(qvars, tx, lsq: bool, lsq_weights: bool = False) -> QATState:
+  """A fresh QAT state of `qvars` (step 0, optimizer state initialised).
+
+  Args:
+    qvars: the quantized variables.
+    tx: the optax optimizer.
+    lsq: train the activation scales.
+    lsq_weights: train the per-output-channel weight scales.
+
+  Returns:
+    A `QATState` holding copies of the trainable and frozen parts.
+  """
   return state_from_parts(*split_qvars(qvars, lsq, lsq_weights), tx)
 
 
 def state_from_parts(trainable, frozen, tx) -> QATState:
+  """A fresh QAT state from trainable and frozen parts (step 0, optimizer state initialised).
+
+  The parts are copied, since the training loop donates its state.
+
+  Args:
+    trainable: the trainable part.
+    frozen: the frozen part.
+    tx: the optax optimizer.
+
+  Returns:
+    A `QATState`.
+  """
   # Copies: the training loop donates its state, which must not delete the caller's arrays.
   trainable, frozen = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), (trainable, frozen))
   return QATState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
@@ -72,7 +117,15 @@ def state_from_parts(trainable, frozen, tx) -> QATState:
 
 
 def kl_divergence(teacher_logits, student_logits):
-  """KL(teacher || student), mean over the batch."""
+  """KL(teacher || student), mean over the batch.
+
+  Args:
+    teacher_logits: (B, classes) logits of the reference (e.g. the float model).
+    student_logits: (B, classes) logits of the model trained or evaluated.
+
+  Returns:
+    A float32 scalar, computed from log-softmaxes in float32.
+  """
   p = jax.nn.log_softmax(teacher_logits.astype(jnp.float32))
   q = jax.nn.log_softmax(student_logits.astype(jnp.float32))
   return jnp.mean(jnp.sum(jnp.exp(p) * (p - q), axis=-1))
@@ -81,7 +134,19 @@ def kl_divergence(teacher_logits, student_logits):
 def make_loss_fn(batch, *, logits_fn: Callable, teacher_logits=None, frozen=None, distill_weight: float = 0.0,
                  label_smoothing: float = 0.0):
   """trainable -> (loss, (logits, ce)): cross-entropy, mixed with KL to `teacher_logits` when
-  distilling. `logits_fn(trainable, frozen, images)` is the quantized forward pass."""
+  distilling. `logits_fn(trainable, frozen, images)` is the quantized forward pass.
+
+  Args:
+    batch: {'image', 'label'}.
+    logits_fn: the quantized forward pass, (trainable, frozen, images) -> logits.
+    teacher_logits: the teacher's logits on batch['image'], or None for no distillation.
+    frozen: the frozen part passed to `logits_fn`.
+    distill_weight: weight of the KL term; loss = (1 - w) ce + w KL when distilling.
+    label_smoothing: label smoothing of the cross-entropy.
+
+  Returns:
+    The loss function, for `jax.value_and_grad(..., has_aux=True)`.
+  """
 
   def loss_fn(trainable):
     logits = logits_fn(trainable, frozen, batch["image"])
@@ -96,7 +161,16 @@ def make_loss_fn(batch, *, logits_fn: Callable, teacher_logits=None, frozen=None
 
 def apply_gradients(state: QATState, grads, tx: optax.GradientTransformation) -> QATState:
   """The optimizer update; every trainable entry besides 'params' is a quantization scale and is
-  kept positive."""
+  kept positive.
+
+  Args:
+    state: the QAT state.
+    grads: gradients, shaped as state.trainable.
+    tx: the optax optimizer the state was made with.
+
+  Returns:
+    The new state: step + 1, updated trainable (scales floored at numerics.MIN_RANGE) and optimizer state.
+  """
   updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
   trainable = optax.apply_updates(state.trainable, updates)
   trainable = {k: v if k == "params" else jax.tree_util.tree_map(lambda s: jnp.maximum(s, numerics.MIN_RANGE), v)
@@ -143,7 +217,21 @@ def distill_step(state: QATState, batch, *, logits_fn: Callable, tx: optax.Gradi
                  extra_metrics: dict | None = None):
   """One step of quantization-aware training, shared by FlexiQ and the QAT baselines; pure:
   (state, batch) -> (state, metrics). `logits_fn(trainable, frozen, images)` is the quantized
-  forward pass. Loss: cross-entropy, mixed with KL to `teacher_fn` when distilling."""
+  forward pass. Loss: cross-entropy, mixed with KL to `teacher_fn` when distilling.
+
+  Args:
+    state: the QAT state.
+    batch: {'image', 'label'}.
+    logits_fn: the quantized forward pass, (trainable, frozen, images) -> logits.
+    tx: the optax optimizer.
+    teacher_fn: images -> teacher logits, or None.
+    distill_weight: weight of the KL term (distillation only when > 0 and `teacher_fn` is given).
+    label_smoothing: label smoothing of the cross-entropy.
+    extra_metrics: metrics added to the returned ones, or None.
+
+  Returns:
+    (new state, metrics {'loss', 'ce', 'accuracy', 'grad_norm', and `extra_metrics`}).
+  """
   loss_fn = make_loss_fn(batch, logits_fn=logits_fn, frozen=state.frozen,
                          teacher_logits=_teacher_logits(teacher_fn, distill_weight, batch["image"]),
                          distill_weight=distill_weight, label_smoothing=label_smoothing)
@@ -194,7 +282,14 @@ class RatioSampler:
 
 def passes_per_step(finetune_cfg) -> int:
   """Forward+backward passes of one multi-ratio QAT step: the sampled ratio and each of
-  finetune.every_step_ratios."""
+  finetune.every_step_ratios.
+
+  Args:
+    finetune_cfg: the config's finetune section.
+
+  Returns:
+    1 + the number of every-step ratios.
+  """
   return 1 + len(tuple(finetune_cfg.get("every_step_ratios", ()) or ()))
 
 
@@ -225,7 +320,23 @@ def qat_step(state: QATState, batch, *, qmodel: QuantizedModel, tx: optax.Gradie
   steps only, and the shared weights follow whichever ratio the last steps drew. Training chosen
   ratios (the ends, say) at every step is the "sandwich rule" of slimmable networks (Yu & Huang
   2019). The ratios run one after another (`lax.scan`): activation memory of one forward pass,
-  time of 1 + len(every_step) steps."""
+  time of 1 + len(every_step) steps.
+
+  Args:
+    state: the QAT state.
+    batch: {'image', 'label'}.
+    qmodel: the quantized model (typically mode 'fake').
+    tx: the optax optimizer.
+    sampler: the ratio sampler.
+    rng_key: PRNG key; the step's ratio is drawn from it folded with the state's step.
+    teacher_fn: images -> teacher logits, or None.
+    distill_weight: weight of the KL term (distillation only when > 0 and `teacher_fn` is given).
+    label_smoothing: label smoothing of the cross-entropy.
+
+  Returns:
+    (new state, metrics {'loss', 'ce', 'accuracy', 'grad_norm', 'ratio' (the sampled one), and
+    'kl_to_float' when distilling}), loss and metrics averaged over the step's ratios.
+  """
   sampled = sampler(jax.random.fold_in(rng_key, state.step))
   teacher = _teacher_logits(teacher_fn, distill_weight, batch["image"])
 

@@ -36,7 +36,24 @@ REFRESH_QUANTIZED_RATIOS = (0.5, 1.0)
 
 def collect_quantized(model, plan: QuantPlan, qvars, batches, statistics, ratios=REFRESH_QUANTIZED_RATIOS) -> dict:
   """`collect` on the layer inputs of the quantized model (fake-quant arithmetic: the integer
-  path's values) at each of `ratios`, merged over ratios and batches."""
+  path's values) at each of `ratios`, merged over ratios and batches.
+
+  Args:
+    model: the float linen model.
+    plan: the quantization plan, with signedness.
+    qvars: the quantized variables (with 'fill').
+    batches: a sequence of image batches (iterated once per ratio).
+    statistics: a statistics object with a `statistics(path, x)` method and a `merge` (e.g.
+      `calibrate.statistics.CodeHistograms`).
+    ratios: the 4-bit ratios the model runs at.
+
+  Returns:
+    {layer path: {name: numpy array}}, merged over ratios and batches.
+
+  Raises:
+    ValueError: no batches (or no ratios).
+    FloatingPointError: non-finite layer inputs in a batch.
+  """
   qmodel = transform.QuantizedModel(model, plan, mode="fake")
 
   def run(qv, images, ratio):
@@ -70,7 +87,24 @@ def refresh_after_finetuning(model, plan: QuantPlan, qvars, batches, *, extracti
   source: where the layer inputs come from: 'float' the float forward of the finetuned weights
   (the weights were trained through the quantized model, so their float forward can be far from
   what the quantized layers see); 'quantized' the quantized model's own inputs, at ratios
-  `REFRESH_QUANTIZED_RATIOS` (the bias correction acts on lowered channels only), merged."""
+  `REFRESH_QUANTIZED_RATIOS` (the bias correction acts on lowered channels only), merged.
+
+  Args:
+    model: the float linen model.
+    plan: the quantization plan, with signedness.
+    qvars: the finetuned quantized variables.
+    batches: unlabelled calibration image batches.
+    extraction: 'fitted' refits the weight extraction positions; 'naive' keeps them as they are.
+    source: 'float' or 'quantized', as above.
+
+  Returns:
+    A shallow copy of `qvars` with a new 'quant': 'weight_e' refitted (with 'fitted') and
+    'mean_code' / 'mean_lowered' re-estimated where the layer holds them.
+
+  Raises:
+    ValueError: an unknown `extraction` or `source`, or no batches.
+    FloatingPointError: non-finite layer inputs in a batch.
+  """
   if extraction not in ("fitted", "naive"):
     raise ValueError(f"unknown extraction {extraction!r}; use 'fitted' or 'naive'")
   if source not in ("float", "quantized"):

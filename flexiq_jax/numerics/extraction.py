@@ -85,6 +85,16 @@ def lower_codes_ste(q, e, signed: bool, low_bits: int = 4, *, axis: int | None =
 
   The forward value is exactly `lower_codes(q, e)` when `q` holds integers (the difference
   added to `q` is an integer, so no roundoff). `q` must be a float array here.
+
+  Args:
+    q: integer-valued codes in a float array, any shape.
+    e: extraction positions: a scalar, an array broadcasting against `q`, or a (C,) vector along `axis`.
+    signed: whether the codes (and the 4-bit grid) are signed.
+    low_bits: the lowered bit width (4).
+    axis: channel axis of `q` for a (C,) vector `e`; None if `e` already broadcasts.
+
+  Returns:
+    The lowered codes, shaped and typed as `q`, with the gradient described above.
   """
   q = jnp.asarray(q)
   lowered = lower_codes(q, e, signed, low_bits, axis=axis)
@@ -123,6 +133,19 @@ def code_histogram(q, axis: int | None, signed: bool, bits: int = 8, weights=Non
   rounded; codes outside the grid are counted in the end bins. Without `weights` the counts are
   int32 (exact, summable across batches by addition); with `weights` (broadcastable against `q`,
   e.g. per-element squared scales) each code adds its weight and the result is float32.
+
+  Args:
+    q: codes, float or integer, any shape.
+    axis: the channel axis kept, or None.
+    signed: whether the grid is signed ([-2^(b-1), 2^(b-1) - 1]) or unsigned ([0, 2^b - 1]).
+    bits: code width.
+    weights: per-element weights broadcastable against `q`, or None for counts.
+
+  Returns:
+    (C, 2^bits) int32 counts, or float32 summed weights with `weights`.
+
+  Raises:
+    ValueError: `axis` is out of range.
   """
   q = jnp.asarray(q)
   qmin, _ = int_range(bits, signed)
@@ -150,8 +173,21 @@ def extraction_errors_from_histogram(hist, signed: bool, candidates: Sequence[in
   """Squared lowering error Σ_code count * (code - lower(code, e))^2 for every candidate e.
 
   hist: (..., 2^bits) counts (e.g. (C, 256) from `code_histogram`); `weights` optionally
-  multiplies the counts (broadcastable against `hist`). Candidates are used in the given order.
-  Returns float32 (K, ...), K = len(candidates).
+  multiplies the counts (broadcastable against `hist`). Candidates are used in the given order
+  (not checked against the grid).
+
+  Args:
+    hist: (..., 2^bits) code histogram; bin k is code qmin + k.
+    signed: whether the histogram's grid is signed.
+    candidates: K extraction positions.
+    weights: factors on the counts, or None.
+    low_bits: the lowered bit width.
+
+  Returns:
+    float32 (K, ...), K = len(candidates).
+
+  Raises:
+    ValueError: the last axis of `hist` is not a power of two >= 2.
   """
   hist = jnp.asarray(hist)
   bits = _bits_of_histogram(hist)
@@ -170,7 +206,22 @@ def fit_extraction_from_histogram(hist, signed: bool, candidates: Sequence[int] 
                                   weights=None, low_bits: int = 4):
   """Per-channel extraction position minimising the histogram's squared lowering error (exact for
   the data the histogram counts). hist: (C, 2^bits) (or any (..., 2^bits)). Ties go to the
-  smallest e; an empty or all-zero channel gets the smallest candidate. Returns int32 (C,)."""
+  smallest e; an empty or all-zero channel gets the smallest candidate.
+
+  Args:
+    hist: (C, 2^bits) code histogram (e.g. from `code_histogram`).
+    signed: whether the histogram's grid is signed.
+    candidates: extraction positions to try (sorted and de-duplicated here).
+    weights: factors on the counts, broadcastable against `hist`, or None.
+    low_bits: the lowered bit width.
+
+  Returns:
+    int32 (C,) (or hist.shape[:-1]) extraction positions.
+
+  Raises:
+    ValueError: no candidate, a candidate outside [0, bits - low_bits], or a last axis of `hist` that
+      is not a power of two >= 2.
+  """
   hist = jnp.asarray(hist)
   cands = _check_candidates(candidates, _bits_of_histogram(hist), low_bits)
   errors = extraction_errors_from_histogram(hist, signed, cands, weights, low_bits)
@@ -179,7 +230,22 @@ def fit_extraction_from_histogram(hist, signed: bool, candidates: Sequence[int] 
 
 def lowering_error(q, e, axis: int | None, signed: bool, weights=None, low_bits: int = 4):
   """Per-channel Σ w * (q - lower(q, e))^2 in code units (float32, shape (C,); (1,) for
-  axis=None). `e`: a scalar or a (C,) vector along `axis`; `weights` broadcast against `q`."""
+  axis=None). `e`: a scalar or a (C,) vector along `axis`; `weights` broadcast against `q`.
+
+  Args:
+    q: codes, any shape.
+    e: a scalar extraction position, or a (C,) vector along `axis`.
+    axis: the channel axis kept, or None for the whole tensor.
+    signed: whether the codes are signed.
+    weights: per-element squared-error weights broadcastable against `q`, or None.
+    low_bits: the lowered bit width.
+
+  Returns:
+    float32 (C,) (or (1,) for axis None) summed errors.
+
+  Raises:
+    ValueError: `axis` is out of range.
+  """
   q = jnp.asarray(q)
   e = jnp.asarray(e, jnp.int32)
   lowered = lower_codes(q, e, signed, low_bits, axis=axis if e.ndim == 1 else None)
@@ -191,7 +257,19 @@ def lowering_error(q, e, axis: int | None, signed: bool, weights=None, low_bits:
 
 def extraction_errors(q, axis: int | None, signed: bool, candidates: Sequence[int] = DEFAULT_CANDIDATES,
                       weights=None, low_bits: int = 4):
-  """`lowering_error` for each candidate e (all channels at the same e): float32 (K, C)."""
+  """`lowering_error` for each candidate e (all channels at the same e): float32 (K, C).
+
+  Args:
+    q: codes, any shape.
+    axis: the channel axis kept, or None.
+    signed: whether the codes are signed.
+    candidates: K extraction positions, used in the given order.
+    weights: per-element squared-error weights broadcastable against `q`, or None.
+    low_bits: the lowered bit width.
+
+  Returns:
+    float32 (K, C) errors.
+  """
   return jnp.stack([lowering_error(q, c, axis, signed, weights, low_bits) for c in candidates])
 
 
@@ -203,7 +281,22 @@ def fit_extraction(q, axis: int | None, signed: bool, candidates: Sequence[int] 
   `weights` = per-element squared-error weights broadcast against q (e.g. s_w[o]^2 along the
   output axis) so that the fit minimises the real-valued error across output channels with
   different scales. Same objective, candidates check and tie rule (smallest e) as
-  `fit_extraction_from_histogram`; `bits` only bounds the candidates. Returns int32 (C,).
+  `fit_extraction_from_histogram`; `bits` only bounds the candidates.
+
+  Args:
+    q: codes, any shape.
+    axis: the channel axis kept, or None.
+    signed: whether the codes are signed.
+    candidates: extraction positions to try (sorted and de-duplicated here).
+    weights: per-element squared-error weights, or None.
+    low_bits: the lowered bit width.
+    bits: code width, bounding the candidates to [0, bits - low_bits].
+
+  Returns:
+    int32 (C,) extraction positions.
+
+  Raises:
+    ValueError: no candidate or a candidate out of range.
   """
   cands = _check_candidates(candidates, bits, low_bits)
   errors = extraction_errors(q, axis, signed, cands, weights, low_bits)

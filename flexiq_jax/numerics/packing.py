@@ -8,7 +8,14 @@ import jax.numpy as jnp
 
 def pack_int4(values):
   """(R, ...) int8 values in [-8, 7] -> (ceil(R / 2), ...) int8, rows paired along axis 0 (an odd
-  last row is paired with zeros). Values outside [-8, 7] are not checked (they would wrap)."""
+  last row is paired with zeros). Values outside [-8, 7] are not checked (they would wrap).
+
+  Args:
+    values: (R, ...) integer array of 4-bit values (cast to int8).
+
+  Returns:
+    (ceil(R / 2), ...) int8 array: row 2i in the low nibble and row 2i+1 in the high nibble of row i.
+  """
   values = jnp.asarray(values, jnp.int8)
   if values.shape[0] % 2:
     values = jnp.concatenate([values, jnp.zeros((1,) + values.shape[1:], jnp.int8)])
@@ -18,7 +25,16 @@ def pack_int4(values):
 
 def unpack_int4(packed, rows: int | None = None):
   """Inverse of `pack_int4`: (P, ...) int8 -> (rows or 2P, ...) int8 in [-8, 7] (arithmetic shifts
-  sign-extend each nibble)."""
+  sign-extend each nibble).
+
+  Args:
+    packed: (P, ...) packed int8 array.
+    rows: number of rows to keep (R of the packed array, dropping the zero row an odd R added), or None
+      for all 2P.
+
+  Returns:
+    (rows or 2P, ...) int8 array of values in [-8, 7].
+  """
   packed = jnp.asarray(packed, jnp.int8)
   low = jnp.right_shift(jnp.left_shift(packed, 4), 4)
   high = jnp.right_shift(packed, 4)

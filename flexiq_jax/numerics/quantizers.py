@@ -29,6 +29,17 @@ def int_range(bits: int, signed: bool, narrow: bool = False) -> tuple[int, int]:
 
   signed: [-2^(b-1), 2^(b-1) - 1]; with `narrow`, [-(2^(b-1) - 1), 2^(b-1) - 1] (symmetric, as
   for 8-bit weights in [-127, 127]). unsigned: [0, 2^b - 1]; `narrow` has no effect there.
+
+  Args:
+    bits: code width, a static Python int >= 1.
+    signed: signed or unsigned grid.
+    narrow: drop the most negative signed code.
+
+  Returns:
+    (qmin, qmax) as Python ints.
+
+  Raises:
+    ValueError: `bits` < 1.
   """
   if bits < 1:
     raise ValueError(f"bits must be >= 1, got {bits}")
@@ -40,7 +51,14 @@ def int_range(bits: int, signed: bool, narrow: bool = False) -> tuple[int, int]:
 
 @jax.custom_jvp
 def round_ste(x):
-  """Round half to even in the forward pass; identity gradient (straight-through estimator)."""
+  """Round half to even in the forward pass; identity gradient (straight-through estimator).
+
+  Args:
+    x: real values, any shape.
+
+  Returns:
+    jnp.round(x); its JVP passes the input tangent through unchanged.
+  """
   return jnp.round(x)
 
 
@@ -90,7 +108,20 @@ def quantize(x, scale, zero_point, qmin, qmax, *, axis: int | None = None):
 
 
 def dequantize(codes, scale, zero_point, *, axis: int | None = None):
-  """Real values `(codes - zero_point) * scale`; broadcasting as in `quantize`."""
+  """Real values `(codes - zero_point) * scale`; broadcasting as in `quantize`.
+
+  Args:
+    codes: integer-valued codes, any shape.
+    scale: scalar, broadcastable array, or (C,) vector expanded along `axis`.
+    zero_point: as `scale`.
+    axis: channel axis of `codes` for (C,) parameters; None if they already broadcast.
+
+  Returns:
+    The real values, shaped as the broadcast of `codes` with the parameters.
+
+  Raises:
+    ValueError: `axis` is out of range, or a parameter to expand is not 1-D.
+  """
   codes = jnp.asarray(codes)
   scale = expand_to_axis(scale, codes.ndim, axis)
   zero_point = expand_to_axis(zero_point, codes.ndim, axis)
@@ -105,6 +136,20 @@ def fake_quant(x, scale, zero_point, qmin, qmax, *, axis: int | None = None):
   [qmin, qmax], 0 outside (clipped values do not move). Gradients w.r.t. `scale` and
   `zero_point` are those of the code-space STE (for `scale` the LSQ form without its gradient
   scale; see `lsq_fake_quant`); freeze them with `jax.lax.stop_gradient` if unwanted.
+
+  Args:
+    x: real values, any shape.
+    scale: scalar, broadcastable array, or (C,) vector expanded along `axis`.
+    zero_point: as `scale`; a float holding an integer in [qmin, qmax].
+    qmin: lowest code.
+    qmax: highest code.
+    axis: channel axis of `x` for (C,) parameters; None if they already broadcast.
+
+  Returns:
+    The fake-quantized values, shaped as `x` (broadcast with the parameters).
+
+  Raises:
+    ValueError: `axis` is out of range, or a parameter to expand is not 1-D.
   """
   x = jnp.asarray(x)
   scale = expand_to_axis(scale, x.ndim, axis)
@@ -128,7 +173,16 @@ def _scale_gradient_jvp(primals, tangents):
 
 
 def lsq_default_grad_scale(x_size: int, num_scales: int, qmax):
-  """LSQ's gradient scale g = 1 / sqrt(N * Q_P): N = elements per scale, Q_P = qmax."""
+  """LSQ's gradient scale g = 1 / sqrt(N * Q_P): N = elements per scale, Q_P = qmax.
+
+  Args:
+    x_size: number of elements quantized.
+    num_scales: number of scales they share (1 per-tensor, C per-channel).
+    qmax: the grid's highest code Q_P (scalar or array).
+
+  Returns:
+    g as a float32 JAX array (shaped as `qmax`).
+  """
   return 1.0 / jnp.sqrt(x_size / num_scales * jnp.asarray(qmax, jnp.float32))
 
 
@@ -143,6 +197,20 @@ def lsq_fake_quant(x, scale, qmin, qmax, grad_scale=None, *, axis: int | None = 
                summed over the elements sharing the scale.
   `grad_scale` defaults to 1 / sqrt(x.size / scale.size * qmax) (N elements per scale, Q_P = qmax).
   `scale` may be per-tensor or per-channel (pre-shaped, or (C,) with `axis`).
+
+  Args:
+    x: real values, any shape.
+    scale: the learnt step size(s), positive.
+    qmin: lowest code.
+    qmax: highest code.
+    grad_scale: factor on the scale's gradient, or None for the default above.
+    axis: channel axis of `x` for a (C,) `scale`; None if it already broadcasts.
+
+  Returns:
+    The fake-quantized values, shaped as `x`.
+
+  Raises:
+    ValueError: `axis` is out of range, or a (C,) scale to expand is not 1-D.
   """
   x = jnp.asarray(x)
   scale = expand_to_axis(scale, x.ndim, axis)
@@ -166,6 +234,20 @@ def scale_from_range(lo, hi, bits: int, symmetric: bool, signed: bool, narrow: b
   up to float roundoff, for a constant range end).
   `lo`/`hi` may be scalars or per-channel arrays; the outputs have their broadcast shape (float32
   or wider); zero_point is a float holding an integer.
+
+  Args:
+    lo: lower end(s) of the range.
+    hi: upper end(s) of the range.
+    bits: code width.
+    symmetric: symmetric (zero point 0) or asymmetric grid.
+    signed: signed or unsigned grid.
+    narrow: narrow signed grid (see `int_range`).
+
+  Returns:
+    (scale, zero_point), both shaped as the broadcast of `lo` and `hi`.
+
+  Raises:
+    ValueError: `bits` < 1.
   """
   qmin, qmax = int_range(bits, signed, narrow)
   lo = jnp.asarray(lo, jnp.result_type(lo, jnp.float32))
@@ -192,7 +274,15 @@ WEIGHT_QMAX_8BIT = 127  # symmetric narrow int8 weights: [-127, 127]
 
 def per_channel_weight_scale(w, qmax=WEIGHT_QMAX_8BIT):
   """Symmetric scale per output channel (the last axis) from the current weights; no gradient
-  flows through it (the weights' straight-through estimator carries the gradient)."""
+  flows through it (the weights' straight-through estimator carries the gradient).
+
+  Args:
+    w: weights with output channels on the last axis ((C, O) or HWIO).
+    qmax: the code max |w| lands on, a scalar or (O,).
+
+  Returns:
+    (O,) scale, max(max |w|, MIN_RANGE) / qmax over all axes but the last.
+  """
   absmax = jnp.max(jnp.abs(jax.lax.stop_gradient(w)), axis=tuple(range(w.ndim - 1)))
   return jnp.maximum(absmax, MIN_RANGE) / qmax
 
@@ -202,7 +292,15 @@ def _pow2(bits):
 
 
 def traced_int_range(bits, signed: bool):
-  """`int_range` for a traced bit width (as float32 bounds; widths below 2 act as 2)."""
+  """`int_range` for a traced bit width (as float32 bounds; widths below 2 act as 2).
+
+  Args:
+    bits: bit width, possibly traced.
+    signed: signed (full, not narrow) or unsigned grid.
+
+  Returns:
+    (qmin, qmax) as float32 scalars or arrays shaped as `bits`.
+  """
   if signed:
     half = _pow2(bits) / 2
     return -half, half - 1
@@ -211,14 +309,36 @@ def traced_int_range(bits, signed: bool):
 
 def fake_quant_traced_bits(x, clip, bits, signed: bool):
   """Symmetric per-tensor fake quant over [-clip, clip] (signed) or [0, clip] (unsigned) with a
-  traced bit width: one compilation serves every width."""
+  traced bit width: one compilation serves every width.
+
+  The signed grid is the full one ([-2^(b-1), 2^(b-1) - 1]); rounding is plain `jnp.round` (no
+  straight-through gradient).
+
+  Args:
+    x: real values.
+    clip: the range end (scale = clip / qmax).
+    bits: bit width, possibly traced (below 2 acts as 2).
+    signed: signed or unsigned grid.
+
+  Returns:
+    The fake-quantized values, shaped as `x`.
+  """
   qmin, qmax = traced_int_range(bits, signed)
   scale = jnp.maximum(clip, MIN_RANGE) / qmax
   return jnp.clip(jnp.round(x / scale), qmin, qmax) * scale
 
 
 def fake_quant_weight_traced_bits(w, clip, bits):
-  """Symmetric narrow-grid fake quant per output channel: w (..., O), clip (O,), traced bits."""
+  """Symmetric narrow-grid fake quant per output channel: w (..., O), clip (O,), traced bits.
+
+  Args:
+    w: weights with output channels on the last axis.
+    clip: (O,) per-output-channel range end (scale = clip / (2^(b-1) - 1)).
+    bits: bit width, possibly traced (below 2 acts as 2).
+
+  Returns:
+    The fake-quantized weights, shaped as `w`.
+  """
   qmax = _pow2(bits) / 2 - 1
   scale = jnp.maximum(clip, MIN_RANGE) / qmax
   return jnp.clip(jnp.round(w / scale), -qmax, qmax) * scale

@@ -34,7 +34,16 @@ JOINT_CANDIDATES = (96, 100, 104, 108, 112, 116, 120, 124, 127)
 
 
 def codes_at(w, qmax):
-  """(scale (O,), codes) of a weight matrix `w` (..., O) with max |w| on code `qmax` ((O,) or scalar)."""
+  """(scale (O,), codes) of a weight matrix `w` (..., O) with max |w| on code `qmax` ((O,) or scalar).
+
+  Args:
+    w: weights with output channels on the last axis.
+    qmax: the code each output channel's max |w| lands on, a scalar or (O,).
+
+  Returns:
+    (scale, codes): float32 (O,) scale max(max |w|, MIN_RANGE) / qmax, and the float codes
+    clip(round(w / scale), -127, 127) shaped as `w`.
+  """
   absmax = jnp.max(jnp.abs(w), axis=tuple(range(w.ndim - 1)))
   scale = jnp.maximum(absmax, MIN_RANGE) / jnp.asarray(qmax, jnp.float32)
   return scale, jnp.clip(jnp.round(w / scale), -WEIGHT_QMAX_8BIT, WEIGHT_QMAX_8BIT)
@@ -42,8 +51,19 @@ def codes_at(w, qmax):
 
 def fit_weight_shift(q, scale, index, num_channels: int, candidates: Sequence[int] = DEFAULT_CANDIDATES):
   """Per feature channel c, the f minimising Σ s[o]² (q − lower(q, f))² over the kernel elements
-  reading c (index: the feature channel of each element, broadcast against q). Returns
-  (f (C,) int32, error (C,) in real units); ties go to the smallest f."""
+  reading c (index: the feature channel of each element, broadcast against q). Ties go to the
+  smallest f (the first of `candidates`, which are used in the given order).
+
+  Args:
+    q: signed weight codes (..., I, O).
+    scale: (O,) per-output-channel weight scale.
+    index: feature channel of each kernel element, broadcastable against `q` (e.g. (I, O)).
+    num_channels: C, the number of feature channels.
+    candidates: extraction positions to try.
+
+  Returns:
+    (f, error): int32 (C,) positions and float32 (C,) minimal errors in real units.
+  """
   index = jnp.broadcast_to(index, q.shape).reshape(-1)
   errors = jnp.stack([
       jax.ops.segment_sum(((q - lower_codes(q, f, signed=True)) ** 2 * scale ** 2).reshape(-1), index,
@@ -81,7 +101,21 @@ def joint_qmax(w, index, num_channels: int, candidates: Sequence[int] = JOINT_CA
 
 
 def weight_qmax(mode: str, w, index, num_channels: int, lowerable: bool) -> np.ndarray:
-  """float32 (O,) top code per output channel for `quant.weight_scale = mode` (module docstring)."""
+  """float32 (O,) top code per output channel for `quant.weight_scale = mode` (module docstring).
+
+  Args:
+    mode: one of WEIGHT_SCALE_MODES ('max127', 'max112', 'joint').
+    w: the weight matrix (..., I, O).
+    index: (I, O) feature channel of each kernel row (used by 'joint').
+    num_channels: C, the layer's feature channels (used by 'joint').
+    lowerable: whether the layer may be lowered; if not, 127 in every mode.
+
+  Returns:
+    float32 (O,) numpy array of top codes.
+
+  Raises:
+    ValueError: `mode` is unknown.
+  """
   if mode not in WEIGHT_SCALE_MODES:
     raise ValueError(f"unknown quant.weight_scale {mode!r}; use one of {', '.join(WEIGHT_SCALE_MODES)}")
   out_channels = np.shape(w)[-1]

@@ -75,7 +75,18 @@ def _write_atomic(path: str, data: bytes) -> None:
 
 
 def serialize_module(qmodel: QuantizedModel, svars, image_shape, platforms) -> bytes:
-  """The `jax.export` serialization of `qmodel.apply(svars, images, ratio)`, svars as constants."""
+  """The `jax.export` serialization of `qmodel.apply(svars, images, ratio)`, svars as constants.
+
+  Args:
+    qmodel: the quantized model (in the mode to export; `export_portable` passes 'int').
+    svars: its serving variables, baked into the module as constants.
+    image_shape: (H, W, C) of one image; the batch size is symbolic.
+    platforms: platforms the module may run on (e.g. ('cpu',), ('cpu', 'cuda')).
+
+  Returns:
+    The serialized `jax.export.Exported`, as bytes: (images (batch, H, W, C) float32, ratio () float32)
+    -> logits.
+  """
   def serve(images, ratio):
     return qmodel.apply(svars, images, ratio)
 
@@ -85,7 +96,14 @@ def serialize_module(qmodel: QuantizedModel, svars, image_shape, platforms) -> b
 
 
 def flat_arrays(tree) -> dict[str, np.ndarray]:
-  """{'/'-joined path: numpy array} of every leaf of a nested dict."""
+  """{'/'-joined path: numpy array} of every leaf of a nested dict.
+
+  Args:
+    tree: a pytree of nested dicts with array leaves (fetched to host here).
+
+  Returns:
+    A flat dict from '/'-joined key paths to C-contiguous numpy arrays.
+  """
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]:
     out["/".join(str(getattr(k, "key", k)) for k in path)] = np.ascontiguousarray(leaf)
@@ -93,6 +111,18 @@ def flat_arrays(tree) -> dict[str, np.ndarray]:
 
 
 def weights_bytes(svars) -> bytes:
+  """The safetensors file content of the serving variables, keyed by '/'-joined path.
+
+  Args:
+    svars: the serving variables.
+
+  Returns:
+    The bytes of a safetensors file, with FORMAT and the key layout in its metadata.
+
+  Raises:
+    ValueError: a leaf has a dtype the safetensors numpy writer cannot store (not bool/int/uint/float,
+      or wider than 8 bytes).
+  """
   from safetensors.numpy import save
   arrays = flat_arrays(svars)
   odd = [k for k, v in arrays.items() if v.dtype.kind not in "biuf" or v.dtype.itemsize > 8]
@@ -122,12 +152,27 @@ def _aimet_encoding(scale: float, bits: int, signed: bool) -> dict:
 
 
 def activation_tensor(path: str, operand: str = "input") -> str:
-  """The name encodings.json gives a layer's input (a matmul's operands: 'a', 'b')."""
+  """The name encodings.json gives a layer's input (a matmul's operands: 'a', 'b').
+
+  Args:
+    path: the layer's or matmul's module path.
+    operand: 'input' for a layer, 'a' or 'b' for a matmul operand.
+
+  Returns:
+    '<path>/<operand>'.
+  """
   return f"{path}/{operand}"
 
 
 def weight_tensor(path: str) -> str:
-  """The name of a quantized layer's int8 kernel in weights.safetensors (and encodings.json)."""
+  """The name of a quantized layer's int8 kernel in weights.safetensors (and encodings.json).
+
+  Args:
+    path: the layer's module path.
+
+  Returns:
+    'params/<path>/kernel'.
+  """
   return f"params/{path}/kernel"
 
 
@@ -221,7 +266,26 @@ def export_portable(qmodel: QuantizedModel, qvars: dict, directory: str, image_s
   (`contract.InputSpec.to_json`), recorded in manifest.json and encodings.json.
   serving_fingerprint: the fingerprint of the serving variables exported (`artifacts`), recorded
   so that `load_portable` refuses an export its workdir's serving model no longer matches. Each
-  file is written beside and renamed into place; the manifest records each file's SHA-256."""
+  file is written beside and renamed into place; the manifest records each file's SHA-256.
+  A CUDA or ROCm platform exports the convs with float32 accumulators (XLA:GPU's int8 convs need them).
+
+  Args:
+    qmodel: the quantized model.
+    qvars: its quantized variables.
+    directory: output directory (created if missing); an existing manifest is removed first.
+    image_shape: (H, W, C) of one image.
+    platforms: platforms the module may run on, or None for this backend.
+    provenance: recorded in manifest.json, or None for `records.run_info()`.
+    input_spec: the serving contract's input spec, or None.
+    serving_fingerprint: the serving variables' fingerprint, or None.
+
+  Returns:
+    A `PortableExport` naming the directory, its files, the platforms and the image shape.
+
+  Raises:
+    ValueError: `image_shape` is not three-dimensional, or a serving variable's dtype cannot be
+      stored in safetensors.
+  """
   image_shape = tuple(int(d) for d in image_shape)
   if len(image_shape) != 3:
     raise ValueError(f"image_shape must be (H, W, C), got {image_shape}")
@@ -257,7 +321,19 @@ def load_portable(directory: str) -> jax.export.Exported:
   """The exported module of `directory` (`jax.export.Exported`; `.call(images, ratio)`), checked
   against its manifest: each file's SHA-256, and, in a workdir, the fingerprint of the serving
   model it was made from (`artifacts.check_export`; a mismatch raises `artifacts.StaleArtifact`).
-  Plain `jax.export.deserialize` on model.stablehlo loads it without these checks."""
+  Plain `jax.export.deserialize` on model.stablehlo loads it without these checks.
+
+  Args:
+    directory: a directory written by `export_portable`.
+
+  Returns:
+    The deserialized `jax.export.Exported`.
+
+  Raises:
+    FileNotFoundError: no manifest.json of this format in `directory`.
+    artifacts.StaleArtifact: a file does not match its SHA-256, or the export no longer matches its
+      workdir's serving model.
+  """
   manifest = records.read_json(os.path.join(directory, MANIFEST_FILE))
   if manifest is None or manifest.get("format") != FORMAT:
     raise FileNotFoundError(f"{directory} holds no complete portable export (no {MANIFEST_FILE} of format "

@@ -55,11 +55,36 @@ SERVING_KEY = "integer"
 
 
 def is_prepared(qvars) -> bool:
+  """Whether `qvars` are already serving variables (from `prepare`).
+
+  Args:
+    qvars: quantized or serving variables.
+
+  Returns:
+    True if `qvars` holds the SERVING_KEY ('integer') collection.
+  """
   return SERVING_KEY in qvars
 
 
 def prepare_layer(info: LayerInfo, layer_params: dict, lq: dict, *, lowerable: bool) -> tuple[dict, dict]:
-  """(params entry with the int8 kernel, integer entry) of one quantized layer (module docstring)."""
+  """(params entry with the int8 kernel, integer entry) of one quantized layer (module docstring).
+
+  The weight codes come from an int8 export's kernel and lq['weight_scale'] as they are, or are
+  computed from the float kernel (`layer_ops.weight_codes`, with lq's LSQ scale or weight_qmax).
+  'rank' and 'w_low' are added only for a lowerable layer whose `lq` holds a 'rank' (a selection),
+  and 'lost' only where `lq` also holds the bias-correction means.
+
+  Args:
+    info: the layer.
+    layer_params: its params entry ({'kernel', 'bias'?}); the kernel float or int8.
+    lq: its quantization variables ('act_scale', 'act_e', 'weight_e', and optionally 'weight_scale',
+      'lsq_weight_scale', 'weight_qmax', 'rank', 'mean_code', 'mean_lowered').
+    lowerable: whether the layer may be lowered.
+
+  Returns:
+    (params, entry): params {'kernel': int8 codes in the kernel's matrix form, 'bias' if any}, and the
+    integer entry {'act_scale', 'weight_scale', 'scale', 'step', and 'rank', 'w_low', 'lost' as above}.
+  """
   if layer_params["kernel"].dtype == jnp.int8:  # an int8 export: the codes and their scale
     w8 = kernel_matrix(info, layer_params["kernel"]).astype(jnp.float32)
     s_w = lq["weight_scale"]
@@ -83,7 +108,17 @@ def prepare_layer(info: LayerInfo, layer_params: dict, lq: dict, *, lowerable: b
 
 def prepare(plan: QuantPlan, qvars) -> dict:
   """Serving variables from quantized variables (module docstring); jit-compatible, and done once
-  outside the serving function by `quantize.make_predict`. Idempotent on prepared variables."""
+  outside the serving function by `quantize.make_predict`. Idempotent on prepared variables.
+
+  Args:
+    plan: the quantization plan.
+    qvars: quantized variables ({'params', 'quant', ...}) or serving variables.
+
+  Returns:
+    The serving variables: 'params' with int8 kernels for the quantized layers, 'integer' with one
+    entry per quantized layer (`prepare_layer`), 'quant' with only the matmuls' scales, and every
+    other collection of `qvars` (e.g. 'batch_stats') as it was. `qvars` itself if already prepared.
+  """
   if is_prepared(qvars):
     return qvars
   params, integer = qvars["params"], {}
@@ -110,7 +145,17 @@ def _row_mask(info: LayerInfo, lowered):
 
 def activation_codes(x, entry: dict, lowered, *, signed: bool):
   """int8/uint8-valued codes of x (float array holding integers) with the `lowered` channels'
-  codes replaced by their 4-bit extraction: one elementwise pass (fused by XLA)."""
+  codes replaced by their 4-bit extraction: one elementwise pass (fused by XLA).
+
+  Args:
+    x: the layer's float input, feature channels last.
+    entry: the layer's integer entry ('act_scale', and 'step' (C,) when lowering).
+    lowered: (C,) bool mask of lowered channels, or None for none.
+    signed: signed ([-128, 127]) or unsigned ([0, 255]) codes.
+
+  Returns:
+    Float codes shaped as `x`.
+  """
   qmin, qmax = numerics.int_range(8, signed)
   q = jnp.clip(jnp.round(x / entry["act_scale"]), qmin, qmax)
   if lowered is None:
@@ -136,7 +181,18 @@ def unsigned_shift_correction(module, x_shape, padding, kernel, out_hw) -> jax.A
   128), so acc = Σ_inside (q - 128) w; adding 128 * this map gives Σ_inside q w exactly. Built from
   static shapes (numpy) and the per-tap column sums of the kernel at this ratio: no extra pass over
   the activations, and the conv keeps its own padding (XLA:CPU's int8 conv on an explicitly padded
-  input runs several times slower)."""
+  input runs several times slower). Assumes no input dilation (the caller pads explicitly there).
+
+  Args:
+    module: the `nn.Conv` (strides and kernel dilation).
+    x_shape: NHWC input shape.
+    padding: explicit (lo, hi) pairs of the conv.
+    kernel: the int8 HWIO kernel the conv runs at this ratio.
+    out_hw: (H', W') of the conv's output.
+
+  Returns:
+    (H', W', O) int32 array.
+  """
   (kh, kw), strides, dil = kernel.shape[:2], spatial_pair(module.strides), spatial_pair(module.kernel_dilation)
   rows = _taps_inside(x_shape[1], out_hw[0], kh, strides[0], dil[0], padding[0][0])
   cols = _taps_inside(x_shape[2], out_hw[1], kw, strides[1], dil[1], padding[1][0])
@@ -147,7 +203,15 @@ def unsigned_shift_correction(module, x_shape, padding, kernel, out_hw) -> jax.A
 
 def exact_in_float32(info: LayerInfo, signed: bool) -> bool:
   """Whether a float32 conv on the integer codes is exact: |Σ| <= K * max|q| * 127 <= 2^24, with
-  K = the taps and input channels each output sums over."""
+  K = the taps and input channels each output sums over.
+
+  Args:
+    info: the layer.
+    signed: signed codes (max |q| 128) or unsigned (255).
+
+  Returns:
+    True if every partial sum fits float32's 24-bit mantissa.
+  """
   taps = int(np.prod(info.kernel_shape[:-1]))
   return taps * (128 if signed else 255) * layer_ops.WEIGHT_QMAX <= 2 ** 24
 
@@ -165,7 +229,14 @@ def default_conv_impl(info: LayerInfo) -> str:
   EfficientNet-B0's 5x5 depthwise convs run about 6x slower in int8 than on float32 codes.
   'int8_widened' is left to the tuner: on int8 codes alone the widened 16 -> 16 conv ran ~2.5x
   faster than float32, but within the layer (the quantize pass, the channel padding and the
-  unsigned-shift correction included) it was no faster than float32 on the quickstart's convs."""
+  unsigned-shift correction included) it was no faster than float32 on the quickstart's convs.
+
+  Args:
+    info: the layer.
+
+  Returns:
+    'float32' or 'int8' (the fallback from 'float32' is applied by `conv_impl_for`).
+  """
   if jax.default_backend() != "cpu" or info.kind != "conv":
     return "int8"
   return "float32" if info.groups > 1 or info.in_channels < CPU_INT8_MIN_CHANNELS else "int8"
@@ -174,7 +245,19 @@ def default_conv_impl(info: LayerInfo) -> str:
 def conv_impl_for(info: LayerInfo, signed: bool, requested: str | None) -> str:
   """The conv implementation a layer runs: `requested` (None: `default_conv_impl`), with 'float32'
   falling back to 'int8' where float32 sums would not be exact, and 'int8_widened' to 'int8' where
-  there is nothing to widen (32+ input channels) or it would change the groups (grouped convs)."""
+  there is nothing to widen (32+ input channels) or it would change the groups (grouped convs).
+
+  Args:
+    info: the conv layer.
+    signed: whether its activation codes are signed.
+    requested: one of CONV_IMPLS, or None for the backend default.
+
+  Returns:
+    One of CONV_IMPLS.
+
+  Raises:
+    ValueError: the implementation is not in CONV_IMPLS.
+  """
   impl = default_conv_impl(info) if requested is None else requested
   if impl not in CONV_IMPLS:
     raise ValueError(f"unknown conv implementation {impl!r}; use one of {CONV_IMPLS}")
@@ -193,10 +276,27 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
   the backend): 'int8' one int8 conv with the layer's own padding (unsigned codes shifted by -128,
   the border corrected exactly: `unsigned_shift_correction`); 'int8_pad' the shifted codes padded
   explicitly with the shifted zero, then an unpadded int8 conv; 'int8_widened' 'int8' on input
-  channels padded with zero weights to 32; 'float32' the conv on the codes in float32 (where exact). The accumulators are the same integers whichever runs. dense_impl
-  (DENSE_IMPLS): 'xla' the steps below; 'pallas' quantize, lower, GEMM and epilogue in one fused
-  kernel (`pallas_dense.fused_dense`, the same outputs; Pallas interpret mode off a GPU, where it
-  is only a check, never fast)."""
+  channels padded with zero weights to 32; 'float32' the conv on the codes in float32 (where exact).
+  The accumulators are the same integers whichever runs. dense_impl (DENSE_IMPLS): 'xla' the steps
+  below; 'pallas' quantize, lower, GEMM and epilogue in one fused kernel (`pallas_dense.fused_dense`,
+  the same outputs; Pallas interpret mode off a GPU, where it is only a check, never fast).
+
+  Args:
+    call: the intercepted layer call; `call.kernel` holds the int8 codes, `call.bias` the float bias.
+    x: the layer's float input.
+    entry: the layer's integer entry (`prepare_layer`).
+    lowered: (C,) bool mask of the channels at 4 bits, or None.
+    signed: whether the activation codes are signed.
+    conv_accumulator: the int8 conv's accumulator dtype (jnp.int32, or jnp.float32).
+    conv_impl: one of CONV_IMPLS, or None for `default_conv_impl`.
+    dense_impl: one of DENSE_IMPLS.
+
+  Returns:
+    The layer's float output in the module's output shape, bias and bias correction included.
+
+  Raises:
+    ValueError: an unknown `dense_impl` or `conv_impl`.
+  """
   info, module, kernel = call.info, call.module, call.kernel
   x = as_matrix_input(info, x)
   if info.kind == "dense" and dense_impl == "pallas":

@@ -111,7 +111,16 @@ def _dense_info(c: int, o: int) -> LayerInfo:
 
 def correction(entry: dict, lowered):
   """(O,) the bias-correction term of `integer_forward` (None where it adds none), computed with
-  the same function and in the same order, so the kernel's epilogue rounds as it does."""
+  the same function and in the same order, so the kernel's epilogue rounds as it does.
+
+  Args:
+    entry: the layer's serving entry ('lost' (C, O), 'act_scale', 'weight_scale' where lowered).
+    lowered: (C,) bool mask of lowered channels, or None.
+
+  Returns:
+    (O,) float32 masked sum of `lost` times act_scale x weight_scale, or None when `lowered` is None
+    or the entry has no 'lost' table.
+  """
   if lowered is None or "lost" not in entry:
     return None
   c, o = entry["lost"].shape
@@ -272,7 +281,29 @@ def fused_dense(x, entry: dict, kernel, bias, lowered, *, signed: bool, interpre
   codes; bias: (O,) or None; lowered: (C,) bool, or None for a layer never lowered. Returns
   float32 (..., O), bit-identical to integer_forward under jit. Each weight row is fetched from
   kernel or w_low (C x O bytes at any ratio); `fused_dense_packed` is the form whose weight reads
-  fall with the ratio. exact_div: None = off interpret mode only (see module docstring)."""
+  fall with the ratio. exact_div: None = off interpret mode only (see module docstring).
+
+  Args:
+    x: (..., C) float activation.
+    entry: the layer's serving entry.
+    kernel: (C, O) int8 weight codes.
+    bias: (O,) float bias, or None.
+    lowered: (C,) bool mask of lowered channels, or None.
+    signed: whether the activation codes are signed.
+    interpret: run Pallas in interpret mode (required off a GPU).
+    block_m: M tile, a power of two (reduced for a small M).
+    block_n: O tile, a power of two.
+    block_k: K step, a power of two.
+    exact_div: divide with inline PTX div.rn.f32; None for `not interpret`.
+    num_warps: Triton's num_warps, or None for its default.
+    num_stages: Triton's num_stages, or None for its default.
+
+  Returns:
+    float32 (..., O) layer output, bias and bias correction included.
+
+  Raises:
+    ValueError: a block size that is not a power of two, or an activation whose last axis is not C.
+  """
   _check_block("block_m", block_m)
   _check_block("block_n", block_n)
   _check_block("block_k", block_k)
@@ -340,7 +371,22 @@ def pack_lowered_rows(w_low, weight_e, rank, kernel, *, block_k: int = DEFAULT_B
   """Rank-ordered packed 4-bit rows of `w_low` (C, O) (every element k * 2^weight_e[c], k in
   [-8, 7]: not checked, `unpack_lowered_rows` round-trips it) and the int8 rows of `kernel` (C, O).
   rank: (C,) a permutation, rank[c] = position of channel c in the lowering order. Done once, at
-  preparation time; jit-compatible (block sizes static)."""
+  preparation time; jit-compatible (block sizes static).
+
+  Args:
+    w_low: (C, O) int8 lowered weight codes (`integer.prepare_layer`'s 'w_low').
+    weight_e: (C,) weight extraction positions.
+    rank: (C,) permutation: each channel's position in the lowering order.
+    kernel: (C, O) int8 weight codes.
+    block_k: K step of the kernel that will read them, a power of two >= 2 (fixes the nibble layout).
+    block_n: O tile, a power of two.
+
+  Returns:
+    A `PackedRows`, padded to (Cp, Op) block multiples.
+
+  Raises:
+    ValueError: a block size that is not a power of two (or block_k < 2).
+  """
   _check_block("block_k", block_k, 2)
   _check_block("block_n", block_n)
   c, o = w_low.shape
@@ -364,7 +410,14 @@ def _unpack_nibbles(b, e, high: bool):
 
 
 def unpack_lowered_rows(p: PackedRows):
-  """(C, O) int8: `w_low` back in channel order (the inverse of `pack_lowered_rows`)."""
+  """(C, O) int8: `w_low` back in channel order (the inverse of `pack_lowered_rows`).
+
+  Args:
+    p: the packed rows.
+
+  Returns:
+    (C, O) int8 lowered weight codes, padding removed.
+  """
   h = p.block_k // 2
   b = p.packed.reshape(-1, h, p.packed.shape[-1])
   e = p.e.reshape(-1, 2, h, 1)
@@ -379,7 +432,15 @@ def weight_bytes_read(p: PackedRows, count: int) -> int:
   the total for an M of at most block_m) at a lowered `count` (Python int): per column, half a
   byte a row in whole packed blocks, one in 8-bit blocks; the mixed block's rows are each fetched
   from one storage, counted here at the bound of a whole packed and a whole int8 block (a GPU
-  fetches 32-byte sectors, so partial masks save less). For bytes-vs-ratio accounting."""
+  fetches 32-byte sectors, so partial masks save less). For bytes-vs-ratio accounting.
+
+  Args:
+    p: the packed rows (their padded shape and block_k).
+    count: number of lowered rank positions, in [0, C].
+
+  Returns:
+    The modelled bytes, as an int (padding rows and columns included).
+  """
   cp, op = p.rows8.shape
   full, rem = divmod(int(count), p.block_k)
   rows8 = cp - full * p.block_k - (p.block_k if rem else 0)
@@ -444,7 +505,28 @@ def fused_dense_packed(x, entry: dict, packed: PackedRows, bias, count, *, signe
   block_n are the kernel's). count: traced int (0..C); recompiles never depend on it. x: (..., C)
   float; returns float32 (..., O), bit-identical to integer_forward under jit. The activation is gathered
   into rank order here (x[:, order]): one extra pass over x that a serving graph could fold into
-  the previous layer's output columns."""
+  the previous layer's output columns.
+
+  Args:
+    x: (..., C) float activation.
+    entry: the layer's serving entry ('act_scale', 'scale', 'step', 'rank', and 'lost' /
+      'weight_scale' for bias correction).
+    packed: the layer's `PackedRows`.
+    bias: (O,) float bias, or None.
+    count: number of lowered channels (traced int).
+    signed: whether the activation codes are signed.
+    interpret: run Pallas in interpret mode (required off a GPU).
+    block_m: M tile, a power of two (reduced for a small M).
+    exact_div: divide with inline PTX div.rn.f32; None for `not interpret`.
+    num_warps: Triton's num_warps, or None for its default.
+    num_stages: Triton's num_stages, or None for its default.
+
+  Returns:
+    float32 (..., O) layer output, bias and bias correction included.
+
+  Raises:
+    ValueError: `block_m` is not a power of two, or the activation's last axis is not C.
+  """
   _check_block("block_m", block_m)
   exact_div = (not interpret) if exact_div is None else exact_div
   bk, bn = packed.block_k, packed.block_n

@@ -46,7 +46,15 @@ def _sub_jaxprs(value):
 
 def float_dot_ops(jaxpr, prefix: str = "") -> list[FloatOp]:
   """The dot_general / conv_general_dilated equations of `jaxpr` (a Jaxpr or ClosedJaxpr) with a
-  floating-point operand, sub-jaxprs included, in program order."""
+  floating-point operand, sub-jaxprs included, in program order.
+
+  Args:
+    jaxpr: a Jaxpr or ClosedJaxpr.
+    prefix: name stack prepended to each op's `where` (used by the recursion into sub-jaxprs).
+
+  Returns:
+    A list of `FloatOp`, one per such equation.
+  """
   jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
   out = []
   for eqn in jaxpr.eqns:
@@ -64,7 +72,17 @@ def float_dot_ops(jaxpr, prefix: str = "") -> list[FloatOp]:
 def float_ops_in_int_path(qmodel, qvars, sample_images, ratio: float = 0.0) -> list[FloatOp]:
   """The float matmuls and convolutions left in `qmodel`'s integer-mode apply (traced, not run:
   `sample_images` may be a jax.ShapeDtypeStruct). Empty when every dot and convolution of the
-  model has int8 operands."""
+  model has int8 operands.
+
+  Args:
+    qmodel: a `QuantizedModel` (traced in 'int' mode with every conv as 'int8', whatever its own mode).
+    qvars: its quantized variables.
+    sample_images: an image batch, or a jax.ShapeDtypeStruct of one.
+    ratio: the 4-bit ratio traced at (no op's dtype depends on it).
+
+  Returns:
+    A list of `FloatOp`, in program order.
+  """
   int_model = dataclasses.replace(qmodel, mode="int", conv_impls="int8")
   closed = jax.make_jaxpr(lambda q, x, r: int_model.apply(q, x, r))(qvars, sample_images, jnp.float32(ratio))
   return float_dot_ops(closed)
@@ -74,7 +92,19 @@ def float_ops_of_plan(model, plan, folded_variables, stats: dict, sample_images)
   """`float_ops_in_int_path` right after calibration (no selection yet): the integer path of
   `plan` with the calibrated scales and nothing lowered. Lowering changes no op's dtype, so the
   list holds at every ratio. `folded_variables` as calibrate got them; `stats` from
-  calibrate.calibrate, `plan` with its signedness."""
+  calibrate.calibrate, `plan` with its signedness.
+
+  Args:
+    model: the float linen model.
+    plan: the plan, with signedness set (`QuantPlan.with_signedness`).
+    folded_variables: the BN-folded float variables.
+    stats: the calibration statistics ({path: {'act_scale', 'act_e', 'weight_e', ...}}; matmuls:
+      {'a_scale', 'b_scale'}).
+    sample_images: an image batch, or a jax.ShapeDtypeStruct of one.
+
+  Returns:
+    A list of `FloatOp`, in program order.
+  """
   from flexiq_jax.interception import set_path
   from flexiq_jax.plan import unfolded_batch_stats
   from flexiq_jax.quantize.transform import QuantizedModel
@@ -94,7 +124,14 @@ def float_ops_of_plan(model, plan, folded_variables, stats: dict, sample_images)
 
 
 def format_float_ops(ops: list[FloatOp]) -> str:
-  """A short report for logs: how many float dots remain, and where."""
+  """A short report for logs: how many float dots remain, and where.
+
+  Args:
+    ops: the ops, as from `float_ops_in_int_path`.
+
+  Returns:
+    A multi-line string (one line when `ops` is empty).
+  """
   if not ops:
     return "integer path: every matmul and convolution has int8 operands"
   lines = [f"integer path: {len(ops)} float matmul/convolution op(s) remain:"]

@@ -47,10 +47,30 @@ if TYPE_CHECKING:
 
 def build_qvars(plan: QuantPlan, folded_variables, calib: dict, orders: dict, counts: dict, levels, *,
                 bias_correction: bool = True) -> dict:
-  """orders: {path: (C,) channel order, lowered first}; counts: {path: (K,) ints per level}.
+  """The quantized variables (module docstring) from the calibration and the selection.
+
+  orders: {path: (C,) channel order, lowered first}; counts: {path: (K,) ints per level}.
 
   bias_correction: keep each lowerable layer's mean activation codes before/after lowering, so
   the apply removes the mean output shift of whichever channels are lowered (layer_ops).
+
+  Args:
+    plan: the quantization plan.
+    folded_variables: the BN-folded float variables.
+    calib: calibration statistics per quantized layer ('act_scale', 'act_e', 'weight_e', and
+      'weight_qmax', 'act_mean_code', 'act_mean_lowered' where present/needed) and per quantized
+      matmul ('a_scale', 'b_scale').
+    orders: {lowerable path: (C,) channel order, lowered first}.
+    counts: {lowerable path: (K,) lowered channel counts, one per level}.
+    levels: (K,) ratio levels the counts were selected for.
+    bias_correction: keep the mean codes for bias correction.
+
+  Returns:
+    The quantized variables: 'params', 'quant', 'levels', 'fill', and 'batch_stats' where BatchNorms
+    remain unfolded.
+
+  Raises:
+    ValueError: the counts are not nested integers in [0, C] (from `add_fill_table`).
   """
   quant_tree: dict = {}
   for path in plan.quantized:
@@ -85,7 +105,18 @@ def add_fill_table(plan: QuantPlan, qvars) -> dict:
   """qvars with 'fill', the table `QuantizedModel.layer_counts` reads the counts at any ratio
   from, built on the host from qvars' per-level 'counts' and 'levels' and the plan's MACs
   (`select.fill_table`). build_qvars adds it; call this for quantized variables saved without it.
-  Raises ValueError unless the counts are nested integers in [0, C]."""
+
+  Args:
+    plan: the quantization plan.
+    qvars: quantized variables with per-level 'counts' for each lowerable layer and 'levels'.
+
+  Returns:
+    A shallow copy of `qvars` with 'fill' {'layer': (N,) int32, 'threshold': (N,) float32} (no 'fill'
+    added when the plan has no lowerable layer).
+
+  Raises:
+    ValueError: the counts are not nested integers in [0, C].
+  """
   if not plan.lowerable:
     return dict(qvars)
   per_level = np.stack([np.asarray(get_path(qvars["quant"], p)["counts"]) for p in plan.lowerable], axis=1)
@@ -103,7 +134,11 @@ def _fill(qvars) -> dict:
 
 
 def default_conv_accumulator() -> str:
-  """XLA:GPU runs int8 convolutions only with float32 output (exact up to 2^24 per output)."""
+  """XLA:GPU runs int8 convolutions only with float32 output (exact up to 2^24 per output).
+
+  Returns:
+    'float32' on the GPU backend, 'int32' elsewhere.
+  """
   return "float32" if jax.default_backend() == "gpu" else "int32"
 
 
@@ -236,7 +271,18 @@ def export_int8(qmodel: QuantizedModel, qvars) -> dict:
   """The quantized variables for serving: each quantized layer's float kernel replaced by its
   int8 codes (per-output-channel scale in qvars['quant'][...]['weight_scale']), so the float
   weights are not shipped. `qmodel.apply` (mode 'int') gives bit-identical logits from it at every
-  ratio. Layers the plan leaves in float, biases and norms stay float."""
+  ratio. Layers the plan leaves in float, biases and norms stay float.
+
+  Args:
+    qmodel: the quantized model (mode 'int' or 'int_reference').
+    qvars: its quantized variables with float kernels.
+
+  Returns:
+    A shallow copy of `qvars` with int8 kernels (in the kernel's shape) and 'weight_scale' (O,) per layer.
+
+  Raises:
+    ValueError: `qmodel` is in mode 'fake', or the variables are already an int8 export.
+  """
   if qmodel.mode == "fake":
     raise ValueError("export_int8 serves the integer path: use a QuantizedModel with mode='int'")
   params, quant_tree = qvars["params"], qvars["quant"]
@@ -254,7 +300,18 @@ def export_int8(qmodel: QuantizedModel, qvars) -> dict:
 
 def check_ratio(ratio) -> float:
   """Host-side validation for user-facing entry points: a ValueError for a ratio outside [0, 1]
-  or NaN (on the traced path, `QuantizedModel.apply` returns NaN logits for such a ratio)."""
+  or NaN (on the traced path, `QuantizedModel.apply` returns NaN logits for such a ratio).
+
+  Args:
+    ratio: a number (Python, numpy or a concrete JAX scalar).
+
+  Returns:
+    The ratio as a Python float.
+
+  Raises:
+    TypeError: `ratio` is not convertible to a float (or is traced).
+    ValueError: `ratio` is outside [0, 1] or NaN.
+  """
   try:
     r = float(ratio)
   except (TypeError, ValueError, jax.errors.ConcretizationTypeError) as e:
@@ -278,7 +335,18 @@ def make_predict(qmodel: QuantizedModel, qvars: dict, *, tune_images: jax.typing
   often several times faster on CPU). The prepared variables are constants of the compiled
   function, as in `export.export_portable`'s module, so the two give the same logits bit for bit.
   `predict.qmodel` is the model that runs, `predict.jitted(images, ratio)` its compiled function
-  (no checks) and `predict.variables` the variables baked into it."""
+  (no checks) and `predict.variables` the variables baked into it.
+
+  Args:
+    qmodel: the quantized model.
+    qvars: its quantized variables.
+    tune_images: a batch of the serving shape to tune the conv implementations on (mode 'int'
+      only), or None.
+    input_spec: the serving contract's input spec, or None for the minimal checks above.
+
+  Returns:
+    The `predict` function, with attributes `jitted`, `variables`, `qmodel` and `input_spec`.
+  """
   from flexiq_jax import contract  # pylint: disable=g-import-not-at-top
   if input_spec is None:
     first = qmodel.plan.layers[qmodel.plan.quantized[0]] if qmodel.plan.quantized else None
@@ -316,7 +384,21 @@ def make_predict(qmodel: QuantizedModel, qvars: dict, *, tune_images: jax.typing
 
 def lowered_channels(qmodel: QuantizedModel, qvars, ratio) -> dict:
   """{lowerable path: lowered channel count} at a host ratio (for cost reports): the host twin of
-  `QuantizedModel.layer_counts` (select.counts_at_ratio_np on the same table: the same counts)."""
+  `QuantizedModel.layer_counts` (select.counts_at_ratio_np on the same table: the same counts).
+
+  Args:
+    qmodel: the quantized model.
+    qvars: its quantized variables (with 'fill').
+    ratio: the 4-bit ratio, a number in [0, 1].
+
+  Returns:
+    {lowerable path: count as a float}; empty if the plan has no lowerable layer.
+
+  Raises:
+    TypeError: `ratio` is not a number.
+    ValueError: `ratio` is outside [0, 1] or NaN.
+    KeyError: `qvars` has no 'fill' table.
+  """
   r = check_ratio(ratio)
   paths = qmodel.plan.lowerable
   if not paths:
@@ -327,13 +409,37 @@ def lowered_channels(qmodel: QuantizedModel, qvars, ratio) -> dict:
 
 
 def relative_bops_at(qmodel: QuantizedModel, qvars, ratio) -> float:
-  """BOPs at `ratio` relative to ratio 0; the 8-bit matmuls count in both (cost.relative_bops)."""
+  """BOPs at `ratio` relative to ratio 0; the 8-bit matmuls count in both (cost.relative_bops).
+
+  Args:
+    qmodel: the quantized model.
+    qvars: its quantized variables (with 'fill').
+    ratio: the 4-bit ratio, a number in [0, 1].
+
+  Returns:
+    The relative BOPs, a float in (0, 1].
+
+  Raises:
+    ValueError: `ratio` is outside [0, 1] or NaN.
+  """
   return cost.relative_bops(qmodel.plan.layer_infos(), lowered_channels(qmodel, qvars, ratio),
                             matmuls=qmodel.plan.matmul_infos())
 
 
 def low_bit_share_at(qmodel: QuantizedModel, qvars, ratio) -> float:
-  """Share of 4-bit MACs among all quantized MACs, the 8-bit matmuls' included."""
+  """Share of 4-bit MACs among all quantized MACs, the 8-bit matmuls' included.
+
+  Args:
+    qmodel: the quantized model.
+    qvars: its quantized variables (with 'fill').
+    ratio: the 4-bit ratio, a number in [0, 1].
+
+  Returns:
+    The share, a float in [0, 1].
+
+  Raises:
+    ValueError: `ratio` is outside [0, 1] or NaN.
+  """
   return cost.low_bit_mac_share(qmodel.plan.layer_infos(), lowered_channels(qmodel, qvars, ratio),
                                 matmuls=qmodel.plan.matmul_infos())
 
@@ -341,7 +447,15 @@ def low_bit_share_at(qmodel: QuantizedModel, qvars, ratio) -> float:
 def add_lsq_weight_scales(plan: QuantPlan, qvars) -> dict:
   """qvars with a learnable per-output-channel weight scale 'lsq_weight_scale' per quantized layer,
   initialised from the current weights (max |w| / 127, or / the layer's 'weight_qmax'), for LSQ
-  finetuning of the weight scales."""
+  finetuning of the weight scales.
+
+  Args:
+    plan: the quantization plan.
+    qvars: quantized variables with float kernels.
+
+  Returns:
+    A shallow copy of `qvars` whose 'quant' entries each hold an (O,) 'lsq_weight_scale'.
+  """
   quant = qvars["quant"]
   for path in plan.quantized:
     info = plan.layers[path]

@@ -20,7 +20,17 @@ from flexiq_jax.quantize import integer
 
 
 def capture_layer_inputs(qmodel, svars, images, ratio: float = 0.0) -> dict:
-  """{quantized layer path: (LayerCall, its input)} of the serving form on `images` at `ratio`."""
+  """{quantized layer path: (LayerCall, its input)} of the serving form on `images` at `ratio`.
+
+  Args:
+    qmodel: the `QuantizedModel` (its plan, accumulator and conv implementations are used).
+    svars: its serving variables (`qmodel.prepare`).
+    images: an input batch.
+    ratio: the 4-bit ratio the model runs at while capturing.
+
+  Returns:
+    {path: (LayerCall, input array)} for every quantized layer, in call order.
+  """
   counts = qmodel.layer_counts(svars, jnp.float32(ratio))
   inner = integer.IntegerLayers(svars[integer.SERVING_KEY], svars["quant"], counts, qmodel.plan.signed,
                                 qmodel.plan.matmul_signed, qmodel.conv_accumulator or "int32", qmodel.conv_impl_map())
@@ -40,7 +50,16 @@ def capture_layer_inputs(qmodel, svars, images, ratio: float = 0.0) -> dict:
 
 
 def time_call(fn, args, repeats: int) -> float:
-  """Median seconds of `fn(*args)` after one warm-up call."""
+  """Median seconds of `fn(*args)` after one warm-up call.
+
+  Args:
+    fn: the function to time (typically jitted; its result is waited for).
+    args: its positional arguments.
+    repeats: number of timed calls.
+
+  Returns:
+    The median wall time of one call, in seconds.
+  """
   jax.block_until_ready(fn(*args))
   times = []
   for _ in range(repeats):
@@ -51,7 +70,20 @@ def time_call(fn, args, repeats: int) -> float:
 
 
 def conv_impl_times(qmodel, svars, images, repeats: int = 3) -> dict:
-  """{conv path: {impl: seconds}} of each quantized conv alone (at ratio 0) on its captured input."""
+  """{conv path: {impl: seconds}} of each quantized conv alone (at ratio 0) on its captured input.
+
+  Implementations `integer.conv_impl_for` would replace (float32 where not exact, int8_widened where
+  there is nothing to widen) are not timed.
+
+  Args:
+    qmodel: the `QuantizedModel`.
+    svars: its serving variables.
+    images: the batch whose layer inputs are captured (its shape is the one timed).
+    repeats: timed calls per implementation (`time_call`).
+
+  Returns:
+    {conv path: {implementation: median seconds}}.
+  """
   plan = qmodel.plan
   out = {}
   for path, (call, x) in capture_layer_inputs(qmodel, svars, images).items():
@@ -71,7 +103,17 @@ def conv_impl_times(qmodel, svars, images, repeats: int = 3) -> dict:
 
 def tune_conv_impls(qmodel, qvars, images, repeats: int = 3):
   """`qmodel` with conv_impls set to the fastest implementation of each conv at the shape of
-  `images` (e.g. a serving batch), and the measured {path: {impl: seconds}}."""
+  `images` (e.g. a serving batch), and the measured {path: {impl: seconds}}.
+
+  Args:
+    qmodel: the `QuantizedModel`.
+    qvars: its quantized (or serving) variables.
+    images: a batch of the serving shape.
+    repeats: timed calls per implementation.
+
+  Returns:
+    (tuned QuantizedModel, {conv path: {implementation: seconds}}).
+  """
   svars = jax.jit(qmodel.prepare)(qvars)
   times = conv_impl_times(qmodel, svars, images, repeats)
   best = tuple((p, min(t, key=t.get)) for p, t in times.items())
