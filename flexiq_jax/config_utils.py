@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def parse_arg(arg: str | None, **defaults) -> dict:
   """'fmnist,smoke,batch=64' -> {'fmnist': True, 'smoke': True, 'batch': 64} over `defaults`.
 
@@ -13,7 +16,8 @@ def parse_arg(arg: str | None, **defaults) -> dict:
     arg: the get_config argument: comma-separated `key` (set to True) or `key=value` items
       (None or empty: the defaults).
     **defaults: the known keys and their default values; a value given as `key=value` is converted
-      to the type of its default, except where the default is None or a bool (then it stays a string).
+      to the type of its default: a bool from true/false (also 1/0, yes/no, any case), a None
+      default keeps the string.
 
   Returns:
     A new dict of every key of `defaults`, with the given values over the defaults.
@@ -34,5 +38,11 @@ def parse_arg(arg: str | None, **defaults) -> dict:
       out[key] = True
     else:
       default = defaults[key]
-      out[key] = type(default)(value) if default is not None and not isinstance(default, bool) else value
+      if isinstance(default, bool):
+        flag = value.strip().lower()
+        if flag not in _BOOLS:
+          raise ValueError(f"config argument {key}={value!r}: expected true or false")
+        out[key] = _BOOLS[flag]
+      else:
+        out[key] = type(default)(value) if default is not None else value
   return out

@@ -259,7 +259,8 @@ def accept_or_refuse(run, float_logits_fn, start, tuned, stage, *, total_steps: 
   raise FinetuneRefused(refusal_message(report, os.path.join(target, os.path.basename(stage.path))))
 
 
-def judge_uniform_qat(config, float_logits_fn, logits_fn, start, end, *, total_steps: int, train_seed: int) -> dict:
+def judge_uniform_qat(config, float_logits_fn, logits_fn, start, end, *, total_steps: int, train_seed: int,
+                      label: str = "W4A4") -> dict:
   """The judgement of a uniform QAT baseline (one bit width, no ratio): `logits_fn(params,
   images)` at its starting parameters `start` (its PTQ initialisation) and at the trained `end`,
   on the held-out images (`judge_images`), with the finetune's margins. A comparison reports
@@ -273,6 +274,7 @@ def judge_uniform_qat(config, float_logits_fn, logits_fn, start, end, *, total_s
     end: after QAT.
     total_steps: its QAT steps.
     train_seed: the seed of its batches.
+    label: the precision named in the failures (e.g. 'W4A4', 'W8A8').
 
   Returns:
     The report dict: 'accepted', 'failed', 'images', 'before_qat', 'after_qat' ({'top1', 'kl'}
@@ -299,6 +301,6 @@ def judge_uniform_qat(config, float_logits_fn, logits_fn, start, end, *, total_s
     return {"uniform": {"top1": 100.0 * hits / len(held.images), "kl": kl / len(held.images)}}
 
   before, after = figures(start), figures(end)
-  failed = [f.replace("ratio uniform", "W4A4") for f in failures(before, after, top1_drop, kl_rise)]
+  failed = [f.replace("ratio uniform", label) for f in failures(before, after, top1_drop, kl_rise)]
   return {"accepted": not failed, "failed": failed, "images": held.source, "before_qat": before["uniform"],
           "after_qat": after["uniform"], "margins": {"judge_top1_drop": top1_drop, "judge_kl_rise": kl_rise}}

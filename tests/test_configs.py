@@ -180,3 +180,11 @@ def test_lite0_transfer_config():
   assert load_config("efficientnet_lite0", "fmnist_pretrained,smoke").train.num_epochs <= 0.02
   with pytest.raises(ValueError, match="choose one"):
     load_config("efficientnet_lite0", "fmnist,fmnist_pretrained")
+
+
+def test_config_arguments_parse_booleans_and_refuse_other_words():
+  from flexiq_jax.config_utils import parse_arg
+  assert parse_arg("smoke=false,fmnist", smoke=True, fmnist=False) == {"smoke": False, "fmnist": True}
+  assert parse_arg("smoke=True", smoke=False) == {"smoke": True}
+  with pytest.raises(ValueError, match="expected true or false"):
+    parse_arg("smoke=maybe", smoke=False)

@@ -300,7 +300,7 @@ def switchable_qat(config, workdir: str, model, variables, plan, folded, tables:
     frozen_now = state.frozen
     verdict = judge.judge_uniform_qat(config, float_fn, lambda t, x, forward=forward: forward(t, frozen_now, x),
                                       pick(start), pick(state.trainable), total_steps=total_steps,
-                                      train_seed=config.seed + 2)
+                                      train_seed=config.seed + 2, label=f"W{b[0]}A{b[1]}")
     if not verdict["accepted"]:
       print(f"warning: switchable QAT at W{b[0]}A{b[1]} ended worse than its PTQ start ({', '.join(verdict['failed'])})"
             f"; its row is marked refused.")

@@ -17,8 +17,10 @@ Methods (config.compare.methods):
   ptq_minmax, ptq_mse   uniform W8A8 and W4A4 post-training quantization
   adaround        uniform W4A4 post-training quantization with AdaRound weight rounding
                   (compare.adaround: Nagel et al. 2020, MSE ranges)
-  lsq_qat         uniform W4A4 QAT with LSQ, same budget and recipe as config.finetune
+  lsq_qat         uniform W4A4 QAT with LSQ, FlexiQ's recipe and forward+backward passes
                   (checkpoints in compare/lsq_qat/<fingerprint of its config fields>)
+  switchable_qat  one network trained jointly at W8A8 and W4A4 (LSQ scales per precision),
+                  switched at run time; the same recipe and passes (compare/switchable_qat/...)
 The ablation sub-workdirs are evaluated before finetuning only (their finetuning would cost as
 much again as FlexiQ's). Every row also carries agreement with the float model's predictions,
 KL(float || quantized) and the output SQNR, measured in the same evaluation pass. Each method's
