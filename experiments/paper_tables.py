@@ -332,6 +332,14 @@ def header(title: str, prov: dict) -> str:
   return text + "\n"
 
 
+def t1_entry(recs, pick) -> dict:
+  """A T1 cell's figures over seeds: top-1 and fidelity of `pick(record)` per seed, with the
+  relative BOPs and setting of the first seed's row (None where it has none)."""
+  found = pick(recs[0])
+  return {"top1": per_seed(recs, pick), "fidelity": {k: per_seed(recs, pick, k) for k in FIDELITY},
+          "relative_bops": found["relative_bops"] if found else None, "setting": found["setting"] if found else None}
+
+
 def table1(sweep: dict) -> dict:
   """4-bit accuracy per model: FlexiQ at 100% after finetuning vs each baseline at 4 bits."""
   rows = []
@@ -347,38 +355,28 @@ def table1(sweep: dict) -> dict:
         pick = lambda r: matched_layerwise_row(r, flexiq(r)["relative_bops"] if flexiq(r) else 0.26)
       else:
         pick = lambda r, m=method, p=prefix: find_row(r, m, setting_prefix=p)
-      found = [pick(r) for r in recs]
-      row["baselines"][method] = {"top1": per_seed(recs, pick),
-                                  "fidelity": {k: per_seed(recs, pick, k) for k in FIDELITY},
-                                  "relative_bops": found[0]["relative_bops"] if found[0] else None,
-                                  "setting": found[0]["setting"] if found[0] else None}
-      if method == "layerwise_amp" and not found[0] and cheapest_layerwise_bops(recs[0]) is not None:
+      row["baselines"][method] = t1_entry(recs, pick)
+      if method == "layerwise_amp" and not pick(recs[0]) and cheapest_layerwise_bops(recs[0]) is not None:
         # No point within FlexiQ's BOPs: the cell says so (no costlier point is compared instead).
         row["baselines"][method]["unmatched"] = {"cheapest_relative_bops": cheapest_layerwise_bops(recs[0]),
                                                  "budget": budget[0] if budget else None}
-    for method, prefix in T1_SWITCHABLE:
-      pick = lambda r, m=method, p=prefix: find_row(r, m, setting_prefix=p)
-      found = pick(recs[0])
-      row.setdefault("switchable", {})[method] = {"top1": per_seed(recs, pick),
-                                                   "fidelity": {k: per_seed(recs, pick, k) for k in FIDELITY},
-                                                   "relative_bops": found["relative_bops"] if found else None,
-                                                   "setting": found["setting"] if found else None}
+    row["switchable"] = {m: t1_entry(recs, lambda r, m=m, p=p: find_row(r, m, setting_prefix=p))
+                         for m, p in T1_SWITCHABLE}
     rows.append(row)
   # Margins as the paper states them: FlexiQ minus each baseline, averaged over the models that
   # have both; and minus the best baseline of each model.
-  margins, best = {}, []
-  for method, _ in T1_BASELINES:
-    diffs = [r["flexiq_100"]["mean"] - r["baselines"][method]["top1"]["mean"] for r in rows
-             if r["flexiq_100"] and r["baselines"][method]["top1"]]
-    margins[method] = {"mean": float(np.mean(diffs)), "models": len(diffs)} if diffs else None
+  def margin(group, method):
+    diffs = [r["flexiq_100"]["mean"] - r[group][method]["top1"]["mean"] for r in rows
+             if r["flexiq_100"] and r[group][method]["top1"]]
+    return {"mean": float(np.mean(diffs)), "models": len(diffs)} if diffs else None
+
+  margins = {m: margin("baselines", m) for m, _ in T1_BASELINES}
+  margins.update({m: margin("switchable", m) for m, _ in T1_SWITCHABLE})
+  best = []
   for r in rows:
     tops = [b["top1"]["mean"] for b in r["baselines"].values() if b["top1"]]
     if r["flexiq_100"] and tops:
       best.append(r["flexiq_100"]["mean"] - max(tops))
-  for method, _ in T1_SWITCHABLE:
-    diffs = [r["flexiq_100"]["mean"] - r["switchable"][method]["top1"]["mean"] for r in rows
-             if r["flexiq_100"] and r["switchable"][method]["top1"]]
-    margins[method] = {"mean": float(np.mean(diffs)), "models": len(diffs)} if diffs else None
   average = {"flexiq_100": stat([r["flexiq_100"]["mean"] for r in rows if r["flexiq_100"]]),
              **{m: stat([r["switchable"][m]["top1"]["mean"] for r in rows if r["switchable"][m]["top1"]])
                 for m, _ in T1_SWITCHABLE},

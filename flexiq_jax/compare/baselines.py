@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -232,7 +231,7 @@ def switchable_step(state: finetune.QATState, batch, *, forwards: tuple, tx: opt
   Returns:
     The new state and {'loss', 'ce', 'accuracy', 'grad_norm', 'accuracy_<w>w<a>a' per precision}.
   """
-  teacher = (teacher_fn(batch["image"]) if teacher_fn is not None and distill_weight > 0 else None)
+  teacher = finetune.teacher_logits_of(teacher_fn, distill_weight, batch["image"])
 
   def loss_fn(trainable):
     losses, ces, accs = [], [], []

@@ -96,6 +96,20 @@ class CompareContext:
     sums = [train_lib.eval_sums(jnp.asarray(logits), batch) for logits, batch in zip(self.float_logits, self.eval_data)]
     return 100.0 * float(sum(s["top1"] for s in sums)) / float(sum(s["count"] for s in sums))
 
+  def ptq_tables(self, method: str) -> dict:
+    """The post-training clipping tables at 4 and 8 bits, activations and weights both with
+    `method` ranges ('minmax' or 'mse'), on the calibration images (`layerwise.apply.build_tables`).
+
+    Args:
+      method: the range method.
+
+    Returns:
+      The tables `build_tables` returns.
+    """
+    return apply_lib.build_tables(self.float_model.model, self.calibration.plan, self.calibration.folded,
+                                  self.calibration.stats, act_method=method, weight_method=method, bits=(4, 8),
+                                  batches=self.calib_batches)
+
   @classmethod
   def build(cls, run: pipeline.Run, float_model: FloatModel, float_logits=None) -> "CompareContext":
     """Calibration (cached), the calibration and eval data, and the float model's logits on the
@@ -314,8 +328,7 @@ def layerwise_amp(ctx: CompareContext) -> list[Row]:
 def _ptq(ctx: CompareContext, method: str) -> list[Row]:
   """Uniform W8A8 and W4A4 post-training quantization with `method` ranges."""
   plan, keep_ends = ctx.calibration.plan, ctx.config.compare.keep_ends
-  tables = apply_lib.build_tables(ctx.float_model.model, plan, ctx.calibration.folded, ctx.calibration.stats,
-                                  act_method=method, weight_method=method, bits=(4, 8), batches=ctx.calib_batches)
+  tables = ctx.ptq_tables(method)
   ev = driver.LayerwiseEvaluator(ctx.float_model.model, plan, ctx.calibration.folded, tables, ctx.run.mesh)
   rows = []
   for bits in ((8, 8), (4, 4)):
@@ -339,8 +352,7 @@ def adaround(ctx: CompareContext) -> list[Row]:
     ratio in `extra`.
   """
   cc, plan, model = ctx.config.compare, ctx.calibration.plan, ctx.float_model.model
-  tables = apply_lib.build_tables(model, plan, ctx.calibration.folded, ctx.calibration.stats, act_method="mse",
-                                  weight_method="mse", bits=(4, 8), batches=ctx.calib_batches)
+  tables = ctx.ptq_tables("mse")
   bits = baselines.uniform_bits(plan, (4, 4), cc.keep_ends)
   images = jnp.concatenate(ctx.calib_batches)[:cc.adaround_images]
   settings = adaround_lib.AdaRoundSettings(iterations=cc.adaround_iterations)
@@ -394,9 +406,7 @@ def lsq_qat(ctx: CompareContext) -> list[Row]:
     A one-Row list; the setting says when the judge refused the result.
   """
   cc, plan = ctx.config.compare, ctx.calibration.plan
-  tables = apply_lib.build_tables(ctx.float_model.model, plan, ctx.calibration.folded, ctx.calibration.stats,
-                                  act_method=cc.lsq_init, weight_method=cc.lsq_init, bits=(4, 8),
-                                  batches=ctx.calib_batches)
+  tables = ctx.ptq_tables(cc.lsq_init)
   bits = baselines.uniform_bits(plan, (4, 4), cc.keep_ends)
   # Its checkpoints sit under a fingerprint of what they depend on: a finished run of another
   # recipe (or calibration) must not be restored and evaluated as if it were this one.
@@ -426,9 +436,7 @@ def switchable_qat(ctx: CompareContext) -> list[Row]:
     One Row per precision of baselines.SWITCHABLE_BITS.
   """
   cc, plan = ctx.config.compare, ctx.calibration.plan
-  tables = apply_lib.build_tables(ctx.float_model.model, plan, ctx.calibration.folded, ctx.calibration.stats,
-                                  act_method=cc.lsq_init, weight_method=cc.lsq_init, bits=(4, 8),
-                                  batches=ctx.calib_batches)
+  tables = ctx.ptq_tables(cc.lsq_init)
   key = stage_cache.fingerprint(method_fields(ctx.config, "switchable_qat"))
   workdir = os.path.join(ctx.run.workdir, "compare", "switchable_qat", key)
   outs = baselines.switchable_qat(ctx.config, workdir, ctx.float_model.model, ctx.float_model.variables, plan,

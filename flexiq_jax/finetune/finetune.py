@@ -206,7 +206,17 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
                                lambda trainable: {k: "params" if k == "params" else "scales" for k in trainable})
 
 
-def _teacher_logits(teacher_fn, distill_weight, images):
+def teacher_logits_of(teacher_fn, distill_weight, images):
+  """The distillation teacher's logits of `images`, or None when not distilling.
+
+  Args:
+    teacher_fn: images -> float logits, or None.
+    distill_weight: the weight of the KL term; 0 turns distillation off.
+    images: the batch's images.
+
+  Returns:
+    The teacher's logits (no gradient flows into them), or None.
+  """
   if teacher_fn is None or distill_weight <= 0:
     return None
   return jax.lax.stop_gradient(teacher_fn(images))
@@ -233,7 +243,7 @@ def distill_step(state: QATState, batch, *, logits_fn: Callable, tx: optax.Gradi
     (new state, metrics {'loss', 'ce', 'accuracy', 'grad_norm', and `extra_metrics`}).
   """
   loss_fn = make_loss_fn(batch, logits_fn=logits_fn, frozen=state.frozen,
-                         teacher_logits=_teacher_logits(teacher_fn, distill_weight, batch["image"]),
+                         teacher_logits=teacher_logits_of(teacher_fn, distill_weight, batch["image"]),
                          distill_weight=distill_weight, label_smoothing=label_smoothing)
   (loss, (logits, ce)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
   metrics = {"loss": loss, "ce": ce, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
@@ -338,7 +348,7 @@ def qat_step(state: QATState, batch, *, qmodel: QuantizedModel, tx: optax.Gradie
     'kl_to_float' when distilling}), loss and metrics averaged over the step's ratios.
   """
   sampled = sampler(jax.random.fold_in(rng_key, state.step))
-  teacher = _teacher_logits(teacher_fn, distill_weight, batch["image"])
+  teacher = teacher_logits_of(teacher_fn, distill_weight, batch["image"])
 
   def loss_and_grads_at(ratio):
     loss_fn = make_loss_fn(batch, logits_fn=lambda t, f, x: qmodel.apply(merge_qvars(t, f), x, ratio),
