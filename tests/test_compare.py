@@ -106,6 +106,7 @@ def test_registry_runs_methods_with_one_signature_and_caches_their_rows(context,
   assert json.load(open(tmp_path / "wd" / "select" / "selection.json"))["selector"] == "greedy"
   assert results["float_top1"] == 12.5
   assert json.load(open(tmp_path / "wd" / "compare" / "compare.json"))["rows"] == rows
+  assert "Rows reused" not in open(tmp_path / "wd" / "compare" / "compare_table.md").read()  # all computed now
   # A rerun takes every method's rows from compare/rows.json, also with another list of methods
   # or another results prefix (neither changes a method's rows) ...
   monkeypatch.setitem(harness.METHODS, "flexiq", lambda ctx: pytest.fail("flexiq rows were not reused"))
@@ -114,6 +115,9 @@ def test_registry_runs_methods_with_one_signature_and_caches_their_rows(context,
                                        "compare.results_prefix": str(tmp_path / "elsewhere")})
   assert harness.run_compare(fewer.run, fewer.float_model)["rows"] == flexiq
   assert os.path.exists(tmp_path / "elsewhere.json")
+  # The report written from cached rows says which earlier run computed them.
+  assert "Rows reused from the workdir's cache (computed by an earlier run): flexiq (commit" in open(
+      tmp_path / "elsewhere.md").read()
   assert harness.run_compare(ctx.run, ctx.float_model)["rows"] == rows and len(seen) == 1
   # ... until a field they depend on changes.
   changed = _in(ctx, tmp_path / "wd", **{"compare.methods": ("fake",), "compare.keep_ends": False})

@@ -588,6 +588,11 @@ def write_reports(results: dict, workdir: str, prefix: str = "") -> str:
   """
   title = f"Method comparison: {results['model']} on {results['dataset']}"
   text = f"# {title}\n\n" + records.provenance_header(results)
+  reused = {m: made for m, made in (results.get("methods_made_by") or {}).items() if not made.get("this_run")}
+  if reused:  # rows this command read from the workdir's cache: say which run computed them
+    text += "Rows reused from the workdir's cache (computed by an earlier run): " + ", ".join(
+        f"{m} (commit {str(made.get('commit') or 'not recorded')[:7]}, {made.get('date') or 'date not recorded'})"
+        for m, made in reused.items()) + ".\n\n"
   if results.get("float_top1") is not None:
     text += f"Float model top-1: {results['float_top1']:.2f}% ({results['eval_examples']} eval images)\n\n"
   text += ("Relative BOPs: MACs x weight bits x activation bits of the quantized layers, against all of "
