@@ -17,6 +17,7 @@ command, commit, device and date that made them); the tables are derived from th
   paper_t2_ratios.{json,md}      T2: accuracy vs 4-bit ratio before/after finetuning, loss at 50% vs 8-bit
   paper_t3_ablations.{json,md}   T3: extraction, channel order, selector, bias correction (before finetuning)
   paper_f1_pareto.png            F1: accuracy (or KL / SQNR: --pareto_metric) vs relative BOPs, all methods
+  paper_f1_pareto_kl.png         F1 with KL(float || quantized) on the y axis
   paper_f2_speed.{json,md,png}   F2: integer-path time vs ratio (benchmarks/results/integer_path_<backend>.json)
   paper_claims.{json,md}         each claim of the paper beside the measured figure
 
@@ -362,6 +363,7 @@ def table1(sweep: dict) -> dict:
                                                  "budget": budget[0] if budget else None}
     row["switchable"] = {m: t1_entry(recs, lambda r, m=m, p=p: find_row(r, m, setting_prefix=p))
                          for m, p in T1_SWITCHABLE}
+    row["curve_areas"] = curve_areas(recs[0], budget[0]) if budget else {}
     rows.append(row)
   # Margins as the paper states them: FlexiQ minus each baseline, averaged over the models that
   # have both; and minus the best baseline of each model.
@@ -384,6 +386,61 @@ def table1(sweep: dict) -> dict:
                 for m, _ in T1_BASELINES}}
   return {"rows": rows, "average": average, "margin_over": margins,
           "margin_over_best": {"mean": float(np.mean(best)), "models": len(best)} if best else None}
+
+
+# The curves whose area T1 reports: (label, method, which rows). FlexiQ and the switchable network
+# are one network each, switched at run time; the others' points are separate models.
+CURVES = (("FlexiQ (FT)", "flexiq", {"finetuned": True}), ("switchable_qat", "switchable_qat", {}),
+          ("layerwise_amp", "layerwise_amp", {}), ("ptq_minmax", "ptq_minmax", {}), ("ptq_mse", "ptq_mse", {}),
+          ("adaround", "adaround", {}), ("lsq_qat", "lsq_qat", {}))
+
+
+def achievable_area(points, lo: float, hi: float, higher_is_better: bool = True) -> float | None:
+  """Mean over budgets B in [lo, hi] of the best figure among the points whose cost is within B.
+
+  The curve a deployer gets from a method's points: at relative BOPs B it runs the best point that
+  costs no more than B (a step function, no interpolation between points).
+
+  Args:
+    points: (relative BOPs, figure) pairs of one method.
+    lo: the lowest budget (relative BOPs) of the range.
+    hi: the highest budget (relative BOPs) of the range, above `lo`.
+    higher_is_better: True for top-1 or agreement, False for KL.
+
+  Returns:
+    The normalised area (the figure's unit), or None where the method has no point within `lo`
+    (it cannot run at the range's low end).
+  """
+  points = sorted((float(b), float(v)) for b, v in points if b is not None and v is not None)
+  if not points or points[0][0] > lo + 1e-9 or hi <= lo:
+    return None
+  better = max if higher_is_better else min
+  edges = sorted({lo, hi} | {b for b, _ in points if lo < b < hi})
+  area = 0.0
+  for start, end in zip(edges[:-1], edges[1:]):
+    area += (end - start) * better(v for b, v in points if b <= start + 1e-9)
+  return area / (hi - lo)
+
+
+def curve_areas(record, lo: float) -> dict:
+  """Area under each method's achievable top-1 and KL curve over relative BOPs [lo, 1] (`CURVES`).
+
+  Args:
+    record: one model's sweep record.
+    lo: the range's low end (FlexiQ's 100 % point).
+
+  Returns:
+    {label: {'top1': area or None, 'kl': area or None, 'points': n}} for the methods with rows.
+  """
+  out = {}
+  for label, method, where in CURVES:
+    rows = [r for r in record["rows"] if r["method"] == method
+            and all(bool(r.get(k, False)) == v for k, v in where.items())]
+    if rows:
+      out[label] = {"points": len(rows), **{
+          field: achievable_area([(r["relative_bops"], r.get(field)) for r in rows], lo, 1.0, field != "kl")
+          for field in ("top1", "kl")}}
+  return out
 
 
 # A drop of the 8-bit point by multi-ratio finetuning larger than this is named in T2 and the claims.
@@ -615,6 +672,18 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
       ["model", "FlexiQ 100% (FT)"] + methods_t1,
       [[r["model"], fidelity(r["flexiq_100_fidelity"])] + [fidelity(r["baselines"][m]["fidelity"]) for m in methods_t1]
        for r in t1["rows"]])
+  labels = [c[0] for c in CURVES]
+  area = lambda a, f, d: "-" if not a else ("cannot reach 100%'s BOPs" if a[f] is None else f"{a[f]:.{d}f}")
+  text += ("\n\nWhole curves: the area under each method's achievable curve over relative BOPs from FlexiQ's 100% "
+           "point to W8A8 (1.0), divided by the range: at each budget the best of the method's points that costs no "
+           "more (a step function). Top-1 (%) / KL(float || quantized). FlexiQ (after finetuning, every swept ratio) "
+           "and the switchable network are one network each, switched at run time; the other methods' points are "
+           "separate models (a single-point baseline is one flat step). \"cannot reach\": the method has no point that "
+           "cheap (layer-wise AMP).\n\n")
+  text += records.markdown_table(
+      ["model"] + labels,
+      [[r["model"]] + [f"{area(r['curve_areas'].get(l), 'top1', 2)} / {area(r['curve_areas'].get(l), 'kl', 4)}"
+                       if r["curve_areas"].get(l) else "-" for l in labels] for r in t1["rows"]])
   _write(out, "paper_t1_4bit", {**prov, **t1}, text + "\n")
 
   text = header("T2: accuracy vs 4-bit ratio, before and after finetuning", prov)
@@ -652,6 +721,8 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
   _write(out, "paper_t3_ablations", {**prov, **t3}, text)
 
   plot_pareto(sweep, os.path.join(out, "paper_f1_pareto.png"), pareto_metric)
+  if pareto_metric != "kl":
+    plot_pareto(sweep, os.path.join(out, "paper_f1_pareto_kl.png"), "kl")
 
   if f2:
     text = header("F2: integer-path time vs 4-bit ratio", prov)

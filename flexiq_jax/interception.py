@@ -27,6 +27,7 @@ import numpy as np
 from jax import lax
 
 from flexiq_jax.models.layers import AttentionMatmul
+from flexiq_jax.models.layers import depthwise_conv_general_dilated
 
 QUANTIZABLE = (nn.Dense, nn.DenseGeneral, nn.Conv)
 
@@ -340,11 +341,16 @@ def conv(module: nn.Conv, x, kernel, padding, preferred=None, input_dilation=Non
     The NHWC convolution output, without bias.
   """
   lhs_dilation = module.input_dilation if input_dilation is None else input_dilation
-  return lax.conv_general_dilated(
+  # Float operands of a depthwise conv: the k*k taps (XLA:CPU's grouped conv is several times slower,
+  # forward and backward); any other conv, and integer accumulation, is XLA's conv.
+  if preferred is None:
+    conv_fn, extra = depthwise_conv_general_dilated, {}
+  else:
+    conv_fn, extra = lax.conv_general_dilated, {"preferred_element_type": preferred}
+  return conv_fn(
       x, kernel, window_strides=spatial_pair(module.strides), padding=padding,
       lhs_dilation=spatial_pair(lhs_dilation), rhs_dilation=spatial_pair(module.kernel_dilation),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=module.feature_group_count,
-      preferred_element_type=preferred)
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=module.feature_group_count, **extra)
 
 
 def finish(info: LayerInfo, y, bias):

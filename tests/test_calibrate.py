@@ -142,9 +142,11 @@ def test_percentile_and_mse_clip_tighter_than_minmax(setup, method):
   if method == "percentile":
     # The 99th percentile of |x| clips below the maximum wherever the input is not constant.
     assert any(other[p]["act_scale"] < calib[p]["act_scale"] * (1 - 1e-3) for p in plan.quantized)
-    # Ranges (and so signedness) do not depend on the method.
+    # Ranges (and so signedness) do not depend on the method (to float rounding: the two passes are
+    # compiled with different statistics, so XLA may fuse the layers' sums differently).
     for p in plan.quantized:
-      np.testing.assert_array_equal(other[p]["ch_min"], calib[p]["ch_min"])
+      np.testing.assert_allclose(other[p]["ch_min"], calib[p]["ch_min"], rtol=1e-6, atol=0)
+      np.testing.assert_array_equal(np.sign(other[p]["ch_min"]), np.sign(calib[p]["ch_min"]))
 
 
 def test_collect_merges_batches(setup):

@@ -312,3 +312,20 @@ def test_get_set_and_flatten_paths():
   assert created["x"] == {"y": 4} and "x" not in tree
   assert interception.flatten_paths(new) == {"a/b/c": 10, "a/b/d": 2, "e": 3}
   assert interception.flatten_paths({}) == {}
+
+
+def test_depthwise_conv_of_float_operands_is_computed_as_taps_and_equals_xla():
+  """A depthwise conv on float operands (the QAT and calibration forward) sums k*k taps, not
+  XLA's grouped conv, with the same result; integer accumulation keeps XLA's conv."""
+  module = nn.Conv(8, (3, 3), strides=2, padding="SAME", feature_group_count=8)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, 8))
+  kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 1, 8))
+  padding = interception.conv_padding(module, x.shape, kernel.shape)
+  want = jax.lax.conv_general_dilated(x, kernel, (2, 2), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      feature_group_count=8)
+  np.testing.assert_allclose(interception.conv(module, x, kernel, padding), want, rtol=1e-5, atol=1e-5)
+  grouped = lambda f, *a: [e for e in jax.make_jaxpr(f)(*a).jaxpr.eqns
+                           if e.primitive.name == "conv_general_dilated" and e.params["feature_group_count"] > 1]
+  assert not grouped(lambda a, b: interception.conv(module, a, b, padding), x, kernel)
+  xi, ki = jnp.round(x * 20).astype(jnp.int8), jnp.round(kernel * 20).astype(jnp.int8)
+  assert grouped(lambda a, b: interception.conv(module, a, b, padding, preferred=jnp.int32), xi, ki)

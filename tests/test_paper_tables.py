@@ -244,3 +244,30 @@ def test_the_model_lists_are_the_registrys():
   depthwise = {s.config for s in models.specs() if s.depthwise}
   assert depthwise == {"mobilenetv2", "efficientnet_b0", "efficientnet_lite0"}
   assert set(paper_tables.SWEEP_ORDER[-len(depthwise):]) == depthwise  # the slowest last
+
+
+def test_achievable_area_is_the_best_affordable_point_at_every_budget():
+  # Two points: 80 at 0.25, 90 at 0.5: budgets [0.25, 0.5) get 80, [0.5, 1] get 90.
+  assert paper_tables.achievable_area([(0.25, 80.0), (0.5, 90.0)], 0.25, 1.0) == pytest.approx(
+      (0.25 * 80 + 0.5 * 90) / 0.75)
+  # A costlier point that is worse never lowers the curve; KL takes the smallest.
+  assert paper_tables.achievable_area([(0.25, 80.0), (1.0, 70.0)], 0.25, 1.0) == pytest.approx(80.0)
+  assert paper_tables.achievable_area([(0.25, 0.2), (0.5, 0.05)], 0.25, 1.0, higher_is_better=False) == pytest.approx(
+      (0.25 * 0.2 + 0.5 * 0.05) / 0.75)
+  # No point as cheap as the range's low end: no area.
+  assert paper_tables.achievable_area([(0.3, 80.0)], 0.25, 1.0) is None
+
+
+def test_t1_reports_each_methods_area_under_its_achievable_curve(tmp_path):
+  out = str(tmp_path)
+  _write_sweep(out, [_record("resnet18", 0, 88.0, (87.8, 87.2, 80.0), 70.0, 79.0, 60.0, 75.0)])
+  t1 = paper_tables.write_tables(out)["t1"]
+  areas = t1["rows"][0]["curve_areas"]
+  # FlexiQ after finetuning: 80 at 0.26, 87.2 at 0.63, 87.8 at 1.0.
+  assert areas["FlexiQ (FT)"]["top1"] == pytest.approx(((0.63 - 0.26) * 80 + (1 - 0.63) * 87.2) / 0.74)
+  assert areas["lsq_qat"]["top1"] == pytest.approx(79.0)  # one point: a flat step
+  assert areas["ptq_mse"]["top1"] == pytest.approx(70.0)  # W8A8 costs exactly 1.0: a zero-width step
+  assert areas["layerwise_amp"]["top1"] == pytest.approx((0.24 * 84 + 0.5 * 87) / 0.74)
+  text = open(os.path.join(out, "paper_t1_4bit.md")).read()
+  assert "Whole curves" in text and f"{areas['FlexiQ (FT)']['top1']:.2f}" in text
+  assert os.path.exists(os.path.join(out, "paper_f1_pareto_kl.png"))

@@ -119,10 +119,15 @@ def test_int8_path_matches_fake_quant_and_is_really_int8(setup):
   assert all(ins[1] == "int8" and ins[0] in ("int8", "uint8") and out == ("int32" if name == "dot_general" else conv_out)
              for name, ins, out in plain), plain
   # 'auto' on CPU: the convs with fewer than 32 input channels and the grouped/depthwise ones run on
-  # the codes in float32 (exact: integer sums below 2^24), the rest as int8.
+  # the codes in float32 (exact: integer sums below 2^24), the rest as int8; a depthwise conv on
+  # float32 codes is the sum of its k*k taps (no conv primitive: XLA:CPU's grouped conv is slower).
   auto = layer_ops(int_model)
-  assert len(auto) == len(plan.quantized), auto
-  expect_float = [integer.default_conv_impl(plan.layers[p]) == "float32" for p in plan.quantized]
+  info = plan.layers
+  depthwise = [info[p].kind == "conv" and info[p].groups > 1 and info[p].groups == info[p].in_channels
+               == info[p].out_channels for p in plan.quantized]
+  assert depthwise == [False, True, False, False, False, False]
+  assert len(auto) == len(plan.quantized) - sum(depthwise), auto
+  expect_float = [integer.default_conv_impl(info[p]) == "float32" for p, d in zip(plan.quantized, depthwise) if not d]
   assert [ins == ["float32", "float32"] for _, ins, _ in auto] == expect_float, auto
   if jax.default_backend() == "cpu":
     assert [integer.default_conv_impl(plan.layers[p]) for p in plan.quantized] == \
