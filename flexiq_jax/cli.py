@@ -238,7 +238,10 @@ def guarded(main):
       raise SystemExit(line) from None
     except KeyboardInterrupt as e:
       import sys  # pylint: disable=g-import-not-at-top
-      print(f"interrupted: {one_line(e) if str(e) else 'stopped'}; rerun the same command to resume", file=sys.stderr)
+      line = one_line(e) if str(e) else "stopped"
+      if "rerun the same command" not in line:
+        line += "; rerun the same command to resume"
+      print(f"interrupted: {line}", file=sys.stderr)
       raise SystemExit(130) from None
 
   return wrapped

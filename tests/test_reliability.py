@@ -787,3 +787,34 @@ def test_os_errors_of_the_user_are_one_line_others_are_not():
       "error: /wd/.lock: Permission denied.")
   assert cli.user_os_error(OSError(errno.EIO, "Input/output error", "/wd/x")) is None  # a fault, not the user's
   assert cli.user_os_error(ValueError("x")) is None
+
+
+def test_ctrl_c_on_run_py_checkpoints_at_the_next_step_and_records_interrupted(tiny_fmnist, tmp_path):
+  import signal
+  import time
+  workdir = tmp_path / "wd"
+  args = ["--config=configs/quickstart.py:smoke", f"--workdir={workdir}", f"--config.data.data_dir={tiny_fmnist}",
+          "--config.train.batch_size=32", "--config.train.num_epochs=100", "--config.train.log_every_steps=1",
+          "--config.train.checkpoint_every_steps=100000", "--mode=train"]  # 800 steps: stopped long before the end
+  env = dict(os.environ, FLEXIQ_NO_PROGRESS="1", PYTHONPATH=ROOT)
+  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "run.py"), *args], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 300
+    while not os.path.exists(workdir / "float" / "metrics.jsonl") and time.time() < deadline and proc.poll() is None:
+      time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)  # the first Ctrl-C is heard
+    _, err = proc.communicate(timeout=300)
+  finally:
+    proc.kill()
+  lines = err.strip().splitlines()
+  assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+  assert lines[-1].startswith("interrupted: SIGINT received; stopped float train at step ")
+  assert lines[-1].count("rerun the same command to resume") == 1
+  step = int(lines[-1].split(" at step ")[1].split("/")[0])
+  assert 0 < step < 800
+  (record,) = [json.load(open(workdir / "runs" / f)) for f in os.listdir(workdir / "runs")]
+  assert record["status"] == "interrupted" and "SIGINT" in record["error"]
+  mngr = checkpoint.manager(str(workdir / "float" / "checkpoints"))
+  assert max(mngr.all_steps()) == step  # saved at the step the signal stopped
+  mngr.close()
