@@ -588,6 +588,18 @@ def test_load_quantized_falls_back_to_the_newest_intact_float_checkpoint(workdir
   assert loaded.qvars and sorted(int(s) for s in os.listdir(ckpt) if s.isdigit()) == [last, last + 1]  # only read
 
 
+def test_load_quantized_on_damaged_serving_variables_is_one_clear_line(workdir_copy):
+  import flexiq_jax
+  workdir, _ = workdir_copy
+  for d, _, fs in os.walk(os.path.join(workdir, "serving", "qvars_int8")):
+    for f in fs:
+      if os.sep + "d" + os.sep in os.path.join(d, f):
+        open(os.path.join(d, f), "r+b").truncate(3)
+  with pytest.raises(checkpoint.CorruptCheckpoint, match=r"cannot read the saved arrays in .*serving/qvars_int8") as e:
+    flexiq_jax.load_quantized(workdir)
+  assert len(str(e.value).splitlines()) == 1 and isinstance(e.value, cli.user_errors())
+
+
 # 13. Clear, early errors.
 
 
