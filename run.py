@@ -48,6 +48,13 @@ def main(argv):
   workdir = cli.start(argv, _WORKDIR.value)
   records.git_commit()  # pin the provenance to the code at start
   parallel.maybe_initialize_distributed(config.distributed)
+  read_only = workdir_lib.read_only_reason(workdir) if workdir_lib.process_zero() else None
+  if read_only:  # evaluate what the workdir holds, write nothing (no lock, record or results)
+    workdir_lib.check_read_only_mode(workdir, read_only, mode, _FORCE_FROM.value)
+    print(f"note: workdir {workdir} is read-only ({read_only}): --mode={mode} reuses the stages it holds and "
+          "writes nothing there (no lock, run record, results.json, ratio table or TensorBoard events)")
+    _run(pipeline.Run(config, workdir, read_only=True), mode, None)
+    return
   run = pipeline.Run(config, workdir)
   # One run at a time per workdir; runs/<timestamp>.json records this one, and results.json is
   # derived from the finished runs only when it ends (a failed run leaves it untouched).
@@ -83,12 +90,14 @@ def _run(run, mode, record):
   else:
     result = pipeline.run_until(run, until)
     tuned = result.finetuned
-  if result.float_metrics is not None:
+  if result.float_metrics is not None and not run.read_only:
     records.update_results(workdir, config, "float", result.float_metrics, record=record)
   if mode in ("sweep", "all"):
     before = pipeline.sweep(run, result.quantized, desc="before finetuning", float_logits=result.float_logits)
     after = pipeline.sweep(run, tuned, desc="after finetuning", float_logits=result.float_logits) if tuned else None
     rows = evaluate.ratio_rows(before, after)
+    if run.read_only:
+      return
     records.update_results(workdir, config, "ratio_sweep", rows, record=record)
     if workdir_lib.process_zero():
       print(evaluate.write_ratio_report(workdir, rows, result.float_metrics,
@@ -101,4 +110,4 @@ if __name__ == "__main__":
     sys.exit(0)
   cli.print_help_and_exit(sys.argv, __doc__)
   sys.argv = cli.resolve_config_argv(sys.argv)
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -238,11 +238,17 @@ def cheapest_layerwise_bops(record) -> float | None:
 
 def baseline_cell(entry: dict) -> str:
   """A T1 baseline cell: its top-1, or for a layer-wise AMP search with no point within FlexiQ's
-  BOPs, "could not match" with its cheapest point's and FlexiQ's relative BOPs."""
+  BOPs, "could not match" with its cheapest point's and FlexiQ's relative BOPs, or for a QAT
+  baseline the judge refused, "refused" with its top-1 in brackets (`t1_entry`)."""
   if entry.get("unmatched"):
     u = entry["unmatched"]
     return (f"could not match (cheapest {u['cheapest_relative_bops']:.3f} BOPs"
             + (f" > {u['budget']:.3f}" if u["budget"] is not None else "") + ")")
+  if entry.get("refused"):  # the QAT judge refused it on some seeds (or all): not compared there
+    r = entry["refused"]
+    if entry["top1"] is None:
+      return f"refused ({fmt(r['top1'])})"
+    return f"{fmt(entry['top1'])} (refused on seed {', '.join(str(s) for s in r['seeds'])}: {fmt(r['top1'])})"
   return fmt(entry["top1"])
 
 
@@ -335,10 +341,19 @@ def header(title: str, prov: dict) -> str:
 
 def t1_entry(recs, pick) -> dict:
   """A T1 cell's figures over seeds: top-1 and fidelity of `pick(record)` per seed, with the
-  relative BOPs and setting of the first seed's row (None where it has none)."""
+  relative BOPs and setting of the first seed's row (None where it has none). A row the QAT judge
+  refused (worse than its PTQ start) is left out of the figures, so out of the averages and
+  margins too; `refused` then gives its seeds, top-1 and reason for the cell."""
+  from flexiq_jax.compare import harness  # pylint: disable=g-import-not-at-top
   found = pick(recs[0])
-  return {"top1": per_seed(recs, pick), "fidelity": {k: per_seed(recs, pick, k) for k in FIDELITY},
-          "relative_bops": found["relative_bops"] if found else None, "setting": found["setting"] if found else None}
+  accepted = lambda r: None if pick(r) is None or harness.row_refusal(pick(r)) else pick(r)
+  entry = {"top1": per_seed(recs, accepted), "fidelity": {k: per_seed(recs, accepted, k) for k in FIDELITY},
+           "relative_bops": found["relative_bops"] if found else None, "setting": found["setting"] if found else None}
+  refused = [(r["seed"], pick(r)) for r in recs if pick(r) is not None and harness.row_refusal(pick(r))]
+  if refused:
+    entry["refused"] = {"seeds": [seed for seed, _ in refused], "top1": stat([row["top1"] for _, row in refused]),
+                        "reason": harness.row_refusal(refused[0][1])}
+  return entry
 
 
 def table1(sweep: dict) -> dict:
@@ -423,7 +438,8 @@ def achievable_area(points, lo: float, hi: float, higher_is_better: bool = True)
 
 
 def curve_areas(record, lo: float) -> dict:
-  """Area under each method's achievable top-1 and KL curve over relative BOPs [lo, 1] (`CURVES`).
+  """Area under each method's achievable top-1 and KL curve over relative BOPs [lo, 1] (`CURVES`);
+  a row the QAT judge refused is no point of its curve.
 
   Args:
     record: one model's sweep record.
@@ -434,7 +450,8 @@ def curve_areas(record, lo: float) -> dict:
   """
   out = {}
   for label, method, where in CURVES:
-    rows = [r for r in record["rows"] if r["method"] == method
+    from flexiq_jax.compare import harness
+    rows = [r for r in record["rows"] if r["method"] == method and not harness.row_refusal(r)
             and all(bool(r.get(k, False)) == v for k, v in where.items())]
     if rows:
       out[label] = {"points": len(rows), **{
@@ -641,12 +658,15 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
   text += ("FlexiQ: every lowerable channel in 4 bits (ratio 100%) after multi-ratio finetuning. Baselines at "
            "W4A4 with the first and last layers at W8A8 as FlexiQ keeps them; layer-wise AMP: its point with the "
            "largest BOPs not above FlexiQ's, or \"could not match\" with its cheapest point's BOPs where it has "
-           "none that cheap (left out of the averages and margins). Top-1 (%), mean ± sd over seeds where several "
-           "ran.\n\n")
+           "none that cheap (left out of the averages and margins). A QAT baseline that ended worse than its "
+           "PTQ start on held-out images beyond finetune.judge_top1_drop / judge_kl_rise is \"refused\" (its top-1 "
+           "in brackets), left out of the averages and margins as well. Top-1 (%), mean ± sd over seeds where "
+           "several ran.\n\n")
   headers = ["model", "seeds", "float", "FlexiQ 100% (FT)", "KL"] + methods_t1 + [f"{m} W4A4" for m in switchable_t1]
   table = [[r["model"], r["seeds"], fmt(r["float"]), fmt(r["flexiq_100"]), fmt(r["flexiq_100_fidelity"]["kl"], 4)]
            + [baseline_cell(r["baselines"][m]) for m in methods_t1]
-           + [fmt(r.get("switchable", {}).get(m, {}).get("top1")) for m in switchable_t1] for r in t1["rows"]]
+           + [baseline_cell(r["switchable"][m]) if m in r.get("switchable", {}) else "-" for m in switchable_t1]
+           for r in t1["rows"]]
   table.append(["average", "", "", fmt(t1["average"]["flexiq_100"])] + [""] + [fmt(t1["average"][m]) for m in methods_t1]
                + [fmt(t1["average"].get(m)) for m in switchable_t1])
   text += records.markdown_table(headers, table)
@@ -665,6 +685,11 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
   text += "\n\nThe baselines' settings as run (from the records): " + "; ".join(
       f"{m}: " + ", ".join(f"'{k}' ({', '.join(v)})" for k, v in by.items()) for m, by in settings.items()
       if m != "layerwise_amp") + "."
+  refusals = [(r["model"], m, cell["refused"]) for r in t1["rows"]
+              for m, cell in list(r["baselines"].items()) + list(r.get("switchable", {}).items()) if cell.get("refused")]
+  if refusals:
+    text += "\n\nRefused by the QAT judge (left out of the averages and margins): " + "; ".join(
+        f"{m} on {model} (seed {', '.join(str(s) for s in ref['seeds'])}): {ref['reason']}" for model, m, ref in refusals) + "."
   text += ("\n\nThe same 4-bit points measured against the float model, where top-1 saturates: agreement with its "
            "predictions (%) / KL(float || quantized) / output SQNR (dB), mean over seeds.\n\n")
   fidelity = lambda f: " / ".join(fmt(f[k], d) for k, d in zip(FIDELITY, (2, 4, 1))) if any(f.values()) else "-"

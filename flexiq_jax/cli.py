@@ -144,12 +144,13 @@ def start(argv: list[str], workdir: str | None) -> str:
     The workdir.
 
   Raises:
-    absl.app.UsageError: there are positional arguments after the program name.
+    SystemExit: an `error:` line, when there are positional arguments after the program name.
   """
-  from absl import app, flags, logging
+  from absl import flags, logging
   from ml_collections import config_flags
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise SystemExit(f"error: unexpected arguments {argv[1:]} (flags take the form --name=value; "
+                     f"--help lists them)")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   workdir = workdir or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
@@ -168,8 +169,31 @@ def user_errors() -> tuple:
     A tuple of exception classes, for an `except` clause.
   """
   from flexiq_jax import artifacts, checkpoint, judge, preflight, stage_cache, train, workdir  # pylint: disable=g-import-not-at-top
-  return (preflight.ConfigError, preflight.MissingInput, workdir.WorkdirLocked, stage_cache.StageConfigChanged,
-          judge.FinetuneRefused, train.NonFiniteError, checkpoint.CorruptCheckpoint, artifacts.StaleArtifact)
+  return (preflight.ConfigError, preflight.MissingInput, workdir.WorkdirLocked, workdir.ReadOnlyWorkdir,
+          stage_cache.StageConfigChanged, judge.FinetuneRefused, train.NonFiniteError, checkpoint.CorruptCheckpoint,
+          artifacts.StaleArtifact)
+
+
+# OS errors that a user fixes (a read-only or foreign workdir, a full disk), not a bug to trace.
+_USER_OS_ERRNOS = ("EROFS", "EACCES", "EPERM", "ENOSPC", "EDQUOT")
+
+
+def user_os_error(error: BaseException) -> str | None:
+  """The `error:` line of an OS error that is the user's to fix (a read-only file system, a
+  permission, a full disk) on a named file; None for any other error.
+
+  Args:
+    error: the exception.
+
+  Returns:
+    One line naming the file and the OS's reason, or None.
+  """
+  import errno  # pylint: disable=g-import-not-at-top
+  codes = {getattr(errno, name) for name in _USER_OS_ERRNOS if hasattr(errno, name)}
+  if not isinstance(error, OSError) or error.errno not in codes or not error.filename:
+    return None
+  return (f"error: {error.filename}: {error.strerror}. A read-only workdir can only be evaluated with the stages it "
+          f"holds (--mode=eval, --mode=sweep); to compute or write anything, use a writable --workdir")
 
 
 def one_line(error: BaseException) -> str:
@@ -207,9 +231,17 @@ def guarded(main):
         return main(argv)
     except user_errors() as e:
       raise SystemExit(f"error: {one_line(e)}") from None
+    except OSError as e:
+      line = user_os_error(e)
+      if line is None:
+        raise
+      raise SystemExit(line) from None
     except KeyboardInterrupt as e:
       import sys  # pylint: disable=g-import-not-at-top
-      print(f"interrupted: {one_line(e) if str(e) else 'stopped'}; rerun the same command to resume", file=sys.stderr)
+      line = one_line(e) if str(e) else "stopped"
+      if "rerun the same command" not in line:
+        line += "; rerun the same command to resume"
+      print(f"interrupted: {line}", file=sys.stderr)
       raise SystemExit(130) from None
 
   return wrapped
@@ -239,3 +271,49 @@ def print_help_and_exit(argv: list[str], doc: str) -> None:
   text = flags.FLAGS.module_help(main_module) if "--helpfull" not in argv else flags.FLAGS.get_help()
   print(text or flags.FLAGS.main_module_help())
   raise SystemExit(0)
+
+
+def _override_of(field: str, argv: list[str]) -> str | None:
+  """The --config.<...>=<value> argument of `argv` whose dotted name ends in or passes through
+  `field`, or None."""
+  for a in argv:
+    name = a.partition("=")[0]
+    if name.startswith("--config.") and field in name[len("--config."):].split("."):
+      return a
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing for `app.run(main, flags_parser=cli.parse_flags)`, with its errors (an
+  unknown flag or config field, a value of the wrong type, a config file whose get_config fails)
+  as one `error:` line and exit status 1 instead of absl's FATAL lines or a traceback.
+
+  Args:
+    argv: the command line (argv[0] is the program).
+
+  Returns:
+    The arguments left after the flags (absl's `FLAGS(argv)`).
+
+  Raises:
+    SystemExit: with the `error:` line, when the flags do not parse.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    # A config file whose get_config raised: absl quotes its traceback; its last line is the error.
+    text = lines[0] + " " + lines[-1] if len(lines) > 1 and any(l.startswith("Traceback") for l in lines) else " ".join(lines)
+    raise SystemExit(f"error: {text} (python {os.path.basename(argv[0])} --help lists the flags)") from None
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of a field the config lacks
+    inner = e
+    while inner.args and isinstance(inner.args[0], BaseException):  # AttributeError(KeyError(...))
+      inner = inner.args[0]
+    message = inner.args[0] if inner.args and isinstance(inner.args[0], str) else str(inner)
+    field = message.splitlines()[0].strip("'\" ")
+    hint = " ".join(message.splitlines()[1:]).strip()
+    arg = _override_of(field, argv[1:]) or f"--config...{field}"
+    raise SystemExit(f"error: {arg}: the config has no field {field!r}" + (f" ({hint})" if hint else "")) from None
+  except (TypeError, ValueError) as e:  # an override whose value the field's type cannot take
+    raise SystemExit(f"error: {one_line(e)}") from None
+

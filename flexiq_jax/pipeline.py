@@ -45,11 +45,13 @@ STAGES = ("train", "eval", "calibrate", "select", "quantize", "finetune")
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """Where a pipeline runs: the config, the workdir and the device mesh."""
+  """Where a pipeline runs: the config, the workdir and the device mesh. A `read_only` run (its
+  workdir cannot be written) reuses the stages the workdir holds and writes no TensorBoard events."""
 
   config: object
   workdir: str
   mesh: object = None
+  read_only: bool = False
 
   def __post_init__(self):
     if self.mesh is None:
@@ -138,7 +140,8 @@ def train_float(run: Run, on_step=None) -> FloatModel:
   state = train_lib.create_train_state(model, jax.random.PRNGKey(opts.seed), train_ds.image_shape, tx, init_vars)
   stage = run.stage("float")
   stage.begin(resumable=True)  # refuses a changed config before anything is written
-  records.write_run_config(run.workdir, run.config)
+  if not run.read_only:
+    records.write_run_config(run.workdir, run.config)
   step_fn = functools.partial(train_lib.train_step, apply_fn=model.apply, tx=tx, label_smoothing=opts.label_smoothing)
   state = train_lib.fit(parallel.replicate(state, run.mesh), step_fn, train_ds, opts, total_steps=total_steps,
                         seed=opts.seed, workdir=stage.path, desc="float train", log_every=opts.log_every_steps,
@@ -508,6 +511,8 @@ def sweep(run: Run, quantized: Quantized, desc: str = "sweep", ratios=None,
     fidelity = (f"  agreement {m['agreement']:.2f}%  KL {m['kl']:.4f}  SQNR {m['sqnr_db']:.1f} dB"
                 if "kl" in m else "")
     print(f"{desc}: ratio {ratio:.2f}  top-1 {m['top1']:.2f}%  relative BOPs {points[-1].relative_bops:.3f}{fidelity}")
+  if run.read_only:
+    return points
   # TensorBoard: accuracy against the ratio in percent (the step axis), one tag per sweep.
   summary.write_scalars(os.path.join(run.workdir, "sweep"), [
       (round(100 * p.ratio), {"top1": p.top1, "top5": p.top5, "relative_bops": p.relative_bops,
@@ -579,7 +584,10 @@ def check_config(config) -> None:
     ValueError: naming the field.
   """
   for ratio in config.sweep.ratios:
-    quantize_lib.check_ratio(ratio)
+    try:
+      quantize_lib.check_ratio(ratio)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"sweep.ratios: {e}") from None
   stage_options.check_config(config)
 
 
@@ -604,7 +612,7 @@ def check_before_work(run: Run, until: str, *, check_float: bool = True) -> None
     parallel.check_batch_size(run.config.eval_batch_size, run.mesh, "eval_batch_size")
   except preflight.ConfigError:
     raise
-  except ValueError as e:  # every config value a stage would reject: one kind of user error
+  except (TypeError, ValueError) as e:  # every config value a stage would reject: one kind of user error
     raise preflight.ConfigError(str(e)) from None
   preflight.check_inputs(run.config, weights=check_float and not run.stage("float").is_done())
   last = STAGES.index(until)

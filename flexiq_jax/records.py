@@ -190,7 +190,8 @@ def write_json_atomic(path: str, data) -> None:
   multi-host run holds the same values, and one writer keeps the file whole. NaN and Inf are
   written as null with the value named beside it (`finite_json`): the file is always valid JSON.
   The file is written to a temporary name and then renamed over `path`; parent directories are
-  created.
+  created. A file that already holds exactly this text is left alone (a reused stage rewrites
+  nothing, so a read-only workdir can still be read).
 
   Args:
     path: the JSON file's path (local or gs://).
@@ -199,9 +200,15 @@ def write_json_atomic(path: str, data) -> None:
   if jax.process_index() != 0:
     return
   path = epath.Path(path)
+  text = json.dumps(finite_json(data), indent=2, sort_keys=False, allow_nan=False)
+  try:
+    if path.exists() and path.read_text() == text:
+      return
+  except (OSError, UnicodeDecodeError):
+    pass  # unreadable: write it anew
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / f"{path.name}.tmp.{os.getpid()}"
-  tmp.write_text(json.dumps(finite_json(data), indent=2, sort_keys=False, allow_nan=False))
+  tmp.write_text(text)
   tmp.replace(path)
 
 

@@ -14,6 +14,7 @@ import datetime
 import fcntl
 import os
 import socket
+import tempfile
 
 import jax
 from etils import epath
@@ -39,6 +40,58 @@ def is_local(path: str) -> bool:
     True unless `path` contains '://'.
   """
   return "://" not in str(path)
+
+
+class ReadOnlyWorkdir(ValueError):
+  """A mode that writes was asked of a workdir that cannot be written."""
+
+
+# What a read-only workdir still allows: evaluating the stages it holds, without writing.
+READ_ONLY_MODES = ("train", "eval", "calibrate", "select", "quantize", "finetune", "sweep")
+
+
+def read_only_reason(workdir: str) -> str | None:
+  """Why `workdir` cannot be written, or None when it can (or is remote: not probed).
+
+  A temporary file is created in it and removed (the directory is created first when it does not
+  exist), so the answer holds for the file system's mount flags and the user's permissions alike.
+
+  Args:
+    workdir: the workdir.
+
+  Returns:
+    The OS error's text (e.g. 'Read-only file system'), or None when the workdir is writable.
+  """
+  if not is_local(workdir):
+    return None
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write_probe.", dir=workdir)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    return e.strerror or type(e).__name__
+  return None
+
+
+def check_read_only_mode(workdir: str, reason: str, mode: str, force_from: str | None) -> None:
+  """Refuses, before any work, a run.py mode that must write to a read-only workdir.
+
+  Args:
+    workdir: the workdir.
+    reason: why it cannot be written (`read_only_reason`).
+    mode: the --mode value.
+    force_from: the --force_from value (None when not given).
+
+  Raises:
+    ReadOnlyWorkdir: `force_from` is given, or `mode` is not one of READ_ONLY_MODES.
+  """
+  writes = "--force_from" if force_from else None if mode in READ_ONLY_MODES else f"--mode={mode}"
+  if writes:
+    raise ReadOnlyWorkdir(
+        f"workdir {workdir} is read-only ({reason}) and {writes} writes to it; copy the workdir to a writable "
+        f"place, or use another --workdir (a read-only workdir can be evaluated: --mode=eval or --mode=sweep "
+        f"reuse the stages it holds and write nothing)")
 
 
 @contextlib.contextmanager

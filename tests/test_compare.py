@@ -216,6 +216,41 @@ def test_write_reports_same_ratio_table(tmp_path):
   assert os.path.getsize(tmp_path / "out" / "x.png") > 1000
 
 
+def test_a_refused_qat_row_is_reported_with_its_reason_and_left_out_of_the_pareto_plot(tmp_path):
+  verdict = {"accepted": False, "failed": ["W4A4 top-1"], "images": "64 held-out images",
+             "before_qat": {"top1": 70.0, "kl": 0.3}, "after_qat": {"top1": 12.0, "kl": 2.1},
+             "margins": {"judge_top1_drop": 2.0, "judge_kl_rise": 0.1}}
+  extra = harness._judged({"kl": 2.0}, verdict)
+  assert extra["refused"].startswith("worse than its PTQ start (W4A4 top-1) on 64 held-out images: top-1 70.00% -> "
+                                     "12.00%, KL 0.3 -> 2.1 (margins: top-1 drop 2.0, KL rise 0.1)")
+  assert "refused" not in harness._judged({}, {**verdict, "accepted": True})
+  # Rows cached before the reason was stored are recognised by their verdict.
+  assert harness.row_refusal({"judge": verdict}) == extra["refused"] and harness.row_refusal({"top1": 1.0}) is None
+  rows = [{"method": "ptq_mse", "setting": "W4A4", "top1": 70.0, "relative_bops": 0.25},
+          {"method": "lsq_qat", "setting": "W4A4, 4 steps (refused: worse than its PTQ start on held-out images)",
+           "top1": 12.0, "relative_bops": 0.25, **extra}]
+  results = {"command": "python run.py", "commit": "abc", "device": "cpu", "date": "today", "model": "m",
+             "dataset": "d", "float_top1": 82.0, "eval_examples": 10, "rows": rows}
+  os.makedirs(tmp_path / "compare")
+  text = compare.write_reports(results, str(tmp_path))
+  assert "| lsq_qat | W4A4, 4 steps (refused" in text  # reported ...
+  assert f"- lsq_qat W4A4, 4 steps (refused: worse than its PTQ start on held-out images): {extra['refused']}" in text
+
+  class Axes:  # ... and not drawn
+    def __init__(self):
+      self.lines = []
+
+    def plot(self, x, y, *args, label=None, **kwargs):
+      self.lines.append(label)
+
+    def axhline(self, *args, **kwargs):
+      pass
+
+  ax = Axes()
+  harness.draw_pareto(ax, rows)
+  assert ax.lines == ["ptq_mse"]
+
+
 def test_rows_round_trip_through_json():
   row = harness.Row("ptq_mse", "W4A4", np.float32(70.5), 0.25, {"ratio": 1.0})
   assert harness.Row.from_json(json.loads(json.dumps(row.to_json()))) == harness.Row("ptq_mse", "W4A4", 70.5, 0.25,

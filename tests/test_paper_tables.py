@@ -271,3 +271,30 @@ def test_t1_reports_each_methods_area_under_its_achievable_curve(tmp_path):
   text = open(os.path.join(out, "paper_t1_4bit.md")).read()
   assert "Whole curves" in text and f"{areas['FlexiQ (FT)']['top1']:.2f}" in text
   assert os.path.exists(os.path.join(out, "paper_f1_pareto_kl.png"))
+
+
+def test_a_qat_baseline_the_judge_refused_is_reported_but_left_out_of_averages_and_margins(tmp_path):
+  """A refused LSQ (worse than its PTQ start on held-out images: here its KL) is no valid point of
+  comparison: its cell says "refused" with its top-1 and the reason, and no average, margin or
+  best baseline counts it."""
+  out = str(tmp_path)
+  verdict = {"accepted": False, "failed": ["W4A4 KL"], "images": "192 training images the finetune never saw",
+             "before_qat": {"top1": 80.0, "kl": 0.2}, "after_qat": {"top1": 79.0, "kl": 2.3},
+             "margins": {"judge_top1_drop": 2.0, "judge_kl_rise": 0.1}}
+  refused = _record("resnet18", 0, 89.0, (88.5, 88.0, 87.0), ptq_w4=80.0, lsq=86.5, naive_100=84.0, fitted_100=86.0)
+  for row in refused["rows"]:
+    if row["method"] == "lsq_qat":
+      row.update(judge=verdict, setting=row["setting"] + " (refused: worse than its PTQ start on held-out images)")
+  accepted = _record("deit_s", 0, 86.0, (85.0, 84.0, 83.0), ptq_w4=70.0, lsq=84.0, naive_100=83.0, fitted_100=82.0)
+  _write_sweep(out, [refused, accepted])
+  tables = paper_tables.write_tables(out, benchmark=str(tmp_path / "no_benchmark.json"))
+  t1 = {r["model"]: r for r in tables["t1"]["rows"]}
+  lsq = t1["resnet18"]["baselines"]["lsq_qat"]
+  assert lsq["top1"] is None and lsq["refused"]["top1"]["mean"] == 86.5 and lsq["refused"]["seeds"] == [0]
+  assert "top-1 80.00% -> 79.00%, KL 0.2 -> 2.3" in lsq["refused"]["reason"]
+  assert tables["t1"]["margin_over"]["lsq_qat"] == {"mean": pytest.approx(83.0 - 84.0), "models": 1}
+  assert tables["t1"]["average"]["lsq_qat"]["mean"] == 84.0
+  # resnet18's best baseline is layer-wise AMP (84.0), not the refused LSQ (86.5).
+  assert tables["t1"]["margin_over_best"]["mean"] == pytest.approx((87.0 - 84.0 + 83.0 - 84.0) / 2)
+  md = open(os.path.join(out, "paper_t1_4bit.md")).read()
+  assert "| refused (86.50) |" in md and "lsq_qat on resnet18 (seed 0): worse than its PTQ start (W4A4 KL)" in md

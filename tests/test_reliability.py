@@ -588,6 +588,18 @@ def test_load_quantized_falls_back_to_the_newest_intact_float_checkpoint(workdir
   assert loaded.qvars and sorted(int(s) for s in os.listdir(ckpt) if s.isdigit()) == [last, last + 1]  # only read
 
 
+def test_load_quantized_on_damaged_serving_variables_is_one_clear_line(workdir_copy):
+  import flexiq_jax
+  workdir, _ = workdir_copy
+  for d, _, fs in os.walk(os.path.join(workdir, "serving", "qvars_int8")):
+    for f in fs:
+      if os.sep + "d" + os.sep in os.path.join(d, f):
+        open(os.path.join(d, f), "r+b").truncate(3)
+  with pytest.raises(checkpoint.CorruptCheckpoint, match=r"cannot read the saved arrays in .*serving/qvars_int8") as e:
+    flexiq_jax.load_quantized(workdir)
+  assert len(str(e.value).splitlines()) == 1 and isinstance(e.value, cli.user_errors())
+
+
 # 13. Clear, early errors.
 
 
@@ -662,3 +674,159 @@ def test_a_signal_outside_a_training_loop_stops_at_once():
     with pytest.raises(signals.Interrupted, match=r"SIGINT received; stopped at once"):
       os.kill(os.getpid(), signal.SIGINT)
       time.sleep(5)  # calibration or evaluation: no step to finish
+
+
+# 14. A read-only workdir can be evaluated; everything else is one error line.
+
+# Runs run.py with every Python-level write under one directory failing as on a read-only mount
+# (root ignores chmod, so the file system's refusal is simulated where Python asks for it).
+_READ_ONLY_LAUNCHER = r'''
+import builtins, errno, io, os, runpy, sys
+root, script = os.path.realpath(sys.argv[1]), sys.argv[2]
+sys.argv = [script] + sys.argv[3:]
+
+def inside(path):
+  try:
+    real = os.path.realpath(os.fspath(path))
+  except TypeError:
+    return False
+  return real == root or real.startswith(root + os.sep)
+
+def deny(path):
+  raise OSError(errno.EROFS, "Read-only file system", os.fspath(path))
+
+real_open, real_os_open = builtins.open, os.open
+
+def ro_open(file, mode="r", *args, **kwargs):
+  if not isinstance(file, int) and any(c in mode for c in "wax+") and inside(file):
+    deny(file)
+  return real_open(file, mode, *args, **kwargs)
+
+def ro_os_open(path, flags, *args, **kwargs):
+  if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC) and inside(path):
+    deny(path)
+  return real_os_open(path, flags, *args, **kwargs)
+
+def guard(name):
+  fn = getattr(os, name)
+  def wrapped(path, *args, **kwargs):
+    if inside(path):
+      if name == "mkdir" and os.path.exists(path):
+        raise FileExistsError(errno.EEXIST, "File exists", os.fspath(path))
+      deny(path)
+    return fn(path, *args, **kwargs)
+  setattr(os, name, wrapped)
+
+builtins.open = io.open = ro_open
+os.open = ro_os_open
+for name in ("mkdir", "remove", "unlink", "rmdir", "rename", "replace", "truncate", "utime"):
+  guard(name)
+runpy.run_path(script, run_name="__main__")
+'''
+
+
+def _run_py_read_only(workdir, *args):
+  from conftest import RunPy
+  env = dict(os.environ, FLEXIQ_NO_PROGRESS="1", PYTHONPATH=ROOT)
+  out = subprocess.run([sys.executable, "-c", _READ_ONLY_LAUNCHER, workdir, os.path.join(ROOT, "run.py"), *args],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  return RunPy(out.returncode, out.stdout, out.stderr)
+
+
+def test_a_read_only_workdir_is_evaluated_with_a_note_and_refuses_what_writes(finished_run, tmp_path):
+  workdir = str(tmp_path / "wd")
+  shutil.copytree(finished_run.workdir, workdir)
+  before = _tree_of_files(workdir)
+  args = smoke_args(workdir, finished_run.data_dir, "--config.select.selector=evolutionary")
+  swept = _run_py_read_only(workdir, *args, "--mode=sweep")
+  assert swept.returncode == 0, swept.stderr[-3000:]
+  notes = [l for l in swept.stdout.splitlines() if l.startswith("note:")]
+  assert len(notes) == 1 and "is read-only (Read-only file system)" in notes[0] and "writes nothing" in notes[0]
+  assert "after finetuning: ratio 1.00" in swept.stdout and "Traceback" not in swept.stderr
+  assert _tree_of_files(workdir) == before  # no lock, run record, results, table or events written
+  for extra in (["--mode=report"], ["--mode=finetune", "--force_from=finetune"]):
+    refused = _run_py_read_only(workdir, *args, *extra)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"error: workdir {workdir} is read-only")
+  # A stage the workdir does not hold cannot be computed there: one line naming the path.
+  missing = _run_py_read_only(workdir, *args, "--mode=sweep", "--config.select.population=6")
+  assert missing.returncode == 1 and "Traceback" not in missing.stderr
+  assert missing.stderr.strip().splitlines()[-1].startswith(f"error: {workdir}/select.partial: Read-only file system")
+  assert _tree_of_files(workdir) == before
+
+
+def test_a_reused_stage_rewrites_no_file(tmp_path):
+  from flexiq_jax import records
+  path = str(tmp_path / "done.json")
+  records.write_json_atomic(path, {"fingerprint": "abc", "total_steps": 8})
+  os.utime(path, (0, 0))
+  records.write_json_atomic(path, {"fingerprint": "abc", "total_steps": 8})
+  assert os.stat(path).st_mtime == 0  # the same content: not written again
+  records.write_json_atomic(path, {"fingerprint": "abc", "total_steps": 9})
+  assert json.load(open(path))["total_steps"] == 9
+
+
+@pytest.mark.parametrize("args,line", [
+    (["--config.nosuchkey=1"], "error: --config.nosuchkey=1: the config has no field 'nosuchkey'"),
+    (["--config.train.batch_sze=1"], "error: --config.train.batch_sze=1: the config has no field 'batch_sze' "
+                                     "(Did you mean \"batch_size\" instead of \"batch_sze\"?)"),
+    (["--config.train.batch_size=abc"], "error: flag --config.train.batch_size=abc: invalid literal for int()"),
+    (["--config.sweep.ratios=(abc,)"], "error: sweep.ratios: ratio must be a number in [0, 1], got '(abc,)'"),
+    (["--mode=nosuch"], "error: flag --mode=nosuch: value should be one of <train|"),
+    (["--nosuchflag=1"], "error: Unknown command line flag 'nosuchflag'"),
+    (["stray"], "error: unexpected arguments ['stray']"),
+])
+def test_flag_and_override_errors_are_one_error_line(tmp_path, args, line):
+  out = run_py("--config=configs/quickstart.py:smoke", f"--workdir={tmp_path / 'wd'}", *args)
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode == 1 and len(lines) == 1 and lines[0].startswith(line), out.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "wd" / "float")
+
+
+def test_a_config_argument_that_get_config_refuses_is_one_error_line(tmp_path):
+  out = run_py("--config=configs/quickstart.py:nosucharg", f"--workdir={tmp_path / 'wd'}")
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode == 1 and len(lines) == 1 and "Traceback" not in out.stderr
+  assert lines[0].endswith("ValueError: unknown config argument 'nosucharg'; known: smoke (python run.py --help "
+                           "lists the flags)")
+
+
+def test_os_errors_of_the_user_are_one_line_others_are_not():
+  import errno
+  line = cli.user_os_error(OSError(errno.EROFS, "Read-only file system", "/wd/runs/x.json"))
+  assert line.startswith("error: /wd/runs/x.json: Read-only file system. A read-only workdir can only be evaluated")
+  assert cli.user_os_error(OSError(errno.EACCES, "Permission denied", "/wd/.lock")).startswith(
+      "error: /wd/.lock: Permission denied.")
+  assert cli.user_os_error(OSError(errno.EIO, "Input/output error", "/wd/x")) is None  # a fault, not the user's
+  assert cli.user_os_error(ValueError("x")) is None
+
+
+def test_ctrl_c_on_run_py_checkpoints_at_the_next_step_and_records_interrupted(tiny_fmnist, tmp_path):
+  import signal
+  import time
+  workdir = tmp_path / "wd"
+  args = ["--config=configs/quickstart.py:smoke", f"--workdir={workdir}", f"--config.data.data_dir={tiny_fmnist}",
+          "--config.train.batch_size=32", "--config.train.num_epochs=100", "--config.train.log_every_steps=1",
+          "--config.train.checkpoint_every_steps=100000", "--mode=train"]  # 800 steps: stopped long before the end
+  env = dict(os.environ, FLEXIQ_NO_PROGRESS="1", PYTHONPATH=ROOT)
+  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "run.py"), *args], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 300
+    while not os.path.exists(workdir / "float" / "metrics.jsonl") and time.time() < deadline and proc.poll() is None:
+      time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)  # the first Ctrl-C is heard
+    _, err = proc.communicate(timeout=300)
+  finally:
+    proc.kill()
+  lines = err.strip().splitlines()
+  assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+  assert lines[-1].startswith("interrupted: SIGINT received; stopped float train at step ")
+  assert lines[-1].count("rerun the same command to resume") == 1
+  step = int(lines[-1].split(" at step ")[1].split("/")[0])
+  assert 0 < step < 800
+  (record,) = [json.load(open(workdir / "runs" / f)) for f in os.listdir(workdir / "runs")]
+  assert record["status"] == "interrupted" and "SIGINT" in record["error"]
+  mngr = checkpoint.manager(str(workdir / "float" / "checkpoints"))
+  assert max(mngr.all_steps()) == step  # saved at the step the signal stopped
+  mngr.close()

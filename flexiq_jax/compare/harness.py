@@ -154,6 +154,48 @@ def fidelity(metrics: dict) -> dict:
   return {k: metrics[k] for k in FIDELITY if k in metrics}
 
 
+def refusal(verdict: dict) -> str | None:
+  """Why the QAT judge refused a baseline (`judge.judge_uniform_qat`'s verdict), or None.
+
+  Args:
+    verdict: The judge's report ('accepted', 'failed', 'images', 'before_qat', 'after_qat',
+      'margins').
+
+  Returns:
+    One line with the failed checks, the figures before and after QAT and the margins; None when
+    the verdict accepts.
+  """
+  if verdict.get("accepted", True):
+    return None
+  before, after, margins = verdict.get("before_qat") or {}, verdict.get("after_qat") or {}, verdict.get("margins") or {}
+  return (f"worse than its PTQ start ({', '.join(verdict.get('failed') or ['judged worse'])}) on "
+          f"{verdict.get('images', 'held-out images')}: top-1 {_opt(before.get('top1'), '.2f')}% -> "
+          f"{_opt(after.get('top1'), '.2f')}%, KL {_opt(before.get('kl'), '.4g')} -> {_opt(after.get('kl'), '.4g')} "
+          f"(margins: top-1 drop {margins.get('judge_top1_drop')}, KL rise {margins.get('judge_kl_rise')})")
+
+
+def row_refusal(row: dict) -> str | None:
+  """Why a result row (Row.to_json) was refused by the QAT judge, or None for an accepted row or
+  one without a judgement. Refused rows are reported with the reason and left out of every
+  summary: the Pareto plot, and the paper tables' averages and margins.
+
+  Args:
+    row: A row dict.
+
+  Returns:
+    The reason, or None.
+  """
+  if row.get("refused"):
+    return row["refused"]
+  return refusal(row["judge"]) if isinstance(row.get("judge"), dict) else None
+
+
+def _judged(extra: dict, verdict: dict) -> dict:
+  """A QAT baseline row's extra fields: the verdict, and the refusal's reason when it refuses."""
+  reason = refusal(verdict)
+  return {**extra, "judge": verdict, **({"refused": reason} if reason else {})}
+
+
 def _sweep_rows(method, ctx: "CompareContext", run, quantized) -> list[Row]:
   return [Row(method, f"ratio {p.ratio:g}" + (" (finetuned)" if quantized.finetuned else ""), p.top1,
               p.relative_bops, {"ratio": p.ratio, "low_bit_mac_share": p.low_bit_mac_share,
@@ -403,7 +445,8 @@ def lsq_qat(ctx: CompareContext) -> list[Row]:
     ctx: The comparison context (reads compare.lsq_init and compare.keep_ends).
 
   Returns:
-    A one-Row list; the setting says when the judge refused the result.
+    A one-Row list; when the judge refused the result, the setting says so and the row's
+    'refused' field gives the reason (`row_refusal`).
   """
   cc, plan = ctx.config.compare, ctx.calibration.plan
   tables = ctx.ptq_tables(cc.lsq_init)
@@ -422,7 +465,7 @@ def lsq_qat(ctx: CompareContext) -> list[Row]:
   ends = " (ends W8A8)" if cc.keep_ends else ""
   refused = "" if out["judge"]["accepted"] else " (refused: worse than its PTQ start on held-out images)"
   return [Row("lsq_qat", f"W4A4{ends}, {out['steps']} steps, lr {out['learning_rate']:g}{refused}", out["top1"],
-              baselines.relative_bops(plan, bits), {**fidelity(out), "judge": out["judge"]})]
+              baselines.relative_bops(plan, bits), _judged(fidelity(out), out["judge"]))]
 
 
 def switchable_qat(ctx: CompareContext) -> list[Row]:
@@ -433,7 +476,8 @@ def switchable_qat(ctx: CompareContext) -> list[Row]:
     ctx: The comparison context (reads compare.lsq_init and compare.keep_ends).
 
   Returns:
-    One Row per precision of baselines.SWITCHABLE_BITS.
+    One Row per precision of baselines.SWITCHABLE_BITS; a precision the judge refused is marked
+    as in `lsq_qat`.
   """
   cc, plan = ctx.config.compare, ctx.calibration.plan
   tables = ctx.ptq_tables(cc.lsq_init)
@@ -449,7 +493,7 @@ def switchable_qat(ctx: CompareContext) -> list[Row]:
     refused = "" if out["judge"]["accepted"] else " (refused: worse than its PTQ start on held-out images)"
     rows.append(Row("switchable_qat", f"W{w}A{a}{ends}, switchable, {out['steps']} steps, lr "
                     f"{out['learning_rate']:g}{refused}", out["top1"], out["relative_bops"],
-                    {**fidelity(out), "bits": [w, a], "judge": out["judge"]}))
+                    _judged({**fidelity(out), "bits": [w, a]}, out["judge"])))
   return rows
 
 
@@ -604,6 +648,11 @@ def write_reports(results: dict, workdir: str, prefix: str = "") -> str:
             _opt(r.get("sqnr_db"), ".1f"), f"{r['relative_bops']:.3f}"] for r in results["rows"]]
   text += records.markdown_table(["method", "setting", "top-1 (%)", "agreement (%)", "KL", "SQNR (dB)",
                                   "relative BOPs"], table)
+  refused = [r for r in results["rows"] if row_refusal(r)]
+  if refused:
+    text += ("\nRefused by the QAT judge (reported above; left out of the Pareto plot and of the paper tables' "
+             "averages and margins):\n\n" + "".join(f"- {r['method']} {r['setting']}: {row_refusal(r)}\n"
+                                                    for r in refused))
   amp_rows = {r["ratio"]: r for r in results["rows"] if r["method"] == "flexiq_amp"}
   evo = {r["ratio"]: r for r in results["rows"] if r["method"] == "flexiq" and not r.get("finetuned")}
   both = [lvl for lvl in amp_rows if lvl in evo]
@@ -645,7 +694,8 @@ PARETO_METRICS = {"top1": "top-1 (%)", "agreement": "agreement with float (%)", 
 def draw_pareto(ax, rows, metric: str = "top1", float_top1=None, *, finetuned_suffix: str = " (finetuned)",
                 ms: float = 4, lw=None, float_label="float") -> None:
   """One line per method (finetuned rows apart) on `ax`: `metric` vs relative BOPs, the float
-  model's top-1 as a dashed line (metric 'top1'), KL on a log scale.
+  model's top-1 as a dashed line (metric 'top1'), KL on a log scale. Rows the QAT judge refused
+  (`row_refusal`) are left out.
 
   Args:
     ax: A matplotlib Axes.
@@ -664,7 +714,7 @@ def draw_pareto(ax, rows, metric: str = "top1", float_top1=None, *, finetuned_su
     raise ValueError(f"unknown Pareto metric {metric!r}; use one of {list(PARETO_METRICS)}")
   groups: dict = {}
   for r in rows:
-    if r.get(metric) is None:
+    if r.get(metric) is None or row_refusal(r):  # a refused QAT baseline is no point of the front
       continue
     groups.setdefault(r["method"] + (finetuned_suffix if r.get("finetuned") else ""), []).append(r)
   line = {} if lw is None else {"lw": lw}
