@@ -51,7 +51,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 ELEVEN = tuple(spec.config for spec in models.specs())
 SWEEP_ORDER = tuple(spec.config for spec in sorted(models.specs(), key=lambda spec: spec.depthwise))
 METHODS = ("flexiq", "flexiq_naive", "flexiq_random", "flexiq_uniform", "flexiq_greedy", "flexiq_no_bias_correction",
-           "ptq_minmax", "ptq_mse", "adaround", "lsq_qat", "layerwise_amp", "switchable_qat")
+           "ptq_minmax", "ptq_mse", "adaround", "lsq_qat", "layerwise_amp", "switchable_qat", "flexiq_100only")
 # The 4-bit baselines of T1 (method, the setting prefix of its 4-bit row).
 T1_BASELINES = (("ptq_minmax", "W4A4"), ("ptq_mse", "W4A4"), ("adaround", "W4A4"), ("lsq_qat", "W4A4"),
                 ("layerwise_amp", None))
@@ -365,7 +365,9 @@ def table1(sweep: dict) -> dict:
     row = {"model": model, "seeds": len(recs), "float": stat([r["float"]["top1"] for r in recs]),
            "flexiq_100": per_seed(recs, flexiq),
            "flexiq_100_fidelity": {k: per_seed(recs, flexiq, k) for k in FIDELITY},
-           "flexiq_100_relative_bops": budget[0] if budget else None, "baselines": {}}
+           "flexiq_100_relative_bops": budget[0] if budget else None, "baselines": {},
+           # FlexiQ's quantized model finetuned for 100 % only (LSQ's setting), the same passes.
+           "flexiq_100only": per_seed(recs, lambda r: find_row(r, "flexiq_100only", ratio=1.0))}
     for method, prefix in T1_BASELINES:
       if method == "layerwise_amp":
         pick = lambda r: matched_layerwise_row(r, flexiq(r)["relative_bops"] if flexiq(r) else 0.26)
@@ -389,18 +391,23 @@ def table1(sweep: dict) -> dict:
 
   margins = {m: margin("baselines", m) for m, _ in T1_BASELINES}
   margins.update({m: margin("switchable", m) for m, _ in T1_SWITCHABLE})
-  best = []
+  best, best_100only = [], []
   for r in rows:
     tops = [b["top1"]["mean"] for b in r["baselines"].values() if b["top1"]]
     if r["flexiq_100"] and tops:
       best.append(r["flexiq_100"]["mean"] - max(tops))
+    if r["flexiq_100only"] and tops:
+      best_100only.append(r["flexiq_100only"]["mean"] - max(tops))
   average = {"flexiq_100": stat([r["flexiq_100"]["mean"] for r in rows if r["flexiq_100"]]),
+             "flexiq_100only": stat([r["flexiq_100only"]["mean"] for r in rows if r["flexiq_100only"]]),
              **{m: stat([r["switchable"][m]["top1"]["mean"] for r in rows if r["switchable"][m]["top1"]])
                 for m, _ in T1_SWITCHABLE},
              **{m: stat([r["baselines"][m]["top1"]["mean"] for r in rows if r["baselines"][m]["top1"]])
                 for m, _ in T1_BASELINES}}
   return {"rows": rows, "average": average, "margin_over": margins,
-          "margin_over_best": {"mean": float(np.mean(best)), "models": len(best)} if best else None}
+          "margin_over_best": {"mean": float(np.mean(best)), "models": len(best)} if best else None,
+          "margin_over_best_100only": ({"mean": float(np.mean(best_100only)), "models": len(best_100only)}
+                                       if best_100only else None)}
 
 
 # The curves whose area T1 reports: (label, method, which rows). FlexiQ and the switchable network
@@ -655,19 +662,24 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
   sizes = sorted({r.get("eval_examples") for rs in sweep.values() for r in rs if r.get("eval_examples")})
   text = header("T1: 4-bit accuracy per model (Fashion-MNIST, test split"
                 + (f", {' / '.join(str(n) for n in sizes)} images" if sizes else "") + ")", prov)
-  text += ("FlexiQ: every lowerable channel in 4 bits (ratio 100%) after multi-ratio finetuning. Baselines at "
+  text += ("FlexiQ: every lowerable channel in 4 bits (ratio 100%) after multi-ratio finetuning; \"100%-only\": "
+           "the same quantized model finetuned at ratio 100% only with as many forward+backward passes (LSQ's "
+           "setting, one network for one point). Baselines at "
            "W4A4 with the first and last layers at W8A8 as FlexiQ keeps them; layer-wise AMP: its point with the "
            "largest BOPs not above FlexiQ's, or \"could not match\" with its cheapest point's BOPs where it has "
            "none that cheap (left out of the averages and margins). A QAT baseline that ended worse than its "
            "PTQ start on held-out images beyond finetune.judge_top1_drop / judge_kl_rise is \"refused\" (its top-1 "
            "in brackets), left out of the averages and margins as well. Top-1 (%), mean ± sd over seeds where "
            "several ran.\n\n")
-  headers = ["model", "seeds", "float", "FlexiQ 100% (FT)", "KL"] + methods_t1 + [f"{m} W4A4" for m in switchable_t1]
-  table = [[r["model"], r["seeds"], fmt(r["float"]), fmt(r["flexiq_100"]), fmt(r["flexiq_100_fidelity"]["kl"], 4)]
+  headers = (["model", "seeds", "float", "FlexiQ 100% (FT)", "KL", "FlexiQ 100%-only (FT)"] + methods_t1
+             + [f"{m} W4A4" for m in switchable_t1])
+  table = [[r["model"], r["seeds"], fmt(r["float"]), fmt(r["flexiq_100"]), fmt(r["flexiq_100_fidelity"]["kl"], 4),
+            fmt(r.get("flexiq_100only"))]
            + [baseline_cell(r["baselines"][m]) for m in methods_t1]
            + [baseline_cell(r["switchable"][m]) if m in r.get("switchable", {}) else "-" for m in switchable_t1]
            for r in t1["rows"]]
-  table.append(["average", "", "", fmt(t1["average"]["flexiq_100"])] + [""] + [fmt(t1["average"][m]) for m in methods_t1]
+  table.append(["average", "", "", fmt(t1["average"]["flexiq_100"]), "", fmt(t1["average"].get("flexiq_100only"))]
+               + [fmt(t1["average"][m]) for m in methods_t1]
                + [fmt(t1["average"].get(m)) for m in switchable_t1])
   text += records.markdown_table(headers, table)
   text += ("\nThe switchable column (" + ", ".join(switchable_t1) + ") is one network trained at W8A8 and W4A4 and "
@@ -677,6 +689,10 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
       f"over {k} {v['mean']:+.2f} ({v['models']} models)" for k, v in t1["margin_over"].items() if v)
   if t1["margin_over_best"]:
     text += f"; over the best baseline per model {t1['margin_over_best']['mean']:+.2f}"
+  if t1.get("margin_over_best_100only"):
+    text += (f". FlexiQ finetuned for 100% only (one network for one point, as LSQ; its own column) over the best "
+             f"baseline per model: {t1['margin_over_best_100only']['mean']:+.2f} "
+             f"({t1['margin_over_best_100only']['models']} models)")
   settings = {}
   for r in t1["rows"]:
     for m in methods_t1:

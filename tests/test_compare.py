@@ -268,14 +268,14 @@ def _method_fingerprints(config) -> dict:
     ("compare.allowed_drops", (2.0,), {"layerwise_amp"}),
     ("compare.ablation_ratios", (0.0, 1.0), set(harness.METHODS) - {"flexiq", "flexiq_amp", "layerwise_amp",
                                                                     "ptq_minmax", "ptq_mse", "adaround", "lsq_qat",
-                                                                    "switchable_qat"}),
+                                                                    "switchable_qat", "flexiq_100only"}),
     # A FlexiQ-only finetuning knob: FlexiQ's rows only (LSQ QAT shares the recipe, not the sampler).
     ("finetune.uniform_prob", 0.1, {"flexiq"}),
-    ("finetune.learning_rate", 0.1, {"flexiq", "lsq_qat", "switchable_qat"}),
+    ("finetune.learning_rate", 0.1, {"flexiq", "lsq_qat", "switchable_qat", "flexiq_100only"}),
     # Sandwich passes: FlexiQ's training and the QAT baselines' pass-matched budget.
-    ("finetune.every_step_ratios", (0.0, 1.0), {"flexiq", "lsq_qat", "switchable_qat"}),
+    ("finetune.every_step_ratios", (0.0, 1.0), {"flexiq", "lsq_qat", "switchable_qat", "flexiq_100only"}),
     ("select.population", 3, {"flexiq", "flexiq_naive", "flexiq_random", "flexiq_uniform", "flexiq_greedy",
-                              "flexiq_no_bias_correction", "flexiq_amp"}),
+                              "flexiq_no_bias_correction", "flexiq_amp", "flexiq_100only"}),
     ("quant.extraction", "naive", set(harness.METHODS)),
     ("data.eval_examples", 10, set(harness.METHODS)),
     ("compare.methods", ("flexiq",), set()),
@@ -340,3 +340,19 @@ def test_switchable_baseline_trains_one_network_for_both_precisions(context, tmp
   [fingerprint] = os.listdir(tmp_path / "sw" / "compare" / "switchable_qat")
   log = [json.loads(line) for line in open(tmp_path / "sw" / "compare" / "switchable_qat" / fingerprint / "metrics.jsonl")]
   assert log[-1]["step"] == 2 and {"accuracy_w8a8", "accuracy_w4a4"} <= set(log[-1])
+
+
+def test_flexiq_finetuned_for_100_only_gets_the_passes_of_the_multi_ratio_finetuning(context, tmp_path):
+  """FlexiQ's quantized model trained at ratio 1 only, no every-step ratios, with the passes of
+  FlexiQ's (here sandwich) finetuning as steps: 4 steps x 3 passes = 12 steps of one pass."""
+  ctx = _in(context, tmp_path / "wd", **{"finetune.every_step_ratios": (0.0, 1.0)})
+  rows = harness.flexiq_100only(ctx)
+  assert [(r.method, r.extra["ratio"], r.extra["finetuned"]) for r in rows] == [
+      ("flexiq_100only", q, True) for q in harness.ONLY100_RATIOS]
+  stage = tmp_path / "wd" / "compare" / "flexiq_100only" / "finetune"
+  fields = json.load(open(stage / "fingerprint.json"))["fields"]
+  assert fields["finetune.levels"] == [1.0] and fields["finetune.level_probs"] == [1.0]
+  assert fields["finetune.uniform_prob"] == 0.0 and not fields.get("finetune.every_step_ratios")
+  assert json.load(open(stage / "done.json"))["total_steps"] == 12
+  # It reuses FlexiQ's quantized model: no calibration or selection of its own.
+  assert not os.path.exists(tmp_path / "wd" / "compare" / "flexiq_100only" / "select")

@@ -260,8 +260,14 @@ def test_achievable_area_is_the_best_affordable_point_at_every_budget():
 
 def test_t1_reports_each_methods_area_under_its_achievable_curve(tmp_path):
   out = str(tmp_path)
-  _write_sweep(out, [_record("resnet18", 0, 88.0, (87.8, 87.2, 80.0), 70.0, 79.0, 60.0, 75.0)])
+  record = _record("resnet18", 0, 88.0, (87.8, 87.2, 80.0), 70.0, 79.0, 60.0, 75.0)
+  record["rows"] += [{"method": "flexiq_100only", "setting": f"ratio {q:g} (finetuned)", "top1": t,
+                      "relative_bops": 1 - 0.74 * q, "ratio": q, "finetuned": True} for q, t in ((0.0, 85.0), (1.0, 81.0))]
+  _write_sweep(out, [record])
   t1 = paper_tables.write_tables(out)["t1"]
+  # The single-point FlexiQ network: its 100 % point, against the best baseline (AMP's 84.0 at 0.24 BOPs).
+  assert t1["rows"][0]["flexiq_100only"]["mean"] == 81.0
+  assert t1["margin_over_best_100only"] == {"mean": pytest.approx(81.0 - 84.0), "models": 1}
   areas = t1["rows"][0]["curve_areas"]
   # FlexiQ after finetuning: 80 at 0.26, 87.2 at 0.63, 87.8 at 1.0.
   assert areas["FlexiQ (FT)"]["top1"] == pytest.approx(((0.63 - 0.26) * 80 + (1 - 0.63) * 87.2) / 0.74)

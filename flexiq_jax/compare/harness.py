@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexiq_jax import cost
+from flexiq_jax import finetune as finetune_lib
 from flexiq_jax import pipeline
 from flexiq_jax import progress
 from flexiq_jax import records
@@ -223,6 +224,33 @@ def flexiq(ctx: CompareContext) -> list[Row]:
   if ctx.config.compare.finetune:
     rows += _sweep_rows("flexiq", ctx, ctx.run, pipeline.finetune(ctx.run, ctx.float_model, quantized))
   return rows
+
+
+# The ratios the single-point FlexiQ network is swept at: its own point and what it leaves of the others.
+ONLY100_RATIOS = (0.0, 0.5, 1.0)
+
+
+def flexiq_100only(ctx: CompareContext) -> list[Row]:
+  """FlexiQ's quantized model finetuned for 100 % only (LSQ's setting: one network for one point),
+  in compare/flexiq_100only: every step at ratio 1, no every-step ratios, and as many
+  forward+backward passes as FlexiQ's multi-ratio finetuning makes (`finetune.passes_per_step`).
+
+  Args:
+    ctx: The comparison context.
+
+  Returns:
+    One Row per ratio of ONLY100_RATIOS after this finetuning.
+  """
+  quantized = _flexiq_quantized(ctx)
+  cfg = copy.deepcopy(ctx.config)
+  passes = finetune_lib.passes_per_step(ctx.config.finetune)
+  with cfg.unlocked():
+    cfg.finetune.levels, cfg.finetune.level_probs, cfg.finetune.uniform_prob = (1.0,), (1.0,), 0.0
+    cfg.finetune.every_step_ratios = ()
+    cfg.finetune.num_epochs = float(ctx.config.finetune.num_epochs) * passes
+    cfg.sweep.ratios = ONLY100_RATIOS
+  run = pipeline.Run(cfg, os.path.join(ctx.run.workdir, "compare", "flexiq_100only"), ctx.run.mesh)
+  return _sweep_rows("flexiq_100only", ctx, run, pipeline.finetune(run, ctx.float_model, quantized))
 
 
 def _flexiq_variant(ctx: CompareContext, name: str, overrides: dict) -> list[Row]:
@@ -501,7 +529,7 @@ METHODS: dict[str, Callable[[CompareContext], list[Row]]] = {
     "flexiq": flexiq, "flexiq_naive": flexiq_naive, "flexiq_random": flexiq_random, "flexiq_uniform": flexiq_uniform,
     "flexiq_greedy": flexiq_greedy, "flexiq_no_bias_correction": flexiq_no_bias_correction, "flexiq_amp": flexiq_amp,
     "layerwise_amp": layerwise_amp, "ptq_minmax": ptq_minmax, "ptq_mse": ptq_mse, "adaround": adaround,
-    "lsq_qat": lsq_qat, "switchable_qat": switchable_qat,
+    "lsq_qat": lsq_qat, "switchable_qat": switchable_qat, "flexiq_100only": flexiq_100only,
 }
 # What each method's rows depend on: the cached stage it builds on (its fingerprint fields,
 # and so those of every stage before it) and config fields of its own. Besides: the eval split.
@@ -512,6 +540,11 @@ _ABLATION = ("quantize", ("sweep", "compare.ablation_ratios"))
 _QAT_BASELINE = (tuple(f"finetune.{k}" for k in baselines.LSQ_FINETUNE_FIELDS)
                  + ("finetune.every_step_ratios", "seed", "compare.lsq_init", "compare.keep_ends",
                     "compare.lsq_learning_rate"))
+# FlexiQ finetuned for 100 % only: its quantized model and finetune's fields but the ratio sampler's
+# (which it sets); every_step_ratios sets its passes.
+_FLEXIQ_100ONLY = ("quantize", tuple(f"finetune.{k}" for k in baselines.LSQ_FINETUNE_FIELDS + (
+    "divergence_factor", "judge_images", "judge_top1_drop", "judge_kl_rise", "lsq", "lsq_weights", "lsq_grad_scale",
+    "lsq_learning_rate", "refresh", "refresh_source", "every_step_ratios")) + ("seed", "compare.finetune"))
 METHOD_DEPENDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "flexiq": ("finetune", ("sweep", "compare.finetune")),
     "flexiq_naive": _ABLATION, "flexiq_random": _ABLATION, "flexiq_uniform": _ABLATION,
@@ -523,6 +556,7 @@ METHOD_DEPENDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "adaround": ("calibrate", ("compare.keep_ends", "compare.adaround_iterations", "compare.adaround_images")),
     "lsq_qat": ("calibrate", _QAT_BASELINE),
     "switchable_qat": ("calibrate", _QAT_BASELINE),
+    "flexiq_100only": _FLEXIQ_100ONLY,
 }
 
 
