@@ -73,7 +73,8 @@ def conv_impl_times(qmodel, svars, images, repeats: int = 3) -> dict:
   """{conv path: {impl: seconds}} of each quantized conv alone (at ratio 0) on its captured input.
 
   Implementations `integer.conv_impl_for` would replace (float32 where not exact, int8_widened where
-  there is nothing to widen) are not timed.
+  there is nothing to widen) are not timed, nor is the opt-in 'onednn' (its fused epilogue rounds
+  the last bit of an output differently, and the tuner keeps the logits bit for bit).
 
   Args:
     qmodel: the `QuantizedModel`.
@@ -92,7 +93,7 @@ def conv_impl_times(qmodel, svars, images, repeats: int = 3) -> dict:
       continue
     entry = get_path(svars[integer.SERVING_KEY], path)
     out[path] = {}
-    for impl in integer.CONV_IMPLS:
+    for impl in integer.TUNED_CONV_IMPLS:
       if integer.conv_impl_for(info, plan.signed[path], impl) != impl:
         continue  # not exact in float32 here
       fn = jax.jit(lambda x, e, k, b, call=call, impl=impl, signed=plan.signed[path]: integer.integer_forward(
