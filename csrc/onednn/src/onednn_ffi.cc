@@ -7,17 +7,22 @@
 //   u8 / s8      the f32 result above divided by dst_scale, rounded to nearest even and saturated.
 // Post-ops: 0 none, 1 ReLU, 2 ReLU6 (clip to [0, 6]), 3 GELU (erf form).
 //
-// Exactness on CPUs without VNNI. There oneDNN's int8 kernels multiply with vpmaddubsw, whose
-// pairwise s16 sums saturate for large u8 x s8 products, and for s8 activations some kernels halve
-// the weights (7-bit weights) while others saturate. The accumulators then differ from the exact
-// ones. The "split" mode keeps them exact with u8 activations and weights that cannot saturate:
-//   acc = 2 * conv(u, w >> 1) + conv(u, w & 1)       (|w >> 1| <= 64: pair sums below 2^15)
-// where u = x for u8 codes; for s8 codes u = x + 128 (u8), padded explicitly with 128 (the shifted
-// zero), and acc gets -128 * the sum of each output channel's weights. The primitive runs twice
-// (same shapes) and the two s32 results are combined here, then the epilogue (a plain loop).
-// On VNNI CPUs ("direct" mode) one primitive runs with the scale, bias, post-op and output scale
-// fused as oneDNN attributes. The `mode` attribute: 0 split exactly where the CPU lacks VNNI,
-// 1 always split, 2 always direct (exact only on VNNI CPUs or for small codes).
+// How a layer runs (the `mode` attribute: 0 auto, 1 split, 2 direct):
+//   direct  one primitive, the scale, bias, post-op and output scale fused as oneDNN attributes.
+//           Exact on CPUs with VNNI. Without VNNI oneDNN's int8 kernels multiply with vpmaddubsw,
+//           whose pairwise s16 sums saturate for large u8 x s8 products, and for s8 activations
+//           some kernels halve the weights (7-bit weights) while others saturate: the accumulators
+//           are then not the exact ones.
+//   split   exact on every CPU: u8 activations u and weights that cannot saturate,
+//             acc = 2 * conv(u, w >> 1) + conv(u, w & 1)      (|w >> 1| <= 64: pair sums < 2^15)
+//           u = x for u8 codes; for s8 codes u = x + 128, padded explicitly with 128 (the shifted
+//           zero), and acc gets -128 * the sum of each output channel's weights. Both halves run
+//           as one primitive with twice the output channels (per group), or as two runs for
+//           depthwise convs; the combination and the epilogue are a plain loop here.
+//   auto    direct where the CPU has VNNI. Elsewhere a depthwise conv runs one u8 primitive
+//           (s8 codes shifted as above) if that primitive reproduces the exact accumulators on a
+//           probe with the largest products (checked once per shape; oneDNN's depthwise kernels
+//           do not use pairwise s16 sums), and everything else splits.
 //
 // Primitives (and the weight reorder into the layout each primitive prefers) are created once per
 // shape and attribute set and cached; weights are reordered on every call, since at a traced 4-bit
@@ -26,7 +31,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -44,6 +48,7 @@ namespace {
 
 using dt = dnnl::memory::data_type;
 using tag = dnnl::memory::format_tag;
+using dims = dnnl::memory::dims;
 
 dnnl::engine& Engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
@@ -53,9 +58,9 @@ dnnl::engine& Engine() {
 bool HasVnni() {
   static const bool vnni = [] {
     const int isa = static_cast<int>(dnnl::get_effective_cpu_isa());
-    return (isa & static_cast<int>(dnnl::cpu_isa::avx2_vnni)) == static_cast<int>(dnnl::cpu_isa::avx2_vnni) ||
-           (isa & static_cast<int>(dnnl::cpu_isa::avx512_core_vnni)) ==
-               static_cast<int>(dnnl::cpu_isa::avx512_core_vnni);
+    const int avx2_vnni = static_cast<int>(dnnl::cpu_isa::avx2_vnni);
+    const int avx512_vnni = static_cast<int>(dnnl::cpu_isa::avx512_core_vnni);
+    return (isa & avx2_vnni) == avx2_vnni || (isa & avx512_vnni) == avx512_vnni;
   }();
   return vnni;
 }
@@ -70,54 +75,80 @@ bool ToDnnlType(ffi::DataType t, dt* out) {
   }
 }
 
-// Attributes of a direct primitive: per-output-channel weight scales (mask), the post-op and, for
-// an 8-bit output, a per-tensor destination scale. None for an s32 output.
-dnnl::primitive_attr EpilogueAttr(dt out, int weight_scale_mask, int64_t post_op) {
+template <typename T>
+std::unique_ptr<T[]> Uninitialized(int64_t count) {
+  return std::unique_ptr<T[]>(new T[count > 0 ? count : 1]);
+}
+
+// One layer's geometry. A matmul is a 1x1 "conv" over m rows: n = m, h = w = 1, c = k.
+struct Geometry {
+  bool conv = true;
+  int64_t n = 0, h = 1, w = 1, c = 0, kh = 1, kw = 1, o = 0, groups = 1, oh = 1, ow = 1;
+  dims strides{1, 1}, dilation{0, 0}, pad_lo{0, 0}, pad_hi{0, 0};
+
+  int64_t rows() const { return n * oh * ow; }
+  int64_t group_out() const { return o / groups; }
+  bool depthwise() const { return conv && groups > 1 && groups == c && group_out() == 1; }
+  int64_t weight_count() const { return kh * kw * (c / groups) * o; }
+
+  std::string Key() const {
+    std::ostringstream s;
+    s << (conv ? "conv|" : "matmul|") << n << ',' << h << ',' << w << ',' << c << '|' << kh << ',' << kw << ','
+      << o << ',' << groups << '|' << oh << ',' << ow << '|' << strides[0] << ',' << strides[1] << '|'
+      << dilation[0] << ',' << dilation[1] << '|' << pad_lo[0] << ',' << pad_lo[1] << ',' << pad_hi[0] << ','
+      << pad_hi[1];
+    return s.str();
+  }
+};
+
+// What a primitive is built for, besides the geometry.
+struct Variant {
+  dt src;
+  bool prepadded;  // src holds the padding already (the shifted s8 path): an unpadded conv
+  int mult;        // output channels per group times this (2: both split halves in one run)
+  dt dst;
+  bool fused;      // scale, bias, post-op (and dst scale) as attributes
+  int64_t post_op;
+
+  std::string Key() const {
+    std::ostringstream s;
+    s << int(src) << ',' << prepadded << ',' << mult << ',' << int(dst) << ',' << fused << ',' << post_op;
+    return s.str();
+  }
+};
+
+struct Cached {
+  dnnl::primitive prim;
+  dnnl::memory::desc src, user_weights, weights, bias, dst, scratchpad;
+  dnnl::reorder weight_reorder;
+  bool reorder_weights = false;
+  int probe = -1;  // depthwise probe: -1 not run, 0 inexact, 1 exact
+};
+
+dnnl::primitive_attr Attr(const Geometry& g, const Variant& v) {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-  if (out == dt::s32) return attr;
-  attr.set_scales_mask(DNNL_ARG_WEIGHTS, weight_scale_mask);
-  if (out == dt::u8 || out == dt::s8) attr.set_scales_mask(DNNL_ARG_DST, 0);
+  if (!v.fused) return attr;
+  attr.set_scales_mask(DNNL_ARG_WEIGHTS, !g.conv ? 1 << 1 : g.groups == 1 ? 1 : 3);  // per output channel
+  if (v.dst == dt::u8 || v.dst == dt::s8) attr.set_scales_mask(DNNL_ARG_DST, 0);
   dnnl::post_ops ops;
-  if (post_op == 1) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
-  if (post_op == 2) ops.append_eltwise(dnnl::algorithm::eltwise_clip, 0.f, 6.f);
-  if (post_op == 3) ops.append_eltwise(dnnl::algorithm::eltwise_gelu_erf, 0.f, 0.f);
+  if (v.post_op == 1) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+  if (v.post_op == 2) ops.append_eltwise(dnnl::algorithm::eltwise_clip, 0.f, 6.f);
+  if (v.post_op == 3) ops.append_eltwise(dnnl::algorithm::eltwise_gelu_erf, 0.f, 0.f);
   attr.set_post_ops(ops);
   return attr;
 }
 
-struct Cached {
-  dnnl::primitive prim;
-  dnnl::memory::desc user_weights, weights, scratchpad;
-  dnnl::reorder weight_reorder;
-  bool reorder_weights = false;
-};
-
-// Builds the primitive for (attributes, dst desc, with bias): conv or matmul.
-using Maker = std::function<std::shared_ptr<Cached>(const dnnl::primitive_attr&, const dnnl::memory::desc&, bool)>;
-
-std::mutex cache_mutex;
-std::unordered_map<std::string, std::shared_ptr<Cached>>& Cache() {
-  static auto* cache = new std::unordered_map<std::string, std::shared_ptr<Cached>>();
-  return *cache;
-}
-
-std::shared_ptr<Cached> GetOrMake(const std::string& key, const std::function<std::shared_ptr<Cached>()>& make) {
-  {
-    std::lock_guard<std::mutex> lock(cache_mutex);
-    auto it = Cache().find(key);
-    if (it != Cache().end()) return it->second;
-  }
-  auto entry = make();  // outside the lock: creating a primitive can take milliseconds
-  std::lock_guard<std::mutex> lock(cache_mutex);
-  return Cache().emplace(key, std::move(entry)).first->second;  // the first one created wins
-}
-
 template <typename PD>
-std::shared_ptr<Cached> Finish(const PD& pd, dnnl::primitive prim, const dnnl::memory::desc& user_weights) {
+std::shared_ptr<Cached> Finish(const PD& pd, dnnl::primitive prim, const dnnl::memory::desc& src,
+                               const dnnl::memory::desc& user_weights, const dnnl::memory::desc& bias,
+                               const dnnl::memory::desc& dst) {
   auto entry = std::make_shared<Cached>();
   entry->prim = std::move(prim);
+  entry->src = src;
   entry->user_weights = user_weights;
+  entry->bias = bias;
+  entry->dst = dst;
   entry->weights = pd.weights_desc();
   entry->scratchpad = pd.scratchpad_desc();
   entry->reorder_weights = entry->weights != user_weights;
@@ -127,22 +158,79 @@ std::shared_ptr<Cached> Finish(const PD& pd, dnnl::primitive prim, const dnnl::m
   return entry;
 }
 
-// One execution of a cached primitive on plain (user-layout) weights.
-void Execute(const Cached& c, dnnl::stream& stream, const dnnl::memory::desc& src_md, void* src, void* weights,
-             const dnnl::memory::desc& dst_md, void* dst, const std::unordered_map<int, dnnl::memory>& extra) {
+std::shared_ptr<Cached> Build(const Geometry& g, const Variant& v) {
+  const int64_t o = g.o * v.mult;
+  const dnnl::primitive_attr attr = Attr(g, v);
+  if (!g.conv) {
+    dnnl::memory::desc src({g.n, g.c}, v.src, tag::ab), dst({g.n, o}, v.dst, tag::ab);
+    dnnl::memory::desc user_w({g.c, o}, dt::s8, tag::ab), any_w({g.c, o}, dt::s8, tag::any);
+    dnnl::memory::desc bias({1, o}, dt::f32, tag::ab);
+    auto pd = v.fused ? dnnl::matmul::primitive_desc(Engine(), src, any_w, bias, dst, attr)
+                      : dnnl::matmul::primitive_desc(Engine(), src, any_w, dst, attr);
+    return Finish(pd, dnnl::matmul(pd), src, user_w, bias, dst);
+  }
+  const int64_t h = v.prepadded ? g.h + g.pad_lo[0] + g.pad_hi[0] : g.h;
+  const int64_t w = v.prepadded ? g.w + g.pad_lo[1] + g.pad_hi[1] : g.w;
+  const dims pl = v.prepadded ? dims{0, 0} : g.pad_lo, pr = v.prepadded ? dims{0, 0} : g.pad_hi;
+  dnnl::memory::desc src({g.n, g.c, h, w}, v.src, tag::nhwc), dst({g.n, o, g.oh, g.ow}, v.dst, tag::nhwc);
+  dnnl::memory::desc user_w = g.groups == 1
+      ? dnnl::memory::desc({o, g.c, g.kh, g.kw}, dt::s8, tag::hwio)
+      : dnnl::memory::desc({g.groups, o / g.groups, g.c / g.groups, g.kh, g.kw}, dt::s8, tag::hwigo);
+  dnnl::memory::desc any_w(user_w.get_dims(), dt::s8, tag::any), bias({o}, dt::f32, tag::x);
+  auto pd = v.fused
+      ? dnnl::convolution_forward::primitive_desc(Engine(), dnnl::prop_kind::forward_inference,
+            dnnl::algorithm::convolution_direct, src, any_w, bias, dst, g.strides, g.dilation, pl, pr, attr)
+      : dnnl::convolution_forward::primitive_desc(Engine(), dnnl::prop_kind::forward_inference,
+            dnnl::algorithm::convolution_direct, src, any_w, dst, g.strides, g.dilation, pl, pr, attr);
+  return Finish(pd, dnnl::convolution_forward(pd), src, user_w, bias, dst);
+}
+
+std::mutex cache_mutex;
+std::unordered_map<std::string, std::shared_ptr<Cached>>& Cache() {
+  static auto* cache = new std::unordered_map<std::string, std::shared_ptr<Cached>>();
+  return *cache;
+}
+
+std::shared_ptr<Cached> Get(const Geometry& g, const Variant& v) {
+  const std::string key = g.Key() + '#' + v.Key();
+  {
+    std::lock_guard<std::mutex> lock(cache_mutex);
+    auto it = Cache().find(key);
+    if (it != Cache().end()) return it->second;
+  }
+  auto entry = Build(g, v);  // outside the lock: creating a primitive can take milliseconds
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  return Cache().emplace(key, std::move(entry)).first->second;  // the first one created wins
+}
+
+// One execution on plain (user-layout) weights; scale, bias, dst_scale only for a fused primitive.
+void Execute(const Cached& c, const void* src, const int8_t* weights, void* dst, const float* scale = nullptr,
+             const float* bias = nullptr, const float* dst_scale = nullptr) {
   dnnl::engine& eng = Engine();
-  dnnl::memory user_w(c.user_weights, eng, weights);
+  dnnl::stream stream(eng);
+  dnnl::memory user_w(c.user_weights, eng, const_cast<int8_t*>(weights));
   dnnl::memory w = user_w;
   if (c.reorder_weights) {
     w = dnnl::memory(c.weights, eng);
     c.weight_reorder.execute(stream, user_w, w);
   }
-  std::unordered_map<int, dnnl::memory> args = extra;
-  args.emplace(DNNL_ARG_SRC, dnnl::memory(src_md, eng, src));
-  args.emplace(DNNL_ARG_WEIGHTS, w);
-  args.emplace(DNNL_ARG_DST, dnnl::memory(dst_md, eng, dst));
-  args.emplace(DNNL_ARG_SCRATCHPAD, dnnl::memory(c.scratchpad, eng));
+  std::unordered_map<int, dnnl::memory> args = {
+      {DNNL_ARG_SRC, dnnl::memory(c.src, eng, const_cast<void*>(src))},
+      {DNNL_ARG_WEIGHTS, w},
+      {DNNL_ARG_DST, dnnl::memory(c.dst, eng, dst)},
+      {DNNL_ARG_SCRATCHPAD, dnnl::memory(c.scratchpad, eng)}};
+  if (scale != nullptr) {
+    const int64_t channels = c.bias.get_dims().back();
+    args.emplace(DNNL_ARG_BIAS, dnnl::memory(c.bias, eng, const_cast<float*>(bias)));
+    args.emplace(DNNL_ARG_ATTR_SCALES | DNNL_ARG_WEIGHTS,
+                 dnnl::memory({{channels}, dt::f32, tag::x}, eng, const_cast<float*>(scale)));
+    const dt out = c.dst.get_data_type();
+    if (out == dt::u8 || out == dt::s8)
+      args.emplace(DNNL_ARG_ATTR_SCALES | DNNL_ARG_DST,
+                   dnnl::memory({{1}, dt::f32, tag::x}, eng, const_cast<float*>(dst_scale)));
+  }
   c.prim.execute(stream, args);
+  stream.wait();
 }
 
 template <typename T>
@@ -159,93 +247,204 @@ inline float PostOp(float y, int64_t post_op) {
   return y;
 }
 
-// The split mode's combination of the two s32 results and the epilogue (file comment). Channels
-// are the fastest-varying axis of the output (NHWC, or (M, N)).
-void CombineAndFinish(const int32_t* a, const int32_t* b, const int32_t* offset, int64_t count, int64_t channels,
-                      const float* scale, const float* bias, float dst_scale, int64_t post_op, dt out, void* dst) {
+// The accumulators from split or shifted runs, and the epilogue:
+//   acc[r, oc] = factor * hi[r * hi_row + hi_col[oc]] + lo[r * lo_row + lo_col[oc]] + offset[oc]
+// (lo and offset optional), then written to dst[r, oc] as s32, or through the epilogue.
+struct Combine {
+  const int32_t* hi;
+  int64_t hi_row;
+  std::vector<int64_t> hi_col;
+  int32_t factor = 1;
+  const int32_t* lo = nullptr;
+  int64_t lo_row = 0;
+  std::vector<int64_t> lo_col;
+  const int32_t* offset = nullptr;
+};
+
+void CombineAndFinish(const Combine& k, int64_t rows, int64_t channels, const float* scale, const float* bias,
+                      float dst_scale, int64_t post_op, dt out, void* dst) {
   const float inv = 1.f / dst_scale;
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < count; ++i) {
-    const int64_t o = i % channels;
-    const int32_t acc = 2 * a[i] + b[i] + (offset ? offset[o] : 0);
-    if (out == dt::s32) {
-      static_cast<int32_t*>(dst)[i] = acc;
-      continue;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int32_t* hi = k.hi + r * k.hi_row;
+    const int32_t* lo = k.lo ? k.lo + r * k.lo_row : nullptr;
+    for (int64_t oc = 0; oc < channels; ++oc) {
+      int32_t acc = k.factor * hi[k.hi_col[oc]];
+      if (lo) acc += lo[k.lo_col[oc]];
+      if (k.offset) acc += k.offset[oc];
+      const int64_t i = r * channels + oc;
+      if (out == dt::s32) {
+        static_cast<int32_t*>(dst)[i] = acc;
+        continue;
+      }
+      const float y = PostOp(static_cast<float>(acc) * scale[oc] + bias[oc], post_op);
+      if (out == dt::f32) static_cast<float*>(dst)[i] = y;
+      else if (out == dt::u8) static_cast<uint8_t*>(dst)[i] = Saturate<uint8_t>(y * inv);
+      else static_cast<int8_t*>(dst)[i] = Saturate<int8_t>(y * inv);
     }
-    const float y = PostOp(static_cast<float>(acc) * scale[o] + bias[o], post_op);
-    if (out == dt::f32) static_cast<float*>(dst)[i] = y;
-    else if (out == dt::u8) static_cast<uint8_t*>(dst)[i] = Saturate<uint8_t>(y * inv);
-    else static_cast<int8_t*>(dst)[i] = Saturate<int8_t>(y * inv);
   }
 }
 
-// Runs one layer: direct (one fused primitive) or split (two s32 runs, then the combination; `offset`
-// (channels,) is added to the accumulators, or null).
-ffi::Error Run(const std::string& key, const Maker& make, const dnnl::memory::desc& src_md, void* src,
-               const int8_t* weights, int64_t weight_count, const dnnl::memory::desc& dst_md, void* dst,
-               int weight_scale_mask, const float* scale, const float* bias, const dnnl::memory::desc& bias_md,
-               const float* dst_scale, int64_t post_op, bool split, const int32_t* offset) {
-  const dt out = dst_md.get_data_type();
+// s8 codes as u8 (x + 128); for a conv also padded with 128, the shifted zero.
+std::unique_ptr<uint8_t[]> Shifted(const Geometry& g, const int8_t* x) {
+  if (!g.conv) {
+    auto u = Uninitialized<uint8_t>(g.n * g.c);
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < g.n * g.c; ++i) u[i] = static_cast<uint8_t>(x[i] + 128);
+    return u;
+  }
+  const int64_t hp = g.h + g.pad_lo[0] + g.pad_hi[0], wp = g.w + g.pad_lo[1] + g.pad_hi[1];
+  auto u = Uninitialized<uint8_t>(g.n * hp * wp * g.c);
+  std::memset(u.get(), 128, g.n * hp * wp * g.c);
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t b = 0; b < g.n; ++b)
+    for (int64_t i = 0; i < g.h; ++i) {
+      const int8_t* from = x + (b * g.h + i) * g.w * g.c;
+      uint8_t* to = u.get() + ((b * hp + i + g.pad_lo[0]) * wp + g.pad_lo[1]) * g.c;
+      for (int64_t j = 0; j < g.w * g.c; ++j) to[j] = static_cast<uint8_t>(from[j] + 128);
+    }
+  return u;
+}
+
+// -128 * the sum of each output channel's weights (channels last: HWIO or (K, N)).
+std::vector<int32_t> ShiftOffset(const Geometry& g, const int8_t* weights) {
+  std::vector<int32_t> offset(g.o, 0);
+  const int64_t count = g.weight_count();
+  for (int64_t i = 0; i < count; ++i) offset[i % g.o] += weights[i];
+  for (auto& v : offset) v *= -128;
+  return offset;
+}
+
+// Whether a depthwise u8 primitive gives the exact accumulators on a probe with the largest
+// products: every code 255, each channel's weights all 127 or all -128 (saturating pair sums and
+// halving both show), and a second probe of varied codes and weights.
+bool ProbeDepthwise(const Geometry& g, const Cached& c) {
+  const int64_t in = g.n * c.src.get_dims()[2] * c.src.get_dims()[3] * g.c;
+  const int64_t ih = c.src.get_dims()[2], iw = c.src.get_dims()[3];
+  const dims pl = ih == g.h ? g.pad_lo : dims{0, 0};
+  std::vector<uint8_t> x(in);
+  std::vector<int8_t> w(g.weight_count());
+  std::vector<int32_t> got(g.rows() * g.o);
+  for (int trial = 0; trial < 2; ++trial) {
+    for (int64_t i = 0; i < in; ++i) x[i] = trial == 0 ? 255 : static_cast<uint8_t>((i * 37 + 11) % 256);
+    for (int64_t i = 0; i < g.weight_count(); ++i) {
+      const int64_t oc = i % g.o;
+      w[i] = trial == 0 ? (oc % 2 ? 127 : -128) : static_cast<int8_t>((i * 53 + oc * 7) % 255 - 127);
+    }
+    Execute(c, x.data(), w.data(), got.data());
+    for (int64_t b = 0; b < g.n; ++b)
+      for (int64_t y = 0; y < g.oh; ++y)
+        for (int64_t z = 0; z < g.ow; ++z)
+          for (int64_t oc = 0; oc < g.o; ++oc) {
+            int64_t acc = 0;
+            for (int64_t a = 0; a < g.kh; ++a)
+              for (int64_t d = 0; d < g.kw; ++d) {
+                const int64_t yy = y * g.strides[0] + a * (g.dilation[0] + 1) - pl[0];
+                const int64_t zz = z * g.strides[1] + d * (g.dilation[1] + 1) - pl[1];
+                if (yy < 0 || yy >= ih || zz < 0 || zz >= iw) continue;
+                acc += int64_t(x[((b * ih + yy) * iw + zz) * g.c + oc]) * w[(a * g.kw + d) * g.o + oc];
+              }
+            if (acc != got[((b * g.oh + y) * g.ow + z) * g.o + oc]) return false;
+          }
+  }
+  return true;
+}
+
+// Runs one layer (file comment): x are the codes (src type `src_t`), weights plain (HWIO or
+// (K, N)), dst of type `out`.
+ffi::Error Run(const Geometry& g, dt src_t, const void* x, const int8_t* weights, dt out, void* dst,
+               const float* scale, const float* bias, const float* dst_scale, int64_t post_op, int64_t mode) {
   try {
-    dnnl::engine& eng = Engine();
-    dnnl::stream stream(eng);
-    if (!split) {
-      std::ostringstream k;
-      k << key << "|direct|" << int(out) << '|' << post_op;
-      auto c = GetOrMake(k.str(), [&] {
-        return make(EpilogueAttr(out, weight_scale_mask, post_op), dst_md, out != dt::s32);
-      });
-      std::unordered_map<int, dnnl::memory> extra;
-      if (out != dt::s32) {
-        const int64_t channels = bias_md.get_dims().back();
-        extra.emplace(DNNL_ARG_BIAS, dnnl::memory(bias_md, eng, const_cast<float*>(bias)));
-        extra.emplace(DNNL_ARG_ATTR_SCALES | DNNL_ARG_WEIGHTS,
-                      dnnl::memory({{channels}, dt::f32, tag::x}, eng, const_cast<float*>(scale)));
-        if (out != dt::f32)
-          extra.emplace(DNNL_ARG_ATTR_SCALES | DNNL_ARG_DST,
-                        dnnl::memory({{1}, dt::f32, tag::x}, eng, const_cast<float*>(dst_scale)));
-      }
-      Execute(*c, stream, src_md, src, const_cast<int8_t*>(weights), dst_md, dst, extra);
-      stream.wait();
+    const bool fuse = out != dt::s32;
+    if (mode == 2 || (mode == 0 && HasVnni())) {
+      auto c = Get(g, {src_t, false, 1, out, fuse, fuse ? post_op : 0});
+      Execute(*c, x, weights, dst, fuse ? scale : nullptr, bias, dst_scale);
       return ffi::Error::Success();
     }
-    // Split: u8 activations (the caller shifted s8 codes and passes `offset`), weights w >> 1, w & 1.
-    std::vector<int8_t> wa(weight_count), wb(weight_count);
-    for (int64_t i = 0; i < weight_count; ++i) {
-      wa[i] = static_cast<int8_t>(weights[i] >> 1);
-      wb[i] = static_cast<int8_t>(weights[i] & 1);
+    const bool shift = src_t == dt::s8;
+    std::unique_ptr<uint8_t[]> shifted = shift ? Shifted(g, static_cast<const int8_t*>(x)) : nullptr;
+    const void* u = shift ? static_cast<const void*>(shifted.get()) : x;
+    const std::vector<int32_t> offset = shift ? ShiftOffset(g, weights) : std::vector<int32_t>();
+    const int64_t rows = g.rows(), og = g.group_out();
+    std::vector<int64_t> plain(g.o);
+    for (int64_t oc = 0; oc < g.o; ++oc) plain[oc] = oc;
+
+    if (mode == 0 && g.depthwise()) {  // one u8 primitive, where the probe shows it exact
+      auto c = Get(g, {dt::u8, shift, 1, dt::s32, false, 0});
+      {
+        std::lock_guard<std::mutex> lock(cache_mutex);
+        if (c->probe < 0) c->probe = ProbeDepthwise(g, *c) ? 1 : 0;
+      }
+      if (c->probe == 1) {
+        if (!shift) {
+          auto f = Get(g, {dt::u8, false, 1, out, fuse, fuse ? post_op : 0});
+          Execute(*f, x, weights, dst, fuse ? scale : nullptr, bias, dst_scale);
+          return ffi::Error::Success();
+        }
+        auto acc = Uninitialized<int32_t>(rows * g.o);
+        Execute(*c, u, weights, acc.get());
+        Combine k{acc.get(), g.o, plain};
+        k.offset = offset.data();
+        CombineAndFinish(k, rows, g.o, scale, bias, *dst_scale, post_op, out, dst);
+        return ffi::Error::Success();
+      }
     }
-    dnnl::memory::desc acc_md(dst_md.get_dims(), dt::s32, dst_md.get_strides());
-    auto c = GetOrMake(key + "|split", [&] { return make(EpilogueAttr(dt::s32, 0, 0), acc_md, false); });
-    const int64_t count = acc_md.get_size() / sizeof(int32_t);
-    std::vector<int32_t> b(count);
-    std::vector<int32_t> a_buf(out == dt::s32 ? 0 : count);
-    int32_t* a = out == dt::s32 ? static_cast<int32_t*>(dst) : a_buf.data();
-    Execute(*c, stream, src_md, src, wa.data(), acc_md, a, {});
-    Execute(*c, stream, src_md, src, wb.data(), acc_md, b.data(), {});
-    stream.wait();
-    const int64_t channels = dst_md.get_dims()[1];  // conv {n, o, h, w}, matmul {m, n}
-    CombineAndFinish(a, b.data(), offset, count, channels, scale, bias, *dst_scale, post_op, out, dst);
+    // Split: the halves w >> 1 and w & 1.
+    const int64_t count = g.weight_count();
+    if (og == 1 && g.groups > 1) {  // depthwise-like: two runs (two outputs per group would leave
+                                    // oneDNN's depthwise kernels)
+      auto wa = Uninitialized<int8_t>(count), wb = Uninitialized<int8_t>(count);
+      for (int64_t i = 0; i < count; ++i) {
+        wa[i] = static_cast<int8_t>(weights[i] >> 1);
+        wb[i] = static_cast<int8_t>(weights[i] & 1);
+      }
+      auto c = Get(g, {dt::u8, shift, 1, dt::s32, false, 0});
+      auto a = Uninitialized<int32_t>(rows * g.o), b = Uninitialized<int32_t>(rows * g.o);
+      Execute(*c, u, wa.get(), a.get());
+      Execute(*c, u, wb.get(), b.get());
+      Combine k{a.get(), g.o, plain, 2, b.get(), g.o, plain};
+      if (shift) k.offset = offset.data();
+      CombineAndFinish(k, rows, g.o, scale, bias, *dst_scale, post_op, out, dst);
+      return ffi::Error::Success();
+    }
+    // One run with both halves: group q's outputs [q*og, (q+1)*og) become [w >> 1 | w & 1] at
+    // [2*q*og, 2*(q+1)*og).
+    auto w2 = Uninitialized<int8_t>(2 * count);
+    const int64_t taps_in = count / g.o;  // kh * kw * (c / groups): the rows of the HWIO/(K, N) kernel
+    for (int64_t t = 0; t < taps_in; ++t)
+      for (int64_t q = 0; q < g.groups; ++q)
+        for (int64_t j = 0; j < og; ++j) {
+          const int8_t v = weights[t * g.o + q * og + j];
+          w2[t * 2 * g.o + 2 * q * og + j] = static_cast<int8_t>(v >> 1);
+          w2[t * 2 * g.o + 2 * q * og + og + j] = static_cast<int8_t>(v & 1);
+        }
+    auto c = Get(g, {dt::u8, shift, 2, dt::s32, false, 0});
+    auto both = Uninitialized<int32_t>(rows * 2 * g.o);
+    Execute(*c, u, w2.get(), both.get());
+    std::vector<int64_t> hi_col(g.o), lo_col(g.o);
+    for (int64_t oc = 0; oc < g.o; ++oc) {
+      hi_col[oc] = 2 * (oc / og) * og + oc % og;
+      lo_col[oc] = hi_col[oc] + og;
+    }
+    Combine k{both.get(), 2 * g.o, hi_col, 2, both.get(), 2 * g.o, lo_col};
+    if (shift) k.offset = offset.data();
+    CombineAndFinish(k, rows, g.o, scale, bias, *dst_scale, post_op, out, dst);
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
   }
   return ffi::Error::Success();
 }
 
-bool Split(int64_t mode) { return mode == 1 || (mode == 0 && !HasVnni()); }
-
-// -128 * the sum of each output channel's weights, channels last in `weights` (HWIO or (K, N)).
-std::vector<int32_t> ShiftOffset(const int8_t* weights, int64_t count, int64_t channels) {
-  std::vector<int32_t> offset(channels, 0);
-  for (int64_t i = 0; i < count; ++i) offset[i % channels] += weights[i];
-  for (auto& v : offset) v *= -128;
-  return offset;
-}
-
-std::string Dims(ffi::Span<const int64_t> v) {
-  std::ostringstream s;
-  for (int64_t x : v) s << x << ',';
-  return s.str();
+ffi::Error Types(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::DataType dst_type, dt* src_t,
+                 dt* out, const char* what) {
+  dt w_t;
+  if (!ToDnnlType(src.element_type(), src_t) || (*src_t != dt::u8 && *src_t != dt::s8))
+    return ffi::Error::InvalidArgument(std::string(what) + ": src must be u8 or s8");
+  if (!ToDnnlType(weights.element_type(), &w_t) || w_t != dt::s8)
+    return ffi::Error::InvalidArgument(std::string(what) + ": weights must be s8");
+  if (!ToDnnlType(dst_type, out))
+    return ffi::Error::InvalidArgument(std::string(what) + ": dst must be s32, f32, u8 or s8");
+  return ffi::Error::Success();
 }
 
 // src: NHWC (u8|s8); weights: HWIO s8 with I = C / groups; scale, bias: (O,) f32; dst_scale: ()
@@ -256,113 +455,39 @@ ffi::Error ConvImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi:
                     ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
                     ffi::Span<const int64_t> pad_hi, ffi::Span<const int64_t> dilation, int64_t groups,
                     int64_t post_op, int64_t mode) {
-  dt src_t, w_t, dst_t;
-  if (!ToDnnlType(src.element_type(), &src_t) || (src_t != dt::u8 && src_t != dt::s8))
-    return ffi::Error::InvalidArgument("onednn conv: src must be u8 or s8");
-  if (!ToDnnlType(weights.element_type(), &w_t) || w_t != dt::s8)
-    return ffi::Error::InvalidArgument("onednn conv: weights must be s8");
-  if (!ToDnnlType(dst->element_type(), &dst_t))
-    return ffi::Error::InvalidArgument("onednn conv: dst must be s32, f32, u8 or s8");
+  dt src_t, out;
+  if (auto e = Types(src, weights, dst->element_type(), &src_t, &out, "onednn conv"); e.failure()) return e;
   auto x = src.dimensions(), k = weights.dimensions(), y = dst->dimensions();
   if (x.size() != 4 || k.size() != 4 || y.size() != 4 || strides.size() != 2 || pad_lo.size() != 2 ||
       pad_hi.size() != 2 || dilation.size() != 2 || groups < 1)
     return ffi::Error::InvalidArgument("onednn conv: expects NHWC src/dst, HWIO weights and 2-D attributes");
-  const int64_t n = x[0], h = x[1], w = x[2], c = x[3], kh = k[0], kw = k[1], o = k[3];
-  if (c != k[2] * groups || o % groups != 0 || y[0] != n || y[3] != o)
+  Geometry g;
+  g.n = x[0], g.h = x[1], g.w = x[2], g.c = x[3], g.kh = k[0], g.kw = k[1], g.o = k[3], g.groups = groups;
+  g.oh = y[1], g.ow = y[2];
+  g.strides = {strides[0], strides[1]};
+  g.dilation = {dilation[0] - 1, dilation[1] - 1};
+  g.pad_lo = {pad_lo[0], pad_lo[1]};
+  g.pad_hi = {pad_hi[0], pad_hi[1]};
+  if (g.c != k[2] * groups || g.o % groups != 0 || y[0] != g.n || y[3] != g.o)
     return ffi::Error::InvalidArgument("onednn conv: channel counts do not match the groups");
-  std::ostringstream key;
-  key << "conv|" << Dims(x) << '|' << Dims(k) << '|' << Dims(y) << '|' << Dims(strides) << Dims(pad_lo)
-      << Dims(pad_hi) << Dims(dilation) << '|' << groups << '|' << int(src_t);
-
-  dnnl::memory::desc src_md({n, c, h, w}, src_t, tag::nhwc);
-  dnnl::memory::desc dst_md({n, o, y[1], y[2]}, dst_t, tag::nhwc);
-  dnnl::memory::desc bias_md({o}, dt::f32, tag::x);
-  dnnl::memory::desc user_w =
-      groups == 1 ? dnnl::memory::desc({o, c, kh, kw}, dt::s8, tag::hwio)
-                  : dnnl::memory::desc({groups, o / groups, c / groups, kh, kw}, dt::s8, tag::hwigo);
-  dnnl::memory::dims st = {strides[0], strides[1]}, dl = {dilation[0] - 1, dilation[1] - 1};
-  dnnl::memory::dims pl = {pad_lo[0], pad_lo[1]}, pr = {pad_hi[0], pad_hi[1]};
-  Maker make = [&](const dnnl::primitive_attr& attr, const dnnl::memory::desc& dmd, bool with_bias) {
-    dnnl::memory::desc any_w(user_w.get_dims(), dt::s8, tag::any);
-    auto pd = with_bias
-        ? dnnl::convolution_forward::primitive_desc(Engine(), dnnl::prop_kind::forward_inference,
-              dnnl::algorithm::convolution_direct, src_md, any_w, bias_md, dmd, st, dl, pl, pr, attr)
-        : dnnl::convolution_forward::primitive_desc(Engine(), dnnl::prop_kind::forward_inference,
-              dnnl::algorithm::convolution_direct, src_md, any_w, dmd, st, dl, pl, pr, attr);
-    return Finish(pd, dnnl::convolution_forward(pd), user_w);
-  };
-  const int8_t* wptr = static_cast<const int8_t*>(weights.untyped_data());
-  const int64_t wcount = static_cast<int64_t>(weights.element_count());
-  const bool split = Split(mode);
-  if (!split || src_t == dt::u8)
-    return Run(key.str(), make, src_md, src.untyped_data(), wptr, wcount, dst_md, dst->untyped_data(),
-               groups == 1 ? 1 : 3, scale.typed_data(), bias.typed_data(), bias_md, dst_scale.typed_data(), post_op,
-               split, nullptr);
-  // s8 codes, split: u = x + 128 padded with 128 (the shifted zero), then an unpadded conv.
-  const int64_t hp = h + pad_lo[0] + pad_hi[0], wp = w + pad_lo[1] + pad_hi[1];
-  std::vector<uint8_t> shifted(n * hp * wp * c, 128);
-  const int8_t* xs = static_cast<const int8_t*>(src.untyped_data());
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t b = 0; b < n; ++b)
-    for (int64_t i = 0; i < h; ++i) {
-      const int8_t* from = xs + ((b * h + i) * w) * c;
-      uint8_t* to = shifted.data() + ((b * hp + i + pad_lo[0]) * wp + pad_lo[1]) * c;
-      for (int64_t j = 0; j < w * c; ++j) to[j] = static_cast<uint8_t>(from[j] + 128);
-    }
-  dnnl::memory::desc shifted_md({n, c, hp, wp}, dt::u8, tag::nhwc);
-  pl = {0, 0};
-  pr = {0, 0};
-  src_md = shifted_md;
-  std::ostringstream skey;
-  skey << key.str() << "|shifted";
-  const std::vector<int32_t> offset = ShiftOffset(wptr, wcount, o);
-  return Run(skey.str(), make, shifted_md, shifted.data(), wptr, wcount, dst_md, dst->untyped_data(),
-             groups == 1 ? 1 : 3, scale.typed_data(), bias.typed_data(), bias_md, dst_scale.typed_data(), post_op,
-             true, offset.data());
+  return Run(g, src_t, src.untyped_data(), static_cast<const int8_t*>(weights.untyped_data()), out,
+             dst->untyped_data(), scale.typed_data(), bias.typed_data(), dst_scale.typed_data(), post_op, mode);
 }
 
 // src: (M, K) u8|s8; weights: (K, N) s8; scale, bias: (N,) f32; dst_scale: () f32; dst: (M, N).
 ffi::Error MatmulImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::F32> scale,
                       ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> dst_scale,
                       ffi::Result<ffi::AnyBuffer> dst, int64_t post_op, int64_t mode) {
-  dt src_t, w_t, dst_t;
-  if (!ToDnnlType(src.element_type(), &src_t) || (src_t != dt::u8 && src_t != dt::s8))
-    return ffi::Error::InvalidArgument("onednn matmul: src must be u8 or s8");
-  if (!ToDnnlType(weights.element_type(), &w_t) || w_t != dt::s8)
-    return ffi::Error::InvalidArgument("onednn matmul: weights must be s8");
-  if (!ToDnnlType(dst->element_type(), &dst_t))
-    return ffi::Error::InvalidArgument("onednn matmul: dst must be s32, f32, u8 or s8");
+  dt src_t, out;
+  if (auto e = Types(src, weights, dst->element_type(), &src_t, &out, "onednn matmul"); e.failure()) return e;
   auto a = src.dimensions(), b = weights.dimensions(), y = dst->dimensions();
   if (a.size() != 2 || b.size() != 2 || y.size() != 2 || a[1] != b[0] || y[0] != a[0] || y[1] != b[1])
     return ffi::Error::InvalidArgument("onednn matmul: expects (M, K) x (K, N) -> (M, N)");
-  const int64_t m = a[0], kk = a[1], nn = b[1];
-  std::ostringstream key;
-  key << "matmul|" << m << ',' << kk << ',' << nn << '|' << int(src_t);
-  dnnl::memory::desc src_md({m, kk}, src_t, tag::ab);
-  dnnl::memory::desc dst_md({m, nn}, dst_t, tag::ab);
-  dnnl::memory::desc bias_md({1, nn}, dt::f32, tag::ab);
-  dnnl::memory::desc user_w({kk, nn}, dt::s8, tag::ab);
-  Maker make = [&](const dnnl::primitive_attr& attr, const dnnl::memory::desc& dmd, bool with_bias) {
-    dnnl::memory::desc any_w({kk, nn}, dt::s8, tag::any);
-    auto pd = with_bias ? dnnl::matmul::primitive_desc(Engine(), src_md, any_w, bias_md, dmd, attr)
-                        : dnnl::matmul::primitive_desc(Engine(), src_md, any_w, dmd, attr);
-    return Finish(pd, dnnl::matmul(pd), user_w);
-  };
-  const int8_t* wptr = static_cast<const int8_t*>(weights.untyped_data());
-  const bool split = Split(mode);
-  if (!split || src_t == dt::u8)
-    return Run(key.str(), make, src_md, src.untyped_data(), wptr, kk * nn, dst_md, dst->untyped_data(), 1 << 1,
-               scale.typed_data(), bias.typed_data(), bias_md, dst_scale.typed_data(), post_op, split, nullptr);
-  // s8 codes, split: u = x + 128, and -128 * the column sums of the weights.
-  std::vector<uint8_t> shifted(m * kk);
-  const int8_t* xs = static_cast<const int8_t*>(src.untyped_data());
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < m * kk; ++i) shifted[i] = static_cast<uint8_t>(xs[i] + 128);
-  src_md = dnnl::memory::desc({m, kk}, dt::u8, tag::ab);
-  const std::vector<int32_t> offset = ShiftOffset(wptr, kk * nn, nn);
-  return Run(key.str() + "|shifted", make, src_md, shifted.data(), wptr, kk * nn, dst_md, dst->untyped_data(),
-             1 << 1, scale.typed_data(), bias.typed_data(), bias_md, dst_scale.typed_data(), post_op, true,
-             offset.data());
+  Geometry g;
+  g.conv = false;
+  g.n = a[0], g.c = a[1], g.o = b[1];
+  return Run(g, src_t, src.untyped_data(), static_cast<const int8_t*>(weights.untyped_data()), out,
+             dst->untyped_data(), scale.typed_data(), bias.typed_data(), dst_scale.typed_data(), post_op, mode);
 }
 
 }  // namespace
@@ -406,7 +531,7 @@ extern "C" int flexiq_onednn_version() {
 // The CPU ISA oneDNN dispatches to (dnnl::cpu_isa as an integer; 0 = all / unknown).
 extern "C" int flexiq_onednn_isa() { return static_cast<int>(dnnl::get_effective_cpu_isa()); }
 
-// Whether mode 0 runs the direct (fused) kernels here: 1 on CPUs with VNNI, 0 where it splits.
+// Whether mode 0 (auto) runs the direct (fused) kernels here: 1 on CPUs with VNNI.
 extern "C" int flexiq_onednn_direct() { return HasVnni() ? 1 : 0; }
 
 #pragma GCC visibility pop
