@@ -1,13 +1,15 @@
 r"""The integer path on oneDNN's int8 kernels beside XLA float32, the XLA integer path and PyTorch
 int8 (FX quantization, x86 backend), in one process, same threads, interleaved rounds.
 
-  python -m benchmarks.onednn_int8 --nets=quickstart,resnet18:full --batch=16 --rounds=5
+  python -m benchmarks.onednn_int8 --nets=quickstart,mobilenetv2,resnet18:full --batch=16 --rounds=5
 
 Run from the repository root. Each JAX net is built from its config with random weights and
 quantized on random images (the greedy selector: speed does not depend on the values); PyTorch's
-twin (torchvision's ResNet-18/50 for `resnet18:full`/`resnet50:full`; none for the quickstart) gets
+twin (torchvision's ResNet-18/50 for `resnet18:full`/`resnet50:full`; none for the others) gets
 random weights and is calibrated on random images. Every alternative is called once per round in
-rotating order; the table gives medians. Also counted: compilations while the oneDNN model switches
+rotating order; the table gives medians. Variants of the integer path: the XLA kernels (the
+backend's default per conv), every conv and dense layer on oneDNN, and (models with depthwise or
+grouped convs) oneDNN for those convs only. Also counted: compilations while the oneDNN model switches
 ratios (must be 0). Writes benchmarks/results/onednn_int8_cpu.{json,md} with the command, commit,
 CPU model, load average and date.
 """
@@ -32,7 +34,8 @@ from flexiq_jax.serve import count_compilations
 
 from benchmarks import integer_path
 
-_NETS = flags.DEFINE_list("nets", ["quickstart", "resnet18:full"], "'quickstart' or '<config>[:full]'.")
+_NETS = flags.DEFINE_list("nets", ["quickstart", "mobilenetv2", "resnet18:full"],
+                          "'quickstart', '<config>' (its :fmnist variant) or '<config>:full' (224 px).")
 _BATCH = flags.DEFINE_integer("batch", 16, "Batch size.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds (every alternative once per round).")
 _THREADS = flags.DEFINE_integer("threads", 2, "PyTorch's intra-op threads (XLA and oneDNN use the machine's cores).")
@@ -93,6 +96,10 @@ def run_net(spec: str, batch: int, rounds: int) -> dict:
   args = {"XLA float32": (subject.variables, images)}
   variants = {"XLA int": qmodel,
               "oneDNN int": dataclasses.replace(qmodel, conv_impls="onednn", dense_impl="onednn")}
+  grouped = tuple((p, "onednn") for p in qmodel.plan.quantized
+                  if qmodel.plan.layers[p].kind == "conv" and qmodel.plan.layers[p].groups > 1)
+  if grouped:  # oneDNN only where XLA:CPU is slowest (depthwise and grouped convs), XLA elsewhere
+    variants["XLA int + oneDNN grouped"] = dataclasses.replace(qmodel, conv_impls=grouped)
   for label, qm in variants.items():
     svars = jax.jit(qm.prepare)(qvars)
     fn = jax.jit(qm.apply)
@@ -123,7 +130,7 @@ def run_net(spec: str, batch: int, rounds: int) -> dict:
   with count_compilations() as compiled:
     for r in np.linspace(0.05, 0.95, 5):
       jax.block_until_ready(predict(images, float(r)))
-  return {"name": subject.name, "batch": batch, "median_s": times, "iqr_s": spread,
+  return {"name": subject.name + (" (224 px)" if full else ""), "batch": batch, "median_s": times, "iqr_s": spread,
           "max_abs_logit_diff_onednn_vs_xla_int": diffs, "compilations_over_5_ratio_switches": compiled.count}
 
 
