@@ -198,6 +198,23 @@ def test_model_logits_match_the_reference_with_one_compilation(setup):
   assert not np.allclose(outs[0], outs[-1], rtol=1e-3)  # lowering changes the logits: the test sees it
 
 
+@needs_onednn
+def test_tuner_can_include_onednn(setup):
+  """impls=CONV_IMPLS times 'onednn' per conv too; the tuned model's logits stay within the
+  oneDNN tolerance of the reference; by default 'onednn' is not timed."""
+  model, plan, qvars, images = setup.model, setup.plan, setup.qvars, setup.images
+  qmodel = quantize.QuantizedModel(model, plan)
+  tuned, times = quantize.tune_conv_impls(qmodel, qvars, images[:8], repeats=1, impls=integer.CONV_IMPLS)
+  assert all("onednn" in t for t in times.values())
+  chosen = tuned.conv_impl_map()
+  assert all(chosen[p] == min(t, key=t.get) for p, t in times.items())
+  reference = quantize.QuantizedModel(model, plan, mode="int_reference").apply
+  np.testing.assert_allclose(jax.jit(tuned.apply)(qvars, images, 0.5), jax.jit(reference)(qvars, images, 0.5),
+                             rtol=1e-5, atol=1e-5)
+  _, default_times = quantize.tune_conv_impls(qmodel, qvars, images[:8], repeats=1)
+  assert not any("onednn" in t for t in default_times.values())
+
+
 def test_export_and_missing_library_run_the_xla_form(setup, monkeypatch):
   """The portable export's form has no custom call; without the library (or off the CPU) the
   oneDNN choices fall back to XLA's kernels and the logits are the XLA form's."""
