@@ -268,6 +268,8 @@ def export_portable(qmodel: QuantizedModel, qvars: dict, directory: str, image_s
   so that `load_portable` refuses an export its workdir's serving model no longer matches. Each
   file is written beside and renamed into place; the manifest records each file's SHA-256.
   A CUDA or ROCm platform exports the convs with float32 accumulators (XLA:GPU's int8 convs need them).
+  A model with oneDNN layers (`conv_impls='onednn'`, `dense_impl='onednn'`) is exported in its XLA
+  form (`QuantizedModel.xla_form`): the module holds no custom call.
 
   Args:
     qmodel: the quantized model.
@@ -290,7 +292,9 @@ def export_portable(qmodel: QuantizedModel, qvars: dict, directory: str, image_s
   if len(image_shape) != 3:
     raise ValueError(f"image_shape must be (H, W, C), got {image_shape}")
   platforms = tuple(platforms or (_platform_of_backend(),))
-  qmodel = qmodel.with_mode("int")
+  # The module runs the XLA form: oneDNN layers would be custom calls to a library that only a
+  # process with flexiq_jax_onednn loaded can run (and only on CPU).
+  qmodel = qmodel.with_mode("int").xla_form()
   if any(p in _FLOAT_ACCUMULATOR_PLATFORMS for p in platforms):
     qmodel = dataclasses.replace(qmodel, conv_accumulator="float32")
   svars = jax.device_get(jax.jit(qmodel.prepare)(qvars))

@@ -30,6 +30,10 @@ padded with zero weights up to 32, where XLA:CPU's int8 conv is fast) and 'float
 the codes in float32, exact while every sum stays below 2^24: `exact_in_float32`). XLA:CPU's int8 kernels
 are much faster than float32 for some shapes and much slower for others (few channels, depthwise),
 so `default_conv_impl` picks per backend and `tuning.tune_conv_impls` per layer by measurement.
+'onednn' (opt-in, CPU only) runs the conv as oneDNN's int8 convolution through XLA's FFI
+(`quantize.onednn`) with the epilogue `acc * scale + (bias + correction)` fused into it; dense layers
+likewise with `dense_impl='onednn'`. Where the kernel library is not built or the backend is not
+the CPU, both fall back to the XLA implementations.
 
 The arithmetic is that of `layer_ops.quantized_forward(mode='int')` (the plain reference): the
 int32 accumulators are identical and so are the logits when compiled alike (separate
@@ -50,6 +54,7 @@ from flexiq_jax.interception import (LayerCall, LayerInfo, MatmulCall, as_matrix
                                      get_path, kernel_matrix, set_path, spatial_pair)
 from flexiq_jax import layer_ops
 from flexiq_jax.plan import QuantPlan
+from flexiq_jax.quantize import onednn
 
 SERVING_KEY = "integer"
 
@@ -216,7 +221,8 @@ def exact_in_float32(info: LayerInfo, signed: bool) -> bool:
   return taps * (128 if signed else 255) * layer_ops.WEIGHT_QMAX <= 2 ** 24
 
 
-CONV_IMPLS = ("int8", "int8_pad", "int8_widened", "float32")
+CONV_IMPLS = ("int8", "int8_pad", "int8_widened", "float32", "onednn")
+TUNED_CONV_IMPLS = CONV_IMPLS[:4]  # the XLA ones: the tuner keeps the logits bit for bit
 CPU_INT8_MIN_CHANNELS = 32  # XLA:CPU's int8 conv is fast from here; 'int8_widened' pads up to it
 
 
@@ -244,8 +250,9 @@ def default_conv_impl(info: LayerInfo) -> str:
 
 def conv_impl_for(info: LayerInfo, signed: bool, requested: str | None) -> str:
   """The conv implementation a layer runs: `requested` (None: `default_conv_impl`), with 'float32'
-  falling back to 'int8' where float32 sums would not be exact, and 'int8_widened' to 'int8' where
-  there is nothing to widen (32+ input channels) or it would change the groups (grouped convs).
+  falling back to 'int8' where float32 sums would not be exact, 'int8_widened' to 'int8' where
+  there is nothing to widen (32+ input channels) or it would change the groups (grouped convs), and
+  'onednn' to the default where the oneDNN kernels are unavailable (`onednn.available`).
 
   Args:
     info: the conv layer.
@@ -263,10 +270,27 @@ def conv_impl_for(info: LayerInfo, signed: bool, requested: str | None) -> str:
     raise ValueError(f"unknown conv implementation {impl!r}; use one of {CONV_IMPLS}")
   if impl == "int8_widened" and (info.groups > 1 or info.in_channels >= CPU_INT8_MIN_CHANNELS):
     return "int8"
+  if impl == "onednn":
+    return impl if onednn.available() else conv_impl_for(info, signed, None)
   return "int8" if impl == "float32" and not exact_in_float32(info, signed) else impl
 
 
-DENSE_IMPLS = ("xla", "pallas")
+DENSE_IMPLS = ("xla", "pallas", "onednn")
+
+
+def _fused_bias(info: LayerInfo, entry: dict, lowered, bias, out_channels: int):
+  """(O,) float: the layer's bias plus its bias correction at this ratio, for a fused epilogue."""
+  out = jnp.zeros((out_channels,), jnp.float32)
+  if lowered is not None and "lost" in entry:
+    out = out + layer_ops.masked_channel_sum(info, lowered, entry["lost"]) * entry["act_scale"] * entry["weight_scale"]
+  if bias is not None:
+    out = out + bias.reshape(-1)
+  return out
+
+
+def _onednn_conv_ok(module, padding) -> bool:
+  """Whether oneDNN's conv can run this layer: no input dilation, no negative (cropping) padding."""
+  return spatial_pair(module.input_dilation) == (1, 1) and all(v >= 0 for p in padding for v in p)
 
 
 def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, conv_accumulator=jnp.int32,
@@ -310,6 +334,19 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
   wi = kernel
   if lowered is not None:
     wi = jnp.where(_row_mask(info, lowered), entry["w_low"], kernel)
+  codes_dtype = jnp.int8 if signed else jnp.uint8
+  if info.kind == "dense" and dense_impl == "onednn" and onednn.available():
+    y = onednn.matmul(q.astype(codes_dtype), wi, scale=entry["scale"], bias=_fused_bias(info, entry, lowered, call.bias, wi.shape[-1]),
+                      out_dtype=jnp.float32)
+    return finish(info, y, None)
+  if info.kind == "conv" and (impl := conv_impl_for(info, signed, conv_impl)) == "onednn":
+    padding = conv_padding(module, x.shape, info.kernel_shape)
+    if _onednn_conv_ok(module, padding):
+      y = onednn.conv(q.astype(codes_dtype), wi, strides=spatial_pair(module.strides), padding=padding,
+                      dilation=spatial_pair(module.kernel_dilation), groups=info.groups, scale=entry["scale"],
+                      bias=_fused_bias(info, entry, lowered, call.bias, wi.shape[-1]), out_dtype=jnp.float32)
+      return finish(info, y, None)
+    conv_impl = "int8"
   if info.kind == "dense":
     # XLA's dot takes uint8 x int8 directly: unsigned codes need no shift.
     xi = q.astype(jnp.int8 if signed else jnp.uint8)

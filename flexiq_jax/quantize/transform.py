@@ -184,10 +184,13 @@ class QuantizedModel:
   lsq: learnable activation scales (LSQ). conv_accumulator: 'int32' or 'float32' (None: chosen
   from the backend; GPUs need float32). conv_impls: how each conv of the serving form runs
   (`integer.integer_forward`; the same integers whichever): 'auto' the backend's defaults
-  (`integer.default_conv_impl`), 'int8' every conv as one int8 conv, or ((path, impl), ...) pairs
-  as `integer.tune_conv_impls` measures them (layers not listed: the default). dense_impl: how
-  the serving form's dense layers run (`integer.DENSE_IMPLS`): 'xla', or 'pallas' (one fused
-  kernel per layer, `quantize.pallas_dense`; for GPUs, interpret mode elsewhere)."""
+  (`integer.default_conv_impl`), 'int8' every conv as one int8 conv, 'onednn' every conv through
+  oneDNN's int8 conv with the epilogue fused (CPU; `quantize.onednn`, the default where its
+  library is not built), or ((path, impl), ...) pairs as `integer.tune_conv_impls` measures them
+  (layers not listed: the default). dense_impl: how the serving form's dense layers run
+  (`integer.DENSE_IMPLS`): 'xla', 'pallas' (one fused kernel per layer, `quantize.pallas_dense`;
+  for GPUs, interpret mode elsewhere) or 'onednn' (oneDNN's int8 matmul, CPU; 'xla' where
+  unavailable). The portable export runs the XLA form (`export.export_portable`)."""
 
   model: nn.Module
   plan: QuantPlan
@@ -203,8 +206,9 @@ class QuantizedModel:
   def __post_init__(self):
     if self.mode not in MODES:
       raise ValueError(f"unknown mode {self.mode!r}; use one of {MODES}")
-    if isinstance(self.conv_impls, str) and self.conv_impls not in ("auto", "int8"):
-      raise ValueError(f"conv_impls must be 'auto', 'int8' or ((path, impl), ...) pairs, got {self.conv_impls!r}")
+    if isinstance(self.conv_impls, str) and self.conv_impls not in ("auto", "int8", "onednn"):
+      raise ValueError(f"conv_impls must be 'auto', 'int8', 'onednn' or ((path, impl), ...) pairs, "
+                       f"got {self.conv_impls!r}")
     if self.dense_impl not in integer.DENSE_IMPLS:
       raise ValueError(f"unknown dense_impl {self.dense_impl!r}; use one of {integer.DENSE_IMPLS}")
 
@@ -212,8 +216,8 @@ class QuantizedModel:
     """{conv path: implementation} for the serving form (layers not listed: the default)."""
     if self.conv_impls == "auto":
       return {}
-    if self.conv_impls == "int8":
-      return {p: "int8" for p in self.plan.quantized if self.plan.layers[p].kind == "conv"}
+    if self.conv_impls in ("int8", "onednn"):
+      return {p: self.conv_impls for p in self.plan.quantized if self.plan.layers[p].kind == "conv"}
     return dict(self.conv_impls)
 
   def prepare(self, qvars) -> dict:
@@ -265,6 +269,23 @@ class QuantizedModel:
 
   def with_mode(self, mode: str) -> "QuantizedModel":
     return dataclasses.replace(self, mode=mode)
+
+  def xla_form(self) -> "QuantizedModel":
+    """This model with its oneDNN layers (custom calls of a library only this process loads) run
+    by the XLA implementations: convs at the default, dense layers 'xla'. Other choices are kept.
+
+    Returns:
+      The QuantizedModel (itself if it has no oneDNN layer).
+    """
+    impls = self.conv_impls
+    if impls == "onednn":
+      impls = "auto"
+    elif isinstance(impls, tuple):
+      impls = tuple((p, i) for p, i in impls if i != "onednn")
+    dense = "xla" if self.dense_impl == "onednn" else self.dense_impl
+    if impls == self.conv_impls and dense == self.dense_impl:
+      return self
+    return dataclasses.replace(self, conv_impls=impls, dense_impl=dense)
 
 
 def export_int8(qmodel: QuantizedModel, qvars) -> dict:

@@ -69,17 +69,20 @@ def time_call(fn, args, repeats: int) -> float:
   return float(np.median(times))
 
 
-def conv_impl_times(qmodel, svars, images, repeats: int = 3) -> dict:
+def conv_impl_times(qmodel, svars, images, repeats: int = 3, impls=integer.TUNED_CONV_IMPLS) -> dict:
   """{conv path: {impl: seconds}} of each quantized conv alone (at ratio 0) on its captured input.
 
   Implementations `integer.conv_impl_for` would replace (float32 where not exact, int8_widened where
-  there is nothing to widen) are not timed.
+  there is nothing to widen, 'onednn' where its library is unavailable) are not timed. By default
+  neither is the opt-in 'onednn' (its fused epilogue may round the last bit of an output
+  differently: with the default the tuned logits equal the untuned ones bit for bit).
 
   Args:
     qmodel: the `QuantizedModel`.
     svars: its serving variables.
     images: the batch whose layer inputs are captured (its shape is the one timed).
     repeats: timed calls per implementation (`time_call`).
+    impls: the implementations to time (e.g. `integer.CONV_IMPLS` to include 'onednn').
 
   Returns:
     {conv path: {implementation: median seconds}}.
@@ -92,7 +95,7 @@ def conv_impl_times(qmodel, svars, images, repeats: int = 3) -> dict:
       continue
     entry = get_path(svars[integer.SERVING_KEY], path)
     out[path] = {}
-    for impl in integer.CONV_IMPLS:
+    for impl in impls:
       if integer.conv_impl_for(info, plan.signed[path], impl) != impl:
         continue  # not exact in float32 here
       fn = jax.jit(lambda x, e, k, b, call=call, impl=impl, signed=plan.signed[path]: integer.integer_forward(
@@ -101,7 +104,7 @@ def conv_impl_times(qmodel, svars, images, repeats: int = 3) -> dict:
   return out
 
 
-def tune_conv_impls(qmodel, qvars, images, repeats: int = 3):
+def tune_conv_impls(qmodel, qvars, images, repeats: int = 3, impls=integer.TUNED_CONV_IMPLS):
   """`qmodel` with conv_impls set to the fastest implementation of each conv at the shape of
   `images` (e.g. a serving batch), and the measured {path: {impl: seconds}}.
 
@@ -110,11 +113,12 @@ def tune_conv_impls(qmodel, qvars, images, repeats: int = 3):
     qvars: its quantized (or serving) variables.
     images: a batch of the serving shape.
     repeats: timed calls per implementation.
+    impls: the implementations to time (`conv_impl_times`); `integer.CONV_IMPLS` adds 'onednn'.
 
   Returns:
     (tuned QuantizedModel, {conv path: {implementation: seconds}}).
   """
   svars = jax.jit(qmodel.prepare)(qvars)
-  times = conv_impl_times(qmodel, svars, images, repeats)
+  times = conv_impl_times(qmodel, svars, images, repeats, impls)
   best = tuple((p, min(t, key=t.get)) for p, t in times.items())
   return dataclasses.replace(qmodel, conv_impls=best), times

@@ -1,0 +1,178 @@
+r"""The integer path on oneDNN's int8 kernels beside XLA float32, the XLA integer path and PyTorch
+int8 (FX quantization, x86 backend), in one process, same threads, interleaved rounds.
+
+  python -m benchmarks.onednn_int8 --nets=quickstart,mobilenetv2,resnet18:full --batch=16 --rounds=5
+
+Run from the repository root. Each JAX net is built from its config with random weights and
+quantized on random images (the greedy selector: speed does not depend on the values); PyTorch's
+twin (torchvision's ResNet-18/50 for `resnet18:full`/`resnet50:full`; none for the others) gets
+random weights and is calibrated on random images. Every alternative is called once per round in
+rotating order; the table gives medians. Variants of the integer path: the XLA kernels (the
+backend's default per conv), every conv and dense layer on oneDNN, and (models with depthwise or
+grouped convs) oneDNN for those convs only. Also counted: compilations while the oneDNN model switches
+ratios (must be 0). Writes benchmarks/results/onednn_int8_cpu.{json,md} with the command, commit,
+CPU model, load average and date.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flexiq_jax import api
+from flexiq_jax import quantize
+from flexiq_jax import records
+from flexiq_jax.quantize import onednn
+from flexiq_jax.serve import count_compilations
+
+from benchmarks import integer_path
+
+_NETS = flags.DEFINE_list("nets", ["quickstart", "mobilenetv2", "resnet18:full"],
+                          "'quickstart', '<config>' (its :fmnist variant) or '<config>:full' (224 px).")
+_BATCH = flags.DEFINE_integer("batch", 16, "Batch size.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds (every alternative once per round).")
+_THREADS = flags.DEFINE_integer("threads", 2, "PyTorch's intra-op threads (XLA and oneDNN use the machine's cores).")
+_OUT = flags.DEFINE_string("results_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                           "Folder for the results files.")
+RATIOS = (0.0, 0.5, 1.0)
+
+
+def cpu_model() -> str:
+  """The host CPU's model name and whether it has AVX-512 VNNI / AVX-VNNI (from /proc/cpuinfo).
+
+  Returns:
+    e.g. 'AMD EPYC 7B12 (avx2; no VNNI)'.
+  """
+  try:
+    with open("/proc/cpuinfo") as f:
+      text = f.read()
+  except OSError:
+    return "unknown"
+  name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+  flags_line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+  vnni = [f for f in ("avx512_vnni", "avx_vnni") if f" {f}" in flags_line]
+  isa = "avx512f" if " avx512f" in flags_line else "avx2" if " avx2" in flags_line else "no avx2"
+  return f"{name} ({isa}; {'VNNI: ' + ', '.join(vnni) if vnni else 'no VNNI'})"
+
+
+def torch_twin(spec: str):
+  """(float torch model, int8 FX model) for a full-size ResNet config, or None."""
+  name = spec.split(":")[0]
+  if not spec.endswith(":full") or name not in ("resnet18", "resnet50"):
+    return None
+  import torch
+  from torch.ao.quantization import get_default_qconfig_mapping
+  from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+  import timm_reference  # torchvision beside the CPU-only torch
+  torchvision = timm_reference.import_torchvision()
+  torch.manual_seed(0)
+  model = getattr(torchvision.models, name)(weights=None).eval()
+  torch.backends.quantized.engine = "x86"
+  example = torch.randn(_BATCH.value, 3, 224, 224)
+  prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), example_inputs=(example,))
+  with torch.inference_mode():
+    for _ in range(2):
+      prepared(torch.randn(8, 3, 224, 224))
+  return model, convert_fx(prepared)
+
+
+def run_net(spec: str, batch: int, rounds: int) -> dict:
+  """Times one net's alternatives; returns its results entry."""
+  full = spec.endswith(":full")
+  subject = integer_path.build_subject(spec.split(":")[0], full)
+  calib = np.random.default_rng(0).normal(size=(16,) + subject.image_shape).astype(np.float32)
+  qmodel, qvars = api.quantize_model(subject.model, subject.variables, calib, selector="greedy", calib_batch_size=8)
+  images = jnp.asarray(np.random.default_rng(1).normal(size=(batch,) + subject.image_shape), jnp.float32)
+  float_fn = jax.jit(lambda v, x: subject.model.apply(v, x, train=False))
+  fns = {"XLA float32": float_fn}
+  args = {"XLA float32": (subject.variables, images)}
+  variants = {"XLA int": qmodel,
+              "oneDNN int": dataclasses.replace(qmodel, conv_impls="onednn", dense_impl="onednn")}
+  grouped = tuple((p, "onednn") for p in qmodel.plan.quantized
+                  if qmodel.plan.layers[p].kind == "conv" and qmodel.plan.layers[p].groups > 1)
+  if grouped:  # oneDNN only where XLA:CPU is slowest (depthwise and grouped convs), XLA elsewhere
+    variants["XLA int + oneDNN grouped"] = dataclasses.replace(qmodel, conv_impls=grouped)
+  for label, qm in variants.items():
+    svars = jax.jit(qm.prepare)(qvars)
+    fn = jax.jit(qm.apply)
+    for r in RATIOS:
+      fns[f"{label} r={r:g}"] = fn
+      args[f"{label} r={r:g}"] = (svars, images, jnp.float32(r))
+  twin = torch_twin(spec)
+  if twin is not None:
+    import torch
+    torch.set_num_threads(_THREADS.value)
+    x_torch = torch.from_numpy(np.asarray(images).transpose(0, 3, 1, 2).copy())
+
+    def torch_call(m):
+      def call(x):
+        with torch.inference_mode():
+          return m(x)
+      return call
+    fns["PyTorch float32"], args["PyTorch float32"] = torch_call(twin[0]), (x_torch,)
+    fns["PyTorch int8 (FX, x86)"], args["PyTorch int8 (FX, x86)"] = torch_call(twin[1]), (x_torch,)
+  spread = {}
+  times = integer_path.median_times(fns, args, rounds, spread)
+  # Logit agreement of the oneDNN model with the XLA integer path (same ratio, same variables).
+  diffs = {f"r={r:g}": float(jnp.max(jnp.abs(fns[f"oneDNN int r={r:g}"](*args[f"oneDNN int r={r:g}"])
+                                              - fns[f"XLA int r={r:g}"](*args[f"XLA int r={r:g}"]))))
+           for r in RATIOS}
+  predict = quantize.make_predict(variants["oneDNN int"], qvars)
+  jax.block_until_ready(predict(images, 0.0))
+  with count_compilations() as compiled:
+    for r in np.linspace(0.05, 0.95, 5):
+      jax.block_until_ready(predict(images, float(r)))
+  return {"name": subject.name + (" (224 px)" if full else ""), "batch": batch, "median_s": times, "iqr_s": spread,
+          "max_abs_logit_diff_onednn_vs_xla_int": diffs, "compilations_over_5_ratio_switches": compiled.count}
+
+
+def write_markdown(results: dict, path: str) -> None:
+  """The results as a Markdown table per net."""
+  info = results["info"]
+  lines = ["# oneDNN int8 kernels vs XLA and PyTorch int8 (CPU)", "",
+           f"Command: `{info['command']}`  ", f"Commit: {info['commit']}  ", f"Date: {info['date']}  ",
+           f"CPU: {info['cpu']}, {info['cores']} cores; oneDNN {info['onednn']}, mode 'auto' runs "
+           f"{'fused (VNNI)' if info['onednn_direct'] else 'split (exact without VNNI: two int8 runs per layer)'}  ",
+           f"Load average at the start: {info['loadavg']} (the machine is shared with other jobs: times are noisy)",
+           ""]
+  for net in results["nets"]:
+    t, iqr = net["median_s"], net["iqr_s"]
+    base = t["XLA float32"]
+    lines += [f"## {net['name']}, batch {net['batch']}", "", "| alternative | median ms | IQR ms | vs XLA float32 |",
+              "| --- | ---: | ---: | ---: |"]
+    for name in t:
+      lines.append(f"| {name} | {1e3 * t[name]:.1f} | {1e3 * iqr[name]:.1f} | {base / t[name]:.2f}x |")
+    lines += ["", f"Max |logit difference| oneDNN vs XLA integer path: "
+              + ", ".join(f"{k}: {v:.2e}" for k, v in net["max_abs_logit_diff_onednn_vs_xla_int"].items())
+              + f". Compilations over 5 ratio switches (oneDNN model): {net['compilations_over_5_ratio_switches']}.", ""]
+  with open(path, "w") as f:
+    f.write("\n".join(lines))
+
+
+def main(argv):
+  del argv
+  if not onednn.available():
+    raise SystemExit(f"oneDNN kernels unavailable: {onednn.unavailable_reason()}")
+  info = records.run_info()
+  info.update(cpu=cpu_model(), cores=os.cpu_count(), onednn=onednn.version(), onednn_direct=onednn.direct_here(),
+              loadavg=" ".join(f"{v:.2f}" for v in os.getloadavg()))
+  results = {"info": info, "nets": []}
+  os.makedirs(_OUT.value, exist_ok=True)
+  for spec in _NETS.value:
+    print(f"== {spec}", flush=True)
+    results["nets"].append(run_net(spec, _BATCH.value, _ROUNDS.value))
+    print(results["nets"][-1], flush=True)
+    records.write_json_atomic(os.path.join(_OUT.value, "onednn_int8_cpu.json"), results)
+    write_markdown(results, os.path.join(_OUT.value, "onednn_int8_cpu.md"))
+
+
+if __name__ == "__main__":
+  app.run(main)

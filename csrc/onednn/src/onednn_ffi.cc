@@ -1,0 +1,537 @@
+// oneDNN int8 convolution and matmul as XLA FFI handlers (CPU).
+//
+// Both take u8 or s8 activation codes, s8 weight codes and accumulate in s32. The output type
+// selects the epilogue:
+//   s32          the raw accumulators (no scale, bias or post-op): the exactness contract;
+//   f32          acc * scale[o] + bias[o], then the post-op;
+//   u8 / s8      the f32 result above divided by dst_scale, rounded to nearest even and saturated.
+// Post-ops: 0 none, 1 ReLU, 2 ReLU6 (clip to [0, 6]), 3 GELU (erf form).
+//
+// How a layer runs (the `mode` attribute: 0 auto, 1 split, 2 direct):
+//   direct  one primitive, the scale, bias, post-op and output scale fused as oneDNN attributes.
+//           Exact on CPUs with VNNI. Without VNNI oneDNN's int8 kernels multiply with vpmaddubsw,
+//           whose pairwise s16 sums saturate for large u8 x s8 products, and for s8 activations
+//           some kernels halve the weights (7-bit weights) while others saturate: the accumulators
+//           are then not the exact ones.
+//   split   exact on every CPU: u8 activations u and weights that cannot saturate,
+//             acc = 2 * conv(u, w >> 1) + conv(u, w & 1)      (|w >> 1| <= 64: pair sums < 2^15)
+//           u = x for u8 codes; for s8 codes u = x + 128, padded explicitly with 128 (the shifted
+//           zero), and acc gets -128 * the sum of each output channel's weights. Both halves run
+//           as one primitive with twice the output channels (per group), or as two runs for
+//           depthwise convs; the combination and the epilogue are a plain loop here.
+//   auto    direct where the CPU has VNNI. Elsewhere a depthwise conv runs one u8 primitive
+//           (s8 codes shifted as above) if that primitive reproduces the exact accumulators on a
+//           probe with the largest products (checked once per shape; oneDNN's depthwise kernels
+//           do not use pairwise s16 sums), and everything else splits.
+//
+// Primitives (and the weight reorder into the layout each primitive prefers) are created once per
+// shape and attribute set and cached; weights are reordered on every call, since at a traced 4-bit
+// ratio the kernel a layer runs changes between calls.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using dt = dnnl::memory::data_type;
+using tag = dnnl::memory::format_tag;
+using dims = dnnl::memory::dims;
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+bool HasVnni() {
+  static const bool vnni = [] {
+    const int isa = static_cast<int>(dnnl::get_effective_cpu_isa());
+    const int avx2_vnni = static_cast<int>(dnnl::cpu_isa::avx2_vnni);
+    const int avx512_vnni = static_cast<int>(dnnl::cpu_isa::avx512_core_vnni);
+    return (isa & avx2_vnni) == avx2_vnni || (isa & avx512_vnni) == avx512_vnni;
+  }();
+  return vnni;
+}
+
+bool ToDnnlType(ffi::DataType t, dt* out) {
+  switch (t) {
+    case ffi::DataType::U8: *out = dt::u8; return true;
+    case ffi::DataType::S8: *out = dt::s8; return true;
+    case ffi::DataType::S32: *out = dt::s32; return true;
+    case ffi::DataType::F32: *out = dt::f32; return true;
+    default: return false;
+  }
+}
+
+template <typename T>
+std::unique_ptr<T[]> Uninitialized(int64_t count) {
+  return std::unique_ptr<T[]>(new T[count > 0 ? count : 1]);
+}
+
+// One layer's geometry. A matmul is a 1x1 "conv" over m rows: n = m, h = w = 1, c = k.
+struct Geometry {
+  bool conv = true;
+  int64_t n = 0, h = 1, w = 1, c = 0, kh = 1, kw = 1, o = 0, groups = 1, oh = 1, ow = 1;
+  dims strides{1, 1}, dilation{0, 0}, pad_lo{0, 0}, pad_hi{0, 0};
+
+  int64_t rows() const { return n * oh * ow; }
+  int64_t group_out() const { return o / groups; }
+  bool depthwise() const { return conv && groups > 1 && groups == c && group_out() == 1; }
+  int64_t weight_count() const { return kh * kw * (c / groups) * o; }
+
+  std::string Key() const {
+    std::ostringstream s;
+    s << (conv ? "conv|" : "matmul|") << n << ',' << h << ',' << w << ',' << c << '|' << kh << ',' << kw << ','
+      << o << ',' << groups << '|' << oh << ',' << ow << '|' << strides[0] << ',' << strides[1] << '|'
+      << dilation[0] << ',' << dilation[1] << '|' << pad_lo[0] << ',' << pad_lo[1] << ',' << pad_hi[0] << ','
+      << pad_hi[1];
+    return s.str();
+  }
+};
+
+// What a primitive is built for, besides the geometry.
+struct Variant {
+  dt src;
+  bool prepadded;  // src holds the padding already (the shifted s8 path): an unpadded conv
+  int mult;        // output channels per group times this (2: both split halves in one run)
+  dt dst;
+  bool fused;      // scale, bias, post-op (and dst scale) as attributes
+  int64_t post_op;
+
+  std::string Key() const {
+    std::ostringstream s;
+    s << int(src) << ',' << prepadded << ',' << mult << ',' << int(dst) << ',' << fused << ',' << post_op;
+    return s.str();
+  }
+};
+
+struct Cached {
+  dnnl::primitive prim;
+  dnnl::memory::desc src, user_weights, weights, bias, dst, scratchpad;
+  dnnl::reorder weight_reorder;
+  bool reorder_weights = false;
+  int probe = -1;  // depthwise probe: -1 not run, 0 inexact, 1 exact
+};
+
+dnnl::primitive_attr Attr(const Geometry& g, const Variant& v) {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  if (!v.fused) return attr;
+  attr.set_scales_mask(DNNL_ARG_WEIGHTS, !g.conv ? 1 << 1 : g.groups == 1 ? 1 : 3);  // per output channel
+  if (v.dst == dt::u8 || v.dst == dt::s8) attr.set_scales_mask(DNNL_ARG_DST, 0);
+  dnnl::post_ops ops;
+  if (v.post_op == 1) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+  if (v.post_op == 2) ops.append_eltwise(dnnl::algorithm::eltwise_clip, 0.f, 6.f);
+  if (v.post_op == 3) ops.append_eltwise(dnnl::algorithm::eltwise_gelu_erf, 0.f, 0.f);
+  attr.set_post_ops(ops);
+  return attr;
+}
+
+template <typename PD>
+std::shared_ptr<Cached> Finish(const PD& pd, dnnl::primitive prim, const dnnl::memory::desc& src,
+                               const dnnl::memory::desc& user_weights, const dnnl::memory::desc& bias,
+                               const dnnl::memory::desc& dst) {
+  auto entry = std::make_shared<Cached>();
+  entry->prim = std::move(prim);
+  entry->src = src;
+  entry->user_weights = user_weights;
+  entry->bias = bias;
+  entry->dst = dst;
+  entry->weights = pd.weights_desc();
+  entry->scratchpad = pd.scratchpad_desc();
+  entry->reorder_weights = entry->weights != user_weights;
+  if (entry->reorder_weights)
+    entry->weight_reorder =
+        dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), user_weights, Engine(), entry->weights));
+  return entry;
+}
+
+std::shared_ptr<Cached> Build(const Geometry& g, const Variant& v) {
+  const int64_t o = g.o * v.mult;
+  const dnnl::primitive_attr attr = Attr(g, v);
+  if (!g.conv) {
+    dnnl::memory::desc src({g.n, g.c}, v.src, tag::ab), dst({g.n, o}, v.dst, tag::ab);
+    dnnl::memory::desc user_w({g.c, o}, dt::s8, tag::ab), any_w({g.c, o}, dt::s8, tag::any);
+    dnnl::memory::desc bias({1, o}, dt::f32, tag::ab);
+    auto pd = v.fused ? dnnl::matmul::primitive_desc(Engine(), src, any_w, bias, dst, attr)
+                      : dnnl::matmul::primitive_desc(Engine(), src, any_w, dst, attr);
+    return Finish(pd, dnnl::matmul(pd), src, user_w, bias, dst);
+  }
+  const int64_t h = v.prepadded ? g.h + g.pad_lo[0] + g.pad_hi[0] : g.h;
+  const int64_t w = v.prepadded ? g.w + g.pad_lo[1] + g.pad_hi[1] : g.w;
+  const dims pl = v.prepadded ? dims{0, 0} : g.pad_lo, pr = v.prepadded ? dims{0, 0} : g.pad_hi;
+  dnnl::memory::desc src({g.n, g.c, h, w}, v.src, tag::nhwc), dst({g.n, o, g.oh, g.ow}, v.dst, tag::nhwc);
+  dnnl::memory::desc user_w = g.groups == 1
+      ? dnnl::memory::desc({o, g.c, g.kh, g.kw}, dt::s8, tag::hwio)
+      : dnnl::memory::desc({g.groups, o / g.groups, g.c / g.groups, g.kh, g.kw}, dt::s8, tag::hwigo);
+  dnnl::memory::desc any_w(user_w.get_dims(), dt::s8, tag::any), bias({o}, dt::f32, tag::x);
+  auto pd = v.fused
+      ? dnnl::convolution_forward::primitive_desc(Engine(), dnnl::prop_kind::forward_inference,
+            dnnl::algorithm::convolution_direct, src, any_w, bias, dst, g.strides, g.dilation, pl, pr, attr)
+      : dnnl::convolution_forward::primitive_desc(Engine(), dnnl::prop_kind::forward_inference,
+            dnnl::algorithm::convolution_direct, src, any_w, dst, g.strides, g.dilation, pl, pr, attr);
+  return Finish(pd, dnnl::convolution_forward(pd), src, user_w, bias, dst);
+}
+
+std::mutex cache_mutex;
+std::unordered_map<std::string, std::shared_ptr<Cached>>& Cache() {
+  static auto* cache = new std::unordered_map<std::string, std::shared_ptr<Cached>>();
+  return *cache;
+}
+
+std::shared_ptr<Cached> Get(const Geometry& g, const Variant& v) {
+  const std::string key = g.Key() + '#' + v.Key();
+  {
+    std::lock_guard<std::mutex> lock(cache_mutex);
+    auto it = Cache().find(key);
+    if (it != Cache().end()) return it->second;
+  }
+  auto entry = Build(g, v);  // outside the lock: creating a primitive can take milliseconds
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  return Cache().emplace(key, std::move(entry)).first->second;  // the first one created wins
+}
+
+// One execution on plain (user-layout) weights; scale, bias, dst_scale only for a fused primitive.
+void Execute(const Cached& c, const void* src, const int8_t* weights, void* dst, const float* scale = nullptr,
+             const float* bias = nullptr, const float* dst_scale = nullptr) {
+  dnnl::engine& eng = Engine();
+  dnnl::stream stream(eng);
+  dnnl::memory user_w(c.user_weights, eng, const_cast<int8_t*>(weights));
+  dnnl::memory w = user_w;
+  if (c.reorder_weights) {
+    w = dnnl::memory(c.weights, eng);
+    c.weight_reorder.execute(stream, user_w, w);
+  }
+  std::unordered_map<int, dnnl::memory> args = {
+      {DNNL_ARG_SRC, dnnl::memory(c.src, eng, const_cast<void*>(src))},
+      {DNNL_ARG_WEIGHTS, w},
+      {DNNL_ARG_DST, dnnl::memory(c.dst, eng, dst)},
+      {DNNL_ARG_SCRATCHPAD, dnnl::memory(c.scratchpad, eng)}};
+  if (scale != nullptr) {
+    const int64_t channels = c.bias.get_dims().back();
+    args.emplace(DNNL_ARG_BIAS, dnnl::memory(c.bias, eng, const_cast<float*>(bias)));
+    args.emplace(DNNL_ARG_ATTR_SCALES | DNNL_ARG_WEIGHTS,
+                 dnnl::memory({{channels}, dt::f32, tag::x}, eng, const_cast<float*>(scale)));
+    const dt out = c.dst.get_data_type();
+    if (out == dt::u8 || out == dt::s8)
+      args.emplace(DNNL_ARG_ATTR_SCALES | DNNL_ARG_DST,
+                   dnnl::memory({{1}, dt::f32, tag::x}, eng, const_cast<float*>(dst_scale)));
+  }
+  c.prim.execute(stream, args);
+  stream.wait();
+}
+
+template <typename T>
+inline T Saturate(float v) {
+  const float lo = static_cast<float>(std::numeric_limits<T>::min());
+  const float hi = static_cast<float>(std::numeric_limits<T>::max());
+  return static_cast<T>(std::nearbyint(std::fmin(std::fmax(v, lo), hi)));
+}
+
+inline float PostOp(float y, int64_t post_op) {
+  if (post_op == 1) return y > 0.f ? y : 0.f;
+  if (post_op == 2) return std::fmin(std::fmax(y, 0.f), 6.f);
+  if (post_op == 3) return 0.5f * y * (1.f + std::erf(y * 0.70710678118654752f));
+  return y;
+}
+
+// The accumulators from split or shifted runs, and the epilogue:
+//   acc[r, oc] = factor * hi[r * hi_row + hi_col[oc]] + lo[r * lo_row + lo_col[oc]] + offset[oc]
+// (lo and offset optional), then written to dst[r, oc] as s32, or through the epilogue.
+struct Combine {
+  const int32_t* hi;
+  int64_t hi_row;
+  std::vector<int64_t> hi_col;
+  int32_t factor = 1;
+  const int32_t* lo = nullptr;
+  int64_t lo_row = 0;
+  std::vector<int64_t> lo_col;
+  const int32_t* offset = nullptr;
+};
+
+void CombineAndFinish(const Combine& k, int64_t rows, int64_t channels, const float* scale, const float* bias,
+                      float dst_scale, int64_t post_op, dt out, void* dst) {
+  const float inv = 1.f / dst_scale;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int32_t* hi = k.hi + r * k.hi_row;
+    const int32_t* lo = k.lo ? k.lo + r * k.lo_row : nullptr;
+    for (int64_t oc = 0; oc < channels; ++oc) {
+      int32_t acc = k.factor * hi[k.hi_col[oc]];
+      if (lo) acc += lo[k.lo_col[oc]];
+      if (k.offset) acc += k.offset[oc];
+      const int64_t i = r * channels + oc;
+      if (out == dt::s32) {
+        static_cast<int32_t*>(dst)[i] = acc;
+        continue;
+      }
+      const float y = PostOp(static_cast<float>(acc) * scale[oc] + bias[oc], post_op);
+      if (out == dt::f32) static_cast<float*>(dst)[i] = y;
+      else if (out == dt::u8) static_cast<uint8_t*>(dst)[i] = Saturate<uint8_t>(y * inv);
+      else static_cast<int8_t*>(dst)[i] = Saturate<int8_t>(y * inv);
+    }
+  }
+}
+
+// s8 codes as u8 (x + 128); for a conv also padded with 128, the shifted zero.
+std::unique_ptr<uint8_t[]> Shifted(const Geometry& g, const int8_t* x) {
+  if (!g.conv) {
+    auto u = Uninitialized<uint8_t>(g.n * g.c);
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < g.n * g.c; ++i) u[i] = static_cast<uint8_t>(x[i] + 128);
+    return u;
+  }
+  const int64_t hp = g.h + g.pad_lo[0] + g.pad_hi[0], wp = g.w + g.pad_lo[1] + g.pad_hi[1];
+  auto u = Uninitialized<uint8_t>(g.n * hp * wp * g.c);
+  std::memset(u.get(), 128, g.n * hp * wp * g.c);
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t b = 0; b < g.n; ++b)
+    for (int64_t i = 0; i < g.h; ++i) {
+      const int8_t* from = x + (b * g.h + i) * g.w * g.c;
+      uint8_t* to = u.get() + ((b * hp + i + g.pad_lo[0]) * wp + g.pad_lo[1]) * g.c;
+      for (int64_t j = 0; j < g.w * g.c; ++j) to[j] = static_cast<uint8_t>(from[j] + 128);
+    }
+  return u;
+}
+
+// -128 * the sum of each output channel's weights (channels last: HWIO or (K, N)).
+std::vector<int32_t> ShiftOffset(const Geometry& g, const int8_t* weights) {
+  std::vector<int32_t> offset(g.o, 0);
+  const int64_t count = g.weight_count();
+  for (int64_t i = 0; i < count; ++i) offset[i % g.o] += weights[i];
+  for (auto& v : offset) v *= -128;
+  return offset;
+}
+
+// Whether a depthwise u8 primitive gives the exact accumulators on a probe with the largest
+// products: every code 255, each channel's weights all 127 or all -128 (saturating pair sums and
+// halving both show), and a second probe of varied codes and weights.
+bool ProbeDepthwise(const Geometry& g, const Cached& c) {
+  const int64_t in = g.n * c.src.get_dims()[2] * c.src.get_dims()[3] * g.c;
+  const int64_t ih = c.src.get_dims()[2], iw = c.src.get_dims()[3];
+  const dims pl = ih == g.h ? g.pad_lo : dims{0, 0};
+  std::vector<uint8_t> x(in);
+  std::vector<int8_t> w(g.weight_count());
+  std::vector<int32_t> got(g.rows() * g.o);
+  for (int trial = 0; trial < 2; ++trial) {
+    for (int64_t i = 0; i < in; ++i) x[i] = trial == 0 ? 255 : static_cast<uint8_t>((i * 37 + 11) % 256);
+    for (int64_t i = 0; i < g.weight_count(); ++i) {
+      const int64_t oc = i % g.o;
+      w[i] = trial == 0 ? (oc % 2 ? 127 : -128) : static_cast<int8_t>((i * 53 + oc * 7) % 255 - 127);
+    }
+    Execute(c, x.data(), w.data(), got.data());
+    for (int64_t b = 0; b < g.n; ++b)
+      for (int64_t y = 0; y < g.oh; ++y)
+        for (int64_t z = 0; z < g.ow; ++z)
+          for (int64_t oc = 0; oc < g.o; ++oc) {
+            int64_t acc = 0;
+            for (int64_t a = 0; a < g.kh; ++a)
+              for (int64_t d = 0; d < g.kw; ++d) {
+                const int64_t yy = y * g.strides[0] + a * (g.dilation[0] + 1) - pl[0];
+                const int64_t zz = z * g.strides[1] + d * (g.dilation[1] + 1) - pl[1];
+                if (yy < 0 || yy >= ih || zz < 0 || zz >= iw) continue;
+                acc += int64_t(x[((b * ih + yy) * iw + zz) * g.c + oc]) * w[(a * g.kw + d) * g.o + oc];
+              }
+            if (acc != got[((b * g.oh + y) * g.ow + z) * g.o + oc]) return false;
+          }
+  }
+  return true;
+}
+
+// Runs one layer (file comment): x are the codes (src type `src_t`), weights plain (HWIO or
+// (K, N)), dst of type `out`.
+ffi::Error Run(const Geometry& g, dt src_t, const void* x, const int8_t* weights, dt out, void* dst,
+               const float* scale, const float* bias, const float* dst_scale, int64_t post_op, int64_t mode) {
+  try {
+    const bool fuse = out != dt::s32;
+    if (mode == 2 || (mode == 0 && HasVnni())) {
+      auto c = Get(g, {src_t, false, 1, out, fuse, fuse ? post_op : 0});
+      Execute(*c, x, weights, dst, fuse ? scale : nullptr, bias, dst_scale);
+      return ffi::Error::Success();
+    }
+    const bool shift = src_t == dt::s8;
+    std::unique_ptr<uint8_t[]> shifted = shift ? Shifted(g, static_cast<const int8_t*>(x)) : nullptr;
+    const void* u = shift ? static_cast<const void*>(shifted.get()) : x;
+    const std::vector<int32_t> offset = shift ? ShiftOffset(g, weights) : std::vector<int32_t>();
+    const int64_t rows = g.rows(), og = g.group_out();
+    std::vector<int64_t> plain(g.o);
+    for (int64_t oc = 0; oc < g.o; ++oc) plain[oc] = oc;
+
+    if (mode == 0 && g.depthwise()) {  // one u8 primitive, where the probe shows it exact
+      auto c = Get(g, {dt::u8, shift, 1, dt::s32, false, 0});
+      {
+        std::lock_guard<std::mutex> lock(cache_mutex);
+        if (c->probe < 0) c->probe = ProbeDepthwise(g, *c) ? 1 : 0;
+      }
+      if (c->probe == 1) {
+        if (!shift) {
+          auto f = Get(g, {dt::u8, false, 1, out, fuse, fuse ? post_op : 0});
+          Execute(*f, x, weights, dst, fuse ? scale : nullptr, bias, dst_scale);
+          return ffi::Error::Success();
+        }
+        auto acc = Uninitialized<int32_t>(rows * g.o);
+        Execute(*c, u, weights, acc.get());
+        Combine k{acc.get(), g.o, plain};
+        k.offset = offset.data();
+        CombineAndFinish(k, rows, g.o, scale, bias, *dst_scale, post_op, out, dst);
+        return ffi::Error::Success();
+      }
+    }
+    // Split: the halves w >> 1 and w & 1.
+    const int64_t count = g.weight_count();
+    if (og == 1 && g.groups > 1) {  // depthwise-like: two runs (two outputs per group would leave
+                                    // oneDNN's depthwise kernels)
+      auto wa = Uninitialized<int8_t>(count), wb = Uninitialized<int8_t>(count);
+      for (int64_t i = 0; i < count; ++i) {
+        wa[i] = static_cast<int8_t>(weights[i] >> 1);
+        wb[i] = static_cast<int8_t>(weights[i] & 1);
+      }
+      auto c = Get(g, {dt::u8, shift, 1, dt::s32, false, 0});
+      auto a = Uninitialized<int32_t>(rows * g.o), b = Uninitialized<int32_t>(rows * g.o);
+      Execute(*c, u, wa.get(), a.get());
+      Execute(*c, u, wb.get(), b.get());
+      Combine k{a.get(), g.o, plain, 2, b.get(), g.o, plain};
+      if (shift) k.offset = offset.data();
+      CombineAndFinish(k, rows, g.o, scale, bias, *dst_scale, post_op, out, dst);
+      return ffi::Error::Success();
+    }
+    // One run with both halves: group q's outputs [q*og, (q+1)*og) become [w >> 1 | w & 1] at
+    // [2*q*og, 2*(q+1)*og).
+    auto w2 = Uninitialized<int8_t>(2 * count);
+    const int64_t taps_in = count / g.o;  // kh * kw * (c / groups): the rows of the HWIO/(K, N) kernel
+    for (int64_t t = 0; t < taps_in; ++t)
+      for (int64_t q = 0; q < g.groups; ++q)
+        for (int64_t j = 0; j < og; ++j) {
+          const int8_t v = weights[t * g.o + q * og + j];
+          w2[t * 2 * g.o + 2 * q * og + j] = static_cast<int8_t>(v >> 1);
+          w2[t * 2 * g.o + 2 * q * og + og + j] = static_cast<int8_t>(v & 1);
+        }
+    auto c = Get(g, {dt::u8, shift, 2, dt::s32, false, 0});
+    auto both = Uninitialized<int32_t>(rows * 2 * g.o);
+    Execute(*c, u, w2.get(), both.get());
+    std::vector<int64_t> hi_col(g.o), lo_col(g.o);
+    for (int64_t oc = 0; oc < g.o; ++oc) {
+      hi_col[oc] = 2 * (oc / og) * og + oc % og;
+      lo_col[oc] = hi_col[oc] + og;
+    }
+    Combine k{both.get(), 2 * g.o, hi_col, 2, both.get(), 2 * g.o, lo_col};
+    if (shift) k.offset = offset.data();
+    CombineAndFinish(k, rows, g.o, scale, bias, *dst_scale, post_op, out, dst);
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Types(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::DataType dst_type, dt* src_t,
+                 dt* out, const char* what) {
+  dt w_t;
+  if (!ToDnnlType(src.element_type(), src_t) || (*src_t != dt::u8 && *src_t != dt::s8))
+    return ffi::Error::InvalidArgument(std::string(what) + ": src must be u8 or s8");
+  if (!ToDnnlType(weights.element_type(), &w_t) || w_t != dt::s8)
+    return ffi::Error::InvalidArgument(std::string(what) + ": weights must be s8");
+  if (!ToDnnlType(dst_type, out))
+    return ffi::Error::InvalidArgument(std::string(what) + ": dst must be s32, f32, u8 or s8");
+  return ffi::Error::Success();
+}
+
+// src: NHWC (u8|s8); weights: HWIO s8 with I = C / groups; scale, bias: (O,) f32; dst_scale: ()
+// f32; dst: NHWC (s32|f32|u8|s8). strides, pad_lo, pad_hi, dilation: (2,) each, dilation as in
+// XLA (1 = none).
+ffi::Error ConvImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::F32> scale,
+                    ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> dst_scale, ffi::Result<ffi::AnyBuffer> dst,
+                    ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
+                    ffi::Span<const int64_t> pad_hi, ffi::Span<const int64_t> dilation, int64_t groups,
+                    int64_t post_op, int64_t mode) {
+  dt src_t, out;
+  if (auto e = Types(src, weights, dst->element_type(), &src_t, &out, "onednn conv"); e.failure()) return e;
+  auto x = src.dimensions(), k = weights.dimensions(), y = dst->dimensions();
+  if (x.size() != 4 || k.size() != 4 || y.size() != 4 || strides.size() != 2 || pad_lo.size() != 2 ||
+      pad_hi.size() != 2 || dilation.size() != 2 || groups < 1)
+    return ffi::Error::InvalidArgument("onednn conv: expects NHWC src/dst, HWIO weights and 2-D attributes");
+  Geometry g;
+  g.n = x[0], g.h = x[1], g.w = x[2], g.c = x[3], g.kh = k[0], g.kw = k[1], g.o = k[3], g.groups = groups;
+  g.oh = y[1], g.ow = y[2];
+  g.strides = {strides[0], strides[1]};
+  g.dilation = {dilation[0] - 1, dilation[1] - 1};
+  g.pad_lo = {pad_lo[0], pad_lo[1]};
+  g.pad_hi = {pad_hi[0], pad_hi[1]};
+  if (g.c != k[2] * groups || g.o % groups != 0 || y[0] != g.n || y[3] != g.o)
+    return ffi::Error::InvalidArgument("onednn conv: channel counts do not match the groups");
+  return Run(g, src_t, src.untyped_data(), static_cast<const int8_t*>(weights.untyped_data()), out,
+             dst->untyped_data(), scale.typed_data(), bias.typed_data(), dst_scale.typed_data(), post_op, mode);
+}
+
+// src: (M, K) u8|s8; weights: (K, N) s8; scale, bias: (N,) f32; dst_scale: () f32; dst: (M, N).
+ffi::Error MatmulImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::F32> scale,
+                      ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> dst_scale,
+                      ffi::Result<ffi::AnyBuffer> dst, int64_t post_op, int64_t mode) {
+  dt src_t, out;
+  if (auto e = Types(src, weights, dst->element_type(), &src_t, &out, "onednn matmul"); e.failure()) return e;
+  auto a = src.dimensions(), b = weights.dimensions(), y = dst->dimensions();
+  if (a.size() != 2 || b.size() != 2 || y.size() != 2 || a[1] != b[0] || y[0] != a[0] || y[1] != b[1])
+    return ffi::Error::InvalidArgument("onednn matmul: expects (M, K) x (K, N) -> (M, N)");
+  Geometry g;
+  g.conv = false;
+  g.n = a[0], g.c = a[1], g.o = b[1];
+  return Run(g, src_t, src.untyped_data(), static_cast<const int8_t*>(weights.untyped_data()), out,
+             dst->untyped_data(), scale.typed_data(), bias.typed_data(), dst_scale.typed_data(), post_op, mode);
+}
+
+}  // namespace
+
+// The library is built with hidden visibility; only these symbols are exported.
+#pragma GCC visibility push(default)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiqOnednnConv, ConvImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("pad_lo")
+                                  .Attr<ffi::Span<const int64_t>>("pad_hi")
+                                  .Attr<ffi::Span<const int64_t>>("dilation")
+                                  .Attr<int64_t>("groups")
+                                  .Attr<int64_t>("post_op")
+                                  .Attr<int64_t>("mode"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiqOnednnMatmul, MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("post_op")
+                                  .Attr<int64_t>("mode"));
+
+// The oneDNN version this library runs with: major * 10000 + minor * 100 + patch.
+extern "C" int flexiq_onednn_version() {
+  const dnnl_version_t* v = dnnl_version();
+  return v->major * 10000 + v->minor * 100 + v->patch;
+}
+
+// The CPU ISA oneDNN dispatches to (dnnl::cpu_isa as an integer; 0 = all / unknown).
+extern "C" int flexiq_onednn_isa() { return static_cast<int>(dnnl::get_effective_cpu_isa()); }
+
+// Whether mode 0 (auto) runs the direct (fused) kernels here: 1 on CPUs with VNNI.
+extern "C" int flexiq_onednn_direct() { return HasVnni() ? 1 : 0; }
+
+#pragma GCC visibility pop

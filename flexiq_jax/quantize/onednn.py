@@ -1,0 +1,223 @@
+"""oneDNN's int8 convolution and matmul on CPU, called from XLA through its FFI (custom calls).
+
+The kernels live in a small C++ library (`csrc/onednn`, installed as the package
+`flexiq_jax_onednn` by the README's install command) linked against PyPI's oneDNN build
+(`onednn-cpu-gomp`). The library is optional: where it was not built (no compiler, another
+platform) or the backend is not the CPU, `available()` is False and the serving form runs its XLA
+implementations instead (`integer.conv_impl_for`, `integer.integer_forward`).
+
+Both kernels take 8-bit activation codes (uint8 or int8), int8 weight codes and accumulate in
+int32. The output dtype selects the epilogue: int32 the accumulators themselves (bit for bit those
+of XLA's int8 conv/dot); float32 `acc * scale[o] + bias[o]` followed by the post-op (`POST_OPS`);
+uint8/int8 that float32 result divided by `dst_scale`, rounded and saturated (the next layer's
+requantization). oneDNN pads a conv with code 0, the real zero of both grids, so unsigned codes need
+no shift. Primitives are cached per shape inside the library.
+
+Set FLEXIQ_ONEDNN_LIBRARY to a library path to use another build (e.g. one compiled by hand).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CONV_TARGET = "flexiq_onednn_conv"
+MATMUL_TARGET = "flexiq_onednn_matmul"
+POST_OPS = {"none": 0, "relu": 1, "relu6": 2, "gelu": 3}
+# How the library runs a layer (the C++ file's comment): 'auto' fused where the CPU has VNNI and
+# exact-split elsewhere; 'split' two int8 runs on split weights, combined exactly, then the epilogue;
+# 'direct' one primitive with the epilogue fused (exact accumulators only on VNNI CPUs, or for
+# codes small enough that oneDNN's non-VNNI kernels neither saturate nor halve the weights).
+MODES = {"auto": 0, "split": 1, "direct": 2}
+OUT_DTYPES = (jnp.int32, jnp.float32, jnp.uint8, jnp.int8)
+
+
+def library_path() -> str | None:
+  """The path of the compiled kernel library, or None where it was not built.
+
+  Returns:
+    FLEXIQ_ONEDNN_LIBRARY if set, else the library shipped by the `flexiq_jax_onednn` package
+    (None when that package is missing or was installed without its library).
+  """
+  if os.environ.get("FLEXIQ_ONEDNN_LIBRARY"):
+    return os.environ["FLEXIQ_ONEDNN_LIBRARY"]
+  try:
+    import flexiq_jax_onednn
+  except ImportError:
+    return None
+  return flexiq_jax_onednn.library_path()
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str]:
+  """(the loaded library with its FFI targets registered for the CPU, or None; why not)."""
+  path = library_path()
+  if path is None:
+    return None, ("the flexiq_jax_onednn extension is not installed or was built without its library "
+                  "(no C++ compiler or no oneDNN wheel at install time)")
+  try:
+    lib = ctypes.CDLL(path)
+  except OSError as first:
+    # The rpath reaches <prefix>/lib only for a regular install; load oneDNN from its wheel first.
+    try:
+      import flexiq_jax_onednn
+      dnnl = flexiq_jax_onednn.dnnl_path()
+      if dnnl is None:
+        raise first
+      ctypes.CDLL(dnnl, mode=ctypes.RTLD_GLOBAL)
+      lib = ctypes.CDLL(path)
+    except (ImportError, OSError) as e:
+      return None, f"cannot load {path}: {e}"
+  jax.ffi.register_ffi_target(CONV_TARGET, jax.ffi.pycapsule(lib.FlexiqOnednnConv), platform="cpu")
+  jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(lib.FlexiqOnednnMatmul), platform="cpu")
+  return lib, ""
+
+
+def unavailable_reason() -> str:
+  """Why the oneDNN kernels cannot run here ('' if they can).
+
+  Returns:
+    A sentence naming what is missing, or '' when `available()`.
+  """
+  lib, why = _load()
+  if lib is None:
+    return why
+  if jax.default_backend() != "cpu":
+    return f"the default JAX backend is {jax.default_backend()!r}, not 'cpu'"
+  return ""
+
+
+def available() -> bool:
+  """Whether the oneDNN kernels can run: the library loads and JAX's default backend is the CPU.
+
+  Returns:
+    True if `conv` and `matmul` can be used.
+  """
+  return not unavailable_reason()
+
+
+def version() -> str | None:
+  """The version of the oneDNN library the kernels run with, e.g. '3.2.0' (None if not loaded).
+
+  Returns:
+    'major.minor.patch', or None.
+  """
+  lib, _ = _load()
+  if lib is None:
+    return None
+  v = lib.flexiq_onednn_version()
+  return f"{v // 10000}.{v // 100 % 100}.{v % 100}"
+
+
+def direct_here() -> bool:
+  """Whether mode 'auto' runs the fused (direct) kernels on this CPU (it has VNNI).
+
+  Returns:
+    True on VNNI CPUs; False where 'auto' splits the weights for exact accumulators (or the library
+    is not loaded).
+  """
+  lib, _ = _load()
+  return bool(lib is not None and lib.flexiq_onednn_direct())
+
+
+def _epilogue_operands(out_channels: int, out_dtype, scale, bias, dst_scale):
+  scale = jnp.ones((out_channels,), jnp.float32) if scale is None else jnp.broadcast_to(
+      jnp.asarray(scale, jnp.float32), (out_channels,))
+  bias = jnp.zeros((out_channels,), jnp.float32) if bias is None else jnp.broadcast_to(
+      jnp.asarray(bias, jnp.float32), (out_channels,))
+  dst_scale = jnp.asarray(1.0 if dst_scale is None else dst_scale, jnp.float32).reshape(())
+  out_dtype = jnp.dtype(out_dtype)
+  if out_dtype not in [jnp.dtype(d) for d in OUT_DTYPES]:
+    raise ValueError(f"out_dtype must be one of int32, float32, uint8, int8, not {out_dtype}")
+  return scale, bias, dst_scale, out_dtype
+
+
+def _check(x, w, post_op: str, out_dtype, mode: str):
+  if mode not in MODES:
+    raise ValueError(f"unknown mode {mode!r}; use one of {tuple(MODES)}")
+  if x.dtype not in (jnp.uint8, jnp.int8) or w.dtype != jnp.int8:
+    raise ValueError(f"oneDNN int8 kernels take uint8/int8 codes and int8 weights, got {x.dtype} and {w.dtype}")
+  if post_op not in POST_OPS:
+    raise ValueError(f"unknown post_op {post_op!r}; use one of {tuple(POST_OPS)}")
+  if out_dtype == jnp.int32 and post_op != "none":
+    raise ValueError("an int32 output is the raw accumulators: no post-op")
+  if not available():
+    raise RuntimeError(f"oneDNN kernels unavailable: {unavailable_reason()}")
+
+
+def conv(x, w, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), groups: int = 1, scale=None,
+         bias=None, post_op: str = "none", out_dtype=jnp.int32, dst_scale=None, mode: str = "auto"):
+  """oneDNN's int8 convolution, NHWC x HWIO -> NHWC, with its epilogue (module docstring).
+
+  Args:
+    x: (N, H, W, C) uint8 or int8 activation codes.
+    w: (kh, kw, C / groups, O) int8 weight codes.
+    strides: (sh, sw).
+    padding: ((top, bottom), (left, right)) explicit zero padding (non-negative).
+    dilation: kernel dilation (dh, dw), 1 = none (as `lax.conv_general_dilated`'s rhs_dilation).
+    groups: feature groups (C for a depthwise conv).
+    scale: (O,) or scalar float multiplier of the accumulators (not with an int32 output).
+    bias: (O,) or scalar float bias added after the scale.
+    post_op: one of POST_OPS, applied after the bias.
+    out_dtype: int32 (raw accumulators), float32, or uint8/int8 (requantized by `dst_scale`).
+    dst_scale: the output grid's step for a uint8/int8 output (q = round(y / dst_scale)).
+    mode: one of MODES ('auto': exact accumulators on every CPU).
+
+  Returns:
+    (N, H', W', O) array of `out_dtype`.
+
+  Raises:
+    ValueError: wrong dtypes, an unknown post-op or mode, a post-op with an int32 output, or bad padding.
+    RuntimeError: the kernels are unavailable (`unavailable_reason`).
+  """
+  scale, bias, dst_scale, out_dtype = _epilogue_operands(w.shape[-1], out_dtype, scale, bias, dst_scale)
+  _check(x, w, post_op, out_dtype, mode)
+  padding = [tuple(int(v) for v in p) for p in padding]
+  if any(v < 0 for p in padding for v in p):
+    raise ValueError(f"negative padding {padding} is not supported by the oneDNN conv")
+  strides, dilation = tuple(int(s) for s in strides), tuple(int(d) for d in dilation)
+  out_shape = jax.eval_shape(lambda a, b: jax.lax.conv_general_dilated(
+      a, b, strides, padding, rhs_dilation=dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=groups, preferred_element_type=jnp.int32),
+      jax.ShapeDtypeStruct(x.shape, jnp.int8), jax.ShapeDtypeStruct(w.shape, jnp.int8)).shape
+  call = jax.ffi.ffi_call(CONV_TARGET, jax.ShapeDtypeStruct(out_shape, out_dtype), vmap_method="sequential")
+  return call(x, w, scale, bias, dst_scale, strides=np.asarray(strides, np.int64),
+              pad_lo=np.asarray([p[0] for p in padding], np.int64), pad_hi=np.asarray([p[1] for p in padding], np.int64),
+              dilation=np.asarray(dilation, np.int64), groups=np.int64(groups), post_op=np.int64(POST_OPS[post_op]), mode=np.int64(MODES[mode]))
+
+
+def matmul(x, w, *, scale=None, bias=None, post_op: str = "none", out_dtype=jnp.int32, dst_scale=None,
+           mode: str = "auto"):
+  """oneDNN's int8 matmul, (..., K) x (K, N) -> (..., N), with its epilogue (module docstring).
+
+  Args:
+    x: (..., K) uint8 or int8 codes (leading axes are flattened into rows).
+    w: (K, N) int8 weight codes.
+    scale: (N,) or scalar float multiplier of the accumulators (not with an int32 output).
+    bias: (N,) or scalar float bias added after the scale.
+    post_op: one of POST_OPS, applied after the bias.
+    out_dtype: int32 (raw accumulators), float32, or uint8/int8 (requantized by `dst_scale`).
+    dst_scale: the output grid's step for a uint8/int8 output.
+    mode: one of MODES ('auto': exact accumulators on every CPU).
+
+  Returns:
+    (..., N) array of `out_dtype`.
+
+  Raises:
+    ValueError: wrong dtypes or shapes, an unknown post-op or mode, or a post-op with an int32 output.
+    RuntimeError: the kernels are unavailable (`unavailable_reason`).
+  """
+  scale, bias, dst_scale, out_dtype = _epilogue_operands(w.shape[-1], out_dtype, scale, bias, dst_scale)
+  _check(x, w, post_op, out_dtype, mode)
+  if w.ndim != 2 or x.shape[-1] != w.shape[0]:
+    raise ValueError(f"matmul shapes {x.shape} x {w.shape} do not contract")
+  rows = x.reshape(-1, x.shape[-1])
+  call = jax.ffi.ffi_call(MATMUL_TARGET, jax.ShapeDtypeStruct((rows.shape[0], w.shape[1]), out_dtype),
+                          vmap_method="sequential")
+  y = call(rows, w, scale, bias, dst_scale, post_op=np.int64(POST_OPS[post_op]), mode=np.int64(MODES[mode]))
+  return y.reshape(x.shape[:-1] + (w.shape[1],))

@@ -1,0 +1,237 @@
+"""oneDNN's int8 kernels through XLA's FFI (quantize/onednn.py, csrc/onednn): int32 accumulators
+equal XLA's exact integer conv/dot for every layer kind, signedness and padding; the fused epilogue
+(scale, bias, ReLU/ReLU6/GELU, requantization) within the stated tolerance; a model's logits
+with every layer on oneDNN close to the reference path's; one compilation for every ratio; the
+export and machines without the library run the XLA form."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from flexiq_jax import quantize, serve
+from flexiq_jax.interception import LayerInfo
+from flexiq_jax.quantize import integer, onednn
+
+import smallnet
+
+needs_onednn = pytest.mark.skipif(not onednn.available(), reason=f"oneDNN kernels unavailable: "
+                                  f"{onednn.unavailable_reason()}")
+RATIOS = (0.0, 0.37, 1.0)
+
+CONVS = {  # (C, O, kernel, strides, padding, dilation, groups)
+    "regular": (16, 24, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), 1),
+    "strided_asymmetric_pad": (8, 16, (3, 3), (2, 2), ((0, 2), (1, 0)), (1, 1), 1),
+    "dilated": (8, 8, (3, 3), (1, 1), ((2, 2), (2, 2)), (2, 2), 1),
+    "depthwise": (16, 16, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), 16),
+    "depthwise_strided": (8, 8, (5, 5), (2, 2), ((2, 2), (2, 2)), (1, 1), 8),
+    "grouped": (12, 8, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), 4),
+    "stem": (3, 16, (7, 7), (2, 2), ((3, 3), (3, 3)), (1, 1), 1),
+    "pointwise": (32, 48, (1, 1), (1, 1), ((0, 0), (0, 0)), (1, 1), 1),
+}
+
+
+def _codes(rng, shape, signed: bool, extreme: bool):
+  """Random codes on the full 8-bit grid, or all at the grid's largest magnitude (where oneDNN's
+  non-VNNI kernels saturate or halve the weights unless split)."""
+  dtype = jnp.int8 if signed else jnp.uint8
+  if extreme:
+    return jnp.full(shape, -128 if signed else 255, dtype)
+  lo, hi = (-128, 128) if signed else (0, 256)
+  return jnp.asarray(rng.integers(lo, hi, shape), dtype)
+
+
+def _weights(rng, shape, extreme: bool):
+  if extreme:  # -128 and 127 alternating along the output channels
+    return jnp.asarray(np.where(np.arange(shape[-1]) % 2 == 0, -128, 127) * np.ones(shape), jnp.int8)
+  return jnp.asarray(rng.integers(-128, 128, shape), jnp.int8)
+
+
+def _xla_conv(x, w, strides, padding, dilation, groups):
+  """The exact integer conv (int32 operands) as XLA computes it."""
+  return lax.conv_general_dilated(x.astype(jnp.int32), w.astype(jnp.int32), strides, padding,
+                                  rhs_dilation=dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                  feature_group_count=groups)
+
+
+@needs_onednn
+@pytest.mark.parametrize("name", sorted(CONVS))
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("extreme", [False, True])
+def test_conv_accumulators_equal_xla(name, signed, extreme):
+  c, o, kernel, strides, padding, dilation, groups = CONVS[name]
+  rng = np.random.default_rng(len(name) + 2 * signed + extreme)
+  x = _codes(rng, (2, 11, 10, c), signed, extreme)
+  w = _weights(rng, kernel + (c // groups, o), extreme)
+  kw = dict(strides=strides, padding=padding, dilation=dilation, groups=groups)
+  acc = jax.jit(lambda x, w: onednn.conv(x, w, **kw))(x, w)
+  assert acc.dtype == jnp.int32
+  np.testing.assert_array_equal(acc, _xla_conv(x, w, strides, padding, dilation, groups))
+  # Also against XLA's own int8 conv, the serving form's (codes shifted into int8 if unsigned).
+  if signed:
+    np.testing.assert_array_equal(acc, lax.conv_general_dilated(
+        x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups, preferred_element_type=jnp.int32))
+
+
+@needs_onednn
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("extreme", [False, True])
+def test_matmul_accumulators_equal_xla(signed, extreme):
+  rng = np.random.default_rng(7 + signed + 2 * extreme)
+  x = _codes(rng, (3, 13, 200), signed, extreme)  # leading axes flattened into rows
+  w = _weights(rng, (200, 40), extreme)
+  acc = jax.jit(onednn.matmul)(x, w)
+  assert acc.shape == (3, 13, 40) and acc.dtype == jnp.int32
+  np.testing.assert_array_equal(acc, jnp.einsum("abk,kn->abn", x.astype(jnp.int32), w.astype(jnp.int32)))
+
+
+@needs_onednn
+def test_split_mode_is_exact_and_direct_mode_on_small_codes():
+  """'split' is exact on every CPU; 'direct' (one fused primitive) is exact on VNNI CPUs and, on
+  any CPU, for unsigned codes below 128 (no s16 pair sum can saturate)."""
+  rng = np.random.default_rng(3)
+  c, o, kernel, strides, padding, dilation, groups = CONVS["regular"]
+  w = _weights(rng, kernel + (c, o), False)
+  for signed in (False, True):
+    x = _codes(rng, (2, 9, 9, c), signed, False)
+    np.testing.assert_array_equal(onednn.conv(x, w, padding=padding, mode="split"),
+                                  _xla_conv(x, w, strides, padding, dilation, groups))
+  small = jnp.asarray(rng.integers(0, 128, (2, 9, 9, c)), jnp.uint8)
+  np.testing.assert_array_equal(onednn.conv(small, w, padding=padding, mode="direct"),
+                                _xla_conv(small, w, strides, padding, dilation, groups))
+  xs = jnp.asarray(rng.integers(0, 128, (31, 64)), jnp.uint8)
+  wm = _weights(rng, (64, 24), False)
+  np.testing.assert_array_equal(onednn.matmul(xs, wm, mode="direct"), xs.astype(jnp.int32) @ wm.astype(jnp.int32))
+
+
+def _epilogue(acc, scale, bias, post_op):
+  y = np.asarray(acc, np.float64) * scale + bias
+  if post_op == "relu":
+    return np.maximum(y, 0)
+  if post_op == "relu6":
+    return np.clip(y, 0, 6)
+  if post_op == "gelu":
+    from scipy.special import erf
+    return 0.5 * y * (1 + erf(y / np.sqrt(2)))
+  return y
+
+
+@needs_onednn
+@pytest.mark.parametrize("mode", ["auto", "split", "direct"])
+@pytest.mark.parametrize("post_op", ["none", "relu", "relu6", "gelu"])
+def test_fused_epilogue_and_requantization(mode, post_op):
+  """f32 output: acc·scale[o] + bias[o], then the post-op, within 1e-5 relative (float32 roundings
+  of a value computed in float64 here); u8/s8 output: that value over dst_scale, rounded and
+  saturated, within one code (a value at a half step may round either way)."""
+  rng = np.random.default_rng(11)
+  c, o, kernel, strides, padding, dilation, groups = CONVS["regular"]
+  # Codes below 128: exact accumulators in every mode on every CPU, so only the epilogue is tested.
+  x = jnp.asarray(rng.integers(0, 128, (2, 8, 8, c)), jnp.uint8)
+  w = _weights(rng, kernel + (c, o), False)
+  scale = jnp.asarray(rng.uniform(1e-5, 4e-5, o), jnp.float32)
+  bias = jnp.asarray(rng.normal(0, 1, o), jnp.float32)
+  acc = _xla_conv(x, w, strides, padding, dilation, groups)
+  want = _epilogue(acc, np.asarray(scale, np.float64), np.asarray(bias, np.float64), post_op)
+  assert (want < 0).any() or post_op != "none"  # the post-op has something to do
+  kw = dict(padding=padding, scale=scale, bias=bias, post_op=post_op, mode=mode)
+  y = onednn.conv(x, w, out_dtype=jnp.float32, **kw)
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  dst_scale = 0.02
+  for dtype, lo, hi in ((jnp.uint8, 0, 255), (jnp.int8, -128, 127)):
+    q = onednn.conv(x, w, out_dtype=dtype, dst_scale=dst_scale, **kw)
+    assert q.dtype == dtype
+    want_q = np.clip(np.round(want / dst_scale), lo, hi)
+    assert np.max(np.abs(np.asarray(q, np.int32) - want_q)) <= 1
+    assert np.mean(np.asarray(q, np.int32) == want_q) > 0.99
+  ym = onednn.matmul(x.reshape(-1, c), w[1, 1], scale=scale, bias=bias, post_op=post_op, out_dtype=jnp.float32,
+                     mode=mode)
+  want_m = _epilogue(np.asarray(x, np.int64).reshape(-1, c) @ np.asarray(w[1, 1], np.int64),
+                     np.asarray(scale, np.float64), np.asarray(bias, np.float64), post_op)
+  np.testing.assert_allclose(ym, want_m, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments_are_refused():
+  x, w = jnp.zeros((1, 4, 4, 2), jnp.float32), jnp.zeros((3, 3, 2, 2), jnp.int8)
+  with pytest.raises(ValueError, match="uint8/int8 codes"):
+    onednn.conv(x, w)
+  with pytest.raises(ValueError, match="unknown post_op"):
+    onednn.conv(x.astype(jnp.int8), w, post_op="swish", out_dtype=jnp.float32)
+  with pytest.raises(ValueError, match="no post-op"):
+    onednn.conv(x.astype(jnp.int8), w, post_op="relu")
+  with pytest.raises(ValueError, match="unknown mode"):
+    onednn.matmul(x[0, 0].astype(jnp.int8), w[0, 0], mode="fast")
+
+
+@pytest.fixture(scope="module")
+def setup():
+  return smallnet.make_setup()
+
+
+def _onednn_model(setup):
+  return quantize.QuantizedModel(setup.model, setup.plan, conv_impls="onednn", dense_impl="onednn")
+
+
+@needs_onednn
+def test_model_logits_match_the_reference_with_one_compilation(setup):
+  """Every conv (regular, strided, depthwise, grouped; signed and unsigned inputs) and dense layer
+  on oneDNN: logits within 1e-5 (relative, plus 1e-5 absolute) of mode='int_reference' at every
+  ratio: the accumulators are the same integers, the fused epilogue adds bias and bias correction
+  in another order (float32 roundings). One compilation serves every ratio."""
+  model, plan, qvars, images = setup.model, setup.plan, setup.qvars, setup.images
+  reference = jax.jit(quantize.QuantizedModel(model, plan, mode="int_reference").apply)
+  qmodel = _onednn_model(setup)
+  svars = jax.jit(qmodel.prepare)(qvars)
+  apply = jax.jit(qmodel.apply)
+  text = apply.lower(svars, images, 0.0).as_text()
+  convs = [p for p in plan.quantized if plan.layers[p].kind == "conv"]
+  assert text.count(onednn.CONV_TARGET) == len(convs) and onednn.MATMUL_TARGET in text
+  want = [reference(qvars, images, r) for r in RATIOS]
+  with serve.count_compilations() as compiled:
+    outs = [apply(svars, images, jnp.float32(r)) for r in RATIOS]
+  assert compiled.count == 1
+  for out, ref in zip(outs, want):
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(outs[0], outs[-1], rtol=1e-3)  # lowering changes the logits: the test sees it
+
+
+@needs_onednn
+def test_tuner_can_include_onednn(setup):
+  """impls=CONV_IMPLS times 'onednn' per conv too; the tuned model's logits stay within the
+  oneDNN tolerance of the reference; by default 'onednn' is not timed."""
+  model, plan, qvars, images = setup.model, setup.plan, setup.qvars, setup.images
+  qmodel = quantize.QuantizedModel(model, plan)
+  tuned, times = quantize.tune_conv_impls(qmodel, qvars, images[:8], repeats=1, impls=integer.CONV_IMPLS)
+  assert all("onednn" in t for t in times.values())
+  chosen = tuned.conv_impl_map()
+  assert all(chosen[p] == min(t, key=t.get) for p, t in times.items())
+  reference = quantize.QuantizedModel(model, plan, mode="int_reference").apply
+  np.testing.assert_allclose(jax.jit(tuned.apply)(qvars, images, 0.5), jax.jit(reference)(qvars, images, 0.5),
+                             rtol=1e-5, atol=1e-5)
+  _, default_times = quantize.tune_conv_impls(qmodel, qvars, images[:8], repeats=1)
+  assert not any("onednn" in t for t in default_times.values())
+
+
+def test_export_and_missing_library_run_the_xla_form(setup, monkeypatch):
+  """The portable export's form has no custom call; without the library (or off the CPU) the
+  oneDNN choices fall back to XLA's kernels and the logits are the XLA form's."""
+  model, plan, qvars, images = setup.model, setup.plan, setup.qvars, setup.images
+  qmodel = _onednn_model(setup)
+  xla = qmodel.xla_form()
+  assert xla.conv_impls == "auto" and xla.dense_impl == "xla"
+  assert quantize.QuantizedModel(model, plan, conv_impls=(("conv", "onednn"), ("dw", "int8"))).xla_form().conv_impls \
+      == (("dw", "int8"),)
+  svars = jax.jit(qmodel.prepare)(qvars)
+  assert "custom_call" not in jax.jit(xla.apply).lower(svars, images, 0.5).as_text()
+  monkeypatch.setattr(onednn, "unavailable_reason", lambda: "no library (test)")
+  info = LayerInfo("c", "conv", 0, 64, 8, 1, (3, 3, 64, 8), (1, 4, 4, 64), (1, 4, 4, 8), 1)
+  assert integer.conv_impl_for(info, True, "onednn") == integer.conv_impl_for(info, True, None)
+  lowered = jax.jit(qmodel.apply).lower(svars, images, 0.5)
+  assert "custom_call" not in lowered.as_text()
+  np.testing.assert_allclose(lowered.compile()(svars, images, 0.5), jax.jit(xla.apply)(svars, images, 0.5),
+                             rtol=1e-6, atol=0)
+  with pytest.raises(ValueError, match="conv_impls must be"):
+    dataclasses.replace(qmodel, conv_impls="mkldnn")
