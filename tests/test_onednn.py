@@ -235,3 +235,24 @@ def test_export_and_missing_library_run_the_xla_form(setup, monkeypatch):
                              rtol=1e-6, atol=0)
   with pytest.raises(ValueError, match="conv_impls must be"):
     dataclasses.replace(qmodel, conv_impls="mkldnn")
+
+
+@needs_onednn
+def test_auto_falls_back_to_split_where_the_fused_kernels_are_not_exact(monkeypatch):
+  """'auto' trusts the library's fused kernels only after a probe of extreme codes: told that this
+  CPU has VNNI, a CPU without it (whose fused kernels saturate) resolves 'auto' to 'split', and
+  the accumulators stay exact either way."""
+  has_vnni = onednn.direct_here()
+  monkeypatch.setattr(onednn, "direct_here", lambda: True)
+  onednn.auto_mode.cache_clear()
+  try:
+    resolved = onednn.auto_mode()
+    assert resolved == ("auto" if has_vnni else "split")
+    rng = np.random.default_rng(0)
+    c, o, kernel, strides, padding, dilation, groups = CONVS["regular"]
+    for signed in (False, True):
+      x, w = _codes(rng, (2, 9, 9, c), signed, True), _weights(rng, kernel + (c, o), True)
+      np.testing.assert_array_equal(jax.jit(lambda x, w: onednn.conv(x, w, padding=padding))(x, w),
+                                    _xla_conv(x, w, strides, padding, dilation, groups))
+  finally:
+    onednn.auto_mode.cache_clear()

@@ -125,6 +125,39 @@ def direct_here() -> bool:
   return bool(lib is not None and lib.flexiq_onednn_direct())
 
 
+@functools.cache
+def auto_mode() -> str:
+  """The mode 'auto' resolves to: 'auto' (the library's own choice for this CPU) where that choice
+  gives exact accumulators on a probe with the largest codes, else 'split'.
+
+  On CPUs with VNNI the library's choice is one fused primitive; the probe (a conv and a matmul of
+  all-extreme codes, signed and unsigned, against XLA's exact int32 result) checks that once, so a
+  CPU or oneDNN build whose fused kernels saturate falls back to the exact split.
+
+  Returns:
+    'auto' or 'split'.
+  """
+  if not direct_here():
+    return "auto"  # the library already splits (or probes its depthwise kernels) here
+  with jax.ensure_compile_time_eval():
+    for x_code in (255, -128):
+      dtype = jnp.uint8 if x_code > 0 else jnp.int8
+      x = jnp.full((1, 4, 4, 64), x_code, dtype)
+      w = jnp.where(jnp.arange(3 * 3 * 64 * 8).reshape(3, 3, 64, 8) % 3 == 0, -128, 127).astype(jnp.int8)
+      want = jax.lax.conv_general_dilated(x.astype(jnp.int32), w.astype(jnp.int32), (1, 1), ((1, 1), (1, 1)),
+                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      got = conv(x, w, padding=((1, 1), (1, 1)), mode="direct")
+      rows = x.reshape(-1, 64)
+      if not (np.array_equal(np.asarray(got), np.asarray(want)) and np.array_equal(
+          np.asarray(matmul(rows, w[1, 1], mode="direct")), np.asarray(rows.astype(jnp.int32) @ w[1, 1].astype(jnp.int32)))):
+        return "split"
+  return "auto"
+
+
+def _mode_code(mode: str) -> np.int64:
+  return np.int64(MODES[auto_mode() if mode == "auto" else mode])
+
+
 def _epilogue_operands(out_channels: int, out_dtype, scale, bias, dst_scale):
   scale = jnp.ones((out_channels,), jnp.float32) if scale is None else jnp.broadcast_to(
       jnp.asarray(scale, jnp.float32), (out_channels,))
@@ -166,7 +199,7 @@ def conv(x, w, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), gro
     post_op: one of POST_OPS, applied after the bias.
     out_dtype: int32 (raw accumulators), float32, or uint8/int8 (requantized by `dst_scale`).
     dst_scale: the output grid's step for a uint8/int8 output (q = round(y / dst_scale)).
-    mode: one of MODES ('auto': exact accumulators on every CPU).
+    mode: one of MODES ('auto': exact accumulators on every CPU; `auto_mode`).
 
   Returns:
     (N, H', W', O) array of `out_dtype`.
@@ -188,7 +221,7 @@ def conv(x, w, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), gro
   call = jax.ffi.ffi_call(CONV_TARGET, jax.ShapeDtypeStruct(out_shape, out_dtype), vmap_method="sequential")
   return call(x, w, scale, bias, dst_scale, strides=np.asarray(strides, np.int64),
               pad_lo=np.asarray([p[0] for p in padding], np.int64), pad_hi=np.asarray([p[1] for p in padding], np.int64),
-              dilation=np.asarray(dilation, np.int64), groups=np.int64(groups), post_op=np.int64(POST_OPS[post_op]), mode=np.int64(MODES[mode]))
+              dilation=np.asarray(dilation, np.int64), groups=np.int64(groups), post_op=np.int64(POST_OPS[post_op]), mode=_mode_code(mode))
 
 
 def matmul(x, w, *, scale=None, bias=None, post_op: str = "none", out_dtype=jnp.int32, dst_scale=None,
@@ -203,7 +236,7 @@ def matmul(x, w, *, scale=None, bias=None, post_op: str = "none", out_dtype=jnp.
     post_op: one of POST_OPS, applied after the bias.
     out_dtype: int32 (raw accumulators), float32, or uint8/int8 (requantized by `dst_scale`).
     dst_scale: the output grid's step for a uint8/int8 output.
-    mode: one of MODES ('auto': exact accumulators on every CPU).
+    mode: one of MODES ('auto': exact accumulators on every CPU; `auto_mode`).
 
   Returns:
     (..., N) array of `out_dtype`.
@@ -219,5 +252,5 @@ def matmul(x, w, *, scale=None, bias=None, post_op: str = "none", out_dtype=jnp.
   rows = x.reshape(-1, x.shape[-1])
   call = jax.ffi.ffi_call(MATMUL_TARGET, jax.ShapeDtypeStruct((rows.shape[0], w.shape[1]), out_dtype),
                           vmap_method="sequential")
-  y = call(rows, w, scale, bias, dst_scale, post_op=np.int64(POST_OPS[post_op]), mode=np.int64(MODES[mode]))
+  y = call(rows, w, scale, bias, dst_scale, post_op=np.int64(POST_OPS[post_op]), mode=_mode_code(mode))
   return y.reshape(x.shape[:-1] + (w.shape[1],))
