@@ -278,11 +278,18 @@ def conv_impl_for(info: LayerInfo, signed: bool, requested: str | None) -> str:
 DENSE_IMPLS = ("xla", "pallas", "onednn")
 
 
+def _bias_correction(info: LayerInfo, entry: dict, lowered):
+  """(O,) float: the mean output the lowered channels lose at this ratio, or None (no lowering)."""
+  if lowered is None or "lost" not in entry:
+    return None
+  return layer_ops.masked_channel_sum(info, lowered, entry["lost"]) * entry["act_scale"] * entry["weight_scale"]
+
+
 def _fused_bias(info: LayerInfo, entry: dict, lowered, bias, out_channels: int):
   """(O,) float: the layer's bias plus its bias correction at this ratio, for a fused epilogue."""
   out = jnp.zeros((out_channels,), jnp.float32)
-  if lowered is not None and "lost" in entry:
-    out = out + layer_ops.masked_channel_sum(info, lowered, entry["lost"]) * entry["act_scale"] * entry["weight_scale"]
+  if (correction := _bias_correction(info, entry, lowered)) is not None:
+    out = out + correction
   if bias is not None:
     out = out + bias.reshape(-1)
   return out
@@ -349,7 +356,7 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
     conv_impl = "int8"
   if info.kind == "dense":
     # XLA's dot takes uint8 x int8 directly: unsigned codes need no shift.
-    xi = q.astype(jnp.int8 if signed else jnp.uint8)
+    xi = q.astype(codes_dtype)
     acc = lax.dot_general(xi, wi, (((xi.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
   elif (impl := conv_impl_for(info, signed, conv_impl)) == "float32":
     # Every partial sum is an integer below 2^24: exact; padding with 0 is the real zero, no shift.
@@ -376,8 +383,8 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
       if shift:
         acc = acc + (shift * unsigned_shift_correction(module, x.shape, padding, wi, acc.shape[1:3])).astype(acc.dtype)
   y = acc.astype(jnp.float32) * entry["scale"]
-  if lowered is not None and "lost" in entry:  # in the reference's order: the same float roundings
-    y = y + layer_ops.masked_channel_sum(info, lowered, entry["lost"]) * entry["act_scale"] * entry["weight_scale"]
+  if (correction := _bias_correction(info, entry, lowered)) is not None:  # the reference's order and roundings
+    y = y + correction
   return finish(info, y, call.bias)
 
 
