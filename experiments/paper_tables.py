@@ -384,10 +384,12 @@ def table1(sweep: dict) -> dict:
     rows.append(row)
   # Margins as the paper states them: FlexiQ minus each baseline, averaged over the models that
   # have both; and minus the best baseline of each model.
-  def margin(group, method):
-    diffs = [r["flexiq_100"]["mean"] - r[group][method]["top1"]["mean"] for r in rows
-             if r["flexiq_100"] and r[group][method]["top1"]]
+  def over_models(diffs):
     return {"mean": float(np.mean(diffs)), "models": len(diffs)} if diffs else None
+
+  def margin(group, method):
+    return over_models([r["flexiq_100"]["mean"] - r[group][method]["top1"]["mean"] for r in rows
+                        if r["flexiq_100"] and r[group][method]["top1"]])
 
   margins = {m: margin("baselines", m) for m, _ in T1_BASELINES}
   margins.update({m: margin("switchable", m) for m, _ in T1_SWITCHABLE})
@@ -405,9 +407,7 @@ def table1(sweep: dict) -> dict:
              **{m: stat([r["baselines"][m]["top1"]["mean"] for r in rows if r["baselines"][m]["top1"]])
                 for m, _ in T1_BASELINES}}
   return {"rows": rows, "average": average, "margin_over": margins,
-          "margin_over_best": {"mean": float(np.mean(best)), "models": len(best)} if best else None,
-          "margin_over_best_100only": ({"mean": float(np.mean(best_100only)), "models": len(best_100only)}
-                                       if best_100only else None)}
+          "margin_over_best": over_models(best), "margin_over_best_100only": over_models(best_100only)}
 
 
 # The curves whose area T1 reports: (label, method, which rows). FlexiQ and the switchable network
@@ -455,9 +455,9 @@ def curve_areas(record, lo: float) -> dict:
   Returns:
     {label: {'top1': area or None, 'kl': area or None, 'points': n}} for the methods with rows.
   """
+  from flexiq_jax.compare import harness  # pylint: disable=g-import-not-at-top
   out = {}
   for label, method, where in CURVES:
-    from flexiq_jax.compare import harness
     rows = [r for r in record["rows"] if r["method"] == method and not harness.row_refusal(r)
             and all(bool(r.get(k, False)) == v for k, v in where.items())]
     if rows:

@@ -191,6 +191,11 @@ def row_refusal(row: dict) -> str | None:
   return refusal(row["judge"]) if isinstance(row.get("judge"), dict) else None
 
 
+def _refused_note(out: dict) -> str:
+  """The suffix a QAT baseline's setting gets when the judge refused it ('' when accepted)."""
+  return "" if out["judge"]["accepted"] else " (refused: worse than its PTQ start on held-out images)"
+
+
 def _judged(extra: dict, verdict: dict) -> dict:
   """A QAT baseline row's extra fields: the verdict, and the refusal's reason when it refuses."""
   reason = refusal(verdict)
@@ -491,8 +496,7 @@ def lsq_qat(ctx: CompareContext) -> list[Row]:
                           ctx.float_model.variables, plan, ctx.calibration.folded, tables, bits, ctx.eval_data,
                           ctx.run.mesh, reference_logits=ctx.float_logits)
   ends = " (ends W8A8)" if cc.keep_ends else ""
-  refused = "" if out["judge"]["accepted"] else " (refused: worse than its PTQ start on held-out images)"
-  return [Row("lsq_qat", f"W4A4{ends}, {out['steps']} steps, lr {out['learning_rate']:g}{refused}", out["top1"],
+  return [Row("lsq_qat", f"W4A4{ends}, {out['steps']} steps, lr {out['learning_rate']:g}{_refused_note(out)}", out["top1"],
               baselines.relative_bops(plan, bits), _judged(fidelity(out), out["judge"]))]
 
 
@@ -518,9 +522,8 @@ def switchable_qat(ctx: CompareContext) -> list[Row]:
   rows = []
   for out in outs:
     w, a = out["bits"]
-    refused = "" if out["judge"]["accepted"] else " (refused: worse than its PTQ start on held-out images)"
     rows.append(Row("switchable_qat", f"W{w}A{a}{ends}, switchable, {out['steps']} steps, lr "
-                    f"{out['learning_rate']:g}{refused}", out["top1"], out["relative_bops"],
+                    f"{out['learning_rate']:g}{_refused_note(out)}", out["top1"], out["relative_bops"],
                     _judged({**fidelity(out), "bits": [w, a]}, out["judge"])))
   return rows
 
@@ -540,11 +543,11 @@ _ABLATION = ("quantize", ("sweep", "compare.ablation_ratios"))
 _QAT_BASELINE = (tuple(f"finetune.{k}" for k in baselines.LSQ_FINETUNE_FIELDS)
                  + ("finetune.every_step_ratios", "seed", "compare.lsq_init", "compare.keep_ends",
                     "compare.lsq_learning_rate"))
-# FlexiQ finetuned for 100 % only: its quantized model and finetune's fields but the ratio sampler's
-# (which it sets); every_step_ratios sets its passes.
-_FLEXIQ_100ONLY = ("quantize", tuple(f"finetune.{k}" for k in baselines.LSQ_FINETUNE_FIELDS + (
-    "divergence_factor", "judge_images", "judge_top1_drop", "judge_kl_rise", "lsq", "lsq_weights", "lsq_grad_scale",
-    "lsq_learning_rate", "refresh", "refresh_source", "every_step_ratios")) + ("seed", "compare.finetune"))
+# FlexiQ finetuned for 100 % only: its quantized model and the finetune stage's fields but the ratio
+# sampler's (which it sets); every_step_ratios sets its passes.
+_SAMPLER_FIELDS = ("finetune.levels", "finetune.level_probs", "finetune.uniform_prob")
+_FLEXIQ_100ONLY = ("quantize", tuple(name for name, result_free in stage_options.FinetuneOptions.config_names().items()
+                                     if not result_free and name not in _SAMPLER_FIELDS))
 METHOD_DEPENDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "flexiq": ("finetune", ("sweep", "compare.finetune")),
     "flexiq_naive": _ABLATION, "flexiq_random": _ABLATION, "flexiq_uniform": _ABLATION,
