@@ -191,8 +191,9 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   config.quant.bias_correction = True  # remove the mean output shift of lowered channels (calibrated)
   config.quant.attention = "int8"  # attention's q·kᵀ and attn·v: 'int8' (8-bit at every ratio) | 'float'
   # Lowerable layers' 8-bit weight scale max|w|/d per output channel (numerics.weight_grid):
-  # 'max127' (d = 127) | 'max112' (d = 112, the 4-bit top at shift 4) | 'joint' (d fitted per channel)
-  config.quant.weight_scale = "max127"
+  # 'max127' (d = 127) | 'max112' (d = 112, the 4-bit top at shift 4) | 'joint' (d fitted per channel).
+  # A config without the field means 'max127' (the grid of workdirs made before it existed).
+  config.quant.weight_scale = "max112"
 
   config.select = ml_collections.ConfigDict()
   config.select.levels = (0.25, 0.5, 0.75, 1.0)  # ratio levels, nested selections

@@ -12,12 +12,12 @@ from flexiq_jax import records
 _LSQ = {"finetune.lsq": True, "finetune.lsq_grad_scale": "effective", "finetune.lsq_learning_rate": "compare"}
 # name -> config overrides ("compare" as a value: the LSQ baseline's compare.lsq_learning_rate).
 VARIANTS = {
-    "reference": {},
+    "reference": {"quant.weight_scale": "max127"},  # the grid before max112 became the default
     "joint": {"quant.weight_scale": "joint"},
     "joint_sandwich": {"quant.weight_scale": "joint", "finetune.every_step_ratios": (0.0, 1.0)},
     "joint_sandwich_lsq": {"quant.weight_scale": "joint", "finetune.every_step_ratios": (0.0, 1.0), **_LSQ},
     "max112": {"quant.weight_scale": "max112"},
-    "sandwich": {"finetune.every_step_ratios": (0.0, 1.0)},
+    "sandwich": {"quant.weight_scale": "max127", "finetune.every_step_ratios": (0.0, 1.0)},
     "max112_sandwich": {"quant.weight_scale": "max112", "finetune.every_step_ratios": (0.0, 1.0)},
     # FlexiQ finetuned for 100 % only (LSQ's setting): one network for one point, for the fair fight.
     "max112_only100": {"quant.weight_scale": "max112", "finetune.levels": (1.0,), "finetune.level_probs": (1.0,),
@@ -26,6 +26,8 @@ VARIANTS = {
     "joint_lsq_qmax8": {"quant.weight_scale": "joint", "finetune.lsq": True, "finetune.lsq_grad_scale": "qmax8",
                         "finetune.lsq_learning_rate": "compare"},
     "joint_lsq": {"quant.weight_scale": "joint", **_LSQ},
+    # Learnt activation and weight scales, as the LSQ baseline learns them.
+    "max112_lsq": {"quant.weight_scale": "max112", **_LSQ, "finetune.lsq_weights": True},
 }
 SHARED_STAGES = ("calibrate", "select", "quantized")
 

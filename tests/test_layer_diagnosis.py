@@ -50,4 +50,4 @@ def test_fixes_variants_override_only_their_fields():
   assert config.quant.weight_scale == "joint" and tuple(config.finetune.every_step_ratios) == (0.0, 1.0)
   assert config.finetune.lsq and config.finetune.lsq_grad_scale == "effective"
   assert config.finetune.lsq_learning_rate == base.compare.lsq_learning_rate
-  assert base.quant.weight_scale == "max127" and not base.finetune.lsq  # the base config is untouched
+  assert base.quant.weight_scale == "max112" and not base.finetune.lsq  # the base config is untouched

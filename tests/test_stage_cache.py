@@ -69,7 +69,21 @@ def test_a_field_added_later_keeps_older_workdirs_valid_at_its_old_behaviour():
   assert stage_options.stage_fields(config, "finetune") == now and "finetune.every_step_ratios" not in now
 
 
-@pytest.mark.parametrize("field", ["quant.weight_scale", "finetune.lsq_grad_scale", "finetune.lsq_learning_rate",
+def test_a_config_without_the_weight_grid_field_means_the_older_max127_grid():
+  """Workdirs made before `quant.weight_scale` existed used the max127 grid: a config without the
+  field keeps their fingerprints, and the max112 default is a different one from calibrate on."""
+  config = quickstart.get_config("smoke")
+  assert config.quant.weight_scale == "max112"
+  default = _fingerprints(config)
+  config.quant.weight_scale = "max127"
+  explicit = _fingerprints(config)
+  del config.quant["weight_scale"]
+  assert _fingerprints(config) == explicit
+  assert stage_options.CalibrateOptions.from_config(config).weight_scale == "max127"
+  assert default["float"] == explicit["float"] and default["calibrate"] != explicit["calibrate"]
+
+
+@pytest.mark.parametrize("field", ["finetune.lsq_grad_scale", "finetune.lsq_learning_rate",
                                    "finetune.refresh_source"])
 def test_option_fields_at_their_default_keep_older_fingerprints(field):
   """The options added with their old behaviour as default leave every stage's fingerprint as
