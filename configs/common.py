@@ -60,6 +60,7 @@ from flexiq_jax import models
 TIMM_TAGS = {spec.name: spec.timm_tag for spec in models.specs()}
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
+FMNIST_TRAIN_EXAMPLES = 60_000
 
 
 def is_transformer(name: str) -> bool:
@@ -72,13 +73,17 @@ def weights_path(name: str) -> str:
 
 def _float_recipe(transformer: bool, fmnist: bool, batch_size: int, deit: bool = False) -> dict:
   """train.* values other than batch size and logging."""
-  if fmnist and transformer:  # from scratch: AdamW with warmup, as ViTs are trained (DeiT: wd 0.05)
+  # From scratch on Fashion-MNIST, with `data.augment` (flip + 2-pixel shift): trained, not
+  # underfit (CNNs >= 90 %, transformers >= 86 % on the test split is the aim; the curves are
+  # in experiments/results/float_recipes.md).
+  if fmnist and transformer:  # AdamW with a one-epoch warmup, as ViTs are trained (DeiT: wd 0.05)
     # DeiT's recipe adds label smoothing 0.1 (Touvron et al. 2021); at one size ViT and DeiT
     # are one architecture, so the recipe is what tells them apart here.
-    return dict(num_epochs=1.0, optimizer="adamw", learning_rate=1e-3, weight_decay=0.05,
-                warmup_steps=100, label_smoothing=0.1 if deit else 0.0, grad_clip_norm=1.0)
-  if fmnist:  # from scratch: the quickstart's SGD recipe
-    return dict(num_epochs=1.0, optimizer="sgd", learning_rate=0.1, weight_decay=5e-4, warmup_steps=50,
+    return dict(num_epochs=10.0, optimizer="adamw", learning_rate=1e-3, weight_decay=0.05,
+                warmup_steps=FMNIST_TRAIN_EXAMPLES // batch_size, label_smoothing=0.1 if deit else 0.0,
+                grad_clip_norm=1.0)
+  if fmnist:  # SGD with Nesterov momentum, cosine to 0
+    return dict(num_epochs=5.0, optimizer="sgd", learning_rate=0.1, weight_decay=5e-4, warmup_steps=50,
                 label_smoothing=0.0, grad_clip_norm=0.0)
   # Pretrained weights: no float training (num_epochs 0). The rest is used only if num_epochs is
   # raised (e.g. to continue training the imported model): CNNs Goyal et al.'s SGD (0.1 per 256
@@ -130,7 +135,7 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
     config.data.image_size = ml_collections.FieldReference(28)
     config.data.channels = 1
     config.data.eval_transform = "fashion_mnist"  # normalisation only (no crop)
-    config.data.augment = False
+    config.data.augment = True  # random flip + 2-pixel shift of the training images
     config.data.num_threads = 2
   else:
     config.data.name = "imagenet2012"
@@ -173,7 +178,8 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   config.train.log_every_steps = 50 if fmnist else 200
   # Periodic evaluation during training (eval.jsonl, TensorBoard eval/); 0: only after training,
   # as the time-budgeted sweeps need. Changes no result (not in the stage fingerprint).
-  config.train.eval_every_steps = 0
+  # `:fmnist`: once an epoch (the training curve in float/eval.jsonl); ImageNet: only at the end.
+  config.train.eval_every_steps = -(-FMNIST_TRAIN_EXAMPLES // config.train.batch_size) if fmnist else 0
   config.eval_batch_size = 512 if fmnist else 256  # multiples of 8 devices; the last batch is padded
 
   # FlexiQ (design notes, section 2). Every choice is a named option.

@@ -23,6 +23,7 @@ def get_config(arg=None):
   config.data.eval_examples = -1  # the whole test split (10,000 images)
   config.eval_batch_size = 500
 
+  config.data.augment = False  # with 2 epochs: the quick start's float model in a few minutes
   config.train.num_epochs = 2.0
   config.train.warmup_steps = 100
   config.train.checkpoint_every_steps = 200

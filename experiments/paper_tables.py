@@ -50,6 +50,19 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # experiments/results/README.md.
 ELEVEN = tuple(spec.config for spec in models.specs())
 SWEEP_ORDER = tuple(spec.config for spec in sorted(models.specs(), key=lambda spec: spec.depthwise))
+_SPECS_BY_CONFIG = {spec.config: spec for spec in models.specs()}
+
+
+def fmnist_arg(name: str) -> str:
+  """The config argument of model config `name`'s Fashion-MNIST row ('fmnist' or 'fmnist_pretrained')."""
+  spec = _SPECS_BY_CONFIG.get(name)
+  return spec.fmnist_arg if spec else "fmnist"
+
+
+def model_label(name: str) -> str:
+  """`name` as the tables show it: rows that start from ImageNet-trained weights say so."""
+  spec = _SPECS_BY_CONFIG.get(name)
+  return f"{name} (ImageNet-pretrained)" if spec and spec.pretrained_fmnist else name
 METHODS = ("flexiq", "flexiq_naive", "flexiq_random", "flexiq_uniform", "flexiq_greedy", "flexiq_no_bias_correction",
            "ptq_minmax", "ptq_mse", "adaround", "lsq_qat", "layerwise_amp", "switchable_qat", "flexiq_100only")
 # The 4-bit baselines of T1 (method, the setting prefix of its 4-bit row).
@@ -100,7 +113,7 @@ def model_config(name: str, seed: int, methods, ratios, smoke: bool, imagenet: b
   from flexiq_jax import cli
   cli.resolve_config(name)  # an unknown name is an error listing the configs
   module = importlib.import_module(f"configs.{name}")
-  args = [] if name == "quickstart" or imagenet else ["fmnist"]
+  args = [] if name == "quickstart" or imagenet else [fmnist_arg(name)]
   config = module.get_config(",".join(args + (["smoke"] if smoke else [])))
   config.seed = seed
   config.compare.methods = tuple(methods)
@@ -538,7 +551,7 @@ def macs_now(model: str) -> int:
   from flexiq_jax import cost
   from flexiq_jax import pipeline
   from flexiq_jax import quantize
-  config = importlib.import_module(f"configs.{model}").get_config(None if model == "quickstart" else "fmnist")
+  config = importlib.import_module(f"configs.{model}").get_config(None if model == "quickstart" else fmnist_arg(model))
   net = pipeline.build_model(config, 10)
   shape = pipeline.image_shape(config)
   variables = jax.jit(lambda: net.init(jax.random.PRNGKey(0), jnp.zeros((1,) + shape), train=False))()
@@ -673,7 +686,7 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
            "several ran.\n\n")
   headers = (["model", "seeds", "float", "FlexiQ 100% (FT)", "KL", "FlexiQ 100%-only (FT)"] + methods_t1
              + [f"{m} W4A4" for m in switchable_t1])
-  table = [[r["model"], r["seeds"], fmt(r["float"]), fmt(r["flexiq_100"]), fmt(r["flexiq_100_fidelity"]["kl"], 4),
+  table = [[model_label(r["model"]), r["seeds"], fmt(r["float"]), fmt(r["flexiq_100"]), fmt(r["flexiq_100_fidelity"]["kl"], 4),
             fmt(r.get("flexiq_100only"))]
            + [baseline_cell(r["baselines"][m]) for m in methods_t1]
            + [baseline_cell(r["switchable"][m]) if m in r.get("switchable", {}) else "-" for m in switchable_t1]
@@ -711,7 +724,7 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
   fidelity = lambda f: " / ".join(fmt(f[k], d) for k, d in zip(FIDELITY, (2, 4, 1))) if any(f.values()) else "-"
   text += records.markdown_table(
       ["model", "FlexiQ 100% (FT)"] + methods_t1,
-      [[r["model"], fidelity(r["flexiq_100_fidelity"])] + [fidelity(r["baselines"][m]["fidelity"]) for m in methods_t1]
+      [[model_label(r["model"]), fidelity(r["flexiq_100_fidelity"])] + [fidelity(r["baselines"][m]["fidelity"]) for m in methods_t1]
        for r in t1["rows"]])
   labels = [c[0] for c in CURVES]
   area = lambda a, f, d: "-" if not a else ("cannot reach 100%'s BOPs" if a[f] is None else f"{a[f]:.{d}f}")
@@ -723,7 +736,7 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
            "cheap (layer-wise AMP).\n\n")
   text += records.markdown_table(
       ["model"] + labels,
-      [[r["model"]] + [f"{area(r['curve_areas'].get(l), 'top1', 2)} / {area(r['curve_areas'].get(l), 'kl', 4)}"
+      [[model_label(r["model"])] + [f"{area(r['curve_areas'].get(l), 'top1', 2)} / {area(r['curve_areas'].get(l), 'kl', 4)}"
                        if r["curve_areas"].get(l) else "-" for l in labels] for r in t1["rows"]])
   _write(out, "paper_t1_4bit", {**prov, **t1}, text + "\n")
 
@@ -731,7 +744,7 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
   text += ("Top-1 (%) and, after finetuning, agreement with the float model's predictions (%), KL(float || "
            "quantized) and output SQNR (dB) on the test split.\n\n")
   for row in t2["rows"]:
-    text += f"## {row['model']} (float {fmt(row['float'])}, {row['seeds']} seed(s))\n\n"
+    text += f"## {model_label(row['model'])} (float {fmt(row['float'])}, {row['seeds']} seed(s))\n\n"
     text += records.markdown_table(
         ["4-bit ratio", "relative BOPs", "top-1 before", "top-1 after", "agreement after", "KL after", "SQNR after"],
         [[f"{100 * p['ratio']:.0f}%", "-" if p["relative_bops"] is None else f"{p['relative_bops']:.3f}",
@@ -756,7 +769,7 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
   labels = [a[0] for a in ABLATIONS]
   text += records.markdown_table(
       ["model"] + [f"{l} @50%" for l in labels] + [f"{l} @100%" for l in labels],
-      [[r["model"]] + [f"{fmt(r['variants'][l]['top1@0.5'])} / {fmt(r['variants'][l]['kl@0.5'], 4)}" for l in labels]
+      [[model_label(r["model"])] + [f"{fmt(r['variants'][l]['top1@0.5'])} / {fmt(r['variants'][l]['kl@0.5'], 4)}" for l in labels]
        + [f"{fmt(r['variants'][l]['top1@1'])} / {fmt(r['variants'][l]['kl@1'], 4)}" for l in labels]
        for r in t3["rows"]])
   _write(out, "paper_t3_ablations", {**prov, **t3}, text)
@@ -774,7 +787,7 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
     text += records.markdown_table(
         ["model", "batch", "float32 (ms)", "int r=0 (ms)", "int r=0.5 (ms)", "int r=1 (ms)", "measured share at 50%",
          "modelled share at 50%"],
-        [[r["model"], r["batch"], 1e3 * r["float32_s"], *(1e3 * r["int_tuned_s"][q] for q in ("0", "0.5", "1")),
+        [[model_label(r["model"]), r["batch"], 1e3 * r["float32_s"], *(1e3 * r["int_tuned_s"][q] for q in ("0", "0.5", "1")),
           "-" if r["measured_share_of_speedup_at_0.5"] is None else f"{r['measured_share_of_speedup_at_0.5']:.2f}",
           "-" if r["modelled_share_of_speedup_at_0.5"] is None else f"{r['modelled_share_of_speedup_at_0.5']:.2f}"]
          for r in f2["rows"]])
@@ -814,7 +827,7 @@ def plot_pareto(sweep: dict, path: str, metric: str) -> None:
   for ax, (model, recs) in zip(axes.flat, sweep.items()):
     harness.draw_pareto(ax, recs[0]["rows"], metric, recs[0]["float"]["top1"], finetuned_suffix=" (FT)", ms=3, lw=1,
                         float_label=None)
-    ax.set_title(model, fontsize=9)
+    ax.set_title(model_label(model), fontsize=9)
     ax.set_xlabel("relative BOPs (W8A8 = 1)", fontsize=8)
     ax.set_ylabel(metric, fontsize=8)
     ax.grid(alpha=0.3)

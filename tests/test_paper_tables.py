@@ -304,3 +304,15 @@ def test_a_qat_baseline_the_judge_refused_is_reported_but_left_out_of_averages_a
   assert tables["t1"]["margin_over_best"]["mean"] == pytest.approx((87.0 - 84.0 + 83.0 - 84.0) / 2)
   md = open(os.path.join(out, "paper_t1_4bit.md")).read()
   assert "| refused (86.50) |" in md and "lsq_qat on resnet18 (seed 0): worse than its PTQ start (W4A4 KL)" in md
+
+
+def test_the_imagenet_pretrained_row_runs_its_transfer_config_and_is_marked_in_the_tables():
+  """EfficientNet-Lite0's Fashion-MNIST row is the ImageNet network finetuned, not a reduced
+  variant from scratch, and every table names it so; the other rows keep `:fmnist`."""
+  assert paper_tables.fmnist_arg("efficientnet_lite0") == "fmnist_pretrained"
+  assert paper_tables.fmnist_arg("resnet18") == "fmnist"
+  lite = paper_tables.model_config("efficientnet_lite0", 0, ["flexiq"], [], smoke=True)
+  assert lite.init_weights.endswith("tf_efficientnet_lite0.safetensors") and lite.data.channels == 3
+  assert paper_tables.model_config("resnet18", 0, ["flexiq"], [], smoke=True).init_weights == ""
+  assert paper_tables.model_label("efficientnet_lite0") == "efficientnet_lite0 (ImageNet-pretrained)"
+  assert [m for m in paper_tables.SWEEP_ORDER if paper_tables.model_label(m) != m] == ["efficientnet_lite0"]

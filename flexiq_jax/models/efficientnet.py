@@ -275,4 +275,5 @@ register_spec(ModelSpec("mobilenetv2_100", "mobilenetv2", "mobilenetv2_100.ra_in
 register_spec(ModelSpec("efficientnet_b0", "efficientnet_b0", "efficientnet_b0.ra_in1k", "efficientnet",
                         (0.875, "bicubic", IMAGENET_MEAN, IMAGENET_STD), _SMALL, depthwise=True))
 register_spec(ModelSpec("tf_efficientnet_lite0", "efficientnet_lite0", "tf_efficientnet_lite0", "efficientnet",
-                        (0.875, "bicubic", INCEPTION_MEAN, INCEPTION_STD), _SMALL, depthwise=True))
+                        (0.875, "bicubic", INCEPTION_MEAN, INCEPTION_STD), _SMALL, depthwise=True,
+                        fmnist_arg="fmnist_pretrained"))

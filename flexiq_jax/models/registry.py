@@ -107,6 +107,9 @@ class ModelSpec:
     deit: a DeiT (its float recipe adds label smoothing).
     depthwise: built of depthwise convolutions (MobileNetV2, EfficientNet): the slowest family on
       XLA:CPU, so the sweep runs these last.
+    fmnist_arg: the config argument of the model's Fashion-MNIST row in the sweep: 'fmnist' (the
+      reduced variant trained from scratch) or 'fmnist_pretrained' (the ImageNet-trained network
+      finetuned on Fashion-MNIST; its rows are marked ImageNet-pretrained).
   """
 
   name: str
@@ -118,6 +121,12 @@ class ModelSpec:
   transformer: bool = False
   deit: bool = False
   depthwise: bool = False
+  fmnist_arg: str = "fmnist"
+
+  @property
+  def pretrained_fmnist(self) -> bool:
+    """Whether the Fashion-MNIST sweep row starts from ImageNet-trained weights."""
+    return self.fmnist_arg == "fmnist_pretrained"
 
 
 _SPECS: dict[str, ModelSpec] = {}

@@ -1,0 +1,156 @@
+r"""The float models of the sweep: each `:fmnist` recipe, its training curve and its test top-1.
+
+  python -m experiments.float_recipes                     # every model under workdirs/paper
+  python -m experiments.float_recipes --models=resnet18,vit_s --workroot=workdirs/paper
+
+Run from the repository root, after (or while) the float models train, e.g.
+`python run.py --config=configs/<name>.py:fmnist --workdir=workdirs/paper/<name> --mode=train`
+(the sweep, `python -m experiments.paper_tables`, trains them itself and reuses them). Reads each
+workdir's float stage only: the recipe (`config.json`), the periodic evaluation on the eval split
+(`float/eval.jsonl`, one row an epoch under the `:fmnist` recipes), and the run record that
+trained it (`runs/*.json`: command, commit, host, date). A model whose float stage has not
+finished is listed with the curve so far. Writes experiments/results/float_recipes.{json,md}.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+# The aim of the :fmnist recipes on the Fashion-MNIST test split (top-1, %).
+TARGET_CNN = 90.0
+TARGET_TRANSFORMER = 86.0
+TARGET_PRETRAINED = 92.0  # the ImageNet-trained network finetuned: above every model from scratch
+
+
+def _read_jsonl(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def training_record(workdir: str, fingerprint: str | None) -> dict | None:
+  """The newest finished run record of `workdir` whose float stage has `fingerprint` and which
+  trained it (its command is a training mode), else the newest with that fingerprint."""
+  found = []
+  for path in sorted(glob.glob(os.path.join(workdir, "runs", "*.json"))):
+    with open(path) as f:
+      rec = json.load(f)
+    if rec.get("stages", {}).get("float") == fingerprint and rec.get("status") == "finished":
+      found.append(rec)
+  trained = [r for r in found if "--mode=train" in r.get("command", "") or "--mode" not in r.get("command", "")]
+  pick = (trained or found or [None])[0]
+  return None if pick is None else {k: pick.get(k) for k in ("command", "commit", "host", "date")}
+
+
+def model_row(name: str, workdir: str) -> dict:
+  """One model's recipe, curve and result (from its workdir; absent files give empty fields).
+
+  Args:
+    name: the config name (configs/<name>.py).
+    workdir: its sweep workdir.
+
+  Returns:
+    {'model', 'workdir', 'transformer', 'recipe', 'curve' [(epoch, top1)], 'top1', 'done',
+    'target', 'met', 'record'}.
+  """
+  from configs import common
+  from flexiq_jax import models
+
+  spec = models.spec(common_config(name).model.name)
+  config = common_config(name)
+  transformer = spec.transformer
+  steps_per_epoch = -(-common.FMNIST_TRAIN_EXAMPLES // config.train.batch_size)
+  done = _read_json(os.path.join(workdir, "float", "done.json"))
+  fingerprint = _read_json(os.path.join(workdir, "float", "fingerprint.json")) or {}
+  evals = _read_jsonl(os.path.join(workdir, "float", "eval.jsonl"))
+  curve = [(round(r["step"] / steps_per_epoch, 2), r["top1"]) for r in evals]
+  total = done.get("total_steps") if done else None
+  top1 = evals[-1]["top1"] if done and evals and evals[-1]["step"] == total else None
+  target = TARGET_PRETRAINED if spec.pretrained_fmnist else TARGET_TRANSFORMER if transformer else TARGET_CNN
+  t = config.train
+  recipe = dict(epochs=t.num_epochs, optimizer=t.optimizer, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
+                warmup_steps=t.warmup_steps, label_smoothing=t.label_smoothing, augment=bool(config.data.augment),
+                batch_size=t.batch_size)
+  return dict(model=name, workdir=workdir, transformer=transformer, pretrained=spec.pretrained_fmnist, recipe=recipe, curve=curve, top1=top1,
+              done=bool(done), target=target, met=None if top1 is None else top1 >= target,
+              record=training_record(workdir, fingerprint.get("fingerprint")) if done else None)
+
+
+def common_config(name: str):
+  """configs/<name>.py at the setting of its Fashion-MNIST sweep row."""
+  import importlib
+
+  from experiments import paper_tables
+  return importlib.import_module(f"configs.{name}").get_config(paper_tables.fmnist_arg(name))
+
+
+def _read_json(path: str):
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def render(info: dict, rows: list[dict]) -> str:
+  """The Markdown report of `rows` under `info`'s provenance header."""
+  from flexiq_jax import records
+
+  lines = [records.provenance_header(info), "# Float models of the sweep (`:fmnist` recipes)\n\n",
+           f"Top-1 on the config's eval images (the first 5000 Fashion-MNIST test images), evaluated once an "
+           f"epoch during training (`float/eval.jsonl`). Aim: CNNs >= {TARGET_CNN:.0f} %, transformers >= "
+           f"{TARGET_TRANSFORMER:.0f} %, the ImageNet-pretrained network >= {TARGET_PRETRAINED:.0f} %. A model not finished is shown with its curve so far.\n\n"]
+  table = []
+  for r in rows:
+    p = r["recipe"]
+    recipe = (f"{p['epochs']:g} ep, {p['optimizer']} {p['learning_rate']:g}, wd {p['weight_decay']:g}, warmup "
+              f"{p['warmup_steps']}, ls {p['label_smoothing']:g}{', augment' if p['augment'] else ''}")
+    state = ("not started" if not r["curve"] and not r["done"] else
+             f"{r['top1']:.2f}" if r["top1"] is not None else "training")
+    met = "" if r["met"] is None else ("yes" if r["met"] else f"no ({r['top1'] - r['target']:+.2f})")
+    curve = ", ".join(f"{top1:.1f}" for _, top1 in r["curve"]) or "-"
+    kind = ("CNN, ImageNet-pretrained" if r["pretrained"] else "CNN") if not r["transformer"] else "transformer"
+    table.append([r["model"], kind, recipe, state, met, curve])
+  lines.append(records.markdown_table(["model", "kind", "recipe", "top-1 (%)", f"aim met", "top-1 per epoch"], table))
+  lines.append("\nTrained by (the run record of each float stage):\n\n")
+  for r in rows:
+    rec = r["record"]
+    if rec:
+      lines.append(f"- {r['model']}: `{rec['command']}` at {str(rec['commit'])[:7]} on {rec['host']}, {rec['date']}\n")
+  return "".join(lines)
+
+
+def main(argv=None) -> int:
+  import argparse
+
+  from flexiq_jax import records
+
+  from experiments import paper_tables
+
+  order = list(paper_tables.SWEEP_ORDER)
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--models", default=",".join(order), help="comma-separated config names")
+  parser.add_argument("--workroot", default=os.path.join("workdirs", "paper"), help="parent of the model workdirs")
+  parser.add_argument("--out", default=os.path.join("experiments", "results", "float_recipes"),
+                      help="output path without extension; .json and .md are written")
+  args = parser.parse_args(argv)
+  names = [n for n in args.models.split(",") if n]
+  unknown = [n for n in names if n not in order]
+  if unknown:
+    print(f"error: unknown model {', '.join(unknown)}; use config names of {', '.join(order)}", file=sys.stderr)
+    return 2
+  rows = [model_row(n, os.path.join(args.workroot, n)) for n in names]
+  info = records.run_info(["-m", "experiments.float_recipes"] + list(argv if argv is not None else sys.argv[1:]))
+  records.write_json_atomic(args.out + ".json", {**info, "models": rows})
+  text = render(info, rows)
+  with open(args.out + ".md", "w") as f:
+    f.write(text)
+  print(text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,42 @@
+"""experiments/float_recipes.py: the float models' recipes, curves and whether each meets its aim."""
+
+import json
+import os
+
+from experiments import float_recipes
+
+
+def _workdir(tmp_path, name, evals, total_steps):
+  workdir = tmp_path / name
+  (workdir / "float").mkdir(parents=True)
+  with open(workdir / "float" / "eval.jsonl", "w") as f:
+    for step, top1 in evals:
+      f.write(json.dumps({"step": step, "top1": top1, "top5": 99.0, "loss": 0.3}) + "\n")
+  if total_steps is not None:
+    (workdir / "float" / "done.json").write_text(json.dumps({"fingerprint": "abc", "total_steps": total_steps}))
+    (workdir / "float" / "fingerprint.json").write_text(json.dumps({"fingerprint": "abc"}))
+    (workdir / "runs").mkdir()
+    (workdir / "runs" / "a.json").write_text(json.dumps(
+        {"command": "python run.py --mode=train", "commit": "c0ffee", "host": "h", "date": "d", "status": "finished",
+         "stages": {"float": "abc"}}))
+  return str(workdir)
+
+
+def test_a_finished_model_is_judged_against_its_aim_from_its_last_evaluation(tmp_path):
+  done = float_recipes.model_row("resnet18", _workdir(tmp_path, "r", [(469, 80.0), (938, 89.5)], 938))
+  assert done["top1"] == 89.5 and done["met"] is False and done["target"] == float_recipes.TARGET_CNN
+  assert done["curve"] == [(1.0, 80.0), (2.0, 89.5)] and done["record"]["commit"] == "c0ffee"
+  vit = float_recipes.model_row("vit_s", _workdir(tmp_path, "v", [(469, 86.5)], 469))
+  assert vit["met"] is True and vit["target"] == float_recipes.TARGET_TRANSFORMER
+
+
+def test_a_model_still_training_has_its_curve_but_no_result(tmp_path):
+  row = float_recipes.model_row("resnet50", _workdir(tmp_path, "t", [(469, 80.0)], None))
+  assert row["top1"] is None and row["met"] is None and row["curve"] == [(1.0, 80.0)]
+  text = float_recipes.render({"command": "x", "commit": "y", "device": "z", "date": "w"}, [row])
+  assert "| resnet50 | CNN |" in text and "training" in text
+
+
+def test_unknown_models_are_one_error_line(capsys, tmp_path):
+  assert float_recipes.main(["--models=nosuch", f"--out={os.path.join(tmp_path, 'x')}"]) == 2
+  assert capsys.readouterr().err.startswith("error: unknown model nosuch")
