@@ -280,7 +280,9 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   config.compare = ml_collections.ConfigDict()
   config.compare.methods = ("flexiq", "flexiq_naive", "flexiq_random", "flexiq_uniform", "flexiq_greedy",
                             "flexiq_no_bias_correction", "flexiq_amp", "layerwise_amp",
-                            "ptq_minmax", "ptq_mse", "adaround", "lsq_qat", "switchable_qat", "flexiq_100only")
+                            "ptq_minmax", "ptq_mse", "adaround", "lsq_qat", "switchable_qat", "flexiq_100only",
+                            "flexiq_max127", "flexiq_joint", "flexiq_sandwich", "flexiq_lsq",
+                            "flexiq_refresh_quantized")
   config.compare.allowed_drops = (0.25, 1.0, 3.0)  # one layer-wise AMP point each
   config.compare.finetune = True  # FlexiQ's multi-ratio finetuning (and LSQ QAT gets the same budget)
   config.compare.ablation_ratios = ()  # ratios the flexiq_* ablation variants are swept at; () = sweep.ratios

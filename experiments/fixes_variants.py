@@ -2,7 +2,6 @@
 experiments/layer_diagnosis.py (no flags here, so both scripts can import it)."""
 
 import os
-import shutil
 
 from absl import app
 
@@ -29,7 +28,6 @@ VARIANTS = {
     # Learnt activation and weight scales, as the LSQ baseline learns them.
     "max112_lsq": {"quant.weight_scale": "max112", **_LSQ, "finetune.lsq_weights": True},
 }
-SHARED_STAGES = ("calibrate", "select", "quantized")
 
 
 def override(config, changes: dict):
@@ -45,16 +43,8 @@ def override(config, changes: dict):
 
 def seed_shared_stages(run: pipeline.Run, siblings: list[str]) -> None:
   """Copies the finished calibrate/select/quantized stage of a sibling variant whose fingerprint
-  equals this variant's into its workdir, where it has none."""
-  for stage, directory in zip(("calibrate", "select", "quantize"), SHARED_STAGES):
-    if os.path.exists(os.path.join(run.workdir, directory)):
-      continue
-    want = run.stage(stage, directory)
-    for sib in siblings:
-      done = records.read_json(os.path.join(sib, directory, "done.json"))
-      if done is not None and done.get("fingerprint") == want.fingerprint:
-        shutil.copytree(os.path.join(sib, directory), os.path.join(run.workdir, directory))
-        break
+  equals this variant's into its workdir, where it has none (`pipeline.seed_stages`)."""
+  pipeline.seed_stages(run, siblings)
 
 
 def run_with_reference_selection(variant: pipeline.Run, float_model, reference_dir: str, base,

@@ -15,7 +15,8 @@ command, commit, device and date that made them); the tables are derived from th
 
   paper_t1_4bit.{json,md}        T1: 4-bit accuracy per model, FlexiQ 100% after finetuning vs the baselines
   paper_t2_ratios.{json,md}      T2: accuracy vs 4-bit ratio before/after finetuning, loss at 50% vs 8-bit
-  paper_t3_ablations.{json,md}   T3: extraction, channel order, selector, bias correction (before finetuning)
+  paper_t3_ablations.{json,md}   T3: extraction, channel order, selector, bias correction (before finetuning);
+                                 the 4-bit fixes one at a time (after finetuning)
   paper_f1_pareto.png            F1: accuracy (or KL / SQNR: --pareto_metric) vs relative BOPs, all methods
   paper_f1_pareto_kl.png         F1 with KL(float || quantized) on the y axis
   paper_f2_speed.{json,md,png}   F2: integer-path time vs ratio (benchmarks/results/integer_path_<backend>.json)
@@ -531,16 +532,32 @@ ABLATIONS = (  # (label, method, what changes against 'flexiq' before finetuning
 )
 
 
+# T3's second part: FlexiQ's 4-bit fixes one at a time, after finetuning: (label, method, change).
+FINETUNED_ABLATIONS = (
+    ("configured FlexiQ", "flexiq", "-"),
+    ("weight grid max|w|/127", "flexiq_max127", "quant.weight_scale=max127"),
+    ("weight grid fitted for 8 and 4 bits", "flexiq_joint", "quant.weight_scale=joint"),
+    ("sandwich (3 passes per step)", "flexiq_sandwich", "finetune.every_step_ratios=(0, 1)"),
+    ("learnt scales (LSQ)", "flexiq_lsq", "finetune.lsq, lsq_weights, lsq_grad_scale=effective"),
+    ("refresh from the quantized model", "flexiq_refresh_quantized", "finetune.refresh_source=quantized"),
+)
+FINETUNED_ABLATION_RATIOS = (0.0, 0.5, 1.0)
+
+
 def table3(sweep: dict, ratios=(0.5, 1.0)) -> dict:
   rows = []
   for model, recs in sweep.items():
-    row = {"model": model, "seeds": len(recs), "variants": {}}
+    row = {"model": model, "seeds": len(recs), "variants": {}, "finetuned_variants": {}}
     for label, method, change in ABLATIONS:
       row["variants"][label] = {"method": method, "change": change, **{
           f"{field}@{q:g}": per_seed(recs, lambda r, m=method, q=q: find_row(r, m, ratio=q, finetuned=False), field)
           for q in ratios for field in ("top1", "kl")}}
+    for label, method, change in FINETUNED_ABLATIONS:
+      row["finetuned_variants"][label] = {"method": method, "change": change, **{
+          f"{field}@{q:g}": per_seed(recs, lambda r, m=method, q=q: find_row(r, m, ratio=q, finetuned=True), field)
+          for q in FINETUNED_ABLATION_RATIOS for field in ("top1", "kl")}}
     rows.append(row)
-  return {"ratios": list(ratios), "rows": rows}
+  return {"ratios": list(ratios), "finetuned_ratios": list(FINETUNED_ABLATION_RATIOS), "rows": rows}
 
 
 def macs_now(model: str) -> int:
@@ -764,7 +781,7 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
              f"{t2['average_loss_at_50_after_vs_8bit_before']:.2f} points\n")
   _write(out, "paper_t2_ratios", {**prov, **t2}, text)
 
-  text = header("T3: ablations before finetuning", prov)
+  text = header("T3: ablations before finetuning, and the 4-bit fixes after", prov)
   text += "Top-1 (%) / KL(float || quantized) at 50% and 100% 4-bit, no finetuning; each row changes one thing.\n\n"
   labels = [a[0] for a in ABLATIONS]
   text += records.markdown_table(
@@ -772,6 +789,17 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
       [[model_label(r["model"])] + [f"{fmt(r['variants'][l]['top1@0.5'])} / {fmt(r['variants'][l]['kl@0.5'], 4)}" for l in labels]
        + [f"{fmt(r['variants'][l]['top1@1'])} / {fmt(r['variants'][l]['kl@1'], 4)}" for l in labels]
        for r in t3["rows"]])
+  text += ("\n## The 4-bit fixes, after finetuning\n\nTop-1 (%) at 0% · 50% · 100% 4-bit after finetuning (KL in the .json); "
+           "each row changes one thing against the configured pipeline (the first column) and runs the whole "
+           "pipeline with it (a weight-grid change its own calibration and selection, a finetuning change the "
+           "configured selection). The sandwich row makes three forward+backward passes per step, the others "
+           "one. \"-\": not run in this sweep.\n\n")
+  labels = [a[0] for a in FINETUNED_ABLATIONS]
+  text += records.markdown_table(
+      ["model"] + [f"{l} @0% / @50% / @100%" for l in labels],
+      [[model_label(r["model"])] + [" · ".join(f"{fmt(r['finetuned_variants'][l][f'top1@{q:g}'])}"
+                                             for q in FINETUNED_ABLATION_RATIOS) for l in labels]
+       for r in t3["rows"] if "finetuned_variants" in r])
   _write(out, "paper_t3_ablations", {**prov, **t3}, text)
 
   plot_pareto(sweep, os.path.join(out, "paper_f1_pareto.png"), pareto_metric)

@@ -658,6 +658,39 @@ def replace_stages(workdir: str, first: str) -> list[str]:
   return out
 
 
+# The stages a variant run can take over from another workdir: (stage, directory).
+SHAREABLE_STAGES = (("calibrate", "calibrate"), ("select", "select"), ("quantize", "quantized"))
+
+
+def seed_stages(run: Run, sources: list[str]) -> list[str]:
+  """Copies into `run`'s workdir each finished calibrate / select / quantized stage of a `sources`
+  workdir whose fingerprint equals the one `run` wants, where `run` has none yet: a variant that
+  changes only later fields (finetuning, say) reuses them instead of recomputing them (the
+  selection's search included).
+
+  Args:
+    run: the variant's run (its own workdir and config).
+    sources: workdirs to take finished stages from, in order of preference.
+
+  Returns:
+    The directories copied.
+  """
+  import shutil
+
+  copied = []
+  for stage, directory in SHAREABLE_STAGES:
+    if os.path.exists(os.path.join(run.workdir, directory)):
+      continue
+    want = run.stage(stage, directory).fingerprint
+    for source in sources:
+      done = records.read_json(os.path.join(source, directory, "done.json"))
+      if done is not None and done.get("fingerprint") == want:
+        shutil.copytree(os.path.join(source, directory), os.path.join(run.workdir, directory))
+        copied.append(directory)
+        break
+  return copied
+
+
 def finetuned_if_done(run: Run, float_model: FloatModel, quantized: Quantized) -> Quantized | None:
   """The finished finetuned model of this config in the workdir, or None (without training).
 

@@ -5,6 +5,7 @@ and the report writer."""
 import dataclasses
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -262,20 +263,23 @@ def _method_fingerprints(config) -> dict:
   return {m: stage_cache.fingerprint(harness.method_fields(config, m)) for m in harness.METHODS}
 
 
+_FT_VARIANTS = set(harness.FINETUNED_VARIANTS)
+
+
 @pytest.mark.parametrize("field,value,methods", [
     ("compare.adaround_iterations", 7, {"adaround"}),
-    ("compare.lsq_learning_rate", 0.5, {"lsq_qat", "switchable_qat"}),
+    ("compare.lsq_learning_rate", 0.5, {"lsq_qat", "switchable_qat", "flexiq_lsq"}),
     ("compare.allowed_drops", (2.0,), {"layerwise_amp"}),
     ("compare.ablation_ratios", (0.0, 1.0), set(harness.METHODS) - {"flexiq", "flexiq_amp", "layerwise_amp",
                                                                     "ptq_minmax", "ptq_mse", "adaround", "lsq_qat",
-                                                                    "switchable_qat", "flexiq_100only"}),
+                                                                    "switchable_qat", "flexiq_100only"} - _FT_VARIANTS),
     # A FlexiQ-only finetuning knob: FlexiQ's rows only (LSQ QAT shares the recipe, not the sampler).
-    ("finetune.uniform_prob", 0.1, {"flexiq"}),
-    ("finetune.learning_rate", 0.1, {"flexiq", "lsq_qat", "switchable_qat", "flexiq_100only"}),
+    ("finetune.uniform_prob", 0.1, {"flexiq"} | _FT_VARIANTS),
+    ("finetune.learning_rate", 0.1, {"flexiq", "lsq_qat", "switchable_qat", "flexiq_100only"} | _FT_VARIANTS),
     # Sandwich passes: FlexiQ's training and the QAT baselines' pass-matched budget.
-    ("finetune.every_step_ratios", (0.0, 1.0), {"flexiq", "lsq_qat", "switchable_qat", "flexiq_100only"}),
+    ("finetune.every_step_ratios", (0.0, 1.0), {"flexiq", "lsq_qat", "switchable_qat", "flexiq_100only"} | _FT_VARIANTS),
     ("select.population", 3, {"flexiq", "flexiq_naive", "flexiq_random", "flexiq_uniform", "flexiq_greedy",
-                              "flexiq_no_bias_correction", "flexiq_amp", "flexiq_100only"}),
+                              "flexiq_no_bias_correction", "flexiq_amp", "flexiq_100only"} | _FT_VARIANTS),
     ("quant.extraction", "naive", set(harness.METHODS)),
     ("data.eval_examples", 10, set(harness.METHODS)),
     ("compare.methods", ("flexiq",), set()),
@@ -356,3 +360,25 @@ def test_flexiq_finetuned_for_100_only_gets_the_passes_of_the_multi_ratio_finetu
   assert json.load(open(stage / "done.json"))["total_steps"] == 12
   # It reuses FlexiQ's quantized model: no calibration or selection of its own.
   assert not os.path.exists(tmp_path / "wd" / "compare" / "flexiq_100only" / "select")
+
+
+def test_a_finetuning_variant_shares_the_main_runs_selection_and_a_grid_variant_makes_its_own(context, tmp_path):
+  """A finetuned variant runs the whole pipeline with its change, finetuned, swept at 0 / 0.5 / 1:
+  one that changes only finetuning takes the main run's calibration, selection and quantized
+  model over (same fingerprints; no second search); one that changes the weight grid computes
+  its own calibration and quantized model."""
+  ctx = _in(context, tmp_path / "wd", **{"select.selector": "greedy"})
+  shutil.copytree(os.path.join(context.run.workdir, "calibrate"), tmp_path / "wd" / "calibrate")  # as compare mode has it
+  rows = harness.METHODS["flexiq_refresh_quantized"](ctx)
+  assert [(r.method, r.extra["ratio"], r.extra["finetuned"]) for r in rows] == [
+      ("flexiq_refresh_quantized", q, True) for q in harness.FINETUNED_VARIANT_RATIOS]
+  main, variant = tmp_path / "wd", tmp_path / "wd" / "compare" / "flexiq_refresh_quantized"
+  for directory in ("calibrate", "select", "quantized"):
+    assert json.load(open(variant / directory / "done.json")) == json.load(open(main / directory / "done.json"))
+  fields = json.load(open(variant / "finetune" / "fingerprint.json"))["fields"]
+  assert fields["finetune.refresh_source"] == "quantized"
+  harness.METHODS["flexiq_max127"](ctx)
+  grid = tmp_path / "wd" / "compare" / "flexiq_max127"
+  assert (json.load(open(grid / "calibrate" / "done.json"))["fingerprint"]
+          != json.load(open(main / "calibrate" / "done.json"))["fingerprint"])
+  assert "weight_scale" not in json.load(open(grid / "calibrate" / "fingerprint.json"))["fields"]["quant"]

@@ -258,19 +258,68 @@ def flexiq_100only(ctx: CompareContext) -> list[Row]:
   return _sweep_rows("flexiq_100only", ctx, run, pipeline.finetune(run, ctx.float_model, quantized))
 
 
-def _flexiq_variant(ctx: CompareContext, name: str, overrides: dict) -> list[Row]:
-  """FlexiQ with config changes, in its own sub-workdir (its stage fingerprints differ)."""
+def _variant_run(ctx: CompareContext, name: str, overrides: dict) -> pipeline.Run:
+  """The run of FlexiQ with config changes (dotted field -> value), in compare/<name>."""
   cfg = copy.deepcopy(ctx.config)
-  ablation_ratios = ctx.config.compare.get("ablation_ratios", ())
-  if ablation_ratios:  # the variants are compared at a few ratios; every ratio costs a pass over the eval split
-    overrides = {"sweep.ratios": tuple(float(r) for r in ablation_ratios), **overrides}
   with cfg.unlocked():
     for dotted, value in overrides.items():
       section, key = dotted.split(".")
       cfg[section][key] = value
-  run = pipeline.Run(cfg, os.path.join(ctx.run.workdir, "compare", name), ctx.run.mesh)
+  return pipeline.Run(cfg, os.path.join(ctx.run.workdir, "compare", name), ctx.run.mesh)
+
+
+def _flexiq_variant(ctx: CompareContext, name: str, overrides: dict) -> list[Row]:
+  """FlexiQ with config changes, in its own sub-workdir (its stage fingerprints differ)."""
+  ablation_ratios = ctx.config.compare.get("ablation_ratios", ())
+  if ablation_ratios:  # the variants are compared at a few ratios; every ratio costs a pass over the eval split
+    overrides = {"sweep.ratios": tuple(float(r) for r in ablation_ratios), **overrides}
+  run = _variant_run(ctx, name, overrides)
   quantized = pipeline.run_until(run, "quantize", float_model=ctx.float_model, evaluate=False).quantized
   return _sweep_rows(name, ctx, run, quantized)
+
+
+# The ratios the finetuned variants are swept at: the two ends and the middle.
+FINETUNED_VARIANT_RATIOS = (0.0, 0.5, 1.0)
+
+
+def _flexiq_finetuned_variant(ctx: CompareContext, name: str, overrides: dict) -> list[Row]:
+  """FlexiQ with config changes, finetuned, in compare/<name>, swept after finetuning at
+  FINETUNED_VARIANT_RATIOS. Stages the changes leave as they are (calibration and selection for
+  a finetuning change) are taken over from the main run's workdir, not recomputed."""
+  run = _variant_run(ctx, name, {"sweep.ratios": FINETUNED_VARIANT_RATIOS, **overrides})
+  _flexiq_quantized(ctx)  # the main run's stages first, so that the variant can share them
+  pipeline.seed_stages(run, [ctx.run.workdir])
+  quantized = pipeline.run_until(run, "quantize", float_model=ctx.float_model, evaluate=False).quantized
+  return _sweep_rows(name, ctx, run, pipeline.finetune(run, ctx.float_model, quantized))
+
+
+# FlexiQ's 4-bit fixes one at a time against the configured pipeline, after finetuning (T3):
+# method -> (config changes, what it tests). "compare" as a value: compare.lsq_learning_rate.
+FINETUNED_VARIANTS = {
+    "flexiq_max127": ({"quant.weight_scale": "max127"}, "the 8-bit weight grid max|w|/127 (the largest weight "
+                      "shrinks when lowered)"),
+    "flexiq_joint": ({"quant.weight_scale": "joint"}, "the 8-bit weight scale fitted per channel for 8 and 4 bits"),
+    "flexiq_sandwich": ({"finetune.every_step_ratios": (0.0, 1.0)}, "ratios 0 and 1 trained at every step besides "
+                        "the sampled one (three passes per step)"),
+    "flexiq_lsq": ({"finetune.lsq": True, "finetune.lsq_weights": True, "finetune.lsq_grad_scale": "effective",
+                    "finetune.lsq_learning_rate": "compare"}, "learnt activation and weight scales (LSQ, the "
+                   "gradient scale of each channel's own grid, at the LSQ baseline's rate)"),
+    "flexiq_refresh_quantized": ({"finetune.refresh_source": "quantized"}, "the refresh's bias-correction means "
+                                 "from the quantized model's own layer inputs"),
+}
+
+
+def _finetuned_variant_method(name: str):
+  changes, what = FINETUNED_VARIANTS[name]
+
+  def method(ctx: CompareContext) -> list[Row]:
+    resolved = {k: float(ctx.config.compare.lsq_learning_rate) if v == "compare" else v for k, v in changes.items()}
+    return _flexiq_finetuned_variant(ctx, name, resolved)
+
+  method.__name__ = name
+  method.__doc__ = (f"FlexiQ with {what}, finetuned, in compare/{name}: one row per ratio of "
+                    f"FINETUNED_VARIANT_RATIOS after finetuning.")
+  return method
 
 
 def flexiq_naive(ctx: CompareContext) -> list[Row]:
@@ -533,6 +582,7 @@ METHODS: dict[str, Callable[[CompareContext], list[Row]]] = {
     "flexiq_greedy": flexiq_greedy, "flexiq_no_bias_correction": flexiq_no_bias_correction, "flexiq_amp": flexiq_amp,
     "layerwise_amp": layerwise_amp, "ptq_minmax": ptq_minmax, "ptq_mse": ptq_mse, "adaround": adaround,
     "lsq_qat": lsq_qat, "switchable_qat": switchable_qat, "flexiq_100only": flexiq_100only,
+    **{name: _finetuned_variant_method(name) for name in FINETUNED_VARIANTS},
 }
 # What each method's rows depend on: the cached stage it builds on (its fingerprint fields,
 # and so those of every stage before it) and config fields of its own. Besides: the eval split.
@@ -560,6 +610,10 @@ METHOD_DEPENDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "lsq_qat": ("calibrate", _QAT_BASELINE),
     "switchable_qat": ("calibrate", _QAT_BASELINE),
     "flexiq_100only": _FLEXIQ_100ONLY,
+    # A finetuned variant's changes are constants (flexiq_lsq's rate: the LSQ baseline's), applied
+    # to the configured finetune stage's fields.
+    **{name: ("finetune", ("sweep",) + (("compare.lsq_learning_rate",) if "compare" in changes.values() else ()))
+       for name, (changes, _) in FINETUNED_VARIANTS.items()},
 }
 
 
