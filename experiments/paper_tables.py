@@ -545,6 +545,7 @@ FINETUNED_ABLATION_RATIOS = (0.0, 0.5, 1.0)
 
 
 def table3(sweep: dict, ratios=(0.5, 1.0)) -> dict:
+  from flexiq_jax.compare import harness  # pylint: disable=g-import-not-at-top
   rows = []
   for model, recs in sweep.items():
     row = {"model": model, "seeds": len(recs), "variants": {}, "finetuned_variants": {}}
@@ -553,7 +554,9 @@ def table3(sweep: dict, ratios=(0.5, 1.0)) -> dict:
           f"{field}@{q:g}": per_seed(recs, lambda r, m=method, q=q: find_row(r, m, ratio=q, finetuned=False), field)
           for q in ratios for field in ("top1", "kl")}}
     for label, method, change in FINETUNED_ABLATIONS:
-      row["finetuned_variants"][label] = {"method": method, "change": change, **{
+      refused = sorted({harness.row_refusal(x) for r in recs for x in r["rows"]
+                        if x["method"] == method and harness.row_refusal(x)})
+      row["finetuned_variants"][label] = {"method": method, "change": change, "refused": refused, **{
           f"{field}@{q:g}": per_seed(recs, lambda r, m=method, q=q: find_row(r, m, ratio=q, finetuned=True), field)
           for q in FINETUNED_ABLATION_RATIOS for field in ("top1", "kl")}}
     rows.append(row)
@@ -797,9 +800,15 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
   labels = [a[0] for a in FINETUNED_ABLATIONS]
   text += records.markdown_table(
       ["model"] + [f"{l} @0% / @50% / @100%" for l in labels],
-      [[model_label(r["model"])] + [" · ".join(f"{fmt(r['finetuned_variants'][l][f'top1@{q:g}'])}"
-                                             for q in FINETUNED_ABLATION_RATIOS) for l in labels]
+      [[model_label(r["model"])] + [("refused: " if r["finetuned_variants"][l].get("refused") else "") + " · ".join(
+          f"{fmt(r['finetuned_variants'][l][f'top1@{q:g}'])}" for q in FINETUNED_ABLATION_RATIOS) for l in labels]
        for r in t3["rows"] if "finetuned_variants" in r])
+  refused = [(r["model"], l, v["refused"]) for r in t3["rows"] for l, v in r.get("finetuned_variants", {}).items()
+             if v.get("refused")]
+  if refused:
+    text += ("\n\"refused\": the finetune judge refused the variant's finetuned model (worse than the model it "
+             "started from on held-out training images); its figures as trained are shown. "
+             + "; ".join(f"{model_label(m)}, {l}: {'; '.join(why)}" for m, l, why in refused) + "\n")
   _write(out, "paper_t3_ablations", {**prov, **t3}, text)
 
   plot_pareto(sweep, os.path.join(out, "paper_f1_pareto.png"), pareto_metric)

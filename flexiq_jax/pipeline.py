@@ -658,6 +658,30 @@ def replace_stages(workdir: str, first: str) -> list[str]:
   return out
 
 
+def refused_finetune(run: Run, quantized: Quantized) -> tuple[Quantized, dict] | None:
+  """The newest finetune of `run` that the judge refused (kept in <workdir>/replaced/<time>/finetune),
+  as trained and refreshed, with the judge's report; None when there is none.
+
+  Args:
+    run: the pipeline run whose finetune was refused.
+    quantized: the quantized model the finetune started from (the structure of its variables).
+
+  Returns:
+    (the refused model, its judge.json report), or None.
+  """
+  import glob
+
+  opts: stage_options.FinetuneOptions = run.options("finetune")
+  for kept in sorted(glob.glob(os.path.join(run.workdir, "replaced", "*", "finetune")), reverse=True):
+    report = records.read_json(os.path.join(kept, "judge.json"))
+    if report is None or report.get("accepted", True) or not os.path.exists(os.path.join(kept, "qvars")):
+      continue
+    start = (quantize_lib.add_lsq_weight_scales(quantized.qmodel.plan, quantized.qvars) if opts.lsq_weights
+             else quantized.qvars)
+    return Quantized(quantized.qmodel, checkpoint.load_tree(os.path.join(kept, "qvars"), start), finetuned=True), report
+  return None
+
+
 # The stages a variant run can take over from another workdir: (stage, directory).
 SHAREABLE_STAGES = (("calibrate", "calibrate"), ("select", "select"), ("quantize", "quantized"))
 

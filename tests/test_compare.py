@@ -382,3 +382,19 @@ def test_a_finetuning_variant_shares_the_main_runs_selection_and_a_grid_variant_
   assert (json.load(open(grid / "calibrate" / "done.json"))["fingerprint"]
           != json.load(open(main / "calibrate" / "done.json"))["fingerprint"])
   assert "weight_scale" not in json.load(open(grid / "calibrate" / "fingerprint.json"))["fields"]["quant"]
+
+
+def test_a_finetuned_variant_the_judge_refuses_is_reported_as_trained_and_marked_refused(context, tmp_path,
+                                                                                          monkeypatch):
+  """An ablation whose finetune the judge refuses does not stop the comparison: its rows are the
+  refused model's figures, each marked with the judge's reason (left out of summaries)."""
+  from flexiq_jax import judge
+  real = judge.judge_finetune
+  monkeypatch.setattr(judge, "judge_finetune", lambda *a, **k: {**real(*a, **k), "accepted": False,
+                                                                  "failed": ["ratio 1 top-1"]})
+  ctx = _in(context, tmp_path / "wd", **{"select.selector": "greedy"})
+  rows = harness.METHODS["flexiq_sandwich"](ctx)
+  assert [r.extra["ratio"] for r in rows] == list(harness.FINETUNED_VARIANT_RATIOS)
+  assert all(harness.row_refusal(r.to_json()).startswith("refused by the finetune judge") for r in rows)
+  kept = list((tmp_path / "wd" / "compare" / "flexiq_sandwich" / "replaced").glob("*/finetune/qvars"))
+  assert len(kept) == 1 and not (tmp_path / "wd" / "compare" / "flexiq_sandwich" / "finetune").exists()

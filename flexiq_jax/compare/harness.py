@@ -41,6 +41,7 @@ import numpy as np
 
 from flexiq_jax import cost
 from flexiq_jax import finetune as finetune_lib
+from flexiq_jax import judge as judge_lib
 from flexiq_jax import pipeline
 from flexiq_jax import progress
 from flexiq_jax import records
@@ -290,7 +291,17 @@ def _flexiq_finetuned_variant(ctx: CompareContext, name: str, overrides: dict) -
   _flexiq_quantized(ctx)  # the main run's stages first, so that the variant can share them
   pipeline.seed_stages(run, [ctx.run.workdir])
   quantized = pipeline.run_until(run, "quantize", float_model=ctx.float_model, evaluate=False).quantized
-  return _sweep_rows(name, ctx, run, pipeline.finetune(run, ctx.float_model, quantized))
+  try:
+    return _sweep_rows(name, ctx, run, pipeline.finetune(run, ctx.float_model, quantized))
+  except judge_lib.FinetuneRefused as e:
+    # An ablation's result is reported either way: the refused model as trained, marked refused.
+    refused = pipeline.refused_finetune(run, quantized)
+    if refused is None:
+      raise
+    model, report = refused
+    reason = f"refused by the finetune judge on {report.get('images')}: {report.get('summary')}"
+    print(f"warning: {name}: {str(e).split('. It was not installed')[0]}; its rows are marked refused")
+    return [dataclasses.replace(r, extra={**r.extra, "refused": reason}) for r in _sweep_rows(name, ctx, run, model)]
 
 
 # FlexiQ's 4-bit fixes one at a time against the configured pipeline, after finetuning (T3):
