@@ -54,11 +54,16 @@ _CALLS = flags.DEFINE_integer("calls", 3, "Untraced timed calls per variant (med
 _BATCH, _THREADS, _OUT = onednn_int8._BATCH, onednn_int8._THREADS, onednn_int8._OUT
 
 
-def thunk_times(fn, args) -> list[tuple[str, float]]:
-  """[(thunk name, ms)] of one traced call of `fn`, in execution order (XLA:CPU's thunks)."""
+def thunk_times(fn, args, verbose: bool = False):
+  """([(thunk name, ms)] of one traced call of `fn` in execution order (XLA:CPU's thunks), and, with
+  `verbose`, oneDNN's verbose log of the same call ([] otherwise))."""
+  prims = []
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d, create_perfetto_trace=True):
-      jax.block_until_ready(fn(*args))
+      if verbose:
+        prims = onednn_verbose(fn, args)
+      else:
+        jax.block_until_ready(fn(*args))
     path = glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"), recursive=True)[0]
     with gzip.open(path) as f:
       data = json.load(f)
@@ -66,7 +71,7 @@ def thunk_times(fn, args) -> list[tuple[str, float]]:
   op = re.compile(r"^[a-z][a-z0-9_.\-]*$")  # XLA's instruction names (host-side events have others)
   out = [(e["ts"], e["name"], e["dur"] / 1e3) for e in events
          if e.get("ph") == "X" and "dur" in e and op.match(e["name"])]
-  return [(name, ms) for _, name, ms in sorted(out)]
+  return [(name, ms) for _, name, ms in sorted(out)], prims
 
 
 def thunk_kind(name: str) -> str:
@@ -111,17 +116,24 @@ def onednn_verbose(fn, args) -> list[tuple[str, str, float]]:
   return out
 
 
-def torch_profile(model, x) -> list[tuple[str, float]]:
-  """[(op name, ms)] of the top-level ATen/quantized ops of one forward pass, in order."""
+def torch_profile(model, x) -> list[tuple[str, str, float]]:
+  """[(op name, input shapes, ms)] of the top-level ATen/quantized ops of one forward pass, in order."""
   import torch
   from torch.profiler import ProfilerActivity, profile
   with torch.inference_mode():
     model(x)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
       model(x)
   events = [e for e in prof.events() if e.cpu_parent is None]
   events.sort(key=lambda e: e.time_range.start)
-  return [(e.name, e.time_range.elapsed_us() / 1e3) for e in events]
+  return [(e.name, str(e.input_shapes), e.time_range.elapsed_us() / 1e3) for e in events]
+
+
+def problem_key(desc: str):
+  """(ic, oh, kh, sh) of a oneDNN conv problem string (the output channels differ in split mode,
+  the input height where the input comes padded)."""
+  m = re.search(r"ic(\d+)oc\d+_ih\d+oh(\d+)kh(\d+)sh(\d+)", desc)
+  return tuple(int(v) for v in m.groups()) if m else None
 
 
 def main(argv):
@@ -165,22 +177,35 @@ def main(argv):
       t0 = time.perf_counter()
       jax.block_until_ready(fn(svars, images, ratio))
       walls.append(1e3 * (time.perf_counter() - t0))
-    thunks = thunk_times(fn, (svars, images, ratio))
+    before = onednn.run_counts()
+    thunks, prims = thunk_times(fn, (svars, images, ratio), verbose=mode is not None)
+    runs = {k: v - before.get(k, 0) for k, v in onednn.run_counts().items()}
     by_kind = collections.defaultdict(float)
     for name, ms in thunks:
       by_kind[thunk_kind(name)] += ms
     entry = {"wall_ms": float(np.median(walls)), "thunks_ms": dict(by_kind),
-             "custom_calls_ms": [ms for name, ms in thunks if thunk_kind(name) == "oneDNN custom calls"],
              "max_abs_logit_diff_vs_xla_int": float(jnp.max(jnp.abs(out - reference)))}
     if mode is not None:
-      prims = onednn_verbose(fn, (svars, images, ratio))
       kinds = collections.defaultdict(float)
       for kind, _, ms in prims:
         kinds[kind] += ms
       entry["onednn_primitives_ms"] = dict(kinds)
-      entry["onednn_layers"] = [(desc, ms) for kind, desc, ms in prims if kind in ("convolution", "matmul")]
+      entry["runs"] = runs
+      # Per custom call: its thunk time, and the primitives (and reorders) its log lines name.
+      calls = [ms for name, ms in thunks if thunk_kind(name) == "oneDNN custom calls"]
+      layers, pending = [], []
+      for kind, desc, ms in prims:
+        pending.append((kind, desc, ms))
+        if kind in ("convolution", "matmul"):
+          layers.append(pending)
+          pending = []
+      if len(layers) == len(calls):  # one primitive per call (not so for split depthwise layers)
+        entry["layers"] = [{"problem": next(d for k, d, _ in ls if k in ("convolution", "matmul")),
+                            "call_ms": c, "primitive_ms": sum(m for k, _, m in ls if k != "reorder"),
+                            "reorder_ms": sum(m for k, _, m in ls if k == "reorder")}
+                           for ls, c in zip(layers, calls)]
     results["variants"][label] = entry
-    print(json.dumps({k: v for k, v in entry.items() if k not in ("custom_calls_ms", "onednn_layers")}), flush=True)
+    print(json.dumps({k: v for k, v in entry.items() if k != "layers"}), flush=True)
   twin = onednn_int8.torch_twin(spec)
   if twin is not None:
     import torch
@@ -194,10 +219,20 @@ def main(argv):
         walls.append(1e3 * (time.perf_counter() - t0))
     ops = torch_profile(twin[1], x)
     by_op = collections.defaultdict(float)
-    for name, ms in ops:
+    for name, _, ms in ops:
       by_op[name] += ms
-    results["torch_int8"] = {"wall_ms": float(np.median(walls[2:])), "ops_ms": dict(by_op),
-                             "convs_ms": [ms for name, ms in ops if "conv" in name]}
+    # The quantized convs in module order, which is their execution order in torchvision's ResNets.
+    modules = [m for m in twin[1].modules() if type(m).__name__.startswith("Conv")]
+    conv_ops = [(shapes, ms) for name, shapes, ms in ops if "conv" in name]
+    convs = []
+    for m, (shapes, ms) in zip(modules, conv_ops):
+      size = re.match(r"\[\[\d+, (\d+), (\d+), \d+\]", shapes)
+      if size is None or int(size.group(1)) != m.in_channels:
+        convs = []
+        break
+      oh = (int(size.group(2)) + 2 * m.padding[0] - m.kernel_size[0]) // m.stride[0] + 1
+      convs.append({"key": [m.in_channels, oh, m.kernel_size[0], m.stride[0]], "ms": ms})
+    results["torch_int8"] = {"wall_ms": float(np.median(walls[2:])), "ops_ms": dict(by_op), "convs": convs}
   os.makedirs(_OUT.value, exist_ok=True)
   records.write_json_atomic(os.path.join(_OUT.value, "onednn_profile_cpu.json"), results)
   write_markdown(results, os.path.join(_OUT.value, "onednn_profile_cpu.md"))
@@ -228,25 +263,38 @@ def write_markdown(results: dict, path: str) -> None:
                  f"{fmt(calls - prim - reorder)} | {v['max_abs_logit_diff_vs_xla_int']:.2e} |")
   if "torch_int8" in results:
     tq = results["torch_int8"]
-    conv = sum(tq["convs_ms"])
+    conv = sum(v for k, v in tq["ops_ms"].items() if "conv" in k)
     lines.append(f"| PyTorch int8 (FX, x86) | {tq['wall_ms']:.1f} | - | {conv:.1f} (quantized convs) | "
                  f"{sum(tq['ops_ms'].values()) - conv:.1f} (other ops) | - | - | - | - |")
     lines += ["", "PyTorch int8's top-level ops in one profiled forward pass (ms): "
               + ", ".join(f"{k} {v:.1f}" for k, v in sorted(tq["ops_ms"].items(), key=lambda kv: -kv[1])) + "."]
-  layered = [(label, v["onednn_layers"]) for label, v in variants.items() if "onednn_layers" in v]
+  for label, v in variants.items():
+    if "runs" in v and v["runs"].get("single_inputs"):
+      r = v["runs"]
+      lines += ["", f"{label}: layer runs {', '.join(f'{k} {r[k]}' for k in ('direct', 'split', 'single', 'depthwise'))}; "
+                f"activation codes outside 7 bits (the single mode's sparse remainder): "
+                f"{r['single_remainders']} of {r['single_inputs']} ({100 * r['single_remainders'] / r['single_inputs']:.2f}%)."]
+  layered = [(label, v["layers"]) for label, v in variants.items() if "layers" in v]
   if layered:
-    lines += ["", "## Per layer: oneDNN primitive ms (verbose log) and PyTorch int8 conv ms (profiler)", "",
-              "| layer (oneDNN problem) | " + " | ".join(label for label, _ in layered)
-              + (" | PyTorch int8 |" if "torch_int8" in results else " |"),
-              "| --- |" + " ---: |" * (len(layered) + ("torch_int8" in results))]
-    torch_convs = results.get("torch_int8", {}).get("convs_ms", [])
-    n = max(len(rows) for _, rows in layered)
-    for i in range(n):
-      desc = next((rows[i][0] for _, rows in layered if i < len(rows)), "")
-      cells = [f"{rows[i][1]:.1f}" if i < len(rows) else "" for _, rows in layered]
-      if "torch_int8" in results:
-        cells.append(f"{torch_convs[i]:.1f}" if i < len(torch_convs) else "")
-      lines.append(f"| `{desc}` | " + " | ".join(cells) + " |")
+    torch_convs = results.get("torch_int8", {}).get("convs", [])
+    lines += ["", "## Per layer: the custom call's ms (XLA's thunk) = oneDNN primitive + weight reorder + the "
+              "library's own work; PyTorch int8's quantized conv (profiler) of the same shape", "",
+              "| layer (oneDNN problem of the first variant) | " + " | ".join(
+                  f"{label} call / primitive / reorder" for label, _ in layered)
+              + (" | PyTorch int8 conv |" if torch_convs else " |"),
+              "| --- |" + " ---: |" * (len(layered) + bool(torch_convs))]
+    seen = collections.Counter()
+    for i, first in enumerate(layered[0][1]):
+      key = problem_key(first["problem"])
+      seen[key] += 1
+      cells = []
+      for _, rows in layered:
+        r = rows[i] if i < len(rows) else None
+        cells.append(f"{r['call_ms']:.1f} / {r['primitive_ms']:.1f} / {r['reorder_ms']:.2f}" if r else "")
+      if torch_convs:
+        same = [c["ms"] for c in torch_convs if tuple(c["key"]) == key]
+        cells.append(f"{same[seen[key] - 1]:.1f}" if key and len(same) >= seen[key] else "")
+      lines.append(f"| `{first['problem']}` | " + " | ".join(cells) + " |")
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
 

@@ -89,6 +89,64 @@ def test_matmul_accumulators_equal_xla(signed, extreme):
   np.testing.assert_array_equal(acc, jnp.einsum("abk,kn->abn", x.astype(jnp.int32), w.astype(jnp.int32)))
 
 
+def _sparse_large_codes(rng, shape, signed: bool, fraction: float = 0.05):
+  """Codes inside 7 bits ([0, 127] unsigned, [-64, 63] signed) but for `fraction` of them at
+  larger magnitudes up to the grid's ends: the single mode's sparse remainder."""
+  if signed:
+    x = rng.integers(-64, 64, shape)
+    large = rng.choice(np.array([-128, 127, -65, 64, -100, 90]), shape)
+  else:
+    x = rng.integers(0, 128, shape)
+    large = rng.choice(np.array([255, 128, 200]), shape)
+  return jnp.asarray(np.where(rng.random(shape) < fraction, large, x), jnp.int8 if signed else jnp.uint8)
+
+
+@needs_onednn
+@pytest.mark.parametrize("name", sorted(CONVS))
+@pytest.mark.parametrize("signed", [False, True])
+def test_single_mode_adds_the_sparse_remainder_exactly(name, signed):
+  """'single': one int8 run on the 7-bit part of the codes plus the remainder of the codes outside
+  7 bits scattered over their outputs (every layer kind, both signs, padding and strides): the
+  exact accumulators, and the library ran it single (not split) with a nonzero remainder."""
+  c, o, kernel, strides, padding, dilation, groups = CONVS[name]
+  rng = np.random.default_rng(len(name) + 5 * signed)
+  x = _sparse_large_codes(rng, (2, 11, 10, c), signed)
+  w = _weights(rng, kernel + (c // groups, o), False)
+  before = onednn.run_counts()
+  acc = jax.jit(lambda x, w: onednn.conv(x, w, strides=strides, padding=padding, dilation=dilation, groups=groups,
+                                         mode="single"))(x, w)
+  after = onednn.run_counts()
+  np.testing.assert_array_equal(acc, _xla_conv(x, w, strides, padding, dilation, groups))
+  assert after["single"] == before["single"] + 1 and after["split"] == before["split"]
+  assert after["single_remainders"] > before["single_remainders"]
+  # The same codes with the fused epilogue: the float output of the exact accumulators.
+  scale = jnp.asarray(rng.uniform(1e-4, 2e-4, o), jnp.float32)
+  y = onednn.conv(x, w, strides=strides, padding=padding, dilation=dilation, groups=groups, scale=scale, bias=0.5,
+                  post_op="relu", out_dtype=jnp.float32, mode="single")
+  want = np.maximum(np.asarray(_xla_conv(x, w, strides, padding, dilation, groups), np.float64)
+                    * np.asarray(scale, np.float64) + 0.5, 0)
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("signed", [False, True])
+def test_single_mode_matmul_and_dense_remainder_fallback(signed):
+  """The single mode's matmul is exact with a sparse remainder; where the remainder is dense (all
+  codes at the grid's end) the layer runs split instead, still exact."""
+  rng = np.random.default_rng(21 + signed)
+  x = _sparse_large_codes(rng, (37, 96), signed)
+  w = _weights(rng, (96, 24), False)
+  before = onednn.run_counts()
+  np.testing.assert_array_equal(onednn.matmul(x, w, mode="single"), x.astype(jnp.int32) @ w.astype(jnp.int32))
+  assert onednn.run_counts()["single"] == before["single"] + 1
+  dense = _codes(rng, (37, 96), signed, True)
+  before = onednn.run_counts()
+  np.testing.assert_array_equal(onednn.matmul(dense, w, mode="single"),
+                                dense.astype(jnp.int32) @ w.astype(jnp.int32))
+  after = onednn.run_counts()
+  assert after["split"] == before["split"] + 1 and after["single"] == before["single"]
+
+
 @needs_onednn
 def test_split_mode_is_exact_and_direct_mode_on_small_codes():
   """'split' is exact on every CPU; 'direct' (one fused primitive) is exact on VNNI CPUs and, on
@@ -121,7 +179,7 @@ def _epilogue(acc, scale, bias, post_op):
 
 
 @needs_onednn
-@pytest.mark.parametrize("mode", ["auto", "split", "direct"])
+@pytest.mark.parametrize("mode", ["auto", "split", "direct", "single"])
 @pytest.mark.parametrize("post_op", ["none", "relu", "relu6", "gelu"])
 def test_fused_epilogue_and_requantization(mode, post_op):
   """f32 output: acc·scale[o] + bias[o], then the post-op, within 1e-5 relative (float32 roundings

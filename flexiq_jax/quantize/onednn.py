@@ -30,10 +30,12 @@ CONV_TARGET = "flexiq_onednn_conv"
 MATMUL_TARGET = "flexiq_onednn_matmul"
 POST_OPS = {"none": 0, "relu": 1, "relu6": 2, "gelu": 3}
 # How the library runs a layer (the C++ file's comment): 'auto' fused where the CPU has VNNI and
-# exact-split elsewhere; 'split' two int8 runs on split weights, combined exactly, then the epilogue;
-# 'direct' one primitive with the epilogue fused (exact accumulators only on VNNI CPUs, or for
-# codes small enough that oneDNN's non-VNNI kernels neither saturate nor halve the weights).
-MODES = {"auto": 0, "split": 1, "direct": 2}
+# exact elsewhere ('single', or a probed depthwise kernel); 'split' two int8 runs on split weights,
+# combined exactly, then the epilogue; 'direct' one primitive with the epilogue fused (exact
+# accumulators only on VNNI CPUs, or for codes small enough that oneDNN's non-VNNI kernels neither
+# saturate nor halve the weights); 'single' one int8 run on 7-bit activation codes plus the sparse
+# remainder of the codes outside 7 bits, exact on every CPU (split where the remainder is dense).
+MODES = {"auto": 0, "split": 1, "direct": 2, "single": 3}
 OUT_DTYPES = (jnp.int32, jnp.float32, jnp.uint8, jnp.int8)
 
 
@@ -123,6 +125,25 @@ def direct_here() -> bool:
   """
   lib, _ = _load()
   return bool(lib is not None and lib.flexiq_onednn_direct())
+
+
+RUN_COUNTS = ("direct", "split", "single", "depthwise", "single_remainders", "single_inputs")
+
+
+def run_counts() -> dict:
+  """How the library has run layers since it was loaded (every custom call adds to these).
+
+  Returns:
+    {'direct', 'split', 'single', 'depthwise': layer runs by kernel ('depthwise': a probed u8
+    depthwise kernel), 'single_remainders': the activation codes outside 7 bits that single runs
+    added as a sparse remainder, 'single_inputs': the activation codes single runs read}; {} where
+    the library is not loaded (or predates these counters).
+  """
+  lib, _ = _load()
+  if lib is None or not hasattr(lib, "flexiq_onednn_runs"):
+    return {}
+  lib.flexiq_onednn_runs.restype = ctypes.c_int64
+  return {name: int(lib.flexiq_onednn_runs(i)) for i, name in enumerate(RUN_COUNTS)}
 
 
 @functools.cache

@@ -7,12 +7,22 @@
 //   u8 / s8      the f32 result above divided by dst_scale, rounded to nearest even and saturated.
 // Post-ops: 0 none, 1 ReLU, 2 ReLU6 (clip to [0, 6]), 3 GELU (erf form).
 //
-// How a layer runs (the `mode` attribute: 0 auto, 1 split, 2 direct):
+// How a layer runs (the `mode` attribute: 0 auto, 1 split, 2 direct, 3 single):
 //   direct  one primitive, the scale, bias, post-op and output scale fused as oneDNN attributes.
 //           Exact on CPUs with VNNI. Without VNNI oneDNN's int8 kernels multiply with vpmaddubsw,
-//           whose pairwise s16 sums saturate for large u8 x s8 products, and for s8 activations
-//           some kernels halve the weights (7-bit weights) while others saturate: the accumulators
-//           are then not the exact ones.
+//           whose pairwise s16 sums u0 * w0 + u1 * w1 saturate once they pass 32767 (255 * 127 * 2
+//           does), and for s8 activations some kernels halve the weights (7-bit weights) while
+//           others saturate: the accumulators are then not the exact ones.
+//   single  exact on every CPU with one int8 run: the activations are split into 7-bit codes and a
+//           sparse remainder,
+//             v = x + z (z = 0 for u8 codes, 64 for s8),  lo = clamp(v, 0, 127),  r = v - lo,
+//             acc = conv(lo, w) + conv(r, w) - z * (the sum of each output channel's weights),
+//           conv(lo, w) one u8 primitive (pair sums |lo0 * w0 + lo1 * w1| <= 127 * 128 * 2 < 2^15
+//           for any int8 weights: no saturation, and u8 sources are never halved), conv(r, w) a
+//           scatter of the few nonzero r (u8 codes above 127, s8 codes outside [-64, 63]) over
+//           their output positions, and for s8 codes the input padded explicitly with z (the
+//           shifted zero). The cost of the remainder grows with its density; past a quarter of
+//           the activations the layer runs split instead (the same integers).
 //   split   exact on every CPU: u8 activations u and weights that cannot saturate,
 //             acc = 2 * conv(u, w >> 1) + conv(u, w & 1)      (|w >> 1| <= 64: pair sums < 2^15)
 //           u = x for u8 codes; for s8 codes u = x + 128, padded explicitly with 128 (the shifted
@@ -22,12 +32,14 @@
 //   auto    direct where the CPU has VNNI. Elsewhere a depthwise conv runs one u8 primitive
 //           (s8 codes shifted as above) if that primitive reproduces the exact accumulators on a
 //           probe with the largest products (checked once per shape; oneDNN's depthwise kernels
-//           do not use pairwise s16 sums), and everything else splits.
+//           do not use pairwise s16 sums), and everything else runs single.
 //
 // Primitives (and the weight reorder into the layout each primitive prefers) are created once per
 // shape and attribute set and cached; weights are reordered on every call, since at a traced 4-bit
-// ratio the kernel a layer runs changes between calls.
+// ratio the kernel a layer runs changes between calls. The buffers a call needs (the 7-bit copy,
+// accumulators, reordered weights, oneDNN's scratchpad) are kept per thread and reused.
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -38,6 +50,8 @@
 #include <string>
 #include <unordered_map>
 #include <vector>
+
+#include <omp.h>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -203,6 +217,25 @@ std::shared_ptr<Cached> Get(const Geometry& g, const Variant& v) {
   return Cache().emplace(key, std::move(entry)).first->second;  // the first one created wins
 }
 
+// Grow-only per-thread buffers (XLA may run custom calls on several threads at once): a fresh
+// allocation per call costs page faults on every layer.
+// How the layers ran since the library was loaded (flexiq_onednn_runs): direct, split, single,
+// a probed depthwise u8 kernel; and the single mode's remainders and input elements.
+enum Count { kRunDirect, kRunSplit, kRunSingle, kRunDepthwise, kSingleRemainders, kSingleInputs, kCountCount };
+std::atomic<int64_t> counts[kCountCount];
+
+enum Slot { kSlotLo, kSlotAcc, kSlotWeights, kSlotScratchpad, kSlotSplit, kSlotCount };
+
+void* Buffer(Slot slot, size_t bytes) {
+  thread_local std::vector<std::unique_ptr<char[]>> buffers(kSlotCount);
+  thread_local std::vector<size_t> sizes(kSlotCount, 0);
+  if (sizes[slot] < bytes) {
+    buffers[slot].reset(new char[bytes]);
+    sizes[slot] = bytes;
+  }
+  return buffers[slot].get();
+}
+
 // One execution on plain (user-layout) weights; scale, bias, dst_scale only for a fused primitive.
 void Execute(const Cached& c, const void* src, const int8_t* weights, void* dst, const float* scale = nullptr,
              const float* bias = nullptr, const float* dst_scale = nullptr) {
@@ -211,14 +244,14 @@ void Execute(const Cached& c, const void* src, const int8_t* weights, void* dst,
   dnnl::memory user_w(c.user_weights, eng, const_cast<int8_t*>(weights));
   dnnl::memory w = user_w;
   if (c.reorder_weights) {
-    w = dnnl::memory(c.weights, eng);
+    w = dnnl::memory(c.weights, eng, Buffer(kSlotWeights, c.weights.get_size()));
     c.weight_reorder.execute(stream, user_w, w);
   }
   std::unordered_map<int, dnnl::memory> args = {
       {DNNL_ARG_SRC, dnnl::memory(c.src, eng, const_cast<void*>(src))},
       {DNNL_ARG_WEIGHTS, w},
       {DNNL_ARG_DST, dnnl::memory(c.dst, eng, dst)},
-      {DNNL_ARG_SCRATCHPAD, dnnl::memory(c.scratchpad, eng)}};
+      {DNNL_ARG_SCRATCHPAD, dnnl::memory(c.scratchpad, eng, Buffer(kSlotScratchpad, c.scratchpad.get_size()))}};
   if (scale != nullptr) {
     const int64_t channels = c.bias.get_dims().back();
     args.emplace(DNNL_ARG_BIAS, dnnl::memory(c.bias, eng, const_cast<float*>(bias)));
@@ -306,13 +339,97 @@ std::unique_ptr<uint8_t[]> Shifted(const Geometry& g, const int8_t* x) {
   return u;
 }
 
-// -128 * the sum of each output channel's weights (channels last: HWIO or (K, N)).
-std::vector<int32_t> ShiftOffset(const Geometry& g, const int8_t* weights) {
+// -shift * the sum of each output channel's weights (channels last: HWIO or (K, N)).
+std::vector<int32_t> ShiftOffset(const Geometry& g, const int8_t* weights, int32_t shift = 128) {
   std::vector<int32_t> offset(g.o, 0);
   const int64_t count = g.weight_count();
   for (int64_t i = 0; i < count; ++i) offset[i % g.o] += weights[i];
-  for (auto& v : offset) v *= -128;
+  for (auto& v : offset) v *= -shift;
   return offset;
+}
+
+// acc[j] += r * w[j], j < n (vectorized by the compiler; an AVX2 clone where the CPU has it).
+__attribute__((target_clones("avx2", "default"))) void Axpy(int32_t* acc, const int8_t* w, int32_t r,
+                                                            int64_t n) {
+  for (int64_t j = 0; j < n; ++j) acc[j] += r * static_cast<int32_t>(w[j]);
+}
+
+// One nonzero remainder of the single mode: the input element's index and r.
+struct Remainder {
+  int64_t index;
+  int32_t value;
+};
+
+// Runs a layer in the single mode (file comment). Returns false (nothing written) where the
+// remainder is too dense to pay, so that the caller splits instead.
+bool RunSingle(const Geometry& g, dt src_t, const void* x, const int8_t* weights, dt out, void* dst,
+               const float* scale, const float* bias, float dst_scale, int64_t post_op) {
+  const bool s8 = src_t == dt::s8;
+  const int32_t z = s8 ? 64 : 0;
+  const int64_t hp = s8 ? g.h + g.pad_lo[0] + g.pad_hi[0] : g.h, wp = s8 ? g.w + g.pad_lo[1] + g.pad_hi[1] : g.w;
+  const int64_t plane = g.h * g.w * g.c;  // one image (a conv) or one row (a matmul)
+  uint8_t* lo = static_cast<uint8_t*>(Buffer(kSlotLo, g.n * hp * wp * g.c));
+  if (s8 && (hp != g.h || wp != g.w)) std::memset(lo, z, g.n * hp * wp * g.c);
+  // The 7-bit codes and the nonzero remainders, per chunk of images (rows): a chunk's remainders
+  // reach only its own images' outputs, so chunks scatter in parallel without races.
+  const int64_t chunks = std::min<int64_t>(g.n, 4 * static_cast<int64_t>(omp_get_max_threads()));
+  std::vector<std::vector<Remainder>> rem(chunks);
+  int64_t total = 0;
+#pragma omp parallel for schedule(static) reduction(+ : total)
+  for (int64_t k = 0; k < chunks; ++k) {
+    const int64_t b0 = g.n * k / chunks, b1 = g.n * (k + 1) / chunks;
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t i = 0; i < g.h; ++i) {
+        const int64_t row = g.w * g.c, from = (b * g.h + i) * row;
+        uint8_t* to = lo + ((b * hp + i + (s8 ? g.pad_lo[0] : 0)) * wp + (s8 ? g.pad_lo[1] : 0)) * g.c;
+        for (int64_t j = 0; j < row; ++j) {
+          const int32_t v = (s8 ? static_cast<const int8_t*>(x)[from + j] : static_cast<const uint8_t*>(x)[from + j]) + z;
+          const int32_t l = v < 0 ? 0 : v > 127 ? 127 : v;
+          to[j] = static_cast<uint8_t>(l);
+          if (v != l) rem[k].push_back({from + j, v - l});
+        }
+      }
+    total += static_cast<int64_t>(rem[k].size());
+  }
+  if (4 * total > g.n * plane) return false;
+  counts[kRunSingle] += 1;
+  counts[kSingleRemainders] += total;
+  counts[kSingleInputs] += g.n * plane;
+
+  const int64_t rows = g.rows();
+  int32_t* acc = out == dt::s32 || out == dt::f32 ? static_cast<int32_t*>(dst)  // in place: same size
+                                                  : static_cast<int32_t*>(Buffer(kSlotAcc, rows * g.o * 4));
+  auto c = Get(g, {dt::u8, s8, 1, dt::s32, false, 0});
+  Execute(*c, lo, weights, acc);
+
+  const int64_t cg = g.c / g.groups, og = g.group_out();
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t k = 0; k < chunks; ++k)
+    for (const Remainder& e : rem[k]) {
+      const int64_t b = e.index / plane, rest = e.index % plane;
+      const int64_t ch = rest % g.c, iy = rest / g.c / g.w, ix = rest / g.c % g.w;
+      const int64_t q = ch / cg, ci = ch % cg;
+      for (int64_t a = 0; a < g.kh; ++a) {
+        const int64_t ty = iy + g.pad_lo[0] - a * (g.dilation[0] + 1);
+        if (ty < 0 || ty % g.strides[0] != 0 || ty / g.strides[0] >= g.oh) continue;
+        const int64_t oy = ty / g.strides[0];
+        for (int64_t d = 0; d < g.kw; ++d) {
+          const int64_t tx = ix + g.pad_lo[1] - d * (g.dilation[1] + 1);
+          if (tx < 0 || tx % g.strides[1] != 0 || tx / g.strides[1] >= g.ow) continue;
+          const int64_t ox = tx / g.strides[1];
+          Axpy(acc + ((b * g.oh + oy) * g.ow + ox) * g.o + q * og, weights + ((a * g.kw + d) * cg + ci) * g.o + q * og,
+               e.value, og);
+        }
+      }
+    }
+  if (out == dt::s32 && !s8) return true;
+  std::vector<int64_t> plain(g.o);
+  for (int64_t oc = 0; oc < g.o; ++oc) plain[oc] = oc;
+  Combine k{acc, g.o, plain};
+  const std::vector<int32_t> offset = s8 ? ShiftOffset(g, weights, z) : std::vector<int32_t>();
+  if (s8) k.offset = offset.data();
+  CombineAndFinish(k, rows, g.o, scale, bias, dst_scale, post_op, out, dst);
+  return true;
 }
 
 // Whether a depthwise u8 primitive gives the exact accumulators on a probe with the largest
@@ -359,7 +476,11 @@ ffi::Error Run(const Geometry& g, dt src_t, const void* x, const int8_t* weights
     if (mode == 2 || (mode == 0 && HasVnni())) {
       auto c = Get(g, {src_t, false, 1, out, fuse, fuse ? post_op : 0});
       Execute(*c, x, weights, dst, fuse ? scale : nullptr, bias, dst_scale);
+      counts[kRunDirect] += 1;
       return ffi::Error::Success();
+    }
+    if (mode == 3 || (mode == 0 && !g.depthwise())) {
+      if (RunSingle(g, src_t, x, weights, out, dst, scale, bias, *dst_scale, post_op)) return ffi::Error::Success();
     }
     const bool shift = src_t == dt::s8;
     std::unique_ptr<uint8_t[]> shifted = shift ? Shifted(g, static_cast<const int8_t*>(x)) : nullptr;
@@ -376,6 +497,7 @@ ffi::Error Run(const Geometry& g, dt src_t, const void* x, const int8_t* weights
         if (c->probe < 0) c->probe = ProbeDepthwise(g, *c) ? 1 : 0;
       }
       if (c->probe == 1) {
+        counts[kRunDepthwise] += 1;
         if (!shift) {
           auto f = Get(g, {dt::u8, false, 1, out, fuse, fuse ? post_op : 0});
           Execute(*f, x, weights, dst, fuse ? scale : nullptr, bias, dst_scale);
@@ -388,8 +510,10 @@ ffi::Error Run(const Geometry& g, dt src_t, const void* x, const int8_t* weights
         CombineAndFinish(k, rows, g.o, scale, bias, *dst_scale, post_op, out, dst);
         return ffi::Error::Success();
       }
+      if (RunSingle(g, src_t, x, weights, out, dst, scale, bias, *dst_scale, post_op)) return ffi::Error::Success();
     }
     // Split: the halves w >> 1 and w & 1.
+    counts[kRunSplit] += 1;
     const int64_t count = g.weight_count();
     if (og == 1 && g.groups > 1) {  // depthwise-like: two runs (two outputs per group would leave
                                     // oneDNN's depthwise kernels)
@@ -530,6 +654,9 @@ extern "C" int flexiq_onednn_version() {
 
 // The CPU ISA oneDNN dispatches to (dnnl::cpu_isa as an integer; 0 = all / unknown).
 extern "C" int flexiq_onednn_isa() { return static_cast<int>(dnnl::get_effective_cpu_isa()); }
+
+// How many layers ran each way since the library was loaded (the Count enum above), or -1.
+extern "C" int64_t flexiq_onednn_runs(int what) { return what >= 0 && what < kCountCount ? counts[what].load() : -1; }
 
 // Whether mode 0 (auto) runs the direct (fused) kernels here: 1 on CPUs with VNNI.
 extern "C" int flexiq_onednn_direct() { return HasVnni() ? 1 : 0; }
