@@ -148,6 +148,44 @@ def test_single_mode_matmul_and_dense_remainder_fallback(signed):
 
 
 @needs_onednn
+@pytest.mark.parametrize("signed", [False, True])
+def test_single_mode_low_codes_reach_the_weights_bound(signed):
+  """With weights within +-112 the low codes go up to 146 (2 * 146 * 112 <= 32767): unsigned codes
+  up to 146 (signed codes in [-73, 73]) are no remainder, every code beyond is one; exact."""
+  rng = np.random.default_rng(5 + signed)
+  w = jnp.asarray(rng.integers(-112, 113, (3, 3, 32, 16)), jnp.int8)
+  if signed:
+    values, p = [-128, -74, -73, 0, 73, 74, 127], [0.02, 0.02, 0.2, 0.4, 0.32, 0.02, 0.02]
+  else:
+    values, p = [0, 100, 146, 147, 255], [0.4, 0.3, 0.25, 0.025, 0.025]
+  x = jnp.asarray(rng.choice(values, (2, 7, 7, 32), p=p), jnp.int8 if signed else jnp.uint8)
+  before = onednn.run_counts()
+  acc = onednn.conv(x, w, padding=((1, 1), (1, 1)), mode="single")
+  np.testing.assert_array_equal(acc, _xla_conv(x, w, (1, 1), ((1, 1), (1, 1)), (1, 1), 1))
+  large = np.abs(np.asarray(x, np.int32)) > 73 if signed else np.asarray(x, np.int32) > 146
+  after = onednn.run_counts()
+  assert after["single"] == before["single"] + 1
+  assert after["single_remainders"] - before["single_remainders"] == large.sum() > 0
+  # With one weight at -128 the bound is 127: the same codes, exact again.
+  w = w.at[0, 0, 0, 0].set(-128)
+  np.testing.assert_array_equal(onednn.conv(x, w, padding=((1, 1), (1, 1)), mode="single"),
+                                _xla_conv(x, w, (1, 1), ((1, 1), (1, 1)), (1, 1), 1))
+
+
+@needs_onednn
+def test_reordered_weights_are_kept_per_content():
+  """The library keeps weights reordered for a primitive and reuses them only for the same bytes:
+  weights that differ in one element (a new 4-bit ratio) give their own exact accumulators."""
+  rng = np.random.default_rng(9)
+  x = _sparse_large_codes(rng, (2, 9, 9, 16), False)
+  w1 = _weights(rng, (3, 3, 16, 24), False)
+  w2 = w1.at[2, 2, 15, 23].set(-w1[2, 2, 15, 23] - 1)
+  conv = jax.jit(lambda x, w: onednn.conv(x, w, padding=((1, 1), (1, 1))))
+  for w in (w1, w2, w1, w2):
+    np.testing.assert_array_equal(conv(x, w), _xla_conv(x, w, (1, 1), ((1, 1), (1, 1)), (1, 1), 1))
+
+
+@needs_onednn
 def test_split_mode_is_exact_and_direct_mode_on_small_codes():
   """'split' is exact on every CPU; 'direct' (one fused primitive) is exact on VNNI CPUs and, on
   any CPU, for unsigned codes below 128 (no s16 pair sum can saturate)."""

@@ -127,7 +127,8 @@ def direct_here() -> bool:
   return bool(lib is not None and lib.flexiq_onednn_direct())
 
 
-RUN_COUNTS = ("direct", "split", "single", "depthwise", "single_remainders", "single_inputs")
+RUN_COUNTS = ("direct", "split", "single", "depthwise", "single_remainders", "single_inputs", "single_ns_split_codes",
+              "single_ns_primitive", "single_ns_remainder", "single_ns_epilogue")
 
 
 def run_counts() -> dict:
@@ -136,8 +137,10 @@ def run_counts() -> dict:
   Returns:
     {'direct', 'split', 'single', 'depthwise': layer runs by kernel ('depthwise': a probed u8
     depthwise kernel), 'single_remainders': the activation codes outside 7 bits that single runs
-    added as a sparse remainder, 'single_inputs': the activation codes single runs read}; {} where
-    the library is not loaded (or predates these counters).
+    added as a sparse remainder, 'single_inputs': the activation codes single runs read, and
+    'single_ns_<step>': their nanoseconds in each step (split_codes: the 7-bit copy and the
+    remainder list; primitive: oneDNN's run, weight reorder included; remainder: its scatter;
+    epilogue)}; {} where the library is not loaded (or predates these counters).
   """
   lib, _ = _load()
   if lib is None or not hasattr(lib, "flexiq_onednn_runs"):

@@ -13,16 +13,18 @@
 //           whose pairwise s16 sums u0 * w0 + u1 * w1 saturate once they pass 32767 (255 * 127 * 2
 //           does), and for s8 activations some kernels halve the weights (7-bit weights) while
 //           others saturate: the accumulators are then not the exact ones.
-//   single  exact on every CPU with one int8 run: the activations are split into 7-bit codes and a
+//   single  exact on every CPU with one int8 run: the activations are split into low codes and a
 //           sparse remainder,
-//             v = x + z (z = 0 for u8 codes, 64 for s8),  lo = clamp(v, 0, 127),  r = v - lo,
+//             v = x + z,  lo = clamp(v, 0, t),  r = v - lo,
 //             acc = conv(lo, w) + conv(r, w) - z * (the sum of each output channel's weights),
-//           conv(lo, w) one u8 primitive (pair sums |lo0 * w0 + lo1 * w1| <= 127 * 128 * 2 < 2^15
-//           for any int8 weights: no saturation, and u8 sources are never halved), conv(r, w) a
-//           scatter of the few nonzero r (u8 codes above 127, s8 codes outside [-64, 63]) over
-//           their output positions, and for s8 codes the input padded explicitly with z (the
-//           shifted zero). The cost of the remainder grows with its density; past a quarter of
-//           the activations the layer runs split instead (the same integers).
+//           t the largest code with 2 * t * max|w| <= 32767 (127 for any int8 weights, 146 for
+//           weights within +-112), z = 0 for u8 codes and (t + 1) / 2 for s8. conv(lo, w) is one u8
+//           primitive (its pair sums |lo0 * w0 + lo1 * w1| <= 2 * t * max|w| cannot saturate, and
+//           u8 sources are never halved), conv(r, w) a scatter of the few nonzero r (u8 codes
+//           above t, s8 codes outside [-z, t - z]) over their output positions; for s8 codes the
+//           input is padded explicitly with z (the shifted zero). The remainder's cost grows with
+//           its density; past an eighth of the activations the layer runs split instead (the
+//           same integers).
 //   split   exact on every CPU: u8 activations u and weights that cannot saturate,
 //             acc = 2 * conv(u, w >> 1) + conv(u, w & 1)      (|w >> 1| <= 64: pair sums < 2^15)
 //           u = x for u8 codes; for s8 codes u = x + 128, padded explicitly with 128 (the shifted
@@ -35,11 +37,14 @@
 //           do not use pairwise s16 sums), and everything else runs single.
 //
 // Primitives (and the weight reorder into the layout each primitive prefers) are created once per
-// shape and attribute set and cached; weights are reordered on every call, since at a traced 4-bit
-// ratio the kernel a layer runs changes between calls. The buffers a call needs (the 7-bit copy,
-// accumulators, reordered weights, oneDNN's scratchpad) are kept per thread and reused.
+// shape and attribute set and cached. Weights are reordered into the primitive's layout once per
+// content and kept (a layer's weights change only with the traced 4-bit ratio; each call compares
+// them byte for byte with the kept ones). The buffers a call needs (the 7-bit copy, accumulators,
+// oneDNN's scratchpad) are kept per thread and reused.
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -48,6 +53,7 @@
 #include <mutex>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
@@ -131,13 +137,31 @@ struct Variant {
   }
 };
 
+// Weights reordered into a primitive's layout, with the plain weights they came from.
+struct Reordered {
+  std::vector<int8_t> plain;
+  dnnl::memory memory;
+  int32_t max_abs = 0;  // the largest |weight|
+};
+
+int32_t MaxAbs(const int8_t* w, int64_t count) {
+  int32_t m = 0;
+  for (int64_t i = 0; i < count; ++i) m = std::max(m, std::abs(static_cast<int32_t>(w[i])));
+  return m;
+}
+
 struct Cached {
   dnnl::primitive prim;
   dnnl::memory::desc src, user_weights, weights, bias, dst, scratchpad;
   dnnl::reorder weight_reorder;
   bool reorder_weights = false;
   int probe = -1;  // depthwise probe: -1 not run, 0 inexact, 1 exact
+  // The weights most recently reordered for this primitive, most recent first (several layers of
+  // one shape share the primitive; a new 4-bit ratio brings new weights to the lowered layers).
+  std::mutex reordered_mutex;
+  std::vector<std::shared_ptr<Reordered>> reordered;
 };
+constexpr size_t kReorderedKept = 16;
 
 dnnl::primitive_attr Attr(const Geometry& g, const Variant& v) {
   dnnl::primitive_attr attr;
@@ -220,11 +244,13 @@ std::shared_ptr<Cached> Get(const Geometry& g, const Variant& v) {
 // Grow-only per-thread buffers (XLA may run custom calls on several threads at once): a fresh
 // allocation per call costs page faults on every layer.
 // How the layers ran since the library was loaded (flexiq_onednn_runs): direct, split, single,
-// a probed depthwise u8 kernel; and the single mode's remainders and input elements.
-enum Count { kRunDirect, kRunSplit, kRunSingle, kRunDepthwise, kSingleRemainders, kSingleInputs, kCountCount };
+// a probed depthwise u8 kernel; the single mode's remainders and input elements, and its time (ns)
+// in its four steps: splitting the codes, the primitive, adding the remainder, the epilogue.
+enum Count { kRunDirect, kRunSplit, kRunSingle, kRunDepthwise, kSingleRemainders, kSingleInputs,
+             kSingleNsSplitCodes, kSingleNsPrimitive, kSingleNsRemainder, kSingleNsEpilogue, kCountCount };
 std::atomic<int64_t> counts[kCountCount];
 
-enum Slot { kSlotLo, kSlotAcc, kSlotWeights, kSlotScratchpad, kSlotSplit, kSlotCount };
+enum Slot { kSlotLo, kSlotAcc, kSlotScratchpad, kSlotCount };
 
 void* Buffer(Slot slot, size_t bytes) {
   thread_local std::vector<std::unique_ptr<char[]>> buffers(kSlotCount);
@@ -236,16 +262,40 @@ void* Buffer(Slot slot, size_t bytes) {
   return buffers[slot].get();
 }
 
+// The weights in the primitive's layout: reordered once per content (compared byte for byte with
+// the plain weights each earlier reorder came from) and kept, since a layer's weights are the same
+// at every call of one ratio.
+std::shared_ptr<Reordered> ReorderedWeights(Cached& c, const int8_t* weights, dnnl::stream& stream) {
+  const size_t bytes = c.user_weights.get_size();
+  std::lock_guard<std::mutex> lock(c.reordered_mutex);
+  auto& kept = c.reordered;
+  for (size_t i = 0; i < kept.size(); ++i)
+    if (std::memcmp(kept[i]->plain.data(), weights, bytes) == 0) {
+      std::rotate(kept.begin(), kept.begin() + i, kept.begin() + i + 1);  // most recent first
+      return kept.front();
+    }
+  auto entry = std::make_shared<Reordered>();
+  entry->plain.assign(weights, weights + bytes);
+  entry->max_abs = MaxAbs(weights, static_cast<int64_t>(bytes));
+  entry->memory = dnnl::memory(c.weights, Engine());
+  dnnl::memory user_w(c.user_weights, Engine(), entry->plain.data());
+  c.weight_reorder.execute(stream, user_w, entry->memory);
+  stream.wait();
+  kept.insert(kept.begin(), entry);
+  if (kept.size() > kReorderedKept) kept.pop_back();
+  return entry;
+}
+
 // One execution on plain (user-layout) weights; scale, bias, dst_scale only for a fused primitive.
 void Execute(const Cached& c, const void* src, const int8_t* weights, void* dst, const float* scale = nullptr,
-             const float* bias = nullptr, const float* dst_scale = nullptr) {
+             const float* bias = nullptr, const float* dst_scale = nullptr,
+             std::shared_ptr<Reordered> keep = nullptr) {  // keep: ReorderedWeights(c, weights), if known
   dnnl::engine& eng = Engine();
   dnnl::stream stream(eng);
-  dnnl::memory user_w(c.user_weights, eng, const_cast<int8_t*>(weights));
-  dnnl::memory w = user_w;
-  if (c.reorder_weights) {
-    w = dnnl::memory(c.weights, eng, Buffer(kSlotWeights, c.weights.get_size()));
-    c.weight_reorder.execute(stream, user_w, w);
+  dnnl::memory w(c.user_weights, eng, const_cast<int8_t*>(weights));
+  if (c.reorder_weights) {  // `keep` holds the reordered weights while the primitive runs
+    if (!keep) keep = ReorderedWeights(const_cast<Cached&>(c), weights, stream);
+    w = keep->memory;
   }
   std::unordered_map<int, dnnl::memory> args = {
       {DNNL_ARG_SRC, dnnl::memory(c.src, eng, const_cast<void*>(src))},
@@ -318,6 +368,49 @@ void CombineAndFinish(const Combine& k, int64_t rows, int64_t channels, const fl
   }
 }
 
+// The epilogue of plain accumulators acc (rows, channels), offset (channels) optional: dst may be
+// acc itself (an s32 or f32 output of the same size). One instantiation per output type and
+// post-op, so that the inner loop has no branches and vectorizes.
+template <typename Out, int kPostOp>
+void EpilogueLoop(const int32_t* acc, int64_t rows, int64_t channels, const int32_t* offset, const float* scale,
+                  const float* bias, float dst_scale, Out* dst) {
+  const float inv = 1.f / dst_scale;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int32_t* a = acc + r * channels;
+    Out* d = dst + r * channels;
+    for (int64_t oc = 0; oc < channels; ++oc) {
+      const int32_t v = offset ? a[oc] + offset[oc] : a[oc];
+      if constexpr (std::is_same_v<Out, int32_t>) {
+        d[oc] = v;
+      } else {
+        const float y = PostOp(static_cast<float>(v) * scale[oc] + bias[oc], kPostOp);
+        if constexpr (std::is_same_v<Out, float>) d[oc] = y;
+        else d[oc] = Saturate<Out>(y * inv);
+      }
+    }
+  }
+}
+
+template <typename Out>
+void EpilogueFor(const int32_t* acc, int64_t rows, int64_t channels, const int32_t* offset, const float* scale,
+                 const float* bias, float dst_scale, int64_t post_op, Out* dst) {
+  switch (post_op) {
+    case 1: return EpilogueLoop<Out, 1>(acc, rows, channels, offset, scale, bias, dst_scale, dst);
+    case 2: return EpilogueLoop<Out, 2>(acc, rows, channels, offset, scale, bias, dst_scale, dst);
+    case 3: return EpilogueLoop<Out, 3>(acc, rows, channels, offset, scale, bias, dst_scale, dst);
+    default: return EpilogueLoop<Out, 0>(acc, rows, channels, offset, scale, bias, dst_scale, dst);
+  }
+}
+
+void Epilogue(const int32_t* acc, int64_t rows, int64_t channels, const int32_t* offset, const float* scale,
+              const float* bias, float dst_scale, int64_t post_op, dt out, void* dst) {
+  if (out == dt::s32) EpilogueFor(acc, rows, channels, offset, scale, bias, dst_scale, 0, static_cast<int32_t*>(dst));
+  else if (out == dt::f32) EpilogueFor(acc, rows, channels, offset, scale, bias, dst_scale, post_op, static_cast<float*>(dst));
+  else if (out == dt::u8) EpilogueFor(acc, rows, channels, offset, scale, bias, dst_scale, post_op, static_cast<uint8_t*>(dst));
+  else EpilogueFor(acc, rows, channels, offset, scale, bias, dst_scale, post_op, static_cast<int8_t*>(dst));
+}
+
 // s8 codes as u8 (x + 128); for a conv also padded with 128, the shifted zero.
 std::unique_ptr<uint8_t[]> Shifted(const Geometry& g, const int8_t* x) {
   if (!g.conv) {
@@ -349,7 +442,7 @@ std::vector<int32_t> ShiftOffset(const Geometry& g, const int8_t* weights, int32
 }
 
 // acc[j] += r * w[j], j < n (vectorized by the compiler; an AVX2 clone where the CPU has it).
-__attribute__((target_clones("avx2", "default"))) void Axpy(int32_t* acc, const int8_t* w, int32_t r,
+__attribute__((target_clones("avx2", "default"))) void Axpy(int32_t* __restrict__ acc, const int8_t* __restrict__ w, int32_t r,
                                                             int64_t n) {
   for (int64_t j = 0; j < n; ++j) acc[j] += r * static_cast<int32_t>(w[j]);
 }
@@ -362,15 +455,34 @@ struct Remainder {
 
 // Runs a layer in the single mode (file comment). Returns false (nothing written) where the
 // remainder is too dense to pay, so that the caller splits instead.
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
 bool RunSingle(const Geometry& g, dt src_t, const void* x, const int8_t* weights, dt out, void* dst,
                const float* scale, const float* bias, float dst_scale, int64_t post_op) {
+  int64_t t0 = NowNs();
   const bool s8 = src_t == dt::s8;
-  const int32_t z = s8 ? 64 : 0;
+  auto c = Get(g, {dt::u8, s8, 1, dt::s32, false, 0});
+  std::shared_ptr<Reordered> kept;
+  int32_t max_abs;
+  if (c->reorder_weights) {
+    dnnl::stream stream(Engine());
+    kept = ReorderedWeights(*c, weights, stream);
+    max_abs = kept->max_abs;
+  } else {
+    max_abs = MaxAbs(weights, g.weight_count());
+  }
+  // The largest 7+-bit code t with 2 * t * max|w| <= 32767 (127 for any int8 weights; 146 for
+  // weights within +-112), and z, the shift that centres s8 codes on [0, t].
+  const int32_t top = std::min<int32_t>(255, 32767 / (2 * std::max<int32_t>(max_abs, 1)));
+  const int32_t z = s8 ? (top + 1) / 2 : 0;
   const int64_t hp = s8 ? g.h + g.pad_lo[0] + g.pad_hi[0] : g.h, wp = s8 ? g.w + g.pad_lo[1] + g.pad_hi[1] : g.w;
   const int64_t plane = g.h * g.w * g.c;  // one image (a conv) or one row (a matmul)
   uint8_t* lo = static_cast<uint8_t*>(Buffer(kSlotLo, g.n * hp * wp * g.c));
   if (s8 && (hp != g.h || wp != g.w)) std::memset(lo, z, g.n * hp * wp * g.c);
-  // The 7-bit codes and the nonzero remainders, per chunk of images (rows): a chunk's remainders
+  // The low codes and the nonzero remainders, per chunk of images (rows): a chunk's remainders
   // reach only its own images' outputs, so chunks scatter in parallel without races.
   const int64_t chunks = std::min<int64_t>(g.n, 4 * static_cast<int64_t>(omp_get_max_threads()));
   std::vector<std::vector<Remainder>> rem(chunks);
@@ -382,53 +494,72 @@ bool RunSingle(const Geometry& g, dt src_t, const void* x, const int8_t* weights
       for (int64_t i = 0; i < g.h; ++i) {
         const int64_t row = g.w * g.c, from = (b * g.h + i) * row;
         uint8_t* to = lo + ((b * hp + i + (s8 ? g.pad_lo[0] : 0)) * wp + (s8 ? g.pad_lo[1] : 0)) * g.c;
-        for (int64_t j = 0; j < row; ++j) {
-          const int32_t v = (s8 ? static_cast<const int8_t*>(x)[from + j] : static_cast<const uint8_t*>(x)[from + j]) + z;
-          const int32_t l = v < 0 ? 0 : v > 127 ? 127 : v;
-          to[j] = static_cast<uint8_t>(l);
-          if (v != l) rem[k].push_back({from + j, v - l});
+        if (s8) {
+          const int8_t* xs = static_cast<const int8_t*>(x) + from;
+          for (int64_t j = 0; j < row; ++j) {
+            const int32_t v = xs[j] + z, l = std::min(std::max(v, 0), top);
+            to[j] = static_cast<uint8_t>(l);
+          }
+          for (int64_t j = 0; j < row; ++j)
+            if (xs[j] + z != to[j]) rem[k].push_back({from + j, xs[j] + z - to[j]});
+        } else {
+          const uint8_t* xu = static_cast<const uint8_t*>(x) + from;
+          for (int64_t j = 0; j < row; ++j) to[j] = static_cast<uint8_t>(std::min<int32_t>(xu[j], top));
+          for (int64_t j = 0; j < row; ++j)
+            if (xu[j] > top) rem[k].push_back({from + j, xu[j] - top});
         }
       }
     total += static_cast<int64_t>(rem[k].size());
   }
-  if (4 * total > g.n * plane) return false;
+  if (8 * total > g.n * plane) return false;  // dense: splitting the weights costs less
   counts[kRunSingle] += 1;
   counts[kSingleRemainders] += total;
   counts[kSingleInputs] += g.n * plane;
+  int64_t t1 = NowNs();
+  counts[kSingleNsSplitCodes] += t1 - t0;
 
   const int64_t rows = g.rows();
   int32_t* acc = out == dt::s32 || out == dt::f32 ? static_cast<int32_t*>(dst)  // in place: same size
                                                   : static_cast<int32_t*>(Buffer(kSlotAcc, rows * g.o * 4));
-  auto c = Get(g, {dt::u8, s8, 1, dt::s32, false, 0});
-  Execute(*c, lo, weights, acc);
+  Execute(*c, lo, weights, acc, nullptr, nullptr, nullptr, kept);
+  t0 = NowNs();
+  counts[kSingleNsPrimitive] += t0 - t1;
 
-  const int64_t cg = g.c / g.groups, og = g.group_out();
+  if (total > 0) {
+    const int64_t cg = g.c / g.groups, og = g.group_out();
 #pragma omp parallel for schedule(dynamic)
-  for (int64_t k = 0; k < chunks; ++k)
-    for (const Remainder& e : rem[k]) {
-      const int64_t b = e.index / plane, rest = e.index % plane;
-      const int64_t ch = rest % g.c, iy = rest / g.c / g.w, ix = rest / g.c % g.w;
-      const int64_t q = ch / cg, ci = ch % cg;
-      for (int64_t a = 0; a < g.kh; ++a) {
-        const int64_t ty = iy + g.pad_lo[0] - a * (g.dilation[0] + 1);
-        if (ty < 0 || ty % g.strides[0] != 0 || ty / g.strides[0] >= g.oh) continue;
-        const int64_t oy = ty / g.strides[0];
-        for (int64_t d = 0; d < g.kw; ++d) {
-          const int64_t tx = ix + g.pad_lo[1] - d * (g.dilation[1] + 1);
-          if (tx < 0 || tx % g.strides[1] != 0 || tx / g.strides[1] >= g.ow) continue;
-          const int64_t ox = tx / g.strides[1];
-          Axpy(acc + ((b * g.oh + oy) * g.ow + ox) * g.o + q * og, weights + ((a * g.kw + d) * cg + ci) * g.o + q * og,
-               e.value, og);
+    for (int64_t k = 0; k < chunks; ++k) {
+      const std::vector<Remainder>& list = rem[k];
+      // Remainders of one input pixel (consecutive in the list) share their output positions.
+      for (size_t e0 = 0, e1; e0 < list.size(); e0 = e1) {
+        const int64_t pixel = list[e0].index / g.c;
+        for (e1 = e0 + 1; e1 < list.size() && list[e1].index / g.c == pixel; ++e1) {
+        }
+        const int64_t b = pixel / (g.h * g.w), iy = pixel / g.w % g.h, ix = pixel % g.w;
+        for (int64_t a = 0; a < g.kh; ++a) {
+          const int64_t ty = iy + g.pad_lo[0] - a * (g.dilation[0] + 1);
+          if (ty < 0 || ty % g.strides[0] != 0 || ty / g.strides[0] >= g.oh) continue;
+          const int64_t oy = ty / g.strides[0];
+          for (int64_t d = 0; d < g.kw; ++d) {
+            const int64_t tx = ix + g.pad_lo[1] - d * (g.dilation[1] + 1);
+            if (tx < 0 || tx % g.strides[1] != 0 || tx / g.strides[1] >= g.ow) continue;
+            int32_t* out_row = acc + ((b * g.oh + oy) * g.ow + tx / g.strides[1]) * g.o;
+            const int8_t* w_tap = weights + (a * g.kw + d) * cg * g.o;
+            for (size_t e = e0; e < e1; ++e) {
+              const int64_t ch = list[e].index % g.c, q = ch / cg;
+              Axpy(out_row + q * og, w_tap + (ch % cg) * g.o + q * og, list[e].value, og);
+            }
+          }
         }
       }
     }
+  }
+  t1 = NowNs();
+  counts[kSingleNsRemainder] += t1 - t0;
   if (out == dt::s32 && !s8) return true;
-  std::vector<int64_t> plain(g.o);
-  for (int64_t oc = 0; oc < g.o; ++oc) plain[oc] = oc;
-  Combine k{acc, g.o, plain};
   const std::vector<int32_t> offset = s8 ? ShiftOffset(g, weights, z) : std::vector<int32_t>();
-  if (s8) k.offset = offset.data();
-  CombineAndFinish(k, rows, g.o, scale, bias, dst_scale, post_op, out, dst);
+  Epilogue(acc, rows, g.o, s8 ? offset.data() : nullptr, scale, bias, dst_scale, post_op, out, dst);
+  counts[kSingleNsEpilogue] += NowNs() - t1;
   return true;
 }
 
