@@ -273,7 +273,11 @@ def write_markdown(results: dict, path: str) -> None:
       r = v["runs"]
       lines += ["", f"{label}: layer runs {', '.join(f'{k} {r[k]}' for k in ('direct', 'split', 'single', 'depthwise'))}; "
                 f"activation codes outside 7 bits (the single mode's sparse remainder): "
-                f"{r['single_remainders']} of {r['single_inputs']} ({100 * r['single_remainders'] / r['single_inputs']:.2f}%)."]
+                f"{r['single_remainders']} of {r['single_inputs']} ({100 * r['single_remainders'] / r['single_inputs']:.2f}%); "
+                f"the single runs' steps (ms): "
+                + ", ".join(f"{k[len('single_ns_'):].replace('_', ' ')} {r[k] / 1e6:.1f}"
+                            for k in ("single_ns_split_codes", "single_ns_primitive", "single_ns_remainder",
+                                      "single_ns_epilogue") if k in r) + "."]
   layered = [(label, v["layers"]) for label, v in variants.items() if "layers" in v]
   if layered:
     torch_convs = results.get("torch_int8", {}).get("convs", [])
