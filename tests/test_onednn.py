@@ -334,16 +334,16 @@ def test_export_and_missing_library_run_the_xla_form(setup, monkeypatch):
 
 
 @needs_onednn
-def test_auto_falls_back_to_split_where_the_fused_kernels_are_not_exact(monkeypatch):
+def test_auto_falls_back_to_single_where_the_fused_kernels_are_not_exact(monkeypatch):
   """'auto' trusts the library's fused kernels only after a probe of extreme codes: told that this
-  CPU has VNNI, a CPU without it (whose fused kernels saturate) resolves 'auto' to 'split', and
+  CPU has VNNI, a CPU without it (whose fused kernels saturate) resolves 'auto' to 'single', and
   the accumulators stay exact either way."""
   has_vnni = onednn.direct_here()
   monkeypatch.setattr(onednn, "direct_here", lambda: True)
   onednn.auto_mode.cache_clear()
   try:
     resolved = onednn.auto_mode()
-    assert resolved == ("auto" if has_vnni else "split")
+    assert resolved == ("auto" if has_vnni else "single")
     rng = np.random.default_rng(0)
     c, o, kernel, strides, padding, dilation, groups = CONVS["regular"]
     for signed in (False, True):

@@ -33,8 +33,8 @@ POST_OPS = {"none": 0, "relu": 1, "relu6": 2, "gelu": 3}
 # exact elsewhere ('single', or a probed depthwise kernel); 'split' two int8 runs on split weights,
 # combined exactly, then the epilogue; 'direct' one primitive with the epilogue fused (exact
 # accumulators only on VNNI CPUs, or for codes small enough that oneDNN's non-VNNI kernels neither
-# saturate nor halve the weights); 'single' one int8 run on 7-bit activation codes plus the sparse
-# remainder of the codes outside 7 bits, exact on every CPU (split where the remainder is dense).
+# saturate nor halve the weights); 'single' one int8 run on the low activation codes plus the sparse
+# remainder of the codes above it, exact on every CPU (split where the remainder is dense).
 MODES = {"auto": 0, "split": 1, "direct": 2, "single": 3}
 OUT_DTYPES = (jnp.int32, jnp.float32, jnp.uint8, jnp.int8)
 
@@ -136,9 +136,9 @@ def run_counts() -> dict:
 
   Returns:
     {'direct', 'split', 'single', 'depthwise': layer runs by kernel ('depthwise': a probed u8
-    depthwise kernel), 'single_remainders': the activation codes outside 7 bits that single runs
+    depthwise kernel), 'single_remainders': the activation codes above the low range that single runs
     added as a sparse remainder, 'single_inputs': the activation codes single runs read, and
-    'single_ns_<step>': their nanoseconds in each step (split_codes: the 7-bit copy and the
+    'single_ns_<step>': their nanoseconds in each step (split_codes: the low codes' copy and the
     remainder list; primitive: oneDNN's run, weight reorder included; remainder: its scatter;
     epilogue)}; {} where the library is not loaded (or predates these counters).
   """
@@ -152,17 +152,17 @@ def run_counts() -> dict:
 @functools.cache
 def auto_mode() -> str:
   """The mode 'auto' resolves to: 'auto' (the library's own choice for this CPU) where that choice
-  gives exact accumulators on a probe with the largest codes, else 'split'.
+  gives exact accumulators on a probe with the largest codes, else 'single'.
 
   On CPUs with VNNI the library's choice is one fused primitive; the probe (a conv and a matmul of
   all-extreme codes, signed and unsigned, against XLA's exact int32 result) checks that once, so a
-  CPU or oneDNN build whose fused kernels saturate falls back to the exact split.
+  CPU or oneDNN build whose fused kernels saturate falls back to the exact 'single' mode.
 
   Returns:
-    'auto' or 'split'.
+    'auto' or 'single'.
   """
   if not direct_here():
-    return "auto"  # the library already splits (or probes its depthwise kernels) here
+    return "auto"  # the library runs its exact kernels here (single, split or a probed depthwise one)
   with jax.ensure_compile_time_eval():
     for x_code in (255, -128):
       dtype = jnp.uint8 if x_code > 0 else jnp.int8
@@ -174,7 +174,7 @@ def auto_mode() -> str:
       rows = x.reshape(-1, 64)
       if not (np.array_equal(np.asarray(got), np.asarray(want)) and np.array_equal(
           np.asarray(matmul(rows, w[1, 1], mode="direct")), np.asarray(rows.astype(jnp.int32) @ w[1, 1].astype(jnp.int32)))):
-        return "split"
+        return "single"
   return "auto"
 
 
