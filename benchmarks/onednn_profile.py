@@ -49,6 +49,7 @@ from benchmarks import onednn_int8
 _NET = flags.DEFINE_string("net", "resnet18:full", "'quickstart', '<config>' (:fmnist) or '<config>:full'.")
 _MODES = flags.DEFINE_list("modes", ["split", "auto"], "oneDNN library modes to profile (onednn.MODES).")
 _RATIO = flags.DEFINE_float("ratio", 0.0, "The 4-bit ratio of the profiled calls.")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Profile nothing: rewrite the Markdown from the results JSON.")
 _CALLS = flags.DEFINE_integer("calls", 3, "Untraced timed calls per variant (median reported).")
 # --batch, --threads and --results_dir are benchmarks/onednn_int8.py's flags (imported above).
 _BATCH, _THREADS, _OUT = onednn_int8._BATCH, onednn_int8._THREADS, onednn_int8._OUT
@@ -138,6 +139,13 @@ def problem_key(desc: str):
 
 def main(argv):
   del argv
+  if _REPORT_ONLY.value:
+    path = os.path.join(_OUT.value, "onednn_profile_cpu.json")
+    with open(path) as f:
+      results = json.load(f)
+    results["info"]["markdown_rewritten_by"] = records.run_info()["command"]
+    write_markdown(results, os.path.join(_OUT.value, "onednn_profile_cpu.md"))
+    return
   if not onednn.available():
     raise SystemExit(f"error: oneDNN kernels unavailable: {onednn.unavailable_reason()}")
   info = records.run_info()
@@ -245,8 +253,10 @@ def write_markdown(results: dict, path: str) -> None:
            f"Command: `{info['command']}`  ", f"Commit: {info['commit']}  ", f"Date: {info['date']}  ",
            f"CPU: {info['cpu']}, {info['cores']} cores; oneDNN {info['onednn']}  ",
            f"Load average at the start: {info['loadavg']} (the machine is shared with other jobs: times are noisy)",
+           *([f"Markdown rewritten from the JSON by `{info['markdown_rewritten_by']}`"]
+             if "markdown_rewritten_by" in info else []),
            "", f"## {results['net']}, batch {results['batch']}, ratio {results['ratio']:g}: one forward pass", "",
-           "Wall: median of untimed-profiler calls. The thunk columns are one profiled call (XLA:CPU's thunks; "
+           "Wall: median of calls outside the profiler (variants one after another, not interleaved). The thunk columns are one profiled call (XLA:CPU's thunks; "
            "the profiler adds a little). oneDNN primitives: oneDNN's verbose log of one more call "
            "(convolution/matmul execution; reorder = the weights into the primitive's layout).", "",
            "| variant | wall ms | custom calls ms | XLA conv/dot ms | XLA other (glue) ms | oneDNN conv+matmul ms "
@@ -272,7 +282,7 @@ def write_markdown(results: dict, path: str) -> None:
     if "runs" in v and v["runs"].get("single_inputs"):
       r = v["runs"]
       lines += ["", f"{label}: layer runs {', '.join(f'{k} {r[k]}' for k in ('direct', 'split', 'single', 'depthwise'))}; "
-                f"activation codes outside 7 bits (the single mode's sparse remainder): "
+                f"activation codes above the low range (the single mode's sparse remainder): "
                 f"{r['single_remainders']} of {r['single_inputs']} ({100 * r['single_remainders'] / r['single_inputs']:.2f}%); "
                 f"the single runs' steps (ms): "
                 + ", ".join(f"{k[len('single_ns_'):].replace('_', ' ')} {r[k] / 1e6:.1f}"
