@@ -49,7 +49,7 @@ from benchmarks import onednn_int8
 _NET = flags.DEFINE_string("net", "resnet18:full", "'quickstart', '<config>' (:fmnist) or '<config>:full'.")
 _MODES = flags.DEFINE_list("modes", ["split", "auto"], "oneDNN library modes to profile (onednn.MODES).")
 _RATIO = flags.DEFINE_float("ratio", 0.0, "The 4-bit ratio of the profiled calls.")
-_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Profile nothing: rewrite the Markdown from the results JSON.")
+_REPORT_ONLY = integer_path._REPORT_ONLY  # --report_only: profile nothing, rewrite the Markdown from the JSON
 _CALLS = flags.DEFINE_integer("calls", 3, "Untraced timed calls per variant (median reported).")
 # --batch, --threads and --results_dir are benchmarks/onednn_int8.py's flags (imported above).
 _BATCH, _THREADS, _OUT = onednn_int8._BATCH, onednn_int8._THREADS, onednn_int8._OUT
