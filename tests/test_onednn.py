@@ -352,3 +352,20 @@ def test_auto_falls_back_to_single_where_the_fused_kernels_are_not_exact(monkeyp
                                     _xla_conv(x, w, strides, padding, dilation, groups))
   finally:
     onednn.auto_mode.cache_clear()
+
+
+def test_a_library_of_another_interface_version_is_refused():
+  """A kernel library built from other sources (here oneDNN's own library, which exports no
+  interface version) is refused with a sentence naming the rebuild, so that flexiq_jax never calls
+  a library that reads its modes and attributes differently."""
+  import ctypes
+  import flexiq_jax_onednn
+  dnnl = flexiq_jax_onednn.dnnl_path()
+  if dnnl is None:
+    pytest.skip("the onednn-cpu-gomp wheel is not installed")
+  why = onednn._abi_problem(ctypes.CDLL(dnnl), dnnl)
+  assert "interface version 1, expected" in why and "pip install ./csrc/onednn" in why
+  lib, _ = onednn._load()
+  if lib is not None:
+    assert onednn._abi_problem(lib, "lib") == ""
+

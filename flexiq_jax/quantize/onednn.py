@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+ABI = 2  # the library's interface version (flexiq_onednn_abi) this module calls
 CONV_TARGET = "flexiq_onednn_conv"
 MATMUL_TARGET = "flexiq_onednn_matmul"
 POST_OPS = {"none": 0, "relu": 1, "relu6": 2, "gelu": 3}
@@ -55,6 +56,16 @@ def library_path() -> str | None:
   return flexiq_jax_onednn.library_path()
 
 
+def _abi_problem(lib: ctypes.CDLL, path: str) -> str:
+  """Why `lib` cannot serve this module ('' if it can): a library built from older or newer sources
+  (another interface version) would take the modes and attributes differently."""
+  version = lib.flexiq_onednn_abi() if hasattr(lib, "flexiq_onednn_abi") else 1
+  if version == ABI:
+    return ""
+  return (f"{path} was built from other sources than this flexiq_jax (interface version {version}, expected "
+          f"{ABI}); rebuild it: pip install ./csrc/onednn")
+
+
 @functools.cache
 def _load() -> tuple[ctypes.CDLL | None, str]:
   """(the loaded library with its FFI targets registered for the CPU, or None; why not)."""
@@ -75,6 +86,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
       lib = ctypes.CDLL(path)
     except (ImportError, OSError) as e:
       return None, f"cannot load {path}: {e}"
+  if why := _abi_problem(lib, path):
+    return None, why
   jax.ffi.register_ffi_target(CONV_TARGET, jax.ffi.pycapsule(lib.FlexiqOnednnConv), platform="cpu")
   jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(lib.FlexiqOnednnMatmul), platform="cpu")
   return lib, ""

@@ -777,6 +777,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiqOnednnMatmul, MatmulImpl,
                                   .Attr<int64_t>("post_op")
                                   .Attr<int64_t>("mode"));
 
+// The interface version of this library (the FFI targets' attributes, the modes, the exported
+// functions): flexiq_jax refuses a library whose version is not the one it was written for.
+extern "C" int flexiq_onednn_abi() { return 2; }
+
 // The oneDNN version this library runs with: major * 10000 + minor * 100 + patch.
 extern "C" int flexiq_onednn_version() {
   const dnnl_version_t* v = dnnl_version();
