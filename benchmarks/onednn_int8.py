@@ -4,12 +4,15 @@ int8 (FX quantization, x86 backend), in one process, same threads, interleaved r
   python -m benchmarks.onednn_int8 --nets=quickstart,mobilenetv2,resnet18:full --batch=16 --rounds=5
 
 Run from the repository root. Each JAX net is built from its config with random weights and
-quantized on random images (the greedy selector: speed does not depend on the values); PyTorch's
+quantized on random images (the greedy selector; speed does not depend on the values, except for
+the oneDNN library's 'single' mode on CPUs without VNNI, whose remainder grows with the share of
+activation codes outside the low range: the results give that share); PyTorch's
 twin (torchvision's ResNet-18/50 for `resnet18:full`/`resnet50:full`; none for the others) gets
 random weights and is calibrated on random images. Every alternative is called once per round in
 rotating order; the table gives medians. Variants of the integer path: the XLA kernels (the
 backend's default per conv), every conv and dense layer on oneDNN, and (models with depthwise or
-grouped convs) oneDNN for those convs only. Also counted: compilations while the oneDNN model switches
+grouped convs) oneDNN for those convs only, and (--split) the oneDNN model with every layer split at
+ratio 0. Also counted: compilations while the oneDNN model switches
 ratios (must be 0). Writes benchmarks/results/onednn_int8_cpu.{json,md} with the command, commit,
 CPU model, load average and date.
 """
@@ -41,6 +44,8 @@ _ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds (every alternative onc
 _THREADS = flags.DEFINE_integer("threads", 2, "PyTorch's intra-op threads (XLA and oneDNN use the machine's cores).")
 _OUT = flags.DEFINE_string("results_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                            "Folder for the results files.")
+_SPLIT = flags.DEFINE_bool("split", True, "Also time the oneDNN model with every layer in the library's 'split' mode "
+                           "(ratio 0): the exact mode on CPUs without VNNI before 'single'.")
 RATIOS = (0.0, 0.5, 1.0)
 
 
@@ -106,6 +111,16 @@ def run_net(spec: str, batch: int, rounds: int) -> dict:
     for r in RATIOS:
       fns[f"{label} r={r:g}"] = fn
       args[f"{label} r={r:g}"] = (svars, images, jnp.float32(r))
+  if _SPLIT.value:  # the same oneDNN model with every layer split (the exact mode before 'single')
+    split_model = variants["oneDNN int"]
+    svars = jax.jit(split_model.prepare)(qvars)
+    saved = onednn.auto_mode
+    onednn.auto_mode = lambda: "split"
+    try:
+      fns["oneDNN int split r=0"] = jax.jit(split_model.apply).lower(svars, images, jnp.float32(0)).compile()
+    finally:
+      onednn.auto_mode = saved
+    args["oneDNN int split r=0"] = (svars, images, jnp.float32(0))
   twin = torch_twin(spec)
   if twin is not None:
     import torch
@@ -125,13 +140,19 @@ def run_net(spec: str, batch: int, rounds: int) -> dict:
   diffs = {f"r={r:g}": float(jnp.max(jnp.abs(fns[f"oneDNN int r={r:g}"](*args[f"oneDNN int r={r:g}"])
                                               - fns[f"XLA int r={r:g}"](*args[f"XLA int r={r:g}"]))))
            for r in RATIOS}
+  # How the library ran the oneDNN model's layers in one call at each ratio (single, split, ...).
+  before = onednn.run_counts()
+  for r in RATIOS:
+    jax.block_until_ready(fns[f"oneDNN int r={r:g}"](*args[f"oneDNN int r={r:g}"]))
+  runs = {k: v - before.get(k, 0) for k, v in onednn.run_counts().items()}
   predict = quantize.make_predict(variants["oneDNN int"], qvars)
   jax.block_until_ready(predict(images, 0.0))
   with count_compilations() as compiled:
     for r in np.linspace(0.05, 0.95, 5):
       jax.block_until_ready(predict(images, float(r)))
   return {"name": subject.name + (" (224 px)" if full else ""), "batch": batch, "median_s": times, "iqr_s": spread,
-          "max_abs_logit_diff_onednn_vs_xla_int": diffs, "compilations_over_5_ratio_switches": compiled.count}
+          "max_abs_logit_diff_onednn_vs_xla_int": diffs, "compilations_over_5_ratio_switches": compiled.count,
+          "onednn_runs_over_3_calls": runs}
 
 
 def write_markdown(results: dict, path: str) -> None:
@@ -140,7 +161,7 @@ def write_markdown(results: dict, path: str) -> None:
   lines = ["# oneDNN int8 kernels vs XLA and PyTorch int8 (CPU)", "",
            f"Command: `{info['command']}`  ", f"Commit: {info['commit']}  ", f"Date: {info['date']}  ",
            f"CPU: {info['cpu']}, {info['cores']} cores; oneDNN {info['onednn']}, mode 'auto' runs "
-           f"{'fused (VNNI)' if info['onednn_direct'] else 'split (exact without VNNI: two int8 runs per layer)'}  ",
+           f"{'fused (VNNI)' if info['onednn_direct'] else 'single (exact without VNNI: one int8 run on the low codes plus the sparse remainder; split where the remainder is dense)'}  ",
            f"Load average at the start: {info['loadavg']} (the machine is shared with other jobs: times are noisy)",
            ""]
   for net in results["nets"]:
@@ -152,7 +173,14 @@ def write_markdown(results: dict, path: str) -> None:
       lines.append(f"| {name} | {1e3 * t[name]:.1f} | {1e3 * iqr[name]:.1f} | {base / t[name]:.2f}x |")
     lines += ["", f"Max |logit difference| oneDNN vs XLA integer path: "
               + ", ".join(f"{k}: {v:.2e}" for k, v in net["max_abs_logit_diff_onednn_vs_xla_int"].items())
-              + f". Compilations over 5 ratio switches (oneDNN model): {net['compilations_over_5_ratio_switches']}.", ""]
+              + f". Compilations over 5 ratio switches (oneDNN model): {net['compilations_over_5_ratio_switches']}."]
+    runs = net.get("onednn_runs_over_3_calls", {})
+    if runs:
+      share = runs["single_remainders"] / runs["single_inputs"] if runs.get("single_inputs") else 0.0
+      lines += ["", "oneDNN layer runs over one call at each ratio: "
+                + ", ".join(f"{k} {runs[k]}" for k in ("direct", "split", "single", "depthwise"))
+                + f"; activation codes the single runs added as the sparse remainder: {100 * share:.2f}%."]
+    lines.append("")
   with open(path, "w") as f:
     f.write("\n".join(lines))
 

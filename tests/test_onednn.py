@@ -89,6 +89,102 @@ def test_matmul_accumulators_equal_xla(signed, extreme):
   np.testing.assert_array_equal(acc, jnp.einsum("abk,kn->abn", x.astype(jnp.int32), w.astype(jnp.int32)))
 
 
+def _sparse_large_codes(rng, shape, signed: bool, fraction: float = 0.05):
+  """Codes inside 7 bits ([0, 127] unsigned, [-64, 63] signed) but for `fraction` of them at
+  larger magnitudes up to the grid's ends: the single mode's sparse remainder."""
+  if signed:
+    x = rng.integers(-64, 64, shape)
+    large = rng.choice(np.array([-128, 127, -65, 64, -100, 90]), shape)
+  else:
+    x = rng.integers(0, 128, shape)
+    large = rng.choice(np.array([255, 128, 200]), shape)
+  return jnp.asarray(np.where(rng.random(shape) < fraction, large, x), jnp.int8 if signed else jnp.uint8)
+
+
+@needs_onednn
+@pytest.mark.parametrize("name", sorted(CONVS))
+@pytest.mark.parametrize("signed", [False, True])
+def test_single_mode_adds_the_sparse_remainder_exactly(name, signed):
+  """'single': one int8 run on the 7-bit part of the codes plus the remainder of the codes outside
+  7 bits scattered over their outputs (every layer kind, both signs, padding and strides): the
+  exact accumulators, and the library ran it single (not split) with a nonzero remainder."""
+  c, o, kernel, strides, padding, dilation, groups = CONVS[name]
+  rng = np.random.default_rng(len(name) + 5 * signed)
+  x = _sparse_large_codes(rng, (2, 11, 10, c), signed)
+  w = _weights(rng, kernel + (c // groups, o), False)
+  before = onednn.run_counts()
+  acc = jax.jit(lambda x, w: onednn.conv(x, w, strides=strides, padding=padding, dilation=dilation, groups=groups,
+                                         mode="single"))(x, w)
+  after = onednn.run_counts()
+  np.testing.assert_array_equal(acc, _xla_conv(x, w, strides, padding, dilation, groups))
+  assert after["single"] == before["single"] + 1 and after["split"] == before["split"]
+  assert after["single_remainders"] > before["single_remainders"]
+  # The same codes with the fused epilogue: the float output of the exact accumulators.
+  scale = jnp.asarray(rng.uniform(1e-4, 2e-4, o), jnp.float32)
+  y = onednn.conv(x, w, strides=strides, padding=padding, dilation=dilation, groups=groups, scale=scale, bias=0.5,
+                  post_op="relu", out_dtype=jnp.float32, mode="single")
+  want = np.maximum(np.asarray(_xla_conv(x, w, strides, padding, dilation, groups), np.float64)
+                    * np.asarray(scale, np.float64) + 0.5, 0)
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("signed", [False, True])
+def test_single_mode_matmul_and_dense_remainder_fallback(signed):
+  """The single mode's matmul is exact with a sparse remainder; where the remainder is dense (all
+  codes at the grid's end) the layer runs split instead, still exact."""
+  rng = np.random.default_rng(21 + signed)
+  x = _sparse_large_codes(rng, (37, 96), signed)
+  w = _weights(rng, (96, 24), False)
+  before = onednn.run_counts()
+  np.testing.assert_array_equal(onednn.matmul(x, w, mode="single"), x.astype(jnp.int32) @ w.astype(jnp.int32))
+  assert onednn.run_counts()["single"] == before["single"] + 1
+  dense = _codes(rng, (37, 96), signed, True)
+  before = onednn.run_counts()
+  np.testing.assert_array_equal(onednn.matmul(dense, w, mode="single"),
+                                dense.astype(jnp.int32) @ w.astype(jnp.int32))
+  after = onednn.run_counts()
+  assert after["split"] == before["split"] + 1 and after["single"] == before["single"]
+
+
+@needs_onednn
+@pytest.mark.parametrize("signed", [False, True])
+def test_single_mode_low_codes_reach_the_weights_bound(signed):
+  """With weights within +-112 the low codes go up to 146 (2 * 146 * 112 <= 32767): unsigned codes
+  up to 146 (signed codes in [-73, 73]) are no remainder, every code beyond is one; exact."""
+  rng = np.random.default_rng(5 + signed)
+  w = jnp.asarray(rng.integers(-112, 113, (3, 3, 32, 16)), jnp.int8)
+  if signed:
+    values, p = [-128, -74, -73, 0, 73, 74, 127], [0.02, 0.02, 0.2, 0.4, 0.32, 0.02, 0.02]
+  else:
+    values, p = [0, 100, 146, 147, 255], [0.4, 0.3, 0.25, 0.025, 0.025]
+  x = jnp.asarray(rng.choice(values, (2, 7, 7, 32), p=p), jnp.int8 if signed else jnp.uint8)
+  before = onednn.run_counts()
+  acc = onednn.conv(x, w, padding=((1, 1), (1, 1)), mode="single")
+  np.testing.assert_array_equal(acc, _xla_conv(x, w, (1, 1), ((1, 1), (1, 1)), (1, 1), 1))
+  large = np.abs(np.asarray(x, np.int32)) > 73 if signed else np.asarray(x, np.int32) > 146
+  after = onednn.run_counts()
+  assert after["single"] == before["single"] + 1
+  assert after["single_remainders"] - before["single_remainders"] == large.sum() > 0
+  # With one weight at -128 the bound is 127: the same codes, exact again.
+  w = w.at[0, 0, 0, 0].set(-128)
+  np.testing.assert_array_equal(onednn.conv(x, w, padding=((1, 1), (1, 1)), mode="single"),
+                                _xla_conv(x, w, (1, 1), ((1, 1), (1, 1)), (1, 1), 1))
+
+
+@needs_onednn
+def test_reordered_weights_are_kept_per_content():
+  """The library keeps weights reordered for a primitive and reuses them only for the same bytes:
+  weights that differ in one element (a new 4-bit ratio) give their own exact accumulators."""
+  rng = np.random.default_rng(9)
+  x = _sparse_large_codes(rng, (2, 9, 9, 16), False)
+  w1 = _weights(rng, (3, 3, 16, 24), False)
+  w2 = w1.at[2, 2, 15, 23].set(-w1[2, 2, 15, 23] - 1)
+  conv = jax.jit(lambda x, w: onednn.conv(x, w, padding=((1, 1), (1, 1))))
+  for w in (w1, w2, w1, w2):
+    np.testing.assert_array_equal(conv(x, w), _xla_conv(x, w, (1, 1), ((1, 1), (1, 1)), (1, 1), 1))
+
+
 @needs_onednn
 def test_split_mode_is_exact_and_direct_mode_on_small_codes():
   """'split' is exact on every CPU; 'direct' (one fused primitive) is exact on VNNI CPUs and, on
@@ -121,7 +217,7 @@ def _epilogue(acc, scale, bias, post_op):
 
 
 @needs_onednn
-@pytest.mark.parametrize("mode", ["auto", "split", "direct"])
+@pytest.mark.parametrize("mode", ["auto", "split", "direct", "single"])
 @pytest.mark.parametrize("post_op", ["none", "relu", "relu6", "gelu"])
 def test_fused_epilogue_and_requantization(mode, post_op):
   """f32 output: acc·scale[o] + bias[o], then the post-op, within 1e-5 relative (float32 roundings
@@ -238,16 +334,16 @@ def test_export_and_missing_library_run_the_xla_form(setup, monkeypatch):
 
 
 @needs_onednn
-def test_auto_falls_back_to_split_where_the_fused_kernels_are_not_exact(monkeypatch):
+def test_auto_falls_back_to_single_where_the_fused_kernels_are_not_exact(monkeypatch):
   """'auto' trusts the library's fused kernels only after a probe of extreme codes: told that this
-  CPU has VNNI, a CPU without it (whose fused kernels saturate) resolves 'auto' to 'split', and
+  CPU has VNNI, a CPU without it (whose fused kernels saturate) resolves 'auto' to 'single', and
   the accumulators stay exact either way."""
   has_vnni = onednn.direct_here()
   monkeypatch.setattr(onednn, "direct_here", lambda: True)
   onednn.auto_mode.cache_clear()
   try:
     resolved = onednn.auto_mode()
-    assert resolved == ("auto" if has_vnni else "split")
+    assert resolved == ("auto" if has_vnni else "single")
     rng = np.random.default_rng(0)
     c, o, kernel, strides, padding, dilation, groups = CONVS["regular"]
     for signed in (False, True):
@@ -256,3 +352,20 @@ def test_auto_falls_back_to_split_where_the_fused_kernels_are_not_exact(monkeypa
                                     _xla_conv(x, w, strides, padding, dilation, groups))
   finally:
     onednn.auto_mode.cache_clear()
+
+
+def test_a_library_of_another_interface_version_is_refused():
+  """A kernel library built from other sources (here oneDNN's own library, which exports no
+  interface version) is refused with a sentence naming the rebuild, so that flexiq_jax never calls
+  a library that reads its modes and attributes differently."""
+  import ctypes
+  import flexiq_jax_onednn
+  dnnl = flexiq_jax_onednn.dnnl_path()
+  if dnnl is None:
+    pytest.skip("the onednn-cpu-gomp wheel is not installed")
+  why = onednn._abi_problem(ctypes.CDLL(dnnl), dnnl)
+  assert "interface version 1, expected" in why and "pip install ./csrc/onednn" in why
+  lib, _ = onednn._load()
+  if lib is not None:
+    assert onednn._abi_problem(lib, "lib") == ""
+

@@ -26,14 +26,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+ABI = 2  # the library's interface version (flexiq_onednn_abi) this module calls
 CONV_TARGET = "flexiq_onednn_conv"
 MATMUL_TARGET = "flexiq_onednn_matmul"
 POST_OPS = {"none": 0, "relu": 1, "relu6": 2, "gelu": 3}
 # How the library runs a layer (the C++ file's comment): 'auto' fused where the CPU has VNNI and
-# exact-split elsewhere; 'split' two int8 runs on split weights, combined exactly, then the epilogue;
-# 'direct' one primitive with the epilogue fused (exact accumulators only on VNNI CPUs, or for
-# codes small enough that oneDNN's non-VNNI kernels neither saturate nor halve the weights).
-MODES = {"auto": 0, "split": 1, "direct": 2}
+# exact elsewhere ('single', or a probed depthwise kernel); 'split' two int8 runs on split weights,
+# combined exactly, then the epilogue; 'direct' one primitive with the epilogue fused (exact
+# accumulators only on VNNI CPUs, or for codes small enough that oneDNN's non-VNNI kernels neither
+# saturate nor halve the weights); 'single' one int8 run on the low activation codes plus the sparse
+# remainder of the codes above it, exact on every CPU (split where the remainder is dense).
+MODES = {"auto": 0, "split": 1, "direct": 2, "single": 3}
 OUT_DTYPES = (jnp.int32, jnp.float32, jnp.uint8, jnp.int8)
 
 
@@ -51,6 +54,16 @@ def library_path() -> str | None:
   except ImportError:
     return None
   return flexiq_jax_onednn.library_path()
+
+
+def _abi_problem(lib: ctypes.CDLL, path: str) -> str:
+  """Why `lib` cannot serve this module ('' if it can): a library built from older or newer sources
+  (another interface version) would take the modes and attributes differently."""
+  version = lib.flexiq_onednn_abi() if hasattr(lib, "flexiq_onednn_abi") else 1
+  if version == ABI:
+    return ""
+  return (f"{path} was built from other sources than this flexiq_jax (interface version {version}, expected "
+          f"{ABI}); rebuild it: pip install ./csrc/onednn")
 
 
 @functools.cache
@@ -73,6 +86,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
       lib = ctypes.CDLL(path)
     except (ImportError, OSError) as e:
       return None, f"cannot load {path}: {e}"
+  if why := _abi_problem(lib, path):
+    return None, why
   jax.ffi.register_ffi_target(CONV_TARGET, jax.ffi.pycapsule(lib.FlexiqOnednnConv), platform="cpu")
   jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(lib.FlexiqOnednnMatmul), platform="cpu")
   return lib, ""
@@ -125,20 +140,42 @@ def direct_here() -> bool:
   return bool(lib is not None and lib.flexiq_onednn_direct())
 
 
+RUN_COUNTS = ("direct", "split", "single", "depthwise", "single_remainders", "single_inputs", "single_ns_split_codes",
+              "single_ns_primitive", "single_ns_remainder", "single_ns_epilogue")
+
+
+def run_counts() -> dict:
+  """How the library has run layers since it was loaded (every custom call adds to these).
+
+  Returns:
+    {'direct', 'split', 'single', 'depthwise': layer runs by kernel ('depthwise': a probed u8
+    depthwise kernel), 'single_remainders': the activation codes above the low range that single runs
+    added as a sparse remainder, 'single_inputs': the activation codes single runs read, and
+    'single_ns_<step>': their nanoseconds in each step (split_codes: the low codes' copy and the
+    remainder list; primitive: oneDNN's run, weight reorder included; remainder: its scatter;
+    epilogue)}; {} where the library is not loaded (or predates these counters).
+  """
+  lib, _ = _load()
+  if lib is None or not hasattr(lib, "flexiq_onednn_runs"):
+    return {}
+  lib.flexiq_onednn_runs.restype = ctypes.c_int64
+  return {name: int(lib.flexiq_onednn_runs(i)) for i, name in enumerate(RUN_COUNTS)}
+
+
 @functools.cache
 def auto_mode() -> str:
   """The mode 'auto' resolves to: 'auto' (the library's own choice for this CPU) where that choice
-  gives exact accumulators on a probe with the largest codes, else 'split'.
+  gives exact accumulators on a probe with the largest codes, else 'single'.
 
   On CPUs with VNNI the library's choice is one fused primitive; the probe (a conv and a matmul of
   all-extreme codes, signed and unsigned, against XLA's exact int32 result) checks that once, so a
-  CPU or oneDNN build whose fused kernels saturate falls back to the exact split.
+  CPU or oneDNN build whose fused kernels saturate falls back to the exact 'single' mode.
 
   Returns:
-    'auto' or 'split'.
+    'auto' or 'single'.
   """
   if not direct_here():
-    return "auto"  # the library already splits (or probes its depthwise kernels) here
+    return "auto"  # the library runs its exact kernels here (single, split or a probed depthwise one)
   with jax.ensure_compile_time_eval():
     for x_code in (255, -128):
       dtype = jnp.uint8 if x_code > 0 else jnp.int8
@@ -150,7 +187,7 @@ def auto_mode() -> str:
       rows = x.reshape(-1, 64)
       if not (np.array_equal(np.asarray(got), np.asarray(want)) and np.array_equal(
           np.asarray(matmul(rows, w[1, 1], mode="direct")), np.asarray(rows.astype(jnp.int32) @ w[1, 1].astype(jnp.int32)))):
-        return "split"
+        return "single"
   return "auto"
 
 

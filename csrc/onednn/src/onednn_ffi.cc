@@ -7,12 +7,24 @@
 //   u8 / s8      the f32 result above divided by dst_scale, rounded to nearest even and saturated.
 // Post-ops: 0 none, 1 ReLU, 2 ReLU6 (clip to [0, 6]), 3 GELU (erf form).
 //
-// How a layer runs (the `mode` attribute: 0 auto, 1 split, 2 direct):
+// How a layer runs (the `mode` attribute: 0 auto, 1 split, 2 direct, 3 single):
 //   direct  one primitive, the scale, bias, post-op and output scale fused as oneDNN attributes.
 //           Exact on CPUs with VNNI. Without VNNI oneDNN's int8 kernels multiply with vpmaddubsw,
-//           whose pairwise s16 sums saturate for large u8 x s8 products, and for s8 activations
-//           some kernels halve the weights (7-bit weights) while others saturate: the accumulators
-//           are then not the exact ones.
+//           whose pairwise s16 sums u0 * w0 + u1 * w1 saturate once they pass 32767 (255 * 127 * 2
+//           does), and for s8 activations some kernels halve the weights (7-bit weights) while
+//           others saturate: the accumulators are then not the exact ones.
+//   single  exact on every CPU with one int8 run: the activations are split into low codes and a
+//           sparse remainder,
+//             v = x + z,  lo = clamp(v, 0, t),  r = v - lo,
+//             acc = conv(lo, w) + conv(r, w) - z * (the sum of each output channel's weights),
+//           t the largest code with 2 * t * max|w| <= 32767 (127 for any int8 weights, 146 for
+//           weights within +-112), z = 0 for u8 codes and (t + 1) / 2 for s8. conv(lo, w) is one u8
+//           primitive (its pair sums |lo0 * w0 + lo1 * w1| <= 2 * t * max|w| cannot saturate, and
+//           u8 sources are never halved), conv(r, w) a scatter of the few nonzero r (u8 codes
+//           above t, s8 codes outside [-z, t - z]) over their output positions; for s8 codes the
+//           input is padded explicitly with z (the shifted zero). The remainder's cost grows with
+//           its density; past an eighth of the activations the layer runs split instead (the
+//           same integers).
 //   split   exact on every CPU: u8 activations u and weights that cannot saturate,
 //             acc = 2 * conv(u, w >> 1) + conv(u, w & 1)      (|w >> 1| <= 64: pair sums < 2^15)
 //           u = x for u8 codes; for s8 codes u = x + 128, padded explicitly with 128 (the shifted
@@ -22,12 +34,17 @@
 //   auto    direct where the CPU has VNNI. Elsewhere a depthwise conv runs one u8 primitive
 //           (s8 codes shifted as above) if that primitive reproduces the exact accumulators on a
 //           probe with the largest products (checked once per shape; oneDNN's depthwise kernels
-//           do not use pairwise s16 sums), and everything else splits.
+//           do not use pairwise s16 sums), and everything else runs single.
 //
 // Primitives (and the weight reorder into the layout each primitive prefers) are created once per
-// shape and attribute set and cached; weights are reordered on every call, since at a traced 4-bit
-// ratio the kernel a layer runs changes between calls.
+// shape and attribute set and cached. Weights are reordered into the primitive's layout once per
+// content and kept (a layer's weights change only with the traced 4-bit ratio; each call compares
+// them byte for byte with the kept ones). The buffers a call needs (the 7-bit copy, accumulators,
+// oneDNN's scratchpad) are kept per thread and reused.
 
+#include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -36,8 +53,11 @@
 #include <mutex>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
+
+#include <omp.h>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -117,13 +137,31 @@ struct Variant {
   }
 };
 
+// Weights reordered into a primitive's layout, with the plain weights they came from.
+struct Reordered {
+  std::vector<int8_t> plain;
+  dnnl::memory memory;
+  int32_t max_abs = 0;  // the largest |weight|
+};
+
+int32_t MaxAbs(const int8_t* w, int64_t count) {
+  int32_t m = 0;
+  for (int64_t i = 0; i < count; ++i) m = std::max(m, std::abs(static_cast<int32_t>(w[i])));
+  return m;
+}
+
 struct Cached {
   dnnl::primitive prim;
   dnnl::memory::desc src, user_weights, weights, bias, dst, scratchpad;
   dnnl::reorder weight_reorder;
   bool reorder_weights = false;
   int probe = -1;  // depthwise probe: -1 not run, 0 inexact, 1 exact
+  // The weights most recently reordered for this primitive, most recent first (several layers of
+  // one shape share the primitive; a new 4-bit ratio brings new weights to the lowered layers).
+  std::mutex reordered_mutex;
+  std::vector<std::shared_ptr<Reordered>> reordered;
 };
+constexpr size_t kReorderedKept = 16;
 
 dnnl::primitive_attr Attr(const Geometry& g, const Variant& v) {
   dnnl::primitive_attr attr;
@@ -203,22 +241,67 @@ std::shared_ptr<Cached> Get(const Geometry& g, const Variant& v) {
   return Cache().emplace(key, std::move(entry)).first->second;  // the first one created wins
 }
 
+// Grow-only per-thread buffers (XLA may run custom calls on several threads at once): a fresh
+// allocation per call costs page faults on every layer.
+// How the layers ran since the library was loaded (flexiq_onednn_runs): direct, split, single,
+// a probed depthwise u8 kernel; the single mode's remainders and input elements, and its time (ns)
+// in its four steps: splitting the codes, the primitive, adding the remainder, the epilogue.
+enum Count { kRunDirect, kRunSplit, kRunSingle, kRunDepthwise, kSingleRemainders, kSingleInputs,
+             kSingleNsSplitCodes, kSingleNsPrimitive, kSingleNsRemainder, kSingleNsEpilogue, kCountCount };
+std::atomic<int64_t> counts[kCountCount];
+
+enum Slot { kSlotLo, kSlotAcc, kSlotScratchpad, kSlotCount };
+
+void* Buffer(Slot slot, size_t bytes) {
+  thread_local std::vector<std::unique_ptr<char[]>> buffers(kSlotCount);
+  thread_local std::vector<size_t> sizes(kSlotCount, 0);
+  if (sizes[slot] < bytes) {
+    buffers[slot].reset(new char[bytes]);
+    sizes[slot] = bytes;
+  }
+  return buffers[slot].get();
+}
+
+// The weights in the primitive's layout: reordered once per content (compared byte for byte with
+// the plain weights each earlier reorder came from) and kept, since a layer's weights are the same
+// at every call of one ratio.
+std::shared_ptr<Reordered> ReorderedWeights(Cached& c, const int8_t* weights, dnnl::stream& stream) {
+  const size_t bytes = c.user_weights.get_size();
+  std::lock_guard<std::mutex> lock(c.reordered_mutex);
+  auto& kept = c.reordered;
+  for (size_t i = 0; i < kept.size(); ++i)
+    if (std::memcmp(kept[i]->plain.data(), weights, bytes) == 0) {
+      std::rotate(kept.begin(), kept.begin() + i, kept.begin() + i + 1);  // most recent first
+      return kept.front();
+    }
+  auto entry = std::make_shared<Reordered>();
+  entry->plain.assign(weights, weights + bytes);
+  entry->max_abs = MaxAbs(weights, static_cast<int64_t>(bytes));
+  entry->memory = dnnl::memory(c.weights, Engine());
+  dnnl::memory user_w(c.user_weights, Engine(), entry->plain.data());
+  c.weight_reorder.execute(stream, user_w, entry->memory);
+  stream.wait();
+  kept.insert(kept.begin(), entry);
+  if (kept.size() > kReorderedKept) kept.pop_back();
+  return entry;
+}
+
 // One execution on plain (user-layout) weights; scale, bias, dst_scale only for a fused primitive.
 void Execute(const Cached& c, const void* src, const int8_t* weights, void* dst, const float* scale = nullptr,
-             const float* bias = nullptr, const float* dst_scale = nullptr) {
+             const float* bias = nullptr, const float* dst_scale = nullptr,
+             std::shared_ptr<Reordered> keep = nullptr) {  // keep: ReorderedWeights(c, weights), if known
   dnnl::engine& eng = Engine();
   dnnl::stream stream(eng);
-  dnnl::memory user_w(c.user_weights, eng, const_cast<int8_t*>(weights));
-  dnnl::memory w = user_w;
-  if (c.reorder_weights) {
-    w = dnnl::memory(c.weights, eng);
-    c.weight_reorder.execute(stream, user_w, w);
+  dnnl::memory w(c.user_weights, eng, const_cast<int8_t*>(weights));
+  if (c.reorder_weights) {  // `keep` holds the reordered weights while the primitive runs
+    if (!keep) keep = ReorderedWeights(const_cast<Cached&>(c), weights, stream);
+    w = keep->memory;
   }
   std::unordered_map<int, dnnl::memory> args = {
       {DNNL_ARG_SRC, dnnl::memory(c.src, eng, const_cast<void*>(src))},
       {DNNL_ARG_WEIGHTS, w},
       {DNNL_ARG_DST, dnnl::memory(c.dst, eng, dst)},
-      {DNNL_ARG_SCRATCHPAD, dnnl::memory(c.scratchpad, eng)}};
+      {DNNL_ARG_SCRATCHPAD, dnnl::memory(c.scratchpad, eng, Buffer(kSlotScratchpad, c.scratchpad.get_size()))}};
   if (scale != nullptr) {
     const int64_t channels = c.bias.get_dims().back();
     args.emplace(DNNL_ARG_BIAS, dnnl::memory(c.bias, eng, const_cast<float*>(bias)));
@@ -285,6 +368,49 @@ void CombineAndFinish(const Combine& k, int64_t rows, int64_t channels, const fl
   }
 }
 
+// The epilogue of plain accumulators acc (rows, channels), offset (channels) optional: dst may be
+// acc itself (an s32 or f32 output of the same size). One instantiation per output type and
+// post-op, so that the inner loop has no branches and vectorizes.
+template <typename Out, int kPostOp>
+void EpilogueLoop(const int32_t* acc, int64_t rows, int64_t channels, const int32_t* offset, const float* scale,
+                  const float* bias, float dst_scale, Out* dst) {
+  const float inv = 1.f / dst_scale;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int32_t* a = acc + r * channels;
+    Out* d = dst + r * channels;
+    for (int64_t oc = 0; oc < channels; ++oc) {
+      const int32_t v = offset ? a[oc] + offset[oc] : a[oc];
+      if constexpr (std::is_same_v<Out, int32_t>) {
+        d[oc] = v;
+      } else {
+        const float y = PostOp(static_cast<float>(v) * scale[oc] + bias[oc], kPostOp);
+        if constexpr (std::is_same_v<Out, float>) d[oc] = y;
+        else d[oc] = Saturate<Out>(y * inv);
+      }
+    }
+  }
+}
+
+template <typename Out>
+void EpilogueFor(const int32_t* acc, int64_t rows, int64_t channels, const int32_t* offset, const float* scale,
+                 const float* bias, float dst_scale, int64_t post_op, Out* dst) {
+  switch (post_op) {
+    case 1: return EpilogueLoop<Out, 1>(acc, rows, channels, offset, scale, bias, dst_scale, dst);
+    case 2: return EpilogueLoop<Out, 2>(acc, rows, channels, offset, scale, bias, dst_scale, dst);
+    case 3: return EpilogueLoop<Out, 3>(acc, rows, channels, offset, scale, bias, dst_scale, dst);
+    default: return EpilogueLoop<Out, 0>(acc, rows, channels, offset, scale, bias, dst_scale, dst);
+  }
+}
+
+void Epilogue(const int32_t* acc, int64_t rows, int64_t channels, const int32_t* offset, const float* scale,
+              const float* bias, float dst_scale, int64_t post_op, dt out, void* dst) {
+  if (out == dt::s32) EpilogueFor(acc, rows, channels, offset, scale, bias, dst_scale, 0, static_cast<int32_t*>(dst));
+  else if (out == dt::f32) EpilogueFor(acc, rows, channels, offset, scale, bias, dst_scale, post_op, static_cast<float*>(dst));
+  else if (out == dt::u8) EpilogueFor(acc, rows, channels, offset, scale, bias, dst_scale, post_op, static_cast<uint8_t*>(dst));
+  else EpilogueFor(acc, rows, channels, offset, scale, bias, dst_scale, post_op, static_cast<int8_t*>(dst));
+}
+
 // s8 codes as u8 (x + 128); for a conv also padded with 128, the shifted zero.
 std::unique_ptr<uint8_t[]> Shifted(const Geometry& g, const int8_t* x) {
   if (!g.conv) {
@@ -306,13 +432,135 @@ std::unique_ptr<uint8_t[]> Shifted(const Geometry& g, const int8_t* x) {
   return u;
 }
 
-// -128 * the sum of each output channel's weights (channels last: HWIO or (K, N)).
-std::vector<int32_t> ShiftOffset(const Geometry& g, const int8_t* weights) {
+// -shift * the sum of each output channel's weights (channels last: HWIO or (K, N)).
+std::vector<int32_t> ShiftOffset(const Geometry& g, const int8_t* weights, int32_t shift = 128) {
   std::vector<int32_t> offset(g.o, 0);
   const int64_t count = g.weight_count();
   for (int64_t i = 0; i < count; ++i) offset[i % g.o] += weights[i];
-  for (auto& v : offset) v *= -128;
+  for (auto& v : offset) v *= -shift;
   return offset;
+}
+
+// acc[j] += r * w[j], j < n (vectorized by the compiler; an AVX2 clone where the CPU has it).
+__attribute__((target_clones("avx2", "default"))) void Axpy(int32_t* __restrict__ acc, const int8_t* __restrict__ w, int32_t r,
+                                                            int64_t n) {
+  for (int64_t j = 0; j < n; ++j) acc[j] += r * static_cast<int32_t>(w[j]);
+}
+
+// One nonzero remainder of the single mode: the input element's index and r.
+struct Remainder {
+  int64_t index;
+  int32_t value;
+};
+
+// Runs a layer in the single mode (file comment). Returns false (nothing written) where the
+// remainder is too dense to pay, so that the caller splits instead.
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+bool RunSingle(const Geometry& g, dt src_t, const void* x, const int8_t* weights, dt out, void* dst,
+               const float* scale, const float* bias, float dst_scale, int64_t post_op) {
+  int64_t t0 = NowNs();
+  const bool s8 = src_t == dt::s8;
+  auto c = Get(g, {dt::u8, s8, 1, dt::s32, false, 0});
+  std::shared_ptr<Reordered> kept;
+  int32_t max_abs;
+  if (c->reorder_weights) {
+    dnnl::stream stream(Engine());
+    kept = ReorderedWeights(*c, weights, stream);
+    max_abs = kept->max_abs;
+  } else {
+    max_abs = MaxAbs(weights, g.weight_count());
+  }
+  // The largest 7+-bit code t with 2 * t * max|w| <= 32767 (127 for any int8 weights; 146 for
+  // weights within +-112), and z, the shift that centres s8 codes on [0, t].
+  const int32_t top = std::min<int32_t>(255, 32767 / (2 * std::max<int32_t>(max_abs, 1)));
+  const int32_t z = s8 ? (top + 1) / 2 : 0;
+  const int64_t hp = s8 ? g.h + g.pad_lo[0] + g.pad_hi[0] : g.h, wp = s8 ? g.w + g.pad_lo[1] + g.pad_hi[1] : g.w;
+  const int64_t plane = g.h * g.w * g.c;  // one image (a conv) or one row (a matmul)
+  uint8_t* lo = static_cast<uint8_t*>(Buffer(kSlotLo, g.n * hp * wp * g.c));
+  if (s8 && (hp != g.h || wp != g.w)) std::memset(lo, z, g.n * hp * wp * g.c);
+  // The low codes and the nonzero remainders, per chunk of images (rows): a chunk's remainders
+  // reach only its own images' outputs, so chunks scatter in parallel without races.
+  const int64_t chunks = std::min<int64_t>(g.n, 4 * static_cast<int64_t>(omp_get_max_threads()));
+  std::vector<std::vector<Remainder>> rem(chunks);
+  int64_t total = 0;
+#pragma omp parallel for schedule(static) reduction(+ : total)
+  for (int64_t k = 0; k < chunks; ++k) {
+    const int64_t b0 = g.n * k / chunks, b1 = g.n * (k + 1) / chunks;
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t i = 0; i < g.h; ++i) {
+        const int64_t row = g.w * g.c, from = (b * g.h + i) * row;
+        uint8_t* to = lo + ((b * hp + i + (s8 ? g.pad_lo[0] : 0)) * wp + (s8 ? g.pad_lo[1] : 0)) * g.c;
+        if (s8) {
+          const int8_t* xs = static_cast<const int8_t*>(x) + from;
+          for (int64_t j = 0; j < row; ++j) {
+            const int32_t v = xs[j] + z, l = std::min(std::max(v, 0), top);
+            to[j] = static_cast<uint8_t>(l);
+          }
+          for (int64_t j = 0; j < row; ++j)
+            if (xs[j] + z != to[j]) rem[k].push_back({from + j, xs[j] + z - to[j]});
+        } else {
+          const uint8_t* xu = static_cast<const uint8_t*>(x) + from;
+          for (int64_t j = 0; j < row; ++j) to[j] = static_cast<uint8_t>(std::min<int32_t>(xu[j], top));
+          for (int64_t j = 0; j < row; ++j)
+            if (xu[j] > top) rem[k].push_back({from + j, xu[j] - top});
+        }
+      }
+    total += static_cast<int64_t>(rem[k].size());
+  }
+  if (8 * total > g.n * plane) return false;  // dense: splitting the weights costs less
+  counts[kRunSingle] += 1;
+  counts[kSingleRemainders] += total;
+  counts[kSingleInputs] += g.n * plane;
+  int64_t t1 = NowNs();
+  counts[kSingleNsSplitCodes] += t1 - t0;
+
+  const int64_t rows = g.rows();
+  int32_t* acc = out == dt::s32 || out == dt::f32 ? static_cast<int32_t*>(dst)  // in place: same size
+                                                  : static_cast<int32_t*>(Buffer(kSlotAcc, rows * g.o * 4));
+  Execute(*c, lo, weights, acc, nullptr, nullptr, nullptr, kept);
+  t0 = NowNs();
+  counts[kSingleNsPrimitive] += t0 - t1;
+
+  if (total > 0) {
+    const int64_t cg = g.c / g.groups, og = g.group_out();
+#pragma omp parallel for schedule(dynamic)
+    for (int64_t k = 0; k < chunks; ++k) {
+      const std::vector<Remainder>& list = rem[k];
+      // Remainders of one input pixel (consecutive in the list) share their output positions.
+      for (size_t e0 = 0, e1; e0 < list.size(); e0 = e1) {
+        const int64_t pixel = list[e0].index / g.c;
+        for (e1 = e0 + 1; e1 < list.size() && list[e1].index / g.c == pixel; ++e1) {
+        }
+        const int64_t b = pixel / (g.h * g.w), iy = pixel / g.w % g.h, ix = pixel % g.w;
+        for (int64_t a = 0; a < g.kh; ++a) {
+          const int64_t ty = iy + g.pad_lo[0] - a * (g.dilation[0] + 1);
+          if (ty < 0 || ty % g.strides[0] != 0 || ty / g.strides[0] >= g.oh) continue;
+          const int64_t oy = ty / g.strides[0];
+          for (int64_t d = 0; d < g.kw; ++d) {
+            const int64_t tx = ix + g.pad_lo[1] - d * (g.dilation[1] + 1);
+            if (tx < 0 || tx % g.strides[1] != 0 || tx / g.strides[1] >= g.ow) continue;
+            int32_t* out_row = acc + ((b * g.oh + oy) * g.ow + tx / g.strides[1]) * g.o;
+            const int8_t* w_tap = weights + (a * g.kw + d) * cg * g.o;
+            for (size_t e = e0; e < e1; ++e) {
+              const int64_t ch = list[e].index % g.c, q = ch / cg;
+              Axpy(out_row + q * og, w_tap + (ch % cg) * g.o + q * og, list[e].value, og);
+            }
+          }
+        }
+      }
+    }
+  }
+  t1 = NowNs();
+  counts[kSingleNsRemainder] += t1 - t0;
+  if (out == dt::s32 && !s8) return true;
+  const std::vector<int32_t> offset = s8 ? ShiftOffset(g, weights, z) : std::vector<int32_t>();
+  Epilogue(acc, rows, g.o, s8 ? offset.data() : nullptr, scale, bias, dst_scale, post_op, out, dst);
+  counts[kSingleNsEpilogue] += NowNs() - t1;
+  return true;
 }
 
 // Whether a depthwise u8 primitive gives the exact accumulators on a probe with the largest
@@ -359,7 +607,11 @@ ffi::Error Run(const Geometry& g, dt src_t, const void* x, const int8_t* weights
     if (mode == 2 || (mode == 0 && HasVnni())) {
       auto c = Get(g, {src_t, false, 1, out, fuse, fuse ? post_op : 0});
       Execute(*c, x, weights, dst, fuse ? scale : nullptr, bias, dst_scale);
+      counts[kRunDirect] += 1;
       return ffi::Error::Success();
+    }
+    if (mode == 3 || (mode == 0 && !g.depthwise())) {
+      if (RunSingle(g, src_t, x, weights, out, dst, scale, bias, *dst_scale, post_op)) return ffi::Error::Success();
     }
     const bool shift = src_t == dt::s8;
     std::unique_ptr<uint8_t[]> shifted = shift ? Shifted(g, static_cast<const int8_t*>(x)) : nullptr;
@@ -376,6 +628,7 @@ ffi::Error Run(const Geometry& g, dt src_t, const void* x, const int8_t* weights
         if (c->probe < 0) c->probe = ProbeDepthwise(g, *c) ? 1 : 0;
       }
       if (c->probe == 1) {
+        counts[kRunDepthwise] += 1;
         if (!shift) {
           auto f = Get(g, {dt::u8, false, 1, out, fuse, fuse ? post_op : 0});
           Execute(*f, x, weights, dst, fuse ? scale : nullptr, bias, dst_scale);
@@ -388,8 +641,10 @@ ffi::Error Run(const Geometry& g, dt src_t, const void* x, const int8_t* weights
         CombineAndFinish(k, rows, g.o, scale, bias, *dst_scale, post_op, out, dst);
         return ffi::Error::Success();
       }
+      if (RunSingle(g, src_t, x, weights, out, dst, scale, bias, *dst_scale, post_op)) return ffi::Error::Success();
     }
     // Split: the halves w >> 1 and w & 1.
+    counts[kRunSplit] += 1;
     const int64_t count = g.weight_count();
     if (og == 1 && g.groups > 1) {  // depthwise-like: two runs (two outputs per group would leave
                                     // oneDNN's depthwise kernels)
@@ -522,6 +777,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiqOnednnMatmul, MatmulImpl,
                                   .Attr<int64_t>("post_op")
                                   .Attr<int64_t>("mode"));
 
+// The interface version of this library (the FFI targets' attributes, the modes, the exported
+// functions): flexiq_jax refuses a library whose version is not the one it was written for.
+extern "C" int flexiq_onednn_abi() { return 2; }
+
 // The oneDNN version this library runs with: major * 10000 + minor * 100 + patch.
 extern "C" int flexiq_onednn_version() {
   const dnnl_version_t* v = dnnl_version();
@@ -530,6 +789,9 @@ extern "C" int flexiq_onednn_version() {
 
 // The CPU ISA oneDNN dispatches to (dnnl::cpu_isa as an integer; 0 = all / unknown).
 extern "C" int flexiq_onednn_isa() { return static_cast<int>(dnnl::get_effective_cpu_isa()); }
+
+// How many layers ran each way since the library was loaded (the Count enum above), or -1.
+extern "C" int64_t flexiq_onednn_runs(int what) { return what >= 0 && what < kCountCount ? counts[what].load() : -1; }
 
 // Whether mode 0 (auto) runs the direct (fused) kernels here: 1 on CPUs with VNNI.
 extern "C" int flexiq_onednn_direct() { return HasVnni() ? 1 : 0; }
