@@ -459,7 +459,7 @@ def select_learning_rate(run: Run, float_model: FloatModel, quantized: Quantized
   """
   opts: stage_options.FinetuneOptions = run.options("finetune")
   sampler = opts.sampler()
-  points = tuple(f"{r:g}" for r in judge_lib.JUDGE_RATIOS if sampler.trains(r))
+  points = tuple(f"ratio {r:g}" for r in judge_lib.JUDGE_RATIOS if sampler.trains(r))
   int_model = quantized.qmodel.with_mode("int")
   logits = lambda images, svars, ratio: int_model.apply(svars, images, ratio)
 
@@ -468,7 +468,7 @@ def select_learning_rate(run: Run, float_model: FloatModel, quantized: Quantized
                              on_step)
     checkpoint.save_tree(os.path.join(path, "qvars"), tuned.qvars)
     svars = jax.jit(int_model.prepare)(tuned.qvars)
-    return lr_select.score({f"{r:g}": (logits, (svars, jnp.float32(r))) for r in judge_lib.JUDGE_RATIOS},
+    return lr_select.score({f"ratio {r:g}": (logits, (svars, jnp.float32(r))) for r in judge_lib.JUDGE_RATIOS},
                            float_model.logits, held, int(run.config.eval_batch_size))
 
   rate, path, _ = lr_select.choose(run.config, directory, points, train_and_score)
