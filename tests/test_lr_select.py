@@ -13,6 +13,7 @@ import pytest
 from configs import quickstart
 from flexiq_jax import checkpoint
 from flexiq_jax import data
+from flexiq_jax import finetune
 from flexiq_jax import lr_select
 from flexiq_jax import pipeline
 from flexiq_jax import stage_cache
@@ -41,6 +42,23 @@ def test_held_out_refuses_rather_than_read_the_eval_split(smoke_config, monkeypa
   monkeypatch.setattr(data, "get_dataset", _no_eval_split(data.get_dataset, smoke_config.data.eval_split))
   with pytest.raises(ValueError, match="finetune.lr_grid needs held-out training images"):
     lr_select.held_out(smoke_config)
+
+
+def test_every_qat_method_is_scored_on_the_same_held_out_images(smoke_config):
+  """FlexiQ's 100%-only finetune makes exactly the multi-ratio finetune's passes (also where
+  num_epochs x passes would round to another number of steps), so its held-out images are the same."""
+  smoke_config.finetune.lr_grid = (1e-3, 1e-2)
+  smoke_config.finetune.lr_select_images = 32
+  smoke_config.finetune.num_epochs = 0.15  # 1.2 -> 2 steps of 32 on 256 images, 2 passes each: 4 passes
+  smoke_config.finetune.every_step_ratios = (1.0,)
+  only100 = smoke_config.copy_and_resolve_references()
+  only100.finetune.every_step_ratios = ()
+  only100.finetune.num_epochs = harness._one_pass_epochs(smoke_config)
+  assert only100.finetune.num_epochs != 0.3  # 0.3 epochs would be 3 steps
+  assert finetune.pass_matched_steps(only100.finetune, 256) == finetune.pass_matched_steps(smoke_config.finetune, 256) == 4
+  a, b = lr_select.held_out(smoke_config), lr_select.held_out(only100)
+  assert len(a.labels) == 32 and a.source == b.source
+  np.testing.assert_array_equal(a.images, b.images)
 
 
 def test_the_grid_must_be_distinct_positive_rates():
