@@ -130,8 +130,8 @@ def held_out(config) -> judge.JudgeImages:
                      f"{config.finetune.batch_size} images reach all but {len(idx)} of the "
                      f"{train_ds.num_examples} training images; lower finetune.num_epochs or set finetune.lr_grid=()")
   batch = train_ds.load(idx, None)
-  return judge.JudgeImages(batch["image"], batch["label"],
-                           f"{len(idx)} training images no QAT method's batches reach ({config.data.train_split} split)")
+  source = f"{len(idx)} training images no QAT method's batches reach ({config.data.train_split} split)"
+  return judge.JudgeImages(batch["image"], batch["label"], source)
 
 
 def score(points: dict, float_logits_fn: Callable, held: judge.JudgeImages, batch_size: int) -> dict:

@@ -55,7 +55,8 @@ def test_every_qat_method_is_scored_on_the_same_held_out_images(smoke_config):
   only100.finetune.every_step_ratios = ()
   only100.finetune.num_epochs = harness._one_pass_epochs(smoke_config)
   assert only100.finetune.num_epochs != 0.3  # 0.3 epochs would be 3 steps
-  assert finetune.pass_matched_steps(only100.finetune, 256) == finetune.pass_matched_steps(smoke_config.finetune, 256) == 4
+  steps = finetune.pass_matched_steps(smoke_config.finetune, 256)
+  assert finetune.pass_matched_steps(only100.finetune, 256) == steps == 4
   a, b = lr_select.held_out(smoke_config), lr_select.held_out(only100)
   assert len(a.labels) == 32 and a.source == b.source
   np.testing.assert_array_equal(a.images, b.images)

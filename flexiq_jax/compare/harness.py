@@ -197,12 +197,12 @@ def _refused_note(out: dict) -> str:
   return "" if out["judge"]["accepted"] else " (refused: worse than its PTQ start on held-out images)"
 
 
-def _judged(extra: dict, out: dict) -> dict:
+def _judged(extra: dict, verdict: dict, selection: dict | None = None) -> dict:
   """A QAT baseline row's extra fields: the verdict, the refusal's reason when it refuses, and the
   learning-rate selection's record when the rate was chosen from finetune.lr_grid."""
-  reason = refusal(out["judge"])
-  return {**extra, "judge": out["judge"], **({"refused": reason} if reason else {}),
-          **({"lr_selection": out["lr_selection"]} if out.get("lr_selection") else {})}
+  reason = refusal(verdict)
+  return {**extra, "judge": verdict, **({"refused": reason} if reason else {}),
+          **({"lr_selection": selection} if selection else {})}
 
 
 def _rate_note(out: dict) -> str:
@@ -518,7 +518,7 @@ def lsq_qat(ctx: CompareContext) -> list[Row]:
                           ctx.run.mesh, reference_logits=ctx.float_logits)
   ends = " (ends W8A8)" if cc.keep_ends else ""
   return [Row("lsq_qat", f"W4A4{ends}, {out['steps']} steps, {_rate_note(out)}{_refused_note(out)}", out["top1"],
-              baselines.relative_bops(plan, bits), _judged(fidelity(out), out))]
+              baselines.relative_bops(plan, bits), _judged(fidelity(out), out["judge"], out["lr_selection"]))]
 
 
 def switchable_qat(ctx: CompareContext) -> list[Row]:
@@ -545,7 +545,7 @@ def switchable_qat(ctx: CompareContext) -> list[Row]:
     w, a = out["bits"]
     rows.append(Row("switchable_qat", f"W{w}A{a}{ends}, switchable, {out['steps']} steps, "
                     f"{_rate_note(out)}{_refused_note(out)}", out["top1"], out["relative_bops"],
-                    _judged({**fidelity(out), "bits": [w, a]}, out)))
+                    _judged({**fidelity(out), "bits": [w, a]}, out["judge"], out["lr_selection"])))
   return rows
 
 
