@@ -296,3 +296,12 @@ def test_switchable_chooses_by_the_mean_over_both_precisions(context, tmp_path, 
   assert calls == [["W4A4", "W8A8"]] * 2
   for row in rows:
     assert row.extra["lr_selection"]["chosen"] == 1e-2 and "lr 0.01 chosen" in row.setting
+
+
+def test_the_compare_table_says_when_the_rates_were_as_configured():
+  rows = [{"method": "lsq_qat", "setting": "W4A4, 4 steps, lr 0.001", "top1": 80.0, "relative_bops": 0.26},
+          {"method": "flexiq", "setting": "ratio 1 (finetuned)", "top1": 81.0, "relative_bops": 0.26, "finetuned": True},
+          {"method": "ptq_mse", "setting": "W4A4", "top1": 70.0, "relative_bops": 0.26}]
+  note = harness.lr_note(rows)
+  assert "as configured, not chosen on held-out images (finetune.lr_grid=()): flexiq, lsq_qat" in note
+  assert harness.lr_note(rows[2:]) == ""  # no QAT method ran

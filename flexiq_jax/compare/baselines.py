@@ -249,7 +249,7 @@ def lsq_qat(config, workdir: str, model, variables, plan, folded, tables, bits: 
     print(f"warning: LSQ QAT ended worse than its PTQ start ({', '.join(verdict['failed'])}) on {verdict['images']}: "
           f"top-1 {verdict['before_qat']['top1']:.2f}% -> {verdict['after_qat']['top1']:.2f}%, KL "
           f"{verdict['before_qat']['kl']:.4g} -> {verdict['after_qat']['kl']:.4g}; its row is marked refused. Lower "
-          f"compare.lsq_learning_rate or set finetune.grad_clip_norm.")
+          f"compare.lsq_learning_rate (the rates of finetune.lr_grid where set) or set finetune.grad_clip_norm.")
   return {**metrics, "steps": total_steps, "learning_rate": float(cfg.learning_rate), "judge": verdict,
           "lr_selection": selection}
 
