@@ -443,9 +443,10 @@ def select_learning_rate(run: Run, float_model: FloatModel, quantized: Quantized
   """`qat` once per rate of `finetune.lr_grid`, each in <directory>/lr_<rate> (`lr_select.choose`:
   resumable, a finished candidate reused), scored on the held-out training images at ratios 0 and
   1; the criterion averages the ends of the ratio range the finetune trains (both for the
-  multi-ratio finetuning, ratio 1 for a finetune at ratio 1 only). The chosen candidate is the
-  result (reloaded, not retrained); its refresh report and metrics are copied into `directory`
-  beside lr_selection.json.
+  multi-ratio finetuning, ratio 1 for a finetune at ratio 1 only). The candidates run without
+  the periodic evaluation (`finetune.eval_every_steps`), which reads the eval split. The chosen
+  candidate is the result (reloaded, not retrained); its refresh report and metrics are copied
+  into `directory` beside lr_selection.json.
 
   Args:
     run: the pipeline run.
@@ -464,8 +465,9 @@ def select_learning_rate(run: Run, float_model: FloatModel, quantized: Quantized
   logits = lambda images, svars, ratio: int_model.apply(svars, images, ratio)
 
   def train_and_score(rate, path, held):
-    tuned, total_steps = qat(run, float_model, quantized, dataclasses.replace(opts, learning_rate=rate), path,
-                             on_step)
+    # No periodic evaluation: it reads the eval split, which a selection never does.
+    candidate = dataclasses.replace(opts, learning_rate=rate, eval_every_steps=0)
+    tuned, _ = qat(run, float_model, quantized, candidate, path, on_step)
     checkpoint.save_tree(os.path.join(path, "qvars"), tuned.qvars)
     svars = jax.jit(int_model.prepare)(tuned.qvars)
     return lr_select.score({f"ratio {r:g}": (logits, (svars, jnp.float32(r))) for r in judge_lib.JUDGE_RATIOS},

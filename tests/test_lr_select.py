@@ -157,7 +157,7 @@ def _with(run, workdir, **finetune_fields):
 def test_flexiq_finetune_keeps_the_candidate_the_held_out_scores_rank_best(quantized_run, tmp_path, monkeypatch):
   base, result = quantized_run
   grid = (1e-3, 5e-3)
-  run = _with(base, tmp_path / "wd", lr_grid=grid)
+  run = _with(base, tmp_path / "wd", lr_grid=grid, eval_every_steps=2)  # no periodic eval while selecting
   calls = []
   monkeypatch.setattr(lr_select, "score", _fake_scorer(1, calls))  # the last candidate wins (the first elsewhere)
   monkeypatch.setattr(data, "get_dataset", _no_eval_split(data.get_dataset, run.config.data.eval_split))
