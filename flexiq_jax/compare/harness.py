@@ -21,6 +21,10 @@ Methods (config.compare.methods):
                   (checkpoints in compare/lsq_qat/<fingerprint of its config fields>)
   switchable_qat  one network trained jointly at W8A8 and W4A4 (LSQ scales per precision),
                   switched at run time; the same recipe and passes (compare/switchable_qat/...)
+  flexiq_100only  FlexiQ's quantized model finetuned at ratio 1 only, with the same passes
+With finetune.lr_grid every QAT method (flexiq's finetuning, flexiq_100only, lsq_qat,
+switchable_qat) chooses its learning rate from the grid on the same held-out training images
+(`lr_select`); its rows carry the selection's record and compare_table.md lists it (`lr_note`).
 The ablation sub-workdirs are evaluated before finetuning only (their finetuning would cost as
 much again as FlexiQ's). Every row also carries agreement with the float model's predictions,
 KL(float || quantized) and the output SQNR, measured in the same evaluation pass. Each method's
