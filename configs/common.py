@@ -100,13 +100,18 @@ def _finetune_recipe(transformer: bool, fmnist: bool, batch_size: int, train_lr:
   """Multi-ratio QAT: 1% of the float training rate (NVIDIA's QAT guidance, module docstring),
   cosine to 0, no weight decay (MQBench)."""
   if fmnist:
+    # Every QAT method's rate is chosen from lr_grid on held-out training images: three rates a
+    # half-decade (CNNs) or a decade (transformers) apart, spanning FlexiQ's 1% of the float rate
+    # (1e-3 SGD / 1e-5 AdamW) and the QAT baselines' former 1e-3.
+    grid = (1e-5, 1e-4, 1e-3) if transformer else (3e-4, 1e-3, 3e-3)
     return dict(num_epochs=0.2, optimizer="adamw" if transformer else "sgd", learning_rate=0.01 * train_lr,
-                warmup_steps=0)
+                warmup_steps=0, lr_grid=grid)
   if transformer:  # 1% of DeiT's 5e-4 per 512 images: 1.25e-6 at batch 128
     return dict(num_epochs=3.0, optimizer="adamw", learning_rate=0.01 * 5e-4 * batch_size / 512,
-                warmup_steps=500)
+                warmup_steps=500, lr_grid=())
   # 1% of SGD's 0.1 per 256 images: 5e-4 at batch 128
-  return dict(num_epochs=3.0, optimizer="sgd", learning_rate=0.01 * 0.1 * batch_size / 256, warmup_steps=0)
+  return dict(num_epochs=3.0, optimizer="sgd", learning_rate=0.01 * 0.1 * batch_size / 256, warmup_steps=0,
+              lr_grid=())
 
 
 def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_collections.ConfigDict:
@@ -237,6 +242,11 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   # 'effective' (lowered channels counted on their 4-bit grid, 2^e coarser: finetune.lsq_scale_gradient)
   config.finetune.lsq_grad_scale = "qmax8"
   config.finetune.lsq_learning_rate = 0.0  # learning rate of the learnt scales; 0 = finetune.learning_rate
+  # Learning rates every QAT method (FlexiQ, FlexiQ 100%-only, LSQ, switchable) trains its whole budget
+  # at, keeping the best on lr_select_images held-out training images (never the eval split);
+  # () = no selection: FlexiQ at finetune.learning_rate, the QAT baselines at compare.lsq_learning_rate.
+  config.finetune.lr_grid = recipe["lr_grid"]
+  config.finetune.lr_select_images = 1000
   config.finetune.distill_weight = 0.5  # weight of KL(float || quantized) in the loss
   config.finetune.levels = ()  # ratio levels sampled per step; () = 0 and select.levels
   config.finetune.uniform_prob = 0.5  # share of steps at a ratio uniform in [0, 1] (between levels)
@@ -295,6 +305,7 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   config.compare.lsq_init = "mse"  # LSQ scales start from 'minmax' | 'mse' PTQ ranges
   # LSQ QAT gets FlexiQ's finetuning budget and recipe except the learning rate: at FlexiQ's
   # (mostly 8-bit) rate, uniform W4A4 QAT ends below its own PTQ starting point; <= 0: same rate.
+  # Not read with finetune.lr_grid set (the QAT baselines' rate is then chosen from the grid).
   config.compare.lsq_learning_rate = 0.001
   config.compare.results_prefix = ""  # also write <prefix>.json/.md/.png (e.g. experiments/results/compare_x)
 
@@ -330,6 +341,7 @@ def shrink_to_smoke(config: ml_collections.ConfigDict, *, fmnist: bool) -> ml_co
   config.finetune.warmup_steps = 0
   config.finetune.checkpoint_every_steps = 2
   config.finetune.judge_images = 256
+  config.finetune.lr_grid = ()  # one training per QAT method
   config.train.eval_every_steps = 0
   config.finetune.eval_every_steps = 0
   config.layerwise.sensitivity_images = 32

@@ -39,6 +39,8 @@ def get_config(arg=None):
   config.finetune.learning_rate = 0.005
   config.finetune.checkpoint_every_steps = 100
   config.finetune.eval_every_steps = 100
+  # No learning-rate selection (one training per QAT method): the README's ~12 minute budget.
+  config.finetune.lr_grid = ()
 
   config.layerwise.sensitivity_images = 256
   config.layerwise.score_examples = 2000

@@ -370,6 +370,51 @@ def t1_entry(recs, pick) -> dict:
   return entry
 
 
+# The QAT methods of T1 and the row of each whose record holds its learning-rate selection.
+T1_QAT = (("flexiq", "FlexiQ", lambda r: find_row(r, "flexiq", ratio=1.0, finetuned=True)),
+          ("flexiq_100only", "FlexiQ 100%-only", lambda r: find_row(r, "flexiq_100only", ratio=1.0)),
+          ("lsq_qat", "LSQ", lambda r: find_row(r, "lsq_qat", setting_prefix="W4A4")),
+          ("switchable_qat", "switchable", lambda r: find_row(r, "switchable_qat", setting_prefix="W4A4")))
+
+
+def learning_rates(recs) -> dict:
+  """Each QAT method's learning rate as the records give it: {method: {'chosen': [rate or None per
+  seed], 'grid', 'num_images', 'criterion'}} for the methods whose rate was chosen on held-out
+  training images (the rows' 'lr_selection'); a method without a selection is left out."""
+  out = {}
+  for method, _, pick in T1_QAT:
+    selections = [(pick(r) or {}).get("lr_selection") for r in recs]
+    first = next((s for s in selections if s), None)
+    if first:
+      out[method] = {"chosen": [s["chosen"] if s else None for s in selections], "grid": first["grid"],
+                     "num_images": first["num_images"], "criterion": first["criterion"]}
+  return out
+
+
+def learning_rate_note(t1: dict) -> str:
+  """T1's paragraph on how the QAT methods' learning rates were set: chosen per model on held-out
+  training images (with the chosen rates), or as configured where no record holds a selection."""
+  chosen = [r for r in t1["rows"] if r.get("learning_rates")]
+  if not chosen:
+    return ("\n\nLearning rates as configured, not chosen on held-out images (finetune.lr_grid=()): FlexiQ and "
+            "FlexiQ 100%-only at finetune.learning_rate, LSQ and the switchable network at compare.lsq_learning_rate "
+            "(the settings above).")
+  images = sorted({sel["num_images"] for r in chosen for sel in r["learning_rates"].values()})
+  text = ("\n\nLearning rates: each QAT method trained its whole budget at every rate of its model's grid and kept "
+          f"the best on {' / '.join(str(n) for n in images)} held-out training images that no QAT method's batches "
+          "reach (never the test split): FlexiQ by the mean held-out top-1 at ratios 0 and 1, FlexiQ 100%-only at "
+          "ratio 1, LSQ at W4A4, the switchable network by the mean over W8A8 and W4A4, ties by the lower KL to "
+          "float. Chosen rate per model (per seed where several ran); \"-\": not chosen (the configured rate).\n\n")
+  rate = lambda sel: "-" if not sel else ", ".join("-" if c is None else f"{c:g}" for c in sel["chosen"])
+  grid = lambda r: " / ".join(sorted({"{" + ", ".join(f"{g:g}" for g in sel["grid"]) + "}"
+                                      for sel in r["learning_rates"].values()}))
+  from flexiq_jax import records  # pylint: disable=g-import-not-at-top
+  text += records.markdown_table(["model", "grid", *[label for _, label, _ in T1_QAT]],
+                                 [[r["model"], grid(r), *[rate(r["learning_rates"].get(m)) for m, _, _ in T1_QAT]]
+                                  for r in chosen])
+  return text.rstrip("\n")
+
+
 def table1(sweep: dict) -> dict:
   """4-bit accuracy per model: FlexiQ at 100% after finetuning vs each baseline at 4 bits."""
   rows = []
@@ -395,6 +440,7 @@ def table1(sweep: dict) -> dict:
     row["switchable"] = {m: t1_entry(recs, lambda r, m=m, p=p: find_row(r, m, setting_prefix=p))
                          for m, p in T1_SWITCHABLE}
     row["curve_areas"] = curve_areas(recs[0], budget[0]) if budget else {}
+    row["learning_rates"] = learning_rates(recs)
     rows.append(row)
   # Margins as the paper states them: FlexiQ minus each baseline, averaged over the models that
   # have both; and minus the best baseline of each model.
@@ -734,6 +780,7 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
   text += "\n\nThe baselines' settings as run (from the records): " + "; ".join(
       f"{m}: " + ", ".join(f"'{k}' ({', '.join(v)})" for k, v in by.items()) for m, by in settings.items()
       if m != "layerwise_amp") + "."
+  text += learning_rate_note(t1)
   refusals = [(r["model"], m, cell["refused"]) for r in t1["rows"]
               for m, cell in list(r["baselines"].items()) + list(r.get("switchable", {}).items()) if cell.get("refused")]
   if refusals:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ from flexiq_jax import cost
 from flexiq_jax import data
 from flexiq_jax import finetune as finetune_lib
 from flexiq_jax import judge as judge_lib
+from flexiq_jax import lr_select
 from flexiq_jax import models
 from flexiq_jax import parallel
 from flexiq_jax import preflight
@@ -97,6 +99,18 @@ def build_model(config, num_classes: int):
     The Flax module from the model registry (`models.create`).
   """
   return models.create(config.model.name, num_classes=num_classes, **config.model.kwargs.to_dict())
+
+
+def train_examples(config) -> int:
+  """The size of the config's training split.
+
+  Args:
+    config: a run.py config (`data` is read).
+
+  Returns:
+    The number of training examples.
+  """
+  return data.get_dataset(config.data, config.data.train_split).num_examples
 
 
 def image_shape(config) -> tuple[int, int, int]:
@@ -340,7 +354,8 @@ def quantize(run: Run, float_model: FloatModel, calibration: Calibration, select
 def finetune(run: Run, float_model: FloatModel, quantized: Quantized, on_step=None) -> Quantized:
   """Multi-ratio QAT in <workdir>/finetune (resumes after a kill), then the refresh of the state
   that depends on the weights (`refresh`; before/after in refresh.json); also writes the int8
-  serving export to <workdir>/serving.
+  serving export to <workdir>/serving. With `finetune.lr_grid` set, one QAT per rate of the grid,
+  each in finetune/lr_<rate>, the best on held-out training images kept (`select_learning_rate`).
 
   Args:
     run: the pipeline run (its config's `FinetuneOptions`).
@@ -353,22 +368,57 @@ def finetune(run: Run, float_model: FloatModel, quantized: Quantized, on_step=No
   """
   opts: stage_options.FinetuneOptions = run.options("finetune")
   stage = run.stage("finetune")
-  train_ds = data.get_dataset(opts.data, opts.data.train_split, train=True)
-  total_steps = train_lib.total_steps_of(opts.num_epochs, train_ds.num_examples, opts.batch_size)
-  tx = finetune_lib.make_optimizer(opts, total_steps)
-  sampler = opts.sampler()
-  fake = dataclasses.replace(quantized.qmodel.with_mode("fake"), lsq=bool(opts.lsq),
-                             lsq_grad_scale=opts.lsq_grad_scale)
-  lsq_weights = bool(opts.lsq_weights)
-  start = quantize_lib.add_lsq_weight_scales(quantized.qmodel.plan, quantized.qvars) if lsq_weights else quantized.qvars
+  start = _qat_start(quantized, opts)
   stage.begin(resumable=True)
   if stage.is_done():
     print(f"finetune: reusing the finished run in {stage.path}")
-    return Quantized(quantized.qmodel, checkpoint.load_tree(stage.file("qvars"), start), finetuned=True)
-  state = parallel.replicate(finetune_lib.create_state(start, tx, opts.lsq, lsq_weights), run.mesh)
+    return Quantized(quantized.qmodel, checkpoint.load_tree(stage.file("qvars"), start.qvars), finetuned=True)
+  if opts.lr_grid:
+    tuned, total_steps = select_learning_rate(run, float_model, quantized, stage.path, on_step)
+  else:
+    tuned, total_steps = qat(run, float_model, quantized, opts, stage.path, on_step)
+  checkpoint.save_tree(stage.file("qvars"), tuned.qvars)
+  judge_lib.accept_or_refuse(run, float_model.logits, quantized, tuned, stage, total_steps=total_steps,
+                             train_seed=opts.seed + finetune_lib.FLEXIQ_SEED_OFFSET)
+  export_serving(run.workdir, tuned)
+  stage.mark_done(total_steps=total_steps)
+  return tuned
+
+
+def _qat_start(quantized: Quantized, opts: stage_options.FinetuneOptions) -> Quantized:
+  """The quantized model QAT starts from: with `finetune.lsq_weights`, plus the weight scales."""
+  if not opts.lsq_weights:
+    return quantized
+  return Quantized(quantized.qmodel, quantize_lib.add_lsq_weight_scales(quantized.qmodel.plan, quantized.qvars))
+
+
+def qat(run: Run, float_model: FloatModel, quantized: Quantized, opts: stage_options.FinetuneOptions,
+        directory: str, on_step=None) -> tuple[Quantized, int]:
+  """Multi-ratio QAT at `opts` (its checkpoints and metrics in `directory`, resumed from there)
+  and the refresh after it (its report in `directory`/refresh.json).
+
+  Args:
+    run: the pipeline run (its mesh, config and data).
+    float_model: the float model (the distillation teacher).
+    quantized: the quantized model to train.
+    opts: the finetune options (the learning rate among them).
+    directory: where the checkpoints, metrics and refresh report go.
+    on_step: called with each finished step number.
+
+  Returns:
+    (the trained and refreshed model, its number of steps).
+  """
+  train_ds = data.get_dataset(opts.data, opts.data.train_split, train=True)
+  total_steps = train_lib.total_steps_of(opts.num_epochs, train_ds.num_examples, opts.batch_size)
+  tx = finetune_lib.make_optimizer(opts, total_steps)
+  fake = dataclasses.replace(quantized.qmodel.with_mode("fake"), lsq=bool(opts.lsq),
+                             lsq_grad_scale=opts.lsq_grad_scale)
+  start = _qat_start(quantized, opts).qvars
+  state = parallel.replicate(finetune_lib.create_state(start, tx, opts.lsq, bool(opts.lsq_weights)), run.mesh)
   teacher = float_model.logits if opts.distill_weight > 0 else None
+  seed = opts.seed + finetune_lib.FLEXIQ_SEED_OFFSET
   step_fn = functools.partial(
-      finetune_lib.qat_step, qmodel=fake, tx=tx, sampler=sampler, rng_key=jax.random.PRNGKey(opts.seed + 1),
+      finetune_lib.qat_step, qmodel=fake, tx=tx, sampler=opts.sampler(), rng_key=jax.random.PRNGKey(seed),
       teacher_fn=teacher, distill_weight=opts.distill_weight, label_smoothing=opts.label_smoothing)
   reference = []  # the float model's eval logits (KL and agreement of the periodic evaluation), made on first use
   qat_eval = periodic_eval(run, lambda images, qv, r: fake.apply(qv, images, r),
@@ -380,18 +430,68 @@ def finetune(run: Run, float_model: FloatModel, quantized: Quantized, on_step=No
       evaluate_float(run, float_model, logits_out=reference)
     return qat_eval(state)
 
-  state = train_lib.fit(state, step_fn, train_ds, opts, total_steps=total_steps, seed=opts.seed + 1,
-                        workdir=stage.path, desc="QAT finetune", log_every=opts.log_every_steps, mesh=run.mesh,
+  state = train_lib.fit(state, step_fn, train_ds, opts, total_steps=total_steps, seed=seed,
+                        workdir=directory, desc="QAT finetune", log_every=opts.log_every_steps, mesh=run.mesh,
                         num_threads=opts.data.num_threads, on_step=on_step, eval_fn=eval_fn,
                         eval_every=opts.eval_every_steps)
   trained = Quantized(quantized.qmodel, finetune_lib.merge_qvars(state.trainable, state.frozen), finetuned=True)
-  tuned = refresh(run, float_model, trained)
-  checkpoint.save_tree(stage.file("qvars"), tuned.qvars)
-  judge_lib.accept_or_refuse(run, float_model.logits, quantized, tuned, stage, total_steps=total_steps,
-                             train_seed=opts.seed + 1)
-  export_serving(run.workdir, tuned)
-  stage.mark_done(total_steps=total_steps)
-  return tuned
+  return refresh(run, float_model, trained, directory=directory, opts=opts), total_steps
+
+
+def select_learning_rate(run: Run, float_model: FloatModel, quantized: Quantized, directory: str,
+                         on_step=None) -> tuple[Quantized, int]:
+  """`qat` once per rate of `finetune.lr_grid`, each in <directory>/lr_<rate> (`lr_select.choose`:
+  resumable, a finished candidate reused), scored on the held-out training images at ratios 0 and
+  1; the criterion averages the ends of the ratio range the finetune trains (both for the
+  multi-ratio finetuning, ratio 1 for a finetune at ratio 1 only). The candidates run without
+  the periodic evaluation (`finetune.eval_every_steps`), which reads the eval split. The chosen
+  candidate is the result (reloaded, not retrained); its refresh report and metrics are copied
+  into `directory` beside lr_selection.json.
+
+  Args:
+    run: the pipeline run.
+    float_model: the float model.
+    quantized: the quantized model to train.
+    directory: the finetune stage's directory.
+    on_step: called with each finished step number of every candidate's QAT.
+
+  Returns:
+    (the chosen finetuned model, its number of steps).
+  """
+  opts: stage_options.FinetuneOptions = run.options("finetune")
+  sampler = opts.sampler()
+  points = tuple(f"ratio {r:g}" for r in judge_lib.JUDGE_RATIOS if sampler.trains(r))
+  int_model = quantized.qmodel.with_mode("int")
+  logits = lambda images, svars, ratio: int_model.apply(svars, images, ratio)
+
+  def train_and_score(rate, path, held):
+    # No periodic evaluation: it reads the eval split, which a selection never does.
+    candidate = dataclasses.replace(opts, learning_rate=rate, eval_every_steps=0)
+    tuned, _ = qat(run, float_model, quantized, candidate, path, on_step)
+    checkpoint.save_tree(os.path.join(path, "qvars"), tuned.qvars)
+    svars = jax.jit(int_model.prepare)(tuned.qvars)
+    return lr_select.score({f"ratio {r:g}": (logits, (svars, jnp.float32(r))) for r in judge_lib.JUDGE_RATIOS},
+                           float_model.logits, held, int(run.config.eval_batch_size))
+
+  rate, path, _ = lr_select.choose(run.config, directory, points, train_and_score)
+  for name in ("refresh.json", "metrics.jsonl"):
+    if os.path.exists(os.path.join(path, name)) and jax.process_index() == 0:
+      shutil.copyfile(os.path.join(path, name), os.path.join(directory, name))
+  steps = train_lib.total_steps_of(opts.num_epochs, train_examples(run.config), opts.batch_size)
+  qvars = checkpoint.load_tree(os.path.join(path, "qvars"), _qat_start(quantized, opts).qvars)
+  return Quantized(quantized.qmodel, qvars, finetuned=True), steps
+
+
+def lr_selection(workdir: str) -> dict | None:
+  """The learning-rate selection record of the workdir's finetune stage (None without a grid).
+
+  Args:
+    workdir: a run's workdir.
+
+  Returns:
+    The record `lr_select.choose` wrote to finetune/lr_selection.json, or None.
+  """
+  return records.read_json(os.path.join(workdir, "finetune", lr_select.RECORD_FILE))
 
 
 REFRESH_REPORT_RATIOS = stages.REFRESH_REPORT_RATIOS
@@ -428,24 +528,27 @@ def periodic_eval(run: Run, predict, variables_of, ratios=None, reference_logits
   return eval_fn
 
 
-def refresh(run: Run, float_model: FloatModel, trained: Quantized) -> Quantized:
+def refresh(run: Run, float_model: FloatModel, trained: Quantized, directory: str | None = None,
+            opts: stage_options.FinetuneOptions | None = None) -> Quantized:
   """`stages.refresh` on the config's calibration images (finetune.refresh: 'auto' | 'always' |
-  'never'), its report in <workdir>/finetune/refresh.json.
+  'never'), its report in <directory>/refresh.json.
 
   Args:
     run: the pipeline run.
     float_model: the float model.
     trained: the finetuned model.
+    directory: where the report goes (default <workdir>/finetune).
+    opts: the finetune options (default the run's).
 
   Returns:
     The model kept (refreshed or as trained).
   """
-  opts: stage_options.FinetuneOptions = run.options("finetune")
+  opts = opts or run.options("finetune")
   if opts.refresh == "never":
     return trained
   kept, report = stages.refresh(float_model, trained, calibration_batches(run.config), opts)
   report = {**records.run_info(), **report}
-  records.write_json_atomic(os.path.join(run.workdir, "finetune", "refresh.json"), report)
+  records.write_json_atomic(os.path.join(directory or os.path.join(run.workdir, "finetune"), "refresh.json"), report)
   before, after = report["before_refresh"], report["after_refresh"]
   print("finetune: refresh of weight extraction positions and bias-correction means, KL to float at ratios "
         + ", ".join(f"{r}: {before[r]:.4f} -> {after[r]:.4f}" for r in before)

@@ -319,6 +319,27 @@ class QuantizeOptions(Options):
 REFRESH_MODES = ("auto", "always", "never")
 
 
+def check_lr_grid(grid) -> tuple[float, ...]:
+  """The learning-rate grid as floats, refused unless distinct positive numbers.
+
+  Args:
+    grid: `finetune.lr_grid` (any sequence of numbers; empty: no selection).
+
+  Returns:
+    The rates as a tuple of floats, in the given order.
+
+  Raises:
+    ValueError: a rate that is not a positive finite number, or one given twice.
+  """
+  try:
+    rates = tuple(float(r) for r in (grid or ()))
+  except (TypeError, ValueError):
+    raise ValueError(f"finetune.lr_grid must be a tuple of learning rates, got {grid!r}") from None
+  if not all(0 < r < float("inf") for r in rates) or len(set(rates)) != len(rates):
+    raise ValueError(f"finetune.lr_grid must hold distinct positive learning rates, got {list(rates)}")
+  return rates
+
+
 @dataclasses.dataclass(frozen=True)
 class FinetuneOptions(Options):
   """Multi-ratio QAT (stage 'finetune'): the recipe, the ratio sampler and the refresh after it."""
@@ -346,6 +367,10 @@ class FinetuneOptions(Options):
   refresh_source: str = option("float", "finetune.refresh_source", omit_when=("float",))
   lsq_grad_scale: str = option("qmax8", "finetune.lsq_grad_scale", omit_when=("qmax8",))
   lsq_learning_rate: float = option(0.0, "finetune.lsq_learning_rate", omit_when=(0.0,))  # 0: learning_rate
+  # Learning rates every QAT method tries, keeping the best on held-out training images (lr_select);
+  # () = the configured rate. lr_select_images: how many held-out images (read only with a grid).
+  lr_grid: tuple = option((), "finetune.lr_grid", omit_when=((), None))
+  lr_select_images: int = option(1000, "finetune.lr_select_images", omit_when=(1000,))
   # Guards and monitoring: they decide whether a result is kept or shown, not what it is.
   divergence_factor: float = option(10.0, "finetune.divergence_factor", result_free=True)
   judge_images: int = option(1000, "finetune.judge_images", result_free=True)
@@ -368,6 +393,9 @@ class FinetuneOptions(Options):
     _check_choice("finetune.lsq_grad_scale", self.lsq_grad_scale, ("qmax8", "effective"))
     self.sampler()
     finetune_lib.make_optimizer(self, 1)
+    check_lr_grid(self.lr_grid)
+    if self.lr_grid and self.lr_select_images <= 0:
+      raise ValueError(f"finetune.lr_select_images must be > 0 with finetune.lr_grid set, got {self.lr_select_images}")
 
   def sampler(self) -> finetune_lib.RatioSampler:
     """The ratio sampler of the QAT steps."""

@@ -316,3 +316,29 @@ def test_the_imagenet_pretrained_row_runs_its_transfer_config_and_is_marked_in_t
   assert paper_tables.model_config("resnet18", 0, ["flexiq"], [], smoke=True).init_weights == ""
   assert paper_tables.model_label("efficientnet_lite0") == "efficientnet_lite0 (ImageNet-pretrained)"
   assert [m for m in paper_tables.SWEEP_ORDER if paper_tables.model_label(m) != m] == ["efficientnet_lite0"]
+
+
+def test_t1_states_how_each_qat_methods_learning_rate_was_set(tmp_path):
+  """Records whose QAT rows carry a learning-rate selection give T1 the chosen rate per model and
+  method with the grid and the held-out images; records without one say the rates were as configured."""
+  plain = str(tmp_path / "plain")
+  _write_sweep(plain, [_record("resnet18", 0, 89.0, (88.5, 88.0, 87.0), ptq_w4=80.0, lsq=85.0, naive_100=84.0,
+                               fitted_100=86.0)])
+  paper_tables.write_tables(plain, benchmark=str(tmp_path / "no_benchmark.json"))
+  assert "Learning rates as configured, not chosen on held-out images" in open(
+      os.path.join(plain, "paper_t1_4bit.md")).read()
+  chosen = str(tmp_path / "chosen")
+  record = _record("resnet18", 0, 89.0, (88.5, 88.0, 87.0), ptq_w4=80.0, lsq=85.0, naive_100=84.0, fitted_100=86.0)
+  selection = lambda rate: {"grid": [3e-4, 1e-3, 3e-3], "chosen": rate, "num_images": 1000, "criterion": "...",
+                            "candidates": []}
+  for row in record["rows"]:
+    if row["method"] == "flexiq" and row["finetuned"]:
+      row["lr_selection"] = selection(1e-3)
+    if row["method"] == "lsq_qat":
+      row["lr_selection"] = selection(3e-3)
+  _write_sweep(chosen, [record])
+  tables = paper_tables.write_tables(chosen, benchmark=str(tmp_path / "no_benchmark.json"))
+  assert tables["t1"]["rows"][0]["learning_rates"]["lsq_qat"]["chosen"] == [3e-3]
+  md = open(os.path.join(chosen, "paper_t1_4bit.md")).read()
+  assert "kept the best on 1000 held-out training images" in md and "never the test split" in md
+  assert "| resnet18 | {0.0003, 0.001, 0.003} | 0.001 | - | 0.003 | - |" in md

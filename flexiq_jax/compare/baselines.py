@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ from flexiq_jax import data
 from flexiq_jax import finetune
 from flexiq_jax import interception
 from flexiq_jax import judge
+from flexiq_jax import lr_select
 from flexiq_jax import numerics
 from flexiq_jax import parallel
 from flexiq_jax import train as train_lib
@@ -136,24 +138,55 @@ LSQ_FINETUNE_FIELDS = ("num_epochs", "batch_size", "optimizer", "learning_rate",
                        "distill_weight")
 
 
-def qat_baseline_recipe(config, passes: int):
-  """The recipe of a QAT baseline: config.finetune at config.compare.lsq_learning_rate when set,
-  for as many forward+backward passes as FlexiQ's finetuning at `passes` per step.
+def qat_baseline_recipe(config, passes: int, learning_rate: float | None = None):
+  """The recipe of a QAT baseline: config.finetune at `learning_rate` when given, else at
+  config.compare.lsq_learning_rate when set, for as many forward+backward passes as FlexiQ's
+  finetuning at `passes` per step.
 
   Args:
     config: The run config (reads config.finetune, config.compare and config.data).
     passes: Forward+backward passes one step of the baseline makes.
+    learning_rate: The rate to train at (a candidate of finetune.lr_grid), or None.
 
   Returns:
     (the finetune recipe, the training dataset, the number of steps, the optimizer).
   """
   cfg = config.finetune.copy_and_resolve_references()
   lsq_lr = config.get("compare", {}).get("lsq_learning_rate", 0.0)
-  if lsq_lr > 0:
+  if learning_rate is not None:
+    cfg.learning_rate = learning_rate
+  elif lsq_lr > 0:
     cfg.learning_rate = lsq_lr
   train_ds = data.get_dataset(config.data, config.data.train_split, train=True)
   total_steps = finetune.pass_matched_steps(cfg, train_ds.num_examples, passes=passes)
   return cfg, train_ds, total_steps, train_lib.make_optimizer(cfg, total_steps)
+
+
+def train_at_chosen_rate(config, workdir: str, train: Callable, points: Callable, float_logits_fn: Callable):
+  """A QAT baseline's training, once (no `finetune.lr_grid`: in `workdir`, at the configured rate)
+  or once per rate of the grid with the best on held-out training images kept (`lr_select.choose`,
+  candidates in <workdir>/lr_<rate>; the criterion averages over every point of `points`).
+
+  Args:
+    config: The run config.
+    workdir: The baseline's directory.
+    train: `(learning_rate or None, directory) -> (state, recipe, total_steps)`: trains (or restores a
+      finished run from) the checkpoints in `directory`.
+    points: `state -> {name: (logits_fn, args)}`, the points a candidate is scored at (`lr_select.score`).
+    float_logits_fn: images -> float logits.
+
+  Returns:
+    (state, recipe, total_steps, the selection record or None) of the kept run.
+  """
+  if not lr_select.grid(config):
+    return (*train(None, workdir), None)
+
+  def train_and_score(rate, path, held):
+    state = train(rate, path)[0]
+    return lr_select.score(points(state), float_logits_fn, held, int(config.eval_batch_size))
+
+  rate, path, record = lr_select.choose(config, workdir, None, train_and_score)
+  return (*train(rate, path), record)  # restores the chosen candidate's finished checkpoint
 
 
 def lsq_qat(config, workdir: str, model, variables, plan, folded, tables, bits: dict, eval_batches,
@@ -161,9 +194,11 @@ def lsq_qat(config, workdir: str, model, variables, plan, folded, tables, bits: 
   """Uniform QAT with LSQ, initialised from the PTQ ranges in `tables`, trained with the budget
   and recipe of config.finetune (as many forward+backward passes as FlexiQ's finetuning,
   `finetune.pass_matched_steps`; batch size, optimizer, distillation) through the same
-  resumable loop and step as FlexiQ's finetuning, at config.compare.lsq_learning_rate when set.
-  Checkpoints go to <workdir>/checkpoints. Returns train.evaluate's metrics on `eval_batches`
-  (agreement / KL / SQNR too with the float `reference_logits`) with 'steps' and 'learning_rate'.
+  resumable loop and step as FlexiQ's finetuning, at config.compare.lsq_learning_rate when set
+  or, with finetune.lr_grid, at the grid's rate best at W4A4 on held-out training images
+  (`train_at_chosen_rate`). Checkpoints go to <workdir>/checkpoints (<workdir>/lr_<rate>/ with a
+  grid). Returns train.evaluate's metrics on `eval_batches` (agreement / KL / SQNR too with the
+  float `reference_logits`) with 'steps' and 'learning_rate'.
 
   Args:
     config: The run config.
@@ -179,34 +214,44 @@ def lsq_qat(config, workdir: str, model, variables, plan, folded, tables, bits: 
     reference_logits: Optional float logits of eval_batches.
 
   Returns:
-    The metrics dict with 'steps', 'learning_rate' and 'judge' (the verdict of
-    judge.judge_uniform_qat; a warning is printed when it refuses).
+    The metrics dict with 'steps', 'learning_rate', 'judge' (the verdict of
+    judge.judge_uniform_qat; a warning is printed when it refuses) and 'lr_selection' (the
+    selection record, or None without a grid).
   """
   mesh = mesh or parallel.make_mesh()
-  cfg, train_ds, total_steps, tx = qat_baseline_recipe(config, passes=1)
   trainable = {"params": folded["params"], "scales": lsq_initial_scales(plan, tables, bits)}
   frozen = {"batch_stats": folded["batch_stats"]} if "batch_stats" in folded else {}
-  state = parallel.replicate(finetune.state_from_parts(trainable, frozen, tx), mesh)
   forward = LsqForward(model, plan, bits)
-  teacher = (functools.partial(train_lib.float_logits, model, variables) if cfg.distill_weight > 0 else None)
-  step_fn = functools.partial(finetune.distill_step, logits_fn=forward, tx=tx, teacher_fn=teacher,
-                              distill_weight=cfg.distill_weight, label_smoothing=cfg.label_smoothing)
-  state = train_lib.fit(state, step_fn, train_ds, cfg, total_steps=total_steps, seed=config.seed + 2, workdir=workdir,
-                        desc="LSQ QAT", log_every=config.train.log_every_steps, mesh=mesh,
-                        num_threads=config.data.num_threads)
+  float_fn = functools.partial(train_lib.float_logits, model, variables)
+  seed = config.seed + finetune.BASELINE_SEED_OFFSET
+
+  def train(learning_rate, directory):
+    cfg, train_ds, total_steps, tx = qat_baseline_recipe(config, passes=1, learning_rate=learning_rate)
+    state = parallel.replicate(finetune.state_from_parts(trainable, frozen, tx), mesh)
+    teacher = float_fn if cfg.distill_weight > 0 else None
+    step_fn = functools.partial(finetune.distill_step, logits_fn=forward, tx=tx, teacher_fn=teacher,
+                                distill_weight=cfg.distill_weight, label_smoothing=cfg.label_smoothing)
+    state = train_lib.fit(state, step_fn, train_ds, cfg, total_steps=total_steps, seed=seed, workdir=directory,
+                          desc="LSQ QAT", log_every=config.train.log_every_steps, mesh=mesh,
+                          num_threads=config.data.num_threads)
+    return state, cfg, total_steps
+
+  logits = lambda images, t, f: forward(t, f, images)
+  points = lambda state: {"W4A4": (logits, (state.trainable, state.frozen))}
+  state, cfg, total_steps, selection = train_at_chosen_rate(config, workdir, train, points, float_fn)
   predict = lambda images, trainable, frozen: forward(trainable, frozen, images)
   metrics = train_lib.evaluate(predict, iter(eval_batches), mesh, desc="LSQ eval", args=(state.trainable, state.frozen),
                                reference_logits=reference_logits)
   frozen_now = state.frozen
-  verdict = judge.judge_uniform_qat(config, functools.partial(train_lib.float_logits, model, variables),
-                                    lambda t, x: forward(t, frozen_now, x), trainable, state.trainable,
-                                    total_steps=total_steps, train_seed=config.seed + 2)
+  verdict = judge.judge_uniform_qat(config, float_fn, lambda t, x: forward(t, frozen_now, x), trainable,
+                                    state.trainable, total_steps=total_steps, train_seed=seed)
   if not verdict["accepted"]:
     print(f"warning: LSQ QAT ended worse than its PTQ start ({', '.join(verdict['failed'])}) on {verdict['images']}: "
           f"top-1 {verdict['before_qat']['top1']:.2f}% -> {verdict['after_qat']['top1']:.2f}%, KL "
           f"{verdict['before_qat']['kl']:.4g} -> {verdict['after_qat']['kl']:.4g}; its row is marked refused. Lower "
-          f"compare.lsq_learning_rate or set finetune.grad_clip_norm.")
-  return {**metrics, "steps": total_steps, "learning_rate": float(cfg.learning_rate), "judge": verdict}
+          f"compare.lsq_learning_rate (the rates of finetune.lr_grid where set) or set finetune.grad_clip_norm.")
+  return {**metrics, "steps": total_steps, "learning_rate": float(cfg.learning_rate), "judge": verdict,
+          "lr_selection": selection}
 
 
 # The two precisions of the switchable-precision baseline, highest first.
@@ -257,7 +302,8 @@ def switchable_qat(config, workdir: str, model, variables, plan, folded, tables:
   (every quantized layer; with `keep_ends` the first and last stay W8A8 in both, as FlexiQ keeps
   them), each precision with its own LSQ scales initialised from the PTQ ranges in `tables`, and
   switched at run time by choosing the scales. Same recipe as `lsq_qat` (config.finetune at
-  config.compare.lsq_learning_rate when set) and the same number of forward+backward passes as
+  config.compare.lsq_learning_rate when set, or with finetune.lr_grid at the grid's rate best on
+  held-out training images, mean over W8A8 and W4A4) and the same number of forward+backward passes as
   FlexiQ's finetuning: a step makes one pass per precision, so it runs half the steps of LSQ.
   BN is folded before training, so there is no switchable BN (the paper's per-precision BN).
 
@@ -274,23 +320,38 @@ def switchable_qat(config, workdir: str, model, variables, plan, folded, tables:
 
   Returns:
     One metrics dict per precision of SWITCHABLE_BITS (train.evaluate's, with 'bits', 'steps',
-    'learning_rate', 'relative_bops' and the judge's verdict of that precision).
+    'learning_rate', 'relative_bops', the judge's verdict of that precision and 'lr_selection').
   """
   mesh = mesh or parallel.make_mesh()
-  cfg, train_ds, total_steps, tx = qat_baseline_recipe(config, passes=len(SWITCHABLE_BITS))
   bits = [uniform_bits(plan, b, keep_ends) for b in SWITCHABLE_BITS]
   forwards = tuple(LsqForward(model, plan, b) for b in bits)
   start = {"params": folded["params"], "scales": tuple(lsq_initial_scales(plan, tables, b) for b in bits)}
   frozen = {"batch_stats": folded["batch_stats"]} if "batch_stats" in folded else {}
-  state = parallel.replicate(finetune.state_from_parts(start, frozen, tx), mesh)
-  teacher = (functools.partial(train_lib.float_logits, model, variables) if cfg.distill_weight > 0 else None)
-  step_fn = functools.partial(switchable_step, forwards=forwards, tx=tx, teacher_fn=teacher,
-                              distill_weight=cfg.distill_weight, label_smoothing=cfg.label_smoothing)
-  state = train_lib.fit(state, step_fn, train_ds, cfg, total_steps=total_steps, seed=config.seed + 2, workdir=workdir,
-                        desc="switchable QAT", log_every=config.train.log_every_steps, mesh=mesh,
-                        num_threads=config.data.num_threads)
-  out = []
   float_fn = functools.partial(train_lib.float_logits, model, variables)
+  seed = config.seed + finetune.BASELINE_SEED_OFFSET
+
+  def train(learning_rate, directory):
+    cfg, train_ds, total_steps, tx = qat_baseline_recipe(config, passes=len(SWITCHABLE_BITS),
+                                                         learning_rate=learning_rate)
+    state = parallel.replicate(finetune.state_from_parts(start, frozen, tx), mesh)
+    teacher = float_fn if cfg.distill_weight > 0 else None
+    step_fn = functools.partial(switchable_step, forwards=forwards, tx=tx, teacher_fn=teacher,
+                                distill_weight=cfg.distill_weight, label_smoothing=cfg.label_smoothing)
+    state = train_lib.fit(state, step_fn, train_ds, cfg, total_steps=total_steps, seed=seed, workdir=directory,
+                          desc="switchable QAT", log_every=config.train.log_every_steps, mesh=mesh,
+                          num_threads=config.data.num_threads)
+    return state, cfg, total_steps
+
+  def points(state):
+    out = {}
+    for i, ((w, a), forward) in enumerate(zip(SWITCHABLE_BITS, forwards)):
+      logits = lambda images, t, f, forward=forward, i=i: forward({"params": t["params"], "scales": t["scales"][i]},
+                                                                  f, images)
+      out[f"W{w}A{a}"] = (logits, (state.trainable, state.frozen))
+    return out
+
+  state, cfg, total_steps, selection = train_at_chosen_rate(config, workdir, train, points, float_fn)
+  out = []
   for i, (b, forward) in enumerate(zip(SWITCHABLE_BITS, forwards)):
     pick = lambda t, i=i: {"params": t["params"], "scales": t["scales"][i]}
     predict = lambda images, trainable, frozen, forward=forward, pick=pick: forward(pick(trainable), frozen, images)
@@ -299,10 +360,10 @@ def switchable_qat(config, workdir: str, model, variables, plan, folded, tables:
     frozen_now = state.frozen
     verdict = judge.judge_uniform_qat(config, float_fn, lambda t, x, forward=forward: forward(t, frozen_now, x),
                                       pick(start), pick(state.trainable), total_steps=total_steps,
-                                      train_seed=config.seed + 2, label=f"W{b[0]}A{b[1]}")
+                                      train_seed=seed, label=f"W{b[0]}A{b[1]}")
     if not verdict["accepted"]:
       print(f"warning: switchable QAT at W{b[0]}A{b[1]} ended worse than its PTQ start ({', '.join(verdict['failed'])})"
             f"; its row is marked refused.")
     out.append({**metrics, "bits": b, "steps": total_steps, "learning_rate": float(cfg.learning_rate),
-                "relative_bops": relative_bops(plan, bits[i]), "judge": verdict})
+                "relative_bops": relative_bops(plan, bits[i]), "judge": verdict, "lr_selection": selection})
   return out

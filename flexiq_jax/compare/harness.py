@@ -21,6 +21,10 @@ Methods (config.compare.methods):
                   (checkpoints in compare/lsq_qat/<fingerprint of its config fields>)
   switchable_qat  one network trained jointly at W8A8 and W4A4 (LSQ scales per precision),
                   switched at run time; the same recipe and passes (compare/switchable_qat/...)
+  flexiq_100only  FlexiQ's quantized model finetuned at ratio 1 only, with the same passes
+With finetune.lr_grid every QAT method (flexiq's finetuning, flexiq_100only, lsq_qat,
+switchable_qat) chooses its learning rate from the grid on the same held-out training images
+(`lr_select`); its rows carry the selection's record and compare_table.md lists it (`lr_note`).
 The ablation sub-workdirs are evaluated before finetuning only (their finetuning would cost as
 much again as FlexiQ's). Every row also carries agreement with the float model's predictions,
 KL(float || quantized) and the output SQNR, measured in the same evaluation pass. Each method's
@@ -42,6 +46,7 @@ import numpy as np
 from flexiq_jax import cost
 from flexiq_jax import finetune as finetune_lib
 from flexiq_jax import judge as judge_lib
+from flexiq_jax import lr_select
 from flexiq_jax import pipeline
 from flexiq_jax import progress
 from flexiq_jax import records
@@ -197,17 +202,26 @@ def _refused_note(out: dict) -> str:
   return "" if out["judge"]["accepted"] else " (refused: worse than its PTQ start on held-out images)"
 
 
-def _judged(extra: dict, verdict: dict) -> dict:
-  """A QAT baseline row's extra fields: the verdict, and the refusal's reason when it refuses."""
+def _judged(extra: dict, verdict: dict, selection: dict | None = None) -> dict:
+  """A QAT baseline row's extra fields: the verdict, the refusal's reason when it refuses, and the
+  learning-rate selection's record when the rate was chosen from finetune.lr_grid."""
   reason = refusal(verdict)
-  return {**extra, "judge": verdict, **({"refused": reason} if reason else {})}
+  return {**extra, "judge": verdict, **({"refused": reason} if reason else {}),
+          **({"lr_selection": selection} if selection else {})}
+
+
+def _rate_note(out: dict) -> str:
+  """A QAT baseline's learning rate in its setting: as configured, or chosen on held-out images."""
+  return lr_select.summary(out.get("lr_selection")) or f"lr {out['learning_rate']:g}"
 
 
 def _sweep_rows(method, ctx: "CompareContext", run, quantized) -> list[Row]:
+  # A finetuned model whose learning rate was chosen on held-out images carries the selection's record.
+  selection = pipeline.lr_selection(run.workdir) if quantized.finetuned else None
   return [Row(method, f"ratio {p.ratio:g}" + (" (finetuned)" if quantized.finetuned else ""), p.top1,
               p.relative_bops, {"ratio": p.ratio, "low_bit_mac_share": p.low_bit_mac_share,
                                 "finetuned": quantized.finetuned, "agreement": p.agreement, "kl": p.kl,
-                                "sqnr_db": p.sqnr_db})
+                                "sqnr_db": p.sqnr_db, **({"lr_selection": selection} if selection else {})})
           for p in pipeline.sweep(run, quantized, desc=method, float_logits=ctx.float_logits)]
 
 
@@ -236,6 +250,18 @@ def flexiq(ctx: CompareContext) -> list[Row]:
 ONLY100_RATIOS = (0.0, 0.5, 1.0)
 
 
+def _one_pass_epochs(config) -> float:
+  """The epochs of a one-pass-a-step finetune with exactly the passes of the configured one
+  (`finetune.pass_matched_steps`): num_epochs x passes_per_step, unless rounding to whole steps
+  makes that another number of steps (then the epochs of exactly that many)."""
+  train_size = pipeline.train_examples(config)
+  steps = finetune_lib.pass_matched_steps(config.finetune, train_size, passes=1)
+  epochs = float(config.finetune.num_epochs) * finetune_lib.passes_per_step(config.finetune)
+  if train_lib.total_steps_of(epochs, train_size, config.finetune.batch_size) == steps:
+    return epochs
+  return (steps - 0.5) * config.finetune.batch_size / train_size
+
+
 def flexiq_100only(ctx: CompareContext) -> list[Row]:
   """FlexiQ's quantized model finetuned for 100 % only (LSQ's setting: one network for one point),
   in compare/flexiq_100only: every step at ratio 1, no every-step ratios, and as many
@@ -249,11 +275,10 @@ def flexiq_100only(ctx: CompareContext) -> list[Row]:
   """
   quantized = _flexiq_quantized(ctx)
   cfg = copy.deepcopy(ctx.config)
-  passes = finetune_lib.passes_per_step(ctx.config.finetune)
   with cfg.unlocked():
     cfg.finetune.levels, cfg.finetune.level_probs, cfg.finetune.uniform_prob = (1.0,), (1.0,), 0.0
     cfg.finetune.every_step_ratios = ()
-    cfg.finetune.num_epochs = float(ctx.config.finetune.num_epochs) * passes
+    cfg.finetune.num_epochs = _one_pass_epochs(ctx.config)
     cfg.sweep.ratios = ONLY100_RATIOS
   run = pipeline.Run(cfg, os.path.join(ctx.run.workdir, "compare", "flexiq_100only"), ctx.run.mesh)
   return _sweep_rows("flexiq_100only", ctx, run, pipeline.finetune(run, ctx.float_model, quantized))
@@ -556,8 +581,8 @@ def lsq_qat(ctx: CompareContext) -> list[Row]:
                           ctx.float_model.variables, plan, ctx.calibration.folded, tables, bits, ctx.eval_data,
                           ctx.run.mesh, reference_logits=ctx.float_logits)
   ends = " (ends W8A8)" if cc.keep_ends else ""
-  return [Row("lsq_qat", f"W4A4{ends}, {out['steps']} steps, lr {out['learning_rate']:g}{_refused_note(out)}", out["top1"],
-              baselines.relative_bops(plan, bits), _judged(fidelity(out), out["judge"]))]
+  return [Row("lsq_qat", f"W4A4{ends}, {out['steps']} steps, {_rate_note(out)}{_refused_note(out)}", out["top1"],
+              baselines.relative_bops(plan, bits), _judged(fidelity(out), out["judge"], out["lr_selection"]))]
 
 
 def switchable_qat(ctx: CompareContext) -> list[Row]:
@@ -582,9 +607,9 @@ def switchable_qat(ctx: CompareContext) -> list[Row]:
   rows = []
   for out in outs:
     w, a = out["bits"]
-    rows.append(Row("switchable_qat", f"W{w}A{a}{ends}, switchable, {out['steps']} steps, lr "
-                    f"{out['learning_rate']:g}{_refused_note(out)}", out["top1"], out["relative_bops"],
-                    _judged({**fidelity(out), "bits": [w, a]}, out["judge"])))
+    rows.append(Row("switchable_qat", f"W{w}A{a}{ends}, switchable, {out['steps']} steps, "
+                    f"{_rate_note(out)}{_refused_note(out)}", out["top1"], out["relative_bops"],
+                    _judged({**fidelity(out), "bits": [w, a]}, out["judge"], out["lr_selection"])))
   return rows
 
 
@@ -607,8 +632,12 @@ _QAT_BASELINE = (tuple(f"finetune.{k}" for k in baselines.LSQ_FINETUNE_FIELDS)
 # FlexiQ finetuned for 100 % only: its quantized model and the finetune stage's fields but the ratio
 # sampler's (which it sets); every_step_ratios sets its passes.
 _SAMPLER_FIELDS = ("finetune.levels", "finetune.level_probs", "finetune.uniform_prob")
+# The learning-rate selection's fields enter a QAT method's fingerprint only with a grid (`lr_select.config_fields`).
+_LR_FIELDS = ("finetune.lr_grid", "finetune.lr_select_images")
 _FLEXIQ_100ONLY = ("quantize", tuple(name for name, result_free in stage_options.FinetuneOptions.config_names().items()
-                                     if not result_free and name not in _SAMPLER_FIELDS))
+                                     if not result_free and name not in _SAMPLER_FIELDS + _LR_FIELDS))
+# The methods whose learning rate finetune.lr_grid chooses (the finetune stage, for 'flexiq', has its own).
+LR_SELECTED = ("lsq_qat", "switchable_qat", "flexiq_100only")
 METHOD_DEPENDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "flexiq": ("finetune", ("sweep", "compare.finetune")),
     "flexiq_naive": _ABLATION, "flexiq_random": _ABLATION, "flexiq_uniform": _ABLATION,
@@ -641,7 +670,8 @@ def method_fields(config, method: str) -> dict:
     fields and the eval split fields.
   """
   stage, own = METHOD_DEPENDS.get(method, ("finetune", ("layerwise", "sweep", *_compare_fields(config))))
-  return stage_options.fingerprint_fields(config, stage, *own, *EVAL_FIELDS)
+  fields = stage_options.fingerprint_fields(config, stage, *own, *EVAL_FIELDS)
+  return {**fields, **lr_select.config_fields(config)} if method in LR_SELECTED else fields
 
 
 def _compare_fields(config) -> list[str]:
@@ -755,6 +785,7 @@ def write_reports(results: dict, workdir: str, prefix: str = "") -> str:
     text += ("\nRefused by the QAT judge (reported above; left out of the Pareto plot and of the paper tables' "
              "averages and margins):\n\n" + "".join(f"- {r['method']} {r['setting']}: {row_refusal(r)}\n"
                                                     for r in refused))
+  text += lr_note(results["rows"])
   amp_rows = {r["ratio"]: r for r in results["rows"] if r["method"] == "flexiq_amp"}
   evo = {r["ratio"]: r for r in results["rows"] if r["method"] == "flexiq" and not r.get("finetuned")}
   both = [lvl for lvl in amp_rows if lvl in evo]
@@ -782,6 +813,44 @@ def write_reports(results: dict, workdir: str, prefix: str = "") -> str:
     with open(base + "_table.md" if base.endswith("compare") else base + ".md", "w") as f:
       f.write(text)
     plot_pareto(results, base + ("_pareto.png" if base.endswith("compare") else ".png"), title)
+  return text
+
+
+# The QAT methods, whose learning rate finetune.lr_grid chooses.
+QAT_METHODS = ("flexiq", *LR_SELECTED)
+
+
+def lr_note(rows) -> str:
+  """The compare table's paragraph on the QAT methods' learning rates: each method's held-out
+  scores per candidate and its chosen rate (`lr_select`), or that the rates were as configured.
+
+  Args:
+    rows: Row dicts (Row.to_json).
+
+  Returns:
+    Markdown text ('' when no QAT method ran).
+  """
+  qat = [r for r in rows if r["method"] in QAT_METHODS and (r["method"] != "flexiq" or r.get("finetuned"))]
+  chosen = {}
+  for r in qat:
+    if r.get("lr_selection"):
+      chosen.setdefault(r["method"], r["lr_selection"])
+  configured = sorted({r["method"] for r in qat} - set(chosen))
+  text = ""
+  if chosen:
+    first = next(iter(chosen.values()))
+    text += (f"\nLearning rates of the QAT methods: each trained its whole budget at every rate of "
+             "{" + ", ".join(f"{g:g}" for g in first["grid"]) + "} and kept the best on "
+             f"{first['num_images']} held-out training images that no QAT method's batches reach (the eval split is "
+             "never read for it). Held-out top-1 (%) / KL to float per candidate, mean over the method's points:\n\n")
+    text += records.markdown_table(
+        ["method", "criterion", *[f"lr {g:g}" for g in first["grid"]], "chosen"],
+        [[m, sel["criterion"], *[f"{c['top1']:.2f} / {c['kl']:.4g}" for c in sel["candidates"]], f"{sel['chosen']:g}"]
+         for m, sel in chosen.items()])
+  if configured:
+    text += ("\nLearning rates as configured, not chosen on held-out images (finetune.lr_grid=()): "
+             + ", ".join(configured) + " (FlexiQ at finetune.learning_rate, the QAT baselines at "
+             "compare.lsq_learning_rate; each row's setting gives the rate).\n")
   return text
 
 

@@ -281,6 +281,19 @@ class RatioSampler:
     every_step = tuple(float(r) for r in finetune_cfg.get("every_step_ratios", ()))
     return cls(levels, probs, float(finetune_cfg.get("uniform_prob", 0.0)), every_step)
 
+  def trains(self, ratio: float) -> bool:
+    """Whether QAT steps train at `ratio`: a level drawn with a positive probability, an
+    every-step ratio, or any ratio when continuous ratios are drawn.
+
+    Args:
+      ratio: a ratio in [0, 1].
+
+    Returns:
+      True where the sampler can train at `ratio`.
+    """
+    levels = {l for l, p in zip(self.levels, self.level_probs) if p > 0}
+    return self.uniform_prob > 0 or ratio in levels or ratio in self.every_step
+
   def __call__(self, rng):
     pick, cont = jax.random.split(rng)
     levels = jnp.asarray(self.levels, jnp.float32)
@@ -288,6 +301,12 @@ class RatioSampler:
     continuous = jax.random.uniform(cont, (), jnp.float32)
     use_continuous = jax.random.uniform(jax.random.fold_in(cont, 1), ()) < self.uniform_prob
     return jnp.where(use_continuous, continuous, level)
+
+
+# Batch seeds relative to the config's seed: FlexiQ's finetunings (multi-ratio and 100%-only) and the
+# QAT baselines (LSQ, switchable) draw different shuffles of the training split.
+FLEXIQ_SEED_OFFSET = 1
+BASELINE_SEED_OFFSET = 2
 
 
 def passes_per_step(finetune_cfg) -> int:
