@@ -842,8 +842,8 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
   text += ("\n## The 4-bit fixes, after finetuning\n\nTop-1 (%) at 0% · 50% · 100% 4-bit after finetuning (KL in the .json); "
            "each row changes one thing against the configured pipeline (the first column) and runs the whole "
            "pipeline with it (a weight-grid change its own calibration and selection, a finetuning change the "
-           "configured selection). The sandwich row makes three forward+backward passes per step, the others "
-           "one. \"-\": not run in this sweep.\n\n")
+           "configured selection), at the learning rate the configured pipeline's finetuning chose (or was "
+           "given). The sandwich row makes three forward+backward passes per step, the others one. \"-\": not run in this sweep.\n\n")
   labels = [a[0] for a in FINETUNED_ABLATIONS]
   text += records.markdown_table(
       ["model"] + [f"{l} @0% / @50% / @100%" for l in labels],

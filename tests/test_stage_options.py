@@ -108,6 +108,13 @@ KNOWN = {
 }
 
 
+# The defaults that changed since those workdirs were made, as overrides that give their behaviour
+# back: with them, every stage's fingerprint is the old one (the workdirs stay valid for a run
+# that asks for the old settings).
+EARLIER_DEFAULTS = {"quant.weight_scale": "max127"}
+EARLIER_FMNIST_RECIPE = {"train.num_epochs": 1.0, "data.augment": False, "finetune.lr_grid": ()}
+
+
 def _config(name):
   if name.startswith("quickstart"):
     return quickstart.get_config("smoke" if name.endswith("smoke") else None)
@@ -115,14 +122,24 @@ def _config(name):
   return common.model_config(model, fmnist=arg == "fmnist")
 
 
+def _with(config, overrides: dict):
+  for dotted, value in overrides.items():
+    section, key = dotted.split(".")
+    config[section][key] = value
+  return config
+
+
 @pytest.mark.parametrize("name", sorted(KNOWN))
 def test_fingerprints_of_existing_workdirs_are_kept(name):
-  config = _config(name)
+  config = _with(_config(name), {**EARLIER_DEFAULTS, **(EARLIER_FMNIST_RECIPE if name.endswith(":fmnist") else {})})
   got = {s: stage_cache.fingerprint(stage_options.stage_fields(config, s)) for s in stage_options.STAGES}
   assert got == KNOWN[name]
+  # The defaults of today are other fingerprints from calibration on (float too for :fmnist).
+  now = {s: stage_cache.fingerprint(stage_options.stage_fields(_config(name), s)) for s in stage_options.STAGES}
+  assert now["calibrate"] != got["calibrate"] and (now["float"] != got["float"]) == name.endswith(":fmnist")
   # The comparison's rows cache too (a stage's fields plus fields of its own).
-  fields = stage_options.fingerprint_fields(quickstart.get_config("smoke"), "finetune", "layerwise", "sweep",
-                                            "compare.finetune")
+  fields = stage_options.fingerprint_fields(_with(quickstart.get_config("smoke"), EARLIER_DEFAULTS), "finetune",
+                                            "layerwise", "sweep", "compare.finetune")
   assert stage_cache.fingerprint(fields) == "3b02545228c2acd9"
 
 

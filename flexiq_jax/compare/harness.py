@@ -311,9 +311,15 @@ FINETUNED_VARIANT_RATIOS = (0.0, 0.5, 1.0)
 def _flexiq_finetuned_variant(ctx: CompareContext, name: str, overrides: dict) -> list[Row]:
   """FlexiQ with config changes, finetuned, in compare/<name>, swept after finetuning at
   FINETUNED_VARIANT_RATIOS. Stages the changes leave as they are (calibration and selection for
-  a finetuning change) are taken over from the main run's workdir, not recomputed."""
+  a finetuning change) are taken over from the main run's workdir, not recomputed. With
+  finetune.lr_grid the variant trains once, at the rate the main run's finetune chose."""
+  main = _flexiq_quantized(ctx)  # the main run's stages first, so that the variant can share them
+  if ctx.config.finetune.get("lr_grid", ()):
+    # One change at a time: the variant trains at the rate the configured pipeline chose.
+    pipeline.finetune(ctx.run, ctx.float_model, main)
+    chosen = float(pipeline.lr_selection(ctx.run.workdir)["chosen"])
+    overrides = {"finetune.lr_grid": (), "finetune.learning_rate": chosen, **overrides}
   run = _variant_run(ctx, name, {"sweep.ratios": FINETUNED_VARIANT_RATIOS, **overrides})
-  _flexiq_quantized(ctx)  # the main run's stages first, so that the variant can share them
   pipeline.seed_stages(run, [ctx.run.workdir])
   quantized = pipeline.run_until(run, "quantize", float_model=ctx.float_model, evaluate=False).quantized
   try:
