@@ -181,6 +181,8 @@ def test_lower_codes_ste_gradient_passes_inside_the_grid_and_stops_where_clipped
   clipped, 0 where it is (a code the 4-bit grid cannot hold gets no push further out)."""
   q = _codes(seed, signed)
   e = np.random.default_rng(seed).integers(0, 5, size=C)
+  e[1] = 0  # a full-scale code at position 0 clips; channel 0 (all zero) never does
+  q[0, 1] = numerics.int_range(8, signed)[1]
   upstream = np.random.default_rng(seed + 1).normal(size=q.shape).astype(np.float32)
   fwd, vjp = jax.vjp(lambda v: numerics.lower_codes_ste(v, e, signed, axis=1), q)
   np.testing.assert_array_equal(fwd, numerics.lower_codes(q, e, signed, axis=1))
