@@ -2,6 +2,7 @@ r"""The float models of the sweep: each `:fmnist` recipe, its training curve and
 
   python -m experiments.float_recipes                     # every model under workdirs/paper
   python -m experiments.float_recipes --models=resnet18,vit_s --workroot=workdirs/paper
+  python -m experiments.float_recipes --train    # first train (or resume) every unfinished one
 
 Run from the repository root, after (or while) the float models train, e.g.
 `python run.py --config=configs/<name>.py:fmnist --workdir=workdirs/paper/<name> --mode=train`
@@ -123,6 +124,24 @@ def render(info: dict, rows: list[dict]) -> str:
   return "".join(lines)
 
 
+def train_commands(names: list[str], workroot: str) -> list[list[str]]:
+  """`run.py --mode=train` for each model of `names` whose float stage in `workroot` has not
+  finished, at its sweep row's config argument (a killed one resumes from its checkpoint).
+
+  Args:
+    names: config names, in the order to train them.
+    workroot: the parent of the model workdirs.
+
+  Returns:
+    The commands (argument lists).
+  """
+  from experiments import paper_tables
+
+  return [[sys.executable, "run.py", f"--config=configs/{n}.py:{paper_tables.fmnist_arg(n)}",
+           f"--workdir={os.path.join(workroot, n)}", "--mode=train"]
+          for n in names if not os.path.exists(os.path.join(workroot, n, "float", "done.json"))]
+
+
 def main(argv=None) -> int:
   import argparse
 
@@ -136,12 +155,23 @@ def main(argv=None) -> int:
   parser.add_argument("--workroot", default=os.path.join("workdirs", "paper"), help="parent of the model workdirs")
   parser.add_argument("--out", default=os.path.join("experiments", "results", "float_recipes"),
                       help="output path without extension; .json and .md are written")
+  parser.add_argument("--train", action="store_true",
+                      help="first train every listed model whose float stage is not finished, one after another")
   args = parser.parse_args(argv)
   names = [n for n in args.models.split(",") if n]
   unknown = [n for n in names if n not in order]
   if unknown:
     print(f"error: unknown model {', '.join(unknown)}; use config names of {', '.join(order)}", file=sys.stderr)
     return 2
+  if args.train:
+    import subprocess
+
+    for command in train_commands(names, args.workroot):
+      print("+", " ".join(command[1:]), flush=True)
+      if subprocess.run(command, check=False).returncode != 0:
+        print(f"error: {' '.join(command[1:])} failed; its log is above, the models before it are kept",
+              file=sys.stderr)
+        return 1
   rows = [model_row(n, os.path.join(args.workroot, n)) for n in names]
   info = records.run_info(["-m", "experiments.float_recipes"] + list(argv if argv is not None else sys.argv[1:]))
   records.write_json_atomic(args.out + ".json", {**info, "models": rows})

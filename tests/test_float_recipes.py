@@ -40,3 +40,12 @@ def test_a_model_still_training_has_its_curve_but_no_result(tmp_path):
 def test_unknown_models_are_one_error_line(capsys, tmp_path):
   assert float_recipes.main(["--models=nosuch", f"--out={os.path.join(tmp_path, 'x')}"]) == 2
   assert capsys.readouterr().err.startswith("error: unknown model nosuch")
+
+
+def test_train_runs_each_unfinished_model_at_its_sweep_rows_config(tmp_path):
+  _workdir(tmp_path, "resnet18", [(469, 91.0)], 469)  # finished: not trained again
+  commands = float_recipes.train_commands(["resnet18", "vit_s", "efficientnet_lite0"], str(tmp_path))
+  assert [c[2:] for c in commands] == [
+      ["--config=configs/vit_s.py:fmnist", f"--workdir={tmp_path / 'vit_s'}", "--mode=train"],
+      ["--config=configs/efficientnet_lite0.py:fmnist_pretrained", f"--workdir={tmp_path / 'efficientnet_lite0'}",
+       "--mode=train"]]
