@@ -41,12 +41,6 @@ def override(config, changes: dict):
   return config
 
 
-def seed_shared_stages(run: pipeline.Run, siblings: list[str]) -> None:
-  """Copies the finished calibrate/select/quantized stage of a sibling variant whose fingerprint
-  equals this variant's into its workdir, where it has none (`pipeline.seed_stages`)."""
-  pipeline.seed_stages(run, siblings)
-
-
 def run_with_reference_selection(variant: pipeline.Run, float_model, reference_dir: str, base,
                                  finetune: bool = True):
   """calibrate -> (the reference variant's selection) -> quantize [-> finetune] in the variant's

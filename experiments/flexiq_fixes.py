@@ -40,7 +40,7 @@ from flexiq_jax import quantize as quantize_lib
 from flexiq_jax import records
 from flexiq_jax import train as train_lib
 
-from experiments.fixes_variants import VARIANTS, override, run_with_reference_selection, seed_shared_stages
+from experiments.fixes_variants import VARIANTS, override, run_with_reference_selection
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/<name>.py[:args]).",
                                           lock_config=False)
@@ -232,7 +232,7 @@ def main(argv):
     config = override(base, changes)
     variant = pipeline.Run(config, os.path.join(workdir, subdir, name), run.mesh)
     os.makedirs(variant.workdir, exist_ok=True)
-    seed_shared_stages(variant, [os.path.join(workdir, subdir, n) for n in VARIANTS if n != name])
+    pipeline.seed_stages(variant, [os.path.join(workdir, subdir, n) for n in VARIANTS if n != name])
     records.write_run_config(variant.workdir, config)
     ptq = _UNTIL.value == "quantize"
     if _SHARE.value:

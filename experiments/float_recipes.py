@@ -61,8 +61,8 @@ def model_row(name: str, workdir: str) -> dict:
   from configs import common
   from flexiq_jax import models
 
-  spec = models.spec(common_config(name).model.name)
   config = common_config(name)
+  spec = models.spec(config.model.name)
   transformer = spec.transformer
   steps_per_epoch = -(-common.FMNIST_TRAIN_EXAMPLES // config.train.batch_size)
   done = _read_json(os.path.join(workdir, "float", "done.json"))

@@ -587,26 +587,30 @@ FINETUNED_ABLATIONS = (
     ("learnt scales (LSQ)", "flexiq_lsq", "finetune.lsq, lsq_weights, lsq_grad_scale=effective"),
     ("refresh from the quantized model", "flexiq_refresh_quantized", "finetune.refresh_source=quantized"),
 )
-FINETUNED_ABLATION_RATIOS = (0.0, 0.5, 1.0)
+
+
+def _variant_cells(recs, method: str, change: str, ratios, finetuned: bool) -> dict:
+  """One T3 cell: a method's top-1 and KL at `ratios` over seeds, before or after finetuning."""
+  return {"method": method, "change": change, **{
+      f"{field}@{q:g}": per_seed(recs, lambda r, m=method, q=q: find_row(r, m, ratio=q, finetuned=finetuned), field)
+      for q in ratios for field in ("top1", "kl")}}
 
 
 def table3(sweep: dict, ratios=(0.5, 1.0)) -> dict:
   from flexiq_jax.compare import harness  # pylint: disable=g-import-not-at-top
+  finetuned_ratios = harness.FINETUNED_VARIANT_RATIOS
   rows = []
   for model, recs in sweep.items():
     row = {"model": model, "seeds": len(recs), "variants": {}, "finetuned_variants": {}}
     for label, method, change in ABLATIONS:
-      row["variants"][label] = {"method": method, "change": change, **{
-          f"{field}@{q:g}": per_seed(recs, lambda r, m=method, q=q: find_row(r, m, ratio=q, finetuned=False), field)
-          for q in ratios for field in ("top1", "kl")}}
+      row["variants"][label] = _variant_cells(recs, method, change, ratios, finetuned=False)
     for label, method, change in FINETUNED_ABLATIONS:
-      refused = sorted({harness.row_refusal(x) for r in recs for x in r["rows"]
-                        if x["method"] == method and harness.row_refusal(x)})
-      row["finetuned_variants"][label] = {"method": method, "change": change, "refused": refused, **{
-          f"{field}@{q:g}": per_seed(recs, lambda r, m=method, q=q: find_row(r, m, ratio=q, finetuned=True), field)
-          for q in FINETUNED_ABLATION_RATIOS for field in ("top1", "kl")}}
+      refused = sorted({why for r in recs for x in r["rows"] if x["method"] == method
+                        for why in [harness.row_refusal(x)] if why})
+      row["finetuned_variants"][label] = {**_variant_cells(recs, method, change, finetuned_ratios, finetuned=True),
+                                          "refused": refused}
     rows.append(row)
-  return {"ratios": list(ratios), "finetuned_ratios": list(FINETUNED_ABLATION_RATIOS), "rows": rows}
+  return {"ratios": list(ratios), "finetuned_ratios": list(finetuned_ratios), "rows": rows}
 
 
 def macs_now(model: str) -> int:
@@ -848,7 +852,7 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
   text += records.markdown_table(
       ["model"] + [f"{l} @0% / @50% / @100%" for l in labels],
       [[model_label(r["model"])] + [("refused: " if r["finetuned_variants"][l].get("refused") else "") + " · ".join(
-          f"{fmt(r['finetuned_variants'][l][f'top1@{q:g}'])}" for q in FINETUNED_ABLATION_RATIOS) for l in labels]
+          f"{fmt(r['finetuned_variants'][l][f'top1@{q:g}'])}" for q in t3["finetuned_ratios"]) for l in labels]
        for r in t3["rows"] if "finetuned_variants" in r])
   refused = [(r["model"], l, v["refused"]) for r in t3["rows"] for l, v in r.get("finetuned_variants", {}).items()
              if v.get("refused")]
