@@ -205,6 +205,10 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   # 'max127' (d = 127) | 'max112' (d = 112, the 4-bit top at shift 4) | 'joint' (d fitted per channel).
   # A config without the field means 'max127' (the grid of workdirs made before it existed).
   config.quant.weight_scale = "max112"
+  # Signed inputs (after SiLU, GELU, a residual add): 'symmetric' (signed codes) | 'asymmetric'
+  # (unsigned codes with a zero point, a multiple of 16 so that it survives the extraction, where
+  # the calibrated error is smaller; calibrate.asymmetric_grid).
+  config.quant.act_grid = "symmetric"
 
   config.select = ml_collections.ConfigDict()
   config.select.levels = (0.25, 0.5, 0.75, 1.0)  # ratio levels, nested selections
@@ -292,7 +296,7 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
                             "flexiq_no_bias_correction", "flexiq_amp", "layerwise_amp",
                             "ptq_minmax", "ptq_mse", "adaround", "lsq_qat", "switchable_qat", "flexiq_100only",
                             "flexiq_max127", "flexiq_joint", "flexiq_sandwich", "flexiq_lsq",
-                            "flexiq_refresh_quantized")
+                            "flexiq_refresh_quantized", "flexiq_asym")
   config.compare.allowed_drops = (0.25, 1.0, 3.0)  # one layer-wise AMP point each
   config.compare.finetune = True  # FlexiQ's multi-ratio finetuning (and LSQ QAT gets the same budget)
   config.compare.ablation_ratios = ()  # ratios the flexiq_* ablation variants are swept at; () = sweep.ratios

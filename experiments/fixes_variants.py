@@ -27,6 +27,8 @@ VARIANTS = {
     "joint_lsq": {"quant.weight_scale": "joint", **_LSQ},
     # Learnt activation and weight scales, as the LSQ baseline learns them.
     "max112_lsq": {"quant.weight_scale": "max112", **_LSQ, "finetune.lsq_weights": True},
+    # Signed inputs (after SiLU) on an unsigned grid with a zero point that survives extraction.
+    "max112_asym": {"quant.weight_scale": "max112", "quant.act_grid": "asymmetric"},
 }
 
 

@@ -75,6 +75,10 @@ def quantize_codes(info: LayerInfo, x, kernel, lq: dict, lowered, *, signed: boo
   counted on its own 4-bit grid (`numerics.lsq_extraction`; the returned activation scale then
   carries no gradient, the codes carry it all).
 
+  On an asymmetric grid (lq['act_zero'] = z, unsigned codes) the codes are clip(round(x / s) + z,
+  0, 255) and their real value (q - z) * s: the codes returned include z (`act_zero_point`), and
+  z survives the extraction (`numerics.zero_point_candidates`).
+
   The weight codes come from, in this order of precedence: lq['weight_scale'] (a serving export whose
   kernel already holds the int8 codes), lq['lsq_weight_scale'] (a learnt per-output-channel scale), or
   max |w| / `weight_qmax(lq)` per output channel.
@@ -100,25 +104,26 @@ def quantize_codes(info: LayerInfo, x, kernel, lq: dict, lowered, *, signed: boo
     ValueError: `lsq_grad_scale` is neither 'qmax8' nor 'effective'.
   """
   s_x = lq["act_scale"]
+  z = act_zero_point(lq)
   qmin, qmax = numerics.int_range(8, signed)
   lower = numerics.lower_codes_ste if ste else numerics.lower_codes
   if lsq and ste and lsq_grad_scale == "effective":
     xq = lsq_extraction.lsq_quantize_lower(x, s_x, lq["act_e"], lowered, signed=signed,
-                                           features=x.size // x.shape[0])
+                                           features=x.size // x.shape[0], zero_point=z)
     s_x = jax.lax.stop_gradient(s_x)
   elif lsq_grad_scale not in ("qmax8", "effective"):
     raise ValueError(f"unknown lsq_grad_scale {lsq_grad_scale!r}; use 'qmax8' or 'effective'")
   elif lsq:
     # LSQ's activation gradient scale counts the features of one example, not the batch.
     g = numerics.lsq_default_grad_scale(x.size // x.shape[0], 1, qmax)
-    xq = numerics.lsq_fake_quant(x, s_x, qmin, qmax, g) / s_x
+    xq = numerics.lsq_fake_quant(x, s_x, qmin, qmax, g, zero_point=z) / s_x + z
     # codes·s/s is an integer only up to roundoff, which can flip the extraction's rounding at a
     # half step: the value is rounded back to the exact code, the gradients are kept.
     xq = jax.lax.stop_gradient(jnp.round(xq)) + (xq - jax.lax.stop_gradient(xq))
   elif ste:
-    xq = jnp.clip(numerics.round_ste(x / s_x), qmin, qmax)
+    xq = jnp.clip(numerics.round_ste(x / s_x) + z, qmin, qmax)
   else:
-    xq = jnp.clip(jnp.round(x / s_x), qmin, qmax)
+    xq = jnp.clip(jnp.round(x / s_x) + z, qmin, qmax)
   if not (lsq and ste and lsq_grad_scale == "effective"):  # there the codes come lowered
     xq = jnp.where(lowered, lower(xq, lq["act_e"], signed=signed), xq)
 
@@ -191,6 +196,18 @@ def masked_channel_sum(info: LayerInfo, lowered, table):
   return jnp.sum(jnp.where(gather_channel(lowered, info), table, 0), axis=0)
 
 
+def act_zero_point(lq: dict):
+  """The activation grid's zero point: lq['act_zero'] on an asymmetric grid, else 0.
+
+  Args:
+    lq: the layer's quantization variables.
+
+  Returns:
+    A float (a traced scalar where lq holds one): the code of the real zero.
+  """
+  return lq.get("act_zero", 0.0)
+
+
 def weight_qmax(lq: dict):
   """The code max |w| of each output channel lands on: qvars' 'weight_qmax' (O,) where
   `quant.weight_scale` chose one (`numerics.weight_grid`), else 127.
@@ -253,8 +270,9 @@ def quantized_forward(call: LayerCall, x, lq: dict, lowered, *, signed: bool, mo
   x = as_matrix_input(info, x)
   xq, wq, s_x, s_w, bias_shift = quantize_codes(info, x, kernel, lq, lowered, signed=signed,
                                                 ste=mode == "fake", lsq=lsq, lsq_grad_scale=lsq_grad_scale)
+  z = act_zero_point(lq)
   if mode == "fake":
-    xd, wd = xq * s_x, wq * s_w
+    xd, wd = (xq - z) * s_x, wq * s_w
     if info.kind == "dense":
       y = xd @ wd
     else:
@@ -265,24 +283,27 @@ def quantized_forward(call: LayerCall, x, lq: dict, lowered, *, signed: bool, mo
   shift = 0 if signed else 128
   xi = (xq - shift).astype(jnp.int8)
   wi = wq.astype(jnp.int8)
+  # Σ (q - z) w = Σ (q - shift) w + (shift - z) Σ w: the int8 GEMM on shifted codes, then one
+  # per-output correction (z = 0 on a symmetric grid; shift = 128 for unsigned codes).
+  offset = jnp.asarray(shift, jnp.int32) - jnp.asarray(z, jnp.float32).astype(jnp.int32)
   if info.kind == "dense":
     acc = lax.dot_general(xi, wi, (((xi.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
     if shift:
-      acc = acc + shift * jnp.sum(wi.astype(jnp.int32), axis=0)
+      acc = acc + offset * jnp.sum(wi.astype(jnp.int32), axis=0)
   else:
     padding = conv_padding(module, x.shape, kernel.shape)
     dilation = None
     if shift:
       # Border padding and, for an input-dilated (transposed) conv, the zeros inserted between
-      # inputs are real zeros: code -shift once shifted. lax.pad writes both (interior padding =
-      # dilation - 1; negative borders crop as in the conv), then the conv runs undilated.
+      # inputs are real zeros: code z - shift once shifted. lax.pad writes both (interior padding
+      # = dilation - 1; negative borders crop as in the conv), then the conv runs undilated.
       d = spatial_pair(module.input_dilation)
       pads = [(0, 0, 0), (*padding[0], d[0] - 1), (*padding[1], d[1] - 1), (0, 0, 0)]
-      xi = lax.pad(xi, jnp.int8(-shift), pads)
+      xi = lax.pad(xi, (-offset).astype(jnp.int8), pads)
       padding, dilation = [(0, 0), (0, 0)], 1
     acc = conv(module, xi, wi, padding, preferred=conv_accumulator, input_dilation=dilation)
     if shift:
-      acc = acc + shift * jnp.sum(wi.astype(acc.dtype), axis=(0, 1, 2))
+      acc = acc + offset.astype(acc.dtype) * jnp.sum(wi.astype(acc.dtype), axis=(0, 1, 2))
   y = acc.astype(jnp.float32) * (s_x * s_w)
   return finish(info, y + bias_shift, bias)
 

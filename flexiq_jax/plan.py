@@ -42,7 +42,8 @@ class QuantPlan:
     minimum is negative), unsigned otherwise. This is empirical, not proven from the graph: a
     negative input at test time clips to 0. `input_negatives` records the evidence per layer
     (statistics from `calibrate.calibrate` count the negative values; older ones only hold the
-    minimum, which decides alone)."""
+    minimum, which decides alone). A layer calibrated onto an asymmetric grid (a positive
+    'act_zero_point', `calibrate.asymmetric_grid`) has unsigned codes whatever its input's sign."""
     evidence = {}
     for p in self.quantized:
       entry = {"min": float(np.min(stats[p]["ch_min"]))}
@@ -51,7 +52,8 @@ class QuantPlan:
         values = int(np.asarray(stats[p]["input_rows"], np.int64)) * int(np.size(stats[p]["negative_count"]))
         entry.update(negative_count=count, values=values, negative_fraction=count / max(values, 1))
       evidence[p] = entry
-    signed = {p: bool(e["negative_count"] > 0 if "negative_count" in e else e["min"] < 0) for p, e in evidence.items()}
+    signed = {p: bool(e["negative_count"] > 0 if "negative_count" in e else e["min"] < 0)
+              and not float(stats[p].get("act_zero_point", 0.0)) > 0 for p, e in evidence.items()}
     plan = dataclasses.replace(self, signed=signed,
                                input_negatives={p: e for p, e in evidence.items() if "negative_count" in e})
     # Each matmul operand likewise (softmax probabilities are >= 0: unsigned).
@@ -64,7 +66,9 @@ class QuantPlan:
     line = f"{len(unsigned)} of {len(self.quantized)} quantized layers have unsigned inputs"
     if self.input_negatives:
       signed = [e["negative_fraction"] for p, e in self.input_negatives.items() if self.signed.get(p)]
-      line += " (no negative value in calibration)"
+      shifted = sum(1 for p in unsigned if self.input_negatives.get(p, {}).get("negative_count", 0) > 0)
+      line += (" (no negative value in calibration" + (f"; {shifted} on an asymmetric grid with a zero point)"
+                                                       if shifted else ")"))
       if signed:
         line += f"; the signed ones saw {min(signed):.2g} to {max(signed):.2g} of their inputs negative"
     return line

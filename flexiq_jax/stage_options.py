@@ -23,6 +23,7 @@ from flexiq_jax import finetune as finetune_lib
 from flexiq_jax import stage_cache
 from flexiq_jax import select as select_lib
 from flexiq_jax import train as train_lib
+from flexiq_jax.calibrate.statistics import ACT_GRIDS  # signed inputs' grids (`quant.act_grid`)
 from flexiq_jax.plan import ATTENTION_MODES
 
 # Config sections a fingerprint holds as one nested value (the rest by dotted name).
@@ -241,6 +242,8 @@ class CalibrateOptions(Options):
   attention: str = option("int8", "quant.attention")
   # The lowerable layers' 8-bit weight scale max|w|/d per output channel (numerics.weight_grid).
   weight_scale: str = option("max127", "quant.weight_scale", omit_when=("max127",))
+  # Signed inputs on an asymmetric grid with a zero point where its error is smaller (calibrate).
+  act_grid: str = option("symmetric", "quant.act_grid", omit_when=("symmetric",))
   seed: int = option(0, "seed")  # which training images calibrate
   data: DataOptions = dataclasses.field(default_factory=DataOptions)
 
@@ -249,6 +252,7 @@ class CalibrateOptions(Options):
     _check_choice("quant.extraction", self.extraction, ("fitted", "naive"))
     _check_choice("quant.attention", self.attention, ATTENTION_MODES)
     _check_choice("quant.weight_scale", self.weight_scale, WEIGHT_SCALES)
+    _check_choice("quant.act_grid", self.act_grid, ACT_GRIDS)
 
 
 def check_levels(levels) -> tuple[float, ...]:

@@ -59,7 +59,7 @@ def calibrate(float_model: FloatModel, batches, options: CalibrateOptions, plann
   quant_plan, folded = planned or plan(float_model, batches[0].shape[1:], options)
   stats = calibrate_lib.calibrate(float_model.model, quant_plan, folded, batches, method=options.act_calibration,
                                   percentile=options.percentile, extraction=options.extraction,
-                                  weight_scale=options.weight_scale)
+                                  weight_scale=options.weight_scale, act_grid=options.act_grid)
   return Calibration(quant_plan.with_signedness(stats), folded, stats)
 
 

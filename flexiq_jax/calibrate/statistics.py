@@ -11,7 +11,11 @@ Weight extraction positions f_c are fitted on the (BN-folded) weight codes direc
 Activation quantization is symmetric per tensor: unsigned [0, 255] where no calibration input
 value is negative (e.g. after ReLU), signed [-128, 127] otherwise. The first pass counts the
 negative values per channel, and the plan records them (`QuantPlan.input_negatives`): the sign is
-empirical, not proven from the graph.
+empirical, not proven from the graph. With `act_grid='asymmetric'` a signed input may instead get
+an unsigned grid with a zero point (`asymmetric_grid`: one zero point per tensor, a multiple of 16
+so that it survives the extraction), where that grid's calibrated error is smaller: inputs whose
+negative side is short (after SiLU, GELU, Hardswish) then keep 4-bit levels for their positive
+range instead of spending half the 4-bit grid on values that never occur.
 
 The quantized activation x activation matmuls (`plan.quantized_matmuls`: attention's q·kᵀ and
 attn·v) get one more pass: the per-tensor min/max of both operands (`OperandRanges`), hence each
@@ -40,6 +44,10 @@ from flexiq_jax.plan import QuantPlan
 
 EXTRACTION_CANDIDATES = (0, 1, 2, 3, 4)
 NAIVE_EXTRACTION = 4  # drop the 4 low bits
+ACT_GRIDS = ("symmetric", "asymmetric")
+# An asymmetric grid's zero point is a multiple of this, 2^(bits - low bits): every extraction
+# position's step divides it (numerics.zero_point_candidates).
+ZERO_POINT_STEP = 16
 
 
 def _add64(a, b):
@@ -75,16 +83,29 @@ class AbsHistograms:
 
 @dataclasses.dataclass(frozen=True)
 class CodeHistograms:
-  """Per-channel histograms of the 8-bit codes at the calibrated scales (extraction fits)."""
+  """Per-channel histograms of the 8-bit codes at the calibrated scales (extraction fits).
+
+  `zero_points` {path: z} gives a layer an unsigned grid with zero point z (codes
+  clip(round(x / s) + z, 0, 255)); `alternatives` {path: (scale, z)} adds, as 'codes_alt', the
+  histogram of the same input on a second, unsigned grid (the asymmetric candidate).
+  """
 
   scales: dict
   signed: dict
-  merge = {"codes": np.add}
+  zero_points: dict = dataclasses.field(default_factory=dict)
+  alternatives: dict = dataclasses.field(default_factory=dict)
+  merge = {"codes": np.add, "codes_alt": np.add}
 
   def statistics(self, path, x):
     qmin, qmax = numerics.int_range(8, self.signed[path])
-    q = jnp.clip(jnp.round(x / self.scales[path]), qmin, qmax)
-    return {"codes": numerics.code_histogram(q, axis=-1, signed=self.signed[path])}
+    z = self.zero_points.get(path, 0)
+    q = jnp.clip(jnp.round(x / self.scales[path]) + z, qmin, qmax)
+    out = {"codes": numerics.code_histogram(q, axis=-1, signed=self.signed[path])}
+    if path in self.alternatives:
+      scale, z = self.alternatives[path]
+      q = jnp.clip(jnp.round(x / scale) + z, 0, 255)
+      out["codes_alt"] = numerics.code_histogram(q, axis=-1, signed=False)
+    return out
 
 
 class OperandRanges:
@@ -199,7 +220,51 @@ def _act_scale(method, absmax, signed, hist=None, percentile=99.99):
   return max(float(clip), numerics.MIN_RANGE) / qmax
 
 
-def code_moments(hist, act_e, signed: bool):
+def asymmetric_grid(lo: float, hi: float) -> tuple[float, int] | None:
+  """The unsigned 8-bit grid over [lo, hi] (lo < 0 < hi) whose zero point survives extraction.
+
+  The zero point z is the smallest multiple of ZERO_POINT_STEP (16) at or above the exact one
+  255 * (-lo) / (hi - lo), so the negative end stays covered, and the scale is the smallest that
+  covers both ends: max(hi / (255 - z), -lo / z). Real value = (code - z) * scale.
+
+  Args:
+    lo: the range's negative end.
+    hi: the range's positive end.
+
+  Returns:
+    (scale, z), or None where the range is not strictly around zero or z would leave no code
+    for the positive side.
+  """
+  if not (lo < 0.0 < hi):
+    return None
+  exact = 255.0 * (-lo) / (hi - lo)
+  z = ZERO_POINT_STEP * max(1, int(np.ceil(exact / ZERO_POINT_STEP - 1e-9)))
+  if z > 255 - ZERO_POINT_STEP:
+    return None
+  return max(hi / (255 - z), -lo / z, numerics.MIN_RANGE), z
+
+
+def grid_error(hist, scale: float, signed: bool, candidates=EXTRACTION_CANDIDATES) -> tuple[float, np.ndarray]:
+  """A layer's calibrated squared error on one grid, in real units per value: Σ over channels of
+  the mean squared lowering error at each channel's best extraction position plus the 8-bit
+  rounding error (1/12 of a step squared), times scale². The quantity `act_grid='asymmetric'`
+  compares between the symmetric and the asymmetric grid of a signed input.
+
+  Args:
+    hist: (C, 256) per-channel code histogram on the grid.
+    scale: the grid's step.
+    signed: whether the grid is signed.
+    candidates: the extraction positions allowed on it.
+
+  Returns:
+    (error, act_e): the summed error and the (C,) fitted extraction positions.
+  """
+  act_e = np.asarray(numerics.fit_extraction_from_histogram(hist, signed=signed, candidates=candidates))
+  sq_err, _, _ = code_moments(hist, act_e, signed)
+  return float(np.sum(sq_err + 1.0 / 12.0) * scale ** 2), act_e
+
+
+def code_moments(hist, act_e, signed: bool, zero_point: float = 0.0):
   """From per-channel 8-bit code histograms (C, 256) and extraction positions (C,): the mean
   squared lowering error (code units), and the mean code before and after lowering — the
   expected shift a lowered channel adds to the layer output, which bias correction removes
@@ -209,6 +274,8 @@ def code_moments(hist, act_e, signed: bool):
     hist: (C, 256) per-channel code histogram (bin k is code qmin + k).
     act_e: (C,) activation extraction positions.
     signed: whether the codes are signed.
+    zero_point: the grid's zero point; the means are returned relative to it (code - z, the
+      value the GEMM multiplies), so they mean the same on every grid.
 
   Returns:
     (sq_err, mean_code, mean_lowered): three float64 (C,) numpy arrays, in code units.
@@ -220,7 +287,10 @@ def code_moments(hist, act_e, signed: bool):
                                             np.asarray(act_e)[:, None], signed=signed))
   counts = np.maximum(hist.sum(1), 1.0)
   sq_err = (hist * (code_values[None, :] - lowered) ** 2).sum(1) / counts
-  return sq_err, (hist * code_values[None, :]).sum(1) / counts, (hist * lowered).sum(1) / counts
+  empty = hist.sum(1) == 0
+  mean_code = np.where(empty, 0.0, (hist * code_values[None, :]).sum(1) / counts - zero_point)
+  mean_lowered = np.where(empty, 0.0, (hist * lowered).sum(1) / counts - zero_point)
+  return sq_err, mean_code, mean_lowered
 
 
 def weight_extraction(info, kernel, candidates=EXTRACTION_CANDIDATES, qmax=layer_ops.WEIGHT_QMAX):
@@ -243,7 +313,8 @@ def weight_extraction(info, kernel, candidates=EXTRACTION_CANDIDATES, qmax=layer
 
 
 def calibrate(model, plan: QuantPlan, variables, batches: Sequence[np.ndarray], *, method: str = "minmax",
-              percentile: float = 99.99, extraction: str = "fitted", weight_scale: str = "max127") -> dict:
+              percentile: float = 99.99, extraction: str = "fitted", weight_scale: str = "max127",
+              act_grid: str = "symmetric") -> dict:
   """Returns {path: {name: numpy array}} (`plan.with_signedness` reads the input signs from it).
 
   Per layer: 'ch_min', 'ch_max' (C,); 'act_scale' (); 'act_e', 'weight_e' (C,) int32;
@@ -257,6 +328,10 @@ def calibrate(model, plan: QuantPlan, variables, batches: Sequence[np.ndarray], 
   With `weight_scale` other than 'max127' (`numerics.weight_grid`), also 'weight_qmax' (O,)
   float32: the code each output channel's max |w| lands on (the weight scale is max |w| / it);
   'weight_e' and 'weight_lowering_error' are fitted on that grid.
+  With `act_grid='asymmetric'`, also 'act_zero_point' () float32 per layer (0 on a symmetric
+  grid) and, for each signed input, 'grid_error_symmetric' / 'grid_error_asymmetric' (`grid_error`;
+  the smaller one's grid is taken, `asymmetric_grid`). The mean codes are relative to the zero
+  point (`code_moments`).
   `variables` must be BN-folded when the plan folds (see plan.fold_batchnorm).
 
   Args:
@@ -269,6 +344,8 @@ def calibrate(model, plan: QuantPlan, variables, batches: Sequence[np.ndarray], 
     percentile: the percentile of |x| for method 'percentile'.
     extraction: 'fitted' (positions minimising the lowering error) or 'naive' (e = 4 everywhere).
     weight_scale: one of `weight_grid.WEIGHT_SCALE_MODES`.
+    act_grid: 'symmetric' (every input on a symmetric grid) or 'asymmetric' (a signed input on
+      an unsigned grid with a zero point where that grid's calibrated error is smaller).
 
   Returns:
     {path: {name: numpy array}} for every quantized layer and matmul, as listed above.
@@ -283,6 +360,8 @@ def calibrate(model, plan: QuantPlan, variables, batches: Sequence[np.ndarray], 
     raise ValueError(f"unknown extraction {extraction!r}; use 'fitted' or 'naive'")
   if weight_scale not in weight_grid.WEIGHT_SCALE_MODES:
     raise ValueError(f"unknown weight_scale {weight_scale!r}; use one of {', '.join(weight_grid.WEIGHT_SCALE_MODES)}")
+  if act_grid not in ACT_GRIDS:
+    raise ValueError(f"unknown act_grid {act_grid!r}; use one of {', '.join(ACT_GRIDS)}")
   batches = list(batches)
   ranges = collect(model, plan, variables, batches, ChannelRanges())
   absmax = {p: float(max(-r["min"].min(), r["max"].max())) for p, r in ranges.items()}
@@ -292,19 +371,32 @@ def calibrate(model, plan: QuantPlan, variables, batches: Sequence[np.ndarray], 
     hists = collect(model, plan, variables, batches, AbsHistograms(absmax))
   scales = {p: _act_scale(method, absmax[p], signed[p], hists.get(p, {}).get("hist"), percentile)
             for p in plan.quantized}
-  codes = collect(model, plan, variables, batches, CodeHistograms(scales, signed))
+  alternatives = {}
+  if act_grid == "asymmetric":
+    for p in plan.quantized:
+      if signed[p]:  # the positive end: the calibrated maximum, within the method's clip
+        hi = min(float(np.max(ranges[p]["max"])), scales[p] * numerics.int_range(8, True)[1])
+        if (grid := asymmetric_grid(float(np.min(ranges[p]["min"])), hi)) is not None:
+          alternatives[p] = grid
+  codes = collect(model, plan, variables, batches, CodeHistograms(scales, signed, {}, alternatives))
+  candidates = EXTRACTION_CANDIDATES if extraction == "fitted" else (NAIVE_EXTRACTION,)
 
   out = {}
   for p in plan.quantized:
     info = plan.layers[p]
     hist = np.asarray(codes[p]["codes"], np.float64)
-    if extraction == "fitted":
-      act_e = np.asarray(numerics.fit_extraction_from_histogram(hist, signed=signed[p],
-                                                             candidates=EXTRACTION_CANDIDATES))
-    else:
-      act_e = np.full(info.in_channels, NAIVE_EXTRACTION)
-    sq_err, mean_code, mean_lowered = code_moments(hist, act_e, signed[p])
-    act_err = sq_err * scales[p] ** 2
+    act_e = np.asarray(numerics.fit_extraction_from_histogram(hist, signed=signed[p], candidates=candidates))
+    scale, layer_signed, zero_point, grid_errors = scales[p], signed[p], 0, {}
+    if p in alternatives:
+      alt_scale, alt_z = alternatives[p]
+      alt_hist = np.asarray(codes[p]["codes_alt"], np.float64)
+      sym_error, _ = grid_error(hist, scale, True, candidates)
+      alt_error, alt_e = grid_error(alt_hist, alt_scale, False, numerics.zero_point_candidates(alt_z, candidates))
+      grid_errors = {"grid_error_symmetric": np.float32(sym_error), "grid_error_asymmetric": np.float32(alt_error)}
+      if alt_error < sym_error:
+        hist, act_e, scale, layer_signed, zero_point = alt_hist, alt_e, alt_scale, False, alt_z
+    sq_err, mean_code, mean_lowered = code_moments(hist, act_e, layer_signed, zero_point)
+    act_err = sq_err * scale ** 2
 
     kernel = get_path(variables["params"], p)["kernel"]
     qmax_w = weight_grid.weight_qmax(weight_scale, interception.kernel_matrix(info, kernel),
@@ -313,7 +405,7 @@ def calibrate(model, plan: QuantPlan, variables, batches: Sequence[np.ndarray], 
                                    else (NAIVE_EXTRACTION,), qmax_w)
     out[p] = {
         "ch_min": np.asarray(ranges[p]["min"], np.float32), "ch_max": np.asarray(ranges[p]["max"], np.float32),
-        "act_scale": np.float32(scales[p]), "act_e": act_e.astype(np.int32),
+        "act_scale": np.float32(scale), "act_e": act_e.astype(np.int32),
         "weight_e": np.asarray(w_e, np.int32), "act_lowering_error": act_err.astype(np.float32),
         "weight_lowering_error": np.asarray(w_err, np.float32),
         "act_mean_code": mean_code.astype(np.float32), "act_mean_lowered": mean_lowered.astype(np.float32),
@@ -321,6 +413,8 @@ def calibrate(model, plan: QuantPlan, variables, batches: Sequence[np.ndarray], 
     }
     if weight_scale != "max127":
       out[p]["weight_qmax"] = np.asarray(qmax_w, np.float32)
+    if act_grid != "symmetric":
+      out[p].update(act_zero_point=np.float32(zero_point), **grid_errors)
   out.update(matmul_calibration(model, plan, variables, batches))
   return out
 

@@ -111,11 +111,13 @@ def refresh_after_finetuning(model, plan: QuantPlan, qvars, batches, *, extracti
     raise ValueError(f"unknown refresh source {source!r}; use 'float' or 'quantized'")
   quant = qvars["quant"]
   scales = {p: float(get_path(quant, p)["act_scale"]) for p in plan.quantized}
+  zeros = {p: float(layer_ops.act_zero_point(get_path(quant, p))) for p in plan.quantized}
+  histograms = calib.CodeHistograms(scales, plan.signed, {p: z for p, z in zeros.items() if z})
   variables = {k: v for k, v in qvars.items() if k in ("params", "batch_stats")}
   if source == "float":
-    codes = calib.collect(model, plan, variables, list(batches), calib.CodeHistograms(scales, plan.signed))
+    codes = calib.collect(model, plan, variables, list(batches), histograms)
   else:
-    codes = collect_quantized(model, plan, qvars, list(batches), calib.CodeHistograms(scales, plan.signed))
+    codes = collect_quantized(model, plan, qvars, list(batches), histograms)
   for p in plan.quantized:
     entry = dict(get_path(quant, p))
     kernel = get_path(qvars["params"], p)["kernel"]
@@ -123,7 +125,7 @@ def refresh_after_finetuning(model, plan: QuantPlan, qvars, batches, *, extracti
       entry["weight_e"] = jnp.asarray(calib.weight_extraction(plan.layers[p], kernel,
                                                               qmax=layer_ops.weight_qmax(entry))[0], jnp.int32)
     if "mean_code" in entry:
-      _, mean_code, mean_lowered = calib.code_moments(codes[p]["codes"], entry["act_e"], plan.signed[p])
+      _, mean_code, mean_lowered = calib.code_moments(codes[p]["codes"], entry["act_e"], plan.signed[p], zeros[p])
       entry["mean_code"] = jnp.asarray(mean_code, jnp.float32)
       entry["mean_lowered"] = jnp.asarray(mean_lowered, jnp.float32)
     quant = interception.set_path(quant, p, entry)

@@ -17,7 +17,7 @@ from flexiq_jax.numerics.ranges import (DEFAULT_NUM_BINS, histogram, histogram_e
 from flexiq_jax.numerics.extraction import (DEFAULT_CANDIDATES, code_histogram, extraction_errors,
                                          extraction_errors_from_histogram, fit_extraction,
                                          fit_extraction_from_histogram, lower_codes, lower_codes_ste,
-                                         lowering_error)
+                                         lowering_error, zero_point_candidates)
 from flexiq_jax.numerics.quantizers import (MIN_RANGE, WEIGHT_QMAX_8BIT, dequantize, fake_quant,
                                             fake_quant_traced_bits, fake_quant_weight_traced_bits, int_range,
                                             lsq_default_grad_scale, lsq_fake_quant, per_channel_weight_scale,
@@ -33,5 +33,5 @@ __all__ = [
     "lower_codes", "lower_codes_ste", "lowering_error",
     "lsq_default_grad_scale", "lsq_fake_quant", "minmax_range", "mse_range", "mse_range_from_histogram",
     "occupied_range", "pack_int4", "per_channel_weight_scale", "percentile_range", "percentile_range_from_histogram", "quantize",
-    "round_ste", "scale_from_range", "shrink_factors", "traced_int_range", "unpack_int4",
+    "round_ste", "scale_from_range", "shrink_factors", "traced_int_range", "unpack_int4", "zero_point_candidates",
 ]

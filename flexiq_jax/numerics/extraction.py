@@ -106,6 +106,27 @@ def lower_codes_ste(q, e, signed: bool, low_bits: int = 4, *, axis: int | None =
   return passed + jax.lax.stop_gradient(lowered - passed)
 
 
+def zero_point_candidates(zero_point: int, candidates: Sequence[int] = DEFAULT_CANDIDATES,
+                          low_bits: int = 4) -> tuple[int, ...]:
+  """The extraction positions that keep an unsigned grid's zero point exact after lowering.
+
+  On an asymmetric grid the real zero is the code `zero_point` (z). A channel lowered at e keeps
+  the codes {0, 1, ..., 2^low_bits - 1} * 2^e, so z survives the extraction (`lower_codes(z, e) ==
+  z`: zero padding, ReLU-like zeros and the bias correction stay exact) exactly when 2^e divides
+  z and z <= (2^low_bits - 1) * 2^e. z = 0 (a symmetric grid) allows every candidate.
+
+  Args:
+    zero_point: the 8-bit zero point z, a non-negative Python int.
+    candidates: extraction positions to filter.
+    low_bits: the lowered bit width.
+
+  Returns:
+    The sorted candidates e that keep z exact; empty if none does.
+  """
+  z, top = int(zero_point), 2 ** low_bits - 1
+  return tuple(sorted(int(e) for e in set(candidates) if z % (1 << int(e)) == 0 and z <= top << int(e)))
+
+
 def _check_candidates(candidates: Sequence[int], bits: int, low_bits: int) -> tuple[int, ...]:
   """Sorted, de-duplicated static candidates, each in [0, bits - low_bits]."""
   cands = tuple(sorted({int(c) for c in candidates}))

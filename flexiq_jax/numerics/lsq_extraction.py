@@ -29,8 +29,13 @@ from flexiq_jax.numerics.quantizers import _scale_gradient, int_range
 from flexiq_jax.numerics.shapes import expand_to_axis
 
 
-def lsq_quantize_lower(x, scale, e, lowered, *, signed: bool, features: int, bits: int = 8, low_bits: int = 4):
+def lsq_quantize_lower(x, scale, e, lowered, *, signed: bool, features: int, bits: int = 8, low_bits: int = 4,
+                       zero_point=0.0):
   """Codes of `x` (float, integer-valued) at scale `scale`, channels `lowered` extracted at `e`.
+
+  On an asymmetric grid (`zero_point` z > 0, unsigned codes) the codes are clip(round(x / s) + z)
+  and the real value (codes - z) * s; the gradients are those of that value (d/ds of an element
+  clipped at the grid's end is its code minus z).
 
   Args:
     x: activations (..., C), channels last.
@@ -40,11 +45,12 @@ def lsq_quantize_lower(x, scale, e, lowered, *, signed: bool, features: int, bit
     signed: the grid's sign.
     features: N, the values per example that share the scale (LSQ's gradient scale).
     bits, low_bits: the base and the lowered width.
+    zero_point: the grid's zero point z (a scalar holding an integer; 0 on a symmetric grid).
   Returns:
     Codes in 8-bit units (the lowered ones multiples of 2^e), exactly the values of
-    `where(lowered, lower_codes(q, e), q)` with `q = clip(round(x / scale))`. Multiplied by
-    `stop_gradient(scale)` they carry the gradients of the module docstring (to `x` and to
-    `scale`); do not multiply them by a `scale` that carries a gradient as well.
+    `where(lowered, lower_codes(q, e), q)` with `q = clip(round(x / scale) + z)`. Minus z and
+    multiplied by `stop_gradient(scale)` they carry the gradients of the module docstring (to `x`
+    and to `scale`); do not multiply them by a `scale` that carries a gradient as well.
   """
   x = jnp.asarray(x)
   qmin, qmax = int_range(bits, signed)
@@ -53,8 +59,9 @@ def lsq_quantize_lower(x, scale, e, lowered, *, signed: bool, features: int, bit
   e = expand_to_axis(jnp.asarray(e, jnp.int32), x.ndim, axis)
   lowered = expand_to_axis(jnp.asarray(lowered), x.ndim, axis)
   s = jax.lax.stop_gradient(scale)
-  v = x / s
-  q = jnp.clip(jnp.round(v), qmin, qmax)
+  z = jax.lax.stop_gradient(jnp.asarray(zero_point, x.dtype))
+  v = x / s + z
+  q = jnp.clip(jnp.round(x / s) + z, qmin, qmax)
   low = lower_codes(q, e, signed=signed, low_bits=low_bits)
   codes = jax.lax.stop_gradient(jnp.where(lowered, low, q))
   step = jnp.exp2(e.astype(x.dtype))
@@ -68,6 +75,6 @@ def lsq_quantize_lower(x, scale, e, lowered, *, signed: bool, features: int, bit
   per_element = jnp.where(lowered, g4 / (step * step), g8)
   # Surrogate in real units: its value is 0, its gradients those of the docstring.
   scale_b = _scale_gradient(jnp.broadcast_to(scale, x.shape), jax.lax.stop_gradient(per_element))
-  offset = jax.lax.stop_gradient(codes - v * inside_f)
+  offset = jax.lax.stop_gradient(codes - z - (v - z) * inside_f)
   surrogate = inside_f * x + scale_b * offset
   return codes + (surrogate - jax.lax.stop_gradient(surrogate)) / s  # the value: codes + 0, exactly

@@ -186,14 +186,14 @@ def lsq_default_grad_scale(x_size: int, num_scales: int, qmax):
   return 1.0 / jnp.sqrt(x_size / num_scales * jnp.asarray(qmax, jnp.float32))
 
 
-def lsq_fake_quant(x, scale, qmin, qmax, grad_scale=None, *, axis: int | None = None):
-  """Learned Step Size Quantization (Esser et al., ICLR 2020): symmetric fake quant, zero point 0.
+def lsq_fake_quant(x, scale, qmin, qmax, grad_scale=None, *, axis: int | None = None, zero_point=0.0):
+  """Learned Step Size Quantization (Esser et al., ICLR 2020): fake quant with a learnt step.
 
-  Forward: `clip(round(x / scale), qmin, qmax) * scale`, identical to `fake_quant(x, scale, 0,
-  qmin, qmax)`.
-  Gradients, with v = x / scale:
+  Forward: `(clip(round(x / scale) + z, qmin, qmax) - z) * scale`, identical to `fake_quant(x,
+  scale, z, qmin, qmax)` (z = `zero_point`, a fixed integer, 0 for LSQ's symmetric grids).
+  Gradients, with v = x / scale + z:
     d/dx     = 1 if qmin <= v <= qmax else 0                     (clipped STE)
-    d/dscale = (round(v) - v if qmin <= v <= qmax else clip(v, qmin, qmax)) * grad_scale
+    d/dscale = (round(v) - v if qmin <= v <= qmax else clip(v, qmin, qmax) - z) * grad_scale
                summed over the elements sharing the scale.
   `grad_scale` defaults to 1 / sqrt(x.size / scale.size * qmax) (N elements per scale, Q_P = qmax).
   `scale` may be per-tensor or per-channel (pre-shaped, or (C,) with `axis`).
@@ -205,6 +205,7 @@ def lsq_fake_quant(x, scale, qmin, qmax, grad_scale=None, *, axis: int | None = 
     qmax: highest code.
     grad_scale: factor on the scale's gradient, or None for the default above.
     axis: channel axis of `x` for a (C,) `scale`; None if it already broadcasts.
+    zero_point: the grid's fixed zero point (no gradient), a scalar holding an integer.
 
   Returns:
     The fake-quantized values, shaped as `x`.
@@ -217,7 +218,8 @@ def lsq_fake_quant(x, scale, qmin, qmax, grad_scale=None, *, axis: int | None = 
   if grad_scale is None:
     grad_scale = lsq_default_grad_scale(x.size, jnp.size(scale), qmax)
   scale = _scale_gradient(scale, grad_scale)
-  return _round_clip_ste(x / scale, qmin, qmax) * scale
+  z = jax.lax.stop_gradient(jnp.asarray(zero_point, jnp.float32))
+  return (_round_clip_ste(x / scale + z, qmin, qmax) - z) * scale
 
 
 def scale_from_range(lo, hi, bits: int, symmetric: bool, signed: bool, narrow: bool = False):

@@ -140,15 +140,16 @@ def weights_bytes(svars) -> bytes:
 # is q_u + offset: offset -128 for a signed 8-bit grid, 0 for an unsigned one.
 AIMET_ENCODING_VERSION = "0.6.1"
 AIMET_PACKAGE = "aimet-torch 2.42.0"
-ENCODINGS_VERSION = 2  # of the FlexiQ extension section
+ENCODINGS_VERSION = 3  # of the FlexiQ extension section (3: the activation zero point)
 
 
-def _aimet_encoding(scale: float, bits: int, signed: bool) -> dict:
-  """One AIMET 0.6.1 encoding of a symmetric grid with step `scale`: signed [-2^(b-1), 2^(b-1)-1]
-  (offset -2^(b-1)) or unsigned [0, 2^b - 1] (offset 0)."""
-  offset = -(1 << (bits - 1)) if signed else 0
-  return {"bitwidth": bits, "dtype": "int", "is_symmetric": "True", "scale": float(scale), "offset": int(offset),
-          "min": float(offset * scale), "max": float((offset + (1 << bits) - 1) * scale)}
+def _aimet_encoding(scale: float, bits: int, signed: bool, zero_point: int = 0) -> dict:
+  """One AIMET 0.6.1 encoding of a grid with step `scale`: symmetric signed [-2^(b-1), 2^(b-1)-1]
+  (offset -2^(b-1)), unsigned [0, 2^b - 1] (offset 0), or unsigned with zero point z (an
+  asymmetric grid: offset -z)."""
+  offset = -(1 << (bits - 1)) if signed else -int(zero_point)
+  return {"bitwidth": bits, "dtype": "int", "is_symmetric": "False" if zero_point else "True", "scale": float(scale),
+          "offset": int(offset), "min": float(offset * scale), "max": float((offset + (1 << bits) - 1) * scale)}
 
 
 def activation_tensor(path: str, operand: str = "input") -> str:
@@ -204,7 +205,8 @@ def encodings(qmodel: QuantizedModel, qvars: dict, svars: dict) -> dict:
     signed = bool(plan.signed[path])
     act_scale = float(entry["act_scale"])
     weight_scale = np.asarray(entry["weight_scale"], np.float64).reshape(-1)
-    activation[activation_tensor(path)] = [_aimet_encoding(act_scale, 8, signed)]
+    zero_point = int(round(float(layer_ops.act_zero_point(lq))))
+    activation[activation_tensor(path)] = [_aimet_encoding(act_scale, 8, signed, zero_point)]
     # The weight grid holds the 4-bit rows too: lower(q, 4) can be -128 (docs/DESIGN.md §3.2).
     params[weight_tensor(path)] = [_aimet_encoding(s, 8, True) for s in weight_scale]
     qmin, qmax = numerics.int_range(8, signed)
@@ -214,7 +216,7 @@ def encodings(qmodel: QuantizedModel, qvars: dict, svars: dict) -> dict:
         "activation_tensor": activation_tensor(path), "weight_tensor": weight_tensor(path),
         "bias_tensor": f"params/{path}/bias" if "bias" in get_path(svars["params"], path) else None,
         "activation": {"signed": signed, "qmin": int(qmin), "qmax": int(qmax), "scale": act_scale,
-                       "extraction_positions": _list(lq["act_e"], np.int64)},
+                       "zero_point": zero_point, "extraction_positions": _list(lq["act_e"], np.int64)},
         "weight": {"qmin": -int(layer_ops.WEIGHT_QMAX), "qmax": int(layer_ops.WEIGHT_QMAX),
                    "per_channel_axis": "output", "scale": weight_scale.tolist(),
                    "extraction_positions": _list(lq["weight_e"], np.int64)},

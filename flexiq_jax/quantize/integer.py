@@ -23,6 +23,10 @@ next layer is the only reader).
 Unsigned codes ([0, 255]): a dense layer takes them as uint8 (XLA's dot accepts uint8 x int8); a
 conv takes q - 128 in int8 and adds back 128 x the kernel taps inside the image per output
 position (`unsigned_shift_correction`, from static shapes), so the conv keeps its own padding.
+On an asymmetric grid (entry 'zero_point' z, unsigned codes whose real zero is code z) the same
+map takes z x the taps inside the image off (dense: z x the kernel's column sums), so a padded
+position still adds nothing; such layers run on the XLA implementations (oneDNN and the Pallas
+dense kernel take no zero point here).
 
 Each conv has interchangeable implementations (`CONV_IMPLS`, the same integer accumulators):
 'int8', 'int8_pad' (explicit padding with the shifted zero), 'int8_widened' (input channels
@@ -88,7 +92,8 @@ def prepare_layer(info: LayerInfo, layer_params: dict, lq: dict, *, lowerable: b
 
   Returns:
     (params, entry): params {'kernel': int8 codes in the kernel's matrix form, 'bias' if any}, and the
-    integer entry {'act_scale', 'weight_scale', 'scale', 'step', and 'rank', 'w_low', 'lost' as above}.
+    integer entry {'act_scale', 'weight_scale', 'scale', 'step', 'zero_point' on an asymmetric
+    grid, and 'rank', 'w_low', 'lost' as above}.
   """
   if layer_params["kernel"].dtype == jnp.int8:  # an int8 export: the codes and their scale
     w8 = kernel_matrix(info, layer_params["kernel"]).astype(jnp.float32)
@@ -99,6 +104,8 @@ def prepare_layer(info: LayerInfo, layer_params: dict, lq: dict, *, lowerable: b
     w8 = kernel_matrix(info, codes).astype(jnp.float32)
   s_x = lq["act_scale"]
   entry = {"act_scale": s_x, "weight_scale": s_w, "scale": s_x * s_w, "step": jnp.exp2(lq["act_e"].astype(jnp.float32))}
+  if "act_zero" in lq:  # an asymmetric activation grid: its zero point
+    entry["zero_point"] = lq["act_zero"]
   if lowerable and "rank" in lq:  # no rank: no selection yet (report.float_ops_of_plan)
     w_low = numerics.lower_codes(w8, layer_ops.gather_channel(lq["weight_e"], info), signed=True)
     entry["rank"] = lq["rank"]
@@ -154,7 +161,8 @@ def activation_codes(x, entry: dict, lowered, *, signed: bool):
 
   Args:
     x: the layer's float input, feature channels last.
-    entry: the layer's integer entry ('act_scale', and 'step' (C,) when lowering).
+    entry: the layer's integer entry ('act_scale', 'zero_point' on an asymmetric grid, and 'step'
+      (C,) when lowering).
     lowered: (C,) bool mask of lowered channels, or None for none.
     signed: signed ([-128, 127]) or unsigned ([0, 255]) codes.
 
@@ -162,7 +170,7 @@ def activation_codes(x, entry: dict, lowered, *, signed: bool):
     Float codes shaped as `x`.
   """
   qmin, qmax = numerics.int_range(8, signed)
-  q = jnp.clip(jnp.round(x / entry["act_scale"]), qmin, qmax)
+  q = jnp.clip(jnp.round(x / entry["act_scale"]) + entry.get("zero_point", 0.0), qmin, qmax)
   if lowered is None:
     return q
   lo4, hi4 = numerics.int_range(4, signed)
@@ -295,6 +303,11 @@ def _fused_bias(info: LayerInfo, entry: dict, lowered, bias, out_channels: int):
   return out
 
 
+def _zero_code(entry: dict):
+  """The entry's zero point as an int32 scalar (an integer held in a float)."""
+  return jnp.asarray(entry["zero_point"], jnp.float32).astype(jnp.int32)
+
+
 def _onednn_conv_ok(module, padding) -> bool:
   """Whether oneDNN's conv can run this layer: no input dilation, no negative (cropping) padding."""
   return spatial_pair(module.input_dilation) == (1, 1) and all(v >= 0 for p in padding for v in p)
@@ -330,6 +343,11 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
   """
   info, module, kernel = call.info, call.module, call.kernel
   x = as_matrix_input(info, x)
+  # A zero point (asymmetric grid) runs on the XLA implementations: acc - z Σ w over the taps
+  # inside the image (the conv pads with code 0, the image's real zero is code z).
+  has_zero = "zero_point" in entry
+  if has_zero and (dense_impl != "xla" or conv_impl == "onednn"):
+    dense_impl, conv_impl = "xla", (None if conv_impl == "onednn" else conv_impl)
   if info.kind == "dense" and dense_impl == "pallas":
     from flexiq_jax.quantize import pallas_dense  # imports Pallas only where it runs
     y = pallas_dense.fused_dense(x, entry, kernel, None, lowered, signed=signed,
@@ -354,15 +372,25 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
                       bias=_fused_bias(info, entry, lowered, call.bias, wi.shape[-1]), out_dtype=jnp.float32)
       return finish(info, y, None)
     conv_impl = "int8"
+  dilated = info.kind == "conv" and spatial_pair(module.input_dilation) != (1, 1)
   if info.kind == "dense":
     # XLA's dot takes uint8 x int8 directly: unsigned codes need no shift.
     xi = q.astype(codes_dtype)
     acc = lax.dot_general(xi, wi, (((xi.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-  elif (impl := conv_impl_for(info, signed, conv_impl)) == "float32":
-    # Every partial sum is an integer below 2^24: exact; padding with 0 is the real zero, no shift.
-    acc = conv(module, q, wi.astype(jnp.float32), conv_padding(module, x.shape, info.kernel_shape))
+    if has_zero:
+      acc = acc - _zero_code(entry) * jnp.sum(wi, axis=0, dtype=jnp.int32)
+  elif (impl := conv_impl_for(info, signed, conv_impl)) == "float32" and not (has_zero and dilated):
+    # Every partial sum is an integer below 2^24: exact; padding with 0 is the real zero, no shift
+    # (on an asymmetric grid code 0 is not: z times the taps inside the image is taken off).
+    padding = conv_padding(module, x.shape, info.kernel_shape)
+    acc = conv(module, q, wi.astype(jnp.float32), padding)
+    if has_zero:
+      acc = acc - (_zero_code(entry) * unsigned_shift_correction(module, x.shape, padding, wi, acc.shape[1:3])
+                   ).astype(acc.dtype)
   else:
     shift = 0 if signed else 128
+    # Σ (q - z) w = Σ (q - shift) w + (shift - z) Σ w; z = 0 on a symmetric grid.
+    offset = shift - _zero_code(entry) if has_zero else shift
     xi = (q - shift).astype(jnp.int8)
     padding = conv_padding(module, x.shape, info.kernel_shape)
     w_conv = wi  # the kernel the conv runs; the shift corrections below sum the layer's own `wi`
@@ -372,16 +400,17 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
       extra = CPU_INT8_MIN_CHANNELS - xi.shape[-1]
       xi = jnp.pad(xi, [(0, 0)] * (xi.ndim - 1) + [(0, extra)])
       w_conv = jnp.pad(wi, [(0, 0), (0, 0), (0, extra), (0, 0)])
-    if shift and (impl == "int8_pad" or spatial_pair(module.input_dilation) != (1, 1)):
-      # Border padding (and a transposed conv's inserted zeros) are real zeros: code -128 shifted.
+    if shift and (impl == "int8_pad" or dilated):
+      # Border padding (and a transposed conv's inserted zeros) are real zeros: code z, shifted.
       d = spatial_pair(module.input_dilation)
-      xi = lax.pad(xi, jnp.int8(-shift), [(0, 0, 0), (*padding[0], d[0] - 1), (*padding[1], d[1] - 1), (0, 0, 0)])
+      pad_value = jnp.asarray(-offset).astype(jnp.int8)
+      xi = lax.pad(xi, pad_value, [(0, 0, 0), (*padding[0], d[0] - 1), (*padding[1], d[1] - 1), (0, 0, 0)])
       acc = conv(module, xi, w_conv, [(0, 0), (0, 0)], preferred=conv_accumulator, input_dilation=1)
-      acc = acc + (shift * jnp.sum(wi, axis=(0, 1, 2), dtype=jnp.int32)).astype(acc.dtype)
+      acc = acc + (offset * jnp.sum(wi, axis=(0, 1, 2), dtype=jnp.int32)).astype(acc.dtype)
     else:
       acc = conv(module, xi, w_conv, padding, preferred=conv_accumulator)
       if shift:
-        acc = acc + (shift * unsigned_shift_correction(module, x.shape, padding, wi, acc.shape[1:3])).astype(acc.dtype)
+        acc = acc + (offset * unsigned_shift_correction(module, x.shape, padding, wi, acc.shape[1:3])).astype(acc.dtype)
   y = acc.astype(jnp.float32) * entry["scale"]
   if (correction := _bias_correction(info, entry, lowered)) is not None:  # the reference's order and roundings
     y = y + correction

@@ -111,7 +111,9 @@ def float_ops_of_plan(model, plan, folded_variables, stats: dict, sample_images)
 
   quant: dict = {}
   for p in plan.quantized:
-    quant = set_path(quant, p, {k: jnp.asarray(stats[p][k]) for k in ("act_scale", "act_e", "weight_e")})
+    quant = set_path(quant, p, {k: jnp.asarray(stats[p][k]) for k in ("act_scale", "act_e", "weight_e")}
+                     | ({"act_zero": jnp.asarray(stats[p]["act_zero_point"], jnp.float32)}
+                        if float(stats[p].get("act_zero_point", 0.0)) > 0 else {}))
   for p in plan.quantized_matmuls:
     quant = set_path(quant, p, {k: jnp.asarray(stats[p][k]) for k in ("a_scale", "b_scale")})
   qvars = {"params": folded_variables["params"], "quant": quant}

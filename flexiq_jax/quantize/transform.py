@@ -6,7 +6,9 @@ Quantized variables (a pytree; jits, shards and checkpoints like params):
   'batch_stats'  statistics of BatchNorms that were not folded (if any)
   'quant'        per quantized layer, nested by module path: 'act_scale' (), 'act_e' (C,),
                  'weight_e' (C,); for lowerable layers also 'rank' (C,) (position of each channel
-                 in the lowering order) and 'counts' (K,) (channels lowered at each ratio level)
+                 in the lowering order) and 'counts' (K,) (channels lowered at each ratio level);
+                 'act_zero' () where the input has an asymmetric grid (its zero point, a multiple
+                 of 16; absent on a symmetric grid)
   'levels'       (K,) the ratio levels the counts were selected for
   'fill'         the fill table of the lowerable layers (plan.lowerable order) built from the
                  counts and levels (`select.fill_table`): 'layer' (N,) int32 and 'threshold' (N,)
@@ -80,6 +82,8 @@ def build_qvars(plan: QuantPlan, folded_variables, calib: dict, orders: dict, co
              "weight_e": jnp.asarray(c["weight_e"], jnp.int32)}
     if "weight_qmax" in c:  # quant.weight_scale other than 'max127' (numerics.weight_grid)
       entry["weight_qmax"] = jnp.asarray(c["weight_qmax"], jnp.float32)
+    if float(c.get("act_zero_point", 0.0)) > 0:  # an asymmetric activation grid (calibrate.asymmetric_grid)
+      entry["act_zero"] = jnp.asarray(c["act_zero_point"], jnp.float32)
     if path in plan.lowerable:
       order = np.asarray(orders[path])
       rank = np.empty_like(order)
