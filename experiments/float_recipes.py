@@ -26,6 +26,13 @@ TARGET_TRANSFORMER = 86.0
 TARGET_PRETRAINED = 92.0  # the ImageNet-trained network finetuned: above every model from scratch
 
 
+# Recipes tried and replaced, kept for the record: {model: [(workdir, what differed)]}. Each
+# workdir holds a finished float stage of the earlier recipe (a file's absence drops the line).
+EARLIER_RUNS = {
+    "mobilenetv2": [(os.path.join("workdirs", "recipe_mbv2_wd5e-4"), "weight decay 5e-4 (today 4e-5)")],
+}
+
+
 def _read_jsonl(path: str) -> list[dict]:
   if not os.path.exists(path):
     return []
@@ -81,6 +88,34 @@ def model_row(name: str, workdir: str) -> dict:
               record=training_record(workdir, fingerprint.get("fingerprint")) if done else None)
 
 
+def earlier_rows(name: str) -> list[dict]:
+  """The finished runs of replaced recipes of `name` (EARLIER_RUNS) that are still on disk.
+
+  Args:
+    name: the config name.
+
+  Returns:
+    [{'model', 'workdir', 'change', 'curve' [(epoch, top1)], 'top1', 'train_accuracy', 'record'}].
+  """
+  from configs import common
+
+  out = []
+  for workdir, change in EARLIER_RUNS.get(name, []):
+    done = _read_json(os.path.join(workdir, "float", "done.json"))
+    config = _read_json(os.path.join(workdir, "config.json"))
+    evals = _read_jsonl(os.path.join(workdir, "float", "eval.jsonl"))
+    if not (done and config and evals):
+      continue
+    steps_per_epoch = -(-common.FMNIST_TRAIN_EXAMPLES // int(config["train"]["batch_size"]))
+    metrics = _read_jsonl(os.path.join(workdir, "float", "metrics.jsonl"))
+    fingerprint = (_read_json(os.path.join(workdir, "float", "fingerprint.json")) or {}).get("fingerprint")
+    out.append(dict(model=name, workdir=workdir, change=change,
+                    curve=[(round(r["step"] / steps_per_epoch, 2), r["top1"]) for r in evals], top1=evals[-1]["top1"],
+                    train_accuracy=100 * metrics[-1]["accuracy"] if metrics else None,
+                    record=training_record(workdir, fingerprint)))
+  return out
+
+
 def common_config(name: str):
   """configs/<name>.py at the setting of its Fashion-MNIST sweep row."""
   import importlib
@@ -121,6 +156,16 @@ def render(info: dict, rows: list[dict]) -> str:
     rec = r["record"]
     if rec:
       lines.append(f"- {r['model']}: `{rec['command']}` at {str(rec['commit'])[:7]} on {rec['host']}, {rec['date']}\n")
+  earlier = [e for r in rows for e in r.get("earlier", [])]
+  if earlier:
+    lines.append("\nRecipes tried and replaced (their float stages kept in the workdirs named):\n\n")
+    lines.append(records.markdown_table(
+        ["model", "what differed", "top-1 (%)", "last logged train accuracy (%)", "top-1 per epoch", "trained by"],
+        [[e["model"], e["change"], f"{e['top1']:.2f}",
+          "-" if e["train_accuracy"] is None else f"{e['train_accuracy']:.1f}",
+          ", ".join(f"{top1:.1f}" for _, top1 in e["curve"]),
+          f"`{e['record']['command']}` at {str(e['record']['commit'])[:7]}, {e['record']['date']}" if e["record"] else "-"]
+         for e in earlier]))
   return "".join(lines)
 
 
@@ -172,7 +217,7 @@ def main(argv=None) -> int:
         print(f"error: {' '.join(command[1:])} failed; its log is above, the models before it are kept",
               file=sys.stderr)
         return 1
-  rows = [model_row(n, os.path.join(args.workroot, n)) for n in names]
+  rows = [{**model_row(n, os.path.join(args.workroot, n)), "earlier": earlier_rows(n)} for n in names]
   info = records.run_info(["-m", "experiments.float_recipes"] + list(argv if argv is not None else sys.argv[1:]))
   records.write_json_atomic(args.out + ".json", {**info, "models": rows})
   text = render(info, rows)
