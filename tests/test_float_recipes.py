@@ -49,3 +49,19 @@ def test_train_runs_each_unfinished_model_at_its_sweep_rows_config(tmp_path):
       ["--config=configs/vit_s.py:fmnist", f"--workdir={tmp_path / 'vit_s'}", "--mode=train"],
       ["--config=configs/efficientnet_lite0.py:fmnist_pretrained", f"--workdir={tmp_path / 'efficientnet_lite0'}",
        "--mode=train"]]
+
+
+def test_a_replaced_recipe_is_listed_with_its_curve_and_run(tmp_path, monkeypatch):
+  workdir = _workdir(tmp_path, "old", [(469, 59.4), (938, 82.6)], 938)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump({"train": {"batch_size": 128}}, f)
+  with open(os.path.join(workdir, "float", "metrics.jsonl"), "w") as f:
+    f.write(json.dumps({"step": 938, "accuracy": 0.808}) + "\n")
+  monkeypatch.setitem(float_recipes.EARLIER_RUNS, "mobilenetv2", [(workdir, "weight decay 5e-4"),
+                                                                    (str(tmp_path / "gone"), "absent")])
+  rows = float_recipes.earlier_rows("mobilenetv2")
+  assert len(rows) == 1 and rows[0]["top1"] == 82.6 and abs(rows[0]["train_accuracy"] - 80.8) < 1e-9
+  assert rows[0]["curve"] == [(1.0, 59.4), (2.0, 82.6)] and rows[0]["record"]["commit"] == "c0ffee"
+  row = {**float_recipes.model_row("mobilenetv2", str(tmp_path / "new")), "earlier": rows}
+  text = float_recipes.render({"command": "x", "commit": "y", "device": "z", "date": "w"}, [row])
+  assert "Recipes tried and replaced" in text and "| mobilenetv2 | weight decay 5e-4 | 82.60 | 80.8 |" in text

@@ -17,7 +17,7 @@ from safetensors.numpy import save_file
 from flexiq_jax import models
 from flexiq_jax.models import timm_import
 
-ELEVEN = tuple(spec.name for spec in models.specs())
+REGISTERED = tuple(spec.name for spec in models.specs())
 
 # timm's parameter counts of the ImageNet models (`sum(p.numel() for p in model.parameters())`).
 TIMM_NUM_PARAMS = {
@@ -44,7 +44,7 @@ def random_variables(model, x, seed=0):
 
 
 def test_available_lists_the_eleven():
-  assert set(ELEVEN) <= set(models.available())
+  assert set(REGISTERED) <= set(models.available())
 
 
 @pytest.mark.parametrize("alias,name", [
@@ -60,11 +60,11 @@ def test_aliases_resolve(alias, name):
 def test_unknown_name_lists_known_models():
   with pytest.raises(ValueError) as e:
     models.create("vit_huge_nonexistent")
-  for name in ELEVEN:
+  for name in REGISTERED:
     assert name in str(e.value)
 
 
-@pytest.mark.parametrize("name", ELEVEN)
+@pytest.mark.parametrize("name", REGISTERED)
 def test_full_size_param_count_matches_timm(name):
   model = models.create(name)
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)), train=False))

@@ -239,8 +239,8 @@ def test_layerwise_amp_without_a_point_within_flexiqs_bops_is_marked_not_compare
 
 def test_the_model_lists_are_the_registrys():
   from flexiq_jax import models
-  assert paper_tables.ELEVEN == tuple(s.config for s in models.specs())
-  assert sorted(paper_tables.SWEEP_ORDER) == sorted(paper_tables.ELEVEN)
+  assert paper_tables.TABLE_ORDER == tuple(s.config for s in models.specs())
+  assert sorted(paper_tables.SWEEP_ORDER) == sorted(paper_tables.TABLE_ORDER)
   depthwise = {s.config for s in models.specs() if s.depthwise}
   assert depthwise == {"mobilenetv2", "efficientnet_b0", "efficientnet_lite0"}
   assert set(paper_tables.SWEEP_ORDER[-len(depthwise):]) == depthwise  # the slowest last
