@@ -205,6 +205,9 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   # 'max127' (d = 127) | 'max112' (d = 112, the 4-bit top at shift 4) | 'joint' (d fitted per channel).
   # A config without the field means 'max127' (the grid of workdirs made before it existed).
   config.quant.weight_scale = "max112"
+  # Cross-layer equalization (Nagel et al. 2019) of the BN-folded weights before calibration, for
+  # every method alike; pairs through ReLU/identity only, each checked to keep the float function.
+  config.quant.equalize = False
 
   config.select = ml_collections.ConfigDict()
   config.select.levels = (0.25, 0.5, 0.75, 1.0)  # ratio levels, nested selections

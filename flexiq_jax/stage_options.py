@@ -241,6 +241,8 @@ class CalibrateOptions(Options):
   attention: str = option("int8", "quant.attention")
   # The lowerable layers' 8-bit weight scale max|w|/d per output channel (numerics.weight_grid).
   weight_scale: str = option("max127", "quant.weight_scale", omit_when=("max127",))
+  # Cross-layer equalization of the folded variables every method reads (flexiq_jax.equalize).
+  equalize: bool = option(False, "quant.equalize", omit_when=(False,))
   seed: int = option(0, "seed")  # which training images calibrate
   data: DataOptions = dataclasses.field(default_factory=DataOptions)
 
