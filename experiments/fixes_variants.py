@@ -27,6 +27,8 @@ VARIANTS = {
     "joint_lsq": {"quant.weight_scale": "joint", **_LSQ},
     # Learnt activation and weight scales, as the LSQ baseline learns them.
     "max112_lsq": {"quant.weight_scale": "max112", **_LSQ, "finetune.lsq_weights": True},
+    # Cross-layer equalization of the folded weights before calibration (quant.equalize).
+    "max112_cle": {"quant.weight_scale": "max112", "quant.equalize": True},
 }
 
 
