@@ -186,7 +186,8 @@ def candidate_pairs(plan, params: dict) -> list[Pair]:
   Returns:
     The candidate pairs, in B's call order.
   """
-  paths = [p for p in plan.layers if p in set(plan.quantized)]
+  quantized = set(plan.quantized)
+  paths = [p for p in plan.layers if p in quantized]
   ok = [p for p in paths if supported(plan.layers[p], get_path(params, p)["kernel"])]
   out = []
   for j, b in enumerate(ok):
