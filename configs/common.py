@@ -214,6 +214,9 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   # (unsigned codes with a zero point, a multiple of 16 so that it survives the extraction, where
   # the calibrated error is smaller; calibrate.asymmetric_grid).
   config.quant.act_grid = "symmetric"
+  # Cross-layer equalization (Nagel et al. 2019) of the BN-folded weights before calibration, for
+  # every method alike; pairs through ReLU/identity only, each checked to keep the float function.
+  config.quant.equalize = False
 
   config.select = ml_collections.ConfigDict()
   config.select.levels = (0.25, 0.5, 0.75, 1.0)  # ratio levels, nested selections

@@ -29,6 +29,8 @@ VARIANTS = {
     "max112_lsq": {"quant.weight_scale": "max112", **_LSQ, "finetune.lsq_weights": True},
     # Signed inputs (after SiLU) on an unsigned grid with a zero point that survives extraction.
     "max112_asym": {"quant.weight_scale": "max112", "quant.act_grid": "asymmetric"},
+    # Cross-layer equalization of the folded weights before calibration (quant.equalize).
+    "max112_cle": {"quant.weight_scale": "max112", "quant.equalize": True},
 }
 
 

@@ -26,6 +26,7 @@ from flexiq_jax import checkpoint
 from flexiq_jax import contract
 from flexiq_jax import cost
 from flexiq_jax import data
+from flexiq_jax import equalize as equalize_lib
 from flexiq_jax import finetune as finetune_lib
 from flexiq_jax import judge as judge_lib
 from flexiq_jax import lr_select
@@ -259,9 +260,18 @@ def calibrate(run: Run, float_model: FloatModel, batches=None) -> Calibration:
   """
   opts = run.options("calibrate")
   stage = run.stage("calibrate")
-  plan, folded = stages.plan(float_model, image_shape(run.config), opts)
+  # The equalization's check runs on the config's first calibration images; a finished stage's pairs
+  # are reused (the scales follow from the weights).
+  check_images = calibration_batches(run.config)[0] if opts.equalize else None
+  report = records.read_json(stage.file("equalize.json")) if opts.equalize and stage.is_done() else None
+  plan, folded, equalized = stages.plan_with_report(float_model, image_shape(run.config), opts, check_images,
+                                                    pairs=equalize_lib.pairs_from_json(report) if report else None)
   for rule in plan.unmatched_rules:
     print(f"warning: quantization rule {rule!r} matched no layer")
+  if equalized is not None:
+    print(f"calibrate: cross-layer equalization of {len(equalized.pairs)} layer pairs"
+          + ("" if report else f" ({len(equalized.refused)} candidates refused)")
+          + f", float output deviation {equalized.deviation:.2g}")
   if stage.is_done():
     print(f"calibrate: reusing {stage.path}")
     return Calibration(quantize_lib.QuantPlan.from_json(records.read_json(stage.file("plan.json"))), folded,
@@ -276,6 +286,8 @@ def calibrate(run: Run, float_model: FloatModel, batches=None) -> Calibration:
   checkpoint.save_tree(stage.file("stats"), stats)
   records.write_json_atomic(stage.file("plan.json"), plan.to_json())
   records.write_json_atomic(stage.file("float_ops.json"), [str(op) for op in float_ops])
+  if equalized is not None:
+    records.write_json_atomic(stage.file("equalize.json"), equalized.to_json())
   stage.mark_done()
   print(f"calibrate: {len(plan.quantized)} quantized layers ({len(plan.lowerable)} lowerable), "
         f"{len(plan.quantized_matmuls)} attention matmuls in 8 bits, {len(plan.folded_bn)} BatchNorms folded, "

@@ -244,6 +244,8 @@ class CalibrateOptions(Options):
   weight_scale: str = option("max127", "quant.weight_scale", omit_when=("max127",))
   # Signed inputs on an asymmetric grid with a zero point where its error is smaller (calibrate).
   act_grid: str = option("symmetric", "quant.act_grid", omit_when=("symmetric",))
+  # Cross-layer equalization of the folded variables every method reads (flexiq_jax.equalize).
+  equalize: bool = option(False, "quant.equalize", omit_when=(False,))
   seed: int = option(0, "seed")  # which training images calibrate
   data: DataOptions = dataclasses.field(default_factory=DataOptions)
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexiq_jax import calibrate as calibrate_lib
+from flexiq_jax import equalize as equalize_lib
 from flexiq_jax import finetune as finetune_lib
 from flexiq_jax import quantize as quantize_lib
 from flexiq_jax import select as select_lib
@@ -27,21 +28,56 @@ from flexiq_jax.stage_options import CalibrateOptions, FinetuneOptions, Quantize
 from flexiq_jax.stage_results import Calibration, FloatModel, Quantized, Selection
 
 
-def plan(float_model: FloatModel, image_shape, options: CalibrateOptions):
-  """Which layers are quantized, and the BN-folded float variables.
+# Images the equalization's function-preservation check runs on (the first calibration ones).
+EQUALIZE_CHECK_IMAGES = 64
+
+
+def plan_with_report(float_model: FloatModel, image_shape, options: CalibrateOptions, check_images=None,
+                     pairs=None):
+  """Which layers are quantized, the BN-folded float variables (cross-layer equalized with
+  `options.equalize`), and the equalization's report.
 
   Args:
     float_model: the float model and its variables.
     image_shape: (H, W, C) of one image.
-    options: the calibration options (skip, keep_8bit, fold_bn, attention).
+    options: the calibration options (skip, keep_8bit, fold_bn, attention, equalize).
+    check_images: images for the equalization's function-preservation check (its first
+      EQUALIZE_CHECK_IMAGES are used); needed only with `options.equalize`.
+    pairs: the equalization's pairs from an earlier run (`equalize.Pair`s; its report's
+      `pairs`), to skip finding them again.
 
   Returns:
-    (QuantPlan without signedness, folded variables).
+    (QuantPlan without signedness, folded variables, `equalize.Equalized` or None when off).
+
+  Raises:
+    ValueError: `options.equalize` without `check_images`.
   """
   quant_plan = quantize_lib.build_plan(float_model.model, float_model.variables, tuple(image_shape),
                                        skip=tuple(options.skip), keep_8bit=tuple(options.keep_8bit),
                                        fold_bn=options.fold_bn, attention=options.attention)
-  return quant_plan, quantize_lib.fold_batchnorm(float_model.variables, quant_plan)
+  folded = quantize_lib.fold_batchnorm(float_model.variables, quant_plan)
+  if not options.equalize:
+    return quant_plan, folded, None
+  if check_images is None:
+    raise ValueError("quant.equalize needs images to check that each equalized pair keeps the float function")
+  equalized = equalize_lib.equalize(float_model.model, quant_plan, folded,
+                                    jnp.asarray(check_images)[:EQUALIZE_CHECK_IMAGES], pairs=pairs)
+  return quant_plan, equalized.variables, equalized
+
+
+def plan(float_model: FloatModel, image_shape, options: CalibrateOptions, check_images=None):
+  """Which layers are quantized, and the BN-folded (with `options.equalize`, equalized) float variables.
+
+  Args:
+    float_model: the float model and its variables.
+    image_shape: (H, W, C) of one image.
+    options: the calibration options (skip, keep_8bit, fold_bn, attention, equalize).
+    check_images: images for the equalization's check (`plan_with_report`).
+
+  Returns:
+    (QuantPlan without signedness, folded variables).
+  """
+  return plan_with_report(float_model, image_shape, options, check_images)[:2]
 
 
 def calibrate(float_model: FloatModel, batches, options: CalibrateOptions, planned=None) -> Calibration:
@@ -56,7 +92,7 @@ def calibrate(float_model: FloatModel, batches, options: CalibrateOptions, plann
   Returns:
     The Calibration (plan, folded variables, statistics).
   """
-  quant_plan, folded = planned or plan(float_model, batches[0].shape[1:], options)
+  quant_plan, folded = planned or plan(float_model, batches[0].shape[1:], options, check_images=batches[0])
   stats = calibrate_lib.calibrate(float_model.model, quant_plan, folded, batches, method=options.act_calibration,
                                   percentile=options.percentile, extraction=options.extraction,
                                   weight_scale=options.weight_scale, act_grid=options.act_grid)

@@ -281,6 +281,8 @@ _FT_VARIANTS = set(harness.FINETUNED_VARIANTS)
     ("select.population", 3, {"flexiq", "flexiq_naive", "flexiq_random", "flexiq_uniform", "flexiq_greedy",
                               "flexiq_no_bias_correction", "flexiq_amp", "flexiq_100only"} | _FT_VARIANTS),
     ("quant.extraction", "naive", set(harness.METHODS)),
+    # Cross-layer equalization is a pre-step of every method (they all read the calibration's variables).
+    ("quant.equalize", True, set(harness.METHODS)),
     ("data.eval_examples", 10, set(harness.METHODS)),
     ("compare.methods", ("flexiq",), set()),
 ])
