@@ -67,8 +67,8 @@ class QuantPlan:
     if self.input_negatives:
       signed = [e["negative_fraction"] for p, e in self.input_negatives.items() if self.signed.get(p)]
       shifted = sum(1 for p in unsigned if self.input_negatives.get(p, {}).get("negative_count", 0) > 0)
-      line += (" (no negative value in calibration" + (f"; {shifted} on an asymmetric grid with a zero point)"
-                                                       if shifted else ")"))
+      line += (f" ({len(unsigned) - shifted} with no negative value in calibration, {shifted} with negative ones "
+               "on an asymmetric grid with a zero point)" if shifted else " (no negative value in calibration)")
       if signed:
         line += f"; the signed ones saw {min(signed):.2g} to {max(signed):.2g} of their inputs negative"
     return line
