@@ -601,3 +601,65 @@ def test_cost_counts_the_matmuls_by_hand(tiny):
   share = cost.lowered_mac_share([counts[p] for p in plan.lowerable], [layers[p].in_channels for p in plan.lowerable],
                                  [layers[p].macs for p in plan.lowerable])
   assert share == pytest.approx(1.0)
+
+
+def test_layerwise_amp_scores_with_the_8bit_matmuls(tiny):
+  """The layer-wise search on the tiny ViT: every table it evaluates with (recalibrated ones
+  included) keeps the matmuls' calibrated scales, and phase 1's SQNR reference is the model with
+  every layer float and the matmuls at 8 bits, not the float model."""
+  from configs import quickstart
+  from flexiq_jax.layerwise import apply as apply_lib
+  from flexiq_jax.layerwise import driver
+  from flexiq_jax.stage_results import Calibration, FloatModel
+  t = tiny("vit_s")
+  config = quickstart.get_config("smoke")
+  config.layerwise.update(sensitivity_images=8, grouping="per_layer")
+  labels = np.argmax(np.asarray(t.model.apply(t.variables, t.images)), -1).astype(np.int32)
+  lp = driver.layerwise_problem(config, FloatModel(t.model, t.variables), Calibration(t.plan, t.variables, t.stats),
+                                [t.images], score_data=[{"image": t.images, "label": labels}])
+  k = lp.candidates.index(next(c for c in lp.candidates if c.name == "W4A4"))
+  for kind in ("uniform", "phase1"):
+    tables = lp.tables_for(kind, k)
+    for path in t.plan.quantized_matmuls:
+      assert {n: float(v) for n, v in tables[path].items()} == {n: float(t.stats[path][n]) for n in ("a_scale", "b_scale")}
+  logits = jax.jit(apply_lib.make_apply(t.model, t.plan))
+  ref = logits(t.variables, lp.tables_for("phase1", k), *apply_lib.bits_arrays(t.plan, {}), t.images)
+  assert float(jnp.max(jnp.abs(ref - t.model.apply(t.variables, t.images)))) > 1e-4
+  # One layer at W8A8, an error of the size of the matmuls' own: against the float model its SQNR
+  # would be that of both.
+  k8 = lp.candidates.index(next(c for c in lp.candidates if c.name == "W8A8"))
+  g = lp.members.index(("blocks_0/mlp/fc1",))
+  alone = logits(t.variables, lp.tables_for("phase1", k8), *apply_lib.bits_arrays(t.plan, {"blocks_0/mlp/fc1": (8, 8)}),
+                 t.images)
+  got = lp.problem.sensitivity_fn(g, k8)
+  assert got == pytest.approx(apply_lib.sqnr_db(ref, alone), rel=1e-5)
+  assert got > apply_lib.sqnr_db(t.model.apply(t.variables, t.images), alone) + 0.1
+
+
+def test_adaround_targets_the_float_model_from_the_8bit_matmul_model(tiny):
+  """AdaRound on the tiny ViT: a layer after attention is reconstructed against the float model's
+  input (matmuls float), from the input the quantized model gives it (matmuls at 8 bits)."""
+  from flexiq_jax.compare import adaround, baselines
+  from flexiq_jax.layerwise import apply as apply_lib
+  t = tiny("vit_s")
+  tables = apply_lib.build_tables(t.model, t.plan, t.variables, t.stats)
+  zeros = jnp.zeros(len(t.plan.quantized), jnp.int32)
+  path = "blocks_0/attn/proj"
+
+  class Capture(_Operands):
+    def layer(self, call, x):
+      if call.path == path:
+        self.x = x
+      return call.float_forward(x)
+
+  capture = Capture()
+  interception.run_with_provider(t.model, t.plan, t.variables, t.images, capture, matmul_paths=())
+  _, x_float = adaround._layer_input(t.model, t.plan, t.variables, tables, zeros, zeros, t.images, path,
+                                     quantized_matmuls=False)
+  np.testing.assert_allclose(x_float, capture.x, rtol=1e-6, atol=1e-6)
+  _, x_matmuls = adaround._layer_input(t.model, t.plan, t.variables, tables, zeros, zeros, t.images, path)
+  assert float(jnp.max(jnp.abs(x_matmuls - x_float))) > 1e-4
+  bits = baselines.uniform_bits(t.plan, (4, 4), keep_ends=True)
+  variables, report = adaround.adaround_weights(t.model, t.plan, t.variables, tables, bits, t.images,
+                                                adaround.AdaRoundSettings(iterations=2, batch_size=4))
+  assert path in report and np.isfinite(report[path]["mse_adaround"])
