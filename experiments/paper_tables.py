@@ -416,6 +416,43 @@ def learning_rate_note(t1: dict) -> str:
   return text.rstrip("\n")
 
 
+def attention_note(sweep: dict) -> str:
+  """T1's sentence on attention's q·kᵀ and attn·v: how the T1 baselines' rows of each model with
+  attention ran them (their 'attention_matmuls' field; a ViT/DeiT/Swin row without it ran them in
+  float while FlexiQ ran them at 8 bits).
+
+  Args:
+    sweep: {model: [record per seed]} (`load_sweep`).
+
+  Returns:
+    The sentence ('' when no model has attention matmuls).
+  """
+  methods = {m for m, _ in T1_BASELINES + T1_SWITCHABLE}
+  by_kind: dict = {"int8": [], "float": []}
+  unrecorded: dict = {}
+  for model, recs in sweep.items():
+    rows = [row for r in recs for row in r["rows"] if row["method"] in methods]
+    spec = _SPECS_BY_CONFIG.get(model)
+    if not (spec and spec.transformer) and not any("attention_matmuls" in row for row in rows):
+      continue
+    missing = sorted({row["method"] for row in rows if "attention_matmuls" not in row})
+    if missing:
+      unrecorded[model] = missing
+    kinds = {row["attention_matmuls"] for row in rows if "attention_matmuls" in row}
+    for kind in kinds & set(by_kind):
+      by_kind[kind].append(model)
+  parts = []
+  if by_kind["int8"]:
+    parts.append("q·kᵀ and attn·v at 8 bits with FlexiQ's calibrated per-tensor scales in every method "
+                 f"({', '.join(by_kind['int8'])})")
+  if by_kind["float"]:
+    parts.append(f"q·kᵀ and attn·v in float in every method, quant.attention='float' ({', '.join(by_kind['float'])})")
+  if unrecorded:
+    parts.append("not alike for the rows that do not record it, which ran them in float while FlexiQ ran them "
+                 "at 8 bits: " + "; ".join(f"{model} ({', '.join(ms)})" for model, ms in unrecorded.items()))
+  return ("Attention: " + "; ".join(parts) + ".\n") if parts else ""
+
+
 def table1(sweep: dict) -> dict:
   """4-bit accuracy per model: FlexiQ at 100% after finetuning vs each baseline at 4 bits."""
   rows = []
@@ -756,6 +793,8 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
            "PTQ start on held-out images beyond finetune.judge_top1_drop / judge_kl_rise is \"refused\" (its top-1 "
            "in brackets), left out of the averages and margins as well. Top-1 (%), mean ± sd over seeds where "
            "several ran.\n\n")
+  note = attention_note(sweep)
+  text += note + "\n" if note else ""
   headers = (["model", "seeds", "float", "FlexiQ 100% (FT)", "KL", "FlexiQ 100%-only (FT)"] + methods_t1
              + [f"{m} W4A4" for m in switchable_t1])
   table = [[model_label(r["model"]), r["seeds"], fmt(r["float"]), fmt(r["flexiq_100"]), fmt(r["flexiq_100_fidelity"]["kl"], 4),

@@ -426,20 +426,134 @@ def test_flexiq_model_runs_the_matmuls_8bit(tiny):
     entry = get_path(t.qvars["quant"], path)
     assert set(entry) == {"a_scale", "b_scale"} and entry["a_scale"].shape == ()
     assert float(entry["a_scale"]) == float(t.stats[path]["a_scale"])
-  # The layer-wise and LSQ baselines leave the matmuls float: at float bits they are the float model.
+
+
+class _FloatLayersFlexiQMatmuls(_Operands):
+  """Float layers, the matmuls as FlexiQ's fake path computes them."""
+
+  def __init__(self, quant, matmul_signed):
+    super().__init__()
+    self.quant, self.matmul_signed = quant, matmul_signed
+
+  def matmul(self, call, a, b):
+    return layer_ops.quantized_matmul(call, a, b, get_path(self.quant, call.path), signed=self.matmul_signed[call.path],
+                                      mode="fake")
+
+
+def _baseline_providers(t, tables):
+  """A layer-wise provider at float bits and an LSQ provider, on tiny model `t`'s plan."""
   from flexiq_jax.compare.baselines import LsqLayers
   from flexiq_jax.layerwise import apply as apply_lib
+  zeros = jnp.zeros(len(t.plan.quantized), jnp.int32)
+  index = {p: i for i, p in enumerate(t.plan.quantized)}
+  return (apply_lib.LayerwiseBits(tables, zeros, zeros, index, t.plan.signed, t.plan.matmul_signed),
+          LsqLayers({}, {}, t.plan.signed, apply_lib.matmul_tables(t.plan, tables), t.plan.matmul_signed))
 
+
+def test_baselines_run_the_matmuls_exactly_as_flexiq(tiny):
+  """The layer-wise (PTQ, AMP, AdaRound) and LSQ providers compute each quantized matmul with
+  FlexiQ's fake arithmetic, its calibrated scales and signedness: the same values, not float ones;
+  the layer-wise apply at float bits is the float model with FlexiQ's 8-bit matmuls."""
+  from flexiq_jax.layerwise import apply as apply_lib
+  t = tiny("vit_s")
   rec = _Operands()
   ref = interception.run_with_provider(t.model, t.plan, t.variables, t.images[:2], rec)
   tables = apply_lib.build_tables(t.model, t.plan, t.variables, t.stats)
+  assert set(tables) == set(t.plan.quantized) | set(t.plan.quantized_matmuls)
+  assert sorted(set(map(tuple, t.plan.matmul_signed.values()))) == [(False, True), (True, True)]  # av, qk
+  for path in t.plan.quantized_matmuls:
+    call = MatmulCall(t.plan.matmuls[path], None)
+    a, b = rec.seen[path]
+    mq = get_path(t.qvars["quant"], path)
+    assert {k: float(v) for k, v in tables[path].items()} == {k: float(v) for k, v in mq.items()}
+    want = layer_ops.quantized_matmul(call, a, b, mq, signed=t.plan.matmul_signed[path], mode="fake")
+    assert float(jnp.max(jnp.abs(want - call.float_forward(a, b)))) > 1e-4
+    for provider in _baseline_providers(t, tables):
+      np.testing.assert_array_equal(provider.matmul(call, a, b), want)
   zeros = jnp.zeros(len(t.plan.quantized), jnp.int32)
   lw = jax.jit(apply_lib.make_apply(t.model, t.plan))(t.variables, tables, zeros, zeros, t.images[:2])
-  np.testing.assert_allclose(lw, ref, rtol=1e-5, atol=1e-6)
-  call = MatmulCall(t.plan.matmuls["blocks_0/attn/qk"], None)
-  a, b = rec.seen["blocks_0/attn/qk"]
-  for provider in (LsqLayers({}, {}, {}), apply_lib.LayerwiseBits({}, zeros, zeros, {}, {})):
-    np.testing.assert_array_equal(provider.matmul(call, a, b), call.float_forward(a, b))
+  flexiq_matmuls = interception.run_with_provider(t.model, t.plan, t.variables, t.images[:2],
+                                                  _FloatLayersFlexiQMatmuls(t.qvars["quant"], t.plan.matmul_signed))
+  np.testing.assert_allclose(lw, flexiq_matmuls, rtol=1e-5, atol=1e-6)
+  assert float(jnp.max(jnp.abs(lw - ref))) > 1e-4
+
+
+def test_baselines_leave_the_matmuls_float_with_attention_float(tiny):
+  """quant.attention='float': the plan quantizes no matmul, the tables hold none, and the
+  layer-wise apply at float bits is the float model; at W4A4 it equals the int8 plan's apply with
+  its matmuls taken out of the plan, and differs from the int8 plan's (the PTQ baseline's logits)."""
+  from flexiq_jax.compare import baselines
+  from flexiq_jax.layerwise import apply as apply_lib
+  t, f = tiny("vit_s"), make_tiny("vit_s", attention="float")
+  assert f.plan.quantized_matmuls == [] and f.plan.matmuls and apply_lib.matmul_fingerprint(f.plan) == {}
+  assert apply_lib.matmul_fingerprint(t.plan) == apply_lib.MATMULS_8BIT
+  tables = apply_lib.build_tables(f.model, f.plan, f.variables, f.stats)
+  assert set(tables) == set(f.plan.quantized)
+  apply = jax.jit(apply_lib.make_apply(f.model, f.plan))
+  zeros = jnp.zeros(len(f.plan.quantized), jnp.int32)
+  np.testing.assert_allclose(apply(f.variables, tables, zeros, zeros, f.images), f.model.apply(f.variables, f.images),
+                             rtol=1e-5, atol=1e-5)
+  w4a4 = apply_lib.bits_arrays(t.plan, baselines.uniform_bits(t.plan, (4, 4), keep_ends=True))
+  int8_tables = apply_lib.build_tables(t.model, t.plan, t.variables, t.stats)
+  with_matmuls = jax.jit(apply_lib.make_apply(t.model, t.plan))(t.variables, int8_tables, *w4a4, t.images)
+  without = dataclasses.replace(t.plan, quantized_matmuls=[])
+  float_attention = jax.jit(apply_lib.make_apply(t.model, without))(t.variables, int8_tables, *w4a4, t.images)
+  np.testing.assert_allclose(apply(f.variables, tables, *w4a4, f.images), float_attention, rtol=1e-5, atol=1e-5)
+  assert float(jnp.max(jnp.abs(with_matmuls - float_attention))) > 1e-3
+
+
+def test_lsq_baseline_trains_through_the_8bit_matmuls(tiny):
+  """LSQ QAT on the tiny ViT: a training step runs with the matmuls at 8 bits (fixed scales, no
+  trainable entry for them), its loss is finite, and the gradient reaches the layers before the
+  matmuls (qkv) through their straight-through estimator."""
+  import optax
+  from flexiq_jax import finetune
+  from flexiq_jax.compare import baselines
+  from flexiq_jax.layerwise import apply as apply_lib
+  t = tiny("vit_s")
+  tables = apply_lib.build_tables(t.model, t.plan, t.variables, t.stats)
+  bits = baselines.uniform_bits(t.plan, (4, 4), keep_ends=True)
+  forward = baselines.LsqForward(t.model, t.plan, bits, apply_lib.matmul_tables(t.plan, tables))
+  trainable = {"params": t.variables["params"], "scales": baselines.lsq_initial_scales(t.plan, tables, bits)}
+  assert all(p.replace("/", ".") not in trainable["scales"] for p in t.plan.quantized_matmuls)
+  calls = []
+
+  @dataclasses.dataclass(frozen=True)
+  class Spy(baselines.LsqLayers):
+    def matmul(self, call, a, b):
+      calls.append(call.path)
+      return super().matmul(call, a, b)
+
+  spy = Spy(trainable["scales"], bits, t.plan.signed, forward.matmul_scales, t.plan.matmul_signed)
+  interception.run_with_provider(t.model, t.plan, t.variables, t.images[:2], spy)
+  assert calls == t.plan.quantized_matmuls
+  tx = optax.sgd(1e-3)
+  state = finetune.state_from_parts(trainable, {}, tx)
+  batch = {"image": t.images, "label": jnp.arange(8, dtype=jnp.int32) % 10}
+  grads = jax.grad(lambda tr: finetune.make_loss_fn(batch, logits_fn=forward, frozen={})(tr)[0])(trainable)
+  assert float(jnp.abs(get_path(grads["params"], "blocks_0/attn/qkv")["kernel"]).sum()) > 0
+  assert float(jnp.abs(grads["scales"]["blocks_0.attn.qkv"]["act"])) > 0
+  new_state, metrics = jax.jit(lambda s, b: finetune.distill_step(s, b, logits_fn=forward, tx=tx))(state, batch)
+  assert np.isfinite(float(metrics["loss"])) and int(new_state.step) == 1
+
+
+def test_the_baselines_fingerprints_change_where_matmuls_are_quantized(tiny):
+  """The rows of the baselines that now run attention's matmuls at 8 bits get another fingerprint
+  where the plan quantizes matmuls (cached float-attention rows are not reused), and only theirs;
+  a plan without quantized matmuls (a CNN, quant.attention='float') keeps every fingerprint."""
+  from configs import quickstart
+  from flexiq_jax import stage_cache
+  from flexiq_jax.compare import harness
+  config = quickstart.get_config("smoke")
+  t, f = tiny("vit_s"), make_tiny("vit_s", attention="float")
+  fp = lambda plan: {m: stage_cache.fingerprint(harness.method_fields(config, m, plan)) for m in harness.METHODS}
+  none, int8, flt = fp(None), fp(t.plan), fp(f.plan)
+  assert flt == none
+  assert {m for m in none if none[m] != int8[m]} == set(harness.MATMUL_BASELINES) == {
+      "layerwise_amp", "ptq_minmax", "ptq_mse", "adaround", "lsq_qat", "switchable_qat"}
+  assert harness._matmul_record("ptq_mse", t.plan) == {"attention_matmuls": "int8"}
+  assert harness._matmul_record("ptq_mse", f.plan) == {"attention_matmuls": "float"}
+  assert harness._matmul_record("flexiq", t.plan) == {}
 
 
 def test_lsq_fake_model_runs_with_fixed_matmul_scales(tiny):
@@ -487,3 +601,65 @@ def test_cost_counts_the_matmuls_by_hand(tiny):
   share = cost.lowered_mac_share([counts[p] for p in plan.lowerable], [layers[p].in_channels for p in plan.lowerable],
                                  [layers[p].macs for p in plan.lowerable])
   assert share == pytest.approx(1.0)
+
+
+def test_layerwise_amp_scores_with_the_8bit_matmuls(tiny):
+  """The layer-wise search on the tiny ViT: every table it evaluates with (recalibrated ones
+  included) keeps the matmuls' calibrated scales, and phase 1's SQNR reference is the model with
+  every layer float and the matmuls at 8 bits, not the float model."""
+  from configs import quickstart
+  from flexiq_jax.layerwise import apply as apply_lib
+  from flexiq_jax.layerwise import driver
+  from flexiq_jax.stage_results import Calibration, FloatModel
+  t = tiny("vit_s")
+  config = quickstart.get_config("smoke")
+  config.layerwise.update(sensitivity_images=8, grouping="per_layer")
+  labels = np.argmax(np.asarray(t.model.apply(t.variables, t.images)), -1).astype(np.int32)
+  lp = driver.layerwise_problem(config, FloatModel(t.model, t.variables), Calibration(t.plan, t.variables, t.stats),
+                                [t.images], score_data=[{"image": t.images, "label": labels}])
+  k = lp.candidates.index(next(c for c in lp.candidates if c.name == "W4A4"))
+  for kind in ("uniform", "phase1"):
+    tables = lp.tables_for(kind, k)
+    for path in t.plan.quantized_matmuls:
+      assert {n: float(v) for n, v in tables[path].items()} == {n: float(t.stats[path][n]) for n in ("a_scale", "b_scale")}
+  logits = jax.jit(apply_lib.make_apply(t.model, t.plan))
+  ref = logits(t.variables, lp.tables_for("phase1", k), *apply_lib.bits_arrays(t.plan, {}), t.images)
+  assert float(jnp.max(jnp.abs(ref - t.model.apply(t.variables, t.images)))) > 1e-4
+  # One layer at W8A8, an error of the size of the matmuls' own: against the float model its SQNR
+  # would be that of both.
+  k8 = lp.candidates.index(next(c for c in lp.candidates if c.name == "W8A8"))
+  g = lp.members.index(("blocks_0/mlp/fc1",))
+  alone = logits(t.variables, lp.tables_for("phase1", k8), *apply_lib.bits_arrays(t.plan, {"blocks_0/mlp/fc1": (8, 8)}),
+                 t.images)
+  got = lp.problem.sensitivity_fn(g, k8)
+  assert got == pytest.approx(apply_lib.sqnr_db(ref, alone), rel=1e-5)
+  assert got > apply_lib.sqnr_db(t.model.apply(t.variables, t.images), alone) + 0.1
+
+
+def test_adaround_targets_the_float_model_from_the_8bit_matmul_model(tiny):
+  """AdaRound on the tiny ViT: a layer after attention is reconstructed against the float model's
+  input (matmuls float), from the input the quantized model gives it (matmuls at 8 bits)."""
+  from flexiq_jax.compare import adaround, baselines
+  from flexiq_jax.layerwise import apply as apply_lib
+  t = tiny("vit_s")
+  tables = apply_lib.build_tables(t.model, t.plan, t.variables, t.stats)
+  zeros = jnp.zeros(len(t.plan.quantized), jnp.int32)
+  path = "blocks_0/attn/proj"
+
+  class Capture(_Operands):
+    def layer(self, call, x):
+      if call.path == path:
+        self.x = x
+      return call.float_forward(x)
+
+  capture = Capture()
+  interception.run_with_provider(t.model, t.plan, t.variables, t.images, capture, matmul_paths=())
+  _, x_float = adaround._layer_input(t.model, t.plan, t.variables, tables, zeros, zeros, t.images, path,
+                                     quantized_matmuls=False)
+  np.testing.assert_allclose(x_float, capture.x, rtol=1e-6, atol=1e-6)
+  _, x_matmuls = adaround._layer_input(t.model, t.plan, t.variables, tables, zeros, zeros, t.images, path)
+  assert float(jnp.max(jnp.abs(x_matmuls - x_float))) > 1e-4
+  bits = baselines.uniform_bits(t.plan, (4, 4), keep_ends=True)
+  variables, report = adaround.adaround_weights(t.model, t.plan, t.variables, tables, bits, t.images,
+                                                adaround.AdaRoundSettings(iterations=2, batch_size=4))
+  assert path in report and np.isfinite(report[path]["mse_adaround"])

@@ -342,3 +342,25 @@ def test_t1_states_how_each_qat_methods_learning_rate_was_set(tmp_path):
   md = open(os.path.join(chosen, "paper_t1_4bit.md")).read()
   assert "kept the best on 1000 held-out training images" in md and "never the test split" in md
   assert "| resnet18 | {0.0003, 0.001, 0.003} | 0.001 | - | 0.003 | - |" in md
+
+
+def test_t1_states_how_the_baselines_ran_attention(tmp_path):
+  """T1 says, per model with attention, whether its baselines ran q·kᵀ and attn·v as FlexiQ (their
+  rows record it) or in float (rows without the record, or quant.attention='float'); CNNs are not
+  named."""
+  out = str(tmp_path)
+  marked = lambda record, kind: {**record, "rows": [
+      {**r, "attention_matmuls": kind} if r["method"] in ("ptq_mse", "lsq_qat", "layerwise_amp") else r
+      for r in record["rows"]]}
+  args = dict(float_top1=86.0, flexiq_after=(85.0, 84.0, 83.0), ptq_w4=70.0, lsq=84.0, naive_100=83.0, fitted_100=82.0)
+  _write_sweep(out, [_record("resnet18", 0, **args), _record("deit_s", 0, **args),
+                     marked(_record("vit_s", 0, **args), "int8"), marked(_record("deit_t", 0, **args), "float")])
+  note = paper_tables.attention_note(paper_tables.load_sweep(out))
+  assert note == ("Attention: q·kᵀ and attn·v at 8 bits with FlexiQ's calibrated per-tensor scales in every method "
+                  "(vit_s); q·kᵀ and attn·v in float in every method, quant.attention='float' (deit_t); not alike for "
+                  "the rows that do not record it, which ran them in float while FlexiQ ran them at 8 bits: deit_s "
+                  "(layerwise_amp, lsq_qat, ptq_mse).\n")
+  paper_tables.write_tables(out, benchmark=str(tmp_path / "no_benchmark.json"))
+  assert note in open(os.path.join(out, "paper_t1_4bit.md")).read()
+  _write_sweep(str(tmp_path / "cnn"), [_record("resnet18", 0, **args)])
+  assert paper_tables.attention_note(paper_tables.load_sweep(str(tmp_path / "cnn"))) == ""

@@ -6,9 +6,9 @@ to nearest: w_q = s * clip(floor(w / s) + h(V), -qmax, qmax) with the rectified 
 h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1), trained to reconstruct the float layer's
 output, min ||W x - W_q x_q||^2 + lambda sum(1 - |2h - 1|^beta), with beta annealed from 20 to 2
 after a warm-up without the regulariser, then h rounded to {0, 1}. The layers go in model order and
-each sees the input the quantized model gives it (earlier layers already rounded, its input
-quantized to 4 bits: the paper's asymmetric reconstruction), against the float model's output of
-that layer on the float input. Scales (s) are the MSE-fitted 4-bit weight ranges, activations use
+each sees the input the quantized model gives it (earlier layers already rounded, attention's
+matmuls at 8 bits as in every method, its input quantized to 4 bits: the paper's asymmetric
+reconstruction), against the float model's output of that layer on the float input. Scales (s) are the MSE-fitted 4-bit weight ranges, activations use
 MSE-fitted per-tensor ranges (the ptq_mse baseline), and the first and last layers stay W8A8 with
 nearest rounding, as in every uniform baseline here.
 
@@ -153,10 +153,14 @@ class _Capture:
     return self.inner.matmul(call, a, b)
 
 
-def _layer_input(model, plan, variables, tables, weight_bits, act_bits, images, path):
+def _layer_input(model, plan, variables, tables, weight_bits, act_bits, images, path, *, quantized_matmuls=True):
+  """(LayerCall, input) of layer `path` in the layer-wise apply at the given bits; the plan's
+  quantized matmuls at 8 bits, or in float with quantized_matmuls=False (the float model)."""
   index = {p: i for i, p in enumerate(plan.quantized)}
-  provider = _Capture(apply_lib.LayerwiseBits(tables, weight_bits, act_bits, index, plan.signed), path)
-  interception.run_with_provider(model, plan, variables, images, provider)
+  provider = _Capture(apply_lib.LayerwiseBits(tables, weight_bits, act_bits, index, plan.signed, plan.matmul_signed),
+                      path)
+  interception.run_with_provider(model, plan, variables, images, provider,
+                                 matmul_paths=None if quantized_matmuls else ())
   return provider.captured
 
 
@@ -189,9 +193,11 @@ def adaround_weights(model, plan, folded, tables, bits: dict, images, settings: 
     w_bits, a_bits = bits[path]
     if w_bits != 4:
       continue
-    # Targets: the float model's layer on its float input; inputs: what the partly rounded
-    # quantized model feeds the layer, quantized at the layer's activation width.
-    call, x_float = _layer_input(model, plan, folded, tables, float_bits, float_bits, images, path)
+    # Targets: the float model's layer on its float input (attention's matmuls float too); inputs:
+    # what the partly rounded quantized model (its matmuls at 8 bits) feeds the layer, quantized at
+    # the layer's activation width.
+    call, x_float = _layer_input(model, plan, folded, tables, float_bits, float_bits, images, path,
+                                 quantized_matmuls=False)
     targets = call.float_forward(x_float)
     qcall, x = _layer_input(model, plan, variables, tables, wb, ab, images, path)
     t = tables[path]

@@ -6,10 +6,14 @@ first and last quantized layers (plan.quantized minus plan.lowerable: FlexiQ's k
 stay W8A8 — as FlexiQ keeps them, and as the LSQ paper does — so the baselines and FlexiQ's
 ratio-1 point cost the same BOPs.
 
-The activation x activation matmuls (attention's q·kᵀ and attn·v) run in float in these
-baselines (`LsqLayers.matmul`, layerwise.LayerwiseBits.matmul), while FlexiQ runs them at 8 bits.
-Their BOPs are counted at 8 x 8 bits for every method (`relative_bops`), so all rows share one
-BOPs axis; the baselines' accuracy is measured with those matmuls unquantized.
+The activation x activation matmuls (attention's q·kᵀ and attn·v, plan.quantized_matmuls) run
+in these baselines exactly as in FlexiQ: at 8 bits whatever the layers' bits, with the calibrated
+per-tensor min-max scales (the tables' matmul entries, `layerwise.apply.build_tables`) and the
+plan's signedness, through `layer_ops.quantized_matmul` in fake mode (`LsqLayers.matmul`,
+layerwise.LayerwiseBits.matmul); their scales are fixed, never learnt (LSQ learns the layers'
+scales only). With quant.attention='float' the plan quantizes none, and every method leaves them
+float. Their BOPs are counted at 8 x 8 bits for every method (`relative_bops`), so all rows share
+one BOPs axis.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ from flexiq_jax import data
 from flexiq_jax import finetune
 from flexiq_jax import interception
 from flexiq_jax import judge
+from flexiq_jax import layer_ops
 from flexiq_jax import lr_select
 from flexiq_jax import numerics
 from flexiq_jax import parallel
 from flexiq_jax import train as train_lib
 from flexiq_jax.interception import LayerCall, MatmulCall
+from flexiq_jax.layerwise import apply as apply_lib
 
 
 def uniform_bits(plan, bits: tuple[int, int], keep_ends: bool) -> dict:
@@ -70,12 +76,16 @@ def _key(path: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class LsqLayers:
   """The provider of LSQ fake quantization (Esser et al. 2020): per-tensor activation scales and
-  per-output-channel weight scales, both learnable, at fixed bits per layer. Matmuls (q·kᵀ,
-  attn·v) stay float."""
+  per-output-channel weight scales, both learnable, at fixed bits per layer. The matmuls routed to
+  it (plan.quantized_matmuls: q·kᵀ, attn·v) run at 8 bits with fixed calibrated scales, as FlexiQ
+  runs them (`layer_ops.quantized_matmul`, fake: straight-through to the operands, no gradient to
+  the scales)."""
 
   scales: dict  # {flat key: {'act': (), 'weight': (O,)}}
   bits: dict  # {path: (weight bits, act bits)}
   signed: dict
+  matmul_scales: dict  # {matmul path: {'a_scale', 'b_scale'}}: layerwise.apply.matmul_tables
+  matmul_signed: dict  # {matmul path: (a signed, b signed)}: plan.matmul_signed
 
   def layer(self, call: LayerCall, x):
     wb, ab = self.bits[call.path]
@@ -90,19 +100,23 @@ class LsqLayers:
     return call.float_forward(x, wm.reshape(call.kernel.shape))
 
   def matmul(self, call: MatmulCall, a, b):
-    return call.float_forward(a, b)
+    return layer_ops.quantized_matmul(call, a, b, self.matmul_scales[call.path],
+                                      signed=self.matmul_signed[call.path], mode="fake")
 
 
 @dataclasses.dataclass(frozen=True)
 class LsqForward:
-  """logits_fn(trainable, frozen, images) of the LSQ model, for finetune.distill_step."""
+  """logits_fn(trainable, frozen, images) of the LSQ model, for finetune.distill_step; the plan's
+  quantized matmuls at 8 bits with the fixed scales `matmul_scales` (constants, not trained)."""
 
   model: object
   plan: object
   bits: dict
+  matmul_scales: dict  # {matmul path: {'a_scale', 'b_scale'}}: layerwise.apply.matmul_tables
 
   def __call__(self, trainable, frozen, images):
-    provider = LsqLayers(trainable["scales"], self.bits, self.plan.signed)
+    provider = LsqLayers(trainable["scales"], self.bits, self.plan.signed, self.matmul_scales,
+                         self.plan.matmul_signed)
     variables = {"params": trainable["params"], **frozen}
     return interception.run_with_provider(self.model, self.plan, variables, images, provider)
 
@@ -207,7 +221,7 @@ def lsq_qat(config, workdir: str, model, variables, plan, folded, tables, bits: 
     variables: The float model's variables (the distillation teacher and the judge's reference).
     plan: The calibration's QuantPlan.
     folded: BN-folded variables, the starting weights.
-    tables: PTQ clipping tables the LSQ scales start from.
+    tables: PTQ clipping tables the LSQ scales start from, with the matmuls' fixed scales.
     bits: {path: (weight bits, act bits)} for every quantized layer.
     eval_batches: Evaluation batches.
     mesh: Device mesh; default `parallel.make_mesh()`.
@@ -221,7 +235,7 @@ def lsq_qat(config, workdir: str, model, variables, plan, folded, tables, bits: 
   mesh = mesh or parallel.make_mesh()
   trainable = {"params": folded["params"], "scales": lsq_initial_scales(plan, tables, bits)}
   frozen = {"batch_stats": folded["batch_stats"]} if "batch_stats" in folded else {}
-  forward = LsqForward(model, plan, bits)
+  forward = LsqForward(model, plan, bits, apply_lib.matmul_tables(plan, tables))
   float_fn = functools.partial(train_lib.float_logits, model, variables)
   seed = config.seed + finetune.BASELINE_SEED_OFFSET
 
@@ -312,7 +326,7 @@ def switchable_qat(config, workdir: str, model, variables, plan, folded, tables:
     workdir: where its checkpoints and metrics go.
     model, variables: the float model.
     plan, folded: the calibration's plan and BN-folded variables.
-    tables: PTQ clipping tables with entries for 4 and 8 bits.
+    tables: PTQ clipping tables with entries for 4 and 8 bits (and the matmuls' fixed scales).
     keep_ends: keep the non-lowerable layers at W8A8.
     eval_batches: the evaluation batches (a list: it is iterated once per precision).
     mesh: the device mesh.
@@ -324,7 +338,7 @@ def switchable_qat(config, workdir: str, model, variables, plan, folded, tables:
   """
   mesh = mesh or parallel.make_mesh()
   bits = [uniform_bits(plan, b, keep_ends) for b in SWITCHABLE_BITS]
-  forwards = tuple(LsqForward(model, plan, b) for b in bits)
+  forwards = tuple(LsqForward(model, plan, b, apply_lib.matmul_tables(plan, tables)) for b in bits)
   start = {"params": folded["params"], "scales": tuple(lsq_initial_scales(plan, tables, b) for b in bits)}
   frozen = {"batch_stats": folded["batch_stats"]} if "batch_stats" in folded else {}
   float_fn = functools.partial(train_lib.float_logits, model, variables)

@@ -25,6 +25,9 @@ Methods (config.compare.methods):
 With finetune.lr_grid every QAT method (flexiq's finetuning, flexiq_100only, lsq_qat,
 switchable_qat) chooses its learning rate from the grid on the same held-out training images
 (`lr_select`); its rows carry the selection's record and compare_table.md lists it (`lr_note`).
+Attention's q·kᵀ and attn·v (plan.quantized_matmuls) run at 8 bits with the calibrated scales in
+every method, baselines included (their rows record it: 'attention_matmuls'), or in float in every
+method with quant.attention='float'.
 The ablation sub-workdirs are evaluated before finetuning only (their finetuning would cost as
 much again as FlexiQ's). Every row also carries agreement with the float model's predictions,
 KL(float || quantized) and the output SQNR, measured in the same evaluation pass. Each method's
@@ -579,11 +582,12 @@ def lsq_qat(ctx: CompareContext) -> list[Row]:
   bits = baselines.uniform_bits(plan, (4, 4), cc.keep_ends)
   # Its checkpoints sit under a fingerprint of what they depend on: a finished run of another
   # recipe (or calibration) must not be restored and evaluated as if it were this one.
-  key = stage_cache.fingerprint(method_fields(ctx.config, "lsq_qat"))
+  key = stage_cache.fingerprint(method_fields(ctx.config, "lsq_qat", plan))
   workdir = os.path.join(ctx.run.workdir, "compare", "lsq_qat", key)
   legacy = os.path.join(ctx.run.workdir, "compare", "lsq_qat", stage_cache.fingerprint(stage_options.fingerprint_fields(
       ctx.config, "finetune", "compare.lsq_init", "compare.keep_ends", "compare.lsq_learning_rate")))
-  if not os.path.exists(workdir) and os.path.exists(legacy):  # the same values, keyed the older way
+  # The same values keyed the older way (a run with quantized matmuls never was: those ran them float).
+  if not os.path.exists(workdir) and os.path.exists(legacy) and not apply_lib.matmul_fingerprint(plan):
     workdir = legacy
   out = baselines.lsq_qat(ctx.config, workdir, ctx.float_model.model,
                           ctx.float_model.variables, plan, ctx.calibration.folded, tables, bits, ctx.eval_data,
@@ -606,7 +610,7 @@ def switchable_qat(ctx: CompareContext) -> list[Row]:
   """
   cc, plan = ctx.config.compare, ctx.calibration.plan
   tables = ctx.ptq_tables(cc.lsq_init)
-  key = stage_cache.fingerprint(method_fields(ctx.config, "switchable_qat"))
+  key = stage_cache.fingerprint(method_fields(ctx.config, "switchable_qat", plan))
   workdir = os.path.join(ctx.run.workdir, "compare", "switchable_qat", key)
   outs = baselines.switchable_qat(ctx.config, workdir, ctx.float_model.model, ctx.float_model.variables, plan,
                                   ctx.calibration.folded, tables, cc.keep_ends, ctx.eval_data, ctx.run.mesh,
@@ -646,6 +650,10 @@ _FLEXIQ_100ONLY = ("quantize", tuple(name for name, result_free in stage_options
                                      if not result_free and name not in _SAMPLER_FIELDS + _LR_FIELDS))
 # The methods whose learning rate finetune.lr_grid chooses (the finetune stage, for 'flexiq', has its own).
 LR_SELECTED = ("lsq_qat", "switchable_qat", "flexiq_100only")
+# The baselines that run a plan's quantized matmuls (attention's q·kᵀ, attn·v) through the
+# layer-wise or LSQ providers: where the plan quantizes any, their rows' fingerprint carries
+# layerwise.apply.matmul_fingerprint (rows cached without it ran those matmuls in float).
+MATMUL_BASELINES = ("layerwise_amp", "ptq_minmax", "ptq_mse", "adaround", "lsq_qat", "switchable_qat")
 METHOD_DEPENDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "flexiq": ("finetune", ("sweep", "compare.finetune")),
     "flexiq_naive": _ABLATION, "flexiq_random": _ABLATION, "flexiq_uniform": _ABLATION,
@@ -665,13 +673,16 @@ METHOD_DEPENDS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-def method_fields(config, method: str) -> dict:
+def method_fields(config, method: str, plan=None) -> dict:
   """The fingerprint fields of `method`'s rows (a method without a declaration, e.g. one a test
   registers, depends on the finetune stage and every compare field).
 
   Args:
     config: The run config.
     method: A method name.
+    plan: The calibration's QuantPlan: where it quantizes matmuls, the rows of MATMUL_BASELINES
+      also carry `layerwise.apply.matmul_fingerprint`. None: a plan that quantizes none (a model
+      without attention matmuls, or quant.attention='float').
 
   Returns:
     The fingerprint fields dict (stage_options.fingerprint_fields) of the method's stage, its own
@@ -679,7 +690,18 @@ def method_fields(config, method: str) -> dict:
   """
   stage, own = METHOD_DEPENDS.get(method, ("finetune", ("layerwise", "sweep", *_compare_fields(config))))
   fields = stage_options.fingerprint_fields(config, stage, *own, *EVAL_FIELDS)
+  if method in MATMUL_BASELINES and plan is not None:
+    fields = {**fields, **apply_lib.matmul_fingerprint(plan)}
   return {**fields, **lr_select.config_fields(config)} if method in LR_SELECTED else fields
+
+
+def _matmul_record(method: str, plan) -> dict:
+  """How a baseline's rows ran attention's matmuls, for the tables' fairness note: {'attention_matmuls':
+  'int8'} (8 bits, FlexiQ's calibrated scales) or 'float' (quant.attention='float'); {} for other
+  methods and for a model without attention matmuls."""
+  if method not in MATMUL_BASELINES or not getattr(plan, "matmuls", None):
+    return {}
+  return {"attention_matmuls": "int8" if plan.quantized_matmuls else "float"}
 
 
 def _compare_fields(config) -> list[str]:
@@ -726,25 +748,30 @@ def run_compare(run: pipeline.Run, float_model: FloatModel, float_metrics=None, 
   unknown = [m for m in methods if m not in METHODS]
   if unknown:
     raise ValueError(f"unknown compare.methods {unknown}; valid: {list(METHODS)}")
-  # Each method's rows under their own fingerprint: a change to one method's knob recomputes its rows only.
-  cache = stage_cache.KeyedJsonCache(os.path.join(run.workdir, "compare", "rows.json"),
-                                     {m: stage_cache.fingerprint(method_fields(config, m)) for m in methods},
-                                     legacy_fingerprint=_legacy_rows_fingerprint(config))
   unknown = [m for m in recompute if m not in METHODS]
   if unknown:
     raise ValueError(f"unknown methods to recompute {unknown}; valid: {list(METHODS)}")
+  ctx = CompareContext.build(run, float_model, float_logits)  # the calibration's plan enters the fingerprints
+  plan = ctx.calibration.plan
+  # Each method's rows under their own fingerprint: a change to one method's knob recomputes its rows only.
+  # A file of the one-fingerprint form is adopted only where no matmul is quantized (its baselines
+  # ran them in float).
+  cache = stage_cache.KeyedJsonCache(os.path.join(run.workdir, "compare", "rows.json"),
+                                     {m: stage_cache.fingerprint(method_fields(config, m, plan)) for m in methods},
+                                     legacy_fingerprint=None if apply_lib.matmul_fingerprint(plan)
+                                     else _legacy_rows_fingerprint(config))
   now = records.git_commit()
   stale = [m for m in recompute if m in methods and m in cache.data and cache.made_by(m)["commit"] != now]
   if "flexiq" in stale:  # before the row is dropped: a kill in between leaves the row to drop again
     pipeline.replace_stages(run.workdir, "finetune")
   cache.drop(stale)
-  ctx = CompareContext.build(run, float_model, float_logits)
   seconds, rows = {}, []
   bar = progress.bar(desc="compare", total=len(methods), unit="method")  # the inner stages show their own bars
   for m in methods:
     bar.set_postfix(method=m)
     t0 = time.perf_counter()
-    rows += [Row.from_json(r) for r in cache.get(m, lambda m=m: [r.to_json() for r in METHODS[m](ctx)])]
+    rows += [Row.from_json(r) for r in cache.get(m, lambda m=m: [{**r.to_json(), **_matmul_record(m, plan)}
+                                                                 for r in METHODS[m](ctx)])]
     seconds[m] = time.perf_counter() - t0
     print(f"compare: {m} done ({seconds[m]:.0f} s)")
     bar.update(1)

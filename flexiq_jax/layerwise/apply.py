@@ -10,9 +10,12 @@ images, weights per output channel on the narrow grid they are applied on). Bits
 layer's input or weight passes through unchanged). `make_recalibrate` recomputes the min-max
 activation ranges with the model quantized at given bits, as AIMET recomputes its encodings.
 
-The activation x activation matmuls (attention's q·kᵀ and attn·v, `plan.quantized_matmuls`) are
-not a group of this search and run in float here (`LayerwiseBits.matmul`); the comparison counts
-them at 8 x 8 bits in every method's BOPs (compare.baselines.relative_bops).
+The activation x activation matmuls (attention's q·kᵀ and attn·v, `plan.quantized_matmuls`: all
+of them with quant.attention='int8', none with 'float') are not groups of this search: they run at
+8 bits in every configuration (all-float bits included) exactly as in FlexiQ's model
+(`LayerwiseBits.matmul` calls `layer_ops.quantized_matmul` in fake mode with the calibrated
+per-tensor scales the tables carry and the plan's `matmul_signed`), never recalibrated or learnt.
+The comparison counts them at 8 x 8 bits in every method's BOPs (compare.baselines.relative_bops).
 """
 
 from __future__ import annotations
@@ -26,26 +29,60 @@ import numpy as np
 
 from flexiq_jax import calibrate
 from flexiq_jax import interception
+from flexiq_jax import layer_ops
 from flexiq_jax import numerics
 from flexiq_jax.interception import LayerCall, MatmulCall, get_path
 from flexiq_jax.plan import QuantPlan
 
 MAX_BITS = 16
+# The fingerprint entry of the results that run a plan's quantized matmuls at 8 bits
+# (`matmul_fingerprint`): the layer-wise search's cached phases and the compare baselines' rows.
+# Results cached without it ran those matmuls in float, so they are computed again.
+MATMULS_8BIT = {"baseline_attention_matmuls": "int8, FlexiQ's calibrated per-tensor scales"}
+
+
+def matmul_fingerprint(plan: QuantPlan) -> dict:
+  """The fingerprint entry of a result that runs `plan`'s quantized matmuls at 8 bits.
+
+  Args:
+    plan: The QuantPlan.
+
+  Returns:
+    MATMULS_8BIT where the plan quantizes a matmul; {} where it quantizes none (a model without
+    attention matmuls, or quant.attention='float'), whose results are those of float matmuls.
+  """
+  return dict(MATMULS_8BIT) if getattr(plan, "quantized_matmuls", ()) else {}
+
+
+def matmul_tables(plan: QuantPlan, tables: dict) -> dict:
+  """The tables' entries of the plan's quantized matmuls.
+
+  Args:
+    plan: The QuantPlan.
+    tables: Tables from `build_tables`.
+
+  Returns:
+    {matmul path: {'a_scale', 'b_scale'}} over plan.quantized_matmuls.
+  """
+  return {p: tables[p] for p in getattr(plan, "quantized_matmuls", ())}
 
 
 def build_tables(model, plan: QuantPlan, folded, calib: dict, *, act_method: str = "minmax",
                  weight_method: str = "minmax", bits: Sequence[int] = (4, 8), batches=None) -> dict:
-  """{path: {'act_clip': (17,), 'weight_clip': (17, O)}} clipping ranges indexed by bit width.
+  """{path: {'act_clip': (17,), 'weight_clip': (17, O)}} clipping ranges indexed by bit width, and
+{matmul path: {'a_scale', 'b_scale'}} for every quantized matmul.
 
   Min-max entries are the calibrated |x| max (from calib ch_min/ch_max) and the per-output-channel
   |w| max; 'mse' fits the ranges for each width in `bits` (other widths keep min-max). Activation
-  MSE needs the calibration `batches`.
+  MSE needs the calibration `batches`. A matmul's entry holds the 8-bit operand scales of the
+  calibration (`calibrate.matmul_calibration`), the very scales FlexiQ's qvars hold.
 
   Args:
     model: The float Flax model.
-    plan: The QuantPlan; its `quantized` layers get tables.
+    plan: The QuantPlan; its `quantized` layers and `quantized_matmuls` get tables.
     folded: The model's folded variables (weights read from folded['params']).
-    calib: Calibration statistics {path: {'ch_min', 'ch_max', ...}}.
+    calib: Calibration statistics {path: {'ch_min', 'ch_max', ...}; matmul path: {'a_scale',
+      'b_scale', ...}}.
     act_method: 'minmax' or 'mse' for the activation ranges.
     weight_method: 'minmax' or 'mse' for the weight ranges.
     bits: Bit widths that 'mse' fits.
@@ -53,7 +90,7 @@ def build_tables(model, plan: QuantPlan, folded, calib: dict, *, act_method: str
 
   Returns:
     A dict {path: {'act_clip': (MAX_BITS + 1,) float32, 'weight_clip': (MAX_BITS + 1, O) float32}}
-    of jax arrays.
+    of jax arrays, and {matmul path: {'a_scale': () float32, 'b_scale': () float32}}.
 
   Raises:
     ValueError: If a range method is unknown, or act_method is 'mse' without `batches`.
@@ -87,6 +124,8 @@ def build_tables(model, plan: QuantPlan, folded, calib: dict, *, act_method: str
       if weight_method == "mse":
         w_clip[b] = np.asarray(narrow_mse_clip(jnp.asarray(w2), b))
     tables[p] = {"act_clip": jnp.asarray(act_clip), "weight_clip": jnp.asarray(w_clip)}
+  for p in getattr(plan, "quantized_matmuls", ()):
+    tables[p] = {k: jnp.asarray(calib[p][k], jnp.float32) for k in ("a_scale", "b_scale")}
   return tables
 
 
@@ -115,14 +154,16 @@ def narrow_mse_clip(w, bits: int, num_candidates: int = 100):
 @dataclasses.dataclass(frozen=True)
 class LayerwiseBits:
   """The provider of layer-wise fake quantization: layer i of plan.quantized at weight_bits[i] x
-  act_bits[i] (traced; 0 = float) with the clipping ranges of `tables` at that width. Matmuls
-  (q·kᵀ, attn·v) stay float."""
+  act_bits[i] (traced; 0 = float) with the clipping ranges of `tables` at that width. The matmuls
+  routed to it (plan.quantized_matmuls: q·kᵀ, attn·v) run at 8 bits whatever the bits, as FlexiQ
+  runs them (`layer_ops.quantized_matmul`, fake, with the tables' calibrated scales)."""
 
   tables: dict
   weight_bits: jnp.ndarray  # (L,) int32
   act_bits: jnp.ndarray  # (L,) int32
   index: dict  # {path: i}
   signed: dict  # {path: bool}
+  matmul_signed: dict  # {matmul path: (a signed, b signed)}: plan.matmul_signed
 
   def layer(self, call: LayerCall, x):
     i = self.index[call.path]
@@ -136,13 +177,14 @@ class LayerwiseBits:
     return call.float_forward(x, wm.reshape(call.kernel.shape))
 
   def matmul(self, call: MatmulCall, a, b):
-    return call.float_forward(a, b)
+    return layer_ops.quantized_matmul(call, a, b, self.tables[call.path], signed=self.matmul_signed[call.path],
+                                      mode="fake")
 
 
 def make_apply(model, plan: QuantPlan):
   """apply(folded_variables, tables, weight_bits (L,), act_bits (L,), x) -> logits, where L
   runs over plan.quantized; bits are int32 arrays (0 = float), traced: jit once, evaluate any
-  configuration.
+  configuration. The plan's quantized matmuls run at 8 bits in every configuration.
 
   Args:
     model: The float Flax model.
@@ -154,7 +196,7 @@ def make_apply(model, plan: QuantPlan):
   index = {p: i for i, p in enumerate(plan.quantized)}
 
   def apply(variables, tables, weight_bits, act_bits, x):
-    provider = LayerwiseBits(tables, weight_bits, act_bits, index, plan.signed)
+    provider = LayerwiseBits(tables, weight_bits, act_bits, index, plan.signed, plan.matmul_signed)
     return interception.run_with_provider(model, plan, variables, x, provider)
 
   return apply
@@ -163,7 +205,8 @@ def make_apply(model, plan: QuantPlan):
 @dataclasses.dataclass(frozen=True)
 class DynamicRanges(LayerwiseBits):
   """LayerwiseBits with each layer input quantized over its own batch |x| max (AIMET's
-  compute_encodings quantizes with the batch's statistics) and that max recorded in `seen`."""
+  compute_encodings quantizes with the batch's statistics) and that max recorded in `seen`; the
+  matmuls keep their calibrated scales."""
 
   seen: dict = dataclasses.field(default_factory=dict)
 
@@ -171,13 +214,15 @@ class DynamicRanges(LayerwiseBits):
     amax = jnp.maximum(jnp.maximum(-jnp.min(x), jnp.max(x)), 0.0)
     self.seen[call.path] = amax
     table = dict(self.tables[call.path], act_clip=jnp.full(MAX_BITS + 1, amax))
-    return LayerwiseBits({call.path: table}, self.weight_bits, self.act_bits, self.index, self.signed).layer(call, x)
+    return LayerwiseBits({call.path: table}, self.weight_bits, self.act_bits, self.index, self.signed,
+                         self.matmul_signed).layer(call, x)
 
 
 def make_recalibrate(model, plan: QuantPlan):
   """recalibrate(folded_variables, tables, weight_bits, act_bits, x) -> (L,) |x| max of each
   layer input (over plan.quantized) with the model quantized at those bits; take the max over
-  the calibration batches for the new min-max activation ranges (`with_act_ranges`).
+  the calibration batches for the new min-max activation ranges (`with_act_ranges`). The plan's
+  quantized matmuls run at 8 bits with their calibrated scales.
 
   Args:
     model: The float Flax model.
@@ -189,7 +234,7 @@ def make_recalibrate(model, plan: QuantPlan):
   index = {p: i for i, p in enumerate(plan.quantized)}
 
   def recalibrate(variables, tables, weight_bits, act_bits, x):
-    provider = DynamicRanges(tables, weight_bits, act_bits, index, plan.signed, {})
+    provider = DynamicRanges(tables, weight_bits, act_bits, index, plan.signed, plan.matmul_signed, {})
     interception.run_with_provider(model, plan, variables, x, provider)
     return jnp.stack([provider.seen[p] for p in plan.quantized])
 
@@ -205,10 +250,11 @@ def with_act_ranges(tables: dict, plan: QuantPlan, absmax) -> dict:
     absmax: (L,) recalibrated |x| max per quantized layer.
 
   Returns:
-    A new tables dict; the weight clips are unchanged.
+    A new tables dict; the weight clips and the matmuls' entries (their calibrated scales) are
+    unchanged.
   """
-  return {p: dict(tables[p], act_clip=jnp.full(MAX_BITS + 1, absmax[i], jnp.float32))
-          for i, p in enumerate(plan.quantized)}
+  return {**tables, **{p: dict(tables[p], act_clip=jnp.full(MAX_BITS + 1, absmax[i], jnp.float32))
+                       for i, p in enumerate(plan.quantized)}}
 
 
 def bits_arrays(plan: QuantPlan, assignment: dict, default=(0, 0)):

@@ -3,7 +3,12 @@ FlexiQ per-layer 4-bit ratios (the same procedure as a FlexiQ selector).
 
 Data (config.layerwise):
   phase 1: the first `sensitivity_images` calibration images (unlabelled), SQNR (dB) of the
-           logits against the float model's.
+           logits against the reference: in the layer-wise search the layer-wise apply with
+           every layer float, i.e. the float model with attention's quantized matmuls at 8 bits
+           as every evaluation runs them (the float model itself where the plan quantizes no
+           matmul), so that a group's SQNR measures its own error; in the FlexiQ search the
+           float model.
+  float score: the float model's top-1 (matmuls float), which the allowed drop is taken from.
   baseline, phases 2/3: top-1 on the last `score_examples` labelled images of `score_split` (a
            validation slice of the training split by default), so that the allowed drop is
            honoured on data distinct from the reported test split; reports show both the drop
@@ -133,7 +138,10 @@ def layerwise_problem(config, float_model: FloatModel, calibration: Calibration,
   """Groups, candidates, cost table and the phase callbacks of the layer-wise search.
 
   Phase 1 (`sensitivity_fn(g, k)`): group g at candidate k, every other group float, SQNR (dB)
-  of the logits against the float model on the sensitivity images. With `recalibrate` the
+  of the logits against every group float on the sensitivity images; the plan's quantized
+  matmuls (attention's q·kᵀ, attn·v) run at 8 bits in both, as in every evaluation here, so
+  the reference is the float model only where the plan quantizes no matmul. The float score
+  (the allowed drop's reference) is the float model's. With `recalibrate` the
   activation ranges are recomputed once per candidate with every activation at that candidate
   and the weights float (AIMET's phase 1); uniform candidates get ranges recomputed at that
   candidate, and every Pareto point the ranges of its baseline (AIMET keeps its encodings
@@ -163,7 +171,8 @@ def layerwise_problem(config, float_model: FloatModel, calibration: Calibration,
                                   bits=widths, batches=calib_batches)
   ev = LayerwiseEvaluator(model, plan, folded, tables, mesh)
   images = sensitivity_images(config, calib_batches)
-  ref = model.apply(variables, images, train=False)
+  # Every group float; the matmuls' scales are the calibrated ones in every table.
+  ref = ev.logits(folded, tables, *apply_lib.bits_arrays(plan, {}), images)
   image_shape = tuple(np.asarray(calib_batches[0]).shape[1:])
   groups = quantizer_groups(plan, lw.get("grouping", "shared_input"), model, folded, image_shape)
   members = [g.layers for g in groups]
@@ -251,7 +260,8 @@ def layerwise_search(config, workdir, float_model: FloatModel, calibration: Cali
   lp.warmup()
   t2 = time.perf_counter()
   stage = os.path.join(workdir, stage_name)
-  result = amp.run(lp.problem, stage, _fingerprint(config, calibration.plan, "layerwise"),
+  fp = _fingerprint(config, calibration.plan, "layerwise", *apply_lib.matmul_fingerprint(calibration.plan).values())
+  result = amp.run(lp.problem, stage, fp,
                    allowed_drop=lw.allowed_drop if allowed_drop is None else allowed_drop,
                    search=search or lw.search, phase2_full=lw.phase2_full, early_exit=early_exit)
   result["seconds"] = {"setup": t1 - t0, "compile": t2 - t1, **result["seconds"]}
