@@ -44,7 +44,8 @@ def net():
   plan = quantize.build_plan(model, variables, (10, 10, 3))
   folded = quantize.fold_batchnorm(variables, plan)
   batches = [images[:16], images[16:]]
-  calib = {grid: calibrate.calibrate(model, plan, folded, batches, act_grid=grid) for grid in ("symmetric", "asymmetric")}
+  calib = {grid: calibrate.calibrate(model, plan, folded, batches, act_grid=grid)
+           for grid in ("symmetric", "asymmetric")}
   plans = {grid: plan.with_signedness(c) for grid, c in calib.items()}
   return types.SimpleNamespace(model=model, images=images, folded=folded, batches=batches, calib=calib, plans=plans)
 
@@ -229,7 +230,8 @@ def test_lsq_learns_the_step_with_the_zero_point_fixed(net):
   forward = baselines.LsqForward(net.model, plan, bits, apply_lib.matmul_tables(plan, tables), zero_points)
   trainable = {"params": net.folded["params"], "scales": baselines.lsq_initial_scales(plan, tables, bits)}
   # LSQ starts on the PTQ grid: its first forward is the W4A4 post-training model's.
-  ptq = jax.jit(apply_lib.make_apply(net.model, plan))(net.folded, tables, *apply_lib.bits_arrays(plan, bits), net.images)
+  ptq = jax.jit(apply_lib.make_apply(net.model, plan))(net.folded, tables, *apply_lib.bits_arrays(plan, bits),
+                                                       net.images)
   np.testing.assert_allclose(forward(trainable, {}, net.images), ptq, rtol=1e-4, atol=1e-5)
   tx = optax.sgd(0.05)
   state = finetune.state_from_parts(trainable, {}, tx)
