@@ -325,9 +325,9 @@ def weight_grid_check(model, variables, calib_batches, score, bits=4):
                     for n, v in params.items()}}
     t = tables
     if act_bits:  # ranges recomputed with the model at these bits, as both sides score a uniform candidate
-      absmax = np.max([np.asarray(recalibrate(v, tables, zeros, zeros + act_bits, jnp.asarray(b)))
-                       for b in calib_batches], axis=0)
-      t = apply_lib.with_act_ranges(tables, plan, absmax)
+      extents = np.max([np.asarray(recalibrate(v, tables, zeros, zeros + act_bits, jnp.asarray(b)))
+                        for b in calib_batches], axis=0)
+      t = apply_lib.with_act_ranges(tables, plan, extents)
     logits = lambda x: layerwise_apply(v, t, zeros, zeros + act_bits, x)
     return sum(top1_np(logits(jnp.asarray(score[0][i:i + SCORE_BATCH])), score[1][i:i + SCORE_BATCH])
                for i in range(0, len(score[0]), SCORE_BATCH)) / (len(score[0]) // SCORE_BATCH)

@@ -166,7 +166,8 @@ def test_driver_phase1_scores_one_group_against_float_the_others_float(mlp):
   recal = apply_lib.make_recalibrate(mlp.model, mlp.plan)(mlp.variables, lp.tables_for("uniform", 0), *flat, mlp.x)
   for i, p in enumerate(mlp.plan.quantized):
     want = max(-float(np.min(mlp.calib[p]["ch_min"])), float(np.max(mlp.calib[p]["ch_max"])), 0.0)
-    assert float(recal[i]) == pytest.approx(want, rel=1e-6)
+    assert float(np.max(recal[i])) == pytest.approx(want, rel=1e-6)
+    assert -float(recal[i][0]) == pytest.approx(float(np.min(mlp.calib[p]["ch_min"])), rel=1e-6)
 
 
 def test_pareto_list_strictly_decreasing_in_cost():

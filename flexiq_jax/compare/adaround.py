@@ -9,7 +9,8 @@ after a warm-up without the regulariser, then h rounded to {0, 1}. The layers go
 each sees the input the quantized model gives it (earlier layers already rounded, attention's
 matmuls at 8 bits as in every method, its input quantized to 4 bits: the paper's asymmetric
 reconstruction), against the float model's output of that layer on the float input. Scales (s) are the MSE-fitted 4-bit weight ranges, activations use
-MSE-fitted per-tensor ranges (the ptq_mse baseline), and the first and last layers stay W8A8 with
+MSE-fitted per-tensor ranges (the ptq_mse baseline; asymmetric where the calibration put a layer on
+the asymmetric grid, `layerwise.apply.fake_quant_input`), and the first and last layers stay W8A8 with
 nearest rounding, as in every uniform baseline here.
 
 Budget: the paper uses 10k iterations of batch 32 per layer with Adam at 1e-3 and lambda 0.01;
@@ -201,7 +202,7 @@ def adaround_weights(model, plan, folded, tables, bits: dict, images, settings: 
     targets = call.float_forward(x_float)
     qcall, x = _layer_input(model, plan, variables, tables, wb, ab, images, path)
     t = tables[path]
-    x = numerics.fake_quant_traced_bits(x, t["act_clip"][a_bits], jnp.int32(a_bits), plan.signed[path])
+    x = apply_lib.fake_quant_input(t, x, jnp.int32(a_bits), plan.signed[path])
     qmax = 2 ** (w_bits - 1) - 1
     scale = jnp.maximum(t["weight_clip"][w_bits], numerics.MIN_RANGE) / qmax
     weight_matrix = interception.kernel_matrix(call.info, qcall.kernel)

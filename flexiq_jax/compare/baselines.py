@@ -14,6 +14,15 @@ layerwise.LayerwiseBits.matmul); their scales are fixed, never learnt (LSQ learn
 scales only). With quant.attention='float' the plan quantizes none, and every method leaves them
 float. Their BOPs are counted at 8 x 8 bits for every method (`relative_bops`), so all rows share
 one BOPs axis.
+
+The activation grid follows `quant.act_grid` alike: a layer the calibration put on the asymmetric
+grid (its statistics' 'act_zero_point' > 0) has its input quantized by every baseline on an
+asymmetric grid at the baseline's own width b (unsigned [0, 2^b-1], step (hi - lo) / (2^b-1) over
+the calibrated range, zero point round(-lo / step), as TFLite/PyTorch: the tables' 'act_zero',
+`layerwise.apply.build_tables`); the other layers keep their symmetric grids. The baselines
+extract no bits, so their zero points need not be multiples of 16 as FlexiQ's 8-bit one is. LSQ
+learns the step with the zero point fixed at its initial value (`lsq_zero_points`; LSQ+ would
+learn the offset too, not built here).
 """
 
 from __future__ import annotations
@@ -76,7 +85,9 @@ def _key(path: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class LsqLayers:
   """The provider of LSQ fake quantization (Esser et al. 2020): per-tensor activation scales and
-  per-output-channel weight scales, both learnable, at fixed bits per layer. The matmuls routed to
+  per-output-channel weight scales, both learnable, at fixed bits per layer. A layer in
+  `zero_points` (on the asymmetric grid) has unsigned activation codes with that fixed zero point
+  (LSQ's symmetric formulation plus a fixed offset: no gradient to it). The matmuls routed to
   it (plan.quantized_matmuls: q·kᵀ, attn·v) run at 8 bits with fixed calibrated scales, as FlexiQ
   runs them (`layer_ops.quantized_matmul`, fake: straight-through to the operands, no gradient to
   the scales)."""
@@ -86,6 +97,7 @@ class LsqLayers:
   signed: dict
   matmul_scales: dict  # {matmul path: {'a_scale', 'b_scale'}}: layerwise.apply.matmul_tables
   matmul_signed: dict  # {matmul path: (a signed, b signed)}: plan.matmul_signed
+  zero_points: dict = dataclasses.field(default_factory=dict)  # {path: z}: `lsq_zero_points`
 
   def layer(self, call: LayerCall, x):
     wb, ab = self.bits[call.path]
@@ -93,7 +105,10 @@ class LsqLayers:
     a_qmin, a_qmax = numerics.int_range(ab, self.signed[call.path])
     # LSQ's activation gradient scale counts the features of one example, not the batch.
     g = numerics.lsq_default_grad_scale(x.size // x.shape[0], 1, a_qmax)
-    x = numerics.lsq_fake_quant(x, s["act"], a_qmin, a_qmax, g)
+    if call.path in self.zero_points:
+      x = numerics.lsq_fake_quant(x, s["act"], a_qmin, a_qmax, g, zero_point=self.zero_points[call.path])
+    else:
+      x = numerics.lsq_fake_quant(x, s["act"], a_qmin, a_qmax, g)
     w_qmax = 2 ** (wb - 1) - 1
     wm = interception.kernel_matrix(call.info, call.kernel)
     wm = numerics.lsq_fake_quant(wm, s["weight"], -w_qmax, w_qmax)
@@ -107,16 +122,18 @@ class LsqLayers:
 @dataclasses.dataclass(frozen=True)
 class LsqForward:
   """logits_fn(trainable, frozen, images) of the LSQ model, for finetune.distill_step; the plan's
-  quantized matmuls at 8 bits with the fixed scales `matmul_scales` (constants, not trained)."""
+  quantized matmuls at 8 bits with the fixed scales `matmul_scales` and the asymmetric-grid layers'
+  inputs with the fixed `zero_points` (constants, not trained)."""
 
   model: object
   plan: object
   bits: dict
   matmul_scales: dict  # {matmul path: {'a_scale', 'b_scale'}}: layerwise.apply.matmul_tables
+  zero_points: dict = dataclasses.field(default_factory=dict)  # {path: z}: `lsq_zero_points`
 
   def __call__(self, trainable, frozen, images):
     provider = LsqLayers(trainable["scales"], self.bits, self.plan.signed, self.matmul_scales,
-                         self.plan.matmul_signed)
+                         self.plan.matmul_signed, self.zero_points)
     variables = {"params": trainable["params"], **frozen}
     return interception.run_with_provider(self.model, self.plan, variables, images, provider)
 
@@ -125,7 +142,10 @@ def lsq_initial_scales(plan, tables, bits: dict) -> dict:
   """LSQ scales initialised from the post-training clipping ranges in `tables`.
 
   Each scale is the clip at the layer's bit width (floored at numerics.MIN_RANGE) over the largest
-  code: the activation's per-tensor scale and the weight's per-output-channel scales.
+  code: the activation's per-tensor scale and the weight's per-output-channel scales. On the
+  asymmetric grid the clip is the range's width and the largest code 2^b - 1 (the layer is
+  unsigned in the plan), so the step is that of the tables' grid, whose zero point
+  `lsq_zero_points` gives.
 
   Args:
     plan: The QuantPlan (quantized layers and their signedness).
@@ -143,6 +163,21 @@ def lsq_initial_scales(plan, tables, bits: dict) -> dict:
     scales[_key(p)] = {"act": jnp.maximum(tables[p]["act_clip"][ab], numerics.MIN_RANGE) / a_qmax,
                        "weight": jnp.maximum(tables[p]["weight_clip"][wb], numerics.MIN_RANGE) / w_qmax}
   return scales
+
+
+def lsq_zero_points(plan, tables, bits: dict) -> dict:
+  """The fixed zero points of the LSQ activation grids: those of the post-training tables at each
+  layer's activation width, for the layers on the asymmetric grid (their tables' 'act_zero').
+
+  Args:
+    plan: The QuantPlan (its quantized layers).
+    tables: Clipping tables (`layerwise.apply.build_tables`).
+    bits: {path: (weight bits, act bits)} for every quantized layer.
+
+  Returns:
+    {path: () float32 zero point}; empty where no layer is on the asymmetric grid.
+  """
+  return {p: tables[p]["act_zero"][bits[p][1]] for p in plan.quantized if "act_zero" in tables[p]}
 
 
 # The finetune fields LSQ QAT trains with (FlexiQ's budget and recipe; not its ratio sampling,
@@ -205,7 +240,8 @@ def train_at_chosen_rate(config, workdir: str, train: Callable, points: Callable
 
 def lsq_qat(config, workdir: str, model, variables, plan, folded, tables, bits: dict, eval_batches,
             mesh=None, reference_logits=None) -> dict:
-  """Uniform QAT with LSQ, initialised from the PTQ ranges in `tables`, trained with the budget
+  """Uniform QAT with LSQ, initialised from the PTQ ranges in `tables` (an asymmetric-grid layer's
+  zero point fixed at the tables', `lsq_zero_points`), trained with the budget
   and recipe of config.finetune (as many forward+backward passes as FlexiQ's finetuning,
   `finetune.pass_matched_steps`; batch size, optimizer, distillation) through the same
   resumable loop and step as FlexiQ's finetuning, at config.compare.lsq_learning_rate when set
@@ -235,7 +271,7 @@ def lsq_qat(config, workdir: str, model, variables, plan, folded, tables, bits: 
   mesh = mesh or parallel.make_mesh()
   trainable = {"params": folded["params"], "scales": lsq_initial_scales(plan, tables, bits)}
   frozen = {"batch_stats": folded["batch_stats"]} if "batch_stats" in folded else {}
-  forward = LsqForward(model, plan, bits, apply_lib.matmul_tables(plan, tables))
+  forward = LsqForward(model, plan, bits, apply_lib.matmul_tables(plan, tables), lsq_zero_points(plan, tables, bits))
   float_fn = functools.partial(train_lib.float_logits, model, variables)
   seed = config.seed + finetune.BASELINE_SEED_OFFSET
 
@@ -338,7 +374,8 @@ def switchable_qat(config, workdir: str, model, variables, plan, folded, tables:
   """
   mesh = mesh or parallel.make_mesh()
   bits = [uniform_bits(plan, b, keep_ends) for b in SWITCHABLE_BITS]
-  forwards = tuple(LsqForward(model, plan, b, apply_lib.matmul_tables(plan, tables)) for b in bits)
+  forwards = tuple(LsqForward(model, plan, b, apply_lib.matmul_tables(plan, tables), lsq_zero_points(plan, tables, b))
+                   for b in bits)
   start = {"params": folded["params"], "scales": tuple(lsq_initial_scales(plan, tables, b) for b in bits)}
   frozen = {"batch_stats": folded["batch_stats"]} if "batch_stats" in folded else {}
   float_fn = functools.partial(train_lib.float_logits, model, variables)

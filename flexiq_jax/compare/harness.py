@@ -652,7 +652,9 @@ _FLEXIQ_100ONLY = ("quantize", tuple(name for name, result_free in stage_options
 LR_SELECTED = ("lsq_qat", "switchable_qat", "flexiq_100only")
 # The baselines that run a plan's quantized matmuls (attention's q·kᵀ, attn·v) through the
 # layer-wise or LSQ providers: where the plan quantizes any, their rows' fingerprint carries
-# layerwise.apply.matmul_fingerprint (rows cached without it ran those matmuls in float).
+# layerwise.apply.matmul_fingerprint (rows cached without it ran those matmuls in float); where
+# the calibration put a layer on the asymmetric grid, layerwise.apply.act_grid_fingerprint (rows
+# cached without it quantized that layer's input unsigned from 0).
 MATMUL_BASELINES = ("layerwise_amp", "ptq_minmax", "ptq_mse", "adaround", "lsq_qat", "switchable_qat")
 METHOD_DEPENDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "flexiq": ("finetune", ("sweep", "compare.finetune")),
@@ -681,8 +683,9 @@ def method_fields(config, method: str, plan=None) -> dict:
     config: The run config.
     method: A method name.
     plan: The calibration's QuantPlan: where it quantizes matmuls, the rows of MATMUL_BASELINES
-      also carry `layerwise.apply.matmul_fingerprint`. None: a plan that quantizes none (a model
-      without attention matmuls, or quant.attention='float').
+      also carry `layerwise.apply.matmul_fingerprint`, and where it has layers on the asymmetric
+      grid `layerwise.apply.act_grid_fingerprint`. None: a plan that quantizes no matmul and has
+      no layer on the asymmetric grid.
 
   Returns:
     The fingerprint fields dict (stage_options.fingerprint_fields) of the method's stage, its own
@@ -691,7 +694,7 @@ def method_fields(config, method: str, plan=None) -> dict:
   stage, own = METHOD_DEPENDS.get(method, ("finetune", ("layerwise", "sweep", *_compare_fields(config))))
   fields = stage_options.fingerprint_fields(config, stage, *own, *EVAL_FIELDS)
   if method in MATMUL_BASELINES and plan is not None:
-    fields = {**fields, **apply_lib.matmul_fingerprint(plan)}
+    fields = {**fields, **apply_lib.matmul_fingerprint(plan), **apply_lib.act_grid_fingerprint(plan)}
   return {**fields, **lr_select.config_fields(config)} if method in LR_SELECTED else fields
 
 

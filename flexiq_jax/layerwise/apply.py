@@ -10,6 +10,17 @@ images, weights per output channel on the narrow grid they are applied on). Bits
 layer's input or weight passes through unchanged). `make_recalibrate` recomputes the min-max
 activation ranges with the model quantized at given bits, as AIMET recomputes its encodings.
 
+The activation grid follows `quant.act_grid` as FlexiQ's does: a layer the calibration put on the
+asymmetric grid (its statistics' 'act_zero_point' > 0, `calibrate.asymmetric_grid`) has its input
+quantized here on an asymmetric grid at every width b, as standard asymmetric quantizers
+(TFLite, PyTorch) do: unsigned codes [0, 2^b-1], the step s_b = (hi - lo) / (2^b-1) over the
+calibrated range [lo, hi] and the zero point z_b = round(-lo / s_b), real value (q - z_b)·s_b. The
+tables hold the range's width hi - lo as 'act_clip' and z_b as 'act_zero', both indexed by width
+(so the width stays traced); with MSE ranges lo stays at the calibrated minimum and hi is fitted
+per width (`fit_high_end`). These baselines extract no bits, so z_b needs no multiple of 16
+(FlexiQ's 8-bit zero point does, to survive the extraction). Every other layer keeps the
+symmetric grid above, computed exactly as without the asymmetric grid.
+
 The activation x activation matmuls (attention's q·kᵀ and attn·v, `plan.quantized_matmuls`: all
 of them with quant.attention='int8', none with 'float') are not groups of this search: they run at
 8 bits in every configuration (all-float bits included) exactly as in FlexiQ's model
@@ -67,22 +78,177 @@ def matmul_tables(plan: QuantPlan, tables: dict) -> dict:
   return {p: tables[p] for p in getattr(plan, "quantized_matmuls", ())}
 
 
+# The fingerprint entry of the baselines' results where the calibration put a layer on the
+# asymmetric grid (`act_grid_fingerprint`): results cached when the baselines quantized such a
+# layer's input unsigned from 0 (its negative values clipped) are computed again.
+ASYMMETRIC_INPUTS = {"baseline_act_grid": "asymmetric inputs: unsigned, zero point per width"}
+
+
+def asymmetric_layers(plan: QuantPlan) -> tuple[str, ...]:
+  """The quantized layers the calibration put on the asymmetric grid: unsigned codes although
+  their calibrated input has negative values (`plan.with_signedness`).
+
+  Args:
+    plan: The QuantPlan, with its signedness from the calibration statistics.
+
+  Returns:
+    Their paths, in plan.quantized order.
+  """
+  negatives = getattr(plan, "input_negatives", None) or {}
+  return tuple(p for p in plan.quantized
+               if not plan.signed.get(p, True) and negatives.get(p, {}).get("negative_count", 0) > 0)
+
+
+def act_grid_fingerprint(plan: QuantPlan) -> dict:
+  """The fingerprint entry of a baseline's result on `plan`'s activation grids.
+
+  Args:
+    plan: The QuantPlan.
+
+  Returns:
+    ASYMMETRIC_INPUTS where a layer is on the asymmetric grid (`asymmetric_layers`); {} where
+    none is (every calibration with quant.act_grid='symmetric'), whose results are unchanged.
+  """
+  return dict(ASYMMETRIC_INPUTS) if asymmetric_layers(plan) else {}
+
+
+def asymmetric_range(stats: dict) -> tuple[float, float] | None:
+  """A layer's calibrated input range [lo, hi] where the calibration put it on the asymmetric grid.
+
+  Args:
+    stats: The layer's calibration statistics ('ch_min', 'ch_max', and 'act_zero_point' with
+      quant.act_grid='asymmetric').
+
+  Returns:
+    (lo, hi) widened to contain 0, or None for a layer on a symmetric grid ('act_zero_point'
+    absent or 0).
+  """
+  if not float(stats.get("act_zero_point", 0.0)) > 0:
+    return None
+  return min(float(np.min(stats["ch_min"])), 0.0), max(float(np.max(stats["ch_max"])), 0.0)
+
+
+def asymmetric_zero_points(lo, width, xp=np):
+  """Zero points z_b = clip(round(-lo / s_b), 0, 2^b - 1), s_b = width_b / (2^b - 1), for every
+  width b = 0..MAX_BITS (below 2 as 2, as the traced quantizers), the step computed exactly as
+  `fake_quant_asymmetric_traced_bits` computes it.
+
+  Args:
+    lo: The range's lower end (<= 0), a scalar.
+    width: (MAX_BITS + 1,) the range's width hi - lo per bit width.
+    xp: numpy or jax.numpy.
+
+  Returns:
+    (MAX_BITS + 1,) float32 zero points.
+  """
+  qmax = xp.exp2(xp.maximum(xp.arange(MAX_BITS + 1), 2).astype(xp.float32)) - 1
+  scale = xp.maximum(xp.asarray(width, xp.float32), xp.float32(numerics.MIN_RANGE)) / qmax
+  return xp.clip(xp.round(-xp.asarray(lo, xp.float32) / scale), 0, qmax).astype(xp.float32)
+
+
+def fake_quant_asymmetric_traced_bits(x, width, zero_point, bits):
+  """Asymmetric per-tensor fake quant with a traced bit width: unsigned codes
+  clip(round(x / s) + z, 0, 2^b - 1), real value (code - z)·s, s = width / (2^b - 1).
+
+  Args:
+    x: Real values.
+    width: The range's width hi - lo (the step is width / (2^b - 1)).
+    zero_point: z, a float holding an integer (`asymmetric_zero_points`).
+    bits: Bit width, possibly traced (below 2 acts as 2).
+
+  Returns:
+    The fake-quantized values, shaped as `x`.
+  """
+  _, qmax = numerics.traced_int_range(bits, False)
+  scale = jnp.maximum(width, numerics.MIN_RANGE) / qmax
+  return (jnp.clip(jnp.round(x / scale) + zero_point, 0.0, qmax) - zero_point) * scale
+
+
+def fake_quant_input(table: dict, x, bits, signed: bool):
+  """A layer input fake-quantized at `bits` with its table: on the asymmetric grid where the table
+  has 'act_zero' (`fake_quant_asymmetric_traced_bits`), else on the symmetric grid over
+  'act_clip' (`numerics.fake_quant_traced_bits`).
+
+  Args:
+    table: The layer's entry of `build_tables` ('act_clip', and 'act_zero' on the asymmetric grid).
+    x: The layer's input.
+    bits: Activation bit width, possibly traced.
+    signed: plan.signed of the layer (the symmetric grid's sign).
+
+  Returns:
+    The fake-quantized input, shaped as `x`.
+  """
+  if "act_zero" in table:
+    return fake_quant_asymmetric_traced_bits(x, table["act_clip"][bits], table["act_zero"][bits], bits)
+  return numerics.fake_quant_traced_bits(x, table["act_clip"][bits], bits, signed)
+
+
+def fit_high_end(counts, lo: float, hi: float, bits: int, num_candidates: int = 100) -> float:
+  """The high end alpha·hi (alpha in `numerics.shrink_factors`) minimising the squared error of the
+  asymmetric `bits`-bit grid over [lo, alpha·hi] on a histogram over [lo, hi], lo kept: the MSE
+  range of an input on the asymmetric grid, whose short negative side stays covered as FlexiQ's
+  grid covers it. Each bin's values are taken at its centre; ties go to the largest alpha.
+
+  Args:
+    counts: (B,) histogram of the input over B equal bins of [lo, hi].
+    lo: The calibrated minimum (< 0), kept.
+    hi: The calibrated maximum (> 0).
+    bits: The code width.
+    num_candidates: The number of shrink factors tried.
+
+  Returns:
+    The fitted high end, a float in (0, hi].
+  """
+  counts = np.asarray(counts, np.float64)
+  edges = np.linspace(lo, hi, len(counts) + 1)
+  centres = 0.5 * (edges[1:] + edges[:-1])
+  his = np.asarray(numerics.shrink_factors(num_candidates), np.float64) * hi
+  qmax = 2.0 ** bits - 1
+  scale = np.maximum(his - lo, numerics.MIN_RANGE)[:, None] / qmax
+  zero = np.clip(np.round(-lo / scale), 0, qmax)
+  values = (np.clip(np.round(centres[None] / scale) + zero, 0, qmax) - zero) * scale
+  errors = ((values - centres[None]) ** 2) @ counts
+  return float(his[num_candidates - 1 - np.argmin(errors[::-1])])
+
+
+@dataclasses.dataclass(frozen=True)
+class RangeHistograms:
+  """A histogram of x over [lo, hi] for the layers in `ranges` {path: (lo, hi)} (nothing for the
+  others): `calibrate.collect` statistics for the MSE ranges of the asymmetric grid."""
+
+  ranges: dict
+  num_bins: int = numerics.DEFAULT_NUM_BINS
+  merge = {"hist": np.add}
+
+  def statistics(self, path, x):
+    if path not in self.ranges:
+      return {}
+    lo, hi = self.ranges[path]
+    counts = jnp.zeros((self.num_bins,), jnp.int32)
+    return {"hist": numerics.histogram_update(counts, x.reshape(-1), lo, hi)}
+
+
 def build_tables(model, plan: QuantPlan, folded, calib: dict, *, act_method: str = "minmax",
                  weight_method: str = "minmax", bits: Sequence[int] = (4, 8), batches=None) -> dict:
-  """{path: {'act_clip': (17,), 'weight_clip': (17, O)}} clipping ranges indexed by bit width, and
-{matmul path: {'a_scale', 'b_scale'}} for every quantized matmul.
+  """{path: {'act_clip': (17,), 'weight_clip': (17, O)}} clipping ranges indexed by bit width
+(and 'act_zero' (17,) for a layer on the asymmetric grid), and {matmul path: {'a_scale',
+'b_scale'}} for every quantized matmul.
 
   Min-max entries are the calibrated |x| max (from calib ch_min/ch_max) and the per-output-channel
   |w| max; 'mse' fits the ranges for each width in `bits` (other widths keep min-max). Activation
-  MSE needs the calibration `batches`. A matmul's entry holds the 8-bit operand scales of the
-  calibration (`calibrate.matmul_calibration`), the very scales FlexiQ's qvars hold.
+  MSE needs the calibration `batches`. A layer the calibration put on the asymmetric grid
+  (`asymmetric_range`: its 'act_zero_point' > 0) gets instead 'act_clip' = hi - lo, the width of
+  its calibrated range [lo, hi] (with 'mse', hi fitted per width and lo kept: `fit_high_end`), and
+  'act_zero' the zero point at each width (`asymmetric_zero_points`). A matmul's entry holds the
+  8-bit operand scales of the calibration (`calibrate.matmul_calibration`), the very scales
+  FlexiQ's qvars hold.
 
   Args:
     model: The float Flax model.
     plan: The QuantPlan; its `quantized` layers and `quantized_matmuls` get tables.
     folded: The model's folded variables (weights read from folded['params']).
-    calib: Calibration statistics {path: {'ch_min', 'ch_max', ...}; matmul path: {'a_scale',
-      'b_scale', ...}}.
+    calib: Calibration statistics {path: {'ch_min', 'ch_max', ('act_zero_point',) ...}; matmul path:
+      {'a_scale', 'b_scale', ...}}.
     act_method: 'minmax' or 'mse' for the activation ranges.
     weight_method: 'minmax' or 'mse' for the weight ranges.
     bits: Bit widths that 'mse' fits.
@@ -90,7 +256,8 @@ def build_tables(model, plan: QuantPlan, folded, calib: dict, *, act_method: str
 
   Returns:
     A dict {path: {'act_clip': (MAX_BITS + 1,) float32, 'weight_clip': (MAX_BITS + 1, O) float32}}
-    of jax arrays, and {matmul path: {'a_scale': () float32, 'b_scale': () float32}}.
+    of jax arrays ('act_zero': (MAX_BITS + 1,) float32 too on the asymmetric grid), and {matmul
+    path: {'a_scale': () float32, 'b_scale': () float32}}.
 
   Raises:
     ValueError: If a range method is unknown, or act_method is 'mse' without `batches`.
@@ -104,16 +271,26 @@ def build_tables(model, plan: QuantPlan, folded, calib: dict, *, act_method: str
     if batches is None:
       raise ValueError("MSE activation ranges need calibration batches")
     hists = calibrate.collect(model, plan, folded, batches, calibrate.AbsHistograms(absmax))
+  asym = {p: r for p in plan.quantized if (r := asymmetric_range(calib[p])) is not None}
+  asym_hists = None
+  if asym and act_method == "mse":
+    asym_hists = calibrate.collect(model, plan, folded, batches, RangeHistograms(asym))
   tables = {}
   for p in plan.quantized:
     info = plan.layers[p]
     act_clip = np.full(MAX_BITS + 1, absmax[p], np.float32)
+    if p in asym:
+      lo, hi = asym[p]
+      act_clip = np.full(MAX_BITS + 1, hi - lo, np.float32)
     w = np.asarray(interception.kernel_matrix(info, get_path(folded["params"], p)["kernel"]))
     w2 = w.reshape(-1, w.shape[-1])
     w_absmax = np.abs(w2).max(0)
     w_clip = np.tile(w_absmax[None], (MAX_BITS + 1, 1)).astype(np.float32)
     for b in bits:
-      if hists is not None and absmax[p] > 0:
+      if p in asym:
+        if asym_hists is not None:
+          act_clip[b] = fit_high_end(asym_hists[p]["hist"], lo, hi, b) - lo
+      elif hists is not None and absmax[p] > 0:
         hist = np.asarray(hists[p]["hist"], np.float64)
         edges = np.linspace(0.0, absmax[p], len(hist) + 1)
         # An unsigned b-bit grid over [0, clip] has the step of the signed grid's positive half
@@ -124,6 +301,8 @@ def build_tables(model, plan: QuantPlan, folded, calib: dict, *, act_method: str
       if weight_method == "mse":
         w_clip[b] = np.asarray(narrow_mse_clip(jnp.asarray(w2), b))
     tables[p] = {"act_clip": jnp.asarray(act_clip), "weight_clip": jnp.asarray(w_clip)}
+    if p in asym:
+      tables[p]["act_zero"] = jnp.asarray(asymmetric_zero_points(lo, act_clip))
   for p in getattr(plan, "quantized_matmuls", ()):
     tables[p] = {k: jnp.asarray(calib[p][k], jnp.float32) for k in ("a_scale", "b_scale")}
   return tables
@@ -154,7 +333,8 @@ def narrow_mse_clip(w, bits: int, num_candidates: int = 100):
 @dataclasses.dataclass(frozen=True)
 class LayerwiseBits:
   """The provider of layer-wise fake quantization: layer i of plan.quantized at weight_bits[i] x
-  act_bits[i] (traced; 0 = float) with the clipping ranges of `tables` at that width. The matmuls
+  act_bits[i] (traced; 0 = float) with the clipping ranges of `tables` at that width (its input on
+  the asymmetric grid where its table has 'act_zero', `fake_quant_input`). The matmuls
   routed to it (plan.quantized_matmuls: q·kᵀ, attn·v) run at 8 bits whatever the bits, as FlexiQ
   runs them (`layer_ops.quantized_matmul`, fake, with the tables' calibrated scales)."""
 
@@ -169,7 +349,7 @@ class LayerwiseBits:
     i = self.index[call.path]
     wb, ab = self.weight_bits[i], self.act_bits[i]
     t = self.tables[call.path]
-    xq = numerics.fake_quant_traced_bits(x, t["act_clip"][ab], ab, self.signed[call.path])
+    xq = fake_quant_input(t, x, ab, self.signed[call.path])
     x = jnp.where(ab > 0, xq, x)
     wm = interception.kernel_matrix(call.info, call.kernel)
     wq = numerics.fake_quant_weight_traced_bits(wm, t["weight_clip"][wb], wb)
@@ -204,25 +384,32 @@ def make_apply(model, plan: QuantPlan):
 
 @dataclasses.dataclass(frozen=True)
 class DynamicRanges(LayerwiseBits):
-  """LayerwiseBits with each layer input quantized over its own batch |x| max (AIMET's
-  compute_encodings quantizes with the batch's statistics) and that max recorded in `seen`; the
+  """LayerwiseBits with each layer input quantized over its own batch range (AIMET's
+  compute_encodings quantizes with the batch's statistics): |x| max on a symmetric grid, [min, max]
+  (widened to contain 0) on the asymmetric grid; the extents (-min, max) recorded in `seen`. The
   matmuls keep their calibrated scales."""
 
   seen: dict = dataclasses.field(default_factory=dict)
 
   def layer(self, call: LayerCall, x):
-    amax = jnp.maximum(jnp.maximum(-jnp.min(x), jnp.max(x)), 0.0)
-    self.seen[call.path] = amax
-    table = dict(self.tables[call.path], act_clip=jnp.full(MAX_BITS + 1, amax))
+    neg, pos = -jnp.min(x), jnp.max(x)
+    self.seen[call.path] = jnp.stack([neg, pos])
+    if "act_zero" in self.tables[call.path]:
+      lo, width = -jnp.maximum(neg, 0.0), jnp.maximum(neg, 0.0) + jnp.maximum(pos, 0.0)
+      table = dict(self.tables[call.path], act_clip=jnp.full(MAX_BITS + 1, width),
+                   act_zero=asymmetric_zero_points(lo, jnp.full(MAX_BITS + 1, width), jnp))
+    else:
+      amax = jnp.maximum(jnp.maximum(neg, pos), 0.0)
+      table = dict(self.tables[call.path], act_clip=jnp.full(MAX_BITS + 1, amax))
     return LayerwiseBits({call.path: table}, self.weight_bits, self.act_bits, self.index, self.signed,
                          self.matmul_signed).layer(call, x)
 
 
 def make_recalibrate(model, plan: QuantPlan):
-  """recalibrate(folded_variables, tables, weight_bits, act_bits, x) -> (L,) |x| max of each
-  layer input (over plan.quantized) with the model quantized at those bits; take the max over
-  the calibration batches for the new min-max activation ranges (`with_act_ranges`). The plan's
-  quantized matmuls run at 8 bits with their calibrated scales.
+  """recalibrate(folded_variables, tables, weight_bits, act_bits, x) -> (L, 2) extents (-min,
+  max) of each layer input (over plan.quantized) with the model quantized at those bits; take the
+  max over the calibration batches for the new min-max activation ranges (`with_act_ranges`). The
+  plan's quantized matmuls run at 8 bits with their calibrated scales.
 
   Args:
     model: The float Flax model.
@@ -241,20 +428,32 @@ def make_recalibrate(model, plan: QuantPlan):
   return recalibrate
 
 
-def with_act_ranges(tables: dict, plan: QuantPlan, absmax) -> dict:
-  """The tables with every activation width's clip set to the recalibrated |x| max (min-max).
+def with_act_ranges(tables: dict, plan: QuantPlan, extents) -> dict:
+  """The tables with every activation width's range set to the recalibrated one (min-max): the
+  |x| max max(-min, max, 0) on a symmetric grid; on the asymmetric grid (a table with 'act_zero')
+  the width of [min(min, 0), max(max, 0)] and its zero points.
 
   Args:
-    tables: Clipping tables {path: {'act_clip', 'weight_clip'}} (`build_tables`).
-    plan: The QuantPlan; absmax is indexed in plan.quantized order.
-    absmax: (L,) recalibrated |x| max per quantized layer.
+    tables: Clipping tables {path: {'act_clip', 'weight_clip', ('act_zero')}} (`build_tables`).
+    plan: The QuantPlan; extents are indexed in plan.quantized order.
+    extents: (L, 2) recalibrated (-min, max) per quantized layer (`make_recalibrate`, the max over
+      the batches).
 
   Returns:
     A new tables dict; the weight clips and the matmuls' entries (their calibrated scales) are
     unchanged.
   """
-  return {**tables, **{p: dict(tables[p], act_clip=jnp.full(MAX_BITS + 1, absmax[i], jnp.float32))
-                       for i, p in enumerate(plan.quantized)}}
+  extents = np.asarray(extents)
+  out = dict(tables)
+  for i, p in enumerate(plan.quantized):
+    neg, pos = extents[i]
+    if "act_zero" in tables[p]:
+      width = np.full(MAX_BITS + 1, max(neg, 0.0) + max(pos, 0.0), np.float32)
+      out[p] = dict(tables[p], act_clip=jnp.asarray(width),
+                    act_zero=jnp.asarray(asymmetric_zero_points(-max(neg, 0.0), width)))
+    else:
+      out[p] = dict(tables[p], act_clip=jnp.full(MAX_BITS + 1, max(neg, pos, 0.0), jnp.float32))
+  return out
 
 
 def bits_arrays(plan: QuantPlan, assignment: dict, default=(0, 0)):

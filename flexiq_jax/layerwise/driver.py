@@ -260,7 +260,8 @@ def layerwise_search(config, workdir, float_model: FloatModel, calibration: Cali
   lp.warmup()
   t2 = time.perf_counter()
   stage = os.path.join(workdir, stage_name)
-  fp = _fingerprint(config, calibration.plan, "layerwise", *apply_lib.matmul_fingerprint(calibration.plan).values())
+  fp = _fingerprint(config, calibration.plan, "layerwise", *apply_lib.matmul_fingerprint(calibration.plan).values(),
+                    *apply_lib.act_grid_fingerprint(calibration.plan).values())
   result = amp.run(lp.problem, stage, fp,
                    allowed_drop=lw.allowed_drop if allowed_drop is None else allowed_drop,
                    search=search or lw.search, phase2_full=lw.phase2_full, early_exit=early_exit)
