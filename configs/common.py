@@ -212,8 +212,9 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   config.quant.weight_scale = "max112"
   # Signed inputs (after SiLU, GELU, a residual add): 'symmetric' (signed codes) | 'asymmetric'
   # (unsigned codes with a zero point, a multiple of 16 so that it survives the extraction, where
-  # the calibrated error is smaller; calibrate.asymmetric_grid).
-  config.quant.act_grid = "symmetric"
+  # the calibrated error is smaller; calibrate.asymmetric_grid). A config without the field means
+  # 'symmetric' (the grid of workdirs made before it existed).
+  config.quant.act_grid = "asymmetric"
   # Cross-layer equalization (Nagel et al. 2019) of the BN-folded weights before calibration, for
   # every method alike; pairs through ReLU/identity only, each checked to keep the float function.
   config.quant.equalize = False
@@ -304,7 +305,7 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
                             "flexiq_no_bias_correction", "flexiq_amp", "layerwise_amp",
                             "ptq_minmax", "ptq_mse", "adaround", "lsq_qat", "switchable_qat", "flexiq_100only",
                             "flexiq_max127", "flexiq_joint", "flexiq_sandwich", "flexiq_lsq",
-                            "flexiq_refresh_quantized", "flexiq_asym")
+                            "flexiq_refresh_quantized", "flexiq_symmetric")
   config.compare.allowed_drops = (0.25, 1.0, 3.0)  # one layer-wise AMP point each
   config.compare.finetune = True  # FlexiQ's multi-ratio finetuning (and LSQ QAT gets the same budget)
   config.compare.ablation_ratios = ()  # ratios the flexiq_* ablation variants are swept at; () = sweep.ratios

@@ -624,7 +624,7 @@ FINETUNED_ABLATIONS = (
     ("sandwich (3 passes per step)", "flexiq_sandwich", "finetune.every_step_ratios=(0, 1)"),
     ("learnt scales (LSQ)", "flexiq_lsq", "finetune.lsq, lsq_weights, lsq_grad_scale=effective"),
     ("refresh from the quantized model", "flexiq_refresh_quantized", "finetune.refresh_source=quantized"),
-    ("asymmetric activation grid", "flexiq_asym", "quant.act_grid=asymmetric"),
+    ("symmetric activation grid", "flexiq_symmetric", "quant.act_grid=symmetric"),
 )
 
 

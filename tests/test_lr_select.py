@@ -275,7 +275,7 @@ def test_lsq_keeps_the_candidate_the_held_out_scores_rank_best(context, tmp_path
   assert len(calls) == 2 and sel["chosen"] == 1e-2 and sel["points"] == ["W4A4"]
   assert "lr 0.01 chosen on 32 held-out training images from {0.001, 0.01}" in row.setting
   directory = tmp_path / "wd" / "compare" / "lsq_qat" / stage_cache.fingerprint(
-      harness.method_fields(ctx.config, "lsq_qat"))
+      harness.method_fields(ctx.config, "lsq_qat", ctx.calibration.plan))
   assert sorted(os.listdir(directory)) == ["lr_0.001", "lr_0.01", "lr_selection.json"]
   # The row is the chosen candidate's finished run, restored (its checkpoint at the last step).
   assert json.load(open(directory / "lr_0.01" / "done.json"))["scores"]["W4A4"]["top1"] == 90.0

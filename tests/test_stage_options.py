@@ -111,7 +111,7 @@ KNOWN = {
 # The defaults that changed since those workdirs were made, as overrides that give their behaviour
 # back: with them, every stage's fingerprint is the old one (the workdirs stay valid for a run
 # that asks for the old settings).
-EARLIER_DEFAULTS = {"quant.weight_scale": "max127"}
+EARLIER_DEFAULTS = {"quant.weight_scale": "max127", "quant.act_grid": "symmetric"}
 EARLIER_FMNIST_RECIPE = {"train.num_epochs": 1.0, "data.augment": False, "finetune.lr_grid": ()}
 
 

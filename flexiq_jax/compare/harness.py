@@ -351,8 +351,8 @@ FINETUNED_VARIANTS = {
                    "gradient scale of each channel's own grid, at the LSQ baseline's rate)"),
     "flexiq_refresh_quantized": ({"finetune.refresh_source": "quantized"}, "the refresh's bias-correction means "
                                  "from the quantized model's own layer inputs"),
-    "flexiq_asym": ({"quant.act_grid": "asymmetric"}, "signed inputs on an asymmetric grid with a zero point "
-                    "where its calibrated error is smaller"),
+    "flexiq_symmetric": ({"quant.act_grid": "symmetric"}, "signed inputs on the symmetric grid (signed codes) "
+                         "everywhere, no zero point"),
 }
 
 
