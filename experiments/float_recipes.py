@@ -41,13 +41,14 @@ def _read_jsonl(path: str) -> list[dict]:
 
 
 def training_record(workdir: str, fingerprint: str | None) -> dict | None:
-  """The newest finished run record of `workdir` whose float stage has `fingerprint` and which
-  trained it (its command is a training mode), else the newest with that fingerprint."""
+  """The first finished run record of `workdir` whose float stage has `fingerprint` and which
+  trained it (its command is a training mode), else the first with that fingerprint (a record
+  still running, or one that died before naming its stages, is skipped)."""
   found = []
   for path in sorted(glob.glob(os.path.join(workdir, "runs", "*.json"))):
     with open(path) as f:
       rec = json.load(f)
-    if rec.get("stages", {}).get("float") == fingerprint and rec.get("status") == "finished":
+    if (rec.get("stages") or {}).get("float") == fingerprint and rec.get("status") == "finished":
       found.append(rec)
   trained = [r for r in found if "--mode=train" in r.get("command", "") or "--mode" not in r.get("command", "")]
   pick = (trained or found or [None])[0]

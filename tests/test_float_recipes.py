@@ -30,6 +30,14 @@ def test_a_finished_model_is_judged_against_its_aim_from_its_last_evaluation(tmp
   assert vit["met"] is True and vit["target"] == float_recipes.TARGET_TRANSFORMER
 
 
+def test_a_later_run_still_running_on_the_workdir_leaves_the_training_record(tmp_path):
+  workdir = _workdir(tmp_path, "r", [(469, 91.0)], 469)
+  # A pipeline run started on the finished float model: its record has no stages yet.
+  (tmp_path / "r" / "runs" / "b.json").write_text(json.dumps(
+      {"command": "python run.py", "commit": "beef", "status": "running", "stages": None}))
+  assert float_recipes.model_row("resnet18", workdir)["record"]["commit"] == "c0ffee"
+
+
 def test_a_model_still_training_has_its_curve_but_no_result(tmp_path):
   row = float_recipes.model_row("resnet50", _workdir(tmp_path, "t", [(469, 80.0)], None))
   assert row["top1"] is None and row["met"] is None and row["curve"] == [(1.0, 80.0)]
