@@ -437,41 +437,8 @@ void SplitRowU8Plain(const uint8_t* __restrict__ x, uint8_t* __restrict__ to, in
   }
 }
 
-// The same with AVX2 for channels a multiple of 32 and top < 255: 32 codes at a time, the codes
-// above top found from a byte mask.
-__attribute__((target("avx2"))) void SplitRowU8Avx2(const uint8_t* __restrict__ x, uint8_t* __restrict__ to,
-                                                    int64_t count, int64_t channels, int32_t top,
-                                                    std::vector<Remainder>& list, int32_t* __restrict__ end) {
-  const __m256i t = _mm256_set1_epi8(static_cast<char>(top)), above = _mm256_set1_epi8(static_cast<char>(top + 1));
-  for (int64_t p = 0; p < count; ++p) {
-    for (int64_t c0 = 0; c0 < channels; c0 += 32) {
-      const int64_t i = p * channels + c0;
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(to + i), _mm256_min_epu8(v, t));
-      // v > top  <=>  max(v, top + 1) == v
-      uint32_t mask = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_max_epu8(v, above), v)));
-      while (mask) {
-        const int k = __builtin_ctz(mask);
-        list.push_back({static_cast<int32_t>(p), static_cast<int32_t>(c0 + k), x[i + k] - top});
-        mask &= mask - 1;
-      }
-    }
-    end[p] = static_cast<int32_t>(list.size());
-  }
-}
-
-void SplitRowU8(const uint8_t* x, uint8_t* to, int64_t count, int64_t channels, int32_t top,
-                std::vector<Remainder>& list, int32_t* end) {
-  static const bool avx2 = __builtin_cpu_supports("avx2");
-  if (avx2 && channels % 32 == 0 && top < 255) SplitRowU8Avx2(x, to, count, channels, top, list, end);
-  else SplitRowU8Plain(x, to, count, channels, top, list, end);
-}
-
-__attribute__((target_clones("avx2", "default"))) void SplitRowS8(const int8_t* __restrict__ x,
-                                                                  uint8_t* __restrict__ to, int64_t count,
-                                                                  int64_t channels, int32_t top, int32_t z,
-                                                                  std::vector<Remainder>& list,
-                                                                  int32_t* __restrict__ end) {
+void SplitRowS8Plain(const int8_t* __restrict__ x, uint8_t* __restrict__ to, int64_t count, int64_t channels,
+                     int32_t top, int32_t z, std::vector<Remainder>& list, int32_t* __restrict__ end) {
   // v in [0, top] <=> x in [-z, top - z]; both bounds lie in [-128, 127] (z <= 128, top - z <= 127).
   const int8_t lo_code = static_cast<int8_t>(std::max(-z, -128)), hi_code = static_cast<int8_t>(std::min(top - z, 127));
   int8_t mn = 127, mx = -128;
@@ -494,6 +461,72 @@ __attribute__((target_clones("avx2", "default"))) void SplitRowS8(const int8_t* 
       }
     end[p] = static_cast<int32_t>(list.size());
   }
+}
+
+// The same for any channel count, u8 or s8 codes (s8: v = x + z, lo = clamp(v, 0, top)), with
+// AVX2: the row as one run of bytes, 32 at a time; the codes outside the low range found from a
+// byte mask (j -> pixel j / channels, channel j % channels), then each pixel's list end.
+template <bool kSigned>
+__attribute__((target("avx2"))) void SplitRowAnyAvx2(const uint8_t* __restrict__ x, uint8_t* __restrict__ to,
+                                                     int64_t count, int64_t channels, int32_t top, int32_t z,
+                                                     std::vector<Remainder>& list, int32_t* __restrict__ end) {
+  const int64_t n = count * channels, first = static_cast<int64_t>(list.size());
+  // u8: low iff x <= top; s8: low iff lo_code <= x <= hi_code, and lo = clamp(x) + z.
+  const int32_t lo_code = std::max(-z, -128), hi_code = std::min(top - z, 127);
+  auto add = [&](int64_t j) {
+    const int32_t v = kSigned ? static_cast<int32_t>(static_cast<int8_t>(x[j])) : static_cast<int32_t>(x[j]);
+    const int32_t r = kSigned ? (v < lo_code ? v - lo_code : v - hi_code) : v - top;
+    list.push_back({static_cast<int32_t>(j / channels), static_cast<int32_t>(j % channels), r});
+  };
+  const __m256i t = _mm256_set1_epi8(static_cast<char>(kSigned ? hi_code : top));
+  const __m256i above = _mm256_set1_epi8(static_cast<char>(kSigned ? hi_code : std::min(top + 1, 255)));
+  const __m256i below = _mm256_set1_epi8(static_cast<char>(lo_code));
+  const __m256i shift = _mm256_set1_epi8(static_cast<char>(z));
+  int64_t j0 = 0;
+  for (; j0 + 32 <= n; j0 += 32) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j0));
+    uint32_t mask;
+    if constexpr (kSigned) {
+      const __m256i l = _mm256_min_epi8(_mm256_max_epi8(v, below), t);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(to + j0), _mm256_add_epi8(l, shift));  // in [0, top]
+      mask = static_cast<uint32_t>(_mm256_movemask_epi8(
+          _mm256_or_si256(_mm256_cmpgt_epi8(below, v), _mm256_cmpgt_epi8(v, above))));
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(to + j0), _mm256_min_epu8(v, t));
+      // v > top  <=>  max(v, top + 1) == v  (top < 255 here)
+      mask = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_max_epu8(v, above), v)));
+    }
+    while (mask) {
+      add(j0 + __builtin_ctz(mask));
+      mask &= mask - 1;
+    }
+  }
+  for (int64_t j = j0; j < n; ++j) {
+    const int32_t v = kSigned ? static_cast<int32_t>(static_cast<int8_t>(x[j])) : static_cast<int32_t>(x[j]);
+    const int32_t l = kSigned ? std::min(std::max(v, lo_code), hi_code) : std::min(v, top);
+    to[j] = static_cast<uint8_t>(kSigned ? l + z : l);
+    if (v != l) add(j);
+  }
+  int64_t e = first;
+  const int64_t size = static_cast<int64_t>(list.size());
+  for (int64_t p = 0; p < count; ++p) {
+    while (e < size && list[e].column == p) ++e;
+    end[p] = static_cast<int32_t>(e);
+  }
+}
+
+void SplitRowU8(const uint8_t* x, uint8_t* to, int64_t count, int64_t channels, int32_t top,
+                std::vector<Remainder>& list, int32_t* end) {
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2 && top < 255) SplitRowAnyAvx2<false>(x, to, count, channels, top, 0, list, end);
+  else SplitRowU8Plain(x, to, count, channels, top, list, end);
+}
+
+void SplitRowS8(const int8_t* x, uint8_t* to, int64_t count, int64_t channels, int32_t top, int32_t z,
+                std::vector<Remainder>& list, int32_t* end) {
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) SplitRowAnyAvx2<true>(reinterpret_cast<const uint8_t*>(x), to, count, channels, top, z, list, end);
+  else SplitRowS8Plain(x, to, count, channels, top, z, list, end);
 }
 
 // acc[j] += r * w[j], j < n (vectorized by the compiler; an AVX2 clone where the CPU has it).
@@ -677,6 +710,8 @@ int64_t NowNs() {
 
 // Runs a layer in the single mode (file comment). Returns false (nothing written) where the
 // remainder is too dense to pay, so that the caller splits instead.
+constexpr int64_t kParallelSplitCodes = int64_t{1} << 24;
+
 bool RunSingle(const Geometry& g, dt src_t, const void* x, const int8_t* weights, dt out, void* dst,
                const float* scale, const float* bias, float dst_scale, int64_t post_op) {
   int64_t t0 = NowNs();
@@ -710,7 +745,10 @@ bool RunSingle(const Geometry& g, dt src_t, const void* x, const int8_t* weights
     for (int64_t b = rem.chunk_first_image[k]; b < rem.chunk_first_image[k + 1]; ++b) rem.chunk_of_image[b] = k;
   rem.pixel_end = static_cast<int32_t*>(Buffer(kSlotPixelEnd, g.n * g.h * g.w * sizeof(int32_t)));
   int64_t total = 0;
-#pragma omp parallel for schedule(static) reduction(+ : total)
+  // One thread unless the input is large: the split is a light pass (about a millisecond per few
+  // million codes), and waiting for a second thread to be scheduled on a busy machine costs more.
+  const bool parallel_split = g.n * plane >= kParallelSplitCodes;
+#pragma omp parallel for schedule(static) reduction(+ : total) if (parallel_split)
   for (int64_t k = 0; k < rem.chunks; ++k) {
     std::vector<Remainder>& list = rem.lists[k];
     for (int64_t b = rem.chunk_first_image[k]; b < rem.chunk_first_image[k + 1]; ++b)
