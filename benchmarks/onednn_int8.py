@@ -19,7 +19,9 @@ CPU model, load average and date.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import os
 import sys
 
@@ -44,6 +46,11 @@ _ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds (every alternative onc
 _THREADS = flags.DEFINE_integer("threads", 2, "PyTorch's intra-op threads (XLA and oneDNN use the machine's cores).")
 _OUT = flags.DEFINE_string("results_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                            "Folder for the results files.")
+_BASELINE = flags.DEFINE_string(
+    "baseline_library", None, "Also time the oneDNN model (every ratio) on this other build of the kernel library "
+    "(e.g. one compiled from an earlier commit's csrc/onednn/src/onednn_ffi.cc), registered under its own FFI "
+    "targets: a before/after comparison in one process. Its FFI handlers must take the same operands and attributes.")
+_BASELINE_NOTE = flags.DEFINE_string("baseline_note", None, "How the baseline library was built (for the results).")
 _SPLIT = flags.DEFINE_bool("split", True, "Also time the oneDNN model with every layer in the library's 'split' mode "
                            "(ratio 0): the exact mode on CPUs without VNNI before 'single'.")
 RATIOS = (0.0, 0.5, 1.0)
@@ -65,6 +72,28 @@ def cpu_model() -> str:
   vnni = [f for f in ("avx512_vnni", "avx_vnni") if f" {f}" in flags_line]
   isa = "avx512f" if " avx512f" in flags_line else "avx2" if " avx2" in flags_line else "no avx2"
   return f"{name} ({isa}; {'VNNI: ' + ', '.join(vnni) if vnni else 'no VNNI'})"
+
+
+@functools.cache
+def baseline_targets(path: str) -> tuple[str, str]:
+  """(conv, matmul) FFI target names of the kernel library at `path`, registered for the CPU."""
+  onednn.available()  # loads oneDNN (libdnnl.so.3) first, which the other build links against
+  lib = ctypes.CDLL(path)
+  names = (onednn.CONV_TARGET + "_baseline", onednn.MATMUL_TARGET + "_baseline")
+  jax.ffi.register_ffi_target(names[0], jax.ffi.pycapsule(lib.FlexiqOnednnConv), platform="cpu")
+  jax.ffi.register_ffi_target(names[1], jax.ffi.pycapsule(lib.FlexiqOnednnMatmul), platform="cpu")
+  return names
+
+
+def compiled_on_library(qm, svars, images, ratio, path: str):
+  """`qm.apply` compiled for (svars, images, ratio) with its custom calls on the library at `path`."""
+  saved = onednn.CONV_TARGET, onednn.MATMUL_TARGET
+  onednn.CONV_TARGET, onednn.MATMUL_TARGET = baseline_targets(path)
+  try:
+    # A function object of its own: JAX's trace cache is keyed by the function, not by the targets.
+    return jax.jit(lambda *a: qm.apply(*a)).lower(svars, images, ratio).compile()
+  finally:
+    onednn.CONV_TARGET, onednn.MATMUL_TARGET = saved
 
 
 def torch_twin(spec: str):
@@ -111,6 +140,12 @@ def run_net(spec: str, batch: int, rounds: int) -> dict:
     for r in RATIOS:
       fns[f"{label} r={r:g}"] = fn
       args[f"{label} r={r:g}"] = (svars, images, jnp.float32(r))
+  if _BASELINE.value:  # the same oneDNN model on another build of the library
+    svars = jax.jit(variants["oneDNN int"].prepare)(qvars)
+    for r in RATIOS:
+      label = f"oneDNN int, baseline library r={r:g}"
+      args[label] = (svars, images, jnp.float32(r))
+      fns[label] = compiled_on_library(variants["oneDNN int"], *args[label], _BASELINE.value)
   if _SPLIT.value:  # the same oneDNN model with every layer split (the exact mode before 'single')
     split_model = variants["oneDNN int"]
     svars = jax.jit(split_model.prepare)(qvars)
@@ -164,13 +199,19 @@ def write_markdown(results: dict, path: str) -> None:
            f"{'fused (VNNI)' if info['onednn_direct'] else 'single (exact without VNNI: one int8 run on the low codes plus the sparse remainder; split where the remainder is dense)'}  ",
            f"Load average at the start: {info['loadavg']} (the machine is shared with other jobs: times are noisy)",
            ""]
+  if info.get("baseline_library"):
+    lines += [f"Baseline library ('oneDNN int, baseline library' rows, the same model and variables): "
+              f"{info['baseline_library']}", ""]
   for net in results["nets"]:
     t, iqr = net["median_s"], net["iqr_s"]
     base = t["XLA float32"]
-    lines += [f"## {net['name']}, batch {net['batch']}", "", "| alternative | median ms | IQR ms | vs XLA float32 |",
-              "| --- | ---: | ---: | ---: |"]
+    peer = t.get("PyTorch int8 (FX, x86)")  # the issue's target: time / PyTorch int8's time <= 1
+    lines += [f"## {net['name']}, batch {net['batch']}", "",
+              "| alternative | median ms | IQR ms | vs XLA float32 |" + (" time / PyTorch int8's |" if peer else ""),
+              "| --- | ---: | ---: | ---: |" + (" ---: |" if peer else "")]
     for name in t:
-      lines.append(f"| {name} | {1e3 * t[name]:.1f} | {1e3 * iqr[name]:.1f} | {base / t[name]:.2f}x |")
+      lines.append(f"| {name} | {1e3 * t[name]:.1f} | {1e3 * iqr[name]:.1f} | {base / t[name]:.2f}x |"
+                   + (f" {t[name] / peer:.2f} |" if peer else ""))
     lines += ["", f"Max |logit difference| oneDNN vs XLA integer path: "
               + ", ".join(f"{k}: {v:.2e}" for k, v in net["max_abs_logit_diff_onednn_vs_xla_int"].items())
               + f". Compilations over 5 ratio switches (oneDNN model): {net['compilations_over_5_ratio_switches']}."]
@@ -192,6 +233,10 @@ def main(argv):
   info = records.run_info()
   info.update(cpu=cpu_model(), cores=os.cpu_count(), onednn=onednn.version(), onednn_direct=onednn.direct_here(),
               loadavg=" ".join(f"{v:.2f}" for v in os.getloadavg()))
+  if _BASELINE.value:
+    if not os.path.isfile(_BASELINE.value):
+      raise SystemExit(f"error: --baseline_library {_BASELINE.value!r} is not a file")
+    info["baseline_library"] = _BASELINE_NOTE.value or _BASELINE.value
   results = {"info": info, "nets": []}
   os.makedirs(_OUT.value, exist_ok=True)
   for spec in _NETS.value:

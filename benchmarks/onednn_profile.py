@@ -287,7 +287,9 @@ def write_markdown(results: dict, path: str) -> None:
                 f"the single runs' steps (ms): "
                 + ", ".join(f"{k[len('single_ns_'):].replace('_', ' ')} {r[k] / 1e6:.1f}"
                             for k in ("single_ns_split_codes", "single_ns_primitive", "single_ns_remainder",
-                                      "single_ns_epilogue") if k in r) + "."]
+                                      "single_ns_epilogue", "single_ns_finish") if k in r) + "."
+                + (" (finish: one pass over the outputs adding the remainder and applying the epilogue)"
+                   if "single_ns_finish" in r else "")]
   layered = [(label, v["layers"]) for label, v in variants.items() if "layers" in v]
   if layered:
     torch_convs = results.get("torch_int8", {}).get("convs", [])

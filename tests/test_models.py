@@ -102,6 +102,19 @@ def test_quantizable_layers_are_plain_flax_layers():
   assert ("layers_0", "blocks_1", "attn", "qkv") in kernels
 
 
+@pytest.mark.parametrize("shape", [(2, 17, 15, 8), (1, 16, 16, 3), (3, 1, 2, 4)])
+def test_stem_max_pool_equals_the_reduce_window_in_value_and_gradient(shape):
+  """The stem's pool as nine strided slices gives flax's reduce-window pool bit for bit, and its
+  gradient (ties included: values clipped to one level) is the reduce-window's."""
+  from flexiq_jax.models import layers
+  import flax.linen as nn
+  x = jnp.minimum(jnp.asarray(np.random.default_rng(len(shape)).normal(size=shape), jnp.float32), 0.5)
+  window = lambda v: nn.max_pool(v, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  np.testing.assert_array_equal(layers.max_pool_3x3_s2(x), window(x))
+  loss = lambda pool: lambda v: jnp.sum(pool(v) ** 2)
+  np.testing.assert_array_equal(jax.grad(loss(layers.max_pool_3x3_s2))(x), jax.grad(loss(window))(x))
+
+
 def test_batchnorm_train_mode_updates_batch_stats():
   model = models.create("mbv2", num_classes=10, **models.small_kwargs("mbv2", 28))
   x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 28, 28, 1)) * 3 + 1, jnp.float32)

@@ -128,6 +128,40 @@ def test_single_mode_adds_the_sparse_remainder_exactly(name, signed):
   np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
 
 
+WIDE = {  # (C, O, kernel, strides, padding, dilation, groups): channel counts the library vectorizes
+    "wide": (64, 64, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), 1),
+    "wide_strided_dilated": (64, 80, (3, 3), (2, 2), ((0, 2), (2, 1)), (2, 2), 1),
+    "wide_grouped": (64, 32, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), 2),
+}
+
+
+@needs_onednn
+@pytest.mark.parametrize("name", sorted(WIDE))
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("post_op", ["none", "relu", "relu6"])
+def test_single_mode_wide_layers_equal_the_float32_epilogue(name, signed, post_op):
+  """At channel counts where the library runs its vectorized steps (codes split 32 at a time, the
+  remainder added two terms at a time over blocks of 32 outputs, the float epilogue 8 at a time):
+  the exact accumulators, and the float output equal bit for bit to float32(acc) * scale + bias
+  (rounded separately, no FMA) then the post-op, computed here in NumPy."""
+  c, o, kernel, strides, padding, dilation, groups = WIDE[name]
+  rng = np.random.default_rng(len(name) + 3 * signed)
+  x = _sparse_large_codes(rng, (3, 13, 12, c), signed, fraction=0.08)
+  w = _weights(rng, kernel + (c // groups, o), False)
+  kw = dict(strides=strides, padding=padding, dilation=dilation, groups=groups, mode="single")
+  before = onednn.run_counts()
+  acc = onednn.conv(x, w, **kw)
+  after = onednn.run_counts()
+  np.testing.assert_array_equal(acc, _xla_conv(x, w, strides, padding, dilation, groups))
+  assert after["single"] == before["single"] + 1 and after["single_remainders"] > before["single_remainders"]
+  scale = np.asarray(rng.uniform(1e-4, 2e-4, o), np.float32)
+  bias = np.asarray(rng.normal(0, 0.5, o), np.float32)
+  want = np.asarray(acc).astype(np.float32) * scale + bias
+  want = {"none": want, "relu": np.maximum(want, np.float32(0)), "relu6": np.clip(want, np.float32(0), np.float32(6))}[post_op]
+  y = onednn.conv(x, w, scale=scale, bias=bias, post_op=post_op, out_dtype=jnp.float32, **kw)
+  np.testing.assert_array_equal(np.asarray(y), want)
+
+
 @needs_onednn
 @pytest.mark.parametrize("signed", [False, True])
 def test_single_mode_matmul_and_dense_remainder_fallback(signed):

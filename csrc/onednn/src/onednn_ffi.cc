@@ -20,11 +20,11 @@
 //           t the largest code with 2 * t * max|w| <= 32767 (127 for any int8 weights, 146 for
 //           weights within +-112), z = 0 for u8 codes and (t + 1) / 2 for s8. conv(lo, w) is one u8
 //           primitive (its pair sums |lo0 * w0 + lo1 * w1| <= 2 * t * max|w| cannot saturate, and
-//           u8 sources are never halved), conv(r, w) a scatter of the few nonzero r (u8 codes
-//           above t, s8 codes outside [-z, t - z]) over their output positions; for s8 codes the
-//           input is padded explicitly with z (the shifted zero). The remainder's cost grows with
-//           its density; past an eighth of the activations the layer runs split instead (the
-//           same integers).
+//           u8 sources are never halved), conv(r, w) the few nonzero r (u8 codes above t, s8 codes
+//           outside [-z, t - z]) gathered per output position from a per-pixel list, in the same
+//           pass over the outputs as the epilogue; for s8 codes the input is padded explicitly
+//           with z (the shifted zero). The remainder's cost grows with its density; past an eighth
+//           of the activations the layer runs split instead (the same integers).
 //   split   exact on every CPU: u8 activations u and weights that cannot saturate,
 //             acc = 2 * conv(u, w >> 1) + conv(u, w & 1)      (|w >> 1| <= 64: pair sums < 2^15)
 //           u = x for u8 codes; for s8 codes u = x + 128, padded explicitly with 128 (the shifted
@@ -57,6 +57,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include <immintrin.h>
 #include <omp.h>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -245,12 +246,13 @@ std::shared_ptr<Cached> Get(const Geometry& g, const Variant& v) {
 // allocation per call costs page faults on every layer.
 // How the layers ran since the library was loaded (flexiq_onednn_runs): direct, split, single,
 // a probed depthwise u8 kernel; the single mode's remainders and input elements, and its time (ns)
-// in its four steps: splitting the codes, the primitive, adding the remainder, the epilogue.
+// in its three steps: splitting the codes, the primitive, and one pass over the outputs that adds
+// the remainder and applies the epilogue.
 enum Count { kRunDirect, kRunSplit, kRunSingle, kRunDepthwise, kSingleRemainders, kSingleInputs,
-             kSingleNsSplitCodes, kSingleNsPrimitive, kSingleNsRemainder, kSingleNsEpilogue, kCountCount };
+             kSingleNsSplitCodes, kSingleNsPrimitive, kSingleNsFinish, kCountCount };
 std::atomic<int64_t> counts[kCountCount];
 
-enum Slot { kSlotLo, kSlotAcc, kSlotScratchpad, kSlotCount };
+enum Slot { kSlotLo, kSlotAcc, kSlotScratchpad, kSlotPixelEnd, kSlotCount };
 
 void* Buffer(Slot slot, size_t bytes) {
   thread_local std::vector<std::unique_ptr<char[]>> buffers(kSlotCount);
@@ -368,49 +370,6 @@ void CombineAndFinish(const Combine& k, int64_t rows, int64_t channels, const fl
   }
 }
 
-// The epilogue of plain accumulators acc (rows, channels), offset (channels) optional: dst may be
-// acc itself (an s32 or f32 output of the same size). One instantiation per output type and
-// post-op, so that the inner loop has no branches and vectorizes.
-template <typename Out, int kPostOp>
-void EpilogueLoop(const int32_t* acc, int64_t rows, int64_t channels, const int32_t* offset, const float* scale,
-                  const float* bias, float dst_scale, Out* dst) {
-  const float inv = 1.f / dst_scale;
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const int32_t* a = acc + r * channels;
-    Out* d = dst + r * channels;
-    for (int64_t oc = 0; oc < channels; ++oc) {
-      const int32_t v = offset ? a[oc] + offset[oc] : a[oc];
-      if constexpr (std::is_same_v<Out, int32_t>) {
-        d[oc] = v;
-      } else {
-        const float y = PostOp(static_cast<float>(v) * scale[oc] + bias[oc], kPostOp);
-        if constexpr (std::is_same_v<Out, float>) d[oc] = y;
-        else d[oc] = Saturate<Out>(y * inv);
-      }
-    }
-  }
-}
-
-template <typename Out>
-void EpilogueFor(const int32_t* acc, int64_t rows, int64_t channels, const int32_t* offset, const float* scale,
-                 const float* bias, float dst_scale, int64_t post_op, Out* dst) {
-  switch (post_op) {
-    case 1: return EpilogueLoop<Out, 1>(acc, rows, channels, offset, scale, bias, dst_scale, dst);
-    case 2: return EpilogueLoop<Out, 2>(acc, rows, channels, offset, scale, bias, dst_scale, dst);
-    case 3: return EpilogueLoop<Out, 3>(acc, rows, channels, offset, scale, bias, dst_scale, dst);
-    default: return EpilogueLoop<Out, 0>(acc, rows, channels, offset, scale, bias, dst_scale, dst);
-  }
-}
-
-void Epilogue(const int32_t* acc, int64_t rows, int64_t channels, const int32_t* offset, const float* scale,
-              const float* bias, float dst_scale, int64_t post_op, dt out, void* dst) {
-  if (out == dt::s32) EpilogueFor(acc, rows, channels, offset, scale, bias, dst_scale, 0, static_cast<int32_t*>(dst));
-  else if (out == dt::f32) EpilogueFor(acc, rows, channels, offset, scale, bias, dst_scale, post_op, static_cast<float*>(dst));
-  else if (out == dt::u8) EpilogueFor(acc, rows, channels, offset, scale, bias, dst_scale, post_op, static_cast<uint8_t*>(dst));
-  else EpilogueFor(acc, rows, channels, offset, scale, bias, dst_scale, post_op, static_cast<int8_t*>(dst));
-}
-
 // s8 codes as u8 (x + 128); for a conv also padded with 128, the shifted zero.
 std::unique_ptr<uint8_t[]> Shifted(const Geometry& g, const int8_t* x) {
   if (!g.conv) {
@@ -441,24 +400,317 @@ std::vector<int32_t> ShiftOffset(const Geometry& g, const int8_t* weights, int32
   return offset;
 }
 
+// The single mode's sparse remainder (file comment): per chunk of images, the nonzero r in input
+// order, and for every input pixel the end of its entries in its chunk's list (a pixel's entries
+// begin where the previous pixel's end, or at 0 for a chunk's first pixel).
+struct Remainder {
+  int32_t column;  // the input pixel's column (a matmul: 0)
+  int32_t channel;
+  int32_t value;
+};
+
+struct SparseRemainder {
+  int64_t chunks = 0;
+  std::vector<std::vector<Remainder>> lists;
+  std::vector<int64_t> chunk_first_image;  // chunks + 1 entries
+  std::vector<int32_t> chunk_of_image;
+  int32_t* pixel_end = nullptr;            // n * h * w entries
+};
+
+// One image row of the split (pixels [0, count) of `channels` codes each): the low codes to `to`,
+// the nonzero remainders appended to `list`, each pixel's list end to `end`. u8 codes: lo =
+// min(x, top), r = x - lo; s8 codes: v = x + z, lo = clamp(v, 0, top), r = v - lo.
+void SplitRowU8Plain(const uint8_t* __restrict__ x, uint8_t* __restrict__ to, int64_t count, int64_t channels,
+                     int32_t top, std::vector<Remainder>& list, int32_t* __restrict__ end) {
+  const uint8_t t = static_cast<uint8_t>(top);
+  uint8_t m = 0;
+  for (int64_t j = 0; j < count * channels; ++j) {  // the whole row at once: vectorizes for any channels
+    const uint8_t v = x[j];
+    to[j] = v < t ? v : t;
+    m = m > v ? m : v;
+  }
+  for (int64_t p = 0; p < count; ++p) {
+    if (m > t)
+      for (int64_t c = 0; c < channels; ++c)
+        if (x[p * channels + c] > t) list.push_back({static_cast<int32_t>(p), static_cast<int32_t>(c), x[p * channels + c] - top});
+    end[p] = static_cast<int32_t>(list.size());
+  }
+}
+
+void SplitRowS8Plain(const int8_t* __restrict__ x, uint8_t* __restrict__ to, int64_t count, int64_t channels,
+                     int32_t top, int32_t z, std::vector<Remainder>& list, int32_t* __restrict__ end) {
+  // v in [0, top] <=> x in [-z, top - z]; both bounds lie in [-128, 127] (z <= 128, top - z <= 127).
+  const int8_t lo_code = static_cast<int8_t>(std::max(-z, -128)), hi_code = static_cast<int8_t>(std::min(top - z, 127));
+  int8_t mn = 127, mx = -128;
+  for (int64_t j = 0; j < count * channels; ++j) {  // the whole row at once: vectorizes for any channels
+    const int8_t v = x[j];
+    const int8_t l = v < lo_code ? lo_code : v > hi_code ? hi_code : v;
+    to[j] = static_cast<uint8_t>(l + z);
+    mn = mn < v ? mn : v;
+    mx = mx > v ? mx : v;
+  }
+  const bool any = mn < lo_code || mx > hi_code;
+  for (int64_t p = 0; p < count; ++p) {
+    if (any)
+      for (int64_t c = 0; c < channels; ++c) {
+        const int32_t v = x[p * channels + c];
+        if (v < lo_code || v > hi_code) {
+          const int32_t l = v < lo_code ? lo_code : hi_code;
+          list.push_back({static_cast<int32_t>(p), static_cast<int32_t>(c), v - l});
+        }
+      }
+    end[p] = static_cast<int32_t>(list.size());
+  }
+}
+
+// The same for any channel count, u8 or s8 codes (s8: v = x + z, lo = clamp(v, 0, top)), with
+// AVX2: the row as one run of bytes, 32 at a time; the codes outside the low range found from a
+// byte mask (j -> pixel j / channels, channel j % channels), then each pixel's list end.
+template <bool kSigned>
+__attribute__((target("avx2"))) void SplitRowAnyAvx2(const uint8_t* __restrict__ x, uint8_t* __restrict__ to,
+                                                     int64_t count, int64_t channels, int32_t top, int32_t z,
+                                                     std::vector<Remainder>& list, int32_t* __restrict__ end) {
+  const int64_t n = count * channels, first = static_cast<int64_t>(list.size());
+  // u8: low iff x <= top; s8: low iff lo_code <= x <= hi_code, and lo = clamp(x) + z.
+  const int32_t lo_code = std::max(-z, -128), hi_code = std::min(top - z, 127);
+  auto add = [&](int64_t j) {
+    const int32_t v = kSigned ? static_cast<int32_t>(static_cast<int8_t>(x[j])) : static_cast<int32_t>(x[j]);
+    const int32_t r = kSigned ? (v < lo_code ? v - lo_code : v - hi_code) : v - top;
+    list.push_back({static_cast<int32_t>(j / channels), static_cast<int32_t>(j % channels), r});
+  };
+  const __m256i t = _mm256_set1_epi8(static_cast<char>(kSigned ? hi_code : top));
+  const __m256i above = _mm256_set1_epi8(static_cast<char>(kSigned ? hi_code : std::min(top + 1, 255)));
+  const __m256i below = _mm256_set1_epi8(static_cast<char>(lo_code));
+  const __m256i shift = _mm256_set1_epi8(static_cast<char>(z));
+  int64_t j0 = 0;
+  for (; j0 + 32 <= n; j0 += 32) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j0));
+    uint32_t mask;
+    if constexpr (kSigned) {
+      const __m256i l = _mm256_min_epi8(_mm256_max_epi8(v, below), t);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(to + j0), _mm256_add_epi8(l, shift));  // in [0, top]
+      mask = static_cast<uint32_t>(_mm256_movemask_epi8(
+          _mm256_or_si256(_mm256_cmpgt_epi8(below, v), _mm256_cmpgt_epi8(v, above))));
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(to + j0), _mm256_min_epu8(v, t));
+      // v > top  <=>  max(v, top + 1) == v  (top < 255 here)
+      mask = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_max_epu8(v, above), v)));
+    }
+    while (mask) {
+      add(j0 + __builtin_ctz(mask));
+      mask &= mask - 1;
+    }
+  }
+  for (int64_t j = j0; j < n; ++j) {
+    const int32_t v = kSigned ? static_cast<int32_t>(static_cast<int8_t>(x[j])) : static_cast<int32_t>(x[j]);
+    const int32_t l = kSigned ? std::min(std::max(v, lo_code), hi_code) : std::min(v, top);
+    to[j] = static_cast<uint8_t>(kSigned ? l + z : l);
+    if (v != l) add(j);
+  }
+  int64_t e = first;
+  const int64_t size = static_cast<int64_t>(list.size());
+  for (int64_t p = 0; p < count; ++p) {
+    while (e < size && list[e].column == p) ++e;
+    end[p] = static_cast<int32_t>(e);
+  }
+}
+
+void SplitRowU8(const uint8_t* x, uint8_t* to, int64_t count, int64_t channels, int32_t top,
+                std::vector<Remainder>& list, int32_t* end) {
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2 && top < 255) SplitRowAnyAvx2<false>(x, to, count, channels, top, 0, list, end);
+  else SplitRowU8Plain(x, to, count, channels, top, list, end);
+}
+
+void SplitRowS8(const int8_t* x, uint8_t* to, int64_t count, int64_t channels, int32_t top, int32_t z,
+                std::vector<Remainder>& list, int32_t* end) {
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) SplitRowAnyAvx2<true>(reinterpret_cast<const uint8_t*>(x), to, count, channels, top, z, list, end);
+  else SplitRowS8Plain(x, to, count, channels, top, z, list, end);
+}
+
 // acc[j] += r * w[j], j < n (vectorized by the compiler; an AVX2 clone where the CPU has it).
 __attribute__((target_clones("avx2", "default"))) void Axpy(int32_t* __restrict__ acc, const int8_t* __restrict__ w, int32_t r,
                                                             int64_t n) {
   for (int64_t j = 0; j < n; ++j) acc[j] += r * static_cast<int32_t>(w[j]);
 }
 
-// One nonzero remainder of the single mode: the input element's index and r.
-struct Remainder {
-  int64_t index;
+// One remainder's contribution to an output row: value times a weight row.
+struct Term {
   int32_t value;
+  const int8_t* w;
 };
 
-// Runs a layer in the single mode (file comment). Returns false (nothing written) where the
-// remainder is too dense to pay, so that the caller splits instead.
+// acc[j] += sum_e terms[e].value * terms[e].w[j], j < n (the portable form).
+void AddTermsPlain(int32_t* __restrict__ acc, const Term* terms, int64_t count, int64_t n) {
+  for (int64_t e = 0; e < count; ++e) Axpy(acc, terms[e].w, terms[e].value, n);
+}
+
+// The same with AVX2 for n a multiple of 16: two terms at a time as 16-bit pairs (w_a[j], w_b[j])
+// multiplied by (r_a, r_b) and summed into 32 bits by vpmaddwd (|r| <= 255 and |w| <= 128, so
+// every product and pair sum is exact), the sums of a block of 32 outputs kept in registers.
+__attribute__((target("avx2"))) void AddTermsAvx2(int32_t* __restrict__ acc, const Term* terms, int64_t count,
+                                                  int64_t n) {
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const bool two = j0 + 32 <= n;  // a block of 32 outputs, else of 16
+    __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256(), s2 = _mm256_setzero_si256(),
+            s3 = _mm256_setzero_si256();
+    for (int64_t e = 0; e < count; e += 2) {
+      const Term& ta = terms[e];
+      const Term zero{0, ta.w};
+      const Term& tb = e + 1 < count ? terms[e + 1] : zero;
+      const __m256i r = _mm256_set1_epi32(static_cast<int32_t>((static_cast<uint32_t>(tb.value) << 16) |
+                                                                (static_cast<uint32_t>(ta.value) & 0xffffu)));
+      __m256i wa = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ta.w + j0)));
+      __m256i wb = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tb.w + j0)));
+      s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_unpacklo_epi16(wa, wb), r));  // j 0-3, 8-11
+      s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_unpackhi_epi16(wa, wb), r));  // j 4-7, 12-15
+      if (two) {
+        wa = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ta.w + j0 + 16)));
+        wb = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tb.w + j0 + 16)));
+        s2 = _mm256_add_epi32(s2, _mm256_madd_epi16(_mm256_unpacklo_epi16(wa, wb), r));
+        s3 = _mm256_add_epi32(s3, _mm256_madd_epi16(_mm256_unpackhi_epi16(wa, wb), r));
+      }
+    }
+    __m256i* out = reinterpret_cast<__m256i*>(acc + j0);
+    _mm256_storeu_si256(out, _mm256_add_epi32(_mm256_loadu_si256(out), _mm256_permute2x128_si256(s0, s1, 0x20)));
+    _mm256_storeu_si256(out + 1, _mm256_add_epi32(_mm256_loadu_si256(out + 1), _mm256_permute2x128_si256(s0, s1, 0x31)));
+    if (two) {
+      _mm256_storeu_si256(out + 2, _mm256_add_epi32(_mm256_loadu_si256(out + 2), _mm256_permute2x128_si256(s2, s3, 0x20)));
+      _mm256_storeu_si256(out + 3, _mm256_add_epi32(_mm256_loadu_si256(out + 3), _mm256_permute2x128_si256(s2, s3, 0x31)));
+      j0 += 16;
+    }
+  }
+}
+
+void AddTerms(int32_t* acc, const Term* terms, int64_t count, int64_t n) {
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2 && n % 16 == 0) AddTermsAvx2(acc, terms, count, n);
+  else AddTermsPlain(acc, terms, count, n);
+}
+
+// The epilogue of one output row of accumulators (offset optional): dst may be acc itself.
+template <typename Out, int kPostOp>
+inline void EpilogueRowPlain(const int32_t* a, int64_t channels, const int32_t* offset, const float* scale,
+                        const float* bias, float inv, Out* d) {
+  for (int64_t oc = 0; oc < channels; ++oc) {
+    const int32_t v = offset ? a[oc] + offset[oc] : a[oc];
+    if constexpr (std::is_same_v<Out, int32_t>) {
+      d[oc] = v;
+    } else {
+      const float y = PostOp(static_cast<float>(v) * scale[oc] + bias[oc], kPostOp);
+      if constexpr (std::is_same_v<Out, float>) d[oc] = y;
+      else d[oc] = Saturate<Out>(y * inv);
+    }
+  }
+}
+
+// The float epilogue of one row with AVX2 (channels a multiple of 8; no post-op, ReLU or ReLU6):
+// the same operations in the same order, so the same floats.
+template <int kPostOp>
+__attribute__((target("avx2"))) void EpilogueRowF32Avx2(const int32_t* a, int64_t channels, const int32_t* offset,
+                                                         const float* scale, const float* bias, float* d) {
+  const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.f);
+  for (int64_t oc = 0; oc < channels; oc += 8) {
+    __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + oc));
+    if (offset) v = _mm256_add_epi32(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(offset + oc)));
+    // No FMA: the multiply and the add rounded separately, as the plain loop does.
+    __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_loadu_ps(scale + oc)),
+                             _mm256_loadu_ps(bias + oc));
+    if constexpr (kPostOp == 1) y = _mm256_max_ps(y, zero);
+    if constexpr (kPostOp == 2) y = _mm256_min_ps(_mm256_max_ps(y, zero), six);
+    _mm256_storeu_ps(d + oc, y);
+  }
+}
+
+template <typename Out, int kPostOp>
+inline void EpilogueRow(const int32_t* a, int64_t channels, const int32_t* offset, const float* scale,
+                        const float* bias, float inv, Out* d) {
+  if constexpr (std::is_same_v<Out, float> && kPostOp != 3) {
+    static const bool avx2 = __builtin_cpu_supports("avx2");
+    if (avx2 && channels % 8 == 0) return EpilogueRowF32Avx2<kPostOp>(a, channels, offset, scale, bias, d);
+  }
+  EpilogueRowPlain<Out, kPostOp>(a, channels, offset, scale, bias, inv, d);
+}
+
+// The single mode's last pass, one output row at a time: the remainder of every input pixel the
+// row's taps read (a gather, so rows run in parallel and each is read and written once), then the
+// epilogue. acc: the primitive's accumulators; dst may be acc itself.
+template <typename Out, int kPostOp>
+void FinishSingleT(const Geometry& g, const SparseRemainder& rem, const int8_t* weights, int32_t* acc,
+                   const int32_t* offset, const float* scale, const float* bias, float dst_scale, Out* dst,
+                   bool epilogue) {
+  const float inv = 1.f / dst_scale;
+  const int64_t cg = g.c / g.groups, og = g.group_out(), taps = g.kh * g.kw;
+#pragma omp parallel
+  {
+    std::vector<Term> terms;
+    std::vector<int64_t> term_out;  // grouped convs: each term's first output channel
+    terms.reserve(taps * cg);
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < g.n; ++b)
+      for (int64_t oy = 0; oy < g.oh; ++oy) {
+        const int64_t k = rem.chunk_of_image[b];
+        const int64_t chunk_first_pixel = rem.chunk_first_image[k] * g.h * g.w;
+        const std::vector<Remainder>& list = rem.lists[k];
+        for (int64_t ox = 0; ox < g.ow; ++ox) {
+          const int64_t row = (b * g.oh + oy) * g.ow + ox;
+          int32_t* a = acc + row * g.o;
+          terms.clear();
+          term_out.clear();
+          // Per kernel row: the input row's pixels under the taps are one range of the list.
+          const int64_t dx = g.dilation[1] + 1, x0 = ox * g.strides[1] - g.pad_lo[1];
+          const int64_t first = std::max<int64_t>(x0, 0), last = std::min<int64_t>(x0 + (g.kw - 1) * dx, g.w - 1);
+          for (int64_t ta = 0; ta < g.kh && first <= last; ++ta) {
+            const int64_t iy = oy * g.strides[0] - g.pad_lo[0] + ta * (g.dilation[0] + 1);
+            if (iy < 0 || iy >= g.h) continue;
+            const int64_t p0 = (b * g.h + iy) * g.w + first, p1 = (b * g.h + iy) * g.w + last;
+            const int64_t e0 = p0 == chunk_first_pixel ? 0 : rem.pixel_end[p0 - 1], e1 = rem.pixel_end[p1];
+            for (int64_t e = e0; e < e1; ++e) {
+              const int64_t tx = list[e].column - x0;  // the tap's offset: td * dx
+              if (dx != 1 && tx % dx != 0) continue;
+              const int64_t ch = list[e].channel;
+              const int8_t* w_tap = weights + (ta * g.kw + tx / dx) * cg * g.o;
+              if (g.groups == 1) {
+                terms.push_back({list[e].value, w_tap + ch * g.o});
+              } else {
+                const int64_t q = ch / cg;
+                terms.push_back({list[e].value, w_tap + (ch % cg) * g.o + q * og});
+                term_out.push_back(q * og);
+              }
+            }
+          }
+          if (g.groups == 1) {
+            if (!terms.empty()) AddTerms(a, terms.data(), static_cast<int64_t>(terms.size()), g.o);
+          } else {
+            for (size_t e = 0; e < terms.size(); ++e) Axpy(a + term_out[e], terms[e].w, terms[e].value, og);
+          }
+          if (epilogue) EpilogueRow<Out, kPostOp>(a, g.o, offset, scale, bias, inv, dst + row * g.o);
+        }
+      }
+  }
+}
+
+template <typename Out>
+void FinishSingleFor(const Geometry& g, const SparseRemainder& rem, const int8_t* weights, int32_t* acc,
+                     const int32_t* offset, const float* scale, const float* bias, float dst_scale, int64_t post_op,
+                     Out* dst, bool epilogue) {
+  switch (post_op) {
+    case 1: return FinishSingleT<Out, 1>(g, rem, weights, acc, offset, scale, bias, dst_scale, dst, epilogue);
+    case 2: return FinishSingleT<Out, 2>(g, rem, weights, acc, offset, scale, bias, dst_scale, dst, epilogue);
+    case 3: return FinishSingleT<Out, 3>(g, rem, weights, acc, offset, scale, bias, dst_scale, dst, epilogue);
+    default: return FinishSingleT<Out, 0>(g, rem, weights, acc, offset, scale, bias, dst_scale, dst, epilogue);
+  }
+}
+
 int64_t NowNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
       .count();
 }
+
+// Runs a layer in the single mode (file comment). Returns false (nothing written) where the
+// remainder is too dense to pay, so that the caller splits instead.
+constexpr int64_t kParallelSplitCodes = int64_t{1} << 24;
 
 bool RunSingle(const Geometry& g, dt src_t, const void* x, const int8_t* weights, dt out, void* dst,
                const float* scale, const float* bias, float dst_scale, int64_t post_op) {
@@ -482,34 +734,33 @@ bool RunSingle(const Geometry& g, dt src_t, const void* x, const int8_t* weights
   const int64_t plane = g.h * g.w * g.c;  // one image (a conv) or one row (a matmul)
   uint8_t* lo = static_cast<uint8_t*>(Buffer(kSlotLo, g.n * hp * wp * g.c));
   if (s8 && (hp != g.h || wp != g.w)) std::memset(lo, z, g.n * hp * wp * g.c);
-  // The low codes and the nonzero remainders, per chunk of images (rows): a chunk's remainders
-  // reach only its own images' outputs, so chunks scatter in parallel without races.
-  const int64_t chunks = std::min<int64_t>(g.n, 4 * static_cast<int64_t>(omp_get_max_threads()));
-  std::vector<std::vector<Remainder>> rem(chunks);
+  // The low codes and the nonzero remainders, per chunk of images (rows): chunks split in parallel.
+  SparseRemainder rem;
+  rem.chunks = std::min<int64_t>(g.n, 4 * static_cast<int64_t>(omp_get_max_threads()));
+  rem.lists.resize(rem.chunks);
+  rem.chunk_first_image.resize(rem.chunks + 1);
+  rem.chunk_of_image.resize(g.n);
+  for (int64_t k = 0; k <= rem.chunks; ++k) rem.chunk_first_image[k] = g.n * k / rem.chunks;
+  for (int64_t k = 0; k < rem.chunks; ++k)
+    for (int64_t b = rem.chunk_first_image[k]; b < rem.chunk_first_image[k + 1]; ++b) rem.chunk_of_image[b] = k;
+  rem.pixel_end = static_cast<int32_t*>(Buffer(kSlotPixelEnd, g.n * g.h * g.w * sizeof(int32_t)));
   int64_t total = 0;
-#pragma omp parallel for schedule(static) reduction(+ : total)
-  for (int64_t k = 0; k < chunks; ++k) {
-    const int64_t b0 = g.n * k / chunks, b1 = g.n * (k + 1) / chunks;
-    for (int64_t b = b0; b < b1; ++b)
+  // One thread unless the input is large: the split is a light pass (about a millisecond per few
+  // million codes), and waiting for a second thread to be scheduled on a busy machine costs more.
+  const bool parallel_split = g.n * plane >= kParallelSplitCodes;
+#pragma omp parallel for schedule(static) reduction(+ : total) if (parallel_split)
+  for (int64_t k = 0; k < rem.chunks; ++k) {
+    std::vector<Remainder>& list = rem.lists[k];
+    for (int64_t b = rem.chunk_first_image[k]; b < rem.chunk_first_image[k + 1]; ++b)
       for (int64_t i = 0; i < g.h; ++i) {
-        const int64_t row = g.w * g.c, from = (b * g.h + i) * row;
+        const int64_t from = (b * g.h + i) * g.w;  // the row's first pixel
         uint8_t* to = lo + ((b * hp + i + (s8 ? g.pad_lo[0] : 0)) * wp + (s8 ? g.pad_lo[1] : 0)) * g.c;
-        if (s8) {
-          const int8_t* xs = static_cast<const int8_t*>(x) + from;
-          for (int64_t j = 0; j < row; ++j) {
-            const int32_t v = xs[j] + z, l = std::min(std::max(v, 0), top);
-            to[j] = static_cast<uint8_t>(l);
-          }
-          for (int64_t j = 0; j < row; ++j)
-            if (xs[j] + z != to[j]) rem[k].push_back({from + j, xs[j] + z - to[j]});
-        } else {
-          const uint8_t* xu = static_cast<const uint8_t*>(x) + from;
-          for (int64_t j = 0; j < row; ++j) to[j] = static_cast<uint8_t>(std::min<int32_t>(xu[j], top));
-          for (int64_t j = 0; j < row; ++j)
-            if (xu[j] > top) rem[k].push_back({from + j, xu[j] - top});
-        }
+        if (s8)
+          SplitRowS8(static_cast<const int8_t*>(x) + from * g.c, to, g.w, g.c, top, z, list, rem.pixel_end + from);
+        else
+          SplitRowU8(static_cast<const uint8_t*>(x) + from * g.c, to, g.w, g.c, top, list, rem.pixel_end + from);
       }
-    total += static_cast<int64_t>(rem[k].size());
+    total += static_cast<int64_t>(list.size());
   }
   if (8 * total > g.n * plane) return false;  // dense: splitting the weights costs less
   counts[kRunSingle] += 1;
@@ -525,41 +776,17 @@ bool RunSingle(const Geometry& g, dt src_t, const void* x, const int8_t* weights
   t0 = NowNs();
   counts[kSingleNsPrimitive] += t0 - t1;
 
-  if (total > 0) {
-    const int64_t cg = g.c / g.groups, og = g.group_out();
-#pragma omp parallel for schedule(dynamic)
-    for (int64_t k = 0; k < chunks; ++k) {
-      const std::vector<Remainder>& list = rem[k];
-      // Remainders of one input pixel (consecutive in the list) share their output positions.
-      for (size_t e0 = 0, e1; e0 < list.size(); e0 = e1) {
-        const int64_t pixel = list[e0].index / g.c;
-        for (e1 = e0 + 1; e1 < list.size() && list[e1].index / g.c == pixel; ++e1) {
-        }
-        const int64_t b = pixel / (g.h * g.w), iy = pixel / g.w % g.h, ix = pixel % g.w;
-        for (int64_t a = 0; a < g.kh; ++a) {
-          const int64_t ty = iy + g.pad_lo[0] - a * (g.dilation[0] + 1);
-          if (ty < 0 || ty % g.strides[0] != 0 || ty / g.strides[0] >= g.oh) continue;
-          const int64_t oy = ty / g.strides[0];
-          for (int64_t d = 0; d < g.kw; ++d) {
-            const int64_t tx = ix + g.pad_lo[1] - d * (g.dilation[1] + 1);
-            if (tx < 0 || tx % g.strides[1] != 0 || tx / g.strides[1] >= g.ow) continue;
-            int32_t* out_row = acc + ((b * g.oh + oy) * g.ow + tx / g.strides[1]) * g.o;
-            const int8_t* w_tap = weights + (a * g.kw + d) * cg * g.o;
-            for (size_t e = e0; e < e1; ++e) {
-              const int64_t ch = list[e].index % g.c, q = ch / cg;
-              Axpy(out_row + q * og, w_tap + (ch % cg) * g.o + q * og, list[e].value, og);
-            }
-          }
-        }
-      }
-    }
+  // One pass over the outputs: the remainder's contributions, then the epilogue.
+  const bool epilogue = !(out == dt::s32 && !s8);
+  if (total > 0 || epilogue) {
+    const std::vector<int32_t> offset = s8 ? ShiftOffset(g, weights, z) : std::vector<int32_t>();
+    const int32_t* off = s8 ? offset.data() : nullptr;
+    if (out == dt::s32) FinishSingleFor(g, rem, weights, acc, off, scale, bias, dst_scale, 0, static_cast<int32_t*>(dst), epilogue);
+    else if (out == dt::f32) FinishSingleFor(g, rem, weights, acc, off, scale, bias, dst_scale, post_op, static_cast<float*>(dst), epilogue);
+    else if (out == dt::u8) FinishSingleFor(g, rem, weights, acc, off, scale, bias, dst_scale, post_op, static_cast<uint8_t*>(dst), epilogue);
+    else FinishSingleFor(g, rem, weights, acc, off, scale, bias, dst_scale, post_op, static_cast<int8_t*>(dst), epilogue);
   }
-  t1 = NowNs();
-  counts[kSingleNsRemainder] += t1 - t0;
-  if (out == dt::s32 && !s8) return true;
-  const std::vector<int32_t> offset = s8 ? ShiftOffset(g, weights, z) : std::vector<int32_t>();
-  Epilogue(acc, rows, g.o, s8 ? offset.data() : nullptr, scale, bias, dst_scale, post_op, out, dst);
-  counts[kSingleNsEpilogue] += NowNs() - t1;
+  counts[kSingleNsFinish] += NowNs() - t0;
   return true;
 }
 
@@ -779,7 +1006,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiqOnednnMatmul, MatmulImpl,
 
 // The interface version of this library (the FFI targets' attributes, the modes, the exported
 // functions): flexiq_jax refuses a library whose version is not the one it was written for.
-extern "C" int flexiq_onednn_abi() { return 2; }
+extern "C" int flexiq_onednn_abi() { return 3; }
 
 // The oneDNN version this library runs with: major * 10000 + minor * 100 + patch.
 extern "C" int flexiq_onednn_version() {
