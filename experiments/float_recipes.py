@@ -29,7 +29,9 @@ TARGET_PRETRAINED = 92.0  # the ImageNet-trained network finetuned: above every 
 # Recipes tried and replaced, kept for the record: {model: [(workdir, what differed)]}. Each
 # workdir holds a finished float stage of the earlier recipe (a file's absence drops the line).
 EARLIER_RUNS = {
-    "mobilenetv2": [(os.path.join("workdirs", "recipe_mbv2_wd5e-4"), "weight decay 5e-4 (today 4e-5)")],
+    "mobilenetv2": [(os.path.join("workdirs", "recipe_mbv2_wd5e-4"), "stem stride 2, weight decay 5e-4 (today 1, 4e-5)"),
+                    (os.path.join("workdirs", "recipe_mbv2_stem2"), "stem stride 2 (today 1)")],
+    "efficientnet_b0": [(os.path.join("workdirs", "recipe_b0_stem2"), "stem stride 2 (today 1)")],
 }
 
 
