@@ -99,9 +99,12 @@ def test_weights_and_encodings_hold_the_serving_state(exported):
     np.testing.assert_array_equal(weights["/".join(("integer", *path.split("/"), "scale"))], entry["scale"])
     (act,) = enc["activation_encodings"][layer["activation_tensor"]]
     assert set(act) == {"bitwidth", "dtype", "is_symmetric", "scale", "offset", "min", "max"}
-    assert act["bitwidth"] == 8 and act["dtype"] == "int" and act["is_symmetric"] == "True"
+    # A layer on the asymmetric grid (unsigned codes, real zero at code z) states its zero point.
+    z = layer["activation"]["zero_point"]
+    assert z == int(np.asarray(entry.get("zero_point", 0))) and (z == 0 or not plan.signed[path])
+    assert act["bitwidth"] == 8 and act["dtype"] == "int" and act["is_symmetric"] == ("False" if z else "True")
     assert act["scale"] == float(entry["act_scale"]) and isinstance(act["offset"], int)
-    assert act["offset"] == (-128 if plan.signed[path] else 0)
+    assert act["offset"] == (-128 if plan.signed[path] else -z)
     assert act["min"] == pytest.approx(act["offset"] * act["scale"])
     assert act["max"] == pytest.approx((act["offset"] + 255) * act["scale"])
     assert layer["activation"]["qmin"] == (-128 if plan.signed[path] else 0) and isinstance(layer["weight"]["qmin"], int)
