@@ -140,15 +140,16 @@ def run_net(spec: str, batch: int, rounds: int) -> dict:
     for r in RATIOS:
       fns[f"{label} r={r:g}"] = fn
       args[f"{label} r={r:g}"] = (svars, images, jnp.float32(r))
-  if _BASELINE.value:  # the same oneDNN model on another build of the library
-    svars = jax.jit(variants["oneDNN int"].prepare)(qvars)
+  onednn_svars = args["oneDNN int r=0"][0]  # the oneDNN model's prepared variables, shared below
+  if _BASELINE.value:  # the same oneDNN model on another build of the library: one compilation, every ratio
+    baseline_fn = compiled_on_library(variants["oneDNN int"], onednn_svars, images, jnp.float32(0), _BASELINE.value)
     for r in RATIOS:
       label = f"oneDNN int, baseline library r={r:g}"
-      args[label] = (svars, images, jnp.float32(r))
-      fns[label] = compiled_on_library(variants["oneDNN int"], *args[label], _BASELINE.value)
+      args[label] = (onednn_svars, images, jnp.float32(r))
+      fns[label] = baseline_fn
   if _SPLIT.value:  # the same oneDNN model with every layer split (the exact mode before 'single')
     split_model = variants["oneDNN int"]
-    svars = jax.jit(split_model.prepare)(qvars)
+    svars = onednn_svars
     saved = onednn.auto_mode
     onednn.auto_mode = lambda: "split"
     try:
