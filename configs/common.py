@@ -270,6 +270,8 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   config.finetune.level_probs = ()  # () = uniform
   # Ratios trained at every step besides the sampled one (loss averaged over them), e.g. (0.0, 1.0)
   config.finetune.every_step_ratios = ()
+  # Loss weight of each every-step ratio (the sampled ratio weighs 1); () = all 1
+  config.finetune.every_step_weights = ()
   config.finetune.checkpoint_every_steps = 200 if fmnist else 2000
   config.finetune.eval_every_steps = 0  # as train.eval_every_steps (QAT: ratios 0, 0.5, 1, KL to float)
 
@@ -304,8 +306,8 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   config.compare.methods = ("flexiq", "flexiq_naive", "flexiq_random", "flexiq_uniform", "flexiq_greedy",
                             "flexiq_no_bias_correction", "flexiq_amp", "layerwise_amp",
                             "ptq_minmax", "ptq_mse", "adaround", "lsq_qat", "switchable_qat", "flexiq_100only",
-                            "flexiq_max127", "flexiq_joint", "flexiq_sandwich", "flexiq_lsq",
-                            "flexiq_refresh_quantized", "flexiq_symmetric")
+                            "flexiq_max127", "flexiq_joint", "flexiq_sandwich", "flexiq_sandwich_w4", "flexiq_long",
+                            "flexiq_lsq", "flexiq_refresh_quantized", "flexiq_symmetric")
   config.compare.allowed_drops = (0.25, 1.0, 3.0)  # one layer-wise AMP point each
   config.compare.finetune = True  # FlexiQ's multi-ratio finetuning (and LSQ QAT gets the same budget)
   config.compare.ablation_ratios = ()  # ratios the flexiq_* ablation variants are swept at; () = sweep.ratios

@@ -622,6 +622,8 @@ FINETUNED_ABLATIONS = (
     ("weight grid max|w|/127", "flexiq_max127", "quant.weight_scale=max127"),
     ("weight grid fitted for 8 and 4 bits", "flexiq_joint", "quant.weight_scale=joint"),
     ("sandwich (3 passes per step)", "flexiq_sandwich", "finetune.every_step_ratios=(0, 1)"),
+    ("sandwich, 4-bit end weighted 2", "flexiq_sandwich_w4", "every_step_ratios=(0, 1), every_step_weights=(1, 2)"),
+    ("3x the steps, no sandwich (the sandwich's passes)", "flexiq_long", "finetune.num_epochs x 3"),
     ("learnt scales (LSQ)", "flexiq_lsq", "finetune.lsq, lsq_weights, lsq_grad_scale=effective"),
     ("refresh from the quantized model", "flexiq_refresh_quantized", "finetune.refresh_source=quantized"),
     ("symmetric activation grid", "flexiq_symmetric", "quant.act_grid=symmetric"),

@@ -384,6 +384,7 @@ class FinetuneOptions(Options):
   judge_kl_rise: float = option(0.1, "finetune.judge_kl_rise", result_free=True)
   eval_every_steps: int = option(0, "finetune.eval_every_steps", result_free=True)
   every_step_ratios: tuple = option((), "finetune.every_step_ratios", omit_when=((), None))
+  every_step_weights: tuple = option((), "finetune.every_step_weights", omit_when=((), None))
   checkpoint_every_steps: int = option(100, "finetune.checkpoint_every_steps", result_free=True)
   log_every_steps: int = option(50, "train.log_every_steps", result_free=True)
   select_levels: tuple = option((0.25, 0.5, 0.75, 1.0), "select.levels")  # the sampler's default levels

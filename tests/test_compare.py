@@ -401,3 +401,20 @@ def test_a_finetuned_variant_the_judge_refuses_is_reported_as_trained_and_marked
   assert all(harness.row_refusal(r.to_json()).startswith("refused by the finetune judge") for r in rows)
   kept = list((tmp_path / "wd" / "compare" / "flexiq_sandwich" / "replaced").glob("*/finetune/qvars"))
   assert len(kept) == 1 and not (tmp_path / "wd" / "compare" / "flexiq_sandwich" / "finetune").exists()
+
+
+def test_the_long_variant_makes_the_sandwich_variants_passes_one_ratio_a_step():
+  """flexiq_long trains as many one-pass steps as flexiq_sandwich makes passes (3 a step), with no
+  every-step ratio; flexiq_sandwich_w4 weighs the 4-bit end 2."""
+  from configs import quickstart
+  from flexiq_jax import pipeline, train as train_lib
+  config = quickstart.get_config()
+  long = harness.resolve_variant_changes("flexiq_long", config)
+  assert long["finetune.every_step_ratios"] == () and long["finetune.every_step_weights"] == ()
+  size, batch = pipeline.train_examples(config), config.finetune.batch_size
+  configured = train_lib.total_steps_of(config.finetune.num_epochs, size, batch)
+  assert train_lib.total_steps_of(long["finetune.num_epochs"], size, batch) == 3 * configured
+  weighted = harness.resolve_variant_changes("flexiq_sandwich_w4", config)
+  assert weighted["finetune.every_step_ratios"] == (0.0, 1.0) and weighted["finetune.every_step_weights"] == (1.0, 2.0)
+  assert harness.resolve_variant_changes("flexiq_lsq", config)["finetune.lsq_learning_rate"] == float(
+      config.compare.lsq_learning_rate)

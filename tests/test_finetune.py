@@ -139,14 +139,15 @@ def test_qat_steps_draw_several_levels_with_their_probabilities(setup):
     np.testing.assert_allclose(ces[ratios == l], by_hand[l], rtol=1e-5, err_msg=f"level {l}")
 
 
-def test_every_step_ratios_average_the_gradients_of_each_ratio(setup):
-  """With every_step=(0, 1) a step's update is SGD on the mean of the losses at 0, at 1 and at
-  the sampled ratio (here always 0.5): the same parameters as a step on that mean written by hand,
-  and not those of a step at the sampled ratio alone."""
+@pytest.mark.parametrize("weights", [(), (1.0, 3.0)])
+def test_every_step_ratios_average_the_gradients_of_each_ratio(setup, weights):
+  """With every_step=(0, 1) a step's update is SGD on the (weighted) mean of the losses at 0, at 1
+  and at the sampled ratio (here always 0.5, weight 1): the same parameters as a step on that mean
+  written by hand, and not those of a step at the sampled ratio alone."""
   fake = setup.qmodel.with_mode("fake")
   tx = optax.sgd(1.0)
   batch = setup.batch()
-  sampler = finetune.RatioSampler((0.5,), (1.0,), every_step=(0.0, 1.0))
+  sampler = finetune.RatioSampler((0.5,), (1.0,), every_step=(0.0, 1.0), every_step_weights=weights)
   step = jax.jit(functools.partial(finetune.qat_step, qmodel=fake, tx=tx, sampler=sampler,
                                    rng_key=jax.random.PRNGKey(0), teacher_fn=setup.teacher, distill_weight=0.3))
   state, metrics = step(finetune.create_state(setup.qvars, tx, False), batch)
@@ -159,7 +160,8 @@ def test_every_step_ratios_average_the_gradients_of_each_ratio(setup):
     return 0.7 * ce + 0.3 * finetune.kl_divergence(teacher, logits)
 
   params = setup.qvars["params"]
-  mean_loss = lambda p: (loss_at(p, 0.0) + loss_at(p, 1.0) + loss_at(p, 0.5)) / 3
+  w0, w1 = weights or (1.0, 1.0)
+  mean_loss = lambda p: (w0 * loss_at(p, 0.0) + w1 * loss_at(p, 1.0) + loss_at(p, 0.5)) / (w0 + w1 + 1)
   np.testing.assert_allclose(float(metrics["loss"]), float(mean_loss(params)), rtol=1e-5)
   by_hand = jax.tree.map(lambda p, g: p - g, params, jax.grad(mean_loss)(params))
   assert_trees_close = lambda a, b: jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), a, b)
@@ -168,6 +170,11 @@ def test_every_step_ratios_average_the_gradients_of_each_ratio(setup):
   differences = jax.tree.leaves(jax.tree.map(lambda x, y: float(jnp.abs(x - y).max()), state.trainable["params"],
                                              sampled_only))
   assert max(differences) > 1e-4  # the ends change the update
+  if weights:  # the weights change the update too
+    equal = jax.tree.map(lambda p, g: p - g, params, jax.grad(
+        lambda p: (loss_at(p, 0.0) + loss_at(p, 1.0) + loss_at(p, 0.5)) / 3)(params))
+    assert max(jax.tree.leaves(jax.tree.map(lambda x, y: float(jnp.abs(x - y).max()), state.trainable["params"],
+                                            equal))) > 1e-4
 
 
 def test_ratio_sampler_distribution():
@@ -202,6 +209,14 @@ def test_ratio_sampler_from_config_and_errors():
   assert finetune.RatioSampler.from_config(cfg, (0.25, 1.0)).every_step == (0.0, 1.0)
   with pytest.raises(ValueError, match="every_step_ratios"):
     finetune.RatioSampler((0.5,), (1.0,), every_step=(1.5,))
+  cfg.every_step_weights = (1.0, 2.0)
+  weighted = finetune.RatioSampler.from_config(cfg, (0.25, 1.0))
+  assert weighted.step_weights() == pytest.approx((0.25, 0.5, 0.25))
+  assert finetune.RatioSampler((0.5,), (1.0,), every_step=(0.0, 1.0)).step_weights() == pytest.approx((1 / 3,) * 3)
+  with pytest.raises(ValueError, match="one weight per every-step ratio"):
+    finetune.RatioSampler((0.5,), (1.0,), every_step=(0.0, 1.0), every_step_weights=(1.0,))
+  with pytest.raises(ValueError, match="every_step_weights must be finite"):
+    finetune.RatioSampler((0.5,), (1.0,), every_step=(1.0,), every_step_weights=(-1.0,))
 
 
 def test_lsq_weight_scales_are_learnt_and_exported(setup):

@@ -280,7 +280,7 @@ def flexiq_100only(ctx: CompareContext) -> list[Row]:
   cfg = copy.deepcopy(ctx.config)
   with cfg.unlocked():
     cfg.finetune.levels, cfg.finetune.level_probs, cfg.finetune.uniform_prob = (1.0,), (1.0,), 0.0
-    cfg.finetune.every_step_ratios = ()
+    cfg.finetune.every_step_ratios, cfg.finetune.every_step_weights = (), ()
     cfg.finetune.num_epochs = _one_pass_epochs(ctx.config)
     cfg.sweep.ratios = ONLY100_RATIOS
   run = pipeline.Run(cfg, os.path.join(ctx.run.workdir, "compare", "flexiq_100only"), ctx.run.mesh)
@@ -339,13 +339,33 @@ def _flexiq_finetuned_variant(ctx: CompareContext, name: str, overrides: dict) -
 
 
 # FlexiQ's 4-bit fixes one at a time against the configured pipeline, after finetuning (T3):
-# method -> (config changes, what it tests). "compare" as a value: compare.lsq_learning_rate.
+# method -> (config changes, what it tests). A value "compare" stands for compare.lsq_learning_rate;
+# a callable value is computed from the configured config.
+SANDWICH = (0.0, 1.0)
+
+
+def _sandwich_one_pass_epochs(config) -> float:
+  """The epochs of a one-ratio-a-step finetune with the passes of the sandwich variant (the
+  configured finetune with every_step_ratios SANDWICH)."""
+  sandwich = copy.deepcopy(config)
+  with sandwich.unlocked():
+    sandwich.finetune.every_step_ratios, sandwich.finetune.every_step_weights = SANDWICH, ()
+  return _one_pass_epochs(sandwich)
+
+
 FINETUNED_VARIANTS = {
     "flexiq_max127": ({"quant.weight_scale": "max127"}, "the 8-bit weight grid max|w|/127 (the largest weight "
                       "shrinks when lowered)"),
     "flexiq_joint": ({"quant.weight_scale": "joint"}, "the 8-bit weight scale fitted per channel for 8 and 4 bits"),
-    "flexiq_sandwich": ({"finetune.every_step_ratios": (0.0, 1.0)}, "ratios 0 and 1 trained at every step besides "
-                        "the sampled one (three passes per step)"),
+    "flexiq_sandwich": ({"finetune.every_step_ratios": SANDWICH, "finetune.every_step_weights": ()},
+                        "ratios 0 and 1 trained at every step besides the sampled one (three passes per step)"),
+    "flexiq_sandwich_w4": ({"finetune.every_step_ratios": SANDWICH, "finetune.every_step_weights": (1.0, 2.0)},
+                           "the sandwich with the 4-bit end's loss weighted 2 (ratio 0 and the sampled ratio 1; "
+                           "three passes per step)"),
+    "flexiq_long": ({"finetune.every_step_ratios": (), "finetune.every_step_weights": (),
+                     "finetune.num_epochs": _sandwich_one_pass_epochs},
+                    "one sampled ratio a step, as many steps as the sandwich's passes (the sandwich's budget "
+                    "without its ends)"),
     "flexiq_lsq": ({"finetune.lsq": True, "finetune.lsq_weights": True, "finetune.lsq_grad_scale": "effective",
                     "finetune.lsq_learning_rate": "compare"}, "learnt activation and weight scales (LSQ, the "
                    "gradient scale of each channel's own grid, at the LSQ baseline's rate)"),
@@ -356,12 +376,28 @@ FINETUNED_VARIANTS = {
 }
 
 
+def resolve_variant_changes(name: str, config) -> dict:
+  """The config changes of finetuned variant `name` for `config`, placeholders resolved.
+
+  Args:
+    name: a key of FINETUNED_VARIANTS.
+    config: the configured run config.
+
+  Returns:
+    Dotted field -> value.
+  """
+  def resolve(value):
+    if callable(value):
+      return value(config)
+    return float(config.compare.lsq_learning_rate) if isinstance(value, str) and value == "compare" else value
+  return {k: resolve(v) for k, v in FINETUNED_VARIANTS[name][0].items()}
+
+
 def _finetuned_variant_method(name: str):
-  changes, what = FINETUNED_VARIANTS[name]
+  _, what = FINETUNED_VARIANTS[name]
 
   def method(ctx: CompareContext) -> list[Row]:
-    resolved = {k: float(ctx.config.compare.lsq_learning_rate) if v == "compare" else v for k, v in changes.items()}
-    return _flexiq_finetuned_variant(ctx, name, resolved)
+    return _flexiq_finetuned_variant(ctx, name, resolve_variant_changes(name, ctx.config))
 
   method.__name__ = name
   method.__doc__ = (f"FlexiQ with {what}, finetuned, in compare/{name}: one row per ratio of "
@@ -643,7 +679,7 @@ _QAT_BASELINE = (tuple(f"finetune.{k}" for k in baselines.LSQ_FINETUNE_FIELDS)
                     "compare.lsq_learning_rate"))
 # FlexiQ finetuned for 100 % only: its quantized model and the finetune stage's fields but the ratio
 # sampler's (which it sets); every_step_ratios sets its passes.
-_SAMPLER_FIELDS = ("finetune.levels", "finetune.level_probs", "finetune.uniform_prob")
+_SAMPLER_FIELDS = ("finetune.levels", "finetune.level_probs", "finetune.uniform_prob", "finetune.every_step_weights")
 # The learning-rate selection's fields enter a QAT method's fingerprint only with a grid (`lr_select.config_fields`).
 _LR_FIELDS = ("finetune.lr_grid", "finetune.lr_select_images")
 _FLEXIQ_100ONLY = ("quantize", tuple(name for name, result_free in stage_options.FinetuneOptions.config_names().items()
@@ -670,7 +706,8 @@ METHOD_DEPENDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "flexiq_100only": _FLEXIQ_100ONLY,
     # A finetuned variant's changes are constants (flexiq_lsq's rate: the LSQ baseline's), applied
     # to the configured finetune stage's fields.
-    **{name: ("finetune", ("sweep",) + (("compare.lsq_learning_rate",) if "compare" in changes.values() else ()))
+    **{name: ("finetune", ("sweep",) + (("compare.lsq_learning_rate",) if any(
+        isinstance(v, str) and v == "compare" for v in changes.values()) else ()))
        for name, (changes, _) in FINETUNED_VARIANTS.items()},
 }
 

@@ -255,12 +255,14 @@ def distill_step(state: QATState, batch, *, logits_fn: Callable, tx: optax.Gradi
 class RatioSampler:
   """The ratios of one QAT step: each of `every_step`, and one sampled ratio: with probability
   `uniform_prob` a continuous ratio uniform in [0, 1]; otherwise one of `levels` drawn with
-  `level_probs`."""
+  `level_probs`. The step's loss is the mean of its ratios' losses weighted by `every_step_weights`
+  (one per every-step ratio; the sampled ratio weighs 1; () = all 1)."""
 
   levels: tuple[float, ...]
   level_probs: tuple[float, ...]
   uniform_prob: float = 0.0
   every_step: tuple[float, ...] = ()
+  every_step_weights: tuple[float, ...] = ()
 
   def __post_init__(self):
     if len(self.levels) != len(self.level_probs) or abs(sum(self.level_probs) - 1) > 1e-6:
@@ -271,15 +273,31 @@ class RatioSampler:
                        f"{list(self.levels)} and {self.uniform_prob}")
     if not all(0 <= r <= 1 for r in self.every_step):
       raise ValueError(f"finetune.every_step_ratios must lie in [0, 1], got {list(self.every_step)}")
+    if self.every_step_weights and len(self.every_step_weights) != len(self.every_step):
+      raise ValueError(f"finetune.every_step_weights {list(self.every_step_weights)} must have one weight per "
+                       f"every-step ratio {list(self.every_step)} (or be empty: all 1)")
+    if not all(0 <= w < math.inf for w in self.every_step_weights):
+      raise ValueError(f"finetune.every_step_weights must be finite and >= 0, got {list(self.every_step_weights)}")
+
+  def step_weights(self) -> tuple[float, ...]:
+    """The loss weights of one step's ratios, normalised to sum 1.
+
+    Returns:
+      One weight per every-step ratio, then the sampled ratio's.
+    """
+    raw = tuple(self.every_step_weights or (1.0,) * len(self.every_step)) + (1.0,)
+    return tuple(w / sum(raw) for w in raw)
 
   @classmethod
   def from_config(cls, finetune_cfg, select_levels) -> "RatioSampler":
     """finetune.levels (default: 0 and the selected levels), finetune.level_probs (default
-    uniform), finetune.uniform_prob, finetune.every_step_ratios (default none)."""
+    uniform), finetune.uniform_prob, finetune.every_step_ratios (default none) and
+    finetune.every_step_weights (default all 1)."""
     levels = tuple(float(l) for l in finetune_cfg.levels) or (0.0,) + tuple(float(l) for l in select_levels)
     probs = tuple(float(p) for p in finetune_cfg.level_probs) or (1.0 / len(levels),) * len(levels)
-    every_step = tuple(float(r) for r in finetune_cfg.get("every_step_ratios", ()))
-    return cls(levels, probs, float(finetune_cfg.get("uniform_prob", 0.0)), every_step)
+    every_step = tuple(float(r) for r in finetune_cfg.get("every_step_ratios", ()) or ())
+    weights = tuple(float(w) for w in finetune_cfg.get("every_step_weights", ()) or ())
+    return cls(levels, probs, float(finetune_cfg.get("uniform_prob", 0.0)), every_step, weights)
 
   def trains(self, ratio: float) -> bool:
     """Whether QAT steps train at `ratio`: a level drawn with a positive probability, an
@@ -343,7 +361,8 @@ def qat_step(state: QATState, batch, *, qmodel: QuantizedModel, tx: optax.Gradie
              sampler: RatioSampler, rng_key, teacher_fn: Callable | None = None, distill_weight: float = 0.0,
              label_smoothing: float = 0.0):
   """One multi-ratio QAT step (the ratios are data: one compilation). The loss is the mean of the
-  losses at the sampler's random ratio and at each of its `every_step` ratios.
+  losses at each of the sampler's `every_step` ratios and at its random ratio, weighted by
+  `sampler.step_weights()`.
 
   Why `every_step`: with one sampled ratio per step, each ratio is trained on a share of the
   steps only, and the shared weights follow whichever ratio the last steps drew. Training chosen
@@ -378,18 +397,19 @@ def qat_step(state: QATState, batch, *, qmodel: QuantizedModel, tx: optax.Gradie
     kl = kl_divergence(teacher, logits) if teacher is not None else jnp.float32(0)
     return (loss, ce, accuracy, kl), grads
 
-  def accumulate(total, ratio):
+  def accumulate(total, ratio_and_weight):
+    ratio, weight = ratio_and_weight
     values, grads = loss_and_grads_at(ratio)
-    return jax.tree_util.tree_map(jnp.add, total, grads), values
+    return jax.tree_util.tree_map(lambda t, g: t + weight * g, total, grads), values
 
   if not sampler.every_step:
     (loss, ce, accuracy, kl), grads = loss_and_grads_at(sampled)
   else:
     ratios = jnp.concatenate([jnp.asarray(sampler.every_step, jnp.float32), sampled[None]])
+    weights = jnp.asarray(sampler.step_weights(), jnp.float32)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state.trainable)
-    grads, (losses, ces, accuracies, kls) = jax.lax.scan(accumulate, zeros, ratios)
-    grads = jax.tree_util.tree_map(lambda g: g / len(ratios), grads)
-    loss, ce, accuracy, kl = losses.mean(), ces.mean(), accuracies.mean(), kls.mean()
+    grads, (losses, ces, accuracies, kls) = jax.lax.scan(accumulate, zeros, (ratios, weights))
+    loss, ce, accuracy, kl = losses @ weights, ces @ weights, accuracies.mean(), kls.mean()
   metrics = {"loss": loss, "ce": ce, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads), "ratio": sampled}
   if teacher is not None:  # KL(float || quantized) on the training batch, at the step's ratios
     metrics["kl_to_float"] = kl
