@@ -32,6 +32,7 @@ EARLIER_RUNS = {
     "mobilenetv2": [(os.path.join("workdirs", "recipe_mbv2_wd5e-4"), "stem stride 2, weight decay 5e-4 (today 1, 4e-5)"),
                     (os.path.join("workdirs", "recipe_mbv2_stem2"), "stem stride 2 (today 1)")],
     "efficientnet_b0": [(os.path.join("workdirs", "recipe_b0_stem2"), "stem stride 2 (today 1)")],
+    "efficientnet_lite0": [(os.path.join("workdirs", "recipe_lite0_e1"), "1 epoch (today 2)")],
 }
 
 
