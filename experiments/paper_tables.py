@@ -766,6 +766,64 @@ def claims(t1: dict, t2: dict, t3: dict, f2: dict | None, models: int) -> list[d
   return out
 
 
+# FlexiQ's own 4-bit targets, checked on the sweep's tables: the one network at 100 % after
+# finetuning against the best single-point W4A4 baseline per model (mean margin at least this, no
+# model more than this below), and the ratio range's other end kept (T2).
+TARGET_MARGIN_MEAN, TARGET_MARGIN_WORST = 0.0, -1.0
+TARGET_LOSS_AT_50, TARGET_8BIT_KEPT = 0.6, 0.3
+
+
+def targets(t1: dict, t2: dict) -> list[dict]:
+  """FlexiQ's 4-bit targets beside the tables' figures.
+
+  Args:
+    t1: `table1`'s result.
+    t2: `table2`'s result.
+
+  Returns:
+    [{'target', 'measured', 'met' (True, False or None when not measured)}]: the margin over the
+    best single-point baseline per model (mean and worst model), FlexiQ at 100 % against the
+    switchable network's 4-bit point on average, and per model ratio 0.5 after finetuning within
+    TARGET_LOSS_AT_50 of ratio 0 after finetuning, ratio 0 after finetuning within
+    TARGET_8BIT_KEPT of the 8-bit model before finetuning.
+  """
+  out = []
+  margins = {}
+  for r in t1["rows"]:
+    tops = [b["top1"]["mean"] for b in r["baselines"].values() if b["top1"]]
+    if r["flexiq_100"] and tops:
+      margins[r["model"]] = r["flexiq_100"]["mean"] - max(tops)
+  if margins:
+    mean, (worst_model, worst) = float(np.mean(list(margins.values()))), min(margins.items(), key=lambda kv: kv[1])
+    out.append({"target": f"FlexiQ 100% (FT) minus the best single-point W4A4 baseline per model: mean >= "
+                          f"{TARGET_MARGIN_MEAN:+g}, every model >= {TARGET_MARGIN_WORST:+g}",
+                "measured": f"mean {mean:+.2f} over {len(margins)} models; worst {worst_model} {worst:+.2f}",
+                "met": mean >= TARGET_MARGIN_MEAN and worst >= TARGET_MARGIN_WORST})
+  else:
+    out.append({"target": "FlexiQ 100% (FT) against the best single-point W4A4 baseline per model",
+                "measured": None, "met": None})
+  pairs = [(r["flexiq_100"]["mean"], s["top1"]["mean"]) for r in t1["rows"] for s in r.get("switchable", {}).values()
+           if r["flexiq_100"] and s["top1"]]
+  out.append({"target": "FlexiQ 100% (FT) above the switchable network's W4A4 point on average",
+              "measured": (f"{np.mean([f for f, _ in pairs]):.2f} vs {np.mean([w for _, w in pairs]):.2f} "
+                           f"({len(pairs)} models)") if pairs else None,
+              "met": bool(np.mean([f - w for f, w in pairs]) > 0) if pairs else None})
+  for key, limit, what in (("loss_at_50_vs_8bit_after", TARGET_LOSS_AT_50,
+                            "ratio 0.5 (FT) within {:g} points of ratio 0 (FT) on every model"),
+                           ("finetuning_change_at_8bit", TARGET_8BIT_KEPT,
+                            "ratio 0 (FT) within {:g} points of the 8-bit model before finetuning on every model")):
+    values = {r["model"]: r[key] for r in t2["rows"] if r[key] is not None}
+    # Loss: ratio 0 minus ratio 0.5, positive when 0.5 is worse; the 8-bit change: after minus
+    # before, negative when finetuning lowered it.
+    misses = {m: v for m, v in values.items() if (v > limit if key.startswith("loss") else v < -limit)}
+    out.append({"target": what.format(limit),
+                "measured": (f"{len(values) - len(misses)} of {len(values)} models" + (
+                    "; not on " + ", ".join(f"{m} ({v:+.2f})" for m, v in misses.items()) if misses else ""))
+                if values else None,
+                "met": (not misses) if values else None})
+  return out
+
+
 def _reading(value, target, models, caveat) -> str:
   if value is None:
     return "not measured"
@@ -780,6 +838,7 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
   t1, t2, t3 = table1(sweep), table2(sweep), table3(sweep)
   f2 = speed_figure(benchmark)
   claim_rows = claims(t1, t2, t3, f2, len(sweep))
+  target_rows = targets(t1, t2)
   methods_t1 = [m for m, _ in T1_BASELINES]
   switchable_t1 = [m for m, _ in T1_SWITCHABLE]
 
@@ -935,8 +994,15 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
   text = header("The paper's claims beside what was measured here", prov)
   text += records.markdown_table(["claim", "measured", "reading"],
                                  [[c["claim"], c["measured"] or "-", c["reading"]] for c in claim_rows])
-  _write(out, "paper_claims", {**prov, "claims": claim_rows}, text)
-  return {"t1": t1, "t2": t2, "t3": t3, "f2": f2, "claims": claim_rows}
+  text += ("\n## FlexiQ's 4-bit targets\n\nThe one FlexiQ network against the single-point baselines and its own "
+           "switchable kind (T1), and both ends of its ratio range kept after finetuning (T2); a miss names the "
+           "models and by how much.\n\n")
+  text += records.markdown_table(["target", "measured", "met"],
+                                 [[t["target"], t["measured"] or "-",
+                                   "not measured" if t["met"] is None else ("yes" if t["met"] else "no")]
+                                  for t in target_rows])
+  _write(out, "paper_claims", {**prov, "claims": claim_rows, "targets": target_rows}, text)
+  return {"t1": t1, "t2": t2, "t3": t3, "f2": f2, "claims": claim_rows, "targets": target_rows}
 
 
 def _write(out: str, stem: str, data: dict, text: str) -> None:
