@@ -27,6 +27,27 @@ class SmallNet(nn.Module):
     return nn.Dense(5, name="head")(nn.gelu(x))
 
 
+class SiluNet(nn.Module):
+  """Inputs with a short negative side (after SiLU and GELU) into padded, strided, depthwise and
+  dense layers, beside a signed stem input and a ReLU one. `bounded_dw`: the input of the depthwise
+  layer is a SiLU of a bounded value (2·tanh) rather than of a long positive tail."""
+
+  bounded_dw: bool = False
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.Conv(8, (3, 3), padding="SAME", name="stem")(x)
+    x = nn.silu(3.0 * x)
+    x = nn.Conv(8, (3, 3), strides=2, padding="SAME", name="conv")(x)
+    x = nn.silu(2.0 * jnp.tanh(x)) if self.bounded_dw else nn.silu(3.0 * x)
+    x = nn.Conv(8, (3, 3), padding="SAME", feature_group_count=8, name="dw")(x)
+    x = nn.relu(x)
+    x = nn.Conv(12, (1, 1), name="pw")(x)
+    x = nn.gelu(3.0 * x.mean(axis=(1, 2)))
+    x = nn.Dense(16, name="fc")(x)
+    return nn.Dense(5, name="head")(nn.gelu(3.0 * x))
+
+
 @dataclasses.dataclass(frozen=True)
 class Setup:
   model: nn.Module

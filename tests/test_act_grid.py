@@ -15,26 +15,9 @@ from flexiq_jax.calibrate import statistics
 from flexiq_jax.interception import LayerCall, LayerInfo
 from flexiq_jax.numerics import lsq_extraction
 from flexiq_jax.quantize import export, integer
+from smallnet import SiluNet
 
 RATIOS = (0.0, 0.37, 1.0)
-
-
-class SiluNet(nn.Module):
-  """Inputs with a short negative side (after SiLU and GELU) into padded, strided, depthwise and
-  dense layers, beside a signed stem input and a ReLU one."""
-
-  @nn.compact
-  def __call__(self, x, train=False):
-    x = nn.Conv(8, (3, 3), padding="SAME", name="stem")(x)
-    x = nn.silu(3.0 * x)
-    x = nn.Conv(8, (3, 3), strides=2, padding="SAME", name="conv")(x)
-    x = nn.silu(3.0 * x)
-    x = nn.Conv(8, (3, 3), padding="SAME", feature_group_count=8, name="dw")(x)
-    x = nn.relu(x)
-    x = nn.Conv(12, (1, 1), name="pw")(x)
-    x = nn.gelu(3.0 * x.mean(axis=(1, 2)))
-    x = nn.Dense(16, name="fc")(x)
-    return nn.Dense(5, name="head")(nn.gelu(3.0 * x))
 
 
 @pytest.fixture(scope="module")

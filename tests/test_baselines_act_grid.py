@@ -6,7 +6,6 @@ the symmetric calibration every baseline computes exactly what it computed befor
 import dataclasses
 import types
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,29 +15,12 @@ import pytest
 from flexiq_jax import calibrate, finetune, interception, numerics, quantize
 from flexiq_jax.compare import adaround, baselines
 from flexiq_jax.layerwise import apply as apply_lib
-
-
-class SiluNet(nn.Module):
-  """Inputs with a short negative side (after SiLU, GELU: a long positive tail into conv, a bounded
-  one into dw) beside a signed stem input and a ReLU one."""
-
-  @nn.compact
-  def __call__(self, x, train=False):
-    x = nn.Conv(8, (3, 3), padding="SAME", name="stem")(x)
-    x = nn.silu(3.0 * x)
-    x = nn.Conv(8, (3, 3), strides=2, padding="SAME", name="conv")(x)
-    x = nn.silu(2.0 * jnp.tanh(x))
-    x = nn.Conv(8, (3, 3), padding="SAME", feature_group_count=8, name="dw")(x)
-    x = nn.relu(x)
-    x = nn.Conv(12, (1, 1), name="pw")(x)
-    x = nn.gelu(3.0 * x.mean(axis=(1, 2)))
-    x = nn.Dense(16, name="fc")(x)
-    return nn.Dense(5, name="head")(nn.gelu(3.0 * x))
+from smallnet import SiluNet
 
 
 @pytest.fixture(scope="module")
 def net():
-  model = SiluNet()
+  model = SiluNet(bounded_dw=True)
   images = jnp.asarray(np.random.default_rng(0).normal(size=(32, 10, 10, 3)), jnp.float32)
   variables = model.init(jax.random.PRNGKey(1), images[:1])
   plan = quantize.build_plan(model, variables, (10, 10, 3))
