@@ -4,6 +4,7 @@ equal XLA's exact integer conv/dot for every layer kind, signedness and padding;
 with every layer on oneDNN close to the reference path's; one compilation for every ratio; the
 export and machines without the library run the XLA form."""
 
+import ctypes
 import dataclasses
 
 import jax
@@ -403,3 +404,45 @@ def test_a_library_of_another_interface_version_is_refused():
   if lib is not None:
     assert onednn._abi_problem(lib, "lib") == ""
 
+
+
+@needs_onednn
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("dilation", [(1, 1), (2, 1)])
+def test_few_input_channels_run_exactly_on_the_im2col_matrix(signed, dilation):
+  """A 3-channel strided 7x7 conv (the stem's kind) runs its primitive as a 1x1 conv over the
+  im2col matrix of its input: in single mode with a sparse remainder the exact accumulators and the
+  float epilogue of them, with the images in one chunk, one per chunk, and two per chunk (a shorter
+  last chunk); in direct mode (u8 codes below 128, exact without VNNI too) the exact accumulators."""
+  rng = np.random.default_rng(31 + 2 * signed + dilation[0])
+  x = _sparse_large_codes(rng, (5, 17, 15, 3), signed)
+  w = _weights(rng, (7, 7, 3, 24), False)
+  kw = dict(strides=(2, 2), padding=((3, 3), (3, 2)), dilation=dilation)
+  want = _xla_conv(x, w, kw["strides"], kw["padding"], dilation, 1)
+  lib, _ = onednn._load()
+  lib.flexiq_onednn_im2col_bytes.restype = ctypes.c_int64
+  lib.flexiq_onednn_im2col_bytes.argtypes = [ctypes.c_int64]
+  image_bytes = want.shape[1] * want.shape[2] * 148  # 7 * 7 * 3 codes, padded to 148, per output
+  saved = lib.flexiq_onednn_im2col_bytes(0)
+  try:
+    for chunk_bytes in (1 << 30, 1, 2 * image_bytes):
+      lib.flexiq_onednn_im2col_bytes(chunk_bytes)
+      before = onednn.run_counts()
+      acc = onednn.conv(x, w, mode="single", **kw)
+      after = onednn.run_counts()
+      np.testing.assert_array_equal(acc, want)
+      assert after["im2col"] == before["im2col"] + 1 and after["single"] == before["single"] + 1
+      assert after["single_remainders"] > before["single_remainders"]
+    scale = np.asarray(rng.uniform(1e-4, 2e-4, 24), np.float32)
+    bias = np.asarray(rng.normal(0, 0.5, 24), np.float32)
+    y = onednn.conv(x, w, scale=scale, bias=bias, post_op="relu", out_dtype=jnp.float32, mode="single", **kw)
+    np.testing.assert_array_equal(np.asarray(y), np.maximum(np.asarray(want).astype(np.float32) * scale + bias,
+                                                            np.float32(0)))
+    if not signed:
+      small = jnp.minimum(x, 127)
+      before = onednn.run_counts()
+      np.testing.assert_array_equal(onednn.conv(small, w, mode="direct", **kw),
+                                    _xla_conv(small, w, kw["strides"], kw["padding"], dilation, 1))
+      assert onednn.run_counts()["im2col"] == before["im2col"] + 1
+  finally:
+    lib.flexiq_onednn_im2col_bytes(saved)

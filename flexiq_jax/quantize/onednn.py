@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ABI = 3  # the library's interface version (flexiq_onednn_abi) this module calls
+ABI = 4  # the library's interface version (flexiq_onednn_abi) this module calls
 CONV_TARGET = "flexiq_onednn_conv"
 MATMUL_TARGET = "flexiq_onednn_matmul"
 POST_OPS = {"none": 0, "relu": 1, "relu6": 2, "gelu": 3}
@@ -141,7 +141,7 @@ def direct_here() -> bool:
 
 
 RUN_COUNTS = ("direct", "split", "single", "depthwise", "single_remainders", "single_inputs", "single_ns_split_codes",
-              "single_ns_primitive", "single_ns_finish")
+              "single_ns_primitive", "single_ns_finish", "im2col")
 
 
 def run_counts() -> dict:
@@ -153,8 +153,9 @@ def run_counts() -> dict:
     added as a sparse remainder, 'single_inputs': the activation codes single runs read, and
     'single_ns_<step>': their nanoseconds in each step (split_codes: the low codes' copy and the
     remainder list; primitive: oneDNN's run, weight reorder included; finish: one pass over the
-    outputs that adds the remainder and applies the epilogue)}; {} where the library is not loaded
-    (or predates these counters).
+    outputs that adds the remainder and applies the epilogue), 'im2col': the direct and single runs
+    of convs with few input channels whose primitive ran as a 1x1 conv over the im2col matrix of
+    their input}; {} where the library is not loaded (or predates these counters).
   """
   lib, _ = _load()
   if lib is None or not hasattr(lib, "flexiq_onednn_runs"):
