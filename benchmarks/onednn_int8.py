@@ -13,7 +13,9 @@ random weights and is calibrated on random images. Every alternative is called o
 rotating order; the table gives medians. Variants of the integer path: the XLA kernels (the
 backend's default per conv), every conv and dense layer on oneDNN, and (models with depthwise or
 grouped convs) oneDNN for those convs only, and (--split) the oneDNN model with every layer split at
-ratio 0. Also counted: compilations while the oneDNN model switches
+ratio 0, and (where the model has requantization edges) the oneDNN model with float outputs between
+every pair of layers (`fuse_requant=False`, ratio 0); a --baseline_library runs that form too (its
+library has the plain targets only). Also counted: compilations while the oneDNN model switches
 ratios (must be 0). Writes benchmarks/results/<--results_name>.{json,md} with the command, commit,
 CPU model, load average and date.
 """
@@ -148,8 +150,14 @@ def run_net(spec: str, batch: int, rounds: int) -> dict:
       fns[f"{label} r={r:g}"] = fn
       args[f"{label} r={r:g}"] = (svars, images, jnp.float32(r))
   onednn_svars = args["oneDNN int r=0"][0]  # the oneDNN model's prepared variables, shared below
+  # The oneDNN model with float outputs between every pair of layers (QuantizedModel.fuse_requant).
+  unfused = dataclasses.replace(variants["oneDNN int"], fuse_requant=False)
+  if variants["oneDNN int"].requant_edges(onednn_svars, images):
+    fns["oneDNN int, no requant fusion r=0"] = jax.jit(unfused.apply)
+    args["oneDNN int, no requant fusion r=0"] = (onednn_svars, images, jnp.float32(0))
   if _BASELINE.value:  # the same oneDNN model on another build of the library: one compilation, every ratio
-    baseline_fn = compiled_on_library(variants["oneDNN int"], onednn_svars, images, jnp.float32(0), _BASELINE.value)
+    # Without the requantization fusion: the baseline library's conv and matmul targets only.
+    baseline_fn = compiled_on_library(unfused, onednn_svars, images, jnp.float32(0), _BASELINE.value)
     for r in RATIOS:
       label = f"oneDNN int, baseline library r={r:g}"
       args[label] = (onednn_svars, images, jnp.float32(r))
@@ -227,7 +235,8 @@ def write_markdown(results: dict, path: str) -> None:
     if runs:
       share = runs["single_remainders"] / runs["single_inputs"] if runs.get("single_inputs") else 0.0
       lines += ["", "oneDNN layer runs over one call at each ratio: "
-                + ", ".join(f"{k} {runs[k]}" for k in ("direct", "split", "single", "depthwise"))
+                + ", ".join(f"{'of these on the im2col matrix' if k == 'im2col' else k} {runs[k]}"
+                            for k in ("direct", "split", "single", "depthwise", "im2col") if k in runs)
                 + f"; activation codes the single runs added as the sparse remainder: {100 * share:.2f}%."]
     lines.append("")
   with open(path, "w") as f:

@@ -446,3 +446,90 @@ def test_few_input_channels_run_exactly_on_the_im2col_matrix(signed, dilation):
       assert onednn.run_counts()["im2col"] == before["im2col"] + 1
   finally:
     lib.flexiq_onednn_im2col_bytes(saved)
+
+
+REQUANT_CONVS = {  # name: (CONVS entry, mode, sparse large codes)
+    "single": ("wide", "single", True),
+    "split": ("strided_asymmetric_pad", "split", False),
+    "depthwise": ("depthwise", "auto", False),
+    "grouped": ("grouped", "auto", True),
+    "direct": ("regular", "direct", False),  # u8 codes below 128: exact without VNNI too
+}
+
+
+@needs_onednn
+@pytest.mark.parametrize("name", sorted(REQUANT_CONVS))
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("post_op", ["none", "relu", "relu6"])
+def test_requantized_output_is_the_next_layers_activation_codes(name, signed, post_op):
+  """A uint8/int8 output with a lowering operand holds, bit for bit, the codes
+  `integer.activation_codes` computes from the same layer's float32 output (after the post-op):
+  the division by the scale, rounding half to even (a power-of-two scale puts many values on .5),
+  the 8-bit clip and each lowered channel's 4-bit extraction; for every way the library runs a
+  conv, and for the matmul."""
+  conv_name, mode, sparse = REQUANT_CONVS[name]
+  c, o, kernel, strides, padding, dilation, groups = (WIDE | CONVS)[conv_name]
+  rng = np.random.default_rng(len(name) + 7 * signed + len(post_op))
+  if mode == "direct":
+    x = jnp.asarray(rng.integers(0, 128, (2, 9, 8, c)), jnp.uint8)
+  else:
+    x = _sparse_large_codes(rng, (2, 9, 8, c), False) if sparse else _codes(rng, (2, 9, 8, c), False, False)
+  w = _weights(rng, kernel + (c // groups, o), False)
+  scale = np.where(np.arange(o) % 2 == 0, 2.0 ** -8, rng.uniform(1e-3, 4e-3, o)).astype(np.float32)
+  bias = np.asarray(rng.normal(0, 0.5, o), np.float32)
+  act_scale = np.float32(2.0 ** -4 if signed else 0.05)
+  lowered = jnp.asarray(rng.random(o) < 0.5)
+  entry = {"act_scale": jnp.asarray(act_scale), "step": jnp.asarray(2.0 ** rng.integers(0, 5, o), jnp.float32)}
+  qmin, qmax = (-128, 127) if signed else (0, 255)
+  lo4, hi4 = (-8, 7) if signed else (0, 15)
+  rows = onednn.lowering_rows(jnp.where(lowered, entry["step"], 1.0), jnp.where(lowered, lo4, qmin),
+                              jnp.where(lowered, hi4, qmax))
+  codes_dtype = jnp.int8 if signed else jnp.uint8
+  kw = dict(strides=strides, padding=padding, dilation=dilation, groups=groups, scale=scale, bias=bias,
+            post_op=post_op, mode=mode)
+  y = onednn.conv(x, w, out_dtype=jnp.float32, **kw)
+  codes = onednn.conv(x, w, out_dtype=codes_dtype, dst_scale=act_scale, lowering=rows, **kw)
+  want = integer.activation_codes(y, entry, lowered, signed=signed).astype(codes_dtype)
+  assert codes.dtype == codes_dtype
+  np.testing.assert_array_equal(codes, want)
+  assert len(np.unique(np.asarray(codes))) > 8  # a real spread of codes, not all clipped
+  if name == "single":  # the matmul, and no lowering (8-bit codes)
+    xm, wm = x.reshape(-1, c), w.reshape(-1, o)[:c]
+    ym = onednn.matmul(xm, wm, scale=scale, bias=bias, post_op=post_op, out_dtype=jnp.float32, mode="single")
+    np.testing.assert_array_equal(
+        onednn.matmul(xm, wm, scale=scale, bias=bias, post_op=post_op, out_dtype=codes_dtype, dst_scale=act_scale,
+                      lowering=rows, mode="single"),
+        integer.activation_codes(ym, entry, lowered, signed=signed).astype(codes_dtype))
+    np.testing.assert_array_equal(
+        onednn.conv(x, w, out_dtype=codes_dtype, dst_scale=act_scale, **kw),
+        integer.activation_codes(y, entry, None, signed=signed).astype(codes_dtype))
+
+
+def test_layer_edges_find_the_layers_that_feed_a_layer_through_an_activation(setup):
+  """SmallNet: stem -> ReLU -> dw -> ReLU -> grouped -> ReLU -> conv (a folded BatchNorm between
+  some); conv -> mean -> fc1 and fc1 -> GELU -> head are no edges (a mean, an activation other than
+  ReLU/ReLU6)."""
+  from flexiq_jax import interception
+  variables = {k: v for k, v in setup.qvars.items() if k in ("params", "batch_stats")}
+  edges = interception.layer_edges(setup.model, setup.plan, variables, setup.images)
+  assert edges == {"dw": ("stem", "relu"), "grouped": ("dw", "relu"), "conv": ("grouped", "relu")}
+
+
+@needs_onednn
+def test_requant_fusion_keeps_the_logits_bit_for_bit(setup):
+  """With fuse_requant (the default) the producers of the edges write their consumers' codes
+  (lowered targets in the module, no float between them); the logits equal those of the model
+  without it bit for bit at every ratio, with one compilation."""
+  qmodel = _onednn_model(setup)
+  svars = jax.jit(qmodel.prepare)(setup.qvars)
+  assert qmodel.requant_edges(svars, setup.images) == {"stem": ("dw", "relu"), "dw": ("grouped", "relu"),
+                                                       "grouped": ("conv", "relu")}
+  fused, plain = jax.jit(qmodel.apply), jax.jit(dataclasses.replace(qmodel, fuse_requant=False).apply)
+  assert fused.lower(svars, setup.images, 0.0).as_text().count(onednn.CONV_LOWERED_TARGET) == 3
+  assert onednn.CONV_LOWERED_TARGET not in plain.lower(svars, setup.images, 0.0).as_text()
+  with serve.count_compilations() as compiled:
+    outs = [fused(svars, setup.images, jnp.float32(r)) for r in RATIOS]
+  assert compiled.count == 1
+  for r, out in zip(RATIOS, outs):
+    assert not np.isnan(np.asarray(out)).any()
+    np.testing.assert_array_equal(out, plain(svars, setup.images, jnp.float32(r)))

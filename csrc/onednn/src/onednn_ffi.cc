@@ -4,7 +4,9 @@
 // selects the epilogue:
 //   s32          the raw accumulators (no scale, bias or post-op): the exactness contract;
 //   f32          acc * scale[o] + bias[o], then the post-op;
-//   u8 / s8      the f32 result above divided by dst_scale, rounded to nearest even and saturated.
+//   u8 / s8      the f32 result above divided by dst_scale, rounded to nearest even and saturated;
+//                through the *Lowered targets also each channel's 4-bit extraction (Requant): the
+//                activation codes of the layer that reads this output.
 // Post-ops: 0 none, 1 ReLU, 2 ReLU6 (clip to [0, 6]), 3 GELU (erf form).
 //
 // How a layer runs (the `mode` attribute: 0 auto, 1 split, 2 direct, 3 single):
@@ -172,7 +174,6 @@ dnnl::primitive_attr Attr(const Geometry& g, const Variant& v) {
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   if (!v.fused) return attr;
   attr.set_scales_mask(DNNL_ARG_WEIGHTS, !g.conv ? 1 << 1 : g.groups == 1 ? 1 : 3);  // per output channel
-  if (v.dst == dt::u8 || v.dst == dt::s8) attr.set_scales_mask(DNNL_ARG_DST, 0);
   dnnl::post_ops ops;
   if (v.post_op == 1) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
   if (v.post_op == 2) ops.append_eltwise(dnnl::algorithm::eltwise_clip, 0.f, 6.f);
@@ -256,7 +257,7 @@ enum Count { kRunDirect, kRunSplit, kRunSingle, kRunDepthwise, kSingleRemainders
              kSingleNsSplitCodes, kSingleNsPrimitive, kSingleNsFinish, kRunIm2col, kCountCount };
 std::atomic<int64_t> counts[kCountCount];
 
-enum Slot { kSlotLo, kSlotAcc, kSlotScratchpad, kSlotPixelEnd, kSlotIm2col, kSlotCount };
+enum Slot { kSlotLo, kSlotAcc, kSlotScratchpad, kSlotPixelEnd, kSlotIm2col, kSlotFloat, kSlotCount };
 
 void* Buffer(Slot slot, size_t bytes) {
   thread_local std::vector<std::unique_ptr<char[]>> buffers(kSlotCount);
@@ -292,9 +293,9 @@ std::shared_ptr<Reordered> ReorderedWeights(Cached& c, const int8_t* weights, dn
   return entry;
 }
 
-// One execution on plain (user-layout) weights; scale, bias, dst_scale only for a fused primitive.
+// One execution on plain (user-layout) weights; scale and bias only for a fused primitive.
 void Execute(const Cached& c, const void* src, const int8_t* weights, void* dst, const float* scale = nullptr,
-             const float* bias = nullptr, const float* dst_scale = nullptr,
+             const float* bias = nullptr,
              std::shared_ptr<Reordered> keep = nullptr) {  // keep: ReorderedWeights(c, weights), if known
   dnnl::engine& eng = Engine();
   dnnl::stream stream(eng);
@@ -313,10 +314,6 @@ void Execute(const Cached& c, const void* src, const int8_t* weights, void* dst,
     args.emplace(DNNL_ARG_BIAS, dnnl::memory(c.bias, eng, const_cast<float*>(bias)));
     args.emplace(DNNL_ARG_ATTR_SCALES | DNNL_ARG_WEIGHTS,
                  dnnl::memory({{channels}, dt::f32, tag::x}, eng, const_cast<float*>(scale)));
-    const dt out = c.dst.get_data_type();
-    if (out == dt::u8 || out == dt::s8)
-      args.emplace(DNNL_ARG_ATTR_SCALES | DNNL_ARG_DST,
-                   dnnl::memory({{1}, dt::f32, tag::x}, eng, const_cast<float*>(dst_scale)));
   }
   c.prim.execute(stream, args);
   stream.wait();
@@ -409,7 +406,7 @@ void Im2col(const Geometry& g, const uint8_t* src, int64_t ih, int64_t iw, const
 // operands as in Execute.
 void ExecuteIm2col(const Geometry& g, const Variant& v, const uint8_t* src, int64_t ih, int64_t iw,
                    const dims& pad_lo, uint8_t pad, const int8_t* weights, void* dst, int64_t elem_bytes,
-                   const float* scale = nullptr, const float* bias = nullptr, const float* dst_scale = nullptr) {
+                   const float* scale = nullptr, const float* bias = nullptr) {
   const std::vector<int8_t> wk = Im2colWeights(g, weights);
   const int64_t depth = Im2colDepth(g), per_image = g.oh * g.ow * depth;
   const int64_t chunk = std::clamp<int64_t>(im2col_bytes.load() / std::max<int64_t>(per_image, 1), 1, g.n);
@@ -418,17 +415,79 @@ void ExecuteIm2col(const Geometry& g, const Variant& v, const uint8_t* src, int6
     const int64_t images = std::min(chunk, g.n - b0);
     auto c = Get(Im2colGeometry(g, images), v);
     Im2col(g, src, ih, iw, pad_lo, pad, b0, images, depth, matrix);
-    Execute(*c, matrix, wk.data(), static_cast<char*>(dst) + b0 * g.oh * g.ow * g.o * elem_bytes, scale, bias,
-            dst_scale);
+    Execute(*c, matrix, wk.data(), static_cast<char*>(dst) + b0 * g.oh * g.ow * g.o * elem_bytes, scale, bias);
   }
   counts[kRunIm2col] += 1;
 }
 
+// A u8/s8 output's requantization: q = round(y / scale) (a division, rounded to nearest even),
+// saturated to the type's range; then, with `lowering` (4 rows of `channels` floats: inv_step, lo,
+// hi, step), each channel's 4-bit extraction clamp(floor(q * inv_step + 1/2), lo, hi) * step
+// (inv_step = 1, lo and hi the type's range, step = 1 leave q as it is). That is the activation
+// quantization of the layer that reads this output (flexiq_jax's activation_codes), operation for
+// operation in float32, so the codes are the ones it computes from the float output.
+struct Requant {
+  float scale = 1.f;
+  const float* lowering = nullptr;
+  int64_t channels = 0;
+};
+
 template <typename T>
-inline T Saturate(float v) {
+inline T RequantCode(float y, const Requant& rq, int64_t oc) {
   const float lo = static_cast<float>(std::numeric_limits<T>::min());
   const float hi = static_cast<float>(std::numeric_limits<T>::max());
-  return static_cast<T>(std::nearbyint(std::fmin(std::fmax(v, lo), hi)));
+  float q = std::fmin(std::fmax(std::nearbyint(y / rq.scale), lo), hi);
+  if (rq.lowering) {
+    const float* l = rq.lowering;
+    const int64_t n = rq.channels;
+    q = std::fmin(std::fmax(std::floor(q * l[oc] + 0.5f), l[n + oc]), l[2 * n + oc]) * l[3 * n + oc];
+  }
+  return static_cast<T>(q);
+}
+
+// RequantCode for the 8 channels [oc, oc + 8) with AVX2 (the same operations: a division,
+// rounding to nearest even, min/max, floor), stored as 8 bytes.
+template <typename T>
+__attribute__((target("avx2"))) inline void RequantStore8(__m256 y, const Requant& rq, int64_t oc, T* d) {
+  const float lo8 = static_cast<float>(std::numeric_limits<T>::min());
+  const float hi8 = static_cast<float>(std::numeric_limits<T>::max());
+  __m256 q = _mm256_round_ps(_mm256_div_ps(y, _mm256_set1_ps(rq.scale)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  q = _mm256_min_ps(_mm256_max_ps(q, _mm256_set1_ps(lo8)), _mm256_set1_ps(hi8));
+  if (rq.lowering) {
+    const float* l = rq.lowering;
+    const int64_t n = rq.channels;
+    __m256 v = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(q, _mm256_loadu_ps(l + oc)), _mm256_set1_ps(0.5f)));
+    v = _mm256_min_ps(_mm256_max_ps(v, _mm256_loadu_ps(l + n + oc)), _mm256_loadu_ps(l + 2 * n + oc));
+    q = _mm256_mul_ps(v, _mm256_loadu_ps(l + 3 * n + oc));
+  }
+  const __m256i i = _mm256_cvtps_epi32(q);  // integers within the type's range: exact
+  const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+  const __m128i b = std::is_same_v<T, uint8_t> ? _mm_packus_epi16(w, w) : _mm_packs_epi16(w, w);
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(d + oc), b);
+}
+
+template <typename T>
+__attribute__((target("avx2"))) void RequantRowAvx2(const float* y, int64_t channels, const Requant& rq, T* d) {
+  for (int64_t oc = 0; oc < channels; oc += 8) RequantStore8<T>(_mm256_loadu_ps(y + oc), rq, oc, d);
+}
+
+// Float outputs (rows x channels) requantized to u8/s8 codes (Requant), one pass.
+template <typename T>
+void RequantRowsT(const float* y, int64_t rows, int64_t channels, const Requant& rq, T* dst) {
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    if (avx2 && channels % 8 == 0) {
+      RequantRowAvx2<T>(y + r * channels, channels, rq, dst + r * channels);
+      continue;
+    }
+    for (int64_t oc = 0; oc < channels; ++oc) dst[r * channels + oc] = RequantCode<T>(y[r * channels + oc], rq, oc);
+  }
+}
+
+void RequantRows(const float* y, int64_t rows, int64_t channels, const Requant& rq, dt out, void* dst) {
+  if (out == dt::u8) RequantRowsT(y, rows, channels, rq, static_cast<uint8_t*>(dst));
+  else RequantRowsT(y, rows, channels, rq, static_cast<int8_t*>(dst));
 }
 
 inline float PostOp(float y, int64_t post_op) {
@@ -453,8 +512,7 @@ struct Combine {
 };
 
 void CombineAndFinish(const Combine& k, int64_t rows, int64_t channels, const float* scale, const float* bias,
-                      float dst_scale, int64_t post_op, dt out, void* dst) {
-  const float inv = 1.f / dst_scale;
+                      const Requant& rq, int64_t post_op, dt out, void* dst) {
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const int32_t* hi = k.hi + r * k.hi_row;
@@ -470,8 +528,8 @@ void CombineAndFinish(const Combine& k, int64_t rows, int64_t channels, const fl
       }
       const float y = PostOp(static_cast<float>(acc) * scale[oc] + bias[oc], post_op);
       if (out == dt::f32) static_cast<float*>(dst)[i] = y;
-      else if (out == dt::u8) static_cast<uint8_t*>(dst)[i] = Saturate<uint8_t>(y * inv);
-      else static_cast<int8_t*>(dst)[i] = Saturate<int8_t>(y * inv);
+      else if (out == dt::u8) static_cast<uint8_t*>(dst)[i] = RequantCode<uint8_t>(y, rq, oc);
+      else static_cast<int8_t*>(dst)[i] = RequantCode<int8_t>(y, rq, oc);
     }
   }
 }
@@ -698,7 +756,7 @@ void AddTerms(int32_t* acc, const Term* terms, int64_t count, int64_t n) {
 // The epilogue of one output row of accumulators (offset optional): dst may be acc itself.
 template <typename Out, int kPostOp>
 inline void EpilogueRowPlain(const int32_t* a, int64_t channels, const int32_t* offset, const float* scale,
-                        const float* bias, float inv, Out* d) {
+                        const float* bias, const Requant& rq, Out* d) {
   for (int64_t oc = 0; oc < channels; ++oc) {
     const int32_t v = offset ? a[oc] + offset[oc] : a[oc];
     if constexpr (std::is_same_v<Out, int32_t>) {
@@ -706,7 +764,7 @@ inline void EpilogueRowPlain(const int32_t* a, int64_t channels, const int32_t* 
     } else {
       const float y = PostOp(static_cast<float>(v) * scale[oc] + bias[oc], kPostOp);
       if constexpr (std::is_same_v<Out, float>) d[oc] = y;
-      else d[oc] = Saturate<Out>(y * inv);
+      else d[oc] = RequantCode<Out>(y, rq, oc);
     }
   }
 }
@@ -729,14 +787,34 @@ __attribute__((target("avx2"))) void EpilogueRowF32Avx2(const int32_t* a, int64_
   }
 }
 
+// The same to requantized u8/s8 codes (RequantStore8).
+template <typename Out, int kPostOp>
+__attribute__((target("avx2"))) void EpilogueRowCodesAvx2(const int32_t* a, int64_t channels, const int32_t* offset,
+                                                           const float* scale, const float* bias, const Requant& rq,
+                                                           Out* d) {
+  const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.f);
+  for (int64_t oc = 0; oc < channels; oc += 8) {
+    __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + oc));
+    if (offset) v = _mm256_add_epi32(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(offset + oc)));
+    __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_loadu_ps(scale + oc)),
+                             _mm256_loadu_ps(bias + oc));
+    if constexpr (kPostOp == 1) y = _mm256_max_ps(y, zero);
+    if constexpr (kPostOp == 2) y = _mm256_min_ps(_mm256_max_ps(y, zero), six);
+    RequantStore8<Out>(y, rq, oc, d);
+  }
+}
+
 template <typename Out, int kPostOp>
 inline void EpilogueRow(const int32_t* a, int64_t channels, const int32_t* offset, const float* scale,
-                        const float* bias, float inv, Out* d) {
-  if constexpr (std::is_same_v<Out, float> && kPostOp != 3) {
+                        const float* bias, const Requant& rq, Out* d) {
+  if constexpr (kPostOp != 3 && !std::is_same_v<Out, int32_t>) {
     static const bool avx2 = __builtin_cpu_supports("avx2");
-    if (avx2 && channels % 8 == 0) return EpilogueRowF32Avx2<kPostOp>(a, channels, offset, scale, bias, d);
+    if (avx2 && channels % 8 == 0) {
+      if constexpr (std::is_same_v<Out, float>) return EpilogueRowF32Avx2<kPostOp>(a, channels, offset, scale, bias, d);
+      else return EpilogueRowCodesAvx2<Out, kPostOp>(a, channels, offset, scale, bias, rq, d);
+    }
   }
-  EpilogueRowPlain<Out, kPostOp>(a, channels, offset, scale, bias, inv, d);
+  EpilogueRowPlain<Out, kPostOp>(a, channels, offset, scale, bias, rq, d);
 }
 
 // The single mode's last pass, one output row at a time: the remainder of every input pixel the
@@ -744,9 +822,8 @@ inline void EpilogueRow(const int32_t* a, int64_t channels, const int32_t* offse
 // epilogue. acc: the primitive's accumulators; dst may be acc itself.
 template <typename Out, int kPostOp>
 void FinishSingleT(const Geometry& g, const SparseRemainder& rem, const int8_t* weights, int32_t* acc,
-                   const int32_t* offset, const float* scale, const float* bias, float dst_scale, Out* dst,
+                   const int32_t* offset, const float* scale, const float* bias, const Requant& rq, Out* dst,
                    bool epilogue) {
-  const float inv = 1.f / dst_scale;
   const int64_t cg = g.c / g.groups, og = g.group_out(), taps = g.kh * g.kw;
 #pragma omp parallel
   {
@@ -791,7 +868,7 @@ void FinishSingleT(const Geometry& g, const SparseRemainder& rem, const int8_t* 
           } else {
             for (size_t e = 0; e < terms.size(); ++e) Axpy(a + term_out[e], terms[e].w, terms[e].value, og);
           }
-          if (epilogue) EpilogueRow<Out, kPostOp>(a, g.o, offset, scale, bias, inv, dst + row * g.o);
+          if (epilogue) EpilogueRow<Out, kPostOp>(a, g.o, offset, scale, bias, rq, dst + row * g.o);
         }
       }
   }
@@ -799,13 +876,13 @@ void FinishSingleT(const Geometry& g, const SparseRemainder& rem, const int8_t* 
 
 template <typename Out>
 void FinishSingleFor(const Geometry& g, const SparseRemainder& rem, const int8_t* weights, int32_t* acc,
-                     const int32_t* offset, const float* scale, const float* bias, float dst_scale, int64_t post_op,
+                     const int32_t* offset, const float* scale, const float* bias, const Requant& rq, int64_t post_op,
                      Out* dst, bool epilogue) {
   switch (post_op) {
-    case 1: return FinishSingleT<Out, 1>(g, rem, weights, acc, offset, scale, bias, dst_scale, dst, epilogue);
-    case 2: return FinishSingleT<Out, 2>(g, rem, weights, acc, offset, scale, bias, dst_scale, dst, epilogue);
-    case 3: return FinishSingleT<Out, 3>(g, rem, weights, acc, offset, scale, bias, dst_scale, dst, epilogue);
-    default: return FinishSingleT<Out, 0>(g, rem, weights, acc, offset, scale, bias, dst_scale, dst, epilogue);
+    case 1: return FinishSingleT<Out, 1>(g, rem, weights, acc, offset, scale, bias, rq, dst, epilogue);
+    case 2: return FinishSingleT<Out, 2>(g, rem, weights, acc, offset, scale, bias, rq, dst, epilogue);
+    case 3: return FinishSingleT<Out, 3>(g, rem, weights, acc, offset, scale, bias, rq, dst, epilogue);
+    default: return FinishSingleT<Out, 0>(g, rem, weights, acc, offset, scale, bias, rq, dst, epilogue);
   }
 }
 
@@ -815,7 +892,7 @@ void FinishSingleFor(const Geometry& g, const SparseRemainder& rem, const int8_t
 constexpr int64_t kParallelSplitCodes = int64_t{1} << 24;
 
 bool RunSingle(const Geometry& g, dt src_t, const void* x, const int8_t* weights, dt out, void* dst,
-               const float* scale, const float* bias, float dst_scale, int64_t post_op) {
+               const float* scale, const float* bias, const Requant& rq, int64_t post_op) {
   int64_t t0 = NowNs();
   const bool s8 = src_t == dt::s8;
   const bool im2col = UseIm2col(g);
@@ -879,7 +956,7 @@ bool RunSingle(const Geometry& g, dt src_t, const void* x, const int8_t* weights
     ExecuteIm2col(g, {dt::u8, false, 1, dt::s32, false, 0}, lo, hp, wp, s8 ? dims{0, 0} : g.pad_lo, 0, weights,
                   acc, 4);
   else
-    Execute(*c, lo, weights, acc, nullptr, nullptr, nullptr, kept);
+    Execute(*c, lo, weights, acc, nullptr, nullptr, kept);
   t0 = NowNs();
   counts[kSingleNsPrimitive] += t0 - t1;
 
@@ -888,10 +965,10 @@ bool RunSingle(const Geometry& g, dt src_t, const void* x, const int8_t* weights
   if (total > 0 || epilogue) {
     const std::vector<int32_t> offset = s8 ? ShiftOffset(g, weights, z) : std::vector<int32_t>();
     const int32_t* off = s8 ? offset.data() : nullptr;
-    if (out == dt::s32) FinishSingleFor(g, rem, weights, acc, off, scale, bias, dst_scale, 0, static_cast<int32_t*>(dst), epilogue);
-    else if (out == dt::f32) FinishSingleFor(g, rem, weights, acc, off, scale, bias, dst_scale, post_op, static_cast<float*>(dst), epilogue);
-    else if (out == dt::u8) FinishSingleFor(g, rem, weights, acc, off, scale, bias, dst_scale, post_op, static_cast<uint8_t*>(dst), epilogue);
-    else FinishSingleFor(g, rem, weights, acc, off, scale, bias, dst_scale, post_op, static_cast<int8_t*>(dst), epilogue);
+    if (out == dt::s32) FinishSingleFor(g, rem, weights, acc, off, scale, bias, rq, 0, static_cast<int32_t*>(dst), epilogue);
+    else if (out == dt::f32) FinishSingleFor(g, rem, weights, acc, off, scale, bias, rq, post_op, static_cast<float*>(dst), epilogue);
+    else if (out == dt::u8) FinishSingleFor(g, rem, weights, acc, off, scale, bias, rq, post_op, static_cast<uint8_t*>(dst), epilogue);
+    else FinishSingleFor(g, rem, weights, acc, off, scale, bias, rq, post_op, static_cast<int8_t*>(dst), epilogue);
   }
   counts[kSingleNsFinish] += NowNs() - t0;
   return true;
@@ -935,24 +1012,28 @@ bool ProbeDepthwise(const Geometry& g, const Cached& c) {
 // Runs one layer (file comment): x are the codes (src type `src_t`), weights plain (HWIO or
 // (K, N)), dst of type `out`.
 ffi::Error Run(const Geometry& g, dt src_t, const void* x, const int8_t* weights, dt out, void* dst,
-               const float* scale, const float* bias, const float* dst_scale, int64_t post_op, int64_t mode) {
+               const float* scale, const float* bias, const Requant& rq, int64_t post_op, int64_t mode) {
   try {
     const bool fuse = out != dt::s32;
+    // A u8/s8 output of a fused primitive: its float output (the same floats as an f32 output)
+    // into a buffer, then requantized (RequantRows).
+    const bool codes = out == dt::u8 || out == dt::s8;
+    const dt fused_out = codes ? dt::f32 : out;
+    void* fused_dst = dst;
+    if (codes && (mode == 2 || mode == 0)) fused_dst = Buffer(kSlotFloat, g.rows() * g.o * sizeof(float));
     if (mode == 2 || (mode == 0 && HasVnni())) {
-      if (UseIm2col(g)) {  // padding code 0: the real zero of u8 and s8 codes
-        ExecuteIm2col(g, {src_t, false, 1, out, fuse, fuse ? post_op : 0}, static_cast<const uint8_t*>(x), g.h, g.w,
-                      g.pad_lo, 0, weights, dst, out == dt::u8 || out == dt::s8 ? 1 : 4, fuse ? scale : nullptr, bias,
-                      dst_scale);
-        counts[kRunDirect] += 1;
-        return ffi::Error::Success();
-      }
-      auto c = Get(g, {src_t, false, 1, out, fuse, fuse ? post_op : 0});
-      Execute(*c, x, weights, dst, fuse ? scale : nullptr, bias, dst_scale);
+      if (UseIm2col(g))  // padding code 0: the real zero of u8 and s8 codes
+        ExecuteIm2col(g, {src_t, false, 1, fused_out, fuse, fuse ? post_op : 0}, static_cast<const uint8_t*>(x), g.h,
+                      g.w, g.pad_lo, 0, weights, fused_dst, 4, fuse ? scale : nullptr, bias);
+      else
+        Execute(*Get(g, {src_t, false, 1, fused_out, fuse, fuse ? post_op : 0}), x, weights, fused_dst,
+                fuse ? scale : nullptr, bias);
+      if (codes) RequantRows(static_cast<const float*>(fused_dst), g.rows(), g.o, rq, out, dst);
       counts[kRunDirect] += 1;
       return ffi::Error::Success();
     }
     if (mode == 3 || (mode == 0 && !g.depthwise())) {
-      if (RunSingle(g, src_t, x, weights, out, dst, scale, bias, *dst_scale, post_op)) return ffi::Error::Success();
+      if (RunSingle(g, src_t, x, weights, out, dst, scale, bias, rq, post_op)) return ffi::Error::Success();
     }
     const bool shift = src_t == dt::s8;
     std::unique_ptr<uint8_t[]> shifted = shift ? Shifted(g, static_cast<const int8_t*>(x)) : nullptr;
@@ -971,18 +1052,19 @@ ffi::Error Run(const Geometry& g, dt src_t, const void* x, const int8_t* weights
       if (c->probe == 1) {
         counts[kRunDepthwise] += 1;
         if (!shift) {
-          auto f = Get(g, {dt::u8, false, 1, out, fuse, fuse ? post_op : 0});
-          Execute(*f, x, weights, dst, fuse ? scale : nullptr, bias, dst_scale);
+          auto f = Get(g, {dt::u8, false, 1, fused_out, fuse, fuse ? post_op : 0});
+          Execute(*f, x, weights, fused_dst, fuse ? scale : nullptr, bias);
+          if (codes) RequantRows(static_cast<const float*>(fused_dst), rows, g.o, rq, out, dst);
           return ffi::Error::Success();
         }
         auto acc = Uninitialized<int32_t>(rows * g.o);
         Execute(*c, u, weights, acc.get());
         Combine k{acc.get(), g.o, plain};
         k.offset = offset.data();
-        CombineAndFinish(k, rows, g.o, scale, bias, *dst_scale, post_op, out, dst);
+        CombineAndFinish(k, rows, g.o, scale, bias, rq, post_op, out, dst);
         return ffi::Error::Success();
       }
-      if (RunSingle(g, src_t, x, weights, out, dst, scale, bias, *dst_scale, post_op)) return ffi::Error::Success();
+      if (RunSingle(g, src_t, x, weights, out, dst, scale, bias, rq, post_op)) return ffi::Error::Success();
     }
     // Split: the halves w >> 1 and w & 1.
     counts[kRunSplit] += 1;
@@ -1000,7 +1082,7 @@ ffi::Error Run(const Geometry& g, dt src_t, const void* x, const int8_t* weights
       Execute(*c, u, wb.get(), b.get());
       Combine k{a.get(), g.o, plain, 2, b.get(), g.o, plain};
       if (shift) k.offset = offset.data();
-      CombineAndFinish(k, rows, g.o, scale, bias, *dst_scale, post_op, out, dst);
+      CombineAndFinish(k, rows, g.o, scale, bias, rq, post_op, out, dst);
       return ffi::Error::Success();
     }
     // One run with both halves: group q's outputs [q*og, (q+1)*og) become [w >> 1 | w & 1] at
@@ -1024,7 +1106,7 @@ ffi::Error Run(const Geometry& g, dt src_t, const void* x, const int8_t* weights
     }
     Combine k{both.get(), 2 * g.o, hi_col, 2, both.get(), 2 * g.o, lo_col};
     if (shift) k.offset = offset.data();
-    CombineAndFinish(k, rows, g.o, scale, bias, *dst_scale, post_op, out, dst);
+    CombineAndFinish(k, rows, g.o, scale, bias, rq, post_op, out, dst);
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
   }
@@ -1043,14 +1125,22 @@ ffi::Error Types(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::DataType dst_t
   return ffi::Error::Success();
 }
 
+// The lowering rows of a requantized output (Requant): 4 x channels floats, or none.
+ffi::Error Lowering(ffi::Buffer<ffi::F32> lowering, int64_t channels, const float** rows) {
+  if (lowering.element_count() != static_cast<size_t>(4 * channels))
+    return ffi::Error::InvalidArgument("onednn: the lowering operand must hold 4 x (output channels) floats");
+  *rows = lowering.typed_data();
+  return ffi::Error::Success();
+}
+
 // src: NHWC (u8|s8); weights: HWIO s8 with I = C / groups; scale, bias: (O,) f32; dst_scale: ()
-// f32; dst: NHWC (s32|f32|u8|s8). strides, pad_lo, pad_hi, dilation: (2,) each, dilation as in
-// XLA (1 = none).
-ffi::Error ConvImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::F32> scale,
-                    ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> dst_scale, ffi::Result<ffi::AnyBuffer> dst,
-                    ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
-                    ffi::Span<const int64_t> pad_hi, ffi::Span<const int64_t> dilation, int64_t groups,
-                    int64_t post_op, int64_t mode) {
+// f32; lowering: (4, O) f32 or nullptr (Requant); dst: NHWC (s32|f32|u8|s8). strides, pad_lo,
+// pad_hi, dilation: (2,) each, dilation as in XLA (1 = none).
+ffi::Error ConvRun(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::F32> scale,
+                   ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> dst_scale, ffi::Buffer<ffi::F32>* lowering,
+                   ffi::Result<ffi::AnyBuffer> dst, ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
+                   ffi::Span<const int64_t> pad_hi, ffi::Span<const int64_t> dilation, int64_t groups,
+                   int64_t post_op, int64_t mode) {
   dt src_t, out;
   if (auto e = Types(src, weights, dst->element_type(), &src_t, &out, "onednn conv"); e.failure()) return e;
   auto x = src.dimensions(), k = weights.dimensions(), y = dst->dimensions();
@@ -1066,14 +1156,37 @@ ffi::Error ConvImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi:
   g.pad_hi = {pad_hi[0], pad_hi[1]};
   if (g.c != k[2] * groups || g.o % groups != 0 || y[0] != g.n || y[3] != g.o)
     return ffi::Error::InvalidArgument("onednn conv: channel counts do not match the groups");
+  Requant rq{*dst_scale.typed_data(), nullptr, g.o};
+  if (lowering)
+    if (auto e = Lowering(*lowering, g.o, &rq.lowering); e.failure()) return e;
   return Run(g, src_t, src.untyped_data(), static_cast<const int8_t*>(weights.untyped_data()), out,
-             dst->untyped_data(), scale.typed_data(), bias.typed_data(), dst_scale.typed_data(), post_op, mode);
+             dst->untyped_data(), scale.typed_data(), bias.typed_data(), rq, post_op, mode);
 }
 
-// src: (M, K) u8|s8; weights: (K, N) s8; scale, bias: (N,) f32; dst_scale: () f32; dst: (M, N).
-ffi::Error MatmulImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::F32> scale,
-                      ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> dst_scale,
-                      ffi::Result<ffi::AnyBuffer> dst, int64_t post_op, int64_t mode) {
+ffi::Error ConvImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::F32> scale,
+                    ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> dst_scale, ffi::Result<ffi::AnyBuffer> dst,
+                    ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
+                    ffi::Span<const int64_t> pad_hi, ffi::Span<const int64_t> dilation, int64_t groups,
+                    int64_t post_op, int64_t mode) {
+  return ConvRun(src, weights, scale, bias, dst_scale, nullptr, dst, strides, pad_lo, pad_hi, dilation, groups,
+                 post_op, mode);
+}
+
+ffi::Error ConvLoweredImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::F32> scale,
+                           ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> dst_scale,
+                           ffi::Buffer<ffi::F32> lowering, ffi::Result<ffi::AnyBuffer> dst,
+                           ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
+                           ffi::Span<const int64_t> pad_hi, ffi::Span<const int64_t> dilation, int64_t groups,
+                           int64_t post_op, int64_t mode) {
+  return ConvRun(src, weights, scale, bias, dst_scale, &lowering, dst, strides, pad_lo, pad_hi, dilation, groups,
+                 post_op, mode);
+}
+
+// src: (M, K) u8|s8; weights: (K, N) s8; scale, bias: (N,) f32; dst_scale: () f32; lowering: (4, N)
+// f32 or nullptr (Requant); dst: (M, N).
+ffi::Error MatmulRun(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::F32> scale,
+                     ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> dst_scale, ffi::Buffer<ffi::F32>* lowering,
+                     ffi::Result<ffi::AnyBuffer> dst, int64_t post_op, int64_t mode) {
   dt src_t, out;
   if (auto e = Types(src, weights, dst->element_type(), &src_t, &out, "onednn matmul"); e.failure()) return e;
   auto a = src.dimensions(), b = weights.dimensions(), y = dst->dimensions();
@@ -1082,8 +1195,24 @@ ffi::Error MatmulImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ff
   Geometry g;
   g.conv = false;
   g.n = a[0], g.c = a[1], g.o = b[1];
+  Requant rq{*dst_scale.typed_data(), nullptr, g.o};
+  if (lowering)
+    if (auto e = Lowering(*lowering, g.o, &rq.lowering); e.failure()) return e;
   return Run(g, src_t, src.untyped_data(), static_cast<const int8_t*>(weights.untyped_data()), out,
-             dst->untyped_data(), scale.typed_data(), bias.typed_data(), dst_scale.typed_data(), post_op, mode);
+             dst->untyped_data(), scale.typed_data(), bias.typed_data(), rq, post_op, mode);
+}
+
+ffi::Error MatmulImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::F32> scale,
+                      ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> dst_scale,
+                      ffi::Result<ffi::AnyBuffer> dst, int64_t post_op, int64_t mode) {
+  return MatmulRun(src, weights, scale, bias, dst_scale, nullptr, dst, post_op, mode);
+}
+
+ffi::Error MatmulLoweredImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::F32> scale,
+                             ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> dst_scale,
+                             ffi::Buffer<ffi::F32> lowering, ffi::Result<ffi::AnyBuffer> dst, int64_t post_op,
+                             int64_t mode) {
+  return MatmulRun(src, weights, scale, bias, dst_scale, &lowering, dst, post_op, mode);
 }
 
 }  // namespace
@@ -1118,9 +1247,40 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiqOnednnMatmul, MatmulImpl,
                                   .Attr<int64_t>("post_op")
                                   .Attr<int64_t>("mode"));
 
+// The same with a lowering operand after dst_scale: u8/s8 outputs requantized with each channel's
+// 4-bit extraction (Requant), the next layer's activation codes.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiqOnednnConvLowered, ConvLoweredImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("pad_lo")
+                                  .Attr<ffi::Span<const int64_t>>("pad_hi")
+                                  .Attr<ffi::Span<const int64_t>>("dilation")
+                                  .Attr<int64_t>("groups")
+                                  .Attr<int64_t>("post_op")
+                                  .Attr<int64_t>("mode"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiqOnednnMatmulLowered, MatmulLoweredImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("post_op")
+                                  .Attr<int64_t>("mode"));
+
 // The interface version of this library (the FFI targets' attributes, the modes, the exported
 // functions): flexiq_jax refuses a library whose version is not the one it was written for.
-extern "C" int flexiq_onednn_abi() { return 4; }
+extern "C" int flexiq_onednn_abi() { return 5; }
 
 // The oneDNN version this library runs with: major * 10000 + minor * 100 + patch.
 extern "C" int flexiq_onednn_version() {
