@@ -319,6 +319,11 @@ void Execute(const Cached& c, const void* src, const int8_t* weights, void* dst,
   stream.wait();
 }
 
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
 // Convs with few input channels (an image's 3 at the stem) run their primitive as one 1x1 conv
 // over the im2col matrix of the input: oneDNN's int8 conv kernels block the input channels by 4,
 // so a 3-channel 7x7 conv multiplies 4 * 49 codes per output where 147 are real, while its 1x1
@@ -327,13 +332,9 @@ void Execute(const Cached& c, const void* src, const int8_t* weights, void* dst,
 // order of the HWIO kernel's rows), then zeros up to a multiple of 4; the weights are the HWIO
 // kernel as a (kh * kw * c, o) matrix with as many zero rows. The same integers, so the same
 // accumulators. The images go through in chunks of at most `im2col_bytes` of matrix (one primitive
-// per chunk size), so the matrix of a chunk is still in cache when the primitive reads it.
-int64_t NowNs() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
-std::atomic<int64_t> im2col_bytes{int64_t{8} << 20};
+// per chunk size) to bound the buffer; chunks of a few images ran slower than one chunk on a loaded
+// 2-core machine (one parallel region per primitive), so a chunk is as large as that bound allows.
+std::atomic<int64_t> im2col_bytes{int64_t{128} << 20};
 
 bool UseIm2col(const Geometry& g) { return g.conv && g.groups == 1 && g.c % 4 != 0 && g.c < 16 && g.kh * g.kw > 1; }
 
