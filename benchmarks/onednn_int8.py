@@ -7,13 +7,16 @@ Run from the repository root. Each JAX net is built from its config with random 
 quantized on random images (the greedy selector; speed does not depend on the values, except for
 the oneDNN library's 'single' mode on CPUs without VNNI, whose remainder grows with the share of
 activation codes outside the low range: the results give that share); PyTorch's
-twin (torchvision's ResNet-18/50 for `resnet18:full`/`resnet50:full`; none for the others) gets
+twin (torchvision's ResNet-18/50 and MobileNetV2 for `resnet18:full`, `resnet50:full` and
+`mobilenetv2:full`; none for the others) gets
 random weights and is calibrated on random images. Every alternative is called once per round in
 rotating order; the table gives medians. Variants of the integer path: the XLA kernels (the
 backend's default per conv), every conv and dense layer on oneDNN, and (models with depthwise or
 grouped convs) oneDNN for those convs only, and (--split) the oneDNN model with every layer split at
-ratio 0. Also counted: compilations while the oneDNN model switches
-ratios (must be 0). Writes benchmarks/results/onednn_int8_cpu.{json,md} with the command, commit,
+ratio 0, and (where the model has requantization edges) the oneDNN model with float outputs between
+every pair of layers (`fuse_requant=False`, ratio 0); a --baseline_library runs that form too (its
+library has the plain targets only). Also counted: compilations while the oneDNN model switches
+ratios (must be 0). Writes benchmarks/results/<--results_name>.{json,md} with the command, commit,
 CPU model, load average and date.
 """
 
@@ -51,6 +54,8 @@ _BASELINE = flags.DEFINE_string(
     "(e.g. one compiled from an earlier commit's csrc/onednn/src/onednn_ffi.cc), registered under its own FFI "
     "targets: a before/after comparison in one process. Its FFI handlers must take the same operands and attributes.")
 _BASELINE_NOTE = flags.DEFINE_string("baseline_note", None, "How the baseline library was built (for the results).")
+_NAME = flags.DEFINE_string("results_name", "onednn_int8_cpu", "The results files' name (<name>.json and <name>.md in "
+                            "--results_dir): runs of other nets or batches get files of their own.")
 _SPLIT = flags.DEFINE_bool("split", True, "Also time the oneDNN model with every layer in the library's 'split' mode "
                            "(ratio 0): the exact mode on CPUs without VNNI before 'single'.")
 RATIOS = (0.0, 0.5, 1.0)
@@ -96,10 +101,14 @@ def compiled_on_library(qm, svars, images, ratio, path: str):
     onednn.CONV_TARGET, onednn.MATMUL_TARGET = saved
 
 
+TORCHVISION_TWINS = {"resnet18": "resnet18", "resnet50": "resnet50", "mobilenetv2": "mobilenet_v2"}
+
+
 def torch_twin(spec: str):
-  """(float torch model, int8 FX model) for a full-size ResNet config, or None."""
+  """(float torch model, int8 FX model) for a full-size config with a torchvision twin of the same
+  architecture (TORCHVISION_TWINS), or None."""
   name = spec.split(":")[0]
-  if not spec.endswith(":full") or name not in ("resnet18", "resnet50"):
+  if not spec.endswith(":full") or name not in TORCHVISION_TWINS:
     return None
   import torch
   from torch.ao.quantization import get_default_qconfig_mapping
@@ -108,7 +117,7 @@ def torch_twin(spec: str):
   import timm_reference  # torchvision beside the CPU-only torch
   torchvision = timm_reference.import_torchvision()
   torch.manual_seed(0)
-  model = getattr(torchvision.models, name)(weights=None).eval()
+  model = getattr(torchvision.models, TORCHVISION_TWINS[name])(weights=None).eval()
   torch.backends.quantized.engine = "x86"
   example = torch.randn(_BATCH.value, 3, 224, 224)
   prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), example_inputs=(example,))
@@ -141,8 +150,14 @@ def run_net(spec: str, batch: int, rounds: int) -> dict:
       fns[f"{label} r={r:g}"] = fn
       args[f"{label} r={r:g}"] = (svars, images, jnp.float32(r))
   onednn_svars = args["oneDNN int r=0"][0]  # the oneDNN model's prepared variables, shared below
+  # The oneDNN model with float outputs between every pair of layers (QuantizedModel.fuse_requant).
+  unfused = dataclasses.replace(variants["oneDNN int"], fuse_requant=False)
+  if variants["oneDNN int"].requant_edges(onednn_svars, images):
+    fns["oneDNN int, no requant fusion r=0"] = jax.jit(unfused.apply)
+    args["oneDNN int, no requant fusion r=0"] = (onednn_svars, images, jnp.float32(0))
   if _BASELINE.value:  # the same oneDNN model on another build of the library: one compilation, every ratio
-    baseline_fn = compiled_on_library(variants["oneDNN int"], onednn_svars, images, jnp.float32(0), _BASELINE.value)
+    # Without the requantization fusion: the baseline library's conv and matmul targets only.
+    baseline_fn = compiled_on_library(unfused, onednn_svars, images, jnp.float32(0), _BASELINE.value)
     for r in RATIOS:
       label = f"oneDNN int, baseline library r={r:g}"
       args[label] = (onednn_svars, images, jnp.float32(r))
@@ -220,7 +235,8 @@ def write_markdown(results: dict, path: str) -> None:
     if runs:
       share = runs["single_remainders"] / runs["single_inputs"] if runs.get("single_inputs") else 0.0
       lines += ["", "oneDNN layer runs over one call at each ratio: "
-                + ", ".join(f"{k} {runs[k]}" for k in ("direct", "split", "single", "depthwise"))
+                + ", ".join(f"{'of these on the im2col matrix' if k == 'im2col' else k} {runs[k]}"
+                            for k in ("direct", "split", "single", "depthwise", "im2col") if k in runs)
                 + f"; activation codes the single runs added as the sparse remainder: {100 * share:.2f}%."]
     lines.append("")
   with open(path, "w") as f:
@@ -244,8 +260,8 @@ def main(argv):
     print(f"== {spec}", flush=True)
     results["nets"].append(run_net(spec, _BATCH.value, _ROUNDS.value))
     print(results["nets"][-1], flush=True)
-    records.write_json_atomic(os.path.join(_OUT.value, "onednn_int8_cpu.json"), results)
-    write_markdown(results, os.path.join(_OUT.value, "onednn_int8_cpu.md"))
+    records.write_json_atomic(os.path.join(_OUT.value, _NAME.value + ".json"), results)
+    write_markdown(results, os.path.join(_OUT.value, _NAME.value + ".md"))
 
 
 if __name__ == "__main__":

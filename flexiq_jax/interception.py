@@ -497,6 +497,107 @@ def run_with_provider(model: nn.Module, plan, variables, x, provider: LayerProvi
 
 
 # ----------------------------------------------------------------------------------------------
+# Which layers feed which: the model's dataflow between intercepted layers.
+
+# The elementwise activations `layer_edges` sees through, as the primitive chains their jaxprs hold
+# (nested jit and custom_jvp calls inlined): ReLU max(x, 0) and ReLU6 min(max(x, 0), 6).
+EDGE_ACTIVATIONS = {(("max", 0.0),): "relu", (("max", 0.0), ("min", 6.0)): "relu6"}
+
+
+def _chain(eqn):
+  """The (primitive, literal) chain one single-input elementwise equation computes, nested jit and
+  custom_jvp calls inlined, or None if it is not a chain of max/min with a scalar literal."""
+  name = eqn.primitive.name
+  if name in ("max", "min"):
+    a, b = eqn.invars
+    literal = b if type(b).__name__ == "Literal" else a if type(a).__name__ == "Literal" else None
+    if literal is None or np.ndim(literal.val) != 0:
+      return None
+    return ((name, float(literal.val)),)
+  inner = {"pjit": "jaxpr", "jit": "jaxpr", "custom_jvp_call": "call_jaxpr"}.get(name)
+  if inner is None:
+    return None
+  jaxpr = eqn.params[inner]
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  if len(jaxpr.invars) != 1 or len(jaxpr.outvars) != 1 or jaxpr.constvars:
+    return None
+  ops, current = [], jaxpr.invars[0]
+  for e in jaxpr.eqns:
+    variables = [v for v in e.invars if type(v).__name__ != "Literal"]
+    if len(variables) != 1 or variables[0] is not current or len(e.outvars) != 1:
+      return None
+    sub = _chain(e)
+    if sub is None:
+      return None
+    ops += sub
+    current = e.outvars[0]
+  return tuple(ops) if jaxpr.outvars[0] is current else None
+
+
+def layer_edges(model: nn.Module, plan, variables, x) -> dict[str, tuple[str, str]]:
+  """The quantized layers whose input is another quantized layer's output, directly or through one
+  ReLU/ReLU6 (`EDGE_ACTIVATIONS`), where nothing else reads that output or the activation's.
+
+  The model runs once abstractly (`jax.make_jaxpr`, no FLOPs) with every layer of `plan.quantized`
+  as a named jit call; the edges are read off its jaxpr. A folded BatchNorm between the two layers
+  is no operation here (`run_with_provider` bypasses it). On such an edge the consumer's input
+  codes are a function of the producer's output alone, so the producer can write them.
+
+  Args:
+    model: the linen model.
+    plan: the plan (as `run_with_provider` takes it).
+    variables: the model's (BN-folded) variables, or their shapes.
+    x: an input batch, or its shape and dtype (`jax.ShapeDtypeStruct`).
+
+  Returns:
+    {consumer path: (producer path, 'none' | 'relu' | 'relu6')}.
+  """
+  names = {}
+
+  class Marker:
+    def layer(self, call: LayerCall, x):
+      shape = (x.shape[0],) + tuple(call.info.output_shape[1:])
+      def marker(x):
+        return jnp.zeros(shape, jnp.float32) + 0 * jnp.sum(x)
+      marker.__name__ = f"flexiq_layer_{len(names)}"
+      names[marker.__name__] = call.path
+      return jax.jit(marker)(x)
+
+    def matmul(self, call: MatmulCall, a, b):
+      return call.float_forward(a, b)
+
+  jaxpr = jax.make_jaxpr(lambda v, x: run_with_provider(model, plan, v, x, Marker()))(variables, x).jaxpr
+  producer, uses = {}, {}
+  for eqn in jaxpr.eqns:
+    for v in eqn.invars:
+      if type(v).__name__ != "Literal":
+        uses[v] = uses.get(v, 0) + 1
+    for v in eqn.outvars:
+      producer[v] = eqn
+  for v in jaxpr.outvars:
+    if type(v).__name__ != "Literal":
+      uses[v] = uses.get(v, 0) + 1
+
+  def layer_of(eqn):
+    return names.get(eqn.params.get("name")) if eqn is not None and eqn.primitive.name in ("pjit", "jit") else None
+
+  edges = {}
+  for eqn in jaxpr.eqns:
+    consumer = layer_of(eqn)
+    if consumer is None:
+      continue
+    v = eqn.invars[0]
+    source, act = producer.get(v), "none"
+    if layer_of(source) is None and source is not None and uses.get(v) == 1:
+      act = EDGE_ACTIVATIONS.get(_chain(source))
+      v = source.invars[0]
+      source = producer.get(v) if act is not None else None
+    if layer_of(source) is not None and uses.get(v) == 1:
+      edges[consumer] = (layer_of(source), act)
+  return edges
+
+
+# ----------------------------------------------------------------------------------------------
 # Nested dicts addressed by module path ('block1/conv2').
 
 

@@ -4,6 +4,7 @@ equal XLA's exact integer conv/dot for every layer kind, signedness and padding;
 with every layer on oneDNN close to the reference path's; one compilation for every ratio; the
 export and machines without the library run the XLA form."""
 
+import ctypes
 import dataclasses
 
 import jax
@@ -403,3 +404,132 @@ def test_a_library_of_another_interface_version_is_refused():
   if lib is not None:
     assert onednn._abi_problem(lib, "lib") == ""
 
+
+
+@needs_onednn
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("dilation", [(1, 1), (2, 1)])
+def test_few_input_channels_run_exactly_on_the_im2col_matrix(signed, dilation):
+  """A 3-channel strided 7x7 conv (the stem's kind) runs its primitive as a 1x1 conv over the
+  im2col matrix of its input: in single mode with a sparse remainder the exact accumulators and the
+  float epilogue of them, with the images in one chunk, one per chunk, and two per chunk (a shorter
+  last chunk); in direct mode (u8 codes below 128, exact without VNNI too) the exact accumulators."""
+  rng = np.random.default_rng(31 + 2 * signed + dilation[0])
+  x = _sparse_large_codes(rng, (5, 17, 15, 3), signed)
+  w = _weights(rng, (7, 7, 3, 24), False)
+  kw = dict(strides=(2, 2), padding=((3, 3), (3, 2)), dilation=dilation)
+  want = _xla_conv(x, w, kw["strides"], kw["padding"], dilation, 1)
+  lib, _ = onednn._load()
+  lib.flexiq_onednn_im2col_bytes.restype = ctypes.c_int64
+  lib.flexiq_onednn_im2col_bytes.argtypes = [ctypes.c_int64]
+  image_bytes = want.shape[1] * want.shape[2] * 148  # 7 * 7 * 3 codes, padded to 148, per output
+  saved = lib.flexiq_onednn_im2col_bytes(0)
+  try:
+    for chunk_bytes in (1 << 30, 1, 2 * image_bytes):
+      lib.flexiq_onednn_im2col_bytes(chunk_bytes)
+      before = onednn.run_counts()
+      acc = onednn.conv(x, w, mode="single", **kw)
+      after = onednn.run_counts()
+      np.testing.assert_array_equal(acc, want)
+      assert after["im2col"] == before["im2col"] + 1 and after["single"] == before["single"] + 1
+      assert after["single_remainders"] > before["single_remainders"]
+    scale = np.asarray(rng.uniform(1e-4, 2e-4, 24), np.float32)
+    bias = np.asarray(rng.normal(0, 0.5, 24), np.float32)
+    y = onednn.conv(x, w, scale=scale, bias=bias, post_op="relu", out_dtype=jnp.float32, mode="single", **kw)
+    np.testing.assert_array_equal(np.asarray(y), np.maximum(np.asarray(want).astype(np.float32) * scale + bias,
+                                                            np.float32(0)))
+    if not signed:
+      small = jnp.minimum(x, 127)
+      before = onednn.run_counts()
+      np.testing.assert_array_equal(onednn.conv(small, w, mode="direct", **kw),
+                                    _xla_conv(small, w, kw["strides"], kw["padding"], dilation, 1))
+      assert onednn.run_counts()["im2col"] == before["im2col"] + 1
+  finally:
+    lib.flexiq_onednn_im2col_bytes(saved)
+
+
+REQUANT_CONVS = {  # name: (CONVS entry, mode, sparse large codes)
+    "single": ("wide", "single", True),
+    "split": ("strided_asymmetric_pad", "split", False),
+    "depthwise": ("depthwise", "auto", False),
+    "grouped": ("grouped", "auto", True),
+    "direct": ("regular", "direct", False),  # u8 codes below 128: exact without VNNI too
+}
+
+
+@needs_onednn
+@pytest.mark.parametrize("name", sorted(REQUANT_CONVS))
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("post_op", ["none", "relu", "relu6"])
+def test_requantized_output_is_the_next_layers_activation_codes(name, signed, post_op):
+  """A uint8/int8 output with a lowering operand holds, bit for bit, the codes
+  `integer.activation_codes` computes from the same layer's float32 output (after the post-op):
+  the division by the scale, rounding half to even (a power-of-two scale puts many values on .5),
+  the 8-bit clip and each lowered channel's 4-bit extraction; for every way the library runs a
+  conv, and for the matmul."""
+  conv_name, mode, sparse = REQUANT_CONVS[name]
+  c, o, kernel, strides, padding, dilation, groups = (WIDE | CONVS)[conv_name]
+  rng = np.random.default_rng(len(name) + 7 * signed + len(post_op))
+  if mode == "direct":
+    x = jnp.asarray(rng.integers(0, 128, (2, 9, 8, c)), jnp.uint8)
+  else:
+    x = _sparse_large_codes(rng, (2, 9, 8, c), False) if sparse else _codes(rng, (2, 9, 8, c), False, False)
+  w = _weights(rng, kernel + (c // groups, o), False)
+  scale = np.where(np.arange(o) % 2 == 0, 2.0 ** -8, rng.uniform(1e-3, 4e-3, o)).astype(np.float32)
+  bias = np.asarray(rng.normal(0, 0.5, o), np.float32)
+  act_scale = np.float32(2.0 ** -4 if signed else 0.05)
+  lowered = jnp.asarray(rng.random(o) < 0.5)
+  entry = {"act_scale": jnp.asarray(act_scale), "step": jnp.asarray(2.0 ** rng.integers(0, 5, o), jnp.float32)}
+  qmin, qmax = (-128, 127) if signed else (0, 255)
+  lo4, hi4 = (-8, 7) if signed else (0, 15)
+  rows = onednn.lowering_rows(jnp.where(lowered, entry["step"], 1.0), jnp.where(lowered, lo4, qmin),
+                              jnp.where(lowered, hi4, qmax))
+  codes_dtype = jnp.int8 if signed else jnp.uint8
+  kw = dict(strides=strides, padding=padding, dilation=dilation, groups=groups, scale=scale, bias=bias,
+            post_op=post_op, mode=mode)
+  y = onednn.conv(x, w, out_dtype=jnp.float32, **kw)
+  codes = onednn.conv(x, w, out_dtype=codes_dtype, dst_scale=act_scale, lowering=rows, **kw)
+  want = integer.activation_codes(y, entry, lowered, signed=signed).astype(codes_dtype)
+  assert codes.dtype == codes_dtype
+  np.testing.assert_array_equal(codes, want)
+  assert len(np.unique(np.asarray(codes))) > 8  # a real spread of codes, not all clipped
+  if name == "single":  # the matmul, and no lowering (8-bit codes)
+    xm, wm = x.reshape(-1, c), w.reshape(-1, o)[:c]
+    ym = onednn.matmul(xm, wm, scale=scale, bias=bias, post_op=post_op, out_dtype=jnp.float32, mode="single")
+    np.testing.assert_array_equal(
+        onednn.matmul(xm, wm, scale=scale, bias=bias, post_op=post_op, out_dtype=codes_dtype, dst_scale=act_scale,
+                      lowering=rows, mode="single"),
+        integer.activation_codes(ym, entry, lowered, signed=signed).astype(codes_dtype))
+    np.testing.assert_array_equal(
+        onednn.conv(x, w, out_dtype=codes_dtype, dst_scale=act_scale, **kw),
+        integer.activation_codes(y, entry, None, signed=signed).astype(codes_dtype))
+
+
+def test_layer_edges_find_the_layers_that_feed_a_layer_through_an_activation(setup):
+  """SmallNet: stem -> ReLU -> dw -> ReLU -> grouped -> ReLU -> conv (a folded BatchNorm between
+  some); conv -> mean -> fc1 and fc1 -> GELU -> head are no edges (a mean, an activation other than
+  ReLU/ReLU6)."""
+  from flexiq_jax import interception
+  variables = {k: v for k, v in setup.qvars.items() if k in ("params", "batch_stats")}
+  edges = interception.layer_edges(setup.model, setup.plan, variables, setup.images)
+  assert edges == {"dw": ("stem", "relu"), "grouped": ("dw", "relu"), "conv": ("grouped", "relu")}
+
+
+@needs_onednn
+def test_requant_fusion_keeps_the_logits_bit_for_bit(setup):
+  """With fuse_requant (the default) the producers of the edges write their consumers' codes
+  (lowered targets in the module, no float between them); the logits equal those of the model
+  without it bit for bit at every ratio, with one compilation."""
+  qmodel = _onednn_model(setup)
+  svars = jax.jit(qmodel.prepare)(setup.qvars)
+  assert qmodel.requant_edges(svars, setup.images) == {"stem": ("dw", "relu"), "dw": ("grouped", "relu"),
+                                                       "grouped": ("conv", "relu")}
+  fused, plain = jax.jit(qmodel.apply), jax.jit(dataclasses.replace(qmodel, fuse_requant=False).apply)
+  assert fused.lower(svars, setup.images, 0.0).as_text().count(onednn.CONV_LOWERED_TARGET) == 3
+  assert onednn.CONV_LOWERED_TARGET not in plain.lower(svars, setup.images, 0.0).as_text()
+  with serve.count_compilations() as compiled:
+    outs = [fused(svars, setup.images, jnp.float32(r)) for r in RATIOS]
+  assert compiled.count == 1
+  for r, out in zip(RATIOS, outs):
+    assert not np.isnan(np.asarray(out)).any()
+    np.testing.assert_array_equal(out, plain(svars, setup.images, jnp.float32(r)))

@@ -313,8 +313,39 @@ def _onednn_conv_ok(module, padding) -> bool:
   return spatial_pair(module.input_dilation) == (1, 1) and all(v >= 0 for p in padding for v in p)
 
 
+@dataclasses.dataclass(frozen=True)
+class NextCodes:
+  """The activation quantization of the layer that reads a layer's output (`IntegerLayers`'
+  requantization edges): its entry, lowered channels and signedness, and the activation between
+  the two layers ('none', 'relu' or 'relu6')."""
+
+  entry: dict
+  lowered: jax.Array | None
+  signed: bool
+  activation: str
+
+
+def _next_codes_epilogue(next_codes: NextCodes) -> dict | None:
+  """`onednn.conv`/`matmul` epilogue arguments that write `next_codes`' activation codes from this
+  layer's float output (activation, division by the scale, 8-bit clip, 4-bit extraction: what
+  `activation_codes` computes), or None where its grid has a zero point or a per-channel scale."""
+  entry = next_codes.entry
+  if "zero_point" in entry or jnp.size(entry["act_scale"]) != 1:
+    return None
+  kw = dict(post_op=next_codes.activation, out_dtype=jnp.int8 if next_codes.signed else jnp.uint8,
+            dst_scale=jnp.reshape(entry["act_scale"], ()))
+  if next_codes.lowered is not None:
+    qmin, qmax = numerics.int_range(8, next_codes.signed)
+    lo4, hi4 = numerics.int_range(4, next_codes.signed)
+    lowered = next_codes.lowered
+    kw["lowering"] = onednn.lowering_rows(jnp.where(lowered, entry["step"], 1.0), jnp.where(lowered, lo4, qmin),
+                                          jnp.where(lowered, hi4, qmax))
+  return kw
+
+
 def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, conv_accumulator=jnp.int32,
-                    conv_impl: str | None = None, dense_impl: str = "xla"):
+                    conv_impl: str | None = None, dense_impl: str = "xla", codes=None,
+                    next_codes: NextCodes | None = None):
   """One quantized layer on serving variables: `lowered` (C,) bool, or None for a layer that is
   never lowered; call.kernel holds the int8 codes. conv_impl (CONV_IMPLS; None: the default for
   the backend): 'int8' one int8 conv with the layer's own padding (unsigned codes shifted by -128,
@@ -324,6 +355,9 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
   The accumulators are the same integers whichever runs. dense_impl (DENSE_IMPLS): 'xla' the steps
   below; 'pallas' quantize, lower, GEMM and epilogue in one fused kernel (`pallas_dense.fused_dense`,
   the same outputs; Pallas interpret mode off a GPU, where it is only a check, never fast).
+  codes: the layer's input activation codes, already computed (by the layer that feeds it, through
+  `next_codes`): `x` then only gives the shape. next_codes: a layer on oneDNN then returns the
+  activation codes of the layer that reads its output (uint8/int8) instead of its float output.
 
   Args:
     call: the intercepted layer call; `call.kernel` holds the int8 codes, `call.bias` the float bias.
@@ -334,9 +368,14 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
     conv_accumulator: the int8 conv's accumulator dtype (jnp.int32, or jnp.float32).
     conv_impl: one of CONV_IMPLS, or None for `default_conv_impl`.
     dense_impl: one of DENSE_IMPLS.
+    codes: this layer's activation codes (uint8/int8, shaped as `as_matrix_input(x)`), or None to
+      quantize `x`.
+    next_codes: the next layer's activation quantization (`NextCodes`), or None.
 
   Returns:
-    The layer's float output in the module's output shape, bias and bias correction included.
+    The layer's float output in the module's output shape, bias and bias correction included; with
+    `next_codes`, where the layer runs on oneDNN (and the next grid has no zero point), the next
+    layer's codes instead (uint8/int8, the same shape).
 
   Raises:
     ValueError: an unknown `dense_impl` or `conv_impl`.
@@ -348,6 +387,8 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
   has_zero = "zero_point" in entry
   if has_zero and (dense_impl != "xla" or conv_impl == "onednn"):
     dense_impl, conv_impl = "xla", (None if conv_impl == "onednn" else conv_impl)
+  if codes is not None and info.kind == "dense" and dense_impl == "pallas":
+    dense_impl = "xla"  # the fused kernel quantizes x itself
   if info.kind == "dense" and dense_impl == "pallas":
     from flexiq_jax.quantize import pallas_dense  # imports Pallas only where it runs
     y = pallas_dense.fused_dense(x, entry, kernel, None, lowered, signed=signed,
@@ -355,21 +396,25 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
     return finish(info, y, call.bias)  # the bias added as integer_forward adds it: the same roundings
   if dense_impl not in DENSE_IMPLS:
     raise ValueError(f"unknown dense implementation {dense_impl!r}; use one of {DENSE_IMPLS}")
-  q = activation_codes(x, entry, lowered, signed=signed)
+  codes_dtype = jnp.int8 if signed else jnp.uint8
+  q = activation_codes(x, entry, lowered, signed=signed) if codes is None else codes.astype(jnp.float32)
+  q8 = q.astype(codes_dtype) if codes is None else codes  # what the oneDNN kernels take
   wi = kernel
   if lowered is not None:
     wi = jnp.where(_row_mask(info, lowered), entry["w_low"], kernel)
-  codes_dtype = jnp.int8 if signed else jnp.uint8
+  epilogue = dict(out_dtype=jnp.float32)
+  if next_codes is not None and (info.kind == "conv" or len(info.kernel_shape) == 2):
+    epilogue = _next_codes_epilogue(next_codes) or epilogue
   if info.kind == "dense" and dense_impl == "onednn" and onednn.available():
-    y = onednn.matmul(q.astype(codes_dtype), wi, scale=entry["scale"], bias=_fused_bias(info, entry, lowered, call.bias, wi.shape[-1]),
-                      out_dtype=jnp.float32)
+    y = onednn.matmul(q8, wi, scale=entry["scale"], bias=_fused_bias(info, entry, lowered, call.bias, wi.shape[-1]),
+                      **epilogue)
     return finish(info, y, None)
   if info.kind == "conv" and (impl := conv_impl_for(info, signed, conv_impl)) == "onednn":
     padding = conv_padding(module, x.shape, info.kernel_shape)
     if _onednn_conv_ok(module, padding):
-      y = onednn.conv(q.astype(codes_dtype), wi, strides=spatial_pair(module.strides), padding=padding,
+      y = onednn.conv(q8, wi, strides=spatial_pair(module.strides), padding=padding,
                       dilation=spatial_pair(module.kernel_dilation), groups=info.groups, scale=entry["scale"],
-                      bias=_fused_bias(info, entry, lowered, call.bias, wi.shape[-1]), out_dtype=jnp.float32)
+                      bias=_fused_bias(info, entry, lowered, call.bias, wi.shape[-1]), **epilogue)
       return finish(info, y, None)
     conv_impl = "int8"
   dilated = info.kind == "conv" and spatial_pair(module.input_dilation) != (1, 1)
@@ -420,7 +465,14 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
 @dataclasses.dataclass(frozen=True)
 class IntegerLayers:
   """The provider of the serving form: layer p lowers the channels whose rank is below counts[p]
-  (layers without a count lower none); matmuls run 8-bit as in `layer_ops.quantized_matmul`."""
+  (layers without a count lower none); matmuls run 8-bit as in `layer_ops.quantized_matmul`.
+
+  requant_edges {producer: (consumer, activation)} (`interception.layer_edges`): a producer on
+  oneDNN writes its consumer's activation codes (`NextCodes`) instead of its float output; the
+  consumer takes them instead of quantizing its input, and the producer hands the model a
+  placeholder of NaNs, which only the activation between the two reads (the edge's condition), so
+  XLA drops both. The codes are those the consumer would compute from the float output.
+  """
 
   integer: dict  # svars['integer']
   matmul_quant: dict  # svars['quant']: the matmuls' operand scales
@@ -430,13 +482,29 @@ class IntegerLayers:
   conv_accumulator: str = "int32"
   conv_impls: dict = dataclasses.field(default_factory=dict)  # {path: CONV_IMPLS entry}; others: default
   dense_impl: str = "xla"  # DENSE_IMPLS entry, for every dense layer
+  requant_edges: dict = dataclasses.field(default_factory=dict)  # {producer: (consumer, activation)}
+  pending: dict = dataclasses.field(default_factory=dict)  # {consumer: codes its producer wrote}
+
+  def _lowered(self, path: str, entry: dict):
+    return entry["rank"] < self.counts[path] if path in self.counts else None
 
   def layer(self, call: LayerCall, x):
     entry = get_path(self.integer, call.path)
-    lowered = entry["rank"] < self.counts[call.path] if call.path in self.counts else None
+    lowered = self._lowered(call.path, entry)
     acc = jnp.int32 if self.conv_accumulator == "int32" else jnp.float32
-    return integer_forward(call, x, entry, lowered, signed=self.signed[call.path], conv_accumulator=acc,
-                           conv_impl=self.conv_impls.get(call.path), dense_impl=self.dense_impl)
+    next_codes = None
+    if call.path in self.requant_edges:
+      consumer, activation = self.requant_edges[call.path]
+      consumer_entry = get_path(self.integer, consumer)
+      next_codes = NextCodes(consumer_entry, self._lowered(consumer, consumer_entry), self.signed[consumer],
+                             activation)
+    y = integer_forward(call, x, entry, lowered, signed=self.signed[call.path], conv_accumulator=acc,
+                        conv_impl=self.conv_impls.get(call.path), dense_impl=self.dense_impl,
+                        codes=self.pending.pop(call.path, None), next_codes=next_codes)
+    if next_codes is not None and jnp.issubdtype(y.dtype, jnp.integer):
+      self.pending[self.requant_edges[call.path][0]] = y
+      return jnp.full(y.shape, jnp.nan, jnp.float32)
+    return y
 
   def matmul(self, call: MatmulCall, a, b):
     return layer_ops.quantized_matmul(call, a, b, get_path(self.matmul_quant, call.path),

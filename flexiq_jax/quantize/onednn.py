@@ -9,8 +9,10 @@ implementations instead (`integer.conv_impl_for`, `integer.integer_forward`).
 Both kernels take 8-bit activation codes (uint8 or int8), int8 weight codes and accumulate in
 int32. The output dtype selects the epilogue: int32 the accumulators themselves (bit for bit those
 of XLA's int8 conv/dot); float32 `acc * scale[o] + bias[o]` followed by the post-op (`POST_OPS`);
-uint8/int8 that float32 result divided by `dst_scale`, rounded and saturated (the next layer's
-requantization). oneDNN pads a conv with code 0, the real zero of both grids, so unsigned codes need
+uint8/int8 that float32 result divided by `dst_scale`, rounded to nearest even and saturated, and
+with `lowering` (`lowering_rows`) each channel's 4-bit extraction after it: the next layer's
+activation codes, operation for operation as `integer.activation_codes` computes them from the
+float32 output (a division by the scale, not a multiplication by its inverse). oneDNN pads a conv with code 0, the real zero of both grids, so unsigned codes need
 no shift. Primitives are cached per shape inside the library.
 
 Set FLEXIQ_ONEDNN_LIBRARY to a library path to use another build (e.g. one compiled by hand).
@@ -26,9 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ABI = 3  # the library's interface version (flexiq_onednn_abi) this module calls
+ABI = 5  # the library's interface version (flexiq_onednn_abi) this module calls
 CONV_TARGET = "flexiq_onednn_conv"
 MATMUL_TARGET = "flexiq_onednn_matmul"
+# The same kernels with a `lowering` operand: uint8/int8 outputs with each channel's 4-bit extraction.
+CONV_LOWERED_TARGET = "flexiq_onednn_conv_lowered"
+MATMUL_LOWERED_TARGET = "flexiq_onednn_matmul_lowered"
 POST_OPS = {"none": 0, "relu": 1, "relu6": 2, "gelu": 3}
 # How the library runs a layer (the C++ file's comment): 'auto' fused where the CPU has VNNI and
 # exact elsewhere ('single', or a probed depthwise kernel); 'split' two int8 runs on split weights,
@@ -90,6 +95,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     return None, why
   jax.ffi.register_ffi_target(CONV_TARGET, jax.ffi.pycapsule(lib.FlexiqOnednnConv), platform="cpu")
   jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(lib.FlexiqOnednnMatmul), platform="cpu")
+  jax.ffi.register_ffi_target(CONV_LOWERED_TARGET, jax.ffi.pycapsule(lib.FlexiqOnednnConvLowered), platform="cpu")
+  jax.ffi.register_ffi_target(MATMUL_LOWERED_TARGET, jax.ffi.pycapsule(lib.FlexiqOnednnMatmulLowered), platform="cpu")
   return lib, ""
 
 
@@ -141,7 +148,7 @@ def direct_here() -> bool:
 
 
 RUN_COUNTS = ("direct", "split", "single", "depthwise", "single_remainders", "single_inputs", "single_ns_split_codes",
-              "single_ns_primitive", "single_ns_finish")
+              "single_ns_primitive", "single_ns_finish", "im2col")
 
 
 def run_counts() -> dict:
@@ -153,8 +160,9 @@ def run_counts() -> dict:
     added as a sparse remainder, 'single_inputs': the activation codes single runs read, and
     'single_ns_<step>': their nanoseconds in each step (split_codes: the low codes' copy and the
     remainder list; primitive: oneDNN's run, weight reorder included; finish: one pass over the
-    outputs that adds the remainder and applies the epilogue)}; {} where the library is not loaded
-    (or predates these counters).
+    outputs that adds the remainder and applies the epilogue), 'im2col': the direct and single runs
+    of convs with few input channels whose primitive ran as a 1x1 conv over the im2col matrix of
+    their input}; {} where the library is not loaded (or predates these counters).
   """
   lib, _ = _load()
   if lib is None or not hasattr(lib, "flexiq_onednn_runs"):
@@ -196,6 +204,34 @@ def _mode_code(mode: str) -> np.int64:
   return np.int64(MODES[auto_mode() if mode == "auto" else mode])
 
 
+def lowering_rows(step, lo, hi):
+  """The `lowering` operand of `conv`/`matmul`: each output channel's 4-bit extraction of the
+  requantized codes q, clip(floor(q * (1 / step) + 1/2), lo, hi) * step, as `integer.activation_codes`
+  applies it (step 1 and the 8-bit bounds leave a channel unchanged).
+
+  Args:
+    step: (O,) float, the extraction step per channel (1 where not lowered).
+    lo: (O,) float, the lower code bound per channel.
+    hi: (O,) float, the upper code bound per channel.
+
+  Returns:
+    (4, O) float32: the rows 1 / step, lo, hi, step.
+  """
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.stack([1.0 / step, jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32), step])
+
+
+def _lowering_operand(lowering, out_channels: int, out_dtype):
+  if lowering is None:
+    return None
+  if out_dtype not in (jnp.dtype(jnp.uint8), jnp.dtype(jnp.int8)):
+    raise ValueError("lowering applies to a uint8/int8 output")
+  lowering = jnp.asarray(lowering, jnp.float32)
+  if lowering.shape != (4, out_channels):
+    raise ValueError(f"lowering must be (4, {out_channels}) (lowering_rows), got {lowering.shape}")
+  return lowering
+
+
 def _epilogue_operands(out_channels: int, out_dtype, scale, bias, dst_scale):
   scale = jnp.ones((out_channels,), jnp.float32) if scale is None else jnp.broadcast_to(
       jnp.asarray(scale, jnp.float32), (out_channels,))
@@ -222,7 +258,7 @@ def _check(x, w, post_op: str, out_dtype, mode: str):
 
 
 def conv(x, w, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), groups: int = 1, scale=None,
-         bias=None, post_op: str = "none", out_dtype=jnp.int32, dst_scale=None, mode: str = "auto"):
+         bias=None, post_op: str = "none", out_dtype=jnp.int32, dst_scale=None, lowering=None, mode: str = "auto"):
   """oneDNN's int8 convolution, NHWC x HWIO -> NHWC, with its epilogue (module docstring).
 
   Args:
@@ -237,6 +273,7 @@ def conv(x, w, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), gro
     post_op: one of POST_OPS, applied after the bias.
     out_dtype: int32 (raw accumulators), float32, or uint8/int8 (requantized by `dst_scale`).
     dst_scale: the output grid's step for a uint8/int8 output (q = round(y / dst_scale)).
+    lowering: (4, O) `lowering_rows` for a uint8/int8 output: each channel's 4-bit extraction of q.
     mode: one of MODES ('auto': exact accumulators on every CPU; `auto_mode`).
 
   Returns:
@@ -248,6 +285,7 @@ def conv(x, w, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), gro
   """
   scale, bias, dst_scale, out_dtype = _epilogue_operands(w.shape[-1], out_dtype, scale, bias, dst_scale)
   _check(x, w, post_op, out_dtype, mode)
+  lowering = _lowering_operand(lowering, w.shape[-1], out_dtype)
   padding = [tuple(int(v) for v in p) for p in padding]
   if any(v < 0 for p in padding for v in p):
     raise ValueError(f"negative padding {padding} is not supported by the oneDNN conv")
@@ -256,14 +294,16 @@ def conv(x, w, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), gro
       a, b, strides, padding, rhs_dilation=dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),
       feature_group_count=groups, preferred_element_type=jnp.int32),
       jax.ShapeDtypeStruct(x.shape, jnp.int8), jax.ShapeDtypeStruct(w.shape, jnp.int8)).shape
-  call = jax.ffi.ffi_call(CONV_TARGET, jax.ShapeDtypeStruct(out_shape, out_dtype), vmap_method="sequential")
-  return call(x, w, scale, bias, dst_scale, strides=np.asarray(strides, np.int64),
+  call = jax.ffi.ffi_call(CONV_TARGET if lowering is None else CONV_LOWERED_TARGET,
+                          jax.ShapeDtypeStruct(out_shape, out_dtype), vmap_method="sequential")
+  operands = (x, w, scale, bias, dst_scale) + (() if lowering is None else (lowering,))
+  return call(*operands, strides=np.asarray(strides, np.int64),
               pad_lo=np.asarray([p[0] for p in padding], np.int64), pad_hi=np.asarray([p[1] for p in padding], np.int64),
               dilation=np.asarray(dilation, np.int64), groups=np.int64(groups), post_op=np.int64(POST_OPS[post_op]), mode=_mode_code(mode))
 
 
 def matmul(x, w, *, scale=None, bias=None, post_op: str = "none", out_dtype=jnp.int32, dst_scale=None,
-           mode: str = "auto"):
+           lowering=None, mode: str = "auto"):
   """oneDNN's int8 matmul, (..., K) x (K, N) -> (..., N), with its epilogue (module docstring).
 
   Args:
@@ -274,6 +314,7 @@ def matmul(x, w, *, scale=None, bias=None, post_op: str = "none", out_dtype=jnp.
     post_op: one of POST_OPS, applied after the bias.
     out_dtype: int32 (raw accumulators), float32, or uint8/int8 (requantized by `dst_scale`).
     dst_scale: the output grid's step for a uint8/int8 output.
+    lowering: (4, N) `lowering_rows` for a uint8/int8 output: each channel's 4-bit extraction.
     mode: one of MODES ('auto': exact accumulators on every CPU; `auto_mode`).
 
   Returns:
@@ -287,8 +328,10 @@ def matmul(x, w, *, scale=None, bias=None, post_op: str = "none", out_dtype=jnp.
   _check(x, w, post_op, out_dtype, mode)
   if w.ndim != 2 or x.shape[-1] != w.shape[0]:
     raise ValueError(f"matmul shapes {x.shape} x {w.shape} do not contract")
+  lowering = _lowering_operand(lowering, w.shape[-1], out_dtype)
   rows = x.reshape(-1, x.shape[-1])
-  call = jax.ffi.ffi_call(MATMUL_TARGET, jax.ShapeDtypeStruct((rows.shape[0], w.shape[1]), out_dtype),
-                          vmap_method="sequential")
-  y = call(rows, w, scale, bias, dst_scale, post_op=np.int64(POST_OPS[post_op]), mode=_mode_code(mode))
+  call = jax.ffi.ffi_call(MATMUL_TARGET if lowering is None else MATMUL_LOWERED_TARGET,
+                          jax.ShapeDtypeStruct((rows.shape[0], w.shape[1]), out_dtype), vmap_method="sequential")
+  operands = (rows, w, scale, bias, dst_scale) + (() if lowering is None else (lowering,))
+  y = call(*operands, post_op=np.int64(POST_OPS[post_op]), mode=_mode_code(mode))
   return y.reshape(x.shape[:-1] + (w.shape[1],))

@@ -194,7 +194,12 @@ class QuantizedModel:
   (layers not listed: the default). dense_impl: how the serving form's dense layers run
   (`integer.DENSE_IMPLS`): 'xla', 'pallas' (one fused kernel per layer, `quantize.pallas_dense`;
   for GPUs, interpret mode elsewhere) or 'onednn' (oneDNN's int8 matmul, CPU; 'xla' where
-  unavailable). The portable export runs the XLA form (`export.export_portable`)."""
+  unavailable). The portable export runs the XLA form (`export.export_portable`). fuse_requant:
+  a layer on oneDNN whose output another quantized layer reads through nothing but a ReLU/ReLU6
+  (or directly), and nothing else reads, writes that layer's activation codes (uint8/int8, its
+  4-bit lowering included) instead of its float output (`interception.layer_edges`,
+  `integer.IntegerLayers`): the same codes, one pass over the activations less; False keeps float
+  outputs between every pair of layers."""
 
   model: nn.Module
   plan: QuantPlan
@@ -206,6 +211,7 @@ class QuantizedModel:
   # With lsq: 'qmax8' | 'effective' (lowered channels' scale gradient on their 4-bit grid,
   # numerics.lsq_extraction).
   lsq_grad_scale: str = "qmax8"
+  fuse_requant: bool = True
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -247,12 +253,40 @@ class QuantizedModel:
     if self.mode == "int":
       qvars = self.prepare(qvars)
       provider = integer.IntegerLayers(qvars[integer.SERVING_KEY], qvars["quant"], counts, self.plan.signed,
-                                       self.plan.matmul_signed, accumulator, self.conv_impl_map(), self.dense_impl)
+                                       self.plan.matmul_signed, accumulator, self.conv_impl_map(), self.dense_impl,
+                                       self.requant_edges(qvars, x))
     else:
       provider = FlexiQLayers(qvars["quant"], counts, self.plan.signed, "int" if self.mode == "int_reference" else "fake",
                               self.lsq, accumulator, self.plan.matmul_signed, self.lsq_grad_scale)
     variables = {k: v for k, v in qvars.items() if k in ("params", "batch_stats")}
     return interception.run_with_provider(self.model, self.plan, variables, x, provider)
+
+  def requant_edges(self, qvars, x) -> dict:
+    """{producer path: (consumer path, activation)}: the layer pairs whose producer writes the
+    consumer's activation codes in mode 'int' (`fuse_requant`); {} where no layer runs on oneDNN.
+
+    Args:
+      qvars: the (prepared) variables, or their shapes.
+      x: the input batch, or its shape and dtype.
+
+    Returns:
+      The edges `integer.IntegerLayers` takes: both layers quantized, the producer on oneDNN with
+      one flat output feature axis, the consumer taking its input as it is (a conv, or a dense
+      layer contracting one axis).
+    """
+    impls = self.conv_impl_map()
+    on_onednn = {p for p in self.plan.quantized if (impls.get(p) == "onednn" if self.plan.layers[p].kind == "conv"
+                                                    else self.dense_impl == "onednn")}
+    if self.mode != "int" or not self.fuse_requant or not on_onednn or not integer.onednn.available():
+      return {}
+    shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)),
+                                    {k: v for k, v in qvars.items() if k in ("params", "batch_stats")})
+    edges = interception.layer_edges(self.model, self.plan, shapes, jax.ShapeDtypeStruct(jnp.shape(x), jnp.float32))
+    layers = self.plan.layers
+    return {producer: (consumer, act) for consumer, (producer, act) in edges.items()
+            if producer in on_onednn
+            and (layers[producer].kind == "conv" or len(layers[producer].kernel_shape) == 2)
+            and (layers[consumer].kind == "conv" or layers[consumer].contracted_axes == 1)}
 
   def apply(self, qvars, x, ratio, *, checked: bool = False):
     """Logits at a 4-bit ratio in [0, 1] (a traced scalar: no recompilation when it changes).

@@ -4,7 +4,9 @@
 // selects the epilogue:
 //   s32          the raw accumulators (no scale, bias or post-op): the exactness contract;
 //   f32          acc * scale[o] + bias[o], then the post-op;
-//   u8 / s8      the f32 result above divided by dst_scale, rounded to nearest even and saturated.
+//   u8 / s8      the f32 result above divided by dst_scale, rounded to nearest even and saturated;
+//                through the *Lowered targets also each channel's 4-bit extraction (Requant): the
+//                activation codes of the layer that reads this output.
 // Post-ops: 0 none, 1 ReLU, 2 ReLU6 (clip to [0, 6]), 3 GELU (erf form).
 //
 // How a layer runs (the `mode` attribute: 0 auto, 1 split, 2 direct, 3 single):
@@ -35,6 +37,9 @@
 //           (s8 codes shifted as above) if that primitive reproduces the exact accumulators on a
 //           probe with the largest products (checked once per shape; oneDNN's depthwise kernels
 //           do not use pairwise s16 sums), and everything else runs single.
+//
+// Convs with fewer than 16 input channels, not a multiple of 4 (an image's 3 at the stem), run their
+// direct or single primitive as a 1x1 conv over the im2col matrix of the input (Im2col below).
 //
 // Primitives (and the weight reorder into the layout each primitive prefers) are created once per
 // shape and attribute set and cached. Weights are reordered into the primitive's layout once per
@@ -169,7 +174,6 @@ dnnl::primitive_attr Attr(const Geometry& g, const Variant& v) {
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   if (!v.fused) return attr;
   attr.set_scales_mask(DNNL_ARG_WEIGHTS, !g.conv ? 1 << 1 : g.groups == 1 ? 1 : 3);  // per output channel
-  if (v.dst == dt::u8 || v.dst == dt::s8) attr.set_scales_mask(DNNL_ARG_DST, 0);
   dnnl::post_ops ops;
   if (v.post_op == 1) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
   if (v.post_op == 2) ops.append_eltwise(dnnl::algorithm::eltwise_clip, 0.f, 6.f);
@@ -248,11 +252,12 @@ std::shared_ptr<Cached> Get(const Geometry& g, const Variant& v) {
 // a probed depthwise u8 kernel; the single mode's remainders and input elements, and its time (ns)
 // in its three steps: splitting the codes, the primitive, and one pass over the outputs that adds
 // the remainder and applies the epilogue.
+// kRunIm2col counts the direct and single runs whose primitive ran on the im2col matrix (Im2col).
 enum Count { kRunDirect, kRunSplit, kRunSingle, kRunDepthwise, kSingleRemainders, kSingleInputs,
-             kSingleNsSplitCodes, kSingleNsPrimitive, kSingleNsFinish, kCountCount };
+             kSingleNsSplitCodes, kSingleNsPrimitive, kSingleNsFinish, kRunIm2col, kCountCount };
 std::atomic<int64_t> counts[kCountCount];
 
-enum Slot { kSlotLo, kSlotAcc, kSlotScratchpad, kSlotPixelEnd, kSlotCount };
+enum Slot { kSlotLo, kSlotAcc, kSlotScratchpad, kSlotPixelEnd, kSlotIm2col, kSlotFloat, kSlotCount };
 
 void* Buffer(Slot slot, size_t bytes) {
   thread_local std::vector<std::unique_ptr<char[]>> buffers(kSlotCount);
@@ -288,9 +293,9 @@ std::shared_ptr<Reordered> ReorderedWeights(Cached& c, const int8_t* weights, dn
   return entry;
 }
 
-// One execution on plain (user-layout) weights; scale, bias, dst_scale only for a fused primitive.
+// One execution on plain (user-layout) weights; scale and bias only for a fused primitive.
 void Execute(const Cached& c, const void* src, const int8_t* weights, void* dst, const float* scale = nullptr,
-             const float* bias = nullptr, const float* dst_scale = nullptr,
+             const float* bias = nullptr,
              std::shared_ptr<Reordered> keep = nullptr) {  // keep: ReorderedWeights(c, weights), if known
   dnnl::engine& eng = Engine();
   dnnl::stream stream(eng);
@@ -309,20 +314,181 @@ void Execute(const Cached& c, const void* src, const int8_t* weights, void* dst,
     args.emplace(DNNL_ARG_BIAS, dnnl::memory(c.bias, eng, const_cast<float*>(bias)));
     args.emplace(DNNL_ARG_ATTR_SCALES | DNNL_ARG_WEIGHTS,
                  dnnl::memory({{channels}, dt::f32, tag::x}, eng, const_cast<float*>(scale)));
-    const dt out = c.dst.get_data_type();
-    if (out == dt::u8 || out == dt::s8)
-      args.emplace(DNNL_ARG_ATTR_SCALES | DNNL_ARG_DST,
-                   dnnl::memory({{1}, dt::f32, tag::x}, eng, const_cast<float*>(dst_scale)));
   }
   c.prim.execute(stream, args);
   stream.wait();
 }
 
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// Convs with few input channels (an image's 3 at the stem) run their primitive as one 1x1 conv
+// over the im2col matrix of the input: oneDNN's int8 conv kernels block the input channels by 4,
+// so a 3-channel 7x7 conv multiplies 4 * 49 codes per output where 147 are real, while its 1x1
+// kernels take the 147 (padded to 148) and run no slower per product. Row (b, oy, ox) of the matrix
+// holds the codes under that output's taps, tap by tap (ty, tx) with the c channels of each (the
+// order of the HWIO kernel's rows), then zeros up to a multiple of 4; the weights are the HWIO
+// kernel as a (kh * kw * c, o) matrix with as many zero rows. The same integers, so the same
+// accumulators. The images go through in chunks of at most `im2col_bytes` of matrix (one primitive
+// per chunk size) to bound the buffer; chunks of a few images ran slower than one chunk on a loaded
+// 2-core machine (one parallel region per primitive), so a chunk is as large as that bound allows.
+std::atomic<int64_t> im2col_bytes{int64_t{128} << 20};
+
+bool UseIm2col(const Geometry& g) { return g.conv && g.groups == 1 && g.c % 4 != 0 && g.c < 16 && g.kh * g.kw > 1; }
+
+int64_t Im2colDepth(const Geometry& g) { return (g.kh * g.kw * g.c + 3) / 4 * 4; }
+
+// The 1x1 conv over the im2col rows of `images` images.
+Geometry Im2colGeometry(const Geometry& g, int64_t images) {
+  Geometry m;
+  m.n = images, m.h = g.oh, m.w = g.ow, m.c = Im2colDepth(g), m.o = g.o, m.oh = g.oh, m.ow = g.ow;
+  return m;
+}
+
+std::vector<int8_t> Im2colWeights(const Geometry& g, const int8_t* weights) {
+  std::vector<int8_t> w(Im2colDepth(g) * g.o, 0);
+  std::memcpy(w.data(), weights, g.weight_count());
+  return w;
+}
+
+// memcpy for the short runs of an im2col row: sizes from 8 to 32 bytes as two overlapping copies
+// of a fixed size (a few moves each, no call).
+inline void CopyShort(uint8_t* __restrict__ to, const uint8_t* __restrict__ from, int64_t n) {
+  if (n >= 16 && n <= 32) {
+    std::memcpy(to, from, 16);
+    std::memcpy(to + n - 16, from + n - 16, 16);
+  } else if (n >= 8 && n < 16) {
+    std::memcpy(to, from, 8);
+    std::memcpy(to + n - 8, from + n - 8, 8);
+  } else {
+    std::memcpy(to, from, n);
+  }
+}
+
+// The im2col rows of images [b0, b0 + images) of `src` (images of ih x iw pixels of g.c one-byte
+// codes, read as padded by pad_lo with the code `pad` around them) into `to`, `depth` bytes a row.
+void Im2col(const Geometry& g, const uint8_t* src, int64_t ih, int64_t iw, const dims& pad_lo, uint8_t pad,
+            int64_t b0, int64_t images, int64_t depth, uint8_t* to) {
+  const int64_t c = g.c, dy = g.dilation[0] + 1, dx = g.dilation[1] + 1, used = g.kh * g.kw * c;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t b = 0; b < images; ++b)
+    for (int64_t oy = 0; oy < g.oh; ++oy) {
+      const uint8_t* image = src + (b0 + b) * ih * iw * c;
+      for (int64_t ox = 0; ox < g.ow; ++ox) {
+        uint8_t* row = to + ((b * g.oh + oy) * g.ow + ox) * depth;
+        const int64_t x0 = ox * g.strides[1] - pad_lo[1];
+        for (int64_t ty = 0; ty < g.kh; ++ty) {
+          uint8_t* out = row + ty * g.kw * c;
+          const int64_t iy = oy * g.strides[0] - pad_lo[0] + ty * dy;
+          if (iy < 0 || iy >= ih) {
+            std::memset(out, pad, g.kw * c);
+            continue;
+          }
+          const uint8_t* line = image + iy * iw * c;
+          if (dx == 1 && x0 >= 0 && x0 + g.kw <= iw) {  // the kernel row's taps: one run of bytes
+            CopyShort(out, line + x0 * c, g.kw * c);
+            continue;
+          }
+          for (int64_t tx = 0; tx < g.kw; ++tx) {
+            const int64_t ix = x0 + tx * dx;
+            if (ix < 0 || ix >= iw) std::memset(out + tx * c, pad, c);
+            else std::memcpy(out + tx * c, line + ix * c, c);
+          }
+        }
+        std::memset(row + used, 0, depth - used);
+      }
+    }
+}
+
+// A conv's primitive run as the 1x1 conv of variant `v` over the im2col matrix of `src` (Im2col),
+// chunk by chunk: dst gets the conv's output (rows x o elements of elem_bytes each); the epilogue
+// operands as in Execute.
+void ExecuteIm2col(const Geometry& g, const Variant& v, const uint8_t* src, int64_t ih, int64_t iw,
+                   const dims& pad_lo, uint8_t pad, const int8_t* weights, void* dst, int64_t elem_bytes,
+                   const float* scale = nullptr, const float* bias = nullptr) {
+  const std::vector<int8_t> wk = Im2colWeights(g, weights);
+  const int64_t depth = Im2colDepth(g), per_image = g.oh * g.ow * depth;
+  const int64_t chunk = std::clamp<int64_t>(im2col_bytes.load() / std::max<int64_t>(per_image, 1), 1, g.n);
+  uint8_t* matrix = static_cast<uint8_t*>(Buffer(kSlotIm2col, chunk * per_image));
+  for (int64_t b0 = 0; b0 < g.n; b0 += chunk) {
+    const int64_t images = std::min(chunk, g.n - b0);
+    auto c = Get(Im2colGeometry(g, images), v);
+    Im2col(g, src, ih, iw, pad_lo, pad, b0, images, depth, matrix);
+    Execute(*c, matrix, wk.data(), static_cast<char*>(dst) + b0 * g.oh * g.ow * g.o * elem_bytes, scale, bias);
+  }
+  counts[kRunIm2col] += 1;
+}
+
+// A u8/s8 output's requantization: q = round(y / scale) (a division, rounded to nearest even),
+// saturated to the type's range; then, with `lowering` (4 rows of `channels` floats: inv_step, lo,
+// hi, step), each channel's 4-bit extraction clamp(floor(q * inv_step + 1/2), lo, hi) * step
+// (inv_step = 1, lo and hi the type's range, step = 1 leave q as it is). That is the activation
+// quantization of the layer that reads this output (flexiq_jax's activation_codes), operation for
+// operation in float32, so the codes are the ones it computes from the float output.
+struct Requant {
+  float scale = 1.f;
+  const float* lowering = nullptr;
+  int64_t channels = 0;
+};
+
 template <typename T>
-inline T Saturate(float v) {
+inline T RequantCode(float y, const Requant& rq, int64_t oc) {
   const float lo = static_cast<float>(std::numeric_limits<T>::min());
   const float hi = static_cast<float>(std::numeric_limits<T>::max());
-  return static_cast<T>(std::nearbyint(std::fmin(std::fmax(v, lo), hi)));
+  float q = std::fmin(std::fmax(std::nearbyint(y / rq.scale), lo), hi);
+  if (rq.lowering) {
+    const float* l = rq.lowering;
+    const int64_t n = rq.channels;
+    q = std::fmin(std::fmax(std::floor(q * l[oc] + 0.5f), l[n + oc]), l[2 * n + oc]) * l[3 * n + oc];
+  }
+  return static_cast<T>(q);
+}
+
+// RequantCode for the 8 channels [oc, oc + 8) with AVX2 (the same operations: a division,
+// rounding to nearest even, min/max, floor), stored as 8 bytes.
+template <typename T>
+__attribute__((target("avx2"))) inline void RequantStore8(__m256 y, const Requant& rq, int64_t oc, T* d) {
+  const float lo8 = static_cast<float>(std::numeric_limits<T>::min());
+  const float hi8 = static_cast<float>(std::numeric_limits<T>::max());
+  __m256 q = _mm256_round_ps(_mm256_div_ps(y, _mm256_set1_ps(rq.scale)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  q = _mm256_min_ps(_mm256_max_ps(q, _mm256_set1_ps(lo8)), _mm256_set1_ps(hi8));
+  if (rq.lowering) {
+    const float* l = rq.lowering;
+    const int64_t n = rq.channels;
+    __m256 v = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(q, _mm256_loadu_ps(l + oc)), _mm256_set1_ps(0.5f)));
+    v = _mm256_min_ps(_mm256_max_ps(v, _mm256_loadu_ps(l + n + oc)), _mm256_loadu_ps(l + 2 * n + oc));
+    q = _mm256_mul_ps(v, _mm256_loadu_ps(l + 3 * n + oc));
+  }
+  const __m256i i = _mm256_cvtps_epi32(q);  // integers within the type's range: exact
+  const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+  const __m128i b = std::is_same_v<T, uint8_t> ? _mm_packus_epi16(w, w) : _mm_packs_epi16(w, w);
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(d + oc), b);
+}
+
+template <typename T>
+__attribute__((target("avx2"))) void RequantRowAvx2(const float* y, int64_t channels, const Requant& rq, T* d) {
+  for (int64_t oc = 0; oc < channels; oc += 8) RequantStore8<T>(_mm256_loadu_ps(y + oc), rq, oc, d);
+}
+
+// Float outputs (rows x channels) requantized to u8/s8 codes (Requant), one pass.
+template <typename T>
+void RequantRowsT(const float* y, int64_t rows, int64_t channels, const Requant& rq, T* dst) {
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    if (avx2 && channels % 8 == 0) {
+      RequantRowAvx2<T>(y + r * channels, channels, rq, dst + r * channels);
+      continue;
+    }
+    for (int64_t oc = 0; oc < channels; ++oc) dst[r * channels + oc] = RequantCode<T>(y[r * channels + oc], rq, oc);
+  }
+}
+
+void RequantRows(const float* y, int64_t rows, int64_t channels, const Requant& rq, dt out, void* dst) {
+  if (out == dt::u8) RequantRowsT(y, rows, channels, rq, static_cast<uint8_t*>(dst));
+  else RequantRowsT(y, rows, channels, rq, static_cast<int8_t*>(dst));
 }
 
 inline float PostOp(float y, int64_t post_op) {
@@ -347,8 +513,7 @@ struct Combine {
 };
 
 void CombineAndFinish(const Combine& k, int64_t rows, int64_t channels, const float* scale, const float* bias,
-                      float dst_scale, int64_t post_op, dt out, void* dst) {
-  const float inv = 1.f / dst_scale;
+                      const Requant& rq, int64_t post_op, dt out, void* dst) {
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const int32_t* hi = k.hi + r * k.hi_row;
@@ -364,8 +529,8 @@ void CombineAndFinish(const Combine& k, int64_t rows, int64_t channels, const fl
       }
       const float y = PostOp(static_cast<float>(acc) * scale[oc] + bias[oc], post_op);
       if (out == dt::f32) static_cast<float*>(dst)[i] = y;
-      else if (out == dt::u8) static_cast<uint8_t*>(dst)[i] = Saturate<uint8_t>(y * inv);
-      else static_cast<int8_t*>(dst)[i] = Saturate<int8_t>(y * inv);
+      else if (out == dt::u8) static_cast<uint8_t*>(dst)[i] = RequantCode<uint8_t>(y, rq, oc);
+      else static_cast<int8_t*>(dst)[i] = RequantCode<int8_t>(y, rq, oc);
     }
   }
 }
@@ -394,8 +559,12 @@ std::unique_ptr<uint8_t[]> Shifted(const Geometry& g, const int8_t* x) {
 // -shift * the sum of each output channel's weights (channels last: HWIO or (K, N)).
 std::vector<int32_t> ShiftOffset(const Geometry& g, const int8_t* weights, int32_t shift = 128) {
   std::vector<int32_t> offset(g.o, 0);
-  const int64_t count = g.weight_count();
-  for (int64_t i = 0; i < count; ++i) offset[i % g.o] += weights[i];
+  int32_t* __restrict__ sum = offset.data();
+  const int64_t rows = g.weight_count() / g.o;  // row by row: no division per weight, vectorized
+  for (int64_t r = 0; r < rows; ++r) {
+    const int8_t* __restrict__ w = weights + r * g.o;
+    for (int64_t oc = 0; oc < g.o; ++oc) sum[oc] += w[oc];
+  }
   for (auto& v : offset) v *= -shift;
   return offset;
 }
@@ -592,7 +761,7 @@ void AddTerms(int32_t* acc, const Term* terms, int64_t count, int64_t n) {
 // The epilogue of one output row of accumulators (offset optional): dst may be acc itself.
 template <typename Out, int kPostOp>
 inline void EpilogueRowPlain(const int32_t* a, int64_t channels, const int32_t* offset, const float* scale,
-                        const float* bias, float inv, Out* d) {
+                        const float* bias, const Requant& rq, Out* d) {
   for (int64_t oc = 0; oc < channels; ++oc) {
     const int32_t v = offset ? a[oc] + offset[oc] : a[oc];
     if constexpr (std::is_same_v<Out, int32_t>) {
@@ -600,7 +769,7 @@ inline void EpilogueRowPlain(const int32_t* a, int64_t channels, const int32_t* 
     } else {
       const float y = PostOp(static_cast<float>(v) * scale[oc] + bias[oc], kPostOp);
       if constexpr (std::is_same_v<Out, float>) d[oc] = y;
-      else d[oc] = Saturate<Out>(y * inv);
+      else d[oc] = RequantCode<Out>(y, rq, oc);
     }
   }
 }
@@ -623,14 +792,34 @@ __attribute__((target("avx2"))) void EpilogueRowF32Avx2(const int32_t* a, int64_
   }
 }
 
+// The same to requantized u8/s8 codes (RequantStore8).
+template <typename Out, int kPostOp>
+__attribute__((target("avx2"))) void EpilogueRowCodesAvx2(const int32_t* a, int64_t channels, const int32_t* offset,
+                                                           const float* scale, const float* bias, const Requant& rq,
+                                                           Out* d) {
+  const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.f);
+  for (int64_t oc = 0; oc < channels; oc += 8) {
+    __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + oc));
+    if (offset) v = _mm256_add_epi32(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(offset + oc)));
+    __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_loadu_ps(scale + oc)),
+                             _mm256_loadu_ps(bias + oc));
+    if constexpr (kPostOp == 1) y = _mm256_max_ps(y, zero);
+    if constexpr (kPostOp == 2) y = _mm256_min_ps(_mm256_max_ps(y, zero), six);
+    RequantStore8<Out>(y, rq, oc, d);
+  }
+}
+
 template <typename Out, int kPostOp>
 inline void EpilogueRow(const int32_t* a, int64_t channels, const int32_t* offset, const float* scale,
-                        const float* bias, float inv, Out* d) {
-  if constexpr (std::is_same_v<Out, float> && kPostOp != 3) {
+                        const float* bias, const Requant& rq, Out* d) {
+  if constexpr (kPostOp != 3 && !std::is_same_v<Out, int32_t>) {
     static const bool avx2 = __builtin_cpu_supports("avx2");
-    if (avx2 && channels % 8 == 0) return EpilogueRowF32Avx2<kPostOp>(a, channels, offset, scale, bias, d);
+    if (avx2 && channels % 8 == 0) {
+      if constexpr (std::is_same_v<Out, float>) return EpilogueRowF32Avx2<kPostOp>(a, channels, offset, scale, bias, d);
+      else return EpilogueRowCodesAvx2<Out, kPostOp>(a, channels, offset, scale, bias, rq, d);
+    }
   }
-  EpilogueRowPlain<Out, kPostOp>(a, channels, offset, scale, bias, inv, d);
+  EpilogueRowPlain<Out, kPostOp>(a, channels, offset, scale, bias, rq, d);
 }
 
 // The single mode's last pass, one output row at a time: the remainder of every input pixel the
@@ -638,9 +827,8 @@ inline void EpilogueRow(const int32_t* a, int64_t channels, const int32_t* offse
 // epilogue. acc: the primitive's accumulators; dst may be acc itself.
 template <typename Out, int kPostOp>
 void FinishSingleT(const Geometry& g, const SparseRemainder& rem, const int8_t* weights, int32_t* acc,
-                   const int32_t* offset, const float* scale, const float* bias, float dst_scale, Out* dst,
+                   const int32_t* offset, const float* scale, const float* bias, const Requant& rq, Out* dst,
                    bool epilogue) {
-  const float inv = 1.f / dst_scale;
   const int64_t cg = g.c / g.groups, og = g.group_out(), taps = g.kh * g.kw;
 #pragma omp parallel
   {
@@ -685,7 +873,7 @@ void FinishSingleT(const Geometry& g, const SparseRemainder& rem, const int8_t* 
           } else {
             for (size_t e = 0; e < terms.size(); ++e) Axpy(a + term_out[e], terms[e].w, terms[e].value, og);
           }
-          if (epilogue) EpilogueRow<Out, kPostOp>(a, g.o, offset, scale, bias, inv, dst + row * g.o);
+          if (epilogue) EpilogueRow<Out, kPostOp>(a, g.o, offset, scale, bias, rq, dst + row * g.o);
         }
       }
   }
@@ -693,33 +881,30 @@ void FinishSingleT(const Geometry& g, const SparseRemainder& rem, const int8_t* 
 
 template <typename Out>
 void FinishSingleFor(const Geometry& g, const SparseRemainder& rem, const int8_t* weights, int32_t* acc,
-                     const int32_t* offset, const float* scale, const float* bias, float dst_scale, int64_t post_op,
+                     const int32_t* offset, const float* scale, const float* bias, const Requant& rq, int64_t post_op,
                      Out* dst, bool epilogue) {
   switch (post_op) {
-    case 1: return FinishSingleT<Out, 1>(g, rem, weights, acc, offset, scale, bias, dst_scale, dst, epilogue);
-    case 2: return FinishSingleT<Out, 2>(g, rem, weights, acc, offset, scale, bias, dst_scale, dst, epilogue);
-    case 3: return FinishSingleT<Out, 3>(g, rem, weights, acc, offset, scale, bias, dst_scale, dst, epilogue);
-    default: return FinishSingleT<Out, 0>(g, rem, weights, acc, offset, scale, bias, dst_scale, dst, epilogue);
+    case 1: return FinishSingleT<Out, 1>(g, rem, weights, acc, offset, scale, bias, rq, dst, epilogue);
+    case 2: return FinishSingleT<Out, 2>(g, rem, weights, acc, offset, scale, bias, rq, dst, epilogue);
+    case 3: return FinishSingleT<Out, 3>(g, rem, weights, acc, offset, scale, bias, rq, dst, epilogue);
+    default: return FinishSingleT<Out, 0>(g, rem, weights, acc, offset, scale, bias, rq, dst, epilogue);
   }
 }
 
-int64_t NowNs() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
 
 // Runs a layer in the single mode (file comment). Returns false (nothing written) where the
 // remainder is too dense to pay, so that the caller splits instead.
 constexpr int64_t kParallelSplitCodes = int64_t{1} << 24;
 
 bool RunSingle(const Geometry& g, dt src_t, const void* x, const int8_t* weights, dt out, void* dst,
-               const float* scale, const float* bias, float dst_scale, int64_t post_op) {
+               const float* scale, const float* bias, const Requant& rq, int64_t post_op) {
   int64_t t0 = NowNs();
   const bool s8 = src_t == dt::s8;
-  auto c = Get(g, {dt::u8, s8, 1, dt::s32, false, 0});
+  const bool im2col = UseIm2col(g);
+  auto c = im2col ? nullptr : Get(g, {dt::u8, s8, 1, dt::s32, false, 0});
   std::shared_ptr<Reordered> kept;
   int32_t max_abs;
-  if (c->reorder_weights) {
+  if (!im2col && c->reorder_weights) {
     dnnl::stream stream(Engine());
     kept = ReorderedWeights(*c, weights, stream);
     max_abs = kept->max_abs;
@@ -772,7 +957,11 @@ bool RunSingle(const Geometry& g, dt src_t, const void* x, const int8_t* weights
   const int64_t rows = g.rows();
   int32_t* acc = out == dt::s32 || out == dt::f32 ? static_cast<int32_t*>(dst)  // in place: same size
                                                   : static_cast<int32_t*>(Buffer(kSlotAcc, rows * g.o * 4));
-  Execute(*c, lo, weights, acc, nullptr, nullptr, nullptr, kept);
+  if (im2col)  // lo: u8 codes, unpadded (padding code 0), or padded already with z (s8)
+    ExecuteIm2col(g, {dt::u8, false, 1, dt::s32, false, 0}, lo, hp, wp, s8 ? dims{0, 0} : g.pad_lo, 0, weights,
+                  acc, 4);
+  else
+    Execute(*c, lo, weights, acc, nullptr, nullptr, kept);
   t0 = NowNs();
   counts[kSingleNsPrimitive] += t0 - t1;
 
@@ -781,10 +970,10 @@ bool RunSingle(const Geometry& g, dt src_t, const void* x, const int8_t* weights
   if (total > 0 || epilogue) {
     const std::vector<int32_t> offset = s8 ? ShiftOffset(g, weights, z) : std::vector<int32_t>();
     const int32_t* off = s8 ? offset.data() : nullptr;
-    if (out == dt::s32) FinishSingleFor(g, rem, weights, acc, off, scale, bias, dst_scale, 0, static_cast<int32_t*>(dst), epilogue);
-    else if (out == dt::f32) FinishSingleFor(g, rem, weights, acc, off, scale, bias, dst_scale, post_op, static_cast<float*>(dst), epilogue);
-    else if (out == dt::u8) FinishSingleFor(g, rem, weights, acc, off, scale, bias, dst_scale, post_op, static_cast<uint8_t*>(dst), epilogue);
-    else FinishSingleFor(g, rem, weights, acc, off, scale, bias, dst_scale, post_op, static_cast<int8_t*>(dst), epilogue);
+    if (out == dt::s32) FinishSingleFor(g, rem, weights, acc, off, scale, bias, rq, 0, static_cast<int32_t*>(dst), epilogue);
+    else if (out == dt::f32) FinishSingleFor(g, rem, weights, acc, off, scale, bias, rq, post_op, static_cast<float*>(dst), epilogue);
+    else if (out == dt::u8) FinishSingleFor(g, rem, weights, acc, off, scale, bias, rq, post_op, static_cast<uint8_t*>(dst), epilogue);
+    else FinishSingleFor(g, rem, weights, acc, off, scale, bias, rq, post_op, static_cast<int8_t*>(dst), epilogue);
   }
   counts[kSingleNsFinish] += NowNs() - t0;
   return true;
@@ -828,17 +1017,28 @@ bool ProbeDepthwise(const Geometry& g, const Cached& c) {
 // Runs one layer (file comment): x are the codes (src type `src_t`), weights plain (HWIO or
 // (K, N)), dst of type `out`.
 ffi::Error Run(const Geometry& g, dt src_t, const void* x, const int8_t* weights, dt out, void* dst,
-               const float* scale, const float* bias, const float* dst_scale, int64_t post_op, int64_t mode) {
+               const float* scale, const float* bias, const Requant& rq, int64_t post_op, int64_t mode) {
   try {
     const bool fuse = out != dt::s32;
+    // A u8/s8 output of a fused primitive: its float output (the same floats as an f32 output)
+    // into a buffer, then requantized (RequantRows).
+    const bool codes = out == dt::u8 || out == dt::s8;
+    const dt fused_out = codes ? dt::f32 : out;
+    void* fused_dst = dst;
+    if (codes && (mode == 2 || mode == 0)) fused_dst = Buffer(kSlotFloat, g.rows() * g.o * sizeof(float));
     if (mode == 2 || (mode == 0 && HasVnni())) {
-      auto c = Get(g, {src_t, false, 1, out, fuse, fuse ? post_op : 0});
-      Execute(*c, x, weights, dst, fuse ? scale : nullptr, bias, dst_scale);
+      if (UseIm2col(g))  // padding code 0: the real zero of u8 and s8 codes
+        ExecuteIm2col(g, {src_t, false, 1, fused_out, fuse, fuse ? post_op : 0}, static_cast<const uint8_t*>(x), g.h,
+                      g.w, g.pad_lo, 0, weights, fused_dst, 4, fuse ? scale : nullptr, bias);
+      else
+        Execute(*Get(g, {src_t, false, 1, fused_out, fuse, fuse ? post_op : 0}), x, weights, fused_dst,
+                fuse ? scale : nullptr, bias);
+      if (codes) RequantRows(static_cast<const float*>(fused_dst), g.rows(), g.o, rq, out, dst);
       counts[kRunDirect] += 1;
       return ffi::Error::Success();
     }
     if (mode == 3 || (mode == 0 && !g.depthwise())) {
-      if (RunSingle(g, src_t, x, weights, out, dst, scale, bias, *dst_scale, post_op)) return ffi::Error::Success();
+      if (RunSingle(g, src_t, x, weights, out, dst, scale, bias, rq, post_op)) return ffi::Error::Success();
     }
     const bool shift = src_t == dt::s8;
     std::unique_ptr<uint8_t[]> shifted = shift ? Shifted(g, static_cast<const int8_t*>(x)) : nullptr;
@@ -857,18 +1057,19 @@ ffi::Error Run(const Geometry& g, dt src_t, const void* x, const int8_t* weights
       if (c->probe == 1) {
         counts[kRunDepthwise] += 1;
         if (!shift) {
-          auto f = Get(g, {dt::u8, false, 1, out, fuse, fuse ? post_op : 0});
-          Execute(*f, x, weights, dst, fuse ? scale : nullptr, bias, dst_scale);
+          auto f = Get(g, {dt::u8, false, 1, fused_out, fuse, fuse ? post_op : 0});
+          Execute(*f, x, weights, fused_dst, fuse ? scale : nullptr, bias);
+          if (codes) RequantRows(static_cast<const float*>(fused_dst), rows, g.o, rq, out, dst);
           return ffi::Error::Success();
         }
         auto acc = Uninitialized<int32_t>(rows * g.o);
         Execute(*c, u, weights, acc.get());
         Combine k{acc.get(), g.o, plain};
         k.offset = offset.data();
-        CombineAndFinish(k, rows, g.o, scale, bias, *dst_scale, post_op, out, dst);
+        CombineAndFinish(k, rows, g.o, scale, bias, rq, post_op, out, dst);
         return ffi::Error::Success();
       }
-      if (RunSingle(g, src_t, x, weights, out, dst, scale, bias, *dst_scale, post_op)) return ffi::Error::Success();
+      if (RunSingle(g, src_t, x, weights, out, dst, scale, bias, rq, post_op)) return ffi::Error::Success();
     }
     // Split: the halves w >> 1 and w & 1.
     counts[kRunSplit] += 1;
@@ -886,7 +1087,7 @@ ffi::Error Run(const Geometry& g, dt src_t, const void* x, const int8_t* weights
       Execute(*c, u, wb.get(), b.get());
       Combine k{a.get(), g.o, plain, 2, b.get(), g.o, plain};
       if (shift) k.offset = offset.data();
-      CombineAndFinish(k, rows, g.o, scale, bias, *dst_scale, post_op, out, dst);
+      CombineAndFinish(k, rows, g.o, scale, bias, rq, post_op, out, dst);
       return ffi::Error::Success();
     }
     // One run with both halves: group q's outputs [q*og, (q+1)*og) become [w >> 1 | w & 1] at
@@ -910,7 +1111,7 @@ ffi::Error Run(const Geometry& g, dt src_t, const void* x, const int8_t* weights
     }
     Combine k{both.get(), 2 * g.o, hi_col, 2, both.get(), 2 * g.o, lo_col};
     if (shift) k.offset = offset.data();
-    CombineAndFinish(k, rows, g.o, scale, bias, *dst_scale, post_op, out, dst);
+    CombineAndFinish(k, rows, g.o, scale, bias, rq, post_op, out, dst);
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
   }
@@ -929,14 +1130,22 @@ ffi::Error Types(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::DataType dst_t
   return ffi::Error::Success();
 }
 
+// The lowering rows of a requantized output (Requant): 4 x channels floats, or none.
+ffi::Error Lowering(ffi::Buffer<ffi::F32> lowering, int64_t channels, const float** rows) {
+  if (lowering.element_count() != static_cast<size_t>(4 * channels))
+    return ffi::Error::InvalidArgument("onednn: the lowering operand must hold 4 x (output channels) floats");
+  *rows = lowering.typed_data();
+  return ffi::Error::Success();
+}
+
 // src: NHWC (u8|s8); weights: HWIO s8 with I = C / groups; scale, bias: (O,) f32; dst_scale: ()
-// f32; dst: NHWC (s32|f32|u8|s8). strides, pad_lo, pad_hi, dilation: (2,) each, dilation as in
-// XLA (1 = none).
-ffi::Error ConvImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::F32> scale,
-                    ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> dst_scale, ffi::Result<ffi::AnyBuffer> dst,
-                    ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
-                    ffi::Span<const int64_t> pad_hi, ffi::Span<const int64_t> dilation, int64_t groups,
-                    int64_t post_op, int64_t mode) {
+// f32; lowering: (4, O) f32 or nullptr (Requant); dst: NHWC (s32|f32|u8|s8). strides, pad_lo,
+// pad_hi, dilation: (2,) each, dilation as in XLA (1 = none).
+ffi::Error ConvRun(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::F32> scale,
+                   ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> dst_scale, ffi::Buffer<ffi::F32>* lowering,
+                   ffi::Result<ffi::AnyBuffer> dst, ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
+                   ffi::Span<const int64_t> pad_hi, ffi::Span<const int64_t> dilation, int64_t groups,
+                   int64_t post_op, int64_t mode) {
   dt src_t, out;
   if (auto e = Types(src, weights, dst->element_type(), &src_t, &out, "onednn conv"); e.failure()) return e;
   auto x = src.dimensions(), k = weights.dimensions(), y = dst->dimensions();
@@ -952,14 +1161,37 @@ ffi::Error ConvImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi:
   g.pad_hi = {pad_hi[0], pad_hi[1]};
   if (g.c != k[2] * groups || g.o % groups != 0 || y[0] != g.n || y[3] != g.o)
     return ffi::Error::InvalidArgument("onednn conv: channel counts do not match the groups");
+  Requant rq{*dst_scale.typed_data(), nullptr, g.o};
+  if (lowering)
+    if (auto e = Lowering(*lowering, g.o, &rq.lowering); e.failure()) return e;
   return Run(g, src_t, src.untyped_data(), static_cast<const int8_t*>(weights.untyped_data()), out,
-             dst->untyped_data(), scale.typed_data(), bias.typed_data(), dst_scale.typed_data(), post_op, mode);
+             dst->untyped_data(), scale.typed_data(), bias.typed_data(), rq, post_op, mode);
 }
 
-// src: (M, K) u8|s8; weights: (K, N) s8; scale, bias: (N,) f32; dst_scale: () f32; dst: (M, N).
-ffi::Error MatmulImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::F32> scale,
-                      ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> dst_scale,
-                      ffi::Result<ffi::AnyBuffer> dst, int64_t post_op, int64_t mode) {
+ffi::Error ConvImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::F32> scale,
+                    ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> dst_scale, ffi::Result<ffi::AnyBuffer> dst,
+                    ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
+                    ffi::Span<const int64_t> pad_hi, ffi::Span<const int64_t> dilation, int64_t groups,
+                    int64_t post_op, int64_t mode) {
+  return ConvRun(src, weights, scale, bias, dst_scale, nullptr, dst, strides, pad_lo, pad_hi, dilation, groups,
+                 post_op, mode);
+}
+
+ffi::Error ConvLoweredImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::F32> scale,
+                           ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> dst_scale,
+                           ffi::Buffer<ffi::F32> lowering, ffi::Result<ffi::AnyBuffer> dst,
+                           ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
+                           ffi::Span<const int64_t> pad_hi, ffi::Span<const int64_t> dilation, int64_t groups,
+                           int64_t post_op, int64_t mode) {
+  return ConvRun(src, weights, scale, bias, dst_scale, &lowering, dst, strides, pad_lo, pad_hi, dilation, groups,
+                 post_op, mode);
+}
+
+// src: (M, K) u8|s8; weights: (K, N) s8; scale, bias: (N,) f32; dst_scale: () f32; lowering: (4, N)
+// f32 or nullptr (Requant); dst: (M, N).
+ffi::Error MatmulRun(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::F32> scale,
+                     ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> dst_scale, ffi::Buffer<ffi::F32>* lowering,
+                     ffi::Result<ffi::AnyBuffer> dst, int64_t post_op, int64_t mode) {
   dt src_t, out;
   if (auto e = Types(src, weights, dst->element_type(), &src_t, &out, "onednn matmul"); e.failure()) return e;
   auto a = src.dimensions(), b = weights.dimensions(), y = dst->dimensions();
@@ -968,8 +1200,24 @@ ffi::Error MatmulImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ff
   Geometry g;
   g.conv = false;
   g.n = a[0], g.c = a[1], g.o = b[1];
+  Requant rq{*dst_scale.typed_data(), nullptr, g.o};
+  if (lowering)
+    if (auto e = Lowering(*lowering, g.o, &rq.lowering); e.failure()) return e;
   return Run(g, src_t, src.untyped_data(), static_cast<const int8_t*>(weights.untyped_data()), out,
-             dst->untyped_data(), scale.typed_data(), bias.typed_data(), dst_scale.typed_data(), post_op, mode);
+             dst->untyped_data(), scale.typed_data(), bias.typed_data(), rq, post_op, mode);
+}
+
+ffi::Error MatmulImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::F32> scale,
+                      ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> dst_scale,
+                      ffi::Result<ffi::AnyBuffer> dst, int64_t post_op, int64_t mode) {
+  return MatmulRun(src, weights, scale, bias, dst_scale, nullptr, dst, post_op, mode);
+}
+
+ffi::Error MatmulLoweredImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::F32> scale,
+                             ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> dst_scale,
+                             ffi::Buffer<ffi::F32> lowering, ffi::Result<ffi::AnyBuffer> dst, int64_t post_op,
+                             int64_t mode) {
+  return MatmulRun(src, weights, scale, bias, dst_scale, &lowering, dst, post_op, mode);
 }
 
 }  // namespace
@@ -1004,9 +1252,40 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiqOnednnMatmul, MatmulImpl,
                                   .Attr<int64_t>("post_op")
                                   .Attr<int64_t>("mode"));
 
+// The same with a lowering operand after dst_scale: u8/s8 outputs requantized with each channel's
+// 4-bit extraction (Requant), the next layer's activation codes.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiqOnednnConvLowered, ConvLoweredImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("pad_lo")
+                                  .Attr<ffi::Span<const int64_t>>("pad_hi")
+                                  .Attr<ffi::Span<const int64_t>>("dilation")
+                                  .Attr<int64_t>("groups")
+                                  .Attr<int64_t>("post_op")
+                                  .Attr<int64_t>("mode"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiqOnednnMatmulLowered, MatmulLoweredImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("post_op")
+                                  .Attr<int64_t>("mode"));
+
 // The interface version of this library (the FFI targets' attributes, the modes, the exported
 // functions): flexiq_jax refuses a library whose version is not the one it was written for.
-extern "C" int flexiq_onednn_abi() { return 3; }
+extern "C" int flexiq_onednn_abi() { return 5; }
 
 // The oneDNN version this library runs with: major * 10000 + minor * 100 + patch.
 extern "C" int flexiq_onednn_version() {
@@ -1019,6 +1298,12 @@ extern "C" int flexiq_onednn_isa() { return static_cast<int>(dnnl::get_effective
 
 // How many layers ran each way since the library was loaded (the Count enum above), or -1.
 extern "C" int64_t flexiq_onednn_runs(int what) { return what >= 0 && what < kCountCount ? counts[what].load() : -1; }
+
+// Sets the most bytes of im2col matrix a conv with few input channels builds at once (at least
+// one image's; ExecuteIm2col) and returns the previous value; bytes <= 0 only returns it.
+extern "C" int64_t flexiq_onednn_im2col_bytes(int64_t bytes) {
+  return bytes > 0 ? im2col_bytes.exchange(bytes) : im2col_bytes.load();
+}
 
 // Whether mode 0 (auto) runs the direct (fused) kernels here: 1 on CPUs with VNNI.
 extern "C" int flexiq_onednn_direct() { return HasVnni() ? 1 : 0; }
