@@ -221,7 +221,7 @@ def write_markdown(results: dict, path: str) -> None:
   for net in results["nets"]:
     t, iqr = net["median_s"], net["iqr_s"]
     base = t["XLA float32"]
-    peer = t.get("PyTorch int8 (FX, x86)")  # the issue's target: time / PyTorch int8's time <= 1
+    peer = t.get("PyTorch int8 (FX, x86)")  # the target: time / PyTorch int8's time <= 1
     lines += [f"## {net['name']}, batch {net['batch']}", "",
               "| alternative | median ms | IQR ms | vs XLA float32 |" + (" time / PyTorch int8's |" if peer else ""),
               "| --- | ---: | ---: | ---: |" + (" ---: |" if peer else "")]
