@@ -339,9 +339,13 @@ def _flexiq_finetuned_variant(ctx: CompareContext, name: str, overrides: dict) -
 
 
 # FlexiQ's 4-bit fixes one at a time against the configured pipeline, after finetuning (T3):
-# method -> (config changes, what it tests). A value "compare" stands for compare.lsq_learning_rate;
-# a callable value is computed from the configured config.
+# method -> (config changes, what it tests). A callable value is computed from the configured config.
 SANDWICH = (0.0, 1.0)
+
+
+def _lsq_baseline_rate(config) -> float:
+  """The LSQ baseline's learning rate (compare.lsq_learning_rate)."""
+  return float(config.compare.lsq_learning_rate)
 
 
 def _sandwich_one_pass_epochs(config) -> float:
@@ -360,14 +364,14 @@ FINETUNED_VARIANTS = {
     "flexiq_sandwich": ({"finetune.every_step_ratios": SANDWICH, "finetune.every_step_weights": ()},
                         "ratios 0 and 1 trained at every step besides the sampled one (three passes per step)"),
     "flexiq_sandwich_w4": ({"finetune.every_step_ratios": SANDWICH, "finetune.every_step_weights": (1.0, 2.0)},
-                           "the sandwich with the 4-bit end's loss weighted 2 (ratio 0 and the sampled ratio 1; "
-                           "three passes per step)"),
+                           "the sandwich with the 4-bit end's loss weighted 2 (ratio 0 and the sampled ratio "
+                           "weigh 1; three passes per step)"),
     "flexiq_long": ({"finetune.every_step_ratios": (), "finetune.every_step_weights": (),
                      "finetune.num_epochs": _sandwich_one_pass_epochs},
                     "one sampled ratio a step, as many steps as the sandwich's passes (the sandwich's budget "
                     "without its ends)"),
     "flexiq_lsq": ({"finetune.lsq": True, "finetune.lsq_weights": True, "finetune.lsq_grad_scale": "effective",
-                    "finetune.lsq_learning_rate": "compare"}, "learnt activation and weight scales (LSQ, the "
+                    "finetune.lsq_learning_rate": _lsq_baseline_rate}, "learnt activation and weight scales (LSQ, the "
                    "gradient scale of each channel's own grid, at the LSQ baseline's rate)"),
     "flexiq_refresh_quantized": ({"finetune.refresh_source": "quantized"}, "the refresh's bias-correction means "
                                  "from the quantized model's own layer inputs"),
@@ -377,7 +381,7 @@ FINETUNED_VARIANTS = {
 
 
 def resolve_variant_changes(name: str, config) -> dict:
-  """The config changes of finetuned variant `name` for `config`, placeholders resolved.
+  """The config changes of finetuned variant `name` for `config`, its callable values computed.
 
   Args:
     name: a key of FINETUNED_VARIANTS.
@@ -386,11 +390,7 @@ def resolve_variant_changes(name: str, config) -> dict:
   Returns:
     Dotted field -> value.
   """
-  def resolve(value):
-    if callable(value):
-      return value(config)
-    return float(config.compare.lsq_learning_rate) if isinstance(value, str) and value == "compare" else value
-  return {k: resolve(v) for k, v in FINETUNED_VARIANTS[name][0].items()}
+  return {k: v(config) if callable(v) else v for k, v in FINETUNED_VARIANTS[name][0].items()}
 
 
 def _finetuned_variant_method(name: str):
@@ -704,10 +704,10 @@ METHOD_DEPENDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "lsq_qat": ("calibrate", _QAT_BASELINE),
     "switchable_qat": ("calibrate", _QAT_BASELINE),
     "flexiq_100only": _FLEXIQ_100ONLY,
-    # A finetuned variant's changes are constants (flexiq_lsq's rate: the LSQ baseline's), applied
-    # to the configured finetune stage's fields.
-    **{name: ("finetune", ("sweep",) + (("compare.lsq_learning_rate",) if any(
-        isinstance(v, str) and v == "compare" for v in changes.values()) else ()))
+    # A finetuned variant's changes are constants or functions of the configured finetune stage's
+    # fields (flexiq_long's epochs), applied to those fields; flexiq_lsq's rate is the LSQ baseline's.
+    **{name: ("finetune", ("sweep",) + (("compare.lsq_learning_rate",) if _lsq_baseline_rate in changes.values()
+                                        else ()))
        for name, (changes, _) in FINETUNED_VARIANTS.items()},
 }
 

@@ -383,7 +383,8 @@ def qat_step(state: QATState, batch, *, qmodel: QuantizedModel, tx: optax.Gradie
 
   Returns:
     (new state, metrics {'loss', 'ce', 'accuracy', 'grad_norm', 'ratio' (the sampled one), and
-    'kl_to_float' when distilling}), loss and metrics averaged over the step's ratios.
+    'kl_to_float' when distilling}): loss and ce weighted over the step's ratios as the
+    gradient is (`sampler.step_weights()`), accuracy and KL their plain mean.
   """
   sampled = sampler(jax.random.fold_in(rng_key, state.step))
   teacher = teacher_logits_of(teacher_fn, distill_weight, batch["image"])
