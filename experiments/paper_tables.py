@@ -132,18 +132,26 @@ def run_one(name: str, seed: int, methods, ratios, workroot: str, out: str, smok
   from flexiq_jax import pipeline
   from flexiq_jax import records
   from flexiq_jax import workdir as workdir_lib
+  from flexiq_jax import checkpoint
   config = model_config(name, seed, methods, ratios, smoke, imagenet)
   workdir = os.path.join(workroot, name + (f"_seed{seed}" if seed else ""))
   resumed = os.path.isdir(workdir) and bool(os.listdir(workdir))  # earlier work reused: the timer misses it
   run = pipeline.Run(config, workdir)
+  mirror = os.path.join(out, "paper_sweep", "rows", f"{name}_seed{seed}.json")
+  rows_path = os.path.join(workdir, "compare", "rows.json")
   t0 = time.perf_counter()
   with workdir_lib.locked(workdir):  # one sweep (or run.py) per workdir at a time
     result = pipeline.run_until(run, "eval")
+    digest = checkpoint.tree_digest(result.float_model.variables)
+    adopted = adopt_mirrored_rows(mirror, rows_path, digest)
+    if adopted:
+      print(f"{name} seed {seed}: rows of {', '.join(adopted)} taken from {mirror} (same float weights)", flush=True)
     compared = compare.run_compare(run, result.float_model, result.float_metrics, float_logits=result.float_logits,
-                                   recompute=recompute)
+                                   recompute=recompute,
+                                   after_method=lambda m: mirror_rows(rows_path, mirror, digest, name, seed))
   float_done = records.read_json(os.path.join(workdir, "float", "done.json"), {})
   record = {**records.run_info(argv), "model": name, "model_name": config.model.name, "seed": seed,
-            "workdir": workdir, "dataset": config.data.name, "float": result.float_metrics,
+            "workdir": workdir, "dataset": config.data.name, "float": result.float_metrics, "float_digest": digest,
             "float_train": {"epochs": config.train.num_epochs, "steps": float_done.get("total_steps"),
                             "optimizer": config.train.optimizer, "learning_rate": config.train.learning_rate},
             "finetune_epochs": config.finetune.num_epochs, "eval_examples": compared.get("eval_examples"),
@@ -152,6 +160,45 @@ def run_one(name: str, seed: int, methods, ratios, workroot: str, out: str, smok
             "seconds_this_run": time.perf_counter() - t0, "resumed": resumed}
   records.write_json_atomic(os.path.join(out, "paper_sweep", f"{name}_seed{seed}.json"), record)
   return record
+
+
+def mirror_rows(rows_path: str, mirror: str, digest: str, name: str, seed: int) -> None:
+  """Copies a workdir's cached compare rows (compare/rows.json) to `mirror`, a file under the
+  results folder that is committed as methods finish, with the digest of the float weights they
+  were computed on: a workdir lost before its model finished (a new machine) keeps its finished
+  methods, which `adopt_mirrored_rows` puts back once the float model is trained again to the same
+  weights."""
+  from flexiq_jax import records
+  saved = records.read_json(rows_path) or {}
+  records.write_json_atomic(mirror, {"model": name, "seed": seed, "float_digest": digest,
+                                     "note": "per-method rows of an unfinished sweep model (paper_tables.mirror_rows)",
+                                     **{k: saved.get(k, {}) for k in ("fingerprints", "data", "made_by")}})
+
+
+def adopt_mirrored_rows(mirror: str, rows_path: str, digest: str) -> list[str]:
+  """Puts the rows of `mirror` (see `mirror_rows`) that the workdir's compare/rows.json lacks into
+  it, when they were computed on float weights of digest `digest`; the compare cache then reuses
+  each of them while its method's fingerprint is unchanged. Returns the methods taken."""
+  from flexiq_jax import records
+  saved = records.read_json(mirror)
+  if not saved or not saved.get("data"):
+    return []
+  if saved.get("float_digest") != digest:
+    print(f"note: {mirror} holds rows computed on other float weights ({saved.get('float_digest')}, now {digest}); "
+          f"not reused", flush=True)
+    return []
+  cache = records.read_json(rows_path) or {"fingerprints": {}, "data": {}, "made_by": {}}
+  if "fingerprints" not in cache:  # a cache file of the older one-fingerprint form: left as it is
+    return []
+  taken = [k for k in saved["data"] if k not in cache["data"] and k in saved.get("fingerprints", {})]
+  for k in taken:
+    cache["fingerprints"][k] = saved["fingerprints"][k]
+    cache["data"][k] = saved["data"][k]
+    if k in saved.get("made_by", {}):
+      cache["made_by"][k] = saved["made_by"][k]
+  if taken:
+    records.write_json_atomic(rows_path, cache)
+  return taken
 
 
 def jobs(models, seeds, extra_seeds, seed_models, methods, seed_methods) -> list[tuple[str, int, list[str]]]:

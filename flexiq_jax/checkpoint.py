@@ -150,3 +150,25 @@ def load_tree(directory: str, target=None):
         f"cannot read the saved arrays in {directory} ({_reason(e)}); the files are damaged or from another "
         f"version. Delete the stage directory that holds them (or pass run.py --force_from=<that stage>) "
         f"to recompute it.") from e
+
+
+def tree_digest(tree) -> str:
+  """A hash of a pytree's arrays (paths, dtypes, shapes and bytes): equal exactly when two trees
+  hold the same values, e.g. a float model trained twice, bit for bit, at the same commit.
+
+  Args:
+    tree: a pytree of arrays (jax or numpy).
+
+  Returns:
+    The first 16 hex digits of a SHA-256 over the leaves in path order.
+  """
+  import hashlib
+
+  import numpy as np
+  h = hashlib.sha256()
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    value = np.ascontiguousarray(np.asarray(leaf))
+    h.update(f"{jax.tree_util.keystr(path)}|{value.dtype}|{value.shape}|".encode())
+    h.update(value.tobytes())
+  return h.hexdigest()[:16]

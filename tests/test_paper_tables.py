@@ -4,6 +4,7 @@ rerun reproduces byte for byte."""
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -125,6 +126,29 @@ def test_one_model_runs_the_pipeline_and_writes_its_record(tiny_fmnist, tmp_path
   third = paper_tables.run_one("quickstart", 1, ["flexiq", "ptq_minmax"], ["0", "1"], str(tmp_path / "work"),
                                str(tmp_path / "out"), True, ["-m", "experiments.paper_tables"], recompute=("flexiq",))
   assert not third["methods_made_by"]["flexiq"]["this_run"] and third["rows"] == again["rows"]
+
+
+def test_finished_methods_outlive_a_lost_workdir_when_the_float_retrains_to_the_same_weights(
+    tiny_fmnist, tmp_path, monkeypatch):
+  original = paper_tables.model_config
+  monkeypatch.setattr(paper_tables, "model_config", lambda *a, **k: shrink_to_smoke(original(*a, **k), tiny_fmnist))
+  args = ("quickstart", 0, ["ptq_minmax"], ["0", "1"], str(tmp_path / "work"), str(tmp_path / "out"), True,
+          ["-m", "experiments.paper_tables"])
+  first = paper_tables.run_one(*args)
+  mirror = json.load(open(tmp_path / "out" / "paper_sweep" / "rows" / "quickstart_seed0.json"))
+  assert mirror["float_digest"] == first["float_digest"] and set(mirror["data"]) == {"ptq_minmax"}
+  assert not any(f.endswith(".json") and f != "quickstart_seed0.json"
+                 for f in os.listdir(tmp_path / "out" / "paper_sweep"))  # the tables read only records
+  shutil.rmtree(tmp_path / "work")  # a new machine: the float model trains again, to the same weights
+  again = paper_tables.run_one(*args)
+  assert again["float_digest"] == first["float_digest"]
+  assert not again["methods_made_by"]["ptq_minmax"]["this_run"] and again["rows"] == first["rows"]
+  # Rows of other float weights are not reused.
+  mirror["float_digest"] = "0" * 16
+  (tmp_path / "out" / "paper_sweep" / "rows" / "quickstart_seed0.json").write_text(json.dumps(mirror))
+  shutil.rmtree(tmp_path / "work")
+  third = paper_tables.run_one(*args)
+  assert third["methods_made_by"]["ptq_minmax"]["this_run"]
 
 
 def test_speed_figure_leaves_out_a_benchmark_entry_of_an_earlier_variant(tmp_path):

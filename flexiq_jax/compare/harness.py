@@ -759,7 +759,7 @@ ALL_METHODS = tuple(METHODS)
 
 
 def run_compare(run: pipeline.Run, float_model: FloatModel, float_metrics=None, float_logits=None,
-                recompute=()) -> dict:
+                recompute=(), after_method=None) -> dict:
   """Every method of config.compare.methods; rows cached per method in <workdir>/compare/rows.json.
   `float_logits`: the float model's logits on the eval batches (PipelineResult.float_logits);
   computed here in one pass when not given. `recompute`: methods (those of them that run) whose
@@ -774,6 +774,8 @@ def run_compare(run: pipeline.Run, float_model: FloatModel, float_metrics=None, 
     float_metrics: Optional float metrics; their 'top1' goes into the results.
     float_logits: Optional float logits on the eval batches.
     recompute: Method names whose rows made by another commit are recomputed.
+    after_method: Optional callable of a method's name, called once its rows are in
+      <workdir>/compare/rows.json (e.g. to copy them somewhere durable).
 
   Returns:
     The results dict (run info, model, dataset, eval_examples, float_top1, rows,
@@ -814,6 +816,8 @@ def run_compare(run: pipeline.Run, float_model: FloatModel, float_metrics=None, 
                                                                  for r in METHODS[m](ctx)])]
     seconds[m] = time.perf_counter() - t0
     print(f"compare: {m} done ({seconds[m]:.0f} s)")
+    if after_method is not None:
+      after_method(m)
     bar.update(1)
   bar.close()
   results = {**records.run_info(), "model": config.model.name, "dataset": config.data.name,
