@@ -120,6 +120,36 @@ def earlier_rows(name: str) -> list[dict]:
   return out
 
 
+def keep_recorded(rows: list[dict], previous: dict) -> list[dict]:
+  """`rows` with what an earlier report (`previous`, its JSON) recorded of a finished float stage
+  whose workdir this machine does not hold (a new machine; workdirs are not committed): a model
+  row not finished here keeps the earlier finished row of the same recipe (marked 'kept', with
+  the curve of a retraining in progress as 'retraining'), and a replaced recipe missing here keeps
+  its earlier entry. A finished stage on disk always wins.
+
+  Args:
+    rows: the rows read from the workdirs now.
+    previous: the report this run replaces ({} if none).
+
+  Returns:
+    The rows to report.
+  """
+  before = {r["model"]: r for r in previous.get("models", [])}
+  out = []
+  for row in rows:
+    old = before.get(row["model"])
+    if old and not row["done"] and old.get("done") and old.get("recipe") == row["recipe"]:
+      kept = {**old, "kept": old.get("kept") or {"commit": previous.get("commit"), "date": previous.get("date")},
+              "retraining": row["curve"] or None}
+      row = {**kept, "earlier": row["earlier"]}
+    if old:
+      here = {(e["workdir"], e["change"]) for e in row["earlier"]}
+      row = {**row, "earlier": row["earlier"] + [e for e in old.get("earlier", [])
+                                                if (e["workdir"], e["change"]) not in here]}
+    out.append(row)
+  return out
+
+
 def common_config(name: str):
   """configs/<name>.py at the setting of its Fashion-MNIST sweep row."""
   import importlib
@@ -153,8 +183,15 @@ def render(info: dict, rows: list[dict]) -> str:
     met = "" if r["met"] is None else ("yes" if r["met"] else f"no ({r['top1'] - r['target']:+.2f})")
     curve = ", ".join(f"{top1:.1f}" for _, top1 in r["curve"]) or "-"
     kind = ("CNN, ImageNet-pretrained" if r["pretrained"] else "CNN") if not r["transformer"] else "transformer"
-    table.append([r["model"], kind, recipe, state, met, curve])
+    if r.get("retraining"):
+      curve += f" (training again here: {', '.join(f'{top1:.1f}' for _, top1 in r['retraining'])})"
+    table.append([r["model"] + (" *" if r.get("kept") else ""), kind, recipe, state, met, curve])
   lines.append(records.markdown_table(["model", "kind", "recipe", "top-1 (%)", f"aim met", "top-1 per epoch"], table))
+  kept = [r for r in rows if r.get("kept")]
+  if kept:
+    lines.append("\n\\* Kept from the report of " + "; ".join(sorted({f"{str(r['kept']['commit'])[:7]} ({r['kept']['date']})" for r in kept}))
+                 + ": the workdir of that float stage is not on the machine that wrote this one (workdirs are not "
+                 "committed); the row is as that report recorded it.\n")
   lines.append("\nTrained by (the run record of each float stage):\n\n")
   for r in rows:
     rec = r["record"]
@@ -162,7 +199,8 @@ def render(info: dict, rows: list[dict]) -> str:
       lines.append(f"- {r['model']}: `{rec['command']}` at {str(rec['commit'])[:7]} on {rec['host']}, {rec['date']}\n")
   earlier = [e for r in rows for e in r.get("earlier", [])]
   if earlier:
-    lines.append("\nRecipes tried and replaced (their float stages kept in the workdirs named):\n\n")
+    lines.append("\nRecipes tried and replaced (their float stages in the workdirs named, or on the machine of an "
+                 "earlier report):\n\n")
     lines.append(records.markdown_table(
         ["model", "what differed", "top-1 (%)", "last logged train accuracy (%)", "top-1 per epoch", "trained by"],
         [[e["model"], e["change"], f"{e['top1']:.2f}",
@@ -222,6 +260,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
   rows = [{**model_row(n, os.path.join(args.workroot, n)), "earlier": earlier_rows(n)} for n in names]
+  rows = keep_recorded(rows, _read_json(args.out + ".json") or {})
   info = records.run_info(["-m", "experiments.float_recipes"] + list(argv if argv is not None else sys.argv[1:]))
   records.write_json_atomic(args.out + ".json", {**info, "models": rows})
   text = render(info, rows)

@@ -73,3 +73,26 @@ def test_a_replaced_recipe_is_listed_with_its_curve_and_run(tmp_path, monkeypatc
   row = {**float_recipes.model_row("mobilenetv2", str(tmp_path / "new")), "earlier": rows}
   text = float_recipes.render({"command": "x", "commit": "y", "device": "z", "date": "w"}, [row])
   assert "Recipes tried and replaced" in text and "| mobilenetv2 | weight decay 5e-4 | 82.60 | 80.8 |" in text
+
+
+def test_a_finished_model_whose_workdir_is_gone_keeps_the_earlier_reports_row(tmp_path):
+  out = str(tmp_path / "report")
+  _workdir(tmp_path / "root", "resnet18", [(469, 88.0), (938, 91.2)], 938)
+  assert float_recipes.main(["--models=resnet18,vit_s", f"--workroot={tmp_path / 'root'}", f"--out={out}"]) == 0
+  first = json.load(open(out + ".json"))
+  assert first["models"][0]["top1"] == 91.2 and not first["models"][0].get("kept")
+  os.rename(tmp_path / "root", tmp_path / "gone")  # a new machine: the workdirs are not there
+  _workdir(tmp_path / "root", "resnet18", [(469, 87.5)], None)  # training again, one epoch in
+  assert float_recipes.main(["--models=resnet18,vit_s", f"--workroot={tmp_path / 'root'}", f"--out={out}"]) == 0
+  again = json.load(open(out + ".json"))
+  row = again["models"][0]
+  assert row["top1"] == 91.2 and row["done"] and row["kept"]["commit"] == first["commit"]
+  assert row["retraining"] == [[1.0, 87.5]]
+  assert again["models"][1]["top1"] is None  # never finished: nothing to keep
+  text = open(out + ".md").read()
+  assert "| resnet18 * |" in text and "training again here: 87.5" in text and "Kept from the report of" in text
+  # A finished stage on disk replaces the kept row.
+  _workdir(tmp_path / "root2", "resnet18", [(469, 85.0), (938, 90.1)], 938)
+  assert float_recipes.main(["--models=resnet18", f"--workroot={tmp_path / 'root2'}", f"--out={out}"]) == 0
+  third = json.load(open(out + ".json"))["models"][0]
+  assert third["top1"] == 90.1 and not third.get("kept")
