@@ -107,9 +107,10 @@ def _finetune_recipe(transformer: bool, fmnist: bool, batch_size: int, train_lr:
     # Every QAT method's rate is chosen from lr_grid on held-out training images: three rates a
     # half-decade (CNNs) or a decade (transformers) apart, spanning FlexiQ's 1% of the float rate
     # (1e-3 SGD / 1e-5 AdamW) and the QAT baselines' former 1e-3.
+    # While an edge of the grid wins, up to two more rates beyond it (lr_grid_extend).
     grid = (1e-5, 1e-4, 1e-3) if transformer else (3e-4, 1e-3, 3e-3)
     return dict(num_epochs=0.2, optimizer="adamw" if transformer else "sgd", learning_rate=0.01 * train_lr,
-                warmup_steps=0, lr_grid=grid)
+                warmup_steps=0, lr_grid=grid, lr_grid_extend=2)
   if transformer:  # 1% of DeiT's 5e-4 per 512 images: 1.25e-6 at batch 128
     return dict(num_epochs=3.0, optimizer="adamw", learning_rate=0.01 * 5e-4 * batch_size / 512,
                 warmup_steps=500, lr_grid=())
@@ -260,6 +261,8 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   # () = no selection: FlexiQ at finetune.learning_rate, the QAT baselines at compare.lsq_learning_rate.
   config.finetune.lr_grid = recipe["lr_grid"]
   config.finetune.lr_select_images = 1000
+  # Rates added one step beyond the grid while its largest or smallest rate wins (0: the grid only).
+  config.finetune.lr_grid_extend = recipe.get("lr_grid_extend", 0)
   config.finetune.distill_weight = 0.5  # weight of KL(float || quantized) in the loss
   config.finetune.levels = ()  # ratio levels sampled per step; () = 0 and select.levels
   config.finetune.uniform_prob = 0.5  # share of steps at a ratio uniform in [0, 1] (between levels)
@@ -357,6 +360,7 @@ def shrink_to_smoke(config: ml_collections.ConfigDict, *, fmnist: bool) -> ml_co
   config.finetune.checkpoint_every_steps = 2
   config.finetune.judge_images = 256
   config.finetune.lr_grid = ()  # one training per QAT method
+  config.finetune.lr_grid_extend = 0
   config.train.eval_every_steps = 0
   config.finetune.eval_every_steps = 0
   config.layerwise.sensitivity_images = 32

@@ -8,7 +8,9 @@ finished candidate is reused with its recorded scores, not retrained). Each cand
 on the same held-out training images (`held_out`: the images that no QAT method's batches reach,
 so every method is scored on the same ones; the eval split is never read), and the best by
 `criterion` is the method's result. The record (`choose`'s second return value) holds the grid,
-every candidate's held-out scores, the criterion and the chosen rate.
+every candidate's held-out scores, the criterion and the chosen rate. With
+`finetune.lr_grid_extend` > 0 a grid whose edge wins grows past that edge, one rate at a time,
+by the same rule for every method, so that no method is compared at a rate its grid cut short.
 
 `finetune.lr_grid = ()` (the default) is the configured rate, trained once where it always was.
 """
@@ -62,7 +64,35 @@ def config_fields(config) -> dict:
   """
   if not grid(config):
     return {}
-  return {"finetune.lr_grid": list(grid(config)), "finetune.lr_select_images": int(config.finetune.lr_select_images)}
+  fields = {"finetune.lr_grid": list(grid(config)), "finetune.lr_select_images": int(config.finetune.lr_select_images)}
+  if extension(config):
+    fields["finetune.lr_grid_extend"] = extension(config)
+  return fields
+
+
+def extension(config) -> int:
+  """How many rates `choose` may add beyond the grid's edges (`finetune.lr_grid_extend`; 0: none)."""
+  return int(config.finetune.get("lr_grid_extend", 0) or 0)
+
+
+def next_rate(rates, upward: bool) -> float:
+  """The rate one step beyond an edge of the ascending `rates`, at the ratio of the step that
+  mirrors it (the pattern of a half-decade grid continues: 3e-4, 1e-3, 3e-3 -> 1e-2, 3e-2 upward,
+  1e-4 downward).
+
+  Args:
+    rates: two or more ascending rates.
+    upward: beyond the largest rate (else below the smallest).
+
+  Returns:
+    The new rate, rounded to 6 significant digits.
+  """
+  r = list(rates)
+  if upward:
+    step = r[-2] / r[-3] if len(r) >= 3 else r[-1] / r[-2]
+    return float(f"{r[-1] * step:.6g}")
+  step = r[2] / r[1] if len(r) >= 3 else r[1] / r[0]
+  return float(f"{r[0] / step:.6g}")
 
 
 def candidate_name(rate: float) -> str:
@@ -192,7 +222,8 @@ def describe(points) -> str:
 
 def choose(config, directory: str, points, train_and_score: Callable) -> tuple[float, str, dict]:
   """Trains and scores a candidate per rate of the grid (or reuses a finished one) and picks the
-  best by `criterion` (the first in grid order on a tie).
+  best by `criterion` (the lowest rate on a tie). While the best is the smallest or largest rate
+  tried, up to `finetune.lr_grid_extend` rates are added one step beyond that edge (`next_rate`).
 
   Args:
     config: a run.py config with a non-empty `finetune.lr_grid`.
@@ -203,14 +234,15 @@ def choose(config, directory: str, points, train_and_score: Callable) -> tuple[f
       keeps its result there and scores it with `score` on `held`.
 
   Returns:
-    (the chosen rate, its candidate directory, the selection record: 'grid', 'criterion',
-    'points', 'images', 'num_images', 'candidates' [{'learning_rate', 'scores', 'top1', 'kl'}],
-    'chosen').
+    (the chosen rate, its candidate directory, the selection record: 'grid' (every rate tried,
+    ascending), 'configured_grid', 'added', 'criterion', 'points', 'images', 'num_images',
+    'candidates' [{'learning_rate', 'scores', 'top1', 'kl'}], 'chosen').
   """
-  rates = grid(config)
+  configured = grid(config)
   held = held_out(config)
-  candidates, paths = [], []
-  for rate in rates:
+  found = {}  # rate -> (candidate, path)
+
+  def run(rate):
     stage = stage_cache.Stage(directory, candidate_name(rate), {"learning_rate": rate, **config_fields(config)})
     stage.begin(resumable=True)
     if stage.is_done():
@@ -219,21 +251,36 @@ def choose(config, directory: str, points, train_and_score: Callable) -> tuple[f
     else:
       scores = train_and_score(rate, stage.path, held)
       stage.mark_done(scores=scores)
-    candidates.append({"learning_rate": rate, "scores": scores})
-    paths.append(stage.path)
-  points = tuple(points or candidates[0]["scores"])
+    found[rate] = ({"learning_rate": rate, "scores": scores}, stage.path)
+
+  def best_rate():
+    rates = sorted(found)
+    return rates, max(rates, key=lambda r: criterion(found[r][0]["scores"], points))  # ties: the lowest rate
+
+  for rate in configured:
+    run(rate)
+  points = tuple(points or found[configured[0]][0]["scores"])
+  added = []
+  rates, best = best_rate()
+  # An edge that wins says the grid stopped short: one more rate beyond it, while extensions remain.
+  while len(added) < extension(config) and best in (rates[0], rates[-1]) and len(rates) >= 2:
+    rate = next_rate(rates, upward=best == rates[-1])
+    print(f"lr selection: lr {best:g} at the grid's edge won; trying lr {rate:g}")
+    run(rate)
+    added.append(rate)
+    rates, best = best_rate()
+  candidates = [found[r][0] for r in rates]
   for c in candidates:
     top1, neg_kl = criterion(c["scores"], points)
     c.update(top1=top1, kl=-neg_kl)
-  best = max(range(len(rates)), key=lambda i: criterion(candidates[i]["scores"], points))
-  record = {"grid": list(rates), "criterion": describe(points), "points": [str(p) for p in points],
-            "images": held.source, "num_images": int(len(held.labels)), "candidates": candidates,
-            "chosen": rates[best]}
+  record = {"grid": rates, "configured_grid": list(configured), "added": added, "criterion": describe(points),
+            "points": [str(p) for p in points], "images": held.source, "num_images": int(len(held.labels)),
+            "candidates": candidates, "chosen": best}
   records.write_json_atomic(os.path.join(directory, RECORD_FILE), {**records.run_info(), **record})
-  print(f"lr selection in {directory}: chose lr {rates[best]:g} of {', '.join(f'{r:g}' for r in rates)} ("
+  print(f"lr selection in {directory}: chose lr {best:g} of {', '.join(f'{r:g}' for r in rates)} ("
         + "; ".join(f"{c['learning_rate']:g}: top-1 {c['top1']:.2f}%, KL {c['kl']:.4g}" for c in candidates)
         + f"; {record['criterion']} on {held.source})")
-  return rates[best], paths[best], record
+  return best, found[best][1], record
 
 
 def summary(record: dict | None) -> str:
@@ -248,5 +295,7 @@ def summary(record: dict | None) -> str:
   """
   if not record:
     return ""
+  added = record.get("added") or []
   return (f"lr {record['chosen']:g} chosen on {record['num_images']} held-out training images from "
-          "{" + ", ".join(f"{r:g}" for r in record["grid"]) + "}")
+          "{" + ", ".join(f"{r:g}" for r in record["grid"]) + "}"
+          + (f" ({', '.join(f'{r:g}' for r in added)} added beyond an edge that won)" if added else ""))

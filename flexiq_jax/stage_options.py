@@ -377,6 +377,8 @@ class FinetuneOptions(Options):
   # () = the configured rate. lr_select_images: how many held-out images (read only with a grid).
   lr_grid: tuple = option((), "finetune.lr_grid", omit_when=((), None))
   lr_select_images: int = option(1000, "finetune.lr_select_images", omit_when=(1000,))
+  # Rates added beyond the grid while its best is at an edge (at most this many; 0: the grid only).
+  lr_grid_extend: int = option(0, "finetune.lr_grid_extend", omit_when=(0, None))
   # Guards and monitoring: they decide whether a result is kept or shown, not what it is.
   divergence_factor: float = option(10.0, "finetune.divergence_factor", result_free=True)
   judge_images: int = option(1000, "finetune.judge_images", result_free=True)
@@ -401,6 +403,11 @@ class FinetuneOptions(Options):
     self.sampler()
     finetune_lib.make_optimizer(self, 1)
     check_lr_grid(self.lr_grid)
+    if self.lr_grid_extend < 0:
+      raise ValueError(f"finetune.lr_grid_extend must be >= 0, got {self.lr_grid_extend}")
+    if self.lr_grid_extend and len(self.lr_grid) < 2:
+      raise ValueError(f"finetune.lr_grid_extend needs a finetune.lr_grid of two or more rates to step from, got "
+                       f"{list(self.lr_grid)}")
     if self.lr_grid and self.lr_select_images <= 0:
       raise ValueError(f"finetune.lr_select_images must be > 0 with finetune.lr_grid set, got {self.lr_select_images}")
 

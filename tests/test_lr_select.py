@@ -14,6 +14,7 @@ from configs import quickstart
 from flexiq_jax import checkpoint
 from flexiq_jax import data
 from flexiq_jax import finetune
+from flexiq_jax import judge
 from flexiq_jax import lr_select
 from flexiq_jax import pipeline
 from flexiq_jax import stage_cache
@@ -109,8 +110,64 @@ def test_the_fmnist_configs_choose_from_a_grid_around_both_former_rates():
   cnn, vit = common.model_config("resnet18", fmnist=True), common.model_config("vit_small_patch16_224", fmnist=True)
   for config in (cnn, vit):
     assert config.finetune.learning_rate in config.finetune.lr_grid and 1e-3 in config.finetune.lr_grid
-    assert len(config.finetune.lr_grid) == 3
+    assert len(config.finetune.lr_grid) == 3 and config.finetune.lr_grid_extend == 2
   assert quickstart.get_config().finetune.lr_grid == () and common.model_config("resnet18").finetune.lr_grid == ()
+
+
+def test_next_rate_continues_the_grids_pattern_past_either_edge():
+  assert lr_select.next_rate((3e-4, 1e-3, 3e-3), upward=True) == 1e-2
+  assert lr_select.next_rate((3e-4, 1e-3, 3e-3, 1e-2), upward=True) == 3e-2
+  assert lr_select.next_rate((3e-4, 1e-3, 3e-3), upward=False) == 1e-4
+  assert lr_select.next_rate((1e-4, 3e-4, 1e-3, 3e-3), upward=False) == 3e-5
+  assert lr_select.next_rate((1e-5, 1e-4, 1e-3), upward=True) == 1e-2
+  assert lr_select.next_rate((1e-3, 5e-3), upward=True) == 2.5e-2
+
+
+@pytest.mark.parametrize("peak, extend, tried, chosen", [
+    (1e-2, 2, [3e-4, 1e-3, 3e-3, 1e-2, 3e-2], 1e-2),  # past the top edge until an inner rate wins
+    (1.0, 2, [3e-4, 1e-3, 3e-3, 1e-2, 3e-2], 3e-2),  # still rising: stops after two added rates
+    (1e-5, 2, [3e-5, 1e-4, 3e-4, 1e-3, 3e-3], 3e-5),  # past the bottom edge
+    (1e-3, 2, [3e-4, 1e-3, 3e-3], 1e-3),  # an inner rate won: the grid only
+    (1e-2, 0, [3e-4, 1e-3, 3e-3], 3e-3),  # no extension configured
+])
+def test_a_winning_edge_grows_the_grid_by_the_same_rule_for_every_method(tmp_path, monkeypatch, peak, extend,
+                                                                          tried, chosen):
+  config = quickstart.get_config("smoke")
+  config.finetune.lr_grid = (3e-4, 1e-3, 3e-3)
+  config.finetune.lr_grid_extend = extend
+  monkeypatch.setattr(lr_select, "held_out",
+                      lambda cfg: judge.JudgeImages(np.zeros((4, 2, 2, 1), np.float32), np.zeros(4, np.int32), "held"))
+  trained = []
+
+  def train_and_score(rate, path, held):
+    trained.append(rate)
+    return {"1": {"top1": 90.0 - abs(np.log10(rate) - np.log10(peak)), "kl": 0.1}}
+
+  rate, path, record = lr_select.choose(config, str(tmp_path), ("1",), train_and_score)
+  assert sorted(trained) == tried and record["grid"] == tried and rate == chosen == record["chosen"]
+  assert record["added"] == [r for r in trained if r not in (3e-4, 1e-3, 3e-3)]
+  assert path.endswith(lr_select.candidate_name(chosen))
+  assert ("added beyond an edge" in lr_select.summary(record)) == bool(record["added"])
+  # Rerun: every candidate, the added ones too, is reused.
+  trained.clear()
+  assert lr_select.choose(config, str(tmp_path), ("1",), train_and_score)[0] == chosen and trained == []
+
+
+def test_the_extension_needs_a_grid_to_step_from_and_is_in_the_qat_fingerprints():
+  config = quickstart.get_config("smoke")
+  config.finetune.lr_grid = (1e-3,)
+  config.finetune.lr_grid_extend = 1
+  with pytest.raises(ValueError, match="lr_grid_extend"):
+    pipeline.check_config(config)
+  config.finetune.lr_grid = (1e-3, 3e-3)
+  config.finetune.lr_grid_extend = -1
+  with pytest.raises(ValueError, match="lr_grid_extend"):
+    pipeline.check_config(config)
+  config.finetune.lr_grid_extend = 0
+  before = _all_fingerprints(config)
+  config.finetune.lr_grid_extend = 2
+  changed = {k for k, v in _all_fingerprints(config).items() if before[k] != v}
+  assert "finetune" in changed and "compare/lsq_qat" in changed and "calibrate" not in changed
 
 
 # --------------------------------------------------------------------------------------------
