@@ -41,6 +41,7 @@ def get_config(arg=None):
   config.finetune.eval_every_steps = 100
   # No learning-rate selection (one training per QAT method): the README's ~12 minute budget.
   config.finetune.lr_grid = ()
+  config.finetune.lr_grid_extend = 0
 
   config.layerwise.sensitivity_images = 256
   config.layerwise.score_examples = 2000

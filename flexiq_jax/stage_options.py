@@ -405,7 +405,7 @@ class FinetuneOptions(Options):
     check_lr_grid(self.lr_grid)
     if self.lr_grid_extend < 0:
       raise ValueError(f"finetune.lr_grid_extend must be >= 0, got {self.lr_grid_extend}")
-    if self.lr_grid_extend and len(self.lr_grid) < 2:
+    if self.lr_grid_extend and len(self.lr_grid) == 1:  # an empty grid selects nothing: the extension is idle
       raise ValueError(f"finetune.lr_grid_extend needs a finetune.lr_grid of two or more rates to step from, got "
                        f"{list(self.lr_grid)}")
     if self.lr_grid and self.lr_select_images <= 0:

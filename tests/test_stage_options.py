@@ -112,7 +112,8 @@ KNOWN = {
 # back: with them, every stage's fingerprint is the old one (the workdirs stay valid for a run
 # that asks for the old settings).
 EARLIER_DEFAULTS = {"quant.weight_scale": "max127", "quant.act_grid": "symmetric"}
-EARLIER_FMNIST_RECIPE = {"train.num_epochs": 1.0, "data.augment": False, "finetune.lr_grid": ()}
+EARLIER_FMNIST_RECIPE = {"train.num_epochs": 1.0, "data.augment": False, "finetune.lr_grid": (),
+                         "finetune.lr_grid_extend": 0}
 
 
 def _config(name):
