@@ -65,8 +65,25 @@ def model_label(name: str) -> str:
   """`name` as the tables show it: rows that start from ImageNet-trained weights say so."""
   spec = _SPECS_BY_CONFIG.get(name)
   return f"{name} (ImageNet-pretrained)" if spec and spec.pretrained_fmnist else name
+
+
+# T3's second part: FlexiQ's 4-bit fixes one at a time, after finetuning: (label, method, change).
+# The sweep runs them by default (METHODS).
+FINETUNED_ABLATIONS = (
+    ("configured FlexiQ", "flexiq", "-"),
+    ("weight grid max|w|/127", "flexiq_max127", "quant.weight_scale=max127"),
+    ("weight grid fitted for 8 and 4 bits", "flexiq_joint", "quant.weight_scale=joint"),
+    ("sandwich (3 passes per step)", "flexiq_sandwich", "finetune.every_step_ratios=(0, 1)"),
+    ("sandwich, 4-bit end weighted 2", "flexiq_sandwich_w4", "every_step_ratios=(0, 1), every_step_weights=(1, 2)"),
+    ("3x the steps, no sandwich (the sandwich's passes)", "flexiq_long", "finetune.num_epochs x 3"),
+    ("learnt scales (LSQ)", "flexiq_lsq", "finetune.lsq, lsq_weights, lsq_grad_scale=effective"),
+    ("refresh from the quantized model", "flexiq_refresh_quantized", "finetune.refresh_source=quantized"),
+    ("symmetric activation grid", "flexiq_symmetric", "quant.act_grid=symmetric"),
+    ("distillation only (no label loss)", "flexiq_distill", "finetune.distill_weight=1"),
+)
 METHODS = ("flexiq", "flexiq_naive", "flexiq_random", "flexiq_uniform", "flexiq_greedy", "flexiq_no_bias_correction",
-           "ptq_minmax", "ptq_mse", "adaround", "lsq_qat", "layerwise_amp", "switchable_qat", "flexiq_100only")
+           "ptq_minmax", "ptq_mse", "adaround", "lsq_qat", "layerwise_amp", "switchable_qat", "flexiq_100only"
+           ) + tuple(method for _, method, _ in FINETUNED_ABLATIONS if method != "flexiq")  # T3's finetuned rows
 # The 4-bit baselines of T1 (method, the setting prefix of its 4-bit row).
 T1_BASELINES = (("ptq_minmax", "W4A4"), ("ptq_mse", "W4A4"), ("adaround", "W4A4"), ("lsq_qat", "W4A4"),
                 ("layerwise_amp", None))
@@ -661,20 +678,6 @@ ABLATIONS = (  # (label, method, what changes against 'flexiq' before finetuning
     ("uniform per-layer counts", "flexiq_uniform", "select.selector=uniform"),
     ("greedy per-layer counts", "flexiq_greedy", "select.selector=greedy"),
     ("no bias correction", "flexiq_no_bias_correction", "quant.bias_correction=False"),
-)
-
-
-# T3's second part: FlexiQ's 4-bit fixes one at a time, after finetuning: (label, method, change).
-FINETUNED_ABLATIONS = (
-    ("configured FlexiQ", "flexiq", "-"),
-    ("weight grid max|w|/127", "flexiq_max127", "quant.weight_scale=max127"),
-    ("weight grid fitted for 8 and 4 bits", "flexiq_joint", "quant.weight_scale=joint"),
-    ("sandwich (3 passes per step)", "flexiq_sandwich", "finetune.every_step_ratios=(0, 1)"),
-    ("sandwich, 4-bit end weighted 2", "flexiq_sandwich_w4", "every_step_ratios=(0, 1), every_step_weights=(1, 2)"),
-    ("3x the steps, no sandwich (the sandwich's passes)", "flexiq_long", "finetune.num_epochs x 3"),
-    ("learnt scales (LSQ)", "flexiq_lsq", "finetune.lsq, lsq_weights, lsq_grad_scale=effective"),
-    ("refresh from the quantized model", "flexiq_refresh_quantized", "finetune.refresh_source=quantized"),
-    ("symmetric activation grid", "flexiq_symmetric", "quant.act_grid=symmetric"),
 )
 
 

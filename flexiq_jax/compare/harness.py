@@ -377,6 +377,8 @@ FINETUNED_VARIANTS = {
                                  "from the quantized model's own layer inputs"),
     "flexiq_symmetric": ({"quant.act_grid": "symmetric"}, "signed inputs on the symmetric grid (signed codes) "
                          "everywhere, no zero point"),
+    "flexiq_distill": ({"finetune.distill_weight": 1.0}, "the loss the KL to the float model only (no label "
+                       "term: the quantized model follows the float one, not the training labels)"),
 }
 
 
