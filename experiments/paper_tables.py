@@ -165,7 +165,7 @@ def run_one(name: str, seed: int, methods, ratios, workroot: str, out: str, smok
       print(f"{name} seed {seed}: rows of {', '.join(adopted)} taken from {mirror} (same float weights)", flush=True)
     compared = compare.run_compare(run, result.float_model, result.float_metrics, float_logits=result.float_logits,
                                    recompute=recompute,
-                                   after_method=lambda m: mirror_rows(rows_path, mirror, digest, name, seed))
+                                   after_method=lambda m: mirror_rows(rows_path, mirror, digest, name, seed, argv))
   float_done = records.read_json(os.path.join(workdir, "float", "done.json"), {})
   record = {**records.run_info(argv), "model": name, "model_name": config.model.name, "seed": seed,
             "workdir": workdir, "dataset": config.data.name, "float": result.float_metrics, "float_digest": digest,
@@ -179,7 +179,7 @@ def run_one(name: str, seed: int, methods, ratios, workroot: str, out: str, smok
   return record
 
 
-def mirror_rows(rows_path: str, mirror: str, digest: str, name: str, seed: int) -> None:
+def mirror_rows(rows_path: str, mirror: str, digest: str, name: str, seed: int, argv=None) -> None:
   """Copies a workdir's cached compare rows (compare/rows.json) to `mirror`, a file under the
   results folder that is committed as methods finish, with the digest of the float weights they
   were computed on: a workdir lost before its model finished (a new machine) keeps its finished
@@ -187,7 +187,8 @@ def mirror_rows(rows_path: str, mirror: str, digest: str, name: str, seed: int) 
   weights."""
   from flexiq_jax import records
   saved = records.read_json(rows_path) or {}
-  records.write_json_atomic(mirror, {"model": name, "seed": seed, "float_digest": digest,
+  info = {k: v for k, v in records.run_info(argv).items() if k in ("command", "commit", "device", "host", "date")}
+  records.write_json_atomic(mirror, {**info, "model": name, "seed": seed, "float_digest": digest,
                                      "note": "per-method rows of an unfinished sweep model (paper_tables.mirror_rows)",
                                      **{k: saved.get(k, {}) for k in ("fingerprints", "data", "made_by")}})
 

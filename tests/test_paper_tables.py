@@ -137,6 +137,7 @@ def test_finished_methods_outlive_a_lost_workdir_when_the_float_retrains_to_the_
   first = paper_tables.run_one(*args)
   mirror = json.load(open(tmp_path / "out" / "paper_sweep" / "rows" / "quickstart_seed0.json"))
   assert mirror["float_digest"] == first["float_digest"] and set(mirror["data"]) == {"ptq_minmax"}
+  assert mirror["command"] == "python -m experiments.paper_tables" and mirror["commit"] == first["commit"]
   assert not any(f.endswith(".json") and f != "quickstart_seed0.json"
                  for f in os.listdir(tmp_path / "out" / "paper_sweep"))  # the tables read only records
   shutil.rmtree(tmp_path / "work")  # a new machine: the float model trains again, to the same weights
