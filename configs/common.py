@@ -60,7 +60,8 @@ from flexiq_jax import models
 TIMM_TAGS = {spec.name: spec.timm_tag for spec in models.specs()}
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
-FMNIST_TRAIN_EXAMPLES = 60_000
+FMNIST_HOLDOUT = 5_000  # training images kept out of training, for choices made on held-out data
+FMNIST_TRAIN_EXAMPLES = 60_000 - FMNIST_HOLDOUT  # the images the :fmnist configs train on
 
 
 def is_transformer(name: str) -> bool:
@@ -140,7 +141,10 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   if fmnist:
     config.data.name = "fashion_mnist"
     config.data.data_dir = "/usr/share/datasets/fashion-mnist"
-    config.data.train_split = "train"
+    # The last 5000 training images are kept out of every training (the float one included): the
+    # QAT methods' learning rates are chosen on them and the finetune's judge scores on them.
+    config.data.train_split = f"train[:-{FMNIST_HOLDOUT}]"
+    config.data.holdout_split = f"train[-{FMNIST_HOLDOUT}:]"
     config.data.eval_split = "test"
     config.data.image_size = ml_collections.FieldReference(28)
     config.data.channels = 1
@@ -151,6 +155,7 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
     config.data.name = "imagenet2012"
     config.data.data_dir = ""  # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets (docs/configs.md, "ImageNet")
     config.data.train_split = "train"
+    config.data.holdout_split = ""  # as train_split, sliced apart: 'train[:-10000]' and 'train[-10000:]'
     config.data.eval_split = "validation"
     config.data.image_size = ml_collections.FieldReference(224)
     config.data.channels = 3
@@ -260,7 +265,7 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   # at, keeping the best on lr_select_images held-out training images (never the eval split);
   # () = no selection: FlexiQ at finetune.learning_rate, the QAT baselines at compare.lsq_learning_rate.
   config.finetune.lr_grid = recipe["lr_grid"]
-  config.finetune.lr_select_images = 1000
+  config.finetune.lr_select_images = FMNIST_HOLDOUT if fmnist else 1000  # :fmnist: the whole holdout_split
   # Rates added one step beyond the grid while its largest or smallest rate wins (0: the grid only).
   config.finetune.lr_grid_extend = recipe.get("lr_grid_extend", 0)
   config.finetune.distill_weight = 0.5  # weight of KL(float || quantized) in the loss

@@ -21,6 +21,11 @@ def get_config(arg=None):
   config.model.name = "resnet_small"  # 3 stages of 2 basic blocks, 16-64 channels
   config.model.kwargs = ml_collections.ConfigDict()
   config.data.eval_examples = -1  # the whole test split (10,000 images)
+  # Every training image trains (no learning-rate selection here; the judge scores on the training
+  # images its finetune did not reach).
+  config.data.train_split = "train"
+  config.data.holdout_split = ""
+  config.finetune.lr_select_images = 1000
   config.eval_batch_size = 500
 
   config.data.augment = False  # with 2 epochs: the quick start's float model in a few minutes

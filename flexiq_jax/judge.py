@@ -6,8 +6,10 @@ KL(float || quantized). A finetune that lowers top-1 by more than `finetune.judg
 points or raises the KL by more than `finetune.judge_kl_rise` nats at either end is refused
 (`FinetuneRefused`): the caller keeps it for inspection and leaves the serving model as it was.
 
-Held-out images: training images the finetune never saw (`unseen_train_indices`: the batches of
-its steps are known from the seed, `data.train_batches`), preprocessed with the eval transform.
+Held-out images: those of `data.holdout_split` where set (training images kept out of every
+training, `holdout_images`), else training images the finetune never saw
+(`unseen_train_indices`: the batches of its steps are known from the seed,
+`data.train_batches`), preprocessed with the eval transform.
 When the finetune saw (nearly) every training image, the first images of the eval split are used
 instead, and the report says so.
 """
@@ -64,6 +66,32 @@ def unseen_train_indices(num_examples: int, batch_size: int, total_steps: int, s
   return np.sort(np.asarray([order[i] for i in range(seen, min(num_examples, seen + limit))], np.int64))
 
 
+def holdout_images(config, n: int) -> JudgeImages:
+  """The first `n` images of `data.holdout_split` (training images kept out of every training),
+  preprocessed with the eval transform.
+
+  Args:
+    config: The run config, with `data.holdout_split` set.
+    n: How many images.
+
+  Returns:
+    The JudgeImages, with a description of the source.
+
+  Raises:
+    ValueError: the split is not disjoint from `data.train_split` in the obvious way (the same
+      split's name unsliced on both sides).
+  """
+  split = config.data.holdout_split
+  if "[" not in split and split == config.data.train_split.partition("[")[0]:
+    raise ValueError(f"data.holdout_split {split!r} is the whole of the training split "
+                     f"{config.data.train_split!r}; slice them apart, e.g. 'train[:-5000]' and 'train[-5000:]'")
+  ds = data.get_dataset(config.data, split)
+  idx = np.arange(min(n, ds.num_examples))
+  batch = ds.load(idx, None)
+  return JudgeImages(batch["image"], batch["label"],
+                     f"the first {len(idx)} images of {split} (kept out of every training)")
+
+
 def judge_images(config, total_steps: int, train_seed: int) -> JudgeImages:
   """The held-out images of a finetune of `total_steps` steps (module docstring).
 
@@ -74,11 +102,14 @@ def judge_images(config, total_steps: int, train_seed: int) -> JudgeImages:
     train_seed: The seed of its training batches.
 
   Returns:
-    The JudgeImages: up to finetune.judge_images unseen training images, or, when fewer than
+    The JudgeImages: the first finetune.judge_images images of data.holdout_split where it is
+    set; else up to finetune.judge_images unseen training images, or, when fewer than
     min(judge_images, MIN_HELD_OUT) are unseen, the first images of the eval split; with a
     description of the source.
   """
   n = int(config.finetune.get("judge_images", 1000))
+  if config.data.get("holdout_split"):
+    return holdout_images(config, n)
   train_ds = data.get_dataset(config.data, config.data.train_split)
   idx = unseen_train_indices(train_ds.num_examples, config.finetune.batch_size, total_steps, train_seed, n)
   if len(idx) >= min(n, MIN_HELD_OUT):

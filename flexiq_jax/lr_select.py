@@ -67,6 +67,8 @@ def config_fields(config) -> dict:
   fields = {"finetune.lr_grid": list(grid(config)), "finetune.lr_select_images": int(config.finetune.lr_select_images)}
   if extension(config):
     fields["finetune.lr_grid_extend"] = extension(config)
+  if config.data.get("holdout_split"):
+    fields["data.holdout_split"] = config.data.holdout_split
   return fields
 
 
@@ -133,8 +135,10 @@ def unseen_by_all(num_examples: int, batch_size: int, total_steps: int, seeds, l
 
 
 def held_out(config) -> judge.JudgeImages:
-  """The held-out training images every method's candidates are scored on: up to
-  `finetune.lr_select_images` training images that no QAT method's batches reach. FlexiQ's
+  """The held-out training images every method's candidates are scored on: the first
+  `finetune.lr_select_images` images of `data.holdout_split` where it is set (kept out of every
+  training, the float one included), else up to that many training images that no QAT method's
+  batches reach. FlexiQ's
   finetunings draw their batches with seed + FLEXIQ_SEED_OFFSET and the QAT baselines with seed +
   BASELINE_SEED_OFFSET, and no method runs more steps than the pass-matched budget at one pass a
   step (`finetune.pass_matched_steps`), so the images beyond that budget in both streams are seen
@@ -151,6 +155,8 @@ def held_out(config) -> judge.JudgeImages:
       (the eval split is never used instead).
   """
   n = int(config.finetune.lr_select_images)
+  if config.data.get("holdout_split"):
+    return judge.holdout_images(config, n)
   train_ds = data.get_dataset(config.data, config.data.train_split)
   steps = finetune_lib.pass_matched_steps(config.finetune, train_ds.num_examples, passes=1)
   seeds = (config.seed + finetune_lib.FLEXIQ_SEED_OFFSET, config.seed + finetune_lib.BASELINE_SEED_OFFSET)

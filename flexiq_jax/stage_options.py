@@ -379,6 +379,10 @@ class FinetuneOptions(Options):
   lr_select_images: int = option(1000, "finetune.lr_select_images", omit_when=(1000,))
   # Rates added beyond the grid while its best is at an edge (at most this many; 0: the grid only).
   lr_grid_extend: int = option(0, "finetune.lr_grid_extend", omit_when=(0, None))
+  # Training images kept out of every training (e.g. 'train[-5000:]' beside a train_split of
+  # 'train[:-5000]'): the learning-rate selection and the finetune's judge score on them; '': on
+  # training images the QAT batches do not reach (the float model trained on them).
+  holdout_split: str = option("", "data.holdout_split", omit_when=("", None))
   # Guards and monitoring: they decide whether a result is kept or shown, not what it is.
   divergence_factor: float = option(10.0, "finetune.divergence_factor", result_free=True)
   judge_images: int = option(1000, "finetune.judge_images", result_free=True)

@@ -18,6 +18,40 @@ def test_idx_reader_roundtrip(tiny_fmnist):
   assert np.all(images[np.arange(256), 2 + 2 * labels, 0] == 250)
 
 
+def test_a_sliced_split_is_a_slice_of_the_images_and_the_two_halves_make_the_whole(tiny_fmnist):
+  images, labels = fashion_mnist.load("train", tiny_fmnist)
+  head, head_labels = fashion_mnist.load("train[:-56]", tiny_fmnist)
+  tail, tail_labels = fashion_mnist.load("train[-56:]", tiny_fmnist)
+  assert len(head) == 200 and len(tail) == 56
+  assert np.array_equal(np.concatenate([head, tail]), images)
+  assert np.array_equal(np.concatenate([head_labels, tail_labels]), labels)
+  assert np.array_equal(fashion_mnist.load("test[10:20]", tiny_fmnist)[0], fashion_mnist.load("test", tiny_fmnist)[0][10:20])
+  ds = data.get_dataset(_fmnist_config(tiny_fmnist, "train[-56:]"), "train[-56:]")
+  assert ds.num_examples == 56
+  for bad in ("train[5]", "train[a:b]", "train[:3", "train[1:2:3]"):
+    with pytest.raises(ValueError, match="slice of image indices"):
+      fashion_mnist.load(bad, tiny_fmnist)
+  with pytest.raises(ValueError, match="holds no image"):
+    fashion_mnist.load("train[:-256]", tiny_fmnist)
+
+
+def _fmnist_config(data_dir, split):
+  import ml_collections
+  return ml_collections.ConfigDict({"name": "fashion_mnist", "data_dir": data_dir, "train_split": split,
+                                    "image_size": 28, "channels": 1, "eval_transform": "fashion_mnist"})
+
+
+@pytest.mark.skipif(not os.path.isdir(REAL_FMNIST), reason="dataset-fashion-mnist not installed")
+def test_the_fmnist_configs_keep_a_holdout_slice_out_of_training():
+  from configs import common
+  config = common.model_config("resnet18", fmnist=True)
+  train_x, _ = fashion_mnist.load(config.data.train_split)
+  held_x, held_y = fashion_mnist.load(config.data.holdout_split)
+  assert len(train_x) == common.FMNIST_TRAIN_EXAMPLES and len(held_x) == common.FMNIST_HOLDOUT
+  assert len(train_x) + len(held_x) == 60000 and np.bincount(held_y).min() > 400  # every class held out
+  assert config.finetune.lr_select_images == common.FMNIST_HOLDOUT
+
+
 @pytest.mark.skipif(not os.path.isdir(REAL_FMNIST), reason="dataset-fashion-mnist not installed")
 def test_real_fashion_mnist_is_complete():
   train_x, train_y = fashion_mnist.load("train")

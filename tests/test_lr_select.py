@@ -170,6 +170,29 @@ def test_the_extension_needs_a_grid_to_step_from_and_is_in_the_qat_fingerprints(
   assert "finetune" in changed and "compare/lsq_qat" in changed and "calibrate" not in changed
 
 
+def test_a_holdout_split_is_what_the_selection_and_the_judge_score_on(smoke_config):
+  from flexiq_jax.data import fashion_mnist
+  config = smoke_config
+  before = _all_fingerprints(config)
+  config.data.train_split = "train[:-56]"
+  config.data.holdout_split = "train[-56:]"
+  config.finetune.lr_select_images = 40
+  tail, tail_labels = fashion_mnist.load("train[-56:]", config.data.data_dir)
+  held = lr_select.held_out(config)
+  assert len(held.labels) == 40 and np.array_equal(held.labels, tail_labels[:40])
+  assert "train[-56:]" in held.source and "kept out of every training" in held.source
+  judged = judge.judge_images(config, total_steps=1000, train_seed=1)  # the QAT saw every image: still the holdout
+  assert np.array_equal(judged.labels, tail_labels[:min(56, config.finetune.judge_images)])
+  # The holdout enters the fingerprints of what it chooses: the float model's changes only by the
+  # training split.
+  config.data.train_split = "train"
+  with_holdout = _all_fingerprints(config)
+  assert with_holdout["float"] == before["float"] and with_holdout["finetune"] != before["finetune"]
+  config.data.holdout_split = "train"
+  with pytest.raises(ValueError, match="slice them apart"):
+    lr_select.held_out(config)
+
+
 # --------------------------------------------------------------------------------------------
 # FlexiQ's finetune stage and the LSQ baseline with a grid, on the tiny dataset.
 

@@ -113,7 +113,8 @@ KNOWN = {
 # that asks for the old settings).
 EARLIER_DEFAULTS = {"quant.weight_scale": "max127", "quant.act_grid": "symmetric"}
 EARLIER_FMNIST_RECIPE = {"train.num_epochs": 1.0, "data.augment": False, "finetune.lr_grid": (),
-                         "finetune.lr_grid_extend": 0}
+                         "finetune.lr_grid_extend": 0, "data.train_split": "train", "data.holdout_split": "",
+                         "finetune.lr_select_images": 1000}
 
 
 def _config(name):

@@ -683,7 +683,7 @@ _QAT_BASELINE = (tuple(f"finetune.{k}" for k in baselines.LSQ_FINETUNE_FIELDS)
 # sampler's (which it sets); every_step_ratios sets its passes.
 _SAMPLER_FIELDS = ("finetune.levels", "finetune.level_probs", "finetune.uniform_prob", "finetune.every_step_weights")
 # The learning-rate selection's fields enter a QAT method's fingerprint only with a grid (`lr_select.config_fields`).
-_LR_FIELDS = ("finetune.lr_grid", "finetune.lr_select_images", "finetune.lr_grid_extend")
+_LR_FIELDS = ("finetune.lr_grid", "finetune.lr_select_images", "finetune.lr_grid_extend", "data.holdout_split")
 _FLEXIQ_100ONLY = ("quantize", tuple(name for name, result_free in stage_options.FinetuneOptions.config_names().items()
                                      if not result_free and name not in _SAMPLER_FIELDS + _LR_FIELDS))
 # The methods whose learning rate finetune.lr_grid chooses (the finetune stage, for 'flexiq', has its own).

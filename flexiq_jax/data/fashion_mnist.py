@@ -38,11 +38,39 @@ def _read_idx(path: str) -> np.ndarray:
   return array.reshape(shape)
 
 
+def parse_split(split: str) -> tuple[str, slice]:
+  """A split name with an optional slice of image indices, as TFDS writes them.
+
+  Args:
+    split: 'train', 'test', or either with a slice of whole numbers: 'train[:-5000]' (all but
+      the last 5000), 'train[-5000:]' (the last 5000), 'test[100:200]'.
+
+  Returns:
+    (the split's name, the slice).
+
+  Raises:
+    ValueError: a slice that is not [start:stop] of optional integers.
+  """
+  name, bracket, rest = split.partition("[")
+  if not bracket:
+    return split, slice(None)
+  body = rest[:-1] if rest.endswith("]") else None
+  parts = body.split(":") if body is not None else []
+  try:
+    if len(parts) != 2:
+      raise ValueError
+    start, stop = (int(p) if p.strip() else None for p in parts)
+  except ValueError:
+    raise ValueError(f"split {split!r}: write a slice of image indices as name[start:stop], e.g. "
+                     f"'train[:-5000]' or 'train[-5000:]'") from None
+  return name, slice(start, stop)
+
+
 def load(split: str, data_dir: str = DEFAULT_DIR) -> tuple[np.ndarray, np.ndarray]:
   """Returns (images uint8 [N, 28, 28], labels int32 [N]) for split 'train' or 'test'.
 
   Args:
-    split: 'train' or 'test'.
+    split: 'train' or 'test', optionally sliced ('train[:-5000]', `parse_split`).
     data_dir: the folder holding the four standard *-ubyte.gz files.
 
   Returns:
@@ -52,9 +80,10 @@ def load(split: str, data_dir: str = DEFAULT_DIR) -> tuple[np.ndarray, np.ndarra
     ValueError: an unknown split, a damaged or truncated file, or image and label counts that differ.
     FileNotFoundError: a file of the split is missing.
   """
-  if split not in _FILES:
+  name, part = parse_split(split)
+  if name not in _FILES:
     raise ValueError(f"Fashion-MNIST has splits {sorted(_FILES)}, not {split!r}")
-  paths = [os.path.join(data_dir, name) for name in _FILES[split]]
+  paths = [os.path.join(data_dir, f) for f in _FILES[name]]
   missing = [p for p in paths if not os.path.exists(p)]
   if missing:
     raise FileNotFoundError(
@@ -65,4 +94,7 @@ def load(split: str, data_dir: str = DEFAULT_DIR) -> tuple[np.ndarray, np.ndarra
   images, labels = (_read_idx(p) for p in paths)
   if images.shape[0] != labels.shape[0]:
     raise ValueError(f"{split}: {images.shape[0]} images but {labels.shape[0]} labels")
+  images, labels = images[part], labels[part]
+  if not len(images):
+    raise ValueError(f"split {split!r} holds no image")
   return images, labels.astype(np.int32)
