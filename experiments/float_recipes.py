@@ -36,6 +36,14 @@ EARLIER_RUNS = {
 }
 
 
+def _steps_per_epoch(train_split: str, batch_size: int) -> int:
+  """Steps of one epoch over Fashion-MNIST's `train_split` (e.g. 'train[:-5000]': 430 at 128)."""
+  from flexiq_jax.data import fashion_mnist
+
+  name, part = fashion_mnist.parse_split(train_split)
+  return -(-len(range(60_000 if name == "train" else 10_000)[part]) // batch_size)
+
+
 def _read_jsonl(path: str) -> list[dict]:
   if not os.path.exists(path):
     return []
@@ -75,7 +83,7 @@ def model_row(name: str, workdir: str) -> dict:
   config = common_config(name)
   spec = models.spec(config.model.name)
   transformer = spec.transformer
-  steps_per_epoch = -(-common.FMNIST_TRAIN_EXAMPLES // config.train.batch_size)
+  steps_per_epoch = _steps_per_epoch(config.data.train_split, config.train.batch_size)
   done = _read_json(os.path.join(workdir, "float", "done.json"))
   fingerprint = _read_json(os.path.join(workdir, "float", "fingerprint.json")) or {}
   evals = _read_jsonl(os.path.join(workdir, "float", "eval.jsonl"))
@@ -86,7 +94,7 @@ def model_row(name: str, workdir: str) -> dict:
   t = config.train
   recipe = dict(epochs=t.num_epochs, optimizer=t.optimizer, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
                 warmup_steps=t.warmup_steps, label_smoothing=t.label_smoothing, augment=bool(config.data.augment),
-                batch_size=t.batch_size)
+                batch_size=t.batch_size, train_split=config.data.train_split)
   return dict(model=name, workdir=workdir, transformer=transformer, pretrained=spec.pretrained_fmnist, recipe=recipe, curve=curve, top1=top1,
               done=bool(done), target=target, met=None if top1 is None else top1 >= target,
               record=training_record(workdir, fingerprint.get("fingerprint")) if done else None)
@@ -110,7 +118,8 @@ def earlier_rows(name: str) -> list[dict]:
     evals = _read_jsonl(os.path.join(workdir, "float", "eval.jsonl"))
     if not (done and config and evals):
       continue
-    steps_per_epoch = -(-common.FMNIST_TRAIN_EXAMPLES // int(config["train"]["batch_size"]))
+    steps_per_epoch = _steps_per_epoch(config.get("data", {}).get("train_split", "train"),
+                                       int(config["train"]["batch_size"]))
     metrics = _read_jsonl(os.path.join(workdir, "float", "metrics.jsonl"))
     fingerprint = (_read_json(os.path.join(workdir, "float", "fingerprint.json")) or {}).get("fingerprint")
     out.append(dict(model=name, workdir=workdir, change=change,
@@ -142,6 +151,14 @@ def keep_recorded(rows: list[dict], previous: dict) -> list[dict]:
       kept = {**old, "kept": old.get("kept") or {"commit": previous.get("commit"), "date": previous.get("date")},
               "retraining": row["curve"] or None}
       row = {**kept, "earlier": row["earlier"]}
+    elif old and old.get("done") and old.get("top1") is not None and old.get("recipe") != row["recipe"]:
+      # The recipe changed since: the finished run of the earlier one is listed among the replaced.
+      now = row["recipe"]
+      change = ", ".join(f"{k} {old['recipe'].get(k, 'train' if k == 'train_split' else '-')} (today {now[k]})"
+                         for k in now if old["recipe"].get(k, "train" if k == "train_split" else None) != now[k])
+      replaced = {"model": row["model"], "workdir": old["workdir"], "change": change or "recipe", "curve": old["curve"],
+                  "top1": old["top1"], "train_accuracy": None, "record": old.get("record")}
+      row = {**row, "earlier": row["earlier"] + [replaced]}
     if old:
       here = {(e["workdir"], e["change"]) for e in row["earlier"]}
       row = {**row, "earlier": row["earlier"] + [e for e in old.get("earlier", [])

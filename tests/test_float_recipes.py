@@ -23,10 +23,10 @@ def _workdir(tmp_path, name, evals, total_steps):
 
 
 def test_a_finished_model_is_judged_against_its_aim_from_its_last_evaluation(tmp_path):
-  done = float_recipes.model_row("resnet18", _workdir(tmp_path, "r", [(469, 80.0), (938, 89.5)], 938))
+  done = float_recipes.model_row("resnet18", _workdir(tmp_path, "r", [(430, 80.0), (860, 89.5)], 860))
   assert done["top1"] == 89.5 and done["met"] is False and done["target"] == float_recipes.TARGET_CNN
   assert done["curve"] == [(1.0, 80.0), (2.0, 89.5)] and done["record"]["commit"] == "c0ffee"
-  vit = float_recipes.model_row("vit_s", _workdir(tmp_path, "v", [(469, 86.5)], 469))
+  vit = float_recipes.model_row("vit_s", _workdir(tmp_path, "v", [(430, 86.5)], 430))
   assert vit["met"] is True and vit["target"] == float_recipes.TARGET_TRANSFORMER
 
 
@@ -39,7 +39,7 @@ def test_a_later_run_still_running_on_the_workdir_leaves_the_training_record(tmp
 
 
 def test_a_model_still_training_has_its_curve_but_no_result(tmp_path):
-  row = float_recipes.model_row("resnet50", _workdir(tmp_path, "t", [(469, 80.0)], None))
+  row = float_recipes.model_row("resnet50", _workdir(tmp_path, "t", [(430, 80.0)], None))
   assert row["top1"] is None and row["met"] is None and row["curve"] == [(1.0, 80.0)]
   text = float_recipes.render({"command": "x", "commit": "y", "device": "z", "date": "w"}, [row])
   assert "| resnet50 | CNN |" in text and "training" in text
@@ -82,7 +82,7 @@ def test_a_finished_model_whose_workdir_is_gone_keeps_the_earlier_reports_row(tm
   first = json.load(open(out + ".json"))
   assert first["models"][0]["top1"] == 91.2 and not first["models"][0].get("kept")
   os.rename(tmp_path / "root", tmp_path / "gone")  # a new machine: the workdirs are not there
-  _workdir(tmp_path / "root", "resnet18", [(469, 87.5)], None)  # training again, one epoch in
+  _workdir(tmp_path / "root", "resnet18", [(430, 87.5)], None)  # training again, one epoch in
   assert float_recipes.main(["--models=resnet18,vit_s", f"--workroot={tmp_path / 'root'}", f"--out={out}"]) == 0
   again = json.load(open(out + ".json"))
   row = again["models"][0]
@@ -96,3 +96,24 @@ def test_a_finished_model_whose_workdir_is_gone_keeps_the_earlier_reports_row(tm
   assert float_recipes.main(["--models=resnet18", f"--workroot={tmp_path / 'root2'}", f"--out={out}"]) == 0
   third = json.load(open(out + ".json"))["models"][0]
   assert third["top1"] == 90.1 and not third.get("kept")
+
+
+def test_a_finished_row_of_a_recipe_since_changed_is_listed_among_the_replaced(tmp_path, monkeypatch):
+  out = str(tmp_path / "report")
+  _workdir(tmp_path / "root", "resnet18", [(469, 88.0), (938, 91.2)], 938)
+  assert float_recipes.main(["--models=resnet18", f"--workroot={tmp_path / 'root'}", f"--out={out}"]) == 0
+  original = float_recipes.common_config
+
+  def longer(name):
+    config = original(name)
+    config.train.num_epochs = 9.0
+    return config
+
+  monkeypatch.setattr(float_recipes, "common_config", longer)
+  os.rename(tmp_path / "root", tmp_path / "gone")
+  assert float_recipes.main(["--models=resnet18", f"--workroot={tmp_path / 'root'}", f"--out={out}"]) == 0
+  row = json.load(open(out + ".json"))["models"][0]
+  assert row["top1"] is None and not row.get("kept")  # another recipe: not shown as today's
+  (replaced,) = row["earlier"]
+  assert replaced["top1"] == 91.2 and replaced["change"] == "epochs 5.0 (today 9.0)"
+  assert "| resnet18 | epochs 5.0 (today 9.0) | 91.20 |" in open(out + ".md").read()
