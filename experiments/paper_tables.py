@@ -158,7 +158,11 @@ def run_one(name: str, seed: int, methods, ratios, workroot: str, out: str, smok
   rows_path = os.path.join(workdir, "compare", "rows.json")
   t0 = time.perf_counter()
   with workdir_lib.locked(workdir):  # one sweep (or run.py) per workdir at a time
-    result = pipeline.run_until(run, "eval")
+    # The float stage's run record (runs/*.json, as run.py writes one): it names the command,
+    # commit and host that trained the float model as soon as it is done.
+    with workdir_lib.RunRecord(workdir, config, argv) as run_record:
+      result = pipeline.run_until(run, "eval")
+      run_record.add("float", result.float_metrics)
     digest = checkpoint.tree_digest(result.float_model.variables)
     adopted = adopt_mirrored_rows(mirror, rows_path, digest)
     if adopted:

@@ -105,6 +105,9 @@ def test_one_model_runs_the_pipeline_and_writes_its_record(tiny_fmnist, tmp_path
   saved = json.load(open(tmp_path / "out" / "paper_sweep" / "quickstart_seed1.json"))
   assert saved["rows"] == record["rows"] and saved["command"] == "python -m experiments.paper_tables"
   assert saved["host"].endswith(f"{len(os.sched_getaffinity(0))} cores")  # the CPU that compiled it
+  (run_file,) = os.listdir(tmp_path / "work" / "quickstart_seed1" / "runs")  # the float stage's run record
+  run_record = json.load(open(tmp_path / "work" / "quickstart_seed1" / "runs" / run_file))
+  assert run_record["status"] == "finished" and run_record["stages"]["float"] and "float" in run_record["metrics"]
   flexiq = [r for r in record["rows"] if r["method"] == "flexiq"]
   assert sorted((r["ratio"], r["finetuned"]) for r in flexiq) == [(0.0, False), (0.0, True), (1.0, False), (1.0, True)]
   assert all("kl" in r and "sqnr_db" in r for r in record["rows"])
