@@ -35,6 +35,7 @@ from ml_collections import config_flags
 
 from flexiq_jax import cli
 from flexiq_jax import finetune as finetune_lib
+from flexiq_jax import judge
 from flexiq_jax import pipeline
 from flexiq_jax import quantize as quantize_lib
 from flexiq_jax import records
@@ -158,6 +159,10 @@ def render(base, info, float_metrics, rows: dict, ratios, shared_selection: bool
     table.append([vname, ", ".join(f"{k}={v}" for k, v in row["overrides"].items()) or "(config as given)"] + cells
                  + [_fmt(gap), _fmt(drift), f"{_fmt(g['median'])} / {_fmt(g['max'])}" if g else "-"])
   text += records.markdown_table(headers, table)
+  refused = {k: r["refused"] for k, r in rows.items() if r.get("refused")}
+  if refused:
+    text += ("\n\nRefused by the finetune judge (their rows above are empty; the model it started from was "
+             "kept):\n\n" + "".join(f"- {k}: {why}\n" for k, why in refused.items()))
   held = {k: r["heldout"] for k, r in rows.items() if r.get("heldout")}
   if held:
     images = next(iter(held.values()))["images"]
@@ -235,25 +240,35 @@ def main(argv):
     pipeline.seed_stages(variant, [os.path.join(workdir, subdir, n) for n in VARIANTS if n != name])
     records.write_run_config(variant.workdir, config)
     ptq = _UNTIL.value == "quantize"
-    if _SHARE.value:
-      res = run_with_reference_selection(variant, float_model, os.path.join(workdir, subdir, "reference"), base,
-                                         finetune=not ptq)
-    else:
-      res = pipeline.run_until(variant, _UNTIL.value, float_model=float_model, evaluate=False)
+    overrides = {k: (list(v) if isinstance(v, tuple) else v) for k, v in changes.items()}
+    try:
+      if _SHARE.value:
+        res = run_with_reference_selection(variant, float_model, os.path.join(workdir, subdir, "reference"), base,
+                                           finetune=not ptq)
+      else:
+        res = pipeline.run_until(variant, _UNTIL.value, float_model=float_model, evaluate=False)
+    except judge.FinetuneRefused as e:  # recorded, and the next variant runs
+      rows[name] = {"overrides": overrides, "refused": str(e).splitlines()[0], "made_by": made_by(variant.workdir)}
+      _save(stem, info, float_metrics, rows, ratios, base)
+      print(f"flexiq_fixes: {name} refused by the finetune judge ({rows[name]['refused']}); next variant")
+      continue
     before = pipeline.sweep(variant, res.quantized, desc=f"{name} before", ratios=ratios, float_logits=float_logits)
-    rows[name] = {"overrides": {k: (list(v) if isinstance(v, tuple) else v) for k, v in changes.items()},
-                  "before": points_dict(before)}
+    rows[name] = {"overrides": overrides, "before": points_dict(before)}
     if not ptq:
       after = pipeline.sweep(variant, res.finetuned, desc=f"{name} after", ratios=ratios, float_logits=float_logits)
       kept = records.read_json(os.path.join(variant.workdir, "finetune", "refresh.json"), {}).get("kept")
       rows[name].update({"after": points_dict(after), "grad_norm": grad_norms(variant.workdir), "refresh_kept": kept,
                          "heldout": held_out(variant.workdir), "made_by": made_by(variant.workdir),
                          "refresh": refresh_both_ways(variant, float_model, res.quantized)})
-    with open(stem + ".json", "w") as f:
-      json.dump({**info, "float": float_metrics, "ratios": ratios, "variants": rows}, f, indent=2)
-    with open(stem + ".md", "w") as f:
-      f.write(render(base, info, float_metrics, rows, ratios, _SHARE.value))
+    _save(stem, info, float_metrics, rows, ratios, base)
     print(f"flexiq_fixes: {name} done; {stem}.md")
+
+
+def _save(stem, info, float_metrics, rows, ratios, base) -> None:
+  with open(stem + ".json", "w") as f:
+    json.dump({**info, "float": float_metrics, "ratios": ratios, "variants": rows}, f, indent=2)
+  with open(stem + ".md", "w") as f:
+    f.write(render(base, info, float_metrics, rows, ratios, _SHARE.value))
 
 
 if __name__ == "__main__":
