@@ -29,9 +29,11 @@ TARGET_PRETRAINED = 92.0  # the ImageNet-trained network finetuned: above every 
 # Recipes tried and replaced, kept for the record: {model: [(workdir, what differed)]}. Each
 # workdir holds a finished float stage of the earlier recipe (a file's absence drops the line).
 EARLIER_RUNS = {
-    "mobilenetv2": [(os.path.join("workdirs", "recipe_mbv2_wd5e-4"), "stem stride 2, weight decay 5e-4 (today 1, 4e-5)"),
+    "mobilenetv2": [(os.path.join("workdirs", "recipe_mbv2_warmup50"), "warmup 50 steps (today 429, one epoch)"),
+                    (os.path.join("workdirs", "recipe_mbv2_wd5e-4"), "stem stride 2, weight decay 5e-4 (today 1, 4e-5)"),
                     (os.path.join("workdirs", "recipe_mbv2_stem2"), "stem stride 2 (today 1)")],
-    "efficientnet_b0": [(os.path.join("workdirs", "recipe_b0_stem2"), "stem stride 2 (today 1)")],
+    "efficientnet_b0": [(os.path.join("workdirs", "recipe_b0_warmup50"), "warmup 50 steps (today 429, one epoch)"),
+                        (os.path.join("workdirs", "recipe_b0_stem2"), "stem stride 2 (today 1)")],
     "efficientnet_lite0": [(os.path.join("workdirs", "recipe_lite0_e1"), "1 epoch (today 2)")],
 }
 
