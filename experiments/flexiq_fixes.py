@@ -41,7 +41,7 @@ from flexiq_jax import quantize as quantize_lib
 from flexiq_jax import records
 from flexiq_jax import train as train_lib
 
-from experiments.fixes_variants import VARIANTS, override, run_with_reference_selection
+from experiments.fixes_variants import VARIANTS, override, render, run_with_reference_selection
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/<name>.py[:args]).",
                                           lock_config=False)
@@ -119,77 +119,6 @@ def held_out(workdir: str) -> dict | None:
   if not report or "after_finetuning" not in report:
     return None
   return {"images": report.get("images"), "before": report["before_finetuning"], "after": report["after_finetuning"]}
-
-
-def _fmt(v, digits=2):
-  return "-" if v is None else f"{v:.{digits}f}"
-
-
-def render(base, info, float_metrics, rows: dict, ratios, shared_selection: bool = False) -> str:
-  name = base.model.name
-  text = (f"# FlexiQ fixes as ablations: {name} on {base.data.name}\n\n" + records.provenance_header(info)
-          + (f"Every variant lowers the channels the reference variant's selection (select.selector="
-             f"'{base.select.selector}') chose (`--share_selection`): only the grid or the training differs.\n\n"
-             if shared_selection else "")
-          + f"Float top-1 {float_metrics['top1']:.2f}% on the first {float_metrics.get('num_examples', '?')} "
-            f"images of the {base.data.eval_split} split (the sweep's images). Each variant: the config plus the "
-            "overrides listed, on the same float model; top-1 (%) / KL(float || quantized) at each 4-bit ratio, "
-            "before (PTQ) and after multi-ratio finetuning (FT). No hyperparameter was tuned.\n\n")
-  runs = {}
-  for vname, row in rows.items():
-    by = row.get("made_by")
-    if by:
-      runs.setdefault((by.get("command"), by.get("commit"), by.get("date", "")[:10]), []).append(vname)
-  if runs:
-    text += "The variants as measured (each variant's own run: command, commit, date):\n\n" + "".join(
-        f"- {', '.join(names)}: `{cmd}` at {str(commit)[:7]}{' (uncommitted changes)' if str(commit).endswith('-dirty') else ''}"
-        f", {date}\n" for (cmd, commit, date), names in runs.items()
-    ) + "\n"
-  headers = ["variant", "overrides"] + [f"{w} {100 * r:g}%" for w in ("PTQ", "FT") for r in ratios] + [
-      "FT 0.5 vs 0", "FT 0 vs PTQ 0", "QAT grad norm (median / max)"]
-  table = []
-  for vname, row in rows.items():
-    before, after = row.get("before", []), row.get("after", [])
-    cells = [f"{_fmt(p['top1'])} / {_fmt(p['kl'], 4)}" for p in before] + ["-"] * (len(ratios) - len(before))
-    cells += [f"{_fmt(p['top1'])} / {_fmt(p['kl'], 4)}" for p in after] + ["-"] * (len(ratios) - len(after))
-    at = lambda pts, r: next((p["top1"] for p in pts if abs(p["ratio"] - r) < 1e-9), None)
-    gap = (at(after, 0.5) - at(after, 0.0)) if at(after, 0.5) is not None and at(after, 0.0) is not None else None
-    drift = (at(after, 0.0) - at(before, 0.0)) if at(after, 0.0) is not None and at(before, 0.0) is not None else None
-    g = row.get("grad_norm")
-    table.append([vname, ", ".join(f"{k}={v}" for k, v in row["overrides"].items()) or "(config as given)"] + cells
-                 + [_fmt(gap), _fmt(drift), f"{_fmt(g['median'])} / {_fmt(g['max'])}" if g else "-"])
-  text += records.markdown_table(headers, table)
-  refused = {k: r["refused"] for k, r in rows.items() if r.get("refused")}
-  if refused:
-    text += ("\n\nRefused by the finetune judge (their rows above are empty; the model it started from was "
-             "kept):\n\n" + "".join(f"- {k}: {why}\n" for k, why in refused.items()))
-  held = {k: r["heldout"] for k, r in rows.items() if r.get("heldout")}
-  if held:
-    images = next(iter(held.values()))["images"]
-    text += (f"\n\nThe same variants on {images} (the finetune judge's images; the variants are compared "
-             "on these, the test split above only reports): top-1 (%) / KL at ratios 0 and 1, before and after "
-             "finetuning.\n\n")
-    cell = lambda d: f"{_fmt(d['top1'])} / {_fmt(d['kl'], 4)}"
-    text += records.markdown_table(
-        ["variant", "PTQ 0%", "PTQ 100%", "FT 0%", "FT 100%", "FT mean of 0% and 100%"],
-        [[k, cell(h["before"]["0"]), cell(h["before"]["1"]), cell(h["after"]["0"]), cell(h["after"]["1"]),
-          _fmt((h["after"]["0"]["top1"] + h["after"]["1"]["top1"]) / 2)] for k, h in held.items()])
-  text += ("\n\nRefresh after finetuning, both ways, on the finetuned weights as trained (the last QAT checkpoint): "
-           "KL(float || quantized) on the calibration images at ratios 0 / 0.5 / 1. 'float': bias-correction means "
-           "from the float forward of the finetuned weights (the behaviour before `finetune.refresh_source`); "
-           "'quantized': from the quantized model's own layer inputs at ratios 0.5 and 1.\n\n")
-  if not any(row.get("refresh") for row in rows.values()):  # post-training only (--until=quantize)
-    return text.split("\n\nRefresh after finetuning")[0] + "\n"
-  rtable = []
-  for vname, row in rows.items():
-    rb = row.get("refresh")
-    if rb:
-      f = lambda d: " / ".join(_fmt(d[k], 4) for k in ("0", "0.5", "1"))
-      rtable.append([vname, f(rb["as_trained"]), f(rb["refresh_float"]), f(rb["refresh_quantized"]),
-                     row.get("refresh_kept", "-")])
-  text += records.markdown_table(["variant", "as trained", "refresh from float", "refresh from quantized",
-                                  "the pipeline kept (finetune.refresh=auto)"], rtable)
-  return text + "\n"
 
 
 def _stem(base) -> str:

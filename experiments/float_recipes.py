@@ -79,7 +79,6 @@ def model_row(name: str, workdir: str) -> dict:
     {'model', 'workdir', 'transformer', 'recipe', 'curve' [(epoch, top1)], 'top1', 'done',
     'target', 'met', 'record'}.
   """
-  from configs import common
   from flexiq_jax import models
 
   config = common_config(name)
@@ -111,8 +110,6 @@ def earlier_rows(name: str) -> list[dict]:
   Returns:
     [{'model', 'workdir', 'change', 'curve' [(epoch, top1)], 'top1', 'train_accuracy', 'record'}].
   """
-  from configs import common
-
   out = []
   for workdir, change in EARLIER_RUNS.get(name, []):
     done = _read_json(os.path.join(workdir, "float", "done.json"))

@@ -55,14 +55,13 @@ def test_fixes_variants_override_only_their_fields():
 
 def test_a_variant_the_judge_refused_is_reported_and_the_others_still_render():
   from configs import quickstart
-  from experiments import flexiq_fixes
   base = quickstart.get_config("smoke")
   info = {"command": "python -m experiments.flexiq_fixes", "commit": "c0ffee", "device": "cpu", "date": "d"}
   point = lambda r, t: {"ratio": r, "top1": t, "kl": 0.01}
   rows = {"max112": {"overrides": {}, "before": [point(0.0, 88.0), point(1.0, 80.0)],
                      "after": [point(0.0, 88.5), point(1.0, 84.0)]},
           "lsq": {"overrides": {"finetune.lsq": True}, "refused": "ratio 1: top-1 fell 5.00 points (> 2.0)"}}
-  text = flexiq_fixes.render(base, info, {"top1": 88.6, "num_examples": 500}, rows, [0.0, 1.0])
+  text = fixes_variants.render(base, info, {"top1": 88.6, "num_examples": 500}, rows, [0.0, 1.0])
   assert "| max112 |" in text and "88.50 / 0.0100" in text
   assert "Refused by the finetune judge" in text and "- lsq: ratio 1: top-1 fell 5.00 points" in text
   assert "| lsq | finetune.lsq=True | - | - | - | - |" in text
