@@ -29,10 +29,12 @@ TARGET_PRETRAINED = 92.0  # the ImageNet-trained network finetuned: above every 
 # Recipes tried and replaced, kept for the record: {model: [(workdir, what differed)]}. Each
 # workdir holds a finished float stage of the earlier recipe (a file's absence drops the line).
 EARLIER_RUNS = {
-    "mobilenetv2": [(os.path.join("workdirs", "recipe_mbv2_warmup50"), "warmup 50 steps (today 429, one epoch)"),
+    "mobilenetv2": [(os.path.join("workdirs", "recipe_mbv2_warmup50"), "no gradient clipping (today at norm 2)"),
+                    (os.path.join("workdirs", "recipe_mbv2_warmup1ep"), "no gradient clipping, warmup 429 steps "
+                     "(today at norm 2, warmup 50)"),
                     (os.path.join("workdirs", "recipe_mbv2_wd5e-4"), "stem stride 2, weight decay 5e-4 (today 1, 4e-5)"),
                     (os.path.join("workdirs", "recipe_mbv2_stem2"), "stem stride 2 (today 1)")],
-    "efficientnet_b0": [(os.path.join("workdirs", "recipe_b0_warmup50"), "warmup 50 steps (today 429, one epoch)"),
+    "efficientnet_b0": [(os.path.join("workdirs", "recipe_b0_warmup50"), "no gradient clipping (today at norm 2)"),
                         (os.path.join("workdirs", "recipe_b0_stem2"), "stem stride 2 (today 1)")],
     "efficientnet_lite0": [(os.path.join("workdirs", "recipe_lite0_e1"), "1 epoch (today 2)")],
 }
@@ -95,7 +97,7 @@ def model_row(name: str, workdir: str) -> dict:
   t = config.train
   recipe = dict(epochs=t.num_epochs, optimizer=t.optimizer, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
                 warmup_steps=t.warmup_steps, label_smoothing=t.label_smoothing, augment=bool(config.data.augment),
-                batch_size=t.batch_size, train_split=config.data.train_split)
+                batch_size=t.batch_size, train_split=config.data.train_split, grad_clip_norm=t.grad_clip_norm)
   return dict(model=name, workdir=workdir, transformer=transformer, pretrained=spec.pretrained_fmnist, recipe=recipe, curve=curve, top1=top1,
               done=bool(done), target=target, met=None if top1 is None else top1 >= target,
               record=training_record(workdir, fingerprint.get("fingerprint")) if done else None)
@@ -128,6 +130,16 @@ def earlier_rows(name: str) -> list[dict]:
   return out
 
 
+# Recipe fields added to the report later, and the value an earlier report's recipe had.
+_RECIPE_DEFAULTS = {"train_split": "train", "grad_clip_norm": 0.0}
+
+
+def _recipe_changes(old: dict, now: dict) -> str:
+  """What differs between an earlier report's recipe and today's ('' when nothing does)."""
+  value = lambda recipe, k: recipe.get(k, _RECIPE_DEFAULTS.get(k))
+  return ", ".join(f"{k} {value(old, k)} (today {now[k]})" for k in now if value(old, k) != now[k])
+
+
 def keep_recorded(rows: list[dict], previous: dict) -> list[dict]:
   """`rows` with what an earlier report (`previous`, its JSON) recorded of a finished float stage
   whose workdir this machine does not hold (a new machine; workdirs are not committed): a model
@@ -146,22 +158,20 @@ def keep_recorded(rows: list[dict], previous: dict) -> list[dict]:
   out = []
   for row in rows:
     old = before.get(row["model"])
-    if old and not row["done"] and old.get("done") and old.get("recipe") == row["recipe"]:
+    if old and not row["done"] and old.get("done") and not _recipe_changes(old["recipe"], row["recipe"]):
       kept = {**old, "kept": old.get("kept") or {"commit": previous.get("commit"), "date": previous.get("date")},
               "retraining": row["curve"] or None}
       row = {**kept, "earlier": row["earlier"]}
-    elif old and old.get("done") and old.get("top1") is not None and old.get("recipe") != row["recipe"]:
+    elif old and old.get("done") and old.get("top1") is not None and _recipe_changes(old["recipe"], row["recipe"]):
       # The recipe changed since: the finished run of the earlier one is listed among the replaced.
-      now = row["recipe"]
-      change = ", ".join(f"{k} {old['recipe'].get(k, 'train' if k == 'train_split' else '-')} (today {now[k]})"
-                         for k in now if old["recipe"].get(k, "train" if k == "train_split" else None) != now[k])
-      replaced = {"model": row["model"], "workdir": old["workdir"], "change": change or "recipe", "curve": old["curve"],
+      change = _recipe_changes(old["recipe"], row["recipe"])
+      replaced = {"model": row["model"], "workdir": old["workdir"], "change": change, "curve": old["curve"],
                   "top1": old["top1"], "train_accuracy": None, "record": old.get("record")}
       row = {**row, "earlier": row["earlier"] + [replaced]}
     if old:
-      here = {(e["workdir"], e["change"]) for e in row["earlier"]}
-      row = {**row, "earlier": row["earlier"] + [e for e in old.get("earlier", [])
-                                                if (e["workdir"], e["change"]) not in here]}
+      run_of = lambda e: (e["workdir"], tuple(tuple(p) for p in e["curve"]))  # one training run, however described
+      here = {run_of(e) for e in row["earlier"]}
+      row = {**row, "earlier": row["earlier"] + [e for e in old.get("earlier", []) if run_of(e) not in here]}
     out.append(row)
   return out
 
@@ -193,7 +203,8 @@ def render(info: dict, rows: list[dict]) -> str:
   for r in rows:
     p = r["recipe"]
     recipe = (f"{p['epochs']:g} ep, {p['optimizer']} {p['learning_rate']:g}, wd {p['weight_decay']:g}, warmup "
-              f"{p['warmup_steps']}, ls {p['label_smoothing']:g}{', augment' if p['augment'] else ''}")
+              f"{p['warmup_steps']}, ls {p['label_smoothing']:g}{', augment' if p['augment'] else ''}"
+              + (f", clip {p['grad_clip_norm']:g}" if p.get("grad_clip_norm") else ""))
     state = ("not started" if not r["curve"] and not r["done"] else
              f"{r['top1']:.2f}" if r["top1"] is not None else "training")
     met = "" if r["met"] is None else ("yes" if r["met"] else f"no ({r['top1'] - r['target']:+.2f})")
