@@ -191,6 +191,10 @@ class DataOptions(Options):
   augment: bool = option(False, "data.augment")
   num_threads: int = option(2, "data.num_threads", result_free=True)
 
+  def __post_init__(self):
+    if self.name == "fashion_mnist":
+      _check_fmnist_split("data.train_split", self.train_split)
+
 
 @dataclasses.dataclass(frozen=True)
 class FloatOptions(Options):
@@ -325,6 +329,16 @@ class QuantizeOptions(Options):
 REFRESH_MODES = ("auto", "always", "never")
 
 
+def _check_fmnist_split(field: str, split: str) -> None:
+  from flexiq_jax.data import fashion_mnist
+  try:
+    name, _ = fashion_mnist.parse_split(split)
+  except ValueError as e:
+    raise ValueError(f"{field}: {e}") from None
+  if name not in ("train", "test"):
+    raise ValueError(f"{field}: Fashion-MNIST has splits 'train' and 'test', not {split!r}")
+
+
 def check_lr_grid(grid) -> tuple[float, ...]:
   """The learning-rate grid as floats, refused unless distinct positive numbers.
 
@@ -407,6 +421,8 @@ class FinetuneOptions(Options):
     self.sampler()
     finetune_lib.make_optimizer(self, 1)
     check_lr_grid(self.lr_grid)
+    if self.holdout_split and self.data.name == "fashion_mnist":
+      _check_fmnist_split("data.holdout_split", self.holdout_split)
     if self.lr_grid_extend < 0:
       raise ValueError(f"finetune.lr_grid_extend must be >= 0, got {self.lr_grid_extend}")
     if self.lr_grid_extend and len(self.lr_grid) == 1:  # an empty grid selects nothing: the extension is idle

@@ -252,3 +252,14 @@ def test_tfds_unprepared_dataset_error(tmp_path):
   with pytest.raises(FileNotFoundError) as e:
     data.tfds_dataset("cifar10", "train", data_dir=str(tmp_path))
   assert str(tmp_path) in str(e.value) and "tfds build cifar10" in str(e.value)
+
+
+def test_a_bad_fashion_mnist_split_is_refused_when_the_config_is_checked():
+  from configs import quickstart
+  from flexiq_jax import pipeline
+  for field, value, match in (("train_split", "train[x]", "data.train_split: split 'train\\[x\\]'"),
+                              ("holdout_split", "valid", "data.holdout_split: Fashion-MNIST has splits")):
+    config = quickstart.get_config("smoke")
+    config.data[field] = value
+    with pytest.raises(ValueError, match=match):
+      pipeline.check_config(config)
