@@ -191,6 +191,12 @@ def _read_json(path: str):
     return json.load(f)
 
 
+def _short(commit) -> str:
+  """A commit as the report shows it: 7 digits, '-dirty' kept (uncommitted changes in the tree)."""
+  commit = str(commit)
+  return commit[:7] + ("-dirty" if commit.endswith("-dirty") else "")
+
+
 def render(info: dict, rows: list[dict]) -> str:
   """The Markdown report of `rows` under `info`'s provenance header."""
   from flexiq_jax import records
@@ -223,7 +229,9 @@ def render(info: dict, rows: list[dict]) -> str:
   for r in rows:
     rec = r["record"]
     if rec:
-      lines.append(f"- {r['model']}: `{rec['command']}` at {str(rec['commit'])[:7]} on {rec['host']}, {rec['date']}\n")
+      lines.append(f"- {r['model']}: `{rec['command']}` at {_short(rec['commit'])} on {rec['host']}, {rec['date']}\n")
+  if any(str((r["record"] or {}).get("commit", "")).endswith("-dirty") for r in rows):
+    lines.append("\n(-dirty: the working tree held changes not yet committed; the commit after it holds them.)\n")
   earlier = [e for r in rows for e in r.get("earlier", [])]
   if earlier:
     lines.append("\nRecipes tried and replaced (their float stages in the workdirs named, or on the machine of an "
@@ -233,7 +241,7 @@ def render(info: dict, rows: list[dict]) -> str:
         [[e["model"], e["change"], f"{e['top1']:.2f}",
           "-" if e["train_accuracy"] is None else f"{e['train_accuracy']:.1f}",
           ", ".join(f"{top1:.1f}" for _, top1 in e["curve"]),
-          f"`{e['record']['command']}` at {str(e['record']['commit'])[:7]}, {e['record']['date']}" if e["record"] else "-"]
+          f"`{e['record']['command']}` at {_short(e['record']['commit'])}, {e['record']['date']}" if e["record"] else "-"]
          for e in earlier]))
   return "".join(lines)
 
