@@ -81,7 +81,8 @@ def _float_recipe(transformer: bool, fmnist: bool, batch_size: int, deit: bool =
   if fmnist and transformer:  # AdamW with a one-epoch warmup, as ViTs are trained (DeiT: wd 0.05)
     # DeiT's recipe adds label smoothing 0.1 (Touvron et al. 2021); at one size ViT and DeiT
     # are one architecture, so the recipe is what tells them apart here.
-    return dict(num_epochs=10.0, optimizer="adamw", learning_rate=1e-3, weight_decay=0.05,
+    # 20 epochs: at 10 DeiT-T ended at 84.28 % (aim 86), still rising (float_recipes.md).
+    return dict(num_epochs=20.0, optimizer="adamw", learning_rate=1e-3, weight_decay=0.05,
                 warmup_steps=FMNIST_TRAIN_EXAMPLES // batch_size, label_smoothing=0.1 if deit else 0.0,
                 grad_clip_norm=1.0)
   if fmnist:  # SGD with Nesterov momentum, cosine to 0
