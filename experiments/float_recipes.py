@@ -158,13 +158,13 @@ def keep_recorded(rows: list[dict], previous: dict) -> list[dict]:
   out = []
   for row in rows:
     old = before.get(row["model"])
-    if old and not row["done"] and old.get("done") and not _recipe_changes(old["recipe"], row["recipe"]):
+    change = _recipe_changes(old["recipe"], row["recipe"]) if old else ""
+    if old and not row["done"] and old.get("done") and not change:
       kept = {**old, "kept": old.get("kept") or {"commit": previous.get("commit"), "date": previous.get("date")},
               "retraining": row["curve"] or None}
       row = {**kept, "earlier": row["earlier"]}
-    elif old and old.get("done") and old.get("top1") is not None and _recipe_changes(old["recipe"], row["recipe"]):
+    elif old and old.get("done") and old.get("top1") is not None and change:
       # The recipe changed since: the finished run of the earlier one is listed among the replaced.
-      change = _recipe_changes(old["recipe"], row["recipe"])
       replaced = {"model": row["model"], "workdir": old["workdir"], "change": change, "curve": old["curve"],
                   "top1": old["top1"], "train_accuracy": None, "record": old.get("record")}
       row = {**row, "earlier": row["earlier"] + [replaced]}
@@ -222,7 +222,7 @@ def render(info: dict, rows: list[dict]) -> str:
   lines.append(records.markdown_table(["model", "kind", "recipe", "top-1 (%)", f"aim met", "top-1 per epoch"], table))
   kept = [r for r in rows if r.get("kept")]
   if kept:
-    lines.append("\n\\* Kept from the report of " + "; ".join(sorted({f"{str(r['kept']['commit'])[:7]} ({r['kept']['date']})" for r in kept}))
+    lines.append("\n\\* Kept from the report of " + "; ".join(sorted({f"{_short(r['kept']['commit'])} ({r['kept']['date']})" for r in kept}))
                  + ": the workdir of that float stage is not on the machine that wrote this one (workdirs are not "
                  "committed); the row is as that report recorded it.\n")
   lines.append("\nTrained by (the run record of each float stage):\n\n")

@@ -67,8 +67,16 @@ def model_label(name: str) -> str:
   return f"{name} (ImageNet-pretrained)" if spec and spec.pretrained_fmnist else name
 
 
+# T3's first part: FlexiQ's choices one at a time, before finetuning.
+ABLATIONS = (  # (label, method, what changes against 'flexiq' before finetuning)
+    ("fitted extraction (FlexiQ)", "flexiq", "-"),
+    ("drop the 4 low bits", "flexiq_naive", "quant.extraction=naive"),
+    ("random channel order", "flexiq_random", "select.channel_order=random"),
+    ("uniform per-layer counts", "flexiq_uniform", "select.selector=uniform"),
+    ("greedy per-layer counts", "flexiq_greedy", "select.selector=greedy"),
+    ("no bias correction", "flexiq_no_bias_correction", "quant.bias_correction=False"),
+)
 # T3's second part: FlexiQ's 4-bit fixes one at a time, after finetuning: (label, method, change).
-# The sweep runs them by default (METHODS).
 FINETUNED_ABLATIONS = (
     ("configured FlexiQ", "flexiq", "-"),
     ("weight grid max|w|/127", "flexiq_max127", "quant.weight_scale=max127"),
@@ -81,9 +89,11 @@ FINETUNED_ABLATIONS = (
     ("symmetric activation grid", "flexiq_symmetric", "quant.act_grid=symmetric"),
     ("distillation only (no label loss)", "flexiq_distill", "finetune.distill_weight=1"),
 )
-METHODS = ("flexiq", "flexiq_naive", "flexiq_random", "flexiq_uniform", "flexiq_greedy", "flexiq_no_bias_correction",
-           "ptq_minmax", "ptq_mse", "adaround", "lsq_qat", "layerwise_amp", "switchable_qat", "flexiq_100only"
-           ) + tuple(method for _, method, _ in FINETUNED_ABLATIONS if method != "flexiq")  # T3's finetuned rows
+# The sweep's default methods: FlexiQ and T3's variants before finetuning, the baselines, then T3's
+# finetuned variants.
+METHODS = (tuple(method for _, method, _ in ABLATIONS)
+           + ("ptq_minmax", "ptq_mse", "adaround", "lsq_qat", "layerwise_amp", "switchable_qat", "flexiq_100only")
+           + tuple(method for _, method, _ in FINETUNED_ABLATIONS if method != "flexiq"))
 # The 4-bit baselines of T1 (method, the setting prefix of its 4-bit row).
 T1_BASELINES = (("ptq_minmax", "W4A4"), ("ptq_mse", "W4A4"), ("adaround", "W4A4"), ("lsq_qat", "W4A4"),
                 ("layerwise_amp", None))
@@ -145,11 +155,11 @@ def model_config(name: str, seed: int, methods, ratios, smoke: bool, imagenet: b
 def run_one(name: str, seed: int, methods, ratios, workroot: str, out: str, smoke: bool, argv,
             imagenet: bool = False, recompute=()) -> dict:
   """The whole pipeline and every method for one model and seed; returns the sweep record."""
+  from flexiq_jax import checkpoint
   from flexiq_jax import compare
   from flexiq_jax import pipeline
   from flexiq_jax import records
   from flexiq_jax import workdir as workdir_lib
-  from flexiq_jax import checkpoint
   config = model_config(name, seed, methods, ratios, smoke, imagenet)
   workdir = os.path.join(workroot, name + (f"_seed{seed}" if seed else ""))
   resumed = os.path.isdir(workdir) and bool(os.listdir(workdir))  # earlier work reused: the timer misses it
@@ -674,16 +684,6 @@ def table2(sweep: dict) -> dict:
           "finetuning_lowered_8bit": {r["model"]: r["finetuning_change_at_8bit"] for r in rows
                                       if r["finetuning_change_at_8bit"] is not None
                                       and r["finetuning_change_at_8bit"] < -FINETUNING_HARM_POINTS}}
-
-
-ABLATIONS = (  # (label, method, what changes against 'flexiq' before finetuning)
-    ("fitted extraction (FlexiQ)", "flexiq", "-"),
-    ("drop the 4 low bits", "flexiq_naive", "quant.extraction=naive"),
-    ("random channel order", "flexiq_random", "select.channel_order=random"),
-    ("uniform per-layer counts", "flexiq_uniform", "select.selector=uniform"),
-    ("greedy per-layer counts", "flexiq_greedy", "select.selector=greedy"),
-    ("no bias correction", "flexiq_no_bias_correction", "quant.bias_correction=False"),
-)
 
 
 def _variant_cells(recs, method: str, change: str, ratios, finetuned: bool) -> dict:
