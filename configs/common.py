@@ -54,6 +54,7 @@ from __future__ import annotations
 import ml_collections
 
 from flexiq_jax import models
+from flexiq_jax.data import fashion_mnist
 
 # Canonical model name -> the timm tag whose pretrained weights the config expects (from each
 # architecture's `models.ModelSpec`, as every model list is).
@@ -61,7 +62,7 @@ TIMM_TAGS = {spec.name: spec.timm_tag for spec in models.specs()}
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 FMNIST_HOLDOUT = 5_000  # training images kept out of training, for choices made on held-out data
-FMNIST_TRAIN_EXAMPLES = 60_000 - FMNIST_HOLDOUT  # the images the :fmnist configs train on
+FMNIST_TRAIN_EXAMPLES = fashion_mnist.SPLIT_SIZES["train"] - FMNIST_HOLDOUT  # the images the :fmnist configs train on
 
 
 def is_transformer(name: str) -> bool:

@@ -44,8 +44,7 @@ def _steps_per_epoch(train_split: str, batch_size: int) -> int:
   """Steps of one epoch over Fashion-MNIST's `train_split` (e.g. 'train[:-5000]': 430 at 128)."""
   from flexiq_jax.data import fashion_mnist
 
-  name, part = fashion_mnist.parse_split(train_split)
-  return -(-len(range(60_000 if name == "train" else 10_000)[part]) // batch_size)
+  return -(-fashion_mnist.split_size(train_split) // batch_size)
 
 
 def _read_jsonl(path: str) -> list[dict]:

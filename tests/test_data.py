@@ -50,6 +50,10 @@ def test_the_fmnist_configs_keep_a_holdout_slice_out_of_training():
   assert len(train_x) == common.FMNIST_TRAIN_EXAMPLES and len(held_x) == common.FMNIST_HOLDOUT
   assert len(train_x) + len(held_x) == 60000 and np.bincount(held_y).min() > 400  # every class held out
   assert config.finetune.lr_select_images == common.FMNIST_HOLDOUT
+  for split, images in ((config.data.train_split, train_x), (config.data.holdout_split, held_x), ("test[100:250]", None)):
+    assert fashion_mnist.split_size(split) == len(images if images is not None else fashion_mnist.load(split)[0])
+  with pytest.raises(ValueError, match="splits"):
+    fashion_mnist.split_size("validation")
 
 
 @pytest.mark.skipif(not os.path.isdir(REAL_FMNIST), reason="dataset-fashion-mnist not installed")

@@ -12,6 +12,7 @@ import numpy as np
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 NUM_CLASSES = 10
+SPLIT_SIZES = {"train": 60_000, "test": 10_000}  # images in each split of the standard files
 _FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -64,6 +65,24 @@ def parse_split(split: str) -> tuple[str, slice]:
     raise ValueError(f"split {split!r}: write a slice of image indices as name[start:stop], e.g. "
                      f"'train[:-5000]' or 'train[-5000:]'") from None
   return name, slice(start, stop)
+
+
+def split_size(split: str) -> int:
+  """The number of images of `split` ('train', 'test', or sliced as `parse_split` reads it).
+
+  Args:
+    split: The split, e.g. 'train[:-5000]'.
+
+  Returns:
+    How many images `load(split)` returns (e.g. 55000), without reading the files.
+
+  Raises:
+    ValueError: an unknown split name or a malformed slice.
+  """
+  name, part = parse_split(split)
+  if name not in SPLIT_SIZES:
+    raise ValueError(f"Fashion-MNIST has splits {sorted(SPLIT_SIZES)}, not {split!r}")
+  return len(range(SPLIT_SIZES[name])[part])
 
 
 def load(split: str, data_dir: str = DEFAULT_DIR) -> tuple[np.ndarray, np.ndarray]:
