@@ -212,6 +212,7 @@ def adopt_mirrored_rows(mirror: str, rows_path: str, digest: str) -> list[str]:
   it, when they were computed on float weights of digest `digest`; the compare cache then reuses
   each of them while its method's fingerprint is unchanged. Returns the methods taken."""
   from flexiq_jax import records
+  from flexiq_jax import stage_cache
   saved = records.read_json(mirror)
   if not saved or not saved.get("data"):
     return []
@@ -219,18 +220,7 @@ def adopt_mirrored_rows(mirror: str, rows_path: str, digest: str) -> list[str]:
     print(f"note: {mirror} holds rows computed on other float weights ({saved.get('float_digest')}, now {digest}); "
           f"not reused", flush=True)
     return []
-  cache = records.read_json(rows_path) or {"fingerprints": {}, "data": {}, "made_by": {}}
-  if "fingerprints" not in cache:  # a cache file of the older one-fingerprint form: left as it is
-    return []
-  taken = [k for k in saved["data"] if k not in cache["data"] and k in saved.get("fingerprints", {})]
-  for k in taken:
-    cache["fingerprints"][k] = saved["fingerprints"][k]
-    cache["data"][k] = saved["data"][k]
-    if k in saved.get("made_by", {}):
-      cache["made_by"][k] = saved["made_by"][k]
-  if taken:
-    records.write_json_atomic(rows_path, cache)
-  return taken
+  return stage_cache.KeyedJsonCache.add_missing(rows_path, saved)
 
 
 def jobs(models, seeds, extra_seeds, seed_models, methods, seed_methods) -> list[tuple[str, int, list[str]]]:

@@ -246,3 +246,31 @@ class KeyedJsonCache(JsonCache):
     fps = {k: self.fingerprints.get(k, self.saved_fingerprints.get(k)) for k in self.data}
     records.write_json_atomic(self.path, {"fingerprints": fps, "data": self.data, "made_by": self.made})
 
+  @staticmethod
+  def add_missing(path: str, entries: dict) -> list[str]:
+    """Writes into the cache file at `path` the entries of `entries` it lacks, with their
+    fingerprints and makers; a later KeyedJsonCache on that file reuses each while its key's
+    fingerprint equals the saved one. A file of the older one-fingerprint form is left as it is.
+
+    Args:
+      path: The cache file (created if absent).
+      entries: Entries in this cache's file form: {'fingerprints': {key: hash}, 'data': {key:
+        value}, 'made_by': {key: ...}} ('made_by' optional; keys without a fingerprint are skipped).
+
+    Returns:
+      The keys added.
+    """
+    cache = records.read_json(path) or {"fingerprints": {}, "data": {}, "made_by": {}}
+    if "fingerprints" not in cache:
+      return []
+    fps, made = entries.get("fingerprints", {}), entries.get("made_by", {})
+    added = [k for k in entries.get("data", {}) if k not in cache.get("data", {}) and k in fps]
+    for k in added:
+      cache.setdefault("fingerprints", {})[k] = fps[k]
+      cache.setdefault("data", {})[k] = entries["data"][k]
+      if k in made:
+        cache.setdefault("made_by", {})[k] = made[k]
+    if added:
+      records.write_json_atomic(path, cache)
+    return added
+

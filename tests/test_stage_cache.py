@@ -190,3 +190,21 @@ def test_json_cache_keeps_entries_under_one_fingerprint(tmp_path):
   assert stage.cache("x.json", "a").fingerprint != Stage(str(tmp_path), "layerwise", {"seed": 1}).cache(
       "x.json", "a").fingerprint
   assert stage.cache("x.json").path == os.path.join(str(tmp_path), "layerwise", "x.json")
+
+
+def test_keyed_cache_add_missing_adds_only_absent_keys_and_leaves_the_legacy_form(tmp_path):
+  path = str(tmp_path / "rows.json")
+  cache = stage_cache.KeyedJsonCache(path, {"a": "fa"})
+  cache.data["a"] = [1]
+  cache.save()
+  entries = {"fingerprints": {"a": "other", "b": "fb"}, "data": {"a": [9], "b": [2], "c": [3]},
+             "made_by": {"b": {"commit": "x"}}}
+  assert stage_cache.KeyedJsonCache.add_missing(path, entries) == ["b"]  # 'c' has no fingerprint
+  again = stage_cache.KeyedJsonCache(path, {"a": "fa", "b": "fb"})
+  assert again.data == {"a": [1], "b": [2]} and again.made["b"] == {"commit": "x"}
+  assert stage_cache.KeyedJsonCache(path, {"b": "changed"}).data == {"a": [1]}  # b recomputed once its key moves
+  legacy = str(tmp_path / "legacy.json")
+  with open(legacy, "w") as f:
+    json.dump({"fingerprint": "f", "data": {"a": [1]}}, f)
+  assert stage_cache.KeyedJsonCache.add_missing(legacy, entries) == []
+  assert json.load(open(legacy)) == {"fingerprint": "f", "data": {"a": [1]}}
