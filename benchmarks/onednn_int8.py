@@ -22,6 +22,7 @@ CPU model, load average and date.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import dataclasses
 import functools
@@ -41,6 +42,7 @@ from flexiq_jax.quantize import onednn
 from flexiq_jax.serve import count_compilations
 
 from benchmarks import integer_path
+from benchmarks import torch_int8
 
 _NETS = flags.DEFINE_list("nets", ["quickstart", "mobilenetv2", "resnet18:full"],
                           "'quickstart', '<config>' (its :fmnist variant) or '<config>:full' (224 px).")
@@ -105,8 +107,8 @@ TORCHVISION_TWINS = {"resnet18": "resnet18", "resnet50": "resnet50", "mobilenetv
 
 
 def torch_twin(spec: str):
-  """(float torch model, int8 FX model) for a full-size config with a torchvision twin of the same
-  architecture (TORCHVISION_TWINS), or None."""
+  """(float torch model, int8 FX model, int8 FX model with full-range activations) for a
+  full-size config with a torchvision twin of the same architecture (TORCHVISION_TWINS), or None."""
   name = spec.split(":")[0]
   if not spec.endswith(":full") or name not in TORCHVISION_TWINS:
     return None
@@ -120,11 +122,15 @@ def torch_twin(spec: str):
   model = getattr(torchvision.models, TORCHVISION_TWINS[name])(weights=None).eval()
   torch.backends.quantized.engine = "x86"
   example = torch.randn(_BATCH.value, 3, 224, 224)
-  prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), example_inputs=(example,))
-  with torch.inference_mode():
-    for _ in range(2):
-      prepared(torch.randn(8, 3, 224, 224))
-  return model, convert_fx(prepared)
+  converted = []
+  for mapping in (get_default_qconfig_mapping("x86"), torch_int8.full_range_qconfig_mapping()):
+    torch.manual_seed(0)
+    prepared = prepare_fx(copy.deepcopy(model), mapping, example_inputs=(example,))
+    with torch.inference_mode():
+      for _ in range(2):
+        prepared(torch.randn(8, 3, 224, 224))
+    converted.append(convert_fx(prepared))
+  return (model, *converted)
 
 
 def run_net(spec: str, batch: int, rounds: int) -> dict:
@@ -185,6 +191,8 @@ def run_net(spec: str, batch: int, rounds: int) -> dict:
       return call
     fns["PyTorch float32"], args["PyTorch float32"] = torch_call(twin[0]), (x_torch,)
     fns["PyTorch int8 (FX, x86)"], args["PyTorch int8 (FX, x86)"] = torch_call(twin[1]), (x_torch,)
+    label = "PyTorch int8 (FX, x86, 8-bit activations)"  # reduce_range off: the same codes as ours
+    fns[label], args[label] = torch_call(twin[2]), (x_torch,)
   spread = {}
   times = integer_path.median_times(fns, args, rounds, spread)
   # Logit agreement of the oneDNN model with the XLA integer path (same ratio, same variables).
