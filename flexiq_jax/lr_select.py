@@ -32,6 +32,7 @@ from flexiq_jax import judge
 from flexiq_jax import records
 from flexiq_jax import stage_cache
 from flexiq_jax import stage_options
+from flexiq_jax import train as train_lib
 
 # The file of a method's directory that holds its selection record.
 RECORD_FILE = "lr_selection.json"
@@ -242,7 +243,12 @@ def choose(config, directory: str, points, train_and_score: Callable) -> tuple[f
   Returns:
     (the chosen rate, its candidate directory, the selection record: 'grid' (every rate tried,
     ascending), 'configured_grid', 'added', 'criterion', 'points', 'images', 'num_images',
-    'candidates' [{'learning_rate', 'scores', 'top1', 'kl'}], 'chosen').
+    'candidates' [{'learning_rate', 'scores', 'top1', 'kl'}], 'chosen'). A candidate whose training
+    failed (`train.NonFiniteError`: NaN, or a loss that diverged) has scores, top-1 and KL None and
+    'failed' (the reason); it is not eligible, and it ends the growth of the grid past its edge.
+
+  Raises:
+    train.NonFiniteError: every candidate failed.
   """
   configured = grid(config)
   held = held_out(config)
@@ -252,20 +258,32 @@ def choose(config, directory: str, points, train_and_score: Callable) -> tuple[f
     stage = stage_cache.Stage(directory, candidate_name(rate), {"learning_rate": rate, **config_fields(config)})
     stage.begin(resumable=True)
     if stage.is_done():
-      scores = records.read_json(stage.file("done.json"))["scores"]
-      print(f"lr selection: reusing the finished candidate at lr {rate:g} in {stage.path}")
+      done = records.read_json(stage.file("done.json"))
+      scores, failed = done["scores"], done.get("failed")
+      print(f"lr selection: reusing the finished candidate at lr {rate:g} in {stage.path}"
+            + (" (its training failed)" if failed else ""))
     else:
-      scores = train_and_score(rate, stage.path, held)
-      stage.mark_done(scores=scores)
-    found[rate] = ({"learning_rate": rate, "scores": scores}, stage.path)
+      try:
+        scores, failed = train_and_score(rate, stage.path, held), None
+      except train_lib.NonFiniteError as e:  # diverged or NaN: this rate loses, the others still count
+        scores, failed = None, str(e)
+        print(f"lr selection: the candidate at lr {rate:g} failed and is not eligible: {failed}")
+      stage.mark_done(scores=scores, **({"failed": failed} if failed else {}))
+    found[rate] = ({"learning_rate": rate, "scores": scores, **({"failed": failed} if failed else {})}, stage.path)
 
   def best_rate():
     rates = sorted(found)
-    return rates, max(rates, key=lambda r: criterion(found[r][0]["scores"], points))  # ties: the lowest rate
+    ok = [r for r in rates if found[r][0]["scores"] is not None]
+    if not ok:
+      raise train_lib.NonFiniteError(
+          f"every learning-rate candidate in {directory} failed ({', '.join(f'{r:g}' for r in rates)}): "
+          + found[rates[0]][0]["failed"] + " Lower finetune.lr_grid.")
+    return rates, max(ok, key=lambda r: criterion(found[r][0]["scores"], points))  # ties: the lowest rate
 
   for rate in configured:
     run(rate)
-  points = tuple(points or found[configured[0]][0]["scores"])
+  scored = [found[r][0]["scores"] for r in configured if found[r][0]["scores"] is not None]
+  points = tuple(points or (scored[0] if scored else ()))
   added = []
   rates, best = best_rate()
   # An edge that wins says the grid stopped short: one more rate beyond it, while extensions remain.
@@ -277,6 +295,9 @@ def choose(config, directory: str, points, train_and_score: Callable) -> tuple[f
     rates, best = best_rate()
   candidates = [found[r][0] for r in rates]
   for c in candidates:
+    if c["scores"] is None:
+      c.update(top1=None, kl=None)
+      continue
     top1, neg_kl = criterion(c["scores"], points)
     c.update(top1=top1, kl=-neg_kl)
   record = {"grid": rates, "configured_grid": list(configured), "added": added, "criterion": describe(points),
@@ -284,7 +305,8 @@ def choose(config, directory: str, points, train_and_score: Callable) -> tuple[f
             "candidates": candidates, "chosen": best}
   records.write_json_atomic(os.path.join(directory, RECORD_FILE), {**records.run_info(), **record})
   print(f"lr selection in {directory}: chose lr {best:g} of {', '.join(f'{r:g}' for r in rates)} ("
-        + "; ".join(f"{c['learning_rate']:g}: top-1 {c['top1']:.2f}%, KL {c['kl']:.4g}" for c in candidates)
+        + "; ".join(f"{c['learning_rate']:g}: " + (f"top-1 {c['top1']:.2f}%, KL {c['kl']:.4g}" if c["scores"] is not None
+                                                    else "failed") for c in candidates)
         + f"; {record['criterion']} on {held.source})")
   return best, found[best][1], record
 
@@ -302,6 +324,8 @@ def summary(record: dict | None) -> str:
   if not record:
     return ""
   added = record.get("added") or []
+  failed = [c["learning_rate"] for c in record.get("candidates", ()) if c.get("failed")]
   return (f"lr {record['chosen']:g} chosen on {record['num_images']} held-out training images from "
           "{" + ", ".join(f"{r:g}" for r in record["grid"]) + "}"
-          + (f" ({', '.join(f'{r:g}' for r in added)} added beyond an edge that won)" if added else ""))
+          + (f" ({', '.join(f'{r:g}' for r in added)} added beyond an edge that won)" if added else "")
+          + (f" ({', '.join(f'{r:g}' for r in failed)} diverged)" if failed else ""))

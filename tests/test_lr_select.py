@@ -153,6 +153,36 @@ def test_a_winning_edge_grows_the_grid_by_the_same_rule_for_every_method(tmp_pat
   assert lr_select.choose(config, str(tmp_path), ("1",), train_and_score)[0] == chosen and trained == []
 
 
+def test_a_candidate_that_diverges_loses_and_ends_the_growth_without_stopping_the_selection(tmp_path, monkeypatch):
+  from flexiq_jax import train as train_lib
+  config = quickstart.get_config("smoke")
+  config.finetune.lr_grid = (3e-4, 1e-3, 3e-3)
+  config.finetune.lr_grid_extend = 2
+  monkeypatch.setattr(lr_select, "held_out",
+                      lambda cfg: judge.JudgeImages(np.zeros((4, 2, 2, 1), np.float32), np.zeros(4, np.int32), "held"))
+  trained = []
+
+  def train_and_score(rate, path, held):  # rising with the rate, until 1e-2 diverges
+    trained.append(rate)
+    if rate > 5e-3:
+      raise train_lib.DivergedError("QAT finetune: the loss diverged to 17.02")
+    return {"1": {"top1": 80.0 + 1000 * rate, "kl": 0.1}}
+
+  rate, path, record = lr_select.choose(config, str(tmp_path), ("1",), train_and_score)
+  assert trained == [3e-4, 1e-3, 3e-3, 1e-2] and rate == 3e-3 and record["added"] == [1e-2]
+  failed = [c for c in record["candidates"] if c.get("failed")]
+  assert [c["learning_rate"] for c in failed] == [1e-2] and failed[0]["top1"] is None and "diverged" in failed[0]["failed"]
+  assert "(0.01 diverged)" in lr_select.summary(record)
+  trained.clear()  # rerun: the failed candidate is reused as failed, not trained again
+  assert lr_select.choose(config, str(tmp_path), ("1",), train_and_score)[0] == 3e-3 and trained == []
+
+  def always_fails(rate, path, held):
+    raise train_lib.NonFiniteError("NaN loss")
+
+  with pytest.raises(train_lib.NonFiniteError, match="every learning-rate candidate"):
+    lr_select.choose(config, str(tmp_path / "all"), ("1",), always_fails)
+
+
 def test_the_extension_needs_a_grid_to_step_from_and_is_in_the_qat_fingerprints():
   config = quickstart.get_config("smoke")
   config.finetune.lr_grid = (1e-3,)
@@ -387,3 +417,19 @@ def test_the_compare_table_says_when_the_rates_were_as_configured():
   note = harness.lr_note(rows)
   assert "as configured, not chosen on held-out images (finetune.lr_grid=()): flexiq, lsq_qat" in note
   assert harness.lr_note(rows[2:]) == ""  # no QAT method ran
+
+
+def test_the_compare_table_aligns_each_methods_candidates_and_marks_failed_ones():
+  def sel(rates, chosen, failed=()):
+    return {"grid": rates, "criterion": "c", "num_images": 5000, "chosen": chosen,
+            "candidates": [{"learning_rate": r, "top1": None if r in failed else 90.0 + r, "kl": None if r in failed else 0.1,
+                            **({"failed": "diverged"} if r in failed else {})} for r in rates]}
+  rows = [{"method": "lsq_qat", "setting": "s", "top1": 80.0, "relative_bops": 0.26,
+           "lr_selection": sel([3e-4, 1e-3, 3e-3], 1e-3)},
+          {"method": "flexiq", "setting": "ratio 1 (finetuned)", "top1": 81.0, "relative_bops": 0.26, "finetuned": True,
+           "lr_selection": sel([3e-4, 1e-3, 3e-3, 1e-2], 3e-3, failed=(1e-2,))}]
+  note = harness.lr_note(rows)
+  assert "| lr 0.0003 | lr 0.001 | lr 0.003 | lr 0.01 |" in note
+  lsq = next(line for line in note.splitlines() if line.startswith("| lsq_qat"))
+  flexiq = next(line for line in note.splitlines() if line.startswith("| flexiq"))
+  assert lsq.split("|")[6].strip() == "-" and flexiq.split("|")[6].strip() == "failed"

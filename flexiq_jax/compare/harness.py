@@ -920,14 +920,22 @@ def lr_note(rows) -> str:
   text = ""
   if chosen:
     first = next(iter(chosen.values()))
-    text += (f"\nLearning rates of the QAT methods: each trained its whole budget at every rate of "
-             "{" + ", ".join(f"{g:g}" for g in first["grid"]) + "} and kept the best on "
+    rates = sorted({float(c["learning_rate"]) for sel in chosen.values() for c in sel["candidates"]})
+    text += (f"\nLearning rates of the QAT methods: each trained its whole budget at every rate of its grid "
+             "(the configured one, grown past an edge that won) and kept the best on "
              f"{first['num_images']} held-out training images that no QAT method's batches reach (the eval split is "
-             "never read for it). Held-out top-1 (%) / KL to float per candidate, mean over the method's points:\n\n")
+             "never read for it). Held-out top-1 (%) / KL to float per candidate, mean over the method's points "
+             "(\"failed\": its training diverged or went NaN; \"-\": not tried):\n\n")
+
+    def cell(sel, rate):
+      c = next((c for c in sel["candidates"] if float(c["learning_rate"]) == rate), None)
+      if c is None:
+        return "-"
+      return "failed" if c.get("top1") is None else f"{c['top1']:.2f} / {c['kl']:.4g}"
+
     text += records.markdown_table(
-        ["method", "criterion", *[f"lr {g:g}" for g in first["grid"]], "chosen"],
-        [[m, sel["criterion"], *[f"{c['top1']:.2f} / {c['kl']:.4g}" for c in sel["candidates"]], f"{sel['chosen']:g}"]
-         for m, sel in chosen.items()])
+        ["method", "criterion", *[f"lr {g:g}" for g in rates], "chosen"],
+        [[m, sel["criterion"], *[cell(sel, g) for g in rates], f"{sel['chosen']:g}"] for m, sel in chosen.items()])
   if configured:
     text += ("\nLearning rates as configured, not chosen on held-out images (finetune.lr_grid=()): "
              + ", ".join(configured) + " (FlexiQ at finetune.learning_rate, the QAT baselines at "
