@@ -323,6 +323,9 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
                             "flexiq_max127", "flexiq_joint", "flexiq_sandwich", "flexiq_sandwich_w4", "flexiq_long",
                             "flexiq_lsq", "flexiq_refresh_quantized", "flexiq_symmetric", "flexiq_distill")
   config.compare.allowed_drops = (0.25, 1.0, 3.0)  # one layer-wise AMP point each
+  # Also AMP's Pareto point of the largest BOPs not above FlexiQ's 100 % point (uniform W4A4 with
+  # the ends as keep_ends keeps them): the comparison at matched BOPs.
+  config.compare.amp_at_4bit_budget = True
   config.compare.finetune = True  # FlexiQ's multi-ratio finetuning (and LSQ QAT gets the same budget)
   config.compare.ablation_ratios = ()  # ratios the flexiq_* ablation variants are swept at; () = sweep.ratios
   config.compare.keep_ends = True  # uniform baselines keep the first/last layer W8A8, as FlexiQ does

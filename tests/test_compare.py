@@ -44,10 +44,17 @@ def test_compare_mode_smoke_and_phase_reuse(tiny_fmnist, tmp_path):
     assert os.path.exists(os.path.join(workdir, "layerwise", name))
   # Another allowed drop: the layer-wise phases come from the cache, nothing is re-evaluated.
   stdout = _run_compare_py(workdir, tiny_fmnist, "--config.compare.allowed_drops=0.1,5")
-  assert stdout.count(", 0 new evaluations") == 2, stdout[-3000:]
+  assert stdout.count(", 0 new evaluations") == 3, stdout[-3000:]  # the two drops and the 4-bit budget's point
   rows = json.load(open(os.path.join(workdir, "compare", "compare.json")))["rows"]
-  assert sorted(r["setting"] for r in rows if r["method"] == "layerwise_amp") == [
-      "allowed drop 0.1", "allowed drop 5"]
+  amp = {r["setting"]: r for r in rows if r["method"] == "layerwise_amp"}
+  budget = ptq["W4A4 (ends W8A8)"]["relative_bops"]
+  assert sorted(amp) == [f"Pareto point at the 4-bit budget (relative BOPs <= {budget:.3f})",
+                         "allowed drop 0.1", "allowed drop 5"]
+  # The matched point: within the budget, and no cheaper than any other AMP point that fits it.
+  matched = amp[f"Pareto point at the 4-bit budget (relative BOPs <= {budget:.3f})"]
+  assert matched["relative_bops"] <= budget + 1e-9
+  assert all(r["relative_bops"] <= matched["relative_bops"] + 1e-9 for r in amp.values()
+             if r["relative_bops"] <= budget + 1e-9)
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,6 +278,7 @@ _FT_VARIANTS = set(harness.FINETUNED_VARIANTS)
     ("compare.adaround_iterations", 7, {"adaround"}),
     ("compare.lsq_learning_rate", 0.5, {"lsq_qat", "switchable_qat", "flexiq_lsq"}),
     ("compare.allowed_drops", (2.0,), {"layerwise_amp"}),
+    ("compare.amp_at_4bit_budget", False, {"layerwise_amp"}),
     ("compare.ablation_ratios", (0.0, 1.0), set(harness.METHODS) - {"flexiq", "flexiq_amp", "layerwise_amp",
                                                                     "ptq_minmax", "ptq_mse", "adaround", "lsq_qat",
                                                                     "switchable_qat", "flexiq_100only"} - _FT_VARIANTS),

@@ -531,7 +531,35 @@ def layerwise_amp(ctx: CompareContext) -> list[Row]:
                      "search_relative_cost": s["chosen"]["relative_cost"], "baseline": s["baseline"],
                      "early_exit": s["early_exit"], "target": s["target"], "target_met": s["target_met"],
                      **fidelity(m)}))
+  if ctx.config.compare.get("amp_at_4bit_budget", False):
+    rows += _amp_at_4bit_budget(ctx, score_data)
   return rows
+
+
+def _amp_at_4bit_budget(ctx: CompareContext, score_data) -> list[Row]:
+  """Layer-wise AMP's Pareto point of the largest BOPs not above uniform W4A4's (with the ends
+  as compare.keep_ends keeps them: FlexiQ's 100 % point); no row where the search reached none
+  that cheap (the tables then say AMP could not match)."""
+  plan, model = ctx.calibration.plan, ctx.float_model.model
+  budget = baselines.relative_bops(plan, baselines.uniform_bits(plan, (4, 4), ctx.config.compare.keep_ends))
+
+  def cost(wb, ab):
+    return baselines.relative_bops(plan, {p: (int(w) or FLOAT_BITS, int(a) or FLOAT_BITS)
+                                          for p, w, a in zip(plan.quantized, wb, ab)})
+
+  drop = float(as_list(ctx.config.compare.allowed_drops)[0])  # any drop: the Pareto front is the same
+  res = driver.layerwise_search(ctx.config, ctx.run.workdir, ctx.float_model, ctx.calibration, ctx.calib_batches,
+                                ctx.run.mesh, allowed_drop=drop, score_data=score_data, max_cost=(cost, budget))
+  if res is None:
+    return []
+  ev = driver.LayerwiseEvaluator(model, plan, ctx.calibration.folded, res.tables, ctx.run.mesh)
+  m = ev.metrics(ctx.eval_data, jnp.asarray(res.weight_bits), jnp.asarray(res.act_bits), ctx.float_logits)
+  s = res.summary
+  return [Row("layerwise_amp", f"Pareto point at the 4-bit budget (relative BOPs <= {budget:.3f})", m["top1"],
+              cost(res.weight_bits, res.act_bits),
+             {"candidates": s["chosen_candidates"], "budget": budget, "chosen_by": s["chosen_by"],
+              "search_relative_cost": s["chosen"]["relative_cost"], "baseline": s["baseline"],
+              "float_eval_top1": ctx.float_top1(), "eval_drop": ctx.float_top1() - m["top1"], **fidelity(m)})]
 
 
 def _ptq(ctx: CompareContext, method: str) -> list[Row]:
@@ -734,6 +762,8 @@ def method_fields(config, method: str, plan=None) -> dict:
   fields = stage_options.fingerprint_fields(config, stage, *own, *EVAL_FIELDS)
   if method in MATMUL_BASELINES and plan is not None:
     fields = {**fields, **apply_lib.matmul_fingerprint(plan), **apply_lib.act_grid_fingerprint(plan)}
+  if method == "layerwise_amp" and config.compare.get("amp_at_4bit_budget", False):
+    fields = {**fields, "compare.amp_at_4bit_budget": True}  # rows cached without the option keep their key
   return {**fields, **lr_select.config_fields(config)} if method in LR_SELECTED else fields
 
 
@@ -878,7 +908,7 @@ def write_reports(results: dict, workdir: str, prefix: str = "") -> str:
         ["ratio", "evolutionary top-1 (%)", "evolutionary rel. BOPs", "AMP top-1 (%)", "AMP rel. BOPs"],
         [[f"{lvl:g}", evo[lvl]["top1"], f"{evo[lvl]['relative_bops']:.3f}", amp_rows[lvl]["top1"],
           f"{amp_rows[lvl]['relative_bops']:.3f}"] for lvl in sorted(both)])
-  lw_rows = [r for r in results["rows"] if r["method"] == "layerwise_amp" and "eval_drop" in r]
+  lw_rows = [r for r in results["rows"] if r["method"] == "layerwise_amp" and "allowed_drop" in r]
   if lw_rows:
     text += ("\nLayer-wise AMP: the drop is allowed on the score images (a validation slice of train); "
              "the measured drop is on the eval split, against the float model.\n\n")
@@ -886,6 +916,11 @@ def write_reports(results: dict, workdir: str, prefix: str = "") -> str:
         ["allowed drop", "score-split drop", "measured eval drop", "target met", "early exit", "top-1 (%)"],
         [[f"{r['allowed_drop']:g}", f"{r['score_drop']:.2f}", f"{r['eval_drop']:.2f}", r["target_met"],
           r["early_exit"] or "no", r["top1"]] for r in lw_rows])
+  matched = [r for r in results["rows"] if r["method"] == "layerwise_amp" and "budget" in r]
+  if matched:
+    r = matched[0]
+    text += (f"\nLayer-wise AMP at FlexiQ's 4-bit budget: of its Pareto front, the point of the largest BOPs not "
+             f"above uniform W4A4's ({r['budget']:.3f}): {r['relative_bops']:.3f} relative BOPs, top-1 {r['top1']}.\n")
   paths = [os.path.join(workdir, "compare", "compare")]
   if prefix:
     paths.append(prefix)

@@ -230,11 +230,12 @@ def layerwise_problem(config, float_model: FloatModel, calibration: Calibration,
 
 def layerwise_search(config, workdir, float_model: FloatModel, calibration: Calibration, calib_batches, mesh=None,
                      *, allowed_drop=None, search=None, stage_name="layerwise", score_data=None,
-                     early_exit: bool = True) -> LayerwiseSearch:
+                     early_exit: bool = True, max_cost=None) -> LayerwiseSearch | None:
   """The baseline step and phases 1-3 over group bit widths; cached under <workdir>/<stage_name>/.
   The summary's 'seconds' has 'compile' (the warm-up that compiles every function the phases
   call) apart from the phases. early_exit=False runs phases 1-3 even where the baseline step
-  would end the search (amp.run).
+  would end the search (amp.run). With `max_cost` the configuration returned is instead the
+  Pareto point of largest cost not above a budget (a comparison at matched cost).
 
   Args:
     config: The run config (reads config.layerwise).
@@ -248,10 +249,14 @@ def layerwise_search(config, workdir, float_model: FloatModel, calibration: Cali
     stage_name: Subdirectory of `workdir` for the cached phases and plots.
     score_data: Scoring batches; default `score_batches(config)`.
     early_exit: Whether the baseline step may end the search early.
+    max_cost: None, or (cost_fn, budget): `cost_fn(weight_bits, act_bits)` of a configuration (the
+      caller's cost measure) and the most it may be; the summary's 'chosen' is then that Pareto
+      point (or the search's own choice where that one fits and costs more), 'chosen_by' says so.
 
   Returns:
     A LayerwiseSearch with the summary (plus 'members' and 'recalibrated'), the chosen
-    configuration's tables and its weight and activation bits.
+    configuration's tables and its weight and activation bits; None when `max_cost` is given and
+    no configuration the search reached fits the budget.
   """
   lw = config.layerwise
   t0 = time.perf_counter()
@@ -271,6 +276,18 @@ def layerwise_search(config, workdir, float_model: FloatModel, calibration: Cali
   if result["phases_run"]:
     plots.plot_sensitivity(result, os.path.join(stage, "sensitivity.png"), "Layer-wise sensitivity (SQNR, dB)")
     plots.plot_pareto(result, os.path.join(stage, "pareto.png"), "Layer-wise Pareto front")
+  if max_cost is not None:
+    cost_fn, budget = max_cost
+    points = [result["chosen"]] + list(result.get("pareto") or [])
+    fitting = [(cost_fn(*lp.bits_of(p["assignment"])), i) for i, p in enumerate(points)]
+    fitting = [(c, i) for c, i in fitting if c <= budget * (1 + 1e-9)]
+    if not fitting:
+      return None
+    cost, i = max(fitting, key=lambda t: (t[0], -t[1]))
+    chosen = points[i]
+    result = {**result, "chosen": chosen, "chosen_candidates": {lp.problem.groups[g]: lp.problem.candidates[k]
+                                                         for g, k in enumerate(chosen["assignment"])},
+              "chosen_by": f"the largest cost not above {budget:.6g} ({cost:.6g})"}
   assignment = result["chosen"]["assignment"]
   uniform = len(set(assignment)) == 1
   baseline = lp.candidates.index(parse_candidate(result["baseline"]))
