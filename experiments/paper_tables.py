@@ -412,7 +412,8 @@ def header(title: str, prov: dict) -> str:
             if group["commit"] == "unrecorded" else f"an earlier run at {group['commit']}")
     text += f"- Rows reused from the workdirs' cache, made by {made}: {', '.join(group['methods'])} of {', '.join(group['runs'])}\n"
   for run in prov["sweep_runs"]:
-    wall = ("did not finish (killed, or still running when the tables were made)" if run["wall_minutes"] is None
+    wall = (f"failed ({run['failed']})" if run.get("failed")
+            else "did not finish (killed, or still running when the tables were made)" if run["wall_minutes"] is None
             else f"{run['wall_minutes']:g} min wall clock")
     text += (f"- Sweep run `{run['command']}` at {run['commit'][:7]}, started {run['started']}: {wall}, "
              f"{run['workers']} process(es) side by side, {len(run['jobs'])} jobs"
@@ -1139,14 +1140,18 @@ def main(argv):
                  "started": info["date"], "wall_minutes": None, "workers": workers,
                  "jobs": [f"{n}_seed{s}" for n, s, _ in todo], "recompute": list(_RECOMPUTE.value)}
     log_sweep_run(out, run_entry)
-    for k, ((name, seed, _), record) in enumerate(run_jobs(todo, run, workers), 1):
-      elapsed = time.perf_counter() - t_start
-      eta = elapsed / k * (len(todo) - k)  # the mean pace so far, workers included
-      flexiq = find_row(record, "flexiq", ratio=1.0, finetuned=True)
-      print(f"[{k}/{len(todo)}] {name} seed {seed}: done ({record['seconds_this_run'] / 60:.1f} min in its "
-            f"process); float top-1 {record['float']['top1']:.2f}%"
-            + (f", FlexiQ 100% after finetuning {flexiq['top1']:.2f}%" if flexiq else "")
-            + f"; elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.0f} min", flush=True)
+    try:
+      for k, ((name, seed, _), record) in enumerate(run_jobs(todo, run, workers), 1):
+        elapsed = time.perf_counter() - t_start
+        eta = elapsed / k * (len(todo) - k)  # the mean pace so far, workers included
+        flexiq = find_row(record, "flexiq", ratio=1.0, finetuned=True)
+        print(f"[{k}/{len(todo)}] {name} seed {seed}: done ({record['seconds_this_run'] / 60:.1f} min in its "
+              f"process); float top-1 {record['float']['top1']:.2f}%"
+              + (f", FlexiQ 100% after finetuning {flexiq['top1']:.2f}%" if flexiq else "")
+              + f"; elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.0f} min", flush=True)
+    except Exception as e:  # the runs log says it failed and why, not "killed or still running"
+      log_sweep_run(out, {**run_entry, "failed": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"})
+      raise
     log_sweep_run(out, {**run_entry, "wall_minutes": round((time.perf_counter() - t_start) / 60, 1)})
   write_tables(out, _PARETO_METRIC.value, _BENCHMARK.value)
   print(f"tables: {os.path.join(out, 'paper_*.md')}")

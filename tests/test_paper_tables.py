@@ -232,17 +232,20 @@ def test_the_sweep_runs_wall_clock_is_logged_and_stated(tmp_path):
                              fitted_100=86.0)])
   # A run logs itself at its start and again at its end (same start: one entry); a killed run
   # keeps its start entry.
-  for started, minutes in (("05:00", None), ("05:00", 150.25), ("08:00", None)):
+  for started, minutes, failed in (("05:00", None, None), ("05:00", 150.25, None), ("08:00", None, None),
+                                   ("09:00", None, None), ("09:00", None, "DivergedError: the loss diverged")):
     paper_tables.log_sweep_run(out, {"command": "python -m experiments.paper_tables --workers=2", "commit": "abc1234def",
                                      "device": "cpu", "started": f"2026-12-01T{started}:00+00:00",
-                                     "wall_minutes": minutes, "workers": 2, "jobs": ["resnet18_seed0"]})
+                                     "wall_minutes": minutes, "workers": 2, "jobs": ["resnet18_seed0"],
+                                     **({"failed": failed} if failed else {})})
   paper_tables.write_tables(out, benchmark=str(tmp_path / "no_benchmark.json"))
   runs = json.load(open(tmp_path / "paper_t2_ratios.json"))["sweep_runs"]
-  assert [r["wall_minutes"] for r in runs] == [150.25, None]
+  assert [r["wall_minutes"] for r in runs] == [150.25, None, None]
   md = open(tmp_path / "paper_t1_4bit.md").read()
   assert ("Sweep run `python -m experiments.paper_tables --workers=2` at abc1234, started 2026-12-01T05:00:00+00:00: "
           "150.25 min wall clock, 2 process(es) side by side, 1 jobs") in md
   assert "started 2026-12-01T08:00:00+00:00: did not finish (killed, or still running" in md
+  assert "started 2026-12-01T09:00:00+00:00: failed (DivergedError: the loss diverged)" in md
 
 
 def test_layerwise_amp_without_a_point_within_flexiqs_bops_is_marked_not_compared(tmp_path):
