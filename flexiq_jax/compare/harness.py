@@ -548,8 +548,10 @@ def _amp_at_4bit_budget(ctx: CompareContext, score_data) -> list[Row]:
                                           for p, w, a in zip(plan.quantized, wb, ab)})
 
   drop = float(as_list(ctx.config.compare.allowed_drops)[0])  # any drop: the Pareto front is the same
+  # early_exit=False: the front is built even where the baseline step would end this drop's search.
   res = driver.layerwise_search(ctx.config, ctx.run.workdir, ctx.float_model, ctx.calibration, ctx.calib_batches,
-                                ctx.run.mesh, allowed_drop=drop, score_data=score_data, max_cost=(cost, budget))
+                                ctx.run.mesh, allowed_drop=drop, score_data=score_data, early_exit=False,
+                                max_cost=(cost, budget))
   if res is None:
     return []
   ev = driver.LayerwiseEvaluator(model, plan, ctx.calibration.folded, res.tables, ctx.run.mesh)
