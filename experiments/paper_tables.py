@@ -1150,7 +1150,8 @@ def main(argv):
               + (f", FlexiQ 100% after finetuning {flexiq['top1']:.2f}%" if flexiq else "")
               + f"; elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.0f} min", flush=True)
     except Exception as e:  # the runs log says it failed and why, not "killed or still running"
-      log_sweep_run(out, {**run_entry, "failed": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"})
+      first_line = (str(e).splitlines() or [""])[0][:200]
+      log_sweep_run(out, {**run_entry, "failed": f"{type(e).__name__}: {first_line}"})
       raise
     log_sweep_run(out, {**run_entry, "wall_minutes": round((time.perf_counter() - t_start) / 60, 1)})
   write_tables(out, _PARETO_METRIC.value, _BENCHMARK.value)

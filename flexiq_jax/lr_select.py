@@ -259,17 +259,17 @@ def choose(config, directory: str, points, train_and_score: Callable) -> tuple[f
     stage.begin(resumable=True)
     if stage.is_done():
       done = records.read_json(stage.file("done.json"))
-      scores, failed = done["scores"], done.get("failed")
+      outcome = {k: done[k] for k in ("scores", "failed") if k in done}
       print(f"lr selection: reusing the finished candidate at lr {rate:g} in {stage.path}"
-            + (" (its training failed)" if failed else ""))
+            + (" (its training failed)" if outcome.get("failed") else ""))
     else:
       try:
-        scores, failed = train_and_score(rate, stage.path, held), None
+        outcome = {"scores": train_and_score(rate, stage.path, held)}
       except train_lib.NonFiniteError as e:  # diverged or NaN: this rate loses, the others still count
-        scores, failed = None, str(e)
-        print(f"lr selection: the candidate at lr {rate:g} failed and is not eligible: {failed}")
-      stage.mark_done(scores=scores, **({"failed": failed} if failed else {}))
-    found[rate] = ({"learning_rate": rate, "scores": scores, **({"failed": failed} if failed else {})}, stage.path)
+        outcome = {"scores": None, "failed": str(e)}
+        print(f"lr selection: the candidate at lr {rate:g} failed and is not eligible: {e}")
+      stage.mark_done(**outcome)
+    found[rate] = ({"learning_rate": rate, **outcome}, stage.path)
 
   def best_rate():
     rates = sorted(found)

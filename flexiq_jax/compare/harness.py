@@ -509,21 +509,15 @@ def layerwise_amp(ctx: CompareContext) -> list[Row]:
   """
   rows = []
   score_data = driver.score_batches(ctx.config)
-  model = ctx.float_model.model
   float_eval = ctx.float_top1()
   for drop in as_list(ctx.config.compare.allowed_drops):
     res = driver.layerwise_search(ctx.config, ctx.run.workdir, ctx.float_model, ctx.calibration, ctx.calib_batches,
                                   ctx.run.mesh, allowed_drop=float(drop), score_data=score_data)
-    ev = driver.LayerwiseEvaluator(model, ctx.calibration.plan, ctx.calibration.folded, res.tables, ctx.run.mesh)
-    m = ev.metrics(ctx.eval_data, jnp.asarray(res.weight_bits), jnp.asarray(res.act_bits), ctx.float_logits)
+    m = _evaluate_search(ctx, res)
     top1 = m["top1"]
     s = res.summary
-    # The search's cost is relative to its baseline candidate over the layers; the row's is
-    # relative to W8A8 with the matmuls at 8 x 8 bits, as every other row's.
-    bits = {p: (int(w) or FLOAT_BITS, int(a) or FLOAT_BITS)
-            for p, w, a in zip(ctx.calibration.plan.quantized, res.weight_bits, res.act_bits)}
     rows.append(Row("layerwise_amp", f"allowed drop {float(drop):g}", m["top1"],
-                    baselines.relative_bops(ctx.calibration.plan, bits),
+                    _layerwise_bops(ctx.calibration.plan, res.weight_bits, res.act_bits),
                     {"candidates": s["chosen_candidates"], "allowed_drop": float(drop),
                      "score_data_top1": s["chosen"]["score"], "score_float_top1": s["reference_score"],
                      "score_drop": s["reference_score"] - s["chosen"]["score"],
@@ -536,32 +530,40 @@ def layerwise_amp(ctx: CompareContext) -> list[Row]:
   return rows
 
 
+def _evaluate_search(ctx: CompareContext, res) -> dict:
+  """The metrics of a layer-wise search's configuration on the eval data, against the float logits."""
+  ev = driver.LayerwiseEvaluator(ctx.float_model.model, ctx.calibration.plan, ctx.calibration.folded, res.tables,
+                                 ctx.run.mesh)
+  return ev.metrics(ctx.eval_data, jnp.asarray(res.weight_bits), jnp.asarray(res.act_bits), ctx.float_logits)
+
+
+def _layerwise_bops(plan, weight_bits, act_bits) -> float:
+  """A layer-wise configuration's BOPs relative to W8A8 with the matmuls at 8 x 8 bits, as every
+  other row's (the search's own cost is relative to its baseline candidate over the layers);
+  width 0 is float."""
+  return baselines.relative_bops(plan, {p: (int(w) or FLOAT_BITS, int(a) or FLOAT_BITS)
+                                        for p, w, a in zip(plan.quantized, weight_bits, act_bits)})
+
+
 def _amp_at_4bit_budget(ctx: CompareContext, score_data) -> list[Row]:
   """Layer-wise AMP's Pareto point of the largest BOPs not above uniform W4A4's (with the ends
   as compare.keep_ends keeps them: FlexiQ's 100 % point); no row where the search reached none
   that cheap (the tables then say AMP could not match)."""
-  plan, model = ctx.calibration.plan, ctx.float_model.model
+  plan = ctx.calibration.plan
   budget = baselines.relative_bops(plan, baselines.uniform_bits(plan, (4, 4), ctx.config.compare.keep_ends))
-
-  def cost(wb, ab):
-    return baselines.relative_bops(plan, {p: (int(w) or FLOAT_BITS, int(a) or FLOAT_BITS)
-                                          for p, w, a in zip(plan.quantized, wb, ab)})
-
   drop = float(as_list(ctx.config.compare.allowed_drops)[0])  # any drop: the Pareto front is the same
   # early_exit=False: the front is built even where the baseline step would end this drop's search.
   res = driver.layerwise_search(ctx.config, ctx.run.workdir, ctx.float_model, ctx.calibration, ctx.calib_batches,
                                 ctx.run.mesh, allowed_drop=drop, score_data=score_data, early_exit=False,
-                                max_cost=(cost, budget))
+                                max_cost=(lambda wb, ab: _layerwise_bops(plan, wb, ab), budget))
   if res is None:
     return []
-  ev = driver.LayerwiseEvaluator(model, plan, ctx.calibration.folded, res.tables, ctx.run.mesh)
-  m = ev.metrics(ctx.eval_data, jnp.asarray(res.weight_bits), jnp.asarray(res.act_bits), ctx.float_logits)
-  s = res.summary
+  m, s, float_eval = _evaluate_search(ctx, res), res.summary, ctx.float_top1()
   return [Row("layerwise_amp", f"Pareto point at the 4-bit budget (relative BOPs <= {budget:.3f})", m["top1"],
-              cost(res.weight_bits, res.act_bits),
+              _layerwise_bops(plan, res.weight_bits, res.act_bits),
              {"candidates": s["chosen_candidates"], "budget": budget, "chosen_by": s["chosen_by"],
               "search_relative_cost": s["chosen"]["relative_cost"], "baseline": s["baseline"],
-              "float_eval_top1": ctx.float_top1(), "eval_drop": ctx.float_top1() - m["top1"], **fidelity(m)})]
+              "float_eval_top1": float_eval, "eval_drop": float_eval - m["top1"], **fidelity(m)})]
 
 
 def _ptq(ctx: CompareContext, method: str) -> list[Row]:

@@ -67,6 +67,14 @@ def parse_split(split: str) -> tuple[str, slice]:
   return name, slice(start, stop)
 
 
+def _known_split(split: str) -> tuple[str, slice]:
+  """`parse_split`, with one clear error for a split name the standard files do not have."""
+  name, part = parse_split(split)
+  if name not in _FILES:
+    raise ValueError(f"Fashion-MNIST has splits {sorted(_FILES)}, not {split!r}")
+  return name, part
+
+
 def split_size(split: str) -> int:
   """The number of images of `split` ('train', 'test', or sliced as `parse_split` reads it).
 
@@ -79,9 +87,7 @@ def split_size(split: str) -> int:
   Raises:
     ValueError: an unknown split name or a malformed slice.
   """
-  name, part = parse_split(split)
-  if name not in SPLIT_SIZES:
-    raise ValueError(f"Fashion-MNIST has splits {sorted(SPLIT_SIZES)}, not {split!r}")
+  name, part = _known_split(split)
   return len(range(SPLIT_SIZES[name])[part])
 
 
@@ -99,9 +105,7 @@ def load(split: str, data_dir: str = DEFAULT_DIR) -> tuple[np.ndarray, np.ndarra
     ValueError: an unknown split, a damaged or truncated file, or image and label counts that differ.
     FileNotFoundError: a file of the split is missing.
   """
-  name, part = parse_split(split)
-  if name not in _FILES:
-    raise ValueError(f"Fashion-MNIST has splits {sorted(_FILES)}, not {split!r}")
+  name, part = _known_split(split)
   paths = [os.path.join(data_dir, f) for f in _FILES[name]]
   missing = [p for p in paths if not os.path.exists(p)]
   if missing:
