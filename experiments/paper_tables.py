@@ -684,6 +684,50 @@ def _variant_cells(recs, method: str, change: str, ratios, finetuned: bool) -> d
       for q in ratios for field in ("top1", "kl")}}
 
 
+def _holdout_cells(recs, method: str) -> dict:
+  """A finetuned variant's held-out figures over seeds (the finetune judge's, on training images
+  kept out of every training: `harness.holdout_figures`): top-1 and KL at the judge's ratios, and
+  their mean top-1 (the score a choice between variants uses, as the learning-rate grid's does)."""
+  def holdout(r):
+    row = find_row(r, method, finetuned=True)
+    return None if row is None else row.get("holdout")
+  ratios = sorted({float(k.split("@")[1]) for r in recs for k in (holdout(r) or {}) if k.startswith("top1@")})
+  cells = {f"holdout_{field}@{q:g}": per_seed(recs, holdout, f"{field}@{q:g}") for q in ratios for field in ("top1", "kl")}
+  scores = [np.mean([h[f"top1@{q:g}"] for q in ratios]) if h and ratios else None for h in map(holdout, recs)]
+  cells["holdout_score"] = stat(scores)
+  images = {h.get("images") for h in map(holdout, recs) if h}
+  cells["holdout_images"] = images.pop() if len(images) == 1 else (sorted(images) or None)
+  return cells
+
+
+def _finetuned_variant_cell(cell: dict, ratios) -> str:
+  """T3's after-finetuning cell: top-1 at each ratio, 'failed' for a diverged run."""
+  if cell.get("failed"):
+    return "failed"
+  return ("refused: " if cell.get("refused") else "") + " · ".join(fmt(cell[f"top1@{q:g}"]) for q in ratios)
+
+
+def _holdout_cell(cell: dict) -> str:
+  """T3's held-out cell: top-1 at each judge ratio, then their mean."""
+  if cell.get("failed"):
+    return "failed"
+  ratios = sorted(float(k.split("@")[1]) for k in cell if k.startswith("holdout_top1@"))
+  if cell.get("holdout_score") is None:
+    return "-"
+  return " · ".join(fmt(cell[f"holdout_top1@{q:g}"]) for q in ratios) + f" (mean {fmt(cell['holdout_score'])})"
+
+
+def heldout_winners(t3_row: dict) -> list[str]:
+  """The finetuned variants (labels) whose held-out score is above the configured pipeline's on
+  this model: the evidence for making a change the default (never the test split's figures)."""
+  variants = t3_row.get("finetuned_variants", {})
+  base = (variants.get(FINETUNED_ABLATIONS[0][0]) or {}).get("holdout_score")
+  if base is None:
+    return []
+  return [label for label, cell in variants.items() if label != FINETUNED_ABLATIONS[0][0]
+          and cell.get("holdout_score") is not None and cell["holdout_score"]["mean"] > base["mean"]]
+
+
 def table3(sweep: dict, ratios=(0.5, 1.0)) -> dict:
   from flexiq_jax.compare import harness  # pylint: disable=g-import-not-at-top
   finetuned_ratios = harness.FINETUNED_VARIANT_RATIOS
@@ -695,8 +739,11 @@ def table3(sweep: dict, ratios=(0.5, 1.0)) -> dict:
     for label, method, change in FINETUNED_ABLATIONS:
       refused = sorted({why for r in recs for x in r["rows"] if x["method"] == method
                         for why in [harness.row_refusal(x)] if why})
+      failed = sorted({why for r in recs for x in r["rows"] if x["method"] == method
+                       for why in [harness.row_failure(x)] if why})
       row["finetuned_variants"][label] = {**_variant_cells(recs, method, change, finetuned_ratios, finetuned=True),
-                                          "refused": refused}
+                                          **_holdout_cells(recs, method), "refused": refused, "failed": failed}
+    row["heldout_winners"] = heldout_winners(row)
     rows.append(row)
   return {"ratios": list(ratios), "finetuned_ratios": list(finetuned_ratios), "rows": rows}
 
@@ -997,8 +1044,8 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
   labels = [a[0] for a in FINETUNED_ABLATIONS]
   text += records.markdown_table(
       ["model"] + [f"{l} @0% / @50% / @100%" for l in labels],
-      [[model_label(r["model"])] + [("refused: " if r["finetuned_variants"][l].get("refused") else "") + " · ".join(
-          f"{fmt(r['finetuned_variants'][l][f'top1@{q:g}'])}" for q in t3["finetuned_ratios"]) for l in labels]
+      [[model_label(r["model"])] + [_finetuned_variant_cell(r["finetuned_variants"][l], t3["finetuned_ratios"])
+                                     for l in labels]
        for r in t3["rows"] if "finetuned_variants" in r])
   refused = [(r["model"], l, v["refused"]) for r in t3["rows"] for l, v in r.get("finetuned_variants", {}).items()
              if v.get("refused")]
@@ -1006,6 +1053,24 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
     text += ("\n\"refused\": the finetune judge refused the variant's finetuned model (worse than the model it "
              "started from on held-out training images); its figures as trained are shown. "
              + "; ".join(f"{model_label(m)}, {l}: {'; '.join(why)}" for m, l, why in refused) + "\n")
+  failed = [(r["model"], l, v["failed"]) for r in t3["rows"] for l, v in r.get("finetuned_variants", {}).items()
+            if v.get("failed")]
+  if failed:
+    text += ("\n\"failed\": the variant's finetuning diverged at the rate the configured pipeline chose (no "
+             "figures). " + "; ".join(f"{model_label(m)}, {l}: {'; '.join(why)}" for m, l, why in failed) + "\n")
+  text += ("\n## The 4-bit fixes on held-out training images\n\nWhat decides a default: held-out top-1 (%) at 0% · "
+           "100% 4-bit after finetuning (the finetune judge's figures, on training images kept out of every "
+           "training; never the test split), and their mean. A change becomes the default when its mean is "
+           "above the configured pipeline's on every model it ran on. \"-\": not run, or run before the "
+           "rows carried held-out figures.\n\n")
+  text += records.markdown_table(
+      ["model"] + labels + ["above the configured pipeline"],
+      [[model_label(r["model"])] + [_holdout_cell(r["finetuned_variants"][l]) for l in labels]
+       + [", ".join(r.get("heldout_winners", [])) or "none"] for r in t3["rows"] if "finetuned_variants" in r])
+  images = sorted({v["holdout_images"] for r in t3["rows"] for v in r.get("finetuned_variants", {}).values()
+                   if isinstance(v.get("holdout_images"), str)})
+  if images:
+    text += "\nHeld-out images: " + "; ".join(images) + ".\n"
   _write(out, "paper_t3_ablations", {**prov, **t3}, text)
 
   plot_pareto(sweep, os.path.join(out, "paper_f1_pareto.png"), pareto_metric)

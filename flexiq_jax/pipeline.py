@@ -506,6 +506,19 @@ def lr_selection(workdir: str) -> dict | None:
   return records.read_json(os.path.join(workdir, "finetune", lr_select.RECORD_FILE))
 
 
+def finetune_judgement(workdir: str) -> dict | None:
+  """The finetune judge's report of the workdir's finished finetune stage (None when it was not
+  judged): held-out top-1 and KL at judge.JUDGE_RATIOS before and after finetuning.
+
+  Args:
+    workdir: a run's workdir.
+
+  Returns:
+    The report `judge.accept_or_refuse` wrote to finetune/judge.json, or None.
+  """
+  return records.read_json(os.path.join(workdir, "finetune", "judge.json"))
+
+
 REFRESH_REPORT_RATIOS = stages.REFRESH_REPORT_RATIOS
 EVAL_RATIOS = (0.0, 0.5, 1.0)  # the ratios of QAT's periodic evaluation (finetune.eval_every_steps)
 

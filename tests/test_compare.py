@@ -426,3 +426,25 @@ def test_the_long_variant_makes_the_sandwich_variants_passes_one_ratio_a_step():
   assert weighted["finetune.every_step_ratios"] == (0.0, 1.0) and weighted["finetune.every_step_weights"] == (1.0, 2.0)
   assert harness.resolve_variant_changes("flexiq_lsq", config)["finetune.lsq_learning_rate"] == float(
       config.compare.lsq_learning_rate)
+
+
+def test_a_finetuned_variant_that_diverges_is_reported_failed_and_a_finished_one_carries_held_out_figures(
+    context, tmp_path, monkeypatch):
+  """A variant whose finetuning diverges at the configured rate gives one failed row per ratio (no
+  figures, the reason kept) instead of stopping the comparison; a finished variant's rows carry its
+  finetune judge's held-out top-1 and KL at ratios 0 and 1."""
+  from flexiq_jax import pipeline, train as train_lib
+  ctx = _in(context, tmp_path / "wd", **{"select.selector": "greedy"})
+  rows = harness.METHODS["flexiq_sandwich"](ctx)
+  holdout = rows[0].extra["holdout"]
+  assert set(holdout) >= {"top1@0", "kl@0", "top1@1", "kl@1", "images"} and all(r.extra["holdout"] == holdout for r in rows)
+  real = pipeline.finetune
+
+  def diverging(run, *a, **k):
+    if run.workdir.endswith("flexiq_distill"):
+      raise train_lib.DivergedError("loss 18.5 at step 7 is above 10 x the start loss")
+    return real(run, *a, **k)
+  monkeypatch.setattr(pipeline, "finetune", diverging)
+  failed = [r.to_json() for r in harness.METHODS["flexiq_distill"](ctx)]
+  assert [r["ratio"] for r in failed] == list(harness.FINETUNED_VARIANT_RATIOS)
+  assert all(r["top1"] is None and harness.row_failure(r).startswith("DivergedError: loss 18.5") for r in failed)

@@ -77,8 +77,9 @@ class Row:
   extra: dict = dataclasses.field(default_factory=dict)
 
   def to_json(self) -> dict:
-    return {"method": self.method, "setting": self.setting, "top1": float(self.top1),
-            "relative_bops": float(self.relative_bops), **self.extra}
+    number = lambda v: None if v is None else float(v)  # a failed run's row has no figures
+    return {"method": self.method, "setting": self.setting, "top1": number(self.top1),
+            "relative_bops": number(self.relative_bops), **self.extra}
 
   @classmethod
   def from_json(cls, d: dict) -> "Row":
@@ -200,6 +201,18 @@ def row_refusal(row: dict) -> str | None:
   return refusal(row["judge"]) if isinstance(row.get("judge"), dict) else None
 
 
+def row_failure(row: dict) -> str | None:
+  """Why a result row's run failed (its training diverged: the row has no figures), or None.
+
+  Args:
+    row: A row dict.
+
+  Returns:
+    The reason, or None.
+  """
+  return row.get("failed") or None
+
+
 def _refused_note(out: dict) -> str:
   """The suffix a QAT baseline's setting gets when the judge refused it ('' when accepted)."""
   return "" if out["judge"]["accepted"] else " (refused: worse than its PTQ start on held-out images)"
@@ -218,13 +231,38 @@ def _rate_note(out: dict) -> str:
   return lr_select.summary(out.get("lr_selection")) or f"lr {out['learning_rate']:g}"
 
 
-def _sweep_rows(method, ctx: "CompareContext", run, quantized) -> list[Row]:
-  # A finetuned model whose learning rate was chosen on held-out images carries the selection's record.
-  selection = pipeline.lr_selection(run.workdir) if quantized.finetuned else None
+def holdout_figures(judgement: dict | None) -> dict | None:
+  """A finetuned model's held-out figures from its finetune judge's report (`judge.judge_finetune`):
+  top-1 and KL at judge.JUDGE_RATIOS on training images kept out of its training, the figures
+  a choice between finetuning variants may use (the eval split's may not).
+
+  Args:
+    judgement: the judge report, or None.
+
+  Returns:
+    {"images", "num_images", "top1@<ratio>", "kl@<ratio>"...}, or None when the model was not judged.
+  """
+  after = (judgement or {}).get("after_finetuning")
+  if not after:
+    return None
+  figures = {"images": judgement.get("images"), "num_images": judgement.get("num_images")}
+  for ratio, m in sorted(after.items(), key=lambda kv: float(kv[0])):
+    figures[f"top1@{float(ratio):g}"], figures[f"kl@{float(ratio):g}"] = m["top1"], m["kl"]
+  return figures
+
+
+def _sweep_rows(method, ctx: "CompareContext", run, quantized, judgement: dict | None = None) -> list[Row]:
+  # A finetuned model carries the record of its learning-rate selection (when a grid chose it) and
+  # its held-out figures (the judge's report: `judgement`, else the run's finetune stage's).
+  extra = {}
+  if quantized.finetuned:
+    selection = pipeline.lr_selection(run.workdir)
+    holdout = holdout_figures(judgement if judgement is not None else pipeline.finetune_judgement(run.workdir))
+    extra = {**({"lr_selection": selection} if selection else {}), **({"holdout": holdout} if holdout else {})}
   return [Row(method, f"ratio {p.ratio:g}" + (" (finetuned)" if quantized.finetuned else ""), p.top1,
               p.relative_bops, {"ratio": p.ratio, "low_bit_mac_share": p.low_bit_mac_share,
                                 "finetuned": quantized.finetuned, "agreement": p.agreement, "kl": p.kl,
-                                "sqnr_db": p.sqnr_db, **({"lr_selection": selection} if selection else {})})
+                                "sqnr_db": p.sqnr_db, **extra})
           for p in pipeline.sweep(run, quantized, desc=method, float_logits=ctx.float_logits)]
 
 
@@ -335,7 +373,14 @@ def _flexiq_finetuned_variant(ctx: CompareContext, name: str, overrides: dict) -
     model, report = refused
     reason = f"refused by the finetune judge on {report.get('images')}: {report.get('summary')}"
     print(f"warning: {name}: {str(e).split('. It was not installed')[0]}; its rows are marked refused")
-    return [dataclasses.replace(r, extra={**r.extra, "refused": reason}) for r in _sweep_rows(name, ctx, run, model)]
+    return [dataclasses.replace(r, extra={**r.extra, "refused": reason})
+            for r in _sweep_rows(name, ctx, run, model, judgement=report)]
+  except train_lib.NonFiniteError as e:
+    # A variant that diverges at the configured rate is a result too: one failed row per ratio.
+    reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    print(f"warning: {name}: its finetuning failed ({reason}); its rows are marked failed")
+    return [Row(name, f"ratio {r:g} (finetuned)", None, None, {"ratio": r, "finetuned": True, "failed": reason})
+            for r in FINETUNED_VARIANT_RATIOS]
 
 
 # FlexiQ's 4-bit fixes one at a time against the configured pipeline, after finetuning (T3):
@@ -891,8 +936,9 @@ def write_reports(results: dict, workdir: str, prefix: str = "") -> str:
   text += ("Against the float model on the same images: agreement = share of images with the float model's "
            "top-1 class (%), KL = mean KL(float || quantized) of the softmax outputs, SQNR = output SQNR (dB) of "
            "the logits (the layer-wise search's sensitivity measure).\n\n")
-  table = [[r["method"], r["setting"], r["top1"], _opt(r.get("agreement"), ".2f"), _opt(r.get("kl"), ".4f"),
-            _opt(r.get("sqnr_db"), ".1f"), f"{r['relative_bops']:.3f}"] for r in results["rows"]]
+  table = [[r["method"], r["setting"], "failed" if row_failure(r) else r["top1"], _opt(r.get("agreement"), ".2f"),
+            _opt(r.get("kl"), ".4f"), _opt(r.get("sqnr_db"), ".1f"), _opt(r.get("relative_bops"), ".3f")]
+           for r in results["rows"]]
   text += records.markdown_table(["method", "setting", "top-1 (%)", "agreement (%)", "KL", "SQNR (dB)",
                                   "relative BOPs"], table)
   refused = [r for r in results["rows"] if row_refusal(r)]
@@ -900,6 +946,9 @@ def write_reports(results: dict, workdir: str, prefix: str = "") -> str:
     text += ("\nRefused by the QAT judge (reported above; left out of the Pareto plot and of the paper tables' "
              "averages and margins):\n\n" + "".join(f"- {r['method']} {r['setting']}: {row_refusal(r)}\n"
                                                     for r in refused))
+  failed = {r["method"]: row_failure(r) for r in results["rows"] if row_failure(r)}
+  if failed:
+    text += "\nFailed (no figures):\n\n" + "".join(f"- {m}: {why}\n" for m, why in failed.items())
   text += lr_note(results["rows"])
   amp_rows = {r["ratio"]: r for r in results["rows"] if r["method"] == "flexiq_amp"}
   evo = {r["ratio"]: r for r in results["rows"] if r["method"] == "flexiq" and not r.get("finetuned")}
