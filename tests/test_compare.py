@@ -448,3 +448,25 @@ def test_a_finetuned_variant_that_diverges_is_reported_failed_and_a_finished_one
   failed = [r.to_json() for r in harness.METHODS["flexiq_distill"](ctx)]
   assert [r["ratio"] for r in failed] == list(harness.FINETUNED_VARIANT_RATIOS)
   assert all(r["top1"] is None and harness.row_failure(r).startswith("DivergedError: loss 18.5") for r in failed)
+
+
+def test_cached_finetuned_rows_without_held_out_figures_get_them_from_their_stages_judge(tmp_path):
+  """Rows cached before rows carried held-out figures take them from the judge report of the
+  finetune stage that made them: flexiq's from the run's, a variant's from compare/<name>; a stage
+  without a finished finetune, a failed row and a non-FlexiQ method are left as they are."""
+  from flexiq_jax import records
+  report = {"images": "the first 1000 images of train[-5000:]", "num_images": 1000,
+            "after_finetuning": {"0": {"top1": 90.0, "kl": 0.01}, "1": {"top1": 88.0, "kl": 0.05}}}
+  for where in (tmp_path, tmp_path / "compare" / "flexiq_sandwich"):
+    records.write_json_atomic(str(where / "finetune" / "judge.json"), report)
+    records.write_json_atomic(str(where / "finetune" / "done.json"), {"total_steps": 4})
+  row = {"method": "flexiq", "setting": "ratio 1 (finetuned)", "top1": 87.0, "relative_bops": 0.26, "ratio": 1.0,
+         "finetuned": True}
+  before = {**row, "finetuned": False}
+  got = harness._with_holdout(str(tmp_path), "flexiq", [before, row])
+  assert "holdout" not in got[0] and got[1]["holdout"]["top1@1"] == 88.0 and got[1]["holdout"]["kl@0"] == 0.01
+  assert harness._with_holdout(str(tmp_path), "flexiq_sandwich", [row])[0]["holdout"]["top1@0"] == 90.0
+  assert "holdout" not in harness._with_holdout(str(tmp_path), "flexiq_long", [row])[0]  # no finished stage
+  assert "holdout" not in harness._with_holdout(str(tmp_path), "lsq_qat", [row])[0]
+  failed = {**row, "top1": None, "failed": "DivergedError: loss 18.5"}
+  assert "holdout" not in harness._with_holdout(str(tmp_path), "flexiq", [failed])[0]

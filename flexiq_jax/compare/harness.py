@@ -251,6 +251,32 @@ def holdout_figures(judgement: dict | None) -> dict | None:
   return figures
 
 
+def finetune_workdir(workdir: str, method: str) -> str | None:
+  """The workdir whose finetune stage made a FlexiQ-family method's finetuned rows (None for other
+  methods): the run's own for flexiq, compare/<method> for the single-point and finetuned variants."""
+  if method == "flexiq":
+    return workdir
+  if method == "flexiq_100only" or method in FINETUNED_VARIANTS:
+    return os.path.join(workdir, "compare", method)
+  return None
+
+
+def _with_holdout(workdir: str, method: str, rows: list[dict]) -> list[dict]:
+  """Cached finetuned rows made before rows carried held-out figures get them from the judge report
+  of the finetune stage that made them (the same stage: the rows' key and the stage's fingerprint
+  both come from the config); rows that have them, or whose stage has no report, are left as they are."""
+  where = finetune_workdir(workdir, method)
+  if where is None or not any(r.get("finetuned") and "holdout" not in r and not r.get("failed") for r in rows):
+    return rows
+  if not os.path.exists(os.path.join(where, "finetune", "done.json")):
+    return rows
+  holdout = holdout_figures(pipeline.finetune_judgement(where))
+  if holdout is None:
+    return rows
+  return [{**r, "holdout": holdout} if r.get("finetuned") and "holdout" not in r and not r.get("failed") else r
+          for r in rows]
+
+
 def _sweep_rows(method, ctx: "CompareContext", run, quantized, judgement: dict | None = None) -> list[Row]:
   # A finetuned model carries the record of its learning-rate selection (when a grid chose it) and
   # its held-out figures (the judge's report: `judgement`, else the run's finetune stage's).
@@ -893,8 +919,8 @@ def run_compare(run: pipeline.Run, float_model: FloatModel, float_metrics=None, 
   for m in methods:
     bar.set_postfix(method=m)
     t0 = time.perf_counter()
-    rows += [Row.from_json(r) for r in cache.get(m, lambda m=m: [{**r.to_json(), **_matmul_record(m, plan)}
-                                                                 for r in METHODS[m](ctx)])]
+    rows += [Row.from_json(r) for r in _with_holdout(run.workdir, m, cache.get(
+        m, lambda m=m: [{**r.to_json(), **_matmul_record(m, plan)} for r in METHODS[m](ctx)]))]
     seconds[m] = time.perf_counter() - t0
     print(f"compare: {m} done ({seconds[m]:.0f} s)")
     if after_method is not None:
