@@ -125,6 +125,10 @@ _RECOMPUTE = flags.DEFINE_list(
     "recompute", [], "Methods whose rows cached in the workdirs are computed again when another commit made them "
     "(after a code change the cache cannot see: its key is the config); 'flexiq' redoes its finetuning too. The "
     "records name the commit that made each method's rows.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", "auto", "JAX's persistent compilation cache, shared by the jobs and by later runs (each job "
+    "is a fresh process: the same model's evaluation, calibration and training steps compile once): a folder, "
+    "'auto' = <workroot>/.jax_cache, '' = none. Results do not depend on it.")
 _TABLES_ONLY = flags.DEFINE_bool("tables_only", False, "Only regenerate the tables from <out>/paper_sweep/.")
 _PARETO_METRIC = flags.DEFINE_enum("pareto_metric", "top1", ("top1", "kl", "sqnr_db", "agreement"),
                                    "The y axis of F1.")
@@ -1171,6 +1175,20 @@ def plot_speed(f2: dict, path: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def use_compilation_cache(path: str) -> None:
+  """Turns on JAX's persistent compilation cache at `path` for this process and the worker
+  processes it spawns (they inherit JAX_COMPILATION_CACHE_DIR). A compiled program is keyed by its
+  HLO, compile options and the jax version, so a cache hit runs exactly what a compilation would.
+
+  Args:
+    path: the cache folder (created when missing).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  os.makedirs(path, exist_ok=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+  jax.config.update("jax_compilation_cache_dir", path)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -1194,6 +1212,9 @@ def main(argv):
         raise app.UsageError(f"--ratios must lie in [0, 1], got {r}")
     todo = jobs(_MODELS.value, _SEEDS.value, _EXTRA_SEEDS.value, _SEED_MODELS.value, _METHODS.value,
                 _SEED_METHODS.value)
+    cache = os.path.join(_WORKROOT.value, ".jax_cache") if _COMPILATION_CACHE.value == "auto" else _COMPILATION_CACHE.value
+    if cache:
+      use_compilation_cache(cache)
     argv_record = records.command_argv()
     info = records.run_info(argv_record)  # the code that runs is the code at start
     run = functools.partial(run_one, ratios=_RATIOS.value, workroot=_WORKROOT.value, out=out, smoke=_SMOKE.value,

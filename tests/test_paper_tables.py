@@ -452,3 +452,21 @@ def test_t3_shows_held_out_figures_names_the_winners_on_them_and_a_diverged_vari
   md = open(os.path.join(out, "paper_t3_ablations.md")).read()
   assert "| failed |" in md and "learnt scales (LSQ): DivergedError: loss 18.5 at step 7" in md
   assert "90.20 · 88.40 (mean 89.30)" in md and "the first 1000 images of train[-5000:]" in md
+
+
+def test_the_compilation_cache_is_written_and_passed_to_worker_processes(tmp_path):
+  """--compilation_cache turns JAX's persistent cache on in the sweep's process and, through the
+  environment, in the workers it spawns: a second process compiling the same program reads it."""
+  import subprocess
+  import sys
+  code = ("import os, jax, jax.numpy as jnp\n"
+          "from experiments import paper_tables\n"
+          f"paper_tables.use_compilation_cache({str(tmp_path / 'cache')!r})\n"
+          "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)\n"
+          "assert os.environ['JAX_COMPILATION_CACHE_DIR'].endswith('cache')\n"
+          "print(jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((8, 8))).sum())\n")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for _ in range(2):
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+  assert any(name.startswith("jit_") for name in os.listdir(tmp_path / "cache"))
