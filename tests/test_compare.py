@@ -424,6 +424,11 @@ def test_the_long_variant_makes_the_sandwich_variants_passes_one_ratio_a_step():
   assert train_lib.total_steps_of(long["finetune.num_epochs"], size, batch) == 3 * configured
   weighted = harness.resolve_variant_changes("flexiq_sandwich_w4", config)
   assert weighted["finetune.every_step_ratios"] == (0.0, 1.0) and weighted["finetune.every_step_weights"] == (1.0, 2.0)
+  ends = harness.resolve_variant_changes("flexiq_ends", config)
+  levels, probs, uniform = ends["finetune.levels"], ends["finetune.level_probs"], ends["finetune.uniform_prob"]
+  assert levels == (0.0,) + tuple(config.select.levels) and sum(probs) == pytest.approx(1.0)
+  share = dict(zip(levels, (1 - uniform) * np.asarray(probs)))
+  assert share[1.0] == pytest.approx(0.36) and share[0.0] == pytest.approx(0.2)  # configured: 0.1 each
   assert harness.resolve_variant_changes("flexiq_lsq", config)["finetune.lsq_learning_rate"] == float(
       config.compare.lsq_learning_rate)
 
@@ -435,7 +440,7 @@ def test_a_finetuned_variant_that_diverges_is_reported_failed_and_a_finished_one
   finetune judge's held-out top-1 and KL at ratios 0 and 1."""
   from flexiq_jax import pipeline, train as train_lib
   ctx = _in(context, tmp_path / "wd", **{"select.selector": "greedy"})
-  rows = harness.METHODS["flexiq_sandwich"](ctx)
+  rows = harness.METHODS["flexiq_ends"](ctx)
   holdout = rows[0].extra["holdout"]
   assert set(holdout) >= {"top1@0", "kl@0", "top1@1", "kl@1", "images"} and all(r.extra["holdout"] == holdout for r in rows)
   real = pipeline.finetune

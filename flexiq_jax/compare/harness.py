@@ -428,6 +428,23 @@ def _sandwich_one_pass_epochs(config) -> float:
   return _one_pass_epochs(sandwich)
 
 
+# The ends-weighted sampler: the share of steps at exactly ratio 1 and exactly ratio 0 among the
+# level draws, and the share of steps at a continuous ratio (the configured sampler: 0.5, levels uniform).
+ENDS_LEVEL_PROBS = {1.0: 0.45, 0.0: 0.25}
+ENDS_UNIFORM_PROB = 0.2
+
+
+def _ends_weighted_sampler(config) -> dict:
+  """The configured sampler's levels (0 and select.levels) drawn with the ends weighted
+  (ENDS_LEVEL_PROBS; the middle levels share the rest equally) and fewer continuous ratios
+  (ENDS_UNIFORM_PROB): one ratio a step, the configured number of steps."""
+  levels = tuple(float(l) for l in config.finetune.levels) or (0.0,) + tuple(float(l) for l in config.select.levels)
+  middle = [l for l in levels if l not in ENDS_LEVEL_PROBS]
+  rest = round((1.0 - sum(ENDS_LEVEL_PROBS[l] for l in levels if l in ENDS_LEVEL_PROBS)) / max(len(middle), 1), 12)
+  return {"finetune.levels": levels, "finetune.level_probs": tuple(ENDS_LEVEL_PROBS.get(l, rest) for l in levels),
+          "finetune.uniform_prob": ENDS_UNIFORM_PROB}
+
+
 FINETUNED_VARIANTS = {
     "flexiq_max127": ({"quant.weight_scale": "max127"}, "the 8-bit weight grid max|w|/127 (the largest weight "
                       "shrinks when lowered)"),
@@ -441,6 +458,8 @@ FINETUNED_VARIANTS = {
                      "finetune.num_epochs": _sandwich_one_pass_epochs},
                     "one sampled ratio a step, as many steps as the sandwich's passes (the sandwich's budget "
                     "without its ends)"),
+    "flexiq_ends": (_ends_weighted_sampler, "the ratio sampler weighted to the ends (ratio 1 in about 36 % of the "
+                    "steps, ratio 0 in 20 %, against 10 % each configured; the same steps and passes)"),
     "flexiq_lsq": ({"finetune.lsq": True, "finetune.lsq_weights": True, "finetune.lsq_grad_scale": "effective",
                     "finetune.lsq_learning_rate": _lsq_baseline_rate}, "learnt activation and weight scales (LSQ, the "
                    "gradient scale of each channel's own grid, at the LSQ baseline's rate)"),
@@ -463,7 +482,10 @@ def resolve_variant_changes(name: str, config) -> dict:
   Returns:
     Dotted field -> value.
   """
-  return {k: v(config) if callable(v) else v for k, v in FINETUNED_VARIANTS[name][0].items()}
+  changes = FINETUNED_VARIANTS[name][0]
+  if callable(changes):  # the whole set of changes computed from the config
+    return changes(config)
+  return {k: v(config) if callable(v) else v for k, v in changes.items()}
 
 
 def _finetuned_variant_method(name: str):
@@ -810,9 +832,10 @@ METHOD_DEPENDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "switchable_qat": ("calibrate", _QAT_BASELINE),
     "flexiq_100only": _FLEXIQ_100ONLY,
     # A finetuned variant's changes are constants or functions of the configured finetune stage's
-    # fields (flexiq_long's epochs), applied to those fields; flexiq_lsq's rate is the LSQ baseline's.
-    **{name: ("finetune", ("sweep",) + (("compare.lsq_learning_rate",) if _lsq_baseline_rate in changes.values()
-                                        else ()))
+    # fields and those before it (flexiq_long's epochs, flexiq_ends' levels), applied to those
+    # fields; flexiq_lsq's rate is the LSQ baseline's.
+    **{name: ("finetune", ("sweep",) + (("compare.lsq_learning_rate",) if not callable(changes)
+                                        and _lsq_baseline_rate in changes.values() else ()))
        for name, (changes, _) in FINETUNED_VARIANTS.items()},
 }
 
