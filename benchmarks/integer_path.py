@@ -37,6 +37,7 @@ import numpy as np
 from flexiq_jax import api
 from flexiq_jax import cost
 from flexiq_jax import finetune
+from flexiq_jax import host_memory
 from flexiq_jax import interception
 from flexiq_jax import models
 from flexiq_jax import numerics
@@ -277,8 +278,9 @@ def main(argv):
     jax.config.update("jax_platforms", _DEVICE.value)
   backend = jax.default_backend()
   model_specs, batches = specs(["1", "32", "512"] if backend == "cpu" else ["1", "32", "256"])
+  host_memory.keep_freed_memory()
   info = records.run_info()
-  info.update(backend=backend, python=platform.python_version(), flax=importlib.import_module("flax").__version__,
+  info.update(malloc=host_memory.state(), backend=backend, python=platform.python_version(), flax=importlib.import_module("flax").__version__,
               cpu=platform.processor() or platform.machine(), cores=os.cpu_count())
   out_path = os.path.join(_OUT.value, f"integer_path_{backend}")
   if _REPORT_ONLY.value:
@@ -381,6 +383,8 @@ def write_results(results: dict, out_dir: str, batch: int) -> str:
   path = os.path.join(out_dir, f"integer_path_{results['info']['backend']}")
   records.write_json_atomic(path + ".json", results)
   lines = ["# Integer path speed\n", records.provenance_header(results["info"])]
+  if results["info"].get("malloc"):
+    lines.append(f"Host memory: {results['info']['malloc']} (`flexiq_jax.host_memory`).\n")
   if "resumed_from" in results["info"]:
     first = results["info"]["resumed_from"]
     lines.append(f"Resumed: the models already in the file were measured by `{first['command']}` at commit "

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexiq_jax import api
+from flexiq_jax import host_memory
 from flexiq_jax import quantize
 from flexiq_jax import records
 from flexiq_jax.quantize import onednn
@@ -221,8 +222,9 @@ def write_markdown(results: dict, path: str) -> None:
            f"Command: `{info['command']}`  ", f"Commit: {info['commit']}  ", f"Date: {info['date']}  ",
            f"CPU: {info['cpu']}, {info['cores']} cores; oneDNN {info['onednn']}, mode 'auto' runs "
            f"{'fused (VNNI)' if info['onednn_direct'] else 'single (exact without VNNI: one int8 run on the low codes plus the sparse remainder; split where the remainder is dense)'}  ",
-           f"Load average at the start: {info['loadavg']} (the machine is shared with other jobs: times are noisy)",
-           ""]
+           f"Load average at the start: {info['loadavg']} (the machine is shared with other jobs: times are noisy)  ",
+           f"Host memory: {info.get('malloc', 'the C library default malloc settings')} (`flexiq_jax.host_memory`; "
+           "PyTorch runs in the same process under the same settings)", ""]
   if info.get("baseline_library"):
     lines += [f"Baseline library ('oneDNN int, baseline library' rows, the same model and variables): "
               f"{info['baseline_library']}", ""]
@@ -255,8 +257,10 @@ def main(argv):
   del argv
   if not onednn.available():
     raise SystemExit(f"oneDNN kernels unavailable: {onednn.unavailable_reason()}")
+  host_memory.keep_freed_memory()
   info = records.run_info()
-  info.update(cpu=cpu_model(), cores=os.cpu_count(), onednn=onednn.version(), onednn_direct=onednn.direct_here(),
+  info.update(malloc=host_memory.state(), cpu=cpu_model(), cores=os.cpu_count(), onednn=onednn.version(),
+              onednn_direct=onednn.direct_here(),
               loadavg=" ".join(f"{v:.2f}" for v in os.getloadavg()))
   if _BASELINE.value:
     if not os.path.isfile(_BASELINE.value):

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexiq_jax import api
+from flexiq_jax import host_memory
 from flexiq_jax import records
 from flexiq_jax.quantize import onednn
 
@@ -148,8 +149,9 @@ def main(argv):
     return
   if not onednn.available():
     raise SystemExit(f"error: oneDNN kernels unavailable: {onednn.unavailable_reason()}")
+  host_memory.keep_freed_memory()
   info = records.run_info()
-  info.update(cpu=onednn_int8.cpu_model(), cores=os.cpu_count(), onednn=onednn.version(),
+  info.update(malloc=host_memory.state(), cpu=onednn_int8.cpu_model(), cores=os.cpu_count(), onednn=onednn.version(),
               loadavg=" ".join(f"{v:.2f}" for v in os.getloadavg()))
   spec, batch = _NET.value, _BATCH.value
   full = spec.endswith(":full")
@@ -252,7 +254,8 @@ def write_markdown(results: dict, path: str) -> None:
   lines = ["# Where the oneDNN integer path's time goes (CPU)", "",
            f"Command: `{info['command']}`  ", f"Commit: {info['commit']}  ", f"Date: {info['date']}  ",
            f"CPU: {info['cpu']}, {info['cores']} cores; oneDNN {info['onednn']}  ",
-           f"Load average at the start: {info['loadavg']} (the machine is shared with other jobs: times are noisy)",
+           f"Load average at the start: {info['loadavg']} (the machine is shared with other jobs: times are noisy)  ",
+           f"Host memory: {info.get('malloc', 'the C library default malloc settings')} (`flexiq_jax.host_memory`)",
            *([f"Markdown rewritten from the JSON by `{info['markdown_rewritten_by']}`"]
              if "markdown_rewritten_by" in info else []),
            "", f"## {results['net']}, batch {results['batch']}, ratio {results['ratio']:g}: one forward pass", "",
