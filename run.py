@@ -23,7 +23,6 @@ import flexiq_jax
 from flexiq_jax import api
 from flexiq_jax import cli
 from flexiq_jax import evaluate
-from flexiq_jax import host_memory
 from flexiq_jax import parallel
 from flexiq_jax import pipeline
 from flexiq_jax import records
@@ -46,7 +45,6 @@ flags.mark_flags_as_required(["config"])
 @cli.guarded
 def main(argv):
   config, mode = _CONFIG.value, _MODE.value
-  host_memory.keep_freed_memory()  # before XLA allocates: freed buffers are reused, not unmapped
   workdir = cli.start(argv, _WORKDIR.value)
   records.git_commit()  # pin the provenance to the code at start
   parallel.maybe_initialize_distributed(config.distributed)

@@ -274,11 +274,11 @@ def specs(batches_default) -> tuple[list[tuple[str, bool]], list[int]]:
 
 def main(argv):
   del argv
+  host_memory.rerun_with_tcmalloc()
   if _DEVICE.value != "auto":
     jax.config.update("jax_platforms", _DEVICE.value)
   backend = jax.default_backend()
   model_specs, batches = specs(["1", "32", "512"] if backend == "cpu" else ["1", "32", "256"])
-  host_memory.keep_freed_memory()
   info = records.run_info()
   info.update(malloc=host_memory.state(), backend=backend, python=platform.python_version(), flax=importlib.import_module("flax").__version__,
               cpu=platform.processor() or platform.machine(), cores=os.cpu_count())

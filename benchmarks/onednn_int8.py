@@ -223,8 +223,8 @@ def write_markdown(results: dict, path: str) -> None:
            f"CPU: {info['cpu']}, {info['cores']} cores; oneDNN {info['onednn']}, mode 'auto' runs "
            f"{'fused (VNNI)' if info['onednn_direct'] else 'single (exact without VNNI: one int8 run on the low codes plus the sparse remainder; split where the remainder is dense)'}  ",
            f"Load average at the start: {info['loadavg']} (the machine is shared with other jobs: times are noisy)  ",
-           f"Host memory: {info.get('malloc', 'the C library default malloc settings')} (`flexiq_jax.host_memory`; "
-           "PyTorch runs in the same process under the same settings)", ""]
+           f"Host memory: {info.get('malloc', 'not recorded')} (`flexiq_jax.host_memory`; "
+           "PyTorch runs in the same process on the same allocator)", ""]
   if info.get("baseline_library"):
     lines += [f"Baseline library ('oneDNN int, baseline library' rows, the same model and variables): "
               f"{info['baseline_library']}", ""]
@@ -255,9 +255,9 @@ def write_markdown(results: dict, path: str) -> None:
 
 def main(argv):
   del argv
+  host_memory.rerun_with_tcmalloc()  # every alternative on the same allocator (flexiq_jax.host_memory)
   if not onednn.available():
     raise SystemExit(f"oneDNN kernels unavailable: {onednn.unavailable_reason()}")
-  host_memory.keep_freed_memory()
   info = records.run_info()
   info.update(malloc=host_memory.state(), cpu=cpu_model(), cores=os.cpu_count(), onednn=onednn.version(),
               onednn_direct=onednn.direct_here(),

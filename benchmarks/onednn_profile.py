@@ -140,6 +140,7 @@ def problem_key(desc: str):
 
 def main(argv):
   del argv
+  host_memory.rerun_with_tcmalloc()
   if _REPORT_ONLY.value:
     path = os.path.join(_OUT.value, "onednn_profile_cpu.json")
     with open(path) as f:
@@ -149,7 +150,6 @@ def main(argv):
     return
   if not onednn.available():
     raise SystemExit(f"error: oneDNN kernels unavailable: {onednn.unavailable_reason()}")
-  host_memory.keep_freed_memory()
   info = records.run_info()
   info.update(malloc=host_memory.state(), cpu=onednn_int8.cpu_model(), cores=os.cpu_count(), onednn=onednn.version(),
               loadavg=" ".join(f"{v:.2f}" for v in os.getloadavg()))
@@ -255,7 +255,7 @@ def write_markdown(results: dict, path: str) -> None:
            f"Command: `{info['command']}`  ", f"Commit: {info['commit']}  ", f"Date: {info['date']}  ",
            f"CPU: {info['cpu']}, {info['cores']} cores; oneDNN {info['onednn']}  ",
            f"Load average at the start: {info['loadavg']} (the machine is shared with other jobs: times are noisy)  ",
-           f"Host memory: {info.get('malloc', 'the C library default malloc settings')} (`flexiq_jax.host_memory`)",
+           f"Host memory: {info.get('malloc', 'not recorded')} (`flexiq_jax.host_memory`)",
            *([f"Markdown rewritten from the JSON by `{info['markdown_rewritten_by']}`"]
              if "markdown_rewritten_by" in info else []),
            "", f"## {results['net']}, batch {results['batch']}, ratio {results['ratio']:g}: one forward pass", "",

@@ -160,8 +160,6 @@ def model_config(name: str, seed: int, methods, ratios, smoke: bool, imagenet: b
 def run_one(name: str, seed: int, methods, ratios, workroot: str, out: str, smoke: bool, argv,
             imagenet: bool = False, recompute=()) -> dict:
   """The whole pipeline and every method for one model and seed; returns the sweep record."""
-  from flexiq_jax import host_memory
-  host_memory.keep_freed_memory()  # in a worker process too
   from flexiq_jax import checkpoint
   from flexiq_jax import compare
   from flexiq_jax import pipeline

@@ -1,67 +1,94 @@
-"""Host memory on CPU: keep the memory a call frees for the next call.
+"""Host memory on CPU: the allocator under XLA's buffers.
 
 XLA:CPU allocates each call's outputs and temporaries with `malloc` and frees them when the call
-ends. glibc's `malloc` serves a block above its mmap threshold (dynamic, at most 32 MiB) with a
-fresh `mmap` and unmaps it on `free`, so a call whose buffers are that large touches fresh pages
-every time: the kernel faults in and zeroes each 4 KiB page again. Writing a large float32 result
-then costs several times the work that makes it (on the benchmark's 2-core AMD EPYC, ResNet-18's
-float32 stem output at batch 16, 51 MB, takes three times as long per image as at batch 4).
-PyTorch's int8 tensors are a quarter of the size and stay under the threshold.
+ends, from several threads. glibc's `malloc` serves a block above its mmap threshold (at most
+32 MiB) with a fresh `mmap` and returns the thread arenas' emptied heaps to the system, so a call
+whose buffers are that large touches fresh pages every time: the kernel faults in and zeroes
+each 4 KiB page again, and writing a large float32 result costs several times the work that
+makes it. tcmalloc (gperftools' `libtcmalloc_minimal`, Debian's `libtcmalloc-minimal4`) keeps
+freed memory for reuse; CPU inference launchers preload it (or jemalloc) for that reason, and so
+do the Cloud TPU images for JAX. glibc's own knobs (`mallopt`: no mmap, a high trim threshold)
+did not help a whole model here, whose buffers come from the worker threads' arenas.
 
-`keep_freed_memory` tells glibc to serve every block from its heap (`M_MMAP_MAX` = 0) and to
-return freed memory to the system only above `TRIM_THRESHOLD` (`M_TRIM_THRESHOLD`): the pages
-faulted in once are reused by every later call. The process keeps what it freed (its resident
-size stays near its peak), as it would with tcmalloc or jemalloc, which CPU inference launchers
-preload for the same reason. Results do not change: only where the buffers live. The command-line
-entry points (`run.py`, the sweep, the benchmarks) call it at start; `FLEXIQ_KEEP_FREED_MEMORY=0`
-turns it off. Elsewhere (another C library, macOS) it does nothing.
+`rerun_with_tcmalloc` restarts the current process with tcmalloc preloaded where it is installed
+(`LD_PRELOAD` must be set before the process starts); the benchmarks call it first, so that the
+integer path, XLA float32 and PyTorch all run on it, and their headers say which allocator ran
+(`allocator`). `FLEXIQ_ALLOCATOR=system` keeps the system allocator. Results do not change: only
+where the buffers live. To serve from your own process, start it with
+`LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4`.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
+import sys
 
-# glibc's mallopt parameters (malloc.h).
-M_TRIM_THRESHOLD = -1
-M_MMAP_MAX = -4
-TRIM_THRESHOLD = 1 << 30  # freed memory above this much at the heap's top goes back to the system
-ENV = "FLEXIQ_KEEP_FREED_MEMORY"
+ENV = "FLEXIQ_ALLOCATOR"  # 'tcmalloc' (the default, where installed) or 'system'
+RERUN = "FLEXIQ_ALLOCATOR_RERUN"  # set in the restarted process
+NAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
+DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
+# tcmalloc reports every allocation above 1 GiB on stderr unless told otherwise.
+QUIET = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
 
-_applied: bool | None = None
 
-
-def keep_freed_memory() -> bool:
-  """Makes glibc's malloc keep freed memory for reuse (module docstring); once per process.
+def tcmalloc_path() -> str | None:
+  """The installed tcmalloc library, or None.
 
   Returns:
-    True where it is in effect (glibc, not turned off by FLEXIQ_KEEP_FREED_MEMORY=0), else False.
+    The path of the first of NAMES found in DIRS.
   """
-  global _applied
-  if _applied is not None:
-    return _applied
-  _applied = False
-  if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-    return False
+  for directory in DIRS:
+    for name in NAMES:
+      path = os.path.join(directory, name)
+      if os.path.exists(path):
+        return path
+  return None
+
+
+def allocator() -> str:
+  """The allocator this process runs on: 'tcmalloc', 'jemalloc' or 'system' (read from the
+  libraries mapped into it, so a preload by any means counts).
+
+  Returns:
+    The allocator's name.
+  """
   try:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    mallopt = libc.mallopt
-    if not hasattr(libc, "gnu_get_libc_version"):  # mallopt's parameters are glibc's
-      return False
-  except (OSError, AttributeError):
-    return False
-  mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-  _applied = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-  return _applied
+    with open("/proc/self/maps") as f:
+      maps = f.read()
+  except OSError:
+    return "system"
+  for name in ("tcmalloc", "jemalloc"):
+    if f"lib{name}" in maps:
+      return name
+  return "system"
+
+
+def rerun_with_tcmalloc() -> None:
+  """Restarts this process (the same interpreter and command line) with tcmalloc preloaded, unless
+  it already runs on tcmalloc or jemalloc, tcmalloc is not installed, or FLEXIQ_ALLOCATOR=system.
+  Call it before any work: the process is replaced and does not return here.
+  """
+  if (os.environ.get(ENV, "tcmalloc").strip().lower() == "system" or allocator() != "system"
+      or os.environ.get(RERUN)):  # a preload that did not take: run on as it is, never restart twice
+    return
+  path = tcmalloc_path()
+  if path is None or not getattr(sys, "orig_argv", None):
+    return
+  env = {**os.environ, **QUIET, RERUN: "1",
+         "LD_PRELOAD": ":".join(p for p in (path, os.environ.get("LD_PRELOAD", "")) if p)}
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, list(sys.orig_argv), env)
 
 
 def state() -> str:
-  """One line for a results header: whether freed memory is kept (`keep_freed_memory`).
+  """One line for a results header: the allocator this process runs on.
 
   Returns:
     The line's text.
   """
-  if _applied:
-    return f"glibc malloc keeps freed memory (M_MMAP_MAX=0, M_TRIM_THRESHOLD={TRIM_THRESHOLD >> 20} MiB)"
-  return "the C library's default malloc settings"
+  name = allocator()
+  if name == "system":
+    why = "FLEXIQ_ALLOCATOR=system" if os.environ.get(ENV, "").lower() == "system" else "tcmalloc not installed"
+    return f"the system malloc ({why})"
+  return f"{name} (preloaded)"

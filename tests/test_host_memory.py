@@ -1,45 +1,40 @@
-"""flexiq_jax/host_memory.py: glibc keeps freed memory for the next call, once per process, and
-the environment can turn it off."""
+"""flexiq_jax/host_memory.py: the benchmarks' restart on tcmalloc, once, and the way out of it."""
 
 import os
 import subprocess
 import sys
 
+import pytest
+
+from flexiq_jax import host_memory
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CODE = ("import os\n"
+        "from flexiq_jax import host_memory\n"
+        "host_memory.rerun_with_tcmalloc()\n"
+        "print(host_memory.allocator(), os.environ.get('FLEXIQ_ALLOCATOR_RERUN', '-'), host_memory.state())\n")
 
 
-def _run(code: str, **env) -> str:
-  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       env={**os.environ, **env})
+def _run(**env) -> list[str]:
+  clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", host_memory.ENV, host_memory.RERUN)}
+  out = subprocess.run([sys.executable, "-c", CODE], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**clean, **env})
   assert out.returncode == 0, out.stderr[-2000:]
-  return out.stdout.strip()
+  return out.stdout.strip().split(" ", 2)
 
 
-def test_freed_memory_is_kept_and_reused_without_new_page_faults():
-  """After keep_freed_memory, a 64 MB block (above glibc's largest mmap threshold) malloc'ed,
-  written and freed again and again faults its pages in once, not on every allocation."""
-  code = ("import ctypes, resource\n"
-          "from flexiq_jax import host_memory\n"
-          "on = host_memory.keep_freed_memory()\n"
-          "assert host_memory.keep_freed_memory() == on\n"  # once per process: the same answer
-          "libc = ctypes.CDLL('libc.so.6')\n"
-          "libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)\n"
-          "libc.free.argtypes = (ctypes.c_void_p,)\n"
-          "def touch():\n"
-          "  p = libc.malloc(64 << 20); ctypes.memset(p, 1, 64 << 20); libc.free(p)\n"
-          "faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-          "touch()\n"
-          "before = faults()\n"
-          "for _ in range(5):\n"
-          "  touch()\n"
-          "print(on, faults() - before, host_memory.state())\n")
-  on, faults, state = _run(code).split(" ", 2)
-  if sys.platform.startswith("linux") and os.path.exists("/lib/x86_64-linux-gnu/libc.so.6"):
-    assert on == "True" and "M_MMAP_MAX=0" in state
-    assert int(faults) < 1000  # five fresh mappings fault 5 x 16384 pages
-  if sys.platform.startswith("linux") and os.path.exists("/lib/x86_64-linux-gnu/libc.so.6"):
-    _, faults_off, _ = _run(code, FLEXIQ_KEEP_FREED_MEMORY="0").split(" ", 2)
-    assert int(faults_off) > 5 * 16384 // 2  # the default: fresh pages on every allocation
-  off = _run("from flexiq_jax import host_memory\nprint(host_memory.keep_freed_memory(), host_memory.state())",
-             FLEXIQ_KEEP_FREED_MEMORY="0")
-  assert off.startswith("False") and "default" in off
+@pytest.mark.skipif(host_memory.tcmalloc_path() is None, reason="tcmalloc is not installed here")
+def test_a_process_restarts_once_on_tcmalloc_where_it_is_installed():
+  name, rerun, state = _run()
+  assert name == "tcmalloc" and rerun == "1" and state == "tcmalloc (preloaded)"
+  # A preload that does not take (here: a library that is not there) runs on, without a second restart.
+  name, rerun, _ = _run(LD_PRELOAD="", FLEXIQ_ALLOCATOR_RERUN="1")
+  assert name == "system" and rerun == "1"
+
+
+def test_the_system_allocator_on_request_and_where_tcmalloc_is_missing(monkeypatch):
+  name, rerun, state = _run(FLEXIQ_ALLOCATOR="system")
+  assert name == "system" and rerun == "-" and state == "the system malloc (FLEXIQ_ALLOCATOR=system)"
+  monkeypatch.setattr(host_memory, "DIRS", ())
+  assert host_memory.tcmalloc_path() is None
+  host_memory.rerun_with_tcmalloc()  # nothing to preload: returns, this process goes on
