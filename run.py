@@ -23,6 +23,7 @@ import flexiq_jax
 from flexiq_jax import api
 from flexiq_jax import cli
 from flexiq_jax import evaluate
+from flexiq_jax import host_memory
 from flexiq_jax import parallel
 from flexiq_jax import pipeline
 from flexiq_jax import records
@@ -44,6 +45,7 @@ flags.mark_flags_as_required(["config"])
 
 @cli.guarded
 def main(argv):
+  host_memory.rerun_with_tcmalloc()  # where installed: XLA:CPU's buffers reused, not faulted in on every call
   config, mode = _CONFIG.value, _MODE.value
   workdir = cli.start(argv, _WORKDIR.value)
   records.git_commit()  # pin the provenance to the code at start

@@ -1193,6 +1193,8 @@ def use_compilation_cache(path: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from flexiq_jax import host_memory
+  host_memory.rerun_with_tcmalloc()  # the workers inherit the preload
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO
   from flexiq_jax import cli
