@@ -97,11 +97,10 @@ def main(argv):
     return
   import numpy as np
   from flexiq_jax import records
-  from benchmarks import onednn_int8
   if host_memory.tcmalloc_path() is None:
     raise SystemExit("tcmalloc is not installed (Debian: apt-get install libtcmalloc-minimal4): nothing to compare")
   info = records.run_info()
-  info.update(cpu=onednn_int8.cpu_model(), cores=os.cpu_count(), loadavg=" ".join(f"{v:.2f}" for v in os.getloadavg()))
+  info.update(loadavg=" ".join(f"{v:.2f}" for v in os.getloadavg()))
   nets = []
   for name in _NETS.value:
     runs = {a: [] for a in ALLOCATORS}
@@ -119,7 +118,7 @@ def main(argv):
   os.makedirs(_OUT.value, exist_ok=True)
   records.write_json_atomic(os.path.join(_OUT.value, "allocator_cpu.json"), results)
   lines = ["# XLA:CPU on the system malloc and on tcmalloc\n", records.provenance_header(info),
-           f"CPU: {info['cpu']}, {info['cores']} cores. Load average at the start: {info['loadavg']}.\n",
+           f"Host: {info.get('host')}. Load average at the start: {info['loadavg']}.\n",
            f"Medians over {_ROUNDS.value} child processes per allocator (alternating), each the median of "
            f"{_STEPS.value} calls after a compiling one; random weights and images at the training batch size.\n",
            "| net (:fmnist) | batch | forward+backward, system (ms) | tcmalloc (ms) | speed-up | forward, system (ms) "

@@ -13,9 +13,10 @@ did not help a whole model here, whose buffers come from the worker threads' are
 `rerun_with_tcmalloc` restarts the current process with tcmalloc preloaded where it is installed
 (`LD_PRELOAD` must be set before the process starts). `run.py`, the sweep (`experiments/
 paper_tables.py`, whose workers inherit it) and the benchmarks call it first; on the benchmark
-machine a MobileNetV2 `:fmnist` training step took 177 ms on it against 295 on glibc's malloc, and
-the oneDNN integer path of ResNet-18 at batch 16 1.19x PyTorch int8's time against 1.6-1.7x
-(`benchmarks/results/onednn_int8_cpu_vnni_b16*.md`). `FLEXIQ_ALLOCATOR=system` keeps the system
+machine a MobileNetV2 `:fmnist` forward+backward pass took 171 ms on it against 301 on glibc's
+malloc, ResNet-18's 153 against 179 (`benchmarks/allocator.py`, `benchmarks/results/allocator_cpu.md`),
+and the oneDNN integer path of ResNet-18 at batch 16 1.18-1.19x PyTorch int8's time against
+1.63-1.73x (`benchmarks/results/onednn_int8_cpu_vnni_b16*.md`). `FLEXIQ_ALLOCATOR=system` keeps the system
 allocator. Results do not change: only where the buffers live. To serve from your own process,
 start it with `LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4`.
 """
