@@ -45,7 +45,6 @@ flags.mark_flags_as_required(["config"])
 
 @cli.guarded
 def main(argv):
-  host_memory.rerun_with_tcmalloc()  # where installed: XLA:CPU's buffers reused, not faulted in on every call
   config, mode = _CONFIG.value, _MODE.value
   workdir = cli.start(argv, _WORKDIR.value)
   records.git_commit()  # pin the provenance to the code at start
@@ -111,5 +110,6 @@ if __name__ == "__main__":
     print(f"flexiq_jax {flexiq_jax.__version__}")
     sys.exit(0)
   cli.print_help_and_exit(sys.argv, __doc__)
+  host_memory.rerun_with_tcmalloc()  # where installed: XLA:CPU's buffers reused, not faulted in on every call
   sys.argv = cli.resolve_config_argv(sys.argv)
   app.run(main, flags_parser=cli.parse_flags)

@@ -92,7 +92,6 @@ def main(argv):
   del argv
   from flexiq_jax import host_memory
   if _CHILD.value:
-    host_memory.rerun_with_tcmalloc()
     print(json.dumps(child(_CHILD.value, _STEPS.value)))
     return
   import numpy as np
@@ -133,4 +132,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from flexiq_jax import host_memory  # pylint: disable=g-import-not-at-top
+  if any(a.startswith("--child=") for a in sys.argv[1:]):
+    host_memory.rerun_with_tcmalloc()
   app.run(main)

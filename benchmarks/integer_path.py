@@ -274,7 +274,6 @@ def specs(batches_default) -> tuple[list[tuple[str, bool]], list[int]]:
 
 def main(argv):
   del argv
-  host_memory.rerun_with_tcmalloc()
   if _DEVICE.value != "auto":
     jax.config.update("jax_platforms", _DEVICE.value)
   backend = jax.default_backend()
@@ -502,4 +501,5 @@ def plot_time_vs_ratio(results: dict, path: str, batch: int) -> None:
 
 
 if __name__ == "__main__":
+  host_memory.rerun_with_tcmalloc()
   app.run(main)

@@ -255,7 +255,6 @@ def write_markdown(results: dict, path: str) -> None:
 
 def main(argv):
   del argv
-  host_memory.rerun_with_tcmalloc()  # every alternative on the same allocator (flexiq_jax.host_memory)
   if not onednn.available():
     raise SystemExit(f"oneDNN kernels unavailable: {onednn.unavailable_reason()}")
   info = records.run_info()
@@ -277,4 +276,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_memory.rerun_with_tcmalloc()  # every alternative on the same allocator (flexiq_jax.host_memory)
   app.run(main)

@@ -140,7 +140,6 @@ def problem_key(desc: str):
 
 def main(argv):
   del argv
-  host_memory.rerun_with_tcmalloc()
   if _REPORT_ONLY.value:
     path = os.path.join(_OUT.value, "onednn_profile_cpu.json")
     with open(path) as f:
@@ -319,4 +318,5 @@ def write_markdown(results: dict, path: str) -> None:
 
 
 if __name__ == "__main__":
+  host_memory.rerun_with_tcmalloc()
   app.run(main)

@@ -1193,8 +1193,6 @@ def use_compilation_cache(path: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from flexiq_jax import host_memory
-  host_memory.rerun_with_tcmalloc()  # the workers inherit the preload
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO
   from flexiq_jax import cli
@@ -1248,4 +1246,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from flexiq_jax import host_memory
+  host_memory.rerun_with_tcmalloc()  # the command only (not a caller of main): the workers inherit the preload
   app.run(main)

@@ -69,7 +69,9 @@ def allocator() -> str:
 def rerun_with_tcmalloc() -> None:
   """Restarts this process (the same interpreter and command line) with tcmalloc preloaded, unless
   it already runs on tcmalloc or jemalloc, tcmalloc is not installed, or FLEXIQ_ALLOCATOR=system.
-  Call it before any work: the process is replaced and does not return here.
+  Call it before any work, from a command's entry point (`if __name__ == "__main__":`), never
+  from a function another program may call in its own process: the process is replaced and does
+  not return here.
   """
   if (os.environ.get(ENV, "tcmalloc").strip().lower() == "system" or allocator() != "system"
       or os.environ.get(RERUN)):  # a preload that did not take: run on as it is, never restart twice

@@ -38,3 +38,25 @@ def test_the_system_allocator_on_request_and_where_tcmalloc_is_missing(monkeypat
   monkeypatch.setattr(host_memory, "DIRS", ())
   assert host_memory.tcmalloc_path() is None
   host_memory.rerun_with_tcmalloc()  # nothing to preload: returns, this process goes on
+
+
+def _main_guard_calls(path: str) -> tuple[int, int]:
+  """(calls of rerun_with_tcmalloc in the file, those inside `if __name__ == "__main__":`)."""
+  import ast
+  tree = ast.parse(open(path).read())
+  def calls(node):
+    return sum(isinstance(n, ast.Call) and getattr(n.func, "attr", None) == "rerun_with_tcmalloc"
+               for n in ast.walk(node))
+  guarded = sum(calls(n) for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test))
+  return calls(tree), guarded
+
+
+def test_the_restart_is_only_called_from_a_commands_entry_point():
+  """A restart replaces the process: called from a function (run.main, paper_tables.main) it would
+  replace a test runner or a notebook that calls that function."""
+  files = [os.path.join(ROOT, f) for f in ("run.py", "experiments/paper_tables.py", "benchmarks/onednn_int8.py",
+                                          "benchmarks/onednn_profile.py", "benchmarks/integer_path.py",
+                                          "benchmarks/allocator.py")]
+  for path in files:
+    total, guarded = _main_guard_calls(path)
+    assert total == guarded == 1, path
