@@ -281,10 +281,10 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
   Returns:
     The table, one line per row, ending in a newline.
   """
-  def fmt(v):
-    return f"{v:.2f}" if isinstance(v, float) else str(v)
+  def fmt(v):  # a '|' inside a cell (max|w|) would end it: escaped
+    return (f"{v:.2f}" if isinstance(v, float) else str(v)).replace("|", "\\|")
 
-  lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+  lines = ["| " + " | ".join(fmt(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
   lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
   return "\n".join(lines) + "\n"
 
