@@ -99,7 +99,7 @@ def main(argv):
   if host_memory.tcmalloc_path() is None:
     raise SystemExit("tcmalloc is not installed (Debian: apt-get install libtcmalloc-minimal4): nothing to compare")
   info = records.run_info()
-  info.update(loadavg=" ".join(f"{v:.2f}" for v in os.getloadavg()))
+  info.update(loadavg=records.load_average())
   nets = []
   for name in _NETS.value:
     runs = {a: [] for a in ALLOCATORS}

@@ -260,7 +260,7 @@ def main(argv):
   info = records.run_info()
   info.update(malloc=host_memory.state(), cpu=cpu_model(), cores=os.cpu_count(), onednn=onednn.version(),
               onednn_direct=onednn.direct_here(),
-              loadavg=" ".join(f"{v:.2f}" for v in os.getloadavg()))
+              loadavg=records.load_average())
   if _BASELINE.value:
     if not os.path.isfile(_BASELINE.value):
       raise SystemExit(f"error: --baseline_library {_BASELINE.value!r} is not a file")

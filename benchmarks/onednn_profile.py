@@ -151,7 +151,7 @@ def main(argv):
     raise SystemExit(f"error: oneDNN kernels unavailable: {onednn.unavailable_reason()}")
   info = records.run_info()
   info.update(malloc=host_memory.state(), cpu=onednn_int8.cpu_model(), cores=os.cpu_count(), onednn=onednn.version(),
-              loadavg=" ".join(f"{v:.2f}" for v in os.getloadavg()))
+              loadavg=records.load_average())
   spec, batch = _NET.value, _BATCH.value
   full = spec.endswith(":full")
   subject = integer_path.build_subject(spec.split(":")[0], full)

@@ -107,7 +107,7 @@ def grad_norms(workdir: str) -> dict | None:
 
 def made_by(workdir: str) -> dict | None:
   """The command, commit and date of the run that finetuned the variant (its finetune/judge.json)."""
-  report = records.read_json(os.path.join(workdir, "finetune", "judge.json"))
+  report = pipeline.finetune_judgement(workdir)
   return {k: report[k] for k in ("command", "commit", "date") if k in report} if report else None
 
 
@@ -115,7 +115,7 @@ def held_out(workdir: str) -> dict | None:
   """The finetune judge's measurements of the variant (finetune/judge.json): top-1 and KL at ratios
   0 and 1 before and after finetuning, on training images the finetune never saw. Variants are
   compared (and defaults chosen) on these, not on the test split."""
-  report = records.read_json(os.path.join(workdir, "finetune", "judge.json"))
+  report = pipeline.finetune_judgement(workdir)
   if not report or "after_finetuning" not in report:
     return None
   return {"images": report.get("images"), "before": report["before_finetuning"], "after": report["after_finetuning"]}

@@ -693,14 +693,12 @@ def _holdout_cells(recs, method: str) -> dict:
   """A finetuned variant's held-out figures over seeds (the finetune judge's, on training images
   kept out of every training: `harness.holdout_figures`): top-1 and KL at the judge's ratios, and
   their mean top-1 (the score a choice between variants uses, as the learning-rate grid's does)."""
-  def holdout(r):
-    row = find_row(r, method, finetuned=True)
-    return None if row is None else row.get("holdout")
-  ratios = sorted({float(k.split("@")[1]) for r in recs for k in (holdout(r) or {}) if k.startswith("top1@")})
-  cells = {f"holdout_{field}@{q:g}": per_seed(recs, holdout, f"{field}@{q:g}") for q in ratios for field in ("top1", "kl")}
-  scores = [np.mean([h[f"top1@{q:g}"] for q in ratios]) if h and ratios else None for h in map(holdout, recs)]
-  cells["holdout_score"] = stat(scores)
-  images = {h.get("images") for h in map(holdout, recs) if h}
+  held = [(find_row(r, method, finetuned=True) or {}).get("holdout") for r in recs]  # one per seed, or None
+  ratios = sorted({float(k.split("@")[1]) for h in held for k in (h or {}) if k.startswith("top1@")})
+  cells = {f"holdout_{field}@{q:g}": stat([h.get(f"{field}@{q:g}") if h else None for h in held])
+           for q in ratios for field in ("top1", "kl")}
+  cells["holdout_score"] = stat([np.mean([h[f"top1@{q:g}"] for q in ratios]) if h and ratios else None for h in held])
+  images = {h.get("images") for h in held if h}
   cells["holdout_images"] = images.pop() if len(images) == 1 else (sorted(images) or None)
   return cells
 

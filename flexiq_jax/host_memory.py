@@ -7,8 +7,9 @@ whose buffers are that large touches fresh pages every time: the kernel faults i
 each 4 KiB page again, and writing a large float32 result costs several times the work that
 makes it. tcmalloc (gperftools' `libtcmalloc_minimal`, Debian's `libtcmalloc-minimal4`) keeps
 freed memory for reuse; CPU inference launchers preload it (or jemalloc) for that reason, and so
-do the Cloud TPU images for JAX. glibc's own knobs (`mallopt`: no mmap, a high trim threshold)
-did not help a whole model here, whose buffers come from the worker threads' arenas.
+do the Cloud TPU images for JAX. One trial of glibc's own knobs (`mallopt`: no mmap, a high trim
+threshold) gave a whole model no gain beyond the run-to-run spread (likely, not checked: its
+buffers come from the worker threads' arenas).
 
 `rerun_with_tcmalloc` restarts the current process with tcmalloc preloaded where it is installed
 (`LD_PRELOAD` must be set before the process starts). `run.py`, the sweep (`experiments/

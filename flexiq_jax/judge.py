@@ -29,6 +29,7 @@ from flexiq_jax import data
 from flexiq_jax import records
 
 JUDGE_RATIOS = (0.0, 1.0)
+REPORT_FILE = "judge.json"  # in the finetune stage's folder
 # Fewer held-out training images than this (or than judge_images, if smaller): the eval split.
 MIN_HELD_OUT = 128
 
@@ -278,7 +279,7 @@ def accept_or_refuse(run, float_logits_fn, start, tuned, stage, *, total_steps: 
   report = judge_finetune(run.config, float_logits_fn, start, tuned, total_steps=total_steps,
                           train_seed=train_seed)
   report = {**records.run_info(), **report}
-  records.write_json_atomic(stage.file("judge.json"), report)
+  records.write_json_atomic(stage.file(REPORT_FILE), report)
   if report["accepted"]:
     if "summary" in report:
       print(f"finetune accepted (against the model it started from, on {report['images']}): {report['summary']}")

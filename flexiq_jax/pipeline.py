@@ -516,7 +516,7 @@ def finetune_judgement(workdir: str) -> dict | None:
   Returns:
     The report `judge.accept_or_refuse` wrote to finetune/judge.json, or None.
   """
-  return records.read_json(os.path.join(workdir, "finetune", "judge.json"))
+  return records.read_json(os.path.join(workdir, "finetune", judge_lib.REPORT_FILE))
 
 
 REFRESH_REPORT_RATIOS = stages.REFRESH_REPORT_RATIOS
@@ -801,7 +801,7 @@ def refused_finetune(run: Run, quantized: Quantized) -> tuple[Quantized, dict] |
 
   opts: stage_options.FinetuneOptions = run.options("finetune")
   for kept in sorted(glob.glob(os.path.join(run.workdir, "replaced", "*", "finetune")), reverse=True):
-    report = records.read_json(os.path.join(kept, "judge.json"))
+    report = records.read_json(os.path.join(kept, judge_lib.REPORT_FILE))
     if report is None or report.get("accepted", True) or not os.path.exists(os.path.join(kept, "qvars")):
       continue
     start = (quantize_lib.add_lsq_weight_scales(quantized.qmodel.plan, quantized.qvars) if opts.lsq_weights

@@ -271,6 +271,15 @@ def write_run_config(workdir: str, config) -> str:
   return path
 
 
+def load_average() -> str:
+  """The machine's 1-, 5- and 15-minute load averages, for a benchmark's header (other jobs skew times).
+
+  Returns:
+    e.g. '1.62 2.28 2.65'.
+  """
+  return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
 def markdown_table(headers: list[str], rows: list[list]) -> str:
   """A Markdown table of `rows` under `headers`; floats are shown with 2 decimals.
 

@@ -265,16 +265,14 @@ def _with_holdout(workdir: str, method: str, rows: list[dict]) -> list[dict]:
   """Cached finetuned rows made before rows carried held-out figures get them from the judge report
   of the finetune stage that made them (the same stage: the rows' key and the stage's fingerprint
   both come from the config); rows that have them, or whose stage has no report, are left as they are."""
+  lacks = lambda r: r.get("finetuned") and "holdout" not in r and not r.get("failed")
   where = finetune_workdir(workdir, method)
-  if where is None or not any(r.get("finetuned") and "holdout" not in r and not r.get("failed") for r in rows):
-    return rows
-  if not os.path.exists(os.path.join(where, "finetune", "done.json")):
+  if where is None or not any(map(lacks, rows)) or not os.path.exists(os.path.join(where, "finetune", "done.json")):
     return rows
   holdout = holdout_figures(pipeline.finetune_judgement(where))
   if holdout is None:
     return rows
-  return [{**r, "holdout": holdout} if r.get("finetuned") and "holdout" not in r and not r.get("failed") else r
-          for r in rows]
+  return [{**r, "holdout": holdout} if lacks(r) else r for r in rows]
 
 
 def _sweep_rows(method, ctx: "CompareContext", run, quantized, judgement: dict | None = None) -> list[Row]:
