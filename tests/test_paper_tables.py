@@ -456,7 +456,7 @@ def test_t3_shows_held_out_figures_names_the_winners_on_them_and_a_diverged_vari
 
 def test_the_compilation_cache_is_written_and_passed_to_worker_processes(tmp_path):
   """--compilation_cache turns JAX's persistent cache on in the sweep's process and, through the
-  environment, in the workers it spawns: a second process compiling the same program reads it."""
+  environment, in the processes it starts: two processes compile into the folder without error."""
   import subprocess
   import sys
   code = ("import os, jax, jax.numpy as jnp\n"
