@@ -264,8 +264,11 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   config.finetune.lsq = False  # learnable activation scales
   config.finetune.lsq_weights = False  # learnable per-output-channel weight scales (LSQ)
   # LSQ's activation-scale gradient scale: 'qmax8' (1/sqrt(N·255), every channel as 8-bit) |
-  # 'effective' (lowered channels counted on their 4-bit grid, 2^e coarser: finetune.lsq_scale_gradient)
+  # 'effective' (lowered channels counted on their 4-bit grid, 2^e coarser: numerics.lsq_extraction)
   config.finetune.lsq_grad_scale = "qmax8"
+  # The same for the learnt weight scales (finetune.lsq_weights): 'qmax8' through the 8-bit weight
+  # grid | 'effective' each lowered row on its own 4-bit grid.
+  config.finetune.lsq_weight_grad_scale = "qmax8"
   config.finetune.lsq_learning_rate = 0.0  # learning rate of the learnt scales; 0 = finetune.learning_rate
   # Learning rates every QAT method (FlexiQ, FlexiQ 100%-only, LSQ, switchable) trains its whole budget
   # at, keeping the best on lr_select_images held-out training images (never the eval split);

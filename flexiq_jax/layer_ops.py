@@ -59,7 +59,7 @@ def gather_channel(values, info: LayerInfo):
 
 
 def quantize_codes(info: LayerInfo, x, kernel, lq: dict, lowered, *, signed: bool, ste: bool,
-                   lsq: bool = False, lsq_grad_scale: str = "qmax8"):
+                   lsq: bool = False, lsq_grad_scale: str = "qmax8", lsq_weight_grad_scale: str = "qmax8"):
   """Returns (activation codes, weight codes, activation scale, weight scale, bias shift), with
   the `lowered` (C,) channels of both replaced by their 4-bit extraction.
 
@@ -73,7 +73,11 @@ def quantize_codes(info: LayerInfo, x, kernel, lq: dict, lowered, *, signed: boo
   lsq_grad_scale (with `lsq` and `ste`): 'qmax8' LSQ through the 8-bit quantizer, its gradient
   scale from 255 (127) levels for every channel; 'effective' each lowered channel's gradient
   counted on its own 4-bit grid (`numerics.lsq_extraction`; the returned activation scale then
-  carries no gradient, the codes carry it all).
+  carries no gradient, the codes carry it all). lsq_weight_grad_scale (with lq['lsq_weight_scale']
+  and `ste`) does the same for the learnt weight scales (`lsq_extraction.lsq_quantize_lower_weights`):
+  'qmax8' LSQ through the 8-bit weight quantizer, the extraction's straight-through gradient after
+  it; 'effective' each lowered row on its own 4-bit grid (the returned weight scale then carries no
+  gradient).
 
   On an asymmetric grid (lq['act_zero'] = z, unsigned codes) the codes are clip(round(x / s) + z,
   0, 255) and their real value (q - z) * s: the codes returned include z (`act_zero_point`), and
@@ -94,6 +98,7 @@ def quantize_codes(info: LayerInfo, x, kernel, lq: dict, lowered, *, signed: boo
     ste: straight-through rounding (for fake-quant training); plain rounding otherwise.
     lsq: quantize activations with LSQ's fake-quant (gradients to the activation scale).
     lsq_grad_scale: 'qmax8' or 'effective', as above.
+    lsq_weight_grad_scale: 'qmax8' or 'effective', as above.
 
   Returns:
     (xq, wq, s_x, s_w, bias_shift): float activation codes shaped as `x`, float weight codes (C, O)
@@ -101,8 +106,10 @@ def quantize_codes(info: LayerInfo, x, kernel, lq: dict, lowered, *, signed: boo
     in real units.
 
   Raises:
-    ValueError: `lsq_grad_scale` is neither 'qmax8' nor 'effective'.
+    ValueError: `lsq_grad_scale` or `lsq_weight_grad_scale` is neither 'qmax8' nor 'effective'.
   """
+  if lsq_weight_grad_scale not in ("qmax8", "effective"):
+    raise ValueError(f"unknown lsq_weight_grad_scale {lsq_weight_grad_scale!r}; use 'qmax8' or 'effective'")
   s_x = lq["act_scale"]
   z = act_zero_point(lq)
   qmin, qmax = numerics.int_range(8, signed)
@@ -130,11 +137,29 @@ def quantize_codes(info: LayerInfo, x, kernel, lq: dict, lowered, *, signed: boo
   if "weight_scale" in lq:  # a serving export: the kernel holds the int8 codes themselves
     wq = kernel_matrix(info, kernel).astype(jnp.float32)
     s_w = lq["weight_scale"]
+  elif "lsq_weight_scale" in lq and ste and lsq_weight_grad_scale == "effective":
+    # Learnt per-output-channel scales, each lowered row's gradient on its own 4-bit grid: the
+    # codes come lowered and carry the scale's gradient (returned without one).
+    w = kernel_matrix(info, kernel)
+    s_w = jax.lax.stop_gradient(lq["lsq_weight_scale"])
+    wq = jnp.clip(jnp.round(w / s_w), -WEIGHT_QMAX, WEIGHT_QMAX)
+    w_e = gather_channel(lq["weight_e"], info)
+    w_low = numerics.lower_codes(wq, w_e, signed=True)
+    wq_lsq = lsq_extraction.lsq_quantize_lower_weights(w, lq["lsq_weight_scale"], w_e,
+                                                       gather_channel(lowered, info), qmax=WEIGHT_QMAX)
+    bias_shift = jnp.zeros(s_w.shape, jnp.float32)
+    if "mean_lowered" in lq:
+      table = lost_output_table(info, jax.lax.stop_gradient(wq), w_low, lq)
+      bias_shift = masked_channel_sum(info, lowered, table) * s_x * s_w
+    return xq, wq_lsq, s_x, s_w, bias_shift
   elif "lsq_weight_scale" in lq:  # a learnt per-output-channel scale (LSQ finetuning)
     w = kernel_matrix(info, kernel)
     s_w = lq["lsq_weight_scale"]
     if ste:
       wq = numerics.lsq_fake_quant(w, s_w, -WEIGHT_QMAX, WEIGHT_QMAX) / s_w
+      # Rounded back to the exact code (codes·s/s can miss it by roundoff and flip the
+      # extraction's rounding at a half step), the gradients kept.
+      wq = jax.lax.stop_gradient(jnp.round(wq)) + (wq - jax.lax.stop_gradient(wq))
     else:
       wq = jnp.clip(jnp.round(w / s_w), -WEIGHT_QMAX, WEIGHT_QMAX)
   else:
@@ -242,7 +267,8 @@ def weight_codes(info: LayerInfo, kernel, scale=None, qmax=WEIGHT_QMAX):
 
 
 def quantized_forward(call: LayerCall, x, lq: dict, lowered, *, signed: bool, mode: str = "fake",
-                      lsq: bool = False, conv_accumulator=jnp.int32, lsq_grad_scale: str = "qmax8"):
+                      lsq: bool = False, conv_accumulator=jnp.int32, lsq_grad_scale: str = "qmax8",
+                      lsq_weight_grad_scale: str = "qmax8"):
   """mode 'fake': dequantized codes in float (differentiable, STE); 'int': int8 x int8 -> int32.
 
   Unsigned activations ([0, 255]) do not fit int8, so the integer path shifts them by -128 and adds
@@ -259,6 +285,7 @@ def quantized_forward(call: LayerCall, x, lq: dict, lowered, *, signed: bool, mo
     lsq: LSQ fake-quant of the activations (see `quantize_codes`).
     conv_accumulator: accumulator dtype of the integer conv (`preferred_element_type`), e.g. jnp.int32.
     lsq_grad_scale: 'qmax8' or 'effective' (see `quantize_codes`).
+    lsq_weight_grad_scale: 'qmax8' or 'effective' (see `quantize_codes`).
 
   Returns:
     The layer's float output in the module's output shape, bias and bias shift included.
@@ -269,7 +296,8 @@ def quantized_forward(call: LayerCall, x, lq: dict, lowered, *, signed: bool, mo
   info, module, kernel, bias = call.info, call.module, call.kernel, call.bias
   x = as_matrix_input(info, x)
   xq, wq, s_x, s_w, bias_shift = quantize_codes(info, x, kernel, lq, lowered, signed=signed,
-                                                ste=mode == "fake", lsq=lsq, lsq_grad_scale=lsq_grad_scale)
+                                                ste=mode == "fake", lsq=lsq, lsq_grad_scale=lsq_grad_scale,
+                                                lsq_weight_grad_scale=lsq_weight_grad_scale)
   z = act_zero_point(lq)
   if mode == "fake":
     xd, wd = (xq - z) * s_x, wq * s_w

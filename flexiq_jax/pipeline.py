@@ -424,7 +424,7 @@ def qat(run: Run, float_model: FloatModel, quantized: Quantized, opts: stage_opt
   total_steps = train_lib.total_steps_of(opts.num_epochs, train_ds.num_examples, opts.batch_size)
   tx = finetune_lib.make_optimizer(opts, total_steps)
   fake = dataclasses.replace(quantized.qmodel.with_mode("fake"), lsq=bool(opts.lsq),
-                             lsq_grad_scale=opts.lsq_grad_scale)
+                             lsq_grad_scale=opts.lsq_grad_scale, lsq_weight_grad_scale=opts.lsq_weight_grad_scale)
   start = _qat_start(quantized, opts).qvars
   state = parallel.replicate(finetune_lib.create_state(start, tx, opts.lsq, bool(opts.lsq_weights)), run.mesh)
   teacher = float_model.logits if opts.distill_weight > 0 else None

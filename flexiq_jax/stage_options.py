@@ -387,6 +387,7 @@ class FinetuneOptions(Options):
   refresh_source: str = option("float", "finetune.refresh_source", omit_when=("float",))
   lsq_grad_scale: str = option("qmax8", "finetune.lsq_grad_scale", omit_when=("qmax8",))
   lsq_learning_rate: float = option(0.0, "finetune.lsq_learning_rate", omit_when=(0.0,))  # 0: learning_rate
+  lsq_weight_grad_scale: str = option("qmax8", "finetune.lsq_weight_grad_scale", omit_when=("qmax8",))
   # Learning rates every QAT method tries, keeping the best on held-out training images (lr_select);
   # () = the configured rate. lr_select_images: how many held-out images (read only with a grid).
   lr_grid: tuple = option((), "finetune.lr_grid", omit_when=((), None))
@@ -418,6 +419,7 @@ class FinetuneOptions(Options):
     _check_choice("finetune.refresh", self.refresh, REFRESH_MODES)
     _check_choice("finetune.refresh_source", self.refresh_source, ("float", "quantized"))
     _check_choice("finetune.lsq_grad_scale", self.lsq_grad_scale, ("qmax8", "effective"))
+    _check_choice("finetune.lsq_weight_grad_scale", self.lsq_weight_grad_scale, ("qmax8", "effective"))
     self.sampler()
     finetune_lib.make_optimizer(self, 1)
     check_lr_grid(self.lr_grid)

@@ -276,7 +276,7 @@ _FT_VARIANTS = set(harness.FINETUNED_VARIANTS)
 
 @pytest.mark.parametrize("field,value,methods", [
     ("compare.adaround_iterations", 7, {"adaround"}),
-    ("compare.lsq_learning_rate", 0.5, {"lsq_qat", "switchable_qat", "flexiq_lsq"}),
+    ("compare.lsq_learning_rate", 0.5, {"lsq_qat", "switchable_qat"}),
     ("compare.allowed_drops", (2.0,), {"layerwise_amp"}),
     ("compare.amp_at_4bit_budget", False, {"layerwise_amp"}),
     ("compare.ablation_ratios", (0.0, 1.0), set(harness.METHODS) - {"flexiq", "flexiq_amp", "layerwise_amp",
@@ -429,8 +429,9 @@ def test_the_long_variant_makes_the_sandwich_variants_passes_one_ratio_a_step():
   assert levels == (0.0,) + tuple(config.select.levels) and sum(probs) == pytest.approx(1.0)
   share = dict(zip(levels, (1 - uniform) * np.asarray(probs)))
   assert share[1.0] == pytest.approx(0.36) and share[0.0] == pytest.approx(0.2)  # configured: 0.1 each
-  assert harness.resolve_variant_changes("flexiq_lsq", config)["finetune.lsq_learning_rate"] == float(
-      config.compare.lsq_learning_rate)
+  lsq = harness.resolve_variant_changes("flexiq_lsq", config)
+  assert lsq["finetune.lsq_grad_scale"] == lsq["finetune.lsq_weight_grad_scale"] == "effective"
+  assert lsq["finetune.lsq_learning_rate"] == 0.0  # the scales at the weights' rate
 
 
 def test_a_finetuned_variant_that_diverges_is_reported_failed_and_a_finished_one_carries_held_out_figures(

@@ -157,6 +157,68 @@ def test_lsq_quantize_lower_forward_is_exact_and_gradients_are_per_grid():
   np.testing.assert_array_equal(np.asarray(gx), inside.astype(np.float32))
 
 
+def test_lsq_weights_forward_is_exact_and_gradients_are_per_grid_and_per_output_channel():
+  rng = np.random.default_rng(3)
+  w = jnp.asarray(rng.laplace(size=(3, 3, 4, 5)), jnp.float32)  # HWIO
+  s = jnp.abs(w).reshape(-1, 5).max(0) / 112.0
+  e = jnp.asarray(rng.integers(0, 5, size=(4, 5)), jnp.int32)  # per kernel row (I, O)
+  lowered = jnp.asarray([[True], [False], [True], [True]]) & jnp.ones((4, 5), bool)
+  codes = lsq_extraction.lsq_quantize_lower_weights(w, s, e, lowered)
+  q = jnp.clip(jnp.round(w / s), -127, 127)
+  want = jnp.where(lowered, numerics.lower_codes(q, e, signed=True), q)
+  np.testing.assert_array_equal(codes, want)
+
+  def real(scale, upstream):
+    return jnp.sum(lsq_extraction.lsq_quantize_lower_weights(w, scale, e, lowered)
+                   * jax.lax.stop_gradient(scale) * upstream)
+
+  upstream = jnp.asarray(rng.normal(size=w.shape), jnp.float32)
+  grad = np.asarray(jax.grad(real)(s, upstream))
+  v = np.asarray(w) / np.asarray(s)
+  qn, wn = np.asarray(q), np.asarray(want)
+  step = 2.0 ** np.broadcast_to(np.asarray(e), w.shape)
+  low = np.broadcast_to(np.asarray(lowered), w.shape)
+  inside8 = (v >= -127) & (v <= 127)
+  inside4 = (qn >= -8.5 * step) & (qn < 7.5 * step)
+  inside = np.where(low, inside8 & inside4, inside8)
+  n = w.size // 5  # weights per output channel
+  g = np.where(low, 1 / np.sqrt(n * 7) / step ** 2, 1 / np.sqrt(n * 127))
+  want_grad = (g * (wn - v * inside) * np.asarray(upstream)).reshape(-1, 5).sum(0)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-7)
+  gw = jax.grad(lambda w: jnp.sum(lsq_extraction.lsq_quantize_lower_weights(w, s, e, lowered) * s))(w)
+  np.testing.assert_allclose(np.asarray(gw), inside.astype(np.float32), atol=1e-6)  # (w / s) * s roundoff
+
+
+def _weight_scale_grad_norm(setup, grad_scale, ratio):
+  qvars = quantize.add_lsq_weight_scales(setup.plan, setup.qvars)
+  fake = dataclasses.replace(quantize.QuantizedModel(setup.model, setup.plan, mode="fake"),
+                             lsq_weight_grad_scale=grad_scale)
+  trainable, frozen = finetune.split_qvars(qvars, False, True)
+  labels = jnp.arange(setup.images.shape[0]) % 5
+
+  def loss(t):
+    logits = fake.apply(finetune.merge_qvars(t, frozen), setup.images, ratio)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  grads = jax.grad(loss)(trainable)
+  return float(optax.tree.norm(grads["lsq_weight_scale"])), fake.apply(qvars, setup.images, ratio)
+
+
+def test_effective_weight_grad_scale_keeps_the_forward_and_shrinks_the_lowered_rows_gradient(setup):
+  plain = quantize.QuantizedModel(setup.model, setup.plan, mode="fake")
+  old1, y_old = _weight_scale_grad_norm(setup, "qmax8", 1.0)
+  new1, y_new = _weight_scale_grad_norm(setup, "effective", 1.0)
+  np.testing.assert_allclose(y_new, y_old, rtol=1e-5, atol=1e-5)  # the learnt scale starts at max|w|/127
+  np.testing.assert_allclose(y_new, plain.apply(setup.qvars, setup.images, 1.0), rtol=1e-5, atol=1e-5)
+  # Through the 8-bit grid each lowered weight pulls its scale by lower(q) - q, unscaled.
+  assert new1 < 0.5 * old1
+  old0, _ = _weight_scale_grad_norm(setup, "qmax8", 0.0)
+  new0, _ = _weight_scale_grad_norm(setup, "effective", 0.0)
+  np.testing.assert_allclose(new0, old0, rtol=1e-3)  # nothing lowered: LSQ as before
+  with pytest.raises(ValueError, match="lsq_weight_grad_scale"):
+    _weight_scale_grad_norm(setup, "qmax4", 1.0)
+
+
 def _scale_grad_norm(setup, qvars, grad_scale, ratio):
   fake = dataclasses.replace(quantize.QuantizedModel(setup.model, setup.plan, mode="fake"), lsq=True,
                              lsq_grad_scale=grad_scale)

@@ -412,11 +412,6 @@ def _flexiq_finetuned_variant(ctx: CompareContext, name: str, overrides: dict) -
 SANDWICH = (0.0, 1.0)
 
 
-def _lsq_baseline_rate(config) -> float:
-  """The LSQ baseline's learning rate (compare.lsq_learning_rate)."""
-  return float(config.compare.lsq_learning_rate)
-
-
 def _sandwich_one_pass_epochs(config) -> float:
   """The epochs of a one-ratio-a-step finetune with the passes of the sandwich variant (the
   configured finetune with every_step_ratios SANDWICH)."""
@@ -459,8 +454,9 @@ FINETUNED_VARIANTS = {
     "flexiq_ends": (_ends_weighted_sampler, "the ratio sampler weighted to the ends (ratio 1 in about 36 % of the "
                     "steps, ratio 0 in 20 %, against 10 % each configured; the same steps and passes)"),
     "flexiq_lsq": ({"finetune.lsq": True, "finetune.lsq_weights": True, "finetune.lsq_grad_scale": "effective",
-                    "finetune.lsq_learning_rate": _lsq_baseline_rate}, "learnt activation and weight scales (LSQ, the "
-                   "gradient scale of each channel's own grid, at the LSQ baseline's rate)"),
+                    "finetune.lsq_weight_grad_scale": "effective", "finetune.lsq_learning_rate": 0.0},
+                   "learnt activation and weight scales (LSQ: the gradient scale of each channel's own grid, "
+                   "weights' included; the scales at the weights' rate, as in LSQ)"),
     "flexiq_refresh_quantized": ({"finetune.refresh_source": "quantized"}, "the refresh's bias-correction means "
                                  "from the quantized model's own layer inputs"),
     "flexiq_symmetric": ({"quant.act_grid": "symmetric"}, "signed inputs on the symmetric grid (signed codes) "
@@ -830,11 +826,8 @@ METHOD_DEPENDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "switchable_qat": ("calibrate", _QAT_BASELINE),
     "flexiq_100only": _FLEXIQ_100ONLY,
     # A finetuned variant's changes are constants or functions of the configured finetune stage's
-    # fields and those before it (flexiq_long's epochs, flexiq_ends' levels), applied to those
-    # fields; flexiq_lsq's rate is the LSQ baseline's.
-    **{name: ("finetune", ("sweep",) + (("compare.lsq_learning_rate",) if not callable(changes)
-                                        and _lsq_baseline_rate in changes.values() else ()))
-       for name, (changes, _) in FINETUNED_VARIANTS.items()},
+    # fields and those before it (flexiq_long's epochs, flexiq_ends' levels), applied to those fields.
+    **{name: ("finetune", ("sweep",)) for name in FINETUNED_VARIANTS},
 }
 
 

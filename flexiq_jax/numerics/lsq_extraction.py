@@ -1,4 +1,5 @@
-"""LSQ for an activation scale shared by 8-bit channels and channels lowered by bit extraction.
+"""LSQ for a scale shared by 8-bit channels and channels lowered by bit extraction: an activation
+scale (`lsq_quantize_lower`) or a per-output-channel weight scale (`lsq_quantize_lower_weights`).
 
 A lowered channel's real value is `s · lower(q, e)`: a 4-bit grid of step `s' = s · 2^e`. Plain
 LSQ through the 8-bit quantizer treats it as an 8-bit channel: its gradient to `s` is
@@ -16,7 +17,10 @@ extraction: double rounding, half-even then half-up) and gives LSQ's gradients p
 
 with `v = x / s`, `g8 = 1 / sqrt(N · Q8)`, `g4 = 1 / sqrt(N · Q4)` (N features per example,
 Q8 = 255 or 127, Q4 = 15 or 7 the positive level counts): each lowered element moves `s` as LSQ
-would move its own step `s'`, relative to its size.
+would move its own step `s'`, relative to its size. For weights N counts the weights of one
+output channel, Q8 = 127 and Q4 = 7; plain LSQ through the 8-bit weight quantizer, with the
+extraction's straight-through gradient after it, leaves each lowered weight a gradient
+`lower(q, e) − q` to its scale without any gradient scale.
 """
 
 from __future__ import annotations
@@ -54,10 +58,46 @@ def lsq_quantize_lower(x, scale, e, lowered, *, signed: bool, features: int, bit
   """
   x = jnp.asarray(x)
   qmin, qmax = int_range(bits, signed)
-  lo4, hi4 = int_range(low_bits, signed)
   axis = x.ndim - 1
   e = expand_to_axis(jnp.asarray(e, jnp.int32), x.ndim, axis)
   lowered = expand_to_axis(jnp.asarray(lowered), x.ndim, axis)
+  return _lsq_codes(x, scale, e, lowered, qmin=qmin, qmax=qmax, signed=signed, features=features,
+                    low_bits=low_bits, zero_point=zero_point)
+
+
+def lsq_quantize_lower_weights(w, scale, e, lowered, *, qmax: int = 127, low_bits: int = 4):
+  """Weight codes of `w` at a learnt per-output-channel scale, the rows `lowered` extracted at `e`.
+
+  The weights' counterpart of `lsq_quantize_lower` (the module docstring's gradients, per output
+  channel): symmetric signed codes clip(round(w / s), -qmax, qmax), each row of a lowered feature
+  channel then kept on its 4-bit grid (`lower_codes`, signed). LSQ's gradient scale counts the
+  weights of one output channel (N = w.size / O) and each element's own grid's levels: a lowered
+  weight moves its channel's scale as LSQ would move the 4-bit step `s · 2^e`, relative to its size.
+
+  Args:
+    w: the kernel as a matrix (C, O) or HWIO (kh, kw, I, O); output channels last.
+    scale: (O,) the learnt per-output-channel scale.
+    e: the weight extraction positions per kernel row, broadcastable against `w` (e.g. (I, O)).
+    lowered: bool, broadcastable against `w`: the rows of lowered feature channels.
+    qmax: the largest weight code (the grid is [-qmax, qmax]).
+    low_bits: the lowered width.
+  Returns:
+    Codes in 8-bit units with w's shape, exactly `where(lowered, lower_codes(q, e), q)` with
+    `q = clip(round(w / scale), -qmax, qmax)`; multiplied by `stop_gradient(scale)` they carry the
+    gradients to `w` and `scale`.
+  """
+  w = jnp.asarray(w)
+  scale = jnp.asarray(scale)
+  features = w.size // max(scale.size, 1)
+  return _lsq_codes(w, scale, jnp.asarray(e, jnp.int32), jnp.asarray(lowered), qmin=-qmax, qmax=qmax, signed=True,
+                    features=features, low_bits=low_bits, zero_point=0.0)
+
+
+def _lsq_codes(x, scale, e, lowered, *, qmin: int, qmax: int, signed: bool, features: int, low_bits: int,
+               zero_point):
+  """`lsq_quantize_lower`'s computation for `e` and `lowered` that already broadcast against `x`
+  and a `scale` that does (a scalar or a trailing-axis vector)."""
+  lo4, hi4 = int_range(low_bits, signed)
   s = jax.lax.stop_gradient(scale)
   z = jax.lax.stop_gradient(jnp.asarray(zero_point, x.dtype))
   v = x / s + z

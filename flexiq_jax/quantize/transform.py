@@ -160,6 +160,7 @@ class FlexiQLayers:
   conv_accumulator: str
   matmul_signed: dict = dataclasses.field(default_factory=dict)  # {matmul path: (a signed, b signed)}
   lsq_grad_scale: str = "qmax8"  # layer_ops.quantize_codes
+  lsq_weight_grad_scale: str = "qmax8"  # layer_ops.quantize_codes
 
   def matmul(self, call: MatmulCall, a, b):
     return layer_ops.quantized_matmul(call, a, b, get_path(self.quant, call.path),
@@ -173,7 +174,8 @@ class FlexiQLayers:
       lowered = jnp.zeros((call.info.in_channels,), bool)
     acc = jnp.int32 if self.conv_accumulator == "int32" else jnp.float32
     return layer_ops.quantized_forward(call, x, lq, lowered, signed=self.signed[call.path], mode=self.mode,
-                                       lsq=self.lsq, conv_accumulator=acc, lsq_grad_scale=self.lsq_grad_scale)
+                                       lsq=self.lsq, conv_accumulator=acc, lsq_grad_scale=self.lsq_grad_scale,
+                                       lsq_weight_grad_scale=self.lsq_weight_grad_scale)
 
 
 MODES = ("int", "int_reference", "fake")
@@ -209,8 +211,9 @@ class QuantizedModel:
   conv_impls: str | tuple = "auto"
   dense_impl: str = "xla"
   # With lsq: 'qmax8' | 'effective' (lowered channels' scale gradient on their 4-bit grid,
-  # numerics.lsq_extraction).
+  # numerics.lsq_extraction); lsq_weight_grad_scale the same for learnt weight scales.
   lsq_grad_scale: str = "qmax8"
+  lsq_weight_grad_scale: str = "qmax8"
   fuse_requant: bool = True
 
   def __post_init__(self):
@@ -257,7 +260,8 @@ class QuantizedModel:
                                        self.requant_edges(qvars, x))
     else:
       provider = FlexiQLayers(qvars["quant"], counts, self.plan.signed, "int" if self.mode == "int_reference" else "fake",
-                              self.lsq, accumulator, self.plan.matmul_signed, self.lsq_grad_scale)
+                              self.lsq, accumulator, self.plan.matmul_signed, self.lsq_grad_scale,
+                              self.lsq_weight_grad_scale)
     variables = {k: v for k, v in qvars.items() if k in ("params", "batch_stats")}
     return interception.run_with_provider(self.model, self.plan, variables, x, provider)
 
