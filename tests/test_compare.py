@@ -429,6 +429,10 @@ def test_the_long_variant_makes_the_sandwich_variants_passes_one_ratio_a_step():
   assert levels == (0.0,) + tuple(config.select.levels) and sum(probs) == pytest.approx(1.0)
   share = dict(zip(levels, (1 - uniform) * np.asarray(probs)))
   assert share[1.0] == pytest.approx(0.36) and share[0.0] == pytest.approx(0.2)  # configured: 0.1 each
+  top = harness.resolve_variant_changes("flexiq_top", config)
+  share = dict(zip(top["finetune.levels"], (1 - top["finetune.uniform_prob"]) * np.asarray(top["finetune.level_probs"])))
+  assert share[1.0] == pytest.approx(0.36) and share[0.0] == pytest.approx(0.1)  # ratio 0 as configured
+  assert sum(top["finetune.level_probs"]) == pytest.approx(1.0)
   lsq = harness.resolve_variant_changes("flexiq_lsq", config)
   assert lsq["finetune.lsq_grad_scale"] == lsq["finetune.lsq_weight_grad_scale"] == "effective"
   assert lsq["finetune.lsq_learning_rate"] == 0.0  # the scales at the weights' rate
@@ -444,6 +448,12 @@ def test_a_finetuned_variant_that_diverges_is_reported_failed_and_a_finished_one
   rows = harness.METHODS["flexiq_ends"](ctx)
   holdout = rows[0].extra["holdout"]
   assert set(holdout) >= {"top1@0", "kl@0", "top1@1", "kl@1", "images"} and all(r.extra["holdout"] == holdout for r in rows)
+  # A changed definition redoes the variant's finetune; the earlier one is kept under replaced/.
+  monkeypatch.setattr(harness, "ENDS_LEVEL_PROBS", {1.0: 0.5, 0.0: 0.2})
+  redone = harness.METHODS["flexiq_ends"](ctx)
+  variant_dir = tmp_path / "wd" / "compare" / "flexiq_ends"
+  assert [p.name for p in (variant_dir / "replaced").glob("*/finetune")] == ["finetune"]
+  assert len(redone) == len(rows)
   real = pipeline.finetune
 
   def diverging(run, *a, **k):

@@ -373,6 +373,19 @@ def _flexiq_variant(ctx: CompareContext, name: str, overrides: dict) -> list[Row
 FINETUNED_VARIANT_RATIOS = (0.0, 0.5, 1.0)
 
 
+def _finetune_as_defined(run: pipeline.Run, ctx: CompareContext, quantized):
+  """The variant's finetune (`pipeline.finetune`). Its directory belongs to the sweep: a finetune
+  there made under an earlier definition of the variant (other field values) is moved to
+  <variant>/replaced/<time>/ (kept) and the stage redone, where `run.py` would refuse."""
+  try:
+    return pipeline.finetune(run, ctx.float_model, quantized)
+  except stage_cache.StageConfigChanged as e:
+    print(f"note: {os.path.relpath(run.workdir)}: the variant's definition changed since its finetune ran "
+          f"({str(e).split(' made with other values of ')[-1].split('. Use')[0]}); redoing it")
+    pipeline.replace_stages(run.workdir, "finetune")
+    return pipeline.finetune(run, ctx.float_model, quantized)
+
+
 def _flexiq_finetuned_variant(ctx: CompareContext, name: str, overrides: dict) -> list[Row]:
   """FlexiQ with config changes, finetuned, in compare/<name>, swept after finetuning at
   FINETUNED_VARIANT_RATIOS. Stages the changes leave as they are (calibration and selection for
@@ -388,7 +401,7 @@ def _flexiq_finetuned_variant(ctx: CompareContext, name: str, overrides: dict) -
   pipeline.seed_stages(run, [ctx.run.workdir])
   quantized = pipeline.run_until(run, "quantize", float_model=ctx.float_model, evaluate=False).quantized
   try:
-    return _sweep_rows(name, ctx, run, pipeline.finetune(run, ctx.float_model, quantized))
+    return _sweep_rows(name, ctx, run, _finetune_as_defined(run, ctx, quantized))
   except judge_lib.FinetuneRefused as e:
     # An ablation's result is reported either way: the refused model as trained, marked refused.
     refused = pipeline.refused_finetune(run, quantized)
@@ -421,21 +434,34 @@ def _sandwich_one_pass_epochs(config) -> float:
   return _one_pass_epochs(sandwich)
 
 
-# The ends-weighted sampler: the share of steps at exactly ratio 1 and exactly ratio 0 among the
-# level draws, and the share of steps at a continuous ratio (the configured sampler: 0.5, levels uniform).
+# The weighted samplers: the share of steps at exactly ratio 1 and exactly ratio 0 among the level
+# draws, and the share of steps at a continuous ratio (the configured sampler: 0.5, levels uniform,
+# so 10 % of the steps at each of 0, 0.25, 0.5, 0.75 and 1). flexiq_ends weights both ends;
+# flexiq_top only ratio 1, ratio 0 kept at its configured 10 % of the steps.
 ENDS_LEVEL_PROBS = {1.0: 0.45, 0.0: 0.25}
+TOP_LEVEL_PROBS = {1.0: 0.45, 0.0: 0.125}
 ENDS_UNIFORM_PROB = 0.2
 
 
-def _ends_weighted_sampler(config) -> dict:
-  """The configured sampler's levels (0 and select.levels) drawn with the ends weighted
-  (ENDS_LEVEL_PROBS; the middle levels share the rest equally) and fewer continuous ratios
-  (ENDS_UNIFORM_PROB): one ratio a step, the configured number of steps."""
+def _weighted_sampler(config, level_probs: dict) -> dict:
+  """The configured sampler's levels (0 and select.levels) drawn with `level_probs` ({level:
+  probability among the level draws}; the other levels share the rest equally) and fewer
+  continuous ratios (ENDS_UNIFORM_PROB): one ratio a step, the configured number of steps."""
   levels = tuple(float(l) for l in config.finetune.levels) or (0.0,) + tuple(float(l) for l in config.select.levels)
-  middle = [l for l in levels if l not in ENDS_LEVEL_PROBS]
-  rest = round((1.0 - sum(ENDS_LEVEL_PROBS[l] for l in levels if l in ENDS_LEVEL_PROBS)) / max(len(middle), 1), 12)
-  return {"finetune.levels": levels, "finetune.level_probs": tuple(ENDS_LEVEL_PROBS.get(l, rest) for l in levels),
+  middle = [l for l in levels if l not in level_probs]
+  rest = round((1.0 - sum(level_probs[l] for l in levels if l in level_probs)) / max(len(middle), 1), 12)
+  return {"finetune.levels": levels, "finetune.level_probs": tuple(level_probs.get(l, rest) for l in levels),
           "finetune.uniform_prob": ENDS_UNIFORM_PROB}
+
+
+def _ends_weighted_sampler(config) -> dict:
+  """The sampler weighted to both ends (ENDS_LEVEL_PROBS)."""
+  return _weighted_sampler(config, ENDS_LEVEL_PROBS)
+
+
+def _top_weighted_sampler(config) -> dict:
+  """The sampler weighted to ratio 1 only (TOP_LEVEL_PROBS)."""
+  return _weighted_sampler(config, TOP_LEVEL_PROBS)
 
 
 FINETUNED_VARIANTS = {
@@ -453,6 +479,8 @@ FINETUNED_VARIANTS = {
                     "without its ends)"),
     "flexiq_ends": (_ends_weighted_sampler, "the ratio sampler weighted to the ends (ratio 1 in about 36 % of the "
                     "steps, ratio 0 in 20 %, against 10 % each configured; the same steps and passes)"),
+    "flexiq_top": (_top_weighted_sampler, "the ratio sampler weighted to ratio 1 only (ratio 1 in about 36 % of "
+                   "the steps, ratio 0 in its configured 10 %; the same steps and passes)"),
     "flexiq_lsq": ({"finetune.lsq": True, "finetune.lsq_weights": True, "finetune.lsq_grad_scale": "effective",
                     "finetune.lsq_weight_grad_scale": "effective", "finetune.lsq_learning_rate": 0.0},
                    "learnt activation and weight scales (LSQ: the gradient scale of each channel's own grid, "
