@@ -251,13 +251,18 @@ def holdout_figures(judgement: dict | None) -> dict | None:
   return figures
 
 
+def method_workdir(workdir: str, method: str) -> str:
+  """The sub-workdir a compare method keeps its own stages in: <workdir>/compare/<method>."""
+  return os.path.join(workdir, "compare", method)
+
+
 def finetune_workdir(workdir: str, method: str) -> str | None:
   """The workdir whose finetune stage made a FlexiQ-family method's finetuned rows (None for other
   methods): the run's own for flexiq, compare/<method> for the single-point and finetuned variants."""
   if method == "flexiq":
     return workdir
   if method == "flexiq_100only" or method in FINETUNED_VARIANTS:
-    return os.path.join(workdir, "compare", method)
+    return method_workdir(workdir, method)
   return None
 
 
@@ -345,7 +350,7 @@ def flexiq_100only(ctx: CompareContext) -> list[Row]:
     cfg.finetune.every_step_ratios, cfg.finetune.every_step_weights = (), ()
     cfg.finetune.num_epochs = _one_pass_epochs(ctx.config)
     cfg.sweep.ratios = ONLY100_RATIOS
-  run = pipeline.Run(cfg, os.path.join(ctx.run.workdir, "compare", "flexiq_100only"), ctx.run.mesh)
+  run = pipeline.Run(cfg, method_workdir(ctx.run.workdir, "flexiq_100only"), ctx.run.mesh)
   return _sweep_rows("flexiq_100only", ctx, run, pipeline.finetune(run, ctx.float_model, quantized))
 
 
@@ -356,7 +361,7 @@ def _variant_run(ctx: CompareContext, name: str, overrides: dict) -> pipeline.Ru
     for dotted, value in overrides.items():
       section, key = dotted.split(".")
       cfg[section][key] = value
-  return pipeline.Run(cfg, os.path.join(ctx.run.workdir, "compare", name), ctx.run.mesh)
+  return pipeline.Run(cfg, method_workdir(ctx.run.workdir, name), ctx.run.mesh)
 
 
 def _flexiq_variant(ctx: CompareContext, name: str, overrides: dict) -> list[Row]:
@@ -768,8 +773,8 @@ def lsq_qat(ctx: CompareContext) -> list[Row]:
   # Its checkpoints sit under a fingerprint of what they depend on: a finished run of another
   # recipe (or calibration) must not be restored and evaluated as if it were this one.
   key = stage_cache.fingerprint(method_fields(ctx.config, "lsq_qat", plan))
-  workdir = os.path.join(ctx.run.workdir, "compare", "lsq_qat", key)
-  legacy = os.path.join(ctx.run.workdir, "compare", "lsq_qat", stage_cache.fingerprint(stage_options.fingerprint_fields(
+  workdir = os.path.join(method_workdir(ctx.run.workdir, "lsq_qat"), key)
+  legacy = os.path.join(method_workdir(ctx.run.workdir, "lsq_qat"), stage_cache.fingerprint(stage_options.fingerprint_fields(
       ctx.config, "finetune", "compare.lsq_init", "compare.keep_ends", "compare.lsq_learning_rate")))
   # The same values keyed the older way (a run with quantized matmuls never was: those ran them float).
   if not os.path.exists(workdir) and os.path.exists(legacy) and not apply_lib.matmul_fingerprint(plan):
@@ -796,7 +801,7 @@ def switchable_qat(ctx: CompareContext) -> list[Row]:
   cc, plan = ctx.config.compare, ctx.calibration.plan
   tables = ctx.ptq_tables(cc.lsq_init)
   key = stage_cache.fingerprint(method_fields(ctx.config, "switchable_qat", plan))
-  workdir = os.path.join(ctx.run.workdir, "compare", "switchable_qat", key)
+  workdir = os.path.join(method_workdir(ctx.run.workdir, "switchable_qat"), key)
   outs = baselines.switchable_qat(ctx.config, workdir, ctx.float_model.model, ctx.float_model.variables, plan,
                                   ctx.calibration.folded, tables, cc.keep_ends, ctx.eval_data, ctx.run.mesh,
                                   reference_logits=ctx.float_logits)
