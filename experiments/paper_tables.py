@@ -417,13 +417,20 @@ def header(title: str, prov: dict) -> str:
     made = ("an earlier run whose commit was not recorded (made before cached rows recorded it)"
             if group["commit"] == "unrecorded" else f"an earlier run at {group['commit']}")
     text += f"- Rows reused from the workdirs' cache, made by {made}: {', '.join(group['methods'])} of {', '.join(group['runs'])}\n"
+  unfinished = [run for run in prov["sweep_runs"] if run["wall_minutes"] is None and not run.get("failed")]
   for run in prov["sweep_runs"]:
-    wall = (f"failed ({run['failed']})" if run.get("failed")
-            else "did not finish (killed, or still running when the tables were made)" if run["wall_minutes"] is None
-            else f"{run['wall_minutes']:g} min wall clock")
+    if run in unfinished:
+      continue
+    wall = f"failed ({run['failed']})" if run.get("failed") else f"{run['wall_minutes']:g} min wall clock"
     text += (f"- Sweep run `{run['command']}` at {run['commit'][:7]}, started {run['started']}: {wall}, "
              f"{run['workers']} process(es) side by side, {len(run['jobs'])} jobs"
              + (f", recomputing {', '.join(run['recompute'])}" if run.get("recompute") else "") + "\n")
+  if unfinished:
+    # Their finished methods are in the records (the rows cache); listed in one line, by start.
+    text += (f"- {len(unfinished)} sweep run(s) did not finish (killed, or still running when the tables were "
+             f"made; what they finished was cached, for the runs after them): "
+             + "; ".join(f"{' '.join(run['jobs'])} at {run['commit'][:7]}, started {run['started']}"
+                         for run in unfinished) + "\n")
   if prov["missing_models"]:
     text += (f"- **Incomplete sweep**: {len(prov['models'])} of {len(SWEEP_ORDER)} models so far; not yet run: "
              f"{', '.join(prov['missing_models'])}. Averages and claims are over the models present.\n")

@@ -244,7 +244,8 @@ def test_the_sweep_runs_wall_clock_is_logged_and_stated(tmp_path):
   md = open(tmp_path / "paper_t1_4bit.md").read()
   assert ("Sweep run `python -m experiments.paper_tables --workers=2` at abc1234, started 2026-12-01T05:00:00+00:00: "
           "150.25 min wall clock, 2 process(es) side by side, 1 jobs") in md
-  assert "started 2026-12-01T08:00:00+00:00: did not finish (killed, or still running" in md
+  assert ("- 1 sweep run(s) did not finish (killed, or still running when the tables were made; what they "
+          "finished was cached, for the runs after them): resnet18_seed0 at abc1234, started 2026-12-01T08:00:00+00:00") in md
   assert "started 2026-12-01T09:00:00+00:00: failed (DivergedError: the loss diverged)" in md
 
 
