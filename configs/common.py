@@ -269,6 +269,7 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   # The same for the learnt weight scales (finetune.lsq_weights): 'qmax8' through the 8-bit weight
   # grid | 'effective' each lowered row on its own 4-bit grid.
   config.finetune.lsq_weight_grad_scale = "qmax8"
+  config.finetune.seed_offset = 0  # added to the QAT's seed only (its batches and ratio draws)
   config.finetune.lsq_learning_rate = 0.0  # learning rate of the learnt scales; 0 = finetune.learning_rate
   # Learning rates every QAT method (FlexiQ, FlexiQ 100%-only, LSQ, switchable) trains its whole budget
   # at, keeping the best on lr_select_images held-out training images (never the eval split);
@@ -323,9 +324,9 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   config.compare.methods = ("flexiq", "flexiq_naive", "flexiq_random", "flexiq_uniform", "flexiq_greedy",
                             "flexiq_no_bias_correction", "flexiq_amp", "layerwise_amp",
                             "ptq_minmax", "ptq_mse", "adaround", "lsq_qat", "switchable_qat", "flexiq_100only",
-                            "flexiq_max127", "flexiq_joint", "flexiq_sandwich", "flexiq_sandwich_w4", "flexiq_long",
-                            "flexiq_ends", "flexiq_top", "flexiq_lsq", "flexiq_refresh_quantized", "flexiq_symmetric",
-                            "flexiq_distill")
+                            "flexiq_reseed", "flexiq_max127", "flexiq_joint", "flexiq_sandwich", "flexiq_sandwich_w4",
+                            "flexiq_long", "flexiq_ends", "flexiq_top", "flexiq_lsq", "flexiq_refresh_quantized",
+                            "flexiq_symmetric", "flexiq_distill")
   config.compare.allowed_drops = (0.25, 1.0, 3.0)  # one layer-wise AMP point each
   # Also AMP's Pareto point of the largest BOPs not above FlexiQ's 100 % point (uniform W4A4 with
   # the ends as keep_ends keeps them): the comparison at matched BOPs.

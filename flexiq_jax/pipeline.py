@@ -391,7 +391,7 @@ def finetune(run: Run, float_model: FloatModel, quantized: Quantized, on_step=No
     tuned, total_steps = qat(run, float_model, quantized, opts, stage.path, on_step)
   checkpoint.save_tree(stage.file("qvars"), tuned.qvars)
   judge_lib.accept_or_refuse(run, float_model.logits, quantized, tuned, stage, total_steps=total_steps,
-                             train_seed=opts.seed + finetune_lib.FLEXIQ_SEED_OFFSET)
+                             train_seed=opts.qat_seed())
   export_serving(run.workdir, tuned)
   stage.mark_done(total_steps=total_steps)
   return tuned
@@ -428,7 +428,7 @@ def qat(run: Run, float_model: FloatModel, quantized: Quantized, opts: stage_opt
   start = _qat_start(quantized, opts).qvars
   state = parallel.replicate(finetune_lib.create_state(start, tx, opts.lsq, bool(opts.lsq_weights)), run.mesh)
   teacher = float_model.logits if opts.distill_weight > 0 else None
-  seed = opts.seed + finetune_lib.FLEXIQ_SEED_OFFSET
+  seed = opts.qat_seed()
   step_fn = functools.partial(
       finetune_lib.qat_step, qmodel=fake, tx=tx, sampler=opts.sampler(), rng_key=jax.random.PRNGKey(seed),
       teacher_fn=teacher, distill_weight=opts.distill_weight, label_smoothing=opts.label_smoothing)

@@ -410,6 +410,8 @@ class FinetuneOptions(Options):
   log_every_steps: int = option(50, "train.log_every_steps", result_free=True)
   select_levels: tuple = option((0.25, 0.5, 0.75, 1.0), "select.levels")  # the sampler's default levels
   seed: int = option(0, "seed")
+  # Added to the QAT's seed (its batches and ratio draws) only: the same model finetuned again.
+  seed_offset: int = option(0, "finetune.seed_offset", omit_when=(0,))
   # The refresh after training: re-estimated on calibration images.
   extraction: str = option("fitted", "quant.extraction")
   fitness_batches: int = option(2, "select.fitness_batches")  # calibration batches its KL is measured on
@@ -432,6 +434,10 @@ class FinetuneOptions(Options):
                        f"{list(self.lr_grid)}")
     if self.lr_grid and self.lr_select_images <= 0:
       raise ValueError(f"finetune.lr_select_images must be > 0 with finetune.lr_grid set, got {self.lr_select_images}")
+
+  def qat_seed(self) -> int:
+    """The seed of the QAT's batches and ratio draws."""
+    return self.seed + finetune_lib.FLEXIQ_SEED_OFFSET + self.seed_offset
 
   def sampler(self) -> finetune_lib.RatioSampler:
     """The ratio sampler of the QAT steps."""

@@ -453,6 +453,13 @@ def test_t3_shows_held_out_figures_names_the_winners_on_them_and_a_diverged_vari
   md = open(os.path.join(out, "paper_t3_ablations.md")).read()
   assert "| failed |" in md and "learnt scales (LSQ): DivergedError: loss 18.5 at step 7" in md
   assert "90.20 · 88.40 (mean 89.30)" in md and "the first 1000 images of train[-5000:]" in md
+  # With the control (the configured pipeline again, unselected), the variants are compared with it.
+  rec["rows"] += _variant_rows("flexiq_reseed", {0.0: 88.4, 0.5: 88.0, 1.0: 86.9}, held(89.6, 87.8))
+  _write_sweep(out, [rec])
+  row = paper_tables.write_tables(out, benchmark=str(tmp_path / "no_benchmark.json"))["t3"]["rows"][0]
+  assert row["heldout_reference"] == "configured FlexiQ again, another QAT seed (the control)"
+  assert sorted(row["heldout_winners"]) == sorted(["3x the steps, no sandwich (the sandwich's passes)",
+                                                   "sandwich (3 passes per step)"])
 
 
 def test_the_compilation_cache_is_written_and_passed_to_worker_processes(tmp_path):

@@ -159,3 +159,14 @@ def test_options_validate_once_for_every_caller():
   # Options read like a config section where the libraries expect one.
   assert stage_options.FinetuneOptions().get("grad_clip_norm") == 0.0
   assert stage_options.FinetuneOptions.from_config(quickstart.get_config()).learning_rate == 0.005
+
+
+def test_seed_offset_moves_the_qat_seed_and_the_finetune_fingerprint_only():
+  from flexiq_jax import finetune
+  base, moved = quickstart.get_config("smoke"), quickstart.get_config("smoke")
+  moved.finetune.seed_offset = 1
+  a, b = stage_options.FinetuneOptions.from_config(base), stage_options.FinetuneOptions.from_config(moved)
+  assert b.qat_seed() == a.qat_seed() + 1 == base.seed + finetune.FLEXIQ_SEED_OFFSET + 1
+  for stage in ("float", "calibrate", "select", "quantize"):
+    assert stage_options.stage_fields(base, stage) == stage_options.stage_fields(moved, stage), stage
+  assert stage_options.stage_fields(base, "finetune") != stage_options.stage_fields(moved, "finetune")

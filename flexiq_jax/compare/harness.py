@@ -470,6 +470,9 @@ def _top_weighted_sampler(config) -> dict:
 
 
 FINETUNED_VARIANTS = {
+    "flexiq_reseed": ({"finetune.seed_offset": 1}, "the configured pipeline finetuned again at the rate it chose, "
+                      "with another QAT seed (batches and ratio draws): trained, like every variant, without a "
+                      "rate selection on the held-out images, so T3's control for them"),
     "flexiq_max127": ({"quant.weight_scale": "max127"}, "the 8-bit weight grid max|w|/127 (the largest weight "
                       "shrinks when lowered)"),
     "flexiq_joint": ({"quant.weight_scale": "joint"}, "the 8-bit weight scale fitted per channel for 8 and 4 bits"),
