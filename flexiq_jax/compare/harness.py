@@ -351,7 +351,7 @@ def flexiq_100only(ctx: CompareContext) -> list[Row]:
     cfg.finetune.num_epochs = _one_pass_epochs(ctx.config)
     cfg.sweep.ratios = ONLY100_RATIOS
   run = pipeline.Run(cfg, method_workdir(ctx.run.workdir, "flexiq_100only"), ctx.run.mesh)
-  return _sweep_rows("flexiq_100only", ctx, run, pipeline.finetune(run, ctx.float_model, quantized))
+  return _sweep_rows("flexiq_100only", ctx, run, _finetune_as_defined(run, ctx, quantized))
 
 
 def _variant_run(ctx: CompareContext, name: str, overrides: dict) -> pipeline.Run:
@@ -379,9 +379,10 @@ FINETUNED_VARIANT_RATIOS = (0.0, 0.5, 1.0)
 
 
 def _finetune_as_defined(run: pipeline.Run, ctx: CompareContext, quantized):
-  """The variant's finetune (`pipeline.finetune`). Its directory belongs to the sweep: a finetune
-  there made under an earlier definition of the variant (other field values) is moved to
-  <variant>/replaced/<time>/ (kept) and the stage redone, where `run.py` would refuse."""
+  """A compare method's own finetune (`pipeline.finetune`: a finetuned variant's, flexiq_100only's).
+  Its directory belongs to the sweep: a finetune there made under an earlier definition of the
+  method (other field values) is moved to compare/<method>/replaced/<time>/ (kept) and the stage
+  redone, where `run.py` would refuse."""
   try:
     return pipeline.finetune(run, ctx.float_model, quantized)
   except stage_cache.StageConfigChanged as e:
