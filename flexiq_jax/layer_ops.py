@@ -134,24 +134,20 @@ def quantize_codes(info: LayerInfo, x, kernel, lq: dict, lowered, *, signed: boo
   if not (lsq and ste and lsq_grad_scale == "effective"):  # there the codes come lowered
     xq = jnp.where(lowered, lower(xq, lq["act_e"], signed=signed), xq)
 
+  lsq_lowered = None  # the lowered weight codes, where LSQ's per-grid gradients come with them
   if "weight_scale" in lq:  # a serving export: the kernel holds the int8 codes themselves
     wq = kernel_matrix(info, kernel).astype(jnp.float32)
     s_w = lq["weight_scale"]
   elif "lsq_weight_scale" in lq and ste and lsq_weight_grad_scale == "effective":
     # Learnt per-output-channel scales, each lowered row's gradient on its own 4-bit grid: the
-    # codes come lowered and carry the scale's gradient (returned without one).
+    # lowered codes carry the scale's gradient (the scale is returned without one); wq, the 8-bit
+    # codes, only feed the bias shift below.
     w = kernel_matrix(info, kernel)
     s_w = jax.lax.stop_gradient(lq["lsq_weight_scale"])
     wq = jnp.clip(jnp.round(w / s_w), -WEIGHT_QMAX, WEIGHT_QMAX)
-    w_e = gather_channel(lq["weight_e"], info)
-    w_low = numerics.lower_codes(wq, w_e, signed=True)
-    wq_lsq = lsq_extraction.lsq_quantize_lower_weights(w, lq["lsq_weight_scale"], w_e,
-                                                       gather_channel(lowered, info), qmax=WEIGHT_QMAX)
-    bias_shift = jnp.zeros(s_w.shape, jnp.float32)
-    if "mean_lowered" in lq:
-      table = lost_output_table(info, jax.lax.stop_gradient(wq), w_low, lq)
-      bias_shift = masked_channel_sum(info, lowered, table) * s_x * s_w
-    return xq, wq_lsq, s_x, s_w, bias_shift
+    lsq_lowered = lsq_extraction.lsq_quantize_lower_weights(
+        w, lq["lsq_weight_scale"], gather_channel(lq["weight_e"], info), gather_channel(lowered, info),
+        qmax=WEIGHT_QMAX)
   elif "lsq_weight_scale" in lq:  # a learnt per-output-channel scale (LSQ finetuning)
     w = kernel_matrix(info, kernel)
     s_w = lq["lsq_weight_scale"]
@@ -171,7 +167,7 @@ def quantize_codes(info: LayerInfo, x, kernel, lq: dict, lowered, *, signed: boo
   if "mean_lowered" in lq:
     table = lost_output_table(info, jax.lax.stop_gradient(wq), jax.lax.stop_gradient(w_low), lq)
     bias_shift = masked_channel_sum(info, lowered, table) * s_x * s_w
-  wq = jnp.where(gather_channel(lowered, info), w_low, wq)
+  wq = jnp.where(gather_channel(lowered, info), w_low, wq) if lsq_lowered is None else lsq_lowered
   return xq, wq, s_x, s_w, bias_shift
 
 

@@ -75,7 +75,12 @@ def fingerprint(fields) -> str:
 
 
 class StageConfigChanged(ValueError):
-  """A training stage holds a run made with other config values."""
+  """A training stage holds a run made with other config values; `changed` names them (each field
+  with its saved and its current value)."""
+
+  def __init__(self, message: str, changed: str = ""):
+    super().__init__(message)
+    self.changed = changed
 
 
 def _flat(fields: dict) -> dict:
@@ -130,7 +135,7 @@ class Stage:
     return StageConfigChanged(
         f"{self.path} holds a {self.name} run made with other values of {shown}. Use a new --workdir, or "
         f"pass --force_from={FORCE_FROM.get(self.name, self.name)} to redo this stage and the ones after it "
-        f"(the old outputs are moved to <workdir>/replaced/).")
+        f"(the old outputs are moved to <workdir>/replaced/).", changed=shown)
 
   def begin(self, *, resumable: bool) -> None:
     """Claims the directory for this config. A resumable (training) stage whose saved run used

@@ -189,11 +189,12 @@ def test_lsq_weights_forward_is_exact_and_gradients_are_per_grid_and_per_output_
   np.testing.assert_allclose(np.asarray(gw), inside.astype(np.float32), atol=1e-6)  # (w / s) * s roundoff
 
 
-def _weight_scale_grad_norm(setup, grad_scale, ratio):
-  qvars = quantize.add_lsq_weight_scales(setup.plan, setup.qvars)
-  fake = dataclasses.replace(quantize.QuantizedModel(setup.model, setup.plan, mode="fake"),
-                             lsq_weight_grad_scale=grad_scale)
-  trainable, frozen = finetune.split_qvars(qvars, False, True)
+def _scale_grad_norm(setup, qvars, ratio, **model_fields):
+  """(the gradient norm of the learnt scales, the logits) of the fake path with `model_fields`: the
+  activation scales where they set `lsq`, else the weight scales qvars must hold."""
+  fake = dataclasses.replace(quantize.QuantizedModel(setup.model, setup.plan, mode="fake"), **model_fields)
+  learnt = "act_scale" if fake.lsq else "lsq_weight_scale"
+  trainable, frozen = finetune.split_qvars(qvars, fake.lsq, not fake.lsq)
   labels = jnp.arange(setup.images.shape[0]) % 5
 
   def loss(t):
@@ -201,7 +202,16 @@ def _weight_scale_grad_norm(setup, grad_scale, ratio):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
   grads = jax.grad(loss)(trainable)
-  return float(optax.tree.norm(grads["lsq_weight_scale"])), fake.apply(qvars, setup.images, ratio)
+  return float(optax.tree.norm(grads[learnt])), fake.apply(qvars, setup.images, ratio)
+
+
+def _act_scale_grad_norm(setup, grad_scale, ratio):
+  return _scale_grad_norm(setup, setup.qvars, ratio, lsq=True, lsq_grad_scale=grad_scale)
+
+
+def _weight_scale_grad_norm(setup, grad_scale, ratio):
+  return _scale_grad_norm(setup, quantize.add_lsq_weight_scales(setup.plan, setup.qvars), ratio,
+                          lsq_weight_grad_scale=grad_scale)
 
 
 def test_effective_weight_grad_scale_keeps_the_forward_and_shrinks_the_lowered_rows_gradient(setup):
@@ -219,29 +229,15 @@ def test_effective_weight_grad_scale_keeps_the_forward_and_shrinks_the_lowered_r
     _weight_scale_grad_norm(setup, "qmax4", 1.0)
 
 
-def _scale_grad_norm(setup, qvars, grad_scale, ratio):
-  fake = dataclasses.replace(quantize.QuantizedModel(setup.model, setup.plan, mode="fake"), lsq=True,
-                             lsq_grad_scale=grad_scale)
-  trainable, frozen = finetune.split_qvars(qvars, True)
-  labels = jnp.arange(setup.images.shape[0]) % 5
-
-  def loss(t):
-    logits = fake.apply(finetune.merge_qvars(t, frozen), setup.images, ratio)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-  grads = jax.grad(loss)(trainable)
-  return float(optax.tree.norm(grads["act_scale"])), fake.apply(qvars, setup.images, ratio)
-
-
 def test_effective_grad_scale_shrinks_the_scale_gradient_at_ratio_1_only_there(setup):
-  old1, y_old = _scale_grad_norm(setup, setup.qvars, "qmax8", 1.0)
-  new1, y_new = _scale_grad_norm(setup, setup.qvars, "effective", 1.0)
+  old1, y_old = _act_scale_grad_norm(setup, "qmax8", 1.0)
+  new1, y_new = _act_scale_grad_norm(setup, "effective", 1.0)
   plain = quantize.QuantizedModel(setup.model, setup.plan, mode="fake").apply(setup.qvars, setup.images, 1.0)
   np.testing.assert_array_equal(y_new, plain)  # the forward of the fake path without LSQ, exactly
   np.testing.assert_array_equal(y_old, plain)  # (LSQ's codes are rounded back to exact integers)
   assert new1 < old1
-  old0, _ = _scale_grad_norm(setup, setup.qvars, "qmax8", 0.0)
-  new0, _ = _scale_grad_norm(setup, setup.qvars, "effective", 0.0)
+  old0, _ = _act_scale_grad_norm(setup, "qmax8", 0.0)
+  new0, _ = _act_scale_grad_norm(setup, "effective", 0.0)
   np.testing.assert_allclose(new0, old0, rtol=1e-4)  # nothing lowered: LSQ as before
 
 

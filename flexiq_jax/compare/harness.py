@@ -386,8 +386,8 @@ def _finetune_as_defined(run: pipeline.Run, ctx: CompareContext, quantized):
   try:
     return pipeline.finetune(run, ctx.float_model, quantized)
   except stage_cache.StageConfigChanged as e:
-    print(f"note: {os.path.relpath(run.workdir)}: the variant's definition changed since its finetune ran "
-          f"({str(e).split(' made with other values of ')[-1].split('. Use')[0]}); redoing it")
+    print(f"note: {os.path.relpath(run.workdir)}: the method's definition changed since its finetune ran "
+          f"({e.changed}); redoing it")
     pipeline.replace_stages(run.workdir, "finetune")
     return pipeline.finetune(run, ctx.float_model, quantized)
 
