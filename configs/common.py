@@ -270,6 +270,9 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   # grid | 'effective' each lowered row on its own 4-bit grid.
   config.finetune.lsq_weight_grad_scale = "qmax8"
   config.finetune.seed_offset = 0  # added to the QAT's seed only (its batches and ratio draws)
+  # A learnt output gain and bias per lowerable layer and output channel, scaled by the share of its
+  # inputs lowered at the step's ratio (the identity at ratio 0; layer_ops.ratio_affine).
+  config.finetune.ratio_affine = False
   config.finetune.lsq_learning_rate = 0.0  # learning rate of the learnt scales; 0 = finetune.learning_rate
   # Learning rates every QAT method (FlexiQ, FlexiQ 100%-only, LSQ, switchable) trains its whole budget
   # at, keeping the best on lr_select_images held-out training images (never the eval split);

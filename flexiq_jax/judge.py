@@ -3,8 +3,10 @@
 `judge_finetune` measures the finetuned model and the model it started from on the same
 held-out images, at ratios 0 and 1 (the two ends the run-time controller may pick): top-1 and
 KL(float || quantized). A finetune that lowers top-1 by more than `finetune.judge_top1_drop`
-points or raises the KL by more than `finetune.judge_kl_rise` nats at either end is refused
-(`FinetuneRefused`): the caller keeps it for inspection and leaves the serving model as it was.
+points or raises the KL by more than `finetune.judge_kl_rise` nats at either end it trains is
+refused (`FinetuneRefused`): the caller keeps it for inspection and leaves the serving model as it
+was. A finetune for ratio 1 only (FlexiQ 100%-only) is judged at ratio 1: it gives up ratio 0 by
+design, and its figures there are reported, not judged.
 
 Held-out images: those of `data.holdout_split` where set (training images kept out of every
 training, `holdout_images`), else training images the finetune never saw
@@ -163,7 +165,7 @@ def measure(qmodel, qvars, float_logits_fn, images: np.ndarray, labels: np.ndarr
   return out
 
 
-def failures(before: dict, after: dict, top1_drop: float, kl_rise: float) -> list[str]:
+def failures(before: dict, after: dict, top1_drop: float, kl_rise: float, ratios=None) -> list[str]:
   """What makes `after` worse than `before` beyond the margins (empty: accepted). A non-finite
   figure after finetuning is a failure whatever the margins.
 
@@ -172,6 +174,7 @@ def failures(before: dict, after: dict, top1_drop: float, kl_rise: float) -> lis
     after: The same keys for the trained model.
     top1_drop: Allowed top-1 drop in points.
     kl_rise: Allowed KL rise in nats.
+    ratios: the ratio keys judged (None: every key of `before`).
 
   Returns:
     A list of failure labels 'ratio <r> top-1' / 'ratio <r> KL'; a non-finite KL after training
@@ -179,6 +182,8 @@ def failures(before: dict, after: dict, top1_drop: float, kl_rise: float) -> lis
   """
   out = []
   for ratio, b in before.items():
+    if ratios is not None and ratio not in ratios:
+      continue
     a = after[ratio]
     if not math.isfinite(a["kl"]) or a["top1"] < b["top1"] - top1_drop:
       out.append(f"ratio {ratio} top-1")
@@ -201,7 +206,8 @@ def summary_line(before: dict, after: dict) -> str:
                    f"-> {after[r]['kl']:.4g}" for r in before)
 
 
-def judge_finetune(config, float_logits_fn, start, tuned, *, total_steps: int, train_seed: int) -> dict:
+def judge_finetune(config, float_logits_fn, start, tuned, *, total_steps: int, train_seed: int,
+                   judged_ratios=JUDGE_RATIOS) -> dict:
   """Measures `tuned` (the finetuned `stage_results.Quantized`) against `start` (the model it
   started from) on held-out images and returns the report (written by the caller to
   finetune/judge.json); report['accepted'] says whether it passes the margins
@@ -215,11 +221,13 @@ def judge_finetune(config, float_logits_fn, start, tuned, *, total_steps: int, t
     tuned: the finetuned model.
     total_steps: the finetune's steps (which training images it saw).
     train_seed: the seed of its batches.
+    judged_ratios: the ratios of JUDGE_RATIOS whose margins decide (those the finetune trains);
+      every ratio of JUDGE_RATIOS is measured and reported.
 
   Returns:
     The report dict: 'accepted', 'failed', 'images', 'num_images', 'metric',
-    'before_finetuning', 'after_finetuning', 'margins' and 'summary' (only 'accepted', 'reason'
-    and 'margins' when not judged).
+    'before_finetuning', 'after_finetuning', 'judged_ratios', 'margins' and 'summary' (only
+    'accepted', 'reason' and 'margins' when not judged).
   """
   cfg = config.finetune
   top1_drop, kl_rise = float(cfg.get("judge_top1_drop", 2.0)), float(cfg.get("judge_kl_rise", 0.1))
@@ -230,10 +238,12 @@ def judge_finetune(config, float_logits_fn, start, tuned, *, total_steps: int, t
   bs = int(config.eval_batch_size)
   before = measure(start.qmodel, start.qvars, float_logits_fn, held.images, held.labels, batch_size=bs)
   after = measure(tuned.qmodel, tuned.qvars, float_logits_fn, held.images, held.labels, batch_size=bs)
-  failed = failures(before, after, top1_drop, kl_rise)
+  judged = [f"{r:g}" for r in JUDGE_RATIOS if r in tuple(judged_ratios)]
+  failed = failures(before, after, top1_drop, kl_rise, ratios=judged)
   return {"accepted": not failed, "failed": failed, "images": held.source, "num_images": int(len(held.labels)),
           "metric": "top-1 (%) and mean KL(float || quantized) of the integer path",
-          "before_finetuning": before, "after_finetuning": after, "margins": margins,
+          "before_finetuning": before, "after_finetuning": after, "judged_ratios": [float(r) for r in judged],
+          "margins": margins,
           "summary": summary_line(before, after)}
 
 
@@ -255,7 +265,8 @@ def refusal_message(report: dict, kept_at: str) -> str:
           f"--force_from=finetune; or widen finetune.judge_top1_drop / finetune.judge_kl_rise to accept it.")
 
 
-def accept_or_refuse(run, float_logits_fn, start, tuned, stage, *, total_steps: int, train_seed: int) -> dict:
+def accept_or_refuse(run, float_logits_fn, start, tuned, stage, *, total_steps: int, train_seed: int,
+                     judged_ratios=JUDGE_RATIOS) -> dict:
   """Judges a finished finetune (`judge_finetune`), writes the report to <stage>/judge.json and
   prints its summary. A refused finetune's stage directory is moved to
   <workdir>/replaced/<timestamp>/ and `FinetuneRefused` raised (one line: figures and knobs);
@@ -269,6 +280,7 @@ def accept_or_refuse(run, float_logits_fn, start, tuned, stage, *, total_steps: 
     stage: the finetune's stage_cache.Stage.
     total_steps: the finetune's steps.
     train_seed: the seed of its batches.
+    judged_ratios: the ratios whose margins decide (`judge_finetune`).
 
   Returns:
     The report of an accepted finetune.
@@ -277,7 +289,7 @@ def accept_or_refuse(run, float_logits_fn, start, tuned, stage, *, total_steps: 
     FinetuneRefused: If the finetune fails the judge's margins.
   """
   report = judge_finetune(run.config, float_logits_fn, start, tuned, total_steps=total_steps,
-                          train_seed=train_seed)
+                          train_seed=train_seed, judged_ratios=judged_ratios)
   report = {**records.run_info(), **report}
   records.write_json_atomic(stage.file(REPORT_FILE), report)
   if report["accepted"]:

@@ -217,6 +217,52 @@ def masked_channel_sum(info: LayerInfo, lowered, table):
   return jnp.sum(jnp.where(gather_channel(lowered, info), table, 0), axis=0)
 
 
+RATIO_AFFINE_KEYS = ("ratio_gain", "ratio_bias")
+
+
+def lowered_share(info: LayerInfo, lowered):
+  """(O,): the share of each output channel's kernel rows whose feature channel is lowered (a dense
+  or regular conv layer: the lowered share of all its input channels; a depthwise conv: 0 or 1).
+
+  Args:
+    info: the layer.
+    lowered: (C,) bool mask of lowered feature channels.
+
+  Returns:
+    (O,) float32 in [0, 1].
+  """
+  rows = info.in_channels // (1 if info.kind == "dense" else info.groups)
+  ones = jnp.ones((rows, info.out_channels), jnp.float32)
+  return masked_channel_sum(info, lowered, ones) / rows
+
+
+def ratio_affine(info: LayerInfo, lq: dict, lowered):
+  """The layer's ratio-dependent output affine, or None where lq holds none: (gain, bias), each (O,),
+  gain = 1 + share·lq['ratio_gain'] and bias = share·lq['ratio_bias'], share the `lowered_share`
+  of each output channel. The output before the layer's own bias is gain·(acc·s_x·s_w + bias
+  shift) + bias: the identity at ratio 0 (no channel lowered), whatever was learnt.
+
+  What it is for: one set of weights serves every ratio, but the output statistics of a layer
+  shift as its inputs and weights are lowered. A single-point method folds that into its own
+  weights and bias; switchable networks keep a batch norm per precision for it (Any-Precision DNN).
+  This is the same freedom at the cost FlexiQ's hardware contract allows: a per-output-channel
+  multiplier of the requantization scale and an added bias, both (O,) vectors that follow the
+  run-time ratio (through the lowered mask, traced: no recompilation).
+
+  Args:
+    info: the layer.
+    lq: its quantization variables (optionally 'ratio_gain' and 'ratio_bias', (O,)).
+    lowered: (C,) bool mask of lowered feature channels.
+
+  Returns:
+    (gain, bias) or None.
+  """
+  if RATIO_AFFINE_KEYS[0] not in lq:
+    return None
+  share = lowered_share(info, lowered)
+  return 1.0 + share * lq["ratio_gain"], share * lq["ratio_bias"]
+
+
 def act_zero_point(lq: dict):
   """The activation grid's zero point: lq['act_zero'] on an asymmetric grid, else 0.
 
@@ -301,7 +347,7 @@ def quantized_forward(call: LayerCall, x, lq: dict, lowered, *, signed: bool, mo
       y = xd @ wd
     else:
       y = conv(module, xd, wd, conv_padding(module, x.shape, kernel.shape))
-    return finish(info, y + bias_shift, bias)
+    return finish(info, _with_affine(y + bias_shift, info, lq, lowered), bias)
   if mode != "int":
     raise ValueError(f"mode must be 'fake' or 'int', not {mode!r}")
   shift = 0 if signed else 128
@@ -329,7 +375,13 @@ def quantized_forward(call: LayerCall, x, lq: dict, lowered, *, signed: bool, mo
     if shift:
       acc = acc + offset.astype(acc.dtype) * jnp.sum(wi.astype(acc.dtype), axis=(0, 1, 2))
   y = acc.astype(jnp.float32) * (s_x * s_w)
-  return finish(info, y + bias_shift, bias)
+  return finish(info, _with_affine(y + bias_shift, info, lq, lowered), bias)
+
+
+def _with_affine(y, info: LayerInfo, lq: dict, lowered):
+  """y (output channels last) through the layer's `ratio_affine`, where it has one."""
+  affine = ratio_affine(info, lq, lowered)
+  return y if affine is None else y * affine[0] + affine[1]
 
 
 def operand_codes(x, scale, *, signed: bool, ste: bool):

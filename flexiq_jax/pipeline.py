@@ -390,18 +390,24 @@ def finetune(run: Run, float_model: FloatModel, quantized: Quantized, on_step=No
   else:
     tuned, total_steps = qat(run, float_model, quantized, opts, stage.path, on_step)
   checkpoint.save_tree(stage.file("qvars"), tuned.qvars)
+  sampler = opts.sampler()
   judge_lib.accept_or_refuse(run, float_model.logits, quantized, tuned, stage, total_steps=total_steps,
-                             train_seed=opts.qat_seed())
+                             train_seed=opts.qat_seed(),
+                             judged_ratios=tuple(r for r in judge_lib.JUDGE_RATIOS if sampler.trains(r)))
   export_serving(run.workdir, tuned)
   stage.mark_done(total_steps=total_steps)
   return tuned
 
 
 def _qat_start(quantized: Quantized, opts: stage_options.FinetuneOptions) -> Quantized:
-  """The quantized model QAT starts from: with `finetune.lsq_weights`, plus the weight scales."""
-  if not opts.lsq_weights:
-    return quantized
-  return Quantized(quantized.qmodel, quantize_lib.add_lsq_weight_scales(quantized.qmodel.plan, quantized.qvars))
+  """The quantized model QAT starts from: with `finetune.lsq_weights`, plus the weight scales; with
+  `finetune.ratio_affine`, plus the ratio affine (zeros: the same model)."""
+  qvars = quantized.qvars
+  if opts.lsq_weights:
+    qvars = quantize_lib.add_lsq_weight_scales(quantized.qmodel.plan, qvars)
+  if opts.ratio_affine:
+    qvars = quantize_lib.add_ratio_affine(quantized.qmodel.plan, qvars)
+  return quantized if qvars is quantized.qvars else Quantized(quantized.qmodel, qvars)
 
 
 def qat(run: Run, float_model: FloatModel, quantized: Quantized, opts: stage_options.FinetuneOptions,
@@ -426,7 +432,8 @@ def qat(run: Run, float_model: FloatModel, quantized: Quantized, opts: stage_opt
   fake = dataclasses.replace(quantized.qmodel.with_mode("fake"), lsq=bool(opts.lsq),
                              lsq_grad_scale=opts.lsq_grad_scale, lsq_weight_grad_scale=opts.lsq_weight_grad_scale)
   start = _qat_start(quantized, opts).qvars
-  state = parallel.replicate(finetune_lib.create_state(start, tx, opts.lsq, bool(opts.lsq_weights)), run.mesh)
+  state = parallel.replicate(finetune_lib.create_state(start, tx, opts.lsq, bool(opts.lsq_weights),
+                                                      bool(opts.ratio_affine)), run.mesh)
   teacher = float_model.logits if opts.distill_weight > 0 else None
   seed = opts.qat_seed()
   step_fn = functools.partial(
@@ -804,8 +811,7 @@ def refused_finetune(run: Run, quantized: Quantized) -> tuple[Quantized, dict] |
     report = records.read_json(os.path.join(kept, judge_lib.REPORT_FILE))
     if report is None or report.get("accepted", True) or not os.path.exists(os.path.join(kept, "qvars")):
       continue
-    start = (quantize_lib.add_lsq_weight_scales(quantized.qmodel.plan, quantized.qvars) if opts.lsq_weights
-             else quantized.qvars)
+    start = _qat_start(quantized, opts).qvars
     return Quantized(quantized.qmodel, checkpoint.load_tree(os.path.join(kept, "qvars"), start), finetuned=True), report
   return None
 

@@ -379,6 +379,8 @@ class FinetuneOptions(Options):
   grad_clip_norm: float = option(0.0, "finetune.grad_clip_norm")
   lsq: bool = option(False, "finetune.lsq")  # learnable activation scales
   lsq_weights: bool = option(False, "finetune.lsq_weights")  # learnable per-output-channel weight scales
+  # A learnt per-output-channel gain and bias that follow the lowered share (layer_ops.ratio_affine).
+  ratio_affine: bool = option(False, "finetune.ratio_affine", omit_when=(False,))
   distill_weight: float = option(0.5, "finetune.distill_weight")  # weight of KL(float || quantized)
   levels: tuple = option((), "finetune.levels")  # () = 0 and select.levels
   level_probs: tuple = option((), "finetune.level_probs")  # () = uniform

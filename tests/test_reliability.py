@@ -418,6 +418,18 @@ def test_the_judge_refuses_worse_figures_and_any_non_finite_one():
       "ratio 0 top-1", "ratio 1 KL"]
   assert judge.failures(before, {"0": {"top1": 88.0, "kl": float("inf")}, "1": before["1"]}, 2.0, 0.1) == [
       "ratio 0 top-1", "ratio 0 KL"]
+  # A finetune for ratio 1 only is judged there: its ratio 0 may fall.
+  assert judge.failures(before, {"0": {"top1": 80.0, "kl": 0.3}, "1": before["1"]}, 2.0, 0.1, ratios=("1",)) == []
+
+
+def test_flexiq_100only_is_judged_at_ratio_1_only(smoke_config):
+  from flexiq_jax import judge, stage_options
+  from flexiq_jax.compare import harness
+  cfg = harness.flexiq_100only_config(smoke_config)
+  sampler = stage_options.FinetuneOptions.from_config(cfg).sampler()
+  assert [r for r in judge.JUDGE_RATIOS if sampler.trains(r)] == [1.0]
+  configured = stage_options.FinetuneOptions.from_config(smoke_config).sampler()
+  assert [r for r in judge.JUDGE_RATIOS if configured.trains(r)] == [0.0, 1.0]
 
 
 def test_finished_run_records_an_accepted_judgement_on_held_out_training_images(finished_run):

@@ -332,6 +332,25 @@ def _one_pass_epochs(config) -> float:
   return (steps - 0.5) * config.finetune.batch_size / train_size
 
 
+def flexiq_100only_config(config):
+  """The run config of `flexiq_100only`: `config` with every QAT step at ratio 1, no every-step
+  ratios, the configured multi-ratio finetuning's passes as steps, and the sweep at ONLY100_RATIOS.
+
+  Args:
+    config: the configured run config.
+
+  Returns:
+    A copy of it, changed.
+  """
+  cfg = copy.deepcopy(config)
+  with cfg.unlocked():
+    cfg.finetune.levels, cfg.finetune.level_probs, cfg.finetune.uniform_prob = (1.0,), (1.0,), 0.0
+    cfg.finetune.every_step_ratios, cfg.finetune.every_step_weights = (), ()
+    cfg.finetune.num_epochs = _one_pass_epochs(config)
+    cfg.sweep.ratios = ONLY100_RATIOS
+  return cfg
+
+
 def flexiq_100only(ctx: CompareContext) -> list[Row]:
   """FlexiQ's quantized model finetuned for 100 % only (LSQ's setting: one network for one point),
   in compare/flexiq_100only: every step at ratio 1, no every-step ratios, and as many
@@ -344,13 +363,8 @@ def flexiq_100only(ctx: CompareContext) -> list[Row]:
     One Row per ratio of ONLY100_RATIOS after this finetuning.
   """
   quantized = _flexiq_quantized(ctx)
-  cfg = copy.deepcopy(ctx.config)
-  with cfg.unlocked():
-    cfg.finetune.levels, cfg.finetune.level_probs, cfg.finetune.uniform_prob = (1.0,), (1.0,), 0.0
-    cfg.finetune.every_step_ratios, cfg.finetune.every_step_weights = (), ()
-    cfg.finetune.num_epochs = _one_pass_epochs(ctx.config)
-    cfg.sweep.ratios = ONLY100_RATIOS
-  run = pipeline.Run(cfg, method_workdir(ctx.run.workdir, "flexiq_100only"), ctx.run.mesh)
+  run = pipeline.Run(flexiq_100only_config(ctx.config), method_workdir(ctx.run.workdir, "flexiq_100only"),
+                     ctx.run.mesh)
   return _sweep_rows("flexiq_100only", ctx, run, _finetune_as_defined(run, ctx, quantized))
 
 
@@ -494,6 +508,9 @@ FINETUNED_VARIANTS = {
                     "finetune.lsq_weight_grad_scale": "effective", "finetune.lsq_learning_rate": 0.0},
                    "learnt activation and weight scales (LSQ: the gradient scale of each channel's own grid, "
                    "weights' included; the scales at the weights' rate, as in LSQ)"),
+    "flexiq_affine": ({"finetune.ratio_affine": True}, "a learnt output gain and bias per lowerable layer and "
+                      "output channel, scaled by the share of its inputs lowered at the ratio (the identity at "
+                      "ratio 0): the freedom a per-precision batch norm gives a switchable network"),
     "flexiq_refresh_quantized": ({"finetune.refresh_source": "quantized"}, "the refresh's bias-correction means "
                                  "from the quantized model's own layer inputs"),
     "flexiq_symmetric": ({"quant.act_grid": "symmetric"}, "signed inputs on the symmetric grid (signed codes) "

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from flexiq_jax import layer_ops
 from flexiq_jax import numerics
 from flexiq_jax import train as train_lib
 from flexiq_jax.quantize.transform import QuantizedModel
@@ -39,24 +40,36 @@ def _is_layer_entry(d) -> bool:
   return isinstance(d, dict) and ("act_scale" in d or "a_scale" in d)
 
 
-def split_qvars(qvars, lsq: bool, lsq_weights: bool = False):
+# The trainable entries of a layer's quantization variables: the learnt scales and the ratio
+# affine's vectors (`layer_ops.ratio_affine`). Every trainable entry of a QAT state is a
+# quantization scale (kept positive, at the scales' rate: FlexiQ's 'act_scale' and
+# 'lsq_weight_scale', the baselines' 'scales') except the weights and the ratio affine (WITH_WEIGHTS).
+TRAINABLE_QUANT_KEYS = ("act_scale", "lsq_weight_scale") + layer_ops.RATIO_AFFINE_KEYS
+WITH_WEIGHTS = ("params",) + layer_ops.RATIO_AFFINE_KEYS
+
+
+def split_qvars(qvars, lsq: bool, lsq_weights: bool = False, ratio_affine: bool = False):
   """Trainable part (weights; activation scales under `lsq`; per-output-channel weight scales
-  under `lsq_weights`, which qvars must hold: quantize.add_lsq_weight_scales) and frozen part.
+  under `lsq_weights`, which qvars must hold: quantize.add_lsq_weight_scales; the ratio affine
+  under `ratio_affine`: quantize.add_ratio_affine) and frozen part.
 
   Args:
     qvars: the quantized variables.
     lsq: make the activation scales trainable.
     lsq_weights: make the 'lsq_weight_scale' entries trainable.
+    ratio_affine: make the 'ratio_gain' and 'ratio_bias' entries trainable.
 
   Returns:
-    (trainable, frozen): trainable {'params', and 'act_scale' / 'lsq_weight_scale' trees shaped as
-    qvars['quant'], None at the attention matmuls' entries}; frozen, every entry of `qvars` but
-    'params' (the scales stay in it too and are overridden by `merge_qvars`).
+    (trainable, frozen): trainable {'params', and 'act_scale' / 'lsq_weight_scale' / 'ratio_gain' /
+    'ratio_bias' trees shaped as qvars['quant'], None at the entries without one (the attention
+    matmuls'; the layers never lowered for the ratio affine)}; frozen, every entry of `qvars` but
+    'params' (the trainable entries stay in it too and are overridden by `merge_qvars`).
   """
   trainable = {"params": qvars["params"]}
   frozen = {k: v for k, v in qvars.items() if k != "params"}
-  keys = (["act_scale"] if lsq else []) + (["lsq_weight_scale"] if lsq_weights else [])
-  for key in keys:  # attention matmuls have no such entry: None (their scales stay as calibrated)
+  keys = ((["act_scale"] if lsq else []) + (["lsq_weight_scale"] if lsq_weights else [])
+          + (list(layer_ops.RATIO_AFFINE_KEYS) if ratio_affine else []))
+  for key in keys:  # entries without the key: None (e.g. attention matmuls' scales stay as calibrated)
     trainable[key] = jax.tree_util.tree_map(lambda d: d.get(key), frozen["quant"], is_leaf=_is_layer_entry)
   return trainable, frozen
 
@@ -75,14 +88,14 @@ def merge_qvars(trainable, frozen):
   """
   qvars = dict(frozen)
   qvars["params"] = trainable["params"]
-  for key in ("act_scale", "lsq_weight_scale"):
+  for key in TRAINABLE_QUANT_KEYS:
     if key in trainable:
       qvars["quant"] = jax.tree_util.tree_map(lambda d, s: d if s is None else {**d, key: s}, qvars["quant"],
                                               trainable[key], is_leaf=_is_layer_entry)
   return qvars
 
 
-def create_state(qvars, tx, lsq: bool, lsq_weights: bool = False) -> QATState:
+def create_state(qvars, tx, lsq: bool, lsq_weights: bool = False, ratio_affine: bool = False) -> QATState:
   """A fresh QAT state of `qvars` (step 0, optimizer state initialised).
 
   Args:
@@ -90,11 +103,12 @@ def create_state(qvars, tx, lsq: bool, lsq_weights: bool = False) -> QATState:
     tx: the optax optimizer.
     lsq: train the activation scales.
     lsq_weights: train the per-output-channel weight scales.
+    ratio_affine: train the ratio affine (qvars must hold it: quantize.add_ratio_affine).
 
   Returns:
     A `QATState` holding copies of the trainable and frozen parts.
   """
-  return state_from_parts(*split_qvars(qvars, lsq, lsq_weights), tx)
+  return state_from_parts(*split_qvars(qvars, lsq, lsq_weights, ratio_affine), tx)
 
 
 def state_from_parts(trainable, frozen, tx) -> QATState:
@@ -160,8 +174,8 @@ def make_loss_fn(batch, *, logits_fn: Callable, teacher_logits=None, frozen=None
 
 
 def apply_gradients(state: QATState, grads, tx: optax.GradientTransformation) -> QATState:
-  """The optimizer update; every trainable entry besides 'params' is a quantization scale and is
-  kept positive.
+  """The optimizer update; the learnt quantization scales (every trainable entry but WITH_WEIGHTS)
+  are kept positive.
 
   Args:
     state: the QAT state.
@@ -173,15 +187,15 @@ def apply_gradients(state: QATState, grads, tx: optax.GradientTransformation) ->
   """
   updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
   trainable = optax.apply_updates(state.trainable, updates)
-  trainable = {k: v if k == "params" else jax.tree_util.tree_map(lambda s: jnp.maximum(s, numerics.MIN_RANGE), v)
+  trainable = {k: v if k in WITH_WEIGHTS else jax.tree_util.tree_map(lambda s: jnp.maximum(s, numerics.MIN_RANGE), v)
                for k, v in trainable.items()}
   return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
 
 
 def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
   """The QAT optimizer (`train.make_optimizer` on `cfg`); with `cfg.lsq_learning_rate` > 0 the
-  learnt quantization scales (every trainable entry besides 'params') get the same recipe at
-  that learning rate instead.
+  learnt quantization scales (every trainable entry but WITH_WEIGHTS) get the same recipe at that
+  learning rate instead (the ratio affine trains with the weights).
 
   Args:
     cfg: the finetune config section.
@@ -203,7 +217,7 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
     scale_cfg.learning_rate = scale_lr
   scale_tx = train_lib.make_optimizer(scale_cfg, total_steps)
   return optax.multi_transform({"params": tx, "scales": scale_tx},
-                               lambda trainable: {k: "params" if k == "params" else "scales" for k in trainable})
+                               lambda trainable: {k: "params" if k in WITH_WEIGHTS else "scales" for k in trainable})
 
 
 def teacher_logits_of(teacher_fn, distill_weight, images):

@@ -228,6 +228,9 @@ def encodings(qmodel: QuantizedModel, qvars: dict, svars: dict) -> dict:
       layer["bias_correction"] = ({"mean_code": _list(lq["mean_code"], np.float64),
                                    "mean_lowered": _list(lq["mean_lowered"], np.float64)}
                                   if "mean_lowered" in lq else None)
+    if "ratio_gain" in lq:  # layer_ops.ratio_affine: out = (1 + share·gain)·(acc·s + correction) + share·bias
+      layer["ratio_affine"] = {"gain": _list(lq["ratio_gain"], np.float64), "bias": _list(lq["ratio_bias"], np.float64),
+                               "share": "per output channel, the share of its kernel rows whose channel is lowered"}
     layers[path] = layer
   matmuls = {}
   for path in plan.quantized_matmuls:

@@ -93,7 +93,8 @@ def prepare_layer(info: LayerInfo, layer_params: dict, lq: dict, *, lowerable: b
   Returns:
     (params, entry): params {'kernel': int8 codes in the kernel's matrix form, 'bias' if any}, and the
     integer entry {'act_scale', 'weight_scale', 'scale', 'step', 'zero_point' on an asymmetric
-    grid, and 'rank', 'w_low', 'lost' as above}.
+    grid, and 'rank', 'w_low', 'lost' as above, with 'ratio_gain' and 'ratio_bias' where lq holds
+    them: `layer_ops.ratio_affine`}.
   """
   if layer_params["kernel"].dtype == jnp.int8:  # an int8 export: the codes and their scale
     w8 = kernel_matrix(info, layer_params["kernel"]).astype(jnp.float32)
@@ -112,6 +113,7 @@ def prepare_layer(info: LayerInfo, layer_params: dict, lq: dict, *, lowerable: b
     entry["w_low"] = w_low.astype(jnp.int8)
     if "mean_lowered" in lq:
       entry["lost"] = layer_ops.lost_output_table(info, w8, w_low, lq)
+    entry.update({k: lq[k] for k in layer_ops.RATIO_AFFINE_KEYS if k in lq})
   params = {"kernel": w8.astype(jnp.int8)}
   if layer_params.get("bias") is not None:
     params["bias"] = layer_params["bias"]
@@ -293,14 +295,24 @@ def _bias_correction(info: LayerInfo, entry: dict, lowered):
   return layer_ops.masked_channel_sum(info, lowered, entry["lost"]) * entry["act_scale"] * entry["weight_scale"]
 
 
-def _fused_bias(info: LayerInfo, entry: dict, lowered, bias, out_channels: int):
-  """(O,) float: the layer's bias plus its bias correction at this ratio, for a fused epilogue."""
+def _affine(info: LayerInfo, entry: dict, lowered):
+  """The layer's `layer_ops.ratio_affine` (gain, bias) at this ratio, or None (none learnt, or a
+  layer never lowered)."""
+  return None if lowered is None else layer_ops.ratio_affine(info, entry, lowered)
+
+
+def _fused_epilogue(info: LayerInfo, entry: dict, lowered, bias, out_channels: int):
+  """(scale (O,) or scalar, bias (O,)) of a fused epilogue `acc * scale + bias`: the layer's scale
+  and bias, its bias correction at this ratio, and its ratio affine folded into both."""
   out = jnp.zeros((out_channels,), jnp.float32)
   if (correction := _bias_correction(info, entry, lowered)) is not None:
     out = out + correction
+  scale = entry["scale"]
+  if (affine := _affine(info, entry, lowered)) is not None:
+    scale, out = scale * affine[0], out * affine[0] + affine[1]
   if bias is not None:
     out = out + bias.reshape(-1)
-  return out
+  return scale, out
 
 
 def _zero_code(entry: dict):
@@ -389,6 +401,8 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
     dense_impl, conv_impl = "xla", (None if conv_impl == "onednn" else conv_impl)
   if codes is not None and info.kind == "dense" and dense_impl == "pallas":
     dense_impl = "xla"  # the fused kernel quantizes x itself
+  if info.kind == "dense" and dense_impl == "pallas" and _affine(info, entry, lowered) is not None:
+    dense_impl = "xla"  # the fused kernel's epilogue has no ratio affine
   if info.kind == "dense" and dense_impl == "pallas":
     from flexiq_jax.quantize import pallas_dense  # imports Pallas only where it runs
     y = pallas_dense.fused_dense(x, entry, kernel, None, lowered, signed=signed,
@@ -406,15 +420,16 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
   if next_codes is not None and (info.kind == "conv" or len(info.kernel_shape) == 2):
     epilogue = _next_codes_epilogue(next_codes) or epilogue
   if info.kind == "dense" and dense_impl == "onednn" and onednn.available():
-    y = onednn.matmul(q8, wi, scale=entry["scale"], bias=_fused_bias(info, entry, lowered, call.bias, wi.shape[-1]),
-                      **epilogue)
+    scale, fused_bias = _fused_epilogue(info, entry, lowered, call.bias, wi.shape[-1])
+    y = onednn.matmul(q8, wi, scale=scale, bias=fused_bias, **epilogue)
     return finish(info, y, None)
   if info.kind == "conv" and (impl := conv_impl_for(info, signed, conv_impl)) == "onednn":
     padding = conv_padding(module, x.shape, info.kernel_shape)
     if _onednn_conv_ok(module, padding):
+      scale, fused_bias = _fused_epilogue(info, entry, lowered, call.bias, wi.shape[-1])
       y = onednn.conv(q8, wi, strides=spatial_pair(module.strides), padding=padding,
-                      dilation=spatial_pair(module.kernel_dilation), groups=info.groups, scale=entry["scale"],
-                      bias=_fused_bias(info, entry, lowered, call.bias, wi.shape[-1]), **epilogue)
+                      dilation=spatial_pair(module.kernel_dilation), groups=info.groups, scale=scale,
+                      bias=fused_bias, **epilogue)
       return finish(info, y, None)
     conv_impl = "int8"
   dilated = info.kind == "conv" and spatial_pair(module.input_dilation) != (1, 1)
@@ -459,6 +474,8 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
   y = acc.astype(jnp.float32) * entry["scale"]
   if (correction := _bias_correction(info, entry, lowered)) is not None:  # the reference's order and roundings
     y = y + correction
+  if (affine := _affine(info, entry, lowered)) is not None:
+    y = y * affine[0] + affine[1]
   return finish(info, y, call.bias)
 
 

@@ -527,3 +527,23 @@ def add_lsq_weight_scales(plan: QuantPlan, qvars) -> dict:
                                               layer_ops.weight_qmax(get_path(quant, path)))
     quant = set_path(quant, path, {**get_path(quant, path), "lsq_weight_scale": scale})
   return {**qvars, "quant": quant}
+
+
+def add_ratio_affine(plan: QuantPlan, qvars) -> dict:
+  """qvars with a learnable ratio-dependent output affine per lowerable layer ('ratio_gain' and
+  'ratio_bias', (O,) zeros: the identity at every ratio until trained; `layer_ops.ratio_affine`).
+  Entries already there are kept.
+
+  Args:
+    plan: the quantization plan.
+    qvars: quantized variables.
+
+  Returns:
+    A shallow copy of `qvars` whose lowerable layers' 'quant' entries each hold both vectors.
+  """
+  quant = qvars["quant"]
+  for path in plan.lowerable:
+    entry = get_path(quant, path)
+    zeros = jnp.zeros((plan.layers[path].out_channels,), jnp.float32)
+    quant = set_path(quant, path, {**{k: zeros for k in layer_ops.RATIO_AFFINE_KEYS}, **entry})
+  return {**qvars, "quant": quant}
