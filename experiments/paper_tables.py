@@ -699,11 +699,20 @@ def _variant_cells(recs, method: str, change: str, ratios, finetuned: bool) -> d
       for q in ratios for field in ("top1", "kl")}}
 
 
-def _holdout_cells(recs, method: str) -> dict:
-  """A finetuned variant's held-out figures over seeds (the finetune judge's, on training images
-  kept out of every training: `harness.holdout_figures`): top-1 and KL at the judge's ratios, and
+def holdout_key(recs) -> str:
+  """Which held-out figures T3 compares a model's variants by: 'holdout_select' (every image of the
+  learning-rate selection's held-out set, `harness.selection_figures`) where the configured
+  pipeline's rows carry them on every seed, else 'holdout' (the finetune judge's images)."""
+  configured = [find_row(r, FINETUNED_ABLATIONS[0][1], finetuned=True) or {} for r in recs]
+  return "holdout_select" if configured and all("holdout_select" in c for c in configured) else "holdout"
+
+
+def _holdout_cells(recs, method: str, key: str = "holdout") -> dict:
+  """A finetuned variant's held-out figures over seeds (`key`: 'holdout', the finetune judge's, on
+  training images kept out of every training, `harness.holdout_figures`; 'holdout_select', the
+  learning-rate selection's, `harness.selection_figures`): top-1 and KL at the judge's ratios, and
   their mean top-1 (the score a choice between variants uses, as the learning-rate grid's does)."""
-  held = [(find_row(r, method, finetuned=True) or {}).get("holdout") for r in recs]  # one per seed, or None
+  held = [(find_row(r, method, finetuned=True) or {}).get(key) for r in recs]  # one per seed, or None
   ratios = sorted({float(k.split("@")[1]) for h in held for k in (h or {}) if k.startswith("top1@")})
   cells = {f"holdout_{field}@{q:g}": stat([h.get(f"{field}@{q:g}") if h else None for h in held])
            for q in ratios for field in ("top1", "kl")}
@@ -778,7 +787,8 @@ def table3(sweep: dict, ratios=(0.5, 1.0)) -> dict:
   finetuned_ratios = harness.FINETUNED_VARIANT_RATIOS
   rows = []
   for model, recs in sweep.items():
-    row = {"model": model, "seeds": len(recs), "variants": {}, "finetuned_variants": {}}
+    key = holdout_key(recs)
+    row = {"model": model, "seeds": len(recs), "variants": {}, "finetuned_variants": {}, "holdout_key": key}
     for label, method, change in ABLATIONS:
       row["variants"][label] = _variant_cells(recs, method, change, ratios, finetuned=False)
     for label, method, change in FINETUNED_ABLATIONS:
@@ -787,7 +797,7 @@ def table3(sweep: dict, ratios=(0.5, 1.0)) -> dict:
       failed = sorted({why for r in recs for x in r["rows"] if x["method"] == method
                        for why in [harness.row_failure(x)] if why})
       row["finetuned_variants"][label] = {**_variant_cells(recs, method, change, finetuned_ratios, finetuned=True),
-                                          **_holdout_cells(recs, method), "refused": refused, "failed": failed}
+                                          **_holdout_cells(recs, method, key), "refused": refused, "failed": failed}
     row["heldout_winners"] = heldout_winners(row)
     row["heldout_threshold"] = heldout_threshold(row)
     rows.append(row)
@@ -1105,8 +1115,10 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
     text += ("\n\"failed\": the variant's finetuning diverged at the rate the configured pipeline chose (no "
              "figures). " + "; ".join(f"{model_label(m)}, {l}: {'; '.join(why)}" for m, l, why in failed) + "\n")
   text += ("\n## The 4-bit fixes on held-out training images\n\nWhat decides a default: held-out top-1 (%) at 0% · "
-           "100% 4-bit after finetuning (the finetune judge's figures, on training images kept out of every "
-           "training; never the test split), and their mean. A change becomes the default when its mean is "
+           "100% 4-bit after finetuning, and their mean, on training images kept out of every training (never "
+           "the test split): every image of the learning-rate selection's held-out set, scored as the "
+           "selection scores its candidates, where the configured pipeline's rows carry those figures (the "
+           "'images' line below names the set per model); else the finetune judge's images. A change becomes the default when its mean is "
            "above the configured pipeline's by more than the seed noise on every model it ran on: the "
            "control is the configured pipeline finetuned again at the rate it chose with another QAT seed, "
            "and its distance from the configured pipeline (which includes the luck of the configured "
@@ -1118,10 +1130,14 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
       [[model_label(r["model"])] + [_holdout_cell(r["finetuned_variants"][l]) for l in labels]
        + [_threshold_cell(r.get("heldout_threshold")), ", ".join(r.get("heldout_winners", [])) or "none"]
        for r in t3["rows"] if "finetuned_variants" in r])
-  images = sorted({v["holdout_images"] for r in t3["rows"] for v in r.get("finetuned_variants", {}).values()
-                   if isinstance(v.get("holdout_images"), str)})
+  images = {}  # description -> models
+  for r in t3["rows"]:
+    for v in r.get("finetuned_variants", {}).values():
+      if isinstance(v.get("holdout_images"), str) and r["model"] not in images.setdefault(v["holdout_images"], []):
+        images[v["holdout_images"]].append(r["model"])
   if images:
-    text += "\nHeld-out images: " + "; ".join(images) + ".\n"
+    text += "\nHeld-out images: " + "; ".join(f"{d} ({', '.join(model_label(m) for m in ms)})"
+                                              for d, ms in sorted(images.items())) + ".\n"
   _write(out, "paper_t3_ablations", {**prov, **t3}, text)
 
   plot_pareto(sweep, os.path.join(out, "paper_f1_pareto.png"), pareto_metric)

@@ -480,17 +480,13 @@ def select_learning_rate(run: Run, float_model: FloatModel, quantized: Quantized
   opts: stage_options.FinetuneOptions = run.options("finetune")
   sampler = opts.sampler()
   points = tuple(f"ratio {r:g}" for r in judge_lib.JUDGE_RATIOS if sampler.trains(r))
-  int_model = quantized.qmodel.with_mode("int")
-  logits = lambda images, svars, ratio: int_model.apply(svars, images, ratio)
 
   def train_and_score(rate, path, held):
     # No periodic evaluation: it reads the eval split, which a selection never does.
     candidate = dataclasses.replace(opts, learning_rate=rate, eval_every_steps=0)
     tuned, _ = qat(run, float_model, quantized, candidate, path, on_step)
     checkpoint.save_tree(os.path.join(path, "qvars"), tuned.qvars)
-    svars = jax.jit(int_model.prepare)(tuned.qvars)
-    return lr_select.score({f"ratio {r:g}": (logits, (svars, jnp.float32(r))) for r in judge_lib.JUDGE_RATIOS},
-                           float_model.logits, held, int(run.config.eval_batch_size))
+    return held_out_scores(run.config, float_model, tuned, held)
 
   rate, path, _ = lr_select.choose(run.config, directory, points, train_and_score)
   for name in ("refresh.json", "metrics.jsonl"):
@@ -499,6 +495,26 @@ def select_learning_rate(run: Run, float_model: FloatModel, quantized: Quantized
   steps = train_lib.total_steps_of(opts.num_epochs, train_examples(run.config), opts.batch_size)
   qvars = checkpoint.load_tree(os.path.join(path, "qvars"), _qat_start(quantized, opts).qvars)
   return Quantized(quantized.qmodel, qvars, finetuned=True), steps
+
+
+def held_out_scores(config, float_model: FloatModel, quantized: Quantized, held) -> dict:
+  """Top-1 and KL to float of a (finetuned) FlexiQ model on held-out images at judge.JUDGE_RATIOS,
+  through the integer path: how the learning-rate selection scores its candidates.
+
+  Args:
+    config: the run config (its eval batch size).
+    float_model: the float model.
+    quantized: the model to score.
+    held: the held-out images (`lr_select.held_out`).
+
+  Returns:
+    {'ratio <r>': {'top1', 'kl'}} (`lr_select.score`).
+  """
+  int_model = quantized.qmodel.with_mode("int")
+  logits = lambda images, svars, ratio: int_model.apply(svars, images, ratio)
+  svars = jax.jit(int_model.prepare)(quantized.qvars)
+  return lr_select.score({f"ratio {r:g}": (logits, (svars, jnp.float32(r))) for r in judge_lib.JUDGE_RATIOS},
+                         float_model.logits, held, int(config.eval_batch_size))
 
 
 def lr_selection(workdir: str) -> dict | None:

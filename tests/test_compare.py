@@ -486,3 +486,10 @@ def test_cached_finetuned_rows_without_held_out_figures_get_them_from_their_stag
   assert "holdout" not in harness._with_holdout(str(tmp_path), "lsq_qat", [row])[0]
   failed = {**row, "top1": None, "failed": "DivergedError: loss 18.5"}
   assert "holdout" not in harness._with_holdout(str(tmp_path), "flexiq", [failed])[0]
+
+
+def test_cached_finetuned_rows_without_selection_figures_are_made_again():
+  lacking = [{"method": "flexiq", "finetuned": True, "holdout": {}}, {"method": "flexiq", "finetuned": False}]
+  assert harness._lacks_selection_figures(lacking)
+  assert not harness._lacks_selection_figures([{**lacking[0], "holdout_select": {}}, lacking[1]])
+  assert not harness._lacks_selection_figures([{"finetuned": True, "failed": "DivergedError"}])  # nothing to score

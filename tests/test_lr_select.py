@@ -296,6 +296,21 @@ def test_flexiq_finetune_keeps_the_candidate_the_held_out_scores_rank_best(quant
   assert json.load(open(tmp_path / "wd" / "finetune" / "done.json"))["total_steps"] == 4
 
 
+def test_the_held_out_scores_of_a_finetuned_model_are_those_its_selection_recorded(quantized_run, tmp_path):
+  """`pipeline.held_out_scores` (what T3 scores every finetuned variant by) gives the chosen
+  candidate exactly the figures the selection recorded for it; a compare context without a grid
+  has no selection figures."""
+  base, result = quantized_run
+  run = _with(base, tmp_path / "wd", lr_grid=(1e-3, 5e-3), judge_images=0)
+  tuned = pipeline.finetune(run, result.float_model, result.quantized)
+  record = pipeline.lr_selection(run.workdir)
+  chosen = next(c for c in record["candidates"] if c["learning_rate"] == record["chosen"])
+  held = lr_select.held_out(run.config)
+  assert pipeline.held_out_scores(run.config, result.float_model, tuned, held) == chosen["scores"]
+  ctx = harness.CompareContext(base, result.float_model, None, [], [], ())
+  assert harness.selection_figures(ctx, tuned) is None  # base has no grid
+
+
 def test_a_finetune_at_ratio_1_only_is_chosen_at_ratio_1(quantized_run, tmp_path, monkeypatch):
   base, result = quantized_run
   run = _with(base, tmp_path / "wd", lr_grid=(1e-3, 5e-3), levels=(1.0,), level_probs=(1.0,), uniform_prob=0.0,

@@ -465,6 +465,34 @@ def test_t3_shows_held_out_figures_names_the_winners_on_them_and_a_diverged_vari
   assert "89.00 + 0.40 = 89.40" in open(os.path.join(out, "paper_t3_ablations.md")).read()
 
 
+def test_t3_decides_on_the_selections_held_out_images_where_the_configured_rows_carry_them(tmp_path):
+  """Where the configured pipeline's rows carry the learning-rate selection's figures (every image
+  of its held-out set), T3's held-out cells and winners use them, not the judge's 1000 images; a
+  variant without them shows "-" rather than a figure on other images."""
+  out = str(tmp_path)
+  rec = _record("resnet18", 0, 89.0, (88.5, 88.0, 87.0), ptq_w4=80.0, lsq=86.5, naive_100=84.0, fitted_100=86.0)
+  held = lambda n, a, b: {"images": f"the first {n} images of train[-5000:]", "num_images": n, "top1@0": a,
+                          "kl@0": 0.01, "top1@1": b, "kl@1": 0.05}
+  rec["rows"] = [r for r in rec["rows"] if not (r["method"] == "flexiq" and r["finetuned"])]
+
+  def rows(method, judge, select):
+    out = _variant_rows(method, {0.0: 88.5, 0.5: 88.0, 1.0: 87.0}, held(1000, *judge))
+    return [{**r, **({"holdout_select": held(5000, *select)} if select else {})} for r in out]
+
+  rec["rows"] += rows("flexiq", (90.0, 88.0), (90.0, 88.0))
+  # Better on the judge's 1000 images, worse on the selection's 5000: not a winner.
+  rec["rows"] += rows("flexiq_sandwich", (91.0, 89.0), (89.9, 88.0))
+  rec["rows"] += rows("flexiq_long", (89.0, 87.0), (90.2, 88.4))
+  rec["rows"] += rows("flexiq_top", (92.0, 90.0), None)
+  _write_sweep(out, [rec])
+  row = paper_tables.write_tables(out, benchmark=str(tmp_path / "no_benchmark.json"))["t3"]["rows"][0]
+  assert row["holdout_key"] == "holdout_select"
+  assert row["heldout_winners"] == ["3x the steps, no sandwich (the sandwich's passes)"]
+  assert row["finetuned_variants"]["sampler weighted to ratio 1"]["holdout_score"] is None
+  md = open(os.path.join(out, "paper_t3_ablations.md")).read()
+  assert "the first 5000 images of train[-5000:] (resnet18)" in md and "the first 1000 images" not in md
+
+
 def test_the_compilation_cache_is_written_and_passed_to_worker_processes(tmp_path):
   """--compilation_cache turns JAX's persistent cache on in the sweep's process and, through the
   environment, in the processes it starts: two processes compile into the folder without error."""

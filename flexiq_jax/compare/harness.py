@@ -266,6 +266,12 @@ def finetune_workdir(workdir: str, method: str) -> str | None:
   return None
 
 
+def _lacks_selection_figures(entry: list) -> bool:
+  """Whether a method's cached rows (its rows cache entry) include a finetuned row without
+  'holdout_select' (a failed row has none to have)."""
+  return any(r.get("finetuned") and "holdout_select" not in r and not r.get("failed") for r in entry)
+
+
 def _with_holdout(workdir: str, method: str, rows: list[dict]) -> list[dict]:
   """Cached finetuned rows made before rows carried held-out figures get them from the judge report
   of the finetune stage that made them (the same stage: the rows' key and the stage's fingerprint
@@ -280,14 +286,40 @@ def _with_holdout(workdir: str, method: str, rows: list[dict]) -> list[dict]:
   return [{**r, "holdout": holdout} if lacks(r) else r for r in rows]
 
 
+def selection_figures(ctx: "CompareContext", quantized) -> dict | None:
+  """A finetuned FlexiQ model's figures on the learning-rate selection's held-out images (all of
+  them: `lr_select.held_out`, the images and scoring every candidate of every grid gets), at
+  judge.JUDGE_RATIOS: what T3 compares finetuned variants by. None without finetune.lr_grid (no
+  such images are set aside).
+
+  Args:
+    ctx: the comparison context (its config's held-out images, its float model).
+    quantized: the finetuned model.
+
+  Returns:
+    {"images", "num_images", "top1@<ratio>", "kl@<ratio>"...}, or None.
+  """
+  if not ctx.config.finetune.get("lr_grid", ()):
+    return None
+  held = lr_select.held_out(ctx.config)
+  scores = pipeline.held_out_scores(ctx.config, ctx.float_model, quantized, held)
+  figures = {"images": held.source, "num_images": int(len(held.labels))}
+  for r in judge_lib.JUDGE_RATIOS:
+    figures[f"top1@{r:g}"], figures[f"kl@{r:g}"] = scores[f"ratio {r:g}"]["top1"], scores[f"ratio {r:g}"]["kl"]
+  return figures
+
+
 def _sweep_rows(method, ctx: "CompareContext", run, quantized, judgement: dict | None = None) -> list[Row]:
-  # A finetuned model carries the record of its learning-rate selection (when a grid chose it) and
-  # its held-out figures (the judge's report: `judgement`, else the run's finetune stage's).
+  # A finetuned model carries the record of its learning-rate selection (when a grid chose it), its
+  # held-out figures (the judge's report: `judgement`, else the run's finetune stage's) and, with a
+  # grid, its figures on the selection's held-out images (`selection_figures`).
   extra = {}
   if quantized.finetuned:
     selection = pipeline.lr_selection(run.workdir)
     holdout = holdout_figures(judgement if judgement is not None else pipeline.finetune_judgement(run.workdir))
-    extra = {**({"lr_selection": selection} if selection else {}), **({"holdout": holdout} if holdout else {})}
+    select = selection_figures(ctx, quantized)
+    extra = {**({"lr_selection": selection} if selection else {}), **({"holdout": holdout} if holdout else {}),
+             **({"holdout_select": select} if select else {})}
   return [Row(method, f"ratio {p.ratio:g}" + (" (finetuned)" if quantized.finetuned else ""), p.top1,
               p.relative_bops, {"ratio": p.ratio, "low_bit_mac_share": p.low_bit_mac_share,
                                 "finetuned": quantized.finetuned, "agreement": p.agreement, "kl": p.kl,
@@ -982,6 +1014,11 @@ def run_compare(run: pipeline.Run, float_model: FloatModel, float_metrics=None, 
   if "flexiq" in stale:  # before the row is dropped: a kill in between leaves the row to drop again
     pipeline.replace_stages(run.workdir, "finetune")
   cache.drop(stale)
+  # Finetuned rows cached before they carried `selection_figures` are made again: their stages are
+  # reused, only the sweep and the held-out scoring run.
+  lacking = [m for m in methods if m in cache.data and finetune_workdir(run.workdir, m) is not None
+             and config.finetune.get("lr_grid", ()) and _lacks_selection_figures(cache.data[m])]
+  cache.drop(lacking)
   seconds, rows = {}, []
   bar = progress.bar(desc="compare", total=len(methods), unit="method")  # the inner stages show their own bars
   for m in methods:
