@@ -157,6 +157,18 @@ class Options:
       _set(out, f.metadata["config"], plain)
     return out
 
+  def omitted_names(self) -> tuple[str, ...]:
+    """The config fields `fingerprint_fields` leaves out because their value is one that reads as
+    absent (`omit_when`): a field added with its off value keeps the fingerprints made before it."""
+    out = []
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if isinstance(value, Options):
+        out += value.omitted_names()
+      elif f.metadata.get("config") and _plain(value) in [_plain(v) for v in f.metadata.get("omit_when", ())]:
+        out.append(f.metadata["config"])
+    return tuple(out)
+
   @classmethod
   def config_names(cls) -> dict[str, bool]:
     """{config field: result_free} of every field (nested options included)."""

@@ -493,3 +493,13 @@ def test_cached_finetuned_rows_without_selection_figures_are_made_again():
   assert harness._lacks_selection_figures(lacking)
   assert not harness._lacks_selection_figures([{**lacking[0], "holdout_select": {}}, lacking[1]])
   assert not harness._lacks_selection_figures([{"finetuned": True, "failed": "DivergedError"}])  # nothing to score
+
+
+def test_a_finetune_option_at_its_off_value_keeps_flexiq_100onlys_fingerprint(smoke_config):
+  from flexiq_jax import stage_cache
+  key = lambda c: stage_cache.fingerprint(harness.method_fields(c, "flexiq_100only"))
+  without = smoke_config.copy_and_resolve_references()
+  del without.finetune["ratio_affine"]
+  assert key(without) == key(smoke_config)
+  smoke_config.finetune.ratio_affine = True
+  assert key(smoke_config) != key(without)

@@ -934,6 +934,9 @@ def method_fields(config, method: str, plan=None) -> dict:
     fields and the eval split fields.
   """
   stage, own = METHOD_DEPENDS.get(method, ("finetune", ("layerwise", "sweep", *_compare_fields(config))))
+  if method == "flexiq_100only":  # finetune fields at their off value read as absent, as in the stage's fingerprint
+    omitted = stage_options.FinetuneOptions.from_config(config).omitted_names()
+    own = tuple(name for name in own if name not in omitted)
   fields = stage_options.fingerprint_fields(config, stage, *own, *EVAL_FIELDS)
   if method in MATMUL_BASELINES and plan is not None:
     fields = {**fields, **apply_lib.matmul_fingerprint(plan), **apply_lib.act_grid_fingerprint(plan)}
