@@ -307,8 +307,16 @@ def test_the_held_out_scores_of_a_finetuned_model_are_those_its_selection_record
   chosen = next(c for c in record["candidates"] if c["learning_rate"] == record["chosen"])
   held = lr_select.held_out(run.config)
   assert pipeline.held_out_scores(run.config, result.float_model, tuned, held) == chosen["scores"]
-  ctx = harness.CompareContext(base, result.float_model, None, [], [], ())
-  assert harness.selection_figures(ctx, tuned) is None  # base has no grid
+  ctx = lambda r: harness.CompareContext(r, result.float_model, None, [], [], ())
+  assert harness.selection_figures(ctx(base), tuned) is None  # no grid
+  # A grid without a holdout split: its images are only those the configured seeds' batches miss,
+  # which a variant with other batches may have trained on: no figures either.
+  assert harness.selection_figures(ctx(run), tuned) is None
+  split = _with(base, tmp_path / "wd2", lr_grid=(1e-3, 5e-3))
+  split.config.data.train_split, split.config.data.holdout_split = "train[:-56]", "train[-56:]"
+  figures = harness.selection_figures(ctx(split), tuned)
+  assert figures["num_images"] == 32 and "train[-56:]" in figures["images"]
+  assert set(figures) == {"images", "num_images", "top1@0", "kl@0", "top1@1", "kl@1"}
 
 
 def test_a_finetune_at_ratio_1_only_is_chosen_at_ratio_1(quantized_run, tmp_path, monkeypatch):

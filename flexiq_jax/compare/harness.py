@@ -289,8 +289,10 @@ def _with_holdout(workdir: str, method: str, rows: list[dict]) -> list[dict]:
 def selection_figures(ctx: "CompareContext", quantized) -> dict | None:
   """A finetuned FlexiQ model's figures on the learning-rate selection's held-out images (all of
   them: `lr_select.held_out`, the images and scoring every candidate of every grid gets), at
-  judge.JUDGE_RATIOS: what T3 compares finetuned variants by. None without finetune.lr_grid (no
-  such images are set aside).
+  judge.JUDGE_RATIOS: what T3 compares finetuned variants by. None without finetune.lr_grid and
+  data.holdout_split: without a holdout split the selection's images are those the configured QAT
+  methods' batches do not reach, and a variant that draws other batches (another seed, more
+  steps) may have trained on some of them.
 
   Args:
     ctx: the comparison context (its config's held-out images, its float model).
@@ -299,7 +301,7 @@ def selection_figures(ctx: "CompareContext", quantized) -> dict | None:
   Returns:
     {"images", "num_images", "top1@<ratio>", "kl@<ratio>"...}, or None.
   """
-  if not ctx.config.finetune.get("lr_grid", ()):
+  if not (ctx.config.finetune.get("lr_grid", ()) and ctx.config.data.get("holdout_split")):
     return None
   held = lr_select.held_out(ctx.config)
   scores = pipeline.held_out_scores(ctx.config, ctx.float_model, quantized, held)
@@ -1020,7 +1022,8 @@ def run_compare(run: pipeline.Run, float_model: FloatModel, float_metrics=None, 
   # Finetuned rows cached before they carried `selection_figures` are made again: their stages are
   # reused, only the sweep and the held-out scoring run.
   lacking = [m for m in methods if m in cache.data and finetune_workdir(run.workdir, m) is not None
-             and config.finetune.get("lr_grid", ()) and _lacks_selection_figures(cache.data[m])]
+             and config.finetune.get("lr_grid", ()) and config.data.get("holdout_split")
+             and _lacks_selection_figures(cache.data[m])]
   cache.drop(lacking)
   seconds, rows = {}, []
   bar = progress.bar(desc="compare", total=len(methods), unit="method")  # the inner stages show their own bars
