@@ -88,6 +88,8 @@ FINETUNED_ABLATIONS = (
     ("sampler weighted to the ends", "flexiq_ends", "level_probs: ratio 1 0.45, ratio 0 0.25; uniform_prob 0.2"),
     ("sampler weighted to ratio 1", "flexiq_top", "level_probs: ratio 1 0.45, ratio 0 0.125; uniform_prob 0.2"),
     ("ratio-dependent output gain and bias", "flexiq_affine", "finetune.ratio_affine"),
+    ("sampler weighted to the ends, with the ratio affine", "flexiq_ends_affine",
+     "flexiq_ends' sampler and finetune.ratio_affine"),
     ("learnt scales (LSQ)", "flexiq_lsq", "finetune.lsq, lsq_weights, lsq_grad_scale=lsq_weight_grad_scale=effective"),
     ("refresh from the quantized model", "flexiq_refresh_quantized", "finetune.refresh_source=quantized"),
     ("symmetric activation grid", "flexiq_symmetric", "quant.act_grid=symmetric"),

@@ -518,6 +518,11 @@ def _top_weighted_sampler(config) -> dict:
   return _weighted_sampler(config, TOP_LEVEL_PROBS)
 
 
+def _ends_weighted_affine(config) -> dict:
+  """The sampler weighted to both ends and the ratio affine, together."""
+  return {**_ends_weighted_sampler(config), "finetune.ratio_affine": True}
+
+
 FINETUNED_VARIANTS = {
     "flexiq_reseed": ({"finetune.seed_offset": 1}, "the configured pipeline finetuned again at the rate it chose, "
                       "with another QAT seed (batches and ratio draws): trained, like every variant, without a "
@@ -545,6 +550,8 @@ FINETUNED_VARIANTS = {
     "flexiq_affine": ({"finetune.ratio_affine": True}, "a learnt output gain and bias per lowerable layer and "
                       "output channel, scaled by the share of its inputs lowered at the ratio (the identity at "
                       "ratio 0): the freedom a per-precision batch norm gives a switchable network"),
+    "flexiq_ends_affine": (_ends_weighted_affine, "flexiq_ends and flexiq_affine together (the same steps and "
+                           "passes)"),
     "flexiq_refresh_quantized": ({"finetune.refresh_source": "quantized"}, "the refresh's bias-correction means "
                                  "from the quantized model's own layer inputs"),
     "flexiq_symmetric": ({"quant.act_grid": "symmetric"}, "signed inputs on the symmetric grid (signed codes) "
