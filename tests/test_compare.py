@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -355,6 +356,36 @@ def test_switchable_baseline_trains_one_network_for_both_precisions(context, tmp
   [fingerprint] = os.listdir(tmp_path / "sw" / "compare" / "switchable_qat")
   log = [json.loads(line) for line in open(tmp_path / "sw" / "compare" / "switchable_qat" / fingerprint / "metrics.jsonl")]
   assert log[-1]["step"] == 2 and {"accuracy_w8a8", "accuracy_w4a4"} <= set(log[-1])
+
+
+def test_switchable_baseline_learns_a_w4a4_output_affine_with_flexiqs_ratio_affine(context, tmp_path):
+  """With finetune.ratio_affine the switchable network's W4A4 precision learns a gain and bias per
+  output channel (W8A8 none), as FlexiQ's ratio affine at ratio 1; its fingerprint changes only then."""
+  from flexiq_jax import checkpoint
+  from flexiq_jax.compare import baselines
+  ctx = _in(context, tmp_path / "sw", **{"finetune.ratio_affine": True})
+  assert harness.method_fields(ctx.config, "switchable_qat") != harness.method_fields(context.config, "switchable_qat")
+  assert harness.method_fields(ctx.config, "lsq_qat") == harness.method_fields(context.config, "lsq_qat")
+  rows = harness.switchable_qat(ctx)
+  assert [r.setting.split(" ")[0] for r in rows] == ["W8A8", "W4A4"]
+  assert all("switchable, W4A4 output affine," in r.setting for r in rows)
+  [fingerprint] = os.listdir(tmp_path / "sw" / "compare" / "switchable_qat")
+  ckpt = tmp_path / "sw" / "compare" / "switchable_qat" / fingerprint / "checkpoints"
+  saved = checkpoint.load_tree(str(ckpt / max(os.listdir(ckpt), key=lambda d: int(d) if d.isdigit() else -1) / "default"))
+  affine = saved["trainable"]["affine"]
+  plan = ctx.calibration.plan
+  assert set(affine[1]) == {k.replace("/", ".") for k in plan.lowerable} and not affine[0]
+  moved = np.concatenate([np.asarray(v["bias"]) for v in affine[1].values()])
+  assert np.abs(moved).max() > 0 and (moved < 0).any()  # learnt, with the weights (no floor)
+  # Zero gain and bias are the identity: the forward equals the one without an affine.
+  forward = baselines.LsqForward(ctx.float_model.model, plan, {p: (4, 4) for p in plan.quantized}, {})
+  scales = {k.replace("/", "."): {"act": jnp.float32(0.05), "weight": jnp.full((plan.layers[k].out_channels,), 0.01)}
+            for k in plan.quantized}
+  params = ctx.calibration.folded["params"]
+  images = jnp.asarray(ctx.calib_batches[0][:4])
+  plain = forward({"params": params, "scales": scales}, {}, images)
+  zero = forward({"params": params, "scales": scales, "affine": baselines.switchable_affine(plan)}, {}, images)
+  np.testing.assert_array_equal(plain, zero)
 
 
 def test_flexiq_finetuned_for_100_only_gets_the_passes_of_the_multi_ratio_finetuning(context, tmp_path):

@@ -98,6 +98,7 @@ class LsqLayers:
   matmul_scales: dict  # {matmul path: {'a_scale', 'b_scale'}}: layerwise.apply.matmul_tables
   matmul_signed: dict  # {matmul path: (a signed, b signed)}: plan.matmul_signed
   zero_points: dict = dataclasses.field(default_factory=dict)  # {path: z}: `lsq_zero_points`
+  affine: dict | None = None  # {flat key: {'gain', 'bias'}}: `switchable_affine`, or None
 
   def layer(self, call: LayerCall, x):
     wb, ab = self.bits[call.path]
@@ -112,7 +113,15 @@ class LsqLayers:
     w_qmax = 2 ** (wb - 1) - 1
     wm = interception.kernel_matrix(call.info, call.kernel)
     wm = numerics.lsq_fake_quant(wm, s["weight"], -w_qmax, w_qmax)
-    return call.float_forward(x, wm.reshape(call.kernel.shape))
+    y = call.float_forward(x, wm.reshape(call.kernel.shape))
+    if self.affine is None or _key(call.path) not in self.affine:
+      return y
+    # The output before the bias, times (1 + gain), plus the learnt bias: FlexiQ's ratio affine at
+    # share 1 (layer_ops.ratio_affine).
+    a, info = self.affine[_key(call.path)], call.info
+    shape = tuple(info.kernel_shape[info.contracted_axes:]) if info.kind == "dense" else (info.out_channels,)
+    bias = 0.0 if call.bias is None else call.bias.reshape(shape)
+    return (y - bias) * (1.0 + a["gain"].reshape(shape)) + a["bias"].reshape(shape) + bias
 
   def matmul(self, call: MatmulCall, a, b):
     return layer_ops.quantized_matmul(call, a, b, self.matmul_scales[call.path],
@@ -133,7 +142,7 @@ class LsqForward:
 
   def __call__(self, trainable, frozen, images):
     provider = LsqLayers(trainable["scales"], self.bits, self.plan.signed, self.matmul_scales,
-                         self.plan.matmul_signed, self.zero_points)
+                         self.plan.matmul_signed, self.zero_points, trainable.get("affine"))
     variables = {"params": trainable["params"], **frozen}
     return interception.run_with_provider(self.model, self.plan, variables, images, provider)
 
@@ -163,6 +172,21 @@ def lsq_initial_scales(plan, tables, bits: dict) -> dict:
     scales[_key(p)] = {"act": jnp.maximum(tables[p]["act_clip"][ab], numerics.MIN_RANGE) / a_qmax,
                        "weight": jnp.maximum(tables[p]["weight_clip"][wb], numerics.MIN_RANGE) / w_qmax}
   return scales
+
+
+def switchable_affine(plan) -> dict:
+  """The switchable network's learnt output gain and bias at its low precision (zeros: the
+  identity), one pair of (O,) vectors per lowerable layer: the freedom `finetune.ratio_affine`
+  gives FlexiQ at ratio 1, and that a per-precision batch norm gives Any-Precision DNN.
+
+  Args:
+    plan: the QuantPlan.
+
+  Returns:
+    {flat key: {'gain': zeros (O,), 'bias': zeros (O,)}} over plan.lowerable.
+  """
+  return {_key(p): {k: jnp.zeros((plan.layers[p].out_channels,), jnp.float32) for k in ("gain", "bias")}
+          for p in plan.lowerable}
 
 
 def lsq_zero_points(plan, tables, bits: dict) -> dict:
@@ -308,6 +332,24 @@ def lsq_qat(config, workdir: str, model, variables, plan, folded, tables, bits: 
 SWITCHABLE_BITS = ((8, 8), (4, 4))
 
 
+def precision(trainable, i: int) -> dict:
+  """The switchable network's trainable variables at its i-th precision: the shared weights, that
+  precision's scales and, where learnt, its output affine (`switchable_affine`).
+
+  Args:
+    trainable: {'params', 'scales': (one per precision), and optionally 'affine': (one per precision,
+      None where it has none)}.
+    i: the precision's index in SWITCHABLE_BITS.
+
+  Returns:
+    {'params', 'scales'[, 'affine']} for `LsqForward`.
+  """
+  out = {"params": trainable["params"], "scales": trainable["scales"][i]}
+  if trainable.get("affine") is not None and trainable["affine"][i] is not None:
+    out["affine"] = trainable["affine"][i]
+  return out
+
+
 def switchable_step(state: finetune.QATState, batch, *, forwards: tuple, tx: optax.GradientTransformation,
                     teacher_fn=None, distill_weight: float = 0.0, label_smoothing: float = 0.0):
   """One step of switchable-precision QAT (Any-Precision DNN, Yu et al. 2021): the loss is the mean
@@ -315,7 +357,8 @@ def switchable_step(state: finetune.QATState, batch, *, forwards: tuple, tx: opt
   (switchable clipping, as AdaBits). Pure: (state, batch) -> (state, metrics).
 
   Args:
-    state: trainable {'params', 'scales': ({...} per precision)} and the frozen variables.
+    state: trainable {'params', 'scales': ({...} per precision), optionally 'affine' (`precision`)}
+      and the frozen variables.
     batch: {'image', 'label'}.
     forwards: one `LsqForward` per precision, in the order of state.trainable['scales'].
     tx: the optimizer.
@@ -330,10 +373,10 @@ def switchable_step(state: finetune.QATState, batch, *, forwards: tuple, tx: opt
 
   def loss_fn(trainable):
     losses, ces, accs = [], [], []
-    for forward, scales in zip(forwards, trainable["scales"]):
+    for i, forward in enumerate(forwards):
       one = finetune.make_loss_fn(batch, logits_fn=forward, teacher_logits=teacher, frozen=state.frozen,
                                   distill_weight=distill_weight, label_smoothing=label_smoothing)
-      loss, (logits, ce) = one({"params": trainable["params"], "scales": scales})
+      loss, (logits, ce) = one(precision(trainable, i))
       losses.append(loss)
       ces.append(ce)
       accs.append(jnp.mean(jnp.argmax(logits, -1) == batch["label"]))
@@ -355,7 +398,9 @@ def switchable_qat(config, workdir: str, model, variables, plan, folded, tables:
   config.compare.lsq_learning_rate when set, or with finetune.lr_grid at the grid's rate best on
   held-out training images, mean over W8A8 and W4A4) and the same number of forward+backward passes as
   FlexiQ's finetuning: a step makes one pass per precision, so it runs half the steps of LSQ.
-  BN is folded before training, so there is no switchable BN (the paper's per-precision BN).
+  BN is folded before training, so there is no switchable BN (the paper's per-precision BN); with
+  finetune.ratio_affine (FlexiQ's per-ratio output gain and bias) the W4A4 precision learns the
+  same gain and bias per output channel (`switchable_affine`), the freedom such a BN gives.
 
   Args:
     config: the run config.
@@ -377,6 +422,8 @@ def switchable_qat(config, workdir: str, model, variables, plan, folded, tables:
   forwards = tuple(LsqForward(model, plan, b, apply_lib.matmul_tables(plan, tables), lsq_zero_points(plan, tables, b))
                    for b in bits)
   start = {"params": folded["params"], "scales": tuple(lsq_initial_scales(plan, tables, b) for b in bits)}
+  if config.finetune.get("ratio_affine", False):  # as FlexiQ's ratio affine: at the low precision only
+    start["affine"] = (None, switchable_affine(plan))
   frozen = {"batch_stats": folded["batch_stats"]} if "batch_stats" in folded else {}
   float_fn = functools.partial(train_lib.float_logits, model, variables)
   seed = config.seed + finetune.BASELINE_SEED_OFFSET
@@ -396,15 +443,14 @@ def switchable_qat(config, workdir: str, model, variables, plan, folded, tables:
   def points(state):
     out = {}
     for i, ((w, a), forward) in enumerate(zip(SWITCHABLE_BITS, forwards)):
-      logits = lambda images, t, f, forward=forward, i=i: forward({"params": t["params"], "scales": t["scales"][i]},
-                                                                  f, images)
+      logits = lambda images, t, f, forward=forward, i=i: forward(precision(t, i), f, images)
       out[f"W{w}A{a}"] = (logits, (state.trainable, state.frozen))
     return out
 
   state, cfg, total_steps, selection = train_at_chosen_rate(config, workdir, train, points, float_fn)
   out = []
   for i, (b, forward) in enumerate(zip(SWITCHABLE_BITS, forwards)):
-    pick = lambda t, i=i: {"params": t["params"], "scales": t["scales"][i]}
+    pick = lambda t, i=i: precision(t, i)
     predict = lambda images, trainable, frozen, forward=forward, pick=pick: forward(pick(trainable), frozen, images)
     metrics = train_lib.evaluate(predict, iter(eval_batches), mesh, desc=f"switchable W{b[0]}A{b[1]} eval",
                                  args=(state.trainable, state.frozen), reference_logits=reference_logits)

@@ -868,10 +868,11 @@ def switchable_qat(ctx: CompareContext) -> list[Row]:
                                   ctx.calibration.folded, tables, cc.keep_ends, ctx.eval_data, ctx.run.mesh,
                                   reference_logits=ctx.float_logits)
   ends = " (ends W8A8)" if cc.keep_ends else ""
+  affine = ", W4A4 output affine" if ctx.config.finetune.get("ratio_affine", False) else ""
   rows = []
   for out in outs:
     w, a = out["bits"]
-    rows.append(Row("switchable_qat", f"W{w}A{a}{ends}, switchable, {out['steps']} steps, "
+    rows.append(Row("switchable_qat", f"W{w}A{a}{ends}, switchable{affine}, {out['steps']} steps, "
                     f"{_rate_note(out)}{_refused_note(out)}", out["top1"], out["relative_bops"],
                     _judged({**fidelity(out), "bits": [w, a]}, out["judge"], out["lr_selection"])))
   return rows
@@ -949,6 +950,8 @@ def method_fields(config, method: str, plan=None) -> dict:
   fields = stage_options.fingerprint_fields(config, stage, *own, *EVAL_FIELDS)
   if method in MATMUL_BASELINES and plan is not None:
     fields = {**fields, **apply_lib.matmul_fingerprint(plan), **apply_lib.act_grid_fingerprint(plan)}
+  if method == "switchable_qat" and config.finetune.get("ratio_affine", False):
+    fields = {**fields, "finetune.ratio_affine": True}  # its W4A4 output affine; rows cached without it keep their key
   if method == "layerwise_amp" and config.compare.get("amp_at_4bit_budget", False):
     fields = {**fields, "compare.amp_at_4bit_budget": True}  # rows cached without the option keep their key
   return {**fields, **lr_select.config_fields(config)} if method in LR_SELECTED else fields

@@ -43,9 +43,10 @@ def _is_layer_entry(d) -> bool:
 # The trainable entries of a layer's quantization variables: the learnt scales and the ratio
 # affine's vectors (`layer_ops.ratio_affine`). Every trainable entry of a QAT state is a
 # quantization scale (kept positive, at the scales' rate: FlexiQ's 'act_scale' and
-# 'lsq_weight_scale', the baselines' 'scales') except the weights and the ratio affine (WITH_WEIGHTS).
+# 'lsq_weight_scale', the baselines' 'scales') except the weights and the output affines, FlexiQ's
+# and the switchable baseline's 'affine' (WITH_WEIGHTS).
 TRAINABLE_QUANT_KEYS = ("act_scale", "lsq_weight_scale") + layer_ops.RATIO_AFFINE_KEYS
-WITH_WEIGHTS = ("params",) + layer_ops.RATIO_AFFINE_KEYS
+WITH_WEIGHTS = ("params", "affine") + layer_ops.RATIO_AFFINE_KEYS
 
 
 def split_qvars(qvars, lsq: bool, lsq_weights: bool = False, ratio_affine: bool = False):
