@@ -465,6 +465,16 @@ def test_t3_shows_held_out_figures_names_the_winners_on_them_and_a_diverged_vari
   assert "89.00 + 0.40 = 89.40" in open(os.path.join(out, "paper_t3_ablations.md")).read()
 
 
+def test_a_held_out_mean_equal_to_the_threshold_up_to_roundoff_is_not_above_it():
+  mean = lambda a, b: {"holdout_score": {"mean": (a + b) / 2}}
+  labels = [label for label, _, _ in paper_tables.FINETUNED_ABLATIONS]
+  row = {"finetuned_variants": {labels[0]: mean(93.1, 90.3), labels[1]: mean(92.7, 89.8),
+                                labels[2]: mean(93.3, 91.0), labels[3]: mean(93.3, 91.1)}}
+  threshold = paper_tables.heldout_threshold(row)["threshold"]
+  assert threshold < (93.3 + 91.0) / 2  # 91.70 + 0.45 rounds below 92.15
+  assert paper_tables.heldout_winners(row) == [labels[3]]
+
+
 def test_t3_decides_on_the_selections_held_out_images_where_the_configured_rows_carry_them(tmp_path):
   """Where the configured pipeline's rows carry the learning-rate selection's figures (every image
   of its held-out set), T3's held-out cells and winners use them, not the judge's 1000 images; a
