@@ -551,7 +551,10 @@ def table1(sweep: dict) -> dict:
            "flexiq_100_fidelity": {k: per_seed(recs, flexiq, k) for k in FIDELITY},
            "flexiq_100_relative_bops": budget[0] if budget else None, "baselines": {},
            # FlexiQ's quantized model finetuned for 100 % only (LSQ's setting), the same passes.
-           "flexiq_100only": per_seed(recs, lambda r: find_row(r, "flexiq_100only", ratio=1.0))}
+           "flexiq_100only": per_seed(recs, lambda r: find_row(r, "flexiq_100only", ratio=1.0)),
+           # T3's control: the same finetuning at the same rate with another QAT seed (its seed noise).
+           "flexiq_100_control": per_seed(recs, lambda r: find_row(r, FINETUNED_ABLATIONS[1][1], ratio=1.0,
+                                                                  finetuned=True))}
     for method, prefix in T1_BASELINES:
       if method == "layerwise_amp":
         pick = lambda r: matched_layerwise_row(r, flexiq(r)["relative_bops"] if flexiq(r) else 0.26)
@@ -1033,6 +1036,13 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
     text += (f". FlexiQ finetuned for 100% only (one network for one point, as LSQ; its own column) over the best "
              f"baseline per model: {t1['margin_over_best_100only']['mean']:+.2f} "
              f"({t1['margin_over_best_100only']['models']} models)")
+  controls = [(r["model"], r["flexiq_100"]["mean"], r["flexiq_100_control"]["mean"]) for r in t1["rows"]
+              if r.get("flexiq_100_control") and r["flexiq_100"]]
+  if controls:
+    text += (".\n\nOne QAT seed per model: FlexiQ's 100% point finetuned again at the same rate with another QAT "
+             "seed (T3's control) gives " + ", ".join(f"{model_label(m)} {c:.2f} ({c - f:+.2f})" for m, f, c in controls)
+             + f"; mean |difference| {np.mean([abs(c - f) for _, f, c in controls]):.2f} points, the seed noise of "
+             "the FlexiQ column (the baselines' is not measured)")
   settings = {}
   for r in t1["rows"]:
     for m in methods_t1:
