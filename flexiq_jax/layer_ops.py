@@ -347,7 +347,7 @@ def quantized_forward(call: LayerCall, x, lq: dict, lowered, *, signed: bool, mo
       y = xd @ wd
     else:
       y = conv(module, xd, wd, conv_padding(module, x.shape, kernel.shape))
-    return finish(info, _with_affine(y + bias_shift, info, lq, lowered), bias)
+    return finish(info, with_ratio_affine(y + bias_shift, info, lq, lowered), bias)
   if mode != "int":
     raise ValueError(f"mode must be 'fake' or 'int', not {mode!r}")
   shift = 0 if signed else 128
@@ -375,11 +375,22 @@ def quantized_forward(call: LayerCall, x, lq: dict, lowered, *, signed: bool, mo
     if shift:
       acc = acc + offset.astype(acc.dtype) * jnp.sum(wi.astype(acc.dtype), axis=(0, 1, 2))
   y = acc.astype(jnp.float32) * (s_x * s_w)
-  return finish(info, _with_affine(y + bias_shift, info, lq, lowered), bias)
+  return finish(info, with_ratio_affine(y + bias_shift, info, lq, lowered), bias)
 
 
-def _with_affine(y, info: LayerInfo, lq: dict, lowered):
-  """y (output channels last) through the layer's `ratio_affine`, where it has one."""
+def with_ratio_affine(y, info: LayerInfo, lq: dict, lowered):
+  """y (output channels last, before the layer's bias) through the layer's `ratio_affine`, where
+  it has one.
+
+  Args:
+    y: the layer's output before its bias, output channels on the last axis.
+    info: the layer.
+    lq: its quantization (or integer) variables.
+    lowered: (C,) bool mask of lowered feature channels.
+
+  Returns:
+    gain·y + bias, or `y` itself where lq holds no ratio affine.
+  """
   affine = ratio_affine(info, lq, lowered)
   return y if affine is None else y * affine[0] + affine[1]
 

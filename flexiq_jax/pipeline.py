@@ -390,13 +390,18 @@ def finetune(run: Run, float_model: FloatModel, quantized: Quantized, on_step=No
   else:
     tuned, total_steps = qat(run, float_model, quantized, opts, stage.path, on_step)
   checkpoint.save_tree(stage.file("qvars"), tuned.qvars)
-  sampler = opts.sampler()
   judge_lib.accept_or_refuse(run, float_model.logits, quantized, tuned, stage, total_steps=total_steps,
-                             train_seed=opts.qat_seed(),
-                             judged_ratios=tuple(r for r in judge_lib.JUDGE_RATIOS if sampler.trains(r)))
+                             train_seed=opts.qat_seed(), judged_ratios=_trained_ends(opts))
   export_serving(run.workdir, tuned)
   stage.mark_done(total_steps=total_steps)
   return tuned
+
+
+def _trained_ends(opts: stage_options.FinetuneOptions) -> tuple[float, ...]:
+  """The ratios of judge.JUDGE_RATIOS (the ends) that the finetune's sampler trains: what its judge
+  and its learning-rate selection hold it to."""
+  sampler = opts.sampler()
+  return tuple(r for r in judge_lib.JUDGE_RATIOS if sampler.trains(r))
 
 
 def _qat_start(quantized: Quantized, opts: stage_options.FinetuneOptions) -> Quantized:
@@ -478,8 +483,7 @@ def select_learning_rate(run: Run, float_model: FloatModel, quantized: Quantized
     (the chosen finetuned model, its number of steps).
   """
   opts: stage_options.FinetuneOptions = run.options("finetune")
-  sampler = opts.sampler()
-  points = tuple(f"ratio {r:g}" for r in judge_lib.JUDGE_RATIOS if sampler.trains(r))
+  points = tuple(f"ratio {r:g}" for r in _trained_ends(opts))
 
   def train_and_score(rate, path, held):
     # No periodic evaluation: it reads the eval split, which a selection never does.

@@ -151,10 +151,9 @@ class Options:
         continue
       if f.metadata.get("result_free") or not f.metadata.get("config"):
         continue
-      plain = _plain(value)
-      if plain in [_plain(v) for v in f.metadata.get("omit_when", ())]:
+      if _omitted(f, value):
         continue
-      _set(out, f.metadata["config"], plain)
+      _set(out, f.metadata["config"], _plain(value))
     return out
 
   def omitted_names(self) -> tuple[str, ...]:
@@ -165,7 +164,7 @@ class Options:
       value = getattr(self, f.name)
       if isinstance(value, Options):
         out += value.omitted_names()
-      elif f.metadata.get("config") and _plain(value) in [_plain(v) for v in f.metadata.get("omit_when", ())]:
+      elif f.metadata.get("config") and _omitted(f, value):
         out.append(f.metadata["config"])
     return tuple(out)
 
@@ -179,6 +178,11 @@ class Options:
       elif f.metadata.get("config"):
         out[f.metadata["config"]] = f.metadata["result_free"]
     return out
+
+
+def _omitted(f, value) -> bool:
+  """Whether field `f` at `value` reads as absent in the fingerprint (its `omit_when` values)."""
+  return _plain(value) in [_plain(v) for v in f.metadata.get("omit_when", ())]
 
 
 def _is_options_type(f) -> bool:

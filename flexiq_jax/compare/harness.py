@@ -266,17 +266,23 @@ def finetune_workdir(workdir: str, method: str) -> str | None:
   return None
 
 
+def _lacks(row: dict, key: str) -> bool:
+  """Whether a cached row is a finetuned one without the figures `key` ('holdout', 'holdout_select');
+  a failed row has none to have."""
+  return bool(row.get("finetuned")) and key not in row and not row.get("failed")
+
+
 def _lacks_selection_figures(entry: list) -> bool:
   """Whether a method's cached rows (its rows cache entry) include a finetuned row without
-  'holdout_select' (a failed row has none to have)."""
-  return any(r.get("finetuned") and "holdout_select" not in r and not r.get("failed") for r in entry)
+  'holdout_select'."""
+  return any(_lacks(r, "holdout_select") for r in entry)
 
 
 def _with_holdout(workdir: str, method: str, rows: list[dict]) -> list[dict]:
   """Cached finetuned rows made before rows carried held-out figures get them from the judge report
   of the finetune stage that made them (the same stage: the rows' key and the stage's fingerprint
   both come from the config); rows that have them, or whose stage has no report, are left as they are."""
-  lacks = lambda r: r.get("finetuned") and "holdout" not in r and not r.get("failed")
+  lacks = lambda r: _lacks(r, "holdout")
   where = finetune_workdir(workdir, method)
   if where is None or not any(map(lacks, rows)) or not os.path.exists(os.path.join(where, "finetune", "done.json")):
     return rows

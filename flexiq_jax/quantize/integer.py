@@ -474,8 +474,8 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
   y = acc.astype(jnp.float32) * entry["scale"]
   if (correction := _bias_correction(info, entry, lowered)) is not None:  # the reference's order and roundings
     y = y + correction
-  if (affine := _affine(info, entry, lowered)) is not None:
-    y = y * affine[0] + affine[1]
+  if lowered is not None:
+    y = layer_ops.with_ratio_affine(y, info, entry, lowered)
   return finish(info, y, call.bias)
 
 
