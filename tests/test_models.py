@@ -115,6 +115,15 @@ def test_stem_max_pool_equals_the_reduce_window_in_value_and_gradient(shape):
   np.testing.assert_array_equal(jax.grad(loss(layers.max_pool_3x3_s2))(x), jax.grad(loss(window))(x))
 
 
+def test_stem_max_pool_fuses_with_its_producer_into_one_pass():
+  """The pool and the ReLU before it compile to one XLA fusion: no padded copy of the input is
+  written out (XLA:CPU wrote one when the input was padded before slicing)."""
+  from flexiq_jax.models import layers
+  x = jnp.zeros((2, 16, 16, 8), jnp.float32)
+  hlo = jax.jit(lambda v: layers.max_pool_3x3_s2(jax.nn.relu(v * 2.0))).lower(x).compile().as_text()
+  assert hlo.count(" fusion(") == 1, hlo
+
+
 def test_batchnorm_train_mode_updates_batch_stats():
   model = models.create("mbv2", num_classes=10, **models.small_kwargs("mbv2", 28))
   x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 28, 28, 1)) * 3 + 1, jnp.float32)

@@ -126,10 +126,13 @@ def _max_pool_3x3_s2_window(x):
 def max_pool_3x3_s2(x):
   """timm/torchvision stem pool: kernel 3, stride 2, padding 1 (pads with -inf).
 
-  The forward pass is the maximum of the nine strided slices of the padded input, which XLA fuses
-  with its producer (e.g. the stem's ReLU) into one pass; XLA:CPU's reduce-window took several times
-  longer. The values are the same (a maximum is exact); the gradient is the reduce-window's (on ties
-  it goes to one element of the window, where an elementwise maximum would split it).
+  The forward pass is the maximum of the nine strided taps of the input, each tap sliced from the
+  unpadded input and padded with -inf only where its window leaves the image, so XLA fuses the nine
+  taps and their producer (e.g. the stem's ReLU) into one pass over the input. Padding the input
+  first made XLA:CPU write the padded copy out (a second pass over the largest activation of the
+  network), and its reduce-window took several times longer. The values are the same (a maximum is
+  exact); the gradient is the reduce-window's (on ties it goes to one element of the window, where
+  an elementwise maximum would split it).
 
   Args:
     x: [batch, H, W, C] activations.
@@ -139,11 +142,19 @@ def max_pool_3x3_s2(x):
   """
   n, h, w, c = x.shape
   ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
-  padded = lax.pad(x, jnp.array(-jnp.inf, x.dtype), ((0, 0, 0), (1, 1, 0), (1, 1, 0), (0, 0, 0)))
+  ninf = jnp.array(-jnp.inf, x.dtype)
   out = None
   for a in range(3):
     for b in range(3):
-      tap = lax.slice(padded, (0, a, b, 0), (n, a + 2 * (ho - 1) + 1, b + 2 * (wo - 1) + 1, c), (1, 2, 2, 1))
+      # Tap (a, b) reads rows 2i - 1 + a and columns 2j - 1 + b; `lo_*` outputs at the top/left and
+      # whatever is left at the bottom/right fall outside the image and get -inf.
+      lo_r, lo_c = int(a == 0), int(b == 0)
+      r0, c0 = a - 1 + 2 * lo_r, b - 1 + 2 * lo_c
+      nr, nc = min(ho - lo_r, (h - 1 - r0) // 2 + 1), min(wo - lo_c, (w - 1 - c0) // 2 + 1)
+      if nr <= 0 or nc <= 0:  # a tap wholly outside the image (H or W of 1): -inf everywhere
+        continue
+      tap = lax.slice(x, (0, r0, c0, 0), (n, r0 + 2 * (nr - 1) + 1, c0 + 2 * (nc - 1) + 1, c), (1, 2, 2, 1))
+      tap = lax.pad(tap, ninf, ((0, 0, 0), (lo_r, ho - lo_r - nr, 0), (lo_c, wo - lo_c - nc, 0), (0, 0, 0)))
       out = tap if out is None else jnp.maximum(out, tap)
   return out
 
