@@ -14,8 +14,9 @@ rotating order; the table gives medians. Variants of the integer path: the XLA k
 backend's default per conv), every conv and dense layer on oneDNN, and (models with depthwise or
 grouped convs) oneDNN for those convs only, and (--split) the oneDNN model with every layer split at
 ratio 0, and (where the model has requantization edges) the oneDNN model with float outputs between
-every pair of layers (`fuse_requant=False`, ratio 0); a --baseline_library runs that form too (its
-library has the plain targets only). Also counted: compilations while the oneDNN model switches
+every pair of layers (`fuse_requant=False`, ratio 0), and (where the model has `ResidualAdd`s fused
+into its convs) the oneDNN model with its residual sums added by XLA (`fuse_residual=False`, ratio
+0); a --baseline_library runs the model with neither fusion (its library has the plain targets only). Also counted: compilations while the oneDNN model switches
 ratios (must be 0). Writes benchmarks/results/<--results_name>.{json,md} with the command, commit,
 CPU model, load average and date.
 """
@@ -162,6 +163,12 @@ def run_net(spec: str, batch: int, rounds: int) -> dict:
   if variants["oneDNN int"].requant_edges(onednn_svars, images):
     fns["oneDNN int, no requant fusion r=0"] = jax.jit(unfused.apply)
     args["oneDNN int, no requant fusion r=0"] = (onednn_svars, images, jnp.float32(0))
+  # The oneDNN model with its residual sums added by XLA (QuantizedModel.fuse_residual).
+  if onednn.CONV_ADD_TARGET in jax.jit(variants["oneDNN int"].apply).lower(onednn_svars, images, 0.0).as_text():
+    plain_sums = dataclasses.replace(variants["oneDNN int"], fuse_residual=False)
+    fns["oneDNN int, no residual fusion r=0"] = jax.jit(plain_sums.apply)
+    args["oneDNN int, no residual fusion r=0"] = (onednn_svars, images, jnp.float32(0))
+  unfused = dataclasses.replace(unfused, fuse_residual=False)
   if _BASELINE.value:  # the same oneDNN model on another build of the library: one compilation, every ratio
     # Without the requantization fusion: the baseline library's conv and matmul targets only.
     baseline_fn = compiled_on_library(unfused, onednn_svars, images, jnp.float32(0), _BASELINE.value)

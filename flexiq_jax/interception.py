@@ -27,6 +27,7 @@ import numpy as np
 from jax import lax
 
 from flexiq_jax.models.layers import AttentionMatmul
+from flexiq_jax.models.layers import ResidualAdd
 from flexiq_jax.models.layers import depthwise_conv_general_dilated
 
 QUANTIZABLE = (nn.Dense, nn.DenseGeneral, nn.Conv)
@@ -452,7 +453,9 @@ def run_with_provider(model: nn.Module, plan, variables, x, provider: LayerProvi
                       paths: Sequence[str] | None = None, matmul_paths: Sequence[str] | None = None):
   """Runs the model (eval mode) with each layer in `paths` (default: plan.quantized) computed by
   `provider.layer`, each `AttentionMatmul` in `matmul_paths` (default: plan.quantized_matmuls)
-  by `provider.matmul`, and the BatchNorms folded by the plan bypassed. Variables must be folded
+  by `provider.matmul`, each `ResidualAdd` by `provider.residual_add(y, shortcut, activation)` where the
+  provider has that method and it returns an array (None: the plain sum), and the BatchNorms folded
+  by the plan bypassed. Variables must be folded
   (see quantize.fold_batchnorm) if the plan folds any. `plan` needs `layers`, `quantized`,
   `folded_bn`, and `matmuls` / `quantized_matmuls` where it has matmuls.
 
@@ -490,6 +493,9 @@ def run_with_provider(model: nn.Module, plan, variables, x, provider: LayerProvi
       return provider.layer(call, args[0]) if path in targets else call.float_forward(args[0])
     if path in matmul_targets and isinstance(module, AttentionMatmul):
       return provider.matmul(MatmulCall(plan.matmuls[path], module), *args[:2])
+    if isinstance(module, ResidualAdd) and (fuse := getattr(provider, "residual_add", None)) is not None:
+      if (out := fuse(args[0], args[1], module.activation)) is not None:
+        return out
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(interceptor):

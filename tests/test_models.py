@@ -115,6 +115,15 @@ def test_stem_max_pool_equals_the_reduce_window_in_value_and_gradient(shape):
   np.testing.assert_array_equal(jax.grad(loss(layers.max_pool_3x3_s2))(x), jax.grad(loss(window))(x))
 
 
+def test_residual_add_is_the_plain_sum_and_refuses_an_unknown_activation():
+  from flexiq_jax.models import layers
+  a, b = jnp.asarray([[-2.0, 1.0]]), jnp.asarray([[1.0, 0.5]])
+  np.testing.assert_array_equal(layers.ResidualAdd().apply({}, a, b), a + b)
+  np.testing.assert_array_equal(layers.ResidualAdd("relu").apply({}, a, b), jnp.maximum(a + b, 0))
+  with pytest.raises(ValueError, match="unknown residual activation"):
+    layers.ResidualAdd("gelu").apply({}, a, b)
+
+
 def test_stem_max_pool_fuses_with_its_producer_into_one_pass():
   """The pool and the ReLU before it compile to one XLA fusion: no padded copy of the input is
   written out (XLA:CPU wrote one when the input was padded before slicing)."""

@@ -285,6 +285,35 @@ def test_fused_epilogue_and_requantization(mode, post_op):
   np.testing.assert_allclose(ym, want_m, rtol=1e-5, atol=1e-5)
 
 
+@needs_onednn
+@pytest.mark.parametrize("mode", ["auto", "split", "direct", "single"])
+@pytest.mark.parametrize("name", ["regular", "depthwise", "stem"])
+@pytest.mark.parametrize("post_op", ["none", "relu"])
+def test_conv_addend_is_added_before_the_post_op_bit_for_bit(mode, name, post_op):
+  """The residual operand: post_op(acc * scale + bias + addend) equals the conv's float32 output
+  plus the addend, then the post-op, bit for bit (one float32 add either way), in every mode (fused
+  as a binary post-op where the direct kernels run, one more pass elsewhere) and for the im2col stem."""
+  rng = np.random.default_rng(5)
+  c, o, kernel, strides, padding, dilation, groups = CONVS[name]
+  for signed in (False, True):
+    x = _codes(rng, (2, 9, 9, c), signed, False)
+    w = _weights(rng, kernel + (c // groups, o), False)
+    kw = dict(strides=strides, padding=padding, dilation=dilation, groups=groups, mode=mode, out_dtype=jnp.float32,
+              scale=jnp.asarray(rng.uniform(1e-4, 2e-4, o), jnp.float32),
+              bias=jnp.asarray(rng.normal(0, 1, o), jnp.float32))
+    y = onednn.conv(x, w, **kw)
+    addend = jnp.asarray(rng.normal(0, 2, y.shape), jnp.float32)
+    want = y + addend
+    want = jnp.maximum(want, 0.0) if post_op == "relu" else want
+    got = onednn.conv(x, w, addend=addend, post_op=post_op, **kw)
+    np.testing.assert_array_equal(got, want)
+    assert post_op == "none" or (np.asarray(got) == 0).any()  # the ReLU clipped something
+  with pytest.raises(ValueError, match="addend must be float32 of the output's shape"):
+    onednn.conv(x, w, addend=addend[:1], **kw)
+  with pytest.raises(ValueError, match="addend must be float32 of the output's shape"):
+    onednn.conv(x, w, addend=addend, **dict(kw, out_dtype=jnp.uint8))
+
+
 def test_bad_arguments_are_refused():
   x, w = jnp.zeros((1, 4, 4, 2), jnp.float32), jnp.zeros((3, 3, 2, 2), jnp.int8)
   with pytest.raises(ValueError, match="uint8/int8 codes"):
@@ -533,3 +562,40 @@ def test_requant_fusion_keeps_the_logits_bit_for_bit(setup):
   for r, out in zip(RATIOS, outs):
     assert not np.isnan(np.asarray(out)).any()
     np.testing.assert_array_equal(out, plain(svars, setup.images, jnp.float32(r)))
+
+
+@pytest.fixture(scope="module")
+def residual_setup():
+  """A small ResNet (`ResidualAdd` blocks, identity and downsampling shortcuts) quantized on random
+  images: (model, qvars, images)."""
+  from flexiq_jax import api, models
+  model = models.create("resnet18", num_classes=10, **models.small_kwargs("resnet18", 16))
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(4, 16, 16, 1)), jnp.float32)
+  variables = model.init(jax.random.PRNGKey(0), images)
+  qmodel, qvars = api.quantize_model(model, variables, np.asarray(images), selector="greedy", calib_batch_size=4)
+  return dataclasses.replace(qmodel, conv_impls="onednn", dense_impl="onednn"), qvars, images
+
+
+@needs_onednn
+def test_residual_fusion_keeps_the_logits_bit_for_bit(residual_setup):
+  """With fuse_residual (the default) each block's sum is written by a conv's kernel (the conv
+  run again with the shortcut as its addend; XLA drops the first run: as many oneDNN calls as
+  without it); the logits equal those of the model without it bit for bit at every ratio, with one
+  compilation."""
+  qmodel, qvars, images = residual_setup
+  svars = jax.jit(qmodel.prepare)(qvars)
+  fused, plain = jax.jit(qmodel.apply), jax.jit(dataclasses.replace(qmodel, fuse_residual=False).apply)
+  fused_hlo = fused.lower(svars, images, 0.0).compile().as_text()
+  plain_hlo = plain.lower(svars, images, 0.0).compile().as_text()
+  blocks = 4  # one block per stage in the small ResNet-18
+  assert fused_hlo.count(f'"{onednn.CONV_ADD_TARGET}"') == blocks
+  assert onednn.CONV_ADD_TARGET not in plain_hlo
+  calls = lambda text: text.count('custom_call_target="flexiq_onednn')
+  assert calls(fused_hlo) == calls(plain_hlo) > blocks
+  with serve.count_compilations() as compiled:
+    outs = [fused(svars, images, jnp.float32(r)) for r in RATIOS]
+  assert compiled.count == 1
+  for r, out in zip(RATIOS, outs):
+    np.testing.assert_array_equal(out, plain(svars, images, jnp.float32(r)))
+  assert not np.array_equal(outs[0], outs[-1])

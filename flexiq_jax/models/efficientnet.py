@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from flexiq_jax.models.registry import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, ModelSpec, register, register_spec
-from flexiq_jax.models.layers import batch_norm, conv, global_avg_pool, make_divisible
+from flexiq_jax.models.layers import ResidualAdd, batch_norm, conv, global_avg_pool, make_divisible
 
 
 class StageDef(NamedTuple):
@@ -155,7 +155,7 @@ class DepthwiseSeparable(nn.Module):
       y = SqueezeExcite(round(in_chs * (s.se_ratio / s.exp_ratio)), self.act, name="se")(y)
     y = conv(s.out_chs, 1, name="conv_pw")(y)
     y = batch_norm(train, "bn2", self.bn_eps)(y)
-    return y + x if (s.stride == 1 and in_chs == s.out_chs) else y
+    return ResidualAdd(name="residual")(y, x) if (s.stride == 1 and in_chs == s.out_chs) else y
 
 
 class InvertedResidual(nn.Module):
@@ -178,7 +178,7 @@ class InvertedResidual(nn.Module):
       # timm sizes the SE from the block's input width: round(mid * se_ratio / exp_ratio).
       y = SqueezeExcite(round(mid * (s.se_ratio / s.exp_ratio)), self.act, name="se")(y)
     y = batch_norm(train, "bn3", self.bn_eps)(conv(s.out_chs, 1, name="conv_pwl")(y))
-    return y + x if (s.stride == 1 and in_chs == s.out_chs) else y
+    return ResidualAdd(name="residual")(y, x) if (s.stride == 1 and in_chs == s.out_chs) else y
 
 
 class EfficientNet(nn.Module):

@@ -237,6 +237,25 @@ class AttentionMatmul(nn.Module):
     return jnp.einsum(self.equation, a, b)
 
 
+class ResidualAdd(nn.Module):
+  """A residual sum, `activation(y + shortcut)` ('none' or 'relu').
+
+  It has no parameters (checkpoints and timm weight import are unaffected); it exists so that a
+  quantization provider can compute the sum by interception: the serving form on oneDNN adds the
+  shortcut inside the kernel of the conv that produced one of the two terms, so the residual
+  stream is written once, by that kernel (`integer.IntegerLayers.residual_add`). A model written
+  with a plain `y + shortcut` runs the same values without that fusion.
+  """
+
+  activation: str = "none"
+
+  def __call__(self, y, shortcut):
+    if self.activation not in ("none", "relu"):
+      raise ValueError(f"unknown residual activation {self.activation!r}; use 'none' or 'relu'")
+    out = y + shortcut
+    return nn.relu(out) if self.activation == "relu" else out
+
+
 try:  # Flax NNX (every Flax this project supports has it; the guard keeps linen-only use working)
   from flax import nnx as _nnx
 except ImportError:  # pragma: no cover

@@ -16,7 +16,7 @@ from typing import Sequence
 import flax.linen as nn
 
 from flexiq_jax.models.registry import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, register, register_spec
-from flexiq_jax.models.layers import batch_norm, conv, global_avg_pool
+from flexiq_jax.models.layers import ResidualAdd, batch_norm, conv, global_avg_pool
 
 
 class Bottleneck(nn.Module):
@@ -38,7 +38,7 @@ class Bottleneck(nn.Module):
     shortcut = x
     if self.strides != 1 or x.shape[-1] != self.features:
       shortcut = batch_norm(train, "downsample_bn")(conv(self.features, 1, self.strides, name="downsample_conv")(x))
-    return nn.relu(y + shortcut)
+    return ResidualAdd("relu", name="residual")(y, shortcut)
 
 
 class RegNet(nn.Module):

@@ -11,7 +11,7 @@ from typing import Sequence
 import flax.linen as nn
 
 from flexiq_jax.models.registry import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, register, register_spec
-from flexiq_jax.models.layers import batch_norm, conv, global_avg_pool, max_pool_3x3_s2
+from flexiq_jax.models.layers import ResidualAdd, batch_norm, conv, global_avg_pool, max_pool_3x3_s2
 
 
 class BasicBlock(nn.Module):
@@ -29,7 +29,7 @@ class BasicBlock(nn.Module):
     if self.strides != 1 or x.shape[-1] != self.features:
       shortcut = conv(self.features, 1, self.strides, name="downsample_conv")(x)
       shortcut = batch_norm(train, "downsample_bn")(shortcut)
-    return nn.relu(y + shortcut)
+    return ResidualAdd("relu", name="residual")(y, shortcut)
 
 
 class Bottleneck(nn.Module):
@@ -50,7 +50,7 @@ class Bottleneck(nn.Module):
     if self.strides != 1 or x.shape[-1] != out_features:
       shortcut = conv(out_features, 1, self.strides, name="downsample_conv")(x)
       shortcut = batch_norm(train, "downsample_bn")(shortcut)
-    return nn.relu(y + shortcut)
+    return ResidualAdd("relu", name="residual")(y, shortcut)
 
 
 class ResNet(nn.Module):

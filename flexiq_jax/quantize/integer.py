@@ -47,6 +47,7 @@ compilations may contract the epilogue's multiply-add into an FMA differently: t
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -357,7 +358,7 @@ def _next_codes_epilogue(next_codes: NextCodes) -> dict | None:
 
 def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, conv_accumulator=jnp.int32,
                     conv_impl: str | None = None, dense_impl: str = "xla", codes=None,
-                    next_codes: NextCodes | None = None):
+                    next_codes: NextCodes | None = None, addend=None, addend_activation: str = "none"):
   """One quantized layer on serving variables: `lowered` (C,) bool, or None for a layer that is
   never lowered; call.kernel holds the int8 codes. conv_impl (CONV_IMPLS; None: the default for
   the backend): 'int8' one int8 conv with the layer's own padding (unsigned codes shifted by -128,
@@ -370,6 +371,9 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
   codes: the layer's input activation codes, already computed (by the layer that feeds it, through
   `next_codes`): `x` then only gives the shape. next_codes: a layer on oneDNN then returns the
   activation codes of the layer that reads its output (uint8/int8) instead of its float output.
+  addend: a residual sum's other term (the output's shape): the layer then returns
+  `addend_activation(output + addend)`, the sum fused into the oneDNN conv's epilogue where the layer
+  runs there (`IntegerLayers.residual_add`), else added after it; the same float32 adds either way.
 
   Args:
     call: the intercepted layer call; `call.kernel` holds the int8 codes, `call.bias` the float bias.
@@ -383,11 +387,13 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
     codes: this layer's activation codes (uint8/int8, shaped as `as_matrix_input(x)`), or None to
       quantize `x`.
     next_codes: the next layer's activation quantization (`NextCodes`), or None.
+    addend: float array of the output's shape added before `addend_activation`, or None.
+    addend_activation: 'none' or 'relu', applied after the addend.
 
   Returns:
     The layer's float output in the module's output shape, bias and bias correction included; with
     `next_codes`, where the layer runs on oneDNN (and the next grid has no zero point), the next
-    layer's codes instead (uint8/int8, the same shape).
+    layer's codes instead (uint8/int8, the same shape); with `addend`, the residual sum.
 
   Raises:
     ValueError: an unknown `dense_impl` or `conv_impl`.
@@ -407,7 +413,7 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
     from flexiq_jax.quantize import pallas_dense  # imports Pallas only where it runs
     y = pallas_dense.fused_dense(x, entry, kernel, None, lowered, signed=signed,
                                  interpret=jax.default_backend() != "gpu")
-    return finish(info, y, call.bias)  # the bias added as integer_forward adds it: the same roundings
+    return _add(finish(info, y, call.bias), addend, addend_activation)  # the bias added as integer_forward adds it: the same roundings
   if dense_impl not in DENSE_IMPLS:
     raise ValueError(f"unknown dense implementation {dense_impl!r}; use one of {DENSE_IMPLS}")
   codes_dtype = jnp.int8 if signed else jnp.uint8
@@ -422,15 +428,18 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
   if info.kind == "dense" and dense_impl == "onednn" and onednn.available():
     scale, fused_bias = _fused_epilogue(info, entry, lowered, call.bias, wi.shape[-1])
     y = onednn.matmul(q8, wi, scale=scale, bias=fused_bias, **epilogue)
-    return finish(info, y, None)
+    return _add(finish(info, y, None), addend, addend_activation)
   if info.kind == "conv" and (impl := conv_impl_for(info, signed, conv_impl)) == "onednn":
     padding = conv_padding(module, x.shape, info.kernel_shape)
     if _onednn_conv_ok(module, padding):
       scale, fused_bias = _fused_epilogue(info, entry, lowered, call.bias, wi.shape[-1])
+      if addend is not None and epilogue["out_dtype"] == jnp.float32:
+        epilogue = dict(epilogue, addend=addend, post_op=addend_activation)
+        addend = None  # fused
       y = onednn.conv(q8, wi, strides=spatial_pair(module.strides), padding=padding,
                       dilation=spatial_pair(module.kernel_dilation), groups=info.groups, scale=scale,
                       bias=fused_bias, **epilogue)
-      return finish(info, y, None)
+      return _add(finish(info, y, None), addend, addend_activation)
     conv_impl = "int8"
   dilated = info.kind == "conv" and spatial_pair(module.input_dilation) != (1, 1)
   if info.kind == "dense":
@@ -476,7 +485,15 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
     y = y + correction
   if lowered is not None:
     y = layer_ops.with_ratio_affine(y, info, entry, lowered)
-  return finish(info, y, call.bias)
+  return _add(finish(info, y, call.bias), addend, addend_activation)
+
+
+def _add(y, addend, activation: str):
+  """`activation(y + addend)` ('none' or 'relu'); y itself without an addend."""
+  if addend is None:
+    return y
+  y = y + addend
+  return jnp.maximum(y, 0.0) if activation == "relu" else y
 
 
 @dataclasses.dataclass(frozen=True)
@@ -489,6 +506,12 @@ class IntegerLayers:
   consumer takes them instead of quantizing its input, and the producer hands the model a
   placeholder of NaNs, which only the activation between the two reads (the edge's condition), so
   XLA drops both. The codes are those the consumer would compute from the float output.
+
+  fuse_residual: a `ResidualAdd` one of whose terms is the float output of a conv on oneDNN runs
+  that conv again with the other term as its addend (`integer_forward`): the kernel writes the
+  residual sum, XLA drops the first run (nothing reads it), and the sum is one buffer that every
+  later reader shares (XLA:CPU would otherwise recompute a chain of residual sums inside each
+  reader's fusion).
   """
 
   integer: dict  # svars['integer']
@@ -501,6 +524,8 @@ class IntegerLayers:
   dense_impl: str = "xla"  # DENSE_IMPLS entry, for every dense layer
   requant_edges: dict = dataclasses.field(default_factory=dict)  # {producer: (consumer, activation)}
   pending: dict = dataclasses.field(default_factory=dict)  # {consumer: codes its producer wrote}
+  fuse_residual: bool = False
+  producers: dict = dataclasses.field(default_factory=dict)  # {id(output): (output, rerun(addend, act))}
 
   def _lowered(self, path: str, entry: dict):
     return entry["rank"] < self.counts[path] if path in self.counts else None
@@ -515,13 +540,26 @@ class IntegerLayers:
       consumer_entry = get_path(self.integer, consumer)
       next_codes = NextCodes(consumer_entry, self._lowered(consumer, consumer_entry), self.signed[consumer],
                              activation)
-    y = integer_forward(call, x, entry, lowered, signed=self.signed[call.path], conv_accumulator=acc,
-                        conv_impl=self.conv_impls.get(call.path), dense_impl=self.dense_impl,
-                        codes=self.pending.pop(call.path, None), next_codes=next_codes)
+    run = functools.partial(integer_forward, call, x, entry, lowered, signed=self.signed[call.path],
+                            conv_accumulator=acc, conv_impl=self.conv_impls.get(call.path),
+                            dense_impl=self.dense_impl, codes=self.pending.pop(call.path, None))
+    y = run(next_codes=next_codes)
     if next_codes is not None and jnp.issubdtype(y.dtype, jnp.integer):
       self.pending[self.requant_edges[call.path][0]] = y
       return jnp.full(y.shape, jnp.nan, jnp.float32)
+    if (self.fuse_residual and call.info.kind == "conv"
+        and conv_impl_for(call.info, self.signed[call.path], self.conv_impls.get(call.path)) == "onednn"):
+      self.producers[id(y)] = (y, lambda addend, activation: run(addend=addend, addend_activation=activation))
     return y
+
+  def residual_add(self, y, shortcut, activation: str):
+    """A `ResidualAdd`'s sum written by the oneDNN conv that produced one of its terms (`fuse_residual`),
+    or None (the plain sum) where neither term is such a conv's float output."""
+    for term, other in ((y, shortcut), (shortcut, y)):
+      found = self.producers.get(id(term))
+      if found is not None and found[0] is term and jnp.shape(other) == jnp.shape(term):
+        return found[1](other, activation)
+    return None
 
   def matmul(self, call: MatmulCall, a, b):
     return layer_ops.quantized_matmul(call, a, b, get_path(self.matmul_quant, call.path),

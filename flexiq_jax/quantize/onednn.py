@@ -28,12 +28,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ABI = 5  # the library's interface version (flexiq_onednn_abi) this module calls
+ABI = 6  # the library's interface version (flexiq_onednn_abi) this module calls
 CONV_TARGET = "flexiq_onednn_conv"
 MATMUL_TARGET = "flexiq_onednn_matmul"
 # The same kernels with a `lowering` operand: uint8/int8 outputs with each channel's 4-bit extraction.
 CONV_LOWERED_TARGET = "flexiq_onednn_conv_lowered"
 MATMUL_LOWERED_TARGET = "flexiq_onednn_matmul_lowered"
+# The conv with an `addend` operand: a float32 output post_op(acc * scale + bias + addend).
+CONV_ADD_TARGET = "flexiq_onednn_conv_add"
 POST_OPS = {"none": 0, "relu": 1, "relu6": 2, "gelu": 3}
 # How the library runs a layer (the C++ file's comment): 'auto' fused where the CPU has VNNI and
 # exact elsewhere ('single', or a probed depthwise kernel); 'split' two int8 runs on split weights,
@@ -96,6 +98,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
   jax.ffi.register_ffi_target(CONV_TARGET, jax.ffi.pycapsule(lib.FlexiqOnednnConv), platform="cpu")
   jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(lib.FlexiqOnednnMatmul), platform="cpu")
   jax.ffi.register_ffi_target(CONV_LOWERED_TARGET, jax.ffi.pycapsule(lib.FlexiqOnednnConvLowered), platform="cpu")
+  jax.ffi.register_ffi_target(CONV_ADD_TARGET, jax.ffi.pycapsule(lib.FlexiqOnednnConvAdd), platform="cpu")
   jax.ffi.register_ffi_target(MATMUL_LOWERED_TARGET, jax.ffi.pycapsule(lib.FlexiqOnednnMatmulLowered), platform="cpu")
   return lib, ""
 
@@ -258,7 +261,8 @@ def _check(x, w, post_op: str, out_dtype, mode: str):
 
 
 def conv(x, w, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), groups: int = 1, scale=None,
-         bias=None, post_op: str = "none", out_dtype=jnp.int32, dst_scale=None, lowering=None, mode: str = "auto"):
+         bias=None, post_op: str = "none", out_dtype=jnp.int32, dst_scale=None, lowering=None, addend=None,
+         mode: str = "auto"):
   """oneDNN's int8 convolution, NHWC x HWIO -> NHWC, with its epilogue (module docstring).
 
   Args:
@@ -274,13 +278,16 @@ def conv(x, w, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), gro
     out_dtype: int32 (raw accumulators), float32, or uint8/int8 (requantized by `dst_scale`).
     dst_scale: the output grid's step for a uint8/int8 output (q = round(y / dst_scale)).
     lowering: (4, O) `lowering_rows` for a uint8/int8 output: each channel's 4-bit extraction of q.
+    addend: (N, H', W', O) float32 added before the post-op (a residual sum's other term; a float32
+      output only): post_op(acc * scale + bias + addend), one rounding per add as `y + addend`.
     mode: one of MODES ('auto': exact accumulators on every CPU; `auto_mode`).
 
   Returns:
     (N, H', W', O) array of `out_dtype`.
 
   Raises:
-    ValueError: wrong dtypes, an unknown post-op or mode, a post-op with an int32 output, or bad padding.
+    ValueError: wrong dtypes, an unknown post-op or mode, a post-op with an int32 output, bad padding,
+      or an addend of another shape or with a non-float32 output.
     RuntimeError: the kernels are unavailable (`unavailable_reason`).
   """
   scale, bias, dst_scale, out_dtype = _epilogue_operands(w.shape[-1], out_dtype, scale, bias, dst_scale)
@@ -294,9 +301,15 @@ def conv(x, w, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), gro
       a, b, strides, padding, rhs_dilation=dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),
       feature_group_count=groups, preferred_element_type=jnp.int32),
       jax.ShapeDtypeStruct(x.shape, jnp.int8), jax.ShapeDtypeStruct(w.shape, jnp.int8)).shape
-  call = jax.ffi.ffi_call(CONV_TARGET if lowering is None else CONV_LOWERED_TARGET,
-                          jax.ShapeDtypeStruct(out_shape, out_dtype), vmap_method="sequential")
-  operands = (x, w, scale, bias, dst_scale) + (() if lowering is None else (lowering,))
+  if addend is not None:
+    if out_dtype != jnp.float32 or tuple(addend.shape) != tuple(out_shape):
+      raise ValueError(f"the addend must be float32 of the output's shape {tuple(out_shape)} with a float32 "
+                       f"output; got shape {tuple(addend.shape)} and output {jnp.dtype(out_dtype).name}")
+    addend = jnp.asarray(addend, jnp.float32)
+  target = CONV_TARGET if lowering is None and addend is None else CONV_LOWERED_TARGET if addend is None else CONV_ADD_TARGET
+  call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, out_dtype), vmap_method="sequential")
+  operands = (x, w, scale, bias, dst_scale) + (() if lowering is None else (lowering,)) + (
+      () if addend is None else (addend,))
   return call(*operands, strides=np.asarray(strides, np.int64),
               pad_lo=np.asarray([p[0] for p in padding], np.int64), pad_hi=np.asarray([p[1] for p in padding], np.int64),
               dilation=np.asarray(dilation, np.int64), groups=np.int64(groups), post_op=np.int64(POST_OPS[post_op]), mode=_mode_code(mode))

@@ -201,7 +201,10 @@ class QuantizedModel:
   (or directly), and nothing else reads, writes that layer's activation codes (uint8/int8, its
   4-bit lowering included) instead of its float output (`interception.layer_edges`,
   `integer.IntegerLayers`): the same codes, one pass over the activations less; False keeps float
-  outputs between every pair of layers."""
+  outputs between every pair of layers. fuse_residual: in mode 'int', a model's `ResidualAdd`
+  whose term is the float output of a conv on oneDNN is added (with its ReLU) inside that conv's
+  kernel (`integer.IntegerLayers.residual_add`): the same float32 sums, the residual stream written
+  once; False adds them in XLA."""
 
   model: nn.Module
   plan: QuantPlan
@@ -215,6 +218,7 @@ class QuantizedModel:
   lsq_grad_scale: str = "qmax8"
   lsq_weight_grad_scale: str = "qmax8"
   fuse_requant: bool = True
+  fuse_residual: bool = True
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -257,7 +261,7 @@ class QuantizedModel:
       qvars = self.prepare(qvars)
       provider = integer.IntegerLayers(qvars[integer.SERVING_KEY], qvars["quant"], counts, self.plan.signed,
                                        self.plan.matmul_signed, accumulator, self.conv_impl_map(), self.dense_impl,
-                                       self.requant_edges(qvars, x))
+                                       self.requant_edges(qvars, x), fuse_residual=self.fuse_residual)
     else:
       provider = FlexiQLayers(qvars["quant"], counts, self.plan.signed, "int" if self.mode == "int_reference" else "fake",
                               self.lsq, accumulator, self.plan.matmul_signed, self.lsq_grad_scale,

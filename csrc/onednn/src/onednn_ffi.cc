@@ -8,6 +8,10 @@
 //                through the *Lowered targets also each channel's 4-bit extraction (Requant): the
 //                activation codes of the layer that reads this output.
 // Post-ops: 0 none, 1 ReLU, 2 ReLU6 (clip to [0, 6]), 3 GELU (erf form).
+// The *Add targets take one more operand, an f32 tensor of the output's shape (a residual sum's
+// other term), added to the f32 result before the post-op: post_op(acc * scale + bias + addend).
+// The direct mode fuses it as a binary post-op of the primitive; the other modes run the layer
+// without its post-op and add the addend and apply the post-op in one more pass.
 //
 // How a layer runs (the `mode` attribute: 0 auto, 1 split, 2 direct, 3 single):
 //   direct  one primitive, the scale, bias, post-op and output scale fused as oneDNN attributes.
@@ -135,10 +139,12 @@ struct Variant {
   dt dst;
   bool fused;      // scale, bias, post-op (and dst scale) as attributes
   int64_t post_op;
+  bool addend = false;  // a binary add of an f32 tensor of dst's shape before the post-op (fused only)
 
   std::string Key() const {
     std::ostringstream s;
-    s << int(src) << ',' << prepadded << ',' << mult << ',' << int(dst) << ',' << fused << ',' << post_op;
+    s << int(src) << ',' << prepadded << ',' << mult << ',' << int(dst) << ',' << fused << ',' << post_op << ','
+      << addend;
     return s.str();
   }
 };
@@ -175,6 +181,10 @@ dnnl::primitive_attr Attr(const Geometry& g, const Variant& v) {
   if (!v.fused) return attr;
   attr.set_scales_mask(DNNL_ARG_WEIGHTS, !g.conv ? 1 << 1 : g.groups == 1 ? 1 : 3);  // per output channel
   dnnl::post_ops ops;
+  if (v.addend)
+    ops.append_binary(dnnl::algorithm::binary_add,
+                      g.conv ? dnnl::memory::desc({g.n, g.o * v.mult, g.oh, g.ow}, dt::f32, tag::nhwc)
+                             : dnnl::memory::desc({g.n, g.o * v.mult}, dt::f32, tag::ab));
   if (v.post_op == 1) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
   if (v.post_op == 2) ops.append_eltwise(dnnl::algorithm::eltwise_clip, 0.f, 6.f);
   if (v.post_op == 3) ops.append_eltwise(dnnl::algorithm::eltwise_gelu_erf, 0.f, 0.f);
@@ -294,9 +304,11 @@ std::shared_ptr<Reordered> ReorderedWeights(Cached& c, const int8_t* weights, dn
 }
 
 // One execution on plain (user-layout) weights; scale and bias only for a fused primitive.
+// addend: the binary post-op's f32 operand (dst's shape), for a primitive built with one.
 void Execute(const Cached& c, const void* src, const int8_t* weights, void* dst, const float* scale = nullptr,
              const float* bias = nullptr,
-             std::shared_ptr<Reordered> keep = nullptr) {  // keep: ReorderedWeights(c, weights), if known
+             std::shared_ptr<Reordered> keep = nullptr,  // keep: ReorderedWeights(c, weights), if known
+             const float* addend = nullptr) {
   dnnl::engine& eng = Engine();
   dnnl::stream stream(eng);
   dnnl::memory w(c.user_weights, eng, const_cast<int8_t*>(weights));
@@ -315,6 +327,9 @@ void Execute(const Cached& c, const void* src, const int8_t* weights, void* dst,
     args.emplace(DNNL_ARG_ATTR_SCALES | DNNL_ARG_WEIGHTS,
                  dnnl::memory({{channels}, dt::f32, tag::x}, eng, const_cast<float*>(scale)));
   }
+  if (addend != nullptr)
+    args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1,
+                 dnnl::memory(c.dst, eng, const_cast<float*>(addend)));
   c.prim.execute(stream, args);
   stream.wait();
 }
@@ -1017,8 +1032,23 @@ bool ProbeDepthwise(const Geometry& g, const Cached& c) {
 // Runs one layer (file comment): x are the codes (src type `src_t`), weights plain (HWIO or
 // (K, N)), dst of type `out`.
 ffi::Error Run(const Geometry& g, dt src_t, const void* x, const int8_t* weights, dt out, void* dst,
-               const float* scale, const float* bias, const Requant& rq, int64_t post_op, int64_t mode) {
+               const float* scale, const float* bias, const Requant& rq, int64_t post_op, int64_t mode,
+               const float* addend = nullptr) {
   try {
+    if (addend != nullptr) {  // an f32 output (ConvRun checks): fused where the direct mode runs
+      if ((mode == 2 || (mode == 0 && HasVnni())) && !UseIm2col(g)) {
+        Execute(*Get(g, {src_t, false, 1, dt::f32, true, post_op, true}), x, weights, dst, scale, bias, nullptr,
+                addend);
+        counts[kRunDirect] += 1;
+        return ffi::Error::Success();
+      }
+      if (auto e = Run(g, src_t, x, weights, out, dst, scale, bias, rq, 0, mode); e.failure()) return e;
+      float* y = static_cast<float*>(dst);
+      const int64_t count = g.rows() * g.o;
+#pragma omp parallel for schedule(static)
+      for (int64_t i = 0; i < count; ++i) y[i] = PostOp(y[i] + addend[i], post_op);
+      return ffi::Error::Success();
+    }
     const bool fuse = out != dt::s32;
     // A u8/s8 output of a fused primitive: its float output (the same floats as an f32 output)
     // into a buffer, then requantized (RequantRows).
@@ -1145,7 +1175,7 @@ ffi::Error ConvRun(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::
                    ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> dst_scale, ffi::Buffer<ffi::F32>* lowering,
                    ffi::Result<ffi::AnyBuffer> dst, ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
                    ffi::Span<const int64_t> pad_hi, ffi::Span<const int64_t> dilation, int64_t groups,
-                   int64_t post_op, int64_t mode) {
+                   int64_t post_op, int64_t mode, ffi::Buffer<ffi::F32>* addend = nullptr) {
   dt src_t, out;
   if (auto e = Types(src, weights, dst->element_type(), &src_t, &out, "onednn conv"); e.failure()) return e;
   auto x = src.dimensions(), k = weights.dimensions(), y = dst->dimensions();
@@ -1164,8 +1194,11 @@ ffi::Error ConvRun(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::
   Requant rq{*dst_scale.typed_data(), nullptr, g.o};
   if (lowering)
     if (auto e = Lowering(*lowering, g.o, &rq.lowering); e.failure()) return e;
+  if (addend && (out != dt::f32 || addend->element_count() != static_cast<size_t>(g.rows() * g.o)))
+    return ffi::Error::InvalidArgument("onednn conv: the addend must be f32 of the output's shape, with an f32 output");
   return Run(g, src_t, src.untyped_data(), static_cast<const int8_t*>(weights.untyped_data()), out,
-             dst->untyped_data(), scale.typed_data(), bias.typed_data(), rq, post_op, mode);
+             dst->untyped_data(), scale.typed_data(), bias.typed_data(), rq, post_op, mode,
+             addend ? addend->typed_data() : nullptr);
 }
 
 ffi::Error ConvImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::F32> scale,
@@ -1175,6 +1208,15 @@ ffi::Error ConvImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi:
                     int64_t post_op, int64_t mode) {
   return ConvRun(src, weights, scale, bias, dst_scale, nullptr, dst, strides, pad_lo, pad_hi, dilation, groups,
                  post_op, mode);
+}
+
+ffi::Error ConvAddImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::F32> scale,
+                       ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> dst_scale, ffi::Buffer<ffi::F32> addend,
+                       ffi::Result<ffi::AnyBuffer> dst, ffi::Span<const int64_t> strides,
+                       ffi::Span<const int64_t> pad_lo, ffi::Span<const int64_t> pad_hi,
+                       ffi::Span<const int64_t> dilation, int64_t groups, int64_t post_op, int64_t mode) {
+  return ConvRun(src, weights, scale, bias, dst_scale, nullptr, dst, strides, pad_lo, pad_hi, dilation, groups,
+                 post_op, mode, &addend);
 }
 
 ffi::Error ConvLoweredImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::F32> scale,
@@ -1271,6 +1313,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiqOnednnConvLowered, ConvLoweredImpl,
                                   .Attr<int64_t>("post_op")
                                   .Attr<int64_t>("mode"));
 
+// The conv with an addend operand after dst_scale (an f32 output only): post_op(result + addend).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiqOnednnConvAdd, ConvAddImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("pad_lo")
+                                  .Attr<ffi::Span<const int64_t>>("pad_hi")
+                                  .Attr<ffi::Span<const int64_t>>("dilation")
+                                  .Attr<int64_t>("groups")
+                                  .Attr<int64_t>("post_op")
+                                  .Attr<int64_t>("mode"));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiqOnednnMatmulLowered, MatmulLoweredImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
@@ -1285,7 +1345,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiqOnednnMatmulLowered, MatmulLoweredImpl,
 
 // The interface version of this library (the FFI targets' attributes, the modes, the exported
 // functions): flexiq_jax refuses a library whose version is not the one it was written for.
-extern "C" int flexiq_onednn_abi() { return 5; }
+extern "C" int flexiq_onednn_abi() { return 6; }
 
 // The oneDNN version this library runs with: major * 10000 + minor * 100 + patch.
 extern "C" int flexiq_onednn_version() {
