@@ -10,8 +10,9 @@
 // Post-ops: 0 none, 1 ReLU, 2 ReLU6 (clip to [0, 6]), 3 GELU (erf form).
 // The *Add targets take one more operand, an f32 tensor of the output's shape (a residual sum's
 // other term), added to the f32 result before the post-op: post_op(acc * scale + bias + addend).
-// The direct mode fuses it as a binary post-op of the primitive; the other modes run the layer
-// without its post-op and add the addend and apply the post-op in one more pass.
+// The layer runs without its post-op, then one pass adds the addend and applies the post-op while
+// the output is still in cache. (oneDNN's sum and binary-add post-ops ran the ResNet-18 stage-1
+// convs slower than the conv plus this pass: the kernel then reads the addend from memory.)
 //
 // How a layer runs (the `mode` attribute: 0 auto, 1 split, 2 direct, 3 single):
 //   direct  one primitive, the scale, bias, post-op and output scale fused as oneDNN attributes.
@@ -139,12 +140,10 @@ struct Variant {
   dt dst;
   bool fused;      // scale, bias, post-op (and dst scale) as attributes
   int64_t post_op;
-  bool addend = false;  // a binary add of an f32 tensor of dst's shape before the post-op (fused only)
 
   std::string Key() const {
     std::ostringstream s;
-    s << int(src) << ',' << prepadded << ',' << mult << ',' << int(dst) << ',' << fused << ',' << post_op << ','
-      << addend;
+    s << int(src) << ',' << prepadded << ',' << mult << ',' << int(dst) << ',' << fused << ',' << post_op;
     return s.str();
   }
 };
@@ -181,10 +180,6 @@ dnnl::primitive_attr Attr(const Geometry& g, const Variant& v) {
   if (!v.fused) return attr;
   attr.set_scales_mask(DNNL_ARG_WEIGHTS, !g.conv ? 1 << 1 : g.groups == 1 ? 1 : 3);  // per output channel
   dnnl::post_ops ops;
-  if (v.addend)
-    ops.append_binary(dnnl::algorithm::binary_add,
-                      g.conv ? dnnl::memory::desc({g.n, g.o * v.mult, g.oh, g.ow}, dt::f32, tag::nhwc)
-                             : dnnl::memory::desc({g.n, g.o * v.mult}, dt::f32, tag::ab));
   if (v.post_op == 1) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
   if (v.post_op == 2) ops.append_eltwise(dnnl::algorithm::eltwise_clip, 0.f, 6.f);
   if (v.post_op == 3) ops.append_eltwise(dnnl::algorithm::eltwise_gelu_erf, 0.f, 0.f);
@@ -304,11 +299,9 @@ std::shared_ptr<Reordered> ReorderedWeights(Cached& c, const int8_t* weights, dn
 }
 
 // One execution on plain (user-layout) weights; scale and bias only for a fused primitive.
-// addend: the binary post-op's f32 operand (dst's shape), for a primitive built with one.
 void Execute(const Cached& c, const void* src, const int8_t* weights, void* dst, const float* scale = nullptr,
              const float* bias = nullptr,
-             std::shared_ptr<Reordered> keep = nullptr,  // keep: ReorderedWeights(c, weights), if known
-             const float* addend = nullptr) {
+             std::shared_ptr<Reordered> keep = nullptr) {  // keep: ReorderedWeights(c, weights), if known
   dnnl::engine& eng = Engine();
   dnnl::stream stream(eng);
   dnnl::memory w(c.user_weights, eng, const_cast<int8_t*>(weights));
@@ -327,9 +320,6 @@ void Execute(const Cached& c, const void* src, const int8_t* weights, void* dst,
     args.emplace(DNNL_ARG_ATTR_SCALES | DNNL_ARG_WEIGHTS,
                  dnnl::memory({{channels}, dt::f32, tag::x}, eng, const_cast<float*>(scale)));
   }
-  if (addend != nullptr)
-    args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1,
-                 dnnl::memory(c.dst, eng, const_cast<float*>(addend)));
   c.prim.execute(stream, args);
   stream.wait();
 }
@@ -1035,16 +1025,10 @@ ffi::Error Run(const Geometry& g, dt src_t, const void* x, const int8_t* weights
                const float* scale, const float* bias, const Requant& rq, int64_t post_op, int64_t mode,
                const float* addend = nullptr) {
   try {
-    if (addend != nullptr) {  // an f32 output (ConvRun checks): fused where the direct mode runs
-      if ((mode == 2 || (mode == 0 && HasVnni())) && !UseIm2col(g)) {
-        Execute(*Get(g, {src_t, false, 1, dt::f32, true, post_op, true}), x, weights, dst, scale, bias, nullptr,
-                addend);
-        counts[kRunDirect] += 1;
-        return ffi::Error::Success();
-      }
-      if (auto e = Run(g, src_t, x, weights, out, dst, scale, bias, rq, 0, mode); e.failure()) return e;
+    if (addend != nullptr) {  // an f32 output (ConvRun checks)
       float* y = static_cast<float*>(dst);
       const int64_t count = g.rows() * g.o;
+      if (auto e = Run(g, src_t, x, weights, out, dst, scale, bias, rq, 0, mode); e.failure()) return e;
 #pragma omp parallel for schedule(static)
       for (int64_t i = 0; i < count; ++i) y[i] = PostOp(y[i] + addend[i], post_op);
       return ffi::Error::Success();
