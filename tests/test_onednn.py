@@ -1,6 +1,7 @@
 """oneDNN's int8 kernels through XLA's FFI (quantize/onednn.py, csrc/onednn): int32 accumulators
 equal XLA's exact integer conv/dot for every layer kind, signedness and padding; the fused epilogue
-(scale, bias, ReLU/ReLU6/GELU, requantization) within the stated tolerance; a model's logits
+(scale, bias, ReLU/ReLU6/GELU, requantization) within the stated tolerance; a residual sum's addend
+bit for bit, and a model's residual sums fused into its convs without changing a logit; a model's logits
 with every layer on oneDNN close to the reference path's; one compilation for every ratio; the
 export and machines without the library run the XLA form."""
 
