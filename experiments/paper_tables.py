@@ -780,11 +780,19 @@ def _threshold_cell(threshold: dict | None) -> str:
 WINNER_TOLERANCE = 1e-6
 
 
-def heldout_winners(t3_row: dict) -> list[str]:
+def heldout_winners(t3_row: dict, threshold: dict | None = None) -> list[str]:
   """The finetuned variants (labels) whose held-out mean is above `heldout_threshold` on this
-  model: the evidence for making a change the default (never the test split's figures)."""
+  model: the evidence for making a change the default (never the test split's figures).
+
+  Args:
+    t3_row: a T3 row (`table3`).
+    threshold: `heldout_threshold(t3_row)` where the caller has it already (None: computed here).
+
+  Returns:
+    The labels, in the row's order.
+  """
   variants = t3_row.get("finetuned_variants", {})
-  threshold = heldout_threshold(t3_row)
+  threshold = heldout_threshold(t3_row) if threshold is None else threshold
   if threshold is None:
     return []
   controls = {FINETUNED_ABLATIONS[0][0], FINETUNED_ABLATIONS[1][0]}
@@ -809,8 +817,8 @@ def table3(sweep: dict, ratios=(0.5, 1.0)) -> dict:
                        for why in [harness.row_failure(x)] if why})
       row["finetuned_variants"][label] = {**_variant_cells(recs, method, change, finetuned_ratios, finetuned=True),
                                           **_holdout_cells(recs, method, key), "refused": refused, "failed": failed}
-    row["heldout_winners"] = heldout_winners(row)
     row["heldout_threshold"] = heldout_threshold(row)
+    row["heldout_winners"] = heldout_winners(row, row["heldout_threshold"])
     rows.append(row)
   return {"ratios": list(ratios), "finetuned_ratios": list(finetuned_ratios), "rows": rows}
 
