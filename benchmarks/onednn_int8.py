@@ -164,14 +164,14 @@ def run_net(spec: str, batch: int, rounds: int) -> dict:
     fns["oneDNN int, no requant fusion r=0"] = jax.jit(unfused.apply)
     args["oneDNN int, no requant fusion r=0"] = (onednn_svars, images, jnp.float32(0))
   # The oneDNN model with its residual sums added by XLA (QuantizedModel.fuse_residual).
-  if onednn.CONV_ADD_TARGET in jax.jit(variants["oneDNN int"].apply).lower(onednn_svars, images, 0.0).as_text():
+  if onednn.CONV_ADD_TARGET in fns["oneDNN int r=0"].lower(*args["oneDNN int r=0"]).as_text():
     plain_sums = dataclasses.replace(variants["oneDNN int"], fuse_residual=False)
     fns["oneDNN int, no residual fusion r=0"] = jax.jit(plain_sums.apply)
     args["oneDNN int, no residual fusion r=0"] = (onednn_svars, images, jnp.float32(0))
-  unfused = dataclasses.replace(unfused, fuse_residual=False)
   if _BASELINE.value:  # the same oneDNN model on another build of the library: one compilation, every ratio
-    # Without the requantization fusion: the baseline library's conv and matmul targets only.
-    baseline_fn = compiled_on_library(unfused, onednn_svars, images, jnp.float32(0), _BASELINE.value)
+    # Without either fusion: the baseline library's conv and matmul targets only.
+    baseline_model = dataclasses.replace(unfused, fuse_residual=False)
+    baseline_fn = compiled_on_library(baseline_model, onednn_svars, images, jnp.float32(0), _BASELINE.value)
     for r in RATIOS:
       label = f"oneDNN int, baseline library r={r:g}"
       args[label] = (onednn_svars, images, jnp.float32(r))

@@ -306,10 +306,10 @@ def conv(x, w, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), gro
       raise ValueError(f"the addend must be float32 of the output's shape {tuple(out_shape)} with a float32 "
                        f"output; got shape {tuple(addend.shape)} and output {jnp.dtype(out_dtype).name}")
     addend = jnp.asarray(addend, jnp.float32)
-  target = CONV_TARGET if lowering is None and addend is None else CONV_LOWERED_TARGET if addend is None else CONV_ADD_TARGET
+  # At most one of the two: a lowering needs a uint8/int8 output, an addend a float32 one.
+  target = CONV_ADD_TARGET if addend is not None else CONV_LOWERED_TARGET if lowering is not None else CONV_TARGET
   call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, out_dtype), vmap_method="sequential")
-  operands = (x, w, scale, bias, dst_scale) + (() if lowering is None else (lowering,)) + (
-      () if addend is None else (addend,))
+  operands = (x, w, scale, bias, dst_scale) + tuple(v for v in (lowering, addend) if v is not None)
   return call(*operands, strides=np.asarray(strides, np.int64),
               pad_lo=np.asarray([p[0] for p in padding], np.int64), pad_hi=np.asarray([p[1] for p in padding], np.int64),
               dilation=np.asarray(dilation, np.int64), groups=np.int64(groups), post_op=np.int64(POST_OPS[post_op]), mode=_mode_code(mode))

@@ -8,7 +8,7 @@
 //                through the *Lowered targets also each channel's 4-bit extraction (Requant): the
 //                activation codes of the layer that reads this output.
 // Post-ops: 0 none, 1 ReLU, 2 ReLU6 (clip to [0, 6]), 3 GELU (erf form).
-// The *Add targets take one more operand, an f32 tensor of the output's shape (a residual sum's
+// The conv_add target takes one more operand, an f32 tensor of the output's shape (a residual sum's
 // other term), added to the f32 result before the post-op: post_op(acc * scale + bias + addend).
 // The layer runs without its post-op, then one pass adds the addend and applies the post-op while
 // the output is still in cache. (oneDNN's sum and binary-add post-ops ran the ResNet-18 stage-1
