@@ -273,6 +273,11 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   # A learnt output gain and bias per lowerable layer and output channel, scaled by the share of its
   # inputs lowered at the step's ratio (the identity at ratio 0; layer_ops.ratio_affine).
   config.finetune.ratio_affine = False
+  # Before the QAT, each lowerable layer's 4-bit rounding learnt by AdaRound's reconstruction, the
+  # 8-bit codes placed to extract to it (finetune.rounding): iterations per layer (0: round to
+  # nearest) on the first rounding_images calibration images.
+  config.finetune.rounding_iterations = 0
+  config.finetune.rounding_images = 256
   config.finetune.lsq_learning_rate = 0.0  # learning rate of the learnt scales; 0 = finetune.learning_rate
   # Learning rates every QAT method (FlexiQ, FlexiQ 100%-only, LSQ, switchable) trains its whole budget
   # at, keeping the best on lr_select_images held-out training images (never the eval split);
@@ -329,7 +334,8 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
                             "ptq_minmax", "ptq_mse", "adaround", "lsq_qat", "switchable_qat", "flexiq_100only",
                             "flexiq_reseed", "flexiq_max127", "flexiq_joint", "flexiq_sandwich", "flexiq_sandwich_w4",
                             "flexiq_long", "flexiq_ends", "flexiq_top", "flexiq_lsq", "flexiq_affine",
-                            "flexiq_ends_affine", "flexiq_refresh_quantized", "flexiq_symmetric", "flexiq_distill")
+                            "flexiq_ends_affine", "flexiq_refresh_quantized", "flexiq_symmetric", "flexiq_distill",
+                            "flexiq_rounding")
   config.compare.allowed_drops = (0.25, 1.0, 3.0)  # one layer-wise AMP point each
   # Also AMP's Pareto point of the largest BOPs not above FlexiQ's 100 % point (uniform W4A4 with
   # the ends as keep_ends keeps them): the comparison at matched BOPs.

@@ -94,6 +94,8 @@ FINETUNED_ABLATIONS = (
     ("refresh from the quantized model", "flexiq_refresh_quantized", "finetune.refresh_source=quantized"),
     ("symmetric activation grid", "flexiq_symmetric", "quant.act_grid=symmetric"),
     ("distillation only (no label loss)", "flexiq_distill", "finetune.distill_weight=1"),
+    ("learnt 4-bit rounding (AdaRound's budget) before the QAT", "flexiq_rounding",
+     "finetune.rounding_iterations=compare.adaround_iterations, rounding_images=compare.adaround_images"),
 )
 # The sweep's default methods: FlexiQ and T3's variants before finetuning, the baselines, then T3's
 # finetuned variants.

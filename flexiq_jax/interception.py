@@ -449,6 +449,22 @@ class FloatLayers:
     return call.float_forward(a, b)
 
 
+class CaptureInput:
+  """The provider that runs `inner` and keeps (LayerCall, input) of the layer at `path` in
+  `captured` (None until the model has run)."""
+
+  def __init__(self, inner: LayerProvider, path: str):
+    self.inner, self.path, self.captured = inner, path, None
+
+  def layer(self, call: LayerCall, x):
+    if call.path == self.path:
+      self.captured = (call, x)
+    return self.inner.layer(call, x)
+
+  def matmul(self, call: MatmulCall, a, b):
+    return self.inner.matmul(call, a, b)
+
+
 def run_with_provider(model: nn.Module, plan, variables, x, provider: LayerProvider, *,
                       paths: Sequence[str] | None = None, matmul_paths: Sequence[str] | None = None):
   """Runs the model (eval mode) with each layer in `paths` (default: plan.quantized) computed by

@@ -342,12 +342,7 @@ def quantized_forward(call: LayerCall, x, lq: dict, lowered, *, signed: bool, mo
                                                 lsq_weight_grad_scale=lsq_weight_grad_scale)
   z = act_zero_point(lq)
   if mode == "fake":
-    xd, wd = (xq - z) * s_x, wq * s_w
-    if info.kind == "dense":
-      y = xd @ wd
-    else:
-      y = conv(module, xd, wd, conv_padding(module, x.shape, kernel.shape))
-    return finish(info, with_ratio_affine(y + bias_shift, info, lq, lowered), bias)
+    return fake_output(call, x, xq, wq, s_x, s_w, bias_shift, lq, lowered)
   if mode != "int":
     raise ValueError(f"mode must be 'fake' or 'int', not {mode!r}")
   shift = 0 if signed else 128
@@ -376,6 +371,32 @@ def quantized_forward(call: LayerCall, x, lq: dict, lowered, *, signed: bool, mo
       acc = acc + offset.astype(acc.dtype) * jnp.sum(wi.astype(acc.dtype), axis=(0, 1, 2))
   y = acc.astype(jnp.float32) * (s_x * s_w)
   return finish(info, with_ratio_affine(y + bias_shift, info, lq, lowered), bias)
+
+
+def fake_output(call: LayerCall, x, xq, wq, s_x, s_w, bias_shift, lq: dict, lowered):
+  """The layer's output from its codes in float (the 'fake' arithmetic of `quantized_forward`).
+
+  Args:
+    call: the intercepted layer call.
+    x: its input, matrix-shaped (`as_matrix_input`; only its shape is read).
+    xq: the activation codes (`quantize_codes`), lowered channels included.
+    wq: the weight codes in the kernel-matrix layout, lowered rows included.
+    s_x: the activation scale.
+    s_w: (O,) the weight scale.
+    bias_shift: (O,) the bias correction in real units.
+    lq: the layer's quantization variables (its zero point and ratio affine).
+    lowered: (C,) bool mask of the lowered feature channels.
+
+  Returns:
+    The layer's float output in the module's output shape, bias included.
+  """
+  info = call.info
+  xd, wd = (xq - act_zero_point(lq)) * s_x, wq * s_w
+  if info.kind == "dense":
+    y = xd @ wd
+  else:
+    y = conv(call.module, xd, wd, conv_padding(call.module, x.shape, call.kernel.shape))
+  return finish(info, with_ratio_affine(y + bias_shift, info, lq, lowered), call.bias)
 
 
 def with_ratio_affine(y, info: LayerInfo, lq: dict, lowered):

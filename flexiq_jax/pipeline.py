@@ -41,6 +41,8 @@ from flexiq_jax import stage_options
 from flexiq_jax import stages
 from flexiq_jax import summary
 from flexiq_jax import train as train_lib
+from flexiq_jax.finetune import rounding as rounding_lib
+from flexiq_jax.numerics.adaround import AdaRoundSettings
 from flexiq_jax.stage_results import Calibration, FloatModel, Quantized, RatioPoint, Selection
 
 STAGES = ("train", "eval", "calibrate", "select", "quantize", "finetune")
@@ -385,16 +387,48 @@ def finetune(run: Run, float_model: FloatModel, quantized: Quantized, on_step=No
   if stage.is_done():
     print(f"finetune: reusing the finished run in {stage.path}")
     return Quantized(quantized.qmodel, checkpoint.load_tree(stage.file("qvars"), start.qvars), finetuned=True)
+  rounded = round_weights(run, quantized, opts, stage.path)
   if opts.lr_grid:
-    tuned, total_steps = select_learning_rate(run, float_model, quantized, stage.path, on_step)
+    tuned, total_steps = select_learning_rate(run, float_model, rounded, stage.path, on_step)
   else:
-    tuned, total_steps = qat(run, float_model, quantized, opts, stage.path, on_step)
+    tuned, total_steps = qat(run, float_model, rounded, opts, stage.path, on_step)
   checkpoint.save_tree(stage.file("qvars"), tuned.qvars)
   judge_lib.accept_or_refuse(run, float_model.logits, quantized, tuned, stage, total_steps=total_steps,
                              train_seed=opts.qat_seed(), judged_ratios=_trained_ends(opts))
   export_serving(run.workdir, tuned)
   stage.mark_done(total_steps=total_steps)
   return tuned
+
+
+def round_weights(run: Run, quantized: Quantized, opts: stage_options.FinetuneOptions, directory: str) -> Quantized:
+  """The model the QAT starts from: with `finetune.rounding_iterations`, the 4-bit rounding of every
+  lowerable layer learnt (`finetune.rounding`; saved in <directory>/rounded, reused on a resume,
+  its per-layer report in rounding.json); else `quantized` itself.
+
+  Args:
+    run: the pipeline run (its config's calibration images).
+    quantized: the quantized model before finetuning.
+    opts: the finetune options.
+    directory: the finetune stage's folder.
+
+  Returns:
+    The Quantized model to finetune.
+  """
+  if not opts.rounding_iterations:
+    return quantized
+  path = os.path.join(directory, "rounded")
+  if os.path.exists(path):
+    print(f"finetune: reusing the learnt rounding in {path}")
+    return Quantized(quantized.qmodel, checkpoint.load_tree(path, quantized.qvars))
+  images = jnp.concatenate(calibration_batches(run.config))[:opts.rounding_images]
+  settings = AdaRoundSettings(iterations=opts.rounding_iterations)
+  print(f"finetune: learning the 4-bit rounding of {len(quantized.qmodel.plan.lowerable)} layers "
+        f"({settings.iterations} iterations each, {images.shape[0]} images)")
+  qvars, report = rounding_lib.round_extraction(quantized.qmodel, quantized.qvars, images, settings,
+                                                seed=opts.seed)
+  records.write_json_atomic(os.path.join(directory, "rounding.json"), report)
+  checkpoint.save_tree(path, qvars)
+  return Quantized(quantized.qmodel, qvars)
 
 
 def _trained_ends(opts: stage_options.FinetuneOptions) -> tuple[float, ...]:

@@ -398,6 +398,10 @@ class FinetuneOptions(Options):
   # A learnt per-output-channel gain and bias that follow the lowered share (layer_ops.ratio_affine).
   ratio_affine: bool = option(False, "finetune.ratio_affine", omit_when=(False,))
   distill_weight: float = option(0.5, "finetune.distill_weight")  # weight of KL(float || quantized)
+  # Extraction-aware adaptive rounding before the QAT (finetune.rounding): AdaRound iterations per
+  # lowerable layer (0: none) on the first rounding_images calibration images.
+  rounding_iterations: int = option(0, "finetune.rounding_iterations", omit_when=(0,))
+  rounding_images: int = option(256, "finetune.rounding_images", omit_when=(256,))
   levels: tuple = option((), "finetune.levels")  # () = 0 and select.levels
   level_probs: tuple = option((), "finetune.level_probs")  # () = uniform
   uniform_prob: float = option(0.5, "finetune.uniform_prob")
@@ -445,6 +449,9 @@ class FinetuneOptions(Options):
     check_lr_grid(self.lr_grid)
     if self.holdout_split and self.data.name == "fashion_mnist":
       _check_fmnist_split("data.holdout_split", self.holdout_split)
+    if self.rounding_iterations < 0 or self.rounding_images < 1:
+      raise ValueError(f"finetune.rounding_iterations must be >= 0 and finetune.rounding_images >= 1, got "
+                       f"{self.rounding_iterations} and {self.rounding_images}")
     if self.lr_grid_extend < 0:
       raise ValueError(f"finetune.lr_grid_extend must be >= 0, got {self.lr_grid_extend}")
     if self.lr_grid_extend and len(self.lr_grid) == 1:  # an empty grid selects nothing: the extension is idle

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from flexiq_jax.compare import adaround
+from flexiq_jax.numerics import adaround as soft_rounding
 
 
 class _DenseCall:
@@ -21,13 +22,13 @@ class _DenseCall:
 
 def test_initial_logits_reproduce_the_fractional_part():
   rest = jnp.linspace(0.01, 0.99, 11)
-  np.testing.assert_allclose(adaround.rectified_sigmoid(adaround.initial_logits(rest)), rest, atol=1e-5)
+  np.testing.assert_allclose(soft_rounding.rectified_sigmoid(soft_rounding.initial_logits(rest)), rest, atol=1e-5)
 
 
 def test_beta_is_annealed_after_the_warmup():
-  s = adaround.AdaRoundSettings(iterations=100, warmup=0.2, beta=(20.0, 2.0))
-  assert float(adaround.beta_at(0, s)) == 20.0 and float(adaround.beta_at(20, s)) == 20.0
-  assert float(adaround.beta_at(60, s)) == pytest.approx(11.0) and float(adaround.beta_at(100, s)) == 2.0
+  s = soft_rounding.AdaRoundSettings(iterations=100, warmup=0.2, beta=(20.0, 2.0))
+  assert float(soft_rounding.beta_at(0, s)) == 20.0 and float(soft_rounding.beta_at(20, s)) == 20.0
+  assert float(soft_rounding.beta_at(60, s)) == pytest.approx(11.0) and float(soft_rounding.beta_at(100, s)) == 2.0
 
 
 def test_learned_rounding_beats_nearest_on_the_layer_output():

@@ -22,7 +22,6 @@ weight is relative to it).
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -33,60 +32,7 @@ from flexiq_jax import interception
 from flexiq_jax import numerics
 from flexiq_jax.interception import get_path
 from flexiq_jax.layerwise import apply as apply_lib
-
-ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (paper, section 4.2)
-
-
-@dataclasses.dataclass(frozen=True)
-class AdaRoundSettings:
-  iterations: int = 500
-  batch_size: int = 32
-  learning_rate: float = 1e-2
-  reg_weight: float = 0.01  # lambda
-  warmup: float = 0.2  # share of iterations without the rounding regulariser
-  beta: tuple[float, float] = (20.0, 2.0)  # annealed from the first to the second
-
-
-def rectified_sigmoid(v):
-  """The rectified sigmoid h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1).
-
-  Args:
-    v: Rounding logits V, any shape.
-
-  Returns:
-    h(V), the soft rounding offset in [0, 1], the shape of `v`.
-  """
-  return jnp.clip(jax.nn.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
-
-
-def initial_logits(rest):
-  """V with h(V) = rest (the fractional part of w / s): AdaRound starts at the float weights.
-
-  Args:
-    rest: Fractional part of w / s, any shape; clipped to [1e-4, 1 - 1e-4].
-
-  Returns:
-    The logits V, the shape of `rest`.
-  """
-  rest = jnp.clip(rest, 1e-4, 1 - 1e-4)
-  return -jnp.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0)
-
-
-def beta_at(step, settings: AdaRoundSettings):
-  """The regulariser's exponent beta at `step`: settings.beta[0] until the warm-up ends, then
-  annealed linearly to settings.beta[1] at the last iteration.
-
-  Args:
-    step: Optimisation step (may be traced).
-    settings: The AdaRound settings (iterations, warmup, beta).
-
-  Returns:
-    beta as a scalar jax array.
-  """
-  start = settings.warmup * settings.iterations
-  t = jnp.clip((step - start) / max(settings.iterations - start, 1), 0.0, 1.0)
-  hi, lo = settings.beta
-  return hi + (lo - hi) * t
+from flexiq_jax.numerics.adaround import AdaRoundSettings, initial_logits, rectified_sigmoid, regulariser
 
 
 def round_layer(call, inputs, targets, weight_matrix, scale, qmax, settings: AdaRoundSettings, seed: int = 0):
@@ -116,10 +62,8 @@ def round_layer(call, inputs, targets, weight_matrix, scale, qmax, settings: Ada
   def loss_fn(v, x, y, step):
     out = call.float_forward(x, (codes(v, False) * scale).reshape(shape))
     reconstruction = jnp.mean((out - y) ** 2)  # over every element, as AIMET's implementation
-    h = rectified_sigmoid(v)
-    regulariser = jnp.sum(1.0 - jnp.abs(2.0 * h - 1.0) ** beta_at(step, settings))
     use_reg = step >= settings.warmup * settings.iterations
-    return reconstruction + jnp.where(use_reg, settings.reg_weight * regulariser, 0.0)
+    return reconstruction + jnp.where(use_reg, settings.reg_weight * regulariser(v, step, settings), 0.0)
 
   tx = optax.adam(settings.learning_rate)
 
@@ -139,26 +83,11 @@ def round_layer(call, inputs, targets, weight_matrix, scale, qmax, settings: Ada
   return codes(v, True)
 
 
-class _Capture:
-  """A provider that runs `inner` and keeps the input of one layer."""
-
-  def __init__(self, inner, path):
-    self.inner, self.path, self.captured = inner, path, None
-
-  def layer(self, call, x):
-    if call.path == self.path:
-      self.captured = (call, x)
-    return self.inner.layer(call, x)
-
-  def matmul(self, call, a, b):
-    return self.inner.matmul(call, a, b)
-
-
 def _layer_input(model, plan, variables, tables, weight_bits, act_bits, images, path, *, quantized_matmuls=True):
   """(LayerCall, input) of layer `path` in the layer-wise apply at the given bits; the plan's
   quantized matmuls at 8 bits, or in float with quantized_matmuls=False (the float model)."""
   index = {p: i for i, p in enumerate(plan.quantized)}
-  provider = _Capture(apply_lib.LayerwiseBits(tables, weight_bits, act_bits, index, plan.signed, plan.matmul_signed),
+  provider = interception.CaptureInput(apply_lib.LayerwiseBits(tables, weight_bits, act_bits, index, plan.signed, plan.matmul_signed),
                       path)
   interception.run_with_provider(model, plan, variables, images, provider,
                                  matmul_paths=None if quantized_matmuls else ())

@@ -529,6 +529,12 @@ def _ends_weighted_affine(config) -> dict:
   return {**_ends_weighted_sampler(config), "finetune.ratio_affine": True}
 
 
+def _learnt_rounding(config) -> dict:
+  """The learnt 4-bit rounding before the QAT, at the AdaRound baseline's iterations and images."""
+  return {"finetune.rounding_iterations": int(config.compare.adaround_iterations),
+          "finetune.rounding_images": int(config.compare.adaround_images)}
+
+
 FINETUNED_VARIANTS = {
     "flexiq_reseed": ({"finetune.seed_offset": 1}, "the configured pipeline finetuned again at the rate it chose, "
                       "with another QAT seed (batches and ratio draws): trained, like every variant, without a "
@@ -564,6 +570,9 @@ FINETUNED_VARIANTS = {
                          "everywhere, no zero point"),
     "flexiq_distill": ({"finetune.distill_weight": 1.0}, "the loss the KL to the float model only (no label "
                        "term: the quantized model follows the float one, not the training labels)"),
+    "flexiq_rounding": (_learnt_rounding, "each lowerable layer's 4-bit rounding learnt before the QAT "
+                        "(finetune.rounding: AdaRound's reconstruction on the extracted grid, the 8-bit codes "
+                        "placed to extract to it), with the AdaRound baseline's iterations and images"),
 }
 
 
@@ -930,6 +939,8 @@ METHOD_DEPENDS: dict[str, tuple[str, tuple[str, ...]]] = {
     # A finetuned variant's changes are constants or functions of the configured finetune stage's
     # fields and those before it (flexiq_long's epochs, flexiq_ends' levels), applied to those fields.
     **{name: ("finetune", ("sweep",)) for name in FINETUNED_VARIANTS},
+    # ... and of the AdaRound baseline's budget, which the learnt rounding takes.
+    "flexiq_rounding": ("finetune", ("sweep", "compare.adaround_iterations", "compare.adaround_images")),
 }
 
 
