@@ -331,7 +331,8 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   config.compare = ml_collections.ConfigDict()
   config.compare.methods = ("flexiq", "flexiq_naive", "flexiq_random", "flexiq_uniform", "flexiq_greedy",
                             "flexiq_no_bias_correction", "flexiq_amp", "layerwise_amp",
-                            "ptq_minmax", "ptq_mse", "adaround", "lsq_qat", "switchable_qat", "flexiq_100only",
+                            "ptq_minmax", "ptq_mse", "adaround", "lsq_qat", "lsq_adaround", "switchable_qat",
+                            "flexiq_100only",
                             "flexiq_reseed", "flexiq_max127", "flexiq_joint", "flexiq_sandwich", "flexiq_sandwich_w4",
                             "flexiq_long", "flexiq_ends", "flexiq_top", "flexiq_lsq", "flexiq_affine",
                             "flexiq_ends_affine", "flexiq_refresh_quantized", "flexiq_symmetric", "flexiq_distill",

@@ -100,11 +100,12 @@ FINETUNED_ABLATIONS = (
 # The sweep's default methods: FlexiQ and T3's variants before finetuning, the baselines, then T3's
 # finetuned variants.
 METHODS = (tuple(method for _, method, _ in ABLATIONS)
-           + ("ptq_minmax", "ptq_mse", "adaround", "lsq_qat", "layerwise_amp", "switchable_qat", "flexiq_100only")
+           + ("ptq_minmax", "ptq_mse", "adaround", "lsq_qat", "lsq_adaround", "layerwise_amp", "switchable_qat",
+              "flexiq_100only")
            + tuple(method for _, method, _ in FINETUNED_ABLATIONS if method != "flexiq"))
 # The 4-bit baselines of T1 (method, the setting prefix of its 4-bit row).
 T1_BASELINES = (("ptq_minmax", "W4A4"), ("ptq_mse", "W4A4"), ("adaround", "W4A4"), ("lsq_qat", "W4A4"),
-                ("layerwise_amp", None))
+                ("lsq_adaround", "W4A4"), ("layerwise_amp", None))
 # Methods of FlexiQ's own kind (one network, switched at run time): their 4-bit point, in T1 beside
 # the single-point baselines but not among them (FlexiQ's margin over them is its own line).
 T1_SWITCHABLE = (("switchable_qat", "W4A4"),)
@@ -464,6 +465,7 @@ def t1_entry(recs, pick) -> dict:
 T1_QAT = (("flexiq", "FlexiQ", lambda r: find_row(r, "flexiq", ratio=1.0, finetuned=True)),
           ("flexiq_100only", "FlexiQ 100%-only", lambda r: find_row(r, "flexiq_100only", ratio=1.0)),
           ("lsq_qat", "LSQ", lambda r: find_row(r, "lsq_qat", setting_prefix="W4A4")),
+          ("lsq_adaround", "LSQ from AdaRound", lambda r: find_row(r, "lsq_adaround", setting_prefix="W4A4")),
           ("switchable_qat", "switchable", lambda r: find_row(r, "switchable_qat", setting_prefix="W4A4")))
 
 

@@ -276,18 +276,22 @@ _FT_VARIANTS = set(harness.FINETUNED_VARIANTS)
 
 
 @pytest.mark.parametrize("field,value,methods", [
-    ("compare.adaround_iterations", 7, {"adaround"}),
-    ("compare.lsq_learning_rate", 0.5, {"lsq_qat", "switchable_qat"}),
+    # AdaRound's budget: its rows, the LSQ run started from its weights, FlexiQ's learnt rounding.
+    ("compare.adaround_iterations", 7, {"adaround", "lsq_adaround", "flexiq_rounding"}),
+    ("compare.lsq_learning_rate", 0.5, {"lsq_qat", "lsq_adaround", "switchable_qat"}),
     ("compare.allowed_drops", (2.0,), {"layerwise_amp"}),
     ("compare.amp_at_4bit_budget", False, {"layerwise_amp"}),
     ("compare.ablation_ratios", (0.0, 1.0), set(harness.METHODS) - {"flexiq", "flexiq_amp", "layerwise_amp",
                                                                     "ptq_minmax", "ptq_mse", "adaround", "lsq_qat",
-                                                                    "switchable_qat", "flexiq_100only"} - _FT_VARIANTS),
+                                                                    "lsq_adaround", "switchable_qat",
+                                                                    "flexiq_100only"} - _FT_VARIANTS),
     # A FlexiQ-only finetuning knob: FlexiQ's rows only (LSQ QAT shares the recipe, not the sampler).
     ("finetune.uniform_prob", 0.1, {"flexiq"} | _FT_VARIANTS),
-    ("finetune.learning_rate", 0.1, {"flexiq", "lsq_qat", "switchable_qat", "flexiq_100only"} | _FT_VARIANTS),
+    ("finetune.learning_rate", 0.1, {"flexiq", "lsq_qat", "lsq_adaround", "switchable_qat", "flexiq_100only"}
+     | _FT_VARIANTS),
     # Sandwich passes: FlexiQ's training and the QAT baselines' pass-matched budget.
-    ("finetune.every_step_ratios", (0.0, 1.0), {"flexiq", "lsq_qat", "switchable_qat", "flexiq_100only"} | _FT_VARIANTS),
+    ("finetune.every_step_ratios", (0.0, 1.0), {"flexiq", "lsq_qat", "lsq_adaround", "switchable_qat",
+                                                "flexiq_100only"} | _FT_VARIANTS),
     ("select.population", 3, {"flexiq", "flexiq_naive", "flexiq_random", "flexiq_uniform", "flexiq_greedy",
                               "flexiq_no_bias_correction", "flexiq_amp", "flexiq_100only"} | _FT_VARIANTS),
     ("quant.extraction", "naive", set(harness.METHODS)),

@@ -19,6 +19,7 @@ Methods (config.compare.methods):
                   (compare.adaround: Nagel et al. 2020, MSE ranges)
   lsq_qat         uniform W4A4 QAT with LSQ, FlexiQ's recipe and forward+backward passes
                   (checkpoints in compare/lsq_qat/<fingerprint of its config fields>)
+  lsq_adaround    the same QAT started from AdaRound's weights (compare/lsq_adaround/...)
   switchable_qat  one network trained jointly at W8A8 and W4A4 (LSQ scales per precision),
                   switched at run time; the same recipe and passes (compare/switchable_qat/...)
   flexiq_100only  FlexiQ's quantized model finetuned at ratio 1 only, with the same passes
@@ -864,6 +865,34 @@ def lsq_qat(ctx: CompareContext) -> list[Row]:
               baselines.relative_bops(plan, bits), _judged(fidelity(out), out["judge"], out["lr_selection"]))]
 
 
+def lsq_adaround(ctx: CompareContext) -> list[Row]:
+  """Uniform W4A4 QAT with LSQ (as `lsq_qat`, the same recipe and passes) started from AdaRound's
+  weights (as `adaround`, on its MSE ranges, where LSQ's scales start too): the single-point
+  counterpart of FlexiQ with its learnt 4-bit rounding before the QAT (`flexiq_rounding`).
+
+  Args:
+    ctx: The comparison context (reads compare.keep_ends, adaround_images, adaround_iterations).
+
+  Returns:
+    A one-Row list, marked as in `lsq_qat` when the judge refused the result.
+  """
+  cc, plan, model = ctx.config.compare, ctx.calibration.plan, ctx.float_model.model
+  tables = ctx.ptq_tables("mse")
+  bits = baselines.uniform_bits(plan, (4, 4), cc.keep_ends)
+  images = jnp.concatenate(ctx.calib_batches)[:cc.adaround_images]
+  settings = adaround_lib.AdaRoundSettings(iterations=cc.adaround_iterations)
+  rounded, _ = adaround_lib.adaround_weights(model, plan, ctx.calibration.folded, tables, bits, images, settings,
+                                             seed=ctx.config.seed)
+  workdir = os.path.join(method_workdir(ctx.run.workdir, "lsq_adaround"),
+                         stage_cache.fingerprint(method_fields(ctx.config, "lsq_adaround", plan)))
+  out = baselines.lsq_qat(ctx.config, workdir, model, ctx.float_model.variables, plan, rounded, tables, bits,
+                          ctx.eval_data, ctx.run.mesh, reference_logits=ctx.float_logits)
+  ends = " (ends W8A8)" if cc.keep_ends else ""
+  return [Row("lsq_adaround", f"W4A4{ends}, AdaRound {settings.iterations} iterations/layer, then {out['steps']} "
+              f"steps, {_rate_note(out)}{_refused_note(out)}", out["top1"], baselines.relative_bops(plan, bits),
+              _judged(fidelity(out), out["judge"], out["lr_selection"]))]
+
+
 def switchable_qat(ctx: CompareContext) -> list[Row]:
   """One network trained jointly at W8A8 and W4A4, switched at run time (Any-Precision DNN with
   LSQ scales per precision), with as many forward+backward passes as FlexiQ's finetuning.
@@ -897,7 +926,8 @@ METHODS: dict[str, Callable[[CompareContext], list[Row]]] = {
     "flexiq": flexiq, "flexiq_naive": flexiq_naive, "flexiq_random": flexiq_random, "flexiq_uniform": flexiq_uniform,
     "flexiq_greedy": flexiq_greedy, "flexiq_no_bias_correction": flexiq_no_bias_correction, "flexiq_amp": flexiq_amp,
     "layerwise_amp": layerwise_amp, "ptq_minmax": ptq_minmax, "ptq_mse": ptq_mse, "adaround": adaround,
-    "lsq_qat": lsq_qat, "switchable_qat": switchable_qat, "flexiq_100only": flexiq_100only,
+    "lsq_qat": lsq_qat, "lsq_adaround": lsq_adaround, "switchable_qat": switchable_qat,
+    "flexiq_100only": flexiq_100only,
     **{name: _finetuned_variant_method(name) for name in FINETUNED_VARIANTS},
 }
 # What each method's rows depend on: the cached stage it builds on (its fingerprint fields,
@@ -917,13 +947,13 @@ _LR_FIELDS = ("finetune.lr_grid", "finetune.lr_select_images", "finetune.lr_grid
 _FLEXIQ_100ONLY = ("quantize", tuple(name for name, result_free in stage_options.FinetuneOptions.config_names().items()
                                      if not result_free and name not in _SAMPLER_FIELDS + _LR_FIELDS))
 # The methods whose learning rate finetune.lr_grid chooses (the finetune stage, for 'flexiq', has its own).
-LR_SELECTED = ("lsq_qat", "switchable_qat", "flexiq_100only")
+LR_SELECTED = ("lsq_qat", "lsq_adaround", "switchable_qat", "flexiq_100only")
 # The baselines that run a plan's quantized matmuls (attention's q·kᵀ, attn·v) through the
 # layer-wise or LSQ providers: where the plan quantizes any, their rows' fingerprint carries
 # layerwise.apply.matmul_fingerprint (rows cached without it ran those matmuls in float); where
 # the calibration put a layer on the asymmetric grid, layerwise.apply.act_grid_fingerprint (rows
 # cached without it quantized that layer's input unsigned from 0).
-MATMUL_BASELINES = ("layerwise_amp", "ptq_minmax", "ptq_mse", "adaround", "lsq_qat", "switchable_qat")
+MATMUL_BASELINES = ("layerwise_amp", "ptq_minmax", "ptq_mse", "adaround", "lsq_qat", "lsq_adaround", "switchable_qat")
 METHOD_DEPENDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "flexiq": ("finetune", ("sweep", "compare.finetune")),
     "flexiq_naive": _ABLATION, "flexiq_random": _ABLATION, "flexiq_uniform": _ABLATION,
@@ -935,6 +965,7 @@ METHOD_DEPENDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "adaround": ("calibrate", ("compare.keep_ends", "compare.adaround_iterations", "compare.adaround_images")),
     "lsq_qat": ("calibrate", _QAT_BASELINE),
     "switchable_qat": ("calibrate", _QAT_BASELINE),
+    "lsq_adaround": ("calibrate", _QAT_BASELINE + ("compare.adaround_iterations", "compare.adaround_images")),
     "flexiq_100only": _FLEXIQ_100ONLY,
     # A finetuned variant's changes are constants or functions of the configured finetune stage's
     # fields and those before it (flexiq_long's epochs, flexiq_ends' levels), applied to those fields.
