@@ -426,6 +426,24 @@ def test_targets_name_each_miss_by_model(tmp_path):
   assert "## FlexiQ's 4-bit targets" in md and "| no |" in md
 
 
+def test_t1_and_the_targets_show_the_candidate_default_beside_the_configured_pipeline(tmp_path):
+  """The learnt-rounding variant (CANDIDATE) gets its own T1 column, margin and targets: 88.5 at
+  100 % against resnet18's best baseline (lsq 85.0) is +3.50; its ratio 0 (87.5) is 0.5 below the
+  8-bit model before finetuning (88.0 in _record), a miss."""
+  out = str(tmp_path)
+  rec = _record("resnet18", 0, 89.0, (88.0, 87.8, 87.0), ptq_w4=80.0, lsq=85.0, naive_100=84.0, fitted_100=86.0)
+  rec["rows"] += _variant_rows(paper_tables.CANDIDATE[0], {0.0: 87.5, 0.5: 87.4, 1.0: 88.5})
+  _write_sweep(out, [rec])
+  tables = paper_tables.write_tables(out, benchmark=str(tmp_path / "none.json"))
+  assert tables["t1"]["margin_over_best_candidate_per_model"] == {"resnet18": pytest.approx(3.5)}
+  got = {t["target"]: t for t in tables["candidate_targets"]}
+  margin = next(t for k, t in got.items() if "minus the best single-point" in k)
+  assert margin["met"] is True and margin["measured"].startswith("mean +3.50 over 1 models")
+  kept = next(t for k, t in got.items() if "8-bit model before finetuning" in k)
+  assert kept["met"] is False and kept["measured"] == "0 of 1 models; not on resnet18 (-0.50)"
+  assert f"{paper_tables.CANDIDATE[1]} 100% (FT)" in open(os.path.join(out, "paper_t1_4bit.md")).read()
+
+
 def _variant_rows(method, top1_by_ratio, holdout=None, failed=None):
   rows = []
   for r, t in top1_by_ratio.items():
