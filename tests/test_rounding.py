@@ -2,6 +2,7 @@
 rounding of a small net keeping its scales, the extraction contract and a lower reconstruction
 error than rounding to nearest."""
 
+import dataclasses
 import sys
 
 import jax.numpy as jnp
@@ -80,3 +81,25 @@ def test_learnt_rounding_lowers_the_output_error_at_ratio_1(rounded):
   reference = s.model.apply(s.variables, s.images)
   error = lambda v: float(jnp.mean((qmodel.apply(v, s.images, 1.0) - reference) ** 2))
   assert error(qvars) < error(s.qvars)
+
+
+@pytest.mark.parametrize("name", ["vit_s", "swin_t"])
+def test_learnt_rounding_runs_on_transformer_dense_layers(name):
+  """Token-shaped inputs (B, T, C) and multi-axis outputs (the qkv DenseGeneral): every lowerable
+  layer is rounded (or keeps nearest where its learnt rounding reconstructs worse: never a worse
+  layer), keeps its scales, and most layers gain."""
+  import test_attention  # the tiny ViT and Swin with their quantized variables
+  tiny = test_attention.make_tiny(name)
+  qmodel = dataclasses.replace(tiny.qmodel, mode="fake")
+  qvars, report = rounding.round_extraction(qmodel, tiny.qvars, tiny.images, AdaRoundSettings(iterations=30))
+  assert set(report) == set(tiny.plan.lowerable) and report
+  assert sum(r["mse_rounded"] < r["mse_nearest"] for r in report.values()) > len(report) / 2
+  for path, r in report.items():
+    assert r["mse_rounded"] <= r["mse_nearest"], path
+    assert r["kept_nearest"] == (r["flipped_share"] == 0) or not r["kept_nearest"]
+    info, lq = tiny.plan.layers[path], get_path(tiny.qvars["quant"], path)
+    before = kernel_matrix(info, get_path(tiny.qvars["params"], path)["kernel"])
+    after = kernel_matrix(info, get_path(qvars["params"], path)["kernel"])
+    qmax = layer_ops.weight_qmax(lq)
+    np.testing.assert_allclose(numerics.per_channel_weight_scale(after, qmax),
+                               numerics.per_channel_weight_scale(before, qmax), rtol=1e-6)

@@ -95,7 +95,8 @@ def round_layer(call: LayerCall, x, targets, lq: dict, lowered, *, signed: bool,
   Returns:
     (kernel, report): the new kernel in the module's shape, and {'flipped_share' (lowered weights
     whose 4-bit code left nearest), 'moved_share' (8-bit codes changed), 'mse_nearest',
-    'mse_rounded' (the reconstruction error before and after, on every image)}.
+    'mse_rounded' (the reconstruction error before and after, on every image), 'kept_nearest'
+    (True where the learnt rounding reconstructed worse than nearest, which the layer then keeps)}.
   """
   info = call.info
   x = interception.as_matrix_input(info, x)
@@ -147,11 +148,16 @@ def round_layer(call: LayerCall, x, targets, lq: dict, lowered, *, signed: bool,
     idx = rng.choice(n, size=min(settings.batch_size, n), replace=False)
     v, opt_state = step_fn(v, opt_state, xq[idx], targets[idx], jnp.float32(i))
   w_low = low_codes(v, True)
-  q8 = jnp.where(free, code_in_bin(wq8, w_low / step, e, qmax), wq8)
   mse = lambda low: float(jnp.mean((output(low, xq) - targets) ** 2))
+  nearest_mse, rounded_mse = mse(nearest_low), mse(w_low)
+  kept_nearest = rounded_mse > nearest_mse  # the learnt rounding did not help this layer: nearest stays
+  if kept_nearest:
+    w_low = nearest_low
+  q8 = jnp.where(free, code_in_bin(wq8, w_low / step, e, qmax), wq8)
   rows = jnp.broadcast_to(lowered_rows, w.shape)
   report = {"flipped_share": float(jnp.sum(w_low != nearest_low) / jnp.maximum(jnp.sum(rows), 1)),
-            "moved_share": float(jnp.mean(q8 != wq8)), "mse_nearest": mse(nearest_low), "mse_rounded": mse(w_low)}
+            "moved_share": float(jnp.mean(q8 != wq8)), "mse_nearest": nearest_mse,
+            "mse_rounded": min(rounded_mse, nearest_mse), "kept_nearest": bool(kept_nearest)}
   return (q8 * s_w).reshape(call.kernel.shape).astype(call.kernel.dtype), report
 
 
