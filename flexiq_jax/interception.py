@@ -465,6 +465,46 @@ class CaptureInput:
     return self.inner.matmul(call, a, b)
 
 
+class _Captured(Exception):
+  """Stops an eager forward pass once the captured layer's input is known."""
+
+
+class _CaptureAndStop(CaptureInput):
+
+  def layer(self, call: LayerCall, x):
+    if call.path == self.path:
+      self.captured = (call, x)
+      raise _Captured()
+    return self.inner.layer(call, x)
+
+
+def capture_input(model: nn.Module, plan, variables, x, provider: LayerProvider, path: str, **kwargs):
+  """(LayerCall, input) of layer `path` when the model runs on `x` with `provider`, the layers
+  after it not computed (eagerly, outside jit: the pass stops there).
+
+  Args:
+    model: the linen model.
+    plan: the plan (as `run_with_provider`).
+    variables: the model's (BN-folded) variables.
+    x: the input batch.
+    provider: the provider of the layers before it.
+    path: the layer, one of the routed paths.
+    **kwargs: `run_with_provider`'s paths / matmul_paths.
+
+  Returns:
+    The layer's LayerCall and its input.
+
+  Raises:
+    ValueError: the model ran without calling the layer.
+  """
+  capture = _CaptureAndStop(provider, path)
+  try:
+    run_with_provider(model, plan, variables, x, capture, **kwargs)
+  except _Captured:
+    return capture.captured
+  raise ValueError(f"the model never called layer {path!r} through the provider")
+
+
 def run_with_provider(model: nn.Module, plan, variables, x, provider: LayerProvider, *,
                       paths: Sequence[str] | None = None, matmul_paths: Sequence[str] | None = None):
   """Runs the model (eval mode) with each layer in `paths` (default: plan.quantized) computed by

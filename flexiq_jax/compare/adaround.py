@@ -87,11 +87,9 @@ def _layer_input(model, plan, variables, tables, weight_bits, act_bits, images, 
   """(LayerCall, input) of layer `path` in the layer-wise apply at the given bits; the plan's
   quantized matmuls at 8 bits, or in float with quantized_matmuls=False (the float model)."""
   index = {p: i for i, p in enumerate(plan.quantized)}
-  provider = interception.CaptureInput(apply_lib.LayerwiseBits(tables, weight_bits, act_bits, index, plan.signed, plan.matmul_signed),
-                      path)
-  interception.run_with_provider(model, plan, variables, images, provider,
-                                 matmul_paths=None if quantized_matmuls else ())
-  return provider.captured
+  provider = apply_lib.LayerwiseBits(tables, weight_bits, act_bits, index, plan.signed, plan.matmul_signed)
+  return interception.capture_input(model, plan, variables, images, provider, path,
+                                    matmul_paths=None if quantized_matmuls else ())
 
 
 def adaround_weights(model, plan, folded, tables, bits: dict, images, settings: AdaRoundSettings = AdaRoundSettings(),

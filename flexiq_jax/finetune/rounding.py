@@ -190,15 +190,12 @@ def round_extraction(qmodel: QuantizedModel, qvars: dict, images, settings: AdaR
     lowered = lq["rank"] < counts[path]
     if not bool(jnp.any(lowered)):
       continue
-    capture = interception.CaptureInput(interception.FloatLayers(), path)
-    interception.run_with_provider(qmodel.model, plan, original, images, capture)
-    float_call, x_float = capture.captured
+    float_call, x_float = interception.capture_input(qmodel.model, plan, original, images,
+                                                     interception.FloatLayers(), path)
     targets = float_call.float_forward(x_float)
     provider = FlexiQLayers(rounded["quant"], counts, plan.signed, "fake", False, accumulator, plan.matmul_signed)
-    capture = interception.CaptureInput(provider, path)
     variables = {k: v for k, v in rounded.items() if k in ("params", "batch_stats")}
-    interception.run_with_provider(qmodel.model, plan, variables, images, capture)
-    call, x = capture.captured
+    call, x = interception.capture_input(qmodel.model, plan, variables, images, provider, path)
     kernel, report[path] = round_layer(call, x, targets, lq, lowered, signed=plan.signed[path], settings=settings,
                                        seed=seed + i)
     get_path(rounded["params"], path)["kernel"] = kernel
