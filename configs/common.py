@@ -278,6 +278,7 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
   # nearest) on the first rounding_images calibration images.
   config.finetune.rounding_iterations = 0
   config.finetune.rounding_images = 256
+  config.finetune.rounding_ratios = (1.0,)  # the ratios whose output error the rounding reconstructs at once
   config.finetune.lsq_learning_rate = 0.0  # learning rate of the learnt scales; 0 = finetune.learning_rate
   # Learning rates every QAT method (FlexiQ, FlexiQ 100%-only, LSQ, switchable) trains its whole budget
   # at, keeping the best on lr_select_images held-out training images (never the eval split);
@@ -336,7 +337,7 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
                             "flexiq_reseed", "flexiq_max127", "flexiq_joint", "flexiq_sandwich", "flexiq_sandwich_w4",
                             "flexiq_long", "flexiq_ends", "flexiq_top", "flexiq_lsq", "flexiq_affine",
                             "flexiq_ends_affine", "flexiq_refresh_quantized", "flexiq_symmetric", "flexiq_distill",
-                            "flexiq_rounding")
+                            "flexiq_rounding", "flexiq_rounding_joint")
   config.compare.allowed_drops = (0.25, 1.0, 3.0)  # one layer-wise AMP point each
   # Also AMP's Pareto point of the largest BOPs not above FlexiQ's 100 % point (uniform W4A4 with
   # the ends as keep_ends keeps them): the comparison at matched BOPs.

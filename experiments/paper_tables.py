@@ -96,6 +96,8 @@ FINETUNED_ABLATIONS = (
     ("distillation only (no label loss)", "flexiq_distill", "finetune.distill_weight=1"),
     ("learnt 4-bit rounding (AdaRound's budget) before the QAT", "flexiq_rounding",
      "finetune.rounding_iterations=compare.adaround_iterations, rounding_images=compare.adaround_images"),
+    ("the learnt rounding on ratios 0, 0.5 and 1 at once", "flexiq_rounding_joint",
+     "flexiq_rounding and finetune.rounding_ratios=(0, 0.5, 1)"),
 )
 # The sweep's default methods: FlexiQ and T3's variants before finetuning, the baselines, then T3's
 # finetuned variants.

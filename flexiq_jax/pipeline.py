@@ -425,7 +425,7 @@ def round_weights(run: Run, quantized: Quantized, opts: stage_options.FinetuneOp
   print(f"finetune: learning the 4-bit rounding of {len(quantized.qmodel.plan.lowerable)} layers "
         f"({settings.iterations} iterations each, {images.shape[0]} images)")
   qvars, report = rounding_lib.round_extraction(quantized.qmodel, quantized.qvars, images, settings,
-                                                seed=opts.seed)
+                                                ratios=tuple(float(r) for r in opts.rounding_ratios), seed=opts.seed)
   records.write_json_atomic(os.path.join(directory, "rounding.json"), report)
   checkpoint.save_tree(path, qvars)
   return Quantized(quantized.qmodel, qvars)

@@ -402,6 +402,7 @@ class FinetuneOptions(Options):
   # lowerable layer (0: none) on the first rounding_images calibration images.
   rounding_iterations: int = option(0, "finetune.rounding_iterations", omit_when=(0,))
   rounding_images: int = option(256, "finetune.rounding_images", omit_when=(256,))
+  rounding_ratios: tuple = option((1.0,), "finetune.rounding_ratios", omit_when=((1.0,),))  # reconstructed at once
   levels: tuple = option((), "finetune.levels")  # () = 0 and select.levels
   level_probs: tuple = option((), "finetune.level_probs")  # () = uniform
   uniform_prob: float = option(0.5, "finetune.uniform_prob")
@@ -449,6 +450,8 @@ class FinetuneOptions(Options):
     check_lr_grid(self.lr_grid)
     if self.holdout_split and self.data.name == "fashion_mnist":
       _check_fmnist_split("data.holdout_split", self.holdout_split)
+    if not self.rounding_ratios or any(not 0.0 <= float(r) <= 1.0 for r in self.rounding_ratios):
+      raise ValueError(f"finetune.rounding_ratios must be ratios in [0, 1], got {self.rounding_ratios}")
     if self.rounding_iterations < 0 or self.rounding_images < 1:
       raise ValueError(f"finetune.rounding_iterations must be >= 0 and finetune.rounding_images >= 1, got "
                        f"{self.rounding_iterations} and {self.rounding_images}")

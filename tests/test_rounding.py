@@ -58,7 +58,7 @@ def test_learnt_rounding_keeps_the_scales_and_lowers_the_layer_error(rounded):
     codes = after / scale
     np.testing.assert_allclose(codes, jnp.round(codes), atol=1e-3)  # on the 8-bit grid
     assert 0 < report[path]["flipped_share"] < 0.5
-    assert report[path]["mse_rounded"] < report[path]["mse_nearest"]
+    assert report[path]["mse_rounded"][0] < report[path]["mse_nearest"][0]
 
 
 def test_learnt_rounding_moves_8bit_codes_only_where_the_4bit_code_changed(rounded):
@@ -93,9 +93,9 @@ def test_learnt_rounding_runs_on_transformer_dense_layers(name):
   qmodel = dataclasses.replace(tiny.qmodel, mode="fake")
   qvars, report = rounding.round_extraction(qmodel, tiny.qvars, tiny.images, AdaRoundSettings(iterations=30))
   assert set(report) == set(tiny.plan.lowerable) and report
-  assert sum(r["mse_rounded"] < r["mse_nearest"] for r in report.values()) > len(report) / 2
+  assert sum(r["mse_rounded"][0] < r["mse_nearest"][0] for r in report.values()) > len(report) / 2
   for path, r in report.items():
-    assert r["mse_rounded"] <= r["mse_nearest"], path
+    assert r["mse_rounded"][0] <= r["mse_nearest"][0], path
     assert r["kept_nearest"] == (r["flipped_share"] == 0) or not r["kept_nearest"]
     info, lq = tiny.plan.layers[path], get_path(tiny.qvars["quant"], path)
     before = kernel_matrix(info, get_path(tiny.qvars["params"], path)["kernel"])
@@ -103,3 +103,16 @@ def test_learnt_rounding_runs_on_transformer_dense_layers(name):
     qmax = layer_ops.weight_qmax(lq)
     np.testing.assert_allclose(numerics.per_channel_weight_scale(after, qmax),
                                numerics.per_channel_weight_scale(before, qmax), rtol=1e-6)
+
+
+def test_joint_rounding_reconstructs_every_ratio_it_is_given():
+  """With ratios (0, 0.5, 1) each layer reports an error per ratio, and the kept rounding's mean
+  error over them is never above nearest's (a layer whose learnt rounding is worse keeps nearest)."""
+  s = smallnet.make_setup()
+  qmodel = quantize.QuantizedModel(s.model, s.plan, mode="fake")
+  _, report = rounding.round_extraction(qmodel, s.qvars, s.images, AdaRoundSettings(iterations=60),
+                                        ratios=(0.0, 0.5, 1.0))
+  for path, r in report.items():
+    assert len(r["mse_nearest"]) == len(r["mse_rounded"]) == 3
+    assert r["mse_nearest"][0] < r["mse_nearest"][1] < r["mse_nearest"][2], path  # more lowered, more error
+    assert np.mean(r["mse_rounded"]) <= np.mean(r["mse_nearest"]), path

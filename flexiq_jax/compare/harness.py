@@ -536,6 +536,14 @@ def _learnt_rounding(config) -> dict:
           "finetune.rounding_images": int(config.compare.adaround_images)}
 
 
+def _learnt_rounding_joint(config) -> dict:
+  """The learnt rounding reconstructing ratios 0, 0.5 and 1 at once."""
+  return {**_learnt_rounding(config), "finetune.rounding_ratios": JOINT_ROUNDING_RATIOS}
+
+
+JOINT_ROUNDING_RATIOS = (0.0, 0.5, 1.0)
+
+
 FINETUNED_VARIANTS = {
     "flexiq_reseed": ({"finetune.seed_offset": 1}, "the configured pipeline finetuned again at the rate it chose, "
                       "with another QAT seed (batches and ratio draws): trained, like every variant, without a "
@@ -574,6 +582,9 @@ FINETUNED_VARIANTS = {
     "flexiq_rounding": (_learnt_rounding, "each lowerable layer's 4-bit rounding learnt before the QAT "
                         "(finetune.rounding: AdaRound's reconstruction on the extracted grid, the 8-bit codes "
                         "placed to extract to it), with the AdaRound baseline's iterations and images"),
+    "flexiq_rounding_joint": (_learnt_rounding_joint, "the learnt rounding trained on the output error at "
+                              "ratios 0, 0.5 and 1 at once (the 8-bit codes it moves and the half-lowered "
+                              "layers counted), with the AdaRound baseline's iterations and images"),
 }
 
 
@@ -972,6 +983,7 @@ METHOD_DEPENDS: dict[str, tuple[str, tuple[str, ...]]] = {
     **{name: ("finetune", ("sweep",)) for name in FINETUNED_VARIANTS},
     # ... and of the AdaRound baseline's budget, which the learnt rounding takes.
     "flexiq_rounding": ("finetune", ("sweep", "compare.adaround_iterations", "compare.adaround_images")),
+    "flexiq_rounding_joint": ("finetune", ("sweep", "compare.adaround_iterations", "compare.adaround_images")),
 }
 
 

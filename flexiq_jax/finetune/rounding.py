@@ -78,101 +78,123 @@ def code_in_bin(q8, q4, e, qmax):
   return jnp.clip(q8, jnp.maximum(lo, -qmax), jnp.minimum(hi, qmax))
 
 
-def round_layer(call: LayerCall, x, targets, lq: dict, lowered, *, signed: bool, settings: AdaRoundSettings,
+def round_layer(call: LayerCall, inputs, targets, lq: dict, *, signed: bool, settings: AdaRoundSettings,
                 seed: int = 0):
   """The kernel of one lowerable layer with its lowered rows' 4-bit rounding learnt (module docstring).
 
+  The rounding is trained at every ratio of `inputs` at once: at a ratio the rows of its lowered
+  channels read their learnt 4-bit codes and the other rows the 8-bit codes placed in those
+  codes' extraction bins (`code_in_bin`, relaxed with the soft codes), so a flip that helps the
+  4-bit rows but moves an 8-bit code far costs at the ratios that read it. The loss is the mean of
+  the ratios' squared errors in the output's own units, so the ratios with more 4-bit error weigh
+  more (a relative weighting, each ratio's error over its own at nearest, let the 8-bit end's tiny
+  error veto nearly every flip).
+
   Args:
     call: the layer's call in the quantized model (its current kernel).
-    x: (N, ...) the layer's float input in the quantized model at the ratio.
+    inputs: [(x, lowered)] per ratio: (N, ...) the layer's float input in the quantized model at the
+      ratio and the (C,) bool mask of the channels lowered there; the rows lowered at any of them
+      are rounded.
     targets: (N, ...) the float layer's output on the float model's input.
     lq: the layer's quantization variables.
-    lowered: (C,) bool mask of the channels lowered at the ratio.
     signed: whether the layer's activation codes are signed.
     settings: AdaRound's iterations, batch size, learning rate and regulariser schedule.
     seed: seed of the minibatch sampling.
 
   Returns:
-    (kernel, report): the new kernel in the module's shape, and {'flipped_share' (lowered weights
+    (kernel, report): the new kernel in the module's shape, and {'flipped_share' (rounded weights
     whose 4-bit code left nearest), 'moved_share' (8-bit codes changed), 'mse_nearest',
-    'mse_rounded' (the reconstruction error before and after, on every image), 'kept_nearest'
-    (True where the learnt rounding reconstructed worse than nearest, which the layer then keeps)}.
+    'mse_rounded' (per ratio, the reconstruction error before and after on every image),
+    'kept_nearest' (True where the learnt rounding reconstructed worse than nearest over the
+    ratios, which the layer then keeps)}.
   """
   info = call.info
-  x = interception.as_matrix_input(info, x)
-  xq, _, s_x, s_w, _ = layer_ops.quantize_codes(info, x, call.kernel, lq, lowered, signed=signed, ste=False)
-  _, wq8, _, _, _ = layer_ops.quantize_codes(info, x[:1], call.kernel, lq, jnp.zeros_like(lowered), signed=signed,
-                                             ste=False)  # the 8-bit codes, none lowered
+  coded = []
+  for x, lowered in inputs:
+    x = interception.as_matrix_input(info, x)
+    xq, _, s_x, s_w, _ = layer_ops.quantize_codes(info, x, call.kernel, lq, lowered, signed=signed, ste=False)
+    coded.append((xq, lowered, layer_ops.gather_channel(lowered, info)))
+  x0, lowered0 = inputs[0]
+  _, wq8, _, _, _ = layer_ops.quantize_codes(info, interception.as_matrix_input(info, x0)[:1], call.kernel, lq,
+                                             jnp.zeros_like(lowered0), signed=signed, ste=False)  # none lowered
   w = interception.kernel_matrix(info, call.kernel)
   qmax = layer_ops.weight_qmax(lq)
   e = layer_ops.gather_channel(lq["weight_e"], info)
-  lowered_rows = layer_ops.gather_channel(lowered, info)
+  rounded_rows = jnp.any(jnp.stack([rows for _, _, rows in coded]), axis=0)
   # Each output channel's largest |w| keeps its code (and so the channel its scale).
-  free = lowered_rows & (jnp.abs(wq8) < qmax)
+  free = rounded_rows & (jnp.abs(wq8) < qmax)
   step = jnp.exp2(e.astype(jnp.float32))
   grid = w / (s_w * step)
   base = jnp.floor(grid)
   lo4, hi4 = reachable_codes(qmax, e)
   nearest_low = numerics.lower_codes(wq8, e, signed=True, low_bits=LOW_BITS)
 
-  def low_codes(v, hard: bool):
+  def codes(v, hard: bool):
+    """(4-bit codes, 8-bit codes), both in 8-bit code units."""
     h = (v >= 0).astype(jnp.float32) if hard else rectified_sigmoid(v)
-    return jnp.where(free, jnp.clip(base + h, lo4, hi4) * step, nearest_low)
+    w_low = jnp.where(free, jnp.clip(base + h, lo4, hi4) * step, nearest_low)
+    return w_low, jnp.where(free, code_in_bin(wq8, w_low / step, e, qmax), wq8)
 
-  def output(w_low, xq_batch):
-    codes = jnp.where(lowered_rows, w_low, wq8)
+  def output(w_low, w8, xq_batch, lowered, rows):
     shift = jnp.zeros_like(s_w)
     if "mean_lowered" in lq:
-      table = layer_ops.lost_output_table(info, wq8, w_low, lq)
+      table = layer_ops.lost_output_table(info, w8, w_low, lq)
       shift = layer_ops.masked_channel_sum(info, lowered, table) * s_x * s_w
-    return layer_ops.fake_output(call, xq_batch, xq_batch, codes, s_x, s_w, shift, lq, lowered)
+    return layer_ops.fake_output(call, xq_batch, xq_batch, jnp.where(rows, w_low, w8), s_x, s_w, shift, lq, lowered)
 
-  def loss_fn(v, xq_batch, y, step_index):
-    reconstruction = jnp.mean((output(low_codes(v, False), xq_batch) - y) ** 2)
+  def errors(w_low, w8, xqs, y):
+    return [jnp.mean((output(w_low, w8, xq, lowered, rows) - y) ** 2)
+            for xq, (_, lowered, rows) in zip(xqs, coded)]
+
+  all_codes = [xq for xq, _, _ in coded]
+  nearest = [float(m) for m in errors(nearest_low, wq8, all_codes, targets)]
+  weights = jnp.full((len(coded),), 1.0 / len(coded))
+
+  def loss_fn(v, xqs, y, step_index):
+    reconstruction = jnp.sum(weights * jnp.stack(errors(*codes(v, False), xqs, y)))
     use_reg = step_index >= settings.warmup * settings.iterations
     return reconstruction + jnp.where(use_reg, settings.reg_weight * regulariser(v, step_index, settings, free), 0.0)
 
   tx = optax.adam(settings.learning_rate)
 
   @jax.jit
-  def step_fn(v, opt_state, xq_batch, y, step_index):
-    grads = jax.grad(loss_fn)(v, xq_batch, y, step_index)
+  def step_fn(v, opt_state, xqs, y, step_index):
+    grads = jax.grad(loss_fn)(v, xqs, y, step_index)
     updates, opt_state = tx.update(grads, opt_state, v)
     return optax.apply_updates(v, updates), opt_state
 
   v = initial_logits(grid - base)
   opt_state = tx.init(v)
   rng = np.random.default_rng(seed)
-  n = xq.shape[0]
+  n = targets.shape[0]
   for i in range(settings.iterations):
     idx = rng.choice(n, size=min(settings.batch_size, n), replace=False)
-    v, opt_state = step_fn(v, opt_state, xq[idx], targets[idx], jnp.float32(i))
-  w_low = low_codes(v, True)
-  mse = lambda low: float(jnp.mean((output(low, xq) - targets) ** 2))
-  nearest_mse, rounded_mse = mse(nearest_low), mse(w_low)
-  kept_nearest = rounded_mse > nearest_mse  # the learnt rounding did not help this layer: nearest stays
-  if kept_nearest:
-    w_low = nearest_low
-  q8 = jnp.where(free, code_in_bin(wq8, w_low / step, e, qmax), wq8)
-  rows = jnp.broadcast_to(lowered_rows, w.shape)
+    v, opt_state = step_fn(v, opt_state, [xq[idx] for xq in all_codes], targets[idx], jnp.float32(i))
+  w_low, w8 = codes(v, True)
+  rounded = [float(m) for m in errors(w_low, w8, all_codes, targets)]
+  kept_nearest = float(np.dot(weights, rounded)) > float(np.dot(weights, nearest))
+  if kept_nearest:  # the learnt rounding did not help this layer: nearest stays
+    w_low, w8, rounded = nearest_low, wq8, nearest
+  rows = jnp.broadcast_to(rounded_rows, w.shape)
   report = {"flipped_share": float(jnp.sum(w_low != nearest_low) / jnp.maximum(jnp.sum(rows), 1)),
-            "moved_share": float(jnp.mean(q8 != wq8)), "mse_nearest": nearest_mse,
-            "mse_rounded": min(rounded_mse, nearest_mse), "kept_nearest": bool(kept_nearest)}
-  return (q8 * s_w).reshape(call.kernel.shape).astype(call.kernel.dtype), report
+            "moved_share": float(jnp.mean(w8 != wq8)), "mse_nearest": nearest, "mse_rounded": rounded,
+            "kept_nearest": bool(kept_nearest)}
+  return (w8 * s_w).reshape(call.kernel.shape).astype(call.kernel.dtype), report
 
 
-def round_extraction(qmodel: QuantizedModel, qvars: dict, images, settings: AdaRoundSettings, *, ratio: float = 1.0,
-                     seed: int = 0) -> tuple[dict, dict]:
+def round_extraction(qmodel: QuantizedModel, qvars: dict, images, settings: AdaRoundSettings, *,
+                     ratios: tuple = (1.0,), seed: int = 0) -> tuple[dict, dict]:
   """FlexiQ's quantized variables with the 4-bit rounding of every lowerable layer learnt
-  (`round_layer`, layer after layer in model order, each on the input the layers before it,
-  already rounded, give it).
+  (`round_layer`, layer after layer in model order, each on the inputs the layers before it,
+  already rounded, give it at each ratio).
 
   Args:
     qmodel: the quantized model (its model and plan).
     qvars: its quantized variables; not modified.
     images: (N, H, W, C) calibration images the reconstruction is trained on.
     settings: AdaRound's optimisation settings, per layer.
-    ratio: the 4-bit ratio whose lowered channels are rounded (1: every lowerable channel).
+    ratios: the 4-bit ratios reconstructed at once (1: every lowerable channel lowered; 0: the
+      8-bit codes the rounding moves); the channels lowered at any of them are rounded.
     seed: base seed; layer i samples its minibatches with seed + i.
 
   Returns:
@@ -182,21 +204,24 @@ def round_extraction(qmodel: QuantizedModel, qvars: dict, images, settings: AdaR
   images = jnp.asarray(images)
   original = {k: v for k, v in qvars.items() if k in ("params", "batch_stats")}
   rounded = jax.tree_util.tree_map(lambda a: a, qvars)
-  counts = qmodel.layer_counts(qvars, ratio)
+  counts = [qmodel.layer_counts(qvars, r) for r in ratios]
   accumulator = qmodel.conv_accumulator or default_conv_accumulator()
   report = {}
   for i, path in enumerate(plan.lowerable):
     lq = get_path(qvars["quant"], path)
-    lowered = lq["rank"] < counts[path]
-    if not bool(jnp.any(lowered)):
+    masks = [lq["rank"] < c[path] for c in counts]
+    if not any(bool(jnp.any(m)) for m in masks):
       continue
     float_call, x_float = interception.capture_input(qmodel.model, plan, original, images,
                                                      interception.FloatLayers(), path)
     targets = float_call.float_forward(x_float)
-    provider = FlexiQLayers(rounded["quant"], counts, plan.signed, "fake", False, accumulator, plan.matmul_signed)
     variables = {k: v for k, v in rounded.items() if k in ("params", "batch_stats")}
-    call, x = interception.capture_input(qmodel.model, plan, variables, images, provider, path)
-    kernel, report[path] = round_layer(call, x, targets, lq, lowered, signed=plan.signed[path], settings=settings,
+    inputs = []
+    for c, mask in zip(counts, masks):
+      provider = FlexiQLayers(rounded["quant"], c, plan.signed, "fake", False, accumulator, plan.matmul_signed)
+      call, x = interception.capture_input(qmodel.model, plan, variables, images, provider, path)
+      inputs.append((x, mask))
+    kernel, report[path] = round_layer(call, inputs, targets, lq, signed=plan.signed[path], settings=settings,
                                        seed=seed + i)
     get_path(rounded["params"], path)["kernel"] = kernel
   return rounded, report
