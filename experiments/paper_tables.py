@@ -957,7 +957,7 @@ TARGET_LOSS_AT_50, TARGET_8BIT_KEPT = 0.6, 0.3
 
 # The variant whose rows T1 and the targets show beside the configured pipeline's: the candidate
 # default (T3's winner on held-out images) until a sweep runs it as the configured pipeline.
-CANDIDATE = ("flexiq_rounding", "FlexiQ + learnt rounding")
+CANDIDATE = ("flexiq_rounding_joint", "FlexiQ + learnt rounding")
 
 
 def flexiq_figures(sweep: dict, method: str = "flexiq") -> dict:
@@ -1096,8 +1096,8 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
              f"({t1['margin_over_best_100only']['models']} models)")
   if t1.get("margin_over_best_candidate"):
     text += (f". {CANDIDATE[1]} (T3's `{CANDIDATE[0]}`, one network for every ratio: the configured pipeline with "
-             "each lowerable layer's 4-bit rounding learnt by AdaRound's reconstruction, at the AdaRound baseline's "
-             "iterations and images, before the same QAT at the rate the configured pipeline chose; its own column) "
+             "each lowerable layer's 4-bit rounding learnt by AdaRound's reconstruction of its output at ratios 0, 0.5 "
+             "and 1 at once, at the AdaRound baseline's iterations and images, before the same QAT at the rate the configured pipeline chose; its own column) "
              f"over the best baseline per model: {t1['margin_over_best_candidate']['mean']:+.2f} "
              f"({t1['margin_over_best_candidate']['models']} models: " + ", ".join(
                  f"{model_label(m)} {v:+.2f}" for m, v in t1["margin_over_best_candidate_per_model"].items()) + ")")
@@ -1262,8 +1262,8 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
                                   for t in target_rows])
   if candidate_rows:
     text += (f"\nThe same targets for {CANDIDATE[1]} (T3's `{CANDIDATE[0]}`: the configured pipeline with the "
-             "learnt 4-bit rounding before its QAT, finetuned at the rate the configured pipeline chose), on the "
-             "models where it ran:\n\n")
+             "4-bit rounding learnt at ratios 0, 0.5 and 1 before its QAT, finetuned at the rate the configured "
+             "pipeline chose), on the models where it ran:\n\n")
     text += records.markdown_table(["target", "measured", "met"],
                                    [[t["target"], t["measured"] or "-",
                                      "not measured" if t["met"] is None else ("yes" if t["met"] else "no")]
