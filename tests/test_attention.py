@@ -550,7 +550,7 @@ def test_the_baselines_fingerprints_change_where_matmuls_are_quantized(tiny):
   none, int8, flt = fp(None), fp(t.plan), fp(f.plan)
   assert flt == none
   assert {m for m in none if none[m] != int8[m]} == set(harness.MATMUL_BASELINES) == {
-      "layerwise_amp", "ptq_minmax", "ptq_mse", "adaround", "lsq_qat", "switchable_qat"}
+      "layerwise_amp", "ptq_minmax", "ptq_mse", "adaround", "lsq_qat", "lsq_adaround", "switchable_qat"}
   assert harness._matmul_record("ptq_mse", t.plan) == {"attention_matmuls": "int8"}
   assert harness._matmul_record("ptq_mse", f.plan) == {"attention_matmuls": "float"}
   assert harness._matmul_record("flexiq", t.plan) == {}

@@ -96,7 +96,8 @@ def test_a_grid_changes_the_fingerprints_of_the_qat_methods_only():
   config.finetune.lr_grid = (1e-3, 3e-3)
   with_grid = _all_fingerprints(config)
   # The finetuned FlexiQ variants train at the rate the configured finetune chose.
-  qat = ({"finetune", "compare/flexiq", "compare/flexiq_100only", "compare/lsq_qat", "compare/switchable_qat"}
+  qat = ({"finetune", "compare/flexiq", "compare/flexiq_100only", "compare/lsq_qat", "compare/lsq_adaround",
+          "compare/switchable_qat"}
          | {f"compare/{name}" for name in harness.FINETUNED_VARIANTS})
   assert {k for k in before if before[k] != with_grid[k]} == qat
   config.finetune.lr_select_images = 500
