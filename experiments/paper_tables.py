@@ -1256,18 +1256,16 @@ def write_tables(out: str, pareto_metric: str = "top1", benchmark: str = _BENCHM
   text += ("\n## FlexiQ's 4-bit targets\n\nThe one FlexiQ network against the single-point baselines and its own "
            "switchable kind (T1), and both ends of its ratio range kept after finetuning (T2); a miss names the "
            "models and by how much.\n\n")
-  text += records.markdown_table(["target", "measured", "met"],
-                                 [[t["target"], t["measured"] or "-",
-                                   "not measured" if t["met"] is None else ("yes" if t["met"] else "no")]
-                                  for t in target_rows])
+  targets_table = lambda rows: records.markdown_table(
+      ["target", "measured", "met"],
+      [[t["target"], t["measured"] or "-", "not measured" if t["met"] is None else ("yes" if t["met"] else "no")]
+       for t in rows])
+  text += targets_table(target_rows)
   if candidate_rows:
     text += (f"\nThe same targets for {CANDIDATE[1]} (T3's `{CANDIDATE[0]}`: the configured pipeline with the "
              "4-bit rounding learnt at ratios 0, 0.5 and 1 before its QAT, finetuned at the rate the configured "
              "pipeline chose), on the models where it ran:\n\n")
-    text += records.markdown_table(["target", "measured", "met"],
-                                   [[t["target"], t["measured"] or "-",
-                                     "not measured" if t["met"] is None else ("yes" if t["met"] else "no")]
-                                    for t in candidate_rows])
+    text += targets_table(candidate_rows)
   _write(out, "paper_claims", {**prov, "claims": claim_rows, "targets": target_rows,
                                "candidate_targets": candidate_rows}, text)
   return {"t1": t1, "t2": t2, "t3": t3, "f2": f2, "claims": claim_rows, "targets": target_rows,

@@ -449,9 +449,13 @@ class FloatLayers:
     return call.float_forward(a, b)
 
 
-class CaptureInput:
-  """The provider that runs `inner` and keeps (LayerCall, input) of the layer at `path` in
-  `captured` (None until the model has run)."""
+class _Captured(Exception):
+  """Stops an eager forward pass once the captured layer's input is known."""
+
+
+class _CaptureAndStop:
+  """The provider that runs `inner` until the layer at `path`, keeps (LayerCall, input) of that
+  layer in `captured` and stops the pass."""
 
   def __init__(self, inner: LayerProvider, path: str):
     self.inner, self.path, self.captured = inner, path, None
@@ -459,23 +463,11 @@ class CaptureInput:
   def layer(self, call: LayerCall, x):
     if call.path == self.path:
       self.captured = (call, x)
+      raise _Captured()
     return self.inner.layer(call, x)
 
   def matmul(self, call: MatmulCall, a, b):
     return self.inner.matmul(call, a, b)
-
-
-class _Captured(Exception):
-  """Stops an eager forward pass once the captured layer's input is known."""
-
-
-class _CaptureAndStop(CaptureInput):
-
-  def layer(self, call: LayerCall, x):
-    if call.path == self.path:
-      self.captured = (call, x)
-      raise _Captured()
-    return self.inner.layer(call, x)
 
 
 def capture_input(model: nn.Module, plan, variables, x, provider: LayerProvider, path: str, **kwargs):

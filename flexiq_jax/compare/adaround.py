@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 
 from flexiq_jax import interception
 from flexiq_jax import numerics
 from flexiq_jax.interception import get_path
 from flexiq_jax.layerwise import apply as apply_lib
-from flexiq_jax.numerics.adaround import AdaRoundSettings, initial_logits, rectified_sigmoid, regulariser
+from flexiq_jax.numerics.adaround import AdaRoundSettings, initial_logits, learn_logits, rectified_sigmoid
 
 
 def round_layer(call, inputs, targets, weight_matrix, scale, qmax, settings: AdaRoundSettings, seed: int = 0):
@@ -59,27 +57,13 @@ def round_layer(call, inputs, targets, weight_matrix, scale, qmax, settings: Ada
     h = (v >= 0).astype(v.dtype) if hard else rectified_sigmoid(v)
     return jnp.clip(floor + h, -qmax, qmax)
 
-  def loss_fn(v, x, y, step):
+  def reconstruction(v, batch):
+    x, y = batch
     out = call.float_forward(x, (codes(v, False) * scale).reshape(shape))
-    reconstruction = jnp.mean((out - y) ** 2)  # over every element, as AIMET's implementation
-    use_reg = step >= settings.warmup * settings.iterations
-    return reconstruction + jnp.where(use_reg, settings.reg_weight * regulariser(v, step, settings), 0.0)
+    return jnp.mean((out - y) ** 2)  # over every element, as AIMET's implementation
 
-  tx = optax.adam(settings.learning_rate)
-
-  @jax.jit
-  def step_fn(v, opt_state, x, y, step):
-    grads = jax.grad(loss_fn)(v, x, y, step)
-    updates, opt_state = tx.update(grads, opt_state, v)
-    return optax.apply_updates(v, updates), opt_state
-
-  v = initial_logits(weight_matrix / scale - floor)
-  opt_state = tx.init(v)
-  rng = np.random.default_rng(seed)
-  n = inputs.shape[0]
-  for step in range(settings.iterations):
-    idx = rng.choice(n, size=min(settings.batch_size, n), replace=False)
-    v, opt_state = step_fn(v, opt_state, inputs[idx], targets[idx], jnp.float32(step))
+  v = learn_logits(reconstruction, initial_logits(weight_matrix / scale - floor), (inputs, targets), settings,
+                   seed=seed)
   return codes(v, True)
 
 

@@ -791,6 +791,19 @@ def _ptq(ctx: CompareContext, method: str) -> list[Row]:
   return rows
 
 
+def _adaround_w4a4(ctx: CompareContext):
+  """AdaRound's uniform W4A4 weights on the MSE ranges (compare.keep_ends, adaround_images,
+  adaround_iterations): (tables, bits, images, settings, variables, per-layer report)."""
+  cc, plan = ctx.config.compare, ctx.calibration.plan
+  tables = ctx.ptq_tables("mse")
+  bits = baselines.uniform_bits(plan, (4, 4), cc.keep_ends)
+  images = jnp.concatenate(ctx.calib_batches)[:cc.adaround_images]
+  settings = adaround_lib.AdaRoundSettings(iterations=cc.adaround_iterations)
+  variables, report = adaround_lib.adaround_weights(ctx.float_model.model, plan, ctx.calibration.folded, tables,
+                                                    bits, images, settings, seed=ctx.config.seed)
+  return tables, bits, images, settings, variables, report
+
+
 def adaround(ctx: CompareContext) -> list[Row]:
   """Uniform W4A4 PTQ with AdaRound weight rounding (compare.adaround) on MSE ranges.
 
@@ -802,12 +815,7 @@ def adaround(ctx: CompareContext) -> list[Row]:
     ratio in `extra`.
   """
   cc, plan, model = ctx.config.compare, ctx.calibration.plan, ctx.float_model.model
-  tables = ctx.ptq_tables("mse")
-  bits = baselines.uniform_bits(plan, (4, 4), cc.keep_ends)
-  images = jnp.concatenate(ctx.calib_batches)[:cc.adaround_images]
-  settings = adaround_lib.AdaRoundSettings(iterations=cc.adaround_iterations)
-  variables, report = adaround_lib.adaround_weights(model, plan, ctx.calibration.folded, tables, bits, images,
-                                                    settings, seed=ctx.config.seed)
+  tables, bits, images, settings, variables, report = _adaround_w4a4(ctx)
   ev = driver.LayerwiseEvaluator(model, plan, variables, tables, ctx.run.mesh)
   m = ev.metrics(ctx.eval_data, *apply_lib.bits_arrays(plan, bits), ctx.float_logits)
   ends = " (ends W8A8)" if cc.keep_ends else ""
@@ -888,12 +896,7 @@ def lsq_adaround(ctx: CompareContext) -> list[Row]:
     A one-Row list, marked as in `lsq_qat` when the judge refused the result.
   """
   cc, plan, model = ctx.config.compare, ctx.calibration.plan, ctx.float_model.model
-  tables = ctx.ptq_tables("mse")
-  bits = baselines.uniform_bits(plan, (4, 4), cc.keep_ends)
-  images = jnp.concatenate(ctx.calib_batches)[:cc.adaround_images]
-  settings = adaround_lib.AdaRoundSettings(iterations=cc.adaround_iterations)
-  rounded, _ = adaround_lib.adaround_weights(model, plan, ctx.calibration.folded, tables, bits, images, settings,
-                                             seed=ctx.config.seed)
+  tables, bits, _, settings, rounded, _ = _adaround_w4a4(ctx)
   workdir = os.path.join(method_workdir(ctx.run.workdir, "lsq_adaround"),
                          stage_cache.fingerprint(method_fields(ctx.config, "lsq_adaround", plan)))
   out = baselines.lsq_qat(ctx.config, workdir, model, ctx.float_model.variables, plan, rounded, tables, bits,

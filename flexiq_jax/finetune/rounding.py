@@ -28,13 +28,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from flexiq_jax import interception
 from flexiq_jax import layer_ops
 from flexiq_jax import numerics
 from flexiq_jax.interception import LayerCall, get_path
-from flexiq_jax.numerics.adaround import AdaRoundSettings, initial_logits, rectified_sigmoid, regulariser
+from flexiq_jax.numerics.adaround import AdaRoundSettings, initial_logits, learn_logits, rectified_sigmoid
 from flexiq_jax.quantize.transform import FlexiQLayers, QuantizedModel, default_conv_accumulator
 
 LOW_BITS = 4
@@ -150,26 +149,11 @@ def round_layer(call: LayerCall, inputs, targets, lq: dict, *, signed: bool, set
   nearest = [float(m) for m in errors(nearest_low, wq8, all_codes, targets)]
   weights = jnp.full((len(coded),), 1.0 / len(coded))
 
-  def loss_fn(v, xqs, y, step_index):
-    reconstruction = jnp.sum(weights * jnp.stack(errors(*codes(v, False), xqs, y)))
-    use_reg = step_index >= settings.warmup * settings.iterations
-    return reconstruction + jnp.where(use_reg, settings.reg_weight * regulariser(v, step_index, settings, free), 0.0)
+  def reconstruction(v, batch):
+    xqs, y = batch
+    return jnp.sum(weights * jnp.stack(errors(*codes(v, False), xqs, y)))
 
-  tx = optax.adam(settings.learning_rate)
-
-  @jax.jit
-  def step_fn(v, opt_state, xqs, y, step_index):
-    grads = jax.grad(loss_fn)(v, xqs, y, step_index)
-    updates, opt_state = tx.update(grads, opt_state, v)
-    return optax.apply_updates(v, updates), opt_state
-
-  v = initial_logits(grid - base)
-  opt_state = tx.init(v)
-  rng = np.random.default_rng(seed)
-  n = targets.shape[0]
-  for i in range(settings.iterations):
-    idx = rng.choice(n, size=min(settings.batch_size, n), replace=False)
-    v, opt_state = step_fn(v, opt_state, [xq[idx] for xq in all_codes], targets[idx], jnp.float32(i))
+  v = learn_logits(reconstruction, initial_logits(grid - base), (all_codes, targets), settings, seed=seed, mask=free)
   w_low, w8 = codes(v, True)
   rounded = [float(m) for m in errors(w_low, w8, all_codes, targets)]
   kept_nearest = float(np.dot(weights, rounded)) > float(np.dot(weights, nearest))

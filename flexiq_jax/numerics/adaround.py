@@ -1,6 +1,7 @@
 """AdaRound's soft rounding (Nagel et al., "Up or Down? Adaptive Rounding for Post-Training
 Quantization", ICML 2020): the rectified sigmoid h(V) that rounds each element down (0) or up (1),
-its initial logits, the annealed exponent of its regulariser, and the optimisation settings. Shared
+its initial logits, the annealed exponent of its regulariser, the optimisation settings and the
+optimisation itself (`learn_logits`). Shared
 by the AdaRound baseline (`compare.adaround`) and FlexiQ's extraction-aware rounding
 (`finetune.rounding`).
 """
@@ -11,6 +12,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (paper, section 4.2)
 
@@ -82,3 +85,42 @@ def regulariser(v, step, settings: AdaRoundSettings, mask=None):
   """
   terms = 1.0 - jnp.abs(2.0 * rectified_sigmoid(v) - 1.0) ** beta_at(step, settings)
   return jnp.sum(terms if mask is None else jnp.where(mask, terms, 0.0))
+
+
+def learn_logits(reconstruction, v, data, settings: AdaRoundSettings, *, seed: int = 0, mask=None):
+  """AdaRound's optimisation of the rounding logits: Adam at settings.learning_rate on
+  `reconstruction(v, batch)` plus reg_weight times the regulariser (over `mask`) once the warm-up
+  is over, for settings.iterations minibatches of settings.batch_size examples drawn without
+  replacement.
+
+  Args:
+    reconstruction: (v, batch) -> the scalar reconstruction error on `batch`, a minibatch of `data`.
+    v: The initial logits (`initial_logits`).
+    data: A pytree of arrays sharing their first axis (the examples).
+    settings: The AdaRound settings.
+    seed: Seed of the minibatch draws.
+    mask: Elements of `v` the regulariser counts, or None for all.
+
+  Returns:
+    The learnt logits.
+  """
+  def loss_fn(v, batch, step):
+    use_reg = step >= settings.warmup * settings.iterations
+    return reconstruction(v, batch) + jnp.where(use_reg, settings.reg_weight * regulariser(v, step, settings, mask),
+                                                0.0)
+
+  tx = optax.adam(settings.learning_rate)
+
+  @jax.jit
+  def step_fn(v, opt_state, batch, step):
+    grads = jax.grad(loss_fn)(v, batch, step)
+    updates, opt_state = tx.update(grads, opt_state, v)
+    return optax.apply_updates(v, updates), opt_state
+
+  opt_state = tx.init(v)
+  rng = np.random.default_rng(seed)
+  n = jax.tree_util.tree_leaves(data)[0].shape[0]
+  for step in range(settings.iterations):
+    idx = rng.choice(n, size=min(settings.batch_size, n), replace=False)
+    v, opt_state = step_fn(v, opt_state, jax.tree_util.tree_map(lambda a: a[idx], data), jnp.float32(step))
+  return v
