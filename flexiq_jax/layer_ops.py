@@ -79,7 +79,10 @@ def quantize_codes(info: LayerInfo, x, kernel, lq: dict, lowered, *, signed: boo
   it; 'effective' each lowered row on its own 4-bit grid (the returned weight scale then carries no
   gradient).
 
-  On an asymmetric grid (lq['act_zero'] = z, unsigned codes) the codes are clip(round(x / s) + z,
+  The activation codes are clip(round(x · (1/s))): a multiplication by the float32 inverse of the
+  scale, as oneDNN's requantization computes it (`quantize.onednn`), so a kernel that writes the next
+  layer's codes itself matches this path bit for bit. On an asymmetric grid (lq['act_zero'] = z,
+  unsigned codes) the codes are clip(round(x · (1/s)) + z,
   0, 255) and their real value (q - z) * s: the codes returned include z (`act_zero_point`), and
   z survives the extraction (`numerics.zero_point_candidates`).
 
@@ -128,9 +131,9 @@ def quantize_codes(info: LayerInfo, x, kernel, lq: dict, lowered, *, signed: boo
     # half step: the value is rounded back to the exact code, the gradients are kept.
     xq = jax.lax.stop_gradient(jnp.round(xq)) + (xq - jax.lax.stop_gradient(xq))
   elif ste:
-    xq = jnp.clip(numerics.round_ste(x / s_x) + z, qmin, qmax)
+    xq = jnp.clip(numerics.round_ste(x * (1.0 / s_x)) + z, qmin, qmax)
   else:
-    xq = jnp.clip(jnp.round(x / s_x) + z, qmin, qmax)
+    xq = jnp.clip(jnp.round(x * (1.0 / s_x)) + z, qmin, qmax)
   if not (lsq and ste and lsq_grad_scale == "effective"):  # there the codes come lowered
     xq = jnp.where(lowered, lower(xq, lq["act_e"], signed=signed), xq)
 

@@ -494,7 +494,7 @@ REQUANT_CONVS = {  # name: (CONVS entry, mode, sparse large codes)
 def test_requantized_output_is_the_next_layers_activation_codes(name, signed, post_op):
   """A uint8/int8 output with a lowering operand holds, bit for bit, the codes
   `integer.activation_codes` computes from the same layer's float32 output (after the post-op):
-  the division by the scale, rounding half to even (a power-of-two scale puts many values on .5),
+  the multiplication by the inverse scale, rounding half to even (a power-of-two scale puts many values on .5),
   the 8-bit clip and each lowered channel's 4-bit extraction; for every way the library runs a
   conv, and for the matmul."""
   conv_name, mode, sparse = REQUANT_CONVS[name]
@@ -533,6 +533,57 @@ def test_requantized_output_is_the_next_layers_activation_codes(name, signed, po
     np.testing.assert_array_equal(
         onednn.conv(x, w, out_dtype=codes_dtype, dst_scale=act_scale, **kw),
         integer.activation_codes(y, entry, None, signed=signed).astype(codes_dtype))
+
+
+def _rounding_ties(scale: np.float32, signed: bool) -> np.ndarray:
+  """float32 values within a few ulps of every half code k + 1/2 of the grid of `scale`: where
+  round(y * (1/scale)) and round(y / scale) can differ."""
+  lo, hi = (-128, 127) if signed else (0, 255)
+  out = []
+  for k in range(lo - 1, hi + 1):
+    y = np.float32((k + 0.5) * np.float64(scale))
+    for direction in (-np.inf, np.inf):
+      v = y
+      for _ in range(4):
+        out.append(v)
+        v = np.nextafter(v, np.float32(direction))
+  return np.unique(np.asarray(out, np.float32))
+
+
+@needs_onednn
+@pytest.mark.parametrize("mode", ["auto", "direct", "single", "split"])
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("lowering", [False, True])
+def test_requantization_multiplies_by_the_inverse_scale_at_rounding_ties(mode, signed, lowering):
+  """At values on and next to the rounding ties of the output grid (the layer's float output is its
+  bias: zero weights), the codes the kernels write are clip(round(y * (1/s))) with the float32
+  inverse, as `integer.activation_codes` computes them, and not round(y / s), which differs at some
+  of these ties; with a lowering, the extraction applied to those codes (every other 8-channel
+  block lowered, so the library skips the blocks without a lowered channel)."""
+  scale = np.float32(0.0137)
+  y = _rounding_ties(scale, signed)
+  n = y.size // 16 * 16
+  y = y[:n]
+  qmin, qmax = (-128, 127) if signed else (0, 255)
+  by_division = np.clip(np.round(y / scale), qmin, qmax)
+  by_inverse = np.clip(np.round(y * (np.float32(1) / scale)), qmin, qmax)
+  assert (by_division != by_inverse).sum() > 10  # the two definitions differ here
+  codes_dtype = jnp.int8 if signed else jnp.uint8
+  x = jnp.zeros((3, 8), jnp.uint8)
+  w = jnp.zeros((8, n), jnp.int8)
+  lowered = jnp.asarray((np.arange(n) // 8) % 2 == 0) if lowering else None
+  entry = {"act_scale": jnp.asarray(scale), "step": jnp.full((n,), 4.0, jnp.float32)}
+  rows = None
+  if lowering:
+    lo4, hi4 = (-8, 7) if signed else (0, 15)
+    rows = onednn.lowering_rows(jnp.where(lowered, 4.0, 1.0), jnp.where(lowered, lo4, qmin),
+                                jnp.where(lowered, hi4, qmax))
+  codes = onednn.matmul(x, w, scale=np.ones(n, np.float32), bias=y, out_dtype=codes_dtype, dst_scale=scale,
+                        lowering=rows, mode=mode)
+  want = integer.activation_codes(jnp.broadcast_to(jnp.asarray(y), (3, n)), entry, lowered, signed=signed)
+  np.testing.assert_array_equal(codes, want.astype(codes_dtype))
+  if not lowering:
+    np.testing.assert_array_equal(np.asarray(codes)[0], by_inverse)
 
 
 def test_layer_edges_find_the_layers_that_feed_a_layer_through_an_activation(setup):

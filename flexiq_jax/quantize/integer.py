@@ -173,7 +173,7 @@ def activation_codes(x, entry: dict, lowered, *, signed: bool):
     Float codes shaped as `x`.
   """
   qmin, qmax = numerics.int_range(8, signed)
-  q = jnp.clip(jnp.round(x / entry["act_scale"]) + entry.get("zero_point", 0.0), qmin, qmax)
+  q = jnp.clip(jnp.round(x * (1.0 / entry["act_scale"])) + entry.get("zero_point", 0.0), qmin, qmax)
   if lowered is None:
     return q
   lo4, hi4 = numerics.int_range(4, signed)
@@ -340,7 +340,7 @@ class NextCodes:
 
 def _next_codes_epilogue(next_codes: NextCodes) -> dict | None:
   """`onednn.conv`/`matmul` epilogue arguments that write `next_codes`' activation codes from this
-  layer's float output (activation, division by the scale, 8-bit clip, 4-bit extraction: what
+  layer's float output (activation, multiplication by the inverse scale, 8-bit clip, 4-bit extraction: what
   `activation_codes` computes), or None where its grid has a zero point or a per-channel scale."""
   entry = next_codes.entry
   if "zero_point" in entry or jnp.size(entry["act_scale"]) != 1:

@@ -9,10 +9,11 @@ implementations instead (`integer.conv_impl_for`, `integer.integer_forward`).
 Both kernels take 8-bit activation codes (uint8 or int8), int8 weight codes and accumulate in
 int32. The output dtype selects the epilogue: int32 the accumulators themselves (bit for bit those
 of XLA's int8 conv/dot); float32 `acc * scale[o] + bias[o]` followed by the post-op (`POST_OPS`);
-uint8/int8 that float32 result divided by `dst_scale`, rounded to nearest even and saturated, and
-with `lowering` (`lowering_rows`) each channel's 4-bit extraction after it: the next layer's
+uint8/int8 that float32 result times the float32 inverse of `dst_scale`, rounded to nearest even and
+saturated (oneDNN's own dst scale: the primitive writes the codes), and with `lowering`
+(`lowering_rows`) each channel's 4-bit extraction after it, in place on the codes: the next layer's
 activation codes, operation for operation as `integer.activation_codes` computes them from the
-float32 output (a division by the scale, not a multiplication by its inverse). oneDNN pads a conv with code 0, the real zero of both grids, so unsigned codes need
+float32 output. oneDNN pads a conv with code 0, the real zero of both grids, so unsigned codes need
 no shift. Primitives are cached per shape inside the library.
 
 Set FLEXIQ_ONEDNN_LIBRARY to a library path to use another build (e.g. one compiled by hand).
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ABI = 6  # the library's interface version (flexiq_onednn_abi) this module calls
+ABI = 7  # the library's interface version (flexiq_onednn_abi) this module calls
 CONV_TARGET = "flexiq_onednn_conv"
 MATMUL_TARGET = "flexiq_onednn_matmul"
 # The same kernels with a `lowering` operand: uint8/int8 outputs with each channel's 4-bit extraction.
@@ -276,7 +277,7 @@ def conv(x, w, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), gro
     bias: (O,) or scalar float bias added after the scale.
     post_op: one of POST_OPS, applied after the bias.
     out_dtype: int32 (raw accumulators), float32, or uint8/int8 (requantized by `dst_scale`).
-    dst_scale: the output grid's step for a uint8/int8 output (q = round(y / dst_scale)).
+    dst_scale: the output grid's step for a uint8/int8 output (q = round(y * (1 / dst_scale))).
     lowering: (4, O) `lowering_rows` for a uint8/int8 output: each channel's 4-bit extraction of q.
     addend: (N, H', W', O) float32 added before the post-op (a residual sum's other term; a float32
       output only): post_op(acc * scale + bias + addend), one rounding per add as `y + addend`.

@@ -56,9 +56,10 @@ Pallas / Triton facts this relies on (jax 0.10, jax/_src/pallas/triton/lowering.
   needs every dimension >= 16 on GPU: block_m, block_n >= 16 and block_k >= 32 (halves >= 16).
 - `lax.round_p` has no Triton lowering: rounding half to even is done with floor and exact
   float arithmetic (`_round_half_even`).
-- Triton's float32 division (`arith.divf`) is, as far as known here, the approximate
-  `div.full.f32` on NVIDIA GPUs, while XLA divides exactly: off interpret mode the kernel divides
-  with inline PTX `div.rn.f32` (`exact_div`), so x / act_scale rounds as in XLA.
+- The activation codes multiply by the inverse scale (`integer.activation_codes`), computed by XLA
+  outside the kernel. Off interpret mode the kernel multiplies with inline PTX `mul.rn.f32`
+  (`exact_mul`): a product Triton could contract into a fused multiply-add with the rounding that
+  follows would round differently from XLA.
 - Loads must have power-of-two shapes: all block sizes are powers of two.
 - Masked loads (`pltriton.load(..., mask=)`) are predicated: masked-off rows are not fetched.
 Checked here: both kernels pass the tests in interpret mode, and lower to Triton IR for CUDA on a
@@ -140,22 +141,22 @@ def _round_half_even(v):
   return jnp.where((d > 0.5) | ((d == 0.5) & odd), r + 1.0, r)
 
 
-def _divide(x, s, exact_div: bool):
-  """x / s rounded to nearest (IEEE): plain division in interpret mode; on GPU inline PTX
-  div.rn.f32, since Triton's float32 division is approximate."""
-  if not exact_div:
-    return x / s
+def _multiply(x, s, exact_mul: bool):
+  """x * s rounded to nearest (IEEE): plain multiplication in interpret mode; on GPU inline PTX
+  mul.rn.f32, which the compiler never contracts into a fused multiply-add with what follows."""
+  if not exact_mul:
+    return x * s
   from jax.experimental.pallas import triton as pltriton
   s = jnp.broadcast_to(s, x.shape)
-  [y] = pltriton.elementwise_inline_asm("div.rn.f32 $0, $1, $2;", args=[x, s], constraints="=f,f,f", pack=1,
+  [y] = pltriton.elementwise_inline_asm("mul.rn.f32 $0, $1, $2;", args=[x, s], constraints="=f,f,f", pack=1,
                                          result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
   return y
 
 
-def _codes(x, s, signed: bool, exact_div: bool):
-  """clip(round(x / s), qmin, qmax) as in `integer.activation_codes`."""
+def _codes(x, inv_s, signed: bool, exact_mul: bool):
+  """clip(round(x * inv_s), qmin, qmax) as in `integer.activation_codes` (inv_s = 1 / act_scale)."""
   qmin, qmax = numerics.int_range(8, signed)
-  return jnp.clip(_round_half_even(_divide(x.astype(jnp.float32), s, exact_div)), qmin, qmax)
+  return jnp.clip(_round_half_even(_multiply(x.astype(jnp.float32), inv_s, exact_mul)), qmin, qmax)
 
 
 def _lower(q, step, inv_step, signed: bool):
@@ -208,7 +209,7 @@ def _split_epilogue_refs(rest, has_corr: bool, has_bias: bool):
 # fused_dense: any lowered mask, channels in their own order; each weight row from kernel or w_low.
 
 def _dense_kernel(s_ref, low_row_ref, low_col_ref, step_ref, inv_ref, x_ref, w8_ref, wl_ref, *rest, nk: int, bk: int,
-                  signed: bool, has_lowered: bool, has_corr: bool, has_bias: bool, exact_div: bool):
+                  signed: bool, has_lowered: bool, has_corr: bool, has_bias: bool, exact_mul: bool):
   scale_ref, corr_ref, bias_ref, o_ref = _split_epilogue_refs(rest, has_corr, has_bias)
   bm, bn = o_ref.shape
   s = s_ref[...]
@@ -219,7 +220,7 @@ def _dense_kernel(s_ref, low_row_ref, low_col_ref, step_ref, inv_ref, x_ref, w8_
     acc, csum = carry
     start = pl.multiple_of(kb * bk, bk)
     cols = pl.ds(start, bk)
-    q = _codes(x_ref[:, cols], s, signed, exact_div)
+    q = _codes(x_ref[:, cols], s, signed, exact_mul)
     if not has_lowered:
       w = w8_ref[cols, :]
     else:
@@ -273,7 +274,7 @@ def _epilogue_operands(entry: dict, bias, corr, op: int):
 
 def fused_dense(x, entry: dict, kernel, bias, lowered, *, signed: bool, interpret: bool = False,
                 block_m: int = DEFAULT_BLOCK_M, block_n: int = DEFAULT_BLOCK_N, block_k: int = DEFAULT_BLOCK_K,
-                exact_div: bool | None = None, num_warps: int | None = 4, num_stages: int | None = None):
+                exact_mul: bool | None = None, num_warps: int | None = 4, num_stages: int | None = None):
   """`integer.integer_forward` of a dense layer in one Pallas kernel (module docstring).
 
   x: (..., C) float activation; entry: the layer's serving entry (`integer.prepare_layer`:
@@ -281,7 +282,7 @@ def fused_dense(x, entry: dict, kernel, bias, lowered, *, signed: bool, interpre
   codes; bias: (O,) or None; lowered: (C,) bool, or None for a layer never lowered. Returns
   float32 (..., O), bit-identical to integer_forward under jit. Each weight row is fetched from
   kernel or w_low (C x O bytes at any ratio); `fused_dense_packed` is the form whose weight reads
-  fall with the ratio. exact_div: None = off interpret mode only (see module docstring).
+  fall with the ratio. exact_mul: None = off interpret mode only (see module docstring).
 
   Args:
     x: (..., C) float activation.
@@ -294,7 +295,7 @@ def fused_dense(x, entry: dict, kernel, bias, lowered, *, signed: bool, interpre
     block_m: M tile, a power of two (reduced for a small M).
     block_n: O tile, a power of two.
     block_k: K step, a power of two.
-    exact_div: divide with inline PTX div.rn.f32; None for `not interpret`.
+    exact_mul: multiply with inline PTX mul.rn.f32; None for `not interpret`.
     num_warps: Triton's num_warps, or None for its default.
     num_stages: Triton's num_stages, or None for its default.
 
@@ -307,7 +308,7 @@ def fused_dense(x, entry: dict, kernel, bias, lowered, *, signed: bool, interpre
   _check_block("block_m", block_m)
   _check_block("block_n", block_n)
   _check_block("block_k", block_k)
-  exact_div = (not interpret) if exact_div is None else exact_div
+  exact_mul = (not interpret) if exact_mul is None else exact_mul
   c, o = kernel.shape
   x2, lead = _as_rows(x, c)
   m = x2.shape[0]
@@ -324,11 +325,11 @@ def fused_dense(x, entry: dict, kernel, bias, lowered, *, signed: bool, interpre
   else:  # placeholders, never read
     low, step, wl = jnp.zeros((cp,), jnp.int32), jnp.ones((cp,), jnp.float32), w8
   inv = 1.0 / step
-  s = jnp.asarray(entry["act_scale"], jnp.float32).reshape(1, 1)
+  s = (1.0 / jnp.asarray(entry["act_scale"], jnp.float32)).reshape(1, 1)  # the inverse scale
   epi, has_corr, has_bias = _epilogue_operands(entry, bias, correction(entry, lowered), op)
 
   kern = functools.partial(_dense_kernel, nk=cp // block_k, bk=block_k, signed=signed, has_lowered=has_lowered,
-                           has_corr=has_corr, has_bias=has_bias, exact_div=exact_div)
+                           has_corr=has_corr, has_bias=has_bias, exact_mul=exact_mul)
   whole = lambda shape: pl.BlockSpec(shape, lambda i, j: (0, 0))
   in_specs = [whole((1, 1)), whole((1, cp)), whole((cp, 1)), whole((1, cp)), whole((1, cp)),
               pl.BlockSpec((bm, cp), lambda i, j: (i, 0)),
@@ -448,7 +449,7 @@ def weight_bytes_read(p: PackedRows, count: int) -> int:
 
 
 def _packed_kernel(s_ref, count_ref, step_ref, inv_ref, e_ref, x_ref, pk_ref, w8_ref, *rest, nk: int, bk: int,
-                   signed: bool, has_corr: bool, has_bias: bool, exact_div: bool):
+                   signed: bool, has_corr: bool, has_bias: bool, exact_mul: bool):
   scale_ref, corr_ref, bias_ref, o_ref = _split_epilogue_refs(rest, has_corr, has_bias)
   bm, bn = o_ref.shape
   h = bk // 2
@@ -462,7 +463,7 @@ def _packed_kernel(s_ref, count_ref, step_ref, inv_ref, e_ref, x_ref, pk_ref, w8
     b = pk_ref[pl.ds(pl.multiple_of(kb * h, h), h), :]
     for half in (0, 1):
       cols = pl.ds(pl.multiple_of(kb * bk + half * h, h), h)
-      q = _lower(_codes(x_ref[:, cols], s, signed, exact_div), step_ref[:, cols], inv_ref[:, cols], signed)
+      q = _lower(_codes(x_ref[:, cols], s, signed, exact_mul), step_ref[:, cols], inv_ref[:, cols], signed)
       w = _unpack_nibbles(b, e_ref[cols, :], bool(half))
       acc, csum = _accumulate(acc, csum, _int8_operand(q, signed), w, signed)
     return acc, csum
@@ -476,7 +477,7 @@ def _packed_kernel(s_ref, count_ref, step_ref, inv_ref, e_ref, x_ref, pk_ref, w8
     for half in (0, 1):
       start = pl.multiple_of(kb * bk + half * h, h)
       cols = pl.ds(start, h)
-      q = _codes(x_ref[:, cols], s, signed, exact_div)
+      q = _codes(x_ref[:, cols], s, signed, exact_mul)
       low_row = start + lax.broadcasted_iota(jnp.int32, (1, h), 1) < count
       low_col = jnp.broadcast_to(start + lax.broadcasted_iota(jnp.int32, (h, 1), 0) < count, (h, bn))
       q = jnp.where(low_row, _lower(q, step_ref[:, cols], inv_ref[:, cols], signed), q)
@@ -487,7 +488,7 @@ def _packed_kernel(s_ref, count_ref, step_ref, inv_ref, e_ref, x_ref, pk_ref, w8
   def int8_block(kb, carry):  # no position lowered: int8 rows only, no lowering work
     acc, csum = carry
     cols = pl.ds(pl.multiple_of(kb * bk, bk), bk)
-    q = _codes(x_ref[:, cols], s, signed, exact_div)
+    q = _codes(x_ref[:, cols], s, signed, exact_mul)
     return _accumulate(acc, csum, _int8_operand(q, signed), w8_ref[cols, :], signed)
 
   carry = (jnp.zeros((bm, bn), jnp.int32), jnp.zeros((1, bn), jnp.int32))
@@ -498,7 +499,7 @@ def _packed_kernel(s_ref, count_ref, step_ref, inv_ref, e_ref, x_ref, pk_ref, w8
 
 
 def fused_dense_packed(x, entry: dict, packed: PackedRows, bias, count, *, signed: bool, interpret: bool = False,
-                       block_m: int = DEFAULT_BLOCK_M, exact_div: bool | None = None, num_warps: int | None = 4,
+                       block_m: int = DEFAULT_BLOCK_M, exact_mul: bool | None = None, num_warps: int | None = 4,
                        num_stages: int | None = None):
   """`integer_forward` of a dense layer whose channels with entry['rank'] < count are lowered,
   reading the lowered rank positions' weights from `packed` (`pack_lowered_rows`; its block_k and
@@ -517,7 +518,7 @@ def fused_dense_packed(x, entry: dict, packed: PackedRows, bias, count, *, signe
     signed: whether the activation codes are signed.
     interpret: run Pallas in interpret mode (required off a GPU).
     block_m: M tile, a power of two (reduced for a small M).
-    exact_div: divide with inline PTX div.rn.f32; None for `not interpret`.
+    exact_mul: multiply with inline PTX mul.rn.f32; None for `not interpret`.
     num_warps: Triton's num_warps, or None for its default.
     num_stages: Triton's num_stages, or None for its default.
 
@@ -528,7 +529,7 @@ def fused_dense_packed(x, entry: dict, packed: PackedRows, bias, count, *, signe
     ValueError: `block_m` is not a power of two, or the activation's last axis is not C.
   """
   _check_block("block_m", block_m)
-  exact_div = (not interpret) if exact_div is None else exact_div
+  exact_mul = (not interpret) if exact_mul is None else exact_mul
   bk, bn = packed.block_k, packed.block_n
   c, o = packed.in_channels, packed.out_channels
   cp, op = packed.rows8.shape
@@ -542,11 +543,11 @@ def fused_dense_packed(x, entry: dict, packed: PackedRows, bias, count, *, signe
   inv = 1.0 / step
   count = jnp.asarray(count, jnp.int32)
   lowered = entry["rank"] < count
-  s = jnp.asarray(entry["act_scale"], jnp.float32).reshape(1, 1)
+  s = (1.0 / jnp.asarray(entry["act_scale"], jnp.float32)).reshape(1, 1)  # the inverse scale
   epi, has_corr, has_bias = _epilogue_operands(entry, bias, correction(entry, lowered), op)
 
   kern = functools.partial(_packed_kernel, nk=cp // bk, bk=bk, signed=signed, has_corr=has_corr, has_bias=has_bias,
-                           exact_div=exact_div)
+                           exact_mul=exact_mul)
   whole = lambda shape: pl.BlockSpec(shape, lambda i, j: (0, 0))
   in_specs = [whole((1, 1)), whole((1, 1)), whole((1, cp)), whole((1, cp)), whole((cp, 1)),
               pl.BlockSpec((bm, cp), lambda i, j: (i, 0)),

@@ -4,7 +4,8 @@
 // selects the epilogue:
 //   s32          the raw accumulators (no scale, bias or post-op): the exactness contract;
 //   f32          acc * scale[o] + bias[o], then the post-op;
-//   u8 / s8      the f32 result above divided by dst_scale, rounded to nearest even and saturated;
+//   u8 / s8      the f32 result above times 1 / dst_scale (the float32 inverse), rounded to nearest
+//                even and saturated (oneDNN's dst scale: a direct primitive writes the codes);
 //                through the *Lowered targets also each channel's 4-bit extraction (Requant): the
 //                activation codes of the layer that reads this output.
 // Post-ops: 0 none, 1 ReLU, 2 ReLU6 (clip to [0, 6]), 3 GELU (erf form).
@@ -179,6 +180,7 @@ dnnl::primitive_attr Attr(const Geometry& g, const Variant& v) {
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   if (!v.fused) return attr;
   attr.set_scales_mask(DNNL_ARG_WEIGHTS, !g.conv ? 1 << 1 : g.groups == 1 ? 1 : 3);  // per output channel
+  if (v.dst == dt::u8 || v.dst == dt::s8) attr.set_scales_mask(DNNL_ARG_DST, 0);  // one scale, codes out
   dnnl::post_ops ops;
   if (v.post_op == 1) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
   if (v.post_op == 2) ops.append_eltwise(dnnl::algorithm::eltwise_clip, 0.f, 6.f);
@@ -262,7 +264,7 @@ enum Count { kRunDirect, kRunSplit, kRunSingle, kRunDepthwise, kSingleRemainders
              kSingleNsSplitCodes, kSingleNsPrimitive, kSingleNsFinish, kRunIm2col, kCountCount };
 std::atomic<int64_t> counts[kCountCount];
 
-enum Slot { kSlotLo, kSlotAcc, kSlotScratchpad, kSlotPixelEnd, kSlotIm2col, kSlotFloat, kSlotCount };
+enum Slot { kSlotLo, kSlotAcc, kSlotScratchpad, kSlotPixelEnd, kSlotIm2col, kSlotCount };
 
 void* Buffer(Slot slot, size_t bytes) {
   thread_local std::vector<std::unique_ptr<char[]>> buffers(kSlotCount);
@@ -301,7 +303,8 @@ std::shared_ptr<Reordered> ReorderedWeights(Cached& c, const int8_t* weights, dn
 // One execution on plain (user-layout) weights; scale and bias only for a fused primitive.
 void Execute(const Cached& c, const void* src, const int8_t* weights, void* dst, const float* scale = nullptr,
              const float* bias = nullptr,
-             std::shared_ptr<Reordered> keep = nullptr) {  // keep: ReorderedWeights(c, weights), if known
+             std::shared_ptr<Reordered> keep = nullptr,  // keep: ReorderedWeights(c, weights), if known
+             const float* dst_scale = nullptr) {         // a fused primitive with u8/s8 output
   dnnl::engine& eng = Engine();
   dnnl::stream stream(eng);
   dnnl::memory w(c.user_weights, eng, const_cast<int8_t*>(weights));
@@ -320,6 +323,8 @@ void Execute(const Cached& c, const void* src, const int8_t* weights, void* dst,
     args.emplace(DNNL_ARG_ATTR_SCALES | DNNL_ARG_WEIGHTS,
                  dnnl::memory({{channels}, dt::f32, tag::x}, eng, const_cast<float*>(scale)));
   }
+  if (dst_scale != nullptr)
+    args.emplace(DNNL_ARG_ATTR_SCALES | DNNL_ARG_DST, dnnl::memory({{1}, dt::f32, tag::x}, eng, const_cast<float*>(dst_scale)));
   c.prim.execute(stream, args);
   stream.wait();
 }
@@ -412,7 +417,7 @@ void Im2col(const Geometry& g, const uint8_t* src, int64_t ih, int64_t iw, const
 // operands as in Execute.
 void ExecuteIm2col(const Geometry& g, const Variant& v, const uint8_t* src, int64_t ih, int64_t iw,
                    const dims& pad_lo, uint8_t pad, const int8_t* weights, void* dst, int64_t elem_bytes,
-                   const float* scale = nullptr, const float* bias = nullptr) {
+                   const float* scale = nullptr, const float* bias = nullptr, const float* dst_scale = nullptr) {
   const std::vector<int8_t> wk = Im2colWeights(g, weights);
   const int64_t depth = Im2colDepth(g), per_image = g.oh * g.ow * depth;
   const int64_t chunk = std::clamp<int64_t>(im2col_bytes.load() / std::max<int64_t>(per_image, 1), 1, g.n);
@@ -421,79 +426,115 @@ void ExecuteIm2col(const Geometry& g, const Variant& v, const uint8_t* src, int6
     const int64_t images = std::min(chunk, g.n - b0);
     auto c = Get(Im2colGeometry(g, images), v);
     Im2col(g, src, ih, iw, pad_lo, pad, b0, images, depth, matrix);
-    Execute(*c, matrix, wk.data(), static_cast<char*>(dst) + b0 * g.oh * g.ow * g.o * elem_bytes, scale, bias);
+    Execute(*c, matrix, wk.data(), static_cast<char*>(dst) + b0 * g.oh * g.ow * g.o * elem_bytes, scale, bias,
+            nullptr, dst_scale);
   }
   counts[kRunIm2col] += 1;
 }
 
-// A u8/s8 output's requantization: q = round(y / scale) (a division, rounded to nearest even),
-// saturated to the type's range; then, with `lowering` (4 rows of `channels` floats: inv_step, lo,
-// hi, step), each channel's 4-bit extraction clamp(floor(q * inv_step + 1/2), lo, hi) * step
-// (inv_step = 1, lo and hi the type's range, step = 1 leave q as it is). That is the activation
-// quantization of the layer that reads this output (flexiq_jax's activation_codes), operation for
-// operation in float32, so the codes are the ones it computes from the float output.
+// A u8/s8 output's requantization: q = round(y * inv_scale) (inv_scale = 1 / scale in float32,
+// rounded to nearest even), saturated to the type's range: what oneDNN's dst scale computes, so a
+// direct primitive writes these codes itself. Then, with `lowering` (4 rows of `channels` floats:
+// inv_step, lo, hi, step), each channel's 4-bit extraction clamp(floor(q * inv_step + 1/2), lo, hi)
+// * step (inv_step = 1, lo and hi the type's range, step = 1 leave q as it is). That is the
+// activation quantization of the layer that reads this output (flexiq_jax's activation_codes),
+// operation for operation in float32, so the codes are the ones it computes from the float output.
 struct Requant {
   float scale = 1.f;
   const float* lowering = nullptr;
   int64_t channels = 0;
+  float inv = 1.f;  // 1 / scale (Requant::Of)
+  float inv_scale() const { return inv; }
+  static Requant Of(float scale, int64_t channels) { return Requant{scale, nullptr, channels, 1.f / scale}; }
 };
+
+template <typename T>
+inline float Extract(float q, const Requant& rq, int64_t oc) {
+  const float* l = rq.lowering;
+  const int64_t n = rq.channels;
+  return std::fmin(std::fmax(std::floor(q * l[oc] + 0.5f), l[n + oc]), l[2 * n + oc]) * l[3 * n + oc];
+}
 
 template <typename T>
 inline T RequantCode(float y, const Requant& rq, int64_t oc) {
   const float lo = static_cast<float>(std::numeric_limits<T>::min());
   const float hi = static_cast<float>(std::numeric_limits<T>::max());
-  float q = std::fmin(std::fmax(std::nearbyint(y / rq.scale), lo), hi);
-  if (rq.lowering) {
-    const float* l = rq.lowering;
-    const int64_t n = rq.channels;
-    q = std::fmin(std::fmax(std::floor(q * l[oc] + 0.5f), l[n + oc]), l[2 * n + oc]) * l[3 * n + oc];
-  }
+  float q = std::fmin(std::fmax(std::nearbyint(y * rq.inv_scale()), lo), hi);
+  if (rq.lowering) q = Extract<T>(q, rq, oc);
   return static_cast<T>(q);
 }
 
-// RequantCode for the 8 channels [oc, oc + 8) with AVX2 (the same operations: a division,
+// The 4-bit extraction of 8 channels [oc, oc + 8) of codes q (floats holding the 8-bit codes).
+__attribute__((target("avx2"))) inline __m256 Extract8(__m256 q, const Requant& rq, int64_t oc) {
+  const float* l = rq.lowering;
+  const int64_t n = rq.channels;
+  __m256 v = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(q, _mm256_loadu_ps(l + oc)), _mm256_set1_ps(0.5f)));
+  v = _mm256_min_ps(_mm256_max_ps(v, _mm256_loadu_ps(l + n + oc)), _mm256_loadu_ps(l + 2 * n + oc));
+  return _mm256_mul_ps(v, _mm256_loadu_ps(l + 3 * n + oc));
+}
+
+template <typename T>
+__attribute__((target("avx2"))) inline void Store8(__m256 q, T* d) {
+  const __m256i i = _mm256_cvtps_epi32(q);  // integers within the type's range: exact
+  const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+  const __m128i b = std::is_same_v<T, uint8_t> ? _mm_packus_epi16(w, w) : _mm_packs_epi16(w, w);
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(d), b);
+}
+
+// RequantCode for the 8 channels [oc, oc + 8) with AVX2 (the same operations: a multiplication,
 // rounding to nearest even, min/max, floor), stored as 8 bytes.
 template <typename T>
 __attribute__((target("avx2"))) inline void RequantStore8(__m256 y, const Requant& rq, int64_t oc, T* d) {
   const float lo8 = static_cast<float>(std::numeric_limits<T>::min());
   const float hi8 = static_cast<float>(std::numeric_limits<T>::max());
-  __m256 q = _mm256_round_ps(_mm256_div_ps(y, _mm256_set1_ps(rq.scale)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 q = _mm256_round_ps(_mm256_mul_ps(y, _mm256_set1_ps(rq.inv_scale())),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   q = _mm256_min_ps(_mm256_max_ps(q, _mm256_set1_ps(lo8)), _mm256_set1_ps(hi8));
-  if (rq.lowering) {
-    const float* l = rq.lowering;
-    const int64_t n = rq.channels;
-    __m256 v = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(q, _mm256_loadu_ps(l + oc)), _mm256_set1_ps(0.5f)));
-    v = _mm256_min_ps(_mm256_max_ps(v, _mm256_loadu_ps(l + n + oc)), _mm256_loadu_ps(l + 2 * n + oc));
-    q = _mm256_mul_ps(v, _mm256_loadu_ps(l + 3 * n + oc));
-  }
-  const __m256i i = _mm256_cvtps_epi32(q);  // integers within the type's range: exact
-  const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
-  const __m128i b = std::is_same_v<T, uint8_t> ? _mm_packus_epi16(w, w) : _mm_packs_epi16(w, w);
-  _mm_storel_epi64(reinterpret_cast<__m128i*>(d + oc), b);
+  if (rq.lowering) q = Extract8(q, rq, oc);
+  Store8<T>(q, d + oc);
 }
 
-template <typename T>
-__attribute__((target("avx2"))) void RequantRowAvx2(const float* y, int64_t channels, const Requant& rq, T* d) {
-  for (int64_t oc = 0; oc < channels; oc += 8) RequantStore8<T>(_mm256_loadu_ps(y + oc), rq, oc, d);
+// The 8-channel blocks of a lowering that change some code (a channel with inv_step != 1), or
+// none: at ratio 0 no channel is lowered and the codes stay as the primitive wrote them.
+std::vector<int64_t> LoweredBlocks(const Requant& rq) {
+  std::vector<int64_t> blocks;
+  if (!rq.lowering) return blocks;
+  for (int64_t b = 0; b < rq.channels; b += 8)
+    for (int64_t oc = b; oc < std::min(b + 8, rq.channels); ++oc)
+      if (rq.lowering[oc] != 1.f) {
+        blocks.push_back(b);
+        break;
+      }
+  return blocks;
 }
 
-// Float outputs (rows x channels) requantized to u8/s8 codes (Requant), one pass.
+// The 4-bit extraction (Requant's lowering) applied in place to u8/s8 codes (rows x channels), on
+// the 8-channel blocks that hold a lowered channel.
 template <typename T>
-void RequantRowsT(const float* y, int64_t rows, int64_t channels, const Requant& rq, T* dst) {
+__attribute__((target("avx2"))) void ExtractRowsT(T* codes, int64_t rows, const Requant& rq) {
+  const std::vector<int64_t> blocks = LoweredBlocks(rq);
+  if (blocks.empty()) return;
+  const int64_t channels = rq.channels;
   static const bool avx2 = __builtin_cpu_supports("avx2");
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
-    if (avx2 && channels % 8 == 0) {
-      RequantRowAvx2<T>(y + r * channels, channels, rq, dst + r * channels);
-      continue;
+    T* row = codes + r * channels;
+    for (const int64_t b : blocks) {
+      if (avx2 && b + 8 <= channels) {
+        const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + b));
+        const __m256i wide = std::is_same_v<T, uint8_t> ? _mm256_cvtepu8_epi32(raw) : _mm256_cvtepi8_epi32(raw);
+        Store8<T>(Extract8(_mm256_cvtepi32_ps(wide), rq, b), row + b);
+        continue;
+      }
+      for (int64_t oc = b; oc < std::min(b + 8, channels); ++oc)
+        row[oc] = static_cast<T>(Extract<T>(static_cast<float>(row[oc]), rq, oc));
     }
-    for (int64_t oc = 0; oc < channels; ++oc) dst[r * channels + oc] = RequantCode<T>(y[r * channels + oc], rq, oc);
   }
 }
 
-void RequantRows(const float* y, int64_t rows, int64_t channels, const Requant& rq, dt out, void* dst) {
-  if (out == dt::u8) RequantRowsT(y, rows, channels, rq, static_cast<uint8_t*>(dst));
-  else RequantRowsT(y, rows, channels, rq, static_cast<int8_t*>(dst));
+void ExtractRows(void* codes, int64_t rows, const Requant& rq, dt out) {
+  if (out == dt::u8) ExtractRowsT(static_cast<uint8_t*>(codes), rows, rq);
+  else ExtractRowsT(static_cast<int8_t*>(codes), rows, rq);
 }
 
 inline float PostOp(float y, int64_t post_op) {
@@ -1034,20 +1075,19 @@ ffi::Error Run(const Geometry& g, dt src_t, const void* x, const int8_t* weights
       return ffi::Error::Success();
     }
     const bool fuse = out != dt::s32;
-    // A u8/s8 output of a fused primitive: its float output (the same floats as an f32 output)
-    // into a buffer, then requantized (RequantRows).
+    // A u8/s8 output of a fused primitive: the primitive writes the 8-bit codes itself (oneDNN's
+    // dst scale: round(y * (1 / scale)), saturated), then the lowered channels' 4-bit extraction
+    // runs in place on the codes (ExtractRows; nothing to do where no channel is lowered).
     const bool codes = out == dt::u8 || out == dt::s8;
-    const dt fused_out = codes ? dt::f32 : out;
-    void* fused_dst = dst;
-    if (codes && (mode == 2 || mode == 0)) fused_dst = Buffer(kSlotFloat, g.rows() * g.o * sizeof(float));
+    const float* dst_scale = codes ? &rq.scale : nullptr;
     if (mode == 2 || (mode == 0 && HasVnni())) {
       if (UseIm2col(g))  // padding code 0: the real zero of u8 and s8 codes
-        ExecuteIm2col(g, {src_t, false, 1, fused_out, fuse, fuse ? post_op : 0}, static_cast<const uint8_t*>(x), g.h,
-                      g.w, g.pad_lo, 0, weights, fused_dst, 4, fuse ? scale : nullptr, bias);
+        ExecuteIm2col(g, {src_t, false, 1, out, fuse, fuse ? post_op : 0}, static_cast<const uint8_t*>(x), g.h, g.w,
+                      g.pad_lo, 0, weights, dst, codes ? 1 : 4, fuse ? scale : nullptr, bias, dst_scale);
       else
-        Execute(*Get(g, {src_t, false, 1, fused_out, fuse, fuse ? post_op : 0}), x, weights, fused_dst,
-                fuse ? scale : nullptr, bias);
-      if (codes) RequantRows(static_cast<const float*>(fused_dst), g.rows(), g.o, rq, out, dst);
+        Execute(*Get(g, {src_t, false, 1, out, fuse, fuse ? post_op : 0}), x, weights, dst, fuse ? scale : nullptr,
+                bias, nullptr, dst_scale);
+      if (codes) ExtractRows(dst, g.rows(), rq, out);
       counts[kRunDirect] += 1;
       return ffi::Error::Success();
     }
@@ -1071,9 +1111,9 @@ ffi::Error Run(const Geometry& g, dt src_t, const void* x, const int8_t* weights
       if (c->probe == 1) {
         counts[kRunDepthwise] += 1;
         if (!shift) {
-          auto f = Get(g, {dt::u8, false, 1, fused_out, fuse, fuse ? post_op : 0});
-          Execute(*f, x, weights, fused_dst, fuse ? scale : nullptr, bias);
-          if (codes) RequantRows(static_cast<const float*>(fused_dst), rows, g.o, rq, out, dst);
+          auto f = Get(g, {dt::u8, false, 1, out, fuse, fuse ? post_op : 0});
+          Execute(*f, x, weights, dst, fuse ? scale : nullptr, bias, nullptr, dst_scale);
+          if (codes) ExtractRows(dst, rows, rq, out);
           return ffi::Error::Success();
         }
         auto acc = Uninitialized<int32_t>(rows * g.o);
@@ -1175,7 +1215,7 @@ ffi::Error ConvRun(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::
   g.pad_hi = {pad_hi[0], pad_hi[1]};
   if (g.c != k[2] * groups || g.o % groups != 0 || y[0] != g.n || y[3] != g.o)
     return ffi::Error::InvalidArgument("onednn conv: channel counts do not match the groups");
-  Requant rq{*dst_scale.typed_data(), nullptr, g.o};
+  Requant rq = Requant::Of(*dst_scale.typed_data(), g.o);
   if (lowering)
     if (auto e = Lowering(*lowering, g.o, &rq.lowering); e.failure()) return e;
   if (addend && (out != dt::f32 || addend->element_count() != static_cast<size_t>(g.rows() * g.o)))
@@ -1226,7 +1266,7 @@ ffi::Error MatmulRun(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi
   Geometry g;
   g.conv = false;
   g.n = a[0], g.c = a[1], g.o = b[1];
-  Requant rq{*dst_scale.typed_data(), nullptr, g.o};
+  Requant rq = Requant::Of(*dst_scale.typed_data(), g.o);
   if (lowering)
     if (auto e = Lowering(*lowering, g.o, &rq.lowering); e.failure()) return e;
   return Run(g, src_t, src.untyped_data(), static_cast<const int8_t*>(weights.untyped_data()), out,
@@ -1329,7 +1369,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiqOnednnMatmulLowered, MatmulLoweredImpl,
 
 // The interface version of this library (the FFI targets' attributes, the modes, the exported
 // functions): flexiq_jax refuses a library whose version is not the one it was written for.
-extern "C" int flexiq_onednn_abi() { return 6; }
+extern "C" int flexiq_onednn_abi() { return 7; }
 
 // The oneDNN version this library runs with: major * 10000 + minor * 100 + patch.
 extern "C" int flexiq_onednn_version() {
