@@ -588,6 +588,50 @@ def _chain(eqn):
   return tuple(ops) if jaxpr.outvars[0] is current else None
 
 
+def _dataflow(model: nn.Module, plan, variables, x):
+  """The model's jaxpr with every layer of `plan.quantized` and every `ResidualAdd` a named jit call
+  (one abstract trace, no FLOPs), and the names: ({jit name: layer path}, {jit name: the residual
+  sum's index in call order}), with each variable's producing equation and its number of uses."""
+  names, residuals = {}, {}
+
+  class Marker:
+    def layer(self, call: LayerCall, x):
+      shape = (x.shape[0],) + tuple(call.info.output_shape[1:])
+      def marker(x):
+        return jnp.zeros(shape, jnp.float32) + 0 * jnp.sum(x)
+      marker.__name__ = f"flexiq_layer_{len(names)}"
+      names[marker.__name__] = call.path
+      return jax.jit(marker)(x)
+
+    def matmul(self, call: MatmulCall, a, b):
+      return call.float_forward(a, b)
+
+    def residual_add(self, y, shortcut, activation: str):
+      del activation
+      def marker(y, shortcut):
+        return y + shortcut
+      marker.__name__ = f"flexiq_residual_{len(residuals)}"
+      residuals[marker.__name__] = len(residuals)
+      return jax.jit(marker)(y, shortcut)
+
+  jaxpr = jax.make_jaxpr(lambda v, x: run_with_provider(model, plan, v, x, Marker()))(variables, x).jaxpr
+  producer, uses = {}, {}
+  for eqn in jaxpr.eqns:
+    for v in eqn.invars:
+      if type(v).__name__ != "Literal":
+        uses[v] = uses.get(v, 0) + 1
+    for v in eqn.outvars:
+      producer[v] = eqn
+  for v in jaxpr.outvars:
+    if type(v).__name__ != "Literal":
+      uses[v] = uses.get(v, 0) + 1
+  return jaxpr, names, residuals, producer, uses
+
+
+def _jit_name(eqn):
+  return eqn.params.get("name") if eqn is not None and eqn.primitive.name in ("pjit", "jit") else None
+
+
 def layer_edges(model: nn.Module, plan, variables, x) -> dict[str, tuple[str, str]]:
   """The quantized layers whose input is another quantized layer's output, directly or through one
   ReLU/ReLU6 (`EDGE_ACTIVATIONS`), where nothing else reads that output or the activation's.
@@ -606,34 +650,10 @@ def layer_edges(model: nn.Module, plan, variables, x) -> dict[str, tuple[str, st
   Returns:
     {consumer path: (producer path, 'none' | 'relu' | 'relu6')}.
   """
-  names = {}
-
-  class Marker:
-    def layer(self, call: LayerCall, x):
-      shape = (x.shape[0],) + tuple(call.info.output_shape[1:])
-      def marker(x):
-        return jnp.zeros(shape, jnp.float32) + 0 * jnp.sum(x)
-      marker.__name__ = f"flexiq_layer_{len(names)}"
-      names[marker.__name__] = call.path
-      return jax.jit(marker)(x)
-
-    def matmul(self, call: MatmulCall, a, b):
-      return call.float_forward(a, b)
-
-  jaxpr = jax.make_jaxpr(lambda v, x: run_with_provider(model, plan, v, x, Marker()))(variables, x).jaxpr
-  producer, uses = {}, {}
-  for eqn in jaxpr.eqns:
-    for v in eqn.invars:
-      if type(v).__name__ != "Literal":
-        uses[v] = uses.get(v, 0) + 1
-    for v in eqn.outvars:
-      producer[v] = eqn
-  for v in jaxpr.outvars:
-    if type(v).__name__ != "Literal":
-      uses[v] = uses.get(v, 0) + 1
+  jaxpr, names, _, producer, uses = _dataflow(model, plan, variables, x)
 
   def layer_of(eqn):
-    return names.get(eqn.params.get("name")) if eqn is not None and eqn.primitive.name in ("pjit", "jit") else None
+    return names.get(_jit_name(eqn))
 
   edges = {}
   for eqn in jaxpr.eqns:
@@ -648,6 +668,33 @@ def layer_edges(model: nn.Module, plan, variables, x) -> dict[str, tuple[str, st
       source = producer.get(v) if act is not None else None
     if layer_of(source) is not None and uses.get(v) == 1:
       edges[consumer] = (layer_of(source), act)
+  return edges
+
+
+def residual_edges(model: nn.Module, plan, variables, x) -> dict[int, str]:
+  """The quantized layers that read a `ResidualAdd`'s sum directly: {the sum's index among the
+  model's residual sums, in call order: the first quantized layer that reads it}. The sum has other
+  readers too (the next residual sum); its codes are a function of the sum alone, so the kernel that
+  writes the sum can write that layer's codes as well (`integer.IntegerLayers.residual_add`).
+
+  Args:
+    model: the linen model.
+    plan: the plan (as `run_with_provider` takes it).
+    variables: the model's (BN-folded) variables, or their shapes.
+    x: an input batch, or its shape and dtype (`jax.ShapeDtypeStruct`).
+
+  Returns:
+    {residual index: consumer path}.
+  """
+  jaxpr, names, residuals, producer, _ = _dataflow(model, plan, variables, x)
+  edges = {}
+  for eqn in jaxpr.eqns:
+    consumer = names.get(_jit_name(eqn))
+    if consumer is None:
+      continue
+    k = residuals.get(_jit_name(producer.get(eqn.invars[0])))
+    if k is not None and k not in edges:
+      edges[k] = consumer
   return edges
 
 

@@ -292,8 +292,9 @@ def test_fused_epilogue_and_requantization(mode, post_op):
 @pytest.mark.parametrize("post_op", ["none", "relu"])
 def test_conv_addend_is_added_before_the_post_op_bit_for_bit(mode, name, post_op):
   """The residual operand: post_op(acc * scale + bias + addend) equals the conv's float32 output
-  plus the addend, then the post-op, bit for bit (one float32 add either way), in every mode (fused
-  as a binary post-op where the direct kernels run, one more pass elsewhere) and for the im2col stem."""
+  plus the addend, then the post-op, bit for bit (one float32 add either way), in every mode and for
+  the im2col stem; with `sum_codes` the same sum and, from the same pass, its codes on the reading
+  layer's grid (`integer.activation_codes`, with and without lowered channels)."""
   rng = np.random.default_rng(5)
   c, o, kernel, strides, padding, dilation, groups = CONVS[name]
   for signed in (False, True):
@@ -309,6 +310,24 @@ def test_conv_addend_is_added_before_the_post_op_bit_for_bit(mode, name, post_op
     got = onednn.conv(x, w, addend=addend, post_op=post_op, **kw)
     np.testing.assert_array_equal(got, want)
     assert post_op == "none" or (np.asarray(got) == 0).any()  # the ReLU clipped something
+    # The sum's codes for the layer that reads it (signed grid where the sum can be negative).
+    codes_signed = post_op == "none"
+    lowered = jnp.asarray(rng.random(o) < 0.5)
+    entry = {"act_scale": jnp.float32(0.03), "step": jnp.asarray(2.0 ** rng.integers(1, 4, o), jnp.float32)}
+    qmin, qmax = (-128, 127) if codes_signed else (0, 255)
+    lo4, hi4 = (-8, 7) if codes_signed else (0, 15)
+    rows = onednn.lowering_rows(jnp.where(lowered, entry["step"], 1.0), jnp.where(lowered, lo4, qmin),
+                                jnp.where(lowered, hi4, qmax))
+    codes_dtype = jnp.int8 if codes_signed else jnp.uint8
+    for lowering, mask in ((rows, lowered), (None, None)):
+      got_sum, codes = onednn.conv(x, w, addend=addend, post_op=post_op, **kw, sum_codes=dict(
+          out_dtype=codes_dtype, dst_scale=entry["act_scale"], lowering=lowering))
+      np.testing.assert_array_equal(got_sum, want)
+      assert codes.dtype == codes_dtype
+      np.testing.assert_array_equal(codes, integer.activation_codes(want, entry, mask, signed=codes_signed)
+                                    .astype(codes_dtype))
+  with pytest.raises(ValueError, match="sum_codes needs an addend"):
+    onednn.conv(x, w, sum_codes=dict(out_dtype=jnp.uint8, dst_scale=0.1), **kw)
   with pytest.raises(ValueError, match="addend must be float32 of the output's shape"):
     onednn.conv(x, w, addend=addend[:1], **kw)
   with pytest.raises(ValueError, match="addend must be float32 of the output's shape"):
@@ -633,15 +652,20 @@ def residual_setup():
 def test_residual_fusion_keeps_the_logits_bit_for_bit(residual_setup):
   """With fuse_residual (the default) each block's sum is written by a conv's kernel (the conv
   run again with the shortcut as its addend; XLA drops the first run: as many oneDNN calls as
-  without it); the logits equal those of the model without it bit for bit at every ratio, with one
-  compilation."""
+  without it), and where a quantized conv reads the sum (the next stage's first conv) the same
+  kernel writes that conv's codes too; the logits equal those of the model without either bit for
+  bit at every ratio, with one compilation."""
   qmodel, qvars, images = residual_setup
   svars = jax.jit(qmodel.prepare)(qvars)
+  assert qmodel.residual_edges(svars, images) == {0: "layer2_0/conv1", 1: "layer3_0/conv1", 2: "layer4_0/conv1"}
+  assert dataclasses.replace(qmodel, fuse_requant=False).residual_edges(svars, images) == {}
   fused, plain = jax.jit(qmodel.apply), jax.jit(dataclasses.replace(qmodel, fuse_residual=False).apply)
+  sums_only = jax.jit(dataclasses.replace(qmodel, fuse_requant=False).apply)
   fused_hlo = fused.lower(svars, images, 0.0).compile().as_text()
   plain_hlo = plain.lower(svars, images, 0.0).compile().as_text()
-  blocks = 4  # one block per stage in the small ResNet-18
-  assert fused_hlo.count(f'"{onednn.CONV_ADD_TARGET}"') == blocks
+  blocks = 4  # one block per stage in the small ResNet-18; the last sum feeds the pool, not a conv
+  assert fused_hlo.count(f'"{onednn.CONV_ADD_CODES_TARGET}"') == blocks - 1
+  assert fused_hlo.count(f'"{onednn.CONV_ADD_TARGET}"') == 1
   assert onednn.CONV_ADD_TARGET not in plain_hlo
   calls = lambda text: text.count('custom_call_target="flexiq_onednn')
   assert calls(fused_hlo) == calls(plain_hlo) > blocks
@@ -650,4 +674,5 @@ def test_residual_fusion_keeps_the_logits_bit_for_bit(residual_setup):
   assert compiled.count == 1
   for r, out in zip(RATIOS, outs):
     np.testing.assert_array_equal(out, plain(svars, images, jnp.float32(r)))
+    np.testing.assert_array_equal(out, sums_only(svars, images, jnp.float32(r)))
   assert not np.array_equal(outs[0], outs[-1])

@@ -358,7 +358,8 @@ def _next_codes_epilogue(next_codes: NextCodes) -> dict | None:
 
 def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, conv_accumulator=jnp.int32,
                     conv_impl: str | None = None, dense_impl: str = "xla", codes=None,
-                    next_codes: NextCodes | None = None, addend=None, addend_activation: str = "none"):
+                    next_codes: NextCodes | None = None, addend=None, addend_activation: str = "none",
+                    sum_codes: NextCodes | None = None):
   """One quantized layer on serving variables: `lowered` (C,) bool, or None for a layer that is
   never lowered; call.kernel holds the int8 codes. conv_impl (CONV_IMPLS; None: the default for
   the backend): 'int8' one int8 conv with the layer's own padding (unsigned codes shifted by -128,
@@ -374,6 +375,9 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
   addend: a residual sum's other term (the output's shape): the layer then returns
   `addend_activation(output + addend)`, the sum fused into the oneDNN conv's epilogue where the layer
   runs there (`IntegerLayers.residual_add`), else added after it; the same float32 adds either way.
+  sum_codes: with `addend`, where the sum is fused into a oneDNN conv, the activation quantization
+  of the layer that reads the sum: the layer then returns (sum, that layer's codes), both from the
+  kernel's one pass.
 
   Args:
     call: the intercepted layer call; `call.kernel` holds the int8 codes, `call.bias` the float bias.
@@ -389,11 +393,14 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
     next_codes: the next layer's activation quantization (`NextCodes`), or None.
     addend: float array of the output's shape added before `addend_activation`, or None.
     addend_activation: 'none' or 'relu', applied after the addend.
+    sum_codes: the activation quantization of the layer that reads the residual sum (`NextCodes`),
+      or None.
 
   Returns:
     The layer's float output in the module's output shape, bias and bias correction included; with
     `next_codes`, where the layer runs on oneDNN (and the next grid has no zero point), the next
-    layer's codes instead (uint8/int8, the same shape); with `addend`, the residual sum.
+    layer's codes instead (uint8/int8, the same shape); with `addend`, the residual sum; with
+    `sum_codes` too, where the sum is fused (and that grid has no zero point), (sum, codes).
 
   Raises:
     ValueError: an unknown `dense_impl` or `conv_impl`.
@@ -436,9 +443,13 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
       if addend is not None and epilogue["out_dtype"] == jnp.float32:
         epilogue = dict(epilogue, addend=addend, post_op=addend_activation)
         addend = None  # fused
+        if sum_codes is not None and (kw := _next_codes_epilogue(sum_codes)) is not None:
+          epilogue["sum_codes"] = {k: kw[k] for k in ("out_dtype", "dst_scale", "lowering") if k in kw}
       y = onednn.conv(q8, wi, strides=spatial_pair(module.strides), padding=padding,
                       dilation=spatial_pair(module.kernel_dilation), groups=info.groups, scale=scale,
                       bias=fused_bias, **epilogue)
+      if isinstance(y, tuple):
+        return finish(info, y[0], None), finish(info, y[1], None)
       return _add(finish(info, y, None), addend, addend_activation)
     conv_impl = "int8"
   dilated = info.kind == "conv" and spatial_pair(module.input_dilation) != (1, 1)
@@ -511,7 +522,9 @@ class IntegerLayers:
   that conv again with the other term as its addend (`integer_forward`): the kernel writes the
   residual sum, XLA drops the first run (nothing reads it), and the sum is one buffer that every
   later reader shares (XLA:CPU would otherwise recompute a chain of residual sums inside each
-  reader's fusion).
+  reader's fusion). residual_edges {k: consumer} (`interception.residual_edges`): the k-th sum's
+  kernel also writes the activation codes of the quantized layer that reads the sum, which takes
+  them instead of quantizing the sum (the same codes).
   """
 
   integer: dict  # svars['integer']
@@ -525,7 +538,9 @@ class IntegerLayers:
   requant_edges: dict = dataclasses.field(default_factory=dict)  # {producer: (consumer, activation)}
   pending: dict = dataclasses.field(default_factory=dict)  # {consumer: codes its producer wrote}
   fuse_residual: bool = False
-  producers: dict = dataclasses.field(default_factory=dict)  # {id(output): (output, rerun(addend, act))}
+  producers: dict = dataclasses.field(default_factory=dict)  # {id(output): (output, rerun(addend, act, codes))}
+  residual_edges: dict = dataclasses.field(default_factory=dict)  # {residual index: consumer path}
+  residual_calls: list = dataclasses.field(default_factory=list)  # one entry per ResidualAdd seen
 
   def _lowered(self, path: str, entry: dict):
     return entry["rank"] < self.counts[path] if path in self.counts else None
@@ -536,10 +551,7 @@ class IntegerLayers:
     acc = jnp.int32 if self.conv_accumulator == "int32" else jnp.float32
     next_codes = None
     if call.path in self.requant_edges:
-      consumer, activation = self.requant_edges[call.path]
-      consumer_entry = get_path(self.integer, consumer)
-      next_codes = NextCodes(consumer_entry, self._lowered(consumer, consumer_entry), self.signed[consumer],
-                             activation)
+      next_codes = self._next_codes(*self.requant_edges[call.path])
     run = functools.partial(integer_forward, call, x, entry, lowered, signed=self.signed[call.path],
                             conv_accumulator=acc, conv_impl=self.conv_impls.get(call.path),
                             dense_impl=self.dense_impl, codes=self.pending.pop(call.path, None))
@@ -549,16 +561,28 @@ class IntegerLayers:
       return jnp.full(y.shape, jnp.nan, jnp.float32)
     if (self.fuse_residual and call.info.kind == "conv"
         and conv_impl_for(call.info, self.signed[call.path], self.conv_impls.get(call.path)) == "onednn"):
-      self.producers[id(y)] = (y, lambda addend, activation: run(addend=addend, addend_activation=activation))
+      self.producers[id(y)] = (y, lambda addend, activation, codes: run(addend=addend, addend_activation=activation,
+                                                                       sum_codes=codes))
     return y
+
+  def _next_codes(self, consumer: str, activation: str) -> NextCodes:
+    entry = get_path(self.integer, consumer)
+    return NextCodes(entry, self._lowered(consumer, entry), self.signed[consumer], activation)
 
   def residual_add(self, y, shortcut, activation: str):
     """A `ResidualAdd`'s sum written by the oneDNN conv that produced one of its terms (`fuse_residual`),
-    or None (the plain sum) where neither term is such a conv's float output."""
+    with the codes of the layer that reads the sum where `residual_edges` names one, or None (the
+    plain sum) where neither term is such a conv's float output."""
+    k = len(self.residual_calls)
+    self.residual_calls.append(k)
+    consumer = self.residual_edges.get(k)
     for term, other in ((y, shortcut), (shortcut, y)):
       found = self.producers.get(id(term))
       if found is not None and found[0] is term and jnp.shape(other) == jnp.shape(term):
-        return found[1](other, activation)
+        out = found[1](other, activation, None if consumer is None else self._next_codes(consumer, "none"))
+        if isinstance(out, tuple):
+          out, self.pending[consumer] = out
+        return out
     return None
 
   def matmul(self, call: MatmulCall, a, b):

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ABI = 7  # the library's interface version (flexiq_onednn_abi) this module calls
+ABI = 8  # the library's interface version (flexiq_onednn_abi) this module calls
 CONV_TARGET = "flexiq_onednn_conv"
 MATMUL_TARGET = "flexiq_onednn_matmul"
 # The same kernels with a `lowering` operand: uint8/int8 outputs with each channel's 4-bit extraction.
@@ -37,6 +37,8 @@ CONV_LOWERED_TARGET = "flexiq_onednn_conv_lowered"
 MATMUL_LOWERED_TARGET = "flexiq_onednn_matmul_lowered"
 # The conv with an `addend` operand: a float32 output post_op(acc * scale + bias + addend).
 CONV_ADD_TARGET = "flexiq_onednn_conv_add"
+# The same and the sum's requantized codes (uint8/int8 with the 4-bit extraction): two results.
+CONV_ADD_CODES_TARGET = "flexiq_onednn_conv_add_codes"
 POST_OPS = {"none": 0, "relu": 1, "relu6": 2, "gelu": 3}
 # How the library runs a layer (the C++ file's comment): 'auto' fused where the CPU has VNNI and
 # exact elsewhere ('single', or a probed depthwise kernel); 'split' two int8 runs on split weights,
@@ -100,6 +102,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
   jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(lib.FlexiqOnednnMatmul), platform="cpu")
   jax.ffi.register_ffi_target(CONV_LOWERED_TARGET, jax.ffi.pycapsule(lib.FlexiqOnednnConvLowered), platform="cpu")
   jax.ffi.register_ffi_target(CONV_ADD_TARGET, jax.ffi.pycapsule(lib.FlexiqOnednnConvAdd), platform="cpu")
+  jax.ffi.register_ffi_target(CONV_ADD_CODES_TARGET, jax.ffi.pycapsule(lib.FlexiqOnednnConvAddCodes), platform="cpu")
   jax.ffi.register_ffi_target(MATMUL_LOWERED_TARGET, jax.ffi.pycapsule(lib.FlexiqOnednnMatmulLowered), platform="cpu")
   return lib, ""
 
@@ -263,7 +266,7 @@ def _check(x, w, post_op: str, out_dtype, mode: str):
 
 def conv(x, w, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), groups: int = 1, scale=None,
          bias=None, post_op: str = "none", out_dtype=jnp.int32, dst_scale=None, lowering=None, addend=None,
-         mode: str = "auto"):
+         sum_codes=None, mode: str = "auto"):
   """oneDNN's int8 convolution, NHWC x HWIO -> NHWC, with its epilogue (module docstring).
 
   Args:
@@ -281,10 +284,13 @@ def conv(x, w, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), gro
     lowering: (4, O) `lowering_rows` for a uint8/int8 output: each channel's 4-bit extraction of q.
     addend: (N, H', W', O) float32 added before the post-op (a residual sum's other term; a float32
       output only): post_op(acc * scale + bias + addend), one rounding per add as `y + addend`.
+    sum_codes: with `addend`, also the sum's requantization: a dict with 'out_dtype' (uint8/int8),
+      'dst_scale' and optionally 'lowering' (as the arguments of those names): the activation codes
+      of the layer that reads the sum, written in the same pass as the sum.
     mode: one of MODES ('auto': exact accumulators on every CPU; `auto_mode`).
 
   Returns:
-    (N, H', W', O) array of `out_dtype`.
+    (N, H', W', O) array of `out_dtype`; with `sum_codes`, the pair (sum, codes).
 
   Raises:
     ValueError: wrong dtypes, an unknown post-op or mode, a post-op with an int32 output, bad padding,
@@ -307,13 +313,31 @@ def conv(x, w, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), gro
       raise ValueError(f"the addend must be float32 of the output's shape {tuple(out_shape)} with a float32 "
                        f"output; got shape {tuple(addend.shape)} and output {jnp.dtype(out_dtype).name}")
     addend = jnp.asarray(addend, jnp.float32)
+  attrs = dict(strides=np.asarray(strides, np.int64), pad_lo=np.asarray([p[0] for p in padding], np.int64),
+               pad_hi=np.asarray([p[1] for p in padding], np.int64), dilation=np.asarray(dilation, np.int64),
+               groups=np.int64(groups), post_op=np.int64(POST_OPS[post_op]), mode=_mode_code(mode))
+  if sum_codes is not None:
+    if addend is None:
+      raise ValueError("sum_codes needs an addend (the codes are those of the residual sum)")
+    codes_dtype = jnp.dtype(sum_codes["out_dtype"])
+    if codes_dtype not in (jnp.dtype(jnp.uint8), jnp.dtype(jnp.int8)):
+      raise ValueError(f"the sum's codes must be uint8 or int8, not {codes_dtype}")
+    rows = sum_codes.get("lowering")
+    if rows is None:  # every channel at 8 bits: step 1 within the type's range
+      info = jnp.iinfo(codes_dtype)
+      n = out_shape[-1]
+      rows = lowering_rows(jnp.ones(n), jnp.full(n, info.min), jnp.full(n, info.max))
+    rows = _lowering_operand(rows, w.shape[-1], codes_dtype)
+    sum_scale = jnp.asarray(sum_codes["dst_scale"], jnp.float32).reshape(())
+    call = jax.ffi.ffi_call(CONV_ADD_CODES_TARGET, (jax.ShapeDtypeStruct(out_shape, jnp.float32),
+                                                    jax.ShapeDtypeStruct(out_shape, codes_dtype)),
+                            vmap_method="sequential")
+    return tuple(call(x, w, scale, bias, sum_scale, rows, addend, **attrs))
   # At most one of the two: a lowering needs a uint8/int8 output, an addend a float32 one.
   target = CONV_ADD_TARGET if addend is not None else CONV_LOWERED_TARGET if lowering is not None else CONV_TARGET
   call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, out_dtype), vmap_method="sequential")
   operands = (x, w, scale, bias, dst_scale) + tuple(v for v in (lowering, addend) if v is not None)
-  return call(*operands, strides=np.asarray(strides, np.int64),
-              pad_lo=np.asarray([p[0] for p in padding], np.int64), pad_hi=np.asarray([p[1] for p in padding], np.int64),
-              dilation=np.asarray(dilation, np.int64), groups=np.int64(groups), post_op=np.int64(POST_OPS[post_op]), mode=_mode_code(mode))
+  return call(*operands, **attrs)
 
 
 def matmul(x, w, *, scale=None, bias=None, post_op: str = "none", out_dtype=jnp.int32, dst_scale=None,

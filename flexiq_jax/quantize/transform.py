@@ -261,7 +261,8 @@ class QuantizedModel:
       qvars = self.prepare(qvars)
       provider = integer.IntegerLayers(qvars[integer.SERVING_KEY], qvars["quant"], counts, self.plan.signed,
                                        self.plan.matmul_signed, accumulator, self.conv_impl_map(), self.dense_impl,
-                                       self.requant_edges(qvars, x), fuse_residual=self.fuse_residual)
+                                       self.requant_edges(qvars, x), fuse_residual=self.fuse_residual,
+                                       residual_edges=self.residual_edges(qvars, x))
     else:
       provider = FlexiQLayers(qvars["quant"], counts, self.plan.signed, "int" if self.mode == "int_reference" else "fake",
                               self.lsq, accumulator, self.plan.matmul_signed, self.lsq_grad_scale,
@@ -282,19 +283,53 @@ class QuantizedModel:
       one flat output feature axis, the consumer taking its input as it is (a conv, or a dense
       layer contracting one axis).
     """
-    impls = self.conv_impl_map()
-    on_onednn = {p for p in self.plan.quantized if (impls.get(p) == "onednn" if self.plan.layers[p].kind == "conv"
-                                                    else self.dense_impl == "onednn")}
+    on_onednn = self._on_onednn()
     if self.mode != "int" or not self.fuse_requant or not on_onednn or not integer.onednn.available():
       return {}
-    shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)),
-                                    {k: v for k, v in qvars.items() if k in ("params", "batch_stats")})
-    edges = interception.layer_edges(self.model, self.plan, shapes, jax.ShapeDtypeStruct(jnp.shape(x), jnp.float32))
+    edges = interception.layer_edges(self.model, self.plan, *self._abstract(qvars, x))
     layers = self.plan.layers
     return {producer: (consumer, act) for consumer, (producer, act) in edges.items()
             if producer in on_onednn
             and (layers[producer].kind == "conv" or len(layers[producer].kernel_shape) == 2)
-            and (layers[consumer].kind == "conv" or layers[consumer].contracted_axes == 1)}
+            and self._takes_codes(consumer)}
+
+  def residual_edges(self, qvars, x) -> dict:
+    """{residual index: consumer path}: the residual sums (`ResidualAdd`, in call order) whose
+    fused kernel also writes the activation codes of the quantized layer that reads the sum, in mode
+    'int' with `fuse_residual` and `fuse_requant`; {} where no conv runs on oneDNN.
+
+    Args:
+      qvars: the (prepared) variables, or their shapes.
+      x: the input batch, or its shape and dtype.
+
+    Returns:
+      The edges `integer.IntegerLayers` takes (its `residual_add` fuses only sums that a oneDNN conv
+      writes; the others keep their consumer's own quantize pass).
+    """
+    on_onednn = self._on_onednn()
+    if (self.mode != "int" or not (self.fuse_requant and self.fuse_residual) or not on_onednn
+        or not integer.onednn.available()):
+      return {}
+    edges = interception.residual_edges(self.model, self.plan, *self._abstract(qvars, x))
+    return {k: consumer for k, consumer in edges.items() if self._takes_codes(consumer)}
+
+  def _on_onednn(self) -> set:
+    impls = self.conv_impl_map()
+    return {p for p in self.plan.quantized if (impls.get(p) == "onednn" if self.plan.layers[p].kind == "conv"
+                                               else self.dense_impl == "onednn")}
+
+  def _takes_codes(self, consumer: str) -> bool:
+    """Whether a layer can take its input as codes written for it: a conv, or a dense layer
+    contracting one axis (its input as it is)."""
+    info = self.plan.layers[consumer]
+    return info.kind == "conv" or info.contracted_axes == 1
+
+  @staticmethod
+  def _abstract(qvars, x):
+    """(variables, input) as shapes and dtypes, for the one abstract trace of the edges."""
+    shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)),
+                                    {k: v for k, v in qvars.items() if k in ("params", "batch_stats")})
+    return shapes, jax.ShapeDtypeStruct(jnp.shape(x), jnp.float32)
 
   def apply(self, qvars, x, ratio, *, checked: bool = False):
     """Logits at a 4-bit ratio in [0, 1] (a traced scalar: no recompilation when it changes).

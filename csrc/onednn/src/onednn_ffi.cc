@@ -11,6 +11,8 @@
 // Post-ops: 0 none, 1 ReLU, 2 ReLU6 (clip to [0, 6]), 3 GELU (erf form).
 // The conv_add target takes one more operand, an f32 tensor of the output's shape (a residual sum's
 // other term), added to the f32 result before the post-op: post_op(acc * scale + bias + addend).
+// The conv_add_codes target also returns the sum requantized (u8/s8, with each channel's 4-bit
+// extraction): the activation codes of the layer that reads the sum, from the same pass.
 // The layer runs without its post-op, then one pass adds the addend and applies the post-op while
 // the output is still in cache. (oneDNN's sum and binary-add post-ops ran the ResNet-18 stage-1
 // convs slower than the conv plus this pass: the kernel then reads the addend from memory.)
@@ -1062,16 +1064,49 @@ bool ProbeDepthwise(const Geometry& g, const Cached& c) {
 
 // Runs one layer (file comment): x are the codes (src type `src_t`), weights plain (HWIO or
 // (K, N)), dst of type `out`.
+// The residual pass: y = post_op(y + addend) in place (post_op none or ReLU vectorized), and with
+// `codes` also the sum's requantization (Requant) to u8/s8 codes: the activation codes of the layer
+// that reads the sum, written while the sum is in registers.
+template <typename T>
+__attribute__((target("avx2"))) void AddRowsAvx2(float* y, const float* addend, int64_t rows, int64_t channels,
+                                                int64_t post_op, const Requant& rq, T* codes) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t oc = 0; oc < channels; oc += 8) {
+      const int64_t i = r * channels + oc;
+      __m256 v = _mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_loadu_ps(addend + i));
+      if (post_op == 1) v = _mm256_max_ps(v, _mm256_setzero_ps());
+      _mm256_storeu_ps(y + i, v);
+      if (codes) RequantStore8<T>(v, rq, oc, codes + r * channels);
+    }
+}
+
+template <typename T>
+void AddRows(float* y, const float* addend, int64_t rows, int64_t channels, int64_t post_op, const Requant& rq,
+             T* codes) {
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2 && channels % 8 == 0 && (post_op == 0 || post_op == 1)) {
+    AddRowsAvx2<T>(y, addend, rows, channels, post_op, rq, codes);
+    return;
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t oc = 0; oc < channels; ++oc) {
+      const int64_t i = r * channels + oc;
+      y[i] = PostOp(y[i] + addend[i], post_op);
+      if (codes) codes[i] = RequantCode<T>(y[i], rq, oc);
+    }
+}
+
 ffi::Error Run(const Geometry& g, dt src_t, const void* x, const int8_t* weights, dt out, void* dst,
                const float* scale, const float* bias, const Requant& rq, int64_t post_op, int64_t mode,
-               const float* addend = nullptr) {
+               const float* addend = nullptr, dt codes_t = dt::undef, void* codes = nullptr) {
   try {
     if (addend != nullptr) {  // an f32 output (ConvRun checks)
       float* y = static_cast<float*>(dst);
-      const int64_t count = g.rows() * g.o;
-      if (auto e = Run(g, src_t, x, weights, out, dst, scale, bias, rq, 0, mode); e.failure()) return e;
-#pragma omp parallel for schedule(static)
-      for (int64_t i = 0; i < count; ++i) y[i] = PostOp(y[i] + addend[i], post_op);
+      if (auto e = Run(g, src_t, x, weights, out, dst, scale, bias, Requant(), 0, mode); e.failure()) return e;
+      if (codes_t == dt::s8) AddRows(y, addend, g.rows(), g.o, post_op, rq, static_cast<int8_t*>(codes));
+      else AddRows(y, addend, g.rows(), g.o, post_op, rq, static_cast<uint8_t*>(codes));
       return ffi::Error::Success();
     }
     const bool fuse = out != dt::s32;
@@ -1199,7 +1234,8 @@ ffi::Error ConvRun(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::
                    ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> dst_scale, ffi::Buffer<ffi::F32>* lowering,
                    ffi::Result<ffi::AnyBuffer> dst, ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
                    ffi::Span<const int64_t> pad_hi, ffi::Span<const int64_t> dilation, int64_t groups,
-                   int64_t post_op, int64_t mode, ffi::Buffer<ffi::F32>* addend = nullptr) {
+                   int64_t post_op, int64_t mode, ffi::Buffer<ffi::F32>* addend = nullptr,
+                   ffi::Result<ffi::AnyBuffer>* codes = nullptr) {
   dt src_t, out;
   if (auto e = Types(src, weights, dst->element_type(), &src_t, &out, "onednn conv"); e.failure()) return e;
   auto x = src.dimensions(), k = weights.dimensions(), y = dst->dimensions();
@@ -1220,9 +1256,15 @@ ffi::Error ConvRun(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::
     if (auto e = Lowering(*lowering, g.o, &rq.lowering); e.failure()) return e;
   if (addend && (out != dt::f32 || addend->element_count() != static_cast<size_t>(g.rows() * g.o)))
     return ffi::Error::InvalidArgument("onednn conv: the addend must be f32 of the output's shape, with an f32 output");
+  dt codes_t = dt::undef;
+  if (codes) {
+    ToDnnlType((*codes)->element_type(), &codes_t);
+    if ((codes_t != dt::u8 && codes_t != dt::s8) || (*codes)->element_count() != static_cast<size_t>(g.rows() * g.o))
+      return ffi::Error::InvalidArgument("onednn conv: the sum's codes must be u8 or s8 of the output's shape");
+  }
   return Run(g, src_t, src.untyped_data(), static_cast<const int8_t*>(weights.untyped_data()), out,
              dst->untyped_data(), scale.typed_data(), bias.typed_data(), rq, post_op, mode,
-             addend ? addend->typed_data() : nullptr);
+             addend ? addend->typed_data() : nullptr, codes_t, codes ? (*codes)->untyped_data() : nullptr);
 }
 
 ffi::Error ConvImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::F32> scale,
@@ -1241,6 +1283,19 @@ ffi::Error ConvAddImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<f
                        ffi::Span<const int64_t> dilation, int64_t groups, int64_t post_op, int64_t mode) {
   return ConvRun(src, weights, scale, bias, dst_scale, nullptr, dst, strides, pad_lo, pad_hi, dilation, groups,
                  post_op, mode, &addend);
+}
+
+// The residual sum (ConvAddImpl) and its requantization with `lowering` (Requant) to the codes of
+// the layer that reads the sum: two results, the f32 sum and the u8/s8 codes.
+ffi::Error ConvAddCodesImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::F32> scale,
+                            ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> dst_scale,
+                            ffi::Buffer<ffi::F32> lowering, ffi::Buffer<ffi::F32> addend,
+                            ffi::Result<ffi::AnyBuffer> dst, ffi::Result<ffi::AnyBuffer> codes,
+                            ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
+                            ffi::Span<const int64_t> pad_hi, ffi::Span<const int64_t> dilation, int64_t groups,
+                            int64_t post_op, int64_t mode) {
+  return ConvRun(src, weights, scale, bias, dst_scale, &lowering, dst, strides, pad_lo, pad_hi, dilation, groups,
+                 post_op, mode, &addend, &codes);
 }
 
 ffi::Error ConvLoweredImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::F32> scale,
@@ -1355,6 +1410,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiqOnednnConvAdd, ConvAddImpl,
                                   .Attr<int64_t>("post_op")
                                   .Attr<int64_t>("mode"));
 
+// The residual sum and the codes of the layer that reads it.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiqOnednnConvAddCodes, ConvAddCodesImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("pad_lo")
+                                  .Attr<ffi::Span<const int64_t>>("pad_hi")
+                                  .Attr<ffi::Span<const int64_t>>("dilation")
+                                  .Attr<int64_t>("groups")
+                                  .Attr<int64_t>("post_op")
+                                  .Attr<int64_t>("mode"));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiqOnednnMatmulLowered, MatmulLoweredImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
@@ -1369,7 +1444,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiqOnednnMatmulLowered, MatmulLoweredImpl,
 
 // The interface version of this library (the FFI targets' attributes, the modes, the exported
 // functions): flexiq_jax refuses a library whose version is not the one it was written for.
-extern "C" int flexiq_onednn_abi() { return 7; }
+extern "C" int flexiq_onednn_abi() { return 8; }
 
 // The oneDNN version this library runs with: major * 10000 + minor * 100 + patch.
 extern "C" int flexiq_onednn_version() {
