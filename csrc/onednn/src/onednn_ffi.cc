@@ -534,9 +534,58 @@ __attribute__((target("avx2"))) void ExtractRowsT(T* codes, int64_t rows, const 
   }
 }
 
+// The same extraction in 16-bit integers, 32 channels at a time (AVX-512BW), for steps 2^e with
+// e in [0, 7]: floor(q / 2^e + 1/2) = (q + 2^(e-1)) >> e (an arithmetic shift; nothing added for
+// e = 0), clamped to [lo, hi], then << e: the float formula's integers exactly. An unlowered
+// channel (e = 0, the type's bounds) is left as it is. Returns false (nothing done) where a step is
+// not such a power of two.
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) bool ExtractRowsAvx512(T* codes, int64_t rows, const Requant& rq) {
+  const int64_t channels = rq.channels, padded = (channels + 31) / 32 * 32;
+  const float* l = rq.lowering;
+  std::vector<int16_t> add(padded, 0), shift(padded, 0), lo(padded, std::numeric_limits<T>::min()),
+      hi(padded, std::numeric_limits<T>::max());
+  std::vector<int64_t> blocks;
+  for (int64_t oc = 0; oc < channels; ++oc) {
+    int e = 0;
+    while (e <= 7 && static_cast<float>(1 << e) != l[3 * channels + oc]) ++e;
+    if (e > 7 || l[oc] != 1.f / static_cast<float>(1 << e)) return false;
+    shift[oc] = static_cast<int16_t>(e);
+    add[oc] = static_cast<int16_t>(e > 0 ? 1 << (e - 1) : 0);
+    lo[oc] = static_cast<int16_t>(l[channels + oc]);
+    hi[oc] = static_cast<int16_t>(l[2 * channels + oc]);
+    if (l[oc] != 1.f && (blocks.empty() || blocks.back() != oc / 32 * 32)) blocks.push_back(oc / 32 * 32);
+  }
+  if (blocks.empty()) return true;
+  constexpr bool kUnsigned = std::is_same_v<T, uint8_t>;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    T* row = codes + r * channels;
+    for (const int64_t b : blocks) {
+      const int64_t n = std::min<int64_t>(32, channels - b);
+      const __mmask32 m = n == 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1;
+      const __m256i raw = _mm256_maskz_loadu_epi8(m, row + b);
+      __m512i v = kUnsigned ? _mm512_cvtepu8_epi16(raw) : _mm512_cvtepi8_epi16(raw);
+      const __m512i sh = _mm512_loadu_si512(shift.data() + b);
+      v = _mm512_srav_epi16(_mm512_add_epi16(v, _mm512_loadu_si512(add.data() + b)), sh);
+      v = _mm512_min_epi16(_mm512_max_epi16(v, _mm512_loadu_si512(lo.data() + b)), _mm512_loadu_si512(hi.data() + b));
+      v = _mm512_sllv_epi16(v, sh);
+      const __m256i packed = kUnsigned ? _mm512_cvtusepi16_epi8(v) : _mm512_cvtsepi16_epi8(v);
+      _mm256_mask_storeu_epi8(row + b, m, packed);
+    }
+  }
+  return true;
+}
+
 void ExtractRows(void* codes, int64_t rows, const Requant& rq, dt out) {
-  if (out == dt::u8) ExtractRowsT(static_cast<uint8_t*>(codes), rows, rq);
-  else ExtractRowsT(static_cast<int8_t*>(codes), rows, rq);
+  static const bool avx512bw = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  if (!rq.lowering) return;
+  if (out == dt::u8) {
+    if (!(avx512bw && ExtractRowsAvx512(static_cast<uint8_t*>(codes), rows, rq)))
+      ExtractRowsT(static_cast<uint8_t*>(codes), rows, rq);
+  } else if (!(avx512bw && ExtractRowsAvx512(static_cast<int8_t*>(codes), rows, rq))) {
+    ExtractRowsT(static_cast<int8_t*>(codes), rows, rq);
+  }
 }
 
 inline float PostOp(float y, int64_t post_op) {
