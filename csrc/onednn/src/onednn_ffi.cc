@@ -1390,106 +1390,63 @@ ffi::Error MatmulLoweredImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Bu
   return MatmulRun(src, weights, scale, bias, dst_scale, &lowering, dst, post_op, mode);
 }
 
+// The bindings' shared parts: every target's first operands (src, weights, scale, bias,
+// dst_scale), and the attributes of a conv and of a matmul after its operands and results.
+auto Operands() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>();
+}
+
+template <typename B>
+auto ConvAttrs(B binding) {
+  return std::move(binding)
+      .template Attr<ffi::Span<const int64_t>>("strides")
+      .template Attr<ffi::Span<const int64_t>>("pad_lo")
+      .template Attr<ffi::Span<const int64_t>>("pad_hi")
+      .template Attr<ffi::Span<const int64_t>>("dilation")
+      .template Attr<int64_t>("groups")
+      .template Attr<int64_t>("post_op")
+      .template Attr<int64_t>("mode");
+}
+
+template <typename B>
+auto MatmulAttrs(B binding) {
+  return std::move(binding).template Attr<int64_t>("post_op").template Attr<int64_t>("mode");
+}
+
 }  // namespace
 
 // The library is built with hidden visibility; only these symbols are exported.
 #pragma GCC visibility push(default)
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiqOnednnConv, ConvImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("pad_lo")
-                                  .Attr<ffi::Span<const int64_t>>("pad_hi")
-                                  .Attr<ffi::Span<const int64_t>>("dilation")
-                                  .Attr<int64_t>("groups")
-                                  .Attr<int64_t>("post_op")
-                                  .Attr<int64_t>("mode"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiqOnednnConv, ConvImpl, ConvAttrs(Operands().Ret<ffi::AnyBuffer>()));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiqOnednnMatmul, MatmulImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("post_op")
-                                  .Attr<int64_t>("mode"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiqOnednnMatmul, MatmulImpl, MatmulAttrs(Operands().Ret<ffi::AnyBuffer>()));
 
 // The same with a lowering operand after dst_scale: u8/s8 outputs requantized with each channel's
 // 4-bit extraction (Requant), the next layer's activation codes.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiqOnednnConvLowered, ConvLoweredImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("pad_lo")
-                                  .Attr<ffi::Span<const int64_t>>("pad_hi")
-                                  .Attr<ffi::Span<const int64_t>>("dilation")
-                                  .Attr<int64_t>("groups")
-                                  .Attr<int64_t>("post_op")
-                                  .Attr<int64_t>("mode"));
+                              ConvAttrs(Operands().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::AnyBuffer>()));
 
 // The conv with an addend operand after dst_scale (an f32 output only): post_op(result + addend).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiqOnednnConvAdd, ConvAddImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("pad_lo")
-                                  .Attr<ffi::Span<const int64_t>>("pad_hi")
-                                  .Attr<ffi::Span<const int64_t>>("dilation")
-                                  .Attr<int64_t>("groups")
-                                  .Attr<int64_t>("post_op")
-                                  .Attr<int64_t>("mode"));
+                              ConvAttrs(Operands().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::AnyBuffer>()));
 
-// The residual sum and the codes of the layer that reads it.
+// The residual sum and the codes of the layer that reads it: lowering and addend operands after
+// dst_scale, two results.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiqOnednnConvAddCodes, ConvAddCodesImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("pad_lo")
-                                  .Attr<ffi::Span<const int64_t>>("pad_hi")
-                                  .Attr<ffi::Span<const int64_t>>("dilation")
-                                  .Attr<int64_t>("groups")
-                                  .Attr<int64_t>("post_op")
-                                  .Attr<int64_t>("mode"));
+                              ConvAttrs(Operands()
+                                            .Arg<ffi::Buffer<ffi::F32>>()
+                                            .Arg<ffi::Buffer<ffi::F32>>()
+                                            .Ret<ffi::AnyBuffer>()
+                                            .Ret<ffi::AnyBuffer>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiqOnednnMatmulLowered, MatmulLoweredImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("post_op")
-                                  .Attr<int64_t>("mode"));
+                              MatmulAttrs(Operands().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::AnyBuffer>()));
 
 // The interface version of this library (the FFI targets' attributes, the modes, the exported
 // functions): flexiq_jax refuses a library whose version is not the one it was written for.
