@@ -605,6 +605,33 @@ def test_requantization_multiplies_by_the_inverse_scale_at_rounding_ties(mode, s
     np.testing.assert_array_equal(np.asarray(codes)[0], by_inverse)
 
 
+@needs_onednn
+@pytest.mark.parametrize("channels", [8, 24, 40, 1000])
+@pytest.mark.parametrize("signed", [False, True])
+def test_extraction_in_place_for_any_channel_count(channels, signed):
+  """The in-place 4-bit extraction of requantized codes takes the codes as a flat array whose
+  channel pattern repeats (few channels: several rows per vector; a last period cut short when
+  the rows do not fill it; a long period falls back to the row-by-row pass): the codes equal
+  `integer.activation_codes` of the float output for 7 rows of 8, 24, 40 and 1000 channels."""
+  rng = np.random.default_rng(channels + signed)
+  x = jnp.asarray(rng.integers(0, 256, (7, 32)), jnp.uint8)
+  w = jnp.asarray(rng.integers(-128, 128, (32, channels)), jnp.int8)
+  scale = jnp.full((channels,), 1e-5, jnp.float32)
+  bias = jnp.asarray(rng.normal(0, 0.5, channels), jnp.float32)
+  lowered = jnp.asarray(rng.random(channels) < 0.4)
+  entry = {"act_scale": jnp.float32(0.01), "step": jnp.asarray(2.0 ** rng.integers(0, 5, channels), jnp.float32)}
+  qmin, qmax = (-128, 127) if signed else (0, 255)
+  lo4, hi4 = (-8, 7) if signed else (0, 15)
+  rows = onednn.lowering_rows(jnp.where(lowered, entry["step"], 1.0), jnp.where(lowered, lo4, qmin),
+                              jnp.where(lowered, hi4, qmax))
+  codes_dtype = jnp.int8 if signed else jnp.uint8
+  y = onednn.matmul(x, w, scale=scale, bias=bias, out_dtype=jnp.float32)
+  codes = onednn.matmul(x, w, scale=scale, bias=bias, out_dtype=codes_dtype, dst_scale=entry["act_scale"],
+                        lowering=rows)
+  np.testing.assert_array_equal(codes, integer.activation_codes(y, entry, lowered, signed=signed).astype(codes_dtype))
+  assert len(np.unique(np.asarray(codes))) > 8
+
+
 def test_layer_edges_find_the_layers_that_feed_a_layer_through_an_activation(setup):
   """SmallNet: stem -> ReLU -> dw -> ReLU -> grouped -> ReLU -> conv (a folded BatchNorm between
   some); conv -> mean -> fc1 and fc1 -> GELU -> head are no edges (a mean, an activation other than

@@ -64,6 +64,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <numeric>
 #include <sstream>
 #include <string>
 #include <type_traits>
@@ -534,44 +535,51 @@ __attribute__((target("avx2"))) void ExtractRowsT(T* codes, int64_t rows, const 
   }
 }
 
-// The same extraction in 16-bit integers, 32 channels at a time (AVX-512BW), for steps 2^e with
+// The same extraction in 16-bit integers, 32 codes at a time (AVX-512BW), for steps 2^e with
 // e in [0, 7]: floor(q / 2^e + 1/2) = (q + 2^(e-1)) >> e (an arithmetic shift; nothing added for
 // e = 0), clamped to [lo, hi], then << e: the float formula's integers exactly. An unlowered
-// channel (e = 0, the type's bounds) is left as it is. Returns false (nothing done) where a step is
-// not such a power of two.
+// channel (e = 0, the type's bounds) is left as it is. The codes are taken as one flat array whose
+// channel pattern repeats every lcm(channels, 32) bytes (a period): the 32-byte blocks of a period
+// that hold a lowered channel are done in every period, so layers with few channels run full
+// vectors too. Returns false (nothing done) where a step is not such a power of two or the period
+// is long.
 template <typename T>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) bool ExtractRowsAvx512(T* codes, int64_t rows, const Requant& rq) {
-  const int64_t channels = rq.channels, padded = (channels + 31) / 32 * 32;
+  const int64_t channels = rq.channels, period = std::lcm<int64_t>(channels, 32);
+  if (period > 8192) return false;
   const float* l = rq.lowering;
-  std::vector<int16_t> add(padded, 0), shift(padded, 0), lo(padded, std::numeric_limits<T>::min()),
-      hi(padded, std::numeric_limits<T>::max());
-  std::vector<int64_t> blocks;
-  for (int64_t oc = 0; oc < channels; ++oc) {
+  std::vector<int16_t> add(period), shift(period), lo(period), hi(period);
+  std::vector<int64_t> blocks;  // offsets within the period
+  for (int64_t j = 0; j < period; ++j) {
+    const int64_t oc = j % channels;
     int e = 0;
     while (e <= 7 && static_cast<float>(1 << e) != l[3 * channels + oc]) ++e;
     if (e > 7 || l[oc] != 1.f / static_cast<float>(1 << e)) return false;
-    shift[oc] = static_cast<int16_t>(e);
-    add[oc] = static_cast<int16_t>(e > 0 ? 1 << (e - 1) : 0);
-    lo[oc] = static_cast<int16_t>(l[channels + oc]);
-    hi[oc] = static_cast<int16_t>(l[2 * channels + oc]);
-    if (l[oc] != 1.f && (blocks.empty() || blocks.back() != oc / 32 * 32)) blocks.push_back(oc / 32 * 32);
+    shift[j] = static_cast<int16_t>(e);
+    add[j] = static_cast<int16_t>(e > 0 ? 1 << (e - 1) : 0);
+    lo[j] = static_cast<int16_t>(l[channels + oc]);
+    hi[j] = static_cast<int16_t>(l[2 * channels + oc]);
+    if (l[oc] != 1.f && (blocks.empty() || blocks.back() != j / 32 * 32)) blocks.push_back(j / 32 * 32);
   }
   if (blocks.empty()) return true;
   constexpr bool kUnsigned = std::is_same_v<T, uint8_t>;
+  const int64_t total = rows * channels, periods = (total + period - 1) / period;
 #pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    T* row = codes + r * channels;
+  for (int64_t p = 0; p < periods; ++p) {
+    T* base = codes + p * period;
+    const int64_t left = total - p * period;  // the last period may be cut short
     for (const int64_t b : blocks) {
-      const int64_t n = std::min<int64_t>(32, channels - b);
+      if (b >= left) break;
+      const int64_t n = std::min<int64_t>(32, left - b);
       const __mmask32 m = n == 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1;
-      const __m256i raw = _mm256_maskz_loadu_epi8(m, row + b);
+      const __m256i raw = _mm256_maskz_loadu_epi8(m, base + b);
       __m512i v = kUnsigned ? _mm512_cvtepu8_epi16(raw) : _mm512_cvtepi8_epi16(raw);
       const __m512i sh = _mm512_loadu_si512(shift.data() + b);
       v = _mm512_srav_epi16(_mm512_add_epi16(v, _mm512_loadu_si512(add.data() + b)), sh);
       v = _mm512_min_epi16(_mm512_max_epi16(v, _mm512_loadu_si512(lo.data() + b)), _mm512_loadu_si512(hi.data() + b));
       v = _mm512_sllv_epi16(v, sh);
       const __m256i packed = kUnsigned ? _mm512_cvtusepi16_epi8(v) : _mm512_cvtsepi16_epi8(v);
-      _mm256_mask_storeu_epi8(row + b, m, packed);
+      _mm256_mask_storeu_epi8(base + b, m, packed);
     }
   }
   return true;
