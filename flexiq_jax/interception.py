@@ -632,14 +632,21 @@ def _jit_name(eqn):
   return eqn.params.get("name") if eqn is not None and eqn.primitive.name in ("pjit", "jit") else None
 
 
-def layer_edges(model: nn.Module, plan, variables, x) -> dict[str, tuple[str, str]]:
-  """The quantized layers whose input is another quantized layer's output, directly or through one
-  ReLU/ReLU6 (`EDGE_ACTIVATIONS`), where nothing else reads that output or the activation's.
+def edges(model: nn.Module, plan, variables, x) -> tuple[dict[str, tuple[str, str]], dict[int, str]]:
+  """Which quantized layers feed which, from one abstract trace of the model (`jax.make_jaxpr`, no
+  FLOPs) with every layer of `plan.quantized` and every `ResidualAdd` a named jit call.
 
-  The model runs once abstractly (`jax.make_jaxpr`, no FLOPs) with every layer of `plan.quantized`
-  as a named jit call; the edges are read off its jaxpr. A folded BatchNorm between the two layers
-  is no operation here (`run_with_provider` bypasses it). On such an edge the consumer's input
-  codes are a function of the producer's output alone, so the producer can write them.
+  Layer edges: the quantized layers whose input is another quantized layer's output, directly or
+  through one ReLU/ReLU6 (`EDGE_ACTIVATIONS`), where nothing else reads that output or the
+  activation's. A folded BatchNorm between the two layers is no operation here
+  (`run_with_provider` bypasses it). On such an edge the consumer's input codes are a function of
+  the producer's output alone, so the producer can write them.
+
+  Residual edges: the quantized layers that read a `ResidualAdd`'s sum directly, {the sum's index
+  among the model's residual sums, in call order: the first quantized layer that reads it}. The sum
+  has other readers too (the next residual sum); its codes are a function of the sum alone, so the
+  kernel that writes the sum can write that layer's codes as well
+  (`integer.IntegerLayers.residual_add`).
 
   Args:
     model: the linen model.
@@ -648,54 +655,40 @@ def layer_edges(model: nn.Module, plan, variables, x) -> dict[str, tuple[str, st
     x: an input batch, or its shape and dtype (`jax.ShapeDtypeStruct`).
 
   Returns:
-    {consumer path: (producer path, 'none' | 'relu' | 'relu6')}.
+    ({consumer path: (producer path, 'none' | 'relu' | 'relu6')}, {residual index: consumer path}).
   """
-  jaxpr, names, _, producer, uses = _dataflow(model, plan, variables, x)
+  jaxpr, names, residuals, producer, uses = _dataflow(model, plan, variables, x)
 
   def layer_of(eqn):
     return names.get(_jit_name(eqn))
 
-  edges = {}
+  layer, residual = {}, {}
   for eqn in jaxpr.eqns:
     consumer = layer_of(eqn)
     if consumer is None:
       continue
     v = eqn.invars[0]
     source, act = producer.get(v), "none"
+    k = residuals.get(_jit_name(source))
+    if k is not None and k not in residual:
+      residual[k] = consumer
     if layer_of(source) is None and source is not None and uses.get(v) == 1:
       act = EDGE_ACTIVATIONS.get(_chain(source))
       v = source.invars[0]
       source = producer.get(v) if act is not None else None
     if layer_of(source) is not None and uses.get(v) == 1:
-      edges[consumer] = (layer_of(source), act)
-  return edges
+      layer[consumer] = (layer_of(source), act)
+  return layer, residual
+
+
+def layer_edges(model: nn.Module, plan, variables, x) -> dict[str, tuple[str, str]]:
+  """The layer edges of `edges`: {consumer path: (producer path, 'none' | 'relu' | 'relu6')}."""
+  return edges(model, plan, variables, x)[0]
 
 
 def residual_edges(model: nn.Module, plan, variables, x) -> dict[int, str]:
-  """The quantized layers that read a `ResidualAdd`'s sum directly: {the sum's index among the
-  model's residual sums, in call order: the first quantized layer that reads it}. The sum has other
-  readers too (the next residual sum); its codes are a function of the sum alone, so the kernel that
-  writes the sum can write that layer's codes as well (`integer.IntegerLayers.residual_add`).
-
-  Args:
-    model: the linen model.
-    plan: the plan (as `run_with_provider` takes it).
-    variables: the model's (BN-folded) variables, or their shapes.
-    x: an input batch, or its shape and dtype (`jax.ShapeDtypeStruct`).
-
-  Returns:
-    {residual index: consumer path}.
-  """
-  jaxpr, names, residuals, producer, _ = _dataflow(model, plan, variables, x)
-  edges = {}
-  for eqn in jaxpr.eqns:
-    consumer = names.get(_jit_name(eqn))
-    if consumer is None:
-      continue
-    k = residuals.get(_jit_name(producer.get(eqn.invars[0])))
-    if k is not None and k not in edges:
-      edges[k] = consumer
-  return edges
+  """The residual edges of `edges`: {residual index: consumer path}."""
+  return edges(model, plan, variables, x)[1]
 
 
 # ----------------------------------------------------------------------------------------------

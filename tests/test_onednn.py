@@ -314,10 +314,7 @@ def test_conv_addend_is_added_before_the_post_op_bit_for_bit(mode, name, post_op
     codes_signed = post_op == "none"
     lowered = jnp.asarray(rng.random(o) < 0.5)
     entry = {"act_scale": jnp.float32(0.03), "step": jnp.asarray(2.0 ** rng.integers(1, 4, o), jnp.float32)}
-    qmin, qmax = (-128, 127) if codes_signed else (0, 255)
-    lo4, hi4 = (-8, 7) if codes_signed else (0, 15)
-    rows = onednn.lowering_rows(jnp.where(lowered, entry["step"], 1.0), jnp.where(lowered, lo4, qmin),
-                                jnp.where(lowered, hi4, qmax))
+    rows = integer.lowering_operand(entry["step"], lowered, signed=codes_signed)
     codes_dtype = jnp.int8 if codes_signed else jnp.uint8
     for lowering, mask in ((rows, lowered), (None, None)):
       got_sum, codes = onednn.conv(x, w, addend=addend, post_op=post_op, **kw, sum_codes=dict(
@@ -529,10 +526,7 @@ def test_requantized_output_is_the_next_layers_activation_codes(name, signed, po
   act_scale = np.float32(2.0 ** -4 if signed else 0.05)
   lowered = jnp.asarray(rng.random(o) < 0.5)
   entry = {"act_scale": jnp.asarray(act_scale), "step": jnp.asarray(2.0 ** rng.integers(0, 5, o), jnp.float32)}
-  qmin, qmax = (-128, 127) if signed else (0, 255)
-  lo4, hi4 = (-8, 7) if signed else (0, 15)
-  rows = onednn.lowering_rows(jnp.where(lowered, entry["step"], 1.0), jnp.where(lowered, lo4, qmin),
-                              jnp.where(lowered, hi4, qmax))
+  rows = integer.lowering_operand(entry["step"], lowered, signed=signed)
   codes_dtype = jnp.int8 if signed else jnp.uint8
   kw = dict(strides=strides, padding=padding, dilation=dilation, groups=groups, scale=scale, bias=bias,
             post_op=post_op, mode=mode)
@@ -592,11 +586,7 @@ def test_requantization_multiplies_by_the_inverse_scale_at_rounding_ties(mode, s
   w = jnp.zeros((8, n), jnp.int8)
   lowered = jnp.asarray((np.arange(n) // 8) % 2 == 0) if lowering else None
   entry = {"act_scale": jnp.asarray(scale), "step": jnp.full((n,), 4.0, jnp.float32)}
-  rows = None
-  if lowering:
-    lo4, hi4 = (-8, 7) if signed else (0, 15)
-    rows = onednn.lowering_rows(jnp.where(lowered, 4.0, 1.0), jnp.where(lowered, lo4, qmin),
-                                jnp.where(lowered, hi4, qmax))
+  rows = integer.lowering_operand(entry["step"], lowered, signed=signed) if lowering else None
   codes = onednn.matmul(x, w, scale=np.ones(n, np.float32), bias=y, out_dtype=codes_dtype, dst_scale=scale,
                         lowering=rows, mode=mode)
   want = integer.activation_codes(jnp.broadcast_to(jnp.asarray(y), (3, n)), entry, lowered, signed=signed)
@@ -620,10 +610,7 @@ def test_extraction_in_place_for_any_channel_count(channels, signed):
   bias = jnp.asarray(rng.normal(0, 0.5, channels), jnp.float32)
   lowered = jnp.asarray(rng.random(channels) < 0.4)
   entry = {"act_scale": jnp.float32(0.01), "step": jnp.asarray(2.0 ** rng.integers(0, 5, channels), jnp.float32)}
-  qmin, qmax = (-128, 127) if signed else (0, 255)
-  lo4, hi4 = (-8, 7) if signed else (0, 15)
-  rows = onednn.lowering_rows(jnp.where(lowered, entry["step"], 1.0), jnp.where(lowered, lo4, qmin),
-                              jnp.where(lowered, hi4, qmax))
+  rows = integer.lowering_operand(entry["step"], lowered, signed=signed)
   codes_dtype = jnp.int8 if signed else jnp.uint8
   y = onednn.matmul(x, w, scale=scale, bias=bias, out_dtype=jnp.float32)
   codes = onednn.matmul(x, w, scale=scale, bias=bias, out_dtype=codes_dtype, dst_scale=entry["act_scale"],

@@ -338,21 +338,36 @@ class NextCodes:
   activation: str
 
 
+def lowering_operand(step, lowered, *, signed: bool):
+  """The oneDNN kernels' `lowering` operand (`onednn.lowering_rows`) for the activation codes of a
+  layer whose `lowered` channels extract 4 bits at `step`: those channels' step and 4-bit bounds,
+  the others step 1 and the 8-bit bounds (left as they are).
+
+  Args:
+    step: (C,) float, each channel's extraction step 2^e.
+    lowered: (C,) bool mask of the lowered channels.
+    signed: signed or unsigned codes.
+
+  Returns:
+    (4, C) float32.
+  """
+  qmin, qmax = numerics.int_range(8, signed)
+  lo4, hi4 = numerics.int_range(4, signed)
+  return onednn.lowering_rows(jnp.where(lowered, step, 1.0), jnp.where(lowered, lo4, qmin),
+                              jnp.where(lowered, hi4, qmax))
+
+
 def _next_codes_epilogue(next_codes: NextCodes) -> dict | None:
   """`onednn.conv`/`matmul` epilogue arguments that write `next_codes`' activation codes from this
-  layer's float output (activation, multiplication by the inverse scale, 8-bit clip, 4-bit extraction: what
-  `activation_codes` computes), or None where its grid has a zero point or a per-channel scale."""
+  layer's float output (activation, multiplication by the inverse scale, 8-bit clip, 4-bit
+  extraction: what `activation_codes` computes), or None where its grid has a zero point or a per-channel scale."""
   entry = next_codes.entry
   if "zero_point" in entry or jnp.size(entry["act_scale"]) != 1:
     return None
   kw = dict(post_op=next_codes.activation, out_dtype=jnp.int8 if next_codes.signed else jnp.uint8,
             dst_scale=jnp.reshape(entry["act_scale"], ()))
   if next_codes.lowered is not None:
-    qmin, qmax = numerics.int_range(8, next_codes.signed)
-    lo4, hi4 = numerics.int_range(4, next_codes.signed)
-    lowered = next_codes.lowered
-    kw["lowering"] = onednn.lowering_rows(jnp.where(lowered, entry["step"], 1.0), jnp.where(lowered, lo4, qmin),
-                                          jnp.where(lowered, hi4, qmax))
+    kw["lowering"] = lowering_operand(entry["step"], next_codes.lowered, signed=next_codes.signed)
   return kw
 
 

@@ -259,10 +259,11 @@ class QuantizedModel:
     accumulator = self.conv_accumulator or default_conv_accumulator()
     if self.mode == "int":
       qvars = self.prepare(qvars)
+      requant_edges, residual_edges = self._edges(qvars, x)
       provider = integer.IntegerLayers(qvars[integer.SERVING_KEY], qvars["quant"], counts, self.plan.signed,
                                        self.plan.matmul_signed, accumulator, self.conv_impl_map(), self.dense_impl,
-                                       self.requant_edges(qvars, x), fuse_residual=self.fuse_residual,
-                                       residual_edges=self.residual_edges(qvars, x))
+                                       requant_edges=requant_edges, fuse_residual=self.fuse_residual,
+                                       residual_edges=residual_edges)
     else:
       provider = FlexiQLayers(qvars["quant"], counts, self.plan.signed, "int" if self.mode == "int_reference" else "fake",
                               self.lsq, accumulator, self.plan.matmul_signed, self.lsq_grad_scale,
@@ -283,15 +284,7 @@ class QuantizedModel:
       one flat output feature axis, the consumer taking its input as it is (a conv, or a dense
       layer contracting one axis).
     """
-    on_onednn = self._on_onednn()
-    if self.mode != "int" or not self.fuse_requant or not on_onednn or not integer.onednn.available():
-      return {}
-    edges = interception.layer_edges(self.model, self.plan, *self._abstract(qvars, x))
-    layers = self.plan.layers
-    return {producer: (consumer, act) for consumer, (producer, act) in edges.items()
-            if producer in on_onednn
-            and (layers[producer].kind == "conv" or len(layers[producer].kernel_shape) == 2)
-            and self._takes_codes(consumer)}
+    return self._edges(qvars, x)[0]
 
   def residual_edges(self, qvars, x) -> dict:
     """{residual index: consumer path}: the residual sums (`ResidualAdd`, in call order) whose
@@ -306,12 +299,22 @@ class QuantizedModel:
       The edges `integer.IntegerLayers` takes (its `residual_add` fuses only sums that a oneDNN conv
       writes; the others keep their consumer's own quantize pass).
     """
+    return self._edges(qvars, x)[1]
+
+  def _edges(self, qvars, x) -> tuple[dict, dict]:
+    """(`requant_edges`, `residual_edges`) from one abstract trace (`interception.edges`)."""
     on_onednn = self._on_onednn()
-    if (self.mode != "int" or not (self.fuse_requant and self.fuse_residual) or not on_onednn
-        or not integer.onednn.available()):
-      return {}
-    edges = interception.residual_edges(self.model, self.plan, *self._abstract(qvars, x))
-    return {k: consumer for k, consumer in edges.items() if self._takes_codes(consumer)}
+    if self.mode != "int" or not self.fuse_requant or not on_onednn or not integer.onednn.available():
+      return {}, {}
+    layer, residual = interception.edges(self.model, self.plan, *self._abstract(qvars, x))
+    layers = self.plan.layers
+    requant = {producer: (consumer, act) for consumer, (producer, act) in layer.items()
+               if producer in on_onednn
+               and (layers[producer].kind == "conv" or len(layers[producer].kernel_shape) == 2)
+               and self._takes_codes(consumer)}
+    residual = ({k: consumer for k, consumer in residual.items() if self._takes_codes(consumer)}
+                if self.fuse_residual else {})
+    return requant, residual
 
   def _on_onednn(self) -> set:
     impls = self.conv_impl_map()

@@ -447,11 +447,9 @@ struct Requant {
   const float* lowering = nullptr;
   int64_t channels = 0;
   float inv = 1.f;  // 1 / scale (Requant::Of)
-  float inv_scale() const { return inv; }
   static Requant Of(float scale, int64_t channels) { return Requant{scale, nullptr, channels, 1.f / scale}; }
 };
 
-template <typename T>
 inline float Extract(float q, const Requant& rq, int64_t oc) {
   const float* l = rq.lowering;
   const int64_t n = rq.channels;
@@ -462,8 +460,8 @@ template <typename T>
 inline T RequantCode(float y, const Requant& rq, int64_t oc) {
   const float lo = static_cast<float>(std::numeric_limits<T>::min());
   const float hi = static_cast<float>(std::numeric_limits<T>::max());
-  float q = std::fmin(std::fmax(std::nearbyint(y * rq.inv_scale()), lo), hi);
-  if (rq.lowering) q = Extract<T>(q, rq, oc);
+  float q = std::fmin(std::fmax(std::nearbyint(y * rq.inv), lo), hi);
+  if (rq.lowering) q = Extract(q, rq, oc);
   return static_cast<T>(q);
 }
 
@@ -490,7 +488,7 @@ template <typename T>
 __attribute__((target("avx2"))) inline void RequantStore8(__m256 y, const Requant& rq, int64_t oc, T* d) {
   const float lo8 = static_cast<float>(std::numeric_limits<T>::min());
   const float hi8 = static_cast<float>(std::numeric_limits<T>::max());
-  __m256 q = _mm256_round_ps(_mm256_mul_ps(y, _mm256_set1_ps(rq.inv_scale())),
+  __m256 q = _mm256_round_ps(_mm256_mul_ps(y, _mm256_set1_ps(rq.inv)),
                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   q = _mm256_min_ps(_mm256_max_ps(q, _mm256_set1_ps(lo8)), _mm256_set1_ps(hi8));
   if (rq.lowering) q = Extract8(q, rq, oc);
@@ -530,7 +528,7 @@ __attribute__((target("avx2"))) void ExtractRowsT(T* codes, int64_t rows, const 
         continue;
       }
       for (int64_t oc = b; oc < std::min(b + 8, channels); ++oc)
-        row[oc] = static_cast<T>(Extract<T>(static_cast<float>(row[oc]), rq, oc));
+        row[oc] = static_cast<T>(Extract(static_cast<float>(row[oc]), rq, oc));
     }
   }
 }
@@ -1119,8 +1117,6 @@ bool ProbeDepthwise(const Geometry& g, const Cached& c) {
   return true;
 }
 
-// Runs one layer (file comment): x are the codes (src type `src_t`), weights plain (HWIO or
-// (K, N)), dst of type `out`.
 // The residual pass: y = post_op(y + addend) in place (post_op none or ReLU vectorized), and with
 // `codes` also the sum's requantization (Requant) to u8/s8 codes: the activation codes of the layer
 // that reads the sum, written while the sum is in registers.
@@ -1155,6 +1151,9 @@ void AddRows(float* y, const float* addend, int64_t rows, int64_t channels, int6
     }
 }
 
+// Runs one layer (file comment): x are the codes (src type `src_t`), weights plain (HWIO or
+// (K, N)), dst of type `out`; with `addend`, the residual sum (and with `codes`, its u8/s8 codes of
+// type `codes_t`, AddRows).
 ffi::Error Run(const Geometry& g, dt src_t, const void* x, const int8_t* weights, dt out, void* dst,
                const float* scale, const float* bias, const Requant& rq, int64_t post_op, int64_t mode,
                const float* addend = nullptr, dt codes_t = dt::undef, void* codes = nullptr) {
