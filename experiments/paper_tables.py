@@ -170,6 +170,7 @@ def model_config(name: str, seed: int, methods, ratios, smoke: bool, imagenet: b
 def run_one(name: str, seed: int, methods, ratios, workroot: str, out: str, smoke: bool, argv,
             imagenet: bool = False, recompute=()) -> dict:
   """The whole pipeline and every method for one model and seed; returns the sweep record."""
+  from experiments import float_store
   from flexiq_jax import checkpoint
   from flexiq_jax import compare
   from flexiq_jax import pipeline
@@ -182,12 +183,18 @@ def run_one(name: str, seed: int, methods, ratios, workroot: str, out: str, smok
   mirror = os.path.join(out, "paper_sweep", "rows", f"{name}_seed{seed}.json")
   rows_path = os.path.join(workdir, "compare", "rows.json")
   t0 = time.perf_counter()
+  stored_float = float_store.archive_path(name, seed, os.path.join(out, "paper_sweep", "floats"))
   with workdir_lib.locked(workdir):  # one sweep (or run.py) per workdir at a time
+    unpacked = float_store.unpack(stored_float, workdir, run.stage("float").fingerprint)
+    if unpacked:
+      resumed = True
+      print(f"{name} seed {seed}: float stage at step {unpacked['step']} taken from {stored_float}", flush=True)
     # The float stage's run record (runs/*.json, as run.py writes one): it names the command,
     # commit and host that trained the float model as soon as it is done.
     with workdir_lib.RunRecord(workdir, config, argv) as run_record:
       result = pipeline.run_until(run, "eval")
       run_record.add("float", result.float_metrics)
+    float_store.pack(workdir, stored_float)
     digest = checkpoint.tree_digest(result.float_model.variables)
     adopted = adopt_mirrored_rows(mirror, rows_path, digest)
     if adopted:

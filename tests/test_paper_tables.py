@@ -155,6 +155,65 @@ def test_finished_methods_outlive_a_lost_workdir_when_the_float_retrains_to_the_
   assert third["methods_made_by"]["ptq_minmax"]["this_run"]
 
 
+def test_a_stored_float_stage_replaces_float_training_on_a_new_machine(tiny_fmnist, tmp_path, monkeypatch, capsys):
+  from experiments import float_store
+  from flexiq_jax import train as train_lib
+  original = paper_tables.model_config
+  monkeypatch.setattr(paper_tables, "model_config", lambda *a, **k: shrink_to_smoke(original(*a, **k), tiny_fmnist))
+  args = ("quickstart", 0, ["ptq_minmax"], ["0", "1"], str(tmp_path / "work"), str(tmp_path / "out"), True,
+          ["-m", "experiments.paper_tables"])
+  first = paper_tables.run_one(*args)
+  stored = tmp_path / "out" / "paper_sweep" / "floats" / "quickstart_seed0.tar.gz"
+  state = float_store.stored_state(str(stored))
+  assert state["done"] and state == float_store.stage_state(str(tmp_path / "work" / "quickstart"))
+  assert float_store.pack(str(tmp_path / "work" / "quickstart"), str(stored)) is None  # already stored
+  shutil.rmtree(tmp_path / "work")  # a new machine: the float stage comes from the store, not training
+  monkeypatch.setattr(train_lib, "run_loop", lambda *a, **k: pytest.fail("the float model was trained again"))
+  again = paper_tables.run_one(*args)
+  assert again["float_digest"] == first["float_digest"] and again["resumed"]
+  assert "float stage at step 8 taken from" in capsys.readouterr().out
+  runs = os.listdir(tmp_path / "work" / "quickstart" / "runs")
+  assert len(runs) == 2  # the record that trained it came along
+  # Another float recipe: the stored stage is not used, the float model trains.
+  shutil.rmtree(tmp_path / "work")
+  monkeypatch.setattr(paper_tables, "model_config",
+                      lambda *a, **k: _with(shrink_to_smoke(original(*a, **k), tiny_fmnist), learning_rate=0.05))
+  with pytest.raises(pytest.fail.Exception, match="trained again"):
+    paper_tables.run_one(*args)
+  assert "other float settings" in capsys.readouterr().out
+
+
+def test_a_part_trained_float_stage_is_stored_and_resumes_from_its_step(smoke_config, tmp_path, capsys):
+  from experiments import float_store
+  from flexiq_jax import pipeline
+
+  class Stop(Exception):
+    pass
+
+  def stop_at_4(step):
+    if step == 4:
+      raise Stop
+
+  run = pipeline.Run(smoke_config, str(tmp_path / "a"))
+  with pytest.raises(Stop):
+    pipeline.train_float(run, on_step=stop_at_4)
+  stored = str(tmp_path / "floats" / "m.tar.gz")
+  state = float_store.pack(str(tmp_path / "a"), stored)
+  assert state == {"fingerprint": run.stage("float").fingerprint, "done": False, "step": 3}  # checkpoints every 3
+  other = pipeline.Run(smoke_config, str(tmp_path / "b"))
+  assert float_store.unpack(stored, str(tmp_path / "b"), other.stage("float").fingerprint) == state
+  assert float_store.unpack(stored, str(tmp_path / "b"), other.stage("float").fingerprint) is None  # has its own now
+  pipeline.train_float(other)
+  assert "resuming from step 3/8" in capsys.readouterr().out
+  assert float_store.stage_state(str(tmp_path / "b"))["done"]
+
+
+def _with(config, **train):
+  for k, v in train.items():
+    config.train[k] = v
+  return config
+
+
 def test_speed_figure_leaves_out_a_benchmark_entry_of_an_earlier_variant(tmp_path):
   """F2 uses a benchmark entry only if its layers have the MACs of the model the sweep runs now: an
   entry measured when the model ran at another resolution (here: every layer at twice the output
