@@ -93,6 +93,24 @@ def build_subject(spec: str, full: bool) -> Subject:
   return Subject(name, model, dict(variables), shape)
 
 
+def cpu_model() -> str:
+  """The host CPU's model name and whether it has AVX-512 VNNI / AVX-VNNI (from /proc/cpuinfo).
+
+  Returns:
+    e.g. 'AMD EPYC 7B12 (avx2; no VNNI)'.
+  """
+  try:
+    with open("/proc/cpuinfo") as f:
+      text = f.read()
+  except OSError:
+    return "unknown"
+  name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+  flags_line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+  vnni = [f for f in ("avx512_vnni", "avx_vnni") if f" {f}" in flags_line]
+  isa = "avx512f" if " avx512f" in flags_line else "avx2" if " avx2" in flags_line else "no avx2"
+  return f"{name} ({isa}; {'VNNI: ' + ', '.join(vnni) if vnni else 'no VNNI'})"
+
+
 def median_times(fns: dict, args: dict, repeats: int, spread: dict | None = None) -> dict:
   """{name: median seconds} over `repeats` interleaved rounds (after two warm-up calls each);
   `spread`, if given, receives {name: interquartile range of the rounds, seconds}."""

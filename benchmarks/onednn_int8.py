@@ -44,6 +44,7 @@ from flexiq_jax.quantize import onednn
 from flexiq_jax.serve import count_compilations
 
 from benchmarks import integer_path
+from benchmarks.integer_path import cpu_model
 from benchmarks import torch_int8
 
 _NETS = flags.DEFINE_list("nets", ["quickstart", "mobilenetv2", "resnet18:full"],
@@ -63,24 +64,6 @@ _NAME = flags.DEFINE_string("results_name", "onednn_int8_cpu", "The results file
 _SPLIT = flags.DEFINE_bool("split", True, "Also time the oneDNN model with every layer in the library's 'split' mode "
                            "(ratio 0): the exact mode on CPUs without VNNI before 'single'.")
 RATIOS = (0.0, 0.5, 1.0)
-
-
-def cpu_model() -> str:
-  """The host CPU's model name and whether it has AVX-512 VNNI / AVX-VNNI (from /proc/cpuinfo).
-
-  Returns:
-    e.g. 'AMD EPYC 7B12 (avx2; no VNNI)'.
-  """
-  try:
-    with open("/proc/cpuinfo") as f:
-      text = f.read()
-  except OSError:
-    return "unknown"
-  name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-  flags_line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-  vnni = [f for f in ("avx512_vnni", "avx_vnni") if f" {f}" in flags_line]
-  isa = "avx512f" if " avx512f" in flags_line else "avx2" if " avx2" in flags_line else "no avx2"
-  return f"{name} ({isa}; {'VNNI: ' + ', '.join(vnni) if vnni else 'no VNNI'})"
 
 
 @functools.cache

@@ -150,7 +150,7 @@ def main(argv):
   if not onednn.available():
     raise SystemExit(f"error: oneDNN kernels unavailable: {onednn.unavailable_reason()}")
   info = records.run_info()
-  info.update(malloc=host_memory.state(), cpu=onednn_int8.cpu_model(), cores=os.cpu_count(), onednn=onednn.version(),
+  info.update(malloc=host_memory.state(), cpu=integer_path.cpu_model(), cores=os.cpu_count(), onednn=onednn.version(),
               loadavg=records.load_average())
   spec, batch = _NET.value, _BATCH.value
   full = spec.endswith(":full")

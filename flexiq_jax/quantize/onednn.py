@@ -264,9 +264,30 @@ def _check(x, w, post_op: str, out_dtype, mode: str):
     raise RuntimeError(f"oneDNN kernels unavailable: {unavailable_reason()}")
 
 
+def pad_input_channels(x, w):
+  """A dense conv's input channels padded with zeros (codes and weight rows) to a multiple of 4.
+
+  oneDNN's int8 conv kernels take input channels in blocks of 4; an image's 1 or 3 channels at the
+  stem are the one conv that does not fill them (`benchmarks/onednn_stem.py` times both forms).
+  The zero weights leave every accumulator as it is; inside a jit the pads fuse into the ops that
+  make x and w.
+
+  Args:
+    x: (N, H, W, C) activation codes.
+    w: (kh, kw, C, O) weight codes.
+
+  Returns:
+    (x, w) with C rounded up to a multiple of 4 (the same arrays where it is one already).
+  """
+  extra = -x.shape[-1] % 4
+  if not extra:
+    return x, w
+  return jnp.pad(x, ((0, 0),) * 3 + ((0, extra),)), jnp.pad(w, ((0, 0),) * 2 + ((0, extra), (0, 0)))
+
+
 def conv(x, w, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), groups: int = 1, scale=None,
          bias=None, post_op: str = "none", out_dtype=jnp.int32, dst_scale=None, lowering=None, addend=None,
-         sum_codes=None, mode: str = "auto"):
+         sum_codes=None, mode: str = "auto", pad_channels: bool = False):
   """oneDNN's int8 convolution, NHWC x HWIO -> NHWC, with its epilogue (module docstring).
 
   Args:
@@ -288,6 +309,7 @@ def conv(x, w, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), gro
       'dst_scale' and optionally 'lowering' (as the arguments of those names): the activation codes
       of the layer that reads the sum, written in the same pass as the sum.
     mode: one of MODES ('auto': exact accumulators on every CPU; `auto_mode`).
+    pad_channels: a dense conv's input channels padded to a multiple of 4 (`pad_input_channels`).
 
   Returns:
     (N, H', W', O) array of `out_dtype`; with `sum_codes`, the pair (sum, codes).
@@ -300,6 +322,8 @@ def conv(x, w, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), gro
   scale, bias, dst_scale, out_dtype = _epilogue_operands(w.shape[-1], out_dtype, scale, bias, dst_scale)
   _check(x, w, post_op, out_dtype, mode)
   lowering = _lowering_operand(lowering, w.shape[-1], out_dtype)
+  if pad_channels and groups == 1:
+    x, w = pad_input_channels(x, w)
   padding = [tuple(int(v) for v in p) for p in padding]
   if any(v < 0 for p in padding for v in p):
     raise ValueError(f"negative padding {padding} is not supported by the oneDNN conv")
