@@ -48,7 +48,8 @@ _OUT = flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(os.path.abspa
 
 
 def alternatives(batch: int, size: int, channels: int, kernel: int, stride: int, out: int):
-  """{name: (fn, args)} for one stem shape, and whether the two oneDNN forms agree."""
+  """{name: (fn, args)} for one stem shape, whether the two oneDNN forms agree, and how the library
+  ran the conv as given (its `run_counts` over one call)."""
   import torch
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.integers(-128, 128, (batch, size, size, channels)), jnp.int8)
@@ -61,6 +62,9 @@ def alternatives(batch: int, size: int, channels: int, kernel: int, stride: int,
   given = jax.jit(lambda x, w: onednn.conv(x, w, pad_channels=False, **common))
   padded = jax.jit(lambda x, w: onednn.conv(x, w, pad_channels=True, **common))
   same = bool(np.array_equal(np.asarray(given(x, w)), np.asarray(padded(x, w))))
+  before = onednn.run_counts()
+  jax.block_until_ready(given(x, w))
+  ran = {k: v - before[k] for k, v in onednn.run_counts().items() if v - before[k] and "_" not in k}
 
   torch.backends.quantized.engine = "x86"
   qx = torch.quantize_per_tensor(torch.randn(batch, channels, size, size), 0.02, 128, torch.quint8)
@@ -72,7 +76,7 @@ def alternatives(batch: int, size: int, channels: int, kernel: int, stride: int,
   conv.scale, conv.zero_point = 0.05, 0
   fns = {"oneDNN, channels as given": (given, (x, w)), "oneDNN, padded to 4": (padded, (x, w)),
          "PyTorch int8 (x86)": (lambda q: conv(q), (qx,))}
-  return fns, same
+  return fns, same, ran
 
 
 def main(argv):
@@ -86,12 +90,13 @@ def main(argv):
     raise SystemExit(f"the oneDNN kernels are not available: {onednn.unavailable_reason()}")
   rows = []
   for name, batch, size, channels, kernel, stride, out in SHAPES:
-    fns, same = alternatives(batch, size, channels, kernel, stride, out)
+    fns, same, ran = alternatives(batch, size, channels, kernel, stride, out)
     spread: dict = {}
     times = median_times({k: f for k, (f, _) in fns.items()}, {k: a for k, (_, a) in fns.items()}, _ROUNDS.value,
                          spread)
     rows.append({"shape": name, "batch": batch, "input": [size, size, channels], "kernel": kernel, "stride": stride,
-                 "out_channels": out, "times_s": times, "iqr_s": spread, "same_codes": same})
+                 "out_channels": out, "times_s": times, "iqr_s": spread, "same_codes": same,
+                 "given_ran_as": ran})
     print(rows[-1], flush=True)
   results = {"info": info, "cpu": cpu_model(), "allocator": host_memory.state(), "rounds": _ROUNDS.value,
              "torch_threads": torch.get_num_threads(), "rows": rows}
@@ -102,16 +107,19 @@ def main(argv):
   table = [[r["shape"], r["batch"], "x".join(map(str, r["input"])), f"{r['kernel']}x{r['kernel']} s{r['stride']}",
             r["out_channels"], *(f"{1e3 * r['times_s'][k]:.2f} ({1e3 * r['iqr_s'][k]:.2f})" for k in names),
             f"{r['times_s'][names[0]] / r['times_s'][names[1]]:.2f}x",
-            f"{r['times_s'][names[1]] / r['times_s'][names[2]]:.2f}", "yes" if r["same_codes"] else "NO"]
+            f"{r['times_s'][names[1]] / r['times_s'][names[2]]:.2f}", "yes" if r["same_codes"] else "NO",
+            ", ".join(f"{k} {v}" for k, v in r["given_ran_as"].items())]
            for r in rows]
   text = ["# Stem convolutions on oneDNN int8: channels as given vs padded to 4\n",
           records.provenance_header(info),
           f"CPU: {results['cpu']}; host: {info['host']}; allocator: {results['allocator']}. Median of "
           f"{_ROUNDS.value} interleaved rounds, ms (interquartile range); int8 codes in, per-channel scale, bias, "
           "ReLU and u8 codes out. Speed-up: as given / padded. Padded / PyTorch: the padded conv's time as a "
-          "multiple of PyTorch int8's.\n\n",
+          "multiple of PyTorch int8's. The last column: how the kernel library ran the conv as given "
+          "(`onednn.run_counts` over one call; 'im2col': as a 1x1 conv over the im2col matrix of its input).\n\n",
           records.markdown_table(["stem", "batch", "input HxWxC", "kernel", "out", *[f"{k} ms" for k in names],
-                                  "speed-up of padding", "padded / PyTorch", "same codes"], table), "\n"]
+                                  "speed-up of padding", "padded / PyTorch", "same codes",
+                                  "the library's runs of the conv as given"], table), "\n"]
   with open(path + ".md", "w") as f:
     f.write("\n".join(text))
   print(f"wrote {path}.md")
