@@ -235,8 +235,7 @@ def write_markdown(results: dict, path: str) -> None:
     if runs:
       share = runs["single_remainders"] / runs["single_inputs"] if runs.get("single_inputs") else 0.0
       lines += ["", "oneDNN layer runs over one call at each ratio: "
-                + ", ".join(f"{'of these on the im2col matrix' if k == 'im2col' else k} {runs[k]}"
-                            for k in ("direct", "split", "single", "depthwise", "im2col") if k in runs)
+                + ", ".join(f"{k} {runs[k]}" for k in ("direct", "split", "single", "depthwise") if k in runs)
                 + f"; activation codes the single runs added as the sparse remainder: {100 * share:.2f}%."]
     lines.append("")
   with open(path, "w") as f:

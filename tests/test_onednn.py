@@ -293,7 +293,7 @@ def test_fused_epilogue_and_requantization(mode, post_op):
 def test_conv_addend_is_added_before_the_post_op_bit_for_bit(mode, name, post_op):
   """The residual operand: post_op(acc * scale + bias + addend) equals the conv's float32 output
   plus the addend, then the post-op, bit for bit (one float32 add either way), in every mode and for
-  the im2col stem; with `sum_codes` the same sum and, from the same pass, its codes on the reading
+  a 3-channel stem; with `sum_codes` the same sum and, from the same pass, its codes on the reading
   layer's grid (`integer.activation_codes`, with and without lowered channels)."""
   rng = np.random.default_rng(5)
   c, o, kernel, strides, padding, dilation, groups = CONVS[name]
@@ -455,43 +455,35 @@ def test_a_library_of_another_interface_version_is_refused():
 @needs_onednn
 @pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("dilation", [(1, 1), (2, 1)])
-def test_few_input_channels_run_exactly_on_the_im2col_matrix(signed, dilation):
-  """A 3-channel strided 7x7 conv (the stem's kind) runs its primitive as a 1x1 conv over the
-  im2col matrix of its input: in single mode with a sparse remainder the exact accumulators and the
-  float epilogue of them, with the images in one chunk, one per chunk, and two per chunk (a shorter
-  last chunk); in direct mode (u8 codes below 128, exact without VNNI too) the exact accumulators."""
-  rng = np.random.default_rng(31 + 2 * signed + dilation[0])
-  x = _sparse_large_codes(rng, (5, 17, 15, 3), signed)
-  w = _weights(rng, (7, 7, 3, 24), False)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_few_input_channels_are_padded_to_four_and_stay_exact(signed, dilation, channels):
+  """A conv with 1 or 3 input channels (the stem's kind, strided 7x7) reaches the library with its
+  channels padded with zeros to 4, and gives the exact accumulators, padded or as given: in single
+  mode with a sparse remainder (and the float epilogue of them) and in direct mode (u8 codes below
+  128, exact without VNNI too)."""
+  rng = np.random.default_rng(31 + 2 * signed + dilation[0] + 7 * channels)
+  x = _sparse_large_codes(rng, (5, 17, 15, channels), signed)
+  w = _weights(rng, (7, 7, channels, 24), False)
   kw = dict(strides=(2, 2), padding=((3, 3), (3, 2)), dilation=dilation)
   want = _xla_conv(x, w, kw["strides"], kw["padding"], dilation, 1)
-  lib, _ = onednn._load()
-  lib.flexiq_onednn_im2col_bytes.restype = ctypes.c_int64
-  lib.flexiq_onednn_im2col_bytes.argtypes = [ctypes.c_int64]
-  image_bytes = want.shape[1] * want.shape[2] * 148  # 7 * 7 * 3 codes, padded to 148, per output
-  saved = lib.flexiq_onednn_im2col_bytes(0)
-  try:
-    for chunk_bytes in (1 << 30, 1, 2 * image_bytes):
-      lib.flexiq_onednn_im2col_bytes(chunk_bytes)
-      before = onednn.run_counts()
-      acc = onednn.conv(x, w, mode="single", **kw)
-      after = onednn.run_counts()
-      np.testing.assert_array_equal(acc, want)
-      assert after["im2col"] == before["im2col"] + 1 and after["single"] == before["single"] + 1
-      assert after["single_remainders"] > before["single_remainders"]
-    scale = np.asarray(rng.uniform(1e-4, 2e-4, 24), np.float32)
-    bias = np.asarray(rng.normal(0, 0.5, 24), np.float32)
-    y = onednn.conv(x, w, scale=scale, bias=bias, post_op="relu", out_dtype=jnp.float32, mode="single", **kw)
-    np.testing.assert_array_equal(np.asarray(y), np.maximum(np.asarray(want).astype(np.float32) * scale + bias,
-                                                            np.float32(0)))
-    if not signed:
-      small = jnp.minimum(x, 127)
-      before = onednn.run_counts()
-      np.testing.assert_array_equal(onednn.conv(small, w, mode="direct", **kw),
+  operand_channels = [e.invars[0].aval.shape[-1] for e in jax.make_jaxpr(lambda a, b: onednn.conv(a, b, **kw))(x, w).eqns
+                      if e.primitive.name == "ffi_call"]
+  assert operand_channels == [4]
+  for pad_channels in (True, False):
+    before = onednn.run_counts()
+    np.testing.assert_array_equal(onednn.conv(x, w, mode="single", pad_channels=pad_channels, **kw), want)
+    after = onednn.run_counts()
+    assert after["single"] == before["single"] + 1 and after["single_remainders"] > before["single_remainders"]
+  scale = np.asarray(rng.uniform(1e-4, 2e-4, 24), np.float32)
+  bias = np.asarray(rng.normal(0, 0.5, 24), np.float32)
+  y = onednn.conv(x, w, scale=scale, bias=bias, post_op="relu", out_dtype=jnp.float32, mode="single", **kw)
+  np.testing.assert_array_equal(np.asarray(y), np.maximum(np.asarray(want).astype(np.float32) * scale + bias,
+                                                          np.float32(0)))
+  if not signed:
+    small = jnp.minimum(x, 127)
+    for pad_channels in (True, False):
+      np.testing.assert_array_equal(onednn.conv(small, w, mode="direct", pad_channels=pad_channels, **kw),
                                     _xla_conv(small, w, kw["strides"], kw["padding"], dilation, 1))
-      assert onednn.run_counts()["im2col"] == before["im2col"] + 1
-  finally:
-    lib.flexiq_onednn_im2col_bytes(saved)
 
 
 REQUANT_CONVS = {  # name: (CONVS entry, mode, sparse large codes)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ABI = 8  # the library's interface version (flexiq_onednn_abi) this module calls
+ABI = 9  # the library's interface version (flexiq_onednn_abi) this module calls
 CONV_TARGET = "flexiq_onednn_conv"
 MATMUL_TARGET = "flexiq_onednn_matmul"
 # The same kernels with a `lowering` operand: uint8/int8 outputs with each channel's 4-bit extraction.
@@ -155,7 +155,7 @@ def direct_here() -> bool:
 
 
 RUN_COUNTS = ("direct", "split", "single", "depthwise", "single_remainders", "single_inputs", "single_ns_split_codes",
-              "single_ns_primitive", "single_ns_finish", "im2col")
+              "single_ns_primitive", "single_ns_finish")
 
 
 def run_counts() -> dict:
@@ -167,9 +167,8 @@ def run_counts() -> dict:
     added as a sparse remainder, 'single_inputs': the activation codes single runs read, and
     'single_ns_<step>': their nanoseconds in each step (split_codes: the low codes' copy and the
     remainder list; primitive: oneDNN's run, weight reorder included; finish: one pass over the
-    outputs that adds the remainder and applies the epilogue), 'im2col': the direct and single runs
-    of convs with few input channels whose primitive ran as a 1x1 conv over the im2col matrix of
-    their input}; {} where the library is not loaded (or predates these counters).
+    outputs that adds the remainder and applies the epilogue)}; {} where the library is not loaded
+    (or predates these counters).
   """
   lib, _ = _load()
   if lib is None or not hasattr(lib, "flexiq_onednn_runs"):
@@ -268,7 +267,9 @@ def pad_input_channels(x, w):
   """A dense conv's input channels padded with zeros (codes and weight rows) to a multiple of 4.
 
   oneDNN's int8 conv kernels take input channels in blocks of 4; an image's 1 or 3 channels at the
-  stem are the one conv that does not fill them (`benchmarks/onednn_stem.py` times both forms).
+  stem are the one conv that does not fill them. Padded, a stem ran 1.2-3.8x faster than as the
+  1x1 conv over its im2col matrix that the library used to build, and at 0.55-1.04x PyTorch int8's
+  time (`benchmarks/results/onednn_stem.md`, commit d5a7622).
   The zero weights leave every accumulator as it is; inside a jit the pads fuse into the ops that
   make x and w.
 
@@ -287,7 +288,7 @@ def pad_input_channels(x, w):
 
 def conv(x, w, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), groups: int = 1, scale=None,
          bias=None, post_op: str = "none", out_dtype=jnp.int32, dst_scale=None, lowering=None, addend=None,
-         sum_codes=None, mode: str = "auto", pad_channels: bool = False):
+         sum_codes=None, mode: str = "auto", pad_channels: bool = True):
   """oneDNN's int8 convolution, NHWC x HWIO -> NHWC, with its epilogue (module docstring).
 
   Args:
@@ -309,7 +310,8 @@ def conv(x, w, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), gro
       'dst_scale' and optionally 'lowering' (as the arguments of those names): the activation codes
       of the layer that reads the sum, written in the same pass as the sum.
     mode: one of MODES ('auto': exact accumulators on every CPU; `auto_mode`).
-    pad_channels: a dense conv's input channels padded to a multiple of 4 (`pad_input_channels`).
+    pad_channels: a dense conv's input channels padded to a multiple of 4 (`pad_input_channels`);
+      False runs the library on the channels as given (slower where they are not; for comparisons).
 
   Returns:
     (N, H', W', O) array of `out_dtype`; with `sum_codes`, the pair (sum, codes).

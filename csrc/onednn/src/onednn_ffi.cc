@@ -46,8 +46,8 @@
 //           probe with the largest products (checked once per shape; oneDNN's depthwise kernels
 //           do not use pairwise s16 sums), and everything else runs single.
 //
-// Convs with fewer than 16 input channels, not a multiple of 4 (an image's 3 at the stem), run their
-// direct or single primitive as a 1x1 conv over the im2col matrix of the input (Im2col below).
+// Dense convs get their input channels as a multiple of 4 (the Python wrapper pads an image's 1
+// or 3 with zeros): oneDNN's int8 conv kernels take input channels in blocks of 4.
 //
 // Primitives (and the weight reorder into the layout each primitive prefers) are created once per
 // shape and attribute set and cached. Weights are reordered into the primitive's layout once per
@@ -262,12 +262,11 @@ std::shared_ptr<Cached> Get(const Geometry& g, const Variant& v) {
 // a probed depthwise u8 kernel; the single mode's remainders and input elements, and its time (ns)
 // in its three steps: splitting the codes, the primitive, and one pass over the outputs that adds
 // the remainder and applies the epilogue.
-// kRunIm2col counts the direct and single runs whose primitive ran on the im2col matrix (Im2col).
 enum Count { kRunDirect, kRunSplit, kRunSingle, kRunDepthwise, kSingleRemainders, kSingleInputs,
-             kSingleNsSplitCodes, kSingleNsPrimitive, kSingleNsFinish, kRunIm2col, kCountCount };
+             kSingleNsSplitCodes, kSingleNsPrimitive, kSingleNsFinish, kCountCount };
 std::atomic<int64_t> counts[kCountCount];
 
-enum Slot { kSlotLo, kSlotAcc, kSlotScratchpad, kSlotPixelEnd, kSlotIm2col, kSlotCount };
+enum Slot { kSlotLo, kSlotAcc, kSlotScratchpad, kSlotPixelEnd, kSlotCount };
 
 void* Buffer(Slot slot, size_t bytes) {
   thread_local std::vector<std::unique_ptr<char[]>> buffers(kSlotCount);
@@ -335,104 +334,6 @@ void Execute(const Cached& c, const void* src, const int8_t* weights, void* dst,
 int64_t NowNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
       .count();
-}
-
-// Convs with few input channels (an image's 3 at the stem) run their primitive as one 1x1 conv
-// over the im2col matrix of the input: oneDNN's int8 conv kernels block the input channels by 4,
-// so a 3-channel 7x7 conv multiplies 4 * 49 codes per output where 147 are real, while its 1x1
-// kernels take the 147 (padded to 148) and run no slower per product. Row (b, oy, ox) of the matrix
-// holds the codes under that output's taps, tap by tap (ty, tx) with the c channels of each (the
-// order of the HWIO kernel's rows), then zeros up to a multiple of 4; the weights are the HWIO
-// kernel as a (kh * kw * c, o) matrix with as many zero rows. The same integers, so the same
-// accumulators. The images go through in chunks of at most `im2col_bytes` of matrix (one primitive
-// per chunk size) to bound the buffer; chunks of a few images ran slower than one chunk on a loaded
-// 2-core machine (one parallel region per primitive), so a chunk is as large as that bound allows.
-std::atomic<int64_t> im2col_bytes{int64_t{128} << 20};
-
-bool UseIm2col(const Geometry& g) { return g.conv && g.groups == 1 && g.c % 4 != 0 && g.c < 16 && g.kh * g.kw > 1; }
-
-int64_t Im2colDepth(const Geometry& g) { return (g.kh * g.kw * g.c + 3) / 4 * 4; }
-
-// The 1x1 conv over the im2col rows of `images` images.
-Geometry Im2colGeometry(const Geometry& g, int64_t images) {
-  Geometry m;
-  m.n = images, m.h = g.oh, m.w = g.ow, m.c = Im2colDepth(g), m.o = g.o, m.oh = g.oh, m.ow = g.ow;
-  return m;
-}
-
-std::vector<int8_t> Im2colWeights(const Geometry& g, const int8_t* weights) {
-  std::vector<int8_t> w(Im2colDepth(g) * g.o, 0);
-  std::memcpy(w.data(), weights, g.weight_count());
-  return w;
-}
-
-// memcpy for the short runs of an im2col row: sizes from 8 to 32 bytes as two overlapping copies
-// of a fixed size (a few moves each, no call).
-inline void CopyShort(uint8_t* __restrict__ to, const uint8_t* __restrict__ from, int64_t n) {
-  if (n >= 16 && n <= 32) {
-    std::memcpy(to, from, 16);
-    std::memcpy(to + n - 16, from + n - 16, 16);
-  } else if (n >= 8 && n < 16) {
-    std::memcpy(to, from, 8);
-    std::memcpy(to + n - 8, from + n - 8, 8);
-  } else {
-    std::memcpy(to, from, n);
-  }
-}
-
-// The im2col rows of images [b0, b0 + images) of `src` (images of ih x iw pixels of g.c one-byte
-// codes, read as padded by pad_lo with the code `pad` around them) into `to`, `depth` bytes a row.
-void Im2col(const Geometry& g, const uint8_t* src, int64_t ih, int64_t iw, const dims& pad_lo, uint8_t pad,
-            int64_t b0, int64_t images, int64_t depth, uint8_t* to) {
-  const int64_t c = g.c, dy = g.dilation[0] + 1, dx = g.dilation[1] + 1, used = g.kh * g.kw * c;
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t b = 0; b < images; ++b)
-    for (int64_t oy = 0; oy < g.oh; ++oy) {
-      const uint8_t* image = src + (b0 + b) * ih * iw * c;
-      for (int64_t ox = 0; ox < g.ow; ++ox) {
-        uint8_t* row = to + ((b * g.oh + oy) * g.ow + ox) * depth;
-        const int64_t x0 = ox * g.strides[1] - pad_lo[1];
-        for (int64_t ty = 0; ty < g.kh; ++ty) {
-          uint8_t* out = row + ty * g.kw * c;
-          const int64_t iy = oy * g.strides[0] - pad_lo[0] + ty * dy;
-          if (iy < 0 || iy >= ih) {
-            std::memset(out, pad, g.kw * c);
-            continue;
-          }
-          const uint8_t* line = image + iy * iw * c;
-          if (dx == 1 && x0 >= 0 && x0 + g.kw <= iw) {  // the kernel row's taps: one run of bytes
-            CopyShort(out, line + x0 * c, g.kw * c);
-            continue;
-          }
-          for (int64_t tx = 0; tx < g.kw; ++tx) {
-            const int64_t ix = x0 + tx * dx;
-            if (ix < 0 || ix >= iw) std::memset(out + tx * c, pad, c);
-            else std::memcpy(out + tx * c, line + ix * c, c);
-          }
-        }
-        std::memset(row + used, 0, depth - used);
-      }
-    }
-}
-
-// A conv's primitive run as the 1x1 conv of variant `v` over the im2col matrix of `src` (Im2col),
-// chunk by chunk: dst gets the conv's output (rows x o elements of elem_bytes each); the epilogue
-// operands as in Execute.
-void ExecuteIm2col(const Geometry& g, const Variant& v, const uint8_t* src, int64_t ih, int64_t iw,
-                   const dims& pad_lo, uint8_t pad, const int8_t* weights, void* dst, int64_t elem_bytes,
-                   const float* scale = nullptr, const float* bias = nullptr, const float* dst_scale = nullptr) {
-  const std::vector<int8_t> wk = Im2colWeights(g, weights);
-  const int64_t depth = Im2colDepth(g), per_image = g.oh * g.ow * depth;
-  const int64_t chunk = std::clamp<int64_t>(im2col_bytes.load() / std::max<int64_t>(per_image, 1), 1, g.n);
-  uint8_t* matrix = static_cast<uint8_t*>(Buffer(kSlotIm2col, chunk * per_image));
-  for (int64_t b0 = 0; b0 < g.n; b0 += chunk) {
-    const int64_t images = std::min(chunk, g.n - b0);
-    auto c = Get(Im2colGeometry(g, images), v);
-    Im2col(g, src, ih, iw, pad_lo, pad, b0, images, depth, matrix);
-    Execute(*c, matrix, wk.data(), static_cast<char*>(dst) + b0 * g.oh * g.ow * g.o * elem_bytes, scale, bias,
-            nullptr, dst_scale);
-  }
-  counts[kRunIm2col] += 1;
 }
 
 // A u8/s8 output's requantization: q = round(y * inv_scale) (inv_scale = 1 / scale in float32,
@@ -1003,11 +904,10 @@ bool RunSingle(const Geometry& g, dt src_t, const void* x, const int8_t* weights
                const float* scale, const float* bias, const Requant& rq, int64_t post_op) {
   int64_t t0 = NowNs();
   const bool s8 = src_t == dt::s8;
-  const bool im2col = UseIm2col(g);
-  auto c = im2col ? nullptr : Get(g, {dt::u8, s8, 1, dt::s32, false, 0});
+  auto c = Get(g, {dt::u8, s8, 1, dt::s32, false, 0});
   std::shared_ptr<Reordered> kept;
   int32_t max_abs;
-  if (!im2col && c->reorder_weights) {
+  if (c->reorder_weights) {
     dnnl::stream stream(Engine());
     kept = ReorderedWeights(*c, weights, stream);
     max_abs = kept->max_abs;
@@ -1060,11 +960,7 @@ bool RunSingle(const Geometry& g, dt src_t, const void* x, const int8_t* weights
   const int64_t rows = g.rows();
   int32_t* acc = out == dt::s32 || out == dt::f32 ? static_cast<int32_t*>(dst)  // in place: same size
                                                   : static_cast<int32_t*>(Buffer(kSlotAcc, rows * g.o * 4));
-  if (im2col)  // lo: u8 codes, unpadded (padding code 0), or padded already with z (s8)
-    ExecuteIm2col(g, {dt::u8, false, 1, dt::s32, false, 0}, lo, hp, wp, s8 ? dims{0, 0} : g.pad_lo, 0, weights,
-                  acc, 4);
-  else
-    Execute(*c, lo, weights, acc, nullptr, nullptr, kept);
+  Execute(*c, lo, weights, acc, nullptr, nullptr, kept);
   t0 = NowNs();
   counts[kSingleNsPrimitive] += t0 - t1;
 
@@ -1172,12 +1068,8 @@ ffi::Error Run(const Geometry& g, dt src_t, const void* x, const int8_t* weights
     const bool codes = out == dt::u8 || out == dt::s8;
     const float* dst_scale = codes ? &rq.scale : nullptr;
     if (mode == 2 || (mode == 0 && HasVnni())) {
-      if (UseIm2col(g))  // padding code 0: the real zero of u8 and s8 codes
-        ExecuteIm2col(g, {src_t, false, 1, out, fuse, fuse ? post_op : 0}, static_cast<const uint8_t*>(x), g.h, g.w,
-                      g.pad_lo, 0, weights, dst, codes ? 1 : 4, fuse ? scale : nullptr, bias, dst_scale);
-      else
-        Execute(*Get(g, {src_t, false, 1, out, fuse, fuse ? post_op : 0}), x, weights, dst, fuse ? scale : nullptr,
-                bias, nullptr, dst_scale);
+      Execute(*Get(g, {src_t, false, 1, out, fuse, fuse ? post_op : 0}), x, weights, dst, fuse ? scale : nullptr,
+              bias, nullptr, dst_scale);
       if (codes) ExtractRows(dst, g.rows(), rq, out);
       counts[kRunDirect] += 1;
       return ffi::Error::Success();
@@ -1457,7 +1349,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiqOnednnMatmulLowered, MatmulLoweredImpl,
 
 // The interface version of this library (the FFI targets' attributes, the modes, the exported
 // functions): flexiq_jax refuses a library whose version is not the one it was written for.
-extern "C" int flexiq_onednn_abi() { return 8; }
+extern "C" int flexiq_onednn_abi() { return 9; }
 
 // The oneDNN version this library runs with: major * 10000 + minor * 100 + patch.
 extern "C" int flexiq_onednn_version() {
@@ -1470,12 +1362,6 @@ extern "C" int flexiq_onednn_isa() { return static_cast<int>(dnnl::get_effective
 
 // How many layers ran each way since the library was loaded (the Count enum above), or -1.
 extern "C" int64_t flexiq_onednn_runs(int what) { return what >= 0 && what < kCountCount ? counts[what].load() : -1; }
-
-// Sets the most bytes of im2col matrix a conv with few input channels builds at once (at least
-// one image's; ExecuteIm2col) and returns the previous value; bytes <= 0 only returns it.
-extern "C" int64_t flexiq_onednn_im2col_bytes(int64_t bytes) {
-  return bytes > 0 ? im2col_bytes.exchange(bytes) : im2col_bytes.load();
-}
 
 // Whether mode 0 (auto) runs the direct (fused) kernels here: 1 on CPUs with VNNI.
 extern "C" int flexiq_onednn_direct() { return HasVnni() ? 1 : 0; }
