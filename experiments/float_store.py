@@ -165,11 +165,14 @@ def main(argv) -> int:
     from experiments import paper_tables
     from flexiq_jax import pipeline
     workdir = os.path.join(args.workroot, name)
-    run = pipeline.Run(paper_tables.model_config(name, 0, ("flexiq",), (), smoke=False), workdir)
+    config = paper_tables.model_config(name, 0, ("flexiq",), (), smoke=False)  # an unknown name exits, listing them
+    run = pipeline.Run(config, workdir)
     state = unpack(archive_path(name, store=args.store), workdir, run.stage("float").fingerprint)
     print(f"{name}: " + (f"unpacked step {state['step']} into {workdir}" if state else "nothing unpacked"))
   if args.list:
     names = sorted(f for f in os.listdir(args.store) if f.endswith(".tar.gz")) if os.path.isdir(args.store) else []
+    if not names:
+      print(f"{args.store} holds no float stage")
     for f in names:
       state = stored_state(os.path.join(args.store, f)) or {}
       size = os.path.getsize(os.path.join(args.store, f)) / 2**20

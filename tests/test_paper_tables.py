@@ -208,6 +208,23 @@ def test_a_part_trained_float_stage_is_stored_and_resumes_from_its_step(smoke_co
   assert float_store.stage_state(str(tmp_path / "b"))["done"]
 
 
+def test_the_float_store_command_packs_lists_and_refuses_bad_input(smoke_config, tmp_path, capsys):
+  from experiments import float_store
+  from flexiq_jax import pipeline
+  store, root = str(tmp_path / "store"), tmp_path / "work"
+  assert float_store.main(["--list", f"--store={store}"]) == 0
+  assert "holds no float stage" in capsys.readouterr().out
+  pipeline.train_float(pipeline.Run(smoke_config, str(root / "quickstart")))
+  assert float_store.main([f"--pack=quickstart,missing", f"--workroot={root}", f"--store={store}"]) == 0
+  out = capsys.readouterr().out
+  assert "quickstart: packed step 8 (done)" in out and f"missing: nothing new to pack from {root / 'missing'}" in out
+  assert float_store.main(["--list", f"--store={store}"]) == 0
+  assert "quickstart_seed0.tar.gz: step 8, done" in capsys.readouterr().out
+  assert float_store.main([]) == 2
+  with pytest.raises(SystemExit, match="config 'nosuch' not found"):
+    float_store.main(["--unpack=nosuch", f"--store={store}"])
+
+
 def _with(config, **train):
   for k, v in train.items():
     config.train[k] = v
