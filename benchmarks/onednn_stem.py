@@ -116,7 +116,8 @@ def main(argv):
           f"{_ROUNDS.value} interleaved rounds, ms (interquartile range); int8 codes in, per-channel scale, bias, "
           "ReLU and u8 codes out. Speed-up: as given / padded. Padded / PyTorch: the padded conv's time as a "
           "multiple of PyTorch int8's. The last column: how the kernel library ran the conv as given "
-          "(`onednn.run_counts` over one call; 'im2col': as a 1x1 conv over the im2col matrix of its input).\n\n",
+          "(`onednn.run_counts` over one call; 'im2col', libraries before interface version 9 only: as a 1x1 conv "
+          "over the im2col matrix of its input).\n\n",
           records.markdown_table(["stem", "batch", "input HxWxC", "kernel", "out", *[f"{k} ms" for k in names],
                                   "speed-up of padding", "padded / PyTorch", "same codes",
                                   "the library's runs of the conv as given"], table), "\n"]

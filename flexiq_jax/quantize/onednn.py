@@ -267,11 +267,10 @@ def pad_input_channels(x, w):
   """A dense conv's input channels padded with zeros (codes and weight rows) to a multiple of 4.
 
   oneDNN's int8 conv kernels take input channels in blocks of 4; an image's 1 or 3 channels at the
-  stem are the one conv that does not fill them. Padded, a stem ran 1.2-3.8x faster than as the
-  1x1 conv over its im2col matrix that the library used to build, and at 0.57-1.04x PyTorch int8's
-  time (`benchmarks/results/onednn_stem.md`, commit d5a7622).
-  The zero weights leave every accumulator as it is; inside a jit the pads fuse into the ops that
-  make x and w.
+  stem are the one conv that does not fill them, and padded they run faster than the im2col form
+  the library used to build (`benchmarks/onednn_stem.py`; figures in docs/DESIGN.md §3.3). The
+  zero weights leave every accumulator as it is; inside a jit the pads fuse into the ops that make
+  x and w.
 
   Args:
     x: (N, H, W, C) activation codes.
