@@ -16,7 +16,10 @@ grouped convs) oneDNN for those convs only, and (--split) the oneDNN model with 
 ratio 0, and (where the model has requantization edges) the oneDNN model with float outputs between
 every pair of layers (`fuse_requant=False`, ratio 0), and (where the model has `ResidualAdd`s fused
 into its convs) the oneDNN model with its residual sums added by XLA (`fuse_residual=False`, ratio
-0); a --baseline_library runs the model with neither fusion (its library has the plain targets only). Also counted: compilations while the oneDNN model switches
+0), and (where the model has residual sums read by a quantized layer) the oneDNN model with the
+8-bit residual stream (`residual_codes=True`: other numerics, each such sum kept on its reader's 8-bit
+grid, as PyTorch's int8 models keep it; its logits checked against the XLA integer path with the
+same stream); a --baseline_library runs the model with neither fusion (its library has the plain targets only). Also counted: compilations while the oneDNN model switches
 ratios (must be 0). Writes benchmarks/results/<--results_name>.{json,md} with the command, commit,
 CPU model, load average and date.
 """
@@ -151,6 +154,17 @@ def run_net(spec: str, batch: int, rounds: int) -> dict:
     plain_sums = dataclasses.replace(variants["oneDNN int"], fuse_residual=False)
     fns["oneDNN int, no residual fusion r=0"] = jax.jit(plain_sums.apply)
     args["oneDNN int, no residual fusion r=0"] = (onednn_svars, images, jnp.float32(0))
+  # The 8-bit residual stream (QuantizedModel.residual_codes: other numerics, PyTorch int8's form).
+  stream_model = dataclasses.replace(variants["oneDNN int"], residual_codes=True)
+  stream_diffs = {}
+  if stream_model.stream_edges(qvars, images):
+    stream_fn, stream_xla = jax.jit(stream_model.apply), jax.jit(dataclasses.replace(qmodel, residual_codes=True).apply)
+    stream_svars = jax.jit(stream_model.prepare)(qvars)
+    for r in RATIOS:
+      fns[f"oneDNN int, 8-bit residual stream r={r:g}"] = stream_fn
+      args[f"oneDNN int, 8-bit residual stream r={r:g}"] = (stream_svars, images, jnp.float32(r))
+      stream_diffs[f"r={r:g}"] = float(jnp.max(jnp.abs(stream_fn(stream_svars, images, jnp.float32(r))
+                                                        - stream_xla(qvars, images, jnp.float32(r)))))
   if _BASELINE.value:  # the same oneDNN model on another build of the library: one compilation, every ratio
     # Without either fusion: the baseline library's conv and matmul targets only.
     baseline_model = dataclasses.replace(unfused, fuse_residual=False)
@@ -201,7 +215,8 @@ def run_net(spec: str, batch: int, rounds: int) -> dict:
     for r in np.linspace(0.05, 0.95, 5):
       jax.block_until_ready(predict(images, float(r)))
   return {"name": subject.name + (" (224 px)" if full else ""), "batch": batch, "median_s": times, "iqr_s": spread,
-          "max_abs_logit_diff_onednn_vs_xla_int": diffs, "compilations_over_5_ratio_switches": compiled.count,
+          "max_abs_logit_diff_onednn_vs_xla_int": diffs, "max_abs_logit_diff_stream_onednn_vs_xla_int": stream_diffs,
+          "compilations_over_5_ratio_switches": compiled.count,
           "onednn_runs_over_3_calls": runs}
 
 
@@ -231,6 +246,11 @@ def write_markdown(results: dict, path: str) -> None:
     lines += ["", f"Max |logit difference| oneDNN vs XLA integer path: "
               + ", ".join(f"{k}: {v:.2e}" for k, v in net["max_abs_logit_diff_onednn_vs_xla_int"].items())
               + f". Compilations over 5 ratio switches (oneDNN model): {net['compilations_over_5_ratio_switches']}."]
+    if net.get("max_abs_logit_diff_stream_onednn_vs_xla_int"):
+      lines += ["", "The 8-bit residual stream (`residual_codes=True`, other numerics than the rows above): max "
+                "|logit difference| oneDNN vs the XLA integer path with the same stream: "
+                + ", ".join(f"{k}: {v:.2e}" for k, v in net["max_abs_logit_diff_stream_onednn_vs_xla_int"].items())
+                + "."]
     runs = net.get("onednn_runs_over_3_calls", {})
     if runs:
       share = runs["single_remainders"] / runs["single_inputs"] if runs.get("single_inputs") else 0.0

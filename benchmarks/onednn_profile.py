@@ -49,6 +49,8 @@ from benchmarks import onednn_int8
 
 _NET = flags.DEFINE_string("net", "resnet18:full", "'quickstart', '<config>' (:fmnist) or '<config>:full'.")
 _MODES = flags.DEFINE_list("modes", ["split", "auto"], "oneDNN library modes to profile (onednn.MODES).")
+_STREAM = flags.DEFINE_bool("residual_codes", False, "Also profile the oneDNN model with the 8-bit residual stream "
+                             "(`QuantizedModel.residual_codes`, mode 'auto').")
 _RATIO = flags.DEFINE_float("ratio", 0.0, "The 4-bit ratio of the profiled calls.")
 _REPORT_ONLY = integer_path._REPORT_ONLY  # --report_only: profile nothing, rewrite the Markdown from the JSON
 _CALLS = flags.DEFINE_integer("calls", 3, "Untraced timed calls per variant (median reported).")
@@ -164,6 +166,9 @@ def main(argv):
     if mode not in onednn.MODES:
       raise SystemExit(f"error: unknown mode {mode!r}; use one of {tuple(onednn.MODES)}")
     variants[f"oneDNN {mode}"] = (dataclasses.replace(qmodel, conv_impls="onednn", dense_impl="onednn"), mode)
+  if _STREAM.value:  # other numerics: its logits differ from the XLA integer path's by the stream's rounding
+    variants["oneDNN auto, 8-bit residual stream"] = (
+        dataclasses.replace(qmodel, conv_impls="onednn", dense_impl="onednn", residual_codes=True), "auto")
   results = {"info": info, "net": subject.name, "batch": batch, "ratio": _RATIO.value, "variants": {}}
   reference = None
   for label, (qm, mode) in variants.items():

@@ -266,6 +266,75 @@ def ratio_affine(info: LayerInfo, lq: dict, lowered):
   return 1.0 + share * lq["ratio_gain"], share * lq["ratio_bias"]
 
 
+def stream_sum(y, codes, step):
+  """A residual sum whose shortcut is on the 8-bit residual stream (`residual_stream`), as every
+  integer path computes it: ((y · (1/step)) + codes) · step, each operation rounded to float32.
+
+  oneDNN's conv computes the same steps as post-ops inside its kernel (`quantize.onednn.conv` with
+  `shortcut_codes`); its sum post-op would add step · codes in one fused multiply-add instead.
+
+  Args:
+    y: the other term (a layer's float output).
+    codes: the shortcut's 8-bit codes (any dtype holding integers), shaped as `y`.
+    step: the shortcut's grid step (scalar).
+
+  Returns:
+    The float32 sum, close to y + codes · step.
+  """
+  return (y * (1.0 / step) + codes.astype(jnp.float32)) * step
+
+
+def stream_terms(streams: dict, y, shortcut):
+  """(other term, stream term, (codes, step) or None): the two terms of a residual sum ordered so
+  that a term on the 8-bit residual stream (a value in `streams`, {id(value): (value, codes, step)})
+  comes second, with its codes and step.
+
+  Args:
+    streams: the stream values seen so far in one trace.
+    y: one term.
+    shortcut: the other.
+
+  Returns:
+    (other, stream term, (codes, step)), or (y, shortcut, None) where neither is on the stream.
+  """
+  for term, other in ((shortcut, y), (y, shortcut)):
+    found = streams.get(id(term))
+    if found is not None and found[0] is term and jnp.shape(other) == jnp.shape(term):
+      return other, term, found[1:]
+  return y, shortcut, None
+
+
+def residual_stream(y, shortcut, activation: str, step, *, signed: bool, ste: bool, shortcut_stream=None):
+  """A residual sum kept on an 8-bit grid (the 8-bit residual stream): the sum, its activation,
+  then clip(round(· (1/step))) on the grid of the quantized layer that reads it, without 4-bit
+  extraction (that layer extracts its lowered channels from these codes; the next sum reads all 8
+  bits).
+
+  Args:
+    y: one term (a layer's float output).
+    shortcut: the other term.
+    activation: 'none' or 'relu', applied to the sum.
+    step: the grid's step (the reading layer's activation scale, one per tensor).
+    signed: codes in [-128, 127] if True, [0, 255] if False.
+    ste: straight-through rounding (fake quantization for training).
+    shortcut_stream: (codes, step) where `shortcut` is itself on the stream (`stream_sum`), else None.
+
+  Returns:
+    (value, codes): the stream's float value codes · step and its codes (float, integer-valued).
+  """
+  if shortcut_stream is not None:
+    total = stream_sum(y, *shortcut_stream)
+  else:
+    total = y + shortcut
+  if activation == "relu":
+    total = jnp.maximum(total, 0.0)
+  elif activation != "none":
+    raise ValueError(f"unknown residual activation {activation!r}; use 'none' or 'relu'")
+  qmin, qmax = numerics.int_range(8, signed)
+  q = jnp.clip((numerics.round_ste if ste else jnp.round)(total * (1.0 / step)), qmin, qmax)
+  return q * step, q
+
+
 def act_zero_point(lq: dict):
   """The activation grid's zero point: lq['act_zero'] on an asymmetric grid, else 0.
 

@@ -15,7 +15,7 @@ import pytest
 from jax import lax
 
 from flexiq_jax import quantize, serve
-from flexiq_jax.interception import LayerInfo
+from flexiq_jax.interception import LayerInfo, get_path
 from flexiq_jax.quantize import integer, onednn
 
 import smallnet
@@ -681,4 +681,126 @@ def test_residual_fusion_keeps_the_logits_bit_for_bit(residual_setup):
   for r, out in zip(RATIOS, outs):
     np.testing.assert_array_equal(out, plain(svars, images, jnp.float32(r)))
     np.testing.assert_array_equal(out, sums_only(svars, images, jnp.float32(r)))
+  assert not np.array_equal(outs[0], outs[-1])
+
+
+@needs_onednn
+@pytest.mark.parametrize("mode", ["auto", "direct", "single", "split"])
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("post_op", ["none", "relu", "relu6"])
+def test_stream_sum_adds_the_shortcut_codes_as_the_xla_arithmetic_does(mode, signed, post_op):
+  """A conv with a residual shortcut on the 8-bit stream (`shortcut_codes`) writes the sum's codes
+  equal to the XLA arithmetic of `layer_ops.residual_stream` on the conv's float output, bit for bit
+  (oneDNN's post-ops compute ((y * (1/s)) + q) * s with each step rounded, as XLA does), and the
+  reader's codes with its 4-bit extraction; at rounding ties of the sum too."""
+  from flexiq_jax import layer_ops
+  rng = np.random.default_rng(7)
+  dtype = jnp.int8 if signed else jnp.uint8
+  x = _codes(rng, (2, 9, 9, 16), signed, False)
+  w = _weights(rng, (3, 3, 16, 24), False)
+  scale = jnp.asarray(rng.uniform(2e-4, 4e-4, 24), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=24), jnp.float32)
+  shortcut = _codes(rng, (2, 9, 9, 24), signed, False)
+  s_short, s_out = np.float32(0.0625), np.float32(0.046875)  # powers-of-two multiples: many exact ties
+  kw = dict(padding=((1, 1), (1, 1)), scale=scale, bias=bias, mode=mode)
+  y = onednn.conv(x, w, out_dtype=jnp.float32, **kw)
+  y = jnp.clip(y, -6, 6) if post_op == "relu6" else y  # relu6 is not a residual activation: checked by hand
+  act = "relu" if post_op == "relu" else "none"
+  _, want = layer_ops.residual_stream(y, None, act, s_out, signed=signed, ste=False,
+                                      shortcut_stream=(shortcut, s_short))
+  if post_op == "relu6":
+    total = layer_ops.stream_sum(onednn.conv(x, w, out_dtype=jnp.float32, **kw), shortcut, s_short)
+    qmin, qmax = (-128, 127) if signed else (0, 255)
+    want = jnp.clip(jnp.round(jnp.clip(total, 0.0, 6.0) * (1.0 / s_out)), qmin, qmax)
+  lowered = jnp.arange(24) % 3 == 0
+  step = jnp.full((24,), 16.0)
+  codes, reader = onednn.conv(x, w, post_op=post_op, out_dtype=dtype, dst_scale=s_out, shortcut_codes=shortcut,
+                              shortcut_scale=s_short,
+                              lowering=integer.lowering_operand(step, lowered, signed=signed), **kw)
+  assert codes.dtype == reader.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(codes, np.int32), np.asarray(want, np.int32))
+  entry = {"act_scale": jnp.float32(1.0), "step": step}
+  np.testing.assert_array_equal(np.asarray(reader, np.int32), np.asarray(
+      integer.activation_codes(codes.astype(jnp.float32), entry, lowered, signed=signed), np.int32))
+  assert not np.array_equal(np.asarray(codes), np.asarray(reader))
+  with pytest.raises(ValueError, match="shortcut codes"):
+    onednn.conv(x, w, out_dtype=jnp.float32, shortcut_codes=shortcut, shortcut_scale=s_short, **kw)
+
+
+@pytest.fixture(scope="module")
+def stream_setup():
+  """A small ResNet with two blocks in its first stages (identity shortcuts reading a stream sum)
+  quantized on random images, with the 8-bit residual stream: (qmodel, qvars, images)."""
+  from flexiq_jax import api, models
+  model = models.create("resnet18", num_classes=10, **{**models.small_kwargs("resnet18", 16), "depths": (2, 2, 1, 1)})
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(8, 16, 16, 1)), jnp.float32)
+  variables = model.init(jax.random.PRNGKey(0), images)
+  qmodel, qvars = api.quantize_model(model, variables, np.asarray(images), selector="greedy", calib_batch_size=8)
+  return dataclasses.replace(qmodel, residual_codes=True), qvars, images
+
+
+def test_residual_stream_is_the_same_arithmetic_in_every_integer_form(stream_setup):
+  """With `residual_codes`, each sum a conv reads is kept on that conv's 8-bit grid: the XLA
+  integer path equals the reference path bit for bit at every ratio, the fake path is within float
+  rounding of it, and the sums' rounding changes the numerics (the stream is not the float32 one)."""
+  qmodel, qvars, images = stream_setup
+  assert qmodel.stream_edges(qvars, images) == {0: "layer1_1/conv1", 1: "layer2_0/conv1", 2: "layer2_1/conv1",
+                                                3: "layer3_0/conv1", 4: "layer4_0/conv1"}
+  assert dataclasses.replace(qmodel, residual_codes=False).stream_edges(qvars, images) == {}
+  reference = jax.jit(qmodel.with_mode("int_reference").apply)
+  xla = jax.jit(dataclasses.replace(qmodel, conv_impls="int8").apply)
+  fake = jax.jit(qmodel.with_mode("fake").apply)
+  for r in RATIOS:
+    want = reference(qvars, images, r)
+    np.testing.assert_array_equal(xla(qvars, images, r), want)
+    np.testing.assert_allclose(fake(qvars, images, r), want, rtol=1e-4, atol=1e-6)
+  rounded = _block_sums(qmodel.with_mode("int_reference"), qvars, images, 5)
+  floats = _block_sums(dataclasses.replace(qmodel, residual_codes=False, mode="int_reference"), qvars, images, 5)
+  steps = [float(jnp.reshape(get_path(qvars["quant"], p)["act_scale"], ()))
+           for p in qmodel.stream_edges(qvars, images).values()]
+  assert len(rounded) == len(floats) == len(steps) == 5
+  for value, step in zip(rounded, steps):  # on the grid: integer multiples of the step
+    np.testing.assert_allclose(np.asarray(value) / step, np.round(np.asarray(value) / step), atol=1e-3)
+  assert all(not np.array_equal(a, b) for a, b in zip(rounded, floats))
+
+
+def _block_sums(qmodel, qvars, images, count: int, total: int = 6):
+  """The values the model's first `count` `ResidualAdd`s (of `total`) return at ratio 0 (the
+  stream's, where it is on); the stream edges' abstract trace sees every sum first."""
+  import flax.linen as nn
+  from flexiq_jax.models.layers import ResidualAdd
+
+  def run(v, x):
+    sums = []
+
+    def keep(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      if isinstance(context.module, ResidualAdd) and context.method_name == "__call__":
+        sums.append(out)
+      return out
+    with nn.intercept_methods(keep):
+      qmodel.apply(v, x, 0.0)
+    return sums[-total:][:count]
+  return jax.jit(run)(qvars, images)
+
+
+@needs_onednn
+def test_residual_stream_on_onednn_keeps_the_logits_of_the_xla_integer_path(stream_setup):
+  """On oneDNN the conv before each stream sum writes the stream's codes (the shortcut's codes
+  added inside the kernel where the shortcut is on the stream, `CONV_STREAM_TARGET`, and the reader's
+  codes beside them): the logits equal the XLA integer path's bit for bit at every ratio, with one
+  compilation."""
+  qmodel, qvars, images = stream_setup
+  dnn = dataclasses.replace(qmodel, conv_impls="onednn", dense_impl="onednn")
+  svars = jax.jit(dnn.prepare)(qvars)
+  apply = jax.jit(dnn.apply)
+  hlo = apply.lower(svars, images, 0.0).compile().as_text()
+  assert hlo.count(f'"{onednn.CONV_STREAM_TARGET}"') == 2  # layer1_1 and layer2_1: identity shortcuts
+  xla = jax.jit(dataclasses.replace(qmodel, conv_impls="int8").apply)
+  with serve.count_compilations() as compiled:
+    outs = [apply(svars, images, jnp.float32(r)) for r in RATIOS]
+  assert compiled.count == 1
+  for r, out in zip(RATIOS, outs):
+    np.testing.assert_array_equal(out, xla(qvars, images, r))
   assert not np.array_equal(outs[0], outs[-1])

@@ -47,7 +47,7 @@ def _extension():
       include_dirs=[dnnl_include, ffi_include],
       library_dirs=[dnnl_lib],
       libraries=[":libdnnl.so.3"],
-      extra_compile_args=["-std=c++17", "-O3", "-fopenmp", "-fvisibility=hidden", "-w"],
+      extra_compile_args=["-std=c++17", "-O3", "-ffp-contract=off", "-fopenmp", "-fvisibility=hidden", "-w"],
       extra_link_args=["-fopenmp", "-Wl,-rpath,$ORIGIN/../../.."],
       language="c++",
       optional=True,  # a failed compile leaves the package without the library, not the install failed

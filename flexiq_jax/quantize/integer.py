@@ -374,7 +374,7 @@ def _next_codes_epilogue(next_codes: NextCodes) -> dict | None:
 def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, conv_accumulator=jnp.int32,
                     conv_impl: str | None = None, dense_impl: str = "xla", codes=None,
                     next_codes: NextCodes | None = None, addend=None, addend_activation: str = "none",
-                    sum_codes: NextCodes | None = None):
+                    sum_codes: NextCodes | None = None, stream=None):
   """One quantized layer on serving variables: `lowered` (C,) bool, or None for a layer that is
   never lowered; call.kernel holds the int8 codes. conv_impl (CONV_IMPLS; None: the default for
   the backend): 'int8' one int8 conv with the layer's own padding (unsigned codes shifted by -128,
@@ -392,7 +392,12 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
   runs there (`IntegerLayers.residual_add`), else added after it; the same float32 adds either way.
   sum_codes: with `addend`, where the sum is fused into a oneDNN conv, the activation quantization
   of the layer that reads the sum: the layer then returns (sum, that layer's codes), both from the
-  kernel's one pass.
+  kernel's one pass. stream: with `addend`, for a conv on oneDNN whose sum is on the 8-bit residual
+  stream (`layer_ops.residual_stream`): a dict with 'step' and 'signed' (the stream's grid),
+  'shortcut' ((codes, step) where the addend is itself on the stream, else None) and optionally
+  'lowering' (the `lowering_operand` of the layer that reads the sum); the kernel then writes the
+  stream's uint8/int8 codes, and where the shortcut is on the stream also the reader's codes (its
+  lowered channels extracted): the layer returns the pair (stream codes, reader codes or None).
 
   Args:
     call: the intercepted layer call; `call.kernel` holds the int8 codes, `call.bias` the float bias.
@@ -410,12 +415,14 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
     addend_activation: 'none' or 'relu', applied after the addend.
     sum_codes: the activation quantization of the layer that reads the residual sum (`NextCodes`),
       or None.
+    stream: the residual stream's grid and shortcut (above), or None.
 
   Returns:
     The layer's float output in the module's output shape, bias and bias correction included; with
     `next_codes`, where the layer runs on oneDNN (and the next grid has no zero point), the next
     layer's codes instead (uint8/int8, the same shape); with `addend`, the residual sum; with
-    `sum_codes` too, where the sum is fused (and that grid has no zero point), (sum, codes).
+    `sum_codes` too, where the sum is fused (and that grid has no zero point), (sum, codes); with
+    `stream`, (stream codes, reader codes or None).
 
   Raises:
     ValueError: an unknown `dense_impl` or `conv_impl`.
@@ -455,6 +462,20 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
     padding = conv_padding(module, x.shape, info.kernel_shape)
     if _onednn_conv_ok(module, padding):
       scale, fused_bias = _fused_epilogue(info, entry, lowered, call.bias, wi.shape[-1])
+      if stream is not None and addend is not None and epilogue["out_dtype"] == jnp.float32:
+        codes_dtype = jnp.int8 if stream["signed"] else jnp.uint8
+        if stream["shortcut"] is not None:  # the shortcut's codes added inside the kernel
+          codes, step = stream["shortcut"]
+          return onednn.conv(q8, wi, strides=spatial_pair(module.strides), padding=padding,
+                             dilation=spatial_pair(module.kernel_dilation), groups=info.groups, scale=scale,
+                             bias=fused_bias, post_op=addend_activation, out_dtype=codes_dtype,
+                             dst_scale=stream["step"], lowering=stream.get("lowering"),
+                             shortcut_codes=codes.astype(codes_dtype), shortcut_scale=step)
+        # A float shortcut: the fused sum and its 8-bit codes (no extraction); the reader quantizes.
+        return onednn.conv(q8, wi, strides=spatial_pair(module.strides), padding=padding,
+                           dilation=spatial_pair(module.kernel_dilation), groups=info.groups, scale=scale,
+                           bias=fused_bias, post_op=addend_activation, out_dtype=jnp.float32, addend=addend,
+                           sum_codes=dict(out_dtype=codes_dtype, dst_scale=stream["step"]))[1], None
       if addend is not None and epilogue["out_dtype"] == jnp.float32:
         epilogue = dict(epilogue, addend=addend, post_op=addend_activation)
         addend = None  # fused
@@ -556,6 +577,9 @@ class IntegerLayers:
   producers: dict = dataclasses.field(default_factory=dict)  # {id(output): (output, rerun(addend, act, codes))}
   residual_edges: dict = dataclasses.field(default_factory=dict)  # {residual index: consumer path}
   residual_calls: list = dataclasses.field(default_factory=list)  # one entry per ResidualAdd seen
+  stream_edges: dict = dataclasses.field(default_factory=dict)  # {residual index: reader}, 8-bit stream
+  streams: dict = dataclasses.field(default_factory=dict)  # {id(value): (value, codes, step)}
+  stream_readers: tuple = ()  # stream readers that take the codes a kernel writes for them
 
   def _lowered(self, path: str, entry: dict):
     return entry["rank"] < self.counts[path] if path in self.counts else None
@@ -574,10 +598,10 @@ class IntegerLayers:
     if next_codes is not None and jnp.issubdtype(y.dtype, jnp.integer):
       self.pending[self.requant_edges[call.path][0]] = y
       return jnp.full(y.shape, jnp.nan, jnp.float32)
-    if (self.fuse_residual and call.info.kind == "conv"
+    if ((self.fuse_residual or self.stream_edges) and call.info.kind == "conv"
         and conv_impl_for(call.info, self.signed[call.path], self.conv_impls.get(call.path)) == "onednn"):
-      self.producers[id(y)] = (y, lambda addend, activation, codes: run(addend=addend, addend_activation=activation,
-                                                                       sum_codes=codes))
+      self.producers[id(y)] = (y, lambda addend, activation, codes=None, stream=None: run(
+          addend=addend, addend_activation=activation, sum_codes=codes, stream=stream))
     return y
 
   def _next_codes(self, consumer: str, activation: str) -> NextCodes:
@@ -590,6 +614,8 @@ class IntegerLayers:
     plain sum) where neither term is such a conv's float output."""
     k = len(self.residual_calls)
     self.residual_calls.append(k)
+    if (reader := self.stream_edges.get(k)) is not None:
+      return self._stream_add(y, shortcut, activation, reader)
     consumer = self.residual_edges.get(k)
     for term, other in ((y, shortcut), (shortcut, y)):
       found = self.producers.get(id(term))
@@ -599,6 +625,34 @@ class IntegerLayers:
           out, self.pending[consumer] = out
         return out
     return None
+
+  def _stream_add(self, y, shortcut, activation: str, reader: str):
+    """A residual sum on the 8-bit stream (`layer_ops.residual_stream`) on `reader`'s grid: written
+    as codes by the oneDNN conv that produced one term where there is one (with the other term's
+    codes added inside the kernel where that term is on the stream too), else computed in XLA. The
+    stream's value (codes times step) is what the model reads; the reader quantizes it back to the
+    same codes exactly, with its 4-bit extraction."""
+    entry = get_path(self.integer, reader)
+    step, signed = jnp.reshape(entry["act_scale"], ()), self.signed[reader]
+    other, term, on_stream = layer_ops.stream_terms(self.streams, y, shortcut)
+    codes = None
+    for conv_out, addend in ((other, term), (term, other)):
+      found = self.producers.get(id(conv_out))
+      if found is not None and found[0] is conv_out and jnp.shape(addend) == jnp.shape(conv_out):
+        grid = dict(step=step, signed=signed, shortcut=on_stream if addend is term else None)
+        lowered = self._lowered(reader, entry)
+        if lowered is not None:
+          grid["lowering"] = lowering_operand(entry["step"], lowered, signed=signed)
+        codes, reader_codes = found[1](addend, activation, stream=grid)
+        if reader_codes is not None and reader in self.stream_readers:
+          self.pending[reader] = reader_codes
+        break
+    if codes is None:
+      codes = layer_ops.residual_stream(other, term, activation, step, signed=signed, ste=False,
+                                        shortcut_stream=on_stream)[1]
+    value = codes.astype(jnp.float32) * step
+    self.streams[id(value)] = (value, codes, step)
+    return value
 
   def matmul(self, call: MatmulCall, a, b):
     return layer_ops.quantized_matmul(call, a, b, get_path(self.matmul_quant, call.path),

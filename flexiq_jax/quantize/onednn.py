@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ABI = 9  # the library's interface version (flexiq_onednn_abi) this module calls
+ABI = 10  # the library's interface version (flexiq_onednn_abi) this module calls
 CONV_TARGET = "flexiq_onednn_conv"
 MATMUL_TARGET = "flexiq_onednn_matmul"
 # The same kernels with a `lowering` operand: uint8/int8 outputs with each channel's 4-bit extraction.
@@ -39,6 +39,8 @@ MATMUL_LOWERED_TARGET = "flexiq_onednn_matmul_lowered"
 CONV_ADD_TARGET = "flexiq_onednn_conv_add"
 # The same and the sum's requantized codes (uint8/int8 with the 4-bit extraction): two results.
 CONV_ADD_CODES_TARGET = "flexiq_onednn_conv_add_codes"
+# The residual sum on the 8-bit stream: the shortcut's codes and step in, the sum's codes out.
+CONV_STREAM_TARGET = "flexiq_onednn_conv_stream"
 POST_OPS = {"none": 0, "relu": 1, "relu6": 2, "gelu": 3}
 # How the library runs a layer (the C++ file's comment): 'auto' fused where the CPU has VNNI and
 # exact elsewhere ('single', or a probed depthwise kernel); 'split' two int8 runs on split weights,
@@ -103,6 +105,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
   jax.ffi.register_ffi_target(CONV_LOWERED_TARGET, jax.ffi.pycapsule(lib.FlexiqOnednnConvLowered), platform="cpu")
   jax.ffi.register_ffi_target(CONV_ADD_TARGET, jax.ffi.pycapsule(lib.FlexiqOnednnConvAdd), platform="cpu")
   jax.ffi.register_ffi_target(CONV_ADD_CODES_TARGET, jax.ffi.pycapsule(lib.FlexiqOnednnConvAddCodes), platform="cpu")
+  jax.ffi.register_ffi_target(CONV_STREAM_TARGET, jax.ffi.pycapsule(lib.FlexiqOnednnConvStream), platform="cpu")
   jax.ffi.register_ffi_target(MATMUL_LOWERED_TARGET, jax.ffi.pycapsule(lib.FlexiqOnednnMatmulLowered), platform="cpu")
   return lib, ""
 
@@ -287,7 +290,7 @@ def pad_input_channels(x, w):
 
 def conv(x, w, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), groups: int = 1, scale=None,
          bias=None, post_op: str = "none", out_dtype=jnp.int32, dst_scale=None, lowering=None, addend=None,
-         sum_codes=None, mode: str = "auto", pad_channels: bool = True):
+         sum_codes=None, shortcut_codes=None, shortcut_scale=None, mode: str = "auto", pad_channels: bool = True):
   """oneDNN's int8 convolution, NHWC x HWIO -> NHWC, with its epilogue (module docstring).
 
   Args:
@@ -308,12 +311,20 @@ def conv(x, w, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), gro
     sum_codes: with `addend`, also the sum's requantization: a dict with 'out_dtype' (uint8/int8),
       'dst_scale' and optionally 'lowering' (as the arguments of those names): the activation codes
       of the layer that reads the sum, written in the same pass as the sum.
+    shortcut_codes: (N, H', W', O) uint8/int8 codes of a residual sum's shortcut on the 8-bit
+      stream (the output's dtype, uint8/int8): the output is then the sum's codes,
+      requant(post_op(((y * (1 / shortcut_scale)) + shortcut_codes) * shortcut_scale)) with
+      y = acc * scale + bias, each step rounded to float32 (`layer_ops.stream_sum`), and the same
+      codes with `lowering`'s extraction (the reading layer's codes; none extracted without one);
+      post-op none, relu or relu6.
+    shortcut_scale: the shortcut codes' step (a positive scalar), with `shortcut_codes`.
     mode: one of MODES ('auto': exact accumulators on every CPU; `auto_mode`).
     pad_channels: a dense conv's input channels padded to a multiple of 4 (`pad_input_channels`);
       False runs the library on the channels as given (slower where they are not; for comparisons).
 
   Returns:
-    (N, H', W', O) array of `out_dtype`; with `sum_codes`, the pair (sum, codes).
+    (N, H', W', O) array of `out_dtype`; with `sum_codes`, the pair (sum, codes); with
+    `shortcut_codes`, the pair (the stream's codes, the reading layer's codes).
 
   Raises:
     ValueError: wrong dtypes, an unknown post-op or mode, a post-op with an int32 output, bad padding,
@@ -341,6 +352,23 @@ def conv(x, w, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), gro
   attrs = dict(strides=np.asarray(strides, np.int64), pad_lo=np.asarray([p[0] for p in padding], np.int64),
                pad_hi=np.asarray([p[1] for p in padding], np.int64), dilation=np.asarray(dilation, np.int64),
                groups=np.int64(groups), post_op=np.int64(POST_OPS[post_op]), mode=_mode_code(mode))
+  if shortcut_codes is not None:
+    if jnp.dtype(out_dtype) not in (jnp.dtype(jnp.uint8), jnp.dtype(jnp.int8)):
+      raise ValueError("shortcut codes need a uint8/int8 output (the stream's codes)")
+    if shortcut_codes.dtype != jnp.dtype(out_dtype) or tuple(shortcut_codes.shape) != tuple(out_shape):
+      raise ValueError(f"the shortcut codes must be {jnp.dtype(out_dtype).name} of the output's shape "
+                       f"{tuple(out_shape)}; got {shortcut_codes.dtype} {tuple(shortcut_codes.shape)}")
+    if addend is not None or sum_codes is not None or post_op == "gelu":
+      raise ValueError("shortcut codes take no addend or sum_codes, and post-op none, relu or relu6")
+    step = jnp.asarray(shortcut_scale, jnp.float32).reshape(())
+    if lowering is None:  # every channel at 8 bits
+      info = jnp.iinfo(out_dtype)
+      n = out_shape[-1]
+      lowering = _lowering_operand(lowering_rows(jnp.ones(n), jnp.full(n, info.min), jnp.full(n, info.max)),
+                                   w.shape[-1], out_dtype)
+    out = jax.ShapeDtypeStruct(out_shape, out_dtype)
+    call = jax.ffi.ffi_call(CONV_STREAM_TARGET, (out, out), vmap_method="sequential")
+    return tuple(call(x, w, scale, bias, dst_scale, lowering, shortcut_codes, step, **attrs))
   if sum_codes is not None:
     if addend is None:
       raise ValueError("sum_codes needs an addend (the codes are those of the residual sum)")

@@ -161,6 +161,24 @@ class FlexiQLayers:
   matmul_signed: dict = dataclasses.field(default_factory=dict)  # {matmul path: (a signed, b signed)}
   lsq_grad_scale: str = "qmax8"  # layer_ops.quantize_codes
   lsq_weight_grad_scale: str = "qmax8"  # layer_ops.quantize_codes
+  stream_edges: dict = dataclasses.field(default_factory=dict)  # {residual index: reader}, residual_codes
+  streams: dict = dataclasses.field(default_factory=dict)  # {id(value): (value, codes, step)}
+  residual_calls: list = dataclasses.field(default_factory=list)  # one entry per ResidualAdd seen
+
+  def residual_add(self, y, shortcut, activation: str):
+    """The k-th residual sum on the 8-bit stream where `stream_edges` names its reader
+    (`layer_ops.residual_stream`, on that layer's grid), or None (the plain float sum)."""
+    k = len(self.residual_calls)
+    self.residual_calls.append(k)
+    reader = self.stream_edges.get(k)
+    if reader is None:
+      return None
+    step = get_path(self.quant, reader)["act_scale"]
+    y, shortcut, on_stream = layer_ops.stream_terms(self.streams, y, shortcut)
+    value, codes = layer_ops.residual_stream(y, shortcut, activation, step, signed=self.signed[reader],
+                                             ste=self.mode == "fake", shortcut_stream=on_stream)
+    self.streams[id(value)] = (value, codes, step)
+    return value
 
   def matmul(self, call: MatmulCall, a, b):
     return layer_ops.quantized_matmul(call, a, b, get_path(self.quant, call.path),
@@ -204,7 +222,12 @@ class QuantizedModel:
   outputs between every pair of layers. fuse_residual: in mode 'int', a model's `ResidualAdd`
   whose term is the float output of a conv on oneDNN is added (with its ReLU) inside that conv's
   kernel (`integer.IntegerLayers.residual_add`): the same float32 sums, the residual stream written
-  once; False adds them in XLA."""
+  once; False adds them in XLA. residual_codes: an 8-bit residual stream, in every mode (other
+  numerics than the default's float32 sums): each `ResidualAdd` whose sum a quantized layer reads
+  (the first such layer, with a symmetric per-tensor grid) keeps the sum on that layer's 8-bit grid
+  (`layer_ops.residual_stream`), and a later sum adds it as codes (`layer_ops.stream_sum`); on
+  oneDNN the conv before the sum writes the stream's codes (`quantize.onednn.conv` with
+  `shortcut_codes`), so the stream is 8-bit between blocks as in PyTorch's int8 models."""
 
   model: nn.Module
   plan: QuantPlan
@@ -219,6 +242,7 @@ class QuantizedModel:
   lsq_weight_grad_scale: str = "qmax8"
   fuse_requant: bool = True
   fuse_residual: bool = True
+  residual_codes: bool = False
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -259,15 +283,16 @@ class QuantizedModel:
     accumulator = self.conv_accumulator or default_conv_accumulator()
     if self.mode == "int":
       qvars = self.prepare(qvars)
-      requant_edges, residual_edges = self._edges(qvars, x)
+      requant_edges, residual_edges, stream_edges = self._edges(qvars, x)
       provider = integer.IntegerLayers(qvars[integer.SERVING_KEY], qvars["quant"], counts, self.plan.signed,
                                        self.plan.matmul_signed, accumulator, self.conv_impl_map(), self.dense_impl,
                                        requant_edges=requant_edges, fuse_residual=self.fuse_residual,
-                                       residual_edges=residual_edges)
+                                       residual_edges=residual_edges, stream_edges=stream_edges,
+                                       stream_readers=tuple(r for r in stream_edges.values() if self._takes_codes(r)))
     else:
       provider = FlexiQLayers(qvars["quant"], counts, self.plan.signed, "int" if self.mode == "int_reference" else "fake",
                               self.lsq, accumulator, self.plan.matmul_signed, self.lsq_grad_scale,
-                              self.lsq_weight_grad_scale)
+                              self.lsq_weight_grad_scale, stream_edges=self._edges(qvars, x)[2])
     variables = {k: v for k, v in qvars.items() if k in ("params", "batch_stats")}
     return interception.run_with_provider(self.model, self.plan, variables, x, provider)
 
@@ -301,20 +326,44 @@ class QuantizedModel:
     """
     return self._edges(qvars, x)[1]
 
-  def _edges(self, qvars, x) -> tuple[dict, dict]:
-    """(`requant_edges`, `residual_edges`) from one abstract trace (`interception.edges`)."""
+  def stream_edges(self, qvars, x) -> dict:
+    """{residual index: reader path}: the residual sums kept on the 8-bit stream (`residual_codes`),
+    each on the grid of the first quantized layer that reads it; {} without `residual_codes`.
+
+    Args:
+      qvars: the quantized (or prepared) variables; their 'quant' entries name the readers' grids.
+      x: the input batch, or its shape and dtype.
+
+    Returns:
+      The sums whose reader has a symmetric per-tensor activation grid (a zero point or a scale per
+      channel keeps that sum in float32).
+    """
+    return self._edges(qvars, x)[2]
+
+  def _edges(self, qvars, x) -> tuple[dict, dict, dict]:
+    """(`requant_edges`, `residual_edges`, `stream_edges`) from one abstract trace (`interception.edges`)."""
     on_onednn = self._on_onednn()
-    if self.mode != "int" or not self.fuse_requant or not on_onednn or not integer.onednn.available():
-      return {}, {}
+    fused = self.mode == "int" and self.fuse_requant and on_onednn and integer.onednn.available()
+    if not fused and not self.residual_codes:
+      return {}, {}, {}
     layer, residual = interception.edges(self.model, self.plan, *self._abstract(qvars, x))
+    stream = {}
+    if self.residual_codes:
+      prepared = integer.SERVING_KEY in qvars  # serving entries name a zero point 'zero_point'
+      entries = qvars[integer.SERVING_KEY] if prepared else qvars["quant"]
+      stream = {k: reader for k, reader in residual.items()
+                if ("zero_point" if prepared else "act_zero") not in (entry := get_path(entries, reader))
+                and jnp.size(entry["act_scale"]) == 1}
+    if not fused:
+      return {}, {}, stream
     layers = self.plan.layers
     requant = {producer: (consumer, act) for consumer, (producer, act) in layer.items()
                if producer in on_onednn
                and (layers[producer].kind == "conv" or len(layers[producer].kernel_shape) == 2)
                and self._takes_codes(consumer)}
-    residual = ({k: consumer for k, consumer in residual.items() if self._takes_codes(consumer)}
+    residual = ({k: consumer for k, consumer in residual.items() if self._takes_codes(consumer) and k not in stream}
                 if self.fuse_residual else {})
-    return requant, residual
+    return requant, residual, stream
 
   def _on_onednn(self) -> set:
     impls = self.conv_impl_map()

@@ -13,7 +13,15 @@
 // other term), added to the f32 result before the post-op: post_op(acc * scale + bias + addend).
 // The conv_add_codes target also returns the sum requantized (u8/s8, with each channel's 4-bit
 // extraction): the activation codes of the layer that reads the sum, from the same pass.
-// The layer runs without its post-op, then one pass adds the addend and applies the post-op while
+// The conv_stream target keeps the residual stream 8-bit: it takes the shortcut as u8/s8 codes q on
+// a step s and writes the sum's codes, dst = requant(post_op(StreamSum)), with
+//   StreamSum = ((y * (1 / s)) + q) * s,   y = acc * scale + bias,
+// each multiplication and the addition rounded to float32 (1 / s too): on VNNI CPUs oneDNN's
+// post-ops eltwise_linear, binary_add (the codes as src1) and eltwise_linear inside the primitive
+// (a sum post-op would add s * q as one fused multiply-add, which flexiq_jax's XLA arithmetic
+// cannot reproduce); elsewhere the f32 output of the layer's exact run, then one pass (StreamRows).
+// A second result holds the codes with the 4-bit extraction of the layer that reads the sum.
+// The f32 addend's layer runs without its post-op, then one pass adds the addend and applies the post-op while
 // the output is still in cache. (oneDNN's sum and binary-add post-ops ran the ResNet-18 stage-1
 // convs slower than the conv plus this pass: the kernel then reads the addend from memory.)
 //
@@ -144,10 +152,12 @@ struct Variant {
   dt dst;
   bool fused;      // scale, bias, post-op (and dst scale) as attributes
   int64_t post_op;
+  float stream_scale = 0.f;  // > 0: the residual sum on the 8-bit stream (file comment, ConvStreamImpl)
 
   std::string Key() const {
     std::ostringstream s;
-    s << int(src) << ',' << prepadded << ',' << mult << ',' << int(dst) << ',' << fused << ',' << post_op;
+    s << int(src) << ',' << prepadded << ',' << mult << ',' << int(dst) << ',' << fused << ',' << post_op << ','
+      << std::hexfloat << stream_scale;
     return s.str();
   }
 };
@@ -185,6 +195,11 @@ dnnl::primitive_attr Attr(const Geometry& g, const Variant& v) {
   attr.set_scales_mask(DNNL_ARG_WEIGHTS, !g.conv ? 1 << 1 : g.groups == 1 ? 1 : 3);  // per output channel
   if (v.dst == dt::u8 || v.dst == dt::s8) attr.set_scales_mask(DNNL_ARG_DST, 0);  // one scale, codes out
   dnnl::post_ops ops;
+  if (v.stream_scale > 0.f) {  // StreamSum: ((y * (1 / s)) + q) * s, each step rounded to float32
+    ops.append_eltwise(dnnl::algorithm::eltwise_linear, 1.f / v.stream_scale, 0.f);
+    ops.append_binary(dnnl::algorithm::binary_add, dnnl::memory::desc({g.n, g.o, g.oh, g.ow}, v.dst, tag::nhwc));
+    ops.append_eltwise(dnnl::algorithm::eltwise_linear, v.stream_scale, 0.f);
+  }
   if (v.post_op == 1) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
   if (v.post_op == 2) ops.append_eltwise(dnnl::algorithm::eltwise_clip, 0.f, 6.f);
   if (v.post_op == 3) ops.append_eltwise(dnnl::algorithm::eltwise_gelu_erf, 0.f, 0.f);
@@ -266,7 +281,7 @@ enum Count { kRunDirect, kRunSplit, kRunSingle, kRunDepthwise, kSingleRemainders
              kSingleNsSplitCodes, kSingleNsPrimitive, kSingleNsFinish, kCountCount };
 std::atomic<int64_t> counts[kCountCount];
 
-enum Slot { kSlotLo, kSlotAcc, kSlotScratchpad, kSlotPixelEnd, kSlotCount };
+enum Slot { kSlotLo, kSlotAcc, kSlotScratchpad, kSlotPixelEnd, kSlotStream, kSlotCount };
 
 void* Buffer(Slot slot, size_t bytes) {
   thread_local std::vector<std::unique_ptr<char[]>> buffers(kSlotCount);
@@ -306,7 +321,8 @@ std::shared_ptr<Reordered> ReorderedWeights(Cached& c, const int8_t* weights, dn
 void Execute(const Cached& c, const void* src, const int8_t* weights, void* dst, const float* scale = nullptr,
              const float* bias = nullptr,
              std::shared_ptr<Reordered> keep = nullptr,  // keep: ReorderedWeights(c, weights), if known
-             const float* dst_scale = nullptr) {         // a fused primitive with u8/s8 output
+             const float* dst_scale = nullptr,           // a fused primitive with u8/s8 output
+             const void* shortcut = nullptr) {           // a stream variant's shortcut codes
   dnnl::engine& eng = Engine();
   dnnl::stream stream(eng);
   dnnl::memory w(c.user_weights, eng, const_cast<int8_t*>(weights));
@@ -327,6 +343,8 @@ void Execute(const Cached& c, const void* src, const int8_t* weights, void* dst,
   }
   if (dst_scale != nullptr)
     args.emplace(DNNL_ARG_ATTR_SCALES | DNNL_ARG_DST, dnnl::memory({{1}, dt::f32, tag::x}, eng, const_cast<float*>(dst_scale)));
+  if (shortcut != nullptr)  // the binary post-op (the second of the stream's post-ops, Attr)
+    args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(1) | DNNL_ARG_SRC_1, dnnl::memory(c.dst, eng, const_cast<void*>(shortcut)));
   c.prim.execute(stream, args);
   stream.wait();
 }
@@ -1175,6 +1193,27 @@ ffi::Error Lowering(ffi::Buffer<ffi::F32> lowering, int64_t channels, const floa
   return ffi::Error::Success();
 }
 
+// A conv's geometry from its operands' shapes and attributes (ConvRun).
+ffi::Error ConvGeometry(const ffi::AnyBuffer& src, const ffi::AnyBuffer& weights, const ffi::AnyBuffer& dst,
+                        ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
+                        ffi::Span<const int64_t> pad_hi, ffi::Span<const int64_t> dilation, int64_t groups,
+                        Geometry* out) {
+  auto x = src.dimensions(), k = weights.dimensions(), y = dst.dimensions();
+  if (x.size() != 4 || k.size() != 4 || y.size() != 4 || strides.size() != 2 || pad_lo.size() != 2 ||
+      pad_hi.size() != 2 || dilation.size() != 2 || groups < 1)
+    return ffi::Error::InvalidArgument("onednn conv: expects NHWC src/dst, HWIO weights and 2-D attributes");
+  Geometry& g = *out;
+  g.n = x[0], g.h = x[1], g.w = x[2], g.c = x[3], g.kh = k[0], g.kw = k[1], g.o = k[3], g.groups = groups;
+  g.oh = y[1], g.ow = y[2];
+  g.strides = {strides[0], strides[1]};
+  g.dilation = {dilation[0] - 1, dilation[1] - 1};
+  g.pad_lo = {pad_lo[0], pad_lo[1]};
+  g.pad_hi = {pad_hi[0], pad_hi[1]};
+  if (g.c != k[2] * groups || g.o % groups != 0 || y[0] != g.n || y[3] != g.o)
+    return ffi::Error::InvalidArgument("onednn conv: channel counts do not match the groups");
+  return ffi::Error::Success();
+}
+
 // src: NHWC (u8|s8); weights: HWIO s8 with I = C / groups; scale, bias: (O,) f32; dst_scale: ()
 // f32; lowering: (4, O) f32 or nullptr (Requant); dst: NHWC (s32|f32|u8|s8). strides, pad_lo,
 // pad_hi, dilation: (2,) each, dilation as in XLA (1 = none).
@@ -1186,19 +1225,8 @@ ffi::Error ConvRun(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::
                    ffi::Result<ffi::AnyBuffer>* codes = nullptr) {
   dt src_t, out;
   if (auto e = Types(src, weights, dst->element_type(), &src_t, &out, "onednn conv"); e.failure()) return e;
-  auto x = src.dimensions(), k = weights.dimensions(), y = dst->dimensions();
-  if (x.size() != 4 || k.size() != 4 || y.size() != 4 || strides.size() != 2 || pad_lo.size() != 2 ||
-      pad_hi.size() != 2 || dilation.size() != 2 || groups < 1)
-    return ffi::Error::InvalidArgument("onednn conv: expects NHWC src/dst, HWIO weights and 2-D attributes");
   Geometry g;
-  g.n = x[0], g.h = x[1], g.w = x[2], g.c = x[3], g.kh = k[0], g.kw = k[1], g.o = k[3], g.groups = groups;
-  g.oh = y[1], g.ow = y[2];
-  g.strides = {strides[0], strides[1]};
-  g.dilation = {dilation[0] - 1, dilation[1] - 1};
-  g.pad_lo = {pad_lo[0], pad_lo[1]};
-  g.pad_hi = {pad_hi[0], pad_hi[1]};
-  if (g.c != k[2] * groups || g.o % groups != 0 || y[0] != g.n || y[3] != g.o)
-    return ffi::Error::InvalidArgument("onednn conv: channel counts do not match the groups");
+  if (auto e = ConvGeometry(src, weights, *dst, strides, pad_lo, pad_hi, dilation, groups, &g); e.failure()) return e;
   Requant rq = Requant::Of(*dst_scale.typed_data(), g.o);
   if (lowering)
     if (auto e = Lowering(*lowering, g.o, &rq.lowering); e.failure()) return e;
@@ -1244,6 +1272,75 @@ ffi::Error ConvAddCodesImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buf
                             int64_t post_op, int64_t mode) {
   return ConvRun(src, weights, scale, bias, dst_scale, &lowering, dst, strides, pad_lo, pad_hi, dilation, groups,
                  post_op, mode, &addend, &codes);
+}
+
+// The residual sum on the 8-bit stream (file comment): dst = requant(post_op(StreamSum(y, q, s))),
+// y = acc * scale + bias, q the shortcut's u8/s8 codes (the dst type) on step s = shortcut_scale,
+// requant the dst type's rounding on dst_scale's grid (no 4-bit extraction: the stream stays 8-bit);
+// `reader` the same codes with `lowering`'s 4-bit extraction (Requant), the reading layer's input.
+template <typename T>
+void StreamRows(const float* y, const T* shortcut, float step, int64_t count, int64_t post_op, const Requant& rq,
+                T* dst) {
+  const float inv_step = 1.f / step;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < count; ++i) {
+    const float sum = (y[i] * inv_step + static_cast<float>(shortcut[i])) * step;  // no contraction (setup.py)
+    dst[i] = RequantCode<T>(PostOp(sum, post_op), rq, 0);
+  }
+}
+
+ffi::Error ConvStreamImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::F32> scale,
+                          ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> dst_scale, ffi::Buffer<ffi::F32> lowering,
+                          ffi::AnyBuffer shortcut, ffi::Buffer<ffi::F32> shortcut_scale,
+                          ffi::Result<ffi::AnyBuffer> dst, ffi::Result<ffi::AnyBuffer> reader,
+                          ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
+                          ffi::Span<const int64_t> pad_hi, ffi::Span<const int64_t> dilation, int64_t groups,
+                          int64_t post_op, int64_t mode) {
+  dt src_t, out;
+  if (auto e = Types(src, weights, dst->element_type(), &src_t, &out, "onednn conv"); e.failure()) return e;
+  Geometry g;
+  if (auto e = ConvGeometry(src, weights, *dst, strides, pad_lo, pad_hi, dilation, groups, &g); e.failure()) return e;
+  const float step = *shortcut_scale.typed_data();
+  if ((out != dt::u8 && out != dt::s8) || shortcut.element_type() != dst->element_type() ||
+      shortcut.element_count() != static_cast<size_t>(g.rows() * g.o) || !(step > 0.f) || post_op == 3)
+    return ffi::Error::InvalidArgument("onednn conv: a stream sum takes u8/s8 shortcut codes of the output's type and "
+                                       "shape, a positive step, and post-op none, ReLU or ReLU6");
+  const Requant rq = Requant::Of(*dst_scale.typed_data(), g.o);
+  Requant extract = rq;  // the reader's codes: the stream's with its lowered channels extracted
+  if (auto e = Lowering(lowering, g.o, &extract.lowering); e.failure()) return e;
+  if (reader->element_type() != dst->element_type() || reader->element_count() != shortcut.element_count())
+    return ffi::Error::InvalidArgument("onednn conv: the reader's codes must be of the stream's type and shape");
+  const auto finish = [&] {
+    std::memcpy(reader->untyped_data(), dst->untyped_data(), g.rows() * g.o);
+    ExtractRows(reader->untyped_data(), g.rows(), extract, out);
+  };
+  try {
+    if (mode == 2 || (mode == 0 && HasVnni())) {
+      Variant v{src_t, false, 1, out, true, post_op};
+      v.stream_scale = step;
+      Execute(*Get(g, v), src.untyped_data(), static_cast<const int8_t*>(weights.untyped_data()),
+              dst->untyped_data(), scale.typed_data(), bias.typed_data(), nullptr, &rq.scale, shortcut.untyped_data());
+      counts[kRunDirect] += 1;
+      finish();
+      return ffi::Error::Success();
+    }
+    // Elsewhere the layer's f32 output (exact accumulators in every mode), then one pass.
+    float* y = static_cast<float*>(Buffer(kSlotStream, sizeof(float) * g.rows() * g.o));
+    if (auto e = Run(g, src_t, src.untyped_data(), static_cast<const int8_t*>(weights.untyped_data()), dt::f32, y,
+                     scale.typed_data(), bias.typed_data(), Requant(), 0, mode);
+        e.failure())
+      return e;
+    if (out == dt::u8)
+      StreamRows(y, static_cast<const uint8_t*>(shortcut.untyped_data()), step, g.rows() * g.o, post_op, rq,
+                 static_cast<uint8_t*>(dst->untyped_data()));
+    else
+      StreamRows(y, static_cast<const int8_t*>(shortcut.untyped_data()), step, g.rows() * g.o, post_op, rq,
+                 static_cast<int8_t*>(dst->untyped_data()));
+    finish();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("onednn conv: ") + e.what());
+  }
+  return ffi::Error::Success();
 }
 
 ffi::Error ConvLoweredImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::F32> scale,
@@ -1344,12 +1441,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiqOnednnConvAddCodes, ConvAddCodesImpl,
                                             .Ret<ffi::AnyBuffer>()
                                             .Ret<ffi::AnyBuffer>()));
 
+// The residual sum on the 8-bit stream: lowering, the shortcut's codes and its step after dst_scale;
+// two results, the stream's codes and those of the layer that reads it (ConvStreamImpl).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiqOnednnConvStream, ConvStreamImpl,
+                              ConvAttrs(Operands()
+                                            .Arg<ffi::Buffer<ffi::F32>>()
+                                            .Arg<ffi::AnyBuffer>()
+                                            .Arg<ffi::Buffer<ffi::F32>>()
+                                            .Ret<ffi::AnyBuffer>()
+                                            .Ret<ffi::AnyBuffer>()));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiqOnednnMatmulLowered, MatmulLoweredImpl,
                               MatmulAttrs(Operands().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::AnyBuffer>()));
 
 // The interface version of this library (the FFI targets' attributes, the modes, the exported
 // functions): flexiq_jax refuses a library whose version is not the one it was written for.
-extern "C" int flexiq_onednn_abi() { return 9; }
+extern "C" int flexiq_onednn_abi() { return 10; }
 
 // The oneDNN version this library runs with: major * 10000 + minor * 100 + patch.
 extern "C" int flexiq_onednn_version() {
