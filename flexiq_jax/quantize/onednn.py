@@ -14,7 +14,10 @@ saturated (oneDNN's own dst scale: the primitive writes the codes), and with `lo
 (`lowering_rows`) each channel's 4-bit extraction after it, in place on the codes: the next layer's
 activation codes, operation for operation as `integer.activation_codes` computes them from the
 float32 output. oneDNN pads a conv with code 0, the real zero of both grids, so unsigned codes need
-no shift. Primitives are cached per shape inside the library.
+no shift. A conv may also add a residual sum's other term before its post-op: a float32 tensor
+(`addend`, float32 output), or the codes of a shortcut on the 8-bit residual stream
+(`shortcut_codes`, the stream's codes out; `layer_ops.stream_sum`). Primitives are cached per shape
+inside the library.
 
 Set FLEXIQ_ONEDNN_LIBRARY to a library path to use another build (e.g. one compiled by hand).
 """
