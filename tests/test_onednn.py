@@ -692,7 +692,8 @@ def test_stream_sum_adds_the_shortcut_codes_as_the_xla_arithmetic_does(mode, sig
   """A conv with a residual shortcut on the 8-bit stream (`shortcut_codes`) writes the sum's codes
   equal to the XLA arithmetic of `layer_ops.residual_stream` on the conv's float output, bit for bit
   (oneDNN's post-ops compute ((y * (1/s)) + q) * s with each step rounded, as XLA does), and the
-  reader's codes with its 4-bit extraction; at rounding ties of the sum too."""
+  reader's codes with its 4-bit extraction; at rounding ties of the sum too; a float32 shortcut is
+  the plain sum."""
   from flexiq_jax import layer_ops
   rng = np.random.default_rng(7)
   dtype = jnp.int8 if signed else jnp.uint8
@@ -723,6 +724,11 @@ def test_stream_sum_adds_the_shortcut_codes_as_the_xla_arithmetic_does(mode, sig
   np.testing.assert_array_equal(np.asarray(reader, np.int32), np.asarray(
       integer.activation_codes(codes.astype(jnp.float32), entry, lowered, signed=signed), np.int32))
   assert not np.array_equal(np.asarray(codes), np.asarray(reader))
+  if post_op != "relu6":  # a float shortcut (not on the stream): the plain float32 sum
+    values = jnp.asarray(rng.normal(size=(2, 9, 9, 24)), jnp.float32)
+    _, want = layer_ops.residual_stream(y, values, act, s_out, signed=signed, ste=False)
+    got, _ = onednn.conv(x, w, post_op=post_op, out_dtype=dtype, dst_scale=s_out, shortcut_codes=values, **kw)
+    np.testing.assert_array_equal(np.asarray(got, np.int32), np.asarray(want, np.int32))
   with pytest.raises(ValueError, match="shortcut codes"):
     onednn.conv(x, w, out_dtype=jnp.float32, shortcut_codes=shortcut, shortcut_scale=s_short, **kw)
 
@@ -787,16 +793,16 @@ def _block_sums(qmodel, qvars, images, count: int, total: int = 6):
 
 @needs_onednn
 def test_residual_stream_on_onednn_keeps_the_logits_of_the_xla_integer_path(stream_setup):
-  """On oneDNN the conv before each stream sum writes the stream's codes (the shortcut's codes
-  added inside the kernel where the shortcut is on the stream, `CONV_STREAM_TARGET`, and the reader's
-  codes beside them): the logits equal the XLA integer path's bit for bit at every ratio, with one
-  compilation."""
+  """On oneDNN the conv before each stream sum writes the stream's codes and the reader's codes
+  beside them (`CONV_STREAM_TARGET`; the shortcut's codes added inside the kernel where the shortcut
+  is on the stream, a float shortcut added after it): the logits equal the XLA integer path's bit
+  for bit at every ratio, with one compilation."""
   qmodel, qvars, images = stream_setup
   dnn = dataclasses.replace(qmodel, conv_impls="onednn", dense_impl="onednn")
   svars = jax.jit(dnn.prepare)(qvars)
   apply = jax.jit(dnn.apply)
   hlo = apply.lower(svars, images, 0.0).compile().as_text()
-  assert hlo.count(f'"{onednn.CONV_STREAM_TARGET}"') == 2  # layer1_1 and layer2_1: identity shortcuts
+  assert hlo.count(f'"{onednn.CONV_STREAM_TARGET}"') == 5  # every stream sum; the last sum feeds the pool
   xla = jax.jit(dataclasses.replace(qmodel, conv_impls="int8").apply)
   with serve.count_compilations() as compiled:
     outs = [apply(svars, images, jnp.float32(r)) for r in RATIOS]

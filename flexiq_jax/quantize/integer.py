@@ -396,8 +396,8 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
   stream (`layer_ops.residual_stream`): a dict with 'step' and 'signed' (the stream's grid),
   'shortcut' ((codes, step) where the addend is itself on the stream, else None) and optionally
   'lowering' (the `lowering_operand` of the layer that reads the sum); the kernel then writes the
-  stream's uint8/int8 codes, and where the shortcut is on the stream also the reader's codes (its
-  lowered channels extracted): the layer returns the pair (stream codes, reader codes or None).
+  stream's uint8/int8 codes and the reader's codes (its
+  lowered channels extracted): the layer returns the pair (stream codes, reader codes).
 
   Args:
     call: the intercepted layer call; `call.kernel` holds the int8 codes, `call.bias` the float bias.
@@ -422,7 +422,7 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
     `next_codes`, where the layer runs on oneDNN (and the next grid has no zero point), the next
     layer's codes instead (uint8/int8, the same shape); with `addend`, the residual sum; with
     `sum_codes` too, where the sum is fused (and that grid has no zero point), (sum, codes); with
-    `stream`, (stream codes, reader codes or None).
+    `stream`, (stream codes, reader codes).
 
   Raises:
     ValueError: an unknown `dense_impl` or `conv_impl`.
@@ -464,18 +464,15 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
       scale, fused_bias = _fused_epilogue(info, entry, lowered, call.bias, wi.shape[-1])
       if stream is not None and addend is not None and epilogue["out_dtype"] == jnp.float32:
         codes_dtype = jnp.int8 if stream["signed"] else jnp.uint8
-        if stream["shortcut"] is not None:  # the shortcut's codes added inside the kernel
-          codes, step = stream["shortcut"]
-          return onednn.conv(q8, wi, strides=spatial_pair(module.strides), padding=padding,
-                             dilation=spatial_pair(module.kernel_dilation), groups=info.groups, scale=scale,
-                             bias=fused_bias, post_op=addend_activation, out_dtype=codes_dtype,
-                             dst_scale=stream["step"], lowering=stream.get("lowering"),
-                             shortcut_codes=codes.astype(codes_dtype), shortcut_scale=step)
-        # A float shortcut: the fused sum and its 8-bit codes (no extraction); the reader quantizes.
+        # The shortcut's codes added inside the kernel, or a float shortcut (not on the stream) added
+        # after it; the stream's codes and the reader's (its lowered channels extracted) either way.
+        shortcut, step = stream["shortcut"] or (addend, None)
         return onednn.conv(q8, wi, strides=spatial_pair(module.strides), padding=padding,
                            dilation=spatial_pair(module.kernel_dilation), groups=info.groups, scale=scale,
-                           bias=fused_bias, post_op=addend_activation, out_dtype=jnp.float32, addend=addend,
-                           sum_codes=dict(out_dtype=codes_dtype, dst_scale=stream["step"]))[1], None
+                           bias=fused_bias, post_op=addend_activation, out_dtype=codes_dtype,
+                           dst_scale=stream["step"], lowering=stream.get("lowering"),
+                           shortcut_codes=shortcut if step is None else shortcut.astype(codes_dtype),
+                           shortcut_scale=step)
       if addend is not None and epilogue["out_dtype"] == jnp.float32:
         epilogue = dict(epilogue, addend=addend, post_op=addend_activation)
         addend = None  # fused
@@ -644,7 +641,7 @@ class IntegerLayers:
         if lowered is not None:
           grid["lowering"] = lowering_operand(entry["step"], lowered, signed=signed)
         codes, reader_codes = found[1](addend, activation, stream=grid)
-        if reader_codes is not None and reader in self.stream_readers:
+        if reader in self.stream_readers:
           self.pending[reader] = reader_codes
         break
     if codes is None:

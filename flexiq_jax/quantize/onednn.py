@@ -319,8 +319,9 @@ def conv(x, w, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), gro
       requant(post_op(((y * (1 / shortcut_scale)) + shortcut_codes) * shortcut_scale)) with
       y = acc * scale + bias, each step rounded to float32 (`layer_ops.stream_sum`), and the same
       codes with `lowering`'s extraction (the reading layer's codes; none extracted without one);
-      post-op none, relu or relu6.
-    shortcut_scale: the shortcut codes' step (a positive scalar), with `shortcut_codes`.
+      post-op none, relu or relu6. Float32 values instead (a shortcut not on the stream): the
+      plain sum, requant(post_op(y + shortcut)).
+    shortcut_scale: the shortcut codes' step (a positive scalar), with uint8/int8 `shortcut_codes`.
     mode: one of MODES ('auto': exact accumulators on every CPU; `auto_mode`).
     pad_channels: a dense conv's input channels padded to a multiple of 4 (`pad_input_channels`);
       False runs the library on the channels as given (slower where they are not; for comparisons).
@@ -358,12 +359,13 @@ def conv(x, w, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), gro
   if shortcut_codes is not None:
     if jnp.dtype(out_dtype) not in (jnp.dtype(jnp.uint8), jnp.dtype(jnp.int8)):
       raise ValueError("shortcut codes need a uint8/int8 output (the stream's codes)")
-    if shortcut_codes.dtype != jnp.dtype(out_dtype) or tuple(shortcut_codes.shape) != tuple(out_shape):
-      raise ValueError(f"the shortcut codes must be {jnp.dtype(out_dtype).name} of the output's shape "
-                       f"{tuple(out_shape)}; got {shortcut_codes.dtype} {tuple(shortcut_codes.shape)}")
+    if (shortcut_codes.dtype not in (jnp.dtype(out_dtype), jnp.dtype(jnp.float32))
+        or tuple(shortcut_codes.shape) != tuple(out_shape)):
+      raise ValueError(f"the shortcut codes must be {jnp.dtype(out_dtype).name} (or float32 values) of the output's "
+                       f"shape {tuple(out_shape)}; got {shortcut_codes.dtype} {tuple(shortcut_codes.shape)}")
     if addend is not None or sum_codes is not None or post_op == "gelu":
       raise ValueError("shortcut codes take no addend or sum_codes, and post-op none, relu or relu6")
-    step = jnp.asarray(shortcut_scale, jnp.float32).reshape(())
+    step = jnp.asarray(1.0 if shortcut_scale is None else shortcut_scale, jnp.float32).reshape(())
     if lowering is None:  # every channel at 8 bits
       info = jnp.iinfo(out_dtype)
       n = out_shape[-1]

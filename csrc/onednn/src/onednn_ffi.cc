@@ -20,7 +20,8 @@
 // post-ops eltwise_linear, binary_add (the codes as src1) and eltwise_linear inside the primitive
 // (a sum post-op would add s * q as one fused multiply-add, which flexiq_jax's XLA arithmetic
 // cannot reproduce); elsewhere the f32 output of the layer's exact run, then one pass (StreamRows).
-// A second result holds the codes with the 4-bit extraction of the layer that reads the sum.
+// A second result holds the codes with the 4-bit extraction of the layer that reads the sum. The
+// shortcut may also be f32 (a downsampling conv's output): the plain sum post_op(y + shortcut) then.
 // The f32 addend's layer runs without its post-op, then one pass adds the addend and applies the post-op while
 // the output is still in cache. (oneDNN's sum and binary-add post-ops ran the ResNet-18 stage-1
 // convs slower than the conv plus this pass: the kernel then reads the addend from memory.)
@@ -1289,6 +1290,33 @@ void StreamRows(const float* y, const T* shortcut, float step, int64_t count, in
   }
 }
 
+// The same with a float32 shortcut (a downsampling conv's output): requant(post_op(y + shortcut)),
+// the plain float32 sum.
+template <typename T>
+__attribute__((target("avx2"))) void AddRowsToCodesAvx2(const float* y, const float* shortcut, int64_t count,
+                                                       int64_t post_op, const Requant& rq, T* dst) {
+  const int64_t blocks = count / 8;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256 v = _mm256_add_ps(_mm256_loadu_ps(y + 8 * b), _mm256_loadu_ps(shortcut + 8 * b));
+    if (post_op == 1) v = _mm256_max_ps(v, _mm256_setzero_ps());
+    if (post_op == 2) v = _mm256_min_ps(_mm256_max_ps(v, _mm256_setzero_ps()), _mm256_set1_ps(6.f));
+    RequantStore8<T>(v, rq, 0, dst + 8 * b);  // rq has no lowering: the channel index is unused
+  }
+  for (int64_t i = 8 * blocks; i < count; ++i) dst[i] = RequantCode<T>(PostOp(y[i] + shortcut[i], post_op), rq, 0);
+}
+
+template <typename T>
+void AddRowsToCodes(const float* y, const float* shortcut, int64_t count, int64_t post_op, const Requant& rq, T* dst) {
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) {
+    AddRowsToCodesAvx2(y, shortcut, count, post_op, rq, dst);
+    return;
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < count; ++i) dst[i] = RequantCode<T>(PostOp(y[i] + shortcut[i], post_op), rq, 0);
+}
+
 ffi::Error ConvStreamImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffer<ffi::F32> scale,
                           ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> dst_scale, ffi::Buffer<ffi::F32> lowering,
                           ffi::AnyBuffer shortcut, ffi::Buffer<ffi::F32> shortcut_scale,
@@ -1301,10 +1329,11 @@ ffi::Error ConvStreamImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffe
   Geometry g;
   if (auto e = ConvGeometry(src, weights, *dst, strides, pad_lo, pad_hi, dilation, groups, &g); e.failure()) return e;
   const float step = *shortcut_scale.typed_data();
-  if ((out != dt::u8 && out != dt::s8) || shortcut.element_type() != dst->element_type() ||
+  const bool float_shortcut = shortcut.element_type() == ffi::DataType::F32;
+  if ((out != dt::u8 && out != dt::s8) || (!float_shortcut && shortcut.element_type() != dst->element_type()) ||
       shortcut.element_count() != static_cast<size_t>(g.rows() * g.o) || !(step > 0.f) || post_op == 3)
-    return ffi::Error::InvalidArgument("onednn conv: a stream sum takes u8/s8 shortcut codes of the output's type and "
-                                       "shape, a positive step, and post-op none, ReLU or ReLU6");
+    return ffi::Error::InvalidArgument("onednn conv: a stream sum takes f32 or u8/s8 shortcut codes of the output's "
+                                       "type, of its shape, a positive step, and post-op none, ReLU or ReLU6");
   const Requant rq = Requant::Of(*dst_scale.typed_data(), g.o);
   Requant extract = rq;  // the reader's codes: the stream's with its lowered channels extracted
   if (auto e = Lowering(lowering, g.o, &extract.lowering); e.failure()) return e;
@@ -1315,7 +1344,7 @@ ffi::Error ConvStreamImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffe
     ExtractRows(reader->untyped_data(), g.rows(), extract, out);
   };
   try {
-    if (mode == 2 || (mode == 0 && HasVnni())) {
+    if (!float_shortcut && (mode == 2 || (mode == 0 && HasVnni()))) {
       Variant v{src_t, false, 1, out, true, post_op};
       v.stream_scale = step;
       Execute(*Get(g, v), src.untyped_data(), static_cast<const int8_t*>(weights.untyped_data()),
@@ -1330,11 +1359,18 @@ ffi::Error ConvStreamImpl(ffi::AnyBuffer src, ffi::AnyBuffer weights, ffi::Buffe
                      scale.typed_data(), bias.typed_data(), Requant(), 0, mode);
         e.failure())
       return e;
-    if (out == dt::u8)
-      StreamRows(y, static_cast<const uint8_t*>(shortcut.untyped_data()), step, g.rows() * g.o, post_op, rq,
+    const int64_t count = g.rows() * g.o;
+    if (float_shortcut && out == dt::u8)
+      AddRowsToCodes(y, static_cast<const float*>(shortcut.untyped_data()), count, post_op, rq,
+                     static_cast<uint8_t*>(dst->untyped_data()));
+    else if (float_shortcut)
+      AddRowsToCodes(y, static_cast<const float*>(shortcut.untyped_data()), count, post_op, rq,
+                     static_cast<int8_t*>(dst->untyped_data()));
+    else if (out == dt::u8)
+      StreamRows(y, static_cast<const uint8_t*>(shortcut.untyped_data()), step, count, post_op, rq,
                  static_cast<uint8_t*>(dst->untyped_data()));
     else
-      StreamRows(y, static_cast<const int8_t*>(shortcut.untyped_data()), step, g.rows() * g.o, post_op, rq,
+      StreamRows(y, static_cast<const int8_t*>(shortcut.untyped_data()), step, count, post_op, rq,
                  static_cast<int8_t*>(dst->untyped_data()));
     finish();
   } catch (const dnnl::error& e) {
