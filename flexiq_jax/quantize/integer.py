@@ -396,8 +396,8 @@ def integer_forward(call: LayerCall, x, entry: dict, lowered, *, signed: bool, c
   stream (`layer_ops.residual_stream`): a dict with 'step' and 'signed' (the stream's grid),
   'shortcut' ((codes, step) where the addend is itself on the stream, else None) and optionally
   'lowering' (the `lowering_operand` of the layer that reads the sum); the kernel then writes the
-  stream's uint8/int8 codes and the reader's codes (its
-  lowered channels extracted): the layer returns the pair (stream codes, reader codes).
+  stream's uint8/int8 codes and the reader's codes (its lowered channels extracted): the layer
+  returns the pair (stream codes, reader codes).
 
   Args:
     call: the intercepted layer call; `call.kernel` holds the int8 codes, `call.bias` the float bias.
