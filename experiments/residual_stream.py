@@ -82,7 +82,6 @@ def agreement(reference: np.ndarray, logits: np.ndarray) -> dict:
 
 def main(argv=None) -> int:
   import argparse
-  import tempfile
 
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--images", type=int, default=64, help="crops to calibrate on, and as many to score")
@@ -98,21 +97,17 @@ def main(argv=None) -> int:
   import jax
   import jax.numpy as jnp
 
-  from flexiq_jax import api, models, records
+  from experiments.lite0_photos import load_network
+  from flexiq_jax import api, records
   from flexiq_jax.models import lite_import
   from flexiq_jax.quantize import onednn
 
   try:
-    if args.weights:
-      path = args.weights
-    else:
-      path = os.path.join(tempfile.mkdtemp(), "lite0.safetensors")
-      lite_import.convert(lite_import.wheel_checkpoint(), path)
+    model, variables = load_network(args.weights)
     calib, scored = crops(args.images, seed=0), crops(args.images, seed=1)
   except (ImportError, OSError, ValueError) as e:
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     return 1
-  model, variables = models.create(lite_import.MODEL), models.load_timm(lite_import.MODEL, path)
   reference = np.asarray(jax.jit(lambda v, x: model.apply(v, x))(variables, scored))
   qmodel, qvars = api.quantize_model(model, variables, calib, selector=args.selector, calib_batch_size=16)
   on_onednn = onednn.available()

@@ -233,6 +233,12 @@ def lowering_rows(step, lo, hi):
   return jnp.stack([1.0 / step, jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32), step])
 
 
+def _unlowered_rows(channels: int, dtype):
+  """`lowering_rows` that leave every channel at 8 bits: step 1 within the type's range."""
+  info = jnp.iinfo(dtype)
+  return lowering_rows(jnp.ones(channels), jnp.full(channels, info.min), jnp.full(channels, info.max))
+
+
 def _lowering_operand(lowering, out_channels: int, out_dtype):
   if lowering is None:
     return None
@@ -366,11 +372,8 @@ def conv(x, w, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), gro
     if addend is not None or sum_codes is not None or post_op == "gelu":
       raise ValueError("shortcut codes take no addend or sum_codes, and post-op none, relu or relu6")
     step = jnp.asarray(1.0 if shortcut_scale is None else shortcut_scale, jnp.float32).reshape(())
-    if lowering is None:  # every channel at 8 bits
-      info = jnp.iinfo(out_dtype)
-      n = out_shape[-1]
-      lowering = _lowering_operand(lowering_rows(jnp.ones(n), jnp.full(n, info.min), jnp.full(n, info.max)),
-                                   w.shape[-1], out_dtype)
+    if lowering is None:
+      lowering = _lowering_operand(_unlowered_rows(out_shape[-1], out_dtype), w.shape[-1], out_dtype)
     out = jax.ShapeDtypeStruct(out_shape, out_dtype)
     call = jax.ffi.ffi_call(CONV_STREAM_TARGET, (out, out), vmap_method="sequential")
     return tuple(call(x, w, scale, bias, dst_scale, lowering, shortcut_codes, step, **attrs))
@@ -381,10 +384,8 @@ def conv(x, w, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), gro
     if codes_dtype not in (jnp.dtype(jnp.uint8), jnp.dtype(jnp.int8)):
       raise ValueError(f"the sum's codes must be uint8 or int8, not {codes_dtype}")
     rows = sum_codes.get("lowering")
-    if rows is None:  # every channel at 8 bits: step 1 within the type's range
-      info = jnp.iinfo(codes_dtype)
-      n = out_shape[-1]
-      rows = lowering_rows(jnp.ones(n), jnp.full(n, info.min), jnp.full(n, info.max))
+    if rows is None:
+      rows = _unlowered_rows(out_shape[-1], codes_dtype)
     rows = _lowering_operand(rows, w.shape[-1], codes_dtype)
     sum_scale = jnp.asarray(sum_codes["dst_scale"], jnp.float32).reshape(())
     call = jax.ffi.ffi_call(CONV_ADD_CODES_TARGET, (jax.ShapeDtypeStruct(out_shape, jnp.float32),
