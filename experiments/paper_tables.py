@@ -98,6 +98,8 @@ FINETUNED_ABLATIONS = (
      "finetune.rounding_iterations=compare.adaround_iterations, rounding_images=compare.adaround_images"),
     ("the learnt rounding on ratios 0, 0.5 and 1 at once", "flexiq_rounding_joint",
      "flexiq_rounding and finetune.rounding_ratios=(0, 0.5, 1)"),
+    ("the same, its own learning rate", "flexiq_rounding_joint_lr",
+     "flexiq_rounding_joint, its rate chosen from finetune.lr_grid as the configured pipeline's"),
 )
 # The sweep's default methods: FlexiQ and T3's variants before finetuning, the baselines, then T3's
 # finetuned variants.
@@ -475,7 +477,9 @@ T1_QAT = (("flexiq", "FlexiQ", lambda r: find_row(r, "flexiq", ratio=1.0, finetu
           ("flexiq_100only", "FlexiQ 100%-only", lambda r: find_row(r, "flexiq_100only", ratio=1.0)),
           ("lsq_qat", "LSQ", lambda r: find_row(r, "lsq_qat", setting_prefix="W4A4")),
           ("lsq_adaround", "LSQ from AdaRound", lambda r: find_row(r, "lsq_adaround", setting_prefix="W4A4")),
-          ("switchable_qat", "switchable", lambda r: find_row(r, "switchable_qat", setting_prefix="W4A4")))
+          ("switchable_qat", "switchable", lambda r: find_row(r, "switchable_qat", setting_prefix="W4A4")),
+          ("flexiq_rounding_joint_lr", "FlexiQ + learnt rounding, own rate",
+           lambda r: find_row(r, "flexiq_rounding_joint_lr", ratio=1.0, finetuned=True)))
 
 
 def learning_rates(recs) -> dict:
@@ -503,7 +507,8 @@ def learning_rate_note(t1: dict) -> str:
   images = sorted({sel["num_images"] for r in chosen for sel in r["learning_rates"].values()})
   text = ("\n\nLearning rates: each QAT method trained its whole budget at every rate of its model's grid and kept "
           f"the best on {' / '.join(str(n) for n in images)} held-out training images that no QAT method's batches "
-          "reach (never the test split): FlexiQ by the mean held-out top-1 at ratios 0 and 1, FlexiQ 100%-only at "
+          "reach (never the test split): FlexiQ (and FlexiQ + learnt rounding with its own rate) by the mean "
+          "held-out top-1 at ratios 0 and 1, FlexiQ 100%-only at "
           "ratio 1, LSQ at W4A4, the switchable network by the mean over W8A8 and W4A4, ties by the lower KL to "
           "float. Chosen rate per model (per seed where several ran); \"-\": not chosen (the configured rate).\n\n")
   rate = lambda sel: "-" if not sel else ", ".join("-" if c is None else f"{c:g}" for c in sel["chosen"])
