@@ -35,6 +35,7 @@ import importlib
 import json
 import multiprocessing
 import os
+import sys
 import time
 
 import numpy as np
@@ -143,6 +144,9 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "is a fresh process: the same model's evaluation, calibration and training steps compile once): a folder, "
     "'auto' = <workroot>/.jax_cache, '' = none. Results do not depend on it.")
 _TABLES_ONLY = flags.DEFINE_bool("tables_only", False, "Only regenerate the tables from <out>/paper_sweep/.")
+_NEW_FLOAT = flags.DEFINE_bool(
+    "new_float", False, "Compute every method again when a model's float weights differ from those its mirrored "
+    "rows (paper_sweep/rows/) were computed on; without it the sweep stops there and replaces nothing.")
 _PARETO_METRIC = flags.DEFINE_enum("pareto_metric", "top1", ("top1", "kl", "sqnr_db", "agreement"),
                                    "The y axis of F1.")
 _BENCHMARK = flags.DEFINE_string("benchmark", "benchmarks/results/integer_path_cpu.json",
@@ -170,8 +174,10 @@ def model_config(name: str, seed: int, methods, ratios, smoke: bool, imagenet: b
 
 
 def run_one(name: str, seed: int, methods, ratios, workroot: str, out: str, smoke: bool, argv,
-            imagenet: bool = False, recompute=()) -> dict:
-  """The whole pipeline and every method for one model and seed; returns the sweep record."""
+            imagenet: bool = False, recompute=(), new_float: bool = False) -> dict:
+  """The whole pipeline and every method for one model and seed; returns the sweep record. Stops
+  with FloatChanged before any method runs when the model's mirrored rows were computed on other
+  float weights, unless `new_float`."""
   from experiments import float_store
   from flexiq_jax import checkpoint
   from flexiq_jax import compare
@@ -198,6 +204,7 @@ def run_one(name: str, seed: int, methods, ratios, workroot: str, out: str, smok
       run_record.add("float", result.float_metrics)
     float_store.pack(workdir, stored_float)
     digest = checkpoint.tree_digest(result.float_model.variables)
+    check_float_unchanged(mirror, digest, new_float)
     adopted = adopt_mirrored_rows(mirror, rows_path, digest)
     if adopted:
       print(f"{name} seed {seed}: rows of {', '.join(adopted)} taken from {mirror} (same float weights)", flush=True)
@@ -213,8 +220,61 @@ def run_one(name: str, seed: int, methods, ratios, workroot: str, out: str, smok
             "methods": list(methods),
             "rows": compared["rows"], "methods_made_by": compared["methods_made_by"],
             "seconds_this_run": time.perf_counter() - t0, "resumed": resumed}
-  records.write_json_atomic(os.path.join(out, "paper_sweep", f"{name}_seed{seed}.json"), record)
+  path = os.path.join(out, "paper_sweep", f"{name}_seed{seed}.json")
+  record = carry_forward(records.read_json(path), record)
+  if record.get("methods_carried"):
+    print(f"{name} seed {seed}: rows of {', '.join(record['methods_carried'])} kept from its earlier record "
+          "(not run now; same float weights)", flush=True)
+  records.write_json_atomic(path, record)
   return record
+
+
+class FloatChanged(Exception):
+  """A model's float weights differ from those its committed rows were computed on."""
+
+
+def check_float_unchanged(mirror: str, digest: str, new_float: bool) -> None:
+  """Raises FloatChanged when `mirror` (see `mirror_rows`) holds rows computed on float weights
+  other than `digest` and `new_float` is False: going on would compute every method again on the
+  new weights and replace the committed rows with them.
+
+  Args:
+    mirror: the model's mirrored rows file.
+    digest: the digest of the float weights in the workdir.
+    new_float: whether the caller asked for the rows on new float weights (--new_float).
+  """
+  from flexiq_jax import records
+  saved = records.read_json(mirror)
+  if new_float or not saved or not saved.get("data") or saved.get("float_digest") == digest:
+    return
+  raise FloatChanged(
+      f"{mirror} holds the rows of {', '.join(sorted(saved['data']))} computed on float weights "
+      f"{saved.get('float_digest')}, but the workdir's float model is {digest} (trained again on another host, "
+      "or its recipe changed); nothing was replaced. Restore that float stage (paper_sweep/floats/, or the "
+      "workdir it was trained in), or pass --new_float to compute every method again on the new weights.")
+
+
+def carry_forward(previous: dict | None, record: dict) -> dict:
+  """`record` with the rows of the methods that `previous` (the model's earlier record) has and this
+  run did not run, when both were computed on the same float weights: a run of a few methods
+  leaves the record of the others as it was. Those methods are listed in 'methods_carried'.
+
+  Args:
+    previous: the earlier record of the same model and seed, or None.
+    record: this run's record.
+
+  Returns:
+    The record to write.
+  """
+  if not previous or previous.get("float_digest") != record["float_digest"]:
+    return record
+  carried = [m for m in previous.get("methods", []) if m not in record["methods"]]
+  if not carried:
+    return record
+  made_by = previous.get("methods_made_by", {})
+  return {**record, "methods": record["methods"] + carried, "methods_carried": carried,
+          "rows": record["rows"] + [r for r in previous.get("rows", []) if r.get("method") in carried],
+          "methods_made_by": {**record["methods_made_by"], **{m: made_by[m] for m in carried if m in made_by}}}
 
 
 def mirror_rows(rows_path: str, mirror: str, digest: str, name: str, seed: int, argv=None) -> None:
@@ -1381,7 +1441,8 @@ def main(argv):
     argv_record = records.command_argv()
     info = records.run_info(argv_record)  # the code that runs is the code at start
     run = functools.partial(run_one, ratios=_RATIOS.value, workroot=_WORKROOT.value, out=out, smoke=_SMOKE.value,
-                            argv=argv_record, imagenet=_IMAGENET.value, recompute=tuple(_RECOMPUTE.value))
+                            argv=argv_record, imagenet=_IMAGENET.value, recompute=tuple(_RECOMPUTE.value),
+                            new_float=_NEW_FLOAT.value)
     workers = max(1, min(_WORKERS.value, len(todo)))
     print(f"{len(todo)} jobs ({', '.join(f'{n} seed {s}' for n, s, _ in todo)}), {workers} at a time", flush=True)
     t_start = time.perf_counter()
@@ -1401,6 +1462,9 @@ def main(argv):
     except Exception as e:  # the runs log says it failed and why, not "killed or still running"
       first_line = (str(e).splitlines() or [""])[0][:200]
       log_sweep_run(out, {**run_entry, "failed": f"{type(e).__name__}: {first_line}"})
+      if isinstance(e, FloatChanged):
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
       raise
     log_sweep_run(out, {**run_entry, "wall_minutes": round((time.perf_counter() - t_start) / 60, 1)})
   write_tables(out, _PARETO_METRIC.value, _BENCHMARK.value)
