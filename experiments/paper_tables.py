@@ -43,30 +43,11 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from flexiq_jax import models
+# The sweep's models (their order, configs and labels) live in sweep_models, which the float store reads too.
+from experiments.sweep_models import SPECS_BY_CONFIG as _SPECS_BY_CONFIG
+from experiments.sweep_models import SWEEP_ORDER, TABLE_ORDER, fmnist_arg, model_config, model_label
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-# The config names of the registered architectures in the tables' order (the registry's: eleven
-# trained from scratch on Fashion-MNIST and EfficientNet-Lite0 ImageNet-pretrained), and the
-# sweep's default order: the depthwise models, the slowest on a CPU, last, so an interrupted sweep
-# has the most. The quickstart (`--models=quickstart,...`) is its own reference, reported in
-# experiments/results/README.md.
-TABLE_ORDER = tuple(spec.config for spec in models.specs())
-SWEEP_ORDER = tuple(spec.config for spec in sorted(models.specs(), key=lambda spec: spec.depthwise))
-_SPECS_BY_CONFIG = {spec.config: spec for spec in models.specs()}
-
-
-def fmnist_arg(name: str) -> str:
-  """The config argument of model config `name`'s Fashion-MNIST row ('fmnist' or 'fmnist_pretrained')."""
-  spec = _SPECS_BY_CONFIG.get(name)
-  return spec.fmnist_arg if spec else "fmnist"
-
-
-def model_label(name: str) -> str:
-  """`name` as the tables show it: rows that start from ImageNet-trained weights say so."""
-  spec = _SPECS_BY_CONFIG.get(name)
-  return f"{name} (ImageNet-pretrained)" if spec and spec.pretrained_fmnist else name
-
 
 # T3's first part: FlexiQ's choices one at a time, before finetuning.
 ABLATIONS = (  # (label, method, what changes against 'flexiq' before finetuning)
@@ -155,22 +136,6 @@ _BENCHMARK = flags.DEFINE_string("benchmark", "benchmarks/results/integer_path_c
 
 # ----------------------------------------------------------------------------------------------
 # The sweep.
-
-
-def model_config(name: str, seed: int, methods, ratios, smoke: bool, imagenet: bool = False):
-  """configs/<name>.py at its Fashion-MNIST (or ImageNet) setting, with the seed and the methods of
-  this sweep."""
-  from flexiq_jax import cli
-  cli.resolve_config(name)  # an unknown name is an error listing the configs
-  module = importlib.import_module(f"configs.{name}")
-  args = [] if name == "quickstart" or imagenet else [fmnist_arg(name)]
-  config = module.get_config(",".join(args + (["smoke"] if smoke else [])))
-  config.seed = seed
-  config.compare.methods = tuple(methods)
-  config.compare.ablation_ratios = (0.5, 1.0)  # T3's ratios: the ablation variants need no full sweep
-  if ratios:
-    config.sweep.ratios = tuple(float(r) for r in ratios)
-  return config
 
 
 def run_one(name: str, seed: int, methods, ratios, workroot: str, out: str, smoke: bool, argv,
