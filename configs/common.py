@@ -337,7 +337,7 @@ def model_config(name: str, *, fmnist: bool = False, smoke: bool = False) -> ml_
                             "flexiq_reseed", "flexiq_max127", "flexiq_joint", "flexiq_sandwich", "flexiq_sandwich_w4",
                             "flexiq_long", "flexiq_ends", "flexiq_top", "flexiq_lsq", "flexiq_affine",
                             "flexiq_ends_affine", "flexiq_refresh_quantized", "flexiq_symmetric", "flexiq_distill",
-                            "flexiq_rounding", "flexiq_rounding_joint")
+                            "flexiq_rounding", "flexiq_rounding_joint", "flexiq_rounding_joint_lr")
   config.compare.allowed_drops = (0.25, 1.0, 3.0)  # one layer-wise AMP point each
   # Also AMP's Pareto point of the largest BOPs not above FlexiQ's 100 % point (uniform W4A4 with
   # the ends as keep_ends keeps them): the comparison at matched BOPs.

@@ -162,10 +162,10 @@ def main(argv) -> int:
     print(f"{name}: " + (f"packed step {state['step']}{' (done)' if state['done'] else ' (part-trained)'}"
                          if state else f"nothing new to pack from {workdir}"))
   for name in filter(None, args.unpack.split(",")):
-    from experiments import paper_tables
+    from experiments import sweep_models
     from flexiq_jax import pipeline
     workdir = os.path.join(args.workroot, name)
-    config = paper_tables.model_config(name, 0, ("flexiq",), (), smoke=False)  # an unknown name exits, listing them
+    config = sweep_models.model_config(name, 0, ("flexiq",), (), smoke=False)  # an unknown name exits, listing them
     run = pipeline.Run(config, workdir)
     state = unpack(archive_path(name, store=args.store), workdir, run.stage("float").fingerprint)
     print(f"{name}: " + (f"unpacked step {state['step']} into {workdir}" if state else "nothing unpacked"))

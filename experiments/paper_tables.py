@@ -35,6 +35,7 @@ import importlib
 import json
 import multiprocessing
 import os
+import sys
 import time
 
 import numpy as np
@@ -42,30 +43,11 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from flexiq_jax import models
+# The sweep's models (their order, configs and labels) live in sweep_models, which the float store reads too.
+from experiments.sweep_models import SPECS_BY_CONFIG as _SPECS_BY_CONFIG
+from experiments.sweep_models import SWEEP_ORDER, TABLE_ORDER, fmnist_arg, model_config, model_label
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-# The config names of the registered architectures in the tables' order (the registry's: eleven
-# trained from scratch on Fashion-MNIST and EfficientNet-Lite0 ImageNet-pretrained), and the
-# sweep's default order: the depthwise models, the slowest on a CPU, last, so an interrupted sweep
-# has the most. The quickstart (`--models=quickstart,...`) is its own reference, reported in
-# experiments/results/README.md.
-TABLE_ORDER = tuple(spec.config for spec in models.specs())
-SWEEP_ORDER = tuple(spec.config for spec in sorted(models.specs(), key=lambda spec: spec.depthwise))
-_SPECS_BY_CONFIG = {spec.config: spec for spec in models.specs()}
-
-
-def fmnist_arg(name: str) -> str:
-  """The config argument of model config `name`'s Fashion-MNIST row ('fmnist' or 'fmnist_pretrained')."""
-  spec = _SPECS_BY_CONFIG.get(name)
-  return spec.fmnist_arg if spec else "fmnist"
-
-
-def model_label(name: str) -> str:
-  """`name` as the tables show it: rows that start from ImageNet-trained weights say so."""
-  spec = _SPECS_BY_CONFIG.get(name)
-  return f"{name} (ImageNet-pretrained)" if spec and spec.pretrained_fmnist else name
-
 
 # T3's first part: FlexiQ's choices one at a time, before finetuning.
 ABLATIONS = (  # (label, method, what changes against 'flexiq' before finetuning)
@@ -98,6 +80,8 @@ FINETUNED_ABLATIONS = (
      "finetune.rounding_iterations=compare.adaround_iterations, rounding_images=compare.adaround_images"),
     ("the learnt rounding on ratios 0, 0.5 and 1 at once", "flexiq_rounding_joint",
      "flexiq_rounding and finetune.rounding_ratios=(0, 0.5, 1)"),
+    ("the same, its own learning rate", "flexiq_rounding_joint_lr",
+     "flexiq_rounding_joint, its rate chosen from finetune.lr_grid as the configured pipeline's"),
 )
 # The sweep's default methods: FlexiQ and T3's variants before finetuning, the baselines, then T3's
 # finetuned variants.
@@ -141,6 +125,9 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "is a fresh process: the same model's evaluation, calibration and training steps compile once): a folder, "
     "'auto' = <workroot>/.jax_cache, '' = none. Results do not depend on it.")
 _TABLES_ONLY = flags.DEFINE_bool("tables_only", False, "Only regenerate the tables from <out>/paper_sweep/.")
+_NEW_FLOAT = flags.DEFINE_bool(
+    "new_float", False, "Compute every method again when a model's float weights differ from those its mirrored "
+    "rows (paper_sweep/rows/) were computed on; without it the sweep stops there and replaces nothing.")
 _PARETO_METRIC = flags.DEFINE_enum("pareto_metric", "top1", ("top1", "kl", "sqnr_db", "agreement"),
                                    "The y axis of F1.")
 _BENCHMARK = flags.DEFINE_string("benchmark", "benchmarks/results/integer_path_cpu.json",
@@ -151,25 +138,11 @@ _BENCHMARK = flags.DEFINE_string("benchmark", "benchmarks/results/integer_path_c
 # The sweep.
 
 
-def model_config(name: str, seed: int, methods, ratios, smoke: bool, imagenet: bool = False):
-  """configs/<name>.py at its Fashion-MNIST (or ImageNet) setting, with the seed and the methods of
-  this sweep."""
-  from flexiq_jax import cli
-  cli.resolve_config(name)  # an unknown name is an error listing the configs
-  module = importlib.import_module(f"configs.{name}")
-  args = [] if name == "quickstart" or imagenet else [fmnist_arg(name)]
-  config = module.get_config(",".join(args + (["smoke"] if smoke else [])))
-  config.seed = seed
-  config.compare.methods = tuple(methods)
-  config.compare.ablation_ratios = (0.5, 1.0)  # T3's ratios: the ablation variants need no full sweep
-  if ratios:
-    config.sweep.ratios = tuple(float(r) for r in ratios)
-  return config
-
-
 def run_one(name: str, seed: int, methods, ratios, workroot: str, out: str, smoke: bool, argv,
-            imagenet: bool = False, recompute=()) -> dict:
-  """The whole pipeline and every method for one model and seed; returns the sweep record."""
+            imagenet: bool = False, recompute=(), new_float: bool = False) -> dict:
+  """The whole pipeline and every method for one model and seed; returns the sweep record. Stops
+  with FloatChanged before any method runs when the model's mirrored rows were computed on other
+  float weights, unless `new_float`."""
   from experiments import float_store
   from flexiq_jax import checkpoint
   from flexiq_jax import compare
@@ -196,6 +169,7 @@ def run_one(name: str, seed: int, methods, ratios, workroot: str, out: str, smok
       run_record.add("float", result.float_metrics)
     float_store.pack(workdir, stored_float)
     digest = checkpoint.tree_digest(result.float_model.variables)
+    check_float_unchanged(mirror, digest, new_float)
     adopted = adopt_mirrored_rows(mirror, rows_path, digest)
     if adopted:
       print(f"{name} seed {seed}: rows of {', '.join(adopted)} taken from {mirror} (same float weights)", flush=True)
@@ -211,8 +185,61 @@ def run_one(name: str, seed: int, methods, ratios, workroot: str, out: str, smok
             "methods": list(methods),
             "rows": compared["rows"], "methods_made_by": compared["methods_made_by"],
             "seconds_this_run": time.perf_counter() - t0, "resumed": resumed}
-  records.write_json_atomic(os.path.join(out, "paper_sweep", f"{name}_seed{seed}.json"), record)
+  path = os.path.join(out, "paper_sweep", f"{name}_seed{seed}.json")
+  record = carry_forward(records.read_json(path), record)
+  if record.get("methods_carried"):
+    print(f"{name} seed {seed}: rows of {', '.join(record['methods_carried'])} kept from its earlier record "
+          "(not run now; same float weights)", flush=True)
+  records.write_json_atomic(path, record)
   return record
+
+
+class FloatChanged(Exception):
+  """A model's float weights differ from those its committed rows were computed on."""
+
+
+def check_float_unchanged(mirror: str, digest: str, new_float: bool) -> None:
+  """Raises FloatChanged when `mirror` (see `mirror_rows`) holds rows computed on float weights
+  other than `digest` and `new_float` is False: going on would compute every method again on the
+  new weights and replace the committed rows with them.
+
+  Args:
+    mirror: the model's mirrored rows file.
+    digest: the digest of the float weights in the workdir.
+    new_float: whether the caller asked for the rows on new float weights (--new_float).
+  """
+  from flexiq_jax import records
+  saved = records.read_json(mirror)
+  if new_float or not saved or not saved.get("data") or saved.get("float_digest") == digest:
+    return
+  raise FloatChanged(
+      f"{mirror} holds the rows of {', '.join(sorted(saved['data']))} computed on float weights "
+      f"{saved.get('float_digest')}, but the workdir's float model is {digest} (trained again on another host, "
+      "or its recipe changed); nothing was replaced. Restore that float stage (paper_sweep/floats/, or the "
+      "workdir it was trained in), or pass --new_float to compute every method again on the new weights.")
+
+
+def carry_forward(previous: dict | None, record: dict) -> dict:
+  """`record` with the rows of the methods that `previous` (the model's earlier record) has and this
+  run did not run, when both were computed on the same float weights: a run of a few methods
+  leaves the record of the others as it was. Those methods are listed in 'methods_carried'.
+
+  Args:
+    previous: the earlier record of the same model and seed, or None.
+    record: this run's record.
+
+  Returns:
+    The record to write.
+  """
+  if not previous or previous.get("float_digest") != record["float_digest"]:
+    return record
+  carried = [m for m in previous.get("methods", []) if m not in record["methods"]]
+  if not carried:
+    return record
+  made_by = previous.get("methods_made_by", {})
+  return {**record, "methods": record["methods"] + carried, "methods_carried": carried,
+          "rows": record["rows"] + [r for r in previous.get("rows", []) if r.get("method") in carried],
+          "methods_made_by": {**record["methods_made_by"], **{m: made_by[m] for m in carried if m in made_by}}}
 
 
 def mirror_rows(rows_path: str, mirror: str, digest: str, name: str, seed: int, argv=None) -> None:
@@ -475,7 +502,9 @@ T1_QAT = (("flexiq", "FlexiQ", lambda r: find_row(r, "flexiq", ratio=1.0, finetu
           ("flexiq_100only", "FlexiQ 100%-only", lambda r: find_row(r, "flexiq_100only", ratio=1.0)),
           ("lsq_qat", "LSQ", lambda r: find_row(r, "lsq_qat", setting_prefix="W4A4")),
           ("lsq_adaround", "LSQ from AdaRound", lambda r: find_row(r, "lsq_adaround", setting_prefix="W4A4")),
-          ("switchable_qat", "switchable", lambda r: find_row(r, "switchable_qat", setting_prefix="W4A4")))
+          ("switchable_qat", "switchable", lambda r: find_row(r, "switchable_qat", setting_prefix="W4A4")),
+          ("flexiq_rounding_joint_lr", "FlexiQ + learnt rounding, own rate",
+           lambda r: find_row(r, "flexiq_rounding_joint_lr", ratio=1.0, finetuned=True)))
 
 
 def learning_rates(recs) -> dict:
@@ -503,7 +532,8 @@ def learning_rate_note(t1: dict) -> str:
   images = sorted({sel["num_images"] for r in chosen for sel in r["learning_rates"].values()})
   text = ("\n\nLearning rates: each QAT method trained its whole budget at every rate of its model's grid and kept "
           f"the best on {' / '.join(str(n) for n in images)} held-out training images that no QAT method's batches "
-          "reach (never the test split): FlexiQ by the mean held-out top-1 at ratios 0 and 1, FlexiQ 100%-only at "
+          "reach (never the test split): FlexiQ (and FlexiQ + learnt rounding with its own rate) by the mean "
+          "held-out top-1 at ratios 0 and 1, FlexiQ 100%-only at "
           "ratio 1, LSQ at W4A4, the switchable network by the mean over W8A8 and W4A4, ties by the lower KL to "
           "float. Chosen rate per model (per seed where several ran); \"-\": not chosen (the configured rate).\n\n")
   rate = lambda sel: "-" if not sel else ", ".join("-" if c is None else f"{c:g}" for c in sel["chosen"])
@@ -1376,7 +1406,8 @@ def main(argv):
     argv_record = records.command_argv()
     info = records.run_info(argv_record)  # the code that runs is the code at start
     run = functools.partial(run_one, ratios=_RATIOS.value, workroot=_WORKROOT.value, out=out, smoke=_SMOKE.value,
-                            argv=argv_record, imagenet=_IMAGENET.value, recompute=tuple(_RECOMPUTE.value))
+                            argv=argv_record, imagenet=_IMAGENET.value, recompute=tuple(_RECOMPUTE.value),
+                            new_float=_NEW_FLOAT.value)
     workers = max(1, min(_WORKERS.value, len(todo)))
     print(f"{len(todo)} jobs ({', '.join(f'{n} seed {s}' for n, s, _ in todo)}), {workers} at a time", flush=True)
     t_start = time.perf_counter()
@@ -1396,6 +1427,9 @@ def main(argv):
     except Exception as e:  # the runs log says it failed and why, not "killed or still running"
       first_line = (str(e).splitlines() or [""])[0][:200]
       log_sweep_run(out, {**run_entry, "failed": f"{type(e).__name__}: {first_line}"})
+      if isinstance(e, FloatChanged):
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
       raise
     log_sweep_run(out, {**run_entry, "wall_minutes": round((time.perf_counter() - t_start) / 60, 1)})
   write_tables(out, _PARETO_METRIC.value, _BENCHMARK.value)

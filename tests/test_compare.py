@@ -277,7 +277,8 @@ _FT_VARIANTS = set(harness.FINETUNED_VARIANTS)
 
 @pytest.mark.parametrize("field,value,methods", [
     # AdaRound's budget: its rows, the LSQ run started from its weights, FlexiQ's learnt rounding.
-    ("compare.adaround_iterations", 7, {"adaround", "lsq_adaround", "flexiq_rounding", "flexiq_rounding_joint"}),
+    ("compare.adaround_iterations", 7, {"adaround", "lsq_adaround", "flexiq_rounding", "flexiq_rounding_joint",
+                                              "flexiq_rounding_joint_lr"}),
     ("compare.lsq_learning_rate", 0.5, {"lsq_qat", "lsq_adaround", "switchable_qat"}),
     ("compare.allowed_drops", (2.0,), {"layerwise_amp"}),
     ("compare.amp_at_4bit_budget", False, {"layerwise_amp"}),

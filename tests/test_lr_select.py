@@ -434,6 +434,38 @@ def test_switchable_chooses_by_the_mean_over_both_precisions(context, tmp_path, 
     assert row.extra["lr_selection"]["chosen"] == 1e-2 and "lr 0.01 chosen" in row.setting
 
 
+def test_an_own_rate_variant_chooses_its_rate_where_the_others_take_the_configured_pipelines(context, tmp_path,
+                                                                                               monkeypatch):
+  """flexiq_rounding_joint_lr learns its rounding once and trains every rate of the grid from it,
+  keeping the one the held-out images rank best; flexiq_rounding_joint trains once, at the rate
+  the configured pipeline's own selection chose."""
+  config = context.config.copy_and_resolve_references()
+  config.compare.adaround_iterations = 2
+  config.compare.adaround_images = 32
+  config.finetune.judge_top1_drop = 100.0  # judged, never refused on the untrained model
+  config.finetune.judge_kl_rise = 100.0
+  ctx = dataclasses.replace(context, run=pipeline.Run(config, str(tmp_path / "wd"), context.run.mesh))
+  calls = []
+  monkeypatch.setattr(lr_select, "score", _fake_scorer(1, calls))  # the second rate wins
+  own = harness.METHODS["flexiq_rounding_joint_lr"](ctx)
+  sel = own[0].extra["lr_selection"]
+  assert sel["chosen"] == 1e-2 and [c["learning_rate"] for c in sel["candidates"]] == [1e-3, 1e-2]
+  assert all(r.extra["lr_selection"] == sel for r in own)
+  stage = tmp_path / "wd" / "compare" / "flexiq_rounding_joint_lr" / "finetune"
+  assert sorted(p.name for p in stage.glob("lr_0*")) == ["lr_0.001", "lr_0.01"]
+  assert (stage / "rounded").exists() and (stage / "rounding.json").exists()  # learnt once for both rates
+  assert not (tmp_path / "wd" / "finetune").exists()  # the configured pipeline's finetune not needed
+  assert "| flexiq_rounding_joint_lr |" in harness.lr_note([r.to_json() for r in own])
+  calls.clear()
+  monkeypatch.setattr(lr_select, "score", _fake_scorer(0, calls))  # the configured pipeline's selection: the first
+  fixed = harness.METHODS["flexiq_rounding_joint"](ctx)
+  assert json.load(open(tmp_path / "wd" / "finetune" / "lr_selection.json"))["chosen"] == 1e-3
+  assert all("lr_selection" not in r.extra for r in fixed)
+  fixed_stage = tmp_path / "wd" / "compare" / "flexiq_rounding_joint" / "finetune"
+  assert not list(fixed_stage.glob("lr_*"))
+  assert json.load(open(fixed_stage / "fingerprint.json"))["fields"]["finetune.learning_rate"] == 1e-3
+
+
 def test_the_compare_table_says_when_the_rates_were_as_configured():
   rows = [{"method": "lsq_qat", "setting": "W4A4, 4 steps, lr 0.001", "top1": 80.0, "relative_bops": 0.26},
           {"method": "flexiq", "setting": "ratio 1 (finetuned)", "top1": 81.0, "relative_bops": 0.26, "finetuned": True},

@@ -147,12 +147,31 @@ def test_finished_methods_outlive_a_lost_workdir_when_the_float_retrains_to_the_
   again = paper_tables.run_one(*args)
   assert again["float_digest"] == first["float_digest"]
   assert not again["methods_made_by"]["ptq_minmax"]["this_run"] and again["rows"] == first["rows"]
-  # Rows of other float weights are not reused.
+  # Rows of other float weights are neither reused nor replaced unless asked (--new_float).
   mirror["float_digest"] = "0" * 16
-  (tmp_path / "out" / "paper_sweep" / "rows" / "quickstart_seed0.json").write_text(json.dumps(mirror))
+  mirror_path = tmp_path / "out" / "paper_sweep" / "rows" / "quickstart_seed0.json"
+  mirror_path.write_text(json.dumps(mirror))
   shutil.rmtree(tmp_path / "work")
-  third = paper_tables.run_one(*args)
+  with pytest.raises(paper_tables.FloatChanged, match="pass --new_float"):
+    paper_tables.run_one(*args)
+  assert json.load(open(mirror_path)) == mirror  # nothing replaced
+  third = paper_tables.run_one(*args, new_float=True)
   assert third["methods_made_by"]["ptq_minmax"]["this_run"]
+  assert json.load(open(mirror_path))["float_digest"] == third["float_digest"]
+
+
+def test_a_run_of_a_few_methods_keeps_the_records_other_rows_on_the_same_float_weights():
+  row = lambda m, top1: {"method": m, "setting": "W4A4", "top1": top1}
+  previous = {"float_digest": "abc", "methods": ["flexiq", "ptq_mse"], "rows": [row("flexiq", 80.0), row("ptq_mse", 70.0)],
+              "methods_made_by": {"flexiq": {"commit": "old"}, "ptq_mse": {"commit": "old"}}}
+  now = {"float_digest": "abc", "methods": ["flexiq"], "rows": [row("flexiq", 81.0)],
+         "methods_made_by": {"flexiq": {"commit": "new", "this_run": True}}}
+  merged = paper_tables.carry_forward(previous, now)
+  assert merged["methods"] == ["flexiq", "ptq_mse"] and merged["methods_carried"] == ["ptq_mse"]
+  assert merged["rows"] == [row("flexiq", 81.0), row("ptq_mse", 70.0)]
+  assert merged["methods_made_by"] == {"flexiq": {"commit": "new", "this_run": True}, "ptq_mse": {"commit": "old"}}
+  assert paper_tables.carry_forward({**previous, "float_digest": "xyz"}, now) == now  # other weights: dropped
+  assert paper_tables.carry_forward(None, now) == now
 
 
 def test_a_stored_float_stage_replaces_float_training_on_a_new_machine(tiny_fmnist, tmp_path, monkeypatch, capsys):

@@ -451,9 +451,11 @@ def _flexiq_finetuned_variant(ctx: CompareContext, name: str, overrides: dict) -
   """FlexiQ with config changes, finetuned, in compare/<name>, swept after finetuning at
   FINETUNED_VARIANT_RATIOS. Stages the changes leave as they are (calibration and selection for
   a finetuning change) are taken over from the main run's workdir, not recomputed. With
-  finetune.lr_grid the variant trains once, at the rate the main run's finetune chose."""
+  finetune.lr_grid the variant trains once, at the rate the main run's finetune chose, unless it
+  is one of OWN_RATE_VARIANTS: those choose their own rate from the grid, as the configured
+  pipeline does."""
   main = _flexiq_quantized(ctx)  # the main run's stages first, so that the variant can share them
-  if ctx.config.finetune.get("lr_grid", ()):
+  if ctx.config.finetune.get("lr_grid", ()) and name not in OWN_RATE_VARIANTS:
     # One change at a time: the variant trains at the rate the configured pipeline chose.
     pipeline.finetune(ctx.run, ctx.float_model, main)
     chosen = float(pipeline.lr_selection(ctx.run.workdir)["chosen"])
@@ -546,8 +548,9 @@ JOINT_ROUNDING_RATIOS = (0.0, 0.5, 1.0)
 
 FINETUNED_VARIANTS = {
     "flexiq_reseed": ({"finetune.seed_offset": 1}, "the configured pipeline finetuned again at the rate it chose, "
-                      "with another QAT seed (batches and ratio draws): trained, like every variant, without a "
-                      "rate selection on the held-out images, so T3's control for them"),
+                      "with another QAT seed (batches and ratio draws): trained, like every variant but "
+                      "OWN_RATE_VARIANTS, without a rate selection on the held-out images, so T3's control for "
+                      "them"),
     "flexiq_max127": ({"quant.weight_scale": "max127"}, "the 8-bit weight grid max|w|/127 (the largest weight "
                       "shrinks when lowered)"),
     "flexiq_joint": ({"quant.weight_scale": "joint"}, "the 8-bit weight scale fitted per channel for 8 and 4 bits"),
@@ -585,7 +588,15 @@ FINETUNED_VARIANTS = {
     "flexiq_rounding_joint": (_learnt_rounding_joint, "the learnt rounding trained on the output error at "
                               "ratios 0, 0.5 and 1 at once (the 8-bit codes it moves and the half-lowered "
                               "layers counted), with the AdaRound baseline's iterations and images"),
+    "flexiq_rounding_joint_lr": (_learnt_rounding_joint, "flexiq_rounding_joint with its own learning rate, "
+                                 "chosen from finetune.lr_grid on the held-out images by the configured "
+                                 "pipeline's criterion (the QAT from the rounded weights may want another rate "
+                                 "than the QAT from the nearest rounding)"),
 }
+# The finetuned variants that choose their learning rate from finetune.lr_grid themselves (each
+# candidate rate trains the whole budget); the others train once, at the configured pipeline's
+# chosen rate, so that one change is measured at a time.
+OWN_RATE_VARIANTS = ("flexiq_rounding_joint_lr",)
 
 
 def resolve_variant_changes(name: str, config) -> dict:
@@ -961,7 +972,7 @@ _LR_FIELDS = ("finetune.lr_grid", "finetune.lr_select_images", "finetune.lr_grid
 _FLEXIQ_100ONLY = ("quantize", tuple(name for name, result_free in stage_options.FinetuneOptions.config_names().items()
                                      if not result_free and name not in _SAMPLER_FIELDS + _LR_FIELDS))
 # The methods whose learning rate finetune.lr_grid chooses (the finetune stage, for 'flexiq', has its own).
-LR_SELECTED = ("lsq_qat", "lsq_adaround", "switchable_qat", "flexiq_100only")
+LR_SELECTED = ("lsq_qat", "lsq_adaround", "switchable_qat", "flexiq_100only", *OWN_RATE_VARIANTS)
 # The baselines that run a plan's quantized matmuls (attention's q·kᵀ, attn·v) through the
 # layer-wise or LSQ providers: where the plan quantizes any, their rows' fingerprint carries
 # layerwise.apply.matmul_fingerprint (rows cached without it ran those matmuls in float); where
@@ -987,6 +998,7 @@ METHOD_DEPENDS: dict[str, tuple[str, tuple[str, ...]]] = {
     # ... and of the AdaRound baseline's budget, which the learnt rounding takes.
     "flexiq_rounding": ("finetune", ("sweep", "compare.adaround_iterations", "compare.adaround_images")),
     "flexiq_rounding_joint": ("finetune", ("sweep", "compare.adaround_iterations", "compare.adaround_images")),
+    "flexiq_rounding_joint_lr": ("finetune", ("sweep", "compare.adaround_iterations", "compare.adaround_images")),
 }
 
 
