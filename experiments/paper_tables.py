@@ -169,8 +169,7 @@ def run_one(name: str, seed: int, methods, ratios, workroot: str, out: str, smok
       run_record.add("float", result.float_metrics)
     float_store.pack(workdir, stored_float)
     digest = checkpoint.tree_digest(result.float_model.variables)
-    check_float_unchanged(mirror, digest, new_float)
-    adopted = adopt_mirrored_rows(mirror, rows_path, digest)
+    adopted = adopt_mirrored_rows(mirror, rows_path, digest, new_float)
     if adopted:
       print(f"{name} seed {seed}: rows of {', '.join(adopted)} taken from {mirror} (same float weights)", flush=True)
     compared = compare.run_compare(run, result.float_model, result.float_metrics, float_logits=result.float_logits,
@@ -196,27 +195,6 @@ def run_one(name: str, seed: int, methods, ratios, workroot: str, out: str, smok
 
 class FloatChanged(Exception):
   """A model's float weights differ from those its committed rows were computed on."""
-
-
-def check_float_unchanged(mirror: str, digest: str, new_float: bool) -> None:
-  """Raises FloatChanged when `mirror` (see `mirror_rows`) holds rows computed on float weights
-  other than `digest` and `new_float` is False: going on would compute every method again on the
-  new weights and replace the committed rows with them.
-
-  Args:
-    mirror: the model's mirrored rows file.
-    digest: the digest of the float weights in the workdir.
-    new_float: whether the caller asked for the rows on new float weights (--new_float).
-  """
-  from flexiq_jax import records
-  saved = records.read_json(mirror)
-  if new_float or not saved or not saved.get("data") or saved.get("float_digest") == digest:
-    return
-  raise FloatChanged(
-      f"{mirror} holds the rows of {', '.join(sorted(saved['data']))} computed on float weights "
-      f"{saved.get('float_digest')}, but the workdir's float model is {digest} (trained again on another host, "
-      "or its recipe changed); nothing was replaced. Restore that float stage (paper_sweep/floats/, or the "
-      "workdir it was trained in), or pass --new_float to compute every method again on the new weights.")
 
 
 def carry_forward(previous: dict | None, record: dict) -> dict:
@@ -256,18 +234,30 @@ def mirror_rows(rows_path: str, mirror: str, digest: str, name: str, seed: int, 
                                      **{k: saved.get(k, {}) for k in ("fingerprints", "data", "made_by")}})
 
 
-def adopt_mirrored_rows(mirror: str, rows_path: str, digest: str) -> list[str]:
+def adopt_mirrored_rows(mirror: str, rows_path: str, digest: str, new_float: bool = False) -> list[str]:
   """Puts the rows of `mirror` (see `mirror_rows`) that the workdir's compare/rows.json lacks into
   it, when they were computed on float weights of digest `digest`; the compare cache then reuses
-  each of them while its method's fingerprint is unchanged. Returns the methods taken."""
+  each of them while its method's fingerprint is unchanged. Returns the methods taken.
+
+  Raises:
+    FloatChanged: `mirror` holds rows computed on other float weights and `new_float` is False
+      (going on would compute every method again on the new weights and replace the committed
+      rows with them); with `new_float` none of them is reused.
+  """
   from flexiq_jax import records
   from flexiq_jax import stage_cache
   saved = records.read_json(mirror)
   if not saved or not saved.get("data"):
     return []
   if saved.get("float_digest") != digest:
+    if not new_float:
+      raise FloatChanged(
+          f"{mirror} holds the rows of {', '.join(sorted(saved['data']))} computed on float weights "
+          f"{saved.get('float_digest')}, but the workdir's float model is {digest} (trained again on another "
+          "host, or its recipe changed); nothing was replaced. Restore that float stage (paper_sweep/floats/, or "
+          "the workdir it was trained in), or pass --new_float to compute every method again on the new weights.")
     print(f"note: {mirror} holds rows computed on other float weights ({saved.get('float_digest')}, now {digest}); "
-          f"not reused", flush=True)
+          f"not reused (--new_float)", flush=True)
     return []
   return stage_cache.KeyedJsonCache.add_missing(rows_path, saved)
 

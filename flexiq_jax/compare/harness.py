@@ -996,9 +996,8 @@ METHOD_DEPENDS: dict[str, tuple[str, tuple[str, ...]]] = {
     # fields and those before it (flexiq_long's epochs, flexiq_ends' levels), applied to those fields.
     **{name: ("finetune", ("sweep",)) for name in FINETUNED_VARIANTS},
     # ... and of the AdaRound baseline's budget, which the learnt rounding takes.
-    "flexiq_rounding": ("finetune", ("sweep", "compare.adaround_iterations", "compare.adaround_images")),
-    "flexiq_rounding_joint": ("finetune", ("sweep", "compare.adaround_iterations", "compare.adaround_images")),
-    "flexiq_rounding_joint_lr": ("finetune", ("sweep", "compare.adaround_iterations", "compare.adaround_images")),
+    **{name: ("finetune", ("sweep", "compare.adaround_iterations", "compare.adaround_images"))
+       for name in ("flexiq_rounding", "flexiq_rounding_joint", "flexiq_rounding_joint_lr")},
 }
 
 
